@@ -1,0 +1,19 @@
+//! Sans-IO core of reach.
+//!
+//! Everything here is pure logic: wire codecs, the handshake state machines, the
+//! record layer, address classification and candidate ordering, and the
+//! scheduling of connection races. Nothing reads a clock, an OS RNG or a socket:
+//! time and randomness come in as arguments, bytes come in and go out through
+//! caller-owned buffers. The `reach` crate drives these with tokio.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod candidates;
+pub mod handshake;
+pub mod identity;
+pub mod race;
+pub mod record;
+pub mod vaddr;
+
+pub use handshake::{Cipher, StreamMode};
+pub use identity::{NodeId, SecretKey};
+pub use vaddr::{HubAddr, VirtualAddr};
