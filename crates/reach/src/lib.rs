@@ -1,1 +1,32 @@
-//! placeholder
+//! reach: connect any process to any other, across NATs, firewalls and
+//! non-routed networks, by a cryptographic identity instead of an IP address.
+//!
+//! An [`Endpoint`] holds a node's identity (an ed25519 key, see [`keystore`]) and
+//! a listening socket. [`Endpoint::connect`] takes a [`VirtualAddr`] (NodeId,
+//! virtual port, address hints) and returns a [`ReachStream`]: a tokio
+//! `AsyncRead + AsyncWrite` byte stream whose peer is proven by a Noise IK
+//! handshake and whose payload is encrypted end to end (unless both sides opt in
+//! to plaintext). [`Endpoint::accept`] returns inbound streams with the peer's
+//! authenticated NodeId. [`ReachStream::info`] tells how a stream was made.
+//!
+//! The protocol logic lives in the sans-IO crate `reach_proto`; this crate drives
+//! it with tokio sockets.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+mod direct;
+pub mod discovery;
+mod endpoint;
+mod error;
+mod handshake;
+pub mod keystore;
+mod secure;
+mod stream;
+
+pub use endpoint::{
+    preferred_cipher, Endpoint, EndpointBuilder, ListenPorts, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+};
+pub use error::{Attempt, AttemptError, ConnectError, EndpointError};
+pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
+pub use secure::SecureStream;
+pub use stream::{Direction, ReachStream, SetupModule, StreamInfo};

@@ -1,0 +1,94 @@
+//! The Direct module: race TCP connections to a target's candidate addresses.
+//!
+//! Candidates are ordered by `reach_proto::candidates::order_candidates` and
+//! started with staggered delays by `reach_proto::race::DirectRace`; every attempt
+//! runs the full handshake, so reaching a wrong node (a stale address, another
+//! host in an overlapping private range) fails that attempt and the race goes on.
+//! The first authenticated stream wins; dropping the `JoinSet` cancels the rest.
+
+use std::time::{Duration, Instant};
+
+use reach_proto::candidates::order_candidates;
+use reach_proto::handshake::{HandshakeError, InitiatorOptions};
+use reach_proto::race::{DirectRace, RaceStep};
+use reach_proto::{SecretKey, VirtualAddr};
+use tokio::task::JoinSet;
+
+use crate::discovery::local_addrs;
+use crate::error::{Attempt, AttemptError, ConnectError};
+use crate::handshake::{initiate, tcp_connect};
+use crate::stream::ReachStream;
+
+/// Settings of one direct connection race.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RaceSettings {
+    pub options: InitiatorOptions,
+    pub attempt_delay: Duration,
+    pub timeout: Duration,
+}
+
+/// Races the target's direct candidates; returns the first authenticated stream.
+pub(crate) async fn connect(
+    local: &SecretKey,
+    target: &VirtualAddr,
+    settings: RaceSettings,
+) -> Result<ReachStream, ConnectError> {
+    let started = Instant::now();
+    let node = target.node;
+    let candidates = order_candidates(&target.direct, &local_addrs());
+    if candidates.is_empty() {
+        return Err(ConnectError::NoAddresses { node });
+    }
+    tracing::debug!(%node, ?candidates, "direct race");
+    let mut race = DirectRace::new(candidates, started, settings.attempt_delay, settings.timeout);
+    let mut running = JoinSet::new();
+    let mut failed = Vec::new();
+    loop {
+        let wait_until = match race.poll(Instant::now()) {
+            RaceStep::Start(_, addr) => {
+                let local = local.clone();
+                let port = target.port;
+                running.spawn(async move {
+                    let result = async {
+                        let tcp = tcp_connect(addr).await?;
+                        initiate(tcp, &local, node, port, settings.options, started).await
+                    }
+                    .await;
+                    (addr, result)
+                });
+                continue;
+            }
+            RaceStep::Wait(t) => t,
+            RaceStep::Exhausted => return Err(ConnectError::Failed { node, attempts: failed }),
+            RaceStep::TimedOut => {
+                return Err(ConnectError::TimedOut {
+                    node,
+                    after: settings.timeout,
+                    attempts: failed,
+                })
+            }
+        };
+        tokio::select! {
+            Some(done) = running.join_next() => {
+                let Ok((addr, result)) = done else {
+                    race.handle_failure(Instant::now());
+                    continue;
+                };
+                match result {
+                    Ok(stream) => return Ok(stream),
+                    Err(AttemptError::Handshake(HandshakeError::Refused(refusal))) => {
+                        // An authenticated answer from the right node: no other
+                        // address will change it.
+                        return Err(ConnectError::Refused { node, refusal });
+                    }
+                    Err(error) => {
+                        tracing::debug!(%addr, %error, "direct attempt failed");
+                        failed.push(Attempt { addr, error });
+                        race.handle_failure(Instant::now());
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(wait_until.into()) => {}
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Errors of the `reach` library.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reach_proto::handshake::{HandshakeError, Refusal};
+use reach_proto::NodeId;
+
+use crate::keystore::KeyStoreError;
+
+/// Why one connection attempt to one address failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttemptError {
+    /// The OS reported an error (refused, unreachable, reset...).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The handshake failed (wrong node, bad authentication, malformed reply).
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
+    /// The peer closed the connection during the handshake.
+    #[error("peer closed the connection during the handshake (not a reach listener?)")]
+    ClosedEarly,
+}
+
+/// One failed attempt in a connection race.
+#[derive(Debug)]
+pub struct Attempt {
+    /// The address tried.
+    pub addr: SocketAddr,
+    /// What went wrong.
+    pub error: AttemptError,
+}
+
+impl Attempt {
+    /// Whether this attempt reached a node other than the one wanted.
+    pub fn is_identity_mismatch(&self) -> bool {
+        matches!(
+            self.error,
+            AttemptError::Handshake(HandshakeError::WrongNode { .. })
+        )
+    }
+}
+
+fn list(attempts: &[Attempt]) -> String {
+    if attempts.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = attempts
+        .iter()
+        .map(|a| format!("{}: {}", a.addr, a.error))
+        .collect();
+    format!(" [{}]", parts.join("; "))
+}
+
+/// Why `connect` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The virtual address holds no direct address to try.
+    #[error("no address known for node {node}: the virtual address carries no usable a= hints")]
+    NoAddresses {
+        /// The target.
+        node: NodeId,
+    },
+    /// Every candidate failed.
+    #[error("cannot reach node {node}: every address failed{}", list(.attempts))]
+    Failed {
+        /// The target.
+        node: NodeId,
+        /// Each failed attempt.
+        attempts: Vec<Attempt>,
+    },
+    /// The deadline passed before any candidate succeeded.
+    #[error("cannot reach node {node}: timed out after {after:?}{}", list(.attempts))]
+    TimedOut {
+        /// The target.
+        node: NodeId,
+        /// The timeout that expired.
+        after: Duration,
+        /// Attempts that failed before the deadline.
+        attempts: Vec<Attempt>,
+    },
+    /// The node authenticated us and refused the stream.
+    #[error("node {node} refused the stream: {}", refusal_text(*.refusal))]
+    Refused {
+        /// The target.
+        node: NodeId,
+        /// Why.
+        refusal: Refusal,
+    },
+}
+
+fn refusal_text(r: Refusal) -> String {
+    HandshakeError::Refused(r).to_string()
+}
+
+impl ConnectError {
+    /// The failed attempts, if any.
+    pub fn attempts(&self) -> &[Attempt] {
+        match self {
+            ConnectError::Failed { attempts, .. } | ConnectError::TimedOut { attempts, .. } => {
+                attempts
+            }
+            _ => &[],
+        }
+    }
+
+    /// Whether some attempt reached a node other than the one wanted.
+    pub fn is_identity_mismatch(&self) -> bool {
+        self.attempts().iter().any(Attempt::is_identity_mismatch)
+    }
+}
+
+/// Errors of building, binding and using an endpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    /// The identity could not be loaded or created.
+    #[error(transparent)]
+    KeyStore(#[from] KeyStoreError),
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// The address or range we tried.
+        what: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A port range was given with its ends reversed or empty.
+    #[error("bad port range {0}-{1}: the first port must not exceed the last")]
+    BadPortRange(u16, u16),
+    /// The endpoint has shut down.
+    #[error("endpoint is closed")]
+    Closed,
+}

@@ -1,0 +1,284 @@
+//! An encrypted byte stream over any transport, driving the record layer.
+//!
+//! ```text
+//! poll_write(buf) --seal up to one record--> wbuf --write--> transport
+//! transport --read--> rbuf --open in place--> plaintext range --copy--> poll_read(buf)
+//! ```
+//! Each direction has one buffer allocated at construction: writes seal into
+//! `wbuf` (one copy, fused with encryption's pass over the data) and reads decrypt
+//! in place inside `rbuf`, so nothing is allocated per record.
+//!
+//! `poll_shutdown` sends the authenticated end-of-stream record before closing the
+//! transport's write side; a reader that sees the transport end without that
+//! record reports truncation instead of a clean end of file.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use reach_proto::handshake::SessionKeys;
+use reach_proto::record::{
+    Opener, RecordKind, Sealer, MAX_RECORD_LEN, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN, TAG_LEN,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Records sealed per `poll_write` call at most: large application writes go out
+/// in one transport write of up to this many records, cutting syscalls.
+const RECORDS_PER_WRITE: usize = 4;
+/// Read buffer: room for a few whole records, so one transport read can pull in
+/// several and compaction moves at most one partial record.
+const READ_BUF_LEN: usize = 4 * MAX_RECORD_LEN;
+
+/// An encrypted stream over transport `T`.
+pub struct SecureStream<T> {
+    io: T,
+    sealer: Sealer,
+    opener: Opener,
+    rbuf: Box<[u8]>,
+    /// Undecrypted bytes are `rbuf[rstart..rend]`.
+    rstart: usize,
+    rend: usize,
+    /// Decrypted bytes not yet handed out are `rbuf[pstart..pend]`.
+    pstart: usize,
+    pend: usize,
+    read_done: bool,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    end_sent: bool,
+}
+
+impl<T> SecureStream<T> {
+    /// Wraps `io` with the keys of a finished handshake.
+    pub fn new(io: T, keys: &SessionKeys) -> Self {
+        Self {
+            io,
+            sealer: Sealer::new(keys.cipher, &keys.send),
+            opener: Opener::new(keys.cipher, &keys.recv),
+            rbuf: vec![0u8; READ_BUF_LEN].into_boxed_slice(),
+            rstart: 0,
+            rend: 0,
+            pstart: 0,
+            pend: 0,
+            read_done: false,
+            wbuf: Vec::with_capacity(RECORDS_PER_WRITE * MAX_RECORD_LEN),
+            wpos: 0,
+            end_sent: false,
+        }
+    }
+
+    /// The underlying transport.
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl<T: AsyncRead + Unpin> SecureStream<T> {
+    /// Decrypts the next record into the plaintext window; Ok(false) when more
+    /// transport bytes are needed.
+    fn open_next(&mut self) -> io::Result<bool> {
+        let Some(r) = self
+            .opener
+            .open(&mut self.rbuf[self.rstart..self.rend])
+            .map_err(invalid)?
+        else {
+            return Ok(false);
+        };
+        let base = self.rstart;
+        self.rstart += r.consumed;
+        match r.kind {
+            RecordKind::Data => {
+                self.pstart = base + r.payload.start;
+                self.pend = base + r.payload.end;
+            }
+            RecordKind::End => self.read_done = true,
+        }
+        Ok(true)
+    }
+
+    /// Makes room for the record at `rstart` by moving its partial bytes to the
+    /// front when it would not fit in the space left.
+    fn make_room(&mut self) -> io::Result<()> {
+        let pending = self.rend - self.rstart;
+        let need = Opener::needed(&self.rbuf[self.rstart..self.rend])
+            .map_err(invalid)?
+            .unwrap_or(RECORD_HEADER_LEN + MAX_RECORD_PAYLOAD + TAG_LEN);
+        if pending == 0 {
+            self.rstart = 0;
+            self.rend = 0;
+        } else if self.rstart + need > self.rbuf.len() {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rstart = 0;
+            self.rend = pending;
+        }
+        Ok(())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.pstart < this.pend {
+                let n = (this.pend - this.pstart).min(buf.remaining());
+                buf.put_slice(&this.rbuf[this.pstart..this.pstart + n]);
+                this.pstart += n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            if this.open_next()? {
+                continue;
+            }
+            this.make_room()?;
+            let mut rb = ReadBuf::new(&mut this.rbuf[this.rend..]);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "stream truncated: peer closed the connection without ending the stream",
+                )));
+            }
+            this.rend += n;
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> SecureStream<T> {
+    /// Writes out sealed bytes until `wbuf` is empty.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.wpos < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.wpos += n;
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.end_sent {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            )));
+        }
+        ready!(this.poll_drain(cx))?;
+        let take = buf.len().min(RECORDS_PER_WRITE * MAX_RECORD_PAYLOAD);
+        for chunk in buf[..take].chunks(MAX_RECORD_PAYLOAD) {
+            this.sealer
+                .seal(RecordKind::Data, chunk, &mut this.wbuf)
+                .map_err(invalid)?;
+        }
+        // Start sending at once; what the transport cannot take yet stays
+        // buffered and goes out on the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(take))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        ready!(this.poll_drain(cx))?;
+        if !this.end_sent {
+            this.sealer
+                .seal(RecordKind::End, &[], &mut this.wbuf)
+                .map_err(invalid)?;
+            this.end_sent = true;
+            ready!(this.poll_drain(cx))?;
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reach_proto::Cipher;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn keys(flip: bool) -> SessionKeys {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let (send, recv) = if flip { (b, a) } else { (a, b) };
+        SessionKeys {
+            cipher: Cipher::ChaChaPoly,
+            send,
+            recv,
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_in_both_directions_with_half_close() {
+        let (a, b) = tokio::io::duplex(1000);
+        let mut a = SecureStream::new(a, &keys(false));
+        let mut b = SecureStream::new(b, &keys(true));
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await.expect("write");
+            a.shutdown().await.expect("shutdown");
+            let mut back = Vec::new();
+            a.read_to_end(&mut back).await.expect("read back");
+            back
+        });
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, data);
+        b.write_all(b"thanks").await.expect("reply");
+        b.shutdown().await.expect("shutdown");
+        assert_eq!(writer.await.expect("join"), b"thanks");
+    }
+
+    #[tokio::test]
+    async fn closing_without_end_record_is_truncation() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut a = SecureStream::new(a, &keys(false));
+        let mut b = SecureStream::new(b, &keys(true));
+        a.write_all(b"partial").await.expect("write");
+        a.flush().await.expect("flush");
+        drop(a);
+        let mut got = Vec::new();
+        let err = b.read_to_end(&mut got).await.expect_err("truncated");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(got, b"partial");
+    }
+
+    #[tokio::test]
+    async fn tampered_bytes_are_an_error_not_data() {
+        let (mut raw, b) = tokio::io::duplex(1 << 20);
+        let mut b = SecureStream::new(b, &keys(true));
+        let mut sealer = Sealer::new(Cipher::ChaChaPoly, &[1; 32]);
+        let mut wire = Vec::new();
+        sealer.seal(RecordKind::Data, b"hello", &mut wire).expect("seal");
+        wire[5] ^= 0x40;
+        raw.write_all(&wire).await.expect("write");
+        let mut buf = [0u8; 16];
+        let err = b.read(&mut buf).await.expect_err("forged");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}

@@ -1,0 +1,257 @@
+//! Endpoint behaviour on real loopback sockets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reach::{
+    Cipher, ConnectError, Direction, Endpoint, ListenPorts, SecretKey, SetupModule, StreamMode,
+    VirtualAddr,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Every wait in these tests is bounded by this.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn endpoint(seed: u8) -> Endpoint {
+    Endpoint::builder()
+        .secret_key(SecretKey::from_seed([seed; 32]))
+        .bind_ip("127.0.0.1".parse().expect("ip"))
+        .bind()
+        .await
+        .expect("bind")
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f).await.expect("deadline passed")
+}
+
+/// Accepts one stream, echoes it back, and returns it after shutdown.
+fn echo_once(server: Endpoint) -> tokio::task::JoinHandle<(Endpoint, reach::StreamInfo)> {
+    tokio::spawn(async move {
+        let mut s = server.accept().await.expect("accept");
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).await.expect("write");
+        }
+        s.shutdown().await.expect("shutdown");
+        let info = s.info().clone();
+        (server, info)
+    })
+}
+
+async fn round_trip(client: &Endpoint, target: &VirtualAddr, data: &[u8]) -> (Vec<u8>, reach::StreamInfo) {
+    let s = within(client.connect(target)).await.expect("connect");
+    let info = s.info().clone();
+    let (mut r, mut w) = tokio::io::split(s);
+    let data_owned = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data_owned).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+    });
+    let mut back = Vec::new();
+    within(r.read_to_end(&mut back)).await.expect("read");
+    writer.await.expect("writer");
+    (back, info)
+}
+
+#[tokio::test]
+async fn encrypted_stream_carries_data_both_ways_and_reports_info() {
+    let (server, client) = (endpoint(1).await, endpoint(2).await);
+    let target = server.virtual_addr(7);
+    let server_id = server.node_id();
+    let echo = echo_once(server);
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let (back, info) = round_trip(&client, &target, &data).await;
+    assert_eq!(back, data);
+    assert_eq!(info.peer, server_id);
+    assert_eq!(info.virtual_port, 7);
+    assert_eq!(info.module, SetupModule::Direct);
+    assert_eq!(info.direction, Direction::Outbound);
+    assert!(matches!(info.mode, StreamMode::Encrypted(_)));
+    assert_eq!(Some(info.remote_addr), target.direct.first().copied());
+    let (_, server_info) = within(echo).await.expect("echo");
+    assert_eq!(server_info.peer, client.node_id());
+    assert_eq!(server_info.direction, Direction::Inbound);
+}
+
+#[tokio::test]
+async fn both_ciphers_work() {
+    for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
+        let server = endpoint(3).await;
+        let client = Endpoint::builder()
+            .secret_key(SecretKey::from_seed([4; 32]))
+            .cipher(cipher)
+            .bind()
+            .await
+            .expect("bind");
+        let target = server.virtual_addr(1);
+        let echo = echo_once(server);
+        let (back, info) = round_trip(&client, &target, b"cipher check").await;
+        assert_eq!(back, b"cipher check");
+        assert_eq!(info.mode, StreamMode::Encrypted(cipher));
+        within(echo).await.expect("echo");
+    }
+}
+
+#[tokio::test]
+async fn plaintext_is_used_only_when_both_sides_opt_in() {
+    for (client_plain, server_plain) in [(true, true), (true, false), (false, true)] {
+        let server = Endpoint::builder()
+            .secret_key(SecretKey::from_seed([5; 32]))
+            .plaintext(server_plain)
+            .bind()
+            .await
+            .expect("bind");
+        let client = Endpoint::builder()
+            .secret_key(SecretKey::from_seed([6; 32]))
+            .plaintext(client_plain)
+            .bind()
+            .await
+            .expect("bind");
+        let target = server.virtual_addr(1);
+        let echo = echo_once(server);
+        let (back, info) = round_trip(&client, &target, b"mode check").await;
+        assert_eq!(back, b"mode check");
+        let want_plain = client_plain && server_plain;
+        assert_eq!(info.mode == StreamMode::Plaintext, want_plain);
+        within(echo).await.expect("echo");
+    }
+}
+
+#[tokio::test]
+async fn wrong_node_id_fails_fast_naming_the_identity_mismatch() {
+    let (server, client) = (endpoint(7).await, endpoint(8).await);
+    let impostor_target = VirtualAddr::new(SecretKey::from_seed([99; 32]).node_id(), 1)
+        .with_direct(server.advertised().to_vec());
+    let err = within(client.connect_timeout(&impostor_target, Duration::from_secs(15)))
+        .await
+        .expect_err("must fail");
+    assert!(err.is_identity_mismatch(), "{err}");
+    assert!(matches!(err, ConnectError::Failed { .. }), "failed, not timed out: {err}");
+    assert!(err.to_string().contains("identity mismatch"), "{err}");
+    assert!(err.to_string().contains(&server.node_id().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn a_wrong_node_on_the_first_address_moves_the_race_on() {
+    // The overlapping-private-range case: the first advertised address now leads
+    // to another reach node; the second is the right one.
+    let (wrong, right, client) = (endpoint(9).await, endpoint(10).await, endpoint(11).await);
+    let mut direct = wrong.advertised().to_vec();
+    direct.extend_from_slice(right.advertised());
+    let target = VirtualAddr::new(right.node_id(), 3).with_direct(direct);
+    let right_addr = right.advertised()[0];
+    let echo = echo_once(right);
+    let (back, info) = round_trip(&client, &target, b"right one").await;
+    assert_eq!(back, b"right one");
+    assert_eq!(info.remote_addr, right_addr);
+    within(echo).await.expect("echo");
+    drop(wrong);
+}
+
+#[tokio::test]
+async fn garbage_and_truncated_clients_do_not_stop_the_listener() {
+    let (server, client) = (endpoint(12).await, endpoint(13).await);
+    let addr = server.advertised()[0];
+    // Garbage bytes: not a reach hello.
+    let mut junk = TcpStream::connect(addr).await.expect("connect");
+    junk.write_all(&[0x42; 100]).await.expect("write");
+    let mut sink = Vec::new();
+    // The listener closes on us: a clean close, or a reset since it left our
+    // unread bytes behind. Either way it does not hang.
+    match within(junk.read_to_end(&mut sink)).await {
+        Ok(_) => assert!(sink.is_empty(), "no reply to non-reach bytes"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    // A truncated hello: right magic and version, then the connection ends.
+    let mut short = TcpStream::connect(addr).await.expect("connect");
+    short.write_all(b"rch\x01\x00").await.expect("write");
+    short.shutdown().await.expect("shutdown");
+    // A client that connects and says nothing stays pending without blocking others.
+    let _idle = TcpStream::connect(addr).await.expect("connect");
+    let target = server.virtual_addr(5);
+    let echo = echo_once(server);
+    let (back, _) = round_trip(&client, &target, b"still serving").await;
+    assert_eq!(back, b"still serving");
+    within(echo).await.expect("echo");
+}
+
+#[tokio::test]
+async fn a_port_nobody_accepts_is_refused_by_the_node() {
+    let server = Endpoint::builder()
+        .secret_key(SecretKey::from_seed([14; 32]))
+        .accept_ports(vec![80])
+        .bind()
+        .await
+        .expect("bind");
+    let client = endpoint(15).await;
+    let err = within(client.connect(&server.virtual_addr(81)))
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, ConnectError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains("no service on that virtual port"), "{err}");
+}
+
+#[tokio::test]
+async fn a_silent_listener_times_out_within_the_connect_timeout() {
+    // A TCP listener that completes the TCP handshake (kernel backlog) but never
+    // answers the reach hello.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let client = endpoint(16).await;
+    let target = VirtualAddr::new(SecretKey::from_seed([17; 32]).node_id(), 1)
+        .with_direct(vec![silent.local_addr().expect("addr")]);
+    let err = within(client.connect_timeout(&target, Duration::from_millis(300)))
+        .await
+        .expect_err("timeout");
+    assert!(matches!(err, ConnectError::TimedOut { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn closed_ports_fail_with_the_os_error_for_each_address() {
+    let client = endpoint(18).await;
+    let closed: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let target = VirtualAddr::new(SecretKey::from_seed([19; 32]).node_id(), 1).with_direct(vec![closed]);
+    let err = within(client.connect(&target)).await.expect_err("refused");
+    assert!(matches!(err, ConnectError::Failed { .. }), "{err}");
+    assert!(err.to_string().contains(&closed.to_string()), "{err}");
+    let no_hints = VirtualAddr::new(SecretKey::from_seed([19; 32]).node_id(), 1);
+    assert!(matches!(
+        client.connect(&no_hints).await,
+        Err(ConnectError::NoAddresses { .. })
+    ));
+}
+
+#[tokio::test]
+async fn port_range_takes_the_first_free_port() {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let base = probe.local_addr().expect("addr").port();
+    drop(probe);
+    // Hold `base` so the endpoint must move on to a later port in the range.
+    let holder = std::net::TcpListener::bind(("127.0.0.1", base)).ok();
+    let ep = Endpoint::builder()
+        .secret_key(SecretKey::from_seed([20; 32]))
+        .bind_ip("127.0.0.1".parse().expect("ip"))
+        .listen_ports(ListenPorts::Range(base, base.saturating_add(20)))
+        .bind()
+        .await
+        .expect("bind in range");
+    let port = ep.local_addr().port();
+    assert!((base..=base.saturating_add(20)).contains(&port));
+    if holder.is_some() {
+        assert_ne!(port, base);
+    }
+    let bad = Endpoint::builder()
+        .secret_key(SecretKey::from_seed([20; 32]))
+        .listen_ports(ListenPorts::Range(10, 5))
+        .bind()
+        .await;
+    assert!(matches!(bad, Err(reach::EndpointError::BadPortRange(10, 5))));
+}
