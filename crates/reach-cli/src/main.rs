@@ -1,1 +1,276 @@
-fn main() {}
+//! The `reach` command: node identity, listen and connect like netcat.
+//!
+//! Every failure ends as one line on stderr (`reach: error: ...`) and exit code 1;
+//! usage errors exit with 2 (clap's convention).
+
+mod config;
+mod pipe;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use reach::{Endpoint, EndpointBuilder, ListenPorts, VirtualAddr};
+
+use config::{parse_port_range, Config};
+
+/// reach: connect any process to any other across NATs and firewalls, by a
+/// cryptographic node identity instead of an IP address.
+///
+/// Quick start, on two machines (or two terminals):
+///   reach listen --addr-file addr.txt > received.bin
+///   reach connect "$(cat addr.txt)" < file.bin
+#[derive(Parser, Debug)]
+#[command(name = "reach", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    /// More log output on stderr: -v info, -vv debug, -vvv trace (RUST_LOG also works).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    /// Configuration file (default: $XDG_CONFIG_HOME/reach/config.toml if it exists).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    /// Directory holding the node identity (default: $XDG_STATE_HOME/reach or
+    /// ~/.local/state/reach). Created with a new key on first use.
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print this node's NodeId (creating the identity on first use).
+    Id,
+    /// Wait for one stream and pipe it to stdout, and stdin to it (like `nc -l`).
+    ///
+    /// Prints "listening on <virtual address>" to stderr; give that address to
+    /// `reach connect` on the other side. On stdin EOF the sending direction is
+    /// closed; the command exits once both directions are done.
+    #[command(verbatim_doc_comment)]
+    Listen(ListenArgs),
+    /// Connect to a virtual address and pipe stdin to it, and it to stdout.
+    ///
+    /// VADDR is what `reach listen` printed: NODEID:PORT/a=IP:PORT,...
+    /// On stdin EOF the sending direction is closed; the command exits once both
+    /// directions are done.
+    #[command(verbatim_doc_comment)]
+    Connect(ConnectArgs),
+}
+
+#[derive(Args, Debug)]
+struct CommonArgs {
+    /// Send payload unencrypted (peers are still authenticated). Takes effect only
+    /// when both ends ask for it; for trusted fabrics.
+    #[arg(long)]
+    plaintext: bool,
+}
+
+#[derive(Args, Debug)]
+struct ListenArgs {
+    /// Virtual port to accept streams on; streams to other ports are refused.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    port: u16,
+    /// TCP port to listen on (default: any free port).
+    #[arg(long, value_name = "P", conflicts_with = "port_range")]
+    tcp_port: Option<u16>,
+    /// Listen on the first free TCP port of this range, for sites whose firewall
+    /// opens a range, e.g. 40000-40100.
+    #[arg(long, value_name = "A-B", value_parser = parse_port_range)]
+    port_range: Option<(u16, u16)>,
+    /// IP address to listen on (default: all, IPv6 and IPv4).
+    #[arg(long, value_name = "IP")]
+    bind: Option<IpAddr>,
+    /// Advertise this address instead of the discovered ones (repeatable), e.g. a
+    /// port your NAT forwards.
+    #[arg(long, value_name = "IP:PORT")]
+    advertise: Vec<SocketAddr>,
+    /// Also write the bare virtual address to this file (atomically).
+    #[arg(long, value_name = "PATH")]
+    addr_file: Option<PathBuf>,
+    /// Keep listening after a stream ends, serving one stream at a time.
+    #[arg(long)]
+    keep: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Debug)]
+struct ConnectArgs {
+    /// The virtual address to connect to.
+    #[arg(value_name = "VADDR")]
+    vaddr: String,
+    /// Seconds to try before giving up (default 10).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    init_logging(cli.verbose, config.log.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(cli, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("reach: error: {}", one_line(e));
+    ExitCode::FAILURE
+}
+
+/// The chain of causes joined into one line. A cause whose text its parent
+/// already shows (library errors often embed their source) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text.replace('\n', " ")
+}
+
+fn init_logging(verbose: u8, config_filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .ok()
+        .or_else(|| (verbose == 0).then(|| config_filter.and_then(|f| EnvFilter::try_new(f).ok())).flatten())
+        .unwrap_or_else(|| EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    let state_dir = match cli.state_dir.or(config.state_dir.clone()) {
+        Some(d) => d,
+        None => reach::keystore::default_state_dir()?,
+    };
+    match cli.command {
+        Command::Id => {
+            let key = reach::keystore::load_or_create(&state_dir)?;
+            println!("{}", key.node_id());
+            Ok(())
+        }
+        Command::Listen(args) => listen(args, &config, &state_dir).await,
+        Command::Connect(args) => connect(args, &config, &state_dir).await,
+    }
+}
+
+fn builder(config: &Config, state_dir: &Path, plaintext: bool) -> EndpointBuilder {
+    Endpoint::builder()
+        .state_dir(state_dir)
+        .plaintext(plaintext || config.plaintext.unwrap_or(false))
+}
+
+async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let mut b = builder(config, state_dir, args.common.plaintext).accept_ports(vec![args.port]);
+    let range = match (&args.port_range, &config.port_range) {
+        (Some(r), _) => Some(*r),
+        (None, Some(text)) => Some(parse_port_range(text).map_err(anyhow::Error::msg)?),
+        (None, None) => None,
+    };
+    b = match (args.tcp_port, range) {
+        (Some(p), _) => b.listen_ports(ListenPorts::Fixed(p)),
+        (None, Some((lo, hi))) => b.listen_ports(ListenPorts::Range(lo, hi)),
+        (None, None) => b,
+    };
+    if let Some(ip) = args.bind.or(config.bind) {
+        b = b.bind_ip(ip);
+    }
+    let advertise = if args.advertise.is_empty() {
+        config.advertise.clone().unwrap_or_default()
+    } else {
+        args.advertise
+    };
+    if !advertise.is_empty() {
+        b = b.advertise(advertise);
+    }
+    let endpoint = b.bind().await?;
+    let vaddr = endpoint.virtual_addr(args.port);
+    if let Some(path) = &args.addr_file {
+        write_atomically(path, &format!("{vaddr}\n"))?;
+    }
+    eprintln!("listening on {vaddr}");
+    let mut stdin = pipe::stdin();
+    loop {
+        let stream = endpoint.accept().await?;
+        let info = stream.info().clone();
+        tracing::info!(peer = %info.peer, from = %info.remote_addr, mode = ?info.mode, "stream accepted");
+        let result = pipe::run(stream, &mut stdin).await;
+        if !args.keep {
+            let (received, sent) = result?;
+            tracing::info!(received, sent, "stream done");
+            return Ok(());
+        }
+        match result {
+            Ok((received, sent)) => tracing::info!(received, sent, "stream done"),
+            Err(e) => tracing::warn!("stream from {} failed: {e:#}", info.peer),
+        }
+    }
+}
+
+async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let vaddr: VirtualAddr = args
+        .vaddr
+        .parse()
+        .with_context(|| format!("bad virtual address {:?}", args.vaddr))?;
+    let secs = args.timeout.or(config.connect_timeout).unwrap_or(10.0);
+    let timeout = Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--timeout must be a positive number of seconds")?;
+    // A connecting node needs no fixed listening port; bind wherever.
+    let endpoint = builder(config, state_dir, args.common.plaintext)
+        .bind_ip(IpAddr::from([127, 0, 0, 1]))
+        .bind()
+        .await?;
+    let stream = endpoint.connect_timeout(&vaddr, timeout).await?;
+    let info = stream.info().clone();
+    tracing::info!(
+        peer = %info.peer,
+        to = %info.remote_addr,
+        module = %info.module,
+        mode = ?info.mode,
+        setup = ?info.setup_time,
+        "connected"
+    );
+    let (received, sent) = pipe::run(stream, &mut pipe::stdin()).await?;
+    tracing::info!(received, sent, "stream done");
+    Ok(())
+}
+
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}

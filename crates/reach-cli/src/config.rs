@@ -1,0 +1,119 @@
+//! The TOML configuration file and how it merges with command-line flags.
+//!
+//! Looked up at `--config PATH`, else `$XDG_CONFIG_HOME/reach/config.toml`, else
+//! `~/.config/reach/config.toml`; a missing default file is fine, a missing file
+//! named with `--config` is an error. Flags override the file. Every key is
+//! documented in `docs/config.md`; unknown keys are errors, so typos surface.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The configuration file's keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the identity key lives.
+    pub state_dir: Option<PathBuf>,
+    /// Opt in to plaintext streams (peers still authenticated).
+    pub plaintext: Option<bool>,
+    /// Seconds `connect` may take.
+    pub connect_timeout: Option<f64>,
+    /// IP address listeners bind to.
+    pub bind: Option<IpAddr>,
+    /// TCP port range listeners use, "A-B".
+    pub port_range: Option<String>,
+    /// Addresses to advertise instead of the discovered ones.
+    pub advertise: Option<Vec<SocketAddr>>,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "reach=debug".
+    pub log: Option<String>,
+}
+
+impl Config {
+    /// Loads the file named by `--config`, or the default file if it exists.
+    pub fn load(explicit: Option<&Path>) -> anyhow::Result<Self> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => match default_path() {
+                Some(p) if p.exists() => p,
+                _ => return Ok(Self::default()),
+            },
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!("bad config file {}: {}", path.display(), one_line(&e.to_string()))
+        })?;
+        if let Some(t) = config.connect_timeout {
+            if !(t.is_finite() && t > 0.0) {
+                bail!("bad config file {}: connect_timeout must be a positive number of seconds", path.display());
+            }
+        }
+        Ok(config)
+    }
+}
+
+fn default_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("reach/config.toml"))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Parses "A-B" into an inclusive port range.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("bad port range {s:?}: expected FIRST-LAST, e.g. 40000-40100"))?;
+    let p = |x: &str| {
+        x.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("bad port range {s:?}: {x:?} is not a port number"))
+    };
+    let (a, b) = (p(a)?, p(b)?);
+    if a > b {
+        return Err(format!("bad port range {s:?}: the first port exceeds the last"));
+    }
+    Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_key_parses() {
+        let text = r#"
+            state_dir = "/tmp/x"
+            plaintext = true
+            connect_timeout = 2.5
+            bind = "0.0.0.0"
+            port_range = "40000-40010"
+            advertise = ["198.51.100.7:40000"]
+            log = "info"
+        "#;
+        let c: Config = toml::from_str(text).expect("parse");
+        assert_eq!(c.plaintext, Some(true));
+        assert_eq!(c.advertise.map(|a| a.len()), Some(1));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<Config>("plaintxt = true").is_err());
+    }
+
+    #[test]
+    fn port_ranges_parse_or_say_why_not() {
+        assert_eq!(parse_port_range("1-2"), Ok((1, 2)));
+        assert!(parse_port_range("5").unwrap_err().contains("FIRST-LAST"));
+        assert!(parse_port_range("9-2").unwrap_err().contains("exceeds"));
+        assert!(parse_port_range("a-2").unwrap_err().contains("not a port"));
+    }
+}

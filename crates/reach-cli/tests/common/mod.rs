@@ -1,0 +1,201 @@
+//! Helpers for running the `reach` binary in tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Every wait in these tests is bounded by this.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A `reach` command.
+pub fn reach() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_reach"))
+}
+
+/// A `reach` command run inside a network namespace (or directly when `None`).
+pub fn reach_in(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_reach")]);
+            c
+        }
+        None => reach(),
+    }
+}
+
+/// The NodeId of the identity in `state`.
+pub fn reach_id(state: &Path) -> String {
+    let out = reach()
+        .arg("--state-dir")
+        .arg(state)
+        .arg("id")
+        .output()
+        .expect("run reach id");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
+}
+
+/// Writes `len` pseudo-random bytes (deterministic per name) to `dir/name`.
+pub fn random_file(dir: &Path, name: &str, len: usize) -> PathBuf {
+    let path = dir.join(name);
+    let mut state: u64 = name
+        .bytes()
+        .fold(0x9e37_79b9_7f4a_7c15, |h, b| h.rotate_left(5) ^ u64::from(b));
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        // xorshift64*: fast, and enough to make every block distinct.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        data.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    data.truncate(len);
+    std::fs::write(&path, data).expect("write data");
+    path
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256(path: &Path) -> String {
+    let data = std::fs::read(path).expect("read");
+    format!("{:x}", Sha256::digest(&data))
+}
+
+/// A running `reach listen`.
+pub struct Listener {
+    child: Option<Child>,
+    pub vaddr: String,
+    pub out_path: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+impl Listener {
+    /// Starts `reach listen` with stdin from `input`, waiting for its address.
+    pub fn start(netns: Option<&str>, state: &Path, input: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(state).expect("state dir");
+        let addr_file = state.join("addr.txt");
+        let out_path = state.join("listener.out");
+        let stderr_path = state.join("listener.err");
+        let child = reach_in(netns)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("listen")
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(extra)
+            .stdin(std::fs::File::open(input).expect("input"))
+            .stdout(std::fs::File::create(&out_path).expect("out"))
+            .stderr(std::fs::File::create(&stderr_path).expect("err"))
+            .spawn()
+            .expect("spawn reach listen");
+        let mut l = Self {
+            child: Some(child),
+            vaddr: String::new(),
+            out_path,
+            stderr_path,
+        };
+        l.vaddr = l.wait_for_addr(&addr_file);
+        l
+    }
+
+    fn wait_for_addr(&mut self, path: &Path) -> String {
+        let start = Instant::now();
+        loop {
+            // The file is written atomically (rename), so any content is whole.
+            if let Ok(text) = std::fs::read_to_string(path) {
+                if !text.trim().is_empty() {
+                    return text.trim().to_string();
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+                panic!("reach listen exited with {status} before listening: {err}");
+            }
+            assert!(start.elapsed() < DEADLINE, "reach listen did not write its address");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The first direct address in the listener's virtual address.
+    pub fn first_direct(&self) -> SocketAddr {
+        let hints = self.vaddr.split("/a=").nth(1).expect("direct hints");
+        let first = hints.split(['/', ',']).next().expect("one address");
+        first.parse().expect("socket addr")
+    }
+
+    /// Waits for the listener to exit successfully; returns what it received.
+    pub fn finish(mut self) -> PathBuf {
+        let mut child = self.child.take().expect("running");
+        let status = wait_deadline(&mut child);
+        let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
+        assert!(status.success(), "reach listen failed: {err}");
+        self.out_path.clone()
+    }
+
+    /// Stops the listener.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for a child with the test deadline, killing it if it overruns.
+pub fn wait_deadline(child: &mut Child) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("process did not finish within {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `reach connect` with stdin from `input` and stdout to `output`.
+pub fn connect(
+    netns: Option<&str>,
+    state: &Path,
+    vaddr: &str,
+    input: &Path,
+    output: &Path,
+    extra: &[&str],
+) -> ExitStatus {
+    let err_path = output.with_extension("err");
+    let mut child = reach_in(netns)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("connect")
+        .args(extra)
+        .arg(vaddr)
+        .stdin(std::fs::File::open(input).expect("input"))
+        .stdout(std::fs::File::create(output).expect("output"))
+        .stderr(std::fs::File::create(&err_path).expect("err"))
+        .spawn()
+        .expect("spawn reach connect");
+    let status = wait_deadline(&mut child);
+    if !status.success() {
+        eprintln!(
+            "reach connect stderr: {}",
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        );
+    }
+    status
+}
