@@ -1,1 +1,408 @@
-fn main() {}
+//! `reach-bench`: every figure beside its baseline, measured in the same run.
+//!
+//! `reach-bench loopback` compares direct reach streams with plain TCP on
+//! loopback: bulk throughput (plaintext and both ciphers) and sequential
+//! connection setup. Rounds alternate between the variants so that noise from a
+//! shared machine hits all of them alike; the median of the rounds is reported.
+//! Setup time is decomposed into TCP connect, one round trip and the handshake's
+//! CPU cost, so the "TCP + one round trip" claim can be checked on any network.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context};
+use clap::{Parser, Subcommand};
+use reach::proto::handshake::{
+    self, Admission, HelloHeader, Initiator, InitiatorOptions, ReplyHeader, ResponderOptions,
+    HELLO_HEADER_LEN, REPLY_HEADER_LEN,
+};
+use reach::{Cipher, Endpoint, SecretKey, VirtualAddr};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BUF: usize = 256 * 1024;
+
+#[derive(Parser)]
+#[command(
+    name = "reach-bench",
+    about = "Benchmarks reach beside its baselines, in one run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Direct streams versus plain TCP on loopback.
+    Loopback {
+        /// MiB moved per bulk transfer.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Sequential connections per setup measurement.
+        #[arg(long, default_value_t = 1000)]
+        connections: u32,
+        /// Rounds per figure (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    unit: String,
+    value: f64,
+    baseline_name: String,
+    baseline: f64,
+    ratio: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    results: Vec<Row>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Bench::Loopback {
+            size_mib,
+            connections,
+            rounds,
+            json,
+        } => {
+            let rows = rt.block_on(loopback(size_mib << 20, connections, rounds.max(1)))?;
+            let report = Report {
+                machine: machine(),
+                results: rows,
+            };
+            print_table(&report);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn print_table(r: &Report) {
+    println!("machine: {}", r.machine);
+    println!(
+        "{:<44} {:>12} {:<6} {:<28} {:>12} {:>7}",
+        "figure", "value", "unit", "baseline", "baseline", "ratio"
+    );
+    for row in &r.results {
+        println!(
+            "{:<44} {:>12.3} {:<6} {:<28} {:>12.3} {:>7.3}",
+            row.name, row.value, row.unit, row.baseline_name, row.baseline, row.ratio
+        );
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[derive(Clone, Copy)]
+enum Variant {
+    Tcp,
+    Plain,
+    Encrypted(Cipher),
+}
+
+impl Variant {
+    fn name(self) -> String {
+        match self {
+            Variant::Tcp => "plain TCP".into(),
+            Variant::Plain => "reach direct, plaintext".into(),
+            Variant::Encrypted(c) => format!("reach direct, {}", c.name()),
+        }
+    }
+}
+
+async fn endpoint(seed: u8, plaintext: bool, cipher: Cipher) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::builder()
+        .secret_key(SecretKey::from_seed([seed; 32]))
+        .bind_ip([127, 0, 0, 1].into())
+        .plaintext(plaintext)
+        .cipher(cipher)
+        .bind()
+        .await?)
+}
+
+async fn drain(mut s: impl AsyncRead + Unpin) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; BUF];
+    let mut n = 0u64;
+    loop {
+        let got = s.read(&mut buf).await?;
+        if got == 0 {
+            return Ok(n);
+        }
+        n += got as u64;
+    }
+}
+
+async fn pump(mut s: impl AsyncWrite + Unpin, bytes: u64) -> std::io::Result<()> {
+    let buf = vec![0x5au8; BUF];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(BUF as u64) as usize;
+        s.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    s.shutdown().await
+}
+
+/// Seconds to move `bytes` over an established connection of this variant.
+async fn bulk(v: Variant, bytes: u64) -> anyhow::Result<f64> {
+    let (secs, got) = match v {
+        Variant::Tcp => {
+            let l = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let server = tokio::spawn(async move {
+                let (s, _) = l.accept().await?;
+                drain(s).await
+            });
+            let c = TcpStream::connect(addr).await?;
+            c.set_nodelay(true)?;
+            let t = Instant::now();
+            pump(c, bytes).await?;
+            let got = server.await??;
+            (t.elapsed().as_secs_f64(), got)
+        }
+        Variant::Plain | Variant::Encrypted(_) => {
+            let (plain, cipher) = match v {
+                Variant::Encrypted(c) => (false, c),
+                _ => (true, Cipher::ChaChaPoly),
+            };
+            let server = endpoint(1, plain, cipher).await?;
+            let client = endpoint(2, plain, cipher).await?;
+            let target = server.virtual_addr(1);
+            let srv = tokio::spawn(async move {
+                let s = server.accept().await?;
+                anyhow::Ok(drain(s).await?)
+            });
+            let c = client.connect(&target).await?;
+            let t = Instant::now();
+            pump(c, bytes).await?;
+            let got = srv.await??;
+            (t.elapsed().as_secs_f64(), got)
+        }
+    };
+    ensure!(
+        got == bytes,
+        "{}: received {got} of {bytes} bytes",
+        v.name()
+    );
+    Ok(secs)
+}
+
+/// Mean seconds per sequential connection setup of this variant.
+async fn setup(v: Variant, n: u32) -> anyhow::Result<f64> {
+    match v {
+        Variant::Tcp => {
+            let l = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            let acceptor = tokio::spawn(async move {
+                for _ in 0..n {
+                    drop(l.accept().await?);
+                }
+                anyhow::Ok(())
+            });
+            let t = Instant::now();
+            for _ in 0..n {
+                let c = TcpStream::connect(addr).await?;
+                c.set_nodelay(true)?;
+                drop(c);
+            }
+            let secs = t.elapsed().as_secs_f64();
+            acceptor.await??;
+            Ok(secs / f64::from(n))
+        }
+        Variant::Plain | Variant::Encrypted(_) => {
+            let (plain, cipher) = match v {
+                Variant::Encrypted(c) => (false, c),
+                _ => (true, Cipher::ChaChaPoly),
+            };
+            let server = endpoint(3, plain, cipher).await?;
+            let client = endpoint(4, plain, cipher).await?;
+            let target: VirtualAddr = server.virtual_addr(1);
+            let acceptor = tokio::spawn(async move {
+                for _ in 0..n {
+                    drop(server.accept().await?);
+                }
+                anyhow::Ok(())
+            });
+            let t = Instant::now();
+            for _ in 0..n {
+                drop(client.connect(&target).await?);
+            }
+            let secs = t.elapsed().as_secs_f64();
+            acceptor.await??;
+            Ok(secs / f64::from(n))
+        }
+    }
+}
+
+/// Mean round-trip time of a one-byte ping-pong over loopback TCP.
+async fn tcp_rtt(n: u32) -> anyhow::Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let echo = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 1];
+        for _ in 0..n {
+            s.read_exact(&mut b).await?;
+            s.write_all(&b).await?;
+        }
+        anyhow::Ok(())
+    });
+    let mut c = TcpStream::connect(addr).await?;
+    c.set_nodelay(true)?;
+    let mut b = [0u8; 1];
+    let t = Instant::now();
+    for _ in 0..n {
+        c.write_all(&b).await?;
+        c.read_exact(&mut b).await?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    echo.await??;
+    Ok(secs / f64::from(n))
+}
+
+/// Mean CPU time of one whole handshake (both sides, in memory, no I/O).
+fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
+    let (a, b) = (SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32]));
+    let opts = InitiatorOptions {
+        plaintext: false,
+        cipher: reach::preferred_cipher(),
+    };
+    let t = Instant::now();
+    for i in 0..n {
+        let seed = [(i % 251) as u8; 32];
+        let (init, hello) = Initiator::new(&a, b.node_id(), 1, opts, seed)?;
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into()?;
+        let header = HelloHeader::decode(&hb)?;
+        let (reply, _) = handshake::respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            ResponderOptions {
+                allow_plaintext: false,
+            },
+            |_, _| Admission::Accept,
+            seed,
+        );
+        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into()?;
+        init.handle_reply(ReplyHeader::decode(&rh)?, &reply[REPLY_HEADER_LEN..])?;
+    }
+    Ok(t.elapsed().as_secs_f64() / f64::from(n))
+}
+
+async fn loopback(bytes: u64, conns: u32, rounds: usize) -> anyhow::Result<Vec<Row>> {
+    let variants = [
+        Variant::Tcp,
+        Variant::Plain,
+        Variant::Encrypted(Cipher::ChaChaPoly),
+        Variant::Encrypted(Cipher::AesGcm),
+    ];
+    let mut secs = vec![Vec::new(); variants.len()];
+    for round in 0..rounds {
+        eprintln!(
+            "bulk round {}/{rounds} ({} MiB per transfer)",
+            round + 1,
+            bytes >> 20
+        );
+        for (i, v) in variants.iter().enumerate() {
+            secs[i].push(bulk(*v, bytes).await?);
+        }
+    }
+    let gbps = |s: f64| bytes as f64 * 8.0 / s / 1e9;
+    let tput: Vec<f64> = secs.into_iter().map(|s| gbps(median(s))).collect();
+    let mut rows = Vec::new();
+    for (i, v) in variants.iter().enumerate().skip(1) {
+        rows.push(Row {
+            name: format!("throughput, {}", v.name()),
+            unit: "Gbit/s".into(),
+            value: tput[i],
+            baseline_name: "plain TCP".into(),
+            baseline: tput[0],
+            ratio: tput[i] / tput[0],
+        });
+    }
+    let mut setup_secs = vec![Vec::new(); variants.len()];
+    for round in 0..rounds {
+        eprintln!(
+            "setup round {}/{rounds} ({conns} sequential connections)",
+            round + 1
+        );
+        for (i, v) in variants.iter().enumerate() {
+            setup_secs[i].push(setup(*v, conns).await?);
+        }
+    }
+    let us: Vec<f64> = setup_secs.into_iter().map(|s| median(s) * 1e6).collect();
+    let rtt = tcp_rtt(conns).await? * 1e6;
+    let cpu = handshake_cpu(conns)? * 1e6;
+    for (i, v) in variants.iter().enumerate().skip(1) {
+        rows.push(Row {
+            name: format!("setup, {}", v.name()),
+            unit: "us".into(),
+            value: us[i],
+            baseline_name: "plain TCP connect".into(),
+            baseline: us[0],
+            ratio: us[i] / us[0],
+        });
+    }
+    let enc = us[2].min(us[3]);
+    rows.push(Row {
+        name: "setup, reach encrypted (best cipher)".into(),
+        unit: "us".into(),
+        value: enc,
+        baseline_name: "TCP + 1 RTT + handshake CPU".into(),
+        baseline: us[0] + rtt + cpu,
+        ratio: enc / (us[0] + rtt + cpu),
+    });
+    rows.push(Row {
+        name: "one round trip, 1-byte ping-pong".into(),
+        unit: "us".into(),
+        value: rtt,
+        baseline_name: "plain TCP connect".into(),
+        baseline: us[0],
+        ratio: rtt / us[0],
+    });
+    rows.push(Row {
+        name: "handshake CPU, both sides, no I/O".into(),
+        unit: "us".into(),
+        value: cpu,
+        baseline_name: "plain TCP connect".into(),
+        baseline: us[0],
+        ratio: cpu / us[0],
+    });
+    Ok(rows)
+}

@@ -44,11 +44,18 @@ impl Config {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let config: Config = toml::from_str(&text).map_err(|e| {
-            anyhow::anyhow!("bad config file {}: {}", path.display(), one_line(&e.to_string()))
+            anyhow::anyhow!(
+                "bad config file {}: {}",
+                path.display(),
+                one_line(&e.to_string())
+            )
         })?;
         if let Some(t) = config.connect_timeout {
             if !(t.is_finite() && t > 0.0) {
-                bail!("bad config file {}: connect_timeout must be a positive number of seconds", path.display());
+                bail!(
+                    "bad config file {}: connect_timeout must be a positive number of seconds",
+                    path.display()
+                );
             }
         }
         Ok(config)
@@ -79,7 +86,9 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     };
     let (a, b) = (p(a)?, p(b)?);
     if a > b {
-        return Err(format!("bad port range {s:?}: the first port exceeds the last"));
+        return Err(format!(
+            "bad port range {s:?}: the first port exceeds the last"
+        ));
     }
     Ok((a, b))
 }

@@ -119,7 +119,10 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     init_logging(cli.verbose, config.log.as_deref());
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
@@ -160,7 +163,11 @@ fn init_logging(verbose: u8, config_filter: Option<&str>) {
     };
     let filter = EnvFilter::try_from_default_env()
         .ok()
-        .or_else(|| (verbose == 0).then(|| config_filter.and_then(|f| EnvFilter::try_new(f).ok())).flatten())
+        .or_else(|| {
+            (verbose == 0)
+                .then(|| config_filter.and_then(|f| EnvFilter::try_new(f).ok()))
+                .flatten()
+        })
         .unwrap_or_else(|| EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

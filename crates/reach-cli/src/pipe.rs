@@ -55,7 +55,9 @@ pub async fn run(stream: ReachStream, stdin: &mut Stdin) -> anyhow::Result<(u64,
         while !stdin.ended {
             match stdin.rx.recv().await {
                 Some(chunk) => {
-                    wr.write_all(&chunk).await.context("sending to peer failed")?;
+                    wr.write_all(&chunk)
+                        .await
+                        .context("sending to peer failed")?;
                     sent += chunk.len() as u64;
                 }
                 None => stdin.ended = true,
@@ -69,11 +71,17 @@ pub async fn run(stream: ReachStream, stdin: &mut Stdin) -> anyhow::Result<(u64,
         let mut buf = vec![0u8; CHUNK];
         let mut received = 0u64;
         loop {
-            let n = rd.read(&mut buf).await.context("receiving from peer failed")?;
+            let n = rd
+                .read(&mut buf)
+                .await
+                .context("receiving from peer failed")?;
             if n == 0 {
                 break;
             }
-            stdout.write_all(&buf[..n]).await.context("writing stdout failed")?;
+            stdout
+                .write_all(&buf[..n])
+                .await
+                .context("writing stdout failed")?;
             received += n as u64;
         }
         stdout.flush().await.context("writing stdout failed")?;

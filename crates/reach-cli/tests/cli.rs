@@ -26,7 +26,10 @@ fn id_is_stable_and_key_is_private() {
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("readable by others") && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("readable by others") && err.contains("chmod 600"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
 
@@ -37,7 +40,14 @@ fn ten_megabytes_cross_both_ways_intact() {
     let down = common::random_file(dir.path(), "down.bin", 7 << 20);
     let listener = Listener::start(None, &dir.path().join("a"), &down, &[]);
     let got_down = dir.path().join("got_down.bin");
-    let status = common::connect(None, &dir.path().join("b"), &listener.vaddr, &up, &got_down, &[]);
+    let status = common::connect(
+        None,
+        &dir.path().join("b"),
+        &listener.vaddr,
+        &up,
+        &got_down,
+        &[],
+    );
     assert!(status.success());
     let got_up = listener.finish();
     assert_eq!(sha256(&got_up), sha256(&up));
@@ -93,9 +103,15 @@ fn bad_input_gets_one_clear_line_and_exit_code() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases: &[(&[&str], &str)] = &[
         (&["connect", "nonsense"], "bad virtual address"),
-        (&["connect", "nonsense:1"], "node id must be 52 base32 characters"),
+        (
+            &["connect", "nonsense:1"],
+            "node id must be 52 base32 characters",
+        ),
         (&["listen", "--port-range", "9-1"], "exceeds"),
-        (&["--config", "/nonexistent/reach.toml", "id"], "cannot read config file"),
+        (
+            &["--config", "/nonexistent/reach.toml", "id"],
+            "cannot read config file",
+        ),
     ];
     for (args, want) in cases {
         let out = common::reach()
@@ -118,7 +134,10 @@ fn bad_input_gets_one_clear_line_and_exit_code() {
         .output()
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("unknown field"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("unknown field"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
 
@@ -131,15 +150,26 @@ fn listener_logs_garbage_and_keeps_serving() {
     let addr = listener.first_direct();
     let mut junk = std::net::TcpStream::connect(addr).expect("connect");
     junk.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n0123456789abcdef").expect("write");
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n0123456789abcdef")
+        .expect("write");
     let mut sink = Vec::new();
     let _ = junk.read_to_end(&mut sink); // closed or reset: either ends the read
     let up = common::random_file(dir.path(), "up.bin", 1000);
     let got_down = dir.path().join("got_down.bin");
-    let status = common::connect(None, &dir.path().join("b"), &listener.vaddr, &up, &got_down, &[]);
+    let status = common::connect(
+        None,
+        &dir.path().join("b"),
+        &listener.vaddr,
+        &up,
+        &got_down,
+        &[],
+    );
     assert!(status.success());
     let stderr = listener.stderr_path.clone();
     assert_eq!(sha256(&listener.finish()), sha256(&up));
     let log = std::fs::read_to_string(stderr).expect("log");
-    assert!(log.contains("rejected connection") && log.contains("not a reach handshake"), "{log}");
+    assert!(
+        log.contains("rejected connection") && log.contains("not a reach handshake"),
+        "{log}"
+    );
 }

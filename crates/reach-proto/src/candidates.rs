@@ -90,7 +90,9 @@ fn private_block(ip: IpAddr) -> Option<(IpAddr, u8)> {
         (Ipv4Addr::new(100, 64, 0, 0).into(), 10),
         (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0).into(), 7),
     ];
-    blocks.into_iter().find(|(net, len)| in_prefix(ip, *net, *len))
+    blocks
+        .into_iter()
+        .find(|(net, len)| in_prefix(ip, *net, *len))
 }
 
 /// Whether `ip` lies in `net/len`. Addresses of different families never match.
@@ -150,10 +152,11 @@ pub fn order_candidates(targets: &[SocketAddr], local: &[LocalAddr]) -> Vec<Sock
     let mut out = Vec::with_capacity(ranked.len());
     let mut start = 0;
     while start < ranked.len() {
-        let end = start + ranked[start..]
-            .iter()
-            .take_while(|(r, _)| *r == ranked[start].0)
-            .count();
+        let end = start
+            + ranked[start..]
+                .iter()
+                .take_while(|(r, _)| *r == ranked[start].0)
+                .count();
         interleave_families(ranked[start..end].iter().map(|(_, a)| *a), &mut out);
         start = end;
     }

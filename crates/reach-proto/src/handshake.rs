@@ -181,7 +181,9 @@ pub enum HandshakeError {
         found: NodeId,
     },
     /// The responder refused to finish the handshake.
-    #[error("peer rejected the handshake (it could not authenticate us, or our hello was malformed)")]
+    #[error(
+        "peer rejected the handshake (it could not authenticate us, or our hello was malformed)"
+    )]
     PeerFailed,
     /// Noise authentication failed: the peer does not hold the expected key.
     #[error("authentication failed: peer does not hold the key of the node it claims to be")]
@@ -228,11 +230,16 @@ impl HelloHeader {
         let mut b = [0u8; HELLO_HEADER_LEN];
         b[..3].copy_from_slice(&MAGIC);
         b[3] = VERSION;
-        b[4] = if self.plaintext_requested { FLAG_PLAINTEXT } else { 0 };
+        b[4] = if self.plaintext_requested {
+            FLAG_PLAINTEXT
+        } else {
+            0
+        };
         b[5] = self.cipher.code();
         b[6..38].copy_from_slice(self.target.as_bytes());
         b[38..40].copy_from_slice(&self.port.to_be_bytes());
-        let len = u16::try_from(self.noise_len).expect("noise messages are bounded by MAX_NOISE_MSG");
+        let len =
+            u16::try_from(self.noise_len).expect("noise messages are bounded by MAX_NOISE_MSG");
         b[40..42].copy_from_slice(&len.to_be_bytes());
         b
     }
@@ -390,10 +397,7 @@ impl CryptoResolver for SeededResolver {
 }
 
 fn builder(cipher: Cipher, seed: [u8; 32]) -> snow::Builder<'static> {
-    let resolver = FallbackResolver::new(
-        Box::new(SeededResolver(seed)),
-        Box::new(DefaultResolver),
-    );
+    let resolver = FallbackResolver::new(Box::new(SeededResolver(seed)), Box::new(DefaultResolver));
     snow::Builder::with_resolver(cipher.noise_params(), Box::new(resolver))
 }
 
@@ -465,8 +469,7 @@ impl Initiator {
         match header.kind {
             ReplyKind::Accept => {}
             ReplyKind::WrongNode => {
-                let id: [u8; NODE_ID_LEN] =
-                    body.try_into().map_err(|_| WireError::BadNodeId)?;
+                let id: [u8; NODE_ID_LEN] = body.try_into().map_err(|_| WireError::BadNodeId)?;
                 let found = NodeId::from_bytes(id).map_err(|_| WireError::BadNodeId)?;
                 return Err(HandshakeError::WrongNode {
                     expected: self.target,
@@ -549,7 +552,13 @@ pub fn reply_to_bad_header(err: &WireError) -> Option<Vec<u8>> {
 
 fn reply(kind: ReplyKind, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(REPLY_HEADER_LEN + body.len());
-    out.extend_from_slice(&ReplyHeader { kind, len: body.len() }.encode());
+    out.extend_from_slice(
+        &ReplyHeader {
+            kind,
+            len: body.len(),
+        }
+        .encode(),
+    );
     out.extend_from_slice(body);
     out
 }
@@ -571,7 +580,10 @@ pub fn respond(
             expected: header.target,
             found: me,
         };
-        return (reply(ReplyKind::WrongNode, me.as_bytes()), Responded::Failed(err));
+        return (
+            reply(ReplyKind::WrongNode, me.as_bytes()),
+            Responded::Failed(err),
+        );
     }
     let failed = |e| (reply(ReplyKind::Failed, &[]), Responded::Failed(e));
     let prologue = header.encode();
@@ -661,7 +673,8 @@ mod tests {
         admission: Admission,
     ) -> (Result<Established, HandshakeError>, Responded) {
         let (init, hello) = Initiator::new(init_key, target, 7, opts, [1; 32]).expect("init");
-        let header_bytes: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header_bytes: [u8; HELLO_HEADER_LEN] =
+            hello[..HELLO_HEADER_LEN].try_into().expect("len");
         let header = HelloHeader::decode(&header_bytes).expect("header");
         assert_eq!(header.noise_len, hello.len() - HELLO_HEADER_LEN);
         let (reply, outcome) = respond(
@@ -708,14 +721,22 @@ mod tests {
                 found: c.node_id()
             }
         );
-        assert!(matches!(resp, Responded::Failed(HandshakeError::WrongNode { .. })));
+        assert!(matches!(
+            resp,
+            Responded::Failed(HandshakeError::WrongNode { .. })
+        ));
     }
 
     #[test]
     fn plaintext_only_when_both_opt_in() {
         let (a, b) = (key(1), key(2));
-        let ask = InitiatorOptions { plaintext: true, ..OPTS };
-        let allow = ResponderOptions { allow_plaintext: true };
+        let ask = InitiatorOptions {
+            plaintext: true,
+            ..OPTS
+        };
+        let allow = ResponderOptions {
+            allow_plaintext: true,
+        };
         let cases = [(ask, allow, true), (ask, RESP, false), (OPTS, allow, false)];
         for (opts, resp, want_plain) in cases {
             let (init, _) = run(&a, b.node_id(), &b, opts, resp, Admission::Accept);
@@ -736,8 +757,17 @@ mod tests {
             RESP,
             Admission::Refuse(Refusal::NoSuchPort),
         );
-        assert_eq!(init.expect_err("refused"), HandshakeError::Refused(Refusal::NoSuchPort));
-        assert!(matches!(resp, Responded::Refused { refusal: Refusal::NoSuchPort, .. }));
+        assert_eq!(
+            init.expect_err("refused"),
+            HandshakeError::Refused(Refusal::NoSuchPort)
+        );
+        assert!(matches!(
+            resp,
+            Responded::Refused {
+                refusal: Refusal::NoSuchPort,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -747,8 +777,18 @@ mod tests {
         hello[39] ^= 1; // the virtual port
         let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
         let header = HelloHeader::decode(&hb).expect("still decodes");
-        let (reply, outcome) = respond(&b, &header, &hello[HELLO_HEADER_LEN..], RESP, |_, _| Admission::Accept, [2; 32]);
-        assert!(matches!(outcome, Responded::Failed(HandshakeError::AuthFailed)));
+        let (reply, outcome) = respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            RESP,
+            |_, _| Admission::Accept,
+            [2; 32],
+        );
+        assert!(matches!(
+            outcome,
+            Responded::Failed(HandshakeError::AuthFailed)
+        ));
         assert_eq!(reply[0], 3);
     }
 
@@ -763,7 +803,10 @@ mod tests {
         }
         .encode();
         h[3] = 9;
-        assert_eq!(HelloHeader::decode(&h), Err(WireError::UnsupportedVersion(9)));
+        assert_eq!(
+            HelloHeader::decode(&h),
+            Err(WireError::UnsupportedVersion(9))
+        );
         let reply = reply_to_bad_header(&WireError::UnsupportedVersion(9)).expect("reply");
         assert_eq!(reply, vec![2, 0, 1, VERSION]);
         h[0] = b'G';

@@ -143,7 +143,9 @@ mod tests {
         let id = SecretKey::from_seed([7; 32]).node_id();
         let text = id.to_string();
         assert_eq!(text.len(), NODE_ID_TEXT_LEN);
-        assert!(text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
         assert_eq!(text.parse::<NodeId>(), Ok(id));
         assert_eq!(text.to_uppercase().parse::<NodeId>(), Ok(id));
     }
@@ -162,8 +164,9 @@ mod tests {
         // one-way Noise X handshake towards the derived public key to prove it.
         let sk = SecretKey::from_seed([42; 32]);
         let public = sk.node_id().x25519_public().expect("valid point");
-        let params: snow::params::NoiseParams =
-            "Noise_X_25519_ChaChaPoly_BLAKE2s".parse().expect("valid pattern");
+        let params: snow::params::NoiseParams = "Noise_X_25519_ChaChaPoly_BLAKE2s"
+            .parse()
+            .expect("valid pattern");
         let mut init = snow::Builder::new(params.clone())
             .local_private_key(&[1; 32])
             .and_then(|b| b.remote_public_key(&public))

@@ -111,7 +111,10 @@ mod tests {
         assert_eq!(race.poll(t0), RaceStep::Wait(t0 + d));
         assert!(matches!(race.poll(t0 + d), RaceStep::Start(1, _)));
         assert!(matches!(race.poll(t0 + 2 * d), RaceStep::Start(2, _)));
-        assert_eq!(race.poll(t0 + 2 * d), RaceStep::Wait(t0 + Duration::from_secs(5)));
+        assert_eq!(
+            race.poll(t0 + 2 * d),
+            RaceStep::Wait(t0 + Duration::from_secs(5))
+        );
         assert_eq!(race.poll(t0 + Duration::from_secs(5)), RaceStep::TimedOut);
     }
 

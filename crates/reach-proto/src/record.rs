@@ -232,7 +232,8 @@ mod tests {
             let (mut s, mut o) = pair(cipher);
             let mut wire = Vec::new();
             s.seal(RecordKind::Data, b"hello", &mut wire).expect("seal");
-            s.seal(RecordKind::Data, &[7; MAX_RECORD_PAYLOAD], &mut wire).expect("seal");
+            s.seal(RecordKind::Data, &[7; MAX_RECORD_PAYLOAD], &mut wire)
+                .expect("seal");
             s.seal(RecordKind::End, b"", &mut wire).expect("seal");
             let mut at = 0;
             let mut got = Vec::new();
@@ -284,9 +285,15 @@ mod tests {
 
     #[test]
     fn hostile_lengths_are_refused_from_the_header() {
-        assert_eq!(Opener::needed(&[0, 0xff, 0xff, 0xff]), Err(RecordError::TooLong(0xff_ffff)));
+        assert_eq!(
+            Opener::needed(&[0, 0xff, 0xff, 0xff]),
+            Err(RecordError::TooLong(0xff_ffff))
+        );
         assert_eq!(Opener::needed(&[0, 0, 0, 3]), Err(RecordError::TooShort(3)));
-        assert_eq!(Opener::needed(&[9, 0, 0, 16]), Err(RecordError::UnknownKind(9)));
+        assert_eq!(
+            Opener::needed(&[9, 0, 0, 16]),
+            Err(RecordError::UnknownKind(9))
+        );
         let (mut s, _) = pair(Cipher::AesGcm);
         assert_eq!(
             s.seal(RecordKind::End, b"x", &mut Vec::new()),

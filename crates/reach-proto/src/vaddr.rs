@@ -117,7 +117,9 @@ impl FromStr for HubAddr {
             None => host,
         };
         let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':');
-        if host.is_empty() || !host.chars().all(valid) || (host.contains(':') && !s.starts_with('['))
+        if host.is_empty()
+            || !host.chars().all(valid)
+            || (host.contains(':') && !s.starts_with('['))
         {
             return Err(bad());
         }
@@ -233,20 +235,33 @@ mod tests {
             (String::new(), VirtualAddrError::Empty),
             (id.clone(), VirtualAddrError::MissingPort),
             (format!("{id}:x"), VirtualAddrError::BadPort("x".into())),
-            (format!("{id}:70000"), VirtualAddrError::BadPort("70000".into())),
-            (format!("{id}:1/b=1"), VirtualAddrError::UnknownHint("b=1".into())),
+            (
+                format!("{id}:70000"),
+                VirtualAddrError::BadPort("70000".into()),
+            ),
+            (
+                format!("{id}:1/b=1"),
+                VirtualAddrError::UnknownHint("b=1".into()),
+            ),
             (
                 format!("{id}:1/a=1.2.3.4"),
                 VirtualAddrError::BadDirectAddr("1.2.3.4".into()),
             ),
-            (format!("{id}:1/hub=h"), VirtualAddrError::BadHub("h".into())),
+            (
+                format!("{id}:1/hub=h"),
+                VirtualAddrError::BadHub("h".into()),
+            ),
             (
                 format!("{id}:1/a=1.2.3.4:1/a=1.2.3.4:2"),
                 VirtualAddrError::DuplicateHint("a="),
             ),
         ];
         for (text, want) in cases {
-            assert_eq!(&text.parse::<VirtualAddr>().expect_err(text), want, "{text}");
+            assert_eq!(
+                &text.parse::<VirtualAddr>().expect_err(text),
+                want,
+                "{text}"
+            );
         }
         assert!(matches!(
             "zz:1".parse::<VirtualAddr>(),
@@ -256,7 +271,11 @@ mod tests {
 
     #[test]
     fn hub_accepts_names_and_ip_literals() {
-        for text in ["hub-1.example.org:7070", "192.0.2.7:1", "[2001:db8::7]:7070"] {
+        for text in [
+            "hub-1.example.org:7070",
+            "192.0.2.7:1",
+            "[2001:db8::7]:7070",
+        ] {
             let hub: HubAddr = text.parse().expect(text);
             assert_eq!(hub.to_string(), text);
         }

@@ -40,7 +40,12 @@ pub(crate) async fn connect(
         return Err(ConnectError::NoAddresses { node });
     }
     tracing::debug!(%node, ?candidates, "direct race");
-    let mut race = DirectRace::new(candidates, started, settings.attempt_delay, settings.timeout);
+    let mut race = DirectRace::new(
+        candidates,
+        started,
+        settings.attempt_delay,
+        settings.timeout,
+    );
     let mut running = JoinSet::new();
     let mut failed = Vec::new();
     loop {
@@ -59,7 +64,12 @@ pub(crate) async fn connect(
                 continue;
             }
             RaceStep::Wait(t) => t,
-            RaceStep::Exhausted => return Err(ConnectError::Failed { node, attempts: failed }),
+            RaceStep::Exhausted => {
+                return Err(ConnectError::Failed {
+                    node,
+                    attempts: failed,
+                })
+            }
             RaceStep::TimedOut => {
                 return Err(ConnectError::TimedOut {
                     node,

@@ -172,14 +172,17 @@ impl EndpointBuilder {
             }
         };
         let std_listener = bind_listener(self.bind_ip, self.ports)?;
-        let listener = TcpListener::from_std(std_listener).map_err(|source| EndpointError::Bind {
-            what: "the listening socket".into(),
-            source,
-        })?;
-        let local = listener.local_addr().map_err(|source| EndpointError::Bind {
-            what: "the listening socket".into(),
-            source,
-        })?;
+        let listener =
+            TcpListener::from_std(std_listener).map_err(|source| EndpointError::Bind {
+                what: "the listening socket".into(),
+                source,
+            })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| EndpointError::Bind {
+                what: "the listening socket".into(),
+                source,
+            })?;
         let advertised = match &self.advertise {
             Some(a) => a.clone(),
             None => discover_advertised(local),
@@ -288,7 +291,8 @@ impl Endpoint {
 
     /// Connects to a virtual address within the configured connect timeout.
     pub async fn connect(&self, target: &VirtualAddr) -> Result<ReachStream, ConnectError> {
-        self.connect_timeout(target, self.shared.connect_timeout).await
+        self.connect_timeout(target, self.shared.connect_timeout)
+            .await
     }
 
     /// Connects to a virtual address within `timeout`.
@@ -371,8 +375,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
                 Some(ports) if !ports.contains(&port) => Admission::Refuse(Refusal::NoSuchPort),
                 _ => Admission::Accept,
             };
-            let handshake =
-                crate::handshake::respond(tcp, &shared.secret, options, admit, started);
+            let handshake = crate::handshake::respond(tcp, &shared.secret, options, admit, started);
             match tokio::time::timeout(shared.handshake_timeout, handshake).await {
                 Ok(Ok(stream)) => {
                     tracing::debug!(%from, peer = %stream.peer(), "accepted stream");
@@ -402,7 +405,10 @@ fn discover_advertised(local: SocketAddr) -> Vec<SocketAddr> {
         .collect()
 }
 
-fn bind_listener(ip: Option<IpAddr>, ports: ListenPorts) -> Result<std::net::TcpListener, EndpointError> {
+fn bind_listener(
+    ip: Option<IpAddr>,
+    ports: ListenPorts,
+) -> Result<std::net::TcpListener, EndpointError> {
     let (first, last) = match ports {
         ListenPorts::Any => (0, 0),
         ListenPorts::Fixed(p) => (p, p),

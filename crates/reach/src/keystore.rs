@@ -17,7 +17,8 @@ use reach_proto::SecretKey;
 /// File name of the identity key inside the state directory.
 pub const KEY_FILE: &str = "identity.key";
 
-const HEADER: &str = "# reach node identity: ed25519 secret key seed (hex). Keep this file private.\n";
+const HEADER: &str =
+    "# reach node identity: ed25519 secret key seed (hex). Keep this file private.\n";
 
 /// Why the identity could not be loaded or created.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +55,10 @@ pub enum KeyStoreError {
     NoStateDir,
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> KeyStoreError + 'a {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> KeyStoreError + 'a {
     move |source| KeyStoreError::Io {
         action,
         path: path.to_path_buf(),
@@ -144,7 +148,8 @@ fn write_private(path: &Path, seed: &[u8; 32]) -> Result<(), KeyStoreError> {
         .open(path)
         .map_err(io_err("create", path))?;
     let text = format!("{HEADER}{}\n", HEXLOWER.encode(seed));
-    f.write_all(text.as_bytes()).map_err(io_err("write", path))?;
+    f.write_all(text.as_bytes())
+        .map_err(io_err("write", path))?;
     f.sync_all().map_err(io_err("sync", path))
 }
 
@@ -157,7 +162,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         let a = load_or_create(&state).expect("create");
-        let mode = fs::metadata(state.join(KEY_FILE)).expect("meta").permissions().mode();
+        let mode = fs::metadata(state.join(KEY_FILE))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let b = load_or_create(&state).expect("load");
         assert_eq!(a.node_id(), b.node_id());
@@ -181,6 +189,12 @@ mod tests {
         write_private(&path, &[1; 32]).expect("write");
         fs::write(&path, "# header\nnot-hex\n").expect("overwrite");
         let err = load_or_create(dir.path()).expect_err("corrupt");
-        assert!(matches!(err, KeyStoreError::Corrupt { reason: "key line is not hex", .. }));
+        assert!(matches!(
+            err,
+            KeyStoreError::Corrupt {
+                reason: "key line is not hex",
+                ..
+            }
+        ));
     }
 }

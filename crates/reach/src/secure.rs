@@ -274,7 +274,9 @@ mod tests {
         let mut b = SecureStream::new(b, &keys(true));
         let mut sealer = Sealer::new(Cipher::ChaChaPoly, &[1; 32]);
         let mut wire = Vec::new();
-        sealer.seal(RecordKind::Data, b"hello", &mut wire).expect("seal");
+        sealer
+            .seal(RecordKind::Data, b"hello", &mut wire)
+            .expect("seal");
         wire[5] ^= 0x40;
         raw.write_all(&wire).await.expect("write");
         let mut buf = [0u8; 16];

@@ -61,7 +61,8 @@ pub struct StreamInfo {
 
 enum Transport {
     Plain(TcpStream),
-    Secure(SecureStream<TcpStream>),
+    // Boxed: the AEAD key schedules make it over a kilobyte.
+    Secure(Box<SecureStream<TcpStream>>),
 }
 
 /// An authenticated byte stream to another node: tokio `AsyncRead + AsyncWrite`.
@@ -75,7 +76,9 @@ pub struct ReachStream {
 
 impl std::fmt::Debug for ReachStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReachStream").field("info", &self.info).finish()
+        f.debug_struct("ReachStream")
+            .field("info", &self.info)
+            .finish()
     }
 }
 
@@ -89,7 +92,7 @@ impl ReachStream {
 
     pub(crate) fn secure(s: SecureStream<TcpStream>, info: StreamInfo) -> Self {
         Self {
-            transport: Transport::Secure(s),
+            transport: Transport::Secure(Box::new(s)),
             info,
         }
     }

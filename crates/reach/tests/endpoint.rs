@@ -23,7 +23,9 @@ async fn endpoint(seed: u8) -> Endpoint {
 }
 
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f).await.expect("deadline passed")
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .expect("deadline passed")
 }
 
 /// Accepts one stream, echoes it back, and returns it after shutdown.
@@ -44,7 +46,11 @@ fn echo_once(server: Endpoint) -> tokio::task::JoinHandle<(Endpoint, reach::Stre
     })
 }
 
-async fn round_trip(client: &Endpoint, target: &VirtualAddr, data: &[u8]) -> (Vec<u8>, reach::StreamInfo) {
+async fn round_trip(
+    client: &Endpoint,
+    target: &VirtualAddr,
+    data: &[u8],
+) -> (Vec<u8>, reach::StreamInfo) {
     let s = within(client.connect(target)).await.expect("connect");
     let info = s.info().clone();
     let (mut r, mut w) = tokio::io::split(s);
@@ -132,9 +138,15 @@ async fn wrong_node_id_fails_fast_naming_the_identity_mismatch() {
         .await
         .expect_err("must fail");
     assert!(err.is_identity_mismatch(), "{err}");
-    assert!(matches!(err, ConnectError::Failed { .. }), "failed, not timed out: {err}");
+    assert!(
+        matches!(err, ConnectError::Failed { .. }),
+        "failed, not timed out: {err}"
+    );
     assert!(err.to_string().contains("identity mismatch"), "{err}");
-    assert!(err.to_string().contains(&server.node_id().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&server.node_id().to_string()),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -194,7 +206,10 @@ async fn a_port_nobody_accepts_is_refused_by_the_node() {
         .await
         .expect_err("refused");
     assert!(matches!(err, ConnectError::Refused { .. }), "{err}");
-    assert!(err.to_string().contains("no service on that virtual port"), "{err}");
+    assert!(
+        err.to_string().contains("no service on that virtual port"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -218,7 +233,8 @@ async fn closed_ports_fail_with_the_os_error_for_each_address() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let target = VirtualAddr::new(SecretKey::from_seed([19; 32]).node_id(), 1).with_direct(vec![closed]);
+    let target =
+        VirtualAddr::new(SecretKey::from_seed([19; 32]).node_id(), 1).with_direct(vec![closed]);
     let err = within(client.connect(&target)).await.expect_err("refused");
     assert!(matches!(err, ConnectError::Failed { .. }), "{err}");
     assert!(err.to_string().contains(&closed.to_string()), "{err}");
@@ -253,5 +269,8 @@ async fn port_range_takes_the_first_free_port() {
         .listen_ports(ListenPorts::Range(10, 5))
         .bind()
         .await;
-    assert!(matches!(bad, Err(reach::EndpointError::BadPortRange(10, 5))));
+    assert!(matches!(
+        bad,
+        Err(reach::EndpointError::BadPortRange(10, 5))
+    ));
 }

@@ -36,16 +36,23 @@ pub fn reach_id(state: &Path) -> String {
         .arg("id")
         .output()
         .expect("run reach id");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
 }
 
 /// Writes `len` pseudo-random bytes (deterministic per name) to `dir/name`.
 pub fn random_file(dir: &Path, name: &str, len: usize) -> PathBuf {
     let path = dir.join(name);
-    let mut state: u64 = name
-        .bytes()
-        .fold(0x9e37_79b9_7f4a_7c15, |h, b| h.rotate_left(5) ^ u64::from(b));
+    let mut state: u64 = name.bytes().fold(0x9e37_79b9_7f4a_7c15, |h, b| {
+        h.rotate_left(5) ^ u64::from(b)
+    });
     let mut data = Vec::with_capacity(len + 8);
     while data.len() < len {
         // xorshift64*: fast, and enough to make every block distinct.
@@ -111,11 +118,18 @@ impl Listener {
                     return text.trim().to_string();
                 }
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
                 panic!("reach listen exited with {status} before listening: {err}");
             }
-            assert!(start.elapsed() < DEADLINE, "reach listen did not write its address");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "reach listen did not write its address"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs everything CI runs: formatting, lints, and every test, including the lab
+# tests that build network namespaces (they need root). Installs missing system
+# packages itself on Debian/Ubuntu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+require_root "the lab tests create network namespaces"
+ensure_packages iproute2:ip
+ensure_rust_tools
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests (cargo nextest)"
+cargo nextest run --workspace --locked --no-fail-fast --profile ci
+
+step "doc tests"
+cargo test --workspace --locked --doc
+
+step "all checks passed"
