@@ -34,9 +34,9 @@
 //! announces, then [`respond`], send the reply bytes it returns.
 
 use snow::params::NoiseParams;
-use snow::resolvers::{CryptoResolver, DefaultResolver, FallbackResolver};
 
 use crate::identity::{NodeId, SecretKey, NODE_ID_LEN};
+use crate::noise_crypto;
 
 /// Protocol magic at the start of every hello.
 pub const MAGIC: [u8; 3] = *b"rch";
@@ -352,53 +352,9 @@ pub struct InitiatorOptions {
     pub cipher: Cipher,
 }
 
-/// A seeded source of the handshake's ephemeral randomness, so the core never
-/// reads an OS RNG itself: SHA-256 in counter mode over a 32-byte seed the driver
-/// draws from the OS (tests pass fixed seeds and get reproducible transcripts).
-struct SeededRandom {
-    seed: [u8; 32],
-    counter: u64,
-}
-
-impl snow::types::Random for SeededRandom {
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), snow::Error> {
-        for chunk in dest.chunks_mut(32) {
-            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-            ctx.update(&self.seed);
-            ctx.update(&self.counter.to_be_bytes());
-            self.counter += 1;
-            chunk.copy_from_slice(&ctx.finish().as_ref()[..chunk.len()]);
-        }
-        Ok(())
-    }
-}
-
-struct SeededResolver([u8; 32]);
-
-impl CryptoResolver for SeededResolver {
-    fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
-        Some(Box::new(SeededRandom {
-            seed: self.0,
-            counter: 0,
-        }))
-    }
-    fn resolve_dh(&self, _: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
-        None
-    }
-    fn resolve_hash(&self, _: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
-        None
-    }
-    fn resolve_cipher(
-        &self,
-        _: &snow::params::CipherChoice,
-    ) -> Option<Box<dyn snow::types::Cipher>> {
-        None
-    }
-}
-
-fn builder(cipher: Cipher, seed: [u8; 32]) -> snow::Builder<'static> {
-    let resolver = FallbackResolver::new(Box::new(SeededResolver(seed)), Box::new(DefaultResolver));
-    snow::Builder::with_resolver(cipher.noise_params(), Box::new(resolver))
+fn builder(cipher: Cipher, seed: [u8; 32], local: &SecretKey) -> snow::Builder<'static> {
+    let resolver = noise_crypto::resolver(seed, Some(local.x25519_pair()));
+    snow::Builder::with_resolver(cipher.noise_params(), resolver)
 }
 
 /// The initiator's side of a handshake in progress.
@@ -426,7 +382,7 @@ impl Initiator {
         seed: [u8; 32],
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
         let remote = target.x25519_public().ok_or(HandshakeError::BadKey)?;
-        let secret = local.x25519_secret();
+        let secret = local.x25519_pair().0;
         let mut header = HelloHeader {
             plaintext_requested: options.plaintext,
             cipher: options.cipher,
@@ -435,7 +391,7 @@ impl Initiator {
             noise_len: 0,
         };
         let prologue = header.encode();
-        let mut hs = builder(options.cipher, seed)
+        let mut hs = builder(options.cipher, seed, local)
             .local_private_key(&secret)
             .and_then(|b| b.remote_public_key(&remote))
             .and_then(|b| b.prologue(&prologue[..PROLOGUE_LEN]))
@@ -587,8 +543,8 @@ pub fn respond(
     }
     let failed = |e| (reply(ReplyKind::Failed, &[]), Responded::Failed(e));
     let prologue = header.encode();
-    let secret = local.x25519_secret();
-    let hs = builder(header.cipher, seed)
+    let secret = local.x25519_pair().0;
+    let hs = builder(header.cipher, seed, local)
         .local_private_key(&secret)
         .and_then(|b| b.prologue(&prologue[..PROLOGUE_LEN]))
         .and_then(|b| b.build_responder());

