@@ -118,6 +118,20 @@ mod tests {
         assert!(toml::from_str::<Config>("plaintxt = true").is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_port_ranges_never_panics(s in "\\PC{0,30}") {
+            if let Ok((a, b)) = parse_port_range(&s) {
+                proptest::prop_assert!(a <= b);
+            }
+        }
+
+        #[test]
+        fn parsing_arbitrary_config_files_never_panics(s in "\\PC{0,200}") {
+            let _ = toml::from_str::<Config>(&s);
+        }
+    }
+
     #[test]
     fn port_ranges_parse_or_say_why_not() {
         assert_eq!(parse_port_range("1-2"), Ok((1, 2)));

@@ -173,3 +173,28 @@ fn listener_logs_garbage_and_keeps_serving() {
         "{log}"
     );
 }
+
+#[test]
+fn keep_serves_one_stream_after_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let listener = Listener::start(None, &dir.path().join("a"), &empty, &["--keep"]);
+    let mut sent = Vec::new();
+    for name in ["first.bin", "second.bin"] {
+        let data = common::random_file(dir.path(), name, 100_000);
+        let out = dir.path().join(format!("{name}.out"));
+        let status = common::connect(
+            None,
+            &dir.path().join("b"),
+            &listener.vaddr,
+            &data,
+            &out,
+            &[],
+        );
+        assert!(status.success(), "{name}");
+        sent.extend(std::fs::read(&data).expect("read"));
+    }
+    let received_path = listener.out_path.clone();
+    listener.kill();
+    assert_eq!(std::fs::read(received_path).expect("read"), sent);
+}

@@ -18,7 +18,8 @@ use snow::types::{Cipher, Dh, Hash, Random};
 /// An X25519 key pair: (secret, public).
 pub(crate) type X25519Pair = ([u8; 32], [u8; 32]);
 
-/// The X25519 public key of a secret (base-point multiplication).
+/// The X25519 public key of a secret (base-point multiplication), for tests.
+#[cfg(test)]
 pub(crate) fn x25519_public(secret: &[u8; 32]) -> Option<[u8; 32]> {
     let key = PrivateKey::from_private_key(&X25519, secret).ok()?;
     key.compute_public_key().ok()?.as_ref().try_into().ok()
@@ -47,13 +48,8 @@ impl CryptoResolver for Resolver {
     }
 
     fn resolve_dh(&self, choice: &DHChoice) -> Option<Box<dyn Dh>> {
-        matches!(choice, DHChoice::Curve25519).then(|| {
-            Box::new(AwsX25519 {
-                known: self.static_pair,
-                secret: [0; 32],
-                public: [0; 32],
-            }) as Box<dyn Dh>
-        })
+        matches!(choice, DHChoice::Curve25519)
+            .then(|| Box::new(AwsX25519::new(self.static_pair)) as Box<dyn Dh>)
     }
 
     fn resolve_hash(&self, _: &HashChoice) -> Option<Box<dyn Hash>> {
@@ -88,15 +84,33 @@ struct AwsX25519 {
     known: Option<X25519Pair>,
     secret: [u8; 32],
     public: [u8; 32],
+    /// The imported key, kept because aws-lc derives the public key on every
+    /// import: importing per DH would add a base-point multiplication to each.
+    key: Option<PrivateKey>,
 }
 
 impl AwsX25519 {
-    fn derive_public(&mut self) {
-        self.public = match self.known {
-            Some((s, p)) if s == self.secret => p,
-            // Only fails for a malformed key length, which cannot happen with a
-            // 32-byte array; an all-zero public key then fails every DH.
-            _ => x25519_public(&self.secret).unwrap_or([0; 32]),
+    fn new(known: Option<X25519Pair>) -> Self {
+        Self {
+            known,
+            secret: [0; 32],
+            public: [0; 32],
+            key: None,
+        }
+    }
+
+    fn import(&mut self) {
+        self.key = PrivateKey::from_private_key(&X25519, &self.secret).ok();
+        self.public = match (self.known, &self.key) {
+            (Some((s, p)), _) if s == self.secret => p,
+            (_, Some(k)) => k
+                .compute_public_key()
+                .ok()
+                .and_then(|p| p.as_ref().try_into().ok())
+                .unwrap_or([0; 32]),
+            // Cannot happen for a 32-byte secret; an all-zero public key and a
+            // missing key then fail every DH rather than panic.
+            (_, None) => [0; 32],
         };
     }
 }
@@ -117,13 +131,13 @@ impl Dh for AwsX25519 {
     fn set(&mut self, privkey: &[u8]) {
         if let Ok(s) = privkey.try_into() {
             self.secret = s;
-            self.derive_public();
+            self.import();
         }
     }
 
     fn generate(&mut self, rng: &mut dyn Random) -> Result<(), snow::Error> {
         rng.try_fill_bytes(&mut self.secret)?;
-        self.derive_public();
+        self.import();
         Ok(())
     }
 
@@ -136,11 +150,10 @@ impl Dh for AwsX25519 {
     }
 
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
-        let key =
-            PrivateKey::from_private_key(&X25519, &self.secret).map_err(|_| snow::Error::Dh)?;
+        let key = self.key.as_ref().ok_or(snow::Error::Dh)?;
         // snow may pass its whole key buffer; the key is its first 32 bytes.
         let peer = UnparsedPublicKey::new(&X25519, pubkey.get(..32).ok_or(snow::Error::Dh)?);
-        agreement::agree(&key, peer, snow::Error::Dh, |shared| {
+        agreement::agree(key, peer, snow::Error::Dh, |shared| {
             out.get_mut(..shared.len())
                 .ok_or(snow::Error::Dh)?
                 .copy_from_slice(shared);
@@ -161,11 +174,7 @@ mod tests {
     }
 
     fn dh_with(secret: &[u8; 32], peer: &[u8; 32]) -> Result<[u8; 32], snow::Error> {
-        let mut dh = AwsX25519 {
-            known: None,
-            secret: [0; 32],
-            public: [0; 32],
-        };
+        let mut dh = AwsX25519::new(None);
         dh.set(secret);
         let mut out = [0u8; 32];
         dh.dh(peer, &mut out).map(|()| out)
@@ -195,11 +204,7 @@ mod tests {
     fn a_known_static_pair_is_used_without_recomputing() {
         let secret = [5u8; 32];
         let public = x25519_public(&secret).expect("public");
-        let mut dh = AwsX25519 {
-            known: Some((secret, public)),
-            secret: [0; 32],
-            public: [0; 32],
-        };
+        let mut dh = AwsX25519::new(Some((secret, public)));
         dh.set(&secret);
         assert_eq!(dh.pubkey(), public);
     }

@@ -8,13 +8,12 @@
 
 use std::time::{Duration, Instant};
 
-use reach_proto::candidates::order_candidates;
+use reach_proto::candidates::{order_candidates, LocalAddr};
 use reach_proto::handshake::{HandshakeError, InitiatorOptions};
 use reach_proto::race::{DirectRace, RaceStep};
 use reach_proto::{SecretKey, VirtualAddr};
 use tokio::task::JoinSet;
 
-use crate::discovery::local_addrs;
 use crate::error::{Attempt, AttemptError, ConnectError};
 use crate::handshake::{initiate, tcp_connect};
 use crate::stream::ReachStream;
@@ -30,12 +29,13 @@ pub(crate) struct RaceSettings {
 /// Races the target's direct candidates; returns the first authenticated stream.
 pub(crate) async fn connect(
     local: &SecretKey,
+    local_addrs: &[LocalAddr],
     target: &VirtualAddr,
     settings: RaceSettings,
 ) -> Result<ReachStream, ConnectError> {
     let started = Instant::now();
     let node = target.node;
-    let candidates = order_candidates(&target.direct, &local_addrs());
+    let candidates = order_candidates(&target.direct, local_addrs);
     if candidates.is_empty() {
         return Err(ConnectError::NoAddresses { node });
     }

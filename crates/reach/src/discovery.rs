@@ -4,8 +4,38 @@
 //! classification and ordering logic lives in `reach_proto::candidates`.
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use reach_proto::candidates::LocalAddr;
+
+/// How long a snapshot of the interface addresses is reused. Enumerating them
+/// (a netlink dump) costs about 100 us, more than a loopback TCP connect, so
+/// every connect re-reading them would show in setup time; interfaces change
+/// rarely, and a second is quick enough to follow a roaming laptop.
+pub const LOCAL_ADDR_TTL: Duration = Duration::from_secs(1);
+
+/// A snapshot of [`local_addrs`], refreshed when older than [`LOCAL_ADDR_TTL`].
+#[derive(Debug, Default)]
+pub struct LocalAddrCache {
+    snapshot: Mutex<Option<(Instant, Arc<Vec<LocalAddr>>)>>,
+}
+
+impl LocalAddrCache {
+    /// The current snapshot, re-read when stale.
+    pub fn get(&self) -> Arc<Vec<LocalAddr>> {
+        let now = Instant::now();
+        let mut guard = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            Some((taken, addrs)) if now.duration_since(*taken) < LOCAL_ADDR_TTL => addrs.clone(),
+            _ => {
+                let addrs = Arc::new(local_addrs());
+                *guard = Some((now, addrs.clone()));
+                addrs
+            }
+        }
+    }
+}
 
 /// Every address of every interface that is up, with its prefix length.
 /// An enumeration failure yields an empty list: the caller then advertises nothing
@@ -34,5 +64,12 @@ mod tests {
     #[test]
     fn loopback_is_always_found() {
         assert!(local_addrs().iter().any(|a| a.ip.is_loopback()));
+    }
+
+    #[test]
+    fn the_cache_reuses_a_fresh_snapshot() {
+        let cache = LocalAddrCache::default();
+        let (a, b) = (cache.get(), cache.get());
+        assert!(Arc::ptr_eq(&a, &b));
     }
 }

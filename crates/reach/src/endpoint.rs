@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Mutex, Semaphore};
 
 use crate::direct::{self, RaceSettings};
-use crate::discovery::local_addrs;
+use crate::discovery::{local_addrs, LocalAddrCache};
 use crate::error::{ConnectError, EndpointError};
 use crate::keystore;
 use crate::stream::ReachStream;
@@ -189,6 +189,7 @@ impl EndpointBuilder {
         };
         let shared = Arc::new(Shared {
             secret,
+            local_addrs: LocalAddrCache::default(),
             plaintext: self.plaintext,
             cipher: self.cipher.unwrap_or_else(preferred_cipher),
             accept_ports: self.accept_ports,
@@ -210,6 +211,7 @@ impl EndpointBuilder {
 
 struct Shared {
     secret: SecretKey,
+    local_addrs: LocalAddrCache,
     plaintext: bool,
     cipher: Cipher,
     accept_ports: Option<Vec<u16>>,
@@ -309,7 +311,8 @@ impl Endpoint {
             attempt_delay: self.shared.attempt_delay,
             timeout,
         };
-        direct::connect(&self.shared.secret, target, settings).await
+        let local_addrs = self.shared.local_addrs.get();
+        direct::connect(&self.shared.secret, &local_addrs, target, settings).await
     }
 
     /// Waits for the next authenticated inbound stream.

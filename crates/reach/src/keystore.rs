@@ -183,6 +183,25 @@ mod tests {
     }
 
     #[test]
+    fn key_file_text_round_trips() {
+        let key = SecretKey::from_seed([9; 32]);
+        let text = format!("{HEADER}{}\n", HEXLOWER.encode(&key.seed()));
+        assert_eq!(parse(&text).map(|k| k.node_id()), Ok(key.node_id()));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_key_files_never_panics(text in "\\PC{0,200}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn parsing_hexish_key_lines_never_panics(line in "[0-9a-fA-F#\\s]{0,80}") {
+            let _ = parse(&line);
+        }
+    }
+
+    #[test]
     fn a_corrupt_key_is_reported_not_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(KEY_FILE);
