@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{sha256, Listener, DEADLINE};
+use common::{sha256, Listener, Side, DEADLINE};
 
 #[test]
 fn id_is_stable_and_key_is_private() {
@@ -36,42 +36,25 @@ fn id_is_stable_and_key_is_private() {
 #[test]
 fn ten_megabytes_cross_both_ways_intact() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = common::random_file(dir.path(), "up.bin", 10 << 20);
-    let down = common::random_file(dir.path(), "down.bin", 7 << 20);
-    let listener = Listener::start(None, &dir.path().join("a"), &down, &[]);
-    let got_down = dir.path().join("got_down.bin");
-    let status = common::connect(
-        None,
-        &dir.path().join("b"),
-        &listener.vaddr,
-        &up,
-        &got_down,
-        &[],
-    );
-    assert!(status.success());
-    let got_up = listener.finish();
-    assert_eq!(sha256(&got_up), sha256(&up));
-    assert_eq!(sha256(&got_down), sha256(&down));
+    let here = || Side {
+        netns: None,
+        args: &[],
+    };
+    common::exchange(dir.path(), here(), here(), 10 << 20, 7 << 20);
 }
 
 #[test]
 fn plaintext_flag_on_both_ends_still_delivers_intact() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = common::random_file(dir.path(), "up.bin", 2 << 20);
-    let down = common::random_file(dir.path(), "down.bin", 1 << 20);
-    let listener = Listener::start(None, &dir.path().join("a"), &down, &["--plaintext"]);
-    let got_down = dir.path().join("got_down.bin");
-    let status = common::connect(
-        None,
-        &dir.path().join("b"),
-        &listener.vaddr,
-        &up,
-        &got_down,
-        &["--plaintext", "-v"],
-    );
-    assert!(status.success());
-    assert_eq!(sha256(&listener.finish()), sha256(&up));
-    assert_eq!(sha256(&got_down), sha256(&down));
+    let listen = Side {
+        netns: None,
+        args: &["--plaintext"],
+    };
+    let connect = Side {
+        netns: None,
+        args: &["--plaintext", "-v"],
+    };
+    common::exchange(dir.path(), listen, connect, 2 << 20, 1 << 20);
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{sha256, Listener};
+use common::Side;
 
 /// Two namespaces joined by a veth pair, deleted on drop.
 struct NetnsPair {
@@ -62,30 +62,22 @@ impl Drop for NetnsPair {
     }
 }
 
-fn transfer_between_namespaces(tag: &str, size: usize, extra: &[&str]) {
+fn transfer_between_namespaces(tag: &str, size: usize, args: &[&str]) {
     let net = NetnsPair::new(tag);
     let dir = tempfile::tempdir().expect("tempdir");
-    let up = common::random_file(dir.path(), "up.bin", size);
-    let down = common::random_file(dir.path(), "down.bin", size);
-    let listener = Listener::start(Some(&net.a), &dir.path().join("a"), &down, extra);
+    let listen = Side {
+        netns: Some(&net.a),
+        args,
+    };
+    let connect = Side {
+        netns: Some(&net.b),
+        args,
+    };
+    let vaddr = common::exchange(dir.path(), listen, connect, size, size);
     assert!(
-        listener.vaddr.contains("/a=10.77.0.1:"),
-        "the listener advertises its namespace address: {}",
-        listener.vaddr
+        vaddr.contains("/a=10.77.0.1:"),
+        "the listener advertises its namespace address: {vaddr}"
     );
-    let got_down = dir.path().join("got_down.bin");
-    let status = common::connect(
-        Some(&net.b),
-        &dir.path().join("b"),
-        &listener.vaddr,
-        &up,
-        &got_down,
-        extra,
-    );
-    assert!(status.success(), "reach connect failed");
-    let got_up = listener.finish();
-    assert_eq!(sha256(&got_up), sha256(&up), "connector to listener");
-    assert_eq!(sha256(&got_down), sha256(&down), "listener to connector");
 }
 
 #[test]

@@ -213,3 +213,39 @@ pub fn connect(
     }
     status
 }
+
+/// Where each end of an exchange runs and with which extra flags.
+pub struct Side<'a> {
+    /// Network namespace, or `None` for the current one.
+    pub netns: Option<&'a str>,
+    /// Extra arguments to `listen` or `connect`.
+    pub args: &'a [&'a str],
+}
+
+/// Runs `reach listen` on one side and `reach connect` on the other, sending
+/// `up` bytes to the listener and `down` bytes back at the same time, and checks
+/// both arrive intact (sha256). Returns the listener's virtual address.
+pub fn exchange(dir: &Path, listen: Side, connect_from: Side, up: usize, down: usize) -> String {
+    let up_file = random_file(dir, "up.bin", up);
+    let down_file = random_file(dir, "down.bin", down);
+    let listener = Listener::start(listen.netns, &dir.join("a"), &down_file, listen.args);
+    let vaddr = listener.vaddr.clone();
+    let got_down = dir.join("got_down.bin");
+    let status = connect(
+        connect_from.netns,
+        &dir.join("b"),
+        &vaddr,
+        &up_file,
+        &got_down,
+        connect_from.args,
+    );
+    assert!(status.success(), "reach connect failed");
+    let got_up = listener.finish();
+    assert_eq!(sha256(&got_up), sha256(&up_file), "connector to listener");
+    assert_eq!(
+        sha256(&got_down),
+        sha256(&down_file),
+        "listener to connector"
+    );
+    vaddr
+}
