@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main demo. Until the namespace lab (step 2) lands, it runs on loopback:
+# The main demo. Until the namespace lab (step 2) lands, it runs on loopback
+# (listeners bind 127.0.0.1, so no traffic reaches any other address):
 # two nodes with their own identities; 100 MB each way through
 # `reach listen` / `reach connect`, checked by sha256; then a connection to a
 # wrong NodeId, refused with an identity mismatch. Installs what it needs.
@@ -26,7 +27,7 @@ head -c 100M /dev/urandom > to_a.bin
 head -c 100M /dev/urandom > to_b.bin
 
 step "A: reach listen"
-"$reach" --state-dir a -v listen --addr-file addr.txt < to_b.bin > got_a.bin 2> a.log &
+"$reach" --state-dir a -v listen --bind 127.0.0.1 --addr-file addr.txt < to_b.bin > got_a.bin 2> a.log &
 for _ in $(seq 200); do [ -s addr.txt ] && break; sleep 0.05; done
 [ -s addr.txt ] || { cat a.log; die "listener did not start"; }
 echo "A listens on $(cat addr.txt)"
@@ -45,7 +46,7 @@ check to_a.bin got_a.bin "B -> A intact"
 check to_b.bin got_b.bin "A -> B intact"
 
 step "a virtual address with the wrong NodeId is refused"
-"$reach" --state-dir a listen --keep --addr-file addr2.txt < /dev/null > /dev/null 2>&1 &
+"$reach" --state-dir a listen --bind 127.0.0.1 --keep --addr-file addr2.txt < /dev/null > /dev/null 2>&1 &
 for _ in $(seq 200); do [ -s addr2.txt ] && break; sleep 0.05; done
 impostor="$("$reach" --state-dir c id):$(cut -d: -f2- addr2.txt)"
 if "$reach" --state-dir b connect --timeout 5 "$impostor" < /dev/null; then

@@ -222,24 +222,40 @@ struct Shared {
 
 /// A node's endpoint: connect to virtual addresses and accept streams.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use reach::Endpoint;
+/// ```
+/// use reach::{keystore, Endpoint};
 /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
 ///
-/// let server = Endpoint::builder().state_dir("/tmp/reach-a").bind().await?;
-/// let addr = server.virtual_addr(80); // print it, send it to the other side
-/// let client = Endpoint::builder().state_dir("/tmp/reach-b").bind().await?;
-/// tokio::spawn(async move {
-///     let mut s = server.accept().await.expect("stream");
-///     s.write_all(b"hello").await.expect("write");
-///     s.shutdown().await.expect("shutdown");
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // A real node keeps its identity: `.state_dir("/var/lib/myapp/reach")`.
+/// let loopback = "127.0.0.1".parse()?;
+/// let server = Endpoint::builder()
+///     .secret_key(keystore::generate()?)
+///     .bind_ip(loopback)
+///     .bind()
+///     .await?;
+/// let addr = server.virtual_addr(80); // NODEID:80/a=127.0.0.1:PORT; give it to peers
+///
+/// let client = Endpoint::builder()
+///     .secret_key(keystore::generate()?)
+///     .bind_ip(loopback)
+///     .bind()
+///     .await?;
+/// let serve = tokio::spawn(async move {
+///     let mut s = server.accept().await?;
+///     s.write_all(format!("hello, {}", s.peer()).as_bytes()).await?;
+///     s.shutdown().await?;
+///     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
 /// });
+///
 /// let mut s = client.connect(&addr).await?;
 /// let mut got = String::new();
 /// s.read_to_string(&mut got).await?;
-/// assert_eq!(got, "hello");
-/// println!("{:?} via {} in {:?}", s.info().peer, s.info().module, s.info().setup_time);
+/// assert_eq!(got, format!("hello, {}", client.node_id()));
+/// let info = s.info();
+/// println!("{} via {} ({:?}) in {:?}", info.peer, info.module, info.mode, info.setup_time);
+/// serve.await?.map_err(|e| e.to_string())?;
 /// # Ok(()) }
 /// ```
 pub struct Endpoint {

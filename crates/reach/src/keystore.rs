@@ -77,6 +77,18 @@ pub fn default_state_dir() -> Result<PathBuf, KeyStoreError> {
     Ok(PathBuf::from(home).join(".local/state/reach"))
 }
 
+/// A new random identity that is not stored anywhere (for tests, examples and
+/// short-lived nodes).
+pub fn generate() -> Result<SecretKey, KeyStoreError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| KeyStoreError::Io {
+        action: "draw randomness for",
+        path: PathBuf::from("a new key"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(SecretKey::from_seed(seed))
+}
+
 /// Loads the identity from `state_dir`, creating the directory and a new key on
 /// first use.
 pub fn load_or_create(state_dir: &Path) -> Result<SecretKey, KeyStoreError> {
@@ -123,12 +135,7 @@ fn create(state_dir: &Path, path: &Path) -> Result<SecretKey, KeyStoreError> {
     fs::create_dir_all(state_dir).map_err(io_err("create directory", state_dir))?;
     fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
         .map_err(io_err("set permissions of", state_dir))?;
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| KeyStoreError::Io {
-        action: "draw randomness for",
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let seed = generate()?.seed();
     let tmp = state_dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
     let result = write_private(&tmp, &seed).and_then(|()| match fs::hard_link(&tmp, path) {
         Ok(()) => Ok(SecretKey::from_seed(seed)),

@@ -13,13 +13,16 @@ use tokio::net::TcpStream;
 /// Every wait in these tests is bounded by this.
 const DEADLINE: Duration = Duration::from_secs(20);
 
-async fn endpoint(seed: u8) -> Endpoint {
+/// A builder for a loopback-only endpoint: tests never dial this machine's
+/// other interface addresses.
+fn builder(seed: u8) -> reach::EndpointBuilder {
     Endpoint::builder()
         .secret_key(SecretKey::from_seed([seed; 32]))
         .bind_ip("127.0.0.1".parse().expect("ip"))
-        .bind()
-        .await
-        .expect("bind")
+}
+
+async fn endpoint(seed: u8) -> Endpoint {
+    builder(seed).bind().await.expect("bind")
 }
 
 async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -89,12 +92,7 @@ async fn encrypted_stream_carries_data_both_ways_and_reports_info() {
 async fn both_ciphers_work() {
     for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
         let server = endpoint(3).await;
-        let client = Endpoint::builder()
-            .secret_key(SecretKey::from_seed([4; 32]))
-            .cipher(cipher)
-            .bind()
-            .await
-            .expect("bind");
+        let client = builder(4).cipher(cipher).bind().await.expect("bind");
         let target = server.virtual_addr(1);
         let echo = echo_once(server);
         let (back, info) = round_trip(&client, &target, b"cipher check").await;
@@ -107,14 +105,12 @@ async fn both_ciphers_work() {
 #[tokio::test]
 async fn plaintext_is_used_only_when_both_sides_opt_in() {
     for (client_plain, server_plain) in [(true, true), (true, false), (false, true)] {
-        let server = Endpoint::builder()
-            .secret_key(SecretKey::from_seed([5; 32]))
+        let server = builder(5)
             .plaintext(server_plain)
             .bind()
             .await
             .expect("bind");
-        let client = Endpoint::builder()
-            .secret_key(SecretKey::from_seed([6; 32]))
+        let client = builder(6)
             .plaintext(client_plain)
             .bind()
             .await
@@ -195,8 +191,7 @@ async fn garbage_and_truncated_clients_do_not_stop_the_listener() {
 
 #[tokio::test]
 async fn a_port_nobody_accepts_is_refused_by_the_node() {
-    let server = Endpoint::builder()
-        .secret_key(SecretKey::from_seed([14; 32]))
+    let server = builder(14)
         .accept_ports(vec![80])
         .bind()
         .await
@@ -252,9 +247,7 @@ async fn port_range_takes_the_first_free_port() {
     drop(probe);
     // Hold `base` so the endpoint must move on to a later port in the range.
     let holder = std::net::TcpListener::bind(("127.0.0.1", base)).ok();
-    let ep = Endpoint::builder()
-        .secret_key(SecretKey::from_seed([20; 32]))
-        .bind_ip("127.0.0.1".parse().expect("ip"))
+    let ep = builder(20)
         .listen_ports(ListenPorts::Range(base, base.saturating_add(20)))
         .bind()
         .await
@@ -264,8 +257,7 @@ async fn port_range_takes_the_first_free_port() {
     if holder.is_some() {
         assert_ne!(port, base);
     }
-    let bad = Endpoint::builder()
-        .secret_key(SecretKey::from_seed([20; 32]))
+    let bad = builder(20)
         .listen_ports(ListenPorts::Range(10, 5))
         .bind()
         .await;

@@ -87,12 +87,20 @@ impl Listener {
         let addr_file = state.join("addr.txt");
         let out_path = state.join("listener.out");
         let stderr_path = state.join("listener.err");
+        // Outside a test namespace, listen on loopback only, so tests never dial
+        // this machine's other interface addresses.
+        let bind: &[&str] = if netns.is_none() {
+            &["--bind", "127.0.0.1"]
+        } else {
+            &[]
+        };
         let child = reach_in(netns)
             .arg("--state-dir")
             .arg(state)
             .arg("listen")
             .arg("--addr-file")
             .arg(&addr_file)
+            .args(bind)
             .args(extra)
             .stdin(std::fs::File::open(input).expect("input"))
             .stdout(std::fs::File::create(&out_path).expect("out"))
