@@ -1,0 +1,206 @@
+//! A running lab: its namespaces, its hosts, and its teardown.
+//!
+//! `Lab::up` gives each lab a unique prefix (`rl` + 5 characters), so tests and
+//! users run labs side by side, and records it in the registry directory
+//! (`/run/reach-lab`) so the CLI can find it and `down --all` can clean up after
+//! a crash. Dropping a `Lab` (also during a panic) kills the processes inside
+//! its namespaces and deletes them, unless it was made persistent with
+//! [`Lab::persist`] (what `reach-lab up` does).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::apply::{self, LabError};
+use crate::plan::{plan, HostAddrs};
+use crate::topology::Topology;
+
+/// Every lab prefix starts with this.
+pub const PREFIX_START: &str = "rl";
+
+/// Where running labs are recorded.
+pub fn registry_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os("REACH_LAB_REGISTRY").unwrap_or_else(|| "/run/reach-lab".into()))
+}
+
+/// What the registry keeps about a lab.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabRecord {
+    /// The namespace prefix.
+    pub prefix: String,
+    /// The topology's name.
+    pub topology: String,
+    /// Every namespace name (with prefix).
+    pub namespaces: Vec<String>,
+    /// The hosts.
+    pub hosts: Vec<HostAddrs>,
+}
+
+impl LabRecord {
+    /// The host named `name`.
+    pub fn host(&self, name: &str) -> Option<&HostAddrs> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// The full namespace name of a host.
+    pub fn host_ns(&self, host: &HostAddrs) -> String {
+        format!("{}-{}", self.prefix, host.ns)
+    }
+
+    /// All labs in the registry.
+    pub fn all() -> Vec<LabRecord> {
+        let Ok(dir) = std::fs::read_dir(registry_dir()) else {
+            return Vec::new();
+        };
+        let mut labs: Vec<LabRecord> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|t| serde_json::from_str(&t).ok())
+            .collect();
+        labs.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        labs
+    }
+
+    fn path(&self) -> PathBuf {
+        registry_dir().join(format!("{}.json", self.prefix))
+    }
+
+    /// Deletes the lab's namespaces (killing their processes) and its record.
+    pub fn tear_down(&self) {
+        for ns in self.namespaces.iter().rev() {
+            apply::remove_namespace(ns);
+        }
+        let _ = std::fs::remove_file(self.path());
+    }
+}
+
+/// A lab that exists while this value lives.
+pub struct Lab {
+    record: LabRecord,
+    armed: bool,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lab({} {})", self.record.prefix, self.record.topology)
+    }
+}
+
+fn unique_prefix() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut x = u64::from(std::process::id()) << 32
+        ^ u64::from(nanos)
+        ^ u64::from(COUNTER.fetch_add(1, Ordering::Relaxed)).wrapping_mul(0x9e37_79b9);
+    let mut s = String::from(PREFIX_START);
+    for _ in 0..5 {
+        let d = (x % 36) as u32;
+        s.push(char::from_digit(d, 36).unwrap_or('0'));
+        x /= 36;
+    }
+    s
+}
+
+impl Lab {
+    /// Builds the topology. On failure, whatever was built is removed again.
+    pub fn up(topology: &Topology) -> Result<Lab, LabError> {
+        apply::check_prerequisites()?;
+        let plan = plan(topology)?;
+        let prefix = unique_prefix();
+        let record = LabRecord {
+            namespaces: plan
+                .namespaces
+                .iter()
+                .map(|n| format!("{prefix}-{}", n.name))
+                .collect(),
+            hosts: plan.hosts.clone(),
+            topology: topology.name.clone(),
+            prefix,
+        };
+        std::fs::create_dir_all(registry_dir())?;
+        std::fs::write(
+            record.path(),
+            serde_json::to_string_pretty(&record).map_err(std::io::Error::other)?,
+        )?;
+        let lab = Lab {
+            record,
+            armed: true,
+        };
+        // On error `lab` drops here and removes the partial lab.
+        apply::apply(&lab.record.prefix, &plan)?;
+        Ok(lab)
+    }
+
+    /// What the registry holds about this lab.
+    pub fn record(&self) -> &LabRecord {
+        &self.record
+    }
+
+    /// The host named `name`.
+    pub fn host(&self, name: &str) -> &HostAddrs {
+        self.record
+            .host(name)
+            .unwrap_or_else(|| panic!("no host {name:?} in lab {}", self.record.topology))
+    }
+
+    /// A command that runs `program` inside host `name`'s namespace.
+    pub fn command(&self, name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.record.host_ns(self.host(name))])
+            .arg(program);
+        c
+    }
+
+    /// Keeps the lab after this value is dropped (for `reach-lab up`).
+    pub fn persist(mut self) -> LabRecord {
+        self.armed = false;
+        self.record.clone()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if self.armed {
+            self.record.tear_down();
+        }
+    }
+}
+
+/// Removes every lab namespace on the system, recorded or orphaned.
+pub fn down_all() -> usize {
+    let mut n = 0;
+    for rec in LabRecord::all() {
+        rec.tear_down();
+        n += 1;
+    }
+    for ns in apply::namespaces_with_prefix(PREFIX_START) {
+        // Only names of our own shape: rl + 5 base-36 characters + '-'.
+        let ours = ns.len() > 8
+            && ns.as_bytes()[7] == b'-'
+            && ns[2..7]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        if ours {
+            apply::remove_namespace(&ns);
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_short_unique_and_well_formed() {
+        let a = unique_prefix();
+        let b = unique_prefix();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 7);
+        assert!(a.starts_with(PREFIX_START));
+    }
+}

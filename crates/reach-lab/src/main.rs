@@ -1,0 +1,192 @@
+//! The `reach-lab` command: build, use and remove network-namespace labs.
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use reach_lab::lab::{down_all, LabRecord};
+use reach_lab::{probe, Lab, Topology};
+
+/// reach-lab: a testbed of network namespaces with real NATs and firewalls.
+///
+/// Needs root. Public addresses come only from documentation ranges; nothing
+/// leaves the lab's namespaces.
+#[derive(Parser)]
+#[command(name = "reach-lab", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the lab described by a topology file and leave it running.
+    Up {
+        /// Topology file (see lab/topologies/).
+        file: PathBuf,
+    },
+    /// Remove a lab (its namespaces and every process in them).
+    Down {
+        /// The lab's prefix or topology name (default: the only running lab).
+        lab: Option<String>,
+        /// Remove every lab, also ones left behind by a crash.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Run a command inside a host of a running lab.
+    Exec {
+        /// Host name from the topology.
+        host: String,
+        /// The lab's prefix or topology name, when several are running.
+        #[arg(long)]
+        lab: Option<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List running labs with their hosts and addresses.
+    Status,
+    /// Probe helpers used by tests and checks (run inside lab hosts).
+    #[command(subcommand)]
+    Probe(ProbeCmd),
+}
+
+#[derive(Subcommand)]
+enum ProbeCmd {
+    /// Answer TCP connections on these ports with a greeting naming this host.
+    Serve {
+        /// The name to greet with.
+        #[arg(long)]
+        name: String,
+        /// Ports to listen on.
+        #[arg(long = "port", required = true)]
+        ports: Vec<u16>,
+    },
+    /// Connect to a probe server and print what happened as JSON.
+    Connect {
+        /// Address to connect to.
+        addr: SocketAddr,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+        /// Connect from this local port.
+        #[arg(long)]
+        bind_port: Option<u16>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("reach-lab: error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(file: &Path) -> anyhow::Result<Topology> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    Topology::from_toml(&text).with_context(|| format!("bad topology {}", file.display()))
+}
+
+fn find_lab(which: Option<&str>, host: Option<&str>) -> anyhow::Result<LabRecord> {
+    let labs: Vec<LabRecord> = LabRecord::all()
+        .into_iter()
+        .filter(|l| which.is_none_or(|w| l.prefix == w || l.topology == w))
+        .filter(|l| host.is_none_or(|h| l.host(h).is_some()))
+        .collect();
+    match labs.len() {
+        1 => Ok(labs.into_iter().next().expect("one lab")),
+        0 => bail!(
+            "no running lab{} (start one with reach-lab up FILE)",
+            host.map(|h| format!(" has host {h:?}")).unwrap_or_default()
+        ),
+        _ => bail!(
+            "several running labs match; name one with --lab ({})",
+            labs.iter()
+                .map(|l| l.prefix.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::Up { file } => {
+            let topology = load(&file)?;
+            let record = Lab::up(&topology)?.persist();
+            println!("lab {} ({}) is up", record.prefix, record.topology);
+            print_hosts(&record);
+        }
+        Cmd::Down { lab, all } => {
+            if all {
+                let n = down_all();
+                println!("removed {n} recorded lab(s) and any orphaned lab namespaces");
+            } else {
+                let rec = find_lab(lab.as_deref(), None)?;
+                rec.tear_down();
+                println!("lab {} ({}) removed", rec.prefix, rec.topology);
+            }
+        }
+        Cmd::Exec { host, lab, command } => {
+            let rec = find_lab(lab.as_deref(), Some(&host))?;
+            let h = rec.host(&host).context("host vanished")?;
+            let err = std::process::Command::new("ip")
+                .args(["netns", "exec", &rec.host_ns(h)])
+                .args(&command)
+                .exec();
+            bail!("cannot run {:?} in {host}: {err}", command[0]);
+        }
+        Cmd::Status => {
+            let labs = LabRecord::all();
+            if labs.is_empty() {
+                println!("no labs running");
+            }
+            for rec in labs {
+                println!("lab {} ({})", rec.prefix, rec.topology);
+                print_hosts(&rec);
+            }
+        }
+        Cmd::Probe(ProbeCmd::Serve { name, ports }) => probe::serve(&name, &ports)?,
+        Cmd::Probe(ProbeCmd::Connect {
+            addr,
+            timeout,
+            bind_port,
+        }) => {
+            let timeout = Duration::try_from_secs_f64(timeout)
+                .context("--timeout must be positive seconds")?;
+            let out = probe::connect(addr, timeout, bind_port);
+            println!("{}", serde_json::to_string(&out)?);
+            if !matches!(out, probe::Outcome::Ok { .. }) {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_hosts(rec: &LabRecord) {
+    println!(
+        "  {:<12} {:<10} {:<16} {:<16} {:<16}",
+        "host", "site", "lan", "public", "site gateway"
+    );
+    for h in &rec.hosts {
+        let public = h.public.map_or("-".to_string(), |p| p.to_string());
+        let lan = if h.routed {
+            h.lan.to_string()
+        } else {
+            format!("{} (non-routed)", h.lan)
+        };
+        println!(
+            "  {:<12} {:<10} {:<16} {:<16} {:<16}",
+            h.name, h.site, lan, public, h.gateway
+        );
+    }
+}

@@ -1,0 +1,481 @@
+//! Turning a topology into a plan: namespaces, links, addresses, routes and
+//! nftables rulesets. Pure computation, so the whole address plan and every
+//! ruleset are unit-tested without root; `apply` carries a plan out.
+//!
+//! ```text
+//!            inet (router, bridge br0 = 203.0.113.1/24, the "internet")
+//!        p0 /        p1 |                     p2 \
+//!   gw-<site> wan   gw-<site> wan          h-<front-end> pub (multi-homed)
+//!   bridge br0 = LAN .1                   ...
+//!     l0 |   l1 \
+//!   h-<host> lan  h-<host> lan
+//! ```
+//! Public addresses come only from documentation ranges: gateways at
+//! 203.0.113.10+, multi-homed hosts at 203.0.113.100+, and the LANs of open and
+//! firewalled sites are /28s of 198.51.100.0/24. NAT sites use private LANs,
+//! possibly the same one at two sites.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::{GatewayKind, Host, Inbound, Lan, Mapping, Site, Topology, TopologyError};
+
+/// The internet router's address; every public interface routes through it.
+pub const INTERNET_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const INTERNET_LEN: u8 = 24;
+const FIRST_GATEWAY: u32 = 10;
+const FIRST_PUBLIC_HOST: u32 = 100;
+
+/// A route: `dest` (None for default) via a next hop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Destination network, or `None` for the default route.
+    pub dest: Option<Lan>,
+    /// Next hop.
+    pub via: Ipv4Addr,
+}
+
+/// One network namespace to create.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Namespace {
+    /// Name without the lab prefix: "inet", "gw-SITE" or "h-HOST".
+    pub name: String,
+    /// Whether it forwards packets (a router).
+    pub forward: bool,
+    /// Bridges to create, by interface name.
+    pub bridges: Vec<String>,
+    /// Addresses: interface, address, prefix length.
+    pub addrs: Vec<(String, Ipv4Addr, u8)>,
+    /// Routes.
+    pub routes: Vec<Route>,
+    /// An nftables ruleset to load, if any.
+    pub nft: Option<String>,
+}
+
+/// One end of a veth link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct End {
+    /// Namespace name (without prefix).
+    pub ns: String,
+    /// Interface name inside it.
+    pub ifname: String,
+    /// Bridge to enslave the interface to, if any.
+    pub bridge: Option<String>,
+}
+
+/// A veth pair between two namespaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// One end.
+    pub a: End,
+    /// The other end.
+    pub b: End,
+}
+
+/// Where a host is and how to reach it; kept in the lab's registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostAddrs {
+    /// Host name.
+    pub name: String,
+    /// Its site.
+    pub site: String,
+    /// Its namespace (without prefix).
+    pub ns: String,
+    /// Its LAN address.
+    pub lan: Ipv4Addr,
+    /// Its public address, for multi-homed hosts.
+    pub public: Option<Ipv4Addr>,
+    /// The site gateway's public address (a NAT's external address).
+    pub gateway: Ipv4Addr,
+    /// Whether it has a route out of its LAN.
+    pub routed: bool,
+}
+
+impl HostAddrs {
+    /// Every address of the host, public first.
+    pub fn addrs(&self) -> Vec<Ipv4Addr> {
+        self.public.into_iter().chain([self.lan]).collect()
+    }
+}
+
+/// Everything `apply` needs to build a lab.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Namespaces, routers first.
+    pub namespaces: Vec<Namespace>,
+    /// veth links.
+    pub links: Vec<Link>,
+    /// The hosts, in topology order.
+    pub hosts: Vec<HostAddrs>,
+}
+
+fn ns_with(name: String, forward: bool) -> Namespace {
+    Namespace {
+        name,
+        forward,
+        ..Namespace::default()
+    }
+}
+
+/// Plans a validated topology.
+pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
+    t.validate()?;
+    let mut inet = ns_with("inet".into(), true);
+    inet.bridges.push("br0".into());
+    inet.addrs
+        .push(("br0".into(), INTERNET_ROUTER, INTERNET_LEN));
+    let mut out = Plan::default();
+    let mut inet_ports = 0u32;
+    let mut public_hosts = 0u32;
+    let mut public_lans = 0u32;
+    let inet_end = |ports: &mut u32| {
+        let e = End {
+            ns: "inet".into(),
+            ifname: format!("p{ports}"),
+            bridge: Some("br0".into()),
+        };
+        *ports += 1;
+        e
+    };
+    let mut site_namespaces = Vec::new();
+    for (i, site) in t.sites.iter().enumerate() {
+        let wan = public_addr(FIRST_GATEWAY + i as u32, FIRST_PUBLIC_HOST, "sites")?;
+        let lan = match site.gateway {
+            GatewayKind::Nat => site.lan.unwrap_or(Lan {
+                net: Ipv4Addr::new(10, (i + 1).min(255) as u8, 0, 0),
+                len: 24,
+            }),
+            GatewayKind::Open | GatewayKind::Firewall => {
+                public_lans += 1;
+                if public_lans > 15 {
+                    return Err(TopologyError::TooMany("open or firewalled sites"));
+                }
+                let lan = Lan {
+                    net: Ipv4Addr::new(198, 51, 100, (16 * public_lans) as u8),
+                    len: 28,
+                };
+                inet.routes.push(Route {
+                    dest: Some(lan),
+                    via: wan,
+                });
+                lan
+            }
+        };
+        if lan.capacity() < site.hosts.len() as u32 + 1 {
+            return Err(TopologyError::LanTooSmall(site.name.clone()));
+        }
+        let mut gw = ns_with(format!("gw-{}", site.name), true);
+        gw.bridges.push("br0".into());
+        gw.addrs.push(("wan".into(), wan, INTERNET_LEN));
+        gw.addrs.push(("br0".into(), lan.addr(1), lan.len));
+        gw.routes.push(Route {
+            dest: None,
+            via: INTERNET_ROUTER,
+        });
+        out.links.push(Link {
+            a: inet_end(&mut inet_ports),
+            b: End {
+                ns: gw.name.clone(),
+                ifname: "wan".into(),
+                bridge: None,
+            },
+        });
+        let mut non_routed = Vec::new();
+        let mut hosts = Vec::new();
+        for (j, host) in site.hosts.iter().enumerate() {
+            let lan_ip = lan.addr(2 + j as u32);
+            let mut h = ns_with(format!("h-{}", host.name), false);
+            h.addrs.push(("lan".into(), lan_ip, lan.len));
+            out.links.push(Link {
+                a: End {
+                    ns: gw.name.clone(),
+                    ifname: format!("l{j}"),
+                    bridge: Some("br0".into()),
+                },
+                b: End {
+                    ns: h.name.clone(),
+                    ifname: "lan".into(),
+                    bridge: None,
+                },
+            });
+            let public = if host.multi_homed {
+                let ip = public_addr(FIRST_PUBLIC_HOST + public_hosts, 255, "multi-homed hosts")?;
+                public_hosts += 1;
+                h.addrs.push(("pub".into(), ip, INTERNET_LEN));
+                out.links.push(Link {
+                    a: inet_end(&mut inet_ports),
+                    b: End {
+                        ns: h.name.clone(),
+                        ifname: "pub".into(),
+                        bridge: None,
+                    },
+                });
+                h.routes.push(Route {
+                    dest: None,
+                    via: INTERNET_ROUTER,
+                });
+                Some(ip)
+            } else {
+                if host.routed {
+                    h.routes.push(Route {
+                        dest: None,
+                        via: lan.addr(1),
+                    });
+                }
+                None
+            };
+            if !host.routed {
+                non_routed.push(lan_ip);
+            }
+            h.nft = host_rules(site, host);
+            out.hosts.push(HostAddrs {
+                name: host.name.clone(),
+                site: site.name.clone(),
+                ns: h.name.clone(),
+                lan: lan_ip,
+                public,
+                gateway: wan,
+                routed: host.routed,
+            });
+            hosts.push(h);
+        }
+        gw.nft = gateway_rules(site, &non_routed);
+        site_namespaces.push(gw);
+        site_namespaces.extend(hosts);
+    }
+    out.namespaces.push(inet);
+    out.namespaces.extend(site_namespaces);
+    Ok(out)
+}
+
+fn public_addr(n: u32, limit: u32, what: &'static str) -> Result<Ipv4Addr, TopologyError> {
+    if n >= limit {
+        return Err(TopologyError::TooMany(what));
+    }
+    Ok(Ipv4Addr::new(203, 0, 113, n as u8))
+}
+
+fn port_set(ports: &[u16]) -> String {
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!("{{ {} }}", list.join(", "))
+}
+
+/// Rules that refuse what `matcher` selects, by dropping or rejecting.
+fn deny(matcher: &str, how: Inbound) -> String {
+    match how {
+        Inbound::Drop => format!("        {matcher} drop\n"),
+        Inbound::Reject => format!(
+            "        {matcher} meta l4proto tcp reject with tcp reset\n        {matcher} reject with icmpx type admin-prohibited\n"
+        ),
+    }
+}
+
+/// The filter lines of a stateful firewall between `inside` and `outside`
+/// interface matchers.
+fn firewall_lines(site: &Site, from_out: &str, to_out: &str) -> String {
+    let mut r = String::from("        ct state established,related accept\n");
+    if !site.allow_in.is_empty() {
+        r += &format!(
+            "        {from_out} tcp dport {} accept\n",
+            port_set(&site.allow_in)
+        );
+    }
+    r += &deny(from_out, site.inbound);
+    if let Some(out_ports) = &site.allow_out {
+        if !out_ports.is_empty() {
+            r += &format!(
+                "        {to_out} tcp dport {} accept\n",
+                port_set(out_ports)
+            );
+        }
+        r += &deny(to_out, site.inbound);
+    }
+    r
+}
+
+fn gateway_rules(site: &Site, non_routed: &[Ipv4Addr]) -> Option<String> {
+    let block_non_routed = if non_routed.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = non_routed.iter().map(Ipv4Addr::to_string).collect();
+        format!(
+            "        oifname \"wan\" ip saddr {{ {} }} drop\n",
+            list.join(", ")
+        )
+    };
+    // LAN-to-LAN traffic is bridged, not routed, but where br_netfilter is
+    // loaded (Docker loads it) it still passes this hook: let it through first.
+    let head = "table inet lab {\n    chain forward {\n        type filter hook forward priority 0; policy accept;\n        iifname != \"wan\" oifname != \"wan\" accept\n";
+    match site.gateway {
+        GatewayKind::Open => {
+            (!non_routed.is_empty()).then(|| format!("{head}{block_non_routed}    }}\n}}\n"))
+        }
+        GatewayKind::Firewall => Some(format!(
+            "{head}{block_non_routed}{}    }}\n}}\n",
+            firewall_lines(site, "iifname \"wan\"", "oifname \"wan\"")
+        )),
+        GatewayKind::Nat => {
+            let how = match site.mapping {
+                Mapping::AddressAndPortDependent => " fully-random",
+                _ => "",
+            };
+            Some(format!(
+                "{head}        ct state established,related accept\n{block_non_routed}        iifname \"wan\" drop\n    }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        iifname \"wan\" ct state new drop\n    }}\n}}\ntable ip labnat {{\n    chain postrouting {{\n        type nat hook postrouting priority 100; policy accept;\n        oifname \"wan\" masquerade{how}\n    }}\n}}\n"
+            ))
+        }
+    }
+}
+
+/// A multi-homed host of a firewalled site filters its own public interface.
+fn host_rules(site: &Site, host: &Host) -> Option<String> {
+    if !(host.multi_homed && site.gateway == GatewayKind::Firewall) {
+        return None;
+    }
+    let lines = firewall_lines(site, "iifname \"pub\"", "oifname \"pub\"");
+    let (inbound, outbound) = match lines.find("oifname") {
+        Some(at) => {
+            let start = lines[..at].rfind('\n').map_or(0, |n| n + 1);
+            (lines[..start].to_string(), lines[start..].to_string())
+        }
+        None => (lines, String::new()),
+    };
+    let mut r = format!(
+        "table inet lab {{\n    chain input {{\n        type filter hook input priority 0; policy accept;\n{inbound}    }}\n"
+    );
+    if !outbound.is_empty() {
+        r += &format!(
+            "    chain output {{\n        type filter hook output priority 0; policy accept;\n        ct state established,related accept\n{outbound}    }}\n"
+        );
+    }
+    r += "}\n";
+    Some(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo(text: &str) -> Topology {
+        Topology::from_toml(text).expect("valid topology")
+    }
+
+    const MIXED: &str = r#"
+        name = "t"
+        [[site]]
+        name = "pub"
+        gateway = "open"
+        [[site.host]]
+        name = "web"
+        [[site]]
+        name = "uni"
+        gateway = "firewall"
+        inbound = "reject"
+        allow_in = [22]
+        allow_out = [22, 443]
+        [[site.host]]
+        name = "fe"
+        multi_homed = true
+        [[site.host]]
+        name = "node"
+        routed = false
+        [[site]]
+        name = "home"
+        gateway = "nat"
+        mapping = "address-and-port-dependent"
+        [[site.host]]
+        name = "laptop"
+    "#;
+
+    #[test]
+    fn addresses_come_from_documentation_and_private_ranges() {
+        let p = plan(&topo(MIXED)).expect("plan");
+        let by = |n: &str| p.hosts.iter().find(|h| h.name == n).expect("host").clone();
+        assert_eq!(by("web").lan, Ipv4Addr::new(198, 51, 100, 18));
+        assert_eq!(by("fe").public, Some(Ipv4Addr::new(203, 0, 113, 100)));
+        assert_eq!(by("fe").lan, Ipv4Addr::new(198, 51, 100, 34));
+        assert_eq!(by("laptop").lan, Ipv4Addr::new(10, 3, 0, 2));
+        assert_eq!(by("laptop").gateway, Ipv4Addr::new(203, 0, 113, 12));
+        assert!(!by("node").routed);
+        for ns in &p.namespaces {
+            for (_, ip, _) in &ns.addrs {
+                let o = ip.octets();
+                let doc = matches!(
+                    (o[0], o[1], o[2]),
+                    (192, 0, 2) | (198, 51, 100) | (203, 0, 113)
+                );
+                assert!(doc || ip.is_private(), "{ip} in {}", ns.name);
+            }
+        }
+    }
+
+    #[test]
+    fn routes_make_public_lans_reachable_and_non_routed_hosts_stay_inside() {
+        let p = plan(&topo(MIXED)).expect("plan");
+        let ns = |n: &str| {
+            p.namespaces
+                .iter()
+                .find(|x| x.name == n)
+                .expect("ns")
+                .clone()
+        };
+        assert_eq!(ns("inet").routes.len(), 2, "one route per public LAN");
+        assert!(ns("h-node").routes.is_empty(), "non-routed: no route out");
+        assert_eq!(
+            ns("h-fe").routes[0].via,
+            INTERNET_ROUTER,
+            "front-ends route publicly"
+        );
+        assert_eq!(ns("h-laptop").routes[0].via, Ipv4Addr::new(10, 3, 0, 1));
+        let gw = ns("gw-uni").nft.unwrap_or_default();
+        assert!(gw.contains("oifname \"wan\" ip saddr { 198.51.100.35 } drop"));
+        assert!(
+            gw.contains("iifname != \"wan\" oifname != \"wan\" accept"),
+            "LAN traffic passes"
+        );
+    }
+
+    #[test]
+    fn rulesets_match_the_declared_behaviour() {
+        let p = plan(&topo(MIXED)).expect("plan");
+        let nft = |n: &str| {
+            p.namespaces
+                .iter()
+                .find(|x| x.name == n)
+                .and_then(|x| x.nft.clone())
+        };
+        assert_eq!(nft("gw-pub"), None);
+        let uni = nft("gw-uni").expect("firewall rules");
+        assert!(uni.contains("iifname \"wan\" tcp dport { 22 } accept"));
+        assert!(uni.contains("iifname \"wan\" meta l4proto tcp reject with tcp reset"));
+        assert!(uni.contains("oifname \"wan\" tcp dport { 22, 443 } accept"));
+        let fe = nft("h-fe").expect("host firewall");
+        assert!(fe.contains("chain input") && fe.contains("chain output"));
+        assert!(fe.contains("iifname \"pub\" tcp dport { 22 } accept"));
+        assert!(nft("gw-home")
+            .expect("nat")
+            .contains("masquerade fully-random"));
+    }
+
+    #[test]
+    fn overlapping_private_lans_are_allowed() {
+        let text = r#"
+            name = "o"
+            [[site]]
+            name = "a"
+            gateway = "nat"
+            lan = "10.0.0.0/24"
+            [[site.host]]
+            name = "a1"
+            [[site]]
+            name = "b"
+            gateway = "nat"
+            lan = "10.0.0.0/24"
+            [[site.host]]
+            name = "b1"
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        assert_eq!(p.hosts[0].lan, p.hosts[1].lan);
+        assert_ne!(p.hosts[0].gateway, p.hosts[1].gateway);
+    }
+}

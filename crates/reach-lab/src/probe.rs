@@ -1,0 +1,183 @@
+//! Probes for checking what a lab's network lets through.
+//!
+//! `serve` answers every TCP connection with one line, `reach-lab-probe NAME
+//! IP:PORT`: who the server is (the paper's identity check, so reaching a
+//! different host at an overlapping private address is told apart) and the
+//! client's address as the server sees it (a NAT's external mapping).
+//! `connect` reports what happened as one JSON line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const GREETING: &str = "reach-lab-probe";
+
+/// What one probe connection saw.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Connected and greeted.
+    Ok {
+        /// The name the server gave.
+        server: String,
+        /// Our address as the server saw it.
+        seen_as: SocketAddr,
+        /// Our local address.
+        local: SocketAddr,
+        /// Milliseconds from connect to greeting.
+        ms: f64,
+    },
+    /// Actively refused (TCP reset, ICMP port unreachable or admin-prohibited).
+    Refused,
+    /// No answer before the timeout (dropped).
+    Timeout,
+    /// No route (network or host unreachable).
+    Unreachable,
+    /// Connected, but not to a probe server, or another error.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Serves probe greetings on every given port until the process is killed.
+/// Prints `ready` on stdout once every port is bound, so a caller can wait for
+/// that line instead of guessing.
+pub fn serve(name: &str, ports: &[u16]) -> std::io::Result<()> {
+    let listeners = ports
+        .iter()
+        .map(|&port| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut handles = Vec::new();
+    for listener in listeners {
+        let name = name.to_string();
+        handles.push(std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                if let Ok(peer) = conn.peer_addr() {
+                    let mut conn = conn;
+                    let _ = writeln!(conn, "{GREETING} {name} {peer}");
+                }
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// Connects to `addr` (from `bind_port` if given) and reads the greeting.
+pub fn connect(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> Outcome {
+    let started = Instant::now();
+    let stream = match open(addr, timeout, bind_port) {
+        Ok(s) => s,
+        Err(e) => return classify(&e),
+    };
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(e) => return classify(&e),
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut line = String::new();
+    if let Err(e) = BufReader::new(stream).read_line(&mut line) {
+        return classify(&e);
+    }
+    match parse_greeting(&line) {
+        Some((server, seen_as)) => Outcome::Ok {
+            server,
+            seen_as,
+            local,
+            ms: started.elapsed().as_secs_f64() * 1e3,
+        },
+        None => Outcome::Error {
+            message: format!("not a probe server: {:?}", line.trim()),
+        },
+    }
+}
+
+fn open(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(port) = bind_port {
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    }
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
+}
+
+fn parse_greeting(line: &str) -> Option<(String, SocketAddr)> {
+    let mut parts = line.split_whitespace();
+    (parts.next()? == GREETING).then_some(())?;
+    let name = parts.next()?.to_string();
+    let seen: SocketAddr = parts.next()?.parse().ok()?;
+    Some((name, seen))
+}
+
+fn classify(e: &std::io::Error) -> Outcome {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => Outcome::Refused,
+        TimedOut | WouldBlock => Outcome::Timeout,
+        NetworkUnreachable | HostUnreachable => Outcome::Unreachable,
+        _ => match e.raw_os_error() {
+            // EHOSTUNREACH / ENETUNREACH on older kinds, EACCES/EPERM from a local
+            // firewall's reject, ECONNRESET from a reset during the greeting.
+            Some(113) | Some(101) => Outcome::Unreachable,
+            Some(13) | Some(1) | Some(104) => Outcome::Refused,
+            _ => Outcome::Error {
+                message: e.to_string(),
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_parse_and_garbage_does_not() {
+        assert_eq!(
+            parse_greeting("reach-lab-probe fe 203.0.113.5:4000\n"),
+            Some(("fe".into(), "203.0.113.5:4000".parse().expect("addr")))
+        );
+        assert_eq!(parse_greeting("SSH-2.0-OpenSSH\r\n"), None);
+        assert_eq!(parse_greeting(""), None);
+    }
+
+    #[test]
+    fn probe_round_trip_on_loopback() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            if let Some(Ok(mut c)) = listener.incoming().next() {
+                let peer = c.peer_addr().expect("peer");
+                let _ = writeln!(c, "{GREETING} me {peer}");
+            }
+        });
+        let out = connect(addr, Duration::from_secs(5), None);
+        assert!(
+            matches!(out, Outcome::Ok { ref server, .. } if server == "me"),
+            "{out:?}"
+        );
+        let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let closed_addr = closed.local_addr().expect("addr");
+        drop(closed);
+        assert_eq!(
+            connect(closed_addr, Duration::from_secs(5), None),
+            Outcome::Refused
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn greeting_parser_never_panics(s in "\\PC{0,100}") {
+            let _ = parse_greeting(&s);
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! Lab topologies as written in TOML, and their validation.
+//!
+//! ```toml
+//! name = "zoo"
+//!
+//! [[site]]
+//! name = "home"
+//! gateway = "nat"                 # open | firewall | nat
+//! mapping = "endpoint-independent" # nat: endpoint-independent | address-and-port-dependent
+//! lan = "10.1.0.0/24"              # nat: private LAN (default 10.<n>.0.0/24)
+//!
+//! [[site.host]]
+//! name = "laptop"
+//! multi_homed = false              # also has a public address on the internet
+//! routed = true                    # false: no route out of the LAN (non-routed node)
+//! ```
+//! A firewall site takes `inbound = "drop" | "reject"`, `allow_in = [22]` (TCP
+//! ports new inbound connections may reach) and `allow_out = [22]` (if present,
+//! the only TCP ports new outbound connections may go to).
+//!
+//! Validation names the site or host and the field that is wrong. Behaviours
+//! that the kernel NAT cannot produce (endpoint-independent filtering, sequential
+//! port allocation, hairpinning) need a userspace NAT hop that is not built yet:
+//! asking for them is an error that says so, never a silent approximation.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use serde::Deserialize;
+
+/// A whole lab topology.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// A short name, shown by `reach-lab status`.
+    pub name: String,
+    /// The sites attached to the internet.
+    #[serde(rename = "site", default)]
+    pub sites: Vec<Site>,
+}
+
+/// What a site's gateway does to traffic.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GatewayKind {
+    /// A plain router: hosts have public addresses, nothing is filtered.
+    Open,
+    /// A stateful firewall in front of hosts with public addresses.
+    Firewall,
+    /// A NAT in front of hosts with private addresses.
+    Nat,
+}
+
+/// What a firewall does to unwanted new connections.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Inbound {
+    /// Silently drop: the connector waits for its timeout.
+    #[default]
+    Drop,
+    /// Answer with a TCP reset or ICMP admin-prohibited: fails in a round trip.
+    Reject,
+}
+
+/// RFC 4787 section 4.1 mapping behaviour.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mapping {
+    /// One external port per internal endpoint, whatever the destination
+    /// (kernel `masquerade`, port preserved while it is free).
+    #[default]
+    EndpointIndependent,
+    /// A new external port per destination address and port (kernel
+    /// `masquerade fully-random`: random ports).
+    AddressAndPortDependent,
+    /// A new external port per destination address: needs the userspace NAT.
+    AddressDependent,
+}
+
+/// RFC 4787 section 5 filtering behaviour.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filtering {
+    /// Only the exact remote endpoint may send back (what conntrack does).
+    #[default]
+    AddressAndPortDependent,
+    /// Any port of a contacted address: needs the userspace NAT.
+    AddressDependent,
+    /// Anyone ("full cone"): needs the userspace NAT.
+    EndpointIndependent,
+}
+
+/// How a NAT picks external ports.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Allocation {
+    /// Keep the internal port when free (kernel default).
+    #[default]
+    Preserve,
+    /// Random ports (kernel `fully-random`).
+    Random,
+    /// Consecutive ports: needs the userspace NAT.
+    Sequential,
+}
+
+/// One site: a gateway and the hosts behind it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// Site name, unique in the topology.
+    pub name: String,
+    /// What the gateway does.
+    pub gateway: GatewayKind,
+    /// Firewall: drop or reject unwanted new connections.
+    #[serde(default)]
+    pub inbound: Inbound,
+    /// Firewall: TCP ports that new inbound connections may reach.
+    #[serde(default)]
+    pub allow_in: Vec<u16>,
+    /// Firewall: if set, the only TCP ports new outbound connections may use.
+    pub allow_out: Option<Vec<u16>>,
+    /// NAT: mapping behaviour.
+    #[serde(default)]
+    pub mapping: Mapping,
+    /// NAT: filtering behaviour.
+    #[serde(default)]
+    pub filtering: Filtering,
+    /// NAT: port allocation.
+    pub allocation: Option<Allocation>,
+    /// NAT: whether inside hosts can reach each other through the external address.
+    #[serde(default)]
+    pub hairpin: bool,
+    /// NAT: the private LAN (two sites may share one, as real sites do).
+    pub lan: Option<Lan>,
+    /// The hosts of the site.
+    #[serde(rename = "host", default)]
+    pub hosts: Vec<Host>,
+}
+
+/// A host of a site.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    /// Host name, unique in the topology.
+    pub name: String,
+    /// Also attached to the internet with a public address (a front-end).
+    #[serde(default)]
+    pub multi_homed: bool,
+    /// Has a route out of its LAN. `false` makes a non-routed node.
+    #[serde(default = "yes")]
+    pub routed: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// An IPv4 network written as "A.B.C.D/N".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lan {
+    /// Network address.
+    pub net: Ipv4Addr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl Lan {
+    /// The n-th address of the network (1 is the gateway).
+    pub fn addr(&self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.net) + n)
+    }
+
+    /// How many host addresses fit.
+    pub fn capacity(&self) -> u32 {
+        (1u32 << (32 - u32::from(self.len))).saturating_sub(2)
+    }
+}
+
+impl std::fmt::Display for Lan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.len)
+    }
+}
+
+impl std::str::FromStr for Lan {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not an IPv4 network like 10.1.0.0/24");
+        let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let len: u8 = len.parse().map_err(|_| bad())?;
+        if !(8..=30).contains(&len) {
+            return Err(format!("{s:?}: prefix length must be 8 to 30"));
+        }
+        let mask = u32::MAX << (32 - u32::from(len));
+        if u32::from(ip) & !mask != 0 {
+            return Err(format!(
+                "{s:?} has host bits set; did you mean {}/{len}?",
+                Ipv4Addr::from(u32::from(ip) & mask)
+            ));
+        }
+        Ok(Self { net: ip, len })
+    }
+}
+
+impl<'de> Deserialize<'de> for Lan {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why a topology is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopologyError {
+    /// The TOML does not parse or has unknown fields.
+    #[error("{0}")]
+    Syntax(String),
+    /// A name is empty, too long or has characters other than a-z, 0-9 and '-'.
+    #[error("bad name {0:?}: use 1 to 24 characters a-z, 0-9 and '-'")]
+    BadName(String),
+    /// Two sites or two hosts share a name.
+    #[error("name {0:?} is used twice")]
+    DuplicateName(String),
+    /// A site without hosts.
+    #[error("site {0:?} has no hosts")]
+    NoHosts(String),
+    /// A field that does not apply to the site's gateway kind.
+    #[error("site {site:?}: {field} does not apply to a {kind} gateway")]
+    Misplaced {
+        /// The site.
+        site: String,
+        /// The field.
+        field: &'static str,
+        /// Its gateway kind.
+        kind: &'static str,
+    },
+    /// A NAT LAN outside the private ranges.
+    #[error("site {site:?}: LAN {lan} is not in a private range (10/8, 172.16/12, 192.168/16)")]
+    LanNotPrivate {
+        /// The site.
+        site: String,
+        /// The LAN.
+        lan: Lan,
+    },
+    /// More hosts than the LAN holds.
+    #[error("site {0:?}: too many hosts for its LAN")]
+    LanTooSmall(String),
+    /// Too many sites or hosts for the public address plan.
+    #[error("too many {0} for the lab's public address plan")]
+    TooMany(&'static str),
+    /// A behaviour the kernel NAT cannot produce; needs the userspace NAT hop.
+    #[error("site {site:?}: {what} needs the userspace NAT hop, which is not built yet")]
+    NeedsUserspaceNat {
+        /// The site.
+        site: String,
+        /// The behaviour asked for.
+        what: &'static str,
+    },
+}
+
+fn valid_name(n: &str) -> bool {
+    (1..=24).contains(&n.len())
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !n.starts_with('-')
+}
+
+impl Topology {
+    /// Parses and validates a topology.
+    pub fn from_toml(text: &str) -> Result<Self, TopologyError> {
+        let t: Topology = toml::from_str(text).map_err(|e| {
+            TopologyError::Syntax(
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+        })?;
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// Every host with its site, in file order.
+    pub fn hosts(&self) -> impl Iterator<Item = (&Site, &Host)> {
+        self.sites
+            .iter()
+            .flat_map(|s| s.hosts.iter().map(move |h| (s, h)))
+    }
+
+    /// Checks names, fields and ranges.
+    pub fn validate(&self) -> Result<(), TopologyError> {
+        if !valid_name(&self.name) {
+            return Err(TopologyError::BadName(self.name.clone()));
+        }
+        let mut sites = BTreeSet::new();
+        let mut hosts = BTreeSet::new();
+        for site in &self.sites {
+            if !valid_name(&site.name) {
+                return Err(TopologyError::BadName(site.name.clone()));
+            }
+            if !sites.insert(&site.name) {
+                return Err(TopologyError::DuplicateName(site.name.clone()));
+            }
+            if site.hosts.is_empty() {
+                return Err(TopologyError::NoHosts(site.name.clone()));
+            }
+            for h in &site.hosts {
+                if !valid_name(&h.name) {
+                    return Err(TopologyError::BadName(h.name.clone()));
+                }
+                if !hosts.insert(&h.name) {
+                    return Err(TopologyError::DuplicateName(h.name.clone()));
+                }
+            }
+            site.validate_fields()?;
+        }
+        Ok(())
+    }
+}
+
+impl Site {
+    fn kind_name(&self) -> &'static str {
+        match self.gateway {
+            GatewayKind::Open => "open",
+            GatewayKind::Firewall => "firewall",
+            GatewayKind::Nat => "nat",
+        }
+    }
+
+    fn validate_fields(&self) -> Result<(), TopologyError> {
+        let misplaced = |field| TopologyError::Misplaced {
+            site: self.name.clone(),
+            field,
+            kind: self.kind_name(),
+        };
+        let is_nat = self.gateway == GatewayKind::Nat;
+        let is_fw = self.gateway == GatewayKind::Firewall;
+        if !is_fw
+            && (self.inbound != Inbound::Drop
+                || !self.allow_in.is_empty()
+                || self.allow_out.is_some())
+        {
+            return Err(misplaced("inbound/allow_in/allow_out"));
+        }
+        if !is_nat
+            && (self.mapping != Mapping::default()
+                || self.filtering != Filtering::default()
+                || self.allocation.is_some()
+                || self.hairpin
+                || self.lan.is_some())
+        {
+            return Err(misplaced("mapping/filtering/allocation/hairpin/lan"));
+        }
+        let userspace = |what| TopologyError::NeedsUserspaceNat {
+            site: self.name.clone(),
+            what,
+        };
+        if is_nat {
+            match (self.mapping, self.allocation) {
+                (Mapping::AddressDependent, _) => {
+                    return Err(userspace("address-dependent mapping"))
+                }
+                (_, Some(Allocation::Sequential)) => {
+                    return Err(userspace("sequential port allocation"))
+                }
+                (Mapping::EndpointIndependent, Some(Allocation::Random)) => {
+                    return Err(userspace("endpoint-independent mapping with random ports"))
+                }
+                (Mapping::AddressAndPortDependent, Some(Allocation::Preserve)) => {
+                    return Err(userspace(
+                        "address-and-port-dependent mapping with preserved ports",
+                    ))
+                }
+                _ => {}
+            }
+            if self.filtering != Filtering::AddressAndPortDependent {
+                return Err(userspace("filtering other than address-and-port-dependent"));
+            }
+            if self.hairpin {
+                return Err(userspace("hairpinning"));
+            }
+            if let Some(lan) = self.lan {
+                let private = [("10.0.0.0", 8), ("172.16.0.0", 12), ("192.168.0.0", 16)];
+                let inside = private.iter().any(|(n, l)| {
+                    let n: Ipv4Addr = n.parse().expect("constant");
+                    let mask = u32::MAX << (32 - l);
+                    lan.len >= *l && u32::from(lan.net) & mask == u32::from(n)
+                });
+                if !inside {
+                    return Err(TopologyError::LanNotPrivate {
+                        site: self.name.clone(),
+                        lan,
+                    });
+                }
+                if lan.capacity() < self.hosts.len() as u32 + 1 {
+                    return Err(TopologyError::LanTooSmall(self.name.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        name = "t"
+        [[site]]
+        name = "home"
+        gateway = "nat"
+        lan = "10.9.0.0/24"
+        [[site.host]]
+        name = "laptop"
+        [[site]]
+        name = "uni"
+        gateway = "firewall"
+        inbound = "reject"
+        allow_in = [22]
+        [[site.host]]
+        name = "fe"
+        multi_homed = true
+        [[site.host]]
+        name = "node"
+        routed = false
+    "#;
+
+    #[test]
+    fn a_good_topology_parses_with_defaults() {
+        let t = Topology::from_toml(GOOD).expect("valid");
+        assert_eq!(t.sites.len(), 2);
+        assert_eq!(t.sites[0].mapping, Mapping::EndpointIndependent);
+        assert!(t.sites[0].hosts[0].routed);
+        assert!(!t.sites[1].hosts[1].routed);
+        assert_eq!(t.hosts().count(), 3);
+    }
+
+    #[test]
+    fn errors_name_the_site_and_the_problem() {
+        let cases = [
+            (GOOD.replace("\"laptop\"", "\"fe\""), "used twice"),
+            (
+                GOOD.replace("10.9.0.0/24", "203.0.113.0/24"),
+                "not in a private range",
+            ),
+            (GOOD.replace("10.9.0.0/24", "10.9.0.1/24"), "host bits set"),
+            (
+                GOOD.replace("inbound = \"reject\"", "hairpin = true"),
+                "does not apply to a firewall",
+            ),
+            (
+                GOOD.replace("lan = \"10.9.0.0/24\"", "allocation = \"sequential\""),
+                "userspace NAT",
+            ),
+            (
+                GOOD.replace(
+                    "lan = \"10.9.0.0/24\"",
+                    "filtering = \"endpoint-independent\"",
+                ),
+                "userspace NAT",
+            ),
+            (
+                GOOD.replace("gateway = \"nat\"", "gateway = \"cgnat\""),
+                "unknown variant",
+            ),
+            (GOOD.replace("\"laptop\"", "\"Laptop!\""), "bad name"),
+            (GOOD.replace("multi_homed", "multihomed"), "unknown field"),
+        ];
+        for (text, want) in cases {
+            let err = Topology::from_toml(&text).expect_err(want).to_string();
+            assert!(err.contains(want), "want {want:?} in {err:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_text_never_panics(s in "\\PC{0,300}") {
+            let _ = Topology::from_toml(&s);
+        }
+
+        #[test]
+        fn lan_parsing_never_panics(s in "[0-9./]{0,20}") {
+            let _ = s.parse::<Lan>();
+        }
+    }
+}
