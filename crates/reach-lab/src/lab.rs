@@ -36,12 +36,18 @@ pub struct LabRecord {
     pub namespaces: Vec<String>,
     /// The hosts.
     pub hosts: Vec<HostAddrs>,
+    /// The observers on the internet (see `plan::OBSERVERS`).
+    #[serde(default)]
+    pub observers: Vec<HostAddrs>,
 }
 
 impl LabRecord {
-    /// The host named `name`.
+    /// The host (or observer) named `name`.
     pub fn host(&self, name: &str) -> Option<&HostAddrs> {
-        self.hosts.iter().find(|h| h.name == name)
+        self.hosts
+            .iter()
+            .chain(&self.observers)
+            .find(|h| h.name == name)
     }
 
     /// The full namespace name of a host.
@@ -118,6 +124,7 @@ impl Lab {
                 .map(|n| format!("{prefix}-{}", n.name))
                 .collect(),
             hosts: plan.hosts.clone(),
+            observers: plan.observers.clone(),
             topology: topology.name.clone(),
             prefix,
         };

@@ -10,10 +10,13 @@
 
 pub mod apply;
 pub mod lab;
+pub mod matrix;
 pub mod plan;
 pub mod probe;
 pub mod topology;
+pub mod verify;
 
 pub use apply::LabError;
 pub use lab::{Lab, LabRecord};
 pub use topology::Topology;
+pub use verify::Check;

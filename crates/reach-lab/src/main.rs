@@ -50,6 +50,31 @@ enum Cmd {
     },
     /// List running labs with their hosts and addresses.
     Status,
+    /// Build a lab, try every ordered pair of hosts, print the matrix, remove the lab.
+    Matrix {
+        /// Topology file.
+        file: PathBuf,
+        /// plain: TCP sockets; reach: reach streams.
+        #[arg(long, value_enum)]
+        mode: reach_lab::matrix::Mode,
+        /// Also write the matrix as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Seconds each attempt may take.
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+    },
+    /// Build a lab, check that every gateway behaves as declared, remove the lab.
+    Verify {
+        /// Topology file.
+        file: PathBuf,
+        /// Seconds each probe may take.
+        #[arg(long, default_value_t = 1.0)]
+        timeout: f64,
+        /// Also write the checks as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Probe helpers used by tests and checks (run inside lab hosts).
     #[command(subcommand)]
     Probe(ProbeCmd),
@@ -154,6 +179,54 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_hosts(&rec);
             }
         }
+        Cmd::Matrix {
+            file,
+            mode,
+            json,
+            timeout,
+        } => {
+            let topology = load(&file)?;
+            let timeout = Duration::try_from_secs_f64(timeout)
+                .context("--timeout must be positive seconds")?;
+            let tools = tools_dir()?;
+            if mode == reach_lab::matrix::Mode::Reach && !tools.join("reach").exists() {
+                bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
+            }
+            let lab = Lab::up(&topology)?;
+            let m = reach_lab::matrix::run(&lab, mode, timeout, &tools)?;
+            print!("{}", m.render());
+            for c in m.cells.iter().filter(|c| !c.ok) {
+                println!(
+                    "  {} -> {}: {}",
+                    c.from,
+                    c.to,
+                    c.detail.as_deref().unwrap_or("failed")
+                );
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&m)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+        }
+        Cmd::Verify {
+            file,
+            timeout,
+            json,
+        } => {
+            let topology = load(&file)?;
+            let timeout = Duration::try_from_secs_f64(timeout)
+                .context("--timeout must be positive seconds")?;
+            let lab = Lab::up(&topology)?;
+            let checks = reach_lab::verify::run(&lab, &topology, &tools_dir()?, timeout)?;
+            print!("{}", reach_lab::verify::render(&checks));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&checks)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if checks.iter().any(|c| !c.pass) {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Cmd::Probe(ProbeCmd::Serve { name, ports }) => probe::serve(&name, &ports)?,
         Cmd::Probe(ProbeCmd::Connect {
             addr,
@@ -170,6 +243,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The directory of this binary, where cargo also puts `reach`.
+fn tools_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    Ok(exe
+        .parent()
+        .context("program has no directory")?
+        .to_path_buf())
 }
 
 fn print_hosts(rec: &LabRecord) {

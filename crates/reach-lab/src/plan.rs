@@ -108,7 +108,16 @@ pub struct Plan {
     pub links: Vec<Link>,
     /// The hosts, in topology order.
     pub hosts: Vec<HostAddrs>,
+    /// Observers: hosts on the internet itself, outside every site, that
+    /// `verify` uses to see mappings and filtering from outside.
+    pub observers: Vec<HostAddrs>,
 }
+
+/// Addresses of the observers on the internet.
+pub const OBSERVERS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(203, 0, 113, 250),
+    Ipv4Addr::new(203, 0, 113, 251),
+];
 
 fn ns_with(name: String, forward: bool) -> Namespace {
     Namespace {
@@ -243,6 +252,33 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
         gw.nft = gateway_rules(site, &non_routed);
         site_namespaces.push(gw);
         site_namespaces.extend(hosts);
+    }
+    for (i, ip) in OBSERVERS.iter().enumerate() {
+        let name = format!("obs{}", i + 1);
+        let mut o = ns_with(format!("o-{name}"), false);
+        o.addrs.push(("pub".into(), *ip, INTERNET_LEN));
+        o.routes.push(Route {
+            dest: None,
+            via: INTERNET_ROUTER,
+        });
+        out.links.push(Link {
+            a: inet_end(&mut inet_ports),
+            b: End {
+                ns: o.name.clone(),
+                ifname: "pub".into(),
+                bridge: None,
+            },
+        });
+        out.observers.push(HostAddrs {
+            name,
+            site: "internet".into(),
+            ns: o.name.clone(),
+            lan: *ip,
+            public: Some(*ip),
+            gateway: *ip,
+            routed: true,
+        });
+        site_namespaces.push(o);
     }
     out.namespaces.push(inet);
     out.namespaces.extend(site_namespaces);

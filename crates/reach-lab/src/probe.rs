@@ -8,7 +8,12 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::apply::LabError;
+use crate::lab::Lab;
 
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -41,6 +46,89 @@ pub enum Outcome {
         /// What went wrong.
         message: String,
     },
+}
+
+impl Outcome {
+    /// A short description for tables and messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Ok {
+                server, seen_as, ..
+            } => format!("ok (reached {server}, seen as {seen_as})"),
+            Outcome::Refused => "refused".into(),
+            Outcome::Timeout => "timeout".into(),
+            Outcome::Unreachable => "unreachable".into(),
+            Outcome::Error { message } => format!("error: {message}"),
+        }
+    }
+}
+
+/// A probe server running inside a lab host; killed when dropped.
+#[derive(Debug)]
+pub struct ProbeServer(Child);
+
+impl Drop for ProbeServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `reach-lab probe serve` (from `tools`) in `host` on `ports` and waits
+/// for it to say it is ready.
+pub fn spawn_server(
+    lab: &Lab,
+    tools: &Path,
+    host: &str,
+    ports: &[u16],
+) -> Result<ProbeServer, LabError> {
+    let mut cmd = lab.command(host, tools.join("reach-lab"));
+    cmd.args(["probe", "serve", "--name", host]);
+    for p in ports {
+        cmd.arg("--port").arg(p.to_string());
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        // "ready" once bound; end of file if it exits on an error.
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    let server = ProbeServer(child);
+    if line.trim() != "ready" {
+        return Err(LabError::Command {
+            command: format!("reach-lab probe serve in {host} on ports {ports:?}"),
+            output: "exited before it was ready".into(),
+        });
+    }
+    Ok(server)
+}
+
+/// Runs `reach-lab probe connect` inside `host` and returns what it saw.
+pub fn connect_from(
+    lab: &Lab,
+    tools: &Path,
+    host: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+    bind_port: Option<u16>,
+) -> Outcome {
+    let mut cmd = lab.command(host, tools.join("reach-lab"));
+    cmd.args(["probe", "connect", &addr.to_string(), "--timeout"])
+        .arg(timeout.as_secs_f64().to_string());
+    if let Some(p) = bind_port {
+        cmd.args(["--bind-port", &p.to_string()]);
+    }
+    match cmd.output() {
+        Ok(out) => serde_json::from_slice(&out.stdout).unwrap_or_else(|_| Outcome::Error {
+            message: format!(
+                "probe printed {:?}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }),
+        Err(e) => Outcome::Error {
+            message: format!("cannot run the probe: {e}"),
+        },
+    }
 }
 
 /// Serves probe greetings on every given port until the process is killed.

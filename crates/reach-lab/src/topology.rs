@@ -221,6 +221,9 @@ pub enum TopologyError {
     /// A name is empty, too long or has characters other than a-z, 0-9 and '-'.
     #[error("bad name {0:?}: use 1 to 24 characters a-z, 0-9 and '-'")]
     BadName(String),
+    /// A host name the lab uses itself.
+    #[error("host name {0:?} is reserved for the lab's observers")]
+    ReservedName(String),
     /// Two sites or two hosts share a name.
     #[error("name {0:?} is used twice")]
     DuplicateName(String),
@@ -260,6 +263,9 @@ pub enum TopologyError {
         what: &'static str,
     },
 }
+
+/// Host names the lab gives its own observers on the internet.
+pub const RESERVED_HOSTS: [&str; 2] = ["obs1", "obs2"];
 
 fn valid_name(n: &str) -> bool {
     (1..=24).contains(&n.len())
@@ -310,6 +316,9 @@ impl Topology {
             for h in &site.hosts {
                 if !valid_name(&h.name) {
                     return Err(TopologyError::BadName(h.name.clone()));
+                }
+                if RESERVED_HOSTS.contains(&h.name.as_str()) {
+                    return Err(TopologyError::ReservedName(h.name.clone()));
                 }
                 if !hosts.insert(&h.name) {
                     return Err(TopologyError::DuplicateName(h.name.clone()));
@@ -469,6 +478,7 @@ mod tests {
             ),
             (GOOD.replace("\"laptop\"", "\"Laptop!\""), "bad name"),
             (GOOD.replace("multi_homed", "multihomed"), "unknown field"),
+            (GOOD.replace("\"laptop\"", "\"obs1\""), "reserved"),
         ];
         for (text, want) in cases {
             let err = Topology::from_toml(&text).expect_err(want).to_string();

@@ -1,12 +1,11 @@
 //! The shipped NAT zoo, built for real, behaves as its topology declares.
 //! Needs root, iproute2 and nftables (scripts/test.sh installs them).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Stdio};
+use std::time::Duration;
 
-use reach_lab::probe::Outcome;
-use reach_lab::{apply, Lab, Topology};
+use reach_lab::probe::{self, Outcome};
+use reach_lab::{apply, verify, Lab, Topology};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_reach-lab");
 
@@ -19,47 +18,19 @@ fn zoo() -> Topology {
     Topology::from_toml(&text).expect("valid topology")
 }
 
-/// A probe server inside a host, killed on drop (the lab kills it too).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn tools() -> std::path::PathBuf {
+    std::path::Path::new(PROBE)
+        .parent()
+        .expect("bin dir")
+        .to_path_buf()
 }
 
-fn serve(lab: &Lab, host: &str, ports: &[u16]) -> Server {
-    let mut cmd = lab.command(host, PROBE);
-    cmd.args(["probe", "serve", "--name", host]);
-    for p in ports {
-        cmd.arg("--port").arg(p.to_string());
-    }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn probe server");
-    let mut line = String::new();
-    // The server prints "ready" once bound, or exits (closing stdout) on error.
-    let stdout = child.stdout.take().expect("stdout");
-    BufReader::new(stdout).read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "ready", "probe server in {host} did not start");
-    Server(child)
+fn serve(lab: &Lab, host: &str, ports: &[u16]) -> probe::ProbeServer {
+    probe::spawn_server(lab, &tools(), host, ports).expect("probe server")
 }
 
 fn probe(lab: &Lab, from: &str, to: SocketAddr, bind_port: Option<u16>) -> Outcome {
-    let mut cmd = lab.command(from, PROBE);
-    cmd.args(["probe", "connect", &to.to_string(), "--timeout", "1"]);
-    if let Some(p) = bind_port {
-        cmd.args(["--bind-port", &p.to_string()]);
-    }
-    let out = cmd.output().expect("run probe");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bad probe output {:?}: {e}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    probe::connect_from(lab, &tools(), from, to, Duration::from_secs(1), bind_port)
 }
 
 fn addr(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
@@ -185,4 +156,48 @@ fn dropping_a_lab_removes_everything_even_after_a_panic() {
         .into_iter()
         .any(|l| &l.prefix == prefix.as_ref());
     assert!(!recorded, "registry entry removed");
+}
+
+#[test]
+fn verify_passes_for_the_shipped_zoo() {
+    let topology = zoo();
+    let lab = Lab::up(&topology).expect("lab up");
+    let checks = verify::run(&lab, &topology, &tools(), Duration::from_secs(1)).expect("verify");
+    let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
+    assert!(failed.is_empty(), "{}", verify::render(&checks));
+    assert!(
+        checks.len() >= 6 * 3,
+        "every host gets outbound, mapping and inbound checks"
+    );
+}
+
+#[test]
+fn verify_catches_a_gateway_that_differs_from_its_declaration() {
+    // Build the zoo, then verify it against a topology that claims the
+    // random-port NAT maps endpoint-independently.
+    let built = zoo();
+    let lab = Lab::up(&built).expect("lab up");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../lab/topologies/nat-zoo.toml"
+    ))
+    .expect("read");
+    let claimed = Topology::from_toml(&text.replace(
+        "mapping = \"address-and-port-dependent\"\nallocation = \"random\"",
+        "mapping = \"endpoint-independent\"",
+    ))
+    .expect("valid");
+    assert_ne!(claimed, built, "the claim differs from what was built");
+    let checks = verify::run(&lab, &claimed, &tools(), Duration::from_secs(1)).expect("verify");
+    let failed: Vec<_> = checks
+        .iter()
+        .filter(|c| !c.pass)
+        .map(|c| (c.host.as_str(), c.what.as_str()))
+        .collect();
+    assert_eq!(
+        failed,
+        vec![("nat-apdm-rand", "mapping")],
+        "{}",
+        verify::render(&checks)
+    );
 }

@@ -1,0 +1,363 @@
+//! The connectivity matrix: which host can open a connection to which.
+//!
+//! For every ordered pair of hosts, the source tries to reach the destination:
+//! - `plain`: a plain TCP connection to each of the destination's addresses,
+//!   public first, accepted only if the greeting names the destination (the
+//!   paper's identity check, so an overlapping private address does not count);
+//! - `reach`: `reach connect` to the virtual address that `reach listen` printed
+//!   in the destination, with a token sent through the stream and checked.
+//!
+//! Pairs run in parallel; every attempt has a timeout. The result prints as a
+//! SmartSockets Table 3-style grid and serialises to JSON.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::apply::LabError;
+use crate::lab::Lab;
+use crate::probe::{self, Outcome, ProbeServer};
+
+/// Which kind of connection the matrix tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Plain TCP sockets.
+    Plain,
+    /// reach streams (`reach connect` to `reach listen`).
+    Reach,
+}
+
+/// The result for one ordered pair.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    /// Source host.
+    pub from: String,
+    /// Destination host.
+    pub to: String,
+    /// Whether a connection to the right host was made.
+    pub ok: bool,
+    /// How: the address used (plain) or the module (reach).
+    pub via: Option<String>,
+    /// Milliseconds the successful attempt took, or the whole attempt.
+    pub ms: f64,
+    /// What went wrong, for failed pairs.
+    pub detail: Option<String>,
+}
+
+/// A whole matrix.
+#[derive(Clone, Debug, Serialize)]
+pub struct Matrix {
+    /// The topology's name.
+    pub topology: String,
+    /// The mode.
+    pub mode: Mode,
+    /// Hosts in topology order.
+    pub hosts: Vec<String>,
+    /// One cell per ordered pair.
+    pub cells: Vec<Cell>,
+}
+
+impl Matrix {
+    /// How many pairs connected, out of how many.
+    pub fn score(&self) -> (usize, usize) {
+        (self.cells.iter().filter(|c| c.ok).count(), self.cells.len())
+    }
+
+    /// The cell for a pair.
+    pub fn cell(&self, from: &str, to: &str) -> Option<&Cell> {
+        self.cells.iter().find(|c| c.from == from && c.to == to)
+    }
+
+    /// The grid as text: rows are sources, columns destinations.
+    pub fn render(&self) -> String {
+        let w = self.hosts.iter().map(String::len).max().unwrap_or(4).max(6);
+        let mut s = format!("{:<w$} |", "from\\to");
+        for h in &self.hosts {
+            s += &format!(" {h:^w$}");
+        }
+        s += "\n";
+        s += &"-".repeat(w + 2 + (w + 1) * self.hosts.len());
+        s += "\n";
+        for from in &self.hosts {
+            s += &format!("{from:<w$} |");
+            for to in &self.hosts {
+                let mark = match self.cell(from, to) {
+                    None => "".to_string(),
+                    Some(c) if !c.ok => "-".to_string(),
+                    Some(c) if self.mode == Mode::Reach => c.via.clone().unwrap_or_default(),
+                    Some(_) => "ok".to_string(),
+                };
+                s += &format!(" {mark:^w$}");
+            }
+            s += "\n";
+        }
+        let (ok, total) = self.score();
+        s += &format!("{ok} of {total} pairs connected ({:?})\n", self.mode);
+        s
+    }
+}
+
+/// Probe port used by the plain matrix.
+const PROBE_PORT: u16 = 7000;
+
+/// A process inside the lab, killed when dropped.
+struct Guarded(Child);
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What keeps a pair's destination listening; held only for its `Drop`,
+/// which stops the server.
+#[allow(dead_code)]
+enum Server {
+    Probe(ProbeServer),
+    Reach(Guarded),
+}
+
+/// Runs the matrix on a running lab. `tools` is the directory holding the
+/// `reach-lab` and `reach` binaries.
+pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Matrix, LabError> {
+    let hosts: Vec<String> = lab.record().hosts.iter().map(|h| h.name.clone()).collect();
+    let targets = match mode {
+        Mode::Plain => start_probes(lab, tools)?,
+        Mode::Reach => start_reach(lab, tools)?,
+    };
+    let pairs: Vec<(String, String)> = hosts
+        .iter()
+        .flat_map(|a| {
+            hosts
+                .iter()
+                .filter(move |b| *b != a)
+                .map(move |b| (a.clone(), b.clone()))
+        })
+        .collect();
+    let mut cells: Vec<Cell> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pairs
+            .iter()
+            .map(|(from, to)| {
+                let target = targets
+                    .iter()
+                    .find(|(h, _, _)| h == to)
+                    .map(|(_, t, _)| t.clone());
+                scope.spawn(move || match mode {
+                    Mode::Plain => plain_pair(lab, tools, from, to, timeout),
+                    Mode::Reach => reach_pair(lab, tools, from, to, target.as_deref(), timeout),
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(&pairs)
+            .map(|(h, (from, to))| {
+                h.join().unwrap_or_else(|_| Cell {
+                    from: from.clone(),
+                    to: to.clone(),
+                    ok: false,
+                    via: None,
+                    ms: 0.0,
+                    detail: Some("probe thread panicked".into()),
+                })
+            })
+            .collect()
+    });
+    if mode == Mode::Reach {
+        check_tokens(lab, &mut cells);
+    }
+    drop(targets);
+    Ok(Matrix {
+        topology: lab.record().topology.clone(),
+        mode,
+        hosts,
+        cells,
+    })
+}
+
+type Target = (String, String, Server);
+
+fn start_probes(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
+    lab.record()
+        .hosts
+        .iter()
+        .map(|h| {
+            let server = probe::spawn_server(lab, tools, &h.name, &[PROBE_PORT])?;
+            Ok((h.name.clone(), String::new(), Server::Probe(server)))
+        })
+        .collect()
+}
+
+fn plain_pair(lab: &Lab, tools: &Path, from: &str, to: &str, timeout: Duration) -> Cell {
+    let started = Instant::now();
+    let mut details = Vec::new();
+    for ip in lab.host(to).addrs() {
+        let addr = SocketAddr::from((ip, PROBE_PORT));
+        match probe::connect_from(lab, tools, from, addr, timeout, None) {
+            Outcome::Ok { server, ms, .. } if server == to => {
+                return Cell {
+                    from: from.into(),
+                    to: to.into(),
+                    ok: true,
+                    via: Some(addr.to_string()),
+                    ms,
+                    detail: None,
+                }
+            }
+            Outcome::Ok { server, .. } => details.push(format!("{addr}: reached {server} instead")),
+            other => details.push(format!("{addr}: {}", other.describe())),
+        }
+    }
+    Cell {
+        from: from.into(),
+        to: to.into(),
+        ok: false,
+        via: None,
+        ms: started.elapsed().as_secs_f64() * 1e3,
+        detail: Some(details.join("; ")),
+    }
+}
+
+fn start_reach(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
+    let state = std::env::temp_dir().join(format!("{}-reach", lab.record().prefix));
+    let mut out = Vec::new();
+    for h in &lab.record().hosts {
+        let dir = state.join(&h.name);
+        std::fs::create_dir_all(&dir)?;
+        let addr_file = dir.join("addr.txt");
+        let _ = std::fs::remove_file(&addr_file);
+        let child = lab
+            .command(&h.name, tools.join("reach"))
+            .arg("--state-dir")
+            .arg(&dir)
+            .args(["listen", "--keep", "--addr-file"])
+            .arg(&addr_file)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("received"))?)
+            .stderr(std::fs::File::create(dir.join("listen.log"))?)
+            .spawn()?;
+        let guard = Server::Reach(Guarded(child));
+        let vaddr = wait_for_file(&addr_file, Duration::from_secs(20)).ok_or_else(|| {
+            LabError::Command {
+                command: format!("reach listen in {}", h.name),
+                output: std::fs::read_to_string(dir.join("listen.log")).unwrap_or_default(),
+            }
+        })?;
+        out.push((h.name.clone(), vaddr, guard));
+    }
+    Ok(out)
+}
+
+/// Waits for a file written atomically (by rename) to appear, with a deadline.
+fn wait_for_file(path: &PathBuf, deadline: Duration) -> Option<String> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.trim().is_empty() {
+                return Some(text.trim().to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn token(from: &str, to: &str) -> String {
+    format!("token {from} -> {to}\n")
+}
+
+/// A reach pair counts only if its token reached the destination's stdout.
+/// Listeners write what they receive as it arrives; give each a deadline.
+fn check_tokens(lab: &Lab, cells: &mut [Cell]) {
+    let state = std::env::temp_dir().join(format!("{}-reach", lab.record().prefix));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for cell in cells.iter_mut().filter(|c| c.ok) {
+        let file = state.join(&cell.to).join("received");
+        let want = token(&cell.from, &cell.to);
+        loop {
+            let got = std::fs::read_to_string(&file).unwrap_or_default();
+            if got.contains(&want) {
+                break;
+            }
+            if Instant::now() > deadline {
+                cell.ok = false;
+                cell.detail = Some("stream opened but the token never arrived".into());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn reach_pair(
+    lab: &Lab,
+    tools: &Path,
+    from: &str,
+    to: &str,
+    vaddr: Option<&str>,
+    timeout: Duration,
+) -> Cell {
+    let started = Instant::now();
+    let fail = |detail: String| Cell {
+        from: from.into(),
+        to: to.into(),
+        ok: false,
+        via: None,
+        ms: started.elapsed().as_secs_f64() * 1e3,
+        detail: Some(detail),
+    };
+    let Some(vaddr) = vaddr else {
+        return fail("no listener".into());
+    };
+    let dir = std::env::temp_dir()
+        .join(format!("{}-reach", lab.record().prefix))
+        .join(from);
+    let token = token(from, to);
+    let child = lab
+        .command(from, tools.join("reach"))
+        .arg("--state-dir")
+        .arg(&dir)
+        .args(["-v", "connect", "--timeout"])
+        .arg(timeout.as_secs_f64().to_string())
+        .arg(vaddr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot run reach: {e}")),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        let _ = stdin.write_all(token.as_bytes());
+    }
+    let out = match child.wait_with_output() {
+        Ok(o) => o,
+        Err(e) => return fail(e.to_string()),
+    };
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let last = log.lines().last().unwrap_or_default().to_string();
+        return fail(last);
+    }
+    // The module the stream used, from the "connected ... module=X" log line.
+    let module = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("module="))
+        .unwrap_or("?")
+        .to_string();
+    Cell {
+        from: from.into(),
+        to: to.into(),
+        ok: true,
+        via: Some(module),
+        ms: started.elapsed().as_secs_f64() * 1e3,
+        detail: None,
+    }
+}

@@ -1,0 +1,310 @@
+//! `reach-lab verify`: checks that every gateway behaves as its topology says.
+//!
+//! Seen from the two observers on the internet, for each host:
+//! - **outbound and mapping**: the host connects to both observers from one
+//!   local port; the address the observers see must be the host's own (open,
+//!   firewall), its public interface (multi-homed) or its NAT's external address,
+//!   and a NAT's external port must be the same for both (endpoint-independent,
+//!   and the local port when preserved) or differ (address-and-port-dependent);
+//! - **filtering**: an observer opens a new connection to the host's reachable
+//!   address: an open path connects, a dropping firewall times out, a rejecting
+//!   one refuses, a NAT gives nothing, and ports in `allow_in` connect;
+//! - **NAT filtering**: the second observer connects to the mapping the first
+//!   one was given: address-and-port-dependent filtering lets nothing in;
+//! - **non-routed hosts** reach nothing outside their LAN.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::apply::LabError;
+use crate::lab::Lab;
+use crate::plan::HostAddrs;
+use crate::probe::{self, Outcome};
+use crate::topology::{Allocation, GatewayKind, Inbound, Mapping, Site, Topology};
+
+const PORT: u16 = 7000;
+const FIRST_LOCAL_PORT: u16 = 41000;
+
+/// One check and its result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    /// The host checked.
+    pub host: String,
+    /// What was checked.
+    pub what: String,
+    /// What the topology implies.
+    pub expected: String,
+    /// What happened.
+    pub observed: String,
+    /// Whether they agree.
+    pub pass: bool,
+}
+
+/// What a probe should see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    Connects,
+    TimesOut,
+    Refused,
+    /// Unreachable or a timeout: no way out (or in) at all. The kernel turns an
+    /// ICMP error into a timeout when it races the connecting process, which
+    /// lab round trips of microseconds make common.
+    NoPath,
+}
+
+impl Expect {
+    fn blocked(how: Inbound) -> Self {
+        match how {
+            Inbound::Drop => Expect::TimesOut,
+            Inbound::Reject => Expect::Refused,
+        }
+    }
+
+    fn matches(self, o: &Outcome) -> bool {
+        matches!(
+            (self, o),
+            (Expect::Connects, Outcome::Ok { .. })
+                | (Expect::TimesOut, Outcome::Timeout)
+                | (Expect::Refused, Outcome::Refused)
+                | (Expect::NoPath, Outcome::Unreachable | Outcome::Timeout)
+        )
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Expect::Connects => "connects",
+            Expect::TimesOut => "timeout (dropped)",
+            Expect::Refused => "refused (rejected)",
+            Expect::NoPath => "no path (unreachable or timeout)",
+        }
+    }
+}
+
+/// Runs every check on a running lab of `topology`.
+pub fn run(
+    lab: &Lab,
+    topology: &Topology,
+    tools: &Path,
+    timeout: Duration,
+) -> Result<Vec<Check>, LabError> {
+    let mut servers = Vec::new();
+    for obs in &lab.record().observers {
+        servers.push(probe::spawn_server(lab, tools, &obs.name, &[PORT])?);
+    }
+    for (site, host) in topology.hosts() {
+        let mut ports = vec![PORT];
+        ports.extend(site.allow_in.iter().copied().filter(|p| *p != PORT));
+        servers.push(probe::spawn_server(lab, tools, &host.name, &ports)?);
+    }
+    let jobs: Vec<(usize, &Site, &HostAddrs)> = topology
+        .hosts()
+        .enumerate()
+        .map(|(i, (site, h))| (i, site, lab.record().host(&h.name).expect("planned host")))
+        .collect();
+    let checks = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(i, site, h)| {
+                let local_port = FIRST_LOCAL_PORT + *i as u16;
+                scope.spawn(move || check_host(lab, tools, site, h, local_port, timeout))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    drop(servers);
+    Ok(checks)
+}
+
+fn check(host: &HostAddrs, what: String, expected: String, observed: String, pass: bool) -> Check {
+    Check {
+        host: host.name.clone(),
+        what,
+        expected,
+        observed,
+        pass,
+    }
+}
+
+fn expect_check(host: &HostAddrs, what: String, want: Expect, got: &Outcome) -> Check {
+    check(
+        host,
+        what,
+        want.text().into(),
+        got.describe(),
+        want.matches(got),
+    )
+}
+
+fn check_host(
+    lab: &Lab,
+    tools: &Path,
+    site: &Site,
+    h: &HostAddrs,
+    local_port: u16,
+    timeout: Duration,
+) -> Vec<Check> {
+    let obs: Vec<Ipv4Addr> = lab.record().observers.iter().map(|o| o.lan).collect();
+    let probe_from = |from: &str, to: SocketAddr, bind: Option<u16>| {
+        probe::connect_from(lab, tools, from, to, timeout, bind)
+    };
+    let mut out = Vec::new();
+    if !h.routed {
+        let got = probe_from(&h.name, SocketAddr::from((obs[0], PORT)), None);
+        out.push(expect_check(
+            h,
+            "non-routed: reaches the internet".into(),
+            Expect::NoPath,
+            &got,
+        ));
+    } else {
+        let seen: Vec<Outcome> = obs
+            .iter()
+            .map(|o| probe_from(&h.name, SocketAddr::from((*o, PORT)), Some(local_port)))
+            .collect();
+        let outbound = match &site.allow_out {
+            Some(ports) if site.gateway == GatewayKind::Firewall && !ports.contains(&PORT) => {
+                Expect::blocked(site.inbound)
+            }
+            _ => Expect::Connects,
+        };
+        out.push(expect_check(
+            h,
+            format!("outbound to observer port {PORT}"),
+            outbound,
+            &seen[0],
+        ));
+        if outbound == Expect::Connects {
+            out.extend(mapping_checks(site, h, local_port, &seen));
+        }
+        if let (GatewayKind::Nat, false, Outcome::Ok { seen_as, .. }) =
+            (site.gateway, h.public.is_some(), &seen[0])
+        {
+            let target: SocketAddr = seen_as.to_owned();
+            let got = probe_from("obs2", target, None);
+            out.push(expect_check(
+                h,
+                format!("NAT filtering: obs2 to obs1's mapping {seen_as}"),
+                Expect::TimesOut,
+                &got,
+            ));
+        }
+    }
+    out.extend(inbound_checks(site, h, &probe_from));
+    out
+}
+
+fn mapping_checks(site: &Site, h: &HostAddrs, local_port: u16, seen: &[Outcome]) -> Vec<Check> {
+    let mapped: Vec<SocketAddr> = seen
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Ok { seen_as, .. } => Some(*seen_as),
+            _ => None,
+        })
+        .collect();
+    if mapped.len() != 2 {
+        return vec![check(
+            h,
+            "mapping".into(),
+            "both observers reached".into(),
+            format!("{seen:?}"),
+            false,
+        )];
+    }
+    let natted = site.gateway == GatewayKind::Nat && h.public.is_none();
+    let want_ip = match (h.public, natted) {
+        (Some(p), _) => p,
+        (None, true) => h.gateway,
+        (None, false) => h.lan,
+    };
+    let mut out = vec![check(
+        h,
+        "source address seen outside".into(),
+        want_ip.to_string(),
+        mapped[0].ip().to_string(),
+        mapped
+            .iter()
+            .all(|m| m.ip() == std::net::IpAddr::V4(want_ip)),
+    )];
+    let (same, p0, p1) = (
+        mapped[0].port() == mapped[1].port(),
+        mapped[0].port(),
+        mapped[1].port(),
+    );
+    let observed = format!("ports {p0} and {p1} for local port {local_port}");
+    let (expected, pass) = match (natted, site.mapping, site.allocation) {
+        (false, _, _) => (
+            "no translation: the local port".to_string(),
+            p0 == local_port && p1 == local_port,
+        ),
+        (true, Mapping::EndpointIndependent, Some(Allocation::Preserve) | None) => (
+            "endpoint-independent, port preserved".to_string(),
+            same && p0 == local_port,
+        ),
+        (true, Mapping::EndpointIndependent, _) => ("endpoint-independent".to_string(), same),
+        (true, _, _) => ("a new port per destination".to_string(), !same),
+    };
+    out.push(check(h, "mapping".into(), expected, observed, pass));
+    out
+}
+
+fn inbound_checks(
+    site: &Site,
+    h: &HostAddrs,
+    probe_from: &dyn Fn(&str, SocketAddr, Option<u16>) -> Outcome,
+) -> Vec<Check> {
+    let firewalled = site.gateway == GatewayKind::Firewall;
+    let (target, want) = match (h.public, site.gateway) {
+        (Some(p), _) if firewalled => (p, Expect::blocked(site.inbound)),
+        (Some(p), _) => (p, Expect::Connects),
+        (None, GatewayKind::Nat) => (h.gateway, Expect::TimesOut),
+        // The firewall's verdict comes before any routing question.
+        (None, GatewayKind::Firewall) => (h.lan, Expect::blocked(site.inbound)),
+        (None, GatewayKind::Open) if !h.routed => (h.lan, Expect::NoPath),
+        (None, GatewayKind::Open) => (h.lan, Expect::Connects),
+    };
+    let mut out = Vec::new();
+    let addr = SocketAddr::from((target, PORT));
+    let got = probe_from("obs1", addr, None);
+    out.push(expect_check(
+        h,
+        format!("inbound from obs1 to {addr}"),
+        want,
+        &got,
+    ));
+    let reachable_fw = firewalled && (h.public.is_some() || h.routed);
+    if let (true, Some(port)) = (reachable_fw, site.allow_in.first()) {
+        let addr = SocketAddr::from((target, *port));
+        let got = probe_from("obs1", addr, None);
+        out.push(expect_check(
+            h,
+            format!("inbound to allowed port {port}"),
+            Expect::Connects,
+            &got,
+        ));
+    }
+    out
+}
+
+/// The checks as a table.
+pub fn render(checks: &[Check]) -> String {
+    let mut s = format!(
+        "{:<14} {:<46} {:<36} {}\n",
+        "host", "check", "expected", "observed"
+    );
+    for c in checks {
+        let mark = if c.pass { "ok  " } else { "FAIL" };
+        s += &format!(
+            "{mark} {:<9} {:<46} {:<36} {}\n",
+            c.host, c.what, c.expected, c.observed
+        );
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    s += &format!("{} checks, {} failed\n", checks.len(), failed);
+    s
+}

@@ -1,0 +1,64 @@
+//! The connectivity matrix of the NAT zoo, with plain sockets and with reach.
+//! Needs root, iproute2, nftables, and the `reach` binary built beside
+//! `reach-lab` (a workspace test run builds both).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reach_lab::matrix::{self, Mode};
+use reach_lab::{Lab, Topology};
+
+fn zoo() -> Topology {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../lab/topologies/nat-zoo.toml"
+    );
+    Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid")
+}
+
+fn tools() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_reach-lab"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf();
+    assert!(
+        dir.join("reach").exists(),
+        "no reach binary in {}: run cargo build -p reach-cli (cargo nextest run --workspace builds it)",
+        dir.display()
+    );
+    dir
+}
+
+/// Exactly the pairs towards the one open host connect; everything else needs
+/// modules that later steps build.
+fn assert_only_open_is_reachable(m: &matrix::Matrix) {
+    for c in &m.cells {
+        assert_eq!(
+            c.ok,
+            c.to == "open",
+            "{} -> {}: {:?}",
+            c.from,
+            c.to,
+            c.detail
+        );
+    }
+    assert_eq!(m.score(), (5, 30));
+}
+
+#[test]
+fn plain_matrix_of_the_nat_zoo_reaches_only_the_open_host() {
+    let lab = Lab::up(&zoo()).expect("lab up");
+    let m = matrix::run(&lab, Mode::Plain, Duration::from_secs(1), &tools()).expect("matrix");
+    assert_only_open_is_reachable(&m);
+    assert!(m.render().contains("5 of 30 pairs connected"));
+}
+
+#[test]
+fn reach_matrix_of_the_nat_zoo_connects_the_same_pairs_directly() {
+    let lab = Lab::up(&zoo()).expect("lab up");
+    let m = matrix::run(&lab, Mode::Reach, Duration::from_secs(2), &tools()).expect("matrix");
+    assert_only_open_is_reachable(&m);
+    for c in m.cells.iter().filter(|c| c.ok) {
+        assert_eq!(c.via.as_deref(), Some("direct"), "{} -> {}", c.from, c.to);
+    }
+}
