@@ -39,6 +39,9 @@ pub struct LabRecord {
     /// The observers on the internet (see `plan::OBSERVERS`).
     #[serde(default)]
     pub observers: Vec<HostAddrs>,
+    /// The hosts `reach-lab matrix` pairs up.
+    #[serde(default)]
+    pub matrix: Vec<String>,
 }
 
 impl LabRecord {
@@ -73,11 +76,27 @@ impl LabRecord {
         registry_dir().join(format!("{}.json", self.prefix))
     }
 
+    /// The lab's own state directory (ssh keys, logs).
+    pub fn state_dir(&self) -> PathBuf {
+        registry_dir().join(format!("{}.d", self.prefix))
+    }
+
+    /// An `ssh` command run from `from` with the lab's client key; add the
+    /// destination and arguments.
+    pub fn ssh(&self, from: &str) -> Option<Command> {
+        let host = self.host(from)?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.host_ns(host), "ssh"])
+            .args(crate::sshd::client_args(&self.state_dir().join("ssh")));
+        Some(c)
+    }
+
     /// Deletes the lab's namespaces (killing their processes) and its record.
     pub fn tear_down(&self) {
         for ns in self.namespaces.iter().rev() {
             apply::remove_namespace(ns);
         }
+        let _ = std::fs::remove_dir_all(self.state_dir());
         let _ = std::fs::remove_file(self.path());
     }
 }
@@ -125,6 +144,10 @@ impl Lab {
                 .collect(),
             hosts: plan.hosts.clone(),
             observers: plan.observers.clone(),
+            matrix: topology
+                .matrix
+                .clone()
+                .unwrap_or_else(|| plan.hosts.iter().map(|h| h.name.clone()).collect()),
             topology: topology.name.clone(),
             prefix,
         };
@@ -139,6 +162,14 @@ impl Lab {
         };
         // On error `lab` drops here and removes the partial lab.
         apply::apply(&lab.record.prefix, &plan)?;
+        let ssh_hosts: Vec<&HostAddrs> = lab.record.hosts.iter().filter(|h| h.sshd).collect();
+        if !ssh_hosts.is_empty() {
+            let dir = lab.record.state_dir().join("ssh");
+            crate::sshd::prepare(&dir)?;
+            for h in ssh_hosts {
+                crate::sshd::start(&dir, &lab.record.host_ns(h), &h.name)?;
+            }
+        }
         Ok(lab)
     }
 

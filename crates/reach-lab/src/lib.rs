@@ -13,6 +13,7 @@ pub mod lab;
 pub mod matrix;
 pub mod plan;
 pub mod probe;
+pub mod sshd;
 pub mod topology;
 pub mod verify;
 

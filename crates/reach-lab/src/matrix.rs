@@ -125,7 +125,7 @@ enum Server {
 /// Runs the matrix on a running lab. `tools` is the directory holding the
 /// `reach-lab` and `reach` binaries.
 pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Matrix, LabError> {
-    let hosts: Vec<String> = lab.record().hosts.iter().map(|h| h.name.clone()).collect();
+    let hosts = lab.record().matrix.clone();
     let targets = match mode {
         Mode::Plain => start_probes(lab, tools)?,
         Mode::Reach => start_reach(lab, tools)?,
@@ -184,11 +184,11 @@ type Target = (String, String, Server);
 
 fn start_probes(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
     lab.record()
-        .hosts
+        .matrix
         .iter()
         .map(|h| {
-            let server = probe::spawn_server(lab, tools, &h.name, &[PROBE_PORT])?;
-            Ok((h.name.clone(), String::new(), Server::Probe(server)))
+            let server = probe::spawn_server(lab, tools, h, &[PROBE_PORT])?;
+            Ok((h.clone(), String::new(), Server::Probe(server)))
         })
         .collect()
 }
@@ -226,7 +226,8 @@ fn plain_pair(lab: &Lab, tools: &Path, from: &str, to: &str, timeout: Duration) 
 fn start_reach(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
     let state = std::env::temp_dir().join(format!("{}-reach", lab.record().prefix));
     let mut out = Vec::new();
-    for h in &lab.record().hosts {
+    for name in &lab.record().matrix {
+        let h = lab.host(name);
         let dir = state.join(&h.name);
         std::fs::create_dir_all(&dir)?;
         let addr_file = dir.join("addr.txt");

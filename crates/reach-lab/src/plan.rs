@@ -90,6 +90,9 @@ pub struct HostAddrs {
     pub gateway: Ipv4Addr,
     /// Whether it has a route out of its LAN.
     pub routed: bool,
+    /// Whether it runs an OpenSSH server.
+    #[serde(default)]
+    pub sshd: bool,
 }
 
 impl HostAddrs {
@@ -150,12 +153,14 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
     let mut site_namespaces = Vec::new();
     for (i, site) in t.sites.iter().enumerate() {
         let wan = public_addr(FIRST_GATEWAY + i as u32, FIRST_PUBLIC_HOST, "sites")?;
-        let lan = match site.gateway {
-            GatewayKind::Nat => site.lan.unwrap_or(Lan {
+        let lan = match (site.gateway, site.lan) {
+            // A given LAN is private (validated); the internet has no route to it.
+            (_, Some(lan)) => lan,
+            (GatewayKind::Nat, None) => Lan {
                 net: Ipv4Addr::new(10, (i + 1).min(255) as u8, 0, 0),
                 len: 24,
-            }),
-            GatewayKind::Open | GatewayKind::Firewall => {
+            },
+            (GatewayKind::Open | GatewayKind::Firewall, None) => {
                 public_lans += 1;
                 if public_lans > 15 {
                     return Err(TopologyError::TooMany("open or firewalled sites"));
@@ -246,10 +251,19 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                 public,
                 gateway: wan,
                 routed: host.routed,
+                sshd: host.sshd,
             });
             hosts.push(h);
         }
-        gw.nft = gateway_rules(site, &non_routed);
+        let forwards: Vec<(u16, Ipv4Addr, u16)> = site
+            .forward
+            .iter()
+            .filter_map(|f| {
+                let j = site.hosts.iter().position(|h| h.name == f.to)?;
+                Some((f.port, lan.addr(2 + j as u32), f.to_port.unwrap_or(f.port)))
+            })
+            .collect();
+        gw.nft = gateway_rules(site, &non_routed, &forwards);
         site_namespaces.push(gw);
         site_namespaces.extend(hosts);
     }
@@ -277,6 +291,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             public: Some(*ip),
             gateway: *ip,
             routed: true,
+            sshd: false,
         });
         site_namespaces.push(o);
     }
@@ -330,7 +345,23 @@ fn firewall_lines(site: &Site, from_out: &str, to_out: &str) -> String {
     r
 }
 
-fn gateway_rules(site: &Site, non_routed: &[Ipv4Addr]) -> Option<String> {
+/// Outbound limits at a NAT: only `allow_out` ports may open new connections.
+fn nat_outbound_lines(site: &Site) -> String {
+    match &site.allow_out {
+        None => String::new(),
+        Some(ports) if ports.is_empty() => "        oifname \"wan\" drop\n".into(),
+        Some(ports) => format!(
+            "        oifname \"wan\" tcp dport {} accept\n        oifname \"wan\" drop\n",
+            port_set(ports)
+        ),
+    }
+}
+
+fn gateway_rules(
+    site: &Site,
+    non_routed: &[Ipv4Addr],
+    forwards: &[(u16, Ipv4Addr, u16)],
+) -> Option<String> {
     let block_non_routed = if non_routed.is_empty() {
         String::new()
     } else {
@@ -356,8 +387,23 @@ fn gateway_rules(site: &Site, non_routed: &[Ipv4Addr]) -> Option<String> {
                 Mapping::AddressAndPortDependent => " fully-random",
                 _ => "",
             };
+            let (accept_forwarded, dnat) = if forwards.is_empty() {
+                (String::new(), String::new())
+            } else {
+                let rules: String = forwards
+                    .iter()
+                    .map(|(port, ip, to)| {
+                        format!("        iifname \"wan\" tcp dport {port} dnat to {ip}:{to}\n")
+                    })
+                    .collect();
+                (
+                    "        iifname \"wan\" ct status dnat accept\n".to_string(),
+                    format!("    chain prerouting {{\n        type nat hook prerouting priority -100; policy accept;\n{rules}    }}\n"),
+                )
+            };
             Some(format!(
-                "{head}        ct state established,related accept\n{block_non_routed}        iifname \"wan\" drop\n    }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        iifname \"wan\" ct state new drop\n    }}\n}}\ntable ip labnat {{\n    chain postrouting {{\n        type nat hook postrouting priority 100; policy accept;\n        oifname \"wan\" masquerade{how}\n    }}\n}}\n"
+                "{head}        ct state established,related accept\n{block_non_routed}{accept_forwarded}{}        iifname \"wan\" drop\n    }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        iifname \"wan\" ct state new drop\n    }}\n}}\ntable ip labnat {{\n{dnat}    chain postrouting {{\n        type nat hook postrouting priority 100; policy accept;\n        oifname \"wan\" masquerade{how}\n    }}\n}}\n",
+                nat_outbound_lines(site)
             ))
         }
     }
@@ -491,6 +537,55 @@ mod tests {
         assert!(nft("gw-home")
             .expect("nat")
             .contains("masquerade fully-random"));
+    }
+
+    #[test]
+    fn nat_port_forwards_and_outbound_limits() {
+        let text = r#"
+            name = "h"
+            [[site]]
+            name = "hiroshi"
+            gateway = "nat"
+            allow_out = []
+            forward = [{ port = 22, to = "fe" }]
+            [[site.host]]
+            name = "fe"
+            sshd = true
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        let gw = p
+            .namespaces
+            .iter()
+            .find(|n| n.name == "gw-hiroshi")
+            .and_then(|n| n.nft.clone())
+            .expect("rules");
+        assert!(
+            gw.contains("iifname \"wan\" tcp dport 22 dnat to 10.1.0.2:22"),
+            "{gw}"
+        );
+        assert!(gw.contains("iifname \"wan\" ct status dnat accept"));
+        assert!(gw.contains("oifname \"wan\" drop"), "no outbound at all");
+        assert!(p.hosts[0].sshd);
+    }
+
+    #[test]
+    fn private_lans_at_open_sites_are_not_routed_from_the_internet() {
+        let text = r#"
+            name = "d"
+            [[site]]
+            name = "das3"
+            gateway = "open"
+            lan = "10.0.0.0/24"
+            [[site.host]]
+            name = "fe"
+            multi_homed = true
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        assert!(
+            p.namespaces[0].routes.is_empty(),
+            "no internet route to a private LAN"
+        );
+        assert_eq!(p.hosts[0].lan, Ipv4Addr::new(10, 0, 0, 2));
     }
 
     #[test]

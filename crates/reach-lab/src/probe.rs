@@ -41,7 +41,12 @@ pub enum Outcome {
     Timeout,
     /// No route (network or host unreachable).
     Unreachable,
-    /// Connected, but not to a probe server, or another error.
+    /// Connected, and another kind of server answered (sshd, say).
+    Foreign {
+        /// The first line it sent.
+        banner: String,
+    },
+    /// Another error.
     Error {
         /// What went wrong.
         message: String,
@@ -58,6 +63,7 @@ impl Outcome {
             Outcome::Refused => "refused".into(),
             Outcome::Timeout => "timeout".into(),
             Outcome::Unreachable => "unreachable".into(),
+            Outcome::Foreign { banner } => format!("ok (another server: {banner:?})"),
             Outcome::Error { message } => format!("error: {message}"),
         }
     }
@@ -182,8 +188,8 @@ pub fn connect(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> O
             local,
             ms: started.elapsed().as_secs_f64() * 1e3,
         },
-        None => Outcome::Error {
-            message: format!("not a probe server: {:?}", line.trim()),
+        None => Outcome::Foreign {
+            banner: line.trim().chars().take(80).collect(),
         },
     }
 }

@@ -34,6 +34,9 @@ use serde::Deserialize;
 pub struct Topology {
     /// A short name, shown by `reach-lab status`.
     pub name: String,
+    /// The hosts `reach-lab matrix` pairs up (default: every host). The
+    /// SmartSockets table pairs one compute node per site.
+    pub matrix: Option<Vec<String>>,
     /// The sites attached to the internet.
     #[serde(rename = "site", default)]
     pub sites: Vec<Site>,
@@ -130,7 +133,14 @@ pub struct Site {
     /// NAT: whether inside hosts can reach each other through the external address.
     #[serde(default)]
     pub hairpin: bool,
-    /// NAT: the private LAN (two sites may share one, as real sites do).
+    /// NAT: inbound TCP ports forwarded to a host of the site.
+    #[serde(default)]
+    pub forward: Vec<Forward>,
+    /// The site's LAN. Must be private; two sites may share one, as real sites
+    /// do. Default: 10.N.0.0/24 behind a NAT, a public /28 for open and
+    /// firewalled sites. A private LAN at an open or firewalled site is not
+    /// routed from the internet: its hosts go out through their own public
+    /// interface (`multi_homed`) or not at all.
     pub lan: Option<Lan>,
     /// The hosts of the site.
     #[serde(rename = "host", default)]
@@ -149,6 +159,22 @@ pub struct Host {
     /// Has a route out of its LAN. `false` makes a non-routed node.
     #[serde(default = "yes")]
     pub routed: bool,
+    /// Runs a real OpenSSH server on port 22 (key-only login as root with the
+    /// lab's key).
+    #[serde(default)]
+    pub sshd: bool,
+}
+
+/// A NAT port forward: `port` on the gateway's external address to `to`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// External TCP port.
+    pub port: u16,
+    /// The host it goes to (in the same site).
+    pub to: String,
+    /// Port on that host (default: the same).
+    pub to_port: Option<u16>,
 }
 
 fn yes() -> bool {
@@ -168,6 +194,19 @@ impl Lan {
     /// The n-th address of the network (1 is the gateway).
     pub fn addr(&self, n: u32) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.net) + n)
+    }
+
+    /// Whether the network lies in an RFC 1918 private range.
+    pub fn is_private(&self) -> bool {
+        let private: [(Ipv4Addr, u8); 3] = [
+            (Ipv4Addr::new(10, 0, 0, 0), 8),
+            (Ipv4Addr::new(172, 16, 0, 0), 12),
+            (Ipv4Addr::new(192, 168, 0, 0), 16),
+        ];
+        private.iter().any(|(n, l)| {
+            let mask = u32::MAX << (32 - l);
+            self.len >= *l && u32::from(self.net) & mask == u32::from(*n)
+        })
     }
 
     /// How many host addresses fit.
@@ -240,7 +279,15 @@ pub enum TopologyError {
         /// Its gateway kind.
         kind: &'static str,
     },
-    /// A NAT LAN outside the private ranges.
+    /// A name that does not refer to a host where one is needed.
+    #[error("{context}: no host {name:?}")]
+    UnknownHost {
+        /// Where the name appears.
+        context: String,
+        /// The name.
+        name: String,
+    },
+    /// A LAN outside the private ranges.
     #[error("site {site:?}: LAN {lan} is not in a private range (10/8, 172.16/12, 192.168/16)")]
     LanNotPrivate {
         /// The site.
@@ -326,6 +373,14 @@ impl Topology {
             }
             site.validate_fields()?;
         }
+        for name in self.matrix.iter().flatten() {
+            if !hosts.contains(name) {
+                return Err(TopologyError::UnknownHost {
+                    context: "matrix".into(),
+                    name: name.clone(),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -347,67 +402,71 @@ impl Site {
         };
         let is_nat = self.gateway == GatewayKind::Nat;
         let is_fw = self.gateway == GatewayKind::Firewall;
-        if !is_fw
-            && (self.inbound != Inbound::Drop
-                || !self.allow_in.is_empty()
-                || self.allow_out.is_some())
-        {
-            return Err(misplaced("inbound/allow_in/allow_out"));
+        if !is_fw && (self.inbound != Inbound::Drop || !self.allow_in.is_empty()) {
+            return Err(misplaced("inbound/allow_in"));
         }
-        if !is_nat
-            && (self.mapping != Mapping::default()
-                || self.filtering != Filtering::default()
-                || self.allocation.is_some()
-                || self.hairpin
-                || self.lan.is_some())
-        {
-            return Err(misplaced("mapping/filtering/allocation/hairpin/lan"));
+        if self.gateway == GatewayKind::Open && self.allow_out.is_some() {
+            return Err(misplaced("allow_out"));
         }
+        let nat_only = self.mapping != Mapping::default()
+            || self.filtering != Filtering::default()
+            || self.allocation.is_some()
+            || self.hairpin
+            || !self.forward.is_empty();
+        if !is_nat && nat_only {
+            return Err(misplaced("mapping/filtering/allocation/hairpin/forward"));
+        }
+        for f in &self.forward {
+            if !self.hosts.iter().any(|h| h.name == f.to) {
+                return Err(TopologyError::UnknownHost {
+                    context: format!("site {:?} forward of port {}", self.name, f.port),
+                    name: f.to.clone(),
+                });
+            }
+        }
+        if is_nat {
+            self.validate_nat()?;
+        }
+        if let Some(lan) = self.lan {
+            if !lan.is_private() {
+                return Err(TopologyError::LanNotPrivate {
+                    site: self.name.clone(),
+                    lan,
+                });
+            }
+            if lan.capacity() < self.hosts.len() as u32 + 1 {
+                return Err(TopologyError::LanTooSmall(self.name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses NAT behaviours the kernel cannot produce.
+    fn validate_nat(&self) -> Result<(), TopologyError> {
         let userspace = |what| TopologyError::NeedsUserspaceNat {
             site: self.name.clone(),
             what,
         };
-        if is_nat {
-            match (self.mapping, self.allocation) {
-                (Mapping::AddressDependent, _) => {
-                    return Err(userspace("address-dependent mapping"))
-                }
-                (_, Some(Allocation::Sequential)) => {
-                    return Err(userspace("sequential port allocation"))
-                }
-                (Mapping::EndpointIndependent, Some(Allocation::Random)) => {
-                    return Err(userspace("endpoint-independent mapping with random ports"))
-                }
-                (Mapping::AddressAndPortDependent, Some(Allocation::Preserve)) => {
-                    return Err(userspace(
-                        "address-and-port-dependent mapping with preserved ports",
-                    ))
-                }
-                _ => {}
+        match (self.mapping, self.allocation) {
+            (Mapping::AddressDependent, _) => return Err(userspace("address-dependent mapping")),
+            (_, Some(Allocation::Sequential)) => {
+                return Err(userspace("sequential port allocation"))
             }
-            if self.filtering != Filtering::AddressAndPortDependent {
-                return Err(userspace("filtering other than address-and-port-dependent"));
+            (Mapping::EndpointIndependent, Some(Allocation::Random)) => {
+                return Err(userspace("endpoint-independent mapping with random ports"))
             }
-            if self.hairpin {
-                return Err(userspace("hairpinning"));
+            (Mapping::AddressAndPortDependent, Some(Allocation::Preserve)) => {
+                return Err(userspace(
+                    "address-and-port-dependent mapping with preserved ports",
+                ))
             }
-            if let Some(lan) = self.lan {
-                let private = [("10.0.0.0", 8), ("172.16.0.0", 12), ("192.168.0.0", 16)];
-                let inside = private.iter().any(|(n, l)| {
-                    let n: Ipv4Addr = n.parse().expect("constant");
-                    let mask = u32::MAX << (32 - l);
-                    lan.len >= *l && u32::from(lan.net) & mask == u32::from(n)
-                });
-                if !inside {
-                    return Err(TopologyError::LanNotPrivate {
-                        site: self.name.clone(),
-                        lan,
-                    });
-                }
-                if lan.capacity() < self.hosts.len() as u32 + 1 {
-                    return Err(TopologyError::LanTooSmall(self.name.clone()));
-                }
-            }
+            _ => {}
+        }
+        if self.filtering != Filtering::AddressAndPortDependent {
+            return Err(userspace("filtering other than address-and-port-dependent"));
+        }
+        if self.hairpin {
+            return Err(userspace("hairpinning"));
         }
         Ok(())
     }
@@ -479,6 +538,24 @@ mod tests {
             (GOOD.replace("\"laptop\"", "\"Laptop!\""), "bad name"),
             (GOOD.replace("multi_homed", "multihomed"), "unknown field"),
             (GOOD.replace("\"laptop\"", "\"obs1\""), "reserved"),
+            (
+                GOOD.replace("name = \"t\"", "name = \"t\"\nmatrix = [\"nobody\"]"),
+                "no host \"nobody\"",
+            ),
+            (
+                GOOD.replace(
+                    "lan = \"10.9.0.0/24\"",
+                    "forward = [{ port = 22, to = \"fe\" }]",
+                ),
+                "no host \"fe\"",
+            ),
+            (
+                GOOD.replace(
+                    "inbound = \"reject\"",
+                    "forward = [{ port = 22, to = \"fe\" }]",
+                ),
+                "does not apply to a firewall",
+            ),
         ];
         for (text, want) in cases {
             let err = Topology::from_toml(&text).expect_err(want).to_string();

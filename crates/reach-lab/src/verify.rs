@@ -66,8 +66,10 @@ impl Expect {
     fn matches(self, o: &Outcome) -> bool {
         matches!(
             (self, o),
-            (Expect::Connects, Outcome::Ok { .. })
-                | (Expect::TimesOut, Outcome::Timeout)
+            (
+                Expect::Connects,
+                Outcome::Ok { .. } | Outcome::Foreign { .. }
+            ) | (Expect::TimesOut, Outcome::Timeout)
                 | (Expect::Refused, Outcome::Refused)
                 | (Expect::NoPath, Outcome::Unreachable | Outcome::Timeout)
         )
@@ -95,8 +97,19 @@ pub fn run(
         servers.push(probe::spawn_server(lab, tools, &obs.name, &[PORT])?);
     }
     for (site, host) in topology.hosts() {
+        // Probe servers answer on the test port and on every port the site
+        // lets in or forwards, except 22 where the host's own sshd answers.
+        let forwarded = site
+            .forward
+            .iter()
+            .filter(|f| f.to == host.name)
+            .map(|f| f.to_port.unwrap_or(f.port));
         let mut ports = vec![PORT];
-        ports.extend(site.allow_in.iter().copied().filter(|p| *p != PORT));
+        for p in site.allow_in.iter().copied().chain(forwarded) {
+            if !ports.contains(&p) && !(host.sshd && p == 22) {
+                ports.push(p);
+            }
+        }
         servers.push(probe::spawn_server(lab, tools, &host.name, &ports)?);
     }
     let jobs: Vec<(usize, &Site, &HostAddrs)> = topology
@@ -167,10 +180,15 @@ fn check_host(
             .iter()
             .map(|o| probe_from(&h.name, SocketAddr::from((*o, PORT)), Some(local_port)))
             .collect();
-        let outbound = match &site.allow_out {
-            Some(ports) if site.gateway == GatewayKind::Firewall && !ports.contains(&PORT) => {
-                Expect::blocked(site.inbound)
-            }
+        // A multi-homed host goes out through its own public interface: only a
+        // firewalled site's host rules apply to it, not the site's NAT.
+        let limited = site
+            .allow_out
+            .as_ref()
+            .is_some_and(|ports| !ports.contains(&PORT));
+        let outbound = match site.gateway {
+            GatewayKind::Firewall if limited => Expect::blocked(site.inbound),
+            GatewayKind::Nat if limited && h.public.is_none() => Expect::TimesOut,
             _ => Expect::Connects,
         };
         out.push(expect_check(
@@ -263,6 +281,8 @@ fn inbound_checks(
         (Some(p), _) if firewalled => (p, Expect::blocked(site.inbound)),
         (Some(p), _) => (p, Expect::Connects),
         (None, GatewayKind::Nat) => (h.gateway, Expect::TimesOut),
+        // A private LAN is not routed from the internet.
+        (None, _) if site.lan.is_some() => (h.lan, Expect::NoPath),
         // The firewall's verdict comes before any routing question.
         (None, GatewayKind::Firewall) => (h.lan, Expect::blocked(site.inbound)),
         (None, GatewayKind::Open) if !h.routed => (h.lan, Expect::NoPath),
@@ -277,6 +297,16 @@ fn inbound_checks(
         want,
         &got,
     ));
+    for f in site.forward.iter().filter(|f| f.to == h.name) {
+        let addr = SocketAddr::from((h.gateway, f.port));
+        let got = probe_from("obs1", addr, None);
+        out.push(expect_check(
+            h,
+            format!("NAT port forward {addr}"),
+            Expect::Connects,
+            &got,
+        ));
+    }
     let reachable_fw = firewalled && (h.public.is_some() || h.routed);
     if let (true, Some(port)) = (reachable_fw, site.allow_in.first()) {
         let addr = SocketAddr::from((target, *port));
