@@ -106,7 +106,8 @@ pub fn run(
             .map(|f| f.to_port.unwrap_or(f.port));
         let mut ports = vec![PORT];
         for p in site.allow_in.iter().copied().chain(forwarded) {
-            if !ports.contains(&p) && !(host.sshd && p == 22) {
+            let served_by_sshd = host.sshd && p == 22;
+            if !ports.contains(&p) && !served_by_sshd {
                 ports.push(p);
             }
         }
