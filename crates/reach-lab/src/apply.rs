@@ -5,6 +5,7 @@
 //! command and what it printed.
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::plan::{Plan, Route};
@@ -97,8 +98,9 @@ fn route_line(r: &Route) -> String {
 }
 
 /// Builds every namespace, link, address, route and ruleset of `plan`, naming
-/// namespaces `PREFIX-NAME`. On error the caller tears down what was built.
-pub fn apply(prefix: &str, plan: &Plan) -> Result<(), LabError> {
+/// namespaces `PREFIX-NAME`, and starts its delay hops with the `reach-lab`
+/// binary `hop_bin`. On error the caller tears down what was built.
+pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), LabError> {
     let full = |n: &str| format!("{prefix}-{n}");
     for ns in &plan.namespaces {
         run(
@@ -141,6 +143,11 @@ pub fn apply(prefix: &str, plan: &Plan) -> Result<(), LabError> {
         for br in &ns.bridges {
             batch += &format!("link add {br} type bridge\nlink set {br} up\n");
         }
+        if plan.hops.iter().any(|h| h.ns == ns.name) {
+            batch += "tuntap add dev t0 mode tap\ntuntap add dev t1 mode tap\n";
+            batch +=
+                "link set t0 master b0\nlink set t1 master b1\nlink set t0 up\nlink set t1 up\n";
+        }
         for l in &plan.links {
             for end in [&l.a, &l.b].into_iter().filter(|e| e.ns == ns.name) {
                 if let Some(br) = &end.bridge {
@@ -167,7 +174,84 @@ pub fn apply(prefix: &str, plan: &Plan) -> Result<(), LabError> {
             )?;
         }
     }
+    for hop in &plan.hops {
+        let bin = hop_bin.ok_or(LabError::MissingTool {
+            tool: "reach-lab (for delay hops; set REACH_LAB_BIN)",
+            package: "reach-lab: cargo build -p reach-lab",
+        })?;
+        start_hop(&full(&hop.ns), hop.delay_ms, bin)?;
+    }
+    // Last: TAP ports get their carrier only once a hop opens them.
+    for ns in plan.namespaces.iter().filter(|n| !n.bridges.is_empty()) {
+        wait_for_forwarding(&full(&ns.name))?;
+    }
     Ok(())
+}
+
+/// Starts a delay hop in `ns` on the TAP devices `t0` and `t1`, which exist
+/// already: they are created persistent and bridged before any traffic flows,
+/// because a bridge did not forward the first frame from a TAP port attached
+/// while traffic was starting (a lost first ARP request cost a 1 s retry).
+fn start_hop(ns: &str, delay_ms: u32, bin: &Path) -> Result<(), LabError> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bin)
+        .args([
+            "hop",
+            "--a",
+            "t0",
+            "--b",
+            "t1",
+            "--delay-ms",
+            &delay_ms.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // It outlives this process: it must not hold our stderr open.
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+    }
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        return Err(LabError::Command {
+            command: format!("reach-lab hop in {ns}"),
+            output: "exited before its TAP devices were ready".into(),
+        });
+    }
+    // The hop keeps running after this process exits; teardown kills it with
+    // the namespace.
+    Ok(())
+}
+
+/// Waits until every bridge port in `ns` forwards. The kernel reports a new
+/// veth's carrier through its link-watch queue, which can lag by about a second;
+/// until then a bridge drops frames to that port (seen: a lab's first ARP
+/// request lost, costing the first connection a 1 s retry).
+fn wait_for_forwarding(ns: &str) -> Result<(), LabError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = run(
+            Command::new("bridge").args(["-n", ns, "link", "show"]),
+            None,
+        )?;
+        let waiting: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.contains("state forwarding"))
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(LabError::Command {
+                command: format!("waiting for bridge ports in {ns} to forward"),
+                output: waiting.join("; "),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// Kills every process inside the namespace and deletes it. Errors are ignored:

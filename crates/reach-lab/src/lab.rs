@@ -113,6 +113,23 @@ impl std::fmt::Debug for Lab {
     }
 }
 
+/// Where the `reach-lab` binary is (delay hops run it): `$REACH_LAB_BIN`, this
+/// program if it is `reach-lab`, or a `reach-lab` beside this program or one
+/// directory up (cargo puts test binaries in `deps/` below the binaries).
+pub fn reach_lab_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("REACH_LAB_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    if exe.file_name().is_some_and(|n| n == "reach-lab") {
+        return Some(exe);
+    }
+    let dir = exe.parent()?;
+    [dir.join("reach-lab"), dir.parent()?.join("reach-lab")]
+        .into_iter()
+        .find(|p| p.exists())
+}
+
 fn unique_prefix() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
@@ -161,7 +178,7 @@ impl Lab {
             armed: true,
         };
         // On error `lab` drops here and removes the partial lab.
-        apply::apply(&lab.record.prefix, &plan)?;
+        apply::apply(&lab.record.prefix, &plan, reach_lab_binary().as_deref())?;
         let ssh_hosts: Vec<&HostAddrs> = lab.record.hosts.iter().filter(|h| h.sshd).collect();
         if !ssh_hosts.is_empty() {
             let dir = lab.record.state_dir().join("ssh");

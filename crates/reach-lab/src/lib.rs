@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod apply;
+pub mod hop;
 pub mod lab;
 pub mod matrix;
 pub mod plan;

@@ -82,6 +82,19 @@ enum Cmd {
         #[arg(long, default_value = "lab/topologies/smartsockets.toml")]
         file: PathBuf,
     },
+    /// Relay frames between two TAP devices with a delay (run by the lab itself).
+    #[command(hide = true)]
+    Hop {
+        /// First TAP device to create.
+        #[arg(long)]
+        a: String,
+        /// Second TAP device to create.
+        #[arg(long)]
+        b: String,
+        /// One-way delay in milliseconds, each direction.
+        #[arg(long)]
+        delay_ms: u32,
+    },
     /// Probe helpers used by tests and checks (run inside lab hosts).
     #[command(subcommand)]
     Probe(ProbeCmd),
@@ -235,6 +248,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Demo { file } => return demo(&file),
+        Cmd::Hop { a, b, delay_ms } => {
+            reach_lab::hop::run(&a, &b, Duration::from_millis(u64::from(delay_ms)))?
+        }
         Cmd::Probe(ProbeCmd::Serve { name, ports }) => probe::serve(&name, &ports)?,
         Cmd::Probe(ProbeCmd::Connect {
             addr,
@@ -258,9 +274,15 @@ fn demo(file: &Path) -> anyhow::Result<ExitCode> {
     let topology = load(file)?;
     let tools = tools_dir()?;
     if !tools.join("reach").exists() {
-        bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
+        bail!(
+            "no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli",
+            tools.display()
+        );
     }
-    println!("== {}: every gateway checked against its declaration", topology.name);
+    println!(
+        "== {}: every gateway checked against its declaration",
+        topology.name
+    );
     let checks = {
         let lab = Lab::up(&topology)?;
         reach_lab::verify::run(&lab, &topology, &tools, Duration::from_secs(1))?
@@ -272,7 +294,10 @@ fn demo(file: &Path) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let mut scores = Vec::new();
-    for (mode, title) in [(Mode::Plain, "plain TCP sockets"), (Mode::Reach, "reach (module per pair)")] {
+    for (mode, title) in [
+        (Mode::Plain, "plain TCP sockets"),
+        (Mode::Reach, "reach (module per pair)"),
+    ] {
         println!("\n== {title}");
         let lab = Lab::up(&topology)?;
         let m = matrix::run(&lab, mode, Duration::from_secs(2), &tools)?;

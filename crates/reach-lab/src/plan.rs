@@ -114,6 +114,52 @@ pub struct Plan {
     /// Observers: hosts on the internet itself, outside every site, that
     /// `verify` uses to see mappings and filtering from outside.
     pub observers: Vec<HostAddrs>,
+    /// Link-delay hops to start (see `hop`).
+    pub hops: Vec<HopPlan>,
+}
+
+/// A userspace delay hop in its own namespace, relaying between TAP devices
+/// `t0` (bridged with `x0` in `b0`) and `t1` (bridged with `x1` in `b1`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HopPlan {
+    /// Namespace name (without prefix).
+    pub ns: String,
+    /// One-way delay in milliseconds, each direction.
+    pub delay_ms: u32,
+}
+
+/// Adds a link between the internet end and `end`, through a delay hop when
+/// `delay_ms` is set: the link is split by a namespace whose hop process relays
+/// frames between two bridges.
+fn internet_link(
+    out: &mut Plan,
+    extra: &mut Vec<Namespace>,
+    inet: End,
+    end: End,
+    delay_ms: Option<u32>,
+) {
+    let Some(delay_ms) = delay_ms else {
+        out.links.push(Link { a: inet, b: end });
+        return;
+    };
+    let name = format!("d{}", out.hops.len());
+    let mut d = ns_with(name.clone(), false);
+    d.bridges = vec!["b0".into(), "b1".into()];
+    let side = |ifname: &str, bridge: &str| End {
+        ns: name.clone(),
+        ifname: ifname.into(),
+        bridge: Some(bridge.into()),
+    };
+    out.links.push(Link {
+        a: inet,
+        b: side("x0", "b0"),
+    });
+    out.links.push(Link {
+        a: side("x1", "b1"),
+        b: end,
+    });
+    out.hops.push(HopPlan { ns: name, delay_ms });
+    extra.push(d);
 }
 
 /// Addresses of the observers on the internet.
@@ -187,14 +233,19 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             dest: None,
             via: INTERNET_ROUTER,
         });
-        out.links.push(Link {
-            a: inet_end(&mut inet_ports),
-            b: End {
-                ns: gw.name.clone(),
-                ifname: "wan".into(),
-                bridge: None,
-            },
-        });
+        let wan_end = End {
+            ns: gw.name.clone(),
+            ifname: "wan".into(),
+            bridge: None,
+        };
+        let inet_side = inet_end(&mut inet_ports);
+        internet_link(
+            &mut out,
+            &mut site_namespaces,
+            inet_side,
+            wan_end,
+            site.delay_ms,
+        );
         let mut non_routed = Vec::new();
         let mut hosts = Vec::new();
         for (j, host) in site.hosts.iter().enumerate() {
@@ -217,14 +268,19 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                 let ip = public_addr(FIRST_PUBLIC_HOST + public_hosts, 255, "multi-homed hosts")?;
                 public_hosts += 1;
                 h.addrs.push(("pub".into(), ip, INTERNET_LEN));
-                out.links.push(Link {
-                    a: inet_end(&mut inet_ports),
-                    b: End {
-                        ns: h.name.clone(),
-                        ifname: "pub".into(),
-                        bridge: None,
-                    },
-                });
+                let pub_end = End {
+                    ns: h.name.clone(),
+                    ifname: "pub".into(),
+                    bridge: None,
+                };
+                let inet_side = inet_end(&mut inet_ports);
+                internet_link(
+                    &mut out,
+                    &mut site_namespaces,
+                    inet_side,
+                    pub_end,
+                    site.delay_ms,
+                );
                 h.routes.push(Route {
                     dest: None,
                     via: INTERNET_ROUTER,
@@ -586,6 +642,47 @@ mod tests {
             "no internet route to a private LAN"
         );
         assert_eq!(p.hosts[0].lan, Ipv4Addr::new(10, 0, 0, 2));
+    }
+
+    #[test]
+    fn delayed_sites_get_a_hop_on_each_internet_link() {
+        let text = r#"
+            name = "d"
+            [[site]]
+            name = "far"
+            gateway = "nat"
+            delay_ms = 40
+            [[site.host]]
+            name = "h"
+            [[site]]
+            name = "near"
+            gateway = "open"
+            [[site.host]]
+            name = "fe"
+            multi_homed = true
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        assert_eq!(
+            p.hops,
+            vec![HopPlan {
+                ns: "d0".into(),
+                delay_ms: 40
+            }]
+        );
+        let d0: Vec<&Link> = p
+            .links
+            .iter()
+            .filter(|l| l.a.ns == "d0" || l.b.ns == "d0")
+            .collect();
+        assert_eq!(d0.len(), 2, "the gateway's WAN link is split by the hop");
+        assert!(d0.iter().any(|l| l.a.ns == "inet" && l.b.ifname == "x0"));
+        assert!(d0
+            .iter()
+            .any(|l| l.a.ifname == "x1" && l.b.ns == "gw-far" && l.b.ifname == "wan"));
+        assert!(p
+            .namespaces
+            .iter()
+            .any(|n| n.name == "d0" && n.bridges.len() == 2));
     }
 
     #[test]

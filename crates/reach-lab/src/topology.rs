@@ -142,6 +142,10 @@ pub struct Site {
     /// routed from the internet: its hosts go out through their own public
     /// interface (`multi_homed`) or not at all.
     pub lan: Option<Lan>,
+    /// One-way delay in milliseconds added to each of the site's links to the
+    /// internet (the gateway's and multi-homed hosts' public links), both ways.
+    /// A round trip between sites A and B gains 2 x (delay A + delay B).
+    pub delay_ms: Option<u32>,
     /// The hosts of the site.
     #[serde(rename = "host", default)]
     pub hosts: Vec<Host>,
@@ -287,6 +291,9 @@ pub enum TopologyError {
         /// The name.
         name: String,
     },
+    /// A delay out of range.
+    #[error("site {0:?}: delay_ms must be 1 to 10000")]
+    BadDelay(String),
     /// A LAN outside the private ranges.
     #[error("site {site:?}: LAN {lan} is not in a private range (10/8, 172.16/12, 192.168/16)")]
     LanNotPrivate {
@@ -426,6 +433,11 @@ impl Site {
         }
         if is_nat {
             self.validate_nat()?;
+        }
+        if let Some(d) = self.delay_ms {
+            if !(1..=10_000).contains(&d) {
+                return Err(TopologyError::BadDelay(self.name.clone()));
+            }
         }
         if let Some(lan) = self.lan {
             if !lan.is_private() {

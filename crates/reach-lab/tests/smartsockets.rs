@@ -97,3 +97,24 @@ fn non_routed_nodes_are_reached_through_their_front_ends_sshd() {
         );
     }
 }
+
+#[test]
+fn the_wan_variant_is_the_same_testbed_with_the_papers_delays() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../lab/topologies/smartsockets-wan.toml"
+    );
+    let mut wan =
+        Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid");
+    let delays: Vec<(String, Option<u32>)> = wan
+        .sites
+        .iter()
+        .map(|s| (s.name.clone(), s.delay_ms))
+        .collect();
+    assert!(delays.iter().all(|(_, d)| d.is_some()), "{delays:?}");
+    for site in &mut wan.sites {
+        site.delay_ms = None;
+    }
+    wan.name = "smartsockets".into();
+    assert_eq!(wan, testbed());
+}
