@@ -268,7 +268,7 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
         to = %info.remote_addr,
         module = %info.module,
         mode = ?info.mode,
-        setup = ?info.setup_time,
+        setup_ms = format_args!("{:.3}", info.setup_time.as_secs_f64() * 1e3),
         "connected"
     );
     let (received, sent) = pipe::run(stream, &mut pipe::stdin()).await?;

@@ -218,9 +218,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for c in m.cells.iter().filter(|c| !c.ok) {
                 println!(
                     "  {} -> {}: {}",
-                    c.from,
-                    c.to,
-                    c.detail.as_deref().unwrap_or("failed")
+                    c.from_host,
+                    c.to_host,
+                    c.error.as_deref().unwrap_or("failed")
                 );
             }
             if let Some(path) = json {

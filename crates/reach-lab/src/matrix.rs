@@ -34,18 +34,28 @@ pub enum Mode {
 /// The result for one ordered pair.
 #[derive(Clone, Debug, Serialize)]
 pub struct Cell {
-    /// Source host.
+    /// Source site.
     pub from: String,
-    /// Destination host.
+    /// Target site.
     pub to: String,
-    /// Whether a connection to the right host was made.
+    /// Source host.
+    pub from_host: String,
+    /// Target host.
+    pub to_host: String,
+    /// Whether a connection to the right host was made (and, for reach, the
+    /// data arrived).
     pub ok: bool,
-    /// How: the address used (plain) or the module (reach).
+    /// The reach module that made the stream; `null` for plain TCP.
+    pub module: Option<String>,
+    /// Setup time of the first connection, in milliseconds.
+    pub setup_ms: Option<f64>,
+    /// Setup time of a second connection to the same target (reach caches the
+    /// working module per target), in milliseconds.
+    pub cached_setup_ms: Option<f64>,
+    /// The address used (plain mode).
     pub via: Option<String>,
-    /// Milliseconds the successful attempt took, or the whole attempt.
-    pub ms: f64,
-    /// What went wrong, for failed pairs.
-    pub detail: Option<String>,
+    /// Why the pair failed.
+    pub error: Option<String>,
 }
 
 /// A whole matrix.
@@ -57,8 +67,20 @@ pub struct Matrix {
     pub mode: Mode,
     /// Hosts in topology order.
     pub hosts: Vec<String>,
-    /// One cell per ordered pair.
+    /// One entry per ordered pair.
+    #[serde(rename = "pairs")]
     pub cells: Vec<Cell>,
+}
+
+/// The paper's letter for a module: d direct, r reverse, s splice, v routed.
+fn letter(module: &str) -> &'static str {
+    match module {
+        "direct" => "d",
+        "reverse" => "r",
+        "splice" => "s",
+        "routed" => "v",
+        _ => "?",
+    }
 }
 
 impl Matrix {
@@ -67,36 +89,58 @@ impl Matrix {
         (self.cells.iter().filter(|c| c.ok).count(), self.cells.len())
     }
 
-    /// The cell for a pair.
+    /// The cell for a pair of hosts.
     pub fn cell(&self, from: &str, to: &str) -> Option<&Cell> {
-        self.cells.iter().find(|c| c.from == from && c.to == to)
+        self.cells
+            .iter()
+            .find(|c| c.from_host == from && c.to_host == to)
     }
 
-    /// The grid as text: rows are sources, columns destinations.
+    /// The grid as text, like the paper's Table 3: a row per target, a column
+    /// per source, each cell the setup time in milliseconds and, for reach, the
+    /// module's letter (d direct, r reverse, s splice, v routed).
     pub fn render(&self) -> String {
-        let w = self.hosts.iter().map(String::len).max().unwrap_or(4).max(6);
-        let mut s = format!("{:<w$} |", "from\\to");
+        let w = self
+            .hosts
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(4)
+            .max(10);
+        let mut s = format!("{:<w$} |", "target\\source");
         for h in &self.hosts {
             s += &format!(" {h:^w$}");
         }
         s += "\n";
         s += &"-".repeat(w + 2 + (w + 1) * self.hosts.len());
         s += "\n";
-        for from in &self.hosts {
-            s += &format!("{from:<w$} |");
-            for to in &self.hosts {
+        for to in &self.hosts {
+            s += &format!("{to:<w$} |");
+            for from in &self.hosts {
                 let mark = match self.cell(from, to) {
-                    None => "".to_string(),
+                    None => String::new(),
                     Some(c) if !c.ok => "-".to_string(),
-                    Some(c) if self.mode == Mode::Reach => c.via.clone().unwrap_or_default(),
-                    Some(_) => "ok".to_string(),
+                    Some(c) => {
+                        let ms = c.setup_ms.map_or("?".to_string(), |m| format!("{m:.1}"));
+                        match &c.module {
+                            Some(m) => format!("{ms} {}", letter(m)),
+                            None => ms,
+                        }
+                    }
                 };
                 s += &format!(" {mark:^w$}");
             }
             s += "\n";
         }
         let (ok, total) = self.score();
-        s += &format!("{ok} of {total} pairs connected ({:?})\n", self.mode);
+        s += &format!(
+            "{ok} of {total} pairs connected ({:?}; setup time in ms",
+            self.mode
+        );
+        if self.mode == Mode::Reach {
+            s += "; d direct, r reverse, s splice, v routed";
+        }
+        s += ")\n";
         s
     }
 }
@@ -157,14 +201,8 @@ pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Mat
             .into_iter()
             .zip(&pairs)
             .map(|(h, (from, to))| {
-                h.join().unwrap_or_else(|_| Cell {
-                    from: from.clone(),
-                    to: to.clone(),
-                    ok: false,
-                    via: None,
-                    ms: 0.0,
-                    detail: Some("probe thread panicked".into()),
-                })
+                h.join()
+                    .unwrap_or_else(|_| failed(lab, from, to, "probe thread panicked".into()))
             })
             .collect()
     });
@@ -182,6 +220,29 @@ pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Mat
 
 type Target = (String, String, Server);
 
+/// A cell with the pair's sites filled in and nothing else yet.
+fn cell(lab: &Lab, from: &str, to: &str) -> Cell {
+    Cell {
+        from: lab.host(from).site.clone(),
+        to: lab.host(to).site.clone(),
+        from_host: from.into(),
+        to_host: to.into(),
+        ok: false,
+        module: None,
+        setup_ms: None,
+        cached_setup_ms: None,
+        via: None,
+        error: None,
+    }
+}
+
+fn failed(lab: &Lab, from: &str, to: &str, error: String) -> Cell {
+    Cell {
+        error: Some(error),
+        ..cell(lab, from, to)
+    }
+}
+
 fn start_probes(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
     lab.record()
         .matrix
@@ -194,33 +255,25 @@ fn start_probes(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
 }
 
 fn plain_pair(lab: &Lab, tools: &Path, from: &str, to: &str, timeout: Duration) -> Cell {
-    let started = Instant::now();
     let mut details = Vec::new();
     for ip in lab.host(to).addrs() {
         let addr = SocketAddr::from((ip, PROBE_PORT));
         match probe::connect_from(lab, tools, from, addr, timeout, None) {
-            Outcome::Ok { server, ms, .. } if server == to => {
+            Outcome::Ok {
+                server, connect_ms, ..
+            } if server == to => {
                 return Cell {
-                    from: from.into(),
-                    to: to.into(),
                     ok: true,
+                    setup_ms: Some(connect_ms),
                     via: Some(addr.to_string()),
-                    ms,
-                    detail: None,
+                    ..cell(lab, from, to)
                 }
             }
             Outcome::Ok { server, .. } => details.push(format!("{addr}: reached {server} instead")),
             other => details.push(format!("{addr}: {}", other.describe())),
         }
     }
-    Cell {
-        from: from.into(),
-        to: to.into(),
-        ok: false,
-        via: None,
-        ms: started.elapsed().as_secs_f64() * 1e3,
-        detail: Some(details.join("; ")),
-    }
+    failed(lab, from, to, details.join("; "))
 }
 
 fn start_reach(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
@@ -278,8 +331,8 @@ fn check_tokens(lab: &Lab, cells: &mut [Cell]) {
     let state = std::env::temp_dir().join(format!("{}-reach", lab.record().prefix));
     let deadline = Instant::now() + Duration::from_secs(10);
     for cell in cells.iter_mut().filter(|c| c.ok) {
-        let file = state.join(&cell.to).join("received");
-        let want = token(&cell.from, &cell.to);
+        let file = state.join(&cell.to_host).join("received");
+        let want = token(&cell.from_host, &cell.to_host);
         loop {
             let got = std::fs::read_to_string(&file).unwrap_or_default();
             if got.contains(&want) {
@@ -287,12 +340,62 @@ fn check_tokens(lab: &Lab, cells: &mut [Cell]) {
             }
             if Instant::now() > deadline {
                 cell.ok = false;
-                cell.detail = Some("stream opened but the token never arrived".into());
+                cell.error = Some("stream opened but the token never arrived".into());
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// One `reach connect` carrying `token`; returns the module and setup time.
+fn reach_connect(
+    lab: &Lab,
+    tools: &Path,
+    from: &str,
+    vaddr: &str,
+    token: &str,
+    timeout: Duration,
+) -> Result<(String, f64), String> {
+    let dir = std::env::temp_dir()
+        .join(format!("{}-reach", lab.record().prefix))
+        .join(from);
+    let mut child = lab
+        .command(from, tools.join("reach"))
+        .arg("--state-dir")
+        .arg(&dir)
+        .args(["-v", "connect", "--timeout"])
+        .arg(timeout.as_secs_f64().to_string())
+        .arg(vaddr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run reach: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        let _ = stdin.write_all(token.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(log
+            .lines()
+            .last()
+            .unwrap_or("reach connect failed")
+            .to_string());
+    }
+    // From the "connected ... module=X ... setup_ms=Y" log line.
+    let field = |name: &str| {
+        log.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_string)
+    };
+    let module = field("module=").unwrap_or_else(|| "?".into());
+    let setup = field("setup_ms=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    Ok((module, setup))
 }
 
 fn reach_pair(
@@ -303,62 +406,23 @@ fn reach_pair(
     vaddr: Option<&str>,
     timeout: Duration,
 ) -> Cell {
-    let started = Instant::now();
-    let fail = |detail: String| Cell {
-        from: from.into(),
-        to: to.into(),
-        ok: false,
-        via: None,
-        ms: started.elapsed().as_secs_f64() * 1e3,
-        detail: Some(detail),
-    };
     let Some(vaddr) = vaddr else {
-        return fail("no listener".into());
+        return failed(lab, from, to, "no listener".into());
     };
-    let dir = std::env::temp_dir()
-        .join(format!("{}-reach", lab.record().prefix))
-        .join(from);
     let token = token(from, to);
-    let child = lab
-        .command(from, tools.join("reach"))
-        .arg("--state-dir")
-        .arg(&dir)
-        .args(["-v", "connect", "--timeout"])
-        .arg(timeout.as_secs_f64().to_string())
-        .arg(vaddr)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return fail(format!("cannot run reach: {e}")),
+    let (module, setup) = match reach_connect(lab, tools, from, vaddr, &token, timeout) {
+        Ok(x) => x,
+        Err(e) => return failed(lab, from, to, e),
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        let _ = stdin.write_all(token.as_bytes());
-    }
-    let out = match child.wait_with_output() {
-        Ok(o) => o,
-        Err(e) => return fail(e.to_string()),
-    };
-    let log = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() {
-        let last = log.lines().last().unwrap_or_default().to_string();
-        return fail(last);
-    }
-    // The module the stream used, from the "connected ... module=X" log line.
-    let module = log
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("module="))
-        .unwrap_or("?")
-        .to_string();
+    // The second connection measures setup once the working module is known.
+    let cached = reach_connect(lab, tools, from, vaddr, &token, timeout)
+        .ok()
+        .map(|(_, ms)| ms);
     Cell {
-        from: from.into(),
-        to: to.into(),
         ok: true,
-        via: Some(module),
-        ms: started.elapsed().as_secs_f64() * 1e3,
-        detail: None,
+        module: Some(module),
+        setup_ms: Some(setup),
+        cached_setup_ms: cached,
+        ..cell(lab, from, to)
     }
 }

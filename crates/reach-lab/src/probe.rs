@@ -32,7 +32,9 @@ pub enum Outcome {
         seen_as: SocketAddr,
         /// Our local address.
         local: SocketAddr,
-        /// Milliseconds from connect to greeting.
+        /// Milliseconds the TCP connect took (one round trip).
+        connect_ms: f64,
+        /// Milliseconds from the start of the connect to the greeting.
         ms: f64,
     },
     /// Actively refused (TCP reset, ICMP port unreachable or admin-prohibited).
@@ -45,6 +47,8 @@ pub enum Outcome {
     Foreign {
         /// The first line it sent.
         banner: String,
+        /// Milliseconds the TCP connect took (one round trip).
+        connect_ms: f64,
     },
     /// Another error.
     Error {
@@ -63,7 +67,7 @@ impl Outcome {
             Outcome::Refused => "refused".into(),
             Outcome::Timeout => "timeout".into(),
             Outcome::Unreachable => "unreachable".into(),
-            Outcome::Foreign { banner } => format!("ok (another server: {banner:?})"),
+            Outcome::Foreign { banner, .. } => format!("ok (another server: {banner:?})"),
             Outcome::Error { message } => format!("error: {message}"),
         }
     }
@@ -172,6 +176,7 @@ pub fn connect(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> O
         Ok(s) => s,
         Err(e) => return classify(&e),
     };
+    let connect_ms = started.elapsed().as_secs_f64() * 1e3;
     let local = match stream.local_addr() {
         Ok(a) => a,
         Err(e) => return classify(&e),
@@ -186,10 +191,12 @@ pub fn connect(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> O
             server,
             seen_as,
             local,
+            connect_ms,
             ms: started.elapsed().as_secs_f64() * 1e3,
         },
         None => Outcome::Foreign {
             banner: line.trim().chars().take(80).collect(),
+            connect_ms,
         },
     }
 }

@@ -215,7 +215,118 @@ fn check_host(
         }
     }
     out.extend(inbound_checks(site, h, &probe_from));
+    if !h.routed {
+        out.extend(ssh_check(lab, site, h));
+    }
+    if let Some(delay) = site.delay_ms {
+        let goes_out =
+            h.public.is_some() || site.allow_out.as_ref().is_none_or(|p| p.contains(&PORT));
+        let forwarded = site.forward.iter().find(|f| f.to == h.name).map(|f| f.port);
+        let path = match (h.routed && goes_out, forwarded) {
+            // Outbound to an observer, which has no delay of its own.
+            (true, _) => Some((h.name.as_str(), SocketAddr::from((obs[0], PORT)))),
+            // A site that lets nothing out: inbound through its port forward.
+            (false, Some(port)) => Some(("obs1", SocketAddr::from((h.gateway, port)))),
+            (false, None) => None,
+        };
+        if let Some((from, to)) = path {
+            out.push(delay_check(h, delay, from, to, &probe_from));
+        }
+    }
     out
+}
+
+/// A non-routed host is reachable through an sshd front-end of its site, as
+/// the paper's users reach them: `ssh -W` from an observer.
+fn ssh_check(lab: &Lab, site: &Site, h: &HostAddrs) -> Option<Check> {
+    let record = lab.record();
+    let (fe, entry) = site
+        .hosts
+        .iter()
+        .filter(|x| x.sshd && x.name != h.name)
+        .find_map(|fe| {
+            let fe_addrs = record.host(&fe.name)?;
+            let entry = match (fe_addrs.public, site.gateway) {
+                (Some(p), GatewayKind::Open) => Some(p),
+                (Some(p), GatewayKind::Firewall) if site.allow_in.contains(&22) => Some(p),
+                (Some(p), GatewayKind::Nat) => Some(p),
+                (None, GatewayKind::Nat) => site
+                    .forward
+                    .iter()
+                    .any(|f| f.to == fe.name && f.to_port.unwrap_or(f.port) == 22)
+                    .then_some(fe_addrs.gateway)
+                    .filter(|_| site.forward.iter().any(|f| f.port == 22)),
+                _ => None,
+            }?;
+            Some((fe.name.clone(), entry))
+        })?;
+    let out = record
+        .ssh("obs1")?
+        .args(["-W", &format!("{}:{PORT}", h.lan), &format!("root@{entry}")])
+        .output();
+    let (observed, pass) = match out {
+        Ok(o) => {
+            let line = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            let pass = line.starts_with(&format!("reach-lab-probe {} ", h.name));
+            let why = if pass {
+                line
+            } else {
+                String::from_utf8_lossy(&o.stderr).trim().to_string()
+            };
+            (why, pass)
+        }
+        Err(e) => (format!("cannot run ssh: {e}"), false),
+    };
+    Some(check(
+        h,
+        format!("ssh -W through {fe} ({entry}:22) from obs1"),
+        "reaches the host".into(),
+        observed,
+        pass,
+    ))
+}
+
+/// How far a measured round trip may be from the configured one: 10%, but at
+/// least 4 ms, because below about 20 ms the userspace hop's absolute jitter (a
+/// few milliseconds while the machine runs many probes at once) dominates.
+fn tolerance(want_ms: f64) -> f64 {
+    (want_ms * 0.1).max(4.0)
+}
+
+/// The round trip to an observer (no delay of its own) is twice the site's
+/// one-way delay; measured as the median TCP connect time of five probes,
+/// within [`tolerance`].
+fn delay_check(
+    h: &HostAddrs,
+    delay_ms: u32,
+    from: &str,
+    to: SocketAddr,
+    probe_from: &dyn Fn(&str, SocketAddr, Option<u16>) -> Outcome,
+) -> Check {
+    let want = 2.0 * f64::from(delay_ms);
+    let mut rtts: Vec<f64> = (0..5)
+        .filter_map(|_| match probe_from(from, to, None) {
+            Outcome::Ok { connect_ms, .. } | Outcome::Foreign { connect_ms, .. } => {
+                Some(connect_ms)
+            }
+            _ => None,
+        })
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    let (observed, pass) = match rtts.get(rtts.len() / 2) {
+        Some(rtt) => (
+            format!("{rtt:.2} ms"),
+            (rtt - want).abs() <= tolerance(want),
+        ),
+        None => ("no probe connected".into(), false),
+    };
+    check(
+        h,
+        format!("round trip {from} -> {to} (median of 5 connects)"),
+        format!("{want:.1} ms +-{:.1}", tolerance(want)),
+        observed,
+        pass,
+    )
 }
 
 fn mapping_checks(site: &Site, h: &HostAddrs, local_port: u16, seen: &[Outcome]) -> Vec<Check> {

@@ -33,13 +33,13 @@ fn tools() -> PathBuf {
 /// modules that later steps build.
 fn assert_only_open_is_reachable(m: &matrix::Matrix) {
     for c in &m.cells {
+        let why = c.error.as_deref().unwrap_or_default();
         assert_eq!(
             c.ok,
-            c.to == "open",
-            "{} -> {}: {:?}",
-            c.from,
-            c.to,
-            c.detail
+            c.to_host == "open",
+            "{} -> {}: {why}",
+            c.from_host,
+            c.to_host
         );
     }
     assert_eq!(m.score(), (5, 30));
@@ -51,6 +51,12 @@ fn plain_matrix_of_the_nat_zoo_reaches_only_the_open_host() {
     let m = matrix::run(&lab, Mode::Plain, Duration::from_secs(1), &tools()).expect("matrix");
     assert_only_open_is_reachable(&m);
     assert!(m.render().contains("5 of 30 pairs connected"));
+    for c in m.cells.iter().filter(|c| c.ok) {
+        assert!(
+            c.setup_ms.is_some() && c.module.is_none(),
+            "plain TCP has no module: {c:?}"
+        );
+    }
 }
 
 #[test]
@@ -59,6 +65,31 @@ fn reach_matrix_of_the_nat_zoo_connects_the_same_pairs_directly() {
     let m = matrix::run(&lab, Mode::Reach, Duration::from_secs(2), &tools()).expect("matrix");
     assert_only_open_is_reachable(&m);
     for c in m.cells.iter().filter(|c| c.ok) {
-        assert_eq!(c.via.as_deref(), Some("direct"), "{} -> {}", c.from, c.to);
+        assert_eq!(
+            c.module.as_deref(),
+            Some("direct"),
+            "{} -> {}",
+            c.from_host,
+            c.to_host
+        );
+        assert!(c.setup_ms.is_some_and(|ms| ms > 0.0), "{c:?}");
+        assert!(
+            c.cached_setup_ms.is_some(),
+            "a second connection was timed: {c:?}"
+        );
     }
+    let json: serde_json::Value = serde_json::to_value(&m).expect("json");
+    let pair = &json["pairs"][0];
+    for key in [
+        "from",
+        "to",
+        "ok",
+        "module",
+        "setup_ms",
+        "cached_setup_ms",
+        "error",
+    ] {
+        assert!(pair.get(key).is_some(), "JSON pair lacks {key}: {pair}");
+    }
+    assert_eq!(json["mode"], "reach");
 }

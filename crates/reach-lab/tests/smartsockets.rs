@@ -39,7 +39,7 @@ fn plain_tcp_connects_the_same_six_of_thirty_pairs_as_the_paper() {
         .cells
         .iter()
         .filter(|c| c.ok)
-        .map(|c| (c.from.as_str(), c.to.as_str()))
+        .map(|c| (c.from_host.as_str(), c.to_host.as_str()))
         .collect();
     let expected: BTreeSet<(&str, &str)> = [
         ("das3-v-node", "das3-d-node"),
@@ -52,6 +52,18 @@ fn plain_tcp_connects_the_same_six_of_thirty_pairs_as_the_paper() {
     .into_iter()
     .collect();
     assert_eq!(connected, expected, "\n{}", m.render());
+    // Every failure says why.
+    for c in m.cells.iter().filter(|c| !c.ok) {
+        let why = c.error.as_deref().unwrap_or_default();
+        assert!(
+            ["refused", "timeout", "unreachable"]
+                .iter()
+                .any(|w| why.contains(w)),
+            "{} -> {}: {why:?}",
+            c.from_host,
+            c.to_host
+        );
+    }
     // das3-v and das3-d share a private range: the identity check keeps a
     // connection to the overlapping private address from counting.
     let cell = m.cell("das3-v-node", "das3-d-node").expect("cell");
@@ -117,4 +129,30 @@ fn the_wan_variant_is_the_same_testbed_with_the_papers_delays() {
     }
     wan.name = "smartsockets".into();
     assert_eq!(wan, testbed());
+}
+
+#[test]
+fn the_wan_testbed_verifies_with_every_delay_measured() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../lab/topologies/smartsockets-wan.toml"
+    );
+    let t = Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid");
+    let lab = Lab::up(&t).expect("lab up");
+    let checks = verify::run(&lab, &t, &tools(), Duration::from_secs(2)).expect("verify");
+    assert!(checks.iter().all(|c| c.pass), "{}", verify::render(&checks));
+    let measured: BTreeSet<&str> = checks
+        .iter()
+        .filter(|c| c.what.starts_with("round trip"))
+        .filter_map(|c| {
+            t.hosts()
+                .find(|(_, h)| h.name == c.host)
+                .map(|(s, _)| s.name.as_str())
+        })
+        .collect();
+    assert_eq!(
+        measured.len(),
+        t.sites.len(),
+        "a delay measured at every site: {measured:?}"
+    );
 }
