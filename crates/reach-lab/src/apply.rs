@@ -181,10 +181,46 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
         })?;
         start_hop(&full(&hop.ns), hop.delay_ms, bin)?;
     }
+    for link in plan.links.iter().filter(|l| l.rate_mbit.is_some()) {
+        let rate = link.rate_mbit.unwrap_or_default();
+        for end in [&link.a, &link.b]
+            .into_iter()
+            .filter(|e| !plan.hops.iter().any(|h| h.ns == e.ns))
+        {
+            shape(&full(&end.ns), &end.ifname, rate)?;
+        }
+    }
     // Last: TAP ports get their carrier only once a hop opens them.
     for ns in plan.namespaces.iter().filter(|n| !n.bridges.is_empty()) {
         wait_for_forwarding(&full(&ns.name))?;
     }
+    Ok(())
+}
+
+/// Limits egress of `dev` in `ns` to `rate_mbit` with a token bucket. The
+/// bucket holds 5 ms worth of traffic (at least 16 KiB, so one TSO burst fits)
+/// and the queue at most 100 ms.
+fn shape(ns: &str, dev: &str, rate_mbit: u32) -> Result<(), LabError> {
+    let burst = (u64::from(rate_mbit) * 1_000_000 / 8 / 200).max(16 * 1024);
+    run(
+        Command::new("tc").args([
+            "-n",
+            ns,
+            "qdisc",
+            "replace",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            &format!("{rate_mbit}mbit"),
+            "burst",
+            &burst.to_string(),
+            "latency",
+            "100ms",
+        ]),
+        None,
+    )?;
     Ok(())
 }
 

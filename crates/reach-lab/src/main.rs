@@ -111,6 +111,23 @@ enum ProbeCmd {
         #[arg(long = "port", required = true)]
         ports: Vec<u16>,
     },
+    /// Read bulk transfers on a port and confirm their size.
+    Sink {
+        /// Port to listen on.
+        #[arg(long)]
+        port: u16,
+    },
+    /// Send bytes to a sink and print the throughput as JSON.
+    Send {
+        /// The sink's address.
+        addr: SocketAddr,
+        /// How many bytes.
+        #[arg(long)]
+        bytes: u64,
+        /// Seconds the whole transfer may take.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
     /// Connect to a probe server and print what happened as JSON.
     Connect {
         /// Address to connect to.
@@ -252,6 +269,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reach_lab::hop::run(&a, &b, Duration::from_millis(u64::from(delay_ms)))?
         }
         Cmd::Probe(ProbeCmd::Serve { name, ports }) => probe::serve(&name, &ports)?,
+        Cmd::Probe(ProbeCmd::Sink { port }) => probe::sink(port)?,
+        Cmd::Probe(ProbeCmd::Send {
+            addr,
+            bytes,
+            timeout,
+        }) => {
+            let timeout = Duration::try_from_secs_f64(timeout)
+                .context("--timeout must be positive seconds")?;
+            let bulk = probe::send(addr, bytes, timeout)
+                .with_context(|| format!("bulk transfer to {addr}"))?;
+            println!("{}", serde_json::to_string(&bulk)?);
+        }
         Cmd::Probe(ProbeCmd::Connect {
             addr,
             timeout,

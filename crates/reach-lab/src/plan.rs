@@ -71,6 +71,8 @@ pub struct Link {
     pub a: End,
     /// The other end.
     pub b: End,
+    /// Bandwidth limit in Mbit/s, applied at both ends outside a delay hop.
+    pub rate_mbit: Option<u32>,
 }
 
 /// Where a host is and how to reach it; kept in the lab's registry.
@@ -131,15 +133,14 @@ pub struct HopPlan {
 /// Adds a link between the internet end and `end`, through a delay hop when
 /// `delay_ms` is set: the link is split by a namespace whose hop process relays
 /// frames between two bridges.
-fn internet_link(
-    out: &mut Plan,
-    extra: &mut Vec<Namespace>,
-    inet: End,
-    end: End,
-    delay_ms: Option<u32>,
-) {
-    let Some(delay_ms) = delay_ms else {
-        out.links.push(Link { a: inet, b: end });
+fn internet_link(out: &mut Plan, extra: &mut Vec<Namespace>, inet: End, end: End, site: &Site) {
+    let rate_mbit = site.rate_mbit;
+    let Some(delay_ms) = site.delay_ms else {
+        out.links.push(Link {
+            a: inet,
+            b: end,
+            rate_mbit,
+        });
         return;
     };
     let name = format!("d{}", out.hops.len());
@@ -153,10 +154,12 @@ fn internet_link(
     out.links.push(Link {
         a: inet,
         b: side("x0", "b0"),
+        rate_mbit,
     });
     out.links.push(Link {
         a: side("x1", "b1"),
         b: end,
+        rate_mbit,
     });
     out.hops.push(HopPlan { ns: name, delay_ms });
     extra.push(d);
@@ -239,13 +242,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             bridge: None,
         };
         let inet_side = inet_end(&mut inet_ports);
-        internet_link(
-            &mut out,
-            &mut site_namespaces,
-            inet_side,
-            wan_end,
-            site.delay_ms,
-        );
+        internet_link(&mut out, &mut site_namespaces, inet_side, wan_end, site);
         let mut non_routed = Vec::new();
         let mut hosts = Vec::new();
         for (j, host) in site.hosts.iter().enumerate() {
@@ -263,6 +260,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                     ifname: "lan".into(),
                     bridge: None,
                 },
+                rate_mbit: None,
             });
             let public = if host.multi_homed {
                 let ip = public_addr(FIRST_PUBLIC_HOST + public_hosts, 255, "multi-homed hosts")?;
@@ -274,13 +272,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                     bridge: None,
                 };
                 let inet_side = inet_end(&mut inet_ports);
-                internet_link(
-                    &mut out,
-                    &mut site_namespaces,
-                    inet_side,
-                    pub_end,
-                    site.delay_ms,
-                );
+                internet_link(&mut out, &mut site_namespaces, inet_side, pub_end, site);
                 h.routes.push(Route {
                     dest: None,
                     via: INTERNET_ROUTER,
@@ -338,6 +330,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                 ifname: "pub".into(),
                 bridge: None,
             },
+            rate_mbit: None,
         });
         out.observers.push(HostAddrs {
             name,

@@ -282,3 +282,70 @@ mod tests {
         }
     }
 }
+
+/// Serves bulk transfers on `port`: reads each connection to its end, then
+/// answers `received N`. Prints `ready` once bound.
+pub fn sink(port: u16) -> std::io::Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    for conn in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut conn = conn;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut n = 0u64;
+            loop {
+                match std::io::Read::read(&mut conn, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k as u64,
+                }
+            }
+            let _ = writeln!(conn, "received {n}");
+        });
+    }
+    Ok(())
+}
+
+/// What a bulk transfer measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Bulk {
+    /// Bytes the sink confirmed.
+    pub bytes: u64,
+    /// Seconds from connect to the confirmation.
+    pub secs: f64,
+    /// Throughput in Mbit/s.
+    pub mbit_s: f64,
+}
+
+/// Sends `bytes` to a sink and waits for its confirmation.
+pub fn send(addr: SocketAddr, bytes: u64, timeout: Duration) -> std::io::Result<Bulk> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        stream.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let got: u64 = line
+        .trim()
+        .strip_prefix("received ")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("sink said {line:?}"),
+            )
+        })?;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Bulk {
+        bytes: got,
+        secs,
+        mbit_s: got as f64 * 8.0 / secs / 1e6,
+    })
+}

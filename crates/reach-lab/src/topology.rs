@@ -146,6 +146,9 @@ pub struct Site {
     /// internet (the gateway's and multi-homed hosts' public links), both ways.
     /// A round trip between sites A and B gains 2 x (delay A + delay B).
     pub delay_ms: Option<u32>,
+    /// Bandwidth limit in Mbit/s on each of the site's links to the internet,
+    /// both directions (`tbf` at both ends: it shapes egress only).
+    pub rate_mbit: Option<u32>,
     /// The hosts of the site.
     #[serde(rename = "host", default)]
     pub hosts: Vec<Host>,
@@ -291,6 +294,9 @@ pub enum TopologyError {
         /// The name.
         name: String,
     },
+    /// A rate out of range.
+    #[error("site {0:?}: rate_mbit must be 1 to 100000")]
+    BadRate(String),
     /// A delay out of range.
     #[error("site {0:?}: delay_ms must be 1 to 10000")]
     BadDelay(String),
@@ -433,6 +439,9 @@ impl Site {
         }
         if is_nat {
             self.validate_nat()?;
+        }
+        if self.rate_mbit.is_some_and(|r| !(1..=100_000).contains(&r)) {
+            return Err(TopologyError::BadRate(self.name.clone()));
         }
         if let Some(d) = self.delay_ms {
             if !(1..=10_000).contains(&d) {
