@@ -44,6 +44,7 @@ fn a_rate_limited_site_sends_no_faster_than_its_limit() {
         .output()
         .expect("send");
     let _ = sink.kill();
+    let _ = sink.wait();
     let bulk: Bulk = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(bulk.bytes, 4 << 20);
