@@ -12,6 +12,7 @@ pub mod apply;
 pub mod hop;
 pub mod lab;
 pub mod matrix;
+pub mod nat;
 pub mod plan;
 pub mod probe;
 pub mod sshd;

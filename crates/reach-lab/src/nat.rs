@@ -1,0 +1,538 @@
+//! A userspace NAT for the RFC 4787 behaviours Linux conntrack cannot produce:
+//! address-dependent mapping, sequential port allocation, and endpoint- or
+//! address-dependent filtering (conntrack always filters by address and port).
+//!
+//! Sans-IO: [`Nat::outbound`] and [`Nat::inbound`] take one IPv4 packet in a
+//! caller-owned buffer, rewrite it in place and say whether to forward it. The
+//! lab's hop calls them for frames crossing a NAT site's WAN link; tests call
+//! them directly. TCP and UDP are translated; other protocols and fragments are
+//! dropped at the external address. Mappings do not expire (lab runs are
+//! short); RFC 4787 REQ-5's two-minute UDP timer would be the place to add that.
+//! Checksums are updated incrementally (RFC 1624), so a packet costs no pass
+//! over its payload.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use crate::topology::{Allocation, Filtering, Mapping};
+
+/// First port handed out by sequential allocation.
+pub const SEQUENTIAL_BASE: u16 = 20_000;
+/// Lowest external port allocated (below are the well-known ports).
+const LOW_PORT: u16 = 1024;
+
+/// How a NAT behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatConfig {
+    /// The NAT's external address.
+    pub external: Ipv4Addr,
+    /// RFC 4787 section 4.1 mapping.
+    pub mapping: Mapping,
+    /// RFC 4787 section 5 filtering.
+    pub filtering: Filtering,
+    /// Port allocation.
+    pub allocation: Allocation,
+    /// Seed for random allocation (time and randomness are inputs).
+    pub seed: u64,
+}
+
+/// What to do with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it on (rewritten, or untouched when it is not the NAT's business).
+    Forward,
+    /// Drop it, and why.
+    Drop(DropReason),
+}
+
+/// Why a packet was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a well-formed IPv4 TCP or UDP packet, or a fragment.
+    Malformed,
+    /// Inbound to an external port with no mapping.
+    NoMapping,
+    /// Inbound from a remote endpoint the filtering does not admit.
+    Filtered,
+    /// Every external port is taken.
+    PortsExhausted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// The key a mapping is looked up by: the internal endpoint, plus the parts of
+/// the destination the mapping behaviour depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct MapKey {
+    proto: Proto,
+    internal: (Ipv4Addr, u16),
+    dst_ip: Option<Ipv4Addr>,
+    dst_port: Option<u16>,
+}
+
+#[derive(Debug)]
+struct Binding {
+    internal: (Ipv4Addr, u16),
+    contacted: HashSet<(Ipv4Addr, u16)>,
+}
+
+/// The translation state.
+#[derive(Debug)]
+pub struct Nat {
+    config: NatConfig,
+    maps: HashMap<MapKey, u16>,
+    bindings: HashMap<(Proto, u16), Binding>,
+    next_sequential: u16,
+    rng: u64,
+}
+
+/// Where the fields of a parsed packet are.
+struct Parsed {
+    proto: Proto,
+    l4: usize,
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+}
+
+fn parse(p: &[u8]) -> Option<Parsed> {
+    if p.len() < 20 || p[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    let fragment = u16::from_be_bytes([p[6], p[7]]) & 0x3fff != 0;
+    if ihl < 20 || total < ihl || total > p.len() || fragment {
+        return None;
+    }
+    let (proto, min) = match p[9] {
+        6 => (Proto::Tcp, 20),
+        17 => (Proto::Udp, 8),
+        _ => return None,
+    };
+    if total - ihl < min {
+        return None;
+    }
+    let ip = |at: usize| Ipv4Addr::new(p[at], p[at + 1], p[at + 2], p[at + 3]);
+    let port = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
+    Some(Parsed {
+        proto,
+        l4: ihl,
+        src: (ip(12), port(ihl)),
+        dst: (ip(16), port(ihl + 2)),
+    })
+}
+
+/// RFC 1624 eqn. 3: the checksum after 16-bit words `old` became `new`.
+fn adjust(checksum: u16, old: &[u16], new: &[u16]) -> u16 {
+    let mut sum = u32::from(!checksum);
+    for w in old {
+        sum += u32::from(!*w);
+    }
+    for w in new {
+        sum += u32::from(*w);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn words(ip: Ipv4Addr, port: u16) -> [u16; 3] {
+    let o = ip.octets();
+    [
+        u16::from_be_bytes([o[0], o[1]]),
+        u16::from_be_bytes([o[2], o[3]]),
+        port,
+    ]
+}
+
+/// Rewrites the source (`at_src`) or destination endpoint, fixing both checksums.
+fn rewrite(p: &mut [u8], parsed: &Parsed, at_src: bool, to: (Ipv4Addr, u16)) {
+    let from = if at_src { parsed.src } else { parsed.dst };
+    let (ip_at, port_at) = if at_src {
+        (12, parsed.l4)
+    } else {
+        (16, parsed.l4 + 2)
+    };
+    let (old, new) = (words(from.0, from.1), words(to.0, to.1));
+    let ip_sum = u16::from_be_bytes([p[10], p[11]]);
+    p[10..12].copy_from_slice(&adjust(ip_sum, &old[..2], &new[..2]).to_be_bytes());
+    let sum_at = parsed.l4 + if parsed.proto == Proto::Tcp { 16 } else { 6 };
+    let l4_sum = u16::from_be_bytes([p[sum_at], p[sum_at + 1]]);
+    // A UDP checksum of zero means "none" and stays so; a computed zero is sent
+    // as all ones (RFC 768).
+    if !(parsed.proto == Proto::Udp && l4_sum == 0) {
+        let mut s = adjust(l4_sum, &old, &new);
+        if parsed.proto == Proto::Udp && s == 0 {
+            s = 0xffff;
+        }
+        p[sum_at..sum_at + 2].copy_from_slice(&s.to_be_bytes());
+    }
+    p[ip_at..ip_at + 4].copy_from_slice(&to.0.octets());
+    p[port_at..port_at + 2].copy_from_slice(&to.1.to_be_bytes());
+}
+
+impl Nat {
+    /// A NAT with no mappings yet.
+    pub fn new(config: NatConfig) -> Self {
+        Self {
+            config,
+            maps: HashMap::new(),
+            bindings: HashMap::new(),
+            next_sequential: SEQUENTIAL_BASE,
+            rng: config.seed | 1,
+        }
+    }
+
+    /// Translates a packet leaving the inside.
+    pub fn outbound(&mut self, p: &mut [u8]) -> Verdict {
+        let Some(parsed) = parse(p) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        if parsed.src.0 == self.config.external {
+            return Verdict::Forward; // the gateway's own traffic
+        }
+        let key = MapKey {
+            proto: parsed.proto,
+            internal: parsed.src,
+            dst_ip: (self.config.mapping != Mapping::EndpointIndependent).then_some(parsed.dst.0),
+            dst_port: (self.config.mapping == Mapping::AddressAndPortDependent)
+                .then_some(parsed.dst.1),
+        };
+        let port = match self.maps.get(&key) {
+            Some(p) => *p,
+            None => {
+                let Some(port) = self.allocate(parsed.proto, parsed.src.1) else {
+                    return Verdict::Drop(DropReason::PortsExhausted);
+                };
+                self.maps.insert(key, port);
+                let binding = Binding {
+                    internal: parsed.src,
+                    contacted: HashSet::new(),
+                };
+                self.bindings.insert((parsed.proto, port), binding);
+                port
+            }
+        };
+        if let Some(b) = self.bindings.get_mut(&(parsed.proto, port)) {
+            b.contacted.insert(parsed.dst);
+        }
+        rewrite(p, &parsed, true, (self.config.external, port));
+        Verdict::Forward
+    }
+
+    /// Translates a packet arriving from outside.
+    pub fn inbound(&mut self, p: &mut [u8]) -> Verdict {
+        if p.len() >= 20 && p[0] >> 4 == 4 && p[16..20] != self.config.external.octets() {
+            return Verdict::Forward; // not addressed to the NAT
+        }
+        let Some(parsed) = parse(p) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let Some(b) = self.bindings.get(&(parsed.proto, parsed.dst.1)) else {
+            return Verdict::Drop(DropReason::NoMapping);
+        };
+        let admitted = match self.config.filtering {
+            Filtering::EndpointIndependent => true,
+            Filtering::AddressDependent => b.contacted.iter().any(|(ip, _)| *ip == parsed.src.0),
+            Filtering::AddressAndPortDependent => b.contacted.contains(&parsed.src),
+        };
+        if !admitted {
+            return Verdict::Drop(DropReason::Filtered);
+        }
+        let internal = b.internal;
+        rewrite(p, &parsed, false, internal);
+        Verdict::Forward
+    }
+
+    fn free(&self, proto: Proto, port: u16) -> bool {
+        port >= LOW_PORT && !self.bindings.contains_key(&(proto, port))
+    }
+
+    fn allocate(&mut self, proto: Proto, internal_port: u16) -> Option<u16> {
+        let span = u32::from(u16::MAX - LOW_PORT) + 1;
+        match self.config.allocation {
+            Allocation::Preserve => (0..span)
+                .map(|i| {
+                    LOW_PORT
+                        + ((u32::from(internal_port.max(LOW_PORT) - LOW_PORT) + i) % span) as u16
+                })
+                .find(|p| self.free(proto, *p)),
+            Allocation::Sequential => {
+                let start = self.next_sequential;
+                let port = (0..span)
+                    .map(|i| LOW_PORT + ((u32::from(start - LOW_PORT) + i) % span) as u16)
+                    .find(|p| self.free(proto, *p))?;
+                self.next_sequential = if port == u16::MAX { LOW_PORT } else { port + 1 };
+                Some(port)
+            }
+            Allocation::Random => (0..span).find_map(|_| {
+                // xorshift64: deterministic from the seed.
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let p = LOW_PORT + (self.rng % u64::from(span)) as u16;
+                self.free(proto, p).then_some(p)
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+    const IN: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+    const OBS1: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 250);
+    const OBS2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 251);
+
+    fn sum(data: &[u8], mut acc: u32) -> u32 {
+        for chunk in data.chunks(2) {
+            let w = if chunk.len() == 2 {
+                u16::from_be_bytes([chunk[0], chunk[1]])
+            } else {
+                u16::from(chunk[0]) << 8
+            };
+            acc += u32::from(w);
+        }
+        acc
+    }
+
+    fn fold(mut s: u32) -> u16 {
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+
+    /// A TCP or UDP packet with correct checksums.
+    fn packet(tcp: bool, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+        let l4_len = if tcp { 20 } else { 8 } + payload.len();
+        let total = 20 + l4_len;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = if tcp { 6 } else { 17 };
+        p[12..16].copy_from_slice(&src.0.octets());
+        p[16..20].copy_from_slice(&dst.0.octets());
+        p[20..22].copy_from_slice(&src.1.to_be_bytes());
+        p[22..24].copy_from_slice(&dst.1.to_be_bytes());
+        if tcp {
+            p[32] = 0x50;
+            p[33] = 0x02;
+        } else {
+            p[24..26].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        }
+        p[20 + l4_len - payload.len()..].copy_from_slice(payload);
+        let ip_sum = fold(sum(&p[..20], 0));
+        p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+        let at = if tcp { 36 } else { 26 };
+        let l4_sum = fold(l4_pseudo_sum(&p));
+        p[at..at + 2].copy_from_slice(&l4_sum.to_be_bytes());
+        p
+    }
+
+    fn l4_pseudo_sum(p: &[u8]) -> u32 {
+        let l4_len = p.len() - 20;
+        let mut acc = sum(&p[12..20], 0);
+        acc += u32::from(p[9]);
+        acc += l4_len as u32;
+        sum(&p[20..], acc)
+    }
+
+    fn checksums_valid(p: &[u8]) -> bool {
+        fold(sum(&p[..20], 0)) == 0 && fold(l4_pseudo_sum(p)) == 0
+    }
+
+    fn nat(mapping: Mapping, filtering: Filtering, allocation: Allocation) -> Nat {
+        Nat::new(NatConfig {
+            external: EXT,
+            mapping,
+            filtering,
+            allocation,
+            seed: 7,
+        })
+    }
+
+    fn out_port(n: &mut Nat, tcp: bool, src_port: u16, dst: (Ipv4Addr, u16)) -> u16 {
+        let mut p = packet(tcp, (IN, src_port), dst, b"hello");
+        assert_eq!(n.outbound(&mut p), Verdict::Forward);
+        assert!(checksums_valid(&p), "checksums after outbound translation");
+        assert_eq!(&p[12..16], &EXT.octets());
+        u16::from_be_bytes([p[20], p[21]])
+    }
+
+    #[test]
+    fn mapping_behaviours_reuse_ports_as_rfc_4787_defines() {
+        use Mapping::*;
+        for (mapping, same_ip_other_port, other_ip) in [
+            (EndpointIndependent, true, true),
+            (AddressDependent, true, false),
+            (AddressAndPortDependent, false, false),
+        ] {
+            let mut n = nat(
+                mapping,
+                Filtering::AddressAndPortDependent,
+                Allocation::Sequential,
+            );
+            let a = out_port(&mut n, true, 40000, (OBS1, 7000));
+            assert_eq!(
+                out_port(&mut n, true, 40000, (OBS1, 7000)),
+                a,
+                "{mapping:?}: same destination"
+            );
+            assert_eq!(
+                out_port(&mut n, true, 40000, (OBS1, 7001)) == a,
+                same_ip_other_port,
+                "{mapping:?}"
+            );
+            assert_eq!(
+                out_port(&mut n, true, 40000, (OBS2, 7000)) == a,
+                other_ip,
+                "{mapping:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn allocation_preserves_counts_up_or_randomises() {
+        let mut n = nat(
+            Mapping::AddressAndPortDependent,
+            Filtering::AddressAndPortDependent,
+            Allocation::Preserve,
+        );
+        assert_eq!(out_port(&mut n, false, 40000, (OBS1, 1)), 40000);
+        assert_eq!(
+            out_port(&mut n, false, 40000, (OBS1, 2)),
+            40001,
+            "taken: the next free one"
+        );
+        let mut n = nat(
+            Mapping::AddressAndPortDependent,
+            Filtering::AddressAndPortDependent,
+            Allocation::Sequential,
+        );
+        let ports: Vec<u16> = (1..=3)
+            .map(|d| out_port(&mut n, true, 40000, (OBS1, d)))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![SEQUENTIAL_BASE, SEQUENTIAL_BASE + 1, SEQUENTIAL_BASE + 2]
+        );
+        let mut n = nat(
+            Mapping::AddressAndPortDependent,
+            Filtering::AddressAndPortDependent,
+            Allocation::Random,
+        );
+        let ports: HashSet<u16> = (1..=20)
+            .map(|d| out_port(&mut n, true, 40000, (OBS1, d)))
+            .collect();
+        assert_eq!(ports.len(), 20);
+        assert!(ports.iter().all(|p| *p >= LOW_PORT));
+    }
+
+    #[test]
+    fn filtering_admits_what_rfc_4787_section_5_says() {
+        use Filtering::*;
+        for (filtering, from_same_ip_other_port, from_other_ip) in [
+            (EndpointIndependent, true, true),
+            (AddressDependent, true, false),
+            (AddressAndPortDependent, false, false),
+        ] {
+            let mut n = nat(
+                Mapping::EndpointIndependent,
+                filtering,
+                Allocation::Preserve,
+            );
+            let ext = out_port(&mut n, true, 40000, (OBS1, 7000));
+            let mut reply = packet(true, (OBS1, 7000), (EXT, ext), b"back");
+            assert_eq!(
+                n.inbound(&mut reply),
+                Verdict::Forward,
+                "{filtering:?}: the reply"
+            );
+            assert!(checksums_valid(&reply));
+            assert_eq!(&reply[16..20], &IN.octets());
+            assert_eq!(u16::from_be_bytes([reply[22], reply[23]]), 40000);
+            for (src, admitted) in [
+                ((OBS1, 7001), from_same_ip_other_port),
+                ((OBS2, 7000), from_other_ip),
+            ] {
+                let mut p = packet(true, src, (EXT, ext), b"");
+                let want = if admitted {
+                    Verdict::Forward
+                } else {
+                    Verdict::Drop(DropReason::Filtered)
+                };
+                assert_eq!(n.inbound(&mut p), want, "{filtering:?} from {src:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn unmapped_ports_and_other_protocols_are_dropped() {
+        let mut n = nat(
+            Mapping::EndpointIndependent,
+            Filtering::EndpointIndependent,
+            Allocation::Preserve,
+        );
+        let mut p = packet(true, (OBS1, 1), (EXT, 5555), b"");
+        assert_eq!(n.inbound(&mut p), Verdict::Drop(DropReason::NoMapping));
+        let mut icmp = packet(true, (OBS1, 1), (EXT, 5555), b"");
+        icmp[9] = 1;
+        assert_eq!(n.inbound(&mut icmp), Verdict::Drop(DropReason::Malformed));
+        let mut elsewhere = packet(true, (OBS1, 1), (OBS2, 5555), b"");
+        assert_eq!(
+            n.inbound(&mut elsewhere),
+            Verdict::Forward,
+            "not for the NAT"
+        );
+    }
+
+    #[test]
+    fn udp_without_checksum_keeps_none() {
+        let mut n = nat(
+            Mapping::EndpointIndependent,
+            Filtering::EndpointIndependent,
+            Allocation::Sequential,
+        );
+        let mut p = packet(false, (IN, 5000), (OBS1, 53), b"q");
+        p[26] = 0;
+        p[27] = 0;
+        assert_eq!(n.outbound(&mut p), Verdict::Forward);
+        assert_eq!(&p[26..28], &[0, 0]);
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_packets_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..200), inbound in any::<bool>()) {
+            let mut n = nat(Mapping::AddressDependent, Filtering::AddressDependent, Allocation::Random);
+            let _ = if inbound { n.inbound(&mut bytes) } else { n.outbound(&mut bytes) };
+        }
+
+        #[test]
+        fn translation_keeps_checksums_valid(
+            tcp in any::<bool>(),
+            src_port in 1u16..,
+            dst_port in 1u16..,
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut n = nat(Mapping::EndpointIndependent, Filtering::EndpointIndependent, Allocation::Random);
+            let mut p = packet(tcp, (IN, src_port), (OBS1, dst_port), &payload);
+            prop_assume!(tcp || u16::from_be_bytes([p[26], p[27]]) != 0);
+            prop_assert_eq!(n.outbound(&mut p), Verdict::Forward);
+            prop_assert!(checksums_valid(&p));
+            let ext = u16::from_be_bytes([p[20], p[21]]);
+            let mut back = packet(tcp, (OBS1, dst_port), (EXT, ext), &payload);
+            prop_assert_eq!(n.inbound(&mut back), Verdict::Forward);
+            prop_assert!(checksums_valid(&back));
+        }
+    }
+}
