@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::plan::{Plan, Route};
+use crate::plan::{HopPlan, Plan, Route};
 
 /// Why building or tearing down a lab failed.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +179,7 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
             tool: "reach-lab (for delay hops; set REACH_LAB_BIN)",
             package: "reach-lab: cargo build -p reach-lab",
         })?;
-        start_hop(&full(&hop.ns), hop.delay_ms, bin)?;
+        start_hop(&full(&hop.ns), hop, bin)?;
     }
     for link in plan.links.iter().filter(|l| l.rate_mbit.is_some()) {
         let rate = link.rate_mbit.unwrap_or_default();
@@ -224,23 +224,35 @@ fn shape(ns: &str, dev: &str, rate_mbit: u32) -> Result<(), LabError> {
     Ok(())
 }
 
+/// The command-line spelling of a behaviour (as in topology files).
+fn arg_name(v: &impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// Starts a delay hop in `ns` on the TAP devices `t0` and `t1`, which exist
 /// already: they are created persistent and bridged before any traffic flows,
 /// because a bridge did not forward the first frame from a TAP port attached
 /// while traffic was starting (a lost first ARP request cost a 1 s retry).
-fn start_hop(ns: &str, delay_ms: u32, bin: &Path) -> Result<(), LabError> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(bin)
-        .args([
-            "hop",
-            "--a",
-            "t0",
-            "--b",
-            "t1",
-            "--delay-ms",
-            &delay_ms.to_string(),
-        ])
+fn start_hop(ns: &str, hop: &HopPlan, bin: &Path) -> Result<(), LabError> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(bin).args([
+        "hop",
+        "--a",
+        "t0",
+        "--b",
+        "t1",
+        "--delay-ms",
+        &hop.delay_ms.to_string(),
+    ]);
+    if let Some(nat) = &hop.nat {
+        cmd.args(["--nat-external", &nat.external.to_string()])
+            .args(["--mapping", &arg_name(&nat.mapping)])
+            .args(["--filtering", &arg_name(&nat.filtering)])
+            .args(["--allocation", &arg_name(&nat.allocation)]);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         // It outlives this process: it must not hold our stderr open.

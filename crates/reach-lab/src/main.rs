@@ -85,15 +85,27 @@ enum Cmd {
     /// Relay frames between two TAP devices with a delay (run by the lab itself).
     #[command(hide = true)]
     Hop {
-        /// First TAP device to create.
+        /// First TAP device to open (the internet side).
         #[arg(long)]
         a: String,
-        /// Second TAP device to create.
+        /// Second TAP device to open (the site side).
         #[arg(long)]
         b: String,
         /// One-way delay in milliseconds, each direction.
         #[arg(long)]
         delay_ms: u32,
+        /// Run a userspace NAT with this external address (`b` is the inside).
+        #[arg(long)]
+        nat_external: Option<std::net::Ipv4Addr>,
+        /// NAT mapping behaviour.
+        #[arg(long, value_enum, default_value = "endpoint-independent")]
+        mapping: reach_lab::topology::Mapping,
+        /// NAT filtering behaviour.
+        #[arg(long, value_enum, default_value = "address-and-port-dependent")]
+        filtering: reach_lab::topology::Filtering,
+        /// NAT port allocation.
+        #[arg(long, value_enum, default_value = "preserve")]
+        allocation: reach_lab::topology::Allocation,
     },
     /// Probe helpers used by tests and checks (run inside lab hosts).
     #[command(subcommand)]
@@ -265,8 +277,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Demo { file } => return demo(&file),
-        Cmd::Hop { a, b, delay_ms } => {
-            reach_lab::hop::run(&a, &b, Duration::from_millis(u64::from(delay_ms)))?
+        Cmd::Hop {
+            a,
+            b,
+            delay_ms,
+            nat_external,
+            mapping,
+            filtering,
+            allocation,
+        } => {
+            let nat = nat_external.map(|external| reach_lab::nat::NatConfig {
+                external,
+                mapping,
+                filtering,
+                allocation,
+                // Random allocation is seeded per run, like a real NAT's.
+                seed: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64),
+            });
+            reach_lab::hop::run(&a, &b, Duration::from_millis(u64::from(delay_ms)), nat)?
         }
         Cmd::Probe(ProbeCmd::Serve { name, ports }) => probe::serve(&name, &ports)?,
         Cmd::Probe(ProbeCmd::Sink { port }) => probe::sink(port)?,
@@ -356,7 +386,11 @@ fn tools_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn print_hosts(rec: &LabRecord) {
-    println!(
+    // Write errors (a closed pipe, say) end the listing quietly.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
         "  {:<12} {:<10} {:<16} {:<16} {:<16}",
         "host", "site", "lan", "public", "site gateway"
     );
@@ -367,7 +401,8 @@ fn print_hosts(rec: &LabRecord) {
         } else {
             format!("{} (non-routed)", h.lan)
         };
-        println!(
+        let _ = writeln!(
+            out,
             "  {:<12} {:<10} {:<16} {:<16} {:<16}",
             h.name, h.site, lan, public, h.gateway
         );

@@ -196,13 +196,7 @@ impl Nat {
         if parsed.src.0 == self.config.external {
             return Verdict::Forward; // the gateway's own traffic
         }
-        let key = MapKey {
-            proto: parsed.proto,
-            internal: parsed.src,
-            dst_ip: (self.config.mapping != Mapping::EndpointIndependent).then_some(parsed.dst.0),
-            dst_port: (self.config.mapping == Mapping::AddressAndPortDependent)
-                .then_some(parsed.dst.1),
-        };
+        let key = self.key(parsed.proto, parsed.src, parsed.dst);
         let port = match self.maps.get(&key) {
             Some(p) => *p,
             None => {
@@ -245,8 +239,26 @@ impl Nat {
             return Verdict::Drop(DropReason::Filtered);
         }
         let internal = b.internal;
+        // An admitted inbound session is bound to the port it came in on: the
+        // inside's replies must leave from there, even where the mapping
+        // behaviour would give a new destination a new port.
+        let key = self.key(parsed.proto, internal, parsed.src);
+        self.maps.entry(key).or_insert(parsed.dst.1);
+        if let Some(b) = self.bindings.get_mut(&(parsed.proto, parsed.dst.1)) {
+            b.contacted.insert(parsed.src);
+        }
         rewrite(p, &parsed, false, internal);
         Verdict::Forward
+    }
+
+    /// The mapping key of a session between `internal` and `remote`.
+    fn key(&self, proto: Proto, internal: (Ipv4Addr, u16), remote: (Ipv4Addr, u16)) -> MapKey {
+        MapKey {
+            proto,
+            internal,
+            dst_ip: (self.config.mapping != Mapping::EndpointIndependent).then_some(remote.0),
+            dst_port: (self.config.mapping == Mapping::AddressAndPortDependent).then_some(remote.1),
+        }
     }
 
     fn free(&self, proto: Proto, port: u16) -> bool {
@@ -474,6 +486,22 @@ mod tests {
                 assert_eq!(n.inbound(&mut p), want, "{filtering:?} from {src:?}");
             }
         }
+    }
+
+    #[test]
+    fn replies_to_an_admitted_inbound_session_leave_from_its_port() {
+        // Full cone filtering with address-dependent mapping: OBS2 reaches a
+        // mapping made towards OBS1, and the inside's reply to OBS2 must come
+        // from that same port, not from a fresh per-address mapping.
+        let mut n = nat(
+            Mapping::AddressDependent,
+            Filtering::EndpointIndependent,
+            Allocation::Sequential,
+        );
+        let ext = out_port(&mut n, true, 41000, (OBS1, 7000));
+        let mut syn = packet(true, (OBS2, 5555), (EXT, ext), b"");
+        assert_eq!(n.inbound(&mut syn), Verdict::Forward);
+        assert_eq!(out_port(&mut n, true, 41000, (OBS2, 5555)), ext);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::topology::{GatewayKind, Host, Inbound, Lan, Mapping, Site, Topology, TopologyError};
+use crate::topology::{
+    Allocation, Filtering, GatewayKind, Host, Inbound, Lan, Mapping, Site, Topology, TopologyError,
+};
 
 /// The internet router's address; every public interface routes through it.
 pub const INTERNET_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -128,21 +130,45 @@ pub struct HopPlan {
     pub ns: String,
     /// One-way delay in milliseconds, each direction.
     pub delay_ms: u32,
+    /// The userspace NAT the hop runs, for a NAT site whose behaviour the
+    /// kernel cannot produce. Frames from the `t1` side (the gateway) are
+    /// outbound.
+    pub nat: Option<HopNat>,
 }
 
-/// Adds a link between the internet end and `end`, through a delay hop when
-/// `delay_ms` is set: the link is split by a namespace whose hop process relays
-/// frames between two bridges.
-fn internet_link(out: &mut Plan, extra: &mut Vec<Namespace>, inet: End, end: End, site: &Site) {
+/// The userspace NAT of a hop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HopNat {
+    /// The NAT's external address (the gateway's WAN address).
+    pub external: Ipv4Addr,
+    /// Mapping behaviour.
+    pub mapping: Mapping,
+    /// Filtering behaviour.
+    pub filtering: Filtering,
+    /// Port allocation.
+    pub allocation: Allocation,
+}
+
+/// Adds a link between the internet end and `end`, through a hop when the site
+/// has a delay or `nat` is given: the link is split by a namespace whose hop
+/// process relays frames between two bridges (delaying and translating them).
+fn internet_link(
+    out: &mut Plan,
+    extra: &mut Vec<Namespace>,
+    inet: End,
+    end: End,
+    site: &Site,
+    nat: Option<HopNat>,
+) {
     let rate_mbit = site.rate_mbit;
-    let Some(delay_ms) = site.delay_ms else {
+    if site.delay_ms.is_none() && nat.is_none() {
         out.links.push(Link {
             a: inet,
             b: end,
             rate_mbit,
         });
         return;
-    };
+    }
     let name = format!("d{}", out.hops.len());
     let mut d = ns_with(name.clone(), false);
     d.bridges = vec!["b0".into(), "b1".into()];
@@ -161,7 +187,11 @@ fn internet_link(out: &mut Plan, extra: &mut Vec<Namespace>, inet: End, end: End
         b: end,
         rate_mbit,
     });
-    out.hops.push(HopPlan { ns: name, delay_ms });
+    out.hops.push(HopPlan {
+        ns: name,
+        delay_ms: site.delay_ms.unwrap_or(0),
+        nat,
+    });
     extra.push(d);
 }
 
@@ -242,7 +272,19 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             bridge: None,
         };
         let inet_side = inet_end(&mut inet_ports);
-        internet_link(&mut out, &mut site_namespaces, inet_side, wan_end, site);
+        internet_link(
+            &mut out,
+            &mut site_namespaces,
+            inet_side,
+            wan_end,
+            site,
+            site.userspace_nat().then_some(HopNat {
+                external: wan,
+                mapping: site.mapping,
+                filtering: site.filtering,
+                allocation: site.allocation(),
+            }),
+        );
         let mut non_routed = Vec::new();
         let mut hosts = Vec::new();
         for (j, host) in site.hosts.iter().enumerate() {
@@ -272,7 +314,14 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                     bridge: None,
                 };
                 let inet_side = inet_end(&mut inet_ports);
-                internet_link(&mut out, &mut site_namespaces, inet_side, pub_end, site);
+                internet_link(
+                    &mut out,
+                    &mut site_namespaces,
+                    inet_side,
+                    pub_end,
+                    site,
+                    None,
+                );
                 h.routes.push(Route {
                     dest: None,
                     via: INTERNET_ROUTER,
@@ -430,6 +479,12 @@ fn gateway_rules(
         GatewayKind::Firewall => Some(format!(
             "{head}{block_non_routed}{}    }}\n}}\n",
             firewall_lines(site, "iifname \"wan\"", "oifname \"wan\"")
+        )),
+        // The hop on the WAN link translates and filters; the gateway only
+        // routes, keeps non-routed hosts in and applies outbound limits.
+        GatewayKind::Nat if site.userspace_nat() => Some(format!(
+            "{head}        ct state established,related accept\n{block_non_routed}{}    }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        iifname \"wan\" ct state new drop\n    }}\n}}\n",
+            nat_outbound_lines(site)
         )),
         GatewayKind::Nat => {
             let how = match site.mapping {
@@ -659,7 +714,8 @@ mod tests {
             p.hops,
             vec![HopPlan {
                 ns: "d0".into(),
-                delay_ms: 40
+                delay_ms: 40,
+                nat: None,
             }]
         );
         let d0: Vec<&Link> = p
@@ -676,6 +732,34 @@ mod tests {
             .namespaces
             .iter()
             .any(|n| n.name == "d0" && n.bridges.len() == 2));
+    }
+
+    #[test]
+    fn a_userspace_nat_site_gets_a_translating_hop_and_no_kernel_nat() {
+        let text = r#"
+            name = "u"
+            [[site]]
+            name = "cone"
+            gateway = "nat"
+            filtering = "endpoint-independent"
+            [[site.host]]
+            name = "h"
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        let nat = p.hops[0].nat.expect("a NAT hop");
+        assert_eq!(nat.external, p.hosts[0].gateway);
+        assert_eq!(nat.filtering, Filtering::EndpointIndependent);
+        assert_eq!(p.hops[0].delay_ms, 0);
+        let gw = p
+            .namespaces
+            .iter()
+            .find(|n| n.name == "gw-cone")
+            .and_then(|n| n.nft.clone())
+            .expect("rules");
+        assert!(
+            !gw.contains("masquerade") && !gw.contains("iifname \"wan\" drop"),
+            "{gw}"
+        );
     }
 
     #[test]

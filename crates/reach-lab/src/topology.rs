@@ -66,7 +66,7 @@ pub enum Inbound {
 }
 
 /// RFC 4787 section 4.1 mapping behaviour.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mapping {
     /// One external port per internal endpoint, whatever the destination
@@ -81,7 +81,7 @@ pub enum Mapping {
 }
 
 /// RFC 4787 section 5 filtering behaviour.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Filtering {
     /// Only the exact remote endpoint may send back (what conntrack does).
@@ -94,7 +94,7 @@ pub enum Filtering {
 }
 
 /// How a NAT picks external ports.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Allocation {
     /// Keep the internal port when free (kernel default).
@@ -464,32 +464,42 @@ impl Site {
 
     /// Refuses NAT behaviours the kernel cannot produce.
     fn validate_nat(&self) -> Result<(), TopologyError> {
-        let userspace = |what| TopologyError::NeedsUserspaceNat {
+        let unbuilt = |what| TopologyError::NeedsUserspaceNat {
             site: self.name.clone(),
             what,
         };
-        match (self.mapping, self.allocation) {
-            (Mapping::AddressDependent, _) => return Err(userspace("address-dependent mapping")),
-            (_, Some(Allocation::Sequential)) => {
-                return Err(userspace("sequential port allocation"))
-            }
-            (Mapping::EndpointIndependent, Some(Allocation::Random)) => {
-                return Err(userspace("endpoint-independent mapping with random ports"))
-            }
-            (Mapping::AddressAndPortDependent, Some(Allocation::Preserve)) => {
-                return Err(userspace(
-                    "address-and-port-dependent mapping with preserved ports",
-                ))
-            }
-            _ => {}
-        }
-        if self.filtering != Filtering::AddressAndPortDependent {
-            return Err(userspace("filtering other than address-and-port-dependent"));
-        }
         if self.hairpin {
-            return Err(userspace("hairpinning"));
+            return Err(unbuilt("hairpinning"));
+        }
+        if self.userspace_nat() && !self.forward.is_empty() {
+            return Err(unbuilt(
+                "a port forward together with a userspace NAT behaviour",
+            ));
         }
         Ok(())
+    }
+
+    /// The port allocation in effect: preserved ports, unless the mapping
+    /// depends on the destination's port, where the kernel picks random ones.
+    pub fn allocation(&self) -> Allocation {
+        self.allocation.unwrap_or(match self.mapping {
+            Mapping::AddressAndPortDependent => Allocation::Random,
+            _ => Allocation::Preserve,
+        })
+    }
+
+    /// Whether this NAT site needs the lab's userspace NAT: every behaviour
+    /// except the two the kernel produces (endpoint-independent mapping with
+    /// preserved ports, or address-and-port-dependent mapping with random ports,
+    /// both with address-and-port-dependent filtering).
+    pub fn userspace_nat(&self) -> bool {
+        let kernel = matches!(
+            (self.mapping, self.allocation()),
+            (Mapping::EndpointIndependent, Allocation::Preserve)
+                | (Mapping::AddressAndPortDependent, Allocation::Random)
+        );
+        self.gateway == GatewayKind::Nat
+            && !(kernel && self.filtering == Filtering::AddressAndPortDependent)
     }
 }
 
@@ -529,6 +539,26 @@ mod tests {
     }
 
     #[test]
+    fn kernel_and_userspace_nat_behaviours_are_told_apart() {
+        let site = |extra: &str| {
+            let t =
+                Topology::from_toml(&GOOD.replace("lan = \"10.9.0.0/24\"", extra)).expect(extra);
+            t.sites[0].userspace_nat()
+        };
+        assert!(!site(""), "EIM with preserved ports: kernel");
+        assert!(
+            !site("mapping = \"address-and-port-dependent\""),
+            "APDM, random: kernel"
+        );
+        assert!(site("mapping = \"address-dependent\""));
+        assert!(site("allocation = \"sequential\""));
+        assert!(site("filtering = \"endpoint-independent\""));
+        assert!(site(
+            "mapping = \"address-and-port-dependent\"\nallocation = \"preserve\""
+        ));
+    }
+
+    #[test]
     fn errors_name_the_site_and_the_problem() {
         let cases = [
             (GOOD.replace("\"laptop\"", "\"fe\""), "used twice"),
@@ -541,16 +571,13 @@ mod tests {
                 GOOD.replace("inbound = \"reject\"", "hairpin = true"),
                 "does not apply to a firewall",
             ),
-            (
-                GOOD.replace("lan = \"10.9.0.0/24\"", "allocation = \"sequential\""),
-                "userspace NAT",
-            ),
+            (GOOD.replace("lan = \"10.9.0.0/24\"", "hairpin = true"), "hairpinning"),
             (
                 GOOD.replace(
                     "lan = \"10.9.0.0/24\"",
-                    "filtering = \"endpoint-independent\"",
+                    "filtering = \"endpoint-independent\"\nforward = [{ port = 22, to = \"laptop\" }]",
                 ),
-                "userspace NAT",
+                "port forward together with a userspace NAT",
             ),
             (
                 GOOD.replace("gateway = \"nat\"", "gateway = \"cgnat\""),

@@ -23,7 +23,7 @@ use crate::apply::LabError;
 use crate::lab::Lab;
 use crate::plan::HostAddrs;
 use crate::probe::{self, Outcome};
-use crate::topology::{Allocation, GatewayKind, Inbound, Mapping, Site, Topology};
+use crate::topology::{Allocation, Filtering, GatewayKind, Inbound, Mapping, Site, Topology};
 
 const PORT: u16 = 7000;
 const FIRST_LOCAL_PORT: u16 = 41000;
@@ -205,11 +205,25 @@ fn check_host(
             (site.gateway, h.public.is_some(), &seen[0])
         {
             let target: SocketAddr = seen_as.to_owned();
+            // From another address, and from obs1's address but another port:
+            // admitted (the host answers with a reset) or filtered (silence).
+            let (other_ip, other_port) = match site.filtering {
+                Filtering::EndpointIndependent => (Expect::Refused, Expect::Refused),
+                Filtering::AddressDependent => (Expect::TimesOut, Expect::Refused),
+                Filtering::AddressAndPortDependent => (Expect::TimesOut, Expect::TimesOut),
+            };
             let got = probe_from("obs2", target, None);
             out.push(expect_check(
                 h,
                 format!("NAT filtering: obs2 to obs1's mapping {seen_as}"),
-                Expect::TimesOut,
+                other_ip,
+                &got,
+            ));
+            let got = probe_from("obs1", target, None);
+            out.push(expect_check(
+                h,
+                format!("NAT filtering: obs1, another port, to its mapping {seen_as}"),
+                other_port,
                 &got,
             ));
         }
@@ -361,26 +375,42 @@ fn mapping_checks(site: &Site, h: &HostAddrs, local_port: u16, seen: &[Outcome])
             .iter()
             .all(|m| m.ip() == std::net::IpAddr::V4(want_ip)),
     )];
-    let (same, p0, p1) = (
-        mapped[0].port() == mapped[1].port(),
-        mapped[0].port(),
-        mapped[1].port(),
-    );
+    let (p0, p1) = (mapped[0].port(), mapped[1].port());
     let observed = format!("ports {p0} and {p1} for local port {local_port}");
-    let (expected, pass) = match (natted, site.mapping, site.allocation) {
-        (false, _, _) => (
+    let (expected, pass) = if natted {
+        mapping_expectation(site, local_port, p0, p1)
+    } else {
+        (
             "no translation: the local port".to_string(),
             p0 == local_port && p1 == local_port,
-        ),
-        (true, Mapping::EndpointIndependent, Some(Allocation::Preserve) | None) => (
-            "endpoint-independent, port preserved".to_string(),
-            same && p0 == local_port,
-        ),
-        (true, Mapping::EndpointIndependent, _) => ("endpoint-independent".to_string(), same),
-        (true, _, _) => ("a new port per destination".to_string(), !same),
+        )
     };
     out.push(check(h, "mapping".into(), expected, observed, pass));
     out
+}
+
+/// What a NAT's mapping behaviour and port allocation imply for the external
+/// ports `p0` (towards obs1) and `p1` (towards obs2, another address) given
+/// to one local port.
+fn mapping_expectation(site: &Site, local_port: u16, p0: u16, p1: u16) -> (String, bool) {
+    let same = p0 == p1;
+    let (mut text, mut pass) = match site.mapping {
+        Mapping::EndpointIndependent => ("endpoint-independent: one port".to_string(), same),
+        Mapping::AddressDependent => ("address-dependent: a port per address".to_string(), !same),
+        Mapping::AddressAndPortDependent => ("a port per destination".to_string(), !same),
+    };
+    match site.allocation() {
+        Allocation::Preserve => {
+            text += ", the local port kept";
+            pass &= p0 == local_port;
+        }
+        Allocation::Sequential if !same => {
+            text += ", consecutive";
+            pass &= p1 == p0.wrapping_add(1);
+        }
+        _ => {}
+    }
+    (text, pass)
 }
 
 fn inbound_checks(

@@ -166,7 +166,7 @@ fn verify_passes_for_the_shipped_zoo() {
     let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
     assert!(failed.is_empty(), "{}", verify::render(&checks));
     assert!(
-        checks.len() >= 6 * 3,
+        checks.len() >= 9 * 3,
         "every host gets outbound, mapping and inbound checks"
     );
 }
