@@ -235,8 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
         } => {
             let topology = load(&file)?;
-            let timeout = Duration::try_from_secs_f64(timeout)
-                .context("--timeout must be positive seconds")?;
+            let timeout = seconds(timeout)?;
             let tools = tools_dir()?;
             if mode == reach_lab::matrix::Mode::Reach && !tools.join("reach").exists() {
                 bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
@@ -253,8 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&m)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                write_json(&path, &m)?;
             }
         }
         Cmd::Verify {
@@ -263,14 +261,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let topology = load(&file)?;
-            let timeout = Duration::try_from_secs_f64(timeout)
-                .context("--timeout must be positive seconds")?;
+            let timeout = seconds(timeout)?;
             let lab = Lab::up(&topology)?;
             let checks = reach_lab::verify::run(&lab, &topology, &tools_dir()?, timeout)?;
             print!("{}", reach_lab::verify::render(&checks));
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&checks)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                write_json(&path, &checks)?;
             }
             if checks.iter().any(|c| !c.pass) {
                 return Ok(ExitCode::from(1));
@@ -305,8 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bytes,
             timeout,
         }) => {
-            let timeout = Duration::try_from_secs_f64(timeout)
-                .context("--timeout must be positive seconds")?;
+            let timeout = seconds(timeout)?;
             let bulk = probe::send(addr, bytes, timeout)
                 .with_context(|| format!("bulk transfer to {addr}"))?;
             println!("{}", serde_json::to_string(&bulk)?);
@@ -316,8 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             bind_port,
         }) => {
-            let timeout = Duration::try_from_secs_f64(timeout)
-                .context("--timeout must be positive seconds")?;
+            let timeout = seconds(timeout)?;
             let out = probe::connect(addr, timeout, bind_port);
             println!("{}", serde_json::to_string(&out)?);
             if !matches!(out, probe::Outcome::Ok { .. }) {
@@ -374,6 +368,20 @@ fn demo(file: &Path) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Parses a `--timeout` in seconds.
+fn seconds(secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--timeout must be a positive number of seconds")
+}
+
+/// Writes a `--json` result file.
+fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The directory of this binary, where cargo also puts `reach`.
