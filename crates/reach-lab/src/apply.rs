@@ -116,6 +116,7 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
         if ns.forward {
             sysctls.push("net.ipv4.ip_forward=1");
         }
+        sysctls.extend(ns.sysctls.iter().map(String::as_str));
         if ns.name == "inet" {
             // LAB-NOTES: unreachable destinations must answer at once, always.
             sysctls.push("net.ipv4.icmp_ratelimit=0");
@@ -161,6 +162,10 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
         }
         for r in &ns.routes {
             batch += &route_line(r);
+            batch += "\n";
+        }
+        for line in &ns.ip_extra {
+            batch += line;
             batch += "\n";
         }
         run(
@@ -251,6 +256,9 @@ fn start_hop(ns: &str, hop: &HopPlan, bin: &Path) -> Result<(), LabError> {
             .args(["--mapping", &arg_name(&nat.mapping)])
             .args(["--filtering", &arg_name(&nat.filtering)])
             .args(["--allocation", &arg_name(&nat.allocation)]);
+        if nat.hairpin {
+            cmd.arg("--hairpin");
+        }
     }
     let mut child = cmd
         .stdin(Stdio::null())

@@ -17,7 +17,7 @@
 //! bounded queue (drop-tail at the TAP when full) keeps memory bounded.
 
 use std::io::Write;
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,26 +51,42 @@ fn open(name: &str) -> std::io::Result<Arc<SyncDevice>> {
     Ok(Arc::new(dev))
 }
 
+/// Where a frame goes after the NAT saw it.
+enum Route {
+    /// On to the other side.
+    On,
+    /// Back to the side it came from (hairpinning).
+    Back,
+    /// Nowhere.
+    Drop,
+}
+
 /// Applies the NAT to an IPv4 frame; other frames (ARP) pass unchanged.
-/// Returns whether the frame goes on.
-fn translate(nat: &Mutex<Nat>, dir: Direction, frame: &mut [u8]) -> bool {
+fn translate(nat: &Mutex<Nat>, dir: Direction, frame: &mut [u8]) -> Route {
     if frame.len() <= ETH || frame[12..14] != [0x08, 0x00] {
-        return true;
+        return Route::On;
     }
     let mut nat = nat.lock().unwrap_or_else(|p| p.into_inner());
     let verdict = match dir {
         Direction::Outbound => nat.outbound(&mut frame[ETH..]),
         Direction::Inbound => nat.inbound(&mut frame[ETH..]),
     };
-    verdict == Verdict::Forward
+    match verdict {
+        Verdict::Forward => Route::On,
+        Verdict::Drop(_) => Route::Drop,
+        Verdict::Hairpin => {
+            // Back to the gateway as if from the next router: swap the MACs.
+            let (dst, src) = frame.split_at_mut(6);
+            dst.swap_with_slice(&mut src[..6]);
+            Route::Back
+        }
+    }
 }
 
-fn relay(
-    from: Arc<SyncDevice>,
-    to: Arc<SyncDevice>,
-    delay: Duration,
-    nat: Option<(Arc<Mutex<Nat>>, Direction)>,
-) -> std::thread::JoinHandle<()> {
+type Queue = SyncSender<(Instant, Vec<u8>)>;
+
+/// A thread that writes queued frames to `to` when they are due.
+fn writer(to: Arc<SyncDevice>) -> Queue {
     let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(QUEUE_FRAMES);
     std::thread::spawn(move || {
         for (due, frame) in rx {
@@ -81,18 +97,32 @@ fn relay(
             let _ = to.send(&frame);
         }
     });
+    tx
+}
+
+/// A thread that reads frames from `from`, translates them, and queues them
+/// for the other side after `delay` (or, hairpinned, straight back: that never
+/// crosses the delayed link).
+fn reader(
+    from: Arc<SyncDevice>,
+    delay: Duration,
+    nat: Option<(Arc<Mutex<Nat>>, Direction)>,
+    on: Queue,
+    back: Queue,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; FRAME];
         while let Ok(n) = from.recv(&mut buf) {
-            if let Some((nat, dir)) = &nat {
-                if !translate(nat, *dir, &mut buf[..n]) {
-                    continue;
-                }
-            }
-            if tx
-                .send((Instant::now() + delay, buf[..n].to_vec()))
-                .is_err()
-            {
+            let route = match &nat {
+                Some((nat, dir)) => translate(nat, *dir, &mut buf[..n]),
+                None => Route::On,
+            };
+            let sent = match route {
+                Route::On => on.send((Instant::now() + delay, buf[..n].to_vec())),
+                Route::Back => back.send((Instant::now(), buf[..n].to_vec())),
+                Route::Drop => Ok(()),
+            };
+            if sent.is_err() {
                 break;
             }
         }
@@ -108,8 +138,15 @@ pub fn run(a: &str, b: &str, delay: Duration, nat: Option<NatConfig>) -> std::io
     std::io::stdout().flush()?;
     let nat = nat.map(|c| Arc::new(Mutex::new(Nat::new(c))));
     let with = |dir| nat.clone().map(|n| (n, dir));
-    let inbound = relay(ta.clone(), tb.clone(), delay, with(Direction::Inbound));
-    let outbound = relay(tb, ta, delay, with(Direction::Outbound));
+    let (to_a, to_b) = (writer(ta.clone()), writer(tb.clone()));
+    let inbound = reader(
+        ta,
+        delay,
+        with(Direction::Inbound),
+        to_b.clone(),
+        to_a.clone(),
+    );
+    let outbound = reader(tb, delay, with(Direction::Outbound), to_a, to_b);
     let _ = inbound.join();
     let _ = outbound.join();
     Ok(())

@@ -106,6 +106,9 @@ enum Cmd {
         /// NAT port allocation.
         #[arg(long, value_enum, default_value = "preserve")]
         allocation: reach_lab::topology::Allocation,
+        /// The NAT hairpins: inside hosts reach each other's mappings.
+        #[arg(long)]
+        hairpin: bool,
     },
     /// Probe helpers used by tests and checks (run inside lab hosts).
     #[command(subcommand)]
@@ -281,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mapping,
             filtering,
             allocation,
+            hairpin,
         } => {
             let nat = nat_external.map(|external| reach_lab::nat::NatConfig {
                 external,
@@ -291,6 +295,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 seed: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(1, |d| d.as_nanos() as u64),
+                hairpin,
             });
             reach_lab::hop::run(&a, &b, Duration::from_millis(u64::from(delay_ms)), nat)?
         }

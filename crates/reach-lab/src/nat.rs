@@ -34,6 +34,9 @@ pub struct NatConfig {
     pub allocation: Allocation,
     /// Seed for random allocation (time and randomness are inputs).
     pub seed: u64,
+    /// RFC 4787 section 6 (REQ-9): inside hosts reach each other through
+    /// their external mappings.
+    pub hairpin: bool,
 }
 
 /// What to do with a packet.
@@ -41,6 +44,9 @@ pub struct NatConfig {
 pub enum Verdict {
     /// Send it on (rewritten, or untouched when it is not the NAT's business).
     Forward,
+    /// Send it back inside: an inside host's packet to another inside host's
+    /// mapping, translated at both ends (hairpinning).
+    Hairpin,
     /// Drop it, and why.
     Drop(DropReason),
 }
@@ -56,6 +62,8 @@ pub enum DropReason {
     Filtered,
     /// Every external port is taken.
     PortsExhausted,
+    /// To the NAT's own external address from inside, without hairpinning.
+    NoHairpin,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -216,7 +224,18 @@ impl Nat {
             b.contacted.insert(parsed.dst);
         }
         rewrite(p, &parsed, true, (self.config.external, port));
-        Verdict::Forward
+        if parsed.dst.0 != self.config.external {
+            return Verdict::Forward;
+        }
+        if !self.config.hairpin {
+            return Verdict::Drop(DropReason::NoHairpin);
+        }
+        // Now from our external endpoint to our external address: translate
+        // the destination as if it had come from outside, filtering included.
+        match self.inbound(p) {
+            Verdict::Forward => Verdict::Hairpin,
+            other => other,
+        }
     }
 
     /// Translates a packet arriving from outside.
@@ -370,6 +389,7 @@ mod tests {
             filtering,
             allocation,
             seed: 7,
+            hairpin: true,
         })
     }
 
@@ -502,6 +522,38 @@ mod tests {
         let mut syn = packet(true, (OBS2, 5555), (EXT, ext), b"");
         assert_eq!(n.inbound(&mut syn), Verdict::Forward);
         assert_eq!(out_port(&mut n, true, 41000, (OBS2, 5555)), ext);
+    }
+
+    #[test]
+    fn hairpinning_translates_both_ends_and_sends_it_back_inside() {
+        const B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
+        let mut n = nat(
+            Mapping::EndpointIndependent,
+            Filtering::EndpointIndependent,
+            Allocation::Preserve,
+        );
+        // B has a mapping (from talking to an observer).
+        let mut b_out = packet(true, (B, 41000), (OBS1, 7000), b"");
+        assert_eq!(n.outbound(&mut b_out), Verdict::Forward);
+        // A sends to B's mapping: it comes back inside, from A's mapping, to B.
+        let mut p = packet(true, (IN, 42000), (EXT, 41000), b"hi");
+        assert_eq!(n.outbound(&mut p), Verdict::Hairpin);
+        assert!(checksums_valid(&p));
+        assert_eq!(&p[12..16], &EXT.octets(), "source is A's mapping");
+        assert_eq!(u16::from_be_bytes([p[20], p[21]]), 42000);
+        assert_eq!(&p[16..20], &B.octets(), "destination is B itself");
+        assert_eq!(u16::from_be_bytes([p[22], p[23]]), 41000);
+        // B answers A's mapping: back to A the same way.
+        let mut reply = packet(true, (B, 41000), (EXT, 42000), b"yo");
+        assert_eq!(n.outbound(&mut reply), Verdict::Hairpin);
+        assert_eq!(&reply[16..20], &IN.octets());
+        // Without hairpinning the NAT refuses to loop packets.
+        let mut off = Nat::new(NatConfig {
+            hairpin: false,
+            ..n.config
+        });
+        let mut p = packet(true, (IN, 42000), (EXT, 41000), b"");
+        assert_eq!(off.outbound(&mut p), Verdict::Drop(DropReason::NoHairpin));
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct Namespace {
     pub routes: Vec<Route>,
     /// An nftables ruleset to load, if any.
     pub nft: Option<String>,
+    /// Extra sysctls (`key=value`).
+    pub sysctls: Vec<String>,
+    /// Extra `ip -batch` lines, run after addresses and routes.
+    pub ip_extra: Vec<String>,
 }
 
 /// One end of a veth link.
@@ -147,6 +151,8 @@ pub struct HopNat {
     pub filtering: Filtering,
     /// Port allocation.
     pub allocation: Allocation,
+    /// Whether inside hosts reach each other through their mappings.
+    pub hairpin: bool,
 }
 
 /// Adds a link between the internet end and `end`, through a hop when the site
@@ -283,6 +289,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                 mapping: site.mapping,
                 filtering: site.filtering,
                 allocation: site.allocation(),
+                hairpin: site.hairpin,
             }),
         );
         let mut non_routed = Vec::new();
@@ -361,6 +368,22 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             })
             .collect();
         gw.nft = gateway_rules(site, &non_routed, &forwards);
+        if site.hairpin {
+            // Hairpinning: traffic from the LAN to the external address must
+            // reach the hop instead of this gateway's own stack. A policy rule
+            // ahead of the local table sends it out of the WAN link (the local
+            // table moves behind it), and accept_local admits the hairpinned
+            // packets that return with the external address as their source.
+            gw.sysctls.push("net.ipv4.conf.all.accept_local=1".into());
+            gw.sysctls
+                .push("net.ipv4.conf.default.accept_local=1".into());
+            gw.ip_extra.extend([
+                format!("route add {wan}/32 via {INTERNET_ROUTER} dev wan table 100"),
+                format!("rule add pref 10 iif br0 to {wan}/32 lookup 100"),
+                "rule add pref 20 lookup local".to_string(),
+                "rule del pref 0 lookup local".to_string(),
+            ]);
+        }
         site_namespaces.push(gw);
         site_namespaces.extend(hosts);
     }

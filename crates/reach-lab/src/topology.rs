@@ -468,9 +468,6 @@ impl Site {
             site: self.name.clone(),
             what,
         };
-        if self.hairpin {
-            return Err(unbuilt("hairpinning"));
-        }
         if self.userspace_nat() && !self.forward.is_empty() {
             return Err(unbuilt(
                 "a port forward together with a userspace NAT behaviour",
@@ -498,8 +495,9 @@ impl Site {
             (Mapping::EndpointIndependent, Allocation::Preserve)
                 | (Mapping::AddressAndPortDependent, Allocation::Random)
         );
-        self.gateway == GatewayKind::Nat
-            && !(kernel && self.filtering == Filtering::AddressAndPortDependent)
+        let kernel =
+            kernel && self.filtering == Filtering::AddressAndPortDependent && !self.hairpin;
+        self.gateway == GatewayKind::Nat && !kernel
     }
 }
 
@@ -571,7 +569,6 @@ mod tests {
                 GOOD.replace("inbound = \"reject\"", "hairpin = true"),
                 "does not apply to a firewall",
             ),
-            (GOOD.replace("lan = \"10.9.0.0/24\"", "hairpin = true"), "hairpinning"),
             (
                 GOOD.replace(
                     "lan = \"10.9.0.0/24\"",

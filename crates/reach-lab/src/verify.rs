@@ -131,6 +131,10 @@ pub fn run(
             .flat_map(|h| h.join().unwrap_or_default())
             .collect()
     });
+    let mut checks: Vec<Check> = checks;
+    for site in topology.sites.iter().filter(|s| s.hairpin) {
+        checks.extend(hairpin_check(lab, tools, site, timeout));
+    }
     drop(servers);
     Ok(checks)
 }
@@ -387,6 +391,66 @@ fn mapping_checks(site: &Site, h: &HostAddrs, local_port: u16, seen: &[Outcome])
     };
     out.push(check(h, "mapping".into(), expected, observed, pass));
     out
+}
+
+/// Local port a hairpin check's target maps and then listens on.
+const HAIRPIN_PORT: u16 = 42000;
+
+/// Hairpinning: host A reaches host B through B's external mapping, and B sees
+/// A's external mapping as the source (RFC 4787 REQ-9). B first makes the
+/// mapping by talking to obs1 from a port, then listens on that port.
+fn hairpin_check(lab: &Lab, tools: &Path, site: &Site, timeout: Duration) -> Option<Check> {
+    let record = lab.record();
+    let inside: Vec<&HostAddrs> = site
+        .hosts
+        .iter()
+        .filter_map(|h| record.host(&h.name))
+        .filter(|h| h.routed && h.public.is_none())
+        .collect();
+    let (a, b) = (*inside.first()?, *inside.get(1)?);
+    let obs1 = SocketAddr::from((record.observers.first()?.lan, PORT));
+    let what = format!("hairpin: {} to {}'s mapping", a.name, b.name);
+    let fail = |observed: String| check(a, what.clone(), "reaches it".into(), observed, false);
+    let mapped = match probe::connect_from(lab, tools, &b.name, obs1, timeout, Some(HAIRPIN_PORT)) {
+        Outcome::Ok { seen_as, .. } => seen_as,
+        other => {
+            return Some(fail(format!(
+                "{} could not make a mapping: {}",
+                b.name,
+                other.describe()
+            )))
+        }
+    };
+    let _server = match probe::spawn_server(lab, tools, &b.name, &[HAIRPIN_PORT]) {
+        Ok(s) => s,
+        Err(e) => return Some(fail(e.to_string())),
+    };
+    let got = probe::connect_from(lab, tools, &a.name, mapped, timeout, None);
+    // Admitted only where the filtering lets A's mapping in unasked.
+    let (want, expected) = match site.filtering {
+        Filtering::EndpointIndependent => (
+            true,
+            format!("reaches {} from {}'s mapping", b.name, a.name),
+        ),
+        _ => (
+            false,
+            "filtered until B has contacted A's mapping".to_string(),
+        ),
+    };
+    let pass = match &got {
+        Outcome::Ok {
+            server, seen_as, ..
+        } => want && *server == b.name && seen_as.ip() == std::net::IpAddr::V4(a.gateway),
+        Outcome::Timeout => !want,
+        _ => false,
+    };
+    Some(check(
+        a,
+        format!("{what} {mapped}"),
+        expected,
+        got.describe(),
+        pass,
+    ))
 }
 
 /// What a NAT's mapping behaviour and port allocation imply for the external
