@@ -13,6 +13,7 @@ pub mod identity;
 mod noise_crypto;
 pub mod race;
 pub mod record;
+pub mod routes;
 pub mod vaddr;
 
 pub use handshake::{Cipher, StreamMode};
