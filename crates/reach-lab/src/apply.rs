@@ -287,27 +287,24 @@ fn start_hop(ns: &str, hop: &HopPlan, bin: &Path) -> Result<(), LabError> {
 /// until then a bridge drops frames to that port (seen: a lab's first ARP
 /// request lost, costing the first connection a 1 s retry).
 fn wait_for_forwarding(ns: &str) -> Result<(), LabError> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    let mut waiting = String::new();
+    let all_forward = crate::wait::until(std::time::Duration::from_secs(10), || {
         let out = run(
             Command::new("bridge").args(["-n", ns, "link", "show"]),
             None,
-        )?;
-        let waiting: Vec<&str> = out
+        )
+        .ok()?;
+        waiting = out
             .lines()
             .filter(|l| !l.contains("state forwarding"))
-            .collect();
-        if waiting.is_empty() {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(LabError::Command {
-                command: format!("waiting for bridge ports in {ns} to forward"),
-                output: waiting.join("; "),
-            });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+            .collect::<Vec<_>>()
+            .join("; ");
+        waiting.is_empty().then_some(())
+    });
+    all_forward.ok_or_else(|| LabError::Command {
+        command: format!("waiting for bridge ports in {ns} to forward"),
+        output: waiting.clone(),
+    })
 }
 
 /// Kills every process inside the namespace and deletes it. Errors are ignored:

@@ -101,6 +101,26 @@ impl LabRecord {
     }
 }
 
+/// A process running inside a lab host (a probe server, a listener), killed
+/// and reaped when dropped. The lab's teardown kills it anyway; this stops it
+/// as soon as its user is done with it.
+#[derive(Debug)]
+pub struct Process(std::process::Child);
+
+impl Process {
+    /// Takes charge of a spawned child.
+    pub fn new(child: std::process::Child) -> Self {
+        Self(child)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A lab that exists while this value lives.
 pub struct Lab {
     record: LabRecord,

@@ -18,6 +18,7 @@ pub mod probe;
 pub mod sshd;
 pub mod topology;
 pub mod verify;
+pub mod wait;
 
 pub use apply::LabError;
 pub use lab::{Lab, LabRecord};

@@ -11,15 +11,16 @@
 //! SmartSockets Table 3-style grid and serialises to JSON.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::apply::LabError;
 use crate::lab::Lab;
-use crate::probe::{self, Outcome, ProbeServer};
+use crate::lab::Process;
+use crate::probe::{self, Outcome};
 
 /// Which kind of connection the matrix tries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -148,24 +149,6 @@ impl Matrix {
 /// Probe port used by the plain matrix.
 const PROBE_PORT: u16 = 7000;
 
-/// A process inside the lab, killed when dropped.
-struct Guarded(Child);
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// What keeps a pair's destination listening; held only for its `Drop`,
-/// which stops the server.
-#[allow(dead_code)]
-enum Server {
-    Probe(ProbeServer),
-    Reach(Guarded),
-}
-
 /// Runs the matrix on a running lab. `tools` is the directory holding the
 /// `reach-lab` and `reach` binaries.
 pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Matrix, LabError> {
@@ -218,7 +201,8 @@ pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Mat
     })
 }
 
-type Target = (String, String, Server);
+/// A matrix target: host, its virtual address (reach mode), its server.
+type Target = (String, String, Process);
 
 /// A cell with the pair's sites filled in and nothing else yet.
 fn cell(lab: &Lab, from: &str, to: &str) -> Cell {
@@ -249,7 +233,7 @@ fn start_probes(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
         .iter()
         .map(|h| {
             let server = probe::spawn_server(lab, tools, h, &[PROBE_PORT])?;
-            Ok((h.clone(), String::new(), Server::Probe(server)))
+            Ok((h.clone(), String::new(), server))
         })
         .collect()
 }
@@ -295,30 +279,17 @@ fn start_reach(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
             .stdout(std::fs::File::create(dir.join("received"))?)
             .stderr(std::fs::File::create(dir.join("listen.log"))?)
             .spawn()?;
-        let guard = Server::Reach(Guarded(child));
-        let vaddr = wait_for_file(&addr_file, Duration::from_secs(20)).ok_or_else(|| {
-            LabError::Command {
-                command: format!("reach listen in {}", h.name),
-                output: std::fs::read_to_string(dir.join("listen.log")).unwrap_or_default(),
-            }
-        })?;
+        let guard = Process::new(child);
+        let vaddr =
+            crate::wait::for_file(&addr_file, Duration::from_secs(20)).ok_or_else(|| {
+                LabError::Command {
+                    command: format!("reach listen in {}", h.name),
+                    output: std::fs::read_to_string(dir.join("listen.log")).unwrap_or_default(),
+                }
+            })?;
         out.push((h.name.clone(), vaddr, guard));
     }
     Ok(out)
-}
-
-/// Waits for a file written atomically (by rename) to appear, with a deadline.
-fn wait_for_file(path: &PathBuf, deadline: Duration) -> Option<String> {
-    let start = Instant::now();
-    while start.elapsed() < deadline {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if !text.trim().is_empty() {
-                return Some(text.trim().to_string());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 fn token(from: &str, to: &str) -> String {
@@ -333,17 +304,14 @@ fn check_tokens(lab: &Lab, cells: &mut [Cell]) {
     for cell in cells.iter_mut().filter(|c| c.ok) {
         let file = state.join(&cell.to_host).join("received");
         let want = token(&cell.from_host, &cell.to_host);
-        loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let arrived = crate::wait::until(left, || {
             let got = std::fs::read_to_string(&file).unwrap_or_default();
-            if got.contains(&want) {
-                break;
-            }
-            if Instant::now() > deadline {
-                cell.ok = false;
-                cell.error = Some("stream opened but the token never arrived".into());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            got.contains(&want).then_some(())
+        });
+        if arrived.is_none() {
+            cell.ok = false;
+            cell.error = Some("stream opened but the token never arrived".into());
         }
     }
 }

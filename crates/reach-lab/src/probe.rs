@@ -9,11 +9,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::apply::LabError;
-use crate::lab::Lab;
+use crate::lab::{Lab, Process};
 
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -73,44 +73,52 @@ impl Outcome {
     }
 }
 
-/// A probe server running inside a lab host; killed when dropped.
-#[derive(Debug)]
-pub struct ProbeServer(Child);
-
-impl Drop for ProbeServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Starts `reach-lab probe ARGS` (from `tools`) in `host` and waits for it to
+/// print `ready` (it does once its ports are bound; it closes stdout if it
+/// exits on an error instead).
+fn spawn_ready(lab: &Lab, tools: &Path, host: &str, args: &[String]) -> Result<Process, LabError> {
+    let mut child = lab
+        .command(host, tools.join("reach-lab"))
+        .arg("probe")
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
     }
+    let process = Process::new(child);
+    if line.trim() != "ready" {
+        return Err(LabError::Command {
+            command: format!("reach-lab probe {} in {host}", args.join(" ")),
+            output: "exited before it was ready".into(),
+        });
+    }
+    Ok(process)
 }
 
-/// Starts `reach-lab probe serve` (from `tools`) in `host` on `ports` and waits
-/// for it to say it is ready.
+/// Starts a probe server (greetings) in `host` on `ports`, ready to answer.
 pub fn spawn_server(
     lab: &Lab,
     tools: &Path,
     host: &str,
     ports: &[u16],
-) -> Result<ProbeServer, LabError> {
-    let mut cmd = lab.command(host, tools.join("reach-lab"));
-    cmd.args(["probe", "serve", "--name", host]);
+) -> Result<Process, LabError> {
+    let mut args = vec!["serve".to_string(), "--name".into(), host.into()];
     for p in ports {
-        cmd.arg("--port").arg(p.to_string());
+        args.extend(["--port".to_string(), p.to_string()]);
     }
-    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        // "ready" once bound; end of file if it exits on an error.
-        let _ = BufReader::new(out).read_line(&mut line);
-    }
-    let server = ProbeServer(child);
-    if line.trim() != "ready" {
-        return Err(LabError::Command {
-            command: format!("reach-lab probe serve in {host} on ports {ports:?}"),
-            output: "exited before it was ready".into(),
-        });
-    }
-    Ok(server)
+    spawn_ready(lab, tools, host, &args)
+}
+
+/// Starts a bulk sink in `host` on `port`, ready to receive.
+pub fn spawn_sink(lab: &Lab, tools: &Path, host: &str, port: u16) -> Result<Process, LabError> {
+    spawn_ready(
+        lab,
+        tools,
+        host,
+        &["sink".into(), "--port".into(), port.to_string()],
+    )
 }
 
 /// Runs `reach-lab probe connect` inside `host` and returns what it saw.

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::apply::{run, LabError};
 
@@ -64,16 +64,13 @@ pub fn start(dir: &Path, ns: &str, host: &str) -> Result<(), LabError> {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pid_file.exists() {
-        if Instant::now() > deadline {
-            return Err(LabError::Command {
-                command: format!("sshd in {host}"),
-                output: std::fs::read_to_string(dir.join(format!("sshd-{host}.log")))
-                    .unwrap_or_default(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    // sshd writes its pid file once it listens.
+    if crate::wait::until(Duration::from_secs(10), || pid_file.exists().then_some(())).is_none() {
+        return Err(LabError::Command {
+            command: format!("sshd in {host}"),
+            output: std::fs::read_to_string(dir.join(format!("sshd-{host}.log")))
+                .unwrap_or_default(),
+        });
     }
     Ok(())
 }

@@ -262,25 +262,16 @@ fn ssh_check(lab: &Lab, site: &Site, h: &HostAddrs) -> Option<Check> {
         .hosts
         .iter()
         .filter(|x| x.sshd && x.name != h.name)
-        .find_map(|fe| {
-            let fe_addrs = record.host(&fe.name)?;
-            let entry = match (fe_addrs.public, site.gateway) {
-                (Some(p), GatewayKind::Open) => Some(p),
-                (Some(p), GatewayKind::Firewall) if site.allow_in.contains(&22) => Some(p),
-                (Some(p), GatewayKind::Nat) => Some(p),
-                (None, GatewayKind::Nat) => site
-                    .forward
-                    .iter()
-                    .any(|f| f.to == fe.name && f.to_port.unwrap_or(f.port) == 22)
-                    .then_some(fe_addrs.gateway)
-                    .filter(|_| site.forward.iter().any(|f| f.port == 22)),
-                _ => None,
-            }?;
-            Some((fe.name.clone(), entry))
-        })?;
+        .find_map(|fe| Some((fe.name.clone(), ssh_entry(site, record.host(&fe.name)?)?)))?;
     let out = record
         .ssh("obs1")?
-        .args(["-W", &format!("{}:{PORT}", h.lan), &format!("root@{entry}")])
+        .args([
+            "-p",
+            &entry.port().to_string(),
+            "-W",
+            &format!("{}:{PORT}", h.lan),
+        ])
+        .arg(format!("root@{}", entry.ip()))
         .output();
     let (observed, pass) = match out {
         Ok(o) => {
@@ -297,11 +288,29 @@ fn ssh_check(lab: &Lab, site: &Site, h: &HostAddrs) -> Option<Check> {
     };
     Some(check(
         h,
-        format!("ssh -W through {fe} ({entry}:22) from obs1"),
+        format!("ssh -W through {fe} ({entry}) from obs1"),
         "reaches the host".into(),
         observed,
         pass,
     ))
+}
+
+/// Where the internet reaches the sshd of front-end `fe`: its public address
+/// where the site lets port 22 in, or a NAT port forward to its port 22.
+fn ssh_entry(site: &Site, fe: &HostAddrs) -> Option<SocketAddr> {
+    match (fe.public, site.gateway) {
+        (Some(p), GatewayKind::Firewall) => site
+            .allow_in
+            .contains(&22)
+            .then_some(SocketAddr::from((p, 22))),
+        (Some(p), _) => Some(SocketAddr::from((p, 22))),
+        (None, GatewayKind::Nat) => site
+            .forward
+            .iter()
+            .find(|f| f.to == fe.name && f.to_port.unwrap_or(f.port) == 22)
+            .map(|f| SocketAddr::from((fe.gateway, f.port))),
+        (None, _) => None,
+    }
 }
 
 /// How far a measured round trip may be from the configured one: 10%, but at

@@ -25,7 +25,7 @@ fn tools() -> std::path::PathBuf {
         .to_path_buf()
 }
 
-fn serve(lab: &Lab, host: &str, ports: &[u16]) -> probe::ProbeServer {
+fn serve(lab: &Lab, host: &str, ports: &[u16]) -> reach_lab::lab::Process {
     probe::spawn_server(lab, &tools(), host, ports).expect("probe server")
 }
 
