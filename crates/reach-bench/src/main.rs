@@ -302,6 +302,7 @@ fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
     let opts = InitiatorOptions {
         plaintext: false,
         cipher: reach::preferred_cipher(),
+        reverse: false,
     };
     let t = Instant::now();
     for i in 0..n {

@@ -52,6 +52,9 @@ pub const REPLY_HEADER_LEN: usize = 3;
 pub const MAX_NOISE_MSG: usize = 1024;
 
 const FLAG_PLAINTEXT: u8 = 1;
+/// The initiator connects back at the responder's request (the Reverse
+/// module); the port field then carries the request's token.
+const FLAG_REVERSE: u8 = 2;
 
 /// The AEAD protecting the handshake and the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -216,6 +219,9 @@ pub struct HelloHeader {
     pub plaintext_requested: bool,
     /// The AEAD the initiator chose.
     pub cipher: Cipher,
+    /// The initiator answers the responder's connect-back request; `port` is
+    /// the request's token.
+    pub reverse: bool,
     /// The node the initiator wants.
     pub target: NodeId,
     /// The virtual port it wants.
@@ -234,7 +240,7 @@ impl HelloHeader {
             FLAG_PLAINTEXT
         } else {
             0
-        };
+        } | if self.reverse { FLAG_REVERSE } else { 0 };
         b[5] = self.cipher.code();
         b[6..38].copy_from_slice(self.target.as_bytes());
         b[38..40].copy_from_slice(&self.port.to_be_bytes());
@@ -253,7 +259,7 @@ impl HelloHeader {
         if b[3] != VERSION {
             return Err(WireError::UnsupportedVersion(b[3]));
         }
-        if b[4] & !FLAG_PLAINTEXT != 0 {
+        if b[4] & !(FLAG_PLAINTEXT | FLAG_REVERSE) != 0 {
             return Err(WireError::UnknownFlags(b[4]));
         }
         let cipher = Cipher::from_code(b[5]).ok_or(WireError::UnknownCipher(b[5]))?;
@@ -267,6 +273,7 @@ impl HelloHeader {
         Ok(Self {
             plaintext_requested: b[4] & FLAG_PLAINTEXT != 0,
             cipher,
+            reverse: b[4] & FLAG_REVERSE != 0,
             target,
             port: u16::from_be_bytes([b[38], b[39]]),
             noise_len,
@@ -341,6 +348,8 @@ pub struct Established {
     pub mode: StreamMode,
     /// Keys, present when the mode is encrypted.
     pub keys: Option<SessionKeys>,
+    /// The stream answers a connect-back request (`port` is its token).
+    pub reverse: bool,
 }
 
 /// Options the initiator chooses.
@@ -350,6 +359,8 @@ pub struct InitiatorOptions {
     pub plaintext: bool,
     /// The AEAD to use.
     pub cipher: Cipher,
+    /// Connect back at the responder's request; the port is then its token.
+    pub reverse: bool,
 }
 
 fn builder(cipher: Cipher, seed: [u8; 32], local: &SecretKey) -> snow::Builder<'static> {
@@ -363,6 +374,7 @@ pub struct Initiator {
     target: NodeId,
     port: u16,
     cipher: Cipher,
+    reverse: bool,
 }
 
 impl std::fmt::Debug for Initiator {
@@ -386,6 +398,7 @@ impl Initiator {
         let mut header = HelloHeader {
             plaintext_requested: options.plaintext,
             cipher: options.cipher,
+            reverse: options.reverse,
             target,
             port,
             noise_len: 0,
@@ -411,6 +424,7 @@ impl Initiator {
                 target,
                 port,
                 cipher: options.cipher,
+                reverse: options.reverse,
             },
             out,
         ))
@@ -468,6 +482,7 @@ impl Initiator {
                 send: k1,
                 recv: k2,
             }),
+            reverse: self.reverse,
         })
     }
 }
@@ -520,14 +535,14 @@ fn reply(kind: ReplyKind, body: &[u8]) -> Vec<u8> {
 }
 
 /// Runs the responder's side on a decoded hello header and its Noise message.
-/// `admit` decides for the authenticated initiator and the requested port.
+/// `admit` decides for the authenticated initiator and its hello (port, flags).
 /// Returns the reply to send and the outcome.
 pub fn respond(
     local: &SecretKey,
     header: &HelloHeader,
     noise_msg: &[u8],
     options: ResponderOptions,
-    admit: impl FnOnce(&NodeId, u16) -> Admission,
+    admit: impl FnOnce(&NodeId, &HelloHeader) -> Admission,
     seed: [u8; 32],
 ) -> (Vec<u8>, Responded) {
     let me = local.node_id();
@@ -558,7 +573,7 @@ pub fn respond(
     let Some(peer) = claimed_initiator(&hs, &payload[..n]) else {
         return failed(HandshakeError::ClaimMismatch);
     };
-    let admission = admit(&peer, header.port);
+    let admission = admit(&peer, header);
     let plaintext = header.plaintext_requested && options.allow_plaintext;
     let status = match admission {
         Admission::Accept => 0,
@@ -589,6 +604,7 @@ pub fn respond(
         port: header.port,
         mode,
         keys,
+        reverse: header.reverse,
     };
     (out, Responded::Accepted(est))
 }
@@ -610,6 +626,7 @@ mod tests {
     const OPTS: InitiatorOptions = InitiatorOptions {
         plaintext: false,
         cipher: Cipher::ChaChaPoly,
+        reverse: false,
     };
     const RESP: ResponderOptions = ResponderOptions {
         allow_plaintext: false,
@@ -664,6 +681,42 @@ mod tests {
             assert_eq!(ik.recv, rk.send);
             assert_ne!(ik.send, ik.recv);
         }
+    }
+
+    #[test]
+    fn the_reverse_flag_reaches_both_sides_and_the_admission() {
+        let (a, b) = (key(1), key(2));
+        let opts = InitiatorOptions {
+            reverse: true,
+            ..OPTS
+        };
+        let (init, hello) = Initiator::new(&a, b.node_id(), 99, opts, [1; 32]).expect("init");
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header = HelloHeader::decode(&hb).expect("header");
+        assert!(header.reverse);
+        let mut seen = None;
+        let (reply, outcome) = respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            RESP,
+            |peer, h| {
+                seen = Some((*peer, h.port, h.reverse));
+                Admission::Accept
+            },
+            [2; 32],
+        );
+        assert_eq!(seen, Some((a.node_id(), 99, true)));
+        let Responded::Accepted(resp) = outcome else {
+            panic!("not accepted")
+        };
+        assert!(resp.reverse);
+        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
+        let rh = ReplyHeader::decode(&rh).expect("reply header");
+        let init = init
+            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
+            .expect("established");
+        assert!(init.reverse);
     }
 
     #[test]
@@ -753,6 +806,7 @@ mod tests {
         let mut h = HelloHeader {
             plaintext_requested: false,
             cipher: Cipher::AesGcm,
+            reverse: false,
             target: key(1).node_id(),
             port: 1,
             noise_len: 10,
@@ -794,6 +848,7 @@ mod tests {
             let header = HelloHeader {
                 plaintext_requested: plaintext,
                 cipher: Cipher::ChaChaPoly,
+                reverse: false,
                 target: b.node_id(),
                 port: 1,
                 noise_len: msg.len(),

@@ -144,6 +144,21 @@ impl fmt::Debug for SecretKey {
     }
 }
 
+// On the wire (hub control messages) a NodeId is its 32 raw bytes; decoding
+// checks that they are a public key, like `from_bytes`.
+impl serde::Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = <[u8; NODE_ID_LEN]>::deserialize(d)?;
+        NodeId::from_bytes(bytes).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

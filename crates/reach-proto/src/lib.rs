@@ -10,6 +10,7 @@
 pub mod candidates;
 pub mod handshake;
 pub mod identity;
+pub mod link;
 mod noise_crypto;
 pub mod race;
 pub mod record;

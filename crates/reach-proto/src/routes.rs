@@ -28,7 +28,7 @@ use crate::identity::NodeId;
 pub const MAX_HOPS: u8 = 16;
 
 /// One hub's reachability as a neighbour reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Advert {
     /// The hub the advert is about.
     pub origin: NodeId,

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::error::{Attempt, AttemptError, ConnectError};
 use crate::handshake::{initiate, tcp_connect};
-use crate::stream::ReachStream;
+use crate::stream::{Direction, ReachStream, SetupModule};
 
 /// Settings of one direct connection race.
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +24,8 @@ pub(crate) struct RaceSettings {
     pub options: InitiatorOptions,
     pub attempt_delay: Duration,
     pub timeout: Duration,
+    /// What the stream reports: Direct, or Reverse when connecting back.
+    pub module: SetupModule,
 }
 
 /// Races the target's direct candidates; returns the first authenticated stream.
@@ -55,8 +57,22 @@ pub(crate) async fn connect(
                 let port = target.port;
                 running.spawn(async move {
                     let result = async {
-                        let tcp = tcp_connect(addr).await?;
-                        initiate(tcp, &local, node, port, settings.options, started).await
+                        let mut tcp = tcp_connect(addr).await?;
+                        let est = initiate(&mut tcp, &local, node, port, settings.options).await?;
+                        // A connect-back is the target's half of the asker's
+                        // outbound stream: inbound here.
+                        let direction = if settings.options.reverse {
+                            Direction::Inbound
+                        } else {
+                            Direction::Outbound
+                        };
+                        Ok(ReachStream::over_tcp(
+                            tcp,
+                            est,
+                            settings.module,
+                            direction,
+                            started,
+                        )?)
                     }
                     .await;
                     (addr, result)

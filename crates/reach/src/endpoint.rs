@@ -13,24 +13,26 @@
 //! garbage-sending client never delays others; failures are logged and the
 //! listener keeps serving. The accept task ends when the `Endpoint` is dropped.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use reach_proto::candidates::advertisable;
-use reach_proto::handshake::{Admission, InitiatorOptions, Refusal, ResponderOptions};
+use reach_proto::handshake::{Admission, HelloHeader, InitiatorOptions, Refusal, ResponderOptions};
 use reach_proto::race::DEFAULT_ATTEMPT_DELAY;
 use reach_proto::{Cipher, NodeId, SecretKey, VirtualAddr};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Mutex, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 
-use crate::direct::{self, RaceSettings};
 use crate::discovery::{local_addrs, LocalAddrCache};
-use crate::error::{ConnectError, EndpointError};
+use crate::error::{AttemptError, ConnectError, EndpointError};
 use crate::keystore;
-use crate::stream::ReachStream;
+use crate::session::{self, HubStatus, HubTarget, Session, SessionError};
+use crate::setup;
+use crate::stream::{Direction, ReachStream, SetupModule};
 
 /// Default time `connect` may take before giving up.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +41,10 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Incoming handshakes in progress at once; more are dropped at accept, so a
 /// flood of idle connections cannot exhaust memory or file descriptors.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Default time the Direct module may take when another module follows.
+pub const DEFAULT_DIRECT_BUDGET: Duration = Duration::from_secs(2);
+/// Default time the Reverse module waits when another module follows.
+pub const DEFAULT_REVERSE_BUDGET: Duration = Duration::from_secs(2);
 /// Finished inbound streams waiting for `accept()`.
 const ACCEPT_QUEUE: usize = 64;
 
@@ -67,6 +73,11 @@ pub struct EndpointBuilder {
     connect_timeout: Duration,
     handshake_timeout: Duration,
     attempt_delay: Duration,
+    hub: Option<HubTarget>,
+    network_secret: Option<Vec<u8>>,
+    modules: Vec<SetupModule>,
+    direct_budget: Duration,
+    reverse_budget: Duration,
 }
 
 impl Default for EndpointBuilder {
@@ -83,6 +94,11 @@ impl Default for EndpointBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             attempt_delay: DEFAULT_ATTEMPT_DELAY,
+            hub: None,
+            network_secret: None,
+            modules: SetupModule::ALL.to_vec(),
+            direct_budget: DEFAULT_DIRECT_BUDGET,
+            reverse_budget: DEFAULT_REVERSE_BUDGET,
         }
     }
 }
@@ -159,16 +175,51 @@ impl EndpointBuilder {
         self
     }
 
+    /// Attaches to this hub: the endpoint keeps a session with it (reconnecting
+    /// as needed), is reachable through it by NodeId alone, and can use the
+    /// Reverse and Routed modules.
+    pub fn hub(mut self, hub: HubTarget) -> Self {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// The network secret a hub may require before it admits this node.
+    pub fn network_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.network_secret = Some(secret.into());
+        self
+    }
+
+    /// The setup modules `connect` tries, in order (default: direct, reverse,
+    /// routed). A module that cannot work for a target is skipped.
+    pub fn modules(mut self, modules: Vec<SetupModule>) -> Self {
+        self.modules = modules;
+        self
+    }
+
+    /// How long the Direct module may try before the next module starts, when
+    /// one follows (default 2 s); the last module gets what remains.
+    pub fn direct_budget(mut self, t: Duration) -> Self {
+        self.direct_budget = t;
+        self
+    }
+
+    /// How long the Reverse module waits for the target to connect back, when
+    /// another module follows (default 2 s).
+    pub fn reverse_budget(mut self, t: Duration) -> Self {
+        self.reverse_budget = t;
+        self
+    }
+
     /// Loads the identity, binds the listening socket and starts accepting.
     pub async fn bind(self) -> Result<Endpoint, EndpointError> {
-        let secret = match self.secret.clone() {
-            Some(k) => k,
+        let (secret, state_dir) = match self.secret.clone() {
+            Some(k) => (k, self.state_dir.clone()),
             None => {
                 let dir = match &self.state_dir {
                     Some(d) => d.clone(),
                     None => keystore::default_state_dir()?,
                 };
-                keystore::load_or_create(&dir)?
+                (keystore::load_or_create(&dir)?, Some(dir))
             }
         };
         let std_listener = bind_listener(self.bind_ip, self.ports)?;
@@ -187,37 +238,112 @@ impl EndpointBuilder {
             Some(a) => a.clone(),
             None => discover_advertised(local),
         };
+        let known_hubs = state_dir.map(|d| d.join("known_hubs"));
+        let session = self
+            .hub
+            .map(|hub| Session::new(hub, known_hubs.clone(), self.network_secret));
+        let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let shared = Arc::new(Shared {
             secret,
             local_addrs: LocalAddrCache::default(),
+            advertised: advertised.clone(),
             plaintext: self.plaintext,
             cipher: self.cipher.unwrap_or_else(preferred_cipher),
             accept_ports: self.accept_ports,
             connect_timeout: self.connect_timeout,
             handshake_timeout: self.handshake_timeout,
             attempt_delay: self.attempt_delay,
+            modules: self.modules,
+            direct_budget: self.direct_budget,
+            reverse_budget: self.reverse_budget,
+            incoming: tx,
+            pending_reverse: StdMutex::default(),
+            cache: StdMutex::default(),
+            session,
+            known_hubs,
         });
-        let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), tx));
+        let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
+        if shared.session.is_some() {
+            tasks.push(tokio::spawn(session::run(shared.clone())));
+        }
         Ok(Endpoint {
             shared,
             local,
             advertised,
             incoming: Mutex::new(rx),
-            accept_task: task,
+            tasks,
         })
     }
 }
 
-struct Shared {
-    secret: SecretKey,
-    local_addrs: LocalAddrCache,
-    plaintext: bool,
-    cipher: Cipher,
+/// What the endpoint's tasks (accept loop, hub session, setup driver) share.
+pub(crate) struct Shared {
+    pub(crate) secret: SecretKey,
+    pub(crate) local_addrs: LocalAddrCache,
+    pub(crate) advertised: Vec<SocketAddr>,
+    pub(crate) plaintext: bool,
+    pub(crate) cipher: Cipher,
     accept_ports: Option<Vec<u16>>,
-    connect_timeout: Duration,
-    handshake_timeout: Duration,
-    attempt_delay: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) attempt_delay: Duration,
+    pub(crate) modules: Vec<SetupModule>,
+    pub(crate) direct_budget: Duration,
+    pub(crate) reverse_budget: Duration,
+    incoming: mpsc::Sender<ReachStream>,
+    /// Connect-back requests waiting for the target, by (target, token).
+    pub(crate) pending_reverse: StdMutex<HashMap<(NodeId, u16), ReverseWaiter>>,
+    /// The module that last worked, per target.
+    pub(crate) cache: StdMutex<HashMap<NodeId, SetupModule>>,
+    pub(crate) session: Option<Session>,
+    /// Where hub identities learned on first contact are pinned.
+    known_hubs: Option<PathBuf>,
+}
+
+/// Where a connect-back stream (or the reason it will not come) goes.
+pub(crate) type ReverseWaiter = oneshot::Sender<Result<ReachStream, String>>;
+
+impl Shared {
+    /// Whether a stream to virtual port `port` is accepted.
+    pub(crate) fn admit_port(&self, port: u16) -> Admission {
+        match &self.accept_ports {
+            Some(ports) if !ports.contains(&port) => Admission::Refuse(Refusal::NoSuchPort),
+            _ => Admission::Accept,
+        }
+    }
+
+    pub(crate) fn responder_options(&self) -> ResponderOptions {
+        ResponderOptions {
+            allow_plaintext: self.plaintext,
+        }
+    }
+
+    pub(crate) fn initiator_options(&self) -> InitiatorOptions {
+        InitiatorOptions {
+            plaintext: self.plaintext,
+            cipher: self.cipher,
+            reverse: false,
+        }
+    }
+
+    /// Queues an inbound stream for `accept`.
+    pub(crate) async fn deliver(&self, stream: ReachStream) {
+        let _ = self.incoming.send(stream).await;
+    }
+
+    /// A hub could not deliver connect-back request `token`.
+    pub(crate) fn fail_reverse(&self, token: u16, reason: &str) {
+        let mut pending = self
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let keys: Vec<_> = pending.keys().filter(|k| k.1 == token).copied().collect();
+        for k in keys {
+            if let Some(w) = pending.remove(&k) {
+                let _ = w.send(Err(reason.to_string()));
+            }
+        }
+    }
 }
 
 /// A node's endpoint: connect to virtual addresses and accept streams.
@@ -263,7 +389,7 @@ pub struct Endpoint {
     local: SocketAddr,
     advertised: Vec<SocketAddr>,
     incoming: Mutex<mpsc::Receiver<ReachStream>>,
-    accept_task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -277,7 +403,9 @@ impl std::fmt::Debug for Endpoint {
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
-        self.accept_task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -314,21 +442,50 @@ impl Endpoint {
     }
 
     /// Connects to a virtual address within `timeout`.
+    ///
+    /// Without a hub this races the address's direct hints. With a hub, the
+    /// setup driver tries the configured modules in order (skipping those that
+    /// cannot work), starting with the module that last worked for this node.
     pub async fn connect_timeout(
         &self,
         target: &VirtualAddr,
         timeout: Duration,
     ) -> Result<ReachStream, ConnectError> {
-        let settings = RaceSettings {
-            options: InitiatorOptions {
-                plaintext: self.shared.plaintext,
-                cipher: self.shared.cipher,
-            },
-            attempt_delay: self.shared.attempt_delay,
-            timeout,
+        setup::connect(&self.shared, target, timeout).await
+    }
+
+    /// The hub session's state: `None` while not registered (or without a hub).
+    pub fn hub_status(&self) -> Option<HubStatus> {
+        self.shared.session.as_ref().and_then(Session::status)
+    }
+
+    /// Waits until the hub session is registered, at most `timeout`.
+    pub async fn wait_hub(&self, timeout: Duration) -> Result<HubStatus, SessionError> {
+        let Some(session) = &self.shared.session else {
+            return Err(SessionError::Down {
+                hub: "(none configured)".into(),
+                last: None,
+            });
         };
-        let local_addrs = self.shared.local_addrs.get();
-        direct::connect(&self.shared.secret, &local_addrs, target, settings).await
+        let link = session.wait_link(Instant::now() + timeout).await?;
+        Ok(link.status().clone())
+    }
+
+    /// Dials a hub and authenticates it (pinning its identity on first
+    /// contact when `hub` does not name it): the start of a hub-to-hub link.
+    /// The caller speaks the link protocol (`reach::link`) on the stream.
+    pub async fn dial_hub(&self, hub: &HubTarget) -> Result<ReachStream, String> {
+        session::dial(&self.shared, hub, self.shared.known_hubs.as_deref()).await
+    }
+
+    /// The module the setup driver will try first for `node`, if one is cached.
+    pub fn cached_module(&self, node: &NodeId) -> Option<SetupModule> {
+        self.shared
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .copied()
     }
 
     /// Waits for the next authenticated inbound stream.
@@ -365,7 +522,7 @@ pub fn preferred_cipher() -> Cipher {
     Cipher::ChaChaPoly
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<ReachStream>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let (tcp, from) = match listener.accept().await {
@@ -382,33 +539,65 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
             continue;
         };
         let shared = shared.clone();
-        let tx = tx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let started = Instant::now();
-            let _ = tcp.set_nodelay(true);
-            let options = ResponderOptions {
-                allow_plaintext: shared.plaintext,
-            };
-            let admit = |_: &NodeId, port: u16| match &shared.accept_ports {
-                Some(ports) if !ports.contains(&port) => Admission::Refuse(Refusal::NoSuchPort),
-                _ => Admission::Accept,
-            };
-            let handshake = crate::handshake::respond(tcp, &shared.secret, options, admit, started);
-            match tokio::time::timeout(shared.handshake_timeout, handshake).await {
-                Ok(Ok(stream)) => {
-                    tracing::debug!(%from, peer = %stream.peer(), "accepted stream");
-                    let _ = tx.send(stream).await;
-                }
+            let timeout = shared.handshake_timeout;
+            match tokio::time::timeout(timeout, accept_one(&shared, tcp)).await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(%from, "rejected connection: {e}"),
                 Err(_) => tracing::warn!(
                     %from,
-                    "rejected connection: handshake not finished within {:?}",
-                    shared.handshake_timeout
+                    "rejected connection: handshake not finished within {timeout:?}"
                 ),
             }
         });
     }
+}
+
+/// Runs the handshake on one accepted connection and delivers the stream: to
+/// `accept`, or to the `connect` waiting for it when it answers a connect-back.
+async fn accept_one(shared: &Shared, mut tcp: TcpStream) -> Result<(), AttemptError> {
+    let started = Instant::now();
+    let _ = tcp.set_nodelay(true);
+    let admit = |peer: &NodeId, h: &HelloHeader| {
+        if !h.reverse {
+            return shared.admit_port(h.port);
+        }
+        let pending = shared
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pending.contains_key(&(*peer, h.port)) {
+            Admission::Accept
+        } else {
+            // Nobody here asked this node to connect back (or gave up).
+            Admission::Refuse(Refusal::NotAdmitted)
+        }
+    };
+    let est =
+        crate::handshake::respond(&mut tcp, &shared.secret, shared.responder_options(), admit)
+            .await?;
+    if est.reverse {
+        let key = (est.peer, est.port);
+        let stream =
+            ReachStream::over_tcp(tcp, est, SetupModule::Reverse, Direction::Outbound, started)?;
+        let waiter = shared
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        match waiter {
+            Some(w) => {
+                let _ = w.send(Ok(stream));
+            }
+            None => tracing::debug!(peer = %key.0, "connect-back arrived after its request ended"),
+        }
+        return Ok(());
+    }
+    let stream = ReachStream::over_tcp(tcp, est, SetupModule::Direct, Direction::Inbound, started)?;
+    tracing::debug!(peer = %stream.peer(), "accepted stream");
+    shared.deliver(stream).await;
+    Ok(())
 }
 
 /// The direct addresses to advertise for a listener bound to `local`.

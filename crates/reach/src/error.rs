@@ -7,6 +7,7 @@ use reach_proto::handshake::{HandshakeError, Refusal};
 use reach_proto::NodeId;
 
 use crate::keystore::KeyStoreError;
+use crate::stream::SetupModule;
 
 /// Why one connection attempt to one address failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,16 @@ pub enum ConnectError {
         /// Attempts that failed before the deadline.
         attempts: Vec<Attempt>,
     },
+    /// Every applicable setup module failed (or was skipped).
+    #[error("cannot reach node {node} (after {after:.1?}): {}", modules_text(.modules))]
+    Unreachable {
+        /// The target.
+        node: NodeId,
+        /// Time spent.
+        after: Duration,
+        /// What each module did.
+        modules: Vec<ModuleFailure>,
+    },
     /// The node authenticated us and refused the stream.
     #[error("node {node} refused the stream: {}", refusal_text(*.refusal))]
     Refused {
@@ -89,6 +100,25 @@ pub enum ConnectError {
         /// Why.
         refusal: Refusal,
     },
+}
+
+/// What one setup module did when it did not produce a stream.
+#[derive(Debug, Clone)]
+pub struct ModuleFailure {
+    /// The module.
+    pub module: SetupModule,
+    /// Why it failed or was skipped.
+    pub error: String,
+}
+
+fn modules_text(m: &[ModuleFailure]) -> String {
+    if m.is_empty() {
+        return "no setup module had time to run".into();
+    }
+    m.iter()
+        .map(|f| format!("{}: {}", f.module, f.error))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn refusal_text(r: Refusal) -> String {

@@ -19,14 +19,20 @@ mod endpoint;
 mod error;
 mod handshake;
 pub mod keystore;
+pub mod link;
+mod routed;
 mod secure;
+mod session;
+mod setup;
 mod stream;
 
 pub use endpoint::{
     preferred_cipher, Endpoint, EndpointBuilder, ListenPorts, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_DIRECT_BUDGET, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REVERSE_BUDGET,
 };
-pub use error::{Attempt, AttemptError, ConnectError, EndpointError};
+pub use error::{Attempt, AttemptError, ConnectError, EndpointError, ModuleFailure};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
+pub use routed::RoutedStream;
 pub use secure::SecureStream;
+pub use session::{HubStatus, HubTarget, SessionError};
 pub use stream::{Direction, ReachStream, SetupModule, StreamInfo};

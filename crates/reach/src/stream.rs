@@ -4,12 +4,14 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use reach_proto::handshake::Established;
 use reach_proto::{NodeId, StreamMode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::routed::RoutedStream;
 use crate::secure::SecureStream;
 
 /// How a stream was set up.
@@ -18,12 +20,42 @@ use crate::secure::SecureStream;
 pub enum SetupModule {
     /// A TCP connection to one of the target's advertised addresses.
     Direct,
+    /// The target connected back to us, asked through the hubs.
+    Reverse,
+    /// Multiplexed over hub links; works whenever a hub path exists.
+    Routed,
+}
+
+impl SetupModule {
+    /// Every module, in the default order of the setup driver.
+    pub const ALL: [SetupModule; 3] = [
+        SetupModule::Direct,
+        SetupModule::Reverse,
+        SetupModule::Routed,
+    ];
+}
+
+impl std::str::FromStr for SetupModule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "direct" => Ok(SetupModule::Direct),
+            "reverse" => Ok(SetupModule::Reverse),
+            "routed" => Ok(SetupModule::Routed),
+            other => Err(format!(
+                "unknown setup module {other:?}: expected direct, reverse or routed"
+            )),
+        }
+    }
 }
 
 impl std::fmt::Display for SetupModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             SetupModule::Direct => "direct",
+            SetupModule::Reverse => "reverse",
+            SetupModule::Routed => "routed",
         })
     }
 }
@@ -50,9 +82,11 @@ pub struct StreamInfo {
     pub mode: StreamMode,
     /// Who opened it.
     pub direction: Direction,
-    /// Local socket address of the underlying connection.
+    /// Local socket address of the underlying connection (for a routed
+    /// stream: of the hub link).
     pub local_addr: SocketAddr,
-    /// Remote socket address of the underlying connection.
+    /// Remote socket address of the underlying connection (for a routed
+    /// stream: the hub's).
     pub remote_addr: SocketAddr,
     /// Time from the start of `connect` (or from the TCP accept) until the
     /// handshake finished.
@@ -63,6 +97,32 @@ enum Transport {
     Plain(TcpStream),
     // Boxed: the AEAD key schedules make it over a kilobyte.
     Secure(Box<SecureStream<TcpStream>>),
+    Routed(RoutedStream),
+    RoutedSecure(Box<SecureStream<RoutedStream>>),
+}
+
+/// Runs `$e` on whichever transport `$t` holds, pinned as `$io`.
+macro_rules! on_transport {
+    ($t:expr, $io:ident => $e:expr) => {
+        match $t {
+            Transport::Plain(t) => {
+                let $io = Pin::new(t);
+                $e
+            }
+            Transport::Secure(t) => {
+                let $io = Pin::new(&mut **t);
+                $e
+            }
+            Transport::Routed(t) => {
+                let $io = Pin::new(t);
+                $e
+            }
+            Transport::RoutedSecure(t) => {
+                let $io = Pin::new(&mut **t);
+                $e
+            }
+        }
+    };
 }
 
 /// An authenticated byte stream to another node: tokio `AsyncRead + AsyncWrite`.
@@ -83,18 +143,65 @@ impl std::fmt::Debug for ReachStream {
 }
 
 impl ReachStream {
-    pub(crate) fn plain(tcp: TcpStream, info: StreamInfo) -> Self {
-        Self {
-            transport: Transport::Plain(tcp),
-            info,
-        }
+    /// A stream over a TCP connection whose handshake finished as `est`.
+    pub(crate) fn over_tcp(
+        tcp: TcpStream,
+        est: Established,
+        module: SetupModule,
+        direction: Direction,
+        started: Instant,
+    ) -> io::Result<Self> {
+        let info = StreamInfo {
+            peer: est.peer,
+            virtual_port: est.port,
+            module,
+            mode: est.mode,
+            direction,
+            local_addr: tcp.local_addr()?,
+            remote_addr: tcp.peer_addr()?,
+            setup_time: started.elapsed(),
+        };
+        let transport = match (est.mode, est.keys) {
+            (StreamMode::Encrypted(_), Some(keys)) => {
+                Transport::Secure(Box::new(SecureStream::new(tcp, &keys)))
+            }
+            _ => Transport::Plain(tcp),
+        };
+        Ok(Self { transport, info })
     }
 
-    pub(crate) fn secure(s: SecureStream<TcpStream>, info: StreamInfo) -> Self {
-        Self {
-            transport: Transport::Secure(Box::new(s)),
-            info,
-        }
+    /// A routed stream whose handshake finished as `est`; `link` holds the hub
+    /// link's local and remote addresses.
+    pub(crate) fn over_routed(
+        routed: RoutedStream,
+        est: Established,
+        link: (SocketAddr, SocketAddr),
+        direction: Direction,
+        started: Instant,
+    ) -> Self {
+        let info = StreamInfo {
+            peer: est.peer,
+            virtual_port: est.port,
+            module: SetupModule::Routed,
+            mode: est.mode,
+            direction,
+            local_addr: link.0,
+            remote_addr: link.1,
+            setup_time: started.elapsed(),
+        };
+        let transport = match (est.mode, est.keys) {
+            (StreamMode::Encrypted(_), Some(keys)) => {
+                Transport::RoutedSecure(Box::new(SecureStream::new(routed, &keys)))
+            }
+            _ => Transport::Routed(routed),
+        };
+        Self { transport, info }
+    }
+
+    /// Changes what the stream reports about itself (a reverse stream carries
+    /// the request's token on the wire, not the virtual port).
+    pub(crate) fn info_mut(&mut self) -> &mut StreamInfo {
+        &mut self.info
     }
 
     /// How this stream was made and whom it reaches.
@@ -114,10 +221,7 @@ impl AsyncRead for ReachStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.transport {
-            Transport::Plain(t) => Pin::new(t).poll_read(cx, buf),
-            Transport::Secure(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        on_transport!(&mut self.transport, io => io.poll_read(cx, buf))
     }
 }
 
@@ -127,23 +231,14 @@ impl AsyncWrite for ReachStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.transport {
-            Transport::Plain(t) => Pin::new(t).poll_write(cx, buf),
-            Transport::Secure(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        on_transport!(&mut self.transport, io => io.poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.transport {
-            Transport::Plain(t) => Pin::new(t).poll_flush(cx),
-            Transport::Secure(s) => Pin::new(s).poll_flush(cx),
-        }
+        on_transport!(&mut self.transport, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.transport {
-            Transport::Plain(t) => Pin::new(t).poll_shutdown(cx),
-            Transport::Secure(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        on_transport!(&mut self.transport, io => io.poll_shutdown(cx))
     }
 }

@@ -1,0 +1,279 @@
+//! The reach hub: nodes attach to it, hubs federate through it.
+//!
+//! ```text
+//!              +------------------------ Hub -------------------------+
+//! node link -->| reader task --frames--> HubCore (sans-IO, one lock)   |
+//! hub link  -->| reader task --frames-->   directory, routes, relay    |
+//!              |                            | outbox                   |
+//!              | writer task per link <-----+                          |
+//!              | peer tasks: dial configured hubs, redial with backoff |
+//!              | gossip tick; metrics over HTTP                        |
+//!              +-------------------------------------------------------+
+//! ```
+//! All decisions live in [`core::HubCore`]; this module only moves bytes
+//! between sockets and the core. Every link is an ordinary reach stream to the
+//! hub's NodeId on virtual port 0, so nodes and hubs are authenticated by the
+//! same handshake as every stream, and the link is encrypted.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod core;
+mod metrics;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reach::link::{write_frames, FrameReader, FrameTx};
+use reach::{Endpoint, EndpointBuilder, EndpointError, HubTarget, NodeId, ReachStream};
+use reach_proto::link::{admission_proof, HUB_VPORT};
+
+pub use crate::core::{HubCore, LinkId, Policy, Status, Verdict};
+pub use metrics::serve_metrics;
+
+/// Default interval of routing gossip between hubs.
+pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_secs(2);
+/// A link silent this long is dead: nodes ping every 15 s, hubs gossip every
+/// few seconds.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Redial delays for peer hubs.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(3);
+
+/// How a hub runs.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Hubs to link to (this hub dials them; a firewalled hub lists reachable ones).
+    pub peers: Vec<HubTarget>,
+    /// Who may attach.
+    pub policy: Policy,
+    /// Addresses other hubs can reach this one at (default: the endpoint's
+    /// advertised addresses).
+    pub advertise: Option<Vec<SocketAddr>>,
+    /// Routing gossip interval.
+    pub gossip_interval: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            policy: Policy {
+                open: true,
+                ..Policy::default()
+            },
+            advertise: None,
+            gossip_interval: DEFAULT_GOSSIP_INTERVAL,
+        }
+    }
+}
+
+struct State {
+    core: HubCore,
+    txs: HashMap<LinkId, FrameTx>,
+}
+
+impl State {
+    /// Sends what the core queued.
+    fn flush(&mut self) {
+        for (link, frame) in self.core.take_outbox() {
+            if let Some(tx) = self.txs.get(&link) {
+                let _ = tx.send(frame);
+            }
+        }
+    }
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    state: Mutex<State>,
+    config: HubConfig,
+    /// Set when the hub is dropped: every link task ends.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Inner {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // The core is consistent between calls; a panic inside one call is a
+        // bug that should not take every other link down with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running hub. Dropping it stops every task and closes every link.
+pub struct Hub {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.inner.stop.send_replace(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Hub {
+    /// Binds the hub's endpoint from `builder` (its identity, listen address)
+    /// and starts serving.
+    pub async fn start(builder: EndpointBuilder, config: HubConfig) -> Result<Hub, EndpointError> {
+        let endpoint = builder.accept_ports(vec![HUB_VPORT]).bind().await?;
+        let listen = config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| endpoint.advertised().to_vec());
+        let route_expiry = config.gossip_interval * 5;
+        let core = HubCore::new(
+            endpoint.node_id(),
+            config.policy.clone(),
+            listen,
+            route_expiry,
+        );
+        let inner = Arc::new(Inner {
+            endpoint,
+            state: Mutex::new(State {
+                core,
+                txs: HashMap::new(),
+            }),
+            config,
+            stop: tokio::sync::watch::Sender::new(false),
+        });
+        let mut tasks = vec![
+            tokio::spawn(accept_links(inner.clone())),
+            tokio::spawn(gossip(inner.clone())),
+        ];
+        for peer in inner.config.peers.clone() {
+            tasks.push(tokio::spawn(keep_peer(inner.clone(), peer)));
+        }
+        tracing::info!(hub = %inner.endpoint.node_id(), addr = %inner.endpoint.local_addr(), "hub up");
+        Ok(Hub { inner, tasks })
+    }
+
+    /// The hub's NodeId.
+    pub fn id(&self) -> NodeId {
+        self.inner.endpoint.node_id()
+    }
+
+    /// Where the hub listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.endpoint.local_addr()
+    }
+
+    /// The hub's address as nodes give it: `NODEID@HOST:PORT` for `addr`.
+    pub fn target(&self, addr: SocketAddr) -> HubTarget {
+        HubTarget {
+            id: Some(self.id()),
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+
+    /// A snapshot of the hub's state.
+    pub fn status(&self) -> Status {
+        self.inner.state().core.status()
+    }
+
+    /// Serves Prometheus metrics (`/metrics`) and the JSON status (`/status`)
+    /// on `listener` until the hub is dropped.
+    pub fn serve_metrics(&mut self, listener: tokio::net::TcpListener) {
+        let inner = self.inner.clone();
+        self.tasks
+            .push(tokio::spawn(serve_metrics(listener, move || {
+                inner.state().core.status()
+            })));
+    }
+}
+
+async fn accept_links(inner: Arc<Inner>) {
+    loop {
+        match inner.endpoint.accept().await {
+            Ok(stream) => {
+                tokio::spawn(serve_link(inner.clone(), stream, false));
+            }
+            Err(e) => {
+                tracing::error!("hub endpoint stopped accepting: {e}");
+                return;
+            }
+        }
+    }
+}
+
+async fn gossip(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.config.gossip_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut s = inner.state();
+        s.core.tick(Instant::now());
+        s.flush();
+    }
+}
+
+/// Keeps a link to a configured peer hub, redialling with backoff.
+async fn keep_peer(inner: Arc<Inner>, peer: HubTarget) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match inner.endpoint.dial_hub(&peer).await {
+            Ok(stream) => {
+                backoff = MIN_BACKOFF;
+                let why = serve_link(inner.clone(), stream, true).await;
+                tracing::warn!(%peer, "hub link lost: {why}; redialling");
+            }
+            Err(e) => tracing::warn!(%peer, "cannot link to hub: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Serves one link until it ends; returns why.
+async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> String {
+    let peer = stream.peer();
+    let observed = stream.info().remote_addr;
+    let (r, w) = tokio::io::split(stream);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_frames(w, rx));
+    let proof = match (&inner.config.policy.network_secret, dialled) {
+        (Some(secret), true) => Some(admission_proof(secret, &inner.endpoint.node_id(), &peer)),
+        _ => None,
+    };
+    let link = {
+        let mut s = inner.state();
+        let link = s.core.link_up(peer, observed, dialled, proof);
+        s.txs.insert(link, tx);
+        s.flush();
+        link
+    };
+    let mut reader = FrameReader::new(r);
+    let mut stop = inner.stop.subscribe();
+    let why = loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => next,
+            _ = stop.wait_for(|s| *s) => break "hub shutting down".to_string(),
+        };
+        let frame = match next {
+            Err(_) => break format!("silent for {IDLE_TIMEOUT:?}"),
+            Ok(Err(e)) => break e.to_string(),
+            Ok(Ok(None)) => break "closed by peer".to_string(),
+            Ok(Ok(Some(f))) => f,
+        };
+        let mut s = inner.state();
+        let verdict = s.core.handle_frame(link, frame, Instant::now());
+        s.flush();
+        if let Verdict::Close(why) = verdict {
+            break why;
+        }
+    };
+    {
+        let mut s = inner.state();
+        s.core.link_down(link);
+        s.txs.remove(&link);
+        s.flush();
+    }
+    tracing::debug!(%peer, %observed, "link closed: {why}");
+    // The writer ends once it has sent what is queued (a refusal, say).
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    why
+}

@@ -1,0 +1,380 @@
+//! Hubs and nodes on loopback: attach, directory, the Reverse and Routed
+//! modules, the setup driver's cache, federation, restarts and admission.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reach::{
+    keystore, Endpoint, EndpointBuilder, HubTarget, ReachStream, SetupModule, VirtualAddr,
+};
+use reach_hub::{Hub, HubConfig, Policy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const LOOPBACK: &str = "127.0.0.1";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn builder() -> EndpointBuilder {
+    Endpoint::builder()
+        .secret_key(keystore::generate().expect("key"))
+        .bind_ip(LOOPBACK.parse().expect("ip"))
+}
+
+async fn hub_with(config: HubConfig) -> Hub {
+    Hub::start(builder(), config).await.expect("hub")
+}
+
+async fn hub() -> Hub {
+    hub_with(HubConfig::default()).await
+}
+
+fn target_of(hub: &Hub) -> HubTarget {
+    hub.target(hub.local_addr())
+}
+
+/// A node attached to `hub`, registered.
+async fn node(hub: &HubTarget, b: EndpointBuilder) -> Endpoint {
+    let ep = b.hub(hub.clone()).bind().await.expect("node");
+    ep.wait_hub(DEADLINE).await.expect("registered");
+    ep
+}
+
+/// Serves an echo on every accepted stream: reads to the end, writes it back.
+fn echo(ep: Arc<Endpoint>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(mut s) = ep.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    })
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+async fn round_trip(s: &mut ReachStream, data: &[u8]) {
+    s.write_all(data).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert!(
+        back == data,
+        "echo differs ({} vs {} bytes)",
+        back.len(),
+        data.len()
+    );
+}
+
+/// Only the NodeId and port: the hub's directory supplies the rest.
+fn by_id(ep: &Endpoint, port: u16) -> VirtualAddr {
+    VirtualAddr::new(ep.node_id(), port)
+}
+
+#[tokio::test]
+async fn a_routed_stream_carries_data_both_ways() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder()).await);
+    let _echo = echo(b.clone());
+    let a = node(&t, builder().modules(vec![SetupModule::Routed])).await;
+    let mut s = a.connect(&by_id(&b, 7)).await.expect("routed connect");
+    assert_eq!(s.info().module, SetupModule::Routed);
+    assert_eq!(s.peer(), b.node_id());
+    round_trip(&mut s, &pattern(3 << 20, 1)).await;
+    assert_eq!(a.cached_module(&b.node_id()), Some(SetupModule::Routed));
+    let status = hub.status();
+    assert_eq!(status.nodes.len(), 2);
+    assert!(status.counters.bytes_relayed >= 6 << 20);
+}
+
+#[tokio::test]
+async fn reverse_connects_back_and_both_sides_say_so() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = node(&t, builder()).await;
+    let a = node(&t, builder().modules(vec![SetupModule::Reverse])).await;
+    let target = by_id(&b, 9);
+    let (client, server) = tokio::join!(a.connect(&target), b.accept());
+    let (mut client, mut server) = (client.expect("reverse"), server.expect("accept"));
+    assert_eq!(client.info().module, SetupModule::Reverse);
+    assert_eq!(server.info().module, SetupModule::Reverse);
+    assert_eq!(client.info().virtual_port, 9);
+    assert_eq!(server.info().virtual_port, 9);
+    assert_eq!(server.peer(), a.node_id());
+    assert_eq!(client.info().direction, reach::Direction::Outbound);
+    assert_eq!(server.info().direction, reach::Direction::Inbound);
+    client.write_all(b"ping").await.expect("write");
+    let mut buf = [0u8; 4];
+    server.read_exact(&mut buf).await.expect("read");
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn the_driver_falls_back_and_caches_the_module_that_worked() {
+    // B advertises a port nobody listens on: Direct fails at once (refused),
+    // Reverse works; the next connection goes straight to Reverse.
+    let closed = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder().advertise(vec![dead])).await);
+    let _echo = echo(b.clone());
+    let a = node(&t, builder()).await;
+    let mut s = a.connect(&by_id(&b, 1)).await.expect("connect");
+    assert_eq!(s.info().module, SetupModule::Reverse);
+    round_trip(&mut s, b"first").await;
+    assert_eq!(a.cached_module(&b.node_id()), Some(SetupModule::Reverse));
+    let mut s = a.connect(&by_id(&b, 1)).await.expect("connect again");
+    assert_eq!(s.info().module, SetupModule::Reverse);
+    round_trip(&mut s, b"second").await;
+}
+
+#[tokio::test]
+async fn an_unknown_node_fails_with_every_module_named() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let a = node(&t, builder()).await;
+    let nobody = keystore::generate().expect("key").node_id();
+    let err = a
+        .connect(&VirtualAddr::new(nobody, 1))
+        .await
+        .expect_err("nobody is there");
+    let text = err.to_string();
+    for want in ["direct: skipped", "reverse:", "routed:", "no hub knows"] {
+        assert!(text.contains(want), "{want:?} missing from: {text}");
+    }
+}
+
+/// Copies bytes between a client and `to`, recording what the client sends.
+async fn sniffer(to: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let l = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let Ok(server) = TcpStream::connect(to).await else {
+                return;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    record.lock().expect("lock").extend_from_slice(&buf[..n]);
+                }
+                let _ = sw.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_hub_relays_only_ciphertext() {
+    // The A-hub link runs in plaintext (both opt in), so a sniffer on it sees
+    // the link frames themselves; the A-B stream stays end-to-end encrypted
+    // because B does not opt in. The application's bytes must not appear.
+    let hub = Hub::start(builder().plaintext(true), HubConfig::default())
+        .await
+        .expect("hub");
+    let (via, seen) = sniffer(hub.local_addr()).await;
+    let b = Arc::new(node(&target_of(&hub), builder()).await);
+    let _echo = echo(b.clone());
+    let a = node(
+        &hub.target(via),
+        builder().plaintext(true).modules(vec![SetupModule::Routed]),
+    )
+    .await;
+    let secret = b"THE-APPLICATION-PLAINTEXT-MARKER".repeat(2000);
+    let mut s = a.connect(&by_id(&b, 5)).await.expect("routed");
+    assert!(matches!(s.info().mode, reach::StreamMode::Encrypted(_)));
+    round_trip(&mut s, &secret).await;
+    let seen = seen.lock().expect("lock").clone();
+    assert!(seen.len() > secret.len(), "the sniffer saw the transfer");
+    // The link is readable: the Open frame names B in the clear.
+    let b_id = b.node_id();
+    assert!(
+        seen.windows(32).any(|w| w == b_id.as_bytes()),
+        "link frames are in the clear"
+    );
+    assert!(
+        !seen
+            .windows(26)
+            .any(|w| w == b"THE-APPLICATION-PLAINTEXT".as_slice()),
+        "application bytes crossed the hub in the clear"
+    );
+}
+
+#[tokio::test]
+async fn hubs_federate_and_route_over_several_hops() {
+    // h1 <- h2 <- h3: each hub dials the previous one; A on h1, B on h3.
+    let h1 = hub().await;
+    let h2 = hub_with(HubConfig {
+        peers: vec![target_of(&h1)],
+        ..HubConfig::default()
+    })
+    .await;
+    let h3 = hub_with(HubConfig {
+        peers: vec![target_of(&h2)],
+        ..HubConfig::default()
+    })
+    .await;
+    let b = Arc::new(node(&target_of(&h3), builder()).await);
+    let _echo = echo(b.clone());
+    let a = node(
+        &target_of(&h1),
+        builder().modules(vec![SetupModule::Routed]),
+    )
+    .await;
+    // Gossip takes a moment: wait until h1 routes to h3 and knows B.
+    let start = Instant::now();
+    let mut s = loop {
+        match a.connect(&by_id(&b, 3)).await {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() < DEADLINE => {
+                tracing::debug!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no route after {DEADLINE:?}: {e}"),
+        }
+    };
+    round_trip(&mut s, &pattern(1 << 20, 3)).await;
+    let routes = h1.status().routes;
+    assert!(routes
+        .iter()
+        .any(|r| r.hub == h3.id() && r.hops == 2 && r.next_hop == h2.id()));
+}
+
+#[tokio::test]
+async fn nodes_re_register_after_a_hub_restart() {
+    let key = keystore::generate().expect("key");
+    let hub_builder = || {
+        Endpoint::builder()
+            .secret_key(key.clone())
+            .bind_ip(LOOPBACK.parse().expect("ip"))
+    };
+    let first = Hub::start(hub_builder(), HubConfig::default())
+        .await
+        .expect("hub");
+    let port = first.local_addr().port();
+    let t = target_of(&first);
+    let b = Arc::new(node(&t, builder()).await);
+    let _echo = echo(b.clone());
+    let a = node(&t, builder().modules(vec![SetupModule::Routed])).await;
+    let mut live = a.connect(&by_id(&b, 1)).await.expect("routed");
+    live.write_all(b"before").await.expect("write");
+    drop(first);
+    // The routed stream over the dead hub ends with an error, not a hang.
+    let mut buf = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, live.read_to_end(&mut buf))
+        .await
+        .expect("the stream must not hang");
+    assert!(ended.is_err(), "a lost hub is an error, not a clean end");
+    let restarted = Instant::now();
+    let second = Hub::start(
+        hub_builder().listen_ports(reach::ListenPorts::Fixed(port)),
+        HubConfig::default(),
+    )
+    .await
+    .expect("hub again");
+    for ep in [&a, &*b] {
+        ep.wait_hub(Duration::from_secs(5))
+            .await
+            .expect("re-registered within 5 s");
+    }
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "re-registration took {took:?}"
+    );
+    assert_eq!(second.status().nodes.len(), 2);
+    let mut s = a.connect(&by_id(&b, 1)).await.expect("routed again");
+    round_trip(&mut s, b"after").await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_does_not_stall_other_streams() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder().plaintext(true)).await);
+    let a = node(
+        &t,
+        builder().plaintext(true).modules(vec![SetupModule::Routed]),
+    )
+    .await;
+    // Stream 1: B accepts but never reads.
+    let first = by_id(&b, 1);
+    let (stuck, stuck_srv) = tokio::join!(a.connect(&first), b.accept());
+    let (mut stuck, _held) = (stuck.expect("connect"), stuck_srv.expect("accept"));
+    let filler = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0usize;
+        // Writes stop once the window is used up; bounded either way.
+        while sent < (64 << 20) {
+            match tokio::time::timeout(Duration::from_millis(500), stuck.write_all(&chunk)).await {
+                Ok(Ok(())) => sent += chunk.len(),
+                _ => break,
+            }
+        }
+        (sent, stuck)
+    });
+    // Stream 2 moves 8 MiB meanwhile.
+    let _echo = echo(b.clone());
+    let mut s = a.connect(&by_id(&b, 2)).await.expect("second stream");
+    round_trip(&mut s, &pattern(8 << 20, 9)).await;
+    let (sent, _stuck) = filler.await.expect("join");
+    assert!(
+        sent <= 2 << 20,
+        "the stuck stream was not held back by its window: {sent} bytes sent"
+    );
+    // The hub holds at most a window per direction of the stuck stream.
+    assert!(hub.status().streams >= 1);
+}
+
+#[tokio::test]
+async fn admission_refuses_strangers_and_admits_by_key_or_secret() {
+    let friend = keystore::generate().expect("key");
+    let hub = hub_with(HubConfig {
+        policy: Policy {
+            allowed: vec![friend.node_id()],
+            network_secret: Some(b"cluster-secret".to_vec()),
+            ..Policy::default()
+        },
+        ..HubConfig::default()
+    })
+    .await;
+    let t = target_of(&hub);
+    node(&t, builder().secret_key(friend)).await;
+    node(&t, builder().network_secret("cluster-secret")).await;
+    for stranger in [builder(), builder().network_secret("wrong")] {
+        let ep = stranger.hub(t.clone()).bind().await.expect("bind");
+        let err = ep
+            .wait_hub(Duration::from_secs(3))
+            .await
+            .expect_err("must be refused");
+        assert!(err.to_string().contains("refused"), "unclear error: {err}");
+    }
+    assert_eq!(hub.status().nodes.len(), 2);
+    assert!(hub.status().counters.refused >= 2);
+}

@@ -1,0 +1,803 @@
+//! Hub links: the frames that node–hub and hub–hub sessions carry.
+//!
+//! A link is an authenticated, encrypted session (the ordinary reach handshake
+//! to the hub's NodeId on virtual port [`HUB_VPORT`]), over which frames
+//! multiplex control messages and routed streams:
+//!
+//! ```text
+//! frame = kind:u8 | stream:u32 | len:u16 | payload[len]
+//! kind  0 Control  stream 0, payload a postcard-encoded `Control`
+//!       1 Open     payload dst NodeId (32) | src NodeId (32)
+//!       2 Data     payload stream bytes (at most MAX_DATA_CHUNK)
+//!       3 Credit   payload u32: more bytes the receiver may send
+//!       4 Fin      the sender's direction ends (half close)
+//!       5 Reset    payload code:u8 | UTF-8 reason: the stream is gone
+//! ```
+//!
+//! Stream ids are chosen by the side that opens a stream on that link: the node
+//! (or the hub that dialled the link) uses odd ids, the other side even ids, so
+//! both can open without coordination. Every hub on a path maps ids hop by hop.
+//!
+//! Flow control is end to end: each direction of a stream starts with
+//! [`STREAM_WINDOW`] bytes of credit and the reader grants more with Credit
+//! frames as the application consumes data. Hubs pass Credit frames along and
+//! check that no sender exceeds its window ([`Window`]), so a hub holds at most one
+//! window per stream and direction however slow a reader is, and a slow stream
+//! never blocks the link for others.
+//!
+//! Routed payload is the end-to-end handshake and records of the two nodes:
+//! hubs forward ciphertext they cannot read.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{NodeId, NODE_ID_LEN};
+use crate::routes::Advert;
+
+/// The virtual port a node or hub asks for when it opens a hub session.
+pub const HUB_VPORT: u16 = 0;
+/// Bytes of a frame header.
+pub const FRAME_HEADER_LEN: usize = 7;
+/// Largest frame payload.
+pub const MAX_FRAME_PAYLOAD: usize = u16::MAX as usize;
+/// Largest Data payload: one stream's frame delays other streams on a link by
+/// at most this much.
+pub const MAX_DATA_CHUNK: usize = 32 * 1024;
+/// Initial credit of each direction of a routed stream, and the most a receiver
+/// holds back before granting more.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+/// Most addresses a hub keeps per registered node.
+pub const MAX_NODE_ADDRS: usize = 8;
+/// Directory entries per Directory message: an entry with [`MAX_NODE_ADDRS`]
+/// IPv6 addresses takes under 250 bytes, so a part stays well inside a frame.
+pub const DIRECTORY_PART: usize = 128;
+/// Longest reset reason kept; longer ones are cut.
+pub const MAX_REASON_LEN: usize = 200;
+
+const KIND_CONTROL: u8 = 0;
+const KIND_OPEN: u8 = 1;
+const KIND_DATA: u8 = 2;
+const KIND_CREDIT: u8 = 3;
+const KIND_FIN: u8 = 4;
+const KIND_RESET: u8 = 5;
+
+/// Why a routed stream was reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ResetCode {
+    /// No hub knows a path to the target node.
+    NoRoute,
+    /// A hub's policy refused the stream.
+    Refused,
+    /// A link on the path went down.
+    LinkLost,
+    /// A sender exceeded its credit.
+    FlowViolation,
+    /// An endpoint abandoned the stream.
+    Cancelled,
+    /// A peer broke the link protocol.
+    Protocol,
+    /// A code this version does not know.
+    Other(u8),
+}
+
+impl ResetCode {
+    fn code(self) -> u8 {
+        match self {
+            ResetCode::NoRoute => 1,
+            ResetCode::Refused => 2,
+            ResetCode::LinkLost => 3,
+            ResetCode::FlowViolation => 4,
+            ResetCode::Cancelled => 5,
+            ResetCode::Protocol => 6,
+            ResetCode::Other(c) => c,
+        }
+    }
+
+    fn from_code(c: u8) -> Self {
+        match c {
+            1 => ResetCode::NoRoute,
+            2 => ResetCode::Refused,
+            3 => ResetCode::LinkLost,
+            4 => ResetCode::FlowViolation,
+            5 => ResetCode::Cancelled,
+            6 => ResetCode::Protocol,
+            c => ResetCode::Other(c),
+        }
+    }
+}
+
+impl std::fmt::Display for ResetCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResetCode::NoRoute => f.write_str("no route to the node"),
+            ResetCode::Refused => f.write_str("refused by hub policy"),
+            ResetCode::LinkLost => f.write_str("a hub link on the path went down"),
+            ResetCode::FlowViolation => f.write_str("flow-control violation"),
+            ResetCode::Cancelled => f.write_str("cancelled by the peer"),
+            ResetCode::Protocol => f.write_str("link protocol error"),
+            ResetCode::Other(c) => write!(f, "reset code {c}"),
+        }
+    }
+}
+
+/// Where a node can be found: its home hub and the addresses it advertises.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    /// The node.
+    pub node: NodeId,
+    /// The hub it is attached to.
+    pub hub: NodeId,
+    /// Direct addresses it advertised when it registered.
+    pub addrs: Vec<SocketAddr>,
+    /// The address its hub saw its session come from.
+    pub observed: SocketAddr,
+}
+
+/// A request, carried through hubs, that the target connect back to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectBack {
+    /// Who asks (filled in by the first hub from the authenticated session).
+    pub from: NodeId,
+    /// Who should connect.
+    pub target: NodeId,
+    /// Matches the incoming connection to the request.
+    pub token: u16,
+    /// The virtual port the asker wants on the target.
+    pub vport: u16,
+    /// Where the asker listens.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Control messages on a hub link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Control {
+    /// Node to hub, first message: attach with these advertised addresses.
+    /// `proof` shows the node knows the network secret, if the hub uses one.
+    Register {
+        /// Direct addresses the node listens on.
+        addrs: Vec<SocketAddr>,
+        /// HMAC of the node's and the hub's ids under the network secret.
+        proof: Option<[u8; 32]>,
+    },
+    /// Hub to node: attached; the hub saw the session come from `observed`.
+    Registered {
+        /// The node's address as the hub sees it (its NAT mapping, if any).
+        observed: SocketAddr,
+    },
+    /// Hub to node or hub: not admitted; the hub closes the link after this.
+    Refused {
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// Node to hub: where is `node`?
+    Lookup {
+        /// Echoed in the reply.
+        req: u32,
+        /// The node sought.
+        node: NodeId,
+    },
+    /// Hub to node: the answer to a lookup.
+    Found {
+        /// The request this answers.
+        req: u32,
+        /// The node sought.
+        node: NodeId,
+        /// Where it is, if any hub knows.
+        entry: Option<DirEntry>,
+    },
+    /// Node to hub (and on, hub to hub and to the target's session): please
+    /// connect back.
+    ConnectBack(ConnectBack),
+    /// Hub to node: a connect-back could not be delivered.
+    ConnectBackFailed {
+        /// The request's token.
+        token: u16,
+        /// Why.
+        reason: String,
+    },
+    /// Node to hub, first message instead of `Register`: report your state
+    /// (for `reach status`); admitted like a registration.
+    StatusQuery {
+        /// As in `Register`.
+        proof: Option<[u8; 32]>,
+    },
+    /// Hub to node: the hub's state as JSON; the hub closes the link after it.
+    StatusReport {
+        /// The report.
+        json: String,
+    },
+    /// Keepalive probe; answered with `Pong`.
+    Ping {
+        /// Echoed.
+        nonce: u64,
+    },
+    /// Keepalive answer.
+    Pong {
+        /// The probe's nonce.
+        nonce: u64,
+    },
+    /// Hub to hub, first message on a link, both ways.
+    HubHello {
+        /// Where the sending hub listens, for others to learn.
+        addrs: Vec<SocketAddr>,
+        /// From the dialling hub: HMAC of its and the other hub's ids under
+        /// the network secret, if it has one.
+        proof: Option<[u8; 32]>,
+    },
+    /// Hub to hub: routing gossip.
+    Adverts {
+        /// Reachability of hubs, as the sender sees it.
+        adverts: Vec<Advert>,
+    },
+    /// Hub to hub: the nodes attached to `origin`, flooded with its state
+    /// number. A large directory comes in several parts of one state; the
+    /// receiver replaces what it knows once it has them all.
+    Directory {
+        /// The hub whose nodes these are.
+        origin: NodeId,
+        /// Newer replaces older.
+        state: u64,
+        /// This part's index, from 0.
+        part: u16,
+        /// How many parts make the directory.
+        parts: u16,
+        /// Some of the nodes attached to `origin`.
+        nodes: Vec<DirEntry>,
+        /// Where `origin` listens.
+        listen: Vec<SocketAddr>,
+    },
+}
+
+/// A decoded frame; Data borrows its payload from the input buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// A control message.
+    Control(Control),
+    /// Open a routed stream from `src` to `dst`.
+    Open {
+        /// Link-local stream id.
+        stream: u32,
+        /// Target node.
+        dst: NodeId,
+        /// Originating node.
+        src: NodeId,
+    },
+    /// Stream bytes.
+    Data {
+        /// Link-local stream id.
+        stream: u32,
+        /// The bytes.
+        data: &'a [u8],
+    },
+    /// More credit for the stream's other direction.
+    Credit {
+        /// Link-local stream id.
+        stream: u32,
+        /// Bytes granted.
+        bytes: u32,
+    },
+    /// The sender's direction is finished.
+    Fin {
+        /// Link-local stream id.
+        stream: u32,
+    },
+    /// The stream is gone.
+    Reset {
+        /// Link-local stream id.
+        stream: u32,
+        /// Why, as a code.
+        code: ResetCode,
+        /// Why, for people.
+        reason: String,
+    },
+}
+
+/// Why bytes on a link are not a valid frame. The link is then unusable: the
+/// peer is broken or hostile, and resynchronising is impossible.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// An unknown frame kind.
+    #[error("unknown link frame kind {0}")]
+    UnknownKind(u8),
+    /// A frame whose payload has the wrong size for its kind.
+    #[error("bad {kind} frame: payload of {len} bytes")]
+    BadLength {
+        /// Frame kind name.
+        kind: &'static str,
+        /// Payload length seen.
+        len: usize,
+    },
+    /// A control message that does not decode.
+    #[error("bad control message: {0}")]
+    BadControl(String),
+    /// A node id that is not a public key.
+    #[error("bad node id in an open frame")]
+    BadNodeId,
+    /// A control frame on a stream id other than 0, or a stream frame on 0.
+    #[error("frame kind {kind} on stream {stream} is not allowed")]
+    BadStream {
+        /// Frame kind code.
+        kind: u8,
+        /// Stream id.
+        stream: u32,
+    },
+    /// A message too large to fit in one frame.
+    #[error("control message of {0} bytes is too large for one frame")]
+    TooLarge(usize),
+}
+
+fn header(kind: u8, stream: u32, len: usize, out: &mut Vec<u8>) {
+    out.push(kind);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+}
+
+/// Appends a control frame.
+pub fn encode_control(msg: &Control, out: &mut Vec<u8>) -> Result<(), LinkError> {
+    let body = postcard::to_stdvec(msg).map_err(|e| LinkError::BadControl(e.to_string()))?;
+    if body.len() > MAX_FRAME_PAYLOAD {
+        return Err(LinkError::TooLarge(body.len()));
+    }
+    header(KIND_CONTROL, 0, body.len(), out);
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Appends an Open frame.
+pub fn encode_open(stream: u32, dst: &NodeId, src: &NodeId, out: &mut Vec<u8>) {
+    header(KIND_OPEN, stream, 2 * NODE_ID_LEN, out);
+    out.extend_from_slice(dst.as_bytes());
+    out.extend_from_slice(src.as_bytes());
+}
+
+/// Appends a Data frame. `data` must be at most [`MAX_DATA_CHUNK`] bytes.
+pub fn encode_data(stream: u32, data: &[u8], out: &mut Vec<u8>) {
+    debug_assert!(data.len() <= MAX_DATA_CHUNK);
+    header(KIND_DATA, stream, data.len(), out);
+    out.extend_from_slice(data);
+}
+
+/// Writes a Data frame header for `len` payload bytes into `out[..FRAME_HEADER_LEN]`,
+/// for callers that place the payload themselves (no copy).
+pub fn data_header(stream: u32, len: usize) -> [u8; FRAME_HEADER_LEN] {
+    debug_assert!(len <= MAX_DATA_CHUNK);
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    h[0] = KIND_DATA;
+    h[1..5].copy_from_slice(&stream.to_be_bytes());
+    h[5..7].copy_from_slice(&(len as u16).to_be_bytes());
+    h
+}
+
+/// Appends a Credit frame.
+pub fn encode_credit(stream: u32, bytes: u32, out: &mut Vec<u8>) {
+    header(KIND_CREDIT, stream, 4, out);
+    out.extend_from_slice(&bytes.to_be_bytes());
+}
+
+/// Appends a Fin frame.
+pub fn encode_fin(stream: u32, out: &mut Vec<u8>) {
+    header(KIND_FIN, stream, 0, out);
+}
+
+/// Appends a Reset frame; the reason is cut to [`MAX_REASON_LEN`] bytes.
+pub fn encode_reset(stream: u32, code: ResetCode, reason: &str, out: &mut Vec<u8>) {
+    let mut end = reason.len().min(MAX_REASON_LEN);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason[..end];
+    header(KIND_RESET, stream, 1 + reason.len(), out);
+    out.push(code.code());
+    out.extend_from_slice(reason.as_bytes());
+}
+
+/// The total length of the frame at the start of `buf`, once its header is in.
+pub fn frame_len(buf: &[u8]) -> Option<usize> {
+    let h = buf.get(..FRAME_HEADER_LEN)?;
+    Some(FRAME_HEADER_LEN + usize::from(u16::from_be_bytes([h[5], h[6]])))
+}
+
+/// Proof that a node knows the network secret, bound to the node and the hub
+/// it registers with (so a hub cannot replay it elsewhere under another name):
+/// HMAC-SHA256 over a label and both ids.
+pub fn admission_proof(network_secret: &[u8], node: &NodeId, hub: &NodeId) -> [u8; 32] {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, network_secret);
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(b"reach admission v1");
+    ctx.update(node.as_bytes());
+    ctx.update(hub.as_bytes());
+    let tag = ctx.sign();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Checks a proof from [`admission_proof`] in constant time.
+pub fn verify_admission_proof(
+    network_secret: &[u8],
+    node: &NodeId,
+    hub: &NodeId,
+    proof: &[u8; 32],
+) -> bool {
+    let want = admission_proof(network_secret, node, hub);
+    aws_lc_rs::constant_time::verify_slices_are_equal(&want, proof).is_ok()
+}
+
+/// Decodes the frame at the start of `buf`. `Ok(None)` means more bytes are
+/// needed; otherwise returns the frame and the bytes it used.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, LinkError> {
+    let Some(h) = buf.get(..FRAME_HEADER_LEN) else {
+        return Ok(None);
+    };
+    let kind = h[0];
+    let stream = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+    let len = usize::from(u16::from_be_bytes([h[5], h[6]]));
+    if kind > KIND_RESET {
+        return Err(LinkError::UnknownKind(kind));
+    }
+    if (kind == KIND_CONTROL) != (stream == 0) {
+        return Err(LinkError::BadStream { kind, stream });
+    }
+    let Some(p) = buf.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    let bad = |kind| LinkError::BadLength { kind, len };
+    let frame = match kind {
+        KIND_CONTROL => Frame::Control(
+            postcard::from_bytes(p).map_err(|e| LinkError::BadControl(e.to_string()))?,
+        ),
+        KIND_OPEN => {
+            if len != 2 * NODE_ID_LEN {
+                return Err(bad("open"));
+            }
+            let id = |b: &[u8]| {
+                let bytes: [u8; NODE_ID_LEN] = b.try_into().map_err(|_| LinkError::BadNodeId)?;
+                NodeId::from_bytes(bytes).map_err(|_| LinkError::BadNodeId)
+            };
+            Frame::Open {
+                stream,
+                dst: id(&p[..NODE_ID_LEN])?,
+                src: id(&p[NODE_ID_LEN..])?,
+            }
+        }
+        KIND_DATA => {
+            if len > MAX_DATA_CHUNK {
+                return Err(bad("data"));
+            }
+            Frame::Data { stream, data: p }
+        }
+        KIND_CREDIT => {
+            let b: [u8; 4] = p.try_into().map_err(|_| bad("credit"))?;
+            Frame::Credit {
+                stream,
+                bytes: u32::from_be_bytes(b),
+            }
+        }
+        KIND_FIN => {
+            if len != 0 {
+                return Err(bad("fin"));
+            }
+            Frame::Fin { stream }
+        }
+        _ => {
+            let (&code, reason) = p.split_first().ok_or(bad("reset"))?;
+            Frame::Reset {
+                stream,
+                code: ResetCode::from_code(code),
+                reason: String::from_utf8_lossy(&reason[..reason.len().min(MAX_REASON_LEN)])
+                    .into_owned(),
+            }
+        }
+    };
+    Ok(Some((frame, FRAME_HEADER_LEN + len)))
+}
+
+/// Credit accounting for one direction of one stream, at a receiver or at a
+/// hub in between: data counts against the window, credit returns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Bytes sent (or seen) and not yet covered by returned credit.
+    outstanding: u64,
+    limit: u64,
+}
+
+/// A sender went past its credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("peer sent {outstanding} bytes against a window of {limit}")]
+pub struct FlowViolation {
+    /// Bytes outstanding after the offending frame.
+    pub outstanding: u64,
+    /// The window.
+    pub limit: u64,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Window {
+    /// A window of [`STREAM_WINDOW`] bytes.
+    pub fn new() -> Self {
+        Self {
+            outstanding: 0,
+            limit: u64::from(STREAM_WINDOW),
+        }
+    }
+
+    /// Accounts `n` bytes of data; an error if they exceed the credit.
+    pub fn on_data(&mut self, n: usize) -> Result<(), FlowViolation> {
+        self.outstanding += n as u64;
+        if self.outstanding > self.limit {
+            return Err(FlowViolation {
+                outstanding: self.outstanding,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Accounts credit returned by the reader. Credit beyond what is
+    /// outstanding raises the window (a reader may grant a larger one).
+    pub fn on_credit(&mut self, n: u32) {
+        let n = u64::from(n);
+        let back = n.min(self.outstanding);
+        self.outstanding -= back;
+        self.limit += n - back;
+    }
+
+    /// Bytes outstanding.
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding
+    }
+}
+
+/// The sender's view: how many bytes it may still send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Credit(u64);
+
+impl Default for Credit {
+    fn default() -> Self {
+        Self(u64::from(STREAM_WINDOW))
+    }
+}
+
+impl Credit {
+    /// Bytes that may be sent now.
+    pub fn available(&self) -> u64 {
+        self.0
+    }
+
+    /// Takes up to `want` bytes of credit; returns how many were granted.
+    pub fn take(&mut self, want: usize) -> usize {
+        let n = (want as u64).min(self.0);
+        self.0 -= n;
+        n as usize
+    }
+
+    /// Adds credit from a Credit frame.
+    pub fn add(&mut self, n: u32) {
+        self.0 = self.0.saturating_add(u64::from(n));
+    }
+}
+
+/// The reader's view: when to grant credit back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Grant {
+    consumed: u32,
+}
+
+impl Grant {
+    /// Records that the application consumed `n` bytes; returns the credit to
+    /// send, if enough has accumulated (a quarter window: few frames, and the
+    /// sender never runs dry while the reader keeps up).
+    pub fn on_consumed(&mut self, n: usize) -> Option<u32> {
+        self.consumed = self.consumed.saturating_add(n as u32);
+        if self.consumed >= STREAM_WINDOW / 4 {
+            return Some(std::mem::take(&mut self.consumed));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SecretKey;
+    use proptest::prelude::*;
+
+    fn id(n: u8) -> NodeId {
+        SecretKey::from_seed([n; 32]).node_id()
+    }
+
+    fn roundtrip(bytes: &[u8]) -> Frame<'_> {
+        let (f, used) = decode_frame(bytes).expect("valid").expect("whole");
+        assert_eq!(used, bytes.len());
+        f
+    }
+
+    #[test]
+    fn every_frame_kind_round_trips() {
+        let mut b = Vec::new();
+        encode_open(7, &id(1), &id(2), &mut b);
+        assert_eq!(
+            roundtrip(&b),
+            Frame::Open {
+                stream: 7,
+                dst: id(1),
+                src: id(2)
+            }
+        );
+        b.clear();
+        encode_data(9, b"abc", &mut b);
+        assert_eq!(
+            roundtrip(&b),
+            Frame::Data {
+                stream: 9,
+                data: b"abc"
+            }
+        );
+        let mut h = data_header(9, 3).to_vec();
+        h.extend_from_slice(b"abc");
+        assert_eq!(h, b);
+        b.clear();
+        encode_credit(3, 4096, &mut b);
+        assert_eq!(
+            roundtrip(&b),
+            Frame::Credit {
+                stream: 3,
+                bytes: 4096
+            }
+        );
+        b.clear();
+        encode_fin(5, &mut b);
+        assert_eq!(roundtrip(&b), Frame::Fin { stream: 5 });
+        b.clear();
+        encode_reset(5, ResetCode::NoRoute, "no hub knows it", &mut b);
+        assert_eq!(
+            roundtrip(&b),
+            Frame::Reset {
+                stream: 5,
+                code: ResetCode::NoRoute,
+                reason: "no hub knows it".into()
+            }
+        );
+        b.clear();
+        let msg = Control::Directory {
+            origin: id(3),
+            state: 42,
+            part: 0,
+            parts: 1,
+            nodes: vec![DirEntry {
+                node: id(4),
+                hub: id(3),
+                addrs: vec!["10.0.0.1:7000".parse().expect("addr")],
+                observed: "203.0.113.5:4000".parse().expect("addr"),
+            }],
+            listen: vec!["[2001:db8::1]:9".parse().expect("addr")],
+        };
+        encode_control(&msg, &mut b).expect("encode");
+        assert_eq!(roundtrip(&b), Frame::Control(msg));
+    }
+
+    #[test]
+    fn admission_proofs_bind_secret_node_and_hub() {
+        let p = admission_proof(b"s3cret", &id(1), &id(2));
+        assert!(verify_admission_proof(b"s3cret", &id(1), &id(2), &p));
+        assert!(!verify_admission_proof(b"other", &id(1), &id(2), &p));
+        assert!(!verify_admission_proof(b"s3cret", &id(3), &id(2), &p));
+        assert!(!verify_admission_proof(b"s3cret", &id(1), &id(3), &p));
+    }
+
+    #[test]
+    fn a_partial_frame_needs_more_bytes() {
+        let mut b = Vec::new();
+        encode_data(1, &[0; 100], &mut b);
+        for cut in 0..b.len() {
+            assert_eq!(decode_frame(&b[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_specific_errors() {
+        assert_eq!(
+            decode_frame(&[9, 0, 0, 0, 1, 0, 0]),
+            Err(LinkError::UnknownKind(9))
+        );
+        assert_eq!(
+            decode_frame(&[KIND_DATA, 0, 0, 0, 0, 0, 0]),
+            Err(LinkError::BadStream {
+                kind: KIND_DATA,
+                stream: 0
+            })
+        );
+        assert_eq!(
+            decode_frame(&[KIND_CONTROL, 0, 0, 0, 1, 0, 0]),
+            Err(LinkError::BadStream {
+                kind: KIND_CONTROL,
+                stream: 1
+            })
+        );
+        assert_eq!(
+            decode_frame(&[KIND_CREDIT, 0, 0, 0, 1, 0, 1, 5]),
+            Err(LinkError::BadLength {
+                kind: "credit",
+                len: 1
+            })
+        );
+        let not_a_key = (0..=255u8)
+            .map(|b| [b; NODE_ID_LEN])
+            .find(|b| NodeId::from_bytes(*b).is_err())
+            .expect("some byte pattern is not a point");
+        let mut open = vec![KIND_OPEN, 0, 0, 0, 1, 0, 64];
+        open.extend_from_slice(&not_a_key);
+        open.extend_from_slice(&not_a_key);
+        assert_eq!(decode_frame(&open), Err(LinkError::BadNodeId));
+    }
+
+    #[test]
+    fn reset_reasons_are_cut_at_a_char_boundary() {
+        let mut b = Vec::new();
+        encode_reset(1, ResetCode::Cancelled, &"é".repeat(150), &mut b);
+        let Frame::Reset { reason, .. } = roundtrip(&b) else {
+            panic!("not a reset");
+        };
+        assert!(reason.len() <= MAX_REASON_LEN && reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn windows_bound_a_sender_and_credit_restores_it() {
+        let mut w = Window::new();
+        w.on_data(STREAM_WINDOW as usize).expect("within window");
+        assert!(w.on_data(1).is_err());
+        let mut w = Window::new();
+        w.on_data(1000).expect("ok");
+        w.on_credit(1000);
+        assert_eq!(w.outstanding(), 0);
+        w.on_data(STREAM_WINDOW as usize)
+            .expect("credit restored the window");
+        let mut c = Credit::default();
+        assert_eq!(c.take(usize::MAX), STREAM_WINDOW as usize);
+        assert_eq!(c.take(1), 0);
+        c.add(10);
+        assert_eq!(c.take(100), 10);
+        let mut g = Grant::default();
+        assert_eq!(g.on_consumed(1), None);
+        assert_eq!(
+            g.on_consumed(STREAM_WINDOW as usize / 4),
+            Some(STREAM_WINDOW / 4 + 1)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(Some((_, used))) = decode_frame(&bytes) {
+                prop_assert!(used <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn arbitrary_control_payloads_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..300)
+        ) {
+            let mut b = vec![KIND_CONTROL, 0, 0, 0, 0];
+            b.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            b.extend_from_slice(&body);
+            let _ = decode_frame(&b);
+        }
+
+        #[test]
+        fn data_frames_round_trip(stream in 1u32.., data in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let mut b = Vec::new();
+            encode_data(stream, &data, &mut b);
+            prop_assert_eq!(roundtrip(&b), Frame::Data { stream, data: &data });
+        }
+    }
+}

@@ -1,0 +1,663 @@
+//! A node's session with its home hub.
+//!
+//! One task per endpoint keeps one authenticated link to the hub: it dials
+//! (learning and pinning the hub's NodeId on first contact when the address
+//! does not name it, like ssh's known_hosts), registers the node's advertised
+//! addresses, and then serves the link: routed streams in both directions,
+//! directory lookups, connect-back requests, keepalives. When the link drops
+//! (hub restart, network change) every routed stream on it ends with a clear
+//! error, and the task reconnects with capped exponential backoff and jitter
+//! and registers again.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reach_proto::handshake::{Admission, HandshakeError, InitiatorOptions, Refusal};
+use reach_proto::link::{
+    admission_proof, encode_control, encode_open, encode_reset, ConnectBack, Control, DirEntry,
+    Frame, ResetCode, HUB_VPORT,
+};
+use reach_proto::{NodeId, SecretKey, VirtualAddr};
+use tokio::sync::{oneshot, watch};
+
+use crate::direct::{self, RaceSettings};
+use crate::endpoint::Shared;
+use crate::error::AttemptError;
+use crate::handshake::{initiate, respond, tcp_connect};
+use crate::link::{write_frames, FrameReader, FrameTx};
+use crate::routed::{RoutedStream, StreamMap};
+use crate::stream::{Direction, ReachStream, SetupModule};
+
+/// First reconnect delay after a lost or failed hub session.
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest reconnect delay: short enough that nodes are back within a few
+/// seconds of a hub restart.
+const MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// How long dialling and registering may take.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keepalive interval on an idle link.
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// A link silent this long is dead (three keepalives missed).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a node waits for a connect-back it was asked for.
+const CONNECT_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a hub listens, and optionally who it is: `NODEID@HOST:PORT` or
+/// `HOST:PORT`. Without the NodeId the first contact learns it and pins it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubTarget {
+    /// The hub's NodeId, if given.
+    pub id: Option<NodeId>,
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl fmt::Display for HubTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(id) = &self.id {
+            write!(f, "{id}@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for HubTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, rest) = match s.split_once('@') {
+            Some((id, rest)) => (
+                Some(
+                    id.parse::<NodeId>()
+                        .map_err(|e| format!("bad hub id in {s:?}: {e}"))?,
+                ),
+                rest,
+            ),
+            None => (None, s),
+        };
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("hub address {s:?} has no port (expected [ID@]HOST:PORT)"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("hub address {s:?} has no host"));
+        }
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("bad port in hub address {s:?}"))?;
+        Ok(Self {
+            id,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// What the node's hub session looks like now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubStatus {
+    /// The hub's NodeId.
+    pub hub: NodeId,
+    /// The node's address as the hub sees it (its NAT's mapping, if any).
+    pub observed: SocketAddr,
+    /// The local address of the link.
+    pub local: SocketAddr,
+    /// The hub's address.
+    pub remote: SocketAddr,
+}
+
+/// Why a hub operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// No session is up (yet); the last failure says why.
+    #[error("no session with hub {hub}{}", .last.as_ref().map(|l| format!(": {l}")).unwrap_or_default())]
+    Down {
+        /// The configured hub.
+        hub: String,
+        /// The last reason the session failed, if any.
+        last: Option<String>,
+    },
+    /// The hub did not answer in time.
+    #[error("hub did not answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// A registered link.
+#[derive(Clone)]
+pub(crate) struct Link {
+    tx: FrameTx,
+    streams: Arc<StreamMap>,
+    next_id: Arc<AtomicU32>,
+    status: HubStatus,
+}
+
+/// The endpoint's view of its hub session.
+pub(crate) struct Session {
+    target: HubTarget,
+    known_hubs: Option<PathBuf>,
+    network_secret: Option<Vec<u8>>,
+    link: watch::Sender<Option<Link>>,
+    lookups: Mutex<HashMap<u32, oneshot::Sender<Option<DirEntry>>>>,
+    next_req: AtomicU32,
+    last_error: Mutex<Option<String>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Link {
+    pub(crate) fn status(&self) -> &HubStatus {
+        &self.status
+    }
+}
+
+impl Session {
+    pub(crate) fn new(
+        target: HubTarget,
+        known_hubs: Option<PathBuf>,
+        network_secret: Option<Vec<u8>>,
+    ) -> Self {
+        Self {
+            target,
+            known_hubs,
+            network_secret,
+            link: watch::Sender::new(None),
+            lookups: Mutex::default(),
+            next_req: AtomicU32::new(1),
+            last_error: Mutex::default(),
+        }
+    }
+
+    fn down(&self) -> SessionError {
+        SessionError::Down {
+            hub: self.target.to_string(),
+            last: locked(&self.last_error).clone(),
+        }
+    }
+
+    /// The current link's status, if registered.
+    pub(crate) fn status(&self) -> Option<HubStatus> {
+        self.link.borrow().as_ref().map(|l| l.status.clone())
+    }
+
+    /// Waits until the session is registered or `deadline` passes.
+    pub(crate) async fn wait_link(&self, deadline: Instant) -> Result<Link, SessionError> {
+        let mut rx = self.link.subscribe();
+        let wait = async {
+            rx.wait_for(|l| l.is_some())
+                .await
+                .ok()
+                .and_then(|l| l.clone())
+        };
+        let link = tokio::time::timeout_at(deadline.into(), wait).await;
+        link.ok().flatten().ok_or_else(|| self.down())
+    }
+
+    /// Asks the hub where `node` is.
+    pub(crate) async fn lookup(
+        &self,
+        node: NodeId,
+        deadline: Instant,
+    ) -> Result<Option<DirEntry>, SessionError> {
+        let link = self.wait_link(deadline).await?;
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        locked(&self.lookups).insert(req, tx);
+        send_control(&link.tx, &Control::Lookup { req, node });
+        let result = tokio::time::timeout_at(deadline.into(), rx).await;
+        locked(&self.lookups).remove(&req);
+        match result {
+            Ok(Ok(entry)) => Ok(entry),
+            Ok(Err(_)) => Err(self.down()),
+            Err(_) => Err(SessionError::TimedOut(
+                deadline.saturating_duration_since(Instant::now()),
+            )),
+        }
+    }
+
+    /// Opens a routed stream to `dst`; returns it with the link's addresses.
+    pub(crate) fn open(
+        &self,
+        link: &Link,
+        me: &NodeId,
+        dst: &NodeId,
+    ) -> (RoutedStream, (SocketAddr, SocketAddr)) {
+        let id = link.next_id.fetch_add(2, Ordering::Relaxed);
+        let stream = RoutedStream::register(id, link.streams.clone(), link.tx.clone());
+        let mut f = Vec::with_capacity(80);
+        encode_open(id, dst, me, &mut f);
+        let _ = link.tx.send(f);
+        (stream, (link.status.local, link.status.remote))
+    }
+
+    /// Sends a connect-back request.
+    pub(crate) fn connect_back(&self, link: &Link, cb: ConnectBack) {
+        send_control(&link.tx, &Control::ConnectBack(cb));
+    }
+}
+
+fn send_control(tx: &FrameTx, msg: &Control) {
+    let mut f = Vec::new();
+    match encode_control(msg, &mut f) {
+        Ok(()) => {
+            let _ = tx.send(f);
+        }
+        Err(e) => tracing::warn!("cannot encode control message: {e}"),
+    }
+}
+
+/// Keeps the session up for as long as the endpoint lives.
+pub(crate) async fn run(shared: Arc<Shared>) {
+    let Some(session) = shared.session.as_ref() else {
+        return;
+    };
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match tokio::time::timeout(ATTACH_TIMEOUT, attach(&shared, session)).await {
+            Ok(Ok(attached)) => {
+                backoff = MIN_BACKOFF;
+                *locked(&session.last_error) = None;
+                let why = serve(&shared, session, attached).await;
+                tracing::warn!(hub = %session.target, "hub session lost: {why}; reconnecting");
+                *locked(&session.last_error) = Some(format!("session lost: {why}"));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(hub = %session.target, "cannot attach to hub: {e}");
+                *locked(&session.last_error) = Some(e);
+            }
+            Err(_) => {
+                let e = format!("no answer within {ATTACH_TIMEOUT:?}");
+                tracing::warn!(hub = %session.target, "cannot attach to hub: {e}");
+                *locked(&session.last_error) = Some(e);
+            }
+        }
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// `d` scaled by a random factor in [0.8, 1.2), so nodes that lost the same hub
+/// do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = getrandom::fill(&mut b).map_or(0.5, |_| f64::from(u16::from_le_bytes(b)) / 65536.0);
+    d.mul_f64(0.8 + 0.4 * r)
+}
+
+struct Attached {
+    reader: FrameReader<tokio::io::ReadHalf<ReachStream>>,
+    link: Link,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Resolves the hub's addresses.
+async fn resolve(target: &HubTarget) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{} resolves to no address", target.host));
+    }
+    Ok(addrs)
+}
+
+/// The pinned NodeId of the hub at `key`, from a known_hubs file.
+fn pinned(path: &std::path::Path, key: &str) -> Option<NodeId> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, id)| id.trim().parse().ok())
+}
+
+/// Learns the NodeId of the hub at `addrs` by greeting it under our own name:
+/// it answers that it is another node and says which.
+async fn learn_hub_id(secret: &SecretKey, addrs: &[SocketAddr]) -> Result<NodeId, String> {
+    let mut last = String::from("no address");
+    for addr in addrs {
+        let mut tcp = match tcp_connect(*addr).await {
+            Ok(t) => t,
+            Err(e) => {
+                last = format!("{addr}: {e}");
+                continue;
+            }
+        };
+        let opts = InitiatorOptions {
+            plaintext: false,
+            cipher: crate::endpoint::preferred_cipher(),
+            reverse: false,
+        };
+        match initiate(&mut tcp, secret, secret.node_id(), HUB_VPORT, opts).await {
+            Err(AttemptError::Handshake(HandshakeError::WrongNode { found, .. })) => {
+                return Ok(found)
+            }
+            Err(e) => last = format!("{addr}: {e}"),
+            Ok(_) => last = format!("{addr}: answered as this node itself"),
+        }
+    }
+    Err(format!("cannot learn the hub's identity ({last})"))
+}
+
+/// The hub's NodeId: given, pinned, or learned and pinned now.
+async fn hub_id(
+    target: &HubTarget,
+    known_hubs: Option<&std::path::Path>,
+    secret: &SecretKey,
+    addrs: &[SocketAddr],
+) -> Result<NodeId, String> {
+    if let Some(id) = target.id {
+        return Ok(id);
+    }
+    let key = format!("{}:{}", target.host, target.port);
+    if let Some(id) = known_hubs.and_then(|p| pinned(p, &key)) {
+        return Ok(id);
+    }
+    let id = learn_hub_id(secret, addrs).await?;
+    tracing::info!(hub = %key, %id, "learned the hub's identity on first contact; pinned");
+    if let Some(path) = known_hubs {
+        use std::io::Write;
+        let line = format!("{key} {id}\n");
+        let pinned = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = pinned {
+            tracing::warn!("cannot pin the hub's identity in {}: {e}", path.display());
+        }
+    }
+    Ok(id)
+}
+
+/// Dials a hub and authenticates it: the link of a node's session, or of a
+/// hub to a peer hub.
+pub(crate) async fn dial(
+    shared: &Shared,
+    hub: &HubTarget,
+    known_hubs: Option<&std::path::Path>,
+) -> Result<ReachStream, String> {
+    let addrs = resolve(hub).await?;
+    let id = hub_id(hub, known_hubs, &shared.secret, &addrs).await?;
+    let target = VirtualAddr::new(id, HUB_VPORT).with_direct(addrs);
+    let settings = RaceSettings {
+        // A plaintext link still authenticates both ends; routed streams on it
+        // stay end-to-end encrypted unless their own peers both opt out.
+        options: shared.initiator_options(),
+        attempt_delay: shared.attempt_delay,
+        timeout: ATTACH_TIMEOUT,
+        module: SetupModule::Direct,
+    };
+    direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
+        .await
+        .map_err(|e| {
+            if e.is_identity_mismatch() {
+                format!(
+                    "{e} (the hub's key changed? if that is expected, remove its line from {})",
+                    known_hubs.map_or("the known_hubs file".into(), |p| p.display().to_string())
+                )
+            } else {
+                e.to_string()
+            }
+        })
+}
+
+/// Dials the hub, authenticates it and registers.
+async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, String> {
+    let stream = dial(shared, &session.target, session.known_hubs.as_deref()).await?;
+    let hub = stream.peer();
+    let (local, remote) = (stream.info().local_addr, stream.info().remote_addr);
+    let (r, w) = tokio::io::split(stream);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_frames(w, rx));
+    let proof = session
+        .network_secret
+        .as_deref()
+        .map(|s| admission_proof(s, &shared.secret.node_id(), &hub));
+    send_control(
+        &tx,
+        &Control::Register {
+            addrs: shared.advertised.clone(),
+            proof,
+        },
+    );
+    let mut reader = FrameReader::new(r);
+    let observed = match reader.next().await {
+        Ok(Some(Frame::Control(Control::Registered { observed }))) => observed,
+        Ok(Some(Frame::Control(Control::Refused { reason }))) => {
+            return Err(format!("hub {hub} refused this node: {reason}"))
+        }
+        Ok(Some(other)) => return Err(format!("hub answered the registration with {other:?}")),
+        Ok(None) => return Err("hub closed the link during registration".into()),
+        Err(e) => return Err(format!("hub link failed during registration: {e}")),
+    };
+    tracing::info!(%hub, %observed, "registered with hub");
+    let link = Link {
+        tx,
+        streams: Arc::default(),
+        next_id: Arc::new(AtomicU32::new(1)),
+        status: HubStatus {
+            hub,
+            observed,
+            local,
+            remote,
+        },
+    };
+    Ok(Attached {
+        reader,
+        link,
+        writer,
+    })
+}
+
+/// Serves a registered link until it fails; returns why it ended.
+async fn serve(shared: &Arc<Shared>, session: &Session, attached: Attached) -> String {
+    let Attached {
+        mut reader,
+        link,
+        writer,
+    } = attached;
+    session.link.send_replace(Some(link.clone()));
+    let pinger = {
+        let tx = link.tx.clone();
+        tokio::spawn(async move {
+            let mut nonce = 0u64;
+            loop {
+                tokio::time::sleep(PING_INTERVAL).await;
+                nonce += 1;
+                send_control(&tx, &Control::Ping { nonce });
+            }
+        })
+    };
+    let why = loop {
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, reader.next()).await {
+            Err(_) => break format!("no traffic from the hub for {IDLE_TIMEOUT:?}"),
+            Ok(Err(e)) => break e.to_string(),
+            Ok(Ok(None)) => break "the hub closed the link".to_string(),
+            Ok(Ok(Some(f))) => f,
+        };
+        if let Some(why) = handle_frame(shared, session, &link, frame) {
+            break why;
+        }
+    };
+    pinger.abort();
+    session.link.send_replace(None);
+    locked(&session.lookups).clear();
+    let streams: Vec<_> = locked(&link.streams).drain().collect();
+    for (_, s) in streams {
+        s.on_reset(ResetCode::LinkLost, format!("hub link lost: {why}"));
+    }
+    drop(link);
+    writer.abort();
+    why
+}
+
+/// Handles one frame; `Some(reason)` ends the session.
+fn handle_frame(
+    shared: &Arc<Shared>,
+    session: &Session,
+    link: &Link,
+    frame: Frame<'_>,
+) -> Option<String> {
+    let stream_of = |id: u32| locked(&link.streams).get(&id).cloned();
+    match frame {
+        Frame::Data { stream, data } => {
+            if let Some(s) = stream_of(stream) {
+                if let Err(e) = s.on_data(data) {
+                    s.on_reset(ResetCode::FlowViolation, e.to_string());
+                    locked(&link.streams).remove(&stream);
+                    let mut f = Vec::new();
+                    encode_reset(stream, ResetCode::FlowViolation, &e.to_string(), &mut f);
+                    let _ = link.tx.send(f);
+                }
+            }
+        }
+        Frame::Credit { stream, bytes } => {
+            if let Some(s) = stream_of(stream) {
+                s.on_credit(bytes);
+            }
+        }
+        Frame::Fin { stream } => {
+            if let Some(s) = stream_of(stream) {
+                s.on_fin();
+            }
+        }
+        Frame::Reset {
+            stream,
+            code,
+            reason,
+        } => {
+            if let Some(s) = locked(&link.streams).remove(&stream) {
+                s.on_reset(code, reason);
+            }
+        }
+        Frame::Open { stream, dst, src } => {
+            if dst != shared.secret.node_id() {
+                let mut f = Vec::new();
+                encode_reset(stream, ResetCode::NoRoute, "not this node", &mut f);
+                let _ = link.tx.send(f);
+            } else {
+                let rs = RoutedStream::register(stream, link.streams.clone(), link.tx.clone());
+                let addrs = (link.status.local, link.status.remote);
+                tokio::spawn(accept_routed(shared.clone(), rs, src, addrs));
+            }
+        }
+        Frame::Control(msg) => match msg {
+            Control::Found { req, entry, .. } => {
+                if let Some(tx) = locked(&session.lookups).remove(&req) {
+                    let _ = tx.send(entry);
+                }
+            }
+            Control::ConnectBack(cb) => {
+                tokio::spawn(connect_back(shared.clone(), cb));
+            }
+            Control::ConnectBackFailed { token, reason } => {
+                shared.fail_reverse(token, &reason);
+            }
+            Control::Ping { nonce } => send_control(&link.tx, &Control::Pong { nonce }),
+            Control::Pong { .. } => {}
+            Control::Refused { reason } => return Some(format!("hub refused: {reason}")),
+            other => tracing::debug!("ignoring unexpected control message {other:?}"),
+        },
+    }
+    None
+}
+
+/// Runs the responder's handshake on an inbound routed stream and queues it.
+async fn accept_routed(
+    shared: Arc<Shared>,
+    mut rs: RoutedStream,
+    src: NodeId,
+    link: (SocketAddr, SocketAddr),
+) {
+    let started = Instant::now();
+    let admit = |_: &NodeId, h: &reach_proto::handshake::HelloHeader| {
+        if h.reverse {
+            // Connect-backs are TCP connections by definition.
+            return Admission::Refuse(Refusal::NotAdmitted);
+        }
+        shared.admit_port(h.port)
+    };
+    let hs = respond(&mut rs, &shared.secret, shared.responder_options(), admit);
+    match tokio::time::timeout(shared.handshake_timeout, hs).await {
+        Ok(Ok(est)) => {
+            let stream = ReachStream::over_routed(rs, est, link, Direction::Inbound, started);
+            tracing::debug!(peer = %stream.peer(), "accepted routed stream");
+            shared.deliver(stream).await;
+        }
+        Ok(Err(e)) => tracing::warn!(%src, "rejected routed stream: {e}"),
+        Err(_) => tracing::warn!(%src, "rejected routed stream: handshake timed out"),
+    }
+}
+
+/// Answers a connect-back request: dials the asker and hands the stream to
+/// this endpoint's `accept`.
+async fn connect_back(shared: Arc<Shared>, cb: ConnectBack) {
+    if shared.admit_port(cb.vport) != Admission::Accept {
+        tracing::debug!(from = %cb.from, vport = cb.vport, "not connecting back: port not served");
+        return;
+    }
+    let target = VirtualAddr::new(cb.from, cb.token).with_direct(cb.addrs);
+    let settings = RaceSettings {
+        options: InitiatorOptions {
+            plaintext: shared.plaintext,
+            cipher: shared.cipher,
+            reverse: true,
+        },
+        attempt_delay: shared.attempt_delay,
+        timeout: CONNECT_BACK_TIMEOUT,
+        module: SetupModule::Reverse,
+    };
+    match direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await {
+        Ok(mut stream) => {
+            stream.info_mut().virtual_port = cb.vport;
+            tracing::debug!(peer = %cb.from, "connected back");
+            shared.deliver(stream).await;
+        }
+        Err(e) => tracing::debug!(peer = %cb.from, "cannot connect back: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_targets_parse_and_print() {
+        let id = SecretKey::from_seed([1; 32]).node_id();
+        for text in [
+            "hub.example:7700".to_string(),
+            format!("{id}@203.0.113.1:7700"),
+            "[2001:db8::1]:7700".to_string(),
+        ] {
+            let t: HubTarget = text.parse().expect("parses");
+            assert_eq!(t.to_string(), text);
+        }
+        assert!("hub.example".parse::<HubTarget>().is_err());
+        assert!(":7700".parse::<HubTarget>().is_err());
+        assert!("notanid@h:1".parse::<HubTarget>().is_err());
+        assert!("h:99999".parse::<HubTarget>().is_err());
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        for _ in 0..100 {
+            let j = jitter(Duration::from_secs(1));
+            assert!(j >= Duration::from_millis(800) && j < Duration::from_millis(1200));
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The setup driver: tries the connection-setup modules in order, each within
+//! a time budget, and caches the winner per target (SmartSockets section 3.2).
+//!
+//! Better than the paper's driver in two ways: a module that cannot work is
+//! skipped instead of burning its timeout (Direct without any address, Reverse
+//! or Routed without a hub session, Reverse when we advertise no address), and
+//! the cached module is tried first, so repeated connections to a node behind
+//! a dropping firewall cost no timeout once the cache knows better. A cached
+//! module that fails is dropped from the cache and the full order runs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reach_proto::handshake::HandshakeError;
+use reach_proto::link::ConnectBack;
+use reach_proto::{NodeId, VirtualAddr};
+use tokio::sync::oneshot;
+
+use crate::direct::{self, RaceSettings};
+use crate::endpoint::Shared;
+use crate::error::{AttemptError, ConnectError, ModuleFailure};
+use crate::handshake::initiate;
+use crate::stream::{Direction, ReachStream, SetupModule};
+
+/// How long `connect` waits for a hub session that is still coming up.
+const SESSION_WAIT: Duration = Duration::from_secs(3);
+/// How long a directory lookup may take.
+const LOOKUP_BUDGET: Duration = Duration::from_secs(2);
+
+/// Connects to `target` within `timeout`.
+pub(crate) async fn connect(
+    shared: &Arc<Shared>,
+    target: &VirtualAddr,
+    timeout: Duration,
+) -> Result<ReachStream, ConnectError> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let Some(session) = &shared.session else {
+        // No hub: the Direct module is all there is.
+        return direct::connect(
+            &shared.secret,
+            &shared.local_addrs.get(),
+            target,
+            race_settings(shared, timeout),
+        )
+        .await;
+    };
+    let node = target.node;
+    let mut target = target.clone();
+    let link = session
+        .wait_link(deadline.min(started + SESSION_WAIT))
+        .await
+        .ok();
+    if target.direct.is_empty() {
+        if let Some(link) = &link {
+            let _ = link;
+            match session
+                .lookup(node, deadline.min(Instant::now() + LOOKUP_BUDGET))
+                .await
+            {
+                Ok(Some(entry)) => target.direct = entry.addrs,
+                Ok(None) => tracing::debug!(%node, "no hub knows the node"),
+                Err(e) => tracing::debug!(%node, "lookup failed: {e}"),
+            }
+        }
+    }
+    let cached = cached(shared, &node);
+    let order: Vec<SetupModule> = cached
+        .into_iter()
+        .chain(
+            shared
+                .modules
+                .iter()
+                .copied()
+                .filter(|m| Some(*m) != cached),
+        )
+        .collect();
+    let mut failures = Vec::new();
+    for (i, module) in order.iter().copied().enumerate() {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let remaining = deadline - now;
+        let last = i + 1 == order.len();
+        let skip = |why: &str| ModuleFailure {
+            module,
+            error: format!("skipped: {why}"),
+        };
+        let result = match module {
+            SetupModule::Direct if target.direct.is_empty() => {
+                failures.push(skip("no direct address known"));
+                continue;
+            }
+            SetupModule::Direct => {
+                let budget = if last {
+                    remaining
+                } else {
+                    remaining.min(shared.direct_budget)
+                };
+                direct::connect(
+                    &shared.secret,
+                    &shared.local_addrs.get(),
+                    &target,
+                    race_settings(shared, budget),
+                )
+                .await
+                .map_err(|e| match e {
+                    refused @ ConnectError::Refused { .. } => Err(refused),
+                    other => Ok(other.to_string()),
+                })
+            }
+            SetupModule::Reverse | SetupModule::Routed if link.is_none() => {
+                failures.push(skip("no hub session"));
+                continue;
+            }
+            SetupModule::Reverse if shared.advertised.is_empty() => {
+                failures.push(skip("this node advertises no address to connect back to"));
+                continue;
+            }
+            SetupModule::Reverse => {
+                let budget = if last {
+                    remaining
+                } else {
+                    remaining.min(shared.reverse_budget)
+                };
+                reverse(shared, &target, budget, started).await.map_err(Ok)
+            }
+            SetupModule::Routed => routed(shared, &target, remaining, started).await,
+        };
+        match result {
+            Ok(stream) => {
+                remember(shared, node, Some(module));
+                return Ok(stream);
+            }
+            Err(Err(refused)) => return Err(refused),
+            Err(Ok(error)) => {
+                if cached == Some(module) {
+                    remember(shared, node, None);
+                }
+                tracing::debug!(%node, %module, %error, "setup module failed");
+                failures.push(ModuleFailure { module, error });
+            }
+        }
+    }
+    Err(ConnectError::Unreachable {
+        node,
+        after: started.elapsed(),
+        modules: failures,
+    })
+}
+
+fn race_settings(shared: &Shared, timeout: Duration) -> RaceSettings {
+    RaceSettings {
+        options: shared.initiator_options(),
+        attempt_delay: shared.attempt_delay,
+        timeout,
+        module: SetupModule::Direct,
+    }
+}
+
+fn cached(shared: &Shared, node: &NodeId) -> Option<SetupModule> {
+    shared
+        .cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(node)
+        .copied()
+}
+
+fn remember(shared: &Shared, node: NodeId, module: Option<SetupModule>) {
+    let mut cache = shared.cache.lock().unwrap_or_else(|p| p.into_inner());
+    match module {
+        Some(m) => cache.insert(node, m),
+        None => cache.remove(&node),
+    };
+}
+
+/// Asks the target, through the hubs, to connect to us, and waits for it.
+async fn reverse(
+    shared: &Arc<Shared>,
+    target: &VirtualAddr,
+    budget: Duration,
+    started: Instant,
+) -> Result<ReachStream, String> {
+    let session = shared.session.as_ref().ok_or("no hub configured")?;
+    let link = session
+        .wait_link(Instant::now())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = oneshot::channel();
+    let token = {
+        let mut pending = shared
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut b = [0u8; 2];
+        let token = loop {
+            getrandom::fill(&mut b).map_err(|e| e.to_string())?;
+            let t = u16::from_le_bytes(b);
+            if !pending.contains_key(&(target.node, t)) {
+                break t;
+            }
+        };
+        pending.insert((target.node, token), tx);
+        token
+    };
+    session.connect_back(
+        &link,
+        ConnectBack {
+            from: shared.secret.node_id(),
+            target: target.node,
+            token,
+            vport: target.port,
+            addrs: shared.advertised.clone(),
+        },
+    );
+    let result = tokio::time::timeout(budget, rx).await;
+    shared
+        .pending_reverse
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&(target.node, token));
+    match result {
+        Ok(Ok(Ok(mut stream))) => {
+            let info = stream.info_mut();
+            info.virtual_port = target.port;
+            info.setup_time = started.elapsed();
+            Ok(stream)
+        }
+        Ok(Ok(Err(reason))) => Err(format!("hub could not ask the node: {reason}")),
+        Ok(Err(_)) => Err("the connect-back request was dropped".into()),
+        Err(_) => Err(format!("the node did not connect back within {budget:?}")),
+    }
+}
+
+/// Opens a routed stream through the hubs and runs the handshake over it.
+async fn routed(
+    shared: &Arc<Shared>,
+    target: &VirtualAddr,
+    budget: Duration,
+    started: Instant,
+) -> Result<ReachStream, Result<String, ConnectError>> {
+    let session = shared
+        .session
+        .as_ref()
+        .ok_or(Ok("no hub configured".to_string()))?;
+    let link = session
+        .wait_link(Instant::now())
+        .await
+        .map_err(|e| Ok(e.to_string()))?;
+    let me = shared.secret.node_id();
+    let (mut rs, addrs) = session.open(&link, &me, &target.node);
+    let hs = initiate(
+        &mut rs,
+        &shared.secret,
+        target.node,
+        target.port,
+        shared.initiator_options(),
+    );
+    match tokio::time::timeout(budget, hs).await {
+        Ok(Ok(est)) => Ok(ReachStream::over_routed(
+            rs,
+            est,
+            addrs,
+            Direction::Outbound,
+            started,
+        )),
+        Ok(Err(AttemptError::Handshake(HandshakeError::Refused(refusal)))) => {
+            Err(Err(ConnectError::Refused {
+                node: target.node,
+                refusal,
+            }))
+        }
+        Ok(Err(e)) => Err(Ok(e.to_string())),
+        Err(_) => Err(Ok(format!("no handshake answer within {budget:?}"))),
+    }
+}
