@@ -29,6 +29,38 @@ pub struct Config {
     pub advertise: Option<Vec<SocketAddr>>,
     /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "reach=debug".
     pub log: Option<String>,
+    /// The hub this node attaches to, `[NODEID@]HOST:PORT`.
+    pub hub: Option<String>,
+    /// Setup modules in the order the driver tries them.
+    pub modules: Option<Vec<String>>,
+    /// File holding the network secret that admits this node (and hub) to hubs.
+    pub network_secret_file: Option<PathBuf>,
+    /// Settings of `reach hub`.
+    pub hub_server: Option<HubServer>,
+}
+
+/// The `[hub_server]` table: how `reach hub` runs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubServer {
+    /// TCP port the hub listens on.
+    pub tcp_port: Option<u16>,
+    /// IP address the hub listens on.
+    pub bind: Option<IpAddr>,
+    /// Addresses other hubs and nodes reach this hub at.
+    pub advertise: Option<Vec<SocketAddr>>,
+    /// Peer hubs this hub links to, `[NODEID@]HOST:PORT`.
+    pub peers: Option<Vec<String>>,
+    /// Nodes admitted by NodeId.
+    pub allow: Option<Vec<String>>,
+    /// Hubs admitted as peers by NodeId (configured peers always are).
+    pub allow_hubs: Option<Vec<String>>,
+    /// Admit every node, even with `allow` or a network secret configured.
+    pub open: Option<bool>,
+    /// Where to serve Prometheus metrics and the JSON status over HTTP.
+    pub metrics: Option<SocketAddr>,
+    /// Seconds between routing gossip messages.
+    pub gossip_interval: Option<f64>,
 }
 
 impl Config {
@@ -50,14 +82,18 @@ impl Config {
                 one_line(&e.to_string())
             )
         })?;
-        if let Some(t) = config.connect_timeout {
-            if !(t.is_finite() && t > 0.0) {
-                bail!(
-                    "bad config file {}: connect_timeout must be a positive number of seconds",
-                    path.display()
-                );
-            }
-        }
+        let positive = |key: &str, v: Option<f64>| match v {
+            Some(t) if !(t.is_finite() && t > 0.0) => bail!(
+                "bad config file {}: {key} must be a positive number of seconds",
+                path.display()
+            ),
+            _ => Ok(()),
+        };
+        positive("connect_timeout", config.connect_timeout)?;
+        positive(
+            "hub_server.gossip_interval",
+            config.hub_server.as_ref().and_then(|h| h.gossip_interval),
+        )?;
         Ok(config)
     }
 }
@@ -107,6 +143,20 @@ mod tests {
             port_range = "40000-40010"
             advertise = ["198.51.100.7:40000"]
             log = "info"
+            hub = "hub.example:7700"
+            modules = ["direct", "routed"]
+            network_secret_file = "/etc/reach/secret"
+
+            [hub_server]
+            tcp_port = 7700
+            bind = "0.0.0.0"
+            advertise = ["198.51.100.7:7700"]
+            peers = ["203.0.113.9:7700"]
+            allow = []
+            allow_hubs = []
+            open = false
+            metrics = "127.0.0.1:9107"
+            gossip_interval = 2
         "#;
         let c: Config = toml::from_str(text).expect("parse");
         assert_eq!(c.plaintext, Some(true));

@@ -4,7 +4,9 @@
 //! usage errors exit with 2 (clap's convention).
 
 mod config;
+mod hub;
 mod pipe;
+mod status;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use reach::{Endpoint, EndpointBuilder, ListenPorts, VirtualAddr};
+use reach::{Endpoint, EndpointBuilder, HubTarget, ListenPorts, SetupModule, VirtualAddr};
 
 use config::{parse_port_range, Config};
 
@@ -61,14 +63,47 @@ enum Command {
     /// directions are done.
     #[command(verbatim_doc_comment)]
     Connect(ConnectArgs),
+    /// Run a hub: nodes attach to it; it federates with peer hubs, routes and
+    /// relays streams, and brokers reverse connections.
+    ///
+    /// Prints "hub NODEID@IP:PORT" to stderr once listening; nodes attach with
+    /// `--hub NODEID@IP:PORT`. Runs until SIGINT or SIGTERM.
+    ///
+    /// Admission: nodes listed with --allow, or proving the network secret
+    /// (--network-secret-file), may attach. With neither configured the hub is
+    /// open to every node (a warning says so).
+    #[command(verbatim_doc_comment)]
+    Hub(hub::HubArgs),
+    /// Show a hub's state: its links to other hubs, routes, attached nodes and
+    /// counters (the hub named by --hub, else the configured one).
+    Status(status::StatusArgs),
 }
 
+/// Settings every node command shares: how to reach peers.
 #[derive(Args, Debug)]
 struct CommonArgs {
     /// Send payload unencrypted (peers are still authenticated). Takes effect only
     /// when both ends ask for it; for trusted fabrics.
     #[arg(long)]
     plaintext: bool,
+    #[command(flatten)]
+    hub: HubArgs,
+}
+
+/// How a node finds and joins its hub.
+#[derive(Args, Debug)]
+struct HubArgs {
+    /// Attach to this hub, [NODEID@]HOST:PORT (NODEID pins the hub's identity;
+    /// without it, the identity met first is pinned in STATE_DIR/known_hubs).
+    #[arg(long, value_name = "HUB")]
+    hub: Option<String>,
+    /// File holding the network secret that admits this node to hubs.
+    #[arg(long, value_name = "PATH")]
+    network_secret_file: Option<PathBuf>,
+    /// Setup modules to try, in order, comma-separated (default:
+    /// direct,reverse,routed). Modules that cannot work for a target are skipped.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    modules: Vec<SetupModule>,
 }
 
 #[derive(Args, Debug)]
@@ -190,17 +225,84 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         Command::Listen(args) => listen(args, &config, &state_dir).await,
         Command::Connect(args) => connect(args, &config, &state_dir).await,
+        Command::Hub(args) => hub::run(args, &config, &state_dir).await,
+        Command::Status(args) => status::run(args, &config, &state_dir).await,
     }
 }
 
-fn builder(config: &Config, state_dir: &Path, plaintext: bool) -> EndpointBuilder {
-    Endpoint::builder()
+/// An endpoint builder with the identity, plaintext choice, hub, network
+/// secret and modules from flags and config. Returns whether a hub is set.
+fn builder(
+    config: &Config,
+    state_dir: &Path,
+    common: &CommonArgs,
+) -> anyhow::Result<(EndpointBuilder, bool)> {
+    let mut b = Endpoint::builder()
         .state_dir(state_dir)
-        .plaintext(plaintext || config.plaintext.unwrap_or(false))
+        .plaintext(common.plaintext || config.plaintext.unwrap_or(false));
+    let hub = hub_target(common.hub.hub.as_deref(), config)?;
+    let has_hub = hub.is_some();
+    if let Some(hub) = hub {
+        b = b.hub(hub);
+    }
+    if let Some(secret) = network_secret(common.hub.network_secret_file.as_deref(), config)? {
+        b = b.network_secret(secret);
+    }
+    let modules = if common.hub.modules.is_empty() {
+        config
+            .modules
+            .iter()
+            .flatten()
+            .map(|m| m.parse::<SetupModule>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("bad config key modules: {e}"))?
+    } else {
+        common.hub.modules.clone()
+    };
+    if !modules.is_empty() {
+        b = b.modules(modules);
+    }
+    Ok((b, has_hub))
 }
 
+/// The hub from `--hub`, else from the config file.
+fn hub_target(flag: Option<&str>, config: &Config) -> anyhow::Result<Option<HubTarget>> {
+    match (flag, &config.hub) {
+        (Some(text), _) => Ok(Some(text.parse().map_err(anyhow::Error::msg)?)),
+        (None, Some(text)) => Ok(Some(
+            text.parse()
+                .map_err(|e| anyhow::anyhow!("bad config key hub: {e}"))?,
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The network secret from `--network-secret-file`, else from the config file.
+/// Surrounding whitespace (a trailing newline) is not part of the secret.
+fn network_secret(flag: Option<&Path>, config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(path) = flag.or(config.network_secret_file.as_deref()) else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read the network secret file {}", path.display()))?;
+    let secret = bytes.trim_ascii();
+    if secret.len() < 16 {
+        anyhow::bail!(
+            "the network secret in {} is too short ({} bytes): use at least 16 random bytes, e.g. `head -c 32 /dev/urandom | base64 > {}`",
+            path.display(),
+            secret.len(),
+            path.display()
+        );
+    }
+    Ok(Some(secret.to_vec()))
+}
+
+/// How long `listen` waits for its hub before giving up.
+const HUB_WAIT: Duration = Duration::from_secs(10);
+
 async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
-    let mut b = builder(config, state_dir, args.common.plaintext).accept_ports(vec![args.port]);
+    let (b, has_hub) = builder(config, state_dir, &args.common)?;
+    let mut b = b.accept_ports(vec![args.port]);
     let range = match (&args.port_range, &config.port_range) {
         (Some(r), _) => Some(*r),
         (None, Some(text)) => Some(parse_port_range(text).map_err(anyhow::Error::msg)?),
@@ -223,6 +325,15 @@ async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::
         b = b.advertise(advertise);
     }
     let endpoint = b.bind().await?;
+    if has_hub {
+        // Peers that need the hub (Reverse, Routed) can reach this node only
+        // once it is registered: say so now rather than fail them later.
+        let status = endpoint
+            .wait_hub(HUB_WAIT)
+            .await
+            .context("cannot attach to the hub")?;
+        tracing::info!(hub = %status.hub, observed = %status.observed, "attached to hub");
+    }
     let vaddr = endpoint.virtual_addr(args.port);
     if let Some(path) = &args.addr_file {
         write_atomically(path, &format!("{vaddr}\n"))?;
@@ -256,11 +367,23 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
         .ok()
         .filter(|d| !d.is_zero())
         .context("--timeout must be a positive number of seconds")?;
-    // A connecting node needs no fixed listening port; bind wherever.
-    let endpoint = builder(config, state_dir, args.common.plaintext)
-        .bind_ip(IpAddr::from([127, 0, 0, 1]))
-        .bind()
-        .await?;
+    let (mut b, mut has_hub) = builder(config, state_dir, &args.common)?;
+    if let (false, Some(hint)) = (has_hub, &vaddr.hub) {
+        // The address names the target's home hub: attach there to find it.
+        b = b.hub(HubTarget {
+            id: None,
+            host: hint.host.clone(),
+            port: hint.port,
+        });
+        has_hub = true;
+    }
+    // A connecting node needs no fixed listening port. Without a hub nobody
+    // connects to it, so loopback will do; with one, the target may be asked
+    // to connect back (Reverse), so listen on every interface.
+    if !has_hub {
+        b = b.bind_ip(IpAddr::from([127, 0, 0, 1]));
+    }
+    let endpoint = b.bind().await?;
     let stream = endpoint.connect_timeout(&vaddr, timeout).await?;
     let info = stream.info().clone();
     tracing::info!(

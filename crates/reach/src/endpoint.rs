@@ -241,7 +241,7 @@ impl EndpointBuilder {
         let known_hubs = state_dir.map(|d| d.join("known_hubs"));
         let session = self
             .hub
-            .map(|hub| Session::new(hub, known_hubs.clone(), self.network_secret));
+            .map(|hub| Session::new(hub, known_hubs.clone(), self.network_secret.clone()));
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let shared = Arc::new(Shared {
             secret,
@@ -261,6 +261,7 @@ impl EndpointBuilder {
             cache: StdMutex::default(),
             session,
             known_hubs,
+            network_secret: self.network_secret,
         });
         let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
         if shared.session.is_some() {
@@ -297,7 +298,9 @@ pub(crate) struct Shared {
     pub(crate) cache: StdMutex<HashMap<NodeId, SetupModule>>,
     pub(crate) session: Option<Session>,
     /// Where hub identities learned on first contact are pinned.
-    known_hubs: Option<PathBuf>,
+    pub(crate) known_hubs: Option<PathBuf>,
+    /// Proves admission to hubs.
+    network_secret: Option<Vec<u8>>,
 }
 
 /// Where a connect-back stream (or the reason it will not come) goes.
@@ -431,8 +434,18 @@ impl Endpoint {
     }
 
     /// This node's virtual address for `port`, with its direct addresses as hints.
+    ///
+    /// With a hub, the address names it (`/hub=HOST:PORT`), so a connector
+    /// without hub configuration of its own can attach there to find this node.
     pub fn virtual_addr(&self, port: u16) -> VirtualAddr {
-        VirtualAddr::new(self.node_id(), port).with_direct(self.advertised.clone())
+        let mut a = VirtualAddr::new(self.node_id(), port).with_direct(self.advertised.clone());
+        if let Some(s) = &self.shared.session {
+            a.hub = Some(reach_proto::vaddr::HubAddr {
+                host: s.target.host.clone(),
+                port: s.target.port,
+            });
+        }
+        a
     }
 
     /// Connects to a virtual address within the configured connect timeout.
@@ -476,6 +489,18 @@ impl Endpoint {
     /// The caller speaks the link protocol (`reach::link`) on the stream.
     pub async fn dial_hub(&self, hub: &HubTarget) -> Result<ReachStream, String> {
         session::dial(&self.shared, hub, self.shared.known_hubs.as_deref()).await
+    }
+
+    /// Asks a hub for its status report (JSON: links, routes, attached
+    /// nodes, counters). `hub` defaults to the endpoint's own hub; the query
+    /// carries the network secret's proof when one is configured.
+    pub async fn query_hub(&self, hub: Option<&HubTarget>) -> Result<String, String> {
+        let target = match (hub, &self.shared.session) {
+            (Some(h), _) => h,
+            (None, Some(s)) => &s.target,
+            (None, None) => return Err("no hub given and none configured".into()),
+        };
+        session::query_status(&self.shared, target, self.shared.network_secret.as_deref()).await
     }
 
     /// The module the setup driver will try first for `node`, if one is cached.
@@ -544,6 +569,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             let timeout = shared.handshake_timeout;
             match tokio::time::timeout(timeout, accept_one(&shared, tcp)).await {
                 Ok(Ok(())) => {}
+                // A connector that does not know our id yet (a node pinning
+                // its hub on first contact) learns it from this rejection.
+                Ok(Err(
+                    e @ AttemptError::Handshake(reach_proto::handshake::HandshakeError::WrongNode {
+                        ..
+                    }),
+                )) => {
+                    tracing::debug!(%from, "rejected connection: {e}")
+                }
                 Ok(Err(e)) => tracing::warn!(%from, "rejected connection: {e}"),
                 Err(_) => tracing::warn!(
                     %from,

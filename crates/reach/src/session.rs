@@ -24,6 +24,7 @@ use reach_proto::link::{
     Frame, ResetCode, HUB_VPORT,
 };
 use reach_proto::{NodeId, SecretKey, VirtualAddr};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 
 use crate::direct::{self, RaceSettings};
@@ -133,6 +134,16 @@ pub enum SessionError {
     /// The hub did not answer in time.
     #[error("hub did not answer within {0:?}")]
     TimedOut(Duration),
+    /// The hub refused to admit this node (its policy lists neither the node's
+    /// key nor accepts its network secret). The session keeps retrying slowly,
+    /// in case the policy changes.
+    #[error("hub {hub} refused this node: {reason}")]
+    Refused {
+        /// The hub.
+        hub: String,
+        /// The hub's reason.
+        reason: String,
+    },
 }
 
 /// A registered link.
@@ -146,10 +157,12 @@ pub(crate) struct Link {
 
 /// The endpoint's view of its hub session.
 pub(crate) struct Session {
-    target: HubTarget,
+    pub(crate) target: HubTarget,
     known_hubs: Option<PathBuf>,
     network_secret: Option<Vec<u8>>,
     link: watch::Sender<Option<Link>>,
+    /// The hub's reason when it refused the last registration.
+    refused: watch::Sender<Option<String>>,
     lookups: Mutex<HashMap<u32, oneshot::Sender<Option<DirEntry>>>>,
     next_req: AtomicU32,
     last_error: Mutex<Option<String>>,
@@ -176,6 +189,7 @@ impl Session {
             known_hubs,
             network_secret,
             link: watch::Sender::new(None),
+            refused: watch::Sender::new(None),
             lookups: Mutex::default(),
             next_req: AtomicU32::new(1),
             last_error: Mutex::default(),
@@ -194,17 +208,23 @@ impl Session {
         self.link.borrow().as_ref().map(|l| l.status.clone())
     }
 
-    /// Waits until the session is registered or `deadline` passes.
+    /// Waits until the session is registered or `deadline` passes; ends early
+    /// when the hub refuses this node.
     pub(crate) async fn wait_link(&self, deadline: Instant) -> Result<Link, SessionError> {
         let mut rx = self.link.subscribe();
+        let mut refused = self.refused.subscribe();
         let wait = async {
-            rx.wait_for(|l| l.is_some())
-                .await
-                .ok()
-                .and_then(|l| l.clone())
+            tokio::select! {
+                l = rx.wait_for(|l| l.is_some()) => l.ok().and_then(|l| l.clone()).ok_or_else(|| self.down()),
+                r = refused.wait_for(|r| r.is_some()) => Err(match r.ok().and_then(|r| r.clone()) {
+                    Some(reason) => SessionError::Refused { hub: self.target.to_string(), reason },
+                    None => self.down(),
+                }),
+            }
         };
-        let link = tokio::time::timeout_at(deadline.into(), wait).await;
-        link.ok().flatten().ok_or_else(|| self.down())
+        tokio::time::timeout_at(deadline.into(), wait)
+            .await
+            .unwrap_or_else(|_| Err(self.down()))
     }
 
     /// Asks the hub where `node` is.
@@ -278,6 +298,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             Ok(Err(e)) => {
                 tracing::warn!(hub = %session.target, "cannot attach to hub: {e}");
                 *locked(&session.last_error) = Some(e);
+                if session.refused.borrow().is_some() {
+                    // Policies change by hand: no point asking often.
+                    backoff = REFUSED_BACKOFF;
+                }
             }
             Err(_) => {
                 let e = format!("no answer within {ATTACH_TIMEOUT:?}");
@@ -286,9 +310,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
         }
         tokio::time::sleep(jitter(backoff)).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = (backoff * 2).min(MAX_BACKOFF.max(backoff));
     }
 }
+
+/// How long a refused node waits before asking the hub again.
+const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 
 /// `d` scaled by a random factor in [0.8, 1.2), so nodes that lost the same hub
 /// do not reconnect in lockstep.
@@ -416,6 +443,46 @@ pub(crate) async fn dial(
         })
 }
 
+/// Asks `hub` for its status report (JSON) on a short-lived link: the hub
+/// answers one `StatusQuery` from an admitted node and closes.
+pub(crate) async fn query_status(
+    shared: &Shared,
+    hub: &HubTarget,
+    network_secret: Option<&[u8]>,
+) -> Result<String, String> {
+    let stream = tokio::time::timeout(
+        ATTACH_TIMEOUT,
+        dial(shared, hub, shared.known_hubs.as_deref()),
+    )
+    .await
+    .map_err(|_| format!("hub {hub} did not answer within {ATTACH_TIMEOUT:?}"))??;
+    let hub_id = stream.peer();
+    let (r, mut w) = tokio::io::split(stream);
+    let proof = network_secret.map(|s| admission_proof(s, &shared.secret.node_id(), &hub_id));
+    let mut frame = Vec::new();
+    encode_control(&Control::StatusQuery { proof }, &mut frame).map_err(|e| e.to_string())?;
+    w.write_all(&frame)
+        .await
+        .map_err(|e| format!("cannot send the status query to hub {hub_id}: {e}"))?;
+    let mut reader = FrameReader::new(r);
+    let answer = tokio::time::timeout(ATTACH_TIMEOUT, reader.next())
+        .await
+        .map_err(|_| format!("hub {hub_id} sent no status within {ATTACH_TIMEOUT:?}"))?;
+    match answer {
+        Ok(Some(Frame::Control(Control::StatusReport { json }))) => Ok(json),
+        Ok(Some(Frame::Control(Control::Refused { reason }))) => {
+            Err(format!("hub {hub_id} refused the status query: {reason}"))
+        }
+        Ok(Some(other)) => Err(format!(
+            "hub {hub_id} answered the status query with {other:?}"
+        )),
+        Ok(None) => Err(format!(
+            "hub {hub_id} closed the link without a status report"
+        )),
+        Err(e) => Err(format!("hub {hub_id} link failed: {e}")),
+    }
+}
+
 /// Dials the hub, authenticates it and registers.
 async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, String> {
     let stream = dial(shared, &session.target, session.known_hubs.as_deref()).await?;
@@ -439,13 +506,16 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Str
     let observed = match reader.next().await {
         Ok(Some(Frame::Control(Control::Registered { observed }))) => observed,
         Ok(Some(Frame::Control(Control::Refused { reason }))) => {
-            return Err(format!("hub {hub} refused this node: {reason}"))
+            let e = format!("hub {hub} refused this node: {reason}");
+            session.refused.send_replace(Some(reason));
+            return Err(e);
         }
         Ok(Some(other)) => return Err(format!("hub answered the registration with {other:?}")),
         Ok(None) => return Err("hub closed the link during registration".into()),
         Err(e) => return Err(format!("hub link failed during registration: {e}")),
     };
     tracing::info!(%hub, %observed, "registered with hub");
+    session.refused.send_replace(None);
     let link = Link {
         tx,
         streams: Arc::default(),

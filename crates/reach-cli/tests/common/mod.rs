@@ -257,3 +257,91 @@ pub fn exchange(dir: &Path, listen: Side, connect_from: Side, up: usize, down: u
     );
     vaddr
 }
+
+/// A running `reach hub` on loopback, killed when dropped.
+pub struct HubProc {
+    child: Option<Child>,
+    /// `NODEID@127.0.0.1:PORT`, as the hub printed it.
+    pub target: String,
+    pub stderr_path: PathBuf,
+}
+
+impl HubProc {
+    /// Starts `reach hub` on a free loopback port with `extra` flags and waits
+    /// for its address.
+    pub fn start(state: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(state).expect("state dir");
+        let addr_file = state.join("hub.txt");
+        let stderr_path = state.join("hub.err");
+        let child = reach()
+            .arg("--state-dir")
+            .arg(state)
+            .args([
+                "hub",
+                "--bind",
+                "127.0.0.1",
+                "--tcp-port",
+                "0",
+                "--addr-file",
+            ])
+            .arg(&addr_file)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("err"))
+            .spawn()
+            .expect("spawn reach hub");
+        let mut hub = Self {
+            child: Some(child),
+            target: String::new(),
+            stderr_path,
+        };
+        let start = Instant::now();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                if !text.trim().is_empty() {
+                    hub.target = text.trim().to_string();
+                    return hub;
+                }
+            }
+            if let Some(status) = hub.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("reach hub exited with {status}: {}", hub.stderr());
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "reach hub did not write its address"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The hub's `HOST:PORT`, without its NodeId.
+    pub fn host_port(&self) -> &str {
+        self.target.split_once('@').expect("NODEID@HOST:PORT").1
+    }
+
+    /// What the hub wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the hub to exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        wait_deadline(&mut child)
+    }
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! `reach hub`: the hub daemon, configured by flags and the `[hub_server]`
+//! table of the config file (flags win).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use reach::{Endpoint, HubTarget, ListenPorts, NodeId};
+use reach_hub::{Hub, HubConfig, Policy, DEFAULT_GOSSIP_INTERVAL};
+
+use crate::config::{Config, HubServer};
+use crate::write_atomically;
+
+/// The TCP port a hub listens on unless told otherwise.
+pub const DEFAULT_HUB_PORT: u16 = 7700;
+
+/// Flags of `reach hub`.
+#[derive(Args, Debug)]
+pub struct HubArgs {
+    /// TCP port to listen on [default: 7700].
+    #[arg(long, value_name = "P")]
+    tcp_port: Option<u16>,
+    /// IP address to listen on (default: all, IPv6 and IPv4).
+    #[arg(long, value_name = "IP")]
+    bind: Option<IpAddr>,
+    /// Address nodes and hubs reach this hub at (repeatable; default: the
+    /// interface addresses), e.g. a port forwarded by a NAT.
+    #[arg(long, value_name = "IP:PORT")]
+    advertise: Vec<SocketAddr>,
+    /// A peer hub to link to, [NODEID@]HOST:PORT (repeatable). A hub behind a
+    /// firewall lists hubs it can reach; the link then carries both directions.
+    #[arg(long, value_name = "HUB")]
+    peer: Vec<String>,
+    /// Admit the node with this NodeId (repeatable).
+    #[arg(long, value_name = "NODEID")]
+    allow: Vec<String>,
+    /// Accept links from the hub with this NodeId (repeatable; peers given
+    /// with --peer NODEID@... are accepted too).
+    #[arg(long, value_name = "NODEID")]
+    allow_hub: Vec<String>,
+    /// Admit every node, even with --allow or a network secret.
+    #[arg(long)]
+    open: bool,
+    /// File holding the network secret: nodes and hubs proving it are admitted,
+    /// and this hub proves it to its peers.
+    #[arg(long, value_name = "PATH")]
+    network_secret_file: Option<PathBuf>,
+    /// Serve Prometheus metrics (/metrics) and the JSON status (/status) over
+    /// HTTP on this address, e.g. 127.0.0.1:9107.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Seconds between routing gossip messages to peer hubs [default: 2].
+    #[arg(long, value_name = "SECS")]
+    gossip_interval: Option<f64>,
+    /// Also write the hub's address, NODEID@IP:PORT, to this file (atomically).
+    #[arg(long, value_name = "PATH")]
+    addr_file: Option<PathBuf>,
+}
+
+/// Runs the hub until SIGINT or SIGTERM.
+pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let file = config.hub_server.as_ref();
+    let get =
+        |f: fn(&HubServer) -> Option<&Vec<String>>| file.and_then(f).cloned().unwrap_or_default();
+    let or_file = |flag: Vec<String>, f| if flag.is_empty() { get(f) } else { flag };
+
+    let peers = or_file(args.peer, |h| h.peers.as_ref())
+        .iter()
+        .map(|p| p.parse::<HubTarget>().map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let allowed = node_ids(&or_file(args.allow, |h| h.allow.as_ref()), "--allow")?;
+    let mut peer_hubs = node_ids(
+        &or_file(args.allow_hub, |h| h.allow_hubs.as_ref()),
+        "--allow-hub",
+    )?;
+    peer_hubs.extend(peers.iter().filter_map(|p| p.id));
+    let network_secret = crate::network_secret(args.network_secret_file.as_deref(), config)?;
+    let open = args.open || file.and_then(|h| h.open).unwrap_or(false);
+    let open = if !open && allowed.is_empty() && network_secret.is_none() {
+        tracing::warn!(
+            "no --allow and no --network-secret-file: the hub admits every node (and hub)"
+        );
+        true
+    } else {
+        open
+    };
+    let gossip_interval = match args
+        .gossip_interval
+        .or(file.and_then(|h| h.gossip_interval))
+    {
+        None => DEFAULT_GOSSIP_INTERVAL,
+        Some(s) => Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--gossip-interval must be a positive number of seconds")?,
+    };
+    let advertise = if args.advertise.is_empty() {
+        file.and_then(|h| h.advertise.clone())
+    } else {
+        Some(args.advertise)
+    };
+
+    let port = args
+        .tcp_port
+        .or(file.and_then(|h| h.tcp_port))
+        .unwrap_or(DEFAULT_HUB_PORT);
+    let mut builder = Endpoint::builder()
+        .state_dir(state_dir)
+        .listen_ports(ListenPorts::Fixed(port));
+    if let Some(ip) = args.bind.or(file.and_then(|h| h.bind)) {
+        builder = builder.bind_ip(ip);
+    }
+    if let Some(a) = &advertise {
+        builder = builder.advertise(a.clone());
+    }
+    let config = HubConfig {
+        peers,
+        policy: Policy {
+            allowed,
+            network_secret,
+            open,
+            peer_hubs,
+        },
+        advertise,
+        gossip_interval,
+    };
+    let mut hub = Hub::start(builder, config)
+        .await
+        .with_context(|| format!("cannot start the hub on TCP port {port}"))?;
+    if let Some(addr) = args.metrics.or(file.and_then(|h| h.metrics)) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        hub.serve_metrics(listener);
+        tracing::info!(%addr, "serving metrics");
+    }
+
+    let shown = hub
+        .status()
+        .listen
+        .first()
+        .copied()
+        .unwrap_or_else(|| hub.local_addr());
+    let target = hub.target(shown);
+    if let Some(path) = &args.addr_file {
+        write_atomically(path, &format!("{target}\n"))?;
+    }
+    eprintln!("hub {target}");
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    drop(hub);
+    Ok(())
+}
+
+fn node_ids(texts: &[String], what: &str) -> anyhow::Result<Vec<NodeId>> {
+    texts
+        .iter()
+        .map(|t| {
+            t.parse::<NodeId>()
+                .map_err(|e| anyhow::anyhow!("bad NodeId {t:?} for {what}: {e}"))
+        })
+        .collect()
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
