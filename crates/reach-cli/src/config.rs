@@ -49,8 +49,10 @@ pub struct HubServer {
     pub bind: Option<IpAddr>,
     /// Addresses other hubs and nodes reach this hub at.
     pub advertise: Option<Vec<SocketAddr>>,
-    /// Peer hubs this hub links to, `[NODEID@]HOST:PORT`.
+    /// Peer hubs this hub links to, `[NODEID@]HOST:PORT[,ssh=[USER@]HOST[:PORT]]`.
     pub peers: Option<Vec<String>>,
+    /// Extra arguments for `ssh` tunnels to peers.
+    pub ssh_args: Option<Vec<String>>,
     /// Nodes admitted by NodeId.
     pub allow: Option<Vec<String>>,
     /// Hubs admitted as peers by NodeId (configured peers always are).
@@ -152,6 +154,7 @@ mod tests {
             bind = "0.0.0.0"
             advertise = ["198.51.100.7:7700"]
             peers = ["203.0.113.9:7700"]
+            ssh_args = ["-i", "/etc/reach/ssh_key"]
             allow = []
             allow_hubs = []
             open = false

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use reach::{Endpoint, HubTarget, ListenPorts, NodeId};
-use reach_hub::{Hub, HubConfig, Policy, DEFAULT_GOSSIP_INTERVAL};
+use reach::{Endpoint, ListenPorts, NodeId};
+use reach_hub::{Hub, HubConfig, Peer, Policy, DEFAULT_GOSSIP_INTERVAL};
 
 use crate::config::{Config, HubServer};
 use crate::write_atomically;
@@ -31,8 +31,16 @@ pub struct HubArgs {
     advertise: Vec<SocketAddr>,
     /// A peer hub to link to, [NODEID@]HOST:PORT (repeatable). A hub behind a
     /// firewall lists hubs it can reach; the link then carries both directions.
-    #[arg(long, value_name = "HUB")]
+    /// For a hub that only ssh reaches, add the ssh server:
+    /// NODEID@HOST:PORT,ssh=[USER@]SSHHOST[:SSHPORT] (HOST:PORT as seen from
+    /// the ssh server, e.g. 127.0.0.1:7700): the hub keeps an `ssh -N -L`
+    /// tunnel up and links through it.
+    #[arg(long, value_name = "HUB", verbatim_doc_comment)]
     peer: Vec<String>,
+    /// An argument for `ssh` when tunnelling to peers (repeatable), e.g.
+    /// --ssh-arg=-i --ssh-arg=/etc/reach/ssh_key.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    ssh_arg: Vec<String>,
     /// Admit the node with this NodeId (repeatable).
     #[arg(long, value_name = "NODEID")]
     allow: Vec<String>,
@@ -68,14 +76,15 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
 
     let peers = or_file(args.peer, |h| h.peers.as_ref())
         .iter()
-        .map(|p| p.parse::<HubTarget>().map_err(anyhow::Error::msg))
+        .map(|p| p.parse::<Peer>().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let allowed = node_ids(&or_file(args.allow, |h| h.allow.as_ref()), "--allow")?;
     let mut peer_hubs = node_ids(
         &or_file(args.allow_hub, |h| h.allow_hubs.as_ref()),
         "--allow-hub",
     )?;
-    peer_hubs.extend(peers.iter().filter_map(|p| p.id));
+    peer_hubs.extend(peers.iter().filter_map(|p| p.target.id));
+    let ssh_args = or_file(args.ssh_arg, |h| h.ssh_args.as_ref());
     let network_secret = crate::network_secret(args.network_secret_file.as_deref(), config)?;
     let open = args.open || file.and_then(|h| h.open).unwrap_or(false);
     let open = if !open && allowed.is_empty() && network_secret.is_none() {
@@ -117,6 +126,7 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
     }
     let config = HubConfig {
         peers,
+        ssh_args,
         policy: Policy {
             allowed,
             network_secret,

@@ -241,6 +241,11 @@ impl HubCore {
         }
     }
 
+    /// Whether a hub link to `hub` is up.
+    pub fn has_hub_link(&self, hub: &NodeId) -> bool {
+        self.hubs.contains_key(hub)
+    }
+
     /// A new authenticated link from (or to) `peer`. A dialled link is to a
     /// configured peer hub: this hub greets it at once.
     pub fn link_up(
@@ -303,7 +308,18 @@ impl HubCore {
                 }
             }
             LinkKind::Hub => {
-                if self.hubs.get(&info.peer) == Some(&link) {
+                // Two hubs that both dial each other may hold two links; when
+                // one ends, the other carries on.
+                let spare = self
+                    .links
+                    .iter()
+                    .find(|(_, l)| l.peer == info.peer && l.kind == LinkKind::Hub)
+                    .map(|(id, _)| *id);
+                if let (Some(spare), Some(current)) = (spare, self.hubs.get_mut(&info.peer)) {
+                    if *current == link {
+                        *current = spare;
+                    }
+                } else if self.hubs.get(&info.peer) == Some(&link) {
                     self.hubs.remove(&info.peer);
                     self.routes.handle_link_down(info.peer);
                     self.forget_unroutable();

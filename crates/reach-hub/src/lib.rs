@@ -18,6 +18,7 @@
 
 pub mod core;
 mod metrics;
+pub mod peer;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use reach_proto::link::{admission_proof, HUB_VPORT};
 
 pub use crate::core::{HubCore, LinkId, Policy, Status, Verdict};
 pub use metrics::serve_metrics;
+pub use peer::{Peer, SshServer};
 
 /// Default interval of routing gossip between hubs.
 pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_secs(2);
@@ -44,7 +46,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3);
 #[derive(Clone, Debug)]
 pub struct HubConfig {
     /// Hubs to link to (this hub dials them; a firewalled hub lists reachable ones).
-    pub peers: Vec<HubTarget>,
+    pub peers: Vec<Peer>,
+    /// Extra `ssh` arguments for peers reached over ssh (identity file, options).
+    pub ssh_args: Vec<String>,
     /// Who may attach.
     pub policy: Policy,
     /// Addresses other hubs can reach this one at (default: the endpoint's
@@ -58,6 +62,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         Self {
             peers: Vec::new(),
+            ssh_args: Vec::new(),
             policy: Policy {
                 open: true,
                 ..Policy::default()
@@ -211,14 +216,30 @@ async fn gossip(inner: Arc<Inner>) {
     }
 }
 
-/// Keeps a link to a configured peer hub, redialling with backoff.
-async fn keep_peer(inner: Arc<Inner>, peer: HubTarget) {
+/// Keeps a link to a configured peer hub, redialling with backoff. While the
+/// peer keeps a link it dialled to this hub, that link serves both and this
+/// one waits, so two hubs configured with each other keep one link.
+async fn keep_peer(inner: Arc<Inner>, peer: Peer) {
     let mut backoff = MIN_BACKOFF;
+    let mut id = peer.target.id;
     loop {
-        match inner.endpoint.dial_hub(&peer).await {
-            Ok(stream) => {
+        if let Some(id) = id {
+            wait_while_linked(&inner, &id).await;
+        }
+        let result = match &peer.ssh {
+            None => inner
+                .endpoint
+                .dial_hub(&peer.target)
+                .await
+                .map(|s| (s, None)),
+            Some(server) => through_ssh(&inner, &peer, server).await,
+        };
+        match result {
+            Ok((stream, tunnel)) => {
                 backoff = MIN_BACKOFF;
+                id = Some(stream.peer());
                 let why = serve_link(inner.clone(), stream, true).await;
+                drop(tunnel);
                 tracing::warn!(%peer, "hub link lost: {why}; redialling");
             }
             Err(e) => tracing::warn!(%peer, "cannot link to hub: {e}"),
@@ -228,12 +249,34 @@ async fn keep_peer(inner: Arc<Inner>, peer: HubTarget) {
     }
 }
 
+/// Returns once this hub has no link to `id` (checked every second).
+async fn wait_while_linked(inner: &Inner, id: &NodeId) {
+    while inner.state().core.has_hub_link(id) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Opens an ssh tunnel to `server` and dials the peer through it.
+async fn through_ssh(
+    inner: &Inner,
+    peer: &Peer,
+    server: &SshServer,
+) -> Result<(ReachStream, Option<peer::Tunnel>), String> {
+    let mut tunnel = peer::Tunnel::open(server, &peer.target, &inner.config.ssh_args).await?;
+    let target = tunnel.target(&peer.target);
+    tracing::debug!(%peer, local = %tunnel.local, "ssh tunnel started");
+    let stream = tunnel
+        .wait_ready(|| inner.endpoint.dial_hub(&target))
+        .await?;
+    Ok((stream, Some(tunnel)))
+}
+
 /// Serves one link until it ends; returns why.
 async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> String {
     let peer = stream.peer();
     let observed = stream.info().remote_addr;
     let (r, w) = tokio::io::split(stream);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = reach::link::frame_channel();
     let writer = tokio::spawn(write_frames(w, rx));
     let proof = match (&inner.config.policy.network_secret, dialled) {
         (Some(secret), true) => Some(admission_proof(secret, &inner.endpoint.node_id(), &peer)),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reach::{
     keystore, Endpoint, EndpointBuilder, HubTarget, ReachStream, SetupModule, VirtualAddr,
 };
-use reach_hub::{Hub, HubConfig, Policy};
+use reach_hub::{Hub, HubConfig, Peer, Policy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -231,12 +231,18 @@ async fn hubs_federate_and_route_over_several_hops() {
     // h1 <- h2 <- h3: each hub dials the previous one; A on h1, B on h3.
     let h1 = hub().await;
     let h2 = hub_with(HubConfig {
-        peers: vec![target_of(&h1)],
+        peers: vec![Peer {
+            target: target_of(&h1),
+            ssh: None,
+        }],
         ..HubConfig::default()
     })
     .await;
     let h3 = hub_with(HubConfig {
-        peers: vec![target_of(&h2)],
+        peers: vec![Peer {
+            target: target_of(&h2),
+            ssh: None,
+        }],
         ..HubConfig::default()
     })
     .await;

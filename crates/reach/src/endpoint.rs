@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 use crate::discovery::{local_addrs, LocalAddrCache};
 use crate::error::{AttemptError, ConnectError, EndpointError};
 use crate::keystore;
+use crate::module_cache::ModuleCache;
 use crate::session::{self, HubStatus, HubTarget, Session, SessionError};
 use crate::setup;
 use crate::stream::{Direction, ReachStream, SetupModule};
@@ -238,7 +239,7 @@ impl EndpointBuilder {
             Some(a) => a.clone(),
             None => discover_advertised(local),
         };
-        let known_hubs = state_dir.map(|d| d.join("known_hubs"));
+        let known_hubs = state_dir.as_ref().map(|d| d.join("known_hubs"));
         let session = self
             .hub
             .map(|hub| Session::new(hub, known_hubs.clone(), self.network_secret.clone()));
@@ -258,7 +259,7 @@ impl EndpointBuilder {
             reverse_budget: self.reverse_budget,
             incoming: tx,
             pending_reverse: StdMutex::default(),
-            cache: StdMutex::default(),
+            cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
             session,
             known_hubs,
             network_secret: self.network_secret,
@@ -295,7 +296,7 @@ pub(crate) struct Shared {
     /// Connect-back requests waiting for the target, by (target, token).
     pub(crate) pending_reverse: StdMutex<HashMap<(NodeId, u16), ReverseWaiter>>,
     /// The module that last worked, per target.
-    pub(crate) cache: StdMutex<HashMap<NodeId, SetupModule>>,
+    pub(crate) cache: ModuleCache,
     pub(crate) session: Option<Session>,
     /// Where hub identities learned on first contact are pinned.
     pub(crate) known_hubs: Option<PathBuf>,
@@ -503,14 +504,10 @@ impl Endpoint {
         session::query_status(&self.shared, target, self.shared.network_secret.as_deref()).await
     }
 
-    /// The module the setup driver will try first for `node`, if one is cached.
+    /// The module the setup driver will try first for `node`, if one is cached
+    /// (in memory, or in the state directory from an earlier process).
     pub fn cached_module(&self, node: &NodeId) -> Option<SetupModule> {
-        self.shared
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node)
-            .copied()
+        self.shared.cache.get(node)
     }
 
     /// Waits for the next authenticated inbound stream.

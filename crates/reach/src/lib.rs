@@ -20,6 +20,7 @@ mod error;
 mod handshake;
 pub mod keystore;
 pub mod link;
+mod module_cache;
 mod routed;
 mod secure;
 mod session;

@@ -11,36 +11,133 @@
 use std::io;
 
 use reach_proto::link::{decode_frame, frame_len, Frame, LinkError, MAX_FRAME_PAYLOAD};
+use std::sync::{Arc, Mutex};
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Queue of encoded frames towards a link's writer task.
-pub type FrameTx = mpsc::UnboundedSender<Vec<u8>>;
+///
+/// Besides queueing, it can wait until everything queued so far has been
+/// handed to the kernel ([`FrameTx::flushed`]): a stream that closes must not
+/// report done while its last bytes sit in this process, which may exit next.
+#[derive(Clone, Debug)]
+pub struct FrameTx {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    flush: Arc<Flush>,
+}
+
+/// The writer task's end of a [`FrameTx`].
+#[derive(Debug)]
+pub struct FrameRx {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    flush: Arc<Flush>,
+}
+
+/// Flush barriers: an empty frame in the queue is a barrier (real frames are
+/// never empty). Barriers are numbered in queue order under `next`; the writer
+/// counts those it has passed in `done`.
+#[derive(Debug)]
+struct Flush {
+    next: Mutex<u64>,
+    done: watch::Sender<u64>,
+}
+
+/// The link is gone; nothing more can be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the hub link is closed")]
+pub struct LinkClosed;
+
+/// A new frame queue.
+pub fn frame_channel() -> (FrameTx, FrameRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let flush = Arc::new(Flush {
+        next: Mutex::new(0),
+        done: watch::Sender::new(0),
+    });
+    (
+        FrameTx {
+            tx,
+            flush: flush.clone(),
+        },
+        FrameRx { rx, flush },
+    )
+}
+
+impl FrameTx {
+    /// Queues one encoded frame (or several, concatenated).
+    pub fn send(&self, frame: Vec<u8>) -> Result<(), LinkClosed> {
+        if frame.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(frame).map_err(|_| LinkClosed)
+    }
+
+    /// Resolves once every frame queued before this call has been written to
+    /// the transport (or the writer has stopped, when nothing more will be).
+    pub fn flushed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut done = self.flush.done.subscribe();
+        let ticket = {
+            let mut next = self.flush.next.lock().unwrap_or_else(|p| p.into_inner());
+            *next += 1;
+            // Sent under the lock, so barrier numbers follow queue order.
+            let _ = self.tx.send(Vec::new());
+            *next
+        };
+        async move {
+            let _ = done.wait_for(|d| *d >= ticket).await;
+        }
+    }
+}
+
+/// Marks every barrier passed when the writer stops, however it stops
+/// (including being aborted), so no one waits for a writer that is gone.
+struct ReleaseOnDrop(Arc<Flush>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.done.send_replace(u64::MAX);
+    }
+}
 
 /// Bytes gathered into one write at most.
 const WRITE_BATCH: usize = 256 * 1024;
 
 /// Writes queued frames until the queue closes (every sender dropped) or the
 /// transport fails; then shuts the write side down.
-pub async fn write_frames<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-) -> io::Result<()> {
+pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::Result<()> {
+    let FrameRx { mut rx, flush } = rx;
+    let _release = ReleaseOnDrop(flush.clone());
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
-        if rx.is_empty() {
+        if rx.is_empty() && !first.is_empty() {
+            // The common case under light load: no copy into the batch.
             w.write_all(&first).await?;
             continue;
         }
-        batch.extend_from_slice(&first);
+        let mut barriers = 0u64;
+        let mut take = |frame: Vec<u8>, batch: &mut Vec<u8>| {
+            if frame.is_empty() {
+                barriers += 1;
+            } else {
+                batch.extend_from_slice(&frame);
+            }
+        };
+        take(first, &mut batch);
         while batch.len() < WRITE_BATCH {
             match rx.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
+                Ok(more) => take(more, &mut batch),
                 Err(_) => break,
             }
         }
-        w.write_all(&batch).await?;
-        batch.clear();
+        if !batch.is_empty() {
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
+        if barriers > 0 {
+            w.flush().await?;
+            flush.done.send_modify(|d| *d += barriers);
+        }
     }
     w.shutdown().await
 }
@@ -119,9 +216,37 @@ mod tests {
     use reach_proto::link::{encode_credit, encode_data};
 
     #[tokio::test]
+    async fn flushed_waits_for_the_writer_and_ends_when_it_stops() {
+        use std::future::Future;
+        let (a, mut b) = tokio::io::duplex(64);
+        let (tx, rx) = frame_channel();
+        let writer = tokio::spawn(write_frames(a, rx));
+        tx.send(vec![7u8; 1000]).expect("queue");
+        let mut flushed = Box::pin(tx.flushed());
+        // The pipe holds 64 bytes: the writer cannot be done before we read.
+        let pending = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(flushed.as_mut().poll(cx).is_pending())
+        })
+        .await;
+        assert!(pending);
+        let mut got = vec![0u8; 1000];
+        b.read_exact(&mut got).await.expect("read");
+        tokio::time::timeout(std::time::Duration::from_secs(10), flushed)
+            .await
+            .expect("flushed once written");
+        // A writer that stops releases every waiter.
+        tx.send(vec![1u8; 1000]).expect("queue");
+        let stuck = tx.flushed();
+        writer.abort();
+        tokio::time::timeout(std::time::Duration::from_secs(10), stuck)
+            .await
+            .expect("released when the writer stops");
+    }
+
+    #[tokio::test]
     async fn frames_cross_a_link_in_order() {
         let (a, b) = tokio::io::duplex(1000);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = frame_channel();
         let writer = tokio::spawn(write_frames(a, rx));
         for i in 1..=100u32 {
             let mut f = Vec::new();

@@ -107,6 +107,8 @@ pub struct RoutedStream {
     tx: FrameTx,
     grant: Grant,
     fin_sent: bool,
+    /// After Fin: resolves once the link's writer has written it.
+    flushing: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 impl std::fmt::Debug for RoutedStream {
@@ -145,6 +147,7 @@ impl RoutedStream {
             tx,
             grant: Grant::default(),
             fin_sent: false,
+            flushing: None,
         }
     }
 
@@ -244,12 +247,21 @@ impl AsyncWrite for RoutedStream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Sends Fin and completes once it (and all data before it) has left
+    /// this process, so a program that exits after shutdown loses nothing.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.fin_sent {
             let mut f = Vec::with_capacity(8);
             encode_fin(self.id, &mut f);
             self.send(f)?;
             self.fin_sent = true;
+            self.flushing = Some(Box::pin(self.tx.flushed()));
+        }
+        if let Some(flushing) = self.flushing.as_mut() {
+            if flushing.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.flushing = None;
         }
         Poll::Ready(Ok(()))
     }

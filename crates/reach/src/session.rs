@@ -489,7 +489,7 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Str
     let hub = stream.peer();
     let (local, remote) = (stream.info().local_addr, stream.info().remote_addr);
     let (r, w) = tokio::io::split(stream);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = crate::link::frame_channel();
     let writer = tokio::spawn(write_frames(w, rx));
     let proof = session
         .network_secret

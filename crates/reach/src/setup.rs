@@ -51,9 +51,8 @@ pub(crate) async fn connect(
         .wait_link(deadline.min(started + SESSION_WAIT))
         .await
         .ok();
-    if target.direct.is_empty() {
-        if let Some(link) = &link {
-            let _ = link;
+    if target.direct.is_empty() && link.is_some() {
+        {
             match session
                 .lookup(node, deadline.min(Instant::now() + LOOKUP_BUDGET))
                 .await
@@ -160,20 +159,11 @@ fn race_settings(shared: &Shared, timeout: Duration) -> RaceSettings {
 }
 
 fn cached(shared: &Shared, node: &NodeId) -> Option<SetupModule> {
-    shared
-        .cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(node)
-        .copied()
+    shared.cache.get(node)
 }
 
 fn remember(shared: &Shared, node: NodeId, module: Option<SetupModule>) {
-    let mut cache = shared.cache.lock().unwrap_or_else(|p| p.into_inner());
-    match module {
-        Some(m) => cache.insert(node, m),
-        None => cache.remove(&node),
-    };
+    shared.cache.set(node, module);
 }
 
 /// Asks the target, through the hubs, to connect to us, and waits for it.
