@@ -383,13 +383,15 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
     if !has_hub {
         b = b.bind_ip(IpAddr::from([127, 0, 0, 1]));
     }
-    let endpoint = b.bind().await?;
+    // Connect-only: a listener with the same identity keeps its directory entry.
+    let endpoint = b.accept_ports(Vec::new()).bind().await?;
     let stream = endpoint.connect_timeout(&vaddr, timeout).await?;
     let info = stream.info().clone();
     tracing::info!(
         peer = %info.peer,
         to = %info.remote_addr,
         module = %info.module,
+        failed_before = %failed_before(&info.failed_before),
         mode = ?info.mode,
         setup_ms = format_args!("{:.3}", info.setup_time.as_secs_f64() * 1e3),
         "connected"
@@ -397,6 +399,18 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
     let (received, sent) = pipe::run(stream, &mut pipe::stdin()).await?;
     tracing::info!(received, sent, "stream done");
     Ok(())
+}
+
+/// Modules as a comma-separated list, "-" for none.
+fn failed_before(modules: &[SetupModule]) -> String {
+    if modules.is_empty() {
+        return "-".into();
+    }
+    modules
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -518,7 +518,14 @@ impl HubCore {
         now: Instant,
     ) -> Verdict {
         match (kind, msg) {
-            (LinkKind::Pending, Control::Register { addrs, proof }) => {
+            (
+                LinkKind::Pending,
+                Control::Register {
+                    addrs,
+                    proof,
+                    accepts,
+                },
+            ) => {
                 if !self.policy.admits_node(&peer, &self.me, proof.as_ref()) {
                     self.counters.refused += 1;
                     let reason = if proof.is_some() {
@@ -541,15 +548,17 @@ impl HubCore {
                 if let Some(l) = self.links.get_mut(&link) {
                     l.kind = LinkKind::Node;
                 }
-                let entry = DirEntry {
-                    node: peer,
-                    hub: self.me,
-                    addrs: addrs.into_iter().take(MAX_NODE_ADDRS).collect(),
-                    observed,
-                };
-                self.nodes.insert(peer, (link, entry));
                 self.send(link, control(&Control::Registered { observed }));
-                self.directory_changed();
+                if accepts {
+                    let entry = DirEntry {
+                        node: peer,
+                        hub: self.me,
+                        addrs: addrs.into_iter().take(MAX_NODE_ADDRS).collect(),
+                        observed,
+                    };
+                    self.nodes.insert(peer, (link, entry));
+                    self.directory_changed();
+                }
             }
             (LinkKind::Pending, Control::HubHello { addrs, proof }) => {
                 let dialled = self.links.get(&link).is_some_and(|l| l.dialled);

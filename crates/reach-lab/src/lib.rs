@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod hop;
+pub mod hubs;
 pub mod lab;
 pub mod matrix;
 pub mod nat;

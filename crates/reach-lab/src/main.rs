@@ -60,9 +60,9 @@ enum Cmd {
         /// Also write the matrix as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Seconds each attempt may take.
-        #[arg(long, default_value_t = 2.0)]
-        timeout: f64,
+        /// Seconds each attempt may take [default: 2 plain, 10 reach].
+        #[arg(long)]
+        timeout: Option<f64>,
     },
     /// Build a lab, check that every gateway behaves as declared, remove the lab.
     Verify {
@@ -238,13 +238,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
         } => {
             let topology = load(&file)?;
-            let timeout = seconds(timeout)?;
+            let timeout = seconds(timeout.unwrap_or(match mode {
+                reach_lab::matrix::Mode::Plain => 2.0,
+                reach_lab::matrix::Mode::Reach => 10.0,
+            }))?;
             let tools = tools_dir()?;
             if mode == reach_lab::matrix::Mode::Reach && !tools.join("reach").exists() {
                 bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
             }
             let lab = Lab::up(&topology)?;
-            let m = reach_lab::matrix::run(&lab, mode, timeout, &tools)?;
+            let m = reach_lab::matrix::run(&lab, &topology, mode, timeout, &tools)?;
             print!("{}", m.render());
             for c in m.cells.iter().filter(|c| !c.ok) {
                 println!(
@@ -352,13 +355,13 @@ fn demo(file: &Path) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let mut scores = Vec::new();
-    for (mode, title) in [
-        (Mode::Plain, "plain TCP sockets"),
-        (Mode::Reach, "reach (module per pair)"),
+    for (mode, title, timeout) in [
+        (Mode::Plain, "plain TCP sockets", 2),
+        (Mode::Reach, "reach (module per pair)", 10),
     ] {
         println!("\n== {title}");
         let lab = Lab::up(&topology)?;
-        let m = matrix::run(&lab, mode, Duration::from_secs(2), &tools)?;
+        let m = matrix::run(&lab, &topology, mode, Duration::from_secs(timeout), &tools)?;
         print!("{}", m.render());
         scores.push(m.score());
     }

@@ -10,6 +10,7 @@
 //! Pairs run in parallel; every attempt has a timeout. The result prints as a
 //! SmartSockets Table 3-style grid and serialises to JSON.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
@@ -21,6 +22,7 @@ use crate::apply::LabError;
 use crate::lab::Lab;
 use crate::lab::Process;
 use crate::probe::{self, Outcome};
+use crate::topology::Topology;
 
 /// Which kind of connection the matrix tries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -53,6 +55,11 @@ pub struct Cell {
     /// Setup time of a second connection to the same target (reach caches the
     /// working module per target), in milliseconds.
     pub cached_setup_ms: Option<f64>,
+    /// The module of the second connection.
+    pub cached_module: Option<String>,
+    /// Modules the second connection tried, and saw fail, before its module
+    /// worked: empty when the cache sent it straight to a working module.
+    pub cached_failed_before: Vec<String>,
     /// The address used (plain mode).
     pub via: Option<String>,
     /// Why the pair failed.
@@ -146,17 +153,41 @@ impl Matrix {
     }
 }
 
+/// How long hubs may take to link up and learn every node.
+const HUB_CONVERGENCE: Duration = Duration::from_secs(30);
+
 /// Probe port used by the plain matrix.
 const PROBE_PORT: u16 = 7000;
 
-/// Runs the matrix on a running lab. `tools` is the directory holding the
-/// `reach-lab` and `reach` binaries.
-pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Matrix, LabError> {
+/// Runs the matrix on a running lab of `topology`. `tools` is the directory
+/// holding the `reach-lab` and `reach` binaries. In reach mode the topology's
+/// `[hubs]`, if any, run first and every node attaches to its hub.
+pub fn run(
+    lab: &Lab,
+    topology: &Topology,
+    mode: Mode,
+    timeout: Duration,
+    tools: &Path,
+) -> Result<Matrix, LabError> {
     let hosts = lab.record().matrix.clone();
+    let hubs = match (mode, &topology.hubs) {
+        (Mode::Reach, Some(hubs)) => Some(crate::hubs::start(
+            lab,
+            topology,
+            hubs,
+            tools,
+            &reach_state(lab),
+        )?),
+        _ => None,
+    };
+    let attach = hubs.as_ref().map(|h| h.attach.clone()).unwrap_or_default();
     let targets = match mode {
         Mode::Plain => start_probes(lab, tools)?,
-        Mode::Reach => start_reach(lab, tools)?,
+        Mode::Reach => start_reach(lab, tools, &attach)?,
     };
+    if let Some(hubs) = &hubs {
+        hubs.wait_converged(lab, tools, attach.len(), HUB_CONVERGENCE)?;
+    }
     let pairs: Vec<(String, String)> = hosts
         .iter()
         .flat_map(|a| {
@@ -174,9 +205,13 @@ pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Mat
                     .iter()
                     .find(|(h, _, _)| h == to)
                     .map(|(_, t, _)| t.clone());
+                let hub = attach.get(from).cloned();
                 scope.spawn(move || match mode {
                     Mode::Plain => plain_pair(lab, tools, from, to, timeout),
-                    Mode::Reach => reach_pair(lab, tools, from, to, target.as_deref(), timeout),
+                    Mode::Reach => {
+                        let target = target.as_deref();
+                        reach_pair(lab, tools, from, to, target, hub.as_deref(), timeout)
+                    }
                 })
             })
             .collect();
@@ -193,6 +228,7 @@ pub fn run(lab: &Lab, mode: Mode, timeout: Duration, tools: &Path) -> Result<Mat
         check_tokens(lab, &mut cells);
     }
     drop(targets);
+    drop(hubs);
     Ok(Matrix {
         topology: lab.record().topology.clone(),
         mode,
@@ -215,6 +251,8 @@ fn cell(lab: &Lab, from: &str, to: &str) -> Cell {
         module: None,
         setup_ms: None,
         cached_setup_ms: None,
+        cached_module: None,
+        cached_failed_before: Vec::new(),
         via: None,
         error: None,
     }
@@ -260,8 +298,17 @@ fn plain_pair(lab: &Lab, tools: &Path, from: &str, to: &str, timeout: Duration) 
     failed(lab, from, to, details.join("; "))
 }
 
-fn start_reach(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
-    let state = std::env::temp_dir().join(format!("{}-reach", lab.record().prefix));
+/// Where the reach matrix keeps node and hub state (identities, logs).
+fn reach_state(lab: &Lab) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("{}-reach", lab.record().prefix))
+}
+
+fn start_reach(
+    lab: &Lab,
+    tools: &Path,
+    attach: &BTreeMap<String, String>,
+) -> Result<Vec<Target>, LabError> {
+    let state = reach_state(lab);
     let mut out = Vec::new();
     for name in &lab.record().matrix {
         let h = lab.host(name);
@@ -269,12 +316,15 @@ fn start_reach(lab: &Lab, tools: &Path) -> Result<Vec<Target>, LabError> {
         std::fs::create_dir_all(&dir)?;
         let addr_file = dir.join("addr.txt");
         let _ = std::fs::remove_file(&addr_file);
-        let child = lab
-            .command(&h.name, tools.join("reach"))
-            .arg("--state-dir")
+        let mut cmd = lab.command(&h.name, tools.join("reach"));
+        cmd.arg("--state-dir")
             .arg(&dir)
-            .args(["listen", "--keep", "--addr-file"])
-            .arg(&addr_file)
+            .args(["-v", "listen", "--keep", "--addr-file"])
+            .arg(&addr_file);
+        if let Some(hub) = attach.get(name) {
+            cmd.args(["--hub", hub]);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("received"))?)
             .stderr(std::fs::File::create(dir.join("listen.log"))?)
@@ -299,7 +349,7 @@ fn token(from: &str, to: &str) -> String {
 /// A reach pair counts only if its token reached the destination's stdout.
 /// Listeners write what they receive as it arrives; give each a deadline.
 fn check_tokens(lab: &Lab, cells: &mut [Cell]) {
-    let state = std::env::temp_dir().join(format!("{}-reach", lab.record().prefix));
+    let state = reach_state(lab);
     let deadline = Instant::now() + Duration::from_secs(10);
     for cell in cells.iter_mut().filter(|c| c.ok) {
         let file = state.join(&cell.to_host).join("received");
@@ -316,24 +366,33 @@ fn check_tokens(lab: &Lab, cells: &mut [Cell]) {
     }
 }
 
-/// One `reach connect` carrying `token`; returns the module and setup time.
+/// What one `reach connect` reported.
+struct Connected {
+    module: String,
+    setup_ms: f64,
+    failed_before: Vec<String>,
+}
+
+/// One `reach connect` carrying `token`.
 fn reach_connect(
     lab: &Lab,
     tools: &Path,
     from: &str,
     vaddr: &str,
+    hub: Option<&str>,
     token: &str,
     timeout: Duration,
-) -> Result<(String, f64), String> {
-    let dir = std::env::temp_dir()
-        .join(format!("{}-reach", lab.record().prefix))
-        .join(from);
-    let mut child = lab
-        .command(from, tools.join("reach"))
-        .arg("--state-dir")
+) -> Result<Connected, String> {
+    let dir = reach_state(lab).join(from);
+    let mut cmd = lab.command(from, tools.join("reach"));
+    cmd.arg("--state-dir")
         .arg(&dir)
         .args(["-v", "connect", "--timeout"])
-        .arg(timeout.as_secs_f64().to_string())
+        .arg(timeout.as_secs_f64().to_string());
+    if let Some(hub) = hub {
+        cmd.args(["--hub", hub]);
+    }
+    let mut child = cmd
         .arg(vaddr)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -360,10 +419,18 @@ fn reach_connect(
             .map(str::to_string)
     };
     let module = field("module=").unwrap_or_else(|| "?".into());
-    let setup = field("setup_ms=")
+    let setup_ms = field("setup_ms=")
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN);
-    Ok((module, setup))
+    let failed_before = field("failed_before=")
+        .filter(|v| v != "-")
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    Ok(Connected {
+        module,
+        setup_ms,
+        failed_before,
+    })
 }
 
 fn reach_pair(
@@ -372,25 +439,26 @@ fn reach_pair(
     from: &str,
     to: &str,
     vaddr: Option<&str>,
+    hub: Option<&str>,
     timeout: Duration,
 ) -> Cell {
     let Some(vaddr) = vaddr else {
         return failed(lab, from, to, "no listener".into());
     };
     let token = token(from, to);
-    let (module, setup) = match reach_connect(lab, tools, from, vaddr, &token, timeout) {
+    let first = match reach_connect(lab, tools, from, vaddr, hub, &token, timeout) {
         Ok(x) => x,
         Err(e) => return failed(lab, from, to, e),
     };
     // The second connection measures setup once the working module is known.
-    let cached = reach_connect(lab, tools, from, vaddr, &token, timeout)
-        .ok()
-        .map(|(_, ms)| ms);
+    let cached = reach_connect(lab, tools, from, vaddr, hub, &token, timeout).ok();
     Cell {
         ok: true,
-        module: Some(module),
-        setup_ms: Some(setup),
-        cached_setup_ms: cached,
+        module: Some(first.module),
+        setup_ms: Some(first.setup_ms),
+        cached_setup_ms: cached.as_ref().map(|c| c.setup_ms),
+        cached_module: cached.as_ref().map(|c| c.module.clone()),
+        cached_failed_before: cached.map(|c| c.failed_before).unwrap_or_default(),
         ..cell(lab, from, to)
     }
 }

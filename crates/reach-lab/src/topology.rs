@@ -40,6 +40,36 @@ pub struct Topology {
     /// The sites attached to the internet.
     #[serde(rename = "site", default)]
     pub sites: Vec<Site>,
+    /// Where `reach-lab matrix --mode reach` runs hubs and how they link.
+    pub hubs: Option<Hubs>,
+}
+
+/// The hubs of a reach-mode matrix: SmartSockets runs one per site front-end.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Hubs {
+    /// Hosts that run a hub.
+    pub hosts: Vec<String>,
+    /// Hub links, each dialled by `from`.
+    #[serde(default)]
+    pub links: Vec<HubLink>,
+    /// The hub of each matrix host in a site without one (the rest attach to
+    /// their own site's hub).
+    #[serde(default)]
+    pub attach: std::collections::BTreeMap<String, String>,
+}
+
+/// One hub link of the lab.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HubLink {
+    /// The hub that dials.
+    pub from: String,
+    /// The hub it links to.
+    pub to: String,
+    /// Through an ssh tunnel to `to`'s site entry (for sites only ssh enters).
+    #[serde(default)]
+    pub ssh: bool,
 }
 
 /// What a site's gateway does to traffic.
@@ -394,7 +424,49 @@ impl Topology {
                 });
             }
         }
+        if let Some(hubs) = &self.hubs {
+            self.validate_hubs(hubs, &hosts)?;
+        }
         Ok(())
+    }
+
+    fn validate_hubs(&self, hubs: &Hubs, hosts: &BTreeSet<&String>) -> Result<(), TopologyError> {
+        let unknown = |context: String, name: &String| TopologyError::UnknownHost {
+            context,
+            name: name.clone(),
+        };
+        for h in &hubs.hosts {
+            if !hosts.contains(h) {
+                return Err(unknown("hubs.hosts".into(), h));
+            }
+        }
+        let is_hub = |h: &String| hubs.hosts.contains(h);
+        for l in &hubs.links {
+            for end in [&l.from, &l.to] {
+                if !is_hub(end) {
+                    return Err(unknown(
+                        format!("hub link {} -> {}: hub", l.from, l.to),
+                        end,
+                    ));
+                }
+            }
+        }
+        for (node, hub) in &hubs.attach {
+            if !hosts.contains(node) {
+                return Err(unknown("hubs.attach".into(), node));
+            }
+            if !is_hub(hub) {
+                return Err(unknown(format!("hubs.attach of {node}: hub"), hub));
+            }
+        }
+        Ok(())
+    }
+
+    /// The site a host belongs to.
+    pub fn site_of(&self, host: &str) -> Option<&Site> {
+        self.sites
+            .iter()
+            .find(|s| s.hosts.iter().any(|h| h.name == host))
     }
 }
 

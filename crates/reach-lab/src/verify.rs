@@ -297,7 +297,7 @@ fn ssh_check(lab: &Lab, site: &Site, h: &HostAddrs) -> Option<Check> {
 
 /// Where the internet reaches the sshd of front-end `fe`: its public address
 /// where the site lets port 22 in, or a NAT port forward to its port 22.
-fn ssh_entry(site: &Site, fe: &HostAddrs) -> Option<SocketAddr> {
+pub(crate) fn ssh_entry(site: &Site, fe: &HostAddrs) -> Option<SocketAddr> {
     match (fe.public, site.gateway) {
         (Some(p), GatewayKind::Firewall) => site
             .allow_in

@@ -49,8 +49,9 @@ fn assert_only_open_is_reachable(m: &matrix::Matrix) {
 
 #[test]
 fn plain_matrix_of_the_nat_zoo_reaches_only_the_open_host() {
-    let lab = Lab::up(&zoo()).expect("lab up");
-    let m = matrix::run(&lab, Mode::Plain, Duration::from_secs(1), &tools()).expect("matrix");
+    let t = zoo();
+    let lab = Lab::up(&t).expect("lab up");
+    let m = matrix::run(&lab, &t, Mode::Plain, Duration::from_secs(1), &tools()).expect("matrix");
     assert_only_open_is_reachable(&m);
     assert!(
         m.render().contains("9 of 90 pairs connected"),
@@ -67,8 +68,9 @@ fn plain_matrix_of_the_nat_zoo_reaches_only_the_open_host() {
 
 #[test]
 fn reach_matrix_of_the_nat_zoo_connects_the_same_pairs_directly() {
-    let lab = Lab::up(&zoo()).expect("lab up");
-    let m = matrix::run(&lab, Mode::Reach, Duration::from_secs(2), &tools()).expect("matrix");
+    let t = zoo();
+    let lab = Lab::up(&t).expect("lab up");
+    let m = matrix::run(&lab, &t, Mode::Reach, Duration::from_secs(2), &tools()).expect("matrix");
     assert_only_open_is_reachable(&m);
     for c in m.cells.iter().filter(|c| c.ok) {
         assert_eq!(

@@ -33,8 +33,9 @@ fn every_site_behaves_as_table_2_says() {
 
 #[test]
 fn plain_tcp_connects_the_same_six_of_thirty_pairs_as_the_paper() {
-    let lab = Lab::up(&testbed()).expect("lab up");
-    let m = matrix::run(&lab, Mode::Plain, Duration::from_secs(1), &tools()).expect("matrix");
+    let t = testbed();
+    let lab = Lab::up(&t).expect("lab up");
+    let m = matrix::run(&lab, &t, Mode::Plain, Duration::from_secs(1), &tools()).expect("matrix");
     let connected: BTreeSet<(&str, &str)> = m
         .cells
         .iter()
@@ -73,6 +74,58 @@ fn plain_tcp_connects_the_same_six_of_thirty_pairs_as_the_paper() {
             .is_some_and(|v| v.starts_with("203.0.113.")),
         "{cell:?}"
     );
+}
+
+/// The pairs plain TCP connects: reach takes them directly.
+const DIRECT: [(&str, &str); 6] = [
+    ("das3-v-node", "das3-d-node"),
+    ("das3-d-node", "das3-v-node"),
+    ("rockstar-node", "das3-v-node"),
+    ("rockstar-node", "das3-d-node"),
+    ("desktop", "das3-v-node"),
+    ("desktop", "das3-d-node"),
+];
+
+/// Open sites towards targets that can connect out but not be connected to.
+const REVERSE: [(&str, &str); 4] = [
+    ("das3-v-node", "rockstar-node"),
+    ("das3-d-node", "rockstar-node"),
+    ("das3-v-node", "desktop"),
+    ("das3-d-node", "desktop"),
+];
+
+#[test]
+fn reach_connects_all_thirty_pairs_with_the_module_each_needs() {
+    let t = testbed();
+    let lab = Lab::up(&t).expect("lab up");
+    let m = matrix::run(&lab, &t, Mode::Reach, Duration::from_secs(10), &tools()).expect("matrix");
+    let failures: Vec<String> = m
+        .cells
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{} -> {}: {:?}", c.from_host, c.to_host, c.error))
+        .collect();
+    assert_eq!(m.score(), (30, 30), "\n{}{failures:#?}", m.render());
+    for c in &m.cells {
+        let pair = (c.from_host.as_str(), c.to_host.as_str());
+        let want: &[&str] = if DIRECT.contains(&pair) {
+            &["direct"]
+        } else if REVERSE.contains(&pair) {
+            &["reverse"]
+        } else {
+            &["splice", "routed"]
+        };
+        let module = c.module.as_deref().unwrap_or_default();
+        assert!(
+            want.contains(&module),
+            "{pair:?} used {module}\n{}",
+            m.render()
+        );
+        // The second connection goes straight to the cached module: nothing
+        // fails first, so a dropping firewall costs no timeout again.
+        assert_eq!(c.cached_module.as_deref(), Some(module), "{pair:?}: {c:?}");
+        assert!(c.cached_failed_before.is_empty(), "{pair:?}: {c:?}");
+    }
 }
 
 #[test]

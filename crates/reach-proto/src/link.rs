@@ -161,6 +161,10 @@ pub enum Control {
         addrs: Vec<SocketAddr>,
         /// HMAC of the node's and the hub's ids under the network secret.
         proof: Option<[u8; 32]>,
+        /// Whether this session accepts streams. A connect-only process
+        /// (`reach connect`) shares its NodeId with the node's listener, so it
+        /// must not take the listener's place in the directory.
+        accepts: bool,
     },
     /// Hub to node: attached; the hub saw the session come from `observed`.
     Registered {

@@ -153,6 +153,9 @@ impl EndpointBuilder {
 
     /// Accepts streams only on these virtual ports; others are refused during the
     /// handshake with "no service on that virtual port". Default: every port.
+    /// An empty list makes a connect-only endpoint: it does not enter its
+    /// hub's directory, so it never displaces a process of the same identity
+    /// that does accept (streams it asked to be connected back still arrive).
     pub fn accept_ports(mut self, ports: Vec<u16>) -> Self {
         self.accept_ports = Some(ports);
         self
@@ -314,6 +317,12 @@ impl Shared {
             Some(ports) if !ports.contains(&port) => Admission::Refuse(Refusal::NoSuchPort),
             _ => Admission::Accept,
         }
+    }
+
+    /// Whether this endpoint accepts streams at all (an empty port list
+    /// makes it connect-only; connect-back streams it asked for still arrive).
+    pub(crate) fn accepts_streams(&self) -> bool {
+        self.accept_ports.as_ref().is_none_or(|p| !p.is_empty())
     }
 
     pub(crate) fn responder_options(&self) -> ResponderOptions {

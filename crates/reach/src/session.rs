@@ -500,6 +500,7 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Str
         &Control::Register {
             addrs: shared.advertised.clone(),
             proof,
+            accepts: shared.accepts_streams(),
         },
     );
     let mut reader = FrameReader::new(r);

@@ -84,7 +84,7 @@ pub(crate) async fn connect(
         let last = i + 1 == order.len();
         let skip = |why: &str| ModuleFailure {
             module,
-            error: format!("skipped: {why}"),
+            error: format!("{SKIPPED}{why}"),
         };
         let result = match module {
             SetupModule::Direct if target.direct.is_empty() => {
@@ -128,8 +128,13 @@ pub(crate) async fn connect(
             SetupModule::Routed => routed(shared, &target, remaining, started).await,
         };
         match result {
-            Ok(stream) => {
+            Ok(mut stream) => {
                 remember(shared, node, Some(module));
+                stream.info_mut().failed_before = failures
+                    .iter()
+                    .filter(|f| !f.error.starts_with(SKIPPED))
+                    .map(|f| f.module)
+                    .collect();
                 return Ok(stream);
             }
             Err(Err(refused)) => return Err(refused),
@@ -148,6 +153,9 @@ pub(crate) async fn connect(
         modules: failures,
     })
 }
+
+/// How a skipped module's entry in the failure list starts.
+const SKIPPED: &str = "skipped: ";
 
 fn race_settings(shared: &Shared, timeout: Duration) -> RaceSettings {
     RaceSettings {

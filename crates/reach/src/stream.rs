@@ -91,6 +91,10 @@ pub struct StreamInfo {
     /// Time from the start of `connect` (or from the TCP accept) until the
     /// handshake finished.
     pub setup_time: Duration,
+    /// Modules the setup driver tried, and that failed, before `module`
+    /// worked (skipped ones are not listed). Empty when the first try worked,
+    /// for instance the cached module.
+    pub failed_before: Vec<SetupModule>,
 }
 
 enum Transport {
@@ -160,6 +164,7 @@ impl ReachStream {
             local_addr: tcp.local_addr()?,
             remote_addr: tcp.peer_addr()?,
             setup_time: started.elapsed(),
+            failed_before: Vec::new(),
         };
         let transport = match (est.mode, est.keys) {
             (StreamMode::Encrypted(_), Some(keys)) => {
@@ -188,6 +193,7 @@ impl ReachStream {
             local_addr: link.0,
             remote_addr: link.1,
             setup_time: started.elapsed(),
+            failed_before: Vec::new(),
         };
         let transport = match (est.mode, est.keys) {
             (StreamMode::Encrypted(_), Some(keys)) => {

@@ -1,0 +1,237 @@
+//! Hubs for the reach-mode matrix, placed and linked as the topology's
+//! `[hubs]` table says.
+//!
+//! Every hub's identity is created first (`reach id`), so each can be started
+//! with its peers' NodeIds; then the hubs start, each in its host's namespace
+//! on [`HUB_PORT`]. A link to a hub with a public address dials that address;
+//! an `ssh` link runs through the lab's ssh client key to the site's ssh entry
+//! (the public address, or the NAT's port forward), exactly as a user of the
+//! real site would. Every matrix host attaches to its own site's hub, or to
+//! the one `attach` names.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::apply::LabError;
+use crate::lab::{Lab, Process};
+use crate::topology::{Hubs, Topology};
+
+/// The TCP port every lab hub listens on.
+pub const HUB_PORT: u16 = 7700;
+
+/// Running hubs, and which hub each matrix host attaches to.
+pub struct HubSet {
+    /// The hub processes (killed when dropped).
+    _procs: Vec<Process>,
+    /// Hub host name to its NodeId.
+    ids: BTreeMap<String, String>,
+    /// Matrix host name to `NODEID@IP:PORT` of its hub.
+    pub attach: BTreeMap<String, String>,
+    /// Hub host name to its state directory (logs live there).
+    pub dirs: BTreeMap<String, PathBuf>,
+}
+
+/// Starts the hubs of `hubs` in `lab`, with state under `state`.
+pub fn start(
+    lab: &Lab,
+    topology: &Topology,
+    hubs: &Hubs,
+    tools: &Path,
+    state: &Path,
+) -> Result<HubSet, LabError> {
+    let reach = tools.join("reach");
+    let mut ids = BTreeMap::new();
+    let mut dirs = BTreeMap::new();
+    for h in &hubs.hosts {
+        let dir = state.join(format!("hub-{h}"));
+        std::fs::create_dir_all(&dir)?;
+        let out = std::process::Command::new(&reach)
+            .arg("--state-dir")
+            .arg(&dir)
+            .arg("id")
+            .output()?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: format!("reach id for hub {h}"),
+                output: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        ids.insert(
+            h.clone(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        );
+        dirs.insert(h.clone(), dir);
+    }
+    let ssh_dir = lab.record().state_dir().join("ssh");
+    let mut procs = Vec::new();
+    let mut addr_files = Vec::new();
+    for h in &hubs.hosts {
+        let dir = &dirs[h];
+        let addr_file = dir.join("hub.txt");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut cmd = lab.command(h, &reach);
+        cmd.arg("--state-dir")
+            .arg(dir)
+            .args([
+                "-v",
+                "hub",
+                "--tcp-port",
+                &HUB_PORT.to_string(),
+                "--addr-file",
+            ])
+            .arg(&addr_file);
+        for link in hubs.links.iter().filter(|l| &l.from == h) {
+            let peer = peer_spec(lab, topology, &ids[&link.to], &link.to, link.ssh)?;
+            cmd.arg("--peer").arg(peer);
+        }
+        // Links dialled by the other side are admitted by key.
+        for link in hubs.links.iter().filter(|l| &l.to == h) {
+            cmd.arg("--allow-hub").arg(&ids[&link.from]);
+        }
+        if hubs.links.iter().any(|l| &l.from == h && l.ssh) {
+            for arg in crate::sshd::client_args(&ssh_dir) {
+                cmd.arg(format!("--ssh-arg={arg}"));
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("hub.log"))?)
+            .spawn()?;
+        procs.push(Process::new(child));
+        addr_files.push((h.clone(), addr_file));
+    }
+    for (h, file) in addr_files {
+        if crate::wait::for_file(&file, Duration::from_secs(20)).is_none() {
+            return Err(LabError::Command {
+                command: format!("reach hub in {h}"),
+                output: std::fs::read_to_string(dirs[&h].join("hub.log")).unwrap_or_default(),
+            });
+        }
+    }
+    let mut attach = BTreeMap::new();
+    for node in &lab.record().matrix {
+        let hub = match hubs.attach.get(node) {
+            Some(hub) => Some(hub.clone()),
+            None => {
+                let site = &lab.host(node).site;
+                hubs.hosts
+                    .iter()
+                    .find(|h| &lab.host(h).site == site)
+                    .cloned()
+            }
+        };
+        let Some(hub) = hub else {
+            continue;
+        };
+        let ip = address_from(lab, node, &hub);
+        attach.insert(node.clone(), format!("{}@{ip}:{HUB_PORT}", ids[&hub]));
+    }
+    Ok(HubSet {
+        _procs: procs,
+        ids,
+        attach,
+        dirs,
+    })
+}
+
+impl HubSet {
+    /// Waits until every hub's directory holds `nodes` nodes (attached or
+    /// learned from other hubs): the hubs have linked and gossiped. Each
+    /// hub is asked with `reach status` from its own host.
+    pub fn wait_converged(
+        &self,
+        lab: &Lab,
+        tools: &Path,
+        nodes: usize,
+        timeout: Duration,
+    ) -> Result<(), LabError> {
+        let mut last = BTreeMap::new();
+        let converged = crate::wait::until(timeout, || {
+            for (host, id) in &self.ids {
+                let known = self.known_nodes(lab, tools, host, id);
+                last.insert(host.clone(), known.clone());
+                if known.ok()? < nodes {
+                    return None;
+                }
+            }
+            Some(())
+        });
+        converged.ok_or_else(|| LabError::Command {
+            command: format!("waiting for every hub to know all {nodes} nodes"),
+            output: last
+                .iter()
+                .map(|(h, k)| match k {
+                    Ok(n) => format!("{h}: {n} nodes"),
+                    Err(e) => format!("{h}: {e}"),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
+    }
+
+    /// How many nodes hub `host` knows: attached plus on other hubs.
+    fn known_nodes(&self, lab: &Lab, tools: &Path, host: &str, id: &str) -> Result<usize, String> {
+        let out = lab
+            .command(host, tools.join("reach"))
+            .arg("--state-dir")
+            .arg(self.dirs[host].join("status-client"))
+            .args(["status", "--json", "--hub"])
+            .arg(format!("{id}@127.0.0.1:{HUB_PORT}"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        let n = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
+        Ok(n("nodes_attached") + n("remote_nodes"))
+    }
+}
+
+/// The address `from` uses to reach hub host `hub`: its LAN address within a
+/// site, its public address across sites.
+fn address_from(lab: &Lab, from: &str, hub: &str) -> Ipv4Addr {
+    let h = lab.host(hub);
+    if lab.host(from).site == h.site {
+        h.lan
+    } else {
+        h.public.unwrap_or(h.gateway)
+    }
+}
+
+/// The `--peer` argument for a link to hub host `to` with NodeId `id`.
+fn peer_spec(
+    lab: &Lab,
+    topology: &Topology,
+    id: &str,
+    to: &str,
+    ssh: bool,
+) -> Result<String, LabError> {
+    if !ssh {
+        let h = lab.host(to);
+        let ip = h.public.unwrap_or(h.gateway);
+        return Ok(format!("{id}@{ip}:{HUB_PORT}"));
+    }
+    let site = topology.site_of(to).ok_or_else(|| LabError::Command {
+        command: format!("hub link to {to}"),
+        output: "no such host in the topology".into(),
+    })?;
+    let entry = crate::verify::ssh_entry(site, lab.host(to)).ok_or_else(|| LabError::Command {
+        command: format!("ssh hub link to {to}"),
+        output: format!(
+            "site {} has no ssh entry to {to} (sshd on it, and port 22 open or forwarded)",
+            site.name
+        ),
+    })?;
+    // Inside the tunnel the hub is on the ssh server's own host.
+    Ok(format!(
+        "{id}@127.0.0.1:{HUB_PORT},ssh=root@{}:{}",
+        entry.ip(),
+        entry.port()
+    ))
+}
