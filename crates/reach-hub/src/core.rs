@@ -150,6 +150,10 @@ pub struct HubCore {
     /// Node to home hub, for nodes of other hubs.
     index: HashMap<NodeId, NodeId>,
     relay: HashMap<(LinkId, u32), Relay>,
+    /// Connect-back requests passed on, by (requester, token): the link each
+    /// came from, so a failure report can retrace the path. Expire after
+    /// [`CONNECT_BACK_MEMORY`].
+    connect_backs: HashMap<(NodeId, u16), (LinkId, Instant)>,
     dir_state: u64,
     next_link: LinkId,
     outbox: Vec<(LinkId, Vec<u8>)>,
@@ -198,6 +202,12 @@ fn control(msg: &Control) -> Vec<u8> {
     f
 }
 
+/// How long a hub remembers where a connect-back request came from.
+const CONNECT_BACK_MEMORY: Duration = Duration::from_secs(10);
+/// Connect-back requests remembered at most (a flood only loses fast failure
+/// reports, never a connect-back itself).
+const MAX_CONNECT_BACKS: usize = 16_384;
+
 impl HubCore {
     /// A hub with identity `me`, admitting by `policy`, listening on `listen`.
     pub fn new(
@@ -218,6 +228,7 @@ impl HubCore {
             partial: HashMap::new(),
             index: HashMap::new(),
             relay: HashMap::new(),
+            connect_backs: HashMap::new(),
             dir_state: 1,
             next_link: 1,
             outbox: Vec::new(),
@@ -622,7 +633,21 @@ impl HubCore {
                 if kind == LinkKind::Node {
                     cb.from = peer;
                 }
-                self.connect_back(link, kind, cb);
+                self.connect_back(link, kind, cb, now);
+            }
+            (
+                kind,
+                Control::ConnectBackFailed {
+                    requester,
+                    target,
+                    token,
+                    reason,
+                },
+            ) => {
+                // A node reports only its own failures.
+                if kind == LinkKind::Hub || target == peer {
+                    self.connect_back_failed(requester, target, token, reason);
+                }
             }
             (LinkKind::Hub, Control::Adverts { adverts }) => {
                 if self.routes.handle_adverts(now, peer, &adverts) {
@@ -668,20 +693,49 @@ impl HubCore {
         Verdict::Continue
     }
 
-    fn connect_back(&mut self, link: LinkId, kind: LinkKind, cb: ConnectBack) {
-        let target = cb.target;
-        let (token, from_node) = (cb.token, kind == LinkKind::Node);
+    fn connect_back(&mut self, link: LinkId, kind: LinkKind, cb: ConnectBack, now: Instant) {
+        let (target, requester, token) = (cb.target, cb.from, cb.token);
         match self.link_towards(&target).filter(|l| *l != link) {
             Some(out) => {
                 self.counters.connect_backs += 1;
+                if self.connect_backs.len() < MAX_CONNECT_BACKS {
+                    self.connect_backs.insert((requester, token), (link, now));
+                }
                 self.send(out, control(&Control::ConnectBack(cb)));
             }
-            None if from_node => {
+            None => {
                 let reason = format!("no hub knows node {target}");
-                self.send(link, control(&Control::ConnectBackFailed { token, reason }));
+                let failed = Control::ConnectBackFailed {
+                    requester,
+                    target,
+                    token,
+                    reason,
+                };
+                tracing::debug!(%target, ?kind, "connect-back has no path");
+                self.send(link, control(&failed));
             }
-            None => tracing::debug!(%target, "dropping connect-back: no path"),
         }
+    }
+
+    /// Passes a connect-back failure one hop back towards its requester.
+    fn connect_back_failed(
+        &mut self,
+        requester: NodeId,
+        target: NodeId,
+        token: u16,
+        reason: String,
+    ) {
+        let Some((back, _)) = self.connect_backs.remove(&(requester, token)) else {
+            tracing::debug!(%requester, token, "connect-back failure for no known request");
+            return;
+        };
+        let failed = Control::ConnectBackFailed {
+            requester,
+            target,
+            token,
+            reason,
+        };
+        self.send(back, control(&failed));
     }
 
     /// Adds a part of `origin`'s directory; returns the whole once complete.
@@ -807,6 +861,8 @@ impl HubCore {
     /// Directories travel only when they change and when a hub link comes up:
     /// links are reliable, so nothing is missed in between.
     pub fn tick(&mut self, now: Instant) {
+        self.connect_backs
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
         self.routes.bump();
         self.routes.handle_timeout(now);
         self.forget_unroutable();

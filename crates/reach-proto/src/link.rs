@@ -195,8 +195,14 @@ pub enum Control {
     /// Node to hub (and on, hub to hub and to the target's session): please
     /// connect back.
     ConnectBack(ConnectBack),
-    /// Hub to node: a connect-back could not be delivered.
+    /// A connect-back failed: the hubs could not deliver it, or the target
+    /// could not connect. Travels back along the request's path to the
+    /// requester, so its Reverse module gives up at once.
     ConnectBackFailed {
+        /// Who asked.
+        requester: NodeId,
+        /// Who was to connect back.
+        target: NodeId,
         /// The request's token.
         token: u16,
         /// Why.

@@ -344,17 +344,15 @@ impl Shared {
         let _ = self.incoming.send(stream).await;
     }
 
-    /// A hub could not deliver connect-back request `token`.
-    pub(crate) fn fail_reverse(&self, token: u16, reason: &str) {
-        let mut pending = self
+    /// Connect-back request `token` to `target` failed.
+    pub(crate) fn fail_reverse(&self, target: NodeId, token: u16, reason: &str) {
+        let waiter = self
             .pending_reverse
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let keys: Vec<_> = pending.keys().filter(|k| k.1 == token).copied().collect();
-        for k in keys {
-            if let Some(w) = pending.remove(&k) {
-                let _ = w.send(Err(reason.to_string()));
-            }
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(target, token));
+        if let Some(w) = waiter {
+            let _ = w.send(Err(reason.to_string()));
         }
     }
 }

@@ -634,10 +634,15 @@ fn handle_frame(
                 }
             }
             Control::ConnectBack(cb) => {
-                tokio::spawn(connect_back(shared.clone(), cb));
+                tokio::spawn(connect_back(shared.clone(), link.tx.clone(), cb));
             }
-            Control::ConnectBackFailed { token, reason } => {
-                shared.fail_reverse(token, &reason);
+            Control::ConnectBackFailed {
+                target,
+                token,
+                reason,
+                ..
+            } => {
+                shared.fail_reverse(target, token, &reason);
             }
             Control::Ping { nonce } => send_control(&link.tx, &Control::Pong { nonce }),
             Control::Pong { .. } => {}
@@ -677,9 +682,20 @@ async fn accept_routed(
 
 /// Answers a connect-back request: dials the asker and hands the stream to
 /// this endpoint's `accept`.
-async fn connect_back(shared: Arc<Shared>, cb: ConnectBack) {
+async fn connect_back(shared: Arc<Shared>, tx: FrameTx, cb: ConnectBack) {
+    let me = shared.secret.node_id();
+    let fail = |reason: String| {
+        let failed = Control::ConnectBackFailed {
+            requester: cb.from,
+            target: me,
+            token: cb.token,
+            reason,
+        };
+        send_control(&tx, &failed);
+    };
     if shared.admit_port(cb.vport) != Admission::Accept {
         tracing::debug!(from = %cb.from, vport = cb.vport, "not connecting back: port not served");
+        fail(format!("no service on virtual port {}", cb.vport));
         return;
     }
     let target = VirtualAddr::new(cb.from, cb.token).with_direct(cb.addrs);
@@ -699,7 +715,10 @@ async fn connect_back(shared: Arc<Shared>, cb: ConnectBack) {
             tracing::debug!(peer = %cb.from, "connected back");
             shared.deliver(stream).await;
         }
-        Err(e) => tracing::debug!(peer = %cb.from, "cannot connect back: {e}"),
+        Err(e) => {
+            tracing::debug!(peer = %cb.from, "cannot connect back: {e}");
+            fail(format!("the node could not connect back: {e}"));
+        }
     }
 }
 
