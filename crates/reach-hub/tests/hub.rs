@@ -290,6 +290,14 @@ async fn nodes_re_register_after_a_hub_restart() {
     let a = node(&t, builder().modules(vec![SetupModule::Routed])).await;
     let mut live = a.connect(&by_id(&b, 1)).await.expect("routed");
     live.write_all(b"before").await.expect("write");
+    // A direct stream does not depend on the hub at all.
+    let c = node(&t, builder().modules(vec![SetupModule::Direct])).await;
+    let mut direct = c.connect(&b.virtual_addr(1)).await.expect("direct");
+    assert_eq!(direct.info().module, SetupModule::Direct);
+    direct
+        .write_all(b"before the restart, ")
+        .await
+        .expect("write");
     drop(first);
     // The routed stream over the dead hub ends with an error, not a hang.
     let mut buf = Vec::new();
@@ -304,7 +312,7 @@ async fn nodes_re_register_after_a_hub_restart() {
     )
     .await
     .expect("hub again");
-    for ep in [&a, &*b] {
+    for ep in [&a, &*b, &c] {
         ep.wait_hub(Duration::from_secs(5))
             .await
             .expect("re-registered within 5 s");
@@ -314,9 +322,54 @@ async fn nodes_re_register_after_a_hub_restart() {
         took < Duration::from_secs(5),
         "re-registration took {took:?}"
     );
-    assert_eq!(second.status().nodes.len(), 2);
+    assert_eq!(second.status().nodes.len(), 3);
     let mut s = a.connect(&by_id(&b, 1)).await.expect("routed again");
     round_trip(&mut s, b"after").await;
+    // The direct stream lived on through the hub's death and restart.
+    direct.write_all(b"and after").await.expect("write");
+    direct.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    tokio::time::timeout(DEADLINE, direct.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(back, b"before the restart, and after");
+}
+
+/// Streams through one hub at the same time.
+const CONCURRENT_STREAMS: usize = 1000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_routed_streams_through_one_hub() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder()).await);
+    let _echo = echo(b.clone());
+    let a = Arc::new(node(&t, builder().modules(vec![SetupModule::Routed])).await);
+    // Every stream opens first; only when all are open does data flow, so
+    // all of them are relayed at once.
+    let opened = Arc::new(tokio::sync::Barrier::new(CONCURRENT_STREAMS + 1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CONCURRENT_STREAMS {
+        let (a, opened, target) = (a.clone(), opened.clone(), by_id(&b, 3));
+        tasks.spawn(async move {
+            let mut s = a.connect(&target).await.expect("routed connect");
+            opened.wait().await;
+            round_trip(&mut s, &pattern(8 << 10, i as u8)).await;
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(120), opened.wait())
+        .await
+        .expect("every stream opened");
+    let status = hub.status();
+    assert_eq!(status.streams, CONCURRENT_STREAMS, "all relayed at once");
+    let done = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(r) = tasks.join_next().await {
+            r.expect("stream task");
+        }
+    });
+    done.await.expect("every echo within the deadline");
+    assert!(hub.status().counters.bytes_relayed >= 2 * CONCURRENT_STREAMS as u64 * (8 << 10));
 }
 
 #[tokio::test]
