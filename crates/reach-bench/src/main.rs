@@ -7,6 +7,8 @@
 //! Setup time is decomposed into TCP connect, one round trip and the handshake's
 //! CPU cost, so the "TCP + one round trip" claim can be checked on any network.
 
+mod hub;
+
 use std::time::Instant;
 
 use anyhow::{ensure, Context};
@@ -49,6 +51,23 @@ enum Bench {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// A `reach hub` process: memory per attached node and per routed stream,
+    /// and routed throughput beside direct. Runs the `reach` binary built
+    /// beside this one.
+    Hub {
+        /// Nodes attached at once.
+        #[arg(long, default_value_t = 1000)]
+        nodes: u32,
+        /// Routed streams open at once.
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// MiB moved per throughput figure.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Serialize)]
@@ -80,16 +99,37 @@ fn main() -> anyhow::Result<()> {
             json,
         } => {
             let rows = rt.block_on(loopback(size_mib << 20, connections, rounds.max(1)))?;
-            let report = Report {
-                machine: machine(),
-                results: rows,
-            };
-            print_table(&report);
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            report(rows, json.as_deref())?;
         }
+        Bench::Hub {
+            nodes,
+            streams,
+            size_mib,
+            json,
+        } => {
+            let exe = std::env::current_exe()?;
+            let reach = exe.with_file_name("reach");
+            anyhow::ensure!(
+                reach.exists(),
+                "no reach binary beside {}: build it with cargo build --release -p reach-cli",
+                exe.display()
+            );
+            let rows = rt.block_on(hub::run(&reach, nodes, streams.max(1), size_mib))?;
+            report(rows, json.as_deref())?;
+        }
+    }
+    Ok(())
+}
+
+fn report(rows: Vec<Row>, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let report = Report {
+        machine: machine(),
+        results: rows,
+    };
+    print_table(&report);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
 }
