@@ -288,3 +288,139 @@ async fn throughput(
     }
     Ok(bytes as f64 * 8.0 / secs / 1e9)
 }
+
+/// A TCP proxy on loopback that delays every byte by `delay` each way, as a
+/// long link would (userspace: this kernel has no netem). Returns its address.
+async fn delay_proxy(
+    upstream: std::net::SocketAddr,
+    delay: Duration,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = down.set_nodelay(true);
+                let _ = up.set_nodelay(true);
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(delayed_copy(dr, uw, delay));
+                tokio::spawn(delayed_copy(ur, dw, delay));
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Copies `r` to `w`, each chunk released `delay` after it was read.
+async fn delayed_copy(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0
+            || tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Median of `v` (not empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Routed setup with the module cached and the session up, against the hub
+/// path's round trip: both nodes reach the hub through `delay` each way.
+pub async fn routed_setup(reach: &Path, delay: Duration, n: u32) -> anyhow::Result<Vec<Row>> {
+    let hub = start_hub(reach)?;
+    let hub_addr: std::net::SocketAddr =
+        format!("{}:{}", hub.target.host, hub.target.port).parse()?;
+    let proxy = delay_proxy(hub_addr, delay).await?;
+    let via_proxy = HubTarget {
+        id: hub.target.id,
+        host: proxy.ip().to_string(),
+        port: proxy.port(),
+    };
+    let server = Arc::new(node(&via_proxy, 1, SetupModule::ALL.to_vec()).await?);
+    // On loopback every direct path works; the cache would hold Routed for a
+    // target behind a NAT, which is what Routed-only stands in for here.
+    let client = node(&via_proxy, 2, vec![SetupModule::Routed]).await?;
+    let echo = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            while let Ok(mut s) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1];
+                    while matches!(s.read(&mut b).await, Ok(1)) {
+                        if s.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        })
+    };
+    // Only the NodeId: no direct address, so the driver goes through the hub;
+    // the first connection fills the cache.
+    let target = VirtualAddr::new(server.node_id(), 1);
+    let first = client.connect(&target).await?;
+    anyhow::ensure!(
+        first.info().module == SetupModule::Routed,
+        "expected a routed stream, got {}",
+        first.info().module
+    );
+    let first_ms = first.info().setup_time.as_secs_f64() * 1e3;
+    let mut setups = Vec::new();
+    let mut rtts = Vec::new();
+    for _ in 0..n {
+        let mut s = client.connect(&target).await?;
+        setups.push(s.info().setup_time.as_secs_f64() * 1e3);
+        let t = Instant::now();
+        s.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        rtts.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    echo.abort();
+    let (setup, rtt) = (median(setups), median(rtts));
+    Ok(vec![
+        Row {
+            name: "routed setup, first connection".into(),
+            unit: "ms".into(),
+            value: first_ms,
+            baseline_name: "hub path round trip".into(),
+            baseline: rtt,
+            ratio: first_ms / rtt,
+        },
+        Row {
+            name: "routed setup, cached module".into(),
+            unit: "ms".into(),
+            value: setup,
+            baseline_name: "hub path round trip".into(),
+            baseline: rtt,
+            ratio: setup / rtt,
+        },
+    ])
+}

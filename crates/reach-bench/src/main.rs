@@ -68,6 +68,19 @@ enum Bench {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// Routed connection setup with the module cached, in round trips of the
+    /// hub path: both nodes reach a `reach hub` through a userspace delay.
+    RoutedSetup {
+        /// One-way delay between each node and the hub, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        delay_ms: u64,
+        /// Connections measured (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        connections: u32,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Serialize)]
@@ -107,18 +120,36 @@ fn main() -> anyhow::Result<()> {
             size_mib,
             json,
         } => {
-            let exe = std::env::current_exe()?;
-            let reach = exe.with_file_name("reach");
-            anyhow::ensure!(
-                reach.exists(),
-                "no reach binary beside {}: build it with cargo build --release -p reach-cli",
-                exe.display()
-            );
-            let rows = rt.block_on(hub::run(&reach, nodes, streams.max(1), size_mib))?;
+            let rows = rt.block_on(hub::run(&reach_binary()?, nodes, streams.max(1), size_mib))?;
+            report(rows, json.as_deref())?;
+        }
+        Bench::RoutedSetup {
+            delay_ms,
+            connections,
+            json,
+        } => {
+            let delay = std::time::Duration::from_millis(delay_ms);
+            let rows = rt.block_on(hub::routed_setup(
+                &reach_binary()?,
+                delay,
+                connections.max(1),
+            ))?;
             report(rows, json.as_deref())?;
         }
     }
     Ok(())
+}
+
+/// The `reach` binary built beside this one.
+fn reach_binary() -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let reach = exe.with_file_name("reach");
+    anyhow::ensure!(
+        reach.exists(),
+        "no reach binary beside {}: build it with cargo build --release -p reach-cli",
+        exe.display()
+    );
+    Ok(reach)
 }
 
 fn report(rows: Vec<Row>, json: Option<&std::path::Path>) -> anyhow::Result<()> {

@@ -349,12 +349,14 @@ async fn a_thousand_concurrent_routed_streams_through_one_hub() {
     // Every stream opens first; only when all are open does data flow, so
     // all of them are relayed at once.
     let opened = Arc::new(tokio::sync::Barrier::new(CONCURRENT_STREAMS + 1));
+    let go = Arc::new(tokio::sync::Barrier::new(CONCURRENT_STREAMS + 1));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..CONCURRENT_STREAMS {
-        let (a, opened, target) = (a.clone(), opened.clone(), by_id(&b, 3));
+        let (a, opened, go, target) = (a.clone(), opened.clone(), go.clone(), by_id(&b, 3));
         tasks.spawn(async move {
             let mut s = a.connect(&target).await.expect("routed connect");
             opened.wait().await;
+            go.wait().await;
             round_trip(&mut s, &pattern(8 << 10, i as u8)).await;
         });
     }
@@ -363,6 +365,7 @@ async fn a_thousand_concurrent_routed_streams_through_one_hub() {
         .expect("every stream opened");
     let status = hub.status();
     assert_eq!(status.streams, CONCURRENT_STREAMS, "all relayed at once");
+    go.wait().await;
     let done = tokio::time::timeout(Duration::from_secs(120), async {
         while let Some(r) = tasks.join_next().await {
             r.expect("stream task");

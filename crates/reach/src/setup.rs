@@ -51,18 +51,9 @@ pub(crate) async fn connect(
         .wait_link(deadline.min(started + SESSION_WAIT))
         .await
         .ok();
-    if target.direct.is_empty() && link.is_some() {
-        {
-            match session
-                .lookup(node, deadline.min(Instant::now() + LOOKUP_BUDGET))
-                .await
-            {
-                Ok(Some(entry)) => target.direct = entry.addrs,
-                Ok(None) => tracing::debug!(%node, "no hub knows the node"),
-                Err(e) => tracing::debug!(%node, "lookup failed: {e}"),
-            }
-        }
-    }
+    // The directory is asked for the target's addresses only when Direct's
+    // turn comes, so a cached Routed or Reverse spends no round trip on it.
+    let mut looked_up = !target.direct.is_empty() || link.is_none();
     let cached = cached(shared, &node);
     let order: Vec<SetupModule> = cached
         .into_iter()
@@ -86,6 +77,17 @@ pub(crate) async fn connect(
             module,
             error: format!("{SKIPPED}{why}"),
         };
+        if module == SetupModule::Direct && !looked_up {
+            looked_up = true;
+            match session
+                .lookup(node, deadline.min(Instant::now() + LOOKUP_BUDGET))
+                .await
+            {
+                Ok(Some(entry)) => target.direct = entry.addrs,
+                Ok(None) => tracing::debug!(%node, "no hub knows the node"),
+                Err(e) => tracing::debug!(%node, "lookup failed: {e}"),
+            }
+        }
         let result = match module {
             SetupModule::Direct if target.direct.is_empty() => {
                 failures.push(skip("no direct address known"));
