@@ -363,6 +363,18 @@ fn demo(file: &Path) -> anyhow::Result<ExitCode> {
         let lab = Lab::up(&topology)?;
         let m = matrix::run(&lab, &topology, mode, Duration::from_secs(timeout), &tools)?;
         print!("{}", m.render());
+        if mode == Mode::Reach {
+            for c in m.cells.iter().filter(|c| !c.ok) {
+                let why = c.error.as_deref().unwrap_or("failed");
+                println!("  {} -> {}: {why}", c.from_host, c.to_host);
+            }
+            let cached: Vec<f64> = m.cells.iter().filter_map(|c| c.cached_setup_ms).collect();
+            if let Some(max) = cached.iter().copied().reduce(f64::max) {
+                println!(
+                    "second connection per pair, module cached: at most {max:.1} ms (a new process each time, attaching to its hub first)"
+                );
+            }
+        }
         scores.push(m.score());
     }
     println!(
@@ -370,10 +382,7 @@ fn demo(file: &Path) -> anyhow::Result<ExitCode> {
         scores[0].0, scores[0].1, scores[1].0, scores[1].1
     );
     if scores[1].0 < scores[1].1 {
-        println!(
-            "reach has its Direct module so far; hubs with the Reverse and Routed modules (step 3)\n\
-             and Splice (step 4) connect the remaining pairs."
-        );
+        println!("reach left pairs unconnected: the lines under its matrix say why.");
     }
     Ok(ExitCode::SUCCESS)
 }
