@@ -63,6 +63,8 @@ pub struct HubServer {
     pub metrics: Option<SocketAddr>,
     /// Seconds between routing gossip messages.
     pub gossip_interval: Option<f64>,
+    /// Dial hubs learned from gossip (default true).
+    pub learned_links: Option<bool>,
 }
 
 impl Config {
@@ -160,6 +162,7 @@ mod tests {
             open = false
             metrics = "127.0.0.1:9107"
             gossip_interval = 2
+            learned_links = true
         "#;
         let c: Config = toml::from_str(text).expect("parse");
         assert_eq!(c.plaintext, Some(true));

@@ -62,6 +62,10 @@ pub struct HubArgs {
     /// Seconds between routing gossip messages to peer hubs [default: 2].
     #[arg(long, value_name = "SECS")]
     gossip_interval: Option<f64>,
+    /// Do not dial hubs learned from gossip; link only to --peer hubs (by
+    /// default a hub links directly to every hub it learns about and can reach).
+    #[arg(long)]
+    no_learned_links: bool,
     /// Also write the hub's address, NODEID@IP:PORT, to this file (atomically).
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
@@ -135,6 +139,7 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         },
         advertise,
         gossip_interval,
+        link_learned: !args.no_learned_links && file.and_then(|h| h.learned_links).unwrap_or(true),
     };
     let mut hub = Hub::start(builder, config)
         .await

@@ -257,6 +257,22 @@ impl HubCore {
         self.hubs.contains_key(hub)
     }
 
+    /// Hubs this hub routes to through others and knows listen addresses of:
+    /// candidates for a direct link (SmartSockets hubs connect to hubs they
+    /// learn about when they can, and route through others when they cannot).
+    pub fn unlinked_hubs(&self) -> Vec<(NodeId, Vec<SocketAddr>)> {
+        self.remote
+            .iter()
+            .filter(|(hub, r)| {
+                **hub != self.me
+                    && !self.hubs.contains_key(*hub)
+                    && !r.listen.is_empty()
+                    && self.routes.next_hop(hub).is_some()
+            })
+            .map(|(hub, r)| (*hub, r.listen.clone()))
+            .collect()
+    }
+
     /// A new authenticated link from (or to) `peer`. A dialled link is to a
     /// configured peer hub: this hub greets it at once.
     pub fn link_up(

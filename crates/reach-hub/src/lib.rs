@@ -56,6 +56,9 @@ pub struct HubConfig {
     pub advertise: Option<Vec<SocketAddr>>,
     /// Routing gossip interval.
     pub gossip_interval: Duration,
+    /// Dial hubs learned from gossip directly (default); when they cannot be
+    /// reached, traffic keeps going through the hubs that route to them.
+    pub link_learned: bool,
 }
 
 impl Default for HubConfig {
@@ -69,6 +72,7 @@ impl Default for HubConfig {
             },
             advertise: None,
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
+            link_learned: true,
         }
     }
 }
@@ -208,11 +212,50 @@ async fn accept_links(inner: Arc<Inner>) {
 async fn gossip(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(inner.config.gossip_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When each learned hub was last dialled, so unreachable ones are retried
+    // only every LEARNED_RETRY.
+    let mut tried: HashMap<NodeId, Instant> = HashMap::new();
     loop {
         tick.tick().await;
-        let mut s = inner.state();
-        s.core.tick(Instant::now());
-        s.flush();
+        let learned = {
+            let mut s = inner.state();
+            s.core.tick(Instant::now());
+            s.flush();
+            s.core.unlinked_hubs()
+        };
+        let now = Instant::now();
+        for (hub, addrs) in learned.into_iter().filter(|_| inner.config.link_learned) {
+            if tried
+                .get(&hub)
+                .is_some_and(|at| now.duration_since(*at) < LEARNED_RETRY)
+            {
+                continue;
+            }
+            tried.insert(hub, now);
+            tokio::spawn(link_learned(inner.clone(), hub, addrs));
+        }
+    }
+}
+
+/// How often a hub learned from gossip, but not reachable, is dialled again.
+const LEARNED_RETRY: Duration = Duration::from_secs(60);
+/// How long dialling a learned hub may take.
+const LEARNED_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Tries a direct link to a hub learned from gossip; serves it if it works.
+async fn link_learned(inner: Arc<Inner>, hub: NodeId, addrs: Vec<SocketAddr>) {
+    let target = reach::VirtualAddr::new(hub, HUB_VPORT).with_direct(addrs);
+    match inner
+        .endpoint
+        .connect_timeout(&target, LEARNED_DIAL_TIMEOUT)
+        .await
+    {
+        Ok(stream) => {
+            tracing::info!(%hub, "linked to a hub learned from gossip");
+            let why = serve_link(inner, stream, true).await;
+            tracing::info!(%hub, "link to learned hub ended: {why}");
+        }
+        Err(e) => tracing::debug!(%hub, "learned hub not reachable directly: {e}"),
     }
 }
 

@@ -229,13 +229,18 @@ async fn a_hub_relays_only_ciphertext() {
 #[tokio::test]
 async fn hubs_federate_and_route_over_several_hops() {
     // h1 <- h2 <- h3: each hub dials the previous one; A on h1, B on h3.
-    let h1 = hub().await;
+    // h1 and h3 do not link directly, as if they could not reach each other.
+    let no_learning = HubConfig {
+        link_learned: false,
+        ..HubConfig::default()
+    };
+    let h1 = hub_with(no_learning.clone()).await;
     let h2 = hub_with(HubConfig {
         peers: vec![Peer {
             target: target_of(&h1),
             ssh: None,
         }],
-        ..HubConfig::default()
+        ..no_learning.clone()
     })
     .await;
     let h3 = hub_with(HubConfig {
@@ -243,7 +248,7 @@ async fn hubs_federate_and_route_over_several_hops() {
             target: target_of(&h2),
             ssh: None,
         }],
-        ..HubConfig::default()
+        ..no_learning
     })
     .await;
     let b = Arc::new(node(&target_of(&h3), builder()).await);
@@ -270,6 +275,46 @@ async fn hubs_federate_and_route_over_several_hops() {
     assert!(routes
         .iter()
         .any(|r| r.hub == h3.id() && r.hops == 2 && r.next_hop == h2.id()));
+}
+
+#[tokio::test]
+async fn hubs_link_directly_to_hubs_they_learn_about() {
+    // h1 <- h2 <- h3 as configured; h3 learns h1's addresses by gossip and
+    // dials it, so h1 ends up with a one-hop route to h3.
+    let config = HubConfig {
+        gossip_interval: Duration::from_millis(200),
+        ..HubConfig::default()
+    };
+    let h1 = hub_with(config.clone()).await;
+    let peer = |h: &Hub| Peer {
+        target: target_of(h),
+        ssh: None,
+    };
+    let h2 = hub_with(HubConfig {
+        peers: vec![peer(&h1)],
+        ..config.clone()
+    })
+    .await;
+    let h3 = hub_with(HubConfig {
+        peers: vec![peer(&h2)],
+        ..config
+    })
+    .await;
+    let linked = async {
+        loop {
+            let s = h1.status();
+            if s.hubs.iter().any(|l| l.hub == h3.id())
+                && s.routes.iter().any(|r| r.hub == h3.id() && r.hops == 1)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, linked)
+        .await
+        .expect("h1 and h3 linked directly");
+    drop(h2);
 }
 
 #[tokio::test]
