@@ -1093,3 +1093,7 @@ impl Status {
         out
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

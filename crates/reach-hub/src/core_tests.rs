@@ -1,0 +1,335 @@
+//! Deterministic tests of the hub core: frames in, frames out, no I/O, time
+//! passed in.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use reach_proto::link::{
+    admission_proof, decode_frame, ConnectBack, Control, Frame, ResetCode, STREAM_WINDOW,
+};
+use reach_proto::{NodeId, SecretKey};
+
+use super::*;
+
+fn id(n: u8) -> NodeId {
+    SecretKey::from_seed([n; 32]).node_id()
+}
+
+fn addr(last: u8) -> SocketAddr {
+    SocketAddr::from(([198, 51, 100, last], 40000))
+}
+
+fn open_hub() -> HubCore {
+    hub_with(Policy {
+        open: true,
+        ..Policy::default()
+    })
+}
+
+fn hub_with(policy: Policy) -> HubCore {
+    HubCore::new(id(1), policy, vec![addr(1)], Duration::from_secs(10))
+}
+
+/// The frames the core queued, decoded, by link.
+fn out(core: &mut HubCore) -> Vec<(LinkId, Frame<'static>)> {
+    core.take_outbox()
+        .into_iter()
+        .map(|(link, bytes)| {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            let (frame, used) = decode_frame(bytes).expect("valid").expect("whole frame");
+            assert_eq!(used, bytes.len(), "one frame per outbox entry");
+            (link, frame)
+        })
+        .collect()
+}
+
+fn control(core: &mut HubCore, link: LinkId, msg: Control) -> Verdict {
+    core.handle_frame(link, Frame::Control(msg), Instant::now())
+}
+
+/// A node attached with `accepts`; returns its link.
+fn attach(core: &mut HubCore, node: NodeId, accepts: bool) -> LinkId {
+    let link = core.link_up(node, addr(9), false, None);
+    let v = control(
+        core,
+        link,
+        Control::Register {
+            addrs: vec![addr(2)],
+            proof: None,
+            accepts,
+        },
+    );
+    assert_eq!(v, Verdict::Continue);
+    let frames = out(core);
+    assert!(
+        frames.iter().any(|(l, f)| *l == link
+            && matches!(f, Frame::Control(Control::Registered { observed }) if *observed == addr(9))),
+        "{frames:?}"
+    );
+    link
+}
+
+#[test]
+fn a_registered_node_is_in_the_directory_and_a_connect_only_one_is_not() {
+    let mut core = open_hub();
+    let (a, b) = (id(10), id(11));
+    attach(&mut core, a, true);
+    let b_link = attach(&mut core, b, false);
+    let status = core.status();
+    assert_eq!(status.nodes.len(), 1);
+    assert_eq!(status.nodes[0].node, a);
+    control(&mut core, b_link, Control::Lookup { req: 7, node: a });
+    let found = out(&mut core);
+    assert!(matches!(
+        &found[..],
+        [(l, Frame::Control(Control::Found { req: 7, entry: Some(e), .. }))]
+            if *l == b_link && e.node == a && e.addrs == vec![addr(2)]
+    ));
+}
+
+#[test]
+fn admission_by_key_and_by_secret_and_refusal_with_a_reason() {
+    let secret = b"a network secret of some length".to_vec();
+    let (listed, prover, stranger) = (id(20), id(21), id(22));
+    let mut core = hub_with(Policy {
+        allowed: vec![listed],
+        network_secret: Some(secret.clone()),
+        ..Policy::default()
+    });
+    let register = |proof| Control::Register {
+        addrs: vec![],
+        proof,
+        accepts: true,
+    };
+    let l = core.link_up(listed, addr(3), false, None);
+    assert_eq!(control(&mut core, l, register(None)), Verdict::Continue);
+    let l = core.link_up(prover, addr(4), false, None);
+    let proof = admission_proof(&secret, &prover, &id(1));
+    assert_eq!(
+        control(&mut core, l, register(Some(proof))),
+        Verdict::Continue
+    );
+    out(&mut core);
+    let l = core.link_up(stranger, addr(5), false, None);
+    let wrong = admission_proof(b"another secret entirely!", &stranger, &id(1));
+    assert!(matches!(
+        control(&mut core, l, register(Some(wrong))),
+        Verdict::Close(_)
+    ));
+    let refused = out(&mut core);
+    assert!(matches!(
+        &refused[..],
+        [(_, Frame::Control(Control::Refused { reason }))] if reason.contains("wrong network secret")
+    ));
+    // A proof made for another node does not admit this one.
+    let l = core.link_up(stranger, addr(5), false, None);
+    let borrowed = admission_proof(&secret, &prover, &id(1));
+    assert!(matches!(
+        control(&mut core, l, register(Some(borrowed))),
+        Verdict::Close(_)
+    ));
+    assert_eq!(core.status().nodes.len(), 2);
+    assert_eq!(core.counters.refused, 2);
+}
+
+/// Two attached nodes and a stream opened from `a` to `b`; returns the links
+/// and the stream id on `b`'s link.
+fn relayed_stream(core: &mut HubCore) -> (LinkId, LinkId, u32) {
+    let (a, b) = (id(30), id(31));
+    let a_link = attach(core, a, true);
+    let b_link = attach(core, b, true);
+    let v = core.handle_frame(
+        a_link,
+        Frame::Open {
+            stream: 1,
+            dst: b,
+            // A node cannot speak for someone else: the hub uses the session's id.
+            src: id(99),
+        },
+        Instant::now(),
+    );
+    assert_eq!(v, Verdict::Continue);
+    let frames = out(core);
+    let [(l, Frame::Open { stream, dst, src })] = &frames[..] else {
+        panic!("expected one Open, got {frames:?}");
+    };
+    assert_eq!((*l, *dst, *src), (b_link, b, a));
+    (a_link, b_link, *stream)
+}
+
+#[test]
+fn streams_are_relayed_with_credit_and_a_flow_violation_resets_both_ends() {
+    let mut core = open_hub();
+    let (a_link, b_link, b_stream) = relayed_stream(&mut core);
+    let now = Instant::now();
+    let chunk = vec![7u8; 32 << 10];
+    core.handle_frame(
+        a_link,
+        Frame::Data {
+            stream: 1,
+            data: &chunk,
+        },
+        now,
+    );
+    let frames = out(&mut core);
+    assert!(matches!(
+        &frames[..],
+        [(l, Frame::Data { stream, data })] if *l == b_link && *stream == b_stream && data.len() == chunk.len()
+    ));
+    core.handle_frame(
+        b_link,
+        Frame::Credit {
+            stream: b_stream,
+            bytes: 1000,
+        },
+        now,
+    );
+    assert!(matches!(
+        &out(&mut core)[..],
+        [(l, Frame::Credit { stream: 1, bytes: 1000 })] if *l == a_link
+    ));
+    // A sender that ignores its window is cut off, and so is its peer.
+    let windows = STREAM_WINDOW as usize / chunk.len() + 2;
+    for _ in 0..windows {
+        core.handle_frame(
+            a_link,
+            Frame::Data {
+                stream: 1,
+                data: &chunk,
+            },
+            now,
+        );
+    }
+    let mut resets: Vec<_> = out(&mut core)
+        .into_iter()
+        .filter_map(|(l, f)| match f {
+            Frame::Reset { code, .. } => Some((l, code == ResetCode::FlowViolation)),
+            _ => None,
+        })
+        .collect();
+    resets.sort();
+    let mut want = vec![(a_link, true), (b_link, true)];
+    want.sort();
+    assert_eq!(resets, want);
+    assert_eq!(core.status().streams, 0);
+}
+
+#[test]
+fn a_lost_link_resets_the_streams_that_crossed_it() {
+    let mut core = open_hub();
+    let (a_link, b_link, _) = relayed_stream(&mut core);
+    core.link_down(b_link);
+    let frames = out(&mut core);
+    assert!(matches!(
+        &frames[..],
+        [(l, Frame::Reset { stream: 1, code: ResetCode::LinkLost, .. })] if *l == a_link
+    ));
+    assert_eq!(core.status().nodes.len(), 1);
+}
+
+#[test]
+fn a_stream_to_an_unknown_node_is_reset_with_no_route() {
+    let mut core = open_hub();
+    let a_link = attach(&mut core, id(40), true);
+    core.handle_frame(
+        a_link,
+        Frame::Open {
+            stream: 3,
+            dst: id(41),
+            src: id(40),
+        },
+        Instant::now(),
+    );
+    assert!(matches!(
+        &out(&mut core)[..],
+        [(l, Frame::Reset { stream: 3, code: ResetCode::NoRoute, .. })] if *l == a_link
+    ));
+}
+
+#[test]
+fn a_connect_back_failure_retraces_the_request_and_cannot_be_forged() {
+    let mut core = open_hub();
+    let (asker, target, other) = (id(50), id(51), id(52));
+    let asker_link = attach(&mut core, asker, false);
+    let target_link = attach(&mut core, target, true);
+    let other_link = attach(&mut core, other, true);
+    let cb = ConnectBack {
+        from: id(99), // replaced by the session's id
+        target,
+        token: 4242,
+        vport: 1,
+        addrs: vec![addr(7)],
+    };
+    control(&mut core, asker_link, Control::ConnectBack(cb));
+    assert!(matches!(
+        &out(&mut core)[..],
+        [(l, Frame::Control(Control::ConnectBack(c)))] if *l == target_link && c.from == asker
+    ));
+    let failed = |target| Control::ConnectBackFailed {
+        requester: asker,
+        target,
+        token: 4242,
+        reason: "no route back".into(),
+    };
+    // Another node cannot report the target's failure.
+    control(&mut core, other_link, failed(target));
+    assert!(out(&mut core).is_empty());
+    control(&mut core, target_link, failed(target));
+    assert!(matches!(
+        &out(&mut core)[..],
+        [(l, Frame::Control(Control::ConnectBackFailed { token: 4242, .. }))] if *l == asker_link
+    ));
+    // Reported once; the memory of the request is gone.
+    control(&mut core, target_link, failed(target));
+    assert!(out(&mut core).is_empty());
+}
+
+#[test]
+fn a_connect_back_to_an_unknown_node_fails_at_once() {
+    let mut core = open_hub();
+    let asker_link = attach(&mut core, id(60), false);
+    let cb = ConnectBack {
+        from: id(60),
+        target: id(61),
+        token: 1,
+        vport: 1,
+        addrs: vec![],
+    };
+    control(&mut core, asker_link, Control::ConnectBack(cb));
+    assert!(matches!(
+        &out(&mut core)[..],
+        [(l, Frame::Control(Control::ConnectBackFailed { reason, .. }))]
+            if *l == asker_link && reason.contains("no hub knows")
+    ));
+}
+
+#[test]
+fn stream_frames_before_registration_close_the_link() {
+    let mut core = open_hub();
+    let link = core.link_up(id(70), addr(8), false, None);
+    let v = core.handle_frame(link, Frame::Fin { stream: 1 }, Instant::now());
+    assert!(matches!(v, Verdict::Close(why) if why.contains("before registration")));
+}
+
+proptest::proptest! {
+    /// Whatever a peer sends, decoded or not, the core answers without
+    /// panicking, on a fresh link and on a registered one.
+    #[test]
+    fn arbitrary_frames_never_panic_the_core(
+        chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..24)
+    ) {
+        let mut core = open_hub();
+        let registered = attach(&mut core, id(80), true);
+        let fresh = core.link_up(id(81), addr(6), false, None);
+        let now = Instant::now();
+        for (i, bytes) in chunks.iter().enumerate() {
+            if let Ok(Some((frame, _))) = decode_frame(bytes) {
+                let link = if i % 2 == 0 { registered } else { fresh };
+                let _ = core.handle_frame(link, frame, now);
+                let _ = core.take_outbox();
+            }
+        }
+        core.tick(now + Duration::from_secs(60));
+        let _ = core.status().to_json(10);
+    }
+}
