@@ -65,6 +65,10 @@ pub struct HubServer {
     pub gossip_interval: Option<f64>,
     /// Dial hubs learned from gossip (default true).
     pub learned_links: Option<bool>,
+    /// Find hubs on the LAN by multicast (default false).
+    pub lan_discovery: Option<bool>,
+    /// Multicast group and port for LAN discovery.
+    pub lan_group: Option<std::net::SocketAddrV4>,
 }
 
 impl Config {
@@ -163,6 +167,8 @@ mod tests {
             metrics = "127.0.0.1:9107"
             gossip_interval = 2
             learned_links = true
+            lan_discovery = true
+            lan_group = "239.255.77.77:7799"
         "#;
         let c: Config = toml::from_str(text).expect("parse");
         assert_eq!(c.plaintext, Some(true));

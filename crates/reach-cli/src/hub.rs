@@ -62,6 +62,14 @@ pub struct HubArgs {
     /// Seconds between routing gossip messages to peer hubs [default: 2].
     #[arg(long, value_name = "SECS")]
     gossip_interval: Option<f64>,
+    /// Find hubs on the local network: announce this hub by UDP multicast
+    /// (TTL 1) and link to hubs heard (they must admit this hub: same network
+    /// secret, --allow-hub, or an open hub).
+    #[arg(long)]
+    lan_discovery: bool,
+    /// Multicast group and port for --lan-discovery [default: 239.255.77.77:7799].
+    #[arg(long, value_name = "GROUP:PORT")]
+    lan_group: Option<std::net::SocketAddrV4>,
     /// Do not dial hubs learned from gossip; link only to --peer hubs (by
     /// default a hub links directly to every hub it learns about and can reach).
     #[arg(long)]
@@ -140,6 +148,12 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         advertise,
         gossip_interval,
         link_learned: !args.no_learned_links && file.and_then(|h| h.learned_links).unwrap_or(true),
+        lan_discovery: (args.lan_discovery || file.and_then(|h| h.lan_discovery).unwrap_or(false))
+            .then(|| {
+                args.lan_group
+                    .or(file.and_then(|h| h.lan_group))
+                    .unwrap_or(reach_hub::lan::DEFAULT_GROUP)
+            }),
     };
     let mut hub = Hub::start(builder, config)
         .await

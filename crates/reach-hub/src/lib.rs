@@ -17,6 +17,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod core;
+pub mod lan;
 mod metrics;
 pub mod peer;
 
@@ -59,6 +60,9 @@ pub struct HubConfig {
     /// Dial hubs learned from gossip directly (default); when they cannot be
     /// reached, traffic keeps going through the hubs that route to them.
     pub link_learned: bool,
+    /// Announce this hub on, and discover hubs from, this multicast group
+    /// (opt-in; see [`lan`]).
+    pub lan_discovery: Option<std::net::SocketAddrV4>,
 }
 
 impl Default for HubConfig {
@@ -73,6 +77,7 @@ impl Default for HubConfig {
             advertise: None,
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
             link_learned: true,
+            lan_discovery: None,
         }
     }
 }
@@ -156,6 +161,13 @@ impl Hub {
         for peer in inner.config.peers.clone() {
             tasks.push(tokio::spawn(keep_peer(inner.clone(), peer)));
         }
+        if let Some(group) = inner.config.lan_discovery {
+            let sock = lan::socket(group).map_err(|source| EndpointError::Bind {
+                what: format!("the LAN discovery socket ({group})"),
+                source,
+            })?;
+            tasks.push(tokio::spawn(discover(inner.clone(), sock, group)));
+        }
         tracing::info!(hub = %inner.endpoint.node_id(), addr = %inner.endpoint.local_addr(), "hub up");
         Ok(Hub { inner, tasks })
     }
@@ -233,6 +245,45 @@ async fn gossip(inner: Arc<Inner>) {
             }
             tried.insert(hub, now);
             tokio::spawn(link_learned(inner.clone(), hub, addrs));
+        }
+    }
+}
+
+/// How often a hub announces itself on the LAN.
+const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Announces this hub on the LAN and links to hubs heard there.
+async fn discover(inner: Arc<Inner>, sock: tokio::net::UdpSocket, group: std::net::SocketAddrV4) {
+    let me = lan::Announce {
+        hub: inner.endpoint.node_id(),
+        port: inner.endpoint.local_addr().port(),
+    };
+    let mut tick = tokio::time::interval(ANNOUNCE_INTERVAL);
+    let mut tried: HashMap<NodeId, Instant> = HashMap::new();
+    let mut buf = [0u8; 512];
+    loop {
+        tokio::select! {
+            _ = tick.tick() => lan::announce(&sock, group, &me).await,
+            got = sock.recv_from(&mut buf) => {
+                let Ok((n, from)) = got else { continue };
+                let heard = match lan::Announce::decode(&buf[..n]) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(%from, "ignoring datagram on the discovery group: {e}");
+                        continue;
+                    }
+                };
+                // One link per pair: the smaller NodeId dials.
+                if heard.hub.as_bytes() <= me.hub.as_bytes()
+                    || inner.state().core.has_hub_link(&heard.hub)
+                    || tried.get(&heard.hub).is_some_and(|at| at.elapsed() < LEARNED_RETRY)
+                {
+                    continue;
+                }
+                tried.insert(heard.hub, Instant::now());
+                tracing::info!(hub = %heard.hub, %from, "hub heard on the LAN");
+                tokio::spawn(link_learned(inner.clone(), heard.hub, vec![heard.dial_addr(from)]));
+            }
         }
     }
 }
