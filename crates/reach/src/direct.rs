@@ -26,6 +26,11 @@ pub(crate) struct RaceSettings {
     pub timeout: Duration,
     /// What the stream reports: Direct, or Reverse when connecting back.
     pub module: SetupModule,
+    /// An address of the target that answered before: candidates on its IP
+    /// go first (the port may differ: a connecting process listens on a new
+    /// port each time), so a candidate ahead of it that a firewall drops
+    /// costs no attempt delay.
+    pub first: Option<std::net::SocketAddr>,
 }
 
 /// Races the target's direct candidates; returns the first authenticated stream.
@@ -37,7 +42,15 @@ pub(crate) async fn connect(
 ) -> Result<ReachStream, ConnectError> {
     let started = Instant::now();
     let node = target.node;
-    let candidates = order_candidates(&target.direct, local_addrs);
+    let mut candidates = order_candidates(&target.direct, local_addrs);
+    if let Some(known) = settings.first {
+        // Stable: the exact address first, then others on its IP, then the rest.
+        candidates.sort_by_key(|c| match (*c == known, c.ip() == known.ip()) {
+            (true, _) => 0,
+            (false, true) => 1,
+            _ => 2,
+        });
+    }
     if candidates.is_empty() {
         return Err(ConnectError::NoAddresses { node });
     }

@@ -428,6 +428,7 @@ pub(crate) async fn dial(
         attempt_delay: shared.attempt_delay,
         timeout: ATTACH_TIMEOUT,
         module: SetupModule::Direct,
+        first: None,
     };
     direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
         .await
@@ -708,9 +709,11 @@ async fn connect_back(shared: Arc<Shared>, tx: FrameTx, cb: ConnectBack) {
         attempt_delay: shared.attempt_delay,
         timeout: CONNECT_BACK_TIMEOUT,
         module: SetupModule::Reverse,
+        first: shared.cache.addr(&cb.from),
     };
     match direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await {
         Ok(mut stream) => {
+            shared.cache.set_addr(cb.from, stream.info().remote_addr);
             stream.info_mut().virtual_port = cb.vport;
             tracing::debug!(peer = %cb.from, "connected back");
             shared.deliver(stream).await;

@@ -37,13 +37,17 @@ pub(crate) async fn connect(
     let deadline = started + timeout;
     let Some(session) = &shared.session else {
         // No hub: the Direct module is all there is.
-        return direct::connect(
+        let stream = direct::connect(
             &shared.secret,
             &shared.local_addrs.get(),
             target,
-            race_settings(shared, timeout),
+            race_settings(shared, &target.node, timeout),
         )
-        .await;
+        .await?;
+        shared
+            .cache
+            .set_addr(target.node, stream.info().remote_addr);
+        return Ok(stream);
     };
     let node = target.node;
     let mut target = target.clone();
@@ -103,7 +107,7 @@ pub(crate) async fn connect(
                     &shared.secret,
                     &shared.local_addrs.get(),
                     &target,
-                    race_settings(shared, budget),
+                    race_settings(shared, &node, budget),
                 )
                 .await
                 .map_err(|e| match e {
@@ -132,6 +136,9 @@ pub(crate) async fn connect(
         match result {
             Ok(mut stream) => {
                 remember(shared, node, Some(module));
+                if module == SetupModule::Direct {
+                    shared.cache.set_addr(node, stream.info().remote_addr);
+                }
                 stream.info_mut().failed_before = failures
                     .iter()
                     .filter(|f| !f.error.starts_with(SKIPPED))
@@ -159,12 +166,13 @@ pub(crate) async fn connect(
 /// How a skipped module's entry in the failure list starts.
 const SKIPPED: &str = "skipped: ";
 
-fn race_settings(shared: &Shared, timeout: Duration) -> RaceSettings {
+fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -> RaceSettings {
     RaceSettings {
         options: shared.initiator_options(),
         attempt_delay: shared.attempt_delay,
         timeout,
         module: SetupModule::Direct,
+        first: shared.cache.addr(node),
     }
 }
 
