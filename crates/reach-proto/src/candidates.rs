@@ -137,6 +137,14 @@ fn rank(target: IpAddr, local: &[LocalAddr]) -> u8 {
     }
 }
 
+/// Whether `target` is plausibly reachable from a host with these addresses:
+/// on one of its subnets, in one of its private ranges, or public. A private
+/// address of some other network (a NATed host's LAN address seen from
+/// elsewhere) most likely is not.
+pub fn plausibly_reachable(target: IpAddr, local: &[LocalAddr]) -> bool {
+    rank(target, local) <= 2
+}
+
 /// Orders a target's advertised addresses for connection attempts from a host
 /// with the given local addresses. Unusable addresses and duplicates are dropped.
 pub fn order_candidates(targets: &[SocketAddr], local: &[LocalAddr]) -> Vec<SocketAddr> {
@@ -270,6 +278,25 @@ mod tests {
         let targets = [sa("10.0.0.4:1"), sa("198.51.100.5:1")];
         let here = [local("203.0.113.9", 24)];
         assert_eq!(order_candidates(&targets, &here)[0], sa("198.51.100.5:1"));
+    }
+
+    #[test]
+    fn another_networks_private_address_is_not_plausibly_reachable() {
+        let here = [
+            LocalAddr {
+                ip: "10.3.0.3".parse().expect("ip"),
+                prefix_len: 24,
+            },
+            LocalAddr {
+                ip: "203.0.113.106".parse().expect("ip"),
+                prefix_len: 24,
+            },
+        ];
+        let reachable = |s: &str| plausibly_reachable(s.parse().expect("ip"), &here);
+        assert!(reachable("10.3.0.9"), "own subnet");
+        assert!(reachable("10.0.0.3"), "same private block");
+        assert!(reachable("198.51.100.4"), "public");
+        assert!(!reachable("192.168.1.2"), "someone else's LAN");
     }
 
     #[test]

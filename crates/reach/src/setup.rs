@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use reach_proto::candidates::plausibly_reachable;
 use reach_proto::handshake::HandshakeError;
 use reach_proto::link::ConnectBack;
 use reach_proto::{NodeId, VirtualAddr};
@@ -98,10 +99,20 @@ pub(crate) async fn connect(
                 continue;
             }
             SetupModule::Direct => {
-                let budget = if last {
-                    remaining
-                } else {
-                    remaining.min(shared.direct_budget)
+                let local = shared.local_addrs.get();
+                let plausible = target
+                    .direct
+                    .iter()
+                    .any(|a| plausibly_reachable(a.ip(), &local));
+                let budget = match (last, plausible) {
+                    (true, _) => remaining,
+                    (false, true) => remaining.min(shared.direct_budget),
+                    // Only other networks' private addresses (a target behind
+                    // a NAT, seen from outside its LAN): such attempts fail at
+                    // once or are dropped, so they get a short budget.
+                    (false, false) => remaining
+                        .min(shared.direct_budget)
+                        .min(UNLIKELY_DIRECT_BUDGET),
                 };
                 direct::connect(
                     &shared.secret,
@@ -162,6 +173,11 @@ pub(crate) async fn connect(
         modules: failures,
     })
 }
+
+/// Direct's budget when the target advertises only private addresses of
+/// networks this host is not on: enough for a routed private network (a
+/// campus, a VPN), far less than a dropped SYN's timeout.
+const UNLIKELY_DIRECT_BUDGET: Duration = Duration::from_millis(500);
 
 /// How a skipped module's entry in the failure list starts.
 const SKIPPED: &str = "skipped: ";
