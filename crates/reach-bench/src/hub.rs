@@ -353,7 +353,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Routed setup with the module cached and the session up, against the hub
 /// path's round trip: both nodes reach the hub through `delay` each way.
-pub async fn routed_setup(reach: &Path, delay: Duration, n: u32) -> anyhow::Result<Vec<Row>> {
+pub async fn routed_setup(
+    reach: &Path,
+    delay: Duration,
+    n: u32,
+    bulk_mib: u64,
+) -> anyhow::Result<Vec<Row>> {
     let hub = start_hub(reach)?;
     let hub_addr: std::net::SocketAddr =
         format!("{}:{}", hub.target.host, hub.target.port).parse()?;
@@ -369,8 +374,13 @@ pub async fn routed_setup(reach: &Path, delay: Duration, n: u32) -> anyhow::Resu
     let client = node(&via_proxy, 2, vec![SetupModule::Routed]).await?;
     let echo = {
         let server = server.clone();
+        let mut left = n + 1;
         tokio::spawn(async move {
-            while let Ok(mut s) = server.accept().await {
+            while left > 0 {
+                let Ok(mut s) = server.accept().await else {
+                    return;
+                };
+                left -= 1;
                 tokio::spawn(async move {
                     let mut b = [0u8; 1];
                     while matches!(s.read(&mut b).await, Ok(1)) {
@@ -405,7 +415,48 @@ pub async fn routed_setup(reach: &Path, delay: Duration, n: u32) -> anyhow::Resu
     }
     echo.abort();
     let (setup, rtt) = (median(setups), median(rtts));
+    // Bulk over the same delayed path, beside plain TCP through two chained
+    // delay proxies (the same round trip, without reach or the hub).
+    let routed_mbit = throughput(&client, &server, &target, bulk_mib).await? * 1e3;
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sink_addr = sink.local_addr()?;
+    let leg2 = delay_proxy(sink_addr, delay).await?;
+    let leg1 = delay_proxy(leg2, delay).await?;
+    let bytes = bulk_mib << 20;
+    let drain = tokio::spawn(async move {
+        let (mut s, _) = sink.accept().await?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut n = 0u64;
+        loop {
+            let got = s.read(&mut buf).await?;
+            if got == 0 {
+                return anyhow::Ok(n);
+            }
+            n += got as u64;
+        }
+    });
+    let mut tcp = tokio::net::TcpStream::connect(leg1).await?;
+    let t = Instant::now();
+    let buf = vec![0x5au8; 256 << 10];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        tcp.write_all(&buf[..n]).await?;
+        left -= n as u64;
+    }
+    tcp.shutdown().await?;
+    let got = drain.await??;
+    anyhow::ensure!(got == bytes, "plain TCP: received {got} of {bytes} bytes");
+    let tcp_mbit = bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6;
     Ok(vec![
+        Row {
+            name: format!("routed throughput over a {rtt:.0} ms path"),
+            unit: "Mbit/s".into(),
+            value: routed_mbit,
+            baseline_name: "plain TCP, same delays".into(),
+            baseline: tcp_mbit,
+            ratio: routed_mbit / tcp_mbit,
+        },
         Row {
             name: "routed setup, first connection".into(),
             unit: "ms".into(),

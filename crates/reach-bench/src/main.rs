@@ -77,6 +77,9 @@ enum Bench {
         /// Connections measured (the median is reported).
         #[arg(long, default_value_t = 20)]
         connections: u32,
+        /// MiB moved by the throughput figure.
+        #[arg(long, default_value_t = 64)]
+        size_mib: u64,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -126,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         Bench::RoutedSetup {
             delay_ms,
             connections,
+            size_mib,
             json,
         } => {
             let delay = std::time::Duration::from_millis(delay_ms);
@@ -133,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                 &reach_binary()?,
                 delay,
                 connections.max(1),
+                size_mib.max(1),
             ))?;
             report(rows, json.as_deref())?;
         }

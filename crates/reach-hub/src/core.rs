@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use reach_proto::link::{
     encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,
     verify_admission_proof, ConnectBack, Control, DirEntry, Frame, ResetCode, Window,
-    DIRECTORY_PART, MAX_NODE_ADDRS,
+    DIRECTORY_PART, MAX_NODE_ADDRS, MAX_STREAM_WINDOW,
 };
 use reach_proto::routes::RouteTable;
 use reach_proto::NodeId;
@@ -401,9 +401,15 @@ impl HubCore {
                     return Verdict::Continue;
                 };
                 let (to_link, to_stream) = (r.to_link, r.to_stream);
-                // Credit from this side is for the data flowing towards it.
-                if let Some(back) = self.relay.get_mut(&(to_link, to_stream)) {
-                    back.window.on_credit(bytes);
+                // Credit from this side is for the data flowing towards it;
+                // no reader may make this hub hold more than the largest
+                // window for one stream.
+                let Some(back) = self.relay.get_mut(&(to_link, to_stream)) else {
+                    return Verdict::Continue;
+                };
+                let bytes = back.window.on_credit_capped(bytes, MAX_STREAM_WINDOW);
+                if bytes == 0 {
+                    return Verdict::Continue;
                 }
                 let mut f = Vec::with_capacity(12);
                 encode_credit(to_stream, bytes, &mut f);

@@ -44,9 +44,11 @@ pub const MAX_FRAME_PAYLOAD: usize = u16::MAX as usize;
 /// Largest Data payload: one stream's frame delays other streams on a link by
 /// at most this much.
 pub const MAX_DATA_CHUNK: usize = 32 * 1024;
-/// Initial credit of each direction of a routed stream, and the most a receiver
-/// holds back before granting more.
+/// Initial credit of each direction of a routed stream.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
+/// The largest window a receiver grows a stream to (see [`Grant`]), and the
+/// largest a hub relays: 8 MiB keeps ~750 Mbit/s going over a 90 ms path.
+pub const MAX_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Most addresses a hub keeps per registered node.
 pub const MAX_NODE_ADDRS: usize = 8;
 /// Directory entries per Directory message: an entry with [`MAX_NODE_ADDRS`]
@@ -562,9 +564,26 @@ impl Window {
         self.limit += n - back;
     }
 
+    /// Like [`Window::on_credit`], but grows the window to at most `cap`;
+    /// returns the credit accounted, which is what a relay passes on.
+    pub fn on_credit_capped(&mut self, n: u32, cap: u32) -> u32 {
+        let n = u64::from(n);
+        let back = n.min(self.outstanding);
+        let grow = (n - back).min(u64::from(cap).saturating_sub(self.limit));
+        self.outstanding -= back;
+        self.limit += grow;
+        // back <= outstanding and grow <= n - back, so the sum fits in n's u32.
+        u32::try_from(back + grow).unwrap_or(u32::MAX)
+    }
+
     /// Bytes outstanding.
     pub fn outstanding(&self) -> u64 {
         self.outstanding
+    }
+
+    /// The current window.
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 }
 
@@ -597,22 +616,61 @@ impl Credit {
     }
 }
 
-/// The reader's view: when to grant credit back.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The reader's view: when to grant credit back, and how large a window to
+/// offer.
+///
+/// The window starts at [`STREAM_WINDOW`] and doubles, up to
+/// [`MAX_STREAM_WINDOW`], each time credit is granted while the reader keeps
+/// up (nothing left buffered): then the window, not the reader, limits the
+/// stream, as it does over a long path. A reader that falls behind stops the
+/// growth, so memory grows only for streams that use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
     consumed: u32,
+    window: u32,
+}
+
+impl Default for Grant {
+    fn default() -> Self {
+        Self {
+            consumed: 0,
+            window: STREAM_WINDOW,
+        }
+    }
 }
 
 impl Grant {
     /// Records that the application consumed `n` bytes; returns the credit to
     /// send, if enough has accumulated (a quarter window: few frames, and the
-    /// sender never runs dry while the reader keeps up).
-    pub fn on_consumed(&mut self, n: usize) -> Option<u32> {
-        self.consumed = self.consumed.saturating_add(n as u32);
-        if self.consumed >= STREAM_WINDOW / 4 {
-            return Some(std::mem::take(&mut self.consumed));
+    /// sender never runs dry while the reader keeps up). `keeping_up` says
+    /// nothing is left buffered; `may_grow(extra)` asks whether memory allows
+    /// growing the window by `extra` bytes.
+    pub fn on_consumed(
+        &mut self,
+        n: usize,
+        keeping_up: bool,
+        may_grow: impl FnOnce(u32) -> bool,
+    ) -> Option<u32> {
+        self.consumed = self
+            .consumed
+            .saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        if self.consumed < self.window / 4 {
+            return None;
         }
-        None
+        let mut credit = std::mem::take(&mut self.consumed);
+        let extra = self
+            .window
+            .min(MAX_STREAM_WINDOW.saturating_sub(self.window));
+        if keeping_up && extra > 0 && may_grow(extra) {
+            self.window += extra;
+            credit = credit.saturating_add(extra);
+        }
+        Some(credit)
+    }
+
+    /// The window offered now.
+    pub fn window(&self) -> u32 {
+        self.window
     }
 }
 
@@ -778,11 +836,46 @@ mod tests {
         c.add(10);
         assert_eq!(c.take(100), 10);
         let mut g = Grant::default();
-        assert_eq!(g.on_consumed(1), None);
+        assert_eq!(g.on_consumed(1, false, |_| true), None);
         assert_eq!(
-            g.on_consumed(STREAM_WINDOW as usize / 4),
+            g.on_consumed(STREAM_WINDOW as usize / 4, false, |_| true),
             Some(STREAM_WINDOW / 4 + 1)
         );
+    }
+
+    #[test]
+    fn a_reader_that_keeps_up_grows_the_window_to_the_cap_and_a_relay_caps_it() {
+        let mut g = Grant::default();
+        let (mut reader, mut relay) = (Window::new(), Window::new());
+        let mut last = g.window();
+        for _ in 0..64 {
+            let n = g.window() as usize / 4;
+            reader.on_data(n).expect("within the window");
+            relay.on_data(n).expect("within the window");
+            let credit = g
+                .on_consumed(n, true, |_| true)
+                .expect("a quarter consumed");
+            reader.on_credit(credit);
+            let passed = relay.on_credit_capped(credit, MAX_STREAM_WINDOW);
+            assert_eq!(passed, credit, "an honest reader stays under the cap");
+            assert!(g.window() >= last && g.window() <= MAX_STREAM_WINDOW);
+            last = g.window();
+        }
+        assert_eq!(g.window(), MAX_STREAM_WINDOW);
+        assert_eq!(reader.limit(), u64::from(MAX_STREAM_WINDOW));
+        // A reader that falls behind, or has no memory to spare, stops growth.
+        let mut g = Grant::default();
+        g.on_consumed(STREAM_WINDOW as usize, false, |_| true);
+        g.on_consumed(STREAM_WINDOW as usize, true, |_| false);
+        assert_eq!(g.window(), STREAM_WINDOW);
+        // A relay passes on no more than the cap allows.
+        let mut w = Window::new();
+        let passed = w.on_credit_capped(u32::MAX, MAX_STREAM_WINDOW);
+        assert_eq!(
+            u64::from(passed) + u64::from(STREAM_WINDOW),
+            u64::from(MAX_STREAM_WINDOW)
+        );
+        assert_eq!(w.limit(), u64::from(MAX_STREAM_WINDOW));
     }
 
     proptest! {

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -161,8 +162,18 @@ impl RoutedStream {
     }
 }
 
+/// Bytes by which this process's routed streams have grown their receive
+/// windows beyond [`reach_proto::link::STREAM_WINDOW`], and the most they may:
+/// memory for fast streams over long paths, bounded for the whole process.
+static GROWN: AtomicU64 = AtomicU64::new(0);
+const GROWTH_BUDGET: u64 = 256 * 1024 * 1024;
+
 impl Drop for RoutedStream {
     fn drop(&mut self) {
+        let grown = u64::from(self.grant.window() - reach_proto::link::STREAM_WINDOW);
+        let _ = GROWN.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| {
+            Some(g.saturating_sub(grown))
+        });
         self.streams
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -191,7 +202,18 @@ impl AsyncRead for RoutedStream {
             buf.put_slice(&a[..from_a]);
             buf.put_slice(&b[..n - from_a]);
             s.recv.drain(..n);
-            if let Some(grant) = this.grant.on_consumed(n) {
+            let keeping_up = s.recv.is_empty();
+            let grant = this.grant.on_consumed(n, keeping_up, |extra| {
+                // Growth beyond the initial window counts against a budget
+                // for the whole process.
+                let extra = u64::from(extra);
+                GROWN
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| {
+                        (g + extra <= GROWTH_BUDGET).then_some(g + extra)
+                    })
+                    .is_ok()
+            });
+            if let Some(grant) = grant {
                 s.window.on_credit(grant);
                 drop(s);
                 let mut f = Vec::with_capacity(16);
