@@ -162,8 +162,9 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        let bound = listener.local_addr().unwrap_or(addr);
         hub.serve_metrics(listener);
-        tracing::info!(%addr, "serving metrics");
+        eprintln!("metrics http://{bound}/metrics (and /status)");
     }
 
     let shown = hub
