@@ -266,3 +266,72 @@ async fn port_range_takes_the_first_free_port() {
         Err(reach::EndpointError::BadPortRange(10, 5))
     ));
 }
+
+#[tokio::test]
+async fn the_address_that_answered_last_time_goes_first() {
+    // The target advertises a silent address first (it accepts TCP but never
+    // answers the hello, like a path a firewall half-blocks), then its real one.
+    // The first connection waits out the attempt delay on the silent one;
+    // the second goes straight to the address that answered.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let knocks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let held = {
+        let knocks = knocks.clone();
+        tokio::spawn(async move {
+            let mut keep = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                knocks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                keep.push(s);
+            }
+        })
+    };
+    let server = endpoint(40).await;
+    let real = server.local_addr();
+    let target = VirtualAddr::new(server.node_id(), 1).with_direct(vec![silent_addr, real]);
+    let server = std::sync::Arc::new(server);
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let mut streams = Vec::new();
+            while let Ok(s) = server.accept().await {
+                streams.push(s);
+            }
+        })
+    };
+    // The cache lives in the state directory, so a second endpoint (a new
+    // process, say) knows what the first learned.
+    let state = tempfile::tempdir().expect("tempdir");
+    let client = builder(41)
+        .state_dir(state.path())
+        .attempt_delay(Duration::from_millis(500))
+        .bind()
+        .await
+        .expect("bind");
+    let first = within(client.connect(&target)).await.expect("first");
+    assert_eq!(first.info().remote_addr, real);
+    assert_eq!(
+        knocks.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "tried the silent one first"
+    );
+    // A long attempt delay: the real address must win without the silent
+    // one being tried, however loaded the machine.
+    let client = builder(41)
+        .state_dir(state.path())
+        .attempt_delay(Duration::from_secs(10))
+        .bind()
+        .await
+        .expect("bind");
+    let second = within(client.connect(&target)).await.expect("second");
+    assert_eq!(second.info().remote_addr, real);
+    assert_eq!(
+        knocks.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the second connection must not knock on the silent address"
+    );
+    held.abort();
+    serving.abort();
+}
