@@ -82,9 +82,11 @@ pub async fn run(stream: ReachStream, stdin: &mut Stdin) -> anyhow::Result<(u64,
                 .write_all(&buf[..n])
                 .await
                 .context("writing stdout failed")?;
+            // What arrived is shown now, not when a line or a buffer fills:
+            // interactive use and programs that wait for a reply need that.
+            stdout.flush().await.context("writing stdout failed")?;
             received += n as u64;
         }
-        stdout.flush().await.context("writing stdout failed")?;
         anyhow::Ok(received)
     };
     let (sent, received) = tokio::try_join!(upload, download)?;

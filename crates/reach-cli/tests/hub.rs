@@ -187,3 +187,79 @@ fn hub_flags_are_checked_before_anything_starts() {
         assert!(err.contains(want), "{full:?}: {err}");
     }
 }
+
+#[test]
+fn after_a_hub_crash_nodes_re_register_and_direct_streams_live_on() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub_state = dir.path().join("hub");
+    let hub = HubProc::start(&hub_state, &[]);
+    let (target, port) = (hub.target.clone(), hub.port());
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let listener = Listener::start(None, &dir.path().join("a"), &empty, &["--hub", &target]);
+    // A direct stream, open across the crash.
+    let mut connect = common::reach()
+        .arg("--state-dir")
+        .arg(dir.path().join("b"))
+        .args(["connect", "--hub", &target, "--modules", "direct"])
+        .arg(&listener.vaddr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn reach connect");
+    let mut input = connect.stdin.take().expect("stdin");
+    input.write_all(b"before the crash; ").expect("write");
+    input.flush().expect("flush");
+    let arrived = |want: &str| {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while std::time::Instant::now() < deadline {
+            let got = std::fs::read_to_string(&listener.out_path).unwrap_or_default();
+            if got.contains(want) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    };
+    assert!(arrived("before the crash; "));
+    hub.kill();
+    let restarted = std::time::Instant::now();
+    let hub = HubProc::start_on(&hub_state, port, &[]);
+    assert_eq!(
+        hub.target,
+        target,
+        "same identity, same port: {}",
+        hub.stderr()
+    );
+    let state = dir.path().join("c");
+    let state = state.to_str().expect("utf8");
+    let node = listener.vaddr.split_once(':').expect("vaddr").0.to_string();
+    let mut back = false;
+    let mut last = String::new();
+    while restarted.elapsed() < DEADLINE {
+        let (_, json, err) = run(&["--state-dir", state, "status", "--json", "--hub", &target]);
+        if json.contains(&node) {
+            back = true;
+            break;
+        }
+        last = format!("{json}{err}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let took = restarted.elapsed();
+    assert!(
+        back,
+        "the listener never re-registered: {last}\nlistener: {}",
+        std::fs::read_to_string(&listener.stderr_path).unwrap_or_default()
+    );
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "re-registered after {took:?}"
+    );
+    input.write_all(b"after the restart").expect("write after");
+    drop(input);
+    assert!(arrived("before the crash; after the restart"));
+    let status = common::wait_deadline(&mut connect);
+    assert!(status.success());
+    listener.kill();
+}

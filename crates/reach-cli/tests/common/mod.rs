@@ -270,8 +270,15 @@ impl HubProc {
     /// Starts `reach hub` on a free loopback port with `extra` flags and waits
     /// for its address.
     pub fn start(state: &Path, extra: &[&str]) -> Self {
+        Self::start_on(state, 0, extra)
+    }
+
+    /// Starts `reach hub` on loopback TCP port `port` (0: any free one).
+    pub fn start_on(state: &Path, port: u16, extra: &[&str]) -> Self {
         std::fs::create_dir_all(state).expect("state dir");
         let addr_file = state.join("hub.txt");
+        // A restarted hub must not be taken for ready by its predecessor's file.
+        let _ = std::fs::remove_file(&addr_file);
         let stderr_path = state.join("hub.err");
         let child = reach()
             .arg("--state-dir")
@@ -281,7 +288,7 @@ impl HubProc {
                 "--bind",
                 "127.0.0.1",
                 "--tcp-port",
-                "0",
+                &port.to_string(),
                 "--addr-file",
             ])
             .arg(&addr_file)
@@ -322,6 +329,22 @@ impl HubProc {
     /// What the hub wrote to stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The hub's TCP port.
+    pub fn port(&self) -> u16 {
+        self.host_port()
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("port")
+    }
+
+    /// Kills the hub at once (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Sends SIGTERM and waits for the hub to exit.
