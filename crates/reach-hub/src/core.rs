@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use reach_proto::link::{
     encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,
     verify_admission_proof, ConnectBack, Control, DirEntry, Frame, ResetCode, Window,
-    DIRECTORY_PART, MAX_NODE_ADDRS, MAX_STREAM_WINDOW,
+    DIRECTORY_PART, MAX_NODE_ADDRS, MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::routes::RouteTable;
 use reach_proto::NodeId;
@@ -202,6 +202,10 @@ fn control(msg: &Control) -> Vec<u8> {
     f
 }
 
+/// Most growth beyond [`STREAM_WINDOW`] of all windows of streams flowing
+/// towards one link, which bounds what the hub may queue for it.
+pub const LINK_WINDOW_GROWTH: u64 = 64 * 1024 * 1024;
+
 /// How long a hub remembers where a connect-back request came from.
 const CONNECT_BACK_MEMORY: Duration = Duration::from_secs(10);
 /// Connect-back requests remembered at most (a flood only loses fast failure
@@ -250,6 +254,30 @@ impl HubCore {
         if !frame.is_empty() {
             self.outbox.push((link, frame));
         }
+    }
+
+    /// The largest window the stream whose data enters at `from` (and flows
+    /// towards `link`) may grow to on a credit of `bytes`: no reader makes
+    /// this hub hold more than [`MAX_STREAM_WINDOW`] for one stream, nor more
+    /// than [`LINK_WINDOW_GROWTH`] of grown windows towards one link (a reader
+    /// that stops reading its link could otherwise park gigabytes here).
+    fn window_cap(&self, link: LinkId, from: (LinkId, u32), bytes: u32) -> u32 {
+        let Some(r) = self.relay.get(&from) else {
+            return MAX_STREAM_WINDOW;
+        };
+        if u64::from(bytes) <= r.window.outstanding() {
+            return MAX_STREAM_WINDOW; // only returns credit: nothing grows
+        }
+        let base = u64::from(STREAM_WINDOW);
+        let grown: u64 = self
+            .relay
+            .values()
+            .filter(|x| x.to_link == link)
+            .map(|x| x.window.limit().saturating_sub(base))
+            .sum();
+        let room = LINK_WINDOW_GROWTH.saturating_sub(grown);
+        let cap = (r.window.limit() + room).min(u64::from(MAX_STREAM_WINDOW));
+        u32::try_from(cap).unwrap_or(MAX_STREAM_WINDOW)
     }
 
     /// Whether a hub link to `hub` is up.
@@ -401,13 +429,12 @@ impl HubCore {
                     return Verdict::Continue;
                 };
                 let (to_link, to_stream) = (r.to_link, r.to_stream);
-                // Credit from this side is for the data flowing towards it;
-                // no reader may make this hub hold more than the largest
-                // window for one stream.
+                let cap = self.window_cap(link, (to_link, to_stream), bytes);
+                // Credit from this side is for the data flowing towards it.
                 let Some(back) = self.relay.get_mut(&(to_link, to_stream)) else {
                     return Verdict::Continue;
                 };
-                let bytes = back.window.on_credit_capped(bytes, MAX_STREAM_WINDOW);
+                let bytes = back.window.on_credit_capped(bytes, cap);
                 if bytes == 0 {
                     return Verdict::Continue;
                 }

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use reach_proto::link::{
-    admission_proof, decode_frame, ConnectBack, Control, Frame, ResetCode, STREAM_WINDOW,
+    admission_proof, decode_frame, ConnectBack, Control, Frame, ResetCode, MAX_STREAM_WINDOW,
+    STREAM_WINDOW,
 };
 use reach_proto::{NodeId, SecretKey};
 
@@ -212,6 +213,51 @@ fn streams_are_relayed_with_credit_and_a_flow_violation_resets_both_ends() {
     want.sort();
     assert_eq!(resets, want);
     assert_eq!(core.status().streams, 0);
+}
+
+#[test]
+fn readers_cannot_make_the_hub_hold_more_than_the_caps() {
+    let mut core = open_hub();
+    let (a, b) = (id(32), id(33));
+    let a_link = attach(&mut core, a, true);
+    let b_link = attach(&mut core, b, true);
+    let now = Instant::now();
+    // Twenty streams from a to b; b grants absurd credit on each.
+    let mut passed = 0u64;
+    for i in 0..20u32 {
+        let stream = 2 * i + 1;
+        core.handle_frame(
+            a_link,
+            Frame::Open {
+                stream,
+                dst: b,
+                src: a,
+            },
+            now,
+        );
+        let opened = out(&mut core);
+        let [(_, Frame::Open { stream: on_b, .. })] = &opened[..] else {
+            panic!("{opened:?}");
+        };
+        core.handle_frame(
+            b_link,
+            Frame::Credit {
+                stream: *on_b,
+                bytes: u32::MAX,
+            },
+            now,
+        );
+        for (l, f) in out(&mut core) {
+            if let (true, Frame::Credit { bytes, .. }) = (l == a_link, f) {
+                assert!(
+                    bytes <= MAX_STREAM_WINDOW - STREAM_WINDOW,
+                    "one stream's cap"
+                );
+                passed += u64::from(bytes);
+            }
+        }
+    }
+    assert_eq!(passed, LINK_WINDOW_GROWTH, "the link's cap, not 20 x 8 MiB");
 }
 
 #[test]
