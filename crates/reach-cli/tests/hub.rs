@@ -263,3 +263,38 @@ fn after_a_hub_crash_nodes_re_register_and_direct_streams_live_on() {
     assert!(status.success());
     listener.kill();
 }
+
+#[test]
+fn a_hub_configured_by_file_admits_only_its_allow_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let allowed = common::reach_id(&dir.path().join("a"));
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[hub_server]\nallow = [\"{allowed}\"]\ngossip_interval = 1\n"),
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf8");
+    let hub = HubProc::start(&dir.path().join("hub"), &["--config", config]);
+    assert!(
+        !hub.stderr().contains("admits every node"),
+        "an allow list closes the hub: {}",
+        hub.stderr()
+    );
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let listener = Listener::start(None, &dir.path().join("a"), &empty, &["--hub", &hub.target]);
+    assert!(listener.vaddr.contains("/hub="));
+    let stranger = dir.path().join("s");
+    let (code, _, err) = run(&[
+        "--state-dir",
+        stranger.to_str().expect("utf8"),
+        "listen",
+        "--bind",
+        "127.0.0.1",
+        "--hub",
+        &hub.target,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("refused this node"), "{err}");
+    listener.kill();
+}
