@@ -682,6 +682,7 @@ impl HubCore {
                 if kind == LinkKind::Node {
                     cb.from = peer;
                 }
+                cb.addrs.truncate(MAX_NODE_ADDRS);
                 self.connect_back(link, kind, cb, now);
             }
             (

@@ -485,3 +485,49 @@ async fn admission_refuses_strangers_and_admits_by_key_or_secret() {
     assert_eq!(hub.status().nodes.len(), 2);
     assert!(hub.status().counters.refused >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_connect_backs_is_bounded_and_answered_at_once() {
+    // A advertises an address that accepts TCP but never answers, so every
+    // connect-back B starts hangs until its timeout: B runs a bounded number
+    // and refuses the rest at once.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = node(&t, builder()).await;
+    let a = Arc::new(
+        node(
+            &t,
+            builder()
+                .advertise(vec![silent_addr])
+                .modules(vec![SetupModule::Reverse]),
+        )
+        .await,
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (a, target) = (a.clone(), by_id(&b, 1));
+        tasks.spawn(async move { a.connect_timeout(&target, Duration::from_secs(15)).await });
+    }
+    let mut busy = 0;
+    while let Some(r) = tokio::time::timeout(DEADLINE, tasks.join_next())
+        .await
+        .expect("every request answered")
+    {
+        let err = r.expect("task").expect_err("nothing can connect back");
+        if err.to_string().contains("busy") {
+            busy += 1;
+        }
+    }
+    assert_eq!(
+        busy, 8,
+        "32 connect-backs run at once, the other 8 are refused"
+    );
+}

@@ -262,6 +262,7 @@ impl EndpointBuilder {
             reverse_budget: self.reverse_budget,
             incoming: tx,
             pending_reverse: StdMutex::default(),
+            connect_backs: Arc::new(Semaphore::new(MAX_CONNECT_BACKS)),
             cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
             session,
             known_hubs,
@@ -296,6 +297,8 @@ pub(crate) struct Shared {
     pub(crate) direct_budget: Duration,
     pub(crate) reverse_budget: Duration,
     incoming: mpsc::Sender<ReachStream>,
+    /// Connect-backs this node may run at once for other nodes.
+    pub(crate) connect_backs: Arc<Semaphore>,
     /// Connect-back requests waiting for the target, by (target, token).
     pub(crate) pending_reverse: StdMutex<HashMap<(NodeId, u16), ReverseWaiter>>,
     /// The module that last worked, per target.
@@ -306,6 +309,9 @@ pub(crate) struct Shared {
     /// Proves admission to hubs.
     network_secret: Option<Vec<u8>>,
 }
+
+/// Connect-backs a node runs at once for others; more are refused at once.
+const MAX_CONNECT_BACKS: usize = 32;
 
 /// Where a connect-back stream (or the reason it will not come) goes.
 pub(crate) type ReverseWaiter = oneshot::Sender<Result<ReachStream, String>>;

@@ -634,9 +634,26 @@ fn handle_frame(
                     let _ = tx.send(entry);
                 }
             }
-            Control::ConnectBack(cb) => {
-                tokio::spawn(connect_back(shared.clone(), link.tx.clone(), cb));
-            }
+            Control::ConnectBack(cb) => match shared.connect_backs.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let (shared, tx) = (shared.clone(), link.tx.clone());
+                    tokio::spawn(async move {
+                        connect_back(shared, tx, cb).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    // Requests come from other nodes: a flood must not make
+                    // this node dial without bound.
+                    let failed = Control::ConnectBackFailed {
+                        requester: cb.from,
+                        target: shared.secret.node_id(),
+                        token: cb.token,
+                        reason: "the node is busy with other connect-backs".into(),
+                    };
+                    send_control(&link.tx, &failed);
+                }
+            },
             Control::ConnectBackFailed {
                 target,
                 token,
@@ -699,7 +716,9 @@ async fn connect_back(shared: Arc<Shared>, tx: FrameTx, cb: ConnectBack) {
         fail(format!("no service on virtual port {}", cb.vport));
         return;
     }
-    let target = VirtualAddr::new(cb.from, cb.token).with_direct(cb.addrs);
+    let mut addrs = cb.addrs;
+    addrs.truncate(reach_proto::link::MAX_NODE_ADDRS);
+    let target = VirtualAddr::new(cb.from, cb.token).with_direct(addrs);
     let settings = RaceSettings {
         options: InitiatorOptions {
             plaintext: shared.plaintext,
