@@ -24,8 +24,10 @@ pub const HUB_PORT: u16 = 7700;
 
 /// Running hubs, and which hub each matrix host attaches to.
 pub struct HubSet {
-    /// The hub processes (killed when dropped).
-    _procs: Vec<Process>,
+    /// The hub processes by host (killed when dropped).
+    procs: BTreeMap<String, Process>,
+    /// Each hub's command line after `reach`, to restart it alike.
+    args: BTreeMap<String, Vec<std::ffi::OsString>>,
     /// Hub host name to its NodeId.
     ids: BTreeMap<String, String>,
     /// Matrix host name to `NODEID@IP:PORT` of its hub.
@@ -66,51 +68,44 @@ pub fn start(
         dirs.insert(h.clone(), dir);
     }
     let ssh_dir = lab.record().state_dir().join("ssh");
-    let mut procs = Vec::new();
-    let mut addr_files = Vec::new();
+    let mut set = HubSet {
+        procs: BTreeMap::new(),
+        args: BTreeMap::new(),
+        ids: BTreeMap::new(),
+        attach: BTreeMap::new(),
+        dirs: dirs.clone(),
+    };
     for h in &hubs.hosts {
         let dir = &dirs[h];
-        let addr_file = dir.join("hub.txt");
-        let _ = std::fs::remove_file(&addr_file);
-        let mut cmd = lab.command(h, &reach);
-        cmd.arg("--state-dir")
-            .arg(dir)
-            .args([
-                "-v",
-                "hub",
-                "--tcp-port",
-                &HUB_PORT.to_string(),
-                "--addr-file",
-            ])
-            .arg(&addr_file);
+        let mut args: Vec<std::ffi::OsString> = vec!["--state-dir".into(), dir.into()];
+        for a in [
+            "-v",
+            "hub",
+            "--tcp-port",
+            &HUB_PORT.to_string(),
+            "--addr-file",
+        ] {
+            args.push(a.into());
+        }
+        args.push(dir.join("hub.txt").into());
         for link in hubs.links.iter().filter(|l| &l.from == h) {
             let peer = peer_spec(lab, topology, &ids[&link.to], &link.to, link.ssh)?;
-            cmd.arg("--peer").arg(peer);
+            args.extend(["--peer".into(), peer.into()]);
         }
         // Links dialled by the other side are admitted by key.
         for link in hubs.links.iter().filter(|l| &l.to == h) {
-            cmd.arg("--allow-hub").arg(&ids[&link.from]);
+            args.extend(["--allow-hub".into(), ids[&link.from].clone().into()]);
         }
         if hubs.links.iter().any(|l| &l.from == h && l.ssh) {
             for arg in crate::sshd::client_args(&ssh_dir) {
-                cmd.arg(format!("--ssh-arg={arg}"));
+                args.push(format!("--ssh-arg={arg}").into());
             }
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("hub.log"))?)
-            .spawn()?;
-        procs.push(Process::new(child));
-        addr_files.push((h.clone(), addr_file));
+        set.args.insert(h.clone(), args);
+        set.spawn(lab, tools, h)?;
     }
-    for (h, file) in addr_files {
-        if crate::wait::for_file(&file, Duration::from_secs(20)).is_none() {
-            return Err(LabError::Command {
-                command: format!("reach hub in {h}"),
-                output: std::fs::read_to_string(dirs[&h].join("hub.log")).unwrap_or_default(),
-            });
-        }
+    for h in &hubs.hosts {
+        set.wait_ready(h)?;
     }
     let mut attach = BTreeMap::new();
     for node in &lab.record().matrix {
@@ -130,15 +125,56 @@ pub fn start(
         let ip = address_from(lab, node, &hub);
         attach.insert(node.clone(), format!("{}@{ip}:{HUB_PORT}", ids[&hub]));
     }
-    Ok(HubSet {
-        _procs: procs,
-        ids,
-        attach,
-        dirs,
-    })
+    set.attach = attach;
+    set.ids = ids;
+    Ok(set)
 }
 
 impl HubSet {
+    /// Starts (or restarts) the hub of `host` with its command line.
+    fn spawn(&mut self, lab: &Lab, tools: &Path, host: &str) -> Result<(), LabError> {
+        let dir = &self.dirs[host];
+        let _ = std::fs::remove_file(dir.join("hub.txt"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("hub.log"))?;
+        let child = lab
+            .command(host, tools.join("reach"))
+            .args(&self.args[host])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.procs.insert(host.to_string(), Process::new(child));
+        Ok(())
+    }
+
+    /// Waits until the hub of `host` says where it listens.
+    fn wait_ready(&self, host: &str) -> Result<(), LabError> {
+        let file = self.dirs[host].join("hub.txt");
+        if crate::wait::for_file(&file, Duration::from_secs(20)).is_none() {
+            return Err(LabError::Command {
+                command: format!("reach hub in {host}"),
+                output: std::fs::read_to_string(self.dirs[host].join("hub.log"))
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Kills the hub of `host` at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self, host: &str) {
+        self.procs.remove(host);
+    }
+
+    /// Starts the hub of `host` again, with the same identity and flags, and
+    /// waits until it listens.
+    pub fn restart(&mut self, lab: &Lab, tools: &Path, host: &str) -> Result<(), LabError> {
+        self.spawn(lab, tools, host)?;
+        self.wait_ready(host)
+    }
+
     /// Waits until every hub's directory holds `nodes` nodes (attached or
     /// learned from other hubs): the hubs have linked and gossiped. Each
     /// hub is asked with `reach status` from its own host.
@@ -175,6 +211,24 @@ impl HubSet {
 
     /// How many nodes hub `host` knows: attached plus on other hubs.
     fn known_nodes(&self, lab: &Lab, tools: &Path, host: &str, id: &str) -> Result<usize, String> {
+        let v = self.status_of(lab, tools, host, id)?;
+        let n = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
+        Ok(n("nodes_attached") + n("remote_nodes"))
+    }
+
+    /// The JSON status report of the hub of `host` (`reach status --json`,
+    /// run in `host`).
+    pub fn status(&self, lab: &Lab, tools: &Path, host: &str) -> Result<serde_json::Value, String> {
+        self.status_of(lab, tools, host, &self.ids[host])
+    }
+
+    fn status_of(
+        &self,
+        lab: &Lab,
+        tools: &Path,
+        host: &str,
+        id: &str,
+    ) -> Result<serde_json::Value, String> {
         let out = lab
             .command(host, tools.join("reach"))
             .arg("--state-dir")
@@ -186,10 +240,7 @@ impl HubSet {
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-        let n = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
-        Ok(n("nodes_attached") + n("remote_nodes"))
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     }
 }
 

@@ -108,3 +108,149 @@ fn hubs_on_one_lan_find_each_other_by_multicast() {
     let q_links = hub_links(&lab, "quiet", &state.path().join("q"), &q).expect("status of q");
     assert!(q_links.is_empty(), "{q_links:?}");
 }
+
+fn smartsockets() -> Topology {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../lab/topologies/smartsockets.toml"
+    );
+    Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid")
+}
+
+/// `reach connect` from `host` to `vaddr` through `hub`, sending `token`;
+/// returns the module or the error line.
+fn connect(
+    lab: &Lab,
+    host: &str,
+    dir: &Path,
+    hub: &str,
+    vaddr: &str,
+    token: &str,
+) -> Result<String, String> {
+    use std::io::Write;
+    let mut child = lab
+        .command(host, tools().join("reach"))
+        .arg("--state-dir")
+        .arg(dir)
+        .args(["-v", "connect", "--timeout", "10", "--hub", hub, vaddr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(token.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        return Err(log.lines().last().unwrap_or("failed").to_string());
+    }
+    log.split_whitespace()
+        .find_map(|w| w.strip_prefix("module="))
+        .map(str::to_string)
+        .ok_or(log)
+}
+
+#[test]
+fn a_crashed_hub_is_routed_around_and_its_nodes_are_back_within_5_s() {
+    let t = smartsockets();
+    let lab = Lab::up(&t).expect("lab up");
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut hubs = reach_lab::hubs::start(
+        &lab,
+        &t,
+        t.hubs.as_ref().expect("[hubs]"),
+        &tools(),
+        state.path(),
+    )
+    .expect("hubs");
+    // A listener in grid5000 (reached only through hubs) and the desktop
+    // (attached to das3-v's hub, the one that will crash).
+    let mut listeners = Vec::new();
+    let mut vaddrs = std::collections::BTreeMap::new();
+    for host in ["g5k-node", "desktop"] {
+        let dir = state.path().join(host);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let child = lab
+            .command(host, tools().join("reach"))
+            .arg("--state-dir")
+            .arg(&dir)
+            .args([
+                "-v",
+                "listen",
+                "--keep",
+                "--hub",
+                &hubs.attach[host],
+                "--addr-file",
+            ])
+            .arg(dir.join("addr.txt"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("received")).expect("out"))
+            .stderr(std::fs::File::create(dir.join("listen.log")).expect("log"))
+            .spawn()
+            .expect("listen");
+        listeners.push(Process::new(child));
+        let vaddr = reach_lab::wait::for_file(&dir.join("addr.txt"), Duration::from_secs(20))
+            .expect("listener address");
+        vaddrs.insert(host, vaddr);
+    }
+    hubs.wait_converged(&lab, &tools(), 2, Duration::from_secs(30))
+        .expect("hubs converged");
+    let from = state.path().join("rockstar-node");
+    let hub = hubs.attach["rockstar-node"].clone();
+    let module = connect(
+        &lab,
+        "rockstar-node",
+        &from,
+        &hub,
+        &vaddrs["g5k-node"],
+        "one\n",
+    )
+    .expect("routed before the crash");
+    assert_eq!(module, "routed");
+
+    // das3-v's hub dies. rockstar and grid5000 are also linked through das3-d:
+    // new routed streams take that path once the routes have moved.
+    hubs.kill("das3-v-fe");
+    let rerouted = reach_lab::wait::until(Duration::from_secs(30), || {
+        connect(
+            &lab,
+            "rockstar-node",
+            &from,
+            &hub,
+            &vaddrs["g5k-node"],
+            "two\n",
+        )
+        .ok()
+    });
+    assert_eq!(
+        rerouted.as_deref(),
+        Some("routed"),
+        "no route around the dead hub"
+    );
+
+    // Back up: the desktop re-registers within 5 s.
+    let restarted = std::time::Instant::now();
+    hubs.restart(&lab, &tools(), "das3-v-fe").expect("restart");
+    let back = reach_lab::wait::until(Duration::from_secs(20), || {
+        let s = hubs.status(&lab, &tools(), "das3-v-fe").ok()?;
+        let attached = s["nodes"].as_array()?.iter().any(|n| {
+            n["node"]
+                .as_str()
+                .is_some_and(|id| vaddrs["desktop"].starts_with(id))
+        });
+        attached.then(|| restarted.elapsed())
+    });
+    let took = back.expect("the desktop never re-registered");
+    assert!(
+        took < Duration::from_secs(5),
+        "re-registered after {took:?}"
+    );
+    let received =
+        std::fs::read_to_string(state.path().join("g5k-node/received")).unwrap_or_default();
+    assert!(
+        received.contains("one\n") && received.contains("two\n"),
+        "{received:?}"
+    );
+}
