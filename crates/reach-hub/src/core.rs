@@ -103,6 +103,10 @@ struct Remote {
     state: u64,
     nodes: Vec<DirEntry>,
     listen: Vec<SocketAddr>,
+    /// Since when no route leads to this hub. A directory outlives a route
+    /// that flaps (a hub on the path died, a longer path is being learned):
+    /// it is not sent again, so forgetting it at once would lose it.
+    unroutable_since: Option<Instant>,
 }
 
 /// A directory arriving in parts.
@@ -150,6 +154,8 @@ pub struct HubCore {
     /// Node to home hub, for nodes of other hubs.
     index: HashMap<NodeId, NodeId>,
     relay: HashMap<(LinkId, u32), Relay>,
+    /// How long a directory survives without a route to its hub.
+    directory_grace: Duration,
     /// Connect-back requests passed on, by (requester, token): the link each
     /// came from, so a failure report can retrace the path. Expire after
     /// [`CONNECT_BACK_MEMORY`].
@@ -228,6 +234,7 @@ impl HubCore {
             nodes: BTreeMap::new(),
             hubs: BTreeMap::new(),
             routes: RouteTable::new(me, route_expiry),
+            directory_grace: route_expiry,
             remote: BTreeMap::new(),
             partial: HashMap::new(),
             index: HashMap::new(),
@@ -377,7 +384,6 @@ impl HubCore {
                 } else if self.hubs.get(&info.peer) == Some(&link) {
                     self.hubs.remove(&info.peer);
                     self.routes.handle_link_down(info.peer);
-                    self.forget_unroutable();
                     self.gossip();
                 }
             }
@@ -847,6 +853,7 @@ impl HubCore {
                 state,
                 nodes,
                 listen,
+                unroutable_since: None,
             },
         );
     }
@@ -878,13 +885,21 @@ impl HubCore {
     }
 
     /// Drops directories of hubs no longer reachable.
-    fn forget_unroutable(&mut self) {
-        let gone: Vec<NodeId> = self
-            .remote
-            .keys()
-            .filter(|o| !self.hubs.contains_key(*o) && self.routes.route(o).is_none())
-            .copied()
-            .collect();
+    /// Forgets the directories of hubs that have had no route for a whole
+    /// route expiry time.
+    fn forget_unroutable(&mut self, now: Instant) {
+        let grace = self.directory_grace;
+        let mut gone = Vec::new();
+        for (origin, r) in &mut self.remote {
+            if self.hubs.contains_key(origin) || self.routes.route(origin).is_some() {
+                r.unroutable_since = None;
+                continue;
+            }
+            let since = *r.unroutable_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= grace {
+                gone.push(*origin);
+            }
+        }
         for origin in gone {
             self.unindex(&origin);
             self.remote.remove(&origin);
@@ -915,7 +930,7 @@ impl HubCore {
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
         self.routes.bump();
         self.routes.handle_timeout(now);
-        self.forget_unroutable();
+        self.forget_unroutable(now);
         self.gossip();
     }
 

@@ -213,21 +213,22 @@ fn a_crashed_hub_is_routed_around_and_its_nodes_are_back_within_5_s() {
     // das3-v's hub dies. rockstar and grid5000 are also linked through das3-d:
     // new routed streams take that path once the routes have moved.
     hubs.kill("das3-v-fe");
+    let mut last = String::new();
     let rerouted = reach_lab::wait::until(Duration::from_secs(30), || {
-        connect(
-            &lab,
-            "rockstar-node",
-            &from,
-            &hub,
-            &vaddrs["g5k-node"],
-            "two\n",
-        )
-        .ok()
+        let target = &vaddrs["g5k-node"];
+        match connect(&lab, "rockstar-node", &from, &hub, target, "two\n") {
+            Ok(m) => Some(m),
+            Err(e) => {
+                last = e;
+                None
+            }
+        }
     });
     assert_eq!(
         rerouted.as_deref(),
         Some("routed"),
-        "no route around the dead hub"
+        "no route around the dead hub: {last}; rockstar's hub: {:?}",
+        hubs.status(&lab, &tools(), "rockstar-fe")
     );
 
     // Back up: the desktop re-registers within 5 s.
