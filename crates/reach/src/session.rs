@@ -37,9 +37,10 @@ use crate::stream::{Direction, ReachStream, SetupModule};
 
 /// First reconnect delay after a lost or failed hub session.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
-/// Longest reconnect delay: short enough that nodes are back within a few
-/// seconds of a hub restart.
-const MAX_BACKOFF: Duration = Duration::from_secs(3);
+/// Longest reconnect delay: short enough that nodes are back well within 5 s
+/// of a hub restart (2 s + 20% jitter + the attach itself). Against a hub
+/// that is down, an attempt costs a refused TCP connect.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long dialling and registering may take.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keepalive interval on an idle link.
