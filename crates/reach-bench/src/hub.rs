@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use reach::{Endpoint, HubTarget, ReachStream, SecretKey, SetupModule, VirtualAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::Row;
+use crate::{drain, median, pump, Row};
 
 /// The hub process, killed when dropped.
 struct HubProcess {
@@ -258,29 +258,11 @@ async fn throughput(
     let bytes = mib << 20;
     let srv = {
         let server = server.clone();
-        tokio::spawn(async move {
-            let mut s = server.accept().await?;
-            let mut buf = vec![0u8; 256 << 10];
-            let mut n = 0u64;
-            loop {
-                let got = s.read(&mut buf).await?;
-                if got == 0 {
-                    return anyhow::Ok(n);
-                }
-                n += got as u64;
-            }
-        })
+        tokio::spawn(async move { anyhow::Ok(drain(server.accept().await?).await?) })
     };
-    let mut c = client.connect(target).await?;
+    let c = client.connect(target).await?;
     let t = Instant::now();
-    let buf = vec![0x5au8; 256 << 10];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        c.write_all(&buf[..n]).await?;
-        left -= n as u64;
-    }
-    c.shutdown().await?;
+    pump(c, bytes).await?;
     let got = srv.await??;
     let secs = t.elapsed().as_secs_f64();
     if got != bytes {
@@ -343,12 +325,6 @@ async fn delayed_copy(
     }
     drop(tx);
     let _ = writer.await;
-}
-
-/// Median of `v` (not empty).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// Routed setup with the module cached and the session up, against the hub
@@ -423,29 +399,11 @@ pub async fn routed_setup(
     let leg2 = delay_proxy(sink_addr, delay).await?;
     let leg1 = delay_proxy(leg2, delay).await?;
     let bytes = bulk_mib << 20;
-    let drain = tokio::spawn(async move {
-        let (mut s, _) = sink.accept().await?;
-        let mut buf = vec![0u8; 256 << 10];
-        let mut n = 0u64;
-        loop {
-            let got = s.read(&mut buf).await?;
-            if got == 0 {
-                return anyhow::Ok(n);
-            }
-            n += got as u64;
-        }
-    });
-    let mut tcp = tokio::net::TcpStream::connect(leg1).await?;
+    let drained = tokio::spawn(async move { anyhow::Ok(drain(sink.accept().await?.0).await?) });
+    let tcp = tokio::net::TcpStream::connect(leg1).await?;
     let t = Instant::now();
-    let buf = vec![0x5au8; 256 << 10];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        tcp.write_all(&buf[..n]).await?;
-        left -= n as u64;
-    }
-    tcp.shutdown().await?;
-    let got = drain.await??;
+    pump(tcp, bytes).await?;
+    let got = drained.await??;
     anyhow::ensure!(got == bytes, "plain TCP: received {got} of {bytes} bytes");
     let tcp_mbit = bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6;
     Ok(vec![

@@ -199,7 +199,7 @@ fn print_table(r: &Report) {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -231,7 +231,7 @@ async fn endpoint(seed: u8, plaintext: bool, cipher: Cipher) -> anyhow::Result<E
         .await?)
 }
 
-async fn drain(mut s: impl AsyncRead + Unpin) -> std::io::Result<u64> {
+pub(crate) async fn drain(mut s: impl AsyncRead + Unpin) -> std::io::Result<u64> {
     let mut buf = vec![0u8; BUF];
     let mut n = 0u64;
     loop {
@@ -243,7 +243,7 @@ async fn drain(mut s: impl AsyncRead + Unpin) -> std::io::Result<u64> {
     }
 }
 
-async fn pump(mut s: impl AsyncWrite + Unpin, bytes: u64) -> std::io::Result<()> {
+pub(crate) async fn pump(mut s: impl AsyncWrite + Unpin, bytes: u64) -> std::io::Result<()> {
     let buf = vec![0x5au8; BUF];
     let mut left = bytes;
     while left > 0 {

@@ -370,11 +370,7 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
     let (mut b, mut has_hub) = builder(config, state_dir, &args.common)?;
     if let (false, Some(hint)) = (has_hub, &vaddr.hub) {
         // The address names the target's home hub: attach there to find it.
-        b = b.hub(HubTarget {
-            id: None,
-            host: hint.host.clone(),
-            port: hint.port,
-        });
+        b = b.hub(hint.into());
         has_hub = true;
     }
     // A connecting node needs no fixed listening port. Without a hub nobody

@@ -20,6 +20,24 @@ fn run(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// `reach listen` with identity `state` against `hub`, which must refuse it:
+/// exit code 1 and the hub's reason. Returns stderr.
+fn listen_refused(state: &std::path::Path, hub: &str) -> String {
+    let state = state.to_str().expect("utf8");
+    let (code, _, err) = run(&[
+        "--state-dir",
+        state,
+        "listen",
+        "--bind",
+        "127.0.0.1",
+        "--hub",
+        hub,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("refused this node"), "{err}");
+    err
+}
+
 #[test]
 fn routed_stream_through_a_hub_process_with_only_node_id_and_hub_hint() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -94,19 +112,7 @@ fn a_hub_that_refuses_the_node_makes_listen_fail_with_one_clear_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let someone_else = common::reach_id(&dir.path().join("x"));
     let hub = HubProc::start(&dir.path().join("hub"), &["--allow", &someone_else]);
-    let state = dir.path().join("a");
-    let state = state.to_str().expect("utf8");
-    let (code, _, err) = run(&[
-        "--state-dir",
-        state,
-        "listen",
-        "--bind",
-        "127.0.0.1",
-        "--hub",
-        &hub.target,
-    ]);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("refused this node"), "{err}");
+    let err = listen_refused(&dir.path().join("a"), &hub.target);
     assert!(err.contains("allow list"), "{err}");
     let errors: Vec<_> = err
         .lines()
@@ -212,15 +218,11 @@ fn after_a_hub_crash_nodes_re_register_and_direct_streams_live_on() {
     input.write_all(b"before the crash; ").expect("write");
     input.flush().expect("flush");
     let arrived = |want: &str| {
-        let deadline = std::time::Instant::now() + DEADLINE;
-        while std::time::Instant::now() < deadline {
+        common::until(|| {
             let got = std::fs::read_to_string(&listener.out_path).unwrap_or_default();
-            if got.contains(want) {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        false
+            got.contains(want).then_some(())
+        })
+        .is_some()
     };
     assert!(arrived("before the crash; "));
     hub.kill();
@@ -235,20 +237,15 @@ fn after_a_hub_crash_nodes_re_register_and_direct_streams_live_on() {
     let state = dir.path().join("c");
     let state = state.to_str().expect("utf8");
     let node = listener.vaddr.split_once(':').expect("vaddr").0.to_string();
-    let mut back = false;
     let mut last = String::new();
-    while restarted.elapsed() < DEADLINE {
+    let back = common::until(|| {
         let (_, json, err) = run(&["--state-dir", state, "status", "--json", "--hub", &target]);
-        if json.contains(&node) {
-            back = true;
-            break;
-        }
         last = format!("{json}{err}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+        json.contains(&node).then_some(())
+    });
     let took = restarted.elapsed();
     assert!(
-        back,
+        back.is_some(),
         "the listener never re-registered: {last}\nlistener: {}",
         std::fs::read_to_string(&listener.stderr_path).unwrap_or_default()
     );
@@ -284,17 +281,6 @@ fn a_hub_configured_by_file_admits_only_its_allow_list() {
     let empty = common::random_file(dir.path(), "empty", 0);
     let listener = Listener::start(None, &dir.path().join("a"), &empty, &["--hub", &hub.target]);
     assert!(listener.vaddr.contains("/hub="));
-    let stranger = dir.path().join("s");
-    let (code, _, err) = run(&[
-        "--state-dir",
-        stranger.to_str().expect("utf8"),
-        "listen",
-        "--bind",
-        "127.0.0.1",
-        "--hub",
-        &hub.target,
-    ]);
-    assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("refused this node"), "{err}");
+    listen_refused(&dir.path().join("s"), &hub.target);
     listener.kill();
 }

@@ -158,20 +158,17 @@ fn relayed_stream(core: &mut HubCore) -> (LinkId, LinkId, u32) {
     (a_link, b_link, *stream)
 }
 
+fn data(core: &mut HubCore, link: LinkId, stream: u32, data: &[u8]) -> Verdict {
+    core.handle_frame(link, Frame::Data { stream, data }, Instant::now())
+}
+
 #[test]
 fn streams_are_relayed_with_credit_and_a_flow_violation_resets_both_ends() {
     let mut core = open_hub();
     let (a_link, b_link, b_stream) = relayed_stream(&mut core);
     let now = Instant::now();
     let chunk = vec![7u8; 32 << 10];
-    core.handle_frame(
-        a_link,
-        Frame::Data {
-            stream: 1,
-            data: &chunk,
-        },
-        now,
-    );
+    data(&mut core, a_link, 1, &chunk);
     let frames = out(&mut core);
     assert!(matches!(
         &frames[..],
@@ -192,14 +189,7 @@ fn streams_are_relayed_with_credit_and_a_flow_violation_resets_both_ends() {
     // A sender that ignores its window is cut off, and so is its peer.
     let windows = STREAM_WINDOW as usize / chunk.len() + 2;
     for _ in 0..windows {
-        core.handle_frame(
-            a_link,
-            Frame::Data {
-                stream: 1,
-                data: &chunk,
-            },
-            now,
-        );
+        data(&mut core, a_link, 1, &chunk);
     }
     let mut resets: Vec<_> = out(&mut core)
         .into_iter()

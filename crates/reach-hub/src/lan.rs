@@ -93,10 +93,9 @@ impl Announce {
 /// The IPv4 addresses of this host's interfaces that can carry multicast
 /// (not loopback).
 pub fn interfaces() -> Vec<Ipv4Addr> {
-    if_addrs::get_if_addrs()
-        .unwrap_or_default()
+    reach::discovery::local_addrs()
         .into_iter()
-        .filter_map(|i| match i.ip() {
+        .filter_map(|a| match a.ip {
             std::net::IpAddr::V4(v4) if !v4.is_loopback() => Some(v4),
             _ => None,
         })

@@ -7,30 +7,21 @@ use std::time::Duration;
 use reach_lab::probe::{self, Outcome};
 use reach_lab::{apply, verify, Lab, Topology};
 
-const PROBE: &str = env!("CARGO_BIN_EXE_reach-lab");
-
-fn zoo() -> Topology {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../lab/topologies/nat-zoo.toml"
-    );
-    let text = std::fs::read_to_string(path).expect("read nat-zoo.toml");
-    Topology::from_toml(&text).expect("valid topology")
-}
-
-fn tools() -> std::path::PathBuf {
-    std::path::Path::new(PROBE)
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
-}
+mod common;
 
 fn serve(lab: &Lab, host: &str, ports: &[u16]) -> reach_lab::lab::Process {
-    probe::spawn_server(lab, &tools(), host, ports).expect("probe server")
+    probe::spawn_server(lab, &common::tools(), host, ports).expect("probe server")
 }
 
 fn probe(lab: &Lab, from: &str, to: SocketAddr, bind_port: Option<u16>) -> Outcome {
-    probe::connect_from(lab, &tools(), from, to, Duration::from_secs(1), bind_port)
+    probe::connect_from(
+        lab,
+        &common::tools(),
+        from,
+        to,
+        Duration::from_secs(1),
+        bind_port,
+    )
 }
 
 fn addr(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
@@ -39,7 +30,7 @@ fn addr(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
 
 #[test]
 fn kernel_gateways_behave_as_declared() {
-    let lab = Lab::up(&zoo()).expect("lab up");
+    let lab = Lab::up(&common::topology("nat-zoo")).expect("lab up");
     let _open = serve(&lab, "open", &[7000, 7001]);
     let _drop = serve(&lab, "fw-drop", &[7000]);
     let _reject = serve(&lab, "fw-reject", &[7000]);
@@ -141,7 +132,7 @@ fn non_routed_and_multi_homed_hosts_and_host_firewalls() {
 #[test]
 fn dropping_a_lab_removes_everything_even_after_a_panic() {
     let prefix = std::panic::catch_unwind(|| {
-        let lab = Lab::up(&zoo()).expect("lab up");
+        let lab = Lab::up(&common::topology("nat-zoo")).expect("lab up");
         let prefix = lab.record().prefix.clone();
         assert!(!apply::namespaces_with_prefix(&prefix).is_empty());
         // A process inside a namespace must not keep it alive.
@@ -160,9 +151,10 @@ fn dropping_a_lab_removes_everything_even_after_a_panic() {
 
 #[test]
 fn verify_passes_for_the_shipped_zoo() {
-    let topology = zoo();
+    let topology = common::topology("nat-zoo");
     let lab = Lab::up(&topology).expect("lab up");
-    let checks = verify::run(&lab, &topology, &tools(), Duration::from_secs(1)).expect("verify");
+    let checks =
+        verify::run(&lab, &topology, &common::tools(), Duration::from_secs(1)).expect("verify");
     let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
     assert!(failed.is_empty(), "{}", verify::render(&checks));
     assert!(
@@ -175,7 +167,7 @@ fn verify_passes_for_the_shipped_zoo() {
 fn verify_catches_a_gateway_that_differs_from_its_declaration() {
     // Build the zoo, then verify it against a topology that claims the
     // random-port NAT maps endpoint-independently.
-    let built = zoo();
+    let built = common::topology("nat-zoo");
     let lab = Lab::up(&built).expect("lab up");
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -188,7 +180,8 @@ fn verify_catches_a_gateway_that_differs_from_its_declaration() {
     ))
     .expect("valid");
     assert_ne!(claimed, built, "the claim differs from what was built");
-    let checks = verify::run(&lab, &claimed, &tools(), Duration::from_secs(1)).expect("verify");
+    let checks =
+        verify::run(&lab, &claimed, &common::tools(), Duration::from_secs(1)).expect("verify");
     let failed: Vec<_> = checks
         .iter()
         .filter(|c| !c.pass)

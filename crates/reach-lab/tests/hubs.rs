@@ -2,32 +2,21 @@
 //! hubs of one site. Needs root, iproute2, nftables and the `reach` binary
 //! built beside `reach-lab`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use reach_lab::lab::Process;
 use reach_lab::{Lab, Topology};
 
-fn tools() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_reach-lab"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf();
-    assert!(
-        dir.join("reach").exists(),
-        "no reach binary in {}: run cargo build -p reach-cli (cargo nextest run --workspace builds it)",
-        dir.display()
-    );
-    dir
-}
-
 /// Starts `reach hub` in `host` with `flags`; returns it and its NODEID@IP:PORT.
 fn hub(lab: &Lab, host: &str, dir: &Path, flags: &[&str]) -> (Process, String) {
     std::fs::create_dir_all(dir).expect("dir");
     let addr_file = dir.join("hub.txt");
     let child = lab
-        .command(host, tools().join("reach"))
+        .command(host, common::tools_with_reach().join("reach"))
         .arg("--state-dir")
         .arg(dir)
         .args(["-v", "hub", "--tcp-port", "7700", "--addr-file"])
@@ -51,7 +40,7 @@ fn hub(lab: &Lab, host: &str, dir: &Path, flags: &[&str]) -> (Process, String) {
 /// The hub links `reach status` reports for the hub at `target`, asked from `host`.
 fn hub_links(lab: &Lab, host: &str, dir: &Path, target: &str) -> Option<Vec<String>> {
     let out = lab
-        .command(host, tools().join("reach"))
+        .command(host, common::tools_with_reach().join("reach"))
         .arg("--state-dir")
         .arg(dir.join("status"))
         .args(["status", "--json", "--hub", target])
@@ -109,14 +98,6 @@ fn hubs_on_one_lan_find_each_other_by_multicast() {
     assert!(q_links.is_empty(), "{q_links:?}");
 }
 
-fn smartsockets() -> Topology {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../lab/topologies/smartsockets.toml"
-    );
-    Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid")
-}
-
 /// `reach connect` from `host` to `vaddr` through `hub`, sending `token`;
 /// returns the module or the error line.
 fn connect(
@@ -129,7 +110,7 @@ fn connect(
 ) -> Result<String, String> {
     use std::io::Write;
     let mut child = lab
-        .command(host, tools().join("reach"))
+        .command(host, common::tools_with_reach().join("reach"))
         .arg("--state-dir")
         .arg(dir)
         .args(["-v", "connect", "--timeout", "10", "--hub", hub, vaddr])
@@ -154,14 +135,14 @@ fn connect(
 
 #[test]
 fn a_crashed_hub_is_routed_around_and_its_nodes_are_back_within_5_s() {
-    let t = smartsockets();
+    let t = common::topology("smartsockets");
     let lab = Lab::up(&t).expect("lab up");
     let state = tempfile::tempdir().expect("tempdir");
     let mut hubs = reach_lab::hubs::start(
         &lab,
         &t,
         t.hubs.as_ref().expect("[hubs]"),
-        &tools(),
+        &common::tools_with_reach(),
         state.path(),
     )
     .expect("hubs");
@@ -173,7 +154,7 @@ fn a_crashed_hub_is_routed_around_and_its_nodes_are_back_within_5_s() {
         let dir = state.path().join(host);
         std::fs::create_dir_all(&dir).expect("dir");
         let child = lab
-            .command(host, tools().join("reach"))
+            .command(host, common::tools_with_reach().join("reach"))
             .arg("--state-dir")
             .arg(&dir)
             .args([
@@ -195,8 +176,13 @@ fn a_crashed_hub_is_routed_around_and_its_nodes_are_back_within_5_s() {
             .expect("listener address");
         vaddrs.insert(host, vaddr);
     }
-    hubs.wait_converged(&lab, &tools(), 2, Duration::from_secs(30))
-        .expect("hubs converged");
+    hubs.wait_converged(
+        &lab,
+        &common::tools_with_reach(),
+        2,
+        Duration::from_secs(30),
+    )
+    .expect("hubs converged");
     let from = state.path().join("rockstar-node");
     let hub = hubs.attach["rockstar-node"].clone();
     let module = connect(
@@ -228,14 +214,17 @@ fn a_crashed_hub_is_routed_around_and_its_nodes_are_back_within_5_s() {
         rerouted.as_deref(),
         Some("routed"),
         "no route around the dead hub: {last}; rockstar's hub: {:?}",
-        hubs.status(&lab, &tools(), "rockstar-fe")
+        hubs.status(&lab, &common::tools_with_reach(), "rockstar-fe")
     );
 
     // Back up: the desktop re-registers within 5 s.
     let restarted = std::time::Instant::now();
-    hubs.restart(&lab, &tools(), "das3-v-fe").expect("restart");
+    hubs.restart(&lab, &common::tools_with_reach(), "das3-v-fe")
+        .expect("restart");
     let back = reach_lab::wait::until(Duration::from_secs(20), || {
-        let s = hubs.status(&lab, &tools(), "das3-v-fe").ok()?;
+        let s = hubs
+            .status(&lab, &common::tools_with_reach(), "das3-v-fe")
+            .ok()?;
         let attached = s["nodes"].as_array()?.iter().any(|n| {
             n["node"]
                 .as_str()

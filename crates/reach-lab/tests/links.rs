@@ -3,11 +3,12 @@
 //! what crosses. Needs root, iproute2, nftables and tc.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use reach_lab::probe::{self, Bulk, Outcome};
 use reach_lab::{Lab, Topology};
+
+mod common;
 
 /// A NAT site with `link` (a `delay_ms` or `rate_mbit` line) and an open site.
 fn two_sites(link: &str) -> Lab {
@@ -30,23 +31,23 @@ fn two_sites(link: &str) -> Lab {
     Lab::up(&Topology::from_toml(&text).expect("topology")).expect("lab up")
 }
 
-fn tools() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_reach-lab"))
-        .parent()
-        .expect("dir")
-        .to_path_buf()
-}
-
 #[test]
 fn a_delayed_site_adds_its_delay_to_every_round_trip() {
     let lab = two_sites("delay_ms = 20");
-    let _web = probe::spawn_server(&lab, &tools(), "web", &[7000]).expect("server");
+    let _web = probe::spawn_server(&lab, &common::tools(), "web", &[7000]).expect("server");
     let web = SocketAddr::from((lab.host("web").lan, 7000));
     // A probe takes two round trips (connect, then the greeting), each of which
     // crosses the 20 ms hop twice: at least 80 ms. The delay can only add time,
     // so this lower bound holds however loaded the machine is.
     for _ in 0..3 {
-        match probe::connect_from(&lab, &tools(), "h", web, Duration::from_secs(5), None) {
+        match probe::connect_from(
+            &lab,
+            &common::tools(),
+            "h",
+            web,
+            Duration::from_secs(5),
+            None,
+        ) {
             Outcome::Ok { ms, .. } => {
                 assert!(ms >= 78.0, "{ms} ms is less than two delayed round trips")
             }
@@ -58,10 +59,10 @@ fn a_delayed_site_adds_its_delay_to_every_round_trip() {
 #[test]
 fn a_rate_limited_site_sends_no_faster_than_its_limit() {
     let lab = two_sites("rate_mbit = 20");
-    let _sink = probe::spawn_sink(&lab, &tools(), "web", 7100).expect("sink");
+    let _sink = probe::spawn_sink(&lab, &common::tools(), "web", 7100).expect("sink");
     let to = format!("{}:7100", lab.host("web").lan);
     let out = lab
-        .command("h", tools().join("reach-lab"))
+        .command("h", common::tools().join("reach-lab"))
         .args(["probe", "send", &to, "--bytes", &(4u64 << 20).to_string()])
         .output()
         .expect("send");

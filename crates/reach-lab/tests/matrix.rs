@@ -2,32 +2,12 @@
 //! Needs root, iproute2, nftables, and the `reach` binary built beside
 //! `reach-lab` (a workspace test run builds both).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use reach_lab::matrix::{self, Mode};
-use reach_lab::{Lab, Topology};
+use reach_lab::Lab;
 
-fn zoo() -> Topology {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../lab/topologies/nat-zoo.toml"
-    );
-    Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid")
-}
-
-fn tools() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_reach-lab"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf();
-    assert!(
-        dir.join("reach").exists(),
-        "no reach binary in {}: run cargo build -p reach-cli (cargo nextest run --workspace builds it)",
-        dir.display()
-    );
-    dir
-}
+mod common;
 
 /// Exactly the pairs towards the one open host connect; everything else needs
 /// modules that later steps build.
@@ -49,9 +29,16 @@ fn assert_only_open_is_reachable(m: &matrix::Matrix) {
 
 #[test]
 fn plain_matrix_of_the_nat_zoo_reaches_only_the_open_host() {
-    let t = zoo();
+    let t = common::topology("nat-zoo");
     let lab = Lab::up(&t).expect("lab up");
-    let m = matrix::run(&lab, &t, Mode::Plain, Duration::from_secs(1), &tools()).expect("matrix");
+    let m = matrix::run(
+        &lab,
+        &t,
+        Mode::Plain,
+        Duration::from_secs(1),
+        &common::tools_with_reach(),
+    )
+    .expect("matrix");
     assert_only_open_is_reachable(&m);
     assert!(
         m.render().contains("9 of 90 pairs connected"),
@@ -68,9 +55,16 @@ fn plain_matrix_of_the_nat_zoo_reaches_only_the_open_host() {
 
 #[test]
 fn reach_matrix_of_the_nat_zoo_connects_the_same_pairs_directly() {
-    let t = zoo();
+    let t = common::topology("nat-zoo");
     let lab = Lab::up(&t).expect("lab up");
-    let m = matrix::run(&lab, &t, Mode::Reach, Duration::from_secs(2), &tools()).expect("matrix");
+    let m = matrix::run(
+        &lab,
+        &t,
+        Mode::Reach,
+        Duration::from_secs(2),
+        &common::tools_with_reach(),
+    )
+    .expect("matrix");
     assert_only_open_is_reachable(&m);
     for c in m.cells.iter().filter(|c| c.ok) {
         assert_eq!(

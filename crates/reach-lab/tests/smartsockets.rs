@@ -2,40 +2,33 @@
 //! Needs root, iproute2, nftables and openssh-server.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use reach_lab::matrix::{self, Mode};
-use reach_lab::{probe, verify, Lab, Topology};
+use reach_lab::{probe, verify, Lab};
 
-fn testbed() -> Topology {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../lab/topologies/smartsockets.toml"
-    );
-    Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid")
-}
-
-fn tools() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_reach-lab"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
-}
+mod common;
 
 #[test]
 fn every_site_behaves_as_table_2_says() {
-    let t = testbed();
+    let t = common::topology("smartsockets");
     let lab = Lab::up(&t).expect("lab up");
-    let checks = verify::run(&lab, &t, &tools(), Duration::from_secs(1)).expect("verify");
+    let checks = verify::run(&lab, &t, &common::tools(), Duration::from_secs(1)).expect("verify");
     assert!(checks.iter().all(|c| c.pass), "{}", verify::render(&checks));
 }
 
 #[test]
 fn plain_tcp_connects_the_same_six_of_thirty_pairs_as_the_paper() {
-    let t = testbed();
+    let t = common::topology("smartsockets");
     let lab = Lab::up(&t).expect("lab up");
-    let m = matrix::run(&lab, &t, Mode::Plain, Duration::from_secs(1), &tools()).expect("matrix");
+    let m = matrix::run(
+        &lab,
+        &t,
+        Mode::Plain,
+        Duration::from_secs(1),
+        &common::tools_with_reach(),
+    )
+    .expect("matrix");
     let connected: BTreeSet<(&str, &str)> = m
         .cells
         .iter()
@@ -96,9 +89,16 @@ const REVERSE: [(&str, &str); 4] = [
 
 #[test]
 fn reach_connects_all_thirty_pairs_with_the_module_each_needs() {
-    let t = testbed();
+    let t = common::topology("smartsockets");
     let lab = Lab::up(&t).expect("lab up");
-    let m = matrix::run(&lab, &t, Mode::Reach, Duration::from_secs(10), &tools()).expect("matrix");
+    let m = matrix::run(
+        &lab,
+        &t,
+        Mode::Reach,
+        Duration::from_secs(10),
+        &common::tools_with_reach(),
+    )
+    .expect("matrix");
     let failures: Vec<String> = m
         .cells
         .iter()
@@ -130,7 +130,7 @@ fn reach_connects_all_thirty_pairs_with_the_module_each_needs() {
 
 #[test]
 fn non_routed_nodes_are_reached_through_their_front_ends_sshd() {
-    let lab = Lab::up(&testbed()).expect("lab up");
+    let lab = Lab::up(&common::topology("smartsockets")).expect("lab up");
     for (site_node, front_end_addr) in [
         // hiroshi: only ssh comes in, through the NAT's port forward.
         ("hiroshi-node", lab.host("hiroshi-fe").gateway),
@@ -140,8 +140,8 @@ fn non_routed_nodes_are_reached_through_their_front_ends_sshd() {
             lab.host("g5k-fe").public.expect("multi-homed front-end"),
         ),
     ] {
-        let _server =
-            probe::spawn_server(&lab, &tools(), site_node, &[7000]).expect("probe server");
+        let _server = probe::spawn_server(&lab, &common::tools_with_reach(), site_node, &[7000])
+            .expect("probe server");
         let node = lab.host(site_node).lan;
         let out = lab
             .record()
@@ -165,12 +165,7 @@ fn non_routed_nodes_are_reached_through_their_front_ends_sshd() {
 
 #[test]
 fn the_wan_variant_is_the_same_testbed_with_the_papers_delays() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../lab/topologies/smartsockets-wan.toml"
-    );
-    let mut wan =
-        Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid");
+    let mut wan = common::topology("smartsockets-wan");
     let delays: Vec<(String, Option<u32>)> = wan
         .sites
         .iter()
@@ -181,18 +176,14 @@ fn the_wan_variant_is_the_same_testbed_with_the_papers_delays() {
         site.delay_ms = None;
     }
     wan.name = "smartsockets".into();
-    assert_eq!(wan, testbed());
+    assert_eq!(wan, common::topology("smartsockets"));
 }
 
 #[test]
 fn the_wan_testbed_verifies_with_every_delay_measured() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../lab/topologies/smartsockets-wan.toml"
-    );
-    let t = Topology::from_toml(&std::fs::read_to_string(path).expect("read")).expect("valid");
+    let t = common::topology("smartsockets-wan");
     let lab = Lab::up(&t).expect("lab up");
-    let checks = verify::run(&lab, &t, &tools(), Duration::from_secs(2)).expect("verify");
+    let checks = verify::run(&lab, &t, &common::tools(), Duration::from_secs(2)).expect("verify");
     assert!(checks.iter().all(|c| c.pass), "{}", verify::render(&checks));
     let measured: BTreeSet<&str> = checks
         .iter()

@@ -454,10 +454,7 @@ impl Endpoint {
     pub fn virtual_addr(&self, port: u16) -> VirtualAddr {
         let mut a = VirtualAddr::new(self.node_id(), port).with_direct(self.advertised.clone());
         if let Some(s) = &self.shared.session {
-            a.hub = Some(reach_proto::vaddr::HubAddr {
-                host: s.target.host.clone(),
-                port: s.target.port,
-            });
+            a.hub = Some((&s.target).into());
         }
         a
     }

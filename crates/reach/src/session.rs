@@ -23,7 +23,7 @@ use reach_proto::link::{
     admission_proof, encode_control, encode_open, encode_reset, ConnectBack, Control, DirEntry,
     Frame, ResetCode, HUB_VPORT,
 };
-use reach_proto::{NodeId, SecretKey, VirtualAddr};
+use reach_proto::{HubAddr, NodeId, SecretKey, VirtualAddr};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 
@@ -71,6 +71,27 @@ impl fmt::Display for HubTarget {
             write!(f, "[{}]:{}", self.host, self.port)
         } else {
             write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl From<&HubAddr> for HubTarget {
+    /// A virtual address's `hub=` hint: the hub's identity is pinned on first
+    /// contact.
+    fn from(a: &HubAddr) -> Self {
+        Self {
+            id: None,
+            host: a.host.clone(),
+            port: a.port,
+        }
+    }
+}
+
+impl From<&HubTarget> for HubAddr {
+    fn from(t: &HubTarget) -> Self {
+        Self {
+            host: t.host.clone(),
+            port: t.port,
         }
     }
 }

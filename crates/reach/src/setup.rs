@@ -59,7 +59,7 @@ pub(crate) async fn connect(
     // The directory is asked for the target's addresses only when Direct's
     // turn comes, so a cached Routed or Reverse spends no round trip on it.
     let mut looked_up = !target.direct.is_empty() || link.is_none();
-    let cached = cached(shared, &node);
+    let cached = shared.cache.get(&node);
     let order: Vec<SetupModule> = cached
         .into_iter()
         .chain(
@@ -71,6 +71,8 @@ pub(crate) async fn connect(
         )
         .collect();
     let mut failures = Vec::new();
+    // Modules that ran and failed (skipped ones are only in `failures`).
+    let mut failed_before = Vec::new();
     for (i, module) in order.iter().copied().enumerate() {
         let now = Instant::now();
         if now >= deadline {
@@ -80,7 +82,7 @@ pub(crate) async fn connect(
         let last = i + 1 == order.len();
         let skip = |why: &str| ModuleFailure {
             module,
-            error: format!("{SKIPPED}{why}"),
+            error: format!("skipped: {why}"),
         };
         if module == SetupModule::Direct && !looked_up {
             looked_up = true;
@@ -146,23 +148,20 @@ pub(crate) async fn connect(
         };
         match result {
             Ok(mut stream) => {
-                remember(shared, node, Some(module));
+                shared.cache.set(node, Some(module));
                 if module == SetupModule::Direct {
                     shared.cache.set_addr(node, stream.info().remote_addr);
                 }
-                stream.info_mut().failed_before = failures
-                    .iter()
-                    .filter(|f| !f.error.starts_with(SKIPPED))
-                    .map(|f| f.module)
-                    .collect();
+                stream.info_mut().failed_before = failed_before;
                 return Ok(stream);
             }
             Err(Err(refused)) => return Err(refused),
             Err(Ok(error)) => {
                 if cached == Some(module) {
-                    remember(shared, node, None);
+                    shared.cache.set(node, None);
                 }
                 tracing::debug!(%node, %module, %error, "setup module failed");
+                failed_before.push(module);
                 failures.push(ModuleFailure { module, error });
             }
         }
@@ -179,9 +178,6 @@ pub(crate) async fn connect(
 /// campus, a VPN), far less than a dropped SYN's timeout.
 const UNLIKELY_DIRECT_BUDGET: Duration = Duration::from_millis(500);
 
-/// How a skipped module's entry in the failure list starts.
-const SKIPPED: &str = "skipped: ";
-
 fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -> RaceSettings {
     RaceSettings {
         options: shared.initiator_options(),
@@ -190,14 +186,6 @@ fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -> RaceSetti
         module: SetupModule::Direct,
         first: shared.cache.addr(node),
     }
-}
-
-fn cached(shared: &Shared, node: &NodeId) -> Option<SetupModule> {
-    shared.cache.get(node)
-}
-
-fn remember(shared: &Shared, node: NodeId, module: Option<SetupModule>) {
-    shared.cache.set(node, module);
 }
 
 /// Asks the target, through the hubs, to connect to us, and waits for it.

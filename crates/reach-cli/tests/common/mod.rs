@@ -72,6 +72,42 @@ pub fn sha256(path: &Path) -> String {
     format!("{:x}", Sha256::digest(&data))
 }
 
+/// Checks `condition` every 20 ms until it yields a value or [`DEADLINE`]
+/// passes (then `None`).
+pub fn until<T>(mut condition: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = condition() {
+            return Some(v);
+        }
+        if start.elapsed() > DEADLINE {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for `child` (named `what`) to write its address to `path`
+/// (atomically, by rename); panics with its stderr if it exits first.
+fn wait_for_addr(child: &mut Child, path: &Path, stderr: &Path, what: &str) -> String {
+    let addr = until(|| {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.trim().is_empty() {
+                return Some(Ok(text.trim().to_string()));
+            }
+        }
+        child.try_wait().ok().flatten().map(Err)
+    });
+    match addr {
+        Some(Ok(addr)) => addr,
+        Some(Err(status)) => panic!(
+            "{what} exited with {status}: {}",
+            std::fs::read_to_string(stderr).unwrap_or_default()
+        ),
+        None => panic!("{what} did not write its address within {DEADLINE:?}"),
+    }
+}
+
 /// A running `reach listen`.
 pub struct Listener {
     child: Option<Child>,
@@ -118,28 +154,8 @@ impl Listener {
     }
 
     fn wait_for_addr(&mut self, path: &Path) -> String {
-        let start = Instant::now();
-        loop {
-            // The file is written atomically (rename), so any content is whole.
-            if let Ok(text) = std::fs::read_to_string(path) {
-                if !text.trim().is_empty() {
-                    return text.trim().to_string();
-                }
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                let err = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-                panic!("reach listen exited with {status} before listening: {err}");
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "reach listen did not write its address"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.as_mut().expect("running");
+        wait_for_addr(child, path, &self.stderr_path, "reach listen")
     }
 
     /// The first direct address in the listener's virtual address.
@@ -297,27 +313,12 @@ impl HubProc {
             .stderr(std::fs::File::create(&stderr_path).expect("err"))
             .spawn()
             .expect("spawn reach hub");
-        let mut hub = Self {
+        let mut child = child;
+        let target = wait_for_addr(&mut child, &addr_file, &stderr_path, "reach hub");
+        Self {
             child: Some(child),
-            target: String::new(),
+            target,
             stderr_path,
-        };
-        let start = Instant::now();
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                if !text.trim().is_empty() {
-                    hub.target = text.trim().to_string();
-                    return hub;
-                }
-            }
-            if let Some(status) = hub.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("reach hub exited with {status}: {}", hub.stderr());
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "reach hub did not write its address"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
