@@ -69,6 +69,8 @@ pub struct HubServer {
     pub lan_discovery: Option<bool>,
     /// Multicast group and port for LAN discovery.
     pub lan_group: Option<std::net::SocketAddrV4>,
+    /// Ports of the address echoes (empty: none; default two free ports).
+    pub echo_ports: Option<Vec<u16>>,
 }
 
 impl Config {

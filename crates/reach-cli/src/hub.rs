@@ -74,6 +74,15 @@ pub struct HubArgs {
     /// default a hub links directly to every hub it learns about and can reach).
     #[arg(long)]
     no_learned_links: bool,
+    /// TCP port of an address echo, which tells a connecting node the address
+    /// it came from; nodes connect to two from one port to learn how their
+    /// NAT maps it, for splicing. Give it twice for two echoes; 0 is any
+    /// free port [default: two echoes on free ports].
+    #[arg(long, value_name = "PORT", conflicts_with = "no_echo")]
+    echo_port: Vec<u16>,
+    /// Run no address echo (nodes of this hub then do not splice).
+    #[arg(long)]
+    no_echo: bool,
     /// Also write the hub's address, NODEID@IP:PORT, to this file (atomically).
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
@@ -154,6 +163,14 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
                     .or(file.and_then(|h| h.lan_group))
                     .unwrap_or(reach_hub::lan::DEFAULT_GROUP)
             }),
+        echo_ports: if args.no_echo {
+            Vec::new()
+        } else if !args.echo_port.is_empty() {
+            args.echo_port.clone()
+        } else {
+            file.and_then(|h| h.echo_ports.clone())
+                .unwrap_or_else(|| HubConfig::default().echo_ports)
+        },
     };
     let mut hub = Hub::start(builder, config)
         .await

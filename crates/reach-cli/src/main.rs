@@ -101,7 +101,8 @@ struct HubArgs {
     #[arg(long, value_name = "PATH")]
     network_secret_file: Option<PathBuf>,
     /// Setup modules to try, in order, comma-separated (default:
-    /// direct,reverse,routed). Modules that cannot work for a target are skipped.
+    /// direct,reverse,splice,routed). Modules that cannot work for a target are
+    /// skipped; splice needs a hub that runs address echoes.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     modules: Vec<SetupModule>,
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use reach_proto::link::{
     encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,
-    verify_admission_proof, ConnectBack, Control, DirEntry, Frame, ResetCode, Window,
+    verify_admission_proof, ConnectBack, Control, DirEntry, Frame, Rendezvous, ResetCode, Window,
     DIRECTORY_PART, MAX_NODE_ADDRS, MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::routes::RouteTable;
@@ -129,6 +129,8 @@ pub struct Counters {
     pub refused: u64,
     /// Connect-back requests passed on.
     pub connect_backs: u64,
+    /// Node-to-node messages (splice rendezvous) passed on.
+    pub relayed_messages: u64,
 }
 
 /// What the driver should do after a frame besides sending the outbox.
@@ -143,6 +145,8 @@ pub enum Verdict {
 /// The hub's whole state.
 pub struct HubCore {
     me: NodeId,
+    /// Ports of this hub's address echoes, told to registering nodes.
+    echo_ports: Vec<u16>,
     policy: Policy,
     listen: Vec<SocketAddr>,
     links: HashMap<LinkId, LinkInfo>,
@@ -160,6 +164,12 @@ pub struct HubCore {
     /// came from, so a failure report can retrace the path. Expire after
     /// [`CONNECT_BACK_MEMORY`].
     connect_backs: HashMap<(NodeId, u16), (LinkId, Instant)>,
+    /// Relayed messages passed on, by (sender, recipient, token): the link
+    /// each came from. An answer (same token, other way) retraces it, so it
+    /// reaches the very process that asked: a connect-only node is not in
+    /// the directory, and it may share its NodeId with a listener that is.
+    /// Expire like connect-backs.
+    relay_paths: HashMap<(NodeId, NodeId, u32), (LinkId, Instant)>,
     dir_state: u64,
     next_link: LinkId,
     outbox: Vec<(LinkId, Vec<u8>)>,
@@ -228,6 +238,7 @@ impl HubCore {
     ) -> Self {
         Self {
             me,
+            echo_ports: Vec::new(),
             policy,
             listen,
             links: HashMap::new(),
@@ -240,6 +251,7 @@ impl HubCore {
             index: HashMap::new(),
             relay: HashMap::new(),
             connect_backs: HashMap::new(),
+            relay_paths: HashMap::new(),
             dir_state: 1,
             next_link: 1,
             outbox: Vec::new(),
@@ -250,6 +262,11 @@ impl HubCore {
     /// This hub's id.
     pub fn id(&self) -> NodeId {
         self.me
+    }
+
+    /// Tells registering nodes where this hub's address echoes listen.
+    pub fn set_echo_ports(&mut self, ports: Vec<u16>) {
+        self.echo_ports = ports;
     }
 
     /// Frames to send, by link; the driver drains this after every call.
@@ -614,7 +631,8 @@ impl HubCore {
                 if let Some(l) = self.links.get_mut(&link) {
                     l.kind = LinkKind::Node;
                 }
-                self.send(link, control(&Control::Registered { observed }));
+                let echo = self.echo_ports.clone();
+                self.send(link, control(&Control::Registered { observed, echo }));
                 if accepts {
                     let entry = DirEntry {
                         node: peer,
@@ -690,6 +708,37 @@ impl HubCore {
                 }
                 cb.addrs.truncate(MAX_NODE_ADDRS);
                 self.connect_back(link, kind, cb, now);
+            }
+            (kind, Control::Relay { mut from, to, msg }) => {
+                if kind == LinkKind::Node {
+                    from = peer;
+                }
+                self.relay_message(link, from, to, msg, now);
+            }
+            (
+                LinkKind::Hub,
+                Control::Undeliverable {
+                    from,
+                    to,
+                    msg,
+                    reason,
+                },
+            ) => {
+                // Routed back towards the sender like any message to it.
+                let back = self
+                    .relay_paths
+                    .get(&(from, to, msg.token()))
+                    .map(|(l, _)| *l)
+                    .or_else(|| self.link_towards(&from));
+                if let Some(back) = back.filter(|l| *l != link) {
+                    let m = Control::Undeliverable {
+                        from,
+                        to,
+                        msg,
+                        reason,
+                    };
+                    self.send(back, control(&m));
+                }
             }
             (
                 kind,
@@ -769,6 +818,44 @@ impl HubCore {
                 };
                 tracing::debug!(%target, ?kind, "connect-back has no path");
                 self.send(link, control(&failed));
+            }
+        }
+    }
+
+    /// Passes a node-to-node message one hop on towards `to`, or tells the
+    /// sender it cannot be delivered.
+    fn relay_message(
+        &mut self,
+        link: LinkId,
+        from: NodeId,
+        to: NodeId,
+        msg: Rendezvous,
+        now: Instant,
+    ) {
+        let token = msg.token();
+        let out = self
+            .relay_paths
+            .get(&(to, from, token))
+            .map(|(l, _)| *l)
+            .or_else(|| self.link_towards(&to))
+            .filter(|l| *l != link);
+        match out {
+            Some(out) => {
+                self.counters.relayed_messages += 1;
+                if self.relay_paths.len() < MAX_CONNECT_BACKS {
+                    self.relay_paths.insert((from, to, token), (link, now));
+                }
+                self.send(out, control(&Control::Relay { from, to, msg }));
+            }
+            None => {
+                let reason = format!("no hub knows node {to}");
+                let m = Control::Undeliverable {
+                    from,
+                    to,
+                    msg,
+                    reason,
+                };
+                self.send(link, control(&m));
             }
         }
     }
@@ -928,6 +1015,8 @@ impl HubCore {
     pub fn tick(&mut self, now: Instant) {
         self.connect_backs
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
+        self.relay_paths
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
         self.routes.bump();
         self.routes.handle_timeout(now);
         self.forget_unroutable(now);
@@ -1067,6 +1156,7 @@ impl Status {
                 "bytes_relayed": self.counters.bytes_relayed,
                 "refused": self.counters.refused,
                 "connect_backs": self.counters.connect_backs,
+                "relayed_messages": self.counters.relayed_messages,
             },
         })
     }
@@ -1138,6 +1228,12 @@ impl Status {
             "counter",
             "Connect-back requests passed on.",
             self.counters.connect_backs.to_string(),
+        );
+        metric(
+            "relayed_messages_total",
+            "counter",
+            "Node-to-node messages (splice rendezvous) passed on.",
+            self.counters.relayed_messages.to_string(),
         );
         out
     }

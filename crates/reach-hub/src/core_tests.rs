@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use reach_proto::link::{
-    admission_proof, decode_frame, ConnectBack, Control, Frame, ResetCode, MAX_STREAM_WINDOW,
-    STREAM_WINDOW,
+    admission_proof, decode_frame, ConnectBack, Control, Frame, Rendezvous, ResetCode,
+    MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::{NodeId, SecretKey};
 
@@ -64,7 +64,7 @@ fn attach(core: &mut HubCore, node: NodeId, accepts: bool) -> LinkId {
     let frames = out(core);
     assert!(
         frames.iter().any(|(l, f)| *l == link
-            && matches!(f, Frame::Control(Control::Registered { observed }) if *observed == addr(9))),
+            && matches!(f, Frame::Control(Control::Registered { observed, .. }) if *observed == addr(9))),
         "{frames:?}"
     );
     link
@@ -337,6 +337,104 @@ fn a_connect_back_to_an_unknown_node_fails_at_once() {
         [(l, Frame::Control(Control::ConnectBackFailed { reason, .. }))]
             if *l == asker_link && reason.contains("no hub knows")
     ));
+}
+
+#[test]
+fn relayed_messages_carry_the_authenticated_sender_and_bounce_when_undeliverable() {
+    let mut core = open_hub();
+    core.set_echo_ports(vec![7701, 7702]);
+    let (asker, target) = (id(10), id(11));
+    let asker_link = attach(&mut core, asker, true);
+    let target_link = attach(&mut core, target, true);
+    let offer = Rendezvous::SpliceOffer {
+        token: 7,
+        vport: 1,
+        candidates: vec![addr(2)],
+    };
+    // A forged sender is replaced by the session's identity.
+    let relay = Control::Relay {
+        from: id(99),
+        to: target,
+        msg: offer.clone(),
+    };
+    control(&mut core, asker_link, relay);
+    let frames = out(&mut core);
+    assert!(
+        matches!(&frames[..], [(l, Frame::Control(Control::Relay { from, msg, .. }))]
+            if *l == target_link && *from == asker && *msg == offer),
+        "{frames:?}"
+    );
+    // The answer retraces the offer's path: to the connect-only process
+    // that asked, not to the listener sharing its NodeId.
+    let asking_process = attach(&mut core, asker, false);
+    let offer = Rendezvous::SpliceOffer {
+        token: 8,
+        vport: 1,
+        candidates: vec![],
+    };
+    let relay = Control::Relay {
+        from: asker,
+        to: target,
+        msg: offer,
+    };
+    control(&mut core, asking_process, relay);
+    out(&mut core);
+    let answer = Rendezvous::SpliceAnswer {
+        token: 8,
+        candidates: vec![addr(3)],
+    };
+    let relay = Control::Relay {
+        from: target,
+        to: asker,
+        msg: answer,
+    };
+    control(&mut core, target_link, relay);
+    let frames = out(&mut core);
+    assert!(
+        matches!(&frames[..], [(l, Frame::Control(Control::Relay { msg, .. }))]
+            if *l == asking_process && msg.token() == 8),
+        "{frames:?}"
+    );
+    let offer = Rendezvous::SpliceOffer {
+        token: 7,
+        vport: 1,
+        candidates: vec![addr(2)],
+    };
+    let stray = Control::Relay {
+        from: asker,
+        to: id(50),
+        msg: offer,
+    };
+    control(&mut core, asker_link, stray);
+    let frames = out(&mut core);
+    assert!(
+        matches!(&frames[..], [(l, Frame::Control(Control::Undeliverable { to, msg, .. }))]
+            if *l == asker_link && *to == id(50) && msg.token() == 7),
+        "{frames:?}"
+    );
+    assert_eq!(core.status().counters.relayed_messages, 3);
+}
+
+#[test]
+fn registered_nodes_learn_the_echo_ports() {
+    let mut core = open_hub();
+    core.set_echo_ports(vec![7701, 7702]);
+    let link = core.link_up(id(10), addr(9), false, None);
+    control(
+        &mut core,
+        link,
+        Control::Register {
+            addrs: vec![],
+            proof: None,
+            accepts: true,
+        },
+    );
+    let frames = out(&mut core);
+    assert!(
+        frames.iter().any(|(_, f)| matches!(f,
+            Frame::Control(Control::Registered { echo, .. }) if *echo == vec![7701, 7702])),
+        "{frames:?}"
+    );
 }
 
 #[test]

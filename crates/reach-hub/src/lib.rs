@@ -17,6 +17,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod core;
+mod echo;
 pub mod lan;
 mod metrics;
 pub mod peer;
@@ -63,6 +64,11 @@ pub struct HubConfig {
     /// Announce this hub on, and discover hubs from, this multicast group
     /// (opt-in; see [`lan`]).
     pub lan_discovery: Option<std::net::SocketAddrV4>,
+    /// Ports of the address echoes nodes use to learn their NAT's behaviour
+    /// (0: any free port; nodes learn the ports when they register). Two
+    /// let a node tell a port-dependent mapping apart; empty runs none, and
+    /// nodes then do not splice.
+    pub echo_ports: Vec<u16>,
 }
 
 impl Default for HubConfig {
@@ -78,6 +84,7 @@ impl Default for HubConfig {
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
             link_learned: true,
             lan_discovery: None,
+            echo_ports: vec![0, 0],
         }
     }
 }
@@ -139,12 +146,28 @@ impl Hub {
             .clone()
             .unwrap_or_else(|| endpoint.advertised().to_vec());
         let route_expiry = config.gossip_interval * 5;
-        let core = HubCore::new(
+        let mut echoes = Vec::new();
+        for port in &config.echo_ports {
+            let ip = endpoint.local_addr().ip();
+            let l = echo::bind(ip, *port)
+                .await
+                .map_err(|source| EndpointError::Bind {
+                    what: format!("an address echo on port {port}"),
+                    source,
+                })?;
+            echoes.push(l);
+        }
+        let mut core = HubCore::new(
             endpoint.node_id(),
             config.policy.clone(),
             listen,
             route_expiry,
         );
+        let echo_ports = echoes
+            .iter()
+            .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+            .collect();
+        core.set_echo_ports(echo_ports);
         let inner = Arc::new(Inner {
             endpoint,
             state: Mutex::new(State {
@@ -158,6 +181,7 @@ impl Hub {
             tokio::spawn(accept_links(inner.clone())),
             tokio::spawn(gossip(inner.clone())),
         ];
+        tasks.extend(echoes.into_iter().map(|l| tokio::spawn(echo::serve(l))));
         for peer in inner.config.peers.clone() {
             tasks.push(tokio::spawn(keep_peer(inner.clone(), peer)));
         }
@@ -368,7 +392,10 @@ async fn through_ssh(
 /// Serves one link until it ends; returns why.
 async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> String {
     let peer = stream.peer();
-    let observed = stream.info().remote_addr;
+    let remote = stream.info().remote_addr;
+    // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; nodes compare
+    // this with their own addresses.
+    let observed = SocketAddr::new(remote.ip().to_canonical(), remote.port());
     let (r, w) = tokio::io::split(stream);
     let (tx, rx) = reach::link::frame_channel();
     let writer = tokio::spawn(write_frames(w, rx));

@@ -143,6 +143,71 @@ async fn the_driver_falls_back_and_caches_the_module_that_worked() {
 }
 
 #[tokio::test]
+async fn splice_connects_a_connect_only_node_and_both_sides_say_so() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = node(&t, builder()).await;
+    // Connect-only, so not in the directory: the answer finds its way back
+    // by the path the offer took.
+    let a = node(
+        &t,
+        builder()
+            .accept_ports(vec![])
+            .modules(vec![SetupModule::Splice]),
+    )
+    .await;
+    let target = by_id(&b, 5);
+    let (client, server) = tokio::join!(a.connect(&target), b.accept());
+    let (mut client, mut server) = (client.expect("splice"), server.expect("accept"));
+    for s in [&client, &server] {
+        assert_eq!(s.info().module, SetupModule::Splice);
+        assert_eq!(s.info().virtual_port, 5);
+        assert!(s.info().remote_addr.ip().is_loopback());
+    }
+    assert_eq!(server.peer(), a.node_id());
+    assert_eq!(client.info().direction, reach::Direction::Outbound);
+    assert_eq!(server.info().direction, reach::Direction::Inbound);
+    client.write_all(b"spliced").await.expect("write");
+    let mut buf = [0u8; 7];
+    server.read_exact(&mut buf).await.expect("read");
+    assert_eq!(&buf, b"spliced");
+    assert_eq!(a.cached_module(&b.node_id()), Some(SetupModule::Splice));
+    assert_eq!(hub.status().counters.relayed_messages, 2);
+}
+
+#[tokio::test]
+async fn splice_to_a_port_not_served_or_without_echoes_fails_fast_with_the_reason() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = node(&t, builder().accept_ports(vec![1])).await;
+    let a = node(&t, builder().modules(vec![SetupModule::Splice])).await;
+    let started = Instant::now();
+    let err = a
+        .connect(&by_id(&b, 2))
+        .await
+        .expect_err("port 2 is not served");
+    assert!(
+        err.to_string()
+            .contains("declined: no service on virtual port 2"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "{err}");
+    let quiet = hub_with(HubConfig {
+        echo_ports: vec![],
+        ..HubConfig::default()
+    })
+    .await;
+    let t = target_of(&quiet);
+    let b = node(&t, builder()).await;
+    let a = node(&t, builder().modules(vec![SetupModule::Splice])).await;
+    let err = a.connect(&by_id(&b, 1)).await.expect_err("no echo");
+    assert!(
+        err.to_string().contains("the hub runs no address echo"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn an_unknown_node_fails_with_every_module_named() {
     let hub = hub().await;
     let t = target_of(&hub);
@@ -153,7 +218,12 @@ async fn an_unknown_node_fails_with_every_module_named() {
         .await
         .expect_err("nobody is there");
     let text = err.to_string();
-    for want in ["direct: skipped", "reverse:", "routed:", "no hub knows"] {
+    for want in [
+        "direct: skipped",
+        "reverse:",
+        "splice: no hub knows",
+        "routed:",
+    ] {
         assert!(text.contains(want), "{want:?} missing from: {text}");
     }
 }

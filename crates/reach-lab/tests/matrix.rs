@@ -53,32 +53,59 @@ fn plain_matrix_of_the_nat_zoo_reaches_only_the_open_host() {
     }
 }
 
+/// The module each pair of the zoo needs, from the setup driver's order
+/// (direct, reverse, splice, routed).
+fn expected_modules(from: &str, to: &str) -> &'static [&'static str] {
+    if to == "open" {
+        &["direct"]
+    } else if from == "open" {
+        // Open sources advertise a public address the target connects back to.
+        &["reverse"]
+    } else if from == "nat-apdm-rand" || to == "nat-apdm-rand" {
+        // Random ports cannot be predicted: splice declines at once.
+        &["routed"]
+    } else if from == "nat-apdm-seq" || to == "nat-apdm-seq" {
+        // All 90 pairs run at once here, so other splices through the
+        // sequential NAT can shift its ports beyond the predicted window;
+        // `splice_success_rates_per_nat_pair` measures it pair by pair.
+        &["splice", "routed"]
+    } else {
+        &["splice"]
+    }
+}
+
 #[test]
-fn reach_matrix_of_the_nat_zoo_connects_the_same_pairs_directly() {
+fn reach_matrix_of_the_nat_zoo_connects_every_pair_with_the_module_it_needs() {
     let t = common::topology("nat-zoo");
     let lab = Lab::up(&t).expect("lab up");
     let m = matrix::run(
         &lab,
         &t,
         Mode::Reach,
-        Duration::from_secs(2),
+        Duration::from_secs(10),
         &common::tools_with_reach(),
     )
     .expect("matrix");
-    assert_only_open_is_reachable(&m);
-    for c in m.cells.iter().filter(|c| c.ok) {
-        assert_eq!(
-            c.module.as_deref(),
-            Some("direct"),
-            "{} -> {}",
-            c.from_host,
-            c.to_host
+    assert_eq!(m.score(), (90, 90), "\n{}", m.render());
+    for c in &m.cells {
+        let pair = (c.from_host.as_str(), c.to_host.as_str());
+        let module = c.module.as_deref().unwrap_or_default();
+        assert!(
+            expected_modules(pair.0, pair.1).contains(&module),
+            "{pair:?} used {module}\n{}",
+            m.render()
         );
         assert!(c.setup_ms.is_some_and(|ms| ms > 0.0), "{c:?}");
-        assert!(
-            c.cached_setup_ms.is_some(),
-            "a second connection was timed: {c:?}"
-        );
+        // The second connection goes straight to the module that worked
+        // (a sequential NAT's splice may fall back to routed, see above).
+        let want = expected_modules(pair.0, pair.1);
+        if want.len() == 1 {
+            assert_eq!(c.cached_module.as_deref(), Some(module), "{pair:?}: {c:?}");
+            assert!(c.cached_failed_before.is_empty(), "{pair:?}: {c:?}");
+        } else {
+            let cached = c.cached_module.as_deref().unwrap_or_default();
+            assert!(want.contains(&cached), "{pair:?}: {c:?}");
+        }
     }
     let json: serde_json::Value = serde_json::to_value(&m).expect("json");
     let pair = &json["pairs"][0];

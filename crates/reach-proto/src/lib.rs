@@ -11,6 +11,7 @@ pub mod candidates;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod nat;
 mod noise_crypto;
 pub mod race;
 pub mod record;

@@ -152,6 +152,49 @@ pub struct ConnectBack {
     pub addrs: Vec<SocketAddr>,
 }
 
+/// A message between two nodes that hubs carry without reading: the
+/// rendezvous of the Splice module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Rendezvous {
+    /// Asker to target: let us splice a connection to `vport`; aim your
+    /// SYNs at `candidates` (my predicted external endpoints).
+    SpliceOffer {
+        /// Matches the answer to the offer.
+        token: u32,
+        /// The virtual port the asker wants on the target.
+        vport: u16,
+        /// Where the asker's SYNs will come from, most likely first.
+        candidates: Vec<SocketAddr>,
+    },
+    /// Target to asker: agreed; my SYNs come from `candidates`, and I am
+    /// sending them now.
+    SpliceAnswer {
+        /// The offer's token.
+        token: u32,
+        /// The target's predicted external endpoints.
+        candidates: Vec<SocketAddr>,
+    },
+    /// Target to asker: no splice (no such port, unpredictable NAT, busy).
+    SpliceDeclined {
+        /// The offer's token.
+        token: u32,
+        /// Why, for the operator.
+        reason: String,
+    },
+}
+
+impl Rendezvous {
+    /// The token the message belongs to.
+    pub fn token(&self) -> u32 {
+        match self {
+            Rendezvous::SpliceOffer { token, .. }
+            | Rendezvous::SpliceAnswer { token, .. }
+            | Rendezvous::SpliceDeclined { token, .. } => *token,
+        }
+    }
+}
+
 /// Control messages on a hub link.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -172,6 +215,9 @@ pub enum Control {
     Registered {
         /// The node's address as the hub sees it (its NAT mapping, if any).
         observed: SocketAddr,
+        /// Ports of the hub's address echoes (on the hub's address), for NAT
+        /// behaviour detection; empty when the hub runs none.
+        echo: Vec<u16>,
     },
     /// Hub to node or hub: not admitted; the hub closes the link after this.
     Refused {
@@ -207,6 +253,28 @@ pub enum Control {
         target: NodeId,
         /// The request's token.
         token: u16,
+        /// Why.
+        reason: String,
+    },
+    /// A node-to-node message, routed by hubs like a stream's Open. The
+    /// first hub sets `from` to the authenticated sender.
+    Relay {
+        /// Sender.
+        from: NodeId,
+        /// Recipient.
+        to: NodeId,
+        /// The message.
+        msg: Rendezvous,
+    },
+    /// A relayed message could not be delivered: hub to hub and on to its
+    /// sender, routed towards `from`.
+    Undeliverable {
+        /// Who sent it.
+        from: NodeId,
+        /// Where it was going.
+        to: NodeId,
+        /// The message.
+        msg: Rendezvous,
         /// Why.
         reason: String,
     },

@@ -46,6 +46,9 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 pub const DEFAULT_DIRECT_BUDGET: Duration = Duration::from_secs(2);
 /// Default time the Reverse module waits when another module follows.
 pub const DEFAULT_REVERSE_BUDGET: Duration = Duration::from_secs(2);
+/// Default time the Splice module may take when another module follows:
+/// two echo round trips, the rendezvous through the hubs and the punching.
+pub const DEFAULT_SPLICE_BUDGET: Duration = Duration::from_secs(3);
 /// Finished inbound streams waiting for `accept()`.
 const ACCEPT_QUEUE: usize = 64;
 
@@ -79,6 +82,7 @@ pub struct EndpointBuilder {
     modules: Vec<SetupModule>,
     direct_budget: Duration,
     reverse_budget: Duration,
+    splice_budget: Duration,
 }
 
 impl Default for EndpointBuilder {
@@ -100,6 +104,7 @@ impl Default for EndpointBuilder {
             modules: SetupModule::ALL.to_vec(),
             direct_budget: DEFAULT_DIRECT_BUDGET,
             reverse_budget: DEFAULT_REVERSE_BUDGET,
+            splice_budget: DEFAULT_SPLICE_BUDGET,
         }
     }
 }
@@ -214,6 +219,13 @@ impl EndpointBuilder {
         self
     }
 
+    /// How long the Splice module may take when another module follows
+    /// (default [`DEFAULT_SPLICE_BUDGET`]).
+    pub fn splice_budget(mut self, t: Duration) -> Self {
+        self.splice_budget = t;
+        self
+    }
+
     /// Loads the identity, binds the listening socket and starts accepting.
     pub async fn bind(self) -> Result<Endpoint, EndpointError> {
         let (secret, state_dir) = match self.secret.clone() {
@@ -260,8 +272,10 @@ impl EndpointBuilder {
             modules: self.modules,
             direct_budget: self.direct_budget,
             reverse_budget: self.reverse_budget,
+            splice_budget: self.splice_budget,
             incoming: tx,
             pending_reverse: StdMutex::default(),
+            pending_splice: crate::splice::Pending::default(),
             connect_backs: Arc::new(Semaphore::new(MAX_CONNECT_BACKS)),
             cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
             session,
@@ -296,11 +310,14 @@ pub(crate) struct Shared {
     pub(crate) modules: Vec<SetupModule>,
     pub(crate) direct_budget: Duration,
     pub(crate) reverse_budget: Duration,
+    pub(crate) splice_budget: Duration,
     incoming: mpsc::Sender<ReachStream>,
     /// Connect-backs this node may run at once for other nodes.
     pub(crate) connect_backs: Arc<Semaphore>,
     /// Connect-back requests waiting for the target, by (target, token).
     pub(crate) pending_reverse: StdMutex<HashMap<(NodeId, u16), ReverseWaiter>>,
+    /// Splice offers waiting for the target's answer.
+    pub(crate) pending_splice: crate::splice::Pending,
     /// The module that last worked, per target.
     pub(crate) cache: ModuleCache,
     pub(crate) session: Option<Session>,

@@ -25,6 +25,7 @@ mod routed;
 mod secure;
 mod session;
 mod setup;
+mod splice;
 mod stream;
 
 pub use endpoint::{

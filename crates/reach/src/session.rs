@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use reach_proto::handshake::{Admission, HandshakeError, InitiatorOptions, Refusal};
 use reach_proto::link::{
     admission_proof, encode_control, encode_open, encode_reset, ConnectBack, Control, DirEntry,
-    Frame, ResetCode, HUB_VPORT,
+    Frame, Rendezvous, ResetCode, HUB_VPORT,
 };
 use reach_proto::{HubAddr, NodeId, SecretKey, VirtualAddr};
 use tokio::io::AsyncWriteExt;
@@ -139,6 +139,8 @@ pub struct HubStatus {
     pub local: SocketAddr,
     /// The hub's address.
     pub remote: SocketAddr,
+    /// The hub's address echoes (for NAT behaviour detection).
+    pub echo: Vec<SocketAddr>,
 }
 
 /// Why a hub operation failed.
@@ -290,9 +292,14 @@ impl Session {
     pub(crate) fn connect_back(&self, link: &Link, cb: ConnectBack) {
         send_control(&link.tx, &Control::ConnectBack(cb));
     }
+
+    /// Sends a control message to the hub.
+    pub(crate) fn send(&self, link: &Link, msg: &Control) {
+        send_control(&link.tx, msg);
+    }
 }
 
-fn send_control(tx: &FrameTx, msg: &Control) {
+pub(crate) fn send_control(tx: &FrameTx, msg: &Control) {
     let mut f = Vec::new();
     match encode_control(msg, &mut f) {
         Ok(()) => {
@@ -527,8 +534,8 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Str
         },
     );
     let mut reader = FrameReader::new(r);
-    let observed = match reader.next().await {
-        Ok(Some(Frame::Control(Control::Registered { observed }))) => observed,
+    let (observed, echo) = match reader.next().await {
+        Ok(Some(Frame::Control(Control::Registered { observed, echo }))) => (observed, echo),
         Ok(Some(Frame::Control(Control::Refused { reason }))) => {
             let e = format!("hub {hub} refused this node: {reason}");
             session.refused.send_replace(Some(reason));
@@ -549,6 +556,11 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Str
             observed,
             local,
             remote,
+            echo: echo
+                .into_iter()
+                .take(2)
+                .map(|port| SocketAddr::new(remote.ip().to_canonical(), port))
+                .collect(),
         },
     };
     Ok(Attached {
@@ -684,6 +696,12 @@ fn handle_frame(
             } => {
                 shared.fail_reverse(target, token, &reason);
             }
+            Control::Relay { from, msg, .. } => relayed(shared, link, from, msg),
+            Control::Undeliverable {
+                to, msg, reason, ..
+            } => {
+                shared.pending_splice.resolve(to, msg.token(), Err(reason));
+            }
             Control::Ping { nonce } => send_control(&link.tx, &Control::Pong { nonce }),
             Control::Pong { .. } => {}
             Control::Refused { reason } => return Some(format!("hub refused: {reason}")),
@@ -691,6 +709,56 @@ fn handle_frame(
         },
     }
     None
+}
+
+/// Handles a message another node sent through the hubs.
+fn relayed(shared: &Arc<Shared>, link: &Link, from: NodeId, msg: Rendezvous) {
+    match msg {
+        Rendezvous::SpliceOffer {
+            token,
+            vport,
+            mut candidates,
+        } => {
+            candidates.truncate(reach_proto::nat::MAX_CANDIDATES);
+            match shared.connect_backs.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let (shared, tx) = (shared.clone(), link.tx.clone());
+                    let echoes = link.status.echo.clone();
+                    tokio::spawn(async move {
+                        crate::splice::answer(shared, tx, echoes, from, token, vport, candidates)
+                            .await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    // Offers come from other nodes: a flood must not make this
+                    // node punch without bound.
+                    let msg = Rendezvous::SpliceDeclined {
+                        token,
+                        reason: "the node is busy with other connection setups".into(),
+                    };
+                    let me = shared.secret.node_id();
+                    send_control(
+                        &link.tx,
+                        &Control::Relay {
+                            from: me,
+                            to: from,
+                            msg,
+                        },
+                    );
+                }
+            }
+        }
+        Rendezvous::SpliceAnswer { token, candidates } => {
+            shared.pending_splice.resolve(from, token, Ok(candidates));
+        }
+        Rendezvous::SpliceDeclined { token, reason } => {
+            shared
+                .pending_splice
+                .resolve(from, token, Err(format!("the node declined: {reason}")));
+        }
+        other => tracing::debug!(%from, "ignoring relayed message {other:?}"),
+    }
 }
 
 /// Runs the responder's handshake on an inbound routed stream and queues it.

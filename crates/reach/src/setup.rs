@@ -11,7 +11,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach_proto::candidates::plausibly_reachable;
+use std::net::SocketAddr;
+
+use reach_proto::candidates::{classify, plausibly_reachable, AddrClass};
 use reach_proto::handshake::HandshakeError;
 use reach_proto::link::ConnectBack;
 use reach_proto::{NodeId, VirtualAddr};
@@ -59,6 +61,9 @@ pub(crate) async fn connect(
     // The directory is asked for the target's addresses only when Direct's
     // turn comes, so a cached Routed or Reverse spends no round trip on it.
     let mut looked_up = !target.direct.is_empty() || link.is_none();
+    // Where the target's hub sees it: tells whether it shares our NAT.
+    let mut target_seen_at = None;
+    let seen_at = link.as_ref().map(|l| l.status().observed);
     let cached = shared.cache.get(&node);
     let order: Vec<SetupModule> = cached
         .into_iter()
@@ -84,13 +89,23 @@ pub(crate) async fn connect(
             module,
             error: format!("skipped: {why}"),
         };
-        if module == SetupModule::Direct && !looked_up {
+        // Reverse needs to know where the target is when this node is
+        // behind a NAT: an address in the virtual address does not say.
+        let reverse_needs_site = module == SetupModule::Reverse
+            && target_seen_at.is_none()
+            && behind_nat(shared, seen_at);
+        if (module == SetupModule::Direct && !looked_up) || reverse_needs_site {
             looked_up = true;
             match session
                 .lookup(node, deadline.min(Instant::now() + LOOKUP_BUDGET))
                 .await
             {
-                Ok(Some(entry)) => target.direct = entry.addrs,
+                Ok(Some(entry)) => {
+                    if target.direct.is_empty() || module == SetupModule::Direct {
+                        target.direct = entry.addrs;
+                    }
+                    target_seen_at = Some(entry.observed);
+                }
                 Ok(None) => tracing::debug!(%node, "no hub knows the node"),
                 Err(e) => tracing::debug!(%node, "lookup failed: {e}"),
             }
@@ -128,12 +143,18 @@ pub(crate) async fn connect(
                     other => Ok(other.to_string()),
                 })
             }
-            SetupModule::Reverse | SetupModule::Routed if link.is_none() => {
+            SetupModule::Reverse | SetupModule::Splice | SetupModule::Routed if link.is_none() => {
                 failures.push(skip("no hub session"));
                 continue;
             }
             SetupModule::Reverse if shared.advertised.is_empty() => {
                 failures.push(skip("this node advertises no address to connect back to"));
+                continue;
+            }
+            SetupModule::Reverse if !reverse_plausible(shared, seen_at, target_seen_at) => {
+                failures.push(skip(
+                    "this node is behind a NAT and the target is not on its network",
+                ));
                 continue;
             }
             SetupModule::Reverse => {
@@ -143,6 +164,14 @@ pub(crate) async fn connect(
                     remaining.min(shared.reverse_budget)
                 };
                 reverse(shared, &target, budget, started).await.map_err(Ok)
+            }
+            SetupModule::Splice => {
+                let budget = if last {
+                    remaining
+                } else {
+                    remaining.min(shared.splice_budget)
+                };
+                crate::splice::connect(shared, &target, budget, started).await
             }
             SetupModule::Routed => routed(shared, &target, remaining, started).await,
         };
@@ -177,6 +206,35 @@ pub(crate) async fn connect(
 /// networks this host is not on: enough for a routed private network (a
 /// campus, a VPN), far less than a dropped SYN's timeout.
 const UNLIKELY_DIRECT_BUDGET: Duration = Duration::from_millis(500);
+
+/// Whether this node is behind a NAT with only private addresses to
+/// advertise: the hub sees it at an address that is not its own.
+fn behind_nat(shared: &Shared, seen_at: Option<SocketAddr>) -> bool {
+    let Some(ours) = seen_at else {
+        return false;
+    };
+    let natted = !shared.local_addrs.get().iter().any(|l| l.ip == ours.ip());
+    natted
+        && shared
+            .advertised
+            .iter()
+            .all(|a| matches!(classify(a.ip()), AddrClass::Private | AddrClass::Shared))
+}
+
+/// Whether the target could connect back to an address we advertise. Not
+/// when we are behind a NAT with private addresses only and the target's hub
+/// sees it at another public address (another site): our LAN addresses are
+/// useless there, and the attempt would cost the whole Reverse budget.
+fn reverse_plausible(
+    shared: &Shared,
+    seen_at: Option<SocketAddr>,
+    target_seen_at: Option<SocketAddr>,
+) -> bool {
+    match (seen_at, target_seen_at) {
+        (Some(ours), Some(theirs)) => !(behind_nat(shared, seen_at) && ours.ip() != theirs.ip()),
+        _ => true,
+    }
+}
 
 fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -> RaceSettings {
     RaceSettings {

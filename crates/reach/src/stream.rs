@@ -22,15 +22,19 @@ pub enum SetupModule {
     Direct,
     /// The target connected back to us, asked through the hubs.
     Reverse,
+    /// A TCP simultaneous open through both sides' NATs or firewalls,
+    /// arranged through the hubs.
+    Splice,
     /// Multiplexed over hub links; works whenever a hub path exists.
     Routed,
 }
 
 impl SetupModule {
     /// Every module, in the default order of the setup driver.
-    pub const ALL: [SetupModule; 3] = [
+    pub const ALL: [SetupModule; 4] = [
         SetupModule::Direct,
         SetupModule::Reverse,
+        SetupModule::Splice,
         SetupModule::Routed,
     ];
 }
@@ -42,9 +46,10 @@ impl std::str::FromStr for SetupModule {
         match s {
             "direct" => Ok(SetupModule::Direct),
             "reverse" => Ok(SetupModule::Reverse),
+            "splice" => Ok(SetupModule::Splice),
             "routed" => Ok(SetupModule::Routed),
             other => Err(format!(
-                "unknown setup module {other:?}: expected direct, reverse or routed"
+                "unknown setup module {other:?}: expected direct, reverse, splice or routed"
             )),
         }
     }
@@ -55,6 +60,7 @@ impl std::fmt::Display for SetupModule {
         f.write_str(match self {
             SetupModule::Direct => "direct",
             SetupModule::Reverse => "reverse",
+            SetupModule::Splice => "splice",
             SetupModule::Routed => "routed",
         })
     }

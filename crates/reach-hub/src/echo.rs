@@ -1,0 +1,50 @@
+//! The hub's address echoes: plain TCP listeners that write back the address
+//! each connection came from, then close. Nodes connect to two of them from
+//! one local port to learn how their NAT maps it (`reach_proto::nat`).
+//!
+//! The echo closes first, so the TIME_WAIT state stays here and the node may
+//! reuse its port at once. It reads nothing: a client cannot make it hold
+//! more than one small write, and each answer has a deadline.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reach_proto::nat::encode_echo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+/// How long one answer may take to leave.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Binds an echo on `ip`:`port` (0: any free port).
+pub(crate) async fn bind(ip: std::net::IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::new(ip, port)).await
+}
+
+/// Answers every connection on `listener` with its source address.
+pub(crate) async fn serve(listener: TcpListener) {
+    loop {
+        let (mut tcp, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("address echo accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+            let answer = encode_echo(SocketAddr::new(from.ip().to_canonical(), from.port()));
+            let write = async {
+                tcp.write_all(answer.as_bytes()).await?;
+                tcp.shutdown().await
+            };
+            if let Err(e) = tokio::time::timeout(ANSWER_DEADLINE, write)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            {
+                tracing::debug!(%from, "address echo answer failed: {e}");
+            }
+        });
+    }
+}

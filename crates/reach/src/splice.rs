@@ -1,0 +1,415 @@
+//! The Splice module: a direct kernel TCP connection between two hosts that
+//! are both behind NATs or firewalls, by TCP simultaneous open
+//! (SmartSockets section 3.4).
+//!
+//! ```text
+//!  asker                        hubs                         target
+//!  bind port A, echo x2 -> mapping, predict
+//!  SpliceOffer{cands A} --------------------------------------->
+//!                                        bind port B, echo x2 -> predict
+//!  <--------------------------------------- SpliceAnswer{cands B}
+//!                                           SYNs from B to every cand A
+//!  SYNs from A to every cand B   ==== simultaneous open ====
+//!  Noise IK initiator on the first connection   responder on each
+//! ```
+//! Each side sends its SYNs from the one port it learned its mapping on
+//! (SO_REUSEADDR and SO_REUSEPORT let one socket per candidate share it). A
+//! SYN that reaches the other side before that side's own SYN has opened its
+//! NAT is dropped (and the later SYN then meets a socket in SYN_SENT) or
+//! answered with a reset by a rejecting firewall, after which that candidate
+//! is retried every [`RETRY_PAUSE`] until the deadline; meanwhile a listener
+//! on the same port accepts a SYN that finds no connecting socket. The answering side
+//! sends first, so the asker's SYNs, sent one hub path later, find its NAT
+//! open. Both send to candidates in the offered order: two sequential NATs
+//! then allocate their i-th mappings for each other's i-th candidates.
+//!
+//! The stream is authenticated end to end like every other; the target
+//! checks that the handshake comes from the node that made the offer.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reach_proto::candidates::{classify as addr_class, AddrClass};
+use reach_proto::handshake::{Admission, HandshakeError, Refusal};
+use reach_proto::link::{Control, Rendezvous};
+use reach_proto::nat::{self, NatProfile, Observation, MAX_CANDIDATES, MAX_ECHO_LEN};
+use reach_proto::{NodeId, VirtualAddr};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::endpoint::Shared;
+use crate::error::{AttemptError, ConnectError};
+use crate::handshake::{initiate, respond};
+use crate::link::FrameTx;
+use crate::stream::{Direction, ReachStream, SetupModule};
+
+/// How long one address echo may take to answer.
+const ECHO_BUDGET: Duration = Duration::from_millis(800);
+/// Pause before a candidate whose SYN was refused is tried again.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// How long the target keeps punching after it answered.
+const TARGET_WINDOW: Duration = Duration::from_secs(3);
+/// How long the asker waits for the answer, at most.
+const ANSWER_BUDGET: Duration = Duration::from_secs(2);
+/// How long the asker punches after the answer, at most.
+const PUNCH_BUDGET: Duration = Duration::from_secs(2);
+
+/// The target's candidates, or why it will not splice.
+type Answer = Result<Vec<SocketAddr>, String>;
+/// Where a splice answer goes, by (target, token).
+type SpliceWaiter = oneshot::Sender<Answer>;
+
+/// Pending offers of this endpoint.
+#[derive(Default)]
+pub(crate) struct Pending(std::sync::Mutex<HashMap<(NodeId, u32), SpliceWaiter>>);
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(NodeId, u32), SpliceWaiter>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new offer to `target`; returns its token.
+    fn register(&self, target: NodeId) -> Result<(u32, oneshot::Receiver<Answer>), String> {
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self.lock();
+        let mut b = [0u8; 4];
+        loop {
+            getrandom::fill(&mut b).map_err(|e| e.to_string())?;
+            let token = u32::from_le_bytes(b);
+            if let std::collections::hash_map::Entry::Vacant(v) = pending.entry((target, token)) {
+                v.insert(tx);
+                return Ok((token, rx));
+            }
+        }
+    }
+
+    fn remove(&self, target: NodeId, token: u32) {
+        self.lock().remove(&(target, token));
+    }
+
+    /// Hands an answer (or a refusal) to the offer it belongs to.
+    pub(crate) fn resolve(&self, from: NodeId, token: u32, result: Answer) {
+        match self.lock().remove(&(from, token)) {
+            Some(w) => {
+                let _ = w.send(result);
+            }
+            None => tracing::debug!(%from, token, "splice answer for no pending offer"),
+        }
+    }
+}
+
+/// A local port with its learned NAT mapping and predicted endpoints.
+struct Prepared {
+    /// Holds the port while the splice runs.
+    _anchor: TcpSocket,
+    local: SocketAddr,
+    profile: NatProfile,
+    candidates: Vec<SocketAddr>,
+}
+
+fn reusable_socket(local: SocketAddr) -> std::io::Result<TcpSocket> {
+    let s = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(local)?;
+    Ok(s)
+}
+
+/// Asks one echo, from `local`, what it sees.
+async fn observe(local: SocketAddr, server: SocketAddr) -> Result<Observation, String> {
+    let ask = async {
+        let mut tcp = reusable_socket(local)
+            .map_err(|e| format!("cannot bind port {}: {e}", local.port()))?
+            .connect(server)
+            .await
+            .map_err(|e| e.to_string())?;
+        let from = tcp.local_addr().map_err(|e| e.to_string())?;
+        let mut buf = [0u8; MAX_ECHO_LEN];
+        let mut n = 0;
+        while n < buf.len() && !buf[..n].contains(&b'\n') {
+            match tcp.read(&mut buf[n..]).await.map_err(|e| e.to_string())? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        let mapped = nat::decode_echo(&buf[..n]).map_err(|e| e.to_string())?;
+        Ok(Observation {
+            local: from,
+            server,
+            mapped,
+        })
+    };
+    tokio::time::timeout(ECHO_BUDGET, ask)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {ECHO_BUDGET:?}")))
+        .map_err(|e: String| format!("address echo {server}: {e}"))
+}
+
+/// Binds a fresh port, learns its mapping from the echoes and predicts.
+async fn prepare(shared: &Shared, echoes: &[SocketAddr]) -> Result<Prepared, String> {
+    let first = *echoes.first().ok_or("the hub runs no address echo")?;
+    let unspecified: IpAddr = if first.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let anchor = reusable_socket(SocketAddr::new(unspecified, 0))
+        .map_err(|e| format!("cannot bind a splice port: {e}"))?;
+    let local = anchor.local_addr().map_err(|e| e.to_string())?;
+    let mut observations = Vec::new();
+    for (i, echo) in echoes.iter().take(2).enumerate() {
+        match observe(local, *echo).await {
+            Ok(o) => observations.push(o),
+            Err(e) if i == 0 => return Err(e),
+            Err(e) => tracing::debug!("second echo failed, classifying from one: {e}"),
+        }
+    }
+    let profile = nat::classify(&observations);
+    let public: Vec<IpAddr> = shared
+        .local_addrs
+        .get()
+        .iter()
+        .map(|l| l.ip)
+        .filter(|ip| addr_class(*ip) == AddrClass::Global)
+        .collect();
+    let candidates = nat::predict(&profile, &public, local.port());
+    tracing::debug!(%profile, ?candidates, port = local.port(), "splice port prepared");
+    if candidates.is_empty() {
+        return Err(format!("this node's NAT cannot be predicted ({profile})"));
+    }
+    Ok(Prepared {
+        _anchor: anchor,
+        local,
+        profile,
+        candidates,
+    })
+}
+
+/// Connects from `local` to every candidate until each either connects or
+/// the deadline passes; established connections come out of the receiver.
+fn punch(
+    local: SocketAddr,
+    candidates: &[SocketAddr],
+    deadline: Instant,
+) -> (JoinSet<()>, mpsc::Receiver<TcpStream>) {
+    let (tx, rx) = mpsc::channel(MAX_CANDIDATES);
+    let mut tasks = JoinSet::new();
+    // A listener on the same port takes a peer SYN that arrives while no
+    // connecting socket waits for it (one was just reset by a rejecting
+    // firewall): without it the kernel would answer with a reset, and two
+    // sides that reset each other's SYNs could retry in lockstep forever.
+    match reusable_socket(local).and_then(|s| s.listen(MAX_CANDIDATES as u32)) {
+        Ok(listener) => {
+            let tx = tx.clone();
+            tasks.spawn(async move {
+                let accept = async {
+                    while let Ok((tcp, from)) = listener.accept().await {
+                        tracing::trace!(%from, "splice SYN accepted");
+                        let _ = tcp.set_nodelay(true);
+                        if tx.send(tcp).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout_at(deadline.into(), accept).await;
+            });
+        }
+        Err(e) => tracing::debug!(%local, "no splice listener: {e}"),
+    }
+    for (i, c) in candidates.iter().take(MAX_CANDIDATES).copied().enumerate() {
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            // SYNs leave in candidate order: a sequential NAT allocates in
+            // the order the peer predicted.
+            tokio::time::sleep(Duration::from_micros(200) * i as u32).await;
+            let attempt = async {
+                loop {
+                    let sock = match reusable_socket(local) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(%c, "splice socket: {e}");
+                            return;
+                        }
+                    };
+                    match sock.connect(c).await {
+                        Ok(tcp) => {
+                            let _ = tcp.set_nodelay(true);
+                            let _ = tx.send(tcp).await;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::trace!(%c, "splice SYN failed: {e}");
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout_at(deadline.into(), attempt).await;
+        });
+    }
+    (tasks, rx)
+}
+
+/// The asker's side: offers, waits for the answer, punches, and runs the
+/// handshake on the first connection that opens.
+pub(crate) async fn connect(
+    shared: &Arc<Shared>,
+    target: &VirtualAddr,
+    budget: Duration,
+    started: Instant,
+) -> Result<ReachStream, Result<String, ConnectError>> {
+    let deadline = Instant::now() + budget;
+    let session = shared
+        .session
+        .as_ref()
+        .ok_or(Ok("no hub configured".to_string()))?;
+    let link = session
+        .wait_link(Instant::now())
+        .await
+        .map_err(|e| Ok(e.to_string()))?;
+    let prepared = prepare(shared, &link.status().echo).await.map_err(Ok)?;
+    let node = target.node;
+    let (token, answer) = shared.pending_splice.register(node).map_err(Ok)?;
+    session.send(
+        &link,
+        &Control::Relay {
+            from: shared.secret.node_id(),
+            to: node,
+            msg: Rendezvous::SpliceOffer {
+                token,
+                vport: target.port,
+                candidates: prepared.candidates.clone(),
+            },
+        },
+    );
+    let wait = deadline.min(Instant::now() + ANSWER_BUDGET);
+    let answer = tokio::time::timeout_at(wait.into(), answer).await;
+    shared.pending_splice.remove(node, token);
+    let theirs = match answer {
+        Ok(Ok(Ok(c))) => c,
+        Ok(Ok(Err(reason))) => return Err(Ok(reason)),
+        Ok(Err(_)) => return Err(Ok("the splice offer was dropped".into())),
+        Err(_) => return Err(Ok("no splice answer in time".into())),
+    };
+    let punch_deadline = deadline.min(Instant::now() + PUNCH_BUDGET);
+    let (tasks, mut opened) = punch(prepared.local, &theirs, punch_deadline);
+    let mut last = format!(
+        "no connection opened towards {theirs:?} (this side: {})",
+        prepared.profile
+    );
+    while let Ok(Some(mut tcp)) =
+        tokio::time::timeout_at(punch_deadline.into(), opened.recv()).await
+    {
+        let hs = initiate(
+            &mut tcp,
+            &shared.secret,
+            node,
+            target.port,
+            shared.initiator_options(),
+        );
+        match tokio::time::timeout_at(deadline.into(), hs).await {
+            Ok(Ok(est)) => {
+                drop(tasks);
+                return ReachStream::over_tcp(
+                    tcp,
+                    est,
+                    SetupModule::Splice,
+                    Direction::Outbound,
+                    started,
+                )
+                .map_err(|e| Ok(e.to_string()));
+            }
+            Ok(Err(AttemptError::Handshake(HandshakeError::Refused(refusal)))) => {
+                return Err(Err(ConnectError::Refused { node, refusal }));
+            }
+            Ok(Err(e)) => last = format!("handshake on the spliced connection: {e}"),
+            Err(_) => last = "handshake on the spliced connection timed out".into(),
+        }
+    }
+    Err(Ok(last))
+}
+
+/// The target's side: answers an offer relayed by the hubs and punches.
+pub(crate) async fn answer(
+    shared: Arc<Shared>,
+    tx: FrameTx,
+    echoes: Vec<SocketAddr>,
+    from: NodeId,
+    token: u32,
+    vport: u16,
+    theirs: Vec<SocketAddr>,
+) {
+    let started = Instant::now();
+    let reply = |msg: Rendezvous| {
+        crate::session::send_control(
+            &tx,
+            &Control::Relay {
+                from: shared.secret.node_id(),
+                to: from,
+                msg,
+            },
+        )
+    };
+    let decline = |reason: String| {
+        tracing::debug!(%from, "declining splice: {reason}");
+        reply(Rendezvous::SpliceDeclined { token, reason });
+    };
+    if shared.admit_port(vport) != Admission::Accept {
+        return decline(format!("no service on virtual port {vport}"));
+    }
+    let prepared = match prepare(&shared, &echoes).await {
+        Ok(p) => p,
+        Err(e) => return decline(e),
+    };
+    reply(Rendezvous::SpliceAnswer {
+        token,
+        candidates: prepared.candidates.clone(),
+    });
+    let deadline = Instant::now() + TARGET_WINDOW;
+    let (tasks, mut opened) = punch(prepared.local, &theirs, deadline);
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::select! {
+            Some(tcp) = opened.recv() => {
+                let shared = shared.clone();
+                handshakes.spawn(async move {
+                    let mut tcp = tcp;
+                    let admit = |peer: &NodeId, h: &reach_proto::handshake::HelloHeader| {
+                        if *peer != from || h.reverse {
+                            Admission::Refuse(Refusal::NotAdmitted)
+                        } else {
+                            shared.admit_port(h.port)
+                        }
+                    };
+                    let est = respond(&mut tcp, &shared.secret, shared.responder_options(), admit).await?;
+                    ReachStream::over_tcp(tcp, est, SetupModule::Splice, Direction::Inbound, started)
+                        .map_err(AttemptError::from)
+                });
+            }
+            Some(done) = handshakes.join_next() => {
+                match done {
+                    Ok(Ok(stream)) => {
+                        drop(tasks);
+                        tracing::debug!(peer = %from, "spliced");
+                        shared.deliver(stream).await;
+                        return;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%from, "spliced connection failed its handshake: {e}"),
+                    Err(_) => {}
+                }
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                tracing::debug!(%from, profile = %prepared.profile, "splice window closed");
+                return;
+            }
+        }
+    }
+}
