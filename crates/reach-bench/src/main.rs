@@ -379,6 +379,7 @@ fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
         plaintext: false,
         cipher: reach::preferred_cipher(),
         reverse: false,
+        upgrade: false,
     };
     let t = Instant::now();
     for i in 0..n {

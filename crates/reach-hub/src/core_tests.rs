@@ -350,6 +350,7 @@ fn relayed_messages_carry_the_authenticated_sender_and_bounce_when_undeliverable
         token: 7,
         vport: 1,
         candidates: vec![addr(2)],
+        upgrade: false,
     };
     // A forged sender is replaced by the session's identity.
     let relay = Control::Relay {
@@ -371,6 +372,7 @@ fn relayed_messages_carry_the_authenticated_sender_and_bounce_when_undeliverable
         token: 8,
         vport: 1,
         candidates: vec![],
+        upgrade: false,
     };
     let relay = Control::Relay {
         from: asker,
@@ -399,6 +401,7 @@ fn relayed_messages_carry_the_authenticated_sender_and_bounce_when_undeliverable
         token: 7,
         vport: 1,
         candidates: vec![addr(2)],
+        upgrade: false,
     };
     let stray = Control::Relay {
         from: asker,

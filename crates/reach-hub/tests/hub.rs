@@ -207,6 +207,78 @@ async fn splice_to_a_port_not_served_or_without_echoes_fails_fast_with_the_reaso
     );
 }
 
+/// Writes `data` in two halves, waiting between them until the background
+/// upgrade settles (moved, when `expect_move`), then reads the echo back.
+async fn echo_across_a_move(s: &mut ReachStream, data: &[u8], expect_move: bool) {
+    let (first, second) = data.split_at(data.len() / 2);
+    s.write_all(first).await.expect("write first half");
+    s.flush().await.expect("flush");
+    let moved = tokio::time::timeout(DEADLINE, s.upgrade_settled())
+        .await
+        .expect("the upgrade settles in time");
+    assert_eq!(moved.is_some(), expect_move, "{moved:?}");
+    round_trip_rest(s, second, data).await;
+}
+
+async fn round_trip_rest(s: &mut ReachStream, rest: &[u8], all: &[u8]) {
+    s.write_all(rest).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert!(
+        back == all,
+        "echo differs ({} vs {} bytes)",
+        back.len(),
+        all.len()
+    );
+}
+
+#[tokio::test]
+async fn a_routed_stream_moves_to_a_direct_or_spliced_connection_mid_stream_in_order() {
+    for module in [SetupModule::Direct, SetupModule::Splice] {
+        let hub = hub().await;
+        let t = target_of(&hub);
+        let b = Arc::new(node(&t, builder()).await);
+        let _echo = echo(b.clone());
+        let a = node(&t, builder().modules(vec![SetupModule::Routed, module])).await;
+        let mut s = a.connect(&by_id(&b, 3)).await.expect("connect");
+        assert_eq!(s.info().module, SetupModule::Routed);
+        let data = pattern(8 << 20, 5);
+        echo_across_a_move(&mut s, &data, true).await;
+        let moved = s.upgraded().expect("moved");
+        assert_eq!(moved.module, module);
+        assert!(moved.remote_addr.ip().is_loopback());
+        // The second half went the new way: the hub relayed less than all.
+        let sent = moved.sent_routed.expect("the write direction moved");
+        assert!(sent < data.len() as u64, "{module}: {sent}");
+        assert!(hub.status().counters.bytes_relayed < 2 * data.len() as u64);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_whose_upgrade_fails_stays_routed_and_intact() {
+    let closed = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder().advertise(vec![dead])).await);
+    let _echo = echo(b.clone());
+    let a = node(
+        &t,
+        builder().modules(vec![SetupModule::Routed, SetupModule::Direct]),
+    )
+    .await;
+    let mut s = a.connect(&by_id(&b, 3)).await.expect("connect");
+    let data = pattern(2 << 20, 9);
+    echo_across_a_move(&mut s, &data, false).await;
+    assert!(s.upgraded().is_none());
+    assert!(hub.status().counters.bytes_relayed >= 2 * data.len() as u64);
+}
+
 #[tokio::test]
 async fn an_unknown_node_fails_with_every_module_named() {
     let hub = hub().await;

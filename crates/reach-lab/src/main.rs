@@ -64,6 +64,26 @@ enum Cmd {
         #[arg(long)]
         timeout: Option<f64>,
     },
+    /// Build a lab with its hubs, splice every ordered pair of matrix hosts
+    /// ATTEMPTS times (one attempt at a time), print the success rate and
+    /// median setup time per pair, remove the lab.
+    Splice {
+        /// Topology file (needs a [hubs] table).
+        #[arg(default_value = "lab/topologies/nat-zoo.toml")]
+        file: PathBuf,
+        /// Attempts per ordered pair.
+        #[arg(long, default_value_t = 50)]
+        attempts: u32,
+        /// Seconds each attempt may take.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+        /// Also write the table as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Also write the Markdown table here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+    },
     /// Build a lab, check that every gateway behaves as declared, remove the lab.
     Verify {
         /// Topology file.
@@ -259,6 +279,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(path) = json {
                 write_json(&path, &m)?;
+            }
+        }
+        Cmd::Splice {
+            file,
+            attempts,
+            timeout,
+            json,
+            markdown,
+        } => {
+            let topology = load(&file)?;
+            let timeout = seconds(timeout)?;
+            let tools = tools_dir()?;
+            if !tools.join("reach").exists() {
+                bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
+            }
+            let lab = Lab::up(&topology)?;
+            let t = reach_lab::splice::run(&lab, &topology, &tools, attempts, timeout)?;
+            print!("{}", t.render());
+            for p in t.pairs.iter().filter(|p| p.spliced < p.attempts) {
+                println!(
+                    "  {} -> {}: {} of {} failed, last: {}",
+                    p.from,
+                    p.to,
+                    p.attempts - p.spliced,
+                    p.attempts,
+                    p.last_error.as_deref().unwrap_or("-")
+                );
+            }
+            if let Some(path) = json {
+                write_json(&path, &t)?;
+            }
+            if let Some(path) = markdown {
+                std::fs::write(&path, t.markdown())
+                    .with_context(|| format!("cannot write {}", path.display()))?;
             }
         }
         Cmd::Verify {

@@ -299,11 +299,11 @@ fn plain_pair(lab: &Lab, tools: &Path, from: &str, to: &str, timeout: Duration) 
 }
 
 /// Where the reach matrix keeps node and hub state (identities, logs).
-fn reach_state(lab: &Lab) -> std::path::PathBuf {
+pub(crate) fn reach_state(lab: &Lab) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("{}-reach", lab.record().prefix))
 }
 
-fn start_reach(
+pub(crate) fn start_reach(
     lab: &Lab,
     tools: &Path,
     attach: &BTreeMap<String, String>,
@@ -367,14 +367,15 @@ fn check_tokens(lab: &Lab, cells: &mut [Cell]) {
 }
 
 /// What one `reach connect` reported.
-struct Connected {
-    module: String,
-    setup_ms: f64,
-    failed_before: Vec<String>,
+pub(crate) struct Connected {
+    pub(crate) module: String,
+    pub(crate) setup_ms: f64,
+    pub(crate) failed_before: Vec<String>,
 }
 
-/// One `reach connect` carrying `token`.
-fn reach_connect(
+/// One `reach connect` carrying `token`, with `extra` arguments (modules).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn reach_connect(
     lab: &Lab,
     tools: &Path,
     from: &str,
@@ -382,6 +383,7 @@ fn reach_connect(
     hub: Option<&str>,
     token: &str,
     timeout: Duration,
+    extra: &[&str],
 ) -> Result<Connected, String> {
     let dir = reach_state(lab).join(from);
     let mut cmd = lab.command(from, tools.join("reach"));
@@ -393,6 +395,7 @@ fn reach_connect(
         cmd.args(["--hub", hub]);
     }
     let mut child = cmd
+        .args(extra)
         .arg(vaddr)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -446,12 +449,12 @@ fn reach_pair(
         return failed(lab, from, to, "no listener".into());
     };
     let token = token(from, to);
-    let first = match reach_connect(lab, tools, from, vaddr, hub, &token, timeout) {
+    let first = match reach_connect(lab, tools, from, vaddr, hub, &token, timeout, &[]) {
         Ok(x) => x,
         Err(e) => return failed(lab, from, to, e),
     };
     // The second connection measures setup once the working module is known.
-    let cached = reach_connect(lab, tools, from, vaddr, hub, &token, timeout).ok();
+    let cached = reach_connect(lab, tools, from, vaddr, hub, &token, timeout, &[]).ok();
     Cell {
         ok: true,
         module: Some(first.module),

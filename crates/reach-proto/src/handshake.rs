@@ -55,6 +55,10 @@ const FLAG_PLAINTEXT: u8 = 1;
 /// The initiator connects back at the responder's request (the Reverse
 /// module); the port field then carries the request's token.
 const FLAG_REVERSE: u8 = 2;
+/// The connection is to carry an existing stream between the same two nodes
+/// (a routed stream moving to a direct path); the port field then carries
+/// the stream's upgrade id ([`Established::upgrade_id`]).
+const FLAG_UPGRADE: u8 = 4;
 
 /// The AEAD protecting the handshake and the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -222,6 +226,8 @@ pub struct HelloHeader {
     /// The initiator answers the responder's connect-back request; `port` is
     /// the request's token.
     pub reverse: bool,
+    /// The initiator moves an existing stream here; `port` is its upgrade id.
+    pub upgrade: bool,
     /// The node the initiator wants.
     pub target: NodeId,
     /// The virtual port it wants.
@@ -240,7 +246,8 @@ impl HelloHeader {
             FLAG_PLAINTEXT
         } else {
             0
-        } | if self.reverse { FLAG_REVERSE } else { 0 };
+        } | if self.reverse { FLAG_REVERSE } else { 0 }
+            | if self.upgrade { FLAG_UPGRADE } else { 0 };
         b[5] = self.cipher.code();
         b[6..38].copy_from_slice(self.target.as_bytes());
         b[38..40].copy_from_slice(&self.port.to_be_bytes());
@@ -259,7 +266,7 @@ impl HelloHeader {
         if b[3] != VERSION {
             return Err(WireError::UnsupportedVersion(b[3]));
         }
-        if b[4] & !(FLAG_PLAINTEXT | FLAG_REVERSE) != 0 {
+        if b[4] & !(FLAG_PLAINTEXT | FLAG_REVERSE | FLAG_UPGRADE) != 0 {
             return Err(WireError::UnknownFlags(b[4]));
         }
         let cipher = Cipher::from_code(b[5]).ok_or(WireError::UnknownCipher(b[5]))?;
@@ -274,6 +281,7 @@ impl HelloHeader {
             plaintext_requested: b[4] & FLAG_PLAINTEXT != 0,
             cipher,
             reverse: b[4] & FLAG_REVERSE != 0,
+            upgrade: b[4] & FLAG_UPGRADE != 0,
             target,
             port: u16::from_be_bytes([b[38], b[39]]),
             noise_len,
@@ -350,6 +358,22 @@ pub struct Established {
     pub keys: Option<SessionKeys>,
     /// The stream answers a connect-back request (`port` is its token).
     pub reverse: bool,
+    /// The connection carries an existing stream (`port` is its upgrade id).
+    pub upgrade: bool,
+    /// The Noise handshake hash: the same on both sides and unique to this
+    /// handshake.
+    pub binding: [u8; 32],
+}
+
+impl Established {
+    /// The id under which this stream can be moved to another connection
+    /// between the same nodes (carried in the port field of an upgrade
+    /// hello). Both ends derive it from the handshake hash; it names the
+    /// stream among this peer's, it is not a secret: only the peer itself can
+    /// complete the upgrade handshake.
+    pub fn upgrade_id(&self) -> u16 {
+        u16::from_be_bytes([self.binding[0], self.binding[1]])
+    }
 }
 
 /// Options the initiator chooses.
@@ -361,6 +385,8 @@ pub struct InitiatorOptions {
     pub cipher: Cipher,
     /// Connect back at the responder's request; the port is then its token.
     pub reverse: bool,
+    /// Move an existing stream; the port is then its upgrade id.
+    pub upgrade: bool,
 }
 
 fn builder(cipher: Cipher, seed: [u8; 32], local: &SecretKey) -> snow::Builder<'static> {
@@ -375,6 +401,7 @@ pub struct Initiator {
     port: u16,
     cipher: Cipher,
     reverse: bool,
+    upgrade: bool,
 }
 
 impl std::fmt::Debug for Initiator {
@@ -399,6 +426,7 @@ impl Initiator {
             plaintext_requested: options.plaintext,
             cipher: options.cipher,
             reverse: options.reverse,
+            upgrade: options.upgrade,
             target,
             port,
             noise_len: 0,
@@ -425,6 +453,7 @@ impl Initiator {
                 port,
                 cipher: options.cipher,
                 reverse: options.reverse,
+                upgrade: options.upgrade,
             },
             out,
         ))
@@ -472,8 +501,11 @@ impl Initiator {
             1 => StreamMode::Plaintext,
             _ => return Err(HandshakeError::BadPayload),
         };
+        let binding = handshake_hash(&self.hs);
         let (k1, k2) = self.hs.dangerously_get_raw_split();
         Ok(Established {
+            upgrade: self.upgrade,
+            binding,
             peer: self.target,
             port: self.port,
             mode,
@@ -588,6 +620,7 @@ pub fn respond(
     if let Admission::Refuse(refusal) = admission {
         return (out, Responded::Refused { peer, refusal });
     }
+    let binding = handshake_hash(&hs);
     let (k1, k2) = hs.dangerously_get_raw_split();
     let mode = if plaintext {
         StreamMode::Plaintext
@@ -605,8 +638,18 @@ pub fn respond(
         mode,
         keys,
         reverse: header.reverse,
+        upgrade: header.upgrade,
+        binding,
     };
     (out, Responded::Accepted(est))
+}
+
+fn handshake_hash(hs: &snow::HandshakeState) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    let h = hs.get_handshake_hash();
+    let n = h.len().min(32);
+    b[..n].copy_from_slice(&h[..n]);
+    b
 }
 
 /// The NodeId the initiator claims in its payload, if it matches the X25519
@@ -627,6 +670,7 @@ mod tests {
         plaintext: false,
         cipher: Cipher::ChaChaPoly,
         reverse: false,
+        upgrade: false,
     };
     const RESP: ResponderOptions = ResponderOptions {
         allow_plaintext: false,
@@ -737,6 +781,27 @@ mod tests {
     }
 
     #[test]
+    fn both_sides_agree_on_the_binding_and_see_the_upgrade_flag() {
+        let (a, b) = (key(1), key(2));
+        let opts = InitiatorOptions {
+            upgrade: true,
+            ..OPTS
+        };
+        let (init, resp) = run(&a, b.node_id(), &b, opts, RESP, Admission::Accept);
+        let init = init.expect("initiator");
+        let Responded::Accepted(resp) = resp else {
+            panic!("responder: {resp:?}");
+        };
+        assert!(init.upgrade && resp.upgrade);
+        assert_eq!(init.binding, resp.binding);
+        assert_eq!(init.upgrade_id(), resp.upgrade_id());
+        let (other, _) = run(&a, b.node_id(), &b, OPTS, RESP, Admission::Accept);
+        let other = other.expect("second handshake");
+        assert!(!other.upgrade);
+        assert_ne!(other.binding, init.binding, "every handshake binds anew");
+    }
+
+    #[test]
     fn plaintext_only_when_both_opt_in() {
         let (a, b) = (key(1), key(2));
         let ask = InitiatorOptions {
@@ -807,6 +872,7 @@ mod tests {
             plaintext_requested: false,
             cipher: Cipher::AesGcm,
             reverse: false,
+            upgrade: false,
             target: key(1).node_id(),
             port: 1,
             noise_len: 10,
@@ -849,6 +915,7 @@ mod tests {
                 plaintext_requested: plaintext,
                 cipher: Cipher::ChaChaPoly,
                 reverse: false,
+                upgrade: false,
                 target: b.node_id(),
                 port: 1,
                 noise_len: msg.len(),

@@ -166,6 +166,9 @@ pub enum Rendezvous {
         vport: u16,
         /// Where the asker's SYNs will come from, most likely first.
         candidates: Vec<SocketAddr>,
+        /// The connection is to carry an existing routed stream; `vport` is
+        /// then its upgrade id.
+        upgrade: bool,
     },
     /// Target to asker: agreed; my SYNs come from `candidates`, and I am
     /// sending them now.

@@ -35,6 +35,9 @@ pub enum RecordKind {
     Data,
     /// The sender has finished this direction (authenticated end of file).
     End,
+    /// The sender's direction continues on another connection (a routed
+    /// stream upgraded to a direct one): nothing follows on this one.
+    Moved,
 }
 
 /// Errors of the record layer: what the peer sent wrong, or a limit reached.
@@ -53,7 +56,7 @@ pub enum RecordError {
     /// Authentication failed: the record was altered or the keys disagree.
     #[error("record failed authentication (corrupted or forged data)")]
     Decrypt,
-    /// An `End` record with payload.
+    /// An `End` or `Moved` record with payload.
     #[error("end-of-stream record carries data")]
     EndWithPayload,
     /// The 64-bit record counter would wrap: the stream must end.
@@ -82,6 +85,7 @@ fn header(kind: RecordKind, len: usize) -> [u8; RECORD_HEADER_LEN] {
     let k = match kind {
         RecordKind::Data => 0,
         RecordKind::End => 1,
+        RecordKind::Moved => 2,
     };
     let l = (len as u32).to_be_bytes();
     [k, l[1], l[2], l[3]]
@@ -117,7 +121,7 @@ impl Sealer {
         if payload.len() > MAX_RECORD_PAYLOAD {
             return Err(RecordError::PayloadTooLarge(payload.len()));
         }
-        if kind == RecordKind::End && !payload.is_empty() {
+        if kind != RecordKind::Data && !payload.is_empty() {
             return Err(RecordError::EndWithPayload);
         }
         let total = RECORD_HEADER_LEN + payload.len() + TAG_LEN;
@@ -230,7 +234,7 @@ impl Opener {
         let Some(dst) = out.get_mut(..plain_len) else {
             return Ok(None);
         };
-        if kind == RecordKind::End && plain_len != 0 {
+        if kind != RecordKind::Data && plain_len != 0 {
             return Err(RecordError::EndWithPayload);
         }
         let hdr: [u8; RECORD_HEADER_LEN] = buf[..RECORD_HEADER_LEN]
@@ -273,7 +277,7 @@ impl Opener {
             .open_in_place(n, Aad::from(h), body)
             .map_err(|_| RecordError::Decrypt)?
             .len();
-        if kind == RecordKind::End && plain_len != 0 {
+        if kind != RecordKind::Data && plain_len != 0 {
             return Err(RecordError::EndWithPayload);
         }
         Ok(Some(Opened {
@@ -288,6 +292,7 @@ fn parse_header(h: &[u8; RECORD_HEADER_LEN]) -> Result<(RecordKind, usize), Reco
     let kind = match h[0] {
         0 => RecordKind::Data,
         1 => RecordKind::End,
+        2 => RecordKind::Moved,
         k => return Err(RecordError::UnknownKind(k)),
     };
     let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;

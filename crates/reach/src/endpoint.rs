@@ -276,6 +276,7 @@ impl EndpointBuilder {
             incoming: tx,
             pending_reverse: StdMutex::default(),
             pending_splice: crate::splice::Pending::default(),
+            upgrades: Arc::default(),
             connect_backs: Arc::new(Semaphore::new(MAX_CONNECT_BACKS)),
             cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
             session,
@@ -318,6 +319,8 @@ pub(crate) struct Shared {
     pub(crate) pending_reverse: StdMutex<HashMap<(NodeId, u16), ReverseWaiter>>,
     /// Splice offers waiting for the target's answer.
     pub(crate) pending_splice: crate::splice::Pending,
+    /// Inbound routed streams the peer may move to a direct connection.
+    pub(crate) upgrades: Arc<crate::upgrade::Registry>,
     /// The module that last worked, per target.
     pub(crate) cache: ModuleCache,
     pub(crate) session: Option<Session>,
@@ -359,7 +362,64 @@ impl Shared {
             plaintext: self.plaintext,
             cipher: self.cipher,
             reverse: false,
+            upgrade: false,
         }
+    }
+
+    /// Admission of an inbound handshake on a TCP connection (not a
+    /// connect-back): a new stream to a served port, or an upgrade of a routed
+    /// stream this peer has here, whose slot goes to `moving`.
+    pub(crate) fn admit_inbound(
+        &self,
+        peer: &NodeId,
+        h: &HelloHeader,
+        moving: &mut Option<crate::upgrade::Slot>,
+    ) -> Admission {
+        if !h.upgrade {
+            return self.admit_port(h.port);
+        }
+        match crate::upgrade::lookup(&self.upgrades, *peer, h.port) {
+            Some(slot) => {
+                slot.begin();
+                *moving = Some(slot);
+                Admission::Accept
+            }
+            None => Admission::Refuse(Refusal::NotAdmitted),
+        }
+    }
+
+    /// Delivers an inbound TCP stream whose handshake ended as `est`: to
+    /// `accept`, or, for an upgrade admitted into `moving`, to the routed
+    /// stream it takes over.
+    pub(crate) async fn finish_inbound(
+        &self,
+        tcp: TcpStream,
+        est: Result<reach_proto::handshake::Established, AttemptError>,
+        moving: Option<crate::upgrade::Slot>,
+        module: SetupModule,
+        started: Instant,
+    ) -> Result<(), AttemptError> {
+        let est = match est {
+            Ok(est) => est,
+            Err(e) => {
+                if let Some(slot) = moving {
+                    slot.fail(e.to_string());
+                }
+                return Err(e);
+            }
+        };
+        let stream = ReachStream::over_tcp(tcp, est, module, Direction::Inbound, started)?;
+        if let Some(slot) = moving {
+            tracing::debug!(peer = %stream.peer(), %module, "routed stream moving here");
+            match stream.into_new_path() {
+                Some(path) => slot.attach(path),
+                None => slot.fail("the new connection is not encrypted".into()),
+            }
+            return Ok(());
+        }
+        tracing::debug!(peer = %stream.peer(), %module, "accepted stream");
+        self.deliver(stream).await;
+        Ok(())
     }
 
     /// Queues an inbound stream for `accept`.
@@ -613,13 +673,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Runs the handshake on one accepted connection and delivers the stream: to
-/// `accept`, or to the `connect` waiting for it when it answers a connect-back.
+/// `accept`, to the `connect` waiting for it when it answers a connect-back,
+/// or to the routed stream it takes over.
 async fn accept_one(shared: &Shared, mut tcp: TcpStream) -> Result<(), AttemptError> {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
+    let mut moving = None;
     let admit = |peer: &NodeId, h: &HelloHeader| {
         if !h.reverse {
-            return shared.admit_port(h.port);
+            return shared.admit_inbound(peer, h, &mut moving);
         }
         let pending = shared
             .pending_reverse
@@ -634,8 +696,9 @@ async fn accept_one(shared: &Shared, mut tcp: TcpStream) -> Result<(), AttemptEr
     };
     let est =
         crate::handshake::respond(&mut tcp, &shared.secret, shared.responder_options(), admit)
-            .await?;
-    if est.reverse {
+            .await;
+    if est.as_ref().is_ok_and(|e| e.reverse) {
+        let est = est?;
         let key = (est.peer, est.port);
         let stream =
             ReachStream::over_tcp(tcp, est, SetupModule::Reverse, Direction::Outbound, started)?;
@@ -652,10 +715,9 @@ async fn accept_one(shared: &Shared, mut tcp: TcpStream) -> Result<(), AttemptEr
         }
         return Ok(());
     }
-    let stream = ReachStream::over_tcp(tcp, est, SetupModule::Direct, Direction::Inbound, started)?;
-    tracing::debug!(peer = %stream.peer(), "accepted stream");
-    shared.deliver(stream).await;
-    Ok(())
+    shared
+        .finish_inbound(tcp, est, moving, SetupModule::Direct, started)
+        .await
 }
 
 /// The direct addresses to advertise for a listener bound to `local`.

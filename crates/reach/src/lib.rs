@@ -27,6 +27,7 @@ mod session;
 mod setup;
 mod splice;
 mod stream;
+mod upgrade;
 
 pub use endpoint::{
     preferred_cipher, Endpoint, EndpointBuilder, ListenPorts, DEFAULT_CONNECT_TIMEOUT,
@@ -38,3 +39,4 @@ pub use routed::RoutedStream;
 pub use secure::SecureStream;
 pub use session::{HubStatus, HubTarget, SessionError};
 pub use stream::{Direction, ReachStream, SetupModule, StreamInfo};
+pub use upgrade::Upgraded;

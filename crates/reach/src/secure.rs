@@ -42,6 +42,8 @@ pub struct SecureStream<T> {
     pstart: usize,
     pend: usize,
     read_done: bool,
+    /// The peer moved its direction to another connection (a `Moved` record).
+    moved: bool,
     /// Sealed bytes waiting for the transport are `wbuf[wpos..wlen]`.
     wbuf: Box<[u8]>,
     wpos: usize,
@@ -62,6 +64,7 @@ impl<T> SecureStream<T> {
             pstart: 0,
             pend: 0,
             read_done: false,
+            moved: false,
             wbuf: vec![0u8; RECORDS_PER_WRITE * MAX_RECORD_LEN].into_boxed_slice(),
             wpos: 0,
             wlen: 0,
@@ -72,6 +75,17 @@ impl<T> SecureStream<T> {
     /// The underlying transport.
     pub fn get_ref(&self) -> &T {
         &self.io
+    }
+
+    /// Whether the peer's direction moved to another connection: reads then
+    /// end as at end of file, and the rest comes on the new connection.
+    pub fn moved(&self) -> bool {
+        self.moved
+    }
+
+    /// Whether this side's direction has ended or moved.
+    pub fn write_closed(&self) -> bool {
+        self.end_sent
     }
 }
 
@@ -98,6 +112,10 @@ impl<T: AsyncRead + Unpin> SecureStream<T> {
                 self.pend = base + r.payload.end;
             }
             RecordKind::End => self.read_done = true,
+            RecordKind::Moved => {
+                self.read_done = true;
+                self.moved = true;
+            }
         }
         Ok(true)
     }
@@ -159,6 +177,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
                             this.read_done = true;
                             continue;
                         }
+                        RecordKind::Moved => {
+                            this.read_done = true;
+                            this.moved = true;
+                            continue;
+                        }
                     }
                 }
             }
@@ -181,6 +204,26 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
 }
 
 impl<T: AsyncWrite + Unpin> SecureStream<T> {
+    /// Ends this direction with a `Moved` record: everything written so far
+    /// goes out first, then the transport's write side closes, and the peer
+    /// knows the rest comes on another connection.
+    pub fn poll_move(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_close_with(cx, RecordKind::Moved)
+    }
+
+    fn poll_close_with(&mut self, cx: &mut Context<'_>, kind: RecordKind) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        if !self.end_sent {
+            self.wlen += self
+                .sealer
+                .seal_into(kind, &[], &mut self.wbuf[self.wlen..])
+                .map_err(invalid)?;
+            self.end_sent = true;
+            ready!(self.poll_drain(cx))?;
+        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
     /// Writes out sealed bytes until `wbuf` is empty.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wlen {
@@ -231,18 +274,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        ready!(this.poll_drain(cx))?;
-        if !this.end_sent {
-            this.wlen += this
-                .sealer
-                .seal_into(RecordKind::End, &[], &mut this.wbuf[this.wlen..])
-                .map_err(invalid)?;
-            this.end_sent = true;
-            ready!(this.poll_drain(cx))?;
-        }
-        Pin::new(&mut this.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_close_with(cx, RecordKind::End)
     }
 }
 

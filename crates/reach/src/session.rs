@@ -397,6 +397,7 @@ async fn learn_hub_id(secret: &SecretKey, addrs: &[SocketAddr]) -> Result<NodeId
             plaintext: false,
             cipher: crate::endpoint::preferred_cipher(),
             reverse: false,
+            upgrade: false,
         };
         match initiate(&mut tcp, secret, secret.node_id(), HUB_VPORT, opts).await {
             Err(AttemptError::Handshake(HandshakeError::WrongNode { found, .. })) => {
@@ -718,6 +719,7 @@ fn relayed(shared: &Arc<Shared>, link: &Link, from: NodeId, msg: Rendezvous) {
             token,
             vport,
             mut candidates,
+            upgrade,
         } => {
             candidates.truncate(reach_proto::nat::MAX_CANDIDATES);
             match shared.connect_backs.clone().try_acquire_owned() {
@@ -725,8 +727,14 @@ fn relayed(shared: &Arc<Shared>, link: &Link, from: NodeId, msg: Rendezvous) {
                     let (shared, tx) = (shared.clone(), link.tx.clone());
                     let echoes = link.status.echo.clone();
                     tokio::spawn(async move {
-                        crate::splice::answer(shared, tx, echoes, from, token, vport, candidates)
-                            .await;
+                        let offer = crate::splice::Offer {
+                            from,
+                            token,
+                            vport,
+                            upgrade,
+                            candidates,
+                        };
+                        crate::splice::answer(shared, tx, echoes, offer).await;
                         drop(permit);
                     });
                 }
@@ -779,7 +787,16 @@ async fn accept_routed(
     let hs = respond(&mut rs, &shared.secret, shared.responder_options(), admit);
     match tokio::time::timeout(shared.handshake_timeout, hs).await {
         Ok(Ok(est)) => {
+            // The peer may move this stream to a direct connection later.
             let stream = ReachStream::over_routed(rs, est, link, Direction::Inbound, started);
+            let slot = crate::upgrade::Slot::default();
+            let registration = stream.upgrade_id().and_then(|id| {
+                crate::upgrade::register(&shared.upgrades, (stream.peer(), id), slot.clone())
+            });
+            let stream = match registration {
+                Some(r) => stream.into_upgradable(slot, Some(r)),
+                None => stream,
+            };
             tracing::debug!(peer = %stream.peer(), "accepted routed stream");
             shared.deliver(stream).await;
         }
@@ -814,6 +831,7 @@ async fn connect_back(shared: Arc<Shared>, tx: FrameTx, cb: ConnectBack) {
             plaintext: shared.plaintext,
             cipher: shared.cipher,
             reverse: true,
+            upgrade: false,
         },
         attempt_delay: shared.attempt_delay,
         timeout: CONNECT_BACK_TIMEOUT,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use std::net::SocketAddr;
 
 use reach_proto::candidates::{classify, plausibly_reachable, AddrClass};
-use reach_proto::handshake::HandshakeError;
+use reach_proto::handshake::{HandshakeError, InitiatorOptions};
 use reach_proto::link::ConnectBack;
 use reach_proto::{NodeId, VirtualAddr};
 use tokio::sync::oneshot;
@@ -24,6 +24,7 @@ use crate::endpoint::Shared;
 use crate::error::{AttemptError, ConnectError, ModuleFailure};
 use crate::handshake::initiate;
 use crate::stream::{Direction, ReachStream, SetupModule};
+use crate::upgrade::Slot;
 
 /// How long `connect` waits for a hub session that is still coming up.
 const SESSION_WAIT: Duration = Duration::from_secs(3);
@@ -171,9 +172,24 @@ pub(crate) async fn connect(
                 } else {
                     remaining.min(shared.splice_budget)
                 };
-                crate::splice::connect(shared, &target, budget, started).await
+                let options = shared.initiator_options();
+                crate::splice::connect(shared, &target, options, budget, started).await
             }
-            SetupModule::Routed => routed(shared, &target, remaining, started).await,
+            SetupModule::Routed => {
+                // Modules after Routed in the configured order run in the
+                // background once the routed stream is up, to move it.
+                let upgrade_to: Vec<SetupModule> = shared
+                    .modules
+                    .iter()
+                    .skip_while(|m| **m != SetupModule::Routed)
+                    .filter(|m| matches!(m, SetupModule::Direct | SetupModule::Splice))
+                    .filter(|m| !failed_before.contains(*m))
+                    .copied()
+                    .collect();
+                routed(shared, &target, remaining, started)
+                    .await
+                    .map(|s| upgradable(shared, s, &target, upgrade_to))
+            }
         };
         match result {
             Ok(mut stream) => {
@@ -302,6 +318,88 @@ async fn reverse(
         Ok(Err(_)) => Err("the connect-back request was dropped".into()),
         Err(_) => Err(format!("the node did not connect back within {budget:?}")),
     }
+}
+
+/// Starts moving an encrypted routed stream to a connection made by
+/// `modules` (tried in order in the background); the stream carries on
+/// routed until one works, and for good if none does.
+fn upgradable(
+    shared: &Arc<Shared>,
+    stream: ReachStream,
+    target: &VirtualAddr,
+    modules: Vec<SetupModule>,
+) -> ReachStream {
+    let Some(id) = stream.upgrade_id() else {
+        return stream;
+    };
+    if modules.is_empty() {
+        return stream;
+    }
+    let slot = Slot::default();
+    slot.begin();
+    let target = VirtualAddr {
+        port: id,
+        ..target.clone()
+    };
+    tokio::spawn(upgrade(shared.clone(), target, modules, slot.clone()));
+    stream.into_upgradable(slot, None)
+}
+
+/// Makes a connection for the routed stream with upgrade id `target.port`.
+async fn upgrade(
+    shared: Arc<Shared>,
+    mut target: VirtualAddr,
+    modules: Vec<SetupModule>,
+    slot: Slot,
+) {
+    if target.direct.is_empty() && modules.contains(&SetupModule::Direct) {
+        if let Some(session) = &shared.session {
+            let deadline = Instant::now() + LOOKUP_BUDGET;
+            if let Ok(Some(entry)) = session.lookup(target.node, deadline).await {
+                target.direct = entry.addrs;
+            }
+        }
+    }
+    let options = InitiatorOptions {
+        upgrade: true,
+        ..shared.initiator_options()
+    };
+    let mut failures = Vec::new();
+    for module in modules {
+        let made = match module {
+            SetupModule::Direct if target.direct.is_empty() => {
+                failures.push("direct: no address known".to_string());
+                continue;
+            }
+            SetupModule::Direct => {
+                let settings = RaceSettings {
+                    options,
+                    ..race_settings(&shared, &target.node, shared.direct_budget)
+                };
+                direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            SetupModule::Splice => {
+                let budget = shared.splice_budget;
+                crate::splice::connect(&shared, &target, options, budget, Instant::now())
+                    .await
+                    .map_err(|e| e.unwrap_or_else(|e| e.to_string()))
+            }
+            _ => continue,
+        };
+        match made.map(ReachStream::into_new_path) {
+            Ok(Some(path)) => {
+                tracing::debug!(node = %target.node, %module, "upgrade connection made");
+                slot.attach(path);
+                return;
+            }
+            Ok(None) => failures.push(format!("{module}: not encrypted")),
+            Err(e) => failures.push(format!("{module}: {e}")),
+        }
+    }
+    tracing::debug!(node = %target.node, ?failures, "stream stays routed");
+    slot.fail(failures.join("; "));
 }
 
 /// Opens a routed stream through the hubs and runs the handshake over it.

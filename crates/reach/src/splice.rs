@@ -17,7 +17,8 @@
 //! SYN that reaches the other side before that side's own SYN has opened its
 //! NAT is dropped (and the later SYN then meets a socket in SYN_SENT) or
 //! answered with a reset by a rejecting firewall, after which that candidate
-//! is retried every [`RETRY_PAUSE`] until the deadline; meanwhile a listener
+//! is retried, after a pause from [`RETRY_PAUSE`] doubling up to
+//! [`MAX_RETRY_PAUSE`], until the deadline; meanwhile a listener
 //! on the same port accepts a SYN that finds no connecting socket. The answering side
 //! sends first, so the asker's SYNs, sent one hub path later, find its NAT
 //! open. Both send to candidates in the offered order: two sequential NATs
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reach_proto::candidates::{classify as addr_class, AddrClass};
-use reach_proto::handshake::{Admission, HandshakeError, Refusal};
+use reach_proto::handshake::{Admission, HandshakeError, InitiatorOptions, Refusal};
 use reach_proto::link::{Control, Rendezvous};
 use reach_proto::nat::{self, NatProfile, Observation, MAX_CANDIDATES, MAX_ECHO_LEN};
 use reach_proto::{NodeId, VirtualAddr};
@@ -49,8 +50,11 @@ use crate::stream::{Direction, ReachStream, SetupModule};
 
 /// How long one address echo may take to answer.
 const ECHO_BUDGET: Duration = Duration::from_millis(800);
-/// Pause before a candidate whose SYN was refused is tried again.
-const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// Pause before a candidate whose SYN was refused is tried again; doubles
+/// up to [`MAX_RETRY_PAUSE`]. The peer's SYN that opens the way is usually
+/// less than a hub round trip behind, so the first retries come quickly.
+const RETRY_PAUSE: Duration = Duration::from_millis(2);
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// How long the target keeps punching after it answered.
 const TARGET_WINDOW: Duration = Duration::from_secs(3);
 /// How long the asker waits for the answer, at most.
@@ -231,6 +235,7 @@ fn punch(
             // the order the peer predicted.
             tokio::time::sleep(Duration::from_micros(200) * i as u32).await;
             let attempt = async {
+                let mut pause = RETRY_PAUSE;
                 loop {
                     let sock = match reusable_socket(local) {
                         Ok(s) => s,
@@ -247,7 +252,8 @@ fn punch(
                         }
                         Err(e) => {
                             tracing::trace!(%c, "splice SYN failed: {e}");
-                            tokio::time::sleep(RETRY_PAUSE).await;
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(MAX_RETRY_PAUSE);
                         }
                     }
                 }
@@ -260,9 +266,12 @@ fn punch(
 
 /// The asker's side: offers, waits for the answer, punches, and runs the
 /// handshake on the first connection that opens.
+/// With `options.upgrade` the connection is to carry the routed stream whose
+/// upgrade id is `target.port`.
 pub(crate) async fn connect(
     shared: &Arc<Shared>,
     target: &VirtualAddr,
+    options: InitiatorOptions,
     budget: Duration,
     started: Instant,
 ) -> Result<ReachStream, Result<String, ConnectError>> {
@@ -287,6 +296,7 @@ pub(crate) async fn connect(
                 token,
                 vport: target.port,
                 candidates: prepared.candidates.clone(),
+                upgrade: options.upgrade,
             },
         },
     );
@@ -308,13 +318,7 @@ pub(crate) async fn connect(
     while let Ok(Some(mut tcp)) =
         tokio::time::timeout_at(punch_deadline.into(), opened.recv()).await
     {
-        let hs = initiate(
-            &mut tcp,
-            &shared.secret,
-            node,
-            target.port,
-            shared.initiator_options(),
-        );
+        let hs = initiate(&mut tcp, &shared.secret, node, target.port, options);
         match tokio::time::timeout_at(deadline.into(), hs).await {
             Ok(Ok(est)) => {
                 drop(tasks);
@@ -337,16 +341,29 @@ pub(crate) async fn connect(
     Err(Ok(last))
 }
 
+/// A splice offer another node sent.
+pub(crate) struct Offer {
+    pub(crate) from: NodeId,
+    pub(crate) token: u32,
+    pub(crate) vport: u16,
+    pub(crate) upgrade: bool,
+    pub(crate) candidates: Vec<SocketAddr>,
+}
+
 /// The target's side: answers an offer relayed by the hubs and punches.
 pub(crate) async fn answer(
     shared: Arc<Shared>,
     tx: FrameTx,
     echoes: Vec<SocketAddr>,
-    from: NodeId,
-    token: u32,
-    vport: u16,
-    theirs: Vec<SocketAddr>,
+    offer: Offer,
 ) {
+    let Offer {
+        from,
+        token,
+        vport,
+        upgrade,
+        candidates: theirs,
+    } = offer;
     let started = Instant::now();
     let reply = |msg: Rendezvous| {
         crate::session::send_control(
@@ -362,7 +379,11 @@ pub(crate) async fn answer(
         tracing::debug!(%from, "declining splice: {reason}");
         reply(Rendezvous::SpliceDeclined { token, reason });
     };
-    if shared.admit_port(vport) != Admission::Accept {
+    if upgrade {
+        if crate::upgrade::lookup(&shared.upgrades, from, vport).is_none() {
+            return decline("no routed stream here to move".into());
+        }
+    } else if shared.admit_port(vport) != Admission::Accept {
         return decline(format!("no service on virtual port {vport}"));
     }
     let prepared = match prepare(&shared, &echoes).await {
@@ -382,24 +403,25 @@ pub(crate) async fn answer(
                 let shared = shared.clone();
                 handshakes.spawn(async move {
                     let mut tcp = tcp;
+                    let mut moving = None;
                     let admit = |peer: &NodeId, h: &reach_proto::handshake::HelloHeader| {
                         if *peer != from || h.reverse {
                             Admission::Refuse(Refusal::NotAdmitted)
                         } else {
-                            shared.admit_port(h.port)
+                            shared.admit_inbound(peer, h, &mut moving)
                         }
                     };
-                    let est = respond(&mut tcp, &shared.secret, shared.responder_options(), admit).await?;
-                    ReachStream::over_tcp(tcp, est, SetupModule::Splice, Direction::Inbound, started)
-                        .map_err(AttemptError::from)
+                    let est = respond(&mut tcp, &shared.secret, shared.responder_options(), admit).await;
+                    shared
+                        .finish_inbound(tcp, est, moving, SetupModule::Splice, started)
+                        .await
                 });
             }
             Some(done) = handshakes.join_next() => {
                 match done {
-                    Ok(Ok(stream)) => {
+                    Ok(Ok(())) => {
                         drop(tasks);
                         tracing::debug!(peer = %from, "spliced");
-                        shared.deliver(stream).await;
                         return;
                     }
                     Ok(Err(e)) => tracing::debug!(%from, "spliced connection failed its handshake: {e}"),

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::routed::RoutedStream;
 use crate::secure::SecureStream;
+use crate::upgrade::{Handover, NewPath, Registration, Slot, Upgraded};
 
 /// How a stream was set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -109,6 +110,8 @@ enum Transport {
     Secure(Box<SecureStream<TcpStream>>),
     Routed(RoutedStream),
     RoutedSecure(Box<SecureStream<RoutedStream>>),
+    /// Routed, and able to move onto a direct connection.
+    Upgradable(Box<Handover>),
 }
 
 /// Runs `$e` on whichever transport `$t` holds, pinned as `$io`.
@@ -131,6 +134,10 @@ macro_rules! on_transport {
                 let $io = Pin::new(&mut **t);
                 $e
             }
+            Transport::Upgradable(t) => {
+                let $io = Pin::new(&mut **t);
+                $e
+            }
         }
     };
 }
@@ -142,6 +149,8 @@ macro_rules! on_transport {
 pub struct ReachStream {
     transport: Transport,
     info: StreamInfo,
+    /// For an encrypted routed stream: the id under which it can move.
+    upgrade_id: Option<u16>,
 }
 
 impl std::fmt::Debug for ReachStream {
@@ -178,7 +187,11 @@ impl ReachStream {
             }
             _ => Transport::Plain(tcp),
         };
-        Ok(Self { transport, info })
+        Ok(Self {
+            transport,
+            info,
+            upgrade_id: None,
+        })
     }
 
     /// A routed stream whose handshake finished as `est`; `link` holds the hub
@@ -201,13 +214,18 @@ impl ReachStream {
             setup_time: started.elapsed(),
             failed_before: Vec::new(),
         };
+        let upgrade_id = est.keys.is_some().then(|| est.upgrade_id());
         let transport = match (est.mode, est.keys) {
             (StreamMode::Encrypted(_), Some(keys)) => {
                 Transport::RoutedSecure(Box::new(SecureStream::new(routed, &keys)))
             }
             _ => Transport::Routed(routed),
         };
-        Self { transport, info }
+        Self {
+            transport,
+            info,
+            upgrade_id,
+        }
     }
 
     /// Changes what the stream reports about itself (a reverse stream carries
@@ -224,6 +242,73 @@ impl ReachStream {
     /// The authenticated peer.
     pub fn peer(&self) -> NodeId {
         self.info.peer
+    }
+
+    /// Where a routed stream moved to mid-stream (see [`SetupModule`]s after
+    /// `Routed` in the endpoint's module order), once it has; [`info`]
+    /// keeps describing how the stream was set up.
+    ///
+    /// [`info`]: Self::info
+    pub fn upgraded(&self) -> Option<Upgraded> {
+        match &self.transport {
+            Transport::Upgradable(h) => h.upgraded(),
+            _ => None,
+        }
+    }
+
+    /// Waits until a background upgrade of this stream (see [`upgraded`])
+    /// has either moved it or given up; returns where it moved. Returns at
+    /// once for a stream with no upgrade under way.
+    ///
+    /// [`upgraded`]: Self::upgraded
+    pub async fn upgrade_settled(&self) -> Option<Upgraded> {
+        if let Transport::Upgradable(h) = &self.transport {
+            let mut rx = h.settled();
+            let _ = rx.wait_for(|settled| *settled).await;
+        }
+        self.upgraded()
+    }
+
+    /// Lets an encrypted routed stream move onto a new connection that
+    /// `slot` will receive; other streams are returned as they are.
+    pub(crate) fn into_upgradable(self, slot: Slot, registration: Option<Registration>) -> Self {
+        let ReachStream {
+            transport,
+            info,
+            upgrade_id,
+        } = self;
+        let transport = match transport {
+            Transport::RoutedSecure(old) => {
+                Transport::Upgradable(Box::new(Handover::new(*old, slot, registration)))
+            }
+            other => other,
+        };
+        ReachStream {
+            transport,
+            info,
+            upgrade_id,
+        }
+    }
+
+    /// The id under which an encrypted routed stream can move to another
+    /// connection (both ends derive it from the handshake).
+    pub(crate) fn upgrade_id(&self) -> Option<u16> {
+        self.upgrade_id
+    }
+
+    /// The encrypted TCP connection of a direct stream, to carry another
+    /// stream's data from now on.
+    pub(crate) fn into_new_path(self) -> Option<NewPath> {
+        match self.transport {
+            Transport::Secure(io) => Some(NewPath {
+                io: *io,
+                module: self.info.module,
+                local: self.info.local_addr,
+                remote: self.info.remote_addr,
+                at: Instant::now(),
+            }),
+            _ => None,
+        }
     }
 }
 

@@ -1,0 +1,51 @@
+//! Splice success rates across the NAT zoo, against the targets.
+//! Needs root, iproute2, nftables, and the `reach` binary beside `reach-lab`.
+//! `reach-lab splice` runs the same with 50 attempts per pair for the docs.
+
+use std::time::Duration;
+
+use reach_lab::splice::{self, PairRate};
+use reach_lab::Lab;
+
+mod common;
+
+/// Attempts per ordered pair here (90 pairs, a few ms each).
+const ATTEMPTS: u32 = 10;
+
+fn involves(p: &PairRate, host: &str) -> bool {
+    p.from == host || p.to == host
+}
+
+#[test]
+fn splice_success_rates_per_nat_pair_meet_the_targets() {
+    let t = common::topology("nat-zoo");
+    let lab = Lab::up(&t).expect("lab up");
+    let table = splice::run(
+        &lab,
+        &t,
+        &common::tools_with_reach(),
+        ATTEMPTS,
+        Duration::from_secs(5),
+    )
+    .expect("splice table");
+    let report = format!("\n{}\n{:#?}", table.render(), table.pairs);
+    assert_eq!(table.pairs.len(), 90, "{report}");
+    // Endpoint-independent and address-dependent NATs, full cones, hairpins,
+    // stateful firewalls and the open host, in any combination: >= 99%.
+    let (ok, all) = table.total(|p| !involves(p, "nat-apdm-rand") && !involves(p, "nat-apdm-seq"));
+    assert!(ok * 100 >= all * 99, "{ok} of {all} spliced{report}");
+    // The sequential symmetric NAT, with port prediction: >= 80%.
+    let (ok, all) = table.total(|p| involves(p, "nat-apdm-seq") && !involves(p, "nat-apdm-rand"));
+    assert!(ok * 100 >= all * 80, "{ok} of {all} spliced{report}");
+    // The random-port symmetric NAT: never spliced, and each attempt gives
+    // up within a second (the whole process, start-up included), so the
+    // driver moves on to Routed at once.
+    for p in table.pairs.iter().filter(|p| involves(p, "nat-apdm-rand")) {
+        assert_eq!(p.spliced, 0, "{p:?}");
+        assert!(p.max_failure_ms.is_some_and(|ms| ms < 1000.0), "{p:?}");
+        let why = p.last_error.as_deref().unwrap_or_default();
+        assert!(why.contains("random ports"), "{p:?}");
+    }
+    let md = table.markdown();
+    assert!(md.contains("| **nat-eim** |"), "{md}");
+}
