@@ -347,16 +347,19 @@ async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::
         tracing::info!(peer = %info.peer, from = %info.remote_addr, mode = ?info.mode, "stream accepted");
         let result = pipe::run(stream, &mut stdin).await;
         if !args.keep {
-            let (received, sent) = result?;
-            tracing::info!(received, sent, "stream done");
+            result?.log();
+            endpoint.close(CLOSE_TIMEOUT).await;
             return Ok(());
         }
         match result {
-            Ok((received, sent)) => tracing::info!(received, sent, "stream done"),
+            Ok(done) => done.log(),
             Err(e) => tracing::warn!("stream from {} failed: {e:#}", info.peer),
         }
     }
 }
+
+/// How long `connect` and `listen` wait at exit for the hub link to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
     let vaddr: VirtualAddr = args
@@ -393,8 +396,10 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
         setup_ms = format_args!("{:.3}", info.setup_time.as_secs_f64() * 1e3),
         "connected"
     );
-    let (received, sent) = pipe::run(stream, &mut pipe::stdin()).await?;
-    tracing::info!(received, sent, "stream done");
+    pipe::run(stream, &mut pipe::stdin()).await?.log();
+    // Routed data may still sit in this host's socket buffers: let it reach
+    // the hub before exiting.
+    endpoint.close(CLOSE_TIMEOUT).await;
     Ok(())
 }
 

@@ -46,9 +46,58 @@ pub fn stdin() -> Stdin {
     Stdin { rx, ended: false }
 }
 
+/// What one piped stream did.
+pub struct Done {
+    /// Bytes received.
+    pub received: u64,
+    /// Bytes sent.
+    pub sent: u64,
+    /// When piping started.
+    pub started: std::time::Instant,
+    /// When piping ended.
+    pub ended: std::time::Instant,
+    /// The stream, for what it knows about itself (an upgrade).
+    pub stream: ReachStream,
+}
+
+impl Done {
+    /// Logs the byte counts and, for a stream that moved off its hub, where
+    /// it moved and the send rate on each path.
+    pub fn log(&self) {
+        let Done { received, sent, .. } = *self;
+        let mbit = |bytes: u64, from: std::time::Instant, to: std::time::Instant| {
+            let secs = to.saturating_duration_since(from).as_secs_f64();
+            if secs > 0.0 {
+                format!("{:.0}", bytes as f64 * 8.0 / secs / 1e6)
+            } else {
+                "-".into()
+            }
+        };
+        // The busier direction's rate over the whole piping time.
+        let mbit_s = mbit(sent.max(received), self.started, self.ended);
+        let Some(u) = self.stream.upgraded() else {
+            tracing::info!(received, sent, %mbit_s, "stream done");
+            return;
+        };
+        let routed = u.sent_routed.unwrap_or(sent);
+        let moved_at = u.at.max(self.started);
+        tracing::info!(
+            received,
+            sent,
+            %mbit_s,
+            upgraded = %u.module,
+            to = %u.remote_addr,
+            sent_routed = routed,
+            routed_mbit_s = %mbit(routed, self.started, moved_at),
+            upgraded_mbit_s = %mbit(sent - routed, moved_at, self.ended),
+            "stream done"
+        );
+    }
+}
+
 /// Pipes `stream` to stdout and stdin to `stream` until both directions end.
-/// Returns the byte counts (received, sent).
-pub async fn run(stream: ReachStream, stdin: &mut Stdin) -> anyhow::Result<(u64, u64)> {
+pub async fn run(stream: ReachStream, stdin: &mut Stdin) -> anyhow::Result<Done> {
+    let started = std::time::Instant::now();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let upload = async {
         let mut sent = 0u64;
@@ -90,5 +139,11 @@ pub async fn run(stream: ReachStream, stdin: &mut Stdin) -> anyhow::Result<(u64,
         anyhow::Ok(received)
     };
     let (sent, received) = tokio::try_join!(upload, download)?;
-    Ok((received, sent))
+    Ok(Done {
+        received,
+        sent,
+        started,
+        ended: std::time::Instant::now(),
+        stream: rd.unsplit(wr),
+    })
 }

@@ -112,6 +112,15 @@ impl Process {
     pub fn new(child: std::process::Child) -> Self {
         Self(child)
     }
+
+    /// Waits for the process to exit, at most `timeout`; `None` if it still
+    /// runs (it is killed when dropped).
+    pub fn wait_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        crate::wait::until(timeout, || self.0.try_wait().ok().flatten())
+    }
 }
 
 impl Drop for Process {

@@ -19,6 +19,7 @@ pub mod probe;
 pub mod splice;
 pub mod sshd;
 pub mod topology;
+pub mod transfer;
 pub mod verify;
 pub mod wait;
 

@@ -84,6 +84,33 @@ enum Cmd {
         #[arg(long)]
         markdown: Option<PathBuf>,
     },
+    /// Build a lab with its hubs and send the same bulk data from one host to
+    /// another once per module order (default: routed only; splice only;
+    /// routed first, then moving to splice mid-transfer), checked by sha256,
+    /// and print throughput side by side; remove the lab.
+    Transfer {
+        /// Topology file (needs a [hubs] table).
+        #[arg(default_value = "lab/topologies/nat-zoo.toml")]
+        file: PathBuf,
+        /// Sending host.
+        #[arg(long, default_value = "nat-eim-2")]
+        from: String,
+        /// Receiving host.
+        #[arg(long, default_value = "nat-eim")]
+        to: String,
+        /// Megabytes to send.
+        #[arg(long, default_value_t = 200)]
+        megabytes: u64,
+        /// Module orders to run, each comma-separated, in turn.
+        #[arg(long = "modules", default_values_t = ["routed".to_string(), "splice".to_string(), "routed,splice".to_string()])]
+        modules: Vec<String>,
+        /// Seconds each transfer may take.
+        #[arg(long, default_value_t = 120.0)]
+        timeout: f64,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Build a lab, check that every gateway behaves as declared, remove the lab.
     Verify {
         /// Topology file.
@@ -313,6 +340,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(path) = markdown {
                 std::fs::write(&path, t.markdown())
                     .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+        }
+        Cmd::Transfer {
+            file,
+            from,
+            to,
+            megabytes,
+            modules,
+            timeout,
+            json,
+        } => {
+            let topology = load(&file)?;
+            let timeout = seconds(timeout)?;
+            let tools = tools_dir()?;
+            if !tools.join("reach").exists() {
+                bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
+            }
+            let lab = Lab::up(&topology)?;
+            let bench =
+                reach_lab::transfer::Bench::start(&lab, &topology, &tools, megabytes << 20)?;
+            let mut results = Vec::new();
+            for m in &modules {
+                results.push(bench.run(&lab, &tools, (&from, &to), m, timeout)?);
+            }
+            print!("{}", reach_lab::transfer::render(&results));
+            if let Some(path) = json {
+                write_json(&path, &results)?;
+            }
+            if results.iter().any(|t| !t.intact) {
+                bail!("a transfer arrived corrupted");
             }
         }
         Cmd::Verify {

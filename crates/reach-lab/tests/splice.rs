@@ -49,3 +49,29 @@ fn splice_success_rates_per_nat_pair_meet_the_targets() {
     let md = table.markdown();
     assert!(md.contains("| **nat-eim** |"), "{md}");
 }
+
+#[test]
+fn a_routed_200_mb_transfer_moves_to_a_spliced_path_mid_transfer_intact() {
+    let t = common::topology("nat-zoo");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let bench = reach_lab::transfer::Bench::start(&lab, &t, &tools, 200 << 20).expect("hubs");
+    let timeout = Duration::from_secs(120);
+    let hosts = ("nat-eim-2", "nat-eim");
+    let moved = bench
+        .run(&lab, &tools, hosts, "routed,splice", timeout)
+        .expect("routed, then splice");
+    // The same data straight over a splice, for the rate after the move.
+    let spliced = bench
+        .run(&lab, &tools, hosts, "splice", timeout)
+        .expect("splice");
+    let report = reach_lab::transfer::render(&[moved.clone(), spliced.clone()]);
+    println!("{report}");
+    assert!(moved.intact && spliced.intact, "{report}");
+    assert_eq!(moved.module, "routed", "{report}");
+    assert_eq!(moved.upgraded.as_deref(), Some("splice"), "{report}");
+    // Mid-transfer: some bytes went through the hub, most did not.
+    let routed = moved.sent_routed.expect("bytes before the move");
+    assert!(routed > 0 && routed < moved.bytes / 2, "{report}");
+    assert_eq!(spliced.module, "splice", "{report}");
+}

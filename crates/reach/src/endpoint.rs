@@ -509,6 +509,17 @@ impl Endpoint {
         EndpointBuilder::default()
     }
 
+    /// Closes the hub session gracefully, within `timeout`: everything
+    /// written to routed streams so far reaches the hub before the link
+    /// ends. Call it before exiting after a routed transfer; dropping the
+    /// endpoint instead may make the kernel reset the link and discard data
+    /// it had not sent yet. Without a hub there is nothing to do.
+    pub async fn close(&self, timeout: Duration) {
+        if let Some(session) = &self.shared.session {
+            session.close(timeout).await;
+        }
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.shared.secret.node_id()

@@ -41,6 +41,8 @@ pub struct FrameRx {
 struct Flush {
     next: Mutex<u64>,
     done: watch::Sender<u64>,
+    /// Set by [`FrameTx::close`]: the writer stops after what is queued.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// The link is gone; nothing more can be queued.
@@ -54,6 +56,7 @@ pub fn frame_channel() -> (FrameTx, FrameRx) {
     let flush = Arc::new(Flush {
         next: Mutex::new(0),
         done: watch::Sender::new(0),
+        closing: std::sync::atomic::AtomicBool::new(false),
     });
     (
         FrameTx {
@@ -71,6 +74,17 @@ impl FrameTx {
             return Ok(());
         }
         self.tx.send(frame).map_err(|_| LinkClosed)
+    }
+
+    /// Closes the link gracefully: the writer sends what is queued now, then
+    /// ends the transport's write side, so the peer reads everything and then
+    /// the end (where dropping the connection could reset it and lose what
+    /// the kernel still had to send). Resolves like [`flushed`](Self::flushed).
+    pub fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.flush
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.flushed()
     }
 
     /// Resolves once every frame queued before this call has been written to
@@ -137,6 +151,9 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
         if barriers > 0 {
             w.flush().await?;
             flush.done.send_modify(|d| *d += barriers);
+        }
+        if flush.closing.load(std::sync::atomic::Ordering::SeqCst) && rx.is_empty() {
+            break;
         }
     }
     w.shutdown().await

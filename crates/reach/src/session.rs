@@ -190,6 +190,10 @@ pub(crate) struct Session {
     lookups: Mutex<HashMap<u32, oneshot::Sender<Option<DirEntry>>>>,
     next_req: AtomicU32,
     last_error: Mutex<Option<String>>,
+    /// Set by [`Session::close`]: no reconnecting.
+    closing: watch::Sender<bool>,
+    /// Set when the session task has ended after a close.
+    closed: watch::Sender<bool>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -217,6 +221,26 @@ impl Session {
             lookups: Mutex::default(),
             next_req: AtomicU32::new(1),
             last_error: Mutex::default(),
+            closing: watch::Sender::new(false),
+            closed: watch::Sender::new(false),
+        }
+    }
+
+    /// Ends the session gracefully within `timeout`: what is queued on the
+    /// hub link goes out, the link's write side closes, and the session ends
+    /// once the hub has read everything and closed its side (no reconnect).
+    pub(crate) async fn close(&self, timeout: Duration) {
+        self.closing.send_replace(true);
+        let link = self.link.borrow().clone();
+        let mut closed = self.closed.subscribe();
+        let wait = async {
+            if let Some(link) = link {
+                link.tx.close().await;
+            }
+            let _ = closed.wait_for(|c| *c).await;
+        };
+        if tokio::time::timeout(timeout, wait).await.is_err() {
+            tracing::debug!(hub = %self.target, "hub link not closed within {timeout:?}");
         }
     }
 
@@ -316,11 +340,20 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     };
     let mut backoff = MIN_BACKOFF;
     loop {
+        if *session.closing.borrow() {
+            session.closed.send_replace(true);
+            return;
+        }
         match tokio::time::timeout(ATTACH_TIMEOUT, attach(&shared, session)).await {
             Ok(Ok(attached)) => {
                 backoff = MIN_BACKOFF;
                 *locked(&session.last_error) = None;
                 let why = serve(&shared, session, attached).await;
+                if *session.closing.borrow() {
+                    tracing::debug!(hub = %session.target, "hub session closed: {why}");
+                    session.closed.send_replace(true);
+                    return;
+                }
                 tracing::warn!(hub = %session.target, "hub session lost: {why}; reconnecting");
                 *locked(&session.last_error) = Some(format!("session lost: {why}"));
             }

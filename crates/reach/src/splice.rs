@@ -145,6 +145,10 @@ async fn observe(local: SocketAddr, server: SocketAddr) -> Result<Observation, S
             }
         }
         let mapped = nat::decode_echo(&buf[..n]).map_err(|e| e.to_string())?;
+        // Close with a reset: no TIME_WAIT at either end. Thousands of probes
+        // otherwise leave the echo with TIME_WAIT entries that a later probe's
+        // (random) port can hit, costing it a SYN retransmission.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
         Ok(Observation {
             local: from,
             server,
