@@ -185,6 +185,39 @@ pub fn classify(obs: &[Observation]) -> NatProfile {
     }
 }
 
+/// Steps a confirming observation may be off by (other hosts behind the same
+/// NAT allocating in between) and still count as sequential.
+pub const CONFIRM_SLACK: i32 = 3;
+
+/// Confirms a sequential allocation with a third mapping, made from another
+/// local port right after the first two: it must follow the last one by the
+/// same step (give or take [`CONFIRM_SLACK`] allocations by others). Two
+/// random ports land within [`MAX_SEQUENTIAL_STEP`] of each other about once
+/// in 500 tries; a third one agreeing by chance is a thousand times rarer.
+/// The third mapping is the newest, so predictions start from it.
+pub fn confirm_sequential(profile: &NatProfile, third: &Observation) -> NatProfile {
+    let Allocation::Sequential { step } = profile.allocation else {
+        return *profile;
+    };
+    let Some(last) = profile.external else {
+        return *profile;
+    };
+    let moved = i32::from(third.mapped.port()) - i32::from(last.port());
+    let steps = moved / step;
+    let consistent = third.mapped.ip() == last.ip()
+        && moved % step == 0
+        && (1..=1 + CONFIRM_SLACK).contains(&steps);
+    NatProfile {
+        allocation: if consistent {
+            Allocation::Sequential { step }
+        } else {
+            Allocation::Random
+        },
+        external: Some(third.mapped),
+        ..*profile
+    }
+}
+
 /// The external endpoints a peer should connect to, most likely first.
 ///
 /// `public` are this host's own public addresses: with no NAT on the way to
@@ -362,6 +395,36 @@ mod tests {
                 .collect();
             assert_eq!(predict(&p, &[], 4000), want);
         }
+    }
+
+    #[test]
+    fn a_third_mapping_confirms_a_sequential_allocator_or_unmasks_a_random_one() {
+        let o = [
+            obs("10.0.0.2:4000", "192.0.2.1:7701", "203.0.113.7:20000"),
+            obs("10.0.0.2:4000", "192.0.2.1:7702", "203.0.113.7:20001"),
+        ];
+        let p = classify(&o);
+        let third = |port: u16| {
+            obs(
+                "10.0.0.2:4100",
+                "192.0.2.1:7701",
+                &format!("203.0.113.7:{port}"),
+            )
+        };
+        let confirmed = confirm_sequential(&p, &third(20002));
+        assert_eq!(confirmed.allocation, Allocation::Sequential { step: 1 });
+        assert_eq!(confirmed.external, Some(sa("203.0.113.7:20002")));
+        assert_eq!(predict(&confirmed, &[], 4000)[0], sa("203.0.113.7:20003"));
+        // Others allocated two ports in between: still sequential.
+        let busy = confirm_sequential(&p, &third(20004));
+        assert_eq!(busy.allocation, Allocation::Sequential { step: 1 });
+        // Two random ports that happened to be close, and a third that is not.
+        let unmasked = confirm_sequential(&p, &third(41234));
+        assert_eq!(unmasked.allocation, Allocation::Random);
+        assert!(predict(&unmasked, &[], 4000).is_empty());
+        // Nothing to confirm for other allocations.
+        let eim = classify(&[o[0], o[0]]);
+        assert_eq!(confirm_sequential(&eim, &third(1)), eim);
     }
 
     #[test]

@@ -279,6 +279,9 @@ impl EndpointBuilder {
             upgrades: Arc::default(),
             connect_backs: Arc::new(Semaphore::new(MAX_CONNECT_BACKS)),
             cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
+            splice_ports: crate::port_memory::PortMemory::new(
+                state_dir.as_ref().map(|d| d.join("splice-ports")),
+            ),
             session,
             known_hubs,
             network_secret: self.network_secret,
@@ -323,6 +326,8 @@ pub(crate) struct Shared {
     pub(crate) upgrades: Arc<crate::upgrade::Registry>,
     /// The module that last worked, per target.
     pub(crate) cache: ModuleCache,
+    /// Local ports splices used lately, not to be reused soon.
+    pub(crate) splice_ports: crate::port_memory::PortMemory,
     pub(crate) session: Option<Session>,
     /// Where hub identities learned on first contact are pinned.
     pub(crate) known_hubs: Option<PathBuf>,

@@ -21,6 +21,7 @@ mod handshake;
 pub mod keystore;
 pub mod link;
 mod module_cache;
+mod port_memory;
 mod routed;
 mod secure;
 mod session;

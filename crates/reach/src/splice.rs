@@ -59,6 +59,8 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_millis(50);
 const TARGET_WINDOW: Duration = Duration::from_secs(3);
 /// How long the asker waits for the answer, at most.
 const ANSWER_BUDGET: Duration = Duration::from_secs(2);
+/// Fresh ports bound at most when looking for one not used lately.
+const PORT_TRIES: usize = 16;
 /// How long the asker punches after the answer, at most.
 const PUNCH_BUDGET: Duration = Duration::from_secs(2);
 
@@ -161,6 +163,24 @@ async fn observe(local: SocketAddr, server: SocketAddr) -> Result<Observation, S
         .map_err(|e: String| format!("address echo {server}: {e}"))
 }
 
+/// Binds a port not used for splicing lately: such a port may still have
+/// stale NAT mappings (see `port_memory`). The sockets tried are held until
+/// one is found, so the kernel does not hand the same port out again.
+fn fresh_port(shared: &Shared, ip: IpAddr) -> Result<(TcpSocket, SocketAddr), String> {
+    let mut tried = Vec::new();
+    let (anchor, local) = loop {
+        let anchor = reusable_socket(SocketAddr::new(ip, 0))
+            .map_err(|e| format!("cannot bind a splice port: {e}"))?;
+        let local = anchor.local_addr().map_err(|e| e.to_string())?;
+        if !shared.splice_ports.recently_used(local.port()) || tried.len() >= PORT_TRIES {
+            break (anchor, local);
+        }
+        tried.push(anchor);
+    };
+    shared.splice_ports.remember(local.port());
+    Ok((anchor, local))
+}
+
 /// Binds a fresh port, learns its mapping from the echoes and predicts.
 async fn prepare(shared: &Shared, echoes: &[SocketAddr]) -> Result<Prepared, String> {
     let first = *echoes.first().ok_or("the hub runs no address echo")?;
@@ -169,9 +189,7 @@ async fn prepare(shared: &Shared, echoes: &[SocketAddr]) -> Result<Prepared, Str
     } else {
         Ipv6Addr::UNSPECIFIED.into()
     };
-    let anchor = reusable_socket(SocketAddr::new(unspecified, 0))
-        .map_err(|e| format!("cannot bind a splice port: {e}"))?;
-    let local = anchor.local_addr().map_err(|e| e.to_string())?;
+    let (anchor, local) = fresh_port(shared, unspecified)?;
     let mut observations = Vec::new();
     for (i, echo) in echoes.iter().take(2).enumerate() {
         match observe(local, *echo).await {
@@ -180,7 +198,16 @@ async fn prepare(shared: &Shared, echoes: &[SocketAddr]) -> Result<Prepared, Str
             Err(e) => tracing::debug!("second echo failed, classifying from one: {e}"),
         }
     }
-    let profile = nat::classify(&observations);
+    let mut profile = nat::classify(&observations);
+    if let (nat::Allocation::Sequential { .. }, Some(first)) =
+        (profile.allocation, observations.first())
+    {
+        // Confirm with a third mapping from another fresh port; it also is
+        // the newest allocation, which predictions start from.
+        let other = fresh_port(shared, unspecified)?;
+        let third = observe(other.1, first.server).await?;
+        profile = nat::confirm_sequential(&profile, &third);
+    }
     let public: Vec<IpAddr> = shared
         .local_addrs
         .get()
