@@ -62,19 +62,7 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 }
 
 async fn round_trip(s: &mut ReachStream, data: &[u8]) {
-    s.write_all(data).await.expect("write");
-    s.shutdown().await.expect("shutdown");
-    let mut back = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut back))
-        .await
-        .expect("echo in time")
-        .expect("read");
-    assert!(
-        back == data,
-        "echo differs ({} vs {} bytes)",
-        back.len(),
-        data.len()
-    );
+    round_trip_rest(s, data, data).await;
 }
 
 /// Only the NodeId and port: the hub's directory supplies the rest.
@@ -220,6 +208,7 @@ async fn echo_across_a_move(s: &mut ReachStream, data: &[u8], expect_move: bool)
     round_trip_rest(s, second, data).await;
 }
 
+/// Writes `rest`, ends the stream and checks that `all` comes back.
 async fn round_trip_rest(s: &mut ReachStream, rest: &[u8], all: &[u8]) {
     s.write_all(rest).await.expect("write");
     s.shutdown().await.expect("shutdown");

@@ -289,10 +289,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reach_lab::matrix::Mode::Plain => 2.0,
                 reach_lab::matrix::Mode::Reach => 10.0,
             }))?;
-            let tools = tools_dir()?;
-            if mode == reach_lab::matrix::Mode::Reach && !tools.join("reach").exists() {
-                bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
-            }
+            let tools = if mode == reach_lab::matrix::Mode::Reach {
+                tools_with_reach()?
+            } else {
+                tools_dir()?
+            };
             let lab = Lab::up(&topology)?;
             let m = reach_lab::matrix::run(&lab, &topology, mode, timeout, &tools)?;
             print!("{}", m.render());
@@ -317,10 +318,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let topology = load(&file)?;
             let timeout = seconds(timeout)?;
-            let tools = tools_dir()?;
-            if !tools.join("reach").exists() {
-                bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
-            }
+            let tools = tools_with_reach()?;
             let lab = Lab::up(&topology)?;
             let t = reach_lab::splice::run(&lab, &topology, &tools, attempts, timeout)?;
             print!("{}", t.render());
@@ -360,10 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let topology = load(&file)?;
             let timeout = seconds(timeout)?;
-            let tools = tools_dir()?;
-            if !tools.join("reach").exists() {
-                bail!("no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli", tools.display());
-            }
+            let tools = tools_with_reach()?;
             let lab = Lab::up(&topology)?;
             let bench =
                 reach_lab::transfer::Bench::start(&lab, &topology, &tools, megabytes << 20)?;
@@ -451,13 +446,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn demo(file: &Path) -> anyhow::Result<ExitCode> {
     use reach_lab::matrix::{self, Mode};
     let topology = load(file)?;
-    let tools = tools_dir()?;
-    if !tools.join("reach").exists() {
-        bail!(
-            "no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli",
-            tools.display()
-        );
-    }
+    let tools = tools_with_reach()?;
     println!(
         "== {}: every gateway checked against its declaration",
         topology.name
@@ -517,6 +506,18 @@ fn seconds(secs: f64) -> anyhow::Result<Duration> {
 fn write_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)?)
         .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// [`tools_dir`], checked to hold the `reach` binary too.
+fn tools_with_reach() -> anyhow::Result<PathBuf> {
+    let tools = tools_dir()?;
+    if !tools.join("reach").exists() {
+        bail!(
+            "no reach binary beside reach-lab in {}: build it with cargo build -p reach-cli",
+            tools.display()
+        );
+    }
+    Ok(tools)
 }
 
 /// The machine a result was measured on: kernel, CPUs, build profile.

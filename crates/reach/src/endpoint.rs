@@ -427,6 +427,16 @@ impl Shared {
         Ok(())
     }
 
+    /// The hub session and its current link, or why there is none.
+    pub(crate) async fn hub_link(&self) -> Result<(&Session, session::Link), String> {
+        let session = self.session.as_ref().ok_or("no hub configured")?;
+        let link = session
+            .wait_link(Instant::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((session, link))
+    }
+
     /// Queues an inbound stream for `accept`.
     pub(crate) async fn deliver(&self, stream: ReachStream) {
         let _ = self.incoming.send(stream).await;

@@ -269,11 +269,7 @@ async fn reverse(
     budget: Duration,
     started: Instant,
 ) -> Result<ReachStream, String> {
-    let session = shared.session.as_ref().ok_or("no hub configured")?;
-    let link = session
-        .wait_link(Instant::now())
-        .await
-        .map_err(|e| e.to_string())?;
+    let (session, link) = shared.hub_link().await?;
     let (tx, rx) = oneshot::channel();
     let token = {
         let mut pending = shared
@@ -409,14 +405,7 @@ async fn routed(
     budget: Duration,
     started: Instant,
 ) -> Result<ReachStream, Result<String, ConnectError>> {
-    let session = shared
-        .session
-        .as_ref()
-        .ok_or(Ok("no hub configured".to_string()))?;
-    let link = session
-        .wait_link(Instant::now())
-        .await
-        .map_err(|e| Ok(e.to_string()))?;
+    let (session, link) = shared.hub_link().await.map_err(Ok)?;
     let me = shared.secret.node_id();
     let (mut rs, addrs) = session.open(&link, &me, &target.node);
     let hs = initiate(

@@ -307,14 +307,7 @@ pub(crate) async fn connect(
     started: Instant,
 ) -> Result<ReachStream, Result<String, ConnectError>> {
     let deadline = Instant::now() + budget;
-    let session = shared
-        .session
-        .as_ref()
-        .ok_or(Ok("no hub configured".to_string()))?;
-    let link = session
-        .wait_link(Instant::now())
-        .await
-        .map_err(|e| Ok(e.to_string()))?;
+    let (session, link) = shared.hub_link().await.map_err(Ok)?;
     let prepared = prepare(shared, &link.status().echo).await.map_err(Ok)?;
     let node = target.node;
     let (token, answer) = shared.pending_splice.register(node).map_err(Ok)?;
