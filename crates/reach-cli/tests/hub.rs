@@ -284,3 +284,52 @@ fn a_hub_configured_by_file_admits_only_its_allow_list() {
     listen_refused(&dir.path().join("s"), &hub.target);
     listener.kill();
 }
+
+#[test]
+fn a_hub_echoes_addresses_on_the_ports_given_and_nodes_splice_through_it() {
+    use std::io::Read;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port()
+    };
+    let (e1, e2) = (free(), free());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = HubProc::start(
+        &dir.path().join("hub"),
+        &[
+            "--echo-port",
+            &e1.to_string(),
+            "--echo-port",
+            &e2.to_string(),
+        ],
+    );
+    for port in [e1, e2] {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("echo");
+        tcp.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let local = tcp.local_addr().expect("local");
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).expect("answer");
+        assert_eq!(answer, format!("reach-echo {local}\n"));
+    }
+    let up = common::random_file(dir.path(), "up.bin", 1 << 20);
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let listener = Listener::start(None, &dir.path().join("a"), &empty, &["--hub", &hub.target]);
+    let got = dir.path().join("got.bin");
+    let status = common::connect(
+        None,
+        &dir.path().join("b"),
+        &listener.vaddr,
+        &up,
+        &got,
+        &["-v", "--hub", &hub.target, "--modules", "splice"],
+    );
+    let log = std::fs::read_to_string(got.with_extension("err")).expect("log");
+    assert!(status.success(), "{log}");
+    assert!(log.contains("module=splice"), "{log}");
+    assert_eq!(common::sha256(&listener.finish()), common::sha256(&up));
+    let (code, _, err) = run(&["hub", "--echo-port", "1", "--no-echo"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+}

@@ -163,10 +163,13 @@ impl Hub {
             listen,
             route_expiry,
         );
-        let echo_ports = echoes
+        let echo_ports: Vec<u16> = echoes
             .iter()
             .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
             .collect();
+        if !echoes.is_empty() {
+            tracing::info!(ports = ?echo_ports, "address echoes up");
+        }
         core.set_echo_ports(echo_ports);
         let inner = Arc::new(Inner {
             endpoint,
