@@ -21,8 +21,13 @@ pub(crate) async fn bind(ip: std::net::IpAddr, port: u16) -> std::io::Result<Tcp
     TcpListener::bind(SocketAddr::new(ip, port)).await
 }
 
+/// Answers in progress at once; more connections are closed unanswered, so
+/// a flood cannot pile up tasks.
+const MAX_ANSWERS: usize = 256;
+
 /// Answers every connection on `listener` with its source address.
 pub(crate) async fn serve(listener: TcpListener) {
+    let answering = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERS));
     loop {
         let (mut tcp, from) = match listener.accept().await {
             Ok(x) => x,
@@ -32,7 +37,12 @@ pub(crate) async fn serve(listener: TcpListener) {
                 continue;
             }
         };
+        let Ok(permit) = answering.clone().try_acquire_owned() else {
+            tracing::debug!(%from, "address echo busy: connection dropped");
+            continue;
+        };
         tokio::spawn(async move {
+            let _permit = permit;
             // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
             let answer = encode_echo(SocketAddr::new(from.ip().to_canonical(), from.port()));
             let write = async {

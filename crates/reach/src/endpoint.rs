@@ -276,6 +276,7 @@ impl EndpointBuilder {
             incoming: tx,
             pending_reverse: StdMutex::default(),
             pending_splice: crate::splice::Pending::default(),
+            splice_answers: StdMutex::default(),
             upgrades: Arc::default(),
             connect_backs: Arc::new(Semaphore::new(MAX_CONNECT_BACKS)),
             cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
@@ -322,6 +323,8 @@ pub(crate) struct Shared {
     pub(crate) pending_reverse: StdMutex<HashMap<(NodeId, u16), ReverseWaiter>>,
     /// Splice offers waiting for the target's answer.
     pub(crate) pending_splice: crate::splice::Pending,
+    /// Splice answers running here, per asking node.
+    pub(crate) splice_answers: StdMutex<HashMap<NodeId, usize>>,
     /// Inbound routed streams the peer may move to a direct connection.
     pub(crate) upgrades: Arc<crate::upgrade::Registry>,
     /// The module that last worked, per target.

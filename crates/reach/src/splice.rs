@@ -54,7 +54,12 @@ const ECHO_BUDGET: Duration = Duration::from_millis(800);
 /// up to [`MAX_RETRY_PAUSE`]. The peer's SYN that opens the way is usually
 /// less than a hub round trip behind, so the first retries come quickly.
 const RETRY_PAUSE: Duration = Duration::from_millis(2);
-const MAX_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Caps the SYN rate towards a candidate that keeps refusing at 10 a
+/// second: offers come from other nodes, and their candidates could name a
+/// bystander.
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Offers one node may have answered at once here; more are declined.
+const ANSWERS_PER_ASKER: usize = 4;
 /// How long the target keeps punching after it answered.
 const TARGET_WINDOW: Duration = Duration::from_secs(3);
 /// How long the asker waits for the answer, at most.
@@ -365,6 +370,43 @@ pub(crate) async fn connect(
     Err(Ok(last))
 }
 
+/// One of the [`ANSWERS_PER_ASKER`] answers a node may have running here.
+struct AskerTurn<'a> {
+    shared: &'a Shared,
+    from: NodeId,
+}
+
+impl<'a> AskerTurn<'a> {
+    fn take(shared: &'a Shared, from: NodeId) -> Option<Self> {
+        let mut busy = shared
+            .splice_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = busy.entry(from).or_insert(0);
+        if *n >= ANSWERS_PER_ASKER {
+            return None;
+        }
+        *n += 1;
+        Some(Self { shared, from })
+    }
+}
+
+impl Drop for AskerTurn<'_> {
+    fn drop(&mut self) {
+        let mut busy = self
+            .shared
+            .splice_answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = busy.get_mut(&self.from) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&self.from);
+            }
+        }
+    }
+}
+
 /// A splice offer another node sent.
 pub(crate) struct Offer {
     pub(crate) from: NodeId,
@@ -402,6 +444,11 @@ pub(crate) async fn answer(
     let decline = |reason: String| {
         tracing::debug!(%from, "declining splice: {reason}");
         reply(Rendezvous::SpliceDeclined { token, reason });
+    };
+    let Some(_turn) = AskerTurn::take(&shared, from) else {
+        return decline(format!(
+            "already answering {ANSWERS_PER_ASKER} offers from this node"
+        ));
     };
     if upgrade {
         if crate::upgrade::lookup(&shared.upgrades, from, vport).is_none() {
