@@ -13,6 +13,7 @@ pub mod identity;
 pub mod link;
 pub mod nat;
 mod noise_crypto;
+pub mod punch;
 pub mod race;
 pub mod record;
 pub mod routes;

@@ -17,12 +17,14 @@
 //! SYN that reaches the other side before that side's own SYN has opened its
 //! NAT is dropped (and the later SYN then meets a socket in SYN_SENT) or
 //! answered with a reset by a rejecting firewall, after which that candidate
-//! is retried, after a pause from [`RETRY_PAUSE`] doubling up to
-//! [`MAX_RETRY_PAUSE`], until the deadline; meanwhile a listener
-//! on the same port accepts a SYN that finds no connecting socket. The answering side
-//! sends first, so the asker's SYNs, sent one hub path later, find its NAT
-//! open. Both send to candidates in the offered order: two sequential NATs
-//! then allocate their i-th mappings for each other's i-th candidates.
+//! is retried after a pause that doubles from 2 to 100 ms, until the
+//! deadline (`reach_proto::punch` schedules the attempts). Meanwhile a
+//! listener on the same port accepts a SYN that finds no connecting socket.
+//! The answering side sends first, so the asker's SYNs, sent one hub path
+//! later, find its NAT open. Both send to candidates in the offered order
+//! (each connect system call is made before the next attempt starts): two
+//! sequential NATs then allocate their i-th mappings for each other's i-th
+//! candidates.
 //!
 //! The stream is authenticated end to end like every other; the target
 //! checks that the handshake comes from the node that made the offer.
@@ -36,6 +38,7 @@ use reach_proto::candidates::{classify as addr_class, AddrClass};
 use reach_proto::handshake::{Admission, HandshakeError, InitiatorOptions, Refusal};
 use reach_proto::link::{Control, Rendezvous};
 use reach_proto::nat::{self, NatProfile, Observation, MAX_CANDIDATES, MAX_ECHO_LEN};
+use reach_proto::punch::{Punch, PunchStep};
 use reach_proto::{NodeId, VirtualAddr};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpSocket, TcpStream};
@@ -50,14 +53,6 @@ use crate::stream::{Direction, ReachStream, SetupModule};
 
 /// How long one address echo may take to answer.
 const ECHO_BUDGET: Duration = Duration::from_millis(800);
-/// Pause before a candidate whose SYN was refused is tried again; doubles
-/// up to [`MAX_RETRY_PAUSE`]. The peer's SYN that opens the way is usually
-/// less than a hub round trip behind, so the first retries come quickly.
-const RETRY_PAUSE: Duration = Duration::from_millis(2);
-/// Caps the SYN rate towards a candidate that keeps refusing at 10 a
-/// second: offers come from other nodes, and their candidates could name a
-/// bystander.
-const MAX_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Offers one node may have answered at once here; more are declined.
 const ANSWERS_PER_ASKER: usize = 4;
 /// How long the target keeps punching after it answered.
@@ -264,40 +259,76 @@ fn punch(
         }
         Err(e) => tracing::debug!(%local, "no splice listener: {e}"),
     }
-    for (i, c) in candidates.iter().take(MAX_CANDIDATES).copied().enumerate() {
-        let tx = tx.clone();
-        tasks.spawn(async move {
-            // SYNs leave in candidate order: a sequential NAT allocates in
-            // the order the peer predicted.
-            tokio::time::sleep(Duration::from_micros(200) * i as u32).await;
-            let attempt = async {
-                let mut pause = RETRY_PAUSE;
-                loop {
-                    let sock = match reusable_socket(local) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::debug!(%c, "splice socket: {e}");
-                            return;
-                        }
-                    };
-                    match sock.connect(c).await {
-                        Ok(tcp) => {
-                            let _ = tcp.set_nodelay(true);
-                            let _ = tx.send(tcp).await;
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::trace!(%c, "splice SYN failed: {e}");
-                            tokio::time::sleep(pause).await;
-                            pause = (pause * 2).min(MAX_RETRY_PAUSE);
-                        }
+    let candidates: Vec<SocketAddr> = candidates.iter().take(MAX_CANDIDATES).copied().collect();
+    tasks.spawn(drive_attempts(local, candidates, deadline, tx));
+    (tasks, rx)
+}
+
+/// Runs the attempts `reach_proto::punch::Punch` schedules, sending each
+/// connection that opens to `opened`, until the deadline.
+async fn drive_attempts(
+    local: SocketAddr,
+    candidates: Vec<SocketAddr>,
+    deadline: Instant,
+    opened: mpsc::Sender<TcpStream>,
+) {
+    let mut schedule = Punch::new(&candidates, Instant::now(), deadline);
+    let mut attempts = JoinSet::new();
+    loop {
+        let wake = loop {
+            match schedule.poll(Instant::now()) {
+                PunchStep::Connect(i, to) => match start_connect(local, to).await {
+                    Ok(attempt) => {
+                        attempts.spawn(async move { (i, attempt.await) });
+                    }
+                    Err(e) => {
+                        tracing::trace!(%to, "splice SYN failed: {e}");
+                        schedule.handle_failed(i, Instant::now());
+                    }
+                },
+                PunchStep::Wait(t) => break t,
+                PunchStep::Finished => return,
+            }
+        };
+        tokio::select! {
+            Some(done) = attempts.join_next() => match done {
+                Ok((i, Ok(tcp))) => {
+                    schedule.handle_connected(i);
+                    let _ = tcp.set_nodelay(true);
+                    if opened.send(tcp).await.is_err() {
+                        return;
                     }
                 }
-            };
-            let _ = tokio::time::timeout_at(deadline.into(), attempt).await;
-        });
+                Ok((i, Err(e))) => {
+                    tracing::trace!(candidate = i, "splice SYN failed: {e}");
+                    schedule.handle_failed(i, Instant::now());
+                }
+                Err(_) => {}
+            },
+            () = tokio::time::sleep_until(wake.into()) => {}
+        }
     }
-    (tasks, rx)
+}
+
+/// Sends the SYN of one attempt from `local` to `to` now, before returning,
+/// so attempts leave in the order they are started; the future it returns
+/// resolves when the attempt connects or fails.
+async fn start_connect(
+    local: SocketAddr,
+    to: SocketAddr,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<TcpStream>> + Send> {
+    let mut connecting = Box::pin(reusable_socket(local)?.connect(to));
+    // The first poll makes the connect system call (and sends the SYN).
+    let first = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::future::Future::poll(connecting.as_mut(), cx))
+    })
+    .await;
+    Ok(async move {
+        match first {
+            std::task::Poll::Ready(result) => result,
+            std::task::Poll::Pending => connecting.await,
+        }
+    })
 }
 
 /// The asker's side: offers, waits for the answer, punches, and runs the
