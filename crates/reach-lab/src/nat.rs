@@ -615,4 +615,124 @@ mod tests {
             prop_assert!(checksums_valid(&back));
         }
     }
+
+    /// One side of a simulated splice: a host at `IN` behind `nat`.
+    struct Side {
+        nat: Nat,
+        ext: Ipv4Addr,
+        port: u16,
+        candidates: Vec<(Ipv4Addr, u16)>,
+    }
+
+    const HUB: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 66);
+
+    /// Probes the hub's two echoes from one port (and a third mapping from
+    /// another port for a sequential allocator), then predicts, as a node does.
+    fn prepare(mut nat: Nat, ext: Ipv4Addr, port: u16) -> Side {
+        use reach_proto::nat::{classify, confirm_sequential, predict, Allocation, Observation};
+        let sa = |ip: Ipv4Addr, p: u16| std::net::SocketAddr::from((ip, p));
+        let mut observe = |from: u16, echo: u16| {
+            let mut p = packet(true, (IN, from), (HUB, echo), b"");
+            assert_eq!(nat.outbound(&mut p), Verdict::Forward);
+            Observation {
+                local: sa(IN, from),
+                server: sa(HUB, echo),
+                mapped: sa(ext, u16::from_be_bytes([p[20], p[21]])),
+            }
+        };
+        let obs = [observe(port, 7701), observe(port, 7702)];
+        let mut profile = classify(&obs);
+        if let Allocation::Sequential { .. } = profile.allocation {
+            profile = confirm_sequential(&profile, &observe(port + 1000, 7701));
+        }
+        let candidates = predict(&profile, &[], port)
+            .into_iter()
+            .map(|a| match a {
+                std::net::SocketAddr::V4(v4) => (*v4.ip(), v4.port()),
+                std::net::SocketAddr::V6(_) => unreachable!("IPv4 only here"),
+            })
+            .collect();
+        Side {
+            nat,
+            ext,
+            port,
+            candidates,
+        }
+    }
+
+    /// Whether a TCP simultaneous open gets through: the target sends its
+    /// SYNs first (dropped or not at the asker's NAT), then the asker sends
+    /// its own, each in candidate order; one asker SYN that the target's NAT
+    /// forwards to the target's port makes the connection (its listener
+    /// takes it when no connecting socket matches).
+    fn splices(asker: &mut Side, target: &mut Side) -> bool {
+        for c in asker.candidates.clone() {
+            let mut p = packet(true, (IN, target.port), c, b"");
+            if target.nat.outbound(&mut p) == Verdict::Forward && c.0 == asker.ext {
+                let _ = asker.nat.inbound(&mut p);
+            }
+        }
+        let mut through = false;
+        for c in target.candidates.clone() {
+            let mut p = packet(true, (IN, asker.port), c, b"");
+            if asker.nat.outbound(&mut p) != Verdict::Forward || c.0 != target.ext {
+                continue;
+            }
+            if target.nat.inbound(&mut p) == Verdict::Forward {
+                let to = (
+                    Ipv4Addr::new(p[16], p[17], p[18], p[19]),
+                    u16::from_be_bytes([p[22], p[23]]),
+                );
+                through |= to == (IN, target.port);
+            }
+        }
+        through
+    }
+
+    #[test]
+    fn prediction_splices_every_pair_of_predictable_nats_in_simulation() {
+        use Allocation::*;
+        use Mapping::*;
+        let kinds = [
+            (EndpointIndependent, Preserve),
+            (AddressDependent, Preserve),
+            (AddressDependent, Sequential),
+            (AddressAndPortDependent, Sequential),
+            (AddressAndPortDependent, Random),
+        ];
+        let a_ext = Ipv4Addr::new(203, 0, 113, 21);
+        let b_ext = Ipv4Addr::new(203, 0, 113, 22);
+        for (i, (am, aa)) in kinds.iter().enumerate() {
+            for (j, (bm, ba)) in kinds.iter().enumerate() {
+                let mk = |ext, m, a, seed| {
+                    Nat::new(NatConfig {
+                        external: ext,
+                        mapping: m,
+                        filtering: Filtering::AddressAndPortDependent,
+                        allocation: a,
+                        seed,
+                        hairpin: false,
+                    })
+                };
+                let mut a = prepare(mk(a_ext, *am, *aa, 11 + i as u64), a_ext, 40_000);
+                let mut b = prepare(mk(b_ext, *bm, *ba, 97 + j as u64), b_ext, 41_000);
+                let random = *aa == Random || *ba == Random;
+                if random {
+                    // A random allocator predicts nothing: the splice is
+                    // declined before any SYN is sent.
+                    assert!(
+                        a.candidates.is_empty() || b.candidates.is_empty(),
+                        "{am:?}/{aa:?} with {bm:?}/{ba:?}"
+                    );
+                    continue;
+                }
+                assert!(
+                    splices(&mut a, &mut b),
+                    "{am:?}/{aa:?} asking {bm:?}/{ba:?}: candidates {:?} and {:?}",
+                    a.candidates,
+                    b.candidates
+                );
+            }
+        }
+    }
 }
