@@ -77,6 +77,13 @@ enum Command {
     /// Show a hub's state: its links to other hubs, routes, attached nodes and
     /// counters (the hub named by --hub, else the configured one).
     Status(status::StatusArgs),
+    /// Probe the NAT in front of this host with the hub's address echoes, as
+    /// a splice does, and print what it does: how it maps a local port
+    /// (endpoint-independent or per destination), how it allocates external
+    /// ports (preserved, sequential with a step, random), and the endpoints a
+    /// peer would be told to aim at (none: splicing is skipped).
+    #[command(verbatim_doc_comment)]
+    Nat(NatArgs),
 }
 
 /// Settings every node command shares: how to reach peers.
@@ -144,6 +151,16 @@ struct ConnectArgs {
     /// Seconds to try before giving up (default 10).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// `reach nat`.
+#[derive(Args, Debug)]
+struct NatArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -228,6 +245,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Connect(args) => connect(args, &config, &state_dir).await,
         Command::Hub(args) => hub::run(args, &config, &state_dir).await,
         Command::Status(args) => status::run(args, &config, &state_dir).await,
+        Command::Nat(args) => nat(args, &config, &state_dir).await,
     }
 }
 
@@ -356,6 +374,35 @@ async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::
             Err(e) => tracing::warn!("stream from {} failed: {e:#}", info.peer),
         }
     }
+}
+
+async fn nat(args: NatArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let (b, has_hub) = builder(config, state_dir, &args.common)?;
+    if !has_hub {
+        anyhow::bail!("no hub: give --hub (or set hub in the config file); NAT behaviour is learned from a hub's address echoes");
+    }
+    let endpoint = b.accept_ports(Vec::new()).bind().await?;
+    let report = endpoint.probe_nat().await.context("cannot probe the NAT")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let p = &report.profile;
+        println!("{p}");
+        if let Some(ext) = p.external {
+            println!(
+                "external address: {ext} (for local port {})",
+                report.local_port
+            );
+        }
+        if report.candidates.is_empty() {
+            println!("splice: skipped (ports cannot be predicted)");
+        } else {
+            let c: Vec<String> = report.candidates.iter().map(|a| a.to_string()).collect();
+            println!("splice: peers aim at {}", c.join(", "));
+        }
+    }
+    endpoint.close(CLOSE_TIMEOUT).await;
+    Ok(())
 }
 
 /// How long `connect` and `listen` wait at exit for the hub link to close.

@@ -84,3 +84,63 @@ fn a_routed_200_mb_transfer_moves_to_a_spliced_path_mid_transfer_intact() {
     assert!(routed > 0 && routed < moved.bytes / 2, "{report}");
     assert_eq!(spliced.module, "splice", "{report}");
 }
+
+#[test]
+fn reach_nat_names_the_behaviour_of_every_gateway_of_the_zoo() {
+    let t = common::topology("nat-zoo");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let state = tempfile::tempdir().expect("tempdir");
+    let hubs = reach_lab::hubs::start(
+        &lab,
+        &t,
+        t.hubs.as_ref().expect("[hubs]"),
+        &tools,
+        state.path(),
+    )
+    .expect("hub");
+    for host in &lab.record().matrix {
+        let out = lab
+            .command(host, tools.join("reach"))
+            .arg("--state-dir")
+            .arg(state.path().join(host))
+            .args(["nat", "--json", "--hub"])
+            .arg(&hubs.attach[host])
+            .output()
+            .expect("run reach nat");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let mapping = v["profile"]["mapping"].as_str().unwrap_or_default();
+        let allocation = &v["profile"]["allocation"];
+        let candidates = v["candidates"].as_array().map_or(0, Vec::len);
+        match host.as_str() {
+            "open" | "fw-drop" | "fw-reject" => {
+                assert_eq!(mapping, "no-nat", "{host}: {text}");
+                assert_eq!(candidates, 1, "{host}: {text}");
+            }
+            // One hub address: an address-dependent mapping looks
+            // endpoint-independent from there (hence a window of ports).
+            "nat-eim" | "nat-eim-2" | "nat-adm" | "nat-eif" | "nat-hairpin" => {
+                assert_eq!(mapping, "endpoint-independent", "{host}: {text}");
+                assert_eq!(allocation, "preserved", "{host}: {text}");
+                assert_eq!(candidates, 5, "{host}: {text}");
+            }
+            "nat-apdm-seq" | "nat-apdm-seq-2" => {
+                assert_eq!(mapping, "dependent", "{host}: {text}");
+                assert_eq!(allocation["sequential"]["step"], 1, "{host}: {text}");
+                assert_eq!(candidates, 6, "{host}: {text}");
+            }
+            "nat-apdm-rand" => {
+                assert_eq!(mapping, "dependent", "{host}: {text}");
+                assert_eq!(allocation, "random", "{host}: {text}");
+                assert_eq!(candidates, 0, "{host}: {text}");
+            }
+            other => panic!("a zoo host this test does not know: {other}"),
+        }
+    }
+}

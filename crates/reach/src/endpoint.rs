@@ -338,6 +338,11 @@ pub(crate) struct Shared {
     network_secret: Option<Vec<u8>>,
 }
 
+/// How long [`Endpoint::probe_nat`] waits for a hub session coming up.
+fn setup_session_wait() -> Duration {
+    Duration::from_secs(3)
+}
+
 /// Connect-backs a node runs at once for others; more are refused at once.
 const MAX_CONNECT_BACKS: usize = 32;
 
@@ -525,6 +530,24 @@ impl Endpoint {
     /// A builder with default settings.
     pub fn builder() -> EndpointBuilder {
         EndpointBuilder::default()
+    }
+
+    /// Probes the NAT in front of this host with the hub's address echoes,
+    /// as a splice does: how it maps a local port, how it allocates external
+    /// ports, and what a peer would be told to aim at.
+    pub async fn probe_nat(&self) -> Result<crate::NatReport, crate::NatProbeError> {
+        use crate::NatProbeError;
+        let session = self.shared.session.as_ref().ok_or(NatProbeError::NoHub)?;
+        let link = session
+            .wait_link(Instant::now() + setup_session_wait())
+            .await?;
+        let echoes = &link.status().echo;
+        if echoes.is_empty() {
+            return Err(NatProbeError::NoEcho);
+        }
+        crate::splice::probe(&self.shared, echoes)
+            .await
+            .map_err(NatProbeError::Echo)
     }
 
     /// Closes the hub session gracefully, within `timeout`: everything

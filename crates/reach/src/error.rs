@@ -164,3 +164,21 @@ pub enum EndpointError {
     #[error("endpoint is closed")]
     Closed,
 }
+
+/// Why NAT behaviour could not be probed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatProbeError {
+    /// The endpoint has no hub to ask.
+    #[error("no hub configured: NAT behaviour is learned from a hub's address echoes")]
+    NoHub,
+    /// The hub session is not up.
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
+    /// The hub runs no address echo.
+    #[error("the hub runs no address echo")]
+    NoEcho,
+    /// An echo did not answer usably (the OS error or the bad answer).
+    #[error("{0}")]
+    Echo(String),
+}

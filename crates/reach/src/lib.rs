@@ -34,10 +34,11 @@ pub use endpoint::{
     preferred_cipher, Endpoint, EndpointBuilder, ListenPorts, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DIRECT_BUDGET, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REVERSE_BUDGET,
 };
-pub use error::{Attempt, AttemptError, ConnectError, EndpointError, ModuleFailure};
+pub use error::{Attempt, AttemptError, ConnectError, EndpointError, ModuleFailure, NatProbeError};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;
 pub use secure::SecureStream;
 pub use session::{HubStatus, HubTarget, SessionError};
+pub use splice::NatReport;
 pub use stream::{Direction, ReachStream, SetupModule, StreamInfo};
 pub use upgrade::Upgraded;

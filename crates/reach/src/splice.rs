@@ -108,6 +108,28 @@ impl Pending {
     }
 }
 
+/// What probing the hub's echoes found about this host's NAT.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NatReport {
+    /// The classification.
+    pub profile: NatProfile,
+    /// The local port probed from.
+    pub local_port: u16,
+    /// The endpoints a peer would be told to aim at for that port (empty:
+    /// not predictable, so splicing is skipped).
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// Probes the NAT in front of this host, as a splice would.
+pub(crate) async fn probe(shared: &Shared, echoes: &[SocketAddr]) -> Result<NatReport, String> {
+    let p = prepare(shared, echoes).await?;
+    Ok(NatReport {
+        profile: p.profile,
+        local_port: p.local.port(),
+        candidates: p.candidates,
+    })
+}
+
 /// A local port with its learned NAT mapping and predicted endpoints.
 struct Prepared {
     /// Holds the port while the splice runs.
@@ -115,6 +137,19 @@ struct Prepared {
     local: SocketAddr,
     profile: NatProfile,
     candidates: Vec<SocketAddr>,
+}
+
+impl Prepared {
+    /// Fails when there is nothing to tell the peer.
+    fn predictable(self) -> Result<Self, String> {
+        if self.candidates.is_empty() {
+            return Err(format!(
+                "this node's NAT cannot be predicted ({})",
+                self.profile
+            ));
+        }
+        Ok(self)
+    }
 }
 
 fn reusable_socket(local: SocketAddr) -> std::io::Result<TcpSocket> {
@@ -217,9 +252,6 @@ async fn prepare(shared: &Shared, echoes: &[SocketAddr]) -> Result<Prepared, Str
         .collect();
     let candidates = nat::predict(&profile, &public, local.port());
     tracing::debug!(%profile, ?candidates, port = local.port(), "splice port prepared");
-    if candidates.is_empty() {
-        return Err(format!("this node's NAT cannot be predicted ({profile})"));
-    }
     Ok(Prepared {
         _anchor: anchor,
         local,
@@ -344,7 +376,10 @@ pub(crate) async fn connect(
 ) -> Result<ReachStream, Result<String, ConnectError>> {
     let deadline = Instant::now() + budget;
     let (session, link) = shared.hub_link().await.map_err(Ok)?;
-    let prepared = prepare(shared, &link.status().echo).await.map_err(Ok)?;
+    let prepared = prepare(shared, &link.status().echo)
+        .await
+        .and_then(Prepared::predictable)
+        .map_err(Ok)?;
     let node = target.node;
     let (token, answer) = shared.pending_splice.register(node).map_err(Ok)?;
     session.send(
@@ -488,7 +523,10 @@ pub(crate) async fn answer(
     } else if shared.admit_port(vport) != Admission::Accept {
         return decline(format!("no service on virtual port {vport}"));
     }
-    let prepared = match prepare(&shared, &echoes).await {
+    let prepared = match prepare(&shared, &echoes)
+        .await
+        .and_then(Prepared::predictable)
+    {
         Ok(p) => p,
         Err(e) => return decline(e),
     };
