@@ -248,6 +248,34 @@ async fn a_routed_stream_moves_to_a_direct_or_spliced_connection_mid_stream_in_o
 }
 
 #[tokio::test]
+async fn a_routed_stream_from_the_cache_is_offered_an_upgrade_and_the_cache_learns() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder()).await);
+    let _echo = echo(b.clone());
+    // An earlier run of this node cached Routed for b (its direct path was
+    // down then, say); the default module order has Direct and Splice first.
+    let state = tempfile::tempdir().expect("tempdir");
+    let modules = state.path().join("modules");
+    std::fs::create_dir_all(&modules).expect("dir");
+    std::fs::write(modules.join(b.node_id().to_string()), "routed -\n").expect("seed");
+    let a = node(&t, builder().state_dir(state.path())).await;
+    let mut s = a.connect(&by_id(&b, 3)).await.expect("connect");
+    assert_eq!(s.info().module, SetupModule::Routed, "the cache goes first");
+    let data = pattern(2 << 20, 3);
+    echo_across_a_move(&mut s, &data, true).await;
+    let moved = s.upgraded().expect("moved").module;
+    assert_eq!(
+        a.cached_module(&b.node_id()),
+        Some(moved),
+        "next time: {moved}"
+    );
+    let mut again = a.connect(&by_id(&b, 3)).await.expect("connect again");
+    assert_eq!(again.info().module, moved);
+    round_trip(&mut again, b"straight there").await;
+}
+
+#[tokio::test]
 async fn a_stream_whose_upgrade_fails_stays_routed_and_intact() {
     let closed = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
     let dead = closed.local_addr().expect("addr");

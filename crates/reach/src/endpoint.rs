@@ -277,6 +277,7 @@ impl EndpointBuilder {
             pending_reverse: StdMutex::default(),
             pending_splice: crate::splice::Pending::default(),
             splice_answers: StdMutex::default(),
+            upgrades_tried: StdMutex::default(),
             upgrades: Arc::default(),
             connect_backs: Arc::new(Semaphore::new(MAX_CONNECT_BACKS)),
             cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
@@ -325,6 +326,8 @@ pub(crate) struct Shared {
     pub(crate) pending_splice: crate::splice::Pending,
     /// Splice answers running here, per asking node.
     pub(crate) splice_answers: StdMutex<HashMap<NodeId, usize>>,
+    /// When a cached routed stream to a node was last offered an upgrade.
+    pub(crate) upgrades_tried: StdMutex<HashMap<NodeId, Instant>>,
     /// Inbound routed streams the peer may move to a direct connection.
     pub(crate) upgrades: Arc<crate::upgrade::Registry>,
     /// The module that last worked, per target.

@@ -176,16 +176,8 @@ pub(crate) async fn connect(
                 crate::splice::connect(shared, &target, options, budget, started).await
             }
             SetupModule::Routed => {
-                // Modules after Routed in the configured order run in the
-                // background once the routed stream is up, to move it.
-                let upgrade_to: Vec<SetupModule> = shared
-                    .modules
-                    .iter()
-                    .skip_while(|m| **m != SetupModule::Routed)
-                    .filter(|m| matches!(m, SetupModule::Direct | SetupModule::Splice))
-                    .filter(|m| !failed_before.contains(*m))
-                    .copied()
-                    .collect();
+                let upgrade_to =
+                    upgrade_modules(shared, node, i == 0 && cached.is_some(), &failed_before);
                 routed(shared, &target, remaining, started)
                     .await
                     .map(|s| upgradable(shared, s, &target, upgrade_to))
@@ -316,6 +308,52 @@ async fn reverse(
     }
 }
 
+/// How often a target whose routed stream came from the cache is offered an
+/// upgrade: the pair may have become able to splice (a NAT or firewall
+/// changed), but one that cannot should not be tried on every connection.
+const RETRY_UPGRADE_AFTER: Duration = Duration::from_secs(60);
+
+/// The modules that may move a routed stream to `node` in the background:
+/// those after Routed in the configured order; and, when Routed was tried
+/// first because the cache said so, the Direct and Splice that the order has
+/// before it (none of them ran), at most every [`RETRY_UPGRADE_AFTER`].
+fn upgrade_modules(
+    shared: &Shared,
+    node: NodeId,
+    from_cache: bool,
+    failed_before: &[SetupModule],
+) -> Vec<SetupModule> {
+    let movers = |m: &&SetupModule| matches!(m, SetupModule::Direct | SetupModule::Splice);
+    let after: Vec<SetupModule> = shared
+        .modules
+        .iter()
+        .skip_while(|m| **m != SetupModule::Routed)
+        .filter(movers)
+        .filter(|m| !failed_before.contains(*m))
+        .copied()
+        .collect();
+    if !after.is_empty() || !from_cache {
+        return after;
+    }
+    let now = Instant::now();
+    let mut tried = shared
+        .upgrades_tried
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    tried.retain(|_, at| now.saturating_duration_since(*at) < RETRY_UPGRADE_AFTER);
+    if tried.contains_key(&node) {
+        return Vec::new();
+    }
+    tried.insert(node, now);
+    shared
+        .modules
+        .iter()
+        .take_while(|m| **m != SetupModule::Routed)
+        .filter(movers)
+        .copied()
+        .collect()
+}
+
 /// Starts moving an encrypted routed stream to a connection made by
 /// `modules` (tried in order in the background); the stream carries on
 /// routed until one works, and for good if none does.
@@ -387,6 +425,11 @@ async fn upgrade(
         match made.map(ReachStream::into_new_path) {
             Ok(Some(path)) => {
                 tracing::debug!(node = %target.node, %module, "upgrade connection made");
+                // The next connection to the node goes this way at once.
+                shared.cache.set(target.node, Some(module));
+                if module == SetupModule::Direct {
+                    shared.cache.set_addr(target.node, path.remote);
+                }
                 slot.attach(path);
                 return;
             }
