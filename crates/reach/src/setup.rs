@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use std::net::SocketAddr;
 
 use reach_proto::candidates::{classify, plausibly_reachable, AddrClass};
-use reach_proto::handshake::{HandshakeError, InitiatorOptions};
+use reach_proto::handshake::HandshakeError;
 use reach_proto::link::ConnectBack;
 use reach_proto::{NodeId, VirtualAddr};
 use tokio::sync::oneshot;
@@ -24,12 +24,12 @@ use crate::endpoint::Shared;
 use crate::error::{AttemptError, ConnectError, ModuleFailure};
 use crate::handshake::initiate;
 use crate::stream::{Direction, ReachStream, SetupModule};
-use crate::upgrade::Slot;
+use crate::upgrade::{upgradable, upgrade_modules};
 
 /// How long `connect` waits for a hub session that is still coming up.
 const SESSION_WAIT: Duration = Duration::from_secs(3);
 /// How long a directory lookup may take.
-const LOOKUP_BUDGET: Duration = Duration::from_secs(2);
+pub(crate) const LOOKUP_BUDGET: Duration = Duration::from_secs(2);
 
 /// Connects to `target` within `timeout`.
 pub(crate) async fn connect(
@@ -244,7 +244,7 @@ fn reverse_plausible(
     }
 }
 
-fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -> RaceSettings {
+pub(crate) fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -> RaceSettings {
     RaceSettings {
         options: shared.initiator_options(),
         attempt_delay: shared.attempt_delay,
@@ -306,139 +306,6 @@ async fn reverse(
         Ok(Err(_)) => Err("the connect-back request was dropped".into()),
         Err(_) => Err(format!("the node did not connect back within {budget:?}")),
     }
-}
-
-/// How often a target whose routed stream came from the cache is offered an
-/// upgrade: the pair may have become able to splice (a NAT or firewall
-/// changed), but one that cannot should not be tried on every connection.
-const RETRY_UPGRADE_AFTER: Duration = Duration::from_secs(60);
-
-/// The modules that may move a routed stream to `node` in the background:
-/// those after Routed in the configured order; and, when Routed was tried
-/// first because the cache said so, the Direct and Splice that the order has
-/// before it (none of them ran), at most every [`RETRY_UPGRADE_AFTER`].
-fn upgrade_modules(
-    shared: &Shared,
-    node: NodeId,
-    from_cache: bool,
-    failed_before: &[SetupModule],
-) -> Vec<SetupModule> {
-    let movers = |m: &&SetupModule| matches!(m, SetupModule::Direct | SetupModule::Splice);
-    let after: Vec<SetupModule> = shared
-        .modules
-        .iter()
-        .skip_while(|m| **m != SetupModule::Routed)
-        .filter(movers)
-        .filter(|m| !failed_before.contains(*m))
-        .copied()
-        .collect();
-    if !after.is_empty() || !from_cache {
-        return after;
-    }
-    let now = Instant::now();
-    let mut tried = shared
-        .upgrades_tried
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    tried.retain(|_, at| now.saturating_duration_since(*at) < RETRY_UPGRADE_AFTER);
-    if tried.contains_key(&node) {
-        return Vec::new();
-    }
-    tried.insert(node, now);
-    shared
-        .modules
-        .iter()
-        .take_while(|m| **m != SetupModule::Routed)
-        .filter(movers)
-        .copied()
-        .collect()
-}
-
-/// Starts moving an encrypted routed stream to a connection made by
-/// `modules` (tried in order in the background); the stream carries on
-/// routed until one works, and for good if none does.
-fn upgradable(
-    shared: &Arc<Shared>,
-    stream: ReachStream,
-    target: &VirtualAddr,
-    modules: Vec<SetupModule>,
-) -> ReachStream {
-    let Some(id) = stream.upgrade_id() else {
-        return stream;
-    };
-    if modules.is_empty() {
-        return stream;
-    }
-    let slot = Slot::default();
-    slot.begin();
-    let target = VirtualAddr {
-        port: id,
-        ..target.clone()
-    };
-    tokio::spawn(upgrade(shared.clone(), target, modules, slot.clone()));
-    stream.into_upgradable(slot, None)
-}
-
-/// Makes a connection for the routed stream with upgrade id `target.port`.
-async fn upgrade(
-    shared: Arc<Shared>,
-    mut target: VirtualAddr,
-    modules: Vec<SetupModule>,
-    slot: Slot,
-) {
-    if target.direct.is_empty() && modules.contains(&SetupModule::Direct) {
-        if let Some(session) = &shared.session {
-            let deadline = Instant::now() + LOOKUP_BUDGET;
-            if let Ok(Some(entry)) = session.lookup(target.node, deadline).await {
-                target.direct = entry.addrs;
-            }
-        }
-    }
-    let options = InitiatorOptions {
-        upgrade: true,
-        ..shared.initiator_options()
-    };
-    let mut failures = Vec::new();
-    for module in modules {
-        let made = match module {
-            SetupModule::Direct if target.direct.is_empty() => {
-                failures.push("direct: no address known".to_string());
-                continue;
-            }
-            SetupModule::Direct => {
-                let settings = RaceSettings {
-                    options,
-                    ..race_settings(&shared, &target.node, shared.direct_budget)
-                };
-                direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            SetupModule::Splice => {
-                let budget = shared.splice_budget;
-                crate::splice::connect(&shared, &target, options, budget, Instant::now())
-                    .await
-                    .map_err(|e| e.unwrap_or_else(|e| e.to_string()))
-            }
-            _ => continue,
-        };
-        match made.map(ReachStream::into_new_path) {
-            Ok(Some(path)) => {
-                tracing::debug!(node = %target.node, %module, "upgrade connection made");
-                // The next connection to the node goes this way at once.
-                shared.cache.set(target.node, Some(module));
-                if module == SetupModule::Direct {
-                    shared.cache.set_addr(target.node, path.remote);
-                }
-                slot.attach(path);
-                return;
-            }
-            Ok(None) => failures.push(format!("{module}: not encrypted")),
-            Err(e) => failures.push(format!("{module}: {e}")),
-        }
-    }
-    tracing::debug!(node = %target.node, ?failures, "stream stays routed");
-    slot.fail(failures.join("; "));
 }
 
 /// Opens a routed stream through the hubs and runs the handshake over it.

@@ -1,0 +1,170 @@
+//! Learning this host's NAT mapping for a fresh local port from the hub's
+//! address echoes, and predicting the endpoints a peer should aim at
+//! (`reach_proto::nat` classifies and predicts; this does the I/O).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use reach_proto::candidates::{classify as addr_class, AddrClass};
+use reach_proto::nat::{self, NatProfile, Observation, MAX_ECHO_LEN};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpSocket;
+
+use crate::endpoint::Shared;
+
+/// How long one address echo may take to answer.
+const ECHO_BUDGET: Duration = Duration::from_millis(800);
+/// Fresh ports bound at most when looking for one not used lately.
+const PORT_TRIES: usize = 16;
+
+/// What probing the hub's echoes found about this host's NAT.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NatReport {
+    /// The classification.
+    pub profile: NatProfile,
+    /// The local port probed from.
+    pub local_port: u16,
+    /// The endpoints a peer would be told to aim at for that port (empty:
+    /// not predictable, so splicing is skipped).
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// Probes the NAT in front of this host, as a splice would.
+pub(crate) async fn probe(shared: &Shared, echoes: &[SocketAddr]) -> Result<NatReport, String> {
+    let p = prepare(shared, echoes).await?;
+    Ok(NatReport {
+        profile: p.profile,
+        local_port: p.local.port(),
+        candidates: p.candidates,
+    })
+}
+
+/// A local port with its learned NAT mapping and predicted endpoints.
+pub(super) struct Prepared {
+    /// Holds the port while the splice runs.
+    _anchor: TcpSocket,
+    pub(super) local: SocketAddr,
+    pub(super) profile: NatProfile,
+    pub(super) candidates: Vec<SocketAddr>,
+}
+
+impl Prepared {
+    /// Fails when there is nothing to tell the peer.
+    pub(super) fn predictable(self) -> Result<Self, String> {
+        if self.candidates.is_empty() {
+            return Err(format!(
+                "this node's NAT cannot be predicted ({})",
+                self.profile
+            ));
+        }
+        Ok(self)
+    }
+}
+
+pub(super) fn reusable_socket(local: SocketAddr) -> std::io::Result<TcpSocket> {
+    let s = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(local)?;
+    Ok(s)
+}
+
+/// Asks one echo, from `local`, what it sees.
+async fn observe(local: SocketAddr, server: SocketAddr) -> Result<Observation, String> {
+    let ask = async {
+        let mut tcp = reusable_socket(local)
+            .map_err(|e| format!("cannot bind port {}: {e}", local.port()))?
+            .connect(server)
+            .await
+            .map_err(|e| e.to_string())?;
+        let from = tcp.local_addr().map_err(|e| e.to_string())?;
+        let mut buf = [0u8; MAX_ECHO_LEN];
+        let mut n = 0;
+        while n < buf.len() && !buf[..n].contains(&b'\n') {
+            match tcp.read(&mut buf[n..]).await.map_err(|e| e.to_string())? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        let mapped = nat::decode_echo(&buf[..n]).map_err(|e| e.to_string())?;
+        // Close with a reset: no TIME_WAIT at either end. Thousands of probes
+        // otherwise leave the echo with TIME_WAIT entries that a later probe's
+        // (random) port can hit, costing it a SYN retransmission.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        Ok(Observation {
+            local: from,
+            server,
+            mapped,
+        })
+    };
+    tokio::time::timeout(ECHO_BUDGET, ask)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {ECHO_BUDGET:?}")))
+        .map_err(|e: String| format!("address echo {server}: {e}"))
+}
+
+/// Binds a port not used for splicing lately: such a port may still have
+/// stale NAT mappings (see `port_memory`). The sockets tried are held until
+/// one is found, so the kernel does not hand the same port out again.
+fn fresh_port(shared: &Shared, ip: IpAddr) -> Result<(TcpSocket, SocketAddr), String> {
+    let mut tried = Vec::new();
+    let (anchor, local) = loop {
+        let anchor = reusable_socket(SocketAddr::new(ip, 0))
+            .map_err(|e| format!("cannot bind a splice port: {e}"))?;
+        let local = anchor.local_addr().map_err(|e| e.to_string())?;
+        if !shared.splice_ports.recently_used(local.port()) || tried.len() >= PORT_TRIES {
+            break (anchor, local);
+        }
+        tried.push(anchor);
+    };
+    shared.splice_ports.remember(local.port());
+    Ok((anchor, local))
+}
+
+/// Binds a fresh port, learns its mapping from the echoes and predicts.
+pub(super) async fn prepare(shared: &Shared, echoes: &[SocketAddr]) -> Result<Prepared, String> {
+    let first = *echoes.first().ok_or("the hub runs no address echo")?;
+    let unspecified: IpAddr = if first.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let (anchor, local) = fresh_port(shared, unspecified)?;
+    let mut observations = Vec::new();
+    for (i, echo) in echoes.iter().take(2).enumerate() {
+        match observe(local, *echo).await {
+            Ok(o) => observations.push(o),
+            Err(e) if i == 0 => return Err(e),
+            Err(e) => tracing::debug!("second echo failed, classifying from one: {e}"),
+        }
+    }
+    let mut profile = nat::classify(&observations);
+    if let (nat::Allocation::Sequential { .. }, Some(first)) =
+        (profile.allocation, observations.first())
+    {
+        // Confirm with a third mapping from another fresh port; it also is
+        // the newest allocation, which predictions start from.
+        let other = fresh_port(shared, unspecified)?;
+        let third = observe(other.1, first.server).await?;
+        profile = nat::confirm_sequential(&profile, &third);
+    }
+    let public: Vec<IpAddr> = shared
+        .local_addrs
+        .get()
+        .iter()
+        .map(|l| l.ip)
+        .filter(|ip| addr_class(*ip) == AddrClass::Global)
+        .collect();
+    let candidates = nat::predict(&profile, &public, local.port());
+    tracing::debug!(%profile, ?candidates, port = local.port(), "splice port prepared");
+    Ok(Prepared {
+        _anchor: anchor,
+        local,
+        profile,
+        candidates,
+    })
+}
