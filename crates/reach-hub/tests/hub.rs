@@ -65,6 +65,12 @@ async fn round_trip(s: &mut ReachStream, data: &[u8]) {
     round_trip_rest(s, data, data).await;
 }
 
+/// A loopback address nobody listens on (connections are refused at once).
+async fn dead_port() -> SocketAddr {
+    let closed = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    closed.local_addr().expect("addr")
+}
+
 /// Only the NodeId and port: the hub's directory supplies the rest.
 fn by_id(ep: &Endpoint, port: u16) -> VirtualAddr {
     VirtualAddr::new(ep.node_id(), port)
@@ -113,9 +119,7 @@ async fn reverse_connects_back_and_both_sides_say_so() {
 async fn the_driver_falls_back_and_caches_the_module_that_worked() {
     // B advertises a port nobody listens on: Direct fails at once (refused),
     // Reverse works; the next connection goes straight to Reverse.
-    let closed = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-    let dead = closed.local_addr().expect("addr");
-    drop(closed);
+    let dead = dead_port().await;
     let hub = hub().await;
     let t = target_of(&hub);
     let b = Arc::new(node(&t, builder().advertise(vec![dead])).await);
@@ -277,9 +281,7 @@ async fn a_routed_stream_from_the_cache_is_offered_an_upgrade_and_the_cache_lear
 
 #[tokio::test]
 async fn a_stream_whose_upgrade_fails_stays_routed_and_intact() {
-    let closed = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-    let dead = closed.local_addr().expect("addr");
-    drop(closed);
+    let dead = dead_port().await;
     let hub = hub().await;
     let t = target_of(&hub);
     let b = Arc::new(node(&t, builder().advertise(vec![dead])).await);
