@@ -11,6 +11,7 @@ mod status;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -77,6 +78,19 @@ enum Command {
     /// Show a hub's state: its links to other hubs, routes, attached nodes and
     /// counters (the hub named by --hub, else the configured one).
     Status(status::StatusArgs),
+    /// Serve a local TCP service (e.g. 127.0.0.1:22) at this node's virtual
+    /// address: every stream accepted there is connected to the service.
+    ///
+    /// Prints "listening on <virtual address>" to stderr; clients that run
+    /// reach connect to it with `reach forward`. Runs until SIGINT or SIGTERM.
+    #[command(verbatim_doc_comment)]
+    Expose(ExposeArgs),
+    /// Accept TCP connections on a local address and carry each to a virtual
+    /// address (a service `reach expose` serves), e.g.
+    ///   reach forward 127.0.0.1:2222 NODEID:22/hub=... ; ssh -p 2222 localhost
+    /// Runs until SIGINT or SIGTERM.
+    #[command(verbatim_doc_comment)]
+    Forward(ForwardArgs),
     /// Probe the NAT in front of this host with the hub's address echoes, as
     /// a splice does, and print what it does: how it maps a local port
     /// (endpoint-independent or per destination), how it allocates external
@@ -114,8 +128,9 @@ struct HubArgs {
     modules: Vec<SetupModule>,
 }
 
+/// How a serving node listens (`listen`, `expose`).
 #[derive(Args, Debug)]
-struct ListenArgs {
+struct ServeArgs {
     /// Virtual port to accept streams on; streams to other ports are refused.
     #[arg(long, default_value_t = 0, value_name = "N")]
     port: u16,
@@ -136,9 +151,38 @@ struct ListenArgs {
     /// Also write the bare virtual address to this file (atomically).
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Debug)]
+struct ListenArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Keep listening after a stream ends, serving one stream at a time.
     #[arg(long)]
     keep: bool,
+}
+
+#[derive(Args, Debug)]
+struct ExposeArgs {
+    /// The TCP service to expose, IP:PORT (usually on this host, e.g.
+    /// 127.0.0.1:22).
+    #[arg(value_name = "SERVICE")]
+    service: SocketAddr,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Args, Debug)]
+struct ForwardArgs {
+    /// Local TCP address to accept connections on, IP:PORT (e.g.
+    /// 127.0.0.1:2222).
+    #[arg(value_name = "LISTEN")]
+    listen: SocketAddr,
+    /// The virtual address of an exposed service (what `reach expose` printed).
+    #[arg(value_name = "VADDR")]
+    vaddr: String,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -246,6 +290,8 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Hub(args) => hub::run(args, &config, &state_dir).await,
         Command::Status(args) => status::run(args, &config, &state_dir).await,
         Command::Nat(args) => nat(args, &config, &state_dir).await,
+        Command::Expose(args) => expose(args, &config, &state_dir).await,
+        Command::Forward(args) => forward(args, &config, &state_dir).await,
     }
 }
 
@@ -319,7 +365,13 @@ fn network_secret(flag: Option<&Path>, config: &Config) -> anyhow::Result<Option
 /// How long `listen` waits for its hub before giving up.
 const HUB_WAIT: Duration = Duration::from_secs(10);
 
-async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+/// Binds a serving endpoint as `args` say, attaches it to its hub, prints
+/// its virtual address (and writes it to the address file).
+async fn serve_endpoint(
+    args: &ServeArgs,
+    config: &Config,
+    state_dir: &Path,
+) -> anyhow::Result<Endpoint> {
     let (b, has_hub) = builder(config, state_dir, &args.common)?;
     let mut b = b.accept_ports(vec![args.port]);
     let range = match (&args.port_range, &config.port_range) {
@@ -338,7 +390,7 @@ async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::
     let advertise = if args.advertise.is_empty() {
         config.advertise.clone().unwrap_or_default()
     } else {
-        args.advertise
+        args.advertise.clone()
     };
     if !advertise.is_empty() {
         b = b.advertise(advertise);
@@ -358,6 +410,11 @@ async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::
         write_atomically(path, &format!("{vaddr}\n"))?;
     }
     eprintln!("listening on {vaddr}");
+    Ok(endpoint)
+}
+
+async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let endpoint = serve_endpoint(&args.serve, config, state_dir).await?;
     let mut stdin = pipe::stdin();
     loop {
         let stream = endpoint.accept().await?;
@@ -374,6 +431,50 @@ async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::
             Err(e) => tracing::warn!("stream from {} failed: {e:#}", info.peer),
         }
     }
+}
+
+async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let endpoint = Arc::new(serve_endpoint(&args.serve, config, state_dir).await?);
+    eprintln!("exposing {} at that address", args.service);
+    let stats = Arc::new(reach::proxy::ProxyStats::default());
+    tokio::select! {
+        r = reach::proxy::expose(endpoint.clone(), args.service, stats) => r?,
+        r = hub::shutdown_signal() => r?,
+    }
+    endpoint.close(CLOSE_TIMEOUT).await;
+    Ok(())
+}
+
+async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let vaddr: VirtualAddr = args
+        .vaddr
+        .parse()
+        .with_context(|| format!("bad virtual address {:?}", args.vaddr))?;
+    let (mut b, mut has_hub) = builder(config, state_dir, &args.common)?;
+    if let (false, Some(hint)) = (has_hub, &vaddr.hub) {
+        b = b.hub(hint.into());
+        has_hub = true;
+    }
+    // As for `connect`: without a hub nobody connects back, so loopback will do.
+    if !has_hub {
+        b = b.bind_ip(IpAddr::from([127, 0, 0, 1]));
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    // Connect-only: a listener with the same identity keeps its directory entry.
+    let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
+    eprintln!(
+        "forwarding {} to {vaddr}",
+        listener.local_addr().unwrap_or(args.listen)
+    );
+    let stats = Arc::new(reach::proxy::ProxyStats::default());
+    tokio::select! {
+        r = reach::proxy::forward(listener, endpoint.clone(), vaddr, stats) => r?,
+        r = hub::shutdown_signal() => r?,
+    }
+    endpoint.close(CLOSE_TIMEOUT).await;
+    Ok(())
 }
 
 async fn nat(args: NatArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {

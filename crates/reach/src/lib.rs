@@ -22,6 +22,7 @@ pub mod keystore;
 pub mod link;
 mod module_cache;
 mod port_memory;
+pub mod proxy;
 mod routed;
 mod secure;
 mod session;

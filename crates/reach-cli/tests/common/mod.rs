@@ -119,6 +119,18 @@ pub struct Listener {
 impl Listener {
     /// Starts `reach listen` with stdin from `input`, waiting for its address.
     pub fn start(netns: Option<&str>, state: &Path, input: &Path, extra: &[&str]) -> Self {
+        Self::start_with(netns, state, input, &["listen"], extra)
+    }
+
+    /// Starts `reach COMMAND...` (`listen`, `expose SERVICE`) with stdin
+    /// from `input`, waiting for the virtual address it serves.
+    pub fn start_with(
+        netns: Option<&str>,
+        state: &Path,
+        input: &Path,
+        command: &[&str],
+        extra: &[&str],
+    ) -> Self {
         std::fs::create_dir_all(state).expect("state dir");
         let addr_file = state.join("addr.txt");
         let out_path = state.join("listener.out");
@@ -133,7 +145,7 @@ impl Listener {
         let child = reach_in(netns)
             .arg("--state-dir")
             .arg(state)
-            .arg("listen")
+            .args(command)
             .arg("--addr-file")
             .arg(&addr_file)
             .args(bind)
