@@ -91,6 +91,14 @@ enum Command {
     /// Runs until SIGINT or SIGTERM.
     #[command(verbatim_doc_comment)]
     Forward(ForwardArgs),
+    /// A SOCKS5 proxy (CONNECT, no authentication) into the reach network:
+    /// the host name NODEID.reach, or an --alias, with port P is the virtual
+    /// address NODEID:P; e.g.
+    ///   curl --socks5-hostname 127.0.0.1:1080 http://NODEID.reach/
+    /// Other names and IP addresses are refused unless --pass-through is
+    /// given. Runs until SIGINT or SIGTERM.
+    #[command(verbatim_doc_comment)]
+    Socks(SocksArgs),
     /// Probe the NAT in front of this host with the hub's address echoes, as
     /// a splice does, and print what it does: how it maps a local port
     /// (endpoint-independent or per destination), how it allocates external
@@ -172,6 +180,32 @@ struct ExposeArgs {
     service: SocketAddr,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+#[derive(Args, Debug)]
+struct SocksArgs {
+    /// Where the proxy listens.
+    #[arg(long, default_value = "127.0.0.1:1080", value_name = "IP:PORT")]
+    listen: SocketAddr,
+    /// A host name that stands for a node, NAME=NODEID (repeatable).
+    #[arg(long, value_name = "NAME=NODEID", value_parser = parse_alias)]
+    alias: Vec<(String, reach::NodeId)>,
+    /// Connect names that are not reach names (and IP addresses) directly,
+    /// over plain TCP.
+    #[arg(long)]
+    pass_through: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn parse_alias(s: &str) -> Result<(String, reach::NodeId), String> {
+    let (name, id) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=NODEID, got {s:?}"))?;
+    let node = id
+        .parse()
+        .map_err(|e| format!("bad NodeId in alias {s:?}: {e}"))?;
+    Ok((name.trim_end_matches('.').to_ascii_lowercase(), node))
 }
 
 #[derive(Args, Debug)]
@@ -292,6 +326,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Nat(args) => nat(args, &config, &state_dir).await,
         Command::Expose(args) => expose(args, &config, &state_dir).await,
         Command::Forward(args) => forward(args, &config, &state_dir).await,
+        Command::Socks(args) => socks(args, &config, &state_dir).await,
     }
 }
 
@@ -471,6 +506,29 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
     let stats = Arc::new(reach::proxy::ProxyStats::default());
     tokio::select! {
         r = reach::proxy::forward(listener, endpoint.clone(), vaddr, stats) => r?,
+        r = hub::shutdown_signal() => r?,
+    }
+    endpoint.close(CLOSE_TIMEOUT).await;
+    Ok(())
+}
+
+async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let (b, _) = builder(config, state_dir, &args.common)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
+    let rules = reach::proxy::SocksRules {
+        aliases: args.alias.into_iter().collect(),
+        pass_through: args.pass_through,
+    };
+    eprintln!(
+        "SOCKS5 proxy on {}",
+        listener.local_addr().unwrap_or(args.listen)
+    );
+    let stats = Arc::new(reach::proxy::ProxyStats::default());
+    tokio::select! {
+        r = reach::proxy::socks(listener, endpoint.clone(), Arc::new(rules), stats) => r?,
         r = hub::shutdown_signal() => r?,
     }
     endpoint.close(CLOSE_TIMEOUT).await;

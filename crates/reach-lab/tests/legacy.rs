@@ -1,7 +1,9 @@
 //! Unmodified programs through reach: the OpenSSH client logs into an sshd
 //! behind a random-port symmetric NAT (no splice possible there, so the
-//! stream is routed) through `reach expose` and `reach forward`.
-//! Needs root, iproute2, nftables, openssh and the `reach` binary.
+//! stream is routed) through `reach expose` and `reach forward`; curl fetches
+//! a page from a web server behind a dropping firewall through `reach socks`.
+//! Needs root, iproute2, nftables, openssh, curl, python3 (the web server)
+//! and the `reach` binary.
 
 mod common;
 
@@ -14,7 +16,7 @@ use reach_lab::{Lab, Topology};
 
 const TOPOLOGY: &str = r#"
 name = "legacy"
-matrix = ["client", "server"]
+matrix = ["client", "server", "web"]
 
 [[site]]
 name = "hub"
@@ -38,20 +40,30 @@ gateway = "nat"
 [[site.host]]
 name = "client"
 
+[[site]]
+name = "fw"
+gateway = "firewall"
+inbound = "drop"
+[[site.host]]
+name = "web"
+
 [hubs]
 hosts = ["hub"]
 
 [hubs.attach]
 client = "hub"
 server = "hub"
+web = "hub"
 "#;
 
-/// Spawns `cmd` with stderr to `log`, and waits until the log holds `ready`.
+/// Spawns `cmd` with stdout and stderr to `log`, and waits until the log
+/// holds `ready`.
 fn spawn_until(mut cmd: Command, log: &Path, ready: &str) -> Process {
+    let file = std::fs::File::create(log).expect("log");
     let child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log"))
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
         .spawn()
         .expect("spawn");
     let proc = Process::new(child);
@@ -121,4 +133,89 @@ fn ssh_logs_into_sshd_behind_a_random_port_nat_through_expose_and_forward() {
         log.contains("connection exposed") && log.contains("module=routed"),
         "{log}"
     );
+}
+
+#[test]
+fn curl_fetches_a_page_behind_a_firewall_through_reach_socks() {
+    let t = Topology::from_toml(TOPOLOGY).expect("topology");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let reach = tools.join("reach");
+    let state = tempfile::tempdir().expect("tempdir");
+    let hubs = reach_lab::hubs::start(
+        &lab,
+        &t,
+        t.hubs.as_ref().expect("[hubs]"),
+        &tools,
+        state.path(),
+    )
+    .expect("hub");
+    // The page, served on the web host's loopback only.
+    let site = state.path().join("site");
+    std::fs::create_dir_all(&site).expect("site dir");
+    std::fs::write(site.join("page.txt"), "served behind a firewall\n").expect("page");
+    let mut web = lab.command("web", "python3");
+    web.args([
+        "-u",
+        "-m",
+        "http.server",
+        "8080",
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+    ])
+    .arg(&site);
+    let _web = spawn_until(web, &state.path().join("web.log"), "Serving HTTP");
+    let addr_file = state.path().join("exposed.txt");
+    let mut expose = lab.command("web", &reach);
+    expose
+        .arg("--state-dir")
+        .arg(state.path().join("web"))
+        .args(["-v", "expose", "127.0.0.1:8080", "--port", "80", "--hub"])
+        .arg(&hubs.attach["web"])
+        .arg("--addr-file")
+        .arg(&addr_file);
+    let _expose = spawn_until(expose, &state.path().join("expose.log"), "exposing");
+    let vaddr = reach_lab::wait::for_file(&addr_file, Duration::from_secs(5)).expect("vaddr");
+    let node = vaddr.split(':').next().expect("node id");
+    let mut socks = lab.command("client", &reach);
+    socks
+        .arg("--state-dir")
+        .arg(state.path().join("client"))
+        .args(["-v", "socks", "--listen", "127.0.0.1:1080", "--hub"])
+        .arg(&hubs.attach["client"])
+        .args(["--alias", &format!("web.example={node}")]);
+    let socks_log = state.path().join("socks.log");
+    let _socks = spawn_until(socks, &socks_log, "SOCKS5 proxy on");
+    let curl = |url: &str| {
+        lab.command("client", "curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "--socks5-hostname",
+                "127.0.0.1:1080",
+                url,
+            ])
+            .output()
+            .expect("run curl")
+    };
+    for url in [
+        format!("http://{node}.reach/page.txt"),
+        "http://web.example/page.txt".to_string(),
+    ] {
+        let out = curl(&url);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "served behind a firewall\n",
+            "{url}: {}\nproxy: {}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&socks_log).unwrap_or_default()
+        );
+    }
+    // Names that are not reach names are refused: no pass-through by default.
+    let out = curl("http://192.0.2.1/");
+    assert!(!out.status.success(), "a non-reach address went through");
+    let log = std::fs::read_to_string(&socks_log).unwrap_or_default();
+    assert!(log.contains("pass-through is off"), "{log}");
 }

@@ -17,6 +17,7 @@ pub mod punch;
 pub mod race;
 pub mod record;
 pub mod routes;
+pub mod socks;
 pub mod vaddr;
 
 pub use handshake::{Cipher, StreamMode};

@@ -8,18 +8,22 @@
 //! local TCP connections and carries each over a reach stream to a virtual
 //! address. Both ends of a forwarded connection are authenticated by the
 //! reach handshake; the TCP legs stay on their hosts (usually loopback).
-//! Each connection runs in its own task, both directions at once, and a
+//! [`socks`] is a SOCKS5 proxy whose host names `NODEID.reach` (and
+//! configured aliases) are virtual addresses, the SOCKS port being the
+//! virtual port; other names go out as plain TCP only when pass-through is
+//! on. Each connection runs in its own task, both directions at once, and a
 //! half-close on one side is passed on to the other (so protocols that end
 //! their request with a shutdown work).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reach_proto::VirtualAddr;
-use tokio::io::{AsyncRead, AsyncWrite};
+use reach_proto::{socks, NodeId, VirtualAddr};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::endpoint::Endpoint;
@@ -140,6 +144,198 @@ pub async fn forward(
             log_end(&from.to_string(), &moved);
             stats.ended(moved.unwrap_or_default());
         });
+    }
+}
+
+/// How the SOCKS proxy resolves host names.
+#[derive(Clone, Debug, Default)]
+pub struct SocksRules {
+    /// Names (lowercase) that stand for a node, besides `NODEID.reach`.
+    pub aliases: HashMap<String, NodeId>,
+    /// Connect other names and IP addresses directly over plain TCP (off by
+    /// default: a client misconfigured to send everything through the proxy
+    /// would otherwise leak around reach without noticing).
+    pub pass_through: bool,
+}
+
+/// How long a SOCKS client may take to send its greeting and request.
+const SOCKS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The suffix that marks a NodeId as a host name.
+pub const REACH_SUFFIX: &str = ".reach";
+
+/// What a SOCKS target resolves to.
+enum Resolved {
+    Node(VirtualAddr),
+    Plain(socks::Target),
+}
+
+impl SocksRules {
+    fn resolve(&self, target: socks::Target) -> Result<Resolved, socks::Reply> {
+        if let socks::Target::Name(name, port) = &target {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            if let Some(id) = name.strip_suffix(REACH_SUFFIX) {
+                let node: NodeId = id.parse().map_err(|_| socks::Reply::HostUnreachable)?;
+                return Ok(Resolved::Node(VirtualAddr::new(node, *port)));
+            }
+            if let Some(node) = self.aliases.get(&name) {
+                return Ok(Resolved::Node(VirtualAddr::new(*node, *port)));
+            }
+        }
+        if self.pass_through {
+            Ok(Resolved::Plain(target))
+        } else {
+            Err(socks::Reply::NotAllowed)
+        }
+    }
+}
+
+/// Serves SOCKS5 CONNECT on `listener`, carrying each connection over a
+/// reach stream from `endpoint` (or plain TCP, when `rules` allow).
+pub async fn socks(
+    listener: TcpListener,
+    endpoint: Arc<Endpoint>,
+    rules: Arc<SocksRules>,
+    stats: Arc<ProxyStats>,
+) -> io::Result<()> {
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (endpoint, rules, stats) = (endpoint.clone(), rules.clone(), stats.clone());
+        tokio::spawn(async move {
+            stats.started();
+            match socks_one(tcp, &endpoint, &rules).await {
+                Ok(moved) => {
+                    log_end(&from.to_string(), &Ok(moved));
+                    stats.ended(moved);
+                }
+                Err(e) => {
+                    tracing::info!(%from, "SOCKS connection failed: {e}");
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    stats.ended((0, 0));
+                }
+            }
+        });
+    }
+}
+
+/// Reads from `tcp` into `buf` until `parse` yields a message.
+async fn read_message<T>(
+    tcp: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, socks::SocksError>,
+) -> io::Result<T> {
+    loop {
+        match parse(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))? {
+            Some((msg, used)) => {
+                buf.drain(..used);
+                return Ok(msg);
+            }
+            None if buf.len() > 600 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "SOCKS message too long",
+                ))
+            }
+            None => {
+                let mut chunk = [0u8; 512];
+                let n = tcp.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+/// One SOCKS connection: greeting, request, connect, reply, then piping.
+async fn socks_one(
+    mut tcp: TcpStream,
+    endpoint: &Endpoint,
+    rules: &SocksRules,
+) -> io::Result<(u64, u64)> {
+    let _ = tcp.set_nodelay(true);
+    let mut buf = Vec::new();
+    let request = tokio::time::timeout(SOCKS_HANDSHAKE_TIMEOUT, async {
+        let methods = read_message(&mut tcp, &mut buf, socks::parse_greeting).await?;
+        let choice = socks::choose_method(&methods);
+        tcp.write_all(&choice).await?;
+        if choice[1] != socks::METHOD_NONE {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the client offers no method without authentication",
+            ));
+        }
+        read_message(&mut tcp, &mut buf, socks::parse_request).await
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "SOCKS handshake too slow"))??;
+    let unbound = SocketAddr::from(([0, 0, 0, 0], 0));
+    let fail = |reply: socks::Reply| socks::encode_reply(reply, unbound);
+    if request.command != socks::CMD_CONNECT {
+        tcp.write_all(&fail(socks::Reply::CommandNotSupported))
+            .await?;
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "only CONNECT is served",
+        ));
+    }
+    let resolved = match rules.resolve(request.target.clone()) {
+        Ok(r) => r,
+        Err(reply) => {
+            tcp.write_all(&fail(reply)).await?;
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{:?} is not a reach name and pass-through is off",
+                    request.target
+                ),
+            ));
+        }
+    };
+    match resolved {
+        Resolved::Node(vaddr) => {
+            let mut stream = match endpoint.connect(&vaddr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let reply = match &e {
+                        crate::ConnectError::Refused { .. } => socks::Reply::ConnectionRefused,
+                        _ => socks::Reply::HostUnreachable,
+                    };
+                    tcp.write_all(&fail(reply)).await?;
+                    return Err(io::Error::other(e.to_string()));
+                }
+            };
+            tcp.write_all(&socks::encode_reply(socks::Reply::Succeeded, unbound))
+                .await?;
+            tracing::info!(peer = %stream.peer(), module = %stream.info().module, "SOCKS connection to a node");
+            stream.write_all(&buf).await?;
+            pipe(&mut tcp, &mut stream).await
+        }
+        Resolved::Plain(target) => {
+            let connected = match &target {
+                socks::Target::Addr(a) => TcpStream::connect(*a).await,
+                socks::Target::Name(n, p) => TcpStream::connect((n.as_str(), *p)).await,
+            };
+            let mut out = match connected {
+                Ok(s) => s,
+                Err(e) => {
+                    tcp.write_all(&fail(socks::Reply::HostUnreachable)).await?;
+                    return Err(e);
+                }
+            };
+            let bound = out.local_addr().unwrap_or(unbound);
+            tcp.write_all(&socks::encode_reply(socks::Reply::Succeeded, bound))
+                .await?;
+            out.write_all(&buf).await?;
+            pipe(&mut tcp, &mut out).await
+        }
     }
 }
 
