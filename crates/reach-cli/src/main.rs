@@ -179,7 +179,30 @@ struct ExposeArgs {
     #[arg(value_name = "SERVICE")]
     service: SocketAddr,
     #[command(flatten)]
+    udp: UdpArgs,
+    #[command(flatten)]
     serve: ServeArgs,
+}
+
+/// UDP instead of TCP, for `expose` and `forward`.
+#[derive(Args, Debug)]
+struct UdpArgs {
+    /// The service is UDP: each client address gets its own stream (a
+    /// mapping) carrying its datagrams.
+    #[arg(long)]
+    udp: bool,
+    /// Seconds a UDP mapping may carry nothing before it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, requires = "udp")]
+    idle: f64,
+}
+
+impl UdpArgs {
+    fn idle(&self) -> anyhow::Result<Duration> {
+        Duration::try_from_secs_f64(self.idle)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--idle must be a positive number of seconds")
+    }
 }
 
 #[derive(Args, Debug)]
@@ -217,6 +240,8 @@ struct ForwardArgs {
     /// The virtual address of an exposed service (what `reach expose` printed).
     #[arg(value_name = "VADDR")]
     vaddr: String,
+    #[command(flatten)]
+    udp: UdpArgs,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -469,11 +494,20 @@ async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::
 }
 
 async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let idle = args.udp.idle()?;
     let endpoint = Arc::new(serve_endpoint(&args.serve, config, state_dir).await?);
-    eprintln!("exposing {} at that address", args.service);
+    let kind = if args.udp.udp { "UDP" } else { "TCP" };
+    eprintln!("exposing {kind} {} at that address", args.service);
     let stats = Arc::new(reach::proxy::ProxyStats::default());
+    let serve = async {
+        if args.udp.udp {
+            reach::udp_proxy::expose_udp(endpoint.clone(), args.service, idle, stats).await
+        } else {
+            reach::proxy::expose(endpoint.clone(), args.service, stats).await
+        }
+    };
     tokio::select! {
-        r = reach::proxy::expose(endpoint.clone(), args.service, stats) => r?,
+        r = serve => r?,
         r = hub::shutdown_signal() => r?,
     }
     endpoint.close(CLOSE_TIMEOUT).await;
@@ -494,16 +528,34 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
     if !has_hub {
         b = b.bind_ip(IpAddr::from([127, 0, 0, 1]));
     }
+    let idle = args.udp.idle()?;
+    let stats = Arc::new(reach::proxy::ProxyStats::default());
+    let cannot = || format!("cannot listen on {}", args.listen);
+    if args.udp.udp {
+        let socket = tokio::net::UdpSocket::bind(args.listen)
+            .await
+            .with_context(cannot)?;
+        let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
+        eprintln!(
+            "forwarding UDP {} to {vaddr}",
+            socket.local_addr().unwrap_or(args.listen)
+        );
+        tokio::select! {
+            r = reach::udp_proxy::forward_udp(socket, endpoint.clone(), vaddr, idle, stats) => r?,
+            r = hub::shutdown_signal() => r?,
+        }
+        endpoint.close(CLOSE_TIMEOUT).await;
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(cannot)?;
     // Connect-only: a listener with the same identity keeps its directory entry.
     let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
     eprintln!(
         "forwarding {} to {vaddr}",
         listener.local_addr().unwrap_or(args.listen)
     );
-    let stats = Arc::new(reach::proxy::ProxyStats::default());
     tokio::select! {
         r = reach::proxy::forward(listener, endpoint.clone(), vaddr, stats) => r?,
         r = hub::shutdown_signal() => r?,

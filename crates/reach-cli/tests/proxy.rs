@@ -94,3 +94,78 @@ fn tcp_clients_reach_an_exposed_service_through_forward() {
     let err = std::fs::read_to_string(&err_path).unwrap_or_default();
     assert!(!err.contains("cannot reach"), "{err}");
 }
+
+/// A UDP service that answers each datagram with "echo:" and the datagram.
+fn udp_echo_service() -> std::net::SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = s.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let mut answer = b"echo:".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&answer, from);
+        }
+    });
+    addr
+}
+
+#[test]
+fn udp_datagrams_reach_an_exposed_service_and_idle_mappings_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = udp_echo_service();
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let exposed = Listener::start_with(
+        None,
+        &dir.path().join("a"),
+        &empty,
+        &["-v", "expose", &service.to_string(), "--udp"],
+        &["--port", "53"],
+    );
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let err_path = dir.path().join("forward.err");
+    let child = common::reach()
+        .arg("--state-dir")
+        .arg(dir.path().join("b"))
+        .args([
+            "-v",
+            "forward",
+            &listen,
+            &exposed.vaddr,
+            "--udp",
+            "--idle",
+            "0.5",
+        ])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).expect("err"))
+        .spawn()
+        .expect("spawn reach forward --udp");
+    let _forwarder = Forwarder(child);
+    let log = || std::fs::read_to_string(&err_path).unwrap_or_default();
+    common::until(|| log().contains("forwarding UDP").then_some(())).expect("forward starts");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+    client
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .expect("timeout");
+    // UDP may lose a datagram while the mapping's stream is set up: ask
+    // again until the answer comes, within the test's deadline.
+    let ask = |what: &[u8]| {
+        common::until(|| {
+            client.send_to(what, &listen).ok()?;
+            let mut buf = [0u8; 2048];
+            let (n, _) = client.recv_from(&mut buf).ok()?;
+            Some(buf[..n].to_vec())
+        })
+        .expect("an answer")
+    };
+    assert_eq!(ask(b"ping 1"), b"echo:ping 1");
+    // Nothing for longer than --idle: the mapping closes at both ends...
+    common::until(|| log().contains("UDP mapping expired").then_some(())).expect("expiry");
+    // ...and the next datagram opens a new one.
+    assert_eq!(ask(b"ping 2"), b"echo:ping 2");
+    assert_eq!(log().matches("UDP mapping opened").count(), 2, "{}", log());
+}

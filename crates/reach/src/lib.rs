@@ -29,6 +29,7 @@ mod session;
 mod setup;
 mod splice;
 mod stream;
+pub mod udp_proxy;
 mod upgrade;
 
 pub use endpoint::{

@@ -1,0 +1,202 @@
+//! UDP forwarding over reach streams, as GCB relays UDP: one stream per
+//! client source address (a *mapping*), datagrams framed on it
+//! (`reach_proto::datagram`), and a mapping that carries nothing for the
+//! idle time is closed at both ends.
+//!
+//! ```text
+//!  client --UDP--> forward_udp --[stream per client address]--> expose_udp --UDP--> service
+//! ```
+//! A datagram that arrives while its mapping's queue is full is dropped, as
+//! a congested UDP path would: UDP senders expect loss, not back-pressure.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reach_proto::{datagram, VirtualAddr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::endpoint::Endpoint;
+use crate::error::EndpointError;
+use crate::proxy::ProxyStats;
+use crate::stream::ReachStream;
+
+/// Default idle time after which a UDP mapping is closed.
+pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
+/// Datagrams queued per mapping before more are dropped.
+const QUEUE: usize = 256;
+
+/// Carries datagrams between `stream` and `socket` (datagrams from the
+/// stream go to `dest`; those for the stream come from `rx`) until either
+/// side ends or nothing moves for `idle`; returns (datagrams to the stream,
+/// datagrams from it).
+async fn relay(
+    mut stream: ReachStream,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    socket: &UdpSocket,
+    dest: SocketAddr,
+    idle: Duration,
+) -> io::Result<(u64, u64)> {
+    let (mut to, mut from) = (0u64, 0u64);
+    let mut inbuf = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut out = Vec::with_capacity(2048);
+    let mut deadline = Instant::now() + idle;
+    loop {
+        tokio::select! {
+            gram = rx.recv() => {
+                let Some(gram) = gram else { break };
+                out.clear();
+                datagram::encode(&gram, &mut out).map_err(io::Error::other)?;
+                stream.write_all(&out).await?;
+                // A datagram goes out now, not when the next one comes.
+                stream.flush().await?;
+                to += 1;
+                deadline = Instant::now() + idle;
+            }
+            n = stream.read(&mut chunk) => {
+                let n = n?;
+                if n == 0 {
+                    break;
+                }
+                inbuf.extend_from_slice(&chunk[..n]);
+                let mut at = 0;
+                while let Some((gram, used)) = datagram::decode(&inbuf[at..]) {
+                    // A failed send drops the datagram, as UDP does.
+                    if let Err(e) = socket.send_to(gram, dest).await {
+                        tracing::debug!("datagram dropped: {e}");
+                    }
+                    at += used;
+                    from += 1;
+                }
+                inbuf.drain(..at);
+                deadline = Instant::now() + idle;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::info!("UDP mapping expired after {idle:?} idle");
+                break;
+            }
+        }
+    }
+    let _ = stream.shutdown().await;
+    Ok((to, from))
+}
+
+/// Serves `endpoint`'s inbound streams as UDP mappings to `service`: each
+/// stream gets its own UDP socket, so the service sees one client address
+/// per mapping. Runs until the endpoint stops accepting.
+pub async fn expose_udp(
+    endpoint: Arc<Endpoint>,
+    service: SocketAddr,
+    idle: Duration,
+    stats: Arc<ProxyStats>,
+) -> Result<(), EndpointError> {
+    loop {
+        let stream = endpoint.accept().await?;
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            stats.connections.fetch_add(1, Ordering::Relaxed);
+            stats.active.fetch_add(1, Ordering::Relaxed);
+            let peer = stream.peer();
+            let any: SocketAddr = if service.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let sock = match UdpSocket::bind(any).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("cannot open a UDP socket: {e}");
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            let sock = Arc::new(sock);
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let reader = {
+                let sock = sock.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; datagram::MAX_DATAGRAM];
+                    while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                        // Only the service's answers go back.
+                        if from == service && tx.try_send(buf[..n].to_vec()).is_err() {
+                            tracing::debug!("mapping queue full: datagram dropped");
+                        }
+                    }
+                })
+            };
+            tracing::info!(%peer, %service, "UDP mapping opened");
+            let moved = relay(stream, rx, &sock, service, idle).await;
+            reader.abort();
+            stats.active.fetch_sub(1, Ordering::Relaxed);
+            if let Ok((to, from)) = moved {
+                stats.bytes_to_reach.fetch_add(to, Ordering::Relaxed);
+                stats.bytes_from_reach.fetch_add(from, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+/// Receives datagrams on `socket` and carries each client address's over its
+/// own reach stream to `target`; answers go back to that client. Mappings
+/// idle for `idle` close. Runs until the socket fails.
+pub async fn forward_udp(
+    socket: UdpSocket,
+    endpoint: Arc<Endpoint>,
+    target: VirtualAddr,
+    idle: Duration,
+    stats: Arc<ProxyStats>,
+) -> io::Result<()> {
+    let socket = Arc::new(socket);
+    let mut mappings: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut buf = vec![0u8; datagram::MAX_DATAGRAM];
+    loop {
+        let (n, client) = socket.recv_from(&mut buf).await?;
+        let gram = buf[..n].to_vec();
+        // A mapping whose task ended (expired, or its stream failed) has a
+        // closed queue: start a new one.
+        let tx = match mappings.get(&client).filter(|tx| !tx.is_closed()) {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                mappings.insert(client, tx.clone());
+                mappings.retain(|_, tx| !tx.is_closed());
+                let (endpoint, target, socket, stats) = (
+                    endpoint.clone(),
+                    target.clone(),
+                    socket.clone(),
+                    stats.clone(),
+                );
+                tokio::spawn(async move {
+                    stats.connections.fetch_add(1, Ordering::Relaxed);
+                    stats.active.fetch_add(1, Ordering::Relaxed);
+                    match endpoint.connect(&target).await {
+                        Ok(stream) => {
+                            tracing::info!(%client, peer = %stream.peer(), module = %stream.info().module, "UDP mapping opened");
+                            if let Ok((to, from)) = relay(stream, rx, &socket, client, idle).await {
+                                stats.bytes_to_reach.fetch_add(to, Ordering::Relaxed);
+                                stats.bytes_from_reach.fetch_add(from, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%client, "cannot reach {}: {e}", target.node);
+                            stats.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                });
+                tx
+            }
+        };
+        if tx.try_send(gram).is_err() {
+            tracing::debug!(%client, "mapping queue full: datagram dropped");
+        }
+    }
+}
