@@ -71,6 +71,12 @@ pub struct HubServer {
     pub lan_group: Option<std::net::SocketAddrV4>,
     /// Ports of the address echoes (empty: none; default two free ports).
     pub echo_ports: Option<Vec<u16>>,
+    /// Proxy ports for published services, "A-B".
+    pub proxy_ports: Option<String>,
+    /// Nodes that may publish services (default: every admitted node).
+    pub allow_expose: Option<Vec<String>>,
+    /// Services one node may publish at once.
+    pub max_exposures: Option<usize>,
 }
 
 impl Config {

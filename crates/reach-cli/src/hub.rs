@@ -80,6 +80,17 @@ pub struct HubArgs {
     /// free port [default: two echoes on free ports].
     #[arg(long, value_name = "PORT", conflicts_with = "no_echo")]
     echo_port: Vec<u16>,
+    /// Ports nodes may publish services on for unmodified TCP clients
+    /// (`reach expose`), e.g. 40000-40100 [default: none].
+    #[arg(long, value_name = "A-B", value_parser = crate::config::parse_port_range)]
+    proxy_ports: Option<(u16, u16)>,
+    /// A node that may publish services on proxy ports (repeatable; default:
+    /// every admitted node).
+    #[arg(long, value_name = "NODEID")]
+    allow_expose: Vec<String>,
+    /// Services one node may publish at once [default: 8].
+    #[arg(long, value_name = "N")]
+    max_exposures: Option<usize>,
     /// Run no address echo (nodes of this hub then do not splice).
     #[arg(long)]
     no_echo: bool,
@@ -100,6 +111,20 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         .map(|p| p.parse::<Peer>().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let allowed = node_ids(&or_file(args.allow, |h| h.allow.as_ref()), "--allow")?;
+    let expose_allowed = node_ids(
+        &or_file(args.allow_expose, |h| h.allow_expose.as_ref()),
+        "--allow-expose",
+    )?;
+    let proxy_ports = match (
+        args.proxy_ports,
+        file.and_then(|h| h.proxy_ports.as_deref()),
+    ) {
+        (Some(r), _) => Some(r),
+        (None, Some(text)) => {
+            Some(crate::config::parse_port_range(text).map_err(anyhow::Error::msg)?)
+        }
+        (None, None) => None,
+    };
     let mut peer_hubs = node_ids(
         &or_file(args.allow_hub, |h| h.allow_hubs.as_ref()),
         "--allow-hub",
@@ -163,6 +188,12 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
                     .or(file.and_then(|h| h.lan_group))
                     .unwrap_or(reach_hub::lan::DEFAULT_GROUP)
             }),
+        proxy_ports,
+        expose_allowed,
+        max_exposures: args
+            .max_exposures
+            .or(file.and_then(|h| h.max_exposures))
+            .unwrap_or(reach_hub::DEFAULT_MAX_EXPOSURES),
         echo_ports: if args.no_echo {
             Vec::new()
         } else if !args.echo_port.is_empty() {

@@ -178,6 +178,13 @@ struct ExposeArgs {
     /// 127.0.0.1:22).
     #[arg(value_name = "SERVICE")]
     service: SocketAddr,
+    /// Only clients from this range may use the hub's proxy port, IP/LEN or
+    /// IP (repeatable; default: any client).
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    allow_from: Vec<(IpAddr, u8)>,
+    /// Do not ask the hub for a proxy port: serve the virtual address only.
+    #[arg(long)]
+    virtual_only: bool,
     #[command(flatten)]
     udp: UdpArgs,
     #[command(flatten)]
@@ -219,6 +226,24 @@ struct SocksArgs {
     pass_through: bool,
     #[command(flatten)]
     common: CommonArgs,
+}
+
+fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let ip: IpAddr = ip.parse().map_err(|_| format!("bad address in {s:?}"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("bad prefix length in {s:?} (0 to {max})"))?,
+        None => max,
+    };
+    Ok((ip, len))
 }
 
 fn parse_alias(s: &str) -> Result<(String, reach::NodeId), String> {
@@ -498,6 +523,15 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
     let endpoint = Arc::new(serve_endpoint(&args.serve, config, state_dir).await?);
     let kind = if args.udp.udp { "UDP" } else { "TCP" };
     eprintln!("exposing {kind} {} at that address", args.service);
+    if endpoint.hub_status().is_some() && !args.virtual_only && !args.udp.udp {
+        // Unmodified TCP clients get the hub's proxy port.
+        let public = endpoint
+            .expose_on_hub(args.serve.port, args.allow_from.clone())
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("cannot publish on the hub")?;
+        eprintln!("exposed at {public} (the hub's proxy port, for any TCP client)");
+    }
     let stats = Arc::new(reach::proxy::ProxyStats::default());
     let serve = async {
         if args.udp.udp {

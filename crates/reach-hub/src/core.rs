@@ -133,6 +133,29 @@ pub struct Counters {
     pub relayed_messages: u64,
 }
 
+/// Work for the driver, which does the I/O (binding proxy ports).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A node asks to publish its virtual port `vport` on a proxy port.
+    Expose {
+        /// The node's link (replies and connect-backs go there).
+        link: LinkId,
+        /// The node.
+        node: NodeId,
+        /// Its virtual port.
+        vport: u16,
+        /// The proxy port it had before, if any.
+        want_port: Option<u16>,
+        /// Admitted client ranges (empty: all).
+        allow_from: Vec<(std::net::IpAddr, u8)>,
+    },
+    /// A link ended: whatever was published over it goes.
+    LinkGone {
+        /// The link.
+        link: LinkId,
+    },
+}
+
 /// What the driver should do after a frame besides sending the outbox.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -173,6 +196,8 @@ pub struct HubCore {
     dir_state: u64,
     next_link: LinkId,
     outbox: Vec<(LinkId, Vec<u8>)>,
+    /// What the driver must act on (bind a proxy port, drop a node's).
+    events: Vec<Event>,
     /// Counters since start.
     pub counters: Counters,
 }
@@ -255,6 +280,7 @@ impl HubCore {
             dir_state: 1,
             next_link: 1,
             outbox: Vec::new(),
+            events: Vec::new(),
             counters: Counters::default(),
         }
     }
@@ -262,6 +288,16 @@ impl HubCore {
     /// This hub's id.
     pub fn id(&self) -> NodeId {
         self.me
+    }
+
+    /// Work for the driver since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Queues a control message on `link` (the driver's replies).
+    pub fn send_control(&mut self, link: LinkId, msg: &Control) {
+        self.send(link, control(msg));
     }
 
     /// Tells registering nodes where this hub's address echoes listen.
@@ -364,6 +400,7 @@ impl HubCore {
         let Some(info) = self.links.remove(&link) else {
             return;
         };
+        self.events.push(Event::LinkGone { link });
         let gone: Vec<(LinkId, u32)> = self.relay.keys().filter(|k| k.0 == link).copied().collect();
         for key in gone {
             if let Some(r) = self.relay.remove(&key) {
@@ -754,6 +791,20 @@ impl HubCore {
                     self.connect_back_failed(requester, target, token, reason);
                 }
             }
+            (
+                LinkKind::Node,
+                Control::Expose {
+                    vport,
+                    want_port,
+                    allow_from,
+                },
+            ) => self.events.push(Event::Expose {
+                link,
+                node: peer,
+                vport,
+                want_port,
+                allow_from,
+            }),
             (LinkKind::Hub, Control::Adverts { adverts }) => {
                 if self.routes.handle_adverts(now, peer, &adverts) {
                     self.gossip();

@@ -21,6 +21,7 @@ mod echo;
 pub mod lan;
 mod metrics;
 pub mod peer;
+mod proxy_ports;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,6 +65,13 @@ pub struct HubConfig {
     /// Announce this hub on, and discover hubs from, this multicast group
     /// (opt-in; see [`lan`]).
     pub lan_discovery: Option<std::net::SocketAddrV4>,
+    /// Proxy ports nodes may publish services on for unmodified TCP clients
+    /// (`reach expose`), an inclusive range; `None` offers none.
+    pub proxy_ports: Option<(u16, u16)>,
+    /// Nodes that may publish services (empty: every admitted node).
+    pub expose_allowed: Vec<NodeId>,
+    /// Services one node may publish at once.
+    pub max_exposures: usize,
     /// Ports of the address echoes nodes use to learn their NAT's behaviour
     /// (0: any free port; nodes learn the ports when they register). Two
     /// let a node tell a port-dependent mapping apart; empty runs none, and
@@ -85,13 +93,21 @@ impl Default for HubConfig {
             link_learned: true,
             lan_discovery: None,
             echo_ports: vec![0, 0],
+            proxy_ports: None,
+            expose_allowed: Vec::new(),
+            max_exposures: DEFAULT_MAX_EXPOSURES,
         }
     }
 }
 
+/// Default services one node may publish at once.
+pub const DEFAULT_MAX_EXPOSURES: usize = 8;
+
 struct State {
     core: HubCore,
     txs: HashMap<LinkId, FrameTx>,
+    /// Published services, by proxy port.
+    exposures: HashMap<u16, proxy_ports::Exposure>,
 }
 
 impl State {
@@ -114,6 +130,14 @@ struct Inner {
 }
 
 impl Inner {
+    /// Where this hub listens, as it tells others.
+    fn listen(&self) -> Vec<SocketAddr> {
+        self.config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.endpoint.advertised().to_vec())
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // The core is consistent between calls; a panic inside one call is a
         // bug that should not take every other link down with it.
@@ -176,6 +200,7 @@ impl Hub {
             state: Mutex::new(State {
                 core,
                 txs: HashMap::new(),
+                exposures: HashMap::new(),
             }),
             config,
             stop: tokio::sync::watch::Sender::new(false),
@@ -396,6 +421,9 @@ async fn through_ssh(
 async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> String {
     let peer = stream.peer();
     let remote = stream.info().remote_addr;
+    // This hub's address as the peer reached it (nodes connect back there).
+    let local = stream.info().local_addr;
+    let via = SocketAddr::new(local.ip().to_canonical(), local.port());
     // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; nodes compare
     // this with their own addresses.
     let observed = SocketAddr::new(remote.ip().to_canonical(), remote.port());
@@ -429,6 +457,7 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
         let mut s = inner.state();
         let verdict = s.core.handle_frame(link, frame, Instant::now());
         s.flush();
+        proxy_ports::handle(&inner, &mut s, via);
         if let Verdict::Close(why) = verdict {
             break why;
         }
@@ -438,6 +467,7 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
         s.core.link_down(link);
         s.txs.remove(&link);
         s.flush();
+        proxy_ports::handle(&inner, &mut s, via);
     }
     tracing::debug!(%peer, %observed, "link closed: {why}");
     // The writer ends once it has sent what is queued (a refusal, say).

@@ -219,3 +219,113 @@ fn curl_fetches_a_page_behind_a_firewall_through_reach_socks() {
     let log = std::fs::read_to_string(&socks_log).unwrap_or_default();
     assert!(log.contains("pass-through is off"), "{log}");
 }
+
+/// `reach id` for a state directory.
+fn node_id(reach: &Path, state: &Path) -> String {
+    let out = Command::new(reach)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("id")
+        .output()
+        .expect("reach id");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port() {
+    let t = Topology::from_toml(TOPOLOGY).expect("topology");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let reach = tools.join("reach");
+    let state = tempfile::tempdir().expect("tempdir");
+    let server_state = state.path().join("server");
+    let server_id = node_id(&reach, &server_state);
+    // The hub publishes services of the server only, on ports 40000-40010.
+    let hub_dir = state.path().join("hub");
+    std::fs::create_dir_all(&hub_dir).expect("hub dir");
+    let mut hub = lab.command("hub", &reach);
+    hub.arg("--state-dir")
+        .arg(&hub_dir)
+        .args(["-v", "hub", "--tcp-port", "7700", "--addr-file"])
+        .arg(hub_dir.join("hub.txt"))
+        .args(["--proxy-ports", "40000-40010", "--allow-expose", &server_id]);
+    let _hub = spawn_until(hub, &hub_dir.join("hub.log"), "hub up");
+    let hub_id = reach_lab::wait::for_file(&hub_dir.join("hub.txt"), Duration::from_secs(5))
+        .expect("hub address")
+        .split('@')
+        .next()
+        .expect("hub id")
+        .to_string();
+    let hub_ip = lab.host("hub").public.expect("multi-homed hub");
+    let hub_target = format!("{hub_id}@{hub_ip}:7700");
+    // Only the client's site (its NAT's public address) may use the port.
+    let client_site = lab.host("client").gateway;
+    let mut expose = lab.command("server", &reach);
+    expose
+        .arg("--state-dir")
+        .arg(&server_state)
+        .args([
+            "-v",
+            "expose",
+            "127.0.0.1:22",
+            "--port",
+            "22",
+            "--hub",
+            &hub_target,
+        ])
+        .args(["--allow-from", &format!("{client_site}/32")]);
+    let expose_log = state.path().join("expose.log");
+    let _expose = spawn_until(expose, &expose_log, "exposed at");
+    let log = std::fs::read_to_string(&expose_log).unwrap_or_default();
+    let public = log
+        .lines()
+        .find_map(|l| l.strip_prefix("exposed at "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the proxy address")
+        .to_string();
+    let port = public.rsplit(':').next().expect("port").to_string();
+    assert!(public.starts_with(&format!("{hub_ip}:400")), "{public}");
+    let ssh = |from: &str| {
+        lab.record()
+            .ssh(from)
+            .expect("host")
+            .args([
+                "-p",
+                &port,
+                &format!("root@{hub_ip}"),
+                "echo",
+                "reach-proxy-ok",
+            ])
+            .output()
+            .expect("run ssh")
+    };
+    let out = ssh("client");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("reach-proxy-ok"),
+        "ssh through the proxy port: {:?}\nhub: {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(hub_dir.join("hub.log")).unwrap_or_default()
+    );
+    // A client outside the exposure's ranges is refused.
+    let out = ssh("web");
+    assert!(
+        !out.status.success(),
+        "a client outside the access list got in"
+    );
+    let hub_log = std::fs::read_to_string(hub_dir.join("hub.log")).unwrap_or_default();
+    assert!(
+        hub_log.contains("outside the exposure's ranges"),
+        "{hub_log}"
+    );
+    // A node the hub's policy does not allow to expose gets a clear error.
+    let out = lab
+        .command("web", &reach)
+        .arg("--state-dir")
+        .arg(state.path().join("web"))
+        .args(["expose", "127.0.0.1:8080", "--hub", &hub_target])
+        .output()
+        .expect("run reach expose");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("may not expose services on this hub"), "{err}");
+}

@@ -281,6 +281,34 @@ pub enum Control {
         /// Why.
         reason: String,
     },
+    /// Node to hub: publish the service at virtual port `vport` of this node
+    /// on a public proxy port of the hub, for unmodified TCP clients. The
+    /// hub answers with `Exposed` or `ExposeRefused`; each client connection
+    /// then reaches the node as a connect-back request for `vport`.
+    Expose {
+        /// The node's virtual port serving it.
+        vport: u16,
+        /// The proxy port the node had before (a hub restart), if any: given
+        /// back when free.
+        want_port: Option<u16>,
+        /// Client source ranges admitted, as (address, prefix length); empty
+        /// admits every client.
+        allow_from: Vec<(std::net::IpAddr, u8)>,
+    },
+    /// Hub to node: `vport` is published on the hub's proxy port `port`.
+    Exposed {
+        /// The virtual port.
+        vport: u16,
+        /// The hub's proxy port.
+        port: u16,
+    },
+    /// Hub to node: `vport` cannot be published, and why.
+    ExposeRefused {
+        /// The virtual port.
+        vport: u16,
+        /// Why, for the operator.
+        reason: String,
+    },
     /// Node to hub, first message instead of `Register`: report your state
     /// (for `reach status`); admitted like a registration.
     StatusQuery {

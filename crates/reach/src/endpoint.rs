@@ -341,6 +341,48 @@ pub(crate) struct Shared {
     network_secret: Option<Vec<u8>>,
 }
 
+/// How long [`Endpoint::expose_on_hub`] waits for the hub's answer.
+const EXPOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// A connect-back awaited with [`Endpoint::expect_connect_back`].
+pub struct ConnectBackWait {
+    rx: oneshot::Receiver<Result<ReachStream, String>>,
+    key: (NodeId, u16),
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ConnectBackWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConnectBackWait({}, {})", self.key.0, self.key.1)
+    }
+}
+
+impl ConnectBackWait {
+    /// The token the node must connect back with.
+    pub fn token(&self) -> u16 {
+        self.key.1
+    }
+
+    /// The stream, once the node has connected back, within `timeout`.
+    pub async fn wait(mut self, timeout: Duration) -> Result<ReachStream, String> {
+        match tokio::time::timeout(timeout, &mut self.rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the connect-back request was dropped".into()),
+            Err(_) => Err(format!("the node did not connect back within {timeout:?}")),
+        }
+    }
+}
+
+impl Drop for ConnectBackWait {
+    fn drop(&mut self) {
+        self.shared
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// How long [`Endpoint::probe_nat`] waits for a hub session coming up.
 fn setup_session_wait() -> Duration {
     Duration::from_secs(3)
@@ -533,6 +575,48 @@ impl Endpoint {
     /// A builder with default settings.
     pub fn builder() -> EndpointBuilder {
         EndpointBuilder::default()
+    }
+
+    /// Registers for a connect-back from `node` carrying `token`: a hub
+    /// asks a node to dial it (for a proxy port) and waits here. Register
+    /// before sending the request. `None` when that (node, token) is already
+    /// awaited.
+    pub fn expect_connect_back(&self, node: NodeId, token: u16) -> Option<ConnectBackWait> {
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self
+            .shared
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pending.contains_key(&(node, token)) {
+            return None;
+        }
+        pending.insert((node, token), tx);
+        Some(ConnectBackWait {
+            rx,
+            key: (node, token),
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Publishes this node's virtual port `vport` on a proxy port of its hub,
+    /// for unmodified TCP clients whose source address is in `allow_from`
+    /// (address and prefix length; empty admits all). Returns the hub's
+    /// address and port. The request is made again after every reconnect
+    /// (asking for the same port), for as long as the endpoint lives.
+    pub async fn expose_on_hub(
+        &self,
+        vport: u16,
+        allow_from: Vec<(IpAddr, u8)>,
+    ) -> Result<SocketAddr, String> {
+        let session = self
+            .shared
+            .session
+            .as_ref()
+            .ok_or("no hub configured: proxy ports are a hub's")?;
+        session
+            .expose(vport, allow_from, Instant::now() + EXPOSE_WAIT)
+            .await
     }
 
     /// Probes the NAT in front of this host with the hub's address echoes,

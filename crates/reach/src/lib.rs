@@ -33,8 +33,9 @@ pub mod udp_proxy;
 mod upgrade;
 
 pub use endpoint::{
-    preferred_cipher, Endpoint, EndpointBuilder, ListenPorts, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_DIRECT_BUDGET, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REVERSE_BUDGET,
+    preferred_cipher, ConnectBackWait, Endpoint, EndpointBuilder, ListenPorts,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_DIRECT_BUDGET, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_REVERSE_BUDGET,
 };
 pub use error::{Attempt, AttemptError, ConnectError, EndpointError, ModuleFailure, NatProbeError};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};

@@ -194,6 +194,28 @@ pub(crate) struct Session {
     closing: watch::Sender<bool>,
     /// Set when the session task has ended after a close.
     closed: watch::Sender<bool>,
+    /// Services published on the hub's proxy ports, by virtual port: asked
+    /// for again after every reconnect, with the port they had.
+    exposures: Mutex<HashMap<u16, Exposure>>,
+    /// `expose` calls waiting for the hub's answer, by virtual port.
+    expose_waiters: Mutex<HashMap<u16, oneshot::Sender<Result<u16, String>>>>,
+}
+
+/// One service published on the hub.
+#[derive(Clone)]
+struct Exposure {
+    allow_from: Vec<(std::net::IpAddr, u8)>,
+    port: Option<u16>,
+}
+
+impl Exposure {
+    fn request(&self, vport: u16) -> Control {
+        Control::Expose {
+            vport,
+            want_port: self.port,
+            allow_from: self.allow_from.clone(),
+        }
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -223,6 +245,53 @@ impl Session {
             last_error: Mutex::default(),
             closing: watch::Sender::new(false),
             closed: watch::Sender::new(false),
+            exposures: Mutex::default(),
+            expose_waiters: Mutex::default(),
+        }
+    }
+
+    /// Publishes `vport` on the hub's proxy ports (see `Endpoint::expose_on_hub`).
+    pub(crate) async fn expose(
+        &self,
+        vport: u16,
+        allow_from: Vec<(std::net::IpAddr, u8)>,
+        deadline: Instant,
+    ) -> Result<SocketAddr, String> {
+        let link = self.wait_link(deadline).await.map_err(|e| e.to_string())?;
+        let exposure = Exposure {
+            allow_from,
+            port: None,
+        };
+        let (tx, rx) = oneshot::channel();
+        locked(&self.expose_waiters).insert(vport, tx);
+        send_control(&link.tx, &exposure.request(vport));
+        locked(&self.exposures).insert(vport, exposure);
+        let answer = tokio::time::timeout_at(deadline.into(), rx).await;
+        locked(&self.expose_waiters).remove(&vport);
+        let port = match answer {
+            Ok(Ok(Ok(port))) => port,
+            Ok(Ok(Err(reason))) => {
+                locked(&self.exposures).remove(&vport);
+                return Err(format!("the hub refused: {reason}"));
+            }
+            Ok(Err(_)) => return Err("the hub session ended before the hub answered".into()),
+            Err(_) => return Err("the hub did not answer in time".into()),
+        };
+        Ok(SocketAddr::new(
+            link.status.remote.ip().to_canonical(),
+            port,
+        ))
+    }
+
+    /// The hub's answer to an `Expose`.
+    fn exposed(&self, vport: u16, result: Result<u16, String>) {
+        if let Ok(port) = result {
+            if let Some(e) = locked(&self.exposures).get_mut(&vport) {
+                e.port = Some(port);
+            }
+        }
+        if let Some(w) = locked(&self.expose_waiters).remove(&vport) {
+            let _ = w.send(result);
         }
     }
 
@@ -612,6 +681,15 @@ async fn serve(shared: &Arc<Shared>, session: &Session, attached: Attached) -> S
         writer,
     } = attached;
     session.link.send_replace(Some(link.clone()));
+    // A reconnect (a hub restart, say): publish again, asking for the ports
+    // the services had.
+    let exposures: Vec<(u16, Exposure)> = locked(&session.exposures)
+        .iter()
+        .map(|(v, e)| (*v, e.clone()))
+        .collect();
+    for (vport, e) in exposures {
+        send_control(&link.tx, &e.request(vport));
+    }
     let pinger = {
         let tx = link.tx.clone();
         tokio::spawn(async move {
@@ -735,6 +813,11 @@ fn handle_frame(
                 to, msg, reason, ..
             } => {
                 shared.pending_splice.resolve(to, msg.token(), Err(reason));
+            }
+            Control::Exposed { vport, port } => session.exposed(vport, Ok(port)),
+            Control::ExposeRefused { vport, reason } => {
+                tracing::warn!(vport, "the hub refused to expose it: {reason}");
+                session.exposed(vport, Err(reason));
             }
             Control::Ping { nonce } => send_control(&link.tx, &Control::Pong { nonce }),
             Control::Pong { .. } => {}

@@ -1,0 +1,226 @@
+//! Public proxy ports (GCB's proxy sockets): a node publishes a service it
+//! serves at a virtual port, and unmodified TCP clients reach it through a
+//! port of the hub.
+//!
+//! ```text
+//!  client --TCP--> hub:PORT --(ConnectBack{vport, token})--> node's session
+//!                  hub <--- node dials the hub, Noise IK, FLAG_REVERSE ----
+//!  client <==== hub pipes the client and that stream ====> node --> service
+//! ```
+//! Each client connection makes the node connect back to the hub: outbound
+//! from the node, so it works behind any NAT that let the node reach the hub
+//! in the first place, and authenticated end to end between node and hub.
+//! The client's leg is plain TCP, as for any server. The hub checks the
+//! client's source address against the exposure's ranges before it asks the
+//! node for anything. Exposures end with the session that made them; a node
+//! that comes back asks for its old port, and gets it when it is free.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reach::proto::candidates::in_prefix;
+use reach::proto::link::{ConnectBack, Control};
+use reach::proto::NodeId;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::core::{Event, LinkId};
+use crate::{Inner, State};
+
+/// How long a node has to connect back for one client.
+const CONNECT_BACK_WAIT: Duration = Duration::from_secs(10);
+
+/// One published service.
+pub(crate) struct Exposure {
+    link: LinkId,
+    node: NodeId,
+    vport: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Exposure {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Acts on the core's events. Called with the state locked: nothing here
+/// waits. `via` is this hub's address on the link the events came from.
+pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
+    for ev in s.core.take_events() {
+        match ev {
+            Event::Expose {
+                link,
+                node,
+                vport,
+                want_port,
+                allow_from,
+            } => {
+                let reply = match expose(inner, s, link, node, vport, want_port, allow_from, via) {
+                    Ok(port) => {
+                        tracing::info!(%node, vport, port, "service exposed");
+                        Control::Exposed { vport, port }
+                    }
+                    Err(reason) => {
+                        tracing::info!(%node, vport, "exposure refused: {reason}");
+                        Control::ExposeRefused { vport, reason }
+                    }
+                };
+                s.core.send_control(link, &reply);
+            }
+            Event::LinkGone { link } => {
+                s.exposures.retain(|port, e| {
+                    let keep = e.link != link;
+                    if !keep {
+                        tracing::info!(node = %e.node, vport = e.vport, port, "exposure ended with its session");
+                    }
+                    keep
+                });
+            }
+        }
+    }
+    s.flush();
+}
+
+/// Checks the policy and binds a proxy port; returns it.
+#[allow(clippy::too_many_arguments)]
+fn expose(
+    inner: &Arc<Inner>,
+    s: &mut State,
+    link: LinkId,
+    node: NodeId,
+    vport: u16,
+    want_port: Option<u16>,
+    allow_from: Vec<(IpAddr, u8)>,
+    via: SocketAddr,
+) -> Result<u16, String> {
+    let config = &inner.config;
+    let (lo, hi) = config
+        .proxy_ports
+        .ok_or("this hub offers no proxy ports (reach hub --proxy-ports)")?;
+    if !config.expose_allowed.is_empty() && !config.expose_allowed.contains(&node) {
+        return Err(format!("node {node} may not expose services on this hub"));
+    }
+    // The same service asked for again on the same session keeps its port.
+    if let Some((port, _)) = s
+        .exposures
+        .iter()
+        .find(|(_, e)| e.link == link && e.vport == vport)
+    {
+        return Ok(*port);
+    }
+    let held = s.exposures.values().filter(|e| e.node == node).count();
+    if held >= config.max_exposures {
+        return Err(format!(
+            "node {node} already exposes {held} services here (the limit)"
+        ));
+    }
+    let ip = via.ip();
+    let wanted = want_port.filter(|p| (lo..=hi).contains(p));
+    for port in wanted.into_iter().chain(lo..=hi) {
+        if s.exposures.contains_key(&port) {
+            continue;
+        }
+        let Ok(listener) = bind(SocketAddr::new(ip, port)) else {
+            continue;
+        };
+        let task = tokio::spawn(serve(
+            inner.clone(),
+            listener,
+            Target {
+                link,
+                node,
+                vport,
+                via,
+            },
+            allow_from,
+        ));
+        s.exposures.insert(
+            port,
+            Exposure {
+                link,
+                node,
+                vport,
+                task,
+            },
+        );
+        return Ok(port);
+    }
+    Err(format!("every proxy port in {lo}-{hi} is taken"))
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
+}
+
+/// Where a proxy port's clients go.
+#[derive(Clone, Copy)]
+struct Target {
+    link: LinkId,
+    node: NodeId,
+    vport: u16,
+    /// This hub's address as the node reached it: the node connects back
+    /// there first.
+    via: SocketAddr,
+}
+
+/// Accepts the proxy port's clients.
+async fn serve(inner: Arc<Inner>, listener: TcpListener, target: Target, allow: Vec<(IpAddr, u8)>) {
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("proxy port accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ip = from.ip().to_canonical();
+        if !allow.is_empty() && !allow.iter().any(|(net, len)| in_prefix(ip, *net, *len)) {
+            tracing::info!(%from, node = %target.node, "client outside the exposure's ranges: refused");
+            continue;
+        }
+        tokio::spawn(client(inner.clone(), tcp, from, target));
+    }
+}
+
+/// Carries one client to the node: asks it to connect back, then pipes.
+async fn client(inner: Arc<Inner>, mut tcp: TcpStream, from: SocketAddr, target: Target) {
+    let mut b = [0u8; 2];
+    let Some(wait) = (0..8).find_map(|_| {
+        getrandom::fill(&mut b).ok()?;
+        inner
+            .endpoint
+            .expect_connect_back(target.node, u16::from_le_bytes(b))
+    }) else {
+        return;
+    };
+    let mut addrs = vec![target.via];
+    addrs.extend(inner.listen().into_iter().filter(|a| *a != target.via));
+    let ask = Control::ConnectBack(ConnectBack {
+        from: inner.endpoint.node_id(),
+        target: target.node,
+        token: wait.token(),
+        vport: target.vport,
+        addrs,
+    });
+    {
+        let mut s = inner.state();
+        s.core.send_control(target.link, &ask);
+        s.flush();
+    }
+    let mut stream = match wait.wait(CONNECT_BACK_WAIT).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%from, node = %target.node, "proxy client dropped: {e}");
+            return;
+        }
+    };
+    tracing::debug!(%from, node = %target.node, "proxy client connected");
+    let _ = tcp.set_nodelay(true);
+    let moved =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, 1 << 16, 1 << 16).await;
+    tracing::debug!(%from, ?moved, "proxy client done");
+}
