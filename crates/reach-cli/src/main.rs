@@ -525,12 +525,19 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
     eprintln!("exposing {kind} {} at that address", args.service);
     if endpoint.hub_status().is_some() && !args.virtual_only && !args.udp.udp {
         // Unmodified TCP clients get the hub's proxy port.
-        let public = endpoint
+        match endpoint
             .expose_on_hub(args.serve.port, args.allow_from.clone())
             .await
-            .map_err(anyhow::Error::msg)
-            .context("cannot publish on the hub")?;
-        eprintln!("exposed at {public} (the hub's proxy port, for any TCP client)");
+        {
+            Ok(public) => {
+                eprintln!("exposed at {public} (the hub's proxy port, for any TCP client)")
+            }
+            // Nothing wrong: the virtual address still serves reach clients.
+            Err(reach::ExposeError::NoProxyPorts) => {
+                eprintln!("the hub offers no proxy ports: reach clients only")
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("cannot publish on the hub")),
+        }
     }
     let stats = Arc::new(reach::proxy::ProxyStats::default());
     let serve = async {

@@ -419,6 +419,39 @@ fn relayed_messages_carry_the_authenticated_sender_and_bounce_when_undeliverable
 }
 
 #[test]
+fn expose_requests_and_ended_links_become_events_for_the_driver() {
+    let mut core = open_hub();
+    let node = id(10);
+    let link = attach(&mut core, node, true);
+    let allow = vec![("192.0.2.0".parse().unwrap(), 24)];
+    control(
+        &mut core,
+        link,
+        Control::Expose {
+            vport: 22,
+            want_port: Some(40001),
+            allow_from: allow.clone(),
+        },
+    );
+    assert_eq!(
+        core.take_events(),
+        vec![crate::core::Event::Expose {
+            link,
+            node,
+            vport: 22,
+            want_port: Some(40001),
+            allow_from: allow,
+        }]
+    );
+    core.link_down(link);
+    assert_eq!(
+        core.take_events(),
+        vec![crate::core::Event::LinkGone { link }]
+    );
+    assert!(core.take_events().is_empty());
+}
+
+#[test]
 fn registered_nodes_learn_the_echo_ports() {
     let mut core = open_hub();
     core.set_echo_ports(vec![7701, 7702]);

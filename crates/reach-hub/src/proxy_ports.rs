@@ -56,6 +56,7 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
                 want_port,
                 allow_from,
             } => {
+                let offered = inner.config.proxy_ports.is_some();
                 let reply = match expose(inner, s, link, node, vport, want_port, allow_from, via) {
                     Ok(port) => {
                         tracing::info!(%node, vport, port, "service exposed");
@@ -63,7 +64,11 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
                     }
                     Err(reason) => {
                         tracing::info!(%node, vport, "exposure refused: {reason}");
-                        Control::ExposeRefused { vport, reason }
+                        Control::ExposeRefused {
+                            vport,
+                            offered,
+                            reason,
+                        }
                     }
                 };
                 s.core.send_control(link, &reply);

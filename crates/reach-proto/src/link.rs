@@ -306,6 +306,9 @@ pub enum Control {
     ExposeRefused {
         /// The virtual port.
         vport: u16,
+        /// False when the hub offers no proxy ports at all (nothing is
+        /// wrong with the request).
+        offered: bool,
         /// Why, for the operator.
         reason: String,
     },

@@ -608,12 +608,12 @@ impl Endpoint {
         &self,
         vport: u16,
         allow_from: Vec<(IpAddr, u8)>,
-    ) -> Result<SocketAddr, String> {
+    ) -> Result<SocketAddr, crate::ExposeError> {
         let session = self
             .shared
             .session
             .as_ref()
-            .ok_or("no hub configured: proxy ports are a hub's")?;
+            .ok_or(crate::ExposeError::NoHub)?;
         session
             .expose(vport, allow_from, Instant::now() + EXPOSE_WAIT)
             .await

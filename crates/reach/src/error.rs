@@ -165,6 +165,24 @@ pub enum EndpointError {
     Closed,
 }
 
+/// Why a service could not be published on the hub's proxy ports.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExposeError {
+    /// The endpoint has no hub.
+    #[error("no hub configured: proxy ports are a hub's")]
+    NoHub,
+    /// The hub offers no proxy ports at all.
+    #[error("the hub offers no proxy ports")]
+    NoProxyPorts,
+    /// The hub's policy or limits refused it.
+    #[error("the hub refused: {0}")]
+    Refused(String),
+    /// No answer (the session is down, or the hub is slow).
+    #[error("{0}")]
+    NoAnswer(String),
+}
+
 /// Why NAT behaviour could not be probed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]

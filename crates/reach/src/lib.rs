@@ -37,7 +37,9 @@ pub use endpoint::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_DIRECT_BUDGET, DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_REVERSE_BUDGET,
 };
-pub use error::{Attempt, AttemptError, ConnectError, EndpointError, ModuleFailure, NatProbeError};
+pub use error::{
+    Attempt, AttemptError, ConnectError, EndpointError, ExposeError, ModuleFailure, NatProbeError,
+};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;
 pub use secure::SecureStream;

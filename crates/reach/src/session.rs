@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::direct::{self, RaceSettings};
 use crate::endpoint::Shared;
-use crate::error::AttemptError;
+use crate::error::{AttemptError, ExposeError};
 use crate::handshake::{initiate, respond, tcp_connect};
 use crate::link::{write_frames, FrameReader, FrameTx};
 use crate::routed::{RoutedStream, StreamMap};
@@ -198,7 +198,7 @@ pub(crate) struct Session {
     /// for again after every reconnect, with the port they had.
     exposures: Mutex<HashMap<u16, Exposure>>,
     /// `expose` calls waiting for the hub's answer, by virtual port.
-    expose_waiters: Mutex<HashMap<u16, oneshot::Sender<Result<u16, String>>>>,
+    expose_waiters: Mutex<HashMap<u16, oneshot::Sender<Result<u16, ExposeError>>>>,
 }
 
 /// One service published on the hub.
@@ -256,8 +256,11 @@ impl Session {
         vport: u16,
         allow_from: Vec<(std::net::IpAddr, u8)>,
         deadline: Instant,
-    ) -> Result<SocketAddr, String> {
-        let link = self.wait_link(deadline).await.map_err(|e| e.to_string())?;
+    ) -> Result<SocketAddr, ExposeError> {
+        let link = self
+            .wait_link(deadline)
+            .await
+            .map_err(|e| ExposeError::NoAnswer(e.to_string()))?;
         let exposure = Exposure {
             allow_from,
             port: None,
@@ -270,12 +273,20 @@ impl Session {
         locked(&self.expose_waiters).remove(&vport);
         let port = match answer {
             Ok(Ok(Ok(port))) => port,
-            Ok(Ok(Err(reason))) => {
+            Ok(Ok(Err(e))) => {
                 locked(&self.exposures).remove(&vport);
-                return Err(format!("the hub refused: {reason}"));
+                return Err(e);
             }
-            Ok(Err(_)) => return Err("the hub session ended before the hub answered".into()),
-            Err(_) => return Err("the hub did not answer in time".into()),
+            Ok(Err(_)) => {
+                return Err(ExposeError::NoAnswer(
+                    "the hub session ended before the hub answered".into(),
+                ))
+            }
+            Err(_) => {
+                return Err(ExposeError::NoAnswer(
+                    "the hub did not answer in time".into(),
+                ))
+            }
         };
         Ok(SocketAddr::new(
             link.status.remote.ip().to_canonical(),
@@ -284,7 +295,7 @@ impl Session {
     }
 
     /// The hub's answer to an `Expose`.
-    fn exposed(&self, vport: u16, result: Result<u16, String>) {
+    fn exposed(&self, vport: u16, result: Result<u16, ExposeError>) {
         if let Ok(port) = result {
             if let Some(e) = locked(&self.exposures).get_mut(&vport) {
                 e.port = Some(port);
@@ -815,9 +826,18 @@ fn handle_frame(
                 shared.pending_splice.resolve(to, msg.token(), Err(reason));
             }
             Control::Exposed { vport, port } => session.exposed(vport, Ok(port)),
-            Control::ExposeRefused { vport, reason } => {
-                tracing::warn!(vport, "the hub refused to expose it: {reason}");
-                session.exposed(vport, Err(reason));
+            Control::ExposeRefused {
+                vport,
+                offered,
+                reason,
+            } => {
+                let e = if offered {
+                    ExposeError::Refused(reason)
+                } else {
+                    ExposeError::NoProxyPorts
+                };
+                tracing::warn!(vport, "not published on the hub: {e}");
+                session.exposed(vport, Err(e));
             }
             Control::Ping { nonce } => send_control(&link.tx, &Control::Pong { nonce }),
             Control::Pong { .. } => {}
