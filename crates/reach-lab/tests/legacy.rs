@@ -243,13 +243,16 @@ fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port
     // The hub publishes services of the server only, on ports 40000-40010.
     let hub_dir = state.path().join("hub");
     std::fs::create_dir_all(&hub_dir).expect("hub dir");
-    let mut hub = lab.command("hub", &reach);
-    hub.arg("--state-dir")
-        .arg(&hub_dir)
-        .args(["-v", "hub", "--tcp-port", "7700", "--addr-file"])
-        .arg(hub_dir.join("hub.txt"))
-        .args(["--proxy-ports", "40000-40010", "--allow-expose", &server_id]);
-    let _hub = spawn_until(hub, &hub_dir.join("hub.log"), "hub up");
+    let hub_cmd = || {
+        let mut hub = lab.command("hub", &reach);
+        hub.arg("--state-dir")
+            .arg(&hub_dir)
+            .args(["-v", "hub", "--tcp-port", "7700", "--addr-file"])
+            .arg(hub_dir.join("hub.txt"))
+            .args(["--proxy-ports", "40000-40010", "--allow-expose", &server_id]);
+        hub
+    };
+    let hub = spawn_until(hub_cmd(), &hub_dir.join("hub.log"), "hub up");
     let hub_id = reach_lab::wait::for_file(&hub_dir.join("hub.txt"), Duration::from_secs(5))
         .expect("hub address")
         .split('@')
@@ -316,6 +319,24 @@ fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port
     assert!(
         hub_log.contains("outside the exposure's ranges"),
         "{hub_log}"
+    );
+    // The hub restarts: the node re-registers and gets its port back.
+    drop(hub);
+    let restarted_log = hub_dir.join("hub-restarted.log");
+    let _hub = spawn_until(hub_cmd(), &restarted_log, "hub up");
+    let again = reach_lab::wait::until(Duration::from_secs(15), || {
+        let log = std::fs::read_to_string(&restarted_log).unwrap_or_default();
+        log.lines()
+            .find(|l| l.contains("service exposed"))
+            .map(str::to_string)
+    })
+    .expect("the node publishes its service again");
+    assert!(again.contains(&format!("port={port}")), "{again}");
+    let out = ssh("client");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("reach-proxy-ok"),
+        "ssh after the hub restart: {:?}",
+        String::from_utf8_lossy(&out.stderr)
     );
     // A node the hub's policy does not allow to expose gets a clear error.
     let out = lab
