@@ -572,33 +572,38 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
     let idle = args.udp.idle()?;
     let stats = Arc::new(reach::proxy::ProxyStats::default());
     let cannot = || format!("cannot listen on {}", args.listen);
-    if args.udp.udp {
-        let socket = tokio::net::UdpSocket::bind(args.listen)
+    // Bound before anything else, so a port in use fails at once.
+    let (udp, tcp) = if args.udp.udp {
+        let s = tokio::net::UdpSocket::bind(args.listen)
             .await
             .with_context(cannot)?;
-        let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
-        eprintln!(
-            "forwarding UDP {} to {vaddr}",
-            socket.local_addr().unwrap_or(args.listen)
-        );
-        tokio::select! {
-            r = reach::udp_proxy::forward_udp(socket, endpoint.clone(), vaddr, idle, stats) => r?,
-            r = hub::shutdown_signal() => r?,
-        }
-        endpoint.close(CLOSE_TIMEOUT).await;
-        return Ok(());
-    }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(cannot)?;
+        (Some(s), None)
+    } else {
+        let l = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(cannot)?;
+        (None, Some(l))
+    };
     // Connect-only: a listener with the same identity keeps its directory entry.
     let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
-    eprintln!(
-        "forwarding {} to {vaddr}",
-        listener.local_addr().unwrap_or(args.listen)
-    );
+    let local = udp
+        .as_ref()
+        .and_then(|s| s.local_addr().ok())
+        .or_else(|| tcp.as_ref().and_then(|l| l.local_addr().ok()))
+        .unwrap_or(args.listen);
+    let kind = if udp.is_some() { "UDP " } else { "" };
+    eprintln!("forwarding {kind}{local} to {vaddr}");
+    let run = async {
+        match (udp, tcp) {
+            (Some(s), _) => {
+                reach::udp_proxy::forward_udp(s, endpoint.clone(), vaddr, idle, stats).await
+            }
+            (_, Some(l)) => reach::proxy::forward(l, endpoint.clone(), vaddr, stats).await,
+            (None, None) => Ok(()),
+        }
+    };
     tokio::select! {
-        r = reach::proxy::forward(listener, endpoint.clone(), vaddr, stats) => r?,
+        r = run => r?,
         r = hub::shutdown_signal() => r?,
     }
     endpoint.close(CLOSE_TIMEOUT).await;

@@ -56,6 +56,31 @@ server = "hub"
 web = "hub"
 "#;
 
+/// The lab of these tests with its hub running.
+struct Legacy {
+    lab: Lab,
+    reach: std::path::PathBuf,
+    state: tempfile::TempDir,
+    hubs: reach_lab::hubs::HubSet,
+}
+
+impl Legacy {
+    fn up() -> Self {
+        let t = Topology::from_toml(TOPOLOGY).expect("topology");
+        let lab = Lab::up(&t).expect("lab up");
+        let tools = common::tools_with_reach();
+        let state = tempfile::tempdir().expect("tempdir");
+        let hubs = t.hubs.as_ref().expect("[hubs]");
+        let hubs = reach_lab::hubs::start(&lab, &t, hubs, &tools, state.path()).expect("hub");
+        Legacy {
+            lab,
+            reach: tools.join("reach"),
+            state,
+            hubs,
+        }
+    }
+}
+
 /// Spawns `cmd` with stdout and stderr to `log`, and waits until the log
 /// holds `ready`.
 fn spawn_until(mut cmd: Command, log: &Path, ready: &str) -> Process {
@@ -81,19 +106,12 @@ fn spawn_until(mut cmd: Command, log: &Path, ready: &str) -> Process {
 
 #[test]
 fn ssh_logs_into_sshd_behind_a_random_port_nat_through_expose_and_forward() {
-    let t = Topology::from_toml(TOPOLOGY).expect("topology");
-    let lab = Lab::up(&t).expect("lab up");
-    let tools = common::tools_with_reach();
-    let reach = tools.join("reach");
-    let state = tempfile::tempdir().expect("tempdir");
-    let hubs = reach_lab::hubs::start(
-        &lab,
-        &t,
-        t.hubs.as_ref().expect("[hubs]"),
-        &tools,
-        state.path(),
-    )
-    .expect("hub");
+    let Legacy {
+        lab,
+        reach,
+        state,
+        hubs,
+    } = Legacy::up();
     let addr_file = state.path().join("exposed.txt");
     let mut expose = lab.command("server", &reach);
     expose
@@ -137,19 +155,12 @@ fn ssh_logs_into_sshd_behind_a_random_port_nat_through_expose_and_forward() {
 
 #[test]
 fn curl_fetches_a_page_behind_a_firewall_through_reach_socks() {
-    let t = Topology::from_toml(TOPOLOGY).expect("topology");
-    let lab = Lab::up(&t).expect("lab up");
-    let tools = common::tools_with_reach();
-    let reach = tools.join("reach");
-    let state = tempfile::tempdir().expect("tempdir");
-    let hubs = reach_lab::hubs::start(
-        &lab,
-        &t,
-        t.hubs.as_ref().expect("[hubs]"),
-        &tools,
-        state.path(),
-    )
-    .expect("hub");
+    let Legacy {
+        lab,
+        reach,
+        state,
+        hubs,
+    } = Legacy::up();
     // The page, served on the web host's loopback only.
     let site = state.path().join("site");
     std::fs::create_dir_all(&site).expect("site dir");
