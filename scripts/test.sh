@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 require_root "the lab tests create network namespaces"
-ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh curl:curl python3:python3
+ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh curl:curl python3:python3 iperf3:iperf3
 ensure_rust_tools
 
 step "cargo fmt --check"

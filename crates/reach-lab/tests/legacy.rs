@@ -2,8 +2,9 @@
 //! behind a random-port symmetric NAT (no splice possible there, so the
 //! stream is routed) through `reach expose` and `reach forward`; curl fetches
 //! a page from a web server behind a dropping firewall through `reach socks`.
-//! Needs root, iproute2, nftables, openssh, curl, python3 (the web server)
-//! and the `reach` binary.
+//! iperf3 runs through `forward` and through a hub proxy port beside a
+//! direct run on the same path. Needs root, iproute2, nftables, openssh,
+//! curl, python3 (the web server), iperf3 and the `reach` binary.
 
 mod common;
 
@@ -39,6 +40,12 @@ name = "home"
 gateway = "nat"
 [[site.host]]
 name = "client"
+
+[[site]]
+name = "open"
+gateway = "open"
+[[site.host]]
+name = "open"
 
 [[site]]
 name = "fw"
@@ -360,4 +367,113 @@ fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("may not expose services on this hub"), "{err}");
+}
+
+/// iperf3 from `client` to `host:port` for `secs`: received Mbit/s.
+fn iperf(lab: &Lab, client: &str, host: &str, port: u16, secs: u32) -> f64 {
+    let out = lab
+        .command(client, "iperf3")
+        .args([
+            "-J",
+            "-c",
+            host,
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+        ])
+        .output()
+        .expect("run iperf3 (apt-get install iperf3)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 to {host}:{port}: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
+    bps.unwrap_or_else(|| panic!("iperf3 to {host}:{port} failed: {v}")) / 1e6
+}
+
+#[test]
+fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
+    let t = Topology::from_toml(TOPOLOGY).expect("topology");
+    let lab = Lab::up(&t).expect("lab up");
+    let reach = common::tools_with_reach().join("reach");
+    let state = tempfile::tempdir().expect("tempdir");
+    let hub_dir = state.path().join("hub");
+    std::fs::create_dir_all(&hub_dir).expect("hub dir");
+    let mut hub = lab.command("hub", &reach);
+    hub.arg("--state-dir")
+        .arg(&hub_dir)
+        .args(["-v", "hub", "--tcp-port", "7700", "--addr-file"])
+        .arg(hub_dir.join("hub.txt"))
+        .args(["--proxy-ports", "40000-40010"]);
+    let _hub = spawn_until(hub, &hub_dir.join("hub.log"), "hub up");
+    let hub_addr = reach_lab::wait::for_file(&hub_dir.join("hub.txt"), Duration::from_secs(5))
+        .expect("hub address");
+    let hub_ip = lab.host("hub").public.expect("multi-homed hub");
+    let hub_target = format!("{}@{hub_ip}:7700", hub_addr.split('@').next().expect("id"));
+    // iperf3 on the open host: reachable directly, for the baseline.
+    let mut server = lab.command("open", "iperf3");
+    server.args(["-s", "-p", "5201", "--forceflush"]);
+    let _server = spawn_until(server, &state.path().join("iperf3.log"), "Server listening");
+    let mut expose = lab.command("open", &reach);
+    expose
+        .arg("--state-dir")
+        .arg(state.path().join("open"))
+        .args([
+            "-v",
+            "expose",
+            "127.0.0.1:5201",
+            "--port",
+            "5201",
+            "--hub",
+            &hub_target,
+        ]);
+    let expose_log = state.path().join("expose.log");
+    let _expose = spawn_until(expose, &expose_log, "exposed at");
+    let log = std::fs::read_to_string(&expose_log).unwrap_or_default();
+    let vaddr = log
+        .lines()
+        .find_map(|l| l.strip_prefix("listening on "))
+        .expect("virtual address")
+        .to_string();
+    let proxy_port: u16 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("exposed at "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("proxy port");
+    let mut forward = lab.command("client", &reach);
+    forward
+        .arg("--state-dir")
+        .arg(state.path().join("client"))
+        .args([
+            "-v",
+            "forward",
+            "127.0.0.1:5202",
+            &vaddr,
+            "--hub",
+            &hub_target,
+        ]);
+    let _forward = spawn_until(forward, &state.path().join("forward.log"), "forwarding");
+    let open_ip = lab.host("open").lan.to_string();
+    let direct = iperf(&lab, "client", &open_ip, 5201, 2);
+    let forwarded = iperf(&lab, "client", "127.0.0.1", 5202, 2);
+    let proxied = iperf(&lab, "client", &hub_ip.to_string(), proxy_port, 2);
+    println!(
+        "iperf3 client -> open, 2 s each (Mbit/s): direct {direct:.0}, \
+         reach forward {forwarded:.0} ({:.2}x), hub proxy port {proxied:.0} ({:.2}x)",
+        forwarded / direct,
+        proxied / direct
+    );
+    for (what, mbit) in [
+        ("direct", direct),
+        ("forward", forwarded),
+        ("proxy port", proxied),
+    ] {
+        assert!(mbit > 0.0, "iperf3 {what} moved nothing");
+    }
 }
