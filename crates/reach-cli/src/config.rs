@@ -77,6 +77,8 @@ pub struct HubServer {
     pub allow_expose: Option<Vec<String>>,
     /// Services one node may publish at once.
     pub max_exposures: Option<usize>,
+    /// Seconds a proxy-port connection may stay idle.
+    pub proxy_idle: Option<f64>,
 }
 
 impl Config {

@@ -91,6 +91,10 @@ pub struct HubArgs {
     /// Services one node may publish at once [default: 8].
     #[arg(long, value_name = "N")]
     max_exposures: Option<usize>,
+    /// Seconds a proxy-port connection may move nothing before the hub cuts
+    /// it [default: 7440, RFC 5382's NAT timeout for established TCP].
+    #[arg(long, value_name = "SECS")]
+    proxy_idle: Option<f64>,
     /// Run no address echo (nodes of this hub then do not splice).
     #[arg(long)]
     no_echo: bool,
@@ -194,6 +198,13 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
             .max_exposures
             .or(file.and_then(|h| h.max_exposures))
             .unwrap_or(reach_hub::DEFAULT_MAX_EXPOSURES),
+        proxy_idle: match args.proxy_idle.or(file.and_then(|h| h.proxy_idle)) {
+            Some(secs) => std::time::Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--proxy-idle must be a positive number of seconds")?,
+            None => reach_hub::DEFAULT_PROXY_IDLE,
+        },
         echo_ports: if args.no_echo {
             Vec::new()
         } else if !args.echo_port.is_empty() {

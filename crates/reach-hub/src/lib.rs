@@ -72,6 +72,8 @@ pub struct HubConfig {
     pub expose_allowed: Vec<NodeId>,
     /// Services one node may publish at once.
     pub max_exposures: usize,
+    /// A proxy-port connection that moves nothing this long is cut.
+    pub proxy_idle: Duration,
     /// Ports of the address echoes nodes use to learn their NAT's behaviour
     /// (0: any free port; nodes learn the ports when they register). Two
     /// let a node tell a port-dependent mapping apart; empty runs none, and
@@ -96,12 +98,17 @@ impl Default for HubConfig {
             proxy_ports: None,
             expose_allowed: Vec::new(),
             max_exposures: DEFAULT_MAX_EXPOSURES,
+            proxy_idle: DEFAULT_PROXY_IDLE,
         }
     }
 }
 
 /// Default services one node may publish at once.
 pub const DEFAULT_MAX_EXPOSURES: usize = 8;
+/// Default idle time of a proxy-port connection: RFC 5382's (REQ-5) least
+/// established-TCP timeout for NATs, 2 hours 4 minutes, so a proxied
+/// connection lasts at least as long as it would through a NAT.
+pub const DEFAULT_PROXY_IDLE: Duration = Duration::from_secs(2 * 3600 + 4 * 60);
 
 struct State {
     core: HubCore,

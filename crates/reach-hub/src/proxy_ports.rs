@@ -225,7 +225,7 @@ async fn client(inner: Arc<Inner>, mut tcp: TcpStream, from: SocketAddr, target:
     };
     tracing::debug!(%from, node = %target.node, "proxy client connected");
     let _ = tcp.set_nodelay(true);
-    let moved =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut stream, 1 << 16, 1 << 16).await;
+    let idle = inner.config.proxy_idle;
+    let moved = reach::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await;
     tracing::debug!(%from, ?moved, "proxy client done");
 }

@@ -64,6 +64,72 @@ impl ProxyStats {
     }
 }
 
+/// Copies both ways like `tokio::io::copy_bidirectional` (a half-close is
+/// passed on), but ends the whole connection with a `TimedOut` error once
+/// neither direction has moved a byte for `idle`. Returns (bytes from `a`,
+/// bytes from `b`).
+pub async fn copy_with_idle<A, B>(a: &mut A, b: &mut B, idle: Duration) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let started = tokio::time::Instant::now();
+    // Milliseconds since `started` of the last byte either way.
+    let last = AtomicU64::new(0);
+    let touch = || {
+        let ms = started.elapsed().as_millis();
+        last.store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    };
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let both = async {
+        tokio::try_join!(
+            copy_one(&mut ar, &mut bw, &touch),
+            copy_one(&mut br, &mut aw, &touch)
+        )
+    };
+    let watchdog = async {
+        loop {
+            let at = started + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            tokio::time::sleep_until(at).await;
+            let quiet = started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nothing moved for {idle:?}"),
+                );
+            }
+        }
+    };
+    tokio::select! {
+        r = both => r,
+        e = watchdog => Err(e),
+    }
+}
+
+/// Copies `r` to `w` until `r` ends, then shuts `w` down; calls `touch` for
+/// every chunk moved.
+async fn copy_one<R, W>(r: &mut R, w: &mut W, touch: &(dyn Fn() + Sync)) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        total += n as u64;
+        touch();
+    }
+}
+
 /// Copies both ways until both directions end; returns (bytes from `tcp`,
 /// bytes from `stream`).
 async fn pipe<S>(tcp: &mut TcpStream, stream: &mut S) -> io::Result<(u64, u64)>
@@ -349,6 +415,38 @@ fn log_end(who: &str, moved: &io::Result<(u64, u64)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_cut_and_a_busy_one_is_not() {
+        use tokio::io::duplex;
+        let idle = Duration::from_secs(30);
+        // Busy: bytes every 20 s (under the idle time) for two minutes, then
+        // both sides finish: it ends normally.
+        let (mut a, mut a_peer) = duplex(1024);
+        let (mut b, mut b_peer) = duplex(1024);
+        let relay = tokio::spawn(async move { copy_with_idle(&mut a, &mut b, idle).await });
+        for _ in 0..6 {
+            a_peer.write_all(b"tick").await.expect("write");
+            let mut got = [0u8; 4];
+            b_peer.read_exact(&mut got).await.expect("relayed");
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        }
+        a_peer.shutdown().await.expect("shutdown");
+        b_peer.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        b_peer.read_to_end(&mut rest).await.expect("end");
+        assert_eq!(relay.await.expect("join").expect("ended normally"), (24, 0));
+        // Idle: nothing after the first bytes; cut after `idle`.
+        let (mut a, mut a_peer) = duplex(1024);
+        let (mut b, _b_peer) = duplex(1024);
+        let started = tokio::time::Instant::now();
+        let relay = tokio::spawn(async move { copy_with_idle(&mut a, &mut b, idle).await });
+        a_peer.write_all(b"hi").await.expect("write");
+        let err = relay.await.expect("join").expect_err("cut");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!(waited >= idle && waited < idle * 2, "{waited:?}");
+    }
 
     #[test]
     fn stats_count_connections_and_bytes() {
