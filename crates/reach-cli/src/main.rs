@@ -547,8 +547,20 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
             reach::proxy::expose(endpoint.clone(), args.service, stats).await
         }
     };
+    until_signal(&endpoint, serve).await
+}
+
+/// Runs a proxy until it fails or SIGINT/SIGTERM comes, then closes the
+/// endpoint's hub link gracefully.
+async fn until_signal<E>(
+    endpoint: &Endpoint,
+    run: impl std::future::Future<Output = Result<(), E>>,
+) -> anyhow::Result<()>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     tokio::select! {
-        r = serve => r?,
+        r = run => r?,
         r = hub::shutdown_signal() => r?,
     }
     endpoint.close(CLOSE_TIMEOUT).await;
@@ -572,42 +584,43 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
     let idle = args.udp.idle()?;
     let stats = Arc::new(reach::proxy::ProxyStats::default());
     let cannot = || format!("cannot listen on {}", args.listen);
+    enum Local {
+        Udp(tokio::net::UdpSocket),
+        Tcp(tokio::net::TcpListener),
+    }
     // Bound before anything else, so a port in use fails at once.
-    let (udp, tcp) = if args.udp.udp {
-        let s = tokio::net::UdpSocket::bind(args.listen)
-            .await
-            .with_context(cannot)?;
-        (Some(s), None)
+    let local = if args.udp.udp {
+        Local::Udp(
+            tokio::net::UdpSocket::bind(args.listen)
+                .await
+                .with_context(cannot)?,
+        )
     } else {
-        let l = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(cannot)?;
-        (None, Some(l))
+        Local::Tcp(
+            tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(cannot)?,
+        )
     };
     // Connect-only: a listener with the same identity keeps its directory entry.
     let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
-    let local = udp
-        .as_ref()
-        .and_then(|s| s.local_addr().ok())
-        .or_else(|| tcp.as_ref().and_then(|l| l.local_addr().ok()))
-        .unwrap_or(args.listen);
-    let kind = if udp.is_some() { "UDP " } else { "" };
-    eprintln!("forwarding {kind}{local} to {vaddr}");
+    let (kind, bound) = match &local {
+        Local::Udp(s) => ("UDP ", s.local_addr()),
+        Local::Tcp(l) => ("", l.local_addr()),
+    };
+    eprintln!(
+        "forwarding {kind}{} to {vaddr}",
+        bound.unwrap_or(args.listen)
+    );
     let run = async {
-        match (udp, tcp) {
-            (Some(s), _) => {
+        match local {
+            Local::Udp(s) => {
                 reach::udp_proxy::forward_udp(s, endpoint.clone(), vaddr, idle, stats).await
             }
-            (_, Some(l)) => reach::proxy::forward(l, endpoint.clone(), vaddr, stats).await,
-            (None, None) => Ok(()),
+            Local::Tcp(l) => reach::proxy::forward(l, endpoint.clone(), vaddr, stats).await,
         }
     };
-    tokio::select! {
-        r = run => r?,
-        r = hub::shutdown_signal() => r?,
-    }
-    endpoint.close(CLOSE_TIMEOUT).await;
-    Ok(())
+    until_signal(&endpoint, run).await
 }
 
 async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
@@ -625,12 +638,8 @@ async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         listener.local_addr().unwrap_or(args.listen)
     );
     let stats = Arc::new(reach::proxy::ProxyStats::default());
-    tokio::select! {
-        r = reach::proxy::socks(listener, endpoint.clone(), Arc::new(rules), stats) => r?,
-        r = hub::shutdown_signal() => r?,
-    }
-    endpoint.close(CLOSE_TIMEOUT).await;
-    Ok(())
+    let run = reach::proxy::socks(listener, endpoint.clone(), Arc::new(rules), stats);
+    until_signal(&endpoint, run).await
 }
 
 async fn nat(args: NatArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {

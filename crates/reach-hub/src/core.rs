@@ -136,24 +136,28 @@ pub struct Counters {
 /// Work for the driver, which does the I/O (binding proxy ports).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A node asks to publish its virtual port `vport` on a proxy port.
-    Expose {
-        /// The node's link (replies and connect-backs go there).
-        link: LinkId,
-        /// The node.
-        node: NodeId,
-        /// Its virtual port.
-        vport: u16,
-        /// The proxy port it had before, if any.
-        want_port: Option<u16>,
-        /// Admitted client ranges (empty: all).
-        allow_from: Vec<(std::net::IpAddr, u8)>,
-    },
+    /// A node asks to publish one of its virtual ports on a proxy port.
+    Expose(ExposeRequest),
     /// A link ended: whatever was published over it goes.
     LinkGone {
         /// The link.
         link: LinkId,
     },
+}
+
+/// A node's request to publish its virtual port `vport` on a proxy port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExposeRequest {
+    /// The node's link (replies and connect-backs go there).
+    pub link: LinkId,
+    /// The node.
+    pub node: NodeId,
+    /// Its virtual port.
+    pub vport: u16,
+    /// The proxy port it had before, if any.
+    pub want_port: Option<u16>,
+    /// Admitted client ranges (empty: all).
+    pub allow_from: Vec<(std::net::IpAddr, u8)>,
 }
 
 /// What the driver should do after a frame besides sending the outbox.
@@ -798,13 +802,13 @@ impl HubCore {
                     want_port,
                     allow_from,
                 },
-            ) => self.events.push(Event::Expose {
+            ) => self.events.push(Event::Expose(ExposeRequest {
                 link,
                 node: peer,
                 vport,
                 want_port,
                 allow_from,
-            }),
+            })),
             (LinkKind::Hub, Control::Adverts { adverts }) => {
                 if self.routes.handle_adverts(now, peer, &adverts) {
                     self.gossip();

@@ -435,13 +435,13 @@ fn expose_requests_and_ended_links_become_events_for_the_driver() {
     );
     assert_eq!(
         core.take_events(),
-        vec![crate::core::Event::Expose {
+        vec![crate::core::Event::Expose(crate::core::ExposeRequest {
             link,
             node,
             vport: 22,
             want_port: Some(40001),
             allow_from: allow,
-        }]
+        })]
     );
     core.link_down(link);
     assert_eq!(

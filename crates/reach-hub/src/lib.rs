@@ -427,13 +427,11 @@ async fn through_ssh(
 /// Serves one link until it ends; returns why.
 async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> String {
     let peer = stream.peer();
-    let remote = stream.info().remote_addr;
+    // Stream addresses are canonical (IPv4 peers of a dual-stack listener
+    // as plain IPv4), so nodes can compare what they are told with their own.
+    let observed = stream.info().remote_addr;
     // This hub's address as the peer reached it (nodes connect back there).
-    let local = stream.info().local_addr;
-    let via = SocketAddr::new(local.ip().to_canonical(), local.port());
-    // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; nodes compare
-    // this with their own addresses.
-    let observed = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+    let via = stream.info().local_addr;
     let (r, w) = tokio::io::split(stream);
     let (tx, rx) = reach::link::frame_channel();
     let writer = tokio::spawn(write_frames(w, rx));

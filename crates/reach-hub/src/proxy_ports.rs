@@ -24,7 +24,7 @@ use reach::proto::link::{ConnectBack, Control};
 use reach::proto::NodeId;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::core::{Event, LinkId};
+use crate::core::{Event, ExposeRequest, LinkId};
 use crate::{Inner, State};
 
 /// How long a node has to connect back for one client.
@@ -44,20 +44,21 @@ impl Drop for Exposure {
     }
 }
 
-/// Acts on the core's events. Called with the state locked: nothing here
-/// waits. `via` is this hub's address on the link the events came from.
+/// Acts on the core's events. Called with the state locked after every
+/// frame: nothing here waits, and without events (nearly always) it does
+/// nothing at all. `via` is this hub's address on the link the events came
+/// from.
 pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
-    for ev in s.core.take_events() {
+    let events = s.core.take_events();
+    if events.is_empty() {
+        return;
+    }
+    for ev in events {
         match ev {
-            Event::Expose {
-                link,
-                node,
-                vport,
-                want_port,
-                allow_from,
-            } => {
+            Event::Expose(req) => {
+                let (link, node, vport) = (req.link, req.node, req.vport);
                 let offered = inner.config.proxy_ports.is_some();
-                let reply = match expose(inner, s, link, node, vport, want_port, allow_from, via) {
+                let reply = match expose(inner, s, req, via) {
                     Ok(port) => {
                         tracing::info!(%node, vport, port, "service exposed");
                         Control::Exposed { vport, port }
@@ -88,17 +89,19 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
 }
 
 /// Checks the policy and binds a proxy port; returns it.
-#[allow(clippy::too_many_arguments)]
 fn expose(
     inner: &Arc<Inner>,
     s: &mut State,
-    link: LinkId,
-    node: NodeId,
-    vport: u16,
-    want_port: Option<u16>,
-    allow_from: Vec<(IpAddr, u8)>,
+    req: ExposeRequest,
     via: SocketAddr,
 ) -> Result<u16, String> {
+    let ExposeRequest {
+        link,
+        node,
+        vport,
+        want_port,
+        allow_from,
+    } = req;
     let config = &inner.config;
     let (lo, hi) = config
         .proxy_ports

@@ -11,32 +11,6 @@ use std::time::Duration;
 use reach_lab::lab::Process;
 use reach_lab::{Lab, Topology};
 
-/// Starts `reach hub` in `host` with `flags`; returns it and its NODEID@IP:PORT.
-fn hub(lab: &Lab, host: &str, dir: &Path, flags: &[&str]) -> (Process, String) {
-    std::fs::create_dir_all(dir).expect("dir");
-    let addr_file = dir.join("hub.txt");
-    let child = lab
-        .command(host, common::tools_with_reach().join("reach"))
-        .arg("--state-dir")
-        .arg(dir)
-        .args(["-v", "hub", "--tcp-port", "7700", "--addr-file"])
-        .arg(&addr_file)
-        .args(flags)
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("hub.log")).expect("log"))
-        .spawn()
-        .expect("spawn reach hub");
-    let proc = Process::new(child);
-    let target =
-        reach_lab::wait::for_file(&addr_file, Duration::from_secs(20)).unwrap_or_else(|| {
-            panic!(
-                "hub in {host} did not start: {}",
-                std::fs::read_to_string(dir.join("hub.log")).unwrap_or_default()
-            )
-        });
-    (proc, target)
-}
-
 /// The hub links `reach status` reports for the hub at `target`, asked from `host`.
 fn hub_links(lab: &Lab, host: &str, dir: &Path, target: &str) -> Option<Vec<String>> {
     let out = lab
@@ -76,10 +50,10 @@ fn hubs_on_one_lan_find_each_other_by_multicast() {
     let lab = Lab::up(&t).expect("lab up");
     let state = tempfile::tempdir().expect("tempdir");
     let lan = ["--lan-discovery", "--no-learned-links"];
-    let (_a, a) = hub(&lab, "hub-a", &state.path().join("a"), &lan);
-    let (_b, b) = hub(&lab, "hub-b", &state.path().join("b"), &lan);
+    let (_a, a) = common::hub(&lab, "hub-a", &state.path().join("a"), &lan);
+    let (_b, b) = common::hub(&lab, "hub-b", &state.path().join("b"), &lan);
     // A hub without discovery stays out of it.
-    let (_q, q) = hub(&lab, "quiet", &state.path().join("q"), &[]);
+    let (_q, q) = common::hub(&lab, "quiet", &state.path().join("q"), &[]);
     let id = |t: &str| t.split_once('@').expect("NODEID@").0.to_string();
     let linked = reach_lab::wait::until(Duration::from_secs(30), || {
         let links = hub_links(&lab, "hub-a", &state.path().join("a"), &a)?;

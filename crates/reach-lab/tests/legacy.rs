@@ -239,19 +239,13 @@ fn curl_fetches_a_page_behind_a_firewall_through_reach_socks() {
 }
 
 /// Starts `reach hub` with proxy ports 40000-40010 (and `extra` flags) in
-/// the hub host, logging to `dir/log`; returns it and NODEID@PUBLIC_IP:7700.
-fn proxy_hub(lab: &Lab, reach: &Path, dir: &Path, log: &str, extra: &[&str]) -> (Process, String) {
-    std::fs::create_dir_all(dir).expect("hub dir");
-    let mut hub = lab.command("hub", reach);
-    hub.arg("--state-dir")
-        .arg(dir)
-        .args(["-v", "hub", "--tcp-port", "7700", "--addr-file"])
-        .arg(dir.join("hub.txt"))
-        .args(["--proxy-ports", "40000-40010"])
-        .args(extra);
-    let proc = spawn_until(hub, &dir.join(log), "hub up");
-    let addr = reach_lab::wait::for_file(&dir.join("hub.txt"), Duration::from_secs(5))
-        .expect("hub address");
+/// the hub host; returns it and NODEID@PUBLIC_IP:7700.
+fn proxy_hub(lab: &Lab, dir: &Path, extra: &[&str]) -> (Process, String) {
+    let flags: Vec<&str> = ["--proxy-ports", "40000-40010"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let (proc, addr) = common::hub(lab, "hub", dir, &flags);
     let id = addr.split('@').next().expect("hub id");
     let ip = lab.host("hub").public.expect("multi-homed hub");
     (proc, format!("{id}@{ip}:7700"))
@@ -280,7 +274,7 @@ fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port
     // The hub publishes services of the server only, on ports 40000-40010.
     let hub_dir = state.path().join("hub");
     let only_server = ["--allow-expose", server_id.as_str()];
-    let (hub, hub_target) = proxy_hub(&lab, &reach, &hub_dir, "hub.log", &only_server);
+    let (hub, hub_target) = proxy_hub(&lab, &hub_dir, &only_server);
     let hub_ip = lab.host("hub").public.expect("multi-homed hub");
     // Only the client's site (its NAT's public address) may use the port.
     let client_site = lab.host("client").gateway;
@@ -343,8 +337,9 @@ fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port
     );
     // The hub restarts: the node re-registers and gets its port back.
     drop(hub);
-    let restarted_log = hub_dir.join("hub-restarted.log");
-    let _hub = proxy_hub(&lab, &reach, &hub_dir, "hub-restarted.log", &only_server);
+    // The restarted hub logs to a fresh hub.log.
+    let restarted_log = hub_dir.join("hub.log");
+    let _hub = proxy_hub(&lab, &hub_dir, &only_server);
     let again = reach_lab::wait::until(Duration::from_secs(15), || {
         let log = std::fs::read_to_string(&restarted_log).unwrap_or_default();
         log.lines()
@@ -404,7 +399,7 @@ fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
     let lab = Lab::up(&t).expect("lab up");
     let reach = common::tools_with_reach().join("reach");
     let state = tempfile::tempdir().expect("tempdir");
-    let (_hub, hub_target) = proxy_hub(&lab, &reach, &state.path().join("hub"), "hub.log", &[]);
+    let (_hub, hub_target) = proxy_hub(&lab, &state.path().join("hub"), &[]);
     let hub_ip = lab.host("hub").public.expect("multi-homed hub");
     // iperf3 on the open host: reachable directly, for the baseline.
     let mut server = lab.command("open", "iperf3");

@@ -162,16 +162,7 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>, SocksError> {
     let mut out = vec![VERSION, req.command, 0];
     let port = match &req.target {
         Target::Addr(a) => {
-            match a.ip() {
-                IpAddr::V4(v4) => {
-                    out.push(1);
-                    out.extend_from_slice(&v4.octets());
-                }
-                IpAddr::V6(v6) => {
-                    out.push(4);
-                    out.extend_from_slice(&v6.octets());
-                }
-            }
+            push_addr(a.ip(), &mut out);
             a.port()
         }
         Target::Name(name, port) => {
@@ -192,7 +183,14 @@ pub fn encode_request(req: &Request) -> Result<Vec<u8>, SocksError> {
 /// The server's reply to a request; `bound` is reported as the proxy's end.
 pub fn encode_reply(reply: Reply, bound: SocketAddr) -> Vec<u8> {
     let mut out = vec![VERSION, reply as u8, 0];
-    match bound.ip() {
+    push_addr(bound.ip(), &mut out);
+    out.extend_from_slice(&bound.port().to_be_bytes());
+    out
+}
+
+/// Appends an address type and address.
+fn push_addr(ip: IpAddr, out: &mut Vec<u8>) {
+    match ip {
         IpAddr::V4(v4) => {
             out.push(1);
             out.extend_from_slice(&v4.octets());
@@ -202,8 +200,6 @@ pub fn encode_reply(reply: Reply, bound: SocketAddr) -> Vec<u8> {
             out.extend_from_slice(&v6.octets());
         }
     }
-    out.extend_from_slice(&bound.port().to_be_bytes());
-    out
 }
 
 #[cfg(test)]

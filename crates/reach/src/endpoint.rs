@@ -366,7 +366,8 @@ impl ConnectBackWait {
     /// The stream, once the node has connected back, within `timeout`.
     pub async fn wait(mut self, timeout: Duration) -> Result<ReachStream, String> {
         match tokio::time::timeout(timeout, &mut self.rx).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(Ok(stream))) => Ok(stream),
+            Ok(Ok(Err(reason))) => Err(format!("hub could not ask the node: {reason}")),
             Ok(Err(_)) => Err("the connect-back request was dropped".into()),
             Err(_) => Err(format!("the node did not connect back within {timeout:?}")),
         }
@@ -384,9 +385,7 @@ impl Drop for ConnectBackWait {
 }
 
 /// How long [`Endpoint::probe_nat`] waits for a hub session coming up.
-fn setup_session_wait() -> Duration {
-    Duration::from_secs(3)
-}
+const PROBE_SESSION_WAIT: Duration = Duration::from_secs(3);
 
 /// Connect-backs a node runs at once for others; more are refused at once.
 const MAX_CONNECT_BACKS: usize = 32;
@@ -495,6 +494,29 @@ impl Shared {
         let _ = self.incoming.send(stream).await;
     }
 
+    /// Registers for a connect-back from `node` with `token` (see
+    /// [`Endpoint::expect_connect_back`]); `None` when it is awaited already.
+    pub(crate) fn expect_connect_back(
+        self: &Arc<Self>,
+        node: NodeId,
+        token: u16,
+    ) -> Option<ConnectBackWait> {
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pending.contains_key(&(node, token)) {
+            return None;
+        }
+        pending.insert((node, token), tx);
+        Some(ConnectBackWait {
+            rx,
+            key: (node, token),
+            shared: self.clone(),
+        })
+    }
+
     /// Connect-back request `token` to `target` failed.
     pub(crate) fn fail_reverse(&self, target: NodeId, token: u16, reason: &str) {
         let waiter = self
@@ -582,21 +604,7 @@ impl Endpoint {
     /// before sending the request. `None` when that (node, token) is already
     /// awaited.
     pub fn expect_connect_back(&self, node: NodeId, token: u16) -> Option<ConnectBackWait> {
-        let (tx, rx) = oneshot::channel();
-        let mut pending = self
-            .shared
-            .pending_reverse
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if pending.contains_key(&(node, token)) {
-            return None;
-        }
-        pending.insert((node, token), tx);
-        Some(ConnectBackWait {
-            rx,
-            key: (node, token),
-            shared: self.shared.clone(),
-        })
+        Shared::expect_connect_back(&self.shared, node, token)
     }
 
     /// Publishes this node's virtual port `vport` on a proxy port of its hub,
@@ -626,7 +634,7 @@ impl Endpoint {
         use crate::NatProbeError;
         let session = self.shared.session.as_ref().ok_or(NatProbeError::NoHub)?;
         let link = session
-            .wait_link(Instant::now() + setup_session_wait())
+            .wait_link(Instant::now() + PROBE_SESSION_WAIT)
             .await?;
         let echoes = &link.status().echo;
         if echoes.is_empty() {

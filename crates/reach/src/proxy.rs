@@ -51,12 +51,12 @@ pub struct ProxyStats {
 }
 
 impl ProxyStats {
-    fn started(&self) {
+    pub(crate) fn started(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn ended(&self, (to_reach, from_reach): (u64, u64)) {
+    pub(crate) fn ended(&self, (to_reach, from_reach): (u64, u64)) {
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.bytes_to_reach.fetch_add(to_reach, Ordering::Relaxed);
         self.bytes_from_reach

@@ -288,10 +288,7 @@ impl Session {
                 ))
             }
         };
-        Ok(SocketAddr::new(
-            link.status.remote.ip().to_canonical(),
-            port,
-        ))
+        Ok(SocketAddr::new(link.status.remote.ip(), port))
     }
 
     /// The hub's answer to an `Expose`.
@@ -673,7 +670,7 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Str
             echo: echo
                 .into_iter()
                 .take(2)
-                .map(|port| SocketAddr::new(remote.ip().to_canonical(), port))
+                .map(|port| SocketAddr::new(remote.ip(), port))
                 .collect(),
         },
     };

@@ -17,7 +17,6 @@ use reach_proto::candidates::{classify, plausibly_reachable, AddrClass};
 use reach_proto::handshake::HandshakeError;
 use reach_proto::link::ConnectBack;
 use reach_proto::{NodeId, VirtualAddr};
-use tokio::sync::oneshot;
 
 use crate::direct::{self, RaceSettings};
 use crate::endpoint::Shared;
@@ -262,50 +261,28 @@ async fn reverse(
     started: Instant,
 ) -> Result<ReachStream, String> {
     let (session, link) = shared.hub_link().await?;
-    let (tx, rx) = oneshot::channel();
-    let token = {
-        let mut pending = shared
-            .pending_reverse
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut b = [0u8; 2];
-        let token = loop {
-            getrandom::fill(&mut b).map_err(|e| e.to_string())?;
-            let t = u16::from_le_bytes(b);
-            if !pending.contains_key(&(target.node, t)) {
-                break t;
-            }
-        };
-        pending.insert((target.node, token), tx);
-        token
+    let mut b = [0u8; 2];
+    let wait = loop {
+        getrandom::fill(&mut b).map_err(|e| e.to_string())?;
+        if let Some(w) = shared.expect_connect_back(target.node, u16::from_le_bytes(b)) {
+            break w;
+        }
     };
     session.connect_back(
         &link,
         ConnectBack {
             from: shared.secret.node_id(),
             target: target.node,
-            token,
+            token: wait.token(),
             vport: target.port,
             addrs: shared.advertised.clone(),
         },
     );
-    let result = tokio::time::timeout(budget, rx).await;
-    shared
-        .pending_reverse
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&(target.node, token));
-    match result {
-        Ok(Ok(Ok(mut stream))) => {
-            let info = stream.info_mut();
-            info.virtual_port = target.port;
-            info.setup_time = started.elapsed();
-            Ok(stream)
-        }
-        Ok(Ok(Err(reason))) => Err(format!("hub could not ask the node: {reason}")),
-        Ok(Err(_)) => Err("the connect-back request was dropped".into()),
-        Err(_) => Err(format!("the node did not connect back within {budget:?}")),
-    }
+    let mut stream = wait.wait(budget).await?;
+    let info = stream.info_mut();
+    info.virtual_port = target.port;
+    info.setup_time = started.elapsed();
+    Ok(stream)
 }
 
 /// Opens a routed stream through the hubs and runs the handshake over it.

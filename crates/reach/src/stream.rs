@@ -104,6 +104,13 @@ pub struct StreamInfo {
     pub failed_before: Vec<SetupModule>,
 }
 
+/// `a` with an IPv4-mapped IPv6 address (what a dual-stack socket reports
+/// for an IPv4 peer) written as plain IPv4, so addresses compare and print
+/// the same whichever socket saw them.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 enum Transport {
     Plain(TcpStream),
     // Boxed: the AEAD key schedules make it over a kilobyte.
@@ -176,8 +183,8 @@ impl ReachStream {
             module,
             mode: est.mode,
             direction,
-            local_addr: tcp.local_addr()?,
-            remote_addr: tcp.peer_addr()?,
+            local_addr: canonical(tcp.local_addr()?),
+            remote_addr: canonical(tcp.peer_addr()?),
             setup_time: started.elapsed(),
             failed_before: Vec::new(),
         };

@@ -101,8 +101,7 @@ pub async fn expose_udp(
         let stream = endpoint.accept().await?;
         let stats = stats.clone();
         tokio::spawn(async move {
-            stats.connections.fetch_add(1, Ordering::Relaxed);
-            stats.active.fetch_add(1, Ordering::Relaxed);
+            stats.started();
             let peer = stream.peer();
             let any: SocketAddr = if service.is_ipv4() {
                 ([0, 0, 0, 0], 0).into()
@@ -114,7 +113,7 @@ pub async fn expose_udp(
                 Err(e) => {
                     tracing::warn!("cannot open a UDP socket: {e}");
                     stats.failed.fetch_add(1, Ordering::Relaxed);
-                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    stats.ended((0, 0));
                     return;
                 }
             };
@@ -135,11 +134,7 @@ pub async fn expose_udp(
             tracing::info!(%peer, %service, "UDP mapping opened");
             let moved = relay(stream, rx, &sock, service, idle).await;
             reader.abort();
-            stats.active.fetch_sub(1, Ordering::Relaxed);
-            if let Ok((to, from)) = moved {
-                stats.bytes_to_reach.fetch_add(to, Ordering::Relaxed);
-                stats.bytes_from_reach.fetch_add(from, Ordering::Relaxed);
-            }
+            stats.ended(moved.unwrap_or_default());
         });
     }
 }
@@ -175,22 +170,21 @@ pub async fn forward_udp(
                     stats.clone(),
                 );
                 tokio::spawn(async move {
-                    stats.connections.fetch_add(1, Ordering::Relaxed);
-                    stats.active.fetch_add(1, Ordering::Relaxed);
-                    match endpoint.connect(&target).await {
+                    stats.started();
+                    let moved = match endpoint.connect(&target).await {
                         Ok(stream) => {
                             tracing::info!(%client, peer = %stream.peer(), module = %stream.info().module, "UDP mapping opened");
-                            if let Ok((to, from)) = relay(stream, rx, &socket, client, idle).await {
-                                stats.bytes_to_reach.fetch_add(to, Ordering::Relaxed);
-                                stats.bytes_from_reach.fetch_add(from, Ordering::Relaxed);
-                            }
+                            relay(stream, rx, &socket, client, idle)
+                                .await
+                                .unwrap_or_default()
                         }
                         Err(e) => {
                             tracing::warn!(%client, "cannot reach {}: {e}", target.node);
                             stats.failed.fetch_add(1, Ordering::Relaxed);
+                            (0, 0)
                         }
-                    }
-                    stats.active.fetch_sub(1, Ordering::Relaxed);
+                    };
+                    stats.ended(moved);
                 });
                 tx
             }

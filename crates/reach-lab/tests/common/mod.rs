@@ -33,3 +33,37 @@ pub fn topology(name: &str) -> Topology {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     Topology::from_toml(&text).expect("valid topology")
 }
+
+/// Starts `reach hub` in `host` with `flags`, state and log (`hub.log`) in
+/// `dir`; returns it and its NODEID@IP:PORT once it listens.
+pub fn hub(
+    lab: &reach_lab::Lab,
+    host: &str,
+    dir: &std::path::Path,
+    flags: &[&str],
+) -> (reach_lab::lab::Process, String) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let addr_file = dir.join("hub.txt");
+    // A restart in the same directory must wait for the new hub.
+    let _ = std::fs::remove_file(&addr_file);
+    let child = lab
+        .command(host, tools_with_reach().join("reach"))
+        .arg("--state-dir")
+        .arg(dir)
+        .args(["-v", "hub", "--tcp-port", "7700", "--addr-file"])
+        .arg(&addr_file)
+        .args(flags)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("hub.log")).expect("log"))
+        .spawn()
+        .expect("spawn reach hub");
+    let proc = reach_lab::lab::Process::new(child);
+    let target = reach_lab::wait::for_file(&addr_file, std::time::Duration::from_secs(20))
+        .unwrap_or_else(|| {
+            panic!(
+                "hub in {host} did not start: {}",
+                std::fs::read_to_string(dir.join("hub.log")).unwrap_or_default()
+            )
+        });
+    (proc, target)
+}
