@@ -380,6 +380,30 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     }
 }
 
+/// A builder for an endpoint that connects to `vaddr` (`connect`,
+/// `forward`): it attaches to the hub the address names when none is
+/// configured.
+fn connector(
+    config: &Config,
+    state_dir: &Path,
+    common: &CommonArgs,
+    vaddr: &VirtualAddr,
+) -> anyhow::Result<EndpointBuilder> {
+    let (mut b, mut has_hub) = builder(config, state_dir, common)?;
+    if let (false, Some(hint)) = (has_hub, &vaddr.hub) {
+        // The address names the target's home hub: attach there to find it.
+        b = b.hub(hint.into());
+        has_hub = true;
+    }
+    // A connecting node needs no fixed listening port. Without a hub nobody
+    // connects to it, so loopback will do; with one, the target may be asked
+    // to connect back (Reverse), so listen on every interface.
+    if !has_hub {
+        b = b.bind_ip(IpAddr::from([127, 0, 0, 1]));
+    }
+    Ok(b)
+}
+
 /// An endpoint builder with the identity, plaintext choice, hub, network
 /// secret and modules from flags and config. Returns whether a hub is set.
 fn builder(
@@ -572,15 +596,7 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
         .vaddr
         .parse()
         .with_context(|| format!("bad virtual address {:?}", args.vaddr))?;
-    let (mut b, mut has_hub) = builder(config, state_dir, &args.common)?;
-    if let (false, Some(hint)) = (has_hub, &vaddr.hub) {
-        b = b.hub(hint.into());
-        has_hub = true;
-    }
-    // As for `connect`: without a hub nobody connects back, so loopback will do.
-    if !has_hub {
-        b = b.bind_ip(IpAddr::from([127, 0, 0, 1]));
-    }
+    let b = connector(config, state_dir, &args.common, &vaddr)?;
     let idle = args.udp.idle()?;
     let stats = Arc::new(reach::proxy::ProxyStats::default());
     let cannot = || format!("cannot listen on {}", args.listen);
@@ -684,18 +700,7 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
         .ok()
         .filter(|d| !d.is_zero())
         .context("--timeout must be a positive number of seconds")?;
-    let (mut b, mut has_hub) = builder(config, state_dir, &args.common)?;
-    if let (false, Some(hint)) = (has_hub, &vaddr.hub) {
-        // The address names the target's home hub: attach there to find it.
-        b = b.hub(hint.into());
-        has_hub = true;
-    }
-    // A connecting node needs no fixed listening port. Without a hub nobody
-    // connects to it, so loopback will do; with one, the target may be asked
-    // to connect back (Reverse), so listen on every interface.
-    if !has_hub {
-        b = b.bind_ip(IpAddr::from([127, 0, 0, 1]));
-    }
+    let b = connector(config, state_dir, &args.common, &vaddr)?;
     // Connect-only: a listener with the same identity keeps its directory entry.
     let endpoint = b.accept_ports(Vec::new()).bind().await?;
     let stream = endpoint.connect_timeout(&vaddr, timeout).await?;

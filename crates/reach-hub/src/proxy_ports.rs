@@ -177,14 +177,7 @@ struct Target {
 /// Accepts the proxy port's clients.
 async fn serve(inner: Arc<Inner>, listener: TcpListener, target: Target, allow: Vec<(IpAddr, u8)>) {
     loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("proxy port accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, from) = reach::proxy::accept(&listener, "proxy port").await;
         let ip = from.ip().to_canonical();
         if !allow.is_empty() && !allow.iter().any(|(net, len)| in_prefix(ip, *net, *len)) {
             tracing::info!(%from, node = %target.node, "client outside the exposure's ranges: refused");

@@ -781,15 +781,7 @@ pub fn preferred_cipher() -> Cipher {
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Typically EMFILE: back off briefly instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, from) = crate::proxy::accept(&listener, "endpoint").await;
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             tracing::warn!(%from, "dropping connection: too many handshakes in progress");
             continue;

@@ -182,15 +182,7 @@ pub async fn forward(
     stats: Arc<ProxyStats>,
 ) -> io::Result<()> {
     loop {
-        let (mut tcp, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Typically EMFILE: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (mut tcp, from) = accept(&listener, "proxy").await;
         let (endpoint, target, stats) = (endpoint.clone(), target.clone(), stats.clone());
         tokio::spawn(async move {
             stats.started();
@@ -264,14 +256,7 @@ pub async fn socks(
     stats: Arc<ProxyStats>,
 ) -> io::Result<()> {
     loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, from) = accept(&listener, "proxy").await;
         let (endpoint, rules, stats) = (endpoint.clone(), rules.clone(), stats.clone());
         tokio::spawn(async move {
             stats.started();
@@ -401,6 +386,21 @@ async fn socks_one(
                 .await?;
             out.write_all(&buf).await?;
             pipe(&mut tcp, &mut out).await
+        }
+    }
+}
+
+/// The next connection on `listener`. An accept error (typically EMFILE:
+/// out of file descriptors) is logged and retried after a pause, instead of
+/// spinning or ending the server; `what` names the listener in the log.
+pub async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                tracing::warn!("{what}: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
