@@ -4,6 +4,7 @@
 //! usage errors exit with 2 (clap's convention).
 
 mod config;
+mod control;
 mod hub;
 mod pipe;
 mod status;
@@ -75,9 +76,17 @@ enum Command {
     /// open to every node (a warning says so).
     #[command(verbatim_doc_comment)]
     Hub(hub::HubArgs),
-    /// Show a hub's state: its links to other hubs, routes, attached nodes and
-    /// counters (the hub named by --hub, else the configured one).
+    /// Show the proxies running here (expose, forward, socks) with their
+    /// connections and bytes, then the hub's state: its links to other hubs,
+    /// routes, attached nodes, proxy ports and counters (the hub named by
+    /// --hub, else the configured one; none if neither).
+    #[command(verbatim_doc_comment)]
     Status(status::StatusArgs),
+    /// Stop a proxy that `reach status` lists (expose, forward, socks), by its
+    /// ID or --name, or all of them: it closes its hub session gracefully, so
+    /// the hub frees its proxy port at once.
+    #[command(verbatim_doc_comment)]
+    Stop(StopArgs),
     /// Serve a local TCP service (e.g. 127.0.0.1:22) at this node's virtual
     /// address: every stream accepted there is connected to the service.
     ///
@@ -173,6 +182,13 @@ struct ListenArgs {
 }
 
 #[derive(Args, Debug)]
+struct StopArgs {
+    /// The proxy's ID or name (as `reach status` shows them), or `all`.
+    #[arg(value_name = "ID")]
+    id: String,
+}
+
+#[derive(Args, Debug)]
 struct ExposeArgs {
     /// The TCP service to expose, IP:PORT (usually on this host, e.g.
     /// 127.0.0.1:22).
@@ -185,6 +201,10 @@ struct ExposeArgs {
     /// Do not ask the hub for a proxy port: serve the virtual address only.
     #[arg(long)]
     virtual_only: bool,
+    /// A name for this exposure, shown by `reach status` and accepted by
+    /// `reach stop`.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
     #[command(flatten)]
     udp: UdpArgs,
     #[command(flatten)]
@@ -373,6 +393,12 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Connect(args) => connect(args, &config, &state_dir).await,
         Command::Hub(args) => hub::run(args, &config, &state_dir).await,
         Command::Status(args) => status::run(args, &config, &state_dir).await,
+        Command::Stop(args) => {
+            for id in control::stop(&state_dir, &args.id).await? {
+                println!("stopped {id}");
+            }
+            Ok(())
+        }
         Command::Nat(args) => nat(args, &config, &state_dir).await,
         Command::Expose(args) => expose(args, &config, &state_dir).await,
         Command::Forward(args) => forward(args, &config, &state_dir).await,
@@ -564,6 +590,32 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
         }
     }
     let stats = Arc::new(reach::proxy::ProxyStats::default());
+    let control = {
+        let (endpoint, stats) = (endpoint.clone(), stats.clone());
+        let (vport, published) = (args.serve.port, !args.virtual_only && !args.udp.udp);
+        let report = control::ProxyReport {
+            id: std::process::id(),
+            name: args.name.clone(),
+            kind: format!("expose{}", if args.udp.udp { " udp" } else { "" }),
+            local: args.service.to_string(),
+            vaddr: Some(endpoint.virtual_addr(vport).to_string()),
+            public: None,
+            started: control::now_secs(),
+            counters: Default::default(),
+        };
+        control::Control::start(state_dir, move || control::ProxyReport {
+            public: published
+                .then(|| endpoint.hub_exposure(vport))
+                .flatten()
+                .map(|e| match e {
+                    reach::HubExposure::Published(a) => a.to_string(),
+                    reach::HubExposure::Pending => "pending".into(),
+                    reach::HubExposure::Refused(e) => format!("refused: {e}"),
+                }),
+            counters: stats.snapshot(),
+            ..report.clone()
+        })
+    };
     let serve = async {
         if args.udp.udp {
             reach::udp_proxy::expose_udp(endpoint.clone(), args.service, idle, stats).await
@@ -571,13 +623,14 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
             reach::proxy::expose(endpoint.clone(), args.service, stats).await
         }
     };
-    until_signal(&endpoint, serve).await
+    until_signal(&endpoint, &control, serve).await
 }
 
-/// Runs a proxy until it fails or SIGINT/SIGTERM comes, then closes the
-/// endpoint's hub link gracefully.
+/// Runs a proxy until it fails, SIGINT/SIGTERM comes or `reach stop` asks,
+/// then closes the endpoint's hub link gracefully.
 async fn until_signal<E>(
     endpoint: &Endpoint,
+    control: &control::Control,
     run: impl std::future::Future<Output = Result<(), E>>,
 ) -> anyhow::Result<()>
 where
@@ -586,6 +639,7 @@ where
     tokio::select! {
         r = run => r?,
         r = hub::shutdown_signal() => r?,
+        () = control.stopped() => eprintln!("stopped by reach stop"),
     }
     endpoint.close(CLOSE_TIMEOUT).await;
     Ok(())
@@ -624,9 +678,14 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
         Local::Udp(s) => ("UDP ", s.local_addr()),
         Local::Tcp(l) => ("", l.local_addr()),
     };
-    eprintln!(
-        "forwarding {kind}{} to {vaddr}",
-        bound.unwrap_or(args.listen)
+    let bound = bound.unwrap_or(args.listen);
+    eprintln!("forwarding {kind}{bound} to {vaddr}");
+    let control = proxy_control(
+        state_dir,
+        format!("forward{}", if args.udp.udp { " udp" } else { "" }),
+        bound,
+        Some(vaddr.to_string()),
+        &stats,
     );
     let run = async {
         match local {
@@ -636,7 +695,32 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
             Local::Tcp(l) => reach::proxy::forward(l, endpoint.clone(), vaddr, stats).await,
         }
     };
-    until_signal(&endpoint, run).await
+    until_signal(&endpoint, &control, run).await
+}
+
+/// The control socket of a `forward` or `socks` proxy.
+fn proxy_control(
+    state_dir: &Path,
+    kind: String,
+    local: SocketAddr,
+    vaddr: Option<String>,
+    stats: &Arc<reach::proxy::ProxyStats>,
+) -> control::Control {
+    let stats = stats.clone();
+    let report = control::ProxyReport {
+        id: std::process::id(),
+        name: None,
+        kind,
+        local: local.to_string(),
+        vaddr,
+        public: None,
+        started: control::now_secs(),
+        counters: Default::default(),
+    };
+    control::Control::start(state_dir, move || control::ProxyReport {
+        counters: stats.snapshot(),
+        ..report.clone()
+    })
 }
 
 async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
@@ -649,13 +733,12 @@ async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         aliases: args.alias.into_iter().collect(),
         pass_through: args.pass_through,
     };
-    eprintln!(
-        "SOCKS5 proxy on {}",
-        listener.local_addr().unwrap_or(args.listen)
-    );
+    let bound = listener.local_addr().unwrap_or(args.listen);
+    eprintln!("SOCKS5 proxy on {bound}");
     let stats = Arc::new(reach::proxy::ProxyStats::default());
+    let control = proxy_control(state_dir, "socks".into(), bound, None, &stats);
     let run = reach::proxy::socks(listener, endpoint.clone(), Arc::new(rules), stats);
-    until_signal(&endpoint, run).await
+    until_signal(&endpoint, &control, run).await
 }
 
 async fn nat(args: NatArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {

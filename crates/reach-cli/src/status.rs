@@ -1,4 +1,5 @@
-//! `reach status`: asks a hub for its state and prints it.
+//! `reach status`: lists the proxies running on this host (from their
+//! control sockets), then asks the hub for its state, and prints both.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -10,6 +11,7 @@ use reach::Endpoint;
 use serde_json::Value;
 
 use crate::config::Config;
+use crate::control::{self, ProxyReport};
 
 /// Flags of `reach status`.
 #[derive(Args, Debug)]
@@ -20,15 +22,48 @@ pub struct StatusArgs {
     /// File holding the network secret, if the hub admits by secret.
     #[arg(long, value_name = "PATH")]
     network_secret_file: Option<PathBuf>,
-    /// Print the hub's report as JSON.
+    /// Print JSON: {"proxies": [...], "hub": {...} or null}.
     #[arg(long)]
     json: bool,
 }
 
-/// Queries the hub and prints its report.
+/// Lists the local proxies, queries the hub (if there is one) and prints
+/// both. The proxies are printed even when the hub cannot be asked.
 pub async fn run(args: StatusArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
-    let target = crate::hub_target(args.hub.as_deref(), config)?
-        .context("no hub to ask: give --hub [NODEID@]HOST:PORT or set `hub` in the config file")?;
+    let proxies = control::list(state_dir).await;
+    let hub = match crate::hub_target(args.hub.as_deref(), config)? {
+        Some(target) => Some(query(&target, &args, config, state_dir).await),
+        None => None,
+    };
+    let failed = match &hub {
+        Some(Err(e)) => Some(anyhow::anyhow!("{e:#}")),
+        _ => None,
+    };
+    let hub = hub.and_then(Result::ok);
+    if args.json {
+        let out = serde_json::json!({ "proxies": proxies, "hub": hub });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", render_proxies(&proxies, control::now_secs()));
+        if let Some(report) = &hub {
+            print!("\n{}", render(report));
+        } else if failed.is_none() {
+            println!("\nno hub configured (give --hub to ask one)");
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Asks the hub at `target` for its report.
+async fn query(
+    target: &reach::HubTarget,
+    args: &StatusArgs,
+    config: &Config,
+    state_dir: &Path,
+) -> anyhow::Result<Value> {
     let mut b = Endpoint::builder()
         .state_dir(state_dir)
         .bind_ip(IpAddr::from([127, 0, 0, 1]));
@@ -37,18 +72,67 @@ pub async fn run(args: StatusArgs, config: &Config, state_dir: &Path) -> anyhow:
     }
     let endpoint = b.bind().await?;
     let json = endpoint
-        .query_hub(Some(&target))
+        .query_hub(Some(target))
         .await
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("cannot get the status of hub {target}"))?;
-    let report: Value =
-        serde_json::from_str(&json).context("the hub sent a status report that is not JSON")?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", render(&report));
+    serde_json::from_str(&json).context("the hub sent a status report that is not JSON")
+}
+
+/// Bytes in a short human form: 0 B, 12.3 KB, 4.5 GB (powers of 1000).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
     }
-    Ok(())
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// The local proxies as text; `now` in seconds since the epoch.
+fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "proxies on this host ({}):", proxies.len());
+    for p in proxies {
+        let c = &p.counters;
+        let name = p
+            .name
+            .as_deref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
+        let target = p
+            .vaddr
+            .as_deref()
+            .map(|v| format!(" -> {v}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {}{name}  {}  {}{target}", p.id, p.kind, p.local);
+        if let Some(public) = &p.public {
+            let _ = writeln!(out, "      hub proxy port: {public}");
+        }
+        let _ = writeln!(
+            out,
+            "      connections {} (active {}, failed {})  in {}  out {}  up {}s",
+            c.connections,
+            c.active,
+            c.failed,
+            bytes(c.bytes_to_reach),
+            bytes(c.bytes_from_reach),
+            now.saturating_sub(p.started)
+        );
+    }
+    if proxies.is_empty() {
+        let _ = writeln!(
+            out,
+            "  none (reach expose, forward and socks list themselves here)"
+        );
+    }
+    out
 }
 
 /// The report as aligned text.
@@ -100,6 +184,28 @@ fn render(r: &Value) -> String {
             s(&n["streams"])
         );
     }
+    let exposures = items("exposures");
+    let _ = writeln!(out, "\nproxy ports ({}):", exposures.len());
+    for e in &exposures {
+        let allow = match list(&e["allow_from"]) {
+            a if a.is_empty() => "any client".to_string(),
+            a => format!("from {a}"),
+        };
+        let num = |k: &str| e[k].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "  {}  -> {}:{}  {allow}  connections {} (active {}, failed {}, refused {})  in {}  out {}",
+            s(&e["port"]),
+            s(&e["node"]),
+            s(&e["vport"]),
+            num("connections"),
+            num("active"),
+            num("failed"),
+            num("refused"),
+            bytes(num("bytes_in")),
+            bytes(num("bytes_out")),
+        );
+    }
     let _ = writeln!(
         out,
         "\nnodes on other hubs: {}\nrouted streams now: {}",
@@ -125,6 +231,9 @@ mod tests {
             "hub_links": [{"hub": "P", "addr": null, "dialled": true}],
             "routes": [{"hub": "Q", "next_hop": "P", "hops": 2}],
             "remote_nodes": 4, "streams": 2, "counters": {"refused": 0},
+            "exposures": [{"port": 40000, "node": "N", "vport": 22, "allow_from": ["10.0.0.0/8"],
+                "connections": 3, "active": 1, "failed": 0, "refused": 2,
+                "bytes_in": 1500, "bytes_out": 2_000_000}],
         });
         let text = render(&r);
         for want in [
@@ -134,10 +243,41 @@ mod tests {
             "N  from 198.51.100.2:5",
             "nodes on other hubs: 4",
             "refused=0",
+            "40000  -> N:22  from 10.0.0.0/8  connections 3 (active 1, failed 0, refused 2)  in 1.5 KB  out 2.0 MB",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
         let empty = render(&serde_json::json!({}));
         assert!(empty.contains("routes (0)"));
+    }
+
+    #[test]
+    fn renders_proxies() {
+        let p = ProxyReport {
+            id: 42,
+            name: Some("ssh".into()),
+            kind: "expose".into(),
+            local: "127.0.0.1:22".into(),
+            vaddr: Some("V".into()),
+            public: Some("192.0.2.1:40000".into()),
+            started: 100,
+            counters: reach::proxy::ProxyCounters {
+                connections: 2,
+                active: 1,
+                bytes_to_reach: 999,
+                bytes_from_reach: 12_345_678,
+                ..Default::default()
+            },
+        };
+        let text = render_proxies(&[p], 160);
+        for want in [
+            "proxies on this host (1):",
+            "42 (ssh)  expose  127.0.0.1:22 -> V",
+            "hub proxy port: 192.0.2.1:40000",
+            "connections 2 (active 1, failed 0)  in 999 B  out 12.3 MB  up 60s",
+        ] {
+            assert!(text.contains(want), "{want:?} missing from\n{text}");
+        }
+        assert!(render_proxies(&[], 0).contains("none"));
     }
 }

@@ -180,7 +180,6 @@ fn hub_flags_are_checked_before_anything_starts() {
         ),
         (vec!["hub", "--peer", "hub.example"], "has no port"),
         (vec!["hub", "--gossip-interval", "0"], "positive number"),
-        (vec!["status"], "no hub to ask"),
         (
             vec!["connect", "--modules", "teleport", "x"],
             "unknown setup module",

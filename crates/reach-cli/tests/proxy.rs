@@ -169,3 +169,179 @@ fn udp_datagrams_reach_an_exposed_service_and_idle_mappings_expire() {
     assert_eq!(ask(b"ping 2"), b"echo:ping 2");
     assert_eq!(log().matches("UDP mapping opened").count(), 2, "{}", log());
 }
+
+/// `reach --state-dir STATE status --json [--hub HUB]`, parsed.
+fn status_json(state: &std::path::Path, hub: Option<&str>) -> serde_json::Value {
+    let mut cmd = common::reach();
+    cmd.arg("--state-dir").arg(state).args(["status", "--json"]);
+    if let Some(h) = hub {
+        cmd.args(["--hub", h]);
+    }
+    let out = cmd.output().expect("run reach status");
+    assert!(
+        out.status.success(),
+        "reach status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}
+
+/// Sends `len` bytes to `addr` and checks the echo; the connection then ends.
+fn echo_through(addr: &str, len: usize) {
+    let data: Vec<u8> = (0..len).map(|j| (j % 251) as u8).collect();
+    let mut c = TcpStream::connect(addr).expect("connect");
+    c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    c.write_all(&data).expect("send");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).expect("receive");
+    assert!(back == data, "the echo came back intact");
+}
+
+#[test]
+fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = echo_service();
+    let free = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let range = format!("{free}-{}", free.saturating_add(40));
+    let hub = common::HubProc::start(&dir.path().join("hub"), &["--proxy-ports", &range]);
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let a_state = dir.path().join("a");
+    let exposed = Listener::start_with(
+        None,
+        &a_state,
+        &empty,
+        &["expose", &service.to_string(), "--name", "echo"],
+        &["--port", "7", "--hub", &hub.target],
+    );
+    let public = common::until(|| {
+        let err = std::fs::read_to_string(&exposed.stderr_path).unwrap_or_default();
+        let line = err.lines().find(|l| l.starts_with("exposed at "))?;
+        Some(line["exposed at ".len()..].split(' ').next()?.to_string())
+    })
+    .expect("the hub gives a proxy port");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let err_path = dir.path().join("forward.err");
+    let b_state = dir.path().join("b");
+    let child = common::reach()
+        .arg("--state-dir")
+        .arg(&b_state)
+        .args(["forward", &listen, &exposed.vaddr])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&err_path).expect("err"))
+        .spawn()
+        .expect("spawn reach forward");
+    let mut forwarder = Forwarder(child);
+    common::until(|| {
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        err.contains("forwarding").then_some(())
+    })
+    .expect("forward starts");
+
+    echo_through(&listen, 300_000);
+    echo_through(&public, 1000);
+
+    // The forwarder lists itself, with the bytes it carried both ways.
+    let b = status_json(&b_state, None);
+    let proxies = b["proxies"].as_array().expect("proxies");
+    assert_eq!(proxies.len(), 1, "{b}");
+    let f = &proxies[0];
+    assert_eq!(f["kind"], "forward", "{f}");
+    assert_eq!(f["local"], listen.as_str(), "{f}");
+    assert_eq!(f["counters"]["connections"], 1, "{f}");
+    assert_eq!(f["counters"]["bytes_to_reach"], 300_000, "{f}");
+    assert_eq!(f["counters"]["bytes_from_reach"], 300_000, "{f}");
+    assert!(b["hub"].is_null(), "no hub was asked: {b}");
+
+    // The exposure lists its proxy port and both clients (the forwarded one
+    // and the hub's); the hub lists the port with its client's bytes.
+    let a = status_json(&a_state, Some(&hub.target));
+    let e = &a["proxies"][0];
+    assert_eq!(e["kind"], "expose", "{a}");
+    assert_eq!(e["name"], "echo", "{a}");
+    assert_eq!(e["public"], public.as_str(), "{a}");
+    assert_eq!(e["counters"]["connections"], 2, "{a}");
+    assert_eq!(e["counters"]["bytes_to_reach"], 301_000, "{a}");
+    let ports = a["hub"]["exposures"].as_array().expect("exposures");
+    assert_eq!(ports.len(), 1, "{a}");
+    assert_eq!(public, format!("127.0.0.1:{}", ports[0]["port"]), "{a}");
+    assert_eq!(ports[0]["vport"], 7, "{a}");
+    assert_eq!(ports[0]["connections"], 1, "{a}");
+    assert_eq!(ports[0]["bytes_in"], 1000, "{a}");
+    assert_eq!(ports[0]["bytes_out"], 1000, "{a}");
+    let text = common::reach()
+        .arg("--state-dir")
+        .arg(&a_state)
+        .args(["status", "--hub", &hub.target])
+        .output()
+        .expect("reach status");
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    for want in [
+        "(echo)  expose",
+        &format!("hub proxy port: {public}"),
+        "proxy ports (1):",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from\n{text}");
+    }
+
+    // Removing: by id, and by name. Each process ends cleanly, and the hub
+    // frees the proxy port with the exposing node's session.
+    let id = f["id"].as_u64().expect("id").to_string();
+    let out = common::reach()
+        .arg("--state-dir")
+        .arg(&b_state)
+        .args(["stop", &id])
+        .output()
+        .expect("reach stop");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("stopped {id}")
+    );
+    assert!(
+        common::wait_deadline(&mut forwarder.0).success(),
+        "forward exits cleanly"
+    );
+    let out = common::reach()
+        .arg("--state-dir")
+        .arg(&a_state)
+        .args(["stop", "echo"])
+        .output()
+        .expect("reach stop");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exposed.finish();
+    let freed = common::until(|| {
+        let a = status_json(&a_state, Some(&hub.target));
+        let empty =
+            a["proxies"].as_array()?.is_empty() && a["hub"]["exposures"].as_array()?.is_empty();
+        empty.then_some(())
+    });
+    assert!(freed.is_some(), "the proxy port is freed");
+    let out = common::reach()
+        .arg("--state-dir")
+        .arg(&a_state)
+        .args(["stop", "echo"])
+        .output()
+        .expect("reach stop");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no running proxy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

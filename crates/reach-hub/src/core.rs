@@ -13,8 +13,11 @@
 //! nodes' end-to-end ciphertext.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use reach::proxy::{ProxyCounters, ProxyStats};
 
 use reach_proto::link::{
     encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,
@@ -202,6 +205,9 @@ pub struct HubCore {
     outbox: Vec<(LinkId, Vec<u8>)>,
     /// What the driver must act on (bind a proxy port, drop a node's).
     events: Vec<Event>,
+    /// The proxy ports the driver holds, for status reports (it keeps this
+    /// up to date; the counters move as clients do).
+    exposures: Vec<ExposureInfo>,
     /// Counters since start.
     pub counters: Counters,
 }
@@ -285,8 +291,14 @@ impl HubCore {
             next_link: 1,
             outbox: Vec::new(),
             events: Vec::new(),
+            exposures: Vec::new(),
             counters: Counters::default(),
         }
+    }
+
+    /// The proxy ports now held, as status reports list them.
+    pub fn set_exposures(&mut self, exposures: Vec<ExposureInfo>) {
+        self.exposures = exposures;
     }
 
     /// This hub's id.
@@ -1114,8 +1126,50 @@ impl HubCore {
             remote_nodes: self.remote.values().map(|r| r.nodes.len()).sum(),
             streams: self.relay.len() / 2,
             counters: self.counters,
+            exposures: self
+                .exposures
+                .iter()
+                .map(|e| ExposureStatus {
+                    port: e.port,
+                    node: e.node,
+                    vport: e.vport,
+                    allow_from: e.allow_from.clone(),
+                    counters: e.stats.snapshot(),
+                })
+                .collect(),
         }
     }
+}
+
+/// A proxy port as the driver holds it.
+#[derive(Clone, Debug)]
+pub struct ExposureInfo {
+    /// The hub's public port.
+    pub port: u16,
+    /// The node whose service it is.
+    pub node: NodeId,
+    /// The service's virtual port on that node.
+    pub vport: u16,
+    /// Client source ranges admitted (empty: any).
+    pub allow_from: Vec<(IpAddr, u8)>,
+    /// Live counters of its client connections.
+    pub stats: Arc<ProxyStats>,
+}
+
+/// A proxy port in a status report.
+#[derive(Clone, Debug)]
+pub struct ExposureStatus {
+    /// The hub's public port.
+    pub port: u16,
+    /// The node whose service it is.
+    pub node: NodeId,
+    /// The service's virtual port on that node.
+    pub vport: u16,
+    /// Client source ranges admitted (empty: any).
+    pub allow_from: Vec<(IpAddr, u8)>,
+    /// Its client connections so far: `bytes_to_reach` came from clients,
+    /// `bytes_from_reach` went to them.
+    pub counters: ProxyCounters,
 }
 
 /// Attached nodes listed in a status report at most (the count is always there),
@@ -1141,6 +1195,8 @@ pub struct Status {
     pub streams: usize,
     /// Counters since start.
     pub counters: Counters,
+    /// Services published on this hub's proxy ports.
+    pub exposures: Vec<ExposureStatus>,
 }
 
 /// One attached node.
@@ -1205,6 +1261,18 @@ impl Status {
             })).collect::<Vec<_>>(),
             "remote_nodes": self.remote_nodes,
             "streams": self.streams,
+            "exposures": self.exposures.iter().map(|e| json!({
+                "port": e.port,
+                "node": e.node.to_string(),
+                "vport": e.vport,
+                "allow_from": e.allow_from.iter().map(|(ip, len)| format!("{ip}/{len}")).collect::<Vec<_>>(),
+                "connections": e.counters.connections,
+                "active": e.counters.active,
+                "failed": e.counters.failed,
+                "refused": e.counters.refused,
+                "bytes_in": e.counters.bytes_to_reach,
+                "bytes_out": e.counters.bytes_from_reach,
+            })).collect::<Vec<_>>(),
             "counters": {
                 "streams_opened": self.counters.streams_opened,
                 "streams_no_route": self.counters.streams_no_route,
@@ -1283,6 +1351,31 @@ impl Status {
             "counter",
             "Connect-back requests passed on.",
             self.counters.connect_backs.to_string(),
+        );
+        metric(
+            "exposures",
+            "gauge",
+            "Services published on proxy ports.",
+            self.exposures.len().to_string(),
+        );
+        let sum = |f: fn(&ProxyCounters) -> u64| -> String {
+            self.exposures
+                .iter()
+                .map(|e| f(&e.counters))
+                .sum::<u64>()
+                .to_string()
+        };
+        metric(
+            "proxy_connections_total",
+            "counter",
+            "Client connections accepted on proxy ports now held.",
+            sum(|c| c.connections),
+        );
+        metric(
+            "proxy_bytes_total",
+            "counter",
+            "Bytes moved both ways on proxy ports now held.",
+            sum(|c| c.bytes_to_reach + c.bytes_from_reach),
         );
         metric(
             "relayed_messages_total",

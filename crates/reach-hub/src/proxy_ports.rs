@@ -16,15 +16,17 @@
 //! that comes back asks for its old port, and gets it when it is free.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reach::proto::candidates::in_prefix;
 use reach::proto::link::{ConnectBack, Control};
 use reach::proto::NodeId;
+use reach::proxy::ProxyStats;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::core::{Event, ExposeRequest, LinkId};
+use crate::core::{Event, ExposeRequest, ExposureInfo, LinkId};
 use crate::{Inner, State};
 
 /// How long a node has to connect back for one client.
@@ -35,7 +37,25 @@ pub(crate) struct Exposure {
     link: LinkId,
     node: NodeId,
     vport: u16,
+    allow_from: Vec<(IpAddr, u8)>,
+    stats: Arc<ProxyStats>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Tells the core which proxy ports are held, for status reports.
+fn publish(s: &mut State) {
+    let list = s
+        .exposures
+        .iter()
+        .map(|(port, e)| ExposureInfo {
+            port: *port,
+            node: e.node,
+            vport: e.vport,
+            allow_from: e.allow_from.clone(),
+            stats: e.stats.clone(),
+        })
+        .collect();
+    s.core.set_exposures(list);
 }
 
 impl Drop for Exposure {
@@ -85,6 +105,7 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
             }
         }
     }
+    publish(s);
     s.flush();
 }
 
@@ -132,6 +153,7 @@ fn expose(
         let Ok(listener) = bind(SocketAddr::new(ip, port)) else {
             continue;
         };
+        let stats = Arc::new(ProxyStats::default());
         let task = tokio::spawn(serve(
             inner.clone(),
             listener,
@@ -141,7 +163,8 @@ fn expose(
                 vport,
                 via,
             },
-            allow_from,
+            allow_from.clone(),
+            stats.clone(),
         ));
         s.exposures.insert(
             port,
@@ -149,6 +172,8 @@ fn expose(
                 link,
                 node,
                 vport,
+                allow_from,
+                stats,
                 task,
             },
         );
@@ -175,20 +200,43 @@ struct Target {
 }
 
 /// Accepts the proxy port's clients.
-async fn serve(inner: Arc<Inner>, listener: TcpListener, target: Target, allow: Vec<(IpAddr, u8)>) {
+async fn serve(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    target: Target,
+    allow: Vec<(IpAddr, u8)>,
+    stats: Arc<ProxyStats>,
+) {
     loop {
         let (tcp, from) = reach::proxy::accept(&listener, "proxy port").await;
         let ip = from.ip().to_canonical();
         if !allow.is_empty() && !allow.iter().any(|(net, len)| in_prefix(ip, *net, *len)) {
             tracing::info!(%from, node = %target.node, "client outside the exposure's ranges: refused");
+            stats.refused.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        tokio::spawn(client(inner.clone(), tcp, from, target));
+        stats.started();
+        let stats = stats.clone();
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            if client(inner, tcp, from, target, &stats).await {
+                stats.ended();
+            } else {
+                stats.failed();
+            }
+        });
     }
 }
 
 /// Carries one client to the node: asks it to connect back, then pipes.
-async fn client(inner: Arc<Inner>, mut tcp: TcpStream, from: SocketAddr, target: Target) {
+/// False if the node did not connect back.
+async fn client(
+    inner: Arc<Inner>,
+    mut tcp: TcpStream,
+    from: SocketAddr,
+    target: Target,
+    stats: &ProxyStats,
+) -> bool {
     let mut b = [0u8; 2];
     let Some(wait) = (0..8).find_map(|_| {
         getrandom::fill(&mut b).ok()?;
@@ -196,7 +244,7 @@ async fn client(inner: Arc<Inner>, mut tcp: TcpStream, from: SocketAddr, target:
             .endpoint
             .expect_connect_back(target.node, u16::from_le_bytes(b))
     }) else {
-        return;
+        return false;
     };
     let mut addrs = vec![target.via];
     addrs.extend(inner.listen().into_iter().filter(|a| *a != target.via));
@@ -216,12 +264,14 @@ async fn client(inner: Arc<Inner>, mut tcp: TcpStream, from: SocketAddr, target:
         Ok(s) => s,
         Err(e) => {
             tracing::info!(%from, node = %target.node, "proxy client dropped: {e}");
-            return;
+            return false;
         }
     };
     tracing::debug!(%from, node = %target.node, "proxy client connected");
     let _ = tcp.set_nodelay(true);
     let idle = inner.config.proxy_idle;
+    let mut tcp = reach::proxy::Metered::new(&mut tcp, stats);
     let moved = reach::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await;
     tracing::debug!(%from, ?moved, "proxy client done");
+    true
 }

@@ -240,7 +240,9 @@ impl HubSet {
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+        Ok(v["hub"].clone())
     }
 }
 

@@ -22,7 +22,7 @@ fn hub_links(lab: &Lab, host: &str, dir: &Path, target: &str) -> Option<Vec<Stri
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     Some(
-        v["hub_links"]
+        v["hub"]["hub_links"]
             .as_array()?
             .iter()
             .filter_map(|l| l["hub"].as_str().map(str::to_string))

@@ -627,6 +627,14 @@ impl Endpoint {
             .await
     }
 
+    /// Where the service published at `vport` with
+    /// [`expose_on_hub`](Self::expose_on_hub) stands now (after a hub
+    /// restart it is pending until the hub answers again); `None` if it was
+    /// never published.
+    pub fn hub_exposure(&self, vport: u16) -> Option<crate::HubExposure> {
+        self.shared.session.as_ref()?.exposure(vport)
+    }
+
     /// Probes the NAT in front of this host with the hub's address echoes,
     /// as a splice does: how it maps a local port, how it allocates external
     /// ports, and what a peer would be told to aim at.

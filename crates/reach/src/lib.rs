@@ -43,7 +43,7 @@ pub use error::{
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;
 pub use secure::SecureStream;
-pub use session::{HubStatus, HubTarget, SessionError};
+pub use session::{HubExposure, HubStatus, HubTarget, SessionError};
 pub use splice::NatReport;
 pub use stream::{Direction, ReachStream, SetupModule, StreamInfo};
 pub use upgrade::Upgraded;

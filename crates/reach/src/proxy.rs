@@ -44,23 +44,133 @@ pub struct ProxyStats {
     pub active: AtomicU64,
     /// Connections that failed to set up (service or peer unreachable).
     pub failed: AtomicU64,
+    /// Connections refused by an access list, never started.
+    pub refused: AtomicU64,
     /// Bytes from the TCP side into reach streams.
     pub bytes_to_reach: AtomicU64,
     /// Bytes from reach streams to the TCP side.
     pub bytes_from_reach: AtomicU64,
 }
 
+/// A copy of [`ProxyStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProxyCounters {
+    /// Connections started.
+    pub connections: u64,
+    /// Connections running now.
+    pub active: u64,
+    /// Connections that failed to set up.
+    pub failed: u64,
+    /// Connections refused by an access list.
+    pub refused: u64,
+    /// Bytes from the TCP (or UDP) side into reach streams.
+    pub bytes_to_reach: u64,
+    /// Bytes from reach streams to the TCP (or UDP) side.
+    pub bytes_from_reach: u64,
+}
+
 impl ProxyStats {
-    pub(crate) fn started(&self) {
+    /// The counters now. Bytes are counted when a connection ends, so a
+    /// running connection's bytes show up once it is done.
+    pub fn snapshot(&self) -> ProxyCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ProxyCounters {
+            connections: get(&self.connections),
+            active: get(&self.active),
+            failed: get(&self.failed),
+            refused: get(&self.refused),
+            bytes_to_reach: get(&self.bytes_to_reach),
+            bytes_from_reach: get(&self.bytes_from_reach),
+        }
+    }
+
+    /// Counts a connection that starts.
+    pub fn started(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn ended(&self, (to_reach, from_reach): (u64, u64)) {
+    /// Counts a started connection that ended.
+    pub fn ended(&self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
-        self.bytes_to_reach.fetch_add(to_reach, Ordering::Relaxed);
+    }
+
+    /// Counts a started connection that could not be set up.
+    pub fn failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.ended();
+    }
+
+    /// Counts bytes from the plain side into reach.
+    pub fn to_reach(&self, bytes: usize) {
+        self.bytes_to_reach
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts bytes from reach to the plain side.
+    pub fn from_reach(&self, bytes: usize) {
         self.bytes_from_reach
-            .fetch_add(from_reach, Ordering::Relaxed);
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// The plain side of a proxied connection, counting its bytes into
+/// [`ProxyStats`] as they move, so a long connection shows its traffic while
+/// it runs: one relaxed atomic add per read or write (at most a copy buffer
+/// each).
+pub struct Metered<'a, T> {
+    inner: &'a mut T,
+    stats: &'a ProxyStats,
+}
+
+impl<'a, T> Metered<'a, T> {
+    /// Counts what is read from `inner` as bytes to reach, and what is
+    /// written to it as bytes from reach.
+    pub fn new(inner: &'a mut T, stats: &'a ProxyStats) -> Self {
+        Self { inner, stats }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<'_, T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
+        this.stats.to_reach(buf.filled().len() - before);
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<'_, T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut *this.inner).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = r {
+            this.stats.from_reach(n);
+        }
+        r
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -130,13 +240,14 @@ where
     }
 }
 
-/// Copies both ways until both directions end; returns (bytes from `tcp`,
-/// bytes from `stream`).
-async fn pipe<S>(tcp: &mut TcpStream, stream: &mut S) -> io::Result<(u64, u64)>
+/// Copies both ways until both directions end, counting into `stats` as it
+/// goes; returns (bytes from `tcp`, bytes from `stream`).
+async fn pipe<S>(tcp: &mut TcpStream, stream: &mut S, stats: &ProxyStats) -> io::Result<(u64, u64)>
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(tcp, stream, COPY_BUF, COPY_BUF).await
+    let mut tcp = Metered::new(tcp, stats);
+    tokio::io::copy_bidirectional_with_sizes(&mut tcp, stream, COPY_BUF, COPY_BUF).await
 }
 
 /// Serves `endpoint`'s inbound streams: each is connected to the TCP
@@ -159,16 +270,15 @@ pub async fn expose(
                 Ok(t) => t,
                 Err(e) => {
                     tracing::warn!(%peer, %service, "cannot reach the exposed service: {e}");
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    stats.ended((0, 0));
+                    stats.failed();
                     return;
                 }
             };
             let _ = tcp.set_nodelay(true);
             tracing::info!(%peer, %service, module = %stream.info().module, "connection exposed");
-            let moved = pipe(&mut tcp, &mut stream).await;
+            let moved = pipe(&mut tcp, &mut stream, &stats).await;
             log_end(&peer.to_string(), &moved);
-            stats.ended(moved.unwrap_or_default());
+            stats.ended();
         });
     }
 }
@@ -191,16 +301,15 @@ pub async fn forward(
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(%from, "cannot reach {}: {e}", target.node);
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    stats.ended((0, 0));
+                    stats.failed();
                     return;
                 }
             };
             let info = stream.info();
             tracing::info!(%from, peer = %info.peer, module = %info.module, "connection forwarded");
-            let moved = pipe(&mut tcp, &mut stream).await;
+            let moved = pipe(&mut tcp, &mut stream, &stats).await;
             log_end(&from.to_string(), &moved);
-            stats.ended(moved.unwrap_or_default());
+            stats.ended();
         });
     }
 }
@@ -260,15 +369,14 @@ pub async fn socks(
         let (endpoint, rules, stats) = (endpoint.clone(), rules.clone(), stats.clone());
         tokio::spawn(async move {
             stats.started();
-            match socks_one(tcp, &endpoint, &rules).await {
+            match socks_one(tcp, &endpoint, &rules, &stats).await {
                 Ok(moved) => {
                     log_end(&from.to_string(), &Ok(moved));
-                    stats.ended(moved);
+                    stats.ended();
                 }
                 Err(e) => {
                     tracing::info!(%from, "SOCKS connection failed: {e}");
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    stats.ended((0, 0));
+                    stats.failed();
                 }
             }
         });
@@ -310,6 +418,7 @@ async fn socks_one(
     mut tcp: TcpStream,
     endpoint: &Endpoint,
     rules: &SocksRules,
+    stats: &ProxyStats,
 ) -> io::Result<(u64, u64)> {
     let _ = tcp.set_nodelay(true);
     let mut buf = Vec::new();
@@ -367,7 +476,8 @@ async fn socks_one(
                 .await?;
             tracing::info!(peer = %stream.peer(), module = %stream.info().module, "SOCKS connection to a node");
             stream.write_all(&buf).await?;
-            pipe(&mut tcp, &mut stream).await
+            stats.to_reach(buf.len());
+            pipe(&mut tcp, &mut stream, stats).await
         }
         Resolved::Plain(target) => {
             let connected = match &target {
@@ -385,7 +495,8 @@ async fn socks_one(
             tcp.write_all(&socks::encode_reply(socks::Reply::Succeeded, bound))
                 .await?;
             out.write_all(&buf).await?;
-            pipe(&mut tcp, &mut out).await
+            stats.to_reach(buf.len());
+            pipe(&mut tcp, &mut out, stats).await
         }
     }
 }
@@ -449,14 +560,41 @@ mod tests {
     }
 
     #[test]
-    fn stats_count_connections_and_bytes() {
+    fn stats_count_connections() {
         let s = ProxyStats::default();
         s.started();
         s.started();
-        s.ended((10, 20));
-        assert_eq!(s.connections.load(Ordering::Relaxed), 2);
-        assert_eq!(s.active.load(Ordering::Relaxed), 1);
-        assert_eq!(s.bytes_to_reach.load(Ordering::Relaxed), 10);
-        assert_eq!(s.bytes_from_reach.load(Ordering::Relaxed), 20);
+        s.started();
+        s.ended();
+        s.failed();
+        let c = s.snapshot();
+        assert_eq!((c.connections, c.active, c.failed), (3, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn bytes_are_counted_while_a_connection_runs() {
+        let stats = Arc::new(ProxyStats::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut tcp, _) = listener.accept().await.expect("accept");
+        let (mut far, mut near) = tokio::io::duplex(1 << 16);
+        let relay = {
+            let stats = stats.clone();
+            tokio::spawn(async move { pipe(&mut tcp, &mut near, &stats).await })
+        };
+        client.write_all(&[7u8; 3000]).await.expect("write");
+        let mut got = vec![0u8; 3000];
+        far.read_exact(&mut got).await.expect("relayed");
+        far.write_all(&[9u8; 500]).await.expect("write back");
+        let mut back = vec![0u8; 500];
+        client.read_exact(&mut back).await.expect("relayed back");
+        // The connection is still open, and its bytes already show.
+        let c = stats.snapshot();
+        assert_eq!((c.bytes_to_reach, c.bytes_from_reach), (3000, 500));
+        drop(client);
+        drop(far);
+        let _ = relay.await.expect("join");
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -204,8 +204,22 @@ pub(crate) struct Session {
 /// One service published on the hub.
 #[derive(Clone)]
 struct Exposure {
-    allow_from: Vec<(std::net::IpAddr, u8)>,
+    allow_from: Vec<(IpAddr, u8)>,
     port: Option<u16>,
+    /// What the hub answered on the current link (`None`: no answer yet).
+    state: Option<Result<SocketAddr, ExposeError>>,
+}
+
+/// Where a service published with `Endpoint::expose_on_hub` stands now.
+#[derive(Clone, Debug)]
+pub enum HubExposure {
+    /// Published at this address of the hub.
+    Published(SocketAddr),
+    /// Asked for (first time, or again after the hub link came back); no
+    /// answer yet.
+    Pending,
+    /// The hub refused it on the current link.
+    Refused(ExposeError),
 }
 
 impl Exposure {
@@ -254,7 +268,7 @@ impl Session {
     pub(crate) async fn expose(
         &self,
         vport: u16,
-        allow_from: Vec<(std::net::IpAddr, u8)>,
+        allow_from: Vec<(IpAddr, u8)>,
         deadline: Instant,
     ) -> Result<SocketAddr, ExposeError> {
         let link = self
@@ -264,6 +278,7 @@ impl Session {
         let exposure = Exposure {
             allow_from,
             port: None,
+            state: None,
         };
         let (tx, rx) = oneshot::channel();
         locked(&self.expose_waiters).insert(vport, tx);
@@ -291,12 +306,22 @@ impl Session {
         Ok(SocketAddr::new(link.status.remote.ip(), port))
     }
 
-    /// The hub's answer to an `Expose`.
-    fn exposed(&self, vport: u16, result: Result<u16, ExposeError>) {
-        if let Ok(port) = result {
-            if let Some(e) = locked(&self.exposures).get_mut(&vport) {
+    /// Where the service published at `vport` stands, if it was published.
+    pub(crate) fn exposure(&self, vport: u16) -> Option<HubExposure> {
+        locked(&self.exposures).get(&vport).map(|e| match &e.state {
+            None => HubExposure::Pending,
+            Some(Ok(a)) => HubExposure::Published(*a),
+            Some(Err(r)) => HubExposure::Refused(r.clone()),
+        })
+    }
+
+    /// The hub's answer to an `Expose`, on the link to `hub`.
+    fn exposed(&self, vport: u16, hub: IpAddr, result: Result<u16, ExposeError>) {
+        if let Some(e) = locked(&self.exposures).get_mut(&vport) {
+            if let Ok(port) = result {
                 e.port = Some(port);
             }
+            e.state = Some(result.clone().map(|port| SocketAddr::new(hub, port)));
         }
         if let Some(w) = locked(&self.expose_waiters).remove(&vport) {
             let _ = w.send(result);
@@ -692,8 +717,11 @@ async fn serve(shared: &Arc<Shared>, session: &Session, attached: Attached) -> S
     // A reconnect (a hub restart, say): publish again, asking for the ports
     // the services had.
     let exposures: Vec<(u16, Exposure)> = locked(&session.exposures)
-        .iter()
-        .map(|(v, e)| (*v, e.clone()))
+        .iter_mut()
+        .map(|(v, e)| {
+            e.state = None;
+            (*v, e.clone())
+        })
         .collect();
     for (vport, e) in exposures {
         send_control(&link.tx, &e.request(vport));
@@ -822,7 +850,9 @@ fn handle_frame(
             } => {
                 shared.pending_splice.resolve(to, msg.token(), Err(reason));
             }
-            Control::Exposed { vport, port } => session.exposed(vport, Ok(port)),
+            Control::Exposed { vport, port } => {
+                session.exposed(vport, link.status.remote.ip(), Ok(port))
+            }
             Control::ExposeRefused {
                 vport,
                 offered,
@@ -834,7 +864,7 @@ fn handle_frame(
                     ExposeError::NoProxyPorts
                 };
                 tracing::warn!(vport, "not published on the hub: {e}");
-                session.exposed(vport, Err(e));
+                session.exposed(vport, link.status.remote.ip(), Err(e));
             }
             Control::Ping { nonce } => send_control(&link.tx, &Control::Pong { nonce }),
             Control::Pong { .. } => {}

@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,16 +33,16 @@ const QUEUE: usize = 256;
 
 /// Carries datagrams between `stream` and `socket` (datagrams from the
 /// stream go to `dest`; those for the stream come from `rx`) until either
-/// side ends or nothing moves for `idle`; returns (datagrams to the stream,
-/// datagrams from it).
+/// side ends or nothing moves for `idle`, counting datagram bytes into
+/// `stats` as they move.
 async fn relay(
     mut stream: ReachStream,
     mut rx: mpsc::Receiver<Vec<u8>>,
     socket: &UdpSocket,
     dest: SocketAddr,
     idle: Duration,
-) -> io::Result<(u64, u64)> {
-    let (mut to, mut from) = (0u64, 0u64);
+    stats: &ProxyStats,
+) -> io::Result<()> {
     let mut inbuf = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
     let mut out = Vec::with_capacity(2048);
@@ -57,7 +56,7 @@ async fn relay(
                 stream.write_all(&out).await?;
                 // A datagram goes out now, not when the next one comes.
                 stream.flush().await?;
-                to += 1;
+                stats.to_reach(gram.len());
                 deadline = Instant::now() + idle;
             }
             n = stream.read(&mut chunk) => {
@@ -69,11 +68,11 @@ async fn relay(
                 let mut at = 0;
                 while let Some((gram, used)) = datagram::decode(&inbuf[at..]) {
                     // A failed send drops the datagram, as UDP does.
-                    if let Err(e) = socket.send_to(gram, dest).await {
-                        tracing::debug!("datagram dropped: {e}");
+                    match socket.send_to(gram, dest).await {
+                        Ok(n) => stats.from_reach(n),
+                        Err(e) => tracing::debug!("datagram dropped: {e}"),
                     }
                     at += used;
-                    from += 1;
                 }
                 inbuf.drain(..at);
                 deadline = Instant::now() + idle;
@@ -85,7 +84,7 @@ async fn relay(
         }
     }
     let _ = stream.shutdown().await;
-    Ok((to, from))
+    Ok(())
 }
 
 /// Serves `endpoint`'s inbound streams as UDP mappings to `service`: each
@@ -112,8 +111,7 @@ pub async fn expose_udp(
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("cannot open a UDP socket: {e}");
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    stats.ended((0, 0));
+                    stats.failed();
                     return;
                 }
             };
@@ -132,9 +130,11 @@ pub async fn expose_udp(
                 })
             };
             tracing::info!(%peer, %service, "UDP mapping opened");
-            let moved = relay(stream, rx, &sock, service, idle).await;
+            if let Err(e) = relay(stream, rx, &sock, service, idle, &stats).await {
+                tracing::debug!(%peer, "UDP mapping ended: {e}");
+            }
             reader.abort();
-            stats.ended(moved.unwrap_or_default());
+            stats.ended();
         });
     }
 }
@@ -171,20 +171,19 @@ pub async fn forward_udp(
                 );
                 tokio::spawn(async move {
                     stats.started();
-                    let moved = match endpoint.connect(&target).await {
+                    match endpoint.connect(&target).await {
                         Ok(stream) => {
                             tracing::info!(%client, peer = %stream.peer(), module = %stream.info().module, "UDP mapping opened");
-                            relay(stream, rx, &socket, client, idle)
-                                .await
-                                .unwrap_or_default()
+                            if let Err(e) = relay(stream, rx, &socket, client, idle, &stats).await {
+                                tracing::debug!(%client, "UDP mapping ended: {e}");
+                            }
+                            stats.ended();
                         }
                         Err(e) => {
                             tracing::warn!(%client, "cannot reach {}: {e}", target.node);
-                            stats.failed.fetch_add(1, Ordering::Relaxed);
-                            (0, 0)
+                            stats.failed();
                         }
-                    };
-                    stats.ended(moved);
+                    }
                 });
                 tx
             }

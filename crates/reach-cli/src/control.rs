@@ -1,0 +1,367 @@
+//! Local control of running proxies: every `expose`, `forward` and `socks`
+//! process answers on a Unix socket, `STATE_DIR/proxies/PID.sock`, so that
+//! `reach status` lists them with live counters and `reach stop` ends one.
+//!
+//! The protocol is one request line (`status` or `stop`) and one JSON reply
+//! line. A socket whose process is gone (killed hard) refuses connections;
+//! listing removes it. The directory is private to the user (0700), as the
+//! state directory is.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use reach::proxy::ProxyCounters;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// How long one proxy may take to answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest request line read.
+const MAX_REQUEST: usize = 64;
+/// Longest reply line read.
+const MAX_REPLY: usize = 64 * 1024;
+
+/// What a running proxy reports about itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProxyReport {
+    /// Its id for `reach stop`: the process id.
+    pub id: u32,
+    /// The name given with `--name`, also accepted by `reach stop`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `expose`, `forward` or `socks`, with ` udp` for UDP.
+    pub kind: String,
+    /// The plain side: the exposed service, or where it listens.
+    pub local: String,
+    /// The reach side: the virtual address served or forwarded to (none for
+    /// SOCKS, whose targets vary).
+    pub vaddr: Option<String>,
+    /// The hub's proxy port, for an exposure published there, or how the
+    /// hub answered.
+    pub public: Option<String>,
+    /// Seconds since the Unix epoch when it started.
+    pub started: u64,
+    /// Its connections and bytes so far.
+    pub counters: ProxyCounters,
+}
+
+/// A request to a proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Answer with a [`ProxyReport`].
+    Status,
+    /// End the proxy gracefully.
+    Stop,
+}
+
+impl Request {
+    /// Parses one request line (without or with its newline).
+    pub fn parse(line: &[u8]) -> Result<Request, String> {
+        match line.trim_ascii() {
+            b"status" => Ok(Request::Status),
+            b"stop" => Ok(Request::Stop),
+            other => Err(format!(
+                "unknown request {:?} (expected status or stop)",
+                String::from_utf8_lossy(&other[..other.len().min(MAX_REQUEST)])
+            )),
+        }
+    }
+
+    fn line(self) -> &'static [u8] {
+        match self {
+            Request::Status => b"status\n",
+            Request::Stop => b"stop\n",
+        }
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("proxies")
+}
+
+/// A running proxy's control socket. Dropping it removes the socket.
+pub struct Control {
+    path: Option<PathBuf>,
+    stop: Arc<tokio::sync::Notify>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Control {
+    /// Opens this process's control socket; `report` describes the proxy
+    /// when asked. A socket that cannot be made (a state directory path too
+    /// long for a Unix socket, say) is logged, and the proxy runs unlisted.
+    pub fn start(
+        state_dir: &Path,
+        report: impl Fn() -> ProxyReport + Send + Sync + 'static,
+    ) -> Control {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        match bind(state_dir) {
+            Ok((path, listener)) => {
+                let task = tokio::spawn(serve(listener, Arc::new(report), stop.clone()));
+                Control {
+                    path: Some(path),
+                    stop,
+                    task: Some(task),
+                }
+            }
+            Err(e) => {
+                tracing::warn!("reach status will not list this proxy: {e:#}");
+                Control {
+                    path: None,
+                    stop,
+                    task: None,
+                }
+            }
+        }
+    }
+
+    /// Resolves when `reach stop` asks this proxy to end.
+    pub async fn stopped(&self) {
+        self.stop.notified().await
+    }
+}
+
+fn bind(state_dir: &Path) -> anyhow::Result<(PathBuf, UnixListener)> {
+    let dir = dir(state_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let path = dir.join(format!("{}.sock", std::process::id()));
+    // A socket left by an earlier process with this pid.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    Ok((path, listener))
+}
+
+async fn serve(
+    listener: UnixListener,
+    report: Arc<dyn Fn() -> ProxyReport + Send + Sync>,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (report, stop) = (report.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(ANSWER_TIMEOUT, answer(conn, &*report, &stop)).await;
+        });
+    }
+}
+
+async fn answer(
+    conn: UnixStream,
+    report: &(dyn Fn() -> ProxyReport + Send + Sync),
+    stop: &tokio::sync::Notify,
+) -> std::io::Result<()> {
+    let mut conn = BufReader::new(conn);
+    let mut line = Vec::new();
+    (&mut conn)
+        .take(MAX_REQUEST as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
+    let reply = match Request::parse(&line) {
+        Ok(Request::Status) => serde_json::to_string(&report()).map_err(std::io::Error::other)?,
+        Ok(Request::Stop) => {
+            // notify_one keeps the permit if nobody waits yet.
+            stop.notify_one();
+            r#"{"stopping":true}"#.to_string()
+        }
+        Err(e) => serde_json::json!({ "error": e }).to_string(),
+    };
+    let conn = conn.get_mut();
+    conn.write_all(reply.as_bytes()).await?;
+    conn.write_all(b"\n").await?;
+    conn.shutdown().await
+}
+
+/// Sends `request` to the proxy whose socket is `path`; returns its reply
+/// line. `Ok(None)`: nobody listens there any more (the socket is stale).
+async fn ask(path: &Path, request: Request) -> anyhow::Result<Option<String>> {
+    let exchange = async {
+        let mut conn = match UnixStream::connect(path).await {
+            Ok(c) => c,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        conn.write_all(request.line()).await?;
+        let mut reply = Vec::new();
+        BufReader::new(conn)
+            .take(MAX_REPLY as u64)
+            .read_until(b'\n', &mut reply)
+            .await?;
+        anyhow::Ok(Some(String::from_utf8_lossy(&reply).trim().to_string()))
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| anyhow::bail!("no answer within {ANSWER_TIMEOUT:?}"))
+}
+
+/// Control sockets in the state directory, by process id.
+fn sockets(state_dir: &Path) -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir(state_dir)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u32, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let path = e.path();
+            let pid = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".sock")?
+                .parse()
+                .ok()?;
+            Some((pid, path))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The running proxies, each as it reports itself. Stale sockets are
+/// removed; a proxy that does not answer properly is reported as a warning.
+pub async fn list(state_dir: &Path) -> Vec<ProxyReport> {
+    let mut out = Vec::new();
+    for (pid, path) in sockets(state_dir) {
+        match ask(&path, Request::Status).await {
+            Ok(None) => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Ok(Some(line)) => match serde_json::from_str::<ProxyReport>(&line) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!("proxy {pid} sent a report that makes no sense: {e}"),
+            },
+            Err(e) => tracing::warn!("proxy {pid} did not answer: {e:#}"),
+        }
+    }
+    out
+}
+
+/// Asks the proxy `id` (a process id, a name given with `--name`, or `all`)
+/// to stop; returns the ids asked.
+pub async fn stop(state_dir: &Path, id: &str) -> anyhow::Result<Vec<u32>> {
+    let all = sockets(state_dir);
+    let chosen: Vec<(u32, PathBuf)> = if id == "all" {
+        all
+    } else if let Ok(pid) = id.parse::<u32>() {
+        all.into_iter().filter(|(p, _)| *p == pid).collect()
+    } else {
+        let named: Vec<u32> = list(state_dir)
+            .await
+            .into_iter()
+            .filter(|r| r.name.as_deref() == Some(id))
+            .map(|r| r.id)
+            .collect();
+        all.into_iter().filter(|(p, _)| named.contains(p)).collect()
+    };
+    let mut stopped = Vec::new();
+    for (pid, path) in chosen {
+        match ask(&path, Request::Stop).await {
+            Ok(Some(_)) => stopped.push(pid),
+            Ok(None) => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => tracing::warn!("proxy {pid} did not answer: {e:#}"),
+        }
+    }
+    if stopped.is_empty() && id != "all" {
+        anyhow::bail!("no running proxy with id {id} (reach status lists them)");
+    }
+    Ok(stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn report(id: u32) -> ProxyReport {
+        ProxyReport {
+            id,
+            name: Some("web".into()),
+            kind: "forward".into(),
+            local: "127.0.0.1:2222".into(),
+            vaddr: Some("x".into()),
+            public: None,
+            started: 1,
+            counters: ProxyCounters::default(),
+        }
+    }
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(Request::parse(b"status\n"), Ok(Request::Status));
+        assert_eq!(Request::parse(b" stop "), Ok(Request::Stop));
+        let e = Request::parse(b"halt").unwrap_err();
+        assert!(e.contains("unknown request"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_requests_and_replies_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::parse(&bytes);
+            let _ = serde_json::from_slice::<ProxyReport>(&bytes);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_proxy_is_listed_then_stopped_and_a_stale_socket_is_cleaned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A socket whose process is gone.
+        let stale = dir.path().join("proxies").join("999999999.sock");
+        std::fs::create_dir_all(stale.parent().expect("parent")).expect("mkdir");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        let me = std::process::id();
+        let control = Control::start(dir.path(), move || report(me));
+        let listed = list(dir.path()).await;
+        assert_eq!(listed, vec![report(me)]);
+        assert!(!stale.exists(), "the stale socket is removed");
+        for wrong in ["12", "db"] {
+            let err = stop(dir.path(), wrong).await.unwrap_err();
+            assert!(err.to_string().contains("no running proxy"), "{err}");
+        }
+        assert_eq!(stop(dir.path(), "web").await.expect("stop"), vec![me]);
+        tokio::time::timeout(ANSWER_TIMEOUT, control.stopped())
+            .await
+            .expect("the stop request arrives");
+        drop(control);
+        assert!(
+            list(dir.path()).await.is_empty(),
+            "its socket is gone with it"
+        );
+    }
+}
