@@ -30,3 +30,28 @@ ensure_rust_tools() {
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
   cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
 }
+
+# ensure_dev_packages PKG ...  installs each Debian package that is not installed
+# (libraries and headers, which have no command to look for).
+ensure_dev_packages() {
+  local missing=() pkg
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "install these packages first: ${missing[*]}"
+  step "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# ensure_cargo_tool CRATE [BUILD-DEPS...]  installs a comparison baseline from
+# crates.io when its command (named like the crate) is missing.
+ensure_cargo_tool() {
+  local crate=$1; shift
+  command -v "$crate" >/dev/null 2>&1 && return 0
+  [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/$crate" ] && return 0
+  ensure_dev_packages "$@"
+  step "cargo install $crate (a baseline the tests compare with; a few minutes, once)"
+  cargo install --quiet "$crate" || die "cargo install $crate failed"
+}

@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 require_root "the lab tests create network namespaces"
 ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh curl:curl python3:python3 iperf3:iperf3
 ensure_rust_tools
+ensure_cargo_tool rathole pkg-config libssl-dev
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -16,6 +16,7 @@ pub mod matrix;
 pub mod nat;
 pub mod plan;
 pub mod probe;
+pub mod rathole;
 pub mod splice;
 pub mod sshd;
 pub mod topology;

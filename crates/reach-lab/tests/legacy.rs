@@ -3,8 +3,10 @@
 //! stream is routed) through `reach expose` and `reach forward`; curl fetches
 //! a page from a web server behind a dropping firewall through `reach socks`.
 //! iperf3 runs through `forward` and through a hub proxy port beside a
-//! direct run on the same path. Needs root, iproute2, nftables, openssh,
-//! curl, python3 (the web server), iperf3 and the `reach` binary.
+//! direct run on the same path, and beside rathole publishing the same
+//! service from the same host through the same hub host. Needs root,
+//! iproute2, nftables, openssh, curl, python3 (the web server), iperf3,
+//! rathole (`cargo install rathole`) and the `reach` binary.
 
 mod common;
 
@@ -13,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use reach_lab::lab::Process;
+use reach_lab::rathole::{self, Rathole, Transport};
 use reach_lab::{Lab, Topology};
 
 const TOPOLOGY: &str = r#"
@@ -446,21 +449,62 @@ fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
             &hub_target,
         ]);
     let _forward = spawn_until(forward, &state.path().join("forward.log"), "forwarding");
+    // rathole publishing the same service through the same hub host, as
+    // the baseline for the proxy port: plain TCP (its default) and Noise.
+    let ratholes: Vec<_> = [
+        (Transport::Tcp, 2333, 40100),
+        (Transport::Noise, 2334, 40101),
+    ]
+    .into_iter()
+    .map(|(transport, control, public)| {
+        let setup = rathole::Setup {
+            server_host: "hub",
+            control: (hub_ip, control).into(),
+            public: (hub_ip, public).into(),
+            client_host: "open",
+            service: ([127, 0, 0, 1], 5201).into(),
+        };
+        let r = Rathole::start(&lab, &setup, transport, &state.path().join("rathole"))
+            .unwrap_or_else(|e| panic!("rathole ({}): {e}", transport.name()));
+        (transport, r)
+    })
+    .collect();
     let open_ip = lab.host("open").lan.to_string();
     let direct = iperf(&lab, "client", &open_ip, 5201, 2);
     let forwarded = iperf(&lab, "client", "127.0.0.1", 5202, 2);
     let proxied = iperf(&lab, "client", &hub_ip.to_string(), proxy_port, 2);
+    let rathole: Vec<(Transport, f64)> = ratholes
+        .iter()
+        .map(|(t, r)| {
+            let mbit = iperf(
+                &lab,
+                "client",
+                &r.public.ip().to_string(),
+                r.public.port(),
+                2,
+            );
+            (*t, mbit)
+        })
+        .collect();
+    let rathole_text: Vec<String> = rathole
+        .iter()
+        .map(|(t, m)| format!("rathole {} {m:.0} ({:.2}x)", t.name(), m / direct))
+        .collect();
     println!(
         "iperf3 client -> open, 2 s each (Mbit/s): direct {direct:.0}, \
-         reach forward {forwarded:.0} ({:.2}x), hub proxy port {proxied:.0} ({:.2}x)",
+         reach forward {forwarded:.0} ({:.2}x), hub proxy port {proxied:.0} ({:.2}x), {}",
         forwarded / direct,
-        proxied / direct
+        proxied / direct,
+        rathole_text.join(", ")
     );
     for (what, mbit) in [
         ("direct", direct),
         ("forward", forwarded),
         ("proxy port", proxied),
-    ] {
+    ]
+    .into_iter()
+    .chain(rathole.iter().map(|(t, m)| (t.name(), *m)))
+    {
         assert!(mbit > 0.0, "iperf3 {what} moved nothing");
     }
 }
