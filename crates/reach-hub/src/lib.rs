@@ -130,6 +130,11 @@ impl State {
 
 struct Inner {
     endpoint: Endpoint,
+    /// A connect-only node of this hub's own, attached to it like any node:
+    /// proxy-port clients of a node that cannot connect back are carried to
+    /// it over its session, as routed streams from this node (only with
+    /// proxy ports).
+    session_client: Option<Endpoint>,
     state: Mutex<State>,
     config: HubConfig,
     /// Set when the hub is dropped: every link task ends.
@@ -188,12 +193,12 @@ impl Hub {
                 })?;
             echoes.push(l);
         }
-        let mut core = HubCore::new(
-            endpoint.node_id(),
-            config.policy.clone(),
-            listen,
-            route_expiry,
-        );
+        let mut policy = config.policy.clone();
+        let session_client = match config.proxy_ports {
+            Some(_) => Some(session_client(&endpoint, &mut policy).await?),
+            None => None,
+        };
+        let mut core = HubCore::new(endpoint.node_id(), policy, listen, route_expiry);
         let echo_ports: Vec<u16> = echoes
             .iter()
             .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
@@ -204,6 +209,7 @@ impl Hub {
         core.set_echo_ports(echo_ports);
         let inner = Arc::new(Inner {
             endpoint,
+            session_client,
             state: Mutex::new(State {
                 core,
                 txs: HashMap::new(),
@@ -264,6 +270,42 @@ impl Hub {
                 inner.state().core.status()
             })));
     }
+}
+
+/// The hub's own connect-only node for proxy-port clients (see
+/// `Inner::session_client`): a fresh identity each start, admitted by
+/// `policy`, attached to the hub over its own address, routed streams only.
+async fn session_client(hub: &Endpoint, policy: &mut Policy) -> Result<Endpoint, EndpointError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| EndpointError::Bind {
+        what: "a key for the proxy-port session client".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let key = reach::SecretKey::from_seed(seed);
+    policy.allowed.push(key.node_id());
+    let at = hub.local_addr();
+    // A hub on every address (dual-stack [::] included) takes IPv4 loopback,
+    // which every namespace has (IPv6 may be off).
+    let ip = if at.ip().is_unspecified() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        at.ip()
+    };
+    let target = HubTarget {
+        id: Some(hub.node_id()),
+        host: ip.to_string(),
+        port: at.port(),
+    };
+    let mut b = Endpoint::builder()
+        .secret_key(key)
+        .bind_ip(ip)
+        .accept_ports(Vec::new())
+        .modules(vec![reach::SetupModule::Routed])
+        .hub(target);
+    if let Some(secret) = &policy.network_secret {
+        b = b.network_secret(secret.clone());
+    }
+    b.bind().await
 }
 
 async fn accept_links(inner: Arc<Inner>) {

@@ -10,7 +10,10 @@
 //! Each client connection makes the node connect back to the hub: outbound
 //! from the node, so it works behind any NAT that let the node reach the hub
 //! in the first place, and authenticated end to end between node and hub.
-//! The client's leg is plain TCP, as for any server. The hub checks the
+//! A node that cannot connect back (a firewall that passes its session but
+//! no new connection) gets the client over its session instead, as a routed
+//! stream from the hub's own connect-only node. The client's leg is plain
+//! TCP, as for any server. The hub checks the
 //! client's source address against the exposure's ranges before it asks the
 //! node for anything. Exposures end with the session that made them; a node
 //! that comes back asks for its old port, and gets it when it is free.
@@ -29,8 +32,14 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::core::{Event, ExposeRequest, ExposureInfo, LinkId};
 use crate::{Inner, State};
 
-/// How long a node has to connect back for one client.
-const CONNECT_BACK_WAIT: Duration = Duration::from_secs(10);
+/// How long a node has to connect back for one client before the client is
+/// carried over the node's session instead.
+const CONNECT_BACK_WAIT: Duration = Duration::from_secs(4);
+/// How long setting up a stream over the node's session may take.
+const SESSION_WAIT: Duration = Duration::from_secs(6);
+/// After a failed connect-back, clients of the exposure go over the session
+/// straight away for this long; then connect-back is tried again.
+const SESSION_FOR: Duration = Duration::from_secs(60);
 
 /// One published service.
 pub(crate) struct Exposure {
@@ -158,6 +167,7 @@ fn expose(
             inner.clone(),
             listener,
             Target {
+                reverse_failed: Arc::default(),
                 link,
                 node,
                 vport,
@@ -189,8 +199,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Where a proxy port's clients go.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Target {
+    /// When a connect-back last failed for this exposure.
+    reverse_failed: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     link: LinkId,
     node: NodeId,
     vport: u16,
@@ -216,8 +228,7 @@ async fn serve(
             continue;
         }
         stats.started();
-        let stats = stats.clone();
-        let inner = inner.clone();
+        let (stats, inner, target) = (stats.clone(), inner.clone(), target.clone());
         tokio::spawn(async move {
             if client(inner, tcp, from, target, &stats).await {
                 stats.ended();
@@ -228,8 +239,9 @@ async fn serve(
     }
 }
 
-/// Carries one client to the node: asks it to connect back, then pipes.
-/// False if the node did not connect back.
+/// Carries one client to the node, then pipes: over a connection the node
+/// makes back to the hub, or, when that fails, over the node's session.
+/// False if neither worked.
 async fn client(
     inner: Arc<Inner>,
     mut tcp: TcpStream,
@@ -237,6 +249,64 @@ async fn client(
     target: Target,
     stats: &ProxyStats,
 ) -> bool {
+    let recently_failed = {
+        let at = target
+            .reverse_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        at.is_some_and(|t| t.elapsed() < SESSION_FOR)
+    };
+    let reverse = if recently_failed && inner.session_client.is_some() {
+        Err("it failed less than a minute ago".to_string())
+    } else {
+        connect_back(&inner, &target).await
+    };
+    let mut stream = match reverse {
+        Ok(s) => s,
+        Err(e) => {
+            if !recently_failed {
+                *target
+                    .reverse_failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now());
+            }
+            match over_session(&inner, &target).await {
+                Ok(s) => {
+                    tracing::info!(%from, node = %target.node, "proxy client carried over the node's session (no connect-back: {e})");
+                    s
+                }
+                Err(e2) => {
+                    tracing::info!(%from, node = %target.node, "proxy client dropped: connect-back: {e}; session: {e2}");
+                    return false;
+                }
+            }
+        }
+    };
+    tracing::debug!(%from, node = %target.node, "proxy client connected");
+    let _ = tcp.set_nodelay(true);
+    let idle = inner.config.proxy_idle;
+    let mut tcp = reach::proxy::Metered::new(&mut tcp, stats);
+    let moved = reach::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await;
+    tracing::debug!(%from, ?moved, "proxy client done");
+    true
+}
+
+/// A routed stream to the exposure's node over its session, from the hub's
+/// session client.
+async fn over_session(inner: &Inner, target: &Target) -> Result<reach::ReachStream, String> {
+    let client = inner
+        .session_client
+        .as_ref()
+        .ok_or("the hub has no session client")?;
+    let vaddr = reach::VirtualAddr::new(target.node, target.vport);
+    client
+        .connect_timeout(&vaddr, SESSION_WAIT)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Asks the node to connect back to the hub, and waits for it.
+async fn connect_back(inner: &Inner, target: &Target) -> Result<reach::ReachStream, String> {
     let mut b = [0u8; 2];
     let Some(wait) = (0..8).find_map(|_| {
         getrandom::fill(&mut b).ok()?;
@@ -244,7 +314,7 @@ async fn client(
             .endpoint
             .expect_connect_back(target.node, u16::from_le_bytes(b))
     }) else {
-        return false;
+        return Err("no free connect-back token".into());
     };
     let mut addrs = vec![target.via];
     addrs.extend(inner.listen().into_iter().filter(|a| *a != target.via));
@@ -260,18 +330,5 @@ async fn client(
         s.core.send_control(target.link, &ask);
         s.flush();
     }
-    let mut stream = match wait.wait(CONNECT_BACK_WAIT).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::info!(%from, node = %target.node, "proxy client dropped: {e}");
-            return false;
-        }
-    };
-    tracing::debug!(%from, node = %target.node, "proxy client connected");
-    let _ = tcp.set_nodelay(true);
-    let idle = inner.config.proxy_idle;
-    let mut tcp = reach::proxy::Metered::new(&mut tcp, stats);
-    let moved = reach::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await;
-    tracing::debug!(%from, ?moved, "proxy client done");
-    true
+    wait.wait(CONNECT_BACK_WAIT).await
 }

@@ -508,3 +508,110 @@ fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
         assert!(mbit > 0.0, "iperf3 {what} moved nothing");
     }
 }
+
+#[test]
+fn a_node_that_cannot_connect_back_serves_proxy_port_clients_over_its_session() {
+    let t = Topology::from_toml(TOPOLOGY).expect("topology");
+    let lab = Lab::up(&t).expect("lab up");
+    let reach = common::tools_with_reach().join("reach");
+    let state = tempfile::tempdir().expect("tempdir");
+    let hub_dir = state.path().join("hub");
+    let (_hub, hub_target) = proxy_hub(&lab, &hub_dir, &[]);
+    let hub_ip = lab.host("hub").public.expect("multi-homed hub");
+    let mut expose = lab.command("server", &reach);
+    expose
+        .arg("--state-dir")
+        .arg(state.path().join("server"))
+        .args(["-v", "expose", "127.0.0.1:22", "--hub", &hub_target]);
+    let expose_log = state.path().join("expose.log");
+    let _expose = spawn_until(expose, &expose_log, "exposed at");
+    let log = std::fs::read_to_string(&expose_log).unwrap_or_default();
+    let port = log
+        .lines()
+        .find_map(|l| l.strip_prefix("exposed at "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|a| a.rsplit(':').next())
+        .expect("proxy port")
+        .to_string();
+    // From now on the server's host may not open new connections to the
+    // hub: its session stays up, but it cannot connect back.
+    let rules: [&[&str]; 3] = [
+        &["add", "table", "inet", "reach_test"],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "reach_test",
+            "out",
+            "{",
+            "type",
+            "filter",
+            "hook",
+            "output",
+            "priority",
+            "0",
+            ";",
+            "}",
+        ],
+        &[
+            "add",
+            "rule",
+            "inet",
+            "reach_test",
+            "out",
+            "tcp",
+            "dport",
+            "7700",
+            "ct",
+            "state",
+            "new",
+            "drop",
+        ],
+    ];
+    for rule in rules {
+        let out = lab
+            .command("server", "nft")
+            .args(rule)
+            .output()
+            .expect("nft");
+        assert!(
+            out.status.success(),
+            "nft {rule:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ssh = || {
+        lab.record()
+            .ssh("client")
+            .expect("host")
+            .args([
+                "-p",
+                &port,
+                &format!("root@{hub_ip}"),
+                "echo",
+                "reach-session-ok",
+            ])
+            .output()
+            .expect("run ssh")
+    };
+    let hub_log = || std::fs::read_to_string(hub_dir.join("hub.log")).unwrap_or_default();
+    // The first client waits out the connect-back, then goes over the
+    // session; the next goes over the session at once.
+    for round in 0..2 {
+        let out = ssh();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("reach-session-ok"),
+            "ssh {round} through the proxy port: {}\nhub: {}",
+            String::from_utf8_lossy(&out.stderr),
+            hub_log()
+        );
+    }
+    let carried = hub_log().matches("carried over the node's session").count();
+    assert_eq!(
+        carried,
+        2,
+        "{}\nexpose: {}",
+        hub_log(),
+        std::fs::read_to_string(&expose_log).unwrap_or_default()
+    );
+}
