@@ -282,8 +282,11 @@ impl Session {
         };
         let (tx, rx) = oneshot::channel();
         locked(&self.expose_waiters).insert(vport, tx);
+        // Recorded before the request goes out: the answer may come back
+        // before this task runs again, and it must find the record (to keep
+        // the port for later reconnects).
+        locked(&self.exposures).insert(vport, exposure.clone());
         send_control(&link.tx, &exposure.request(vport));
-        locked(&self.exposures).insert(vport, exposure);
         let answer = tokio::time::timeout_at(deadline.into(), rx).await;
         locked(&self.expose_waiters).remove(&vport);
         let port = match answer {
