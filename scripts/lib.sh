@@ -14,14 +14,19 @@ ensure_packages() {
   for spec in "$@"; do
     command -v "${spec#*:}" >/dev/null 2>&1 || missing+=("${spec%%:*}")
   done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  command -v apt-get >/dev/null || die "install these packages first: ${missing[*]}"
-  step "installing ${missing[*]}"
+  apt_install "${missing[@]}"
+}
+
+# apt_install PKG ...  installs the packages (none: nothing to do).
+apt_install() {
+  [ $# -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "install these packages first: $*"
+  step "installing $*"
   if [ ! -f /var/lib/apt/periodic/reach-updated ]; then
     apt-get update -qq
     mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/reach-updated
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
 ensure_rust_tools() {
@@ -38,11 +43,7 @@ ensure_dev_packages() {
   for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  command -v apt-get >/dev/null || die "install these packages first: ${missing[*]}"
-  step "installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
 }
 
 # ensure_cargo_tool CRATE [BUILD-DEPS...]  installs a comparison baseline from

@@ -28,14 +28,52 @@ fn echo_service() -> std::net::SocketAddr {
     addr
 }
 
-/// Kills the forwarder when the test ends, however it ends.
-struct Forwarder(Child);
+/// A running `reach forward`, killed when the test ends, however it ends.
+struct Forwarder {
+    child: Child,
+    /// Its stderr.
+    err_path: std::path::PathBuf,
+}
+
+impl Forwarder {
+    /// Runs `reach --state-dir STATE forward ARGS...` with stderr in
+    /// STATE.err; waits until it says it is forwarding.
+    fn start(state: &std::path::Path, args: &[&str]) -> Forwarder {
+        let err_path = state.with_extension("err");
+        let child = common::reach()
+            .arg("--state-dir")
+            .arg(state)
+            .arg("forward")
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(&err_path).expect("err"))
+            .spawn()
+            .expect("spawn reach forward");
+        let f = Forwarder { child, err_path };
+        common::until(|| f.stderr().contains("forwarding").then_some(()))
+            .unwrap_or_else(|| panic!("forward did not start: {}", f.stderr()));
+        f
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err_path).unwrap_or_default()
+    }
+}
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// A free loopback TCP address.
+fn free_addr() -> String {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    format!("127.0.0.1:{port}")
 }
 
 #[test]
@@ -51,27 +89,8 @@ fn tcp_clients_reach_an_exposed_service_through_forward() {
         &["--port", "7"],
     );
     assert!(exposed.vaddr.contains(":7/"), "{}", exposed.vaddr);
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let err_path = dir.path().join("forward.err");
-    let b_state = dir.path().join("b");
-    let child = common::reach()
-        .arg("--state-dir")
-        .arg(&b_state)
-        .args(["forward", &listen, &exposed.vaddr])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&err_path).expect("err"))
-        .spawn()
-        .expect("spawn reach forward");
-    let _forwarder = Forwarder(child);
-    common::until(|| {
-        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-        err.contains("forwarding").then_some(())
-    })
-    .expect("forward starts");
+    let listen = free_addr();
+    let forwarder = Forwarder::start(&dir.path().join("b"), &[&listen, &exposed.vaddr]);
     // Two clients at once, each with its own stream.
     let clients: Vec<_> = (0..2u8)
         .map(|i| {
@@ -91,7 +110,7 @@ fn tcp_clients_reach_an_exposed_service_through_forward() {
     for c in clients {
         assert!(c.join().expect("client"), "the echo came back intact");
     }
-    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let err = forwarder.stderr();
     assert!(!err.contains("cannot reach"), "{err}");
 }
 
@@ -127,26 +146,11 @@ fn udp_datagrams_reach_an_exposed_service_and_idle_mappings_expire() {
         .expect("free port")
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let err_path = dir.path().join("forward.err");
-    let child = common::reach()
-        .arg("--state-dir")
-        .arg(dir.path().join("b"))
-        .args([
-            "-v",
-            "forward",
-            &listen,
-            &exposed.vaddr,
-            "--udp",
-            "--idle",
-            "0.5",
-        ])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&err_path).expect("err"))
-        .spawn()
-        .expect("spawn reach forward --udp");
-    let _forwarder = Forwarder(child);
-    let log = || std::fs::read_to_string(&err_path).unwrap_or_default();
-    common::until(|| log().contains("forwarding UDP").then_some(())).expect("forward starts");
+    let forwarder = Forwarder::start(
+        &dir.path().join("b"),
+        &["-v", &listen, &exposed.vaddr, "--udp", "--idle", "0.5"],
+    );
+    let log = || forwarder.stderr();
     let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
     client
         .set_read_timeout(Some(std::time::Duration::from_millis(500)))
@@ -202,10 +206,11 @@ fn echo_through(addr: &str, len: usize) {
 fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = echo_service();
-    let free = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let free: u16 = free_addr()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
     let range = format!("{free}-{}", free.saturating_add(40));
     let hub = common::HubProc::start(&dir.path().join("hub"), &["--proxy-ports", &range]);
     let empty = common::random_file(dir.path(), "empty", 0);
@@ -223,27 +228,9 @@ fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
         Some(line["exposed at ".len()..].split(' ').next()?.to_string())
     })
     .expect("the hub gives a proxy port");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let err_path = dir.path().join("forward.err");
+    let listen = free_addr();
     let b_state = dir.path().join("b");
-    let child = common::reach()
-        .arg("--state-dir")
-        .arg(&b_state)
-        .args(["forward", &listen, &exposed.vaddr])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(&err_path).expect("err"))
-        .spawn()
-        .expect("spawn reach forward");
-    let mut forwarder = Forwarder(child);
-    common::until(|| {
-        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
-        err.contains("forwarding").then_some(())
-    })
-    .expect("forward starts");
+    let mut forwarder = Forwarder::start(&b_state, &[&listen, &exposed.vaddr]);
 
     echo_through(&listen, 300_000);
     echo_through(&public, 1000);
@@ -310,7 +297,7 @@ fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
         format!("stopped {id}")
     );
     assert!(
-        common::wait_deadline(&mut forwarder.0).success(),
+        common::wait_deadline(&mut forwarder.child).success(),
         "forward exits cleanly"
     );
     let out = common::reach()

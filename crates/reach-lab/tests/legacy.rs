@@ -254,6 +254,47 @@ fn proxy_hub(lab: &Lab, dir: &Path, extra: &[&str]) -> (Process, String) {
     (proc, format!("{id}@{ip}:7700"))
 }
 
+/// A `reach expose` published on a hub's proxy port.
+struct Exposed {
+    _proc: Process,
+    /// Its virtual address.
+    vaddr: String,
+    /// The hub's proxy port for it.
+    port: u16,
+    /// Its log (stdout and stderr).
+    log: std::path::PathBuf,
+}
+
+/// Runs `reach -v expose SERVICE --hub HUB EXTRA...` in `host` with state
+/// in DIR/NAME and log in DIR/NAME.log; waits until the hub publishes it.
+fn expose_on_hub(lab: &Lab, host: &str, dir: &Path, name: &str, args: &[&str]) -> Exposed {
+    let mut expose = lab.command(host, common::tools_with_reach().join("reach"));
+    expose
+        .arg("--state-dir")
+        .arg(dir.join(name))
+        .args(["-v", "expose"])
+        .args(args);
+    let log = dir.join(format!("{name}.log"));
+    let proc = spawn_until(expose, &log, "exposed at");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let line = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+    };
+    let vaddr = line("listening on ").expect("virtual address");
+    let port = line("exposed at ")
+        .and_then(|a| a.rsplit(':').next()?.parse().ok())
+        .expect("proxy port");
+    Exposed {
+        _proc: proc,
+        vaddr,
+        port,
+        log,
+    }
+}
+
 /// `reach id` for a state directory.
 fn node_id(reach: &Path, state: &Path) -> String {
     let out = Command::new(reach)
@@ -281,31 +322,24 @@ fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port
     let hub_ip = lab.host("hub").public.expect("multi-homed hub");
     // Only the client's site (its NAT's public address) may use the port.
     let client_site = lab.host("client").gateway;
-    let mut expose = lab.command("server", &reach);
-    expose
-        .arg("--state-dir")
-        .arg(&server_state)
-        .args([
-            "-v",
-            "expose",
+    let allow = format!("{client_site}/32");
+    let exposed = expose_on_hub(
+        &lab,
+        "server",
+        state.path(),
+        "server",
+        &[
             "127.0.0.1:22",
             "--port",
             "22",
             "--hub",
             &hub_target,
-        ])
-        .args(["--allow-from", &format!("{client_site}/32")]);
-    let expose_log = state.path().join("expose.log");
-    let _expose = spawn_until(expose, &expose_log, "exposed at");
-    let log = std::fs::read_to_string(&expose_log).unwrap_or_default();
-    let public = log
-        .lines()
-        .find_map(|l| l.strip_prefix("exposed at "))
-        .and_then(|l| l.split_whitespace().next())
-        .expect("the proxy address")
-        .to_string();
-    let port = public.rsplit(':').next().expect("port").to_string();
-    assert!(public.starts_with(&format!("{hub_ip}:400")), "{public}");
+            "--allow-from",
+            &allow,
+        ],
+    );
+    let port = exposed.port.to_string();
+    assert!((40000..=40010).contains(&exposed.port), "{port}");
     let ssh = |from: &str| {
         lab.record()
             .ssh(from)
@@ -408,34 +442,14 @@ fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
     let mut server = lab.command("open", "iperf3");
     server.args(["-s", "-p", "5201", "--forceflush"]);
     let _server = spawn_until(server, &state.path().join("iperf3.log"), "Server listening");
-    let mut expose = lab.command("open", &reach);
-    expose
-        .arg("--state-dir")
-        .arg(state.path().join("open"))
-        .args([
-            "-v",
-            "expose",
-            "127.0.0.1:5201",
-            "--port",
-            "5201",
-            "--hub",
-            &hub_target,
-        ]);
-    let expose_log = state.path().join("expose.log");
-    let _expose = spawn_until(expose, &expose_log, "exposed at");
-    let log = std::fs::read_to_string(&expose_log).unwrap_or_default();
-    let vaddr = log
-        .lines()
-        .find_map(|l| l.strip_prefix("listening on "))
-        .expect("virtual address")
-        .to_string();
-    let proxy_port: u16 = log
-        .lines()
-        .find_map(|l| l.strip_prefix("exposed at "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|a| a.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .expect("proxy port");
+    let exposed = expose_on_hub(
+        &lab,
+        "open",
+        state.path(),
+        "open",
+        &["127.0.0.1:5201", "--port", "5201", "--hub", &hub_target],
+    );
+    let (vaddr, proxy_port) = (exposed.vaddr.clone(), exposed.port);
     let mut forward = lab.command("client", &reach);
     forward
         .arg("--state-dir")
@@ -513,26 +527,18 @@ fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
 fn a_node_that_cannot_connect_back_serves_proxy_port_clients_over_its_session() {
     let t = Topology::from_toml(TOPOLOGY).expect("topology");
     let lab = Lab::up(&t).expect("lab up");
-    let reach = common::tools_with_reach().join("reach");
     let state = tempfile::tempdir().expect("tempdir");
     let hub_dir = state.path().join("hub");
     let (_hub, hub_target) = proxy_hub(&lab, &hub_dir, &[]);
     let hub_ip = lab.host("hub").public.expect("multi-homed hub");
-    let mut expose = lab.command("server", &reach);
-    expose
-        .arg("--state-dir")
-        .arg(state.path().join("server"))
-        .args(["-v", "expose", "127.0.0.1:22", "--hub", &hub_target]);
-    let expose_log = state.path().join("expose.log");
-    let _expose = spawn_until(expose, &expose_log, "exposed at");
-    let log = std::fs::read_to_string(&expose_log).unwrap_or_default();
-    let port = log
-        .lines()
-        .find_map(|l| l.strip_prefix("exposed at "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|a| a.rsplit(':').next())
-        .expect("proxy port")
-        .to_string();
+    let exposed = expose_on_hub(
+        &lab,
+        "server",
+        state.path(),
+        "server",
+        &["127.0.0.1:22", "--hub", &hub_target],
+    );
+    let port = exposed.port.to_string();
     // From now on the server's host may not open new connections to the
     // hub: its session stays up, but it cannot connect back.
     let rules: [&[&str]; 3] = [
@@ -612,6 +618,6 @@ fn a_node_that_cannot_connect_back_serves_proxy_port_clients_over_its_session() 
         2,
         "{}\nexpose: {}",
         hub_log(),
-        std::fs::read_to_string(&expose_log).unwrap_or_default()
+        std::fs::read_to_string(&exposed.log).unwrap_or_default()
     );
 }
