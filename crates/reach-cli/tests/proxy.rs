@@ -174,20 +174,25 @@ fn udp_datagrams_reach_an_exposed_service_and_idle_mappings_expire() {
     assert_eq!(log().matches("UDP mapping opened").count(), 2, "{}", log());
 }
 
+/// `reach --state-dir STATE ARGS...`: (success, stdout, stderr).
+fn reach_at(state: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = common::reach()
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run reach");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
 /// `reach --state-dir STATE status --json [--hub HUB]`, parsed.
 fn status_json(state: &std::path::Path, hub: Option<&str>) -> serde_json::Value {
-    let mut cmd = common::reach();
-    cmd.arg("--state-dir").arg(state).args(["status", "--json"]);
-    if let Some(h) = hub {
-        cmd.args(["--hub", h]);
-    }
-    let out = cmd.output().expect("run reach status");
-    assert!(
-        out.status.success(),
-        "reach status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+    let mut args = vec!["status", "--json"];
+    args.extend(hub.iter().flat_map(|h| ["--hub", h]));
+    let (ok, out, err) = reach_at(state, &args);
+    assert!(ok, "reach status failed: {err}");
+    serde_json::from_str(&out).expect("status JSON")
 }
 
 /// Sends `len` bytes to `addr` and checks the echo; the connection then ends.
@@ -263,13 +268,7 @@ fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
     assert_eq!(ports[0]["connections"], 1, "{a}");
     assert_eq!(ports[0]["bytes_in"], 1000, "{a}");
     assert_eq!(ports[0]["bytes_out"], 1000, "{a}");
-    let text = common::reach()
-        .arg("--state-dir")
-        .arg(&a_state)
-        .args(["status", "--hub", &hub.target])
-        .output()
-        .expect("reach status");
-    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    let (_, text, _) = reach_at(&a_state, &["status", "--hub", &hub.target]);
     for want in [
         "(echo)  expose",
         &format!("hub proxy port: {public}"),
@@ -281,36 +280,15 @@ fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
     // Removing: by id, and by name. Each process ends cleanly, and the hub
     // frees the proxy port with the exposing node's session.
     let id = f["id"].as_u64().expect("id").to_string();
-    let out = common::reach()
-        .arg("--state-dir")
-        .arg(&b_state)
-        .args(["stop", &id])
-        .output()
-        .expect("reach stop");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("stopped {id}")
-    );
+    let (ok, out, err) = reach_at(&b_state, &["stop", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("stopped {id}"));
     assert!(
         common::wait_deadline(&mut forwarder.child).success(),
         "forward exits cleanly"
     );
-    let out = common::reach()
-        .arg("--state-dir")
-        .arg(&a_state)
-        .args(["stop", "echo"])
-        .output()
-        .expect("reach stop");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = reach_at(&a_state, &["stop", "echo"]);
+    assert!(ok, "{err}");
     exposed.finish();
     let freed = common::until(|| {
         let a = status_json(&a_state, Some(&hub.target));
@@ -319,16 +297,6 @@ fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
         empty.then_some(())
     });
     assert!(freed.is_some(), "the proxy port is freed");
-    let out = common::reach()
-        .arg("--state-dir")
-        .arg(&a_state)
-        .args(["stop", "echo"])
-        .output()
-        .expect("reach stop");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no running proxy"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = reach_at(&a_state, &["stop", "echo"]);
+    assert!(!ok && err.contains("no running proxy"), "{err}");
 }
