@@ -127,6 +127,11 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
         if rx.is_empty() && !first.is_empty() {
             // The common case under light load: no copy into the batch.
             w.write_all(&first).await?;
+            // The transport may keep part of a write buffered (an encrypted
+            // link keeps what the socket could not take yet): with nothing
+            // more queued, push it out now, not when the next frame comes
+            // (which may be a ping 15 s later).
+            w.flush().await?;
             continue;
         }
         let mut barriers = 0u64;
@@ -148,8 +153,10 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
             w.write_all(&batch).await?;
             batch.clear();
         }
-        if barriers > 0 {
+        if barriers > 0 || rx.is_empty() {
             w.flush().await?;
+        }
+        if barriers > 0 {
             flush.done.send_modify(|d| *d += barriers);
         }
         if flush.closing.load(std::sync::atomic::Ordering::SeqCst) && rx.is_empty() {
@@ -258,6 +265,84 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(10), stuck)
             .await
             .expect("released when the writer stops");
+    }
+
+    /// A transport that, like an encrypted stream, takes a whole write at
+    /// once, passes on what the layer below accepts, and keeps the rest
+    /// until the next write or a flush.
+    struct Buffering<W> {
+        inner: W,
+        kept: Vec<u8>,
+    }
+
+    impl<W: AsyncWrite + Unpin> Buffering<W> {
+        fn drain(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+            while !self.kept.is_empty() {
+                let n = std::task::ready!(
+                    std::pin::Pin::new(&mut self.inner).poll_write(cx, &self.kept)
+                )?;
+                self.kept.drain(..n);
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for Buffering<W> {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            std::task::ready!(this.drain(cx))?;
+            this.kept.extend_from_slice(buf);
+            if let std::task::Poll::Ready(Err(e)) = this.drain(cx) {
+                return std::task::Poll::Ready(Err(e));
+            }
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let this = self.get_mut();
+            std::task::ready!(this.drain(cx))?;
+            std::pin::Pin::new(&mut this.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let this = self.get_mut();
+            std::task::ready!(this.drain(cx))?;
+            std::pin::Pin::new(&mut this.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_the_transport_keeps_buffered_goes_out_without_a_next_frame() {
+        // Found by reach-bench: a hub link held the tail of a routed stream's
+        // data until the next ping, stalling the stream for up to 15 s.
+        let (a, mut b) = tokio::io::duplex(64);
+        let (tx, rx) = frame_channel();
+        let link = Buffering {
+            inner: a,
+            kept: Vec::new(),
+        };
+        let _writer = tokio::spawn(write_frames(link, rx));
+        for len in [1000, 5000] {
+            tx.send(vec![9u8; len]).expect("queue");
+            // Nothing else is queued, and the sender stays: the writer alone
+            // must get the frame out.
+            let mut got = vec![0u8; len];
+            tokio::time::timeout(std::time::Duration::from_secs(10), b.read_exact(&mut got))
+                .await
+                .expect("the whole frame arrives")
+                .expect("read");
+        }
+        drop(tx);
     }
 
     #[tokio::test]
