@@ -7,7 +7,7 @@
 //! and after every stream moved a full credit window towards a reader that
 //! does not read (the worst case of buffering on the path).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use crate::{drain, median, pump, Row};
 struct HubProcess {
     child: Child,
     target: HubTarget,
-    _dir: TempDir,
+    _dir: crate::TempDir,
 }
 
 impl Drop for HubProcess {
@@ -33,18 +33,8 @@ impl Drop for HubProcess {
 }
 
 /// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn start_hub(reach: &Path) -> anyhow::Result<HubProcess> {
-    let dir = std::env::temp_dir().join(format!("reach-bench-hub-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let dir = TempDir(dir);
+    let dir = crate::TempDir::new("hub")?;
     let addr_file = dir.0.join("hub.txt");
     let child = Command::new(reach)
         .arg("--state-dir")

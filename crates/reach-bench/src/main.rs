@@ -7,7 +7,9 @@
 //! Setup time is decomposed into TCP connect, one round trip and the handshake's
 //! CPU cost, so the "TCP + one round trip" claim can be checked on any network.
 
+mod agent;
 mod hub;
+mod lab;
 
 use std::time::Instant;
 
@@ -84,6 +86,27 @@ enum Bench {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// reach between network namespaces beside plain TCP, socat and rathole
+    /// on the same paths: direct throughput (1 and 4 streams, plaintext and
+    /// encrypted), round trip and setup; routed through 1 and 3 hubs with
+    /// relay CPU per GB. Needs root, socat and rathole (scripts/bench.sh
+    /// installs them).
+    #[command(verbatim_doc_comment)]
+    Lab {
+        /// A short run (1 s transfers, 1 round).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Keep logs and state in this directory (default: a temporary one,
+        /// removed at the end).
+        #[arg(long, value_name = "DIR")]
+        keep: Option<std::path::PathBuf>,
+    },
+    /// The measuring agent run inside lab hosts (used by `lab`).
+    #[command(subcommand, hide = true)]
+    Agent(agent::AgentCmd),
 }
 
 #[derive(Serialize)]
@@ -108,6 +131,23 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
+        Bench::Agent(cmd) => rt.block_on(agent::run(cmd))?,
+        Bench::Lab { quick, json, keep } => {
+            let size = if quick {
+                lab::Size {
+                    secs: 1.0,
+                    count: 100,
+                    rounds: 1,
+                }
+            } else {
+                lab::Size {
+                    secs: 3.0,
+                    count: 500,
+                    rounds: 3,
+                }
+            };
+            report(lab::run(size, keep.as_deref())?, json.as_deref())?;
+        }
         Bench::Loopback {
             size_mib,
             connections,
@@ -199,9 +239,27 @@ fn print_table(r: &Report) {
     }
 }
 
+/// The middle value (NaN for none).
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// A temporary directory, removed on drop.
+pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(what: &str) -> std::io::Result<TempDir> {
+        let dir = std::env::temp_dir().join(format!("reach-bench-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[derive(Clone, Copy)]

@@ -89,7 +89,7 @@ pub fn start(
         }
         args.push(dir.join("hub.txt").into());
         for link in hubs.links.iter().filter(|l| &l.from == h) {
-            let peer = peer_spec(lab, topology, &ids[&link.to], &link.to, link.ssh)?;
+            let peer = peer_spec(lab, topology, &ids[&link.to], h, &link.to, link.ssh)?;
             args.extend(["--peer".into(), peer.into()]);
         }
         // Links dialled by the other side are admitted by key.
@@ -131,6 +131,17 @@ pub fn start(
 }
 
 impl HubSet {
+    /// The process id of the hub of `host`, while it runs.
+    pub fn pid(&self, host: &str) -> Option<u32> {
+        self.procs.get(host).map(Process::id)
+    }
+
+    /// `NODEID@IP:PORT` of the hub of host `hub`, as host `from` reaches it.
+    pub fn target(&self, lab: &Lab, from: &str, hub: &str) -> Option<String> {
+        let id = self.ids.get(hub)?;
+        Some(format!("{id}@{}:{HUB_PORT}", address_from(lab, from, hub)))
+    }
+
     /// Starts (or restarts) the hub of `host` with its command line.
     fn spawn(&mut self, lab: &Lab, tools: &Path, host: &str) -> Result<(), LabError> {
         let dir = &self.dirs[host];
@@ -257,17 +268,19 @@ fn address_from(lab: &Lab, from: &str, hub: &str) -> Ipv4Addr {
     }
 }
 
-/// The `--peer` argument for a link to hub host `to` with NodeId `id`.
+/// The `--peer` argument for a link from hub host `from` to hub host `to`
+/// with NodeId `id` (within a site over the LAN, so a non-routed hub can
+/// link to its site's front-end).
 fn peer_spec(
     lab: &Lab,
     topology: &Topology,
     id: &str,
+    from: &str,
     to: &str,
     ssh: bool,
 ) -> Result<String, LabError> {
     if !ssh {
-        let h = lab.host(to);
-        let ip = h.public.unwrap_or(h.gateway);
+        let ip = address_from(lab, from, to);
         return Ok(format!("{id}@{ip}:{HUB_PORT}"));
     }
     let site = topology.site_of(to).ok_or_else(|| LabError::Command {

@@ -113,6 +113,11 @@ impl Process {
         Self(child)
     }
 
+    /// Its process id (the program's own: `ip netns exec` execs it).
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
     /// Waits for the process to exit, at most `timeout`; `None` if it still
     /// runs (it is killed when dropped).
     pub fn wait_timeout(

@@ -82,6 +82,11 @@ pub struct Setup<'a> {
 }
 
 impl Rathole {
+    /// The process id of rathole's server (the relay).
+    pub fn server_pid(&self) -> u32 {
+        self._server.id()
+    }
+
     /// Runs rathole's server and client as `setup` says, talking over
     /// `transport`; configuration and logs go to `dir`. Returns once the
     /// client's control channel is up.

@@ -1,0 +1,611 @@
+//! `reach-bench lab`: reach between network namespaces, beside plain TCP,
+//! socat and rathole on the same paths, in one run.
+//!
+//! ```text
+//!   a ---------------------------------------------- b      direct
+//!   a ---- hub1 ------------------------------------ b      routed, 1 hub / socat / rathole
+//!   a ---- hub1 ------- hub2 ====== hub3 ========== c      routed, 3 hubs / 3 socats
+//! ```
+//! `a`, `b` and `hub1` are each on a site of their own behind a plain
+//! router. hub2 is the multi-homed front-end of a site whose LAN (`===`,
+//! 10.3.0.0/24) holds hub3 and `c`, both non-routed: hub1 and hub3 cannot
+//! reach each other, so they cannot shortcut the chain with a direct link.
+//! The links are veth pairs without rate limits, so every figure is bounded
+//! by CPU, and all processes share this machine's cores. The measuring agent (`reach-bench
+//! agent`, [`crate::agent`]) runs in `a` and `b`; each figure is the median
+//! of its rounds, and rounds go through the variants in turn, so a noisy
+//! neighbour hits all of them alike. Relay CPU is read from `/proc` before
+//! and after each routed bulk transfer.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use reach_lab::lab::Process;
+use reach_lab::rathole::{self, Rathole, Transport};
+use reach_lab::{Lab, Topology};
+
+use crate::agent::Measured;
+use crate::Row;
+
+const TOPOLOGY: &str = r#"
+name = "bench"
+matrix = ["a", "b", "c"]
+
+[[site]]
+name = "a"
+gateway = "open"
+[[site.host]]
+name = "a"
+
+[[site]]
+name = "b"
+gateway = "open"
+[[site.host]]
+name = "b"
+
+[[site]]
+name = "h1"
+gateway = "open"
+[[site.host]]
+name = "hub1"
+multi_homed = true
+
+[[site]]
+name = "far"
+gateway = "open"
+lan = "10.3.0.0/24"
+[[site.host]]
+name = "hub2"
+multi_homed = true
+[[site.host]]
+name = "hub3"
+routed = false
+[[site.host]]
+name = "c"
+routed = false
+
+[hubs]
+hosts = ["hub1", "hub2", "hub3"]
+links = [{ from = "hub1", to = "hub2" }, { from = "hub2", to = "hub3" }]
+
+[hubs.attach]
+a = "hub1"
+b = "hub1"
+c = "hub3"
+"#;
+
+/// How much to measure.
+#[derive(Clone, Copy, Debug)]
+pub struct Size {
+    /// Seconds per bulk transfer.
+    pub secs: f64,
+    /// Round trips per latency figure, connections per setup figure.
+    pub count: u32,
+    /// Rounds per figure (the median is reported).
+    pub rounds: usize,
+}
+
+/// Agent ports: the server on `b` attached to hub1 and the one on `c`
+/// attached to hub3, each with a plain TCP port and a reach port.
+const B1_TCP: u16 = 5301;
+const B1_REACH: u16 = 5302;
+const B3_TCP: u16 = 5311;
+const B3_REACH: u16 = 5312;
+/// Relay ports on the hub hosts.
+const SOCAT_PORT: u16 = 6001;
+const SOCAT3_PORT: u16 = 6003;
+const RATHOLE_PORTS: [(Transport, u16, u16); 2] =
+    [(Transport::Tcp, 2333, 6011), (Transport::Noise, 2334, 6012)];
+/// socat's buffer, as in the issue's reference runs.
+const SOCAT_BUF: &str = "262144";
+/// How long a server has to come up.
+const READY: Duration = Duration::from_secs(20);
+
+/// A lab host's address as other sites reach it.
+fn ip(lab: &Lab, host: &str) -> Ipv4Addr {
+    let h = lab.host(host);
+    h.public.unwrap_or(h.lan)
+}
+
+/// One measured path: how the agent in `a` is run, and which process (if
+/// any) relays it.
+struct Path1 {
+    name: String,
+    args: Vec<String>,
+    relays: Vec<u32>,
+}
+
+/// The running lab and everything in it.
+struct Bench {
+    lab: Lab,
+    exe: PathBuf,
+    dir: PathBuf,
+    hubs: reach_lab::hubs::HubSet,
+    _procs: Vec<Process>,
+    _ratholes: Vec<Rathole>,
+}
+
+impl Bench {
+    fn up(dir: &Path) -> anyhow::Result<(Bench, Vec<Path1>)> {
+        let t = Topology::from_toml(TOPOLOGY).context("bench topology")?;
+        let lab = Lab::up(&t).context("cannot build the lab (needs root)")?;
+        let exe = std::env::current_exe()?;
+        let tools = exe.parent().context("bin dir")?.to_path_buf();
+        anyhow::ensure!(
+            tools.join("reach").exists(),
+            "no reach binary beside {}: cargo build --release -p reach-cli",
+            exe.display()
+        );
+        let hub_conf = t.hubs.as_ref().context("[hubs]")?;
+        let hubs = reach_lab::hubs::start(&lab, &t, hub_conf, &tools, dir)?;
+        let mut b = Bench {
+            lab,
+            exe,
+            dir: dir.to_path_buf(),
+            hubs,
+            _procs: Vec::new(),
+            _ratholes: Vec::new(),
+        };
+        let b1 = b.agent_server("b", "b1", B1_TCP, B1_REACH, "hub1")?;
+        let b3 = b.agent_server("c", "b3", B3_TCP, B3_REACH, "hub3")?;
+        // Every hub knows both servers (and `a`'s attach is moot: it only
+        // connects) before anything is routed to them.
+        b.hubs.wait_converged(&b.lab, &tools, 2, READY)?;
+        let paths = b.paths(&b1, &b3)?;
+        Ok((b, paths))
+    }
+
+    /// Starts an agent server in `host` attached to `hub`; returns its
+    /// virtual address.
+    fn agent_server(
+        &mut self,
+        host: &str,
+        name: &str,
+        tcp: u16,
+        reach: u16,
+        hub: &str,
+    ) -> anyhow::Result<String> {
+        let target = self
+            .hubs
+            .target(&self.lab, host, hub)
+            .context("hub target")?;
+        let addr_file = self.dir.join(format!("{name}.addr"));
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = self
+            .lab
+            .command(host, &self.exe)
+            .args(["agent", "serve", "--tcp", &format!("0.0.0.0:{tcp}")])
+            .args(["--reach", &format!("0.0.0.0:{reach}"), "--hub", &target])
+            .arg("--state-dir")
+            .arg(self.dir.join(name))
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self._procs.push(Process::new(child));
+        if reach_lab::wait::for_file(&addr_file, READY).is_none() {
+            bail!(
+                "the agent server {name} did not start: {}",
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+            );
+        }
+        Ok(std::fs::read_to_string(&addr_file)?.trim().to_string())
+    }
+
+    /// Runs `socat` in `host`, relaying `port` to `to`; returns its pid.
+    fn socat(&mut self, host: &str, port: u16, to: SocketAddr) -> anyhow::Result<u32> {
+        let child = self
+            .lab
+            .command(host, "socat")
+            .args(["-b", SOCAT_BUF])
+            .arg(format!("TCP-LISTEN:{port},fork,reuseaddr"))
+            .arg(format!("TCP:{to}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run socat (apt-get install socat)")?;
+        let p = Process::new(child);
+        let pid = p.id();
+        self._procs.push(p);
+        self.wait_listening(host, port)?;
+        Ok(pid)
+    }
+
+    /// Waits until something listens on TCP `port` in `host`.
+    fn wait_listening(&self, host: &str, port: u16) -> anyhow::Result<()> {
+        let up = reach_lab::wait::until(READY, || {
+            let out = self
+                .lab
+                .command(host, "ss")
+                .args(["-Hltn", &format!("sport = :{port}")])
+                .output()
+                .ok()?;
+            (!out.stdout.is_empty()).then_some(())
+        });
+        up.with_context(|| format!("nothing listens on port {port} in {host}"))
+    }
+
+    /// Every path measured, relays started.
+    fn paths(&mut self, b1: &str, b3: &str) -> anyhow::Result<Vec<Path1>> {
+        let lab_b = ip(&self.lab, "b");
+        let hub = |n: &str| ip(&self.lab, n);
+        let (h1, h2) = (hub("hub1"), hub("hub2"));
+        let mut paths = vec![Path1 {
+            name: "plain TCP, direct".into(),
+            args: vec!["--tcp".into(), format!("{lab_b}:{B1_TCP}")],
+            relays: vec![],
+        }];
+        let socat = self.socat("hub1", SOCAT_PORT, (lab_b, B1_TCP).into())?;
+        paths.push(Path1 {
+            name: "socat relay on hub1".into(),
+            args: vec!["--tcp".into(), format!("{h1}:{SOCAT_PORT}")],
+            relays: vec![socat],
+        });
+        for (transport, control, public) in RATHOLE_PORTS {
+            let setup = rathole::Setup {
+                server_host: "hub1",
+                control: (h1, control).into(),
+                public: (h1, public).into(),
+                client_host: "b",
+                service: ([127, 0, 0, 1], B1_TCP).into(),
+            };
+            let r = Rathole::start(&self.lab, &setup, transport, &self.dir.join("rathole"))
+                .map_err(anyhow::Error::msg)?;
+            paths.push(Path1 {
+                name: format!("rathole {} on hub1", transport.name()),
+                args: vec!["--tcp".into(), format!("{h1}:{public}")],
+                relays: vec![r.server_pid()],
+            });
+            self._ratholes.push(r);
+        }
+        let hub1 = self.hubs.target(&self.lab, "a", "hub1").context("hub1")?;
+        let hub_pids = ["hub1", "hub2", "hub3"]
+            .map(|h| self.hubs.pid(h).with_context(|| format!("no {h} process")));
+        let [p1, p2, p3] = hub_pids;
+        let (p1, p2, p3) = (p1?, p2?, p3?);
+        paths.push(Path1 {
+            name: "reach routed, 1 hub".into(),
+            args: reach_args(b1, "routed", Some(&hub1)),
+            relays: vec![p1],
+        });
+        // Three hubs: socat chained through the same hosts, and reach routed
+        // from a node on hub1 to one on hub3.
+        let c = self.lab.host("c").lan;
+        let s3 = self.socat("hub3", SOCAT3_PORT, (c, B3_TCP).into())?;
+        let s2 = self.socat(
+            "hub2",
+            SOCAT3_PORT,
+            (self.lab.host("hub3").lan, SOCAT3_PORT).into(),
+        )?;
+        let s1 = self.socat("hub1", SOCAT3_PORT, (h2, SOCAT3_PORT).into())?;
+        paths.push(Path1 {
+            name: "socat relays on hub1, hub2, hub3".into(),
+            args: vec!["--tcp".into(), format!("{h1}:{SOCAT3_PORT}")],
+            relays: vec![s1, s2, s3],
+        });
+        paths.push(Path1 {
+            name: "reach routed, 3 hubs".into(),
+            args: reach_args(b3, "routed", Some(&hub1)),
+            relays: vec![p1, p2, p3],
+        });
+        Ok(paths)
+    }
+
+    /// Runs the agent in `a` with `args`; returns what it measured.
+    fn measure(&self, args: &[String]) -> anyhow::Result<Measured> {
+        // One client identity per module list: its module cache must not
+        // carry a choice from one kind of path into another.
+        let modules = args
+            .iter()
+            .position(|a| a == "--modules")
+            .and_then(|i| args.get(i + 1))
+            .map_or("tcp", String::as_str);
+        let out = self
+            .lab
+            .command("a", &self.exe)
+            .args(["agent", "run", "--state-dir"])
+            .arg(self.dir.join(format!("a-{modules}")))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "agent run {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("agent output")
+    }
+}
+
+fn reach_args(vaddr: &str, modules: &str, hub: Option<&str>) -> Vec<String> {
+    let mut v = vec![
+        "--vaddr".to_string(),
+        vaddr.to_string(),
+        "--modules".into(),
+        modules.into(),
+    ];
+    if let Some(h) = hub {
+        v.extend(["--hub".into(), h.into()]);
+    }
+    v
+}
+
+/// CPU seconds `pid` and its reaped children have used.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    // Fields after the command name, which may hold spaces: ") S ppid ...".
+    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    Ok(f.iter().sum::<u64>() as f64 / clock_ticks())
+}
+
+/// The kernel's clock ticks per second (USER_HZ).
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Waits until `pid` has reaped its forked children (socat's connection
+/// processes), so their CPU time shows in its own.
+fn wait_children(pid: u32) {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let _ = reach_lab::wait::until(Duration::from_secs(5), || {
+        let c = std::fs::read_to_string(&path).ok()?;
+        c.trim().is_empty().then_some(())
+    });
+}
+
+fn cpu_of(pids: &[u32]) -> anyhow::Result<f64> {
+    pids.iter().map(|p| cpu_secs(*p)).sum()
+}
+
+fn row(name: &str, unit: &str, value: f64, base: Option<(&str, f64)>) -> Row {
+    let (baseline_name, baseline) = base.map_or((String::new(), f64::NAN), |(n, b)| (n.into(), b));
+    Row {
+        name: name.into(),
+        unit: unit.into(),
+        value,
+        ratio: value / baseline,
+        baseline_name,
+        baseline,
+    }
+}
+
+/// Runs the lab benchmarks, with logs and state in `keep` (kept) or in a
+/// temporary directory.
+pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
+    let tmp;
+    let dir = match keep {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.to_path_buf()
+        }
+        None => {
+            tmp = crate::TempDir::new("lab")?;
+            tmp.0.clone()
+        }
+    };
+    let (bench, paths) = Bench::up(&dir)?;
+    let b1 = std::fs::read_to_string(dir.join("b1.addr"))?
+        .trim()
+        .to_string();
+    let secs = size.secs.to_string();
+    let count = size.count.to_string();
+    let op = |op: &str| vec!["--op".to_string(), op.to_string()];
+    let bulk = |streams: usize| {
+        let mut v = op("throughput");
+        v.extend([
+            "--streams".into(),
+            streams.to_string(),
+            "--secs".into(),
+            secs.clone(),
+        ]);
+        v
+    };
+    let counted = |o: &str| {
+        let mut v = op(o);
+        v.extend(["--count".into(), count.clone()]);
+        v
+    };
+    let tcp = vec![
+        "--tcp".to_string(),
+        format!("{}:{B1_TCP}", ip(&bench.lab, "b")),
+    ];
+    let direct = |plain: bool| {
+        let mut v = reach_args(&b1, "direct", None);
+        if plain {
+            v.push("--plaintext".into());
+        }
+        v
+    };
+    let mut rows = Vec::new();
+
+    // 1. Direct against plain TCP.
+    let variants: Vec<(String, Vec<String>)> = vec![
+        ("plain TCP".into(), tcp.clone()),
+        ("reach direct, plaintext".into(), direct(true)),
+        ("reach direct, encrypted".into(), direct(false)),
+    ];
+    for streams in [1usize, 4] {
+        let figures = rounds(size.rounds, &variants, |_, args| {
+            let mut a = args.to_vec();
+            a.extend(bulk(streams));
+            Ok(bench.measure(&a)?.value)
+        })?;
+        let tcp_rate = figures[0];
+        for (i, (name, _)) in variants.iter().enumerate().skip(1) {
+            rows.push(row(
+                &format!(
+                    "throughput, {name}, {streams} stream{}",
+                    if streams > 1 { "s" } else { "" }
+                ),
+                "Gbit/s",
+                figures[i],
+                Some((
+                    &format!(
+                        "plain TCP, {streams} stream{}",
+                        if streams > 1 { "s" } else { "" }
+                    ),
+                    tcp_rate,
+                )),
+            ));
+        }
+    }
+    let pair = [variants[0].clone(), variants[2].clone()];
+    let rtt = rounds(size.rounds, &pair, |_, args| {
+        let mut a = args.to_vec();
+        a.extend(counted("latency"));
+        Ok(bench.measure(&a)?.value)
+    })?;
+    rows.push(row(
+        "round trip, reach direct (1-byte ping-pong)",
+        "us",
+        rtt[1],
+        Some(("plain TCP", rtt[0])),
+    ));
+    let setup = rounds(size.rounds, &pair, |_, args| {
+        let mut a = args.to_vec();
+        a.extend(counted("setup"));
+        Ok(bench.measure(&a)?.value)
+    })?;
+    rows.push(row(
+        "setup, reach direct",
+        "ms",
+        setup[1],
+        Some(("plain TCP connect", setup[0])),
+    ));
+    rows.push(row(
+        "setup, reach direct",
+        "ms",
+        setup[1],
+        Some(("TCP connect + 1 round trip", setup[0] + rtt[0] / 1e3)),
+    ));
+
+    // 2. Routed through hubs against relays on the same hosts.
+    let relayed: Vec<(String, Vec<String>)> = paths
+        .iter()
+        .map(|p| (p.name.clone(), p.args.clone()))
+        .collect();
+    let mut cpu = vec![Vec::new(); paths.len()];
+    let rates = rounds(size.rounds, &relayed, |i, args| {
+        let p = &paths[i];
+        let before = cpu_of(&p.relays)?;
+        let mut a = args.to_vec();
+        a.extend(bulk(1));
+        let m = bench.measure(&a)?;
+        p.relays.iter().for_each(|pid| wait_children(*pid));
+        let used = cpu_of(&p.relays)? - before;
+        if !p.relays.is_empty() && m.bytes > 0 {
+            cpu[i].push(used / (m.bytes as f64 / 1e9));
+        }
+        Ok(m.value)
+    })?;
+    let rtts = rounds(size.rounds, &relayed, |_, args| {
+        let mut a = args.to_vec();
+        a.extend(counted("latency"));
+        Ok(bench.measure(&a)?.value)
+    })?;
+    let direct_rate = rates[0];
+    let direct_rtt = rtts[0];
+    for (i, p) in paths.iter().enumerate().skip(1) {
+        rows.push(row(
+            &format!("throughput, {}", p.name),
+            "Gbit/s",
+            rates[i],
+            Some(("plain TCP, direct", direct_rate)),
+        ));
+        rows.push(row(
+            &format!("added round trip, {}", p.name),
+            "us",
+            rtts[i] - direct_rtt,
+            Some(("plain TCP round trip", direct_rtt)),
+        ));
+        if !cpu[i].is_empty() {
+            rows.push(row(
+                &format!("relay CPU per GB, {}", p.name),
+                "s/GB",
+                crate::median(cpu[i].clone()),
+                None,
+            ));
+        }
+    }
+    // reach against each relay, side by side.
+    let by_name = |n: &str| paths.iter().position(|p| p.name == n);
+    let cpu_of_path = |i: usize| {
+        if cpu[i].is_empty() {
+            f64::NAN
+        } else {
+            crate::median(cpu[i].clone())
+        }
+    };
+    for (reach_path, others) in [
+        (
+            "reach routed, 1 hub",
+            &[
+                "socat relay on hub1",
+                "rathole tcp on hub1",
+                "rathole noise on hub1",
+            ][..],
+        ),
+        (
+            "reach routed, 3 hubs",
+            &["socat relays on hub1, hub2, hub3"][..],
+        ),
+    ] {
+        let Some(r) = by_name(reach_path) else {
+            continue;
+        };
+        for other in others {
+            let Some(o) = by_name(other) else { continue };
+            rows.push(row(
+                &format!("throughput, {reach_path}"),
+                "Gbit/s",
+                rates[r],
+                Some((other, rates[o])),
+            ));
+            rows.push(row(
+                &format!("relay CPU per GB, {reach_path}"),
+                "s/GB",
+                cpu_of_path(r),
+                Some((other, cpu_of_path(o))),
+            ));
+        }
+    }
+    drop(bench);
+    Ok(rows)
+}
+
+/// Measures every variant `rounds` times, going through the variants in
+/// turn each round; returns each variant's median.
+fn rounds(
+    rounds: usize,
+    variants: &[(String, Vec<String>)],
+    mut f: impl FnMut(usize, &[String]) -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut got = vec![Vec::new(); variants.len()];
+    for _ in 0..rounds.max(1) {
+        for (i, (name, args)) in variants.iter().enumerate() {
+            let v = f(i, args).with_context(|| format!("measuring {name}"))?;
+            got[i].push(v);
+        }
+    }
+    Ok(got.into_iter().map(crate::median).collect())
+}
