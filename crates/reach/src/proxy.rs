@@ -235,6 +235,9 @@ where
             return Ok(total);
         }
         w.write_all(&buf[..n]).await?;
+        // An encrypted stream may keep part of the write buffered until the
+        // next one; the next may not come before the other side answers.
+        w.flush().await?;
         total += n as u64;
         touch();
     }
@@ -476,6 +479,7 @@ async fn socks_one(
                 .await?;
             tracing::info!(peer = %stream.peer(), module = %stream.info().module, "SOCKS connection to a node");
             stream.write_all(&buf).await?;
+            stream.flush().await?;
             stats.to_reach(buf.len());
             pipe(&mut tcp, &mut stream, stats).await
         }

@@ -630,9 +630,12 @@ pub(crate) async fn query_status(
     let proof = network_secret.map(|s| admission_proof(s, &shared.secret.node_id(), &hub_id));
     let mut frame = Vec::new();
     encode_control(&Control::StatusQuery { proof }, &mut frame).map_err(|e| e.to_string())?;
-    w.write_all(&frame)
-        .await
-        .map_err(|e| format!("cannot send the status query to hub {hub_id}: {e}"))?;
+    async {
+        w.write_all(&frame).await?;
+        w.flush().await
+    }
+    .await
+    .map_err(|e| format!("cannot send the status query to hub {hub_id}: {e}"))?;
     let mut reader = FrameReader::new(r);
     let answer = tokio::time::timeout(ATTACH_TIMEOUT, reader.next())
         .await
