@@ -547,6 +547,25 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
             ));
         }
     }
+    // Four streams at once through one hub, against socat.
+    let four: Vec<(String, Vec<String>)> = paths
+        .iter()
+        .filter(|p| p.name == "socat relay on hub1" || p.name == "reach routed, 1 hub")
+        .map(|p| (p.name.clone(), p.args.clone()))
+        .collect();
+    let agg = rounds(size.rounds, &four, |_, args| {
+        let mut a = args.to_vec();
+        a.extend(bulk(4));
+        Ok(bench.measure(&a)?.value)
+    })?;
+    if let [socat4, reach4] = agg[..] {
+        rows.push(row(
+            "aggregate throughput, reach routed, 1 hub, 4 streams",
+            "Gbit/s",
+            reach4,
+            Some(("socat relay on hub1, 4 streams", socat4)),
+        ));
+    }
     // reach against each relay, side by side.
     let by_name = |n: &str| paths.iter().position(|p| p.name == n);
     let cpu_of_path = |i: usize| {
@@ -608,4 +627,69 @@ fn rounds(
         }
     }
     Ok(got.into_iter().map(crate::median).collect())
+}
+
+/// Setup time per module in the SmartSockets testbed with the paper's round
+/// trips (`lab/topologies/smartsockets-wan.toml`): every ordered pair of its
+/// six hosts connects twice, the first time with nothing cached, the second
+/// with the module that worked cached (`reach-lab matrix --mode reach`).
+pub fn setup_per_module() -> anyhow::Result<Vec<Row>> {
+    let text = include_str!("../../../lab/topologies/smartsockets-wan.toml");
+    let t = Topology::from_toml(text).context("smartsockets-wan topology")?;
+    let exe = std::env::current_exe()?;
+    let tools = exe.parent().context("bin dir")?.to_path_buf();
+    anyhow::ensure!(
+        tools.join("reach-lab").exists() && tools.join("reach").exists(),
+        "reach and reach-lab must be built beside {}: cargo build --release -p reach-cli -p reach-lab",
+        exe.display()
+    );
+    let lab = Lab::up(&t).context("cannot build the lab (needs root)")?;
+    let m = reach_lab::matrix::run(
+        &lab,
+        &t,
+        reach_lab::matrix::Mode::Reach,
+        Duration::from_secs(10),
+        &tools,
+    )?;
+    let (ok, all) = m.score();
+    anyhow::ensure!(
+        ok == all,
+        "only {ok} of {all} pairs connected:\n{}",
+        m.render()
+    );
+    let mut by_module: std::collections::BTreeMap<String, (Vec<f64>, Vec<f64>)> =
+        Default::default();
+    for c in &m.cells {
+        let (Some(module), Some(first), Some(cached)) =
+            (c.module.clone(), c.setup_ms, c.cached_setup_ms)
+        else {
+            continue;
+        };
+        // Only pairs whose second connection used the same module.
+        if c.cached_module.as_deref() != Some(module.as_str()) {
+            continue;
+        }
+        let e = by_module.entry(module).or_default();
+        e.0.push(first);
+        e.1.push(cached);
+    }
+    let mut rows = Vec::new();
+    for (module, (first, cached)) in &by_module {
+        let (f, c) = (crate::median(first.clone()), crate::median(cached.clone()));
+        rows.push(row(
+            &format!("setup, {module}, first connection ({} pairs)", first.len()),
+            "ms",
+            f,
+            Some((&format!("{module}, module cached"), c)),
+        ));
+        if module == "routed" {
+            rows.push(row(
+                "routed setup speedup, cached over uncached",
+                "x",
+                f / c,
+                Some(("SmartSockets paper", 102.0)),
+            ));
+        }
+    }
+    Ok(rows)
 }

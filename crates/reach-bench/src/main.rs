@@ -104,6 +104,25 @@ enum Bench {
         #[arg(long, value_name = "DIR")]
         keep: Option<std::path::PathBuf>,
     },
+    /// Every benchmark, each figure beside its baseline, in one run: `lab`,
+    /// then setup per module in the SmartSockets testbed with the paper's
+    /// round trips (uncached and cached), then hub capacity (`hub`). Full run
+    /// about 6 minutes, --quick about 2. Needs root, socat and rathole
+    /// (scripts/bench.sh installs them and runs this).
+    #[command(verbatim_doc_comment)]
+    All {
+        /// Shorter transfers, 1 round, 200 nodes and streams.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Also write the results as a Markdown table into this file, between
+        /// the lines `<!-- reach-bench all: begin -->` and `<!-- reach-bench
+        /// all: end -->` (appended if it has none).
+        #[arg(long)]
+        markdown: Option<std::path::PathBuf>,
+    },
     /// The measuring agent run inside lab hosts (used by `lab`).
     #[command(subcommand, hide = true)]
     Agent(agent::AgentCmd),
@@ -133,20 +152,30 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Bench::Agent(cmd) => rt.block_on(agent::run(cmd))?,
         Bench::Lab { quick, json, keep } => {
-            let size = if quick {
-                lab::Size {
-                    secs: 1.0,
-                    count: 100,
-                    rounds: 1,
-                }
+            report(lab::run(lab_size(quick), keep.as_deref())?, json.as_deref())?;
+        }
+        Bench::All {
+            quick,
+            json,
+            markdown,
+        } => {
+            let started = std::time::Instant::now();
+            let mut rows = lab::run(lab_size(quick), None)?;
+            rows.extend(lab::setup_per_module()?);
+            let (nodes, streams, mib) = if quick {
+                (200, 200, 64)
             } else {
-                lab::Size {
-                    secs: 3.0,
-                    count: 500,
-                    rounds: 3,
-                }
+                (1000, 1000, 512)
             };
-            report(lab::run(size, keep.as_deref())?, json.as_deref())?;
+            rows.extend(rt.block_on(hub::run(&reach_binary()?, nodes, streams, mib))?);
+            eprintln!(
+                "all benchmarks ran in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            let report = report(rows, json.as_deref())?;
+            if let Some(path) = markdown {
+                write_markdown(&path, &report, quick)?;
+            }
         }
         Bench::Loopback {
             size_mib,
@@ -185,6 +214,102 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How much the lab benchmarks measure.
+fn lab_size(quick: bool) -> lab::Size {
+    if quick {
+        lab::Size {
+            secs: 1.0,
+            count: 100,
+            rounds: 1,
+        }
+    } else {
+        lab::Size {
+            secs: 3.0,
+            count: 500,
+            rounds: 3,
+        }
+    }
+}
+
+const MD_BEGIN: &str = "<!-- reach-bench all: begin -->";
+const MD_END: &str = "<!-- reach-bench all: end -->";
+
+/// Puts `r` as a Markdown table between the markers of the file at `path`.
+fn write_markdown(path: &std::path::Path, r: &Report, quick: bool) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let num = |v: f64| {
+        if v.is_nan() {
+            String::new()
+        } else if v.abs() >= 100.0 {
+            format!("{v:.0}")
+        } else if v.abs() >= 1.0 {
+            format!("{v:.2}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
+    let mut t = String::new();
+    let _ = writeln!(t, "{MD_BEGIN}");
+    let _ = writeln!(
+        t,
+        "Machine: {}. Run of `reach-bench all{}`, UTC {}.\n",
+        r.machine,
+        if quick { " --quick" } else { "" },
+        utc_now()
+    );
+    let _ = writeln!(
+        t,
+        "| figure | value | unit | baseline | baseline value | ratio |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|");
+    for row in &r.results {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} | {} |",
+            row.name,
+            num(row.value),
+            row.unit,
+            row.baseline_name,
+            num(row.baseline),
+            num(row.ratio)
+        );
+    }
+    let _ = writeln!(t, "{MD_END}");
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(MD_BEGIN), old.find(MD_END)) {
+        (Some(a), Some(b)) if a < b => {
+            let end = b + MD_END.len();
+            let end = end + usize::from(old[end..].starts_with('\n'));
+            format!("{}{t}{}", &old[..a], &old[end..])
+        }
+        _ => format!("{old}\n{t}"),
+    };
+    std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The time now as YYYY-MM-DD HH:MM.
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
 /// The `reach` binary built beside this one.
 fn reach_binary() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
@@ -197,7 +322,7 @@ fn reach_binary() -> anyhow::Result<std::path::PathBuf> {
     Ok(reach)
 }
 
-fn report(rows: Vec<Row>, json: Option<&std::path::Path>) -> anyhow::Result<()> {
+fn report(rows: Vec<Row>, json: Option<&std::path::Path>) -> anyhow::Result<Report> {
     let report = Report {
         machine: machine(),
         results: rows,
@@ -207,7 +332,7 @@ fn report(rows: Vec<Row>, json: Option<&std::path::Path>) -> anyhow::Result<()> 
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    Ok(())
+    Ok(report)
 }
 
 fn machine() -> String {

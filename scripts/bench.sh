@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every benchmark beside its baseline, in one run (reach-bench all):
+# direct and routed reach between network namespaces beside plain TCP, socat
+# and rathole; setup per module in the SmartSockets testbed with the paper's
+# round trips; hub capacity. A full run records its results in
+# docs/benchmarks.md and docs/bench-all.json; --quick only prints them.
+# Installs what it needs (Debian/Ubuntu): socat, nftables, openssh, rathole.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+require_root "the benchmarks build network namespaces"
+ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh socat:socat
+ensure_rust_tools
+ensure_cargo_tool rathole pkg-config libssl-dev
+
+step "cargo build --release"
+cargo build --release --locked -p reach-cli -p reach-lab -p reach-bench
+
+if [ "${1:-}" = "--quick" ]; then
+  step "reach-bench all --quick"
+  exec target/release/reach-bench all --quick
+fi
+step "reach-bench all (about 6 minutes)"
+target/release/reach-bench all --json docs/bench-all.json --markdown docs/benchmarks.md
+step "results recorded in docs/benchmarks.md and docs/bench-all.json"
