@@ -4,15 +4,18 @@
 # and rathole; setup per module in the SmartSockets testbed with the paper's
 # round trips; hub capacity. A full run records its results in
 # docs/benchmarks.md and docs/bench-all.json; --quick only prints them.
-# Installs what it needs (Debian/Ubuntu): socat, nftables, openssh, rathole.
+# Installs what it needs (Debian/Ubuntu): socat, nftables, openssh,
+# wireguard-tools, and with cargo install rathole and boringtun-cli.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 require_root "the benchmarks build network namespaces"
-ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh socat:socat
+ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh socat:socat \
+  wireguard-tools:wg
 ensure_rust_tools
 ensure_cargo_tool rathole pkg-config libssl-dev
+ensure_cargo_tool boringtun-cli
 
 step "cargo build --release"
 cargo build --release --locked -p reach-cli -p reach-lab -p reach-bench

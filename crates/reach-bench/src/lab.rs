@@ -99,6 +99,8 @@ const SOCAT_PORT: u16 = 6001;
 const SOCAT3_PORT: u16 = 6003;
 const RATHOLE_PORTS: [(Transport, u16, u16); 2] =
     [(Transport::Tcp, 2333, 6011), (Transport::Noise, 2334, 6012)];
+/// rathole between `a` and `b`: control port in `a`, local port in `a`.
+const RATHOLE_DIRECT: (u16, u16) = (2335, 6013);
 /// socat's buffer, as in the reference runs.
 const SOCAT_BUF: &str = "262144";
 /// How long a server has to come up.
@@ -109,6 +111,9 @@ fn ip(lab: &Lab, host: &str) -> Ipv4Addr {
     let h = lab.host(host);
     h.public.unwrap_or(h.lan)
 }
+
+/// A named way to run the agent in `a`: its name and arguments.
+type Variant = (String, Vec<String>);
 
 /// One measured path: how the agent in `a` is run, and which process (if
 /// any) relays it.
@@ -126,10 +131,11 @@ struct Bench {
     hubs: reach_lab::hubs::HubSet,
     _procs: Vec<Process>,
     _ratholes: Vec<Rathole>,
+    _tunnel: Option<reach_lab::boringtun::Tunnel>,
 }
 
 impl Bench {
-    fn up(dir: &Path) -> anyhow::Result<(Bench, Vec<Path1>)> {
+    fn up(dir: &Path) -> anyhow::Result<(Bench, Vec<Path1>, Vec<Variant>)> {
         let t = Topology::from_toml(TOPOLOGY).context("bench topology")?;
         let lab = Lab::up(&t).context("cannot build the lab (needs root)")?;
         let exe = std::env::current_exe()?;
@@ -148,6 +154,7 @@ impl Bench {
             hubs,
             _procs: Vec::new(),
             _ratholes: Vec::new(),
+            _tunnel: None,
         };
         let b1 = b.agent_server("b", "b1", B1_TCP, B1_REACH, "hub1")?;
         let b3 = b.agent_server("c", "b3", B3_TCP, B3_REACH, "hub3")?;
@@ -155,7 +162,8 @@ impl Bench {
         // connects) before anything is routed to them.
         b.hubs.wait_converged(&b.lab, &tools, 2, READY)?;
         let paths = b.paths(&b1, &b3)?;
-        Ok((b, paths))
+        let tunnels = b.tunnels()?;
+        Ok((b, paths, tunnels))
     }
 
     /// Starts an agent server in `host` attached to `hub`; returns its
@@ -229,6 +237,52 @@ impl Bench {
             (!out.stdout.is_empty()).then_some(())
         });
         up.with_context(|| format!("nothing listens on port {port} in {host}"))
+    }
+
+    /// Encrypted tunnels from `a` to `b` as people build them today, for
+    /// the direct encrypted figures: rathole's Noise transport (its server
+    /// in `a`, its client beside the service in `b`) and a boringtun
+    /// WireGuard tunnel. Returns (name, agent arguments) of each.
+    fn tunnels(&mut self) -> anyhow::Result<Vec<Variant>> {
+        let (a, b) = (ip(&self.lab, "a"), ip(&self.lab, "b"));
+        let setup = rathole::Setup {
+            server_host: "a",
+            control: (a, RATHOLE_DIRECT.0).into(),
+            public: ([127, 0, 0, 1], RATHOLE_DIRECT.1).into(),
+            client_host: "b",
+            service: ([127, 0, 0, 1], B1_TCP).into(),
+        };
+        let r = Rathole::start(
+            &self.lab,
+            &setup,
+            Transport::Noise,
+            &self.dir.join("rathole-direct"),
+        )
+        .map_err(anyhow::Error::msg)?;
+        self._ratholes.push(r);
+        let tag = format!("{}", std::process::id() % 100_000);
+        let tunnel = reach_lab::boringtun::Tunnel::start(
+            &self.lab,
+            ("a", a),
+            ("b", b),
+            &tag,
+            &self.dir.join("boringtun"),
+        )
+        .map_err(anyhow::Error::msg)?;
+        self._tunnel = Some(tunnel);
+        Ok(vec![
+            (
+                "rathole noise, a to b".into(),
+                vec!["--tcp".into(), format!("127.0.0.1:{}", RATHOLE_DIRECT.1)],
+            ),
+            (
+                "boringtun (WireGuard), a to b".into(),
+                vec![
+                    "--tcp".into(),
+                    format!("{}:{B1_TCP}", reach_lab::boringtun::INNER_B),
+                ],
+            ),
+        ])
     }
 
     /// Every path measured, relays started.
@@ -403,7 +457,7 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
             tmp.0.clone()
         }
     };
-    let (bench, paths) = Bench::up(&dir)?;
+    let (bench, paths, tunnels) = Bench::up(&dir)?;
     let b1 = std::fs::read_to_string(dir.join("b1.addr"))?
         .trim()
         .to_string();
@@ -439,11 +493,12 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
 
     // 1. Direct against plain TCP.
-    let variants: Vec<(String, Vec<String>)> = vec![
+    let mut variants: Vec<Variant> = vec![
         ("plain TCP".into(), tcp.clone()),
         ("reach direct, plaintext".into(), direct(true)),
         ("reach direct, encrypted".into(), direct(false)),
     ];
+    variants.extend(tunnels);
     for streams in [1usize, 4] {
         let figures = rounds(size.rounds, &variants, |_, args| {
             let mut a = args.to_vec();
@@ -451,21 +506,21 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
             Ok(bench.measure(&a)?.value)
         })?;
         let tcp_rate = figures[0];
+        let s = if streams > 1 { "s" } else { "" };
         for (i, (name, _)) in variants.iter().enumerate().skip(1) {
             rows.push(row(
-                &format!(
-                    "throughput, {name}, {streams} stream{}",
-                    if streams > 1 { "s" } else { "" }
-                ),
+                &format!("throughput, {name}, {streams} stream{s}"),
                 "Gbit/s",
                 figures[i],
-                Some((
-                    &format!(
-                        "plain TCP, {streams} stream{}",
-                        if streams > 1 { "s" } else { "" }
-                    ),
-                    tcp_rate,
-                )),
+                Some((&format!("plain TCP, {streams} stream{s}"), tcp_rate)),
+            ));
+        }
+        for (i, (name, _)) in variants.iter().enumerate().skip(3) {
+            rows.push(row(
+                &format!("throughput, reach direct, encrypted, {streams} stream{s}"),
+                "Gbit/s",
+                figures[2],
+                Some((&format!("{name}, {streams} stream{s}"), figures[i])),
             ));
         }
     }
@@ -500,7 +555,7 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     ));
 
     // 2. Routed through hubs against relays on the same hosts.
-    let relayed: Vec<(String, Vec<String>)> = paths
+    let relayed: Vec<Variant> = paths
         .iter()
         .map(|p| (p.name.clone(), p.args.clone()))
         .collect();
@@ -548,7 +603,7 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         }
     }
     // Four streams at once through one hub, against socat.
-    let four: Vec<(String, Vec<String>)> = paths
+    let four: Vec<Variant> = paths
         .iter()
         .filter(|p| p.name == "socat relay on hub1" || p.name == "reach routed, 1 hub")
         .map(|p| (p.name.clone(), p.args.clone()))
@@ -616,7 +671,7 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
 /// turn each round; returns each variant's median.
 fn rounds(
     rounds: usize,
-    variants: &[(String, Vec<String>)],
+    variants: &[Variant],
     mut f: impl FnMut(usize, &[String]) -> anyhow::Result<f64>,
 ) -> anyhow::Result<Vec<f64>> {
     let mut got = vec![Vec::new(); variants.len()];

@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod apply;
+pub mod boringtun;
 pub mod hop;
 pub mod hubs;
 pub mod lab;
