@@ -342,3 +342,70 @@ async fn bulk(mut c: Box<dyn Conn>, until: Instant) -> anyhow::Result<u64> {
     }
     Ok(got)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(op: Op, tcp: Option<SocketAddr>, vaddr: Option<String>, state: PathBuf) -> RunArgs {
+        RunArgs {
+            op,
+            tcp,
+            vaddr,
+            hub: None,
+            modules: vec![SetupModule::Direct],
+            plaintext: false,
+            state_dir: Some(state),
+            streams: 2,
+            secs: 0.2,
+            count: 10,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_agent_measures_tcp_and_reach_on_loopback() {
+        let dir = crate::TempDir::new("agent-test").expect("dir");
+        let free = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+        };
+        let (tcp, reach_addr) = (free(0), free(1));
+        let addr_file = dir.0.join("addr");
+        let server = tokio::spawn(serve(ServeArgs {
+            tcp,
+            reach: reach_addr,
+            hub: None,
+            state_dir: dir.0.join("server"),
+            addr_file: addr_file.clone(),
+        }));
+        let vaddr = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Ok(v) = std::fs::read_to_string(&addr_file) {
+                    if !v.is_empty() {
+                        return v;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the server writes its address");
+        for (tcp, vaddr) in [(Some(tcp), None), (None, Some(vaddr))] {
+            let state = dir.0.join("client");
+            let bulk = measure(run_args(Op::Throughput, tcp, vaddr.clone(), state.clone()))
+                .await
+                .expect("throughput");
+            assert!(bulk.value > 0.0 && bulk.bytes > 0, "{bulk:?}");
+            let rtt = measure(run_args(Op::Latency, tcp, vaddr.clone(), state.clone()))
+                .await
+                .expect("latency");
+            assert!(rtt.value > 0.0 && rtt.unit == "us", "{rtt:?}");
+            let setup = measure(run_args(Op::Setup, tcp, vaddr, state))
+                .await
+                .expect("setup");
+            assert!(setup.value > 0.0 && setup.unit == "ms", "{setup:?}");
+        }
+        server.abort();
+    }
+}

@@ -289,9 +289,15 @@ fn write_markdown(path: &std::path::Path, r: &Report, quick: bool) -> anyhow::Re
 
 /// The time now as YYYY-MM-DD HH:MM.
 fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    civil(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// Seconds since the Unix epoch as YYYY-MM-DD HH:MM (UTC).
+fn civil(secs: u64) -> String {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -666,4 +672,45 @@ async fn loopback(bytes: u64, conns: u32, rounds: usize) -> anyhow::Result<Vec<R
         ratio: cpu / us[0],
     });
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_civil() {
+        assert_eq!(civil(0), "1970-01-01 00:00");
+        assert_eq!(civil(951_782_400), "2000-02-29 00:00");
+        assert_eq!(civil(1_796_102_235), "2026-12-01 05:17");
+    }
+
+    #[test]
+    fn markdown_replaces_its_block_and_keeps_the_rest() {
+        let dir = TempDir::new("md-test").expect("dir");
+        let path = dir.0.join("b.md");
+        let report = |v: f64| Report {
+            machine: "m".into(),
+            results: vec![Row {
+                name: "x".into(),
+                unit: "ms".into(),
+                value: v,
+                baseline_name: String::new(),
+                baseline: f64::NAN,
+                ratio: f64::NAN,
+            }],
+        };
+        std::fs::write(&path, "# Title\n\nbefore\n").expect("write");
+        write_markdown(&path, &report(1.5), false).expect("first");
+        let first = std::fs::read_to_string(&path).expect("read");
+        assert!(first.starts_with("# Title\n\nbefore\n"), "{first}");
+        assert!(first.contains("| x | 1.50 | ms |  |  |  |"), "{first}");
+        std::fs::write(&path, format!("{first}after\n")).expect("write");
+        write_markdown(&path, &report(250.0), true).expect("second");
+        let second = std::fs::read_to_string(&path).expect("read");
+        assert!(second.contains("| x | 250 | ms |"), "{second}");
+        assert!(!second.contains("1.50"), "{second}");
+        assert!(second.ends_with("after\n"), "{second}");
+        assert_eq!(second.matches(MD_BEGIN).count(), 1, "{second}");
+    }
 }
