@@ -8,11 +8,18 @@ require_root() {
   [ "$(id -u)" = 0 ] || die "run as root: $1 (sudo $0)"
 }
 
-# ensure_packages PKG:COMMAND ...  installs each Debian package whose command is missing.
+# ensure_packages PKG[:COMMAND] ...  installs each Debian package that is
+# missing: looked for by its command when one is given, else by dpkg (for
+# libraries and headers, which have no command).
 ensure_packages() {
   local missing=() spec
   for spec in "$@"; do
-    command -v "${spec#*:}" >/dev/null 2>&1 || missing+=("${spec%%:*}")
+    if [[ $spec == *:* ]]; then
+      command -v "${spec#*:}" >/dev/null 2>&1 && continue
+    else
+      dpkg -s "$spec" >/dev/null 2>&1 && continue
+    fi
+    missing+=("${spec%%:*}")
   done
   apt_install "${missing[@]}"
 }
@@ -36,23 +43,13 @@ ensure_rust_tools() {
   cargo nextest --version >/dev/null 2>&1 || cargo install --locked cargo-nextest
 }
 
-# ensure_dev_packages PKG ...  installs each Debian package that is not installed
-# (libraries and headers, which have no command to look for).
-ensure_dev_packages() {
-  local missing=() pkg
-  for pkg in "$@"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-  done
-  apt_install "${missing[@]}"
-}
-
 # ensure_cargo_tool CRATE [BUILD-DEPS...]  installs a comparison baseline from
 # crates.io when its command (named like the crate) is missing.
 ensure_cargo_tool() {
   local crate=$1; shift
   command -v "$crate" >/dev/null 2>&1 && return 0
   [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/$crate" ] && return 0
-  ensure_dev_packages "$@"
+  ensure_packages "$@"
   step "cargo install $crate (a baseline the tests compare with; a few minutes, once)"
   cargo install --quiet "$crate" || die "cargo install $crate failed"
 }

@@ -295,6 +295,22 @@ fn expose_on_hub(lab: &Lab, host: &str, dir: &Path, name: &str, args: &[&str]) -
     }
 }
 
+/// The OpenSSH client in `from` runs `echo WORD` as root at `ip:port`.
+fn ssh_echo(
+    lab: &Lab,
+    from: &str,
+    ip: std::net::Ipv4Addr,
+    port: &str,
+    word: &str,
+) -> std::process::Output {
+    lab.record()
+        .ssh(from)
+        .expect("host")
+        .args(["-p", port, &format!("root@{ip}"), "echo", word])
+        .output()
+        .expect("run ssh")
+}
+
 /// `reach id` for a state directory.
 fn node_id(reach: &Path, state: &Path) -> String {
     let out = Command::new(reach)
@@ -340,20 +356,7 @@ fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port
     );
     let port = exposed.port.to_string();
     assert!((40000..=40010).contains(&exposed.port), "{port}");
-    let ssh = |from: &str| {
-        lab.record()
-            .ssh(from)
-            .expect("host")
-            .args([
-                "-p",
-                &port,
-                &format!("root@{hub_ip}"),
-                "echo",
-                "reach-proxy-ok",
-            ])
-            .output()
-            .expect("run ssh")
-    };
+    let ssh = |from: &str| ssh_echo(&lab, from, hub_ip, &port, "reach-proxy-ok");
     let out = ssh("client");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("reach-proxy-ok"),
@@ -586,20 +589,7 @@ fn a_node_that_cannot_connect_back_serves_proxy_port_clients_over_its_session() 
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let ssh = || {
-        lab.record()
-            .ssh("client")
-            .expect("host")
-            .args([
-                "-p",
-                &port,
-                &format!("root@{hub_ip}"),
-                "echo",
-                "reach-session-ok",
-            ])
-            .output()
-            .expect("run ssh")
-    };
+    let ssh = || ssh_echo(&lab, "client", hub_ip, &port, "reach-session-ok");
     let hub_log = || std::fs::read_to_string(hub_dir.join("hub.log")).unwrap_or_default();
     // The first client waits out the connect-back, then goes over the
     // session; the next goes over the session at once.
