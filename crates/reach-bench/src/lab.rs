@@ -407,14 +407,17 @@ fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     Ok(f.iter().sum::<u64>() as f64 / clock_ticks())
 }
 
-/// The kernel's clock ticks per second (USER_HZ).
+/// The kernel's clock ticks per second (USER_HZ), asked once.
 fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Waits until `pid` has reaped its forked children (socat's connection
