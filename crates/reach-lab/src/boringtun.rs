@@ -25,7 +25,24 @@ const PORT: u16 = 51820;
 
 /// A running tunnel; both ends stop when it is dropped.
 pub struct Tunnel {
-    _ends: Vec<Process>,
+    ends: Vec<Process>,
+    sockets: Vec<PathBuf>,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        // Stop both ends first, then remove their control sockets, which
+        // live outside the lab's namespaces.
+        self.ends.clear();
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+/// Where boringtun puts the control socket of interface `name`.
+fn socket_of(name: &str) -> PathBuf {
+    PathBuf::from(format!("/var/run/wireguard/{name}.sock"))
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
@@ -92,12 +109,16 @@ impl Tunnel {
             (a, INNER_A, &keys[0].0, &keys[1].1, b_ip),
             (b, INNER_B, &keys[1].0, &keys[0].1, a_ip),
         ];
-        let mut procs = Vec::new();
+        let mut tunnel = Tunnel {
+            ends: Vec::new(),
+            sockets: Vec::new(),
+        };
         for (i, (host, inner, private, peer_public, peer_ip)) in ends.into_iter().enumerate() {
             let name = format!("wg{tag}{i}");
             let key_file = dir.join(format!("{name}.key"));
             std::fs::write(&key_file, private).map_err(|e| e.to_string())?;
-            procs.push(start_end(lab, &bin, host, &name, dir)?);
+            tunnel.sockets.push(socket_of(&name));
+            tunnel.ends.push(start_end(lab, &bin, host, &name, dir)?);
             let peer_inner = if i == 0 { INNER_B } else { INNER_A };
             run(
                 lab.command(host, "wg")
@@ -118,7 +139,7 @@ impl Tunnel {
                 "ip link set up",
             )?;
         }
-        Ok(Tunnel { _ends: procs })
+        Ok(tunnel)
     }
 }
 
@@ -130,7 +151,7 @@ fn start_end(
     name: &str,
     dir: &Path,
 ) -> Result<Process, String> {
-    let sock = PathBuf::from(format!("/var/run/wireguard/{name}.sock"));
+    let sock = socket_of(name);
     let _ = std::fs::remove_file(&sock);
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
     let child = lab
