@@ -114,24 +114,45 @@ impl ProxyStats {
     }
 }
 
-/// The plain side of a proxied connection, counting its bytes into
-/// [`ProxyStats`] as they move, so a long connection shows its traffic while
-/// it runs: one relaxed atomic add per read or write (at most a copy buffer
-/// each).
-pub struct Metered<'a, T> {
-    inner: &'a mut T,
-    stats: &'a ProxyStats,
+/// Told of the bytes that move through an [`Observed`] stream.
+pub trait Observer {
+    /// `n` bytes were read from the stream (called for every read, also 0).
+    fn read(&self, n: usize);
+    /// `n` bytes were written to it.
+    fn wrote(&self, n: usize);
 }
 
-impl<'a, T> Metered<'a, T> {
-    /// Counts what is read from `inner` as bytes to reach, and what is
-    /// written to it as bytes from reach.
-    pub fn new(inner: &'a mut T, stats: &'a ProxyStats) -> Self {
-        Self { inner, stats }
+/// The plain side of a proxied connection counts into [`ProxyStats`]: what
+/// is read from it goes to reach, what is written to it came from reach.
+impl Observer for ProxyStats {
+    fn read(&self, n: usize) {
+        self.to_reach(n);
+    }
+
+    fn wrote(&self, n: usize) {
+        self.from_reach(n);
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Metered<'_, T> {
+/// A stream that tells an [`Observer`] of every read and write as it
+/// happens, so a long connection shows its traffic while it runs: one
+/// relaxed atomic operation per read or write (at most a copy buffer each).
+pub struct Observed<'a, T: ?Sized, O> {
+    inner: &'a mut T,
+    observer: &'a O,
+}
+
+/// A stream counting into [`ProxyStats`].
+pub type Metered<'a, T> = Observed<'a, T, ProxyStats>;
+
+impl<'a, T: ?Sized, O: Observer> Observed<'a, T, O> {
+    /// Wraps `inner`, telling `observer` what moves.
+    pub fn new(inner: &'a mut T, observer: &'a O) -> Self {
+        Self { inner, observer }
+    }
+}
+
+impl<T: AsyncRead + Unpin + ?Sized, O: Observer> AsyncRead for Observed<'_, T, O> {
     fn poll_read(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -140,12 +161,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Metered<'_, T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
-        this.stats.to_reach(buf.filled().len() - before);
+        this.observer.read(buf.filled().len() - before);
         r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<'_, T> {
+impl<T: AsyncWrite + Unpin + ?Sized, O: Observer> AsyncWrite for Observed<'_, T, O> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -154,7 +175,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<'_, T> {
         let this = self.get_mut();
         let r = std::pin::Pin::new(&mut *this.inner).poll_write(cx, data);
         if let std::task::Poll::Ready(Ok(n)) = r {
-            this.stats.from_reach(n);
+            this.observer.wrote(n);
         }
         r
     }
@@ -183,29 +204,14 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let started = tokio::time::Instant::now();
-    // Milliseconds since `started` of the last byte either way.
-    let last = AtomicU64::new(0);
-    let touch = || {
-        let ms = started.elapsed().as_millis();
-        last.store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
-    };
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let both = async {
-        tokio::try_join!(
-            copy_one(&mut ar, &mut bw, &touch),
-            copy_one(&mut br, &mut aw, &touch)
-        )
-    };
+    let clock = Activity::new();
+    let mut a = Observed::new(a, &clock);
+    let mut b = Observed::new(b, &clock);
+    let both = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF);
     let watchdog = async {
         loop {
-            let at = started + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
-            tokio::time::sleep_until(at).await;
-            let quiet = started
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-            if quiet >= idle {
+            tokio::time::sleep_until(clock.last() + idle).await;
+            if clock.last().elapsed() >= idle {
                 return io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("nothing moved for {idle:?}"),
@@ -219,28 +225,40 @@ where
     }
 }
 
-/// Copies `r` to `w` until `r` ends, then shuts `w` down; calls `touch` for
-/// every chunk moved.
-async fn copy_one<R, W>(r: &mut R, w: &mut W, touch: &(dyn Fn() + Sync)) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin + ?Sized,
-    W: AsyncWrite + Unpin + ?Sized,
-{
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            w.shutdown().await?;
-            return Ok(total);
+/// When bytes last moved, shared by both directions of a connection.
+struct Activity {
+    started: tokio::time::Instant,
+    /// Milliseconds since `started` of the last read that moved bytes.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
         }
-        w.write_all(&buf[..n]).await?;
-        // An encrypted stream may keep part of the write buffered until the
-        // next one; the next may not come before the other side answers.
-        w.flush().await?;
-        total += n as u64;
-        touch();
     }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Reads that moved bytes mark the connection active.
+impl Observer for Activity {
+    fn read(&self, n: usize) {
+        if n > 0 {
+            self.touch();
+        }
+    }
+
+    fn wrote(&self, _: usize) {}
 }
 
 /// Copies both ways until both directions end, counting into `stats` as it
