@@ -86,11 +86,11 @@ enum Bench {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
-    /// reach between network namespaces beside plain TCP, socat and rathole
-    /// on the same paths: direct throughput (1 and 4 streams, plaintext and
-    /// encrypted), round trip and setup; routed through 1 and 3 hubs with
-    /// relay CPU per GB. Needs root, socat and rathole (scripts/bench.sh
-    /// installs them).
+    /// reach between network namespaces beside plain TCP, socat, rathole and
+    /// boringtun on the same paths: direct throughput (1 and 4 streams,
+    /// plaintext and encrypted), round trip and setup; routed through 1 and 3
+    /// hubs with relay CPU per GB. Needs root, socat, wireguard-tools, rathole
+    /// and boringtun-cli (scripts/bench.sh installs them).
     #[command(verbatim_doc_comment)]
     Lab {
         /// A short run (1 s transfers, 1 round).
@@ -107,8 +107,8 @@ enum Bench {
     /// Every benchmark, each figure beside its baseline, in one run: `lab`,
     /// then setup per module in the SmartSockets testbed with the paper's
     /// round trips (uncached and cached), then hub capacity (`hub`). Full run
-    /// about 6 minutes, --quick about 2. Needs root, socat and rathole
-    /// (scripts/bench.sh installs them and runs this).
+    /// about 3 minutes on a 2-core machine, --quick under 1. Needs what `lab`
+    /// needs (scripts/bench.sh installs it and runs this).
     #[command(verbatim_doc_comment)]
     All {
         /// Shorter transfers, 1 round, 200 nodes and streams.
