@@ -207,7 +207,7 @@ pub struct HubCore {
     events: Vec<Event>,
     /// The proxy ports the driver holds, for status reports (it keeps this
     /// up to date; the counters move as clients do).
-    exposures: Vec<ExposureInfo>,
+    exposures: Vec<(ProxyPort, Arc<ProxyStats>)>,
     /// Counters since start.
     pub counters: Counters,
 }
@@ -297,7 +297,7 @@ impl HubCore {
     }
 
     /// The proxy ports now held, as status reports list them.
-    pub fn set_exposures(&mut self, exposures: Vec<ExposureInfo>) {
+    pub fn set_exposures(&mut self, exposures: Vec<(ProxyPort, Arc<ProxyStats>)>) {
         self.exposures = exposures;
     }
 
@@ -1129,21 +1129,18 @@ impl HubCore {
             exposures: self
                 .exposures
                 .iter()
-                .map(|e| ExposureStatus {
-                    port: e.port,
-                    node: e.node,
-                    vport: e.vport,
-                    allow_from: e.allow_from.clone(),
-                    counters: e.stats.snapshot(),
+                .map(|(proxy, stats)| ExposureStatus {
+                    proxy: proxy.clone(),
+                    counters: stats.snapshot(),
                 })
                 .collect(),
         }
     }
 }
 
-/// A proxy port as the driver holds it.
+/// A published service's proxy port.
 #[derive(Clone, Debug)]
-pub struct ExposureInfo {
+pub struct ProxyPort {
     /// The hub's public port.
     pub port: u16,
     /// The node whose service it is.
@@ -1152,21 +1149,13 @@ pub struct ExposureInfo {
     pub vport: u16,
     /// Client source ranges admitted (empty: any).
     pub allow_from: Vec<(IpAddr, u8)>,
-    /// Live counters of its client connections.
-    pub stats: Arc<ProxyStats>,
 }
 
 /// A proxy port in a status report.
 #[derive(Clone, Debug)]
 pub struct ExposureStatus {
-    /// The hub's public port.
-    pub port: u16,
-    /// The node whose service it is.
-    pub node: NodeId,
-    /// The service's virtual port on that node.
-    pub vport: u16,
-    /// Client source ranges admitted (empty: any).
-    pub allow_from: Vec<(IpAddr, u8)>,
+    /// The port and what it serves.
+    pub proxy: ProxyPort,
     /// Its client connections so far: `bytes_to_reach` came from clients,
     /// `bytes_from_reach` went to them.
     pub counters: ProxyCounters,
@@ -1262,10 +1251,10 @@ impl Status {
             "remote_nodes": self.remote_nodes,
             "streams": self.streams,
             "exposures": self.exposures.iter().map(|e| json!({
-                "port": e.port,
-                "node": e.node.to_string(),
-                "vport": e.vport,
-                "allow_from": e.allow_from.iter().map(|(ip, len)| format!("{ip}/{len}")).collect::<Vec<_>>(),
+                "port": e.proxy.port,
+                "node": e.proxy.node.to_string(),
+                "vport": e.proxy.vport,
+                "allow_from": e.proxy.allow_from.iter().map(|(ip, len)| format!("{ip}/{len}")).collect::<Vec<_>>(),
                 "connections": e.counters.connections,
                 "active": e.counters.active,
                 "failed": e.counters.failed,

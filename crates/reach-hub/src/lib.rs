@@ -134,7 +134,7 @@ struct Inner {
     /// proxy-port clients of a node that cannot connect back are carried to
     /// it over its session, as routed streams from this node (only with
     /// proxy ports).
-    session_client: Option<Endpoint>,
+    session_client: Option<SessionClient>,
     state: Mutex<State>,
     config: HubConfig,
     /// Set when the hub is dropped: every link task ends.
@@ -195,7 +195,7 @@ impl Hub {
         }
         let mut policy = config.policy.clone();
         let session_client = match config.proxy_ports {
-            Some(_) => Some(session_client(&endpoint, &mut policy).await?),
+            Some(_) => Some(SessionClient::new(&mut policy)?),
             None => None,
         };
         let mut core = HubCore::new(endpoint.node_id(), policy, listen, route_expiry);
@@ -272,40 +272,60 @@ impl Hub {
     }
 }
 
-/// The hub's own connect-only node for proxy-port clients (see
-/// `Inner::session_client`): a fresh identity each start, admitted by
-/// `policy`, attached to the hub over its own address, routed streams only.
-async fn session_client(hub: &Endpoint, policy: &mut Policy) -> Result<Endpoint, EndpointError> {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| EndpointError::Bind {
-        what: "a key for the proxy-port session client".into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let key = reach::SecretKey::from_seed(seed);
-    policy.allowed.push(key.node_id());
-    let at = hub.local_addr();
-    // A hub on every address (dual-stack [::] included) takes IPv4 loopback,
-    // which every namespace has (IPv6 may be off).
-    let ip = if at.ip().is_unspecified() {
-        std::net::Ipv4Addr::LOCALHOST.into()
-    } else {
-        at.ip()
-    };
-    let target = HubTarget {
-        id: Some(hub.node_id()),
-        host: ip.to_string(),
-        port: at.port(),
-    };
-    let mut b = Endpoint::builder()
-        .secret_key(key)
-        .bind_ip(ip)
-        .accept_ports(Vec::new())
-        .modules(vec![reach::SetupModule::Routed])
-        .hub(target);
-    if let Some(secret) = &policy.network_secret {
-        b = b.network_secret(secret.clone());
+/// The hub's own connect-only node, for proxy-port clients of nodes that
+/// cannot connect back: its key is made, and admitted by the policy, at
+/// start; it attaches to the hub over the hub's own address on first use
+/// (most hubs never need it).
+pub(crate) struct SessionClient {
+    key: reach::SecretKey,
+    endpoint: tokio::sync::OnceCell<Endpoint>,
+}
+
+impl SessionClient {
+    /// A fresh identity, admitted by `policy`.
+    fn new(policy: &mut Policy) -> Result<SessionClient, EndpointError> {
+        let key = reach::keystore::generate()?;
+        policy.allowed.push(key.node_id());
+        Ok(SessionClient {
+            key,
+            endpoint: tokio::sync::OnceCell::new(),
+        })
     }
-    b.bind().await
+
+    /// The node, attached to `hub` (connect-only, routed streams only).
+    pub(crate) async fn endpoint(
+        &self,
+        hub: &Endpoint,
+        secret: Option<&[u8]>,
+    ) -> Result<&Endpoint, EndpointError> {
+        self.endpoint
+            .get_or_try_init(|| async {
+                let at = hub.local_addr();
+                // A hub on every address (dual-stack [::] included) takes
+                // IPv4 loopback, which every namespace has (IPv6 may be off).
+                let ip = if at.ip().is_unspecified() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    at.ip()
+                };
+                let target = HubTarget {
+                    id: Some(hub.node_id()),
+                    host: ip.to_string(),
+                    port: at.port(),
+                };
+                let mut b = Endpoint::builder()
+                    .secret_key(self.key.clone())
+                    .bind_ip(ip)
+                    .accept_ports(Vec::new())
+                    .modules(vec![reach::SetupModule::Routed])
+                    .hub(target);
+                if let Some(secret) = secret {
+                    b = b.network_secret(secret.to_vec());
+                }
+                b.bind().await
+            })
+            .await
+    }
 }
 
 async fn accept_links(inner: Arc<Inner>) {

@@ -29,7 +29,7 @@ use reach::proto::NodeId;
 use reach::proxy::ProxyStats;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::core::{Event, ExposeRequest, ExposureInfo, LinkId};
+use crate::core::{Event, ExposeRequest, LinkId, ProxyPort};
 use crate::{Inner, State};
 
 /// How long a node has to connect back for one client before the client is
@@ -44,9 +44,7 @@ const SESSION_FOR: Duration = Duration::from_secs(60);
 /// One published service.
 pub(crate) struct Exposure {
     link: LinkId,
-    node: NodeId,
-    vport: u16,
-    allow_from: Vec<(IpAddr, u8)>,
+    proxy: ProxyPort,
     stats: Arc<ProxyStats>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -55,14 +53,8 @@ pub(crate) struct Exposure {
 fn publish(s: &mut State) {
     let list = s
         .exposures
-        .iter()
-        .map(|(port, e)| ExposureInfo {
-            port: *port,
-            node: e.node,
-            vport: e.vport,
-            allow_from: e.allow_from.clone(),
-            stats: e.stats.clone(),
-        })
+        .values()
+        .map(|e| (e.proxy.clone(), e.stats.clone()))
         .collect();
     s.core.set_exposures(list);
 }
@@ -107,7 +99,7 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
                 s.exposures.retain(|port, e| {
                     let keep = e.link != link;
                     if !keep {
-                        tracing::info!(node = %e.node, vport = e.vport, port, "exposure ended with its session");
+                        tracing::info!(node = %e.proxy.node, vport = e.proxy.vport, port, "exposure ended with its session");
                     }
                     keep
                 });
@@ -143,11 +135,15 @@ fn expose(
     if let Some((port, _)) = s
         .exposures
         .iter()
-        .find(|(_, e)| e.link == link && e.vport == vport)
+        .find(|(_, e)| e.link == link && e.proxy.vport == vport)
     {
         return Ok(*port);
     }
-    let held = s.exposures.values().filter(|e| e.node == node).count();
+    let held = s
+        .exposures
+        .values()
+        .filter(|e| e.proxy.node == node)
+        .count();
     if held >= config.max_exposures {
         return Err(format!(
             "node {node} already exposes {held} services here (the limit)"
@@ -180,9 +176,12 @@ fn expose(
             port,
             Exposure {
                 link,
-                node,
-                vport,
-                allow_from,
+                proxy: ProxyPort {
+                    port,
+                    node,
+                    vport,
+                    allow_from,
+                },
                 stats,
                 task,
             },
@@ -256,7 +255,7 @@ async fn client(
             .unwrap_or_else(|p| p.into_inner());
         at.is_some_and(|t| t.elapsed() < SESSION_FOR)
     };
-    let reverse = if recently_failed && inner.session_client.is_some() {
+    let reverse = if recently_failed {
         Err("it failed less than a minute ago".to_string())
     } else {
         connect_back(&inner, &target).await
@@ -297,7 +296,13 @@ async fn over_session(inner: &Inner, target: &Target) -> Result<reach::ReachStre
     let client = inner
         .session_client
         .as_ref()
-        .ok_or("the hub has no session client")?;
+        .ok_or("the hub has no session client")?
+        .endpoint(
+            &inner.endpoint,
+            inner.config.policy.network_secret.as_deref(),
+        )
+        .await
+        .map_err(|e| format!("the hub's session client: {e}"))?;
     let vaddr = reach::VirtualAddr::new(target.node, target.vport);
     client
         .connect_timeout(&vaddr, SESSION_WAIT)
