@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use reach::proxy::ProxyCounters;
+use reach::proxy::{ProxyCounters, ProxyStats};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -46,6 +46,22 @@ pub struct ProxyReport {
     pub started: u64,
     /// Its connections and bytes so far.
     pub counters: ProxyCounters,
+}
+
+impl ProxyReport {
+    /// A report of this process, started now, with nothing counted yet.
+    pub fn new(kind: String, local: String, vaddr: Option<String>, name: Option<String>) -> Self {
+        ProxyReport {
+            id: std::process::id(),
+            name,
+            kind,
+            local,
+            vaddr,
+            public: None,
+            started: now_secs(),
+            counters: ProxyCounters::default(),
+        }
+    }
 }
 
 /// A request to a proxy.
@@ -108,13 +124,21 @@ impl Drop for Control {
 }
 
 impl Control {
-    /// Opens this process's control socket; `report` describes the proxy
-    /// when asked. A socket that cannot be made (a state directory path too
-    /// long for a Unix socket, say) is logged, and the proxy runs unlisted.
+    /// Opens this process's control socket. Asked, it reports `template`
+    /// with the counters of `stats` and what `public` says now. A socket
+    /// that cannot be made (a state directory path too long for a Unix
+    /// socket, say) is logged, and the proxy runs unlisted.
     pub fn start(
         state_dir: &Path,
-        report: impl Fn() -> ProxyReport + Send + Sync + 'static,
+        template: ProxyReport,
+        stats: Arc<ProxyStats>,
+        public: impl Fn() -> Option<String> + Send + Sync + 'static,
     ) -> Control {
+        let report = move || ProxyReport {
+            public: public(),
+            counters: stats.snapshot(),
+            ..template.clone()
+        };
         let stop = Arc::new(tokio::sync::Notify::new());
         match bind(state_dir) {
             Ok((path, listener)) => {
@@ -346,7 +370,7 @@ mod tests {
         std::fs::create_dir_all(stale.parent().expect("parent")).expect("mkdir");
         drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
         let me = std::process::id();
-        let control = Control::start(dir.path(), move || report(me));
+        let control = Control::start(dir.path(), report(me), Arc::default(), || None);
         let listed = list(dir.path()).await;
         assert_eq!(listed, vec![report(me)]);
         assert!(!stale.exists(), "the stale socket is removed");

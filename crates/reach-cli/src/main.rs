@@ -224,6 +224,15 @@ struct UdpArgs {
 }
 
 impl UdpArgs {
+    /// `what`, or `what udp`: the kind of proxy `reach status` shows.
+    fn kind(&self, what: &str) -> String {
+        if self.udp {
+            format!("{what} udp")
+        } else {
+            what.to_string()
+        }
+    }
+
     fn idle(&self) -> anyhow::Result<Duration> {
         Duration::try_from_secs_f64(self.idle)
             .ok()
@@ -590,32 +599,21 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
         }
     }
     let stats = Arc::new(reach::proxy::ProxyStats::default());
-    let control = {
-        let (endpoint, stats) = (endpoint.clone(), stats.clone());
-        let (vport, published) = (args.serve.port, !args.virtual_only && !args.udp.udp);
-        let report = control::ProxyReport {
-            id: std::process::id(),
-            name: args.name.clone(),
-            kind: format!("expose{}", if args.udp.udp { " udp" } else { "" }),
-            local: args.service.to_string(),
-            vaddr: Some(endpoint.virtual_addr(vport).to_string()),
-            public: None,
-            started: control::now_secs(),
-            counters: Default::default(),
-        };
-        control::Control::start(state_dir, move || control::ProxyReport {
-            public: published
-                .then(|| endpoint.hub_exposure(vport))
-                .flatten()
-                .map(|e| match e {
-                    reach::HubExposure::Published(a) => a.to_string(),
-                    reach::HubExposure::Pending => "pending".into(),
-                    reach::HubExposure::Refused(e) => format!("refused: {e}"),
-                }),
-            counters: stats.snapshot(),
-            ..report.clone()
+    let vport = args.serve.port;
+    let report = control::ProxyReport::new(
+        args.udp.kind("expose"),
+        args.service.to_string(),
+        Some(endpoint.virtual_addr(vport).to_string()),
+        args.name.clone(),
+    );
+    let on_hub = endpoint.clone();
+    let control = control::Control::start(state_dir, report, stats.clone(), move || {
+        Some(match on_hub.hub_exposure(vport)? {
+            reach::HubExposure::Published(a) => a.to_string(),
+            reach::HubExposure::Pending => "pending".into(),
+            reach::HubExposure::Refused(e) => format!("refused: {e}"),
         })
-    };
+    });
     let serve = async {
         if args.udp.udp {
             reach::udp_proxy::expose_udp(endpoint.clone(), args.service, idle, stats).await
@@ -680,13 +678,13 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
     };
     let bound = bound.unwrap_or(args.listen);
     eprintln!("forwarding {kind}{bound} to {vaddr}");
-    let control = proxy_control(
-        state_dir,
-        format!("forward{}", if args.udp.udp { " udp" } else { "" }),
-        bound,
+    let report = control::ProxyReport::new(
+        args.udp.kind("forward"),
+        bound.to_string(),
         Some(vaddr.to_string()),
-        &stats,
+        None,
     );
+    let control = control::Control::start(state_dir, report, stats.clone(), || None);
     let run = async {
         match local {
             Local::Udp(s) => {
@@ -696,31 +694,6 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
         }
     };
     until_signal(&endpoint, &control, run).await
-}
-
-/// The control socket of a `forward` or `socks` proxy.
-fn proxy_control(
-    state_dir: &Path,
-    kind: String,
-    local: SocketAddr,
-    vaddr: Option<String>,
-    stats: &Arc<reach::proxy::ProxyStats>,
-) -> control::Control {
-    let stats = stats.clone();
-    let report = control::ProxyReport {
-        id: std::process::id(),
-        name: None,
-        kind,
-        local: local.to_string(),
-        vaddr,
-        public: None,
-        started: control::now_secs(),
-        counters: Default::default(),
-    };
-    control::Control::start(state_dir, move || control::ProxyReport {
-        counters: stats.snapshot(),
-        ..report.clone()
-    })
 }
 
 async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
@@ -736,7 +709,8 @@ async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Re
     let bound = listener.local_addr().unwrap_or(args.listen);
     eprintln!("SOCKS5 proxy on {bound}");
     let stats = Arc::new(reach::proxy::ProxyStats::default());
-    let control = proxy_control(state_dir, "socks".into(), bound, None, &stats);
+    let report = control::ProxyReport::new("socks".into(), bound.to_string(), None, None);
+    let control = control::Control::start(state_dir, report, stats.clone(), || None);
     let run = reach::proxy::socks(listener, endpoint.clone(), Arc::new(rules), stats);
     until_signal(&endpoint, &control, run).await
 }

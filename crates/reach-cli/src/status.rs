@@ -31,15 +31,13 @@ pub struct StatusArgs {
 /// both. The proxies are printed even when the hub cannot be asked.
 pub async fn run(args: StatusArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
     let proxies = control::list(state_dir).await;
-    let hub = match crate::hub_target(args.hub.as_deref(), config)? {
-        Some(target) => Some(query(&target, &args, config, state_dir).await),
-        None => None,
+    let (hub, failed) = match crate::hub_target(args.hub.as_deref(), config)? {
+        Some(target) => match query(&target, &args, config, state_dir).await {
+            Ok(report) => (Some(report), None),
+            Err(e) => (None, Some(e)),
+        },
+        None => (None, None),
     };
-    let failed = match &hub {
-        Some(Err(e)) => Some(anyhow::anyhow!("{e:#}")),
-        _ => None,
-    };
-    let hub = hub.and_then(Result::ok);
     if args.json {
         let out = serde_json::json!({ "proxies": proxies, "hub": hub });
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -116,7 +116,7 @@ impl ProxyStats {
 
 /// Told of the bytes that move through an [`Observed`] stream.
 pub trait Observer {
-    /// `n` bytes were read from the stream (called for every read, also 0).
+    /// `n` bytes (at least one) were read from the stream.
     fn read(&self, n: usize);
     /// `n` bytes were written to it.
     fn wrote(&self, n: usize);
@@ -161,7 +161,10 @@ impl<T: AsyncRead + Unpin + ?Sized, O: Observer> AsyncRead for Observed<'_, T, O
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
-        this.observer.read(buf.filled().len() - before);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.observer.read(n);
+        }
         r
     }
 }
@@ -252,10 +255,8 @@ impl Activity {
 
 /// Reads that moved bytes mark the connection active.
 impl Observer for Activity {
-    fn read(&self, n: usize) {
-        if n > 0 {
-            self.touch();
-        }
+    fn read(&self, _: usize) {
+        self.touch();
     }
 
     fn wrote(&self, _: usize) {}
