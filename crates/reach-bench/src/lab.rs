@@ -181,21 +181,18 @@ impl Bench {
             .target(&self.lab, host, hub)
             .context("hub target")?;
         let addr_file = self.dir.join(format!("{name}.addr"));
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = self
-            .lab
-            .command(host, &self.exe)
-            .args(["agent", "serve", "--tcp", &format!("0.0.0.0:{tcp}")])
-            .args(["--reach", &format!("0.0.0.0:{reach}"), "--hub", &target])
-            .arg("--state-dir")
-            .arg(self.dir.join(name))
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        self._procs.push(Process::new(child));
+        let server = Lab::spawn_logged(
+            self.lab
+                .command(host, &self.exe)
+                .args(["agent", "serve", "--tcp", &format!("0.0.0.0:{tcp}")])
+                .args(["--reach", &format!("0.0.0.0:{reach}"), "--hub", &target])
+                .arg("--state-dir")
+                .arg(self.dir.join(name))
+                .arg("--addr-file")
+                .arg(&addr_file),
+            &self.dir.join(format!("{name}.log")),
+        )?;
+        self._procs.push(server);
         if reach_lab::wait::for_file(&addr_file, READY).is_none() {
             bail!(
                 "the agent server {name} did not start: {}",
@@ -207,18 +204,15 @@ impl Bench {
 
     /// Runs `socat` in `host`, relaying `port` to `to`; returns its pid.
     fn socat(&mut self, host: &str, port: u16, to: SocketAddr) -> anyhow::Result<u32> {
-        let child = self
-            .lab
-            .command(host, "socat")
-            .args(["-b", SOCAT_BUF])
-            .arg(format!("TCP-LISTEN:{port},fork,reuseaddr"))
-            .arg(format!("TCP:{to}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot run socat (apt-get install socat)")?;
-        let p = Process::new(child);
+        let p = Lab::spawn_logged(
+            self.lab
+                .command(host, "socat")
+                .args(["-b", SOCAT_BUF])
+                .arg(format!("TCP-LISTEN:{port},fork,reuseaddr"))
+                .arg(format!("TCP:{to}")),
+            &self.dir.join(format!("socat-{host}-{port}.log")),
+        )
+        .context("cannot run socat (apt-get install socat)")?;
         let pid = p.id();
         self._procs.push(p);
         self.wait_listening(host, port)?;
@@ -257,8 +251,7 @@ impl Bench {
             &setup,
             Transport::Noise,
             &self.dir.join("rathole-direct"),
-        )
-        .map_err(anyhow::Error::msg)?;
+        )?;
         self._ratholes.push(r);
         let tag = format!("{}", std::process::id() % 100_000);
         let tunnel = reach_lab::boringtun::Tunnel::start(
@@ -267,8 +260,7 @@ impl Bench {
             ("b", b),
             &tag,
             &self.dir.join("boringtun"),
-        )
-        .map_err(anyhow::Error::msg)?;
+        )?;
         self._tunnel = Some(tunnel);
         Ok(vec![
             (
@@ -309,8 +301,7 @@ impl Bench {
                 client_host: "b",
                 service: ([127, 0, 0, 1], B1_TCP).into(),
             };
-            let r = Rathole::start(&self.lab, &setup, transport, &self.dir.join("rathole"))
-                .map_err(anyhow::Error::msg)?;
+            let r = Rathole::start(&self.lab, &setup, transport, &self.dir.join("rathole"))?;
             paths.push(Path1 {
                 name: format!("rathole {} on hub1", transport.name()),
                 args: vec!["--tcp".into(), format!("{h1}:{public}")],

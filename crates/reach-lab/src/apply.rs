@@ -22,6 +22,15 @@ pub enum LabError {
         /// The Debian package that has it.
         package: &'static str,
     },
+    /// A comparison baseline installed with `cargo install` is missing.
+    #[error(
+        "{tool} not found on PATH or in ~/.cargo/bin: run `cargo install {tool}` \
+         (scripts/test.sh and scripts/bench.sh do it)"
+    )]
+    MissingCrate {
+        /// The command, which is also the crate's name.
+        tool: &'static str,
+    },
     /// Not running as root.
     #[error("reach-lab needs root to create network namespaces (run it with sudo)")]
     NotRoot,

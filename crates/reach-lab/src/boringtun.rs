@@ -9,12 +9,12 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use crate::apply::run;
 use crate::lab::Process;
-use crate::rathole::find_tool;
-use crate::Lab;
+use crate::{Lab, LabError};
 
 /// The tunnel's inner addresses, in a /24 that no lab uses.
 pub const INNER_A: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -45,43 +45,11 @@ fn socket_of(name: &str) -> PathBuf {
     PathBuf::from(format!("/var/run/wireguard/{name}.sock"))
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{what}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{what}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 /// A WireGuard key pair from `wg`: (private, public).
-fn keypair() -> Result<(String, String), String> {
-    let private = run(Command::new("wg").arg("genkey"), "wg genkey")?;
-    let mut child = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("wg pubkey: {e}"))?;
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().ok_or("wg pubkey: no stdin")?;
-        stdin
-            .write_all(private.as_bytes())
-            .map_err(|e| format!("wg pubkey: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("wg pubkey: {e}"))?;
-    Ok((
-        private,
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    ))
+fn keypair() -> Result<(String, String), LabError> {
+    let private = run(Command::new("wg").arg("genkey"), None)?;
+    let public = run(Command::new("wg").arg("pubkey"), Some(&private))?;
+    Ok((private.trim().to_string(), public.trim().to_string()))
 }
 
 impl Tunnel {
@@ -95,31 +63,34 @@ impl Tunnel {
         (b, b_ip): (&str, Ipv4Addr),
         tag: &str,
         dir: &Path,
-    ) -> Result<Tunnel, String> {
-        let bin = find_tool("boringtun-cli").ok_or(
-            "boringtun-cli not found on PATH or in ~/.cargo/bin: run `cargo install boringtun-cli` \
-             (scripts/bench.sh does it)",
-        )?;
-        if find_tool("wg").is_none() {
-            return Err("wg not found: apt-get install wireguard-tools".into());
+    ) -> Result<Tunnel, LabError> {
+        let bin = crate::find_tool("boringtun-cli").ok_or(LabError::MissingCrate {
+            tool: "boringtun-cli",
+        })?;
+        if crate::find_tool("wg").is_none() {
+            return Err(LabError::MissingTool {
+                tool: "wg",
+                package: "wireguard-tools",
+            });
         }
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir)?;
         let keys = [keypair()?, keypair()?];
         let ends = [
-            (a, INNER_A, &keys[0].0, &keys[1].1, b_ip),
-            (b, INNER_B, &keys[1].0, &keys[0].1, a_ip),
+            (a, INNER_A, &keys[0].0, &keys[1].1, b_ip, INNER_B),
+            (b, INNER_B, &keys[1].0, &keys[0].1, a_ip, INNER_A),
         ];
         let mut tunnel = Tunnel {
             ends: Vec::new(),
             sockets: Vec::new(),
         };
-        for (i, (host, inner, private, peer_public, peer_ip)) in ends.into_iter().enumerate() {
+        for (i, (host, inner, private, peer_public, peer_ip, peer_inner)) in
+            ends.into_iter().enumerate()
+        {
             let name = format!("wg{tag}{i}");
             let key_file = dir.join(format!("{name}.key"));
-            std::fs::write(&key_file, private).map_err(|e| e.to_string())?;
+            std::fs::write(&key_file, private)?;
             tunnel.sockets.push(socket_of(&name));
             tunnel.ends.push(start_end(lab, &bin, host, &name, dir)?);
-            let peer_inner = if i == 0 { INNER_B } else { INNER_A };
             run(
                 lab.command(host, "wg")
                     .args(["set", &name, "private-key"])
@@ -127,17 +98,11 @@ impl Tunnel {
                     .args(["listen-port", &PORT.to_string(), "peer", peer_public])
                     .args(["endpoint", &format!("{peer_ip}:{PORT}")])
                     .args(["allowed-ips", &format!("{peer_inner}/32")]),
-                "wg set",
+                None,
             )?;
-            run(
-                lab.command(host, "ip")
-                    .args(["addr", "add", &format!("{inner}/24"), "dev", &name]),
-                "ip addr add",
-            )?;
-            run(
-                lab.command(host, "ip").args(["link", "set", &name, "up"]),
-                "ip link set up",
-            )?;
+            let ip = |args: &[&str]| run(lab.command(host, "ip").args(args), None);
+            ip(&["addr", "add", &format!("{inner}/24"), "dev", &name])?;
+            ip(&["link", "set", &name, "up"])?;
         }
         Ok(tunnel)
     }
@@ -146,29 +111,28 @@ impl Tunnel {
 /// Runs one boringtun end in `host`, waiting for its control socket.
 fn start_end(
     lab: &Lab,
-    bin: &PathBuf,
+    bin: &Path,
     host: &str,
     name: &str,
     dir: &Path,
-) -> Result<Process, String> {
+) -> Result<Process, LabError> {
     let sock = socket_of(name);
     let _ = std::fs::remove_file(&sock);
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
-    let child = lab
-        .command(host, bin)
-        .args([name, "--foreground", "--disable-drop-privileges"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("cannot run boringtun-cli: {e}"))?;
-    let p = Process::new(child);
+    let log = dir.join(format!("{name}.log"));
+    let p = Lab::spawn_logged(
+        lab.command(host, bin)
+            .args([name, "--foreground", "--disable-drop-privileges"]),
+        &log,
+    )?;
     if crate::wait::until(Duration::from_secs(10), || sock.exists().then_some(())).is_none() {
-        return Err(format!(
-            "boringtun {name} did not open {}: {}",
-            sock.display(),
-            std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
-        ));
+        return Err(LabError::Command {
+            command: format!("boringtun-cli {name} in {host}"),
+            output: format!(
+                "no control socket {} within 10 s: {}",
+                sock.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        });
     }
     Ok(p)
 }

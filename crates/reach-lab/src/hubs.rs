@@ -107,6 +107,7 @@ pub fn start(
     for h in &hubs.hosts {
         set.wait_ready(h)?;
     }
+    set.ids = ids;
     let mut attach = BTreeMap::new();
     for node in &lab.record().matrix {
         let hub = match hubs.attach.get(node) {
@@ -122,11 +123,11 @@ pub fn start(
         let Some(hub) = hub else {
             continue;
         };
-        let ip = address_from(lab, node, &hub);
-        attach.insert(node.clone(), format!("{}@{ip}:{HUB_PORT}", ids[&hub]));
+        if let Some(target) = set.target(lab, node, &hub) {
+            attach.insert(node.clone(), target);
+        }
     }
     set.attach = attach;
-    set.ids = ids;
     Ok(set)
 }
 

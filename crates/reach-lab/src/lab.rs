@@ -244,6 +244,27 @@ impl Lab {
         c
     }
 
+    /// Runs `cmd` (made by [`Lab::command`]) in the background with its
+    /// stdout and stderr in the file `log`; it is killed when the returned
+    /// value is dropped.
+    pub fn spawn_logged(
+        cmd: &mut Command,
+        log: &std::path::Path,
+    ) -> Result<Process, crate::LabError> {
+        let out = std::fs::File::create(log)?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| crate::LabError::Command {
+                command: format!("{cmd:?}").replace('"', ""),
+                output: e.to_string(),
+            })?;
+        Ok(Process::new(child))
+    }
+
     /// Keeps the lab after this value is dropped (for `reach-lab up`).
     pub fn persist(mut self) -> LabRecord {
         self.armed = false;

@@ -26,6 +26,21 @@ pub mod verify;
 pub mod wait;
 
 pub use apply::LabError;
+
+/// Where the program `name` is installed: `PATH`, then Cargo's bin
+/// directory (where `cargo install` puts it, and which `sudo` often drops
+/// from `PATH`).
+pub fn find_tool(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin"));
+    std::env::split_paths(&path)
+        .chain(cargo_bin)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
 pub use lab::{Lab, LabRecord};
 pub use topology::Topology;
 pub use verify::Check;

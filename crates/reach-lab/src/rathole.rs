@@ -7,11 +7,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use crate::apply::run;
 use crate::lab::Process;
-use crate::Lab;
+use crate::{Lab, LabError};
 
 /// How rathole's client and server talk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,32 +33,14 @@ impl Transport {
     }
 }
 
-/// Where `name` is installed: `PATH`, then Cargo's bin directory (where
-/// `cargo install` puts it).
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let cargo_bin = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .map(|c| c.join("bin"));
-    std::env::split_paths(&path)
-        .chain(cargo_bin)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The rathole binary, or an error that says how to install it.
-pub fn binary() -> Result<PathBuf, String> {
-    find_tool("rathole").ok_or_else(|| {
-        "rathole not found on PATH or in ~/.cargo/bin: run `cargo install rathole` \
-         (scripts/test.sh does it)"
-            .to_string()
-    })
+/// The rathole binary.
+pub fn binary() -> Result<PathBuf, LabError> {
+    crate::find_tool("rathole").ok_or(LabError::MissingCrate { tool: "rathole" })
 }
 
 /// A rathole server and client publishing one service.
 pub struct Rathole {
-    _server: Process,
+    server: Process,
     _client: Process,
     /// The public address clients connect to.
     pub public: SocketAddr,
@@ -84,7 +67,7 @@ pub struct Setup<'a> {
 impl Rathole {
     /// The process id of rathole's server (the relay).
     pub fn server_pid(&self) -> u32 {
-        self._server.id()
+        self.server.id()
     }
 
     /// Runs rathole's server and client as `setup` says, talking over
@@ -95,7 +78,7 @@ impl Rathole {
         setup: &Setup,
         transport: Transport,
         dir: &Path,
-    ) -> Result<Rathole, String> {
+    ) -> Result<Rathole, LabError> {
         let Setup {
             server_host,
             control,
@@ -104,7 +87,7 @@ impl Rathole {
             service,
         } = *setup;
         let bin = binary()?;
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)?;
         let (server_noise, client_noise) = match transport {
             Transport::Tcp => (String::new(), String::new()),
             Transport::Noise => {
@@ -148,13 +131,16 @@ impl Rathole {
             text.contains("Control channel established").then_some(())
         });
         if up.is_none() {
-            return Err(format!(
-                "rathole's control channel did not come up within {START_WAIT:?}: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ));
+            return Err(LabError::Command {
+                command: format!("rathole -c in {client_host}"),
+                output: format!(
+                    "its control channel did not come up within {START_WAIT:?}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+            });
         }
         Ok(Rathole {
-            _server: server,
+            server,
             _client: client,
             public,
         })
@@ -171,32 +157,25 @@ fn spawn(
     name: &str,
     conf: &str,
     role: &str,
-) -> Result<Process, String> {
+) -> Result<Process, LabError> {
     let conf_path = dir.join(format!("{name}.toml"));
-    std::fs::write(&conf_path, conf).map_err(|e| format!("{}: {e}", conf_path.display()))?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
-    let err = log.try_clone().map_err(|e| e.to_string())?;
-    let child = lab
-        .command(host, bin)
-        .arg(role)
-        .arg(&conf_path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| format!("cannot run rathole: {e}"))?;
-    Ok(Process::new(child))
+    std::fs::write(&conf_path, conf)?;
+    Lab::spawn_logged(
+        lab.command(host, bin)
+            .arg(role)
+            .arg(&conf_path)
+            .env("RUST_LOG", "info"),
+        &dir.join(format!("{name}.log")),
+    )
 }
 
 /// A fresh x25519 key pair from `rathole --genkey`: (private, public).
-fn genkey(bin: &Path) -> Result<(String, String), String> {
-    let out = Command::new(bin)
-        .arg("--genkey")
-        .output()
-        .map_err(|e| format!("rathole --genkey: {e}"))?;
-    parse_genkey(&String::from_utf8_lossy(&out.stdout))
-        .ok_or_else(|| "rathole --genkey printed no key pair".to_string())
+fn genkey(bin: &Path) -> Result<(String, String), LabError> {
+    let out = run(Command::new(bin).arg("--genkey"), None)?;
+    parse_genkey(&out).ok_or_else(|| LabError::Command {
+        command: "rathole --genkey".into(),
+        output: format!("no key pair in {out:?}"),
+    })
 }
 
 /// The keys in `rathole --genkey`'s output.

@@ -544,51 +544,10 @@ fn a_node_that_cannot_connect_back_serves_proxy_port_clients_over_its_session() 
     let port = exposed.port.to_string();
     // From now on the server's host may not open new connections to the
     // hub: its session stays up, but it cannot connect back.
-    let rules: [&[&str]; 3] = [
-        &["add", "table", "inet", "reach_test"],
-        &[
-            "add",
-            "chain",
-            "inet",
-            "reach_test",
-            "out",
-            "{",
-            "type",
-            "filter",
-            "hook",
-            "output",
-            "priority",
-            "0",
-            ";",
-            "}",
-        ],
-        &[
-            "add",
-            "rule",
-            "inet",
-            "reach_test",
-            "out",
-            "tcp",
-            "dport",
-            "7700",
-            "ct",
-            "state",
-            "new",
-            "drop",
-        ],
-    ];
-    for rule in rules {
-        let out = lab
-            .command("server", "nft")
-            .args(rule)
-            .output()
-            .expect("nft");
-        assert!(
-            out.status.success(),
-            "nft {rule:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let rules = "table inet reach_test {\n chain out {\n type filter hook output priority 0;\n \
+                 tcp dport 7700 ct state new drop\n }\n}\n";
+    reach_lab::apply::run(lab.command("server", "nft").args(["-f", "-"]), Some(rules))
+        .unwrap_or_else(|e| panic!("{e}"));
     let ssh = || ssh_echo(&lab, "client", hub_ip, &port, "reach-session-ok");
     let hub_log = || std::fs::read_to_string(hub_dir.join("hub.log")).unwrap_or_default();
     // The first client waits out the connect-back, then goes over the
