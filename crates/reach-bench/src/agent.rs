@@ -163,15 +163,15 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let streams = async {
         loop {
-            let s = endpoint.accept().await?;
-            tokio::spawn(answer(s));
+            match endpoint.accept().await {
+                Ok(s) => drop(tokio::spawn(answer(s))),
+                Err(e) => return e,
+            }
         }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
     };
     tokio::select! {
         () = plain => Ok(()),
-        r = streams => r,
+        e = streams => Err(e.into()),
     }
 }
 
@@ -386,7 +386,7 @@ mod tests {
                         return v;
                     }
                 }
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
         .await

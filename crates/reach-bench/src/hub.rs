@@ -121,14 +121,7 @@ async fn node(hub: &HubTarget, seed: u32, modules: Vec<SetupModule>) -> anyhow::
 }
 
 fn row(name: &str, unit: &str, value: f64) -> Row {
-    Row {
-        name: name.into(),
-        unit: unit.into(),
-        value,
-        baseline_name: String::new(),
-        baseline: f64::NAN,
-        ratio: f64::NAN,
-    }
+    Row::new(name, unit, value, None)
 }
 
 /// Runs the hub measurements.
@@ -226,14 +219,12 @@ pub async fn run(reach: &Path, nodes: u32, streams: usize, mib: u64) -> anyhow::
             (full - with_nodes) / streams_f / 1024.0,
         ),
     ];
-    rows.push(Row {
-        name: "throughput, routed through the hub".into(),
-        unit: "Gbit/s".into(),
-        value: routed,
-        baseline_name: "reach direct".into(),
-        baseline: direct,
-        ratio: routed / direct,
-    });
+    rows.push(Row::new(
+        "throughput, routed through the hub",
+        "Gbit/s",
+        routed,
+        Some(("reach direct", direct)),
+    ));
     drop(attached);
     Ok(rows)
 }
@@ -397,29 +388,23 @@ pub async fn routed_setup(
     anyhow::ensure!(got == bytes, "plain TCP: received {got} of {bytes} bytes");
     let tcp_mbit = bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6;
     Ok(vec![
-        Row {
-            name: format!("routed throughput over a {rtt:.0} ms path"),
-            unit: "Mbit/s".into(),
-            value: routed_mbit,
-            baseline_name: "plain TCP, same delays".into(),
-            baseline: tcp_mbit,
-            ratio: routed_mbit / tcp_mbit,
-        },
-        Row {
-            name: "routed setup, first connection".into(),
-            unit: "ms".into(),
-            value: first_ms,
-            baseline_name: "hub path round trip".into(),
-            baseline: rtt,
-            ratio: first_ms / rtt,
-        },
-        Row {
-            name: "routed setup, cached module".into(),
-            unit: "ms".into(),
-            value: setup,
-            baseline_name: "hub path round trip".into(),
-            baseline: rtt,
-            ratio: setup / rtt,
-        },
+        Row::new(
+            format!("routed throughput over a {rtt:.0} ms path"),
+            "Mbit/s",
+            routed_mbit,
+            Some(("plain TCP, same delays", tcp_mbit)),
+        ),
+        Row::new(
+            "routed setup, first connection",
+            "ms",
+            first_ms,
+            Some(("hub path round trip", rtt)),
+        ),
+        Row::new(
+            "routed setup, cached module",
+            "ms",
+            setup,
+            Some(("hub path round trip", rtt)),
+        ),
     ])
 }

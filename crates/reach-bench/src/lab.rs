@@ -106,6 +106,12 @@ const SOCAT_BUF: &str = "262144";
 /// How long a server has to come up.
 const READY: Duration = Duration::from_secs(20);
 
+/// The routed paths and the relays beside them, by name.
+const SOCAT_1: &str = "socat relay on hub1";
+const ROUTED_1: &str = "reach routed, 1 hub";
+const SOCAT_3: &str = "socat relays on hub1, hub2, hub3";
+const ROUTED_3: &str = "reach routed, 3 hubs";
+
 /// A lab host's address as other sites reach it.
 fn ip(lab: &Lab, host: &str) -> Ipv4Addr {
     let h = lab.host(host);
@@ -129,6 +135,8 @@ struct Bench {
     exe: PathBuf,
     dir: PathBuf,
     hubs: reach_lab::hubs::HubSet,
+    /// The virtual address of the agent server on `b` (attached to hub1).
+    b1: String,
     _procs: Vec<Process>,
     _ratholes: Vec<Rathole>,
     _tunnel: Option<reach_lab::boringtun::Tunnel>,
@@ -139,12 +147,7 @@ impl Bench {
         let t = Topology::from_toml(TOPOLOGY).context("bench topology")?;
         let lab = Lab::up(&t).context("cannot build the lab (needs root)")?;
         let exe = std::env::current_exe()?;
-        let tools = exe.parent().context("bin dir")?.to_path_buf();
-        anyhow::ensure!(
-            tools.join("reach").exists(),
-            "no reach binary beside {}: cargo build --release -p reach-cli",
-            exe.display()
-        );
+        let tools = crate::tools_dir(&["reach"])?;
         let hub_conf = t.hubs.as_ref().context("[hubs]")?;
         let hubs = reach_lab::hubs::start(&lab, &t, hub_conf, &tools, dir)?;
         let mut b = Bench {
@@ -152,16 +155,17 @@ impl Bench {
             exe,
             dir: dir.to_path_buf(),
             hubs,
+            b1: String::new(),
             _procs: Vec::new(),
             _ratholes: Vec::new(),
             _tunnel: None,
         };
-        let b1 = b.agent_server("b", "b1", B1_TCP, B1_REACH, "hub1")?;
+        b.b1 = b.agent_server("b", "b1", B1_TCP, B1_REACH, "hub1")?;
         let b3 = b.agent_server("c", "b3", B3_TCP, B3_REACH, "hub3")?;
         // Every hub knows both servers (and `a`'s attach is moot: it only
         // connects) before anything is routed to them.
         b.hubs.wait_converged(&b.lab, &tools, 2, READY)?;
-        let paths = b.paths(&b1, &b3)?;
+        let paths = b.paths(&b3)?;
         let tunnels = b.tunnels()?;
         Ok((b, paths, tunnels))
     }
@@ -278,7 +282,7 @@ impl Bench {
     }
 
     /// Every path measured, relays started.
-    fn paths(&mut self, b1: &str, b3: &str) -> anyhow::Result<Vec<Path1>> {
+    fn paths(&mut self, b3: &str) -> anyhow::Result<Vec<Path1>> {
         let lab_b = ip(&self.lab, "b");
         let hub = |n: &str| ip(&self.lab, n);
         let (h1, h2) = (hub("hub1"), hub("hub2"));
@@ -289,7 +293,7 @@ impl Bench {
         }];
         let socat = self.socat("hub1", SOCAT_PORT, (lab_b, B1_TCP).into())?;
         paths.push(Path1 {
-            name: "socat relay on hub1".into(),
+            name: SOCAT_1.into(),
             args: vec!["--tcp".into(), format!("{h1}:{SOCAT_PORT}")],
             relays: vec![socat],
         });
@@ -315,8 +319,8 @@ impl Bench {
         let [p1, p2, p3] = hub_pids;
         let (p1, p2, p3) = (p1?, p2?, p3?);
         paths.push(Path1 {
-            name: "reach routed, 1 hub".into(),
-            args: reach_args(b1, "routed", Some(&hub1)),
+            name: ROUTED_1.into(),
+            args: reach_args(&self.b1, "routed", Some(&hub1)),
             relays: vec![p1],
         });
         // Three hubs: socat chained through the same hosts, and reach routed
@@ -330,16 +334,29 @@ impl Bench {
         )?;
         let s1 = self.socat("hub1", SOCAT3_PORT, (h2, SOCAT3_PORT).into())?;
         paths.push(Path1 {
-            name: "socat relays on hub1, hub2, hub3".into(),
+            name: SOCAT_3.into(),
             args: vec!["--tcp".into(), format!("{h1}:{SOCAT3_PORT}")],
             relays: vec![s1, s2, s3],
         });
         paths.push(Path1 {
-            name: "reach routed, 3 hubs".into(),
+            name: ROUTED_3.into(),
             args: reach_args(b3, "routed", Some(&hub1)),
             relays: vec![p1, p2, p3],
         });
         Ok(paths)
+    }
+
+    /// Each variant's median over `rounds` rounds of the agent run with its
+    /// arguments and `extra`.
+    fn figures(
+        &self,
+        rounds: usize,
+        variants: &[Variant],
+        extra: &[String],
+    ) -> anyhow::Result<Vec<f64>> {
+        self::rounds(rounds, variants, |_, args| {
+            Ok(self.measure(&[args, extra].concat())?.value)
+        })
     }
 
     /// Runs the agent in `a` with `args`; returns what it measured.
@@ -389,13 +406,15 @@ fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
         .with_context(|| format!("process {pid} is gone"))?;
     // Fields after the command name, which may hold spaces: ") S ppid ...".
     let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
-    let f: Vec<u64> = rest
+    // utime, stime, cutime, cstime: fields 14 to 17, in clock ticks.
+    let ticks: u64 = rest
         .split_whitespace()
         .skip(11)
         .take(4)
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    Ok(f.iter().sum::<u64>() as f64 / clock_ticks())
+        .map(str::parse::<u64>)
+        .sum::<Result<u64, _>>()
+        .with_context(|| format!("odd /proc/{pid}/stat: {stat}"))?;
+    Ok(ticks as f64 / clock_ticks())
 }
 
 /// The kernel's clock ticks per second (USER_HZ), asked once.
@@ -411,30 +430,18 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// Waits until `pid` has reaped its forked children (socat's connection
-/// processes), so their CPU time shows in its own.
-fn wait_children(pid: u32) {
-    let path = format!("/proc/{pid}/task/{pid}/children");
-    let _ = reach_lab::wait::until(Duration::from_secs(5), || {
-        let c = std::fs::read_to_string(&path).ok()?;
-        c.trim().is_empty().then_some(())
-    });
-}
-
+/// CPU seconds the processes `pids` have used, once each has reaped its
+/// forked children (socat's connection processes), so theirs count too.
 fn cpu_of(pids: &[u32]) -> anyhow::Result<f64> {
-    pids.iter().map(|p| cpu_secs(*p)).sum()
-}
-
-fn row(name: &str, unit: &str, value: f64, base: Option<(&str, f64)>) -> Row {
-    let (baseline_name, baseline) = base.map_or((String::new(), f64::NAN), |(n, b)| (n.into(), b));
-    Row {
-        name: name.into(),
-        unit: unit.into(),
-        value,
-        ratio: value / baseline,
-        baseline_name,
-        baseline,
+    for pid in pids {
+        let path = format!("/proc/{pid}/task/{pid}/children");
+        reach_lab::wait::until(READY, || {
+            let c = std::fs::read_to_string(&path).ok()?;
+            c.trim().is_empty().then_some(())
+        })
+        .with_context(|| format!("process {pid} kept its children for {READY:?}"))?;
     }
+    pids.iter().map(|p| cpu_secs(*p)).sum()
 }
 
 /// Runs the lab benchmarks, with logs and state in `keep` (kept) or in a
@@ -452,9 +459,6 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         }
     };
     let (bench, paths, tunnels) = Bench::up(&dir)?;
-    let b1 = std::fs::read_to_string(dir.join("b1.addr"))?
-        .trim()
-        .to_string();
     let secs = size.secs.to_string();
     let count = size.count.to_string();
     let op = |op: &str| vec!["--op".to_string(), op.to_string()];
@@ -478,7 +482,7 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         format!("{}:{B1_TCP}", ip(&bench.lab, "b")),
     ];
     let direct = |plain: bool| {
-        let mut v = reach_args(&b1, "direct", None);
+        let mut v = reach_args(&bench.b1, "direct", None);
         if plain {
             v.push("--plaintext".into());
         }
@@ -494,24 +498,20 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     ];
     variants.extend(tunnels);
     for streams in [1usize, 4] {
-        let figures = rounds(size.rounds, &variants, |_, args| {
-            let mut a = args.to_vec();
-            a.extend(bulk(streams));
-            Ok(bench.measure(&a)?.value)
-        })?;
+        let figures = bench.figures(size.rounds, &variants, &bulk(streams))?;
         let tcp_rate = figures[0];
         let s = if streams > 1 { "s" } else { "" };
         for (i, (name, _)) in variants.iter().enumerate().skip(1) {
-            rows.push(row(
-                &format!("throughput, {name}, {streams} stream{s}"),
+            rows.push(Row::new(
+                format!("throughput, {name}, {streams} stream{s}"),
                 "Gbit/s",
                 figures[i],
                 Some((&format!("plain TCP, {streams} stream{s}"), tcp_rate)),
             ));
         }
         for (i, (name, _)) in variants.iter().enumerate().skip(3) {
-            rows.push(row(
-                &format!("throughput, reach direct, encrypted, {streams} stream{s}"),
+            rows.push(Row::new(
+                format!("throughput, reach direct, encrypted, {streams} stream{s}"),
                 "Gbit/s",
                 figures[2],
                 Some((&format!("{name}, {streams} stream{s}"), figures[i])),
@@ -519,29 +519,21 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         }
     }
     let pair = [variants[0].clone(), variants[2].clone()];
-    let rtt = rounds(size.rounds, &pair, |_, args| {
-        let mut a = args.to_vec();
-        a.extend(counted("latency"));
-        Ok(bench.measure(&a)?.value)
-    })?;
-    rows.push(row(
+    let rtt = bench.figures(size.rounds, &pair, &counted("latency"))?;
+    rows.push(Row::new(
         "round trip, reach direct (1-byte ping-pong)",
         "us",
         rtt[1],
         Some(("plain TCP", rtt[0])),
     ));
-    let setup = rounds(size.rounds, &pair, |_, args| {
-        let mut a = args.to_vec();
-        a.extend(counted("setup"));
-        Ok(bench.measure(&a)?.value)
-    })?;
-    rows.push(row(
+    let setup = bench.figures(size.rounds, &pair, &counted("setup"))?;
+    rows.push(Row::new(
         "setup, reach direct",
         "ms",
         setup[1],
         Some(("plain TCP connect", setup[0])),
     ));
-    rows.push(row(
+    rows.push(Row::new(
         "setup, reach direct",
         "ms",
         setup[1],
@@ -557,39 +549,32 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     let rates = rounds(size.rounds, &relayed, |i, args| {
         let p = &paths[i];
         let before = cpu_of(&p.relays)?;
-        let mut a = args.to_vec();
-        a.extend(bulk(1));
-        let m = bench.measure(&a)?;
-        p.relays.iter().for_each(|pid| wait_children(*pid));
+        let m = bench.measure(&[args, &bulk(1)].concat())?;
         let used = cpu_of(&p.relays)? - before;
         if !p.relays.is_empty() && m.bytes > 0 {
             cpu[i].push(used / (m.bytes as f64 / 1e9));
         }
         Ok(m.value)
     })?;
-    let rtts = rounds(size.rounds, &relayed, |_, args| {
-        let mut a = args.to_vec();
-        a.extend(counted("latency"));
-        Ok(bench.measure(&a)?.value)
-    })?;
+    let rtts = bench.figures(size.rounds, &relayed, &counted("latency"))?;
     let direct_rate = rates[0];
     let direct_rtt = rtts[0];
     for (i, p) in paths.iter().enumerate().skip(1) {
-        rows.push(row(
-            &format!("throughput, {}", p.name),
+        rows.push(Row::new(
+            format!("throughput, {}", p.name),
             "Gbit/s",
             rates[i],
             Some(("plain TCP, direct", direct_rate)),
         ));
-        rows.push(row(
-            &format!("added round trip, {}", p.name),
+        rows.push(Row::new(
+            format!("added round trip, {}", p.name),
             "us",
             rtts[i] - direct_rtt,
             Some(("plain TCP round trip", direct_rtt)),
         ));
         if !cpu[i].is_empty() {
-            rows.push(row(
-                &format!("relay CPU per GB, {}", p.name),
+            rows.push(Row::new(
+                format!("relay CPU per GB, {}", p.name),
                 "s/GB",
                 crate::median(cpu[i].clone()),
                 None,
@@ -599,16 +584,12 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     // Four streams at once through one hub, against socat.
     let four: Vec<Variant> = paths
         .iter()
-        .filter(|p| p.name == "socat relay on hub1" || p.name == "reach routed, 1 hub")
+        .filter(|p| p.name == SOCAT_1 || p.name == ROUTED_1)
         .map(|p| (p.name.clone(), p.args.clone()))
         .collect();
-    let agg = rounds(size.rounds, &four, |_, args| {
-        let mut a = args.to_vec();
-        a.extend(bulk(4));
-        Ok(bench.measure(&a)?.value)
-    })?;
+    let agg = bench.figures(size.rounds, &four, &bulk(4))?;
     if let [socat4, reach4] = agg[..] {
-        rows.push(row(
+        rows.push(Row::new(
             "aggregate throughput, reach routed, 1 hub, 4 streams",
             "Gbit/s",
             reach4,
@@ -617,40 +598,27 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     }
     // reach against each relay, side by side.
     let by_name = |n: &str| paths.iter().position(|p| p.name == n);
-    let cpu_of_path = |i: usize| {
-        if cpu[i].is_empty() {
-            f64::NAN
-        } else {
-            crate::median(cpu[i].clone())
-        }
-    };
+    let cpu_of_path = |i: usize| crate::median(cpu[i].clone());
     for (reach_path, others) in [
         (
-            "reach routed, 1 hub",
-            &[
-                "socat relay on hub1",
-                "rathole tcp on hub1",
-                "rathole noise on hub1",
-            ][..],
+            ROUTED_1,
+            &[SOCAT_1, "rathole tcp on hub1", "rathole noise on hub1"][..],
         ),
-        (
-            "reach routed, 3 hubs",
-            &["socat relays on hub1, hub2, hub3"][..],
-        ),
+        (ROUTED_3, &[SOCAT_3][..]),
     ] {
         let Some(r) = by_name(reach_path) else {
             continue;
         };
         for other in others {
             let Some(o) = by_name(other) else { continue };
-            rows.push(row(
-                &format!("throughput, {reach_path}"),
+            rows.push(Row::new(
+                format!("throughput, {reach_path}"),
                 "Gbit/s",
                 rates[r],
                 Some((other, rates[o])),
             ));
-            rows.push(row(
-                &format!("relay CPU per GB, {reach_path}"),
+            rows.push(Row::new(
+                format!("relay CPU per GB, {reach_path}"),
                 "s/GB",
                 cpu_of_path(r),
                 Some((other, cpu_of_path(o))),
@@ -685,13 +653,7 @@ fn rounds(
 pub fn setup_per_module() -> anyhow::Result<Vec<Row>> {
     let text = include_str!("../../../lab/topologies/smartsockets-wan.toml");
     let t = Topology::from_toml(text).context("smartsockets-wan topology")?;
-    let exe = std::env::current_exe()?;
-    let tools = exe.parent().context("bin dir")?.to_path_buf();
-    anyhow::ensure!(
-        tools.join("reach-lab").exists() && tools.join("reach").exists(),
-        "reach and reach-lab must be built beside {}: cargo build --release -p reach-cli -p reach-lab",
-        exe.display()
-    );
+    let tools = crate::tools_dir(&["reach", "reach-lab"])?;
     let lab = Lab::up(&t).context("cannot build the lab (needs root)")?;
     let m = reach_lab::matrix::run(
         &lab,
@@ -725,14 +687,14 @@ pub fn setup_per_module() -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (module, (first, cached)) in &by_module {
         let (f, c) = (crate::median(first.clone()), crate::median(cached.clone()));
-        rows.push(row(
-            &format!("setup, {module}, first connection ({} pairs)", first.len()),
+        rows.push(Row::new(
+            format!("setup, {module}, first connection ({} pairs)", first.len()),
             "ms",
             f,
             Some((&format!("{module}, module cached"), c)),
         ));
         if module == "routed" {
-            rows.push(row(
+            rows.push(Row::new(
                 "routed setup speedup, cached over uncached",
                 "x",
                 f / c,

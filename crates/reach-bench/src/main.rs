@@ -128,6 +128,8 @@ enum Bench {
     Agent(agent::AgentCmd),
 }
 
+/// One figure of a report, beside its baseline (NaN, written as null, when
+/// it has none).
 #[derive(Serialize)]
 struct Row {
     name: String,
@@ -136,6 +138,22 @@ struct Row {
     baseline_name: String,
     baseline: f64,
     ratio: f64,
+}
+
+impl Row {
+    /// A figure, beside its baseline if it has one (the ratio follows).
+    fn new(name: impl Into<String>, unit: &str, value: f64, base: Option<(&str, f64)>) -> Row {
+        let (baseline_name, baseline) =
+            base.map_or((String::new(), f64::NAN), |(n, b)| (n.into(), b));
+        Row {
+            name: name.into(),
+            unit: unit.into(),
+            value,
+            ratio: value / baseline,
+            baseline_name,
+            baseline,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -252,10 +270,10 @@ fn write_markdown(path: &std::path::Path, r: &Report, quick: bool) -> anyhow::Re
     let _ = writeln!(t, "{MD_BEGIN}");
     let _ = writeln!(
         t,
-        "Machine: {}. Run of `reach-bench all{}`, UTC {}.\n",
+        "Machine: {}. Run of `reach-bench all{}`, {}.\n",
         r.machine,
         if quick { " --quick" } else { "" },
-        utc_now()
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     );
     let _ = writeln!(
         t,
@@ -287,45 +305,28 @@ fn write_markdown(path: &std::path::Path, r: &Report, quick: bool) -> anyhow::Re
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// The time now as YYYY-MM-DD HH:MM.
-fn utc_now() -> String {
-    civil(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    )
-}
-
-/// Seconds since the Unix epoch as YYYY-MM-DD HH:MM (UTC).
-fn civil(secs: u64) -> String {
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60
-    )
-}
-
 /// The `reach` binary built beside this one.
 fn reach_binary() -> anyhow::Result<std::path::PathBuf> {
+    Ok(tools_dir(&["reach"])?.join("reach"))
+}
+
+/// The directory of this binary, checked to hold `needed` (the `reach` and
+/// `reach-lab` binaries the benchmarks run) beside it.
+fn tools_dir(needed: &[&str]) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
-    let reach = exe.with_file_name("reach");
+    let dir = exe.parent().context("no directory for this binary")?;
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
+        .filter(|n| !dir.join(n).exists())
+        .collect();
     anyhow::ensure!(
-        reach.exists(),
-        "no reach binary beside {}: build it with cargo build --release -p reach-cli",
+        missing.is_empty(),
+        "{} missing beside {}: cargo build --release -p reach-cli -p reach-lab -p reach-bench",
+        missing.join(" and "),
         exe.display()
     );
-    Ok(reach)
+    Ok(dir.to_path_buf())
 }
 
 fn report(rows: Vec<Row>, json: Option<&std::path::Path>) -> anyhow::Result<Report> {
@@ -614,14 +615,12 @@ async fn loopback(bytes: u64, conns: u32, rounds: usize) -> anyhow::Result<Vec<R
     let tput: Vec<f64> = secs.into_iter().map(|s| gbps(median(s))).collect();
     let mut rows = Vec::new();
     for (i, v) in variants.iter().enumerate().skip(1) {
-        rows.push(Row {
-            name: format!("throughput, {}", v.name()),
-            unit: "Gbit/s".into(),
-            value: tput[i],
-            baseline_name: "plain TCP".into(),
-            baseline: tput[0],
-            ratio: tput[i] / tput[0],
-        });
+        rows.push(Row::new(
+            format!("throughput, {}", v.name()),
+            "Gbit/s",
+            tput[i],
+            Some(("plain TCP", tput[0])),
+        ));
     }
     let mut setup_secs = vec![Vec::new(); variants.len()];
     for round in 0..rounds {
@@ -637,40 +636,32 @@ async fn loopback(bytes: u64, conns: u32, rounds: usize) -> anyhow::Result<Vec<R
     let rtt = tcp_rtt(conns).await? * 1e6;
     let cpu = handshake_cpu(conns)? * 1e6;
     for (i, v) in variants.iter().enumerate().skip(1) {
-        rows.push(Row {
-            name: format!("setup, {}", v.name()),
-            unit: "us".into(),
-            value: us[i],
-            baseline_name: "plain TCP connect".into(),
-            baseline: us[0],
-            ratio: us[i] / us[0],
-        });
+        rows.push(Row::new(
+            format!("setup, {}", v.name()),
+            "us",
+            us[i],
+            Some(("plain TCP connect", us[0])),
+        ));
     }
     let enc = us[2].min(us[3]);
-    rows.push(Row {
-        name: "setup, reach encrypted (best cipher)".into(),
-        unit: "us".into(),
-        value: enc,
-        baseline_name: "TCP + 1 RTT + handshake CPU".into(),
-        baseline: us[0] + rtt + cpu,
-        ratio: enc / (us[0] + rtt + cpu),
-    });
-    rows.push(Row {
-        name: "one round trip, 1-byte ping-pong".into(),
-        unit: "us".into(),
-        value: rtt,
-        baseline_name: "plain TCP connect".into(),
-        baseline: us[0],
-        ratio: rtt / us[0],
-    });
-    rows.push(Row {
-        name: "handshake CPU, both sides, no I/O".into(),
-        unit: "us".into(),
-        value: cpu,
-        baseline_name: "plain TCP connect".into(),
-        baseline: us[0],
-        ratio: cpu / us[0],
-    });
+    rows.push(Row::new(
+        "setup, reach encrypted (best cipher)",
+        "us",
+        enc,
+        Some(("TCP + 1 RTT + handshake CPU", us[0] + rtt + cpu)),
+    ));
+    rows.push(Row::new(
+        "one round trip, 1-byte ping-pong",
+        "us",
+        rtt,
+        Some(("plain TCP connect", us[0])),
+    ));
+    rows.push(Row::new(
+        "handshake CPU, both sides, no I/O",
+        "us",
+        cpu,
+        Some(("plain TCP connect", us[0])),
+    ));
     Ok(rows)
 }
 
@@ -679,26 +670,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_are_civil() {
-        assert_eq!(civil(0), "1970-01-01 00:00");
-        assert_eq!(civil(951_782_400), "2000-02-29 00:00");
-        assert_eq!(civil(1_796_102_235), "2026-12-01 05:17");
-    }
-
-    #[test]
     fn markdown_replaces_its_block_and_keeps_the_rest() {
         let dir = TempDir::new("md-test").expect("dir");
         let path = dir.0.join("b.md");
         let report = |v: f64| Report {
             machine: "m".into(),
-            results: vec![Row {
-                name: "x".into(),
-                unit: "ms".into(),
-                value: v,
-                baseline_name: String::new(),
-                baseline: f64::NAN,
-                ratio: f64::NAN,
-            }],
+            results: vec![Row::new("x", "ms", v, None)],
         };
         std::fs::write(&path, "# Title\n\nbefore\n").expect("write");
         write_markdown(&path, &report(1.5), false).expect("first");
