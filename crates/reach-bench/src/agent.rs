@@ -28,6 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 const BUF: usize = 256 * 1024;
 /// The virtual port the agent's reach endpoint serves.
 pub const VPORT: u16 = 1;
+/// How long a run may take beyond its sending time: setup, the server's
+/// answer, and round trips or setups counted.
+const RUN_SLACK: Duration = Duration::from_secs(60);
 /// How long one connection may take to set up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -123,7 +126,11 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
     match cmd {
         AgentCmd::Serve(a) => serve(a).await,
         AgentCmd::Run(a) => {
-            let m = measure(a).await?;
+            // A path that stalls fails the run instead of hanging it.
+            let limit = Duration::try_from_secs_f64(a.secs).unwrap_or_default() + RUN_SLACK;
+            let m = tokio::time::timeout(limit, measure(a))
+                .await
+                .with_context(|| format!("no result within {limit:?}"))??;
             println!("{}", serde_json::to_string(&m)?);
             Ok(())
         }
