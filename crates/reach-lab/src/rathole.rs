@@ -34,7 +34,7 @@ impl Transport {
 }
 
 /// The rathole binary.
-pub fn binary() -> Result<PathBuf, LabError> {
+fn binary() -> Result<PathBuf, LabError> {
     crate::find_tool("rathole").ok_or(LabError::MissingCrate { tool: "rathole" })
 }
 
