@@ -22,7 +22,7 @@ use reach::proxy::{ProxyCounters, ProxyStats};
 use reach_proto::link::{
     encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,
     verify_admission_proof, ConnectBack, Control, DirEntry, Frame, Rendezvous, ResetCode, Window,
-    DIRECTORY_PART, MAX_NODE_ADDRS, MAX_STREAM_WINDOW, STREAM_WINDOW,
+    ADVERTS_PART, DIRECTORY_PART, MAX_NODE_ADDRS, MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::routes::RouteTable;
 use reach_proto::NodeId;
@@ -104,7 +104,11 @@ struct Relay {
 
 struct Remote {
     state: u64,
-    nodes: Vec<DirEntry>,
+    /// Its slot in [`HubCore::slots`], which index entries name.
+    slot: u32,
+    /// Nodes in its index (the entries of [`HubCore::index`] stamped with
+    /// this origin's slot and current state).
+    count: usize,
     listen: Vec<SocketAddr>,
     /// Since when no route leads to this hub. A directory outlives a route
     /// that flaps (a hub on the path died, a longer path is being learned):
@@ -116,7 +120,25 @@ struct Remote {
 struct Partial {
     state: u64,
     got: Vec<bool>,
-    nodes: Vec<DirEntry>,
+    nodes: Vec<NodeId>,
+}
+
+/// Where the directory index says a node is: its home hub's slot and the
+/// state of that hub's directory that listed it. An entry whose state is
+/// not the origin's current one is stale (the node left that hub) and
+/// counts as absent; stale entries are swept out in bulk.
+#[derive(Clone, Copy)]
+struct IndexEntry {
+    slot: u32,
+    state: u64,
+}
+
+/// A node's lookup of a node attached elsewhere, waiting for the home hub.
+struct PendingLocate {
+    link: LinkId,
+    req: u32,
+    node: NodeId,
+    at: Instant,
 }
 
 /// Counters for metrics.
@@ -134,6 +156,8 @@ pub struct Counters {
     pub connect_backs: u64,
     /// Node-to-node messages (splice rendezvous) passed on.
     pub relayed_messages: u64,
+    /// Lookups answered "unknown" because too many waited for home hubs.
+    pub locates_dropped: u64,
 }
 
 /// Work for the driver, which does the I/O (binding proxy ports).
@@ -185,8 +209,23 @@ pub struct HubCore {
     routes: RouteTable,
     remote: BTreeMap<NodeId, Remote>,
     partial: HashMap<NodeId, Partial>,
-    /// Node to home hub, for nodes of other hubs.
-    index: HashMap<NodeId, NodeId>,
+    /// Node to home hub, for nodes of other hubs: ids only. A lookup asks
+    /// the home hub for the node's addresses ([`Control::Locate`]), so each
+    /// hub holds 48 bytes per node of the federation, not a full entry.
+    index: HashMap<NodeId, IndexEntry>,
+    /// Hubs by slot, for index entries (a slot is a quarter of an id).
+    slots: Vec<NodeId>,
+    slot_of: HashMap<NodeId, u32>,
+    /// Lookups passed on to home hubs, by this hub's request id.
+    locates: HashMap<u32, PendingLocate>,
+    next_locate: u32,
+    /// When this hub last flooded its own directory, and whether it changed
+    /// since: changes within [`DIRECTORY_HOLD`] of a flood wait for it.
+    dir_flooded_at: Option<Instant>,
+    dir_dirty: bool,
+    /// Hubs routed to without a directory, since when (or since the last
+    /// request for it): see [`Control::DirectoryRequest`].
+    missing: HashMap<NodeId, Instant>,
     relay: HashMap<(LinkId, u32), Relay>,
     /// How long a directory survives without a route to its hub.
     directory_grace: Duration,
@@ -213,14 +252,14 @@ pub struct HubCore {
 }
 
 /// `origin`'s directory as Directory messages of at most [`DIRECTORY_PART`]
-/// entries each.
+/// ids each.
 fn directory_parts(
     origin: NodeId,
     state: u64,
-    nodes: &[DirEntry],
+    nodes: &[NodeId],
     listen: &[SocketAddr],
 ) -> Vec<Vec<u8>> {
-    let chunks: Vec<&[DirEntry]> = if nodes.is_empty() {
+    let chunks: Vec<&[NodeId]> = if nodes.is_empty() {
         vec![&[]]
     } else {
         nodes.chunks(DIRECTORY_PART).collect()
@@ -257,6 +296,18 @@ fn control(msg: &Control) -> Vec<u8> {
 /// towards one link, which bounds what the hub may queue for it.
 pub const LINK_WINDOW_GROWTH: u64 = 64 * 1024 * 1024;
 
+/// After flooding its directory, a hub waits this long before flooding it
+/// again: a lone change (a node attaches) goes out at once, a burst (a
+/// hundred nodes reattach after a restart) goes out as two floods, not a
+/// hundred. Between OSPF's 5 s MinLSInterval and none.
+pub const DIRECTORY_HOLD: Duration = Duration::from_millis(500);
+/// Lookups waiting for a home hub's answer at most (a flood of lookups gets
+/// "unknown" answers beyond it, never unbounded memory).
+const MAX_LOCATES: usize = 16_384;
+/// Distinct hubs a hub keeps index slots for; a directory from a hub beyond
+/// it is not indexed (and logged).
+const MAX_HUB_SLOTS: usize = 1 << 20;
+
 /// How long a hub remembers where a connect-back request came from.
 const CONNECT_BACK_MEMORY: Duration = Duration::from_secs(10);
 /// Connect-back requests remembered at most (a flood only loses fast failure
@@ -265,11 +316,17 @@ const MAX_CONNECT_BACKS: usize = 16_384;
 
 impl HubCore {
     /// A hub with identity `me`, admitting by `policy`, listening on `listen`.
+    /// `epoch` must exceed every state number an earlier run of this hub
+    /// advertised (routes and directory): the driver passes the wall-clock
+    /// time in microseconds since the Unix epoch, so a restarted hub's
+    /// information supersedes its previous run's at once instead of being
+    /// ignored as older until that run's expires.
     pub fn new(
         me: NodeId,
         policy: Policy,
         listen: Vec<SocketAddr>,
         route_expiry: Duration,
+        epoch: u64,
     ) -> Self {
         Self {
             me,
@@ -279,15 +336,22 @@ impl HubCore {
             links: HashMap::new(),
             nodes: BTreeMap::new(),
             hubs: BTreeMap::new(),
-            routes: RouteTable::new(me, route_expiry),
+            routes: RouteTable::new(me, route_expiry).starting_at(epoch),
             directory_grace: route_expiry,
             remote: BTreeMap::new(),
             partial: HashMap::new(),
             index: HashMap::new(),
+            slots: Vec::new(),
+            slot_of: HashMap::new(),
+            locates: HashMap::new(),
+            next_locate: 1,
+            dir_flooded_at: None,
+            dir_dirty: false,
+            missing: HashMap::new(),
             relay: HashMap::new(),
             connect_backs: HashMap::new(),
             relay_paths: HashMap::new(),
-            dir_state: 1,
+            dir_state: epoch.max(1),
             next_link: 1,
             outbox: Vec::new(),
             events: Vec::new(),
@@ -356,6 +420,34 @@ impl HubCore {
         u32::try_from(cap).unwrap_or(MAX_STREAM_WINDOW)
     }
 
+    /// The home hub of `node` as this hub's directory has it (itself for
+    /// nodes attached here), if it knows the node.
+    pub fn home_of(&self, node: &NodeId) -> Option<NodeId> {
+        self.home_hub(node)
+    }
+
+    /// Whether this hub has a route (or a link) to `hub`.
+    pub fn routes_to(&self, hub: &NodeId) -> bool {
+        *hub == self.me || self.hubs.contains_key(hub) || self.routes.route(hub).is_some()
+    }
+
+    /// How much routing and directory state this hub holds, counted in
+    /// entries and estimated in bytes from the entries' in-memory sizes
+    /// (container overhead not included): what grows with the network.
+    pub fn footprint(&self) -> Footprint {
+        use std::mem::size_of;
+        let routes = self.routes.routes().count();
+        let entry = |e: &DirEntry| size_of::<DirEntry>() + e.addrs.len() * size_of::<SocketAddr>();
+        let local: usize = self.nodes.values().map(|(_, e)| entry(e)).sum();
+        let remote: usize = self.remote.values().map(|r| r.count).sum();
+        Footprint {
+            routes,
+            route_bytes: routes * size_of::<(NodeId, reach_proto::routes::Route)>(),
+            directory_entries: self.nodes.len() + remote,
+            directory_bytes: local + self.index.len() * size_of::<(NodeId, IndexEntry)>(),
+        }
+    }
+
     /// Whether a hub link to `hub` is up.
     pub fn has_hub_link(&self, hub: &NodeId) -> bool {
         self.hubs.contains_key(hub)
@@ -412,7 +504,7 @@ impl HubCore {
 
     /// A link is gone: its streams are reset on their other side, its node
     /// leaves the directory, its hub's routes go.
-    pub fn link_down(&mut self, link: LinkId) {
+    pub fn link_down(&mut self, link: LinkId, now: Instant) {
         let Some(info) = self.links.remove(&link) else {
             return;
         };
@@ -436,7 +528,7 @@ impl HubCore {
             LinkKind::Node => {
                 if self.nodes.get(&info.peer).is_some_and(|(l, _)| *l == link) {
                     self.nodes.remove(&info.peer);
-                    self.directory_changed();
+                    self.directory_changed(now);
                 }
             }
             LinkKind::Hub => {
@@ -566,17 +658,25 @@ impl HubCore {
         self.send(link, f);
     }
 
-    /// Which hub `node` is attached to, if known.
-    fn home_of(&self, node: &NodeId) -> Option<&DirEntry> {
-        if let Some((_, e)) = self.nodes.get(node) {
-            return Some(e);
+    /// Which hub `node` is attached to, if known: this one for its own
+    /// nodes, else what the index says.
+    fn home_hub(&self, node: &NodeId) -> Option<NodeId> {
+        if self.nodes.contains_key(node) {
+            return Some(self.me);
         }
-        let home = self.index.get(node)?;
-        self.remote
-            .get(home)?
-            .nodes
-            .iter()
-            .find(|e| e.node == *node)
+        let e = self.index.get(node)?;
+        let home = *self.slots.get(e.slot as usize)?;
+        let current = self.remote.get(&home).is_some_and(|r| r.state == e.state);
+        current.then_some(home)
+    }
+
+    /// The link towards hub `hub`: a direct link, or the next hop's.
+    fn link_to_hub(&self, hub: &NodeId) -> Option<LinkId> {
+        if let Some(l) = self.hubs.get(hub) {
+            return Some(*l);
+        }
+        let next = self.routes.next_hop(hub)?;
+        self.hubs.get(&next).copied()
     }
 
     /// The link towards `node`: its own session, or the next hub on the path
@@ -585,13 +685,146 @@ impl HubCore {
         if let Some((l, _)) = self.nodes.get(node) {
             return Some(*l);
         }
-        let home = self.home_of(node)?.hub;
-        let next = if self.hubs.contains_key(&home) {
-            home
-        } else {
-            self.routes.next_hop(&home)?
+        self.link_to_hub(&self.home_hub(node)?)
+    }
+
+    /// A node looks `node` up: answered here for nodes attached here, else
+    /// asked of the node's home hub, whose answer ([`Control::Located`])
+    /// completes it.
+    fn lookup(&mut self, link: LinkId, req: u32, node: NodeId, now: Instant) {
+        if let Some((_, e)) = self.nodes.get(&node) {
+            let entry = Some(e.clone());
+            self.send(link, control(&Control::Found { req, node, entry }));
+            return;
+        }
+        let home = self.home_hub(&node);
+        let out = home.and_then(|h| self.link_to_hub(&h));
+        let (Some(home), Some(out)) = (home, out) else {
+            self.send(
+                link,
+                control(&Control::Found {
+                    req,
+                    node,
+                    entry: None,
+                }),
+            );
+            return;
         };
-        self.hubs.get(&next).copied()
+        if self.locates.len() >= MAX_LOCATES {
+            self.counters.locates_dropped += 1;
+            tracing::warn!(%node, "lookup answered as unknown: {MAX_LOCATES} lookups already wait for home hubs");
+            self.send(
+                link,
+                control(&Control::Found {
+                    req,
+                    node,
+                    entry: None,
+                }),
+            );
+            return;
+        }
+        let id = self.next_locate;
+        self.next_locate = self.next_locate.wrapping_add(1);
+        self.locates.insert(
+            id,
+            PendingLocate {
+                link,
+                req,
+                node,
+                at: now,
+            },
+        );
+        let msg = Control::Locate {
+            asker: self.me,
+            req: id,
+            home,
+            node,
+        };
+        self.send(out, control(&msg));
+    }
+
+    /// A Locate on its way to `home`: answered there, passed on elsewhere.
+    fn forward_locate(
+        &mut self,
+        from: LinkId,
+        asker: NodeId,
+        req: u32,
+        home: NodeId,
+        node: NodeId,
+    ) {
+        if home == self.me {
+            let entry = self.nodes.get(&node).map(|(_, e)| e.clone());
+            if let Some(back) = self.link_to_hub(&asker) {
+                self.send(
+                    back,
+                    control(&Control::Located {
+                        asker,
+                        req,
+                        node,
+                        entry,
+                    }),
+                );
+            }
+            return;
+        }
+        match self.link_to_hub(&home).filter(|l| *l != from) {
+            Some(out) => self.send(
+                out,
+                control(&Control::Locate {
+                    asker,
+                    req,
+                    home,
+                    node,
+                }),
+            ),
+            None => {
+                if let Some(back) = self.link_to_hub(&asker) {
+                    let entry = None;
+                    self.send(
+                        back,
+                        control(&Control::Located {
+                            asker,
+                            req,
+                            node,
+                            entry,
+                        }),
+                    );
+                }
+            }
+        }
+    }
+
+    /// A home hub's answer on its way to `asker`.
+    fn located(&mut self, asker: NodeId, req: u32, node: NodeId, entry: Option<DirEntry>) {
+        if asker != self.me {
+            if let Some(out) = self.link_to_hub(&asker) {
+                self.send(
+                    out,
+                    control(&Control::Located {
+                        asker,
+                        req,
+                        node,
+                        entry,
+                    }),
+                );
+            }
+            return;
+        }
+        let Some(p) = self.locates.remove(&req) else {
+            return;
+        };
+        // The answer must be about the node asked for, and name its home.
+        let entry = entry.filter(|e| p.node == node && e.node == node);
+        if p.node == node && self.links.contains_key(&p.link) {
+            self.send(
+                p.link,
+                control(&Control::Found {
+                    req: p.req,
+                    node,
+                    entry,
+                }),
+            );
+        }
     }
 
     fn open(&mut self, link: LinkId, stream: u32, dst: NodeId, src: NodeId) {
@@ -694,7 +927,7 @@ impl HubCore {
                         observed,
                     };
                     self.nodes.insert(peer, (link, entry));
-                    self.directory_changed();
+                    self.directory_changed(now);
                 }
             }
             (LinkKind::Pending, Control::HubHello { addrs, proof }) => {
@@ -725,11 +958,7 @@ impl HubCore {
                 self.routes.handle_link_up(peer);
                 self.routes.bump();
                 self.gossip_to(link);
-                let mut sync = self.directory_messages();
-                for (origin, r) in &self.remote {
-                    sync.extend(directory_parts(*origin, r.state, &r.nodes, &r.listen));
-                }
-                for f in sync {
+                for f in self.directory_sync() {
                     self.send(link, f);
                 }
             }
@@ -751,9 +980,27 @@ impl HubCore {
             }
             (_, Control::Ping { nonce }) => self.send(link, control(&Control::Pong { nonce })),
             (_, Control::Pong { .. }) => {}
-            (LinkKind::Node, Control::Lookup { req, node }) => {
-                let entry = self.home_of(&node).cloned();
-                self.send(link, control(&Control::Found { req, node, entry }));
+            (LinkKind::Node, Control::Lookup { req, node }) => self.lookup(link, req, node, now),
+            (
+                LinkKind::Hub,
+                Control::Locate {
+                    asker,
+                    req,
+                    home,
+                    node,
+                },
+            ) => self.forward_locate(link, asker, req, home, node),
+            (
+                LinkKind::Hub,
+                Control::Located {
+                    asker,
+                    req,
+                    node,
+                    entry,
+                },
+            ) => self.located(asker, req, node, entry),
+            (LinkKind::Hub, Control::DirectoryRequest { origin }) => {
+                self.directory_request(link, origin)
             }
             (kind, Control::ConnectBack(mut cb)) => {
                 if kind == LinkKind::Node {
@@ -823,7 +1070,7 @@ impl HubCore {
             })),
             (LinkKind::Hub, Control::Adverts { adverts }) => {
                 if self.routes.handle_adverts(now, peer, &adverts) {
-                    self.gossip();
+                    self.gossip_changes();
                 }
             }
             (
@@ -837,10 +1084,15 @@ impl HubCore {
                     listen,
                 },
             ) => {
-                if origin == self.me || self.remote.get(&origin).is_some_and(|r| r.state >= state) {
+                if origin == self.me
+                    || self.remote.get(&origin).is_some_and(|r| r.state >= state)
+                    || self.has_part(&origin, state, part)
+                {
                     return Verdict::Continue;
                 }
-                // Pass each part on at once; hubs further away assemble it too.
+                // Pass each new part on at once; hubs further away assemble
+                // it too. A part seen before (it arrives over every link)
+                // goes no further.
                 let msg = control(&Control::Directory {
                     origin,
                     state,
@@ -955,8 +1207,8 @@ impl HubCore {
         state: u64,
         part: u16,
         parts: u16,
-        nodes: Vec<DirEntry>,
-    ) -> Option<Vec<DirEntry>> {
+        nodes: Vec<NodeId>,
+    ) -> Option<Vec<NodeId>> {
         if parts <= 1 {
             self.partial.remove(&origin);
             return Some(nodes);
@@ -987,53 +1239,177 @@ impl HubCore {
         None
     }
 
+    /// Whether part `part` of `origin`'s directory at `state` arrived
+    /// before (and is waiting for its other parts).
+    fn has_part(&self, origin: &NodeId, state: u64, part: u16) -> bool {
+        self.partial
+            .get(origin)
+            .is_some_and(|p| p.state == state && p.got.get(usize::from(part)).is_some_and(|g| *g))
+    }
+
+    /// The index slot of hub `hub`, made on first use.
+    fn slot(&mut self, hub: NodeId) -> Option<u32> {
+        if let Some(s) = self.slot_of.get(&hub) {
+            return Some(*s);
+        }
+        if self.slots.len() >= MAX_HUB_SLOTS {
+            tracing::warn!(%hub, "directory not indexed: {MAX_HUB_SLOTS} hubs known already");
+            return None;
+        }
+        let s = u32::try_from(self.slots.len()).ok()?;
+        self.slots.push(hub);
+        self.slot_of.insert(hub, s);
+        Some(s)
+    }
+
+    /// Takes in `origin`'s whole directory at `state`: its nodes point there
+    /// now, and its earlier entries go stale.
     fn commit_remote(
         &mut self,
         origin: NodeId,
         state: u64,
-        nodes: Vec<DirEntry>,
+        nodes: Vec<NodeId>,
         listen: Vec<SocketAddr>,
     ) {
-        self.unindex(&origin);
-        for e in &nodes {
-            // A node attached here is reached here, whatever others say.
-            if !self.nodes.contains_key(&e.node) {
-                self.index.insert(e.node, origin);
-            }
+        let Some(slot) = self.slot(origin) else {
+            return;
+        };
+        for node in &nodes {
+            self.index.insert(*node, IndexEntry { slot, state });
         }
         self.remote.insert(
             origin,
             Remote {
                 state,
-                nodes,
+                slot,
+                count: nodes.len(),
                 listen,
                 unroutable_since: None,
             },
         );
+        self.sweep_index();
     }
 
-    fn unindex(&mut self, origin: &NodeId) {
-        if let Some(old) = self.remote.get(origin) {
-            for e in &old.nodes {
-                if self.index.get(&e.node) == Some(origin) {
-                    self.index.remove(&e.node);
-                }
-            }
+    /// Drops stale index entries once they could make up half the index
+    /// (amortised: each sweep removes at least as many as it keeps).
+    fn sweep_index(&mut self) {
+        let live: usize = self.remote.values().map(|r| r.count).sum();
+        if self.index.len() <= 2 * live + 1024 {
+            return;
         }
+        let (slots, remote) = (&self.slots, &self.remote);
+        self.index.retain(|_, e| {
+            slots
+                .get(e.slot as usize)
+                .and_then(|hub| remote.get(hub))
+                .is_some_and(|r| r.state == e.state)
+        });
+    }
+
+    /// Every directory this hub knows, its own first, for a hub that just
+    /// linked: remote ones are rebuilt from the index (the only copy).
+    fn directory_sync(&self) -> Vec<Vec<u8>> {
+        let mut out = self.directory_messages();
+        let mut by_slot: HashMap<u32, Vec<NodeId>> = HashMap::new();
+        for (node, e) in &self.index {
+            by_slot.entry(e.slot).or_default().push(*node);
+        }
+        for (origin, r) in &self.remote {
+            let mut nodes = by_slot.remove(&r.slot).unwrap_or_default();
+            // Entries of an earlier state of this origin are stale.
+            nodes.retain(|n| self.index.get(n).is_some_and(|e| e.state == r.state));
+            nodes.sort();
+            out.extend(directory_parts(*origin, r.state, &nodes, &r.listen));
+        }
+        out
     }
 
     fn directory_messages(&self) -> Vec<Vec<u8>> {
-        let nodes: Vec<DirEntry> = self.nodes.values().map(|(_, e)| e.clone()).collect();
+        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
         directory_parts(self.me, self.dir_state, &nodes, &self.listen)
     }
 
-    fn directory_changed(&mut self) {
+    /// This hub's own directory changed: flooded at once, or at the end of
+    /// the hold time if it was flooded within it.
+    fn directory_changed(&mut self, now: Instant) {
         self.dir_state += 1;
+        match self.dir_flooded_at {
+            Some(at) if now < at + DIRECTORY_HOLD => self.dir_dirty = true,
+            _ => self.flood_directory(now),
+        }
+    }
+
+    fn flood_directory(&mut self, now: Instant) {
+        self.dir_dirty = false;
+        self.dir_flooded_at = Some(now);
         let msgs = self.directory_messages();
         let hubs: Vec<LinkId> = self.hubs.values().copied().collect();
         for l in hubs {
             for m in &msgs {
                 self.send(l, m.clone());
+            }
+        }
+    }
+
+    /// When [`HubCore::handle_timeout`] has work: a held directory flood.
+    /// The driver calls it after every input and wakes at the time given.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let at = self.dir_flooded_at?;
+        self.dir_dirty.then_some(at + DIRECTORY_HOLD)
+    }
+
+    /// Does what is due at `now`: floods a held directory change.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|at| now >= at) {
+            self.flood_directory(now);
+        }
+    }
+
+    /// Answers a directory request from `link` with the parts of
+    /// `origin`'s directory, or passes it on towards `origin`.
+    fn directory_request(&mut self, link: LinkId, origin: NodeId) {
+        let parts = if origin == self.me {
+            self.directory_messages()
+        } else if let Some(r) = self.remote.get(&origin) {
+            let mut nodes: Vec<NodeId> = self
+                .index
+                .iter()
+                .filter(|(_, e)| e.slot == r.slot && e.state == r.state)
+                .map(|(n, _)| *n)
+                .collect();
+            nodes.sort();
+            directory_parts(origin, r.state, &nodes, &r.listen)
+        } else {
+            if let Some(out) = self.link_to_hub(&origin).filter(|l| *l != link) {
+                self.send(out, control(&Control::DirectoryRequest { origin }));
+            }
+            return;
+        };
+        for f in parts {
+            self.send(link, f);
+        }
+    }
+
+    /// Asks for the directories of hubs this hub has routed to for a grace
+    /// time without having one (see [`Control::DirectoryRequest`]).
+    fn request_missing_directories(&mut self, now: Instant) {
+        let wait = self.directory_grace / 4;
+        let routed: Vec<NodeId> = self
+            .routes
+            .routes()
+            .map(|(dest, _)| *dest)
+            .filter(|d| !self.remote.contains_key(d))
+            .collect();
+        self.missing.retain(|hub, _| routed.contains(hub));
+        for hub in routed {
+            let since = *self.missing.entry(hub).or_insert(now);
+            if now.saturating_duration_since(since) < wait {
+                continue;
+            }
+            self.missing.insert(hub, now);
+            if let Some(out) = self.link_to_hub(&hub) {
+                tracing::debug!(%hub, "asking for the directory of a hub routed to without one");
+                self.send(out, control(&Control::DirectoryRequest { origin: hub }));
             }
         }
     }
@@ -1055,10 +1431,11 @@ impl HubCore {
             }
         }
         for origin in gone {
-            self.unindex(&origin);
+            // Its index entries go stale with it; a sweep removes them.
             self.remote.remove(&origin);
             self.partial.remove(&origin);
         }
+        self.sweep_index();
     }
 
     fn gossip_to(&mut self, link: LinkId) {
@@ -1066,14 +1443,33 @@ impl HubCore {
             return;
         };
         let adverts = self.routes.adverts_for(peer);
-        self.send(link, control(&Control::Adverts { adverts }));
+        // Each part stands alone: a receiver takes in every advert it gets.
+        for part in adverts.chunks(ADVERTS_PART) {
+            let adverts = part.to_vec();
+            self.send(link, control(&Control::Adverts { adverts }));
+        }
     }
 
+    /// Tells every neighbour the paths that changed (a triggered update).
+    fn gossip_changes(&mut self) {
+        let hubs: Vec<(NodeId, LinkId)> = self.hubs.iter().map(|(h, l)| (*h, *l)).collect();
+        for (peer, link) in hubs {
+            let adverts = self.routes.changed_adverts_for(peer);
+            for part in adverts.chunks(ADVERTS_PART) {
+                let adverts = part.to_vec();
+                self.send(link, control(&Control::Adverts { adverts }));
+            }
+        }
+        self.routes.clear_changes();
+    }
+
+    /// Tells every neighbour the whole table (which covers any changes).
     fn gossip(&mut self) {
         let hubs: Vec<LinkId> = self.hubs.values().copied().collect();
         for l in hubs {
             self.gossip_to(l);
         }
+        self.routes.clear_changes();
     }
 
     /// Periodic work: refresh this hub's state, expire stale routes, gossip.
@@ -1084,9 +1480,13 @@ impl HubCore {
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
         self.relay_paths
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
+        self.locates
+            .retain(|_, p| now.saturating_duration_since(p.at) < CONNECT_BACK_MEMORY);
+        self.handle_timeout(now);
         self.routes.bump();
         self.routes.handle_timeout(now);
         self.forget_unroutable(now);
+        self.request_missing_directories(now);
         self.gossip();
     }
 
@@ -1123,7 +1523,7 @@ impl HubCore {
                     hops: r.hops,
                 })
                 .collect(),
-            remote_nodes: self.remote.values().map(|r| r.nodes.len()).sum(),
+            remote_nodes: self.remote.values().map(|r| r.count).sum(),
             streams: self.relay.len() / 2,
             counters: self.counters,
             exposures: self
@@ -1136,6 +1536,20 @@ impl HubCore {
                 .collect(),
         }
     }
+}
+
+/// What a hub holds for the network beyond its own links: see
+/// [`HubCore::footprint`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Routes to other hubs.
+    pub routes: usize,
+    /// Their estimated size in memory.
+    pub route_bytes: usize,
+    /// Directory entries (attached nodes and other hubs' nodes).
+    pub directory_entries: usize,
+    /// Their estimated size in memory, with the node-to-hub index.
+    pub directory_bytes: usize,
 }
 
 /// A published service's proxy port.

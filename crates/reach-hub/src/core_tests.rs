@@ -28,7 +28,7 @@ fn open_hub() -> HubCore {
 }
 
 fn hub_with(policy: Policy) -> HubCore {
-    HubCore::new(id(1), policy, vec![addr(1)], Duration::from_secs(10))
+    HubCore::new(id(1), policy, vec![addr(1)], Duration::from_secs(10), 1)
 }
 
 /// The frames the core queued, decoded, by link.
@@ -254,7 +254,7 @@ fn readers_cannot_make_the_hub_hold_more_than_the_caps() {
 fn a_lost_link_resets_the_streams_that_crossed_it() {
     let mut core = open_hub();
     let (a_link, b_link, _) = relayed_stream(&mut core);
-    core.link_down(b_link);
+    core.link_down(b_link, Instant::now());
     let frames = out(&mut core);
     assert!(matches!(
         &frames[..],
@@ -443,7 +443,7 @@ fn expose_requests_and_ended_links_become_events_for_the_driver() {
             allow_from: allow,
         })]
     );
-    core.link_down(link);
+    core.link_down(link, Instant::now());
     assert_eq!(
         core.take_events(),
         vec![crate::core::Event::LinkGone { link }]
@@ -502,4 +502,242 @@ proptest::proptest! {
         core.tick(now + Duration::from_secs(60));
         let _ = core.status().to_json(10);
     }
+}
+
+/// Two open hubs `a` and `b` linked to each other (a dialled); returns
+/// (a, b, a's link to b, b's link to a) with the link greetings exchanged.
+fn two_hubs(now: Instant) -> (HubCore, HubCore, LinkId, LinkId) {
+    let policy = Policy {
+        open: true,
+        ..Policy::default()
+    };
+    let mut a = HubCore::new(
+        id(1),
+        policy.clone(),
+        vec![addr(1)],
+        Duration::from_secs(10),
+        1,
+    );
+    let mut b = HubCore::new(id(2), policy, vec![addr(2)], Duration::from_secs(10), 1);
+    let ab = a.link_up(id(2), addr(2), true, None);
+    let ba = b.link_up(id(1), addr(1), false, None);
+    pump(&mut a, &mut b, ab, ba, now);
+    assert!(a.has_hub_link(&id(2)) && b.has_hub_link(&id(1)));
+    (a, b, ab, ba)
+}
+
+/// Frames a core queued, by link.
+type Outbox = Vec<(LinkId, Vec<u8>)>;
+
+/// Moves frames between `a` and `b` until neither has any for the other;
+/// returns what each queued for its other links.
+fn pump(
+    a: &mut HubCore,
+    b: &mut HubCore,
+    ab: LinkId,
+    ba: LinkId,
+    now: Instant,
+) -> (Outbox, Outbox) {
+    let (mut rest_a, mut rest_b) = (Vec::new(), Vec::new());
+    loop {
+        let (from_a, from_b) = (a.take_outbox(), b.take_outbox());
+        if from_a.iter().all(|(l, _)| *l != ab) && from_b.iter().all(|(l, _)| *l != ba) {
+            rest_a.extend(from_a);
+            rest_b.extend(from_b);
+            return (rest_a, rest_b);
+        }
+        for (l, f) in from_a {
+            if l == ab {
+                let (frame, _) = decode_frame(&f).expect("valid").expect("whole");
+                assert_eq!(b.handle_frame(ba, frame, now), Verdict::Continue);
+            } else {
+                rest_a.push((l, f));
+            }
+        }
+        for (l, f) in from_b {
+            if l == ba {
+                let (frame, _) = decode_frame(&f).expect("valid").expect("whole");
+                assert_eq!(a.handle_frame(ab, frame, now), Verdict::Continue);
+            } else {
+                rest_b.push((l, f));
+            }
+        }
+    }
+}
+
+fn found(frames: &[(LinkId, Vec<u8>)], link: LinkId) -> Option<Option<DirEntry>> {
+    frames
+        .iter()
+        .filter(|(l, _)| *l == link)
+        .find_map(|(_, f)| match decode_frame(f).ok().flatten() {
+            Some((Frame::Control(Control::Found { entry, .. }), _)) => Some(entry),
+            _ => None,
+        })
+}
+
+#[test]
+fn a_lookup_of_a_node_on_another_hub_is_answered_by_its_home_hub() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    // x attaches to a; a floods its index (ids only) to b.
+    let x_link = a.link_up(id(10), addr(10), false, None);
+    let register = Control::Register {
+        addrs: vec![addr(11)],
+        proof: None,
+        accepts: true,
+    };
+    a.handle_frame(x_link, Frame::Control(register), now);
+    pump(&mut a, &mut b, ab, ba, now);
+    assert_eq!(b.home_of(&id(10)), Some(id(1)));
+    // y on b looks x up: b asks a, a answers with x's entry, b tells y.
+    let y_link = b.link_up(id(20), addr(20), false, None);
+    let register = Control::Register {
+        addrs: vec![],
+        proof: None,
+        accepts: true,
+    };
+    b.handle_frame(y_link, Frame::Control(register), now);
+    let lookup = Control::Lookup {
+        req: 5,
+        node: id(10),
+    };
+    b.handle_frame(y_link, Frame::Control(lookup), now);
+    let (_, to_b_nodes) = pump(&mut a, &mut b, ab, ba, now);
+    let entry = found(&to_b_nodes, y_link)
+        .expect("an answer")
+        .expect("an entry");
+    assert_eq!((entry.node, entry.hub), (id(10), id(1)));
+    assert_eq!(
+        (entry.addrs.clone(), entry.observed),
+        (vec![addr(11)], addr(10))
+    );
+    // A node nobody knows is answered at once, without asking anyone.
+    let lookup = Control::Lookup {
+        req: 6,
+        node: id(30),
+    };
+    b.handle_frame(y_link, Frame::Control(lookup), now);
+    assert_eq!(found(&b.take_outbox(), y_link), Some(None));
+}
+
+#[test]
+fn directory_changes_within_the_hold_time_go_out_as_one_flood() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    let directories = |frames: &[(LinkId, Vec<u8>)]| {
+        frames
+            .iter()
+            .filter(|(l, f)| {
+                *l == ab
+                    && matches!(
+                        decode_frame(f).ok().flatten(),
+                        Some((Frame::Control(Control::Directory { .. }), _))
+                    )
+            })
+            .count()
+    };
+    let mut floods = 0;
+    for n in 0..10u8 {
+        let link = a.link_up(id(100 + n), addr(100 + n), false, None);
+        let register = Control::Register {
+            addrs: vec![],
+            proof: None,
+            accepts: true,
+        };
+        a.handle_frame(link, Frame::Control(register), now);
+        floods += directories(&a.take_outbox());
+    }
+    assert_eq!(floods, 1, "the first change goes at once, the rest wait");
+    let due = a.poll_timeout().expect("a held flood");
+    assert_eq!(due, now + DIRECTORY_HOLD);
+    a.handle_timeout(due - Duration::from_millis(1));
+    assert_eq!(directories(&a.take_outbox()), 0, "not before its time");
+    a.handle_timeout(due);
+    let held = a.take_outbox();
+    assert_eq!(directories(&held), 1);
+    assert_eq!(a.poll_timeout(), None);
+    for (_, f) in held.into_iter().filter(|(l, _)| *l == ab) {
+        let (frame, _) = decode_frame(&f).expect("valid").expect("whole");
+        b.handle_frame(ba, frame, due);
+    }
+    assert!((0..10).all(|n| b.home_of(&id(100 + n)) == Some(id(1))));
+}
+
+#[test]
+fn a_restarted_hub_supersedes_its_earlier_run_and_stale_index_entries_go() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    let x_link = a.link_up(id(10), addr(10), false, None);
+    let register = || Control::Register {
+        addrs: vec![],
+        proof: None,
+        accepts: true,
+    };
+    a.handle_frame(x_link, Frame::Control(register()), now);
+    pump(&mut a, &mut b, ab, ba, now);
+    assert_eq!(b.home_of(&id(10)), Some(id(1)));
+    // a restarts (a later epoch), and z attaches instead of x.
+    b.link_down(ba, now);
+    let policy = Policy {
+        open: true,
+        ..Policy::default()
+    };
+    let mut a = HubCore::new(id(1), policy, vec![addr(1)], Duration::from_secs(10), 1_000);
+    let ab = a.link_up(id(2), addr(2), true, None);
+    let ba = b.link_up(id(1), addr(1), false, None);
+    let z_link = a.link_up(id(12), addr(12), false, None);
+    a.handle_frame(z_link, Frame::Control(register()), now);
+    pump(&mut a, &mut b, ab, ba, now);
+    assert_eq!(
+        b.home_of(&id(12)),
+        Some(id(1)),
+        "the new run's directory is taken"
+    );
+    assert_eq!(b.home_of(&id(10)), None, "x left with the old run");
+    assert_eq!(b.footprint().directory_entries, 1);
+}
+
+#[test]
+fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    // A third hub c behind b: b links to it and learns its directory.
+    let mut c = HubCore::new(
+        id(3),
+        Policy {
+            open: true,
+            ..Policy::default()
+        },
+        vec![addr(3)],
+        Duration::from_secs(10),
+        1,
+    );
+    let bc = b.link_up(id(3), addr(3), true, None);
+    let cb = c.link_up(id(2), addr(2), false, None);
+    let w = c.link_up(id(40), addr(40), false, None);
+    let register = Control::Register {
+        addrs: vec![],
+        proof: None,
+        accepts: true,
+    };
+    c.handle_frame(w, Frame::Control(register), now);
+    pump(&mut b, &mut c, bc, cb, now);
+    assert_eq!(b.home_of(&id(40)), Some(id(3)));
+    // a learns a route to c through b, but (say, after a partition that
+    // outlasted the grace) not c's directory; b passes it nothing new.
+    for _ in 0..3 {
+        b.tick(now);
+        pump(&mut b, &mut a, ba, ab, now);
+    }
+    a.remote.clear();
+    assert!(a.routes_to(&id(3)));
+    assert_eq!(a.home_of(&id(40)), None);
+    // After a quarter of the grace time, a's tick asks b, which answers.
+    a.tick(now);
+    pump(&mut a, &mut b, ab, ba, now);
+    assert_eq!(a.home_of(&id(40)), None, "not at once");
+    let later = now + Duration::from_secs(10) / 4;
+    a.tick(later);
+    pump(&mut a, &mut b, ab, ba, later);
+    assert_eq!(a.home_of(&id(40)), Some(id(3)));
 }

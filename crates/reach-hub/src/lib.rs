@@ -115,15 +115,22 @@ struct State {
     txs: HashMap<LinkId, FrameTx>,
     /// Published services, by proxy port.
     exposures: HashMap<u16, proxy_ports::Exposure>,
+    /// Wakes the timer task when the core has a deadline
+    /// ([`HubCore::poll_timeout`]).
+    timer: Arc<tokio::sync::Notify>,
 }
 
 impl State {
-    /// Sends what the core queued.
+    /// Sends what the core queued, and arms the timer if the core asks.
     fn flush(&mut self) {
         for (link, frame) in self.core.take_outbox() {
             if let Some(tx) = self.txs.get(&link) {
                 let _ = tx.send(frame);
             }
+        }
+        if self.core.poll_timeout().is_some() {
+            // A stored permit if the task is busy: no wake-up is lost.
+            self.timer.notify_one();
         }
     }
 }
@@ -198,7 +205,12 @@ impl Hub {
             Some(_) => Some(SessionClient::new(&mut policy)?),
             None => None,
         };
-        let mut core = HubCore::new(endpoint.node_id(), policy, listen, route_expiry);
+        // State numbers start at the wall clock (see HubCore::new): a clock
+        // before 1970 only loses the head start, not correctness of a first run.
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+        let mut core = HubCore::new(endpoint.node_id(), policy, listen, route_expiry, epoch);
         let echo_ports: Vec<u16> = echoes
             .iter()
             .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
@@ -214,6 +226,7 @@ impl Hub {
                 core,
                 txs: HashMap::new(),
                 exposures: HashMap::new(),
+                timer: Arc::new(tokio::sync::Notify::new()),
             }),
             config,
             stop: tokio::sync::watch::Sender::new(false),
@@ -348,8 +361,19 @@ async fn gossip(inner: Arc<Inner>) {
     // When each learned hub was last dialled, so unreachable ones are retried
     // only every LEARNED_RETRY.
     let mut tried: HashMap<NodeId, Instant> = HashMap::new();
+    let timer = inner.state().timer.clone();
     loop {
-        tick.tick().await;
+        let deadline = inner.state().core.poll_timeout();
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = timer.notified() => continue,
+            _ = sleep_until_some(deadline) => {
+                let mut s = inner.state();
+                s.core.handle_timeout(Instant::now());
+                s.flush();
+                continue;
+            }
+        }
         let learned = {
             let mut s = inner.state();
             s.core.tick(Instant::now());
@@ -367,6 +391,14 @@ async fn gossip(inner: Arc<Inner>) {
             tried.insert(hub, now);
             tokio::spawn(link_learned(inner.clone(), hub, addrs));
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -531,7 +563,7 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
     };
     {
         let mut s = inner.state();
-        s.core.link_down(link);
+        s.core.link_down(link, Instant::now());
         s.txs.remove(&link);
         s.flush();
         proxy_ports::handle(&inner, &mut s, via);

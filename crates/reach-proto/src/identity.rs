@@ -159,6 +159,55 @@ impl<'de> serde::Deserialize<'de> for NodeId {
     }
 }
 
+/// Serde for NodeIds relayed in hub gossip (route adverts, directory
+/// indexes): the raw bytes, decoded without the ed25519 point check.
+///
+/// Why: the check is a point decompression, 3.3 us each on this machine
+/// type, and a hub decodes thousands of relayed ids per gossip message (a
+/// route advert per hub, an index entry per node), so checking would make
+/// gossip CPU-bound long before it is bandwidth-bound. The ids were checked
+/// where they entered the network: the hub that admitted each node or hub
+/// proved its key in a handshake. Here they are only keys into tables; an id
+/// that is used to connect (a learned hub) goes through a handshake, which
+/// fails cleanly on a key that is not a point.
+pub mod relayed_id {
+    use super::{NodeId, NODE_ID_LEN};
+
+    /// Encodes like `NodeId`'s own `Serialize`.
+    pub fn serialize<S: serde::Serializer>(id: &NodeId, s: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(&id.0, s)
+    }
+
+    /// Decodes 32 bytes without the point check.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<NodeId, D::Error> {
+        let bytes = <[u8; NODE_ID_LEN] as serde::Deserialize>::deserialize(d)?;
+        Ok(NodeId(bytes))
+    }
+
+    /// The same for a list of ids.
+    pub mod list {
+        use super::super::{NodeId, NODE_ID_LEN};
+
+        /// Encodes like `Vec<NodeId>`.
+        pub fn serialize<S: serde::Serializer>(ids: &[NodeId], s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeSeq;
+            let mut seq = s.serialize_seq(Some(ids.len()))?;
+            for id in ids {
+                seq.serialize_element(&id.0)?;
+            }
+            seq.end()
+        }
+
+        /// Decodes without the point check.
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Vec<NodeId>, D::Error> {
+            let raw = <Vec<[u8; NODE_ID_LEN]> as serde::Deserialize>::deserialize(d)?;
+            Ok(raw.into_iter().map(NodeId).collect())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

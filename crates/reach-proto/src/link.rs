@@ -51,9 +51,13 @@ pub const STREAM_WINDOW: u32 = 256 * 1024;
 pub const MAX_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Most addresses a hub keeps per registered node.
 pub const MAX_NODE_ADDRS: usize = 8;
-/// Directory entries per Directory message: an entry with [`MAX_NODE_ADDRS`]
-/// IPv6 addresses takes under 250 bytes, so a part stays well inside a frame.
-pub const DIRECTORY_PART: usize = 128;
+/// Node ids per Directory message: 32 bytes each, so a part (with its
+/// origin's listen addresses) stays well inside a frame.
+pub const DIRECTORY_PART: usize = 1024;
+/// Route adverts per Adverts message: an advert takes at most 43 bytes
+/// (id, state as a varint, hops), so a part stays inside a frame; a hub
+/// that knows more hubs sends several (each stands alone).
+pub const ADVERTS_PART: usize = 1024;
 /// Longest reset reason kept; longer ones are cut.
 pub const MAX_REASON_LEN: usize = 200;
 
@@ -346,11 +350,15 @@ pub enum Control {
         /// Reachability of hubs, as the sender sees it.
         adverts: Vec<Advert>,
     },
-    /// Hub to hub: the nodes attached to `origin`, flooded with its state
-    /// number. A large directory comes in several parts of one state; the
-    /// receiver replaces what it knows once it has them all.
+    /// Hub to hub: the nodes attached to `origin` (its directory index),
+    /// flooded with its state number. Only ids travel: a hub routes by a
+    /// node's home hub and asks that hub for the node's addresses
+    /// ([`Control::Locate`]), so gossip stays 32 bytes per node. A large
+    /// index comes in several parts of one state; the receiver replaces what
+    /// it knows once it has them all.
     Directory {
         /// The hub whose nodes these are.
+        #[serde(with = "crate::identity::relayed_id")]
         origin: NodeId,
         /// Newer replaces older.
         state: u64,
@@ -358,10 +366,47 @@ pub enum Control {
         part: u16,
         /// How many parts make the directory.
         parts: u16,
-        /// Some of the nodes attached to `origin`.
-        nodes: Vec<DirEntry>,
+        /// Some of the nodes attached to `origin` (ids decoded without the
+        /// point check: see [`crate::identity::relayed_id`]).
+        #[serde(with = "crate::identity::relayed_id::list")]
+        nodes: Vec<NodeId>,
         /// Where `origin` listens.
         listen: Vec<SocketAddr>,
+    },
+    /// Hub to hub, routed towards `node`'s home hub: a node attached to
+    /// hub `asker` looks `node` up. The home hub answers with `Located`.
+    Locate {
+        /// The asking hub, where the answer goes.
+        asker: NodeId,
+        /// The asking hub's request id.
+        req: u32,
+        /// The node's home hub, as the asking hub's index has it.
+        home: NodeId,
+        /// The node sought.
+        node: NodeId,
+    },
+    /// Hub to hub, routed towards `asker`: the home hub's answer to
+    /// `Locate`, with the node's current entry (None: not attached there).
+    Located {
+        /// The hub that asked.
+        asker: NodeId,
+        /// Its request id.
+        req: u32,
+        /// The node sought.
+        node: NodeId,
+        /// Where it is.
+        entry: Option<DirEntry>,
+    },
+    /// Hub to hub, towards `origin`: send me `origin`'s directory. A hub
+    /// that routes to `origin` but has not had its directory for a while
+    /// (it forgot it during a partition that outlasted the grace time, and
+    /// directories travel only when they change) asks its next hop; the
+    /// first hub on the way that has it answers with its parts, which then
+    /// flood on to whoever else lacks them.
+    DirectoryRequest {
+        /// The hub whose directory is wanted.
+        #[serde(with = "crate::identity::relayed_id")]
+        origin: NodeId,
     },
 }
 
@@ -844,13 +889,22 @@ mod tests {
             state: 42,
             part: 0,
             parts: 1,
-            nodes: vec![DirEntry {
+            nodes: vec![id(4), id(5)],
+            listen: vec!["[2001:db8::1]:9".parse().expect("addr")],
+        };
+        encode_control(&msg, &mut b).expect("encode");
+        assert_eq!(roundtrip(&b), Frame::Control(msg));
+        b.clear();
+        let msg = Control::Located {
+            asker: id(1),
+            req: 7,
+            node: id(4),
+            entry: Some(DirEntry {
                 node: id(4),
                 hub: id(3),
                 addrs: vec!["10.0.0.1:7000".parse().expect("addr")],
                 observed: "203.0.113.5:4000".parse().expect("addr"),
-            }],
-            listen: vec!["[2001:db8::1]:9".parse().expect("addr")],
+            }),
         };
         encode_control(&msg, &mut b).expect("encode");
         assert_eq!(roundtrip(&b), Frame::Control(msg));

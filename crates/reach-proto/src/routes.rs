@@ -30,7 +30,9 @@ pub const MAX_HOPS: u8 = 16;
 /// One hub's reachability as a neighbour reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Advert {
-    /// The hub the advert is about.
+    /// The hub the advert is about (decoded without the point check: see
+    /// [`crate::identity::relayed_id`]).
+    #[serde(with = "crate::identity::relayed_id")]
     pub origin: NodeId,
     /// The origin's state number when it sent the information.
     pub state: u64,
@@ -59,6 +61,8 @@ pub struct RouteTable {
     expiry: Duration,
     neighbours: BTreeSet<NodeId>,
     routes: BTreeMap<NodeId, Route>,
+    /// Destinations whose path changed since the last triggered update.
+    changed: BTreeSet<NodeId>,
 }
 
 impl RouteTable {
@@ -70,7 +74,17 @@ impl RouteTable {
             expiry,
             neighbours: BTreeSet::new(),
             routes: BTreeMap::new(),
+            changed: BTreeSet::new(),
         }
+    }
+
+    /// The table with its state numbers starting at `state`. A restarted
+    /// hub must start above every state its earlier run advertised, or
+    /// other hubs keep preferring the dead run's routes (newer state wins)
+    /// until they expire: drivers pass the wall-clock time in microseconds.
+    pub fn starting_at(mut self, state: u64) -> Self {
+        self.state = self.state.max(state);
+        self
     }
 
     /// This hub's current state number.
@@ -97,8 +111,10 @@ impl RouteTable {
         self.bump();
     }
 
-    /// Takes in what neighbour `from` advertised. Returns whether any route
-    /// changed. Adverts from a hub that is not a neighbour are ignored.
+    /// Takes in what neighbour `from` advertised. Returns whether any path
+    /// changed (a new destination, another next hop or hop count): news to
+    /// pass on at once. A newer state on the same path only refreshes the
+    /// route. Adverts from a hub that is not a neighbour are ignored.
     pub fn handle_adverts(&mut self, now: Instant, from: NodeId, adverts: &[Advert]) -> bool {
         if !self.neighbours.contains(&from) {
             return false;
@@ -123,7 +139,7 @@ impl RouteTable {
                 .get(&a.origin)
                 .is_some_and(|r| r.next_hop == from && r.state == a.state && r.hops == hops);
             if better {
-                self.routes.insert(
+                let old = self.routes.insert(
                     a.origin,
                     Route {
                         next_hop: from,
@@ -132,7 +148,14 @@ impl RouteTable {
                         refreshed: now,
                     },
                 );
-                changed = true;
+                // A newer state on the same path is a refresh: the periodic
+                // gossip carries it. Only a new path is news worth a
+                // triggered update (DSDV's rule; otherwise every hub's
+                // periodic bump would set off a federation-wide cascade).
+                if old.is_none_or(|r| r.next_hop != from || r.hops != hops) {
+                    self.changed.insert(a.origin);
+                    changed = true;
+                }
             } else if refresh {
                 if let Some(r) = self.routes.get_mut(&a.origin) {
                     r.refreshed = now;
@@ -168,6 +191,30 @@ impl RouteTable {
                 }),
         );
         out
+    }
+
+    /// A triggered update for `neighbour`: only the routes whose path
+    /// changed since [`RouteTable::clear_changes`] (DSDV's incremental
+    /// dump), with split horizon. Sending the whole table on every change
+    /// would cost a full table per neighbour per change: at a thousand hubs
+    /// that is most of the gossip. The periodic [`RouteTable::adverts_for`]
+    /// still sends everything.
+    pub fn changed_adverts_for(&self, neighbour: NodeId) -> Vec<Advert> {
+        self.changed
+            .iter()
+            .filter_map(|dest| self.routes.get(dest).map(|r| (dest, r)))
+            .filter(|(dest, r)| r.next_hop != neighbour && **dest != neighbour)
+            .map(|(dest, r)| Advert {
+                origin: *dest,
+                state: r.state,
+                hops: r.hops,
+            })
+            .collect()
+    }
+
+    /// Marks the changes as sent to every neighbour.
+    pub fn clear_changes(&mut self) {
+        self.changed.clear();
     }
 
     /// The neighbour to forward through to reach hub `dest`.

@@ -1,0 +1,14 @@
+//! reach-sim: the real hub core ([`reach_hub::core::HubCore`]) and route
+//! table, many of them, with simulated nodes, in deterministic virtual time.
+//!
+//! ```text
+//!  Params --build--> World { hubs: HubCore.., nodes, links } --run--> Report
+//!            seed -> Rng: topology, identities, attach times, latencies, loss, victims
+//! ```
+//! Same parameters, same report (wall time and memory aside).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod federation;
+pub mod rng;
+pub mod topology;
+pub mod world;

@@ -1,0 +1,709 @@
+//! The simulated network: real [`HubCore`]s and simulated nodes joined by
+//! links with latency and loss, driven by one event queue in virtual time.
+//!
+//! ```text
+//!   event queue (time, seq) --pop--> World::step
+//!        ^                              | Deliver: decode frame -> HubCore::handle_frame / node
+//!        |                              | Tick: HubCore::tick
+//!        |                              | Dial/Up/Down: HubCore::link_up / link_down
+//!        +---- schedule(frames) <-------+ drain HubCore outbox onto its links
+//! ```
+//! Links model TCP: frames in one direction arrive in order, each one link
+//! latency after it was sent; a lost frame is retransmitted after an RTO, and
+//! the frames behind it wait (head-of-line blocking). The Noise handshake and
+//! the hub link's encryption are not run (they cost the same in every
+//! topology and the hub core never sees them); a link comes up after the
+//! round trips they take. A hub crash is a process crash: its peers see their
+//! links close one latency later, as the kernel's FIN or RST tells them.
+//!
+//! Nodes here speak the node side of the hub protocol with real frames
+//! (Register, Lookup) and reconnect with the node session's backoff; they
+//! stand in for the node core until it is sans-IO too.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use reach_hub::core::{HubCore, LinkId, Policy, Verdict};
+use reach_proto::link::{decode_frame, encode_control, Control, DirEntry, Frame};
+use reach_proto::NodeId;
+
+use crate::rng::Rng;
+
+/// Gossip interval of the simulated hubs (the hub's default).
+pub const GOSSIP: Duration = reach_hub::DEFAULT_GOSSIP_INTERVAL;
+/// Redial delays of configured peer hubs (the hub driver's).
+const HUB_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(3));
+/// Reconnect delays of node sessions (the node session's), jittered by ±20%.
+const NODE_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
+
+/// Index of a hub in the world.
+pub type HubIx = usize;
+/// Index of a node in the world.
+pub type NodeIx = usize;
+type LinkIx = usize;
+
+/// One end of a link.
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Hub(HubIx, LinkId),
+    Node(NodeIx),
+}
+
+struct Link {
+    ends: [End; 2],
+    latency: Duration,
+    up: bool,
+    /// When the last frame sent in each direction arrives (TCP's ordering).
+    arrives: [Duration; 2],
+    /// The incarnation of the process at end 0 when it opened the link.
+    incarnation: u32,
+}
+
+/// A simulated hub process.
+pub struct Hub {
+    /// Its identity.
+    pub id: NodeId,
+    /// Its core while the process runs.
+    pub core: Option<HubCore>,
+    links: HashMap<LinkId, LinkIx>,
+    /// Hubs it dials (configured peers), with the one-way latency to each.
+    peers: Vec<(HubIx, Duration)>,
+    addr: SocketAddr,
+    /// Process incarnation: timers of an earlier one are ignored.
+    incarnation: u32,
+}
+
+/// A simulated node.
+pub struct Node {
+    /// Its identity.
+    pub id: NodeId,
+    /// Its home hub.
+    pub hub: HubIx,
+    latency: Duration,
+    link: Option<LinkIx>,
+    /// Whether its hub answered its registration on the current session.
+    pub registered: bool,
+    backoff: Duration,
+    /// Lookup answers: request id to the home hub found (None: unknown)
+    /// and when the answer came.
+    pub found: HashMap<u32, (Option<NodeId>, Duration)>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver {
+        link: LinkIx,
+        to: usize,
+        frame: Rc<[u8]>,
+    },
+    Tick {
+        hub: HubIx,
+        incarnation: u32,
+    },
+    Dial {
+        from: HubIx,
+        to: HubIx,
+        latency: Duration,
+        backoff: Duration,
+        incarnation: u32,
+    },
+    Accept {
+        link: LinkIx,
+    },
+    Establish {
+        link: LinkIx,
+    },
+    Close {
+        link: LinkIx,
+        to: usize,
+    },
+    NodeConnect {
+        node: NodeIx,
+    },
+}
+
+struct Scheduled {
+    at: Duration,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// Frames and bytes carried, by kind of link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    /// Frames between hubs.
+    pub hub_messages: u64,
+    /// Their bytes (frame headers included).
+    pub hub_bytes: u64,
+    /// Frames between hubs and nodes.
+    pub node_messages: u64,
+    /// Their bytes.
+    pub node_bytes: u64,
+}
+
+impl Traffic {
+    /// All frames.
+    pub fn messages(&self) -> u64 {
+        self.hub_messages + self.node_messages
+    }
+    /// All bytes.
+    pub fn bytes(&self) -> u64 {
+        self.hub_bytes + self.node_bytes
+    }
+}
+
+/// The whole simulated network.
+pub struct World {
+    base: Instant,
+    now: Duration,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    links: Vec<Link>,
+    /// The hubs.
+    pub hubs: Vec<Hub>,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    rng: Rng,
+    /// Probability that a frame is lost once (and retransmitted after an RTO).
+    loss: f64,
+    /// Traffic so far.
+    pub traffic: Traffic,
+    next_req: u32,
+}
+
+impl World {
+    /// An empty world; `loss` is the per-frame loss probability on every link.
+    pub fn new(rng: Rng, loss: f64) -> Self {
+        Self {
+            base: Instant::now(),
+            now: Duration::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            links: Vec::new(),
+            hubs: Vec::new(),
+            nodes: Vec::new(),
+            rng,
+            loss,
+            traffic: Traffic::default(),
+            next_req: 1,
+        }
+    }
+
+    /// Virtual time since the start.
+    pub fn now(&self) -> Duration {
+        self.now
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + self.now
+    }
+
+    fn schedule(&mut self, after: Duration, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at: self.now + after,
+            seq: self.seq,
+            event,
+        }));
+    }
+
+    /// Adds a hub (not yet running) with identity `id`.
+    pub fn add_hub(&mut self, id: NodeId) -> HubIx {
+        let ix = self.hubs.len();
+        let addr = SocketAddr::new(IpAddr::V4(sim_ip(ix as u32, 0)), 7000);
+        self.hubs.push(Hub {
+            id,
+            core: None,
+            links: HashMap::new(),
+            peers: Vec::new(),
+            addr,
+            incarnation: 0,
+        });
+        ix
+    }
+
+    /// Makes `from` dial `to` as a configured peer, `latency` apart.
+    pub fn add_peering(&mut self, from: HubIx, to: HubIx, latency: Duration) {
+        self.hubs[from].peers.push((to, latency));
+    }
+
+    /// Adds a node homed at `hub`, `latency` away from it, that connects
+    /// after `after`.
+    pub fn add_node(
+        &mut self,
+        id: NodeId,
+        hub: HubIx,
+        latency: Duration,
+        after: Duration,
+    ) -> NodeIx {
+        let ix = self.nodes.len();
+        self.nodes.push(Node {
+            id,
+            hub,
+            latency,
+            link: None,
+            registered: false,
+            backoff: NODE_BACKOFF.0,
+            found: HashMap::new(),
+        });
+        self.schedule(after, Event::NodeConnect { node: ix });
+        ix
+    }
+
+    /// Starts (or restarts) hub `hub` now, with empty state, as the hub
+    /// process does; it dials its configured peers at once.
+    pub fn start_hub(&mut self, hub: HubIx) {
+        let h = &mut self.hubs[hub];
+        // The hub driver's epoch is the wall clock in microseconds; here the
+        // virtual clock, offset so that a first start is not at zero.
+        let epoch = 1_000_000 + self.now.as_micros() as u64;
+        let policy = Policy {
+            open: true,
+            ..Policy::default()
+        };
+        let core = HubCore::new(h.id, policy, vec![h.addr], GOSSIP * 5, epoch);
+        h.core = Some(core);
+        h.incarnation += 1;
+        let incarnation = h.incarnation;
+        let peers = h.peers.clone();
+        let phase = Duration::from_micros(self.rng.below(GOSSIP.as_micros() as u64));
+        self.schedule(phase, Event::Tick { hub, incarnation });
+        for (to, latency) in peers {
+            let backoff = HUB_BACKOFF.0;
+            self.schedule(
+                Duration::ZERO,
+                Event::Dial {
+                    from: hub,
+                    to,
+                    latency,
+                    backoff,
+                    incarnation,
+                },
+            );
+        }
+    }
+
+    /// Crashes hub `hub`: its state is lost, and its peers see its links
+    /// close one latency later.
+    pub fn kill_hub(&mut self, hub: HubIx) {
+        self.hubs[hub].core = None;
+        let links: Vec<LinkIx> = self.hubs[hub].links.drain().map(|(_, l)| l).collect();
+        for l in links {
+            self.close_link(l);
+        }
+    }
+
+    /// For each hub, the smallest index of the running hubs it is
+    /// connected to through configured peerings among running hubs (None
+    /// for a hub that is down): crashed hubs can cut the federation in
+    /// parts, and routes can only exist within one.
+    pub fn components(&self) -> Vec<Option<HubIx>> {
+        let n = self.hubs.len();
+        let mut parent: Vec<usize> = (0..n).collect();
+        fn root(parent: &mut [usize], mut x: usize) -> usize {
+            while parent[x] != x {
+                parent[x] = parent[parent[x]];
+                x = parent[x];
+            }
+            x
+        }
+        for (a, h) in self.hubs.iter().enumerate() {
+            for (b, _) in &h.peers {
+                if self.hub_alive(a) && self.hub_alive(*b) {
+                    let (ra, rb) = (root(&mut parent, a), root(&mut parent, *b));
+                    parent[ra.max(rb)] = ra.min(rb);
+                }
+            }
+        }
+        (0..n)
+            .map(|h| self.hub_alive(h).then(|| root(&mut parent, h)))
+            .collect()
+    }
+
+    /// Whether hub `hub` runs.
+    pub fn hub_alive(&self, hub: HubIx) -> bool {
+        self.hubs[hub].core.is_some()
+    }
+
+    /// Sends a Lookup for `target` from node `node`; returns the request id,
+    /// whose answer lands in [`Node::found`].
+    pub fn lookup(&mut self, node: NodeIx, target: NodeId) -> Option<u32> {
+        let link = self.nodes[node].link?;
+        let req = self.next_req;
+        self.next_req += 1;
+        let mut f = Vec::new();
+        encode_control(&Control::Lookup { req, node: target }, &mut f).ok()?;
+        self.send(link, side_of_node(&self.links[link]), f.into());
+        Some(req)
+    }
+
+    /// Runs events until virtual time `until` (or the queue empties).
+    pub fn run_until(&mut self, until: Duration) {
+        while let Some(Reverse(next)) = self.queue.peek() {
+            if next.at > until {
+                break;
+            }
+            let Some(Reverse(s)) = self.queue.pop() else {
+                break;
+            };
+            self.now = s.at;
+            self.handle(s.event);
+        }
+        self.now = self.now.max(until);
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver { link, to, frame } => self.deliver(link, to, &frame),
+            Event::Tick { hub, incarnation } => {
+                if self.hubs[hub].incarnation != incarnation {
+                    return;
+                }
+                let now = self.instant();
+                if let Some(core) = self.hubs[hub].core.as_mut() {
+                    core.tick(now);
+                    self.flush(hub);
+                    self.schedule(GOSSIP, Event::Tick { hub, incarnation });
+                }
+            }
+            Event::Dial {
+                from,
+                to,
+                latency,
+                backoff,
+                incarnation,
+            } => self.dial(from, to, latency, backoff, incarnation),
+            Event::Accept { link } => self.link_up(link, 1),
+            Event::Establish { link } => self.link_up(link, 0),
+            Event::Close { link, to } => self.end_closed(link, to),
+            Event::NodeConnect { node } => self.node_connect(node),
+        }
+    }
+
+    /// A dial from hub `from` to `to`: TCP's round trip, then Noise IK's:
+    /// the listener has the link after 3 one-way latencies, the dialler
+    /// after 4. A dead listener refuses after one round trip, and the
+    /// dialler tries again with the hub driver's backoff; so it does when
+    /// the link closes (see [`World::end_closed`]).
+    fn dial(
+        &mut self,
+        from: HubIx,
+        to: HubIx,
+        latency: Duration,
+        backoff: Duration,
+        incarnation: u32,
+    ) {
+        if self.hubs[from].incarnation != incarnation || !self.hub_alive(from) {
+            return;
+        }
+        if !self.hub_alive(to) {
+            let next = (backoff * 2).min(HUB_BACKOFF.1);
+            self.schedule(
+                latency * 2 + backoff,
+                Event::Dial {
+                    from,
+                    to,
+                    latency,
+                    backoff: next,
+                    incarnation,
+                },
+            );
+            return;
+        }
+        let link = self.new_link([End::Hub(from, 0), End::Hub(to, 0)], latency);
+        self.schedule(latency * 3, Event::Accept { link });
+        self.schedule(latency * 4, Event::Establish { link });
+    }
+
+    fn new_link(&mut self, ends: [End; 2], latency: Duration) -> LinkIx {
+        let incarnation = match ends[0] {
+            End::Hub(h, _) => self.hubs[h].incarnation,
+            End::Node(_) => 0,
+        };
+        self.links.push(Link {
+            ends,
+            latency,
+            up: true,
+            arrives: [Duration::ZERO; 2],
+            incarnation,
+        });
+        self.links.len() - 1
+    }
+
+    /// End `side` of `link` comes up (its handshake finished).
+    fn link_up(&mut self, link: LinkIx, side: usize) {
+        if !self.links[link].up {
+            return;
+        }
+        let other = self.links[link].ends[1 - side];
+        match self.links[link].ends[side] {
+            End::Hub(hub, _) => {
+                let peer = match other {
+                    End::Hub(h, _) => self.hubs[h].id,
+                    End::Node(n) => self.nodes[n].id,
+                };
+                let observed = match other {
+                    End::Hub(h, _) => self.hubs[h].addr,
+                    End::Node(n) => node_addr(n),
+                };
+                let Some(core) = self.hubs[hub].core.as_mut() else {
+                    self.close_link(link);
+                    return;
+                };
+                let id = core.link_up(peer, observed, side == 0, None);
+                self.links[link].ends[side] = End::Hub(hub, id);
+                self.hubs[hub].links.insert(id, link);
+                self.flush(hub);
+            }
+            End::Node(n) => {
+                let mut f = Vec::new();
+                let reg = Control::Register {
+                    addrs: vec![node_addr(n)],
+                    proof: None,
+                    accepts: true,
+                };
+                if encode_control(&reg, &mut f).is_ok() {
+                    self.send(link, side, f.into());
+                }
+            }
+        }
+    }
+
+    /// Sends `frame` from end `from` of `link`, in order behind earlier ones.
+    fn send(&mut self, link: LinkIx, from: usize, frame: Rc<[u8]>) {
+        let l = &self.links[link];
+        if !l.up {
+            return;
+        }
+        let mut delay = l.latency;
+        if self.loss > 0.0 && self.rng.unit() < self.loss {
+            // RFC 6298: RTO = max(1 s, SRTT + 4 RTTVAR); Linux uses 200 ms
+            // as its floor, which is what hub links see.
+            delay += (l.latency * 4).max(Duration::from_millis(200));
+        }
+        let at = (self.now + delay).max(l.arrives[1 - from]);
+        let hub_link = matches!(l.ends, [End::Hub(..), End::Hub(..)]);
+        if hub_link {
+            self.traffic.hub_messages += 1;
+            self.traffic.hub_bytes += frame.len() as u64;
+        } else {
+            self.traffic.node_messages += 1;
+            self.traffic.node_bytes += frame.len() as u64;
+        }
+        self.links[link].arrives[1 - from] = at;
+        let after = at - self.now;
+        self.schedule(
+            after,
+            Event::Deliver {
+                link,
+                to: 1 - from,
+                frame,
+            },
+        );
+    }
+
+    /// Sends what hub `hub`'s core queued, and acts on what it closed.
+    fn flush(&mut self, hub: HubIx) {
+        let Some(core) = self.hubs[hub].core.as_mut() else {
+            return;
+        };
+        let out = core.take_outbox();
+        let _ = core.take_events();
+        // A flood queues the same frame for every link; in flight, the
+        // copies share one buffer (a thousand hubs in one process would
+        // otherwise hold every copy of every flood at once).
+        let mut recent: Vec<Rc<[u8]>> = Vec::new();
+        for (id, frame) in out {
+            let Some(&link) = self.hubs[hub].links.get(&id) else {
+                continue;
+            };
+            let side = self.side_of_hub(link, hub);
+            let shared = match recent.iter().find(|r| ***r == *frame) {
+                Some(r) => r.clone(),
+                None => {
+                    let r: Rc<[u8]> = frame.into();
+                    recent.push(r.clone());
+                    if recent.len() > 8 {
+                        recent.remove(0);
+                    }
+                    r
+                }
+            };
+            self.send(link, side, shared);
+        }
+    }
+
+    fn side_of_hub(&self, link: LinkIx, hub: HubIx) -> usize {
+        match self.links[link].ends[0] {
+            End::Hub(h, _) if h == hub => 0,
+            _ => 1,
+        }
+    }
+
+    fn deliver(&mut self, link: LinkIx, to: usize, frame: &[u8]) {
+        if !self.links[link].up {
+            return;
+        }
+        match self.links[link].ends[to] {
+            End::Hub(hub, id) => {
+                let now = self.instant();
+                let Some(core) = self.hubs[hub].core.as_mut() else {
+                    return;
+                };
+                if id == 0 {
+                    return; // not accepted yet: TCP would have queued it; the core sees it after
+                }
+                let mut rest = frame;
+                let mut close = None;
+                while !rest.is_empty() {
+                    match decode_frame(rest) {
+                        Ok(Some((f, used))) => {
+                            if let Verdict::Close(why) = core.handle_frame(id, f, now) {
+                                close = Some(why);
+                                break;
+                            }
+                            rest = &rest[used..];
+                        }
+                        _ => {
+                            close = Some("undecodable frame".to_string());
+                            break;
+                        }
+                    }
+                }
+                self.flush(hub);
+                if close.is_some() {
+                    self.close_link(link);
+                }
+            }
+            End::Node(n) => self.node_frame(n, frame),
+        }
+    }
+
+    fn node_frame(&mut self, n: NodeIx, frame: &[u8]) {
+        let Ok(Some((Frame::Control(msg), _))) = decode_frame(frame) else {
+            return;
+        };
+        let node = &mut self.nodes[n];
+        match msg {
+            Control::Registered { .. } => {
+                node.registered = true;
+                node.backoff = NODE_BACKOFF.0;
+            }
+            Control::Found { req, entry, .. } => {
+                node.found
+                    .insert(req, (entry.map(|e: DirEntry| e.hub), self.now));
+            }
+            _ => {}
+        }
+    }
+
+    /// Closes `link`: each live end learns one latency later.
+    fn close_link(&mut self, link: LinkIx) {
+        if !self.links[link].up {
+            return;
+        }
+        self.links[link].up = false;
+        let latency = self.links[link].latency;
+        for to in 0..2 {
+            self.schedule(latency, Event::Close { link, to });
+        }
+    }
+
+    fn end_closed(&mut self, link: LinkIx, to: usize) {
+        match self.links[link].ends[to] {
+            End::Hub(hub, id) => {
+                if id != 0 && self.hubs[hub].links.get(&id) == Some(&link) {
+                    self.hubs[hub].links.remove(&id);
+                    let now = self.instant();
+                    if let Some(core) = self.hubs[hub].core.as_mut() {
+                        core.link_down(id, now);
+                        self.flush(hub);
+                    }
+                }
+                // The dialler of a configured peering redials after its
+                // shortest backoff, as the hub driver's keep_peer does.
+                if let (0, End::Hub(to, _)) = (to, self.links[link].ends[1]) {
+                    let (latency, incarnation) =
+                        (self.links[link].latency, self.links[link].incarnation);
+                    let backoff = HUB_BACKOFF.0;
+                    self.schedule(
+                        backoff,
+                        Event::Dial {
+                            from: hub,
+                            to,
+                            latency,
+                            backoff,
+                            incarnation,
+                        },
+                    );
+                }
+            }
+            End::Node(n) => {
+                if self.nodes[n].link != Some(link) {
+                    return;
+                }
+                let node = &mut self.nodes[n];
+                node.link = None;
+                node.registered = false;
+                let wait = node.backoff.mul_f64(0.8 + 0.4 * self.rng.unit());
+                node.backoff = (node.backoff * 2).min(NODE_BACKOFF.1);
+                self.schedule(wait, Event::NodeConnect { node: n });
+            }
+        }
+    }
+
+    /// A node dials its hub: refused after a round trip if the hub is down.
+    fn node_connect(&mut self, n: NodeIx) {
+        let (hub, latency) = (self.nodes[n].hub, self.nodes[n].latency);
+        if !self.hub_alive(hub) {
+            let node = &mut self.nodes[n];
+            let wait = latency * 2 + node.backoff.mul_f64(0.8 + 0.4 * self.rng.unit());
+            node.backoff = (node.backoff * 2).min(NODE_BACKOFF.1);
+            self.schedule(wait, Event::NodeConnect { node: n });
+            return;
+        }
+        let link = self.new_link([End::Node(n), End::Hub(hub, 0)], latency);
+        self.nodes[n].link = Some(link);
+        self.schedule(latency * 3, Event::Accept { link });
+        self.schedule(latency * 4, Event::Establish { link });
+    }
+}
+
+fn side_of_node(link: &Link) -> usize {
+    match link.ends[0] {
+        End::Node(_) => 0,
+        End::Hub(..) => 1,
+    }
+}
+
+/// A simulated public address: 198.51.100.0/24-style documentation space is
+/// too small for 100k hosts, and these never leave the process, so the
+/// addresses only need to be distinct.
+fn sim_ip(ix: u32, kind: u8) -> Ipv4Addr {
+    let b = ix.to_be_bytes();
+    Ipv4Addr::new(10 + kind, b[1], b[2], b[3])
+}
+
+fn node_addr(n: NodeIx) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(sim_ip(n as u32, 1)), 4000)
+}
