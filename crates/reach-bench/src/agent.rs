@@ -163,7 +163,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", a.addr_file.display()))?;
     let plain = async {
         loop {
-            let (s, _) = reach::proxy::accept(&tcp, "agent").await;
+            let (s, _) = reach::accept::accept(&tcp, "agent").await;
             let _ = s.set_nodelay(true);
             tokio::spawn(answer(s));
         }

@@ -29,7 +29,7 @@ const MAX_ANSWERS: usize = 256;
 pub(crate) async fn serve(listener: TcpListener) {
     let answering = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ANSWERS));
     loop {
-        let (mut tcp, from) = reach::proxy::accept(&listener, "address echo").await;
+        let (mut tcp, from) = reach::accept::accept(&listener, "address echo").await;
         let Ok(permit) = answering.clone().try_acquire_owned() else {
             tracing::debug!(%from, "address echo busy: connection dropped");
             continue;

@@ -219,7 +219,7 @@ async fn serve(
     stats: Arc<ProxyStats>,
 ) {
     loop {
-        let (tcp, from) = reach::proxy::accept(&listener, "proxy port").await;
+        let (tcp, from) = reach::accept::accept(&listener, "proxy port").await;
         let ip = from.ip().to_canonical();
         if !allow.is_empty() && !allow.iter().any(|(net, len)| in_prefix(ip, *net, *len)) {
             tracing::info!(%from, node = %target.node, "client outside the exposure's ranges: refused");

@@ -16,7 +16,8 @@ use tokio::task::JoinSet;
 
 use crate::error::{Attempt, AttemptError, ConnectError};
 use crate::handshake::{initiate, tcp_connect};
-use crate::stream::{Direction, ReachStream, SetupModule};
+use crate::setup_module::SetupModule;
+use crate::stream::{Direction, ReachStream};
 
 /// Settings of one direct connection race.
 #[derive(Clone, Copy, Debug)]

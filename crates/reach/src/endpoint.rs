@@ -28,12 +28,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 
 use crate::discovery::{local_addrs, LocalAddrCache};
-use crate::error::{AttemptError, ConnectError, EndpointError};
+use crate::error::{AttemptError, ConnectError, EndpointError, SessionError};
 use crate::keystore;
 use crate::module_cache::ModuleCache;
-use crate::session::{self, HubStatus, HubTarget, Session, SessionError};
+use crate::session::{self, HubStatus, HubTarget, Session};
 use crate::setup;
-use crate::stream::{Direction, ReachStream, SetupModule};
+use crate::setup_module::SetupModule;
+use crate::stream::{Direction, ReachStream};
 
 /// Default time `connect` may take before giving up.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -329,7 +330,7 @@ pub(crate) struct Shared {
     /// When a cached routed stream to a node was last offered an upgrade.
     pub(crate) upgrades_tried: StdMutex<HashMap<NodeId, Instant>>,
     /// Inbound routed streams the peer may move to a direct connection.
-    pub(crate) upgrades: Arc<crate::upgrade::Registry>,
+    pub(crate) upgrades: Arc<crate::stream::upgrade::Registry>,
     /// The module that last worked, per target.
     pub(crate) cache: ModuleCache,
     /// Local ports splices used lately, not to be reused soon.
@@ -430,12 +431,12 @@ impl Shared {
         &self,
         peer: &NodeId,
         h: &HelloHeader,
-        moving: &mut Option<crate::upgrade::Slot>,
+        moving: &mut Option<crate::stream::upgrade::Slot>,
     ) -> Admission {
         if !h.upgrade {
             return self.admit_port(h.port);
         }
-        match crate::upgrade::lookup(&self.upgrades, *peer, h.port) {
+        match crate::stream::upgrade::lookup(&self.upgrades, *peer, h.port) {
             Some(slot) => {
                 slot.begin();
                 *moving = Some(slot);
@@ -452,7 +453,7 @@ impl Shared {
         &self,
         tcp: TcpStream,
         est: Result<reach_proto::handshake::Established, AttemptError>,
-        moving: Option<crate::upgrade::Slot>,
+        moving: Option<crate::stream::upgrade::Slot>,
         module: SetupModule,
         started: Instant,
     ) -> Result<(), AttemptError> {
@@ -789,7 +790,7 @@ pub fn preferred_cipher() -> Cipher {
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
-        let (tcp, from) = crate::proxy::accept(&listener, "endpoint").await;
+        let (tcp, from) = crate::accept::accept(&listener, "endpoint").await;
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             tracing::warn!(%from, "dropping connection: too many handshakes in progress");
             continue;

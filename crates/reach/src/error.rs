@@ -1,4 +1,6 @@
-//! Errors of the `reach` library.
+//! Errors of the `reach` library: one enum per layer, each variant one
+//! cause. A leaf module: errors name what went wrong (an address, a module,
+//! a hub's reason) but depend on no module that produces them.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,7 +9,7 @@ use reach_proto::handshake::{HandshakeError, Refusal};
 use reach_proto::NodeId;
 
 use crate::keystore::KeyStoreError;
-use crate::stream::SetupModule;
+use crate::setup_module::SetupModule;
 
 /// Why one connection attempt to one address failed.
 #[derive(Debug, thiserror::Error)]
@@ -192,11 +194,38 @@ pub enum NatProbeError {
     NoHub,
     /// The hub session is not up.
     #[error(transparent)]
-    Session(#[from] crate::session::SessionError),
+    Session(#[from] SessionError),
     /// The hub runs no address echo.
     #[error("the hub runs no address echo")]
     NoEcho,
     /// An echo did not answer usably (the OS error or the bad answer).
     #[error("{0}")]
     Echo(String),
+}
+
+/// Why a hub operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// No session is up (yet); the last failure says why.
+    #[error("no session with hub {hub}{}", .last.as_ref().map(|l| format!(": {l}")).unwrap_or_default())]
+    Down {
+        /// The configured hub.
+        hub: String,
+        /// The last reason the session failed, if any.
+        last: Option<String>,
+    },
+    /// The hub did not answer in time.
+    #[error("hub did not answer within {0:?}")]
+    TimedOut(Duration),
+    /// The hub refused to admit this node (its policy lists neither the node's
+    /// key nor accepts its network secret). The session keeps retrying slowly,
+    /// in case the policy changes.
+    #[error("hub {hub} refused this node: {reason}")]
+    Refused {
+        /// The hub.
+        hub: String,
+        /// The hub's reason.
+        reason: String,
+    },
 }

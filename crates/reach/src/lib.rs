@@ -13,6 +13,7 @@
 //! it with tokio sockets.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod accept;
 mod direct;
 pub mod discovery;
 mod endpoint;
@@ -27,10 +28,10 @@ mod routed;
 mod secure;
 mod session;
 mod setup;
+mod setup_module;
 mod splice;
 mod stream;
 pub mod udp_proxy;
-mod upgrade;
 
 pub use endpoint::{
     preferred_cipher, ConnectBackWait, Endpoint, EndpointBuilder, ListenPorts,
@@ -39,11 +40,13 @@ pub use endpoint::{
 };
 pub use error::{
     Attempt, AttemptError, ConnectError, EndpointError, ExposeError, ModuleFailure, NatProbeError,
+    SessionError,
 };
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;
 pub use secure::SecureStream;
-pub use session::{HubExposure, HubStatus, HubTarget, SessionError};
+pub use session::{HubExposure, HubStatus, HubTarget};
+pub use setup_module::{SetupModule, UnknownModule};
 pub use splice::NatReport;
-pub use stream::{Direction, ReachStream, SetupModule, StreamInfo};
-pub use upgrade::Upgraded;
+pub use stream::upgrade::Upgraded;
+pub use stream::{Direction, ReachStream, StreamInfo};

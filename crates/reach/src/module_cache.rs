@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use reach_proto::NodeId;
 
-use crate::stream::SetupModule;
+use crate::setup_module::SetupModule;
 
 /// What is remembered about one target.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -26,6 +26,7 @@ use reach_proto::{socks, NodeId, VirtualAddr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::accept::accept;
 use crate::endpoint::Endpoint;
 use crate::error::EndpointError;
 
@@ -520,21 +521,6 @@ async fn socks_one(
             out.write_all(&buf).await?;
             stats.to_reach(buf.len());
             pipe(&mut tcp, &mut out, stats).await
-        }
-    }
-}
-
-/// The next connection on `listener`. An accept error (typically EMFILE:
-/// out of file descriptors) is logged and retried after a pause, instead of
-/// spinning or ending the server; `what` names the listener in the log.
-pub async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(x) => return x,
-            Err(e) => {
-                tracing::warn!("{what}: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
         }
     }
 }

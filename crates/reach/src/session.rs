@@ -29,11 +29,12 @@ use tokio::sync::{oneshot, watch};
 
 use crate::direct::{self, RaceSettings};
 use crate::endpoint::Shared;
-use crate::error::{AttemptError, ExposeError};
+use crate::error::{AttemptError, ExposeError, SessionError};
 use crate::handshake::{initiate, respond, tcp_connect};
 use crate::link::{write_frames, FrameReader, FrameTx};
 use crate::routed::{RoutedStream, StreamMap};
-use crate::stream::{Direction, ReachStream, SetupModule};
+use crate::setup_module::SetupModule;
+use crate::stream::{Direction, ReachStream};
 
 /// First reconnect delay after a lost or failed hub session.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -141,33 +142,6 @@ pub struct HubStatus {
     pub remote: SocketAddr,
     /// The hub's address echoes (for NAT behaviour detection).
     pub echo: Vec<SocketAddr>,
-}
-
-/// Why a hub operation failed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[non_exhaustive]
-pub enum SessionError {
-    /// No session is up (yet); the last failure says why.
-    #[error("no session with hub {hub}{}", .last.as_ref().map(|l| format!(": {l}")).unwrap_or_default())]
-    Down {
-        /// The configured hub.
-        hub: String,
-        /// The last reason the session failed, if any.
-        last: Option<String>,
-    },
-    /// The hub did not answer in time.
-    #[error("hub did not answer within {0:?}")]
-    TimedOut(Duration),
-    /// The hub refused to admit this node (its policy lists neither the node's
-    /// key nor accepts its network secret). The session keeps retrying slowly,
-    /// in case the policy changes.
-    #[error("hub {hub} refused this node: {reason}")]
-    Refused {
-        /// The hub.
-        hub: String,
-        /// The hub's reason.
-        reason: String,
-    },
 }
 
 /// A registered link.
@@ -958,9 +932,13 @@ async fn accept_routed(
         Ok(Ok(est)) => {
             // The peer may move this stream to a direct connection later.
             let stream = ReachStream::over_routed(rs, est, link, Direction::Inbound, started);
-            let slot = crate::upgrade::Slot::default();
+            let slot = crate::stream::upgrade::Slot::default();
             let registration = stream.upgrade_id().and_then(|id| {
-                crate::upgrade::register(&shared.upgrades, (stream.peer(), id), slot.clone())
+                crate::stream::upgrade::register(
+                    &shared.upgrades,
+                    (stream.peer(), id),
+                    slot.clone(),
+                )
             });
             let stream = match registration {
                 Some(r) => stream.into_upgradable(slot, Some(r)),

@@ -46,7 +46,8 @@ use crate::endpoint::Shared;
 use crate::error::{AttemptError, ConnectError};
 use crate::handshake::{initiate, respond};
 use crate::link::FrameTx;
-use crate::stream::{Direction, ReachStream, SetupModule};
+use crate::setup_module::SetupModule;
+use crate::stream::{Direction, ReachStream};
 
 use attempts::punch;
 use pending::{AskerTurn, ANSWERS_PER_ASKER};
@@ -170,7 +171,7 @@ pub(crate) async fn answer(
         ));
     };
     if upgrade {
-        if crate::upgrade::lookup(&shared.upgrades, from, vport).is_none() {
+        if crate::stream::upgrade::lookup(&shared.upgrades, from, vport).is_none() {
             return decline("no routed stream here to move".into());
         }
     } else if shared.admit_port(vport) != Admission::Accept {

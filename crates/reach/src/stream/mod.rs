@@ -1,4 +1,15 @@
 //! The byte stream an application gets from `connect` or `accept`.
+//!
+//! ```text
+//!  app <--AsyncRead/AsyncWrite--> ReachStream --> SecureStream (records) --> TCP
+//!                                             \-> RoutedStream (hub link frames)
+//!                                             \-> upgrade: routed now, moved onto
+//!                                                 a direct connection mid-stream
+//! ```
+//! A [`ReachStream`] wraps whichever transport the setup driver made and
+//! reports how ([`StreamInfo`]); [`upgrade`] is the in-place handover that
+//! lets a routed stream move onto a better path while the application reads
+//! and writes (the setup driver's background upgrade decides when).
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,61 +22,12 @@ use reach_proto::{NodeId, StreamMode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+pub(crate) mod upgrade;
+
 use crate::routed::RoutedStream;
 use crate::secure::SecureStream;
-use crate::upgrade::{Handover, NewPath, Registration, Slot, Upgraded};
-
-/// How a stream was set up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum SetupModule {
-    /// A TCP connection to one of the target's advertised addresses.
-    Direct,
-    /// The target connected back to us, asked through the hubs.
-    Reverse,
-    /// A TCP simultaneous open through both sides' NATs or firewalls,
-    /// arranged through the hubs.
-    Splice,
-    /// Multiplexed over hub links; works whenever a hub path exists.
-    Routed,
-}
-
-impl SetupModule {
-    /// Every module, in the default order of the setup driver.
-    pub const ALL: [SetupModule; 4] = [
-        SetupModule::Direct,
-        SetupModule::Reverse,
-        SetupModule::Splice,
-        SetupModule::Routed,
-    ];
-}
-
-impl std::str::FromStr for SetupModule {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "direct" => Ok(SetupModule::Direct),
-            "reverse" => Ok(SetupModule::Reverse),
-            "splice" => Ok(SetupModule::Splice),
-            "routed" => Ok(SetupModule::Routed),
-            other => Err(format!(
-                "unknown setup module {other:?}: expected direct, reverse, splice or routed"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for SetupModule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            SetupModule::Direct => "direct",
-            SetupModule::Reverse => "reverse",
-            SetupModule::Splice => "splice",
-            SetupModule::Routed => "routed",
-        })
-    }
-}
+use crate::setup_module::SetupModule;
+use upgrade::{Handover, NewPath, Registration, Slot, Upgraded};
 
 /// Which side opened the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,8 +22,11 @@ use crate::direct::{self, RaceSettings};
 use crate::endpoint::Shared;
 use crate::error::{AttemptError, ConnectError, ModuleFailure};
 use crate::handshake::initiate;
-use crate::stream::{Direction, ReachStream, SetupModule};
-use crate::upgrade::{upgradable, upgrade_modules};
+use crate::setup_module::SetupModule;
+use crate::stream::{Direction, ReachStream};
+mod upgrade;
+
+use upgrade::{upgradable, upgrade_modules};
 
 /// How long `connect` waits for a hub session that is still coming up.
 const SESSION_WAIT: Duration = Duration::from_secs(3);

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use reach_proto::handshake::InitiatorOptions;
 use reach_proto::{NodeId, VirtualAddr};
 
-use super::Slot;
 use crate::direct::{self, RaceSettings};
 use crate::endpoint::Shared;
-use crate::stream::{ReachStream, SetupModule};
+use crate::setup_module::SetupModule;
+use crate::stream::upgrade::Slot;
+use crate::stream::ReachStream;
 
 /// How often a target whose routed stream came from the cache is offered an
 /// upgrade: the pair may have become able to splice (a NAT or firewall
@@ -92,7 +93,7 @@ async fn upgrade(
 ) {
     if target.direct.is_empty() && modules.contains(&SetupModule::Direct) {
         if let Some(session) = &shared.session {
-            let deadline = Instant::now() + crate::setup::LOOKUP_BUDGET;
+            let deadline = Instant::now() + super::LOOKUP_BUDGET;
             if let Ok(Some(entry)) = session.lookup(target.node, deadline).await {
                 target.direct = entry.addrs;
             }
@@ -112,7 +113,7 @@ async fn upgrade(
             SetupModule::Direct => {
                 let settings = RaceSettings {
                     options,
-                    ..crate::setup::race_settings(&shared, &target.node, shared.direct_budget)
+                    ..super::race_settings(&shared, &target.node, shared.direct_budget)
                 };
                 direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
                     .await

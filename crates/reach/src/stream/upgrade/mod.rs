@@ -25,7 +25,6 @@
 //! attaches before A does, and may write first) waits for it; if the upgrade
 //! then fails, the read fails loudly instead of ending early.
 
-mod background;
 mod handover;
 
 use std::collections::HashMap;
@@ -39,9 +38,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::secure::SecureStream;
-use crate::stream::SetupModule;
+use crate::setup_module::SetupModule;
 
-pub(crate) use background::{upgradable, upgrade_modules};
 pub(crate) use handover::Handover;
 
 /// Where a stream moved to, and when.
