@@ -478,7 +478,8 @@ async fn keep_peer(inner: Arc<Inner>, peer: Peer) {
                 .endpoint
                 .dial_hub(&peer.target)
                 .await
-                .map(|s| (s, None)),
+                .map(|s| (s, None))
+                .map_err(|e| e.to_string()),
             Some(server) => through_ssh(&inner, &peer, server).await,
         };
         match result {
@@ -513,7 +514,13 @@ async fn through_ssh(
     let target = tunnel.target(&peer.target);
     tracing::debug!(%peer, local = %tunnel.local, "ssh tunnel started");
     let stream = tunnel
-        .wait_ready(|| inner.endpoint.dial_hub(&target))
+        .wait_ready(|| async {
+            inner
+                .endpoint
+                .dial_hub(&target)
+                .await
+                .map_err(|e| e.to_string())
+        })
         .await?;
     Ok((stream, Some(tunnel)))
 }

@@ -335,5 +335,7 @@ async fn connect_back(inner: &Inner, target: &Target) -> Result<reach::ReachStre
         s.core.send_control(target.link, &ask);
         s.flush();
     }
-    wait.wait(CONNECT_BACK_WAIT).await
+    wait.wait(CONNECT_BACK_WAIT)
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -28,7 +28,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 
 use crate::discovery::{local_addrs, LocalAddrCache};
-use crate::error::{AttemptError, ConnectError, EndpointError, SessionError};
+use crate::error::{
+    AttemptError, ConnectBackError, ConnectError, EndpointError, HubError, SessionError,
+};
 use crate::keystore;
 use crate::module_cache::ModuleCache;
 use crate::session::{self, HubStatus, HubTarget, Session};
@@ -365,12 +367,12 @@ impl ConnectBackWait {
     }
 
     /// The stream, once the node has connected back, within `timeout`.
-    pub async fn wait(mut self, timeout: Duration) -> Result<ReachStream, String> {
+    pub async fn wait(mut self, timeout: Duration) -> Result<ReachStream, ConnectBackError> {
         match tokio::time::timeout(timeout, &mut self.rx).await {
             Ok(Ok(Ok(stream))) => Ok(stream),
-            Ok(Ok(Err(reason))) => Err(format!("hub could not ask the node: {reason}")),
-            Ok(Err(_)) => Err("the connect-back request was dropped".into()),
-            Err(_) => Err(format!("the node did not connect back within {timeout:?}")),
+            Ok(Ok(Err(reason))) => Err(ConnectBackError::NotDelivered(reason)),
+            Ok(Err(_)) => Err(ConnectBackError::Dropped),
+            Err(_) => Err(ConnectBackError::TimedOut(timeout)),
         }
     }
 }
@@ -731,18 +733,18 @@ impl Endpoint {
     /// Dials a hub and authenticates it (pinning its identity on first
     /// contact when `hub` does not name it): the start of a hub-to-hub link.
     /// The caller speaks the link protocol (`reach::link`) on the stream.
-    pub async fn dial_hub(&self, hub: &HubTarget) -> Result<ReachStream, String> {
+    pub async fn dial_hub(&self, hub: &HubTarget) -> Result<ReachStream, HubError> {
         session::dial(&self.shared, hub, self.shared.known_hubs.as_deref()).await
     }
 
     /// Asks a hub for its status report (JSON: links, routes, attached
     /// nodes, counters). `hub` defaults to the endpoint's own hub; the query
     /// carries the network secret's proof when one is configured.
-    pub async fn query_hub(&self, hub: Option<&HubTarget>) -> Result<String, String> {
+    pub async fn query_hub(&self, hub: Option<&HubTarget>) -> Result<String, HubError> {
         let target = match (hub, &self.shared.session) {
             (Some(h), _) => h,
             (None, Some(s)) => &s.target,
-            (None, None) => return Err("no hub given and none configured".into()),
+            (None, None) => return Err(HubError::NoHub),
         };
         session::query_status(&self.shared, target, self.shared.network_secret.as_deref()).await
     }

@@ -186,7 +186,7 @@ pub enum ExposeError {
 }
 
 /// Why NAT behaviour could not be probed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NatProbeError {
     /// The endpoint has no hub to ask.
@@ -198,9 +198,45 @@ pub enum NatProbeError {
     /// The hub runs no address echo.
     #[error("the hub runs no address echo")]
     NoEcho,
-    /// An echo did not answer usably (the OS error or the bad answer).
-    #[error("{0}")]
-    Echo(String),
+    /// An echo did not answer usably.
+    #[error(transparent)]
+    Echo(#[from] EchoError),
+}
+
+/// Why asking a hub's address echo what it sees failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EchoError {
+    /// The hub runs no address echo.
+    #[error("the hub runs no address echo")]
+    NoEcho,
+    /// No local port could be bound to probe from.
+    #[error("cannot bind a probe port: {0}")]
+    Bind(#[source] std::io::Error),
+    /// Connecting to the echo or reading its answer failed.
+    #[error("address echo {echo}: {source}")]
+    Io {
+        /// The echo.
+        echo: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The echo's answer is not an address.
+    #[error("address echo {echo}: {source}")]
+    BadAnswer {
+        /// The echo.
+        echo: SocketAddr,
+        /// What is wrong with it.
+        source: reach_proto::nat::EchoError,
+    },
+    /// The echo did not answer in time.
+    #[error("address echo {echo}: no answer within {after:?}")]
+    TimedOut {
+        /// The echo.
+        echo: SocketAddr,
+        /// The deadline.
+        after: Duration,
+    },
 }
 
 /// Why a hub operation failed.
@@ -228,4 +264,118 @@ pub enum SessionError {
         /// The hub's reason.
         reason: String,
     },
+}
+
+/// Why a hub could not be dialled, attached to or asked for its status.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// No hub was named and the endpoint has none configured.
+    #[error("no hub given and none configured")]
+    NoHub,
+    /// The hub's host name did not resolve.
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        /// The host name.
+        host: String,
+        /// What the resolver said.
+        source: std::io::Error,
+    },
+    /// The hub's host name resolved to no address.
+    #[error("{host} resolves to no address")]
+    NoAddress {
+        /// The host name.
+        host: String,
+    },
+    /// The hub was named without its NodeId, and no address answered as a
+    /// reach node that would say which it is.
+    #[error("cannot learn the hub's identity ({last})")]
+    UnknownIdentity {
+        /// The last address tried and why it failed.
+        last: String,
+    },
+    /// Connecting to the hub failed.
+    #[error("{source}{}", key_changed_hint(*.key_changed, .known_hubs.as_deref()))]
+    Connect {
+        /// Why.
+        source: ConnectError,
+        /// Whether the hub answered under another identity than the one
+        /// expected (pinned, or named in the address).
+        key_changed: bool,
+        /// The file pinning hub identities, if any.
+        known_hubs: Option<std::path::PathBuf>,
+    },
+    /// The hub did not answer in time.
+    #[error("hub {hub} {what} within {after:?}")]
+    TimedOut {
+        /// The hub (its address, or its NodeId once known).
+        hub: String,
+        /// What did not happen.
+        what: &'static str,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The hub refused (its reason).
+    #[error("hub {hub} refused {what}: {reason}")]
+    Refused {
+        /// The hub.
+        hub: NodeId,
+        /// What it refused.
+        what: &'static str,
+        /// Its reason.
+        reason: String,
+    },
+    /// The link to the hub failed.
+    #[error("hub {hub} link failed {during}: {source}")]
+    Link {
+        /// The hub.
+        hub: NodeId,
+        /// What was going on.
+        during: &'static str,
+        /// What broke.
+        source: crate::link::LinkReadError,
+    },
+    /// The hub closed the link early.
+    #[error("hub {hub} closed the link {during}")]
+    Closed {
+        /// The hub.
+        hub: NodeId,
+        /// What was going on.
+        during: &'static str,
+    },
+    /// The hub answered out of turn.
+    #[error("hub {hub} answered {during} with {got}")]
+    Unexpected {
+        /// The hub.
+        hub: NodeId,
+        /// What was going on.
+        during: &'static str,
+        /// What it sent.
+        got: String,
+    },
+}
+
+fn key_changed_hint(key_changed: bool, known_hubs: Option<&std::path::Path>) -> String {
+    if !key_changed {
+        return String::new();
+    }
+    let file = known_hubs.map_or("the known_hubs file".into(), |p| p.display().to_string());
+    format!(" (the hub's key changed? if that is expected, remove its line from {file})")
+}
+
+/// Why a connect-back awaited with `Endpoint::expect_connect_back` did not
+/// arrive.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectBackError {
+    /// The hubs could not deliver the request, or the node could not
+    /// connect (their reason).
+    #[error("hub could not ask the node: {0}")]
+    NotDelivered(String),
+    /// The endpoint dropped the request (it is shutting down).
+    #[error("the connect-back request was dropped")]
+    Dropped,
+    /// The node did not connect back in time.
+    #[error("the node did not connect back within {0:?}")]
+    TimedOut(Duration),
 }

@@ -39,8 +39,8 @@ pub use endpoint::{
     DEFAULT_REVERSE_BUDGET,
 };
 pub use error::{
-    Attempt, AttemptError, ConnectError, EndpointError, ExposeError, ModuleFailure, NatProbeError,
-    SessionError,
+    Attempt, AttemptError, ConnectBackError, ConnectError, EchoError, EndpointError, ExposeError,
+    HubError, ModuleFailure, NatProbeError, SessionError,
 };
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;

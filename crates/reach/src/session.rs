@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::direct::{self, RaceSettings};
 use crate::endpoint::Shared;
-use crate::error::{AttemptError, ExposeError, SessionError};
+use crate::error::{AttemptError, ExposeError, HubError, SessionError};
 use crate::handshake::{initiate, respond, tcp_connect};
 use crate::link::{write_frames, FrameReader, FrameTx};
 use crate::routed::{RoutedStream, StreamMap};
@@ -438,7 +438,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
             Ok(Err(e)) => {
                 tracing::warn!(hub = %session.target, "cannot attach to hub: {e}");
-                *locked(&session.last_error) = Some(e);
+                *locked(&session.last_error) = Some(e.to_string());
                 if session.refused.borrow().is_some() {
                     // Policies change by hand: no point asking often.
                     backoff = REFUSED_BACKOFF;
@@ -447,7 +447,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             Err(_) => {
                 let e = format!("no answer within {ATTACH_TIMEOUT:?}");
                 tracing::warn!(hub = %session.target, "cannot attach to hub: {e}");
-                *locked(&session.last_error) = Some(e);
+                *locked(&session.last_error) = Some(e.to_string());
             }
         }
         tokio::time::sleep(jitter(backoff)).await;
@@ -473,13 +473,18 @@ struct Attached {
 }
 
 /// Resolves the hub's addresses.
-async fn resolve(target: &HubTarget) -> Result<Vec<SocketAddr>, String> {
+async fn resolve(target: &HubTarget) -> Result<Vec<SocketAddr>, HubError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.host.as_str(), target.port))
         .await
-        .map_err(|e| format!("cannot resolve {}: {e}", target.host))?
+        .map_err(|source| HubError::Resolve {
+            host: target.host.clone(),
+            source,
+        })?
         .collect();
     if addrs.is_empty() {
-        return Err(format!("{} resolves to no address", target.host));
+        return Err(HubError::NoAddress {
+            host: target.host.clone(),
+        });
     }
     Ok(addrs)
 }
@@ -495,7 +500,7 @@ fn pinned(path: &std::path::Path, key: &str) -> Option<NodeId> {
 
 /// Learns the NodeId of the hub at `addrs` by greeting it under our own name:
 /// it answers that it is another node and says which.
-async fn learn_hub_id(secret: &SecretKey, addrs: &[SocketAddr]) -> Result<NodeId, String> {
+async fn learn_hub_id(secret: &SecretKey, addrs: &[SocketAddr]) -> Result<NodeId, HubError> {
     let mut last = String::from("no address");
     for addr in addrs {
         let mut tcp = match tcp_connect(*addr).await {
@@ -519,7 +524,7 @@ async fn learn_hub_id(secret: &SecretKey, addrs: &[SocketAddr]) -> Result<NodeId
             Ok(_) => last = format!("{addr}: answered as this node itself"),
         }
     }
-    Err(format!("cannot learn the hub's identity ({last})"))
+    Err(HubError::UnknownIdentity { last })
 }
 
 /// The hub's NodeId: given, pinned, or learned and pinned now.
@@ -528,7 +533,7 @@ async fn hub_id(
     known_hubs: Option<&std::path::Path>,
     secret: &SecretKey,
     addrs: &[SocketAddr],
-) -> Result<NodeId, String> {
+) -> Result<NodeId, HubError> {
     if let Some(id) = target.id {
         return Ok(id);
     }
@@ -559,7 +564,7 @@ pub(crate) async fn dial(
     shared: &Shared,
     hub: &HubTarget,
     known_hubs: Option<&std::path::Path>,
-) -> Result<ReachStream, String> {
+) -> Result<ReachStream, HubError> {
     let addrs = resolve(hub).await?;
     let id = hub_id(hub, known_hubs, &shared.secret, &addrs).await?;
     let target = VirtualAddr::new(id, HUB_VPORT).with_direct(addrs);
@@ -574,15 +579,10 @@ pub(crate) async fn dial(
     };
     direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
         .await
-        .map_err(|e| {
-            if e.is_identity_mismatch() {
-                format!(
-                    "{e} (the hub's key changed? if that is expected, remove its line from {})",
-                    known_hubs.map_or("the known_hubs file".into(), |p| p.display().to_string())
-                )
-            } else {
-                e.to_string()
-            }
+        .map_err(|source| HubError::Connect {
+            key_changed: source.is_identity_mismatch(),
+            known_hubs: known_hubs.map(std::path::Path::to_path_buf),
+            source,
         })
 }
 
@@ -592,45 +592,68 @@ pub(crate) async fn query_status(
     shared: &Shared,
     hub: &HubTarget,
     network_secret: Option<&[u8]>,
-) -> Result<String, String> {
+) -> Result<String, HubError> {
     let stream = tokio::time::timeout(
         ATTACH_TIMEOUT,
         dial(shared, hub, shared.known_hubs.as_deref()),
     )
     .await
-    .map_err(|_| format!("hub {hub} did not answer within {ATTACH_TIMEOUT:?}"))??;
+    .map_err(|_| HubError::TimedOut {
+        hub: hub.to_string(),
+        what: "did not answer",
+        after: ATTACH_TIMEOUT,
+    })??;
     let hub_id = stream.peer();
     let (r, mut w) = tokio::io::split(stream);
     let proof = network_secret.map(|s| admission_proof(s, &shared.secret.node_id(), &hub_id));
     let mut frame = Vec::new();
-    encode_control(&Control::StatusQuery { proof }, &mut frame).map_err(|e| e.to_string())?;
+    // A StatusQuery is a few dozen bytes: it always fits a frame.
+    let _ = encode_control(&Control::StatusQuery { proof }, &mut frame);
+    const DURING: &str = "during the status query";
     async {
         w.write_all(&frame).await?;
         w.flush().await
     }
     .await
-    .map_err(|e| format!("cannot send the status query to hub {hub_id}: {e}"))?;
+    .map_err(|e| HubError::Link {
+        hub: hub_id,
+        during: DURING,
+        source: e.into(),
+    })?;
     let mut reader = FrameReader::new(r);
     let answer = tokio::time::timeout(ATTACH_TIMEOUT, reader.next())
         .await
-        .map_err(|_| format!("hub {hub_id} sent no status within {ATTACH_TIMEOUT:?}"))?;
+        .map_err(|_| HubError::TimedOut {
+            hub: hub_id.to_string(),
+            what: "sent no status",
+            after: ATTACH_TIMEOUT,
+        })?;
     match answer {
         Ok(Some(Frame::Control(Control::StatusReport { json }))) => Ok(json),
-        Ok(Some(Frame::Control(Control::Refused { reason }))) => {
-            Err(format!("hub {hub_id} refused the status query: {reason}"))
-        }
-        Ok(Some(other)) => Err(format!(
-            "hub {hub_id} answered the status query with {other:?}"
-        )),
-        Ok(None) => Err(format!(
-            "hub {hub_id} closed the link without a status report"
-        )),
-        Err(e) => Err(format!("hub {hub_id} link failed: {e}")),
+        Ok(Some(Frame::Control(Control::Refused { reason }))) => Err(HubError::Refused {
+            hub: hub_id,
+            what: "the status query",
+            reason,
+        }),
+        Ok(Some(other)) => Err(HubError::Unexpected {
+            hub: hub_id,
+            during: DURING,
+            got: format!("{other:?}"),
+        }),
+        Ok(None) => Err(HubError::Closed {
+            hub: hub_id,
+            during: DURING,
+        }),
+        Err(source) => Err(HubError::Link {
+            hub: hub_id,
+            during: DURING,
+            source,
+        }),
     }
 }
 
 /// Dials the hub, authenticates it and registers.
-async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, String> {
+async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, HubError> {
     let stream = dial(shared, &session.target, session.known_hubs.as_deref()).await?;
     let hub = stream.peer();
     let (local, remote) = (stream.info().local_addr, stream.info().remote_addr);
@@ -649,17 +672,36 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Str
             accepts: shared.accepts_streams(),
         },
     );
+    const DURING: &str = "during registration";
     let mut reader = FrameReader::new(r);
     let (observed, echo) = match reader.next().await {
         Ok(Some(Frame::Control(Control::Registered { observed, echo }))) => (observed, echo),
         Ok(Some(Frame::Control(Control::Refused { reason }))) => {
-            let e = format!("hub {hub} refused this node: {reason}");
-            session.refused.send_replace(Some(reason));
-            return Err(e);
+            session.refused.send_replace(Some(reason.clone()));
+            let what = "this node";
+            return Err(HubError::Refused { hub, what, reason });
         }
-        Ok(Some(other)) => return Err(format!("hub answered the registration with {other:?}")),
-        Ok(None) => return Err("hub closed the link during registration".into()),
-        Err(e) => return Err(format!("hub link failed during registration: {e}")),
+        Ok(Some(other)) => {
+            let got = format!("{other:?}");
+            return Err(HubError::Unexpected {
+                hub,
+                during: DURING,
+                got,
+            });
+        }
+        Ok(None) => {
+            return Err(HubError::Closed {
+                hub,
+                during: DURING,
+            })
+        }
+        Err(source) => {
+            return Err(HubError::Link {
+                hub,
+                during: DURING,
+                source,
+            });
+        }
     };
     tracing::info!(%hub, %observed, "registered with hub");
     session.refused.send_replace(None);

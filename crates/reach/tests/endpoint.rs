@@ -335,3 +335,53 @@ async fn the_address_that_answered_last_time_goes_first() {
     held.abort();
     serving.abort();
 }
+
+#[tokio::test]
+async fn hub_failures_are_typed_by_cause() {
+    use reach::{HubError, HubTarget};
+    let a = endpoint(60).await;
+    // No hub named, none configured.
+    assert!(matches!(a.query_hub(None).await, Err(HubError::NoHub)));
+    // Nothing listens there: the hub's identity cannot be learned.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let nowhere = HubTarget {
+        id: None,
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let err = within(a.dial_hub(&nowhere))
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(err, HubError::UnknownIdentity { .. }), "{err}");
+    // A reach node that is not the hub named: the key changed.
+    let other = endpoint(61).await;
+    let impostor = HubTarget {
+        id: Some(SecretKey::from_seed([62; 32]).node_id()),
+        host: "127.0.0.1".into(),
+        port: other.local_addr().port(),
+    };
+    let err = within(a.dial_hub(&impostor)).await.expect_err("wrong hub");
+    assert!(
+        matches!(
+            err,
+            HubError::Connect {
+                key_changed: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("the hub's key changed?"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connect_back_that_never_comes_times_out_as_such() {
+    let a = endpoint(63).await;
+    let node = SecretKey::from_seed([64; 32]).node_id();
+    let wait = a.expect_connect_back(node, 7).expect("not yet awaited");
+    assert!(a.expect_connect_back(node, 7).is_none(), "awaited once");
+    let err = wait.wait(Duration::from_secs(4)).await.expect_err("nobody");
+    assert!(matches!(err, reach::ConnectBackError::TimedOut(d) if d == Duration::from_secs(4)));
+}

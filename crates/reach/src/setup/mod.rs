@@ -281,7 +281,7 @@ async fn reverse(
             addrs: shared.advertised.clone(),
         },
     );
-    let mut stream = wait.wait(budget).await?;
+    let mut stream = wait.wait(budget).await.map_err(|e| e.to_string())?;
     let info = stream.info_mut();
     info.virtual_port = target.port;
     info.setup_time = started.elapsed();

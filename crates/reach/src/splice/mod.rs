@@ -78,6 +78,7 @@ pub(crate) async fn connect(
     let (session, link) = shared.hub_link().await.map_err(Ok)?;
     let prepared = prepare(shared, &link.status().echo)
         .await
+        .map_err(|e| e.to_string())
         .and_then(Prepared::predictable)
         .map_err(Ok)?;
     let node = target.node;
@@ -179,6 +180,7 @@ pub(crate) async fn answer(
     }
     let prepared = match prepare(&shared, &echoes)
         .await
+        .map_err(|e| e.to_string())
         .and_then(Prepared::predictable)
     {
         Ok(p) => p,

@@ -11,6 +11,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpSocket;
 
 use crate::endpoint::Shared;
+use crate::error::EchoError;
 
 /// How long one address echo may take to answer.
 const ECHO_BUDGET: Duration = Duration::from_millis(800);
@@ -30,7 +31,7 @@ pub struct NatReport {
 }
 
 /// Probes the NAT in front of this host, as a splice would.
-pub(crate) async fn probe(shared: &Shared, echoes: &[SocketAddr]) -> Result<NatReport, String> {
+pub(crate) async fn probe(shared: &Shared, echoes: &[SocketAddr]) -> Result<NatReport, EchoError> {
     let p = prepare(shared, echoes).await?;
     Ok(NatReport {
         profile: p.profile,
@@ -74,23 +75,30 @@ pub(super) fn reusable_socket(local: SocketAddr) -> std::io::Result<TcpSocket> {
 }
 
 /// Asks one echo, from `local`, what it sees.
-async fn observe(local: SocketAddr, server: SocketAddr) -> Result<Observation, String> {
+async fn observe(local: SocketAddr, server: SocketAddr) -> Result<Observation, EchoError> {
+    let io = |source| EchoError::Io {
+        echo: server,
+        source,
+    };
     let ask = async {
         let mut tcp = reusable_socket(local)
-            .map_err(|e| format!("cannot bind port {}: {e}", local.port()))?
+            .map_err(EchoError::Bind)?
             .connect(server)
             .await
-            .map_err(|e| e.to_string())?;
-        let from = tcp.local_addr().map_err(|e| e.to_string())?;
+            .map_err(io)?;
+        let from = tcp.local_addr().map_err(io)?;
         let mut buf = [0u8; MAX_ECHO_LEN];
         let mut n = 0;
         while n < buf.len() && !buf[..n].contains(&b'\n') {
-            match tcp.read(&mut buf[n..]).await.map_err(|e| e.to_string())? {
+            match tcp.read(&mut buf[n..]).await.map_err(io)? {
                 0 => break,
                 k => n += k,
             }
         }
-        let mapped = nat::decode_echo(&buf[..n]).map_err(|e| e.to_string())?;
+        let mapped = nat::decode_echo(&buf[..n]).map_err(|source| EchoError::BadAnswer {
+            echo: server,
+            source,
+        })?;
         // Close with a reset: no TIME_WAIT at either end. Thousands of probes
         // otherwise leave the echo with TIME_WAIT entries that a later probe's
         // (random) port can hit, costing it a SYN retransmission.
@@ -103,19 +111,20 @@ async fn observe(local: SocketAddr, server: SocketAddr) -> Result<Observation, S
     };
     tokio::time::timeout(ECHO_BUDGET, ask)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {ECHO_BUDGET:?}")))
-        .map_err(|e: String| format!("address echo {server}: {e}"))
+        .unwrap_or(Err(EchoError::TimedOut {
+            echo: server,
+            after: ECHO_BUDGET,
+        }))
 }
 
 /// Binds a port not used for splicing lately: such a port may still have
 /// stale NAT mappings (see `port_memory`). The sockets tried are held until
 /// one is found, so the kernel does not hand the same port out again.
-fn fresh_port(shared: &Shared, ip: IpAddr) -> Result<(TcpSocket, SocketAddr), String> {
+fn fresh_port(shared: &Shared, ip: IpAddr) -> Result<(TcpSocket, SocketAddr), EchoError> {
     let mut tried = Vec::new();
     let (anchor, local) = loop {
-        let anchor = reusable_socket(SocketAddr::new(ip, 0))
-            .map_err(|e| format!("cannot bind a splice port: {e}"))?;
-        let local = anchor.local_addr().map_err(|e| e.to_string())?;
+        let anchor = reusable_socket(SocketAddr::new(ip, 0)).map_err(EchoError::Bind)?;
+        let local = anchor.local_addr().map_err(EchoError::Bind)?;
         if !shared.splice_ports.recently_used(local.port()) || tried.len() >= PORT_TRIES {
             break (anchor, local);
         }
@@ -126,8 +135,8 @@ fn fresh_port(shared: &Shared, ip: IpAddr) -> Result<(TcpSocket, SocketAddr), St
 }
 
 /// Binds a fresh port, learns its mapping from the echoes and predicts.
-pub(super) async fn prepare(shared: &Shared, echoes: &[SocketAddr]) -> Result<Prepared, String> {
-    let first = *echoes.first().ok_or("the hub runs no address echo")?;
+pub(super) async fn prepare(shared: &Shared, echoes: &[SocketAddr]) -> Result<Prepared, EchoError> {
+    let first = *echoes.first().ok_or(EchoError::NoEcho)?;
     let unspecified: IpAddr = if first.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
