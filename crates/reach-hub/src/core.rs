@@ -212,7 +212,7 @@ pub struct HubCore {
     /// Node to home hub, for nodes of other hubs: ids only. A lookup asks
     /// the home hub for the node's addresses ([`Control::Locate`]), so each
     /// hub holds 48 bytes per node of the federation, not a full entry.
-    index: HashMap<NodeId, IndexEntry>,
+    index: HashMap<NodeId, IndexEntry, ahash::RandomState>,
     /// Hubs by slot, for index entries (a slot is a quarter of an id).
     slots: Vec<NodeId>,
     slot_of: HashMap<NodeId, u32>,
@@ -340,7 +340,7 @@ impl HubCore {
             directory_grace: route_expiry,
             remote: BTreeMap::new(),
             partial: HashMap::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             slots: Vec::new(),
             slot_of: HashMap::new(),
             locates: HashMap::new(),
