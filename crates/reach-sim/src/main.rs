@@ -91,7 +91,17 @@ fn secs(what: &str, v: f64) -> anyhow::Result<Duration> {
         .with_context(|| format!("--{what} must be a non-negative number of seconds"))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("reach-sim: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let Command::Federation(a) = Cli::parse().command;
     anyhow::ensure!(a.hubs >= 1, "--hubs must be at least 1");
     let params = Params {
