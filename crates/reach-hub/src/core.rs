@@ -158,6 +158,8 @@ pub struct Counters {
     pub relayed_messages: u64,
     /// Lookups answered "unknown" because too many waited for home hubs.
     pub locates_dropped: u64,
+    /// Directories not indexed because the hub knows too many hubs.
+    pub directories_unindexed: u64,
 }
 
 /// Work for the driver, which does the I/O (binding proxy ports).
@@ -213,6 +215,9 @@ pub struct HubCore {
     /// the home hub for the node's addresses ([`Control::Locate`]), so each
     /// hub holds 48 bytes per node of the federation, not a full entry.
     index: HashMap<NodeId, IndexEntry, ahash::RandomState>,
+    /// The sum of [`Remote::count`]: index entries that are current (kept
+    /// up to date, so no commit walks every remote directory).
+    indexed: usize,
     /// Hubs by slot, for index entries (a slot is a quarter of an id).
     slots: Vec<NodeId>,
     slot_of: HashMap<NodeId, u32>,
@@ -341,6 +346,7 @@ impl HubCore {
             remote: BTreeMap::new(),
             partial: HashMap::new(),
             index: HashMap::default(),
+            indexed: 0,
             slots: Vec::new(),
             slot_of: HashMap::new(),
             locates: HashMap::new(),
@@ -436,10 +442,10 @@ impl HubCore {
     /// (container overhead not included): what grows with the network.
     pub fn footprint(&self) -> Footprint {
         use std::mem::size_of;
-        let routes = self.routes.routes().count();
+        let routes = self.routes.len();
         let entry = |e: &DirEntry| size_of::<DirEntry>() + e.addrs.len() * size_of::<SocketAddr>();
         let local: usize = self.nodes.values().map(|(_, e)| entry(e)).sum();
-        let remote: usize = self.remote.values().map(|r| r.count).sum();
+        let remote = self.indexed;
         Footprint {
             routes,
             route_bytes: routes * size_of::<(NodeId, reach_proto::routes::Route)>(),
@@ -1253,6 +1259,7 @@ impl HubCore {
             return Some(*s);
         }
         if self.slots.len() >= MAX_HUB_SLOTS {
+            self.counters.directories_unindexed += 1;
             tracing::warn!(%hub, "directory not indexed: {MAX_HUB_SLOTS} hubs known already");
             return None;
         }
@@ -1277,7 +1284,7 @@ impl HubCore {
         for node in &nodes {
             self.index.insert(*node, IndexEntry { slot, state });
         }
-        self.remote.insert(
+        let old = self.remote.insert(
             origin,
             Remote {
                 state,
@@ -1287,14 +1294,14 @@ impl HubCore {
                 unroutable_since: None,
             },
         );
+        self.indexed = self.indexed + nodes.len() - old.map_or(0, |r| r.count);
         self.sweep_index();
     }
 
     /// Drops stale index entries once they could make up half the index
     /// (amortised: each sweep removes at least as many as it keeps).
     fn sweep_index(&mut self) {
-        let live: usize = self.remote.values().map(|r| r.count).sum();
-        if self.index.len() <= 2 * live + 1024 {
+        if self.index.len() <= 2 * self.indexed + 1024 {
             return;
         }
         let (slots, remote) = (&self.slots, &self.remote);
@@ -1432,7 +1439,9 @@ impl HubCore {
         }
         for origin in gone {
             // Its index entries go stale with it; a sweep removes them.
-            self.remote.remove(&origin);
+            if let Some(r) = self.remote.remove(&origin) {
+                self.indexed -= r.count;
+            }
             self.partial.remove(&origin);
         }
         self.sweep_index();
@@ -1523,7 +1532,7 @@ impl HubCore {
                     hops: r.hops,
                 })
                 .collect(),
-            remote_nodes: self.remote.values().map(|r| r.count).sum(),
+            remote_nodes: self.indexed,
             streams: self.relay.len() / 2,
             counters: self.counters,
             exposures: self
@@ -1683,6 +1692,8 @@ impl Status {
                 "refused": self.counters.refused,
                 "connect_backs": self.counters.connect_backs,
                 "relayed_messages": self.counters.relayed_messages,
+                "locates_dropped": self.counters.locates_dropped,
+                "directories_unindexed": self.counters.directories_unindexed,
             },
         })
     }
@@ -1779,6 +1790,18 @@ impl Status {
             "counter",
             "Bytes moved both ways on proxy ports now held.",
             sum(|c| c.bytes_to_reach + c.bytes_from_reach),
+        );
+        metric(
+            "locates_dropped_total",
+            "counter",
+            "Lookups answered unknown because too many waited for home hubs.",
+            self.counters.locates_dropped.to_string(),
+        );
+        metric(
+            "directories_unindexed_total",
+            "counter",
+            "Hub directories not indexed because too many hubs are known.",
+            self.counters.directories_unindexed.to_string(),
         );
         metric(
             "relayed_messages_total",

@@ -730,6 +730,7 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
         pump(&mut b, &mut a, ba, ab, now);
     }
     a.remote.clear();
+    a.indexed = 0;
     assert!(a.routes_to(&id(3)));
     assert_eq!(a.home_of(&id(40)), None);
     // After a quarter of the grace time, a's tick asks b, which answers.
@@ -740,4 +741,44 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
     a.tick(later);
     pump(&mut a, &mut b, ab, ba, later);
     assert_eq!(a.home_of(&id(40)), Some(id(3)));
+}
+
+#[test]
+fn lookups_waiting_for_home_hubs_are_bounded_and_counted() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    let x = a.link_up(id(10), addr(10), false, None);
+    let register = || Control::Register {
+        addrs: vec![],
+        proof: None,
+        accepts: true,
+    };
+    a.handle_frame(x, Frame::Control(register()), now);
+    pump(&mut a, &mut b, ab, ba, now);
+    let y = b.link_up(id(20), addr(20), false, None);
+    b.handle_frame(y, Frame::Control(register()), now);
+    b.take_outbox();
+    // a never answers: every lookup waits, up to the bound.
+    for req in 0..MAX_LOCATES as u32 {
+        let lookup = Control::Lookup { req, node: id(10) };
+        b.handle_frame(y, Frame::Control(lookup), now);
+    }
+    let asked = b.take_outbox();
+    assert_eq!(asked.iter().filter(|(l, _)| *l == ba).count(), MAX_LOCATES);
+    assert_eq!(b.counters.locates_dropped, 0);
+    let lookup = Control::Lookup {
+        req: u32::MAX,
+        node: id(10),
+    };
+    b.handle_frame(y, Frame::Control(lookup), now);
+    assert_eq!(found(&b.take_outbox(), y), Some(None), "answered at once");
+    assert_eq!(b.counters.locates_dropped, 1);
+    // They expire with connect-back memory, and room is made again.
+    b.tick(now + CONNECT_BACK_MEMORY);
+    let lookup = Control::Lookup {
+        req: 1,
+        node: id(10),
+    };
+    b.handle_frame(y, Frame::Control(lookup), now + CONNECT_BACK_MEMORY);
+    assert!(b.take_outbox().iter().any(|(l, _)| *l == ba), "asked again");
 }

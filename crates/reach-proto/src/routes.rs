@@ -227,6 +227,16 @@ impl RouteTable {
         self.routes.get(dest)
     }
 
+    /// How many hubs this table routes to.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether it routes to no hub.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
     /// Every known route.
     pub fn routes(&self) -> impl Iterator<Item = (&NodeId, &Route)> {
         self.routes.iter()
