@@ -18,6 +18,7 @@ pub mod punch;
 pub mod race;
 pub mod record;
 pub mod routes;
+pub mod setup_plan;
 pub mod socks;
 pub mod vaddr;
 

@@ -1,21 +1,28 @@
 //! The setup driver: tries the connection-setup modules in order, each within
 //! a time budget, and caches the winner per target (SmartSockets section 3.2).
 //!
-//! Better than the paper's driver in two ways: a module that cannot work is
-//! skipped instead of burning its timeout (Direct without any address, Reverse
-//! or Routed without a hub session, Reverse when we advertise no address), and
-//! the cached module is tried first, so repeated connections to a node behind
-//! a dropping firewall cost no timeout once the cache knows better. A cached
-//! module that fails is dropped from the cache and the full order runs.
+//! ```text
+//!  connect(target) --> order (cached first) --> for each module:
+//!     facts: lookup (when Direct's turn comes, or Reverse needs the
+//!            target's site), hub session, where the hubs see us
+//!     reach_proto::setup_plan::plan(facts) --> Skip(reason) | Run(budget)
+//!     run it (direct / reverse / splice / routed) --> stream: cache, return
+//!                                                 --> failure: record, next
+//! ```
+//! The decisions (order, skips, budgets) are the sans-IO planner's, tested
+//! there; this module gathers facts and does the I/O. Better than the
+//! paper's driver in two ways: a module that cannot work is skipped instead
+//! of burning its timeout, and the cached module is tried first, so repeated
+//! connections to a node behind a dropping firewall cost no timeout once the
+//! cache knows better. A cached module that fails is dropped from the cache
+//! and the full order runs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::net::SocketAddr;
-
-use reach_proto::candidates::{classify, plausibly_reachable, AddrClass};
 use reach_proto::handshake::HandshakeError;
 use reach_proto::link::ConnectBack;
+use reach_proto::setup_plan::{self, Budgets, Facts, Site};
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::direct::{self, RaceSettings};
@@ -66,18 +73,18 @@ pub(crate) async fn connect(
     let mut looked_up = !target.direct.is_empty() || link.is_none();
     // Where the target's hub sees it: tells whether it shares our NAT.
     let mut target_seen_at = None;
-    let seen_at = link.as_ref().map(|l| l.status().observed);
+    let site = Site {
+        local: shared.local_addrs.get().to_vec(),
+        advertised: shared.advertised.clone(),
+        seen_at: link.as_ref().map(|l| l.status().observed),
+    };
+    let budgets = Budgets {
+        direct: shared.direct_budget,
+        reverse: shared.reverse_budget,
+        splice: shared.splice_budget,
+    };
     let cached = shared.cache.get(&node);
-    let order: Vec<SetupModule> = cached
-        .into_iter()
-        .chain(
-            shared
-                .modules
-                .iter()
-                .copied()
-                .filter(|m| Some(*m) != cached),
-        )
-        .collect();
+    let order = setup_plan::order(cached, &shared.modules);
     let mut failures = Vec::new();
     // Modules that ran and failed (skipped ones are only in `failures`).
     let mut failed_before = Vec::new();
@@ -88,15 +95,10 @@ pub(crate) async fn connect(
         }
         let remaining = deadline - now;
         let last = i + 1 == order.len();
-        let skip = |why: &str| ModuleFailure {
-            module,
-            error: format!("skipped: {why}"),
-        };
         // Reverse needs to know where the target is when this node is
         // behind a NAT: an address in the virtual address does not say.
-        let reverse_needs_site = module == SetupModule::Reverse
-            && target_seen_at.is_none()
-            && behind_nat(shared, seen_at);
+        let reverse_needs_site =
+            module == SetupModule::Reverse && site.reverse_needs_target_site(target_seen_at);
         if (module == SetupModule::Direct && !looked_up) || reverse_needs_site {
             looked_up = true;
             match session
@@ -113,74 +115,43 @@ pub(crate) async fn connect(
                 Err(e) => tracing::debug!(%node, "lookup failed: {e}"),
             }
         }
+        let facts = Facts {
+            site: &site,
+            target_addrs: &target.direct,
+            target_seen_at,
+            hub_session: link.is_some(),
+        };
+        let budget = match setup_plan::plan(module, &facts, remaining, last, &budgets) {
+            Ok(budget) => budget,
+            Err(skip) => {
+                failures.push(ModuleFailure {
+                    module,
+                    error: skip.to_string(),
+                });
+                continue;
+            }
+        };
         let result = match module {
-            SetupModule::Direct if target.direct.is_empty() => {
-                failures.push(skip("no direct address known"));
-                continue;
-            }
-            SetupModule::Direct => {
-                let local = shared.local_addrs.get();
-                let plausible = target
-                    .direct
-                    .iter()
-                    .any(|a| plausibly_reachable(a.ip(), &local));
-                let budget = match (last, plausible) {
-                    (true, _) => remaining,
-                    (false, true) => remaining.min(shared.direct_budget),
-                    // Only other networks' private addresses (a target behind
-                    // a NAT, seen from outside its LAN): such attempts fail at
-                    // once or are dropped, so they get a short budget.
-                    (false, false) => remaining
-                        .min(shared.direct_budget)
-                        .min(UNLIKELY_DIRECT_BUDGET),
-                };
-                direct::connect(
-                    &shared.secret,
-                    &shared.local_addrs.get(),
-                    &target,
-                    race_settings(shared, &node, budget),
-                )
-                .await
-                .map_err(|e| match e {
-                    refused @ ConnectError::Refused { .. } => Err(refused),
-                    other => Ok(other.to_string()),
-                })
-            }
-            SetupModule::Reverse | SetupModule::Splice | SetupModule::Routed if link.is_none() => {
-                failures.push(skip("no hub session"));
-                continue;
-            }
-            SetupModule::Reverse if shared.advertised.is_empty() => {
-                failures.push(skip("this node advertises no address to connect back to"));
-                continue;
-            }
-            SetupModule::Reverse if !reverse_plausible(shared, seen_at, target_seen_at) => {
-                failures.push(skip(
-                    "this node is behind a NAT and the target is not on its network",
-                ));
-                continue;
-            }
-            SetupModule::Reverse => {
-                let budget = if last {
-                    remaining
-                } else {
-                    remaining.min(shared.reverse_budget)
-                };
-                reverse(shared, &target, budget, started).await.map_err(Ok)
-            }
+            SetupModule::Direct => direct::connect(
+                &shared.secret,
+                &shared.local_addrs.get(),
+                &target,
+                race_settings(shared, &node, budget),
+            )
+            .await
+            .map_err(|e| match e {
+                refused @ ConnectError::Refused { .. } => Err(refused),
+                other => Ok(other.to_string()),
+            }),
+            SetupModule::Reverse => reverse(shared, &target, budget, started).await.map_err(Ok),
             SetupModule::Splice => {
-                let budget = if last {
-                    remaining
-                } else {
-                    remaining.min(shared.splice_budget)
-                };
                 let options = shared.initiator_options();
                 crate::splice::connect(shared, &target, options, budget, started).await
             }
             SetupModule::Routed => {
                 let upgrade_to =
                     upgrade_modules(shared, node, i == 0 && cached.is_some(), &failed_before);
-                routed(shared, &target, remaining, started)
+                routed(shared, &target, budget, started)
                     .await
                     .map(|s| upgradable(shared, s, &target, upgrade_to))
             }
@@ -210,40 +181,6 @@ pub(crate) async fn connect(
         after: started.elapsed(),
         modules: failures,
     })
-}
-
-/// Direct's budget when the target advertises only private addresses of
-/// networks this host is not on: enough for a routed private network (a
-/// campus, a VPN), far less than a dropped SYN's timeout.
-const UNLIKELY_DIRECT_BUDGET: Duration = Duration::from_millis(500);
-
-/// Whether this node is behind a NAT with only private addresses to
-/// advertise: the hub sees it at an address that is not its own.
-fn behind_nat(shared: &Shared, seen_at: Option<SocketAddr>) -> bool {
-    let Some(ours) = seen_at else {
-        return false;
-    };
-    let natted = !shared.local_addrs.get().iter().any(|l| l.ip == ours.ip());
-    natted
-        && shared
-            .advertised
-            .iter()
-            .all(|a| matches!(classify(a.ip()), AddrClass::Private | AddrClass::Shared))
-}
-
-/// Whether the target could connect back to an address we advertise. Not
-/// when we are behind a NAT with private addresses only and the target's hub
-/// sees it at another public address (another site): our LAN addresses are
-/// useless there, and the attempt would cost the whole Reverse budget.
-fn reverse_plausible(
-    shared: &Shared,
-    seen_at: Option<SocketAddr>,
-    target_seen_at: Option<SocketAddr>,
-) -> bool {
-    match (seen_at, target_seen_at) {
-        (Some(ours), Some(theirs)) => !(behind_nat(shared, seen_at) && ours.ip() != theirs.ip()),
-        _ => true,
-    }
 }
 
 pub(crate) fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -> RaceSettings {
