@@ -598,7 +598,7 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
             Err(e) => return Err(anyhow::Error::new(e).context("cannot publish on the hub")),
         }
     }
-    let stats = Arc::new(reach::proxy::ProxyStats::default());
+    let stats = Arc::new(reach_legacy::proxy::ProxyStats::default());
     let vport = args.serve.port;
     let report = control::ProxyReport::new(
         args.udp.kind("expose"),
@@ -616,9 +616,9 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
     });
     let serve = async {
         if args.udp.udp {
-            reach::udp_proxy::expose_udp(endpoint.clone(), args.service, idle, stats).await
+            reach_legacy::udp_proxy::expose_udp(endpoint.clone(), args.service, idle, stats).await
         } else {
-            reach::proxy::expose(endpoint.clone(), args.service, stats).await
+            reach_legacy::proxy::expose(endpoint.clone(), args.service, stats).await
         }
     };
     until_signal(&endpoint, &control, serve).await
@@ -650,7 +650,7 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
         .with_context(|| format!("bad virtual address {:?}", args.vaddr))?;
     let b = connector(config, state_dir, &args.common, &vaddr)?;
     let idle = args.udp.idle()?;
-    let stats = Arc::new(reach::proxy::ProxyStats::default());
+    let stats = Arc::new(reach_legacy::proxy::ProxyStats::default());
     let cannot = || format!("cannot listen on {}", args.listen);
     enum Local {
         Udp(tokio::net::UdpSocket),
@@ -688,9 +688,9 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
     let run = async {
         match local {
             Local::Udp(s) => {
-                reach::udp_proxy::forward_udp(s, endpoint.clone(), vaddr, idle, stats).await
+                reach_legacy::udp_proxy::forward_udp(s, endpoint.clone(), vaddr, idle, stats).await
             }
-            Local::Tcp(l) => reach::proxy::forward(l, endpoint.clone(), vaddr, stats).await,
+            Local::Tcp(l) => reach_legacy::proxy::forward(l, endpoint.clone(), vaddr, stats).await,
         }
     };
     until_signal(&endpoint, &control, run).await
@@ -702,16 +702,16 @@ async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
-    let rules = reach::proxy::SocksRules {
+    let rules = reach_legacy::proxy::SocksRules {
         aliases: args.alias.into_iter().collect(),
         pass_through: args.pass_through,
     };
     let bound = listener.local_addr().unwrap_or(args.listen);
     eprintln!("SOCKS5 proxy on {bound}");
-    let stats = Arc::new(reach::proxy::ProxyStats::default());
+    let stats = Arc::new(reach_legacy::proxy::ProxyStats::default());
     let report = control::ProxyReport::new("socks".into(), bound.to_string(), None, None);
     let control = control::Control::start(state_dir, report, stats.clone(), || None);
-    let run = reach::proxy::socks(listener, endpoint.clone(), Arc::new(rules), stats);
+    let run = reach_legacy::proxy::socks(listener, endpoint.clone(), Arc::new(rules), stats);
     until_signal(&endpoint, &control, run).await
 }
 

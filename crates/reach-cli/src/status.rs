@@ -259,7 +259,7 @@ mod tests {
             vaddr: Some("V".into()),
             public: Some("192.0.2.1:40000".into()),
             started: 100,
-            counters: reach::proxy::ProxyCounters {
+            counters: reach_legacy::proxy::ProxyCounters {
                 connections: 2,
                 active: 1,
                 bytes_to_reach: 999,

@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach::proxy::{ProxyCounters, ProxyStats};
+use reach_legacy::proxy::{ProxyCounters, ProxyStats};
 
 use reach_proto::link::{
     encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,

@@ -26,7 +26,7 @@ use std::time::Duration;
 use reach::proto::candidates::in_prefix;
 use reach::proto::link::{ConnectBack, Control};
 use reach::proto::NodeId;
-use reach::proxy::ProxyStats;
+use reach_legacy::proxy::ProxyStats;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::core::{Event, ExposeRequest, LinkId, ProxyPort};
@@ -284,8 +284,8 @@ async fn client(
     tracing::debug!(%from, node = %target.node, "proxy client connected");
     let _ = tcp.set_nodelay(true);
     let idle = inner.config.proxy_idle;
-    let mut tcp = reach::proxy::Metered::new(&mut tcp, stats);
-    let moved = reach::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await;
+    let mut tcp = reach_legacy::proxy::Metered::new(&mut tcp, stats);
+    let moved = reach_legacy::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await;
     tracing::debug!(%from, ?moved, "proxy client done");
     true
 }

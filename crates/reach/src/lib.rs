@@ -23,7 +23,6 @@ pub mod keystore;
 pub mod link;
 mod module_cache;
 mod port_memory;
-pub mod proxy;
 mod routed;
 mod secure;
 mod session;
@@ -31,7 +30,6 @@ mod setup;
 mod setup_module;
 mod splice;
 mod stream;
-pub mod udp_proxy;
 
 pub use endpoint::{
     preferred_cipher, ConnectBackWait, Endpoint, EndpointBuilder, ListenPorts,

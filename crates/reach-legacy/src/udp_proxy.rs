@@ -21,10 +21,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::endpoint::Endpoint;
-use crate::error::EndpointError;
+use reach::{Endpoint, EndpointError, ReachStream};
+
 use crate::proxy::ProxyStats;
-use crate::stream::ReachStream;
 
 /// Default idle time after which a UDP mapping is closed.
 pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);

@@ -26,9 +26,8 @@ use reach_proto::{socks, NodeId, VirtualAddr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::accept::accept;
-use crate::endpoint::Endpoint;
-use crate::error::EndpointError;
+use reach::accept::accept;
+use reach::{Endpoint, EndpointError};
 
 /// How long connecting to the exposed service may take.
 pub const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -488,7 +487,7 @@ async fn socks_one(
                 Ok(s) => s,
                 Err(e) => {
                     let reply = match &e {
-                        crate::ConnectError::Refused { .. } => socks::Reply::ConnectionRefused,
+                        reach::ConnectError::Refused { .. } => socks::Reply::ConnectionRefused,
                         _ => socks::Reply::HostUnreachable,
                     };
                     tcp.write_all(&fail(reply)).await?;
