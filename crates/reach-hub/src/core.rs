@@ -220,6 +220,9 @@ pub struct HubCore {
     indexed: usize,
     /// Hubs by slot, for index entries (a slot is a quarter of an id).
     slots: Vec<NodeId>,
+    /// The current directory state of each slot's hub (0: none), so a
+    /// lookup checks an index entry without a search of `remote`.
+    slot_state: Vec<u64>,
     slot_of: HashMap<NodeId, u32>,
     /// Lookups passed on to home hubs, by this hub's request id.
     locates: HashMap<u32, PendingLocate>,
@@ -348,6 +351,7 @@ impl HubCore {
             index: HashMap::default(),
             indexed: 0,
             slots: Vec::new(),
+            slot_state: Vec::new(),
             slot_of: HashMap::new(),
             locates: HashMap::new(),
             next_locate: 1,
@@ -671,9 +675,10 @@ impl HubCore {
             return Some(self.me);
         }
         let e = self.index.get(node)?;
-        let home = *self.slots.get(e.slot as usize)?;
-        let current = self.remote.get(&home).is_some_and(|r| r.state == e.state);
-        current.then_some(home)
+        let current = self.slot_state.get(e.slot as usize) == Some(&e.state);
+        current
+            .then(|| self.slots.get(e.slot as usize).copied())
+            .flatten()
     }
 
     /// The link towards hub `hub`: a direct link, or the next hop's.
@@ -1265,6 +1270,7 @@ impl HubCore {
         }
         let s = u32::try_from(self.slots.len()).ok()?;
         self.slots.push(hub);
+        self.slot_state.push(0);
         self.slot_of.insert(hub, s);
         Some(s)
     }
@@ -1295,6 +1301,9 @@ impl HubCore {
             },
         );
         self.indexed = self.indexed + nodes.len() - old.map_or(0, |r| r.count);
+        if let Some(st) = self.slot_state.get_mut(slot as usize) {
+            *st = state;
+        }
         self.sweep_index();
     }
 
@@ -1304,13 +1313,9 @@ impl HubCore {
         if self.index.len() <= 2 * self.indexed + 1024 {
             return;
         }
-        let (slots, remote) = (&self.slots, &self.remote);
-        self.index.retain(|_, e| {
-            slots
-                .get(e.slot as usize)
-                .and_then(|hub| remote.get(hub))
-                .is_some_and(|r| r.state == e.state)
-        });
+        let current = &self.slot_state;
+        self.index
+            .retain(|_, e| current.get(e.slot as usize) == Some(&e.state));
     }
 
     /// Every directory this hub knows, its own first, for a hub that just
@@ -1441,6 +1446,9 @@ impl HubCore {
             // Its index entries go stale with it; a sweep removes them.
             if let Some(r) = self.remote.remove(&origin) {
                 self.indexed -= r.count;
+                if let Some(st) = self.slot_state.get_mut(r.slot as usize) {
+                    *st = 0;
+                }
             }
             self.partial.remove(&origin);
         }

@@ -731,6 +731,7 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
     }
     a.remote.clear();
     a.indexed = 0;
+    a.slot_state.iter_mut().for_each(|s| *s = 0);
     assert!(a.routes_to(&id(3)));
     assert_eq!(a.home_of(&id(40)), None);
     // After a quarter of the grace time, a's tick asks b, which answers.
