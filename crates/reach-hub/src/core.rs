@@ -754,7 +754,8 @@ impl HubCore {
         self.send(out, control(&msg));
     }
 
-    /// A Locate on its way to `home`: answered there, passed on elsewhere.
+    /// A Locate on its way to `home`: answered there, passed on elsewhere,
+    /// answered "unknown" where the path ends.
     fn forward_locate(
         &mut self,
         from: LinkId,
@@ -765,60 +766,40 @@ impl HubCore {
     ) {
         if home == self.me {
             let entry = self.nodes.get(&node).map(|(_, e)| e.clone());
-            if let Some(back) = self.link_to_hub(&asker) {
-                self.send(
-                    back,
-                    control(&Control::Located {
-                        asker,
-                        req,
-                        node,
-                        entry,
-                    }),
-                );
-            }
+            self.send_located(asker, req, node, entry);
             return;
         }
         match self.link_to_hub(&home).filter(|l| *l != from) {
-            Some(out) => self.send(
-                out,
-                control(&Control::Locate {
+            Some(out) => {
+                let msg = Control::Locate {
                     asker,
                     req,
                     home,
                     node,
-                }),
-            ),
-            None => {
-                if let Some(back) = self.link_to_hub(&asker) {
-                    let entry = None;
-                    self.send(
-                        back,
-                        control(&Control::Located {
-                            asker,
-                            req,
-                            node,
-                            entry,
-                        }),
-                    );
-                }
+                };
+                self.send(out, control(&msg));
             }
+            None => self.send_located(asker, req, node, None),
+        }
+    }
+
+    /// Sends a Located answer one hop on towards the hub that asked.
+    fn send_located(&mut self, asker: NodeId, req: u32, node: NodeId, entry: Option<DirEntry>) {
+        if let Some(out) = self.link_to_hub(&asker) {
+            let msg = Control::Located {
+                asker,
+                req,
+                node,
+                entry,
+            };
+            self.send(out, control(&msg));
         }
     }
 
     /// A home hub's answer on its way to `asker`.
     fn located(&mut self, asker: NodeId, req: u32, node: NodeId, entry: Option<DirEntry>) {
         if asker != self.me {
-            if let Some(out) = self.link_to_hub(&asker) {
-                self.send(
-                    out,
-                    control(&Control::Located {
-                        asker,
-                        req,
-                        node,
-                        entry,
-                    }),
-                );
-            }
+            self.send_located(asker, req, node, entry);
             return;
         }
         let Some(p) = self.locates.remove(&req) else {

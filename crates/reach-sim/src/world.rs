@@ -302,17 +302,7 @@ impl World {
         let phase = Duration::from_micros(self.rng.below(GOSSIP.as_micros() as u64));
         self.schedule(phase, Event::Tick { hub, incarnation });
         for (to, latency) in peers {
-            let backoff = HUB_BACKOFF.0;
-            self.schedule(
-                Duration::ZERO,
-                Event::Dial {
-                    from: hub,
-                    to,
-                    latency,
-                    backoff,
-                    incarnation,
-                },
-            );
+            self.redial(Duration::ZERO, hub, to, latency, incarnation);
         }
     }
 
@@ -411,6 +401,27 @@ impl World {
             Event::Close { link, to } => self.end_closed(link, to),
             Event::NodeConnect { node } => self.node_connect(node),
         }
+    }
+
+    /// Hub `from` dials its peer `to` after `after`, starting its backoff
+    /// afresh.
+    fn redial(
+        &mut self,
+        after: Duration,
+        from: HubIx,
+        to: HubIx,
+        latency: Duration,
+        incarnation: u32,
+    ) {
+        let backoff = HUB_BACKOFF.0;
+        let dial = Event::Dial {
+            from,
+            to,
+            latency,
+            backoff,
+            incarnation,
+        };
+        self.schedule(after, dial);
     }
 
     /// A dial from hub `from` to `to`: TCP's round trip, then Noise IK's:
@@ -658,17 +669,7 @@ impl World {
                 if let (0, End::Hub(to, _)) = (to, self.links[link].ends[1]) {
                     let (latency, incarnation) =
                         (self.links[link].latency, self.links[link].incarnation);
-                    let backoff = HUB_BACKOFF.0;
-                    self.schedule(
-                        backoff,
-                        Event::Dial {
-                            from: hub,
-                            to,
-                            latency,
-                            backoff,
-                            incarnation,
-                        },
-                    );
+                    self.redial(HUB_BACKOFF.0, hub, to, latency, incarnation);
                 }
             }
             End::Node(n) => {
