@@ -74,6 +74,8 @@ pub struct Hub {
     addr: SocketAddr,
     /// Process incarnation: timers of an earlier one are ignored.
     incarnation: u32,
+    /// When the core's timer (`poll_timeout`) is armed for, if it is.
+    timer: Option<Duration>,
 }
 
 /// A simulated node.
@@ -100,6 +102,12 @@ enum Event {
         frame: Rc<[u8]>,
     },
     Tick {
+        hub: HubIx,
+        incarnation: u32,
+    },
+    /// The core's own deadline (`HubCore::poll_timeout`), as the hub
+    /// driver's timer task wakes for it.
+    Timeout {
         hub: HubIx,
         incarnation: u32,
     },
@@ -251,6 +259,7 @@ impl World {
             peers: Vec::new(),
             addr,
             incarnation: 0,
+            timer: None,
         });
         ix
     }
@@ -297,6 +306,7 @@ impl World {
         let core = HubCore::new(h.id, policy, vec![h.addr], GOSSIP * 5, epoch);
         h.core = Some(core);
         h.incarnation += 1;
+        h.timer = None;
         let incarnation = h.incarnation;
         let peers = h.peers.clone();
         let phase = Duration::from_micros(self.rng.below(GOSSIP.as_micros() as u64));
@@ -387,6 +397,17 @@ impl World {
                     core.tick(now);
                     self.flush(hub);
                     self.schedule(GOSSIP, Event::Tick { hub, incarnation });
+                }
+            }
+            Event::Timeout { hub, incarnation } => {
+                if self.hubs[hub].incarnation != incarnation {
+                    return;
+                }
+                self.hubs[hub].timer = None;
+                let now = self.instant();
+                if let Some(core) = self.hubs[hub].core.as_mut() {
+                    core.handle_timeout(now);
+                    self.flush(hub);
                 }
             }
             Event::Dial {
@@ -553,6 +574,8 @@ impl World {
         };
         let out = core.take_outbox();
         let _ = core.take_events();
+        let due = core.poll_timeout();
+        self.arm(hub, due);
         // A flood queues the same frame for every link; in flight, the
         // copies share one buffer (a thousand hubs in one process would
         // otherwise hold every copy of every flood at once).
@@ -575,6 +598,22 @@ impl World {
             };
             self.send(link, side, shared);
         }
+    }
+
+    /// Schedules the core's deadline `due` unless the timer is armed for it.
+    fn arm(&mut self, hub: HubIx, due: Option<Instant>) {
+        let Some(due) = due else { return };
+        let at = due.saturating_duration_since(self.base);
+        let h = &mut self.hubs[hub];
+        if h.timer.is_some_and(|t| t <= at) {
+            return;
+        }
+        h.timer = Some(at);
+        let incarnation = h.incarnation;
+        self.schedule(
+            at.saturating_sub(self.now),
+            Event::Timeout { hub, incarnation },
+        );
     }
 
     fn side_of_hub(&self, link: LinkIx, hub: HubIx) -> usize {
