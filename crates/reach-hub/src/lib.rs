@@ -22,6 +22,7 @@ pub mod lan;
 mod metrics;
 pub mod peer;
 mod proxy_ports;
+pub mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -121,6 +122,13 @@ struct State {
 }
 
 impl State {
+    /// The hub's status report: the core's, with the proxy ports held here.
+    fn status(&self) -> Status {
+        let mut status = self.core.status();
+        status.exposures = proxy_ports::exposure_status(self);
+        status
+    }
+
     /// Sends what the core queued, and arms the timer if the core asks.
     fn flush(&mut self) {
         for (link, frame) in self.core.take_outbox() {
@@ -271,7 +279,7 @@ impl Hub {
 
     /// A snapshot of the hub's state.
     pub fn status(&self) -> Status {
-        self.inner.state().core.status()
+        self.inner.state().status()
     }
 
     /// Serves Prometheus metrics (`/metrics`) and the JSON status (`/status`)
@@ -280,7 +288,7 @@ impl Hub {
         let inner = self.inner.clone();
         self.tasks
             .push(tokio::spawn(serve_metrics(listener, move || {
-                inner.state().core.status()
+                inner.state().status()
             })));
     }
 }

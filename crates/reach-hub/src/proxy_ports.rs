@@ -30,6 +30,7 @@ use reach_legacy::proxy::ProxyStats;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::core::{Event, ExposeRequest, LinkId, ProxyPort};
+use crate::status::{ExposureStatus, STATUS_MAX_NODES};
 use crate::{Inner, State};
 
 /// How long a node has to connect back for one client before the client is
@@ -49,14 +50,18 @@ pub(crate) struct Exposure {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Tells the core which proxy ports are held, for status reports.
-fn publish(s: &mut State) {
-    let list = s
+/// The proxy ports held, with their live counters, for status reports.
+pub(crate) fn exposure_status(s: &State) -> Vec<ExposureStatus> {
+    let mut list: Vec<ExposureStatus> = s
         .exposures
         .values()
-        .map(|e| (e.proxy.clone(), e.stats.clone()))
+        .map(|e| ExposureStatus {
+            proxy: e.proxy.clone(),
+            counters: e.stats.snapshot(),
+        })
         .collect();
-    s.core.set_exposures(list);
+    list.sort_by_key(|e| e.proxy.port);
+    list
 }
 
 impl Drop for Exposure {
@@ -95,6 +100,10 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
                 };
                 s.core.send_control(link, &reply);
             }
+            Event::StatusQuery { link } => {
+                let json = s.status().to_json(STATUS_MAX_NODES).to_string();
+                s.core.send_control(link, &Control::StatusReport { json });
+            }
             Event::LinkGone { link } => {
                 s.exposures.retain(|port, e| {
                     let keep = e.link != link;
@@ -106,7 +115,6 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
             }
         }
     }
-    publish(s);
     s.flush();
 }
 

@@ -1,0 +1,250 @@
+//! The hub's status report: what `reach status`, `/status` and `/metrics`
+//! show. The core fills it ([`crate::core::HubCore::status`]); the driver
+//! adds the proxy ports it holds, with their live counters; this module
+//! renders it as JSON and in the Prometheus text format.
+
+use std::net::SocketAddr;
+
+use reach_legacy::proxy::ProxyCounters;
+use reach_proto::NodeId;
+
+use crate::core::{Counters, ProxyPort};
+
+/// Attached nodes listed in a status report at most (the count is always there),
+/// so the report fits in one frame.
+pub const STATUS_MAX_NODES: usize = 100;
+
+/// A proxy port in a status report.
+#[derive(Clone, Debug)]
+pub struct ExposureStatus {
+    /// The port and what it serves.
+    pub proxy: ProxyPort,
+    /// Its client connections so far: `bytes_to_reach` came from clients,
+    /// `bytes_from_reach` went to them.
+    pub counters: ProxyCounters,
+}
+
+/// A hub's state for `reach status`.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// The hub's id.
+    pub hub: NodeId,
+    /// Where it listens.
+    pub listen: Vec<SocketAddr>,
+    /// Attached nodes.
+    pub nodes: Vec<NodeStatus>,
+    /// Links to neighbour hubs.
+    pub hubs: Vec<HubLinkStatus>,
+    /// Routes to other hubs.
+    pub routes: Vec<RouteStatus>,
+    /// Nodes known attached to other hubs.
+    pub remote_nodes: usize,
+    /// Routed streams relayed now.
+    pub streams: usize,
+    /// Counters since start.
+    pub counters: Counters,
+    /// Services published on this hub's proxy ports.
+    pub exposures: Vec<ExposureStatus>,
+}
+
+/// One attached node.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    /// Its id.
+    pub node: NodeId,
+    /// Where its session comes from.
+    pub observed: SocketAddr,
+    /// What it advertises.
+    pub addrs: Vec<SocketAddr>,
+    /// Routed streams on its link.
+    pub streams: usize,
+}
+
+/// One hub link.
+#[derive(Clone, Debug)]
+pub struct HubLinkStatus {
+    /// The neighbour.
+    pub hub: NodeId,
+    /// Its address.
+    pub addr: Option<SocketAddr>,
+    /// Whether this hub dialled it.
+    pub dialled: bool,
+}
+
+/// One route.
+#[derive(Clone, Debug)]
+pub struct RouteStatus {
+    /// Destination hub.
+    pub hub: NodeId,
+    /// Via.
+    pub next_hop: NodeId,
+    /// Hops.
+    pub hops: u8,
+}
+
+impl Status {
+    /// The report as JSON, listing at most `max_nodes` attached nodes.
+    pub fn to_json(&self, max_nodes: usize) -> serde_json::Value {
+        use serde_json::json;
+        let addrs = |a: &[SocketAddr]| a.iter().map(ToString::to_string).collect::<Vec<_>>();
+        json!({
+            "hub": self.hub.to_string(),
+            "listen": addrs(&self.listen),
+            "nodes_attached": self.nodes.len(),
+            "nodes": self.nodes.iter().take(max_nodes).map(|n| json!({
+                "node": n.node.to_string(),
+                "observed": n.observed.to_string(),
+                "addrs": addrs(&n.addrs),
+                "streams": n.streams,
+            })).collect::<Vec<_>>(),
+            "hub_links": self.hubs.iter().map(|h| json!({
+                "hub": h.hub.to_string(),
+                "addr": h.addr.map(|a| a.to_string()),
+                "dialled": h.dialled,
+            })).collect::<Vec<_>>(),
+            "routes": self.routes.iter().map(|r| json!({
+                "hub": r.hub.to_string(),
+                "next_hop": r.next_hop.to_string(),
+                "hops": r.hops,
+            })).collect::<Vec<_>>(),
+            "remote_nodes": self.remote_nodes,
+            "streams": self.streams,
+            "exposures": self.exposures.iter().map(|e| json!({
+                "port": e.proxy.port,
+                "node": e.proxy.node.to_string(),
+                "vport": e.proxy.vport,
+                "allow_from": e.proxy.allow_from.iter().map(|(ip, len)| format!("{ip}/{len}")).collect::<Vec<_>>(),
+                "connections": e.counters.connections,
+                "active": e.counters.active,
+                "failed": e.counters.failed,
+                "refused": e.counters.refused,
+                "bytes_in": e.counters.bytes_to_reach,
+                "bytes_out": e.counters.bytes_from_reach,
+            })).collect::<Vec<_>>(),
+            "counters": {
+                "streams_opened": self.counters.streams_opened,
+                "streams_no_route": self.counters.streams_no_route,
+                "bytes_relayed": self.counters.bytes_relayed,
+                "refused": self.counters.refused,
+                "connect_backs": self.counters.connect_backs,
+                "relayed_messages": self.counters.relayed_messages,
+                "locates_dropped": self.counters.locates_dropped,
+                "directories_unindexed": self.counters.directories_unindexed,
+            },
+        })
+    }
+
+    /// The report in the Prometheus text exposition format.
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            out.push_str(&format!(
+                "# HELP reach_hub_{name} {help}\n# TYPE reach_hub_{name} {kind}\nreach_hub_{name} {value}\n"
+            ));
+        };
+        metric(
+            "nodes_attached",
+            "gauge",
+            "Nodes with a session to this hub.",
+            self.nodes.len().to_string(),
+        );
+        metric(
+            "hub_links",
+            "gauge",
+            "Links to neighbour hubs.",
+            self.hubs.len().to_string(),
+        );
+        metric(
+            "routes",
+            "gauge",
+            "Hubs this hub has a route to.",
+            self.routes.len().to_string(),
+        );
+        metric(
+            "remote_nodes",
+            "gauge",
+            "Nodes known attached to other hubs.",
+            self.remote_nodes.to_string(),
+        );
+        metric(
+            "streams",
+            "gauge",
+            "Routed streams relayed now.",
+            self.streams.to_string(),
+        );
+        metric(
+            "streams_opened_total",
+            "counter",
+            "Routed streams opened through this hub.",
+            self.counters.streams_opened.to_string(),
+        );
+        metric(
+            "streams_no_route_total",
+            "counter",
+            "Routed stream opens refused for want of a route.",
+            self.counters.streams_no_route.to_string(),
+        );
+        metric(
+            "relayed_bytes_total",
+            "counter",
+            "Payload bytes relayed.",
+            self.counters.bytes_relayed.to_string(),
+        );
+        metric(
+            "refused_total",
+            "counter",
+            "Registrations and links refused by policy.",
+            self.counters.refused.to_string(),
+        );
+        metric(
+            "connect_backs_total",
+            "counter",
+            "Connect-back requests passed on.",
+            self.counters.connect_backs.to_string(),
+        );
+        metric(
+            "exposures",
+            "gauge",
+            "Services published on proxy ports.",
+            self.exposures.len().to_string(),
+        );
+        let sum = |f: fn(&ProxyCounters) -> u64| -> String {
+            self.exposures
+                .iter()
+                .map(|e| f(&e.counters))
+                .sum::<u64>()
+                .to_string()
+        };
+        metric(
+            "proxy_connections_total",
+            "counter",
+            "Client connections accepted on proxy ports now held.",
+            sum(|c| c.connections),
+        );
+        metric(
+            "proxy_bytes_total",
+            "counter",
+            "Bytes moved both ways on proxy ports now held.",
+            sum(|c| c.bytes_to_reach + c.bytes_from_reach),
+        );
+        metric(
+            "locates_dropped_total",
+            "counter",
+            "Lookups answered unknown because too many waited for home hubs.",
+            self.counters.locates_dropped.to_string(),
+        );
+        metric(
+            "directories_unindexed_total",
+            "counter",
+            "Hub directories not indexed because too many hubs are known.",
+            self.counters.directories_unindexed.to_string(),
+        );
+        metric(
+            "relayed_messages_total",
+            "counter",
+            "Node-to-node messages (splice rendezvous) passed on.",
+            self.counters.relayed_messages.to_string(),
+        );
+        out
+    }
+}
