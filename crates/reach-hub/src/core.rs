@@ -426,12 +426,6 @@ impl HubCore {
         u32::try_from(cap).unwrap_or(MAX_STREAM_WINDOW)
     }
 
-    /// The home hub of `node` as this hub's directory has it (itself for
-    /// nodes attached here), if it knows the node.
-    pub fn home_of(&self, node: &NodeId) -> Option<NodeId> {
-        self.home_hub(node)
-    }
-
     /// Whether this hub has a route (or a link) to `hub`.
     pub fn routes_to(&self, hub: &NodeId) -> bool {
         *hub == self.me || self.hubs.contains_key(hub) || self.routes.route(hub).is_some()
@@ -666,7 +660,7 @@ impl HubCore {
 
     /// Which hub `node` is attached to, if known: this one for its own
     /// nodes, else what the index says.
-    fn home_hub(&self, node: &NodeId) -> Option<NodeId> {
+    pub fn home_of(&self, node: &NodeId) -> Option<NodeId> {
         if self.nodes.contains_key(node) {
             return Some(self.me);
         }
@@ -692,7 +686,7 @@ impl HubCore {
         if let Some((l, _)) = self.nodes.get(node) {
             return Some(*l);
         }
-        self.link_to_hub(&self.home_hub(node)?)
+        self.link_to_hub(&self.home_of(node)?)
     }
 
     /// A node looks `node` up: answered here for nodes attached here, else
@@ -701,46 +695,30 @@ impl HubCore {
     fn lookup(&mut self, link: LinkId, req: u32, node: NodeId, now: Instant) {
         if let Some((_, e)) = self.nodes.get(&node) {
             let entry = Some(e.clone());
-            self.send(link, control(&Control::Found { req, node, entry }));
+            self.send_found(link, req, node, entry);
             return;
         }
-        let home = self.home_hub(&node);
+        let home = self.home_of(&node);
         let out = home.and_then(|h| self.link_to_hub(&h));
         let (Some(home), Some(out)) = (home, out) else {
-            self.send(
-                link,
-                control(&Control::Found {
-                    req,
-                    node,
-                    entry: None,
-                }),
-            );
+            self.send_found(link, req, node, None);
             return;
         };
         if self.locates.len() >= MAX_LOCATES {
             self.counters.locates_dropped += 1;
             tracing::warn!(%node, "lookup answered as unknown: {MAX_LOCATES} lookups already wait for home hubs");
-            self.send(
-                link,
-                control(&Control::Found {
-                    req,
-                    node,
-                    entry: None,
-                }),
-            );
+            self.send_found(link, req, node, None);
             return;
         }
         let id = self.next_locate;
         self.next_locate = self.next_locate.wrapping_add(1);
-        self.locates.insert(
-            id,
-            PendingLocate {
-                link,
-                req,
-                node,
-                at: now,
-            },
-        );
+        let pending = PendingLocate {
+            link,
+            req,
+            node,
+            at: now,
+        };
+        self.locates.insert(id, pending);
         let msg = Control::Locate {
             asker: self.me,
             req: id,
@@ -748,6 +726,11 @@ impl HubCore {
             node,
         };
         self.send(out, control(&msg));
+    }
+
+    /// Answers a node's lookup.
+    fn send_found(&mut self, link: LinkId, req: u32, node: NodeId, entry: Option<DirEntry>) {
+        self.send(link, control(&Control::Found { req, node, entry }));
     }
 
     /// A Locate on its way to `home`: answered there, passed on elsewhere,
@@ -801,17 +784,10 @@ impl HubCore {
         let Some(p) = self.locates.remove(&req) else {
             return;
         };
-        // The answer must be about the node asked for, and name its home.
-        let entry = entry.filter(|e| p.node == node && e.node == node);
+        // Only an answer about the node asked for, to a node still here.
         if p.node == node && self.links.contains_key(&p.link) {
-            self.send(
-                p.link,
-                control(&Control::Found {
-                    req: p.req,
-                    node,
-                    entry,
-                }),
-            );
+            let entry = entry.filter(|e| e.node == node);
+            self.send_found(p.link, p.req, node, entry);
         }
     }
 
@@ -1300,18 +1276,29 @@ impl HubCore {
     /// linked: remote ones are rebuilt from the index (the only copy).
     fn directory_sync(&self) -> Vec<Vec<u8>> {
         let mut out = self.directory_messages();
-        let mut by_slot: HashMap<u32, Vec<NodeId>> = HashMap::new();
-        for (node, e) in &self.index {
-            by_slot.entry(e.slot).or_default().push(*node);
-        }
+        let mut members = self.members(None);
         for (origin, r) in &self.remote {
-            let mut nodes = by_slot.remove(&r.slot).unwrap_or_default();
-            // Entries of an earlier state of this origin are stale.
-            nodes.retain(|n| self.index.get(n).is_some_and(|e| e.state == r.state));
-            nodes.sort();
+            let nodes = members.remove(&r.slot).unwrap_or_default();
             out.extend(directory_parts(*origin, r.state, &nodes, &r.listen));
         }
         out
+    }
+
+    /// The current members of other hubs' directories, by slot (only slot
+    /// `only`, if given), sorted: rebuilt from the index, the only copy, in
+    /// one pass over it.
+    fn members(&self, only: Option<u32>) -> HashMap<u32, Vec<NodeId>> {
+        let mut by_slot: HashMap<u32, Vec<NodeId>> = HashMap::new();
+        let current = self
+            .index
+            .iter()
+            .filter(|(_, e)| only.is_none_or(|s| s == e.slot))
+            .filter(|(_, e)| self.slot_state.get(e.slot as usize) == Some(&e.state));
+        for (node, e) in current {
+            by_slot.entry(e.slot).or_default().push(*node);
+        }
+        by_slot.values_mut().for_each(|nodes| nodes.sort());
+        by_slot
     }
 
     fn directory_messages(&self) -> Vec<Vec<u8>> {
@@ -1361,13 +1348,10 @@ impl HubCore {
         let parts = if origin == self.me {
             self.directory_messages()
         } else if let Some(r) = self.remote.get(&origin) {
-            let mut nodes: Vec<NodeId> = self
-                .index
-                .iter()
-                .filter(|(_, e)| e.slot == r.slot && e.state == r.state)
-                .map(|(n, _)| *n)
-                .collect();
-            nodes.sort();
+            let nodes = self
+                .members(Some(r.slot))
+                .remove(&r.slot)
+                .unwrap_or_default();
             directory_parts(origin, r.state, &nodes, &r.listen)
         } else {
             if let Some(out) = self.link_to_hub(&origin).filter(|l| *l != link) {
@@ -1390,7 +1374,9 @@ impl HubCore {
             .map(|(dest, _)| *dest)
             .filter(|d| !self.remote.contains_key(d))
             .collect();
-        self.missing.retain(|hub, _| routed.contains(hub));
+        let (remote, routes) = (&self.remote, &self.routes);
+        self.missing
+            .retain(|hub, _| !remote.contains_key(hub) && routes.route(hub).is_some());
         for hub in routed {
             let since = *self.missing.entry(hub).or_insert(now);
             if now.saturating_duration_since(since) < wait {
@@ -1421,16 +1407,21 @@ impl HubCore {
             }
         }
         for origin in gone {
-            // Its index entries go stale with it; a sweep removes them.
-            if let Some(r) = self.remote.remove(&origin) {
-                self.indexed -= r.count;
-                if let Some(st) = self.slot_state.get_mut(r.slot as usize) {
-                    *st = 0;
-                }
-            }
-            self.partial.remove(&origin);
+            self.forget_remote(&origin);
         }
         self.sweep_index();
+    }
+
+    /// Forgets `origin`'s directory: its index entries go stale with it (a
+    /// sweep removes them).
+    fn forget_remote(&mut self, origin: &NodeId) {
+        if let Some(r) = self.remote.remove(origin) {
+            self.indexed -= r.count;
+            if let Some(st) = self.slot_state.get_mut(r.slot as usize) {
+                *st = 0;
+            }
+        }
+        self.partial.remove(origin);
     }
 
     fn gossip_to(&mut self, link: LinkId) {
@@ -1438,7 +1429,12 @@ impl HubCore {
             return;
         };
         let adverts = self.routes.adverts_for(peer);
-        // Each part stands alone: a receiver takes in every advert it gets.
+        self.send_adverts(link, &adverts);
+    }
+
+    /// Sends `adverts` on `link` in parts that fit a frame; each part stands
+    /// alone (a receiver takes in every advert it gets).
+    fn send_adverts(&mut self, link: LinkId, adverts: &[reach_proto::routes::Advert]) {
         for part in adverts.chunks(ADVERTS_PART) {
             let adverts = part.to_vec();
             self.send(link, control(&Control::Adverts { adverts }));
@@ -1450,10 +1446,7 @@ impl HubCore {
         let hubs: Vec<(NodeId, LinkId)> = self.hubs.iter().map(|(h, l)| (*h, *l)).collect();
         for (peer, link) in hubs {
             let adverts = self.routes.changed_adverts_for(peer);
-            for part in adverts.chunks(ADVERTS_PART) {
-                let adverts = part.to_vec();
-                self.send(link, control(&Control::Adverts { adverts }));
-            }
+            self.send_adverts(link, &adverts);
         }
         self.routes.clear_changes();
     }

@@ -565,6 +565,23 @@ fn pump(
     }
 }
 
+/// Node `n` attaches to `core` from `addr(n)`, advertising `addrs`; its
+/// link. Unlike [`attach`], what the core queued (its directory flood)
+/// stays in the outbox.
+fn register(core: &mut HubCore, n: u8, addrs: Vec<SocketAddr>, now: Instant) -> LinkId {
+    let link = core.link_up(id(n), addr(n), false, None);
+    let register = Control::Register {
+        addrs,
+        proof: None,
+        accepts: true,
+    };
+    assert_eq!(
+        core.handle_frame(link, Frame::Control(register), now),
+        Verdict::Continue
+    );
+    link
+}
+
 fn found(frames: &[(LinkId, Vec<u8>)], link: LinkId) -> Option<Option<DirEntry>> {
     frames
         .iter()
@@ -580,23 +597,11 @@ fn a_lookup_of_a_node_on_another_hub_is_answered_by_its_home_hub() {
     let now = Instant::now();
     let (mut a, mut b, ab, ba) = two_hubs(now);
     // x attaches to a; a floods its index (ids only) to b.
-    let x_link = a.link_up(id(10), addr(10), false, None);
-    let register = Control::Register {
-        addrs: vec![addr(11)],
-        proof: None,
-        accepts: true,
-    };
-    a.handle_frame(x_link, Frame::Control(register), now);
+    register(&mut a, 10, vec![addr(11)], now);
     pump(&mut a, &mut b, ab, ba, now);
     assert_eq!(b.home_of(&id(10)), Some(id(1)));
     // y on b looks x up: b asks a, a answers with x's entry, b tells y.
-    let y_link = b.link_up(id(20), addr(20), false, None);
-    let register = Control::Register {
-        addrs: vec![],
-        proof: None,
-        accepts: true,
-    };
-    b.handle_frame(y_link, Frame::Control(register), now);
+    let y_link = register(&mut b, 20, vec![], now);
     let lookup = Control::Lookup {
         req: 5,
         node: id(10),
@@ -638,13 +643,7 @@ fn directory_changes_within_the_hold_time_go_out_as_one_flood() {
     };
     let mut floods = 0;
     for n in 0..10u8 {
-        let link = a.link_up(id(100 + n), addr(100 + n), false, None);
-        let register = Control::Register {
-            addrs: vec![],
-            proof: None,
-            accepts: true,
-        };
-        a.handle_frame(link, Frame::Control(register), now);
+        register(&mut a, 100 + n, vec![], now);
         floods += directories(&a.take_outbox());
     }
     assert_eq!(floods, 1, "the first change goes at once, the rest wait");
@@ -667,13 +666,7 @@ fn directory_changes_within_the_hold_time_go_out_as_one_flood() {
 fn a_restarted_hub_supersedes_its_earlier_run_and_stale_index_entries_go() {
     let now = Instant::now();
     let (mut a, mut b, ab, ba) = two_hubs(now);
-    let x_link = a.link_up(id(10), addr(10), false, None);
-    let register = || Control::Register {
-        addrs: vec![],
-        proof: None,
-        accepts: true,
-    };
-    a.handle_frame(x_link, Frame::Control(register()), now);
+    register(&mut a, 10, vec![], now);
     pump(&mut a, &mut b, ab, ba, now);
     assert_eq!(b.home_of(&id(10)), Some(id(1)));
     // a restarts (a later epoch), and z attaches instead of x.
@@ -685,8 +678,7 @@ fn a_restarted_hub_supersedes_its_earlier_run_and_stale_index_entries_go() {
     let mut a = HubCore::new(id(1), policy, vec![addr(1)], Duration::from_secs(10), 1_000);
     let ab = a.link_up(id(2), addr(2), true, None);
     let ba = b.link_up(id(1), addr(1), false, None);
-    let z_link = a.link_up(id(12), addr(12), false, None);
-    a.handle_frame(z_link, Frame::Control(register()), now);
+    register(&mut a, 12, vec![], now);
     pump(&mut a, &mut b, ab, ba, now);
     assert_eq!(
         b.home_of(&id(12)),
@@ -714,13 +706,7 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
     );
     let bc = b.link_up(id(3), addr(3), true, None);
     let cb = c.link_up(id(2), addr(2), false, None);
-    let w = c.link_up(id(40), addr(40), false, None);
-    let register = Control::Register {
-        addrs: vec![],
-        proof: None,
-        accepts: true,
-    };
-    c.handle_frame(w, Frame::Control(register), now);
+    register(&mut c, 40, vec![], now);
     pump(&mut b, &mut c, bc, cb, now);
     assert_eq!(b.home_of(&id(40)), Some(id(3)));
     // a learns a route to c through b, but (say, after a partition that
@@ -729,9 +715,7 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
         b.tick(now);
         pump(&mut b, &mut a, ba, ab, now);
     }
-    a.remote.clear();
-    a.indexed = 0;
-    a.slot_state.iter_mut().for_each(|s| *s = 0);
+    a.forget_remote(&id(3));
     assert!(a.routes_to(&id(3)));
     assert_eq!(a.home_of(&id(40)), None);
     // After a quarter of the grace time, a's tick asks b, which answers.
@@ -748,16 +732,9 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
 fn lookups_waiting_for_home_hubs_are_bounded_and_counted() {
     let now = Instant::now();
     let (mut a, mut b, ab, ba) = two_hubs(now);
-    let x = a.link_up(id(10), addr(10), false, None);
-    let register = || Control::Register {
-        addrs: vec![],
-        proof: None,
-        accepts: true,
-    };
-    a.handle_frame(x, Frame::Control(register()), now);
+    register(&mut a, 10, vec![], now);
     pump(&mut a, &mut b, ab, ba, now);
-    let y = b.link_up(id(20), addr(20), false, None);
-    b.handle_frame(y, Frame::Control(register()), now);
+    let y = register(&mut b, 20, vec![], now);
     b.take_outbox();
     // a never answers: every lookup waits, up to the bound.
     for req in 0..MAX_LOCATES as u32 {

@@ -116,9 +116,11 @@ struct State {
     txs: HashMap<LinkId, FrameTx>,
     /// Published services, by proxy port.
     exposures: HashMap<u16, proxy_ports::Exposure>,
-    /// Wakes the timer task when the core has a deadline
-    /// ([`HubCore::poll_timeout`]).
+    /// Wakes the timer task when the core's deadline
+    /// ([`HubCore::poll_timeout`]) changes.
     timer: Arc<tokio::sync::Notify>,
+    /// The deadline the timer task last heard of.
+    armed: Option<Instant>,
 }
 
 impl State {
@@ -136,8 +138,11 @@ impl State {
                 let _ = tx.send(frame);
             }
         }
-        if self.core.poll_timeout().is_some() {
-            // A stored permit if the task is busy: no wake-up is lost.
+        // Only a new deadline wakes the task (not every frame while one is
+        // pending); a stored permit covers a task that is busy right now.
+        let due = self.core.poll_timeout();
+        if due != self.armed {
+            self.armed = due;
             self.timer.notify_one();
         }
     }
@@ -235,6 +240,7 @@ impl Hub {
                 txs: HashMap::new(),
                 exposures: HashMap::new(),
                 timer: Arc::new(tokio::sync::Notify::new()),
+                armed: None,
             }),
             config,
             stop: tokio::sync::watch::Sender::new(false),

@@ -567,7 +567,8 @@ impl World {
         );
     }
 
-    /// Sends what hub `hub`'s core queued, and acts on what it closed.
+    /// Sends what hub `hub`'s core queued (its driver events, proxy ports
+    /// and status queries, have nothing to act on here) and arms its timer.
     fn flush(&mut self, hub: HubIx) {
         let Some(core) = self.hubs[hub].core.as_mut() else {
             return;
@@ -628,14 +629,21 @@ impl World {
             return;
         }
         match self.links[link].ends[to] {
+            End::Hub(_, 0) => {
+                // Not accepted yet (the link's handshake timing makes this
+                // rare): TCP holds the bytes, so the core sees them later.
+                // Behind every frame already on its way, to keep the order.
+                let l = &mut self.links[link];
+                let at = (self.now + l.latency).max(l.arrives[to]);
+                l.arrives[to] = at;
+                let frame = frame.into();
+                self.schedule(at - self.now, Event::Deliver { link, to, frame });
+            }
             End::Hub(hub, id) => {
                 let now = self.instant();
                 let Some(core) = self.hubs[hub].core.as_mut() else {
                     return;
                 };
-                if id == 0 {
-                    return; // not accepted yet: TCP would have queued it; the core sees it after
-                }
                 let mut rest = frame;
                 let mut close = None;
                 while !rest.is_empty() {

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use reach_proto::candidates::{order_candidates, LocalAddr};
 use reach_proto::handshake::{HandshakeError, InitiatorOptions};
 use reach_proto::race::{DirectRace, RaceStep};
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::{SecretKey, VirtualAddr};
 use tokio::task::JoinSet;
 
 use crate::error::{Attempt, AttemptError, ConnectError};
 use crate::handshake::{initiate, tcp_connect};
-use crate::setup_module::SetupModule;
 use crate::stream::{Direction, ReachStream};
 
 /// Settings of one direct connection race.

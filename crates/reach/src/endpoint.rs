@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use reach_proto::candidates::advertisable;
 use reach_proto::handshake::{Admission, HelloHeader, InitiatorOptions, Refusal, ResponderOptions};
 use reach_proto::race::DEFAULT_ATTEMPT_DELAY;
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::{Cipher, NodeId, SecretKey, VirtualAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,7 +36,6 @@ use crate::keystore;
 use crate::module_cache::ModuleCache;
 use crate::session::{self, HubStatus, HubTarget, Session};
 use crate::setup;
-use crate::setup_module::SetupModule;
 use crate::stream::{Direction, ReachStream};
 
 /// Default time `connect` may take before giving up.

@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use reach_proto::handshake::{HandshakeError, Refusal};
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::NodeId;
 
 use crate::keystore::KeyStoreError;
-use crate::setup_module::SetupModule;
 
 /// Why one connection attempt to one address failed.
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,6 @@ mod routed;
 mod secure;
 mod session;
 mod setup;
-mod setup_module;
 mod splice;
 mod stream;
 
@@ -40,11 +39,11 @@ pub use error::{
     Attempt, AttemptError, ConnectBackError, ConnectError, EchoError, EndpointError, ExposeError,
     HubError, ModuleFailure, NatProbeError, SessionError,
 };
+pub use reach_proto::setup_plan::{SetupModule, UnknownModule};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;
 pub use secure::SecureStream;
 pub use session::{HubExposure, HubStatus, HubTarget};
-pub use setup_module::{SetupModule, UnknownModule};
 pub use splice::NatReport;
 pub use stream::upgrade::Upgraded;
 pub use stream::{Direction, ReachStream, StreamInfo};

@@ -13,9 +13,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::NodeId;
-
-use crate::setup_module::SetupModule;
 
 /// What is remembered about one target.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -23,6 +23,7 @@ use reach_proto::link::{
     admission_proof, encode_control, encode_open, encode_reset, ConnectBack, Control, DirEntry,
     Frame, Rendezvous, ResetCode, HUB_VPORT,
 };
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::{HubAddr, NodeId, SecretKey, VirtualAddr};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
@@ -33,7 +34,6 @@ use crate::error::{AttemptError, ExposeError, HubError, SessionError};
 use crate::handshake::{initiate, respond, tcp_connect};
 use crate::link::{write_frames, FrameReader, FrameTx};
 use crate::routed::{RoutedStream, StreamMap};
-use crate::setup_module::SetupModule;
 use crate::stream::{Direction, ReachStream};
 
 /// First reconnect delay after a lost or failed hub session.
@@ -621,32 +621,47 @@ pub(crate) async fn query_status(
         source: e.into(),
     })?;
     let mut reader = FrameReader::new(r);
-    let answer = tokio::time::timeout(ATTACH_TIMEOUT, reader.next())
-        .await
-        .map_err(|_| HubError::TimedOut {
-            hub: hub_id.to_string(),
-            what: "sent no status",
-            after: ATTACH_TIMEOUT,
-        })?;
-    match answer {
-        Ok(Some(Frame::Control(Control::StatusReport { json }))) => Ok(json),
-        Ok(Some(Frame::Control(Control::Refused { reason }))) => Err(HubError::Refused {
-            hub: hub_id,
-            what: "the status query",
-            reason,
-        }),
-        Ok(Some(other)) => Err(HubError::Unexpected {
+    match first_answer(&mut reader, hub_id, "the status query", DURING).await? {
+        Control::StatusReport { json } => Ok(json),
+        other => Err(HubError::Unexpected {
             hub: hub_id,
             during: DURING,
             got: format!("{other:?}"),
         }),
-        Ok(None) => Err(HubError::Closed {
-            hub: hub_id,
-            during: DURING,
+    }
+}
+
+/// The hub's first answer on a fresh link (to a registration or a status
+/// query): a control message within [`ATTACH_TIMEOUT`]. A refusal becomes
+/// [`HubError::Refused`] of `what`; anything else that is not a control
+/// message, a closed or broken link, or silence is an error `during` it.
+async fn first_answer<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    hub: NodeId,
+    what: &'static str,
+    during: &'static str,
+) -> Result<Control, HubError> {
+    let answer = tokio::time::timeout(ATTACH_TIMEOUT, reader.next())
+        .await
+        .map_err(|_| HubError::TimedOut {
+            hub: hub.to_string(),
+            what: "did not answer",
+            after: ATTACH_TIMEOUT,
+        })?;
+    match answer {
+        Ok(Some(Frame::Control(Control::Refused { reason }))) => {
+            Err(HubError::Refused { hub, what, reason })
+        }
+        Ok(Some(Frame::Control(msg))) => Ok(msg),
+        Ok(Some(other)) => Err(HubError::Unexpected {
+            hub,
+            during,
+            got: format!("{other:?}"),
         }),
+        Ok(None) => Err(HubError::Closed { hub, during }),
         Err(source) => Err(HubError::Link {
-            hub: hub_id,
-            during: DURING,
+            hub,
+            during,
             source,
         }),
     }
@@ -674,14 +689,9 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Hub
     );
     const DURING: &str = "during registration";
     let mut reader = FrameReader::new(r);
-    let (observed, echo) = match reader.next().await {
-        Ok(Some(Frame::Control(Control::Registered { observed, echo }))) => (observed, echo),
-        Ok(Some(Frame::Control(Control::Refused { reason }))) => {
-            session.refused.send_replace(Some(reason.clone()));
-            let what = "this node";
-            return Err(HubError::Refused { hub, what, reason });
-        }
-        Ok(Some(other)) => {
+    let (observed, echo) = match first_answer(&mut reader, hub, "this node", DURING).await {
+        Ok(Control::Registered { observed, echo }) => (observed, echo),
+        Ok(other) => {
             let got = format!("{other:?}");
             return Err(HubError::Unexpected {
                 hub,
@@ -689,18 +699,11 @@ async fn attach(shared: &Arc<Shared>, session: &Session) -> Result<Attached, Hub
                 got,
             });
         }
-        Ok(None) => {
-            return Err(HubError::Closed {
-                hub,
-                during: DURING,
-            })
-        }
-        Err(source) => {
-            return Err(HubError::Link {
-                hub,
-                during: DURING,
-                source,
-            });
+        Err(e) => {
+            if let HubError::Refused { reason, .. } = &e {
+                session.refused.send_replace(Some(reason.clone()));
+            }
+            return Err(e);
         }
     };
     tracing::info!(%hub, %observed, "registered with hub");

@@ -22,14 +22,13 @@ use std::time::{Duration, Instant};
 
 use reach_proto::handshake::HandshakeError;
 use reach_proto::link::ConnectBack;
-use reach_proto::setup_plan::{self, Budgets, Facts, Site};
+use reach_proto::setup_plan::{self, Budgets, Facts, SetupModule, Site};
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::direct::{self, RaceSettings};
 use crate::endpoint::Shared;
 use crate::error::{AttemptError, ConnectError, ModuleFailure};
 use crate::handshake::initiate;
-use crate::setup_module::SetupModule;
 use crate::stream::{Direction, ReachStream};
 mod upgrade;
 

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reach_proto::handshake::InitiatorOptions;
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::direct::{self, RaceSettings};
 use crate::endpoint::Shared;
-use crate::setup_module::SetupModule;
 use crate::stream::upgrade::Slot;
 use crate::stream::ReachStream;
 

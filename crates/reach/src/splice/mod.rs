@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use reach_proto::handshake::{Admission, HandshakeError, InitiatorOptions, Refusal};
 use reach_proto::link::{Control, Rendezvous};
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::{NodeId, VirtualAddr};
 use tokio::task::JoinSet;
 
@@ -46,7 +47,6 @@ use crate::endpoint::Shared;
 use crate::error::{AttemptError, ConnectError};
 use crate::handshake::{initiate, respond};
 use crate::link::FrameTx;
-use crate::setup_module::SetupModule;
 use crate::stream::{Direction, ReachStream};
 
 use attempts::punch;

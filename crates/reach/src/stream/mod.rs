@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use reach_proto::handshake::Established;
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::{NodeId, StreamMode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -26,7 +27,6 @@ pub(crate) mod upgrade;
 
 use crate::routed::RoutedStream;
 use crate::secure::SecureStream;
-use crate::setup_module::SetupModule;
 use upgrade::{Handover, NewPath, Registration, Slot, Upgraded};
 
 /// Which side opened the stream.

@@ -33,12 +33,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::Waker;
 use std::time::Instant;
 
+use reach_proto::setup_plan::SetupModule;
 use reach_proto::NodeId;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::secure::SecureStream;
-use crate::setup_module::SetupModule;
 
 pub(crate) use handover::Handover;
 
