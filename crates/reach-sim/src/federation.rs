@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use reach_proto::{NodeId, SecretKey};
 
-use crate::rng::Rng;
 use crate::topology::{self, Shape};
 use crate::world::{World, GOSSIP};
+use reach_proto::rng::Rng;
 
 /// How often convergence is checked.
 pub const CHECK: Duration = Duration::from_millis(250);

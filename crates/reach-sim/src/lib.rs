@@ -9,6 +9,5 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod federation;
-pub mod rng;
 pub mod topology;
 pub mod world;

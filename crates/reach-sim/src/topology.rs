@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::rng::Rng;
+use reach_proto::rng::Rng;
 
 /// The shape of the hub graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

@@ -30,7 +30,7 @@ use reach_hub::core::{HubCore, LinkId, Policy, Verdict};
 use reach_proto::link::{decode_frame, encode_control, Control, DirEntry, Frame};
 use reach_proto::NodeId;
 
-use crate::rng::Rng;
+use reach_proto::rng::Rng;
 
 /// Gossip interval of the simulated hubs (the hub's default).
 pub const GOSSIP: Duration = reach_hub::DEFAULT_GOSSIP_INTERVAL;

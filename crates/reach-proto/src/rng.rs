@@ -1,10 +1,11 @@
-//! The simulator's only source of randomness: SplitMix64 from one seed.
+//! Seeded randomness for the sans-IO cores: SplitMix64 from one seed.
 //!
-//! Hand-written on purpose: "same seed, same output" must hold across crate
-//! upgrades, and general-purpose RNG crates do not promise stable streams
-//! between versions. SplitMix64 (Steele, Lea, Flood 2014) is the standard
+//! The cores never read an OS RNG (their drivers seed them; the simulator
+//! seeds everything from its one `--seed`). Hand-written on purpose: "same
+//! seed, same output" must hold across crate upgrades, and general-purpose
+//! RNG crates do not promise stable streams between versions. SplitMix64 (Steele, Lea, Flood 2014) is the standard
 //! seeder of the xoshiro family: eight lines, full 2^64 period, good enough
-//! statistics for picking topologies, latencies and victims.
+//! statistics for picking topologies, latencies, victims and backoff jitter.
 
 /// A seeded pseudo-random stream.
 #[derive(Clone, Debug)]
