@@ -621,6 +621,28 @@ async fn a_slow_reader_does_not_stall_other_streams() {
 }
 
 #[tokio::test]
+async fn a_dropped_endpoint_leaves_its_hub() {
+    let hub = hub_with(HubConfig::default()).await;
+    let t = target_of(&hub);
+    let kept = node(&t, builder()).await;
+    let dropped = node(&t, builder()).await;
+    let gone = dropped.node_id();
+    assert_eq!(hub.status().nodes.len(), 2);
+    drop(dropped);
+    // The hub sees the link close and forgets the node; the other stays.
+    let left = async {
+        while hub.status().nodes.iter().any(|n| n.node == gone) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, left)
+        .await
+        .expect("the dropped endpoint's hub link stayed open");
+    assert_eq!(hub.status().nodes.len(), 1);
+    assert_eq!(hub.status().nodes[0].node, kept.node_id());
+}
+
+#[tokio::test]
 async fn admission_refuses_strangers_and_admits_by_key_or_secret() {
     let friend = keystore::generate().expect("key");
     let hub = hub_with(HubConfig {
@@ -633,8 +655,10 @@ async fn admission_refuses_strangers_and_admits_by_key_or_secret() {
     })
     .await;
     let t = target_of(&hub);
-    node(&t, builder().secret_key(friend)).await;
-    node(&t, builder().network_secret("cluster-secret")).await;
+    let _admitted = [
+        node(&t, builder().secret_key(friend)).await,
+        node(&t, builder().network_secret("cluster-secret")).await,
+    ];
     for stranger in [builder(), builder().network_secret("wrong")] {
         let ep = stranger.hub(t.clone()).bind().await.expect("bind");
         let err = ep

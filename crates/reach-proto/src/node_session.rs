@@ -243,18 +243,7 @@ pub enum Event {
     ConnectBack(ConnectBack),
     /// Another node offers a splice. Admitted under `max_answers`: call
     /// [`NodeSession::answer_done`] when finished.
-    SpliceOffer {
-        /// The asker.
-        from: NodeId,
-        /// The offer's token.
-        token: u32,
-        /// The virtual port wanted.
-        vport: u16,
-        /// The asker's predicted endpoints (at most `nat::MAX_CANDIDATES`).
-        candidates: Vec<SocketAddr>,
-        /// Whether the spliced connection replaces a routed stream.
-        upgrade: bool,
-    },
+    SpliceOffer(SpliceOffer),
     /// Another node's answer (or refusal) to this node's splice offer.
     SpliceAnswer {
         /// The target.
@@ -282,6 +271,21 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+}
+
+/// A splice offer from another node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpliceOffer {
+    /// The asker.
+    pub from: NodeId,
+    /// The offer's token.
+    pub token: u32,
+    /// The virtual port wanted.
+    pub vport: u16,
+    /// The asker's predicted endpoints (at most `nat::MAX_CANDIDATES`).
+    pub candidates: Vec<SocketAddr>,
+    /// Whether the spliced connection replaces a routed stream.
+    pub upgrade: bool,
 }
 
 /// Where the session is.
@@ -669,13 +673,13 @@ impl NodeSession {
                 if self.answers < self.config.max_answers {
                     self.answers += 1;
                     candidates.truncate(crate::nat::MAX_CANDIDATES);
-                    self.events.push_back(Event::SpliceOffer {
+                    self.events.push_back(Event::SpliceOffer(SpliceOffer {
                         from,
                         token,
                         vport,
                         candidates,
                         upgrade,
-                    });
+                    }));
                 } else {
                     let msg = Rendezvous::SpliceDeclined {
                         token,

@@ -468,7 +468,7 @@ fn answers_for_other_nodes_are_bounded() {
     let events = r.events();
     assert!(matches!(events[0], Event::ConnectBack(_)));
     match &events[1] {
-        Event::SpliceOffer { candidates, .. } => {
+        Event::SpliceOffer(SpliceOffer { candidates, .. }) => {
             assert_eq!(candidates.len(), crate::nat::MAX_CANDIDATES)
         }
         other => panic!("expected an offer, got {other:?}"),

@@ -226,7 +226,7 @@ impl Check {
         if world
             .nodes
             .iter()
-            .any(|n| world.hub_alive(n.hub) && !n.registered)
+            .any(|n| world.hub_alive(n.hub) && !n.registered())
         {
             return false;
         }
@@ -325,7 +325,7 @@ pub fn shortfall(world: &World) -> Shortfall {
         nodes_unregistered: world
             .nodes
             .iter()
-            .filter(|n| world.hub_alive(n.hub) && !n.registered)
+            .filter(|n| world.hub_alive(n.hub) && !n.registered())
             .count(),
         ..Shortfall::default()
     };

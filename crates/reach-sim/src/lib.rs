@@ -1,5 +1,6 @@
-//! reach-sim: the real hub core ([`reach_hub::core::HubCore`]) and route
-//! table, many of them, with simulated nodes, in deterministic virtual time.
+//! reach-sim: the real hub core ([`reach_hub::core::HubCore`]), route table
+//! and node core ([`reach_proto::node_session::NodeSession`]), many of them,
+//! joined by simulated links, in deterministic virtual time.
 //!
 //! ```text
 //!  Params --build--> World { hubs: HubCore.., nodes, links } --run--> Report

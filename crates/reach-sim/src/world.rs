@@ -16,9 +16,10 @@
 //! round trips they take. A hub crash is a process crash: its peers see their
 //! links close one latency later, as the kernel's FIN or RST tells them.
 //!
-//! Nodes here speak the node side of the hub protocol with real frames
-//! (Register, Lookup) and reconnect with the node session's backoff; they
-//! stand in for the node core until it is sans-IO too.
+//! Nodes run the real node core ([`NodeSession`]): it decides when to dial,
+//! registers, keeps the link alive, times out lookups and backs off, exactly
+//! as in a `reach` process; here a dial is a simulated TCP connect and
+//! handshake, and the core's deadlines are events in the queue.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -27,7 +28,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use reach_hub::core::{HubCore, LinkId, Policy, Verdict};
-use reach_proto::link::{decode_frame, encode_control, Control, DirEntry, Frame};
+use reach_proto::link::{decode_frame, Frame};
+use reach_proto::node_session::{self, Event as SessionEvent, NodeSession};
 use reach_proto::NodeId;
 
 use reach_proto::rng::Rng;
@@ -36,8 +38,8 @@ use reach_proto::rng::Rng;
 pub const GOSSIP: Duration = reach_hub::DEFAULT_GOSSIP_INTERVAL;
 /// Redial delays of configured peer hubs (the hub driver's).
 const HUB_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(3));
-/// Reconnect delays of node sessions (the node session's), jittered by ±20%.
-const NODE_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
+/// How long a simulated lookup may take (the setup driver's budget).
+const LOOKUP_BUDGET: Duration = Duration::from_secs(2);
 
 /// Index of a hub in the world.
 pub type HubIx = usize;
@@ -85,13 +87,24 @@ pub struct Node {
     /// Its home hub.
     pub hub: HubIx,
     latency: Duration,
+    /// The link being dialled or in use.
     link: Option<LinkIx>,
-    /// Whether its hub answered its registration on the current session.
-    pub registered: bool,
-    backoff: Duration,
-    /// Lookup answers: request id to the home hub found (None: unknown)
-    /// and when the answer came.
+    /// The node core.
+    pub session: NodeSession,
+    /// The core's id for the current link, once connected.
+    session_link: Option<node_session::LinkId>,
+    /// When the core's timer is armed for, if it is.
+    timer: Option<Duration>,
+    /// Lookup answers: request id to the home hub found (None: unknown or
+    /// failed) and when the answer came.
     pub found: HashMap<u32, (Option<NodeId>, Duration)>,
+}
+
+impl Node {
+    /// Whether its hub took its registration on the current link.
+    pub fn registered(&self) -> bool {
+        self.session.registration().is_some()
+    }
 }
 
 #[derive(Debug)]
@@ -128,8 +141,14 @@ enum Event {
         link: LinkIx,
         to: usize,
     },
-    NodeConnect {
+    /// The node core's deadline (`NodeSession::poll_timeout`).
+    NodeTimeout {
         node: NodeIx,
+    },
+    /// A node's dial ends: refused (its hub is down) or the link is up.
+    NodeDialed {
+        node: NodeIx,
+        link: Option<LinkIx>,
     },
 }
 
@@ -157,8 +176,11 @@ impl Queue {
                 u32::try_from(self.slab.len() - 1).expect("fewer than 4G events in flight")
             }
         };
-        self.heap
-            .push(Reverse((at.as_micros() as u64, self.seq, slot)));
+        // Rounded up: a core's deadline in nanoseconds must not fire a
+        // microsecond early, or the core finds nothing due and asks for the
+        // same deadline again, forever.
+        let at_us = at.as_nanos().div_ceil(1000) as u64;
+        self.heap.push(Reverse((at_us, self.seq, slot)));
     }
 
     /// The time of the next event.
@@ -215,7 +237,6 @@ pub struct World {
     loss: f64,
     /// Traffic so far.
     pub traffic: Traffic,
-    next_req: u32,
 }
 
 impl World {
@@ -231,7 +252,6 @@ impl World {
             rng,
             loss,
             traffic: Traffic::default(),
-            next_req: 1,
         }
     }
 
@@ -269,8 +289,8 @@ impl World {
         self.hubs[from].peers.push((to, latency));
     }
 
-    /// Adds a node homed at `hub`, `latency` away from it, that connects
-    /// after `after`.
+    /// Adds a node homed at `hub`, `latency` away from it, whose process
+    /// starts after `after` (its core dials at once).
     pub fn add_node(
         &mut self,
         id: NodeId,
@@ -279,16 +299,21 @@ impl World {
         after: Duration,
     ) -> NodeIx {
         let ix = self.nodes.len();
+        let mut config = node_session::Config::new(id);
+        config.addrs = vec![node_addr(ix)];
+        let seed = self.rng.next_u64();
+        let session = NodeSession::new(config, seed, self.base + self.now + after);
         self.nodes.push(Node {
             id,
             hub,
             latency,
             link: None,
-            registered: false,
-            backoff: NODE_BACKOFF.0,
+            session,
+            session_link: None,
+            timer: None,
             found: HashMap::new(),
         });
-        self.schedule(after, Event::NodeConnect { node: ix });
+        self.arm_node(ix);
         ix
     }
 
@@ -326,6 +351,13 @@ impl World {
         }
     }
 
+    /// Hangs hub `hub`: its state is gone and it neither reads nor sends,
+    /// but its links stay open (a stopped process, a dead machine behind a
+    /// firewall that drops instead of resetting). Only keepalives notice.
+    pub fn freeze_hub(&mut self, hub: HubIx) {
+        self.hubs[hub].core = None;
+    }
+
     /// For each hub, the smallest index of the running hubs it is
     /// connected to through configured peerings among running hubs (None
     /// for a hub that is down): crashed hubs can cut the federation in
@@ -358,15 +390,12 @@ impl World {
         self.hubs[hub].core.is_some()
     }
 
-    /// Sends a Lookup for `target` from node `node`; returns the request id,
-    /// whose answer lands in [`Node::found`].
+    /// Node `node` looks `target` up; returns the request id, whose answer
+    /// lands in [`Node::found`].
     pub fn lookup(&mut self, node: NodeIx, target: NodeId) -> Option<u32> {
-        let link = self.nodes[node].link?;
-        let req = self.next_req;
-        self.next_req += 1;
-        let mut f = Vec::new();
-        encode_control(&Control::Lookup { req, node: target }, &mut f).ok()?;
-        self.send(link, side_of_node(&self.links[link]), f.into());
+        let deadline = self.instant() + LOOKUP_BUDGET;
+        let req = self.nodes[node].session.lookup(target, deadline).ok()?;
+        self.flush_node(node);
         Some(req)
     }
 
@@ -420,7 +449,13 @@ impl World {
             Event::Accept { link } => self.link_up(link, 1),
             Event::Establish { link } => self.link_up(link, 0),
             Event::Close { link, to } => self.end_closed(link, to),
-            Event::NodeConnect { node } => self.node_connect(node),
+            Event::NodeTimeout { node } => {
+                self.nodes[node].timer = None;
+                let now = self.instant();
+                self.nodes[node].session.handle_timeout(now);
+                self.flush_node(node);
+            }
+            Event::NodeDialed { node, link } => self.node_dialed(node, link),
         }
     }
 
@@ -520,17 +555,13 @@ impl World {
                 self.hubs[hub].links.insert(id, link);
                 self.flush(hub);
             }
-            End::Node(n) => {
-                let mut f = Vec::new();
-                let reg = Control::Register {
-                    addrs: vec![node_addr(n)],
-                    proof: None,
-                    accepts: true,
-                };
-                if encode_control(&reg, &mut f).is_ok() {
-                    self.send(link, side, f.into());
-                }
-            }
+            End::Node(n) => self.schedule(
+                Duration::ZERO,
+                Event::NodeDialed {
+                    node: n,
+                    link: Some(link),
+                },
+            ),
         }
     }
 
@@ -670,22 +701,70 @@ impl World {
         }
     }
 
+    /// A frame for node `n`: into its core, as its link reader does.
     fn node_frame(&mut self, n: NodeIx, frame: &[u8]) {
-        let Ok(Some((Frame::Control(msg), _))) = decode_frame(frame) else {
+        let Some(id) = self.nodes[n].session_link else {
             return;
         };
-        let node = &mut self.nodes[n];
-        match msg {
-            Control::Registered { .. } => {
-                node.registered = true;
-                node.backoff = NODE_BACKOFF.0;
+        let now = self.instant();
+        let session = &mut self.nodes[n].session;
+        match decode_frame(frame) {
+            Ok(Some((Frame::Control(msg), _))) => session.handle_control(id, msg, now),
+            Ok(Some((Frame::Open { stream, dst, src }, _))) => {
+                session.handle_open(id, stream, dst, src, now)
             }
-            Control::Found { req, entry, .. } => {
-                node.found
-                    .insert(req, (entry.map(|e: DirEntry| e.hub), self.now));
-            }
-            _ => {}
+            Ok(Some(_)) => session.handle_traffic(id, now),
+            _ => session.handle_link_lost(id, "undecodable frame".into(), now),
         }
+        self.flush_node(n);
+    }
+
+    /// Sends what node `n`'s core queued, acts on its events and arms its
+    /// timer.
+    fn flush_node(&mut self, n: NodeIx) {
+        while let Some(frame) = self.nodes[n].session.poll_transmit() {
+            if let (Some(link), Some(_)) = (self.nodes[n].link, self.nodes[n].session_link) {
+                let side = side_of_node(&self.links[link]);
+                self.send(link, side, frame.into());
+            }
+        }
+        while let Some(event) = self.nodes[n].session.poll_event() {
+            match event {
+                SessionEvent::Dial { .. } => self.node_connect(n),
+                SessionEvent::Down { .. } => {
+                    // The core left the link (silence, a refusal): close it.
+                    self.nodes[n].session_link = None;
+                    if let Some(link) = self.nodes[n].link.take() {
+                        self.close_link(link);
+                    }
+                }
+                SessionEvent::Found { req, entry } => {
+                    let found = (entry.map(|e| e.hub), self.now);
+                    self.nodes[n].found.insert(req, found);
+                }
+                SessionEvent::LookupFailed { req, .. } => {
+                    self.nodes[n].found.insert(req, (None, self.now));
+                }
+                // Nothing here asks nodes for connect-backs, splices or
+                // streams; a node that got one would answer it in a process.
+                _ => {}
+            }
+        }
+        self.arm_node(n);
+    }
+
+    /// Schedules node `n`'s core deadline unless its timer is armed for it.
+    fn arm_node(&mut self, n: NodeIx) {
+        let Some(due) = self.nodes[n].session.poll_timeout() else {
+            return;
+        };
+        let at = due.saturating_duration_since(self.base);
+        let node = &mut self.nodes[n];
+        if node.timer.is_some_and(|t| t <= at) {
+            return;
+        }
+        node.timer = Some(at);
+        self.schedule(at.saturating_sub(self.now), Event::NodeTimeout { node: n });
     }
 
     /// Closes `link`: each live end learns one latency later.
@@ -723,12 +802,16 @@ impl World {
                 if self.nodes[n].link != Some(link) {
                     return;
                 }
+                self.nodes[n].link = None;
+                let now = self.instant();
                 let node = &mut self.nodes[n];
-                node.link = None;
-                node.registered = false;
-                let wait = node.backoff.mul_f64(0.8 + 0.4 * self.rng.unit());
-                node.backoff = (node.backoff * 2).min(NODE_BACKOFF.1);
-                self.schedule(wait, Event::NodeConnect { node: n });
+                let session = &mut node.session;
+                match node.session_link.take() {
+                    Some(id) => session.handle_link_lost(id, "the hub closed the link".into(), now),
+                    // Closed before the handshake finished.
+                    None => session.handle_dial_failed("connection reset".into(), now),
+                }
+                self.flush_node(n);
             }
         }
     }
@@ -737,16 +820,35 @@ impl World {
     fn node_connect(&mut self, n: NodeIx) {
         let (hub, latency) = (self.nodes[n].hub, self.nodes[n].latency);
         if !self.hub_alive(hub) {
-            let node = &mut self.nodes[n];
-            let wait = latency * 2 + node.backoff.mul_f64(0.8 + 0.4 * self.rng.unit());
-            node.backoff = (node.backoff * 2).min(NODE_BACKOFF.1);
-            self.schedule(wait, Event::NodeConnect { node: n });
+            let dialed = Event::NodeDialed {
+                node: n,
+                link: None,
+            };
+            self.schedule(latency * 2, dialed);
             return;
         }
         let link = self.new_link([End::Node(n), End::Hub(hub, 0)], latency);
         self.nodes[n].link = Some(link);
         self.schedule(latency * 3, Event::Accept { link });
         self.schedule(latency * 4, Event::Establish { link });
+    }
+
+    /// Node `n`'s dial ended: with `link` up (its core registers on it), or
+    /// refused.
+    fn node_dialed(&mut self, n: NodeIx, link: Option<LinkIx>) {
+        let now = self.instant();
+        match link {
+            Some(link) if self.nodes[n].link == Some(link) && self.links[link].up => {
+                let hub = self.hubs[self.nodes[n].hub].id;
+                self.nodes[n].session_link = self.nodes[n].session.handle_connected(hub);
+            }
+            Some(_) => return,
+            None => {
+                let why = "connection refused".into();
+                self.nodes[n].session.handle_dial_failed(why, now);
+            }
+        }
+        self.flush_node(n);
     }
 }
 

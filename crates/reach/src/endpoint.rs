@@ -13,28 +13,27 @@
 //! garbage-sending client never delays others; failures are logged and the
 //! listener keeps serving. The accept task ends when the `Endpoint` is dropped.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use reach_proto::candidates::advertisable;
-use reach_proto::handshake::{Admission, HelloHeader, InitiatorOptions, Refusal, ResponderOptions};
+use reach_proto::handshake::{Admission, HelloHeader, InitiatorOptions, Refusal};
+use reach_proto::node_session;
 use reach_proto::race::DEFAULT_ATTEMPT_DELAY;
 use reach_proto::setup_plan::SetupModule;
 use reach_proto::{Cipher, NodeId, SecretKey, VirtualAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
+use tokio::sync::{mpsc, Mutex, Semaphore};
 
 use crate::discovery::{local_addrs, LocalAddrCache};
-use crate::error::{
-    AttemptError, ConnectBackError, ConnectError, EndpointError, HubError, SessionError,
-};
+use crate::error::{AttemptError, ConnectError, EndpointError, HubError, SessionError};
+use crate::hub_session::{Dialer, HubStatus, HubTarget, Session};
 use crate::keystore;
 use crate::module_cache::ModuleCache;
-use crate::session::{self, HubStatus, HubTarget, Session};
+use crate::node::{ConnectBackWait, Shared};
 use crate::setup;
 use crate::stream::{Direction, ReachStream};
 
@@ -258,16 +257,39 @@ impl EndpointBuilder {
             None => discover_advertised(local),
         };
         let known_hubs = state_dir.as_ref().map(|d| d.join("known_hubs"));
-        let session = self
-            .hub
-            .map(|hub| Session::new(hub, known_hubs.clone(), self.network_secret.clone()));
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
-        let shared = Arc::new(Shared {
-            secret,
-            local_addrs: LocalAddrCache::default(),
-            advertised: advertised.clone(),
+        let local_addrs = Arc::new(LocalAddrCache::default());
+        let options = InitiatorOptions {
             plaintext: self.plaintext,
             cipher: self.cipher.unwrap_or_else(preferred_cipher),
+            reverse: false,
+            upgrade: false,
+        };
+        let session = self.hub.map(|hub| {
+            let dialer = Dialer {
+                secret: secret.clone(),
+                local_addrs: local_addrs.clone(),
+                options,
+                attempt_delay: self.attempt_delay,
+                known_hubs: known_hubs.clone(),
+            };
+            let mut config = node_session::Config::new(secret.node_id());
+            config.addrs = advertised.clone();
+            // An empty port list makes the node connect-only (connect-back
+            // streams it asked for still arrive): it must not take its
+            // listener's place in the directory.
+            config.accepts = self.accept_ports.as_ref().is_none_or(|p| !p.is_empty());
+            config.network_secret = self.network_secret.clone();
+            config.max_answers = MAX_ANSWERS;
+            Session::new(hub, dialer, config)
+        });
+        let (session, requests) = session.unzip();
+        let shared = Arc::new(Shared {
+            secret,
+            local_addrs,
+            advertised: advertised.clone(),
+            plaintext: self.plaintext,
+            cipher: options.cipher,
             accept_ports: self.accept_ports,
             connect_timeout: self.connect_timeout,
             handshake_timeout: self.handshake_timeout,
@@ -278,11 +300,9 @@ impl EndpointBuilder {
             splice_budget: self.splice_budget,
             incoming: tx,
             pending_reverse: StdMutex::default(),
-            pending_splice: crate::splice::Pending::default(),
-            splice_answers: StdMutex::default(),
+            offers: crate::offers::Offers::default(),
             upgrades_tried: StdMutex::default(),
             upgrades: Arc::default(),
-            connect_backs: Arc::new(Semaphore::new(MAX_CONNECT_BACKS)),
             cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
             splice_ports: crate::port_memory::PortMemory::new(
                 state_dir.as_ref().map(|d| d.join("splice-ports")),
@@ -292,8 +312,10 @@ impl EndpointBuilder {
             network_secret: self.network_secret,
         });
         let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
-        if shared.session.is_some() {
-            tasks.push(tokio::spawn(session::run(shared.clone())));
+        if let (Some(session), Some(requests)) = (&shared.session, requests) {
+            tasks.push(tokio::spawn(session.clone().run()));
+            let serve = crate::inbound::serve(shared.clone(), session.clone(), requests);
+            tasks.push(tokio::spawn(serve));
         }
         Ok(Endpoint {
             shared,
@@ -305,233 +327,15 @@ impl EndpointBuilder {
     }
 }
 
-/// What the endpoint's tasks (accept loop, hub session, setup driver) share.
-pub(crate) struct Shared {
-    pub(crate) secret: SecretKey,
-    pub(crate) local_addrs: LocalAddrCache,
-    pub(crate) advertised: Vec<SocketAddr>,
-    pub(crate) plaintext: bool,
-    pub(crate) cipher: Cipher,
-    accept_ports: Option<Vec<u16>>,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) handshake_timeout: Duration,
-    pub(crate) attempt_delay: Duration,
-    pub(crate) modules: Vec<SetupModule>,
-    pub(crate) direct_budget: Duration,
-    pub(crate) reverse_budget: Duration,
-    pub(crate) splice_budget: Duration,
-    incoming: mpsc::Sender<ReachStream>,
-    /// Connect-backs this node may run at once for other nodes.
-    pub(crate) connect_backs: Arc<Semaphore>,
-    /// Connect-back requests waiting for the target, by (target, token).
-    pub(crate) pending_reverse: StdMutex<HashMap<(NodeId, u16), ReverseWaiter>>,
-    /// Splice offers waiting for the target's answer.
-    pub(crate) pending_splice: crate::splice::Pending,
-    /// Splice answers running here, per asking node.
-    pub(crate) splice_answers: StdMutex<HashMap<NodeId, usize>>,
-    /// When a cached routed stream to a node was last offered an upgrade.
-    pub(crate) upgrades_tried: StdMutex<HashMap<NodeId, Instant>>,
-    /// Inbound routed streams the peer may move to a direct connection.
-    pub(crate) upgrades: Arc<crate::stream::upgrade::Registry>,
-    /// The module that last worked, per target.
-    pub(crate) cache: ModuleCache,
-    /// Local ports splices used lately, not to be reused soon.
-    pub(crate) splice_ports: crate::port_memory::PortMemory,
-    pub(crate) session: Option<Session>,
-    /// Where hub identities learned on first contact are pinned.
-    pub(crate) known_hubs: Option<PathBuf>,
-    /// Proves admission to hubs.
-    network_secret: Option<Vec<u8>>,
-}
-
 /// How long [`Endpoint::expose_on_hub`] waits for the hub's answer.
 const EXPOSE_WAIT: Duration = Duration::from_secs(10);
-
-/// A connect-back awaited with [`Endpoint::expect_connect_back`].
-pub struct ConnectBackWait {
-    rx: oneshot::Receiver<Result<ReachStream, String>>,
-    key: (NodeId, u16),
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for ConnectBackWait {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ConnectBackWait({}, {})", self.key.0, self.key.1)
-    }
-}
-
-impl ConnectBackWait {
-    /// The token the node must connect back with.
-    pub fn token(&self) -> u16 {
-        self.key.1
-    }
-
-    /// The stream, once the node has connected back, within `timeout`.
-    pub async fn wait(mut self, timeout: Duration) -> Result<ReachStream, ConnectBackError> {
-        match tokio::time::timeout(timeout, &mut self.rx).await {
-            Ok(Ok(Ok(stream))) => Ok(stream),
-            Ok(Ok(Err(reason))) => Err(ConnectBackError::NotDelivered(reason)),
-            Ok(Err(_)) => Err(ConnectBackError::Dropped),
-            Err(_) => Err(ConnectBackError::TimedOut(timeout)),
-        }
-    }
-}
-
-impl Drop for ConnectBackWait {
-    fn drop(&mut self) {
-        self.shared
-            .pending_reverse
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
-    }
-}
 
 /// How long [`Endpoint::probe_nat`] waits for a hub session coming up.
 const PROBE_SESSION_WAIT: Duration = Duration::from_secs(3);
 
-/// Connect-backs a node runs at once for others; more are refused at once.
-const MAX_CONNECT_BACKS: usize = 32;
-
-/// Where a connect-back stream (or the reason it will not come) goes.
-pub(crate) type ReverseWaiter = oneshot::Sender<Result<ReachStream, String>>;
-
-impl Shared {
-    /// Whether a stream to virtual port `port` is accepted.
-    pub(crate) fn admit_port(&self, port: u16) -> Admission {
-        match &self.accept_ports {
-            Some(ports) if !ports.contains(&port) => Admission::Refuse(Refusal::NoSuchPort),
-            _ => Admission::Accept,
-        }
-    }
-
-    /// Whether this endpoint accepts streams at all (an empty port list
-    /// makes it connect-only; connect-back streams it asked for still arrive).
-    pub(crate) fn accepts_streams(&self) -> bool {
-        self.accept_ports.as_ref().is_none_or(|p| !p.is_empty())
-    }
-
-    pub(crate) fn responder_options(&self) -> ResponderOptions {
-        ResponderOptions {
-            allow_plaintext: self.plaintext,
-        }
-    }
-
-    pub(crate) fn initiator_options(&self) -> InitiatorOptions {
-        InitiatorOptions {
-            plaintext: self.plaintext,
-            cipher: self.cipher,
-            reverse: false,
-            upgrade: false,
-        }
-    }
-
-    /// Admission of an inbound handshake on a TCP connection (not a
-    /// connect-back): a new stream to a served port, or an upgrade of a routed
-    /// stream this peer has here, whose slot goes to `moving`.
-    pub(crate) fn admit_inbound(
-        &self,
-        peer: &NodeId,
-        h: &HelloHeader,
-        moving: &mut Option<crate::stream::upgrade::Slot>,
-    ) -> Admission {
-        if !h.upgrade {
-            return self.admit_port(h.port);
-        }
-        match crate::stream::upgrade::lookup(&self.upgrades, *peer, h.port) {
-            Some(slot) => {
-                slot.begin();
-                *moving = Some(slot);
-                Admission::Accept
-            }
-            None => Admission::Refuse(Refusal::NotAdmitted),
-        }
-    }
-
-    /// Delivers an inbound TCP stream whose handshake ended as `est`: to
-    /// `accept`, or, for an upgrade admitted into `moving`, to the routed
-    /// stream it takes over.
-    pub(crate) async fn finish_inbound(
-        &self,
-        tcp: TcpStream,
-        est: Result<reach_proto::handshake::Established, AttemptError>,
-        moving: Option<crate::stream::upgrade::Slot>,
-        module: SetupModule,
-        started: Instant,
-    ) -> Result<(), AttemptError> {
-        let est = match est {
-            Ok(est) => est,
-            Err(e) => {
-                if let Some(slot) = moving {
-                    slot.fail(e.to_string());
-                }
-                return Err(e);
-            }
-        };
-        let stream = ReachStream::over_tcp(tcp, est, module, Direction::Inbound, started)?;
-        if let Some(slot) = moving {
-            tracing::debug!(peer = %stream.peer(), %module, "routed stream moving here");
-            match stream.into_new_path() {
-                Some(path) => slot.attach(path),
-                None => slot.fail("the new connection is not encrypted".into()),
-            }
-            return Ok(());
-        }
-        tracing::debug!(peer = %stream.peer(), %module, "accepted stream");
-        self.deliver(stream).await;
-        Ok(())
-    }
-
-    /// The hub session and its current link, or why there is none.
-    pub(crate) async fn hub_link(&self) -> Result<(&Session, session::Link), String> {
-        let session = self.session.as_ref().ok_or("no hub configured")?;
-        let link = session
-            .wait_link(Instant::now())
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((session, link))
-    }
-
-    /// Queues an inbound stream for `accept`.
-    pub(crate) async fn deliver(&self, stream: ReachStream) {
-        let _ = self.incoming.send(stream).await;
-    }
-
-    /// Registers for a connect-back from `node` with `token` (see
-    /// [`Endpoint::expect_connect_back`]); `None` when it is awaited already.
-    pub(crate) fn expect_connect_back(
-        self: &Arc<Self>,
-        node: NodeId,
-        token: u16,
-    ) -> Option<ConnectBackWait> {
-        let (tx, rx) = oneshot::channel();
-        let mut pending = self
-            .pending_reverse
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if pending.contains_key(&(node, token)) {
-            return None;
-        }
-        pending.insert((node, token), tx);
-        Some(ConnectBackWait {
-            rx,
-            key: (node, token),
-            shared: self.clone(),
-        })
-    }
-
-    /// Connect-back request `token` to `target` failed.
-    pub(crate) fn fail_reverse(&self, target: NodeId, token: u16, reason: &str) {
-        let waiter = self
-            .pending_reverse
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(target, token));
-        if let Some(w) = waiter {
-            let _ = w.send(Err(reason.to_string()));
-        }
-    }
-}
+/// Connect-backs and splice answers a node runs at once for others; more
+/// are declined at once.
+const MAX_ANSWERS: usize = 32;
 
 /// A node's endpoint: connect to virtual addresses and accept streams.
 ///
@@ -592,6 +396,9 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(s) = &self.shared.session {
+            s.shutdown();
         }
     }
 }
@@ -715,7 +522,7 @@ impl Endpoint {
 
     /// The hub session's state: `None` while not registered (or without a hub).
     pub fn hub_status(&self) -> Option<HubStatus> {
-        self.shared.session.as_ref().and_then(Session::status)
+        self.shared.session.as_ref().and_then(|s| s.status())
     }
 
     /// Waits until the hub session is registered, at most `timeout`.
@@ -734,7 +541,7 @@ impl Endpoint {
     /// contact when `hub` does not name it): the start of a hub-to-hub link.
     /// The caller speaks the link protocol (`reach::link`) on the stream.
     pub async fn dial_hub(&self, hub: &HubTarget) -> Result<ReachStream, HubError> {
-        session::dial(&self.shared, hub, self.shared.known_hubs.as_deref()).await
+        self.shared.dialer().dial(hub).await
     }
 
     /// Asks a hub for its status report (JSON: links, routes, attached
@@ -746,7 +553,10 @@ impl Endpoint {
             (None, Some(s)) => &s.target,
             (None, None) => return Err(HubError::NoHub),
         };
-        session::query_status(&self.shared, target, self.shared.network_secret.as_deref()).await
+        self.shared
+            .dialer()
+            .query_status(target, self.shared.network_secret.as_deref())
+            .await
     }
 
     /// The module the setup driver will try first for `node`, if one is cached

@@ -180,9 +180,15 @@ pub enum ExposeError {
     /// The hub's policy or limits refused it.
     #[error("the hub refused: {0}")]
     Refused(String),
-    /// No answer (the session is down, or the hub is slow).
-    #[error("{0}")]
-    NoAnswer(String),
+    /// No hub session to ask on.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The hub link ended before the hub answered.
+    #[error("the hub session ended before the hub answered")]
+    LinkLost,
+    /// The hub did not answer in time.
+    #[error("the hub did not answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Why NAT behaviour could not be probed.
@@ -248,9 +254,18 @@ pub enum SessionError {
     Down {
         /// The configured hub.
         hub: String,
-        /// The last reason the session failed, if any.
-        last: Option<String>,
+        /// Why the last link ended or the last attach failed, if one did.
+        last: Option<reach_proto::node_session::LinkEnd>,
     },
+    /// The hub link ended before the hub answered.
+    #[error("the hub link to {hub} ended before the hub answered")]
+    LinkLost {
+        /// The hub.
+        hub: String,
+    },
+    /// Too many requests are pending on the hub link.
+    #[error("too many lookups pending on the hub link")]
+    Busy,
     /// The hub did not answer in time.
     #[error("hub did not answer within {0:?}")]
     TimedOut(Duration),

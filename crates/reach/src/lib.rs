@@ -19,31 +19,34 @@ pub mod discovery;
 mod endpoint;
 mod error;
 mod handshake;
+mod hub_session;
+mod inbound;
 pub mod keystore;
 pub mod link;
 mod module_cache;
+mod node;
+mod offers;
 mod port_memory;
 mod routed;
 mod secure;
-mod session;
 mod setup;
 mod splice;
 mod stream;
 
 pub use endpoint::{
-    preferred_cipher, ConnectBackWait, Endpoint, EndpointBuilder, ListenPorts,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_DIRECT_BUDGET, DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_REVERSE_BUDGET,
+    preferred_cipher, Endpoint, EndpointBuilder, ListenPorts, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_DIRECT_BUDGET, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REVERSE_BUDGET,
 };
 pub use error::{
     Attempt, AttemptError, ConnectBackError, ConnectError, EchoError, EndpointError, ExposeError,
     HubError, ModuleFailure, NatProbeError, SessionError,
 };
+pub use hub_session::{HubExposure, HubStatus, HubTarget};
+pub use node::ConnectBackWait;
 pub use reach_proto::setup_plan::{SetupModule, UnknownModule};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;
 pub use secure::SecureStream;
-pub use session::{HubExposure, HubStatus, HubTarget};
 pub use splice::NatReport;
 pub use stream::upgrade::Upgraded;
 pub use stream::{Direction, ReachStream, StreamInfo};

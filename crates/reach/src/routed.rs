@@ -26,6 +26,13 @@ use crate::link::FrameTx;
 /// The routed streams open on one link, by stream id.
 pub(crate) type StreamMap = Mutex<HashMap<u32, Arc<StreamShared>>>;
 
+/// Locks a link's stream table (a panic elsewhere leaves it usable).
+pub(crate) fn lock_map(
+    m: &StreamMap,
+) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<StreamShared>>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[derive(Default)]
 struct Inner {
     recv: VecDeque<u8>,

@@ -26,9 +26,9 @@ use reach_proto::setup_plan::{self, Budgets, Facts, SetupModule, Site};
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::direct::{self, RaceSettings};
-use crate::endpoint::Shared;
 use crate::error::{AttemptError, ConnectError, ModuleFailure};
 use crate::handshake::initiate;
+use crate::node::Shared;
 use crate::stream::{Direction, ReachStream};
 mod upgrade;
 
@@ -199,7 +199,7 @@ async fn reverse(
     budget: Duration,
     started: Instant,
 ) -> Result<ReachStream, String> {
-    let (session, link) = shared.hub_link().await?;
+    let (session, _) = shared.hub_link().await.map_err(|e| e.to_string())?;
     let mut b = [0u8; 2];
     let wait = loop {
         getrandom::fill(&mut b).map_err(|e| e.to_string())?;
@@ -207,16 +207,16 @@ async fn reverse(
             break w;
         }
     };
-    session.connect_back(
-        &link,
-        ConnectBack {
-            from: shared.secret.node_id(),
-            target: target.node,
-            token: wait.token(),
-            vport: target.port,
-            addrs: shared.advertised.clone(),
-        },
-    );
+    let asked = session.connect_back(ConnectBack {
+        from: shared.secret.node_id(),
+        target: target.node,
+        token: wait.token(),
+        vport: target.port,
+        addrs: shared.advertised.clone(),
+    });
+    if !asked {
+        return Err("the hub link went down".into());
+    }
     let mut stream = wait.wait(budget).await.map_err(|e| e.to_string())?;
     let info = stream.info_mut();
     info.virtual_port = target.port;
@@ -231,9 +231,10 @@ async fn routed(
     budget: Duration,
     started: Instant,
 ) -> Result<ReachStream, Result<String, ConnectError>> {
-    let (session, link) = shared.hub_link().await.map_err(Ok)?;
-    let me = shared.secret.node_id();
-    let (mut rs, addrs) = session.open(&link, &me, &target.node);
+    let (session, link) = shared.hub_link().await.map_err(|e| Ok(e.to_string()))?;
+    let (mut rs, addrs) = session
+        .open(&link, &target.node)
+        .ok_or_else(|| Ok("the hub link went down".to_string()))?;
     let hs = initiate(
         &mut rs,
         &shared.secret,

@@ -9,7 +9,7 @@ use reach_proto::setup_plan::SetupModule;
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::direct::{self, RaceSettings};
-use crate::endpoint::Shared;
+use crate::node::Shared;
 use crate::stream::upgrade::Slot;
 use crate::stream::ReachStream;
 

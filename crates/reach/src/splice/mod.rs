@@ -30,7 +30,6 @@
 //! checks that the handshake comes from the node that made the offer.
 
 mod attempts;
-mod pending;
 mod probe;
 
 use std::net::SocketAddr;
@@ -38,20 +37,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reach_proto::handshake::{Admission, HandshakeError, InitiatorOptions, Refusal};
-use reach_proto::link::{Control, Rendezvous};
+use reach_proto::link::Rendezvous;
+use reach_proto::node_session::SpliceOffer;
 use reach_proto::setup_plan::SetupModule;
 use reach_proto::{NodeId, VirtualAddr};
 use tokio::task::JoinSet;
 
-use crate::endpoint::Shared;
 use crate::error::{AttemptError, ConnectError};
 use crate::handshake::{initiate, respond};
-use crate::link::FrameTx;
+use crate::hub_session::Session;
+use crate::node::Shared;
 use crate::stream::{Direction, ReachStream};
 
+use crate::offers::{AskerTurn, ANSWERS_PER_ASKER};
 use attempts::punch;
-use pending::{AskerTurn, ANSWERS_PER_ASKER};
-pub(crate) use pending::{Offer, Pending};
 pub(crate) use probe::probe;
 pub use probe::NatReport;
 use probe::{prepare, Prepared};
@@ -75,30 +74,27 @@ pub(crate) async fn connect(
     started: Instant,
 ) -> Result<ReachStream, Result<String, ConnectError>> {
     let deadline = Instant::now() + budget;
-    let (session, link) = shared.hub_link().await.map_err(Ok)?;
+    let (session, link) = shared.hub_link().await.map_err(|e| Ok(e.to_string()))?;
     let prepared = prepare(shared, &link.status().echo)
         .await
         .map_err(|e| e.to_string())
         .and_then(Prepared::predictable)
         .map_err(Ok)?;
     let node = target.node;
-    let (token, answer) = shared.pending_splice.register(node).map_err(Ok)?;
-    session.send(
-        &link,
-        &Control::Relay {
-            from: shared.secret.node_id(),
-            to: node,
-            msg: Rendezvous::SpliceOffer {
-                token,
-                vport: target.port,
-                candidates: prepared.candidates.clone(),
-                upgrade: options.upgrade,
-            },
-        },
-    );
+    let (token, answer) = shared.offers.register(node).map_err(Ok)?;
+    let offer = Rendezvous::SpliceOffer {
+        token,
+        vport: target.port,
+        candidates: prepared.candidates.clone(),
+        upgrade: options.upgrade,
+    };
+    if !session.relay(node, offer) {
+        shared.offers.remove(node, token);
+        return Err(Ok("the hub link went down".into()));
+    }
     let wait = deadline.min(Instant::now() + ANSWER_BUDGET);
     let answer = tokio::time::timeout_at(wait.into(), answer).await;
-    shared.pending_splice.remove(node, token);
+    shared.offers.remove(node, token);
     let theirs = match answer {
         Ok(Ok(Ok(c))) => c,
         Ok(Ok(Err(reason))) => return Err(Ok(reason)),
@@ -140,11 +136,11 @@ pub(crate) async fn connect(
 /// The target's side: answers an offer relayed by the hubs and punches.
 pub(crate) async fn answer(
     shared: Arc<Shared>,
-    tx: FrameTx,
+    session: Arc<Session>,
     echoes: Vec<SocketAddr>,
-    offer: Offer,
+    offer: SpliceOffer,
 ) {
-    let Offer {
+    let SpliceOffer {
         from,
         token,
         vport,
@@ -153,20 +149,13 @@ pub(crate) async fn answer(
     } = offer;
     let started = Instant::now();
     let reply = |msg: Rendezvous| {
-        crate::session::send_control(
-            &tx,
-            &Control::Relay {
-                from: shared.secret.node_id(),
-                to: from,
-                msg,
-            },
-        )
+        session.relay(from, msg);
     };
     let decline = |reason: String| {
         tracing::debug!(%from, "declining splice: {reason}");
         reply(Rendezvous::SpliceDeclined { token, reason });
     };
-    let Some(_turn) = AskerTurn::take(&shared, from) else {
+    let Some(_turn) = AskerTurn::take(&shared.offers, from) else {
         return decline(format!(
             "already answering {ANSWERS_PER_ASKER} offers from this node"
         ));

@@ -10,8 +10,8 @@ use reach_proto::nat::{self, NatProfile, Observation, MAX_ECHO_LEN};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpSocket;
 
-use crate::endpoint::Shared;
 use crate::error::EchoError;
+use crate::node::Shared;
 
 /// How long one address echo may take to answer.
 const ECHO_BUDGET: Duration = Duration::from_millis(800);

@@ -1,33 +1,46 @@
-//! The bookkeeping of rendezvous: this node's offers waiting for answers,
-//! and the offers from other nodes it is answering (bounded per node).
+//! The bookkeeping of splice rendezvous: this node's offers waiting for
+//! answers, and the offers from other nodes it is answering (bounded per
+//! node).
+//!
+//! Data flow: `splice::connect` registers an offer here and waits; the hub
+//! session's answer (a `Request`) resolves it by (target, token).
+//! `splice::answer` takes a turn of the asker's before it punches, and gives
+//! it back when done.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Mutex, MutexGuard};
 
 use reach_proto::NodeId;
 use tokio::sync::oneshot;
 
-use crate::endpoint::Shared;
-
 /// Offers one node may have answered at once here; more are declined.
-pub(super) const ANSWERS_PER_ASKER: usize = 4;
+pub(crate) const ANSWERS_PER_ASKER: usize = 4;
 
 /// The target's candidates, or why it will not splice.
 type Answer = Result<Vec<SocketAddr>, String>;
 /// Where a splice answer goes, by (target, token).
 type SpliceWaiter = oneshot::Sender<Answer>;
 
-/// Pending offers of this endpoint.
+/// Splice offers of this node, and the answers it runs for others.
 #[derive(Default)]
-pub(crate) struct Pending(std::sync::Mutex<HashMap<(NodeId, u32), SpliceWaiter>>);
+pub(crate) struct Offers {
+    pending: Mutex<HashMap<(NodeId, u32), SpliceWaiter>>,
+    /// Answers running here, per asking node.
+    answering: Mutex<HashMap<NodeId, usize>>,
+}
 
-impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(NodeId, u32), SpliceWaiter>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Offers {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(NodeId, u32), SpliceWaiter>> {
+        lock(&self.pending)
     }
 
     /// Registers a new offer to `target`; returns its token.
-    pub(super) fn register(
+    pub(crate) fn register(
         &self,
         target: NodeId,
     ) -> Result<(u32, oneshot::Receiver<Answer>), String> {
@@ -44,7 +57,7 @@ impl Pending {
         }
     }
 
-    pub(super) fn remove(&self, target: NodeId, token: u32) {
+    pub(crate) fn remove(&self, target: NodeId, token: u32) {
         self.lock().remove(&(target, token));
     }
 
@@ -60,33 +73,26 @@ impl Pending {
 }
 
 /// One of the [`ANSWERS_PER_ASKER`] answers a node may have running here.
-pub(super) struct AskerTurn<'a> {
-    shared: &'a Shared,
+pub(crate) struct AskerTurn<'a> {
+    offers: &'a Offers,
     from: NodeId,
 }
 
 impl<'a> AskerTurn<'a> {
-    pub(super) fn take(shared: &'a Shared, from: NodeId) -> Option<Self> {
-        let mut busy = shared
-            .splice_answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn take(offers: &'a Offers, from: NodeId) -> Option<Self> {
+        let mut busy = lock(&offers.answering);
         let n = busy.entry(from).or_insert(0);
         if *n >= ANSWERS_PER_ASKER {
             return None;
         }
         *n += 1;
-        Some(Self { shared, from })
+        Some(Self { offers, from })
     }
 }
 
 impl Drop for AskerTurn<'_> {
     fn drop(&mut self) {
-        let mut busy = self
-            .shared
-            .splice_answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut busy = lock(&self.offers.answering);
         if let Some(n) = busy.get_mut(&self.from) {
             *n -= 1;
             if *n == 0 {
@@ -94,13 +100,4 @@ impl Drop for AskerTurn<'_> {
             }
         }
     }
-}
-
-/// A splice offer another node sent.
-pub(crate) struct Offer {
-    pub(crate) from: NodeId,
-    pub(crate) token: u32,
-    pub(crate) vport: u16,
-    pub(crate) upgrade: bool,
-    pub(crate) candidates: Vec<SocketAddr>,
 }

@@ -1,0 +1,249 @@
+//! What one node's tasks share: its identity and settings, the hub
+//! session, the module cache, and the waiters of its rendezvous.
+//!
+//! Data flow: the endpoint builds one [`Shared`] and hands an `Arc` of it to
+//! its tasks: the accept loop and the setup driver read settings and the
+//! cache from it; requests from other nodes (`crate::inbound`) and the setup
+//! modules meet here, where a connect-back or splice this node waits for is
+//! registered by (node, token) and resolved when its stream or answer comes.
+//! Nothing here dials or listens.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use reach_proto::handshake::{Admission, HelloHeader, InitiatorOptions, Refusal, ResponderOptions};
+use reach_proto::setup_plan::SetupModule;
+use reach_proto::{Cipher, NodeId, SecretKey};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::discovery::LocalAddrCache;
+use crate::error::{AttemptError, ConnectBackError, SessionError};
+use crate::hub_session::{Dialer, Link, Session};
+use crate::module_cache::ModuleCache;
+use crate::stream::{Direction, ReachStream};
+
+/// What the endpoint's tasks (accept loop, hub session, setup driver) share.
+pub(crate) struct Shared {
+    pub(crate) secret: SecretKey,
+    pub(crate) local_addrs: Arc<LocalAddrCache>,
+    pub(crate) advertised: Vec<SocketAddr>,
+    pub(crate) plaintext: bool,
+    pub(crate) cipher: Cipher,
+    pub(crate) accept_ports: Option<Vec<u16>>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) attempt_delay: Duration,
+    pub(crate) modules: Vec<SetupModule>,
+    pub(crate) direct_budget: Duration,
+    pub(crate) reverse_budget: Duration,
+    pub(crate) splice_budget: Duration,
+    pub(crate) incoming: mpsc::Sender<ReachStream>,
+    /// Connect-back requests waiting for the target, by (target, token).
+    pub(crate) pending_reverse: StdMutex<HashMap<(NodeId, u16), ReverseWaiter>>,
+    /// Splice offers in flight, both ways.
+    pub(crate) offers: crate::offers::Offers,
+    /// When a cached routed stream to a node was last offered an upgrade.
+    pub(crate) upgrades_tried: StdMutex<HashMap<NodeId, Instant>>,
+    /// Inbound routed streams the peer may move to a direct connection.
+    pub(crate) upgrades: Arc<crate::stream::upgrade::Registry>,
+    /// The module that last worked, per target.
+    pub(crate) cache: ModuleCache,
+    /// Local ports splices used lately, not to be reused soon.
+    pub(crate) splice_ports: crate::port_memory::PortMemory,
+    /// The hub session, if the node has a hub.
+    pub(crate) session: Option<Arc<Session>>,
+    /// Where hub identities learned on first contact are pinned.
+    pub(crate) known_hubs: Option<PathBuf>,
+    /// Proves admission to hubs.
+    pub(crate) network_secret: Option<Vec<u8>>,
+}
+
+/// A connect-back awaited with `Endpoint::expect_connect_back`.
+pub struct ConnectBackWait {
+    rx: oneshot::Receiver<Result<ReachStream, String>>,
+    key: (NodeId, u16),
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ConnectBackWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ConnectBackWait({}, {})", self.key.0, self.key.1)
+    }
+}
+
+impl ConnectBackWait {
+    /// The token the node must connect back with.
+    pub fn token(&self) -> u16 {
+        self.key.1
+    }
+
+    /// The stream, once the node has connected back, within `timeout`.
+    pub async fn wait(mut self, timeout: Duration) -> Result<ReachStream, ConnectBackError> {
+        match tokio::time::timeout(timeout, &mut self.rx).await {
+            Ok(Ok(Ok(stream))) => Ok(stream),
+            Ok(Ok(Err(reason))) => Err(ConnectBackError::NotDelivered(reason)),
+            Ok(Err(_)) => Err(ConnectBackError::Dropped),
+            Err(_) => Err(ConnectBackError::TimedOut(timeout)),
+        }
+    }
+}
+
+impl Drop for ConnectBackWait {
+    fn drop(&mut self) {
+        self.shared
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// How long [`Endpoint::probe_nat`] waits for a hub session coming up.
+/// Where a connect-back stream (or the reason it will not come) goes.
+pub(crate) type ReverseWaiter = oneshot::Sender<Result<ReachStream, String>>;
+
+impl Shared {
+    /// Whether a stream to virtual port `port` is accepted.
+    pub(crate) fn admit_port(&self, port: u16) -> Admission {
+        match &self.accept_ports {
+            Some(ports) if !ports.contains(&port) => Admission::Refuse(Refusal::NoSuchPort),
+            _ => Admission::Accept,
+        }
+    }
+
+    pub(crate) fn responder_options(&self) -> ResponderOptions {
+        ResponderOptions {
+            allow_plaintext: self.plaintext,
+        }
+    }
+
+    pub(crate) fn initiator_options(&self) -> InitiatorOptions {
+        InitiatorOptions {
+            plaintext: self.plaintext,
+            cipher: self.cipher,
+            reverse: false,
+            upgrade: false,
+        }
+    }
+
+    /// Admission of an inbound handshake on a TCP connection (not a
+    /// connect-back): a new stream to a served port, or an upgrade of a routed
+    /// stream this peer has here, whose slot goes to `moving`.
+    pub(crate) fn admit_inbound(
+        &self,
+        peer: &NodeId,
+        h: &HelloHeader,
+        moving: &mut Option<crate::stream::upgrade::Slot>,
+    ) -> Admission {
+        if !h.upgrade {
+            return self.admit_port(h.port);
+        }
+        match crate::stream::upgrade::lookup(&self.upgrades, *peer, h.port) {
+            Some(slot) => {
+                slot.begin();
+                *moving = Some(slot);
+                Admission::Accept
+            }
+            None => Admission::Refuse(Refusal::NotAdmitted),
+        }
+    }
+
+    /// Delivers an inbound TCP stream whose handshake ended as `est`: to
+    /// `accept`, or, for an upgrade admitted into `moving`, to the routed
+    /// stream it takes over.
+    pub(crate) async fn finish_inbound(
+        &self,
+        tcp: TcpStream,
+        est: Result<reach_proto::handshake::Established, AttemptError>,
+        moving: Option<crate::stream::upgrade::Slot>,
+        module: SetupModule,
+        started: Instant,
+    ) -> Result<(), AttemptError> {
+        let est = match est {
+            Ok(est) => est,
+            Err(e) => {
+                if let Some(slot) = moving {
+                    slot.fail(e.to_string());
+                }
+                return Err(e);
+            }
+        };
+        let stream = ReachStream::over_tcp(tcp, est, module, Direction::Inbound, started)?;
+        if let Some(slot) = moving {
+            tracing::debug!(peer = %stream.peer(), %module, "routed stream moving here");
+            match stream.into_new_path() {
+                Some(path) => slot.attach(path),
+                None => slot.fail("the new connection is not encrypted".into()),
+            }
+            return Ok(());
+        }
+        tracing::debug!(peer = %stream.peer(), %module, "accepted stream");
+        self.deliver(stream).await;
+        Ok(())
+    }
+
+    /// The hub session and its current link, or why there is none.
+    pub(crate) async fn hub_link(&self) -> Result<(&Arc<Session>, Link), SessionError> {
+        let session = self.session.as_ref().ok_or_else(|| SessionError::Down {
+            hub: "(none configured)".into(),
+            last: None,
+        })?;
+        let link = session.wait_link(Instant::now()).await?;
+        Ok((session, link))
+    }
+
+    /// How this node dials hubs.
+    pub(crate) fn dialer(&self) -> Dialer {
+        Dialer {
+            secret: self.secret.clone(),
+            local_addrs: self.local_addrs.clone(),
+            options: self.initiator_options(),
+            attempt_delay: self.attempt_delay,
+            known_hubs: self.known_hubs.clone(),
+        }
+    }
+
+    /// Queues an inbound stream for `accept`.
+    pub(crate) async fn deliver(&self, stream: ReachStream) {
+        let _ = self.incoming.send(stream).await;
+    }
+
+    /// Registers for a connect-back from `node` with `token` (see
+    /// `Endpoint::expect_connect_back`); `None` when it is awaited already.
+    pub(crate) fn expect_connect_back(
+        self: &Arc<Self>,
+        node: NodeId,
+        token: u16,
+    ) -> Option<ConnectBackWait> {
+        let (tx, rx) = oneshot::channel();
+        let mut pending = self
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if pending.contains_key(&(node, token)) {
+            return None;
+        }
+        pending.insert((node, token), tx);
+        Some(ConnectBackWait {
+            rx,
+            key: (node, token),
+            shared: self.clone(),
+        })
+    }
+
+    /// Connect-back request `token` to `target` failed.
+    pub(crate) fn fail_reverse(&self, target: NodeId, token: u16, reason: &str) {
+        let waiter = self
+            .pending_reverse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(target, token));
+        if let Some(w) = waiter {
+            let _ = w.send(Err(reason.to_string()));
+        }
+    }
+}
