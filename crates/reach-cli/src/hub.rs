@@ -112,7 +112,7 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
 
     let peers = or_file(args.peer, |h| h.peers.as_ref())
         .iter()
-        .map(|p| p.parse::<Peer>().map_err(anyhow::Error::msg))
+        .map(|p| p.parse::<Peer>().map_err(anyhow::Error::from))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let allowed = node_ids(&or_file(args.allow, |h| h.allow.as_ref()), "--allow")?;
     let expose_allowed = node_ids(

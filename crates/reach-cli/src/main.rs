@@ -477,7 +477,7 @@ fn builder(
 /// The hub from `--hub`, else from the config file.
 fn hub_target(flag: Option<&str>, config: &Config) -> anyhow::Result<Option<HubTarget>> {
     match (flag, &config.hub) {
-        (Some(text), _) => Ok(Some(text.parse().map_err(anyhow::Error::msg)?)),
+        (Some(text), _) => Ok(Some(text.parse::<HubTarget>()?)),
         (None, Some(text)) => Ok(Some(
             text.parse()
                 .map_err(|e| anyhow::anyhow!("bad config key hub: {e}"))?,

@@ -494,7 +494,9 @@ async fn keep_peer(inner: Arc<Inner>, peer: Peer) {
                 .await
                 .map(|s| (s, None))
                 .map_err(|e| e.to_string()),
-            Some(server) => through_ssh(&inner, &peer, server).await,
+            Some(server) => through_ssh(&inner, &peer, server)
+                .await
+                .map_err(|e| e.to_string()),
         };
         match result {
             Ok((stream, tunnel)) => {
@@ -523,18 +525,12 @@ async fn through_ssh(
     inner: &Inner,
     peer: &Peer,
     server: &SshServer,
-) -> Result<(ReachStream, Option<peer::Tunnel>), String> {
+) -> Result<(ReachStream, Option<peer::Tunnel>), peer::TunnelError> {
     let mut tunnel = peer::Tunnel::open(server, &peer.target, &inner.config.ssh_args).await?;
     let target = tunnel.target(&peer.target);
     tracing::debug!(%peer, local = %tunnel.local, "ssh tunnel started");
     let stream = tunnel
-        .wait_ready(|| async {
-            inner
-                .endpoint
-                .dial_hub(&target)
-                .await
-                .map_err(|e| e.to_string())
-        })
+        .wait_ready(|| async { inner.endpoint.dial_hub(&target).await })
         .await?;
     Ok((stream, Some(tunnel)))
 }

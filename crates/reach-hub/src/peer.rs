@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use reach::HubTarget;
+use reach::{HubError, HubTarget};
 
 /// A peer hub to link to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,8 +31,68 @@ pub struct SshServer {
     pub port: Option<u16>,
 }
 
+/// Why a peer does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The hub part is not `[NODEID@]HOST:PORT`.
+    #[error(transparent)]
+    Target(#[from] reach::HubTargetError),
+    /// The ssh server is not `[USER@]HOST[:PORT]` (or could be read as an
+    /// option by ssh).
+    #[error("bad ssh server {server:?} in peer {peer:?}: expected [USER@]HOST[:PORT]")]
+    BadSsh {
+        /// The ssh part.
+        server: String,
+        /// The whole peer.
+        peer: String,
+    },
+    /// The ssh port is not a number.
+    #[error("bad ssh port {port:?} in peer {peer:?}")]
+    BadSshPort {
+        /// The port text.
+        port: String,
+        /// The whole peer.
+        peer: String,
+    },
+    /// A peer reached over ssh must be named by its NodeId.
+    #[error(
+        "peer {0:?} is reached over ssh, so it needs its NodeId (NODEID@HOST:PORT): \
+         the tunnel's local end says nothing about which hub answers"
+    )]
+    NeedsId(String),
+}
+
+/// Why an ssh tunnel to a peer did not come up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunnelError {
+    /// No loopback port to put the tunnel's local end on.
+    #[error("cannot find a free loopback port for the ssh tunnel: {0}")]
+    NoLocalPort(#[source] std::io::Error),
+    /// ssh could not be started.
+    #[error("cannot run ssh (install openssh-client): {0}")]
+    Spawn(#[source] std::io::Error),
+    /// ssh exited: its status and what it printed.
+    #[error("ssh exited with {status}: {stderr}")]
+    Exited {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// What it printed, on one line.
+        stderr: String,
+    },
+    /// The tunnel did not carry a hub link in time.
+    #[error("ssh tunnel not usable within {after:?}: {}", .last.as_ref().map_or("no attempt".to_string(), ToString::to_string))]
+    NotReady {
+        /// How long it was given.
+        after: Duration,
+        /// The last attempt's error.
+        last: Option<Box<HubError>>,
+    },
+}
+
 impl FromStr for Peer {
-    type Err = String;
+    type Err = PeerError;
 
     /// `[NODEID@]HOST:PORT` or `NODEID@HOST:PORT,ssh=[USER@]SSHHOST[:SSHPORT]`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -43,25 +103,23 @@ impl FromStr for Peer {
         let target: HubTarget = hub.parse()?;
         let ssh = ssh.map(|text| parse_ssh(s, text)).transpose()?;
         if ssh.is_some() && target.id.is_none() {
-            return Err(format!(
-                "peer {s:?} is reached over ssh, so it needs its NodeId (NODEID@HOST:PORT): \
-                 the tunnel's local end says nothing about which hub answers"
-            ));
+            return Err(PeerError::NeedsId(s.to_string()));
         }
         Ok(Self { target, ssh })
     }
 }
 
-fn parse_ssh(whole: &str, text: &str) -> Result<SshServer, String> {
+fn parse_ssh(whole: &str, text: &str) -> Result<SshServer, PeerError> {
     let (user, rest) = match text.rsplit_once('@') {
         Some((u, r)) => (Some(u), r),
         None => (None, text),
     };
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
-            let port = p
-                .parse::<u16>()
-                .map_err(|_| format!("bad ssh port {p:?} in peer {whole:?}"))?;
+            let port = p.parse::<u16>().map_err(|_| PeerError::BadSshPort {
+                port: p.to_string(),
+                peer: whole.to_string(),
+            })?;
             (h, Some(port))
         }
         _ => (rest, None),
@@ -73,9 +131,10 @@ fn parse_ssh(whole: &str, text: &str) -> Result<SshServer, String> {
         || host.chars().any(char::is_whitespace)
         || user.is_some_and(|u| u.is_empty() || u.starts_with('-'))
     {
-        return Err(format!(
-            "bad ssh server {text:?} in peer {whole:?}: expected [USER@]HOST[:PORT]"
-        ));
+        return Err(PeerError::BadSsh {
+            server: text.to_string(),
+            peer: whole.to_string(),
+        });
     }
     Ok(SshServer {
         destination: match user {
@@ -117,7 +176,7 @@ impl Tunnel {
         server: &SshServer,
         hub: &HubTarget,
         args: &[String],
-    ) -> Result<Tunnel, String> {
+    ) -> Result<Tunnel, TunnelError> {
         let local = free_loopback_port()?;
         let host = if hub.host.contains(':') {
             format!("[{}]", hub.host)
@@ -150,14 +209,12 @@ impl Tunnel {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run ssh (install openssh-client): {e}"))?;
+        let child = cmd.spawn().map_err(TunnelError::Spawn)?;
         Ok(Tunnel { child, local })
     }
 
     /// If ssh has exited: its status and what it printed.
-    pub async fn exited(&mut self) -> Option<String> {
+    pub async fn exited(&mut self) -> Option<TunnelError> {
         let status = self.child.try_wait().ok().flatten()?;
         let mut err = String::new();
         if let Some(mut stderr) = self.child.stderr.take() {
@@ -165,8 +222,8 @@ impl Tunnel {
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), stderr.read_to_string(&mut err)).await;
         }
-        let err = err.split_whitespace().collect::<Vec<_>>().join(" ");
-        Some(format!("ssh exited with {status}: {err}"))
+        let stderr = err.split_whitespace().collect::<Vec<_>>().join(" ");
+        Some(TunnelError::Exited { status, stderr })
     }
 
     /// The peer as dialled through the tunnel.
@@ -180,36 +237,37 @@ impl Tunnel {
 
     /// Waits until the tunnel's local end accepts connections, probing with
     /// `probe` (which dials the hub through it), or ssh fails, or the deadline.
-    pub async fn wait_ready<F, Fut, T>(&mut self, mut probe: F) -> Result<T, String>
+    pub async fn wait_ready<F, Fut, T>(&mut self, mut probe: F) -> Result<T, TunnelError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, String>>,
+        Fut: std::future::Future<Output = Result<T, HubError>>,
     {
         let deadline = Instant::now() + TUNNEL_TIMEOUT;
-        let mut last = String::from("no attempt");
+        let mut last = None;
         while Instant::now() < deadline {
             if let Some(why) = self.exited().await {
                 return Err(why);
             }
             match probe().await {
                 Ok(v) => return Ok(v),
-                Err(e) => last = e,
+                Err(e) => last = Some(Box::new(e)),
             }
             // ssh opens the forward only after authenticating; until then the
             // local port refuses at once, so this loop costs little.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(format!(
-            "ssh tunnel not usable within {TUNNEL_TIMEOUT:?}: {last}"
-        ))
+        Err(TunnelError::NotReady {
+            after: TUNNEL_TIMEOUT,
+            last,
+        })
     }
 }
 
 /// A loopback port free right now (ssh binds it a moment later).
-fn free_loopback_port() -> Result<SocketAddr, String> {
+fn free_loopback_port() -> Result<SocketAddr, TunnelError> {
     std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free loopback port for the ssh tunnel: {e}"))
+        .map_err(TunnelError::NoLocalPort)
 }
 
 #[cfg(test)]
@@ -241,19 +299,20 @@ mod tests {
     #[test]
     fn bad_peers_say_what_is_wrong() {
         let e = "127.0.0.1:7700,ssh=fe".parse::<Peer>().unwrap_err();
-        assert!(e.contains("needs its NodeId"), "{e}");
+        assert!(matches!(e, PeerError::NeedsId(_)), "{e}");
+        assert!(e.to_string().contains("needs its NodeId"), "{e}");
         let e = format!("{ID}@127.0.0.1:7700,ssh=fe:x")
             .parse::<Peer>()
             .unwrap_err();
-        assert!(e.contains("bad ssh port"), "{e}");
+        assert!(matches!(e, PeerError::BadSshPort { .. }), "{e}");
         let e = format!("{ID}@127.0.0.1:7700,ssh=-oProxyCommand=x")
             .parse::<Peer>()
             .unwrap_err();
-        assert!(e.contains("bad ssh server"), "{e}");
+        assert!(matches!(e, PeerError::BadSsh { .. }), "{e}");
         let e = format!("{ID}@127.0.0.1:7700,ssh=@fe")
             .parse::<Peer>()
             .unwrap_err();
-        assert!(e.contains("bad ssh server"), "{e}");
+        assert!(matches!(e, PeerError::BadSsh { .. }), "{e}");
     }
 
     proptest::proptest! {

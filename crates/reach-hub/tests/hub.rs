@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reach::{
-    keystore, Endpoint, EndpointBuilder, HubTarget, ReachStream, SetupModule, VirtualAddr,
+    keystore, ConnectError, Endpoint, EndpointBuilder, HubTarget, ModuleError, ReachStream,
+    SetupModule, VirtualAddr,
 };
 use reach_hub::{Hub, HubConfig, Peer, Policy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -178,11 +179,12 @@ async fn splice_to_a_port_not_served_or_without_echoes_fails_fast_with_the_reaso
         .connect(&by_id(&b, 2))
         .await
         .expect_err("port 2 is not served");
-    assert!(
-        err.to_string()
-            .contains("declined: no service on virtual port 2"),
-        "{err}"
-    );
+    match only_module_error(&err) {
+        ModuleError::Declined(reason) => {
+            assert_eq!(reason, "no service on virtual port 2")
+        }
+        other => panic!("expected the node's refusal, got {other:?}"),
+    }
     assert!(started.elapsed() < Duration::from_secs(1), "{err}");
     let quiet = hub_with(HubConfig {
         echo_ports: vec![],
@@ -194,9 +196,20 @@ async fn splice_to_a_port_not_served_or_without_echoes_fails_fast_with_the_reaso
     let a = node(&t, builder().modules(vec![SetupModule::Splice])).await;
     let err = a.connect(&by_id(&b, 1)).await.expect_err("no echo");
     assert!(
-        err.to_string().contains("the hub runs no address echo"),
+        matches!(
+            only_module_error(&err),
+            ModuleError::Echo(reach::EchoError::NoEcho)
+        ),
         "{err}"
     );
+}
+
+/// The error of the one module a connect ran.
+fn only_module_error(err: &ConnectError) -> &ModuleError {
+    match err {
+        ConnectError::Unreachable { modules, .. } if modules.len() == 1 => &modules[0].error,
+        other => panic!("expected one failed module, got {other:?}"),
+    }
 }
 
 /// Writes `data` in two halves, waiting between them until the background
@@ -308,15 +321,34 @@ async fn an_unknown_node_fails_with_every_module_named() {
         .connect(&VirtualAddr::new(nobody, 1))
         .await
         .expect_err("nobody is there");
+    let ConnectError::Unreachable { modules, .. } = &err else {
+        panic!("expected every module to fail, got {err:?}");
+    };
+    let got: Vec<_> = modules.iter().map(|f| (f.module, &f.error)).collect();
+    assert!(
+        matches!(
+            got.as_slice(),
+            [
+                (
+                    SetupModule::Direct,
+                    ModuleError::Skipped(reach::proto::setup_plan::Skip::NoDirectAddress)
+                ),
+                (
+                    SetupModule::Reverse,
+                    ModuleError::ConnectBack(reach::ConnectBackError::NotDelivered(_))
+                ),
+                (SetupModule::Splice, ModuleError::Undeliverable(_)),
+                (SetupModule::Routed, ModuleError::Handshake(_)),
+            ]
+        ),
+        "{got:?}"
+    );
+    // One line naming each module.
     let text = err.to_string();
-    for want in [
-        "direct: skipped",
-        "reverse:",
-        "splice: no hub knows",
-        "routed:",
-    ] {
-        assert!(text.contains(want), "{want:?} missing from: {text}");
+    for module in ["direct:", "reverse:", "splice:", "routed:"] {
+        assert!(text.contains(module), "{module:?} missing from: {text}");
     }
+    assert!(!text.contains('\n'), "{text}");
 }
 
 /// Copies bytes between a client and `to`, recording what the client sends.

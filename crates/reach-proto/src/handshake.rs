@@ -204,9 +204,18 @@ pub enum HandshakeError {
     /// The responder's payload is malformed.
     #[error("malformed handshake payload")]
     BadPayload,
-    /// A local key cannot be used (e.g. a NodeId with no X25519 form).
-    #[error("key has no X25519 form")]
+    /// The target's NodeId has no X25519 form (not a valid ed25519 point),
+    /// so no handshake can be addressed to it.
+    #[error("node id has no X25519 form")]
     BadKey,
+    /// The Noise library refused a step on this side (a local fault, not
+    /// the peer's): its reason.
+    #[error("noise handshake state: {0}")]
+    Noise(String),
+}
+
+fn noise(e: snow::Error) -> HandshakeError {
+    HandshakeError::Noise(e.to_string())
 }
 
 fn refusal_text(r: Refusal) -> &'static str {
@@ -437,11 +446,11 @@ impl Initiator {
             .and_then(|b| b.remote_public_key(&remote))
             .and_then(|b| b.prologue(&prologue[..PROLOGUE_LEN]))
             .and_then(|b| b.build_initiator())
-            .map_err(|_| HandshakeError::BadKey)?;
+            .map_err(noise)?;
         let mut msg = [0u8; MAX_NOISE_MSG];
         let n = hs
             .write_message(local.node_id().as_bytes(), &mut msg)
-            .map_err(|_| HandshakeError::BadKey)?;
+            .map_err(noise)?;
         header.noise_len = n;
         let mut out = Vec::with_capacity(HELLO_HEADER_LEN + n);
         out.extend_from_slice(&header.encode());
@@ -595,8 +604,9 @@ pub fn respond(
         .local_private_key(&secret)
         .and_then(|b| b.prologue(&prologue[..PROLOGUE_LEN]))
         .and_then(|b| b.build_responder());
-    let Ok(mut hs) = hs else {
-        return failed(HandshakeError::BadKey);
+    let mut hs = match hs {
+        Ok(hs) => hs,
+        Err(e) => return failed(noise(e)),
     };
     let mut payload = [0u8; MAX_NOISE_MSG];
     let Ok(n) = hs.read_message(noise_msg, &mut payload) else {
@@ -613,8 +623,9 @@ pub fn respond(
         Admission::Refuse(Refusal::NotAdmitted) => 2,
     };
     let mut msg = [0u8; MAX_NOISE_MSG];
-    let Ok(len) = hs.write_message(&[status, u8::from(plaintext)], &mut msg) else {
-        return failed(HandshakeError::BadKey);
+    let len = match hs.write_message(&[status, u8::from(plaintext)], &mut msg) {
+        Ok(len) => len,
+        Err(e) => return failed(noise(e)),
     };
     let out = reply(ReplyKind::Accept, &msg[..len]);
     if let Admission::Refuse(refusal) = admission {

@@ -250,7 +250,7 @@ pub enum Event {
         from: NodeId,
         /// The offer's token.
         token: u32,
-        /// Its candidates, or why it will not splice.
+        /// Its candidates, or its reason for declining.
         result: Result<Vec<SocketAddr>, String>,
     },
     /// A connect-back this node asked for failed.
@@ -699,7 +699,7 @@ impl NodeSession {
                 self.events.push_back(Event::SpliceAnswer {
                     from,
                     token,
-                    result: Err(format!("the node declined: {reason}")),
+                    result: Err(reason),
                 })
             }
         }

@@ -105,12 +105,87 @@ pub enum ConnectError {
 }
 
 /// What one setup module did when it did not produce a stream.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ModuleFailure {
     /// The module.
     pub module: SetupModule,
     /// Why it failed or was skipped.
-    pub error: String,
+    pub error: ModuleError,
+}
+
+/// Why one setup module did not produce a stream: one variant per cause.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModuleError {
+    /// Not run: the setup planner's reason.
+    #[error(transparent)]
+    Skipped(#[from] reach_proto::setup_plan::Skip),
+    /// No hub session to run it on.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The hub link went down while the module ran.
+    #[error("the hub link went down")]
+    LinkLost,
+    /// No random token could be drawn.
+    #[error("no randomness for a token: {0}")]
+    Random(getrandom::Error),
+    /// Direct: every address failed, or the budget ran out (each attempt is
+    /// listed).
+    #[error(transparent)]
+    Direct(Box<ConnectError>),
+    /// Reverse: the connect-back did not come.
+    #[error(transparent)]
+    ConnectBack(#[from] ConnectBackError),
+    /// Splice: this node's NAT mapping could not be learned.
+    #[error(transparent)]
+    Echo(#[from] EchoError),
+    /// Splice: this node's NAT allocates ports that cannot be predicted.
+    #[error("this node's NAT cannot be predicted ({0})")]
+    Unpredictable(reach_proto::nat::NatProfile),
+    /// Splice: the target declined the offer (its reason).
+    #[error("the node declined: {0}")]
+    Declined(String),
+    /// Splice: the hubs could not deliver the offer (their reason).
+    #[error("the offer could not be delivered: {0}")]
+    Undeliverable(String),
+    /// Splice: no answer within the module's wait.
+    #[error("no splice answer within {0:?}")]
+    NoAnswer(Duration),
+    /// Splice: the endpoint dropped the offer (it is shutting down).
+    #[error("the splice offer was dropped")]
+    OfferDropped,
+    /// Splice: no punched connection opened.
+    #[error("no connection opened towards {theirs:?} (this side: {profile})")]
+    NoConnection {
+        /// The target's predicted endpoints.
+        theirs: Vec<SocketAddr>,
+        /// This side's NAT behaviour.
+        profile: reach_proto::nat::NatProfile,
+    },
+    /// The handshake on the module's connection or routed stream failed.
+    #[error("handshake: {0}")]
+    Handshake(AttemptError),
+    /// The handshake did not finish within the module's budget.
+    #[error("no handshake answer within {0:?}")]
+    HandshakeTimedOut(Duration),
+    /// The connection could not be set up as a stream (socket options).
+    #[error("cannot set up the connection: {0}")]
+    Socket(std::io::Error),
+    /// The node authenticated us and refused the stream (the setup driver
+    /// ends the connect with [`ConnectError::Refused`]).
+    #[error("{}", refusal_text(*.0))]
+    Refused(Refusal),
+}
+
+impl ModuleError {
+    /// The error of a handshake on a module's connection: a refusal ends the
+    /// whole connect, anything else only this module.
+    pub(crate) fn handshake(e: AttemptError) -> Self {
+        match e {
+            AttemptError::Handshake(HandshakeError::Refused(r)) => Self::Refused(r),
+            other => Self::Handshake(other),
+        }
+    }
 }
 
 fn modules_text(m: &[ModuleFailure]) -> String {

@@ -23,6 +23,7 @@ use crate::direct::{self, RaceSettings};
 use crate::handshake::respond;
 use crate::hub_session::{Request, Session};
 use crate::node::Shared;
+use crate::offers::SpliceRefusal;
 use crate::routed::RoutedStream;
 use crate::stream::{Direction, ReachStream};
 
@@ -58,14 +59,18 @@ pub(crate) async fn serve(
                 from,
                 token,
                 result,
-            }) => shared.offers.resolve(from, token, result),
+            }) => {
+                let result = result.map_err(SpliceRefusal::Declined);
+                shared.offers.resolve(from, token, result)
+            }
             Request::Answer(Event::ConnectBackFailed {
                 target,
                 token,
                 reason,
             }) => shared.fail_reverse(target, token, &reason),
             Request::Answer(Event::Undeliverable { to, msg, reason }) => {
-                shared.offers.resolve(to, msg.token(), Err(reason))
+                let refusal = SpliceRefusal::Undeliverable(reason);
+                shared.offers.resolve(to, msg.token(), Err(refusal))
             }
             Request::Answer(_) => {}
         }

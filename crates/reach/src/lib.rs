@@ -39,9 +39,9 @@ pub use endpoint::{
 };
 pub use error::{
     Attempt, AttemptError, ConnectBackError, ConnectError, EchoError, EndpointError, ExposeError,
-    HubError, ModuleFailure, NatProbeError, SessionError,
+    HubError, ModuleError, ModuleFailure, NatProbeError, SessionError,
 };
-pub use hub_session::{HubExposure, HubStatus, HubTarget};
+pub use hub_session::{HubExposure, HubStatus, HubTarget, HubTargetError};
 pub use node::ConnectBackWait;
 pub use reach_proto::setup_plan::{SetupModule, UnknownModule};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};

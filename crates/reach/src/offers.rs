@@ -17,8 +17,17 @@ use tokio::sync::oneshot;
 /// Offers one node may have answered at once here; more are declined.
 pub(crate) const ANSWERS_PER_ASKER: usize = 4;
 
+/// Why an offer got no candidates back.
+#[derive(Debug)]
+pub(crate) enum SpliceRefusal {
+    /// The target declined (its reason).
+    Declined(String),
+    /// The hubs could not deliver the offer (their reason).
+    Undeliverable(String),
+}
+
 /// The target's candidates, or why it will not splice.
-type Answer = Result<Vec<SocketAddr>, String>;
+type Answer = Result<Vec<SocketAddr>, SpliceRefusal>;
 /// Where a splice answer goes, by (target, token).
 type SpliceWaiter = oneshot::Sender<Answer>;
 
@@ -43,12 +52,12 @@ impl Offers {
     pub(crate) fn register(
         &self,
         target: NodeId,
-    ) -> Result<(u32, oneshot::Receiver<Answer>), String> {
+    ) -> Result<(u32, oneshot::Receiver<Answer>), getrandom::Error> {
         let (tx, rx) = oneshot::channel();
         let mut pending = self.lock();
         let mut b = [0u8; 4];
         loop {
-            getrandom::fill(&mut b).map_err(|e| e.to_string())?;
+            getrandom::fill(&mut b)?;
             let token = u32::from_le_bytes(b);
             if let std::collections::hash_map::Entry::Vacant(v) = pending.entry((target, token)) {
                 v.insert(tx);

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 pub(crate) use dial::{Dialer, ATTACH_TIMEOUT};
-pub use target::HubTarget;
+pub use target::{HubTarget, HubTargetError};
 
 use crate::error::{ExposeError, SessionError};
 use crate::link::{frame_channel, write_frames, FrameReader, FrameTx};

@@ -51,15 +51,41 @@ impl From<&HubTarget> for HubAddr {
     }
 }
 
+/// Why a hub address does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubTargetError {
+    /// The part before `@` is not a NodeId.
+    #[error("bad hub id in {text:?}: {source}")]
+    BadId {
+        /// The whole address.
+        text: String,
+        /// Why the id does not parse.
+        source: reach_proto::identity::NodeIdError,
+    },
+    /// No `:PORT`.
+    #[error("hub address {0:?} has no port (expected [ID@]HOST:PORT)")]
+    NoPort(String),
+    /// Nothing before `:PORT`.
+    #[error("hub address {0:?} has no host")]
+    NoHost(String),
+    /// The port is not a number from 0 to 65535.
+    #[error("bad port in hub address {0:?}")]
+    BadPort(String),
+}
+
 impl FromStr for HubTarget {
-    type Err = String;
+    type Err = HubTargetError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (id, rest) = match s.split_once('@') {
             Some((id, rest)) => (
                 Some(
                     id.parse::<NodeId>()
-                        .map_err(|e| format!("bad hub id in {s:?}: {e}"))?,
+                        .map_err(|source| HubTargetError::BadId {
+                            text: s.to_string(),
+                            source,
+                        })?,
                 ),
                 rest,
             ),
@@ -67,14 +93,14 @@ impl FromStr for HubTarget {
         };
         let (host, port) = rest
             .rsplit_once(':')
-            .ok_or_else(|| format!("hub address {s:?} has no port (expected [ID@]HOST:PORT)"))?;
+            .ok_or_else(|| HubTargetError::NoPort(s.to_string()))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
-            return Err(format!("hub address {s:?} has no host"));
+            return Err(HubTargetError::NoHost(s.to_string()));
         }
         let port = port
             .parse::<u16>()
-            .map_err(|_| format!("bad port in hub address {s:?}"))?;
+            .map_err(|_| HubTargetError::BadPort(s.to_string()))?;
         Ok(Self {
             id,
             host: host.to_string(),

@@ -20,13 +20,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach_proto::handshake::HandshakeError;
 use reach_proto::link::ConnectBack;
 use reach_proto::setup_plan::{self, Budgets, Facts, SetupModule, Site};
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::direct::{self, RaceSettings};
-use crate::error::{AttemptError, ConnectError, ModuleFailure};
+use crate::error::{ConnectError, ModuleError, ModuleFailure};
 use crate::handshake::initiate;
 use crate::node::Shared;
 use crate::stream::{Direction, ReachStream};
@@ -125,7 +124,7 @@ pub(crate) async fn connect(
             Err(skip) => {
                 failures.push(ModuleFailure {
                     module,
-                    error: skip.to_string(),
+                    error: skip.into(),
                 });
                 continue;
             }
@@ -139,10 +138,10 @@ pub(crate) async fn connect(
             )
             .await
             .map_err(|e| match e {
-                refused @ ConnectError::Refused { .. } => Err(refused),
-                other => Ok(other.to_string()),
+                ConnectError::Refused { refusal, .. } => ModuleError::Refused(refusal),
+                other => ModuleError::Direct(Box::new(other)),
             }),
-            SetupModule::Reverse => reverse(shared, &target, budget, started).await.map_err(Ok),
+            SetupModule::Reverse => reverse(shared, &target, budget, started).await,
             SetupModule::Splice => {
                 let options = shared.initiator_options();
                 crate::splice::connect(shared, &target, options, budget, started).await
@@ -164,8 +163,10 @@ pub(crate) async fn connect(
                 stream.info_mut().failed_before = failed_before;
                 return Ok(stream);
             }
-            Err(Err(refused)) => return Err(refused),
-            Err(Ok(error)) => {
+            Err(ModuleError::Refused(refusal)) => {
+                return Err(ConnectError::Refused { node, refusal })
+            }
+            Err(error) => {
                 if cached == Some(module) {
                     shared.cache.set(node, None);
                 }
@@ -198,11 +199,11 @@ async fn reverse(
     target: &VirtualAddr,
     budget: Duration,
     started: Instant,
-) -> Result<ReachStream, String> {
-    let (session, _) = shared.hub_link().await.map_err(|e| e.to_string())?;
+) -> Result<ReachStream, ModuleError> {
+    let (session, _) = shared.hub_link().await?;
     let mut b = [0u8; 2];
     let wait = loop {
-        getrandom::fill(&mut b).map_err(|e| e.to_string())?;
+        getrandom::fill(&mut b).map_err(ModuleError::Random)?;
         if let Some(w) = shared.expect_connect_back(target.node, u16::from_le_bytes(b)) {
             break w;
         }
@@ -215,9 +216,9 @@ async fn reverse(
         addrs: shared.advertised.clone(),
     });
     if !asked {
-        return Err("the hub link went down".into());
+        return Err(ModuleError::LinkLost);
     }
-    let mut stream = wait.wait(budget).await.map_err(|e| e.to_string())?;
+    let mut stream = wait.wait(budget).await?;
     let info = stream.info_mut();
     info.virtual_port = target.port;
     info.setup_time = started.elapsed();
@@ -230,11 +231,11 @@ async fn routed(
     target: &VirtualAddr,
     budget: Duration,
     started: Instant,
-) -> Result<ReachStream, Result<String, ConnectError>> {
-    let (session, link) = shared.hub_link().await.map_err(|e| Ok(e.to_string()))?;
+) -> Result<ReachStream, ModuleError> {
+    let (session, link) = shared.hub_link().await?;
     let (mut rs, addrs) = session
         .open(&link, &target.node)
-        .ok_or_else(|| Ok("the hub link went down".to_string()))?;
+        .ok_or(ModuleError::LinkLost)?;
     let hs = initiate(
         &mut rs,
         &shared.secret,
@@ -250,13 +251,7 @@ async fn routed(
             Direction::Outbound,
             started,
         )),
-        Ok(Err(AttemptError::Handshake(HandshakeError::Refused(refusal)))) => {
-            Err(Err(ConnectError::Refused {
-                node: target.node,
-                refusal,
-            }))
-        }
-        Ok(Err(e)) => Err(Ok(e.to_string())),
-        Err(_) => Err(Ok(format!("no handshake answer within {budget:?}"))),
+        Ok(Err(e)) => Err(ModuleError::handshake(e)),
+        Err(_) => Err(ModuleError::HandshakeTimedOut(budget)),
     }
 }

@@ -123,7 +123,7 @@ async fn upgrade(
                 let budget = shared.splice_budget;
                 crate::splice::connect(&shared, &target, options, budget, Instant::now())
                     .await
-                    .map_err(|e| e.unwrap_or_else(|e| e.to_string()))
+                    .map_err(|e| e.to_string())
             }
             _ => continue,
         };

@@ -36,17 +36,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach_proto::handshake::{Admission, HandshakeError, InitiatorOptions, Refusal};
+use reach_proto::handshake::{Admission, InitiatorOptions, Refusal};
 use reach_proto::link::Rendezvous;
 use reach_proto::node_session::SpliceOffer;
 use reach_proto::setup_plan::SetupModule;
 use reach_proto::{NodeId, VirtualAddr};
 use tokio::task::JoinSet;
 
-use crate::error::{AttemptError, ConnectError};
+use crate::error::ModuleError;
 use crate::handshake::{initiate, respond};
 use crate::hub_session::Session;
 use crate::node::Shared;
+use crate::offers::SpliceRefusal;
 use crate::stream::{Direction, ReachStream};
 
 use crate::offers::{AskerTurn, ANSWERS_PER_ASKER};
@@ -72,16 +73,15 @@ pub(crate) async fn connect(
     options: InitiatorOptions,
     budget: Duration,
     started: Instant,
-) -> Result<ReachStream, Result<String, ConnectError>> {
+) -> Result<ReachStream, ModuleError> {
     let deadline = Instant::now() + budget;
-    let (session, link) = shared.hub_link().await.map_err(|e| Ok(e.to_string()))?;
+    let (session, link) = shared.hub_link().await?;
     let prepared = prepare(shared, &link.status().echo)
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(Prepared::predictable)
-        .map_err(Ok)?;
+        .await?
+        .predictable()
+        .map_err(ModuleError::Unpredictable)?;
     let node = target.node;
-    let (token, answer) = shared.offers.register(node).map_err(Ok)?;
+    let (token, answer) = shared.offers.register(node).map_err(ModuleError::Random)?;
     let offer = Rendezvous::SpliceOffer {
         token,
         vport: target.port,
@@ -90,23 +90,27 @@ pub(crate) async fn connect(
     };
     if !session.relay(node, offer) {
         shared.offers.remove(node, token);
-        return Err(Ok("the hub link went down".into()));
+        return Err(ModuleError::LinkLost);
     }
-    let wait = deadline.min(Instant::now() + ANSWER_BUDGET);
+    let asked = Instant::now();
+    let wait = deadline.min(asked + ANSWER_BUDGET);
     let answer = tokio::time::timeout_at(wait.into(), answer).await;
     shared.offers.remove(node, token);
     let theirs = match answer {
         Ok(Ok(Ok(c))) => c,
-        Ok(Ok(Err(reason))) => return Err(Ok(reason)),
-        Ok(Err(_)) => return Err(Ok("the splice offer was dropped".into())),
-        Err(_) => return Err(Ok("no splice answer in time".into())),
+        Ok(Ok(Err(SpliceRefusal::Declined(reason)))) => return Err(ModuleError::Declined(reason)),
+        Ok(Ok(Err(SpliceRefusal::Undeliverable(reason)))) => {
+            return Err(ModuleError::Undeliverable(reason))
+        }
+        Ok(Err(_)) => return Err(ModuleError::OfferDropped),
+        Err(_) => return Err(ModuleError::NoAnswer(wait.saturating_duration_since(asked))),
     };
     let punch_deadline = deadline.min(Instant::now() + PUNCH_BUDGET);
     let (tasks, mut opened) = punch(prepared.local, &theirs, punch_deadline);
-    let mut last = format!(
-        "no connection opened towards {theirs:?} (this side: {})",
-        prepared.profile
-    );
+    let mut last = ModuleError::NoConnection {
+        theirs: theirs.clone(),
+        profile: prepared.profile,
+    };
     while let Ok(Some(mut tcp)) =
         tokio::time::timeout_at(punch_deadline.into(), opened.recv()).await
     {
@@ -121,16 +125,18 @@ pub(crate) async fn connect(
                     Direction::Outbound,
                     started,
                 )
-                .map_err(|e| Ok(e.to_string()));
+                .map_err(ModuleError::Socket);
             }
-            Ok(Err(AttemptError::Handshake(HandshakeError::Refused(refusal)))) => {
-                return Err(Err(ConnectError::Refused { node, refusal }));
+            Ok(Err(e)) => match ModuleError::handshake(e) {
+                refused @ ModuleError::Refused(_) => return Err(refused),
+                other => last = other,
+            },
+            Err(_) => {
+                last = ModuleError::HandshakeTimedOut(deadline.saturating_duration_since(started))
             }
-            Ok(Err(e)) => last = format!("handshake on the spliced connection: {e}"),
-            Err(_) => last = "handshake on the spliced connection timed out".into(),
         }
     }
-    Err(Ok(last))
+    Err(last)
 }
 
 /// The target's side: answers an offer relayed by the hubs and punches.
@@ -167,13 +173,10 @@ pub(crate) async fn answer(
     } else if shared.admit_port(vport) != Admission::Accept {
         return decline(format!("no service on virtual port {vport}"));
     }
-    let prepared = match prepare(&shared, &echoes)
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(Prepared::predictable)
-    {
-        Ok(p) => p,
-        Err(e) => return decline(e),
+    let prepared = match prepare(&shared, &echoes).await.map(Prepared::predictable) {
+        Ok(Ok(p)) => p,
+        Ok(Err(profile)) => return decline(ModuleError::Unpredictable(profile).to_string()),
+        Err(e) => return decline(e.to_string()),
     };
     reply(Rendezvous::SpliceAnswer {
         token,

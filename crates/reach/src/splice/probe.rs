@@ -51,12 +51,9 @@ pub(super) struct Prepared {
 
 impl Prepared {
     /// Fails when there is nothing to tell the peer.
-    pub(super) fn predictable(self) -> Result<Self, String> {
+    pub(super) fn predictable(self) -> Result<Self, NatProfile> {
         if self.candidates.is_empty() {
-            return Err(format!(
-                "this node's NAT cannot be predicted ({})",
-                self.profile
-            ));
+            return Err(self.profile);
         }
         Ok(self)
     }
