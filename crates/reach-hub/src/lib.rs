@@ -16,7 +16,8 @@
 //! same handshake as every stream, and the link is encrypted.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-pub mod core;
+/// The hub's logic, sans-IO (the `reach-hub-core` crate).
+pub use reach_hub_core as core;
 mod echo;
 pub mod lan;
 mod metrics;
@@ -33,12 +34,12 @@ use reach::link::{write_frames, FrameReader, FrameTx};
 use reach::{Endpoint, EndpointBuilder, EndpointError, HubTarget, NodeId, ReachStream};
 use reach_proto::link::{admission_proof, HUB_VPORT};
 
-pub use crate::core::{HubCore, LinkId, Policy, Status, Verdict};
+pub use crate::core::{HubCore, LinkId, Policy, Verdict};
+pub use crate::status::Status;
 pub use metrics::serve_metrics;
 pub use peer::{Peer, SshServer};
 
-/// Default interval of routing gossip between hubs.
-pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_secs(2);
+pub use reach_hub_core::DEFAULT_GOSSIP_INTERVAL;
 /// A link silent this long is dead: nodes ping every 15 s, hubs gossip every
 /// few seconds.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
@@ -126,14 +127,12 @@ struct State {
 impl State {
     /// The hub's status report: the core's, with the proxy ports held here.
     fn status(&self) -> Status {
-        let mut status = self.core.status();
-        status.exposures = proxy_ports::exposure_status(self);
-        status
+        Status::new(self.core.status(), proxy_ports::exposure_status(self))
     }
 
     /// Sends what the core queued, and arms the timer if the core asks.
     fn flush(&mut self) {
-        for (link, frame) in self.core.take_outbox() {
+        for (link, frame) in self.core.poll_transmits() {
             if let Some(tx) = self.txs.get(&link) {
                 let _ = tx.send(frame);
             }
@@ -390,7 +389,7 @@ async fn gossip(inner: Arc<Inner>) {
         }
         let learned = {
             let mut s = inner.state();
-            s.core.tick(Instant::now());
+            s.core.handle_tick(Instant::now());
             s.flush();
             s.core.unlinked_hubs()
         };
@@ -552,7 +551,7 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
     };
     let link = {
         let mut s = inner.state();
-        let link = s.core.link_up(peer, observed, dialled, proof);
+        let link = s.core.handle_link_up(peer, observed, dialled, proof);
         s.txs.insert(link, tx);
         s.flush();
         link
@@ -580,7 +579,7 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
     };
     {
         let mut s = inner.state();
-        s.core.link_down(link, Instant::now());
+        s.core.handle_link_down(link, Instant::now());
         s.txs.remove(&link);
         s.flush();
         proxy_ports::handle(&inner, &mut s, via);

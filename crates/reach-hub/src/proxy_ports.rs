@@ -75,7 +75,7 @@ impl Drop for Exposure {
 /// nothing at all. `via` is this hub's address on the link the events came
 /// from.
 pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
-    let events = s.core.take_events();
+    let events = s.core.poll_events();
     if events.is_empty() {
         return;
     }

@@ -1,6 +1,6 @@
 //! The hub's status report: what `reach status`, `/status` and `/metrics`
-//! show. The core fills it ([`crate::core::HubCore::status`]); the driver
-//! adds the proxy ports it holds, with their live counters; this module
+//! show. The core's snapshot ([`crate::core::HubCore::status`]) plus the
+//! proxy ports the driver holds, with their live counters; this module
 //! renders it as JSON and in the Prometheus text format.
 
 use std::net::SocketAddr;
@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use reach_legacy::proxy::ProxyCounters;
 use reach_proto::NodeId;
 
-use crate::core::{Counters, ProxyPort};
+use crate::core::{Counters, ProxyPort, Snapshot};
+pub use crate::core::{HubLinkStatus, NodeStatus, RouteStatus};
 
 /// Attached nodes listed in a status report at most (the count is always there),
 /// so the report fits in one frame.
@@ -47,42 +48,32 @@ pub struct Status {
     pub exposures: Vec<ExposureStatus>,
 }
 
-/// One attached node.
-#[derive(Clone, Debug)]
-pub struct NodeStatus {
-    /// Its id.
-    pub node: NodeId,
-    /// Where its session comes from.
-    pub observed: SocketAddr,
-    /// What it advertises.
-    pub addrs: Vec<SocketAddr>,
-    /// Routed streams on its link.
-    pub streams: usize,
-}
-
-/// One hub link.
-#[derive(Clone, Debug)]
-pub struct HubLinkStatus {
-    /// The neighbour.
-    pub hub: NodeId,
-    /// Its address.
-    pub addr: Option<SocketAddr>,
-    /// Whether this hub dialled it.
-    pub dialled: bool,
-}
-
-/// One route.
-#[derive(Clone, Debug)]
-pub struct RouteStatus {
-    /// Destination hub.
-    pub hub: NodeId,
-    /// Via.
-    pub next_hop: NodeId,
-    /// Hops.
-    pub hops: u8,
-}
-
 impl Status {
+    /// The core's snapshot with the proxy ports the driver holds.
+    pub fn new(core: Snapshot, exposures: Vec<ExposureStatus>) -> Self {
+        let Snapshot {
+            hub,
+            listen,
+            nodes,
+            hubs,
+            routes,
+            remote_nodes,
+            streams,
+            counters,
+        } = core;
+        Self {
+            hub,
+            listen,
+            nodes,
+            hubs,
+            routes,
+            remote_nodes,
+            streams,
+            counters,
+            exposures,
+        }
+    }
+
     /// The report as JSON, listing at most `max_nodes` attached nodes.
     pub fn to_json(&self, max_nodes: usize) -> serde_json::Value {
         use serde_json::json;

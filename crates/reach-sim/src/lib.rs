@@ -1,4 +1,4 @@
-//! reach-sim: the real hub core ([`reach_hub::core::HubCore`]), route table
+//! reach-sim: the real hub core ([`reach_hub_core::HubCore`]), route table
 //! and node core ([`reach_proto::node_session::NodeSession`]), many of them,
 //! joined by simulated links, in deterministic virtual time.
 //!

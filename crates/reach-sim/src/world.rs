@@ -4,8 +4,8 @@
 //! ```text
 //!   event queue (time, seq) --pop--> World::step
 //!        ^                              | Deliver: decode frame -> HubCore::handle_frame / node
-//!        |                              | Tick: HubCore::tick
-//!        |                              | Dial/Up/Down: HubCore::link_up / link_down
+//!        |                              | Tick: HubCore::handle_tick
+//!        |                              | Dial/Up/Down: HubCore::handle_link_up / handle_link_down
 //!        +---- schedule(frames) <-------+ drain HubCore outbox onto its links
 //! ```
 //! Links model TCP: frames in one direction arrive in order, each one link
@@ -27,7 +27,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use reach_hub::core::{HubCore, LinkId, Policy, Verdict};
+use reach_hub_core::{HubCore, LinkId, Policy, Verdict};
 use reach_proto::link::{decode_frame, Frame};
 use reach_proto::node_session::{self, Event as SessionEvent, NodeSession};
 use reach_proto::NodeId;
@@ -35,7 +35,7 @@ use reach_proto::NodeId;
 use reach_proto::rng::Rng;
 
 /// Gossip interval of the simulated hubs (the hub's default).
-pub const GOSSIP: Duration = reach_hub::DEFAULT_GOSSIP_INTERVAL;
+pub const GOSSIP: Duration = reach_hub_core::DEFAULT_GOSSIP_INTERVAL;
 /// Redial delays of configured peer hubs (the hub driver's).
 const HUB_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(3));
 /// How long a simulated lookup may take (the setup driver's budget).
@@ -423,7 +423,7 @@ impl World {
                 }
                 let now = self.instant();
                 if let Some(core) = self.hubs[hub].core.as_mut() {
-                    core.tick(now);
+                    core.handle_tick(now);
                     self.flush(hub);
                     self.schedule(GOSSIP, Event::Tick { hub, incarnation });
                 }
@@ -550,7 +550,7 @@ impl World {
                     self.close_link(link);
                     return;
                 };
-                let id = core.link_up(peer, observed, side == 0, None);
+                let id = core.handle_link_up(peer, observed, side == 0, None);
                 self.links[link].ends[side] = End::Hub(hub, id);
                 self.hubs[hub].links.insert(id, link);
                 self.flush(hub);
@@ -604,8 +604,8 @@ impl World {
         let Some(core) = self.hubs[hub].core.as_mut() else {
             return;
         };
-        let out = core.take_outbox();
-        let _ = core.take_events();
+        let out = core.poll_transmits();
+        let _ = core.poll_events();
         let due = core.poll_timeout();
         self.arm(hub, due);
         // A flood queues the same frame for every link; in flight, the
@@ -786,7 +786,7 @@ impl World {
                     self.hubs[hub].links.remove(&id);
                     let now = self.instant();
                     if let Some(core) = self.hubs[hub].core.as_mut() {
-                        core.link_down(id, now);
+                        core.handle_link_down(id, now);
                         self.flush(hub);
                     }
                 }

@@ -11,6 +11,11 @@
 //! each direction's credit ([`Window`]), so it never holds more than one window
 //! per stream and direction; it never reads the payload, which is the two
 //! nodes' end-to-end ciphertext.
+//!
+//! This crate is the hub without I/O: no async runtime, no sockets, no
+//! clock. `reach-hub` drives it with tokio; `reach-sim` runs a thousand of
+//! them in one process in virtual time.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -24,7 +29,12 @@ use reach_proto::link::{
 use reach_proto::routes::RouteTable;
 use reach_proto::NodeId;
 
-pub use crate::status::{HubLinkStatus, NodeStatus, RouteStatus, Status};
+mod snapshot;
+
+pub use snapshot::{HubLinkStatus, NodeStatus, RouteStatus, Snapshot};
+
+/// How often hubs gossip routes and directories, unless configured.
+pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A link's id, unique for the hub's lifetime.
 pub type LinkId = u64;
@@ -377,7 +387,7 @@ impl HubCore {
     }
 
     /// Work for the driver since the last call.
-    pub fn take_events(&mut self) -> Vec<Event> {
+    pub fn poll_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
     }
 
@@ -392,7 +402,7 @@ impl HubCore {
     }
 
     /// Frames to send, by link; the driver drains this after every call.
-    pub fn take_outbox(&mut self) -> Vec<(LinkId, Vec<u8>)> {
+    pub fn poll_transmits(&mut self) -> Vec<(LinkId, Vec<u8>)> {
         std::mem::take(&mut self.outbox)
     }
 
@@ -471,7 +481,7 @@ impl HubCore {
 
     /// A new authenticated link from (or to) `peer`. A dialled link is to a
     /// configured peer hub: this hub greets it at once.
-    pub fn link_up(
+    pub fn handle_link_up(
         &mut self,
         peer: NodeId,
         observed: SocketAddr,
@@ -504,7 +514,7 @@ impl HubCore {
 
     /// A link is gone: its streams are reset on their other side, its node
     /// leaves the directory, its hub's routes go.
-    pub fn link_down(&mut self, link: LinkId, now: Instant) {
+    pub fn handle_link_down(&mut self, link: LinkId, now: Instant) {
         let Some(info) = self.links.remove(&link) else {
             return;
         };
@@ -1463,7 +1473,7 @@ impl HubCore {
     /// Periodic work: refresh this hub's state, expire stale routes, gossip.
     /// Directories travel only when they change and when a hub link comes up:
     /// links are reliable, so nothing is missed in between.
-    pub fn tick(&mut self, now: Instant) {
+    pub fn handle_tick(&mut self, now: Instant) {
         self.connect_backs
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
         self.relay_paths
@@ -1480,8 +1490,8 @@ impl HubCore {
 
     /// A snapshot for `reach status` and metrics, without the proxy ports
     /// (the driver holds those and adds them).
-    pub fn status(&self) -> Status {
-        Status {
+    pub fn status(&self) -> Snapshot {
+        Snapshot {
             hub: self.me,
             listen: self.listen.clone(),
             nodes: self
@@ -1515,7 +1525,6 @@ impl HubCore {
             remote_nodes: self.indexed,
             streams: self.relay.len() / 2,
             counters: self.counters,
-            exposures: Vec::new(),
         }
     }
 }
@@ -1548,5 +1557,4 @@ pub struct ProxyPort {
 }
 
 #[cfg(test)]
-#[path = "core_tests.rs"]
 mod tests;

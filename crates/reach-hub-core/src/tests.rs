@@ -33,7 +33,7 @@ fn hub_with(policy: Policy) -> HubCore {
 
 /// The frames the core queued, decoded, by link.
 fn out(core: &mut HubCore) -> Vec<(LinkId, Frame<'static>)> {
-    core.take_outbox()
+    core.poll_transmits()
         .into_iter()
         .map(|(link, bytes)| {
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -50,7 +50,7 @@ fn control(core: &mut HubCore, link: LinkId, msg: Control) -> Verdict {
 
 /// A node attached with `accepts`; returns its link.
 fn attach(core: &mut HubCore, node: NodeId, accepts: bool) -> LinkId {
-    let link = core.link_up(node, addr(9), false, None);
+    let link = core.handle_link_up(node, addr(9), false, None);
     let v = control(
         core,
         link,
@@ -102,16 +102,16 @@ fn admission_by_key_and_by_secret_and_refusal_with_a_reason() {
         proof,
         accepts: true,
     };
-    let l = core.link_up(listed, addr(3), false, None);
+    let l = core.handle_link_up(listed, addr(3), false, None);
     assert_eq!(control(&mut core, l, register(None)), Verdict::Continue);
-    let l = core.link_up(prover, addr(4), false, None);
+    let l = core.handle_link_up(prover, addr(4), false, None);
     let proof = admission_proof(&secret, &prover, &id(1));
     assert_eq!(
         control(&mut core, l, register(Some(proof))),
         Verdict::Continue
     );
     out(&mut core);
-    let l = core.link_up(stranger, addr(5), false, None);
+    let l = core.handle_link_up(stranger, addr(5), false, None);
     let wrong = admission_proof(b"another secret entirely!", &stranger, &id(1));
     assert!(matches!(
         control(&mut core, l, register(Some(wrong))),
@@ -123,7 +123,7 @@ fn admission_by_key_and_by_secret_and_refusal_with_a_reason() {
         [(_, Frame::Control(Control::Refused { reason }))] if reason.contains("wrong network secret")
     ));
     // A proof made for another node does not admit this one.
-    let l = core.link_up(stranger, addr(5), false, None);
+    let l = core.handle_link_up(stranger, addr(5), false, None);
     let borrowed = admission_proof(&secret, &prover, &id(1));
     assert!(matches!(
         control(&mut core, l, register(Some(borrowed))),
@@ -254,7 +254,7 @@ fn readers_cannot_make_the_hub_hold_more_than_the_caps() {
 fn a_lost_link_resets_the_streams_that_crossed_it() {
     let mut core = open_hub();
     let (a_link, b_link, _) = relayed_stream(&mut core);
-    core.link_down(b_link, Instant::now());
+    core.handle_link_down(b_link, Instant::now());
     let frames = out(&mut core);
     assert!(matches!(
         &frames[..],
@@ -434,8 +434,8 @@ fn expose_requests_and_ended_links_become_events_for_the_driver() {
         },
     );
     assert_eq!(
-        core.take_events(),
-        vec![crate::core::Event::Expose(crate::core::ExposeRequest {
+        core.poll_events(),
+        vec![crate::Event::Expose(crate::ExposeRequest {
             link,
             node,
             vport: 22,
@@ -443,19 +443,16 @@ fn expose_requests_and_ended_links_become_events_for_the_driver() {
             allow_from: allow,
         })]
     );
-    core.link_down(link, Instant::now());
-    assert_eq!(
-        core.take_events(),
-        vec![crate::core::Event::LinkGone { link }]
-    );
-    assert!(core.take_events().is_empty());
+    core.handle_link_down(link, Instant::now());
+    assert_eq!(core.poll_events(), vec![crate::Event::LinkGone { link }]);
+    assert!(core.poll_events().is_empty());
 }
 
 #[test]
 fn registered_nodes_learn_the_echo_ports() {
     let mut core = open_hub();
     core.set_echo_ports(vec![7701, 7702]);
-    let link = core.link_up(id(10), addr(9), false, None);
+    let link = core.handle_link_up(id(10), addr(9), false, None);
     control(
         &mut core,
         link,
@@ -476,7 +473,7 @@ fn registered_nodes_learn_the_echo_ports() {
 #[test]
 fn stream_frames_before_registration_close_the_link() {
     let mut core = open_hub();
-    let link = core.link_up(id(70), addr(8), false, None);
+    let link = core.handle_link_up(id(70), addr(8), false, None);
     let v = core.handle_frame(link, Frame::Fin { stream: 1 }, Instant::now());
     assert!(matches!(v, Verdict::Close(why) if why.contains("before registration")));
 }
@@ -490,17 +487,17 @@ proptest::proptest! {
     ) {
         let mut core = open_hub();
         let registered = attach(&mut core, id(80), true);
-        let fresh = core.link_up(id(81), addr(6), false, None);
+        let fresh = core.handle_link_up(id(81), addr(6), false, None);
         let now = Instant::now();
         for (i, bytes) in chunks.iter().enumerate() {
             if let Ok(Some((frame, _))) = decode_frame(bytes) {
                 let link = if i % 2 == 0 { registered } else { fresh };
                 let _ = core.handle_frame(link, frame, now);
-                let _ = core.take_outbox();
+                let _ = core.poll_transmits();
             }
         }
-        core.tick(now + Duration::from_secs(60));
-        let _ = core.status().to_json(10);
+        core.handle_tick(now + Duration::from_secs(60));
+        let _ = core.status();
     }
 }
 
@@ -519,8 +516,8 @@ fn two_hubs(now: Instant) -> (HubCore, HubCore, LinkId, LinkId) {
         1,
     );
     let mut b = HubCore::new(id(2), policy, vec![addr(2)], Duration::from_secs(10), 1);
-    let ab = a.link_up(id(2), addr(2), true, None);
-    let ba = b.link_up(id(1), addr(1), false, None);
+    let ab = a.handle_link_up(id(2), addr(2), true, None);
+    let ba = b.handle_link_up(id(1), addr(1), false, None);
     pump(&mut a, &mut b, ab, ba, now);
     assert!(a.has_hub_link(&id(2)) && b.has_hub_link(&id(1)));
     (a, b, ab, ba)
@@ -540,7 +537,7 @@ fn pump(
 ) -> (Outbox, Outbox) {
     let (mut rest_a, mut rest_b) = (Vec::new(), Vec::new());
     loop {
-        let (from_a, from_b) = (a.take_outbox(), b.take_outbox());
+        let (from_a, from_b) = (a.poll_transmits(), b.poll_transmits());
         if from_a.iter().all(|(l, _)| *l != ab) && from_b.iter().all(|(l, _)| *l != ba) {
             rest_a.extend(from_a);
             rest_b.extend(from_b);
@@ -569,7 +566,7 @@ fn pump(
 /// link. Unlike [`attach`], what the core queued (its directory flood)
 /// stays in the outbox.
 fn register(core: &mut HubCore, n: u8, addrs: Vec<SocketAddr>, now: Instant) -> LinkId {
-    let link = core.link_up(id(n), addr(n), false, None);
+    let link = core.handle_link_up(id(n), addr(n), false, None);
     let register = Control::Register {
         addrs,
         proof: None,
@@ -622,7 +619,7 @@ fn a_lookup_of_a_node_on_another_hub_is_answered_by_its_home_hub() {
         node: id(30),
     };
     b.handle_frame(y_link, Frame::Control(lookup), now);
-    assert_eq!(found(&b.take_outbox(), y_link), Some(None));
+    assert_eq!(found(&b.poll_transmits(), y_link), Some(None));
 }
 
 #[test]
@@ -644,15 +641,15 @@ fn directory_changes_within_the_hold_time_go_out_as_one_flood() {
     let mut floods = 0;
     for n in 0..10u8 {
         register(&mut a, 100 + n, vec![], now);
-        floods += directories(&a.take_outbox());
+        floods += directories(&a.poll_transmits());
     }
     assert_eq!(floods, 1, "the first change goes at once, the rest wait");
     let due = a.poll_timeout().expect("a held flood");
     assert_eq!(due, now + DIRECTORY_HOLD);
     a.handle_timeout(due - Duration::from_millis(1));
-    assert_eq!(directories(&a.take_outbox()), 0, "not before its time");
+    assert_eq!(directories(&a.poll_transmits()), 0, "not before its time");
     a.handle_timeout(due);
-    let held = a.take_outbox();
+    let held = a.poll_transmits();
     assert_eq!(directories(&held), 1);
     assert_eq!(a.poll_timeout(), None);
     for (_, f) in held.into_iter().filter(|(l, _)| *l == ab) {
@@ -670,14 +667,14 @@ fn a_restarted_hub_supersedes_its_earlier_run_and_stale_index_entries_go() {
     pump(&mut a, &mut b, ab, ba, now);
     assert_eq!(b.home_of(&id(10)), Some(id(1)));
     // a restarts (a later epoch), and z attaches instead of x.
-    b.link_down(ba, now);
+    b.handle_link_down(ba, now);
     let policy = Policy {
         open: true,
         ..Policy::default()
     };
     let mut a = HubCore::new(id(1), policy, vec![addr(1)], Duration::from_secs(10), 1_000);
-    let ab = a.link_up(id(2), addr(2), true, None);
-    let ba = b.link_up(id(1), addr(1), false, None);
+    let ab = a.handle_link_up(id(2), addr(2), true, None);
+    let ba = b.handle_link_up(id(1), addr(1), false, None);
     register(&mut a, 12, vec![], now);
     pump(&mut a, &mut b, ab, ba, now);
     assert_eq!(
@@ -704,26 +701,26 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
         Duration::from_secs(10),
         1,
     );
-    let bc = b.link_up(id(3), addr(3), true, None);
-    let cb = c.link_up(id(2), addr(2), false, None);
+    let bc = b.handle_link_up(id(3), addr(3), true, None);
+    let cb = c.handle_link_up(id(2), addr(2), false, None);
     register(&mut c, 40, vec![], now);
     pump(&mut b, &mut c, bc, cb, now);
     assert_eq!(b.home_of(&id(40)), Some(id(3)));
     // a learns a route to c through b, but (say, after a partition that
     // outlasted the grace) not c's directory; b passes it nothing new.
     for _ in 0..3 {
-        b.tick(now);
+        b.handle_tick(now);
         pump(&mut b, &mut a, ba, ab, now);
     }
     a.forget_remote(&id(3));
     assert!(a.routes_to(&id(3)));
     assert_eq!(a.home_of(&id(40)), None);
     // After a quarter of the grace time, a's tick asks b, which answers.
-    a.tick(now);
+    a.handle_tick(now);
     pump(&mut a, &mut b, ab, ba, now);
     assert_eq!(a.home_of(&id(40)), None, "not at once");
     let later = now + Duration::from_secs(10) / 4;
-    a.tick(later);
+    a.handle_tick(later);
     pump(&mut a, &mut b, ab, ba, later);
     assert_eq!(a.home_of(&id(40)), Some(id(3)));
 }
@@ -735,13 +732,13 @@ fn lookups_waiting_for_home_hubs_are_bounded_and_counted() {
     register(&mut a, 10, vec![], now);
     pump(&mut a, &mut b, ab, ba, now);
     let y = register(&mut b, 20, vec![], now);
-    b.take_outbox();
+    b.poll_transmits();
     // a never answers: every lookup waits, up to the bound.
     for req in 0..MAX_LOCATES as u32 {
         let lookup = Control::Lookup { req, node: id(10) };
         b.handle_frame(y, Frame::Control(lookup), now);
     }
-    let asked = b.take_outbox();
+    let asked = b.poll_transmits();
     assert_eq!(asked.iter().filter(|(l, _)| *l == ba).count(), MAX_LOCATES);
     assert_eq!(b.counters.locates_dropped, 0);
     let lookup = Control::Lookup {
@@ -749,14 +746,21 @@ fn lookups_waiting_for_home_hubs_are_bounded_and_counted() {
         node: id(10),
     };
     b.handle_frame(y, Frame::Control(lookup), now);
-    assert_eq!(found(&b.take_outbox(), y), Some(None), "answered at once");
+    assert_eq!(
+        found(&b.poll_transmits(), y),
+        Some(None),
+        "answered at once"
+    );
     assert_eq!(b.counters.locates_dropped, 1);
     // They expire with connect-back memory, and room is made again.
-    b.tick(now + CONNECT_BACK_MEMORY);
+    b.handle_tick(now + CONNECT_BACK_MEMORY);
     let lookup = Control::Lookup {
         req: 1,
         node: id(10),
     };
     b.handle_frame(y, Frame::Control(lookup), now + CONNECT_BACK_MEMORY);
-    assert!(b.take_outbox().iter().any(|(l, _)| *l == ba), "asked again");
+    assert!(
+        b.poll_transmits().iter().any(|(l, _)| *l == ba),
+        "asked again"
+    );
 }

@@ -1,0 +1,64 @@
+//! What the core reports about itself for `reach status` and metrics: the
+//! data only. The driver adds what it holds (proxy ports) and renders it.
+
+use std::net::SocketAddr;
+
+use reach_proto::NodeId;
+
+use crate::Counters;
+
+/// A hub's state as its core sees it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// The hub's id.
+    pub hub: NodeId,
+    /// Where it listens.
+    pub listen: Vec<SocketAddr>,
+    /// Attached nodes.
+    pub nodes: Vec<NodeStatus>,
+    /// Links to neighbour hubs.
+    pub hubs: Vec<HubLinkStatus>,
+    /// Routes to other hubs.
+    pub routes: Vec<RouteStatus>,
+    /// Nodes known attached to other hubs.
+    pub remote_nodes: usize,
+    /// Routed streams relayed now.
+    pub streams: usize,
+    /// Counters since start.
+    pub counters: Counters,
+}
+
+/// One attached node.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    /// Its id.
+    pub node: NodeId,
+    /// Where its session comes from.
+    pub observed: SocketAddr,
+    /// What it advertises.
+    pub addrs: Vec<SocketAddr>,
+    /// Routed streams on its link.
+    pub streams: usize,
+}
+
+/// One hub link.
+#[derive(Clone, Debug)]
+pub struct HubLinkStatus {
+    /// The neighbour.
+    pub hub: NodeId,
+    /// Its address.
+    pub addr: Option<SocketAddr>,
+    /// Whether this hub dialled it.
+    pub dialled: bool,
+}
+
+/// One route.
+#[derive(Clone, Debug)]
+pub struct RouteStatus {
+    /// Destination hub.
+    pub hub: NodeId,
+    /// Via.
+    pub next_hop: NodeId,
+    /// Hops.
+    pub hops: u8,
+}
