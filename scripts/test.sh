@@ -22,6 +22,16 @@ step "module cycles in crates/reach (scripts/module-cycles.py)"
 python3 scripts/module-cycles.py --self-test
 python3 scripts/module-cycles.py
 
+step "every source file opens with a doc paragraph (//!)"
+undocumented=$(for f in $(git ls-files 'crates/*/src/*.rs' 'crates/*/src/**/*.rs'); do
+  head -n 1 "$f" | grep -q '^//!' || echo "$f"
+done)
+if [ -n "$undocumented" ]; then
+  echo "these files do not open with a //! paragraph saying what they do:" >&2
+  echo "$undocumented" >&2
+  exit 1
+fi
+
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

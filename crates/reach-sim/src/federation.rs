@@ -1,7 +1,8 @@
 //! The `federation` scenario: N hubs in a topology, M nodes spread over them,
 //! run in virtual time until every hub routes to every other and resolves
 //! every node; then, optionally, crash a share of the hubs, restart them, and
-//! measure how long until every node is reachable again.
+//! measure how long until every node is reachable again; and cut the
+//! federation in two, heal it, and measure the same.
 //!
 //! Convergence is checked every [`CHECK`] of virtual time, cheaply by counts
 //! first and then entry by entry; it is then confirmed by real Lookup frames
@@ -42,6 +43,9 @@ pub struct Params {
     pub kill: f64,
     /// How long crashed hubs stay down.
     pub down: Duration,
+    /// Once converged (and after the fault run, if any), cut the federation
+    /// in two for this long, then heal it.
+    pub partition: Option<Duration>,
 }
 
 /// The outcome, as `reach-sim federation` prints it.
@@ -82,6 +86,8 @@ pub struct Report {
     pub lookups: Lookups,
     /// The fault run, if asked for.
     pub faults: Option<FaultReport>,
+    /// The partition run, if asked for.
+    pub partition: Option<PartitionReport>,
     /// What was still missing at the end, if it did not converge.
     pub shortfall: Option<Shortfall>,
     /// Peak resident memory of the simulator process.
@@ -107,6 +113,27 @@ pub struct FaultReport {
     /// Time from the restart until it was.
     pub recovery_ms: Option<u64>,
     /// What was still missing at the end, if it did not recover.
+    pub shortfall: Option<Shortfall>,
+}
+
+/// How the federation weathered a cut in two.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PartitionReport {
+    /// Hubs on the smaller side.
+    pub cut_off: usize,
+    /// Hub peerings across the cut.
+    pub links_cut: usize,
+    /// How long the cut lasted.
+    pub cut_ms: u64,
+    /// Whether each side reconverged on its own during the cut.
+    pub sides_reconverged: bool,
+    /// Time from the cut until they had.
+    pub sides_ms: Option<u64>,
+    /// Whether the whole federation reconverged after the heal.
+    pub healed: bool,
+    /// Time from the heal until it had.
+    pub heal_ms: Option<u64>,
+    /// What was still missing at the end, if it did not.
     pub shortfall: Option<Shortfall>,
 }
 
@@ -163,6 +190,10 @@ pub fn run(p: &Params) -> Report {
     };
     let faults = (p.kill > 0.0 && converged_at.is_some())
         .then(|| faults(&mut world, p, &mut Rng::new(p.seed ^ 0xdead)));
+    let partition = match (p.partition, converged_at) {
+        (Some(cut), Some(_)) => Some(partition(&mut world, p, cut, &mut Rng::new(p.seed ^ 0xc07))),
+        _ => None,
+    };
     let at = converged_at.unwrap_or(p.limit);
     let short = converged_at.is_none().then(|| shortfall(&world));
     Report {
@@ -183,6 +214,7 @@ pub fn run(p: &Params) -> Report {
         max_directory_entries_per_hub: max_entries,
         lookups,
         faults,
+        partition,
         shortfall: short,
         peak_rss_bytes: peak_rss(),
         wall_ms: started.elapsed().as_millis() as u64,
@@ -449,6 +481,64 @@ fn faults(world: &mut World, p: &Params, rng: &mut Rng) -> FaultReport {
         recovered: recovered.is_some(),
         recovery_ms: recovered.map(|t| (t - restart_at).as_millis() as u64),
         shortfall: recovered.is_none().then(|| shortfall(world)),
+    }
+}
+
+/// Cuts the federation in two for `cut` (five seconds after convergence):
+/// one side is the hubs a walk over the peerings from a random hub reaches
+/// first, half of them, as a site or region falls off a WAN. Times each
+/// side's reconvergence and the whole federation's after the heal.
+fn partition(world: &mut World, p: &Params, cut: Duration, rng: &mut Rng) -> PartitionReport {
+    let n = world.hubs.len();
+    let mut neighbours = vec![Vec::new(); n];
+    for (a, h) in world.hubs.iter().enumerate() {
+        for &(b, _) in h.peers() {
+            neighbours[a].push(b);
+            neighbours[b].push(a);
+        }
+    }
+    let mut side = vec![false; n];
+    let mut queue = std::collections::VecDeque::from([rng.below(n as u64) as usize]);
+    let mut taken = 0;
+    while let Some(h) = queue.pop_front() {
+        if side[h] || taken >= n / 2 {
+            continue;
+        }
+        side[h] = true;
+        taken += 1;
+        queue.extend(neighbours[h].iter().copied().filter(|&b| !side[b]));
+    }
+    let links_cut = world
+        .hubs
+        .iter()
+        .enumerate()
+        .flat_map(|(a, h)| h.peers().iter().map(move |&(b, _)| (a, b)))
+        .filter(|&(a, b)| side[a] != side[b])
+        .count();
+    world.run_until(world.now() + Duration::from_secs(5));
+    let cut_at = world.now();
+    world.partition(side);
+    let heal_at = cut_at + cut;
+    let mut sides_ms = None;
+    while world.now() < heal_at {
+        let next = (world.now() + CHECK).min(heal_at);
+        world.run_until(next);
+        if sides_ms.is_none() && converged(world) {
+            sides_ms = Some((world.now() - cut_at).as_millis() as u64);
+        }
+    }
+    world.heal();
+    let limit = world.now() + p.limit;
+    let healed = run_until_converged(world, limit);
+    PartitionReport {
+        cut_off: taken.min(n - taken),
+        links_cut,
+        cut_ms: cut.as_millis() as u64,
+        sides_reconverged: sides_ms.is_some(),
+        sides_ms,
+        healed: healed.is_some(),
+        heal_ms: healed.map(|t| (t - heal_at).as_millis() as u64),
+        shortfall: healed.is_none().then(|| shortfall(world)),
     }
 }
 

@@ -63,6 +63,11 @@ struct FederationArgs {
     /// How long crashed hubs stay down, in virtual seconds.
     #[arg(long, default_value_t = 10.0)]
     down_secs: f64,
+    /// Once converged (and after --kill's run), cut the federation in two
+    /// halves for this many virtual seconds, then heal it; reports how long
+    /// each side and then the whole took to reconverge.
+    #[arg(long)]
+    partition_secs: Option<f64>,
     /// Also write the report to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -114,6 +119,10 @@ fn run() -> anyhow::Result<()> {
         limit: secs("limit-secs", a.limit_secs)?,
         kill: a.kill,
         down: secs("down-secs", a.down_secs)?,
+        partition: a
+            .partition_secs
+            .map(|v| secs("partition-secs", v))
+            .transpose()?,
     };
     let report = federation::run(&params);
     let json = serde_json::to_string_pretty(&report)?;

@@ -100,6 +100,13 @@ pub struct Node {
     pub found: HashMap<u32, (Option<NodeId>, Duration)>,
 }
 
+impl Hub {
+    /// The hubs it dials (configured peers), with the one-way latency.
+    pub fn peers(&self) -> &[(HubIx, Duration)] {
+        &self.peers
+    }
+}
+
 impl Node {
     /// Whether its hub took its registration on the current link.
     pub fn registered(&self) -> bool {
@@ -237,6 +244,9 @@ pub struct World {
     loss: f64,
     /// Traffic so far.
     pub traffic: Traffic,
+    /// While the network is cut: the side of each hub. Hub links across the
+    /// cut are down and dials across it fail.
+    cut: Option<Vec<bool>>,
 }
 
 impl World {
@@ -252,6 +262,7 @@ impl World {
             rng,
             loss,
             traffic: Traffic::default(),
+            cut: None,
         }
     }
 
@@ -351,6 +362,37 @@ impl World {
         }
     }
 
+    /// Cuts the network between the hubs with `side[h]` true and the rest:
+    /// links across the cut close (both ends learn one latency later, as if
+    /// the cut answered with a reset or ICMP unreachable) and dials across it
+    /// fail until [`World::heal`]. Nodes stay with their hubs.
+    pub fn partition(&mut self, side: Vec<bool>) {
+        let crossing: Vec<LinkIx> = (0..self.links.len())
+            .filter(|&l| self.links[l].up && self.crosses(&side, l))
+            .collect();
+        self.cut = Some(side);
+        for l in crossing {
+            self.close_link(l);
+        }
+    }
+
+    /// Ends the cut: redials across it succeed again.
+    pub fn heal(&mut self) {
+        self.cut = None;
+    }
+
+    fn crosses(&self, side: &[bool], link: LinkIx) -> bool {
+        match self.links[link].ends {
+            [End::Hub(a, _), End::Hub(b, _)] => side[a] != side[b],
+            _ => false,
+        }
+    }
+
+    /// Whether hubs `a` and `b` are on different sides of a cut.
+    fn cut_between(&self, a: HubIx, b: HubIx) -> bool {
+        self.cut.as_ref().is_some_and(|side| side[a] != side[b])
+    }
+
     /// Hangs hub `hub`: its state is gone and it neither reads nor sends,
     /// but its links stay open (a stopped process, a dead machine behind a
     /// firewall that drops instead of resetting). Only keepalives notice.
@@ -374,7 +416,7 @@ impl World {
         }
         for (a, h) in self.hubs.iter().enumerate() {
             for (b, _) in &h.peers {
-                if self.hub_alive(a) && self.hub_alive(*b) {
+                if self.hub_alive(a) && self.hub_alive(*b) && !self.cut_between(a, *b) {
                     let (ra, rb) = (root(&mut parent, a), root(&mut parent, *b));
                     parent[ra.max(rb)] = ra.min(rb);
                 }
@@ -496,7 +538,7 @@ impl World {
         if self.hubs[from].incarnation != incarnation || !self.hub_alive(from) {
             return;
         }
-        if !self.hub_alive(to) {
+        if !self.hub_alive(to) || self.cut_between(from, to) {
             let next = (backoff * 2).min(HUB_BACKOFF.1);
             self.schedule(
                 latency * 2 + backoff,

@@ -94,3 +94,23 @@ fn bad_values_are_refused_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the share must be between 0 and 1"), "{err}");
 }
+
+#[test]
+fn partition_secs_cuts_the_federation_and_reports_the_heal() {
+    let out = sim()
+        .args(["federation", "--hubs", "8", "--nodes", "40", "--seed", "2"])
+        .args(["--partition-secs", "5"])
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let c = &r["partition"];
+    assert_eq!(c["cut_off"], 4, "{c}");
+    assert_eq!(c["cut_ms"], 5000, "{c}");
+    assert_eq!(c["healed"], true, "{c}");
+    assert!(c["heal_ms"].as_u64().is_some(), "{c}");
+}

@@ -18,6 +18,7 @@ fn params(hubs: usize, nodes: usize, topology: Shape) -> Params {
         limit: Duration::from_secs(120),
         kill: 0.0,
         down: Duration::from_secs(10),
+        partition: None,
     }
 }
 
@@ -86,6 +87,26 @@ fn every_node_is_reachable_again_soon_after_a_tenth_of_the_hubs_restart() {
         assert!(f.survivors_reconverged, "{topology:?}: survivors, {f:?}");
         assert!(f.recovered, "{topology:?}: {f:?}");
         let took = Duration::from_millis(f.recovery_ms.expect("recovered"));
+        assert!(took <= RECOVERY_BOUND, "{topology:?}: {took:?}");
+    }
+}
+
+#[test]
+fn a_federation_cut_in_two_converges_on_each_side_and_again_once_healed() {
+    for (seed, topology) in [(4, Shape::Random), (5, Shape::Sites), (6, Shape::Tree)] {
+        let mut p = params(50, 2000, topology);
+        p.seed = seed;
+        p.partition = Some(Duration::from_secs(20));
+        let r = run(&p);
+        assert!(r.converged);
+        let c = r.partition.expect("a partition run");
+        assert_eq!(c.cut_off, 25, "{topology:?}: {c:?}");
+        assert!(c.links_cut >= 1, "{topology:?}: {c:?}");
+        assert!(c.sides_reconverged, "{topology:?}: sides, {c:?}");
+        assert!(c.healed, "{topology:?}: {c:?}");
+        // Once healed, the hubs that dial across the cut come back within
+        // their redial cap, as after a restart: the same bound holds.
+        let took = Duration::from_millis(c.heal_ms.expect("healed"));
         assert!(took <= RECOVERY_BOUND, "{topology:?}: {took:?}");
     }
 }
