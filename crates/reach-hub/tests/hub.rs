@@ -652,6 +652,47 @@ async fn a_slow_reader_does_not_stall_other_streams() {
     assert!(hub.status().streams >= 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delivers_every_routed_byte_before_the_endpoint_goes() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = node(&t, builder()).await;
+    let data = pattern(16 << 20, 5);
+    let expected = data.clone();
+    let a = node(&t, builder().modules(vec![SetupModule::Routed])).await;
+    let target = by_id(&b, 1);
+    let (s, accepted) = tokio::join!(a.connect(&target), b.accept());
+    let (mut s, mut accepted) = (s.expect("connect"), accepted.expect("accept"));
+    let received = tokio::spawn(async move {
+        let mut got = Vec::new();
+        accepted.read_to_end(&mut got).await.map(|_| got)
+    });
+    s.write_all(&data).await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    // What a process does before it exits: close, then drop the endpoint at
+    // once (its tasks are aborted). The receiver must still get every byte
+    // and then the end, not a reset.
+    let a_id = a.node_id();
+    a.close(DEADLINE).await;
+    // close returns once the hub has read everything and closed its side,
+    // so the hub has let the node go by then (over a slow link, exiting any
+    // earlier leaves bytes in flight that the hub's kernel drops when this
+    // process's socket resets).
+    assert!(
+        !hub.status().nodes.iter().any(|n| n.node == a_id),
+        "close returned before the hub closed the link"
+    );
+    drop(s);
+    drop(a);
+    let got = tokio::time::timeout(DEADLINE, received)
+        .await
+        .expect("the receiver did not finish")
+        .expect("join")
+        .expect("the stream ended with an error instead of its end");
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "the bytes differ");
+}
+
 #[tokio::test]
 async fn a_dropped_endpoint_leaves_its_hub() {
     let hub = hub_with(HubConfig::default()).await;

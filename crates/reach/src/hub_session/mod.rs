@@ -657,11 +657,12 @@ impl Session {
     /// hub link goes out, the link's write side closes, and the session ends
     /// once the hub has read everything and closed its side (no reconnect).
     pub(crate) async fn close(self: &Arc<Self>, timeout: Duration) {
-        let conn = self.with_core(|st| {
-            st.core.close();
-            st.closing.take()
-        });
-        let Some(mut conn) = conn else { return };
+        // The core's Down event moves the link to `closing` when it is
+        // carried out, after the closure: take it only then.
+        self.with_core(|st| st.core.close());
+        let Some(mut conn) = self.lock().closing.take() else {
+            return;
+        };
         let wait = async {
             conn.tx.close().await;
             let _ = (&mut conn.reader).await;
