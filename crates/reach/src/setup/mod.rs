@@ -10,7 +10,10 @@
 //!                                                 --> failure: record, next
 //! ```
 //! The decisions (order, skips, budgets) are the sans-IO planner's, tested
-//! there; this module gathers facts and does the I/O. Better than the
+//! there; this module gathers facts and does the I/O. Each module lives
+//! under its name, both its sides: `crate::direct` (the connection race),
+//! `reverse`, `crate::splice`, `routed`; `upgrade` moves a routed stream to
+//! a direct path later. Better than the
 //! paper's driver in two ways: a module that cannot work is skipped instead
 //! of burning its timeout, and the cached module is tried first, so repeated
 //! connections to a node behind a dropping firewall cost no timeout once the
@@ -20,16 +23,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach_proto::link::ConnectBack;
 use reach_proto::setup_plan::{self, Budgets, Facts, SetupModule, Site};
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::direct::{self, RaceSettings};
 use crate::error::{ConnectError, ModuleError, ModuleFailure};
-use crate::handshake::initiate;
 use crate::node::Shared;
-use crate::stream::{Direction, ReachStream};
+use crate::stream::ReachStream;
+mod reverse;
+mod routed;
 mod upgrade;
+
+pub(crate) use reverse::answer as answer_connect_back;
+pub(crate) use routed::accept as accept_routed;
 
 use upgrade::{upgradable, upgrade_modules};
 
@@ -141,7 +147,7 @@ pub(crate) async fn connect(
                 ConnectError::Refused { refusal, .. } => ModuleError::Refused(refusal),
                 other => ModuleError::Direct(Box::new(other)),
             }),
-            SetupModule::Reverse => reverse(shared, &target, budget, started).await,
+            SetupModule::Reverse => reverse::connect(shared, &target, budget, started).await,
             SetupModule::Splice => {
                 let options = shared.initiator_options();
                 crate::splice::connect(shared, &target, options, budget, started).await
@@ -149,7 +155,7 @@ pub(crate) async fn connect(
             SetupModule::Routed => {
                 let upgrade_to =
                     upgrade_modules(shared, node, i == 0 && cached.is_some(), &failed_before);
-                routed(shared, &target, budget, started)
+                routed::connect(shared, &target, budget, started)
                     .await
                     .map(|s| upgradable(shared, s, &target, upgrade_to))
             }
@@ -190,68 +196,5 @@ pub(crate) fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -
         timeout,
         module: SetupModule::Direct,
         first: shared.cache.addr(node),
-    }
-}
-
-/// Asks the target, through the hubs, to connect to us, and waits for it.
-async fn reverse(
-    shared: &Arc<Shared>,
-    target: &VirtualAddr,
-    budget: Duration,
-    started: Instant,
-) -> Result<ReachStream, ModuleError> {
-    let (session, _) = shared.hub_link().await?;
-    let mut b = [0u8; 2];
-    let wait = loop {
-        getrandom::fill(&mut b).map_err(ModuleError::Random)?;
-        if let Some(w) = shared.expect_connect_back(target.node, u16::from_le_bytes(b)) {
-            break w;
-        }
-    };
-    let asked = session.connect_back(ConnectBack {
-        from: shared.secret.node_id(),
-        target: target.node,
-        token: wait.token(),
-        vport: target.port,
-        addrs: shared.advertised.clone(),
-    });
-    if !asked {
-        return Err(ModuleError::LinkLost);
-    }
-    let mut stream = wait.wait(budget).await?;
-    let info = stream.info_mut();
-    info.virtual_port = target.port;
-    info.setup_time = started.elapsed();
-    Ok(stream)
-}
-
-/// Opens a routed stream through the hubs and runs the handshake over it.
-async fn routed(
-    shared: &Arc<Shared>,
-    target: &VirtualAddr,
-    budget: Duration,
-    started: Instant,
-) -> Result<ReachStream, ModuleError> {
-    let (session, link) = shared.hub_link().await?;
-    let (mut rs, addrs) = session
-        .open(&link, &target.node)
-        .ok_or(ModuleError::LinkLost)?;
-    let hs = initiate(
-        &mut rs,
-        &shared.secret,
-        target.node,
-        target.port,
-        shared.initiator_options(),
-    );
-    match tokio::time::timeout(budget, hs).await {
-        Ok(Ok(est)) => Ok(ReachStream::over_routed(
-            rs,
-            est,
-            addrs,
-            Direction::Outbound,
-            started,
-        )),
-        Ok(Err(e)) => Err(ModuleError::handshake(e)),
-        Err(_) => Err(ModuleError::HandshakeTimedOut(budget)),
     }
 }

@@ -1,0 +1,97 @@
+//! The Reverse module, both sides: the asker sends a connect-back request
+//! through the hubs and waits for the target's connection; the target,
+//! asked, dials the asker's advertised addresses.
+//!
+//! ```text
+//!  asker: connect ---- ConnectBack{token} via hubs ---> target: answer
+//!         waits on (target, token) in Shared  <--- TCP + handshake (reverse)
+//! ```
+//! A failure on the target's side travels back as `ConnectBackFailed`, so
+//! the asker gives up at once instead of at its budget.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reach_proto::handshake::{Admission, InitiatorOptions};
+use reach_proto::link::ConnectBack;
+use reach_proto::setup_plan::SetupModule;
+use reach_proto::VirtualAddr;
+
+use crate::direct::{self, RaceSettings};
+use crate::error::ModuleError;
+use crate::hub_session::Session;
+use crate::node::Shared;
+use crate::stream::ReachStream;
+
+/// How long a node tries to connect back to a node that asked.
+const CONNECT_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the target, through the hubs, to connect to us, and waits for it.
+pub(super) async fn connect(
+    shared: &Arc<Shared>,
+    target: &VirtualAddr,
+    budget: Duration,
+    started: Instant,
+) -> Result<ReachStream, ModuleError> {
+    let (session, _) = shared.hub_link().await?;
+    let mut b = [0u8; 2];
+    let wait = loop {
+        getrandom::fill(&mut b).map_err(ModuleError::Random)?;
+        if let Some(w) = shared.expect_connect_back(target.node, u16::from_le_bytes(b)) {
+            break w;
+        }
+    };
+    let asked = session.connect_back(ConnectBack {
+        from: shared.secret.node_id(),
+        target: target.node,
+        token: wait.token(),
+        vport: target.port,
+        addrs: shared.advertised.clone(),
+    });
+    if !asked {
+        return Err(ModuleError::LinkLost);
+    }
+    let mut stream = wait.wait(budget).await?;
+    let info = stream.info_mut();
+    info.virtual_port = target.port;
+    info.setup_time = started.elapsed();
+    Ok(stream)
+}
+
+/// Answers a connect-back request: dials the asker and hands the stream to
+/// this endpoint's `accept`.
+pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectBack) {
+    let fail = |reason: String| session.connect_back_failed(cb.from, cb.token, reason);
+    if shared.admit_port(cb.vport) != Admission::Accept {
+        tracing::debug!(from = %cb.from, vport = cb.vport, "not connecting back: port not served");
+        fail(format!("no service on virtual port {}", cb.vport));
+        return;
+    }
+    let mut addrs = cb.addrs;
+    addrs.truncate(reach_proto::link::MAX_NODE_ADDRS);
+    let target = VirtualAddr::new(cb.from, cb.token).with_direct(addrs);
+    let settings = RaceSettings {
+        options: InitiatorOptions {
+            plaintext: shared.plaintext,
+            cipher: shared.cipher,
+            reverse: true,
+            upgrade: false,
+        },
+        attempt_delay: shared.attempt_delay,
+        timeout: CONNECT_BACK_TIMEOUT,
+        module: SetupModule::Reverse,
+        first: shared.cache.addr(&cb.from),
+    };
+    match direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await {
+        Ok(mut stream) => {
+            shared.cache.set_addr(cb.from, stream.info().remote_addr);
+            stream.info_mut().virtual_port = cb.vport;
+            tracing::debug!(peer = %cb.from, "connected back");
+            shared.deliver(stream).await;
+        }
+        Err(e) => {
+            tracing::debug!(peer = %cb.from, "cannot connect back: {e}");
+            fail(format!("the node could not connect back: {e}"));
+        }
+    }
+}
