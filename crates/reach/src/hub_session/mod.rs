@@ -374,6 +374,13 @@ impl Session {
                 self.attach(deadline).await;
                 continue;
             }
+            // Due already (the first dial, say): act now. A timer would
+            // round up to the next millisecond tick, and a node that starts
+            // and connects at once would wait for it.
+            if timeout.is_some_and(|t| t <= Instant::now()) {
+                self.with_core(|st| st.core.handle_timeout(Instant::now()));
+                continue;
+            }
             let sleep = async {
                 match timeout {
                     Some(t) => tokio::time::sleep_until(t.into()).await,
