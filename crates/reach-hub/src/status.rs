@@ -6,10 +6,9 @@
 use std::net::SocketAddr;
 
 use reach_legacy::proxy::ProxyCounters;
-use reach_proto::NodeId;
 
-use crate::core::{Counters, ProxyPort, Snapshot};
 pub use crate::core::{HubLinkStatus, NodeStatus, RouteStatus};
+use crate::core::{ProxyPort, Snapshot};
 
 /// Attached nodes listed in a status report at most (the count is always there),
 /// so the report fits in one frame.
@@ -25,53 +24,29 @@ pub struct ExposureStatus {
     pub counters: ProxyCounters,
 }
 
-/// A hub's state for `reach status`.
+/// A hub's state for `reach status`: the core's [`Snapshot`] (its fields
+/// read through this, e.g. `status.nodes`) and the proxy ports the driver
+/// holds.
 #[derive(Clone, Debug)]
 pub struct Status {
-    /// The hub's id.
-    pub hub: NodeId,
-    /// Where it listens.
-    pub listen: Vec<SocketAddr>,
-    /// Attached nodes.
-    pub nodes: Vec<NodeStatus>,
-    /// Links to neighbour hubs.
-    pub hubs: Vec<HubLinkStatus>,
-    /// Routes to other hubs.
-    pub routes: Vec<RouteStatus>,
-    /// Nodes known attached to other hubs.
-    pub remote_nodes: usize,
-    /// Routed streams relayed now.
-    pub streams: usize,
-    /// Counters since start.
-    pub counters: Counters,
+    /// What the core reports.
+    pub core: Snapshot,
     /// Services published on this hub's proxy ports.
     pub exposures: Vec<ExposureStatus>,
+}
+
+impl std::ops::Deref for Status {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.core
+    }
 }
 
 impl Status {
     /// The core's snapshot with the proxy ports the driver holds.
     pub fn new(core: Snapshot, exposures: Vec<ExposureStatus>) -> Self {
-        let Snapshot {
-            hub,
-            listen,
-            nodes,
-            hubs,
-            routes,
-            remote_nodes,
-            streams,
-            counters,
-        } = core;
-        Self {
-            hub,
-            listen,
-            nodes,
-            hubs,
-            routes,
-            remote_nodes,
-            streams,
-            counters,
-            exposures,
-        }
+        Self { core, exposures }
     }
 
     /// The report as JSON, listing at most `max_nodes` attached nodes.

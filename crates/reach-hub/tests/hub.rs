@@ -464,7 +464,7 @@ async fn hubs_federate_and_route_over_several_hops() {
         }
     };
     round_trip(&mut s, &pattern(1 << 20, 3)).await;
-    let routes = h1.status().routes;
+    let routes = h1.status().core.routes;
     assert!(routes
         .iter()
         .any(|r| r.hub == h3.id() && r.hops == 2 && r.next_hop == h2.id()));

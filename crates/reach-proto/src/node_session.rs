@@ -95,7 +95,7 @@ impl Config {
             addrs: Vec::new(),
             accepts: true,
             network_secret: None,
-            max_answers: 64,
+            max_answers: 32,
             max_lookups: 1024,
             timing: Timing::default(),
         }
@@ -772,7 +772,8 @@ impl NodeSession {
     fn send(&mut self, msg: &Control) {
         let mut f = Vec::new();
         // Only oversized messages fail to encode; the node's own are small
-        // (address lists are capped where they are built).
+        // (address lists are capped where they are built, an Expose is
+        // checked when it is asked for).
         if encode_control(msg, &mut f).is_ok() {
             self.transmit.push_back(f);
         }
@@ -801,18 +802,26 @@ impl NodeSession {
 
     /// Publishes `vport` on the hub's proxy ports (now, if registered, and
     /// again after every reconnect). The answer comes as [`Event::Exposed`].
-    pub fn expose(&mut self, vport: u16, allow_from: Vec<(IpAddr, u8)>) {
+    /// Fails, recording nothing, when the request cannot be sent at all
+    /// (an `allow_from` list too long for one frame).
+    pub fn expose(
+        &mut self,
+        vport: u16,
+        allow_from: Vec<(IpAddr, u8)>,
+    ) -> Result<(), crate::link::LinkError> {
         let p = Published {
             allow_from,
             port: None,
             state: Exposure::Pending,
             taken: false,
         };
-        let msg = expose_request(vport, &p);
+        let mut frame = Vec::new();
+        encode_control(&expose_request(vport, &p), &mut frame)?;
         self.published.insert(vport, p);
         if matches!(self.phase, Phase::Up { .. }) {
-            self.send(&msg);
+            self.transmit.push_back(frame);
         }
+        Ok(())
     }
 
     /// Where the service published at `vport` stands, if it is.

@@ -378,8 +378,8 @@ fn services_are_published_again_after_a_reconnect_with_their_port() {
     let link = r.up(id(9));
     r.controls();
     let allow = vec![(IpAddr::from([10, 0, 0, 0]), 8)];
-    r.s.expose(22, allow.clone());
-    r.s.expose(80, vec![]);
+    r.s.expose(22, allow.clone()).expect("fits");
+    r.s.expose(80, vec![]).expect("fits");
     assert_eq!(r.controls().len(), 2);
     assert_eq!(r.s.exposure(22), Some(&Exposure::Pending));
     r.s.handle_control(
@@ -434,6 +434,20 @@ fn services_are_published_again_after_a_reconnect_with_their_port() {
         r.now,
     );
     assert_eq!(r.s.exposure(22), Some(&Exposure::Refused(refusal)));
+}
+
+#[test]
+fn an_expose_too_large_for_a_frame_is_refused_and_not_recorded() {
+    let mut r = Rig::default();
+    r.up(id(9));
+    r.controls();
+    let huge = vec![(IpAddr::from([10, 0, 0, 0]), 8); 20_000];
+    assert!(matches!(
+        r.s.expose(22, huge),
+        Err(crate::link::LinkError::TooLarge(_))
+    ));
+    assert_eq!(r.s.exposure(22), None);
+    assert_eq!(r.controls(), vec![]);
 }
 
 #[test]

@@ -460,14 +460,7 @@ fn faults(world: &mut World, p: &Params, rng: &mut Rng) -> FaultReport {
         world.kill_hub(*v);
     }
     let restart_at = crash + p.down;
-    let mut survivors_ms = None;
-    while world.now() < restart_at {
-        let next = (world.now() + CHECK).min(restart_at);
-        world.run_until(next);
-        if survivors_ms.is_none() && converged(world) {
-            survivors_ms = Some((world.now() - crash).as_millis() as u64);
-        }
-    }
+    let survivors_ms = first_converged(world, crash, restart_at);
     for v in &victims {
         world.start_hub(*v);
     }
@@ -519,14 +512,7 @@ fn partition(world: &mut World, p: &Params, cut: Duration, rng: &mut Rng) -> Par
     let cut_at = world.now();
     world.partition(side);
     let heal_at = cut_at + cut;
-    let mut sides_ms = None;
-    while world.now() < heal_at {
-        let next = (world.now() + CHECK).min(heal_at);
-        world.run_until(next);
-        if sides_ms.is_none() && converged(world) {
-            sides_ms = Some((world.now() - cut_at).as_millis() as u64);
-        }
-    }
+    let sides_ms = first_converged(world, cut_at, heal_at);
     world.heal();
     let limit = world.now() + p.limit;
     let healed = run_until_converged(world, limit);
@@ -540,6 +526,20 @@ fn partition(world: &mut World, p: &Params, cut: Duration, rng: &mut Rng) -> Par
         heal_ms: healed.map(|t| (t - heal_at).as_millis() as u64),
         shortfall: healed.is_none().then(|| shortfall(world)),
     }
+}
+
+/// Runs the world until `until` (whatever happens meanwhile); returns how
+/// long after `since` it first was [`converged`], if it was.
+fn first_converged(world: &mut World, since: Duration, until: Duration) -> Option<u64> {
+    let mut first = None;
+    while world.now() < until {
+        let next = (world.now() + CHECK).min(until);
+        world.run_until(next);
+        if first.is_none() && converged(world) {
+            first = Some((world.now() - since).as_millis() as u64);
+        }
+    }
+    first
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).

@@ -676,18 +676,14 @@ impl World {
 
     /// Schedules the core's deadline `due` unless the timer is armed for it.
     fn arm(&mut self, hub: HubIx, due: Option<Instant>) {
-        let Some(due) = due else { return };
-        let at = due.saturating_duration_since(self.base);
-        let h = &mut self.hubs[hub];
-        if h.timer.is_some_and(|t| t <= at) {
-            return;
+        let (base, h) = (self.base, &mut self.hubs[hub]);
+        if let Some(at) = rearm(&mut h.timer, due, base) {
+            let incarnation = h.incarnation;
+            self.schedule(
+                at.saturating_sub(self.now),
+                Event::Timeout { hub, incarnation },
+            );
         }
-        h.timer = Some(at);
-        let incarnation = h.incarnation;
-        self.schedule(
-            at.saturating_sub(self.now),
-            Event::Timeout { hub, incarnation },
-        );
     }
 
     fn side_of_hub(&self, link: LinkIx, hub: HubIx) -> usize {
@@ -797,16 +793,11 @@ impl World {
 
     /// Schedules node `n`'s core deadline unless its timer is armed for it.
     fn arm_node(&mut self, n: NodeIx) {
-        let Some(due) = self.nodes[n].session.poll_timeout() else {
-            return;
-        };
-        let at = due.saturating_duration_since(self.base);
-        let node = &mut self.nodes[n];
-        if node.timer.is_some_and(|t| t <= at) {
-            return;
+        let (base, node) = (self.base, &mut self.nodes[n]);
+        let due = node.session.poll_timeout();
+        if let Some(at) = rearm(&mut node.timer, due, base) {
+            self.schedule(at.saturating_sub(self.now), Event::NodeTimeout { node: n });
         }
-        node.timer = Some(at);
-        self.schedule(at.saturating_sub(self.now), Event::NodeTimeout { node: n });
     }
 
     /// Closes `link`: each live end learns one latency later.
@@ -892,6 +883,18 @@ impl World {
         }
         self.flush_node(n);
     }
+}
+
+/// A core asks to be woken at `due`: the virtual time to schedule its timer
+/// event for, unless `timer` is already armed for then or earlier (that
+/// event fires first, and the core is asked for its deadline again then).
+fn rearm(timer: &mut Option<Duration>, due: Option<Instant>, base: Instant) -> Option<Duration> {
+    let at = due?.saturating_duration_since(base);
+    if timer.is_some_and(|t| t <= at) {
+        return None;
+    }
+    *timer = Some(at);
+    Some(at)
 }
 
 fn side_of_node(link: &Link) -> usize {

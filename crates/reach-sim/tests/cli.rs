@@ -1,9 +1,19 @@
 //! The `reach-sim` command as a user runs it.
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 fn sim() -> Command {
     Command::new(env!("CARGO_BIN_EXE_reach-sim"))
+}
+
+/// The report a successful run printed.
+fn report(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
 #[test]
@@ -24,12 +34,7 @@ fn federation_prints_and_writes_the_report_with_every_documented_field() {
         .arg(&path)
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let printed = report(&out);
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("written")).expect("JSON");
     for key in [
@@ -102,12 +107,7 @@ fn partition_secs_cuts_the_federation_and_reports_the_heal() {
         .args(["--partition-secs", "5"])
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let r = report(&out);
     let c = &r["partition"];
     assert_eq!(c["cut_off"], 4, "{c}");
     assert_eq!(c["cut_ms"], 5000, "{c}");

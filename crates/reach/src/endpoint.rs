@@ -265,14 +265,16 @@ impl EndpointBuilder {
             reverse: false,
             upgrade: false,
         };
+        // How this node dials hubs: its own session's, a hub's peer links,
+        // status queries.
+        let dialer = Dialer {
+            secret: secret.clone(),
+            local_addrs: local_addrs.clone(),
+            options,
+            attempt_delay: self.attempt_delay,
+            known_hubs,
+        };
         let session = self.hub.map(|hub| {
-            let dialer = Dialer {
-                secret: secret.clone(),
-                local_addrs: local_addrs.clone(),
-                options,
-                attempt_delay: self.attempt_delay,
-                known_hubs: known_hubs.clone(),
-            };
             let mut config = node_session::Config::new(secret.node_id());
             config.addrs = advertised.clone();
             // An empty port list makes the node connect-only (connect-back
@@ -280,8 +282,7 @@ impl EndpointBuilder {
             // listener's place in the directory.
             config.accepts = self.accept_ports.as_ref().is_none_or(|p| !p.is_empty());
             config.network_secret = self.network_secret.clone();
-            config.max_answers = MAX_ANSWERS;
-            Session::new(hub, dialer, config)
+            Session::new(hub, dialer.clone(), config)
         });
         let (session, requests) = session.unzip();
         let shared = Arc::new(Shared {
@@ -308,7 +309,7 @@ impl EndpointBuilder {
                 state_dir.as_ref().map(|d| d.join("splice-ports")),
             ),
             session,
-            known_hubs,
+            dialer,
             network_secret: self.network_secret,
         });
         let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
@@ -332,10 +333,6 @@ const EXPOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long [`Endpoint::probe_nat`] waits for a hub session coming up.
 const PROBE_SESSION_WAIT: Duration = Duration::from_secs(3);
-
-/// Connect-backs and splice answers a node runs at once for others; more
-/// are declined at once.
-const MAX_ANSWERS: usize = 32;
 
 /// A node's endpoint: connect to virtual addresses and accept streams.
 ///
@@ -541,7 +538,7 @@ impl Endpoint {
     /// contact when `hub` does not name it): the start of a hub-to-hub link.
     /// The caller speaks the link protocol (`reach::link`) on the stream.
     pub async fn dial_hub(&self, hub: &HubTarget) -> Result<ReachStream, HubError> {
-        self.shared.dialer().dial(hub).await
+        self.shared.dialer.dial(hub).await
     }
 
     /// Asks a hub for its status report (JSON: links, routes, attached
@@ -554,7 +551,7 @@ impl Endpoint {
             (None, None) => return Err(HubError::NoHub),
         };
         self.shared
-            .dialer()
+            .dialer
             .query_status(target, self.shared.network_secret.as_deref())
             .await
     }

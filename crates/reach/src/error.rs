@@ -261,6 +261,9 @@ pub enum ExposeError {
     /// The hub link ended before the hub answered.
     #[error("the hub session ended before the hub answered")]
     LinkLost,
+    /// The request does not fit one frame (too many `allow_from` ranges).
+    #[error("the request cannot be sent: {0}")]
+    TooLarge(reach_proto::link::LinkError),
     /// The hub did not answer in time.
     #[error("the hub did not answer within {0:?}")]
     TimedOut(Duration),

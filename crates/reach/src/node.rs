@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -56,8 +55,8 @@ pub(crate) struct Shared {
     pub(crate) splice_ports: crate::port_memory::PortMemory,
     /// The hub session, if the node has a hub.
     pub(crate) session: Option<Arc<Session>>,
-    /// Where hub identities learned on first contact are pinned.
-    pub(crate) known_hubs: Option<PathBuf>,
+    /// How this node dials hubs (and where it pins their identities).
+    pub(crate) dialer: Dialer,
     /// Proves admission to hubs.
     pub(crate) network_secret: Option<Vec<u8>>,
 }
@@ -194,17 +193,6 @@ impl Shared {
         })?;
         let link = session.wait_link(Instant::now()).await?;
         Ok((session, link))
-    }
-
-    /// How this node dials hubs.
-    pub(crate) fn dialer(&self) -> Dialer {
-        Dialer {
-            secret: self.secret.clone(),
-            local_addrs: self.local_addrs.clone(),
-            options: self.initiator_options(),
-            attempt_delay: self.attempt_delay,
-            known_hubs: self.known_hubs.clone(),
-        }
     }
 
     /// Queues an inbound stream for `accept`.

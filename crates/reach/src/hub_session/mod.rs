@@ -119,7 +119,6 @@ struct Conn {
     streams: Arc<StreamMap>,
     local: SocketAddr,
     remote: SocketAddr,
-    status: Option<HubStatus>,
     reader: JoinHandle<()>,
     writer: JoinHandle<std::io::Result<()>>,
 }
@@ -229,7 +228,7 @@ impl Session {
         match ev {
             Event::Dial { deadline } => st.dial = Some(deadline),
             Event::Up(reg) => {
-                let Some(c) = st.conn.as_mut().filter(|c| c.id == reg.link) else {
+                let Some(c) = st.conn.as_ref().filter(|c| c.id == reg.link) else {
                     return;
                 };
                 let status = HubStatus {
@@ -244,7 +243,6 @@ impl Session {
                         .map(|port| SocketAddr::new(c.remote.ip(), *port))
                         .collect(),
                 };
-                c.status = Some(status.clone());
                 tracing::info!(hub = %reg.hub, observed = %reg.observed, "registered with hub");
                 self.refused.send_replace(None);
                 self.link.send_replace(Some(Link {
@@ -304,12 +302,7 @@ impl Session {
             }
             Event::SpliceOffer(offer) => {
                 let (from, token) = (offer.from, offer.token);
-                let echoes = st
-                    .conn
-                    .as_ref()
-                    .and_then(|c| c.status.as_ref())
-                    .map(|s| s.echo.clone())
-                    .unwrap_or_default();
+                let echoes = self.status().map(|s| s.echo).unwrap_or_default();
                 let req = Request::SpliceOffer { offer, echoes };
                 if self.requests.try_send(req).is_err() {
                     st.core.answer_done();
@@ -432,7 +425,6 @@ impl Session {
                 streams,
                 local,
                 remote,
-                status: None,
                 reader,
                 writer: tokio::spawn(write_frames(w, rx)),
             });
@@ -593,9 +585,11 @@ impl Session {
         let link = self.wait_link(deadline).await?;
         let (tx, rx) = oneshot::channel();
         self.with_core(|st| {
+            st.core.expose(vport, allow_from)?;
             st.expose_waiters.insert(vport, tx);
-            st.core.expose(vport, allow_from);
-        });
+            Ok(())
+        })
+        .map_err(ExposeError::TooLarge)?;
         let answer = tokio::time::timeout_at(deadline.into(), rx).await;
         self.lock().expose_waiters.remove(&vport);
         match answer {
