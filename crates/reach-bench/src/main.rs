@@ -16,8 +16,8 @@ use std::time::Instant;
 use anyhow::{ensure, Context};
 use clap::{Parser, Subcommand};
 use reach::proto::handshake::{
-    self, Admission, HelloHeader, Initiator, InitiatorOptions, ReplyHeader, ResponderOptions,
-    HELLO_HEADER_LEN, REPLY_HEADER_LEN,
+    self, Admission, HelloHeader, Initiator, InitiatorOptions, ReplyHeader, Responded,
+    ResponderOptions, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
 };
 use reach::{Cipher, Endpoint, SecretKey, VirtualAddr};
 use serde::Serialize;
@@ -570,6 +570,7 @@ fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
         cipher: reach::preferred_cipher(),
         reverse: false,
         upgrade: false,
+        network: None,
     };
     let t = Instant::now();
     for i in 0..n {
@@ -577,18 +578,25 @@ fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
         let (init, hello) = Initiator::new(&a, b.node_id(), 1, opts, seed)?;
         let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into()?;
         let header = HelloHeader::decode(&hb)?;
-        let (reply, _) = handshake::respond(
+        let (reply, outcome) = handshake::respond(
             &b,
             &header,
             &hello[HELLO_HEADER_LEN..],
             ResponderOptions {
                 allow_plaintext: false,
+                reveal_identity: false,
+                network: None,
             },
-            |_, _| Admission::Accept,
+            |_| Admission::Accept,
             seed,
         );
         let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into()?;
-        init.handle_reply(ReplyHeader::decode(&rh)?, &reply[REPLY_HEADER_LEN..])?;
+        let (_, confirmation) =
+            init.handle_reply(ReplyHeader::decode(&rh)?, &reply[REPLY_HEADER_LEN..])?;
+        let Responded::Accepted(pending) = outcome else {
+            anyhow::bail!("the responder did not accept: {outcome:?}");
+        };
+        pending.confirm(&confirmation)?;
     }
     Ok(t.elapsed().as_secs_f64() / f64::from(n))
 }

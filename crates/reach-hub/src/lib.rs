@@ -195,7 +195,11 @@ impl Hub {
     /// Binds the hub's endpoint from `builder` (its identity, listen address)
     /// and starts serving.
     pub async fn start(builder: EndpointBuilder, config: HubConfig) -> Result<Hub, EndpointError> {
-        let endpoint = builder.accept_ports(vec![HUB_VPORT]).bind().await?;
+        let endpoint = builder
+            .accept_ports(vec![HUB_VPORT])
+            .reveal_identity(true)
+            .bind()
+            .await?;
         let listen = config
             .advertise
             .clone()

@@ -789,3 +789,46 @@ async fn a_flood_of_connect_backs_is_bounded_and_answered_at_once() {
         "32 connect-backs run at once, the other 8 are refused"
     );
 }
+
+#[tokio::test]
+async fn the_access_policy_holds_on_every_path_a_stream_can_take() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let friend_key = keystore::generate().expect("key");
+    let friend_id = friend_key.node_id();
+    let b = Arc::new(
+        node(
+            &t,
+            builder().policy(reach::AccessPolicy::nobody().allow(friend_id)),
+        )
+        .await,
+    );
+    let _echo = echo(b.clone());
+    // Connect-only, so several processes of one identity can attach.
+    let with = |module| builder().accept_ports(vec![]).modules(vec![module]);
+    let modules = [
+        SetupModule::Direct,
+        SetupModule::Reverse,
+        SetupModule::Splice,
+        SetupModule::Routed,
+    ];
+    for (i, module) in modules.into_iter().enumerate() {
+        let stranger = node(&t, with(module)).await;
+        let err = stranger
+            .connect(&by_id(&b, 1))
+            .await
+            .expect_err("a stranger is refused");
+        assert!(
+            err.to_string().contains("does not admit"),
+            "{module}: {err}"
+        );
+        assert_eq!(b.counters().refused_by_policy, i as u64 + 1, "{module}");
+        let friend = node(&t, with(module).secret_key(friend_key.clone())).await;
+        let mut s = friend
+            .connect(&by_id(&b, 1))
+            .await
+            .unwrap_or_else(|e| panic!("{module}: the friend is admitted: {e}"));
+        assert_eq!(s.info().module, module);
+        round_trip(&mut s, &pattern(1000, i as u8)).await;
+    }
+}

@@ -10,38 +10,69 @@
 //! both sides, a CA-less verifier and a larger handshake for the same result.
 //! WireGuard and Lightning chose Noise for the same reasons.
 //!
-//! # Wire format (version 1)
+//! # Wire format (version 2)
 //! Initiator to responder, one write:
 //! ```text
 //! "rch" | version u8 | flags u8 | cipher u8 | target NodeId [32] | vport u16 | len u16 | noise msg1
 //! ```
 //! The first 40 bytes are the Noise prologue, so any tampering fails the
 //! handshake. `flags` bit 0 asks for plaintext streams. msg1's payload is the
-//! initiator's NodeId.
+//! initiator's NodeId, then, from a node that holds a network secret, its
+//! membership proof ([`crate::member`]).
 //!
 //! Responder to initiator: `kind u8 | len u16 | body`, where kind is
 //! [`ReplyKind`]. `Accept` carries Noise msg2, whose encrypted payload is
-//! `status u8 | mode u8`. `WrongNode` carries the responder's real NodeId in the
-//! clear: it is how a connector that reached the wrong machine (a stale address,
-//! an overlapping private range) learns so within one round trip and moves on.
-//! Forging it only makes a connection fail, which an on-path attacker can do
-//! anyway.
+//! `status u8 | mode u8 | [membership proof]`.
+//!
+//! Initiator to responder, once msg2 checked out: `confirmation [16]`, a MAC
+//! only the holder of this handshake's keys can compute.
+//!
+//! # Who learns a responder's identity
+//! A hello for another NodeId gets `WrongNode` with the responder's real
+//! NodeId in the clear only from a responder that reveals itself
+//! ([`ResponderOptions::reveal_identity`]): hubs do, because nodes learn a
+//! hub's identity on first contact and a hub's identity is public anyway.
+//! Every other node answers such a hello with the generic `Failed`, the same
+//! reply as a hello that fails authentication: a port scan learns that a
+//! reach node listens there (the magic answers that) but not which one, so
+//! it cannot go on to address a handshake to it. A generic refusal rather
+//! than silence: a connector with a stale address fails within one round
+//! trip instead of at its deadline.
+//!
+//! # Key confirmation and replay
+//! Noise IK's first message can be replayed: its ephemeral and static parts
+//! check out again, so a responder that trusted msg1 alone would hand a
+//! replayed hello to `accept()` (and, for a plaintext stream, let the
+//! replayer read and write as the peer). So the responder hands a stream
+//! on only after the initiator's confirmation: it is keyed by the session's
+//! key material, which needs the ephemeral secret of the original
+//! initiator, so a replayer cannot produce it. The initiator sends it
+//! together with its first bytes, so its setup time does not change; the
+//! responder's `accept()` returns one round trip later.
+//!
+//! # Key schedule
+//! Noise's split gives one key per direction; the stream keys and the
+//! confirmation key are derived from them with HMAC-SHA256 under distinct
+//! labels, so no key serves two purposes.
 //!
 //! # Using the state machines
 //! Initiator: [`Initiator::new`] gives the hello bytes to send; read a
-//! [`ReplyHeader`] (3 bytes) and its body, then [`Initiator::handle_reply`].
-//! Responder: read a [`HelloHeader`] (42 bytes) and the Noise message it
-//! announces, then [`respond`], send the reply bytes it returns.
+//! [`ReplyHeader`] (3 bytes) and its body, then [`Initiator::handle_reply`],
+//! and send the confirmation it returns. Responder: read a [`HelloHeader`]
+//! (42 bytes) and the Noise message it announces, then [`respond`], send the
+//! reply bytes it returns; for an accepted stream read [`CONFIRM_LEN`] bytes
+//! and pass them to [`Unconfirmed::confirm`].
 
 use snow::params::NoiseParams;
 
 use crate::identity::{NodeId, SecretKey, NODE_ID_LEN};
+use crate::member::{NetworkKey, PROOF_LEN};
 use crate::noise_crypto;
 
 /// Protocol magic at the start of every hello.
 pub const MAGIC: [u8; 3] = *b"rch";
 /// The handshake version this code speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the fixed hello header.
 pub const HELLO_HEADER_LEN: usize = 42;
 /// Length of the prologue part of the hello header.
@@ -50,6 +81,8 @@ const PROLOGUE_LEN: usize = 40;
 pub const REPLY_HEADER_LEN: usize = 3;
 /// Largest Noise message either side accepts; checked before reading the body.
 pub const MAX_NOISE_MSG: usize = 1024;
+/// Length of the initiator's key confirmation.
+pub const CONFIRM_LEN: usize = 16;
 
 const FLAG_PLAINTEXT: u8 = 1;
 /// The initiator connects back at the responder's request (the Reverse
@@ -189,7 +222,7 @@ pub enum HandshakeError {
     },
     /// The responder refused to finish the handshake.
     #[error(
-        "peer rejected the handshake (it could not authenticate us, or our hello was malformed)"
+        "peer rejected the handshake: it is not the node the address names, or it could not authenticate us"
     )]
     PeerFailed,
     /// Noise authentication failed: the peer does not hold the expected key.
@@ -212,6 +245,10 @@ pub enum HandshakeError {
     /// the peer's): its reason.
     #[error("noise handshake state: {0}")]
     Noise(String),
+    /// The initiator's key confirmation was wrong: the hello was replayed
+    /// by someone without its keys, or the bytes were corrupted.
+    #[error("the initiator did not confirm the session keys (a replayed or forged hello)")]
+    NotConfirmed,
 }
 
 fn noise(e: snow::Error) -> HandshakeError {
@@ -372,6 +409,9 @@ pub struct Established {
     /// The Noise handshake hash: the same on both sides and unique to this
     /// handshake.
     pub binding: [u8; 32],
+    /// The peer proved it holds this node's network secret (always false
+    /// when this node has none).
+    pub peer_member: bool,
 }
 
 impl Established {
@@ -396,6 +436,9 @@ pub struct InitiatorOptions {
     pub reverse: bool,
     /// Move an existing stream; the port is then its upgrade id.
     pub upgrade: bool,
+    /// This node's network, if it has one: its membership proof goes to the
+    /// responder, and the responder's is checked.
+    pub network: Option<NetworkKey>,
 }
 
 fn builder(cipher: Cipher, seed: [u8; 32], local: &SecretKey) -> snow::Builder<'static> {
@@ -406,11 +449,10 @@ fn builder(cipher: Cipher, seed: [u8; 32], local: &SecretKey) -> snow::Builder<'
 /// The initiator's side of a handshake in progress.
 pub struct Initiator {
     hs: snow::HandshakeState,
+    me: NodeId,
     target: NodeId,
     port: u16,
-    cipher: Cipher,
-    reverse: bool,
-    upgrade: bool,
+    options: InitiatorOptions,
 }
 
 impl std::fmt::Debug for Initiator {
@@ -447,10 +489,18 @@ impl Initiator {
             .and_then(|b| b.prologue(&prologue[..PROLOGUE_LEN]))
             .and_then(|b| b.build_initiator())
             .map_err(noise)?;
+        let me = local.node_id();
+        let mut payload = [0u8; NODE_ID_LEN + PROOF_LEN];
+        payload[..NODE_ID_LEN].copy_from_slice(me.as_bytes());
+        let payload = match &options.network {
+            Some(net) => {
+                payload[NODE_ID_LEN..].copy_from_slice(&net.proof(&me, &target));
+                &payload[..]
+            }
+            None => &payload[..NODE_ID_LEN],
+        };
         let mut msg = [0u8; MAX_NOISE_MSG];
-        let n = hs
-            .write_message(local.node_id().as_bytes(), &mut msg)
-            .map_err(noise)?;
+        let n = hs.write_message(payload, &mut msg).map_err(noise)?;
         header.noise_len = n;
         let mut out = Vec::with_capacity(HELLO_HEADER_LEN + n);
         out.extend_from_slice(&header.encode());
@@ -458,22 +508,23 @@ impl Initiator {
         Ok((
             Self {
                 hs,
+                me,
                 target,
                 port,
-                cipher: options.cipher,
-                reverse: options.reverse,
-                upgrade: options.upgrade,
+                options,
             },
             out,
         ))
     }
 
-    /// Completes the handshake with the responder's reply.
+    /// Completes the handshake with the responder's reply. Returns the
+    /// stream's parameters and the key confirmation, which must be sent to
+    /// the responder before (or with) the first stream bytes.
     pub fn handle_reply(
         mut self,
         header: ReplyHeader,
         body: &[u8],
-    ) -> Result<Established, HandshakeError> {
+    ) -> Result<(Established, [u8; CONFIRM_LEN]), HandshakeError> {
         match header.kind {
             ReplyKind::Accept => {}
             ReplyKind::WrongNode => {
@@ -495,8 +546,8 @@ impl Initiator {
             .hs
             .read_message(body, &mut payload)
             .map_err(|_| HandshakeError::AuthFailed)?;
-        let (status, mode) = match &payload[..n] {
-            [status, mode, ..] => (*status, *mode),
+        let (status, mode, proof) = match &payload[..n] {
+            [status, mode, proof @ ..] => (*status, *mode, proof),
             _ => return Err(HandshakeError::BadPayload),
         };
         match status {
@@ -505,34 +556,97 @@ impl Initiator {
             2 => return Err(HandshakeError::Refused(Refusal::NotAdmitted)),
             _ => return Err(HandshakeError::BadPayload),
         }
+        let cipher = self.options.cipher;
         let mode = match mode {
-            0 => StreamMode::Encrypted(self.cipher),
+            0 => StreamMode::Encrypted(cipher),
             1 => StreamMode::Plaintext,
             _ => return Err(HandshakeError::BadPayload),
         };
+        let peer_member = self
+            .options
+            .network
+            .is_some_and(|net| net.verify(&self.target, &self.me, proof));
         let binding = handshake_hash(&self.hs);
-        let (k1, k2) = self.hs.dangerously_get_raw_split();
-        Ok(Established {
-            upgrade: self.upgrade,
+        let schedule = KeySchedule::new(&mut self.hs);
+        let est = Established {
+            upgrade: self.options.upgrade,
             binding,
             peer: self.target,
             port: self.port,
             mode,
             keys: matches!(mode, StreamMode::Encrypted(_)).then_some(SessionKeys {
-                cipher: self.cipher,
-                send: k1,
-                recv: k2,
+                cipher,
+                send: schedule.initiator_send,
+                recv: schedule.responder_send,
             }),
-            reverse: self.reverse,
-        })
+            reverse: self.options.reverse,
+            peer_member,
+        };
+        Ok((est, schedule.confirmation))
+    }
+}
+
+/// The keys derived from Noise's split, so that no key serves two purposes.
+struct KeySchedule {
+    initiator_send: [u8; 32],
+    responder_send: [u8; 32],
+    confirmation: [u8; CONFIRM_LEN],
+}
+
+impl KeySchedule {
+    fn new(hs: &mut snow::HandshakeState) -> Self {
+        use aws_lc_rs::hmac;
+        let (k1, k2) = hs.dangerously_get_raw_split();
+        let derive = |k: &[u8; 32], label: &[u8]| {
+            let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k), label);
+            let mut out = [0u8; 32];
+            out.copy_from_slice(tag.as_ref());
+            out
+        };
+        let confirm = derive(&k1, b"reach v2 key confirmation");
+        let mut confirmation = [0u8; CONFIRM_LEN];
+        confirmation.copy_from_slice(&confirm[..CONFIRM_LEN]);
+        Self {
+            initiator_send: derive(&k1, b"reach v2 stream key"),
+            responder_send: derive(&k2, b"reach v2 stream key"),
+            confirmation,
+        }
+    }
+}
+
+/// An accepted stream waiting for the initiator's key confirmation.
+pub struct Unconfirmed {
+    est: Established,
+    expected: [u8; CONFIRM_LEN],
+}
+
+impl std::fmt::Debug for Unconfirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Unconfirmed({:?})", self.est)
+    }
+}
+
+impl Unconfirmed {
+    /// The authenticated initiator (it has not confirmed the keys yet: a
+    /// replayed hello names the node it was recorded from).
+    pub fn peer(&self) -> NodeId {
+        self.est.peer
+    }
+
+    /// The stream, if `confirmation` is the initiator's (checked in
+    /// constant time).
+    pub fn confirm(self, confirmation: &[u8; CONFIRM_LEN]) -> Result<Established, HandshakeError> {
+        aws_lc_rs::constant_time::verify_slices_are_equal(&self.expected, confirmation)
+            .map_err(|_| HandshakeError::NotConfirmed)?;
+        Ok(self.est)
     }
 }
 
 /// What a responder's handshake produced besides the reply bytes.
 #[derive(Debug)]
 pub enum Responded {
-    /// The stream is open.
-    Accepted(Established),
+    /// The stream is open once the initiator confirms the keys.
+    Accepted(Unconfirmed),
     /// The initiator authenticated but was refused.
     Refused {
         /// The authenticated initiator.
@@ -550,6 +664,23 @@ pub enum Responded {
 pub struct ResponderOptions {
     /// Grant plaintext streams to initiators that ask for them.
     pub allow_plaintext: bool,
+    /// Answer a hello for another NodeId with this node's real NodeId (hubs;
+    /// see the module docs). Otherwise such a hello gets a generic failure.
+    pub reveal_identity: bool,
+    /// This node's network, if it has one: initiators' membership proofs
+    /// are checked, and this node's proof goes back to them.
+    pub network: Option<NetworkKey>,
+}
+
+/// What the responder knows of an authenticated initiator when it decides.
+#[derive(Clone, Copy, Debug)]
+pub struct Knock<'a> {
+    /// The initiator, authenticated by its static key.
+    pub peer: NodeId,
+    /// It proved it holds this node's network secret.
+    pub member: bool,
+    /// Its hello.
+    pub hello: &'a HelloHeader,
 }
 
 /// Answers a hello whose header failed to decode; `None` means the bytes are not
@@ -583,7 +714,7 @@ pub fn respond(
     header: &HelloHeader,
     noise_msg: &[u8],
     options: ResponderOptions,
-    admit: impl FnOnce(&NodeId, &HelloHeader) -> Admission,
+    admit: impl FnOnce(&Knock<'_>) -> Admission,
     seed: [u8; 32],
 ) -> (Vec<u8>, Responded) {
     let me = local.node_id();
@@ -592,10 +723,12 @@ pub fn respond(
             expected: header.target,
             found: me,
         };
-        return (
-            reply(ReplyKind::WrongNode, me.as_bytes()),
-            Responded::Failed(err),
-        );
+        let reply = if options.reveal_identity {
+            reply(ReplyKind::WrongNode, me.as_bytes())
+        } else {
+            reply(ReplyKind::Failed, &[])
+        };
+        return (reply, Responded::Failed(err));
     }
     let failed = |e| (reply(ReplyKind::Failed, &[]), Responded::Failed(e));
     let prologue = header.encode();
@@ -615,15 +748,32 @@ pub fn respond(
     let Some(peer) = claimed_initiator(&hs, &payload[..n]) else {
         return failed(HandshakeError::ClaimMismatch);
     };
-    let admission = admit(&peer, header);
+    let member = options
+        .network
+        .is_some_and(|net| net.verify(&peer, &me, &payload[NODE_ID_LEN..n]));
+    let admission = admit(&Knock {
+        peer,
+        member,
+        hello: header,
+    });
     let plaintext = header.plaintext_requested && options.allow_plaintext;
     let status = match admission {
         Admission::Accept => 0,
         Admission::Refuse(Refusal::NoSuchPort) => 1,
         Admission::Refuse(Refusal::NotAdmitted) => 2,
     };
+    let mut body = [0u8; 2 + PROOF_LEN];
+    body[0] = status;
+    body[1] = u8::from(plaintext);
+    let body = match (&options.network, admission) {
+        (Some(net), Admission::Accept) => {
+            body[2..].copy_from_slice(&net.proof(&me, &peer));
+            &body[..]
+        }
+        _ => &body[..2],
+    };
     let mut msg = [0u8; MAX_NOISE_MSG];
-    let len = match hs.write_message(&[status, u8::from(plaintext)], &mut msg) {
+    let len = match hs.write_message(body, &mut msg) {
         Ok(len) => len,
         Err(e) => return failed(noise(e)),
     };
@@ -632,7 +782,7 @@ pub fn respond(
         return (out, Responded::Refused { peer, refusal });
     }
     let binding = handshake_hash(&hs);
-    let (k1, k2) = hs.dangerously_get_raw_split();
+    let schedule = KeySchedule::new(&mut hs);
     let mode = if plaintext {
         StreamMode::Plaintext
     } else {
@@ -640,8 +790,8 @@ pub fn respond(
     };
     let keys = (!plaintext).then_some(SessionKeys {
         cipher: header.cipher,
-        send: k2,
-        recv: k1,
+        send: schedule.responder_send,
+        recv: schedule.initiator_send,
     });
     let est = Established {
         peer,
@@ -651,8 +801,13 @@ pub fn respond(
         reverse: header.reverse,
         upgrade: header.upgrade,
         binding,
+        peer_member: member,
     };
-    (out, Responded::Accepted(est))
+    let pending = Unconfirmed {
+        est,
+        expected: schedule.confirmation,
+    };
+    (out, Responded::Accepted(pending))
 }
 
 fn handshake_hash(hs: &snow::HandshakeState) -> [u8; 32] {
@@ -682,10 +837,22 @@ mod tests {
         cipher: Cipher::ChaChaPoly,
         reverse: false,
         upgrade: false,
+        network: None,
     };
     const RESP: ResponderOptions = ResponderOptions {
         allow_plaintext: false,
+        reveal_identity: true,
+        network: None,
     };
+
+    /// The responder's end of a handshake run by [`run`].
+    #[derive(Debug)]
+    enum Resp {
+        /// Accepted, and confirmed with the initiator's confirmation.
+        Confirmed(Established),
+        /// Anything else.
+        Other(Responded),
+    }
 
     fn key(seed: u8) -> SecretKey {
         SecretKey::from_seed([seed; 32])
@@ -699,7 +866,7 @@ mod tests {
         opts: InitiatorOptions,
         resp: ResponderOptions,
         admission: Admission,
-    ) -> (Result<Established, HandshakeError>, Responded) {
+    ) -> (Result<Established, HandshakeError>, Resp) {
         let (init, hello) = Initiator::new(init_key, target, 7, opts, [1; 32]).expect("init");
         let header_bytes: [u8; HELLO_HEADER_LEN] =
             hello[..HELLO_HEADER_LEN].try_into().expect("len");
@@ -710,12 +877,18 @@ mod tests {
             &header,
             &hello[HELLO_HEADER_LEN..],
             resp,
-            |_, _| admission,
+            |_| admission,
             [2; 32],
         );
         let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
         let rh = ReplyHeader::decode(&rh).expect("reply header");
-        (init.handle_reply(rh, &reply[REPLY_HEADER_LEN..]), outcome)
+        match (init.handle_reply(rh, &reply[REPLY_HEADER_LEN..]), outcome) {
+            (Ok((est, confirmation)), Responded::Accepted(pending)) => {
+                let resp = pending.confirm(&confirmation).expect("confirmed");
+                (Ok(est), Resp::Confirmed(resp))
+            }
+            (init, outcome) => (init.map(|(est, _)| est), Resp::Other(outcome)),
+        }
     }
 
     #[test]
@@ -725,7 +898,7 @@ mod tests {
             let opts = InitiatorOptions { cipher, ..OPTS };
             let (init, resp) = run(&a, b.node_id(), &b, opts, RESP, Admission::Accept);
             let init = init.expect("initiator established");
-            let Responded::Accepted(resp) = resp else {
+            let Resp::Confirmed(resp) = resp else {
                 panic!("responder did not accept: {resp:?}")
             };
             assert_eq!(init.peer, b.node_id());
@@ -755,8 +928,8 @@ mod tests {
             &header,
             &hello[HELLO_HEADER_LEN..],
             RESP,
-            |peer, h| {
-                seen = Some((*peer, h.port, h.reverse));
+            |k| {
+                seen = Some((k.peer, k.hello.port, k.hello.reverse));
                 Admission::Accept
             },
             [2; 32],
@@ -765,13 +938,13 @@ mod tests {
         let Responded::Accepted(resp) = outcome else {
             panic!("not accepted")
         };
-        assert!(resp.reverse);
         let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
         let rh = ReplyHeader::decode(&rh).expect("reply header");
-        let init = init
+        let (init, confirmation) = init
             .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
             .expect("established");
         assert!(init.reverse);
+        assert!(resp.confirm(&confirmation).expect("confirmed").reverse);
     }
 
     #[test]
@@ -787,8 +960,133 @@ mod tests {
         );
         assert!(matches!(
             resp,
-            Responded::Failed(HandshakeError::WrongNode { .. })
+            Resp::Other(Responded::Failed(HandshakeError::WrongNode { .. }))
         ));
+    }
+
+    #[test]
+    fn a_node_that_does_not_reveal_itself_gives_a_wrong_hello_nothing_to_learn() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let hidden = ResponderOptions {
+            reveal_identity: false,
+            ..RESP
+        };
+        let (init, resp) = run(&a, b.node_id(), &c, OPTS, hidden, Admission::Accept);
+        assert_eq!(init.expect_err("must fail"), HandshakeError::PeerFailed);
+        assert!(matches!(
+            resp,
+            Resp::Other(Responded::Failed(HandshakeError::WrongNode { .. }))
+        ));
+    }
+
+    /// One hello, answered twice by the responder: what a replayer gets.
+    fn replay(opts: InitiatorOptions, resp: ResponderOptions) {
+        let (a, b) = (key(1), key(2));
+        let (init, hello) = Initiator::new(&a, b.node_id(), 7, opts, [1; 32]).expect("init");
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header = HelloHeader::decode(&hb).expect("header");
+        let answer = |seed| {
+            let (reply, outcome) = respond(
+                &b,
+                &header,
+                &hello[HELLO_HEADER_LEN..],
+                resp,
+                |_| Admission::Accept,
+                [seed; 32],
+            );
+            let Responded::Accepted(pending) = outcome else {
+                panic!("a recorded hello checks out again: {outcome:?}")
+            };
+            (reply, pending)
+        };
+        let (reply, original) = answer(2);
+        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
+        let rh = ReplyHeader::decode(&rh).expect("reply header");
+        let (_, confirmation) = init
+            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
+            .expect("established");
+        // The replayer has the hello and everything on the wire, including
+        // the original confirmation, but not the initiator's ephemeral secret.
+        let (_, replayed) = answer(3);
+        assert_eq!(
+            replayed.confirm(&confirmation).expect_err("replay"),
+            HandshakeError::NotConfirmed
+        );
+        assert_eq!(
+            answer(4).1.confirm(&[0; CONFIRM_LEN]).expect_err("guess"),
+            HandshakeError::NotConfirmed
+        );
+        original
+            .confirm(&confirmation)
+            .expect("the real initiator confirms");
+    }
+
+    #[test]
+    fn a_replayed_hello_is_never_confirmed() {
+        replay(OPTS, RESP);
+        let plain = InitiatorOptions {
+            plaintext: true,
+            ..OPTS
+        };
+        replay(
+            plain,
+            ResponderOptions {
+                allow_plaintext: true,
+                ..RESP
+            },
+        );
+    }
+
+    #[test]
+    fn members_prove_the_network_secret_both_ways() {
+        let (a, b) = (key(1), key(2));
+        let net = Some(NetworkKey::from_secret(b"sesame"));
+        let other = Some(NetworkKey::from_secret(b"other"));
+        for (init_net, resp_net, want) in [
+            (net, net, true),
+            (net, other, false),
+            (None, net, false),
+            (net, None, false),
+        ] {
+            let opts = InitiatorOptions {
+                network: init_net,
+                ..OPTS
+            };
+            let resp = ResponderOptions {
+                network: resp_net,
+                ..RESP
+            };
+            let (init, resp) = run(&a, b.node_id(), &b, opts, resp, Admission::Accept);
+            let Resp::Confirmed(resp) = resp else {
+                panic!("not accepted: {resp:?}")
+            };
+            assert_eq!(init.expect("initiator").peer_member, want);
+            assert_eq!(resp.peer_member, want);
+        }
+    }
+
+    #[test]
+    fn stream_keys_are_not_the_raw_noise_split() {
+        let (a, b) = (key(1), key(2));
+        let (init, hello) = Initiator::new(&a, b.node_id(), 7, OPTS, [1; 32]).expect("init");
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header = HelloHeader::decode(&hb).expect("header");
+        let (reply, _) = respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            RESP,
+            |_| Admission::Accept,
+            [2; 32],
+        );
+        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
+        let rh = ReplyHeader::decode(&rh).expect("reply header");
+        let (est, confirmation) = init
+            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
+            .expect("established");
+        let keys = est.keys.expect("keys");
+        assert_ne!(&keys.send[..CONFIRM_LEN], &confirmation[..]);
+        assert_ne!(keys.send, keys.recv);
     }
 
     #[test]
@@ -800,7 +1098,7 @@ mod tests {
         };
         let (init, resp) = run(&a, b.node_id(), &b, opts, RESP, Admission::Accept);
         let init = init.expect("initiator");
-        let Responded::Accepted(resp) = resp else {
+        let Resp::Confirmed(resp) = resp else {
             panic!("responder: {resp:?}");
         };
         assert!(init.upgrade && resp.upgrade);
@@ -821,6 +1119,7 @@ mod tests {
         };
         let allow = ResponderOptions {
             allow_plaintext: true,
+            ..RESP
         };
         let cases = [(ask, allow, true), (ask, RESP, false), (OPTS, allow, false)];
         for (opts, resp, want_plain) in cases {
@@ -848,10 +1147,10 @@ mod tests {
         );
         assert!(matches!(
             resp,
-            Responded::Refused {
+            Resp::Other(Responded::Refused {
                 refusal: Refusal::NoSuchPort,
                 ..
-            }
+            })
         ));
     }
 
@@ -867,7 +1166,7 @@ mod tests {
             &header,
             &hello[HELLO_HEADER_LEN..],
             RESP,
-            |_, _| Admission::Accept,
+            |_| Admission::Accept,
             [2; 32],
         );
         assert!(matches!(
@@ -931,7 +1230,7 @@ mod tests {
                 port: 1,
                 noise_len: msg.len(),
             };
-            let (_, outcome) = respond(&b, &header, &msg, RESP, |_, _| Admission::Accept, [3; 32]);
+            let (_, outcome) = respond(&b, &header, &msg, RESP, |_| Admission::Accept, [3; 32]);
             prop_assert!(matches!(outcome, Responded::Failed(_)), "garbage must not be accepted");
         }
 

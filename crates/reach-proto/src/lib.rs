@@ -12,6 +12,7 @@ pub mod datagram;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod member;
 pub mod nat;
 pub mod node_session;
 mod noise_crypto;

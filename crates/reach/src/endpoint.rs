@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use reach_proto::candidates::advertisable;
-use reach_proto::handshake::{Admission, HelloHeader, InitiatorOptions, Refusal};
+use reach_proto::handshake::{Admission, InitiatorOptions, Knock, Refusal};
+use reach_proto::member::NetworkKey;
 use reach_proto::node_session;
 use reach_proto::race::DEFAULT_ATTEMPT_DELAY;
 use reach_proto::setup_plan::SetupModule;
@@ -34,6 +35,7 @@ use crate::hub_session::{Dialer, HubStatus, HubTarget, Session};
 use crate::keystore;
 use crate::module_cache::ModuleCache;
 use crate::node::{ConnectBackWait, Shared};
+use crate::policy::AccessPolicy;
 use crate::setup;
 use crate::stream::{Direction, ReachStream};
 
@@ -85,6 +87,8 @@ pub struct EndpointBuilder {
     direct_budget: Duration,
     reverse_budget: Duration,
     splice_budget: Duration,
+    policy: AccessPolicy,
+    reveal_identity: bool,
 }
 
 impl Default for EndpointBuilder {
@@ -107,6 +111,8 @@ impl Default for EndpointBuilder {
             direct_budget: DEFAULT_DIRECT_BUDGET,
             reverse_budget: DEFAULT_REVERSE_BUDGET,
             splice_budget: DEFAULT_SPLICE_BUDGET,
+            policy: AccessPolicy::open(),
+            reveal_identity: false,
         }
     }
 }
@@ -228,6 +234,23 @@ impl EndpointBuilder {
         self
     }
 
+    /// Who may open streams to this endpoint (default:
+    /// [`AccessPolicy::open`], every authenticated node, as a TCP listener
+    /// admits everyone; the peer's NodeId is in every accepted stream).
+    pub fn policy(mut self, policy: AccessPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Answers a hello meant for another node with this node's NodeId, so
+    /// that a connector can learn it (default: no, such a hello gets a
+    /// generic refusal). Hubs reveal themselves: nodes pin a hub's identity
+    /// on first contact.
+    pub fn reveal_identity(mut self, yes: bool) -> Self {
+        self.reveal_identity = yes;
+        self
+    }
+
     /// Loads the identity, binds the listening socket and starts accepting.
     pub async fn bind(self) -> Result<Endpoint, EndpointError> {
         let (secret, state_dir) = match self.secret.clone() {
@@ -259,11 +282,13 @@ impl EndpointBuilder {
         let known_hubs = state_dir.as_ref().map(|d| d.join("known_hubs"));
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
         let local_addrs = Arc::new(LocalAddrCache::default());
+        let network = self.network_secret.as_deref().map(NetworkKey::from_secret);
         let options = InitiatorOptions {
             plaintext: self.plaintext,
             cipher: self.cipher.unwrap_or_else(preferred_cipher),
             reverse: false,
             upgrade: false,
+            network,
         };
         // How this node dials hubs: its own session's, a hub's peer links,
         // status queries.
@@ -311,6 +336,10 @@ impl EndpointBuilder {
             session,
             dialer,
             network_secret: self.network_secret,
+            network,
+            policy: self.policy,
+            reveal_identity: self.reveal_identity,
+            counters: crate::counters::Counters::default(),
         });
         let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
         if let (Some(session), Some(requests)) = (&shared.session, requests) {
@@ -471,6 +500,12 @@ impl Endpoint {
         }
     }
 
+    /// What this endpoint refused and dropped so far (policy refusals,
+    /// unconfirmed and replayed hellos, handshake limits).
+    pub fn counters(&self) -> crate::EndpointCounters {
+        self.shared.counters.snapshot()
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.shared.secret.node_id()
@@ -620,10 +655,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     tracing::debug!(%from, "rejected connection: {e}")
                 }
                 Ok(Err(e)) => tracing::warn!(%from, "rejected connection: {e}"),
-                Err(_) => tracing::warn!(
-                    %from,
-                    "rejected connection: handshake not finished within {timeout:?}"
-                ),
+                Err(_) => {
+                    crate::counters::bump(&shared.counters.handshakes_timed_out);
+                    tracing::warn!(
+                        %from,
+                        "rejected connection: handshake not finished within {timeout:?}"
+                    )
+                }
             }
         });
     }
@@ -636,24 +674,22 @@ async fn accept_one(shared: &Shared, mut tcp: TcpStream) -> Result<(), AttemptEr
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let mut moving = None;
-    let admit = |peer: &NodeId, h: &HelloHeader| {
-        if !h.reverse {
-            return shared.admit_inbound(peer, h, &mut moving);
+    let admit = |k: &Knock<'_>| {
+        if !k.hello.reverse {
+            return shared.admit_inbound(k, &mut moving);
         }
         let pending = shared
             .pending_reverse
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if pending.contains_key(&(*peer, h.port)) {
+        if pending.contains_key(&(k.peer, k.hello.port)) {
             Admission::Accept
         } else {
             // Nobody here asked this node to connect back (or gave up).
             Admission::Refuse(Refusal::NotAdmitted)
         }
     };
-    let est =
-        crate::handshake::respond(&mut tcp, &shared.secret, shared.responder_options(), admit)
-            .await;
+    let est = crate::handshake::respond(&mut tcp, shared, admit).await;
     if est.as_ref().is_ok_and(|e| e.reverse) {
         let est = est?;
         let key = (est.peer, est.port);

@@ -8,14 +8,16 @@
 use std::net::SocketAddr;
 
 use reach_proto::handshake::{
-    self, Admission, Established, HelloHeader, Initiator, InitiatorOptions, ReplyHeader, Responded,
-    ResponderOptions, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
+    self, Admission, Established, HelloHeader, Initiator, InitiatorOptions, Knock, ReplyHeader,
+    Responded, CONFIRM_LEN, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
 };
 use reach_proto::{NodeId, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::counters::bump;
 use crate::error::AttemptError;
+use crate::node::Shared;
 
 /// 32 bytes from the OS CSPRNG for the handshake's ephemeral key.
 pub(crate) fn seed() -> std::io::Result<[u8; 32]> {
@@ -52,17 +54,25 @@ pub(crate) async fn initiate<T: AsyncRead + AsyncWrite + Unpin>(
     let header = ReplyHeader::decode(&h).map_err(handshake::HandshakeError::from)?;
     let mut body = vec![0u8; header.len];
     read_exact_or_closed(io, &mut body).await?;
-    Ok(init.handle_reply(header, &body)?)
+    let (est, confirmation) = init.handle_reply(header, &body)?;
+    // Sent at once, not with the first data: a server-speaks-first
+    // protocol (ssh) waits for it before its banner.
+    io.write_all(&confirmation).await?;
+    io.flush().await?;
+    Ok(est)
 }
 
-/// Runs the responder's side on an accepted transport. `admit` decides whether
-/// an authenticated initiator may open a stream for its hello.
+/// Runs the responder's side on an accepted transport for `shared`'s
+/// node. `admit` decides whether an authenticated initiator may open a
+/// stream for its hello; an admitted stream is returned once the initiator
+/// confirmed the session keys.
 pub(crate) async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     io: &mut T,
-    local: &SecretKey,
-    options: ResponderOptions,
-    admit: impl FnOnce(&NodeId, &HelloHeader) -> Admission,
+    shared: &Shared,
+    admit: impl FnOnce(&Knock<'_>) -> Admission,
 ) -> Result<Established, AttemptError> {
+    let local = &shared.secret;
+    let options = shared.responder_options();
     let mut h = [0u8; HELLO_HEADER_LEN];
     read_exact_or_closed(io, &mut h).await?;
     let header = match HelloHeader::decode(&h) {
@@ -82,7 +92,17 @@ pub(crate) async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     io.write_all(&reply).await?;
     io.flush().await?;
     match outcome {
-        Responded::Accepted(est) => Ok(est),
+        Responded::Accepted(pending) => {
+            let mut confirmation = [0u8; CONFIRM_LEN];
+            let confirmed = match read_exact_or_closed(io, &mut confirmation).await {
+                Ok(()) => pending.confirm(&confirmation).map_err(AttemptError::from),
+                Err(e) => Err(e),
+            };
+            if confirmed.is_err() {
+                bump(&shared.counters.not_confirmed);
+            }
+            confirmed
+        }
         Responded::Refused { refusal, .. } => {
             Err(handshake::HandshakeError::Refused(refusal).into())
         }

@@ -14,6 +14,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod accept;
+mod counters;
 mod direct;
 pub mod discovery;
 mod endpoint;
@@ -26,6 +27,7 @@ pub mod link;
 mod module_cache;
 mod node;
 mod offers;
+pub mod policy;
 mod port_memory;
 mod routed;
 mod secure;
@@ -33,6 +35,7 @@ mod setup;
 mod splice;
 mod stream;
 
+pub use counters::EndpointCounters;
 pub use endpoint::{
     preferred_cipher, Endpoint, EndpointBuilder, ListenPorts, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DIRECT_BUDGET, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REVERSE_BUDGET,
@@ -43,6 +46,7 @@ pub use error::{
 };
 pub use hub_session::{HubExposure, HubStatus, HubTarget, HubTargetError};
 pub use node::ConnectBackWait;
+pub use policy::{AccessPolicy, PolicyError};
 pub use reach_proto::setup_plan::{SetupModule, UnknownModule};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;

@@ -13,16 +13,19 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use reach_proto::handshake::{Admission, HelloHeader, InitiatorOptions, Refusal, ResponderOptions};
+use reach_proto::handshake::{Admission, InitiatorOptions, Knock, Refusal, ResponderOptions};
+use reach_proto::member::NetworkKey;
 use reach_proto::setup_plan::SetupModule;
 use reach_proto::{Cipher, NodeId, SecretKey};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::counters::{bump, Counters};
 use crate::discovery::LocalAddrCache;
 use crate::error::{AttemptError, ConnectBackError, SessionError};
 use crate::hub_session::{Dialer, Link, Session};
 use crate::module_cache::ModuleCache;
+use crate::policy::AccessPolicy;
 use crate::stream::{Direction, ReachStream};
 
 /// What the endpoint's tasks (accept loop, hub session, setup driver) share.
@@ -59,6 +62,14 @@ pub(crate) struct Shared {
     pub(crate) dialer: Dialer,
     /// Proves admission to hubs.
     pub(crate) network_secret: Option<Vec<u8>>,
+    /// The network this node is a member of, for stream handshakes.
+    pub(crate) network: Option<NetworkKey>,
+    /// Who may open streams here.
+    pub(crate) policy: AccessPolicy,
+    /// Whether a hello for another node learns this node's NodeId.
+    pub(crate) reveal_identity: bool,
+    /// What was refused and dropped.
+    pub(crate) counters: Counters,
 }
 
 /// A connect-back awaited with `Endpoint::expect_connect_back`.
@@ -117,6 +128,8 @@ impl Shared {
     pub(crate) fn responder_options(&self) -> ResponderOptions {
         ResponderOptions {
             allow_plaintext: self.plaintext,
+            reveal_identity: self.reveal_identity,
+            network: self.network,
         }
     }
 
@@ -126,6 +139,29 @@ impl Shared {
             cipher: self.cipher,
             reverse: false,
             upgrade: false,
+            network: self.network,
+        }
+    }
+
+    /// Whether `peer` (authenticated; `member` if it proved this node's
+    /// network secret) may open a stream here; a refusal is logged and
+    /// counted, naming the peer.
+    pub(crate) fn admit_peer(&self, peer: &NodeId, member: bool, how: &str) -> bool {
+        if self.policy.admits(peer, member) {
+            return true;
+        }
+        bump(&self.counters.refused_by_policy);
+        tracing::warn!(%peer, "refused a {how} stream: the access policy does not admit this node");
+        false
+    }
+
+    /// Admission of a new stream to a served port by an authenticated peer.
+    pub(crate) fn admit_new(&self, k: &Knock<'_>, how: &str) -> Admission {
+        match self.admit_port(k.hello.port) {
+            Admission::Accept if !self.admit_peer(&k.peer, k.member, how) => {
+                Admission::Refuse(Refusal::NotAdmitted)
+            }
+            a => a,
         }
     }
 
@@ -134,14 +170,14 @@ impl Shared {
     /// stream this peer has here, whose slot goes to `moving`.
     pub(crate) fn admit_inbound(
         &self,
-        peer: &NodeId,
-        h: &HelloHeader,
+        k: &Knock<'_>,
         moving: &mut Option<crate::stream::upgrade::Slot>,
     ) -> Admission {
-        if !h.upgrade {
-            return self.admit_port(h.port);
+        if !k.hello.upgrade {
+            return self.admit_new(k, "direct");
         }
-        match crate::stream::upgrade::lookup(&self.upgrades, *peer, h.port) {
+        // The stream being moved was admitted when it was opened.
+        match crate::stream::upgrade::lookup(&self.upgrades, k.peer, k.hello.port) {
             Some(slot) => {
                 slot.begin();
                 *moving = Some(slot);

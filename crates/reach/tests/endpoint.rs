@@ -126,8 +126,32 @@ async fn plaintext_is_used_only_when_both_sides_opt_in() {
 }
 
 #[tokio::test]
-async fn wrong_node_id_fails_fast_naming_the_identity_mismatch() {
+async fn a_node_does_not_tell_a_wrong_hello_who_it_is() {
     let (server, client) = (endpoint(7).await, endpoint(8).await);
+    let impostor_target = VirtualAddr::new(SecretKey::from_seed([99; 32]).node_id(), 1)
+        .with_direct(server.advertised().to_vec());
+    let err = within(client.connect_timeout(&impostor_target, Duration::from_secs(15)))
+        .await
+        .expect_err("must fail");
+    assert!(
+        matches!(err, ConnectError::Failed { .. }),
+        "failed, not timed out: {err}"
+    );
+    assert!(
+        err.to_string().contains("not the node the address names"),
+        "{err}"
+    );
+    assert!(
+        !err.to_string().contains(&server.node_id().to_string()),
+        "the listener's identity leaked: {err}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_node_id_fails_fast_naming_the_identity_mismatch() {
+    // A node that reveals itself (as hubs do) names who it is.
+    let server = builder(7).reveal_identity(true).bind().await.expect("bind");
+    let client = endpoint(8).await;
     let impostor_target = VirtualAddr::new(SecretKey::from_seed([99; 32]).node_id(), 1)
         .with_direct(server.advertised().to_vec());
     let err = within(client.connect_timeout(&impostor_target, Duration::from_secs(15)))
@@ -355,8 +379,12 @@ async fn hub_failures_are_typed_by_cause() {
         .await
         .expect_err("nothing listens");
     assert!(matches!(err, HubError::UnknownIdentity { .. }), "{err}");
-    // A reach node that is not the hub named: the key changed.
-    let other = endpoint(61).await;
+    // A hub (it reveals itself) that is not the hub named: the key changed.
+    let other = builder(61)
+        .reveal_identity(true)
+        .bind()
+        .await
+        .expect("bind");
     let impostor = HubTarget {
         id: Some(SecretKey::from_seed([62; 32]).node_id()),
         host: "127.0.0.1".into(),

@@ -87,6 +87,7 @@ async fn learn_hub_id(
             cipher,
             reverse: false,
             upgrade: false,
+            network: None,
         };
         match initiate(&mut tcp, secret, secret.node_id(), HUB_VPORT, opts).await {
             Err(AttemptError::Handshake(HandshakeError::WrongNode { found, .. })) => {

@@ -67,15 +67,20 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
         fail(format!("no service on virtual port {}", cb.vport));
         return;
     }
+    // Checked before dialling on the hub's word for who asked, and again
+    // below on the identity (and membership) the handshake proves.
+    if !shared.policy.may_admit(&cb.from) {
+        shared.admit_peer(&cb.from, false, "connect-back");
+        fail("the node's access policy does not admit you".into());
+        return;
+    }
     let mut addrs = cb.addrs;
     addrs.truncate(reach_proto::link::MAX_NODE_ADDRS);
     let target = VirtualAddr::new(cb.from, cb.token).with_direct(addrs);
     let settings = RaceSettings {
         options: InitiatorOptions {
-            plaintext: shared.plaintext,
-            cipher: shared.cipher,
             reverse: true,
-            upgrade: false,
+            ..shared.initiator_options()
         },
         attempt_delay: shared.attempt_delay,
         timeout: CONNECT_BACK_TIMEOUT,
@@ -83,6 +88,10 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
         first: shared.cache.addr(&cb.from),
     };
     match direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await {
+        Ok(stream) if !shared.admit_peer(&cb.from, stream.info().peer_member, "connect-back") => {
+            drop(stream);
+            fail("the node's access policy does not admit you".into());
+        }
         Ok(mut stream) => {
             shared.cache.set_addr(cb.from, stream.info().remote_addr);
             stream.info_mut().virtual_port = cb.vport;

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach_proto::handshake::{Admission, Refusal};
+use reach_proto::handshake::{Admission, Knock, Refusal};
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::error::ModuleError;
@@ -62,14 +62,14 @@ pub(crate) async fn accept(
     link: (SocketAddr, SocketAddr),
 ) {
     let started = Instant::now();
-    let admit = |_: &NodeId, h: &reach_proto::handshake::HelloHeader| {
-        if h.reverse {
+    let admit = |k: &Knock<'_>| {
+        if k.hello.reverse {
             // Connect-backs are TCP connections by definition.
             return Admission::Refuse(Refusal::NotAdmitted);
         }
-        shared.admit_port(h.port)
+        shared.admit_new(k, "routed")
     };
-    let hs = respond(&mut rs, &shared.secret, shared.responder_options(), admit);
+    let hs = respond(&mut rs, &shared, admit);
     match tokio::time::timeout(shared.handshake_timeout, hs).await {
         Ok(Ok(est)) => {
             // The peer may move this stream to a direct connection later.

@@ -36,13 +36,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach_proto::handshake::{Admission, InitiatorOptions, Refusal};
+use reach_proto::handshake::{Admission, InitiatorOptions, Knock, Refusal};
 use reach_proto::link::Rendezvous;
 use reach_proto::node_session::SpliceOffer;
 use reach_proto::setup_plan::SetupModule;
-use reach_proto::{NodeId, VirtualAddr};
+use reach_proto::VirtualAddr;
 use tokio::task::JoinSet;
 
+use crate::counters::bump;
 use crate::error::ModuleError;
 use crate::handshake::{initiate, respond};
 use crate::hub_session::Session;
@@ -172,6 +173,11 @@ pub(crate) async fn answer(
         }
     } else if shared.admit_port(vport) != Admission::Accept {
         return decline(format!("no service on virtual port {vport}"));
+    } else if !shared.policy.may_admit(&from) {
+        // The same answer as a refused handshake gets, before any work.
+        bump(&shared.counters.refused_by_policy);
+        tracing::warn!(peer = %from, "refused a splice: the access policy does not admit this node");
+        return decline("the node's access policy does not admit you".into());
     }
     let prepared = match prepare(&shared, &echoes).await.map(Prepared::predictable) {
         Ok(Ok(p)) => p,
@@ -192,14 +198,14 @@ pub(crate) async fn answer(
                 handshakes.spawn(async move {
                     let mut tcp = tcp;
                     let mut moving = None;
-                    let admit = |peer: &NodeId, h: &reach_proto::handshake::HelloHeader| {
-                        if *peer != from || h.reverse {
+                    let admit = |k: &Knock<'_>| {
+                        if k.peer != from || k.hello.reverse {
                             Admission::Refuse(Refusal::NotAdmitted)
                         } else {
-                            shared.admit_inbound(peer, h, &mut moving)
+                            shared.admit_inbound(k, &mut moving)
                         }
                     };
-                    let est = respond(&mut tcp, &shared.secret, shared.responder_options(), admit).await;
+                    let est = respond(&mut tcp, &shared, admit).await;
                     shared
                         .finish_inbound(tcp, est, moving, SetupModule::Splice, started)
                         .await

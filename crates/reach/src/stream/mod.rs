@@ -64,6 +64,8 @@ pub struct StreamInfo {
     /// worked (skipped ones are not listed). Empty when the first try worked,
     /// for instance the cached module.
     pub failed_before: Vec<SetupModule>,
+    /// The peer proved it holds this node's network secret.
+    pub peer_member: bool,
 }
 
 /// `a` with an IPv4-mapped IPv6 address (what a dual-stack socket reports
@@ -149,6 +151,7 @@ impl ReachStream {
             remote_addr: canonical(tcp.peer_addr()?),
             setup_time: started.elapsed(),
             failed_before: Vec::new(),
+            peer_member: est.peer_member,
         };
         let transport = match (est.mode, est.keys) {
             (StreamMode::Encrypted(_), Some(keys)) => {
@@ -182,6 +185,7 @@ impl ReachStream {
             remote_addr: link.1,
             setup_time: started.elapsed(),
             failed_before: Vec::new(),
+            peer_member: est.peer_member,
         };
         let upgrade_id = est.keys.is_some().then(|| est.upgrade_id());
         let transport = match (est.mode, est.keys) {

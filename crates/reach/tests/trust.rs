@@ -1,0 +1,184 @@
+//! Trust on real loopback sockets: the access policy, key confirmation
+//! against replayed hellos, and what a stranger learns.
+
+use std::time::Duration;
+
+use reach::proto::handshake::{
+    Cipher, Initiator, InitiatorOptions, ReplyHeader, ReplyKind, CONFIRM_LEN, REPLY_HEADER_LEN,
+};
+use reach::{AccessPolicy, Endpoint, HubError, SecretKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Every wait in these tests is bounded by this.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn builder(seed: u8) -> reach::EndpointBuilder {
+    Endpoint::builder()
+        .secret_key(SecretKey::from_seed([seed; 32]))
+        .bind_ip("127.0.0.1".parse().expect("ip"))
+}
+
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .expect("deadline passed")
+}
+
+#[tokio::test]
+async fn only_allowed_nodes_and_members_open_streams_and_refusals_are_counted() {
+    let friend = builder(2).bind().await.expect("bind");
+    let server = builder(1)
+        .policy(
+            AccessPolicy::nobody()
+                .allow(friend.node_id())
+                .allow_members(true),
+        )
+        .network_secret(b"sesame".to_vec())
+        .bind()
+        .await
+        .expect("bind");
+    let stranger = builder(3).bind().await.expect("bind");
+    let member = builder(4)
+        .network_secret(b"sesame".to_vec())
+        .bind()
+        .await
+        .expect("bind");
+    let wrong_secret = builder(5)
+        .network_secret(b"guess".to_vec())
+        .bind()
+        .await
+        .expect("bind");
+    let target = server.virtual_addr(1);
+    for (who, admitted) in [
+        (&friend, true),
+        (&stranger, false),
+        (&member, true),
+        (&wrong_secret, false),
+    ] {
+        let got = within(who.connect(&target)).await;
+        match (got, admitted) {
+            (Ok(mut s), true) => {
+                s.write_all(b"hi").await.expect("write");
+                let mut inbound = within(server.accept()).await.expect("accept");
+                assert_eq!(inbound.peer(), who.node_id());
+                assert_eq!(
+                    inbound.info().peer_member,
+                    who.node_id() == member.node_id()
+                );
+                let mut buf = [0u8; 2];
+                inbound.read_exact(&mut buf).await.expect("read");
+            }
+            (Err(e), false) => {
+                assert!(e.to_string().contains("policy does not admit"), "{e}")
+            }
+            (got, _) => panic!("{}: admitted {admitted}, got {got:?}", who.node_id()),
+        }
+    }
+    assert_eq!(server.counters().refused_by_policy, 2);
+}
+
+/// Reads a whole handshake reply (header and body) from `tcp`.
+async fn read_reply(tcp: &mut TcpStream) -> (ReplyHeader, Vec<u8>) {
+    let mut h = [0u8; REPLY_HEADER_LEN];
+    tcp.read_exact(&mut h).await.expect("reply header");
+    let header = ReplyHeader::decode(&h).expect("decodes");
+    let mut body = vec![0u8; header.len];
+    tcp.read_exact(&mut body).await.expect("reply body");
+    (header, body)
+}
+
+#[tokio::test]
+async fn a_replayed_hello_yields_no_stream() {
+    let server = builder(10).bind().await.expect("bind");
+    let client = SecretKey::from_seed([11; 32]);
+    let addr = server.local_addr();
+    let opts = InitiatorOptions {
+        plaintext: false,
+        cipher: Cipher::ChaChaPoly,
+        reverse: false,
+        upgrade: false,
+        network: None,
+    };
+    // The original stream, recorded as an on-path attacker sees it.
+    let (init, hello) = Initiator::new(&client, server.node_id(), 1, opts, [7; 32]).expect("init");
+    let mut tcp = within(TcpStream::connect(addr)).await.expect("connect");
+    tcp.write_all(&hello).await.expect("hello");
+    let (header, body) = within(read_reply(&mut tcp)).await;
+    let (_, confirmation) = init.handle_reply(header, &body).expect("established");
+    tcp.write_all(&confirmation).await.expect("confirm");
+    let first = within(server.accept()).await.expect("the real stream");
+    assert_eq!(first.peer(), client.node_id());
+    // The replay: the same hello and the confirmation seen on the wire.
+    let mut replay = within(TcpStream::connect(addr)).await.expect("connect");
+    replay.write_all(&hello).await.expect("hello");
+    let (header, _) = within(read_reply(&mut replay)).await;
+    assert_eq!(
+        header.kind,
+        ReplyKind::Accept,
+        "msg1 alone checks out again"
+    );
+    replay.write_all(&confirmation).await.expect("confirm");
+    let mut rest = Vec::new();
+    let n = within(replay.read_to_end(&mut rest)).await.unwrap_or(0);
+    assert_eq!(n, 0, "the listener closes the replayed connection");
+    assert_eq!(server.counters().not_confirmed, 1);
+    // The accept queue is in order: had the replay made a stream, it would
+    // come before this one.
+    let (init, hello) = Initiator::new(&client, server.node_id(), 3, opts, [8; 32]).expect("init");
+    let mut tcp = within(TcpStream::connect(addr)).await.expect("connect");
+    tcp.write_all(&hello).await.expect("hello");
+    let (header, body) = within(read_reply(&mut tcp)).await;
+    let (_, confirmation) = init.handle_reply(header, &body).expect("established");
+    tcp.write_all(&confirmation).await.expect("confirm");
+    let next = within(server.accept()).await.expect("the next stream");
+    assert_eq!(next.info().virtual_port, 3);
+    assert_eq!(confirmation.len(), CONFIRM_LEN);
+}
+
+#[tokio::test]
+async fn a_hello_for_another_node_learns_nothing_but_a_hub_tells_who_it_is() {
+    let node = builder(20).bind().await.expect("bind");
+    let probe = SecretKey::from_seed([21; 32]);
+    let hello_to = |target| {
+        let opts = InitiatorOptions {
+            plaintext: false,
+            cipher: Cipher::ChaChaPoly,
+            reverse: false,
+            upgrade: false,
+            network: None,
+        };
+        Initiator::new(&probe, target, 0, opts, [9; 32])
+            .expect("init")
+            .1
+    };
+    let mut tcp = within(TcpStream::connect(node.local_addr()))
+        .await
+        .expect("connect");
+    tcp.write_all(&hello_to(probe.node_id()))
+        .await
+        .expect("hello");
+    let (header, body) = within(read_reply(&mut tcp)).await;
+    assert_eq!(header.kind, ReplyKind::Failed);
+    assert!(body.is_empty());
+    // The hub path: a node learns a hub's identity on first contact.
+    let hub = builder(22)
+        .reveal_identity(true)
+        .bind()
+        .await
+        .expect("bind");
+    let target = reach::HubTarget {
+        id: None,
+        host: "127.0.0.1".into(),
+        port: hub.local_addr().port(),
+    };
+    let asker = builder(23).bind().await.expect("bind");
+    let link = within(asker.dial_hub(&target)).await.expect("learned");
+    assert_eq!(link.peer(), hub.node_id());
+    let hidden = reach::HubTarget {
+        port: node.local_addr().port(),
+        ..target
+    };
+    let err = within(asker.dial_hub(&hidden)).await.expect_err("hidden");
+    assert!(matches!(err, HubError::UnknownIdentity { .. }), "{err}");
+}
