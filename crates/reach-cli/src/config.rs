@@ -33,8 +33,13 @@ pub struct Config {
     pub hub: Option<String>,
     /// Setup modules in the order the driver tries them.
     pub modules: Option<Vec<String>>,
-    /// File holding the network secret that admits this node (and hub) to hubs.
+    /// File holding the network secret that admits this node (and hub) to
+    /// hubs; serving nodes also admit members proving it.
     pub network_secret_file: Option<PathBuf>,
+    /// Nodes a serving node (`listen`, `expose`) admits, by NodeId.
+    pub allow: Option<Vec<String>>,
+    /// File of NodeIds a serving node admits, one a line.
+    pub allow_file: Option<PathBuf>,
     /// Settings of `reach hub`.
     pub hub_server: Option<HubServer>,
 }

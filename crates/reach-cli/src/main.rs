@@ -169,7 +169,27 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
     #[command(flatten)]
+    policy: PolicyArgs,
+    #[command(flatten)]
     common: CommonArgs,
+}
+
+/// Who may open streams to a serving node. Rules add up: a node is admitted
+/// if any of them admits it. With --network-secret-file, nodes proving the
+/// same secret are admitted too.
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// Admit this node (repeatable).
+    #[arg(long, value_name = "NODEID")]
+    allow: Vec<reach::NodeId>,
+    /// Admit the nodes listed in this file, one NodeId a line (# starts a
+    /// comment). Re-read when it changes, and on SIGHUP; an edit that does
+    /// not parse keeps the previous list (and is logged).
+    #[arg(long, value_name = "PATH")]
+    allow_file: Option<PathBuf>,
+    /// Admit every authenticated node.
+    #[arg(long, conflicts_with_all = ["allow", "allow_file"])]
+    open: bool,
 }
 
 #[derive(Args, Debug)]
@@ -509,15 +529,90 @@ fn network_secret(flag: Option<&Path>, config: &Config) -> anyhow::Result<Option
 /// How long `listen` waits for its hub before giving up.
 const HUB_WAIT: Duration = Duration::from_secs(10);
 
+/// Who may open streams to the serving command `what`, from its flags and
+/// the config file. `listen` is open without any rule, like netcat (and
+/// says so); other servers refuse to start without one.
+fn access_policy(
+    args: &PolicyArgs,
+    config: &Config,
+    members: bool,
+    what: Serving,
+) -> anyhow::Result<reach::AccessPolicy> {
+    let mut allow = args.allow.clone();
+    if allow.is_empty() {
+        for text in config.allow.iter().flatten() {
+            allow
+                .push(text.parse().map_err(|e| {
+                    anyhow::anyhow!("bad NodeId {text:?} in config key allow: {e}")
+                })?);
+        }
+    }
+    let file = args.allow_file.as_ref().or(config.allow_file.as_ref());
+    if args.open {
+        return Ok(reach::AccessPolicy::open());
+    }
+    let mut policy = reach::AccessPolicy::nobody().allow_members(members);
+    for id in allow {
+        policy = policy.allow(id);
+    }
+    if let Some(path) = file {
+        policy = policy.allow_file(path)?;
+    }
+    if policy.admits_anyone() {
+        return Ok(policy);
+    }
+    match what {
+        Serving::Listen => {
+            eprintln!(
+                "reach: any node may connect (give --allow, --allow-file or --network-secret-file to restrict)"
+            );
+            Ok(reach::AccessPolicy::open())
+        }
+        Serving::Service => anyhow::bail!(
+            "say who may use the service: --allow NODEID, --allow-file PATH, --network-secret-file PATH (members of the network), or --open (every node)"
+        ),
+    }
+}
+
+/// Which kind of server a serving endpoint is, for its default policy.
+#[derive(Clone, Copy, Debug)]
+enum Serving {
+    /// `reach listen`: open by default, like netcat.
+    Listen,
+    /// A legacy service (`expose`): a policy is required.
+    Service,
+}
+
+/// Re-reads the allow file on every SIGHUP, for the life of the process.
+/// Only with an allow file: otherwise SIGHUP keeps its default (a `listen`
+/// in a closed terminal ends).
+fn reload_on_hangup(policy: reach::AccessPolicy, file: Option<&Path>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    if file.is_none() {
+        return Ok(());
+    }
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: re-reading the allow file");
+            policy.reload();
+        }
+    });
+    Ok(())
+}
+
 /// Binds a serving endpoint as `args` say, attaches it to its hub, prints
 /// its virtual address (and writes it to the address file).
 async fn serve_endpoint(
     args: &ServeArgs,
     config: &Config,
     state_dir: &Path,
+    what: Serving,
 ) -> anyhow::Result<Endpoint> {
     let (b, has_hub) = builder(config, state_dir, &args.common)?;
-    let mut b = b.accept_ports(vec![args.port]);
+    let members = network_secret(args.common.hub.network_secret_file.as_deref(), config)?.is_some();
+    let policy = access_policy(&args.policy, config, members, what)?;
+    let mut b = b.accept_ports(vec![args.port]).policy(policy.clone());
     let range = match (&args.port_range, &config.port_range) {
         (Some(r), _) => Some(*r),
         (None, Some(text)) => Some(parse_port_range(text).map_err(anyhow::Error::msg)?),
@@ -540,6 +635,8 @@ async fn serve_endpoint(
         b = b.advertise(advertise);
     }
     let endpoint = b.bind().await?;
+    let allow_file = args.policy.allow_file.as_deref();
+    reload_on_hangup(policy, allow_file.or(config.allow_file.as_deref()))?;
     if has_hub {
         // Peers that need the hub (Reverse, Routed) can reach this node only
         // once it is registered: say so now rather than fail them later.
@@ -558,7 +655,7 @@ async fn serve_endpoint(
 }
 
 async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
-    let endpoint = serve_endpoint(&args.serve, config, state_dir).await?;
+    let endpoint = serve_endpoint(&args.serve, config, state_dir, Serving::Listen).await?;
     let mut stdin = pipe::stdin();
     loop {
         let stream = endpoint.accept().await?;
@@ -579,7 +676,8 @@ async fn listen(args: ListenArgs, config: &Config, state_dir: &Path) -> anyhow::
 
 async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
     let idle = args.udp.idle()?;
-    let endpoint = Arc::new(serve_endpoint(&args.serve, config, state_dir).await?);
+    let endpoint =
+        Arc::new(serve_endpoint(&args.serve, config, state_dir, Serving::Service).await?);
     let kind = if args.udp.udp { "UDP" } else { "TCP" };
     eprintln!("exposing {kind} {} at that address", args.service);
     if endpoint.hub_status().is_some() && !args.virtual_only && !args.udp.udp {

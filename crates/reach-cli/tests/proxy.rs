@@ -77,16 +77,17 @@ fn free_addr() -> String {
 }
 
 #[test]
-fn tcp_clients_reach_an_exposed_service_through_forward() {
+fn tcp_clients_reach_an_exposed_service_through_forward_and_strangers_do_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = echo_service();
     let empty = common::random_file(dir.path(), "empty", 0);
+    let friend = common::reach_id(&dir.path().join("b"));
     let exposed = Listener::start_with(
         None,
         &dir.path().join("a"),
         &empty,
         &["expose", &service.to_string()],
-        &["--port", "7"],
+        &["--port", "7", "--allow", &friend],
     );
     assert!(exposed.vaddr.contains(":7/"), "{}", exposed.vaddr);
     let listen = free_addr();
@@ -112,6 +113,44 @@ fn tcp_clients_reach_an_exposed_service_through_forward() {
     }
     let err = forwarder.stderr();
     assert!(!err.contains("cannot reach"), "{err}");
+    // A node outside the policy: its forward cannot open a stream, so its
+    // client gets nothing from the service, and the exposer names it.
+    let stranger = common::reach_id(&dir.path().join("c"));
+    let listen = free_addr();
+    let refused = Forwarder::start(&dir.path().join("c"), &[&listen, &exposed.vaddr]);
+    let mut c = TcpStream::connect(&listen).expect("connect to forward");
+    c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    c.write_all(b"let me in").expect("send");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let mut back = Vec::new();
+    let _ = c.read_to_end(&mut back);
+    assert!(back.is_empty(), "the service answered a stranger");
+    common::until(|| refused.stderr().contains("does not admit").then_some(()))
+        .unwrap_or_else(|| panic!("the forward did not say why: {}", refused.stderr()));
+    let logged = std::fs::read_to_string(&exposed.stderr_path).unwrap_or_default();
+    assert!(
+        logged.contains(&stranger) && logged.contains("access policy does not admit"),
+        "{logged}"
+    );
+}
+
+#[test]
+fn expose_refuses_to_start_without_an_access_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = common::reach()
+        .arg("--state-dir")
+        .arg(dir.path().join("a"))
+        .args(["expose", "127.0.0.1:22"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--allow NODEID") && err.contains("--open"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
 
 /// A UDP service that answers each datagram with "echo:" and the datagram.
@@ -138,7 +177,7 @@ fn udp_datagrams_reach_an_exposed_service_and_idle_mappings_expire() {
         None,
         &dir.path().join("a"),
         &empty,
-        &["-v", "expose", &service.to_string(), "--udp"],
+        &["-v", "expose", &service.to_string(), "--udp", "--open"],
         &["--port", "53"],
     );
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -224,7 +263,7 @@ fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
         None,
         &a_state,
         &empty,
-        &["expose", &service.to_string(), "--name", "echo"],
+        &["expose", &service.to_string(), "--name", "echo", "--open"],
         &["--port", "7", "--hub", &hub.target],
     );
     let public = common::until(|| {

@@ -322,6 +322,11 @@ impl SessionClient {
         })
     }
 
+    /// Its identity.
+    pub(crate) fn node_id(&self) -> NodeId {
+        self.key.node_id()
+    }
+
     /// The node, attached to `hub` (connect-only, routed streams only).
     pub(crate) async fn endpoint(
         &self,

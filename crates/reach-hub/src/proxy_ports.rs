@@ -87,7 +87,14 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
                 let reply = match expose(inner, s, req, via) {
                     Ok(port) => {
                         tracing::info!(%node, vport, port, "service exposed");
-                        Control::Exposed { vport, port }
+                        Control::Exposed {
+                            vport,
+                            port,
+                            proxy: inner
+                                .session_client
+                                .as_ref()
+                                .map_or(inner.endpoint.node_id(), |c| c.node_id()),
+                        }
                     }
                     Err(reason) => {
                         tracing::info!(%node, vport, "exposure refused: {reason}");

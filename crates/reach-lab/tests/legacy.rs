@@ -114,6 +114,14 @@ fn spawn_until(mut cmd: Command, log: &Path, ready: &str) -> Process {
     proc
 }
 
+/// A NodeId nobody in the lab holds: an access policy that admits it
+/// admits no lab node (only the hub's proxy-port clients get through).
+fn nobody() -> String {
+    reach_proto::SecretKey::from_seed([77; 32])
+        .node_id()
+        .to_string()
+}
+
 #[test]
 fn ssh_logs_into_sshd_behind_a_random_port_nat_through_expose_and_forward() {
     let Legacy {
@@ -129,6 +137,7 @@ fn ssh_logs_into_sshd_behind_a_random_port_nat_through_expose_and_forward() {
         .arg(state.path().join("server"))
         .args(["-v", "expose", "127.0.0.1:22", "--port", "22", "--hub"])
         .arg(&hubs.attach["server"])
+        .args(["--allow", &node_id(&reach, &state.path().join("client"))])
         .arg("--addr-file")
         .arg(&addr_file);
     let expose_log = state.path().join("expose.log");
@@ -194,6 +203,7 @@ fn curl_fetches_a_page_behind_a_firewall_through_reach_socks() {
         .arg(state.path().join("web"))
         .args(["-v", "expose", "127.0.0.1:8080", "--port", "80", "--hub"])
         .arg(&hubs.attach["web"])
+        .args(["--allow", &node_id(&reach, &state.path().join("client"))])
         .arg("--addr-file")
         .arg(&addr_file);
     let _expose = spawn_until(expose, &state.path().join("expose.log"), "exposing");
@@ -273,7 +283,8 @@ fn expose_on_hub(lab: &Lab, host: &str, dir: &Path, name: &str, args: &[&str]) -
         .arg("--state-dir")
         .arg(dir.join(name))
         .args(["-v", "expose"])
-        .args(args);
+        .args(args)
+        .args(["--allow", &nobody()]);
     let log = dir.join(format!("{name}.log"));
     let proc = spawn_until(expose, &log, "exposed at");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -311,7 +322,7 @@ fn ssh_echo(
         .expect("run ssh")
 }
 
-/// `reach id` for a state directory.
+/// `reach id` for a state directory (the identity is created if need be).
 fn node_id(reach: &Path, state: &Path) -> String {
     let out = Command::new(reach)
         .arg("--state-dir")
@@ -319,6 +330,11 @@ fn node_id(reach: &Path, state: &Path) -> String {
         .arg("id")
         .output()
         .expect("reach id");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -399,7 +415,7 @@ fn unmodified_ssh_reaches_sshd_behind_a_random_port_nat_through_a_hub_proxy_port
         .command("web", &reach)
         .arg("--state-dir")
         .arg(state.path().join("web"))
-        .args(["expose", "127.0.0.1:8080", "--hub", &hub_target])
+        .args(["expose", "127.0.0.1:8080", "--open", "--hub", &hub_target])
         .output()
         .expect("run reach expose");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -445,12 +461,21 @@ fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
     let mut server = lab.command("open", "iperf3");
     server.args(["-s", "-p", "5201", "--forceflush"]);
     let _server = spawn_until(server, &state.path().join("iperf3.log"), "Server listening");
+    let client = node_id(&reach, &state.path().join("client"));
     let exposed = expose_on_hub(
         &lab,
         "open",
         state.path(),
         "open",
-        &["127.0.0.1:5201", "--port", "5201", "--hub", &hub_target],
+        &[
+            "127.0.0.1:5201",
+            "--port",
+            "5201",
+            "--hub",
+            &hub_target,
+            "--allow",
+            &client,
+        ],
     );
     let (vaddr, proxy_port) = (exposed.vaddr.clone(), exposed.port);
     let mut forward = lab.command("client", &reach);

@@ -305,6 +305,11 @@ pub enum Control {
         vport: u16,
         /// The hub's proxy port.
         port: u16,
+        /// The hub's own node, which opens routed streams to the service for
+        /// proxy-port clients when the node cannot connect back. The node
+        /// admits it, and the hub, on `vport` whatever its access policy:
+        /// publishing on a hub's proxy port is letting that hub's clients in.
+        proxy: NodeId,
     },
     /// Hub to node: `vport` cannot be published, and why.
     ExposeRefused {

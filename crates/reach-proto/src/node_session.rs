@@ -321,6 +321,8 @@ struct Published {
     /// Whether the hub ever took it: a service refused on first asking is
     /// forgotten, one refused after a reconnect is kept (and shown refused).
     taken: bool,
+    /// The hub's own node that serves proxy-port clients over the session.
+    proxy: Option<NodeId>,
 }
 
 /// The node's side of its hub link.
@@ -643,7 +645,12 @@ impl NodeSession {
             } => self
                 .events
                 .push_back(Event::Undeliverable { to, msg, reason }),
-            Control::Exposed { vport, port } => self.exposed(vport, Ok(port)),
+            Control::Exposed { vport, port, proxy } => {
+                if let Some(p) = self.published.get_mut(&vport) {
+                    p.proxy = Some(proxy);
+                }
+                self.exposed(vport, Ok(port))
+            }
             Control::ExposeRefused {
                 vport,
                 offered,
@@ -814,6 +821,7 @@ impl NodeSession {
             port: None,
             state: Exposure::Pending,
             taken: false,
+            proxy: None,
         };
         let mut frame = Vec::new();
         encode_control(&expose_request(vport, &p), &mut frame)?;
@@ -822,6 +830,19 @@ impl NodeSession {
             self.transmit.push_back(frame);
         }
         Ok(())
+    }
+
+    /// Whether `peer` opens a stream to `vport` on behalf of the hub's proxy
+    /// port clients: `vport` is published on the hub of the current link,
+    /// and `peer` is that hub (connect-backs) or its proxy node (routed).
+    pub fn serves_proxy_clients(&self, peer: &NodeId, vport: u16) -> bool {
+        let Phase::Up { reg, .. } = &self.phase else {
+            return false;
+        };
+        self.published.get(&vport).is_some_and(|p| {
+            matches!(p.state, Exposure::Published(_))
+                && (*peer == reg.hub || p.proxy.as_ref() == Some(peer))
+        })
     }
 
     /// Where the service published at `vport` stands, if it is.

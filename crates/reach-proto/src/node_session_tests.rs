@@ -387,8 +387,16 @@ fn services_are_published_again_after_a_reconnect_with_their_port() {
         Control::Exposed {
             vport: 22,
             port: 40022,
+            proxy: id(8),
         },
         r.now,
+    );
+    assert!(r.s.serves_proxy_clients(&id(8), 22), "the hub's proxy node");
+    assert!(r.s.serves_proxy_clients(&id(9), 22), "the hub itself");
+    assert!(!r.s.serves_proxy_clients(&id(7), 22), "anyone else");
+    assert!(
+        !r.s.serves_proxy_clients(&id(8), 80),
+        "a port not published"
     );
     let refusal = ExposeRefusal {
         offered: true,

@@ -144,10 +144,12 @@ impl Shared {
     }
 
     /// Whether `peer` (authenticated; `member` if it proved this node's
-    /// network secret) may open a stream here; a refusal is logged and
-    /// counted, naming the peer.
-    pub(crate) fn admit_peer(&self, peer: &NodeId, member: bool, how: &str) -> bool {
-        if self.policy.admits(peer, member) {
+    /// network secret) may open a stream to `port` here: the access policy
+    /// admits it, or it is the hub (or the hub's proxy node) serving the
+    /// clients of a service this node published on the hub's proxy port. A
+    /// refusal is logged and counted, naming the peer.
+    pub(crate) fn admit_peer(&self, peer: &NodeId, member: bool, port: u16, how: &str) -> bool {
+        if self.policy.admits(peer, member) || self.serves_proxy_clients(peer, port) {
             return true;
         }
         bump(&self.counters.refused_by_policy);
@@ -155,10 +157,24 @@ impl Shared {
         false
     }
 
+    /// Whether `peer` opens streams to `port` for the hub's proxy-port
+    /// clients.
+    fn serves_proxy_clients(&self, peer: &NodeId, port: u16) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.serves_proxy_clients(peer, port))
+    }
+
+    /// Whether `peer` could be admitted to `port` once it proves what it
+    /// can (before any work is done for it: a connect-back, a splice).
+    pub(crate) fn may_admit(&self, peer: &NodeId, port: u16) -> bool {
+        self.policy.may_admit(peer) || self.serves_proxy_clients(peer, port)
+    }
+
     /// Admission of a new stream to a served port by an authenticated peer.
     pub(crate) fn admit_new(&self, k: &Knock<'_>, how: &str) -> Admission {
         match self.admit_port(k.hello.port) {
-            Admission::Accept if !self.admit_peer(&k.peer, k.member, how) => {
+            Admission::Accept if !self.admit_peer(&k.peer, k.member, k.hello.port, how) => {
                 Admission::Refuse(Refusal::NotAdmitted)
             }
             a => a,

@@ -601,6 +601,12 @@ impl Session {
     }
 
     /// Where the service published at `vport` stands, if it was published.
+    /// Whether `peer` opens streams to `vport` for the hub's proxy-port
+    /// clients (see `NodeSession::serves_proxy_clients`).
+    pub(crate) fn serves_proxy_clients(&self, peer: &NodeId, vport: u16) -> bool {
+        self.lock().core.serves_proxy_clients(peer, vport)
+    }
+
     pub(crate) fn exposure(&self, vport: u16) -> Option<HubExposure> {
         let hub = self.status().map(|s| s.remote.ip());
         let st = self.lock();

@@ -69,8 +69,8 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
     }
     // Checked before dialling on the hub's word for who asked, and again
     // below on the identity (and membership) the handshake proves.
-    if !shared.policy.may_admit(&cb.from) {
-        shared.admit_peer(&cb.from, false, "connect-back");
+    if !shared.may_admit(&cb.from, cb.vport) {
+        shared.admit_peer(&cb.from, false, cb.vport, "connect-back");
         fail("the node's access policy does not admit you".into());
         return;
     }
@@ -88,7 +88,14 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
         first: shared.cache.addr(&cb.from),
     };
     match direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await {
-        Ok(stream) if !shared.admit_peer(&cb.from, stream.info().peer_member, "connect-back") => {
+        Ok(stream)
+            if !shared.admit_peer(
+                &cb.from,
+                stream.info().peer_member,
+                cb.vport,
+                "connect-back",
+            ) =>
+        {
             drop(stream);
             fail("the node's access policy does not admit you".into());
         }

@@ -173,7 +173,7 @@ pub(crate) async fn answer(
         }
     } else if shared.admit_port(vport) != Admission::Accept {
         return decline(format!("no service on virtual port {vport}"));
-    } else if !shared.policy.may_admit(&from) {
+    } else if !shared.may_admit(&from, vport) {
         // The same answer as a refused handshake gets, before any work.
         bump(&shared.counters.refused_by_policy);
         tracing::warn!(peer = %from, "refused a splice: the access policy does not admit this node");
