@@ -46,9 +46,19 @@
 //! replayer read and write as the peer). So the responder hands a stream
 //! on only after the initiator's confirmation: it is keyed by the session's
 //! key material, which needs the ephemeral secret of the original
-//! initiator, so a replayer cannot produce it. The initiator sends it
-//! together with its first bytes, so its setup time does not change; the
-//! responder's `accept()` returns one round trip later.
+//! initiator, so a replayer cannot produce it. The initiator sends it right
+//! after msg2, before its first bytes, so its setup time does not change;
+//! the responder's `accept()` returns one round trip later.
+//!
+//! Why no cache of seen ephemerals, or WireGuard's per-peer timestamp: the
+//! confirmation already rejects every replay, however old, with no state
+//! per peer and no clock. What a cache would add is rejecting the replay
+//! before the responder's Diffie-Hellman, but anyone can make fresh valid
+//! hellos with a key of their own at the same cost to the responder, so
+//! that work is bounded by the listener's handshake limits either way; and
+//! a replayed hello from an allowed node gains nothing over a fresh one
+//! from a stranger but a wait for a confirmation that never comes, which
+//! the handshake deadline ends.
 //!
 //! # Key schedule
 //! Noise's split gives one key per direction; the stream keys and the

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Counters {
     pub(crate) refused_by_policy: AtomicU64,
     pub(crate) not_confirmed: AtomicU64,
-    pub(crate) replayed_hellos: AtomicU64,
     pub(crate) handshakes_evicted: AtomicU64,
     pub(crate) handshakes_refused_per_source: AtomicU64,
     pub(crate) handshakes_timed_out: AtomicU64,
@@ -29,8 +28,6 @@ pub struct EndpointCounters {
     /// Accepted handshakes whose initiator never confirmed the keys (a
     /// replayed hello, or a peer that vanished mid-handshake).
     pub not_confirmed: u64,
-    /// Hellos dropped because the same one was seen before.
-    pub replayed_hellos: u64,
     /// Unfinished handshakes cut to make room for new ones.
     pub handshakes_evicted: u64,
     /// Connections refused because their source had too many handshakes
@@ -46,7 +43,6 @@ impl Counters {
         EndpointCounters {
             refused_by_policy: get(&self.refused_by_policy),
             not_confirmed: get(&self.not_confirmed),
-            replayed_hellos: get(&self.replayed_hellos),
             handshakes_evicted: get(&self.handshakes_evicted),
             handshakes_refused_per_source: get(&self.handshakes_refused_per_source),
             handshakes_timed_out: get(&self.handshakes_timed_out),

@@ -501,7 +501,7 @@ impl Endpoint {
     }
 
     /// What this endpoint refused and dropped so far (policy refusals,
-    /// unconfirmed and replayed hellos, handshake limits).
+    /// unconfirmed (replayed) hellos, handshake limits).
     pub fn counters(&self) -> crate::EndpointCounters {
         self.shared.counters.snapshot()
     }
