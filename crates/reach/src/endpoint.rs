@@ -15,6 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +28,7 @@ use reach_proto::setup_plan::SetupModule;
 use reach_proto::{Cipher, NodeId, SecretKey, VirtualAddr};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Mutex, Semaphore};
+use tokio::sync::{mpsc, Mutex};
 
 use crate::discovery::{local_addrs, LocalAddrCache};
 use crate::error::{AttemptError, ConnectError, EndpointError, HubError, SessionError};
@@ -43,9 +44,6 @@ use crate::stream::{Direction, ReachStream};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time an incoming handshake may take before the listener drops it.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Incoming handshakes in progress at once; more are dropped at accept, so a
-/// flood of idle connections cannot exhaust memory or file descriptors.
-const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Default time the Direct module may take when another module follows.
 pub const DEFAULT_DIRECT_BUDGET: Duration = Duration::from_secs(2);
 /// Default time the Reverse module waits when another module follows.
@@ -89,6 +87,7 @@ pub struct EndpointBuilder {
     splice_budget: Duration,
     policy: AccessPolicy,
     reveal_identity: bool,
+    max_handshakes: (usize, usize),
 }
 
 impl Default for EndpointBuilder {
@@ -113,6 +112,10 @@ impl Default for EndpointBuilder {
             splice_budget: DEFAULT_SPLICE_BUDGET,
             policy: AccessPolicy::open(),
             reveal_identity: false,
+            max_handshakes: (
+                crate::DEFAULT_MAX_HANDSHAKES,
+                crate::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            ),
         }
     }
 }
@@ -251,6 +254,18 @@ impl EndpointBuilder {
         self
     }
 
+    /// Inbound handshakes in progress at once: `total`, and `per_source`
+    /// from one IPv4 address or IPv6 /64 (defaults
+    /// [`crate::DEFAULT_MAX_HANDSHAKES`],
+    /// [`crate::DEFAULT_MAX_HANDSHAKES_PER_SOURCE`]). A connection over its
+    /// source's share is closed at once; one over the total displaces the
+    /// oldest unfinished handshake, so idle connections cannot lock real
+    /// peers out.
+    pub fn max_handshakes(mut self, total: usize, per_source: usize) -> Self {
+        self.max_handshakes = (total, per_source);
+        self
+    }
+
     /// Loads the identity, binds the listening socket and starts accepting.
     pub async fn bind(self) -> Result<Endpoint, EndpointError> {
         let (secret, state_dir) = match self.secret.clone() {
@@ -340,6 +355,10 @@ impl EndpointBuilder {
             policy: self.policy,
             reveal_identity: self.reveal_identity,
             counters: crate::counters::Counters::default(),
+            handshake_slots: crate::handshake_slots::Slots::new(
+                self.max_handshakes.0,
+                self.max_handshakes.1,
+            ),
         });
         let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
         if let (Some(session), Some(requests)) = (&shared.session, requests) {
@@ -631,17 +650,51 @@ pub fn preferred_cipher() -> Cipher {
     Cipher::ChaChaPoly
 }
 
+/// Logs the `n`th event of a kind that a flood repeats: the first, then
+/// at powers of two, so a flood leaves a few lines with running totals.
+fn worth_logging(n: u64) -> bool {
+    n.is_power_of_two()
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let slots = &shared.handshake_slots;
     loop {
         let (tcp, from) = crate::accept::accept(&listener, "endpoint").await;
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::warn!(%from, "dropping connection: too many handshakes in progress");
-            continue;
+        let counters = &shared.counters;
+        let slot = match slots.take(from.ip()) {
+            Ok((slot, evicted)) => {
+                if let Some(e) = evicted {
+                    e.abort();
+                    let n = counters.handshakes_evicted.fetch_add(1, Ordering::Relaxed) + 1;
+                    if worth_logging(n) {
+                        tracing::warn!(
+                            "handshake limit ({} in progress) reached: cut the oldest unfinished handshake ({n} so far)",
+                            slots.in_progress()
+                        );
+                    }
+                }
+                slot
+            }
+            Err(full) => {
+                let n = counters
+                    .handshakes_refused_per_source
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if worth_logging(n) {
+                    tracing::warn!(
+                        %from,
+                        "per-source handshake limit ({}) reached: dropped the connection ({n} so far)",
+                        full.limit
+                    );
+                }
+                continue;
+            }
         };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        let id = slot.id();
+        let shared2 = shared.clone();
+        let task = tokio::spawn(async move {
+            let shared = shared2;
+            let _slot = slot;
             let timeout = shared.handshake_timeout;
             match tokio::time::timeout(timeout, accept_one(&shared, tcp)).await {
                 Ok(Ok(())) => {}
@@ -664,6 +717,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 }
             }
         });
+        slots.set_task(id, task.abort_handle());
     }
 }
 

@@ -20,6 +20,7 @@ pub mod discovery;
 mod endpoint;
 mod error;
 mod handshake;
+mod handshake_slots;
 mod hub_session;
 mod inbound;
 pub mod keystore;
@@ -44,6 +45,7 @@ pub use error::{
     Attempt, AttemptError, ConnectBackError, ConnectError, EchoError, EndpointError, ExposeError,
     HubError, ModuleError, ModuleFailure, NatProbeError, SessionError,
 };
+pub use handshake_slots::{DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
 pub use hub_session::{HubExposure, HubStatus, HubTarget, HubTargetError};
 pub use node::ConnectBackWait;
 pub use policy::{AccessPolicy, PolicyError};

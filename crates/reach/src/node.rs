@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     pub(crate) reveal_identity: bool,
     /// What was refused and dropped.
     pub(crate) counters: Counters,
+    /// Room for inbound handshakes in progress.
+    pub(crate) handshake_slots: Arc<crate::handshake_slots::Slots>,
 }
 
 /// A connect-back awaited with `Endpoint::expect_connect_back`.

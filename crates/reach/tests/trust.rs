@@ -182,3 +182,57 @@ async fn a_hello_for_another_node_learns_nothing_but_a_hub_tells_who_it_is() {
     let err = within(asker.dial_hub(&hidden)).await.expect_err("hidden");
     assert!(matches!(err, HubError::UnknownIdentity { .. }), "{err}");
 }
+
+/// A TCP connection from `source` to `to` that sends nothing.
+async fn idle_from(source: &str, to: std::net::SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{source}:0").parse().expect("addr"))
+        .expect("bind");
+    sock.connect(to).await.expect("connect")
+}
+
+/// Waits until `f` holds, checking after each scheduler turn; panics at the
+/// deadline.
+async fn until(mut f: impl FnMut() -> bool) {
+    within(async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_thousand_idle_connections_do_not_keep_a_real_peer_out() {
+    let server = builder(30).bind().await.expect("bind");
+    let to = server.local_addr();
+    let mut idle = Vec::new();
+    // One host: it gets its share of handshake slots, the rest is closed.
+    for _ in 0..500 {
+        idle.push(idle_from("127.0.0.2", to).await);
+    }
+    // Fifty hosts, each within its share: together they overflow the
+    // table, and the oldest unfinished handshakes are cut.
+    for i in 0..500 {
+        idle.push(idle_from(&format!("127.0.1.{}", 1 + i % 50), to).await);
+    }
+    let per_source = reach::DEFAULT_MAX_HANDSHAKES_PER_SOURCE as u64;
+    let total = reach::DEFAULT_MAX_HANDSHAKES as u64;
+    let refused = 500 - per_source;
+    let evicted = per_source + 500 - total;
+    until(|| {
+        let c = server.counters();
+        c.handshakes_refused_per_source == refused && c.handshakes_evicted == evicted
+    })
+    .await;
+    // A real peer, from another address, connects within 2 s.
+    let client = builder(31).bind().await.expect("bind");
+    let mut s = within(client.connect_timeout(&server.virtual_addr(1), Duration::from_secs(2)))
+        .await
+        .expect("a real peer gets in");
+    s.write_all(b"in").await.expect("write");
+    let inbound = within(server.accept()).await.expect("accept");
+    assert_eq!(inbound.peer(), client.node_id());
+    assert_eq!(server.counters().handshakes_evicted, evicted + 1);
+    drop(idle);
+}
