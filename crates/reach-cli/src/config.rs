@@ -84,6 +84,20 @@ pub struct HubServer {
     pub max_exposures: Option<usize>,
     /// Seconds a proxy-port connection may stay idle.
     pub proxy_idle: Option<f64>,
+    /// Handshakes in progress at once.
+    pub max_handshakes: Option<usize>,
+    /// Handshakes in progress from one source.
+    pub max_handshakes_per_source: Option<usize>,
+    /// Links not yet registered, at once.
+    pub max_unregistered: Option<usize>,
+    /// Links not yet registered from one source.
+    pub max_unregistered_per_source: Option<usize>,
+    /// Seconds a link may take to register.
+    pub register_within: Option<f64>,
+    /// Routed streams through one node's link.
+    pub max_streams_per_node: Option<usize>,
+    /// Routed streams over one hub link.
+    pub max_streams_per_hub_link: Option<usize>,
 }
 
 impl Config {

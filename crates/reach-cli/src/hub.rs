@@ -101,6 +101,96 @@ pub struct HubArgs {
     /// Also write the hub's address, NODEID@IP:PORT, to this file (atomically).
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Bounds on what outsiders and peers can make the hub hold. Each refusal
+/// is counted (see `reach status`, /metrics) and logged naming the limit.
+#[derive(Args, Debug)]
+pub struct LimitArgs {
+    /// Handshakes in progress at once [default: 256]; over it the oldest
+    /// unfinished one is cut.
+    #[arg(long, value_name = "N")]
+    max_handshakes: Option<usize>,
+    /// Handshakes in progress from one IPv4 address or IPv6 /64 [default: 16].
+    #[arg(long, value_name = "N")]
+    max_handshakes_per_source: Option<usize>,
+    /// Links authenticated but not yet registered, at once [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_unregistered: Option<usize>,
+    /// Unregistered links from one IPv4 address or IPv6 /64 [default: 16].
+    #[arg(long, value_name = "N")]
+    max_unregistered_per_source: Option<usize>,
+    /// Seconds a link may take to register [default: 5].
+    #[arg(long, value_name = "SECS")]
+    register_within: Option<f64>,
+    /// Routed streams through one node's link at once [default: 4096].
+    #[arg(long, value_name = "N")]
+    max_streams_per_node: Option<usize>,
+    /// Routed streams over one link to another hub at once [default: 65536].
+    #[arg(long, value_name = "N")]
+    max_streams_per_hub_link: Option<usize>,
+}
+
+impl LimitArgs {
+    /// The hub's limits from flags, else the config file, else defaults; and
+    /// the handshake limits (total, per source).
+    fn resolve(
+        &self,
+        file: Option<&HubServer>,
+    ) -> anyhow::Result<(reach_hub::Limits, (usize, usize))> {
+        let d = reach_hub::Limits::default();
+        let pick = |flag: Option<usize>, key: fn(&HubServer) -> Option<usize>, default: usize| {
+            flag.or(file.and_then(key)).unwrap_or(default)
+        };
+        let register_within = match self
+            .register_within
+            .or(file.and_then(|h| h.register_within))
+        {
+            Some(secs) => Duration::try_from_secs_f64(secs)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--register-within must be a positive number of seconds")?,
+            None => d.register_within,
+        };
+        let limits = reach_hub::Limits {
+            streams_per_node: pick(
+                self.max_streams_per_node,
+                |h| h.max_streams_per_node,
+                d.streams_per_node,
+            ),
+            streams_per_hub_link: pick(
+                self.max_streams_per_hub_link,
+                |h| h.max_streams_per_hub_link,
+                d.streams_per_hub_link,
+            ),
+            unregistered_links: pick(
+                self.max_unregistered,
+                |h| h.max_unregistered,
+                d.unregistered_links,
+            ),
+            unregistered_per_source: pick(
+                self.max_unregistered_per_source,
+                |h| h.max_unregistered_per_source,
+                d.unregistered_per_source,
+            ),
+            register_within,
+        };
+        let handshakes = (
+            pick(
+                self.max_handshakes,
+                |h| h.max_handshakes,
+                reach::DEFAULT_MAX_HANDSHAKES,
+            ),
+            pick(
+                self.max_handshakes_per_source,
+                |h| h.max_handshakes_per_source,
+                reach::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            ),
+        );
+        Ok((limits, handshakes))
+    }
 }
 
 /// Runs the hub until SIGINT or SIGTERM.
@@ -165,9 +255,11 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         .tcp_port
         .or(file.and_then(|h| h.tcp_port))
         .unwrap_or(DEFAULT_HUB_PORT);
+    let (limits, handshakes) = args.limits.resolve(file)?;
     let mut builder = Endpoint::builder()
         .state_dir(state_dir)
-        .listen_ports(ListenPorts::Fixed(port));
+        .listen_ports(ListenPorts::Fixed(port))
+        .max_handshakes(handshakes.0, handshakes.1);
     if let Some(ip) = args.bind.or(file.and_then(|h| h.bind)) {
         builder = builder.bind_ip(ip);
     }
@@ -205,6 +297,7 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
                 .context("--proxy-idle must be a positive number of seconds")?,
             None => reach_hub::DEFAULT_PROXY_IDLE,
         },
+        limits,
         echo_ports: if args.no_echo {
             Vec::new()
         } else if !args.echo_port.is_empty() {

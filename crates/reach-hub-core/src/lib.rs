@@ -169,6 +169,11 @@ pub struct Counters {
     pub locates_dropped: u64,
     /// Directories not indexed because the hub knows too many hubs.
     pub directories_unindexed: u64,
+    /// Streams refused because a link had its limit of streams.
+    pub streams_over_limit: u64,
+    /// Links cut or refused before registering (too many unregistered, or
+    /// no registration in time).
+    pub links_unregistered_cut: u64,
 }
 
 /// Work for the driver, which does the I/O (binding proxy ports).
@@ -213,9 +218,40 @@ pub enum Verdict {
     Close(String),
 }
 
+/// Bounds on what one link can make the hub hold. Each has a default, a
+/// flag of `reach hub`, a counter and a log line naming it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Routed streams through one node's link at once (opened by it or to
+    /// it).
+    pub streams_per_node: usize,
+    /// Routed streams over one link to another hub at once.
+    pub streams_per_hub_link: usize,
+    /// Links that have not registered yet, in all and per source address
+    /// (the driver holds them to it).
+    pub unregistered_links: usize,
+    /// Unregistered links from one IPv4 address or IPv6 /64.
+    pub unregistered_per_source: usize,
+    /// How long a link may take to register (the driver cuts it then).
+    pub register_within: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            streams_per_node: 4096,
+            streams_per_hub_link: 65_536,
+            unregistered_links: 1024,
+            unregistered_per_source: 16,
+            register_within: Duration::from_secs(5),
+        }
+    }
+}
+
 /// The hub's whole state.
 pub struct HubCore {
     me: NodeId,
+    limits: Limits,
     /// Ports of this hub's address echoes, told to registering nodes.
     echo_ports: Vec<u16>,
     policy: Policy,
@@ -350,6 +386,7 @@ impl HubCore {
     ) -> Self {
         Self {
             me,
+            limits: Limits::default(),
             echo_ports: Vec::new(),
             policy,
             listen,
@@ -567,6 +604,28 @@ impl HubCore {
         if let Some(l) = self.links.get_mut(&link) {
             l.streams = l.streams.saturating_sub(1);
         }
+    }
+
+    /// Sets the limits (default: [`Limits::default`]).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Whether `link` has registered (as a node or a hub).
+    pub fn is_registered(&self, link: LinkId) -> bool {
+        self.links
+            .get(&link)
+            .is_some_and(|l| l.kind != LinkKind::Pending)
+    }
+
+    /// Counts a link the driver cut or refused before it registered.
+    pub fn count_unregistered_cut(&mut self) {
+        self.counters.links_unregistered_cut += 1;
     }
 
     /// Handles one frame from `link`.
@@ -801,6 +860,16 @@ impl HubCore {
         }
     }
 
+    /// The stream limit `link` has reached, if it has.
+    fn stream_limit_reached(&self, link: LinkId) -> Option<(usize, &'static str)> {
+        let l = self.links.get(&link)?;
+        let (limit, what) = match l.kind {
+            LinkKind::Hub => (self.limits.streams_per_hub_link, "hub link"),
+            _ => (self.limits.streams_per_node, "node"),
+        };
+        (l.streams >= limit).then_some((limit, what))
+    }
+
     fn open(&mut self, link: LinkId, stream: u32, dst: NodeId, src: NodeId) {
         if self.relay.contains_key(&(link, stream)) {
             self.reset_both(
@@ -819,6 +888,21 @@ impl HubCore {
             self.send(link, f);
             return;
         };
+        let full = self
+            .stream_limit_reached(link)
+            .or_else(|| self.stream_limit_reached(out));
+        if let Some((limit, what)) = full {
+            self.counters.streams_over_limit += 1;
+            let n = self.counters.streams_over_limit;
+            let why = format!("the hub's stream limit ({limit} per {what}) is reached");
+            if n.is_power_of_two() {
+                tracing::warn!(%src, %dst, "stream refused: {why} ({n} so far)");
+            }
+            let mut f = Vec::new();
+            encode_reset(stream, ResetCode::Refused, &why, &mut f);
+            self.send(link, f);
+            return;
+        }
         let Some(out_info) = self.links.get_mut(&out) else {
             return;
         };

@@ -764,3 +764,71 @@ fn lookups_waiting_for_home_hubs_are_bounded_and_counted() {
         "asked again"
     );
 }
+
+#[test]
+fn a_node_cannot_hold_more_streams_than_its_limit_either_way() {
+    let mut core = open_hub();
+    core.set_limits(Limits {
+        streams_per_node: 2,
+        ..Limits::default()
+    });
+    let (a, b, c) = (id(40), id(41), id(42));
+    let a_link = attach(&mut core, a, true);
+    let b_link = attach(&mut core, b, true);
+    let c_link = attach(&mut core, c, true);
+    let open = |core: &mut HubCore, link, stream, dst| {
+        let v = core.handle_frame(
+            link,
+            Frame::Open {
+                stream,
+                dst,
+                src: a,
+            },
+            Instant::now(),
+        );
+        assert_eq!(v, Verdict::Continue);
+        out(core)
+    };
+    for stream in [1, 3] {
+        let frames = open(&mut core, a_link, stream, b);
+        assert!(matches!(&frames[..], [(l, Frame::Open { .. })] if *l == b_link));
+    }
+    // A's third stream: refused at A's limit, with the reason.
+    let frames = open(&mut core, a_link, 5, c);
+    let [(
+        l,
+        Frame::Reset {
+            stream: 5,
+            code: ResetCode::Refused,
+            reason,
+        },
+    )] = &frames[..]
+    else {
+        panic!("expected a refusal, got {frames:?}");
+    };
+    assert_eq!(*l, a_link);
+    assert!(reason.contains("stream limit (2 per node)"), "{reason}");
+    // C towards B: refused at B's limit (B holds two streams).
+    let frames = open(&mut core, c_link, 1, b);
+    assert!(
+        matches!(&frames[..], [(l, Frame::Reset { code: ResetCode::Refused, .. })] if *l == c_link),
+        "{frames:?}"
+    );
+    assert_eq!(core.counters.streams_over_limit, 2);
+    // A stream that ends makes room.
+    core.handle_frame(
+        a_link,
+        Frame::Reset {
+            stream: 1,
+            code: ResetCode::Cancelled,
+            reason: String::new(),
+        },
+        Instant::now(),
+    );
+    out(&mut core);
+    let frames = open(&mut core, a_link, 7, c);
+    assert!(
+        matches!(&frames[..], [(l, Frame::Open { .. })] if *l == c_link),
+        "{frames:?}"
+    );
+}

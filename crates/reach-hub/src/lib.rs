@@ -34,7 +34,7 @@ use reach::link::{write_frames, FrameReader, FrameTx};
 use reach::{Endpoint, EndpointBuilder, EndpointError, HubTarget, NodeId, ReachStream};
 use reach_proto::link::{admission_proof, HUB_VPORT};
 
-pub use crate::core::{HubCore, LinkId, Policy, Verdict};
+pub use crate::core::{HubCore, Limits, LinkId, Policy, Verdict};
 pub use crate::status::Status;
 pub use metrics::serve_metrics;
 pub use peer::{Peer, SshServer};
@@ -81,6 +81,8 @@ pub struct HubConfig {
     /// let a node tell a port-dependent mapping apart; empty runs none, and
     /// nodes then do not splice.
     pub echo_ports: Vec<u16>,
+    /// Bounds on streams and unregistered links.
+    pub limits: Limits,
 }
 
 impl Default for HubConfig {
@@ -101,6 +103,7 @@ impl Default for HubConfig {
             expose_allowed: Vec::new(),
             max_exposures: DEFAULT_MAX_EXPOSURES,
             proxy_idle: DEFAULT_PROXY_IDLE,
+            limits: Limits::default(),
         }
     }
 }
@@ -158,6 +161,8 @@ struct Inner {
     config: HubConfig,
     /// Set when the hub is dropped: every link task ends.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Room for links that have not registered yet.
+    unregistered: Arc<reach::source_slots::Slots>,
 }
 
 impl Inner {
@@ -235,6 +240,11 @@ impl Hub {
             tracing::info!(ports = ?echo_ports, "address echoes up");
         }
         core.set_echo_ports(echo_ports);
+        core.set_limits(config.limits);
+        let unregistered = reach::source_slots::Slots::new(
+            config.limits.unregistered_links,
+            config.limits.unregistered_per_source,
+        );
         let inner = Arc::new(Inner {
             endpoint,
             session_client,
@@ -247,6 +257,7 @@ impl Hub {
             }),
             config,
             stop: tokio::sync::watch::Sender::new(false),
+            unregistered,
         });
         let mut tasks = vec![
             tokio::spawn(accept_links(inner.clone())),
@@ -367,7 +378,25 @@ async fn accept_links(inner: Arc<Inner>) {
     loop {
         match inner.endpoint.accept().await {
             Ok(stream) => {
-                tokio::spawn(serve_link(inner.clone(), stream, false));
+                let from = stream.info().remote_addr;
+                match inner.unregistered.try_take(from.ip()) {
+                    Ok(slot) => {
+                        tokio::spawn(serve_link(inner.clone(), stream, Some(slot)));
+                    }
+                    Err(full) => {
+                        let n = {
+                            let mut s = inner.state();
+                            s.core.count_unregistered_cut();
+                            s.core.counters.links_unregistered_cut
+                        };
+                        if n.is_power_of_two() {
+                            tracing::warn!(
+                                %from,
+                                "unregistered link limit: refused a link, {full} waiting to register ({n} so far)"
+                            );
+                        }
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!("hub endpoint stopped accepting: {e}");
@@ -478,7 +507,7 @@ async fn link_learned(inner: Arc<Inner>, hub: NodeId, addrs: Vec<SocketAddr>) {
     {
         Ok(stream) => {
             tracing::info!(%hub, "linked to a hub learned from gossip");
-            let why = serve_link(inner, stream, true).await;
+            let why = serve_link(inner, stream, None).await;
             tracing::info!(%hub, "link to learned hub ended: {why}");
         }
         Err(e) => tracing::debug!(%hub, "learned hub not reachable directly: {e}"),
@@ -510,7 +539,7 @@ async fn keep_peer(inner: Arc<Inner>, peer: Peer) {
             Ok((stream, tunnel)) => {
                 backoff = MIN_BACKOFF;
                 id = Some(stream.peer());
-                let why = serve_link(inner.clone(), stream, true).await;
+                let why = serve_link(inner.clone(), stream, None).await;
                 drop(tunnel);
                 tracing::warn!(%peer, "hub link lost: {why}; redialling");
             }
@@ -544,7 +573,16 @@ async fn through_ssh(
 }
 
 /// Serves one link until it ends; returns why.
-async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> String {
+/// Serves one link until it ends. An accepted link holds an `unregistered`
+/// slot until it registers, and must do so within the limit's deadline;
+/// links this hub dialled hold none.
+async fn serve_link(
+    inner: Arc<Inner>,
+    stream: ReachStream,
+    mut unregistered: Option<reach::source_slots::Slot>,
+) -> String {
+    let dialled = unregistered.is_none();
+    let register_by = Instant::now() + inner.config.limits.register_within;
     let peer = stream.peer();
     // Stream addresses are canonical (IPv4 peers of a dual-stack listener
     // as plain IPv4), so nodes can compare what they are told with their own.
@@ -553,7 +591,8 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
     let via = stream.info().local_addr;
     let (r, w) = tokio::io::split(stream);
     let (tx, rx) = reach::link::frame_channel();
-    let writer = tokio::spawn(write_frames(w, rx));
+    let mut writer = tokio::spawn(write_frames(w, rx));
+    let mut writer_ended = false;
     let proof = match (&inner.config.policy.network_secret, dialled) {
         (Some(secret), true) => Some(admission_proof(secret, &inner.endpoint.node_id(), &peer)),
         _ => None,
@@ -568,11 +607,32 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
     let mut reader = FrameReader::new(r);
     let mut stop = inner.stop.subscribe();
     let why = loop {
+        let wait = match unregistered {
+            Some(_) => register_by.saturating_duration_since(Instant::now()),
+            None => IDLE_TIMEOUT,
+        };
         let next = tokio::select! {
-            next = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => next,
+            next = tokio::time::timeout(wait, reader.next()) => next,
             _ = stop.wait_for(|s| *s) => break "hub shutting down".to_string(),
+            // The writer ends only when the link must: its queue overflowed
+            // (a peer that does not read), a write stalled, or the transport
+            // failed.
+            w = &mut writer => {
+                writer_ended = true;
+                break match w {
+                    Ok(Err(e)) => format!("cannot send: {e}"),
+                    _ => "the writer ended".to_string(),
+                };
+            }
         };
         let frame = match next {
+            Err(_) if unregistered.is_some() => {
+                inner.state().core.count_unregistered_cut();
+                break format!(
+                    "not registered within {:?}",
+                    inner.config.limits.register_within
+                );
+            }
             Err(_) => break format!("silent for {IDLE_TIMEOUT:?}"),
             Ok(Err(e)) => break e.to_string(),
             Ok(Ok(None)) => break "closed by peer".to_string(),
@@ -582,6 +642,9 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
         let verdict = s.core.handle_frame(link, frame, Instant::now());
         s.flush();
         proxy_ports::handle(&inner, &mut s, via);
+        if unregistered.is_some() && s.core.is_registered(link) {
+            unregistered = None;
+        }
         if let Verdict::Close(why) = verdict {
             break why;
         }
@@ -593,8 +656,12 @@ async fn serve_link(inner: Arc<Inner>, stream: ReachStream, dialled: bool) -> St
         s.flush();
         proxy_ports::handle(&inner, &mut s, via);
     }
-    tracing::debug!(%peer, %observed, "link closed: {why}");
-    // The writer ends once it has sent what is queued (a refusal, say).
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    if writer_ended {
+        tracing::warn!(%peer, %observed, "link closed: {why}");
+    } else {
+        tracing::debug!(%peer, %observed, "link closed: {why}");
+        // The writer ends once it has sent what is queued (a refusal, say).
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    }
     why
 }

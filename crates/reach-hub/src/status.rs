@@ -96,6 +96,8 @@ impl Status {
                 "relayed_messages": self.counters.relayed_messages,
                 "locates_dropped": self.counters.locates_dropped,
                 "directories_unindexed": self.counters.directories_unindexed,
+                "streams_over_limit": self.counters.streams_over_limit,
+                "links_unregistered_cut": self.counters.links_unregistered_cut,
             },
         })
     }
@@ -204,6 +206,18 @@ impl Status {
             "counter",
             "Hub directories not indexed because too many hubs are known.",
             self.counters.directories_unindexed.to_string(),
+        );
+        metric(
+            "streams_over_limit_total",
+            "counter",
+            "Routed streams refused because a link had its limit of streams.",
+            self.counters.streams_over_limit.to_string(),
+        );
+        metric(
+            "links_unregistered_cut_total",
+            "counter",
+            "Links refused or cut before registering (too many, or too slow).",
+            self.counters.links_unregistered_cut.to_string(),
         );
         metric(
             "relayed_messages_total",

@@ -832,3 +832,42 @@ async fn the_access_policy_holds_on_every_path_a_stream_can_take() {
         round_trip(&mut s, &pattern(1000, i as u8)).await;
     }
 }
+
+#[tokio::test]
+async fn links_that_do_not_register_are_bounded_per_source_and_cut_at_their_deadline() {
+    let hub = hub_with(HubConfig {
+        limits: reach_hub::Limits {
+            unregistered_per_source: 2,
+            register_within: Duration::from_millis(500),
+            ..reach_hub::Limits::default()
+        },
+        ..HubConfig::default()
+    })
+    .await;
+    let t = target_of(&hub);
+    let prober = builder().bind().await.expect("bind");
+    // Authenticated links that never register: the stream a hub link is.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(prober.dial_hub(&t).await.expect("handshake"));
+    }
+    // Each ends: the third at once (its address holds two), the others at
+    // the registration deadline.
+    for link in &mut idle {
+        let mut buf = [0u8; 64];
+        let ended = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match link.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "an unregistered link outlived its deadline");
+    }
+    assert_eq!(hub.status().counters.links_unregistered_cut, 3);
+    // Registered nodes are not affected.
+    let a = node(&t, builder()).await;
+    assert!(a.hub_status().is_some());
+}

@@ -355,7 +355,7 @@ impl EndpointBuilder {
             policy: self.policy,
             reveal_identity: self.reveal_identity,
             counters: crate::counters::Counters::default(),
-            handshake_slots: crate::handshake_slots::Slots::new(
+            handshake_slots: crate::source_slots::Slots::new(
                 self.max_handshakes.0,
                 self.max_handshakes.1,
             ),
@@ -683,8 +683,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 if worth_logging(n) {
                     tracing::warn!(
                         %from,
-                        "per-source handshake limit ({}) reached: dropped the connection ({n} so far)",
-                        full.limit
+                        "handshake limit: dropped the connection, {} in progress ({n} so far)",
+                        full
                     );
                 }
                 continue;

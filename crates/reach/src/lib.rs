@@ -20,7 +20,6 @@ pub mod discovery;
 mod endpoint;
 mod error;
 mod handshake;
-mod handshake_slots;
 mod hub_session;
 mod inbound;
 pub mod keystore;
@@ -33,6 +32,7 @@ mod port_memory;
 mod routed;
 mod secure;
 mod setup;
+pub mod source_slots;
 mod splice;
 mod stream;
 
@@ -45,7 +45,6 @@ pub use error::{
     Attempt, AttemptError, ConnectBackError, ConnectError, EchoError, EndpointError, ExposeError,
     HubError, ModuleError, ModuleFailure, NatProbeError, SessionError,
 };
-pub use handshake_slots::{DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
 pub use hub_session::{HubExposure, HubStatus, HubTarget, HubTargetError};
 pub use node::ConnectBackWait;
 pub use policy::{AccessPolicy, PolicyError};
@@ -53,6 +52,7 @@ pub use reach_proto::setup_plan::{SetupModule, UnknownModule};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;
 pub use secure::SecureStream;
+pub use source_slots::{DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
 pub use splice::NatReport;
 pub use stream::upgrade::Upgraded;
 pub use stream::{Direction, ReachStream, StreamInfo};

@@ -2,19 +2,32 @@
 //!
 //! A link is an authenticated [`ReachStream`] to virtual port
 //! [`HUB_VPORT`](reach_proto::link::HUB_VPORT). Its write side belongs to one
-//! writer task fed by an unbounded channel of encoded frames: every producer
-//! (streams, control, the hub's relay) only queues, and the writer batches what
-//! is queued into few large writes. The channel needs no bound of its own:
-//! Data frames are bounded by each stream's credit, everything else is small
-//! and answers something the peer sent.
+//! writer task fed by a channel of encoded frames: every producer (streams,
+//! control, the hub's relay) only queues, and the writer batches what is
+//! queued into few large writes.
+//!
+//! Producers never wait (the hub's relay cannot), so the queue is bounded
+//! in bytes instead: Data frames are bounded by each stream's credit, but a
+//! peer that grants credit on many streams, or sends requests, and never
+//! reads could otherwise grow it without end. A link whose queue would pass
+//! [`LINK_QUEUE_LIMIT`] refuses the frame and its writer ends the link; a
+//! write that makes no progress for [`WRITE_STALL`] ends it too.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use reach_proto::link::{decode_frame, frame_len, Frame, LinkError, MAX_FRAME_PAYLOAD};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
+
+/// Most bytes a link may have queued for its writer: a peer this far
+/// behind is not reading (or cannot keep up), and the link ends.
+pub const LINK_QUEUE_LIMIT: usize = 64 << 20;
+/// A write to the link that makes no progress this long ends it.
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// Queue of encoded frames towards a link's writer task.
 ///
@@ -42,21 +55,38 @@ struct Flush {
     next: Mutex<u64>,
     done: watch::Sender<u64>,
     /// Set by [`FrameTx::close`]: the writer stops after what is queued.
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
+    /// Bytes queued and not yet written.
+    queued: AtomicUsize,
+    /// The bound on `queued`.
+    limit: usize,
+    /// Set when a frame did not fit: the writer ends the link.
+    overflowed: AtomicBool,
+    /// Wakes the writer when `overflowed` is set.
+    wake: tokio::sync::Notify,
 }
 
-/// The link is gone; nothing more can be queued.
+/// The link is gone (or too far behind); nothing more can be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the hub link is closed")]
 pub struct LinkClosed;
 
-/// A new frame queue.
+/// A new frame queue bounded by [`LINK_QUEUE_LIMIT`].
 pub fn frame_channel() -> (FrameTx, FrameRx) {
+    frame_channel_limited(LINK_QUEUE_LIMIT)
+}
+
+/// A new frame queue holding at most `limit` bytes.
+pub fn frame_channel_limited(limit: usize) -> (FrameTx, FrameRx) {
     let (tx, rx) = mpsc::unbounded_channel();
     let flush = Arc::new(Flush {
         next: Mutex::new(0),
         done: watch::Sender::new(0),
-        closing: std::sync::atomic::AtomicBool::new(false),
+        closing: AtomicBool::new(false),
+        queued: AtomicUsize::new(0),
+        limit,
+        overflowed: AtomicBool::new(false),
+        wake: tokio::sync::Notify::new(),
     });
     (
         FrameTx {
@@ -68,12 +98,33 @@ pub fn frame_channel() -> (FrameTx, FrameRx) {
 }
 
 impl FrameTx {
-    /// Queues one encoded frame (or several, concatenated).
+    /// Queues one encoded frame (or several, concatenated). Refused when
+    /// the link is closed or its queue is full; a full queue also ends the
+    /// link (its writer stops).
     pub fn send(&self, frame: Vec<u8>) -> Result<(), LinkClosed> {
         if frame.is_empty() {
             return Ok(());
         }
-        self.tx.send(frame).map_err(|_| LinkClosed)
+        let f = &self.flush;
+        let n = frame.len();
+        if f.overflowed.load(Ordering::Relaxed) {
+            return Err(LinkClosed);
+        }
+        if f.queued.fetch_add(n, Ordering::Relaxed) + n > f.limit {
+            f.queued.fetch_sub(n, Ordering::Relaxed);
+            f.overflowed.store(true, Ordering::Relaxed);
+            f.wake.notify_one();
+            return Err(LinkClosed);
+        }
+        self.tx.send(frame).map_err(|_| {
+            f.queued.fetch_sub(n, Ordering::Relaxed);
+            LinkClosed
+        })
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.flush.queued.load(Ordering::Relaxed)
     }
 
     /// Closes the link gracefully: the writer sends what is queued now, then
@@ -81,9 +132,7 @@ impl FrameTx {
     /// the end (where dropping the connection could reset it and lose what
     /// the kernel still had to send). Resolves like [`flushed`](Self::flushed).
     pub fn close(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.flush
-            .closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.flush.closing.store(true, Ordering::SeqCst);
         self.flushed()
     }
 
@@ -117,21 +166,51 @@ impl Drop for ReleaseOnDrop {
 /// Bytes gathered into one write at most.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// Writes queued frames until the queue closes (every sender dropped) or the
-/// transport fails; then shuts the write side down.
+/// `io` within [`WRITE_STALL`], else a timed-out error naming the stall.
+async fn unstalled<T>(io: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    match tokio::time::timeout(WRITE_STALL, io).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took nothing for {WRITE_STALL:?}"),
+        )),
+    }
+}
+
+/// Writes queued frames until the queue closes (every sender dropped), the
+/// transport fails or stalls for [`WRITE_STALL`], or the queue overflows;
+/// then shuts the write side down.
 pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::Result<()> {
     let FrameRx { mut rx, flush } = rx;
     let _release = ReleaseOnDrop(flush.clone());
     let mut batch = Vec::with_capacity(WRITE_BATCH);
-    while let Some(first) = rx.recv().await {
+    let overflow = || {
+        io::Error::other(format!(
+            "more than {} MiB queued for the peer: it does not keep up",
+            flush.limit >> 20
+        ))
+    };
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = flush.wake.notified() => return Err(overflow()),
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+        };
+        if flush.overflowed.load(Ordering::Relaxed) {
+            return Err(overflow());
+        }
         if rx.is_empty() && !first.is_empty() {
             // The common case under light load: no copy into the batch.
-            w.write_all(&first).await?;
+            unstalled(w.write_all(&first)).await?;
+            flush.queued.fetch_sub(first.len(), Ordering::Relaxed);
             // The transport may keep part of a write buffered (an encrypted
             // link keeps what the socket could not take yet): with nothing
             // more queued, push it out now, not when the next frame comes
             // (which may be a ping 15 s later).
-            w.flush().await?;
+            unstalled(w.flush()).await?;
             continue;
         }
         let mut barriers = 0u64;
@@ -150,20 +229,21 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
             }
         }
         if !batch.is_empty() {
-            w.write_all(&batch).await?;
+            unstalled(w.write_all(&batch)).await?;
+            flush.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             batch.clear();
         }
         if barriers > 0 || rx.is_empty() {
-            w.flush().await?;
+            unstalled(w.flush()).await?;
         }
         if barriers > 0 {
             flush.done.send_modify(|d| *d += barriers);
         }
-        if flush.closing.load(std::sync::atomic::Ordering::SeqCst) && rx.is_empty() {
+        if flush.closing.load(Ordering::SeqCst) && rx.is_empty() {
             break;
         }
     }
-    w.shutdown().await
+    unstalled(w.shutdown()).await
 }
 
 /// Why reading a link ended.
@@ -265,6 +345,45 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(10), stuck)
             .await
             .expect("released when the writer stops");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_reads_cannot_grow_the_queue_and_the_link_ends() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (tx, rx) = frame_channel_limited(10_000);
+        let writer = tokio::spawn(write_frames(a, rx));
+        let mut refused = false;
+        for _ in 0..100 {
+            if tx.send(vec![1u8; 1000]).is_err() {
+                refused = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(refused, "the queue is bounded");
+        assert!(tx.queued() <= 10_000, "{} queued", tx.queued());
+        assert!(
+            tx.send(vec![1u8; 10]).is_err(),
+            "an overflowed link takes nothing more"
+        );
+        // The writer is stuck in a write the peer never takes: the stall
+        // deadline ends it (virtual time).
+        let err = writer.await.expect("joins").expect_err("stalled");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_ends_the_link_when_a_frame_overflows_it() {
+        let (a, _b) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = frame_channel_limited(100);
+        let writer = tokio::spawn(write_frames(a, rx));
+        assert!(tx.send(vec![1u8; 101]).is_err());
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+            .await
+            .expect("ends at once")
+            .expect("joins")
+            .expect_err("overflow");
+        assert!(err.to_string().contains("does not keep up"), "{err}");
     }
 
     /// A transport that, like an encrypted stream, takes a whole write at

@@ -71,7 +71,7 @@ pub(crate) struct Shared {
     /// What was refused and dropped.
     pub(crate) counters: Counters,
     /// Room for inbound handshakes in progress.
-    pub(crate) handshake_slots: Arc<crate::handshake_slots::Slots>,
+    pub(crate) handshake_slots: Arc<crate::source_slots::Slots>,
 }
 
 /// A connect-back awaited with `Endpoint::expect_connect_back`.

@@ -1,5 +1,7 @@
-//! Room for handshakes in progress: a total cap and a cap per source, with
-//! the oldest unfinished handshake cut when the total is reached.
+//! Room for work an outsider starts before it is admitted (handshakes in
+//! progress, hub links not yet registered): a total cap and a cap per
+//! source. For handshakes, the oldest unfinished one is cut when the total
+//! is reached ([`Slots::take`]); [`Slots::try_take`] refuses instead.
 //!
 //! ```text
 //! accept --> take(source ip) --> refused: its source has `per_source` in progress
@@ -27,10 +29,11 @@ pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 
 /// What counts as one source: an IPv4 address, an IPv6 /64.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Source(u128);
+pub struct Source(u128);
 
 impl Source {
-    pub(crate) fn of(ip: IpAddr) -> Self {
+    /// The source an address belongs to.
+    pub fn of(ip: IpAddr) -> Self {
         match ip.to_canonical() {
             IpAddr::V4(v4) => Source(u128::from(u32::from(v4))),
             IpAddr::V6(v6) => Source((u128::from(v6) >> 64) | (1 << 127)),
@@ -68,25 +71,36 @@ impl Table {
 }
 
 /// Why a connection got no slot.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct SourceFull {
-    /// The per-source cap it hit.
-    pub(crate) limit: usize,
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Full {
+    /// Its source holds its share.
+    #[error("{limit} already from its address (the per-source limit)")]
+    Source {
+        /// The per-source cap.
+        limit: usize,
+    },
+    /// Every slot is taken.
+    #[error("{limit} already in all (the total limit)")]
+    Total {
+        /// The total cap.
+        limit: usize,
+    },
 }
 
-/// The handshake slots of one listener.
+/// The slots of one listener.
 #[derive(Debug)]
-pub(crate) struct Slots {
+pub struct Slots {
     table: Mutex<Table>,
 }
 
 /// A handshake cut to make room: abort it.
 #[derive(Debug)]
-pub(crate) struct Evicted(Option<AbortHandle>);
+pub struct Evicted(Option<AbortHandle>);
 
 impl Evicted {
     /// Ends the evicted handshake's task (if it had started).
-    pub(crate) fn abort(self) {
+    pub fn abort(self) {
         if let Some(a) = self.0 {
             a.abort();
         }
@@ -95,14 +109,14 @@ impl Evicted {
 
 /// A granted slot, freed when dropped.
 #[derive(Debug)]
-pub(crate) struct Slot {
+pub struct Slot {
     slots: Arc<Slots>,
     id: u64,
 }
 
 impl Slots {
     /// Slots for `total` handshakes, `per_source` from one source.
-    pub(crate) fn new(total: usize, per_source: usize) -> Arc<Self> {
+    pub fn new(total: usize, per_source: usize) -> Arc<Self> {
         Arc::new(Self {
             table: Mutex::new(Table {
                 total: total.max(1),
@@ -120,24 +134,39 @@ impl Slots {
 
     /// A slot for a connection from `ip`, and the handshake it displaced
     /// (to be aborted), if the table was full.
-    pub(crate) fn take(
-        self: &Arc<Self>,
-        ip: IpAddr,
-    ) -> Result<(Slot, Option<Evicted>), SourceFull> {
-        let source = Source::of(ip);
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Result<(Slot, Option<Evicted>), Full> {
         let mut t = self.table();
-        let from_source = t.by_source.get(&source).copied().unwrap_or(0);
-        if from_source >= t.per_source {
-            return Err(SourceFull {
-                limit: t.per_source,
-            });
-        }
+        let source = Self::room_at_source(&t, ip)?;
         let mut evicted = None;
         if t.pending.len() >= t.total {
             if let Some(oldest) = t.pending.keys().next().copied() {
                 evicted = t.release(oldest).map(|p| Evicted(p.abort));
             }
         }
+        Ok((self.insert(&mut t, source), evicted))
+    }
+
+    /// A slot for a connection from `ip`, refused when the table is full.
+    pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Full> {
+        let mut t = self.table();
+        let source = Self::room_at_source(&t, ip)?;
+        if t.pending.len() >= t.total {
+            return Err(Full::Total { limit: t.total });
+        }
+        Ok(self.insert(&mut t, source))
+    }
+
+    fn room_at_source(t: &Table, ip: IpAddr) -> Result<Source, Full> {
+        let source = Source::of(ip);
+        if t.by_source.get(&source).copied().unwrap_or(0) >= t.per_source {
+            return Err(Full::Source {
+                limit: t.per_source,
+            });
+        }
+        Ok(source)
+    }
+
+    fn insert(self: &Arc<Self>, t: &mut Table, source: Source) -> Slot {
         let id = t.next;
         t.next += 1;
         t.pending.insert(
@@ -148,30 +177,29 @@ impl Slots {
             },
         );
         *t.by_source.entry(source).or_insert(0) += 1;
-        let slot = Slot {
+        Slot {
             slots: self.clone(),
             id,
-        };
-        Ok((slot, evicted))
+        }
     }
 
     /// Ties slot `id` to its handshake task, which eviction aborts. A slot
     /// already freed (its task ended at once) is left alone.
-    pub(crate) fn set_task(&self, id: u64, abort: AbortHandle) {
+    pub fn set_task(&self, id: u64, abort: AbortHandle) {
         if let Some(p) = self.table().pending.get_mut(&id) {
             p.abort = Some(abort);
         }
     }
 
     /// Handshakes in progress now.
-    pub(crate) fn in_progress(&self) -> usize {
+    pub fn in_progress(&self) -> usize {
         self.table().pending.len()
     }
 }
 
 impl Slot {
     /// The slot's number, for [`Slots::set_task`].
-    pub(crate) fn id(&self) -> u64 {
+    pub fn id(&self) -> u64 {
         self.id
     }
 }
@@ -198,7 +226,7 @@ mod tests {
         let (_a2, _) = slots.take(ip("192.0.2.1")).expect("second");
         assert_eq!(
             slots.take(ip("192.0.2.1")).expect_err("third"),
-            SourceFull { limit: 2 }
+            Full::Source { limit: 2 }
         );
         // An IPv6 /64 is one source; a different /64 is another.
         let (_b1, _) = slots.take(ip("2001:db8::1")).expect("v6");
@@ -217,6 +245,23 @@ mod tests {
         assert_eq!(slots.in_progress(), 4);
         let (_a3, e) = slots.take(ip("192.0.2.1")).expect("room again");
         assert!(e.is_some(), "still full, so the next oldest goes");
+    }
+
+    #[test]
+    fn try_take_refuses_when_full_instead_of_evicting() {
+        let slots = Slots::new(2, 1);
+        let a = slots.try_take(ip("192.0.2.1")).expect("a");
+        assert_eq!(
+            slots.try_take(ip("192.0.2.1")).expect_err("its share"),
+            Full::Source { limit: 1 }
+        );
+        let _b = slots.try_take(ip("192.0.2.2")).expect("b");
+        assert_eq!(
+            slots.try_take(ip("192.0.2.3")).expect_err("full"),
+            Full::Total { limit: 2 }
+        );
+        drop(a);
+        slots.try_take(ip("192.0.2.3")).expect("room again");
     }
 
     #[test]
