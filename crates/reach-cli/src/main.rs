@@ -356,10 +356,14 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(run(cli, config)) {
+    let code = match runtime.block_on(run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
-    }
+    };
+    // A blocking read of stdin may still run (the peer failed while stdin
+    // stays open): exit without waiting for it.
+    runtime.shutdown_background();
+    code
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {

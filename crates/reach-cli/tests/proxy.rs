@@ -339,3 +339,41 @@ fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
     let (ok, _, err) = reach_at(&a_state, &["stop", "echo"]);
     assert!(!ok && err.contains("no running proxy"), "{err}");
 }
+
+#[test]
+fn a_cut_stream_reaches_the_tcp_client_as_a_reset_not_an_end_of_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A service that greets and then keeps the connection open.
+    let service = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let service_addr = service.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut c in service.incoming().flatten() {
+            let _ = c.write_all(b"hello");
+            held.push(c);
+        }
+    });
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let exposed = Listener::start_with(
+        None,
+        &dir.path().join("a"),
+        &empty,
+        &["expose", &service_addr.to_string()],
+        &["--open"],
+    );
+    let listen = free_addr();
+    let _forwarder = Forwarder::start(&dir.path().join("b"), &[&listen, &exposed.vaddr]);
+    let mut c = TcpStream::connect(&listen).expect("connect to forward");
+    c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut hello = [0u8; 5];
+    c.read_exact(&mut hello).expect("greeting");
+    assert_eq!(&hello, b"hello");
+    // The serving side dies: its stream ends without the authenticated end
+    // record, and the client must see that as a reset.
+    exposed.kill();
+    let mut rest = Vec::new();
+    let err = c
+        .read_to_end(&mut rest)
+        .expect_err("an abnormal end, not end of file");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}

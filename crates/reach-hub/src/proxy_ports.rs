@@ -299,8 +299,11 @@ async fn client(
     tracing::debug!(%from, node = %target.node, "proxy client connected");
     let _ = tcp.set_nodelay(true);
     let idle = inner.config.proxy_idle;
-    let mut tcp = reach_legacy::proxy::Metered::new(&mut tcp, stats);
-    let moved = reach_legacy::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await;
+    let moved = {
+        let mut tcp = reach_legacy::proxy::Metered::new(&mut tcp, stats);
+        reach_legacy::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await
+    };
+    reach_legacy::proxy::reset_if_failed(&tcp, &moved);
     tracing::debug!(%from, ?moved, "proxy client done");
     true
 }

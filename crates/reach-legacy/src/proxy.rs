@@ -263,13 +263,32 @@ impl Observer for Activity {
 }
 
 /// Copies both ways until both directions end, counting into `stats` as it
-/// goes; returns (bytes from `tcp`, bytes from `stream`).
+/// goes; returns (bytes from `tcp`, bytes from `stream`). An abnormal end
+/// resets `tcp` (see [`reset_if_failed`]).
 async fn pipe<S>(tcp: &mut TcpStream, stream: &mut S, stats: &ProxyStats) -> io::Result<(u64, u64)>
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut tcp = Metered::new(tcp, stats);
-    tokio::io::copy_bidirectional_with_sizes(&mut tcp, stream, COPY_BUF, COPY_BUF).await
+    let moved = {
+        let mut tcp = Metered::new(&mut *tcp, stats);
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, stream, COPY_BUF, COPY_BUF).await
+    };
+    reset_if_failed(tcp, &moved);
+    moved
+}
+
+/// Makes the coming close of `tcp` a reset (RST) when the copy failed: a
+/// reach stream that was cut (a truncated stream, a reset routed stream, a
+/// vanished peer) must reach the legacy program as an abnormal end, never
+/// as the clean end of file that would make a truncated transfer look
+/// complete. A clean end of the reach stream was passed on as a FIN by the
+/// copy itself.
+pub fn reset_if_failed<T>(tcp: &TcpStream, moved: &io::Result<T>) {
+    if moved.is_err() {
+        if let Err(e) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO)) {
+            tracing::debug!("cannot make the close a reset: {e}");
+        }
+    }
 }
 
 /// Serves `endpoint`'s inbound streams: each is connected to the TCP

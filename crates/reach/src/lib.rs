@@ -55,4 +55,4 @@ pub use secure::SecureStream;
 pub use source_slots::{DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
 pub use splice::NatReport;
 pub use stream::upgrade::Upgraded;
-pub use stream::{Direction, ReachStream, StreamInfo};
+pub use stream::{Direction, ReachStream, StreamInfo, LIVENESS};

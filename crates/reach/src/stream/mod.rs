@@ -10,6 +10,17 @@
 //! reports how ([`StreamInfo`]); [`upgrade`] is the in-place handover that
 //! lets a routed stream move onto a better path while the application reads
 //! and writes (the setup driver's background upgrade decides when).
+//!
+//! # Liveness
+//! A peer that vanishes (its host gone, every packet dropped) is noticed
+//! within [`LIVENESS`] on every kind of stream. Over TCP (direct, reverse,
+//! spliced) the kernel does it: keepalive probes after 10 s of silence,
+//! every 5 s, 4 unanswered end the connection, and `TCP_USER_TIMEOUT` ends
+//! one whose sent data stays unacknowledged for as long; both need no
+//! protocol messages and cost nothing while data flows. A routed stream
+//! ends with its hub link, which pings every 15 s and is dead after 45 s of
+//! silence. Either way the application's next read or write fails with an
+//! error, never a clean end of file.
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,6 +39,26 @@ pub(crate) mod upgrade;
 use crate::routed::RoutedStream;
 use crate::secure::SecureStream;
 use upgrade::{Handover, NewPath, Registration, Slot, Upgraded};
+
+/// How long a vanished peer can go unnoticed on a TCP stream.
+pub const LIVENESS: Duration = Duration::from_secs(30);
+
+/// Sets the kernel's liveness checks on a stream's TCP connection (see the
+/// module docs). Best effort: a platform without them keeps the defaults.
+fn watch_liveness(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(4);
+    if let Err(e) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!("cannot set TCP keepalive: {e}");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = sock.set_tcp_user_timeout(Some(LIVENESS)) {
+        tracing::debug!("cannot set TCP_USER_TIMEOUT: {e}");
+    }
+}
 
 /// Which side opened the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,6 +172,7 @@ impl ReachStream {
         direction: Direction,
         started: Instant,
     ) -> io::Result<Self> {
+        watch_liveness(&tcp);
         let info = StreamInfo {
             peer: est.peer,
             virtual_port: est.port,
