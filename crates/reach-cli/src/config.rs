@@ -84,6 +84,10 @@ pub struct HubServer {
     pub max_exposures: Option<usize>,
     /// Seconds a proxy-port connection may stay idle.
     pub proxy_idle: Option<f64>,
+    /// File holding the hub secret hubs link with.
+    pub hub_secret_file: Option<PathBuf>,
+    /// Link with every hub.
+    pub open_hubs: Option<bool>,
     /// Handshakes in progress at once.
     pub max_handshakes: Option<usize>,
     /// Handshakes in progress from one source.

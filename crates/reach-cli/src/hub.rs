@@ -51,10 +51,18 @@ pub struct HubArgs {
     /// Admit every node, even with --allow or a network secret.
     #[arg(long)]
     open: bool,
-    /// File holding the network secret: nodes and hubs proving it are admitted,
-    /// and this hub proves it to its peers.
+    /// File holding the network secret: nodes proving it are admitted.
     #[arg(long, value_name = "PATH")]
     network_secret_file: Option<PathBuf>,
+    /// File holding the hub secret (distinct from the network secret): hubs
+    /// proving it may link with this hub, both ways, including hubs learned
+    /// from gossip or heard on the LAN; this hub proves it to them.
+    #[arg(long, value_name = "PATH")]
+    hub_secret_file: Option<PathBuf>,
+    /// Link with every hub (without --allow-hub or a hub secret, only
+    /// configured --peer hubs link; an open hub admits nodes, not hubs).
+    #[arg(long)]
+    open_hubs: bool,
     /// Serve Prometheus metrics (/metrics) and the JSON status (/status) over
     /// HTTP on this address, e.g. 127.0.0.1:9107.
     #[arg(long, value_name = "IP:PORT")]
@@ -228,13 +236,25 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
     let network_secret = crate::network_secret(args.network_secret_file.as_deref(), config)?;
     let open = args.open || file.and_then(|h| h.open).unwrap_or(false);
     let open = if !open && allowed.is_empty() && network_secret.is_none() {
-        tracing::warn!(
-            "no --allow and no --network-secret-file: the hub admits every node (and hub)"
-        );
+        tracing::warn!("no --allow and no --network-secret-file: the hub admits every node");
         true
     } else {
         open
     };
+    let hub_secret = match args
+        .hub_secret_file
+        .as_deref()
+        .or(file.and_then(|h| h.hub_secret_file.as_deref()))
+    {
+        Some(path) => Some(crate::read_secret(path, "hub secret")?),
+        None => None,
+    };
+    if hub_secret.is_some() && hub_secret == network_secret {
+        anyhow::bail!(
+            "the hub secret must differ from the network secret: a node holding the network secret could otherwise link as a hub"
+        );
+    }
+    let open_hubs = args.open_hubs || file.and_then(|h| h.open_hubs).unwrap_or(false);
     let gossip_interval = match args
         .gossip_interval
         .or(file.and_then(|h| h.gossip_interval))
@@ -274,6 +294,8 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
             network_secret,
             open,
             peer_hubs,
+            hub_secret,
+            open_hubs,
         },
         advertise,
         gossip_interval,

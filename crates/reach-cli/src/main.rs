@@ -516,18 +516,24 @@ fn network_secret(flag: Option<&Path>, config: &Config) -> anyhow::Result<Option
     let Some(path) = flag.or(config.network_secret_file.as_deref()) else {
         return Ok(None);
     };
+    read_secret(path, "network secret").map(Some)
+}
+
+/// A secret from its file (`what` names it in errors): surrounding
+/// whitespace is not part of it, and it must be at least 16 bytes.
+fn read_secret(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read the network secret file {}", path.display()))?;
+        .with_context(|| format!("cannot read the {what} file {}", path.display()))?;
     let secret = bytes.trim_ascii();
     if secret.len() < 16 {
         anyhow::bail!(
-            "the network secret in {} is too short ({} bytes): use at least 16 random bytes, e.g. `head -c 32 /dev/urandom | base64 > {}`",
+            "the {what} in {} is too short ({} bytes): use at least 16 random bytes, e.g. `head -c 32 /dev/urandom | base64 > {}`",
             path.display(),
             secret.len(),
             path.display()
         );
     }
-    Ok(Some(secret.to_vec()))
+    Ok(secret.to_vec())
 }
 
 /// How long `listen` waits for its hub before giving up.

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use reach_proto::link::{
     encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,
-    verify_admission_proof, ConnectBack, Control, DirEntry, Frame, Rendezvous, ResetCode, Window,
-    ADVERTS_PART, DIRECTORY_PART, MAX_NODE_ADDRS, MAX_STREAM_WINDOW, STREAM_WINDOW,
+    hub_link_proof, verify_admission_proof, verify_hub_link_proof, ConnectBack, Control, DirEntry,
+    Frame, Rendezvous, ResetCode, Window, ADVERTS_PART, DIRECTORY_PART, MAX_NODE_ADDRS,
+    MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::routes::RouteTable;
 use reach_proto::NodeId;
@@ -39,7 +40,15 @@ pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_secs(2);
 /// A link's id, unique for the hub's lifetime.
 pub type LinkId = u64;
 
-/// Who may attach to the hub.
+/// Who may attach to the hub, and which hubs it links with.
+///
+/// Hubs are admitted by their own credential, never by the nodes' one: a
+/// hub listed by NodeId (`peer_hubs`: `--allow-hub`, and configured peers
+/// once dialled), or one proving the hub secret, which is distinct from
+/// the network secret nodes prove. The check runs on every hub link, both
+/// ways: links this hub accepts, and links it dials to hubs learned from
+/// gossip or heard on the LAN. An open hub admits every node but no hub,
+/// unless `open_hubs` says so.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
     /// Nodes admitted by key.
@@ -50,6 +59,11 @@ pub struct Policy {
     pub open: bool,
     /// Hubs admitted as peers by key (besides configured peers, which are).
     pub peer_hubs: Vec<NodeId>,
+    /// Hubs proving knowledge of this secret are admitted, and this hub
+    /// proves it to the hubs it links with.
+    pub hub_secret: Option<Vec<u8>>,
+    /// Admit every hub (for closed test federations; off by default).
+    pub open_hubs: bool,
 }
 
 impl Policy {
@@ -64,13 +78,20 @@ impl Policy {
     }
 
     fn admits_hub(&self, hub: &NodeId, proof: Option<&[u8; 32]>, me: &NodeId) -> bool {
-        if self.peer_hubs.contains(hub) {
+        if self.open_hubs || self.peer_hubs.contains(hub) {
             return true;
         }
-        match (&self.network_secret, proof) {
-            (Some(secret), Some(p)) => verify_admission_proof(secret, hub, me, p),
-            _ => self.open,
+        match (&self.hub_secret, proof) {
+            (Some(secret), Some(p)) => verify_hub_link_proof(secret, hub, me, p),
+            _ => false,
         }
+    }
+
+    /// This hub's proof to `to`, if it has a hub secret.
+    fn hub_proof(&self, me: &NodeId, to: &NodeId) -> Option<[u8; 32]> {
+        self.hub_secret
+            .as_deref()
+            .map(|s| hub_link_proof(s, me, to))
     }
 }
 
@@ -606,6 +627,19 @@ impl HubCore {
         }
     }
 
+    /// Admits `hub` as a peer from now on: the driver calls it for a
+    /// configured peer once dialling it has told its NodeId.
+    pub fn allow_hub(&mut self, hub: NodeId) {
+        if !self.policy.peer_hubs.contains(&hub) {
+            self.policy.peer_hubs.push(hub);
+        }
+    }
+
+    /// This hub's proof for a `HubHello` to `to` (see [`Policy`]).
+    pub fn hub_proof(&self, to: &NodeId) -> Option<[u8; 32]> {
+        self.policy.hub_proof(&self.me, to)
+    }
+
     /// Sets the limits (default: [`Limits::default`]).
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
@@ -990,9 +1024,10 @@ impl HubCore {
             }
             (LinkKind::Pending, Control::HubHello { addrs, proof }) => {
                 let dialled = self.links.get(&link).is_some_and(|l| l.dialled);
-                if !dialled && !self.policy.admits_hub(&peer, proof.as_ref(), &self.me) {
+                if !self.policy.admits_hub(&peer, proof.as_ref(), &self.me) {
                     self.counters.refused += 1;
-                    let reason = "hub is not a configured peer and gave no network secret";
+                    tracing::warn!(%peer, dialled, "refused a hub link: not an allowed hub, and no valid hub secret proof");
+                    let reason = "hub is not an allowed peer and gave no valid hub secret proof";
                     self.send(
                         link,
                         control(&Control::Refused {
@@ -1007,7 +1042,7 @@ impl HubCore {
                 if !dialled {
                     let hello = Control::HubHello {
                         addrs: self.listen.clone(),
-                        proof: None,
+                        proof: self.policy.hub_proof(&self.me, &peer),
                     };
                     self.send(link, control(&hello));
                 }

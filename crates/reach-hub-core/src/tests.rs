@@ -503,11 +503,18 @@ proptest::proptest! {
 
 /// Two open hubs `a` and `b` linked to each other (a dialled); returns
 /// (a, b, a's link to b, b's link to a) with the link greetings exchanged.
-fn two_hubs(now: Instant) -> (HubCore, HubCore, LinkId, LinkId) {
-    let policy = Policy {
+/// The policy of a hub in a test federation: open to nodes, linking with
+/// hubs that prove the federation's hub secret.
+fn hub_policy() -> Policy {
+    Policy {
         open: true,
+        hub_secret: Some(b"the test federation's hub secret".to_vec()),
         ..Policy::default()
-    };
+    }
+}
+
+fn two_hubs(now: Instant) -> (HubCore, HubCore, LinkId, LinkId) {
+    let policy = hub_policy();
     let mut a = HubCore::new(
         id(1),
         policy.clone(),
@@ -516,7 +523,7 @@ fn two_hubs(now: Instant) -> (HubCore, HubCore, LinkId, LinkId) {
         1,
     );
     let mut b = HubCore::new(id(2), policy, vec![addr(2)], Duration::from_secs(10), 1);
-    let ab = a.handle_link_up(id(2), addr(2), true, None);
+    let ab = a.handle_link_up(id(2), addr(2), true, a.hub_proof(&id(2)));
     let ba = b.handle_link_up(id(1), addr(1), false, None);
     pump(&mut a, &mut b, ab, ba, now);
     assert!(a.has_hub_link(&id(2)) && b.has_hub_link(&id(1)));
@@ -668,12 +675,14 @@ fn a_restarted_hub_supersedes_its_earlier_run_and_stale_index_entries_go() {
     assert_eq!(b.home_of(&id(10)), Some(id(1)));
     // a restarts (a later epoch), and z attaches instead of x.
     b.handle_link_down(ba, now);
-    let policy = Policy {
-        open: true,
-        ..Policy::default()
-    };
-    let mut a = HubCore::new(id(1), policy, vec![addr(1)], Duration::from_secs(10), 1_000);
-    let ab = a.handle_link_up(id(2), addr(2), true, None);
+    let mut a = HubCore::new(
+        id(1),
+        hub_policy(),
+        vec![addr(1)],
+        Duration::from_secs(10),
+        1_000,
+    );
+    let ab = a.handle_link_up(id(2), addr(2), true, a.hub_proof(&id(2)));
     let ba = b.handle_link_up(id(1), addr(1), false, None);
     register(&mut a, 12, vec![], now);
     pump(&mut a, &mut b, ab, ba, now);
@@ -693,15 +702,12 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
     // A third hub c behind b: b links to it and learns its directory.
     let mut c = HubCore::new(
         id(3),
-        Policy {
-            open: true,
-            ..Policy::default()
-        },
+        hub_policy(),
         vec![addr(3)],
         Duration::from_secs(10),
         1,
     );
-    let bc = b.handle_link_up(id(3), addr(3), true, None);
+    let bc = b.handle_link_up(id(3), addr(3), true, b.hub_proof(&id(3)));
     let cb = c.handle_link_up(id(2), addr(2), false, None);
     register(&mut c, 40, vec![], now);
     pump(&mut b, &mut c, bc, cb, now);
@@ -831,4 +837,83 @@ fn a_node_cannot_hold_more_streams_than_its_limit_either_way() {
         matches!(&frames[..], [(l, Frame::Open { .. })] if *l == c_link),
         "{frames:?}"
     );
+}
+
+#[test]
+fn hubs_link_only_by_their_own_credential_checked_both_ways() {
+    let now = Instant::now();
+    let node_secret = b"the network secret nodes prove".to_vec();
+    // An open hub that also has a network secret for nodes.
+    let mut h = hub_with(Policy {
+        open: true,
+        network_secret: Some(node_secret.clone()),
+        ..Policy::default()
+    });
+    // A node's admission proof, or a network-secret proof, does not make a hub.
+    for proof in [
+        None,
+        Some(admission_proof(&node_secret, &id(50), &id(1))),
+        Some(reach_proto::link::hub_link_proof(
+            &node_secret,
+            &id(50),
+            &id(1),
+        )),
+    ] {
+        let l = h.handle_link_up(id(50), addr(50), false, None);
+        let hello = Control::HubHello {
+            addrs: vec![],
+            proof,
+        };
+        assert!(matches!(control(&mut h, l, hello), Verdict::Close(_)));
+        assert!(!h.has_hub_link(&id(50)));
+    }
+    // A hub this one dialled (learned from gossip, say) must prove itself
+    // too: its answer without a credential is refused.
+    let mut a = HubCore::new(
+        id(1),
+        hub_policy(),
+        vec![addr(1)],
+        Duration::from_secs(10),
+        1,
+    );
+    let mut stranger = HubCore::new(
+        id(60),
+        Policy {
+            open_hubs: true,
+            ..Policy::default()
+        },
+        vec![addr(60)],
+        Duration::from_secs(10),
+        1,
+    );
+    let a_s = a.handle_link_up(id(60), addr(60), true, a.hub_proof(&id(60)));
+    let s_a = stranger.handle_link_up(id(1), addr(1), false, None);
+    for (_, f) in a.poll_transmits() {
+        let (frame, _) = decode_frame(&f).expect("valid").expect("whole");
+        assert_eq!(stranger.handle_frame(s_a, frame, now), Verdict::Continue);
+    }
+    let answer = stranger.poll_transmits();
+    let (frame, _) = decode_frame(&answer[0].1).expect("valid").expect("whole");
+    assert!(matches!(
+        frame,
+        Frame::Control(Control::HubHello { proof: None, .. })
+    ));
+    assert!(matches!(a.handle_frame(a_s, frame, now), Verdict::Close(_)));
+    assert!(
+        !a.has_hub_link(&id(60)),
+        "a hub without the secret answered"
+    );
+    // Two hubs with the secret link, both ways.
+    let (a, b, _, _) = two_hubs(now);
+    assert!(a.has_hub_link(&id(2)) && b.has_hub_link(&id(1)));
+    // A listed hub (a configured peer) links without a secret.
+    let mut c = hub_with(Policy::default());
+    c.allow_hub(id(70));
+    let l = c.handle_link_up(id(70), addr(70), false, None);
+    let hello = Control::HubHello {
+        addrs: vec![],
+        proof: None,
+    };
+    assert_eq!(control(&mut c, l, hello), Verdict::Continue);
+    assert!(c.has_hub_link(&id(70)));
 }

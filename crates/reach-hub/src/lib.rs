@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use reach::link::{write_frames, FrameReader, FrameTx};
 use reach::{Endpoint, EndpointBuilder, EndpointError, HubTarget, NodeId, ReachStream};
-use reach_proto::link::{admission_proof, HUB_VPORT};
+use reach_proto::link::HUB_VPORT;
 
 pub use crate::core::{HubCore, Limits, LinkId, Policy, Verdict};
 pub use crate::status::Status;
@@ -539,6 +539,10 @@ async fn keep_peer(inner: Arc<Inner>, peer: Peer) {
             Ok((stream, tunnel)) => {
                 backoff = MIN_BACKOFF;
                 id = Some(stream.peer());
+                // A configured peer is admitted by being configured; its
+                // NodeId is known for sure only now (it may have been
+                // learned on first contact).
+                inner.state().core.allow_hub(stream.peer());
                 let why = serve_link(inner.clone(), stream, None).await;
                 drop(tunnel);
                 tracing::warn!(%peer, "hub link lost: {why}; redialling");
@@ -593,12 +597,13 @@ async fn serve_link(
     let (tx, rx) = reach::link::frame_channel();
     let mut writer = tokio::spawn(write_frames(w, rx));
     let mut writer_ended = false;
-    let proof = match (&inner.config.policy.network_secret, dialled) {
-        (Some(secret), true) => Some(admission_proof(secret, &inner.endpoint.node_id(), &peer)),
-        _ => None,
-    };
     let link = {
         let mut s = inner.state();
+        let proof = if dialled {
+            s.core.hub_proof(&peer)
+        } else {
+            None
+        };
         let link = s.core.handle_link_up(peer, observed, dialled, proof);
         s.txs.insert(link, tx);
         s.flush();

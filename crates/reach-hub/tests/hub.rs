@@ -30,6 +30,19 @@ async fn hub() -> Hub {
     hub_with(HubConfig::default()).await
 }
 
+/// A hub of a test federation: open to nodes, linking with hubs that prove
+/// the federation's hub secret.
+fn federated() -> HubConfig {
+    HubConfig {
+        policy: Policy {
+            open: true,
+            hub_secret: Some(b"the test federation's hub secret".to_vec()),
+            ..Policy::default()
+        },
+        ..HubConfig::default()
+    }
+}
+
 fn target_of(hub: &Hub) -> HubTarget {
     hub.target(hub.local_addr())
 }
@@ -425,7 +438,7 @@ async fn hubs_federate_and_route_over_several_hops() {
     // h1 and h3 do not link directly, as if they could not reach each other.
     let no_learning = HubConfig {
         link_learned: false,
-        ..HubConfig::default()
+        ..federated()
     };
     let h1 = hub_with(no_learning.clone()).await;
     let h2 = hub_with(HubConfig {
@@ -476,7 +489,7 @@ async fn hubs_link_directly_to_hubs_they_learn_about() {
     // dials it, so h1 ends up with a one-hop route to h3.
     let config = HubConfig {
         gossip_interval: Duration::from_millis(200),
-        ..HubConfig::default()
+        ..federated()
     };
     let h1 = hub_with(config.clone()).await;
     let peer = |h: &Hub| Peer {

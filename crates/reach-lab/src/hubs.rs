@@ -68,6 +68,14 @@ pub fn start(
         dirs.insert(h.clone(), dir);
     }
     let ssh_dir = lab.record().state_dir().join("ssh");
+    // The federation's hub secret: hubs that learn of each other by gossip
+    // link directly only if they prove it (configured links are admitted
+    // by NodeId below).
+    let hub_secret = state.join("hub.secret");
+    let mut secret = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut secret)?;
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&hub_secret, hex + "\n")?;
     let mut set = HubSet {
         procs: BTreeMap::new(),
         args: BTreeMap::new(),
@@ -88,6 +96,7 @@ pub fn start(
             args.push(a.into());
         }
         args.push(dir.join("hub.txt").into());
+        args.extend(["--hub-secret-file".into(), hub_secret.clone().into()]);
         for link in hubs.links.iter().filter(|l| &l.from == h) {
             let peer = peer_spec(lab, topology, &ids[&link.to], h, &link.to, link.ssh)?;
             args.extend(["--peer".into(), peer.into()]);

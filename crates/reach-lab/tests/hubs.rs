@@ -49,7 +49,15 @@ fn hubs_on_one_lan_find_each_other_by_multicast() {
     .expect("topology");
     let lab = Lab::up(&t).expect("lab up");
     let state = tempfile::tempdir().expect("tempdir");
-    let lan = ["--lan-discovery", "--no-learned-links"];
+    let secret = state.path().join("hub.secret");
+    std::fs::write(&secret, "the lab federation's hub secret\n").expect("secret");
+    let secret = secret.to_str().expect("utf-8 path");
+    let lan = [
+        "--lan-discovery",
+        "--no-learned-links",
+        "--hub-secret-file",
+        secret,
+    ];
     let (_a, a) = common::hub(&lab, "hub-a", &state.path().join("a"), &lan);
     let (_b, b) = common::hub(&lab, "hub-b", &state.path().join("b"), &lan);
     // A hub without discovery stays out of it.

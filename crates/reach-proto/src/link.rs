@@ -346,8 +346,8 @@ pub enum Control {
     HubHello {
         /// Where the sending hub listens, for others to learn.
         addrs: Vec<SocketAddr>,
-        /// From the dialling hub: HMAC of its and the other hub's ids under
-        /// the network secret, if it has one.
+        /// The sender's [`hub_link_proof`] to the receiver, if it has a hub
+        /// secret (both directions).
         proof: Option<[u8; 32]>,
     },
     /// Hub to hub: routing gossip.
@@ -579,6 +579,34 @@ pub fn admission_proof(network_secret: &[u8], node: &NodeId, hub: &NodeId) -> [u
     let mut out = [0u8; 32];
     out.copy_from_slice(tag.as_ref());
     out
+}
+
+/// What a hub proves to another hub it links to: an HMAC of both ids under
+/// the federation's hub secret, with a label of its own, so neither a
+/// node's admission proof nor one made with the network secret for nodes
+/// can pass for it.
+pub fn hub_link_proof(hub_secret: &[u8], from: &NodeId, to: &NodeId) -> [u8; 32] {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, hub_secret);
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(b"reach hub link v1");
+    ctx.update(from.as_bytes());
+    ctx.update(to.as_bytes());
+    let tag = ctx.sign();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Checks a proof from [`hub_link_proof`] in constant time.
+pub fn verify_hub_link_proof(
+    hub_secret: &[u8],
+    from: &NodeId,
+    to: &NodeId,
+    proof: &[u8; 32],
+) -> bool {
+    let want = hub_link_proof(hub_secret, from, to);
+    aws_lc_rs::constant_time::verify_slices_are_equal(&want, proof).is_ok()
 }
 
 /// Checks a proof from [`admission_proof`] in constant time.

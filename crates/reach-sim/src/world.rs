@@ -335,8 +335,10 @@ impl World {
         // The hub driver's epoch is the wall clock in microseconds; here the
         // virtual clock, offset so that a first start is not at zero.
         let epoch = 1_000_000 + self.now.as_micros() as u64;
+        // Open to nodes; hubs link by the federation's hub secret.
         let policy = Policy {
             open: true,
+            hub_secret: Some(b"the simulated federation's hub secret".to_vec()),
             ..Policy::default()
         };
         let core = HubCore::new(h.id, policy, vec![h.addr], GOSSIP * 5, epoch);
@@ -592,7 +594,12 @@ impl World {
                     self.close_link(link);
                     return;
                 };
-                let id = core.handle_link_up(peer, observed, side == 0, None);
+                let proof = if side == 0 {
+                    core.hub_proof(&peer)
+                } else {
+                    None
+                };
+                let id = core.handle_link_up(peer, observed, side == 0, proof);
                 self.links[link].ends[side] = End::Hub(hub, id);
                 self.hubs[hub].links.insert(id, link);
                 self.flush(hub);
