@@ -192,6 +192,8 @@ pub struct Counters {
     pub directories_unindexed: u64,
     /// Streams refused because a link had its limit of streams.
     pub streams_over_limit: u64,
+    /// Directory parts refused for breaking the directory bounds.
+    pub directories_refused: u64,
     /// Links cut or refused before registering (too many unregistered, or
     /// no registration in time).
     pub links_unregistered_cut: u64,
@@ -384,6 +386,12 @@ const MAX_LOCATES: usize = 16_384;
 /// Distinct hubs a hub keeps index slots for; a directory from a hub beyond
 /// it is not indexed (and logged).
 const MAX_HUB_SLOTS: usize = 1 << 20;
+/// Parts one hub's directory may have: 1024 parts of [`DIRECTORY_PART`]
+/// nodes, a million nodes on one hub. A neighbour announcing more is lying.
+pub const MAX_DIRECTORY_PARTS: u16 = 1024;
+/// Multi-part directories being assembled at once; parts of further ones
+/// are dropped (and asked for again once a route to their hub shows).
+pub const MAX_PARTIAL_DIRECTORIES: usize = 4096;
 
 /// How long a hub remembers where a connect-back request came from.
 const CONNECT_BACK_MEMORY: Duration = Duration::from_secs(10);
@@ -1163,8 +1171,17 @@ impl HubCore {
                 allow_from,
             })),
             (LinkKind::Hub, Control::Adverts { adverts }) => {
+                let full_before = self.routes.refused_full;
                 if self.routes.handle_adverts(now, peer, &adverts) {
                     self.gossip_changes();
+                }
+                let full = self.routes.refused_full;
+                if full > full_before && (full_before + 1..=full).any(u64::is_power_of_two) {
+                    tracing::warn!(
+                        neighbour = %peer,
+                        "route table full ({} hubs): ignored adverts for new hubs ({full} so far)",
+                        reach_proto::routes::MAX_ROUTES
+                    );
                 }
             }
             (
@@ -1182,6 +1199,26 @@ impl HubCore {
                     || self.remote.get(&origin).is_some_and(|r| r.state >= state)
                     || self.has_part(&origin, state, part)
                 {
+                    return Verdict::Continue;
+                }
+                let too_many_parts = parts > MAX_DIRECTORY_PARTS
+                    || part >= parts
+                    || nodes.len() > DIRECTORY_PART
+                    || listen.len() > MAX_NODE_ADDRS;
+                let too_many_partial = parts > 1
+                    && !self.partial.contains_key(&origin)
+                    && self.partial.len() >= MAX_PARTIAL_DIRECTORIES;
+                if too_many_parts || too_many_partial {
+                    self.counters.directories_refused += 1;
+                    let n = self.counters.directories_refused;
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            %origin,
+                            neighbour = %peer,
+                            parts,
+                            "directory part refused: over the directory bounds ({MAX_DIRECTORY_PARTS} parts of {DIRECTORY_PART} nodes, {MAX_PARTIAL_DIRECTORIES} assembling at once; {n} so far)"
+                        );
+                    }
                     return Verdict::Continue;
                 }
                 // Pass each new part on at once; hubs further away assemble

@@ -917,3 +917,51 @@ fn hubs_link_only_by_their_own_credential_checked_both_ways() {
     assert_eq!(control(&mut c, l, hello), Verdict::Continue);
     assert!(c.has_hub_link(&id(70)));
 }
+
+#[test]
+fn a_neighbour_cannot_make_a_hub_assemble_oversized_or_endless_directories() {
+    let now = Instant::now();
+    let (_a, mut b, _ab, ba) = two_hubs(now);
+    b.poll_transmits();
+    let dir = |origin: u8, parts: u16, part: u16| Control::Directory {
+        origin: id(origin),
+        state: 5,
+        part,
+        parts,
+        nodes: vec![id(90)],
+        listen: vec![],
+    };
+    // Too many parts, a part past the end: refused, nothing kept or passed on.
+    for msg in [dir(80, MAX_DIRECTORY_PARTS + 1, 0), dir(81, 4, 4)] {
+        assert_eq!(control(&mut b, ba, msg), Verdict::Continue);
+    }
+    assert_eq!(b.counters.directories_refused, 2);
+    assert!(b.partial.is_empty());
+    assert!(b.poll_transmits().is_empty());
+    // At most MAX_PARTIAL_DIRECTORIES assemble at once.
+    let origins: Vec<NodeId> = (0..MAX_PARTIAL_DIRECTORIES as u32 + 1)
+        .map(|i| {
+            let mut bytes = [3u8; 32];
+            bytes[..4].copy_from_slice(&i.to_be_bytes());
+            let wire = postcard::to_allocvec(&bytes).expect("encode");
+            postcard::from_bytes::<Wrapped>(&wire).expect("decode").0
+        })
+        .collect();
+    for o in &origins {
+        let msg = Control::Directory {
+            origin: *o,
+            state: 5,
+            part: 0,
+            parts: 2,
+            nodes: vec![],
+            listen: vec![],
+        };
+        control(&mut b, ba, msg);
+    }
+    assert_eq!(b.partial.len(), MAX_PARTIAL_DIRECTORIES);
+    assert_eq!(b.counters.directories_refused, 3);
+}
+
+/// A NodeId decoded as gossip decodes relayed ids (no point check).
+#[derive(serde::Deserialize)]
+struct Wrapped(#[serde(with = "reach_proto::identity::relayed_id")] NodeId);

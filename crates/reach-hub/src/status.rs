@@ -97,6 +97,7 @@ impl Status {
                 "locates_dropped": self.counters.locates_dropped,
                 "directories_unindexed": self.counters.directories_unindexed,
                 "streams_over_limit": self.counters.streams_over_limit,
+                "directories_refused": self.counters.directories_refused,
                 "links_unregistered_cut": self.counters.links_unregistered_cut,
             },
         })
@@ -212,6 +213,12 @@ impl Status {
             "counter",
             "Routed streams refused because a link had its limit of streams.",
             self.counters.streams_over_limit.to_string(),
+        );
+        metric(
+            "directories_refused_total",
+            "counter",
+            "Directory parts refused for breaking the directory bounds.",
+            self.counters.directories_refused.to_string(),
         );
         metric(
             "links_unregistered_cut_total",

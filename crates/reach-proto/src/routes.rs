@@ -26,6 +26,10 @@ use crate::identity::NodeId;
 /// Routes longer than this are not kept (they would only be stale ones
 /// counting to infinity).
 pub const MAX_HOPS: u8 = 16;
+/// Destinations a table holds at most: adverts for further new origins are
+/// ignored (and counted), so a neighbour inventing hubs cannot grow it
+/// without end. Far above any federation (the simulator runs 1000 hubs).
+pub const MAX_ROUTES: usize = 1 << 16;
 
 /// One hub's reachability as a neighbour reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -63,6 +67,8 @@ pub struct RouteTable {
     routes: BTreeMap<NodeId, Route>,
     /// Destinations whose path changed since the last triggered update.
     changed: BTreeSet<NodeId>,
+    /// Adverts for new origins ignored because the table was full.
+    pub refused_full: u64,
 }
 
 impl RouteTable {
@@ -75,6 +81,7 @@ impl RouteTable {
             neighbours: BTreeSet::new(),
             routes: BTreeMap::new(),
             changed: BTreeSet::new(),
+            refused_full: 0,
         }
     }
 
@@ -125,6 +132,10 @@ impl RouteTable {
                 continue;
             };
             let better = match self.routes.get(&a.origin) {
+                None if self.routes.len() >= MAX_ROUTES => {
+                    self.refused_full += 1;
+                    false
+                }
                 None => true,
                 Some(r) => {
                     a.state > r.state
@@ -412,6 +423,29 @@ mod tests {
         assert!(sim.tables.iter().take(3).all(|t| t.route(&id(3)).is_none()));
         sim.check_shortest_paths()
             .expect("consistent after the partition");
+    }
+
+    #[test]
+    fn a_neighbour_inventing_hubs_cannot_grow_the_table_past_its_bound() {
+        let mut t = RouteTable::new(id(0), Duration::from_secs(5));
+        let now = Instant::now();
+        t.handle_link_up(id(1));
+        // Distinct made-up origins, decoded as relayed ids are (without the
+        // point check), as a neighbour's adverts would be.
+        let advert = |i: u32, state: u64| {
+            let mut b = [7u8; 32];
+            b[..4].copy_from_slice(&i.to_be_bytes());
+            let wire = postcard::to_allocvec(&(b, state, 0u8)).expect("encode");
+            postcard::from_bytes::<Advert>(&wire).expect("decode")
+        };
+        let origin = |i: u32| advert(i, 1).origin;
+        let adverts: Vec<Advert> = (0..MAX_ROUTES as u32 + 100).map(|i| advert(i, 1)).collect();
+        t.handle_adverts(now, id(1), &adverts);
+        assert_eq!(t.routes.len(), MAX_ROUTES);
+        assert_eq!(t.refused_full, 100);
+        // Known origins still update.
+        t.handle_adverts(now, id(1), &[advert(0, 2)]);
+        assert_eq!(t.routes[&origin(0)].state, 2);
     }
 
     #[test]
