@@ -168,12 +168,9 @@ impl Control {
 
 fn bind(state_dir: &Path) -> anyhow::Result<(PathBuf, UnixListener)> {
     let dir = dir(state_dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-    }
+    // Anyone who can reach the sockets can stop the proxies: the directory
+    // must be this user's alone, or the command fails.
+    reach::files::private_dir(&dir).context("the control socket directory")?;
     let path = dir.join(format!("{}.sock", std::process::id()));
     // A socket left by an earlier process with this pid.
     let _ = std::fs::remove_file(&path);
@@ -368,6 +365,11 @@ mod tests {
         // A socket whose process is gone.
         let stale = dir.path().join("proxies").join("999999999.sock");
         std::fs::create_dir_all(stale.parent().expect("parent")).expect("mkdir");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let private = std::fs::Permissions::from_mode(0o700);
+            std::fs::set_permissions(stale.parent().expect("parent"), private).expect("chmod");
+        }
         drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
         let me = std::process::id();
         let control = Control::start(dir.path(), report(me), Arc::default(), || None);

@@ -899,7 +899,6 @@ fn failed_before(modules: &[SetupModule]) -> String {
 }
 
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    reach::files::write_atomically(path, text.as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

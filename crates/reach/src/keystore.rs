@@ -53,6 +53,10 @@ pub enum KeyStoreError {
     /// No state directory could be determined.
     #[error("no state directory: set --state-dir, XDG_STATE_HOME or HOME")]
     NoStateDir,
+    /// The state directory holding the key is not private: another user
+    /// could replace the key, or read it.
+    #[error("state directory is not private: {0}")]
+    NotPrivate(#[from] crate::files::NotPrivate),
 }
 
 fn io_err<'a>(
@@ -93,6 +97,9 @@ pub fn generate() -> Result<SecretKey, KeyStoreError> {
 /// first use.
 pub fn load_or_create(state_dir: &Path) -> Result<SecretKey, KeyStoreError> {
     let path = state_dir.join(KEY_FILE);
+    if path.exists() {
+        crate::files::check_private_dir(state_dir)?;
+    }
     match load(&path) {
         Err(KeyStoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             create(state_dir, &path)
@@ -104,6 +111,15 @@ pub fn load_or_create(state_dir: &Path) -> Result<SecretKey, KeyStoreError> {
 /// Loads an existing key file, checking its permissions first.
 pub fn load(path: &Path) -> Result<SecretKey, KeyStoreError> {
     let meta = fs::metadata(path).map_err(io_err("read", path))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if std::os::unix::fs::MetadataExt::uid(&meta) != me {
+        return Err(crate::files::NotPrivate::Owner {
+            path: path.display().to_string(),
+            owner: std::os::unix::fs::MetadataExt::uid(&meta),
+            me,
+        }
+        .into());
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyStoreError::TooOpen {
@@ -144,6 +160,12 @@ fn create(state_dir: &Path, path: &Path) -> Result<SecretKey, KeyStoreError> {
         Err(e) => Err(io_err("create", path)(e)),
     });
     let _ = fs::remove_file(&tmp);
+    // The new link must survive a crash: a lost identity is a new node.
+    if result.is_ok() {
+        fs::File::open(state_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("sync", state_dir))?;
+    }
     result
 }
 
@@ -176,6 +198,17 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let b = load_or_create(&state).expect("load");
         assert_eq!(a.node_id(), b.node_id());
+    }
+
+    #[test]
+    fn a_key_in_a_state_directory_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        load_or_create(&state).expect("create");
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = load_or_create(&state).expect_err("open directory");
+        assert!(matches!(err, KeyStoreError::NotPrivate(_)), "{err}");
+        assert!(err.to_string().contains("chmod 700"), "{err}");
     }
 
     #[test]
@@ -214,6 +247,7 @@ mod tests {
         let path = dir.path().join(KEY_FILE);
         write_private(&path, &[1; 32]).expect("write");
         fs::write(&path, "# header\nnot-hex\n").expect("overwrite");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
         let err = load_or_create(dir.path()).expect_err("corrupt");
         assert!(matches!(
             err,

@@ -19,6 +19,7 @@ mod direct;
 pub mod discovery;
 mod endpoint;
 mod error;
+pub mod files;
 mod handshake;
 mod hub_session;
 mod inbound;

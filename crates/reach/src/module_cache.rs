@@ -111,9 +111,7 @@ impl ModuleCache {
             }
         } else {
             std::fs::create_dir_all(dir).and_then(|()| {
-                let tmp = dir.join(format!(".{node}.{}", std::process::id()));
-                std::fs::write(&tmp, new.render())?;
-                std::fs::rename(&tmp, &path)
+                crate::files::write_atomically(&path, new.render().as_bytes(), 0o600)
             })
         };
         if let Err(e) = result {

@@ -118,13 +118,21 @@ async fn hub_id(
     let id = learn_hub_id(secret, cipher, addrs).await?;
     tracing::info!(hub = %key, %id, "learned the hub's identity on first contact; pinned");
     if let Some(path) = known_hubs {
-        use std::io::Write;
-        let line = format!("{key} {id}\n");
-        let pinned = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
+        // Rewritten whole and atomically: a crash mid-write must not lose
+        // the pins already there.
+        let mut text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                tracing::warn!("cannot read {}: {e}; not pinning", path.display());
+                return Ok(id);
+            }
+        };
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("{key} {id}\n"));
+        let pinned = crate::files::write_atomically(path, text.as_bytes(), 0o600);
         if let Err(e) = pinned {
             tracing::warn!("cannot pin the hub's identity in {}: {e}", path.display());
         }
