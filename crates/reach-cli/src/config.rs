@@ -84,6 +84,14 @@ pub struct HubServer {
     pub max_exposures: Option<usize>,
     /// Seconds a proxy-port connection may stay idle.
     pub proxy_idle: Option<f64>,
+    /// Seconds a proxy-port connection may take to move its first byte.
+    pub proxy_first_byte: Option<f64>,
+    /// Proxy-port client connections at once.
+    pub max_proxy_clients: Option<usize>,
+    /// Proxy-port client connections at once from one source.
+    pub max_proxy_clients_per_source: Option<usize>,
+    /// Seconds a proxy port stays held for its node after it leaves.
+    pub proxy_port_hold: Option<f64>,
     /// File holding the hub secret hubs link with.
     pub hub_secret_file: Option<PathBuf>,
     /// Link with every hub.

@@ -103,6 +103,22 @@ pub struct HubArgs {
     /// it [default: 7440, RFC 5382's NAT timeout for established TCP].
     #[arg(long, value_name = "SECS")]
     proxy_idle: Option<f64>,
+    /// Seconds a proxy-port connection may take to move its first byte
+    /// once connected to the node [default: 10].
+    #[arg(long, value_name = "SECS")]
+    proxy_first_byte: Option<f64>,
+    /// Proxy-port client connections at once [default: 4096].
+    #[arg(long, value_name = "N")]
+    max_proxy_clients: Option<usize>,
+    /// Proxy-port client connections at once from one IPv4 address or IPv6
+    /// /64 [default: 64].
+    #[arg(long, value_name = "N")]
+    max_proxy_clients_per_source: Option<usize>,
+    /// Seconds a proxy port stays held for its node after the node leaves,
+    /// and after a restart of the hub (kept in STATE_DIR/proxy-ports)
+    /// [default: 600].
+    #[arg(long, value_name = "SECS")]
+    proxy_port_hold: Option<f64>,
     /// Run no address echo (nodes of this hub then do not splice).
     #[arg(long)]
     no_echo: bool,
@@ -152,16 +168,12 @@ impl LimitArgs {
         let pick = |flag: Option<usize>, key: fn(&HubServer) -> Option<usize>, default: usize| {
             flag.or(file.and_then(key)).unwrap_or(default)
         };
-        let register_within = match self
-            .register_within
-            .or(file.and_then(|h| h.register_within))
-        {
-            Some(secs) => Duration::try_from_secs_f64(secs)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .context("--register-within must be a positive number of seconds")?,
-            None => d.register_within,
-        };
+        let register_within = seconds(
+            self.register_within
+                .or(file.and_then(|h| h.register_within)),
+            "--register-within",
+            d.register_within,
+        )?;
         let limits = reach_hub::Limits {
             streams_per_node: pick(
                 self.max_streams_per_node,
@@ -198,6 +210,17 @@ impl LimitArgs {
             ),
         );
         Ok((limits, handshakes))
+    }
+}
+
+/// A positive number of seconds from a flag or key, or `default`.
+fn seconds(value: Option<f64>, flag: &str, default: Duration) -> anyhow::Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| format!("{flag} must be a positive number of seconds")),
     }
 }
 
@@ -255,16 +278,12 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         );
     }
     let open_hubs = args.open_hubs || file.and_then(|h| h.open_hubs).unwrap_or(false);
-    let gossip_interval = match args
-        .gossip_interval
-        .or(file.and_then(|h| h.gossip_interval))
-    {
-        None => DEFAULT_GOSSIP_INTERVAL,
-        Some(s) => Duration::try_from_secs_f64(s)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .context("--gossip-interval must be a positive number of seconds")?,
-    };
+    let gossip_interval = seconds(
+        args.gossip_interval
+            .or(file.and_then(|h| h.gossip_interval)),
+        "--gossip-interval",
+        DEFAULT_GOSSIP_INTERVAL,
+    )?;
     let advertise = if args.advertise.is_empty() {
         file.and_then(|h| h.advertise.clone())
     } else {
@@ -312,13 +331,35 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
             .max_exposures
             .or(file.and_then(|h| h.max_exposures))
             .unwrap_or(reach_hub::DEFAULT_MAX_EXPOSURES),
-        proxy_idle: match args.proxy_idle.or(file.and_then(|h| h.proxy_idle)) {
-            Some(secs) => std::time::Duration::try_from_secs_f64(secs)
+        proxy_idle: seconds(
+            args.proxy_idle.or(file.and_then(|h| h.proxy_idle)),
+            "--proxy-idle",
+            reach_hub::DEFAULT_PROXY_IDLE,
+        )?,
+        proxy_first_byte: seconds(
+            args.proxy_first_byte
+                .or(file.and_then(|h| h.proxy_first_byte)),
+            "--proxy-first-byte",
+            reach_hub::DEFAULT_PROXY_FIRST_BYTE,
+        )?,
+        proxy_clients: (
+            args.max_proxy_clients
+                .or(file.and_then(|h| h.max_proxy_clients))
+                .unwrap_or(reach_hub::DEFAULT_PROXY_CLIENTS.0),
+            args.max_proxy_clients_per_source
+                .or(file.and_then(|h| h.max_proxy_clients_per_source))
+                .unwrap_or(reach_hub::DEFAULT_PROXY_CLIENTS.1),
+        ),
+        proxy_port_hold: match args
+            .proxy_port_hold
+            .or(file.and_then(|h| h.proxy_port_hold))
+        {
+            Some(s) => Duration::try_from_secs_f64(s)
                 .ok()
-                .filter(|d| !d.is_zero())
-                .context("--proxy-idle must be a positive number of seconds")?,
-            None => reach_hub::DEFAULT_PROXY_IDLE,
+                .context("--proxy-port-hold must be a number of seconds, 0 or more")?,
+            None => reach_hub::DEFAULT_PORT_HOLD,
         },
+        state_dir: Some(state_dir.to_path_buf()),
         limits,
         echo_ports: if args.no_echo {
             Vec::new()

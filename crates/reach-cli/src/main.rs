@@ -75,7 +75,7 @@ enum Command {
     /// (--network-secret-file), may attach. With neither configured the hub is
     /// open to every node (a warning says so).
     #[command(verbatim_doc_comment)]
-    Hub(hub::HubArgs),
+    Hub(Box<hub::HubArgs>),
     /// Show the proxies running here (expose, forward, socks) with their
     /// connections and bytes, then the hub's state: its links to other hubs,
     /// routes, attached nodes, proxy ports and counters (the hub named by
@@ -424,7 +424,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         Command::Listen(args) => listen(args, &config, &state_dir).await,
         Command::Connect(args) => connect(args, &config, &state_dir).await,
-        Command::Hub(args) => hub::run(args, &config, &state_dir).await,
+        Command::Hub(args) => hub::run(*args, &config, &state_dir).await,
         Command::Status(args) => status::run(args, &config, &state_dir).await,
         Command::Stop(args) => {
             for id in control::stop(&state_dir, &args.id).await? {

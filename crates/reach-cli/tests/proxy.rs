@@ -377,3 +377,104 @@ fn a_cut_stream_reaches_the_tcp_client_as_a_reset_not_an_end_of_file() {
         .expect_err("an abnormal end, not end of file");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
+
+/// The hub proxy port an `expose` process says it got.
+fn proxy_port_of(exposed: &Listener) -> u16 {
+    common::until(|| {
+        let err = std::fs::read_to_string(&exposed.stderr_path).unwrap_or_default();
+        let line = err.lines().find(|l| l.starts_with("exposed at "))?;
+        let addr = line["exposed at ".len()..].split(' ').next()?;
+        addr.rsplit(':').next()?.parse().ok()
+    })
+    .expect("the hub gives a proxy port")
+}
+
+#[test]
+fn a_second_node_cannot_take_a_first_nodes_proxy_port_across_a_hub_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = echo_service();
+    let free: u16 = free_addr()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let range = format!("{free}-{}", free.saturating_add(40));
+    let hub_state = dir.path().join("hub");
+    let hub = common::HubProc::start(&hub_state, &["--proxy-ports", &range]);
+    let hub_port = hub.port();
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let expose = |state: &str, hub: &str| {
+        Listener::start_with(
+            None,
+            &dir.path().join(state),
+            &empty,
+            &["expose", &service.to_string(), "--open"],
+            &["--hub", hub],
+        )
+    };
+    let victim = expose("victim", &hub.target);
+    let port = proxy_port_of(&victim);
+    assert_eq!(port, free, "the first port of the range");
+    // The hub restarts while the victim is away (the test fails with
+    // --proxy-port-hold 0 on the restarted hub).
+    victim.kill();
+    hub.kill();
+    let hub = common::HubProc::start_on(&hub_state, hub_port, &["--proxy-ports", &range]);
+    let thief = expose("thief", &hub.target);
+    let other = proxy_port_of(&thief);
+    assert_ne!(other, port, "another node took the victim's port");
+    // The victim comes back and gets its port again.
+    let victim = expose("victim", &hub.target);
+    assert_eq!(proxy_port_of(&victim), port);
+    echo_through(&format!("127.0.0.1:{port}"), 1000);
+}
+
+#[test]
+fn proxy_port_clients_are_capped_per_source_and_a_silent_one_is_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = echo_service();
+    let free: u16 = free_addr()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let range = format!("{free}-{}", free.saturating_add(40));
+    let hub = common::HubProc::start(
+        &dir.path().join("hub"),
+        &[
+            "--proxy-ports",
+            &range,
+            "--max-proxy-clients-per-source",
+            "1",
+            "--proxy-first-byte",
+            "1",
+        ],
+    );
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let exposed = Listener::start_with(
+        None,
+        &dir.path().join("a"),
+        &empty,
+        &["expose", &service.to_string(), "--open"],
+        &["--hub", &hub.target],
+    );
+    let port = proxy_port_of(&exposed);
+    // The first client connects and sends nothing: it holds its address's
+    // one slot until the first-byte deadline cuts it.
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    silent.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    // A second client from the same address is refused at once.
+    let mut second = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    second.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut buf = Vec::new();
+    let _ = second.read_to_end(&mut buf);
+    assert!(buf.is_empty());
+    let mut rest = Vec::new();
+    let _ = silent.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the silent client got data");
+    let status = status_json(&dir.path().join("b"), Some(&hub.target));
+    let refused = status["hub"]["exposures"][0]["refused"].as_u64();
+    assert_eq!(refused, Some(1), "{status}");
+    // With the slot free again, a client that talks is served.
+    echo_through(&format!("127.0.0.1:{port}"), 1000);
+}

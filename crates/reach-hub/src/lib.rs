@@ -22,6 +22,7 @@ mod echo;
 pub mod lan;
 mod metrics;
 pub mod peer;
+mod port_holds;
 mod proxy_ports;
 pub mod status;
 
@@ -76,6 +77,18 @@ pub struct HubConfig {
     pub max_exposures: usize,
     /// A proxy-port connection that moves nothing this long is cut.
     pub proxy_idle: Duration,
+    /// A proxy-port connection that moves no byte this long after it is
+    /// set up is cut.
+    pub proxy_first_byte: Duration,
+    /// Proxy-port client connections at once, in all and from one source
+    /// (an IPv4 address or IPv6 /64).
+    pub proxy_clients: (usize, usize),
+    /// How long a proxy port stays held for its node after the node leaves
+    /// (and after a restart of the hub).
+    pub proxy_port_hold: Duration,
+    /// Where the hub keeps what must survive a restart (the proxy port
+    /// holds); nothing is kept without one.
+    pub state_dir: Option<std::path::PathBuf>,
     /// Ports of the address echoes nodes use to learn their NAT's behaviour
     /// (0: any free port; nodes learn the ports when they register). Two
     /// let a node tell a port-dependent mapping apart; empty runs none, and
@@ -103,6 +116,10 @@ impl Default for HubConfig {
             expose_allowed: Vec::new(),
             max_exposures: DEFAULT_MAX_EXPOSURES,
             proxy_idle: DEFAULT_PROXY_IDLE,
+            proxy_first_byte: DEFAULT_PROXY_FIRST_BYTE,
+            proxy_clients: DEFAULT_PROXY_CLIENTS,
+            proxy_port_hold: port_holds::DEFAULT_PORT_HOLD,
+            state_dir: None,
             limits: Limits::default(),
         }
     }
@@ -114,12 +131,20 @@ pub const DEFAULT_MAX_EXPOSURES: usize = 8;
 /// established-TCP timeout for NATs, 2 hours 4 minutes, so a proxied
 /// connection lasts at least as long as it would through a NAT.
 pub const DEFAULT_PROXY_IDLE: Duration = Duration::from_secs(2 * 3600 + 4 * 60);
+/// Default time a proxy-port connection may take to move its first byte
+/// (either way) once connected to the node.
+pub const DEFAULT_PROXY_FIRST_BYTE: Duration = Duration::from_secs(10);
+/// Default caps on proxy-port client connections: in all, per source.
+pub const DEFAULT_PROXY_CLIENTS: (usize, usize) = (4096, 64);
+pub use port_holds::DEFAULT_PORT_HOLD;
 
 struct State {
     core: HubCore,
     txs: HashMap<LinkId, FrameTx>,
     /// Published services, by proxy port.
     exposures: HashMap<u16, proxy_ports::Exposure>,
+    /// Proxy ports held for their nodes.
+    holds: port_holds::PortHolds,
     /// Wakes the timer task when the core's deadline
     /// ([`HubCore::poll_timeout`]) changes.
     timer: Arc<tokio::sync::Notify>,
@@ -163,6 +188,8 @@ struct Inner {
     stop: tokio::sync::watch::Sender<bool>,
     /// Room for links that have not registered yet.
     unregistered: Arc<reach::source_slots::Slots>,
+    /// Room for proxy-port client connections.
+    proxy_clients: Arc<reach::source_slots::Slots>,
 }
 
 impl Inner {
@@ -241,6 +268,8 @@ impl Hub {
         }
         core.set_echo_ports(echo_ports);
         core.set_limits(config.limits);
+        let proxy_clients =
+            reach::source_slots::Slots::new(config.proxy_clients.0, config.proxy_clients.1);
         let unregistered = reach::source_slots::Slots::new(
             config.limits.unregistered_links,
             config.limits.unregistered_per_source,
@@ -252,12 +281,17 @@ impl Hub {
                 core,
                 txs: HashMap::new(),
                 exposures: HashMap::new(),
+                holds: port_holds::PortHolds::load(
+                    config.state_dir.as_ref().map(|d| d.join("proxy-ports")),
+                    config.proxy_port_hold,
+                ),
                 timer: Arc::new(tokio::sync::Notify::new()),
                 armed: None,
             }),
             config,
             stop: tokio::sync::watch::Sender::new(false),
             unregistered,
+            proxy_clients,
         });
         let mut tasks = vec![
             tokio::spawn(accept_links(inner.clone())),

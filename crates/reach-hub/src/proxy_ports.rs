@@ -112,13 +112,18 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
                 s.core.send_control(link, &Control::StatusReport { json });
             }
             Event::LinkGone { link } => {
+                let mut ended = Vec::new();
                 s.exposures.retain(|port, e| {
                     let keep = e.link != link;
                     if !keep {
-                        tracing::info!(node = %e.proxy.node, vport = e.proxy.vport, port, "exposure ended with its session");
+                        tracing::info!(node = %e.proxy.node, vport = e.proxy.vport, port, "exposure ended with its session; port held for the node");
+                        ended.push(*port);
                     }
                     keep
                 });
+                for port in ended {
+                    s.holds.release(port);
+                }
             }
         }
     }
@@ -166,8 +171,11 @@ fn expose(
     }
     let ip = via.ip();
     let wanted = want_port.filter(|p| (lo..=hi).contains(p));
-    for port in wanted.into_iter().chain(lo..=hi) {
-        if s.exposures.contains_key(&port) {
+    // The port this node had before (it left, or the hub restarted) comes
+    // first; ports held for other nodes are skipped.
+    let held = s.holds.held_for(&node);
+    for port in wanted.into_iter().chain(held).chain(lo..=hi) {
+        if s.exposures.contains_key(&port) || !s.holds.may_take(port, &node) {
             continue;
         }
         let Ok(listener) = bind(SocketAddr::new(ip, port)) else {
@@ -187,6 +195,7 @@ fn expose(
             allow_from.clone(),
             stats.clone(),
         ));
+        s.holds.take(port, node);
         s.exposures.insert(
             port,
             Exposure {
@@ -203,7 +212,9 @@ fn expose(
         );
         return Ok(port);
     }
-    Err(format!("every proxy port in {lo}-{hi} is taken"))
+    Err(format!(
+        "every proxy port in {lo}-{hi} is taken or held for its node"
+    ))
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -241,9 +252,20 @@ async fn serve(
             stats.refused.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        let slot = match inner.proxy_clients.try_take(ip) {
+            Ok(slot) => slot,
+            Err(full) => {
+                let n = stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(%from, node = %target.node, "proxy client limit: refused a client, {full} connected ({n} refused so far)");
+                }
+                continue;
+            }
+        };
         stats.started();
         let (stats, inner, target) = (stats.clone(), inner.clone(), target.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             if client(inner, tcp, from, target, &stats).await {
                 stats.ended();
             } else {
@@ -298,10 +320,10 @@ async fn client(
     };
     tracing::debug!(%from, node = %target.node, "proxy client connected");
     let _ = tcp.set_nodelay(true);
-    let idle = inner.config.proxy_idle;
+    let (first, idle) = (inner.config.proxy_first_byte, inner.config.proxy_idle);
     let moved = {
         let mut tcp = reach_legacy::proxy::Metered::new(&mut tcp, stats);
-        reach_legacy::proxy::copy_with_idle(&mut tcp, &mut stream, idle).await
+        reach_legacy::proxy::copy_with_idle(&mut tcp, &mut stream, first, idle).await
     };
     reach_legacy::proxy::reset_if_failed(&tcp, &moved);
     tracing::debug!(%from, ?moved, "proxy client done");

@@ -200,9 +200,15 @@ impl<T: AsyncWrite + Unpin + ?Sized, O: Observer> AsyncWrite for Observed<'_, T,
 
 /// Copies both ways like `tokio::io::copy_bidirectional` (a half-close is
 /// passed on), but ends the whole connection with a `TimedOut` error once
-/// neither direction has moved a byte for `idle`. Returns (bytes from `a`,
-/// bytes from `b`).
-pub async fn copy_with_idle<A, B>(a: &mut A, b: &mut B, idle: Duration) -> io::Result<(u64, u64)>
+/// neither direction has moved a byte for `idle`, or when no byte at all
+/// moved within `first_byte` of the start (an idle client holding a
+/// connection). Returns (bytes from `a`, bytes from `b`).
+pub async fn copy_with_idle<A, B>(
+    a: &mut A,
+    b: &mut B,
+    first_byte: Duration,
+    idle: Duration,
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -213,12 +219,14 @@ where
     let both = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUF, COPY_BUF);
     let watchdog = async {
         loop {
-            tokio::time::sleep_until(clock.last() + idle).await;
-            if clock.last().elapsed() >= idle {
-                return io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("nothing moved for {idle:?}"),
-                );
+            let (limit, what) = if clock.moved() {
+                (idle, "nothing moved for")
+            } else {
+                (first_byte, "no first byte within")
+            };
+            tokio::time::sleep_until(clock.last() + limit).await;
+            if clock.last().elapsed() >= limit {
+                return io::Error::new(io::ErrorKind::TimedOut, format!("{what} {limit:?}"));
             }
         }
     };
@@ -233,6 +241,8 @@ struct Activity {
     started: tokio::time::Instant,
     /// Milliseconds since `started` of the last read that moved bytes.
     last_ms: AtomicU64,
+    /// Whether any byte moved yet.
+    moved: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -240,12 +250,18 @@ impl Activity {
         Self {
             started: tokio::time::Instant::now(),
             last_ms: AtomicU64::new(0),
+            moved: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn touch(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
+    }
+
+    fn moved(&self) -> bool {
+        self.moved.load(Ordering::Relaxed)
     }
 
     fn last(&self) -> tokio::time::Instant {
@@ -562,7 +578,7 @@ mod tests {
         // both sides finish: it ends normally.
         let (mut a, mut a_peer) = duplex(1024);
         let (mut b, mut b_peer) = duplex(1024);
-        let relay = tokio::spawn(async move { copy_with_idle(&mut a, &mut b, idle).await });
+        let relay = tokio::spawn(async move { copy_with_idle(&mut a, &mut b, idle, idle).await });
         for _ in 0..6 {
             a_peer.write_all(b"tick").await.expect("write");
             let mut got = [0u8; 4];
@@ -578,12 +594,22 @@ mod tests {
         let (mut a, mut a_peer) = duplex(1024);
         let (mut b, _b_peer) = duplex(1024);
         let started = tokio::time::Instant::now();
-        let relay = tokio::spawn(async move { copy_with_idle(&mut a, &mut b, idle).await });
+        let relay = tokio::spawn(async move { copy_with_idle(&mut a, &mut b, idle, idle).await });
         a_peer.write_all(b"hi").await.expect("write");
         let err = relay.await.expect("join").expect_err("cut");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         let waited = started.elapsed();
         assert!(waited >= idle && waited < idle * 2, "{waited:?}");
+        // Silent from the start: cut at the first-byte deadline.
+        let (mut a, _a_peer) = duplex(1024);
+        let (mut b, _b_peer) = duplex(1024);
+        let first = Duration::from_secs(5);
+        let started = tokio::time::Instant::now();
+        let relay = tokio::spawn(async move { copy_with_idle(&mut a, &mut b, first, idle).await });
+        let err = relay.await.expect("join").expect_err("cut");
+        assert!(err.to_string().contains("no first byte"), "{err}");
+        let waited = started.elapsed();
+        assert!(waited >= first && waited < idle, "{waited:?}");
     }
 
     #[test]
