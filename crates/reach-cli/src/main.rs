@@ -225,6 +225,13 @@ struct ExposeArgs {
     /// `reach stop`.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+    /// Connections (UDP: mappings) the service carries at once; more are
+    /// refused and counted.
+    #[arg(long, value_name = "N", default_value_t = reach_legacy::limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Connections (UDP: mappings) one peer node may hold at once.
+    #[arg(long, value_name = "N", default_value_t = reach_legacy::limits::DEFAULT_MAX_PER_PEER)]
+    max_per_peer: usize,
     #[command(flatten)]
     udp: UdpArgs,
     #[command(flatten)]
@@ -314,6 +321,10 @@ struct ForwardArgs {
     /// The virtual address of an exposed service (what `reach expose` printed).
     #[arg(value_name = "VADDR")]
     vaddr: String,
+    /// UDP mappings (client addresses) kept at once; datagrams from further
+    /// new clients are dropped and counted.
+    #[arg(long, value_name = "N", default_value_t = reach_legacy::udp_proxy::DEFAULT_MAX_MAPPINGS, requires = "udp")]
+    max_mappings: usize,
     #[command(flatten)]
     udp: UdpArgs,
     #[command(flatten)]
@@ -722,11 +733,13 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
             reach::HubExposure::Refused(e) => format!("refused: {e}"),
         })
     });
+    let limits = reach_legacy::limits::ConnLimits::new(args.max_connections, args.max_per_peer);
     let serve = async {
         if args.udp.udp {
-            reach_legacy::udp_proxy::expose_udp(endpoint.clone(), args.service, idle, stats).await
+            reach_legacy::udp_proxy::expose_udp(endpoint.clone(), args.service, idle, limits, stats)
+                .await
         } else {
-            reach_legacy::proxy::expose(endpoint.clone(), args.service, stats).await
+            reach_legacy::proxy::expose(endpoint.clone(), args.service, limits, stats).await
         }
     };
     until_signal(&endpoint, &control, serve).await
@@ -796,7 +809,9 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
     let run = async {
         match local {
             Local::Udp(s) => {
-                reach_legacy::udp_proxy::forward_udp(s, endpoint.clone(), vaddr, idle, stats).await
+                let max = args.max_mappings;
+                reach_legacy::udp_proxy::forward_udp(s, endpoint.clone(), vaddr, idle, max, stats)
+                    .await
             }
             Local::Tcp(l) => reach_legacy::proxy::forward(l, endpoint.clone(), vaddr, stats).await,
         }

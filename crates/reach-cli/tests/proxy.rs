@@ -478,3 +478,42 @@ fn proxy_port_clients_are_capped_per_source_and_a_silent_one_is_cut() {
     // With the slot free again, a client that talks is served.
     echo_through(&format!("127.0.0.1:{port}"), 1000);
 }
+
+#[test]
+fn one_peer_cannot_take_more_than_its_share_of_an_exposed_service() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = echo_service();
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let exposed = Listener::start_with(
+        None,
+        &dir.path().join("a"),
+        &empty,
+        &["-v", "expose", &service.to_string(), "--open"],
+        &["--max-per-peer", "1"],
+    );
+    let listen = free_addr();
+    let _forwarder = Forwarder::start(&dir.path().join("b"), &[&listen, &exposed.vaddr]);
+    // The first connection holds the peer's one place (it has not finished
+    // sending, so the echo has not answered).
+    let mut first = TcpStream::connect(&listen).expect("connect");
+    first.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    first.write_all(b"first").expect("send");
+    let log = || std::fs::read_to_string(&exposed.stderr_path).unwrap_or_default();
+    common::until(|| log().contains("connection exposed").then_some(()))
+        .unwrap_or_else(|| panic!("the first connection never reached the service: {}", log()));
+    // A second one from the same peer is refused.
+    let mut second = TcpStream::connect(&listen).expect("connect");
+    second.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let _ = second.write_all(b"second");
+    let _ = second.shutdown(Shutdown::Write);
+    let mut got = Vec::new();
+    let _ = second.read_to_end(&mut got);
+    assert!(got.is_empty(), "the second connection was served");
+    assert!(log().contains("per-peer limit"), "{}", log());
+    // The first is still served, and its place frees on its end.
+    first.shutdown(Shutdown::Write).expect("half-close");
+    let mut back = Vec::new();
+    first.read_to_end(&mut back).expect("receive");
+    assert_eq!(back, b"first");
+    echo_through(&listen, 100);
+}

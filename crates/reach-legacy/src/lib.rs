@@ -12,5 +12,6 @@
 //! built on them; the core library (`reach`) does not depend on this crate.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod limits;
 pub mod proxy;
 pub mod udp_proxy;

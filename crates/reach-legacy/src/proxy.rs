@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use reach::accept::accept;
+
+use crate::limits::ConnLimits;
 use reach::{Endpoint, EndpointError};
 
 /// How long connecting to the exposed service may take.
@@ -44,7 +46,8 @@ pub struct ProxyStats {
     pub active: AtomicU64,
     /// Connections that failed to set up (service or peer unreachable).
     pub failed: AtomicU64,
-    /// Connections refused by an access list, never started.
+    /// Connections refused by an access list or a connection limit, never
+    /// started.
     pub refused: AtomicU64,
     /// Bytes from the TCP side into reach streams.
     pub bytes_to_reach: AtomicU64,
@@ -61,7 +64,7 @@ pub struct ProxyCounters {
     pub active: u64,
     /// Connections that failed to set up.
     pub failed: u64,
-    /// Connections refused by an access list.
+    /// Connections refused by an access list or a connection limit.
     pub refused: u64,
     /// Bytes from the TCP (or UDP) side into reach streams.
     pub bytes_to_reach: u64,
@@ -307,17 +310,43 @@ pub fn reset_if_failed<T>(tcp: &TcpStream, moved: &io::Result<T>) {
     }
 }
 
+/// A place for a stream of an exposed service under `limits`; a refusal is
+/// counted in `stats` and logged (at powers of two) naming the limit.
+pub fn admit(
+    limits: &Arc<ConnLimits>,
+    stats: &ProxyStats,
+    peer: NodeId,
+) -> Option<crate::limits::Held> {
+    match limits.try_acquire(peer) {
+        Ok(held) => Some(held),
+        Err(hit) => {
+            let n = stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%peer, "connection refused: {hit} ({n} refused so far)");
+            }
+            None
+        }
+    }
+}
+
 /// Serves `endpoint`'s inbound streams: each is connected to the TCP
-/// service at `service`. Runs until the endpoint stops accepting.
+/// service at `service`, within `limits`. Runs until the endpoint stops
+/// accepting.
 pub async fn expose(
     endpoint: Arc<Endpoint>,
     service: SocketAddr,
+    limits: Arc<ConnLimits>,
     stats: Arc<ProxyStats>,
 ) -> Result<(), EndpointError> {
     loop {
         let mut stream = endpoint.accept().await?;
+        // Dropping a refused stream ends it abnormally at the peer.
+        let Some(held) = admit(&limits, &stats, stream.peer()) else {
+            continue;
+        };
         let stats = stats.clone();
         tokio::spawn(async move {
+            let _held = held;
             stats.started();
             let peer = stream.peer();
             let tcp = tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, TcpStream::connect(service))

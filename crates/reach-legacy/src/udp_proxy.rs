@@ -93,12 +93,17 @@ pub async fn expose_udp(
     endpoint: Arc<Endpoint>,
     service: SocketAddr,
     idle: Duration,
+    limits: Arc<crate::limits::ConnLimits>,
     stats: Arc<ProxyStats>,
 ) -> Result<(), EndpointError> {
     loop {
         let stream = endpoint.accept().await?;
+        let Some(held) = crate::proxy::admit(&limits, &stats, stream.peer()) else {
+            continue;
+        };
         let stats = stats.clone();
         tokio::spawn(async move {
+            let _held = held;
             stats.started();
             let peer = stream.peer();
             let any: SocketAddr = if service.is_ipv4() {
@@ -138,14 +143,20 @@ pub async fn expose_udp(
     }
 }
 
+/// Default UDP mappings `forward --udp` keeps at once.
+pub const DEFAULT_MAX_MAPPINGS: usize = 1024;
+
 /// Receives datagrams on `socket` and carries each client address's over its
 /// own reach stream to `target`; answers go back to that client. Mappings
-/// idle for `idle` close. Runs until the socket fails.
+/// idle for `idle` close; at most `max_mappings` live at once (source
+/// addresses of datagrams can be forged, so each new one must not cost a
+/// stream without bound). Runs until the socket fails.
 pub async fn forward_udp(
     socket: UdpSocket,
     endpoint: Arc<Endpoint>,
     target: VirtualAddr,
     idle: Duration,
+    max_mappings: usize,
     stats: Arc<ProxyStats>,
 ) -> io::Result<()> {
     let socket = Arc::new(socket);
@@ -159,9 +170,19 @@ pub async fn forward_udp(
         let tx = match mappings.get(&client).filter(|tx| !tx.is_closed()) {
             Some(tx) => tx.clone(),
             None => {
+                mappings.retain(|_, tx| !tx.is_closed());
+                if mappings.len() >= max_mappings {
+                    let n = stats
+                        .refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(%client, "UDP mapping limit ({max_mappings}) reached: datagram from a new client dropped ({n} so far)");
+                    }
+                    continue;
+                }
                 let (tx, rx) = mpsc::channel(QUEUE);
                 mappings.insert(client, tx.clone());
-                mappings.retain(|_, tx| !tx.is_closed());
                 let (endpoint, target, socket, stats) = (
                     endpoint.clone(),
                     target.clone(),
