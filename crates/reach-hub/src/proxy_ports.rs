@@ -313,6 +313,8 @@ async fn client(
                 }
                 Err(e2) => {
                     tracing::info!(%from, node = %target.node, "proxy client dropped: connect-back: {e}; session: {e2}");
+                    // A reset, not a clean close: nothing was served.
+                    reach_legacy::proxy::reset_on_close(&tcp);
                     return false;
                 }
             }

@@ -304,9 +304,16 @@ where
 /// copy itself.
 pub fn reset_if_failed<T>(tcp: &TcpStream, moved: &io::Result<T>) {
     if moved.is_err() {
-        if let Err(e) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO)) {
-            tracing::debug!("cannot make the close a reset: {e}");
-        }
+        reset_on_close(tcp);
+    }
+}
+
+/// Makes the coming close of `tcp` a reset (RST): for a client whose
+/// stream could not be set up at all, which must not look like a service
+/// that answered nothing and closed.
+pub fn reset_on_close(tcp: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!("cannot make the close a reset: {e}");
     }
 }
 
@@ -388,6 +395,9 @@ pub async fn forward(
                 Err(e) => {
                     tracing::warn!(%from, "cannot reach {}: {e}", target.node);
                     stats.failed();
+                    // The client must not take this for a service that
+                    // answered nothing and closed.
+                    reset_on_close(&tcp);
                     return;
                 }
             };
