@@ -643,6 +643,21 @@ impl Unconfirmed {
         self.est.peer
     }
 
+    /// The stream's parameters so far.
+    pub fn established(&self) -> &Established {
+        &self.est
+    }
+
+    /// The stream before the confirmation came, and the confirmation the
+    /// caller must check before the first byte it reads from the
+    /// initiator. Only for an encrypted stream this node asked for (a
+    /// connect-back): a replayer cannot read or write its records, so the
+    /// check can wait for the first read without letting anything in,
+    /// and the node that asked saves the round trip.
+    pub fn defer(self) -> (Established, [u8; CONFIRM_LEN]) {
+        (self.est, self.expected)
+    }
+
     /// The stream, if `confirmation` is the initiator's (checked in
     /// constant time).
     pub fn confirm(self, confirmation: &[u8; CONFIRM_LEN]) -> Result<Established, HandshakeError> {

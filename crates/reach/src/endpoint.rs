@@ -743,12 +743,32 @@ async fn accept_one(shared: &Shared, mut tcp: TcpStream) -> Result<(), AttemptEr
             Admission::Refuse(Refusal::NotAdmitted)
         }
     };
-    let est = crate::handshake::respond(&mut tcp, shared, admit).await;
+    let pending = crate::handshake::respond_unconfirmed(&mut tcp, shared, admit).await;
+    // A connect-back this node asked for, encrypted: handed to the waiting
+    // `connect` at once, with the initiator's confirmation checked before
+    // the first byte read from it (`Unconfirmed::defer`), which saves the
+    // asker a round trip. Everything else waits for the confirmation.
+    let defer = pending
+        .as_ref()
+        .is_ok_and(|p| p.established().reverse && p.established().keys.is_some());
+    let (est, confirmation) = if defer {
+        let (est, confirmation) = pending?.defer();
+        (Ok(est), Some(confirmation))
+    } else {
+        let est = match pending {
+            Ok(p) => crate::handshake::confirm(&mut tcp, shared, p).await,
+            Err(e) => Err(e),
+        };
+        (est, None)
+    };
     if est.as_ref().is_ok_and(|e| e.reverse) {
         let est = est?;
         let key = (est.peer, est.port);
-        let stream =
+        let mut stream =
             ReachStream::over_tcp(tcp, est, SetupModule::Reverse, Direction::Outbound, started)?;
+        if let Some(c) = confirmation {
+            stream.expect_confirmation(c);
+        }
         let waiter = shared
             .pending_reverse
             .lock()

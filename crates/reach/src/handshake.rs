@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use reach_proto::handshake::{
     self, Admission, Established, HelloHeader, Initiator, InitiatorOptions, Knock, ReplyHeader,
-    Responded, CONFIRM_LEN, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
+    Responded, Unconfirmed, CONFIRM_LEN, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
 };
 use reach_proto::{NodeId, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -71,6 +71,34 @@ pub(crate) async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     admit: impl FnOnce(&Knock<'_>) -> Admission,
 ) -> Result<Established, AttemptError> {
+    let pending = respond_unconfirmed(io, shared, admit).await?;
+    confirm(io, shared, pending).await
+}
+
+/// Waits for the initiator's key confirmation of `pending`.
+pub(crate) async fn confirm<T: AsyncRead + Unpin>(
+    io: &mut T,
+    shared: &Shared,
+    pending: Unconfirmed,
+) -> Result<Established, AttemptError> {
+    let mut confirmation = [0u8; CONFIRM_LEN];
+    let confirmed = match read_exact_or_closed(io, &mut confirmation).await {
+        Ok(()) => pending.confirm(&confirmation).map_err(AttemptError::from),
+        Err(e) => Err(e),
+    };
+    if confirmed.is_err() {
+        bump(&shared.counters.not_confirmed);
+    }
+    confirmed
+}
+
+/// The responder's side up to its reply: an admitted stream whose
+/// initiator has not confirmed the keys yet.
+pub(crate) async fn respond_unconfirmed<T: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut T,
+    shared: &Shared,
+    admit: impl FnOnce(&Knock<'_>) -> Admission,
+) -> Result<Unconfirmed, AttemptError> {
     let local = &shared.secret;
     let options = shared.responder_options();
     let mut h = [0u8; HELLO_HEADER_LEN];
@@ -92,17 +120,7 @@ pub(crate) async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     io.write_all(&reply).await?;
     io.flush().await?;
     match outcome {
-        Responded::Accepted(pending) => {
-            let mut confirmation = [0u8; CONFIRM_LEN];
-            let confirmed = match read_exact_or_closed(io, &mut confirmation).await {
-                Ok(()) => pending.confirm(&confirmation).map_err(AttemptError::from),
-                Err(e) => Err(e),
-            };
-            if confirmed.is_err() {
-                bump(&shared.counters.not_confirmed);
-            }
-            confirmed
-        }
+        Responded::Accepted(pending) => Ok(pending),
         Responded::Refused { refusal, .. } => {
             Err(handshake::HandshakeError::Refused(refusal).into())
         }

@@ -16,7 +16,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use reach_proto::handshake::SessionKeys;
+use reach_proto::handshake::{SessionKeys, CONFIRM_LEN};
 use reach_proto::record::{
     Opener, RecordKind, Sealer, MAX_RECORD_LEN, MAX_RECORD_PAYLOAD, RECORD_HEADER_LEN, TAG_LEN,
 };
@@ -49,6 +49,9 @@ pub struct SecureStream<T> {
     wpos: usize,
     wlen: usize,
     end_sent: bool,
+    /// The peer's key confirmation, still to come before its first record
+    /// (see [`SecureStream::expect_confirmation`]).
+    awaiting: Option<[u8; CONFIRM_LEN]>,
 }
 
 impl<T> SecureStream<T> {
@@ -69,7 +72,18 @@ impl<T> SecureStream<T> {
             wpos: 0,
             wlen: 0,
             end_sent: false,
+            awaiting: None,
         }
+    }
+
+    /// The peer's key confirmation comes first on the transport, before
+    /// its first record: reads fail unless it is `confirmation`. For a
+    /// stream handed out before the handshake's confirmation arrived (a
+    /// connect-back to the node that asked for it): nothing can be read
+    /// before the peer proved it holds the keys, and what this side writes
+    /// is sealed with keys a replayer does not have.
+    pub(crate) fn expect_confirmation(&mut self, confirmation: [u8; CONFIRM_LEN]) {
+        self.awaiting = Some(confirmation);
     }
 
     /// The underlying transport.
@@ -91,6 +105,23 @@ impl<T> SecureStream<T> {
 
 fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Checks a key confirmation in constant time.
+fn check_confirmation(got: &[u8; CONFIRM_LEN], expected: &[u8; CONFIRM_LEN]) -> io::Result<()> {
+    // Constant time: the difference of every byte is folded before the
+    // one branch.
+    let diff = got
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if diff == 0 {
+        Ok(())
+    } else {
+        Err(invalid(
+            reach_proto::handshake::HandshakeError::NotConfirmed,
+        ))
+    }
 }
 
 impl<T: AsyncRead + Unpin> SecureStream<T> {
@@ -124,9 +155,13 @@ impl<T: AsyncRead + Unpin> SecureStream<T> {
     /// front when it would not fit in the space left.
     fn make_room(&mut self) -> io::Result<()> {
         let pending = self.rend - self.rstart;
-        let need = Opener::needed(&self.rbuf[self.rstart..self.rend])
-            .map_err(invalid)?
-            .unwrap_or(RECORD_HEADER_LEN + MAX_RECORD_PAYLOAD + TAG_LEN);
+        let need = if self.awaiting.is_some() {
+            CONFIRM_LEN
+        } else {
+            Opener::needed(&self.rbuf[self.rstart..self.rend])
+                .map_err(invalid)?
+                .unwrap_or(RECORD_HEADER_LEN + MAX_RECORD_PAYLOAD + TAG_LEN)
+        };
         if pending == 0 {
             self.rstart = 0;
             self.rend = 0;
@@ -155,6 +190,27 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
             }
             if this.read_done {
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(expected) = this.awaiting {
+                let pending = &this.rbuf[this.rstart..this.rend];
+                if let Some(got) = pending.first_chunk::<CONFIRM_LEN>() {
+                    check_confirmation(got, &expected)?;
+                    this.rstart += CONFIRM_LEN;
+                    this.awaiting = None;
+                    continue;
+                }
+                this.make_room()?;
+                let mut rb = ReadBuf::new(&mut this.rbuf[this.rend..]);
+                ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection before confirming the session keys",
+                    )));
+                }
+                this.rend += n;
+                continue;
             }
             let pending = &this.rbuf[this.rstart..this.rend];
             let whole = Opener::peek(pending).map_err(invalid)?;
@@ -315,6 +371,34 @@ mod tests {
         b.write_all(b"thanks").await.expect("reply");
         b.shutdown().await.expect("shutdown");
         assert_eq!(writer.await.expect("join"), b"thanks");
+    }
+
+    #[tokio::test]
+    async fn a_deferred_confirmation_is_checked_before_the_first_byte_is_read() {
+        for (sent, ok) in [([7u8; CONFIRM_LEN], true), ([8u8; CONFIRM_LEN], false)] {
+            let (mut a, b) = tokio::io::duplex(1 << 16);
+            // The initiator's confirmation, then its records.
+            a.write_all(&sent).await.expect("confirmation");
+            let mut a = SecureStream::new(a, &keys(false));
+            let mut b = SecureStream::new(b, &keys(true));
+            b.expect_confirmation([7u8; CONFIRM_LEN]);
+            // Writing needs no confirmation: it is sealed for the peer's keys.
+            b.write_all(b"early")
+                .await
+                .expect("write before confirming");
+            a.write_all(b"hello").await.expect("write");
+            a.shutdown().await.expect("shutdown");
+            let mut got = Vec::new();
+            let read = b.read_to_end(&mut got).await;
+            if ok {
+                read.expect("confirmed");
+                assert_eq!(got, b"hello");
+            } else {
+                let err = read.expect_err("a wrong confirmation");
+                assert!(err.to_string().contains("did not confirm"), "{err}");
+                assert!(got.is_empty(), "nothing is read from an unconfirmed peer");
+            }
+        }
     }
 
     #[tokio::test]

@@ -235,6 +235,18 @@ impl ReachStream {
 
     /// Changes what the stream reports about itself (a reverse stream carries
     /// the request's token on the wire, not the virtual port).
+    /// The peer's key confirmation comes before its first record (see
+    /// `SecureStream::expect_confirmation`); only encrypted TCP streams are
+    /// handed out before it.
+    pub(crate) fn expect_confirmation(
+        &mut self,
+        confirmation: [u8; reach_proto::handshake::CONFIRM_LEN],
+    ) {
+        if let Transport::Secure(s) = &mut self.transport {
+            s.expect_confirmation(confirmation);
+        }
+    }
+
     pub(crate) fn info_mut(&mut self) -> &mut StreamInfo {
         &mut self.info
     }
