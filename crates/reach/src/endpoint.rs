@@ -743,7 +743,7 @@ async fn accept_one(shared: &Shared, mut tcp: TcpStream) -> Result<(), AttemptEr
             Admission::Refuse(Refusal::NotAdmitted)
         }
     };
-    let pending = crate::handshake::respond_unconfirmed(&mut tcp, shared, admit).await;
+    let pending = crate::handshake::respond_unconfirmed(&mut tcp, shared.responder(), admit).await;
     // A connect-back this node asked for, encrypted: handed to the waiting
     // `connect` at once, with the initiator's confirmation checked before
     // the first byte read from it (`Unconfirmed::defer`), which saves the
@@ -756,7 +756,7 @@ async fn accept_one(shared: &Shared, mut tcp: TcpStream) -> Result<(), AttemptEr
         (Ok(est), Some(confirmation))
     } else {
         let est = match pending {
-            Ok(p) => crate::handshake::confirm(&mut tcp, shared, p).await,
+            Ok(p) => crate::handshake::confirm(&mut tcp, &shared.counters, p).await,
             Err(e) => Err(e),
         };
         (est, None)

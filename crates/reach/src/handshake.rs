@@ -9,15 +9,15 @@ use std::net::SocketAddr;
 
 use reach_proto::handshake::{
     self, Admission, Established, HelloHeader, Initiator, InitiatorOptions, Knock, ReplyHeader,
-    Responded, Unconfirmed, CONFIRM_LEN, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
+    Responded, ResponderOptions, Unconfirmed, CONFIRM_LEN, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
 };
 use reach_proto::{NodeId, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::counters::bump;
+use crate::counters::Counters;
 use crate::error::AttemptError;
-use crate::node::Shared;
 
 /// 32 bytes from the OS CSPRNG for the handshake's ephemeral key.
 pub(crate) fn seed() -> std::io::Result<[u8; 32]> {
@@ -62,23 +62,31 @@ pub(crate) async fn initiate<T: AsyncRead + AsyncWrite + Unpin>(
     Ok(est)
 }
 
-/// Runs the responder's side on an accepted transport for `shared`'s
-/// node. `admit` decides whether an authenticated initiator may open a
+/// What the responder's side needs of its node: its key, its handshake
+/// settings, and the counters refusals go to.
+#[derive(Clone, Copy)]
+pub(crate) struct Responder<'a> {
+    pub(crate) secret: &'a SecretKey,
+    pub(crate) options: ResponderOptions,
+    pub(crate) counters: &'a Counters,
+}
+
+/// Runs the responder's side on an accepted transport for `node`. `admit` decides whether an authenticated initiator may open a
 /// stream for its hello; an admitted stream is returned once the initiator
 /// confirmed the session keys.
 pub(crate) async fn respond<T: AsyncRead + AsyncWrite + Unpin>(
     io: &mut T,
-    shared: &Shared,
+    node: Responder<'_>,
     admit: impl FnOnce(&Knock<'_>) -> Admission,
 ) -> Result<Established, AttemptError> {
-    let pending = respond_unconfirmed(io, shared, admit).await?;
-    confirm(io, shared, pending).await
+    let pending = respond_unconfirmed(io, node, admit).await?;
+    confirm(io, node.counters, pending).await
 }
 
 /// Waits for the initiator's key confirmation of `pending`.
 pub(crate) async fn confirm<T: AsyncRead + Unpin>(
     io: &mut T,
-    shared: &Shared,
+    counters: &Counters,
     pending: Unconfirmed,
 ) -> Result<Established, AttemptError> {
     let mut confirmation = [0u8; CONFIRM_LEN];
@@ -87,7 +95,7 @@ pub(crate) async fn confirm<T: AsyncRead + Unpin>(
         Err(e) => Err(e),
     };
     if confirmed.is_err() {
-        bump(&shared.counters.not_confirmed);
+        bump(&counters.not_confirmed);
     }
     confirmed
 }
@@ -96,11 +104,11 @@ pub(crate) async fn confirm<T: AsyncRead + Unpin>(
 /// initiator has not confirmed the keys yet.
 pub(crate) async fn respond_unconfirmed<T: AsyncRead + AsyncWrite + Unpin>(
     io: &mut T,
-    shared: &Shared,
+    node: Responder<'_>,
     admit: impl FnOnce(&Knock<'_>) -> Admission,
 ) -> Result<Unconfirmed, AttemptError> {
-    let local = &shared.secret;
-    let options = shared.responder_options();
+    let local = node.secret;
+    let options = node.options;
     let mut h = [0u8; HELLO_HEADER_LEN];
     read_exact_or_closed(io, &mut h).await?;
     let header = match HelloHeader::decode(&h) {

@@ -135,6 +135,15 @@ impl Shared {
         }
     }
 
+    /// What the responder's side of a handshake needs of this node.
+    pub(crate) fn responder(&self) -> crate::handshake::Responder<'_> {
+        crate::handshake::Responder {
+            secret: &self.secret,
+            options: self.responder_options(),
+            counters: &self.counters,
+        }
+    }
+
     pub(crate) fn initiator_options(&self) -> InitiatorOptions {
         InitiatorOptions {
             plaintext: self.plaintext,

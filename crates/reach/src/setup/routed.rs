@@ -69,7 +69,7 @@ pub(crate) async fn accept(
         }
         shared.admit_new(k, "routed")
     };
-    let hs = respond(&mut rs, &shared, admit);
+    let hs = respond(&mut rs, shared.responder(), admit);
     match tokio::time::timeout(shared.handshake_timeout, hs).await {
         Ok(Ok(est)) => {
             // The peer may move this stream to a direct connection later.

@@ -205,7 +205,7 @@ pub(crate) async fn answer(
                             shared.admit_inbound(k, &mut moving)
                         }
                     };
-                    let est = respond(&mut tcp, &shared, admit).await;
+                    let est = respond(&mut tcp, shared.responder(), admit).await;
                     shared
                         .finish_inbound(tcp, est, moving, SetupModule::Splice, started)
                         .await
