@@ -67,6 +67,16 @@ impl Drop for Forwarder {
     }
 }
 
+/// A range of proxy ports starting at a port free now: (first, "A-B").
+fn proxy_range() -> (u16, String) {
+    let free: u16 = free_addr()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    (free, format!("{free}-{}", free.saturating_add(40)))
+}
+
 /// A free loopback TCP address.
 fn free_addr() -> String {
     let port = TcpListener::bind("127.0.0.1:0")
@@ -250,12 +260,7 @@ fn echo_through(addr: &str, len: usize) {
 fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = echo_service();
-    let free: u16 = free_addr()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let range = format!("{free}-{}", free.saturating_add(40));
+    let (_, range) = proxy_range();
     let hub = common::HubProc::start(&dir.path().join("hub"), &["--proxy-ports", &range]);
     let empty = common::random_file(dir.path(), "empty", 0);
     let a_state = dir.path().join("a");
@@ -393,12 +398,7 @@ fn proxy_port_of(exposed: &Listener) -> u16 {
 fn a_second_node_cannot_take_a_first_nodes_proxy_port_across_a_hub_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = echo_service();
-    let free: u16 = free_addr()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let range = format!("{free}-{}", free.saturating_add(40));
+    let (free, range) = proxy_range();
     let hub_state = dir.path().join("hub");
     let hub = common::HubProc::start(&hub_state, &["--proxy-ports", &range]);
     let hub_port = hub.port();
@@ -433,12 +433,7 @@ fn a_second_node_cannot_take_a_first_nodes_proxy_port_across_a_hub_restart() {
 fn proxy_port_clients_are_capped_per_source_and_a_silent_one_is_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = echo_service();
-    let free: u16 = free_addr()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
-    let range = format!("{free}-{}", free.saturating_add(40));
+    let (_, range) = proxy_range();
     let hub = common::HubProc::start(
         &dir.path().join("hub"),
         &[

@@ -151,6 +151,20 @@ impl<T: AsyncRead + Unpin> SecureStream<T> {
         Ok(true)
     }
 
+    /// Reads more transport bytes into the buffer; an end of the transport
+    /// here is an abnormal end, described by `eof`.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, eof: &'static str) -> Poll<io::Result<()>> {
+        self.make_room()?;
+        let mut rb = ReadBuf::new(&mut self.rbuf[self.rend..]);
+        ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, eof)));
+        }
+        self.rend += n;
+        Poll::Ready(Ok(()))
+    }
+
     /// Makes room for the record at `rstart` by moving its partial bytes to the
     /// front when it would not fit in the space left.
     fn make_room(&mut self) -> io::Result<()> {
@@ -199,17 +213,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
                     this.awaiting = None;
                     continue;
                 }
-                this.make_room()?;
-                let mut rb = ReadBuf::new(&mut this.rbuf[this.rend..]);
-                ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
-                let n = rb.filled().len();
-                if n == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection before confirming the session keys",
-                    )));
-                }
-                this.rend += n;
+                ready!(this.poll_fill(
+                    cx,
+                    "the peer closed the connection before confirming the session keys"
+                ))?;
                 continue;
             }
             let pending = &this.rbuf[this.rstart..this.rend];
@@ -244,17 +251,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
             if this.open_next()? {
                 continue;
             }
-            this.make_room()?;
-            let mut rb = ReadBuf::new(&mut this.rbuf[this.rend..]);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            if n == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "stream truncated: peer closed the connection without ending the stream",
-                )));
-            }
-            this.rend += n;
+            ready!(this.poll_fill(
+                cx,
+                "stream truncated: peer closed the connection without ending the stream"
+            ))?;
         }
     }
 }

@@ -100,13 +100,19 @@ async fn a_replayed_hello_yields_no_stream() {
         upgrade: false,
         network: None,
     };
+    // A whole handshake by hand: returns what went on the wire.
+    let (key, server_id) = (&client, server.node_id());
+    let handshake = move |port: u16, seed: u8| async move {
+        let (init, hello) = Initiator::new(key, server_id, port, opts, [seed; 32]).expect("init");
+        let mut tcp = within(TcpStream::connect(addr)).await.expect("connect");
+        tcp.write_all(&hello).await.expect("hello");
+        let (header, body) = within(read_reply(&mut tcp)).await;
+        let (_, confirmation) = init.handle_reply(header, &body).expect("established");
+        tcp.write_all(&confirmation).await.expect("confirm");
+        (tcp, hello, confirmation)
+    };
     // The original stream, recorded as an on-path attacker sees it.
-    let (init, hello) = Initiator::new(&client, server.node_id(), 1, opts, [7; 32]).expect("init");
-    let mut tcp = within(TcpStream::connect(addr)).await.expect("connect");
-    tcp.write_all(&hello).await.expect("hello");
-    let (header, body) = within(read_reply(&mut tcp)).await;
-    let (_, confirmation) = init.handle_reply(header, &body).expect("established");
-    tcp.write_all(&confirmation).await.expect("confirm");
+    let (_tcp, hello, confirmation) = handshake(1, 7).await;
     let first = within(server.accept()).await.expect("the real stream");
     assert_eq!(first.peer(), client.node_id());
     // The replay: the same hello and the confirmation seen on the wire.
@@ -125,12 +131,7 @@ async fn a_replayed_hello_yields_no_stream() {
     assert_eq!(server.counters().not_confirmed, 1);
     // The accept queue is in order: had the replay made a stream, it would
     // come before this one.
-    let (init, hello) = Initiator::new(&client, server.node_id(), 3, opts, [8; 32]).expect("init");
-    let mut tcp = within(TcpStream::connect(addr)).await.expect("connect");
-    tcp.write_all(&hello).await.expect("hello");
-    let (header, body) = within(read_reply(&mut tcp)).await;
-    let (_, confirmation) = init.handle_reply(header, &body).expect("established");
-    tcp.write_all(&confirmation).await.expect("confirm");
+    let (_tcp, _, confirmation) = handshake(3, 8).await;
     let next = within(server.accept()).await.expect("the next stream");
     assert_eq!(next.info().virtual_port, 3);
     assert_eq!(confirmation.len(), CONFIRM_LEN);
