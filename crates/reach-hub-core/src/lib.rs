@@ -653,11 +653,6 @@ impl HubCore {
         self.limits = limits;
     }
 
-    /// The limits in force.
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Whether `link` has registered (as a node or a hub).
     pub fn is_registered(&self, link: LinkId) -> bool {
         self.links

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use reach_proto::rng::Rng;
 
 /// How the soak runs.
 #[derive(Clone, Debug)]
@@ -79,22 +80,6 @@ impl SoakReport {
     /// Whether the soak passed: nothing lost, nothing leaked, streams moved.
     pub fn passed(&self) -> bool {
         self.lost == 0 && self.leaks.is_empty() && self.intact > 0
-    }
-}
-
-/// A small, seeded generator (xorshift64*), for payloads and faults.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
 }
 
@@ -177,6 +162,15 @@ fn echo_service(stop: Arc<AtomicBool>) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// What the workers count as streams end.
+#[derive(Default)]
+struct Tally {
+    intact: AtomicU64,
+    cut: AtomicU64,
+    lost: AtomicU64,
+    bytes: AtomicU64,
+}
+
 /// How one stream ended.
 enum Outcome {
     Intact(u64),
@@ -188,8 +182,8 @@ enum Outcome {
 /// One stream through `forward`: sends `len` seeded bytes, half-closes,
 /// reads the echo and compares it.
 fn one_stream(forward: SocketAddr, len: usize, seed: u64) -> Outcome {
-    let mut rng = Rng(seed | 1);
-    let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+    let mut rng = Rng::new(seed);
+    let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
     let Ok(mut c) = TcpStream::connect(forward) else {
         return Outcome::Cut;
     };
@@ -317,19 +311,14 @@ pub fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
     let forward_pid = forward.child.id();
     let before = (footprint(expose_pid), footprint(forward_pid));
     let examples = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let counters = Arc::new([
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-        AtomicU64::new(0),
-    ]);
+    let counters = Arc::new(Tally::default());
     let started = Instant::now();
     let deadline = started + opts.duration;
     let workers: Vec<_> = (0..opts.workers.max(1))
         .map(|w| {
             let counters = counters.clone();
             let examples = examples.clone();
-            let mut rng = Rng(opts.seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut rng = Rng::new(opts.seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             std::thread::spawn(move || {
                 while Instant::now() < deadline {
                     // Nine in ten short (up to 64 KiB), one in ten long (up to 8 MiB).
@@ -338,16 +327,16 @@ pub fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
                     } else {
                         1 + rng.below(64 << 10) as usize
                     };
-                    match one_stream(forward_addr, len, rng.next()) {
+                    match one_stream(forward_addr, len, rng.next_u64()) {
                         Outcome::Intact(n) => {
-                            counters[0].fetch_add(1, Ordering::Relaxed);
-                            counters[3].fetch_add(n, Ordering::Relaxed);
+                            counters.intact.fetch_add(1, Ordering::Relaxed);
+                            counters.bytes.fetch_add(n, Ordering::Relaxed);
                         }
                         Outcome::Cut => {
-                            counters[1].fetch_add(1, Ordering::Relaxed);
+                            counters.cut.fetch_add(1, Ordering::Relaxed);
                         }
                         Outcome::Lost(why) => {
-                            counters[2].fetch_add(1, Ordering::Relaxed);
+                            counters.lost.fetch_add(1, Ordering::Relaxed);
                             let mut e = examples.lock().unwrap_or_else(|p| p.into_inner());
                             if e.len() < 10 {
                                 e.push(why);
@@ -359,7 +348,7 @@ pub fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
         })
         .collect();
     // Faults: every 5 to 15 s one hub is killed, and restarted 0.5 to 2 s later.
-    let mut rng = Rng(opts.seed.wrapping_add(0x5eed));
+    let mut rng = Rng::new(opts.seed.wrapping_add(0x5eed));
     let mut hubs = [(hub_a, a_args, "hub-a"), (hub_b, b_args, "hub-b")];
     let mut faults = 0u64;
     loop {
@@ -408,10 +397,10 @@ pub fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
     let lost_examples = examples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     Ok(SoakReport {
         seconds: started.elapsed().as_secs_f64(),
-        intact: counters[0].load(Ordering::Relaxed),
-        cut: counters[1].load(Ordering::Relaxed),
-        lost: counters[2].load(Ordering::Relaxed),
-        bytes: counters[3].load(Ordering::Relaxed),
+        intact: counters.intact.load(Ordering::Relaxed),
+        cut: counters.cut.load(Ordering::Relaxed),
+        lost: counters.lost.load(Ordering::Relaxed),
+        bytes: counters.bytes.load(Ordering::Relaxed),
         faults,
         expose: (before.0, after.0),
         forward: (before.1, after.1),

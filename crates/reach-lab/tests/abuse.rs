@@ -99,22 +99,6 @@ fn ip_of(addr: &str) -> String {
     sock.ip().to_string()
 }
 
-/// Spawns `cmd` with stdout and stderr into `log` and waits until the log
-/// holds `ready`.
-fn spawn_until(mut cmd: Command, log: &Path, ready: &str) -> Process {
-    let file = std::fs::File::create(log).expect("log");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("spawn");
-    let proc = Process::new(child);
-    let ok = reach_lab::wait::until(DEADLINE, || read(log).contains(ready).then_some(()));
-    assert!(ok.is_some(), "{ready:?} never came: {}", read(log));
-    proc
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -174,7 +158,7 @@ fn a_node_outside_the_policy_cannot_reach_an_exposed_service() {
     );
     expose.arg("--addr-file").arg(&addr_file);
     let expose_log = s.dir("expose.log");
-    let _expose = spawn_until(expose, &expose_log, "exposing");
+    let _expose = common::spawn_until(expose, &expose_log, "exposing");
     let vaddr = reach_lab::wait::for_file(&addr_file, DEADLINE).expect("vaddr");
     // The friend and a stranger, both behind the client's NAT.
     for (state, port) in [("friend", 9001), ("stranger", 9002)] {
@@ -185,7 +169,7 @@ fn a_node_outside_the_policy_cannot_reach_an_exposed_service() {
             &["-v", "forward", &listen, &vaddr, "--hub", &hub],
         );
         let log = s.dir(&format!("{state}.log"));
-        let _f = spawn_until(forward, &log, "forwarding");
+        let _f = common::spawn_until(forward, &log, "forwarding");
         let got = through(&s, "client", port, "knock knock\n");
         if state == "friend" {
             assert_eq!(got.as_deref(), Ok("knock knock\n"), "{}", read(&log));
@@ -323,7 +307,7 @@ fn a_thousand_idle_connections_to_a_hub_do_not_keep_a_new_node_out() {
     let flood_log = s.dir("flood.log");
     let mut flood = s.lab.command("attacker", "python3");
     flood.args(["-c", &script]);
-    let _flood = spawn_until(flood, &flood_log, "holding 1000");
+    let _flood = common::spawn_until(flood, &flood_log, "holding 1000");
     // A new node attaches within 2 s.
     let log = s.dir("listen.log");
     let mut listen = s.reach("client", "newcomer", &["listen", "--open", "--hub", &hub]);

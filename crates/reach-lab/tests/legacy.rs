@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use reach_lab::lab::Process;
@@ -91,29 +91,6 @@ impl Legacy {
     }
 }
 
-/// Spawns `cmd` with stdout and stderr to `log`, and waits until the log
-/// holds `ready`.
-fn spawn_until(mut cmd: Command, log: &Path, ready: &str) -> Process {
-    let file = std::fs::File::create(log).expect("log");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .expect("spawn");
-    let proc = Process::new(child);
-    let ok = reach_lab::wait::until(Duration::from_secs(20), || {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        text.contains(ready).then_some(())
-    });
-    assert!(
-        ok.is_some(),
-        "{ready:?} never came: {}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
-    proc
-}
-
 /// A NodeId nobody in the lab holds: an access policy that admits it
 /// admits no lab node (only the hub's proxy-port clients get through).
 fn nobody() -> String {
@@ -141,7 +118,7 @@ fn ssh_logs_into_sshd_behind_a_random_port_nat_through_expose_and_forward() {
         .arg("--addr-file")
         .arg(&addr_file);
     let expose_log = state.path().join("expose.log");
-    let _expose = spawn_until(expose, &expose_log, "exposing");
+    let _expose = common::spawn_until(expose, &expose_log, "exposing");
     let vaddr = reach_lab::wait::for_file(&addr_file, Duration::from_secs(5)).expect("vaddr");
     let mut forward = lab.command("client", &reach);
     forward
@@ -149,7 +126,7 @@ fn ssh_logs_into_sshd_behind_a_random_port_nat_through_expose_and_forward() {
         .arg(state.path().join("client"))
         .args(["-v", "forward", "127.0.0.1:2222", &vaddr, "--hub"])
         .arg(&hubs.attach["client"]);
-    let _forward = spawn_until(forward, &state.path().join("forward.log"), "forwarding");
+    let _forward = common::spawn_until(forward, &state.path().join("forward.log"), "forwarding");
     let out = lab
         .record()
         .ssh("client")
@@ -195,7 +172,7 @@ fn curl_fetches_a_page_behind_a_firewall_through_reach_socks() {
         "--directory",
     ])
     .arg(&site);
-    let _web = spawn_until(web, &state.path().join("web.log"), "Serving HTTP");
+    let _web = common::spawn_until(web, &state.path().join("web.log"), "Serving HTTP");
     let addr_file = state.path().join("exposed.txt");
     let mut expose = lab.command("web", &reach);
     expose
@@ -206,7 +183,7 @@ fn curl_fetches_a_page_behind_a_firewall_through_reach_socks() {
         .args(["--allow", &node_id(&reach, &state.path().join("client"))])
         .arg("--addr-file")
         .arg(&addr_file);
-    let _expose = spawn_until(expose, &state.path().join("expose.log"), "exposing");
+    let _expose = common::spawn_until(expose, &state.path().join("expose.log"), "exposing");
     let vaddr = reach_lab::wait::for_file(&addr_file, Duration::from_secs(5)).expect("vaddr");
     let node = vaddr.split(':').next().expect("node id");
     let mut socks = lab.command("client", &reach);
@@ -217,7 +194,7 @@ fn curl_fetches_a_page_behind_a_firewall_through_reach_socks() {
         .arg(&hubs.attach["client"])
         .args(["--alias", &format!("web.example={node}")]);
     let socks_log = state.path().join("socks.log");
-    let _socks = spawn_until(socks, &socks_log, "SOCKS5 proxy on");
+    let _socks = common::spawn_until(socks, &socks_log, "SOCKS5 proxy on");
     let curl = |url: &str| {
         lab.command("client", "curl")
             .args([
@@ -286,7 +263,7 @@ fn expose_on_hub(lab: &Lab, host: &str, dir: &Path, name: &str, args: &[&str]) -
         .args(args)
         .args(["--allow", &nobody()]);
     let log = dir.join(format!("{name}.log"));
-    let proc = spawn_until(expose, &log, "exposed at");
+    let proc = common::spawn_until(expose, &log, "exposed at");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let line = |prefix: &str| {
         text.lines()
@@ -460,7 +437,7 @@ fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
     // iperf3 on the open host: reachable directly, for the baseline.
     let mut server = lab.command("open", "iperf3");
     server.args(["-s", "-p", "5201", "--forceflush"]);
-    let _server = spawn_until(server, &state.path().join("iperf3.log"), "Server listening");
+    let _server = common::spawn_until(server, &state.path().join("iperf3.log"), "Server listening");
     let client = node_id(&reach, &state.path().join("client"));
     let exposed = expose_on_hub(
         &lab,
@@ -490,7 +467,7 @@ fn iperf3_runs_through_forward_and_a_hub_proxy_port_beside_direct() {
             "--hub",
             &hub_target,
         ]);
-    let _forward = spawn_until(forward, &state.path().join("forward.log"), "forwarding");
+    let _forward = common::spawn_until(forward, &state.path().join("forward.log"), "forwarding");
     // rathole publishing the same service through the same hub host, as
     // the baseline for the proxy port: plain TCP (its default) and Noise.
     let ratholes: Vec<_> = [

@@ -661,10 +661,20 @@ impl Unconfirmed {
     /// The stream, if `confirmation` is the initiator's (checked in
     /// constant time).
     pub fn confirm(self, confirmation: &[u8; CONFIRM_LEN]) -> Result<Established, HandshakeError> {
-        aws_lc_rs::constant_time::verify_slices_are_equal(&self.expected, confirmation)
-            .map_err(|_| HandshakeError::NotConfirmed)?;
+        check_confirmation(&self.expected, confirmation)?;
         Ok(self.est)
     }
+}
+
+/// Whether `got` is the `expected` key confirmation (constant time): for
+/// [`Unconfirmed::confirm`], and for a caller that took the stream with
+/// [`Unconfirmed::defer`].
+pub fn check_confirmation(
+    expected: &[u8; CONFIRM_LEN],
+    got: &[u8; CONFIRM_LEN],
+) -> Result<(), HandshakeError> {
+    aws_lc_rs::constant_time::verify_slices_are_equal(expected, got)
+        .map_err(|_| HandshakeError::NotConfirmed)
 }
 
 /// What a responder's handshake produced besides the reply bytes.

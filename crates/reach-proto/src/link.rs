@@ -569,12 +569,19 @@ pub fn frame_len(buf: &[u8]) -> Option<usize> {
 /// it registers with (so a hub cannot replay it elsewhere under another name):
 /// HMAC-SHA256 over a label and both ids.
 pub fn admission_proof(network_secret: &[u8], node: &NodeId, hub: &NodeId) -> [u8; 32] {
+    proof_of(network_secret, b"reach admission v1", node, hub)
+}
+
+/// HMAC-SHA256 under `secret` of `label` and two ids: every proof of a
+/// shared secret, each with a label of its own so one never passes for
+/// another.
+fn proof_of(secret: &[u8], label: &[u8], a: &NodeId, b: &NodeId) -> [u8; 32] {
     use aws_lc_rs::hmac;
-    let key = hmac::Key::new(hmac::HMAC_SHA256, network_secret);
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
     let mut ctx = hmac::Context::with_key(&key);
-    ctx.update(b"reach admission v1");
-    ctx.update(node.as_bytes());
-    ctx.update(hub.as_bytes());
+    ctx.update(label);
+    ctx.update(a.as_bytes());
+    ctx.update(b.as_bytes());
     let tag = ctx.sign();
     let mut out = [0u8; 32];
     out.copy_from_slice(tag.as_ref());
@@ -586,16 +593,7 @@ pub fn admission_proof(network_secret: &[u8], node: &NodeId, hub: &NodeId) -> [u
 /// node's admission proof nor one made with the network secret for nodes
 /// can pass for it.
 pub fn hub_link_proof(hub_secret: &[u8], from: &NodeId, to: &NodeId) -> [u8; 32] {
-    use aws_lc_rs::hmac;
-    let key = hmac::Key::new(hmac::HMAC_SHA256, hub_secret);
-    let mut ctx = hmac::Context::with_key(&key);
-    ctx.update(b"reach hub link v1");
-    ctx.update(from.as_bytes());
-    ctx.update(to.as_bytes());
-    let tag = ctx.sign();
-    let mut out = [0u8; 32];
-    out.copy_from_slice(tag.as_ref());
-    out
+    proof_of(hub_secret, b"reach hub link v1", from, to)
 }
 
 /// Checks a proof from [`hub_link_proof`] in constant time.

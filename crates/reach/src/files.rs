@@ -90,6 +90,20 @@ fn euid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
+/// Checks that the file or directory at `path`, whose metadata is `meta`,
+/// belongs to this user.
+pub fn check_owner(path: &Path, meta: &fs::Metadata) -> Result<(), NotPrivate> {
+    let me = euid();
+    if meta.uid() != me {
+        return Err(NotPrivate::Owner {
+            path: path.display().to_string(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    Ok(())
+}
+
 /// Checks that `dir` belongs to this user and is closed to everyone else
 /// (it holds an identity key or control sockets).
 pub fn check_private_dir(dir: &Path) -> Result<(), NotPrivate> {
@@ -98,14 +112,7 @@ pub fn check_private_dir(dir: &Path) -> Result<(), NotPrivate> {
         path: path.clone(),
         source,
     })?;
-    let me = euid();
-    if meta.uid() != me {
-        return Err(NotPrivate::Owner {
-            path,
-            owner: meta.uid(),
-            me,
-        });
-    }
+    check_owner(dir, &meta)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(NotPrivate::Mode { path, mode });

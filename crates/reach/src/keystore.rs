@@ -111,15 +111,7 @@ pub fn load_or_create(state_dir: &Path) -> Result<SecretKey, KeyStoreError> {
 /// Loads an existing key file, checking its permissions first.
 pub fn load(path: &Path) -> Result<SecretKey, KeyStoreError> {
     let meta = fs::metadata(path).map_err(io_err("read", path))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if std::os::unix::fs::MetadataExt::uid(&meta) != me {
-        return Err(crate::files::NotPrivate::Owner {
-            path: path.display().to_string(),
-            owner: std::os::unix::fs::MetadataExt::uid(&meta),
-            me,
-        }
-        .into());
-    }
+    crate::files::check_owner(path, &meta)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyStoreError::TooOpen {

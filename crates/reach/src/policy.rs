@@ -168,11 +168,6 @@ impl AccessPolicy {
         self
     }
 
-    /// Whether every node is admitted.
-    pub fn is_open(&self) -> bool {
-        self.open
-    }
-
     /// Whether any node at all can be admitted.
     pub fn admits_anyone(&self) -> bool {
         self.open || self.members || !self.allow.is_empty() || self.file.is_some()
@@ -207,30 +202,6 @@ impl AccessPolicy {
     /// when its membership proof has not been seen yet.
     pub fn may_admit(&self, peer: &NodeId) -> bool {
         self.admits(peer, true)
-    }
-
-    /// One line for logs and startup messages.
-    pub fn describe(&self) -> String {
-        let r = self;
-        if r.open {
-            return "open: every authenticated node".into();
-        }
-        let mut parts = Vec::new();
-        if !r.allow.is_empty() {
-            parts.push(format!("{} allowed node(s)", r.allow.len()));
-        }
-        if let Some(f) = &r.file {
-            let f = f.lock().unwrap_or_else(|p| p.into_inner());
-            parts.push(format!("{} node(s) in {}", f.nodes.len(), f.path.display()));
-        }
-        if r.members {
-            parts.push("members of the network".into());
-        }
-        if parts.is_empty() {
-            "nobody".into()
-        } else {
-            parts.join(", ")
-        }
     }
 }
 

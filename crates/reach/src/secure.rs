@@ -107,23 +107,6 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-/// Checks a key confirmation in constant time.
-fn check_confirmation(got: &[u8; CONFIRM_LEN], expected: &[u8; CONFIRM_LEN]) -> io::Result<()> {
-    // Constant time: the difference of every byte is folded before the
-    // one branch.
-    let diff = got
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if diff == 0 {
-        Ok(())
-    } else {
-        Err(invalid(
-            reach_proto::handshake::HandshakeError::NotConfirmed,
-        ))
-    }
-}
-
 impl<T: AsyncRead + Unpin> SecureStream<T> {
     /// Decrypts the next record into the plaintext window; Ok(false) when more
     /// transport bytes are needed.
@@ -208,7 +191,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for SecureStream<T> {
             if let Some(expected) = this.awaiting {
                 let pending = &this.rbuf[this.rstart..this.rend];
                 if let Some(got) = pending.first_chunk::<CONFIRM_LEN>() {
-                    check_confirmation(got, &expected)?;
+                    reach_proto::handshake::check_confirmation(&expected, got).map_err(invalid)?;
                     this.rstart += CONFIRM_LEN;
                     this.awaiting = None;
                     continue;

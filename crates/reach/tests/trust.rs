@@ -10,6 +10,15 @@ use reach::{AccessPolicy, Endpoint, HubError, SecretKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A hand-made initiator's options: encrypted, no network secret.
+const OPTS: InitiatorOptions = InitiatorOptions {
+    plaintext: false,
+    cipher: Cipher::ChaChaPoly,
+    reverse: false,
+    upgrade: false,
+    network: None,
+};
+
 /// Every wait in these tests is bounded by this.
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -93,13 +102,7 @@ async fn a_replayed_hello_yields_no_stream() {
     let server = builder(10).bind().await.expect("bind");
     let client = SecretKey::from_seed([11; 32]);
     let addr = server.local_addr();
-    let opts = InitiatorOptions {
-        plaintext: false,
-        cipher: Cipher::ChaChaPoly,
-        reverse: false,
-        upgrade: false,
-        network: None,
-    };
+    let opts = OPTS;
     // A whole handshake by hand: returns what went on the wire.
     let (key, server_id) = (&client, server.node_id());
     let handshake = move |port: u16, seed: u8| async move {
@@ -142,14 +145,7 @@ async fn a_hello_for_another_node_learns_nothing_but_a_hub_tells_who_it_is() {
     let node = builder(20).bind().await.expect("bind");
     let probe = SecretKey::from_seed([21; 32]);
     let hello_to = |target| {
-        let opts = InitiatorOptions {
-            plaintext: false,
-            cipher: Cipher::ChaChaPoly,
-            reverse: false,
-            upgrade: false,
-            network: None,
-        };
-        Initiator::new(&probe, target, 0, opts, [9; 32])
+        Initiator::new(&probe, target, 0, OPTS, [9; 32])
             .expect("init")
             .1
     };

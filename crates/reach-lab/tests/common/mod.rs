@@ -67,3 +67,26 @@ pub fn hub(
         });
     (proc, target)
 }
+
+/// Spawns `cmd` with stdout and stderr into `log` and waits (20 s at most)
+/// until the log holds `ready`.
+pub fn spawn_until(
+    mut cmd: std::process::Command,
+    log: &std::path::Path,
+    ready: &str,
+) -> reach_lab::lab::Process {
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    let file = std::fs::File::create(log).expect("log");
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn");
+    let proc = reach_lab::lab::Process::new(child);
+    let ok = reach_lab::wait::until(std::time::Duration::from_secs(20), || {
+        read().contains(ready).then_some(())
+    });
+    assert!(ok.is_some(), "{ready:?} never came: {}", read());
+    proc
+}
