@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 use reach_proto::link::{
     encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,
     hub_link_proof, verify_admission_proof, verify_hub_link_proof, ConnectBack, Control, DirEntry,
-    Frame, Rendezvous, ResetCode, Window, ADVERTS_PART, DIRECTORY_PART, MAX_NODE_ADDRS,
-    MAX_STREAM_WINDOW, STREAM_WINDOW,
+    Frame, Rendezvous, ResetCode, Window, ADVERTS_PART, ANCHORS_PART, DIRECTORY_PART,
+    MAX_NODE_ADDRS, MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
-use reach_proto::routes::RouteTable;
-use reach_proto::NodeId;
+use reach_proto::route_chain::Anchor;
+use reach_proto::routes::{AnchorNews, RouteTable};
+use reach_proto::{NodeId, SecretKey};
 
 mod snapshot;
 
@@ -197,6 +198,9 @@ pub struct Counters {
     /// Links cut or refused before registering (too many unregistered, or
     /// no registration in time).
     pub links_unregistered_cut: u64,
+    /// Hub links cut for sending gossip that failed its origin's proof
+    /// (route adverts or anchors).
+    pub gossip_forged: u64,
 }
 
 /// Work for the driver, which does the I/O (binding proxy ports).
@@ -400,19 +404,21 @@ const CONNECT_BACK_MEMORY: Duration = Duration::from_secs(10);
 const MAX_CONNECT_BACKS: usize = 16_384;
 
 impl HubCore {
-    /// A hub with identity `me`, admitting by `policy`, listening on `listen`.
+    /// A hub with identity `key`, admitting by `policy`, listening on
+    /// `listen`; it signs what it gossips about itself with `key`.
     /// `epoch` must exceed every state number an earlier run of this hub
     /// advertised (routes and directory): the driver passes the wall-clock
     /// time in microseconds since the Unix epoch, so a restarted hub's
     /// information supersedes its previous run's at once instead of being
     /// ignored as older until that run's expires.
     pub fn new(
-        me: NodeId,
+        key: &SecretKey,
         policy: Policy,
         listen: Vec<SocketAddr>,
         route_expiry: Duration,
         epoch: u64,
     ) -> Self {
+        let me = key.node_id();
         Self {
             me,
             limits: Limits::default(),
@@ -422,7 +428,7 @@ impl HubCore {
             links: HashMap::new(),
             nodes: BTreeMap::new(),
             hubs: BTreeMap::new(),
-            routes: RouteTable::new(me, route_expiry).starting_at(epoch),
+            routes: RouteTable::new(key, route_expiry, epoch),
             directory_grace: route_expiry,
             remote: BTreeMap::new(),
             partial: HashMap::new(),
@@ -1053,6 +1059,9 @@ impl HubCore {
                 self.hubs.insert(peer, link);
                 self.routes.handle_link_up(peer);
                 self.routes.bump();
+                // Anchors before the adverts they prove.
+                let anchors: Vec<Anchor> = self.routes.anchors().cloned().collect();
+                self.send_anchors(link, &anchors);
                 self.gossip_to(link);
                 for f in self.directory_sync() {
                     self.send(link, f);
@@ -1165,9 +1174,42 @@ impl HubCore {
                 want_port,
                 allow_from,
             })),
+            (LinkKind::Hub, Control::Anchors { anchors }) => {
+                let mut news = Vec::new();
+                for anchor in anchors {
+                    match self.routes.handle_anchor(anchor.clone()) {
+                        AnchorNews::New => news.push(anchor),
+                        AnchorNews::Known | AnchorNews::Full => {}
+                        AnchorNews::Forged => {
+                            return self.cut_forger(peer, "a route anchor its origin did not sign")
+                        }
+                    }
+                }
+                // Flooded on at once, ahead of any advert that needs them.
+                let others: Vec<LinkId> =
+                    self.hubs.values().copied().filter(|l| *l != link).collect();
+                for l in others {
+                    self.send_anchors(l, &news);
+                }
+            }
+            (LinkKind::Hub, Control::AnchorRequest { origin }) => {
+                if let Some(a) = self.routes.anchor_of(&origin).cloned() {
+                    self.send_anchors(link, &[a]);
+                }
+            }
             (LinkKind::Hub, Control::Adverts { adverts }) => {
                 let full_before = self.routes.refused_full;
-                if self.routes.handle_adverts(now, peer, &adverts) {
+                let forged_before = self.routes.forged;
+                let changed = self.routes.handle_adverts(now, peer, &adverts);
+                if self.routes.forged > forged_before {
+                    return self.cut_forger(peer, "route adverts that fail their origin's chain");
+                }
+                for (origin, ask) in self.routes.take_wanted() {
+                    if let Some(l) = self.hubs.get(&ask).copied() {
+                        self.send(l, control(&Control::AnchorRequest { origin }));
+                    }
+                }
+                if changed {
                     self.gossip_changes();
                 }
                 let full = self.routes.refused_full;
@@ -1585,7 +1627,35 @@ impl HubCore {
         self.partial.remove(origin);
     }
 
+    /// A linked hub sent gossip that fails its proof: it is lying (or
+    /// broken), so its link goes, with a counter and a log line.
+    fn cut_forger(&mut self, peer: NodeId, what: &str) -> Verdict {
+        self.counters.gossip_forged += 1;
+        tracing::warn!(neighbour = %peer, "hub link cut: it sent {what}");
+        Verdict::Close(format!("hub {peer} sent {what}"))
+    }
+
+    /// Sends `anchors` on `link` in parts that fit a frame.
+    fn send_anchors(&mut self, link: LinkId, anchors: &[Anchor]) {
+        for part in anchors.chunks(ANCHORS_PART) {
+            let anchors = part.to_vec();
+            self.send(link, control(&Control::Anchors { anchors }));
+        }
+    }
+
+    /// This hub signed a new chain (at the start, or when its states ran
+    /// past the last): every neighbour gets its anchor before the adverts.
+    fn flush_own_anchor(&mut self) {
+        if let Some(a) = self.routes.take_own_anchor() {
+            let hubs: Vec<LinkId> = self.hubs.values().copied().collect();
+            for l in hubs {
+                self.send_anchors(l, std::slice::from_ref(&a));
+            }
+        }
+    }
+
     fn gossip_to(&mut self, link: LinkId) {
+        self.flush_own_anchor();
         let Some(peer) = self.links.get(&link).map(|l| l.peer) else {
             return;
         };
@@ -1604,6 +1674,7 @@ impl HubCore {
 
     /// Tells every neighbour the paths that changed (a triggered update).
     fn gossip_changes(&mut self) {
+        self.flush_own_anchor();
         let hubs: Vec<(NodeId, LinkId)> = self.hubs.iter().map(|(h, l)| (*h, *l)).collect();
         for (peer, link) in hubs {
             let adverts = self.routes.changed_adverts_for(peer);
@@ -1614,6 +1685,7 @@ impl HubCore {
 
     /// Tells every neighbour the whole table (which covers any changes).
     fn gossip(&mut self) {
+        self.flush_own_anchor();
         let hubs: Vec<LinkId> = self.hubs.values().copied().collect();
         for l in hubs {
             self.gossip_to(l);

@@ -8,12 +8,17 @@ use reach_proto::link::{
     admission_proof, decode_frame, ConnectBack, Control, Frame, Rendezvous, ResetCode,
     MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
+use reach_proto::routes::Advert;
 use reach_proto::{NodeId, SecretKey};
 
 use super::*;
 
+fn key(n: u8) -> SecretKey {
+    SecretKey::from_seed([n; 32])
+}
+
 fn id(n: u8) -> NodeId {
-    SecretKey::from_seed([n; 32]).node_id()
+    key(n).node_id()
 }
 
 fn addr(last: u8) -> SocketAddr {
@@ -28,7 +33,7 @@ fn open_hub() -> HubCore {
 }
 
 fn hub_with(policy: Policy) -> HubCore {
-    HubCore::new(id(1), policy, vec![addr(1)], Duration::from_secs(10), 1)
+    HubCore::new(&key(1), policy, vec![addr(1)], Duration::from_secs(10), 1)
 }
 
 /// The frames the core queued, decoded, by link.
@@ -516,13 +521,13 @@ fn hub_policy() -> Policy {
 fn two_hubs(now: Instant) -> (HubCore, HubCore, LinkId, LinkId) {
     let policy = hub_policy();
     let mut a = HubCore::new(
-        id(1),
+        &key(1),
         policy.clone(),
         vec![addr(1)],
         Duration::from_secs(10),
         1,
     );
-    let mut b = HubCore::new(id(2), policy, vec![addr(2)], Duration::from_secs(10), 1);
+    let mut b = HubCore::new(&key(2), policy, vec![addr(2)], Duration::from_secs(10), 1);
     let ab = a.handle_link_up(id(2), addr(2), true, a.hub_proof(&id(2)));
     let ba = b.handle_link_up(id(1), addr(1), false, None);
     pump(&mut a, &mut b, ab, ba, now);
@@ -676,7 +681,7 @@ fn a_restarted_hub_supersedes_its_earlier_run_and_stale_index_entries_go() {
     // a restarts (a later epoch), and z attaches instead of x.
     b.handle_link_down(ba, now);
     let mut a = HubCore::new(
-        id(1),
+        &key(1),
         hub_policy(),
         vec![addr(1)],
         Duration::from_secs(10),
@@ -701,7 +706,7 @@ fn a_hub_that_routes_to_a_hub_without_its_directory_asks_for_it() {
     let (mut a, mut b, ab, ba) = two_hubs(now);
     // A third hub c behind b: b links to it and learns its directory.
     let mut c = HubCore::new(
-        id(3),
+        &key(3),
         hub_policy(),
         vec![addr(3)],
         Duration::from_secs(10),
@@ -870,14 +875,14 @@ fn hubs_link_only_by_their_own_credential_checked_both_ways() {
     // A hub this one dialled (learned from gossip, say) must prove itself
     // too: its answer without a credential is refused.
     let mut a = HubCore::new(
-        id(1),
+        &key(1),
         hub_policy(),
         vec![addr(1)],
         Duration::from_secs(10),
         1,
     );
     let mut stranger = HubCore::new(
-        id(60),
+        &key(60),
         Policy {
             open_hubs: true,
             ..Policy::default()
@@ -965,3 +970,70 @@ fn a_neighbour_cannot_make_a_hub_assemble_oversized_or_endless_directories() {
 /// A NodeId decoded as gossip decodes relayed ids (no point check).
 #[derive(serde::Deserialize)]
 struct Wrapped(#[serde(with = "reach_proto::identity::relayed_id")] NodeId);
+
+/// Hub `a` with a rogue hub (key 9, holding the federation's hub secret)
+/// linked to it; returns the rogue's link at `a`.
+fn rogue_link(a: &mut HubCore, now: Instant) -> LinkId {
+    let rogue = HubCore::new(
+        &key(9),
+        hub_policy(),
+        vec![addr(9)],
+        Duration::from_secs(10),
+        1,
+    );
+    let link = a.handle_link_up(id(9), addr(9), false, None);
+    let hello = Control::HubHello {
+        addrs: vec![addr(9)],
+        proof: rogue.hub_proof(&id(1)),
+    };
+    assert_eq!(
+        a.handle_frame(link, Frame::Control(hello), now),
+        Verdict::Continue
+    );
+    a.poll_transmits();
+    link
+}
+
+#[test]
+fn a_linked_hub_advertising_forged_route_state_is_cut_and_takes_no_route() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    b.handle_tick(now);
+    pump(&mut a, &mut b, ab, ba, now);
+    let honest = *a.routes.route(&id(2)).expect("a routes to b");
+    let m = rogue_link(&mut a, now);
+    // A state b never reached, for a path through the rogue: beyond b's
+    // chain, so a asks the rogue for the anchor instead of taking it.
+    let frozen = Advert {
+        origin: id(2),
+        state: u64::MAX,
+        hops: 0,
+        proof: [7; 16],
+    };
+    let v = control(&mut a, m, Control::Adverts { adverts: vec![frozen] });
+    assert_eq!(v, Verdict::Continue);
+    assert!(
+        out(&mut a).iter().any(|(l, f)| *l == m
+            && matches!(f, Frame::Control(Control::AnchorRequest { origin }) if *origin == id(2))),
+        "the anchor is asked for"
+    );
+    assert_eq!(a.routes.route(&id(2)).map(|r| r.next_hop), Some(id(2)));
+    // An anchor for b that b did not sign, which would cover that state.
+    let mut fake = b.routes.anchor_of(&id(2)).expect("b's own").clone();
+    fake.base = u64::MAX - 10;
+    let v = control(&mut a, m, Control::Anchors { anchors: vec![fake] });
+    assert!(matches!(v, Verdict::Close(ref r) if r.contains("did not sign")), "{v:?}");
+    assert_eq!(a.counters.gossip_forged, 1);
+    // A state within b's chain but newer than b advertised: cut too.
+    let m = rogue_link(&mut a, now);
+    let newer = Advert {
+        state: honest.state + 3,
+        ..frozen
+    };
+    let v = control(&mut a, m, Control::Adverts { adverts: vec![newer] });
+    assert!(matches!(v, Verdict::Close(ref r) if r.contains("fail")), "{v:?}");
+    assert_eq!(a.counters.gossip_forged, 2);
+    a.handle_link_down(m, now);
+    let after = a.routes.route(&id(2)).expect("still routed");
+    assert_eq!((after.next_hop, after.state), (id(2), honest.state));
+}

@@ -258,7 +258,7 @@ impl Hub {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
-        let mut core = HubCore::new(endpoint.node_id(), policy, listen, route_expiry, epoch);
+        let mut core = HubCore::new(endpoint.secret_key(), policy, listen, route_expiry, epoch);
         let echo_ports: Vec<u16> = echoes
             .iter()
             .filter_map(|l| l.local_addr().ok().map(|a| a.port()))

@@ -99,6 +99,7 @@ impl Status {
                 "streams_over_limit": self.counters.streams_over_limit,
                 "directories_refused": self.counters.directories_refused,
                 "links_unregistered_cut": self.counters.links_unregistered_cut,
+                "gossip_forged": self.counters.gossip_forged,
             },
         })
     }
@@ -225,6 +226,12 @@ impl Status {
             "counter",
             "Links refused or cut before registering (too many, or too slow).",
             self.counters.links_unregistered_cut.to_string(),
+        );
+        metric(
+            "gossip_forged_total",
+            "counter",
+            "Hub links cut for gossip that failed its origin's proof (forged route state, anchors or directories).",
+            self.counters.gossip_forged.to_string(),
         );
         metric(
             "relayed_messages_total",

@@ -20,11 +20,12 @@ pub mod punch;
 pub mod race;
 pub mod record;
 pub mod rng;
+pub mod route_chain;
 pub mod routes;
 pub mod setup_plan;
 pub mod socks;
 pub mod vaddr;
 
 pub use handshake::{Cipher, StreamMode};
-pub use identity::{NodeId, SecretKey};
+pub use identity::{NodeId, SecretKey, Signature};
 pub use vaddr::{HubAddr, VirtualAddr};

@@ -54,10 +54,13 @@ pub const MAX_NODE_ADDRS: usize = 8;
 /// Node ids per Directory message: 32 bytes each, so a part (with its
 /// origin's listen addresses) stays well inside a frame.
 pub const DIRECTORY_PART: usize = 1024;
-/// Route adverts per Adverts message: an advert takes at most 43 bytes
-/// (id, state as a varint, hops), so a part stays inside a frame; a hub
-/// that knows more hubs sends several (each stands alone).
+/// Route adverts per Adverts message: an advert takes at most 59 bytes
+/// (id, state as a varint, hops, chain proof), so a part stays inside a
+/// frame; a hub that knows more hubs sends several (each stands alone).
 pub const ADVERTS_PART: usize = 1024;
+/// Route anchors per Anchors message: at most 122 bytes each (id, base as a
+/// varint, chain top, signature).
+pub const ANCHORS_PART: usize = 256;
 /// Longest reset reason kept; longer ones are cut.
 pub const MAX_REASON_LEN: usize = 200;
 
@@ -349,6 +352,20 @@ pub enum Control {
         /// The sender's [`hub_link_proof`] to the receiver, if it has a hub
         /// secret (both directions).
         proof: Option<[u8; 32]>,
+    },
+    /// Hub to hub: signed chain tops that route adverts are checked
+    /// against ([`crate::route_chain`]); sent when a link comes up, and
+    /// flooded when a hub signs a new one.
+    Anchors {
+        /// The anchors.
+        anchors: Vec<crate::route_chain::Anchor>,
+    },
+    /// Hub to hub: send me `origin`'s anchor (its adverts came without
+    /// one this hub holds).
+    AnchorRequest {
+        /// The hub whose anchor is wanted.
+        #[serde(with = "crate::identity::relayed_id")]
+        origin: NodeId,
     },
     /// Hub to hub: routing gossip.
     Adverts {

@@ -12,24 +12,40 @@
 //! it came from) and a hop limit. Routes whose origin has not been heard from
 //! within the expiry time are dropped.
 //!
+//! State numbers and hop counts are proved by each origin's hash chain
+//! ([`crate::route_chain`]): a linked hub cannot advertise a state its
+//! origin has not, nor fewer hops than it heard (but for one, see there).
+//! Anchors (each chain's signed top) travel ahead of the adverts that need
+//! them.
+//!
 //! Driver loop: feed link changes with [`RouteTable::handle_link_up`] and
-//! [`RouteTable::handle_link_down`], received adverts with
+//! [`RouteTable::handle_link_down`], received anchors with
+//! [`RouteTable::handle_anchor`] and adverts with
 //! [`RouteTable::handle_adverts`]; every gossip interval call
 //! [`RouteTable::bump`] and [`RouteTable::handle_timeout`], then send each
-//! neighbour [`RouteTable::adverts_for`] it. Time is an input.
+//! neighbour [`RouteTable::take_own_anchor`] (if any) and
+//! [`RouteTable::adverts_for`] it; a new neighbour gets
+//! [`RouteTable::anchors`] first; ask for [`RouteTable::take_wanted`]
+//! anchors. Time is an input.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::identity::NodeId;
+use crate::identity::{NodeId, SecretKey};
+use crate::route_chain::{Anchor, Chain, Check, Proof, Verifier};
 
 /// Routes longer than this are not kept (they would only be stale ones
 /// counting to infinity).
 pub const MAX_HOPS: u8 = 16;
-/// Destinations a table holds at most: adverts for further new origins are
-/// ignored (and counted), so a neighbour inventing hubs cannot grow it
-/// without end. Far above any federation (the simulator runs 1000 hubs).
+/// Destinations a table holds at most: anchors (and so adverts) for further
+/// new origins are ignored (and counted), so a neighbour inventing hubs
+/// cannot grow it without end. Far above any federation (the simulator runs
+/// 1000 hubs).
 pub const MAX_ROUTES: usize = 1 << 16;
+
+/// Missing anchors asked for per tick at most: a neighbour advertising
+/// made-up hubs makes this hub ask, not remember without bound.
+const MAX_WANTED: usize = 1024;
 
 /// One hub's reachability as a neighbour reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -42,6 +58,9 @@ pub struct Advert {
     pub state: u64,
     /// Hops from the sender to the origin (0: the sender is the origin).
     pub hops: u8,
+    /// The origin's chain element for (state, hops): see
+    /// [`crate::route_chain`].
+    pub proof: Proof,
 }
 
 /// A route to a hub.
@@ -53,45 +72,75 @@ pub struct Route {
     pub hops: u8,
     /// The destination's state number this route was learned with.
     pub state: u64,
+    /// The chain element proving (state, hops), passed on in adverts.
+    pub proof: Proof,
     /// When it was last confirmed.
     pub refreshed: Instant,
+}
+
+/// What became of an anchor a neighbour sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnchorNews {
+    /// A new incarnation of its origin: pass it on to the other neighbours.
+    New,
+    /// Known already (or older, or this hub's own).
+    Known,
+    /// Not signed by its origin: the sender forged or broke it.
+    Forged,
+    /// The table is full of routed origins.
+    Full,
 }
 
 /// A hub's view of every other hub.
 #[derive(Debug)]
 pub struct RouteTable {
     me: NodeId,
+    key: SecretKey,
+    chain: Chain,
+    /// This hub's anchor changed and its neighbours have not had it.
+    anchor_news: bool,
     state: u64,
     expiry: Duration,
     neighbours: BTreeSet<NodeId>,
     routes: BTreeMap<NodeId, Route>,
+    /// Other hubs' anchors: what their adverts are checked against.
+    verifiers: BTreeMap<NodeId, Verifier>,
+    /// Origins whose adverts could not be checked for want of their
+    /// anchor, and the neighbour to ask for it.
+    wanted: BTreeMap<NodeId, NodeId>,
+    max_routes: usize,
     /// Destinations whose path changed since the last triggered update.
     changed: BTreeSet<NodeId>,
-    /// Adverts for new origins ignored because the table was full.
+    /// Adverts and anchors for new origins ignored because the table was full.
     pub refused_full: u64,
+    /// Adverts and anchors that failed their check: forgeries.
+    pub forged: u64,
 }
 
 impl RouteTable {
-    /// An empty table for hub `me`; routes not refreshed within `expiry` go.
-    pub fn new(me: NodeId, expiry: Duration) -> Self {
+    /// An empty table for hub `key`; routes not refreshed within `expiry`
+    /// go. State numbers start at `state`: a restarted hub must start above
+    /// every state its earlier run advertised, or other hubs keep
+    /// preferring the dead run's routes (newer state wins) until they
+    /// expire, so drivers pass the wall-clock time in microseconds.
+    pub fn new(key: &SecretKey, expiry: Duration, state: u64) -> Self {
+        let state = state.max(1);
         Self {
-            me,
-            state: 1,
+            me: key.node_id(),
+            key: key.clone(),
+            chain: Chain::new(key, state),
+            anchor_news: true,
+            state,
             expiry,
             neighbours: BTreeSet::new(),
             routes: BTreeMap::new(),
+            verifiers: BTreeMap::new(),
+            wanted: BTreeMap::new(),
+            max_routes: MAX_ROUTES,
             changed: BTreeSet::new(),
             refused_full: 0,
+            forged: 0,
         }
-    }
-
-    /// The table with its state numbers starting at `state`. A restarted
-    /// hub must start above every state its earlier run advertised, or
-    /// other hubs keep preferring the dead run's routes (newer state wins)
-    /// until they expire: drivers pass the wall-clock time in microseconds.
-    pub fn starting_at(mut self, state: u64) -> Self {
-        self.state = self.state.max(state);
-        self
     }
 
     /// This hub's current state number.
@@ -99,9 +148,83 @@ impl RouteTable {
         self.state
     }
 
-    /// Marks this hub's own information as changed (and refreshes it).
+    /// Marks this hub's own information as changed (and refreshes it). Past
+    /// the end of its chain, the hub signs a new one.
     pub fn bump(&mut self) {
         self.state += 1;
+        if self.chain.proof(self.state).is_none() {
+            self.chain = Chain::new(&self.key, self.state);
+            self.anchor_news = true;
+        }
+    }
+
+    /// This hub's anchor, once after each new chain (and at the start):
+    /// send it to every neighbour before the adverts that need it.
+    pub fn take_own_anchor(&mut self) -> Option<Anchor> {
+        std::mem::take(&mut self.anchor_news).then(|| self.chain.anchor().clone())
+    }
+
+    /// Every anchor this hub checks against, its own first: what a newly
+    /// linked neighbour needs before adverts.
+    pub fn anchors(&self) -> impl Iterator<Item = &Anchor> {
+        std::iter::once(self.chain.anchor()).chain(self.verifiers.values().map(|v| v.anchor()))
+    }
+
+    /// The anchor of `origin`, if this hub has it (to answer a request).
+    pub fn anchor_of(&self, origin: &NodeId) -> Option<&Anchor> {
+        if *origin == self.me {
+            return Some(self.chain.anchor());
+        }
+        self.verifiers.get(origin).map(|v| v.anchor())
+    }
+
+    /// Takes in an anchor a neighbour sent.
+    pub fn handle_anchor(&mut self, anchor: Anchor) -> AnchorNews {
+        if anchor.origin == self.me
+            || self
+                .verifiers
+                .get(&anchor.origin)
+                .is_some_and(|v| v.anchor().base >= anchor.base)
+        {
+            return AnchorNews::Known;
+        }
+        if !self.verifiers.contains_key(&anchor.origin)
+            && self.verifiers.len() >= self.max_routes
+            && !self.evict_unrouted()
+        {
+            self.refused_full += 1;
+            return AnchorNews::Full;
+        }
+        let origin = anchor.origin;
+        match Verifier::new(anchor) {
+            Some(v) => {
+                self.verifiers.insert(origin, v);
+                self.wanted.remove(&origin);
+                AnchorNews::New
+            }
+            None => {
+                self.forged += 1;
+                AnchorNews::Forged
+            }
+        }
+    }
+
+    /// Makes room for an anchor by forgetting one of a hub no route leads
+    /// to (should it come back, its anchor is asked for again).
+    fn evict_unrouted(&mut self) -> bool {
+        let victim = self
+            .verifiers
+            .keys()
+            .find(|o| !self.routes.contains_key(*o))
+            .copied();
+        victim.is_some_and(|o| self.verifiers.remove(&o).is_some())
+    }
+
+    /// Origins whose anchors are missing, each with the neighbour whose
+    /// adverts needed it: ask them (they checked those adverts, so they
+    /// have it).
+    pub fn take_wanted(&mut self) -> Vec<(NodeId, NodeId)> {
+        std::mem::take(&mut self.wanted).into_iter().collect()
     }
 
     /// A direct link to `peer` is up; routes follow once it advertises.
@@ -121,7 +244,10 @@ impl RouteTable {
     /// Takes in what neighbour `from` advertised. Returns whether any path
     /// changed (a new destination, another next hop or hop count): news to
     /// pass on at once. A newer state on the same path only refreshes the
-    /// route. Adverts from a hub that is not a neighbour are ignored.
+    /// route. Adverts from a hub that is not a neighbour are ignored; an
+    /// advert that would change or refresh a route is checked against its
+    /// origin's chain first ([`RouteTable::forged`] counts failures; the
+    /// driver cuts a link that sends one).
     pub fn handle_adverts(&mut self, now: Instant, from: NodeId, adverts: &[Advert]) -> bool {
         if !self.neighbours.contains(&from) {
             return false;
@@ -131,11 +257,8 @@ impl RouteTable {
             let Some(hops) = a.hops.checked_add(1).filter(|h| *h <= MAX_HOPS) else {
                 continue;
             };
-            let better = match self.routes.get(&a.origin) {
-                None if self.routes.len() >= MAX_ROUTES => {
-                    self.refused_full += 1;
-                    false
-                }
+            let current = self.routes.get(&a.origin);
+            let better = match current {
                 None => true,
                 Some(r) => {
                     a.state > r.state
@@ -145,32 +268,61 @@ impl RouteTable {
                         || (r.next_hop == from && a.state == r.state && hops != r.hops)
                 }
             };
-            let refresh = self
-                .routes
-                .get(&a.origin)
-                .is_some_and(|r| r.next_hop == from && r.state == a.state && r.hops == hops);
-            if better {
-                let old = self.routes.insert(
-                    a.origin,
-                    Route {
-                        next_hop: from,
-                        hops,
-                        state: a.state,
-                        refreshed: now,
-                    },
-                );
-                // A newer state on the same path is a refresh: the periodic
-                // gossip carries it. Only a new path is news worth a
-                // triggered update (DSDV's rule; otherwise every hub's
-                // periodic bump would set off a federation-wide cascade).
-                if old.is_none_or(|r| r.next_hop != from || r.hops != hops) {
-                    self.changed.insert(a.origin);
-                    changed = true;
+            let refresh =
+                current.is_some_and(|r| r.next_hop == from && r.state == a.state && r.hops == hops);
+            if !better && !refresh {
+                // Changes nothing: not worth a hash.
+                continue;
+            }
+            let Some(v) = self.verifiers.get_mut(&a.origin) else {
+                if self.wanted.len() < MAX_WANTED {
+                    self.wanted.insert(a.origin, from);
                 }
-            } else if refresh {
-                if let Some(r) = self.routes.get_mut(&a.origin) {
-                    r.refreshed = now;
+                continue;
+            };
+            if refresh {
+                // One hash: the route's proof is this advert's, one hop on.
+                if v.next_hop(a.state, a.hops, &a.proof) == current.map_or([0; 16], |r| r.proof) {
+                    if let Some(r) = self.routes.get_mut(&a.origin) {
+                        r.refreshed = now;
+                    }
+                } else {
+                    self.forged += 1;
                 }
+                continue;
+            }
+            match v.check(a.state, a.hops, &a.proof) {
+                Check::Valid => {}
+                Check::Stale => continue,
+                Check::Unknown => {
+                    if self.wanted.len() < MAX_WANTED {
+                        self.wanted.insert(a.origin, from);
+                    }
+                    continue;
+                }
+                Check::Forged => {
+                    self.forged += 1;
+                    continue;
+                }
+            }
+            let proof = v.next_hop(a.state, a.hops, &a.proof);
+            let old = self.routes.insert(
+                a.origin,
+                Route {
+                    next_hop: from,
+                    hops,
+                    state: a.state,
+                    proof,
+                    refreshed: now,
+                },
+            );
+            // A newer state on the same path is a refresh: the periodic
+            // gossip carries it. Only a new path is news worth a triggered
+            // update (DSDV's rule; otherwise every hub's periodic bump would
+            // set off a federation-wide cascade).
+            if old.is_none_or(|r| r.next_hop != from || r.hops != hops) {
+                self.changed.insert(a.origin);
+                changed = true;
             }
         }
         changed
@@ -190,6 +342,7 @@ impl RouteTable {
             origin: self.me,
             state: self.state,
             hops: 0,
+            proof: self.chain.proof(self.state).unwrap_or_default(),
         }];
         out.extend(
             self.routes
@@ -199,6 +352,7 @@ impl RouteTable {
                     origin: *dest,
                     state: r.state,
                     hops: r.hops,
+                    proof: r.proof,
                 }),
         );
         out
@@ -219,6 +373,7 @@ impl RouteTable {
                 origin: *dest,
                 state: r.state,
                 hops: r.hops,
+                proof: r.proof,
             })
             .collect()
     }
@@ -258,11 +413,20 @@ impl RouteTable {
 mod tests {
     use super::*;
     use crate::identity::SecretKey;
+    use crate::route_chain::{Chain, Check, Verifier};
     use proptest::prelude::*;
     use std::collections::VecDeque;
 
+    fn key(i: usize) -> SecretKey {
+        SecretKey::from_seed([i as u8 + 1; 32])
+    }
+
     fn id(i: usize) -> NodeId {
-        SecretKey::from_seed([i as u8 + 1; 32]).node_id()
+        key(i).node_id()
+    }
+
+    fn table(i: usize) -> RouteTable {
+        RouteTable::new(&key(i), Duration::from_secs(5), 1)
     }
 
     /// Hubs on a graph, gossiping in rounds of virtual time.
@@ -275,12 +439,21 @@ mod tests {
     impl Sim {
         fn new(n: usize, edges: &[(usize, usize)]) -> Self {
             let mut sim = Sim {
-                tables: (0..n)
-                    .map(|i| RouteTable::new(id(i), Duration::from_secs(5)))
-                    .collect(),
+                tables: (0..n).map(table).collect(),
                 links: BTreeSet::new(),
                 now: Instant::now(),
             };
+            // Anchors flood ahead of adverts (the hub core's job).
+            let anchors: Vec<Anchor> = sim
+                .tables
+                .iter_mut()
+                .filter_map(|t| t.take_own_anchor())
+                .collect();
+            for t in &mut sim.tables {
+                for a in &anchors {
+                    t.handle_anchor(a.clone());
+                }
+            }
             for &(a, b) in edges {
                 sim.connect(a, b);
             }
@@ -425,49 +598,72 @@ mod tests {
             .expect("consistent after the partition");
     }
 
+    /// A table of hub 0 linked to hub 1, holding the anchors of hubs 2..n.
+    fn linked_table(n: usize) -> (RouteTable, Vec<Chain>) {
+        let mut t = table(0);
+        t.handle_link_up(id(1));
+        let chains: Vec<Chain> = (0..n).map(|i| Chain::new(&key(i), 1)).collect();
+        for c in chains.iter().skip(2) {
+            assert_eq!(t.handle_anchor(c.anchor().clone()), AnchorNews::New);
+        }
+        (t, chains)
+    }
+
+    /// What hub 1 would advertise for hub `origin` one hop away.
+    fn one_hop(chains: &[Chain], origin: usize, state: u64) -> Advert {
+        let v = Verifier::new(chains[origin].anchor().clone()).expect("signed");
+        let head = chains[origin].proof(state).expect("in the chain");
+        Advert {
+            origin: id(origin),
+            state,
+            hops: 1,
+            proof: v.next_hop(state, 0, &head),
+        }
+    }
+
     #[test]
     fn a_neighbour_inventing_hubs_cannot_grow_the_table_past_its_bound() {
-        let mut t = RouteTable::new(id(0), Duration::from_secs(5));
+        let (mut t, chains) = linked_table(6);
+        t.max_routes = 4;
         let now = Instant::now();
-        t.handle_link_up(id(1));
-        // Distinct made-up origins, decoded as relayed ids are (without the
-        // point check), as a neighbour's adverts would be.
-        let advert = |i: u32, state: u64| {
-            let mut b = [7u8; 32];
-            b[..4].copy_from_slice(&i.to_be_bytes());
-            let wire = postcard::to_allocvec(&(b, state, 0u8)).expect("encode");
-            postcard::from_bytes::<Advert>(&wire).expect("decode")
+        let adverts: Vec<Advert> = (2..6).map(|o| one_hop(&chains, o, 1)).collect();
+        assert!(t.handle_adverts(now, id(1), &adverts));
+        assert_eq!(t.len(), 4);
+        // A fifth hub's anchor finds the table full of routed hubs.
+        let fifth = Chain::new(&key(6), 1);
+        assert_eq!(t.handle_anchor(fifth.anchor().clone()), AnchorNews::Full);
+        assert_eq!(t.refused_full, 1);
+        // Adverts for it cannot be checked: not taken, the anchor is asked
+        // for instead.
+        let v = Verifier::new(fifth.anchor().clone()).expect("signed");
+        let advert = Advert {
+            origin: id(6),
+            state: 1,
+            hops: 1,
+            proof: v.next_hop(1, 0, &fifth.proof(1).expect("head")),
         };
-        let origin = |i: u32| advert(i, 1).origin;
-        let adverts: Vec<Advert> = (0..MAX_ROUTES as u32 + 100).map(|i| advert(i, 1)).collect();
-        t.handle_adverts(now, id(1), &adverts);
-        assert_eq!(t.routes.len(), MAX_ROUTES);
-        assert_eq!(t.refused_full, 100);
-        // Known origins still update.
-        t.handle_adverts(now, id(1), &[advert(0, 2)]);
-        assert_eq!(t.routes[&origin(0)].state, 2);
+        assert!(!t.handle_adverts(now, id(1), &[advert]));
+        assert_eq!(t.take_wanted(), vec![(id(6), id(1))]);
+        // Once the routes through hub 1 are gone, room is made.
+        t.handle_link_down(id(1));
+        assert_eq!(t.handle_anchor(fifth.anchor().clone()), AnchorNews::New);
     }
 
     #[test]
     fn adverts_from_strangers_and_about_ourselves_are_ignored() {
-        let mut t = RouteTable::new(id(0), Duration::from_secs(5));
+        let (mut t, chains) = linked_table(4);
         let now = Instant::now();
-        let advert = Advert {
-            origin: id(2),
-            state: 9,
-            hops: 0,
-        };
-        assert!(!t.handle_adverts(now, id(1), &[advert]), "not a neighbour");
-        t.handle_link_up(id(1));
+        let advert = one_hop(&chains, 2, 1);
+        assert!(!t.handle_adverts(now, id(3), &[advert]), "not a neighbour");
         let me = Advert {
             origin: id(0),
             state: 99,
             hops: 3,
+            proof: [0; 16],
         };
         let far = Advert {
-            origin: id(3),
-            state: 1,
             hops: MAX_HOPS,
+            ..one_hop(&chains, 3, 1)
         };
         assert!(!t.handle_adverts(now, id(1), &[me, far]));
         assert!(t.handle_adverts(now, id(1), &[advert]));
@@ -475,6 +671,55 @@ mod tests {
             t.adverts_for(id(1)).iter().all(|a| a.origin != id(2)),
             "split horizon"
         );
+        assert_eq!(t.forged, 0);
+    }
+
+    #[test]
+    fn forged_states_and_hop_counts_take_no_route() {
+        let (mut t, chains) = linked_table(4);
+        let now = Instant::now();
+        let honest = one_hop(&chains, 2, 5);
+        // A state the origin never reached, an element replayed for a newer
+        // state, fewer hops than heard: none is taken.
+        let frozen = Advert {
+            state: u64::MAX,
+            ..honest
+        };
+        let newer = Advert { state: 6, ..honest };
+        let shorter = Advert { hops: 0, ..honest };
+        assert!(!t.handle_adverts(now, id(1), &[newer, shorter]));
+        assert_eq!(t.forged, 2);
+        assert!(!t.handle_adverts(now, id(1), &[frozen]));
+        assert_eq!(
+            t.take_wanted(),
+            vec![(id(2), id(1))],
+            "a later chain, asked for"
+        );
+        assert!(t.route(&id(2)).is_none());
+        // The honest advert still works, and is passed on one hop further.
+        assert!(t.handle_adverts(now, id(1), &[honest]));
+        let r = t.route(&id(2)).expect("route");
+        assert_eq!((r.state, r.hops), (5, 2));
+        // An anchor from someone other than its origin is refused.
+        let mut fake = chains[3].anchor().clone();
+        fake.base = 1000;
+        assert_eq!(t.handle_anchor(fake), AnchorNews::Forged);
+        assert_eq!(t.forged, 3);
+    }
+
+    #[test]
+    fn a_hub_signs_a_new_chain_when_its_states_run_past_the_old_one() {
+        let mut t = table(0);
+        let first = t.take_own_anchor().expect("the first anchor");
+        assert_eq!(t.take_own_anchor(), None);
+        for _ in 0..crate::route_chain::SEQS {
+            t.bump();
+        }
+        let second = t.take_own_anchor().expect("a new chain");
+        assert!(second.base > first.base);
+        let mut v = Verifier::new(second).expect("signed");
+        let own = t.adverts_for(id(1))[0];
+        assert_eq!(v.check(own.state, 0, &own.proof), Check::Valid);
     }
 
     proptest! {

@@ -145,7 +145,7 @@ pub fn build(p: &Params) -> (World, usize) {
     let mut node_rng = rng.fork();
     let mut world = World::new(rng.fork(), p.loss);
     for _ in 0..p.hubs {
-        world.add_hub(identity(&mut id_rng));
+        world.add_hub(SecretKey::from_seed(id_rng.bytes32()));
     }
     let edges = topology::edges(p.topology, p.hubs, &mut topo_rng);
     for e in &edges {

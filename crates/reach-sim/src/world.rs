@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use reach_hub_core::{HubCore, LinkId, Policy, Verdict};
 use reach_proto::link::{decode_frame, Frame};
 use reach_proto::node_session::{self, Event as SessionEvent, NodeSession};
-use reach_proto::NodeId;
+use reach_proto::{NodeId, SecretKey};
 
 use reach_proto::rng::Rng;
 
@@ -68,6 +68,8 @@ struct Link {
 pub struct Hub {
     /// Its identity.
     pub id: NodeId,
+    /// Its key, which signs its gossip.
+    key: SecretKey,
     /// Its core while the process runs.
     pub core: Option<HubCore>,
     links: HashMap<LinkId, LinkIx>,
@@ -279,12 +281,14 @@ impl World {
         self.queue.push(self.now + after, event);
     }
 
-    /// Adds a hub (not yet running) with identity `id`.
-    pub fn add_hub(&mut self, id: NodeId) -> HubIx {
+    /// Adds a hub (not yet running) with identity `key`.
+    pub fn add_hub(&mut self, key: SecretKey) -> HubIx {
         let ix = self.hubs.len();
+        let id = key.node_id();
         let addr = SocketAddr::new(IpAddr::V4(sim_ip(ix as u32, 0)), 7000);
         self.hubs.push(Hub {
             id,
+            key,
             core: None,
             links: HashMap::new(),
             peers: Vec::new(),
@@ -341,7 +345,7 @@ impl World {
             hub_secret: Some(b"the simulated federation's hub secret".to_vec()),
             ..Policy::default()
         };
-        let core = HubCore::new(h.id, policy, vec![h.addr], GOSSIP * 5, epoch);
+        let core = HubCore::new(&h.key, policy, vec![h.addr], GOSSIP * 5, epoch);
         h.core = Some(core);
         h.incarnation += 1;
         h.timer = None;

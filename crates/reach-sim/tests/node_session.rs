@@ -17,7 +17,7 @@ const LATENCY: Duration = Duration::from_millis(20);
 fn hub_with_nodes(n: usize, seed: u64) -> World {
     let mut rng = Rng::new(seed);
     let mut world = World::new(rng.fork(), 0.0);
-    let hub = world.add_hub(SecretKey::from_seed(rng.bytes32()).node_id());
+    let hub = world.add_hub(SecretKey::from_seed(rng.bytes32()));
     world.start_hub(hub);
     for _ in 0..n {
         let id = SecretKey::from_seed(rng.bytes32()).node_id();

@@ -530,6 +530,12 @@ impl Endpoint {
         self.shared.secret.node_id()
     }
 
+    /// This node's secret key: a hub in the same process signs its gossip
+    /// with it.
+    pub fn secret_key(&self) -> &SecretKey {
+        &self.shared.secret
+    }
+
     /// The socket address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
