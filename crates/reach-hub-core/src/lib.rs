@@ -22,14 +22,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use reach_proto::link::{
-    encode_control, encode_credit, encode_data, encode_fin, encode_open, encode_reset,
-    hub_link_proof, verify_admission_proof, verify_hub_link_proof, ConnectBack, Control, DirEntry,
-    Frame, Rendezvous, ResetCode, Window, ADVERTS_PART, ANCHORS_PART, DIRECTORY_PART,
-    MAX_NODE_ADDRS, MAX_STREAM_WINDOW, STREAM_WINDOW,
+    directory_signed_bytes, encode_control, encode_credit, encode_data, encode_fin, encode_open,
+    encode_reset, hub_link_proof, verify_admission_proof, verify_hub_link_proof, ConnectBack,
+    Control, DirEntry, Frame, Rendezvous, ResetCode, Window, ADVERTS_PART, ANCHORS_PART,
+    DIRECTORY_PART, MAX_NODE_ADDRS, MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::route_chain::Anchor;
 use reach_proto::routes::{AnchorNews, RouteTable};
-use reach_proto::{NodeId, SecretKey};
+use reach_proto::{NodeId, SecretKey, Signature};
 
 mod snapshot;
 
@@ -141,6 +141,9 @@ struct Remote {
     /// this origin's slot and current state).
     count: usize,
     listen: Vec<SocketAddr>,
+    /// The origin's signature of each part, for passing the directory on
+    /// (rebuilt from the index) to hubs that link later.
+    sigs: Vec<Signature>,
     /// Since when no route leads to this hub. A directory outlives a route
     /// that flaps (a hub on the path died, a longer path is being learned):
     /// it is not sent again, so forgetting it at once would lose it.
@@ -150,8 +153,8 @@ struct Remote {
 /// A directory arriving in parts.
 struct Partial {
     state: u64,
-    got: Vec<bool>,
-    nodes: Vec<NodeId>,
+    sigs: Vec<Option<Signature>>,
+    nodes: Vec<(NodeId, u16)>,
 }
 
 /// Where the directory index says a node is: its home hub's slot and the
@@ -162,6 +165,8 @@ struct Partial {
 struct IndexEntry {
     slot: u32,
     state: u64,
+    /// The part of that directory that listed it.
+    part: u16,
 }
 
 /// A node's lookup of a node attached elsewhere, waiting for the home hub.
@@ -293,6 +298,11 @@ pub struct HubCore {
     /// the home hub for the node's addresses ([`Control::Locate`]), so each
     /// hub holds 48 bytes per node of the federation, not a full entry.
     index: HashMap<NodeId, IndexEntry, ahash::RandomState>,
+    /// Claims of current directories that another directory's claim on the
+    /// same node displaced from [`HubCore::index`], by (node, slot): few
+    /// (nodes that just moved), kept so that each directory can be passed
+    /// on exactly as its origin signed it.
+    displaced: HashMap<(NodeId, u32), IndexEntry>,
     /// The sum of [`Remote::count`]: index entries that are current (kept
     /// up to date, so no commit walks every remote directory).
     indexed: usize,
@@ -326,6 +336,10 @@ pub struct HubCore {
     /// Expire like connect-backs.
     relay_paths: HashMap<(NodeId, NodeId, u32), (LinkId, Instant)>,
     dir_state: u64,
+    /// This hub's signed directory messages and the state they are of.
+    own_directory: Option<(u64, Vec<Vec<u8>>)>,
+    /// This hub's key: it signs the directory.
+    key: SecretKey,
     next_link: LinkId,
     outbox: Vec<(LinkId, Vec<u8>)>,
     /// What the driver must act on (bind a proxy port, drop a node's).
@@ -334,35 +348,45 @@ pub struct HubCore {
     pub counters: Counters,
 }
 
-/// `origin`'s directory as Directory messages of at most [`DIRECTORY_PART`]
-/// ids each.
+/// `origin`'s directory as Directory messages, one per part with its
+/// signature.
 fn directory_parts(
     origin: NodeId,
     state: u64,
-    nodes: &[NodeId],
+    parts: &[Vec<NodeId>],
     listen: &[SocketAddr],
+    sigs: &[Signature],
 ) -> Vec<Vec<u8>> {
-    let chunks: Vec<&[NodeId]> = if nodes.is_empty() {
-        vec![&[]]
-    } else {
-        nodes.chunks(DIRECTORY_PART).collect()
-    };
-    let parts = u16::try_from(chunks.len()).unwrap_or(u16::MAX);
-    chunks
-        .into_iter()
-        .take(usize::from(parts))
+    let n = u16::try_from(parts.len()).unwrap_or(u16::MAX);
+    parts
+        .iter()
+        .zip(sigs)
+        .take(usize::from(n))
         .enumerate()
-        .map(|(i, chunk)| {
+        .map(|(i, (nodes, sig))| {
             control(&Control::Directory {
                 origin,
                 state,
                 part: i as u16,
-                parts,
-                nodes: chunk.to_vec(),
+                parts: n,
+                nodes: nodes.clone(),
                 listen: listen.to_vec(),
+                sig: *sig,
             })
         })
         .collect()
+}
+
+/// A remote directory's messages, rebuilt from `members` (taken out of it).
+fn remote_parts(
+    origin: NodeId,
+    r: &Remote,
+    members: &mut HashMap<(u32, u16), Vec<NodeId>>,
+) -> Vec<Vec<u8>> {
+    let parts: Vec<Vec<NodeId>> = (0..r.sigs.len())
+        .map(|p| members.remove(&(r.slot, p as u16)).unwrap_or_default())
+        .collect();
+    directory_parts(origin, r.state, &parts, &r.listen, &r.sigs)
 }
 
 fn control(msg: &Control) -> Vec<u8> {
@@ -433,6 +457,7 @@ impl HubCore {
             remote: BTreeMap::new(),
             partial: HashMap::new(),
             index: HashMap::default(),
+            displaced: HashMap::new(),
             indexed: 0,
             slots: Vec::new(),
             slot_state: Vec::new(),
@@ -446,6 +471,8 @@ impl HubCore {
             connect_backs: HashMap::new(),
             relay_paths: HashMap::new(),
             dir_state: epoch.max(1),
+            own_directory: None,
+            key: key.clone(),
             next_link: 1,
             outbox: Vec::new(),
             events: Vec::new(),
@@ -526,7 +553,14 @@ impl HubCore {
             routes,
             route_bytes: routes * size_of::<(NodeId, reach_proto::routes::Route)>(),
             directory_entries: self.nodes.len() + remote,
-            directory_bytes: local + self.index.len() * size_of::<(NodeId, IndexEntry)>(),
+            directory_bytes: local
+                + self.index.len() * size_of::<(NodeId, IndexEntry)>()
+                + self.displaced.len() * size_of::<((NodeId, u32), IndexEntry)>()
+                + self
+                    .remote
+                    .values()
+                    .map(|r| r.sigs.len() * size_of::<Signature>())
+                    .sum::<usize>(),
         }
     }
 
@@ -1230,6 +1264,7 @@ impl HubCore {
                     parts,
                     nodes,
                     listen,
+                    sig,
                 },
             ) => {
                 if origin == self.me
@@ -1258,6 +1293,10 @@ impl HubCore {
                     }
                     return Verdict::Continue;
                 }
+                let signed = directory_signed_bytes(&origin, state, part, parts, &nodes, &listen);
+                if !origin.verify(&signed, &sig) {
+                    return self.cut_forger(peer, "a directory part its origin did not sign");
+                }
                 // Pass each new part on at once; hubs further away assemble
                 // it too. A part seen before (it arrives over every link)
                 // goes no further.
@@ -1268,14 +1307,15 @@ impl HubCore {
                     parts,
                     nodes: nodes.clone(),
                     listen: listen.clone(),
+                    sig,
                 });
                 let others: Vec<LinkId> =
                     self.hubs.values().copied().filter(|l| *l != link).collect();
                 for l in others {
                     self.send(l, msg.clone());
                 }
-                if let Some(nodes) = self.assemble(origin, state, part, parts, nodes) {
-                    self.commit_remote(origin, state, nodes, listen);
+                if let Some((nodes, sigs)) = self.assemble(origin, state, part, parts, nodes, sig) {
+                    self.commit_remote(origin, state, nodes, listen, sigs);
                 }
             }
             (kind, other) => {
@@ -1368,7 +1408,9 @@ impl HubCore {
         self.send(back, control(&failed));
     }
 
-    /// Adds a part of `origin`'s directory; returns the whole once complete.
+    /// Adds a part of `origin`'s directory; returns the whole (each node
+    /// with its part, and each part's signature) once complete.
+    #[allow(clippy::type_complexity)]
     fn assemble(
         &mut self,
         origin: NodeId,
@@ -1376,33 +1418,32 @@ impl HubCore {
         part: u16,
         parts: u16,
         nodes: Vec<NodeId>,
-    ) -> Option<Vec<NodeId>> {
+        sig: Signature,
+    ) -> Option<(Vec<(NodeId, u16)>, Vec<Signature>)> {
         if parts <= 1 {
             self.partial.remove(&origin);
-            return Some(nodes);
+            return Some((nodes.into_iter().map(|n| (n, 0)).collect(), vec![sig]));
         }
-        let p = self.partial.entry(origin).or_insert_with(|| Partial {
+        let fresh = || Partial {
             state,
-            got: vec![false; usize::from(parts)],
+            sigs: vec![None; usize::from(parts)],
             nodes: Vec::new(),
-        });
-        if p.state != state || p.got.len() != usize::from(parts) {
+        };
+        let p = self.partial.entry(origin).or_insert_with(fresh);
+        if p.state != state || p.sigs.len() != usize::from(parts) {
             if p.state > state {
                 return None;
             }
-            *p = Partial {
-                state,
-                got: vec![false; usize::from(parts)],
-                nodes: Vec::new(),
-            };
+            *p = fresh();
         }
-        let slot = p.got.get_mut(usize::from(part))?;
-        if !*slot {
-            *slot = true;
-            p.nodes.extend(nodes);
+        let slot = p.sigs.get_mut(usize::from(part))?;
+        if slot.is_none() {
+            *slot = Some(sig);
+            p.nodes.extend(nodes.into_iter().map(|n| (n, part)));
         }
-        if p.got.iter().all(|g| *g) {
-            return self.partial.remove(&origin).map(|p| p.nodes);
+        if p.sigs.iter().all(Option::is_some) {
+            let p = self.partial.remove(&origin)?;
+            return Some((p.nodes, p.sigs.into_iter().flatten().collect()));
         }
         None
     }
@@ -1410,9 +1451,9 @@ impl HubCore {
     /// Whether part `part` of `origin`'s directory at `state` arrived
     /// before (and is waiting for its other parts).
     fn has_part(&self, origin: &NodeId, state: u64, part: u16) -> bool {
-        self.partial
-            .get(origin)
-            .is_some_and(|p| p.state == state && p.got.get(usize::from(part)).is_some_and(|g| *g))
+        self.partial.get(origin).is_some_and(|p| {
+            p.state == state && p.sigs.get(usize::from(part)).is_some_and(Option::is_some)
+        })
     }
 
     /// The index slot of hub `hub`, made on first use.
@@ -1438,14 +1479,31 @@ impl HubCore {
         &mut self,
         origin: NodeId,
         state: u64,
-        nodes: Vec<NodeId>,
+        nodes: Vec<(NodeId, u16)>,
         listen: Vec<SocketAddr>,
+        sigs: Vec<Signature>,
     ) {
         let Some(slot) = self.slot(origin) else {
             return;
         };
-        for node in &nodes {
-            self.index.insert(*node, IndexEntry { slot, state });
+        if let Some(st) = self.slot_state.get_mut(slot as usize) {
+            *st = state;
+        }
+        for (node, part) in &nodes {
+            let new = IndexEntry {
+                slot,
+                state,
+                part: *part,
+            };
+            if let Some(old) = self.index.insert(*node, new) {
+                // Listed by another current directory too (it moved, and
+                // its old hub has not noticed yet): that directory keeps
+                // its claim aside, so it is passed on as its origin
+                // signed it.
+                if old.slot != slot && self.is_current(&old) {
+                    self.displaced.insert((*node, old.slot), old);
+                }
+            }
         }
         let old = self.remote.insert(
             origin,
@@ -1454,19 +1512,25 @@ impl HubCore {
                 slot,
                 count: nodes.len(),
                 listen,
+                sigs,
                 unroutable_since: None,
             },
         );
         self.indexed = self.indexed + nodes.len() - old.map_or(0, |r| r.count);
-        if let Some(st) = self.slot_state.get_mut(slot as usize) {
-            *st = state;
-        }
         self.sweep_index();
+    }
+
+    /// Whether an index entry is of its origin's current directory.
+    fn is_current(&self, e: &IndexEntry) -> bool {
+        self.slot_state.get(e.slot as usize) == Some(&e.state)
     }
 
     /// Drops stale index entries once they could make up half the index
     /// (amortised: each sweep removes at least as many as it keeps).
     fn sweep_index(&mut self) {
+        let current = &self.slot_state;
+        self.displaced
+            .retain(|_, e| current.get(e.slot as usize) == Some(&e.state));
         if self.index.len() <= 2 * self.indexed + 1024 {
             return;
         }
@@ -1477,36 +1541,60 @@ impl HubCore {
 
     /// Every directory this hub knows, its own first, for a hub that just
     /// linked: remote ones are rebuilt from the index (the only copy).
-    fn directory_sync(&self) -> Vec<Vec<u8>> {
+    fn directory_sync(&mut self) -> Vec<Vec<u8>> {
         let mut out = self.directory_messages();
         let mut members = self.members(None);
         for (origin, r) in &self.remote {
-            let nodes = members.remove(&r.slot).unwrap_or_default();
-            out.extend(directory_parts(*origin, r.state, &nodes, &r.listen));
+            out.extend(remote_parts(*origin, r, &mut members));
         }
         out
     }
 
-    /// The current members of other hubs' directories, by slot (only slot
-    /// `only`, if given), sorted: rebuilt from the index, the only copy, in
-    /// one pass over it.
-    fn members(&self, only: Option<u32>) -> HashMap<u32, Vec<NodeId>> {
-        let mut by_slot: HashMap<u32, Vec<NodeId>> = HashMap::new();
-        let current = self
-            .index
-            .iter()
-            .filter(|(_, e)| only.is_none_or(|s| s == e.slot))
-            .filter(|(_, e)| self.slot_state.get(e.slot as usize) == Some(&e.state));
-        for (node, e) in current {
-            by_slot.entry(e.slot).or_default().push(*node);
+    /// The current members of other hubs' directories, by slot and part
+    /// (only slot `only`, if given), sorted as their origins signed them:
+    /// rebuilt from the index, the only copy, in one pass over it.
+    fn members(&self, only: Option<u32>) -> HashMap<(u32, u16), Vec<NodeId>> {
+        let mut parts: HashMap<(u32, u16), Vec<NodeId>> = HashMap::new();
+        let index = self.index.iter();
+        let displaced = self.displaced.iter().map(|((node, _), e)| (node, e));
+        for (node, e) in index.chain(displaced) {
+            if only.is_none_or(|s| s == e.slot) && self.is_current(e) {
+                parts.entry((e.slot, e.part)).or_default().push(*node);
+            }
         }
-        by_slot.values_mut().for_each(|nodes| nodes.sort());
-        by_slot
+        parts.values_mut().for_each(|nodes| nodes.sort());
+        parts
     }
 
-    fn directory_messages(&self) -> Vec<Vec<u8>> {
+    /// This hub's directory as signed messages, made once per state.
+    fn directory_messages(&mut self) -> Vec<Vec<u8>> {
+        if let Some((state, msgs)) = &self.own_directory {
+            if *state == self.dir_state {
+                return msgs.clone();
+            }
+        }
         let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
-        directory_parts(self.me, self.dir_state, &nodes, &self.listen)
+        let parts: Vec<Vec<NodeId>> = if nodes.is_empty() {
+            vec![Vec::new()]
+        } else {
+            nodes
+                .chunks(DIRECTORY_PART)
+                .map(<[NodeId]>::to_vec)
+                .collect()
+        };
+        let n = u16::try_from(parts.len()).unwrap_or(u16::MAX);
+        let sigs: Vec<Signature> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let m =
+                    directory_signed_bytes(&self.me, self.dir_state, i as u16, n, p, &self.listen);
+                self.key.sign(&m)
+            })
+            .collect();
+        let msgs = directory_parts(self.me, self.dir_state, &parts, &self.listen, &sigs);
+        self.own_directory = Some((self.dir_state, msgs.clone()));
+        msgs
     }
 
     /// This hub's own directory changed: flooded at once, or at the end of
@@ -1551,11 +1639,7 @@ impl HubCore {
         let parts = if origin == self.me {
             self.directory_messages()
         } else if let Some(r) = self.remote.get(&origin) {
-            let nodes = self
-                .members(Some(r.slot))
-                .remove(&r.slot)
-                .unwrap_or_default();
-            directory_parts(origin, r.state, &nodes, &r.listen)
+            remote_parts(origin, r, &mut self.members(Some(r.slot)))
         } else {
             if let Some(out) = self.link_to_hub(&origin).filter(|l| *l != link) {
                 self.send(out, control(&Control::DirectoryRequest { origin }));

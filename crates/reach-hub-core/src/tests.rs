@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use reach_proto::link::{
-    admission_proof, decode_frame, ConnectBack, Control, Frame, Rendezvous, ResetCode,
-    MAX_STREAM_WINDOW, STREAM_WINDOW,
+    admission_proof, decode_frame, directory_signed_bytes, ConnectBack, Control, Frame, Rendezvous,
+    ResetCode, MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::routes::Advert;
 use reach_proto::{NodeId, SecretKey};
@@ -928,14 +928,8 @@ fn a_neighbour_cannot_make_a_hub_assemble_oversized_or_endless_directories() {
     let now = Instant::now();
     let (_a, mut b, _ab, ba) = two_hubs(now);
     b.poll_transmits();
-    let dir = |origin: u8, parts: u16, part: u16| Control::Directory {
-        origin: id(origin),
-        state: 5,
-        part,
-        parts,
-        nodes: vec![id(90)],
-        listen: vec![],
-    };
+    let dir =
+        |origin: u8, parts: u16, part: u16| signed_dir(&key(origin), 5, part, parts, vec![id(90)]);
     // Too many parts, a part past the end: refused, nothing kept or passed on.
     for msg in [dir(80, MAX_DIRECTORY_PARTS + 1, 0), dir(81, 4, 4)] {
         assert_eq!(control(&mut b, ba, msg), Verdict::Continue);
@@ -944,32 +938,37 @@ fn a_neighbour_cannot_make_a_hub_assemble_oversized_or_endless_directories() {
     assert!(b.partial.is_empty());
     assert!(b.poll_transmits().is_empty());
     // At most MAX_PARTIAL_DIRECTORIES assemble at once.
-    let origins: Vec<NodeId> = (0..MAX_PARTIAL_DIRECTORIES as u32 + 1)
-        .map(|i| {
-            let mut bytes = [3u8; 32];
-            bytes[..4].copy_from_slice(&i.to_be_bytes());
-            let wire = postcard::to_allocvec(&bytes).expect("encode");
-            postcard::from_bytes::<Wrapped>(&wire).expect("decode").0
-        })
-        .collect();
-    for o in &origins {
-        let msg = Control::Directory {
-            origin: *o,
-            state: 5,
-            part: 0,
-            parts: 2,
-            nodes: vec![],
-            listen: vec![],
-        };
-        control(&mut b, ba, msg);
+    for i in 0..MAX_PARTIAL_DIRECTORIES as u32 + 1 {
+        let mut seed = [3u8; 32];
+        seed[..4].copy_from_slice(&i.to_be_bytes());
+        let msg = signed_dir(&SecretKey::from_seed(seed), 5, 0, 2, vec![]);
+        assert_eq!(control(&mut b, ba, msg), Verdict::Continue);
     }
     assert_eq!(b.partial.len(), MAX_PARTIAL_DIRECTORIES);
     assert_eq!(b.counters.directories_refused, 3);
 }
 
-/// A NodeId decoded as gossip decodes relayed ids (no point check).
-#[derive(serde::Deserialize)]
-struct Wrapped(#[serde(with = "reach_proto::identity::relayed_id")] NodeId);
+/// A directory part as `key`'s hub signs it.
+fn signed_dir(key: &SecretKey, state: u64, part: u16, parts: u16, nodes: Vec<NodeId>) -> Control {
+    let origin = key.node_id();
+    let sig = key.sign(&directory_signed_bytes(
+        &origin,
+        state,
+        part,
+        parts,
+        &nodes,
+        &[],
+    ));
+    Control::Directory {
+        origin,
+        state,
+        part,
+        parts,
+        nodes,
+        listen: vec![],
+        sig,
+    }
+}
 
 /// Hub `a` with a rogue hub (key 9, holding the federation's hub secret)
 /// linked to it; returns the rogue's link at `a`.
@@ -1010,7 +1009,13 @@ fn a_linked_hub_advertising_forged_route_state_is_cut_and_takes_no_route() {
         hops: 0,
         proof: [7; 16],
     };
-    let v = control(&mut a, m, Control::Adverts { adverts: vec![frozen] });
+    let v = control(
+        &mut a,
+        m,
+        Control::Adverts {
+            adverts: vec![frozen],
+        },
+    );
     assert_eq!(v, Verdict::Continue);
     assert!(
         out(&mut a).iter().any(|(l, f)| *l == m
@@ -1021,8 +1026,17 @@ fn a_linked_hub_advertising_forged_route_state_is_cut_and_takes_no_route() {
     // An anchor for b that b did not sign, which would cover that state.
     let mut fake = b.routes.anchor_of(&id(2)).expect("b's own").clone();
     fake.base = u64::MAX - 10;
-    let v = control(&mut a, m, Control::Anchors { anchors: vec![fake] });
-    assert!(matches!(v, Verdict::Close(ref r) if r.contains("did not sign")), "{v:?}");
+    let v = control(
+        &mut a,
+        m,
+        Control::Anchors {
+            anchors: vec![fake],
+        },
+    );
+    assert!(
+        matches!(v, Verdict::Close(ref r) if r.contains("did not sign")),
+        "{v:?}"
+    );
     assert_eq!(a.counters.gossip_forged, 1);
     // A state within b's chain but newer than b advertised: cut too.
     let m = rogue_link(&mut a, now);
@@ -1030,10 +1044,106 @@ fn a_linked_hub_advertising_forged_route_state_is_cut_and_takes_no_route() {
         state: honest.state + 3,
         ..frozen
     };
-    let v = control(&mut a, m, Control::Adverts { adverts: vec![newer] });
-    assert!(matches!(v, Verdict::Close(ref r) if r.contains("fail")), "{v:?}");
+    let v = control(
+        &mut a,
+        m,
+        Control::Adverts {
+            adverts: vec![newer],
+        },
+    );
+    assert!(
+        matches!(v, Verdict::Close(ref r) if r.contains("fail")),
+        "{v:?}"
+    );
     assert_eq!(a.counters.gossip_forged, 2);
     a.handle_link_down(m, now);
     let after = a.routes.route(&id(2)).expect("still routed");
     assert_eq!((after.next_hop, after.state), (id(2), honest.state));
+}
+
+/// Hands `y` the frames of `outbox` that went out on `link` (to `y`,
+/// where the link is `at_y`).
+fn deliver(outbox: Outbox, link: LinkId, y: &mut HubCore, at_y: LinkId, now: Instant) {
+    for (_, f) in outbox.into_iter().filter(|(l, _)| *l == link) {
+        let (frame, _) = decode_frame(&f).expect("valid").expect("whole");
+        assert_eq!(y.handle_frame(at_y, frame, now), Verdict::Continue);
+    }
+}
+
+/// Links hub `x` to hub `y` (x dials) and exchanges what follows.
+fn link_hubs(x: &mut HubCore, y: &mut HubCore, now: Instant) -> (LinkId, LinkId) {
+    let xy = x.handle_link_up(y.id(), addr(2), true, x.hub_proof(&y.id()));
+    let yx = y.handle_link_up(x.id(), addr(1), false, None);
+    pump(x, y, xy, yx, now);
+    (xy, yx)
+}
+
+fn hub_n(n: u8) -> HubCore {
+    HubCore::new(
+        &key(n),
+        hub_policy(),
+        vec![addr(n)],
+        Duration::from_secs(10),
+        1,
+    )
+}
+
+#[test]
+fn a_linked_hub_cannot_forge_alter_or_freeze_another_hubs_directory() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    register(&mut b, 20, vec![], now);
+    pump(&mut a, &mut b, ab, ba, now);
+    assert_eq!(a.home_of(&id(20)), Some(id(2)));
+    // The rogue claims b's directory is empty, at a state b never reaches.
+    let m = rogue_link(&mut a, now);
+    let mut frozen = signed_dir(&key(9), u64::MAX, 0, 1, vec![]);
+    if let Control::Directory { origin, .. } = &mut frozen {
+        *origin = id(2);
+    }
+    let v = control(&mut a, m, frozen);
+    assert!(
+        matches!(v, Verdict::Close(ref r) if r.contains("did not sign")),
+        "{v:?}"
+    );
+    // Or alters one that b signed (its listen addresses, say).
+    let m = rogue_link(&mut a, now);
+    let mut altered = signed_dir(&key(2), u64::MAX, 0, 1, vec![]);
+    if let Control::Directory { listen, .. } = &mut altered {
+        listen.push(addr(66));
+    }
+    let v = control(&mut a, m, altered);
+    assert!(matches!(v, Verdict::Close(_)), "{v:?}");
+    assert_eq!(a.counters.gossip_forged, 2);
+    assert_eq!(a.home_of(&id(20)), Some(id(2)), "b's directory stands");
+}
+
+#[test]
+fn a_directory_passed_on_after_its_node_moved_still_carries_its_origins_signature() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    let mut c = hub_n(3);
+    let (bc, cb) = link_hubs(&mut b, &mut c, now);
+    register(&mut a, 10, vec![], now);
+    register(&mut a, 11, vec![], now);
+    // Past the hold time, the held flood goes out.
+    let now = now + Duration::from_secs(1);
+    a.handle_timeout(now);
+    let (_, from_b) = pump(&mut a, &mut b, ab, ba, now);
+    deliver(from_b, bc, &mut c, cb, now);
+    pump(&mut b, &mut c, bc, cb, now);
+    assert_eq!(c.home_of(&id(11)), Some(id(1)));
+    // Node 10 moves to c before a notices: both directories list it.
+    register(&mut c, 10, vec![], now);
+    let now = now + Duration::from_secs(1);
+    c.handle_timeout(now);
+    pump(&mut c, &mut b, cb, bc, now);
+    assert_eq!(b.home_of(&id(10)), Some(id(3)));
+    // A hub linking to b now gets both directories rebuilt from b's index,
+    // each as its origin signed it: nothing is cut.
+    let mut d = hub_n(4);
+    link_hubs(&mut b, &mut d, now);
+    assert_eq!(d.counters.gossip_forged, 0);
+    assert_eq!(d.home_of(&id(11)), Some(id(1)));
+    assert!(d.home_of(&id(10)).is_some());
 }

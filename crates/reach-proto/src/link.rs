@@ -394,6 +394,9 @@ pub enum Control {
         nodes: Vec<NodeId>,
         /// Where `origin` listens.
         listen: Vec<SocketAddr>,
+        /// `origin`'s signature over the part ([`directory_signed_bytes`]):
+        /// no other hub can forge, alter or freeze it.
+        sig: crate::identity::Signature,
     },
     /// Hub to hub, routed towards `node`'s home hub: a node attached to
     /// hub `asker` looks `node` up. The home hub answers with `Located`.
@@ -869,6 +872,37 @@ impl Grant {
     }
 }
 
+const DIRECTORY_LABEL: &[u8] = b"reach directory part v1";
+
+/// What a hub signs for one part of its directory: everything in the
+/// [`Control::Directory`] message. A part's nodes are sorted, so that a hub
+/// passing on a directory it learned rebuilds each part (and so its
+/// signature's message) from its index.
+pub fn directory_signed_bytes(
+    origin: &NodeId,
+    state: u64,
+    part: u16,
+    parts: u16,
+    nodes: &[NodeId],
+    listen: &[SocketAddr],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(DIRECTORY_LABEL.len() + 48 + 32 * nodes.len());
+    m.extend_from_slice(DIRECTORY_LABEL);
+    m.extend_from_slice(origin.as_bytes());
+    m.extend_from_slice(&state.to_be_bytes());
+    m.extend_from_slice(&part.to_be_bytes());
+    m.extend_from_slice(&parts.to_be_bytes());
+    m.extend_from_slice(&(nodes.len() as u32).to_be_bytes());
+    for n in nodes {
+        m.extend_from_slice(n.as_bytes());
+    }
+    for a in listen {
+        m.extend_from_slice(a.to_string().as_bytes());
+        m.push(b',');
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -939,6 +973,7 @@ mod tests {
             parts: 1,
             nodes: vec![id(4), id(5)],
             listen: vec!["[2001:db8::1]:9".parse().expect("addr")],
+            sig: crate::identity::Signature([9; 64]),
         };
         encode_control(&msg, &mut b).expect("encode");
         assert_eq!(roundtrip(&b), Frame::Control(msg));
