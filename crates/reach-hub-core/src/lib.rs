@@ -303,6 +303,12 @@ pub struct HubCore {
     /// (nodes that just moved), kept so that each directory can be passed
     /// on exactly as its origin signed it.
     displaced: HashMap<(NodeId, u32), IndexEntry>,
+    /// For nodes two current directories list: the slot whose hub showed
+    /// the newest claim signed by the node, and its stamp.
+    proven: HashMap<NodeId, (u32, u64)>,
+    /// Claim checks waiting for a hub's answer, by Locate request id:
+    /// (node, slot asked, when).
+    checks: HashMap<u32, (NodeId, u32, Instant)>,
     /// The sum of [`Remote::count`]: index entries that are current (kept
     /// up to date, so no commit walks every remote directory).
     indexed: usize,
@@ -458,6 +464,8 @@ impl HubCore {
             partial: HashMap::new(),
             index: HashMap::default(),
             displaced: HashMap::new(),
+            proven: HashMap::new(),
+            checks: HashMap::new(),
             indexed: 0,
             slots: Vec::new(),
             slot_state: Vec::new(),
@@ -927,6 +935,12 @@ impl HubCore {
             self.send_located(asker, req, node, entry);
             return;
         }
+        if let Some((n, slot, _)) = self.checks.remove(&req) {
+            if n == node {
+                self.settle_claim(node, slot, entry);
+            }
+            return;
+        }
         let Some(p) = self.locates.remove(&req) else {
             return;
         };
@@ -1028,6 +1042,7 @@ impl HubCore {
                     addrs,
                     proof,
                     accepts,
+                    home,
                 },
             ) => {
                 if !self.policy.admits_node(&peer, &self.me, proof.as_ref()) {
@@ -1055,11 +1070,18 @@ impl HubCore {
                 let echo = self.echo_ports.clone();
                 self.send(link, control(&Control::Registered { observed, echo }));
                 if accepts {
+                    // Kept only if it is the node's own claim for this hub.
+                    let offered = home.is_some();
+                    let claim = home.filter(|c| c.is_valid(&peer, &self.me));
+                    if offered && claim.is_none() {
+                        tracing::debug!(%peer, "registration's home claim does not verify: kept without it");
+                    }
                     let entry = DirEntry {
                         node: peer,
                         hub: self.me,
                         addrs: addrs.into_iter().take(MAX_NODE_ADDRS).collect(),
                         observed,
+                        claim,
                     };
                     self.nodes.insert(peer, (link, entry));
                     self.directory_changed(now);
@@ -1315,7 +1337,7 @@ impl HubCore {
                     self.send(l, msg.clone());
                 }
                 if let Some((nodes, sigs)) = self.assemble(origin, state, part, parts, nodes, sig) {
-                    self.commit_remote(origin, state, nodes, listen, sigs);
+                    self.commit_remote(origin, state, nodes, listen, sigs, now);
                 }
             }
             (kind, other) => {
@@ -1482,6 +1504,7 @@ impl HubCore {
         nodes: Vec<(NodeId, u16)>,
         listen: Vec<SocketAddr>,
         sigs: Vec<Signature>,
+        now: Instant,
     ) {
         let Some(slot) = self.slot(origin) else {
             return;
@@ -1489,21 +1512,41 @@ impl HubCore {
         if let Some(st) = self.slot_state.get_mut(slot as usize) {
             *st = state;
         }
+        let mut disputed = Vec::new();
         for (node, part) in &nodes {
             let new = IndexEntry {
                 slot,
                 state,
                 part: *part,
             };
-            if let Some(old) = self.index.insert(*node, new) {
-                // Listed by another current directory too (it moved, and
-                // its old hub has not noticed yet): that directory keeps
-                // its claim aside, so it is passed on as its origin
-                // signed it.
-                if old.slot != slot && self.is_current(&old) {
-                    self.displaced.insert((*node, old.slot), old);
+            match self.index.get(node).copied() {
+                // Listed by another current directory too: the node moved
+                // and its old hub has not noticed yet, or a hub lies. The
+                // claim the node proved last stays in the index (else the
+                // newer directory's); the other is kept aside, so that each
+                // directory is passed on as its origin signed it, and both
+                // hubs are asked for the node's own claim.
+                Some(old) if old.slot != slot && self.is_current(&old) => {
+                    let proven = self.proven.get(node).map(|(s, _)| *s);
+                    if proven == Some(old.slot) {
+                        self.displaced.insert((*node, slot), new);
+                    } else {
+                        self.index.insert(*node, new);
+                        self.displaced.insert((*node, old.slot), old);
+                    }
+                    for s in [old.slot, slot] {
+                        if proven != Some(s) {
+                            disputed.push((*node, s));
+                        }
+                    }
+                }
+                _ => {
+                    self.index.insert(*node, new);
                 }
             }
+        }
+        for (node, s) in disputed {
+            self.check_claim(node, s, now);
         }
         let old = self.remote.insert(
             origin,
@@ -1520,6 +1563,72 @@ impl HubCore {
         self.sweep_index();
     }
 
+    /// Asks the hub of `slot` for `node`'s own claim to be there (a Locate
+    /// whose answer goes to [`HubCore::settle_claim`]).
+    fn check_claim(&mut self, node: NodeId, slot: u32, now: Instant) {
+        let pending = self
+            .checks
+            .values()
+            .any(|(n, s, _)| *n == node && *s == slot);
+        if pending || self.checks.len() >= MAX_LOCATES {
+            return;
+        }
+        let Some(home) = self.slots.get(slot as usize).copied() else {
+            return;
+        };
+        let Some(out) = self.link_to_hub(&home) else {
+            return;
+        };
+        let req = self.next_locate;
+        self.next_locate = self.next_locate.wrapping_add(1);
+        self.checks.insert(req, (node, slot, now));
+        let msg = Control::Locate {
+            asker: self.me,
+            req,
+            home,
+            node,
+        };
+        self.send(out, control(&msg));
+    }
+
+    /// A hub's answer to a claim check: if it shows the node's own claim,
+    /// newer than any proved before, that hub's listing is the node's
+    /// home from now on.
+    fn settle_claim(&mut self, node: NodeId, slot: u32, entry: Option<DirEntry>) {
+        let Some(hub) = self.slots.get(slot as usize).copied() else {
+            return;
+        };
+        let stamp = entry
+            .filter(|e| e.node == node && e.hub == hub)
+            .and_then(|e| e.claim)
+            .filter(|c| c.is_valid(&node, &hub))
+            .map(|c| c.stamp);
+        let Some(stamp) = stamp else {
+            tracing::debug!(%node, %hub, "a hub listing a node shows no claim from it");
+            return;
+        };
+        if self.proven.get(&node).is_some_and(|(_, s)| *s >= stamp) {
+            return;
+        }
+        self.proven.insert(node, (slot, stamp));
+        let Some(cur) = self.index.get(&node).copied() else {
+            return;
+        };
+        if cur.slot == slot {
+            return;
+        }
+        let Some(d) = self.displaced.remove(&(node, slot)) else {
+            return;
+        };
+        if self.is_current(&d) {
+            tracing::info!(%node, %hub, "node listed by two hubs: its latest own claim is for this one");
+            self.index.insert(node, d);
+            if self.is_current(&cur) {
+                self.displaced.insert((node, cur.slot), cur);
+            }
+        }
+    }
+
     /// Whether an index entry is of its origin's current directory.
     fn is_current(&self, e: &IndexEntry) -> bool {
         self.slot_state.get(e.slot as usize) == Some(&e.state)
@@ -1529,8 +1638,15 @@ impl HubCore {
     /// (amortised: each sweep removes at least as many as it keeps).
     fn sweep_index(&mut self) {
         let current = &self.slot_state;
-        self.displaced
-            .retain(|_, e| current.get(e.slot as usize) == Some(&e.state));
+        let is_current = |e: &IndexEntry| current.get(e.slot as usize) == Some(&e.state);
+        self.displaced.retain(|_, e| is_current(e));
+        let (index, displaced) = (&self.index, &self.displaced);
+        self.proven.retain(|node, (slot, _)| {
+            index
+                .get(node)
+                .is_some_and(|e| e.slot == *slot && is_current(e))
+                || displaced.get(&(*node, *slot)).is_some_and(is_current)
+        });
         if self.index.len() <= 2 * self.indexed + 1024 {
             return;
         }
@@ -1787,6 +1903,8 @@ impl HubCore {
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
         self.locates
             .retain(|_, p| now.saturating_duration_since(p.at) < CONNECT_BACK_MEMORY);
+        self.checks
+            .retain(|_, (_, _, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
         self.handle_timeout(now);
         self.routes.bump();
         self.routes.handle_timeout(now);

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use reach_proto::link::{
-    admission_proof, decode_frame, directory_signed_bytes, ConnectBack, Control, Frame, Rendezvous,
-    ResetCode, MAX_STREAM_WINDOW, STREAM_WINDOW,
+    admission_proof, decode_frame, directory_signed_bytes, ConnectBack, Control, Frame, HomeClaim,
+    Rendezvous, ResetCode, MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::routes::Advert;
 use reach_proto::{NodeId, SecretKey};
@@ -63,6 +63,7 @@ fn attach(core: &mut HubCore, node: NodeId, accepts: bool) -> LinkId {
             addrs: vec![addr(2)],
             proof: None,
             accepts,
+            home: None,
         },
     );
     assert_eq!(v, Verdict::Continue);
@@ -106,6 +107,7 @@ fn admission_by_key_and_by_secret_and_refusal_with_a_reason() {
         addrs: vec![],
         proof,
         accepts: true,
+        home: None,
     };
     let l = core.handle_link_up(listed, addr(3), false, None);
     assert_eq!(control(&mut core, l, register(None)), Verdict::Continue);
@@ -465,6 +467,7 @@ fn registered_nodes_learn_the_echo_ports() {
             addrs: vec![],
             proof: None,
             accepts: true,
+            home: None,
         },
     );
     let frames = out(&mut core);
@@ -578,11 +581,23 @@ fn pump(
 /// link. Unlike [`attach`], what the core queued (its directory flood)
 /// stays in the outbox.
 fn register(core: &mut HubCore, n: u8, addrs: Vec<SocketAddr>, now: Instant) -> LinkId {
+    register_claiming(core, n, addrs, None, now)
+}
+
+/// [`register`] with the node's own claim to be at `core`, stamped `stamp`.
+fn register_claiming(
+    core: &mut HubCore,
+    n: u8,
+    addrs: Vec<SocketAddr>,
+    stamp: Option<u64>,
+    now: Instant,
+) -> LinkId {
     let link = core.handle_link_up(id(n), addr(n), false, None);
     let register = Control::Register {
         addrs,
         proof: None,
         accepts: true,
+        home: stamp.map(|t| Box::new(HomeClaim::new(&key(n), &core.id(), t))),
     };
     assert_eq!(
         core.handle_frame(link, Frame::Control(register), now),
@@ -1124,7 +1139,7 @@ fn a_directory_passed_on_after_its_node_moved_still_carries_its_origins_signatur
     let (mut a, mut b, ab, ba) = two_hubs(now);
     let mut c = hub_n(3);
     let (bc, cb) = link_hubs(&mut b, &mut c, now);
-    register(&mut a, 10, vec![], now);
+    register_claiming(&mut a, 10, vec![], Some(1_000), now);
     register(&mut a, 11, vec![], now);
     // Past the hold time, the held flood goes out.
     let now = now + Duration::from_secs(1);
@@ -1134,7 +1149,7 @@ fn a_directory_passed_on_after_its_node_moved_still_carries_its_origins_signatur
     pump(&mut b, &mut c, bc, cb, now);
     assert_eq!(c.home_of(&id(11)), Some(id(1)));
     // Node 10 moves to c before a notices: both directories list it.
-    register(&mut c, 10, vec![], now);
+    register_claiming(&mut c, 10, vec![], Some(2_000), now);
     let now = now + Duration::from_secs(1);
     c.handle_timeout(now);
     pump(&mut c, &mut b, cb, bc, now);
@@ -1146,4 +1161,60 @@ fn a_directory_passed_on_after_its_node_moved_still_carries_its_origins_signatur
     assert_eq!(d.counters.gossip_forged, 0);
     assert_eq!(d.home_of(&id(11)), Some(id(1)));
     assert!(d.home_of(&id(10)).is_some());
+    // b asked both hubs for the node's own claim: c's is the later one, and
+    // a directory of a's that still lists the node does not take it back.
+    let (to_a, _) = pump(&mut b, &mut c, bc, cb, now);
+    deliver(to_a, ba, &mut a, ab, now);
+    pump(&mut a, &mut b, ab, ba, now);
+    pump(&mut c, &mut b, cb, bc, now);
+    assert_eq!(b.home_of(&id(10)), Some(id(3)));
+    register(&mut a, 12, vec![], now);
+    let now = now + Duration::from_secs(1);
+    a.handle_timeout(now);
+    pump(&mut a, &mut b, ab, ba, now);
+    assert_eq!(b.home_of(&id(12)), Some(id(1)));
+    assert_eq!(b.home_of(&id(10)), Some(id(3)), "the proved claim holds");
+}
+
+#[test]
+fn a_linked_hub_listing_a_node_it_does_not_have_cannot_take_it() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    register_claiming(&mut b, 20, vec![], Some(1_000), now);
+    pump(&mut a, &mut b, ab, ba, now);
+    assert_eq!(a.home_of(&id(20)), Some(id(2)));
+    // The rogue lists node 20 in its own directory (validly signed: it is
+    // a hub of the federation).
+    let m = rogue_link(&mut a, now);
+    for state in [5, 6] {
+        let v = control(&mut a, m, signed_dir(&key(9), state, 0, 1, vec![id(20)]));
+        assert_eq!(v, Verdict::Continue);
+        // a asks both hubs for the node's claim; the rogue has none to show
+        // (it answers with an entry it made up), b shows the node's own.
+        let asked = out(&mut a);
+        for (l, f) in &asked {
+            let Frame::Control(Control::Locate { req, node, .. }) = f else {
+                continue;
+            };
+            if *l == m {
+                let fake = Control::Located {
+                    asker: id(1),
+                    req: *req,
+                    node: *node,
+                    entry: Some(DirEntry {
+                        node: *node,
+                        hub: id(9),
+                        addrs: vec![addr(66)],
+                        observed: addr(66),
+                        claim: Some(Box::new(HomeClaim::new(&key(9), &id(9), u64::MAX))),
+                    }),
+                };
+                assert_eq!(control(&mut a, m, fake), Verdict::Continue);
+            } else if *l == ab {
+                assert_eq!(b.handle_frame(ba, f.clone(), now), Verdict::Continue);
+            }
+        }
+        pump(&mut a, &mut b, ab, ba, now);
+        assert_eq!(a.home_of(&id(20)), Some(id(2)), "state {state}");
+    }
 }

@@ -142,6 +142,45 @@ pub struct DirEntry {
     pub addrs: Vec<SocketAddr>,
     /// The address its hub saw its session come from.
     pub observed: SocketAddr,
+    /// The node's own word that it registered with `hub`, if it gave one:
+    /// what decides between two hubs that both list the node.
+    pub claim: Option<Box<HomeClaim>>,
+}
+
+const HOME_LABEL: &[u8] = b"reach home v1";
+
+/// A node's signed statement that it registered with a hub at `stamp`
+/// (its wall clock, in microseconds): no hub can make one for a node that
+/// did not, and of two hubs listing a node, the later claim wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeClaim {
+    /// When the node registered, by its clock.
+    pub stamp: u64,
+    /// The node's signature over (node, hub, stamp).
+    pub sig: crate::identity::Signature,
+}
+
+impl HomeClaim {
+    fn message(node: &NodeId, hub: &NodeId, stamp: u64) -> Vec<u8> {
+        [
+            HOME_LABEL,
+            node.as_bytes(),
+            hub.as_bytes(),
+            &stamp.to_be_bytes(),
+        ]
+        .concat()
+    }
+
+    /// `key`'s claim to be registered with `hub` at `stamp`.
+    pub fn new(key: &crate::identity::SecretKey, hub: &NodeId, stamp: u64) -> Self {
+        let sig = key.sign(&Self::message(&key.node_id(), hub, stamp));
+        Self { stamp, sig }
+    }
+
+    /// Whether `node` made this claim for `hub`.
+    pub fn is_valid(&self, node: &NodeId, hub: &NodeId) -> bool {
+        node.verify(&Self::message(node, hub, self.stamp), &self.sig)
+    }
 }
 
 /// A request, carried through hubs, that the target connect back to a node.
@@ -220,6 +259,8 @@ pub enum Control {
         /// (`reach connect`) shares its NodeId with the node's listener, so it
         /// must not take the listener's place in the directory.
         accepts: bool,
+        /// The node's [`HomeClaim`] for this hub, passed on in lookups.
+        home: Option<Box<HomeClaim>>,
     },
     /// Hub to node: attached; the hub saw the session come from `observed`.
     Registered {
@@ -987,6 +1028,7 @@ mod tests {
                 hub: id(3),
                 addrs: vec!["10.0.0.1:7000".parse().expect("addr")],
                 observed: "203.0.113.5:4000".parse().expect("addr"),
+                claim: None,
             }),
         };
         encode_control(&msg, &mut b).expect("encode");

@@ -28,11 +28,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::link::{
-    admission_proof, encode_control, encode_reset, ConnectBack, Control, DirEntry, Rendezvous,
-    ResetCode,
+    admission_proof, encode_control, encode_reset, ConnectBack, Control, DirEntry, HomeClaim,
+    Rendezvous, ResetCode,
 };
 use crate::rng::Rng;
-use crate::NodeId;
+use crate::{NodeId, SecretKey};
 
 /// The session's clocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,6 +85,14 @@ pub struct Config {
     pub max_lookups: usize,
     /// The clocks.
     pub timing: Timing,
+    /// The node's key, to sign a [`HomeClaim`] for each hub it registers
+    /// with (`None`: registers without one, and loses any dispute over
+    /// where it is to a hub that shows one).
+    pub key: Option<SecretKey>,
+    /// The wall clock in microseconds when the session was made. A claim's
+    /// stamp is this plus the link number: later registrations of this
+    /// process, and of a later process, carry larger stamps.
+    pub clock_micros: u64,
 }
 
 impl Config {
@@ -98,6 +106,8 @@ impl Config {
             max_answers: 32,
             max_lookups: 1024,
             timing: Timing::default(),
+            key: None,
+            clock_micros: 0,
         }
     }
 }
@@ -499,10 +509,17 @@ impl NodeSession {
             .network_secret
             .as_deref()
             .map(|s| admission_proof(s, &self.config.me, &hub));
+        let stamp = self.config.clock_micros.saturating_add(link.0);
+        let home = self
+            .config
+            .key
+            .as_ref()
+            .map(|k| Box::new(HomeClaim::new(k, &hub, stamp)));
         self.send(&Control::Register {
             addrs: self.config.addrs.clone(),
             proof,
             accepts: self.config.accepts,
+            home,
         });
         self.phase = Phase::Registering {
             link,

@@ -87,6 +87,8 @@ fn it_dials_at_once_and_registers_with_its_proof() {
     let mut c = Config::new(id(1));
     c.addrs = vec![addr(4000)];
     c.network_secret = Some(b"s3cret".to_vec());
+    c.key = Some(SecretKey::from_seed([1; 32]));
+    c.clock_micros = 5_000;
     let mut r = Rig::new(c);
     assert_eq!(r.step(Duration::from_secs(1)), Duration::ZERO);
     let deadline = r.t0 + Timing::default().attach_timeout;
@@ -97,9 +99,14 @@ fn it_dials_at_once_and_registers_with_its_proof() {
             addrs,
             proof: Some(p),
             accepts: true,
+            home: Some(home),
         }] => {
             assert_eq!(addrs, &vec![addr(4000)]);
             assert!(verify_admission_proof(b"s3cret", &id(1), &id(9), p));
+            // Its own claim to be at this hub, stamped past its start.
+            assert!(home.is_valid(&id(1), &id(9)));
+            assert!(!home.is_valid(&id(1), &id(8)));
+            assert_eq!(home.stamp, 5_000 + link.0);
         }
         other => panic!("expected one Register, got {other:?}"),
     }
@@ -311,6 +318,7 @@ fn lookups_are_answered_expire_or_fail_with_the_link() {
         hub: id(9),
         addrs: vec![addr(5)],
         observed: addr(6),
+        claim: None,
     };
     r.s.handle_control(
         link,

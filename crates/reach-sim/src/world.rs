@@ -314,6 +314,9 @@ impl World {
         after: Duration,
     ) -> NodeIx {
         let ix = self.nodes.len();
+        // Without a key, the node registers without a home claim: simulated
+        // nodes never move between hubs, so no dispute needs one, and a
+        // signature per registration would be most of a large run's CPU.
         let mut config = node_session::Config::new(id);
         config.addrs = vec![node_addr(ix)];
         let seed = self.rng.next_u64();

@@ -322,6 +322,12 @@ impl EndpointBuilder {
             // listener's place in the directory.
             config.accepts = self.accept_ports.as_ref().is_none_or(|p| !p.is_empty());
             config.network_secret = self.network_secret.clone();
+            // The node signs where it registers, so that no hub can claim
+            // it; the wall clock orders its claims across restarts.
+            config.key = Some(secret.clone());
+            config.clock_micros = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
             Session::new(hub, dialer.clone(), config)
         });
         let (session, requests) = session.unzip();
