@@ -18,6 +18,7 @@ pub mod nat;
 pub mod plan;
 pub mod probe;
 pub mod rathole;
+pub mod rogue;
 pub mod soak;
 pub mod splice;
 pub mod sshd;

@@ -220,6 +220,29 @@ enum ProbeCmd {
         #[arg(long)]
         bind_port: Option<u16>,
     },
+    /// The abuse suite's rogue hub: link to HUB with the federation's hub
+    /// secret and try to take the route to VICTIM_HUB and the node
+    /// VICTIM_NODE; one JSON line per attempt (see reach_lab::rogue).
+    RogueHub {
+        /// The hub to attack, NODEID@IP:PORT.
+        #[arg(long)]
+        hub: reach::HubTarget,
+        /// File holding the federation's hub secret.
+        #[arg(long)]
+        hub_secret_file: PathBuf,
+        /// A hub the attacked hub routes to.
+        #[arg(long)]
+        victim_hub: reach_proto::NodeId,
+        /// A node attached to another hub.
+        #[arg(long)]
+        victim_node: reach_proto::NodeId,
+        /// Seconds to keep claiming the node.
+        #[arg(long, default_value_t = 5.0)]
+        hold: f64,
+        /// Seed of the rogue's key.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -486,6 +509,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !matches!(out, probe::Outcome::Ok { .. }) {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Cmd::Probe(ProbeCmd::RogueHub {
+            hub,
+            hub_secret_file,
+            victim_hub,
+            victim_node,
+            hold,
+            seed,
+        }) => {
+            let secret = std::fs::read(&hub_secret_file)
+                .with_context(|| format!("reading {}", hub_secret_file.display()))?;
+            reach_lab::rogue::run(&reach_lab::rogue::Params {
+                hub,
+                secret: secret.trim_ascii().to_vec(),
+                victim_hub,
+                victim_node,
+                hold: seconds(hold)?,
+                seed,
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -391,3 +391,139 @@ fn a_peer_that_vanishes_is_detected_within_the_liveness_bound() {
         read(&connect_log)
     );
 }
+
+/// The NodeId part of `NODEID@IP:PORT` or `NODEID:PORT/...`.
+fn id_of(addr: &str) -> &str {
+    addr.split(['@', ':']).next().expect("an id")
+}
+
+/// `hub`'s counter `name`, from its status report.
+fn hub_counter(s: &Suite, host: &str, hub: &str, name: &str) -> Option<u64> {
+    let out = s
+        .reach(host, "status-asker", &["status", "--json", "--hub", hub])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["hub"]["counters"][name].as_u64()
+}
+
+#[test]
+fn a_linked_hub_with_forged_gossip_takes_no_route_and_no_node() {
+    let s = Suite::up();
+    let secret = s.dir("hub.secret");
+    std::fs::write(&secret, "the abuse suite's hub secret\n").expect("secret");
+    let secret = secret.to_str().expect("utf-8 path");
+    let (_a, hub_a) = common::hub(
+        &s.lab,
+        "hub",
+        &s.dir("hub-a"),
+        &["--hub-secret-file", secret],
+    );
+    let (_b, hub_b) = common::hub(
+        &s.lab,
+        "server",
+        &s.dir("hub-b"),
+        &["--hub-secret-file", secret, "--peer", &hub_a],
+    );
+    // The victim node: an echo exposed through hub B, for a friend that
+    // reaches it through hub A, routed (so through A's directory).
+    let _echo = echo_service(&s, "server", 8080);
+    let friend = s.node_id("friend");
+    let addr_file = s.dir("exposed.txt");
+    let mut expose = s.reach(
+        "server",
+        "server",
+        &[
+            "-v",
+            "expose",
+            "127.0.0.1:8080",
+            "--allow",
+            &friend,
+            "--hub",
+            &hub_b,
+        ],
+    );
+    expose.arg("--addr-file").arg(&addr_file);
+    let _expose = common::spawn_until(expose, &s.dir("expose.log"), "exposing");
+    let vaddr = reach_lab::wait::for_file(&addr_file, DEADLINE).expect("vaddr");
+    let forward = s.reach(
+        "client",
+        "friend",
+        &[
+            "-v",
+            "forward",
+            "127.0.0.1:9001",
+            &vaddr,
+            "--hub",
+            &hub_a,
+            "--modules",
+            "routed",
+        ],
+    );
+    let forward_log = s.dir("forward.log");
+    let _f = common::spawn_until(forward, &forward_log, "forwarding");
+    let reached = reach_lab::wait::until(DEADLINE, || {
+        through(&s, "client", 9001, "before\n")
+            .ok()
+            .filter(|g| g == "before\n")
+    });
+    assert!(
+        reached.is_some(),
+        "routed through A to B: {}",
+        read(&forward_log)
+    );
+
+    // The rogue: a hub of the federation (it has the secret) in another site.
+    let rogue_log = s.dir("rogue.log");
+    let mut rogue = s.lab.command("attacker", common::tools().join("reach-lab"));
+    rogue.args([
+        "probe",
+        "rogue-hub",
+        "--hub",
+        &hub_a,
+        "--hub-secret-file",
+        secret,
+        "--victim-hub",
+        id_of(&hub_b),
+        "--victim-node",
+        id_of(&vaddr),
+        "--hold",
+        "6",
+    ]);
+    let mut rogue = common::spawn_until(rogue, &rogue_log, "flooded twice");
+    // While the rogue lists the node as its own, the friend still gets
+    // through, every time.
+    for i in 0..3 {
+        let data = format!("during {i}\n");
+        assert_eq!(
+            through(&s, "client", 9001, &data).as_deref(),
+            Ok(data.as_str()),
+            "the rogue took the node: {}",
+            read(&rogue_log)
+        );
+    }
+    let done = rogue.wait_timeout(DEADLINE).expect("the rogue ends");
+    assert!(done.success(), "{}", read(&rogue_log));
+    let lines: Vec<serde_json::Value> = read(&rogue_log)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let outcome = |attack: &str| {
+        lines
+            .iter()
+            .rev()
+            .find(|v| v["attack"] == attack && v.get("cut").is_some())
+            .unwrap_or_else(|| panic!("no outcome for {attack}: {}", read(&rogue_log)))
+            .clone()
+    };
+    assert_eq!(outcome("newer route state")["cut"], true);
+    assert_eq!(outcome("forged route anchor")["cut"], true);
+    let claim = outcome("claim node");
+    assert!(claim["questions_answered"].as_u64() >= Some(1), "{claim}");
+    // Hub A counted the two forgeries and still routes to B.
+    assert_eq!(hub_counter(&s, "client", &hub_a, "gossip_forged"), Some(2));
+    assert_eq!(
+        through(&s, "client", 9001, "after\n").as_deref(),
+        Ok("after\n")
+    );
+}
