@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Stdio};
 
-use common::{Listener, DEADLINE};
+use common::{HubProc, Listener, DEADLINE};
 
 /// A TCP service that answers each connection with what it received, once
 /// the client has finished sending.
@@ -511,4 +511,133 @@ fn one_peer_cannot_take_more_than_its_share_of_an_exposed_service() {
     first.read_to_end(&mut back).expect("receive");
     assert_eq!(back, b"first");
     echo_through(&listen, 100);
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Sends `signal` (STOP, CONT) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{signal} {pid}");
+}
+
+/// What a hub may hold for one node that stops reading: its link's queue
+/// (`reach::link::LINK_QUEUE_LIMIT`), plus room for the allocator and the
+/// frames in flight around it.
+const NON_READER_BOUND: u64 = (reach::link::LINK_QUEUE_LIMIT as u64) + (32 << 20);
+
+#[test]
+fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
+    // 480 routed streams of 256 KiB credit each: 120 MiB the hub would queue
+    // for the node without the bound.
+    const STREAMS: usize = 480;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = HubProc::start(&dir.path().join("hub"), &[]);
+    // A service that sends 4 MiB on every connection once told to.
+    let go = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let service = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let service_addr = service.local_addr().expect("addr");
+    {
+        let (go, accepted) = (go.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for mut c in service.incoming().flatten() {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let go = go.clone();
+                std::thread::spawn(move || {
+                    let (lock, cv) = &*go;
+                    let started = cv
+                        .wait_timeout_while(lock.lock().expect("lock"), DEADLINE, |g| !*g)
+                        .map(|(g, _)| *g)
+                        .unwrap_or(false);
+                    let chunk = vec![7u8; 64 * 1024];
+                    for _ in 0..64 {
+                        if !started || c.write_all(&chunk).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let empty = common::random_file(dir.path(), "empty", 0);
+    let exposed = Listener::start_with(
+        None,
+        &dir.path().join("a"),
+        &empty,
+        &["expose", &service_addr.to_string()],
+        &["--open", "--max-per-peer", "1000", "--hub", &hub.target],
+    );
+    let listen = free_addr();
+    let forwarder = Forwarder::start(
+        &dir.path().join("b"),
+        &[
+            &listen,
+            &exposed.vaddr,
+            "--hub",
+            &hub.target,
+            "--modules",
+            "routed",
+        ],
+    );
+    // The clients connect and never read; once the service has them all,
+    // every stream is set up end to end through the hub.
+    let _clients: Vec<TcpStream> = (0..STREAMS)
+        .map(|_| TcpStream::connect(&listen).expect("connect to forward"))
+        .collect();
+    common::until(|| (accepted.load(std::sync::atomic::Ordering::SeqCst) == STREAMS).then_some(()))
+        .unwrap_or_else(|| panic!("streams not set up: {}", forwarder.stderr()));
+    let base = rss(hub.pid()).expect("hub rss");
+    // The forwarding node stops reading its hub link; the service sends.
+    let fpid = forwarder.child.id();
+    signal(fpid, "STOP");
+    {
+        let (lock, cv) = &*go;
+        *lock.lock().expect("lock") = true;
+        cv.notify_all();
+    }
+    let port = hub.port();
+    // The service pushes every stream's whole credit at the hub (120 MiB):
+    // sample the hub's memory until it has relayed all of it.
+    let credit = (STREAMS as u64) * u64::from(reach::proto::link::STREAM_WINDOW);
+    let mut peak = base;
+    let relayed = common::until(|| {
+        peak = peak.max(rss(hub.pid()).unwrap_or(0));
+        let s = status_json(&dir.path().join("asker"), Some(&hub.target));
+        let n = s["hub"]["counters"]["bytes_relayed"].as_u64()?;
+        (n >= credit).then_some(n)
+    });
+    peak = peak.max(rss(hub.pid()).unwrap_or(0));
+    signal(fpid, "CONT");
+    assert!(
+        relayed.is_some(),
+        "the hub did not relay every stream's credit: {}",
+        hub.stderr()
+    );
+    let grew = peak.saturating_sub(base);
+    eprintln!(
+        "hub rss {} MiB before, {} MiB at most while the node did not read ({} MiB pushed at it)",
+        base >> 20,
+        peak >> 20,
+        credit >> 20
+    );
+    assert!(
+        grew <= NON_READER_BOUND,
+        "the hub grew by {} MiB (bound {} MiB)",
+        grew >> 20,
+        NON_READER_BOUND >> 20
+    );
+    // The hub goes on serving.
+    let status = status_json(&dir.path().join("asker"), Some(&hub.target));
+    assert!(status["hub"].is_object(), "{status}");
 }

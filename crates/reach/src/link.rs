@@ -12,6 +12,11 @@
 //! reads could otherwise grow it without end. A link whose queue would pass
 //! [`LINK_QUEUE_LIMIT`] refuses the frame and its writer ends the link; a
 //! write that makes no progress for [`WRITE_STALL`] ends it too.
+//!
+//! Producers that can wait do: a node's routed streams stop taking writes
+//! while their link has a quarter of the limit queued ([`FrameTx::room`]),
+//! so a burst on many streams at once (each within its credit) waits for
+//! the link instead of overflowing it and losing every stream on it.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -64,6 +69,29 @@ struct Flush {
     overflowed: AtomicBool,
     /// Wakes the writer when `overflowed` is set.
     wake: tokio::sync::Notify,
+    /// Wakes producers waiting for the queue to shrink ([`FrameTx::room`]).
+    room: tokio::sync::Notify,
+}
+
+impl Flush {
+    /// Whether a producer that can wait may queue more: under a quarter of
+    /// the limit queued, or the writer gone (the send then fails at once).
+    fn has_room(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) < self.limit / 4
+            || self.overflowed.load(Ordering::Relaxed)
+            || *self.done.borrow() == u64::MAX
+    }
+
+    /// The writer wrote `n` queued bytes: producers waiting for room are
+    /// woken when the queue falls under a quarter of its limit (only then:
+    /// no one waits while it is shorter).
+    fn written(&self, n: usize) {
+        let before = self.queued.fetch_sub(n, Ordering::Relaxed);
+        let pause = self.limit / 4;
+        if before >= pause && before - n < pause {
+            self.room.notify_waiters();
+        }
+    }
 }
 
 /// The link is gone (or too far behind); nothing more can be queued.
@@ -87,6 +115,7 @@ pub fn frame_channel_limited(limit: usize) -> (FrameTx, FrameRx) {
         limit,
         overflowed: AtomicBool::new(false),
         wake: tokio::sync::Notify::new(),
+        room: tokio::sync::Notify::new(),
     });
     (
         FrameTx {
@@ -120,6 +149,30 @@ impl FrameTx {
             f.queued.fetch_sub(n, Ordering::Relaxed);
             LinkClosed
         })
+    }
+
+    /// Whether a producer that can wait should queue more now (see
+    /// [`FrameTx::room`]).
+    pub fn has_room(&self) -> bool {
+        self.flush.has_room()
+    }
+
+    /// Resolves once the queue is under a quarter of its limit (or the link
+    /// is gone). Producers that can wait (a node's streams) wait for it;
+    /// the hub's relay cannot, and is bounded by credit and the limit.
+    pub fn room(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
+        let flush = self.flush.clone();
+        async move {
+            loop {
+                let notified = flush.room.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if flush.has_room() {
+                    return;
+                }
+                notified.await;
+            }
+        }
     }
 
     /// Bytes queued and not yet written.
@@ -160,6 +213,7 @@ struct ReleaseOnDrop(Arc<Flush>);
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         self.0.done.send_replace(u64::MAX);
+        self.0.room.notify_waiters();
     }
 }
 
@@ -205,7 +259,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
         if rx.is_empty() && !first.is_empty() {
             // The common case under light load: no copy into the batch.
             unstalled(w.write_all(&first)).await?;
-            flush.queued.fetch_sub(first.len(), Ordering::Relaxed);
+            flush.written(first.len());
             // The transport may keep part of a write buffered (an encrypted
             // link keeps what the socket could not take yet): with nothing
             // more queued, push it out now, not when the next frame comes
@@ -230,7 +284,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
         }
         if !batch.is_empty() {
             unstalled(w.write_all(&batch)).await?;
-            flush.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+            flush.written(batch.len());
             batch.clear();
         }
         if barriers > 0 || rx.is_empty() {
@@ -370,6 +424,46 @@ mod tests {
         // deadline ends it (virtual time).
         let err = writer.await.expect("joins").expect_err("stalled");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
+
+    #[tokio::test]
+    async fn producers_that_can_wait_wait_for_room_instead_of_overflowing() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let (tx, rx) = frame_channel_limited(4000);
+        let _writer = tokio::spawn(write_frames(a, rx));
+        assert!(tx.has_room());
+        // Past a quarter of the limit queued (the peer reads nothing yet).
+        tx.send(vec![1u8; 1500]).expect("fits");
+        assert!(!tx.has_room());
+        let room = tokio::spawn(tx.room());
+        tokio::task::yield_now().await;
+        assert!(!room.is_finished(), "no room while the queue is long");
+        // The peer reads: the writer drains the queue and the wait ends.
+        let mut got = 0;
+        let mut buf = [0u8; 512];
+        while got < 1500 {
+            got += b.read(&mut buf).await.expect("read");
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), room)
+            .await
+            .expect("room comes once the queue drains")
+            .expect("joins");
+        assert!(tx.has_room());
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_room_ends_when_the_link_does() {
+        let (a, b) = tokio::io::duplex(64);
+        let (tx, rx) = frame_channel_limited(4000);
+        let writer = tokio::spawn(write_frames(a, rx));
+        tx.send(vec![1u8; 1500]).expect("fits");
+        let room = tokio::spawn(tx.room());
+        drop(b);
+        let _ = writer.await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), room)
+            .await
+            .expect("the wait ends with the writer")
+            .expect("joins");
     }
 
     #[tokio::test]

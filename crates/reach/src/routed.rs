@@ -117,6 +117,8 @@ pub struct RoutedStream {
     fin_sent: bool,
     /// After Fin: resolves once the link's writer has written it.
     flushing: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
+    /// While the link's queue is long: resolves once it has room.
+    room: Option<Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 impl std::fmt::Debug for RoutedStream {
@@ -156,6 +158,7 @@ impl RoutedStream {
             grant: Grant::default(),
             fin_sent: false,
             flushing: None,
+            room: None,
         }
     }
 
@@ -253,6 +256,15 @@ impl AsyncWrite for RoutedStream {
                 io::ErrorKind::BrokenPipe,
                 "write after shutdown",
             )));
+        }
+        // The link's queue is long (a burst on many streams): wait for it
+        // rather than overflow it, which would end every stream on it.
+        if this.room.is_none() && !this.tx.has_room() {
+            this.room = Some(Box::pin(this.tx.room()));
+        }
+        if let Some(wait) = this.room.as_mut() {
+            std::task::ready!(wait.as_mut().poll(cx));
+            this.room = None;
         }
         let n = {
             let mut s = lock(&this.shared.inner);

@@ -334,6 +334,11 @@ impl HubProc {
         }
     }
 
+    /// The hub process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// The hub's `HOST:PORT`, without its NodeId.
     pub fn host_port(&self) -> &str {
         self.target.split_once('@').expect("NODEID@HOST:PORT").1
