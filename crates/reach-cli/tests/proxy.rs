@@ -606,7 +606,6 @@ fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
         *lock.lock().expect("lock") = true;
         cv.notify_all();
     }
-    let port = hub.port();
     // The service pushes every stream's whole credit at the hub (120 MiB):
     // sample the hub's memory until it has relayed all of it.
     let credit = (STREAMS as u64) * u64::from(reach::proto::link::STREAM_WINDOW);
