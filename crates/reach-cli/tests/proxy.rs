@@ -538,9 +538,9 @@ const NON_READER_BOUND: u64 = (reach::link::LINK_QUEUE_LIMIT as u64) + (32 << 20
 
 #[test]
 fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
-    // 480 routed streams of 256 KiB credit each: 120 MiB the hub would queue
-    // for the node without the bound.
-    const STREAMS: usize = 480;
+    // 600 routed streams of 256 KiB credit each: 150 MiB the hub would
+    // queue for the node without the bound.
+    const STREAMS: usize = 600;
     let dir = tempfile::tempdir().expect("tempdir");
     let hub = HubProc::start(&dir.path().join("hub"), &[]);
     // A service that sends 4 MiB on every connection once told to.
@@ -606,29 +606,37 @@ fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
         *lock.lock().expect("lock") = true;
         cv.notify_all();
     }
-    // The service pushes every stream's whole credit at the hub (120 MiB):
-    // sample the hub's memory until it has relayed all of it.
+    // The service pushes every stream's whole credit at the hub (150 MiB):
+    // sample the hub's memory until the node's link ends for its queue.
     let credit = (STREAMS as u64) * u64::from(reach::proto::link::STREAM_WINDOW);
     let mut peak = base;
-    let relayed = common::until(|| {
+    let cut = common::until(|| {
         peak = peak.max(rss(hub.pid()).unwrap_or(0));
-        let s = status_json(&dir.path().join("asker"), Some(&hub.target));
-        let n = s["hub"]["counters"]["bytes_relayed"].as_u64()?;
-        (n >= credit).then_some(n)
+        hub.stderr().contains("queued for the peer").then_some(())
     });
     peak = peak.max(rss(hub.pid()).unwrap_or(0));
     signal(fpid, "CONT");
     assert!(
-        relayed.is_some(),
-        "the hub did not relay every stream's credit: {}",
-        hub.stderr()
+        cut.is_some(),
+        "the hub kept the link: {}\nexpose: {}\nforward: {}",
+        hub.stderr(),
+        std::fs::read_to_string(&exposed.stderr_path).unwrap_or_default(),
+        forwarder.stderr()
+    );
+    // It was pushed past the queue limit, and held no more than it.
+    let status = status_json(&dir.path().join("asker"), Some(&hub.target));
+    let relayed = status["hub"]["counters"]["bytes_relayed"].as_u64();
+    assert!(
+        relayed >= Some(reach::link::LINK_QUEUE_LIMIT as u64),
+        "{relayed:?} relayed"
     );
     let grew = peak.saturating_sub(base);
     eprintln!(
-        "hub rss {} MiB before, {} MiB at most while the node did not read ({} MiB pushed at it)",
+        "hub rss {} MiB before, {} MiB at most while the node did not read ({} MiB of credit, {} MiB relayed)",
         base >> 20,
         peak >> 20,
-        credit >> 20
+        credit >> 20,
+        relayed.unwrap_or(0) >> 20
     );
     assert!(
         grew <= NON_READER_BOUND,

@@ -82,6 +82,14 @@ impl Flush {
             || *self.done.borrow() == u64::MAX
     }
 
+    /// Why the writer ends a link whose queue overflowed.
+    fn overflow_error(&self) -> io::Error {
+        io::Error::other(format!(
+            "more than {} MiB queued for the peer: it does not keep up",
+            self.limit >> 20
+        ))
+    }
+
     /// The writer wrote `n` queued bytes: producers waiting for room are
     /// woken when the queue falls under a quarter of its limit (only then:
     /// no one waits while it is shorter).
@@ -231,6 +239,20 @@ async fn unstalled<T>(io: impl std::future::Future<Output = io::Result<T>>) -> i
     }
 }
 
+/// `io`, unless the queue overflows first: a peer that stopped reading
+/// keeps a write pending (or trickling) for long, and the link must end at
+/// once when it has fallen this far behind, not when the write gives up.
+async fn or_overflow<T>(
+    flush: &Flush,
+    io: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    tokio::select! {
+        biased;
+        () = flush.wake.notified() => Err(flush.overflow_error()),
+        r = io => r,
+    }
+}
+
 /// Writes queued frames until the queue closes (every sender dropped), the
 /// transport fails or stalls for [`WRITE_STALL`], or the queue overflows;
 /// then shuts the write side down.
@@ -238,12 +260,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
     let FrameRx { mut rx, flush } = rx;
     let _release = ReleaseOnDrop(flush.clone());
     let mut batch = Vec::with_capacity(WRITE_BATCH);
-    let overflow = || {
-        io::Error::other(format!(
-            "more than {} MiB queued for the peer: it does not keep up",
-            flush.limit >> 20
-        ))
-    };
+    let overflow = || flush.overflow_error();
     loop {
         let first = tokio::select! {
             biased;
@@ -258,7 +275,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
         }
         if rx.is_empty() && !first.is_empty() {
             // The common case under light load: no copy into the batch.
-            unstalled(w.write_all(&first)).await?;
+            or_overflow(&flush, unstalled(w.write_all(&first))).await?;
             flush.written(first.len());
             // The transport may keep part of a write buffered (an encrypted
             // link keeps what the socket could not take yet): with nothing
@@ -283,7 +300,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(mut w: W, rx: FrameRx) -> io::R
             }
         }
         if !batch.is_empty() {
-            unstalled(w.write_all(&batch)).await?;
+            or_overflow(&flush, unstalled(w.write_all(&batch))).await?;
             flush.written(batch.len());
             batch.clear();
         }
@@ -420,10 +437,26 @@ mod tests {
             tx.send(vec![1u8; 10]).is_err(),
             "an overflowed link takes nothing more"
         );
-        // The writer is stuck in a write the peer never takes: the stall
-        // deadline ends it (virtual time).
+        // The writer is stuck in a write the peer never takes: the
+        // overflow ends the link at once, without waiting for the write.
+        let err = tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+            .await
+            .expect("ends before the stall deadline")
+            .expect("joins")
+            .expect_err("overflowed");
+        assert!(err.to_string().contains("does not keep up"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_never_takes_ends_the_link_at_the_stall_deadline() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (tx, rx) = frame_channel_limited(10_000);
+        let writer = tokio::spawn(write_frames(a, rx));
+        tx.send(vec![1u8; 1000]).expect("fits");
+        let started = tokio::time::Instant::now();
         let err = writer.await.expect("joins").expect_err("stalled");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(started.elapsed() >= WRITE_STALL);
     }
 
     #[tokio::test]
