@@ -246,10 +246,12 @@ async fn or_overflow<T>(
     flush: &Flush,
     io: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
+    // The write first: when it completes at once (the common case), the
+    // overflow signal is never registered with, which costs a lock.
     tokio::select! {
         biased;
-        () = flush.wake.notified() => Err(flush.overflow_error()),
         r = io => r,
+        () = flush.wake.notified() => Err(flush.overflow_error()),
     }
 }
 
