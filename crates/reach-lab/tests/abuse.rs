@@ -113,6 +113,32 @@ fn echo_service(s: &Suite, host: &str, port: u16) -> Process {
     Process::new(c.stdin(Stdio::null()).spawn().expect("socat"))
 }
 
+/// An echo on the server host exposed through `hub` for the node of state
+/// `friend` only (log in `expose.log`): the echo, the exposer and the
+/// virtual address.
+fn echo_for_the_friend(s: &Suite, hub: &str) -> (Process, Process, String) {
+    let echo = echo_service(s, "server", 8080);
+    let friend = s.node_id("friend");
+    let addr_file = s.dir("exposed.txt");
+    let mut expose = s.reach(
+        "server",
+        "server",
+        &[
+            "-v",
+            "expose",
+            "127.0.0.1:8080",
+            "--allow",
+            &friend,
+            "--hub",
+            hub,
+        ],
+    );
+    expose.arg("--addr-file").arg(&addr_file);
+    let expose = common::spawn_until(expose, &s.dir("expose.log"), "exposing");
+    let vaddr = reach_lab::wait::for_file(&addr_file, DEADLINE).expect("vaddr");
+    (echo, expose, vaddr)
+}
+
 /// Sends `data` through the TCP service at 127.0.0.1:`port` of `host`,
 /// half-closes, and returns what came back before the end (or the error).
 fn through(s: &Suite, host: &str, port: u16, data: &str) -> Result<String, String> {
@@ -140,26 +166,8 @@ fn through(s: &Suite, host: &str, port: u16, data: &str) -> Result<String, Strin
 fn a_node_outside_the_policy_cannot_reach_an_exposed_service() {
     let s = Suite::up();
     let (_hub, hub) = common::hub(&s.lab, "hub", &s.dir("hub"), &[]);
-    let _echo = echo_service(&s, "server", 8080);
-    let friend = s.node_id("friend");
-    let addr_file = s.dir("exposed.txt");
-    let mut expose = s.reach(
-        "server",
-        "server",
-        &[
-            "-v",
-            "expose",
-            "127.0.0.1:8080",
-            "--allow",
-            &friend,
-            "--hub",
-            &hub,
-        ],
-    );
-    expose.arg("--addr-file").arg(&addr_file);
+    let (_echo, _expose, vaddr) = echo_for_the_friend(&s, &hub);
     let expose_log = s.dir("expose.log");
-    let _expose = common::spawn_until(expose, &expose_log, "exposing");
-    let vaddr = reach_lab::wait::for_file(&addr_file, DEADLINE).expect("vaddr");
     // The friend and a stranger, both behind the client's NAT.
     for (state, port) in [("friend", 9001), ("stranger", 9002)] {
         let listen = format!("127.0.0.1:{port}");
@@ -427,25 +435,7 @@ fn a_linked_hub_with_forged_gossip_takes_no_route_and_no_node() {
     );
     // The victim node: an echo exposed through hub B, for a friend that
     // reaches it through hub A, routed (so through A's directory).
-    let _echo = echo_service(&s, "server", 8080);
-    let friend = s.node_id("friend");
-    let addr_file = s.dir("exposed.txt");
-    let mut expose = s.reach(
-        "server",
-        "server",
-        &[
-            "-v",
-            "expose",
-            "127.0.0.1:8080",
-            "--allow",
-            &friend,
-            "--hub",
-            &hub_b,
-        ],
-    );
-    expose.arg("--addr-file").arg(&addr_file);
-    let _expose = common::spawn_until(expose, &s.dir("expose.log"), "exposing");
-    let vaddr = reach_lab::wait::for_file(&addr_file, DEADLINE).expect("vaddr");
+    let (_echo, _expose, vaddr) = echo_for_the_friend(&s, &hub_b);
     let forward = s.reach(
         "client",
         "friend",
