@@ -28,6 +28,15 @@ fn echo_service() -> std::net::SocketAddr {
     addr
 }
 
+/// Starts `reach expose SERVICE FLAGS...` with state in `state` (stdin
+/// empty) and waits for the virtual address it serves.
+fn expose(state: &std::path::Path, service: impl std::fmt::Display, flags: &[&str]) -> Listener {
+    let parent = state.parent().expect("a state dir inside the test's dir");
+    let empty = common::random_file(parent, "empty", 0);
+    let service = service.to_string();
+    Listener::start_with(None, state, &empty, &["expose", &service], flags)
+}
+
 /// A running `reach forward`, killed when the test ends, however it ends.
 struct Forwarder {
     child: Child,
@@ -90,13 +99,10 @@ fn free_addr() -> String {
 fn tcp_clients_reach_an_exposed_service_through_forward_and_strangers_do_not() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = echo_service();
-    let empty = common::random_file(dir.path(), "empty", 0);
     let friend = common::reach_id(&dir.path().join("b"));
-    let exposed = Listener::start_with(
-        None,
+    let exposed = expose(
         &dir.path().join("a"),
-        &empty,
-        &["expose", &service.to_string()],
+        service,
         &["--port", "7", "--allow", &friend],
     );
     assert!(exposed.vaddr.contains(":7/"), "{}", exposed.vaddr);
@@ -182,13 +188,10 @@ fn udp_echo_service() -> std::net::SocketAddr {
 fn udp_datagrams_reach_an_exposed_service_and_idle_mappings_expire() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = udp_echo_service();
-    let empty = common::random_file(dir.path(), "empty", 0);
-    let exposed = Listener::start_with(
-        None,
+    let exposed = expose(
         &dir.path().join("a"),
-        &empty,
-        &["-v", "expose", &service.to_string(), "--udp", "--open"],
-        &["--port", "53"],
+        service,
+        &["-v", "--udp", "--open", "--port", "53"],
     );
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
@@ -262,14 +265,19 @@ fn status_lists_proxies_and_proxy_ports_with_bytes_and_stop_removes_them() {
     let service = echo_service();
     let (_, range) = proxy_range();
     let hub = common::HubProc::start(&dir.path().join("hub"), &["--proxy-ports", &range]);
-    let empty = common::random_file(dir.path(), "empty", 0);
     let a_state = dir.path().join("a");
-    let exposed = Listener::start_with(
-        None,
+    let exposed = expose(
         &a_state,
-        &empty,
-        &["expose", &service.to_string(), "--name", "echo", "--open"],
-        &["--port", "7", "--hub", &hub.target],
+        service,
+        &[
+            "--name",
+            "echo",
+            "--open",
+            "--port",
+            "7",
+            "--hub",
+            &hub.target,
+        ],
     );
     let public = common::until(|| {
         let err = std::fs::read_to_string(&exposed.stderr_path).unwrap_or_default();
@@ -358,14 +366,7 @@ fn a_cut_stream_reaches_the_tcp_client_as_a_reset_not_an_end_of_file() {
             held.push(c);
         }
     });
-    let empty = common::random_file(dir.path(), "empty", 0);
-    let exposed = Listener::start_with(
-        None,
-        &dir.path().join("a"),
-        &empty,
-        &["expose", &service_addr.to_string()],
-        &["--open"],
-    );
+    let exposed = expose(&dir.path().join("a"), service_addr, &["--open"]);
     let listen = free_addr();
     let _forwarder = Forwarder::start(&dir.path().join("b"), &[&listen, &exposed.vaddr]);
     let mut c = TcpStream::connect(&listen).expect("connect to forward");
@@ -402,17 +403,10 @@ fn a_second_node_cannot_take_a_first_nodes_proxy_port_across_a_hub_restart() {
     let hub_state = dir.path().join("hub");
     let hub = common::HubProc::start(&hub_state, &["--proxy-ports", &range]);
     let hub_port = hub.port();
-    let empty = common::random_file(dir.path(), "empty", 0);
-    let expose = |state: &str, hub: &str| {
-        Listener::start_with(
-            None,
-            &dir.path().join(state),
-            &empty,
-            &["expose", &service.to_string(), "--open"],
-            &["--hub", hub],
-        )
+    let expose_as = |state: &str, hub: &str| {
+        expose(&dir.path().join(state), service, &["--open", "--hub", hub])
     };
-    let victim = expose("victim", &hub.target);
+    let victim = expose_as("victim", &hub.target);
     let port = proxy_port_of(&victim);
     assert_eq!(port, free, "the first port of the range");
     // The hub restarts while the victim is away (the test fails with
@@ -420,11 +414,11 @@ fn a_second_node_cannot_take_a_first_nodes_proxy_port_across_a_hub_restart() {
     victim.kill();
     hub.kill();
     let hub = common::HubProc::start_on(&hub_state, hub_port, &["--proxy-ports", &range]);
-    let thief = expose("thief", &hub.target);
+    let thief = expose_as("thief", &hub.target);
     let other = proxy_port_of(&thief);
     assert_ne!(other, port, "another node took the victim's port");
     // The victim comes back and gets its port again.
-    let victim = expose("victim", &hub.target);
+    let victim = expose_as("victim", &hub.target);
     assert_eq!(proxy_port_of(&victim), port);
     echo_through(&format!("127.0.0.1:{port}"), 1000);
 }
@@ -445,13 +439,10 @@ fn proxy_port_clients_are_capped_per_source_and_a_silent_one_is_cut() {
             "1",
         ],
     );
-    let empty = common::random_file(dir.path(), "empty", 0);
-    let exposed = Listener::start_with(
-        None,
+    let exposed = expose(
         &dir.path().join("a"),
-        &empty,
-        &["expose", &service.to_string(), "--open"],
-        &["--hub", &hub.target],
+        service,
+        &["--open", "--hub", &hub.target],
     );
     let port = proxy_port_of(&exposed);
     // The first client connects and sends nothing: it holds its address's
@@ -478,13 +469,10 @@ fn proxy_port_clients_are_capped_per_source_and_a_silent_one_is_cut() {
 fn one_peer_cannot_take_more_than_its_share_of_an_exposed_service() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = echo_service();
-    let empty = common::random_file(dir.path(), "empty", 0);
-    let exposed = Listener::start_with(
-        None,
+    let exposed = expose(
         &dir.path().join("a"),
-        &empty,
-        &["-v", "expose", &service.to_string(), "--open"],
-        &["--max-per-peer", "1"],
+        service,
+        &["-v", "--open", "--max-per-peer", "1"],
     );
     let listen = free_addr();
     let _forwarder = Forwarder::start(&dir.path().join("b"), &[&listen, &exposed.vaddr]);
@@ -570,12 +558,9 @@ fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
             }
         });
     }
-    let empty = common::random_file(dir.path(), "empty", 0);
-    let exposed = Listener::start_with(
-        None,
+    let exposed = expose(
         &dir.path().join("a"),
-        &empty,
-        &["expose", &service_addr.to_string()],
+        service_addr,
         &["--open", "--max-per-peer", "1000", "--hub", &hub.target],
     );
     let listen = free_addr();

@@ -17,7 +17,7 @@
 //! them in one process in virtual time.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -309,6 +309,9 @@ pub struct HubCore {
     /// Claim checks waiting for a hub's answer, by Locate request id:
     /// (node, slot asked, when).
     checks: HashMap<u32, (NodeId, u32, Instant)>,
+    /// The same checks by (node, slot): one at a time each, found without
+    /// a scan (a rogue's directory can dispute a thousand nodes at once).
+    checking: HashSet<(NodeId, u32)>,
     /// The sum of [`Remote::count`]: index entries that are current (kept
     /// up to date, so no commit walks every remote directory).
     indexed: usize,
@@ -466,6 +469,7 @@ impl HubCore {
             displaced: HashMap::new(),
             proven: HashMap::new(),
             checks: HashMap::new(),
+            checking: HashSet::new(),
             indexed: 0,
             slots: Vec::new(),
             slot_state: Vec::new(),
@@ -936,6 +940,7 @@ impl HubCore {
             return;
         }
         if let Some((n, slot, _)) = self.checks.remove(&req) {
+            self.checking.remove(&(n, slot));
             if n == node {
                 self.settle_claim(node, slot, entry);
             }
@@ -1566,11 +1571,7 @@ impl HubCore {
     /// Asks the hub of `slot` for `node`'s own claim to be there (a Locate
     /// whose answer goes to [`HubCore::settle_claim`]).
     fn check_claim(&mut self, node: NodeId, slot: u32, now: Instant) {
-        let pending = self
-            .checks
-            .values()
-            .any(|(n, s, _)| *n == node && *s == slot);
-        if pending || self.checks.len() >= MAX_LOCATES {
+        if self.checking.contains(&(node, slot)) || self.checks.len() >= MAX_LOCATES {
             return;
         }
         let Some(home) = self.slots.get(slot as usize).copied() else {
@@ -1582,6 +1583,7 @@ impl HubCore {
         let req = self.next_locate;
         self.next_locate = self.next_locate.wrapping_add(1);
         self.checks.insert(req, (node, slot, now));
+        self.checking.insert((node, slot));
         let msg = Control::Locate {
             asker: self.me,
             req,
@@ -1699,16 +1701,23 @@ impl HubCore {
                 .collect()
         };
         let n = u16::try_from(parts.len()).unwrap_or(u16::MAX);
-        let sigs: Vec<Signature> = parts
-            .iter()
+        let msgs: Vec<Vec<u8>> = parts
+            .into_iter()
+            .take(usize::from(n))
             .enumerate()
-            .map(|(i, p)| {
-                let m =
-                    directory_signed_bytes(&self.me, self.dir_state, i as u16, n, p, &self.listen);
-                self.key.sign(&m)
+            .map(|(i, nodes)| {
+                let part = i as u16;
+                let listen = self.listen.clone();
+                control(&Control::signed_directory(
+                    &self.key,
+                    self.dir_state,
+                    part,
+                    n,
+                    nodes,
+                    listen,
+                ))
             })
             .collect();
-        let msgs = directory_parts(self.me, self.dir_state, &parts, &self.listen, &sigs);
         self.own_directory = Some((self.dir_state, msgs.clone()));
         msgs
     }
@@ -1905,6 +1914,7 @@ impl HubCore {
             .retain(|_, p| now.saturating_duration_since(p.at) < CONNECT_BACK_MEMORY);
         self.checks
             .retain(|_, (_, _, at)| now.saturating_duration_since(*at) < CONNECT_BACK_MEMORY);
+        self.checking = self.checks.values().map(|(n, s, _)| (*n, *s)).collect();
         self.handle_timeout(now);
         self.routes.bump();
         self.routes.handle_timeout(now);

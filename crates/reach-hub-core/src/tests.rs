@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use reach_proto::link::{
-    admission_proof, decode_frame, directory_signed_bytes, ConnectBack, Control, Frame, HomeClaim,
-    Rendezvous, ResetCode, MAX_STREAM_WINDOW, STREAM_WINDOW,
+    admission_proof, decode_frame, ConnectBack, Control, Frame, HomeClaim, Rendezvous, ResetCode,
+    MAX_STREAM_WINDOW, STREAM_WINDOW,
 };
 use reach_proto::routes::Advert;
 use reach_proto::{NodeId, SecretKey};
@@ -965,24 +965,7 @@ fn a_neighbour_cannot_make_a_hub_assemble_oversized_or_endless_directories() {
 
 /// A directory part as `key`'s hub signs it.
 fn signed_dir(key: &SecretKey, state: u64, part: u16, parts: u16, nodes: Vec<NodeId>) -> Control {
-    let origin = key.node_id();
-    let sig = key.sign(&directory_signed_bytes(
-        &origin,
-        state,
-        part,
-        parts,
-        &nodes,
-        &[],
-    ));
-    Control::Directory {
-        origin,
-        state,
-        part,
-        parts,
-        nodes,
-        listen: vec![],
-        sig,
-    }
+    Control::signed_directory(key, state, part, parts, nodes, vec![])
 }
 
 /// Hub `a` with a rogue hub (key 9, holding the federation's hub secret)

@@ -19,8 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use reach::{Endpoint, HubTarget, ReachStream};
 use reach_proto::link::{
-    decode_frame, directory_signed_bytes, encode_control, hub_link_proof, Control, DirEntry, Frame,
-    HomeClaim,
+    decode_frame, encode_control, hub_link_proof, Control, DirEntry, Frame, HomeClaim,
 };
 use reach_proto::rng::Rng;
 use reach_proto::route_chain::Chain;
@@ -95,18 +94,7 @@ async fn attack(p: &Params) -> anyhow::Result<()> {
     let mut cut = false;
     while started.elapsed() < p.hold && !cut {
         floods += 1;
-        let nodes = vec![p.victim_node];
-        let state = floods;
-        let sig = key.sign(&directory_signed_bytes(&me, state, 0, 1, &nodes, &[]));
-        let dir = Control::Directory {
-            origin: me,
-            state,
-            part: 0,
-            parts: 1,
-            nodes,
-            listen: vec![],
-            sig,
-        };
+        let dir = Control::signed_directory(&key, floods, 0, 1, vec![p.victim_node], vec![]);
         link.send(&dir).await?;
         if floods == 2 {
             println!(r#"{{"attack":"claim node","progress":"flooded twice"}}"#);

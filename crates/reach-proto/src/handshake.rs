@@ -451,6 +451,18 @@ pub struct InitiatorOptions {
     pub network: Option<NetworkKey>,
 }
 
+impl InitiatorOptions {
+    /// A new encrypted stream (ChaCha20-Poly1305), neither a connect-back
+    /// nor an upgrade, outside any network: the base other options change.
+    pub const ENCRYPTED: Self = Self {
+        plaintext: false,
+        cipher: Cipher::ChaChaPoly,
+        reverse: false,
+        upgrade: false,
+        network: None,
+    };
+}
+
 fn builder(cipher: Cipher, seed: [u8; 32], local: &SecretKey) -> snow::Builder<'static> {
     let resolver = noise_crypto::resolver(seed, Some(local.x25519_pair()));
     snow::Builder::with_resolver(cipher.noise_params(), resolver)
@@ -867,13 +879,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const OPTS: InitiatorOptions = InitiatorOptions {
-        plaintext: false,
-        cipher: Cipher::ChaChaPoly,
-        reverse: false,
-        upgrade: false,
-        network: None,
-    };
+    const OPTS: InitiatorOptions = InitiatorOptions::ENCRYPTED;
     const RESP: ResponderOptions = ResponderOptions {
         allow_plaintext: false,
         reveal_identity: true,

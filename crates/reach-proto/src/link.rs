@@ -915,6 +915,33 @@ impl Grant {
 
 const DIRECTORY_LABEL: &[u8] = b"reach directory part v1";
 
+impl Control {
+    /// Part `part` of `parts` of the directory of `key`'s hub at `state`,
+    /// signed with `key` ([`directory_signed_bytes`]).
+    pub fn signed_directory(
+        key: &crate::identity::SecretKey,
+        state: u64,
+        part: u16,
+        parts: u16,
+        nodes: Vec<NodeId>,
+        listen: Vec<SocketAddr>,
+    ) -> Self {
+        let origin = key.node_id();
+        let sig = key.sign(&directory_signed_bytes(
+            &origin, state, part, parts, &nodes, &listen,
+        ));
+        Control::Directory {
+            origin,
+            state,
+            part,
+            parts,
+            nodes,
+            listen,
+            sig,
+        }
+    }
+}
+
 /// What a hub signs for one part of its directory: everything in the
 /// [`Control::Directory`] message. A part's nodes are sorted, so that a hub
 /// passing on a directory it learned rebuilds each part (and so its

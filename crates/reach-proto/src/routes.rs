@@ -47,6 +47,14 @@ pub const MAX_ROUTES: usize = 1 << 16;
 /// made-up hubs makes this hub ask, not remember without bound.
 const MAX_WANTED: usize = 1024;
 
+/// Notes that `origin`'s anchor is missing and `from` has it, within the
+/// bound.
+fn want(wanted: &mut BTreeMap<NodeId, NodeId>, origin: NodeId, from: NodeId) {
+    if wanted.len() < MAX_WANTED {
+        wanted.insert(origin, from);
+    }
+}
+
 /// One hub's reachability as a neighbour reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Advert {
@@ -268,21 +276,21 @@ impl RouteTable {
                         || (r.next_hop == from && a.state == r.state && hops != r.hops)
                 }
             };
-            let refresh =
-                current.is_some_and(|r| r.next_hop == from && r.state == a.state && r.hops == hops);
-            if !better && !refresh {
+            // The same path and state again: the proof this route holds.
+            let refresh = current
+                .filter(|r| r.next_hop == from && r.state == a.state && r.hops == hops)
+                .map(|r| r.proof);
+            if !better && refresh.is_none() {
                 // Changes nothing: not worth a hash.
                 continue;
             }
             let Some(v) = self.verifiers.get_mut(&a.origin) else {
-                if self.wanted.len() < MAX_WANTED {
-                    self.wanted.insert(a.origin, from);
-                }
+                want(&mut self.wanted, a.origin, from);
                 continue;
             };
-            if refresh {
+            if let Some(held) = refresh {
                 // One hash: the route's proof is this advert's, one hop on.
-                if v.next_hop(a.state, a.hops, &a.proof) == current.map_or([0; 16], |r| r.proof) {
+                if v.next_hop(a.state, a.hops, &a.proof) == held {
                     if let Some(r) = self.routes.get_mut(&a.origin) {
                         r.refreshed = now;
                     }
@@ -295,9 +303,7 @@ impl RouteTable {
                 Check::Valid => {}
                 Check::Stale => continue,
                 Check::Unknown => {
-                    if self.wanted.len() < MAX_WANTED {
-                        self.wanted.insert(a.origin, from);
-                    }
+                    want(&mut self.wanted, a.origin, from);
                     continue;
                 }
                 Check::Forged => {

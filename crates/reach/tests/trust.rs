@@ -4,20 +4,14 @@
 use std::time::Duration;
 
 use reach::proto::handshake::{
-    Cipher, Initiator, InitiatorOptions, ReplyHeader, ReplyKind, CONFIRM_LEN, REPLY_HEADER_LEN,
+    Initiator, InitiatorOptions, ReplyHeader, ReplyKind, CONFIRM_LEN, REPLY_HEADER_LEN,
 };
 use reach::{AccessPolicy, Endpoint, HubError, SecretKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A hand-made initiator's options: encrypted, no network secret.
-const OPTS: InitiatorOptions = InitiatorOptions {
-    plaintext: false,
-    cipher: Cipher::ChaChaPoly,
-    reverse: false,
-    upgrade: false,
-    network: None,
-};
+const OPTS: InitiatorOptions = InitiatorOptions::ENCRYPTED;
 
 /// Every wait in these tests is bounded by this.
 const DEADLINE: Duration = Duration::from_secs(20);
