@@ -603,8 +603,9 @@ fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
     signal(fpid, "CONT");
     assert!(
         cut.is_some(),
-        "the hub kept the link: {}\nexpose: {}\nforward: {}",
+        "the hub kept the link: {}\ncounters: {}\nexpose: {}\nforward: {}",
         hub.stderr(),
+        status_json(&dir.path().join("asker"), Some(&hub.target))["hub"]["counters"],
         std::fs::read_to_string(&exposed.stderr_path).unwrap_or_default(),
         forwarder.stderr()
     );
