@@ -493,6 +493,19 @@ impl Initiator {
         options: InitiatorOptions,
         seed: [u8; 32],
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
+        Self::claiming(local, local.node_id(), target, port, options, seed)
+    }
+
+    /// [`Initiator::new`], claiming to be `me`: tests use it to claim the
+    /// negation of `local`'s key, which `local`'s secret also proves.
+    fn claiming(
+        local: &SecretKey,
+        me: NodeId,
+        target: NodeId,
+        port: u16,
+        options: InitiatorOptions,
+        seed: [u8; 32],
+    ) -> Result<(Self, Vec<u8>), HandshakeError> {
         let remote = target.x25519_public().ok_or(HandshakeError::BadKey)?;
         let secret = local.x25519_pair().0;
         let mut header = HelloHeader {
@@ -511,7 +524,6 @@ impl Initiator {
             .and_then(|b| b.prologue(&prologue[..PROLOGUE_LEN]))
             .and_then(|b| b.build_initiator())
             .map_err(noise)?;
-        let me = local.node_id();
         let mut payload = [0u8; NODE_ID_LEN + PROOF_LEN];
         payload[..NODE_ID_LEN].copy_from_slice(me.as_bytes());
         let payload = match &options.network {
@@ -986,6 +998,51 @@ mod tests {
             .expect("established");
         assert!(init.reverse);
         assert!(resp.confirm(&confirmation).expect("confirmed").reverse);
+    }
+
+    #[test]
+    fn a_key_and_its_negation_reach_and_are_seen_as_one_node() {
+        // One secret proves both `A` and `-A` (same X25519 form): the peer that
+        // claims `-A` is admitted as the node `A`, so policy lists and per-node
+        // caps see one node, and dialing `-B` reaches `B` itself.
+        let (a, b) = (key(1), key(2));
+        let minus_a = crate::identity::tests::negated(a.node_id());
+        let (init, hello) =
+            Initiator::claiming(&a, minus_a, b.node_id(), 7, OPTS, [1; 32]).expect("init");
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header = HelloHeader::decode(&hb).expect("header");
+        let mut admitted = None;
+        let (reply, outcome) = respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            RESP,
+            |k| {
+                admitted = Some(k.peer);
+                Admission::Accept
+            },
+            [2; 32],
+        );
+        let admitted = admitted.expect("admission asked");
+        assert_eq!(admitted.as_bytes(), minus_a.as_bytes(), "the claim as sent");
+        assert!(std::collections::HashSet::from([a.node_id()]).contains(&admitted));
+        let Responded::Accepted(pending) = outcome else {
+            panic!("not accepted")
+        };
+        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
+        let rh = ReplyHeader::decode(&rh).expect("reply header");
+        let (_, confirmation) = init
+            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
+            .expect("established");
+        assert_eq!(
+            pending.confirm(&confirmation).expect("confirmed").peer,
+            a.node_id()
+        );
+
+        let minus_b = crate::identity::tests::negated(b.node_id());
+        let (init, resp) = run(&a, minus_b, &b, OPTS, RESP, Admission::Accept);
+        assert_eq!(init.expect("established").peer, b.node_id());
+        assert!(matches!(resp, Resp::Confirmed(_)));
     }
 
     #[test]

@@ -25,8 +25,55 @@ pub const NODE_ID_LEN: usize = 32;
 pub const NODE_ID_TEXT_LEN: usize = 52;
 
 /// The public identity of a node: its ed25519 public key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Equality, hashing and order ignore the sign bit (the top bit of the last
+/// byte). An ed25519 point `A` and its negation `-A` differ only in that bit,
+/// share one X25519 form (the Montgomery map keeps only `y`), and whoever holds
+/// the secret of one holds the secret of the other (the scalar's negation). So
+/// a handshake cannot tell them apart, and neither could a signature: they are
+/// one node. Comparing them as one keeps every decision keyed by NodeId (policy
+/// lists, per-node caps, hub registrations, directories) from counting one
+/// secret twice. The bytes as given are kept: signatures verify against them.
+#[derive(Clone, Copy)]
 pub struct NodeId([u8; NODE_ID_LEN]);
+
+/// The top bit of a compressed ed25519 point: the sign of `x`.
+const SIGN_BIT: u8 = 0x80;
+
+impl NodeId {
+    /// The key without its sign bit: the same for `A` and `-A`.
+    fn principal(&self) -> [u8; NODE_ID_LEN] {
+        let mut b = self.0;
+        b[NODE_ID_LEN - 1] &= !SIGN_BIT;
+        b
+    }
+}
+
+impl PartialEq for NodeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.principal() == other.principal()
+    }
+}
+
+impl Eq for NodeId {}
+
+impl std::hash::Hash for NodeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.principal().hash(state);
+    }
+}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for NodeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.principal().cmp(&other.principal())
+    }
+}
 
 /// Why a NodeId could not be parsed or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -257,7 +304,7 @@ pub mod relayed_id {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::noise_crypto::x25519_public;
     use proptest::prelude::*;
@@ -305,6 +352,32 @@ mod tests {
         let (mut msg, mut out) = ([0u8; 128], [0u8; 128]);
         let n = init.write_message(b"hi", &mut msg).expect("write");
         assert_eq!(resp.read_message(&msg[..n], &mut out).expect("read"), 2);
+    }
+
+    /// The negation of a key: the same bytes with the sign bit flipped.
+    pub(crate) fn negated(id: NodeId) -> NodeId {
+        let mut b = *id.as_bytes();
+        b[NODE_ID_LEN - 1] ^= SIGN_BIT;
+        NodeId::from_bytes(b).expect("the negation of a point is a point")
+    }
+
+    #[test]
+    fn a_key_and_its_negation_are_one_node() {
+        use std::collections::{BTreeSet, HashSet};
+        let a = SecretKey::from_seed([9; 32]).node_id();
+        let minus_a = negated(a);
+        assert_ne!(a.as_bytes(), minus_a.as_bytes(), "different bytes");
+        assert_eq!(
+            a.x25519_public(),
+            minus_a.x25519_public(),
+            "one X25519 key, so one handshake secret proves both"
+        );
+        assert_eq!(a, minus_a);
+        assert_eq!(HashSet::from([a, minus_a]).len(), 1);
+        assert_eq!(BTreeSet::from([a, minus_a]).len(), 1);
+        let b = SecretKey::from_seed([10; 32]).node_id();
+        assert_ne!(a, b);
+        assert_eq!(a.cmp(&b), minus_a.cmp(&b), "order agrees with equality");
     }
 
     proptest! {
