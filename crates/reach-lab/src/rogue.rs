@@ -1,6 +1,9 @@
-//! A rogue hub for the abuse suite: an insider that holds the federation's
-//! hub secret and tries to take a route and a node it does not own. It
-//! links to a real hub as a hub would, then:
+//! A rogue hub for the abuse suite. First, as an outsider, it asks to link
+//! without the hub secret's proof: with none, with a proof made from
+//! another secret, and with a node's admission proof made from the hub
+//! secret itself (the labels differ, so it must not pass). Then, as an
+//! insider that holds the federation's hub secret, it tries to take a route
+//! and a node it does not own. It links to a real hub as a hub would, then:
 //!
 //! 1. advertises the victim hub at a newer state than the victim reached,
 //!    passing on the victim's own chain element;
@@ -9,7 +12,8 @@
 //!    it again and again, and answers the hub's questions about the node
 //!    with an entry it made up.
 //!
-//! Each attempt is printed as one JSON line (whether the hub cut the link);
+//! Each attempt is printed as one JSON line (whether the hub refused or cut
+//! the link);
 //! the suite then checks from outside that the victim hub and node are
 //! still reached the honest way. Only for labs: it sends nothing but to the
 //! hub it is given.
@@ -19,7 +23,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use reach::{Endpoint, HubTarget, ReachStream};
 use reach_proto::link::{
-    decode_frame, encode_control, hub_link_proof, Control, DirEntry, Frame, HomeClaim,
+    admission_proof, decode_frame, encode_control, hub_link_proof, Control, DirEntry, Frame,
+    HomeClaim,
 };
 use reach_proto::rng::Rng;
 use reach_proto::route_chain::Chain;
@@ -46,7 +51,7 @@ pub struct Params {
 /// Bound on each wait for the hub.
 const WAIT: Duration = Duration::from_secs(15);
 
-/// Runs the three attacks, printing one JSON line each.
+/// Runs the attacks, printing one JSON line each.
 pub fn run(p: &Params) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -62,6 +67,28 @@ async fn attack(p: &Params) -> anyhow::Result<()> {
         .hub
         .id
         .ok_or_else(|| anyhow!("the hub address must name its NodeId"))?;
+
+    // 0: outsiders, refused before any gossip.
+    let outsiders = [
+        ("no credential", None),
+        (
+            "another secret",
+            Some(hub_link_proof(b"not the hub secret", &me, &hub)),
+        ),
+        (
+            "node proof from the hub secret",
+            Some(admission_proof(&p.secret, &me, &hub)),
+        ),
+    ];
+    for (attack, proof) in outsiders {
+        match Link::hello(&ep, p, proof).await? {
+            Ok(_) => println!(r#"{{"attack":"{attack}","refused":false}}"#),
+            Err(reason) => println!(
+                r#"{{"attack":"{attack}","refused":true,"reason":{}}}"#,
+                serde_json::Value::from(reason)
+            ),
+        }
+    }
 
     // 1: a newer state for the victim hub than it reached.
     let mut link = Link::open(&ep, p, &me, &hub).await?;
@@ -149,6 +176,20 @@ struct Link {
 impl Link {
     /// Links to the hub with the hub secret's proof; returns once admitted.
     async fn open(ep: &Endpoint, p: &Params, me: &NodeId, hub: &NodeId) -> anyhow::Result<Self> {
+        let proof = hub_link_proof(&p.secret, me, hub);
+        Self::hello(ep, p, Some(proof))
+            .await?
+            .map_err(|reason| anyhow!("the hub refused the link: {reason}"))
+    }
+
+    /// Asks to link with `proof`: the link once admitted, or the hub's
+    /// reason for refusing it (a link closed without one counts as refused,
+    /// with that said).
+    async fn hello(
+        ep: &Endpoint,
+        p: &Params,
+        proof: Option<[u8; 32]>,
+    ) -> anyhow::Result<Result<Self, String>> {
         let stream = ep.dial_hub(&p.hub).await.context("dialling the hub")?;
         let mut link = Self {
             stream,
@@ -156,15 +197,15 @@ impl Link {
         };
         let hello = Control::HubHello {
             addrs: vec![],
-            proof: Some(hub_link_proof(&p.secret, me, hub)),
+            proof,
         };
         link.send(&hello).await?;
         loop {
             match tokio::time::timeout(WAIT, link.next()).await {
-                Ok(Ok(Control::HubHello { .. })) => return Ok(link),
-                Ok(Ok(Control::Refused { reason })) => bail!("the hub refused the link: {reason}"),
+                Ok(Ok(Control::HubHello { .. })) => return Ok(Ok(link)),
+                Ok(Ok(Control::Refused { reason })) => return Ok(Err(reason)),
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e),
+                Ok(Err(e)) => return Ok(Err(format!("closed without a reason: {e}"))),
                 Err(_) => bail!("the hub did not answer the hello within {WAIT:?}"),
             }
         }

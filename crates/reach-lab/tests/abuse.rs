@@ -506,6 +506,21 @@ fn a_linked_hub_with_forged_gossip_takes_no_route_and_no_node() {
             .unwrap_or_else(|| panic!("no outcome for {attack}: {}", read(&rogue_log)))
             .clone()
     };
+    // Outsiders were refused with the hub's reason, before any gossip.
+    for attack in [
+        "no credential",
+        "another secret",
+        "node proof from the hub secret",
+    ] {
+        let v = lines
+            .iter()
+            .find(|v| v["attack"] == attack)
+            .unwrap_or_else(|| panic!("no outcome for {attack}: {}", read(&rogue_log)));
+        assert_eq!(v["refused"], true, "{v}");
+        let reason = v["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("hub secret"), "{attack}: {v}");
+    }
+    assert!(hub_counter(&s, "client", &hub_a, "refused") >= Some(3));
     assert_eq!(outcome("newer route state")["cut"], true);
     assert_eq!(outcome("forged route anchor")["cut"], true);
     let claim = outcome("claim node");
