@@ -19,6 +19,7 @@
 /// The hub's logic, sans-IO (the `reach-hub-core` crate).
 pub use reach_hub_core as core;
 mod echo;
+pub mod kernel_copy;
 pub mod lan;
 mod metrics;
 pub mod peer;

@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod candidates;
+pub mod circuit;
 pub mod datagram;
 pub mod handshake;
 pub mod identity;

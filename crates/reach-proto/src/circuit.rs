@@ -1,0 +1,528 @@
+//! Relay circuits: two nodes each open a TCP connection to the same hub, the
+//! hub pairs them and from then on moves bytes between them in the kernel
+//! (`splice(2)`), without reading them. A routed stream moves onto a circuit
+//! with the ordinary handover (`FLAG_UPGRADE`), so the circuit carries the
+//! stream's end-to-end encrypted records and the hub never sees plaintext;
+//! a byte changed on the way fails the records' authentication at the ends.
+//!
+//! ```text
+//!   A (moves its routed stream)        hub H                    B
+//!   Rendezvous::CircuitOffer{ticket} ----------------------->   (through the hubs)
+//!   TCP + handshake to H, plaintext,   <- pairs by ticket ->    TCP + handshake to H
+//!   vport CIRCUIT_VPORT; CircuitHello{ticket, peer: B}          CircuitHello{ticket, peer: A}
+//!   <------------------- CircuitAnswer::Paired ------------------------>
+//!   upgrade hello (Noise IK, A to B) ======== spliced by H ==========> B
+//! ```
+//!
+//! The handshake with the hub authenticates both nodes to it (a plaintext
+//! stream: the hub must be able to hand the bare socket to the kernel), so
+//! the hub pairs only the two nodes that named each other under one ticket.
+//! The hello and the answer are not authenticated themselves: someone on
+//! the path between a node and its hub could change them, and so only stop
+//! the circuit (which they can anyway) or pair it wrongly, which the
+//! end-to-end upgrade handshake then refuses. Tickets are random, chosen by
+//! the node that offers, and sent to the other node inside the offer.
+//!
+//! [`Circuits`] is the hub's pairing table: bounded in count, per node and
+//! in time, with counters.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::identity::{NodeId, NODE_ID_LEN};
+
+/// The hub's virtual port for circuit connections.
+pub const CIRCUIT_VPORT: u16 = 2;
+
+/// Length of a circuit ticket.
+pub const TICKET_LEN: usize = 16;
+
+/// A circuit's ticket: random, from the node that offered it.
+pub type Ticket = [u8; TICKET_LEN];
+
+const HELLO_MAGIC: [u8; 3] = *b"rcc";
+const HELLO_VERSION: u8 = 1;
+
+/// Length of an encoded [`CircuitHello`].
+pub const HELLO_LEN: usize = 4 + TICKET_LEN + NODE_ID_LEN;
+
+/// Longest refusal reason in a [`CircuitAnswer`].
+pub const MAX_REASON_LEN: usize = 255;
+
+/// A node's first bytes on a circuit connection, after the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CircuitHello {
+    /// The circuit's ticket.
+    pub ticket: Ticket,
+    /// The node at the circuit's other end.
+    pub peer: NodeId,
+}
+
+/// Why bytes are not a circuit hello.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CircuitHelloError {
+    /// Not the circuit magic.
+    #[error("not a circuit hello (bad magic bytes)")]
+    BadMagic,
+    /// A version this build does not speak.
+    #[error("circuit hello version {0}, this build speaks {HELLO_VERSION}")]
+    Version(u8),
+    /// The peer is not an ed25519 public key.
+    #[error("the circuit hello's peer is not a valid node id")]
+    BadPeer,
+}
+
+impl CircuitHello {
+    /// The hello's bytes.
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[..3].copy_from_slice(&HELLO_MAGIC);
+        b[3] = HELLO_VERSION;
+        b[4..4 + TICKET_LEN].copy_from_slice(&self.ticket);
+        b[4 + TICKET_LEN..].copy_from_slice(self.peer.as_bytes());
+        b
+    }
+
+    /// Reads a hello.
+    pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Self, CircuitHelloError> {
+        if b[..3] != HELLO_MAGIC {
+            return Err(CircuitHelloError::BadMagic);
+        }
+        if b[3] != HELLO_VERSION {
+            return Err(CircuitHelloError::Version(b[3]));
+        }
+        let mut ticket = [0u8; TICKET_LEN];
+        ticket.copy_from_slice(&b[4..4 + TICKET_LEN]);
+        let mut peer = [0u8; NODE_ID_LEN];
+        peer.copy_from_slice(&b[4 + TICKET_LEN..]);
+        let peer = NodeId::from_bytes(peer).map_err(|_| CircuitHelloError::BadPeer)?;
+        Ok(Self { ticket, peer })
+    }
+}
+
+/// The hub's answer to a circuit hello: one status byte, and for a refusal a
+/// length byte and the reason. After `Paired`, every further byte is the
+/// other node's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CircuitAnswer {
+    /// The other node is here: the connection is now a pipe to it.
+    Paired,
+    /// No circuit; why.
+    Refused(String),
+}
+
+const PAIRED: u8 = 0;
+const REFUSED: u8 = 1;
+
+impl CircuitAnswer {
+    /// The answer's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            CircuitAnswer::Paired => vec![PAIRED],
+            CircuitAnswer::Refused(reason) => {
+                let mut end = reason.len().min(MAX_REASON_LEN);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let mut b = Vec::with_capacity(2 + end);
+                b.push(REFUSED);
+                b.push(end as u8);
+                b.extend_from_slice(&reason.as_bytes()[..end]);
+                b
+            }
+        }
+    }
+
+    /// What the status byte says: `Ok(None)` for paired, `Ok(Some(len))`
+    /// for a refusal whose reason takes `len` more bytes.
+    pub fn reason_len(status: u8, len: u8) -> Result<Option<usize>, u8> {
+        match status {
+            PAIRED => Ok(None),
+            REFUSED => Ok(Some(len as usize)),
+            other => Err(other),
+        }
+    }
+
+    /// Whether `status` is followed by a length byte.
+    pub fn has_reason(status: u8) -> bool {
+        status == REFUSED
+    }
+}
+
+/// Bounds of a hub's pairing table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CircuitLimits {
+    /// Halves waiting for their other half, in total.
+    pub pending: usize,
+    /// Circuits (waiting or paired) one node may hold.
+    pub per_node: usize,
+    /// Paired circuits in total.
+    pub active: usize,
+    /// How long a half waits for its other half.
+    pub wait: Duration,
+}
+
+impl Default for CircuitLimits {
+    fn default() -> Self {
+        Self {
+            pending: 1024,
+            per_node: 256,
+            active: 4096,
+            wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the table did with a half.
+#[derive(Debug)]
+pub enum Offered<C> {
+    /// It waits for its other half.
+    Waiting,
+    /// Both halves are here: `waiting` arrived first, then the new one.
+    Paired {
+        /// The half that waited.
+        waiting: C,
+        /// The half just offered.
+        arrived: C,
+    },
+    /// Refused, with the connection back and why.
+    Refused(C, &'static str),
+}
+
+/// Counters of a pairing table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CircuitCounters {
+    /// Circuits paired.
+    pub paired: u64,
+    /// Halves refused (limits, a ticket in use, a circuit this hub does
+    /// not serve).
+    pub refused: u64,
+    /// Halves whose other half did not come in time.
+    pub expired: u64,
+}
+
+struct Half<C> {
+    from: NodeId,
+    to: NodeId,
+    conn: C,
+    deadline: Instant,
+}
+
+/// A hub's circuit pairing table (sans-IO: connections are opaque `C`).
+pub struct Circuits<C> {
+    limits: CircuitLimits,
+    waiting: HashMap<Ticket, Half<C>>,
+    /// Circuits, waiting or paired, each node holds.
+    held: HashMap<NodeId, usize>,
+    active: usize,
+    /// What happened so far.
+    pub counters: CircuitCounters,
+}
+
+impl<C> Circuits<C> {
+    /// An empty table.
+    pub fn new(limits: CircuitLimits) -> Self {
+        Self {
+            limits,
+            waiting: HashMap::new(),
+            held: HashMap::new(),
+            active: 0,
+            counters: CircuitCounters::default(),
+        }
+    }
+
+    /// Halves waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Paired circuits now.
+    pub fn active(&self) -> usize {
+        self.active
+    }
+
+    /// Offers the half of `from` (authenticated by its handshake) for a
+    /// circuit to `to` under `ticket`. `serves` says whether this hub
+    /// serves the circuit at all (the hub's rule: one of the two nodes is
+    /// registered here), so strangers cannot use it between themselves.
+    pub fn offer(
+        &mut self,
+        now: Instant,
+        ticket: Ticket,
+        from: NodeId,
+        to: NodeId,
+        conn: C,
+        serves: bool,
+    ) -> Offered<C> {
+        self.expire_into(now, &mut Vec::new());
+        if !serves {
+            return self.refuse(conn, "neither node is registered at this hub");
+        }
+        if from == to {
+            return self.refuse(conn, "a circuit needs two different nodes");
+        }
+        if let Some(half) = self.waiting.get(&ticket) {
+            if half.from != to || half.to != from {
+                return self.refuse(conn, "the ticket is in use by other nodes");
+            }
+            if self.active >= self.limits.active {
+                return self.refuse(conn, "the hub's circuit limit is reached");
+            }
+            if self.count(&from) >= self.limits.per_node {
+                return self.refuse(conn, "the node's circuit limit is reached");
+            }
+            let Some(half) = self.waiting.remove(&ticket) else {
+                return self.refuse(conn, "the ticket is in use by other nodes");
+            };
+            *self.held.entry(from).or_default() += 1;
+            self.active += 1;
+            self.counters.paired += 1;
+            return Offered::Paired {
+                waiting: half.conn,
+                arrived: conn,
+            };
+        }
+        if self.waiting.len() >= self.limits.pending {
+            return self.refuse(conn, "the hub's limit of waiting circuits is reached");
+        }
+        if self.count(&from) >= self.limits.per_node {
+            return self.refuse(conn, "the node's circuit limit is reached");
+        }
+        *self.held.entry(from).or_default() += 1;
+        let deadline = now + self.limits.wait;
+        self.waiting.insert(
+            ticket,
+            Half {
+                from,
+                to,
+                conn,
+                deadline,
+            },
+        );
+        Offered::Waiting
+    }
+
+    fn count(&self, node: &NodeId) -> usize {
+        self.held.get(node).copied().unwrap_or(0)
+    }
+
+    fn refuse(&mut self, conn: C, why: &'static str) -> Offered<C> {
+        self.counters.refused += 1;
+        Offered::Refused(conn, why)
+    }
+
+    fn release(&mut self, node: &NodeId) {
+        if let Some(n) = self.held.get_mut(node) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(node);
+            }
+        }
+    }
+
+    /// A waiting half's connection ended before its other half came.
+    pub fn withdraw(&mut self, ticket: &Ticket) -> Option<C> {
+        let half = self.waiting.remove(ticket)?;
+        self.release(&half.from);
+        Some(half.conn)
+    }
+
+    /// A paired circuit between `a` and `b` ended.
+    pub fn closed(&mut self, a: &NodeId, b: &NodeId) {
+        self.release(a);
+        self.release(b);
+        self.active = self.active.saturating_sub(1);
+    }
+
+    /// Removes the halves whose wait ended by `now`; their connections.
+    pub fn expire(&mut self, now: Instant) -> Vec<C> {
+        let mut out = Vec::new();
+        self.expire_into(now, &mut out);
+        out
+    }
+
+    fn expire_into(&mut self, now: Instant, out: &mut Vec<C>) {
+        let late: Vec<Ticket> = self
+            .waiting
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in late {
+            if let Some(half) = self.waiting.remove(&t) {
+                self.release(&half.from);
+                self.counters.expired += 1;
+                out.push(half.conn);
+            }
+        }
+    }
+
+    /// When the next waiting half expires.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.waiting.values().map(|h| h.deadline).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SecretKey;
+    use proptest::prelude::*;
+
+    fn id(n: u8) -> NodeId {
+        SecretKey::from_seed([n; 32]).node_id()
+    }
+
+    #[test]
+    fn hellos_round_trip_and_bad_ones_say_why() {
+        let hello = CircuitHello {
+            ticket: [7; TICKET_LEN],
+            peer: id(1),
+        };
+        assert_eq!(CircuitHello::decode(&hello.encode()), Ok(hello));
+        let mut b = hello.encode();
+        b[0] = b'x';
+        assert_eq!(CircuitHello::decode(&b), Err(CircuitHelloError::BadMagic));
+        let mut b = hello.encode();
+        b[3] = 9;
+        assert_eq!(CircuitHello::decode(&b), Err(CircuitHelloError::Version(9)));
+    }
+
+    #[test]
+    fn answers_carry_a_bounded_reason() {
+        assert_eq!(CircuitAnswer::Paired.encode(), vec![0]);
+        let long = "é".repeat(200);
+        let b = CircuitAnswer::Refused(long).encode();
+        assert_eq!(b[0], 1);
+        assert_eq!(b[1] as usize, b.len() - 2);
+        assert!(
+            std::str::from_utf8(&b[2..]).is_ok(),
+            "cut at a char boundary"
+        );
+        assert_eq!(CircuitAnswer::reason_len(b[0], b[1]), Ok(Some(b.len() - 2)));
+        assert_eq!(CircuitAnswer::reason_len(0, 0), Ok(None));
+        assert_eq!(CircuitAnswer::reason_len(7, 0), Err(7));
+    }
+
+    #[test]
+    fn two_halves_naming_each_other_pair_and_others_are_refused() {
+        let now = Instant::now();
+        let mut c = Circuits::new(CircuitLimits::default());
+        let t = [1; TICKET_LEN];
+        assert!(matches!(
+            c.offer(now, t, id(1), id(2), "a", true),
+            Offered::Waiting
+        ));
+        // A third node with the ticket (it saw the offer on the way).
+        assert!(matches!(
+            c.offer(now, t, id(3), id(1), "x", true),
+            Offered::Refused("x", _)
+        ));
+        match c.offer(now, t, id(2), id(1), "b", true) {
+            Offered::Paired { waiting, arrived } => assert_eq!((waiting, arrived), ("a", "b")),
+            other => panic!("not paired: {other:?}"),
+        }
+        assert_eq!((c.waiting(), c.active()), (0, 1));
+        c.closed(&id(1), &id(2));
+        assert_eq!(c.active(), 0);
+        assert!(c.held.is_empty(), "nothing held after the circuit ends");
+        assert_eq!(c.counters.paired, 1);
+        assert_eq!(c.counters.refused, 1);
+        assert!(matches!(
+            c.offer(now, [2; TICKET_LEN], id(4), id(5), "s", false),
+            Offered::Refused("s", _)
+        ));
+    }
+
+    #[test]
+    fn halves_wait_only_so_long_and_only_so_many() {
+        let now = Instant::now();
+        let limits = CircuitLimits {
+            pending: 3,
+            per_node: 2,
+            active: 1,
+            wait: Duration::from_secs(10),
+        };
+        let mut c = Circuits::new(limits);
+        for i in 0..2u8 {
+            assert!(matches!(
+                c.offer(now, [i; TICKET_LEN], id(1), id(2), i, true),
+                Offered::Waiting
+            ));
+        }
+        assert!(
+            matches!(
+                c.offer(now, [9; TICKET_LEN], id(1), id(2), 9, true),
+                Offered::Refused(9, "the node's circuit limit is reached")
+            ),
+            "per node"
+        );
+        assert!(matches!(
+            c.offer(now, [3; TICKET_LEN], id(3), id(2), 3, true),
+            Offered::Waiting
+        ));
+        assert!(
+            matches!(
+                c.offer(now, [4; TICKET_LEN], id(4), id(2), 4, true),
+                Offered::Refused(4, "the hub's limit of waiting circuits is reached")
+            ),
+            "in total"
+        );
+        assert_eq!(c.next_deadline(), Some(now + limits.wait));
+        let mut gone = c.expire(now + limits.wait);
+        gone.sort();
+        assert_eq!(gone, vec![0, 1, 3]);
+        assert_eq!(c.counters.expired, 3);
+        assert!(c.held.is_empty());
+        // Active circuits are bounded too.
+        c.offer(now, [5; TICKET_LEN], id(1), id(2), 5, true);
+        assert!(matches!(
+            c.offer(now, [5; TICKET_LEN], id(2), id(1), 6, true),
+            Offered::Paired { .. }
+        ));
+        c.offer(now, [6; TICKET_LEN], id(1), id(2), 7, true);
+        assert!(matches!(
+            c.offer(now, [6; TICKET_LEN], id(2), id(1), 8, true),
+            Offered::Refused(8, "the hub's circuit limit is reached")
+        ));
+        assert_eq!(c.withdraw(&[6; TICKET_LEN]), Some(7));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_hellos_never_panics(b in proptest::array::uniform32(any::<u8>()),
+                                                  rest in proptest::array::uniform20(any::<u8>())) {
+            let mut h = [0u8; HELLO_LEN];
+            h[..32].copy_from_slice(&b);
+            h[32..].copy_from_slice(&rest);
+            let _ = CircuitHello::decode(&h);
+            h[..4].copy_from_slice(&[b'r', b'c', b'c', HELLO_VERSION]);
+            if let Ok(hello) = CircuitHello::decode(&h) {
+                prop_assert_eq!(hello.encode(), h);
+            }
+        }
+
+        #[test]
+        fn held_counts_return_to_zero_whatever_the_order(
+            ops in proptest::collection::vec((0u8..4, 0u8..4, 0u8..6, 0u64..30), 0..200),
+        ) {
+            let start = Instant::now();
+            let mut c = Circuits::new(CircuitLimits { pending: 8, per_node: 4, active: 4, wait: Duration::from_secs(10) });
+            let mut paired = Vec::new();
+            for (from, to, t, at) in ops {
+                let now = start + Duration::from_secs(at);
+                if let Offered::Paired { .. } = c.offer(now, [t; TICKET_LEN], id(from), id(to), (), true) {
+                    paired.push((id(from), id(to)));
+                }
+                prop_assert!(c.waiting() <= 8 && c.active() <= 4);
+            }
+            for (a, b) in paired {
+                c.closed(&a, &b);
+            }
+            c.expire(start + Duration::from_secs(100));
+            prop_assert!(c.held.is_empty());
+            prop_assert_eq!(c.active(), 0);
+        }
+    }
+}
