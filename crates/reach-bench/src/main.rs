@@ -584,6 +584,7 @@ fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
             &hello[HELLO_HEADER_LEN..],
             ResponderOptions {
                 allow_plaintext: false,
+                plaintext_port: None,
                 reveal_identity: false,
                 network: None,
             },

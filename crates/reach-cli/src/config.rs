@@ -92,6 +92,12 @@ pub struct HubServer {
     pub max_proxy_clients_per_source: Option<usize>,
     /// Seconds a proxy port stays held for its node after it leaves.
     pub proxy_port_hold: Option<f64>,
+    /// Offer relay circuits (default true).
+    pub circuits: Option<bool>,
+    /// Relay circuits at once.
+    pub max_circuits: Option<usize>,
+    /// Relay circuits one node may hold at once.
+    pub max_circuits_per_node: Option<usize>,
     /// File holding the hub secret hubs link with.
     pub hub_secret_file: Option<PathBuf>,
     /// Link with every hub.

@@ -119,6 +119,20 @@ pub struct HubArgs {
     /// [default: 600].
     #[arg(long, value_name = "SECS")]
     proxy_port_hold: Option<f64>,
+    /// Offer no relay circuits: routed streams then stay on hub links, each
+    /// byte opened and sealed again on every link. A circuit is two
+    /// connections from the nodes to the hub that the hub pairs and moves
+    /// bytes between in the kernel, still encrypted end to end.
+    #[arg(long)]
+    no_circuits: bool,
+    /// Relay circuits at once [default: 4096; each holds two connections
+    /// and two pipes].
+    #[arg(long, value_name = "N")]
+    max_circuits: Option<usize>,
+    /// Relay circuits one node may hold at once, waiting or relaying
+    /// [default: 256].
+    #[arg(long, value_name = "N")]
+    max_circuits_per_node: Option<usize>,
     /// Run no address echo (nodes of this hub then do not splice).
     #[arg(long)]
     no_echo: bool,
@@ -361,6 +375,20 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         },
         state_dir: Some(state_dir.to_path_buf()),
         limits,
+        circuits: (!args.no_circuits && file.and_then(|h| h.circuits).unwrap_or(true)).then(|| {
+            let d = reach_hub::CircuitLimits::default();
+            reach_hub::CircuitLimits {
+                active: args
+                    .max_circuits
+                    .or(file.and_then(|h| h.max_circuits))
+                    .unwrap_or(d.active),
+                per_node: args
+                    .max_circuits_per_node
+                    .or(file.and_then(|h| h.max_circuits_per_node))
+                    .unwrap_or(d.per_node),
+                ..d
+            }
+        }),
         echo_ports: if args.no_echo {
             Vec::new()
         } else if !args.echo_port.is_empty() {

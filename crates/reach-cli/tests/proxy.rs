@@ -597,7 +597,11 @@ fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
     let mut peak = base;
     let cut = common::until(|| {
         peak = peak.max(rss(hub.pid()).unwrap_or(0));
-        hub.stderr().contains("queued for the peer").then_some(())
+        // Normally the queue overflows first; on a machine loaded enough
+        // that the hub's queue fills slower than the 30 s write stall, the
+        // stall ends the link. Both are the defence; memory is checked below.
+        let log = hub.stderr();
+        (log.contains("queued for the peer") || log.contains("took nothing for")).then_some(())
     });
     peak = peak.max(rss(hub.pid()).unwrap_or(0));
     signal(fpid, "CONT");

@@ -705,6 +705,14 @@ impl HubCore {
         self.limits = limits;
     }
 
+    /// Whether `node` has a registered node link here (accepting streams
+    /// or connect-only).
+    pub fn has_node(&self, node: &NodeId) -> bool {
+        self.links
+            .values()
+            .any(|l| l.kind == LinkKind::Node && l.peer == *node)
+    }
+
     /// Whether `link` has registered (as a node or a hub).
     pub fn is_registered(&self, link: LinkId) -> bool {
         self.links

@@ -18,6 +18,7 @@
 
 /// The hub's logic, sans-IO (the `reach-hub-core` crate).
 pub use reach_hub_core as core;
+mod circuits;
 mod echo;
 pub mod kernel_copy;
 pub mod lan;
@@ -34,12 +35,14 @@ use std::time::{Duration, Instant};
 
 use reach::link::{write_frames, FrameReader, FrameTx};
 use reach::{Endpoint, EndpointBuilder, EndpointError, HubTarget, NodeId, ReachStream};
+use reach_proto::circuit::{Circuits, CIRCUIT_VPORT};
 use reach_proto::link::HUB_VPORT;
 
 pub use crate::core::{HubCore, Limits, LinkId, Policy, Verdict};
 pub use crate::status::Status;
 pub use metrics::serve_metrics;
 pub use peer::{Peer, SshServer};
+pub use reach_proto::circuit::CircuitLimits;
 
 pub use reach_hub_core::DEFAULT_GOSSIP_INTERVAL;
 /// A link silent this long is dead: nodes ping every 15 s, hubs gossip every
@@ -97,6 +100,9 @@ pub struct HubConfig {
     pub echo_ports: Vec<u16>,
     /// Bounds on streams and unregistered links.
     pub limits: Limits,
+    /// Relay circuits nodes may move routed streams onto, and their bounds
+    /// (`reach_proto::circuit`); `None` offers none.
+    pub circuits: Option<CircuitLimits>,
 }
 
 impl Default for HubConfig {
@@ -122,6 +128,7 @@ impl Default for HubConfig {
             proxy_port_hold: port_holds::DEFAULT_PORT_HOLD,
             state_dir: None,
             limits: Limits::default(),
+            circuits: Some(CircuitLimits::default()),
         }
     }
 }
@@ -151,12 +158,22 @@ struct State {
     timer: Arc<tokio::sync::Notify>,
     /// The deadline the timer task last heard of.
     armed: Option<Instant>,
+    /// Relay circuits: halves waiting for their other half, and counts.
+    circuits: Circuits<tokio::net::TcpStream>,
 }
 
 impl State {
     /// The hub's status report: the core's, with the proxy ports held here.
     fn status(&self) -> Status {
-        Status::new(self.core.status(), proxy_ports::exposure_status(self))
+        Status::new(
+            self.core.status(),
+            proxy_ports::exposure_status(self),
+            status::CircuitStatus {
+                waiting: self.circuits.waiting(),
+                active: self.circuits.active(),
+                counters: self.circuits.counters,
+            },
+        )
     }
 
     /// Sends what the core queued, and arms the timer if the core asks.
@@ -229,7 +246,10 @@ impl Hub {
     /// and starts serving.
     pub async fn start(builder: EndpointBuilder, config: HubConfig) -> Result<Hub, EndpointError> {
         let endpoint = builder
-            .accept_ports(vec![HUB_VPORT])
+            .accept_ports(vec![HUB_VPORT, CIRCUIT_VPORT])
+            // Circuit connections are handed to the kernel bare; links and
+            // everything else stay encrypted.
+            .plaintext_port(CIRCUIT_VPORT)
             .reveal_identity(true)
             .bind()
             .await?;
@@ -288,6 +308,7 @@ impl Hub {
                 ),
                 timer: Arc::new(tokio::sync::Notify::new()),
                 armed: None,
+                circuits: Circuits::new(config.circuits.unwrap_or_default()),
             }),
             config,
             stop: tokio::sync::watch::Sender::new(false),
@@ -412,6 +433,9 @@ impl SessionClient {
 async fn accept_links(inner: Arc<Inner>) {
     loop {
         match inner.endpoint.accept().await {
+            Ok(stream) if stream.info().virtual_port == CIRCUIT_VPORT => {
+                tokio::spawn(circuits::serve(inner.clone(), stream));
+            }
             Ok(stream) => {
                 let from = stream.info().remote_addr;
                 match inner.unregistered.try_take(from.ip()) {

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 
 use reach_legacy::proxy::ProxyCounters;
+use reach_proto::circuit::CircuitCounters;
 
 pub use crate::core::{HubLinkStatus, NodeStatus, RouteStatus};
 use crate::core::{ProxyPort, Snapshot};
@@ -24,6 +25,17 @@ pub struct ExposureStatus {
     pub counters: ProxyCounters,
 }
 
+/// The hub's relay circuits now (`reach_proto::circuit`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CircuitStatus {
+    /// Halves waiting for their other half.
+    pub waiting: usize,
+    /// Circuits paired and relaying.
+    pub active: usize,
+    /// Paired, refused and expired so far.
+    pub counters: CircuitCounters,
+}
+
 /// A hub's state for `reach status`: the core's [`Snapshot`] (its fields
 /// read through this, e.g. `status.nodes`) and the proxy ports the driver
 /// holds.
@@ -33,6 +45,8 @@ pub struct Status {
     pub core: Snapshot,
     /// Services published on this hub's proxy ports.
     pub exposures: Vec<ExposureStatus>,
+    /// Relay circuits.
+    pub circuits: CircuitStatus,
 }
 
 impl std::ops::Deref for Status {
@@ -44,9 +58,14 @@ impl std::ops::Deref for Status {
 }
 
 impl Status {
-    /// The core's snapshot with the proxy ports the driver holds.
-    pub fn new(core: Snapshot, exposures: Vec<ExposureStatus>) -> Self {
-        Self { core, exposures }
+    /// The core's snapshot with the proxy ports and circuits the driver
+    /// holds.
+    pub fn new(core: Snapshot, exposures: Vec<ExposureStatus>, circuits: CircuitStatus) -> Self {
+        Self {
+            core,
+            exposures,
+            circuits,
+        }
     }
 
     /// The report as JSON, listing at most `max_nodes` attached nodes.
@@ -87,6 +106,13 @@ impl Status {
                 "bytes_in": e.counters.bytes_to_reach,
                 "bytes_out": e.counters.bytes_from_reach,
             })).collect::<Vec<_>>(),
+            "circuits": {
+                "waiting": self.circuits.waiting,
+                "active": self.circuits.active,
+                "paired": self.circuits.counters.paired,
+                "refused": self.circuits.counters.refused,
+                "expired": self.circuits.counters.expired,
+            },
             "counters": {
                 "streams_opened": self.counters.streams_opened,
                 "streams_no_route": self.counters.streams_no_route,
@@ -171,6 +197,36 @@ impl Status {
             "counter",
             "Connect-back requests passed on.",
             self.counters.connect_backs.to_string(),
+        );
+        metric(
+            "circuits",
+            "gauge",
+            "Relay circuits paired and relaying now.",
+            self.circuits.active.to_string(),
+        );
+        metric(
+            "circuits_waiting",
+            "gauge",
+            "Circuit halves waiting for their other half.",
+            self.circuits.waiting.to_string(),
+        );
+        metric(
+            "circuits_paired_total",
+            "counter",
+            "Relay circuits paired.",
+            self.circuits.counters.paired.to_string(),
+        );
+        metric(
+            "circuits_refused_total",
+            "counter",
+            "Circuit halves refused (limits, tickets in use, circuits this hub does not serve).",
+            self.circuits.counters.refused.to_string(),
+        );
+        metric(
+            "circuits_expired_total",
+            "counter",
+            "Circuit halves whose other half did not come in time.",
+            self.circuits.counters.expired.to_string(),
         );
         metric(
             "exposures",

@@ -96,7 +96,12 @@ async fn a_routed_stream_carries_data_both_ways() {
     let t = target_of(&hub);
     let b = Arc::new(node(&t, builder()).await);
     let _echo = echo(b.clone());
-    let a = node(&t, builder().modules(vec![SetupModule::Routed])).await;
+    // Through the hub's core all the way: no circuit.
+    let a = node(
+        &t,
+        builder().modules(vec![SetupModule::Routed]).circuits(false),
+    )
+    .await;
     let mut s = a.connect(&by_id(&b, 7)).await.expect("routed connect");
     assert_eq!(s.info().module, SetupModule::Routed);
     assert_eq!(s.peer(), b.node_id());
@@ -306,9 +311,65 @@ async fn a_routed_stream_from_the_cache_is_offered_an_upgrade_and_the_cache_lear
 }
 
 #[tokio::test]
+async fn a_routed_stream_moves_onto_a_relay_circuit_that_the_hub_splices() {
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder()).await);
+    let _echo = echo(b.clone());
+    // Routed only: no direct path is tried, the circuit is the upgrade.
+    let a = node(&t, builder().modules(vec![SetupModule::Routed])).await;
+    let mut s = a.connect(&by_id(&b, 3)).await.expect("connect");
+    assert_eq!(s.info().module, SetupModule::Routed);
+    let data = pattern(16 << 20, 7);
+    echo_across_a_move(&mut s, &data, true).await;
+    let moved = s.upgraded().expect("moved");
+    assert_eq!(moved.module, SetupModule::Routed, "still through the hub");
+    assert_eq!(moved.remote_addr, hub.local_addr());
+    let sent = moved.sent_routed.expect("the write direction moved");
+    assert!(sent < data.len() as u64, "{sent}");
+    let status = hub.status();
+    assert_eq!(status.circuits.counters.paired, 1);
+    assert_eq!(status.circuits.counters.refused, 0);
+    // The second half and the echo went through the circuit, not the core.
+    assert!(status.counters.bytes_relayed < data.len() as u64 * 3 / 2);
+    drop(s);
+    let released = async {
+        while hub.status().circuits.active > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, released)
+        .await
+        .expect("the circuit ends with the stream");
+}
+
+#[tokio::test]
+async fn without_circuits_at_the_hub_a_routed_stream_stays_routed_and_intact() {
+    let hub = hub_with(HubConfig {
+        circuits: None,
+        ..HubConfig::default()
+    })
+    .await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder()).await);
+    let _echo = echo(b.clone());
+    let a = node(&t, builder().modules(vec![SetupModule::Routed])).await;
+    let mut s = a.connect(&by_id(&b, 3)).await.expect("connect");
+    let data = pattern(2 << 20, 4);
+    echo_across_a_move(&mut s, &data, false).await;
+    assert_eq!(hub.status().circuits.counters.paired, 0);
+    assert!(hub.status().counters.bytes_relayed >= 2 * data.len() as u64);
+}
+
+#[tokio::test]
 async fn a_stream_whose_upgrade_fails_stays_routed_and_intact() {
     let dead = dead_port().await;
-    let hub = hub().await;
+    // No circuit either: this is about a failed upgrade.
+    let hub = hub_with(HubConfig {
+        circuits: None,
+        ..HubConfig::default()
+    })
+    .await;
     let t = target_of(&hub);
     let b = Arc::new(node(&t, builder().advertise(vec![dead])).await);
     let _echo = echo(b.clone());

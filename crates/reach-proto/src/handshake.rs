@@ -723,6 +723,10 @@ pub enum Responded {
 pub struct ResponderOptions {
     /// Grant plaintext streams to initiators that ask for them.
     pub allow_plaintext: bool,
+    /// Grant plaintext, when asked, on this virtual port whatever
+    /// `allow_plaintext` says (a hub's circuit port: the hub hands the bare
+    /// socket to the kernel, and what crosses it is encrypted end to end).
+    pub plaintext_port: Option<u16>,
     /// Answer a hello for another NodeId with this node's real NodeId (hubs;
     /// see the module docs). Otherwise such a hello gets a generic failure.
     pub reveal_identity: bool,
@@ -815,7 +819,8 @@ pub fn respond(
         member,
         hello: header,
     });
-    let plaintext = header.plaintext_requested && options.allow_plaintext;
+    let plaintext = header.plaintext_requested
+        && (options.allow_plaintext || options.plaintext_port == Some(header.port));
     let status = match admission {
         Admission::Accept => 0,
         Admission::Refuse(Refusal::NoSuchPort) => 1,
@@ -894,6 +899,7 @@ mod tests {
     const OPTS: InitiatorOptions = InitiatorOptions::ENCRYPTED;
     const RESP: ResponderOptions = ResponderOptions {
         allow_plaintext: false,
+        plaintext_port: None,
         reveal_identity: true,
         network: None,
     };
@@ -1219,7 +1225,19 @@ mod tests {
             allow_plaintext: true,
             ..RESP
         };
-        let cases = [(ask, allow, true), (ask, RESP, false), (OPTS, allow, false)];
+        // `run` asks for port 7: plaintext there only if that port allows it.
+        let port = |p| ResponderOptions {
+            plaintext_port: Some(p),
+            ..RESP
+        };
+        let cases = [
+            (ask, allow, true),
+            (ask, RESP, false),
+            (OPTS, allow, false),
+            (ask, port(7), true),
+            (ask, port(8), false),
+            (OPTS, port(7), false),
+        ];
         for (opts, resp, want_plain) in cases {
             let (init, _) = run(&a, b.node_id(), &b, opts, resp, Admission::Accept);
             let init = init.expect("established");

@@ -231,6 +231,19 @@ pub enum Rendezvous {
         /// Why, for the operator.
         reason: String,
     },
+    /// Asker to target: move the routed stream with upgrade id `upgrade`
+    /// onto a relay circuit at `hub`; join it there with `ticket`
+    /// (`crate::circuit`). No answer: the pairing is the answer.
+    CircuitOffer {
+        /// The circuit's ticket.
+        ticket: crate::circuit::Ticket,
+        /// The routed stream's upgrade id.
+        upgrade: u16,
+        /// The hub that pairs the circuit.
+        hub: NodeId,
+        /// Where the asker reached that hub.
+        addrs: Vec<SocketAddr>,
+    },
 }
 
 impl Rendezvous {
@@ -240,6 +253,9 @@ impl Rendezvous {
             Rendezvous::SpliceOffer { token, .. }
             | Rendezvous::SpliceAnswer { token, .. }
             | Rendezvous::SpliceDeclined { token, .. } => *token,
+            Rendezvous::CircuitOffer { ticket, .. } => {
+                u32::from_le_bytes([ticket[0], ticket[1], ticket[2], ticket[3]])
+            }
         }
     }
 }

@@ -254,6 +254,10 @@ pub enum Event {
     /// Another node offers a splice. Admitted under `max_answers`: call
     /// [`NodeSession::answer_done`] when finished.
     SpliceOffer(SpliceOffer),
+    /// Another node offers to move a routed stream onto a relay circuit.
+    /// Admitted under `max_answers`: call [`NodeSession::answer_done`] when
+    /// finished.
+    CircuitOffer(CircuitOffer),
     /// Another node's answer (or refusal) to this node's splice offer.
     SpliceAnswer {
         /// The target.
@@ -281,6 +285,21 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+}
+
+/// A relay circuit offer from another node (`crate::circuit`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CircuitOffer {
+    /// The asker.
+    pub from: NodeId,
+    /// The circuit's ticket.
+    pub ticket: crate::circuit::Ticket,
+    /// The routed stream's upgrade id.
+    pub upgrade: u16,
+    /// The hub that pairs the circuit.
+    pub hub: NodeId,
+    /// Where the asker reached it (at most `nat::MAX_CANDIDATES`).
+    pub addrs: Vec<SocketAddr>,
 }
 
 /// A splice offer from another node.
@@ -710,6 +729,26 @@ impl NodeSession {
                         reason: "the node is busy with other connection setups".into(),
                     };
                     self.relay(from, msg);
+                }
+            }
+            Rendezvous::CircuitOffer {
+                ticket,
+                upgrade,
+                hub,
+                mut addrs,
+            } => {
+                // Unanswered when busy: the asker's half expires at the hub
+                // and its stream stays routed.
+                if self.answers < self.config.max_answers {
+                    self.answers += 1;
+                    addrs.truncate(crate::nat::MAX_CANDIDATES);
+                    self.events.push_back(Event::CircuitOffer(CircuitOffer {
+                        from,
+                        ticket,
+                        upgrade,
+                        hub,
+                        addrs,
+                    }));
                 }
             }
             Rendezvous::SpliceAnswer { token, candidates } => {

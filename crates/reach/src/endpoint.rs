@@ -74,6 +74,8 @@ pub struct EndpointBuilder {
     ports: ListenPorts,
     advertise: Option<Vec<SocketAddr>>,
     plaintext: bool,
+    plaintext_port: Option<u16>,
+    circuits: bool,
     cipher: Option<Cipher>,
     accept_ports: Option<Vec<u16>>,
     connect_timeout: Duration,
@@ -99,6 +101,8 @@ impl Default for EndpointBuilder {
             ports: ListenPorts::Any,
             advertise: None,
             plaintext: false,
+            plaintext_port: None,
+            circuits: true,
             cipher: None,
             accept_ports: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -157,6 +161,23 @@ impl EndpointBuilder {
     /// not encrypted. Used only when both ends opt in; for trusted fabrics.
     pub fn plaintext(mut self, yes: bool) -> Self {
         self.plaintext = yes;
+        self
+    }
+
+    /// Grants plaintext streams on this one virtual port to initiators that
+    /// ask for them, whatever [`plaintext`](Self::plaintext) says: a hub's
+    /// circuit port, whose sockets it hands to the kernel.
+    pub fn plaintext_port(mut self, port: u16) -> Self {
+        self.plaintext_port = Some(port);
+        self
+    }
+
+    /// Whether routed streams move onto relay circuits at the hub (default
+    /// on): both nodes dial the hub, which pairs the two connections and
+    /// moves the stream's encrypted bytes between them in the kernel. See
+    /// `reach_proto::circuit`.
+    pub fn circuits(mut self, yes: bool) -> Self {
+        self.circuits = yes;
         self
     }
 
@@ -336,6 +357,8 @@ impl EndpointBuilder {
             local_addrs,
             advertised: advertised.clone(),
             plaintext: self.plaintext,
+            plaintext_port: self.plaintext_port,
+            circuits: self.circuits,
             cipher: options.cipher,
             accept_ports: self.accept_ports,
             connect_timeout: self.connect_timeout,

@@ -4,7 +4,8 @@
 //! `hub_session::Request`s on a bounded queue; [`serve`] takes them one by
 //! one and starts the work each needs, in the module it belongs to: a
 //! responder handshake on an inbound routed stream (`setup::routed`), a
-//! connect-back (`setup::reverse`), a splice answer (`splice`). Streams that come out of these go to the endpoint's
+//! connect-back (`setup::reverse`), a splice answer (`splice`), a relay
+//! circuit joined (`circuit`). Streams that come out of these go to the endpoint's
 //! `accept` queue. Answers to what this node asked (splice answers, failed
 //! connect-backs) resolve their waiters in [`Shared`].
 
@@ -44,6 +45,13 @@ pub(crate) async fn serve(
                 let (shared, session) = (shared.clone(), session.clone());
                 tokio::spawn(async move {
                     crate::splice::answer(shared, session.clone(), echoes, offer).await;
+                    session.answer_done();
+                });
+            }
+            Request::CircuitOffer(offer) => {
+                let (shared, session) = (shared.clone(), session.clone());
+                tokio::spawn(async move {
+                    crate::circuit::answer(shared, offer).await;
                     session.answer_done();
                 });
             }

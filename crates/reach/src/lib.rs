@@ -14,6 +14,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod accept;
+mod circuit;
 mod counters;
 mod direct;
 pub mod discovery;

@@ -34,6 +34,10 @@ pub(crate) struct Shared {
     pub(crate) local_addrs: Arc<LocalAddrCache>,
     pub(crate) advertised: Vec<SocketAddr>,
     pub(crate) plaintext: bool,
+    /// A virtual port where plaintext is granted anyway (a hub's circuits).
+    pub(crate) plaintext_port: Option<u16>,
+    /// Whether routed streams move onto relay circuits.
+    pub(crate) circuits: bool,
     pub(crate) cipher: Cipher,
     pub(crate) accept_ports: Option<Vec<u16>>,
     pub(crate) connect_timeout: Duration,
@@ -130,6 +134,7 @@ impl Shared {
     pub(crate) fn responder_options(&self) -> ResponderOptions {
         ResponderOptions {
             allow_plaintext: self.plaintext,
+            plaintext_port: self.plaintext_port,
             reveal_identity: self.reveal_identity,
             network: self.network,
         }

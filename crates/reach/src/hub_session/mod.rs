@@ -107,6 +107,8 @@ pub(crate) enum Request {
         /// The hub's address echoes, to predict this node's mapping.
         echoes: Vec<SocketAddr>,
     },
+    /// Answer a circuit offer; call [`Session::answer_done`] when done.
+    CircuitOffer(reach_proto::node_session::CircuitOffer),
     /// An answer to something this node asked: the core's
     /// `SpliceAnswer`, `ConnectBackFailed` or `Undeliverable`.
     Answer(Event),
@@ -309,6 +311,16 @@ impl Session {
                     let reason = "the node is busy with other connection setups".into();
                     st.core
                         .relay(from, Rendezvous::SpliceDeclined { token, reason });
+                }
+            }
+            Event::CircuitOffer(offer) => {
+                // Unanswered when busy: the asker's half expires at the hub.
+                if self
+                    .requests
+                    .try_send(Request::CircuitOffer(offer))
+                    .is_err()
+                {
+                    st.core.answer_done();
                 }
             }
             answer @ (Event::SpliceAnswer { .. }

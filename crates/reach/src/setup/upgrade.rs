@@ -1,5 +1,6 @@
 //! When a routed stream tries to move, and the background task that makes
-//! the new connection (Direct or Splice, with `FLAG_UPGRADE`).
+//! the new connection (Direct or Splice, with `FLAG_UPGRADE`; when neither
+//! works or none is to be tried, a relay circuit at the hub, `circuit`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,8 +61,9 @@ pub(crate) fn upgrade_modules(
 }
 
 /// Starts moving an encrypted routed stream to a connection made by
-/// `modules` (tried in order in the background); the stream carries on
-/// routed until one works, and for good if none does.
+/// `modules` (tried in order in the background), else to a relay circuit
+/// at the hub; the stream carries on routed until one works, and for good
+/// if none does.
 pub(crate) fn upgradable(
     shared: &Arc<Shared>,
     stream: ReachStream,
@@ -71,7 +73,7 @@ pub(crate) fn upgradable(
     let Some(id) = stream.upgrade_id() else {
         return stream;
     };
-    if modules.is_empty() {
+    if modules.is_empty() && !shared.circuits {
         return stream;
     }
     let slot = Slot::default();
@@ -140,6 +142,16 @@ async fn upgrade(
             }
             Ok(None) => failures.push(format!("{module}: not encrypted")),
             Err(e) => failures.push(format!("{module}: {e}")),
+        }
+    }
+    if shared.circuits {
+        match crate::circuit::open(&shared, target.node, target.port).await {
+            Ok(path) => {
+                tracing::debug!(node = %target.node, hub = %path.remote, "moved onto a relay circuit");
+                slot.attach(path);
+                return;
+            }
+            Err(e) => failures.push(format!("circuit: {e}")),
         }
     }
     tracing::debug!(node = %target.node, ?failures, "stream stays routed");

@@ -313,6 +313,16 @@ impl ReachStream {
         self.upgrade_id
     }
 
+    /// The bare TCP connection of a plaintext direct stream, whose handshake
+    /// read nothing past its own bytes (a hub's circuit connection, which
+    /// it hands to the kernel); `None` for any other stream.
+    pub fn into_plain_tcp(self) -> Option<TcpStream> {
+        match self.transport {
+            Transport::Plain(tcp) => Some(tcp),
+            _ => None,
+        }
+    }
+
     /// The encrypted TCP connection of a direct stream, to carry another
     /// stream's data from now on.
     pub(crate) fn into_new_path(self) -> Option<NewPath> {

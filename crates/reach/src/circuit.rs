@@ -1,0 +1,174 @@
+//! Relay circuits, the nodes' side (the protocol is `reach_proto::circuit`).
+//!
+//! The node that opened a routed stream offers a circuit at its hub to the
+//! other node and joins it; the other node joins too; the hub pairs the two
+//! connections and moves bytes between them in the kernel. Then the upgrade
+//! handshake (`FLAG_UPGRADE`, Noise IK end to end) runs over the circuit as
+//! over a direct connection, and the stream moves there with the ordinary
+//! handover (`stream::upgrade`): the hub relays records it cannot open.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reach_proto::circuit::{CircuitAnswer, CircuitHello, Ticket, CIRCUIT_VPORT, TICKET_LEN};
+use reach_proto::handshake::{Admission, InitiatorOptions, Knock, Refusal};
+use reach_proto::link::Rendezvous;
+use reach_proto::node_session::CircuitOffer;
+use reach_proto::setup_plan::SetupModule;
+use reach_proto::{NodeId, VirtualAddr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::direct::{self, RaceSettings};
+use crate::handshake::{initiate, respond};
+use crate::node::Shared;
+use crate::stream::upgrade::NewPath;
+use crate::stream::{Direction, ReachStream};
+
+/// How long joining a circuit may take, from dialling the hub until the
+/// other node is there.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Dials `hub` at `addrs` on its circuit port and waits until the hub pairs
+/// this node with `peer` under `ticket`; the bare connection, from then on a
+/// pipe to `peer`. Plaintext: the hub hands the socket to the kernel, and
+/// everything that crosses it is encrypted end to end.
+async fn join(
+    shared: &Shared,
+    hub: NodeId,
+    addrs: Vec<SocketAddr>,
+    ticket: Ticket,
+    peer: NodeId,
+) -> Result<TcpStream, String> {
+    let target = VirtualAddr::new(hub, CIRCUIT_VPORT).with_direct(addrs);
+    let settings = RaceSettings {
+        options: InitiatorOptions {
+            plaintext: true,
+            ..shared.initiator_options()
+        },
+        attempt_delay: shared.attempt_delay,
+        timeout: JOIN_TIMEOUT,
+        module: SetupModule::Direct,
+        first: None,
+    };
+    let stream = direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
+        .await
+        .map_err(|e| format!("dialling the hub: {e}"))?;
+    let mut tcp = stream
+        .into_plain_tcp()
+        .ok_or_else(|| "the hub did not grant a plaintext circuit connection".to_string())?;
+    let hello = CircuitHello { ticket, peer }.encode();
+    let paired = async {
+        tcp.write_all(&hello).await?;
+        let status = tcp.read_u8().await?;
+        let len = if CircuitAnswer::has_reason(status) {
+            tcp.read_u8().await?
+        } else {
+            0
+        };
+        match CircuitAnswer::reason_len(status, len) {
+            Ok(None) => std::io::Result::Ok(Ok(())),
+            Ok(Some(n)) => {
+                let mut reason = vec![0u8; n];
+                tcp.read_exact(&mut reason).await?;
+                Ok(Err(format!(
+                    "the hub refused the circuit: {}",
+                    String::from_utf8_lossy(&reason)
+                )))
+            }
+            Err(other) => Ok(Err(format!("the hub answered with status {other}"))),
+        }
+    };
+    match tokio::time::timeout(JOIN_TIMEOUT, paired).await {
+        Ok(Ok(Ok(()))) => Ok(tcp),
+        Ok(Ok(Err(refused))) => Err(refused),
+        Ok(Err(e)) => Err(format!("waiting for the hub to pair the circuit: {e}")),
+        Err(_) => Err(format!(
+            "the other node did not join the circuit within {JOIN_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Moves the routed stream with upgrade id `id` to `peer` onto a circuit at
+/// this node's hub: offers it, joins it and runs the upgrade handshake over
+/// it. The new path, or why not.
+pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<NewPath, String> {
+    let (session, link) = shared.hub_link().await.map_err(|e| e.to_string())?;
+    let hub = link.status().hub;
+    let addrs = vec![link.status().remote];
+    let mut ticket = [0u8; TICKET_LEN];
+    getrandom::fill(&mut ticket).map_err(|e| e.to_string())?;
+    let offer = Rendezvous::CircuitOffer {
+        ticket,
+        upgrade: id,
+        hub,
+        addrs: addrs.clone(),
+    };
+    if !session.relay(peer, offer) {
+        return Err("the hub link went down".into());
+    }
+    let mut tcp = join(shared, hub, addrs, ticket, peer).await?;
+    let started = Instant::now();
+    let options = InitiatorOptions {
+        upgrade: true,
+        ..shared.initiator_options()
+    };
+    let hs = initiate(&mut tcp, &shared.secret, peer, id, options);
+    let est = match tokio::time::timeout(shared.handshake_timeout, hs).await {
+        Ok(Ok(est)) => est,
+        Ok(Err(e)) => return Err(format!("the upgrade handshake failed: {e}")),
+        Err(_) => return Err("the upgrade handshake timed out".into()),
+    };
+    let stream = ReachStream::over_tcp(tcp, est, SetupModule::Routed, Direction::Outbound, started)
+        .map_err(|e| e.to_string())?;
+    stream
+        .into_new_path()
+        .ok_or_else(|| "the circuit is not encrypted".to_string())
+}
+
+/// Answers `offer`: joins the circuit if the routed stream it names is
+/// here, and takes the stream over once the peer's upgrade handshake
+/// arrives on it.
+pub(crate) async fn answer(shared: Arc<Shared>, offer: CircuitOffer) {
+    let (from, id) = (offer.from, offer.upgrade);
+    if !shared.circuits {
+        tracing::debug!(%from, "circuit offer ignored: circuits are off");
+        return;
+    }
+    if crate::stream::upgrade::lookup(&shared.upgrades, from, id).is_none() {
+        tracing::debug!(%from, "circuit offer for a stream that is not here");
+        return;
+    }
+    let started = Instant::now();
+    let mut tcp = match join(&shared, offer.hub, offer.addrs, offer.ticket, from).await {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            tracing::debug!(%from, "stream stays routed: {e}");
+            return;
+        }
+    };
+    let mut moving = None;
+    let admit = |k: &Knock<'_>| {
+        // A circuit carries the offered stream, nothing else.
+        if !k.hello.upgrade || k.peer != from || k.hello.port != id {
+            return Admission::Refuse(Refusal::NotAdmitted);
+        }
+        shared.admit_inbound(k, &mut moving)
+    };
+    let hs = respond(&mut tcp, shared.responder(), admit);
+    let est = match tokio::time::timeout(shared.handshake_timeout, hs).await {
+        Ok(est) => est,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the upgrade handshake over the circuit timed out",
+        )
+        .into()),
+    };
+    if let Err(e) = shared
+        .finish_inbound(tcp, est, moving, SetupModule::Routed, started)
+        .await
+    {
+        tracing::debug!(%from, "stream stays routed: {e}");
+    }
+}
