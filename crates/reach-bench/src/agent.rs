@@ -96,6 +96,9 @@ pub struct RunArgs {
     /// Reach: send payload unencrypted (authenticated still).
     #[arg(long)]
     plaintext: bool,
+    /// Reach: keep routed streams on hub links (no relay circuit).
+    #[arg(long)]
+    no_circuits: bool,
     /// Reach: identity and state.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -234,6 +237,7 @@ impl Dialer {
         let mut b = Endpoint::builder()
             .accept_ports(Vec::new())
             .modules(a.modules.clone())
+            .circuits(!a.no_circuits)
             .plaintext(a.plaintext);
         if let Some(dir) = &a.state_dir {
             b = b.state_dir(dir);
@@ -248,7 +252,10 @@ impl Dialer {
         Ok(Dialer::Reach(endpoint, vaddr))
     }
 
-    async fn dial(&self) -> anyhow::Result<Box<dyn Conn>> {
+    /// A connection; with `settle`, a reach stream that moves in the
+    /// background (a routed stream onto a circuit, say) is measured where
+    /// it settles, not while it moves.
+    async fn dial(&self, settle: bool) -> anyhow::Result<Box<dyn Conn>> {
         Ok(match self {
             Dialer::Tcp(addr) => {
                 let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
@@ -257,7 +264,15 @@ impl Dialer {
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
-            Dialer::Reach(e, vaddr) => Box::new(e.connect_timeout(vaddr, CONNECT_TIMEOUT).await?),
+            Dialer::Reach(e, vaddr) => {
+                let s = e.connect_timeout(vaddr, CONNECT_TIMEOUT).await?;
+                if settle {
+                    tokio::time::timeout(CONNECT_TIMEOUT, s.upgrade_settled())
+                        .await
+                        .context("the stream did not settle on a path")?;
+                }
+                Box::new(s)
+            }
         })
     }
 }
@@ -269,7 +284,7 @@ async fn measure(a: RunArgs) -> anyhow::Result<Measured> {
             let secs = Duration::try_from_secs_f64(a.secs).context("bad --secs")?;
             let mut conns = Vec::new();
             for _ in 0..a.streams.max(1) {
-                conns.push(dialer.dial().await?);
+                conns.push(dialer.dial(true).await?);
             }
             let started = Instant::now();
             let until = started + secs;
@@ -289,7 +304,7 @@ async fn measure(a: RunArgs) -> anyhow::Result<Measured> {
             })
         }
         Op::Latency => {
-            let mut c = dialer.dial().await?;
+            let mut c = dialer.dial(true).await?;
             c.write_all(b"P").await?;
             let mut rtts = Vec::new();
             let mut b = [0u8; 1];
@@ -313,11 +328,11 @@ async fn measure(a: RunArgs) -> anyhow::Result<Measured> {
         Op::Setup => {
             // The first connection warms the module cache, as a long-running
             // process's would be.
-            drop(dialer.dial().await?);
+            drop(dialer.dial(false).await?);
             let mut times = Vec::new();
             for _ in 0..a.count {
                 let t = Instant::now();
-                let mut c = dialer.dial().await?;
+                let mut c = dialer.dial(false).await?;
                 times.push(t.elapsed().as_secs_f64() * 1e3);
                 c.write_all(b"S").await?;
             }
@@ -362,6 +377,7 @@ mod tests {
             hub: None,
             modules: vec![SetupModule::Direct],
             plaintext: false,
+            no_circuits: false,
             state_dir: Some(state),
             streams: 2,
             secs: 0.2,

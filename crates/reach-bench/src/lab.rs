@@ -109,6 +109,8 @@ const READY: Duration = Duration::from_secs(20);
 /// The routed paths and the relays beside them, by name.
 const SOCAT_1: &str = "socat relay on hub1";
 const ROUTED_1: &str = "reach routed, 1 hub";
+/// The same, kept on hub links (no relay circuit): the step 8 data path.
+const ROUTED_1_LINKS: &str = "reach routed, 1 hub, hub links only";
 const SOCAT_3: &str = "socat relays on hub1, hub2, hub3";
 const ROUTED_3: &str = "reach routed, 3 hubs";
 
@@ -321,6 +323,13 @@ impl Bench {
         paths.push(Path1 {
             name: ROUTED_1.into(),
             args: reach_args(&self.b1, "routed", Some(&hub1)),
+            relays: vec![p1],
+        });
+        let mut links_only = reach_args(&self.b1, "routed", Some(&hub1));
+        links_only.push("--no-circuits".into());
+        paths.push(Path1 {
+            name: ROUTED_1_LINKS.into(),
+            args: links_only,
             relays: vec![p1],
         });
         // Three hubs: socat chained through the same hosts, and reach routed
@@ -602,7 +611,12 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     for (reach_path, others) in [
         (
             ROUTED_1,
-            &[SOCAT_1, "rathole tcp on hub1", "rathole noise on hub1"][..],
+            &[
+                SOCAT_1,
+                "rathole tcp on hub1",
+                "rathole noise on hub1",
+                ROUTED_1_LINKS,
+            ][..],
         ),
         (ROUTED_3, &[SOCAT_3][..]),
     ] {

@@ -224,7 +224,9 @@ pub enum Rendezvous {
         /// The target's predicted external endpoints.
         candidates: Vec<SocketAddr>,
     },
-    /// Target to asker: no splice (no such port, unpredictable NAT, busy).
+    /// Target to asker: no splice (no such port, unpredictable NAT, busy),
+    /// or a circuit offer it cannot join (token: the ticket's first four
+    /// bytes, little-endian).
     SpliceDeclined {
         /// The offer's token.
         token: u32,
@@ -233,7 +235,8 @@ pub enum Rendezvous {
     },
     /// Asker to target: move the routed stream with upgrade id `upgrade`
     /// onto a relay circuit at `hub`; join it there with `ticket`
-    /// (`crate::circuit`). No answer: the pairing is the answer.
+    /// (`crate::circuit`). The pairing is the answer; a target that cannot
+    /// join says so with `SpliceDeclined`.
     CircuitOffer {
         /// The circuit's ticket.
         ticket: crate::circuit::Ticket,

@@ -97,8 +97,12 @@ pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<
     let (session, link) = shared.hub_link().await.map_err(|e| e.to_string())?;
     let hub = link.status().hub;
     let addrs = vec![link.status().remote];
+    // The ticket starts with an offer token, so that a peer that cannot
+    // join can say so at once (`Rendezvous::token`).
+    let (token, declined) = shared.offers.register(peer).map_err(|e| e.to_string())?;
     let mut ticket = [0u8; TICKET_LEN];
     getrandom::fill(&mut ticket).map_err(|e| e.to_string())?;
+    ticket[..4].copy_from_slice(&token.to_le_bytes());
     let offer = Rendezvous::CircuitOffer {
         ticket,
         upgrade: id,
@@ -106,9 +110,15 @@ pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<
         addrs: addrs.clone(),
     };
     if !session.relay(peer, offer) {
+        shared.offers.remove(peer, token);
         return Err("the hub link went down".into());
     }
-    let mut tcp = join(shared, hub, addrs, ticket, peer).await?;
+    let joined = tokio::select! {
+        joined = join(shared, hub, addrs, ticket, peer) => joined,
+        Ok(Err(refusal)) = declined => Err(format!("the other node cannot join: {refusal:?}")),
+    };
+    shared.offers.remove(peer, token);
+    let mut tcp = joined?;
     let started = Instant::now();
     let options = InitiatorOptions {
         upgrade: true,
@@ -132,21 +142,30 @@ pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<
 /// arrives on it.
 pub(crate) async fn answer(shared: Arc<Shared>, offer: CircuitOffer) {
     let (from, id) = (offer.from, offer.upgrade);
+    let decline = |reason: &str| {
+        tracing::debug!(%from, "circuit offer declined: {reason}");
+        if let Some(session) = &shared.session {
+            let token = Rendezvous::CircuitOffer {
+                ticket: offer.ticket,
+                upgrade: id,
+                hub: offer.hub,
+                addrs: Vec::new(),
+            }
+            .token();
+            let reason = reason.to_string();
+            session.relay(from, Rendezvous::SpliceDeclined { token, reason });
+        }
+    };
     if !shared.circuits {
-        tracing::debug!(%from, "circuit offer ignored: circuits are off");
-        return;
+        return decline("circuits are off here");
     }
     if crate::stream::upgrade::lookup(&shared.upgrades, from, id).is_none() {
-        tracing::debug!(%from, "circuit offer for a stream that is not here");
-        return;
+        return decline("no such stream here");
     }
     let started = Instant::now();
-    let mut tcp = match join(&shared, offer.hub, offer.addrs, offer.ticket, from).await {
+    let mut tcp = match join(&shared, offer.hub, offer.addrs.clone(), offer.ticket, from).await {
         Ok(tcp) => tcp,
-        Err(e) => {
-            tracing::debug!(%from, "stream stays routed: {e}");
-            return;
-        }
+        Err(e) => return decline(&e),
     };
     let mut moving = None;
     let admit = |k: &Knock<'_>| {

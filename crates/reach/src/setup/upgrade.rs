@@ -19,6 +19,11 @@ use crate::stream::ReachStream;
 /// changed), but one that cannot should not be tried on every connection.
 const RETRY_UPGRADE_AFTER: Duration = Duration::from_secs(60);
 
+/// How long a routed stream must live before it moves onto a relay circuit:
+/// a circuit costs three handshakes (each node with the hub, then end to
+/// end), wasted on a request that is answered and closed within this.
+const CIRCUIT_AFTER: Duration = Duration::from_millis(50);
+
 /// The modules that may move a routed stream to `node` in the background:
 /// those after Routed in the configured order; and, when Routed was tried
 /// first because the cache said so, the Direct and Splice that the order has
@@ -145,6 +150,10 @@ async fn upgrade(
         }
     }
     if shared.circuits {
+        tokio::time::sleep(CIRCUIT_AFTER).await;
+        if slot.abandoned() {
+            return;
+        }
         match crate::circuit::open(&shared, target.node, target.port).await {
             Ok(path) => {
                 tracing::debug!(node = %target.node, hub = %path.remote, "moved onto a relay circuit");

@@ -99,6 +99,12 @@ impl Slot {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether the stream this slot belongs to is gone (only the upgrade
+    /// task still holds the slot): no point making a new path for it.
+    pub(crate) fn abandoned(&self) -> bool {
+        Arc::strong_count(&self.state) == 1
+    }
+
     /// An upgrade has started.
     pub(crate) fn begin(&self) {
         self.lock().pending = true;
