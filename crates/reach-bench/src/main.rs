@@ -79,8 +79,9 @@ enum Bench {
         /// Connections measured (the median is reported).
         #[arg(long, default_value_t = 20)]
         connections: u32,
-        /// MiB moved by the throughput figure.
-        #[arg(long, default_value_t = 64)]
+        /// MiB moved by the throughput figure (over a long path a transfer
+        /// must be long to leave TCP's slow start behind).
+        #[arg(long, default_value_t = 1024)]
         size_mib: u64,
         /// Also write the results as JSON here.
         #[arg(long)]
