@@ -302,6 +302,7 @@ fn a_connect_back_failure_retraces_the_request_and_cannot_be_forged() {
         token: 4242,
         vport: 1,
         addrs: vec![addr(7)],
+        upgrade: None,
     };
     control(&mut core, asker_link, Control::ConnectBack(cb));
     assert!(matches!(
@@ -337,6 +338,7 @@ fn a_connect_back_to_an_unknown_node_fails_at_once() {
         token: 1,
         vport: 1,
         addrs: vec![],
+        upgrade: None,
     };
     control(&mut core, asker_link, Control::ConnectBack(cb));
     assert!(matches!(

@@ -371,6 +371,7 @@ async fn connect_back(inner: &Inner, target: &Target) -> Result<reach::ReachStre
         token: wait.token(),
         vport: target.vport,
         addrs,
+        upgrade: None,
     });
     {
         let mut s = inner.state();

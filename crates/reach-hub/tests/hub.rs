@@ -261,8 +261,12 @@ async fn round_trip_rest(s: &mut ReachStream, rest: &[u8], all: &[u8]) {
 }
 
 #[tokio::test]
-async fn a_routed_stream_moves_to_a_direct_or_spliced_connection_mid_stream_in_order() {
-    for module in [SetupModule::Direct, SetupModule::Splice] {
+async fn a_routed_stream_moves_to_a_direct_reverse_or_spliced_connection_mid_stream_in_order() {
+    for module in [
+        SetupModule::Direct,
+        SetupModule::Reverse,
+        SetupModule::Splice,
+    ] {
         let hub = hub().await;
         let t = target_of(&hub);
         let b = Arc::new(node(&t, builder()).await);

@@ -196,6 +196,9 @@ pub struct ConnectBack {
     pub vport: u16,
     /// Where the asker listens.
     pub addrs: Vec<SocketAddr>,
+    /// The connection is to carry the routed stream between the two with
+    /// this upgrade id: the target hands it to that stream, not to `accept`.
+    pub upgrade: Option<u16>,
 }
 
 /// A message between two nodes that hubs carry without reading: the

@@ -481,6 +481,7 @@ fn answers_for_other_nodes_are_bounded() {
             token,
             vport: 22,
             addrs: vec![addr(5)],
+            upgrade: None,
         })
     };
     r.s.handle_control(link, cb(1), r.now);

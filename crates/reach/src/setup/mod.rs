@@ -147,7 +147,7 @@ pub(crate) async fn connect(
                 ConnectError::Refused { refusal, .. } => ModuleError::Refused(refusal),
                 other => ModuleError::Direct(Box::new(other)),
             }),
-            SetupModule::Reverse => reverse::connect(shared, &target, budget, started).await,
+            SetupModule::Reverse => reverse::connect(shared, &target, budget, started, None).await,
             SetupModule::Splice => {
                 let options = shared.initiator_options();
                 crate::splice::connect(shared, &target, options, budget, started).await

@@ -27,11 +27,14 @@ use crate::stream::ReachStream;
 const CONNECT_BACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks the target, through the hubs, to connect to us, and waits for it.
+/// With `upgrade`, the connection is to carry the routed stream with that
+/// upgrade id (the target hands it to that stream, not to `accept`).
 pub(super) async fn connect(
     shared: &Arc<Shared>,
     target: &VirtualAddr,
     budget: Duration,
     started: Instant,
+    upgrade: Option<u16>,
 ) -> Result<ReachStream, ModuleError> {
     let (session, _) = shared.hub_link().await?;
     let mut b = [0u8; 2];
@@ -47,6 +50,7 @@ pub(super) async fn connect(
         token: wait.token(),
         vport: target.port,
         addrs: shared.advertised.clone(),
+        upgrade,
     });
     if !asked {
         return Err(ModuleError::LinkLost);
@@ -59,10 +63,25 @@ pub(super) async fn connect(
 }
 
 /// Answers a connect-back request: dials the asker and hands the stream to
-/// this endpoint's `accept`.
+/// this endpoint's `accept`, or, for an upgrade, to the routed stream it
+/// takes over.
 pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectBack) {
     let fail = |reason: String| session.connect_back_failed(cb.from, cb.token, reason);
-    if shared.admit_port(cb.vport) != Admission::Accept {
+    // An upgrade carries a stream admitted when it was opened: no port or
+    // policy check, but it must exist.
+    let moving = match cb.upgrade {
+        Some(id) => match crate::stream::upgrade::lookup(&shared.upgrades, cb.from, id) {
+            Some(slot) => Some(slot),
+            None => {
+                fail("no such stream to move here".into());
+                return;
+            }
+        },
+        None => None,
+    };
+    if moving.is_some() {
+        // Checked below on the identity the handshake proves.
+    } else if shared.admit_port(cb.vport) != Admission::Accept {
         tracing::debug!(from = %cb.from, vport = cb.vport, "not connecting back: port not served");
         fail(format!("no service on virtual port {}", cb.vport));
         return;
@@ -87,7 +106,29 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
         module: SetupModule::Reverse,
         first: shared.cache.addr(&cb.from),
     };
-    match direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await {
+    if let Some(slot) = &moving {
+        slot.begin();
+    }
+    let made = direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await;
+    if let Some(slot) = moving {
+        // `target` is the asker's NodeId: the handshake proved it.
+        match made.map(ReachStream::into_new_path) {
+            Ok(Some(path)) => {
+                tracing::debug!(peer = %cb.from, "routed stream moving to a connect-back");
+                slot.attach(path);
+            }
+            Ok(None) => {
+                slot.fail("the connect-back is not encrypted".into());
+                fail("the connect-back is not encrypted".into());
+            }
+            Err(e) => {
+                slot.fail(e.to_string());
+                fail(format!("the node could not connect back: {e}"));
+            }
+        }
+        return;
+    }
+    match made {
         Ok(stream)
             if !shared.admit_peer(
                 &cb.from,

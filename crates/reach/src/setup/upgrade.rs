@@ -1,6 +1,7 @@
 //! When a routed stream tries to move, and the background task that makes
-//! the new connection (Direct or Splice, with `FLAG_UPGRADE`; when neither
-//! works or none is to be tried, a relay circuit at the hub, `circuit`).
+//! the new connection (Direct or Splice, with `FLAG_UPGRADE`; Reverse, a
+//! connect-back that names the stream; when none works or none is to be
+//! tried, a relay circuit at the hub, `circuit`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ const CIRCUIT_AFTER: Duration = Duration::from_millis(50);
 
 /// The modules that may move a routed stream to `node` in the background:
 /// those after Routed in the configured order; and, when Routed was tried
-/// first because the cache said so, the Direct and Splice that the order has
+/// first because the cache said so, the Direct, Reverse and Splice the order has
 /// before it (none of them ran), at most every [`RETRY_UPGRADE_AFTER`].
 pub(crate) fn upgrade_modules(
     shared: &Shared,
@@ -34,7 +35,12 @@ pub(crate) fn upgrade_modules(
     from_cache: bool,
     failed_before: &[SetupModule],
 ) -> Vec<SetupModule> {
-    let movers = |m: &&SetupModule| matches!(m, SetupModule::Direct | SetupModule::Splice);
+    let movers = |m: &&SetupModule| {
+        matches!(
+            m,
+            SetupModule::Direct | SetupModule::Reverse | SetupModule::Splice
+        )
+    };
     let after: Vec<SetupModule> = shared
         .modules
         .iter()
@@ -123,6 +129,17 @@ async fn upgrade(
                     ..super::race_settings(&shared, &target.node, shared.direct_budget)
                 };
                 direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            SetupModule::Reverse if shared.advertised.is_empty() => {
+                failures.push("reverse: this node advertises no address".to_string());
+                continue;
+            }
+            SetupModule::Reverse => {
+                let budget = shared.reverse_budget;
+                let id = Some(target.port);
+                super::reverse::connect(&shared, &target, budget, Instant::now(), id)
                     .await
                     .map_err(|e| e.to_string())
             }
