@@ -894,12 +894,36 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
         setup_ms = format_args!("{:.3}", info.setup_time.as_secs_f64() * 1e3),
         "connected"
     );
-    pipe::run(stream, &mut pipe::stdin()).await?.log();
+    let done = pipe::run(stream, &mut pipe::stdin()).await?;
+    done.log();
+    // A first connection that started routed may still be finding its
+    // better path in the background (the cache waits for it): wait a
+    // little, so the module cache, shared with the next process, learns
+    // where it settles.
+    let finding =
+        info.module == SetupModule::Routed && endpoint.cached_module(&info.peer).is_none();
+    let settled = if finding {
+        tokio::time::timeout(SETTLE_AT_EXIT, done.stream.upgrade_settled())
+            .await
+            .ok()
+    } else {
+        Some(done.stream.upgraded())
+    };
+    let settled_module = match settled {
+        Some(Some(u)) => u.module.to_string(),
+        Some(None) => info.module.to_string(),
+        None => "unsettled".to_string(),
+    };
+    tracing::info!(%settled_module, "settled");
     // Routed data may still sit in this host's socket buffers: let it reach
     // the hub before exiting.
     endpoint.close(CLOSE_TIMEOUT).await;
     Ok(())
 }
+
+/// How long `connect` waits at exit for a background move of its stream to
+/// end (Direct's, Reverse's and Splice's budgets, about).
+const SETTLE_AT_EXIT: Duration = Duration::from_secs(6);
 
 /// Modules as a comma-separated list, "-" for none.
 fn failed_before(modules: &[SetupModule]) -> String {

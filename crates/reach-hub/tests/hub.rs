@@ -315,6 +315,51 @@ async fn a_routed_stream_from_the_cache_is_offered_an_upgrade_and_the_cache_lear
 }
 
 #[tokio::test]
+async fn a_first_connection_flows_routed_at_once_and_settles_on_the_better_path() {
+    // B advertises an address that takes TCP connections and never answers
+    // a handshake, so Direct waits out its whole budget there; Reverse
+    // works. The sequential driver took the budget before Reverse.
+    let tarpit = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let tarpit_addr = tarpit.local_addr().expect("addr");
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = tarpit.accept().await {
+            held.push(c);
+        }
+    });
+    let hub = hub().await;
+    let t = target_of(&hub);
+    let b = Arc::new(node(&t, builder().advertise(vec![tarpit_addr])).await);
+    let _echo = echo(b.clone());
+    // The default order: Direct, Reverse, Splice, Routed; nothing cached.
+    let a = node(&t, builder()).await;
+    let mut s = a.connect(&by_id(&b, 3)).await.expect("connect");
+    assert_eq!(
+        s.info().module,
+        SetupModule::Routed,
+        "data flows routed first"
+    );
+    assert!(
+        s.info().setup_time < reach::DEFAULT_DIRECT_BUDGET,
+        "Direct's budget was waited out: {:?}",
+        s.info().setup_time
+    );
+    assert_eq!(
+        a.cached_module(&b.node_id()),
+        None,
+        "the cache waits for where the stream settles"
+    );
+    let data = pattern(4 << 20, 11);
+    echo_across_a_move(&mut s, &data, true).await;
+    assert_eq!(s.upgraded().expect("moved").module, SetupModule::Reverse);
+    assert_eq!(a.cached_module(&b.node_id()), Some(SetupModule::Reverse));
+    // The next connection goes there at once.
+    let mut again = a.connect(&by_id(&b, 3)).await.expect("connect again");
+    assert_eq!(again.info().module, SetupModule::Reverse);
+    round_trip(&mut again, b"straight there").await;
+}
+
+#[tokio::test]
 async fn a_routed_stream_moves_onto_a_relay_circuit_that_the_hub_splices() {
     let hub = hub().await;
     let t = target_of(&hub);

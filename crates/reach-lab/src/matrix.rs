@@ -48,8 +48,14 @@ pub struct Cell {
     /// Whether a connection to the right host was made (and, for reach, the
     /// data arrived).
     pub ok: bool,
-    /// The reach module that made the stream; `null` for plain TCP.
+    /// The reach module that made the stream (the first path data flowed
+    /// on); `null` for plain TCP.
     pub module: Option<String>,
+    /// Where the first connection's stream settled: `module`, or the
+    /// module of the connection a routed stream moved onto in the
+    /// background (a first connection starts routed while better paths are
+    /// still being tried).
+    pub settled_module: Option<String>,
     /// Setup time of the first connection, in milliseconds.
     pub setup_ms: Option<f64>,
     /// Setup time of a second connection to the same target (reach caches the
@@ -249,6 +255,7 @@ fn cell(lab: &Lab, from: &str, to: &str) -> Cell {
         to_host: to.into(),
         ok: false,
         module: None,
+        settled_module: None,
         setup_ms: None,
         cached_setup_ms: None,
         cached_module: None,
@@ -369,6 +376,8 @@ fn check_tokens(lab: &Lab, cells: &mut [Cell]) {
 /// What one `reach connect` reported.
 pub(crate) struct Connected {
     pub(crate) module: String,
+    /// Where the stream settled (`reach connect`'s "settled" line).
+    pub(crate) settled_module: Option<String>,
     pub(crate) setup_ms: f64,
     pub(crate) failed_before: Vec<String>,
 }
@@ -422,6 +431,7 @@ pub(crate) fn reach_connect(
             .map(str::to_string)
     };
     let module = field("module=").unwrap_or_else(|| "?".into());
+    let settled_module = field("settled_module=");
     let setup_ms = field("setup_ms=")
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN);
@@ -431,6 +441,7 @@ pub(crate) fn reach_connect(
         .unwrap_or_default();
     Ok(Connected {
         module,
+        settled_module,
         setup_ms,
         failed_before,
     })
@@ -457,6 +468,7 @@ fn reach_pair(
     let cached = reach_connect(lab, tools, from, vaddr, hub, &token, timeout, &[]).ok();
     Cell {
         ok: true,
+        settled_module: first.settled_module.or_else(|| Some(first.module.clone())),
         module: Some(first.module),
         setup_ms: Some(first.setup_ms),
         cached_setup_ms: cached.as_ref().map(|c| c.setup_ms),

@@ -373,6 +373,10 @@ pub struct NodeSession {
     answers: usize,
     next_stream: u32,
     ping_nonce: u64,
+    /// The ping in flight (its nonce, when it was sent), for the round trip.
+    ping_sent: Option<(u64, Instant)>,
+    /// The hub link's smoothed round trip (RFC 6298's SRTT), once measured.
+    rtt: Option<std::time::Duration>,
     transmit: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
 }
@@ -395,6 +399,8 @@ impl NodeSession {
             answers: 0,
             next_stream: 1,
             ping_nonce: 0,
+            ping_sent: None,
+            rtt: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -493,13 +499,26 @@ impl NodeSession {
                     self.end_link(link, LinkEnd::Silent(idle), now);
                 } else if *next_ping <= now {
                     *next_ping = now + self.config.timing.ping_interval;
-                    self.ping_nonce += 1;
-                    let nonce = self.ping_nonce;
-                    self.send(&Control::Ping { nonce });
+                    self.ping(now);
                 }
             }
             _ => {}
         }
+    }
+
+    /// Sends a ping and remembers when.
+    fn ping(&mut self, now: Instant) {
+        self.ping_nonce += 1;
+        let nonce = self.ping_nonce;
+        self.ping_sent = Some((nonce, now));
+        self.send(&Control::Ping { nonce });
+    }
+
+    /// The current hub link's smoothed round trip, once a ping came back.
+    pub fn link_rtt(&self) -> Option<std::time::Duration> {
+        matches!(self.phase, Phase::Up { .. })
+            .then_some(self.rtt)
+            .flatten()
     }
 
     /// The driver's dial failed (or ran past its deadline).
@@ -620,6 +639,10 @@ impl NodeSession {
                 self.refused = None;
                 self.last_end = None;
                 self.events.push_back(Event::Up(reg));
+                // At once, not after the ping interval: the setup driver
+                // sizes its hedge delay from the link's round trip.
+                self.rtt = None;
+                self.ping(now);
                 // A reconnect (a hub restart, say): publish again, asking for
                 // the ports the services had.
                 let again: Vec<Control> = self
@@ -693,7 +716,19 @@ impl NodeSession {
                 reason,
             } => self.exposed(vport, Err(ExposeRefusal { offered, reason })),
             Control::Ping { nonce } => self.send(&Control::Pong { nonce }),
-            Control::Pong { .. } => {}
+            Control::Pong { nonce } => {
+                if let Some((sent, at)) = self.ping_sent {
+                    if sent == nonce {
+                        self.ping_sent = None;
+                        let sample = now.saturating_duration_since(at);
+                        // SRTT = 7/8 SRTT + 1/8 sample (RFC 6298 2.3).
+                        self.rtt = Some(match self.rtt {
+                            Some(srtt) => (srtt * 7 + sample) / 8,
+                            None => sample,
+                        });
+                    }
+                }
+            }
             Control::Refused { reason } => {
                 self.refused = Some(reason.clone());
                 self.end_link(link, LinkEnd::Refused(reason), now);

@@ -241,6 +241,8 @@ fn keepalives_go_out_every_interval_and_silence_ends_the_link() {
     let mut r = Rig::default();
     let link = r.up(id(9));
     r.events();
+    // The first ping goes out at registration (it measures the round trip).
+    assert_eq!(r.controls(), vec![Control::Ping { nonce: 1 }]);
     let t = Timing::default();
     let up_at = r.now;
     // Pings at 15 s and 30 s; traffic at 20 s keeps the link past 45 s.
@@ -248,12 +250,12 @@ fn keepalives_go_out_every_interval_and_silence_ends_the_link() {
         r.step(Duration::from_secs(60)) - (up_at - r.t0),
         t.ping_interval
     );
-    assert_eq!(r.controls(), vec![Control::Ping { nonce: 1 }]);
+    assert_eq!(r.controls(), vec![Control::Ping { nonce: 2 }]);
     r.now = up_at + Duration::from_secs(20);
     r.s.handle_traffic(link, r.now);
     r.step(Duration::from_secs(60));
     assert_eq!(r.now - up_at, 2 * t.ping_interval);
-    assert_eq!(r.controls(), vec![Control::Ping { nonce: 2 }]);
+    assert_eq!(r.controls(), vec![Control::Ping { nonce: 3 }]);
     r.step(Duration::from_secs(60));
     assert_eq!(r.now - up_at, 3 * t.ping_interval);
     assert!(r.s.registration().is_some());
@@ -266,6 +268,31 @@ fn keepalives_go_out_every_interval_and_silence_ends_the_link() {
         .events()
         .iter()
         .any(|e| matches!(e, Event::Down { why: LinkEnd::Silent(d), .. } if *d == t.idle_timeout)));
+}
+
+#[test]
+fn the_links_round_trip_is_measured_from_registration_on() {
+    let mut r = Rig::default();
+    let link = r.up(id(9));
+    assert_eq!(r.s.link_rtt(), None, "nothing measured yet");
+    let nonce = match r.controls().last() {
+        Some(Control::Ping { nonce }) => *nonce,
+        other => panic!("no ping at registration: {other:?}"),
+    };
+    r.now += Duration::from_millis(40);
+    // A stale or foreign pong measures nothing.
+    r.s.handle_control(link, Control::Pong { nonce: nonce + 7 }, r.now);
+    assert_eq!(r.s.link_rtt(), None);
+    r.s.handle_control(link, Control::Pong { nonce }, r.now);
+    assert_eq!(r.s.link_rtt(), Some(Duration::from_millis(40)));
+    // Later samples are smoothed (RFC 6298): 7/8 old + 1/8 new.
+    r.step(Duration::from_secs(60));
+    let Some(Control::Ping { nonce }) = r.controls().last().cloned() else {
+        panic!("no keepalive ping")
+    };
+    r.now += Duration::from_millis(120);
+    r.s.handle_control(link, Control::Pong { nonce }, r.now);
+    assert_eq!(r.s.link_rtt(), Some(Duration::from_millis(50)));
 }
 
 #[test]

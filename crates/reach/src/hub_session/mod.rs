@@ -667,6 +667,11 @@ impl Session {
         self.with_core(|st| st.core.connect_back_failed(requester, token, reason));
     }
 
+    /// The hub link's smoothed round trip, once measured.
+    pub(crate) fn link_rtt(self: &Arc<Self>) -> Option<Duration> {
+        self.lock().core.link_rtt()
+    }
+
     /// A connect-back or splice answer from a [`Request`] has finished.
     pub(crate) fn answer_done(self: &Arc<Self>) {
         self.with_core(|st| st.core.answer_done());

@@ -20,7 +20,7 @@
 //! cache knows better. A cached module that fails is dropped from the cache
 //! and the full order runs.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reach_proto::setup_plan::{self, Budgets, Facts, SetupModule, Site};
@@ -67,126 +67,296 @@ pub(crate) async fn connect(
         return Ok(stream);
     };
     let node = target.node;
-    let mut target = target.clone();
     let link = session
         .wait_link(deadline.min(started + SESSION_WAIT))
         .await
         .ok();
-    // The directory is asked for the target's addresses only when Direct's
-    // turn comes, so a cached Routed or Reverse spends no round trip on it.
-    let mut looked_up = !target.direct.is_empty() || link.is_none();
-    // Where the target's hub sees it: tells whether it shares our NAT.
-    let mut target_seen_at = None;
-    let site = Site {
-        local: shared.local_addrs.get().to_vec(),
-        advertised: shared.advertised.clone(),
-        seen_at: link.as_ref().map(|l| l.status().observed),
+    let run = Run {
+        shared,
+        session,
+        site: Site {
+            local: shared.local_addrs.get().to_vec(),
+            advertised: shared.advertised.clone(),
+            seen_at: link.as_ref().map(|l| l.status().observed),
+        },
+        budgets: Budgets {
+            direct: shared.direct_budget,
+            reverse: shared.reverse_budget,
+            splice: shared.splice_budget,
+        },
+        cached: shared.cache.get(&node),
+        hub_session: link.is_some(),
+        started,
+        deadline,
+        log: Mutex::default(),
     };
-    let budgets = Budgets {
-        direct: shared.direct_budget,
-        reverse: shared.reverse_budget,
-        splice: shared.splice_budget,
+    let order = setup_plan::order(run.cached, &shared.modules);
+    let routed_at = order.iter().position(|m| *m == SetupModule::Routed);
+    let result = match routed_at {
+        // A first connection: the modules before Routed run in turn while
+        // Routed starts after a short delay; see `race`.
+        Some(at) if at > 0 && run.cached.is_none() && run.hub_session => {
+            let hedge = hedge_delay(session.link_rtt());
+            race(&run, target, &order, at, hedge).await
+        }
+        _ => run.in_order(target.clone(), &order).await,
     };
-    let cached = shared.cache.get(&node);
-    let order = setup_plan::order(cached, &shared.modules);
-    let mut failures = Vec::new();
-    // Modules that ran and failed (skipped ones are only in `failures`).
-    let mut failed_before = Vec::new();
-    for (i, module) in order.iter().copied().enumerate() {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
+    match result {
+        Ok(stream) => Ok(stream),
+        Err(Some(refused)) => Err(refused),
+        Err(None) => Err(ConnectError::Unreachable {
+            node,
+            after: started.elapsed(),
+            modules: run.take_log().failures,
+        }),
+    }
+}
+
+/// How long a first connection lets the modules before Routed run alone
+/// before Routed starts beside them (happy-eyeballs style, RFC 8305): about
+/// what Direct needs when it works (the directory lookup and the TCP and
+/// Noise round trips, estimated from the hub link's round trip), and never
+/// more than [`MAX_HEDGE`], so a node that can only be reached through the
+/// hubs waits at most that much longer than it would once cached.
+pub(crate) fn hedge_delay(hub_rtt: Option<Duration>) -> Duration {
+    match hub_rtt {
+        Some(rtt) => (rtt * 2 + MIN_HEDGE).min(MAX_HEDGE),
+        None => DEFAULT_HEDGE,
+    }
+}
+
+/// The hedge delay's floor (local paths: scheduling, handshake CPU).
+const MIN_HEDGE: Duration = Duration::from_millis(25);
+/// The hedge delay's ceiling.
+const MAX_HEDGE: Duration = Duration::from_millis(250);
+/// The hedge delay before the hub link's round trip is known (RFC 8305's
+/// recommended connection attempt delay).
+const DEFAULT_HEDGE: Duration = Duration::from_millis(250);
+
+/// What failed so far, shared by the modules a race runs side by side.
+#[derive(Default)]
+struct Log {
+    /// Every module that failed or was skipped, with why.
+    failures: Vec<ModuleFailure>,
+    /// Modules that ran and failed (skipped ones are only in `failures`).
+    failed_before: Vec<SetupModule>,
+}
+
+/// One `connect`: what the modules need to know, and what failed so far.
+struct Run<'a> {
+    shared: &'a Arc<Shared>,
+    session: &'a Arc<crate::hub_session::Session>,
+    site: Site,
+    budgets: Budgets,
+    cached: Option<SetupModule>,
+    hub_session: bool,
+    started: Instant,
+    deadline: Instant,
+    log: Mutex<Log>,
+}
+
+impl Run<'_> {
+    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_log(&self) -> Log {
+        std::mem::take(&mut *self.log())
+    }
+
+    fn failed(&self, module: SetupModule, error: ModuleError, ran: bool) {
+        let mut log = self.log();
+        if ran {
+            log.failed_before.push(module);
         }
-        let remaining = deadline - now;
-        let last = i + 1 == order.len();
-        // Reverse needs to know where the target is when this node is
-        // behind a NAT: an address in the virtual address does not say.
-        let reverse_needs_site =
-            module == SetupModule::Reverse && site.reverse_needs_target_site(target_seen_at);
-        if (module == SetupModule::Direct && !looked_up) || reverse_needs_site {
-            looked_up = true;
-            match session
-                .lookup(node, deadline.min(Instant::now() + LOOKUP_BUDGET))
-                .await
-            {
-                Ok(Some(entry)) => {
-                    if target.direct.is_empty() || module == SetupModule::Direct {
-                        target.direct = entry.addrs;
-                    }
-                    target_seen_at = Some(entry.observed);
-                }
-                Ok(None) => tracing::debug!(%node, "no hub knows the node"),
-                Err(e) => tracing::debug!(%node, "lookup failed: {e}"),
+        log.failures.push(ModuleFailure { module, error });
+    }
+
+    /// Tries `order` in turn: the first stream, `Err(Some(_))` when the
+    /// target refused (no point going on), `Err(None)` when every module
+    /// failed (see the log).
+    async fn in_order(
+        &self,
+        mut target: VirtualAddr,
+        order: &[SetupModule],
+    ) -> Result<ReachStream, Option<ConnectError>> {
+        let (shared, node) = (self.shared, target.node);
+        // The directory is asked for the target's addresses only when
+        // Direct's turn comes, so a cached Routed or Reverse spends no round
+        // trip on it.
+        let mut looked_up = !target.direct.is_empty() || !self.hub_session;
+        // Where the target's hub sees it: tells whether it shares our NAT.
+        let mut target_seen_at = None;
+        for (i, module) in order.iter().copied().enumerate() {
+            let now = Instant::now();
+            if now >= self.deadline {
+                break;
             }
-        }
-        let facts = Facts {
-            site: &site,
-            target_addrs: &target.direct,
-            target_seen_at,
-            hub_session: link.is_some(),
-        };
-        let budget = match setup_plan::plan(module, &facts, remaining, last, &budgets) {
-            Ok(budget) => budget,
-            Err(skip) => {
-                failures.push(ModuleFailure {
-                    module,
-                    error: skip.into(),
-                });
-                continue;
-            }
-        };
-        let result = match module {
-            SetupModule::Direct => direct::connect(
-                &shared.secret,
-                &shared.local_addrs.get(),
-                &target,
-                race_settings(shared, &node, budget),
-            )
-            .await
-            .map_err(|e| match e {
-                ConnectError::Refused { refusal, .. } => ModuleError::Refused(refusal),
-                other => ModuleError::Direct(Box::new(other)),
-            }),
-            SetupModule::Reverse => reverse::connect(shared, &target, budget, started, None).await,
-            SetupModule::Splice => {
-                let options = shared.initiator_options();
-                crate::splice::connect(shared, &target, options, budget, started).await
-            }
-            SetupModule::Routed => {
-                let upgrade_to =
-                    upgrade_modules(shared, node, i == 0 && cached.is_some(), &failed_before);
-                routed::connect(shared, &target, budget, started)
+            let remaining = self.deadline - now;
+            let last = i + 1 == order.len();
+            // Reverse needs to know where the target is when this node is
+            // behind a NAT: an address in the virtual address does not say.
+            let reverse_needs_site = module == SetupModule::Reverse
+                && self.site.reverse_needs_target_site(target_seen_at);
+            if (module == SetupModule::Direct && !looked_up) || reverse_needs_site {
+                looked_up = true;
+                match self
+                    .session
+                    .lookup(node, self.deadline.min(Instant::now() + LOOKUP_BUDGET))
                     .await
-                    .map(|s| upgradable(shared, s, &target, upgrade_to))
-            }
-        };
-        match result {
-            Ok(mut stream) => {
-                shared.cache.set(node, Some(module));
-                if module == SetupModule::Direct {
-                    shared.cache.set_addr(node, stream.info().remote_addr);
+                {
+                    Ok(Some(entry)) => {
+                        if target.direct.is_empty() || module == SetupModule::Direct {
+                            target.direct = entry.addrs;
+                        }
+                        target_seen_at = Some(entry.observed);
+                    }
+                    Ok(None) => tracing::debug!(%node, "no hub knows the node"),
+                    Err(e) => tracing::debug!(%node, "lookup failed: {e}"),
                 }
-                stream.info_mut().failed_before = failed_before;
-                return Ok(stream);
             }
-            Err(ModuleError::Refused(refusal)) => {
-                return Err(ConnectError::Refused { node, refusal })
-            }
-            Err(error) => {
-                if cached == Some(module) {
-                    shared.cache.set(node, None);
+            let facts = Facts {
+                site: &self.site,
+                target_addrs: &target.direct,
+                target_seen_at,
+                hub_session: self.hub_session,
+            };
+            let budget = match setup_plan::plan(module, &facts, remaining, last, &self.budgets) {
+                Ok(budget) => budget,
+                Err(skip) => {
+                    self.failed(module, skip.into(), false);
+                    continue;
                 }
-                tracing::debug!(%node, %module, %error, "setup module failed");
-                failed_before.push(module);
-                failures.push(ModuleFailure { module, error });
+            };
+            let result = match module {
+                SetupModule::Direct => direct::connect(
+                    &shared.secret,
+                    &shared.local_addrs.get(),
+                    &target,
+                    race_settings(shared, &node, budget),
+                )
+                .await
+                .map_err(|e| match e {
+                    ConnectError::Refused { refusal, .. } => ModuleError::Refused(refusal),
+                    other => ModuleError::Direct(Box::new(other)),
+                }),
+                SetupModule::Reverse => {
+                    reverse::connect(shared, &target, budget, self.started, None).await
+                }
+                SetupModule::Splice => {
+                    let options = shared.initiator_options();
+                    crate::splice::connect(shared, &target, options, budget, self.started).await
+                }
+                SetupModule::Routed => {
+                    let failed_before = self.log().failed_before.clone();
+                    let from_cache = i == 0 && self.cached.is_some();
+                    let upgrade_to = upgrade_modules(shared, node, from_cache, &failed_before);
+                    routed::connect(shared, &target, budget, self.started)
+                        .await
+                        .map(|s| upgradable(shared, s, &target, upgrade_to, false))
+                }
+            };
+            match result {
+                Ok(mut stream) => {
+                    shared.cache.set(node, Some(module));
+                    if module == SetupModule::Direct {
+                        shared.cache.set_addr(node, stream.info().remote_addr);
+                    }
+                    stream.info_mut().failed_before = self.log().failed_before.clone();
+                    return Ok(stream);
+                }
+                Err(ModuleError::Refused(refusal)) => {
+                    return Err(Some(ConnectError::Refused { node, refusal }))
+                }
+                Err(error) => {
+                    if self.cached == Some(module) {
+                        shared.cache.set(node, None);
+                    }
+                    tracing::debug!(%node, %module, %error, "setup module failed");
+                    self.failed(module, error, true);
+                }
             }
+        }
+        Err(None)
+    }
+}
+
+/// A first connection (nothing cached): the modules before Routed (`order`
+/// up to `routed_at`) run in turn as usual, and Routed starts beside them
+/// after `hedge`. The first stream is returned. When Routed wins, the
+/// modules before it that have not failed yet go on in the background as
+/// upgrades and take the stream over when one works (`upgrade`), so the
+/// first byte flows at once and the path still ends where the sequential
+/// driver would have put it; the cache learns that final path.
+async fn race(
+    run: &Run<'_>,
+    target: &VirtualAddr,
+    order: &[SetupModule],
+    routed_at: usize,
+    hedge: Duration,
+) -> Result<ReachStream, Option<ConnectError>> {
+    let (shared, node) = (run.shared, target.node);
+    let better = &order[..routed_at];
+    let chain = run.in_order(target.clone(), better);
+    let relayed = async {
+        tokio::time::sleep(hedge).await;
+        let remaining = run.deadline.saturating_duration_since(Instant::now());
+        routed::connect(shared, target, remaining, run.started).await
+    };
+    tokio::pin!(chain, relayed);
+    let routed = tokio::select! {
+        first = &mut chain => match first {
+            Err(None) => None,
+            done => return done,
+        },
+        routed = &mut relayed => Some(routed),
+    };
+    let routed = match routed {
+        Some(r) => r,
+        // Every module before Routed failed: Routed is the answer (or
+        // nothing is), with the upgrades a routed stream gets anyway.
+        None => {
+            return match relayed.await {
+                Ok(stream) => {
+                    shared.cache.set(node, Some(SetupModule::Routed));
+                    let failed_before = run.log().failed_before.clone();
+                    let upgrade_to = upgrade_modules(shared, node, false, &failed_before);
+                    let mut stream = upgradable(shared, stream, target, upgrade_to, false);
+                    stream.info_mut().failed_before = failed_before;
+                    Ok(stream)
+                }
+                Err(ModuleError::Refused(refusal)) => {
+                    Err(Some(ConnectError::Refused { node, refusal }))
+                }
+                Err(error) => {
+                    run.failed(SetupModule::Routed, error, true);
+                    Err(None)
+                }
+            };
+        }
+    };
+    match routed {
+        Ok(stream) => {
+            // Routed first: the modules before it that have not failed
+            // move the stream later if they can (the one under way starts
+            // again, as an upgrade). The cache waits for where it settles.
+            let tried: Vec<SetupModule> = run.log().failures.iter().map(|f| f.module).collect();
+            let upgrade_to: Vec<SetupModule> = better
+                .iter()
+                .copied()
+                .filter(|m| !tried.contains(m))
+                .collect();
+            tracing::debug!(%node, ?upgrade_to, "routed first; better paths go on in the background");
+            let mut stream = upgradable(shared, stream, target, upgrade_to, true);
+            stream.info_mut().failed_before = run.log().failed_before.clone();
+            Ok(stream)
+        }
+        Err(ModuleError::Refused(refusal)) => Err(Some(ConnectError::Refused { node, refusal })),
+        Err(error) => {
+            run.failed(SetupModule::Routed, error, true);
+            chain.await
         }
     }
-    Err(ConnectError::Unreachable {
-        node,
-        after: started.elapsed(),
-        modules: failures,
-    })
 }
 
 pub(crate) fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -> RaceSettings {
@@ -196,5 +366,19 @@ pub(crate) fn race_settings(shared: &Shared, node: &NodeId, timeout: Duration) -
         timeout,
         module: SetupModule::Direct,
         first: shared.cache.addr(node),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hedge_follows_the_hub_round_trip_within_bounds() {
+        assert_eq!(hedge_delay(None), DEFAULT_HEDGE);
+        let ms = Duration::from_millis;
+        assert_eq!(hedge_delay(Some(ms(0))), MIN_HEDGE);
+        assert_eq!(hedge_delay(Some(ms(40))), ms(105));
+        assert_eq!(hedge_delay(Some(ms(400))), MAX_HEDGE);
     }
 }

@@ -75,25 +75,36 @@ pub(crate) fn upgrade_modules(
 /// `modules` (tried in order in the background), else to a relay circuit
 /// at the hub; the stream carries on routed until one works, and for good
 /// if none does.
+/// With `settle_cache`, the cache learns where the stream ends up: Routed
+/// if nothing moves it (a first connection that Routed won, whose cache
+/// entry waited for this).
 pub(crate) fn upgradable(
     shared: &Arc<Shared>,
     stream: ReachStream,
     target: &VirtualAddr,
     modules: Vec<SetupModule>,
+    settle_cache: bool,
 ) -> ReachStream {
-    let Some(id) = stream.upgrade_id() else {
+    let id = stream.upgrade_id();
+    let Some(id) = id.filter(|_| !modules.is_empty() || shared.circuits) else {
+        if settle_cache {
+            shared.cache.set(target.node, Some(SetupModule::Routed));
+        }
         return stream;
     };
-    if modules.is_empty() && !shared.circuits {
-        return stream;
-    }
     let slot = Slot::default();
     slot.begin();
     let target = VirtualAddr {
         port: id,
         ..target.clone()
     };
-    tokio::spawn(upgrade(shared.clone(), target, modules, slot.clone()));
+    tokio::spawn(upgrade(
+        shared.clone(),
+        target,
+        modules,
+        slot.clone(),
+        settle_cache,
+    ));
     stream.into_upgradable(slot, None)
 }
 
@@ -103,6 +114,7 @@ async fn upgrade(
     mut target: VirtualAddr,
     modules: Vec<SetupModule>,
     slot: Slot,
+    settle_cache: bool,
 ) {
     if target.direct.is_empty() && modules.contains(&SetupModule::Direct) {
         if let Some(session) = &shared.session {
@@ -166,9 +178,15 @@ async fn upgrade(
             Err(e) => failures.push(format!("{module}: {e}")),
         }
     }
+    if settle_cache {
+        // Nothing better than Routed: the next connection goes there at
+        // once (and is offered upgrades now and then, see above).
+        shared.cache.set(target.node, Some(SetupModule::Routed));
+    }
     if shared.circuits {
         tokio::time::sleep(CIRCUIT_AFTER).await;
         if slot.abandoned() {
+            slot.fail("the stream ended before it could move".into());
             return;
         }
         match crate::circuit::open(&shared, target.node, target.port).await {
