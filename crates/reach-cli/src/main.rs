@@ -903,7 +903,7 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
     let finding =
         info.module == SetupModule::Routed && endpoint.cached_module(&info.peer).is_none();
     let settled = if finding {
-        tokio::time::timeout(SETTLE_AT_EXIT, done.stream.upgrade_settled())
+        tokio::time::timeout(SETTLE_AT_EXIT, done.stream.upgrade_learned())
             .await
             .ok()
     } else {

@@ -159,7 +159,16 @@ pub(crate) async fn answer(shared: Arc<Shared>, offer: CircuitOffer) {
     if !shared.circuits {
         return decline("circuits are off here");
     }
-    if crate::stream::upgrade::lookup(&shared.upgrades, from, id).is_none() {
+    // A circuit is for a stream still open (unlike a direct path, it
+    // teaches the module cache nothing).
+    let registered = crate::stream::upgrade::lookup_soon(
+        &shared.upgrades,
+        from,
+        id,
+        crate::stream::upgrade::REGISTER_WAIT,
+    )
+    .await;
+    if registered.is_none() || !crate::stream::upgrade::is_live(&shared.upgrades, from, id) {
         return decline("no such stream here");
     }
     let started = Instant::now();

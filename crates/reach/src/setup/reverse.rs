@@ -70,7 +70,14 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
     // An upgrade carries a stream admitted when it was opened: no port or
     // policy check, but it must exist.
     let moving = match cb.upgrade {
-        Some(id) => match crate::stream::upgrade::lookup(&shared.upgrades, cb.from, id) {
+        Some(id) => match crate::stream::upgrade::lookup_soon(
+            &shared.upgrades,
+            cb.from,
+            id,
+            crate::stream::upgrade::REGISTER_WAIT,
+        )
+        .await
+        {
             Some(slot) => Some(slot),
             None => {
                 fail("no such stream to move here".into());

@@ -116,52 +116,79 @@ async fn upgrade(
     slot: Slot,
     settle_cache: bool,
 ) {
-    if target.direct.is_empty() && modules.contains(&SetupModule::Direct) {
-        if let Some(session) = &shared.session {
-            let deadline = Instant::now() + super::LOOKUP_BUDGET;
-            if let Ok(Some(entry)) = session.lookup(target.node, deadline).await {
+    // Where the target is (its addresses for Direct, its site for Reverse),
+    // from the directory.
+    let mut target_seen_at = None;
+    let wants_entry = modules.contains(&SetupModule::Reverse)
+        || (target.direct.is_empty() && modules.contains(&SetupModule::Direct));
+    if let (true, Some(session)) = (wants_entry, &shared.session) {
+        let deadline = Instant::now() + super::LOOKUP_BUDGET;
+        if let Ok(Some(entry)) = session.lookup(target.node, deadline).await {
+            if target.direct.is_empty() {
                 target.direct = entry.addrs;
             }
+            target_seen_at = Some(entry.observed);
         }
     }
+    // The setup driver's rule: no connect-back from behind a NAT with only
+    // private addresses to a target on another network.
+    let site = reach_proto::setup_plan::Site {
+        local: shared.local_addrs.get().to_vec(),
+        advertised: shared.advertised.clone(),
+        seen_at: shared
+            .session
+            .as_ref()
+            .and_then(|s| s.status())
+            .map(|s| s.observed),
+    };
     let options = InitiatorOptions {
         upgrade: true,
         ..shared.initiator_options()
     };
     let mut failures = Vec::new();
+    let budgets = reach_proto::setup_plan::Budgets {
+        direct: shared.direct_budget,
+        reverse: shared.reverse_budget,
+        splice: shared.splice_budget,
+    };
     for module in modules {
-        let made = match module {
-            SetupModule::Direct if target.direct.is_empty() => {
-                failures.push("direct: no address known".to_string());
+        // The setup driver's planner decides skips and budgets here too.
+        let facts = reach_proto::setup_plan::Facts {
+            site: &site,
+            target_addrs: &target.direct,
+            target_seen_at,
+            hub_session: shared.session.is_some(),
+        };
+        let longest = budgets.direct.max(budgets.reverse).max(budgets.splice);
+        let budget = match reach_proto::setup_plan::plan(module, &facts, longest, false, &budgets) {
+            Ok(budget) => budget,
+            Err(skip) => {
+                failures.push(format!("{module}: {skip}"));
                 continue;
             }
+        };
+        let made = match module {
             SetupModule::Direct => {
                 let settings = RaceSettings {
                     options,
-                    ..super::race_settings(&shared, &target.node, shared.direct_budget)
+                    ..super::race_settings(&shared, &target.node, budget)
                 };
                 direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
                     .await
                     .map_err(|e| e.to_string())
             }
-            SetupModule::Reverse if shared.advertised.is_empty() => {
-                failures.push("reverse: this node advertises no address".to_string());
-                continue;
-            }
             SetupModule::Reverse => {
-                let budget = shared.reverse_budget;
                 let id = Some(target.port);
                 super::reverse::connect(&shared, &target, budget, Instant::now(), id)
                     .await
                     .map_err(|e| e.to_string())
             }
             SetupModule::Splice => {
-                let budget = shared.splice_budget;
                 crate::splice::connect(&shared, &target, options, budget, Instant::now())
                     .await
                     .map_err(|e| e.to_string())
             }
-            _ => continue,
+            SetupModule::Routed => continue,
         };
         match made.map(ReachStream::into_new_path) {
             Ok(Some(path)) => {
@@ -183,6 +210,7 @@ async fn upgrade(
         // once (and is offered upgrades now and then, see above).
         shared.cache.set(target.node, Some(SetupModule::Routed));
     }
+    slot.modules_done();
     if shared.circuits {
         tokio::time::sleep(CIRCUIT_AFTER).await;
         if slot.abandoned() {

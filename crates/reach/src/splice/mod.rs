@@ -168,7 +168,11 @@ pub(crate) async fn answer(
         ));
     };
     if upgrade {
-        if crate::stream::upgrade::lookup(&shared.upgrades, from, vport).is_none() {
+        let wait = crate::stream::upgrade::REGISTER_WAIT;
+        if crate::stream::upgrade::lookup_soon(&shared.upgrades, from, vport, wait)
+            .await
+            .is_none()
+        {
             return decline("no routed stream here to move".into());
         }
     } else if shared.admit_port(vport) != Admission::Accept {

@@ -286,6 +286,18 @@ impl ReachStream {
         self.upgraded()
     }
 
+    /// Waits until a background upgrade has moved the stream onto a
+    /// connection of a setup module (Direct, Reverse, Splice) or tried them
+    /// all; a relay circuit may still come after. What the endpoint's module
+    /// cache learns is known then. Returns where the stream moved, if it did.
+    pub async fn upgrade_learned(&self) -> Option<Upgraded> {
+        if let Transport::Upgradable(h) = &self.transport {
+            let mut rx = h.learned();
+            let _ = rx.wait_for(|learned| *learned).await;
+        }
+        self.upgraded()
+    }
+
     /// Lets an encrypted routed stream move onto a new connection that
     /// `slot` will receive; other streams are returned as they are.
     pub(crate) fn into_upgradable(self, slot: Slot, registration: Option<Registration>) -> Self {

@@ -52,6 +52,10 @@ impl Handover {
     }
 
     /// Waits until no upgrade is under way any more.
+    pub(crate) fn learned(&self) -> watch::Receiver<bool> {
+        self.slot.learned.subscribe()
+    }
+
     pub(crate) fn settled(&self) -> watch::Receiver<bool> {
         self.slot.settled.subscribe()
     }

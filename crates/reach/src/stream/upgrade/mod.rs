@@ -83,6 +83,9 @@ pub(crate) struct Slot {
     state: Arc<Mutex<SlotState>>,
     /// False while an upgrade is under way, for [`Handover::settled`].
     settled: Arc<watch::Sender<bool>>,
+    /// False until the upgrade has found its path or given up on the setup
+    /// modules (a relay circuit may still come), for [`Handover::learned`].
+    learned: Arc<watch::Sender<bool>>,
 }
 
 impl Default for Slot {
@@ -90,6 +93,7 @@ impl Default for Slot {
         Self {
             state: Arc::default(),
             settled: Arc::new(watch::Sender::new(true)),
+            learned: Arc::new(watch::Sender::new(true)),
         }
     }
 }
@@ -105,10 +109,17 @@ impl Slot {
         Arc::strong_count(&self.state) == 1
     }
 
+    /// The setup modules are done with (what remains is a relay circuit,
+    /// which teaches the module cache nothing).
+    pub(crate) fn modules_done(&self) {
+        self.learned.send_replace(true);
+    }
+
     /// An upgrade has started.
     pub(crate) fn begin(&self) {
         self.lock().pending = true;
         self.settled.send_replace(false);
+        self.learned.send_replace(false);
     }
 
     /// The new connection is ready.
@@ -129,43 +140,107 @@ impl Slot {
             w.wake();
         }
         drop(s);
+        self.learned.send_replace(true);
         self.settled.send_replace(true);
     }
 }
 
-/// Streams that may be moved here, by (peer, upgrade id).
-pub(crate) type Registry = Mutex<HashMap<(NodeId, u16), Slot>>;
+/// How long a stream that ended stays in the registry: a first connection's
+/// background move (`setup::race`) may come after a short stream ended, and
+/// it still teaches the peer's module cache where the stream would settle.
+pub(crate) const ENDED_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Registers a stream for upgrades; the key is removed when the returned
-/// guard (kept by the stream) drops. `None` when the key is taken (a 1 in
-/// 65536 clash between two live streams of one peer): that stream just
-/// stays routed.
+/// A registered stream: its slot, and when it ended, if it did.
+struct Entry {
+    slot: Slot,
+    // tokio's clock, so tests can run the grace in virtual time.
+    ended: Option<tokio::time::Instant>,
+}
+
+/// Streams that may be moved here, by (peer, upgrade id).
+#[derive(Default)]
+pub(crate) struct Registry {
+    entries: Mutex<HashMap<(NodeId, u16), Entry>>,
+    /// Wakes [`lookup_soon`] when a stream registers.
+    registered: tokio::sync::Notify,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(NodeId, u16), Entry>> {
+        let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        m.retain(|_, e| {
+            e.ended
+                .is_none_or(|at| now.saturating_duration_since(at) < ENDED_GRACE)
+        });
+        m
+    }
+}
+
+/// Registers a stream for upgrades; the key is released [`ENDED_GRACE`]
+/// after the returned guard (kept by the stream) drops. `None` when the key
+/// is taken (a 1 in 65536 clash between two live streams of one peer): that
+/// stream just stays routed.
 pub(crate) fn register(
     registry: &Arc<Registry>,
     key: (NodeId, u16),
     slot: Slot,
 ) -> Option<Registration> {
-    let mut r = registry.lock().unwrap_or_else(|p| p.into_inner());
-    if r.contains_key(&key) {
+    let mut r = registry.lock();
+    if r.get(&key).is_some_and(|e| e.ended.is_none()) {
         return None;
     }
-    r.insert(key, slot);
+    r.insert(key, Entry { slot, ended: None });
+    drop(r);
+    registry.registered.notify_waiters();
     Some(Registration {
         registry: Arc::downgrade(registry),
         key,
     })
 }
 
-/// The stream for an upgrade hello from `peer` with `id`, if any.
+/// The stream for an upgrade hello from `peer` with `id`, if any (live, or
+/// ended within [`ENDED_GRACE`]).
 pub(crate) fn lookup(registry: &Registry, peer: NodeId, id: u16) -> Option<Slot> {
-    registry
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&(peer, id))
-        .cloned()
+    registry.lock().get(&(peer, id)).map(|e| e.slot.clone())
 }
 
-/// Removes a stream's registration when the stream ends.
+/// [`lookup`], waiting up to `within` for the stream to register: a request
+/// to move it (a connect-back, a circuit offer) can overtake the end of its
+/// handshake here, since the two are handled by different tasks.
+pub(crate) async fn lookup_soon(
+    registry: &Registry,
+    peer: NodeId,
+    id: u16,
+    within: std::time::Duration,
+) -> Option<Slot> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        // Armed before the check, so a registration in between wakes it.
+        let registered = registry.registered.notified();
+        tokio::pin!(registered);
+        registered.as_mut().enable();
+        if let Some(slot) = lookup(registry, peer, id) {
+            return Some(slot);
+        }
+        if tokio::time::timeout_at(deadline, registered).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// How long a request to move a stream waits for the stream to register.
+pub(crate) const REGISTER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether the stream with `id` from `peer` is registered and still open.
+pub(crate) fn is_live(registry: &Registry, peer: NodeId, id: u16) -> bool {
+    registry
+        .lock()
+        .get(&(peer, id))
+        .is_some_and(|e| e.ended.is_none())
+}
+
+/// Marks a stream's registration ended when the stream ends.
 pub(crate) struct Registration {
     registry: Weak<Registry>,
     key: (NodeId, u16),
@@ -174,9 +249,60 @@ pub(crate) struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(r) = self.registry.upgrade() {
-            r.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&self.key);
+            if let Some(e) = r.lock().get_mut(&self.key) {
+                e.ended = Some(tokio::time::Instant::now());
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reach_proto::SecretKey;
+    use std::time::Duration;
+
+    fn peer() -> NodeId {
+        SecretKey::from_seed([3; 32]).node_id()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_overtakes_the_registration_waits_for_it_within_a_bound() {
+        let registry = Arc::new(Registry::default());
+        let late = {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                register(&registry, (peer(), 7), Slot::default())
+            })
+        };
+        let found = lookup_soon(&registry, peer(), 7, REGISTER_WAIT).await;
+        assert!(found.is_some(), "found once registered");
+        let _registration = late.await.expect("task").expect("registered");
+        let started = tokio::time::Instant::now();
+        assert!(lookup_soon(&registry, peer(), 8, REGISTER_WAIT)
+            .await
+            .is_none());
+        assert_eq!(started.elapsed(), REGISTER_WAIT, "gives up at the bound");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_stream_can_still_be_moved_for_a_while_but_not_reregistered_over_a_live_one() {
+        let registry = Arc::new(Registry::default());
+        let registration = register(&registry, (peer(), 1), Slot::default()).expect("free");
+        assert!(
+            register(&registry, (peer(), 1), Slot::default()).is_none(),
+            "taken"
+        );
+        assert!(is_live(&registry, peer(), 1));
+        drop(registration);
+        assert!(!is_live(&registry, peer(), 1));
+        assert!(lookup(&registry, peer(), 1).is_some(), "within the grace");
+        tokio::time::advance(ENDED_GRACE).await;
+        assert!(lookup(&registry, peer(), 1).is_none(), "forgotten after it");
+        // An ended key may be taken by a new stream at once.
+        let r2 = register(&registry, (peer(), 2), Slot::default()).expect("free");
+        drop(r2);
+        assert!(register(&registry, (peer(), 2), Slot::default()).is_some());
     }
 }
