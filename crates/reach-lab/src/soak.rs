@@ -375,14 +375,16 @@ pub fn run(opts: &SoakOptions) -> anyhow::Result<SoakReport> {
     });
     let after = (footprint(expose_pid), footprint(forward_pid));
     let mut leaks = Vec::new();
-    for (name, b, a) in [
-        ("expose", before.0, after.0),
-        ("forward", before.1, after.1),
+    for (name, pid, b, a) in [
+        ("expose", expose_pid, before.0, after.0),
+        ("forward", forward_pid, before.1, after.1),
     ] {
         if a.fds > b.fds {
             leaks.push(format!(
-                "{name}: {} file descriptors after, {} before",
-                a.fds, b.fds
+                "{name}: {} file descriptors after, {} before ({})",
+                a.fds,
+                b.fds,
+                describe_fds(pid)
             ));
         }
         // The runtime may start blocking threads on demand; a few more is not a leak.
@@ -439,4 +441,53 @@ impl std::fmt::Display for SoakReport {
             writeln!(f, "  leaks: {}", self.leaks.join("; "))
         }
     }
+}
+
+/// What `pid`'s file descriptors are, for a leak report: counts by kind,
+/// and each TCP socket's local and remote port and state (from
+/// `/proc/net/tcp*`, matched by inode).
+fn describe_fds(pid: u32) -> String {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return "process gone".into();
+    };
+    let targets: Vec<String> = dir
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    let mut tcp = std::collections::HashMap::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/root{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 {
+                let port = |a: &str| {
+                    a.rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        .unwrap_or(0)
+                };
+                tcp.insert(
+                    f[9].to_string(),
+                    format!("tcp {}->{} st{}", port(f[1]), port(f[2]), f[3]),
+                );
+            }
+        }
+    }
+    let mut kinds: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for t in &targets {
+        let kind = match t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+            Some(inode) => tcp
+                .get(inode)
+                .cloned()
+                .unwrap_or_else(|| "socket (not tcp)".into()),
+            None => t.split('[').next().unwrap_or(t).to_string(),
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    kinds
+        .iter()
+        .map(|(k, n)| format!("{n}x {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

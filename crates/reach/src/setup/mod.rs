@@ -19,6 +19,12 @@
 //! connections to a node behind a dropping firewall cost no timeout once the
 //! cache knows better. A cached module that fails is dropped from the cache
 //! and the full order runs.
+//!
+//! A first connection (nothing cached) does not wait for modules that fail
+//! slowly: Routed starts beside them after a hedge delay (`race`,
+//! `hedge_delay`), and when it wins, the modules it overtook go on as
+//! upgrades of the routed stream (`upgrade`); the cache learns where the
+//! stream settles.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -33,6 +33,14 @@ pub(crate) struct Handover {
     _registration: Option<Registration>,
 }
 
+impl Drop for Handover {
+    fn drop(&mut self) {
+        // A move that completes after this (a first connection's background
+        // upgrade) must not leave its connection in the slot.
+        self.slot.end();
+    }
+}
+
 impl Handover {
     pub(crate) fn new(
         old: SecureStream<RoutedStream>,

@@ -74,6 +74,9 @@ struct SlotState {
     pending: bool,
     ready: Option<NewPath>,
     failed: Option<String>,
+    /// The stream is gone: a path attached now is dropped (closed) at once,
+    /// not kept for nobody.
+    ended: bool,
     read_waker: Option<Waker>,
 }
 
@@ -124,7 +127,18 @@ impl Slot {
 
     /// The new connection is ready.
     pub(crate) fn attach(&self, path: NewPath) {
-        self.settle(|s| s.ready = Some(path));
+        self.settle(|s| {
+            if !s.ended {
+                s.ready = Some(path);
+            }
+        });
+    }
+
+    /// The stream that owns this slot is gone: drop what waits here.
+    pub(crate) fn end(&self) {
+        let mut s = self.lock();
+        s.ended = true;
+        s.ready = None;
     }
 
     /// The upgrade failed; the stream stays routed.
