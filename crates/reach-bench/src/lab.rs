@@ -685,8 +685,10 @@ pub fn setup_per_module() -> anyhow::Result<Vec<Row>> {
     let mut by_module: std::collections::BTreeMap<String, (Vec<f64>, Vec<f64>)> =
         Default::default();
     for c in &m.cells {
+        // By where the first connection settled (its data may have flowed
+        // routed first), against the cached connection to that module.
         let (Some(module), Some(first), Some(cached)) =
-            (c.module.clone(), c.setup_ms, c.cached_setup_ms)
+            (c.settled_module.clone(), c.setup_ms, c.cached_setup_ms)
         else {
             continue;
         };

@@ -112,7 +112,8 @@ impl Matrix {
 
     /// The grid as text, like the paper's Table 3: a row per target, a column
     /// per source, each cell the setup time in milliseconds and, for reach, the
-    /// module's letter (d direct, r reverse, s splice, v routed).
+    /// letter of the module the stream settled on (d direct, r reverse, s
+    /// splice, v routed).
     pub fn render(&self) -> String {
         let w = self
             .hosts
@@ -136,7 +137,9 @@ impl Matrix {
                     Some(c) if !c.ok => "-".to_string(),
                     Some(c) => {
                         let ms = c.setup_ms.map_or("?".to_string(), |m| format!("{m:.1}"));
-                        match &c.module {
+                        // Where the stream settled (data may have flowed
+                        // routed first).
+                        match c.settled_module.as_ref().or(c.module.as_ref()) {
                             Some(m) => format!("{ms} {}", letter(m)),
                             None => ms,
                         }
@@ -152,7 +155,7 @@ impl Matrix {
             self.mode
         );
         if self.mode == Mode::Reach {
-            s += "; d direct, r reverse, s splice, v routed";
+            s += "; settled on d direct, r reverse, s splice, v routed";
         }
         s += ")\n";
         s
