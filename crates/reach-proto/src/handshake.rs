@@ -970,20 +970,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_reverse_flag_reaches_both_sides_and_the_admission() {
-        let (a, b) = (key(1), key(2));
-        let opts = InitiatorOptions {
-            reverse: true,
-            ..OPTS
-        };
-        let (init, hello) = Initiator::new(&a, b.node_id(), 99, opts, [1; 32]).expect("init");
+    /// Runs `hello` from `init` through `resp_key`'s responder, admitting
+    /// it, and back: what the admission saw (peer, port, reverse) and both
+    /// sides' results.
+    fn complete(
+        init: Initiator,
+        hello: &[u8],
+        resp_key: &SecretKey,
+    ) -> ((NodeId, u16, bool), Established, Established) {
         let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
         let header = HelloHeader::decode(&hb).expect("header");
-        assert!(header.reverse);
         let mut seen = None;
         let (reply, outcome) = respond(
-            &b,
+            resp_key,
             &header,
             &hello[HELLO_HEADER_LEN..],
             RESP,
@@ -993,8 +992,7 @@ mod tests {
             },
             [2; 32],
         );
-        assert_eq!(seen, Some((a.node_id(), 99, true)));
-        let Responded::Accepted(resp) = outcome else {
+        let Responded::Accepted(pending) = outcome else {
             panic!("not accepted")
         };
         let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
@@ -1002,8 +1000,24 @@ mod tests {
         let (init, confirmation) = init
             .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
             .expect("established");
+        let resp = pending.confirm(&confirmation).expect("confirmed");
+        (seen.expect("admission asked"), init, resp)
+    }
+
+    #[test]
+    fn the_reverse_flag_reaches_both_sides_and_the_admission() {
+        let (a, b) = (key(1), key(2));
+        let opts = InitiatorOptions {
+            reverse: true,
+            ..OPTS
+        };
+        let (init, hello) = Initiator::new(&a, b.node_id(), 99, opts, [1; 32]).expect("init");
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        assert!(HelloHeader::decode(&hb).expect("header").reverse);
+        let (seen, init, resp) = complete(init, &hello, &b);
+        assert_eq!(seen, (a.node_id(), 99, true));
         assert!(init.reverse);
-        assert!(resp.confirm(&confirmation).expect("confirmed").reverse);
+        assert!(resp.reverse);
     }
 
     #[test]
@@ -1015,35 +1029,10 @@ mod tests {
         let minus_a = crate::identity::tests::negated(a.node_id());
         let (init, hello) =
             Initiator::claiming(&a, minus_a, b.node_id(), 7, OPTS, [1; 32]).expect("init");
-        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
-        let header = HelloHeader::decode(&hb).expect("header");
-        let mut admitted = None;
-        let (reply, outcome) = respond(
-            &b,
-            &header,
-            &hello[HELLO_HEADER_LEN..],
-            RESP,
-            |k| {
-                admitted = Some(k.peer);
-                Admission::Accept
-            },
-            [2; 32],
-        );
-        let admitted = admitted.expect("admission asked");
+        let ((admitted, _, _), _, resp) = complete(init, &hello, &b);
         assert_eq!(admitted.as_bytes(), minus_a.as_bytes(), "the claim as sent");
         assert!(std::collections::HashSet::from([a.node_id()]).contains(&admitted));
-        let Responded::Accepted(pending) = outcome else {
-            panic!("not accepted")
-        };
-        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
-        let rh = ReplyHeader::decode(&rh).expect("reply header");
-        let (_, confirmation) = init
-            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
-            .expect("established");
-        assert_eq!(
-            pending.confirm(&confirmation).expect("confirmed").peer,
-            a.node_id()
-        );
+        assert_eq!(resp.peer, a.node_id());
 
         let minus_b = crate::identity::tests::negated(b.node_id());
         let (init, resp) = run(&a, minus_b, &b, OPTS, RESP, Admission::Accept);

@@ -739,8 +739,21 @@ impl NodeSession {
         }
     }
 
+    /// Takes one of the `max_answers` turns for an offer from `from`; when
+    /// the node is busy, declines the offer's `token` instead.
+    fn take_answer(&mut self, from: NodeId, token: u32) -> bool {
+        if self.answers < self.config.max_answers {
+            self.answers += 1;
+            return true;
+        }
+        let reason = "the node is busy with other connection setups".into();
+        self.relay(from, Rendezvous::SpliceDeclined { token, reason });
+        false
+    }
+
     /// A message another node sent through the hubs.
     fn relayed(&mut self, from: NodeId, msg: Rendezvous) {
+        let token = msg.token();
         match msg {
             Rendezvous::SpliceOffer {
                 token,
@@ -748,8 +761,7 @@ impl NodeSession {
                 mut candidates,
                 upgrade,
             } => {
-                if self.answers < self.config.max_answers {
-                    self.answers += 1;
+                if self.take_answer(from, token) {
                     candidates.truncate(crate::nat::MAX_CANDIDATES);
                     self.events.push_back(Event::SpliceOffer(SpliceOffer {
                         from,
@@ -758,12 +770,6 @@ impl NodeSession {
                         candidates,
                         upgrade,
                     }));
-                } else {
-                    let msg = Rendezvous::SpliceDeclined {
-                        token,
-                        reason: "the node is busy with other connection setups".into(),
-                    };
-                    self.relay(from, msg);
                 }
             }
             Rendezvous::CircuitOffer {
@@ -772,10 +778,7 @@ impl NodeSession {
                 hub,
                 mut addrs,
             } => {
-                // Unanswered when busy: the asker's half expires at the hub
-                // and its stream stays routed.
-                if self.answers < self.config.max_answers {
-                    self.answers += 1;
+                if self.take_answer(from, token) {
                     addrs.truncate(crate::nat::MAX_CANDIDATES);
                     self.events.push_back(Event::CircuitOffer(CircuitOffer {
                         from,
