@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reach::ReachStream;
-use reach_proto::circuit::{CircuitAnswer, CircuitHello, Offered, HELLO_LEN};
+use reach_proto::circuit::{
+    is_limit, CircuitAnswer, CircuitHello, Offered, HELLO_LEN, NO_CIRCUITS,
+};
 use reach_proto::NodeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -56,7 +58,7 @@ async fn serve_one(inner: &Inner, stream: ReachStream) {
         Err(e) => return refuse(tcp, from, &e.to_string()).await,
     };
     let Some(limits) = inner.config.circuits else {
-        return refuse(tcp, from, "this hub offers no circuits").await;
+        return unavailable(tcp, from, NO_CIRCUITS).await;
     };
     let now = Instant::now();
     let offered = {
@@ -79,7 +81,11 @@ async fn serve_one(inner: &Inner, stream: ReachStream) {
             if n.is_power_of_two() {
                 tracing::warn!(%from, peer = %hello.peer, "circuit refused: {why} ({n} so far)");
             }
-            refuse(tcp, from, why).await;
+            if is_limit(why) {
+                unavailable(tcp, from, why).await;
+            } else {
+                refuse(tcp, from, why).await;
+            }
         }
         Offered::Paired { waiting, arrived } => {
             let closed = Closed {
@@ -123,6 +129,13 @@ async fn relay(mut a: TcpStream, mut b: TcpStream, from: NodeId, peer: NodeId) {
         }
         Err(e) => tracing::debug!(%from, %peer, "circuit cut: {e}"),
     }
+}
+
+/// Answers a circuit hello saying the hub offers none now, and closes.
+async fn unavailable(mut tcp: TcpStream, from: NodeId, why: &str) {
+    tracing::debug!(%from, "circuit refused: {why}");
+    let answer = CircuitAnswer::Unavailable(why.to_string()).encode();
+    let _ = tokio::time::timeout(HELLO_WITHIN, tcp.write_all(&answer)).await;
 }
 
 /// Answers a circuit hello with a refusal and closes.

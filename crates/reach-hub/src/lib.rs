@@ -246,7 +246,11 @@ impl Hub {
     /// and starts serving.
     pub async fn start(builder: EndpointBuilder, config: HubConfig) -> Result<Hub, EndpointError> {
         let endpoint = builder
-            .accept_ports(vec![HUB_VPORT, CIRCUIT_VPORT])
+            .accept_ports(if config.circuits.is_some() {
+                vec![HUB_VPORT, CIRCUIT_VPORT]
+            } else {
+                vec![HUB_VPORT]
+            })
             // Circuit connections are handed to the kernel bare; links and
             // everything else stay encrypted.
             .plaintext_port(CIRCUIT_VPORT)

@@ -110,23 +110,43 @@ pub enum CircuitAnswer {
     Paired,
     /// No circuit; why.
     Refused(String),
+    /// The hub offers no circuits now (none at all, or a limit is
+    /// reached): the node should not ask again for a while.
+    Unavailable(String),
 }
 
 const PAIRED: u8 = 0;
 const REFUSED: u8 = 1;
+const UNAVAILABLE: u8 = 2;
+
+/// The hub's refusal when it offers no circuits.
+pub const NO_CIRCUITS: &str = "this hub offers no circuits";
+const HUB_LIMIT: &str = "the hub's circuit limit is reached";
+const NODE_LIMIT: &str = "the node's circuit limit is reached";
+const WAITING_LIMIT: &str = "the hub's limit of waiting circuits is reached";
+
+/// Whether a refusal of [`Circuits::offer`] is a limit (answered as
+/// [`CircuitAnswer::Unavailable`], so the node backs off).
+pub fn is_limit(reason: &str) -> bool {
+    [HUB_LIMIT, NODE_LIMIT, WAITING_LIMIT].contains(&reason)
+}
 
 impl CircuitAnswer {
     /// The answer's bytes.
     pub fn encode(&self) -> Vec<u8> {
         match self {
             CircuitAnswer::Paired => vec![PAIRED],
-            CircuitAnswer::Refused(reason) => {
+            CircuitAnswer::Refused(reason) | CircuitAnswer::Unavailable(reason) => {
                 let mut end = reason.len().min(MAX_REASON_LEN);
                 while !reason.is_char_boundary(end) {
                     end -= 1;
                 }
                 let mut b = Vec::with_capacity(2 + end);
-                b.push(REFUSED);
+                b.push(if matches!(self, CircuitAnswer::Refused(_)) {
+                    REFUSED
+                } else {
+                    UNAVAILABLE
+                });
                 b.push(end as u8);
                 b.extend_from_slice(&reason.as_bytes()[..end]);
                 b
@@ -139,14 +159,19 @@ impl CircuitAnswer {
     pub fn reason_len(status: u8, len: u8) -> Result<Option<usize>, u8> {
         match status {
             PAIRED => Ok(None),
-            REFUSED => Ok(Some(len as usize)),
+            REFUSED | UNAVAILABLE => Ok(Some(len as usize)),
             other => Err(other),
         }
     }
 
     /// Whether `status` is followed by a length byte.
     pub fn has_reason(status: u8) -> bool {
-        status == REFUSED
+        status == REFUSED || status == UNAVAILABLE
+    }
+
+    /// Whether `status` says the hub offers no circuits now.
+    pub fn is_unavailable(status: u8) -> bool {
+        status == UNAVAILABLE
     }
 }
 
@@ -267,10 +292,10 @@ impl<C> Circuits<C> {
                 return self.refuse(conn, "the ticket is in use by other nodes");
             }
             if self.active >= self.limits.active {
-                return self.refuse(conn, "the hub's circuit limit is reached");
+                return self.refuse(conn, HUB_LIMIT);
             }
             if self.count(&from) >= self.limits.per_node {
-                return self.refuse(conn, "the node's circuit limit is reached");
+                return self.refuse(conn, NODE_LIMIT);
             }
             let Some(half) = self.waiting.remove(&ticket) else {
                 return self.refuse(conn, "the ticket is in use by other nodes");
@@ -284,10 +309,10 @@ impl<C> Circuits<C> {
             };
         }
         if self.waiting.len() >= self.limits.pending {
-            return self.refuse(conn, "the hub's limit of waiting circuits is reached");
+            return self.refuse(conn, WAITING_LIMIT);
         }
         if self.count(&from) >= self.limits.per_node {
-            return self.refuse(conn, "the node's circuit limit is reached");
+            return self.refuse(conn, NODE_LIMIT);
         }
         *self.held.entry(from).or_default() += 1;
         let deadline = now + self.limits.wait;
@@ -403,6 +428,9 @@ mod tests {
         assert_eq!(CircuitAnswer::reason_len(b[0], b[1]), Ok(Some(b.len() - 2)));
         assert_eq!(CircuitAnswer::reason_len(0, 0), Ok(None));
         assert_eq!(CircuitAnswer::reason_len(7, 0), Err(7));
+        let b = CircuitAnswer::Unavailable(NO_CIRCUITS.into()).encode();
+        assert!(CircuitAnswer::is_unavailable(b[0]) && CircuitAnswer::has_reason(b[0]));
+        assert!(is_limit(HUB_LIMIT) && is_limit(NODE_LIMIT) && !is_limit(NO_CIRCUITS));
     }
 
     #[test]

@@ -30,6 +30,59 @@ use crate::stream::{Direction, ReachStream};
 /// other node is there.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Circuits this node joins at once: a node with hundreds of routed streams
+/// must not flood its hub with circuit handshakes (they share the hub's
+/// per-source handshake slots with everything else from this host).
+pub(crate) const JOINS_AT_ONCE: usize = 4;
+
+/// How long a node asks its hub for no circuits after the hub said it
+/// offers none now (none at all, or a limit reached).
+const BACK_OFF: Duration = Duration::from_secs(60);
+
+/// Why a join failed; `back_off` when the hub offers no circuits now.
+struct JoinError {
+    why: String,
+    back_off: bool,
+}
+
+impl From<String> for JoinError {
+    fn from(why: String) -> Self {
+        Self {
+            why,
+            back_off: false,
+        }
+    }
+}
+
+/// Circuit joins of one endpoint: how many at once, and when the hub last
+/// said it offers none.
+pub(crate) struct Gate {
+    joins: tokio::sync::Semaphore,
+    paused_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self {
+            joins: tokio::sync::Semaphore::new(JOINS_AT_ONCE),
+            paused_until: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Gate {
+    fn paused(&self) -> bool {
+        let until = *self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn pause(&self, why: &str) {
+        tracing::debug!("no circuits for {BACK_OFF:?}: {why}");
+        *self.paused_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + BACK_OFF);
+    }
+}
+
 /// Dials `hub` at `addrs` on its circuit port and waits until the hub pairs
 /// this node with `peer` under `ticket`; the bare connection, from then on a
 /// pipe to `peer`. Plaintext: the hub hands the socket to the kernel, and
@@ -40,7 +93,30 @@ async fn join(
     addrs: Vec<SocketAddr>,
     ticket: Ticket,
     peer: NodeId,
-) -> Result<TcpStream, String> {
+) -> Result<TcpStream, JoinError> {
+    if shared.circuit_gate.paused() {
+        return Err("the hub offered no circuits lately".to_string().into());
+    }
+    let Ok(_turn) = tokio::time::timeout(JOIN_TIMEOUT, shared.circuit_gate.joins.acquire()).await
+    else {
+        return Err(format!("{JOINS_AT_ONCE} circuits were being joined already").into());
+    };
+    let joined = join_now(shared, hub, addrs, ticket, peer).await;
+    if let Err(e) = &joined {
+        if e.back_off {
+            shared.circuit_gate.pause(&e.why);
+        }
+    }
+    joined
+}
+
+async fn join_now(
+    shared: &Shared,
+    hub: NodeId,
+    addrs: Vec<SocketAddr>,
+    ticket: Ticket,
+    peer: NodeId,
+) -> Result<TcpStream, JoinError> {
     let target = VirtualAddr::new(hub, CIRCUIT_VPORT).with_direct(addrs);
     let settings = RaceSettings {
         options: InitiatorOptions {
@@ -52,9 +128,18 @@ async fn join(
         module: SetupModule::Direct,
         first: None,
     };
-    let stream = direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
-        .await
-        .map_err(|e| format!("dialling the hub: {e}"))?;
+    let stream =
+        match direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await {
+            Ok(s) => s,
+            // No circuit port there: a hub that offers none.
+            Err(crate::error::ConnectError::Refused { refusal, .. }) => {
+                return Err(JoinError {
+                    why: format!("the hub refused the circuit connection: {refusal:?}"),
+                    back_off: true,
+                })
+            }
+            Err(e) => return Err(format!("dialling the hub: {e}").into()),
+        };
     let mut tcp = stream
         .into_plain_tcp()
         .ok_or_else(|| "the hub did not grant a plaintext circuit connection".to_string())?;
@@ -72,21 +157,24 @@ async fn join(
             Ok(Some(n)) => {
                 let mut reason = vec![0u8; n];
                 tcp.read_exact(&mut reason).await?;
-                Ok(Err(format!(
-                    "the hub refused the circuit: {}",
-                    String::from_utf8_lossy(&reason)
-                )))
+                Ok(Err(JoinError {
+                    why: format!(
+                        "the hub refused the circuit: {}",
+                        String::from_utf8_lossy(&reason)
+                    ),
+                    back_off: CircuitAnswer::is_unavailable(status),
+                }))
             }
-            Err(other) => Ok(Err(format!("the hub answered with status {other}"))),
+            Err(other) => Ok(Err(format!("the hub answered with status {other}").into())),
         }
     };
     match tokio::time::timeout(JOIN_TIMEOUT, paired).await {
         Ok(Ok(Ok(()))) => Ok(tcp),
         Ok(Ok(Err(refused))) => Err(refused),
-        Ok(Err(e)) => Err(format!("waiting for the hub to pair the circuit: {e}")),
-        Err(_) => Err(format!(
-            "the other node did not join the circuit within {JOIN_TIMEOUT:?}"
-        )),
+        Ok(Err(e)) => Err(format!("waiting for the hub to pair the circuit: {e}").into()),
+        Err(_) => {
+            Err(format!("the other node did not join the circuit within {JOIN_TIMEOUT:?}").into())
+        }
     }
 }
 
@@ -114,7 +202,7 @@ pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<
         return Err("the hub link went down".into());
     }
     let joined = tokio::select! {
-        joined = join(shared, hub, addrs, ticket, peer) => joined,
+        joined = join(shared, hub, addrs, ticket, peer) => joined.map_err(|e| e.why),
         Ok(Err(refusal)) = declined => Err(format!("the other node cannot join: {refusal:?}")),
     };
     shared.offers.remove(peer, token);
@@ -174,7 +262,7 @@ pub(crate) async fn answer(shared: Arc<Shared>, offer: CircuitOffer) {
     let started = Instant::now();
     let mut tcp = match join(&shared, offer.hub, offer.addrs.clone(), offer.ticket, from).await {
         Ok(tcp) => tcp,
-        Err(e) => return decline(&e),
+        Err(e) => return decline(&e.why),
     };
     let mut moving = None;
     let admit = |k: &Knock<'_>| {

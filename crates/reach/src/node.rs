@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) plaintext_port: Option<u16>,
     /// Whether routed streams move onto relay circuits.
     pub(crate) circuits: bool,
+    /// Circuit joins at once, and the back-off after a hub offered none.
+    pub(crate) circuit_gate: crate::circuit::Gate,
     pub(crate) cipher: Cipher,
     pub(crate) accept_ports: Option<Vec<u16>>,
     pub(crate) connect_timeout: Duration,
