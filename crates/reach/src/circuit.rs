@@ -20,6 +20,7 @@ use reach_proto::{NodeId, VirtualAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::circuit_gate::JOINS_AT_ONCE;
 use crate::direct::{self, RaceSettings};
 use crate::handshake::{initiate, respond};
 use crate::node::Shared;
@@ -29,15 +30,6 @@ use crate::stream::{Direction, ReachStream};
 /// How long joining a circuit may take, from dialling the hub until the
 /// other node is there.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Circuits this node joins at once: a node with hundreds of routed streams
-/// must not flood its hub with circuit handshakes (they share the hub's
-/// per-source handshake slots with everything else from this host).
-pub(crate) const JOINS_AT_ONCE: usize = 4;
-
-/// How long a node asks its hub for no circuits after the hub said it
-/// offers none now (none at all, or a limit reached).
-const BACK_OFF: Duration = Duration::from_secs(60);
 
 /// Why a join failed; `back_off` when the hub offers no circuits now.
 struct JoinError {
@@ -51,35 +43,6 @@ impl From<String> for JoinError {
             why,
             back_off: false,
         }
-    }
-}
-
-/// Circuit joins of one endpoint: how many at once, and when the hub last
-/// said it offers none.
-pub(crate) struct Gate {
-    joins: tokio::sync::Semaphore,
-    paused_until: std::sync::Mutex<Option<Instant>>,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Self {
-            joins: tokio::sync::Semaphore::new(JOINS_AT_ONCE),
-            paused_until: std::sync::Mutex::new(None),
-        }
-    }
-}
-
-impl Gate {
-    fn paused(&self) -> bool {
-        let until = *self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
-        until.is_some_and(|t| Instant::now() < t)
-    }
-
-    fn pause(&self, why: &str) {
-        tracing::debug!("no circuits for {BACK_OFF:?}: {why}");
-        *self.paused_until.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Instant::now() + BACK_OFF);
     }
 }
 

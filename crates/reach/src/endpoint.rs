@@ -359,7 +359,7 @@ impl EndpointBuilder {
             plaintext: self.plaintext,
             plaintext_port: self.plaintext_port,
             circuits: self.circuits,
-            circuit_gate: crate::circuit::Gate::default(),
+            circuit_gate: crate::circuit_gate::Gate::default(),
             cipher: options.cipher,
             accept_ports: self.accept_ports,
             connect_timeout: self.connect_timeout,

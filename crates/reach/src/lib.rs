@@ -15,6 +15,7 @@
 
 pub mod accept;
 mod circuit;
+mod circuit_gate;
 mod counters;
 mod direct;
 pub mod discovery;

@@ -39,7 +39,7 @@ pub(crate) struct Shared {
     /// Whether routed streams move onto relay circuits.
     pub(crate) circuits: bool,
     /// Circuit joins at once, and the back-off after a hub offered none.
-    pub(crate) circuit_gate: crate::circuit::Gate,
+    pub(crate) circuit_gate: crate::circuit_gate::Gate,
     pub(crate) cipher: Cipher,
     pub(crate) accept_ports: Option<Vec<u16>>,
     pub(crate) connect_timeout: Duration,
