@@ -145,6 +145,10 @@ async fn join_now(
 /// this node's hub: offers it, joins it and runs the upgrade handshake over
 /// it. The new path, or why not.
 pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<NewPath, String> {
+    // Before the offer: a paused node does not make its peer work either.
+    if shared.circuit_gate.paused() {
+        return Err("the hub offered no circuits lately".into());
+    }
     let (session, link) = shared.hub_link().await.map_err(|e| e.to_string())?;
     let hub = link.status().hub;
     let addrs = vec![link.status().remote];

@@ -74,13 +74,18 @@ pub fn sha256(path: &Path) -> String {
 
 /// Checks `condition` every 20 ms until it yields a value or [`DEADLINE`]
 /// passes (then `None`).
-pub fn until<T>(mut condition: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn until<T>(condition: impl FnMut() -> Option<T>) -> Option<T> {
+    until_within(DEADLINE, condition)
+}
+
+/// [`until`] with its own deadline.
+pub fn until_within<T>(deadline: Duration, mut condition: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = condition() {
             return Some(v);
         }
-        if start.elapsed() > DEADLINE {
+        if start.elapsed() > deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
