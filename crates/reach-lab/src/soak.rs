@@ -457,7 +457,9 @@ fn describe_fds(pid: u32) -> String {
         .collect();
     let mut tcp = std::collections::HashMap::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/root{table}")).unwrap_or_default();
+        // The process's own network namespace's table.
+        let table = table.replacen("/proc", &format!("/proc/{pid}"), 1);
+        let text = std::fs::read_to_string(table).unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() > 9 {

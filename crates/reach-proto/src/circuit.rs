@@ -40,6 +40,12 @@ pub const TICKET_LEN: usize = 16;
 /// A circuit's ticket: random, from the node that offered it.
 pub type Ticket = [u8; TICKET_LEN];
 
+/// The offer token a ticket starts with (little-endian): a node that cannot
+/// join declines under it (`Rendezvous::SpliceDeclined`).
+pub fn ticket_token(ticket: &Ticket) -> u32 {
+    u32::from_le_bytes([ticket[0], ticket[1], ticket[2], ticket[3]])
+}
+
 const HELLO_MAGIC: [u8; 3] = *b"rcc";
 const HELLO_VERSION: u8 = 1;
 
@@ -280,7 +286,6 @@ impl<C> Circuits<C> {
         conn: C,
         serves: bool,
     ) -> Offered<C> {
-        self.expire_into(now, &mut Vec::new());
         if !serves {
             return self.refuse(conn, "neither node is registered at this hub");
         }
@@ -346,13 +351,6 @@ impl<C> Circuits<C> {
         }
     }
 
-    /// A waiting half's connection ended before its other half came.
-    pub fn withdraw(&mut self, ticket: &Ticket) -> Option<C> {
-        let half = self.waiting.remove(ticket)?;
-        self.release(&half.from);
-        Some(half.conn)
-    }
-
     /// A paired circuit between `a` and `b` ended.
     pub fn closed(&mut self, a: &NodeId, b: &NodeId) {
         self.release(a);
@@ -360,20 +358,17 @@ impl<C> Circuits<C> {
         self.active = self.active.saturating_sub(1);
     }
 
-    /// Removes the halves whose wait ended by `now`; their connections.
+    /// Removes the halves whose wait ended by `now`; their connections (the
+    /// driver answers them). Until then an expired half still counts, and
+    /// can still pair.
     pub fn expire(&mut self, now: Instant) -> Vec<C> {
-        let mut out = Vec::new();
-        self.expire_into(now, &mut out);
-        out
-    }
-
-    fn expire_into(&mut self, now: Instant, out: &mut Vec<C>) {
         let late: Vec<Ticket> = self
             .waiting
             .iter()
             .filter(|(_, h)| h.deadline <= now)
             .map(|(t, _)| *t)
             .collect();
+        let mut out = Vec::new();
         for t in late {
             if let Some(half) = self.waiting.remove(&t) {
                 self.release(&half.from);
@@ -381,11 +376,7 @@ impl<C> Circuits<C> {
                 out.push(half.conn);
             }
         }
-    }
-
-    /// When the next waiting half expires.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.waiting.values().map(|h| h.deadline).min()
+        out
     }
 }
 
@@ -497,7 +488,9 @@ mod tests {
             ),
             "in total"
         );
-        assert_eq!(c.next_deadline(), Some(now + limits.wait));
+        assert!(c
+            .expire(now + limits.wait - Duration::from_millis(1))
+            .is_empty());
         let mut gone = c.expire(now + limits.wait);
         gone.sort();
         assert_eq!(gone, vec![0, 1, 3]);
@@ -514,7 +507,7 @@ mod tests {
             c.offer(now, [6; TICKET_LEN], id(2), id(1), 8, true),
             Offered::Refused(8, "the hub's circuit limit is reached")
         ));
-        assert_eq!(c.withdraw(&[6; TICKET_LEN]), Some(7));
+        assert_eq!(c.waiting(), 1, "the refused half's ticket still waits");
     }
 
     proptest! {

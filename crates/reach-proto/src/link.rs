@@ -259,9 +259,7 @@ impl Rendezvous {
             Rendezvous::SpliceOffer { token, .. }
             | Rendezvous::SpliceAnswer { token, .. }
             | Rendezvous::SpliceDeclined { token, .. } => *token,
-            Rendezvous::CircuitOffer { ticket, .. } => {
-                u32::from_le_bytes([ticket[0], ticket[1], ticket[2], ticket[3]])
-            }
+            Rendezvous::CircuitOffer { ticket, .. } => crate::circuit::ticket_token(ticket),
         }
     }
 }

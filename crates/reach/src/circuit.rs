@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach_proto::circuit::{CircuitAnswer, CircuitHello, Ticket, CIRCUIT_VPORT, TICKET_LEN};
+use reach_proto::circuit::{
+    ticket_token, CircuitAnswer, CircuitHello, Ticket, CIRCUIT_VPORT, TICKET_LEN,
+};
 use reach_proto::handshake::{Admission, InitiatorOptions, Knock, Refusal};
 use reach_proto::link::Rendezvous;
 use reach_proto::node_session::CircuitOffer;
@@ -153,7 +155,7 @@ pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<
     let hub = link.status().hub;
     let addrs = vec![link.status().remote];
     // The ticket starts with an offer token, so that a peer that cannot
-    // join can say so at once (`Rendezvous::token`).
+    // join can say so at once (`ticket_token`).
     let (token, declined) = shared.offers.register(peer).map_err(|e| e.to_string())?;
     let mut ticket = [0u8; TICKET_LEN];
     getrandom::fill(&mut ticket).map_err(|e| e.to_string())?;
@@ -200,13 +202,7 @@ pub(crate) async fn answer(shared: Arc<Shared>, offer: CircuitOffer) {
     let decline = |reason: &str| {
         tracing::debug!(%from, "circuit offer declined: {reason}");
         if let Some(session) = &shared.session {
-            let token = Rendezvous::CircuitOffer {
-                ticket: offer.ticket,
-                upgrade: id,
-                hub: offer.hub,
-                addrs: Vec::new(),
-            }
-            .token();
+            let token = ticket_token(&offer.ticket);
             let reason = reason.to_string();
             session.relay(from, Rendezvous::SpliceDeclined { token, reason });
         }

@@ -133,6 +133,25 @@ impl Shared {
         }
     }
 
+    /// The setup modules' time budgets.
+    pub(crate) fn budgets(&self) -> reach_proto::setup_plan::Budgets {
+        reach_proto::setup_plan::Budgets {
+            direct: self.direct_budget,
+            reverse: self.reverse_budget,
+            splice: self.splice_budget,
+        }
+    }
+
+    /// Where this node stands for the setup planner; `seen_at`: where its
+    /// hub sees it.
+    pub(crate) fn site(&self, seen_at: Option<SocketAddr>) -> reach_proto::setup_plan::Site {
+        reach_proto::setup_plan::Site {
+            local: self.local_addrs.get().to_vec(),
+            advertised: self.advertised.clone(),
+            seen_at,
+        }
+    }
+
     pub(crate) fn responder_options(&self) -> ResponderOptions {
         ResponderOptions {
             allow_plaintext: self.plaintext,

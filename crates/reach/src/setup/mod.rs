@@ -80,16 +80,8 @@ pub(crate) async fn connect(
     let run = Run {
         shared,
         session,
-        site: Site {
-            local: shared.local_addrs.get().to_vec(),
-            advertised: shared.advertised.clone(),
-            seen_at: link.as_ref().map(|l| l.status().observed),
-        },
-        budgets: Budgets {
-            direct: shared.direct_budget,
-            reverse: shared.reverse_budget,
-            splice: shared.splice_budget,
-        },
+        site: shared.site(link.as_ref().map(|l| l.status().observed)),
+        budgets: shared.budgets(),
         cached: shared.cache.get(&node),
         hub_session: link.is_some(),
         started,

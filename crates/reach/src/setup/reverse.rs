@@ -86,19 +86,19 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
         },
         None => None,
     };
-    if moving.is_some() {
-        // Checked below on the identity the handshake proves.
-    } else if shared.admit_port(cb.vport) != Admission::Accept {
-        tracing::debug!(from = %cb.from, vport = cb.vport, "not connecting back: port not served");
-        fail(format!("no service on virtual port {}", cb.vport));
-        return;
-    }
-    // Checked before dialling on the hub's word for who asked, and again
-    // below on the identity (and membership) the handshake proves.
-    if !shared.may_admit(&cb.from, cb.vport) {
-        shared.admit_peer(&cb.from, false, cb.vport, "connect-back");
-        fail("the node's access policy does not admit you".into());
-        return;
+    if moving.is_none() {
+        if shared.admit_port(cb.vport) != Admission::Accept {
+            tracing::debug!(from = %cb.from, vport = cb.vport, "not connecting back: port not served");
+            fail(format!("no service on virtual port {}", cb.vport));
+            return;
+        }
+        // Checked before dialling on the hub's word for who asked, and again
+        // below on the identity (and membership) the handshake proves.
+        if !shared.may_admit(&cb.from, cb.vport) {
+            shared.admit_peer(&cb.from, false, cb.vport, "connect-back");
+            fail("the node's access policy does not admit you".into());
+            return;
+        }
     }
     let mut addrs = cb.addrs;
     addrs.truncate(reach_proto::link::MAX_NODE_ADDRS);

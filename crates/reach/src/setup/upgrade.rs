@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reach_proto::handshake::InitiatorOptions;
-use reach_proto::setup_plan::SetupModule;
+use reach_proto::setup_plan::{self, SetupModule};
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::direct::{self, RaceSettings};
@@ -116,6 +116,7 @@ async fn upgrade(
     slot: Slot,
     settle_cache: bool,
 ) {
+    let begun = Instant::now();
     // Where the target is (its addresses for Direct, its site for Reverse),
     // from the directory.
     let mut target_seen_at = None;
@@ -130,37 +131,31 @@ async fn upgrade(
             target_seen_at = Some(entry.observed);
         }
     }
-    // The setup driver's rule: no connect-back from behind a NAT with only
-    // private addresses to a target on another network.
-    let site = reach_proto::setup_plan::Site {
-        local: shared.local_addrs.get().to_vec(),
-        advertised: shared.advertised.clone(),
-        seen_at: shared
+    // The setup driver's planner decides skips (no connect-back from behind
+    // a NAT to another network, say) and budgets here too.
+    let site = shared.site(
+        shared
             .session
             .as_ref()
             .and_then(|s| s.status())
             .map(|s| s.observed),
-    };
+    );
+    let budgets = shared.budgets();
+    // Each module within its own budget: no overall deadline in the background.
+    let longest = budgets.direct.max(budgets.reverse).max(budgets.splice);
     let options = InitiatorOptions {
         upgrade: true,
         ..shared.initiator_options()
     };
     let mut failures = Vec::new();
-    let budgets = reach_proto::setup_plan::Budgets {
-        direct: shared.direct_budget,
-        reverse: shared.reverse_budget,
-        splice: shared.splice_budget,
-    };
     for module in modules {
-        // The setup driver's planner decides skips and budgets here too.
-        let facts = reach_proto::setup_plan::Facts {
+        let facts = setup_plan::Facts {
             site: &site,
             target_addrs: &target.direct,
             target_seen_at,
             hub_session: shared.session.is_some(),
         };
-        let longest = budgets.direct.max(budgets.reverse).max(budgets.splice);
-        let budget = match reach_proto::setup_plan::plan(module, &facts, longest, false, &budgets) {
+        let budget = match setup_plan::plan(module, &facts, longest, false, &budgets) {
             Ok(budget) => budget,
             Err(skip) => {
                 failures.push(format!("{module}: {skip}"));
@@ -212,7 +207,8 @@ async fn upgrade(
     }
     slot.modules_done();
     if shared.circuits {
-        tokio::time::sleep(CIRCUIT_AFTER).await;
+        // The stream may have lived that long already (the modules above).
+        tokio::time::sleep_until((begun + CIRCUIT_AFTER).into()).await;
         if slot.abandoned() {
             slot.fail("the stream ended before it could move".into());
             return;

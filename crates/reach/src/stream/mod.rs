@@ -279,11 +279,7 @@ impl ReachStream {
     ///
     /// [`upgraded`]: Self::upgraded
     pub async fn upgrade_settled(&self) -> Option<Upgraded> {
-        if let Transport::Upgradable(h) = &self.transport {
-            let mut rx = h.settled();
-            let _ = rx.wait_for(|settled| *settled).await;
-        }
-        self.upgraded()
+        self.wait_upgrade(Handover::settled).await
     }
 
     /// Waits until a background upgrade has moved the stream onto a
@@ -291,9 +287,17 @@ impl ReachStream {
     /// all; a relay circuit may still come after. What the endpoint's module
     /// cache learns is known then. Returns where the stream moved, if it did.
     pub async fn upgrade_learned(&self) -> Option<Upgraded> {
+        self.wait_upgrade(Handover::learned).await
+    }
+
+    /// Waits until the upgrade's flag `which` is up (at once for a stream
+    /// with no upgrade); where the stream moved, if it did.
+    async fn wait_upgrade(
+        &self,
+        which: fn(&Handover) -> tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Upgraded> {
         if let Transport::Upgradable(h) = &self.transport {
-            let mut rx = h.learned();
-            let _ = rx.wait_for(|learned| *learned).await;
+            let _ = which(h).wait_for(|up| *up).await;
         }
         self.upgraded()
     }
