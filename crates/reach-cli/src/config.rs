@@ -33,6 +33,8 @@ pub struct Config {
     pub hub: Option<String>,
     /// Setup modules in the order the driver tries them.
     pub modules: Option<Vec<String>>,
+    /// Seconds a routed stream lives before it tries to move.
+    pub upgrade_after: Option<f64>,
     /// File holding the network secret that admits this node (and hub) to
     /// hubs; serving nodes also admit members proving it.
     pub network_secret_file: Option<PathBuf>,
@@ -200,6 +202,7 @@ mod tests {
             log = "info"
             hub = "hub.example:7700"
             modules = ["direct", "routed"]
+            upgrade_after = 1.5
             network_secret_file = "/etc/reach/secret"
 
             [hub_server]
@@ -220,6 +223,7 @@ mod tests {
         let c: Config = toml::from_str(text).expect("parse");
         assert_eq!(c.plaintext, Some(true));
         assert_eq!(c.advertise.map(|a| a.len()), Some(1));
+        assert_eq!(c.upgrade_after, Some(1.5));
     }
 
     #[test]

@@ -143,6 +143,11 @@ struct HubArgs {
     /// skipped; splice needs a hub that runs address echoes.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     modules: Vec<SetupModule>,
+    /// Seconds a routed stream carries data before it tries to move to a
+    /// better path (Direct, Reverse, Splice, a relay circuit) [default: 0, at
+    /// once]. Sites of short requests can spare the moves' hole punching.
+    #[arg(long, value_name = "SECS")]
+    upgrade_after: Option<f64>,
 }
 
 /// How a serving node listens (`listen`, `expose`).
@@ -505,6 +510,11 @@ fn builder(
     };
     if !modules.is_empty() {
         b = b.modules(modules);
+    }
+    if let Some(secs) = common.hub.upgrade_after.or(config.upgrade_after) {
+        let after = Duration::try_from_secs_f64(secs)
+            .context("--upgrade-after must be zero or a positive number of seconds")?;
+        b = b.upgrade_after(after);
     }
     Ok((b, has_hub))
 }

@@ -107,6 +107,11 @@ enum Cmd {
         /// Seconds each transfer may take.
         #[arg(long, default_value_t = 120.0)]
         timeout: f64,
+        /// Seconds a routed stream carries data before it moves (the
+        /// connector's `--upgrade-after`): on a fast lab path a move can
+        /// otherwise finish before the first byte is sent.
+        #[arg(long, default_value_t = 0.2)]
+        upgrade_after: f64,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -396,14 +401,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             megabytes,
             modules,
             timeout,
+            upgrade_after,
             json,
         } => {
             let topology = load(&file)?;
             let timeout = seconds(timeout)?;
+            let upgrade_after = Duration::try_from_secs_f64(upgrade_after)
+                .context("--upgrade-after must be zero or a positive number of seconds")?;
             let tools = tools_with_reach()?;
             let lab = Lab::up(&topology)?;
             let bench =
-                reach_lab::transfer::Bench::start(&lab, &topology, &tools, megabytes << 20)?;
+                reach_lab::transfer::Bench::start(&lab, &topology, &tools, megabytes << 20)?
+                    .upgrade_after(upgrade_after);
             let mut results = Vec::new();
             for m in &modules {
                 results.push(bench.run(&lab, &tools, (&from, &to), m, timeout)?);

@@ -56,6 +56,7 @@ pub struct Bench {
     data: PathBuf,
     bytes: u64,
     sha256: String,
+    upgrade_after: Option<Duration>,
 }
 
 /// Writes `bytes` of pseudo-random data (incompressible, reproducible).
@@ -131,7 +132,16 @@ impl Bench {
             data,
             bytes,
             sha256,
+            upgrade_after: None,
         })
+    }
+
+    /// Connectors hold a routed stream's move this long (`reach connect
+    /// --upgrade-after`), so that it happens mid-transfer rather than
+    /// before the first byte, which on a fast lab path it otherwise may.
+    pub fn upgrade_after(mut self, after: Duration) -> Self {
+        self.upgrade_after = Some(after);
+        self
     }
 
     /// Sends the data from `from` to a fresh listener on `to`, the connector
@@ -188,6 +198,12 @@ impl Bench {
             .arg(run_dir.join("connector"))
             .args(["-v", "connect", "--modules", modules, "--hub"])
             .arg(hub(from)?)
+            .args(
+                self.upgrade_after
+                    .map(|d| ["--upgrade-after".to_string(), d.as_secs_f64().to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg(&vaddr)
             .stdin(std::fs::File::open(&self.data)?)
             .stdout(Stdio::null())

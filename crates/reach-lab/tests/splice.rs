@@ -64,7 +64,11 @@ fn a_200_mb_transfer_arrives_intact_routed_spliced_and_moving_mid_transfer() {
     let t = common::topology("nat-zoo");
     let lab = Lab::up(&t).expect("lab up");
     let tools = common::tools_with_reach();
-    let bench = reach_lab::transfer::Bench::start(&lab, &t, &tools, 200 << 20).expect("hubs");
+    // The move waits 200 ms (a few MB routed): on this fast path it can
+    // otherwise finish before the connector's first write.
+    let bench = reach_lab::transfer::Bench::start(&lab, &t, &tools, 200 << 20)
+        .expect("hubs")
+        .upgrade_after(Duration::from_millis(200));
     let timeout = Duration::from_secs(120);
     let hosts = ("nat-eim-2", "nat-eim");
     let moved = bench

@@ -76,6 +76,7 @@ pub struct EndpointBuilder {
     plaintext: bool,
     plaintext_port: Option<u16>,
     circuits: bool,
+    upgrade_after: Duration,
     cipher: Option<Cipher>,
     accept_ports: Option<Vec<u16>>,
     connect_timeout: Duration,
@@ -103,6 +104,7 @@ impl Default for EndpointBuilder {
             plaintext: false,
             plaintext_port: None,
             circuits: true,
+            upgrade_after: Duration::ZERO,
             cipher: None,
             accept_ports: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -178,6 +180,15 @@ impl EndpointBuilder {
     /// `reach_proto::circuit`.
     pub fn circuits(mut self, yes: bool) -> Self {
         self.circuits = yes;
+        self
+    }
+
+    /// How long a routed stream carries data before it tries to move to a
+    /// better path (default: at once). A site where most streams are short
+    /// requests can spare the hole punching and connect-backs their moves
+    /// cost; a move onto a relay circuit waits 50 ms whatever this is.
+    pub fn upgrade_after(mut self, t: Duration) -> Self {
+        self.upgrade_after = t;
         self
     }
 
@@ -359,6 +370,7 @@ impl EndpointBuilder {
             plaintext: self.plaintext,
             plaintext_port: self.plaintext_port,
             circuits: self.circuits,
+            upgrade_after: self.upgrade_after,
             circuit_gate: crate::circuit_gate::Gate::default(),
             cipher: options.cipher,
             accept_ports: self.accept_ports,

@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) plaintext_port: Option<u16>,
     /// Whether routed streams move onto relay circuits.
     pub(crate) circuits: bool,
+    /// How long a routed stream lives before it tries to move.
+    pub(crate) upgrade_after: std::time::Duration,
     /// Circuit joins at once, and the back-off after a hub offered none.
     pub(crate) circuit_gate: crate::circuit_gate::Gate,
     pub(crate) cipher: Cipher,

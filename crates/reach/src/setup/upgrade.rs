@@ -117,6 +117,13 @@ async fn upgrade(
     settle_cache: bool,
 ) {
     let begun = Instant::now();
+    if !shared.upgrade_after.is_zero() {
+        tokio::time::sleep(shared.upgrade_after).await;
+        if slot.abandoned() {
+            slot.fail("the stream ended before it could move".into());
+            return;
+        }
+    }
     // Where the target is (its addresses for Direct, its site for Reverse),
     // from the directory.
     let mut target_seen_at = None;
