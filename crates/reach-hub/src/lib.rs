@@ -660,6 +660,7 @@ async fn serve_link(
     let (tx, rx) = reach::link::frame_channel();
     let mut writer = tokio::spawn(write_frames(w, rx));
     let mut writer_ended = false;
+    let mut silent = false;
     let link = {
         let mut s = inner.state();
         let proof = if dialled {
@@ -701,7 +702,10 @@ async fn serve_link(
                     inner.config.limits.register_within
                 );
             }
-            Err(_) => break format!("silent for {IDLE_TIMEOUT:?}"),
+            Err(_) => {
+                silent = true;
+                break format!("silent for {IDLE_TIMEOUT:?}");
+            }
             Ok(Err(e)) => break e.to_string(),
             Ok(Ok(None)) => break "closed by peer".to_string(),
             Ok(Ok(Some(f))) => f,
@@ -724,7 +728,8 @@ async fn serve_link(
         s.flush();
         proxy_ports::handle(&inner, &mut s, via);
     }
-    if writer_ended {
+    if writer_ended || silent {
+        // Abnormal ends: a peer that does not read, or that vanished.
         tracing::warn!(%peer, %observed, "link closed: {why}");
     } else {
         tracing::debug!(%peer, %observed, "link closed: {why}");
