@@ -99,6 +99,9 @@ pub struct RunArgs {
     /// Reach: keep routed streams on hub links (no relay circuit).
     #[arg(long)]
     no_circuits: bool,
+    /// Reach: every handshake a full one (no resumption tickets).
+    #[arg(long)]
+    no_resumption: bool,
     /// Reach: identity and state.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -238,6 +241,7 @@ impl Dialer {
             .accept_ports(Vec::new())
             .modules(a.modules.clone())
             .circuits(!a.no_circuits)
+            .resumption(!a.no_resumption)
             .plaintext(a.plaintext);
         if let Some(dir) = &a.state_dir {
             b = b.state_dir(dir);
@@ -378,6 +382,7 @@ mod tests {
             modules: vec![SetupModule::Direct],
             plaintext: false,
             no_circuits: false,
+            no_resumption: false,
             state_dir: Some(state),
             streams: 2,
             secs: 0.2,

@@ -535,18 +535,34 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         rtt[1],
         Some(("plain TCP", rtt[0])),
     ));
-    let setup = bench.figures(size.rounds, &pair, &counted("setup"))?;
+    // Sequential connections from one process: after the first, each
+    // handshake resumes; the same with resumption off, for first contact.
+    let mut full = direct(false);
+    full.push("--no-resumption".into());
+    let triple = [
+        variants[0].clone(),
+        variants[2].clone(),
+        ("reach direct, full handshakes".into(), full),
+    ];
+    let setup = bench.figures(size.rounds, &triple, &counted("setup"))?;
     rows.push(Row::new(
-        "setup, reach direct",
+        "setup, reach direct (resumed)",
         "ms",
         setup[1],
         Some(("plain TCP connect", setup[0])),
     ));
+    let tcp_rtt = setup[0] + rtt[0] / 1e3;
     rows.push(Row::new(
-        "setup, reach direct",
+        "setup, reach direct (resumed)",
         "ms",
         setup[1],
-        Some(("TCP connect + 1 round trip", setup[0] + rtt[0] / 1e3)),
+        Some(("TCP connect + 1 round trip", tcp_rtt)),
+    ));
+    rows.push(Row::new(
+        "setup, reach direct, full handshakes (first contact)",
+        "ms",
+        setup[2],
+        Some(("TCP connect + 1 round trip", tcp_rtt)),
     ));
 
     // 2. Routed through hubs against relays on the same hosts.

@@ -16,9 +16,10 @@ use std::time::Instant;
 use anyhow::{ensure, Context};
 use clap::{Parser, Subcommand};
 use reach::proto::handshake::{
-    self, Admission, HelloHeader, Initiator, InitiatorOptions, ReplyHeader, Responded,
-    ResponderOptions, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
+    self, Admission, Established, HelloHeader, Initiator, InitiatorOptions, ReplyHeader, Responded,
+    ResponderOptions, Resumption, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
 };
+use reach::proto::resume::{Ticket, TicketKey};
 use reach::{Cipher, Endpoint, SecretKey, VirtualAddr};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -400,6 +401,8 @@ enum Variant {
     Tcp,
     Plain,
     Encrypted(Cipher),
+    /// Encrypted, every handshake a full one (resumption off).
+    FullHandshakes(Cipher),
 }
 
 impl Variant {
@@ -408,16 +411,28 @@ impl Variant {
             Variant::Tcp => "plain TCP".into(),
             Variant::Plain => "reach direct, plaintext".into(),
             Variant::Encrypted(c) => format!("reach direct, {}", c.name()),
+            Variant::FullHandshakes(c) => {
+                format!(
+                    "reach direct, {}, full handshakes (no resumption)",
+                    c.name()
+                )
+            }
         }
     }
 }
 
-async fn endpoint(seed: u8, plaintext: bool, cipher: Cipher) -> anyhow::Result<Endpoint> {
+async fn endpoint(seed: u8, v: Variant) -> anyhow::Result<Endpoint> {
+    let (plaintext, cipher, resumption) = match v {
+        Variant::Encrypted(c) => (false, c, true),
+        Variant::FullHandshakes(c) => (false, c, false),
+        _ => (true, Cipher::ChaChaPoly, true),
+    };
     Ok(Endpoint::builder()
         .secret_key(SecretKey::from_seed([seed; 32]))
         .bind_ip([127, 0, 0, 1].into())
         .plaintext(plaintext)
         .cipher(cipher)
+        .resumption(resumption)
         .bind()
         .await?)
 }
@@ -462,13 +477,9 @@ async fn bulk(v: Variant, bytes: u64) -> anyhow::Result<f64> {
             let got = server.await??;
             (t.elapsed().as_secs_f64(), got)
         }
-        Variant::Plain | Variant::Encrypted(_) => {
-            let (plain, cipher) = match v {
-                Variant::Encrypted(c) => (false, c),
-                _ => (true, Cipher::ChaChaPoly),
-            };
-            let server = endpoint(1, plain, cipher).await?;
-            let client = endpoint(2, plain, cipher).await?;
+        Variant::Plain | Variant::Encrypted(_) | Variant::FullHandshakes(_) => {
+            let server = endpoint(1, v).await?;
+            let client = endpoint(2, v).await?;
             let target = server.virtual_addr(1);
             let srv = tokio::spawn(async move {
                 let s = server.accept().await?;
@@ -511,13 +522,9 @@ async fn setup(v: Variant, n: u32) -> anyhow::Result<f64> {
             acceptor.await??;
             Ok(secs / f64::from(n))
         }
-        Variant::Plain | Variant::Encrypted(_) => {
-            let (plain, cipher) = match v {
-                Variant::Encrypted(c) => (false, c),
-                _ => (true, Cipher::ChaChaPoly),
-            };
-            let server = endpoint(3, plain, cipher).await?;
-            let client = endpoint(4, plain, cipher).await?;
+        Variant::Plain | Variant::Encrypted(_) | Variant::FullHandshakes(_) => {
+            let server = endpoint(3, v).await?;
+            let client = endpoint(4, v).await?;
             let target: VirtualAddr = server.virtual_addr(1);
             let acceptor = tokio::spawn(async move {
                 for _ in 0..n {
@@ -563,8 +570,9 @@ async fn tcp_rtt(n: u32) -> anyhow::Result<f64> {
     Ok(secs / f64::from(n))
 }
 
-/// Mean CPU time of one whole handshake (both sides, in memory, no I/O).
-fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
+/// Mean CPU time of one whole handshake (both sides, in memory, no I/O):
+/// full (Noise IK), or resumed with a ticket from a first full one.
+fn handshake_cpu(n: u32, resumed: bool) -> anyhow::Result<f64> {
     let (a, b) = (SecretKey::from_seed([1; 32]), SecretKey::from_seed([2; 32]));
     let opts = InitiatorOptions {
         plaintext: false,
@@ -573,10 +581,12 @@ fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
         upgrade: false,
         network: None,
     };
-    let t = Instant::now();
-    for i in 0..n {
-        let seed = [(i % 251) as u8; 32];
-        let (init, hello) = Initiator::new(&a, b.node_id(), 1, opts, seed)?;
+    let ticket_key = TicketKey::new([3; 32], Instant::now());
+    let one = |seed: [u8; 32], ticket: Option<&Ticket>| -> anyhow::Result<Established> {
+        let (init, hello) = match ticket {
+            Some(t) => Initiator::resume(&a, t, 1, opts, seed)?,
+            None => Initiator::new(&a, b.node_id(), 1, opts, seed)?,
+        };
         let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into()?;
         let header = HelloHeader::decode(&hb)?;
         let (reply, outcome) = handshake::respond(
@@ -589,16 +599,35 @@ fn handshake_cpu(n: u32) -> anyhow::Result<f64> {
                 reveal_identity: false,
                 network: None,
             },
+            Some(Resumption {
+                key: &ticket_key,
+                now: Instant::now(),
+            }),
             |_| Admission::Accept,
             seed,
         );
         let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into()?;
-        let (_, confirmation) =
+        let (est, confirmation) =
             init.handle_reply(ReplyHeader::decode(&rh)?, &reply[REPLY_HEADER_LEN..])?;
         let Responded::Accepted(pending) = outcome else {
             anyhow::bail!("the responder did not accept: {outcome:?}");
         };
         pending.confirm(&confirmation)?;
+        Ok(est)
+    };
+    let ticket = match resumed {
+        true => Some(
+            one([0; 32], None)?
+                .ticket
+                .map(|t| *t)
+                .ok_or_else(|| anyhow::anyhow!("no ticket issued"))?,
+        ),
+        false => None,
+    };
+    let t = Instant::now();
+    for i in 0..n {
+        let est = one([(i % 251) as u8; 32], ticket.as_ref())?;
+        anyhow::ensure!(est.resumed == resumed, "resumed: {}", est.resumed);
     }
     Ok(t.elapsed().as_secs_f64() / f64::from(n))
 }
@@ -632,6 +661,14 @@ async fn loopback(bytes: u64, conns: u32, rounds: usize) -> anyhow::Result<Vec<R
             Some(("plain TCP", tput[0])),
         ));
     }
+    // Setup also without resumption: what a first contact costs.
+    let variants = [
+        variants[0],
+        variants[1],
+        variants[2],
+        variants[3],
+        Variant::FullHandshakes(reach::preferred_cipher()),
+    ];
     let mut setup_secs = vec![Vec::new(); variants.len()];
     for round in 0..rounds {
         eprintln!(
@@ -644,7 +681,8 @@ async fn loopback(bytes: u64, conns: u32, rounds: usize) -> anyhow::Result<Vec<R
     }
     let us: Vec<f64> = setup_secs.into_iter().map(|s| median(s) * 1e6).collect();
     let rtt = tcp_rtt(conns).await? * 1e6;
-    let cpu = handshake_cpu(conns)? * 1e6;
+    let cpu = handshake_cpu(conns, false)? * 1e6;
+    let cpu_resumed = handshake_cpu(conns, true)? * 1e6;
     for (i, v) in variants.iter().enumerate().skip(1) {
         rows.push(Row::new(
             format!("setup, {}", v.name()),
@@ -655,9 +693,24 @@ async fn loopback(bytes: u64, conns: u32, rounds: usize) -> anyhow::Result<Vec<R
     }
     let enc = us[2].min(us[3]);
     rows.push(Row::new(
-        "setup, reach encrypted (best cipher)",
+        "setup, reach encrypted (best cipher), resumed",
         "us",
         enc,
+        Some((
+            "TCP + 1 RTT + resumed handshake CPU",
+            us[0] + rtt + cpu_resumed,
+        )),
+    ));
+    rows.push(Row::new(
+        "setup, reach encrypted (best cipher), resumed",
+        "us",
+        enc,
+        Some(("TCP connect + 1 round trip", us[0] + rtt)),
+    ));
+    rows.push(Row::new(
+        "setup, reach encrypted (best cipher), full handshakes",
+        "us",
+        us[4],
         Some(("TCP + 1 RTT + handshake CPU", us[0] + rtt + cpu)),
     ));
     rows.push(Row::new(
@@ -671,6 +724,12 @@ async fn loopback(bytes: u64, conns: u32, rounds: usize) -> anyhow::Result<Vec<R
         "us",
         cpu,
         Some(("plain TCP connect", us[0])),
+    ));
+    rows.push(Row::new(
+        "handshake CPU, resumed, both sides, no I/O",
+        "us",
+        cpu_resumed,
+        Some(("full handshake CPU", cpu)),
     ));
     Ok(rows)
 }

@@ -10,19 +10,25 @@
 //! both sides, a CA-less verifier and a larger handshake for the same result.
 //! WireGuard and Lightning chose Noise for the same reasons.
 //!
-//! # Wire format (version 2)
+//! # Wire format (version 3)
 //! Initiator to responder, one write:
 //! ```text
-//! "rch" | version u8 | flags u8 | cipher u8 | target NodeId [32] | vport u16 | len u16 | noise msg1
+//! "rch" | version u8 | flags u8 | cipher u8 | target NodeId [32] | vport u16 | len u16 | body
 //! ```
 //! The first 40 bytes are the Noise prologue, so any tampering fails the
-//! handshake. `flags` bit 0 asks for plaintext streams. msg1's payload is the
-//! initiator's NodeId, then, from a node that holds a network secret, its
-//! membership proof ([`crate::member`]).
+//! handshake. `flags` bit 0 asks for plaintext streams. The body is Noise
+//! msg1, whose payload is the initiator's NodeId, then, from a node that
+//! holds a network secret, its membership proof ([`crate::member`]).
+//! With the resume flag (bit 3) the body is a ticket, then a Noise `NNpsk0`
+//! msg1 with an empty payload, and the ticket is part of the prologue; see
+//! [`crate::resume`].
 //!
 //! Responder to initiator: `kind u8 | len u16 | body`, where kind is
 //! [`ReplyKind`]. `Accept` carries Noise msg2, whose encrypted payload is
-//! `status u8 | mode u8 | [membership proof]`.
+//! `status u8 | mode u8 | extras u8 | [membership proof] | [resumption key | ticket]`,
+//! `extras` saying which of the two follow. `ResumeRejected` (empty) says
+//! the ticket is not honoured: the initiator then sends a full hello on the
+//! same connection.
 //!
 //! Initiator to responder, once msg2 checked out: `confirmation [16]`, a MAC
 //! only the holder of this handshake's keys can compute.
@@ -78,11 +84,12 @@ use snow::params::NoiseParams;
 use crate::identity::{NodeId, SecretKey, NODE_ID_LEN};
 use crate::member::{NetworkKey, PROOF_LEN};
 use crate::noise_crypto;
+use crate::resume::{Grant, Ticket, TicketError, TicketKey, RESUME_KEY_LEN, TICKET_LEN};
 
 /// Protocol magic at the start of every hello.
 pub const MAGIC: [u8; 3] = *b"rch";
 /// The handshake version this code speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Length of the fixed hello header.
 pub const HELLO_HEADER_LEN: usize = 42;
 /// Length of the prologue part of the hello header.
@@ -102,6 +109,15 @@ const FLAG_REVERSE: u8 = 2;
 /// (a routed stream moving to a direct path); the port field then carries
 /// the stream's upgrade id ([`Established::upgrade_id`]).
 const FLAG_UPGRADE: u8 = 4;
+/// The body is a resumption ticket and an `NNpsk0` message
+/// ([`crate::resume`]).
+const FLAG_RESUME: u8 = 8;
+const FLAGS: u8 = FLAG_PLAINTEXT | FLAG_REVERSE | FLAG_UPGRADE | FLAG_RESUME;
+
+/// Extras bit: msg2's payload carries the responder's membership proof.
+const EXTRA_PROOF: u8 = 1;
+/// Extras bit: msg2's payload carries a resumption key and ticket.
+const EXTRA_TICKET: u8 = 2;
 
 /// The AEAD protecting the handshake and the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -129,10 +145,12 @@ impl Cipher {
         }
     }
 
-    fn noise_params(self) -> NoiseParams {
-        let name = match self {
-            Cipher::ChaChaPoly => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
-            Cipher::AesGcm => "Noise_IK_25519_AESGCM_BLAKE2s",
+    fn noise_params(self, resume: bool) -> NoiseParams {
+        let name = match (self, resume) {
+            (Cipher::ChaChaPoly, false) => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
+            (Cipher::AesGcm, false) => "Noise_IK_25519_AESGCM_BLAKE2s",
+            (Cipher::ChaChaPoly, true) => "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s",
+            (Cipher::AesGcm, true) => "Noise_NNpsk0_25519_AESGCM_BLAKE2s",
         };
         name.parse().expect("pattern names are valid constants")
     }
@@ -186,6 +204,9 @@ pub enum ReplyKind {
     UnsupportedVersion,
     /// The hello was malformed or failed authentication.
     Failed,
+    /// The hello's resumption ticket is not honoured; a full hello may
+    /// follow on the same connection.
+    ResumeRejected,
 }
 
 /// Errors decoding handshake messages: what the peer sent wrong.
@@ -259,6 +280,13 @@ pub enum HandshakeError {
     /// by someone without its keys, or the bytes were corrupted.
     #[error("the initiator did not confirm the session keys (a replayed or forged hello)")]
     NotConfirmed,
+    /// The responder does not honour this node's resumption ticket (it
+    /// restarted, or the ticket expired): a full handshake follows.
+    #[error("the peer does not honour the resumption ticket")]
+    ResumeRejected,
+    /// A resumption hello's ticket is not honoured here: why.
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
 }
 
 fn noise(e: snow::Error) -> HandshakeError {
@@ -284,6 +312,8 @@ pub struct HelloHeader {
     pub reverse: bool,
     /// The initiator moves an existing stream here; `port` is its upgrade id.
     pub upgrade: bool,
+    /// The body is a resumption ticket and an `NNpsk0` message.
+    pub resume: bool,
     /// The node the initiator wants.
     pub target: NodeId,
     /// The virtual port it wants.
@@ -303,7 +333,8 @@ impl HelloHeader {
         } else {
             0
         } | if self.reverse { FLAG_REVERSE } else { 0 }
-            | if self.upgrade { FLAG_UPGRADE } else { 0 };
+            | if self.upgrade { FLAG_UPGRADE } else { 0 }
+            | if self.resume { FLAG_RESUME } else { 0 };
         b[5] = self.cipher.code();
         b[6..38].copy_from_slice(self.target.as_bytes());
         b[38..40].copy_from_slice(&self.port.to_be_bytes());
@@ -322,7 +353,7 @@ impl HelloHeader {
         if b[3] != VERSION {
             return Err(WireError::UnsupportedVersion(b[3]));
         }
-        if b[4] & !(FLAG_PLAINTEXT | FLAG_REVERSE | FLAG_UPGRADE) != 0 {
+        if b[4] & !FLAGS != 0 {
             return Err(WireError::UnknownFlags(b[4]));
         }
         let cipher = Cipher::from_code(b[5]).ok_or(WireError::UnknownCipher(b[5]))?;
@@ -338,6 +369,7 @@ impl HelloHeader {
             cipher,
             reverse: b[4] & FLAG_REVERSE != 0,
             upgrade: b[4] & FLAG_UPGRADE != 0,
+            resume: b[4] & FLAG_RESUME != 0,
             target,
             port: u16::from_be_bytes([b[38], b[39]]),
             noise_len,
@@ -362,6 +394,7 @@ impl ReplyHeader {
             ReplyKind::WrongNode => 1,
             ReplyKind::UnsupportedVersion => 2,
             ReplyKind::Failed => 3,
+            ReplyKind::ResumeRejected => 4,
         };
         let len = u16::try_from(self.len).expect("reply bodies are bounded by MAX_NOISE_MSG");
         let l = len.to_be_bytes();
@@ -375,6 +408,7 @@ impl ReplyHeader {
             1 => ReplyKind::WrongNode,
             2 => ReplyKind::UnsupportedVersion,
             3 => ReplyKind::Failed,
+            4 => ReplyKind::ResumeRejected,
             k => return Err(WireError::UnknownReply(k)),
         };
         let len = usize::from(u16::from_be_bytes([b[1], b[2]]));
@@ -420,8 +454,14 @@ pub struct Established {
     /// handshake.
     pub binding: [u8; 32],
     /// The peer proved it holds this node's network secret (always false
-    /// when this node has none).
+    /// when this node has none); on a resumed handshake, it had proved it
+    /// when the ticket was issued.
     pub peer_member: bool,
+    /// The handshake was a resumption ([`crate::resume`]).
+    pub resumed: bool,
+    /// On the initiator's side of a full handshake, the resumption ticket
+    /// the responder issued, if it issues them.
+    pub ticket: Option<Box<Ticket>>,
 }
 
 impl Established {
@@ -465,7 +505,33 @@ impl InitiatorOptions {
 
 fn builder(cipher: Cipher, seed: [u8; 32], local: &SecretKey) -> snow::Builder<'static> {
     let resolver = noise_crypto::resolver(seed, Some(local.x25519_pair()));
-    snow::Builder::with_resolver(cipher.noise_params(), resolver)
+    snow::Builder::with_resolver(cipher.noise_params(false), resolver)
+}
+
+/// A resumption's Noise builder: no static keys, the ticket's key as PSK.
+fn resume_builder(cipher: Cipher, seed: [u8; 32]) -> snow::Builder<'static> {
+    let resolver = noise_crypto::resolver(seed, None);
+    snow::Builder::with_resolver(cipher.noise_params(true), resolver)
+}
+
+/// A resumption hello's prologue: the header's prologue part, then the
+/// ticket, so that neither can be changed on the way.
+fn resume_prologue(header: &[u8; HELLO_HEADER_LEN], ticket: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(PROLOGUE_LEN + ticket.len());
+    p.extend_from_slice(&header[..PROLOGUE_LEN]);
+    p.extend_from_slice(ticket);
+    p
+}
+
+/// 32 bytes for `label` from a handshake's seed (HMAC-SHA256 keyed by it):
+/// a responder's resumption key and ticket nonce, independent of the
+/// ephemeral key the seed also makes.
+fn from_seed(seed: &[u8; 32], label: &[u8]) -> [u8; 32] {
+    use aws_lc_rs::hmac;
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, seed), label);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
 }
 
 /// The initiator's side of a handshake in progress.
@@ -475,6 +541,8 @@ pub struct Initiator {
     target: NodeId,
     port: u16,
     options: InitiatorOptions,
+    /// A resumption: the responder proved membership when it issued it.
+    resumed: Option<bool>,
 }
 
 impl std::fmt::Debug for Initiator {
@@ -513,6 +581,7 @@ impl Initiator {
             cipher: options.cipher,
             reverse: options.reverse,
             upgrade: options.upgrade,
+            resume: false,
             target,
             port,
             noise_len: 0,
@@ -546,9 +615,62 @@ impl Initiator {
                 target,
                 port,
                 options,
+                resumed: None,
             },
             out,
         ))
+    }
+
+    /// Starts a resumption towards the node that issued `ticket`
+    /// ([`crate::resume`]); returns the state and the hello bytes. If the
+    /// reply is [`ReplyKind::ResumeRejected`], forget the ticket and start
+    /// a full handshake ([`Initiator::new`]) on the same connection.
+    pub fn resume(
+        local: &SecretKey,
+        ticket: &Ticket,
+        port: u16,
+        options: InitiatorOptions,
+        seed: [u8; 32],
+    ) -> Result<(Self, Vec<u8>), HandshakeError> {
+        let mut header = HelloHeader {
+            plaintext_requested: options.plaintext,
+            cipher: options.cipher,
+            reverse: options.reverse,
+            upgrade: options.upgrade,
+            resume: true,
+            target: ticket.peer,
+            port,
+            noise_len: 0,
+        };
+        let prologue = resume_prologue(&header.encode(), &ticket.sealed);
+        let mut hs = resume_builder(options.cipher, seed)
+            .psk(0, &ticket.key)
+            .and_then(|b| b.prologue(&prologue))
+            .and_then(|b| b.build_initiator())
+            .map_err(noise)?;
+        let mut msg = [0u8; MAX_NOISE_MSG];
+        let n = hs.write_message(&[], &mut msg).map_err(noise)?;
+        header.noise_len = TICKET_LEN + n;
+        let mut out = Vec::with_capacity(HELLO_HEADER_LEN + TICKET_LEN + n);
+        out.extend_from_slice(&header.encode());
+        out.extend_from_slice(&ticket.sealed);
+        out.extend_from_slice(&msg[..n]);
+        Ok((
+            Self {
+                hs,
+                me: local.node_id(),
+                target: ticket.peer,
+                port,
+                options,
+                resumed: Some(ticket.peer_member),
+            },
+            out,
+        ))
+    }
+
+    /// Whether this is a resumption.
+    pub fn is_resumption(&self) -> bool {
+        self.resumed.is_some()
     }
 
     /// Completes the handshake with the responder's reply. Returns the
@@ -574,16 +696,49 @@ impl Initiator {
                 return Err(WireError::UnsupportedVersion(v).into());
             }
             ReplyKind::Failed => return Err(HandshakeError::PeerFailed),
+            ReplyKind::ResumeRejected if self.resumed.is_some() => {
+                return Err(HandshakeError::ResumeRejected)
+            }
+            ReplyKind::ResumeRejected => return Err(HandshakeError::BadPayload),
         }
         let mut payload = [0u8; MAX_NOISE_MSG];
         let n = self
             .hs
             .read_message(body, &mut payload)
             .map_err(|_| HandshakeError::AuthFailed)?;
-        let (status, mode, proof) = match &payload[..n] {
-            [status, mode, proof @ ..] => (*status, *mode, proof),
+        let (status, mode, extras, mut rest) = match &payload[..n] {
+            [status, mode, extras, rest @ ..] => (*status, *mode, *extras, rest),
             _ => return Err(HandshakeError::BadPayload),
         };
+        if extras & !(EXTRA_PROOF | EXTRA_TICKET) != 0 || (self.resumed.is_some() && extras != 0) {
+            return Err(HandshakeError::BadPayload);
+        }
+        let mut take = |len: usize| -> Result<&[u8], HandshakeError> {
+            let (head, tail) = rest
+                .split_at_checked(len)
+                .ok_or(HandshakeError::BadPayload)?;
+            rest = tail;
+            Ok(head)
+        };
+        let proof = if extras & EXTRA_PROOF != 0 {
+            Some(take(PROOF_LEN)?)
+        } else {
+            None
+        };
+        let issued = if extras & EXTRA_TICKET != 0 {
+            let key: [u8; RESUME_KEY_LEN] = take(RESUME_KEY_LEN)?
+                .try_into()
+                .map_err(|_| HandshakeError::BadPayload)?;
+            let sealed: [u8; TICKET_LEN] = take(TICKET_LEN)?
+                .try_into()
+                .map_err(|_| HandshakeError::BadPayload)?;
+            Some((key, sealed))
+        } else {
+            None
+        };
+        if !rest.is_empty() {
+            return Err(HandshakeError::BadPayload);
+        }
         match status {
             0 => {}
             1 => return Err(HandshakeError::Refused(Refusal::NoSuchPort)),
@@ -596,10 +751,14 @@ impl Initiator {
             1 => StreamMode::Plaintext,
             _ => return Err(HandshakeError::BadPayload),
         };
-        let peer_member = self
-            .options
-            .network
-            .is_some_and(|net| net.verify(&self.target, &self.me, proof));
+        let peer_member = match self.resumed {
+            Some(member) => member,
+            None => self.options.network.is_some_and(|net| {
+                proof.is_some_and(|proof| net.verify(&self.target, &self.me, proof))
+            }),
+        };
+        let ticket = issued
+            .map(|(key, sealed)| Box::new(Ticket::new(self.target, peer_member, sealed, key)));
         let binding = handshake_hash(&self.hs);
         let schedule = KeySchedule::new(&mut self.hs);
         let est = Established {
@@ -615,6 +774,8 @@ impl Initiator {
             }),
             reverse: self.options.reverse,
             peer_member,
+            resumed: self.resumed.is_some(),
+            ticket,
         };
         Ok((est, schedule.confirmation))
     }
@@ -756,6 +917,11 @@ pub fn reply_to_bad_header(err: &WireError) -> Option<Vec<u8>> {
     }
 }
 
+/// The generic failure reply (a malformed or unauthenticated hello).
+pub fn reply_failed() -> Vec<u8> {
+    reply(ReplyKind::Failed, &[])
+}
+
 fn reply(kind: ReplyKind, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(REPLY_HEADER_LEN + body.len());
     out.extend_from_slice(
@@ -769,14 +935,27 @@ fn reply(kind: ReplyKind, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Runs the responder's side on a decoded hello header and its Noise message.
+/// A responder's resumption: the key its tickets are sealed with, and the
+/// time now (tickets expire; see [`crate::resume`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Resumption<'a> {
+    /// Seals the tickets issued and opens those offered.
+    pub key: &'a TicketKey,
+    /// Now, for the tickets' lifetime.
+    pub now: std::time::Instant,
+}
+
+/// Runs the responder's side on a decoded hello header and its body.
 /// `admit` decides for the authenticated initiator and its hello (port, flags).
+/// With `resumption`, accepted initiators get a ticket and resumption
+/// hellos are honoured; without, they are answered `ResumeRejected`.
 /// Returns the reply to send and the outcome.
 pub fn respond(
     local: &SecretKey,
     header: &HelloHeader,
-    noise_msg: &[u8],
+    body: &[u8],
     options: ResponderOptions,
+    resumption: Option<Resumption<'_>>,
     admit: impl FnOnce(&Knock<'_>) -> Admission,
     seed: [u8; 32],
 ) -> (Vec<u8>, Responded) {
@@ -793,6 +972,9 @@ pub fn respond(
         };
         return (reply, Responded::Failed(err));
     }
+    if header.resume {
+        return resume(header, body, options, resumption, admit, seed);
+    }
     let failed = |e| (reply(ReplyKind::Failed, &[]), Responded::Failed(e));
     let prologue = header.encode();
     let secret = local.x25519_pair().0;
@@ -805,7 +987,7 @@ pub fn respond(
         Err(e) => return failed(noise(e)),
     };
     let mut payload = [0u8; MAX_NOISE_MSG];
-    let Ok(n) = hs.read_message(noise_msg, &mut payload) else {
+    let Ok(n) = hs.read_message(body, &mut payload) else {
         return failed(HandshakeError::AuthFailed);
     };
     let Some(peer) = claimed_initiator(&hs, &payload[..n]) else {
@@ -819,25 +1001,136 @@ pub fn respond(
         member,
         hello: header,
     });
-    let plaintext = header.plaintext_requested
-        && (options.allow_plaintext || options.plaintext_port == Some(header.port));
+    // What goes back with an acceptance: this node's membership proof, and
+    // a resumption ticket.
+    let mut extras = Vec::new();
+    let mut flags = 0;
+    if admission == Admission::Accept {
+        if let Some(net) = &options.network {
+            flags |= EXTRA_PROOF;
+            extras.extend_from_slice(&net.proof(&me, &peer));
+        }
+        if let Some(r) = resumption {
+            flags |= EXTRA_TICKET;
+            let key = from_seed(&seed, b"reach resumption key");
+            let nonce = from_seed(&seed, b"reach ticket nonce");
+            let mut n = [0u8; 12];
+            n.copy_from_slice(&nonce[..12]);
+            let grant = Grant { peer, member, key };
+            extras.extend_from_slice(&key);
+            extras.extend_from_slice(&r.key.seal(&grant, n, r.now));
+        }
+    }
+    let decided = Decided {
+        peer,
+        member,
+        admission,
+        plaintext: grants_plaintext(&options, header),
+        resumed: false,
+    };
+    finish(hs, header, &decided, flags, &extras)
+}
+
+/// The responder's side of a resumption hello ([`crate::resume`]).
+fn resume(
+    header: &HelloHeader,
+    body: &[u8],
+    options: ResponderOptions,
+    resumption: Option<Resumption<'_>>,
+    admit: impl FnOnce(&Knock<'_>) -> Admission,
+    seed: [u8; 32],
+) -> (Vec<u8>, Responded) {
+    let rejected = |e: TicketError| {
+        (
+            reply(ReplyKind::ResumeRejected, &[]),
+            Responded::Failed(e.into()),
+        )
+    };
+    let Some(r) = resumption else {
+        return rejected(TicketError::NotIssuedHere);
+    };
+    let Some((sealed, msg)) = body.split_first_chunk::<TICKET_LEN>() else {
+        return (
+            reply(ReplyKind::Failed, &[]),
+            Responded::Failed(HandshakeError::BadPayload),
+        );
+    };
+    let grant = match r.key.open(sealed, r.now) {
+        Ok(grant) => grant,
+        Err(e) => return rejected(e),
+    };
+    let failed = |e| (reply(ReplyKind::Failed, &[]), Responded::Failed(e));
+    let prologue = resume_prologue(&header.encode(), sealed);
+    let hs = resume_builder(header.cipher, seed)
+        .psk(0, &grant.key)
+        .and_then(|b| b.prologue(&prologue))
+        .and_then(|b| b.build_responder());
+    let mut hs = match hs {
+        Ok(hs) => hs,
+        Err(e) => return failed(noise(e)),
+    };
+    let mut payload = [0u8; MAX_NOISE_MSG];
+    match hs.read_message(msg, &mut payload) {
+        Ok(0) => {}
+        Ok(_) => return failed(HandshakeError::BadPayload),
+        Err(_) => return failed(HandshakeError::AuthFailed),
+    }
+    let admission = admit(&Knock {
+        peer: grant.peer,
+        member: grant.member,
+        hello: header,
+    });
+    let decided = Decided {
+        peer: grant.peer,
+        member: grant.member,
+        admission,
+        plaintext: grants_plaintext(&options, header),
+        resumed: true,
+    };
+    finish(hs, header, &decided, 0, &[])
+}
+
+/// Whether the responder grants the plaintext a hello asks for.
+fn grants_plaintext(options: &ResponderOptions, header: &HelloHeader) -> bool {
+    header.plaintext_requested
+        && (options.allow_plaintext || options.plaintext_port == Some(header.port))
+}
+
+/// What a responder decided about an authenticated initiator.
+struct Decided {
+    peer: NodeId,
+    member: bool,
+    admission: Admission,
+    plaintext: bool,
+    resumed: bool,
+}
+
+/// The responder's msg2 and outcome once it has decided.
+fn finish(
+    mut hs: snow::HandshakeState,
+    header: &HelloHeader,
+    decided: &Decided,
+    extras_flags: u8,
+    extras: &[u8],
+) -> (Vec<u8>, Responded) {
+    let &Decided {
+        peer,
+        member,
+        admission,
+        plaintext,
+        resumed,
+    } = decided;
+    let failed = |e| (reply(ReplyKind::Failed, &[]), Responded::Failed(e));
     let status = match admission {
         Admission::Accept => 0,
         Admission::Refuse(Refusal::NoSuchPort) => 1,
         Admission::Refuse(Refusal::NotAdmitted) => 2,
     };
-    let mut body = [0u8; 2 + PROOF_LEN];
-    body[0] = status;
-    body[1] = u8::from(plaintext);
-    let body = match (&options.network, admission) {
-        (Some(net), Admission::Accept) => {
-            body[2..].copy_from_slice(&net.proof(&me, &peer));
-            &body[..]
-        }
-        _ => &body[..2],
-    };
+    let mut body = Vec::with_capacity(3 + extras.len());
+    body.extend_from_slice(&[status, u8::from(plaintext), extras_flags]);
+    body.extend_from_slice(extras);
     let mut msg = [0u8; MAX_NOISE_MSG];
-    let len = match hs.write_message(body, &mut msg) {
+    let len = match hs.write_message(&body, &mut msg) {
         Ok(len) => len,
         Err(e) => return failed(noise(e)),
     };
@@ -866,6 +1159,8 @@ pub fn respond(
         upgrade: header.upgrade,
         binding,
         peer_member: member,
+        resumed,
+        ticket: None,
     };
     let pending = Unconfirmed {
         est,
@@ -936,6 +1231,7 @@ mod tests {
             &header,
             &hello[HELLO_HEADER_LEN..],
             resp,
+            None,
             |_| admission,
             [2; 32],
         );
@@ -986,6 +1282,7 @@ mod tests {
             &header,
             &hello[HELLO_HEADER_LEN..],
             RESP,
+            None,
             |k| {
                 seen = Some((k.peer, k.hello.port, k.hello.reverse));
                 Admission::Accept
@@ -1084,6 +1381,7 @@ mod tests {
                 &header,
                 &hello[HELLO_HEADER_LEN..],
                 resp,
+                None,
                 |_| Admission::Accept,
                 [seed; 32],
             );
@@ -1169,6 +1467,7 @@ mod tests {
             &header,
             &hello[HELLO_HEADER_LEN..],
             RESP,
+            None,
             |_| Admission::Accept,
             [2; 32],
         );
@@ -1271,6 +1570,7 @@ mod tests {
             &header,
             &hello[HELLO_HEADER_LEN..],
             RESP,
+            None,
             |_| Admission::Accept,
             [2; 32],
         );
@@ -1288,6 +1588,7 @@ mod tests {
             cipher: Cipher::AesGcm,
             reverse: false,
             upgrade: false,
+            resume: false,
             target: key(1).node_id(),
             port: 1,
             noise_len: 10,
@@ -1303,6 +1604,285 @@ mod tests {
         h[0] = b'G';
         assert_eq!(HelloHeader::decode(&h), Err(WireError::BadMagic));
         assert_eq!(reply_to_bad_header(&WireError::BadMagic), None);
+    }
+
+    /// One exchange of `hello` with `resp_key`'s responder (with tickets
+    /// under `tk` at `now`, admitting with `admission`): the initiator's and
+    /// the responder's results, the responder confirmed with the
+    /// initiator's confirmation.
+    fn exchange(
+        init: Initiator,
+        hello: &[u8],
+        resp_key: &SecretKey,
+        resumption: Option<Resumption<'_>>,
+        admission: Admission,
+    ) -> (
+        Result<Established, HandshakeError>,
+        Result<Established, HandshakeError>,
+    ) {
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header = HelloHeader::decode(&hb).expect("header");
+        assert_eq!(header.noise_len, hello.len() - HELLO_HEADER_LEN);
+        let (reply, outcome) = respond(
+            resp_key,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            RESP,
+            resumption,
+            |_| admission,
+            [2; 32],
+        );
+        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
+        let rh = ReplyHeader::decode(&rh).expect("reply header");
+        let init = init.handle_reply(rh, &reply[REPLY_HEADER_LEN..]);
+        let resp = match (outcome, &init) {
+            (Responded::Accepted(p), Ok((_, c))) => p.confirm(c),
+            (Responded::Accepted(_), Err(_)) => Err(HandshakeError::NotConfirmed),
+            (Responded::Refused { refusal, .. }, _) => Err(HandshakeError::Refused(refusal)),
+            (Responded::Failed(e), _) => Err(e),
+        };
+        (init.map(|(est, _)| est), resp)
+    }
+
+    /// A full handshake from `a` to `b` under ticket key `tk`: the ticket
+    /// `a` got.
+    fn ticket_for(a: &SecretKey, b: &SecretKey, tk: &TicketKey, now: std::time::Instant) -> Ticket {
+        let (init, hello) = Initiator::new(a, b.node_id(), 7, OPTS, [1; 32]).expect("init");
+        let r = Resumption { key: tk, now };
+        let (init, resp) = exchange(init, &hello, b, Some(r), Admission::Accept);
+        let (init, resp) = (init.expect("initiator"), resp.expect("responder"));
+        assert!(!init.resumed && !resp.resumed && resp.ticket.is_none());
+        *init
+            .ticket
+            .expect("a ticket is issued with every accepted full handshake")
+    }
+
+    #[test]
+    fn a_second_handshake_resumes_with_the_ticket_of_the_first() {
+        let (a, b) = (key(1), key(2));
+        let now = std::time::Instant::now();
+        let tk = TicketKey::new([9; 32], now);
+        let r = Resumption { key: &tk, now };
+        let ticket = ticket_for(&a, &b, &tk, now);
+        assert_eq!(ticket.peer, b.node_id());
+        for (cipher, plaintext) in [
+            (Cipher::ChaChaPoly, false),
+            (Cipher::AesGcm, false),
+            (Cipher::AesGcm, true),
+        ] {
+            let opts = InitiatorOptions {
+                cipher,
+                plaintext,
+                ..OPTS
+            };
+            let (init, hello) = Initiator::resume(&a, &ticket, 9, opts, [4; 32]).expect("resume");
+            assert!(init.is_resumption());
+            let (i, rsp) = exchange(init, &hello, &b, Some(r), Admission::Accept);
+            let (i, rsp) = (i.expect("initiator"), rsp.expect("responder"));
+            assert!(i.resumed && rsp.resumed);
+            assert_eq!((i.peer, rsp.peer), (b.node_id(), a.node_id()));
+            assert_eq!((i.port, rsp.port), (9, 9));
+            assert_eq!(i.binding, rsp.binding);
+            assert!(i.ticket.is_none(), "a resumption issues no new ticket");
+            if plaintext {
+                // RESP does not allow plaintext.
+                assert_eq!(i.mode, StreamMode::Encrypted(cipher));
+            }
+            let (ik, rk) = (i.keys.expect("keys"), rsp.keys.expect("keys"));
+            assert_eq!((ik.send, ik.recv), (rk.recv, rk.send));
+            assert_ne!(ik.send, ik.recv);
+        }
+        // Fresh ephemerals: two resumptions never share keys.
+        let run = |seed| {
+            let (init, hello) = Initiator::resume(&a, &ticket, 9, OPTS, seed).expect("resume");
+            exchange(init, &hello, &b, Some(r), Admission::Accept)
+                .0
+                .expect("resumed")
+                .binding
+        };
+        assert_ne!(run([5; 32]), run([6; 32]));
+    }
+
+    #[test]
+    fn members_stay_members_on_resumption() {
+        let net = NetworkKey::from_secret(b"sesame");
+        let (a, b) = (key(1), key(2));
+        let now = std::time::Instant::now();
+        let tk = TicketKey::new([9; 32], now);
+        let r = Resumption { key: &tk, now };
+        let opts = InitiatorOptions {
+            network: Some(net),
+            ..OPTS
+        };
+        let resp = ResponderOptions {
+            network: Some(net),
+            ..RESP
+        };
+        let (init, hello) = Initiator::new(&a, b.node_id(), 7, opts, [1; 32]).expect("init");
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header = HelloHeader::decode(&hb).expect("header");
+        let (reply, _) = respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            resp,
+            Some(r),
+            |k| {
+                assert!(k.member);
+                Admission::Accept
+            },
+            [2; 32],
+        );
+        let rh =
+            ReplyHeader::decode(&reply[..REPLY_HEADER_LEN].try_into().expect("len")).expect("rh");
+        let (est, _) = init
+            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
+            .expect("full");
+        assert!(est.peer_member);
+        let ticket = est.ticket.expect("ticket");
+        let (init, hello) = Initiator::resume(&a, &ticket, 7, opts, [3; 32]).expect("resume");
+        let header = HelloHeader::decode(&hello[..HELLO_HEADER_LEN].try_into().expect("len"))
+            .expect("header");
+        let mut seen = None;
+        let (reply, outcome) = respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            resp,
+            Some(r),
+            |k| {
+                seen = Some((k.peer, k.member));
+                Admission::Accept
+            },
+            [2; 32],
+        );
+        assert_eq!(seen, Some((a.node_id(), true)));
+        let rh =
+            ReplyHeader::decode(&reply[..REPLY_HEADER_LEN].try_into().expect("len")).expect("rh");
+        let (est, _) = init
+            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
+            .expect("resumed");
+        assert!(est.resumed && est.peer_member);
+        let Responded::Accepted(p) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(p.established().peer_member);
+    }
+
+    #[test]
+    fn a_ticket_not_honoured_gets_resume_rejected_so_a_full_hello_can_follow() {
+        let (a, b) = (key(1), key(2));
+        let now = std::time::Instant::now();
+        let tk = TicketKey::new([9; 32], now);
+        let ticket = ticket_for(&a, &b, &tk, now);
+        let later = now + crate::resume::TICKET_LIFETIME + std::time::Duration::from_secs(1);
+        let restarted = TicketKey::new([10; 32], now);
+        for (r, why) in [
+            (
+                Some(Resumption {
+                    key: &restarted,
+                    now,
+                }),
+                TicketError::NotIssuedHere,
+            ),
+            (
+                Some(Resumption {
+                    key: &tk,
+                    now: later,
+                }),
+                TicketError::Expired,
+            ),
+            (None, TicketError::NotIssuedHere),
+        ] {
+            let (init, hello) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
+            let (i, rsp) = exchange(init, &hello, &b, r, Admission::Accept);
+            assert_eq!(i.err(), Some(HandshakeError::ResumeRejected));
+            assert_eq!(rsp.err(), Some(HandshakeError::Ticket(why)));
+        }
+    }
+
+    #[test]
+    fn a_resumption_is_admitted_afresh_and_a_replay_is_never_confirmed() {
+        let (a, b) = (key(1), key(2));
+        let now = std::time::Instant::now();
+        let tk = TicketKey::new([9; 32], now);
+        let r = Resumption { key: &tk, now };
+        let ticket = ticket_for(&a, &b, &tk, now);
+        let refuse = Admission::Refuse(Refusal::NotAdmitted);
+        let (init, hello) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
+        let (i, rsp) = exchange(init, &hello, &b, Some(r), refuse);
+        assert_eq!(i.err(), Some(HandshakeError::Refused(Refusal::NotAdmitted)));
+        assert_eq!(
+            rsp.err(),
+            Some(HandshakeError::Refused(Refusal::NotAdmitted))
+        );
+        // A recorded resumption hello, replayed: the responder answers with
+        // a fresh ephemeral, so no confirmation the replayer can make (here:
+        // the original's) matches.
+        let (_, hello) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
+        let (orig, _) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header = HelloHeader::decode(&hb).expect("header");
+        let (reply, _) = respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            RESP,
+            Some(r),
+            |_| Admission::Accept,
+            [20; 32],
+        );
+        let rh =
+            ReplyHeader::decode(&reply[..REPLY_HEADER_LEN].try_into().expect("len")).expect("rh");
+        let (_, recorded_confirmation) = orig
+            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
+            .expect("original");
+        let (_, replayed) = respond(
+            &b,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            RESP,
+            Some(r),
+            |_| Admission::Accept,
+            [21; 32],
+        );
+        let Responded::Accepted(pending) = replayed else {
+            panic!("{replayed:?}")
+        };
+        assert_eq!(
+            pending.confirm(&recorded_confirmation).err(),
+            Some(HandshakeError::NotConfirmed)
+        );
+    }
+
+    #[test]
+    fn a_tampered_resumption_hello_fails() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let now = std::time::Instant::now();
+        let tk = TicketKey::new([9; 32], now);
+        let r = Resumption { key: &tk, now };
+        let ticket = ticket_for(&a, &b, &tk, now);
+        let (_, hello) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
+        for i in 4..hello.len() {
+            if (40..42).contains(&i) {
+                continue; // the length field: the body would not be read whole
+            }
+            let mut bad = hello.clone();
+            bad[i] ^= 0x01;
+            let (init, _) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
+            let Ok(header) = HelloHeader::decode(&bad[..HELLO_HEADER_LEN].try_into().expect("len"))
+            else {
+                continue;
+            };
+            let (i_res, rsp) = exchange(init, &bad, &b, Some(r), Admission::Accept);
+            assert!(i_res.is_err() && rsp.is_err(), "byte {i} ({header:?})");
+        }
+        // Another node holding the ticket's bytes but not its key gets nowhere.
+        let stolen = Ticket::new(b.node_id(), false, ticket.sealed, [0; 32]);
+        let (init, hello) = Initiator::resume(&c, &stolen, 7, OPTS, [3; 32]).expect("resume");
+        let (i, rsp) = exchange(init, &hello, &b, Some(r), Admission::Accept);
+        assert!(i.is_err());
+        assert_eq!(rsp.err(), Some(HandshakeError::AuthFailed));
     }
 
     proptest! {
@@ -1324,6 +1904,7 @@ mod tests {
         fn responder_survives_arbitrary_noise_messages(
             msg in proptest::collection::vec(any::<u8>(), 0..MAX_NOISE_MSG),
             plaintext in any::<bool>(),
+            resume in any::<bool>(),
         ) {
             let b = key(2);
             let header = HelloHeader {
@@ -1331,21 +1912,30 @@ mod tests {
                 cipher: Cipher::ChaChaPoly,
                 reverse: false,
                 upgrade: false,
+                resume,
                 target: b.node_id(),
                 port: 1,
                 noise_len: msg.len(),
             };
-            let (_, outcome) = respond(&b, &header, &msg, RESP, |_| Admission::Accept, [3; 32]);
+            let tk = TicketKey::new([5; 32], std::time::Instant::now());
+            let r = Resumption { key: &tk, now: std::time::Instant::now() };
+            let (_, outcome) = respond(&b, &header, &msg, RESP, Some(r), |_| Admission::Accept, [3; 32]);
             prop_assert!(matches!(outcome, Responded::Failed(_)), "garbage must not be accepted");
         }
 
         #[test]
         fn initiator_survives_arbitrary_replies(
-            kind in 0u8..4,
+            kind in 0u8..5,
             body in proptest::collection::vec(any::<u8>(), 0..200),
+            resuming in any::<bool>(),
         ) {
             let (a, b) = (key(1), key(2));
-            let (init, _) = Initiator::new(&a, b.node_id(), 7, OPTS, [1; 32]).expect("init");
+            let (init, _) = if resuming {
+                let ticket = Ticket::new(b.node_id(), false, [7; TICKET_LEN], [8; 32]);
+                Initiator::resume(&a, &ticket, 7, OPTS, [1; 32]).expect("resume")
+            } else {
+                Initiator::new(&a, b.node_id(), 7, OPTS, [1; 32]).expect("init")
+            };
             let mut hb = [kind, 0, 0];
             hb[1..].copy_from_slice(&(body.len() as u16).to_be_bytes());
             let header = ReplyHeader::decode(&hb).expect("valid header");

@@ -20,6 +20,7 @@ mod noise_crypto;
 pub mod punch;
 pub mod race;
 pub mod record;
+pub mod resume;
 pub mod rng;
 pub mod route_chain;
 pub mod routes;

@@ -93,18 +93,25 @@ async fn join_now(
         module: SetupModule::Direct,
         first: None,
     };
-    let stream =
-        match direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await {
-            Ok(s) => s,
-            // No circuit port there: a hub that offers none.
-            Err(crate::error::ConnectError::Refused { refusal, .. }) => {
-                return Err(JoinError {
-                    why: format!("the hub refused the circuit connection: {refusal:?}"),
-                    back_off: true,
-                })
-            }
-            Err(e) => return Err(format!("dialling the hub: {e}").into()),
-        };
+    let stream = match direct::connect(
+        &shared.secret,
+        shared.tickets(),
+        &shared.local_addrs.get(),
+        &target,
+        settings,
+    )
+    .await
+    {
+        Ok(s) => s,
+        // No circuit port there: a hub that offers none.
+        Err(crate::error::ConnectError::Refused { refusal, .. }) => {
+            return Err(JoinError {
+                why: format!("the hub refused the circuit connection: {refusal:?}"),
+                back_off: true,
+            })
+        }
+        Err(e) => return Err(format!("dialling the hub: {e}").into()),
+    };
     let mut tcp = stream
         .into_plain_tcp()
         .ok_or_else(|| "the hub did not grant a plaintext circuit connection".to_string())?;
@@ -181,7 +188,7 @@ pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<
         upgrade: true,
         ..shared.initiator_options()
     };
-    let hs = initiate(&mut tcp, &shared.secret, peer, id, options);
+    let hs = initiate(&mut tcp, shared.me(), peer, id, options);
     let est = match tokio::time::timeout(shared.handshake_timeout, hs).await {
         Ok(Ok(est)) => est,
         Ok(Err(e)) => return Err(format!("the upgrade handshake failed: {e}")),

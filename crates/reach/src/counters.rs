@@ -12,6 +12,7 @@ pub(crate) struct Counters {
     pub(crate) handshakes_evicted: AtomicU64,
     pub(crate) handshakes_refused_per_source: AtomicU64,
     pub(crate) handshakes_timed_out: AtomicU64,
+    pub(crate) tickets_refused: AtomicU64,
 }
 
 /// Adds one to `counter`.
@@ -35,6 +36,11 @@ pub struct EndpointCounters {
     pub handshakes_refused_per_source: u64,
     /// Handshakes not finished within the handshake deadline.
     pub handshakes_timed_out: u64,
+    /// Resumption hellos whose ticket this node did not honour (issued
+    /// before a restart, expired, or forged); each initiator then ran a
+    /// full handshake.
+    #[serde(default)]
+    pub tickets_refused: u64,
 }
 
 impl Counters {
@@ -46,6 +52,7 @@ impl Counters {
             handshakes_evicted: get(&self.handshakes_evicted),
             handshakes_refused_per_source: get(&self.handshakes_refused_per_source),
             handshakes_timed_out: get(&self.handshakes_timed_out),
+            tickets_refused: get(&self.tickets_refused),
         }
     }
 }

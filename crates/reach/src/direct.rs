@@ -6,17 +6,19 @@
 //! host in an overlapping private range) fails that attempt and the race goes on.
 //! The first authenticated stream wins; dropping the `JoinSet` cancels the rest.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reach_proto::candidates::{order_candidates, LocalAddr};
 use reach_proto::handshake::{HandshakeError, InitiatorOptions};
 use reach_proto::race::{DirectRace, RaceStep};
+use reach_proto::resume::Tickets;
 use reach_proto::setup_plan::SetupModule;
 use reach_proto::{SecretKey, VirtualAddr};
 use tokio::task::JoinSet;
 
 use crate::error::{Attempt, AttemptError, ConnectError};
-use crate::handshake::{initiate, tcp_connect};
+use crate::handshake::{initiate, tcp_connect, Me};
 use crate::stream::{Direction, ReachStream};
 
 /// Settings of one direct connection race.
@@ -37,6 +39,7 @@ pub(crate) struct RaceSettings {
 /// Races the target's direct candidates; returns the first authenticated stream.
 pub(crate) async fn connect(
     local: &SecretKey,
+    tickets: Option<&Arc<Mutex<Tickets>>>,
     local_addrs: &[LocalAddr],
     target: &VirtualAddr,
     settings: RaceSettings,
@@ -68,11 +71,16 @@ pub(crate) async fn connect(
         let wait_until = match race.poll(Instant::now()) {
             RaceStep::Start(_, addr) => {
                 let local = local.clone();
+                let tickets = tickets.cloned();
                 let port = target.port;
                 running.spawn(async move {
                     let result = async {
                         let mut tcp = tcp_connect(addr).await?;
-                        let est = initiate(&mut tcp, &local, node, port, settings.options).await?;
+                        let me = Me {
+                            secret: &local,
+                            tickets: tickets.as_deref(),
+                        };
+                        let est = initiate(&mut tcp, me, node, port, settings.options).await?;
                         // A connect-back is the target's half of the asker's
                         // outbound stream: inbound here.
                         let direction = if settings.options.reverse {

@@ -77,6 +77,7 @@ pub struct EndpointBuilder {
     plaintext_port: Option<u16>,
     circuits: bool,
     upgrade_after: Duration,
+    resumption: bool,
     cipher: Option<Cipher>,
     accept_ports: Option<Vec<u16>>,
     connect_timeout: Duration,
@@ -105,6 +106,7 @@ impl Default for EndpointBuilder {
             plaintext_port: None,
             circuits: true,
             upgrade_after: Duration::ZERO,
+            resumption: true,
             cipher: None,
             accept_ports: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -189,6 +191,15 @@ impl EndpointBuilder {
     /// cost; a move onto a relay circuit waits 50 ms whatever this is.
     pub fn upgrade_after(mut self, t: Duration) -> Self {
         self.upgrade_after = t;
+        self
+    }
+
+    /// Whether handshakes between nodes that met before resume (default
+    /// on): one Diffie-Hellman per side instead of four, with the same
+    /// identity guarantees (`reach_proto::resume`). Off, every handshake
+    /// proves both static keys, and this node issues no tickets.
+    pub fn resumption(mut self, yes: bool) -> Self {
+        self.resumption = yes;
         self
     }
 
@@ -371,6 +382,14 @@ impl EndpointBuilder {
             plaintext_port: self.plaintext_port,
             circuits: self.circuits,
             upgrade_after: self.upgrade_after,
+            ticket_key: match self.resumption {
+                true => Some(reach_proto::resume::TicketKey::new(
+                    crate::handshake::seed().map_err(EndpointError::Random)?,
+                    std::time::Instant::now(),
+                )),
+                false => None,
+            },
+            tickets: self.resumption.then(std::sync::Arc::default),
             circuit_gate: crate::circuit_gate::Gate::default(),
             cipher: options.cipher,
             accept_ports: self.accept_ports,

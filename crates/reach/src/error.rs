@@ -240,6 +240,9 @@ pub enum EndpointError {
     /// The endpoint has shut down.
     #[error("endpoint is closed")]
     Closed,
+    /// The OS random number generator failed (for this node's ticket key).
+    #[error("cannot read random bytes: {0}")]
+    Random(std::io::Error),
 }
 
 /// Why a service could not be published on the hub's proxy ports.

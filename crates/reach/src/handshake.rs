@@ -7,10 +7,15 @@
 
 use std::net::SocketAddr;
 
+use std::sync::Mutex;
+use std::time::Instant;
+
 use reach_proto::handshake::{
-    self, Admission, Established, HelloHeader, Initiator, InitiatorOptions, Knock, ReplyHeader,
-    Responded, ResponderOptions, Unconfirmed, CONFIRM_LEN, HELLO_HEADER_LEN, REPLY_HEADER_LEN,
+    self, Admission, Established, HandshakeError, HelloHeader, Initiator, InitiatorOptions, Knock,
+    ReplyHeader, Responded, ResponderOptions, Resumption, Unconfirmed, CONFIRM_LEN,
+    HELLO_HEADER_LEN, REPLY_HEADER_LEN,
 };
+use reach_proto::resume::{TicketKey, Tickets};
 use reach_proto::{NodeId, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,21 +42,64 @@ async fn read_exact_or_closed<T: AsyncRead + Unpin>(
     }
 }
 
+/// An initiator's identity and the resumption tickets it holds (none:
+/// every handshake is a full one).
+#[derive(Clone, Copy)]
+pub(crate) struct Me<'a> {
+    pub(crate) secret: &'a SecretKey,
+    pub(crate) tickets: Option<&'a Mutex<Tickets>>,
+}
+
 /// Runs the initiator's side on a connected transport (a TCP socket or a
-/// routed stream).
+/// routed stream): a resumption when a ticket for `target` is held, else
+/// (or when the target no longer honours it) a full handshake, which
+/// leaves a ticket for the next time.
 pub(crate) async fn initiate<T: AsyncRead + AsyncWrite + Unpin>(
     io: &mut T,
-    local: &SecretKey,
+    me: Me<'_>,
     target: NodeId,
     port: u16,
     options: InitiatorOptions,
 ) -> Result<Established, AttemptError> {
-    let (init, hello) = Initiator::new(local, target, port, options, seed()?)?;
-    io.write_all(&hello).await?;
+    let ticket = me.tickets.and_then(|t| {
+        t.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&target, Instant::now())
+    });
+    if let Some(ticket) = ticket {
+        let (init, hello) = Initiator::resume(me.secret, &ticket, port, options, seed()?)?;
+        match exchange(io, init, &hello).await {
+            Err(AttemptError::Handshake(HandshakeError::ResumeRejected)) => {
+                // The target restarted (or the ticket expired): a full
+                // handshake on the same connection.
+                if let Some(t) = me.tickets {
+                    t.lock().unwrap_or_else(|p| p.into_inner()).remove(&target);
+                }
+            }
+            other => return other,
+        }
+    }
+    let (init, hello) = Initiator::new(me.secret, target, port, options, seed()?)?;
+    let mut est = exchange(io, init, &hello).await?;
+    if let (Some(ticket), Some(t)) = (est.ticket.take(), me.tickets) {
+        t.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*ticket, Instant::now());
+    }
+    Ok(est)
+}
+
+/// Sends `hello`, reads the reply, and sends the key confirmation.
+async fn exchange<T: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut T,
+    init: Initiator,
+    hello: &[u8],
+) -> Result<Established, AttemptError> {
+    io.write_all(hello).await?;
     io.flush().await?;
     let mut h = [0u8; REPLY_HEADER_LEN];
     read_exact_or_closed(io, &mut h).await?;
-    let header = ReplyHeader::decode(&h).map_err(handshake::HandshakeError::from)?;
+    let header = ReplyHeader::decode(&h).map_err(HandshakeError::from)?;
     let mut body = vec![0u8; header.len];
     read_exact_or_closed(io, &mut body).await?;
     let (est, confirmation) = init.handle_reply(header, &body)?;
@@ -69,6 +117,9 @@ pub(crate) struct Responder<'a> {
     pub(crate) secret: &'a SecretKey,
     pub(crate) options: ResponderOptions,
     pub(crate) counters: &'a Counters,
+    /// Issues and honours resumption tickets (none: every handshake is a
+    /// full one).
+    pub(crate) tickets: Option<&'a TicketKey>,
 }
 
 /// Runs the responder's side on an accepted transport for `node`. `admit` decides whether an authenticated initiator may open a
@@ -107,32 +158,63 @@ pub(crate) async fn respond_unconfirmed<T: AsyncRead + AsyncWrite + Unpin>(
     node: Responder<'_>,
     admit: impl FnOnce(&Knock<'_>) -> Admission,
 ) -> Result<Unconfirmed, AttemptError> {
-    let local = node.secret;
-    let options = node.options;
-    let mut h = [0u8; HELLO_HEADER_LEN];
-    read_exact_or_closed(io, &mut h).await?;
-    let header = match HelloHeader::decode(&h) {
-        Ok(header) => header,
-        Err(e) => {
-            if let Some(reply) = handshake::reply_to_bad_header(&e) {
-                // Best effort: the peer is already misbehaving.
-                let _ = io.write_all(&reply).await;
+    let mut admit = Some(admit);
+    // A resumption hello whose ticket is not honoured is followed by a
+    // full hello on the same connection; one such retry, no more.
+    let mut resumption_allowed = true;
+    loop {
+        let mut h = [0u8; HELLO_HEADER_LEN];
+        read_exact_or_closed(io, &mut h).await?;
+        let header = match HelloHeader::decode(&h) {
+            Ok(header) if header.resume && !resumption_allowed => {
+                let e = HandshakeError::ResumeRejected;
+                let _ = io.write_all(&handshake::reply_failed()).await;
                 let _ = io.flush().await;
+                return Err(e.into());
             }
-            return Err(handshake::HandshakeError::from(e).into());
-        }
-    };
-    let mut body = vec![0u8; header.noise_len];
-    read_exact_or_closed(io, &mut body).await?;
-    let (reply, outcome) = handshake::respond(local, &header, &body, options, admit, seed()?);
-    io.write_all(&reply).await?;
-    io.flush().await?;
-    match outcome {
-        Responded::Accepted(pending) => Ok(pending),
-        Responded::Refused { refusal, .. } => {
-            Err(handshake::HandshakeError::Refused(refusal).into())
-        }
-        Responded::Failed(e) => Err(e.into()),
+            Ok(header) => header,
+            Err(e) => {
+                if let Some(reply) = handshake::reply_to_bad_header(&e) {
+                    // Best effort: the peer is already misbehaving.
+                    let _ = io.write_all(&reply).await;
+                    let _ = io.flush().await;
+                }
+                return Err(HandshakeError::from(e).into());
+            }
+        };
+        let mut body = vec![0u8; header.noise_len];
+        read_exact_or_closed(io, &mut body).await?;
+        let resumption = node.tickets.map(|key| Resumption {
+            key,
+            now: Instant::now(),
+        });
+        // Asked once at most: a refused ticket is refused before it.
+        let decide = |k: &Knock<'_>| match admit.take() {
+            Some(admit) => admit(k),
+            None => Admission::Refuse(handshake::Refusal::NotAdmitted),
+        };
+        let (reply, outcome) = handshake::respond(
+            node.secret,
+            &header,
+            &body,
+            node.options,
+            resumption,
+            decide,
+            seed()?,
+        );
+        io.write_all(&reply).await?;
+        io.flush().await?;
+        return match outcome {
+            Responded::Accepted(pending) => Ok(pending),
+            Responded::Refused { refusal, .. } => Err(HandshakeError::Refused(refusal).into()),
+            Responded::Failed(HandshakeError::Ticket(why)) if resumption_allowed => {
+                bump(&node.counters.tickets_refused);
+                tracing::debug!("resumption ticket not honoured ({why}); a full hello may follow");
+                resumption_allowed = false;
+                continue;
+            }
+            Responded::Failed(e) => Err(e.into()),
+        };
     }
 }
 

@@ -38,6 +38,10 @@ pub(crate) struct Shared {
     pub(crate) plaintext_port: Option<u16>,
     /// Whether routed streams move onto relay circuits.
     pub(crate) circuits: bool,
+    /// Resumption: the key this node's tickets are sealed with, and the
+    /// tickets it holds for others (both `None` with resumption off).
+    pub(crate) ticket_key: Option<reach_proto::resume::TicketKey>,
+    pub(crate) tickets: Option<std::sync::Arc<std::sync::Mutex<reach_proto::resume::Tickets>>>,
     /// How long a routed stream lives before it tries to move.
     pub(crate) upgrade_after: std::time::Duration,
     /// Circuit joins at once, and the back-off after a hub offered none.
@@ -169,7 +173,23 @@ impl Shared {
             secret: &self.secret,
             options: self.responder_options(),
             counters: &self.counters,
+            tickets: self.ticket_key.as_ref(),
         }
+    }
+
+    /// What the initiator's side of a handshake needs of this node.
+    pub(crate) fn me(&self) -> crate::handshake::Me<'_> {
+        crate::handshake::Me {
+            secret: &self.secret,
+            tickets: self.tickets.as_deref(),
+        }
+    }
+
+    /// The resumption tickets this node holds, if it resumes.
+    pub(crate) fn tickets(
+        &self,
+    ) -> Option<&std::sync::Arc<std::sync::Mutex<reach_proto::resume::Tickets>>> {
+        self.tickets.as_ref()
     }
 
     pub(crate) fn initiator_options(&self) -> InitiatorOptions {

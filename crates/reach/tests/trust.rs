@@ -227,3 +227,95 @@ async fn a_thousand_idle_connections_do_not_keep_a_real_peer_out() {
     assert_eq!(server.counters().handshakes_evicted, evicted + 1);
     drop(idle);
 }
+
+/// Opens a stream from `client` to `server` and returns how each side saw
+/// it: (resumed at the client, resumed at the server, members).
+async fn resumed_both_sides(client: &Endpoint, server: &Endpoint) -> (bool, bool, bool) {
+    let target = server.virtual_addr(1);
+    let (out, inn) = within(async { tokio::join!(client.connect(&target), server.accept()) }).await;
+    let (mut out, mut inn) = (out.expect("connect"), inn.expect("accept"));
+    // The stream works whichever handshake made it.
+    out.write_all(b"ping").await.expect("write");
+    let mut b = [0u8; 4];
+    within(inn.read_exact(&mut b)).await.expect("read");
+    assert_eq!(&b, b"ping");
+    (
+        out.info().resumed,
+        inn.info().resumed,
+        out.info().peer_member && inn.info().peer_member,
+    )
+}
+
+#[tokio::test]
+async fn nodes_that_met_resume_and_a_restarted_peer_makes_them_start_over() {
+    let net = b"sesame".to_vec();
+    let server = builder(1)
+        .network_secret(net.clone())
+        .bind()
+        .await
+        .expect("bind");
+    let client = builder(2)
+        .network_secret(net.clone())
+        .bind()
+        .await
+        .expect("bind");
+    // First contact: a full handshake, which leaves the client a ticket.
+    assert_eq!(
+        resumed_both_sides(&client, &server).await,
+        (false, false, true)
+    );
+    // From then on: resumed, and membership carries over.
+    for _ in 0..3 {
+        assert_eq!(
+            resumed_both_sides(&client, &server).await,
+            (true, true, true)
+        );
+    }
+    assert_eq!(server.counters().tickets_refused, 0);
+    // The server restarts (same identity, new ticket key): the ticket is
+    // refused, the handshake falls back to a full one on the same
+    // connection, and the next one resumes again.
+    server.close(DEADLINE).await;
+    drop(server);
+    let server = builder(1).network_secret(net).bind().await.expect("rebind");
+    assert_eq!(
+        resumed_both_sides(&client, &server).await,
+        (false, false, true)
+    );
+    assert_eq!(server.counters().tickets_refused, 1);
+    assert_eq!(
+        resumed_both_sides(&client, &server).await,
+        (true, true, true)
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_handshake_is_admitted_afresh_and_resumption_can_be_off() {
+    let client = builder(2).bind().await.expect("bind");
+    // A server that admits the client issues it a ticket...
+    let open = builder(1).bind().await.expect("bind");
+    assert_eq!(
+        resumed_both_sides(&client, &open).await,
+        (false, false, false)
+    );
+    assert_eq!(
+        resumed_both_sides(&client, &open).await,
+        (true, true, false)
+    );
+    // ...and one that does not resume issues none: every handshake is full.
+    let strict = builder(3).resumption(false).bind().await.expect("bind");
+    for _ in 0..2 {
+        assert_eq!(
+            resumed_both_sides(&client, &strict).await,
+            (false, false, false)
+        );
+    }
+    // A client that does not resume never offers a ticket.
+    let fresh = builder(4).resumption(false).bind().await.expect("bind");
+    for _ in 0..2 {
+        assert_eq!(
+            resumed_both_sides(&fresh, &open).await,
+            (false, false, false)
+        );
+    }
+}

@@ -89,7 +89,18 @@ async fn learn_hub_id(
             upgrade: false,
             network: None,
         };
-        match initiate(&mut tcp, secret, secret.node_id(), HUB_VPORT, opts).await {
+        match initiate(
+            &mut tcp,
+            crate::handshake::Me {
+                secret,
+                tickets: None,
+            },
+            secret.node_id(),
+            HUB_VPORT,
+            opts,
+        )
+        .await
+        {
             Err(AttemptError::Handshake(HandshakeError::WrongNode { found, .. })) => {
                 return Ok(found)
             }
@@ -158,13 +169,19 @@ impl Dialer {
             module: SetupModule::Direct,
             first: None,
         };
-        direct::connect(&self.secret, &self.local_addrs.get(), &target, settings)
-            .await
-            .map_err(|source| HubError::Connect {
-                key_changed: source.is_identity_mismatch(),
-                known_hubs: known_hubs.map(Path::to_path_buf),
-                source,
-            })
+        direct::connect(
+            &self.secret,
+            None,
+            &self.local_addrs.get(),
+            &target,
+            settings,
+        )
+        .await
+        .map_err(|source| HubError::Connect {
+            key_changed: source.is_identity_mismatch(),
+            known_hubs: known_hubs.map(Path::to_path_buf),
+            source,
+        })
     }
 
     /// Asks `hub` for its status report (JSON) on a short-lived link: the hub

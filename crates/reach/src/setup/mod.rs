@@ -62,6 +62,7 @@ pub(crate) async fn connect(
         // No hub: the Direct module is all there is.
         let stream = direct::connect(
             &shared.secret,
+            shared.tickets(),
             &shared.local_addrs.get(),
             target,
             race_settings(shared, &target.node, timeout),
@@ -229,6 +230,7 @@ impl Run<'_> {
             let result = match module {
                 SetupModule::Direct => direct::connect(
                     &shared.secret,
+                    shared.tickets(),
                     &shared.local_addrs.get(),
                     &target,
                     race_settings(shared, &node, budget),

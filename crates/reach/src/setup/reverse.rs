@@ -116,7 +116,14 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
     if let Some(slot) = &moving {
         slot.begin();
     }
-    let made = direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings).await;
+    let made = direct::connect(
+        &shared.secret,
+        shared.tickets(),
+        &shared.local_addrs.get(),
+        &target,
+        settings,
+    )
+    .await;
     if let Some(slot) = moving {
         // `target` is the asker's NodeId: the handshake proved it.
         match made.map(ReachStream::into_new_path) {

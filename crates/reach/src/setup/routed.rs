@@ -36,7 +36,7 @@ pub(super) async fn connect(
         .ok_or(ModuleError::LinkLost)?;
     let hs = initiate(
         &mut rs,
-        &shared.secret,
+        shared.me(),
         target.node,
         target.port,
         shared.initiator_options(),

@@ -175,9 +175,15 @@ async fn upgrade(
                     options,
                     ..super::race_settings(&shared, &target.node, budget)
                 };
-                direct::connect(&shared.secret, &shared.local_addrs.get(), &target, settings)
-                    .await
-                    .map_err(|e| e.to_string())
+                direct::connect(
+                    &shared.secret,
+                    shared.tickets(),
+                    &shared.local_addrs.get(),
+                    &target,
+                    settings,
+                )
+                .await
+                .map_err(|e| e.to_string())
             }
             SetupModule::Reverse => {
                 let id = Some(target.port);

@@ -115,7 +115,7 @@ pub(crate) async fn connect(
     while let Ok(Some(mut tcp)) =
         tokio::time::timeout_at(punch_deadline.into(), opened.recv()).await
     {
-        let hs = initiate(&mut tcp, &shared.secret, node, target.port, options);
+        let hs = initiate(&mut tcp, shared.me(), node, target.port, options);
         match tokio::time::timeout_at(deadline.into(), hs).await {
             Ok(Ok(est)) => {
                 drop(tasks);

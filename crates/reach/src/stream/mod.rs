@@ -97,6 +97,9 @@ pub struct StreamInfo {
     pub failed_before: Vec<SetupModule>,
     /// The peer proved it holds this node's network secret.
     pub peer_member: bool,
+    /// The handshake resumed an earlier session between the two nodes (one
+    /// Diffie-Hellman per side; `reach_proto::resume`).
+    pub resumed: bool,
 }
 
 /// `a` with an IPv4-mapped IPv6 address (what a dual-stack socket reports
@@ -184,6 +187,7 @@ impl ReachStream {
             setup_time: started.elapsed(),
             failed_before: Vec::new(),
             peer_member: est.peer_member,
+            resumed: est.resumed,
         };
         let transport = match (est.mode, est.keys) {
             (StreamMode::Encrypted(_), Some(keys)) => {
@@ -218,6 +222,7 @@ impl ReachStream {
             setup_time: started.elapsed(),
             failed_before: Vec::new(),
             peer_member: est.peer_member,
+            resumed: est.resumed,
         };
         let upgrade_id = est.keys.is_some().then(|| est.upgrade_id());
         let transport = match (est.mode, est.keys) {
