@@ -4,9 +4,12 @@
 //! poll_write(buf) --seal up to one record--> wbuf --write--> transport
 //! transport --read--> rbuf --open in place--> plaintext range --copy--> poll_read(buf)
 //! ```
-//! Each direction has one buffer allocated at construction: writes seal into
-//! `wbuf` (one copy, fused with encryption's pass over the data) and reads decrypt
-//! in place inside `rbuf`, so nothing is allocated per record.
+//! Each direction has one buffer: writes seal into `wbuf` (one copy, fused
+//! with encryption's pass over the data) and reads decrypt in place inside
+//! `rbuf`, so nothing is allocated per record. The buffers start small and
+//! grow (to 256 KiB each at most) only when records or writes need it: a
+//! stream that carries requests and answers holds 32 KiB, not half a
+//! megabyte, and setting one up zeroes no large buffer it will not use.
 //!
 //! `poll_shutdown` sends the authenticated end-of-stream record before closing the
 //! transport's write side; a reader that sees the transport end without that
@@ -28,6 +31,11 @@ const RECORDS_PER_WRITE: usize = 4;
 /// Read buffer: room for a few whole records, so one transport read can pull in
 /// several and compaction moves at most one partial record.
 const READ_BUF_LEN: usize = 4 * MAX_RECORD_LEN;
+/// The read buffer at first: a few small records. A record that does not fit
+/// grows it to [`READ_BUF_LEN`] at once (large records mean bulk traffic).
+const INITIAL_READ_BUF_LEN: usize = 32 * 1024;
+/// The write buffer at most.
+const WRITE_BUF_LEN: usize = RECORDS_PER_WRITE * MAX_RECORD_LEN;
 
 /// An encrypted stream over transport `T`.
 pub struct SecureStream<T> {
@@ -61,14 +69,14 @@ impl<T> SecureStream<T> {
             io,
             sealer: Sealer::new(keys.cipher, &keys.send),
             opener: Opener::new(keys.cipher, &keys.recv),
-            rbuf: vec![0u8; READ_BUF_LEN].into_boxed_slice(),
+            rbuf: vec![0u8; INITIAL_READ_BUF_LEN].into_boxed_slice(),
             rstart: 0,
             rend: 0,
             pstart: 0,
             pend: 0,
             read_done: false,
             moved: false,
-            wbuf: vec![0u8; RECORDS_PER_WRITE * MAX_RECORD_LEN].into_boxed_slice(),
+            wbuf: Box::default(),
             wpos: 0,
             wlen: 0,
             end_sent: false,
@@ -157,9 +165,23 @@ impl<T: AsyncRead + Unpin> SecureStream<T> {
         } else {
             Opener::needed(&self.rbuf[self.rstart..self.rend])
                 .map_err(invalid)?
-                .unwrap_or(RECORD_HEADER_LEN + MAX_RECORD_PAYLOAD + TAG_LEN)
+                // The length is not known yet: the full buffer keeps room
+                // for a largest record (fewer, larger reads); the small one
+                // needs only the header to learn whether it must grow.
+                .unwrap_or(if self.rbuf.len() >= READ_BUF_LEN {
+                    RECORD_HEADER_LEN + MAX_RECORD_PAYLOAD + TAG_LEN
+                } else {
+                    RECORD_HEADER_LEN
+                })
+                .min(READ_BUF_LEN)
         };
-        if pending == 0 {
+        if need > self.rbuf.len() {
+            let mut grown = vec![0u8; READ_BUF_LEN].into_boxed_slice();
+            grown[..pending].copy_from_slice(&self.rbuf[self.rstart..self.rend]);
+            self.rbuf = grown;
+            self.rstart = 0;
+            self.rend = pending;
+        } else if pending == 0 {
             self.rstart = 0;
             self.rend = 0;
         } else if self.rstart + need > self.rbuf.len() {
@@ -253,6 +275,7 @@ impl<T: AsyncWrite + Unpin> SecureStream<T> {
     fn poll_close_with(&mut self, cx: &mut Context<'_>, kind: RecordKind) -> Poll<io::Result<()>> {
         ready!(self.poll_drain(cx))?;
         if !self.end_sent {
+            self.reserve(RECORD_HEADER_LEN + TAG_LEN);
             self.wlen += self
                 .sealer
                 .seal_into(kind, &[], &mut self.wbuf[self.wlen..])
@@ -261,6 +284,16 @@ impl<T: AsyncWrite + Unpin> SecureStream<T> {
             ready!(self.poll_drain(cx))?;
         }
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    /// Makes `wbuf` hold at least `len` bytes; only called drained (nothing
+    /// to keep), growing in powers of two up to [`WRITE_BUF_LEN`].
+    fn reserve(&mut self, len: usize) {
+        debug_assert_eq!(self.wlen, 0);
+        if self.wbuf.len() < len {
+            let size = len.next_power_of_two().clamp(1024, WRITE_BUF_LEN).max(len);
+            self.wbuf = vec![0u8; size].into_boxed_slice();
+        }
     }
 
     /// Writes out sealed bytes until `wbuf` is empty.
@@ -294,6 +327,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SecureStream<T> {
         }
         ready!(this.poll_drain(cx))?;
         let take = buf.len().min(RECORDS_PER_WRITE * MAX_RECORD_PAYLOAD);
+        let records = take.div_ceil(MAX_RECORD_PAYLOAD).max(1);
+        this.reserve(take + records * (RECORD_HEADER_LEN + TAG_LEN));
         for chunk in buf[..take].chunks(MAX_RECORD_PAYLOAD) {
             this.wlen += this
                 .sealer
@@ -354,6 +389,65 @@ mod tests {
         b.write_all(b"thanks").await.expect("reply");
         b.shutdown().await.expect("shutdown");
         assert_eq!(writer.await.expect("join"), b"thanks");
+    }
+
+    /// Sends `writes` (each a size) from one stream to the other, reading
+    /// with `read_len` buffers; returns what arrived and both ends' buffer
+    /// sizes (read buffer of the reader, write buffer of the writer).
+    async fn transfer(writes: Vec<usize>, read_len: usize) -> (Vec<u8>, Vec<u8>, usize, usize) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut a = SecureStream::new(a, &keys(false));
+        let mut b = SecureStream::new(b, &keys(true));
+        let mut sent = Vec::new();
+        for (i, n) in writes.iter().enumerate() {
+            sent.extend((0..*n).map(|j| (i * 7 + j) as u8));
+        }
+        let data = sent.clone();
+        let writer = tokio::spawn(async move {
+            let mut at = 0;
+            for n in writes {
+                a.write_all(&data[at..at + n]).await.expect("write");
+                at += n;
+            }
+            a.shutdown().await.expect("shutdown");
+            a.wbuf.len()
+        });
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; read_len];
+        loop {
+            let n = b.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let wlen = writer.await.expect("join");
+        (got, sent, b.rbuf.len(), wlen)
+    }
+
+    #[tokio::test]
+    async fn small_traffic_keeps_small_buffers_and_bulk_grows_them() {
+        let (got, sent, rlen, wlen) = transfer(vec![100, 2000, 9000, 1], 4096).await;
+        assert_eq!(got, sent);
+        assert_eq!(rlen, INITIAL_READ_BUF_LEN);
+        assert!(wlen <= 16 * 1024, "{wlen}");
+        let (got, sent, rlen, wlen) = transfer(vec![10, 300_000, 10], 1 << 20).await;
+        assert_eq!(got, sent);
+        assert_eq!(rlen, READ_BUF_LEN);
+        assert_eq!(wlen, WRITE_BUF_LEN);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn any_writes_arrive_intact_whatever_the_buffers_grow_to(
+            writes in proptest::collection::vec(0usize..150_000, 1..8),
+            read_len in 1usize..100_000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let (got, sent, _, _) = rt.block_on(transfer(writes, read_len));
+            proptest::prop_assert!(got == sent);
+        }
     }
 
     #[tokio::test]
