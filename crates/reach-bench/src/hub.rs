@@ -105,7 +105,15 @@ async fn settled_rss(pid: u32) -> anyhow::Result<f64> {
     Ok(last)
 }
 
-async fn node(hub: &HubTarget, seed: u32, modules: Vec<SetupModule>) -> anyhow::Result<Endpoint> {
+/// A node attached to `hub`; `circuits`: whether its routed streams move
+/// onto relay circuits (off for the streams whose memory at the hub is
+/// measured: a circuit moves them into the kernel, where it does not show).
+async fn node(
+    hub: &HubTarget,
+    seed: u32,
+    modules: Vec<SetupModule>,
+    circuits: bool,
+) -> anyhow::Result<Endpoint> {
     let mut key = [0u8; 32];
     key[..4].copy_from_slice(&seed.to_le_bytes());
     key[4] = 0xbe;
@@ -114,6 +122,7 @@ async fn node(hub: &HubTarget, seed: u32, modules: Vec<SetupModule>) -> anyhow::
         .bind_ip([127, 0, 0, 1].into())
         .hub(hub.clone())
         .modules(modules)
+        .circuits(circuits)
         .bind()
         .await?;
     ep.wait_hub(Duration::from_secs(30)).await?;
@@ -124,38 +133,165 @@ fn row(name: &str, unit: &str, value: f64) -> Row {
     Row::new(name, unit, value, None)
 }
 
+/// Routed streams per node pair: a hub holds at most 4096 per node link,
+/// so larger counts spread over several pairs.
+const STREAMS_PER_PAIR: usize = 2048;
+
+/// Nodes one `hub-nodes` process attaches: each holds two sockets there
+/// (its listener and its hub link), so a few thousand fit any limit.
+const NODES_PER_PROCESS: u32 = 2500;
+
+/// Raises this process's open-file limit (inherited by the processes it
+/// starts) to `need`, within the hard limit (raised too where allowed); a
+/// limit still too low is an error saying what to raise.
+fn raise_fd_limit(need: u64) -> anyhow::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= need {
+        return Ok(());
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, need, hard.max(need)).is_err() {
+        setrlimit(Resource::RLIMIT_NOFILE, need.min(hard), hard)?;
+    }
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < need {
+        bail!("the open-file limit is {soft}, {need} needed: raise ulimit -n (the hard limit)");
+    }
+    Ok(())
+}
+
+/// `reach-bench hub-nodes`: nodes to attach and hold.
+#[derive(clap::Args, Debug)]
+pub struct HubNodesArgs {
+    /// The hub, NODEID@IP:PORT.
+    #[arg(long)]
+    hub: String,
+    /// Nodes to attach.
+    #[arg(long)]
+    count: u32,
+    /// Seed of the first node's key (the others follow).
+    #[arg(long)]
+    first: u32,
+}
+
+/// Attaches `count` nodes, prints "ready" once all are registered, and
+/// holds them until stdin closes.
+pub async fn hold_nodes(args: HubNodesArgs) -> anyhow::Result<()> {
+    raise_fd_limit(u64::from(args.count) * 3 + 256)?;
+    let hub: HubTarget = args.hub.parse().map_err(anyhow::Error::msg)?;
+    let mut held = Vec::with_capacity(args.count as usize);
+    for i in 0..args.count {
+        held.push(node(&hub, args.first + i, vec![SetupModule::Routed], false).await?);
+    }
+    println!("ready");
+    let mut rest = Vec::new();
+    tokio::io::stdin().read_to_end(&mut rest).await?;
+    drop(held);
+    Ok(())
+}
+
+/// `hub-nodes` processes holding `nodes` attached nodes between them;
+/// killed when dropped.
+struct NodeHolders(Vec<Child>);
+
+impl Drop for NodeHolders {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `hub-nodes` processes for `nodes` nodes and waits until each
+/// says they are attached.
+fn attach_nodes(hub: &HubTarget, nodes: u32) -> anyhow::Result<NodeHolders> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe()?;
+    let target = hub.to_string();
+    let mut holders = NodeHolders(Vec::new());
+    let mut first = 10;
+    let mut left = nodes;
+    while left > 0 {
+        let count = left.min(NODES_PER_PROCESS);
+        let child = Command::new(&exe)
+            .args(["hub-nodes", "--hub", &target, "--count"])
+            .arg(count.to_string())
+            .arg("--first")
+            .arg(first.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {}", exe.display()))?;
+        holders.0.push(child);
+        first += count;
+        left -= count;
+    }
+    for c in &mut holders.0 {
+        let out = c.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("a hub-nodes process did not attach its nodes (said {line:?})");
+        }
+    }
+    Ok(holders)
+}
+
 /// Runs the hub measurements.
 pub async fn run(reach: &Path, nodes: u32, streams: usize, mib: u64) -> anyhow::Result<Vec<Row>> {
+    let pairs = streams.div_ceil(STREAMS_PER_PAIR).max(1);
+    // The hub holds a socket per node.
+    raise_fd_limit(u64::from(nodes) + pairs as u64 * 8 + 1024)?;
     let hub = start_hub(reach)?;
     let pid = hub.child.id();
     let idle = settled_rss(pid).await?;
 
-    // Sessions: `nodes` endpoints attached to the hub at once.
-    let mut attached = Vec::with_capacity(nodes as usize);
-    for i in 0..nodes {
-        attached.push(node(&hub.target, i + 10, vec![SetupModule::Routed]).await?);
-    }
+    // Sessions: `nodes` endpoints attached to the hub at once, held by
+    // processes of their own.
+    let attached = tokio::task::block_in_place(|| attach_nodes(&hub.target, nodes))?;
     let with_nodes = settled_rss(pid).await?;
 
-    // Routed streams: all open at once between two nodes, then each moves a
-    // whole window towards a reader that does not read yet.
-    let server = Arc::new(node(&hub.target, 1, SetupModule::ALL.to_vec()).await?);
-    let client = node(&hub.target, 2, vec![SetupModule::Routed]).await?;
-    let target = VirtualAddr::new(server.node_id(), 1);
+    // Routed streams: all open at once between node pairs (at most
+    // STREAMS_PER_PAIR each), then each moves a whole window towards a
+    // reader that does not read yet.
     let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel::<ReachStream>();
-    let acceptor = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            while let Ok(s) = server.accept().await {
-                if accepted_tx.send(s).is_err() {
-                    return;
+    let mut servers = Vec::with_capacity(pairs);
+    let mut clients = Vec::with_capacity(pairs);
+    let mut acceptors = Vec::with_capacity(pairs);
+    for p in 0..pairs as u32 {
+        let server = node(
+            &hub.target,
+            1_000_000 + 2 * p,
+            SetupModule::ALL.to_vec(),
+            false,
+        );
+        let server = Arc::new(server.await?);
+        let client = node(
+            &hub.target,
+            1_000_001 + 2 * p,
+            vec![SetupModule::Routed],
+            false,
+        );
+        clients.push(client.await?);
+        let accepted_tx = accepted_tx.clone();
+        acceptors.push({
+            let server = server.clone();
+            tokio::spawn(async move {
+                while let Ok(s) = server.accept().await {
+                    if accepted_tx.send(s).is_err() {
+                        return;
+                    }
                 }
-            }
-        })
-    };
+            })
+        });
+        servers.push(server);
+    }
     let mut open = Vec::with_capacity(streams);
-    for _ in 0..streams {
-        open.push(client.connect(&target).await?);
+    for i in 0..streams {
+        let p = i % pairs;
+        let target = VirtualAddr::new(servers[p].node_id(), 1);
+        open.push(clients[p].connect(&target).await?);
     }
     let mut held = Vec::with_capacity(streams);
     while held.len() < streams {
@@ -180,9 +316,17 @@ pub async fn run(reach: &Path, nodes: u32, streams: usize, mib: u64) -> anyhow::
     // Routed throughput beside a direct stream between the same two nodes.
     drop(held);
     drop(open);
-    acceptor.abort();
+    for a in acceptors {
+        a.abort();
+    }
+    drop(clients);
+    drop(servers);
+    // Throughput as a user gets it: routed, settled on a relay circuit.
+    let server = Arc::new(node(&hub.target, 1, SetupModule::ALL.to_vec(), true).await?);
+    let client = node(&hub.target, 2, vec![SetupModule::Routed], true).await?;
+    let target = VirtualAddr::new(server.node_id(), 1);
     let routed = throughput(&client, &server, &target, mib).await?;
-    let direct_client = node(&hub.target, 3, vec![SetupModule::Direct]).await?;
+    let direct_client = node(&hub.target, 3, vec![SetupModule::Direct], true).await?;
     let direct = throughput(&direct_client, &server, &server.virtual_addr(1), mib).await?;
 
     let mib_f = 1024.0 * 1024.0;
@@ -330,10 +474,10 @@ pub async fn routed_setup(
         host: proxy.ip().to_string(),
         port: proxy.port(),
     };
-    let server = Arc::new(node(&via_proxy, 1, SetupModule::ALL.to_vec()).await?);
+    let server = Arc::new(node(&via_proxy, 1, SetupModule::ALL.to_vec(), true).await?);
     // On loopback every direct path works; the cache would hold Routed for a
     // target behind a NAT, which is what Routed-only stands in for here.
-    let client = node(&via_proxy, 2, vec![SetupModule::Routed]).await?;
+    let client = node(&via_proxy, 2, vec![SetupModule::Routed], true).await?;
     let echo = {
         let server = server.clone();
         let mut left = n + 1;

@@ -58,11 +58,11 @@ enum Bench {
     /// and routed throughput beside direct. Runs the `reach` binary built
     /// beside this one.
     Hub {
-        /// Nodes attached at once.
-        #[arg(long, default_value_t = 1000)]
+        /// Nodes attached at once (held by helper processes of 2500 each).
+        #[arg(long, default_value_t = 10_000)]
         nodes: u32,
-        /// Routed streams open at once.
-        #[arg(long, default_value_t = 1000)]
+        /// Routed streams open at once (over node pairs of 2048 each).
+        #[arg(long, default_value_t = 10_000)]
         streams: usize,
         /// MiB moved per throughput figure.
         #[arg(long, default_value_t = 512)]
@@ -128,6 +128,11 @@ enum Bench {
     /// The measuring agent run inside lab hosts (used by `lab`).
     #[command(subcommand, hide = true)]
     Agent(agent::AgentCmd),
+    /// Attach nodes to a hub and hold them until stdin closes (run by
+    /// `hub`, several at once, so no process needs more open files than a
+    /// default limit allows).
+    #[command(hide = true)]
+    HubNodes(hub::HubNodesArgs),
 }
 
 /// One figure of a report, beside its baseline (NaN, written as null, when
@@ -171,6 +176,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Bench::Agent(cmd) => rt.block_on(agent::run(cmd))?,
+        Bench::HubNodes(args) => rt.block_on(hub::hold_nodes(args))?,
         Bench::Lab { quick, json, keep } => {
             report(lab::run(lab_size(quick), keep.as_deref())?, json.as_deref())?;
         }
@@ -185,7 +191,7 @@ fn main() -> anyhow::Result<()> {
             let (nodes, streams, mib) = if quick {
                 (200, 200, 64)
             } else {
-                (1000, 1000, 512)
+                (10_000, 10_000, 512)
             };
             rows.extend(rt.block_on(hub::run(&reach_binary()?, nodes, streams, mib))?);
             eprintln!(

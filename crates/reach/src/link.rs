@@ -339,13 +339,22 @@ pub struct FrameReader<R> {
     end: usize,
 }
 
+/// A link reader's buffer at first: a page. A frame that does not fit
+/// grows it to [`FULL_READ_BUF`].
+const INITIAL_READ_BUF: usize = 4 * 1024;
+/// A link reader's buffer once a large frame came: two largest frames.
+const FULL_READ_BUF: usize = 2 * (MAX_FRAME_PAYLOAD + 64);
+
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps the read side of a link.
     pub fn new(r: R) -> Self {
         Self {
             r,
-            // Room for two largest frames, so compaction is rare and cheap.
-            buf: vec![0u8; 2 * (MAX_FRAME_PAYLOAD + 64)].into_boxed_slice(),
+            // Small at first: a node's link carries control frames and small
+            // data until a large frame comes (then it grows to room for two
+            // largest frames, so compaction is rare and cheap). A hub holds
+            // one per node link: 4 KiB, not 128, for a quiet node.
+            buf: vec![0u8; INITIAL_READ_BUF].into_boxed_slice(),
             start: 0,
             end: 0,
         }
@@ -363,10 +372,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     None => Err(LinkError::BadLength { kind: "frame", len }.into()),
                 };
             }
-            if self.start == self.end {
+            // What must fit from `start`: the frame, once its header tells
+            // its length (else one more byte); in the full buffer, a
+            // largest frame, so that reads stay large.
+            let need = frame_len(pending).unwrap_or(pending.len() + 1);
+            let room = if self.buf.len() >= FULL_READ_BUF {
+                need.max(MAX_FRAME_PAYLOAD + 64)
+            } else {
+                need
+            };
+            if need > self.buf.len() {
+                let mut grown = vec![0u8; FULL_READ_BUF.max(need)].into_boxed_slice();
+                grown[..pending.len()].copy_from_slice(pending);
+                self.end -= self.start;
+                self.start = 0;
+                self.buf = grown;
+            } else if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-            } else if self.buf.len() - self.start < MAX_FRAME_PAYLOAD + 64 {
+            } else if self.buf.len() - self.start < room {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
@@ -626,6 +650,41 @@ mod tests {
         }
         assert!(r.next().await.expect("clean end").is_none());
         writer.await.expect("join").expect("writer");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// Frames of any sizes (the buffer grows for a large one), cut into
+        /// any transport reads, arrive whole and in order; the buffer stays
+        /// small while frames are.
+        #[test]
+        fn frames_of_any_size_arrive_whole_through_any_reads(
+            sizes in proptest::collection::vec(0usize..reach_proto::link::MAX_DATA_CHUNK, 1..12),
+            pipe in 1usize..70_000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            rt.block_on(async {
+                let (mut a, b) = tokio::io::duplex(pipe);
+                let frames: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, n)| vec![i as u8; *n]).collect();
+                let sent = frames.clone();
+                let writer = tokio::spawn(async move {
+                    for (i, f) in sent.iter().enumerate() {
+                        let mut out = Vec::new();
+                        encode_data(i as u32 + 1, f, &mut out);
+                        a.write_all(&out).await.expect("write");
+                    }
+                });
+                let mut r = FrameReader::new(b);
+                for (i, f) in frames.iter().enumerate() {
+                    let got = r.next().await.expect("read").expect("frame");
+                    assert_eq!(got, Frame::Data { stream: i as u32 + 1, data: f });
+                }
+                writer.await.expect("join");
+                assert!(r.next().await.expect("clean end").is_none());
+                let small = sizes.iter().all(|n| n + 64 <= INITIAL_READ_BUF);
+                assert_eq!(r.buf.len() == INITIAL_READ_BUF, small, "{sizes:?}");
+            });
+        }
     }
 
     #[tokio::test]
