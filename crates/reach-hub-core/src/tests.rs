@@ -254,7 +254,10 @@ fn readers_cannot_make_the_hub_hold_more_than_the_caps() {
             }
         }
     }
-    assert_eq!(passed, LINK_WINDOW_GROWTH, "the link's cap, not 20 x 8 MiB");
+    assert_eq!(
+        passed, LINK_WINDOW_GROWTH,
+        "the link's cap, not 20 x 32 MiB"
+    );
 }
 
 #[test]

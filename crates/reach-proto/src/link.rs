@@ -47,8 +47,12 @@ pub const MAX_DATA_CHUNK: usize = 32 * 1024;
 /// Initial credit of each direction of a routed stream.
 pub const STREAM_WINDOW: u32 = 256 * 1024;
 /// The largest window a receiver grows a stream to (see [`Grant`]), and the
-/// largest a hub relays: 8 MiB keeps ~750 Mbit/s going over a 90 ms path.
-pub const MAX_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// largest a hub relays: 32 MiB keeps ~3 Gbit/s going over a 90 ms path.
+/// A window grows only while its reader keeps up, so it ends near the
+/// path's bandwidth-delay product (at most twice it, as it doubles); what
+/// all grown windows may hold is bounded per process (`reach`'s 256 MiB
+/// growth budget) and per hub link (`LINK_WINDOW_GROWTH`, 64 MiB).
+pub const MAX_STREAM_WINDOW: u32 = 32 * 1024 * 1024;
 /// Most addresses a hub keeps per registered node.
 pub const MAX_NODE_ADDRS: usize = 8;
 /// Node ids per Directory message: 32 bytes each, so a part (with its
