@@ -24,6 +24,6 @@ if [ "${1:-}" = "--quick" ]; then
   step "reach-bench all --quick"
   exec target/release/reach-bench all --quick
 fi
-step "reach-bench all (about 3 minutes on 2 cores)"
+step "reach-bench all (about 4 minutes on 2 cores)"
 target/release/reach-bench all --json docs/bench-all.json --markdown docs/benchmarks.md
 step "results recorded in docs/benchmarks.md and docs/bench-all.json"

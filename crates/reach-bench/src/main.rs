@@ -109,7 +109,7 @@ enum Bench {
     /// Every benchmark, each figure beside its baseline, in one run: `lab`,
     /// then setup per module in the SmartSockets testbed with the paper's
     /// round trips (uncached and cached), then hub capacity (`hub`). Full run
-    /// about 3 minutes on a 2-core machine, --quick under 1. Needs what `lab`
+    /// about 4 minutes on a 2-core machine, --quick under 1. Needs what `lab`
     /// needs (scripts/bench.sh installs it and runs this).
     #[command(verbatim_doc_comment)]
     All {
