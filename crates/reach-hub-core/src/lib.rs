@@ -332,6 +332,13 @@ pub struct HubCore {
     /// request for it): see [`Control::DirectoryRequest`].
     missing: HashMap<NodeId, Instant>,
     relay: HashMap<(LinkId, u32), Relay>,
+    /// The streams of [`HubCore::relay`] entering at each link, so that a
+    /// link going down finds its streams without a scan of all.
+    relayed_at: HashMap<LinkId, HashSet<u32>>,
+    /// For each link, how far the windows of the streams flowing towards
+    /// it have grown past [`STREAM_WINDOW`] (the sum over those relays),
+    /// kept up to date so that a credit costs no scan of all streams.
+    grown_toward: HashMap<LinkId, u64>,
     /// How long a directory survives without a route to its hub.
     directory_grace: Duration,
     /// Connect-back requests passed on, by (requester, token): the link each
@@ -480,6 +487,8 @@ impl HubCore {
             dir_dirty: false,
             missing: HashMap::new(),
             relay: HashMap::new(),
+            relayed_at: HashMap::new(),
+            grown_toward: HashMap::new(),
             connect_backs: HashMap::new(),
             relay_paths: HashMap::new(),
             dir_state: epoch.max(1),
@@ -535,13 +544,7 @@ impl HubCore {
         if u64::from(bytes) <= r.window.outstanding() {
             return MAX_STREAM_WINDOW; // only returns credit: nothing grows
         }
-        let base = u64::from(STREAM_WINDOW);
-        let grown: u64 = self
-            .relay
-            .values()
-            .filter(|x| x.to_link == link)
-            .map(|x| x.window.limit().saturating_sub(base))
-            .sum();
+        let grown = self.grown_toward.get(&link).copied().unwrap_or(0);
         let room = LINK_WINDOW_GROWTH.saturating_sub(grown);
         let cap = (r.window.limit() + room).min(u64::from(MAX_STREAM_WINDOW));
         u32::try_from(cap).unwrap_or(MAX_STREAM_WINDOW)
@@ -637,10 +640,10 @@ impl HubCore {
             return;
         };
         self.events.push(Event::LinkGone { link });
-        let gone: Vec<(LinkId, u32)> = self.relay.keys().filter(|k| k.0 == link).copied().collect();
-        for key in gone {
-            if let Some(r) = self.relay.remove(&key) {
-                self.relay.remove(&(r.to_link, r.to_stream));
+        let gone = self.relayed_at.remove(&link).unwrap_or_default();
+        for stream in gone {
+            if let Some(r) = self.forget_relay((link, stream)) {
+                self.forget_relay((r.to_link, r.to_stream));
                 self.stream_closed(r.to_link);
                 let mut f = Vec::new();
                 encode_reset(
@@ -768,7 +771,12 @@ impl HubCore {
                 let Some(back) = self.relay.get_mut(&(to_link, to_stream)) else {
                     return Verdict::Continue;
                 };
+                let before = back.window.limit();
                 let bytes = back.window.on_credit_capped(bytes, cap);
+                let grew = back.window.limit() - before;
+                if grew > 0 {
+                    *self.grown_toward.entry(link).or_default() += grew;
+                }
                 if bytes == 0 {
                     return Verdict::Continue;
                 }
@@ -786,8 +794,8 @@ impl HubCore {
                 encode_fin(to_stream, &mut f);
                 self.send(to_link, f);
                 if self.relay.get(&(to_link, to_stream)).is_some_and(|b| b.fin) {
-                    self.relay.remove(&(link, stream));
-                    self.relay.remove(&(to_link, to_stream));
+                    self.forget_relay((link, stream));
+                    self.forget_relay((to_link, to_stream));
                     self.stream_closed(link);
                     self.stream_closed(to_link);
                 }
@@ -797,8 +805,8 @@ impl HubCore {
                 code,
                 reason,
             } => {
-                if let Some(r) = self.relay.remove(&(link, stream)) {
-                    self.relay.remove(&(r.to_link, r.to_stream));
+                if let Some(r) = self.forget_relay((link, stream)) {
+                    self.forget_relay((r.to_link, r.to_stream));
                     self.stream_closed(link);
                     self.stream_closed(r.to_link);
                     let mut f = Vec::new();
@@ -810,9 +818,37 @@ impl HubCore {
         Verdict::Continue
     }
 
+    /// Removes a relay entry, keeping [`HubCore::relayed_at`] and
+    /// [`HubCore::grown_toward`] in step.
+    fn forget_relay(&mut self, key: (LinkId, u32)) -> Option<Relay> {
+        let r = self.relay.remove(&key)?;
+        if let Some(set) = self.relayed_at.get_mut(&key.0) {
+            set.remove(&key.1);
+            if set.is_empty() {
+                self.relayed_at.remove(&key.0);
+            }
+        }
+        let grown = r.window.limit().saturating_sub(u64::from(STREAM_WINDOW));
+        if grown > 0 {
+            if let Some(g) = self.grown_toward.get_mut(&r.to_link) {
+                *g = g.saturating_sub(grown);
+                if *g == 0 {
+                    self.grown_toward.remove(&r.to_link);
+                }
+            }
+        }
+        Some(r)
+    }
+
+    /// Adds a relay entry for data entering at `key`.
+    fn remember_relay(&mut self, key: (LinkId, u32), relay: Relay) {
+        self.relayed_at.entry(key.0).or_default().insert(key.1);
+        self.relay.insert(key, relay);
+    }
+
     fn reset_both(&mut self, link: LinkId, stream: u32, code: ResetCode, reason: &str) {
-        if let Some(r) = self.relay.remove(&(link, stream)) {
-            self.relay.remove(&(r.to_link, r.to_stream));
+        if let Some(r) = self.forget_relay((link, stream)) {
+            self.forget_relay((r.to_link, r.to_stream));
             self.stream_closed(link);
             self.stream_closed(r.to_link);
             let mut f = Vec::new();
@@ -1016,7 +1052,7 @@ impl HubCore {
         if let Some(l) = self.links.get_mut(&link) {
             l.streams += 1;
         }
-        self.relay.insert(
+        self.remember_relay(
             (link, stream),
             Relay {
                 to_link: out,
@@ -1025,7 +1061,7 @@ impl HubCore {
                 fin: false,
             },
         );
-        self.relay.insert(
+        self.remember_relay(
             (out, out_stream),
             Relay {
                 to_link: link,

@@ -258,6 +258,39 @@ fn readers_cannot_make_the_hub_hold_more_than_the_caps() {
         passed, LINK_WINDOW_GROWTH,
         "the link's cap, not 20 x 32 MiB"
     );
+    indexes_agree(&core);
+    // Closing streams returns their growth to the link's budget.
+    for i in 0..10u32 {
+        core.handle_frame(
+            a_link,
+            Frame::Reset {
+                stream: 2 * i + 1,
+                code: ResetCode::Cancelled,
+                reason: String::new(),
+            },
+            now,
+        );
+    }
+    indexes_agree(&core);
+    core.handle_link_down(b_link, now);
+    indexes_agree(&core);
+    assert!(core.relay.is_empty() && core.grown_toward.is_empty() && core.relayed_at.is_empty());
+}
+
+/// The hub's running indexes of its relays match a scan of them: the
+/// streams entering at each link, and the growth of windows towards it.
+fn indexes_agree(core: &HubCore) {
+    let mut at: HashMap<LinkId, HashSet<u32>> = HashMap::new();
+    let mut grown: HashMap<LinkId, u64> = HashMap::new();
+    for (&(link, stream), r) in &core.relay {
+        at.entry(link).or_default().insert(stream);
+        let g = r.window.limit() - u64::from(STREAM_WINDOW);
+        if g > 0 {
+            *grown.entry(r.to_link).or_default() += g;
+        }
+    }
+    assert_eq!(core.relayed_at, at);
+    assert_eq!(core.grown_toward, grown);
 }
 
 #[test]
