@@ -335,6 +335,9 @@ pub struct HubCore {
     /// The streams of [`HubCore::relay`] entering at each link, so that a
     /// link going down finds its streams without a scan of all.
     relayed_at: HashMap<LinkId, HashSet<u32>>,
+    /// Registered node links per node (usually one), so that
+    /// [`HubCore::has_node`] costs no scan of the links.
+    node_links: HashMap<NodeId, u32>,
     /// For each link, how far the windows of the streams flowing towards
     /// it have grown past [`STREAM_WINDOW`] (the sum over those relays),
     /// kept up to date so that a credit costs no scan of all streams.
@@ -488,6 +491,7 @@ impl HubCore {
             missing: HashMap::new(),
             relay: HashMap::new(),
             relayed_at: HashMap::new(),
+            node_links: HashMap::new(),
             grown_toward: HashMap::new(),
             connect_backs: HashMap::new(),
             relay_paths: HashMap::new(),
@@ -657,6 +661,12 @@ impl HubCore {
         }
         match info.kind {
             LinkKind::Node => {
+                if let Some(n) = self.node_links.get_mut(&info.peer) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.node_links.remove(&info.peer);
+                    }
+                }
                 if self.nodes.get(&info.peer).is_some_and(|(l, _)| *l == link) {
                     self.nodes.remove(&info.peer);
                     self.directory_changed(now);
@@ -711,9 +721,7 @@ impl HubCore {
     /// Whether `node` has a registered node link here (accepting streams
     /// or connect-only).
     pub fn has_node(&self, node: &NodeId) -> bool {
-        self.links
-            .values()
-            .any(|l| l.kind == LinkKind::Node && l.peer == *node)
+        self.node_links.contains_key(node)
     }
 
     /// Whether `link` has registered (as a node or a hub).
@@ -1114,6 +1122,9 @@ impl HubCore {
                     return Verdict::Close("unknown link".into());
                 };
                 if let Some(l) = self.links.get_mut(&link) {
+                    if l.kind != LinkKind::Node {
+                        *self.node_links.entry(l.peer).or_default() += 1;
+                    }
                     l.kind = LinkKind::Node;
                 }
                 let echo = self.echo_ports.clone();

@@ -1239,3 +1239,22 @@ fn a_linked_hub_listing_a_node_it_does_not_have_cannot_take_it() {
         assert_eq!(a.home_of(&id(20)), Some(id(2)), "state {state}");
     }
 }
+
+#[test]
+fn a_node_is_served_while_any_of_its_links_is_registered() {
+    let mut core = open_hub();
+    let now = Instant::now();
+    let (a, b) = (id(40), id(41));
+    assert!(!core.has_node(&a));
+    let first = attach(&mut core, a, true);
+    let connect_only = attach(&mut core, b, false);
+    assert!(core.has_node(&a) && core.has_node(&b));
+    // The node reconnects before its old link is seen to go.
+    let second = attach(&mut core, a, true);
+    core.handle_link_down(first, now);
+    assert!(core.has_node(&a));
+    core.handle_link_down(second, now);
+    core.handle_link_down(connect_only, now);
+    assert!(!core.has_node(&a) && !core.has_node(&b));
+    assert!(core.node_links.is_empty());
+}
