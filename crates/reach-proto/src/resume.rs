@@ -226,6 +226,70 @@ impl Ticket {
     }
 }
 
+/// The version of a ticket's text form ([`Ticket::to_text`]).
+const TEXT_VERSION: &str = "reach-ticket-v1";
+
+impl Ticket {
+    /// The ticket as one line of text, for a node's state directory (the
+    /// file holds a secret: the caller keeps it private): version,
+    /// membership, the sealed ticket and the resumption key in hex, and
+    /// when it was received, `received_unix` (seconds since 1970).
+    pub fn to_text(&self, received_unix: u64) -> String {
+        use data_encoding::HEXLOWER;
+        format!(
+            "{TEXT_VERSION} {} {} {} {received_unix}\n",
+            u8::from(self.peer_member),
+            HEXLOWER.encode(&self.sealed),
+            HEXLOWER.encode(&self.key),
+        )
+    }
+
+    /// A ticket from `peer`, read back from [`Ticket::to_text`]'s line, with
+    /// its age at `now_unix`; `None` if the text is not such a line or the
+    /// ticket is no longer worth offering.
+    pub fn from_text(peer: NodeId, text: &str, now_unix: u64) -> Option<(Ticket, Duration)> {
+        use data_encoding::HEXLOWER;
+        let mut words = text.split_whitespace();
+        if words.next()? != TEXT_VERSION {
+            return None;
+        }
+        let peer_member = match words.next()? {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        let sealed: [u8; TICKET_LEN] = HEXLOWER
+            .decode(words.next()?.as_bytes())
+            .ok()?
+            .try_into()
+            .ok()?;
+        let key: [u8; RESUME_KEY_LEN] = HEXLOWER
+            .decode(words.next()?.as_bytes())
+            .ok()?
+            .try_into()
+            .ok()?;
+        let received: u64 = words.next()?.parse().ok()?;
+        if words.next().is_some() {
+            return None;
+        }
+        // A clock that went back makes the ticket look new: the responder
+        // still refuses it once expired, and a full handshake follows.
+        let age = Duration::from_secs(now_unix.saturating_sub(received));
+        if age >= TICKET_LIFETIME - OFFER_MARGIN {
+            return None;
+        }
+        Some((
+            Ticket {
+                peer,
+                peer_member,
+                sealed,
+                key,
+            },
+            age,
+        ))
+    }
+}
+
 /// Whether a ticket received at `received` is still worth offering at `now`.
 fn fresh(received: Instant, now: Instant) -> bool {
     now.saturating_duration_since(received) < TICKET_LIFETIME - OFFER_MARGIN
@@ -356,7 +420,28 @@ mod tests {
         assert_eq!(tickets.len(), MAX_TICKETS);
     }
 
+    #[test]
+    fn a_ticket_survives_its_text_form_until_it_is_too_old_to_offer() {
+        let t = Ticket::new(node(2), true, [7; TICKET_LEN], [8; RESUME_KEY_LEN]);
+        let text = t.to_text(1000);
+        let (back, age) = Ticket::from_text(node(2), &text, 1010).expect("parses");
+        assert_eq!(age, Duration::from_secs(10));
+        assert_eq!(
+            (back.peer, back.peer_member, back.sealed, back.key),
+            (t.peer, t.peer_member, t.sealed, t.key)
+        );
+        let late = 1000 + (TICKET_LIFETIME - OFFER_MARGIN).as_secs();
+        assert!(Ticket::from_text(node(2), &text, late).is_none());
+        assert!(Ticket::from_text(node(2), &text.replace("v1", "v2"), 1010).is_none());
+        assert!(Ticket::from_text(node(2), &format!("{} extra", text.trim()), 1010).is_none());
+    }
+
     proptest! {
+        #[test]
+        fn reading_arbitrary_ticket_text_never_panics(text in "\\PC{0,400}", now in any::<u64>()) {
+            let _ = Ticket::from_text(node(2), &text, now);
+        }
+
         #[test]
         fn opening_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), TICKET_LEN)) {
             let key = TicketKey::new([1; 32], Instant::now());

@@ -6,13 +6,12 @@
 //! host in an overlapping private range) fails that attempt and the race goes on.
 //! The first authenticated stream wins; dropping the `JoinSet` cancels the rest.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reach_proto::candidates::{order_candidates, LocalAddr};
 use reach_proto::handshake::{HandshakeError, InitiatorOptions};
 use reach_proto::race::{DirectRace, RaceStep};
-use reach_proto::resume::Tickets;
 use reach_proto::setup_plan::SetupModule;
 use reach_proto::{SecretKey, VirtualAddr};
 use tokio::task::JoinSet;
@@ -20,6 +19,7 @@ use tokio::task::JoinSet;
 use crate::error::{Attempt, AttemptError, ConnectError};
 use crate::handshake::{initiate, tcp_connect, Me};
 use crate::stream::{Direction, ReachStream};
+use crate::ticket_store::TicketStore;
 
 /// Settings of one direct connection race.
 #[derive(Clone, Copy, Debug)]
@@ -39,7 +39,7 @@ pub(crate) struct RaceSettings {
 /// Races the target's direct candidates; returns the first authenticated stream.
 pub(crate) async fn connect(
     local: &SecretKey,
-    tickets: Option<&Arc<Mutex<Tickets>>>,
+    tickets: Option<&Arc<TicketStore>>,
     local_addrs: &[LocalAddr],
     target: &VirtualAddr,
     settings: RaceSettings,

@@ -389,7 +389,11 @@ impl EndpointBuilder {
                 )),
                 false => None,
             },
-            tickets: self.resumption.then(std::sync::Arc::default),
+            tickets: self.resumption.then(|| {
+                std::sync::Arc::new(crate::ticket_store::TicketStore::new(
+                    state_dir.as_ref().map(|d| d.join("tickets")),
+                ))
+            }),
             circuit_gate: crate::circuit_gate::Gate::default(),
             cipher: options.cipher,
             accept_ports: self.accept_ports,

@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 
-use std::sync::Mutex;
 use std::time::Instant;
 
 use reach_proto::handshake::{
@@ -15,7 +14,7 @@ use reach_proto::handshake::{
     ReplyHeader, Responded, ResponderOptions, Resumption, Unconfirmed, CONFIRM_LEN,
     HELLO_HEADER_LEN, REPLY_HEADER_LEN,
 };
-use reach_proto::resume::{TicketKey, Tickets};
+use reach_proto::resume::TicketKey;
 use reach_proto::{NodeId, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,6 +22,7 @@ use tokio::net::TcpStream;
 use crate::counters::bump;
 use crate::counters::Counters;
 use crate::error::AttemptError;
+use crate::ticket_store::TicketStore;
 
 /// 32 bytes from the OS CSPRNG for the handshake's ephemeral key.
 pub(crate) fn seed() -> std::io::Result<[u8; 32]> {
@@ -47,7 +47,7 @@ async fn read_exact_or_closed<T: AsyncRead + Unpin>(
 #[derive(Clone, Copy)]
 pub(crate) struct Me<'a> {
     pub(crate) secret: &'a SecretKey,
-    pub(crate) tickets: Option<&'a Mutex<Tickets>>,
+    pub(crate) tickets: Option<&'a TicketStore>,
 }
 
 /// Runs the initiator's side on a connected transport (a TCP socket or a
@@ -61,11 +61,7 @@ pub(crate) async fn initiate<T: AsyncRead + AsyncWrite + Unpin>(
     port: u16,
     options: InitiatorOptions,
 ) -> Result<Established, AttemptError> {
-    let ticket = me.tickets.and_then(|t| {
-        t.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&target, Instant::now())
-    });
+    let ticket = me.tickets.and_then(|t| t.get(&target));
     if let Some(ticket) = ticket {
         let (init, hello) = Initiator::resume(me.secret, &ticket, port, options, seed()?)?;
         match exchange(io, init, &hello).await {
@@ -73,7 +69,7 @@ pub(crate) async fn initiate<T: AsyncRead + AsyncWrite + Unpin>(
                 // The target restarted (or the ticket expired): a full
                 // handshake on the same connection.
                 if let Some(t) = me.tickets {
-                    t.lock().unwrap_or_else(|p| p.into_inner()).remove(&target);
+                    t.remove(&target);
                 }
             }
             other => return other,
@@ -82,9 +78,7 @@ pub(crate) async fn initiate<T: AsyncRead + AsyncWrite + Unpin>(
     let (init, hello) = Initiator::new(me.secret, target, port, options, seed()?)?;
     let mut est = exchange(io, init, &hello).await?;
     if let (Some(ticket), Some(t)) = (est.ticket.take(), me.tickets) {
-        t.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*ticket, Instant::now());
+        t.insert(*ticket);
     }
     Ok(est)
 }

@@ -38,6 +38,7 @@ mod setup;
 pub mod source_slots;
 mod splice;
 mod stream;
+mod ticket_store;
 
 pub use counters::EndpointCounters;
 pub use endpoint::{

@@ -41,7 +41,7 @@ pub(crate) struct Shared {
     /// Resumption: the key this node's tickets are sealed with, and the
     /// tickets it holds for others (both `None` with resumption off).
     pub(crate) ticket_key: Option<reach_proto::resume::TicketKey>,
-    pub(crate) tickets: Option<std::sync::Arc<std::sync::Mutex<reach_proto::resume::Tickets>>>,
+    pub(crate) tickets: Option<std::sync::Arc<crate::ticket_store::TicketStore>>,
     /// How long a routed stream lives before it tries to move.
     pub(crate) upgrade_after: std::time::Duration,
     /// Circuit joins at once, and the back-off after a hub offered none.
@@ -186,9 +186,7 @@ impl Shared {
     }
 
     /// The resumption tickets this node holds, if it resumes.
-    pub(crate) fn tickets(
-        &self,
-    ) -> Option<&std::sync::Arc<std::sync::Mutex<reach_proto::resume::Tickets>>> {
+    pub(crate) fn tickets(&self) -> Option<&std::sync::Arc<crate::ticket_store::TicketStore>> {
         self.tickets.as_ref()
     }
 

@@ -319,3 +319,51 @@ async fn a_resumed_handshake_is_admitted_afresh_and_resumption_can_be_off() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_later_process_with_the_same_state_dir_resumes_where_an_earlier_one_left() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let server = builder(1).bind().await.expect("bind");
+    let process = || async {
+        Endpoint::builder()
+            .state_dir(state.path())
+            .bind_ip("127.0.0.1".parse().expect("ip"))
+            .bind()
+            .await
+            .expect("bind")
+    };
+    // A first process meets the server: a full handshake; the ticket goes
+    // to STATE_DIR/tickets, readable by its owner only.
+    let first = process().await;
+    assert_eq!(
+        resumed_both_sides(&first, &server).await,
+        (false, false, false)
+    );
+    first.close(DEADLINE).await;
+    drop(first);
+    let file = state
+        .path()
+        .join("tickets")
+        .join(server.node_id().to_string());
+    let mode = std::fs::metadata(&file).expect("ticket file").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    // The next process (same identity, from the state directory) resumes.
+    let second = process().await;
+    assert_eq!(
+        resumed_both_sides(&second, &server).await,
+        (true, true, false)
+    );
+    // A ticket file that is not one is nothing held, and goes.
+    std::fs::write(&file, "garbage").expect("write");
+    let third = process().await;
+    assert_eq!(
+        resumed_both_sides(&third, &server).await,
+        (false, false, false)
+    );
+    assert!(std::fs::read_to_string(&file)
+        .expect("rewritten")
+        .starts_with("reach-ticket-v1 "));
+}
