@@ -660,7 +660,7 @@ async fn serve_link(
     let (tx, rx) = reach::link::frame_channel();
     let mut writer = tokio::spawn(write_frames(w, rx));
     let mut writer_ended = false;
-    let mut silent = false;
+    let mut abnormal = false;
     let link = {
         let mut s = inner.state();
         let proof = if dialled {
@@ -703,10 +703,15 @@ async fn serve_link(
                 );
             }
             Err(_) => {
-                silent = true;
+                abnormal = true;
                 break format!("silent for {IDLE_TIMEOUT:?}");
             }
-            Ok(Err(e)) => break e.to_string(),
+            Ok(Err(e)) => {
+                // A reset, the kernel's user timeout (a peer that stopped
+                // taking data), a broken frame.
+                abnormal = true;
+                break e.to_string();
+            }
             Ok(Ok(None)) => break "closed by peer".to_string(),
             Ok(Ok(Some(f))) => f,
         };
@@ -728,8 +733,9 @@ async fn serve_link(
         s.flush();
         proxy_ports::handle(&inner, &mut s, via);
     }
-    if writer_ended || silent {
-        // Abnormal ends: a peer that does not read, or that vanished.
+    if writer_ended || abnormal {
+        // Abnormal ends: a peer that does not read, vanished, or whose
+        // connection failed.
         tracing::warn!(%peer, %observed, "link closed: {why}");
     } else {
         tracing::debug!(%peer, %observed, "link closed: {why}");
