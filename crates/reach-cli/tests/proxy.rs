@@ -637,11 +637,12 @@ fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
     assert!(relayed >= Some(pushed), "{relayed:?} relayed, cut: {cut:?}");
     let grew = peak.saturating_sub(base);
     eprintln!(
-        "hub rss {} MiB before, {} MiB at most while the node did not read ({} MiB of credit, {} MiB relayed)",
+        "hub rss {} MiB before, {} MiB at most while the node did not read ({} MiB of credit, {} MiB relayed; the link was cut for: {})",
         base >> 20,
         peak >> 20,
         credit >> 20,
-        relayed.unwrap_or(0) >> 20
+        relayed.unwrap_or(0) >> 20,
+        cut.unwrap_or("?")
     );
     assert!(
         grew <= NON_READER_BOUND,
