@@ -1212,6 +1212,37 @@ mod tests {
         SecretKey::from_seed([seed; 32])
     }
 
+    /// Passes `hello` through the wire codecs to `resp_key`'s responder
+    /// and its reply back to `init`, as drivers would: the initiator's
+    /// result and the responder's outcome.
+    fn through(
+        init: Initiator,
+        hello: &[u8],
+        resp_key: &SecretKey,
+        resp: ResponderOptions,
+        resumption: Option<Resumption<'_>>,
+        admission: Admission,
+    ) -> (
+        Result<(Established, [u8; CONFIRM_LEN]), HandshakeError>,
+        Responded,
+    ) {
+        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
+        let header = HelloHeader::decode(&hb).expect("header");
+        assert_eq!(header.noise_len, hello.len() - HELLO_HEADER_LEN);
+        let (reply, outcome) = respond(
+            resp_key,
+            &header,
+            &hello[HELLO_HEADER_LEN..],
+            resp,
+            resumption,
+            |_| admission,
+            [2; 32],
+        );
+        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
+        let rh = ReplyHeader::decode(&rh).expect("reply header");
+        (init.handle_reply(rh, &reply[REPLY_HEADER_LEN..]), outcome)
+    }
+
     /// Runs a handshake through the wire codecs, as a driver would.
     fn run(
         init_key: &SecretKey,
@@ -1222,22 +1253,7 @@ mod tests {
         admission: Admission,
     ) -> (Result<Established, HandshakeError>, Resp) {
         let (init, hello) = Initiator::new(init_key, target, 7, opts, [1; 32]).expect("init");
-        let header_bytes: [u8; HELLO_HEADER_LEN] =
-            hello[..HELLO_HEADER_LEN].try_into().expect("len");
-        let header = HelloHeader::decode(&header_bytes).expect("header");
-        assert_eq!(header.noise_len, hello.len() - HELLO_HEADER_LEN);
-        let (reply, outcome) = respond(
-            resp_key,
-            &header,
-            &hello[HELLO_HEADER_LEN..],
-            resp,
-            None,
-            |_| admission,
-            [2; 32],
-        );
-        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
-        let rh = ReplyHeader::decode(&rh).expect("reply header");
-        match (init.handle_reply(rh, &reply[REPLY_HEADER_LEN..]), outcome) {
+        match through(init, &hello, resp_key, resp, None, admission) {
             (Ok((est, confirmation)), Responded::Accepted(pending)) => {
                 let resp = pending.confirm(&confirmation).expect("confirmed");
                 (Ok(est), Resp::Confirmed(resp))
@@ -1620,21 +1636,7 @@ mod tests {
         Result<Established, HandshakeError>,
         Result<Established, HandshakeError>,
     ) {
-        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
-        let header = HelloHeader::decode(&hb).expect("header");
-        assert_eq!(header.noise_len, hello.len() - HELLO_HEADER_LEN);
-        let (reply, outcome) = respond(
-            resp_key,
-            &header,
-            &hello[HELLO_HEADER_LEN..],
-            RESP,
-            resumption,
-            |_| admission,
-            [2; 32],
-        );
-        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
-        let rh = ReplyHeader::decode(&rh).expect("reply header");
-        let init = init.handle_reply(rh, &reply[REPLY_HEADER_LEN..]);
+        let (init, outcome) = through(init, hello, resp_key, RESP, resumption, admission);
         let resp = match (outcome, &init) {
             (Responded::Accepted(p), Ok((_, c))) => p.confirm(c),
             (Responded::Accepted(_), Err(_)) => Err(HandshakeError::NotConfirmed),

@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::circuit_gate::JOINS_AT_ONCE;
-use crate::direct::{self, RaceSettings};
+use crate::direct::RaceSettings;
 use crate::handshake::{initiate, respond};
 use crate::node::Shared;
 use crate::stream::upgrade::NewPath;
@@ -93,15 +93,7 @@ async fn join_now(
         module: SetupModule::Direct,
         first: None,
     };
-    let stream = match direct::connect(
-        &shared.secret,
-        shared.tickets(),
-        &shared.local_addrs.get(),
-        &target,
-        settings,
-    )
-    .await
-    {
+    let stream = match shared.direct_connect(&target, settings).await {
         Ok(s) => s,
         // No circuit port there: a hub that offers none.
         Err(crate::error::ConnectError::Refused { refusal, .. }) => {

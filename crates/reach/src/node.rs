@@ -185,6 +185,23 @@ impl Shared {
         }
     }
 
+    /// Races `target`'s direct candidates as this node (its key, its
+    /// resumption tickets, its local addresses).
+    pub(crate) async fn direct_connect(
+        &self,
+        target: &reach_proto::VirtualAddr,
+        settings: crate::direct::RaceSettings,
+    ) -> Result<crate::stream::ReachStream, crate::error::ConnectError> {
+        crate::direct::connect(
+            &self.secret,
+            self.tickets(),
+            &self.local_addrs.get(),
+            target,
+            settings,
+        )
+        .await
+    }
+
     /// The resumption tickets this node holds, if it resumes.
     pub(crate) fn tickets(&self) -> Option<&std::sync::Arc<crate::ticket_store::TicketStore>> {
         self.tickets.as_ref()

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use reach_proto::setup_plan::{self, Budgets, Facts, SetupModule, Site};
 use reach_proto::{NodeId, VirtualAddr};
 
-use crate::direct::{self, RaceSettings};
+use crate::direct::RaceSettings;
 use crate::error::{ConnectError, ModuleError, ModuleFailure};
 use crate::node::Shared;
 use crate::stream::ReachStream;
@@ -60,14 +60,9 @@ pub(crate) async fn connect(
     let deadline = started + timeout;
     let Some(session) = &shared.session else {
         // No hub: the Direct module is all there is.
-        let stream = direct::connect(
-            &shared.secret,
-            shared.tickets(),
-            &shared.local_addrs.get(),
-            target,
-            race_settings(shared, &target.node, timeout),
-        )
-        .await?;
+        let stream = shared
+            .direct_connect(target, race_settings(shared, &target.node, timeout))
+            .await?;
         shared
             .cache
             .set_addr(target.node, stream.info().remote_addr);
@@ -228,18 +223,13 @@ impl Run<'_> {
                 }
             };
             let result = match module {
-                SetupModule::Direct => direct::connect(
-                    &shared.secret,
-                    shared.tickets(),
-                    &shared.local_addrs.get(),
-                    &target,
-                    race_settings(shared, &node, budget),
-                )
-                .await
-                .map_err(|e| match e {
-                    ConnectError::Refused { refusal, .. } => ModuleError::Refused(refusal),
-                    other => ModuleError::Direct(Box::new(other)),
-                }),
+                SetupModule::Direct => shared
+                    .direct_connect(&target, race_settings(shared, &node, budget))
+                    .await
+                    .map_err(|e| match e {
+                        ConnectError::Refused { refusal, .. } => ModuleError::Refused(refusal),
+                        other => ModuleError::Direct(Box::new(other)),
+                    }),
                 SetupModule::Reverse => {
                     reverse::connect(shared, &target, budget, self.started, None).await
                 }

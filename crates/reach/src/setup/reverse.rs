@@ -17,7 +17,7 @@ use reach_proto::link::ConnectBack;
 use reach_proto::setup_plan::SetupModule;
 use reach_proto::VirtualAddr;
 
-use crate::direct::{self, RaceSettings};
+use crate::direct::RaceSettings;
 use crate::error::ModuleError;
 use crate::hub_session::Session;
 use crate::node::Shared;
@@ -116,14 +116,7 @@ pub(crate) async fn answer(shared: &Shared, session: &Arc<Session>, cb: ConnectB
     if let Some(slot) = &moving {
         slot.begin();
     }
-    let made = direct::connect(
-        &shared.secret,
-        shared.tickets(),
-        &shared.local_addrs.get(),
-        &target,
-        settings,
-    )
-    .await;
+    let made = shared.direct_connect(&target, settings).await;
     if let Some(slot) = moving {
         // `target` is the asker's NodeId: the handshake proved it.
         match made.map(ReachStream::into_new_path) {

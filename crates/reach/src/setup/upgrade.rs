@@ -10,7 +10,7 @@ use reach_proto::handshake::InitiatorOptions;
 use reach_proto::setup_plan::{self, SetupModule};
 use reach_proto::{NodeId, VirtualAddr};
 
-use crate::direct::{self, RaceSettings};
+use crate::direct::RaceSettings;
 use crate::node::Shared;
 use crate::stream::upgrade::Slot;
 use crate::stream::ReachStream;
@@ -175,15 +175,10 @@ async fn upgrade(
                     options,
                     ..super::race_settings(&shared, &target.node, budget)
                 };
-                direct::connect(
-                    &shared.secret,
-                    shared.tickets(),
-                    &shared.local_addrs.get(),
-                    &target,
-                    settings,
-                )
-                .await
-                .map_err(|e| e.to_string())
+                shared
+                    .direct_connect(&target, settings)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             SetupModule::Reverse => {
                 let id = Some(target.port);
