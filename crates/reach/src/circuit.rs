@@ -66,6 +66,11 @@ async fn join(
     else {
         return Err(format!("{JOINS_AT_ONCE} circuits were being joined already").into());
     };
+    // Joins that waited for their turn while one before them learned that
+    // the hub offers none give up too, rather than each asking it again.
+    if shared.circuit_gate.paused() {
+        return Err("the hub offered no circuits lately".to_string().into());
+    }
     let joined = join_now(shared, hub, addrs, ticket, peer).await;
     if let Err(e) = &joined {
         if e.back_off {
