@@ -43,6 +43,20 @@ fn federated() -> HubConfig {
     }
 }
 
+/// An address that accepts TCP connections and never answers on them (the
+/// connections are held until the test's runtime ends).
+async fn tarpit() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            held.push(c);
+        }
+    });
+    (addr, task)
+}
+
 fn target_of(hub: &Hub) -> HubTarget {
     hub.target(hub.local_addr())
 }
@@ -319,14 +333,7 @@ async fn a_first_connection_flows_routed_at_once_and_settles_on_the_better_path(
     // B advertises an address that takes TCP connections and never answers
     // a handshake, so Direct waits out its whole budget there; Reverse
     // works. The sequential driver took the budget before Reverse.
-    let tarpit = TcpListener::bind((LOOPBACK, 0)).await.expect("bind");
-    let tarpit_addr = tarpit.local_addr().expect("addr");
-    let _held = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((c, _)) = tarpit.accept().await {
-            held.push(c);
-        }
-    });
+    let (tarpit_addr, _held) = tarpit().await;
     let hub = hub().await;
     let t = target_of(&hub);
     let b = Arc::new(node(&t, builder().advertise(vec![tarpit_addr])).await);
@@ -872,14 +879,7 @@ async fn a_flood_of_connect_backs_is_bounded_and_answered_at_once() {
     // A advertises an address that accepts TCP but never answers, so every
     // connect-back B starts hangs until its timeout: B runs a bounded number
     // and refuses the rest at once.
-    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let silent_addr = silent.local_addr().expect("addr");
-    let _hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (silent_addr, _hold) = tarpit().await;
     let hub = hub().await;
     let t = target_of(&hub);
     let b = node(&t, builder()).await;

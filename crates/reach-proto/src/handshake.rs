@@ -323,6 +323,32 @@ pub struct HelloHeader {
 }
 
 impl HelloHeader {
+    /// The header of a hello with `options` to `target`'s `port` (the body
+    /// length is set by [`HelloHeader::with_body`]).
+    fn asking(options: &InitiatorOptions, target: NodeId, port: u16, resume: bool) -> Self {
+        Self {
+            plaintext_requested: options.plaintext,
+            cipher: options.cipher,
+            reverse: options.reverse,
+            upgrade: options.upgrade,
+            resume,
+            target,
+            port,
+            noise_len: 0,
+        }
+    }
+
+    /// The whole hello: this header, with the length of `parts`, then them.
+    fn with_body(mut self, parts: &[&[u8]]) -> Vec<u8> {
+        self.noise_len = parts.iter().map(|p| p.len()).sum();
+        let mut out = Vec::with_capacity(HELLO_HEADER_LEN + self.noise_len);
+        out.extend_from_slice(&self.encode());
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        out
+    }
+
     /// Encodes the header.
     pub fn encode(&self) -> [u8; HELLO_HEADER_LEN] {
         let mut b = [0u8; HELLO_HEADER_LEN];
@@ -523,12 +549,12 @@ fn resume_prologue(header: &[u8; HELLO_HEADER_LEN], ticket: &[u8]) -> Vec<u8> {
     p
 }
 
-/// 32 bytes for `label` from a handshake's seed (HMAC-SHA256 keyed by it):
-/// a responder's resumption key and ticket nonce, independent of the
-/// ephemeral key the seed also makes.
-fn from_seed(seed: &[u8; 32], label: &[u8]) -> [u8; 32] {
+/// HMAC-SHA256 of `label` under `key`: the key schedule's derivations, and
+/// a responder's resumption key and ticket nonce from its handshake's seed
+/// (independent of the ephemeral key the seed also makes).
+fn hmac32(key: &[u8; 32], label: &[u8]) -> [u8; 32] {
     use aws_lc_rs::hmac;
-    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, seed), label);
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), label);
     let mut out = [0u8; 32];
     out.copy_from_slice(tag.as_ref());
     out
@@ -576,16 +602,7 @@ impl Initiator {
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
         let remote = target.x25519_public().ok_or(HandshakeError::BadKey)?;
         let secret = local.x25519_pair().0;
-        let mut header = HelloHeader {
-            plaintext_requested: options.plaintext,
-            cipher: options.cipher,
-            reverse: options.reverse,
-            upgrade: options.upgrade,
-            resume: false,
-            target,
-            port,
-            noise_len: 0,
-        };
+        let header = HelloHeader::asking(&options, target, port, false);
         let prologue = header.encode();
         let mut hs = builder(options.cipher, seed, local)
             .local_private_key(&secret)
@@ -604,10 +621,7 @@ impl Initiator {
         };
         let mut msg = [0u8; MAX_NOISE_MSG];
         let n = hs.write_message(payload, &mut msg).map_err(noise)?;
-        header.noise_len = n;
-        let mut out = Vec::with_capacity(HELLO_HEADER_LEN + n);
-        out.extend_from_slice(&header.encode());
-        out.extend_from_slice(&msg[..n]);
+        let out = header.with_body(&[&msg[..n]]);
         Ok((
             Self {
                 hs,
@@ -632,16 +646,7 @@ impl Initiator {
         options: InitiatorOptions,
         seed: [u8; 32],
     ) -> Result<(Self, Vec<u8>), HandshakeError> {
-        let mut header = HelloHeader {
-            plaintext_requested: options.plaintext,
-            cipher: options.cipher,
-            reverse: options.reverse,
-            upgrade: options.upgrade,
-            resume: true,
-            target: ticket.peer,
-            port,
-            noise_len: 0,
-        };
+        let header = HelloHeader::asking(&options, ticket.peer, port, true);
         let prologue = resume_prologue(&header.encode(), &ticket.sealed);
         let mut hs = resume_builder(options.cipher, seed)
             .psk(0, &ticket.key)
@@ -650,11 +655,7 @@ impl Initiator {
             .map_err(noise)?;
         let mut msg = [0u8; MAX_NOISE_MSG];
         let n = hs.write_message(&[], &mut msg).map_err(noise)?;
-        header.noise_len = TICKET_LEN + n;
-        let mut out = Vec::with_capacity(HELLO_HEADER_LEN + TICKET_LEN + n);
-        out.extend_from_slice(&header.encode());
-        out.extend_from_slice(&ticket.sealed);
-        out.extend_from_slice(&msg[..n]);
+        let out = header.with_body(&[&ticket.sealed, &msg[..n]]);
         Ok((
             Self {
                 hs,
@@ -790,20 +791,13 @@ struct KeySchedule {
 
 impl KeySchedule {
     fn new(hs: &mut snow::HandshakeState) -> Self {
-        use aws_lc_rs::hmac;
         let (k1, k2) = hs.dangerously_get_raw_split();
-        let derive = |k: &[u8; 32], label: &[u8]| {
-            let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, k), label);
-            let mut out = [0u8; 32];
-            out.copy_from_slice(tag.as_ref());
-            out
-        };
-        let confirm = derive(&k1, b"reach v2 key confirmation");
+        let confirm = hmac32(&k1, b"reach v2 key confirmation");
         let mut confirmation = [0u8; CONFIRM_LEN];
         confirmation.copy_from_slice(&confirm[..CONFIRM_LEN]);
         Self {
-            initiator_send: derive(&k1, b"reach v2 stream key"),
-            responder_send: derive(&k2, b"reach v2 stream key"),
+            initiator_send: hmac32(&k1, b"reach v2 stream key"),
+            responder_send: hmac32(&k2, b"reach v2 stream key"),
             confirmation,
         }
     }
@@ -1012,8 +1006,8 @@ pub fn respond(
         }
         if let Some(r) = resumption {
             flags |= EXTRA_TICKET;
-            let key = from_seed(&seed, b"reach resumption key");
-            let nonce = from_seed(&seed, b"reach ticket nonce");
+            let key = hmac32(&seed, b"reach resumption key");
+            let nonce = hmac32(&seed, b"reach ticket nonce");
             let mut n = [0u8; 12];
             n.copy_from_slice(&nonce[..12]);
             let grant = Grant { peer, member, key };
@@ -1213,15 +1207,16 @@ mod tests {
     }
 
     /// Passes `hello` through the wire codecs to `resp_key`'s responder
-    /// and its reply back to `init`, as drivers would: the initiator's
-    /// result and the responder's outcome.
+    /// (deciding with `admit`, its randomness from `seed`) and its reply
+    /// back to `init`, as drivers would: the initiator's result and the
+    /// responder's outcome.
     fn through(
         init: Initiator,
         hello: &[u8],
         resp_key: &SecretKey,
-        resp: ResponderOptions,
-        resumption: Option<Resumption<'_>>,
-        admission: Admission,
+        (resp, resumption): (ResponderOptions, Option<Resumption<'_>>),
+        admit: impl FnOnce(&Knock<'_>) -> Admission,
+        seed: [u8; 32],
     ) -> (
         Result<(Established, [u8; CONFIRM_LEN]), HandshakeError>,
         Responded,
@@ -1235,8 +1230,8 @@ mod tests {
             &hello[HELLO_HEADER_LEN..],
             resp,
             resumption,
-            |_| admission,
-            [2; 32],
+            admit,
+            seed,
         );
         let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
         let rh = ReplyHeader::decode(&rh).expect("reply header");
@@ -1253,7 +1248,7 @@ mod tests {
         admission: Admission,
     ) -> (Result<Established, HandshakeError>, Resp) {
         let (init, hello) = Initiator::new(init_key, target, 7, opts, [1; 32]).expect("init");
-        match through(init, &hello, resp_key, resp, None, admission) {
+        match through(init, &hello, resp_key, (resp, None), |_| admission, [2; 32]) {
             (Ok((est, confirmation)), Responded::Accepted(pending)) => {
                 let resp = pending.confirm(&confirmation).expect("confirmed");
                 (Ok(est), Resp::Confirmed(resp))
@@ -1290,29 +1285,16 @@ mod tests {
         hello: &[u8],
         resp_key: &SecretKey,
     ) -> ((NodeId, u16, bool), Established, Established) {
-        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
-        let header = HelloHeader::decode(&hb).expect("header");
         let mut seen = None;
-        let (reply, outcome) = respond(
-            resp_key,
-            &header,
-            &hello[HELLO_HEADER_LEN..],
-            RESP,
-            None,
-            |k| {
-                seen = Some((k.peer, k.hello.port, k.hello.reverse));
-                Admission::Accept
-            },
-            [2; 32],
-        );
+        let admit = |k: &Knock<'_>| {
+            seen = Some((k.peer, k.hello.port, k.hello.reverse));
+            Admission::Accept
+        };
+        let (init, outcome) = through(init, hello, resp_key, (RESP, None), admit, [2; 32]);
         let Responded::Accepted(pending) = outcome else {
             panic!("not accepted")
         };
-        let rh: [u8; REPLY_HEADER_LEN] = reply[..REPLY_HEADER_LEN].try_into().expect("len");
-        let rh = ReplyHeader::decode(&rh).expect("reply header");
-        let (init, confirmation) = init
-            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
-            .expect("established");
+        let (init, confirmation) = init.expect("established");
         let resp = pending.confirm(&confirmation).expect("confirmed");
         (seen.expect("admission asked"), init, resp)
     }
@@ -1636,7 +1618,14 @@ mod tests {
         Result<Established, HandshakeError>,
         Result<Established, HandshakeError>,
     ) {
-        let (init, outcome) = through(init, hello, resp_key, RESP, resumption, admission);
+        let (init, outcome) = through(
+            init,
+            hello,
+            resp_key,
+            (RESP, resumption),
+            |_| admission,
+            [2; 32],
+        );
         let resp = match (outcome, &init) {
             (Responded::Accepted(p), Ok((_, c))) => p.confirm(c),
             (Responded::Accepted(_), Err(_)) => Err(HandshakeError::NotConfirmed),
@@ -1721,49 +1710,23 @@ mod tests {
             ..RESP
         };
         let (init, hello) = Initiator::new(&a, b.node_id(), 7, opts, [1; 32]).expect("init");
-        let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
-        let header = HelloHeader::decode(&hb).expect("header");
-        let (reply, _) = respond(
-            &b,
-            &header,
-            &hello[HELLO_HEADER_LEN..],
-            resp,
-            Some(r),
-            |k| {
-                assert!(k.member);
-                Admission::Accept
-            },
-            [2; 32],
-        );
-        let rh =
-            ReplyHeader::decode(&reply[..REPLY_HEADER_LEN].try_into().expect("len")).expect("rh");
-        let (est, _) = init
-            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
-            .expect("full");
+        let member = |k: &Knock<'_>| {
+            assert!(k.member);
+            Admission::Accept
+        };
+        let (est, _) = through(init, &hello, &b, (resp, Some(r)), member, [2; 32]);
+        let (est, _) = est.expect("full");
         assert!(est.peer_member);
         let ticket = est.ticket.expect("ticket");
         let (init, hello) = Initiator::resume(&a, &ticket, 7, opts, [3; 32]).expect("resume");
-        let header = HelloHeader::decode(&hello[..HELLO_HEADER_LEN].try_into().expect("len"))
-            .expect("header");
         let mut seen = None;
-        let (reply, outcome) = respond(
-            &b,
-            &header,
-            &hello[HELLO_HEADER_LEN..],
-            resp,
-            Some(r),
-            |k| {
-                seen = Some((k.peer, k.member));
-                Admission::Accept
-            },
-            [2; 32],
-        );
+        let admit = |k: &Knock<'_>| {
+            seen = Some((k.peer, k.member));
+            Admission::Accept
+        };
+        let (est, outcome) = through(init, &hello, &b, (resp, Some(r)), admit, [2; 32]);
         assert_eq!(seen, Some((a.node_id(), true)));
-        let rh =
-            ReplyHeader::decode(&reply[..REPLY_HEADER_LEN].try_into().expect("len")).expect("rh");
-        let (est, _) = init
-            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
-            .expect("resumed");
+        let (est, _) = est.expect("resumed");
         assert!(est.resumed && est.peer_member);
         let Responded::Accepted(p) = outcome else {
             panic!("{outcome:?}")
@@ -1821,24 +1784,12 @@ mod tests {
         // A recorded resumption hello, replayed: the responder answers with
         // a fresh ephemeral, so no confirmation the replayer can make (here:
         // the original's) matches.
-        let (_, hello) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
-        let (orig, _) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
+        let (orig, hello) = Initiator::resume(&a, &ticket, 7, OPTS, [3; 32]).expect("resume");
+        let accept = |_: &Knock<'_>| Admission::Accept;
+        let (orig, _) = through(orig, &hello, &b, (RESP, Some(r)), accept, [20; 32]);
+        let (_, recorded_confirmation) = orig.expect("original");
         let hb: [u8; HELLO_HEADER_LEN] = hello[..HELLO_HEADER_LEN].try_into().expect("len");
         let header = HelloHeader::decode(&hb).expect("header");
-        let (reply, _) = respond(
-            &b,
-            &header,
-            &hello[HELLO_HEADER_LEN..],
-            RESP,
-            Some(r),
-            |_| Admission::Accept,
-            [20; 32],
-        );
-        let rh =
-            ReplyHeader::decode(&reply[..REPLY_HEADER_LEN].try_into().expect("len")).expect("rh");
-        let (_, recorded_confirmation) = orig
-            .handle_reply(rh, &reply[REPLY_HEADER_LEN..])
-            .expect("original");
         let (_, replayed) = respond(
             &b,
             &header,

@@ -258,16 +258,11 @@ impl Ticket {
             "1" => true,
             _ => return None,
         };
-        let sealed: [u8; TICKET_LEN] = HEXLOWER
-            .decode(words.next()?.as_bytes())
-            .ok()?
-            .try_into()
-            .ok()?;
-        let key: [u8; RESUME_KEY_LEN] = HEXLOWER
-            .decode(words.next()?.as_bytes())
-            .ok()?
-            .try_into()
-            .ok()?;
+        fn hex<const N: usize>(word: &str) -> Option<[u8; N]> {
+            HEXLOWER.decode(word.as_bytes()).ok()?.try_into().ok()
+        }
+        let sealed = hex::<TICKET_LEN>(words.next()?)?;
+        let key = hex::<RESUME_KEY_LEN>(words.next()?)?;
         let received: u64 = words.next()?.parse().ok()?;
         if words.next().is_some() {
             return None;
@@ -275,7 +270,7 @@ impl Ticket {
         // A clock that went back makes the ticket look new: the responder
         // still refuses it once expired, and a full handshake follows.
         let age = Duration::from_secs(now_unix.saturating_sub(received));
-        if age >= TICKET_LIFETIME - OFFER_MARGIN {
+        if !offerable(age) {
             return None;
         }
         Some((
@@ -290,9 +285,14 @@ impl Ticket {
     }
 }
 
+/// Whether a ticket received `age` ago is still worth offering.
+fn offerable(age: Duration) -> bool {
+    age < TICKET_LIFETIME - OFFER_MARGIN
+}
+
 /// Whether a ticket received at `received` is still worth offering at `now`.
 fn fresh(received: Instant, now: Instant) -> bool {
-    now.saturating_duration_since(received) < TICKET_LIFETIME - OFFER_MARGIN
+    offerable(now.saturating_duration_since(received))
 }
 
 /// The tickets an initiator holds, one per responder, at most

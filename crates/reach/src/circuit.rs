@@ -22,7 +22,6 @@ use reach_proto::{NodeId, VirtualAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::circuit_gate::JOINS_AT_ONCE;
 use crate::direct::RaceSettings;
 use crate::handshake::{initiate, respond};
 use crate::node::Shared;
@@ -59,18 +58,7 @@ async fn join(
     ticket: Ticket,
     peer: NodeId,
 ) -> Result<TcpStream, JoinError> {
-    if shared.circuit_gate.paused() {
-        return Err("the hub offered no circuits lately".to_string().into());
-    }
-    let Ok(_turn) = tokio::time::timeout(JOIN_TIMEOUT, shared.circuit_gate.joins.acquire()).await
-    else {
-        return Err(format!("{JOINS_AT_ONCE} circuits were being joined already").into());
-    };
-    // Joins that waited for their turn while one before them learned that
-    // the hub offers none give up too, rather than each asking it again.
-    if shared.circuit_gate.paused() {
-        return Err("the hub offered no circuits lately".to_string().into());
-    }
+    let _turn = shared.circuit_gate.turn(JOIN_TIMEOUT).await?;
     let joined = join_now(shared, hub, addrs, ticket, peer).await;
     if let Err(e) = &joined {
         if e.back_off {

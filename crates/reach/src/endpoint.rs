@@ -382,13 +382,12 @@ impl EndpointBuilder {
             plaintext_port: self.plaintext_port,
             circuits: self.circuits,
             upgrade_after: self.upgrade_after,
-            ticket_key: match self.resumption {
-                true => Some(reach_proto::resume::TicketKey::new(
-                    crate::handshake::seed().map_err(EndpointError::Random)?,
-                    std::time::Instant::now(),
-                )),
-                false => None,
-            },
+            ticket_key: self
+                .resumption
+                .then(crate::handshake::seed)
+                .transpose()
+                .map_err(EndpointError::Random)?
+                .map(|s| reach_proto::resume::TicketKey::new(s, std::time::Instant::now())),
             tickets: self.resumption.then(|| {
                 std::sync::Arc::new(crate::ticket_store::TicketStore::new(
                     state_dir.as_ref().map(|d| d.join("tickets")),

@@ -194,17 +194,12 @@ impl Shared {
     ) -> Result<crate::stream::ReachStream, crate::error::ConnectError> {
         crate::direct::connect(
             &self.secret,
-            self.tickets(),
+            self.tickets.as_ref(),
             &self.local_addrs.get(),
             target,
             settings,
         )
         .await
-    }
-
-    /// The resumption tickets this node holds, if it resumes.
-    pub(crate) fn tickets(&self) -> Option<&std::sync::Arc<crate::ticket_store::TicketStore>> {
-        self.tickets.as_ref()
     }
 
     pub(crate) fn initiator_options(&self) -> InitiatorOptions {

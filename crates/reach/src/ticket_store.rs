@@ -3,20 +3,30 @@
 //! mode 0600: a ticket's resumption key is a secret), so that a short-lived
 //! process (`reach connect`, an ssh `ProxyCommand`) resumes with a peer an
 //! earlier process met. A file that does not parse, or whose ticket is too
-//! old to offer, is nothing held (and is removed).
+//! old to offer, is nothing held (and is removed). Each peer's file is read
+//! at most once per process: a connection to a peer with no ticket costs
+//! no file system access after the first.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use reach_proto::resume::{Ticket, Tickets};
+use reach_proto::resume::{Ticket, Tickets, MAX_TICKETS};
 use reach_proto::NodeId;
 
 /// A node's tickets, in memory and in its state directory.
 #[derive(Debug)]
 pub(crate) struct TicketStore {
-    mem: Mutex<Tickets>,
+    mem: Mutex<Held>,
     dir: Option<PathBuf>,
+}
+
+/// The tickets in memory, and the peers whose file was read already.
+#[derive(Debug, Default)]
+struct Held {
+    tickets: Tickets,
+    read: HashSet<NodeId>,
 }
 
 /// Seconds since 1970 now (0 for a clock before it: every stored ticket
@@ -36,16 +46,26 @@ impl TicketStore {
         }
     }
 
-    fn mem(&self) -> std::sync::MutexGuard<'_, Tickets> {
+    fn mem(&self) -> std::sync::MutexGuard<'_, Held> {
         self.mem.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The ticket to offer `peer`, from memory or, failing that, from the
+    /// The ticket to offer `peer`, from memory or, the first time, from the
     /// state directory.
     pub(crate) fn get(&self, peer: &NodeId) -> Option<Ticket> {
         let now = Instant::now();
-        if let Some(t) = self.mem().get(peer, now) {
-            return Some(t);
+        {
+            let mut held = self.mem();
+            if let Some(t) = held.tickets.get(peer, now) {
+                return Some(t);
+            }
+            // Bounded like the tickets: past it, files may be read again.
+            if held.read.len() >= MAX_TICKETS {
+                held.read.clear();
+            }
+            if !held.read.insert(*peer) {
+                return None;
+            }
         }
         let path = self.dir.as_ref()?.join(peer.to_string());
         let text = std::fs::read_to_string(&path).ok()?;
@@ -54,7 +74,7 @@ impl TicketStore {
             return None;
         };
         let received = now.checked_sub(age).unwrap_or(now);
-        self.mem().insert(ticket.clone(), received);
+        self.mem().tickets.insert(ticket.clone(), received);
         Some(ticket)
     }
 
@@ -71,12 +91,12 @@ impl TicketStore {
                 tracing::debug!("cannot keep a resumption ticket in {}: {e}", path.display());
             }
         }
-        self.mem().insert(ticket, Instant::now());
+        self.mem().tickets.insert(ticket, Instant::now());
     }
 
     /// Forgets `peer`'s ticket (it refused it).
     pub(crate) fn remove(&self, peer: &NodeId) {
-        self.mem().remove(peer);
+        self.mem().tickets.remove(peer);
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_file(dir.join(peer.to_string()));
         }
