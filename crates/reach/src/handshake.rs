@@ -14,7 +14,7 @@ use reach_proto::handshake::{
     ReplyHeader, Responded, ResponderOptions, Resumption, Unconfirmed, CONFIRM_LEN,
     HELLO_HEADER_LEN, REPLY_HEADER_LEN,
 };
-use reach_proto::resume::TicketKey;
+use reach_proto::resume::{TicketError, TicketKey};
 use reach_proto::{NodeId, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -161,7 +161,8 @@ pub(crate) async fn respond_unconfirmed<T: AsyncRead + AsyncWrite + Unpin>(
         read_exact_or_closed(io, &mut h).await?;
         let header = match HelloHeader::decode(&h) {
             Ok(header) if header.resume && !resumption_allowed => {
-                let e = HandshakeError::ResumeRejected;
+                // The ticket was refused a moment ago on this connection.
+                let e = HandshakeError::Ticket(TicketError::NotIssuedHere);
                 let _ = io.write_all(&handshake::reply_failed()).await;
                 let _ = io.flush().await;
                 return Err(e.into());
