@@ -893,6 +893,9 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
     let b = connector(config, state_dir, &args.common, &vaddr)?;
     // Connect-only: a listener with the same identity keeps its directory entry.
     let endpoint = b.accept_ports(Vec::new()).bind().await?;
+    // Read before connecting: the background move below teaches the cache
+    // while this process looks.
+    let first = endpoint.cached_module(&vaddr.node).is_none();
     let stream = endpoint.connect_timeout(&vaddr, timeout).await?;
     let info = stream.info().clone();
     tracing::info!(
@@ -909,10 +912,8 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
     // A first connection that started routed may still be finding its
     // better path in the background (the cache waits for it): wait a
     // little, so the module cache, shared with the next process, learns
-    // where it settles.
-    let finding =
-        info.module == SetupModule::Routed && endpoint.cached_module(&info.peer).is_none();
-    let settled = if finding {
+    // where it settles (the runtime's shutdown does not wait for it).
+    let settled = if first && info.module == SetupModule::Routed {
         tokio::time::timeout(SETTLE_AT_EXIT, done.stream.upgrade_learned())
             .await
             .ok()

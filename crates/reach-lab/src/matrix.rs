@@ -308,9 +308,10 @@ fn plain_pair(lab: &Lab, tools: &Path, from: &str, to: &str, timeout: Duration) 
     failed(lab, from, to, details.join("; "))
 }
 
-/// Where the reach matrix keeps node and hub state (identities, logs).
+/// Where the lab's reach processes keep their state and logs: inside the
+/// lab's own directory, so its teardown removes them.
 pub(crate) fn reach_state(lab: &Lab) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("{}-reach", lab.record().prefix))
+    lab.record().state_dir().join("reach")
 }
 
 pub(crate) fn start_reach(
@@ -385,6 +386,40 @@ pub(crate) struct Connected {
     pub(crate) failed_before: Vec<String>,
 }
 
+impl Connected {
+    /// What `reach connect -v` logged: the "connected ... module=X ...
+    /// setup_ms=Y" and "settled settled_module=Z" lines only (time, level,
+    /// message, fields), since debug lines name modules too.
+    fn from_log(log: &str) -> Self {
+        let line = |message: &str| {
+            log.lines()
+                .find(|l| l.split_whitespace().nth(2) == Some(message))
+                .unwrap_or_default()
+        };
+        let (connected, settled) = (line("connected"), line("settled"));
+        let field = |line: &str, name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_string)
+        };
+        let module = field(connected, "module=").unwrap_or_else(|| "?".into());
+        let settled_module = field(settled, "settled_module=");
+        let setup_ms = field(connected, "setup_ms=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
+        let failed_before = field(connected, "failed_before=")
+            .filter(|v| v != "-")
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
+        Connected {
+            module,
+            settled_module,
+            setup_ms,
+            failed_before,
+        }
+    }
+}
+
 /// One `reach connect` carrying `token`, with `extra` arguments (modules).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn reach_connect(
@@ -427,27 +462,7 @@ pub(crate) fn reach_connect(
             .unwrap_or("reach connect failed")
             .to_string());
     }
-    // From the "connected ... module=X ... setup_ms=Y" log line.
-    let field = |name: &str| {
-        log.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .map(str::to_string)
-    };
-    let module = field("module=").unwrap_or_else(|| "?".into());
-    let settled_module = field("settled_module=");
-    let setup_ms = field("setup_ms=")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN);
-    let failed_before = field("failed_before=")
-        .filter(|v| v != "-")
-        .map(|v| v.split(',').map(str::to_string).collect())
-        .unwrap_or_default();
-    Ok(Connected {
-        module,
-        settled_module,
-        setup_ms,
-        failed_before,
-    })
+    Ok(Connected::from_log(&log))
 }
 
 fn reach_pair(
@@ -478,5 +493,29 @@ fn reach_pair(
         cached_module: cached.as_ref().map(|c| c.module.clone()),
         cached_failed_before: cached.map(|c| c.failed_before).unwrap_or_default(),
         ..cell(lab, from, to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connect_log_is_read_from_its_connected_and_settled_lines_only() {
+        let log = "\
+2026-12-02T08:16:02.409Z DEBUG direct race node=x candidates=[198.51.100.50:41075]
+2026-12-02T08:16:02.413Z DEBUG setup module failed node=x module=direct error=refused
+2026-12-02T08:16:02.433Z  INFO connected peer=x to=198.51.100.50:53930 module=reverse failed_before=direct mode=Encrypted(AesGcm) setup_ms=54.506
+2026-12-02T08:16:02.440Z DEBUG upgrade connection made node=x module=splice
+2026-12-02T08:16:02.455Z  INFO settled settled_module=reverse
+";
+        let c = Connected::from_log(log);
+        assert_eq!(c.module, "reverse");
+        assert_eq!(c.settled_module.as_deref(), Some("reverse"));
+        assert_eq!(c.setup_ms, 54.506);
+        assert_eq!(c.failed_before, ["direct"]);
+        let none = Connected::from_log("reach: error: no route\n");
+        assert_eq!(none.module, "?");
+        assert!(none.settled_module.is_none() && none.setup_ms.is_nan());
     }
 }

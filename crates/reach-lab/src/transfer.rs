@@ -117,7 +117,8 @@ impl Bench {
             command: "reach-lab transfer".into(),
             output: "the topology has no [hubs] table".into(),
         })?;
-        let dir = std::env::temp_dir().join(format!("{}-transfer", lab.record().prefix));
+        // Inside the lab's directory: its teardown removes the data too.
+        let dir = lab.record().state_dir().join("transfer");
         std::fs::create_dir_all(&dir)?;
         // `start` returns once every hub listens. A listener writes its
         // address only once registered, so on a one-hub topology `run` needs

@@ -20,6 +20,18 @@ use std::path::Path;
 /// Writes `bytes` to `path` atomically with permission bits `mode` (see the
 /// module docs).
 pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    replace(path, bytes, mode, true)
+}
+
+/// [`write_atomically`] without the fsyncs, for caches (the module cache,
+/// resumption tickets): readers still see the old file or the new one, and
+/// a crash may lose the entry, which costs only a slower next connection.
+/// Syncing took milliseconds on the setup path of a first connection.
+pub fn write_cache(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    replace(path, bytes, mode, false)
+}
+
+fn replace(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -42,13 +54,18 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> 
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     written?;
+    if !sync {
+        return Ok(());
+    }
     // The rename itself must survive a crash too.
     fs::File::open(dir).and_then(|d| d.sync_all())
 }

@@ -152,7 +152,20 @@ pub(crate) async fn respond_unconfirmed<T: AsyncRead + AsyncWrite + Unpin>(
     node: Responder<'_>,
     admit: impl FnOnce(&Knock<'_>) -> Admission,
 ) -> Result<Unconfirmed, AttemptError> {
+    respond_announcing(io, node, admit, |_| {}).await
+}
+
+/// [`respond_unconfirmed`], calling `accepted` with an admitted stream's
+/// outcome before the reply goes out: whatever the initiator may do once
+/// it has the reply (move the stream, say) finds it in place.
+pub(crate) async fn respond_announcing<T: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut T,
+    node: Responder<'_>,
+    admit: impl FnOnce(&Knock<'_>) -> Admission,
+    accepted: impl FnOnce(&Established),
+) -> Result<Unconfirmed, AttemptError> {
     let mut admit = Some(admit);
+    let mut accepted = Some(accepted);
     // A resumption hello whose ticket is not honoured is followed by a
     // full hello on the same connection; one such retry, no more.
     let mut resumption_allowed = true;
@@ -197,6 +210,9 @@ pub(crate) async fn respond_unconfirmed<T: AsyncRead + AsyncWrite + Unpin>(
             decide,
             seed()?,
         );
+        if let (Responded::Accepted(pending), Some(accepted)) = (&outcome, accepted.take()) {
+            accepted(pending.established());
+        }
         io.write_all(&reply).await?;
         io.flush().await?;
         return match outcome {
@@ -219,4 +235,110 @@ pub(crate) async fn tcp_connect(addr: SocketAddr) -> std::io::Result<TcpStream> 
     // Handshake messages and interactive traffic must not wait for Nagle.
     tcp.set_nodelay(true)?;
     Ok(tcp)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use reach_proto::handshake::Cipher;
+    use tokio::io::{DuplexStream, ReadBuf};
+
+    use super::*;
+
+    /// A transport that counts the bytes written to it.
+    struct Counted {
+        io: DuplexStream,
+        written: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.written.fetch_add(n, Ordering::SeqCst);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// A routed stream registers for moves in `accepted`: the initiator may
+    /// move it as soon as it reads the reply, so nothing of the reply may
+    /// have gone out before.
+    #[tokio::test]
+    async fn an_admitted_stream_is_announced_before_the_reply_goes_out() {
+        let (initiator_key, responder_key) = (
+            crate::keystore::generate().expect("key"),
+            crate::keystore::generate().expect("key"),
+        );
+        let (mut a, b) = tokio::io::duplex(64 * 1024);
+        let written = Arc::new(AtomicUsize::new(0));
+        let mut b = Counted {
+            io: b,
+            written: written.clone(),
+        };
+        let counters = Counters::default();
+        let responder = Responder {
+            secret: &responder_key,
+            options: ResponderOptions {
+                allow_plaintext: false,
+                plaintext_port: None,
+                reveal_identity: false,
+                network: None,
+            },
+            counters: &counters,
+            tickets: None,
+        };
+        let mut announced = None;
+        let respond = respond_announcing(
+            &mut b,
+            responder,
+            |_| Admission::Accept,
+            |est| announced = Some((est.peer, written.load(Ordering::SeqCst))),
+        );
+        let me = Me {
+            secret: &initiator_key,
+            tickets: None,
+        };
+        let options = InitiatorOptions {
+            plaintext: false,
+            cipher: Cipher::AesGcm,
+            reverse: false,
+            upgrade: false,
+            network: None,
+        };
+        let initiate = initiate(&mut a, me, responder_key.node_id(), 7, options);
+        let (responded, initiated) = tokio::join!(respond, initiate);
+        responded.expect("responder");
+        initiated.expect("initiator");
+        assert_eq!(announced, Some((initiator_key.node_id(), 0)));
+        assert!(
+            written.load(Ordering::SeqCst) > 0,
+            "the reply went out after"
+        );
+    }
 }

@@ -110,9 +110,8 @@ impl ModuleCache {
                 other => other,
             }
         } else {
-            std::fs::create_dir_all(dir).and_then(|()| {
-                crate::files::write_atomically(&path, new.render().as_bytes(), 0o600)
-            })
+            std::fs::create_dir_all(dir)
+                .and_then(|()| crate::files::write_cache(&path, new.render().as_bytes(), 0o600))
         };
         if let Err(e) = result {
             tracing::debug!("cannot update the module cache {}: {e}", path.display());

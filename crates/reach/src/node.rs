@@ -268,7 +268,14 @@ impl Shared {
                 *moving = Some(slot);
                 Admission::Accept
             }
-            None => Admission::Refuse(Refusal::NotAdmitted),
+            None => {
+                tracing::warn!(
+                    peer = %k.peer,
+                    id = k.hello.port,
+                    "refused to move a stream: none with that id here (it ended long ago, or never was)"
+                );
+                Admission::Refuse(Refusal::NotAdmitted)
+            }
         }
     }
 

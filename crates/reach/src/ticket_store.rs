@@ -86,7 +86,7 @@ impl TicketStore {
             // Best effort: without the file, the next process runs a full
             // handshake, as without a state directory.
             let written = std::fs::create_dir_all(dir)
-                .and_then(|()| crate::files::write_atomically(&path, text.as_bytes(), 0o600));
+                .and_then(|()| crate::files::write_cache(&path, text.as_bytes(), 0o600));
             if let Err(e) = written {
                 tracing::debug!("cannot keep a resumption ticket in {}: {e}", path.display());
             }

@@ -14,13 +14,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach_proto::handshake::{Admission, Knock, Refusal};
+use reach_proto::handshake::{Admission, Established, Knock, Refusal};
 use reach_proto::{NodeId, VirtualAddr};
 
 use crate::error::ModuleError;
-use crate::handshake::{initiate, respond};
+use crate::handshake::{confirm, initiate, respond_announcing};
 use crate::node::Shared;
 use crate::routed::RoutedStream;
+use crate::stream::upgrade::{self, Slot};
 use crate::stream::{Direction, ReachStream};
 
 /// Opens a routed stream through the hubs and runs the handshake over it.
@@ -69,19 +70,26 @@ pub(crate) async fn accept(
         }
         shared.admit_new(k, "routed")
     };
-    let hs = respond(&mut rs, shared.responder(), admit);
+    // Registered for moves before the reply goes out: the initiator may
+    // start moving the stream as soon as it has the reply, and its new
+    // connection must find the stream here.
+    let slot = Slot::default();
+    let mut registration = None;
+    let register = |est: &Established| {
+        if est.keys.is_some() {
+            let key = (est.peer, est.upgrade_id());
+            registration = upgrade::register(&shared.upgrades, key, slot.clone());
+        }
+    };
+    let hs = async {
+        let responder = shared.responder();
+        let pending = respond_announcing(&mut rs, responder, admit, register).await?;
+        confirm(&mut rs, responder.counters, pending).await
+    };
     match tokio::time::timeout(shared.handshake_timeout, hs).await {
         Ok(Ok(est)) => {
             // The peer may move this stream to a direct connection later.
             let stream = ReachStream::over_routed(rs, est, link, Direction::Inbound, started);
-            let slot = crate::stream::upgrade::Slot::default();
-            let registration = stream.upgrade_id().and_then(|id| {
-                crate::stream::upgrade::register(
-                    &shared.upgrades,
-                    (stream.peer(), id),
-                    slot.clone(),
-                )
-            });
             let stream = match registration {
                 Some(r) => stream.into_upgradable(slot, Some(r)),
                 None => stream,
