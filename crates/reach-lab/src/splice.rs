@@ -34,6 +34,10 @@ pub struct PairRate {
     /// Longest time a failed attempt took to give up (the whole `reach
     /// connect` process, start-up included), in ms.
     pub max_failure_ms: Option<f64>,
+    /// Longest time a failed setup took by reach's own account (the
+    /// "(after ...)" of its error), in ms: how fast Splice declines, without
+    /// the process's start-up, which a loaded machine stretches.
+    pub max_decline_ms: Option<f64>,
     /// The last failure's message.
     pub last_error: Option<String>,
 }
@@ -160,6 +164,7 @@ pub fn run(
                 spliced: 0,
                 median_ms: None,
                 max_failure_ms: None,
+                max_decline_ms: None,
                 last_error: None,
             };
             for _ in 0..attempts {
@@ -175,6 +180,9 @@ pub fn run(
                     Err(e) => {
                         let ms = started.elapsed().as_secs_f64() * 1000.0;
                         rate.max_failure_ms = Some(rate.max_failure_ms.unwrap_or(0.0).max(ms));
+                        if let Some(ms) = failed_after_ms(&e) {
+                            rate.max_decline_ms = Some(rate.max_decline_ms.unwrap_or(0.0).max(ms));
+                        }
                         rate.last_error = Some(e);
                     }
                 }
@@ -193,9 +201,38 @@ pub fn run(
     })
 }
 
+/// The setup time in a `reach connect` error ("cannot reach node X (after
+/// 1.7ms): ..."), in ms.
+fn failed_after_ms(error: &str) -> Option<f64> {
+    let rest = &error[error.find("(after ")? + "(after ".len()..];
+    let text = &rest[..rest.find(')')?];
+    let number_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let value: f64 = text[..number_end].parse().ok()?;
+    let scale = match &text[number_end..] {
+        "s" => 1e3,
+        "ms" => 1.0,
+        "µs" | "us" => 1e-3,
+        "ns" => 1e-6,
+        _ => return None,
+    };
+    Some(value * scale)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_setup_time_is_read_from_a_connect_error() {
+        let e = "reach: error: cannot reach node yvz2 (after 1.7ms): splice: random ports";
+        assert_eq!(failed_after_ms(e), Some(1.7));
+        assert_eq!(failed_after_ms("x (after 2.5s): y"), Some(2500.0));
+        assert_eq!(failed_after_ms("x (after 250.0µs): y"), Some(0.25));
+        assert_eq!(failed_after_ms("reach: error: no hub"), None);
+        assert_eq!(failed_after_ms("x (after soon): y"), None);
+    }
 
     #[test]
     fn medians_and_totals() {
@@ -209,6 +246,7 @@ mod tests {
             spliced,
             median_ms: Some(1.0),
             max_failure_ms: None,
+            max_decline_ms: None,
             last_error: None,
         };
         let t = SpliceTable {

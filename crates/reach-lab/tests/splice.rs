@@ -46,12 +46,13 @@ fn splice_success_rates_per_nat_pair_meet_the_targets() {
     let (ok, all) =
         table.total(|p| p.from.starts_with("nat-apdm-seq") && p.to.starts_with("nat-apdm-seq"));
     assert!(ok * 100 >= all * 80, "{ok} of {all} spliced{report}");
-    // The random-port symmetric NAT: never spliced, and each attempt gives
-    // up within a second (the whole process, start-up included), so the
-    // driver moves on to Routed at once.
+    // The random-port symmetric NAT: never spliced, and Splice declines
+    // within a second by reach's own account (not waiting out its budget),
+    // so the driver moves on to Routed at once. The whole process's time is
+    // reported beside it; a loaded machine stretches its start-up.
     for p in table.pairs.iter().filter(|p| involves(p, "nat-apdm-rand")) {
         assert_eq!(p.spliced, 0, "{p:?}");
-        assert!(p.max_failure_ms.is_some_and(|ms| ms < 1000.0), "{p:?}");
+        assert!(p.max_decline_ms.is_some_and(|ms| ms < 1000.0), "{p:?}");
         let why = p.last_error.as_deref().unwrap_or_default();
         assert!(why.contains("random ports"), "{p:?}");
     }
