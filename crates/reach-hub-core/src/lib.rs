@@ -881,6 +881,21 @@ impl HubCore {
             .flatten()
     }
 
+    /// The next hub on the path to hub `hub`, and the addresses it listens
+    /// on (what it gossips): where a relay circuit to a node at `hub` is
+    /// carried on. `None` for this hub itself, or one no route leads to.
+    pub fn next_hub_towards(&self, hub: &NodeId) -> Option<(NodeId, Vec<SocketAddr>)> {
+        let next = if self.hubs.contains_key(hub) {
+            *hub
+        } else {
+            self.routes.next_hop(hub)?
+        };
+        self.hubs.contains_key(&next).then(|| {
+            let listen = self.remote.get(&next).map(|r| r.listen.clone());
+            (next, listen.unwrap_or_default())
+        })
+    }
+
     /// The link towards hub `hub`: a direct link, or the next hop's.
     fn link_to_hub(&self, hub: &NodeId) -> Option<LinkId> {
         if let Some(l) = self.hubs.get(hub) {

@@ -1258,3 +1258,16 @@ fn a_node_is_served_while_any_of_its_links_is_registered() {
     assert!(!core.has_node(&a) && !core.has_node(&b));
     assert!(core.node_links.is_empty());
 }
+
+#[test]
+fn a_circuit_to_another_hub_is_carried_to_the_next_hub() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    pump(&mut a, &mut b, ab, ba, now);
+    // From b, hub a is one hop on, at the addresses it listens on.
+    assert_eq!(b.next_hub_towards(&id(1)), Some((id(1), vec![addr(1)])));
+    assert_eq!(a.next_hub_towards(&id(2)), Some((id(2), vec![addr(2)])));
+    // Itself, or a hub no route leads to: nowhere to carry it.
+    assert_eq!(a.next_hub_towards(&id(1)), None);
+    assert_eq!(a.next_hub_towards(&id(30)), None);
+}

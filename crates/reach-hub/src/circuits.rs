@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use reach::ReachStream;
 use reach_proto::circuit::{
-    is_limit, CircuitAnswer, CircuitHello, Offered, HELLO_LEN, NO_CIRCUITS,
+    is_limit, CircuitAnswer, CircuitHello, Offered, HELLO_HEADER_LEN, HELLO_LEN, NO_CIRCUITS,
 };
 use reach_proto::NodeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,7 +46,24 @@ async fn serve_one(inner: &Inner, stream: ReachStream) {
         }
     };
     let mut hello = [0u8; HELLO_LEN];
-    match tokio::time::timeout(HELLO_WITHIN, tcp.read_exact(&mut hello)).await {
+    let read = async {
+        let (header, _) = hello.split_at_mut(HELLO_HEADER_LEN);
+        tcp.read_exact(header).await?;
+        std::io::Result::Ok(())
+    };
+    match tokio::time::timeout(HELLO_WITHIN, read).await {
+        Ok(Ok(())) => {}
+        _ => {
+            tracing::debug!(%from, "circuit connection closed: no hello within {HELLO_WITHIN:?}");
+            return;
+        }
+    }
+    let mut header = [0u8; HELLO_HEADER_LEN];
+    header.copy_from_slice(&hello[..HELLO_HEADER_LEN]);
+    if let Err(e) = CircuitHello::check_header(&header) {
+        return refuse(tcp, from, &e.to_string()).await;
+    }
+    match tokio::time::timeout(HELLO_WITHIN, tcp.read_exact(&mut hello[HELLO_HEADER_LEN..])).await {
         Ok(Ok(_)) => {}
         _ => {
             tracing::debug!(%from, "circuit connection closed: no hello within {HELLO_WITHIN:?}");
@@ -60,12 +77,34 @@ async fn serve_one(inner: &Inner, stream: ReachStream) {
     let Some(limits) = inner.config.circuits else {
         return unavailable(tcp, from, NO_CIRCUITS).await;
     };
+    // A node speaks for itself; a leg comes from a linked hub, which speaks
+    // for the node whose end it carries.
+    let (toward, serves, wrong) = {
+        let s = inner.state();
+        let leg = hello.from != from;
+        let toward = hello.toward.filter(|hub| *hub != s.core.id());
+        let wrong = if leg && !s.core.has_hub_link(&from) {
+            Some("a circuit leg comes from a linked hub only")
+        } else if toward.is_some() && !leg && !s.core.has_node(&hello.from) {
+            Some("a node's circuit is carried on from its own hub only")
+        } else {
+            None
+        };
+        // Pairs here: one end is attached here (a leg's node is not).
+        let serves = s.core.has_node(&hello.peer) || (!leg && s.core.has_node(&from));
+        (toward, serves, wrong)
+    };
+    if let Some(why) = wrong {
+        return refuse(tcp, from, why).await;
+    }
+    if let Some(hub) = toward {
+        return carry_on(inner, tcp, from, hello, hub).await;
+    }
     let now = Instant::now();
     let offered = {
         let mut s = inner.state();
-        let serves = s.core.has_node(&from) || s.core.has_node(&hello.peer);
         s.circuits
-            .offer(now, hello.ticket, from, hello.peer, tcp, serves)
+            .offer(now, hello.ticket, hello.from, hello.peer, tcp, serves)
     };
     match offered {
         Offered::Waiting => {
@@ -76,25 +115,77 @@ async fn serve_one(inner: &Inner, stream: ReachStream) {
                 refuse(tcp, from, "the other node did not join in time").await;
             }
         }
-        Offered::Refused(tcp, why) => {
-            let n = inner.state().circuits.counters.refused;
-            if n.is_power_of_two() {
-                tracing::warn!(%from, peer = %hello.peer, "circuit refused: {why} ({n} so far)");
-            }
-            if is_limit(why) {
-                unavailable(tcp, from, why).await;
-            } else {
-                refuse(tcp, from, why).await;
-            }
-        }
+        Offered::Refused(tcp, why) => refused(inner, tcp, from, &hello, why).await,
         Offered::Paired { waiting, arrived } => {
             let closed = Closed {
                 inner,
-                ends: (from, hello.peer),
+                ends: (hello.from, hello.peer),
             };
-            relay(waiting, arrived, from, hello.peer).await;
+            relay(waiting, arrived, &hello).await;
             drop(closed);
         }
+    }
+}
+
+/// Carries the circuit `hello` names on towards the hub of its other end:
+/// a leg to the next hub, spliced to `tcp` once that hub has paired it or
+/// carried it on in turn. The hub never waits for the other end itself.
+async fn carry_on(
+    inner: &Inner,
+    tcp: TcpStream,
+    from: NodeId,
+    hello: CircuitHello,
+    toward: NodeId,
+) {
+    let Some(leg) = hello.next_leg() else {
+        return refuse(tcp, from, "the circuit crossed too many hubs").await;
+    };
+    let (next, reserved) = {
+        let mut s = inner.state();
+        let next = s.core.next_hub_towards(&toward);
+        let reserved = match next {
+            Some(_) => s.circuits.extend(hello.from, hello.peer),
+            None => Err("no route to the other node's hub"),
+        };
+        (next, reserved)
+    };
+    let Some((hub, addrs)) = next.filter(|_| reserved.is_ok()) else {
+        let why = reserved.err().unwrap_or("no route to the other node's hub");
+        return refused(inner, tcp, from, &hello, why).await;
+    };
+    let closed = Closed {
+        inner,
+        ends: (hello.from, hello.peer),
+    };
+    match inner.endpoint.circuit_leg(hub, addrs, leg).await {
+        Ok(onward) => {
+            tracing::debug!(%from, %hub, peer = %hello.peer, "circuit carried on");
+            relay_onward(tcp, onward, &hello).await;
+        }
+        Err(e) if e.unavailable => unavailable(tcp, from, &e.why).await,
+        Err(e) => {
+            refuse(
+                tcp,
+                from,
+                &format!("carrying the circuit on to hub {hub}: {e}"),
+            )
+            .await
+        }
+    }
+    drop(closed);
+}
+
+/// Answers a half the table refused (a limit as `Unavailable`, so the
+/// node backs off), logging the first and every power of two.
+async fn refused(inner: &Inner, tcp: TcpStream, from: NodeId, hello: &CircuitHello, why: &str) {
+    let n = inner.state().circuits.counters.refused;
+    if n.is_power_of_two() {
+        tracing::warn!(%from, peer = %hello.peer, "circuit refused: {why} ({n} so far)");
+    }
+    if is_limit(why) {
+        unavailable(tcp, from, why).await;
+    } else {
+        refuse(tcp, from, why).await;
     }
 }
 
@@ -111,18 +202,35 @@ impl Drop for Closed<'_> {
     }
 }
 
-/// Tells both nodes they are paired and relays until the circuit ends.
-async fn relay(mut a: TcpStream, mut b: TcpStream, from: NodeId, peer: NodeId) {
+/// Tells both halves they are paired and relays until the circuit ends.
+async fn relay(mut a: TcpStream, mut b: TcpStream, hello: &CircuitHello) {
     let paired = CircuitAnswer::Paired.encode();
     let told = async {
         a.write_all(&paired).await?;
         b.write_all(&paired).await
     };
     if let Err(e) = told.await {
-        tracing::debug!(%from, %peer, "circuit lost before it started: {e}");
+        tracing::debug!(from = %hello.from, peer = %hello.peer, "circuit lost before it started: {e}");
         return;
     }
-    tracing::debug!(%from, %peer, "circuit paired");
+    tracing::debug!(from = %hello.from, peer = %hello.peer, "circuit paired");
+    splice_until_closed(a, b, hello).await;
+}
+
+/// Tells the half that asked (`tcp`) that its circuit is paired further
+/// on, and relays between it and the leg to the next hub (which is this
+/// hub's own connection, told nothing).
+async fn relay_onward(mut tcp: TcpStream, onward: TcpStream, hello: &CircuitHello) {
+    if let Err(e) = tcp.write_all(&CircuitAnswer::Paired.encode()).await {
+        tracing::debug!(from = %hello.from, peer = %hello.peer, "circuit lost before it started: {e}");
+        return;
+    }
+    splice_until_closed(tcp, onward, hello).await;
+}
+
+/// Moves bytes between `a` and `b` in the kernel until both ends close.
+async fn splice_until_closed(a: TcpStream, b: TcpStream, hello: &CircuitHello) {
+    let (from, peer) = (hello.from, hello.peer);
     match crate::kernel_copy::relay(a, b).await {
         Ok(m) => {
             tracing::debug!(%from, %peer, forward = m.forward, backward = m.backward, "circuit ended")

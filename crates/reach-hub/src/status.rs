@@ -112,6 +112,7 @@ impl Status {
                 "paired": self.circuits.counters.paired,
                 "refused": self.circuits.counters.refused,
                 "expired": self.circuits.counters.expired,
+                "extended": self.circuits.counters.extended,
             },
             "counters": {
                 "streams_opened": self.counters.streams_opened,
@@ -227,6 +228,12 @@ impl Status {
             "counter",
             "Circuit halves whose other half did not come in time.",
             self.circuits.counters.expired.to_string(),
+        );
+        metric(
+            "circuits_extended_total",
+            "counter",
+            "Relay circuits carried on to the next hub towards the other node's hub.",
+            self.circuits.counters.extended.to_string(),
         );
         metric(
             "exposures",

@@ -96,7 +96,13 @@ impl LabRecord {
         for ns in self.namespaces.iter().rev() {
             apply::remove_namespace(ns);
         }
-        let _ = std::fs::remove_dir_all(self.state_dir());
+        // REACH_LAB_KEEP keeps the lab's files (logs, state, transfer data)
+        // for a look after a failure; the namespaces go anyway.
+        if std::env::var_os("REACH_LAB_KEEP").is_some() {
+            eprintln!("kept the lab's files in {}", self.state_dir().display());
+        } else {
+            let _ = std::fs::remove_dir_all(self.state_dir());
+        }
         let _ = std::fs::remove_file(self.path());
     }
 }

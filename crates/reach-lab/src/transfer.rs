@@ -57,6 +57,8 @@ pub struct Bench {
     bytes: u64,
     sha256: String,
     upgrade_after: Option<Duration>,
+    /// Nodes every hub must know before the connector starts.
+    converge_on: Option<usize>,
 }
 
 /// Writes `bytes` of pseudo-random data (incompressible, reproducible).
@@ -134,6 +136,7 @@ impl Bench {
             bytes,
             sha256,
             upgrade_after: None,
+            converge_on: None,
         })
     }
 
@@ -143,6 +146,20 @@ impl Bench {
     pub fn upgrade_after(mut self, after: Duration) -> Self {
         self.upgrade_after = Some(after);
         self
+    }
+
+    /// Before each connector starts, waits until every hub knows `nodes`
+    /// nodes (attached, or learned from other hubs): across several hubs a
+    /// fresh listener's entry takes a moment to spread. With 1, meant for a
+    /// bench's first transfer (an earlier listener's entry may linger).
+    pub fn converge_on(mut self, nodes: usize) -> Self {
+        self.converge_on = Some(nodes);
+        self
+    }
+
+    /// The hubs the transfers go through.
+    pub fn hubs(&self) -> &HubSet {
+        &self.hubs
     }
 
     /// Sends the data from `from` to a fresh listener on `to`, the connector
@@ -192,6 +209,10 @@ impl Bench {
                     output: std::fs::read_to_string(run_dir.join("listen.log")).unwrap_or_default(),
                 }
             })?;
+        if let Some(nodes) = self.converge_on {
+            self.hubs
+                .wait_converged(lab, tools, nodes, Duration::from_secs(20))?;
+        }
         let started = Instant::now();
         let mut connect = lab.command(from, &reach);
         connect

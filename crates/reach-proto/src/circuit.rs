@@ -14,6 +14,17 @@
 //!   upgrade hello (Noise IK, A to B) ======== spliced by H ==========> B
 //! ```
 //!
+//! When B cannot reach A's hub, it joins at its own hub with
+//! [`CircuitHello::toward`] naming A's hub, and every hub on the route there
+//! carries the circuit on: it dials the next hub's circuit port, sends the
+//! next leg's hello ([`CircuitHello::next_leg`], one hop fewer) and splices
+//! the two connections once that hub has paired the leg or carried it on in
+//! turn. A's hub pairs the last leg with A's half.
+//!
+//! ```text
+//!   A --hello--> H1 <--leg-- H2 <--leg-- H3 <--hello{toward: H1}-- B
+//! ```
+//!
 //! The handshake with the hub authenticates both nodes to it (a plaintext
 //! stream: the hub must be able to hand the bare socket to the kernel), so
 //! the hub pairs only the two nodes that named each other under one ticket.
@@ -47,21 +58,43 @@ pub fn ticket_token(ticket: &Ticket) -> u32 {
 }
 
 const HELLO_MAGIC: [u8; 3] = *b"rcc";
-const HELLO_VERSION: u8 = 1;
+const HELLO_VERSION: u8 = 2;
+
+/// Length of a circuit hello's header (magic and version): read first, so
+/// that a hello of another version gets a clear refusal, not a wait for
+/// bytes that never come.
+pub const HELLO_HEADER_LEN: usize = 4;
 
 /// Length of an encoded [`CircuitHello`].
-pub const HELLO_LEN: usize = 4 + TICKET_LEN + NODE_ID_LEN;
+pub const HELLO_LEN: usize = HELLO_HEADER_LEN + 2 + TICKET_LEN + 3 * NODE_ID_LEN;
+
+/// Hubs a circuit may cross at most: a node's hello carries it, each leg a
+/// hub extends carries one fewer, and a hello with none left is refused (a
+/// loop in changing routes ends there).
+pub const MAX_HOPS: u8 = 8;
+
+const FLAG_EXTEND: u8 = 1;
 
 /// Longest refusal reason in a [`CircuitAnswer`].
 pub const MAX_REASON_LEN: usize = 255;
 
-/// A node's first bytes on a circuit connection, after the handshake.
+/// The first bytes on a circuit connection, after the handshake: a node's
+/// (`from` is the node itself) or, on a leg one hub extends to the next, the
+/// extending hub's (`from` is the node whose end the leg carries).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CircuitHello {
     /// The circuit's ticket.
     pub ticket: Ticket,
+    /// The node at this end of the circuit.
+    pub from: NodeId,
     /// The node at the circuit's other end.
     pub peer: NodeId,
+    /// The hub where `peer` joins, when it is another: this hub carries the
+    /// circuit on towards it (the answering node, which could not reach the
+    /// offering node's hub, joins at its own) instead of pairing it here.
+    pub toward: Option<NodeId>,
+    /// Hubs the circuit may still cross, this one included.
+    pub hops: u8,
 }
 
 /// Why bytes are not a circuit hello.
@@ -74,9 +107,15 @@ pub enum CircuitHelloError {
     /// A version this build does not speak.
     #[error("circuit hello version {0}, this build speaks {HELLO_VERSION}")]
     Version(u8),
-    /// The peer is not an ed25519 public key.
-    #[error("the circuit hello's peer is not a valid node id")]
+    /// A node id is not an ed25519 public key.
+    #[error("the circuit hello names an invalid node id")]
     BadPeer,
+    /// Flags this build does not know, or a hub without its flag.
+    #[error("the circuit hello has unknown flags {0:#04x}, or a hub without its flag")]
+    Flags(u8),
+    /// No hops left: a loop, or a path longer than [`MAX_HOPS`].
+    #[error("the circuit crossed too many hubs")]
+    NoHopsLeft,
 }
 
 impl CircuitHello {
@@ -85,25 +124,77 @@ impl CircuitHello {
         let mut b = [0u8; HELLO_LEN];
         b[..3].copy_from_slice(&HELLO_MAGIC);
         b[3] = HELLO_VERSION;
-        b[4..4 + TICKET_LEN].copy_from_slice(&self.ticket);
-        b[4 + TICKET_LEN..].copy_from_slice(self.peer.as_bytes());
+        b[4] = if self.toward.is_some() {
+            FLAG_EXTEND
+        } else {
+            0
+        };
+        b[5] = self.hops;
+        let (ticket, ids) = b[6..].split_at_mut(TICKET_LEN);
+        ticket.copy_from_slice(&self.ticket);
+        let (from, rest) = ids.split_at_mut(NODE_ID_LEN);
+        let (peer, toward) = rest.split_at_mut(NODE_ID_LEN);
+        from.copy_from_slice(self.from.as_bytes());
+        peer.copy_from_slice(self.peer.as_bytes());
+        if let Some(hub) = &self.toward {
+            toward.copy_from_slice(hub.as_bytes());
+        }
         b
     }
 
-    /// Reads a hello.
-    pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Self, CircuitHelloError> {
+    /// Checks a hello's header before the rest is read.
+    pub fn check_header(b: &[u8; HELLO_HEADER_LEN]) -> Result<(), CircuitHelloError> {
         if b[..3] != HELLO_MAGIC {
             return Err(CircuitHelloError::BadMagic);
         }
         if b[3] != HELLO_VERSION {
             return Err(CircuitHelloError::Version(b[3]));
         }
+        Ok(())
+    }
+
+    /// Reads a hello.
+    pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Self, CircuitHelloError> {
+        let mut header = [0u8; HELLO_HEADER_LEN];
+        header.copy_from_slice(&b[..HELLO_HEADER_LEN]);
+        Self::check_header(&header)?;
+        if b[4] & !FLAG_EXTEND != 0 {
+            return Err(CircuitHelloError::Flags(b[4]));
+        }
+        let hops = b[5];
+        if hops == 0 {
+            return Err(CircuitHelloError::NoHopsLeft);
+        }
+        let (t, ids) = b[6..].split_at(TICKET_LEN);
         let mut ticket = [0u8; TICKET_LEN];
-        ticket.copy_from_slice(&b[4..4 + TICKET_LEN]);
-        let mut peer = [0u8; NODE_ID_LEN];
-        peer.copy_from_slice(&b[4 + TICKET_LEN..]);
-        let peer = NodeId::from_bytes(peer).map_err(|_| CircuitHelloError::BadPeer)?;
-        Ok(Self { ticket, peer })
+        ticket.copy_from_slice(t);
+        let id = |bytes: &[u8]| {
+            let mut a = [0u8; NODE_ID_LEN];
+            a.copy_from_slice(bytes);
+            NodeId::from_bytes(a).map_err(|_| CircuitHelloError::BadPeer)
+        };
+        let toward = &ids[2 * NODE_ID_LEN..];
+        let toward = if b[4] & FLAG_EXTEND != 0 {
+            Some(id(toward)?)
+        } else if toward.iter().any(|&x| x != 0) {
+            return Err(CircuitHelloError::Flags(b[4]));
+        } else {
+            None
+        };
+        Ok(Self {
+            ticket,
+            from: id(&ids[..NODE_ID_LEN])?,
+            peer: id(&ids[NODE_ID_LEN..2 * NODE_ID_LEN])?,
+            toward,
+            hops,
+        })
+    }
+
+    /// The hello of the leg a hub extends this circuit on, if a hop is
+    /// left for it.
+    pub fn next_leg(&self) -> Option<Self> {
+        let hops = self.hops.checked_sub(1).filter(|h| *h > 0)?;
+        Some(Self { hops, ..*self })
     }
 }
 
@@ -231,6 +322,9 @@ pub struct CircuitCounters {
     pub refused: u64,
     /// Halves whose other half did not come in time.
     pub expired: u64,
+    /// Circuits this hub carried on to the next hub (see
+    /// [`CircuitHello::extend`]).
+    pub extended: u64,
 }
 
 struct Half<C> {
@@ -333,6 +427,36 @@ impl<C> Circuits<C> {
         Offered::Waiting
     }
 
+    /// Takes a place for a circuit between `from` and `to` that this hub
+    /// carries on to the next hub rather than pairs here: it counts like a
+    /// paired circuit (the same limits, released by [`closed`]).
+    ///
+    /// [`closed`]: Self::closed
+    pub fn extend(&mut self, from: NodeId, to: NodeId) -> Result<(), &'static str> {
+        if from == to {
+            self.counters.refused += 1;
+            return Err("a circuit needs two different nodes");
+        }
+        let limit = if self.active >= self.limits.active {
+            Some(HUB_LIMIT)
+        } else if self.count(&from) >= self.limits.per_node
+            || self.count(&to) >= self.limits.per_node
+        {
+            Some(NODE_LIMIT)
+        } else {
+            None
+        };
+        if let Some(why) = limit {
+            self.counters.refused += 1;
+            return Err(why);
+        }
+        *self.held.entry(from).or_default() += 1;
+        *self.held.entry(to).or_default() += 1;
+        self.active += 1;
+        self.counters.extended += 1;
+        Ok(())
+    }
+
     fn count(&self, node: &NodeId) -> usize {
         self.held.get(node).copied().unwrap_or(0)
     }
@@ -394,15 +518,90 @@ mod tests {
     fn hellos_round_trip_and_bad_ones_say_why() {
         let hello = CircuitHello {
             ticket: [7; TICKET_LEN],
+            from: id(2),
             peer: id(1),
+            toward: Some(id(3)),
+            hops: MAX_HOPS,
         };
+        let here = CircuitHello {
+            toward: None,
+            ..hello
+        };
+        assert_eq!(CircuitHello::decode(&here.encode()), Ok(here));
         assert_eq!(CircuitHello::decode(&hello.encode()), Ok(hello));
         let mut b = hello.encode();
         b[0] = b'x';
         assert_eq!(CircuitHello::decode(&b), Err(CircuitHelloError::BadMagic));
         let mut b = hello.encode();
-        b[3] = 9;
-        assert_eq!(CircuitHello::decode(&b), Err(CircuitHelloError::Version(9)));
+        b[3] = 1;
+        assert_eq!(CircuitHello::decode(&b), Err(CircuitHelloError::Version(1)));
+        let header: [u8; HELLO_HEADER_LEN] = b[..HELLO_HEADER_LEN].try_into().expect("4");
+        assert_eq!(
+            CircuitHello::check_header(&header),
+            Err(CircuitHelloError::Version(1)),
+            "an older node's hello is refused from its header"
+        );
+        let mut b = hello.encode();
+        b[4] = 0x82;
+        assert_eq!(
+            CircuitHello::decode(&b),
+            Err(CircuitHelloError::Flags(0x82))
+        );
+        // Each leg has one hop fewer; the last hub extends no further.
+        let mut leg = hello;
+        for _ in 1..MAX_HOPS {
+            leg = leg.next_leg().expect("a hop left");
+            assert_eq!(
+                (leg.from, leg.peer, leg.toward),
+                (hello.from, hello.peer, hello.toward)
+            );
+        }
+        assert_eq!(leg.hops, 1);
+        assert_eq!(leg.next_leg(), None);
+        let mut b = leg.encode();
+        b[5] = 0;
+        assert_eq!(CircuitHello::decode(&b), Err(CircuitHelloError::NoHopsLeft));
+        let mut b = hello.encode();
+        b[4] = 0;
+        assert_eq!(
+            CircuitHello::decode(&b),
+            Err(CircuitHelloError::Flags(0)),
+            "a hub without its flag"
+        );
+    }
+
+    #[test]
+    fn an_extended_circuit_counts_like_a_paired_one() {
+        let limits = CircuitLimits {
+            pending: 4,
+            per_node: 2,
+            active: 3,
+            wait: Duration::from_secs(10),
+        };
+        let mut c: Circuits<()> = Circuits::new(limits);
+        assert_eq!(c.extend(id(1), id(2)), Ok(()));
+        assert_eq!(c.extend(id(1), id(3)), Ok(()));
+        assert_eq!(
+            c.extend(id(1), id(4)),
+            Err(NODE_LIMIT),
+            "per node, at either end"
+        );
+        assert_eq!(c.extend(id(4), id(1)), Err(NODE_LIMIT));
+        assert_eq!(
+            c.extend(id(5), id(5)),
+            Err("a circuit needs two different nodes")
+        );
+        assert_eq!(c.extend(id(4), id(5)), Ok(()));
+        assert_eq!(c.extend(id(6), id(7)), Err(HUB_LIMIT));
+        assert_eq!(
+            (c.active(), c.counters.extended, c.counters.refused),
+            (3, 3, 4)
+        );
+        c.closed(&id(1), &id(2));
+        c.closed(&id(1), &id(3));
+        c.closed(&id(4), &id(5));
+        assert_eq!(c.active(), 0);
+        assert!(c.held.is_empty());
     }
 
     #[test]
@@ -512,11 +711,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decoding_arbitrary_hellos_never_panics(b in proptest::array::uniform32(any::<u8>()),
-                                                  rest in proptest::array::uniform20(any::<u8>())) {
+        fn decoding_arbitrary_hellos_never_panics(b in proptest::collection::vec(any::<u8>(), HELLO_LEN)) {
             let mut h = [0u8; HELLO_LEN];
-            h[..32].copy_from_slice(&b);
-            h[32..].copy_from_slice(&rest);
+            h.copy_from_slice(&b);
             let _ = CircuitHello::decode(&h);
             h[..4].copy_from_slice(&[b'r', b'c', b'c', HELLO_VERSION]);
             if let Ok(hello) = CircuitHello::decode(&h) {

@@ -1,8 +1,9 @@
 //! Relay circuits, the nodes' side (the protocol is `reach_proto::circuit`).
 //!
 //! The node that opened a routed stream offers a circuit at its hub to the
-//! other node and joins it; the other node joins too; the hub pairs the two
-//! connections and moves bytes between them in the kernel. Then the upgrade
+//! other node and joins it; the other node joins too (at that hub when it
+//! can reach it, else at its own, which carries the circuit on hub by hub);
+//! the hubs pair the connections and move bytes between them in the kernel. Then the upgrade
 //! handshake (`FLAG_UPGRADE`, Noise IK end to end) runs over the circuit as
 //! over a direct connection, and the stream moves there with the ordinary
 //! handover (`stream::upgrade`): the hub relays records it cannot open.
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reach_proto::circuit::{
-    ticket_token, CircuitAnswer, CircuitHello, Ticket, CIRCUIT_VPORT, TICKET_LEN,
+    ticket_token, CircuitAnswer, CircuitHello, CIRCUIT_VPORT, MAX_HOPS, TICKET_LEN,
 };
 use reach_proto::handshake::{Admission, InitiatorOptions, Knock, Refusal};
 use reach_proto::link::Rendezvous;
@@ -32,49 +33,72 @@ use crate::stream::{Direction, ReachStream};
 /// other node is there.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why a join failed; `back_off` when the hub offers no circuits now.
-struct JoinError {
-    why: String,
-    back_off: bool,
+/// How long the answering node tries to reach the offering node's hub
+/// before it joins at its own hub instead, which carries the circuit there.
+const OFFERED_HUB_DIAL: Duration = Duration::from_secs(1);
+
+/// Why joining a circuit failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{why}")]
+pub struct CircuitJoinError {
+    /// What went wrong.
+    pub why: String,
+    /// The hub offers no circuits now (none at all, or a limit is reached):
+    /// ask it for none for a while.
+    pub unavailable: bool,
 }
 
-impl From<String> for JoinError {
+impl From<String> for CircuitJoinError {
     fn from(why: String) -> Self {
         Self {
             why,
-            back_off: false,
+            unavailable: false,
         }
     }
 }
 
-/// Dials `hub` at `addrs` on its circuit port and waits until the hub pairs
-/// this node with `peer` under `ticket`; the bare connection, from then on a
-/// pipe to `peer`. Plaintext: the hub hands the socket to the kernel, and
-/// everything that crosses it is encrypted end to end.
+/// Joins the circuit `hello` names at `hub` (at `addrs`), within the node's
+/// share of concurrent joins; the bare connection, from then on a pipe to
+/// the other end.
 async fn join(
     shared: &Shared,
     hub: NodeId,
     addrs: Vec<SocketAddr>,
-    ticket: Ticket,
-    peer: NodeId,
-) -> Result<TcpStream, JoinError> {
+    hello: CircuitHello,
+) -> Result<TcpStream, CircuitJoinError> {
     let _turn = shared.circuit_gate.turn(JOIN_TIMEOUT).await?;
-    let joined = join_now(shared, hub, addrs, ticket, peer).await;
+    let tcp = dial(shared, hub, addrs, JOIN_TIMEOUT).await;
+    paired(shared, tcp, hello).await
+}
+
+/// Waits for the hub's answer on `tcp` (if dialled); pauses circuits at this
+/// node when the hub offers none.
+async fn paired(
+    shared: &Shared,
+    tcp: Result<TcpStream, CircuitJoinError>,
+    hello: CircuitHello,
+) -> Result<TcpStream, CircuitJoinError> {
+    let joined = match tcp {
+        Ok(tcp) => pair(tcp, &hello).await,
+        Err(e) => Err(e),
+    };
     if let Err(e) = &joined {
-        if e.back_off {
+        if e.unavailable {
             shared.circuit_gate.pause(&e.why);
         }
     }
     joined
 }
 
-async fn join_now(
+/// Dials `hub` at `addrs` on its circuit port: an authenticated connection
+/// in plaintext mode (the hub hands the socket to the kernel, and what
+/// crosses it is encrypted end to end).
+async fn dial(
     shared: &Shared,
     hub: NodeId,
     addrs: Vec<SocketAddr>,
-    ticket: Ticket,
-    peer: NodeId,
-) -> Result<TcpStream, JoinError> {
+    timeout: Duration,
+) -> Result<TcpStream, CircuitJoinError> {
     let target = VirtualAddr::new(hub, CIRCUIT_VPORT).with_direct(addrs);
     let settings = RaceSettings {
         options: InitiatorOptions {
@@ -82,7 +106,7 @@ async fn join_now(
             ..shared.initiator_options()
         },
         attempt_delay: shared.attempt_delay,
-        timeout: JOIN_TIMEOUT,
+        timeout,
         module: SetupModule::Direct,
         first: None,
     };
@@ -90,19 +114,26 @@ async fn join_now(
         Ok(s) => s,
         // No circuit port there: a hub that offers none.
         Err(crate::error::ConnectError::Refused { refusal, .. }) => {
-            return Err(JoinError {
+            return Err(CircuitJoinError {
                 why: format!("the hub refused the circuit connection: {refusal:?}"),
-                back_off: true,
+                unavailable: true,
             })
         }
         Err(e) => return Err(format!("dialling the hub: {e}").into()),
     };
-    let mut tcp = stream
-        .into_plain_tcp()
-        .ok_or_else(|| "the hub did not grant a plaintext circuit connection".to_string())?;
-    let hello = CircuitHello { ticket, peer }.encode();
+    stream.into_plain_tcp().ok_or_else(|| {
+        "the hub did not grant a plaintext circuit connection"
+            .to_string()
+            .into()
+    })
+}
+
+/// Sends `hello` on a connection to a hub's circuit port and waits until the
+/// hub pairs it (or refuses); the connection, from then on a pipe to the
+/// circuit's other end.
+async fn pair(mut tcp: TcpStream, hello: &CircuitHello) -> Result<TcpStream, CircuitJoinError> {
     let paired = async {
-        tcp.write_all(&hello).await?;
+        tcp.write_all(&hello.encode()).await?;
         let status = tcp.read_u8().await?;
         let len = if CircuitAnswer::has_reason(status) {
             tcp.read_u8().await?
@@ -114,12 +145,12 @@ async fn join_now(
             Ok(Some(n)) => {
                 let mut reason = vec![0u8; n];
                 tcp.read_exact(&mut reason).await?;
-                Ok(Err(JoinError {
+                Ok(Err(CircuitJoinError {
                     why: format!(
                         "the hub refused the circuit: {}",
                         String::from_utf8_lossy(&reason)
                     ),
-                    back_off: CircuitAnswer::is_unavailable(status),
+                    unavailable: CircuitAnswer::is_unavailable(status),
                 }))
             }
             Err(other) => Ok(Err(format!("the hub answered with status {other}").into())),
@@ -133,6 +164,19 @@ async fn join_now(
             Err(format!("the other node did not join the circuit within {JOIN_TIMEOUT:?}").into())
         }
     }
+}
+
+/// A hub's side of a circuit it carries on: dials the next hub `hub` at
+/// `addrs` and sends it `hello` (the next leg's); the connection once that
+/// hub has paired or carried it on in turn.
+pub(crate) async fn leg(
+    shared: &Shared,
+    hub: NodeId,
+    addrs: Vec<SocketAddr>,
+    hello: CircuitHello,
+) -> Result<TcpStream, CircuitJoinError> {
+    let tcp = dial(shared, hub, addrs, JOIN_TIMEOUT).await?;
+    pair(tcp, &hello).await
 }
 
 /// Moves the routed stream with upgrade id `id` to `peer` onto a circuit at
@@ -162,8 +206,15 @@ pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<
         shared.offers.remove(peer, token);
         return Err("the hub link went down".into());
     }
+    let hello = CircuitHello {
+        ticket,
+        from: shared.secret.node_id(),
+        peer,
+        toward: None,
+        hops: MAX_HOPS,
+    };
     let joined = tokio::select! {
-        joined = join(shared, hub, addrs, ticket, peer) => joined.map_err(|e| e.why),
+        joined = join(shared, hub, addrs, hello) => joined.map_err(|e| e.why),
         Ok(Err(refusal)) = declined => Err(format!("the other node cannot join: {refusal:?}")),
     };
     shared.offers.remove(peer, token);
@@ -215,7 +266,7 @@ pub(crate) async fn answer(shared: Arc<Shared>, offer: CircuitOffer) {
         return decline("no such stream here");
     }
     let started = Instant::now();
-    let mut tcp = match join(&shared, offer.hub, offer.addrs.clone(), offer.ticket, from).await {
+    let mut tcp = match join_offered(&shared, &offer).await {
         Ok(tcp) => tcp,
         Err(e) => return decline(&e.why),
     };
@@ -241,5 +292,43 @@ pub(crate) async fn answer(shared: Arc<Shared>, offer: CircuitOffer) {
         .await
     {
         tracing::debug!(%from, "stream stays routed: {e}");
+    }
+}
+
+/// Joins the circuit `offer` names: at the offering node's hub when this node
+/// can reach it (one relay), else at this node's own hub, which carries the
+/// circuit on, hub by hub, to the offering node's hub
+/// ([`CircuitHello::toward`]).
+async fn join_offered(
+    shared: &Shared,
+    offer: &CircuitOffer,
+) -> Result<TcpStream, CircuitJoinError> {
+    let hello = CircuitHello {
+        ticket: offer.ticket,
+        from: shared.secret.node_id(),
+        peer: offer.from,
+        toward: None,
+        hops: MAX_HOPS,
+    };
+    let own = shared.hub_link().await.ok().map(|(_, link)| {
+        let status = link.status();
+        (status.hub, status.remote)
+    });
+    let _turn = shared.circuit_gate.turn(JOIN_TIMEOUT).await?;
+    let Some((own_hub, own_addr)) = own.filter(|(hub, _)| *hub != offer.hub) else {
+        let tcp = dial(shared, offer.hub, offer.addrs.clone(), JOIN_TIMEOUT).await;
+        return paired(shared, tcp, hello).await;
+    };
+    match dial(shared, offer.hub, offer.addrs.clone(), OFFERED_HUB_DIAL).await {
+        Ok(tcp) => paired(shared, Ok(tcp), hello).await,
+        Err(e) => {
+            tracing::debug!(hub = %offer.hub, "the offering node's hub is out of reach ({e}); joining at this node's hub");
+            let tcp = dial(shared, own_hub, vec![own_addr], JOIN_TIMEOUT).await;
+            let hello = CircuitHello {
+                toward: Some(offer.hub),
+                ..hello
+            };
+            paired(shared, tcp, hello).await
+        }
     }
 }

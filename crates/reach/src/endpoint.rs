@@ -665,6 +665,20 @@ impl Endpoint {
         self.shared.dialer.dial(hub).await
     }
 
+    /// Carries a relay circuit on to the next hub (a hub's side; see
+    /// `reach_proto::circuit`): dials `hub` at `addrs` on its circuit port,
+    /// sends `hello` (the next leg's) and waits until that hub pairs the
+    /// leg or carries it on in turn. The bare connection, from then on a
+    /// pipe towards the circuit's far end.
+    pub async fn circuit_leg(
+        &self,
+        hub: NodeId,
+        addrs: Vec<SocketAddr>,
+        hello: reach_proto::circuit::CircuitHello,
+    ) -> Result<TcpStream, crate::CircuitJoinError> {
+        crate::circuit::leg(&self.shared, hub, addrs, hello).await
+    }
+
     /// Asks a hub for its status report (JSON: links, routes, attached
     /// nodes, counters). `hub` defaults to the endpoint's own hub; the query
     /// carries the network secret's proof when one is configured.

@@ -40,6 +40,7 @@ mod splice;
 mod stream;
 mod ticket_store;
 
+pub use circuit::CircuitJoinError;
 pub use counters::EndpointCounters;
 pub use endpoint::{
     preferred_cipher, Endpoint, EndpointBuilder, ListenPorts, DEFAULT_CONNECT_TIMEOUT,
