@@ -108,6 +108,11 @@ const READY: Duration = Duration::from_secs(20);
 
 /// The routed paths and the relays beside them, by name.
 const SOCAT_1: &str = "socat relay on hub1";
+/// hub1's kernel forwarding a port to `b` (nftables DNAT and masquerade):
+/// no relay process at all, the floor of any relay through hub1 here.
+const KERNEL_1: &str = "kernel forward through hub1";
+/// The port hub1's kernel forwards.
+const FORWARD_PORT: u16 = 6020;
 const ROUTED_1: &str = "reach routed, 1 hub";
 /// The same, kept on hub links (no relay circuit): the step 8 data path.
 const ROUTED_1_LINKS: &str = "reach routed, 1 hub, hub links only";
@@ -225,6 +230,47 @@ impl Bench {
         Ok(pid)
     }
 
+    /// Makes `host`'s kernel forward TCP `port` to `to` (DNAT, and
+    /// masquerade so that the replies come back through it); the lab's
+    /// namespaces go with their rules.
+    fn kernel_forward(&self, host: &str, port: u16, to: SocketAddr) -> anyhow::Result<()> {
+        let (ip, to_port) = (to.ip(), to.port());
+        let rules = format!(
+            "table ip reach_bench_forward {{\n\
+             chain pre {{ type nat hook prerouting priority dstnat; tcp dport {port} dnat to {to}; }}\n\
+             chain post {{ type nat hook postrouting priority srcnat; ip daddr {ip} tcp dport {to_port} masquerade; }}\n\
+             }}\n"
+        );
+        let sysctl = self
+            .lab
+            .command(host, "sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"])
+            .status()?;
+        if !sysctl.success() {
+            bail!("cannot enable forwarding in {host}");
+        }
+        let mut nft = self
+            .lab
+            .command(host, "nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run nft (apt-get install nftables)")?;
+        if let Some(mut stdin) = nft.stdin.take() {
+            use std::io::Write;
+            stdin.write_all(rules.as_bytes())?;
+        }
+        let out = nft.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "nft in {host}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Waits until something listens on TCP `port` in `host`.
     fn wait_listening(&self, host: &str, port: u16) -> anyhow::Result<()> {
         let up = reach_lab::wait::until(READY, || {
@@ -293,6 +339,12 @@ impl Bench {
             args: vec!["--tcp".into(), format!("{lab_b}:{B1_TCP}")],
             relays: vec![],
         }];
+        self.kernel_forward("hub1", FORWARD_PORT, (lab_b, B1_TCP).into())?;
+        paths.push(Path1 {
+            name: KERNEL_1.into(),
+            args: vec!["--tcp".into(), format!("{h1}:{FORWARD_PORT}")],
+            relays: vec![],
+        });
         let socat = self.socat("hub1", SOCAT_PORT, (lab_b, B1_TCP).into())?;
         paths.push(Path1 {
             name: SOCAT_1.into(),
@@ -628,6 +680,7 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         (
             ROUTED_1,
             &[
+                KERNEL_1,
                 SOCAT_1,
                 "rathole tcp on hub1",
                 "rathole noise on hub1",
@@ -647,12 +700,15 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
                 rates[r],
                 Some((other, rates[o])),
             ));
-            rows.push(Row::new(
-                format!("relay CPU per GB, {reach_path}"),
-                "s/GB",
-                cpu_of_path(r),
-                Some((other, cpu_of_path(o))),
-            ));
+            // The kernel's forward has no process to measure.
+            if !cpu[o].is_empty() {
+                rows.push(Row::new(
+                    format!("relay CPU per GB, {reach_path}"),
+                    "s/GB",
+                    cpu_of_path(r),
+                    Some((other, cpu_of_path(o))),
+                ));
+            }
         }
     }
     drop(bench);
