@@ -30,52 +30,8 @@ use reach_lab::{Lab, Topology};
 use crate::agent::Measured;
 use crate::Row;
 
-const TOPOLOGY: &str = r#"
-name = "bench"
-matrix = ["a", "b", "c"]
-
-[[site]]
-name = "a"
-gateway = "open"
-[[site.host]]
-name = "a"
-
-[[site]]
-name = "b"
-gateway = "open"
-[[site.host]]
-name = "b"
-
-[[site]]
-name = "h1"
-gateway = "open"
-[[site.host]]
-name = "hub1"
-multi_homed = true
-
-[[site]]
-name = "far"
-gateway = "open"
-lan = "10.3.0.0/24"
-[[site.host]]
-name = "hub2"
-multi_homed = true
-[[site.host]]
-name = "hub3"
-routed = false
-[[site.host]]
-name = "c"
-routed = false
-
-[hubs]
-hosts = ["hub1", "hub2", "hub3"]
-links = [{ from = "hub1", to = "hub2" }, { from = "hub2", to = "hub3" }]
-
-[hubs.attach]
-a = "hub1"
-b = "hub1"
-c = "hub3"
-"#;
+/// The bench's topology (shared with the lab test of circuits across hubs).
+const TOPOLOGY: &str = include_str!("../../../lab/topologies/hub-chain.toml");
 
 /// How much to measure.
 #[derive(Clone, Copy, Debug)]

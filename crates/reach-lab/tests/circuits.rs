@@ -6,52 +6,9 @@
 use std::time::Duration;
 
 use reach_lab::transfer::Bench;
-use reach_lab::{Lab, Topology};
+use reach_lab::Lab;
 
 mod common;
-
-/// `a` on an open site with hub1; hub2 is the multi-homed front of a site
-/// whose LAN holds hub3 and `c`, both non-routed: `c` cannot reach hub1,
-/// and `a` cannot reach hub3.
-const CHAIN: &str = r#"
-name = "circuit-chain"
-matrix = ["a", "c"]
-
-[[site]]
-name = "a"
-gateway = "open"
-[[site.host]]
-name = "a"
-
-[[site]]
-name = "h1"
-gateway = "open"
-[[site.host]]
-name = "hub1"
-multi_homed = true
-
-[[site]]
-name = "far"
-gateway = "open"
-lan = "10.3.0.0/24"
-[[site.host]]
-name = "hub2"
-multi_homed = true
-[[site.host]]
-name = "hub3"
-routed = false
-[[site.host]]
-name = "c"
-routed = false
-
-[hubs]
-hosts = ["hub1", "hub2", "hub3"]
-links = [{ from = "hub1", to = "hub2" }, { from = "hub2", to = "hub3" }]
-
-[hubs.attach]
-a = "hub1"
-c = "hub3"
-"#;
 
 /// A hub's circuit counter from its status report.
 fn circuits(bench: &Bench, lab: &Lab, hub: &str, counter: &str) -> u64 {
@@ -65,7 +22,10 @@ fn circuits(bench: &Bench, lab: &Lab, hub: &str, counter: &str) -> u64 {
 /// Sends 256 MiB routed from `from` to `to` (routed only: the stream's one
 /// way off the hub links is a circuit) and checks where it went.
 fn across_three_hubs(from: &str, to: &str) {
-    let t = Topology::from_toml(CHAIN).expect("topology");
+    // `a` on an open site with hub1; hub2 is the multi-homed front of a
+    // site whose LAN holds hub3 and `c`, both non-routed: `c` cannot reach
+    // hub1, and `a` cannot reach hub3.
+    let t = common::topology("hub-chain");
     let lab = Lab::up(&t).expect("lab up");
     let tools = common::tools_with_reach();
     // The move waits 200 ms, so that some bytes go over the hub links first.
