@@ -720,8 +720,9 @@ pub fn setup_per_module() -> anyhow::Result<Vec<Row>> {
         else {
             continue;
         };
-        // Only pairs whose second connection used the same module.
-        if c.cached_module.as_deref() != Some(module.as_str()) {
+        // Only pairs whose second connection settled there too (its first
+        // bytes may have gone routed while a Reverse or Splice connected).
+        if c.cached_settled_module.as_deref() != Some(module.as_str()) {
             continue;
         }
         let e = by_module.entry(module).or_default();

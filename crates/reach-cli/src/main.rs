@@ -895,7 +895,7 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
     let endpoint = b.accept_ports(Vec::new()).bind().await?;
     // Read before connecting: the background move below teaches the cache
     // while this process looks.
-    let first = endpoint.cached_module(&vaddr.node).is_none();
+    let cached = endpoint.cached_module(&vaddr.node);
     let stream = endpoint.connect_timeout(&vaddr, timeout).await?;
     let info = stream.info().clone();
     tracing::info!(
@@ -909,11 +909,12 @@ async fn connect(args: ConnectArgs, config: &Config, state_dir: &Path) -> anyhow
     );
     let done = pipe::run(stream, &mut pipe::stdin()).await?;
     done.log();
-    // A first connection that started routed may still be finding its
-    // better path in the background (the cache waits for it): wait a
-    // little, so the module cache, shared with the next process, learns
-    // where it settles (the runtime's shutdown does not wait for it).
-    let settled = if first && info.module == SetupModule::Routed {
+    // A connection that started routed while a better path is tried in the
+    // background (none cached yet, or a cached Reverse or Splice, which
+    // Routed beats to the first byte) may still be moving: wait a little,
+    // so the module cache, shared with the next process, learns where it
+    // settles (the runtime's shutdown does not wait for it).
+    let settled = if info.module == SetupModule::Routed && cached != Some(SetupModule::Routed) {
         tokio::time::timeout(SETTLE_AT_EXIT, done.stream.upgrade_learned())
             .await
             .ok()

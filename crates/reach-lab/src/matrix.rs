@@ -61,8 +61,11 @@ pub struct Cell {
     /// Setup time of a second connection to the same target (reach caches the
     /// working module per target), in milliseconds.
     pub cached_setup_ms: Option<f64>,
-    /// The module of the second connection.
+    /// The module of the second connection (the first path its data
+    /// flowed on: Routed beats a cached Reverse or Splice to the first byte).
     pub cached_module: Option<String>,
+    /// Where the second connection settled.
+    pub cached_settled_module: Option<String>,
     /// Modules the second connection tried, and saw fail, before its module
     /// worked: empty when the cache sent it straight to a working module.
     pub cached_failed_before: Vec<String>,
@@ -262,6 +265,7 @@ fn cell(lab: &Lab, from: &str, to: &str) -> Cell {
         setup_ms: None,
         cached_setup_ms: None,
         cached_module: None,
+        cached_settled_module: None,
         cached_failed_before: Vec::new(),
         via: None,
         error: None,
@@ -491,6 +495,9 @@ fn reach_pair(
         setup_ms: Some(first.setup_ms),
         cached_setup_ms: cached.as_ref().map(|c| c.setup_ms),
         cached_module: cached.as_ref().map(|c| c.module.clone()),
+        cached_settled_module: cached
+            .as_ref()
+            .map(|c| c.settled_module.clone().unwrap_or_else(|| c.module.clone())),
         cached_failed_before: cached.map(|c| c.failed_before).unwrap_or_default(),
         ..cell(lab, from, to)
     }

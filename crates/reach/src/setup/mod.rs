@@ -87,9 +87,10 @@ pub(crate) async fn connect(
     let order = setup_plan::order(run.cached, &shared.modules);
     let routed_at = order.iter().position(|m| *m == SetupModule::Routed);
     let result = match routed_at {
-        // A first connection: the modules before Routed run in turn while
-        // Routed starts after a short delay; see `race`.
-        Some(at) if at > 0 && run.cached.is_none() && run.hub_session => {
+        // A first connection, or a slow cached module: the modules before
+        // Routed run in turn while Routed starts after a short delay; see
+        // `race`.
+        Some(at) if at > 0 && races(run.cached) && run.hub_session => {
             let hedge = hedge_delay(session.link_rtt());
             race(&run, target, &order, at, hedge).await
         }
@@ -104,6 +105,21 @@ pub(crate) async fn connect(
             modules: run.take_log().failures,
         }),
     }
+}
+
+/// Whether a connection whose cached module is `cached` starts Routed
+/// beside the modules before it: a first connection (nothing cached), or one
+/// whose cached module takes several round trips of the hub path by nature
+/// (Reverse asks through the hubs and waits for the connect-back and its
+/// handshake; Splice exchanges endpoints through them, then punches), which
+/// Routed (one round trip of the hub path) beats: the stream flows routed at
+/// once and moves onto the cached module's connection underneath. Direct
+/// needs no hubs, and a cached Routed is Routed already.
+fn races(cached: Option<SetupModule>) -> bool {
+    matches!(
+        cached,
+        None | Some(SetupModule::Reverse | SetupModule::Splice)
+    )
 }
 
 /// How long a first connection lets the modules before Routed run alone
@@ -271,9 +287,10 @@ impl Run<'_> {
     }
 }
 
-/// A first connection (nothing cached): the modules before Routed (`order`
-/// up to `routed_at`) run in turn as usual, and Routed starts beside them
-/// after `hedge`. The first stream is returned. When Routed wins, the
+/// A first connection (nothing cached), or one whose cached module is slow
+/// by nature (see [`races`]): the modules before Routed (`order` up to
+/// `routed_at`, the cached one first) run in turn as usual, and Routed
+/// starts beside them after `hedge`. The first stream is returned. When Routed wins, the
 /// modules before it that have not failed yet go on in the background as
 /// upgrades and take the stream over when one works (`upgrade`), so the
 /// first byte flows at once and the path still ends where the sequential
