@@ -45,26 +45,21 @@ async fn serve_one(inner: &Inner, stream: ReachStream) {
             return;
         }
     };
+    // The header first: a hello of another version is refused with the
+    // reason, not waited on for bytes that never come.
     let mut hello = [0u8; HELLO_LEN];
     let read = async {
-        let (header, _) = hello.split_at_mut(HELLO_HEADER_LEN);
+        let (header, rest) = hello.split_at_mut(HELLO_HEADER_LEN);
         tcp.read_exact(header).await?;
-        std::io::Result::Ok(())
+        if let Some(Err(e)) = header.first_chunk().map(CircuitHello::check_header) {
+            return std::io::Result::Ok(Err(e));
+        }
+        tcp.read_exact(rest).await?;
+        Ok(Ok(()))
     };
     match tokio::time::timeout(HELLO_WITHIN, read).await {
-        Ok(Ok(())) => {}
-        _ => {
-            tracing::debug!(%from, "circuit connection closed: no hello within {HELLO_WITHIN:?}");
-            return;
-        }
-    }
-    let mut header = [0u8; HELLO_HEADER_LEN];
-    header.copy_from_slice(&hello[..HELLO_HEADER_LEN]);
-    if let Err(e) = CircuitHello::check_header(&header) {
-        return refuse(tcp, from, &e.to_string()).await;
-    }
-    match tokio::time::timeout(HELLO_WITHIN, tcp.read_exact(&mut hello[HELLO_HEADER_LEN..])).await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return refuse(tcp, from, &e.to_string()).await,
         _ => {
             tracing::debug!(%from, "circuit connection closed: no hello within {HELLO_WITHIN:?}");
             return;

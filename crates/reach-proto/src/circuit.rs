@@ -155,9 +155,9 @@ impl CircuitHello {
 
     /// Reads a hello.
     pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Self, CircuitHelloError> {
-        let mut header = [0u8; HELLO_HEADER_LEN];
-        header.copy_from_slice(&b[..HELLO_HEADER_LEN]);
-        Self::check_header(&header)?;
+        if let Some(header) = b.first_chunk() {
+            Self::check_header(header)?;
+        }
         if b[4] & !FLAG_EXTEND != 0 {
             return Err(CircuitHelloError::Flags(b[4]));
         }

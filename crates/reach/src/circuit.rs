@@ -67,21 +67,29 @@ async fn join(
     hello: CircuitHello,
 ) -> Result<TcpStream, CircuitJoinError> {
     let _turn = shared.circuit_gate.turn(JOIN_TIMEOUT).await?;
-    let tcp = dial(shared, hub, addrs, JOIN_TIMEOUT).await;
-    paired(shared, tcp, hello).await
+    join_at(shared, hub, addrs, hello, JOIN_TIMEOUT).await
 }
 
-/// Waits for the hub's answer on `tcp` (if dialled); pauses circuits at this
-/// node when the hub offers none.
-async fn paired(
+/// Dials `hub` (within `dial_within`) and joins the circuit there.
+async fn join_at(
     shared: &Shared,
-    tcp: Result<TcpStream, CircuitJoinError>,
+    hub: NodeId,
+    addrs: Vec<SocketAddr>,
     hello: CircuitHello,
+    dial_within: Duration,
 ) -> Result<TcpStream, CircuitJoinError> {
-    let joined = match tcp {
+    let joined = match dial(shared, hub, addrs, dial_within).await {
         Ok(tcp) => pair(tcp, &hello).await,
         Err(e) => Err(e),
     };
+    paused_if_unavailable(shared, joined)
+}
+
+/// Pauses circuits at this node when `joined` says the hub offers none.
+fn paused_if_unavailable(
+    shared: &Shared,
+    joined: Result<TcpStream, CircuitJoinError>,
+) -> Result<TcpStream, CircuitJoinError> {
     if let Err(e) = &joined {
         if e.unavailable {
             shared.circuit_gate.pause(&e.why);
@@ -316,19 +324,17 @@ async fn join_offered(
     });
     let _turn = shared.circuit_gate.turn(JOIN_TIMEOUT).await?;
     let Some((own_hub, own_addr)) = own.filter(|(hub, _)| *hub != offer.hub) else {
-        let tcp = dial(shared, offer.hub, offer.addrs.clone(), JOIN_TIMEOUT).await;
-        return paired(shared, tcp, hello).await;
+        return join_at(shared, offer.hub, offer.addrs.clone(), hello, JOIN_TIMEOUT).await;
     };
     match dial(shared, offer.hub, offer.addrs.clone(), OFFERED_HUB_DIAL).await {
-        Ok(tcp) => paired(shared, Ok(tcp), hello).await,
+        Ok(tcp) => paused_if_unavailable(shared, pair(tcp, &hello).await),
         Err(e) => {
             tracing::debug!(hub = %offer.hub, "the offering node's hub is out of reach ({e}); joining at this node's hub");
-            let tcp = dial(shared, own_hub, vec![own_addr], JOIN_TIMEOUT).await;
             let hello = CircuitHello {
                 toward: Some(offer.hub),
                 ..hello
             };
-            paired(shared, tcp, hello).await
+            join_at(shared, own_hub, vec![own_addr], hello, JOIN_TIMEOUT).await
         }
     }
 }
