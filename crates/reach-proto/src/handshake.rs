@@ -10,7 +10,7 @@
 //! both sides, a CA-less verifier and a larger handshake for the same result.
 //! WireGuard and Lightning chose Noise for the same reasons.
 //!
-//! # Wire format (version 3)
+//! # Wire format (version 4)
 //! Initiator to responder, one write:
 //! ```text
 //! "rch" | version u8 | flags u8 | cipher u8 | target NodeId [32] | vport u16 | len u16 | body
@@ -67,9 +67,16 @@
 //! the handshake deadline ends.
 //!
 //! # Key schedule
-//! Noise's split gives one key per direction; the stream keys and the
-//! confirmation key are derived from them with HMAC-SHA256 under distinct
-//! labels, so no key serves two purposes.
+//! Noise's split gives one key per direction; the stream keys, the
+//! confirmation key and a plaintext stream's end-mark keys are derived from
+//! them with HMAC-SHA256 under distinct labels, so no key serves two
+//! purposes.
+//!
+//! # After the handshake
+//! An encrypted stream's bytes travel in records ([`crate::record`]); a
+//! plaintext stream's in chunks that end with an authenticated end mark
+//! ([`crate::plain_chunks`], new in version 4), so a cut connection is never
+//! taken for a clean end.
 //!
 //! # Using the state machines
 //! Initiator: [`Initiator::new`] gives the hello bytes to send; read a
@@ -84,12 +91,13 @@ use snow::params::NoiseParams;
 use crate::identity::{NodeId, SecretKey, NODE_ID_LEN};
 use crate::member::{NetworkKey, PROOF_LEN};
 use crate::noise_crypto;
+use crate::plain_chunks::{EndKey, EndKeys};
 use crate::resume::{Grant, Ticket, TicketError, TicketKey, RESUME_KEY_LEN, TICKET_LEN};
 
 /// Protocol magic at the start of every hello.
 pub const MAGIC: [u8; 3] = *b"rch";
 /// The handshake version this code speaks.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 /// Length of the fixed hello header.
 pub const HELLO_HEADER_LEN: usize = 42;
 /// Length of the prologue part of the hello header.
@@ -169,8 +177,9 @@ impl Cipher {
 pub enum StreamMode {
     /// Every byte is sealed with the session's AEAD (the default).
     Encrypted(Cipher),
-    /// The peers are authenticated but payload travels in the clear. Chosen only
-    /// when both sides opted in, for trusted fabrics.
+    /// The peers are authenticated but payload travels in the clear, with
+    /// an authenticated end ([`crate::plain_chunks`]). Chosen only when both
+    /// sides opted in, for trusted fabrics.
     Plaintext,
 }
 
@@ -472,6 +481,9 @@ pub struct Established {
     pub mode: StreamMode,
     /// Keys, present when the mode is encrypted.
     pub keys: Option<SessionKeys>,
+    /// Keys of the authenticated end mark, present when the mode is
+    /// plaintext ([`crate::plain_chunks`]).
+    pub end_keys: Option<EndKeys>,
     /// The stream answers a connect-back request (`port` is its token).
     pub reverse: bool,
     /// The connection carries an existing stream (`port` is its upgrade id).
@@ -773,6 +785,10 @@ impl Initiator {
                 send: schedule.initiator_send,
                 recv: schedule.responder_send,
             }),
+            end_keys: (mode == StreamMode::Plaintext).then(|| EndKeys {
+                send: EndKey::new(&schedule.initiator_end),
+                recv: EndKey::new(&schedule.responder_end),
+            }),
             reverse: self.options.reverse,
             peer_member,
             resumed: self.resumed.is_some(),
@@ -786,6 +802,9 @@ impl Initiator {
 struct KeySchedule {
     initiator_send: [u8; 32],
     responder_send: [u8; 32],
+    /// A plaintext stream's end-mark keys.
+    initiator_end: [u8; 32],
+    responder_end: [u8; 32],
     confirmation: [u8; CONFIRM_LEN],
 }
 
@@ -798,6 +817,8 @@ impl KeySchedule {
         Self {
             initiator_send: hmac32(&k1, b"reach v2 stream key"),
             responder_send: hmac32(&k2, b"reach v2 stream key"),
+            initiator_end: hmac32(&k1, b"reach v4 plaintext end key"),
+            responder_end: hmac32(&k2, b"reach v4 plaintext end key"),
             confirmation,
         }
     }
@@ -1144,11 +1165,16 @@ fn finish(
         send: schedule.responder_send,
         recv: schedule.initiator_send,
     });
+    let end_keys = plaintext.then(|| EndKeys {
+        send: EndKey::new(&schedule.responder_end),
+        recv: EndKey::new(&schedule.initiator_end),
+    });
     let est = Established {
         peer,
         port: header.port,
         mode,
         keys,
+        end_keys,
         reverse: header.reverse,
         upgrade: header.upgrade,
         binding,
@@ -1525,10 +1551,29 @@ mod tests {
             (OPTS, port(7), false),
         ];
         for (opts, resp, want_plain) in cases {
-            let (init, _) = run(&a, b.node_id(), &b, opts, resp, Admission::Accept);
+            let (init, resp) = run(&a, b.node_id(), &b, opts, resp, Admission::Accept);
             let init = init.expect("established");
             assert_eq!(init.mode == StreamMode::Plaintext, want_plain);
             assert_eq!(init.keys.is_none(), want_plain);
+            assert_eq!(init.end_keys.is_some(), want_plain);
+            let Resp::Confirmed(resp) = resp else {
+                panic!("responder: {resp:?}");
+            };
+            if let (Some(i), Some(r)) = (init.end_keys, resp.end_keys) {
+                // Each side's end mark checks out at the other, not at itself.
+                use crate::plain_chunks::{Deframer, Framer, HEADER_LEN};
+                let ends = |send, recv| {
+                    let mark = Framer::new(send).end_mark().expect("nothing owed");
+                    let mut d = Deframer::new(recv);
+                    d.spare().copy_from_slice(&mark[..HEADER_LEN]);
+                    d.received(0, HEADER_LEN).expect("end header");
+                    d.spare().copy_from_slice(&mark[HEADER_LEN..]);
+                    d.received(0, mark.len() - HEADER_LEN).is_ok()
+                };
+                assert!(ends(i.send.clone(), r.recv.clone()));
+                assert!(ends(r.send.clone(), i.recv.clone()));
+                assert!(!ends(i.send, i.recv));
+            }
         }
     }
 

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod link;
 pub mod member;
 pub mod nat;
+pub mod plain_chunks;
 pub mod node_session;
 mod noise_crypto;
 pub mod punch;

@@ -30,6 +30,7 @@ pub mod link;
 mod module_cache;
 mod node;
 mod offers;
+mod plain;
 pub mod policy;
 mod port_memory;
 mod routed;

@@ -125,6 +125,75 @@ async fn plaintext_is_used_only_when_both_sides_opt_in() {
     }
 }
 
+/// A TCP relay in front of `to` that passes everything, except that it
+/// holds back the last `hold` bytes the server sends (once past the
+/// handshake's first kilobytes, which must flow for the stream to open) and
+/// closes towards the client with a FIN without them, as a relay or
+/// middlebox that cuts a stream just before its end would.
+async fn relay_holding_back(to: SocketAddr, hold: usize) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let at = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (client, _) = l.accept().await.expect("accept");
+        let server = TcpStream::connect(to).await.expect("connect");
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+        let (mut held, mut seen) = (Vec::new(), 0);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = sr.read(&mut buf).await.expect("read server");
+            if n == 0 {
+                break;
+            }
+            seen += n;
+            held.extend_from_slice(&buf[..n]);
+            let pass = if seen < 10_000 {
+                held.len()
+            } else {
+                held.len().saturating_sub(hold)
+            };
+            cw.write_all(&held[..pass]).await.expect("write client");
+            held.drain(..pass);
+        }
+        cw.shutdown().await.expect("fin");
+    });
+    at
+}
+
+#[tokio::test]
+async fn a_plaintext_stream_cut_before_its_end_is_truncation_not_end_of_file() {
+    // hold 0: the relay passes everything and the end is clean; 28: the end
+    // mark is withheld and the client must not take the FIN for the end.
+    for (hold, clean) in [(0, true), (28, false)] {
+        let server = builder(31).plaintext(true).bind().await.expect("bind");
+        let client = builder(32).plaintext(true).bind().await.expect("bind");
+        let relay = relay_holding_back(server.advertised()[0], hold).await;
+        let target = VirtualAddr::new(server.node_id(), 1).with_direct(vec![relay]);
+        let serve = tokio::spawn(async move {
+            let mut s = server.accept().await.expect("accept");
+            s.write_all(&vec![7u8; 100_000]).await.expect("write");
+            s.shutdown().await.expect("shutdown");
+            server
+        });
+        let mut s = within(client.connect(&target)).await.expect("connect");
+        assert_eq!(s.info().mode, StreamMode::Plaintext);
+        let mut got = Vec::new();
+        let end = within(s.read_to_end(&mut got)).await;
+        assert_eq!(got.len(), 100_000, "every data byte arrives either way");
+        if clean {
+            end.expect("clean end");
+        } else {
+            let err = end.expect_err("a cut end");
+            assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
+            assert!(err.to_string().contains("without the peer's end mark"), "{err}");
+        }
+        within(serve).await.expect("server");
+    }
+}
+
 #[tokio::test]
 async fn a_node_does_not_tell_a_wrong_hello_who_it_is() {
     let (server, client) = (endpoint(7).await, endpoint(8).await);

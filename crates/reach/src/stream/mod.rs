@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  app <--AsyncRead/AsyncWrite--> ReachStream --> SecureStream (records) --> TCP
+//!                                             \-> PlainStream (chunks, end mark) --> TCP
 //!                                             \-> RoutedStream (hub link frames)
 //!                                             \-> upgrade: routed now, moved onto
 //!                                                 a direct connection mid-stream
@@ -36,6 +37,7 @@ use tokio::net::TcpStream;
 
 pub(crate) mod upgrade;
 
+use crate::plain::PlainStream;
 use crate::routed::RoutedStream;
 use crate::secure::SecureStream;
 use upgrade::{Handover, NewPath, Registration, Slot, Upgraded};
@@ -110,7 +112,7 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 }
 
 enum Transport {
-    Plain(TcpStream),
+    Plain(Box<PlainStream>),
     // Boxed: the AEAD key schedules make it over a kilobyte.
     Secure(Box<SecureStream<TcpStream>>),
     Routed(RoutedStream),
@@ -124,7 +126,7 @@ macro_rules! on_transport {
     ($t:expr, $io:ident => $e:expr) => {
         match $t {
             Transport::Plain(t) => {
-                let $io = Pin::new(t);
+                let $io = Pin::new(&mut **t);
                 $e
             }
             Transport::Secure(t) => {
@@ -189,11 +191,18 @@ impl ReachStream {
             peer_member: est.peer_member,
             resumed: est.resumed,
         };
-        let transport = match (est.mode, est.keys) {
-            (StreamMode::Encrypted(_), Some(keys)) => {
+        let transport = match (est.mode, est.keys, est.end_keys) {
+            (StreamMode::Encrypted(_), Some(keys), _) => {
                 Transport::Secure(Box::new(SecureStream::new(tcp, &keys)))
             }
-            _ => Transport::Plain(tcp),
+            (StreamMode::Plaintext, _, Some(end)) => {
+                Transport::Plain(Box::new(PlainStream::new(tcp, end)))
+            }
+            (mode, ..) => {
+                return Err(io::Error::other(format!(
+                    "the handshake gave no keys for a {mode:?} stream"
+                )))
+            }
         };
         Ok(Self {
             transport,
@@ -335,11 +344,13 @@ impl ReachStream {
     }
 
     /// The bare TCP connection of a plaintext direct stream, whose handshake
-    /// read nothing past its own bytes (a hub's circuit connection, which
-    /// it hands to the kernel); `None` for any other stream.
+    /// read nothing past its own bytes and that nothing was read from or
+    /// written to since (a relay circuit's connection: the hub hands it to
+    /// the kernel, the nodes carry another stream's records on it); `None`
+    /// for any other stream.
     pub fn into_plain_tcp(self) -> Option<TcpStream> {
         match self.transport {
-            Transport::Plain(tcp) => Some(tcp),
+            Transport::Plain(plain) => Some(plain.into_tcp()),
             _ => None,
         }
     }
