@@ -322,7 +322,8 @@ impl Deframer {
         while at < bytes.len() {
             match self.state {
                 ReadState::Chunk(left) if left > 0 => {
-                    let n = usize::try_from(left).map_or(bytes.len() - at, |l| l.min(bytes.len() - at));
+                    let n =
+                        usize::try_from(left).map_or(bytes.len() - at, |l| l.min(bytes.len() - at));
                     if kept != at {
                         bytes.copy_within(at..at + n, kept);
                     }
@@ -549,7 +550,8 @@ mod tests {
     #[test]
     fn a_header_beyond_the_largest_chunk_is_refused() {
         let mut d = Deframer::new(keys().1);
-        d.spare().copy_from_slice(&(u64::from(MAX_CHUNK) + 1).to_be_bytes());
+        d.spare()
+            .copy_from_slice(&(u64::from(MAX_CHUNK) + 1).to_be_bytes());
         assert_eq!(
             d.received(0, HEADER_LEN),
             Err(PlainError::ChunkTooLong(u64::from(MAX_CHUNK) + 1))

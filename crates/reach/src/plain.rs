@@ -76,7 +76,11 @@ impl AsyncRead for PlainStream {
         let mut delivered = 0;
         loop {
             if let Err(e) = this.deframer.check() {
-                return Poll::Ready(if delivered > 0 { Ok(()) } else { Err(io_error(e)) });
+                return Poll::Ready(if delivered > 0 {
+                    Ok(())
+                } else {
+                    Err(io_error(e))
+                });
             }
             if this.deframer.ended() || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
@@ -311,7 +315,10 @@ mod tests {
         let mut got = Vec::new();
         let err = b.read_to_end(&mut got).await.expect_err("truncated");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        assert!(err.to_string().contains("truncated after 10 bytes"), "{err}");
+        assert!(
+            err.to_string().contains("truncated after 10 bytes"),
+            "{err}"
+        );
         assert_eq!(got, b"part of it");
         // And it stays an error.
         let mut more = [0u8; 4];

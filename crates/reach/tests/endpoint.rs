@@ -188,7 +188,10 @@ async fn a_plaintext_stream_cut_before_its_end_is_truncation_not_end_of_file() {
         } else {
             let err = end.expect_err("a cut end");
             assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
-            assert!(err.to_string().contains("without the peer's end mark"), "{err}");
+            assert!(
+                err.to_string().contains("without the peer's end mark"),
+                "{err}"
+            );
         }
         within(serve).await.expect("server");
     }
