@@ -120,8 +120,9 @@ enum Command {
 /// Settings every node command shares: how to reach peers.
 #[derive(Args, Debug)]
 struct CommonArgs {
-    /// Send payload unencrypted (peers are still authenticated). Takes effect only
-    /// when both ends ask for it; for trusted fabrics.
+    /// Send payload unencrypted (peers and the stream's end are still
+    /// authenticated). Takes effect only when both ends ask for it; for
+    /// trusted fabrics.
     #[arg(long)]
     plaintext: bool,
     #[command(flatten)]

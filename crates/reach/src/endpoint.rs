@@ -161,8 +161,10 @@ impl EndpointBuilder {
         self
     }
 
-    /// Opts in to plaintext streams: peers stay authenticated but payload is
-    /// not encrypted. Used only when both ends opt in; for trusted fabrics.
+    /// Opts in to plaintext streams: peers stay authenticated, and so does
+    /// a stream's end (a cut connection is an error, not an end of file),
+    /// but payload is neither encrypted nor integrity-protected. Used only
+    /// when both ends opt in; for trusted fabrics.
     pub fn plaintext(mut self, yes: bool) -> Self {
         self.plaintext = yes;
         self
