@@ -408,7 +408,13 @@ fn a_second_node_cannot_take_a_first_nodes_proxy_port_across_a_hub_restart() {
     };
     let victim = expose_as("victim", &hub.target);
     let port = proxy_port_of(&victim);
-    assert_eq!(port, free, "the first port of the range");
+    // The lowest free port of the range, the one a hub that forgot the
+    // victim would hand the next node: `free`, unless another process took
+    // it since it was probed (tests run in parallel), then a later one.
+    assert!(
+        (free..=free.saturating_add(40)).contains(&port),
+        "{port} outside the range from {free}"
+    );
     // The hub restarts while the victim is away (the test fails with
     // --proxy-port-hold 0 on the restarted hub).
     victim.kill();
