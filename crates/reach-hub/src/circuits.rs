@@ -135,18 +135,16 @@ async fn carry_on(
     let Some(leg) = hello.next_leg() else {
         return refuse(tcp, from, "the circuit crossed too many hubs").await;
     };
-    let (next, reserved) = {
+    let next = {
         let mut s = inner.state();
-        let next = s.core.next_hub_towards(&toward);
-        let reserved = match next {
-            Some(_) => s.circuits.extend(hello.from, hello.peer),
+        match s.core.next_hub_towards(&toward) {
+            Some(next) => s.circuits.extend(hello.from, hello.peer).map(|()| next),
             None => Err("no route to the other node's hub"),
-        };
-        (next, reserved)
+        }
     };
-    let Some((hub, addrs)) = next.filter(|_| reserved.is_ok()) else {
-        let why = reserved.err().unwrap_or("no route to the other node's hub");
-        return refused(inner, tcp, from, &hello, why).await;
+    let (hub, addrs) = match next {
+        Ok(next) => next,
+        Err(why) => return refused(inner, tcp, from, &hello, why).await,
     };
     let closed = Closed {
         inner,

@@ -25,14 +25,13 @@
 //! buffer, as bulk writers make them), no byte of data is copied in user
 //! space and no read stops short at a boundary, which is what plaintext is
 //! for. Only a read that crosses a second boundary moves the bytes after it
-//! within the application's buffer ([`Deframer::received_inline`]). The
-//! 8-byte header keeps the data 8-byte aligned in the stream. A chunk is as
-//! large as the application's write (up to [`MAX_CHUNK`]).
+//! within the application's buffer ([`Deframer::received_inline`]). A chunk
+//! is as large as the application's write (up to [`MAX_CHUNK`]).
 //!
 //! Why reads must not stop at boundaries: in the lab, a reader whose reads
-//! ended at every 256 KiB chunk boundary moved one stream at 0.5-0.7x of
+//! ended at every 256 KiB chunk boundary moved one stream at 0.35-0.65x of
 //! plain TCP, and the same split reads with no header bytes on the wire
-//! still only 0.7-0.8x: the extra short reads cost it. Reading on past the
+//! still only 0.7-0.85x: the extra short reads cost it. Reading on past the
 //! header brought it back to 1.0x.
 //!
 //! The mark authenticates the end and the byte count, not the bytes
@@ -59,7 +58,7 @@ pub const MAX_CHUNK: u32 = 1 << 24;
 const END_LABEL: &[u8] = b"reach plaintext end";
 
 /// What is wrong with a plaintext stream's framing.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlainError {
     /// A header announced more than a chunk may hold.
     #[error("plaintext chunk of {0} bytes announced, more than the {MAX_CHUNK} allowed")]
@@ -203,11 +202,6 @@ impl Framer {
         data
     }
 
-    /// Data bytes sent so far.
-    pub fn sent(&self) -> u64 {
-        self.sent
-    }
-
     /// The end mark, once every chunk is complete.
     pub fn end_mark(&self) -> Result<[u8; END_MARK_LEN], PlainError> {
         if self.owed > 0 || self.head_sent < HEADER_LEN {
@@ -231,7 +225,7 @@ enum ReadState {
     /// The end checked out.
     Ended,
     /// The stream failed; every later call reports it again.
-    Failed,
+    Failed(PlainError),
 }
 
 /// The receiving side's state.
@@ -243,7 +237,6 @@ pub struct Deframer {
     spare: [u8; END_BODY_LEN],
     got: usize,
     received: u64,
-    error: Option<PlainError>,
 }
 
 impl Deframer {
@@ -255,7 +248,6 @@ impl Deframer {
             spare: [0; END_BODY_LEN],
             got: 0,
             received: 0,
-            error: None,
         }
     }
 
@@ -276,7 +268,7 @@ impl Deframer {
         let want = match self.state {
             ReadState::Chunk(_) => HEADER_LEN,
             ReadState::EndBody => END_BODY_LEN,
-            ReadState::Ended | ReadState::Failed => 0,
+            ReadState::Ended | ReadState::Failed(_) => 0,
         };
         let got = self.got.min(want);
         &mut self.spare[got..want]
@@ -293,12 +285,8 @@ impl Deframer {
             self.state = ReadState::Chunk(left - data);
         }
         self.got += spare;
-        let outcome = self.parse();
-        if let Err(e) = &outcome {
-            self.state = ReadState::Failed;
-            self.error = Some(e.clone());
-        }
-        outcome
+        let parsed = self.parse();
+        self.failing(parsed)
     }
 
     /// Takes the framing out of `bytes` that arrived after the
@@ -308,10 +296,14 @@ impl Deframer {
     /// belong to the chunk after the header moves nothing; only bytes after
     /// a further header in the same read are moved within the buffer.
     pub fn received_inline(&mut self, bytes: &mut [u8]) -> Result<usize, PlainError> {
-        let outcome = self.inline(bytes);
-        if let Err(e) = &outcome {
-            self.state = ReadState::Failed;
-            self.error = Some(e.clone());
+        let kept = self.inline(bytes);
+        self.failing(kept)
+    }
+
+    /// `outcome`, after making an error the stream's for good.
+    fn failing<T>(&mut self, outcome: Result<T, PlainError>) -> Result<T, PlainError> {
+        if let Err(e) = outcome {
+            self.state = ReadState::Failed(e);
         }
         outcome
     }
@@ -343,7 +335,7 @@ impl Deframer {
                 ReadState::Ended => {
                     return Err(PlainError::DataAfterEnd);
                 }
-                ReadState::Failed => return self.check().map(|()| kept),
+                ReadState::Failed(e) => return Err(e),
             }
         }
         Ok(kept)
@@ -355,10 +347,8 @@ impl Deframer {
         if self.state == ReadState::Ended {
             return Ok(());
         }
-        let e = PlainError::Truncated { got: self.received };
-        self.state = ReadState::Failed;
-        self.error = Some(e.clone());
-        Err(e)
+        let truncated = Err(PlainError::Truncated { got: self.received });
+        self.failing(truncated)
     }
 
     /// The end mark arrived and checked out: the stream ended cleanly.
@@ -366,16 +356,11 @@ impl Deframer {
         self.state == ReadState::Ended
     }
 
-    /// Data bytes received so far.
-    pub fn received_total(&self) -> u64 {
-        self.received
-    }
-
     /// The error the stream failed with, if it did (every later call
     /// reports it again).
     pub fn check(&self) -> Result<(), PlainError> {
-        match (&self.state, &self.error) {
-            (ReadState::Failed, Some(e)) => Err(e.clone()),
+        match self.state {
+            ReadState::Failed(e) => Err(e),
             _ => Ok(()),
         }
     }

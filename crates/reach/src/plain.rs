@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! poll_write(buf) --writev [header, buf]--> TCP
-//! TCP --readv [app's buffer up to the chunk's end, next header]--> poll_read(buf)
+//! TCP --readv [app's buffer up to the chunk's end, next header, rest of the app's buffer]--> poll_read(buf)
 //! ```
 //! `poll_shutdown` sends the end mark before closing the write side; a
 //! reader that sees the connection end without a valid mark reports
@@ -231,8 +231,16 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// Two ends of a plaintext stream over loopback TCP, and the bare
-    /// sockets' pair for a test that plays the wire itself.
+    /// Every wait in these tests is bounded by this.
+    const DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(DEADLINE, f)
+            .await
+            .expect("deadline passed")
+    }
+
+    /// Two ends of a plaintext stream over loopback TCP.
     async fn pair() -> (PlainStream, PlainStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let a = TcpStream::connect(l.local_addr().expect("addr"))
@@ -250,6 +258,10 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_arrive_whole_and_the_end_is_clean() {
+        within(bytes_arrive_whole_and_the_end_is_clean_body()).await;
+    }
+
+    async fn bytes_arrive_whole_and_the_end_is_clean_body() {
         let (mut a, mut b) = pair().await;
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let sent = data.clone();
@@ -283,6 +295,10 @@ mod tests {
 
     #[tokio::test]
     async fn small_writes_read_back_in_large_reads() {
+        within(small_writes_read_back_in_large_reads_body()).await;
+    }
+
+    async fn small_writes_read_back_in_large_reads_body() {
         // Every write its own chunk, all in the socket before the first
         // read: each read crosses many chunk boundaries.
         let (mut a, mut b) = pair().await;
@@ -307,6 +323,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_closed_without_the_end_mark_is_truncation() {
+        within(a_connection_closed_without_the_end_mark_is_truncation_body()).await;
+    }
+
+    async fn a_connection_closed_without_the_end_mark_is_truncation_body() {
         let (mut a, mut b) = pair().await;
         a.write_all(b"part of it").await.expect("write");
         // Closed as a relay or a crashed peer would: FIN, no end mark.
@@ -327,6 +347,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_mark_from_another_session_is_refused() {
+        within(a_mark_from_another_session_is_refused_body()).await;
+    }
+
+    async fn a_mark_from_another_session_is_refused_body() {
         let (a, mut b) = pair().await;
         let mut tcp = a.into_tcp();
         let mut wrong = Framer::new(EndKey::new(&[9; 32]));
