@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use reach_proto::{NodeId, SecretKey};
+use reach_proto::SecretKey;
 
 use crate::topology::{self, Shape};
 use crate::world::{World, GOSSIP};
@@ -156,16 +156,12 @@ pub fn build(p: &Params) -> (World, usize) {
         let after =
             Duration::from_micros(node_rng.below(p.attach_window.as_micros().max(1) as u64));
         let latency = Duration::from_micros(500 + node_rng.below(4500));
-        world.add_node(identity(&mut id_rng), hub, latency, after);
+        world.add_node(SecretKey::from_seed(id_rng.bytes32()), hub, latency, after);
     }
     for h in 0..p.hubs {
         world.start_hub(h);
     }
     (world, edges.len())
-}
-
-fn identity(rng: &mut Rng) -> NodeId {
-    SecretKey::from_seed(rng.bytes32()).node_id()
 }
 
 /// Runs `p` to the end.

@@ -22,7 +22,7 @@
 //! handshake, and the core's deadlines are events in the queue.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -100,6 +100,9 @@ pub struct Node {
     /// Lookup answers: request id to the home hub found (None: unknown or
     /// failed) and when the answer came.
     pub found: HashMap<u32, (Option<NodeId>, Duration)>,
+    /// Lookup answers that carried the target's own signed claim to be
+    /// registered with the hub found (request ids).
+    pub proved: HashSet<u32>,
 }
 
 impl Hub {
@@ -304,21 +307,22 @@ impl World {
         self.hubs[from].peers.push((to, latency));
     }
 
-    /// Adds a node homed at `hub`, `latency` away from it, whose process
-    /// starts after `after` (its core dials at once).
+    /// Adds a node with `key`, homed at `hub`, `latency` away from it, whose
+    /// process starts after `after` (its core dials at once). Like a `reach`
+    /// process, it signs a home claim for each registration, which the hub
+    /// verifies.
     pub fn add_node(
         &mut self,
-        id: NodeId,
+        key: SecretKey,
         hub: HubIx,
         latency: Duration,
         after: Duration,
     ) -> NodeIx {
         let ix = self.nodes.len();
-        // Without a key, the node registers without a home claim: simulated
-        // nodes never move between hubs, so no dispute needs one, and a
-        // signature per registration would be most of a large run's CPU.
+        let id = key.node_id();
         let mut config = node_session::Config::new(id);
         config.addrs = vec![node_addr(ix)];
+        config.key = Some(key);
         let seed = self.rng.next_u64();
         let session = NodeSession::new(config, seed, self.base + self.now + after);
         self.nodes.push(Node {
@@ -330,6 +334,7 @@ impl World {
             session_link: None,
             timer: None,
             found: HashMap::new(),
+            proved: HashSet::new(),
         });
         self.arm_node(ix);
         ix
@@ -791,6 +796,14 @@ impl World {
                     }
                 }
                 SessionEvent::Found { req, entry } => {
+                    let proved = entry.as_ref().is_some_and(|e| {
+                        e.claim
+                            .as_ref()
+                            .is_some_and(|c| c.is_valid(&e.node, &e.hub))
+                    });
+                    if proved {
+                        self.nodes[n].proved.insert(req);
+                    }
                     let found = (entry.map(|e| e.hub), self.now);
                     self.nodes[n].found.insert(req, found);
                 }

@@ -20,9 +20,9 @@ fn hub_with_nodes(n: usize, seed: u64) -> World {
     let hub = world.add_hub(SecretKey::from_seed(rng.bytes32()));
     world.start_hub(hub);
     for _ in 0..n {
-        let id = SecretKey::from_seed(rng.bytes32()).node_id();
+        let key = SecretKey::from_seed(rng.bytes32());
         let after = Duration::from_micros(rng.below(1_000_000));
-        world.add_node(id, hub, LATENCY, after);
+        world.add_node(key, hub, LATENCY, after);
     }
     world.run_until(Duration::from_secs(2));
     assert!(world.nodes.iter().all(|n| n.registered()));
@@ -89,4 +89,18 @@ fn a_silent_hub_is_left_after_the_idle_timeout() {
         "{left:?}"
     );
     assert!(left >= t.idle_timeout - t.ping_interval, "{left:?}");
+}
+
+#[test]
+fn a_lookup_answers_with_the_targets_signed_home_claim() {
+    let mut world = hub_with_nodes(3, 5);
+    let target = world.nodes[1].id;
+    let req = world.lookup(0, target).expect("lookup sent");
+    world.run_until(world.now() + LATENCY * 4);
+    let hub = world.hubs[0].id;
+    assert_eq!(world.nodes[0].found.get(&req).map(|f| f.0), Some(Some(hub)));
+    assert!(
+        world.nodes[0].proved.contains(&req),
+        "the answer carries no valid home claim"
+    );
 }
