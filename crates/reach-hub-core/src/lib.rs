@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use reach_proto::circuit::{CircuitHello, HELLO_LEN};
 use reach_proto::link::{
     directory_signed_bytes, encode_control, encode_credit, encode_data, encode_fin, encode_open,
     encode_reset, hub_link_proof, verify_admission_proof, verify_hub_link_proof, ConnectBack,
@@ -223,6 +224,18 @@ pub enum Event {
     LinkGone {
         /// The link.
         link: LinkId,
+    },
+    /// Linked hub `hub` asks this hub to carry a relay circuit's leg from
+    /// this side ([`Control::CircuitPull`]): the driver dials `hub`'s
+    /// circuit port at `addr` (where this hub's link to it goes), presents
+    /// `leg` marked pulled, and serves it as a leg that came from `hub`.
+    CircuitPull {
+        /// The asking hub.
+        hub: NodeId,
+        /// Its address on the link.
+        addr: SocketAddr,
+        /// The leg.
+        leg: CircuitHello,
     },
 }
 
@@ -586,6 +599,25 @@ impl HubCore {
     /// Whether a hub link to `hub` is up.
     pub fn has_hub_link(&self, hub: &NodeId) -> bool {
         self.hubs.contains_key(hub)
+    }
+
+    /// Whether this hub dialled its link to `hub` (None: no link). Circuit
+    /// legs go the way the link was dialled: the dialling side knows it can
+    /// reach the other; the other may be behind a NAT or firewall.
+    pub fn dialled_hub(&self, hub: &NodeId) -> Option<bool> {
+        let link = self.hubs.get(hub)?;
+        self.links.get(link).map(|l| l.dialled)
+    }
+
+    /// Asks the linked hub `hub`, which dialled this one, to carry `leg`
+    /// from its side ([`Control::CircuitPull`]); false without a link.
+    pub fn pull_circuit(&mut self, hub: &NodeId, leg: &CircuitHello) -> bool {
+        let Some(link) = self.hubs.get(hub).copied() else {
+            return false;
+        };
+        let hello = leg.encode().to_vec();
+        self.send(link, control(&Control::CircuitPull { hello }));
+        true
     }
 
     /// Hubs this hub routes to through others and knows listen addresses of:
@@ -1413,6 +1445,27 @@ impl HubCore {
                 }
                 if let Some((nodes, sigs)) = self.assemble(origin, state, part, parts, nodes, sig) {
                     self.commit_remote(origin, state, nodes, listen, sigs, now);
+                }
+            }
+            (LinkKind::Hub, Control::CircuitPull { hello }) => {
+                let leg = <&[u8; HELLO_LEN]>::try_from(hello.as_slice())
+                    .map_err(|_| "not a circuit hello's length".to_string())
+                    .and_then(|b| CircuitHello::decode(b).map_err(|e| e.to_string()))
+                    .and_then(|leg| {
+                        (!leg.pulled)
+                            .then_some(leg)
+                            .ok_or_else(|| "marked pulled already".to_string())
+                    });
+                match (leg, self.links.get(&link).map(|l| l.observed)) {
+                    (Ok(leg), Some(addr)) => self.events.push(Event::CircuitPull {
+                        hub: peer,
+                        addr,
+                        leg,
+                    }),
+                    (Err(why), _) => {
+                        tracing::debug!(neighbour = %peer, "circuit pull ignored: {why}")
+                    }
+                    (Ok(_), None) => {}
                 }
             }
             (kind, other) => {

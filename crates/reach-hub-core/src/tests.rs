@@ -1271,3 +1271,58 @@ fn a_circuit_to_another_hub_is_carried_to_the_next_hub() {
     assert_eq!(a.next_hub_towards(&id(1)), None);
     assert_eq!(a.next_hub_towards(&id(30)), None);
 }
+
+#[test]
+fn a_hub_asks_the_hub_that_dialled_it_to_carry_a_circuit_leg() {
+    use reach_proto::circuit::{CircuitHello, MAX_HOPS};
+    let now = Instant::now();
+    // a dialled b: a reaches b, b may not reach a.
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    assert_eq!(a.dialled_hub(&id(2)), Some(true));
+    assert_eq!(b.dialled_hub(&id(1)), Some(false));
+    assert_eq!(b.dialled_hub(&id(30)), None);
+    pump(&mut a, &mut b, ab, ba, now);
+    let _ = (a.poll_events(), b.poll_events());
+    let leg = CircuitHello {
+        ticket: [5; 16],
+        from: id(7),
+        peer: id(8),
+        toward: Some(id(1)),
+        hops: MAX_HOPS - 1,
+        pulled: false,
+    };
+    assert!(b.pull_circuit(&id(1), &leg));
+    assert!(!b.pull_circuit(&id(30), &leg), "no link, no pull");
+    pump(&mut a, &mut b, ab, ba, now);
+    // a dials b back where its link goes.
+    assert_eq!(
+        a.poll_events(),
+        vec![crate::Event::CircuitPull {
+            hub: id(2),
+            addr: addr(2),
+            leg
+        }]
+    );
+    // A leg marked pulled already, or bytes that are no hello: ignored.
+    let pulled = CircuitHello {
+        pulled: true,
+        ..leg
+    };
+    for hello in [pulled.encode().to_vec(), vec![1, 2, 3]] {
+        let v = a.handle_frame(ab, Frame::Control(Control::CircuitPull { hello }), now);
+        assert_eq!(v, Verdict::Continue);
+    }
+    assert!(a.poll_events().is_empty());
+    // A node cannot ask for one.
+    let mut hub = open_hub();
+    let node = attach(&mut hub, id(9), true);
+    let _ = hub.poll_events();
+    control(
+        &mut hub,
+        node,
+        Control::CircuitPull {
+            hello: leg.encode().to_vec(),
+        },
+    );
+    assert!(hub.poll_events().is_empty());
+}

@@ -9,21 +9,29 @@
 //!
 //! [`kernel_copy`]: crate::kernel_copy
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reach::ReachStream;
+use reach::{CircuitJoinError, Endpoint, ReachStream};
 use reach_proto::circuit::{
     is_limit, CircuitAnswer, CircuitHello, Offered, HELLO_HEADER_LEN, HELLO_LEN, NO_CIRCUITS,
 };
 use reach_proto::NodeId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
-use crate::Inner;
+use crate::{Inner, State};
 
 /// How long a node may take to send its circuit hello after its handshake.
 const HELLO_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long a hub waits for a leg it asked the next hub to dial back with.
+const PULL_WITHIN: Duration = Duration::from_secs(10);
+
+/// Most legs a hub dials back at once for hubs that asked it to.
+const MAX_DIAL_BACKS: usize = 64;
 
 /// Serves one connection to the circuit port, until the hub stops (the
 /// task must not keep the hub's listener alive).
@@ -69,6 +77,15 @@ async fn serve_one(inner: &Inner, stream: ReachStream) {
         Ok(h) => h,
         Err(e) => return refuse(tcp, from, &e.to_string()).await,
     };
+    if hello.pulled {
+        return pulled_leg_arrived(inner, tcp, from, &hello).await;
+    }
+    serve_hello(inner, tcp, from, hello).await;
+}
+
+/// Serves a circuit connection from `from` (a node, or a linked hub with a
+/// leg) whose hello has been read: pairs it, or carries it on.
+async fn serve_hello(inner: &Inner, tcp: TcpStream, from: NodeId, hello: CircuitHello) {
     let Some(limits) = inner.config.circuits else {
         return unavailable(tcp, from, NO_CIRCUITS).await;
     };
@@ -150,7 +167,16 @@ async fn carry_on(
         inner,
         ends: (hello.from, hello.peer),
     };
-    match inner.endpoint.circuit_leg(hub, addrs, leg).await {
+    // The leg goes the way the hub link was dialled: a hub that dialled
+    // this one may sit behind a NAT or firewall, so it is asked to dial
+    // back instead.
+    let dialled_by_next = inner.state().core.dialled_hub(&hub) == Some(false);
+    let onward = if dialled_by_next {
+        pull(inner, hub, leg).await
+    } else {
+        inner.endpoint.circuit_leg(hub, addrs, leg).await
+    };
+    match onward {
         Ok(onward) => {
             tracing::debug!(%from, %hub, peer = %hello.peer, "circuit carried on");
             relay_onward(tcp, onward, &hello).await;
@@ -166,6 +192,101 @@ async fn carry_on(
         }
     }
     drop(closed);
+}
+
+/// Asks linked hub `hub` (which dialled this one) to dial back and present
+/// `leg`, and waits for it to pair or carry the leg on: the connection, from
+/// then on a pipe towards the circuit's other end.
+async fn pull(
+    inner: &Inner,
+    hub: NodeId,
+    leg: CircuitHello,
+) -> Result<TcpStream, CircuitJoinError> {
+    let (tx, rx) = oneshot::channel();
+    let deadline = Instant::now() + PULL_WITHIN;
+    {
+        let mut s = inner.state();
+        if let Err((_, why)) = s.pulls.ask(Instant::now(), hub, leg, tx, deadline) {
+            return Err(CircuitJoinError {
+                why: why.to_string(),
+                unavailable: true,
+            });
+        }
+        if !s.core.pull_circuit(&hub, &leg) {
+            s.pulls.cancel(&leg.ticket);
+            return Err(format!("no link to hub {hub} any more").into());
+        }
+        s.flush();
+    }
+    match tokio::time::timeout_at(deadline.into(), rx).await {
+        Ok(Ok(tcp)) => Endpoint::circuit_answer(tcp).await,
+        _ => {
+            inner.state().pulls.cancel(&leg.ticket);
+            Err(format!("hub {hub} did not dial back within {PULL_WITHIN:?}").into())
+        }
+    }
+}
+
+/// A leg this hub asked for came back, from `from`: hands it to the
+/// waiting task, or refuses it if this hub asked nobody for it.
+async fn pulled_leg_arrived(inner: &Inner, tcp: TcpStream, from: NodeId, hello: &CircuitHello) {
+    let waiter = inner.state().pulls.arrived(&from, hello);
+    match waiter {
+        Ok(tx) => {
+            if tx.send(tcp).is_err() {
+                tracing::debug!(%from, peer = %hello.peer, "pulled circuit leg came after its wait ended");
+            }
+        }
+        Err(why) => refuse(tcp, from, why).await,
+    }
+}
+
+/// Carries the leg `leg` that linked hub `hub` (at `addr`) asked for from
+/// this side: dials it back, presents the leg marked pulled, and serves the
+/// connection as a leg that came from `hub`. Bounded by [`MAX_DIAL_BACKS`]
+/// at once; runs until the hub stops.
+pub(crate) fn dial_back(
+    inner: &Arc<Inner>,
+    s: &mut State,
+    hub: NodeId,
+    addr: SocketAddr,
+    leg: CircuitHello,
+) {
+    if s.dial_backs >= MAX_DIAL_BACKS {
+        s.dial_backs_refused += 1;
+        let n = s.dial_backs_refused;
+        if n.is_power_of_two() {
+            tracing::warn!(%hub, "circuit pull refused: {MAX_DIAL_BACKS} dial-backs under way ({n} so far)");
+        }
+        return;
+    }
+    s.dial_backs += 1;
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let mut stop = inner.stop.subscribe();
+        let serve = async {
+            let back = CircuitHello {
+                pulled: true,
+                ..leg
+            };
+            match inner
+                .endpoint
+                .circuit_pulled_leg(hub, vec![addr], back)
+                .await
+            {
+                Ok(tcp) => {
+                    tracing::debug!(%hub, peer = %leg.peer, "circuit leg pulled: dialled back");
+                    serve_hello(&inner, tcp, hub, leg).await
+                }
+                Err(e) => tracing::debug!(%hub, "circuit pull: dialling back failed: {e}"),
+            }
+        };
+        tokio::select! {
+            _ = serve => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        inner.state().dial_backs -= 1;
+    });
 }
 
 /// Answers a half the table refused (a limit as `Unavailable`, so the

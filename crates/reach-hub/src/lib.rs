@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use reach::link::{write_frames, FrameReader, FrameTx};
 use reach::{Endpoint, EndpointBuilder, EndpointError, HubTarget, NodeId, ReachStream};
-use reach_proto::circuit::{Circuits, CIRCUIT_VPORT};
+use reach_proto::circuit::{Circuits, Pulls, CIRCUIT_VPORT};
 use reach_proto::link::HUB_VPORT;
 
 pub use crate::core::{HubCore, Limits, LinkId, Policy, Verdict};
@@ -160,6 +160,11 @@ struct State {
     armed: Option<Instant>,
     /// Relay circuits: halves waiting for their other half, and counts.
     circuits: Circuits<tokio::net::TcpStream>,
+    /// Circuit legs this hub asked the next hub to dial back with.
+    pulls: Pulls<tokio::sync::oneshot::Sender<tokio::net::TcpStream>>,
+    /// Legs this hub dials back for other hubs now, and those it refused.
+    dial_backs: usize,
+    dial_backs_refused: u64,
 }
 
 impl State {
@@ -172,6 +177,9 @@ impl State {
                 waiting: self.circuits.waiting(),
                 active: self.circuits.active(),
                 counters: self.circuits.counters,
+                pulls: self.pulls.counters,
+                dial_backs: self.dial_backs,
+                dial_backs_refused: self.dial_backs_refused,
             },
         )
     }
@@ -313,6 +321,9 @@ impl Hub {
                 timer: Arc::new(tokio::sync::Notify::new()),
                 armed: None,
                 circuits: Circuits::new(config.circuits.unwrap_or_default()),
+                pulls: Pulls::default(),
+                dial_backs: 0,
+                dial_backs_refused: 0,
             }),
             config,
             stop: tokio::sync::watch::Sender::new(false),

@@ -111,6 +111,9 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
                 let json = s.status().to_json(STATUS_MAX_NODES).to_string();
                 s.core.send_control(link, &Control::StatusReport { json });
             }
+            Event::CircuitPull { hub, addr, leg } => {
+                crate::circuits::dial_back(inner, s, hub, addr, leg);
+            }
             Event::LinkGone { link } => {
                 let mut ended = Vec::new();
                 s.exposures.retain(|port, e| {

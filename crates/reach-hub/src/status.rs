@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use reach_legacy::proxy::ProxyCounters;
-use reach_proto::circuit::CircuitCounters;
+use reach_proto::circuit::{CircuitCounters, PullCounters};
 
 pub use crate::core::{HubLinkStatus, NodeStatus, RouteStatus};
 use crate::core::{ProxyPort, Snapshot};
@@ -34,6 +34,12 @@ pub struct CircuitStatus {
     pub active: usize,
     /// Paired, refused and expired so far.
     pub counters: CircuitCounters,
+    /// Legs this hub asked the next hub to dial back with, and what came.
+    pub pulls: PullCounters,
+    /// Legs this hub dials back now for hubs that asked it to.
+    pub dial_backs: usize,
+    /// Dial-backs refused (too many under way).
+    pub dial_backs_refused: u64,
 }
 
 /// A hub's state for `reach status`: the core's [`Snapshot`] (its fields
@@ -113,6 +119,12 @@ impl Status {
                 "refused": self.circuits.counters.refused,
                 "expired": self.circuits.counters.expired,
                 "extended": self.circuits.counters.extended,
+                "pulls_asked": self.circuits.pulls.asked,
+                "pulled": self.circuits.pulls.pulled,
+                "pulls_refused": self.circuits.pulls.refused,
+                "pulls_expired": self.circuits.pulls.expired,
+                "dial_backs": self.circuits.dial_backs,
+                "dial_backs_refused": self.circuits.dial_backs_refused,
             },
             "counters": {
                 "streams_opened": self.counters.streams_opened,
@@ -234,6 +246,30 @@ impl Status {
             "counter",
             "Relay circuits carried on to the next hub towards the other node's hub.",
             self.circuits.counters.extended.to_string(),
+        );
+        metric(
+            "circuit_pulls_total",
+            "counter",
+            "Circuit legs this hub asked a hub that dialled it to dial back with.",
+            self.circuits.pulls.asked.to_string(),
+        );
+        metric(
+            "circuit_pulls_refused_total",
+            "counter",
+            "Circuit pulls refused: the pull table full, or a pulled leg nobody asked for.",
+            self.circuits.pulls.refused.to_string(),
+        );
+        metric(
+            "circuit_pulls_expired_total",
+            "counter",
+            "Circuit legs asked for that did not come back in time.",
+            self.circuits.pulls.expired.to_string(),
+        );
+        metric(
+            "circuit_dial_backs_refused_total",
+            "counter",
+            "Circuit pulls from other hubs refused: too many dial-backs under way.",
+            self.circuits.dial_backs_refused.to_string(),
         );
         metric(
             "exposures",

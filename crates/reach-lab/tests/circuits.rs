@@ -60,6 +60,14 @@ fn across_three_hubs(from: &str, to: &str) {
     for hub in ["hub1", "hub2", "hub3"] {
         assert_eq!(circuits(&bench, &lab, hub, "refused"), 0, "{hub}");
     }
+    // Legs go the way the hub links were dialled (hub1 dialled hub2, hub2
+    // dialled hub3): carried from hub3 towards hub1, each hub asks the one
+    // before it to dial back; carried the other way, each dials the next.
+    let pulls = u64::from(from == "a");
+    for hub in ["hub3", "hub2"] {
+        assert_eq!(circuits(&bench, &lab, hub, "pulls_asked"), pulls, "{hub}");
+        assert_eq!(circuits(&bench, &lab, hub, "pulled"), pulls, "{hub}");
+    }
 }
 
 #[test]
@@ -70,4 +78,37 @@ fn a_circuit_crosses_three_hubs_to_a_node_that_cannot_reach_the_first() {
 #[test]
 fn a_circuit_crosses_three_hubs_from_a_non_routed_node() {
     across_three_hubs("c", "a");
+}
+
+#[test]
+fn a_hub_behind_a_nat_dials_back_for_a_circuit_leg_it_is_asked_to_carry() {
+    // hub2 and `c` share a NAT; hub2 dialled hub1. `c` offers a circuit at
+    // hub2, which `a` cannot reach: `a` joins at hub1, which cannot dial
+    // hub2 either and asks it, over their link, to dial back.
+    let t = common::topology("hub-behind-nat");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    // Enough that the move (200 ms, then `a`'s 1 s try at hub2) comes before
+    // the end.
+    let bench = Bench::start(&lab, &t, &tools, 512 << 20)
+        .expect("hubs")
+        .upgrade_after(Duration::from_millis(200))
+        .converge_on(1);
+    let moved = bench
+        .run(&lab, &tools, ("c", "a"), "routed", Duration::from_secs(60))
+        .expect("transfer");
+    assert!(moved.intact, "{moved:?}");
+    assert_eq!(
+        moved.upgraded.as_deref(),
+        Some("routed"),
+        "the stream moved onto a circuit: {moved:?}"
+    );
+    assert_eq!(circuits(&bench, &lab, "hub1", "extended"), 1, "hub1");
+    assert_eq!(circuits(&bench, &lab, "hub1", "pulls_asked"), 1, "hub1");
+    assert_eq!(circuits(&bench, &lab, "hub1", "pulled"), 1, "hub1");
+    assert_eq!(circuits(&bench, &lab, "hub2", "paired"), 1, "hub2");
+    for hub in ["hub1", "hub2"] {
+        assert_eq!(circuits(&bench, &lab, hub, "refused"), 0, "{hub}");
+        assert_eq!(circuits(&bench, &lab, hub, "pulls_refused"), 0, "{hub}");
+    }
 }

@@ -74,6 +74,7 @@ pub const HELLO_LEN: usize = HELLO_HEADER_LEN + 2 + TICKET_LEN + 3 * NODE_ID_LEN
 pub const MAX_HOPS: u8 = 8;
 
 const FLAG_EXTEND: u8 = 1;
+const FLAG_PULLED: u8 = 2;
 
 /// Longest refusal reason in a [`CircuitAnswer`].
 pub const MAX_REASON_LEN: usize = 255;
@@ -95,6 +96,14 @@ pub struct CircuitHello {
     pub toward: Option<NodeId>,
     /// Hubs the circuit may still cross, this one included.
     pub hops: u8,
+    /// A leg the receiving hub asked for ([`Control::CircuitPull`]): the
+    /// hub that sends it dialled back because the receiver could not dial
+    /// it, and from here on serves the leg as if it had arrived from the
+    /// receiver. The receiver takes it only from the hub it asked, under a
+    /// ticket it is waiting for ([`Pulls`]).
+    ///
+    /// [`Control::CircuitPull`]: crate::link::Control::CircuitPull
+    pub pulled: bool,
 }
 
 /// Why bytes are not a circuit hello.
@@ -128,7 +137,7 @@ impl CircuitHello {
             FLAG_EXTEND
         } else {
             0
-        };
+        } | if self.pulled { FLAG_PULLED } else { 0 };
         b[5] = self.hops;
         let (ticket, ids) = b[6..].split_at_mut(TICKET_LEN);
         ticket.copy_from_slice(&self.ticket);
@@ -158,7 +167,7 @@ impl CircuitHello {
         if let Some(header) = b.first_chunk() {
             Self::check_header(header)?;
         }
-        if b[4] & !FLAG_EXTEND != 0 {
+        if b[4] & !(FLAG_EXTEND | FLAG_PULLED) != 0 {
             return Err(CircuitHelloError::Flags(b[4]));
         }
         let hops = b[5];
@@ -187,6 +196,7 @@ impl CircuitHello {
             peer: id(&ids[NODE_ID_LEN..2 * NODE_ID_LEN])?,
             toward,
             hops,
+            pulled: b[4] & FLAG_PULLED != 0,
         })
     }
 
@@ -194,7 +204,11 @@ impl CircuitHello {
     /// left for it.
     pub fn next_leg(&self) -> Option<Self> {
         let hops = self.hops.checked_sub(1).filter(|h| *h > 0)?;
-        Some(Self { hops, ..*self })
+        Some(Self {
+            hops,
+            pulled: false,
+            ..*self
+        })
     }
 }
 
@@ -504,6 +518,130 @@ impl<C> Circuits<C> {
     }
 }
 
+/// Most circuit legs a hub waits for at once from hubs it asked to dial it
+/// ([`Pulls`]).
+pub const MAX_PULLS: usize = 256;
+
+/// Counters of a hub's pull table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PullCounters {
+    /// Legs this hub asked another hub to dial back.
+    pub asked: u64,
+    /// Asked legs that arrived.
+    pub pulled: u64,
+    /// Asks refused (the table full, a ticket already waiting) and pulled
+    /// legs nobody waited for.
+    pub refused: u64,
+    /// Asked legs that did not come in time.
+    pub expired: u64,
+}
+
+struct Pull<W> {
+    hub: NodeId,
+    leg: CircuitHello,
+    waiter: W,
+    deadline: Instant,
+}
+
+/// The legs a hub waits for after asking the next hub to dial it
+/// (`Control::CircuitPull`): a hub that cannot dial the next hub on a
+/// circuit's route (it sits behind a NAT or firewall and dialled this hub
+/// itself) is asked to dial back and present the leg, marked
+/// [`CircuitHello::pulled`]. Sans-IO: the waiter `W` is whatever hands the
+/// connection to the waiting task. Bounded ([`MAX_PULLS`]) and in time.
+pub struct Pulls<W> {
+    waiting: HashMap<Ticket, Pull<W>>,
+    /// What happened so far.
+    pub counters: PullCounters,
+}
+
+impl<W> Default for Pulls<W> {
+    fn default() -> Self {
+        Self {
+            waiting: HashMap::new(),
+            counters: PullCounters::default(),
+        }
+    }
+}
+
+impl<W> Pulls<W> {
+    /// Legs waited for now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Waits, until `deadline`, for hub `hub` to dial back with `leg`.
+    /// Expired entries are dropped first (their tasks may be gone).
+    pub fn ask(
+        &mut self,
+        now: Instant,
+        hub: NodeId,
+        leg: CircuitHello,
+        waiter: W,
+        deadline: Instant,
+    ) -> Result<(), (W, &'static str)> {
+        let before = self.waiting.len();
+        self.waiting.retain(|_, p| p.deadline > now);
+        self.counters.expired += (before - self.waiting.len()) as u64;
+        if self.waiting.contains_key(&leg.ticket) {
+            self.counters.refused += 1;
+            return Err((waiter, "the ticket is in use by other nodes"));
+        }
+        if self.waiting.len() >= MAX_PULLS {
+            self.counters.refused += 1;
+            return Err((waiter, "the hub's limit of pulled circuit legs is reached"));
+        }
+        self.counters.asked += 1;
+        self.waiting.insert(
+            leg.ticket,
+            Pull {
+                hub,
+                leg,
+                waiter,
+                deadline,
+            },
+        );
+        Ok(())
+    }
+
+    /// A pulled leg `hello` arrived from hub `from` (authenticated by its
+    /// handshake): the waiter it answers, if this hub asked `from` for
+    /// exactly that leg.
+    pub fn arrived(&mut self, from: &NodeId, hello: &CircuitHello) -> Result<W, &'static str> {
+        // Tickets are not secret from the hubs on the route (the offer
+        // crosses them), so the leg must come from the hub asked, with the
+        // hello asked for; anything else leaves the wait as it is.
+        let asked = self.waiting.get(&hello.ticket).is_some_and(|p| {
+            p.hub == *from
+                && CircuitHello {
+                    pulled: true,
+                    ..p.leg
+                } == *hello
+        });
+        if !asked {
+            self.counters.refused += 1;
+            return Err("no hub asked for this circuit leg");
+        }
+        match self.waiting.remove(&hello.ticket) {
+            Some(p) => {
+                self.counters.pulled += 1;
+                Ok(p.waiter)
+            }
+            None => {
+                self.counters.refused += 1;
+                Err("no hub asked for this circuit leg")
+            }
+        }
+    }
+
+    /// The wait for `ticket`'s leg ended without it: forgets it.
+    pub fn cancel(&mut self, ticket: &Ticket) {
+        if self.waiting.remove(ticket).is_some() {
+            self.counters.expired += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,12 +660,17 @@ mod tests {
             peer: id(1),
             toward: Some(id(3)),
             hops: MAX_HOPS,
+            pulled: false,
         };
         let here = CircuitHello {
             toward: None,
             ..hello
         };
         assert_eq!(CircuitHello::decode(&here.encode()), Ok(here));
+        for pulled in [here, hello].map(|h| CircuitHello { pulled: true, ..h }) {
+            assert_eq!(CircuitHello::decode(&pulled.encode()), Ok(pulled));
+            assert_eq!(pulled.next_leg().map(|l| l.pulled), Some(false));
+        }
         assert_eq!(CircuitHello::decode(&hello.encode()), Ok(hello));
         let mut b = hello.encode();
         b[0] = b'x';
@@ -568,6 +711,88 @@ mod tests {
             Err(CircuitHelloError::Flags(0)),
             "a hub without its flag"
         );
+    }
+
+    #[test]
+    fn a_pulled_leg_is_taken_only_from_the_hub_asked_with_the_leg_asked_for() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(10);
+        let leg = CircuitHello {
+            ticket: [9; TICKET_LEN],
+            from: id(1),
+            peer: id(2),
+            toward: Some(id(3)),
+            hops: MAX_HOPS - 1,
+            pulled: false,
+        };
+        let back = CircuitHello {
+            pulled: true,
+            ..leg
+        };
+        let mut p: Pulls<u8> = Pulls::default();
+        assert_eq!(p.ask(now, id(3), leg, 1, later).map_err(|e| e.1), Ok(()));
+        assert_eq!(
+            p.ask(now, id(3), leg, 2, later).map_err(|e| e.1),
+            Err("the ticket is in use by other nodes")
+        );
+        // Another hub on the route knows the ticket: it cannot take the wait.
+        assert!(p.arrived(&id(4), &back).is_err());
+        // Not marked pulled, or another leg of the circuit: no.
+        assert!(p.arrived(&id(3), &leg).is_err());
+        let shorter = CircuitHello { hops: 1, ..back };
+        assert!(p.arrived(&id(3), &shorter).is_err());
+        assert_eq!(p.waiting(), 1, "the wait survives what is not its leg");
+        assert_eq!(p.arrived(&id(3), &back), Ok(1));
+        assert!(p.arrived(&id(3), &back).is_err(), "taken once");
+        assert_eq!(
+            p.counters,
+            PullCounters {
+                asked: 1,
+                pulled: 1,
+                refused: 5,
+                expired: 0
+            }
+        );
+    }
+
+    #[test]
+    fn pulls_are_bounded_and_expire() {
+        let now = Instant::now();
+        let soon = now + Duration::from_secs(1);
+        let mut p: Pulls<()> = Pulls::default();
+        let leg = |n: usize| CircuitHello {
+            ticket: {
+                let mut t = [0; TICKET_LEN];
+                t[..8].copy_from_slice(&(n as u64).to_le_bytes());
+                t
+            },
+            from: id(1),
+            peer: id(2),
+            toward: None,
+            hops: 2,
+            pulled: false,
+        };
+        for n in 0..MAX_PULLS {
+            assert!(p.ask(now, id(3), leg(n), (), soon).is_ok());
+        }
+        assert_eq!(
+            p.ask(now, id(3), leg(MAX_PULLS), (), soon).map_err(|e| e.1),
+            Err("the hub's limit of pulled circuit legs is reached")
+        );
+        p.cancel(&leg(0).ticket);
+        assert!(p.ask(now, id(3), leg(MAX_PULLS), (), soon).is_ok());
+        // Past their deadline the waits go at the next ask.
+        assert!(p
+            .ask(
+                soon,
+                id(3),
+                leg(MAX_PULLS + 1),
+                (),
+                soon + soon.duration_since(now)
+            )
+            .is_ok());
+        assert_eq!(p.waiting(), 1);
+        assert_eq!(p.counters.expired, MAX_PULLS as u64 + 1);
     }
 
     #[test]

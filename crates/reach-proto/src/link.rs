@@ -498,6 +498,18 @@ pub enum Control {
         #[serde(with = "crate::identity::relayed_id")]
         origin: NodeId,
     },
+    /// Hub to hub, to a hub that dialled the sender: carry this relay
+    /// circuit's leg from your side. The sender does not dial hubs that
+    /// dialled it (they may sit behind a NAT or firewall); the receiver
+    /// dials the sender's circuit port at the address its link uses,
+    /// presents the leg marked [`CircuitHello::pulled`], and then serves it
+    /// as a leg that arrived from the sender (pairs it, or carries it on).
+    ///
+    /// [`CircuitHello::pulled`]: crate::circuit::CircuitHello::pulled
+    CircuitPull {
+        /// The leg's hello, as it goes on the wire (not marked pulled).
+        hello: Vec<u8>,
+    },
 }
 
 /// A decoded frame; Data borrows its payload from the input buffer.

@@ -136,12 +136,22 @@ async fn dial(
     })
 }
 
-/// Sends `hello` on a connection to a hub's circuit port and waits until the
-/// hub pairs it (or refuses); the connection, from then on a pipe to the
-/// circuit's other end.
+/// Sends `hello` on a connection to a hub's circuit port and waits for the
+/// hub's answer ([`await_pairing`]).
 async fn pair(mut tcp: TcpStream, hello: &CircuitHello) -> Result<TcpStream, CircuitJoinError> {
+    let sent = tokio::time::timeout(JOIN_TIMEOUT, tcp.write_all(&hello.encode())).await;
+    match sent {
+        Ok(Ok(())) => await_pairing(tcp).await,
+        Ok(Err(e)) => Err(format!("sending the circuit hello: {e}").into()),
+        Err(_) => Err("sending the circuit hello timed out".to_string().into()),
+    }
+}
+
+/// Waits on a connection to a hub's circuit port, whose hello went out,
+/// until the hub pairs it (or refuses); the connection, from then on a pipe
+/// to the circuit's other end.
+pub(crate) async fn await_pairing(mut tcp: TcpStream) -> Result<TcpStream, CircuitJoinError> {
     let paired = async {
-        tcp.write_all(&hello.encode()).await?;
         let status = tcp.read_u8().await?;
         let len = if CircuitAnswer::has_reason(status) {
             tcp.read_u8().await?
@@ -187,6 +197,27 @@ pub(crate) async fn leg(
     pair(tcp, &hello).await
 }
 
+/// A hub's side of a circuit leg another hub asked it to carry (the asking
+/// hub could not dial it): dials `hub` at `addrs` and presents `hello`
+/// (marked pulled); the connection, on which this hub then answers as if
+/// the leg had arrived from `hub`.
+pub(crate) async fn pulled_leg(
+    shared: &Shared,
+    hub: NodeId,
+    addrs: Vec<SocketAddr>,
+    hello: CircuitHello,
+) -> Result<TcpStream, CircuitJoinError> {
+    let mut tcp = dial(shared, hub, addrs, JOIN_TIMEOUT).await?;
+    let sent = tokio::time::timeout(JOIN_TIMEOUT, tcp.write_all(&hello.encode())).await;
+    match sent {
+        Ok(Ok(())) => Ok(tcp),
+        Ok(Err(e)) => Err(format!("presenting the pulled circuit leg: {e}").into()),
+        Err(_) => Err("presenting the pulled circuit leg timed out"
+            .to_string()
+            .into()),
+    }
+}
+
 /// Moves the routed stream with upgrade id `id` to `peer` onto a circuit at
 /// this node's hub: offers it, joins it and runs the upgrade handshake over
 /// it. The new path, or why not.
@@ -220,6 +251,7 @@ pub(crate) async fn open(shared: &Arc<Shared>, peer: NodeId, id: u16) -> Result<
         peer,
         toward: None,
         hops: MAX_HOPS,
+        pulled: false,
     };
     let joined = tokio::select! {
         joined = join(shared, hub, addrs, hello) => joined.map_err(|e| e.why),
@@ -317,6 +349,7 @@ async fn join_offered(
         peer: offer.from,
         toward: None,
         hops: MAX_HOPS,
+        pulled: false,
     };
     let own = shared.hub_link().await.ok().map(|(_, link)| {
         let status = link.status();

@@ -681,6 +681,25 @@ impl Endpoint {
         crate::circuit::leg(&self.shared, hub, addrs, hello).await
     }
 
+    /// For hubs: dials hub `hub` at `addrs` and presents the circuit leg
+    /// `hello` it asked this hub to carry (marked pulled); the connection,
+    /// on which this hub answers the leg as if it had come from `hub`.
+    pub async fn circuit_pulled_leg(
+        &self,
+        hub: NodeId,
+        addrs: Vec<SocketAddr>,
+        hello: reach_proto::circuit::CircuitHello,
+    ) -> Result<TcpStream, crate::CircuitJoinError> {
+        crate::circuit::pulled_leg(&self.shared, hub, addrs, hello).await
+    }
+
+    /// For hubs: waits on a circuit leg this hub asked another to carry
+    /// until that hub pairs it or carries it on (or refuses); the connection,
+    /// from then on a pipe towards the circuit's other end.
+    pub async fn circuit_answer(tcp: TcpStream) -> Result<TcpStream, crate::CircuitJoinError> {
+        crate::circuit::await_pairing(tcp).await
+    }
+
     /// Asks a hub for its status report (JSON: links, routes, attached
     /// nodes, counters). `hub` defaults to the endpoint's own hub; the query
     /// carries the network secret's proof when one is configured.
