@@ -100,6 +100,8 @@ struct Bench {
     hubs: reach_lab::hubs::HubSet,
     /// The virtual address of the agent server on `b` (attached to hub1).
     b1: String,
+    /// The agent servers' pids (pinned for the placed round trips).
+    servers: Vec<u32>,
     _procs: Vec<Process>,
     _ratholes: Vec<Rathole>,
     _tunnel: Option<reach_lab::boringtun::Tunnel>,
@@ -119,6 +121,7 @@ impl Bench {
             dir: dir.to_path_buf(),
             hubs,
             b1: String::new(),
+            servers: Vec::new(),
             _procs: Vec::new(),
             _ratholes: Vec::new(),
             _tunnel: None,
@@ -159,6 +162,7 @@ impl Bench {
                 .arg(&addr_file),
             &self.dir.join(format!("{name}.log")),
         )?;
+        self.servers.push(server.id());
         self._procs.push(server);
         if reach_lab::wait::for_file(&addr_file, READY).is_none() {
             bail!(
@@ -378,6 +382,12 @@ impl Bench {
 
     /// Runs the agent in `a` with `args`; returns what it measured.
     fn measure(&self, args: &[String]) -> anyhow::Result<Measured> {
+        self.measure_on(None, args)
+    }
+
+    /// Runs the agent in `a` with `args`, on CPU `cpu` if given; returns
+    /// what it measured.
+    fn measure_on(&self, cpu: Option<usize>, args: &[String]) -> anyhow::Result<Measured> {
         // One client identity per module list: its module cache must not
         // carry a choice from one kind of path into another.
         let modules = args
@@ -385,9 +395,15 @@ impl Bench {
             .position(|a| a == "--modules")
             .and_then(|i| args.get(i + 1))
             .map_or("tcp", String::as_str);
-        let out = self
-            .lab
-            .command("a", &self.exe)
+        let mut cmd = match cpu {
+            Some(cpu) => {
+                let mut c = self.lab.command("a", "taskset");
+                c.args(["-c", &cpu.to_string()]).arg(&self.exe);
+                c
+            }
+            None => self.lab.command("a", &self.exe),
+        };
+        let out = cmd
             .args(["agent", "run", "--state-dir"])
             .arg(self.dir.join(format!("a-{modules}")))
             .args(args)
@@ -415,6 +431,22 @@ fn reach_args(vaddr: &str, modules: &str, hub: Option<&str>) -> Vec<String> {
         v.extend(["--hub".into(), h.into()]);
     }
     v
+}
+
+/// Sets the CPUs (a `taskset` list, "0" or "0-1") of every thread of each
+/// of `pids`; threads and processes they start later inherit it.
+fn pin(pids: &[u32], cpus: &str) -> anyhow::Result<()> {
+    for pid in pids {
+        let status = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .context("cannot run taskset (apt-get install util-linux)")?;
+        if !status.success() {
+            bail!("taskset -a -p -c {cpus} {pid} failed");
+        }
+    }
+    Ok(())
 }
 
 /// CPU seconds `pid` and its reaped children have used.
@@ -614,6 +646,12 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
             ));
         }
     }
+    rows.extend(placed_round_trips(
+        &bench,
+        &paths,
+        size.rounds,
+        &counted("latency"),
+    )?);
     // Four streams at once through one hub, against socat.
     let four: Vec<Variant> = paths
         .iter()
@@ -668,6 +706,75 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         }
     }
     drop(bench);
+    Ok(rows)
+}
+
+/// The added round trip through reach's hubs and through socat with the
+/// processes placed the same way for both: on this machine the scheduler's
+/// placement moves a relayed round trip between about 20 and 150 us (each
+/// wake-up of an idle virtual CPU costs tens of microseconds), more than
+/// any relay's own work, so unplaced figures compare placements as much as
+/// relays. Two placements: everything on CPU 0, and the relays on CPU 1
+/// with the ends on CPU 0 (four cross-CPU wake-ups per round trip).
+fn placed_round_trips(
+    bench: &Bench,
+    paths: &[Path1],
+    rounds_n: usize,
+    latency: &[String],
+) -> anyhow::Result<Vec<Row>> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all = format!("0-{}", cpus - 1);
+    let by_name = |n: &str| paths.iter().position(|p| p.name == n);
+    let pairs: Vec<(usize, usize)> = [
+        (ROUTED_1, SOCAT_1),
+        (ROUTED_1_LINKS, SOCAT_1),
+        (ROUTED_3, SOCAT_3),
+    ]
+    .iter()
+    .filter_map(|(r, s)| Some((by_name(r)?, by_name(s)?)))
+    .collect();
+    let mut chosen = vec![0usize];
+    for (r, s) in &pairs {
+        for i in [*s, *r] {
+            if !chosen.contains(&i) {
+                chosen.push(i);
+            }
+        }
+    }
+    let variants: Vec<Variant> = chosen
+        .iter()
+        .map(|&i| (paths[i].name.clone(), paths[i].args.clone()))
+        .collect();
+    let relays: Vec<u32> = paths.iter().flat_map(|p| p.relays.clone()).collect();
+    let mut rows = Vec::new();
+    let placements: &[(&str, usize)] = if cpus >= 2 {
+        &[("all on one CPU", 0), ("relays on another CPU", 1)]
+    } else {
+        &[("all on one CPU", 0)]
+    };
+    for &(label, relay_cpu) in placements {
+        pin(&bench.servers, "0")?;
+        let measured = rounds(rounds_n, &variants, |i, args| {
+            pin(&paths[chosen[i]].relays, &relay_cpu.to_string())?;
+            Ok(bench.measure_on(Some(0), &[args, latency].concat())?.value)
+        });
+        // Back to every CPU whatever happened, for the measurements after.
+        pin(&bench.servers, &all)?;
+        pin(&relays, &all)?;
+        let measured = measured?;
+        let at = |path: usize| {
+            let k = chosen.iter().position(|&c| c == path).unwrap_or(0);
+            measured[k] - measured[0]
+        };
+        for &(r, s) in &pairs {
+            rows.push(Row::new(
+                format!("added round trip, {}, {label}", paths[r].name),
+                "us",
+                at(r),
+                Some((&format!("{}, {label}", paths[s].name), at(s))),
+            ));
+        }
+    }
     Ok(rows)
 }
 
