@@ -108,14 +108,15 @@ struct Bench {
 }
 
 impl Bench {
-    fn up(dir: &Path) -> anyhow::Result<(Bench, Vec<Path1>, Vec<Variant>)> {
-        let t = Topology::from_toml(TOPOLOGY).context("bench topology")?;
+    /// Brings up the lab of `topology` (TOML) and starts its hubs.
+    fn start(topology: &str, dir: &Path) -> anyhow::Result<Bench> {
+        let t = Topology::from_toml(topology).context("bench topology")?;
         let lab = Lab::up(&t).context("cannot build the lab (needs root)")?;
         let exe = std::env::current_exe()?;
         let tools = crate::tools_dir(&["reach"])?;
         let hub_conf = t.hubs.as_ref().context("[hubs]")?;
         let hubs = reach_lab::hubs::start(&lab, &t, hub_conf, &tools, dir)?;
-        let mut b = Bench {
+        Ok(Bench {
             lab,
             exe,
             dir: dir.to_path_buf(),
@@ -125,7 +126,12 @@ impl Bench {
             _procs: Vec::new(),
             _ratholes: Vec::new(),
             _tunnel: None,
-        };
+        })
+    }
+
+    fn up(dir: &Path) -> anyhow::Result<(Bench, Vec<Path1>, Vec<Variant>)> {
+        let mut b = Bench::start(TOPOLOGY, dir)?;
+        let tools = crate::tools_dir(&["reach"])?;
         b.b1 = b.agent_server("b", "b1", B1_TCP, B1_REACH, "hub1")?;
         let b3 = b.agent_server("c", "b3", B3_TCP, B3_REACH, "hub3")?;
         // Every hub knows both servers (and `a`'s attach is moot: it only
@@ -776,6 +782,53 @@ fn placed_round_trips(
         }
     }
     Ok(rows)
+}
+
+/// Bulk throughput over a link that loses 1% of its frames each way and
+/// adds a 2 ms round trip (`lab/topologies/lossy.toml`): reach direct,
+/// encrypted, beside plain TCP on the same link. Loss recovery is TCP's
+/// under both; what reach could add is delay (its records) before the
+/// receiver can use a byte.
+pub fn lossy(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
+    let tmp;
+    let dir = match keep {
+        Some(d) => {
+            let d = d.join("lossy");
+            std::fs::create_dir_all(&d)?;
+            d
+        }
+        None => {
+            tmp = crate::TempDir::new("lossy")?;
+            tmp.0.clone()
+        }
+    };
+    let mut bench = Bench::start(include_str!("../../../lab/topologies/lossy.toml"), &dir)?;
+    bench.b1 = bench.agent_server("b", "b1", B1_TCP, B1_REACH, "hub")?;
+    let bulk = [
+        "--op".to_string(),
+        "throughput".into(),
+        "--streams".into(),
+        "1".into(),
+        "--secs".into(),
+        size.secs.to_string(),
+    ];
+    let variants: Vec<Variant> = vec![
+        (
+            "plain TCP over 1% loss".into(),
+            vec!["--tcp".into(), format!("{}:{B1_TCP}", ip(&bench.lab, "b"))],
+        ),
+        (
+            "reach direct, encrypted, over 1% loss".into(),
+            reach_args(&bench.b1, "direct", None),
+        ),
+    ];
+    let f = bench.figures(size.rounds, &variants, &bulk)?;
+    Ok(vec![Row::new(
+        "throughput, reach direct, encrypted, 1 stream, 1% loss each way",
+        "Gbit/s",
+        f[1],
+        Some(("plain TCP on the same link", f[0])),
+    )])
 }
 
 /// Measures every variant `rounds` times, going through the variants in

@@ -91,8 +91,11 @@ enum Bench {
     /// reach between network namespaces beside plain TCP, socat, rathole and
     /// boringtun on the same paths: direct throughput (1 and 4 streams,
     /// plaintext and encrypted), round trip and setup; routed through 1 and 3
-    /// hubs with relay CPU per GB. Needs root, socat, wireguard-tools, rathole
-    /// and boringtun-cli (scripts/bench.sh installs them).
+    /// hubs with relay CPU per GB; the added round trip with the processes
+    /// placed alike for reach and socat; throughput over a link losing 1%
+    /// each way (lab/topologies/lossy.toml). Needs root, socat,
+    /// wireguard-tools, rathole and boringtun-cli (scripts/bench.sh installs
+    /// them).
     #[command(verbatim_doc_comment)]
     Lab {
         /// A short run (1 s transfers, 1 round).
@@ -178,7 +181,9 @@ fn main() -> anyhow::Result<()> {
         Bench::Agent(cmd) => rt.block_on(agent::run(cmd))?,
         Bench::HubNodes(args) => rt.block_on(hub::hold_nodes(args))?,
         Bench::Lab { quick, json, keep } => {
-            report(lab::run(lab_size(quick), keep.as_deref())?, json.as_deref())?;
+            let mut rows = lab::run(lab_size(quick), keep.as_deref())?;
+            rows.extend(lab::lossy(lab_size(quick), keep.as_deref())?);
+            report(rows, json.as_deref())?;
         }
         Bench::All {
             quick,
@@ -187,6 +192,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let started = std::time::Instant::now();
             let mut rows = lab::run(lab_size(quick), None)?;
+            rows.extend(lab::lossy(lab_size(quick), None)?);
             rows.extend(lab::setup_per_module()?);
             let (nodes, streams, mib) = if quick {
                 (200, 200, 64)

@@ -260,6 +260,11 @@ fn start_hop(ns: &str, hop: &HopPlan, bin: &Path) -> Result<(), LabError> {
         "--delay-ms",
         &hop.delay_ms.to_string(),
     ]);
+    if hop.loss_ppm > 0 || hop.jitter_ms > 0 {
+        cmd.args(["--loss-ppm", &hop.loss_ppm.to_string()])
+            .args(["--jitter-ms", &hop.jitter_ms.to_string()])
+            .args(["--seed", &hop.seed.to_string()]);
+    }
     if let Some(nat) = &hop.nat {
         cmd.args(["--nat-external", &nat.external.to_string()])
             .args(["--mapping", &arg_name(&nat.mapping)])

@@ -1,5 +1,5 @@
-//! A userspace hop on a lab link: it adds delay (this kernel has no `netem`)
-//! and, for NAT sites whose behaviour the kernel cannot produce, runs the
+//! A userspace hop on a lab link: it adds delay, jitter and loss
+//! ([`crate::impair`]; this kernel has no `netem`) and, for NAT sites whose behaviour the kernel cannot produce, runs the
 //! userspace NAT of [`crate::nat`]. It copies Ethernet frames between two TAP
 //! devices, holding each for the configured time.
 //!
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tun_rs::{DeviceBuilder, Layer, SyncDevice};
 
+use crate::impair::{ImpairConfig, Impairment};
 use crate::nat::{Nat, NatConfig, Verdict};
 
 /// Frames queued per direction before the reader blocks.
@@ -101,11 +102,12 @@ fn writer(to: Arc<SyncDevice>) -> Queue {
 }
 
 /// A thread that reads frames from `from`, translates them, and queues them
-/// for the other side after `delay` (or, hairpinned, straight back: that never
-/// crosses the delayed link).
+/// for the other side when the link's impairment says (after its delay and
+/// jitter, unless it loses them), or, hairpinned, straight back: that never
+/// crosses the link.
 fn reader(
     from: Arc<SyncDevice>,
-    delay: Duration,
+    mut link: Impairment,
     nat: Option<(Arc<Mutex<Nat>>, Direction)>,
     on: Queue,
     back: Queue,
@@ -118,7 +120,10 @@ fn reader(
                 None => Route::On,
             };
             let sent = match route {
-                Route::On => on.send((Instant::now() + delay, buf[..n].to_vec())),
+                Route::On => match link.admit(Instant::now()) {
+                    Some(due) => on.send((due, buf[..n].to_vec())),
+                    None => Ok(()),
+                },
                 Route::Back => back.send((Instant::now(), buf[..n].to_vec())),
                 Route::Drop => Ok(()),
             };
@@ -130,23 +135,40 @@ fn reader(
 }
 
 /// Opens TAP devices `a` (internet side) and `b` (site side), says `ready` on
-/// stdout, and relays frames between them with `delay` each way, translating
-/// them with a userspace NAT when `nat` is given, until killed.
-pub fn run(a: &str, b: &str, delay: Duration, nat: Option<NatConfig>) -> std::io::Result<()> {
+/// stdout, and relays frames between them with `delay` and `impair` each way
+/// (each direction draws from its own seed), translating them with a
+/// userspace NAT when `nat` is given, until killed.
+pub fn run(
+    a: &str,
+    b: &str,
+    delay: Duration,
+    impair: ImpairConfig,
+    nat: Option<NatConfig>,
+) -> std::io::Result<()> {
     let (ta, tb) = (open(a)?, open(b)?);
     println!("ready");
     std::io::stdout().flush()?;
     let nat = nat.map(|c| Arc::new(Mutex::new(Nat::new(c))));
     let with = |dir| nat.clone().map(|n| (n, dir));
     let (to_a, to_b) = (writer(ta.clone()), writer(tb.clone()));
+    let outward = ImpairConfig {
+        seed: impair.seed ^ 0x9e37_79b9_7f4a_7c15,
+        ..impair
+    };
     let inbound = reader(
         ta,
-        delay,
+        Impairment::new(delay, impair),
         with(Direction::Inbound),
         to_b.clone(),
         to_a.clone(),
     );
-    let outbound = reader(tb, delay, with(Direction::Outbound), to_a, to_b);
+    let outbound = reader(
+        tb,
+        Impairment::new(delay, outward),
+        with(Direction::Outbound),
+        to_a,
+        to_b,
+    );
     let _ = inbound.join();
     let _ = outbound.join();
     Ok(())

@@ -12,6 +12,7 @@ pub mod apply;
 pub mod boringtun;
 pub mod hop;
 pub mod hubs;
+pub mod impair;
 pub mod lab;
 pub mod matrix;
 pub mod nat;

@@ -165,6 +165,15 @@ enum Cmd {
         /// One-way delay in milliseconds, each direction.
         #[arg(long)]
         delay_ms: u32,
+        /// Frames lost per million, each direction, independently.
+        #[arg(long, default_value_t = 0)]
+        loss_ppm: u32,
+        /// Extra delay of up to this many milliseconds per frame (order kept).
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u32,
+        /// Seeds the loss and jitter draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         /// Run a userspace NAT with this external address (`b` is the inside).
         #[arg(long)]
         nat_external: Option<std::net::Ipv4Addr>,
@@ -476,6 +485,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             a,
             b,
             delay_ms,
+            loss_ppm,
+            jitter_ms,
+            seed,
             nat_external,
             mapping,
             filtering,
@@ -493,7 +505,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_or(1, |d| d.as_nanos() as u64),
                 hairpin,
             });
-            reach_lab::hop::run(&a, &b, Duration::from_millis(u64::from(delay_ms)), nat)?
+            let impair = reach_lab::impair::ImpairConfig {
+                loss: f64::from(loss_ppm.min(1_000_000)) / 1e6,
+                jitter: Duration::from_millis(u64::from(jitter_ms)),
+                seed,
+            };
+            let delay = Duration::from_millis(u64::from(delay_ms));
+            reach_lab::hop::run(&a, &b, delay, impair, nat)?
         }
         Cmd::Probe(ProbeCmd::Serve { name, ports }) => probe::serve(&name, &ports)?,
         Cmd::Probe(ProbeCmd::Sink { port }) => probe::sink(port)?,

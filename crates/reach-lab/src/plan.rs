@@ -134,6 +134,12 @@ pub struct HopPlan {
     pub ns: String,
     /// One-way delay in milliseconds, each direction.
     pub delay_ms: u32,
+    /// Frames lost per million, each direction.
+    pub loss_ppm: u32,
+    /// Largest extra delay per frame, in milliseconds.
+    pub jitter_ms: u32,
+    /// Seeds the loss and jitter draws (from the site's name and the link).
+    pub seed: u64,
     /// The userspace NAT the hop runs, for a NAT site whose behaviour the
     /// kernel cannot produce. Frames from the `t1` side (the gateway) are
     /// outbound.
@@ -167,7 +173,9 @@ fn internet_link(
     nat: Option<HopNat>,
 ) {
     let rate_mbit = site.rate_mbit;
-    if site.delay_ms.is_none() && nat.is_none() {
+    let impaired =
+        site.delay_ms.is_some() || site.loss_percent.is_some() || site.jitter_ms.is_some();
+    if !impaired && nat.is_none() {
         out.links.push(Link {
             a: inet,
             b: end,
@@ -193,9 +201,18 @@ fn internet_link(
         b: end,
         rate_mbit,
     });
+    // FNV-1a of the site's name, then the link: the same lab draws the same.
+    let seed = site.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }) ^ out.hops.len() as u64;
     out.hops.push(HopPlan {
         ns: name,
         delay_ms: site.delay_ms.unwrap_or(0),
+        loss_ppm: site
+            .loss_percent
+            .map_or(0, |l| (l * 10_000.0).round() as u32),
+        jitter_ms: site.jitter_ms.unwrap_or(0),
+        seed,
         nat,
     });
     extra.push(d);
@@ -733,13 +750,17 @@ mod tests {
             multi_homed = true
         "#;
         let p = plan(&topo(text)).expect("plan");
+        assert_eq!(p.hops.len(), 1);
         assert_eq!(
-            p.hops,
-            vec![HopPlan {
+            p.hops[0],
+            HopPlan {
                 ns: "d0".into(),
                 delay_ms: 40,
+                loss_ppm: 0,
+                jitter_ms: 0,
+                seed: p.hops[0].seed,
                 nat: None,
-            }]
+            }
         );
         let d0: Vec<&Link> = p
             .links
@@ -755,6 +776,54 @@ mod tests {
             .namespaces
             .iter()
             .any(|n| n.name == "d0" && n.bridges.len() == 2));
+    }
+
+    #[test]
+    fn a_lossy_site_gets_a_hop_with_its_loss_and_jitter_on_each_internet_link() {
+        let text = r#"
+            name = "l"
+            [[site]]
+            name = "lossy"
+            gateway = "open"
+            loss_percent = 1.5
+            jitter_ms = 3
+            [[site.host]]
+            name = "fe"
+            multi_homed = true
+            [[site]]
+            name = "other"
+            gateway = "open"
+            loss_percent = 1.5
+            [[site.host]]
+            name = "o"
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        // The gateway's link and the front-end's own public link; then the
+        // other site's gateway link.
+        assert_eq!(p.hops.len(), 3, "{:?}", p.hops);
+        for h in &p.hops[..2] {
+            assert_eq!((h.delay_ms, h.loss_ppm, h.jitter_ms), (0, 15_000, 3));
+        }
+        assert_eq!(p.hops[2].jitter_ms, 0);
+        let seeds: std::collections::HashSet<u64> = p.hops.iter().map(|h| h.seed).collect();
+        assert_eq!(seeds.len(), 3, "each link draws its own losses");
+        assert_eq!(
+            plan(&topo(text)).expect("plan").hops,
+            p.hops,
+            "and the same each time"
+        );
+        for (bad, field) in [
+            ("loss_percent = 0.0", "loss_percent"),
+            ("loss_percent = 60.0", "loss_percent"),
+            ("loss_percent = nan", "loss_percent"),
+            ("jitter_ms = 0", "jitter_ms"),
+        ] {
+            let text = format!(
+                "name = \"x\"\n[[site]]\nname = \"s\"\ngateway = \"open\"\n{bad}\n[[site.host]]\nname = \"h\"\n"
+            );
+            let err = Topology::from_toml(&text).expect_err(bad).to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
     }
 
     #[test]

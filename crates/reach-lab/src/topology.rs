@@ -8,6 +8,9 @@
 //! gateway = "nat"                 # open | firewall | nat
 //! mapping = "endpoint-independent" # nat: endpoint-independent | address-and-port-dependent
 //! lan = "10.1.0.0/24"              # nat: private LAN (default 10.<n>.0.0/24)
+//! delay_ms = 20                    # one-way delay on the site's internet links
+//! loss_percent = 1.0               # frames lost on them, each way
+//! jitter_ms = 5                    # extra delay of 0..5 ms per frame, order kept
 //!
 //! [[site.host]]
 //! name = "laptop"
@@ -29,7 +32,7 @@ use std::net::Ipv4Addr;
 use serde::Deserialize;
 
 /// A whole lab topology.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Topology {
     /// A short name, shown by `reach-lab status`.
@@ -137,7 +140,7 @@ pub enum Allocation {
 }
 
 /// One site: a gateway and the hosts behind it.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Site {
     /// Site name, unique in the topology.
@@ -179,6 +182,14 @@ pub struct Site {
     /// Bandwidth limit in Mbit/s on each of the site's links to the internet,
     /// both directions (`tbf` at both ends: it shapes egress only).
     pub rate_mbit: Option<u32>,
+    /// Percent of frames lost on each of the site's links to the internet,
+    /// each direction, independently per frame (0 to 50; seeded from the
+    /// site's name, so a run loses the same frames of the same traffic).
+    pub loss_percent: Option<f64>,
+    /// Extra delay of up to this many milliseconds on each frame of the
+    /// site's links to the internet (uniform, frames kept in order), on top
+    /// of `delay_ms`.
+    pub jitter_ms: Option<u32>,
     /// The hosts of the site.
     #[serde(rename = "host", default)]
     pub hosts: Vec<Host>,
@@ -330,6 +341,12 @@ pub enum TopologyError {
     /// A delay out of range.
     #[error("site {0:?}: delay_ms must be 1 to 10000")]
     BadDelay(String),
+    /// A loss out of range.
+    #[error("site {0:?}: loss_percent must be above 0 and at most 50")]
+    BadLoss(String),
+    /// A jitter out of range.
+    #[error("site {0:?}: jitter_ms must be 1 to 1000")]
+    BadJitter(String),
     /// A LAN outside the private ranges.
     #[error("site {site:?}: LAN {lan} is not in a private range (10/8, 172.16/12, 192.168/16)")]
     LanNotPrivate {
@@ -519,6 +536,12 @@ impl Site {
             if !(1..=10_000).contains(&d) {
                 return Err(TopologyError::BadDelay(self.name.clone()));
             }
+        }
+        if self.loss_percent.is_some_and(|l| !(l > 0.0 && l <= 50.0)) {
+            return Err(TopologyError::BadLoss(self.name.clone()));
+        }
+        if self.jitter_ms.is_some_and(|j| !(1..=1000).contains(&j)) {
+            return Err(TopologyError::BadJitter(self.name.clone()));
         }
         if let Some(lan) = self.lan {
             if !lan.is_private() {

@@ -251,7 +251,82 @@ fn check_host(
             out.push(delay_check(h, delay, from, to, &probe_from));
         }
     }
+    if let Some(loss) = site.loss_percent {
+        if h.routed || h.public.is_some() {
+            out.push(loss_check(lab, site, h, obs[0], loss));
+        }
+    }
     out
+}
+
+/// Pings sent per loss check, one a millisecond.
+const LOSS_PINGS: u32 = 2000;
+
+/// The share of `LOSS_PINGS` echo requests from `h` to an observer (no loss
+/// of its own) that get no answer: each crosses the site's lossy link twice,
+/// so 1 - (1 - p)^2 of them should. The tolerance is four binomial standard
+/// deviations. ICMP does not cross the lab's userspace NAT (TCP and UDP
+/// only), so there the check says it could not measure.
+fn loss_check(lab: &Lab, site: &Site, h: &HostAddrs, obs: Ipv4Addr, loss_percent: f64) -> Check {
+    let p = loss_percent / 100.0;
+    let want = 1.0 - (1.0 - p) * (1.0 - p);
+    let sd = (want * (1.0 - want) / f64::from(LOSS_PINGS)).sqrt();
+    let tolerance = 4.0 * sd;
+    let what = format!("loss, {LOSS_PINGS} pings to {obs} and back");
+    let expected = format!("{:.2}% +-{:.2}", want * 100.0, tolerance * 100.0);
+    if site.userspace_nat() {
+        let observed = "not measured: ICMP does not cross the userspace NAT".to_string();
+        return check(h, what, expected, observed, true);
+    }
+    let out = lab
+        .command(&h.name, "ping")
+        .args([
+            "-q",
+            "-n",
+            "-c",
+            &LOSS_PINGS.to_string(),
+            "-i",
+            "0.001",
+            "-W",
+            "2",
+        ])
+        .arg(obs.to_string())
+        .output();
+    let (observed, pass) = match out {
+        Err(e) => (
+            format!("cannot run ping (apt-get install iputils-ping): {e}"),
+            false,
+        ),
+        Ok(o) => match ping_loss(&String::from_utf8_lossy(&o.stdout)) {
+            Some((sent, got)) if sent > 0 => {
+                let share = 1.0 - got as f64 / sent as f64;
+                (
+                    format!("{:.2}% ({got} of {sent} answered)", share * 100.0),
+                    (share - want).abs() <= tolerance,
+                )
+            }
+            _ => (
+                format!(
+                    "no ping summary: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                false,
+            ),
+        },
+    };
+    check(h, what, expected, observed, pass)
+}
+
+/// Sent and received counts from ping's summary line ("2000 packets
+/// transmitted, 1961 received, ...").
+fn ping_loss(summary: &str) -> Option<(u64, u64)> {
+    let line = summary
+        .lines()
+        .find(|l| l.contains("packets transmitted"))?;
+    let mut numbers = line
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse::<u64>().ok());
+    Some((numbers.next()?, numbers.next()?))
 }
 
 /// A non-routed host is reachable through an sshd front-end of its site, as
@@ -552,4 +627,20 @@ pub fn render(checks: &[Check]) -> String {
     let failed = checks.iter().filter(|c| !c.pass).count();
     s += &format!("{} checks, {} failed\n", checks.len(), failed);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ping_summaries_are_read() {
+        let out = "PING 203.0.113.250 (203.0.113.250) 56(84) bytes of data.\n\n--- 203.0.113.250 ping statistics ---\n2000 packets transmitted, 1961 received, 1.95% packet loss, time 2261ms\nrtt min/avg/max/mdev = 0.040/0.081/0.412/0.020 ms\n";
+        assert_eq!(super::ping_loss(out), Some((2000, 1961)));
+        let errors =
+            "5 packets transmitted, 0 received, +5 errors, 100% packet loss, time 4005ms\n";
+        assert_eq!(super::ping_loss(errors), Some((5, 0)));
+        assert_eq!(
+            super::ping_loss("ping: connect: Network is unreachable\n"),
+            None
+        );
+    }
 }

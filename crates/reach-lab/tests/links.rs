@@ -12,6 +12,11 @@ mod common;
 
 /// A NAT site with `link` (a `delay_ms` or `rate_mbit` line) and an open site.
 fn two_sites(link: &str) -> Lab {
+    Lab::up(&topology_with(link)).expect("lab up")
+}
+
+/// The topology of [`two_sites`].
+fn topology_with(link: &str) -> Topology {
     let text = format!(
         r#"
         name = "link"
@@ -28,7 +33,7 @@ fn two_sites(link: &str) -> Lab {
         name = "web"
     "#
     );
-    Lab::up(&Topology::from_toml(&text).expect("topology")).expect("lab up")
+    Topology::from_toml(&text).expect("topology")
 }
 
 #[test]
@@ -72,4 +77,34 @@ fn a_rate_limited_site_sends_no_faster_than_its_limit() {
     // The token bucket can only slow the transfer down; its initial burst (one
     // bucket, 5 ms worth) allows a little over the rate on a short transfer.
     assert!(bulk.mbit_s <= 22.0, "{bulk:?} exceeds the 20 Mbit/s limit");
+}
+
+#[test]
+fn verify_measures_a_sites_loss_and_fails_a_lab_that_loses_more_than_declared() {
+    // Declared 2%: four in a hundred pings get no answer (each crosses the
+    // lossy link twice).
+    let declared = topology_with("loss_percent = 2.0");
+    let lab = Lab::up(&declared).expect("lab up");
+    let checks = reach_lab::verify::run(&lab, &declared, &common::tools(), Duration::from_secs(5))
+        .expect("verify");
+    let loss: Vec<_> = checks
+        .iter()
+        .filter(|c| c.what.starts_with("loss"))
+        .collect();
+    assert_eq!(loss.len(), 1, "{checks:?}");
+    assert!(loss[0].pass, "{:?}", loss[0]);
+    // The same lab checked against a declaration of 0.5%: it loses more.
+    let claimed = topology_with("loss_percent = 0.5");
+    let checks = reach_lab::verify::run(&lab, &claimed, &common::tools(), Duration::from_secs(5))
+        .expect("verify");
+    let loss: Vec<_> = checks
+        .iter()
+        .filter(|c| c.what.starts_with("loss"))
+        .collect();
+    assert_eq!(loss.len(), 1, "{checks:?}");
+    assert!(
+        !loss[0].pass,
+        "verify passed a lab that loses 2% as 0.5%: {:?}",
+        loss[0]
+    );
 }
