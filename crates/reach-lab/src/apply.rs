@@ -187,6 +187,14 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
                 Some(rules),
             )?;
         }
+        if !ns.conntrack.is_empty() {
+            run(
+                Command::new("ip")
+                    .args(["netns", "exec", &full(&ns.name), "sysctl", "-qw"])
+                    .args(&ns.conntrack),
+                None,
+            )?;
+        }
     }
     for hop in &plan.hops {
         let bin = hop_bin.ok_or(LabError::MissingTool {
@@ -272,6 +280,12 @@ fn start_hop(ns: &str, hop: &HopPlan, bin: &Path) -> Result<(), LabError> {
             .args(["--allocation", &arg_name(&nat.allocation)]);
         if nat.hairpin {
             cmd.arg("--hairpin");
+        }
+        if let Some(t) = nat.udp_timeout_s {
+            cmd.args(["--udp-timeout-s", &t.to_string()]);
+        }
+        if let Some(t) = nat.tcp_timeout_s {
+            cmd.args(["--tcp-timeout-s", &t.to_string()]);
         }
     }
     let mut child = cmd

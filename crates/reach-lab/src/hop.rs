@@ -62,15 +62,19 @@ enum Route {
     Drop,
 }
 
+/// The NAT's clock starts with the hop.
+static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 /// Applies the NAT to an IPv4 frame; other frames (ARP) pass unchanged.
 fn translate(nat: &Mutex<Nat>, dir: Direction, frame: &mut [u8]) -> Route {
     if frame.len() <= ETH || frame[12..14] != [0x08, 0x00] {
         return Route::On;
     }
+    let now = EPOCH.get_or_init(Instant::now).elapsed();
     let mut nat = nat.lock().unwrap_or_else(|p| p.into_inner());
     let verdict = match dir {
-        Direction::Outbound => nat.outbound(&mut frame[ETH..]),
-        Direction::Inbound => nat.inbound(&mut frame[ETH..]),
+        Direction::Outbound => nat.outbound(now, &mut frame[ETH..]),
+        Direction::Inbound => nat.inbound(now, &mut frame[ETH..]),
     };
     match verdict {
         Verdict::Forward => Route::On,

@@ -174,6 +174,12 @@ enum Cmd {
         /// Seeds the loss and jitter draws.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// NAT: seconds an idle UDP mapping lives (default: for ever).
+        #[arg(long)]
+        udp_timeout_s: Option<u32>,
+        /// NAT: seconds an idle TCP mapping lives (default: for ever).
+        #[arg(long)]
+        tcp_timeout_s: Option<u32>,
         /// Run a userspace NAT with this external address (`b` is the inside).
         #[arg(long)]
         nat_external: Option<std::net::Ipv4Addr>,
@@ -488,6 +494,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             loss_ppm,
             jitter_ms,
             seed,
+            udp_timeout_s,
+            tcp_timeout_s,
             nat_external,
             mapping,
             filtering,
@@ -504,6 +512,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(1, |d| d.as_nanos() as u64),
                 hairpin,
+                udp_timeout: udp_timeout_s.map(|s| Duration::from_secs(u64::from(s))),
+                tcp_timeout: tcp_timeout_s.map(|s| Duration::from_secs(u64::from(s))),
             });
             let impair = reach_lab::impair::ImpairConfig {
                 loss: f64::from(loss_ppm.min(1_000_000)) / 1e6,

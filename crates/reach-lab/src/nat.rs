@@ -6,13 +6,19 @@
 //! caller-owned buffer, rewrite it in place and say whether to forward it. The
 //! lab's hop calls them for frames crossing a NAT site's WAN link; tests call
 //! them directly. TCP and UDP are translated; other protocols and fragments are
-//! dropped at the external address. Mappings do not expire (lab runs are
-//! short); RFC 4787 REQ-5's two-minute UDP timer would be the place to add that.
+//! dropped at the external address. Mappings expire when the site declares
+//! timeouts (`udp_timeout_s`, `tcp_timeout_s`): a mapping idle longer is gone,
+//! and so is its binding, so the next outbound packet gets a new one and an
+//! inbound packet to the old port is dropped; a TCP mapping whose connection
+//! closed (a reset, or a FIN each way) goes [`TCP_CLOSED`] after its last
+//! packet. Without declared timeouts mappings last the lab's life. Time is an
+//! input (`now`, since any fixed start).
 //! Checksums are updated incrementally (RFC 1624), so a packet costs no pass
 //! over its payload.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use crate::topology::{Allocation, Filtering, Mapping};
 
@@ -20,6 +26,15 @@ use crate::topology::{Allocation, Filtering, Mapping};
 pub const SEQUENTIAL_BASE: u16 = 20_000;
 /// Lowest external port allocated (below are the well-known ports).
 const LOW_PORT: u16 = 1024;
+
+/// How long a TCP mapping outlives its connection's close, when TCP
+/// mappings expire at all (RFC 5382 asks 4 min for this "transitory" state;
+/// a lab test should not wait that long).
+pub const TCP_CLOSED: Duration = Duration::from_secs(10);
+
+/// Packets between sweeps of expired mappings (a mapping met by a packet is
+/// checked then; the sweep bounds what idle ones hold).
+const SWEEP_EVERY: u32 = 4096;
 
 /// How a NAT behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +52,10 @@ pub struct NatConfig {
     /// RFC 4787 section 6 (REQ-9): inside hosts reach each other through
     /// their external mappings.
     pub hairpin: bool,
+    /// How long an idle UDP mapping lives (None: for ever).
+    pub udp_timeout: Option<Duration>,
+    /// How long an idle TCP mapping lives (None: for ever).
+    pub tcp_timeout: Option<Duration>,
 }
 
 /// What to do with a packet.
@@ -86,6 +105,12 @@ struct MapKey {
 struct Binding {
     internal: (Ipv4Addr, u16),
     contacted: HashSet<(Ipv4Addr, u16)>,
+    /// When a packet last crossed it.
+    last: Duration,
+    /// TCP: a FIN went out, a FIN came in, a reset crossed.
+    fin_out: bool,
+    fin_in: bool,
+    reset: bool,
 }
 
 /// The translation state.
@@ -96,6 +121,8 @@ pub struct Nat {
     bindings: HashMap<(Proto, u16), Binding>,
     next_sequential: u16,
     rng: u64,
+    /// Packets until the next sweep of expired mappings.
+    until_sweep: u32,
 }
 
 /// Where the fields of a parsed packet are.
@@ -104,7 +131,12 @@ struct Parsed {
     l4: usize,
     src: (Ipv4Addr, u16),
     dst: (Ipv4Addr, u16),
+    /// TCP flags (0 for UDP).
+    flags: u8,
 }
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
 
 fn parse(p: &[u8]) -> Option<Parsed> {
     if p.len() < 20 || p[0] >> 4 != 4 {
@@ -131,6 +163,7 @@ fn parse(p: &[u8]) -> Option<Parsed> {
         l4: ihl,
         src: (ip(12), port(ihl)),
         dst: (ip(16), port(ihl + 2)),
+        flags: if proto == Proto::Tcp { p[ihl + 13] } else { 0 },
     })
 }
 
@@ -193,11 +226,82 @@ impl Nat {
             bindings: HashMap::new(),
             next_sequential: SEQUENTIAL_BASE,
             rng: config.seed | 1,
+            until_sweep: SWEEP_EVERY,
         }
     }
 
-    /// Translates a packet leaving the inside.
-    pub fn outbound(&mut self, p: &mut [u8]) -> Verdict {
+    /// Mappings (bindings of an external port) held now.
+    pub fn bindings(&self) -> usize {
+        self.bindings.len()
+    }
+
+    /// How long `b` may stay idle, if it expires at all.
+    fn lifetime(&self, proto: Proto, b: &Binding) -> Option<Duration> {
+        match proto {
+            Proto::Udp => self.config.udp_timeout,
+            Proto::Tcp => {
+                let closed = b.reset || (b.fin_out && b.fin_in);
+                self.config
+                    .tcp_timeout
+                    .map(|t| if closed { t.min(TCP_CLOSED) } else { t })
+            }
+        }
+    }
+
+    fn expired(&self, proto: Proto, b: &Binding, now: Duration) -> bool {
+        self.lifetime(proto, b)
+            .is_some_and(|t| now.saturating_sub(b.last) > t)
+    }
+
+    /// Forgets the binding of `port` if it expired by `now`, with its
+    /// mappings; every so many packets, every expired one.
+    fn forget_expired(&mut self, proto: Proto, port: Option<u16>, now: Duration) {
+        self.until_sweep = self.until_sweep.saturating_sub(1);
+        let sweep = self.until_sweep == 0;
+        let this = port.is_some_and(|port| {
+            self.bindings
+                .get(&(proto, port))
+                .is_some_and(|b| self.expired(proto, b, now))
+        });
+        if !sweep && !this {
+            return;
+        }
+        if sweep {
+            self.until_sweep = SWEEP_EVERY;
+            let gone: Vec<(Proto, u16)> = self
+                .bindings
+                .iter()
+                .filter(|((proto, _), b)| self.expired(*proto, b, now))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in gone {
+                self.bindings.remove(&k);
+            }
+        } else if let Some(port) = port {
+            self.bindings.remove(&(proto, port));
+        }
+        let bindings = &self.bindings;
+        self.maps
+            .retain(|k, port| bindings.contains_key(&(k.proto, *port)));
+    }
+
+    /// Notes a packet of `parsed` crossing the binding of `port` at `now`.
+    fn touch(&mut self, parsed: &Parsed, port: u16, outbound: bool, now: Duration) {
+        if let Some(b) = self.bindings.get_mut(&(parsed.proto, port)) {
+            b.last = now;
+            b.reset |= parsed.flags & TCP_RST != 0;
+            if parsed.flags & TCP_FIN != 0 {
+                if outbound {
+                    b.fin_out = true;
+                } else {
+                    b.fin_in = true;
+                }
+            }
+        }
+    }
+
+    /// Translates a packet leaving the inside at `now`.
+    pub fn outbound(&mut self, now: Duration, p: &mut [u8]) -> Verdict {
         let Some(parsed) = parse(p) else {
             return Verdict::Drop(DropReason::Malformed);
         };
@@ -205,6 +309,8 @@ impl Nat {
             return Verdict::Forward; // the gateway's own traffic
         }
         let key = self.key(parsed.proto, parsed.src, parsed.dst);
+        let mapped = self.maps.get(&key).copied();
+        self.forget_expired(parsed.proto, mapped, now);
         let port = match self.maps.get(&key) {
             Some(p) => *p,
             None => {
@@ -215,6 +321,10 @@ impl Nat {
                 let binding = Binding {
                     internal: parsed.src,
                     contacted: HashSet::new(),
+                    last: now,
+                    fin_out: false,
+                    fin_in: false,
+                    reset: false,
                 };
                 self.bindings.insert((parsed.proto, port), binding);
                 port
@@ -223,6 +333,7 @@ impl Nat {
         if let Some(b) = self.bindings.get_mut(&(parsed.proto, port)) {
             b.contacted.insert(parsed.dst);
         }
+        self.touch(&parsed, port, true, now);
         rewrite(p, &parsed, true, (self.config.external, port));
         if parsed.dst.0 != self.config.external {
             return Verdict::Forward;
@@ -232,20 +343,21 @@ impl Nat {
         }
         // Now from our external endpoint to our external address: translate
         // the destination as if it had come from outside, filtering included.
-        match self.inbound(p) {
+        match self.inbound(now, p) {
             Verdict::Forward => Verdict::Hairpin,
             other => other,
         }
     }
 
-    /// Translates a packet arriving from outside.
-    pub fn inbound(&mut self, p: &mut [u8]) -> Verdict {
+    /// Translates a packet arriving from outside at `now`.
+    pub fn inbound(&mut self, now: Duration, p: &mut [u8]) -> Verdict {
         if p.len() >= 20 && p[0] >> 4 == 4 && p[16..20] != self.config.external.octets() {
             return Verdict::Forward; // not addressed to the NAT
         }
         let Some(parsed) = parse(p) else {
             return Verdict::Drop(DropReason::Malformed);
         };
+        self.forget_expired(parsed.proto, Some(parsed.dst.1), now);
         let Some(b) = self.bindings.get(&(parsed.proto, parsed.dst.1)) else {
             return Verdict::Drop(DropReason::NoMapping);
         };
@@ -266,6 +378,7 @@ impl Nat {
         if let Some(b) = self.bindings.get_mut(&(parsed.proto, parsed.dst.1)) {
             b.contacted.insert(parsed.src);
         }
+        self.touch(&parsed, parsed.dst.1, false, now);
         rewrite(p, &parsed, false, internal);
         Verdict::Forward
     }
@@ -322,6 +435,8 @@ mod tests {
     const IN: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
     const OBS1: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 250);
     const OBS2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 251);
+    /// The time of packets in tests that do not expire mappings.
+    const T: Duration = Duration::ZERO;
 
     fn sum(data: &[u8], mut acc: u32) -> u32 {
         for chunk in data.chunks(2) {
@@ -387,6 +502,136 @@ mod tests {
         fold(sum(&p[..20], 0)) == 0 && fold(l4_pseudo_sum(p)) == 0
     }
 
+    /// An endpoint-independent NAT whose mappings expire.
+    fn forgetful(udp_s: u64, tcp_s: u64) -> Nat {
+        Nat::new(NatConfig {
+            udp_timeout: Some(Duration::from_secs(udp_s)),
+            tcp_timeout: Some(Duration::from_secs(tcp_s)),
+            ..nat(
+                Mapping::EndpointIndependent,
+                Filtering::AddressAndPortDependent,
+                Allocation::Preserve,
+            )
+            .config
+        })
+    }
+
+    fn at(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn an_idle_udp_mapping_is_forgotten_after_its_timeout_and_traffic_keeps_it() {
+        let mut n = forgetful(30, 600);
+        let mut p = packet(false, (IN, 5000), (OBS1, 53), b"q");
+        assert_eq!(n.outbound(at(0), &mut p), Verdict::Forward);
+        let reply = |n: &mut Nat, t| {
+            let mut r = packet(false, (OBS1, 53), (EXT, 5000), b"a");
+            n.inbound(at(t), &mut r)
+        };
+        // Answers within the timeout keep it alive, each from its own arrival.
+        assert_eq!(reply(&mut n, 29), Verdict::Forward);
+        assert_eq!(reply(&mut n, 58), Verdict::Forward);
+        assert_eq!(reply(&mut n, 89), Verdict::Drop(DropReason::NoMapping));
+        assert_eq!(n.bindings(), 0, "forgotten with its binding");
+        // The next packet out makes a new mapping.
+        let mut p = packet(false, (IN, 5000), (OBS1, 53), b"q");
+        assert_eq!(n.outbound(at(90), &mut p), Verdict::Forward);
+        assert_eq!(reply(&mut n, 91), Verdict::Forward);
+        // Without timeouts nothing is forgotten.
+        let mut keep = nat(
+            Mapping::EndpointIndependent,
+            Filtering::AddressAndPortDependent,
+            Allocation::Preserve,
+        );
+        let mut p = packet(false, (IN, 5000), (OBS1, 53), b"q");
+        assert_eq!(keep.outbound(at(0), &mut p), Verdict::Forward);
+        assert_eq!(reply(&mut keep, 1_000_000), Verdict::Forward);
+    }
+
+    #[test]
+    fn a_tcp_mapping_goes_after_its_timeout_or_soon_after_its_connection_closed() {
+        let flagged = |src, dst, flags: u8| {
+            let mut p = packet(true, src, dst, b"");
+            p[33] = flags;
+            p
+        };
+        let (inside, outside) = ((IN, 6000), (OBS1, 80));
+        let back = (EXT, 6000);
+        // Idle past the timeout: gone.
+        let mut n = forgetful(30, 60);
+        assert_eq!(
+            n.outbound(at(0), &mut flagged(inside, outside, 0x02)),
+            Verdict::Forward
+        );
+        assert_eq!(
+            n.inbound(at(59), &mut flagged(outside, back, 0x10)),
+            Verdict::Forward
+        );
+        assert_eq!(
+            n.inbound(at(120), &mut flagged(outside, back, 0x10)),
+            Verdict::Drop(DropReason::NoMapping)
+        );
+        // A reset closes it: it goes TCP_CLOSED after its last packet.
+        let mut n = forgetful(30, 600);
+        assert_eq!(
+            n.outbound(at(0), &mut flagged(inside, outside, 0x02)),
+            Verdict::Forward
+        );
+        assert_eq!(
+            n.inbound(at(5), &mut flagged(outside, back, 0x04)),
+            Verdict::Forward
+        );
+        let late = 5 + TCP_CLOSED.as_secs() + 1;
+        assert_eq!(
+            n.inbound(at(late), &mut flagged(outside, back, 0x10)),
+            Verdict::Drop(DropReason::NoMapping)
+        );
+        // A FIN each way closes it too; one FIN alone does not.
+        let mut n = forgetful(30, 600);
+        assert_eq!(
+            n.outbound(at(0), &mut flagged(inside, outside, 0x11)),
+            Verdict::Forward
+        );
+        assert_eq!(
+            n.inbound(at(1), &mut flagged(outside, back, 0x10)),
+            Verdict::Forward
+        );
+        assert_eq!(
+            n.inbound(at(20), &mut flagged(outside, back, 0x10)),
+            Verdict::Forward,
+            "half closed"
+        );
+        assert_eq!(
+            n.inbound(at(21), &mut flagged(outside, back, 0x11)),
+            Verdict::Forward
+        );
+        assert_eq!(
+            n.inbound(
+                at(21 + TCP_CLOSED.as_secs() + 1),
+                &mut flagged(outside, back, 0x10)
+            ),
+            Verdict::Drop(DropReason::NoMapping)
+        );
+    }
+
+    #[test]
+    fn idle_mappings_are_swept_without_traffic_of_their_own() {
+        let mut n = forgetful(30, 30);
+        for port in 0..2000u16 {
+            let mut p = packet(false, (IN, 10_000 + port), (OBS1, 53), b"q");
+            assert_eq!(n.outbound(at(0), &mut p), Verdict::Forward);
+        }
+        assert_eq!(n.bindings(), 2000);
+        // One other flow's packets, long after: the sweep forgets the rest.
+        for _ in 0..SWEEP_EVERY {
+            let mut p = packet(false, (IN, 9000), (OBS2, 53), b"q");
+            assert_eq!(n.outbound(at(100), &mut p), Verdict::Forward);
+        }
+        assert_eq!(n.bindings(), 1);
+        assert_eq!(n.maps.len(), 1);
+    }
+
     fn nat(mapping: Mapping, filtering: Filtering, allocation: Allocation) -> Nat {
         Nat::new(NatConfig {
             external: EXT,
@@ -395,12 +640,14 @@ mod tests {
             allocation,
             seed: 7,
             hairpin: true,
+            udp_timeout: None,
+            tcp_timeout: None,
         })
     }
 
     fn out_port(n: &mut Nat, tcp: bool, src_port: u16, dst: (Ipv4Addr, u16)) -> u16 {
         let mut p = packet(tcp, (IN, src_port), dst, b"hello");
-        assert_eq!(n.outbound(&mut p), Verdict::Forward);
+        assert_eq!(n.outbound(T, &mut p), Verdict::Forward);
         assert!(checksums_valid(&p), "checksums after outbound translation");
         assert_eq!(&p[12..16], &EXT.octets());
         u16::from_be_bytes([p[20], p[21]])
@@ -491,7 +738,7 @@ mod tests {
             let ext = out_port(&mut n, true, 40000, (OBS1, 7000));
             let mut reply = packet(true, (OBS1, 7000), (EXT, ext), b"back");
             assert_eq!(
-                n.inbound(&mut reply),
+                n.inbound(T, &mut reply),
                 Verdict::Forward,
                 "{filtering:?}: the reply"
             );
@@ -508,7 +755,7 @@ mod tests {
                 } else {
                     Verdict::Drop(DropReason::Filtered)
                 };
-                assert_eq!(n.inbound(&mut p), want, "{filtering:?} from {src:?}");
+                assert_eq!(n.inbound(T, &mut p), want, "{filtering:?} from {src:?}");
             }
         }
     }
@@ -525,7 +772,7 @@ mod tests {
         );
         let ext = out_port(&mut n, true, 41000, (OBS1, 7000));
         let mut syn = packet(true, (OBS2, 5555), (EXT, ext), b"");
-        assert_eq!(n.inbound(&mut syn), Verdict::Forward);
+        assert_eq!(n.inbound(T, &mut syn), Verdict::Forward);
         assert_eq!(out_port(&mut n, true, 41000, (OBS2, 5555)), ext);
     }
 
@@ -539,10 +786,10 @@ mod tests {
         );
         // B has a mapping (from talking to an observer).
         let mut b_out = packet(true, (B, 41000), (OBS1, 7000), b"");
-        assert_eq!(n.outbound(&mut b_out), Verdict::Forward);
+        assert_eq!(n.outbound(T, &mut b_out), Verdict::Forward);
         // A sends to B's mapping: it comes back inside, from A's mapping, to B.
         let mut p = packet(true, (IN, 42000), (EXT, 41000), b"hi");
-        assert_eq!(n.outbound(&mut p), Verdict::Hairpin);
+        assert_eq!(n.outbound(T, &mut p), Verdict::Hairpin);
         assert!(checksums_valid(&p));
         assert_eq!(&p[12..16], &EXT.octets(), "source is A's mapping");
         assert_eq!(u16::from_be_bytes([p[20], p[21]]), 42000);
@@ -550,7 +797,7 @@ mod tests {
         assert_eq!(u16::from_be_bytes([p[22], p[23]]), 41000);
         // B answers A's mapping: back to A the same way.
         let mut reply = packet(true, (B, 41000), (EXT, 42000), b"yo");
-        assert_eq!(n.outbound(&mut reply), Verdict::Hairpin);
+        assert_eq!(n.outbound(T, &mut reply), Verdict::Hairpin);
         assert_eq!(&reply[16..20], &IN.octets());
         // Without hairpinning the NAT refuses to loop packets.
         let mut off = Nat::new(NatConfig {
@@ -558,7 +805,10 @@ mod tests {
             ..n.config
         });
         let mut p = packet(true, (IN, 42000), (EXT, 41000), b"");
-        assert_eq!(off.outbound(&mut p), Verdict::Drop(DropReason::NoHairpin));
+        assert_eq!(
+            off.outbound(T, &mut p),
+            Verdict::Drop(DropReason::NoHairpin)
+        );
     }
 
     #[test]
@@ -569,13 +819,16 @@ mod tests {
             Allocation::Preserve,
         );
         let mut p = packet(true, (OBS1, 1), (EXT, 5555), b"");
-        assert_eq!(n.inbound(&mut p), Verdict::Drop(DropReason::NoMapping));
+        assert_eq!(n.inbound(T, &mut p), Verdict::Drop(DropReason::NoMapping));
         let mut icmp = packet(true, (OBS1, 1), (EXT, 5555), b"");
         icmp[9] = 1;
-        assert_eq!(n.inbound(&mut icmp), Verdict::Drop(DropReason::Malformed));
+        assert_eq!(
+            n.inbound(T, &mut icmp),
+            Verdict::Drop(DropReason::Malformed)
+        );
         let mut elsewhere = packet(true, (OBS1, 1), (OBS2, 5555), b"");
         assert_eq!(
-            n.inbound(&mut elsewhere),
+            n.inbound(T, &mut elsewhere),
             Verdict::Forward,
             "not for the NAT"
         );
@@ -591,7 +844,7 @@ mod tests {
         let mut p = packet(false, (IN, 5000), (OBS1, 53), b"q");
         p[26] = 0;
         p[27] = 0;
-        assert_eq!(n.outbound(&mut p), Verdict::Forward);
+        assert_eq!(n.outbound(T, &mut p), Verdict::Forward);
         assert_eq!(&p[26..28], &[0, 0]);
     }
 
@@ -599,7 +852,7 @@ mod tests {
         #[test]
         fn arbitrary_packets_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..200), inbound in any::<bool>()) {
             let mut n = nat(Mapping::AddressDependent, Filtering::AddressDependent, Allocation::Random);
-            let _ = if inbound { n.inbound(&mut bytes) } else { n.outbound(&mut bytes) };
+            let _ = if inbound { n.inbound(T, &mut bytes) } else { n.outbound(T, &mut bytes) };
         }
 
         #[test]
@@ -611,11 +864,11 @@ mod tests {
         ) {
             let mut n = nat(Mapping::EndpointIndependent, Filtering::EndpointIndependent, Allocation::Random);
             let mut p = packet(tcp, (IN, src_port), (OBS1, dst_port), &payload);
-            prop_assert_eq!(n.outbound(&mut p), Verdict::Forward);
+            prop_assert_eq!(n.outbound(T, &mut p), Verdict::Forward);
             prop_assert!(checksums_valid(&p));
             let ext = u16::from_be_bytes([p[20], p[21]]);
             let mut back = packet(tcp, (OBS1, dst_port), (EXT, ext), &payload);
-            prop_assert_eq!(n.inbound(&mut back), Verdict::Forward);
+            prop_assert_eq!(n.inbound(T, &mut back), Verdict::Forward);
             prop_assert!(checksums_valid(&back));
         }
     }
@@ -637,7 +890,7 @@ mod tests {
         let sa = |ip: Ipv4Addr, p: u16| std::net::SocketAddr::from((ip, p));
         let mut observe = |from: u16, echo: u16| {
             let mut p = packet(true, (IN, from), (HUB, echo), b"");
-            assert_eq!(nat.outbound(&mut p), Verdict::Forward);
+            assert_eq!(nat.outbound(T, &mut p), Verdict::Forward);
             Observation {
                 local: sa(IN, from),
                 server: sa(HUB, echo),
@@ -672,17 +925,17 @@ mod tests {
     fn splices(asker: &mut Side, target: &mut Side) -> bool {
         for c in asker.candidates.clone() {
             let mut p = packet(true, (IN, target.port), c, b"");
-            if target.nat.outbound(&mut p) == Verdict::Forward && c.0 == asker.ext {
-                let _ = asker.nat.inbound(&mut p);
+            if target.nat.outbound(T, &mut p) == Verdict::Forward && c.0 == asker.ext {
+                let _ = asker.nat.inbound(T, &mut p);
             }
         }
         let mut through = false;
         for c in target.candidates.clone() {
             let mut p = packet(true, (IN, asker.port), c, b"");
-            if asker.nat.outbound(&mut p) != Verdict::Forward || c.0 != target.ext {
+            if asker.nat.outbound(T, &mut p) != Verdict::Forward || c.0 != target.ext {
                 continue;
             }
-            if target.nat.inbound(&mut p) == Verdict::Forward {
+            if target.nat.inbound(T, &mut p) == Verdict::Forward {
                 let to = (
                     Ipv4Addr::new(p[16], p[17], p[18], p[19]),
                     u16::from_be_bytes([p[22], p[23]]),
@@ -716,6 +969,8 @@ mod tests {
                         allocation: a,
                         seed,
                         hairpin: false,
+                        udp_timeout: None,
+                        tcp_timeout: None,
                     })
                 };
                 let mut a = prepare(mk(a_ext, *am, *aa, 11 + i as u64), a_ext, 40_000);

@@ -55,6 +55,9 @@ pub struct Namespace {
     pub nft: Option<String>,
     /// Extra sysctls (`key=value`).
     pub sysctls: Vec<String>,
+    /// Connection-tracking sysctls (`key=value`), set once the ruleset is
+    /// loaded (their keys exist once conntrack runs in the namespace).
+    pub conntrack: Vec<String>,
     /// Extra `ip -batch` lines, run after addresses and routes.
     pub ip_extra: Vec<String>,
 }
@@ -159,6 +162,10 @@ pub struct HopNat {
     pub allocation: Allocation,
     /// Whether inside hosts reach each other through their mappings.
     pub hairpin: bool,
+    /// Seconds an idle UDP mapping lives (None: the lab's life).
+    pub udp_timeout_s: Option<u32>,
+    /// Seconds an idle TCP mapping lives (None: the lab's life).
+    pub tcp_timeout_s: Option<u32>,
 }
 
 /// Adds a link between the internet end and `end`, through a hop when the site
@@ -307,6 +314,8 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                 filtering: site.filtering,
                 allocation: site.allocation(),
                 hairpin: site.hairpin,
+                udp_timeout_s: site.udp_timeout_s,
+                tcp_timeout_s: site.tcp_timeout_s,
             }),
         );
         let mut non_routed = Vec::new();
@@ -385,6 +394,9 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             })
             .collect();
         gw.nft = gateway_rules(site, &non_routed, &forwards);
+        if !site.userspace_nat() {
+            gw.conntrack = conntrack_timeouts(site);
+        }
         if site.hairpin {
             // Hairpinning: traffic from the LAN to the external address must
             // reach the hop instead of this gateway's own stack. A policy rule
@@ -545,12 +557,39 @@ fn gateway_rules(
                     format!("    chain prerouting {{\n        type nat hook prerouting priority -100; policy accept;\n{rules}    }}\n"),
                 )
             };
+            // A packet of a connection the NAT forgot (its timeout) is
+            // invalid once conntrack no longer picks connections up.
+            let forgotten = if site.tcp_timeout_s.is_some() {
+                "        ct state invalid drop\n"
+            } else {
+                ""
+            };
             Some(format!(
-                "{head}        ct state established,related accept\n{block_non_routed}{accept_forwarded}{}        iifname \"wan\" drop\n    }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        iifname \"wan\" ct state new drop\n    }}\n}}\ntable ip labnat {{\n{dnat}    chain postrouting {{\n        type nat hook postrouting priority 100; policy accept;\n        oifname \"wan\" masquerade{how}\n    }}\n}}\n",
+                "{head}{forgotten}        ct state established,related accept\n{block_non_routed}{accept_forwarded}{}        iifname \"wan\" drop\n    }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        iifname \"wan\" ct state new drop\n    }}\n}}\ntable ip labnat {{\n{dnat}    chain postrouting {{\n        type nat hook postrouting priority 100; policy accept;\n        oifname \"wan\" masquerade{how}\n    }}\n}}\n",
                 nat_outbound_lines(site)
             ))
         }
     }
+}
+
+/// The kernel NAT's timeouts a site declares. A TCP timeout also stops
+/// conntrack from picking up a connection it forgot from its next packet
+/// (`nf_conntrack_tcp_loose`, on by default), and the gateway drops such
+/// packets (`ct state invalid`): a router that forgot a mapping does not
+/// bring the connection back.
+fn conntrack_timeouts(site: &Site) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(t) = site.udp_timeout_s {
+        out.push(format!("net.netfilter.nf_conntrack_udp_timeout={t}"));
+        out.push(format!("net.netfilter.nf_conntrack_udp_timeout_stream={t}"));
+    }
+    if let Some(t) = site.tcp_timeout_s {
+        out.push(format!(
+            "net.netfilter.nf_conntrack_tcp_timeout_established={t}"
+        ));
+        out.push("net.netfilter.nf_conntrack_tcp_loose=0".into());
+    }
+    out
 }
 
 /// A multi-homed host of a firewalled site filters its own public interface.

@@ -8,6 +8,8 @@
 //! gateway = "nat"                 # open | firewall | nat
 //! mapping = "endpoint-independent" # nat: endpoint-independent | address-and-port-dependent
 //! lan = "10.1.0.0/24"              # nat: private LAN (default 10.<n>.0.0/24)
+//! udp_timeout_s = 30               # nat: an idle UDP mapping goes after 30 s
+//! tcp_timeout_s = 60               # nat: an idle TCP mapping goes after 60 s
 //! delay_ms = 20                    # one-way delay on the site's internet links
 //! loss_percent = 1.0               # frames lost on them, each way
 //! jitter_ms = 5                    # extra delay of 0..5 ms per frame, order kept
@@ -169,6 +171,17 @@ pub struct Site {
     /// NAT: inbound TCP ports forwarded to a host of the site.
     #[serde(default)]
     pub forward: Vec<Forward>,
+    /// NAT: seconds a UDP mapping lives without traffic (default: the
+    /// kernel's 30 s for one-way flows and 120 s once answered; the
+    /// userspace NAT keeps mappings for the lab's life). RFC 4787 asks at
+    /// least 120; home routers often use 30 to 60.
+    pub udp_timeout_s: Option<u32>,
+    /// NAT: seconds an established TCP mapping lives without traffic
+    /// (default: the kernel's five days; the userspace NAT keeps mappings for
+    /// the lab's life). RFC 5382 asks at least 7440; home routers use far
+    /// less. Once set, a packet of a forgotten connection is not picked up
+    /// again: the connection is gone, as on a router that forgot it.
+    pub tcp_timeout_s: Option<u32>,
     /// The site's LAN. Must be private; two sites may share one, as real sites
     /// do. Default: 10.N.0.0/24 behind a NAT, a public /28 for open and
     /// firewalled sites. A private LAN at an open or firewalled site is not
@@ -341,6 +354,9 @@ pub enum TopologyError {
     /// A delay out of range.
     #[error("site {0:?}: delay_ms must be 1 to 10000")]
     BadDelay(String),
+    /// A NAT timeout out of range.
+    #[error("site {0:?}: udp_timeout_s and tcp_timeout_s must be 1 to 432000")]
+    BadTimeout(String),
     /// A loss out of range.
     #[error("site {0:?}: loss_percent must be above 0 and at most 50")]
     BadLoss(String),
@@ -514,9 +530,21 @@ impl Site {
             || self.filtering != Filtering::default()
             || self.allocation.is_some()
             || self.hairpin
-            || !self.forward.is_empty();
+            || !self.forward.is_empty()
+            || self.udp_timeout_s.is_some()
+            || self.tcp_timeout_s.is_some();
         if !is_nat && nat_only {
-            return Err(misplaced("mapping/filtering/allocation/hairpin/forward"));
+            return Err(misplaced(
+                "mapping/filtering/allocation/hairpin/forward/udp_timeout_s/tcp_timeout_s",
+            ));
+        }
+        for t in [self.udp_timeout_s, self.tcp_timeout_s]
+            .into_iter()
+            .flatten()
+        {
+            if !(1..=432_000).contains(&t) {
+                return Err(TopologyError::BadTimeout(self.name.clone()));
+            }
         }
         for f in &self.forward {
             if !self.hosts.iter().any(|h| h.name == f.to) {
