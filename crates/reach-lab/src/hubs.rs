@@ -19,7 +19,7 @@ use crate::apply::LabError;
 use crate::lab::{Lab, Process};
 use crate::topology::{Hubs, Topology};
 
-/// The TCP port every lab hub listens on.
+/// The TCP port lab hubs listen on unless the topology says (`[hubs] port`).
 pub const HUB_PORT: u16 = 7700;
 
 /// Running hubs, and which hub each matrix host attaches to.
@@ -34,6 +34,8 @@ pub struct HubSet {
     pub attach: BTreeMap<String, String>,
     /// Hub host name to its state directory (logs live there).
     pub dirs: BTreeMap<String, PathBuf>,
+    /// The TCP port the hubs listen on.
+    pub port: u16,
 }
 
 /// Starts the hubs of `hubs` in `lab`, with state under `state`.
@@ -82,6 +84,7 @@ pub fn start(
         ids: BTreeMap::new(),
         attach: BTreeMap::new(),
         dirs: dirs.clone(),
+        port: hubs.port.unwrap_or(HUB_PORT),
     };
     for h in &hubs.hosts {
         let dir = &dirs[h];
@@ -90,7 +93,7 @@ pub fn start(
             "-v",
             "hub",
             "--tcp-port",
-            &HUB_PORT.to_string(),
+            &set.port.to_string(),
             "--addr-file",
         ] {
             args.push(a.into());
@@ -98,7 +101,14 @@ pub fn start(
         args.push(dir.join("hub.txt").into());
         args.extend(["--hub-secret-file".into(), hub_secret.clone().into()]);
         for link in hubs.links.iter().filter(|l| &l.from == h) {
-            let peer = peer_spec(lab, topology, &ids[&link.to], h, &link.to, link.ssh)?;
+            let peer = peer_spec(
+                lab,
+                topology,
+                (&ids[&link.to], set.port),
+                h,
+                &link.to,
+                link.ssh,
+            )?;
             args.extend(["--peer".into(), peer.into()]);
         }
         // Links dialled by the other side are admitted by key.
@@ -149,7 +159,11 @@ impl HubSet {
     /// `NODEID@IP:PORT` of the hub of host `hub`, as host `from` reaches it.
     pub fn target(&self, lab: &Lab, from: &str, hub: &str) -> Option<String> {
         let id = self.ids.get(hub)?;
-        Some(format!("{id}@{}:{HUB_PORT}", address_from(lab, from, hub)))
+        Some(format!(
+            "{id}@{}:{}",
+            address_from(lab, from, hub),
+            self.port
+        ))
     }
 
     /// Starts (or restarts) the hub of `host` with its command line.
@@ -255,7 +269,7 @@ impl HubSet {
             .arg("--state-dir")
             .arg(self.dirs[host].join("status-client"))
             .args(["status", "--json", "--hub"])
-            .arg(format!("{id}@127.0.0.1:{HUB_PORT}"))
+            .arg(format!("{id}@127.0.0.1:{}", self.port))
             .output()
             .map_err(|e| e.to_string())?;
         if !out.status.success() {
@@ -284,14 +298,14 @@ fn address_from(lab: &Lab, from: &str, hub: &str) -> Ipv4Addr {
 fn peer_spec(
     lab: &Lab,
     topology: &Topology,
-    id: &str,
+    (id, port): (&str, u16),
     from: &str,
     to: &str,
     ssh: bool,
 ) -> Result<String, LabError> {
     if !ssh {
         let ip = address_from(lab, from, to);
-        return Ok(format!("{id}@{ip}:{HUB_PORT}"));
+        return Ok(format!("{id}@{ip}:{port}"));
     }
     let site = topology.site_of(to).ok_or_else(|| LabError::Command {
         command: format!("hub link to {to}"),
@@ -306,7 +320,7 @@ fn peer_spec(
     })?;
     // Inside the tunnel the hub is on the ssh server's own host.
     Ok(format!(
-        "{id}@127.0.0.1:{HUB_PORT},ssh=root@{}:{}",
+        "{id}@127.0.0.1:{port},ssh=root@{}:{}",
         entry.ip(),
         entry.port()
     ))

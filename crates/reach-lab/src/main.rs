@@ -239,6 +239,9 @@ enum ProbeCmd {
         /// Connect from this local port.
         #[arg(long)]
         bind_port: Option<u16>,
+        /// Send one UDP datagram instead and wait for the greeting.
+        #[arg(long)]
+        udp: bool,
     },
     /// The abuse suite's rogue hub: link to HUB with the federation's hub
     /// secret and try to take the route to VICTIM_HUB and the node
@@ -539,9 +542,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             addr,
             timeout,
             bind_port,
+            udp,
         }) => {
             let timeout = seconds(timeout)?;
-            let out = probe::connect(addr, timeout, bind_port);
+            let out = if udp {
+                probe::udp(addr, timeout, bind_port)
+            } else {
+                probe::connect(addr, timeout, bind_port)
+            };
             println!("{}", serde_json::to_string(&out)?);
             if !matches!(out, probe::Outcome::Ok { .. }) {
                 return Ok(ExitCode::from(1));

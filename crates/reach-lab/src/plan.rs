@@ -97,8 +97,13 @@ pub struct HostAddrs {
     pub lan: Ipv4Addr,
     /// Its public address, for multi-homed hosts.
     pub public: Option<Ipv4Addr>,
-    /// The site gateway's public address (a NAT's external address).
+    /// The site gateway's public address (a NAT's external address); for a
+    /// site behind another NAT, the outer NAT's, which the internet sees.
     pub gateway: Ipv4Addr,
+    /// For a site behind another NAT: its own gateway's address on the
+    /// outer site's LAN (the first translation).
+    #[serde(default)]
+    pub inner_gateway: Option<Ipv4Addr>,
     /// Whether it has a route out of its LAN.
     pub routed: bool,
     /// Whether it runs an OpenSSH server.
@@ -225,6 +230,18 @@ fn internet_link(
     extra.push(d);
 }
 
+/// A NAT site that other sites may sit behind (`behind`).
+struct Outer {
+    name: String,
+    lan: Lan,
+    hosts: u32,
+    /// Inner sites placed on its LAN so far.
+    inner: u32,
+    gw_ns: String,
+    /// The address the internet sees its traffic from.
+    seen_as: Ipv4Addr,
+}
+
 /// Addresses of the observers on the internet.
 pub const OBSERVERS: [Ipv4Addr; 2] = [
     Ipv4Addr::new(203, 0, 113, 250),
@@ -260,8 +277,28 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
         e
     };
     let mut site_namespaces = Vec::new();
+    // NAT sites other sites sit behind, by name.
+    let mut outer_sites: std::collections::HashMap<&str, Outer> = Default::default();
     for (i, site) in t.sites.iter().enumerate() {
-        let wan = public_addr(FIRST_GATEWAY + i as u32, FIRST_PUBLIC_HOST, "sites")?;
+        let mut wan = public_addr(FIRST_GATEWAY + i as u32, FIRST_PUBLIC_HOST, "sites")?;
+        let (mut wan_len, mut upstream, mut seen_as) = (INTERNET_LEN, INTERNET_ROUTER, wan);
+        let mut wan_side = None;
+        if let Some(o) = site.behind.as_deref().and_then(|p| outer_sites.get_mut(p)) {
+            // On the outer site's LAN, after its hosts and earlier inner
+            // sites; the internet sees the outer gateway's address.
+            let k = o.hosts + o.inner;
+            if o.lan.capacity() < k + 2 {
+                return Err(TopologyError::LanTooSmall(o.name.clone()));
+            }
+            wan = o.lan.addr(2 + k);
+            (wan_len, upstream, seen_as) = (o.lan.len, o.lan.addr(1), o.seen_as);
+            wan_side = Some(End {
+                ns: o.gw_ns.clone(),
+                ifname: format!("n{}", o.inner),
+                bridge: Some("br0".into()),
+            });
+            o.inner += 1;
+        }
         let lan = match (site.gateway, site.lan) {
             // A given LAN is private (validated); the internet has no route to it.
             (_, Some(lan)) => lan,
@@ -290,18 +327,34 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
         }
         let mut gw = ns_with(format!("gw-{}", site.name), true);
         gw.bridges.push("br0".into());
-        gw.addrs.push(("wan".into(), wan, INTERNET_LEN));
+        gw.addrs.push(("wan".into(), wan, wan_len));
         gw.addrs.push(("br0".into(), lan.addr(1), lan.len));
         gw.routes.push(Route {
             dest: None,
-            via: INTERNET_ROUTER,
+            via: upstream,
         });
+        if site.gateway == GatewayKind::Nat {
+            outer_sites.insert(
+                &site.name,
+                Outer {
+                    name: site.name.clone(),
+                    lan,
+                    hosts: site.hosts.len() as u32,
+                    inner: 0,
+                    gw_ns: gw.name.clone(),
+                    seen_as,
+                },
+            );
+        }
         let wan_end = End {
             ns: gw.name.clone(),
             ifname: "wan".into(),
             bridge: None,
         };
-        let inet_side = inet_end(&mut inet_ports);
+        let inet_side = match wan_side {
+            Some(end) => end,
+            None => inet_end(&mut inet_ports),
+        };
         internet_link(
             &mut out,
             &mut site_namespaces,
@@ -379,7 +432,8 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                 ns: h.name.clone(),
                 lan: lan_ip,
                 public,
-                gateway: wan,
+                gateway: seen_as,
+                inner_gateway: site.behind.is_some().then_some(wan),
                 routed: host.routed,
                 sshd: host.sshd,
             });
@@ -440,6 +494,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             lan: *ip,
             public: Some(*ip),
             gateway: *ip,
+            inner_gateway: None,
             routed: true,
             sshd: false,
         });
@@ -476,6 +531,7 @@ fn deny(matcher: &str, how: Inbound) -> String {
 /// interface matchers.
 fn firewall_lines(site: &Site, from_out: &str, to_out: &str) -> String {
     let mut r = String::from("        ct state established,related accept\n");
+    r += &udp_out_lines(site, to_out);
     if !site.allow_in.is_empty() {
         r += &format!(
             "        {from_out} tcp dport {} accept\n",
@@ -495,8 +551,26 @@ fn firewall_lines(site: &Site, from_out: &str, to_out: &str) -> String {
     r
 }
 
-/// Outbound limits at a NAT: only `allow_out` ports may open new connections.
+/// Outbound UDP limits (`udp_out`): datagrams only to the listed ports;
+/// the rest is dropped silently, as blocking firewalls do.
+fn udp_out_lines(site: &Site, to_out: &str) -> String {
+    match &site.udp_out {
+        None => String::new(),
+        Some(ports) if ports.is_empty() => format!("        {to_out} meta l4proto udp drop\n"),
+        Some(ports) => format!(
+            "        {to_out} udp dport {} accept\n        {to_out} meta l4proto udp drop\n",
+            port_set(ports)
+        ),
+    }
+}
+
+/// Outbound limits at a NAT: only `udp_out` ports for UDP, and only
+/// `allow_out` ports may open new connections.
 fn nat_outbound_lines(site: &Site) -> String {
+    udp_out_lines(site, "oifname \"wan\"") + &nat_tcp_outbound_lines(site)
+}
+
+fn nat_tcp_outbound_lines(site: &Site) -> String {
     match &site.allow_out {
         None => String::new(),
         Some(ports) if ports.is_empty() => "        oifname \"wan\" drop\n".into(),
@@ -863,6 +937,112 @@ mod tests {
             let err = Topology::from_toml(&text).expect_err(bad).to_string();
             assert!(err.contains(field), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_site_behind_a_carrier_nat_sits_on_its_lan_and_is_seen_as_it() {
+        let text = r#"
+            name = "cgn"
+            [[site]]
+            name = "carrier"
+            gateway = "nat"
+            lan = "100.64.0.0/24"
+            [[site.host]]
+            name = "box"
+            [[site]]
+            name = "home"
+            gateway = "nat"
+            behind = "carrier"
+            [[site.host]]
+            name = "tablet"
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        let by = |n: &str| p.hosts.iter().find(|h| h.name == n).expect("host");
+        let (outer, inner) = (by("box"), by("tablet"));
+        // The home gateway takes the carrier LAN's next address after its host.
+        let wan = Ipv4Addr::new(100, 64, 0, 3);
+        assert_eq!(inner.inner_gateway, Some(wan));
+        assert_eq!(
+            inner.gateway, outer.gateway,
+            "the internet sees the carrier"
+        );
+        let gw = p
+            .namespaces
+            .iter()
+            .find(|n| n.name == "gw-home")
+            .expect("home gateway");
+        assert!(
+            gw.addrs.contains(&("wan".into(), wan, 24)),
+            "{:?}",
+            gw.addrs
+        );
+        assert_eq!(gw.routes[0].via, Ipv4Addr::new(100, 64, 0, 1));
+        assert!(p.links.iter().any(|l| l.a.ns == "gw-carrier"
+            && l.a.bridge.as_deref() == Some("br0")
+            && l.b.ns == "gw-home"
+            && l.b.ifname == "wan"));
+        // Only behind an earlier, kernel, endpoint-independent NAT, one level.
+        for (outer_fields, behind, inner_gateway) in [
+            ("", "nowhere", "nat"),
+            ("", "carrier", "firewall"),
+            ("mapping = \"address-and-port-dependent\"", "carrier", "nat"),
+            ("filtering = \"endpoint-independent\"", "carrier", "nat"),
+        ] {
+            let text = format!(
+                "name = \"x\"\n[[site]]\nname = \"carrier\"\ngateway = \"nat\"\n{outer_fields}\n[[site.host]]\nname = \"a\"\n[[site]]\nname = \"home\"\ngateway = \"{inner_gateway}\"\nbehind = \"{behind}\"\n[[site.host]]\nname = \"b\"\n"
+            );
+            let err = Topology::from_toml(&text).expect_err(&text).to_string();
+            assert!(err.contains("behind"), "{err}");
+        }
+    }
+
+    #[test]
+    fn udp_out_limits_datagrams_at_firewalls_and_nats() {
+        let text = r#"
+            name = "u"
+            [[site]]
+            name = "campus"
+            gateway = "firewall"
+            udp_out = [53]
+            [[site.host]]
+            name = "pc"
+            [[site]]
+            name = "cafe"
+            gateway = "nat"
+            allow_out = [443]
+            udp_out = []
+            [[site.host]]
+            name = "guest"
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        let rules = |ns: &str| {
+            p.namespaces
+                .iter()
+                .find(|n| n.name == ns)
+                .and_then(|n| n.nft.clone())
+                .expect("rules")
+        };
+        let campus = rules("gw-campus");
+        assert!(
+            campus.contains("oifname \"wan\" udp dport { 53 } accept"),
+            "{campus}"
+        );
+        assert!(
+            campus.contains("oifname \"wan\" meta l4proto udp drop"),
+            "{campus}"
+        );
+        let cafe = rules("gw-cafe");
+        assert!(!cafe.contains("udp dport"), "{cafe}");
+        assert!(
+            cafe.contains("oifname \"wan\" meta l4proto udp drop"),
+            "{cafe}"
+        );
+        assert!(cafe.contains("tcp dport { 443 } accept"), "{cafe}");
+        let open = "name = \"o\"\n[[site]]\nname = \"s\"\ngateway = \"open\"\nudp_out = []\n[[site.host]]\nname = \"h\"\n";
+        assert!(
+            Topology::from_toml(open).is_err(),
+            "an open site filters nothing"
+        );
     }
 
     #[test]

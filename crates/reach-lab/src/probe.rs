@@ -7,7 +7,7 @@
 //! `connect` reports what happened as one JSON line.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -130,9 +130,36 @@ pub fn connect_from(
     timeout: Duration,
     bind_port: Option<u16>,
 ) -> Outcome {
+    probe_from(lab, tools, host, addr, timeout, bind_port, false)
+}
+
+/// Runs `reach-lab probe connect --udp` inside `host`: one datagram to
+/// `addr`, and what came back.
+pub fn udp_from(
+    lab: &Lab,
+    tools: &Path,
+    host: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Outcome {
+    probe_from(lab, tools, host, addr, timeout, None, true)
+}
+
+fn probe_from(
+    lab: &Lab,
+    tools: &Path,
+    host: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+    bind_port: Option<u16>,
+    udp: bool,
+) -> Outcome {
     let mut cmd = lab.command(host, tools.join("reach-lab"));
     cmd.args(["probe", "connect", &addr.to_string(), "--timeout"])
         .arg(timeout.as_secs_f64().to_string());
+    if udp {
+        cmd.arg("--udp");
+    }
     if let Some(p) = bind_port {
         cmd.args(["--bind-port", &p.to_string()]);
     }
@@ -157,9 +184,23 @@ pub fn serve(name: &str, ports: &[u16]) -> std::io::Result<()> {
         .iter()
         .map(|&port| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
         .collect::<std::io::Result<Vec<_>>>()?;
+    // The same greeting for each UDP datagram on the same ports.
+    let udp = ports
+        .iter()
+        .map(|&port| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))
+        .collect::<std::io::Result<Vec<_>>>()?;
     println!("ready");
     std::io::stdout().flush()?;
     let mut handles = Vec::new();
+    for socket in udp {
+        let name = name.to_string();
+        handles.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(format!("{GREETING} {name} {peer}\n").as_bytes(), peer);
+            }
+        }));
+    }
     for listener in listeners {
         let name = name.to_string();
         handles.push(std::thread::spawn(move || {
@@ -206,6 +247,44 @@ pub fn connect(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> O
             banner: line.trim().chars().take(80).collect(),
             connect_ms,
         },
+    }
+}
+
+/// Sends one UDP datagram to `addr` (from `bind_port` if given) and waits
+/// for the greeting; `connect_ms` and `ms` are the round trip.
+pub fn udp(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> Outcome {
+    let started = Instant::now();
+    let exchange = || -> std::io::Result<(String, SocketAddr)> {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, bind_port.unwrap_or(0)))?;
+        // Connected: an ICMP port unreachable comes back as a refusal.
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send(b"probe")?;
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf)?;
+        Ok((
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+            socket.local_addr()?,
+        ))
+    };
+    match exchange() {
+        Ok((line, local)) => {
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            match parse_greeting(&line) {
+                Some((server, seen_as)) => Outcome::Ok {
+                    server,
+                    seen_as,
+                    local,
+                    connect_ms: ms,
+                    ms,
+                },
+                None => Outcome::Foreign {
+                    banner: line.trim().chars().take(80).collect(),
+                    connect_ms: ms,
+                },
+            }
+        }
+        Err(e) => classify(&e),
     }
 }
 
@@ -273,6 +352,27 @@ mod tests {
         assert!(
             matches!(out, Outcome::Ok { ref server, .. } if server == "me"),
             "{out:?}"
+        );
+        // UDP: a greeting for a datagram; a closed port refuses.
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let udp_addr = socket.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(format!("{GREETING} udp {peer}\n").as_bytes(), peer);
+            }
+        });
+        let out = udp(udp_addr, Duration::from_secs(5), None);
+        assert!(
+            matches!(out, Outcome::Ok { ref server, .. } if server == "udp"),
+            "{out:?}"
+        );
+        let shut = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let shut_addr = shut.local_addr().expect("addr");
+        drop(shut);
+        assert_eq!(
+            udp(shut_addr, Duration::from_secs(5), None),
+            Outcome::Refused
         );
         let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
         let closed_addr = closed.local_addr().expect("addr");

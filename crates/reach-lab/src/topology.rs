@@ -10,6 +10,7 @@
 //! lan = "10.1.0.0/24"              # nat: private LAN (default 10.<n>.0.0/24)
 //! udp_timeout_s = 30               # nat: an idle UDP mapping goes after 30 s
 //! tcp_timeout_s = 60               # nat: an idle TCP mapping goes after 60 s
+//! behind = "carrier"               # nat: the gateway sits on that NAT site's LAN
 //! delay_ms = 20                    # one-way delay on the site's internet links
 //! loss_percent = 1.0               # frames lost on them, each way
 //! jitter_ms = 5                    # extra delay of 0..5 ms per frame, order kept
@@ -21,7 +22,9 @@
 //! ```
 //! A firewall site takes `inbound = "drop" | "reject"`, `allow_in = [22]` (TCP
 //! ports new inbound connections may reach) and `allow_out = [22]` (if present,
-//! the only TCP ports new outbound connections may go to).
+//! the only TCP ports new outbound connections may go to). Firewall and NAT
+//! sites take `udp_out = [53]` (if present, the only UDP ports datagrams may go
+//! out to; `[]` blocks UDP).
 //!
 //! Validation names the site or host and the field that is wrong. Behaviours
 //! that the kernel NAT cannot produce (endpoint-independent filtering, sequential
@@ -62,6 +65,9 @@ pub struct Hubs {
     /// their own site's hub).
     #[serde(default)]
     pub attach: std::collections::BTreeMap<String, String>,
+    /// The TCP port every hub listens on (default 7700; 443 lets hosts of
+    /// sites that allow only HTTPS out reach them).
+    pub port: Option<u16>,
 }
 
 /// One hub link of the lab.
@@ -157,6 +163,12 @@ pub struct Site {
     pub allow_in: Vec<u16>,
     /// Firewall: if set, the only TCP ports new outbound connections may use.
     pub allow_out: Option<Vec<u16>>,
+    /// Firewall or NAT: if set, the only UDP ports datagrams may go out to
+    /// (`[]` blocks UDP, `[53]` lets only DNS-like traffic out), as many
+    /// institutional firewalls do; unsolicited UDP from outside is dropped
+    /// anyway. Default: UDP goes out freely (unless `allow_out` is set,
+    /// which lets nothing but its TCP ports out).
+    pub udp_out: Option<Vec<u16>>,
     /// NAT: mapping behaviour.
     #[serde(default)]
     pub mapping: Mapping,
@@ -182,6 +194,11 @@ pub struct Site {
     /// less. Once set, a packet of a forgotten connection is not picked up
     /// again: the connection is gone, as on a router that forgot it.
     pub tcp_timeout_s: Option<u32>,
+    /// NAT: the site's gateway sits on the LAN of this other NAT site (named
+    /// earlier in the file) instead of on the internet: a home NAT behind a
+    /// carrier-grade NAT, whose LAN is then usually in 100.64.0.0/10
+    /// (RFC 6598). Traffic to the internet is translated twice.
+    pub behind: Option<String>,
     /// The site's LAN. Must be private; two sites may share one, as real sites
     /// do. Default: 10.N.0.0/24 behind a NAT, a public /28 for open and
     /// firewalled sites. A private LAN at an open or firewalled site is not
@@ -259,10 +276,12 @@ impl Lan {
 
     /// Whether the network lies in an RFC 1918 private range.
     pub fn is_private(&self) -> bool {
-        let private: [(Ipv4Addr, u8); 3] = [
+        let private: [(Ipv4Addr, u8); 4] = [
             (Ipv4Addr::new(10, 0, 0, 0), 8),
             (Ipv4Addr::new(172, 16, 0, 0), 12),
             (Ipv4Addr::new(192, 168, 0, 0), 16),
+            // Shared address space behind carrier-grade NATs (RFC 6598).
+            (Ipv4Addr::new(100, 64, 0, 0), 10),
         ];
         private.iter().any(|(n, l)| {
             let mask = u32::MAX << (32 - l);
@@ -354,6 +373,14 @@ pub enum TopologyError {
     /// A delay out of range.
     #[error("site {0:?}: delay_ms must be 1 to 10000")]
     BadDelay(String),
+    /// A `behind` that cannot be built.
+    #[error("site {site:?}: behind {why}")]
+    BadBehind {
+        /// The site.
+        site: String,
+        /// Why not.
+        why: &'static str,
+    },
     /// A NAT timeout out of range.
     #[error("site {0:?}: udp_timeout_s and tcp_timeout_s must be 1 to 432000")]
     BadTimeout(String),
@@ -364,7 +391,7 @@ pub enum TopologyError {
     #[error("site {0:?}: jitter_ms must be 1 to 1000")]
     BadJitter(String),
     /// A LAN outside the private ranges.
-    #[error("site {site:?}: LAN {lan} is not in a private range (10/8, 172.16/12, 192.168/16)")]
+    #[error("site {site:?}: LAN {lan} is not in a private range (10/8, 172.16/12, 192.168/16, 100.64/10)")]
     LanNotPrivate {
         /// The site.
         site: String,
@@ -448,6 +475,32 @@ impl Topology {
                 }
             }
             site.validate_fields()?;
+            if let Some(parent) = &site.behind {
+                let outer = self
+                    .sites
+                    .iter()
+                    .take_while(|s| s.name != site.name)
+                    .find(|s| &s.name == parent);
+                let why = match outer {
+                    None => Some("names no NAT site before it"),
+                    Some(o) if o.gateway != GatewayKind::Nat => Some("names a site that is not a NAT"),
+                    Some(o) if o.behind.is_some() => Some("names a site that is itself behind another (one level only)"),
+                    // Then what the internet sees is the inner NAT's
+                    // behaviour, which verify can check as declared.
+                    Some(o) if o.userspace_nat() || o.mapping != Mapping::EndpointIndependent => {
+                        Some("needs an outer NAT with endpoint-independent mapping and preserved ports (others not built)")
+                    }
+                    Some(_) if site.gateway != GatewayKind::Nat => Some("applies to NAT sites only"),
+                    Some(_) if !site.forward.is_empty() => Some("cannot go with port forwards (not built)"),
+                    Some(_) => None,
+                };
+                if let Some(why) = why {
+                    return Err(TopologyError::BadBehind {
+                        site: site.name.clone(),
+                        why,
+                    });
+                }
+            }
         }
         for name in self.matrix.iter().flatten() {
             if !hosts.contains(name) {
@@ -523,8 +576,9 @@ impl Site {
         if !is_fw && (self.inbound != Inbound::Drop || !self.allow_in.is_empty()) {
             return Err(misplaced("inbound/allow_in"));
         }
-        if self.gateway == GatewayKind::Open && self.allow_out.is_some() {
-            return Err(misplaced("allow_out"));
+        if self.gateway == GatewayKind::Open && (self.allow_out.is_some() || self.udp_out.is_some())
+        {
+            return Err(misplaced("allow_out/udp_out"));
         }
         let nat_only = self.mapping != Mapping::default()
             || self.filtering != Filtering::default()

@@ -93,8 +93,21 @@ pub fn run(
     timeout: Duration,
 ) -> Result<Vec<Check>, LabError> {
     let mut servers = Vec::new();
+    // Observers answer on the test port and on every port a site lets UDP
+    // out to.
+    let mut obs_ports = vec![PORT];
+    for p in topology
+        .sites
+        .iter()
+        .filter_map(|s| s.udp_out.as_ref())
+        .flatten()
+    {
+        if !obs_ports.contains(p) {
+            obs_ports.push(*p);
+        }
+    }
     for obs in &lab.record().observers {
-        servers.push(probe::spawn_server(lab, tools, &obs.name, &[PORT])?);
+        servers.push(probe::spawn_server(lab, tools, &obs.name, &obs_ports)?);
     }
     for (site, host) in topology.hosts() {
         // Probe servers answer on the test port and on every port the site
@@ -248,13 +261,80 @@ fn check_host(
             (false, None) => None,
         };
         if let Some((from, to)) = path {
-            out.push(delay_check(h, delay, from, to, &probe_from));
+            let jitter = site.jitter_ms.unwrap_or(0);
+            out.push(delay_check(h, (delay, jitter), from, to, &probe_from));
         }
+    }
+    if let (Some(inner), Some(outer), true) = (h.inner_gateway, &site.behind, h.routed) {
+        out.extend(inner_translation_check(lab, h, inner, outer, &probe_from));
+    }
+    if let (Some(ports), true) = (&site.udp_out, h.routed || h.public.is_some()) {
+        out.extend(udp_checks(lab, tools, h, obs[0], ports, timeout));
     }
     if let Some(loss) = site.loss_percent {
         if h.routed || h.public.is_some() {
             out.push(loss_check(lab, site, h, obs[0], loss));
         }
+    }
+    out
+}
+
+/// Behind two NATs, the first translation: a host of the outer site sees
+/// this host's traffic come from its own gateway's address on the outer LAN
+/// (the mapping check sees the second, the outer NAT's public address).
+fn inner_translation_check(
+    lab: &Lab,
+    h: &HostAddrs,
+    inner: Ipv4Addr,
+    outer: &str,
+    probe_from: &dyn Fn(&str, SocketAddr, Option<u16>) -> Outcome,
+) -> Option<Check> {
+    let target = lab.record().hosts.iter().find(|o| o.site == outer)?;
+    let got = probe_from(&h.name, SocketAddr::from((target.lan, PORT)), None);
+    let (observed, pass) = match &got {
+        Outcome::Ok { seen_as, .. } => (
+            seen_as.ip().to_string(),
+            seen_as.ip() == std::net::IpAddr::V4(inner),
+        ),
+        other => (other.describe(), false),
+    };
+    Some(check(
+        h,
+        format!(
+            "first translation: seen by {} (behind {outer})",
+            target.name
+        ),
+        inner.to_string(),
+        observed,
+        pass,
+    ))
+}
+
+/// A site that limits outbound UDP (`udp_out`): a datagram to the test
+/// port is dropped unless listed, and one to a listed port is answered.
+fn udp_checks(
+    lab: &Lab,
+    tools: &Path,
+    h: &HostAddrs,
+    obs: Ipv4Addr,
+    ports: &[u16],
+    timeout: Duration,
+) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut probe = |port: u16, want: Expect| {
+        let got = probe::udp_from(lab, tools, &h.name, SocketAddr::from((obs, port)), timeout);
+        out.push(expect_check(
+            h,
+            format!("UDP out to {obs}:{port}"),
+            want,
+            &got,
+        ));
+    };
+    if !ports.contains(&PORT) {
+        probe(PORT, Expect::TimesOut);
+    }
+    if let Some(&allowed) = ports.first() {
+        probe(allowed, Expect::Connects);
     }
     out
 }
@@ -396,16 +476,20 @@ fn tolerance(want_ms: f64) -> f64 {
 }
 
 /// The round trip to an observer (no delay of its own) is twice the site's
-/// one-way delay; measured as the median TCP connect time of five probes,
-/// within [`tolerance`].
+/// one-way delay, plus on average half its jitter each way (frames keep
+/// their order, so a frame can also wait behind a later-drawn earlier one:
+/// the tolerance takes the whole jitter); measured as the median TCP
+/// connect time of five probes, within [`tolerance`].
 fn delay_check(
     h: &HostAddrs,
-    delay_ms: u32,
+    (delay_ms, jitter_ms): (u32, u32),
     from: &str,
     to: SocketAddr,
     probe_from: &dyn Fn(&str, SocketAddr, Option<u16>) -> Outcome,
 ) -> Check {
-    let want = 2.0 * f64::from(delay_ms);
+    let jitter = f64::from(jitter_ms);
+    let want = 2.0 * f64::from(delay_ms) + jitter;
+    let tolerance = |want: f64| tolerance(want) + jitter;
     let mut rtts: Vec<f64> = (0..5)
         .filter_map(|_| match probe_from(from, to, None) {
             Outcome::Ok { connect_ms, .. } | Outcome::Foreign { connect_ms, .. } => {

@@ -108,3 +108,27 @@ fn verify_measures_a_sites_loss_and_fails_a_lab_that_loses_more_than_declared() 
         loss[0]
     );
 }
+
+#[test]
+fn verify_checks_a_sites_udp_limit_and_fails_a_lab_that_lets_less_out_than_declared() {
+    let lab = two_sites("udp_out = [53]");
+    let udp_checks = |declared: &str| {
+        let t = topology_with(declared);
+        reach_lab::verify::run(&lab, &t, &common::tools(), Duration::from_secs(2))
+            .expect("verify")
+            .into_iter()
+            .filter(|c| c.what.starts_with("UDP out"))
+            .collect::<Vec<_>>()
+    };
+    // As declared: the test port is dropped, port 53 answers.
+    let own = udp_checks("udp_out = [53]");
+    assert_eq!(own.len(), 2, "{own:?}");
+    assert!(own.iter().all(|c| c.pass), "{own:?}");
+    // Declared to let the test port out, which the lab drops: verify fails.
+    let claimed = udp_checks("udp_out = [7000]");
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert!(
+        !claimed[0].pass,
+        "verify passed UDP the lab drops: {claimed:?}"
+    );
+}

@@ -1,0 +1,72 @@
+//! The wild lab (`lab/topologies/wild.toml`): one site of each harsh kind
+//! (NATs that forget, symmetric and full-cone NATs, a campus firewall that
+//! lets UDP out to port 53 only, a cafe that lets only TCP 443 out, a home
+//! NAT behind a carrier-grade NAT, a far site losing 1% of its frames).
+//! `verify` checks each by observation, and reach connects every pair with
+//! the module each needs. Needs root, iproute2, nftables, iputils-ping and
+//! the `reach` binary built beside `reach-lab`.
+
+use std::time::Duration;
+
+use reach_lab::matrix::{self, Mode};
+use reach_lab::Lab;
+
+mod common;
+
+/// The module each pair settles on, from the setup driver's order (direct,
+/// reverse, splice, routed).
+fn expected_modules(from: &str, to: &str) -> &'static [&'static str] {
+    if from == "guest" || to == "guest" {
+        // Only TCP 443 leaves the cafe: the hub listens there.
+        &["routed"]
+    } else if to == "pub" {
+        &["direct"]
+    } else if from == "pub" {
+        &["reverse"]
+    } else if from == "phone" || to == "phone" {
+        // A symmetric NAT's random ports cannot be predicted.
+        &["routed"]
+    } else if from == "remote" || to == "remote" {
+        // Over a lossy link a lost SYN can fail a simultaneous open.
+        &["splice", "routed"]
+    } else {
+        // Both behind NATs or firewalls that keep ports, double NAT included.
+        &["splice"]
+    }
+}
+
+#[test]
+fn the_wild_lab_is_what_it_declares_and_reach_connects_every_pair() {
+    let t = common::topology("wild");
+    let lab = Lab::up(&t).expect("lab up");
+    let checks =
+        reach_lab::verify::run(&lab, &t, &common::tools(), Duration::from_secs(5)).expect("verify");
+    let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
+    assert!(failed.is_empty(), "{}", reach_lab::verify::render(&checks));
+    // Each new kind of check ran.
+    for what in ["UDP out", "loss", "first translation", "round trip"] {
+        assert!(
+            checks.iter().any(|c| c.what.starts_with(what)),
+            "no {what} check\n{}",
+            reach_lab::verify::render(&checks)
+        );
+    }
+    let m = matrix::run(
+        &lab,
+        &t,
+        Mode::Reach,
+        Duration::from_secs(10),
+        &common::tools_with_reach(),
+    )
+    .expect("matrix");
+    assert_eq!(m.score(), (56, 56), "\n{}", m.render());
+    for c in &m.cells {
+        let pair = (c.from_host.as_str(), c.to_host.as_str());
+        let settled = c.settled_module.as_deref().unwrap_or_default();
+        assert!(
+            expected_modules(pair.0, pair.1).contains(&settled),
+            "{pair:?} settled on {settled}\n{}",
+            m.render()
+        );
+    }
+}
