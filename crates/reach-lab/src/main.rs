@@ -242,6 +242,10 @@ enum ProbeCmd {
         /// Send one UDP datagram instead and wait for the greeting.
         #[arg(long)]
         udp: bool,
+        /// With --udp: ask for a second greeting this many seconds later and
+        /// wait for that one (does an idle NAT mapping still let it in?).
+        #[arg(long, requires = "udp")]
+        later: Option<f64>,
     },
     /// The abuse suite's rogue hub: link to HUB with the federation's hub
     /// secret and try to take the route to VICTIM_HUB and the node
@@ -543,10 +547,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             bind_port,
             udp,
+            later,
         }) => {
             let timeout = seconds(timeout)?;
+            let later = later.map(seconds).transpose()?;
             let out = if udp {
-                probe::udp(addr, timeout, bind_port)
+                probe::udp(addr, timeout, bind_port, later)
             } else {
                 probe::connect(addr, timeout, bind_port)
             };

@@ -130,19 +130,21 @@ pub fn connect_from(
     timeout: Duration,
     bind_port: Option<u16>,
 ) -> Outcome {
-    probe_from(lab, tools, host, addr, timeout, bind_port, false)
+    probe_from(lab, tools, host, addr, timeout, bind_port, None)
 }
 
 /// Runs `reach-lab probe connect --udp` inside `host`: one datagram to
-/// `addr`, and what came back.
+/// `addr`, and what came back (with `later`, the greeting sent that long
+/// after the first).
 pub fn udp_from(
     lab: &Lab,
     tools: &Path,
     host: &str,
     addr: SocketAddr,
     timeout: Duration,
+    later: Option<Duration>,
 ) -> Outcome {
-    probe_from(lab, tools, host, addr, timeout, None, true)
+    probe_from(lab, tools, host, addr, timeout, None, Some(later))
 }
 
 fn probe_from(
@@ -152,13 +154,16 @@ fn probe_from(
     addr: SocketAddr,
     timeout: Duration,
     bind_port: Option<u16>,
-    udp: bool,
+    udp: Option<Option<Duration>>,
 ) -> Outcome {
     let mut cmd = lab.command(host, tools.join("reach-lab"));
     cmd.args(["probe", "connect", &addr.to_string(), "--timeout"])
         .arg(timeout.as_secs_f64().to_string());
-    if udp {
+    if let Some(later) = udp {
         cmd.arg("--udp");
+        if let Some(d) = later {
+            cmd.args(["--later", &d.as_secs_f64().to_string()]);
+        }
     }
     if let Some(p) = bind_port {
         cmd.args(["--bind-port", &p.to_string()]);
@@ -195,9 +200,20 @@ pub fn serve(name: &str, ports: &[u16]) -> std::io::Result<()> {
     for socket in udp {
         let name = name.to_string();
         handles.push(std::thread::spawn(move || {
+            let socket = std::sync::Arc::new(socket);
             let mut buf = [0u8; 64];
-            while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(format!("{GREETING} {name} {peer}\n").as_bytes(), peer);
+            while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let greeting = format!("{GREETING} {name} {peer}\n");
+                let _ = socket.send_to(greeting.as_bytes(), peer);
+                // "later MS": greet once more after MS milliseconds, to the
+                // same address (a NAT mapping that should by then be gone).
+                if let Some(ms) = later_ms(&buf[..n]) {
+                    let socket = socket.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(ms));
+                        let _ = socket.send_to(greeting.as_bytes(), peer);
+                    });
+                }
             }
         }));
     }
@@ -250,18 +266,42 @@ pub fn connect(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> O
     }
 }
 
+/// The delay a "later MS" request asks for (at most 10 minutes).
+fn later_ms(request: &[u8]) -> Option<u64> {
+    let ms = std::str::from_utf8(request).ok()?.strip_prefix("later ")?;
+    ms.trim().parse().ok().filter(|ms| *ms <= 600_000)
+}
+
 /// Sends one UDP datagram to `addr` (from `bind_port` if given) and waits
-/// for the greeting; `connect_ms` and `ms` are the round trip.
-pub fn udp(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> Outcome {
+/// for the greeting; `connect_ms` and `ms` are the round trip. With `later`,
+/// asks the server to greet again after that long and waits for that second
+/// greeting instead (`timeout` after it is due): whether a NAT mapping left
+/// idle that long still lets an answer in.
+pub fn udp(
+    addr: SocketAddr,
+    timeout: Duration,
+    bind_port: Option<u16>,
+    later: Option<Duration>,
+) -> Outcome {
     let started = Instant::now();
     let exchange = || -> std::io::Result<(String, SocketAddr)> {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, bind_port.unwrap_or(0)))?;
         // Connected: an ICMP port unreachable comes back as a refusal.
         socket.connect(addr)?;
         socket.set_read_timeout(Some(timeout))?;
-        socket.send(b"probe")?;
+        let request = match later {
+            Some(d) => format!("later {}", d.as_millis()),
+            None => "probe".into(),
+        };
+        socket.send(request.as_bytes())?;
         let mut buf = [0u8; 256];
-        let n = socket.recv(&mut buf)?;
+        let mut n = socket.recv(&mut buf)?;
+        if let Some(d) = later {
+            // The first greeting came: the mapping exists. Now silence,
+            // then the second.
+            socket.set_read_timeout(Some(d + timeout))?;
+            n = socket.recv(&mut buf)?;
+        }
         Ok((
             String::from_utf8_lossy(&buf[..n]).into_owned(),
             socket.local_addr()?,
@@ -362,7 +402,7 @@ mod tests {
                 let _ = socket.send_to(format!("{GREETING} udp {peer}\n").as_bytes(), peer);
             }
         });
-        let out = udp(udp_addr, Duration::from_secs(5), None);
+        let out = udp(udp_addr, Duration::from_secs(5), None, None);
         assert!(
             matches!(out, Outcome::Ok { ref server, .. } if server == "udp"),
             "{out:?}"
@@ -371,9 +411,12 @@ mod tests {
         let shut_addr = shut.local_addr().expect("addr");
         drop(shut);
         assert_eq!(
-            udp(shut_addr, Duration::from_secs(5), None),
+            udp(shut_addr, Duration::from_secs(5), None, None),
             Outcome::Refused
         );
+        assert_eq!(later_ms(b"later 1500"), Some(1500));
+        assert_eq!(later_ms(b"later 99999999"), None, "bounded");
+        assert_eq!(later_ms(b"probe"), None);
         let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
         let closed_addr = closed.local_addr().expect("addr");
         drop(closed);

@@ -268,6 +268,9 @@ fn check_host(
     if let (Some(inner), Some(outer), true) = (h.inner_gateway, &site.behind, h.routed) {
         out.extend(inner_translation_check(lab, h, inner, outer, &probe_from));
     }
+    if let (Some(t), true) = (site.udp_timeout_s, h.routed && h.public.is_none()) {
+        out.extend(udp_expiry_checks(lab, tools, h, obs[0], t, timeout));
+    }
     if let (Some(ports), true) = (&site.udp_out, h.routed || h.public.is_some()) {
         out.extend(udp_checks(lab, tools, h, obs[0], ports, timeout));
     }
@@ -310,6 +313,53 @@ fn inner_translation_check(
     ))
 }
 
+/// Longest UDP timeout verify waits out (a longer one is not checked, and
+/// the check says so).
+const MAX_WAITED_TIMEOUT_S: u32 = 60;
+
+/// A NAT that forgets idle UDP mappings: an observer's answer sent half the
+/// timeout after the host's datagram gets in, and one sent 3 s past the
+/// timeout does not (the mapping is gone). Both run at once.
+fn udp_expiry_checks(
+    lab: &Lab,
+    tools: &Path,
+    h: &HostAddrs,
+    obs: Ipv4Addr,
+    timeout_s: u32,
+    timeout: Duration,
+) -> Vec<Check> {
+    let to = SocketAddr::from((obs, PORT));
+    let what = |after: Duration| format!("UDP mapping idle {after:?}, then an answer from {to}");
+    let past = Duration::from_secs(u64::from(timeout_s) + 3);
+    if timeout_s > MAX_WAITED_TIMEOUT_S {
+        let observed = format!("not waited for: over {MAX_WAITED_TIMEOUT_S} s");
+        return vec![check(h, what(past), "dropped".into(), observed, true)];
+    }
+    let within = Duration::from_secs(u64::from(timeout_s)) / 2;
+    let (kept, gone) = std::thread::scope(|s| {
+        let kept = s.spawn(|| probe::udp_from(lab, tools, &h.name, to, timeout, Some(within)));
+        let gone = s.spawn(|| probe::udp_from(lab, tools, &h.name, to, timeout, Some(past)));
+        (kept.join(), gone.join())
+    });
+    let lost = |what: &str| Outcome::Error {
+        message: format!("the {what} probe panicked"),
+    };
+    vec![
+        expect_check(
+            h,
+            what(within),
+            Expect::Connects,
+            &kept.unwrap_or_else(|_| lost("kept")),
+        ),
+        expect_check(
+            h,
+            what(past),
+            Expect::TimesOut,
+            &gone.unwrap_or_else(|_| lost("gone")),
+        ),
+    ]
+}
+
 /// A site that limits outbound UDP (`udp_out`): a datagram to the test
 /// port is dropped unless listed, and one to a listed port is answered.
 fn udp_checks(
@@ -322,7 +372,8 @@ fn udp_checks(
 ) -> Vec<Check> {
     let mut out = Vec::new();
     let mut probe = |port: u16, want: Expect| {
-        let got = probe::udp_from(lab, tools, &h.name, SocketAddr::from((obs, port)), timeout);
+        let to = SocketAddr::from((obs, port));
+        let got = probe::udp_from(lab, tools, &h.name, to, timeout, None);
         out.push(expect_check(
             h,
             format!("UDP out to {obs}:{port}"),

@@ -132,3 +132,30 @@ fn verify_checks_a_sites_udp_limit_and_fails_a_lab_that_lets_less_out_than_decla
         "verify passed UDP the lab drops: {claimed:?}"
     );
 }
+
+#[test]
+fn verify_sees_a_nat_forget_idle_udp_mappings_and_fails_one_that_does_not() {
+    let expiry_checks = |lab: &Lab| {
+        let declared = topology_with("udp_timeout_s = 4");
+        reach_lab::verify::run(lab, &declared, &common::tools(), Duration::from_secs(2))
+            .expect("verify")
+            .into_iter()
+            .filter(|c| c.what.starts_with("UDP mapping idle"))
+            .collect::<Vec<_>>()
+    };
+    // A NAT that forgets after 4 s: the answer 2 s later gets in, the one
+    // 7 s later does not.
+    let forgets = two_sites("udp_timeout_s = 4");
+    let own = expiry_checks(&forgets);
+    assert_eq!(own.len(), 2, "{own:?}");
+    assert!(own.iter().all(|c| c.pass), "{own:?}");
+    drop(forgets);
+    // A NAT that keeps its mappings (the kernel's default here: 30 s, and
+    // 120 s once answered) checked against that declaration: it fails.
+    let keeps = two_sites("");
+    let claimed = expiry_checks(&keeps);
+    assert!(
+        claimed.iter().any(|c| !c.pass),
+        "verify passed a NAT that keeps idle UDP mappings as one that forgets them: {claimed:?}"
+    );
+}
