@@ -116,14 +116,30 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
             Command::new("ip").args(["netns", "add", &full(&ns.name)]),
             None,
         )?;
-        // IPv6 off: the lab is an IPv4 testbed, and duplicate address detection
-        // would otherwise delay interfaces. Forwarding only on routers.
-        let mut sysctls = vec![
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ];
+        // IPv6 off except where the topology asks for it; where on, without
+        // duplicate address detection (it would delay interfaces by a
+        // second or more) or router advertisements (routes are static).
+        // Forwarding only on routers.
+        let mut sysctls = if ns.ipv6 {
+            vec![
+                "net.ipv6.conf.all.disable_ipv6=0",
+                "net.ipv6.conf.default.disable_ipv6=0",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_ra=0",
+                "net.ipv6.conf.default.accept_ra=0",
+            ]
+        } else {
+            vec![
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ]
+        };
         if ns.forward {
             sysctls.push("net.ipv4.ip_forward=1");
+            if ns.ipv6 {
+                sysctls.push("net.ipv6.conf.all.forwarding=1");
+            }
         }
         sysctls.extend(ns.sysctls.iter().map(String::as_str));
         if ns.name == "inet" {
@@ -172,6 +188,15 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
         for r in &ns.routes {
             batch += &route_line(r);
             batch += "\n";
+        }
+        for (ifname, ip, len) in &ns.addrs6 {
+            batch += &format!("addr add {ip}/{len} dev {ifname} nodad\n");
+        }
+        for (dest, via) in &ns.routes6 {
+            match dest {
+                Some((net, len)) => batch += &format!("route add {net}/{len} via {via}\n"),
+                None => batch += &format!("route add ::/0 via {via}\n"),
+            }
         }
         for line in &ns.ip_extra {
             batch += line;

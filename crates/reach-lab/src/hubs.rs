@@ -10,7 +10,6 @@
 //! the one `attach` names.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -159,11 +158,8 @@ impl HubSet {
     /// `NODEID@IP:PORT` of the hub of host `hub`, as host `from` reaches it.
     pub fn target(&self, lab: &Lab, from: &str, hub: &str) -> Option<String> {
         let id = self.ids.get(hub)?;
-        Some(format!(
-            "{id}@{}:{}",
-            address_from(lab, from, hub),
-            self.port
-        ))
+        let at = std::net::SocketAddr::new(address_from(lab, from, hub), self.port);
+        Some(format!("{id}@{at}"))
     }
 
     /// Starts (or restarts) the hub of `host` with its command line.
@@ -282,13 +278,17 @@ impl HubSet {
 }
 
 /// The address `from` uses to reach hub host `hub`: its LAN address within a
-/// site, its public address across sites.
-fn address_from(lab: &Lab, from: &str, hub: &str) -> Ipv4Addr {
+/// site, its public address across sites; an IPv6-only host uses the hub's
+/// IPv6 address (routed from anywhere: there is no IPv6 NAT).
+fn address_from(lab: &Lab, from: &str, hub: &str) -> std::net::IpAddr {
     let h = lab.host(hub);
+    if let (false, Some(v6)) = (lab.host(from).ipv4, h.lan6) {
+        return v6.into();
+    }
     if lab.host(from).site == h.site {
-        h.lan
+        h.lan.into()
     } else {
-        h.public.unwrap_or(h.gateway)
+        h.public.unwrap_or(h.gateway).into()
     }
 }
 
@@ -304,8 +304,8 @@ fn peer_spec(
     ssh: bool,
 ) -> Result<String, LabError> {
     if !ssh {
-        let ip = address_from(lab, from, to);
-        return Ok(format!("{id}@{ip}:{port}"));
+        let at = std::net::SocketAddr::new(address_from(lab, from, to), port);
+        return Ok(format!("{id}@{at}"));
     }
     let site = topology.site_of(to).ok_or_else(|| LabError::Command {
         command: format!("hub link to {to}"),

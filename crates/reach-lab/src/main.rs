@@ -688,19 +688,20 @@ fn print_hosts(rec: &LabRecord) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "  {:<12} {:<10} {:<16} {:<16} {:<16}",
-        "host", "site", "lan", "public", "site gateway"
+        "  {:<12} {:<10} {:<16} {:<16} {:<16} {}",
+        "host", "site", "lan", "public", "site gateway", "ipv6"
     );
     for h in &rec.hosts {
         let public = h.public.map_or("-".to_string(), |p| p.to_string());
-        let lan = if h.routed {
-            h.lan.to_string()
-        } else {
-            format!("{} (non-routed)", h.lan)
+        let lan = match (h.ipv4, h.routed) {
+            (false, _) => "- (IPv6 only)".to_string(),
+            (true, true) => h.lan.to_string(),
+            (true, false) => format!("{} (non-routed)", h.lan),
         };
+        let v6 = h.lan6.map_or("-".to_string(), |a| a.to_string());
         let _ = writeln!(
             out,
-            "  {:<12} {:<10} {:<16} {:<16} {:<16}",
+            "  {:<12} {:<10} {:<16} {:<16} {:<16} {v6}",
             h.name, h.site, lan, public, h.gateway
         );
     }

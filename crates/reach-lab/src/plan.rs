@@ -15,7 +15,7 @@
 //! firewalled sites are /28s of 198.51.100.0/24. NAT sites use private LANs,
 //! possibly the same one at two sites.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,15 @@ use crate::topology::{
 /// The internet router's address; every public interface routes through it.
 pub const INTERNET_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const INTERNET_LEN: u8 = 24;
+/// The internet router's IPv6 address (the documentation prefix stands for
+/// the IPv6 internet: `2001:db8::/64` is its backbone, `2001:db8:N::/64` the
+/// LAN of site N).
+pub const INTERNET6_ROUTER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+
+/// Address `host` of IPv6 network `net` (0: the backbone, N: site N's LAN).
+fn v6(net: u16, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, host)
+}
 const FIRST_GATEWAY: u32 = 10;
 const FIRST_PUBLIC_HOST: u32 = 100;
 
@@ -60,6 +69,12 @@ pub struct Namespace {
     pub conntrack: Vec<String>,
     /// Extra `ip -batch` lines, run after addresses and routes.
     pub ip_extra: Vec<String>,
+    /// IPv6 on (it is off everywhere else).
+    pub ipv6: bool,
+    /// IPv6 addresses: interface, address, prefix length.
+    pub addrs6: Vec<(String, Ipv6Addr, u8)>,
+    /// IPv6 routes: destination (None: default) and next hop.
+    pub routes6: Vec<(Option<(Ipv6Addr, u8)>, Ipv6Addr)>,
 }
 
 /// One end of a veth link.
@@ -82,6 +97,10 @@ pub struct Link {
     pub b: End,
     /// Bandwidth limit in Mbit/s, applied at both ends outside a delay hop.
     pub rate_mbit: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Where a host is and how to reach it; kept in the lab's registry.
@@ -109,6 +128,12 @@ pub struct HostAddrs {
     /// Whether it runs an OpenSSH server.
     #[serde(default)]
     pub sshd: bool,
+    /// Whether it has its IPv4 address (`lan`); false: IPv6 only.
+    #[serde(default = "yes")]
+    pub ipv4: bool,
+    /// Its IPv6 address, at a site with IPv6.
+    #[serde(default)]
+    pub lan6: Option<Ipv6Addr>,
 }
 
 impl HostAddrs {
@@ -333,6 +358,16 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             dest: None,
             via: upstream,
         });
+        let site_net = i as u16 + 1;
+        if site.ipv6 {
+            inet.ipv6 = true;
+            gw.ipv6 = true;
+            let wan6 = v6(0, 0x10 + i as u16);
+            gw.addrs6.push(("wan".into(), wan6, 64));
+            gw.addrs6.push(("br0".into(), v6(site_net, 1), 64));
+            gw.routes6.push((None, INTERNET6_ROUTER));
+            inet.routes6.push((Some((v6(site_net, 0), 64)), wan6));
+        }
         if site.gateway == GatewayKind::Nat {
             outer_sites.insert(
                 &site.name,
@@ -376,7 +411,17 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
         for (j, host) in site.hosts.iter().enumerate() {
             let lan_ip = lan.addr(2 + j as u32);
             let mut h = ns_with(format!("h-{}", host.name), false);
-            h.addrs.push(("lan".into(), lan_ip, lan.len));
+            if host.ipv4 {
+                h.addrs.push(("lan".into(), lan_ip, lan.len));
+            }
+            let lan6 = site.ipv6.then(|| v6(site_net, 2 + j as u16));
+            if let Some(a) = lan6 {
+                h.ipv6 = true;
+                h.addrs6.push(("lan".into(), a, 64));
+                if host.routed {
+                    h.routes6.push((None, v6(site_net, 1)));
+                }
+            }
             out.links.push(Link {
                 a: End {
                     ns: gw.name.clone(),
@@ -414,7 +459,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                 });
                 Some(ip)
             } else {
-                if host.routed {
+                if host.routed && host.ipv4 {
                     h.routes.push(Route {
                         dest: None,
                         via: lan.addr(1),
@@ -436,6 +481,8 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
                 inner_gateway: site.behind.is_some().then_some(wan),
                 routed: host.routed,
                 sshd: host.sshd,
+                ipv4: host.ipv4,
+                lan6,
             });
             hosts.push(h);
         }
@@ -474,6 +521,17 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
         let name = format!("obs{}", i + 1);
         let mut o = ns_with(format!("o-{name}"), false);
         o.addrs.push(("pub".into(), *ip, INTERNET_LEN));
+        // Observers have IPv6 when any site does.
+        let obs6 = t
+            .sites
+            .iter()
+            .any(|s| s.ipv6)
+            .then(|| v6(0, 0xfa + i as u16));
+        if let Some(a) = obs6 {
+            o.ipv6 = true;
+            o.addrs6.push(("pub".into(), a, 64));
+            o.routes6.push((None, INTERNET6_ROUTER));
+        }
         o.routes.push(Route {
             dest: None,
             via: INTERNET_ROUTER,
@@ -497,8 +555,13 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             inner_gateway: None,
             routed: true,
             sshd: false,
+            ipv4: true,
+            lan6: obs6,
         });
         site_namespaces.push(o);
+    }
+    if inet.ipv6 {
+        inet.addrs6.push(("br0".into(), INTERNET6_ROUTER, 64));
     }
     out.namespaces.push(inet);
     out.namespaces.extend(site_namespaces);
@@ -606,11 +669,17 @@ fn gateway_rules(
             "{head}{block_non_routed}{}    }}\n}}\n",
             firewall_lines(site, "iifname \"wan\"", "oifname \"wan\"")
         )),
-        // The hop on the WAN link translates and filters; the gateway only
-        // routes, keeps non-routed hosts in and applies outbound limits.
+        // The hop on the WAN link translates and filters IPv4; the gateway
+        // only routes, keeps non-routed hosts in, applies outbound limits
+        // and filters IPv6 (which no NAT translates) as a stateful firewall.
         GatewayKind::Nat if site.userspace_nat() => Some(format!(
-            "{head}        ct state established,related accept\n{block_non_routed}{}    }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        iifname \"wan\" ct state new drop\n    }}\n}}\n",
-            nat_outbound_lines(site)
+            "{head}        ct state established,related accept\n{block_non_routed}{}{}    }}\n    chain input {{\n        type filter hook input priority 0; policy accept;\n        iifname \"wan\" ct state new drop\n    }}\n}}\n",
+            nat_outbound_lines(site),
+            if site.ipv6 {
+                "        iifname \"wan\" meta nfproto ipv6 drop\n"
+            } else {
+                ""
+            }
         )),
         GatewayKind::Nat => {
             let how = match site.mapping {
@@ -994,6 +1063,53 @@ mod tests {
             let err = Topology::from_toml(&text).expect_err(&text).to_string();
             assert!(err.contains("behind"), "{err}");
         }
+    }
+
+    #[test]
+    fn ipv6_sites_get_documentation_prefixes_routed_from_the_internet() {
+        let text = r#"
+            name = "six"
+            [[site]]
+            name = "v4"
+            gateway = "nat"
+            [[site.host]]
+            name = "old"
+            [[site]]
+            name = "home"
+            gateway = "nat"
+            ipv6 = true
+            [[site.host]]
+            name = "dual"
+            [[site.host]]
+            name = "only"
+            ipv4 = false
+        "#;
+        let p = plan(&topo(text)).expect("plan");
+        let ns = |n: &str| p.namespaces.iter().find(|x| x.name == n).expect(n);
+        let host = |n: &str| p.hosts.iter().find(|h| h.name == n).expect(n);
+        // Site 2's LAN is 2001:db8:2::/64 behind its gateway's 2001:db8::11.
+        assert_eq!(host("dual").lan6, Some(v6(2, 2)));
+        assert_eq!(host("only").lan6, Some(v6(2, 3)));
+        assert!(!host("only").ipv4 && host("dual").ipv4);
+        assert_eq!(host("old").lan6, None);
+        assert!(ns("inet").ipv6 && ns("gw-home").ipv6 && !ns("gw-v4").ipv6 && !ns("h-old").ipv6);
+        assert!(ns("inet")
+            .routes6
+            .contains(&(Some((v6(2, 0), 64)), v6(0, 0x11))));
+        assert_eq!(ns("gw-home").routes6, vec![(None, INTERNET6_ROUTER)]);
+        assert!(
+            ns("h-only").addrs.is_empty() && ns("h-only").routes.is_empty(),
+            "no IPv4"
+        );
+        assert_eq!(ns("h-only").routes6, vec![(None, v6(2, 1))]);
+        // Observers answer on IPv6 too.
+        assert!(p.observers.iter().all(|o| o.lan6.is_some()));
+        // IPv6 only needs an IPv6 site.
+        let bad = "name = \"x\"\n[[site]]\nname = \"s\"\ngateway = \"open\"\n[[site.host]]\nname = \"h\"\nipv4 = false\n";
+        let err = Topology::from_toml(bad)
+            .expect_err("v6-only at a v4 site")
+            .to_string();
+        assert!(err.contains("ipv4 = false"), "{err}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! `connect` reports what happened as one JSON line.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -187,12 +187,20 @@ fn probe_from(
 pub fn serve(name: &str, ports: &[u16]) -> std::io::Result<()> {
     let listeners = ports
         .iter()
-        .map(|&port| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+        .map(|&port| {
+            // Both families where the namespace has IPv6 (a dual-stack
+            // socket), IPv4 where it has not.
+            TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+                .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+        })
         .collect::<std::io::Result<Vec<_>>>()?;
     // The same greeting for each UDP datagram on the same ports.
     let udp = ports
         .iter()
-        .map(|&port| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))
+        .map(|&port| {
+            UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
+                .or_else(|_| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))
+        })
         .collect::<std::io::Result<Vec<_>>>()?;
     println!("ready");
     std::io::stdout().flush()?;
@@ -203,7 +211,7 @@ pub fn serve(name: &str, ports: &[u16]) -> std::io::Result<()> {
             let socket = std::sync::Arc::new(socket);
             let mut buf = [0u8; 64];
             while let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                let greeting = format!("{GREETING} {name} {peer}\n");
+                let greeting = format!("{GREETING} {name} {}\n", canonical(peer));
                 let _ = socket.send_to(greeting.as_bytes(), peer);
                 // "later MS": greet once more after MS milliseconds, to the
                 // same address (a NAT mapping that should by then be gone).
@@ -223,7 +231,7 @@ pub fn serve(name: &str, ports: &[u16]) -> std::io::Result<()> {
             for conn in listener.incoming().flatten() {
                 if let Ok(peer) = conn.peer_addr() {
                     let mut conn = conn;
-                    let _ = writeln!(conn, "{GREETING} {name} {peer}");
+                    let _ = writeln!(conn, "{GREETING} {name} {}", canonical(peer));
                 }
             }
         }));
@@ -285,7 +293,7 @@ pub fn udp(
 ) -> Outcome {
     let started = Instant::now();
     let exchange = || -> std::io::Result<(String, SocketAddr)> {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, bind_port.unwrap_or(0)))?;
+        let socket = UdpSocket::bind((unspecified(&addr), bind_port.unwrap_or(0)))?;
         // Connected: an ICMP port unreachable comes back as a refusal.
         socket.connect(addr)?;
         socket.set_read_timeout(Some(timeout))?;
@@ -332,10 +340,24 @@ fn open(addr: SocketAddr, timeout: Duration, bind_port: Option<u16>) -> std::io:
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if let Some(port) = bind_port {
         socket.set_reuse_address(true)?;
-        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        socket.bind(&SocketAddr::from((unspecified(&addr), port)).into())?;
     }
     socket.connect_timeout(&addr.into(), timeout)?;
     Ok(socket.into())
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (what a dual-stack socket sees
+/// of an IPv4 peer) written as IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The unspecified address of `addr`'s family.
+fn unspecified(addr: &SocketAddr) -> std::net::IpAddr {
+    match addr {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
 }
 
 fn parse_greeting(line: &str) -> Option<(String, SocketAddr)> {

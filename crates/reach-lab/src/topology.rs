@@ -220,6 +220,14 @@ pub struct Site {
     /// site's links to the internet (uniform, frames kept in order), on top
     /// of `delay_ms`.
     pub jitter_ms: Option<u32>,
+    /// The site has IPv6 too: its LAN gets `2001:db8:N::/64` (the
+    /// documentation prefix stands for the IPv6 internet), routed from the
+    /// internet to the gateway. There is no IPv6 NAT: a NAT site's gateway
+    /// filters IPv6 as a stateful firewall (unsolicited inbound dropped), as
+    /// home routers do; a firewall site applies its rules to both families;
+    /// an open site lets IPv6 through.
+    #[serde(default)]
+    pub ipv6: bool,
     /// The hosts of the site.
     #[serde(rename = "host", default)]
     pub hosts: Vec<Host>,
@@ -237,6 +245,10 @@ pub struct Host {
     /// Has a route out of its LAN. `false` makes a non-routed node.
     #[serde(default = "yes")]
     pub routed: bool,
+    /// Has an IPv4 address. `false` makes an IPv6-only host (at a site with
+    /// `ipv6 = true`).
+    #[serde(default = "yes")]
+    pub ipv4: bool,
     /// Runs a real OpenSSH server on port 22 (key-only login as root with the
     /// lab's key).
     #[serde(default)]
@@ -373,6 +385,9 @@ pub enum TopologyError {
     /// A delay out of range.
     #[error("site {0:?}: delay_ms must be 1 to 10000")]
     BadDelay(String),
+    /// An IPv6-only host where it cannot be one.
+    #[error("host {0:?}: ipv4 = false needs a site with ipv6 = true, and no public interface (multi_homed)")]
+    Ipv6Only(String),
     /// A `behind` that cannot be built.
     #[error("site {site:?}: behind {why}")]
     BadBehind {
@@ -475,6 +490,17 @@ impl Topology {
                 }
             }
             site.validate_fields()?;
+            for h in site.hosts.iter().filter(|h| !h.ipv4) {
+                if !site.ipv6 || h.multi_homed {
+                    return Err(TopologyError::Ipv6Only(h.name.clone()));
+                }
+            }
+            if site.ipv6 && site.behind.is_some() {
+                return Err(TopologyError::BadBehind {
+                    site: site.name.clone(),
+                    why: "cannot go with ipv6 (not built)",
+                });
+            }
             if let Some(parent) = &site.behind {
                 let outer = self
                     .sites

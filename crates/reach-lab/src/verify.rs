@@ -185,6 +185,18 @@ fn check_host(
         probe::connect_from(lab, tools, from, to, timeout, bind)
     };
     let mut out = Vec::new();
+    if !h.ipv4 {
+        // IPv6 only: no IPv4 path at all, then the IPv6 checks.
+        let got = probe_from(&h.name, SocketAddr::from((obs[0], PORT)), None);
+        out.push(expect_check(
+            h,
+            "IPv6 only: reaches the IPv4 internet".into(),
+            Expect::NoPath,
+            &got,
+        ));
+        out.extend(ipv6_checks(lab, site, h, &probe_from));
+        return out;
+    }
     if !h.routed {
         let got = probe_from(&h.name, SocketAddr::from((obs[0], PORT)), None);
         out.push(expect_check(
@@ -274,6 +286,7 @@ fn check_host(
     if let (Some(ports), true) = (&site.udp_out, h.routed || h.public.is_some()) {
         out.extend(udp_checks(lab, tools, h, obs[0], ports, timeout));
     }
+    out.extend(ipv6_checks(lab, site, h, &probe_from));
     if let Some(loss) = site.loss_percent {
         if h.routed || h.public.is_some() {
             out.push(loss_check(lab, site, h, obs[0], loss));
@@ -311,6 +324,54 @@ fn inner_translation_check(
         observed,
         pass,
     ))
+}
+
+/// A host with IPv6: it reaches an observer's IPv6 address (if routed), and
+/// an observer's new connection to its own is let in or not as its site's
+/// gateway says (no IPv6 NAT: a NAT site filters IPv6 statefully).
+fn ipv6_checks(
+    lab: &Lab,
+    site: &Site,
+    h: &HostAddrs,
+    probe_from: &dyn Fn(&str, SocketAddr, Option<u16>) -> Outcome,
+) -> Vec<Check> {
+    let (Some(a6), Some(obs1), Some(obs2)) = (
+        h.lan6,
+        lab.record().observers.first().and_then(|o| o.lan6),
+        lab.record().observers.get(1),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let to = SocketAddr::from((obs1, PORT));
+    let want = if h.routed {
+        Expect::Connects
+    } else {
+        Expect::NoPath
+    };
+    let got = probe_from(&h.name, to, None);
+    out.push(expect_check(
+        h,
+        format!("IPv6 outbound to {to}"),
+        want,
+        &got,
+    ));
+    let target = SocketAddr::from((a6, PORT));
+    let want = match site.gateway {
+        _ if !h.routed => Expect::NoPath,
+        GatewayKind::Open => Expect::Connects,
+        GatewayKind::Nat => Expect::TimesOut,
+        GatewayKind::Firewall if site.allow_in.contains(&PORT) => Expect::Connects,
+        GatewayKind::Firewall => Expect::blocked(site.inbound),
+    };
+    let got = probe_from(&obs2.name, target, None);
+    out.push(expect_check(
+        h,
+        format!("IPv6 inbound from {} to {target}", obs2.name),
+        want,
+        &got,
+    ));
+    out
 }
 
 /// Longest UDP timeout verify waits out (a longer one is not checked, and

@@ -1,7 +1,8 @@
 //! The wild lab (`lab/topologies/wild.toml`): one site of each harsh kind
 //! (NATs that forget, symmetric and full-cone NATs, a campus firewall that
 //! lets UDP out to port 53 only, a cafe that lets only TCP 443 out, a home
-//! NAT behind a carrier-grade NAT, a far site losing 1% of its frames).
+//! NAT behind a carrier-grade NAT, a far site losing 1% of its frames, a
+//! dual-stack home with an IPv6-only host).
 //! `verify` checks each by observation, and reach connects every pair with
 //! the module each needs. Needs root, iproute2, nftables, iputils-ping and
 //! the `reach` binary built beside `reach-lab`.
@@ -16,9 +17,16 @@ mod common;
 /// The module each pair settles on, from the setup driver's order (direct,
 /// reverse, splice, routed).
 fn expected_modules(from: &str, to: &str) -> &'static [&'static str] {
+    let v6 = |h: &str| ["pub", "dual", "v6only"].contains(&h);
     if from == "guest" || to == "guest" {
         // Only TCP 443 leaves the cafe: the hub listens there.
         &["routed"]
+    } else if (from == "v6only" || to == "v6only") && !(v6(from) && v6(to)) {
+        // No address family in common: only through the dual-stack hub.
+        &["routed"]
+    } else if (from, to) == ("dual", "v6only") || (from, to) == ("v6only", "dual") {
+        // The same LAN, over IPv6.
+        &["direct"]
     } else if to == "pub" {
         &["direct"]
     } else if from == "pub" {
@@ -44,7 +52,16 @@ fn the_wild_lab_is_what_it_declares_and_reach_connects_every_pair() {
     let failed: Vec<_> = checks.iter().filter(|c| !c.pass).collect();
     assert!(failed.is_empty(), "{}", reach_lab::verify::render(&checks));
     // Each new kind of check ran.
-    for what in ["UDP out", "loss", "first translation", "round trip"] {
+    for what in [
+        "UDP out",
+        "UDP mapping idle",
+        "loss",
+        "first translation",
+        "round trip",
+        "IPv6 outbound",
+        "IPv6 inbound",
+        "IPv6 only",
+    ] {
         assert!(
             checks.iter().any(|c| c.what.starts_with(what)),
             "no {what} check\n{}",
@@ -59,7 +76,7 @@ fn the_wild_lab_is_what_it_declares_and_reach_connects_every_pair() {
         &common::tools_with_reach(),
     )
     .expect("matrix");
-    assert_eq!(m.score(), (56, 56), "\n{}", m.render());
+    assert_eq!(m.score(), (90, 90), "\n{}", m.render());
     for c in &m.cells {
         let pair = (c.from_host.as_str(), c.to_host.as_str());
         let settled = c.settled_module.as_deref().unwrap_or_default();
