@@ -688,8 +688,8 @@ fn print_hosts(rec: &LabRecord) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "  {:<12} {:<10} {:<16} {:<16} {:<16} {}",
-        "host", "site", "lan", "public", "site gateway", "ipv6"
+        "  {:<12} {:<10} {:<16} {:<16} {:<16} ipv6",
+        "host", "site", "lan", "public", "site gateway"
     );
     for h in &rec.hosts {
         let public = h.public.map_or("-".to_string(), |p| p.to_string());
