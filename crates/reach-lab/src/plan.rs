@@ -1050,11 +1050,10 @@ mod tests {
             && l.a.bridge.as_deref() == Some("br0")
             && l.b.ns == "gw-home"
             && l.b.ifname == "wan"));
-        // Only behind an earlier, kernel, endpoint-independent NAT, one level.
+        // Only behind an earlier NAT that the kernel runs, one level.
         for (outer_fields, behind, inner_gateway) in [
             ("", "nowhere", "nat"),
             ("", "carrier", "firewall"),
-            ("mapping = \"address-and-port-dependent\"", "carrier", "nat"),
             ("filtering = \"endpoint-independent\"", "carrier", "nat"),
         ] {
             let text = format!(

@@ -511,10 +511,10 @@ impl Topology {
                     None => Some("names no NAT site before it"),
                     Some(o) if o.gateway != GatewayKind::Nat => Some("names a site that is not a NAT"),
                     Some(o) if o.behind.is_some() => Some("names a site that is itself behind another (one level only)"),
-                    // Then what the internet sees is the inner NAT's
-                    // behaviour, which verify can check as declared.
-                    Some(o) if o.userspace_nat() || o.mapping != Mapping::EndpointIndependent => {
-                        Some("needs an outer NAT with endpoint-independent mapping and preserved ports (others not built)")
+                    // A kernel NAT outside: verify knows what the two make
+                    // together (`verify::seen_from_outside`).
+                    Some(o) if o.userspace_nat() => {
+                        Some("needs an outer NAT the kernel runs (a userspace one outside another is not built)")
                     }
                     Some(_) if site.gateway != GatewayKind::Nat => Some("applies to NAT sites only"),
                     Some(_) if !site.forward.is_empty() => Some("cannot go with port forwards (not built)"),

@@ -126,10 +126,28 @@ pub fn run(
         }
         servers.push(probe::spawn_server(lab, tools, &host.name, &ports)?);
     }
+    // What the internet sees of a site behind another NAT is both NATs at
+    // once: checked as that.
+    let seen_sites: Vec<Site> = topology
+        .sites
+        .iter()
+        .map(|s| seen_from_outside(s, topology))
+        .collect();
     let jobs: Vec<(usize, &Site, &HostAddrs)> = topology
         .hosts()
         .enumerate()
-        .map(|(i, (site, h))| (i, site, lab.record().host(&h.name).expect("planned host")))
+        .map(|(i, (site, h))| {
+            let k = topology
+                .sites
+                .iter()
+                .position(|s| s.name == site.name)
+                .unwrap_or_default();
+            (
+                i,
+                &seen_sites[k],
+                lab.record().host(&h.name).expect("planned host"),
+            )
+        })
         .collect();
     let checks = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
@@ -170,6 +188,36 @@ fn expect_check(host: &HostAddrs, what: String, want: Expect, got: &Outcome) -> 
         got.describe(),
         want.matches(got),
     )
+}
+
+/// `site` as the internet sees it: for a site behind another NAT (a kernel
+/// NAT, which filters by address and port), the mapping that depends on
+/// more of the destination and the allocation of whichever NAT does not keep
+/// ports, filtered by address and port.
+fn seen_from_outside(site: &Site, topology: &Topology) -> Site {
+    let Some(outer) = site
+        .behind
+        .as_ref()
+        .and_then(|o| topology.sites.iter().find(|s| &s.name == o))
+    else {
+        return site.clone();
+    };
+    let rank = |m: Mapping| match m {
+        Mapping::EndpointIndependent => 0,
+        Mapping::AddressDependent => 1,
+        Mapping::AddressAndPortDependent => 2,
+    };
+    let mut seen = site.clone();
+    if rank(outer.mapping) > rank(site.mapping) {
+        seen.mapping = outer.mapping;
+    }
+    if outer.allocation() != Allocation::Preserve {
+        seen.allocation = Some(outer.allocation());
+    } else {
+        seen.allocation = Some(site.allocation());
+    }
+    seen.filtering = Filtering::AddressAndPortDependent;
+    seen
 }
 
 fn check_host(
@@ -827,6 +875,46 @@ pub fn render(checks: &[Check]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_behind_another_nat_is_seen_as_both_at_once() {
+        let t = |outer: &str, inner: &str| {
+            Topology::from_toml(&format!(
+                "name = \"x\"\n[[site]]\nname = \"c\"\ngateway = \"nat\"\n{outer}\n[[site.host]]\nname = \"a\"\n[[site]]\nname = \"h\"\ngateway = \"nat\"\nbehind = \"c\"\n{inner}\n[[site.host]]\nname = \"b\"\n"
+            ))
+            .expect("topology")
+        };
+        let seen = |t: &Topology| {
+            let s = seen_from_outside(&t.sites[1], t);
+            (s.mapping, s.allocation(), s.filtering)
+        };
+        use Allocation::{Preserve, Random, Sequential};
+        use Filtering::AddressAndPortDependent as Apdf;
+        use Mapping::{AddressAndPortDependent, AddressDependent, EndpointIndependent};
+        // Behind a port-keeping, endpoint-independent NAT: the inner NAT's
+        // mapping, filtered as the kernel filters.
+        let full_cone = t("", "filtering = \"endpoint-independent\"");
+        assert_eq!(seen(&full_cone), (EndpointIndependent, Preserve, Apdf));
+        let seq = t(
+            "",
+            "mapping = \"address-dependent\"\nallocation = \"sequential\"",
+        );
+        assert_eq!(seen(&seq), (AddressDependent, Sequential, Apdf));
+        // Behind a symmetric NAT: symmetric, whatever is inside.
+        let sym = t("mapping = \"address-and-port-dependent\"", "");
+        assert_eq!(seen(&sym), (AddressAndPortDependent, Random, Apdf));
+        // A site behind nothing is seen as declared.
+        assert_eq!(
+            seen_from_outside(&sym.sites[0], &sym).mapping,
+            AddressAndPortDependent
+        );
+        assert_eq!(
+            seen_from_outside(&full_cone.sites[0], &full_cone).filtering,
+            Apdf
+        );
+    }
+
     #[test]
     fn ping_summaries_are_read() {
         let out = "PING 203.0.113.250 (203.0.113.250) 56(84) bytes of data.\n\n--- 203.0.113.250 ping statistics ---\n2000 packets transmitted, 1961 received, 1.95% packet loss, time 2261ms\nrtt min/avg/max/mdev = 0.040/0.081/0.412/0.020 ms\n";
