@@ -19,17 +19,20 @@ fn circuits(bench: &Bench, lab: &Lab, hub: &str, counter: &str) -> u64 {
     status["circuits"][counter].as_u64().unwrap_or_default()
 }
 
-/// Sends 256 MiB routed from `from` to `to` (routed only: the stream's one
-/// way off the hub links is a circuit) and checks where it went.
-fn across_three_hubs(from: &str, to: &str) {
-    // `a` on an open site with hub1; hub2 is the multi-homed front of a
-    // site whose LAN holds hub3 and `c`, both non-routed: `c` cannot reach
-    // hub1, and `a` cannot reach hub3.
-    let t = common::topology("hub-chain");
+/// Brings up the lab `topology` and sends `bytes` routed from `from` to
+/// `to` (routed only: the stream's one way off the hub links is a circuit);
+/// checks that every byte arrived and that the stream moved onto a circuit
+/// part of the way. The lab and the bench, for the hubs' counters.
+fn moved_onto_a_circuit(
+    topology: &str,
+    bytes: u64,
+    (from, to): (&str, &str),
+) -> (Lab, Bench, reach_lab::transfer::Transfer) {
+    let t = common::topology(topology);
     let lab = Lab::up(&t).expect("lab up");
     let tools = common::tools_with_reach();
     // The move waits 200 ms, so that some bytes go over the hub links first.
-    let bench = Bench::start(&lab, &t, &tools, 256 << 20)
+    let bench = Bench::start(&lab, &t, &tools, bytes)
         .expect("hubs")
         .upgrade_after(Duration::from_millis(200))
         .converge_on(1);
@@ -47,6 +50,16 @@ fn across_three_hubs(from: &str, to: &str) {
         moved.sent_routed.is_some_and(|n| n < moved.bytes),
         "{moved:?}"
     );
+    (lab, bench, moved)
+}
+
+/// Sends 256 MiB routed from `from` to `to` across the three hubs of
+/// hub-chain and checks which hubs carried the circuit.
+fn across_three_hubs(from: &str, to: &str) {
+    // `a` on an open site with hub1; hub2 is the multi-homed front of a
+    // site whose LAN holds hub3 and `c`, both non-routed: `c` cannot reach
+    // hub1, and `a` cannot reach hub3.
+    let (lab, bench, _) = moved_onto_a_circuit("hub-chain", 256 << 20, (from, to));
     // The answering node joined at its own hub, which carried the circuit
     // on; the middle hub carried it on too; the offering node's hub paired.
     let (first, last) = if from == "a" {
@@ -84,25 +97,10 @@ fn a_circuit_crosses_three_hubs_from_a_non_routed_node() {
 fn a_hub_behind_a_nat_dials_back_for_a_circuit_leg_it_is_asked_to_carry() {
     // hub2 and `c` share a NAT; hub2 dialled hub1. `c` offers a circuit at
     // hub2, which `a` cannot reach: `a` joins at hub1, which cannot dial
-    // hub2 either and asks it, over their link, to dial back.
-    let t = common::topology("hub-behind-nat");
-    let lab = Lab::up(&t).expect("lab up");
-    let tools = common::tools_with_reach();
-    // Enough that the move (200 ms, then `a`'s 1 s try at hub2) comes before
-    // the end.
-    let bench = Bench::start(&lab, &t, &tools, 512 << 20)
-        .expect("hubs")
-        .upgrade_after(Duration::from_millis(200))
-        .converge_on(1);
-    let moved = bench
-        .run(&lab, &tools, ("c", "a"), "routed", Duration::from_secs(60))
-        .expect("transfer");
-    assert!(moved.intact, "{moved:?}");
-    assert_eq!(
-        moved.upgraded.as_deref(),
-        Some("routed"),
-        "the stream moved onto a circuit: {moved:?}"
-    );
+    // hub2 either and asks it, over their link, to dial back. Enough bytes
+    // that the move (200 ms, then `a`'s 1 s try at hub2) comes before the
+    // end.
+    let (lab, bench, _) = moved_onto_a_circuit("hub-behind-nat", 512 << 20, ("c", "a"));
     assert_eq!(circuits(&bench, &lab, "hub1", "extended"), 1, "hub1");
     assert_eq!(circuits(&bench, &lab, "hub1", "pulls_asked"), 1, "hub1");
     assert_eq!(circuits(&bench, &lab, "hub1", "pulled"), 1, "hub1");

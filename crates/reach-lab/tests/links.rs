@@ -79,29 +79,38 @@ fn a_rate_limited_site_sends_no_faster_than_its_limit() {
     assert!(bulk.mbit_s <= 22.0, "{bulk:?} exceeds the 20 Mbit/s limit");
 }
 
+/// The checks of `verify` against `declared` on `lab` whose name starts
+/// with `what` (probes waiting `timeout` for an answer: a drop costs it).
+fn checks_of(
+    lab: &Lab,
+    declared: &Topology,
+    what: &str,
+    timeout: Duration,
+) -> Vec<reach_lab::Check> {
+    reach_lab::verify::run(lab, declared, &common::tools(), timeout)
+        .expect("verify")
+        .into_iter()
+        .filter(|c| c.what.starts_with(what))
+        .collect()
+}
+
 #[test]
 fn verify_measures_a_sites_loss_and_fails_a_lab_that_loses_more_than_declared() {
     // Declared 2%: four in a hundred pings get no answer (each crosses the
     // lossy link twice).
     let declared = topology_with("loss_percent = 2.0");
     let lab = Lab::up(&declared).expect("lab up");
-    let checks = reach_lab::verify::run(&lab, &declared, &common::tools(), Duration::from_secs(5))
-        .expect("verify");
-    let loss: Vec<_> = checks
-        .iter()
-        .filter(|c| c.what.starts_with("loss"))
-        .collect();
-    assert_eq!(loss.len(), 1, "{checks:?}");
+    let loss = checks_of(&lab, &declared, "loss", Duration::from_secs(5));
+    assert_eq!(loss.len(), 1, "{loss:?}");
     assert!(loss[0].pass, "{:?}", loss[0]);
     // The same lab checked against a declaration of 0.5%: it loses more.
-    let claimed = topology_with("loss_percent = 0.5");
-    let checks = reach_lab::verify::run(&lab, &claimed, &common::tools(), Duration::from_secs(5))
-        .expect("verify");
-    let loss: Vec<_> = checks
-        .iter()
-        .filter(|c| c.what.starts_with("loss"))
-        .collect();
-    assert_eq!(loss.len(), 1, "{checks:?}");
+    let loss = checks_of(
+        &lab,
+        &topology_with("loss_percent = 0.5"),
+        "loss",
+        Duration::from_secs(5),
+    );
+    assert_eq!(loss.len(), 1, "{loss:?}");
     assert!(
         !loss[0].pass,
         "verify passed a lab that loses 2% as 0.5%: {:?}",
@@ -113,12 +122,12 @@ fn verify_measures_a_sites_loss_and_fails_a_lab_that_loses_more_than_declared() 
 fn verify_checks_a_sites_udp_limit_and_fails_a_lab_that_lets_less_out_than_declared() {
     let lab = two_sites("udp_out = [53]");
     let udp_checks = |declared: &str| {
-        let t = topology_with(declared);
-        reach_lab::verify::run(&lab, &t, &common::tools(), Duration::from_secs(2))
-            .expect("verify")
-            .into_iter()
-            .filter(|c| c.what.starts_with("UDP out"))
-            .collect::<Vec<_>>()
+        checks_of(
+            &lab,
+            &topology_with(declared),
+            "UDP out",
+            Duration::from_secs(2),
+        )
     };
     // As declared: the test port is dropped, port 53 answers.
     let own = udp_checks("udp_out = [53]");
@@ -136,12 +145,12 @@ fn verify_checks_a_sites_udp_limit_and_fails_a_lab_that_lets_less_out_than_decla
 #[test]
 fn verify_sees_a_nat_forget_idle_udp_mappings_and_fails_one_that_does_not() {
     let expiry_checks = |lab: &Lab| {
-        let declared = topology_with("udp_timeout_s = 4");
-        reach_lab::verify::run(lab, &declared, &common::tools(), Duration::from_secs(2))
-            .expect("verify")
-            .into_iter()
-            .filter(|c| c.what.starts_with("UDP mapping idle"))
-            .collect::<Vec<_>>()
+        checks_of(
+            lab,
+            &topology_with("udp_timeout_s = 4"),
+            "UDP mapping idle",
+            Duration::from_secs(2),
+        )
     };
     // A NAT that forgets after 4 s: the answer 2 s later gets in, the one
     // 7 s later does not.

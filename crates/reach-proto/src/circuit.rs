@@ -618,20 +618,12 @@ impl<W> Pulls<W> {
                     ..p.leg
                 } == *hello
         });
-        if !asked {
-            self.counters.refused += 1;
-            return Err("no hub asked for this circuit leg");
+        if let Some(p) = asked.then(|| self.waiting.remove(&hello.ticket)).flatten() {
+            self.counters.pulled += 1;
+            return Ok(p.waiter);
         }
-        match self.waiting.remove(&hello.ticket) {
-            Some(p) => {
-                self.counters.pulled += 1;
-                Ok(p.waiter)
-            }
-            None => {
-                self.counters.refused += 1;
-                Err("no hub asked for this circuit leg")
-            }
-        }
+        self.counters.refused += 1;
+        Err("no hub asked for this circuit leg")
     }
 
     /// The wait for `ticket`'s leg ended without it: forgets it.

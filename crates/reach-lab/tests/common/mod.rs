@@ -90,3 +90,33 @@ pub fn spawn_until(
     assert!(ok.is_some(), "{ready:?} never came: {}", read());
     proc
 }
+
+/// Runs the reach matrix of `t` in `lab` and checks that every pair
+/// connected and settled where `expected` says it may (data may have flowed
+/// routed first while the better path was still being tried).
+pub fn reach_matrix(
+    lab: &reach_lab::Lab,
+    t: &Topology,
+    expected: fn(&str, &str) -> &'static [&'static str],
+) -> reach_lab::matrix::Matrix {
+    let m = reach_lab::matrix::run(
+        lab,
+        t,
+        reach_lab::matrix::Mode::Reach,
+        std::time::Duration::from_secs(10),
+        &tools_with_reach(),
+    )
+    .expect("matrix");
+    let n = m.hosts.len();
+    assert_eq!(m.score(), (n * (n - 1), n * (n - 1)), "\n{}", m.render());
+    for c in &m.cells {
+        let pair = (c.from_host.as_str(), c.to_host.as_str());
+        let module = c.settled_module.as_deref().unwrap_or_default();
+        assert!(
+            expected(pair.0, pair.1).contains(&module),
+            "{pair:?} settled on {module}\n{}",
+            m.render()
+        );
+    }
+    m
+}
