@@ -499,20 +499,28 @@ fn cpu_of(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|p| cpu_secs(*p)).sum()
 }
 
+/// The directory a benchmark keeps its logs and state in: `keep` (kept), or
+/// a temporary one named for `what`, removed when the returned guard drops.
+fn work_dir(
+    keep: Option<PathBuf>,
+    what: &str,
+) -> anyhow::Result<(PathBuf, Option<crate::TempDir>)> {
+    match keep {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            Ok((d, None))
+        }
+        None => {
+            let tmp = crate::TempDir::new(what)?;
+            Ok((tmp.0.clone(), Some(tmp)))
+        }
+    }
+}
+
 /// Runs the lab benchmarks, with logs and state in `keep` (kept) or in a
 /// temporary directory.
 pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
-    let tmp;
-    let dir = match keep {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.to_path_buf()
-        }
-        None => {
-            tmp = crate::TempDir::new("lab")?;
-            tmp.0.clone()
-        }
-    };
+    let (dir, _tmp) = work_dir(keep.map(Path::to_path_buf), "lab")?;
     let (bench, paths, tunnels) = Bench::up(&dir)?;
     let secs = size.secs.to_string();
     let count = size.count.to_string();
@@ -790,18 +798,7 @@ fn placed_round_trips(
 /// under both; what reach could add is delay (its records) before the
 /// receiver can use a byte.
 pub fn lossy(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
-    let tmp;
-    let dir = match keep {
-        Some(d) => {
-            let d = d.join("lossy");
-            std::fs::create_dir_all(&d)?;
-            d
-        }
-        None => {
-            tmp = crate::TempDir::new("lossy")?;
-            tmp.0.clone()
-        }
-    };
+    let (dir, _tmp) = work_dir(keep.map(|d| d.join("lossy")), "lossy")?;
     let mut bench = Bench::start(include_str!("../../../lab/topologies/lossy.toml"), &dir)?;
     bench.b1 = bench.agent_server("b", "b1", B1_TCP, B1_REACH, "hub")?;
     let bulk = [

@@ -36,9 +36,14 @@ const MAX_DIAL_BACKS: usize = 64;
 /// Serves one connection to the circuit port, until the hub stops (the
 /// task must not keep the hub's listener alive).
 pub(crate) async fn serve(inner: Arc<Inner>, stream: ReachStream) {
+    until_stopped(&inner, serve_one(&inner, stream)).await;
+}
+
+/// Runs `work` until it ends or the hub stops.
+async fn until_stopped(inner: &Inner, work: impl std::future::Future<Output = ()>) {
     let mut stop = inner.stop.subscribe();
     tokio::select! {
-        _ = serve_one(&inner, stream) => {}
+        _ = work => {}
         _ = stop.wait_for(|s| *s) => {}
     }
 }
@@ -155,11 +160,18 @@ async fn carry_on(
     let next = {
         let mut s = inner.state();
         match s.core.next_hub_towards(&toward) {
-            Some(next) => s.circuits.extend(hello.from, hello.peer).map(|()| next),
+            Some((hub, addrs)) => {
+                // The leg goes the way the hub link was dialled: a hub that
+                // dialled this one may sit behind a NAT or firewall, so it
+                // is asked to dial back instead.
+                let pulled = s.core.dialled_hub(&hub) == Some(false);
+                let reserved = s.circuits.extend(hello.from, hello.peer);
+                reserved.map(|()| (hub, addrs, pulled))
+            }
             None => Err("no route to the other node's hub"),
         }
     };
-    let (hub, addrs) = match next {
+    let (hub, addrs, pulled) = match next {
         Ok(next) => next,
         Err(why) => return refused(inner, tcp, from, &hello, why).await,
     };
@@ -167,11 +179,7 @@ async fn carry_on(
         inner,
         ends: (hello.from, hello.peer),
     };
-    // The leg goes the way the hub link was dialled: a hub that dialled
-    // this one may sit behind a NAT or firewall, so it is asked to dial
-    // back instead.
-    let dialled_by_next = inner.state().core.dialled_hub(&hub) == Some(false);
-    let onward = if dialled_by_next {
+    let onward = if pulled {
         pull(inner, hub, leg).await
     } else {
         inner.endpoint.circuit_leg(hub, addrs, leg).await
@@ -263,7 +271,8 @@ pub(crate) fn dial_back(
     s.dial_backs += 1;
     let inner = inner.clone();
     tokio::spawn(async move {
-        let mut stop = inner.stop.subscribe();
+        // Counted down however the task ends.
+        let _under_way = DialBack(&inner);
         let serve = async {
             let back = CircuitHello {
                 pulled: true,
@@ -281,12 +290,17 @@ pub(crate) fn dial_back(
                 Err(e) => tracing::debug!(%hub, "circuit pull: dialling back failed: {e}"),
             }
         };
-        tokio::select! {
-            _ = serve => {}
-            _ = stop.wait_for(|s| *s) => {}
-        }
-        inner.state().dial_backs -= 1;
+        until_stopped(&inner, serve).await;
     });
+}
+
+/// A dial-back under way, counted in the hub's state while it lives.
+struct DialBack<'a>(&'a Inner);
+
+impl Drop for DialBack<'_> {
+    fn drop(&mut self) {
+        self.0.state().dial_backs -= 1;
+    }
 }
 
 /// Answers a half the table refused (a limit as `Unavailable`, so the

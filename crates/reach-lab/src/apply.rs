@@ -120,7 +120,8 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
         // duplicate address detection (it would delay interfaces by a
         // second or more) or router advertisements (routes are static).
         // Forwarding only on routers.
-        let mut sysctls = if ns.ipv6 {
+        let ipv6 = !ns.addrs6.is_empty();
+        let mut sysctls = if ipv6 {
             vec![
                 "net.ipv6.conf.all.disable_ipv6=0",
                 "net.ipv6.conf.default.disable_ipv6=0",
@@ -137,7 +138,7 @@ pub fn apply(prefix: &str, plan: &Plan, hop_bin: Option<&Path>) -> Result<(), La
         };
         if ns.forward {
             sysctls.push("net.ipv4.ip_forward=1");
-            if ns.ipv6 {
+            if ipv6 {
                 sysctls.push("net.ipv6.conf.all.forwarding=1");
             }
         }

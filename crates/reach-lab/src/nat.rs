@@ -217,6 +217,22 @@ fn rewrite(p: &mut [u8], parsed: &Parsed, at_src: bool, to: (Ipv4Addr, u16)) {
     p[port_at..port_at + 2].copy_from_slice(&to.1.to_be_bytes());
 }
 
+/// Whether binding `b` has been idle longer than `config` lets a mapping
+/// of `proto` live (a TCP one whose connection closed, [`TCP_CLOSED`] at
+/// most).
+fn expired(config: &NatConfig, proto: Proto, b: &Binding, now: Duration) -> bool {
+    let lifetime = match proto {
+        Proto::Udp => config.udp_timeout,
+        Proto::Tcp => {
+            let closed = b.reset || (b.fin_out && b.fin_in);
+            config
+                .tcp_timeout
+                .map(|t| if closed { t.min(TCP_CLOSED) } else { t })
+        }
+    };
+    lifetime.is_some_and(|t| now.saturating_sub(b.last) > t)
+}
+
 impl Nat {
     /// A NAT with no mappings yet.
     pub fn new(config: NatConfig) -> Self {
@@ -235,54 +251,30 @@ impl Nat {
         self.bindings.len()
     }
 
-    /// How long `b` may stay idle, if it expires at all.
-    fn lifetime(&self, proto: Proto, b: &Binding) -> Option<Duration> {
-        match proto {
-            Proto::Udp => self.config.udp_timeout,
-            Proto::Tcp => {
-                let closed = b.reset || (b.fin_out && b.fin_in);
-                self.config
-                    .tcp_timeout
-                    .map(|t| if closed { t.min(TCP_CLOSED) } else { t })
-            }
-        }
-    }
-
-    fn expired(&self, proto: Proto, b: &Binding, now: Duration) -> bool {
-        self.lifetime(proto, b)
-            .is_some_and(|t| now.saturating_sub(b.last) > t)
-    }
-
     /// Forgets the binding of `port` if it expired by `now`, with its
     /// mappings; every so many packets, every expired one.
     fn forget_expired(&mut self, proto: Proto, port: Option<u16>, now: Duration) {
+        let config = self.config;
+        let before = self.bindings.len();
         self.until_sweep = self.until_sweep.saturating_sub(1);
-        let sweep = self.until_sweep == 0;
-        let this = port.is_some_and(|port| {
-            self.bindings
-                .get(&(proto, port))
-                .is_some_and(|b| self.expired(proto, b, now))
-        });
-        if !sweep && !this {
-            return;
-        }
-        if sweep {
+        if self.until_sweep == 0 {
             self.until_sweep = SWEEP_EVERY;
-            let gone: Vec<(Proto, u16)> = self
+            self.bindings
+                .retain(|(proto, _), b| !expired(&config, *proto, b, now));
+        } else if let Some(key) = port.map(|p| (proto, p)) {
+            if self
                 .bindings
-                .iter()
-                .filter(|((proto, _), b)| self.expired(*proto, b, now))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in gone {
-                self.bindings.remove(&k);
+                .get(&key)
+                .is_some_and(|b| expired(&config, proto, b, now))
+            {
+                self.bindings.remove(&key);
             }
-        } else if let Some(port) = port {
-            self.bindings.remove(&(proto, port));
         }
-        let bindings = &self.bindings;
-        self.maps
-            .retain(|k, port| bindings.contains_key(&(k.proto, *port)));
+        if self.bindings.len() < before {
+            let bindings = &self.bindings;
+            self.maps
+                .retain(|k, port| bindings.contains_key(&(k.proto, *port)));
+        }
     }
 
     /// Notes a packet of `parsed` crossing the binding of `port` at `now`.

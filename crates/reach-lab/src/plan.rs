@@ -69,9 +69,8 @@ pub struct Namespace {
     pub conntrack: Vec<String>,
     /// Extra `ip -batch` lines, run after addresses and routes.
     pub ip_extra: Vec<String>,
-    /// IPv6 on (it is off everywhere else).
-    pub ipv6: bool,
-    /// IPv6 addresses: interface, address, prefix length.
+    /// IPv6 addresses: interface, address, prefix length (IPv6 is on in
+    /// a namespace with any, off everywhere else).
     pub addrs6: Vec<(String, Ipv6Addr, u8)>,
     /// IPv6 routes: destination (None: default) and next hop.
     pub routes6: Vec<(Option<(Ipv6Addr, u8)>, Ipv6Addr)>,
@@ -97,10 +96,6 @@ pub struct Link {
     pub b: End,
     /// Bandwidth limit in Mbit/s, applied at both ends outside a delay hop.
     pub rate_mbit: Option<u32>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// Where a host is and how to reach it; kept in the lab's registry.
@@ -129,7 +124,7 @@ pub struct HostAddrs {
     #[serde(default)]
     pub sshd: bool,
     /// Whether it has its IPv4 address (`lan`); false: IPv6 only.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::topology::yes")]
     pub ipv4: bool,
     /// Its IPv6 address, at a site with IPv6.
     #[serde(default)]
@@ -257,7 +252,6 @@ fn internet_link(
 
 /// A NAT site that other sites may sit behind (`behind`).
 struct Outer {
-    name: String,
     lan: Lan,
     hosts: u32,
     /// Inner sites placed on its LAN so far.
@@ -308,12 +302,16 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
         let mut wan = public_addr(FIRST_GATEWAY + i as u32, FIRST_PUBLIC_HOST, "sites")?;
         let (mut wan_len, mut upstream, mut seen_as) = (INTERNET_LEN, INTERNET_ROUTER, wan);
         let mut wan_side = None;
-        if let Some(o) = site.behind.as_deref().and_then(|p| outer_sites.get_mut(p)) {
+        if let Some((p, o)) = site
+            .behind
+            .as_deref()
+            .and_then(|p| Some((p, outer_sites.get_mut(p)?)))
+        {
             // On the outer site's LAN, after its hosts and earlier inner
             // sites; the internet sees the outer gateway's address.
             let k = o.hosts + o.inner;
             if o.lan.capacity() < k + 2 {
-                return Err(TopologyError::LanTooSmall(o.name.clone()));
+                return Err(TopologyError::LanTooSmall(p.to_string()));
             }
             wan = o.lan.addr(2 + k);
             (wan_len, upstream, seen_as) = (o.lan.len, o.lan.addr(1), o.seen_as);
@@ -360,8 +358,6 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
         });
         let site_net = i as u16 + 1;
         if site.ipv6 {
-            inet.ipv6 = true;
-            gw.ipv6 = true;
             let wan6 = v6(0, 0x10 + i as u16);
             gw.addrs6.push(("wan".into(), wan6, 64));
             gw.addrs6.push(("br0".into(), v6(site_net, 1), 64));
@@ -372,7 +368,6 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             outer_sites.insert(
                 &site.name,
                 Outer {
-                    name: site.name.clone(),
                     lan,
                     hosts: site.hosts.len() as u32,
                     inner: 0,
@@ -416,7 +411,6 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             }
             let lan6 = site.ipv6.then(|| v6(site_net, 2 + j as u16));
             if let Some(a) = lan6 {
-                h.ipv6 = true;
                 h.addrs6.push(("lan".into(), a, 64));
                 if host.routed {
                     h.routes6.push((None, v6(site_net, 1)));
@@ -528,7 +522,6 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
             .any(|s| s.ipv6)
             .then(|| v6(0, 0xfa + i as u16));
         if let Some(a) = obs6 {
-            o.ipv6 = true;
             o.addrs6.push(("pub".into(), a, 64));
             o.routes6.push((None, INTERNET6_ROUTER));
         }
@@ -560,7 +553,7 @@ pub fn plan(t: &Topology) -> Result<Plan, TopologyError> {
         });
         site_namespaces.push(o);
     }
-    if inet.ipv6 {
+    if t.sites.iter().any(|s| s.ipv6) {
         inet.addrs6.push(("br0".into(), INTERNET6_ROUTER, 64));
     }
     out.namespaces.push(inet);
@@ -1091,7 +1084,8 @@ mod tests {
         assert_eq!(host("only").lan6, Some(v6(2, 3)));
         assert!(!host("only").ipv4 && host("dual").ipv4);
         assert_eq!(host("old").lan6, None);
-        assert!(ns("inet").ipv6 && ns("gw-home").ipv6 && !ns("gw-v4").ipv6 && !ns("h-old").ipv6);
+        let on = |n: &str| !ns(n).addrs6.is_empty();
+        assert!(on("inet") && on("gw-home") && !on("gw-v4") && !on("h-old"));
         assert!(ns("inet")
             .routes6
             .contains(&(Some((v6(2, 0), 64)), v6(0, 0x11))));

@@ -130,7 +130,7 @@ pub fn connect_from(
     timeout: Duration,
     bind_port: Option<u16>,
 ) -> Outcome {
-    probe_from(lab, tools, host, addr, timeout, bind_port, None)
+    probe_from(lab, tools, host, addr, timeout, Kind::Tcp { bind_port })
 }
 
 /// Runs `reach-lab probe connect --udp` inside `host`: one datagram to
@@ -144,7 +144,15 @@ pub fn udp_from(
     timeout: Duration,
     later: Option<Duration>,
 ) -> Outcome {
-    probe_from(lab, tools, host, addr, timeout, None, Some(later))
+    probe_from(lab, tools, host, addr, timeout, Kind::Udp { later })
+}
+
+/// What `probe connect` sends.
+enum Kind {
+    /// A TCP connection, from `bind_port` if given.
+    Tcp { bind_port: Option<u16> },
+    /// A UDP datagram, with `later` asking for a second answer then.
+    Udp { later: Option<Duration> },
 }
 
 fn probe_from(
@@ -153,20 +161,23 @@ fn probe_from(
     host: &str,
     addr: SocketAddr,
     timeout: Duration,
-    bind_port: Option<u16>,
-    udp: Option<Option<Duration>>,
+    kind: Kind,
 ) -> Outcome {
     let mut cmd = lab.command(host, tools.join("reach-lab"));
     cmd.args(["probe", "connect", &addr.to_string(), "--timeout"])
         .arg(timeout.as_secs_f64().to_string());
-    if let Some(later) = udp {
-        cmd.arg("--udp");
-        if let Some(d) = later {
-            cmd.args(["--later", &d.as_secs_f64().to_string()]);
+    match kind {
+        Kind::Tcp { bind_port } => {
+            if let Some(p) = bind_port {
+                cmd.args(["--bind-port", &p.to_string()]);
+            }
         }
-    }
-    if let Some(p) = bind_port {
-        cmd.args(["--bind-port", &p.to_string()]);
+        Kind::Udp { later } => {
+            cmd.arg("--udp");
+            if let Some(d) = later {
+                cmd.args(["--later", &d.as_secs_f64().to_string()]);
+            }
+        }
     }
     match cmd.output() {
         Ok(out) => serde_json::from_slice(&out.stdout).unwrap_or_else(|_| Outcome::Error {

@@ -267,7 +267,8 @@ pub struct Forward {
     pub to_port: Option<u16>,
 }
 
-fn yes() -> bool {
+/// `true`, for serde defaults.
+pub(crate) fn yes() -> bool {
     true
 }
 

@@ -133,21 +133,11 @@ pub fn run(
         .iter()
         .map(|s| seen_from_outside(s, topology))
         .collect();
-    let jobs: Vec<(usize, &Site, &HostAddrs)> = topology
-        .hosts()
+    let jobs: Vec<(usize, &Site, &HostAddrs)> = seen_sites
+        .iter()
+        .flat_map(|site| site.hosts.iter().map(move |h| (site, h)))
         .enumerate()
-        .map(|(i, (site, h))| {
-            let k = topology
-                .sites
-                .iter()
-                .position(|s| s.name == site.name)
-                .unwrap_or_default();
-            (
-                i,
-                &seen_sites[k],
-                lab.record().host(&h.name).expect("planned host"),
-            )
-        })
+        .map(|(i, (site, h))| (i, site, lab.record().host(&h.name).expect("planned host")))
         .collect();
     let checks = std::thread::scope(|scope| {
         let handles: Vec<_> = jobs

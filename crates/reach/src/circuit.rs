@@ -138,10 +138,15 @@ async fn dial(
 
 /// Sends `hello` on a connection to a hub's circuit port and waits for the
 /// hub's answer ([`await_pairing`]).
-async fn pair(mut tcp: TcpStream, hello: &CircuitHello) -> Result<TcpStream, CircuitJoinError> {
-    let sent = tokio::time::timeout(JOIN_TIMEOUT, tcp.write_all(&hello.encode())).await;
-    match sent {
-        Ok(Ok(())) => await_pairing(tcp).await,
+async fn pair(tcp: TcpStream, hello: &CircuitHello) -> Result<TcpStream, CircuitJoinError> {
+    await_pairing(present(tcp, hello).await?).await
+}
+
+/// Sends `hello` on a connection to a hub's circuit port, within
+/// [`JOIN_TIMEOUT`].
+async fn present(mut tcp: TcpStream, hello: &CircuitHello) -> Result<TcpStream, CircuitJoinError> {
+    match tokio::time::timeout(JOIN_TIMEOUT, tcp.write_all(&hello.encode())).await {
+        Ok(Ok(())) => Ok(tcp),
         Ok(Err(e)) => Err(format!("sending the circuit hello: {e}").into()),
         Err(_) => Err("sending the circuit hello timed out".to_string().into()),
     }
@@ -207,15 +212,7 @@ pub(crate) async fn pulled_leg(
     addrs: Vec<SocketAddr>,
     hello: CircuitHello,
 ) -> Result<TcpStream, CircuitJoinError> {
-    let mut tcp = dial(shared, hub, addrs, JOIN_TIMEOUT).await?;
-    let sent = tokio::time::timeout(JOIN_TIMEOUT, tcp.write_all(&hello.encode())).await;
-    match sent {
-        Ok(Ok(())) => Ok(tcp),
-        Ok(Err(e)) => Err(format!("presenting the pulled circuit leg: {e}").into()),
-        Err(_) => Err("presenting the pulled circuit leg timed out"
-            .to_string()
-            .into()),
-    }
+    present(dial(shared, hub, addrs, JOIN_TIMEOUT).await?, &hello).await
 }
 
 /// Moves the routed stream with upgrade id `id` to `peer` onto a circuit at
