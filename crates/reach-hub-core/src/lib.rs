@@ -33,6 +33,7 @@ use reach_proto::routes::{AnchorNews, RouteTable};
 use reach_proto::{NodeId, SecretKey, Signature};
 
 mod snapshot;
+mod vpn;
 
 pub use snapshot::{HubLinkStatus, NodeStatus, RouteStatus, Snapshot};
 
@@ -205,8 +206,12 @@ pub struct Counters {
     /// no registration in time).
     pub links_unregistered_cut: u64,
     /// Hub links cut for sending gossip that failed its origin's proof
-    /// (route adverts or anchors).
+    /// (route adverts, anchors or vpn member lists).
     pub gossip_forged: u64,
+    /// Vpn member lists refused for holding more members than a list may.
+    pub vpn_lists_refused: u64,
+    /// Vpn address lookups answered.
+    pub vip_lookups: u64,
 }
 
 /// Work for the driver, which does the I/O (binding proxy ports).
@@ -372,6 +377,8 @@ pub struct HubCore {
     own_directory: Option<(u64, Vec<Vec<u8>>)>,
     /// This hub's key: it signs the directory.
     key: SecretKey,
+    /// Vpn members of every hub, by address.
+    vpn: vpn::VpnDirectory,
     next_link: LinkId,
     outbox: Vec<(LinkId, Vec<u8>)>,
     /// What the driver must act on (bind a proxy port, drop a node's).
@@ -511,6 +518,7 @@ impl HubCore {
             dir_state: epoch.max(1),
             own_directory: None,
             key: key.clone(),
+            vpn: vpn::VpnDirectory::new(epoch),
             next_link: 1,
             outbox: Vec::new(),
             events: Vec::new(),
@@ -701,6 +709,7 @@ impl HubCore {
                 }
                 if self.nodes.get(&info.peer).is_some_and(|(l, _)| *l == link) {
                     self.nodes.remove(&info.peer);
+                    self.vpn.set_own(self.me, info.peer, None);
                     self.directory_changed(now);
                 }
             }
@@ -1147,6 +1156,7 @@ impl HubCore {
                     proof,
                     accepts,
                     home,
+                    vpn,
                 },
             ) => {
                 if !self.policy.admits_node(&peer, &self.me, proof.as_ref()) {
@@ -1191,6 +1201,7 @@ impl HubCore {
                         claim,
                     };
                     self.nodes.insert(peer, (link, entry));
+                    self.vpn.set_own(self.me, peer, vpn);
                     self.directory_changed(now);
                 }
             }
@@ -1229,6 +1240,9 @@ impl HubCore {
                 for f in self.directory_sync() {
                     self.send(link, f);
                 }
+                for f in self.vpn.sync(&self.key) {
+                    self.send(link, f);
+                }
             }
             (LinkKind::Pending, Control::StatusQuery { proof }) => {
                 if !self.policy.admits_node(&peer, &self.me, proof.as_ref()) {
@@ -1250,6 +1264,42 @@ impl HubCore {
             (_, Control::Ping { nonce }) => self.send(link, control(&Control::Pong { nonce })),
             (_, Control::Pong { .. }) => {}
             (LinkKind::Node, Control::Lookup { req, node }) => self.lookup(link, req, node, now),
+            (LinkKind::Node, Control::VpnClaim { claim }) => {
+                if self.nodes.get(&peer).is_some_and(|(l, _)| *l == link) {
+                    self.vpn.set_own(self.me, peer, claim);
+                    self.vpn_changed(now);
+                }
+            }
+            (LinkKind::Node, Control::VipLookup { req, network, ip }) => {
+                self.counters.vip_lookups += 1;
+                let holders = self.vpn.holders(network, ip);
+                self.send(link, control(&Control::VipFound { req, holders }));
+            }
+            (
+                LinkKind::Hub,
+                Control::VpnMembers {
+                    origin,
+                    state,
+                    members,
+                    sig,
+                },
+            ) => match self.vpn.receive(self.me, origin, state, members, sig) {
+                Ok(Some(msg)) => {
+                    let others: Vec<LinkId> =
+                        self.hubs.values().copied().filter(|l| *l != link).collect();
+                    for l in others {
+                        self.send(l, msg.clone());
+                    }
+                }
+                Ok(None) => {}
+                Err(vpn::Refusal::Forged) => {
+                    return self.cut_forger(peer, "a vpn member list its origin did not sign")
+                }
+                Err(vpn::Refusal::TooLarge(n)) => {
+                    self.counters.vpn_lists_refused += 1;
+                    tracing::warn!(neighbour = %peer, %origin, members = n, "vpn member list refused: more members than a list may hold");
+                }
+            },
             (
                 LinkKind::Hub,
                 Control::Locate {
@@ -1855,10 +1905,29 @@ impl HubCore {
         }
     }
 
+    /// An own vpn member's claim changed (its registration did not): the
+    /// list floods at once, or with the held directory flood.
+    fn vpn_changed(&mut self, now: Instant) {
+        match self.dir_flooded_at {
+            Some(at) if now < at + DIRECTORY_HOLD => self.dir_dirty = true,
+            _ => {
+                if let Some(msg) = self.vpn.take_change(&self.key) {
+                    let hubs: Vec<LinkId> = self.hubs.values().copied().collect();
+                    for l in hubs {
+                        self.send(l, msg.clone());
+                    }
+                }
+            }
+        }
+    }
+
     fn flood_directory(&mut self, now: Instant) {
         self.dir_dirty = false;
         self.dir_flooded_at = Some(now);
-        let msgs = self.directory_messages();
+        let mut msgs = self.directory_messages();
+        // Vpn membership changes only with registrations, which change the
+        // directory: its list floods with it.
+        msgs.extend(self.vpn.take_change(&self.key));
         let hubs: Vec<LinkId> = self.hubs.values().copied().collect();
         for l in hubs {
             for m in &msgs {
@@ -1950,6 +2019,7 @@ impl HubCore {
     /// Forgets `origin`'s directory: its index entries go stale with it (a
     /// sweep removes them).
     fn forget_remote(&mut self, origin: &NodeId) {
+        self.vpn.forget(origin);
         if let Some(r) = self.remote.remove(origin) {
             self.indexed -= r.count;
             if let Some(st) = self.slot_state.get_mut(r.slot as usize) {
@@ -2081,6 +2151,7 @@ impl HubCore {
                 })
                 .collect(),
             remote_nodes: self.indexed,
+            vpn_members: self.vpn.len(),
             streams: self.relay.len() / 2,
             counters: self.counters,
         }

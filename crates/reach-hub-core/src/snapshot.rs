@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub routes: Vec<RouteStatus>,
     /// Nodes known attached to other hubs.
     pub remote_nodes: usize,
+    /// Vpn members attached here, and listed by other hubs.
+    pub vpn_members: (usize, usize),
     /// Routed streams relayed now.
     pub streams: usize,
     /// Counters since start.

@@ -64,6 +64,7 @@ fn attach(core: &mut HubCore, node: NodeId, accepts: bool) -> LinkId {
             proof: None,
             accepts,
             home: None,
+            vpn: None,
         },
     );
     assert_eq!(v, Verdict::Continue);
@@ -108,6 +109,7 @@ fn admission_by_key_and_by_secret_and_refusal_with_a_reason() {
         proof,
         accepts: true,
         home: None,
+        vpn: None,
     };
     let l = core.handle_link_up(listed, addr(3), false, None);
     assert_eq!(control(&mut core, l, register(None)), Verdict::Continue);
@@ -506,6 +508,7 @@ fn registered_nodes_learn_the_echo_ports() {
             proof: None,
             accepts: true,
             home: None,
+            vpn: None,
         },
     );
     let frames = out(&mut core);
@@ -636,6 +639,7 @@ fn register_claiming(
         proof: None,
         accepts: true,
         home: stamp.map(|t| Box::new(HomeClaim::new(&key(n), &core.id(), t))),
+        vpn: None,
     };
     assert_eq!(
         core.handle_frame(link, Frame::Control(register), now),
@@ -652,6 +656,108 @@ fn found(frames: &[(LinkId, Vec<u8>)], link: LinkId) -> Option<Option<DirEntry>>
             Some((Frame::Control(Control::Found { entry, .. }), _)) => Some(entry),
             _ => None,
         })
+}
+
+fn vip_found(frames: &[(LinkId, Vec<u8>)], link: LinkId, want: u32) -> Option<Vec<NodeId>> {
+    frames
+        .iter()
+        .filter(|(l, _)| *l == link)
+        .find_map(|(_, f)| match decode_frame(f).ok().flatten() {
+            Some((Frame::Control(Control::VipFound { req, holders }), _)) if req == want => {
+                Some(holders)
+            }
+            _ => None,
+        })
+}
+
+#[test]
+fn a_vpn_address_claimed_at_one_hub_is_found_at_another_and_goes_with_its_holder() {
+    use reach_proto::vpn::{ula, NetworkTag, VpnClaim};
+    use std::net::{IpAddr, Ipv4Addr};
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    let network = NetworkTag::of("lab").expect("a good name");
+    let claim = VpnClaim {
+        network,
+        ip: Ipv4Addr::new(10, 77, 0, 9),
+    };
+    // x registers at a, then claims its address (as `reach vpn up` does
+    // once it has checked the address is free).
+    let x_link = register(&mut a, 10, vec![addr(11)], now);
+    pump(&mut a, &mut b, ab, ba, now);
+    a.handle_frame(
+        x_link,
+        Frame::Control(Control::VpnClaim { claim: Some(claim) }),
+        now,
+    );
+    // It came within the hold time of the registration's flood: it goes
+    // out with the held flood.
+    assert_eq!(a.poll_timeout(), Some(now + DIRECTORY_HOLD));
+    a.handle_timeout(now + DIRECTORY_HOLD);
+    pump(&mut a, &mut b, ab, ba, now);
+    let y_link = register(&mut b, 20, vec![], now);
+    let ask = |b: &mut HubCore, req, ip: IpAddr| {
+        let lookup = Control::VipLookup { req, network, ip };
+        b.handle_frame(y_link, Frame::Control(lookup), now);
+        vip_found(&b.poll_transmits(), y_link, req).expect("an answer at once")
+    };
+    assert_eq!(ask(&mut b, 1, claim.ip.into()), [id(10)]);
+    assert_eq!(ask(&mut b, 2, ula(&network, &id(10)).into()), [id(10)]);
+    assert_eq!(ask(&mut b, 3, Ipv4Addr::new(10, 77, 0, 8).into()), []);
+    let other = NetworkTag::of("other").expect("a good name");
+    let lookup = Control::VipLookup {
+        req: 4,
+        network: other,
+        ip: claim.ip.into(),
+    };
+    b.handle_frame(y_link, Frame::Control(lookup), now);
+    assert_eq!(vip_found(&b.poll_transmits(), y_link, 4), Some(vec![]));
+    assert_eq!(b.status().vpn_members, (0, 1));
+    // A second member claiming the same address shows as a conflict,
+    // the first holder named first.
+    let z_link = register(&mut b, 30, vec![], now);
+    b.handle_frame(
+        z_link,
+        Frame::Control(Control::VpnClaim { claim: Some(claim) }),
+        now,
+    );
+    assert_eq!(ask(&mut b, 5, claim.ip.into()), [id(10), id(30)]);
+    // x leaves a: a's next list drops it, and b forgets it.
+    let later = now + 2 * DIRECTORY_HOLD;
+    a.handle_link_down(x_link, later);
+    pump(&mut a, &mut b, ab, ba, later);
+    assert_eq!(ask(&mut b, 6, claim.ip.into()), [id(30)]);
+    assert_eq!(b.status().vpn_members, (1, 0));
+    assert_eq!(b.counters.vip_lookups, 6);
+}
+
+#[test]
+fn a_forged_vpn_member_list_cuts_the_link_that_sent_it() {
+    use reach_proto::vpn::{NetworkTag, VpnClaim, VpnMember};
+    let now = Instant::now();
+    let (_, mut b, _, ba) = two_hubs(now);
+    let member = VpnMember {
+        node: id(10),
+        claim: VpnClaim {
+            network: NetworkTag::of("lab").expect("a good name"),
+            ip: std::net::Ipv4Addr::new(10, 77, 0, 9),
+        },
+    };
+    // Hub 1's link sends a list "from" hub 3, signed by hub 1.
+    let members = vec![member];
+    let sig = key(1).sign(&reach_proto::vpn::members_signed_bytes(&id(3), 7, &members));
+    let forged = Control::VpnMembers {
+        origin: id(3),
+        state: 7,
+        members,
+        sig,
+    };
+    assert!(matches!(
+        b.handle_frame(ba, Frame::Control(forged), now),
+        Verdict::Close(_)
+    ));
+    assert_eq!(b.counters.gossip_forged, 1);
+    assert_eq!(b.status().vpn_members, (0, 0));
 }
 
 #[test]

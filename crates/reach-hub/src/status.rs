@@ -99,6 +99,8 @@ impl Status {
                 "hops": r.hops,
             })).collect::<Vec<_>>(),
             "remote_nodes": self.remote_nodes,
+            "vpn_members": self.vpn_members.0,
+            "remote_vpn_members": self.vpn_members.1,
             "streams": self.streams,
             "exposures": self.exposures.iter().map(|e| json!({
                 "port": e.proxy.port,
@@ -139,6 +141,8 @@ impl Status {
                 "directories_refused": self.counters.directories_refused,
                 "links_unregistered_cut": self.counters.links_unregistered_cut,
                 "gossip_forged": self.counters.gossip_forged,
+                "vpn_lists_refused": self.counters.vpn_lists_refused,
+                "vip_lookups": self.counters.vip_lookups,
             },
         })
     }
@@ -174,6 +178,30 @@ impl Status {
             "gauge",
             "Nodes known attached to other hubs.",
             self.remote_nodes.to_string(),
+        );
+        metric(
+            "vpn_members",
+            "gauge",
+            "Vpn members attached to this hub.",
+            self.vpn_members.0.to_string(),
+        );
+        metric(
+            "remote_vpn_members",
+            "gauge",
+            "Vpn members listed by other hubs.",
+            self.vpn_members.1.to_string(),
+        );
+        metric(
+            "vpn_lists_refused_total",
+            "counter",
+            "Vpn member lists refused for holding more members than a list may.",
+            self.counters.vpn_lists_refused.to_string(),
+        );
+        metric(
+            "vip_lookups_total",
+            "counter",
+            "Vpn address lookups answered.",
+            self.counters.vip_lookups.to_string(),
         );
         metric(
             "streams",
@@ -329,7 +357,7 @@ impl Status {
         metric(
             "gossip_forged_total",
             "counter",
-            "Hub links cut for gossip that failed its origin's proof (forged route state, anchors or directories).",
+            "Hub links cut for gossip that failed its origin's proof (forged route state, anchors, directories or vpn member lists).",
             self.counters.gossip_forged.to_string(),
         );
         metric(

@@ -28,6 +28,7 @@ pub mod routes;
 pub mod setup_plan;
 pub mod socks;
 pub mod vaddr;
+pub mod vpn;
 
 pub use handshake::{Cipher, StreamMode};
 pub use identity::{NodeId, SecretKey, Signature};

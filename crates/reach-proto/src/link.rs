@@ -268,6 +268,9 @@ impl Rendezvous {
     }
 }
 
+/// Most holders a `VipFound` names.
+pub const MAX_VIP_HOLDERS: usize = 8;
+
 /// Control messages on a hub link.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -285,6 +288,9 @@ pub enum Control {
         accepts: bool,
         /// The node's [`HomeClaim`] for this hub, passed on in lookups.
         home: Option<Box<HomeClaim>>,
+        /// The virtual IP address this node holds in a vpn network, which
+        /// the hub lists in its member list ([`Control::VpnMembers`]).
+        vpn: Option<crate::vpn::VpnClaim>,
     },
     /// Hub to node: attached; the hub saw the session come from `observed`.
     Registered {
@@ -314,6 +320,45 @@ pub enum Control {
         node: NodeId,
         /// Where it is, if any hub knows.
         entry: Option<DirEntry>,
+    },
+    /// Node to hub, registered: this node now holds `claim` (None: no vpn
+    /// address), as a `Register` would have said.
+    VpnClaim {
+        /// The claim.
+        claim: Option<crate::vpn::VpnClaim>,
+    },
+    /// Node to hub: which nodes hold virtual address `ip` (an IPv4 claim
+    /// or a ULA) in `network`? Answered with `VipFound`.
+    VipLookup {
+        /// Echoed in the reply.
+        req: u32,
+        /// The vpn network.
+        network: crate::vpn::NetworkTag,
+        /// The virtual address.
+        ip: std::net::IpAddr,
+    },
+    /// Hub to node: the answer to `VipLookup`: the nodes any hub of the
+    /// federation lists with that address (more than one is a conflict,
+    /// which the members settle), at most [`MAX_VIP_HOLDERS`].
+    VipFound {
+        /// The request this answers.
+        req: u32,
+        /// The holders, earliest listed first.
+        holders: Vec<NodeId>,
+    },
+    /// Hub to hub, flooded: the vpn members attached to `origin`, signed by
+    /// it ([`crate::vpn::members_signed_bytes`]); newer `state` replaces
+    /// older.
+    VpnMembers {
+        /// The hub whose members these are.
+        #[serde(with = "crate::identity::relayed_id")]
+        origin: NodeId,
+        /// Newer replaces older.
+        state: u64,
+        /// The members, at most [`crate::vpn::MEMBERS_PART`].
+        members: Vec<crate::vpn::VpnMember>,
+        /// `origin`'s signature.
+        sig: crate::identity::Signature,
     },
     /// Node to hub (and on, hub to hub and to the target's session): please
     /// connect back.

@@ -93,6 +93,9 @@ pub struct Config {
     /// stamp is this plus the link number: later registrations of this
     /// process, and of a later process, carry larger stamps.
     pub clock_micros: u64,
+    /// The vpn address this node holds, registered with every hub (see
+    /// [`Control::Register`]).
+    pub vpn: Option<crate::vpn::VpnClaim>,
 }
 
 impl Config {
@@ -108,6 +111,7 @@ impl Config {
             timing: Timing::default(),
             key: None,
             clock_micros: 0,
+            vpn: None,
         }
     }
 }
@@ -227,7 +231,14 @@ pub enum Event {
         /// Where the node is, if any hub knows.
         entry: Option<DirEntry>,
     },
-    /// A lookup that got no answer.
+    /// A vpn address lookup's answer: the nodes holding it.
+    VipFound {
+        /// The request.
+        req: u32,
+        /// The holders, earliest listed first (empty: none).
+        holders: Vec<NodeId>,
+    },
+    /// A lookup (of either kind) that got no answer.
     LookupFailed {
         /// The request.
         req: u32,
@@ -558,6 +569,7 @@ impl NodeSession {
             proof,
             accepts: self.config.accepts,
             home,
+            vpn: self.config.vpn,
         });
         self.phase = Phase::Registering {
             link,
@@ -674,6 +686,9 @@ impl NodeSession {
             // A late answer (the asker gave up) finds no entry and is dropped.
             Control::Found { req, entry, .. } if self.lookups.remove(&req).is_some() => {
                 self.events.push_back(Event::Found { req, entry });
+            }
+            Control::VipFound { req, holders } if self.lookups.remove(&req).is_some() => {
+                self.events.push_back(Event::VipFound { req, holders });
             }
             Control::ConnectBack(cb) => {
                 if self.answers < self.config.max_answers {
@@ -883,6 +898,36 @@ impl NodeSession {
     /// Asks the hub where `node` is; the answer comes as [`Event::Found`] or
     /// [`Event::LookupFailed`] by `deadline`.
     pub fn lookup(&mut self, node: NodeId, deadline: Instant) -> Result<u32, LookupFailure> {
+        let req = self.lookup_slot(deadline)?;
+        self.send(&Control::Lookup { req, node });
+        Ok(req)
+    }
+
+    /// Holds vpn address `claim` from now on (None: none): told to the hub
+    /// now if registered, and in every registration after.
+    pub fn set_vpn(&mut self, claim: Option<crate::vpn::VpnClaim>) {
+        self.config.vpn = claim;
+        if matches!(self.phase, Phase::Up { .. }) {
+            self.send(&Control::VpnClaim { claim });
+        }
+    }
+
+    /// Asks the hub which nodes hold vpn address `ip` in `network`; the
+    /// answer comes as [`Event::VipFound`] or [`Event::LookupFailed`] by
+    /// `deadline`.
+    pub fn lookup_vip(
+        &mut self,
+        network: crate::vpn::NetworkTag,
+        ip: IpAddr,
+        deadline: Instant,
+    ) -> Result<u32, LookupFailure> {
+        let req = self.lookup_slot(deadline)?;
+        self.send(&Control::VipLookup { req, network, ip });
+        Ok(req)
+    }
+
+    /// A request id for a lookup answered by `deadline`, within the bound.
+    fn lookup_slot(&mut self, deadline: Instant) -> Result<u32, LookupFailure> {
         if !matches!(self.phase, Phase::Up { .. }) {
             return Err(LookupFailure::NotUp);
         }
@@ -892,7 +937,6 @@ impl NodeSession {
         let req = self.next_req;
         self.next_req = self.next_req.wrapping_add(1).max(1);
         self.lookups.insert(req, deadline);
-        self.send(&Control::Lookup { req, node });
         Ok(req)
     }
 

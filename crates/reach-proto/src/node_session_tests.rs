@@ -100,6 +100,7 @@ fn it_dials_at_once_and_registers_with_its_proof() {
             proof: Some(p),
             accepts: true,
             home: Some(home),
+            vpn: None,
         }] => {
             assert_eq!(addrs, &vec![addr(4000)]);
             assert!(verify_admission_proof(b"s3cret", &id(1), &id(9), p));

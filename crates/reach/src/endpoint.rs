@@ -650,14 +650,33 @@ impl Endpoint {
 
     /// Waits until the hub session is registered, at most `timeout`.
     pub async fn wait_hub(&self, timeout: Duration) -> Result<HubStatus, SessionError> {
-        let Some(session) = &self.shared.session else {
-            return Err(SessionError::Down {
-                hub: "(none configured)".into(),
-                last: None,
-            });
-        };
+        let session = self.shared.session()?;
         let link = session.wait_link(Instant::now() + timeout).await?;
         Ok(link.status().clone())
+    }
+
+    /// Holds vpn address `claim` in the hubs' member directory (None:
+    /// none), now and after every reconnect; other members find this node
+    /// by it with [`Endpoint::lookup_vip`]. Without a hub it does nothing.
+    pub fn set_vpn_claim(&self, claim: Option<reach_proto::vpn::VpnClaim>) {
+        if let Some(s) = &self.shared.session {
+            s.set_vpn(claim);
+        }
+    }
+
+    /// The nodes the hubs list as holding vpn address `ip` (an IPv4 claim
+    /// or a member's ULA) in `network`, earliest listed first: none if no
+    /// member holds it, more than one if members conflict.
+    pub async fn lookup_vip(
+        &self,
+        network: reach_proto::vpn::NetworkTag,
+        ip: IpAddr,
+        timeout: Duration,
+    ) -> Result<Vec<NodeId>, SessionError> {
+        let session = self.shared.session()?;
+        session
+            .lookup_vip(network, ip, Instant::now() + timeout)
+            .await
     }
 
     /// Dials a hub and authenticates it (pinning its identity on first

@@ -313,12 +313,17 @@ impl Shared {
         Ok(())
     }
 
-    /// The hub session and its current link, or why there is none.
-    pub(crate) async fn hub_link(&self) -> Result<(&Arc<Session>, Link), SessionError> {
-        let session = self.session.as_ref().ok_or_else(|| SessionError::Down {
+    /// The hub session, or the error saying there is none.
+    pub(crate) fn session(&self) -> Result<&Arc<Session>, SessionError> {
+        self.session.as_ref().ok_or_else(|| SessionError::Down {
             hub: "(none configured)".into(),
             last: None,
-        })?;
+        })
+    }
+
+    /// The hub session and its current link, or why there is none.
+    pub(crate) async fn hub_link(&self) -> Result<(&Arc<Session>, Link), SessionError> {
+        let session = self.session()?;
         let link = session.wait_link(Instant::now()).await?;
         Ok((session, link))
     }

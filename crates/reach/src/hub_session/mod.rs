@@ -132,6 +132,14 @@ impl Conn {
     }
 }
 
+/// A lookup's answer, of either kind.
+enum Answer {
+    /// Where a node is.
+    Node(Option<DirEntry>),
+    /// Who holds a vpn address.
+    Vip(Vec<NodeId>),
+}
+
 /// Everything behind the session's one lock.
 struct State {
     core: NodeSession,
@@ -140,7 +148,7 @@ struct State {
     dial: Option<Instant>,
     /// The link being closed gracefully by [`Session::close`].
     closing: Option<Conn>,
-    lookups: HashMap<u32, oneshot::Sender<Result<Option<DirEntry>, LookupFailure>>>,
+    lookups: HashMap<u32, oneshot::Sender<Result<Answer, LookupFailure>>>,
     expose_waiters: HashMap<u16, oneshot::Sender<Result<u16, ExposeError>>>,
 }
 
@@ -262,7 +270,12 @@ impl Session {
             }
             Event::Found { req, entry } => {
                 if let Some(w) = st.lookups.remove(&req) {
-                    let _ = w.send(Ok(entry));
+                    let _ = w.send(Ok(Answer::Node(entry)));
+                }
+            }
+            Event::VipFound { req, holders } => {
+                if let Some(w) = st.lookups.remove(&req) {
+                    let _ = w.send(Ok(Answer::Vip(holders)));
                 }
             }
             Event::LookupFailed { req, why } => {
@@ -549,10 +562,48 @@ impl Session {
         node: NodeId,
         deadline: Instant,
     ) -> Result<Option<DirEntry>, SessionError> {
+        match self
+            .ask(deadline, |core| core.lookup(node, deadline))
+            .await?
+        {
+            Answer::Node(entry) => Ok(entry),
+            Answer::Vip(_) => Err(self.down()),
+        }
+    }
+
+    /// Asks the hub which nodes hold vpn address `ip` in `network`, by
+    /// `deadline`.
+    pub(crate) async fn lookup_vip(
+        self: &Arc<Self>,
+        network: reach_proto::vpn::NetworkTag,
+        ip: IpAddr,
+        deadline: Instant,
+    ) -> Result<Vec<NodeId>, SessionError> {
+        match self
+            .ask(deadline, |core| core.lookup_vip(network, ip, deadline))
+            .await?
+        {
+            Answer::Vip(holders) => Ok(holders),
+            Answer::Node(_) => Err(self.down()),
+        }
+    }
+
+    /// Holds vpn address `claim` (None: none) with the hub, now and after
+    /// every reconnect.
+    pub(crate) fn set_vpn(self: &Arc<Self>, claim: Option<reach_proto::vpn::VpnClaim>) {
+        self.with_core(|st| st.core.set_vpn(claim));
+    }
+
+    /// Sends the lookup `start` makes and waits for its answer.
+    async fn ask(
+        self: &Arc<Self>,
+        deadline: Instant,
+        start: impl FnOnce(&mut NodeSession) -> Result<u32, LookupFailure>,
+    ) -> Result<Answer, SessionError> {
         self.wait_link(deadline).await?;
         let (tx, rx) = oneshot::channel();
         let req = self.with_core(|st| {
-            let req = st.core.lookup(node, deadline)?;
+            let req = start(&mut st.core)?;
             st.lookups.insert(req, tx);
             Ok(req)
         });
