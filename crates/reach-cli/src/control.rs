@@ -295,34 +295,31 @@ pub async fn list(state_dir: &Path) -> Vec<ProxyReport> {
 /// Asks the proxy `id` (a process id, a name given with `--name`, or `all`)
 /// to stop; returns the ids asked.
 pub async fn stop(state_dir: &Path, id: &str) -> anyhow::Result<Vec<u32>> {
-    let all = sockets(state_dir);
-    let chosen: Vec<(u32, PathBuf)> = if id == "all" {
-        all
-    } else if let Ok(pid) = id.parse::<u32>() {
-        all.into_iter().filter(|(p, _)| *p == pid).collect()
-    } else {
-        let named: Vec<u32> = list(state_dir)
-            .await
-            .into_iter()
-            .filter(|r| r.name.as_deref() == Some(id))
-            .map(|r| r.id)
-            .collect();
-        all.into_iter().filter(|(p, _)| named.contains(p)).collect()
-    };
-    let mut stopped = Vec::new();
-    for (pid, path) in chosen {
-        match ask(&path, Request::Stop).await {
-            Ok(Some(_)) => stopped.push(pid),
-            Ok(None) => {
-                let _ = std::fs::remove_file(&path);
-            }
-            Err(e) => tracing::warn!("proxy {pid} did not answer: {e:#}"),
-        }
-    }
+    let stopped = stop_where(state_dir, |r| {
+        id == "all" || r.id.to_string() == id || r.name.as_deref() == Some(id)
+    })
+    .await;
     if stopped.is_empty() && id != "all" {
         anyhow::bail!("no running proxy with id {id} (reach status lists them)");
     }
     Ok(stopped)
+}
+
+/// Asks every running proxy whose report `chosen` picks to stop; returns
+/// the ids asked.
+pub async fn stop_where(state_dir: &Path, chosen: impl Fn(&ProxyReport) -> bool) -> Vec<u32> {
+    let mut stopped = Vec::new();
+    for report in list(state_dir).await.into_iter().filter(|r| chosen(r)) {
+        let path = dir(state_dir).join(format!("{}.sock", report.id));
+        match ask(&path, Request::Stop).await {
+            Ok(Some(_)) => stopped.push(report.id),
+            Ok(None) => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => tracing::warn!("proxy {} did not answer: {e:#}", report.id),
+        }
+    }
+    stopped
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod control;
 mod hub;
 mod pipe;
 mod status;
+mod vpn;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -115,6 +116,10 @@ enum Command {
     /// peer would be told to aim at (none: splicing is skipped).
     #[command(verbatim_doc_comment)]
     Nat(NatArgs),
+    /// A virtual IP network across NATs and firewalls: `reach vpn up` joins
+    /// it with a TUN device, `reach vpn down` leaves.
+    #[command(subcommand)]
+    Vpn(vpn::VpnCommand),
 }
 
 /// Settings every node command shares: how to reach peers.
@@ -453,6 +458,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Expose(args) => expose(args, &config, &state_dir).await,
         Command::Forward(args) => forward(args, &config, &state_dir).await,
         Command::Socks(args) => socks(args, &config, &state_dir).await,
+        Command::Vpn(cmd) => vpn::run(cmd, &config, &state_dir).await,
     }
 }
 

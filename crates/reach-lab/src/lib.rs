@@ -26,6 +26,7 @@ pub mod sshd;
 pub mod topology;
 pub mod transfer;
 pub mod verify;
+pub mod vpn;
 pub mod wait;
 
 pub use apply::LabError;

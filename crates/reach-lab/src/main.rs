@@ -54,13 +54,13 @@ enum Cmd {
     Matrix {
         /// Topology file.
         file: PathBuf,
-        /// plain: TCP sockets; reach: reach streams.
+        /// plain: TCP sockets; reach: reach streams; vpn: the virtual IP network.
         #[arg(long, value_enum)]
         mode: reach_lab::matrix::Mode,
         /// Also write the matrix as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Seconds each attempt may take [default: 2 plain, 10 reach].
+        /// Seconds each attempt may take [default: 2 plain, 10 reach, 20 vpn].
         #[arg(long)]
         timeout: Option<f64>,
     },
@@ -357,8 +357,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let timeout = seconds(timeout.unwrap_or(match mode {
                 reach_lab::matrix::Mode::Plain => 2.0,
                 reach_lab::matrix::Mode::Reach => 10.0,
+                reach_lab::matrix::Mode::Vpn => 20.0,
             }))?;
-            let tools = if mode == reach_lab::matrix::Mode::Reach {
+            let tools = if mode != reach_lab::matrix::Mode::Plain {
                 tools_with_reach()?
             } else {
                 tools_dir()?

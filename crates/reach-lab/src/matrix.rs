@@ -32,6 +32,9 @@ pub enum Mode {
     Plain,
     /// reach streams (`reach connect` to `reach listen`).
     Reach,
+    /// The virtual IP network (`reach vpn up` on every host; ping, a TCP
+    /// connection and a hashed transfer between virtual addresses).
+    Vpn,
 }
 
 /// The result for one ordered pair.
@@ -58,6 +61,8 @@ pub struct Cell {
     pub settled_module: Option<String>,
     /// Setup time of the first connection, in milliseconds.
     pub setup_ms: Option<f64>,
+    /// The average ping round trip, in milliseconds (vpn mode).
+    pub rtt_ms: Option<f64>,
     /// Setup time of a second connection to the same target (reach caches the
     /// working module per target), in milliseconds.
     pub cached_setup_ms: Option<f64>,
@@ -157,8 +162,10 @@ impl Matrix {
             "{ok} of {total} pairs connected ({:?}; setup time in ms",
             self.mode
         );
-        if self.mode == Mode::Reach {
-            s += "; settled on d direct, r reverse, s splice, v routed";
+        match self.mode {
+            Mode::Reach => s += "; settled on d direct, r reverse, s splice, v routed",
+            Mode::Vpn => s += " of a TCP connection between virtual addresses; carried by d direct, r reverse, s splice, v routed",
+            Mode::Plain => {}
         }
         s += ")\n";
         s
@@ -183,7 +190,7 @@ pub fn run(
 ) -> Result<Matrix, LabError> {
     let hosts = lab.record().matrix.clone();
     let hubs = match (mode, &topology.hubs) {
-        (Mode::Reach, Some(hubs)) => Some(crate::hubs::start(
+        (Mode::Reach | Mode::Vpn, Some(hubs)) => Some(crate::hubs::start(
             lab,
             topology,
             hubs,
@@ -193,9 +200,10 @@ pub fn run(
         _ => None,
     };
     let attach = hubs.as_ref().map(|h| h.attach.clone()).unwrap_or_default();
-    let targets = match mode {
-        Mode::Plain => start_probes(lab, tools)?,
-        Mode::Reach => start_reach(lab, tools, &attach)?,
+    let (targets, members) = match mode {
+        Mode::Plain => (start_probes(lab, tools)?, BTreeMap::new()),
+        Mode::Reach => (start_reach(lab, tools, &attach)?, BTreeMap::new()),
+        Mode::Vpn => (Vec::new(), crate::vpn::start(lab, tools, &attach)?),
     };
     if let Some(hubs) = &hubs {
         hubs.wait_converged(lab, tools, attach.len(), HUB_CONVERGENCE)?;
@@ -218,12 +226,19 @@ pub fn run(
                     .find(|(h, _, _)| h == to)
                     .map(|(_, t, _)| t.clone());
                 let hub = attach.get(from).cloned();
+                let members = &members;
                 scope.spawn(move || match mode {
                     Mode::Plain => plain_pair(lab, tools, from, to, timeout),
                     Mode::Reach => {
                         let target = target.as_deref();
                         reach_pair(lab, tools, from, to, target, hub.as_deref(), timeout)
                     }
+                    Mode::Vpn => match (members.get(from), members.get(to)) {
+                        (Some(a), Some(b)) => {
+                            crate::vpn::pair(lab, tools, (from, a), (to, b), timeout)
+                        }
+                        _ => failed(lab, from, to, "no vpn member".into()),
+                    },
                 })
             })
             .collect();
@@ -240,6 +255,7 @@ pub fn run(
         check_tokens(lab, &mut cells);
     }
     drop(targets);
+    drop(members);
     drop(hubs);
     Ok(Matrix {
         topology: lab.record().topology.clone(),
@@ -253,7 +269,7 @@ pub fn run(
 type Target = (String, String, Process);
 
 /// A cell with the pair's sites filled in and nothing else yet.
-fn cell(lab: &Lab, from: &str, to: &str) -> Cell {
+pub(crate) fn new_cell(lab: &Lab, from: &str, to: &str) -> Cell {
     Cell {
         from: lab.host(from).site.clone(),
         to: lab.host(to).site.clone(),
@@ -263,6 +279,7 @@ fn cell(lab: &Lab, from: &str, to: &str) -> Cell {
         module: None,
         settled_module: None,
         setup_ms: None,
+        rtt_ms: None,
         cached_setup_ms: None,
         cached_module: None,
         cached_settled_module: None,
@@ -272,10 +289,11 @@ fn cell(lab: &Lab, from: &str, to: &str) -> Cell {
     }
 }
 
-fn failed(lab: &Lab, from: &str, to: &str, error: String) -> Cell {
+/// A failed cell, and why.
+pub(crate) fn failed(lab: &Lab, from: &str, to: &str, error: String) -> Cell {
     Cell {
         error: Some(error),
-        ..cell(lab, from, to)
+        ..new_cell(lab, from, to)
     }
 }
 
@@ -302,7 +320,7 @@ fn plain_pair(lab: &Lab, tools: &Path, from: &str, to: &str, timeout: Duration) 
                     ok: true,
                     setup_ms: Some(connect_ms),
                     via: Some(addr.to_string()),
-                    ..cell(lab, from, to)
+                    ..new_cell(lab, from, to)
                 }
             }
             Outcome::Ok { server, .. } => details.push(format!("{addr}: reached {server} instead")),
@@ -499,7 +517,7 @@ fn reach_pair(
             .as_ref()
             .map(|c| c.settled_module.clone().unwrap_or_else(|| c.module.clone())),
         cached_failed_before: cached.map(|c| c.failed_before).unwrap_or_default(),
-        ..cell(lab, from, to)
+        ..new_cell(lab, from, to)
     }
 }
 

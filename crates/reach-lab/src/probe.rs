@@ -468,8 +468,10 @@ mod tests {
 }
 
 /// Serves bulk transfers on `port`: reads each connection to its end, then
-/// answers `received N`. Prints `ready` once bound.
+/// answers `received N SHA256` (what arrived, and its hash). Prints `ready`
+/// once bound.
 pub fn sink(port: u16) -> std::io::Result<()> {
+    use sha2::Digest;
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
     println!("ready");
     std::io::stdout().flush()?;
@@ -478,16 +480,36 @@ pub fn sink(port: u16) -> std::io::Result<()> {
             let mut conn = conn;
             let mut buf = vec![0u8; 64 * 1024];
             let mut n = 0u64;
+            let mut hash = sha2::Sha256::new();
             loop {
                 match std::io::Read::read(&mut conn, &mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(k) => n += k as u64,
+                    Ok(k) => {
+                        n += k as u64;
+                        hash.update(&buf[..k]);
+                    }
                 }
             }
-            let _ = writeln!(conn, "received {n}");
+            let _ = writeln!(conn, "received {n} {}", hex(&hash.finalize()));
         });
     }
     Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Fills `buf` with the next bytes of a fixed pseudo-random sequence
+/// (xorshift64 from `state`): bulk data whose hash catches reordering and
+/// duplication, not only loss.
+fn pattern(state: &mut u64, buf: &mut [u8]) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
 }
 
 /// What a bulk transfer measured.
@@ -499,37 +521,48 @@ pub struct Bulk {
     pub secs: f64,
     /// Throughput in Mbit/s.
     pub mbit_s: f64,
+    /// The sink's sha256 of what it received equals the sender's.
+    #[serde(default)]
+    pub intact: bool,
 }
 
-/// Sends `bytes` to a sink and waits for its confirmation.
+/// Sends `bytes` (a fixed pseudo-random sequence) to a sink and waits for
+/// its confirmation, comparing the sink's hash of what arrived with its own.
 pub fn send(addr: SocketAddr, bytes: u64, timeout: Duration) -> std::io::Result<Bulk> {
+    use sha2::Digest;
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    let chunk = vec![0x5au8; 64 * 1024];
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut hash = sha2::Sha256::new();
     let mut left = bytes;
     while left > 0 {
         let n = left.min(chunk.len() as u64) as usize;
+        pattern(&mut state, &mut chunk[..n]);
+        hash.update(&chunk[..n]);
         stream.write_all(&chunk[..n])?;
         left -= n as u64;
     }
     stream.shutdown(std::net::Shutdown::Write)?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
-    let got: u64 = line
+    let mut words = line
         .trim()
         .strip_prefix("received ")
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("sink said {line:?}"),
-            )
-        })?;
+        .unwrap_or("")
+        .split(' ');
+    let got: u64 = words.next().and_then(|n| n.parse().ok()).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("sink said {line:?}"),
+        )
+    })?;
     let secs = started.elapsed().as_secs_f64();
     Ok(Bulk {
         bytes: got,
         secs,
         mbit_s: got as f64 * 8.0 / secs / 1e6,
+        intact: got == bytes && words.next() == Some(hex(&hash.finalize()).as_str()),
     })
 }

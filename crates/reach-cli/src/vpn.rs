@@ -1,0 +1,252 @@
+//! `reach vpn up` and `reach vpn down`: a member of a virtual IP network.
+//!
+//! `up` attaches to the hub, takes a virtual IPv4 address (given, or
+//! derived from the NodeId and checked free through the hubs), makes the
+//! TUN device with it and the member's ULA, and carries packets until
+//! `vpn down`, `reach stop`, SIGINT or SIGTERM. The device lives only as
+//! long as the process: however it ends, the kernel removes the device and
+//! its routes.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use reach::proto::vpn::{check_prefix, ula, ula_prefix, NetworkTag};
+use reach_vpn::address::Choice;
+use reach_vpn::device::DeviceConfig;
+
+use crate::config::Config;
+use crate::{control, serve_endpoint, ServeArgs, Serving};
+
+/// `reach vpn`.
+#[derive(Subcommand, Debug)]
+pub enum VpnCommand {
+    /// Join a virtual IP network: make a TUN device with this member's
+    /// virtual IPv4 address and IPv6 ULA, and carry packets to the other
+    /// members across NATs and firewalls over reach streams.
+    ///
+    /// Needs root (or CAP_NET_ADMIN) and a hub, which keeps the member
+    /// directory. Who may send packets to this member is the policy's
+    /// choice: --network-secret-file admits the network's members,
+    /// --allow/--allow-file name them, --open admits every node. Runs
+    /// until `reach vpn down`, SIGINT or SIGTERM; the device goes with the
+    /// process, however it ends.
+    Up(Box<UpArgs>),
+    /// Leave: stop the `vpn up` running here (all of them, or the one on
+    /// --dev), and wait until its device is gone.
+    Down(DownArgs),
+}
+
+/// `reach vpn up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// The network's name: members of one name see each other, other
+    /// names never (a-z, 0-9, '-', '_', '.').
+    #[arg(long, default_value = "default", value_name = "NAME")]
+    network: String,
+    /// This member's IPv4 address, ADDR or ADDR/LEN (LEN sets --prefix).
+    /// Default: derived from the NodeId within --prefix, the next one if a
+    /// member holds it.
+    #[arg(long, value_name = "ADDR[/LEN]", value_parser = parse_ip)]
+    ip: Option<(Ipv4Addr, Option<u8>)>,
+    /// The network's IPv4 prefix (routed through the device).
+    #[arg(long, default_value = "10.77.0.0/16", value_name = "NET/LEN", value_parser = parse_prefix)]
+    prefix: (Ipv4Addr, u8),
+    /// The TUN device's name.
+    #[arg(long, default_value = "reach0", value_name = "IFNAME")]
+    dev: String,
+    /// The device's MTU.
+    #[arg(long, default_value_t = reach_vpn::DEFAULT_MTU, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(1280..=65_000))]
+    mtu: u16,
+    /// IPv4 only: no ULA on the device.
+    #[arg(long)]
+    no_ipv6: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// `reach vpn down`.
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// Only the vpn on this device (default: every vpn running here).
+    #[arg(long, value_name = "IFNAME")]
+    dev: Option<String>,
+}
+
+fn parse_ip(s: &str) -> Result<(Ipv4Addr, Option<u8>), String> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (s, None),
+    };
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("bad IPv4 address in {s:?}"))?;
+    let len = len
+        .map(|l| l.parse::<u8>().ok().filter(|l| *l <= 32))
+        .map(|l| l.ok_or_else(|| format!("bad prefix length in {s:?} (0 to 32)")))
+        .transpose()?;
+    Ok((ip, len))
+}
+
+fn parse_prefix(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (ip, len) = parse_ip(s)?;
+    let len = len.ok_or_else(|| format!("{s:?} needs a prefix length, e.g. 10.77.0.0/16"))?;
+    check_prefix(ip, len).map_err(|e| e.to_string())?;
+    Ok((ip, len))
+}
+
+/// The kind `reach status` shows for a vpn.
+const KIND: &str = "vpn";
+/// How long `vpn down` waits for a stopped vpn's process to end.
+const DOWN_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs `reach vpn`.
+pub async fn run(cmd: VpnCommand, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    match cmd {
+        VpnCommand::Up(args) => up(*args, config, state_dir).await,
+        VpnCommand::Down(args) => down(args, state_dir).await,
+    }
+}
+
+async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
+    let network = NetworkTag::of(&args.network).context("--network")?;
+    let (mut net, mut len) = args.prefix;
+    let choice = match args.ip {
+        Some((ip, Some(l))) => {
+            len = l;
+            net = Ipv4Addr::from(
+                u32::from(ip) & u32::MAX.checked_shl(32 - u32::from(l)).unwrap_or(0),
+            );
+            Choice::Given(ip)
+        }
+        Some((ip, None)) => Choice::Given(ip),
+        None => Choice::Derived,
+    };
+    check_prefix(net, len).context("--ip")?;
+    if !reach_vpn::device::valid_name(&args.dev) {
+        anyhow::bail!(
+            "--dev {:?}: use 1 to {} characters of a-z, A-Z, 0-9, '-', '_' and '.'",
+            args.dev,
+            reach_vpn::device::MAX_NAME
+        );
+    }
+    if args.serve.port != 0 {
+        anyhow::bail!(
+            "--port does not apply to reach vpn: its streams use virtual port {}",
+            reach_vpn::VPORT
+        );
+    }
+    args.serve.port = reach_vpn::VPORT;
+    let endpoint =
+        Arc::new(serve_endpoint(&args.serve, config, state_dir, Serving::Service).await?);
+    if endpoint.hub_status().is_none() {
+        anyhow::bail!("reach vpn needs a hub, which keeps the member directory: give --hub (or hub in the config file)");
+    }
+    let ip = reach_vpn::address::claim(&endpoint, network, net, len, choice).await?;
+    let me = endpoint.node_id();
+    let member_ula = (!args.no_ipv6).then(|| ula(&network, &me));
+    let dev = reach_vpn::device::create(&DeviceConfig {
+        name: args.dev.clone(),
+        ipv4: ip,
+        prefix: len,
+        ula: member_ula,
+        mtu: args.mtu,
+    })?;
+    let six = member_ula.map_or(String::new(), |u| format!(" and {u}/64"));
+    eprintln!(
+        "vpn {} up on {}: {ip}/{len}{six} (network {net}/{len}{})",
+        args.network,
+        args.dev,
+        member_ula.map_or(String::new(), |_| format!(", {}/64", ula_prefix(&network)))
+    );
+    let vpn = reach_vpn::Vpn::new(
+        endpoint.clone(),
+        dev,
+        reach_vpn::Membership {
+            name: args.network.clone(),
+            network,
+            ipv4: ip,
+            ula: ula(&network, &me),
+            mtu: args.mtu,
+        },
+    );
+    let stats = Arc::new(reach_legacy::proxy::ProxyStats::default());
+    let report = control::ProxyReport::new(
+        KIND.into(),
+        format!("{} {ip}/{len}{six}", args.dev),
+        Some(endpoint.virtual_addr(reach_vpn::VPORT).to_string()),
+        Some(args.dev.clone()),
+    );
+    let seen = vpn.clone();
+    let control = control::Control::start(state_dir, report, stats, move || {
+        let s = &seen.stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        Some(format!(
+            "{} peers; {} packets out, {} in; dropped {} unreachable, {} full, {} spoofed, {} bad",
+            seen.peers().len(),
+            get(&s.packets_out),
+            get(&s.packets_in),
+            get(&s.dropped_unreachable),
+            get(&s.dropped_full),
+            get(&s.dropped_spoofed),
+            get(&s.dropped_bad),
+        ))
+    });
+    let watch = reach_vpn::address::watch(&endpoint, network, ip);
+    let run = async {
+        tokio::select! {
+            r = vpn.run() => r.context("the vpn stopped"),
+            () = watch => Ok(()),
+        }
+    };
+    tokio::select! {
+        r = run => r?,
+        r = crate::hub::shutdown_signal() => r?,
+        () = control.stopped() => eprintln!("stopped by reach vpn down"),
+    }
+    endpoint.close(crate::CLOSE_TIMEOUT).await;
+    Ok(())
+}
+
+async fn down(args: DownArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let stopped = control::stop_where(state_dir, |r| {
+        r.kind == KIND && args.dev.as_ref().is_none_or(|d| r.name.as_ref() == Some(d))
+    })
+    .await;
+    if stopped.is_empty() {
+        match &args.dev {
+            Some(d) => anyhow::bail!("no reach vpn runs on {d} here (reach status lists them)"),
+            None => anyhow::bail!("no reach vpn runs here (reach status lists them)"),
+        }
+    }
+    // Stopped means gone: the device goes with the process.
+    let deadline = Instant::now() + DOWN_WAIT;
+    for pid in stopped {
+        while alive(pid) {
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "the vpn (process {pid}) was asked to stop but still runs after {DOWN_WAIT:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!("stopped {pid}");
+    }
+    Ok(())
+}
+
+/// Whether process `pid` still runs (a zombie does not: its device is
+/// gone with its file descriptors).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
+}

@@ -1,0 +1,556 @@
+//! The vpn's driver: reads packets from the TUN device and carries each to
+//! the member holding its destination address, over a reach stream to
+//! that member (any module: Direct, Reverse, Splice, Routed, and the move
+//! from routed to direct while packets flow); writes the packets peers
+//! send to the device.
+//!
+//! ```text
+//! TUN --packet--> route(dst) --+--> peer queue --> stream writer --> reach stream
+//!                              +--> unknown dst: lookup_vip -> connect -> hello
+//! reach stream --> stream reader --check src--> TUN
+//! ```
+//!
+//! Who is who: a destination address is resolved through the hubs' member
+//! directory ([`reach::Endpoint::lookup_vip`]); the stream's handshake
+//! proves the peer's NodeId; each side's hello names the address it holds,
+//! which must be the one the directory lists for that NodeId (the
+//! connecting side checks it against what it looked up, the accepting side
+//! looks it up). Packets from a peer must come from its own addresses, so
+//! no member can speak for another. The endpoint's access policy decides
+//! who may open a vpn stream at all.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use reach::{Endpoint, NodeId, ReachStream, SetupModule, VirtualAddr};
+use reach_proto::vpn::{ula, NetworkTag};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tun_rs::AsyncDevice;
+
+use crate::hello::{Hello, HELLO_LEN};
+use crate::outq::OutQueue;
+use crate::packet;
+
+/// The virtual port vpn streams open to.
+pub const VPORT: u16 = 65_520;
+/// Bytes of packets queued for one peer at most (about 700 full packets).
+const PEER_QUEUE: usize = 1 << 20;
+/// Bytes queued for a destination still being resolved.
+const PENDING_QUEUE: usize = 64 * 1024;
+/// How long a hello may take.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a directory lookup may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a destination nobody holds (or that could not be reached) is
+/// not looked up again: a ping to a free address costs one lookup per
+/// hold, not one per packet.
+const UNREACHABLE_HOLD: Duration = Duration::from_secs(3);
+/// Destinations resolved at once at most; packets to further new ones are
+/// dropped (and counted) until some finish.
+const MAX_RESOLVING: usize = 256;
+/// Peers at once at most (members the policy admits are the only ones
+/// that can add peers).
+const MAX_PEERS: usize = 4096;
+/// Largest packet read from the device or a peer.
+const MAX_PACKET: usize = 65_535;
+
+/// The member's place in its network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    /// The network's name, as given.
+    pub name: String,
+    /// Its tag.
+    pub network: NetworkTag,
+    /// The member's IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// The member's ULA.
+    pub ula: Ipv6Addr,
+    /// The device MTU.
+    pub mtu: u16,
+}
+
+/// Counters of the vpn's data plane.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Packets sent to peers.
+    pub packets_out: AtomicU64,
+    /// Packets from peers written to the device.
+    pub packets_in: AtomicU64,
+    /// Bytes of those.
+    pub bytes_out: AtomicU64,
+    /// Bytes of those.
+    pub bytes_in: AtomicU64,
+    /// Packets dropped because their peer's queue was full.
+    pub dropped_full: AtomicU64,
+    /// Packets dropped because no member holds their destination (or it
+    /// could not be reached), or too many were being resolved.
+    pub dropped_unreachable: AtomicU64,
+    /// Packets from the device or a peer that were not IP, or not for
+    /// this network.
+    pub dropped_bad: AtomicU64,
+    /// Packets from a peer with a source address that is not the peer's.
+    pub dropped_spoofed: AtomicU64,
+    /// Peer streams set up (both directions).
+    pub streams_up: AtomicU64,
+    /// Peer streams that failed to set up, or were refused.
+    pub streams_failed: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A member this one exchanges packets with.
+#[derive(Debug)]
+pub struct Peer {
+    /// Its NodeId.
+    pub node: NodeId,
+    /// Its IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Its ULA.
+    pub ula: Ipv6Addr,
+    queue: OutQueue,
+    /// Streams carrying its packets now.
+    streams: AtomicUsize,
+    /// Which stream writes: a newer stream takes over from an older one.
+    writer: AtomicU64,
+    /// The module of the newest stream.
+    module: Mutex<SetupModule>,
+    /// Packets and bytes each way.
+    pub packets_out: AtomicU64,
+    /// See `packets_out`.
+    pub packets_in: AtomicU64,
+    /// See `packets_out`.
+    pub bytes_out: AtomicU64,
+    /// See `packets_out`.
+    pub bytes_in: AtomicU64,
+}
+
+impl Peer {
+    /// The module of its newest stream.
+    pub fn module(&self) -> SetupModule {
+        *self.module.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn owns(&self, ip: IpAddr) -> bool {
+        ip == IpAddr::V4(self.ipv4) || ip == IpAddr::V6(self.ula)
+    }
+}
+
+/// Who the vpn talks to, and who it is finding.
+#[derive(Default)]
+struct Table {
+    by_ip: HashMap<IpAddr, Arc<Peer>>,
+    by_node: HashMap<NodeId, Arc<Peer>>,
+    /// Destinations being resolved, with their first packets.
+    pending: HashMap<IpAddr, Arc<OutQueue>>,
+    /// Destinations found unreachable, until when.
+    unreachable: HashMap<IpAddr, Instant>,
+}
+
+/// A running vpn member.
+pub struct Vpn {
+    endpoint: Arc<Endpoint>,
+    dev: Arc<AsyncDevice>,
+    me: Membership,
+    table: Mutex<Table>,
+    next_writer: AtomicU64,
+    /// The data plane's counters.
+    pub stats: Stats,
+}
+
+/// Why a peer stream was not set up.
+#[derive(Debug, thiserror::Error)]
+enum PeerError {
+    #[error("hello: {0}")]
+    Io(#[from] io::Error),
+    #[error("no hello within {HELLO_TIMEOUT:?}")]
+    HelloTimeout,
+    #[error("{0}")]
+    Hello(#[from] crate::hello::HelloError),
+    #[error("the peer is in another vpn network")]
+    OtherNetwork,
+    #[error("the peer says it holds {said}, but {wanted} was asked for")]
+    WrongAddress { said: Ipv4Addr, wanted: IpAddr },
+    #[error("the peer claims {0}, which the hubs list for another node (or none)")]
+    NotHolder(Ipv4Addr),
+    #[error("the directory lookup failed: {0}")]
+    Lookup(reach::SessionError),
+    #[error("too many peers ({MAX_PEERS})")]
+    TooMany,
+}
+
+impl Vpn {
+    /// A member on `dev`, reached through `endpoint` (which must accept
+    /// streams on [`VPORT`] and hold `me`'s claim with its hub).
+    pub fn new(endpoint: Arc<Endpoint>, dev: AsyncDevice, me: Membership) -> Arc<Self> {
+        Arc::new(Self {
+            endpoint,
+            dev: Arc::new(dev),
+            me,
+            table: Mutex::new(Table::default()),
+            next_writer: AtomicU64::new(1),
+            stats: Stats::default(),
+        })
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The peers now.
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        self.table().by_node.values().cloned().collect()
+    }
+
+    /// Runs the member until the device or the endpoint fails.
+    pub async fn run(self: &Arc<Self>) -> io::Result<()> {
+        tokio::select! {
+            r = self.read_device() => r,
+            r = self.accept() => r,
+        }
+    }
+
+    async fn read_device(self: &Arc<Self>) -> io::Result<()> {
+        let mut buf = vec![0u8; MAX_PACKET];
+        loop {
+            let n = self.dev.recv(&mut buf).await?;
+            self.route(&buf[..n]);
+        }
+    }
+
+    /// Whether `ip` is in this network (the IPv4 prefix is the device's
+    /// route; the ULA /64 is derived from the network).
+    fn in_network(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => !v4.is_broadcast() && !v4.is_multicast(),
+            IpAddr::V6(v6) => {
+                v6.octets()[..8] == reach_proto::vpn::ula_prefix(&self.me.network).octets()[..8]
+            }
+        }
+    }
+
+    /// Sends one packet from the device towards its destination.
+    fn route(self: &Arc<Self>, pkt: &[u8]) {
+        let dst = match packet::addrs(pkt) {
+            Ok(a) if self.in_network(a.dst) => a.dst,
+            _ => {
+                // Not IP, or multicast (IPv6 neighbour discovery, mDNS):
+                // the vpn is point to point.
+                bump(&self.stats.dropped_bad);
+                return;
+            }
+        };
+        let mut t = self.table();
+        if let Some(p) = t.by_ip.get(&dst).cloned() {
+            drop(t);
+            if p.queue.push(pkt) {
+                self.count_out(&p, 1, pkt.len() as u64);
+            } else {
+                bump(&self.stats.dropped_full);
+            }
+            return;
+        }
+        if let Some(q) = t.pending.get(&dst) {
+            if !q.push(pkt) {
+                bump(&self.stats.dropped_full);
+            }
+            return;
+        }
+        let now = Instant::now();
+        if t.unreachable.get(&dst).is_some_and(|until| now < *until) {
+            bump(&self.stats.dropped_unreachable);
+            return;
+        }
+        if t.pending.len() >= MAX_RESOLVING {
+            bump(&self.stats.dropped_unreachable);
+            tracing::debug!(%dst, "not resolved: {MAX_RESOLVING} destinations are being resolved");
+            return;
+        }
+        t.unreachable.retain(|_, until| now < *until);
+        let q = Arc::new(OutQueue::new(PENDING_QUEUE));
+        q.push(pkt);
+        t.pending.insert(dst, q);
+        drop(t);
+        let vpn = self.clone();
+        tokio::spawn(async move { vpn.resolve(dst).await });
+    }
+
+    /// Finds who holds `dst`, connects to it and hands it the packets
+    /// queued meanwhile; or marks `dst` unreachable for a while.
+    async fn resolve(self: Arc<Self>, dst: IpAddr) {
+        let result = self.open(dst).await;
+        let mut t = self.table();
+        let pending = t.pending.remove(&dst);
+        match result {
+            Ok(peer) => {
+                if let Some(q) = pending {
+                    let (moved, dropped) = q.move_to(&peer.queue);
+                    self.count_out(&peer, moved, 0);
+                    self.stats
+                        .dropped_full
+                        .fetch_add(dropped, Ordering::Relaxed);
+                }
+                t.by_ip.insert(dst, peer);
+            }
+            Err(e) => {
+                if let Some(q) = pending {
+                    let (n, _) = q.move_to(&OutQueue::new(0));
+                    self.stats
+                        .dropped_unreachable
+                        .fetch_add(n, Ordering::Relaxed);
+                }
+                t.unreachable.insert(dst, Instant::now() + UNREACHABLE_HOLD);
+                tracing::info!(%dst, "vpn destination unreachable: {e}");
+            }
+        }
+    }
+
+    /// Counts `packets` (of `bytes`; 0: not counted) queued for `peer`.
+    fn count_out(&self, peer: &Peer, packets: u64, bytes: u64) {
+        peer.packets_out.fetch_add(packets, Ordering::Relaxed);
+        peer.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        self.stats.packets_out.fetch_add(packets, Ordering::Relaxed);
+        self.stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A peer for `dst`: the one already connected to its holder, or a new
+    /// stream to it.
+    async fn open(self: &Arc<Self>, dst: IpAddr) -> Result<Arc<Peer>, String> {
+        let holders = self
+            .endpoint
+            .lookup_vip(self.me.network, dst, LOOKUP_TIMEOUT)
+            .await
+            .map_err(|e| format!("directory lookup failed: {e}"))?;
+        let Some(node) = holders.first().copied() else {
+            return Err("no member holds it".into());
+        };
+        if holders.len() > 1 {
+            tracing::warn!(%dst, holders = ?holders, "several members claim this address: using the first listed");
+        }
+        if let Some(p) = self.table().by_node.get(&node).cloned() {
+            return Ok(p);
+        }
+        let target = VirtualAddr {
+            node,
+            port: VPORT,
+            direct: Vec::new(),
+            hub: None,
+        };
+        let stream = self.endpoint.connect(&target).await.map_err(|e| {
+            bump(&self.stats.streams_failed);
+            format!("cannot connect to {node}: {e}")
+        })?;
+        self.start_peer(stream, Some(dst)).await.map_err(|e| {
+            bump(&self.stats.streams_failed);
+            format!("vpn stream to {node} refused: {e}")
+        })
+    }
+
+    async fn accept(self: &Arc<Self>) -> io::Result<()> {
+        loop {
+            let stream = self.endpoint.accept().await.map_err(io::Error::other)?;
+            let vpn = self.clone();
+            tokio::spawn(async move {
+                let peer = stream.peer();
+                if let Err(e) = vpn.start_peer(stream, None).await {
+                    bump(&vpn.stats.streams_failed);
+                    tracing::warn!(%peer, "vpn stream refused: {e}");
+                }
+            });
+        }
+    }
+
+    /// Exchanges hellos on a new stream, checks who the peer is, and
+    /// starts carrying packets on it. `wanted`: the address the stream was
+    /// opened for (None: an accepted stream).
+    async fn start_peer(
+        self: &Arc<Self>,
+        mut stream: ReachStream,
+        wanted: Option<IpAddr>,
+    ) -> Result<Arc<Peer>, PeerError> {
+        let node = stream.peer();
+        let module = stream.info().module;
+        let mine = Hello {
+            network: self.me.network,
+            ip: self.me.ipv4,
+            mtu: self.me.mtu,
+        };
+        let theirs = tokio::time::timeout(HELLO_TIMEOUT, async {
+            stream.write_all(&mine.encode()).await?;
+            stream.flush().await?;
+            let mut b = [0u8; HELLO_LEN];
+            stream.read_exact(&mut b).await?;
+            Ok::<_, io::Error>(b)
+        })
+        .await
+        .map_err(|_| PeerError::HelloTimeout)??;
+        let theirs = Hello::decode(&theirs)?;
+        if theirs.network != self.me.network {
+            return Err(PeerError::OtherNetwork);
+        }
+        let peer_ula = ula(&self.me.network, &node);
+        match wanted {
+            Some(w) if w != IpAddr::V4(theirs.ip) && w != IpAddr::V6(peer_ula) => {
+                return Err(PeerError::WrongAddress {
+                    said: theirs.ip,
+                    wanted: w,
+                })
+            }
+            Some(_) => {}
+            None => {
+                let holders = self
+                    .endpoint
+                    .lookup_vip(self.me.network, theirs.ip.into(), LOOKUP_TIMEOUT)
+                    .await
+                    .map_err(PeerError::Lookup)?;
+                if holders.first() != Some(&node) {
+                    return Err(PeerError::NotHolder(theirs.ip));
+                }
+            }
+        }
+        let peer = {
+            let mut t = self.table();
+            let peer = match t.by_node.get(&node) {
+                Some(p) if p.ipv4 == theirs.ip => p.clone(),
+                _ => {
+                    if t.by_node.len() >= MAX_PEERS {
+                        return Err(PeerError::TooMany);
+                    }
+                    let p = Arc::new(Peer {
+                        node,
+                        ipv4: theirs.ip,
+                        ula: peer_ula,
+                        queue: OutQueue::new(PEER_QUEUE),
+                        streams: AtomicUsize::new(0),
+                        writer: AtomicU64::new(0),
+                        module: Mutex::new(module),
+                        packets_out: AtomicU64::new(0),
+                        packets_in: AtomicU64::new(0),
+                        bytes_out: AtomicU64::new(0),
+                        bytes_in: AtomicU64::new(0),
+                    });
+                    t.by_node.insert(node, p.clone());
+                    t.by_ip.insert(IpAddr::V4(theirs.ip), p.clone());
+                    t.by_ip.insert(IpAddr::V6(peer_ula), p.clone());
+                    p
+                }
+            };
+            peer.streams.fetch_add(1, Ordering::Relaxed);
+            peer
+        };
+        *peer.module.lock().unwrap_or_else(|p| p.into_inner()) = module;
+        bump(&self.stats.streams_up);
+        tracing::info!(peer = %node, ip = %theirs.ip, %module, "vpn peer up");
+        let writer = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        peer.writer.store(writer, Ordering::Relaxed);
+        let (r, w) = tokio::io::split(stream);
+        let p = peer.clone();
+        let out = tokio::spawn(async move { carry_out(&p, writer, w).await });
+        let vpn = self.clone();
+        let p = peer.clone();
+        tokio::spawn(async move {
+            let r = vpn.carry_in(&p, r).await;
+            // The stream is done both ways.
+            out.abort();
+            let left = p.streams.fetch_sub(1, Ordering::Relaxed) - 1;
+            match r {
+                Ok(()) => tracing::info!(peer = %p.node, "vpn stream ended"),
+                Err(e) => tracing::warn!(peer = %p.node, "vpn stream failed: {e}"),
+            }
+            if left == 0 {
+                vpn.forget(&p);
+            }
+        });
+        Ok(peer)
+    }
+
+    /// A peer with no stream left goes; its next packet resolves again.
+    fn forget(&self, peer: &Arc<Peer>) {
+        let mut t = self.table();
+        if t.by_node
+            .get(&peer.node)
+            .is_some_and(|p| Arc::ptr_eq(p, peer))
+        {
+            t.by_node.remove(&peer.node);
+            t.by_ip.retain(|_, p| !Arc::ptr_eq(p, peer));
+        }
+    }
+
+    /// Writes the packets `peer` sends to the device.
+    async fn carry_in(
+        &self,
+        peer: &Peer,
+        mut r: tokio::io::ReadHalf<ReachStream>,
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; 4 * MAX_PACKET];
+        let mut have = 0;
+        loop {
+            let n = r.read(&mut buf[have..]).await?;
+            if n == 0 {
+                return if have == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the stream ended inside a packet",
+                    ))
+                };
+            }
+            have += n;
+            let mut at = 0;
+            while let Some((pkt, used)) = reach_proto::datagram::decode(&buf[at..have]) {
+                self.deliver(peer, pkt).await?;
+                at += used;
+            }
+            buf.copy_within(at..have, 0);
+            have -= at;
+        }
+    }
+
+    /// Writes one packet from `peer` to the device, if it is the peer's to
+    /// send and this member's to receive.
+    async fn deliver(&self, peer: &Peer, pkt: &[u8]) -> io::Result<()> {
+        let a = match packet::addrs(pkt) {
+            Ok(a) => a,
+            Err(_) => {
+                bump(&self.stats.dropped_bad);
+                return Ok(());
+            }
+        };
+        if !peer.owns(a.src) {
+            bump(&self.stats.dropped_spoofed);
+            return Ok(());
+        }
+        if a.dst != IpAddr::V4(self.me.ipv4) && a.dst != IpAddr::V6(self.me.ula) {
+            bump(&self.stats.dropped_bad);
+            return Ok(());
+        }
+        self.dev.send(pkt).await?;
+        bump(&peer.packets_in);
+        peer.bytes_in.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+        bump(&self.stats.packets_in);
+        self.stats
+            .bytes_in
+            .fetch_add(pkt.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Writes `peer`'s queued packets to its stream, in batches, while this
+/// stream is the peer's writer.
+async fn carry_out(peer: &Peer, writer: u64, mut w: tokio::io::WriteHalf<ReachStream>) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    while peer.writer.load(Ordering::Relaxed) == writer {
+        peer.queue.take(&mut batch).await;
+        if let Err(e) = w.write_all(&batch).await {
+            tracing::debug!(peer = %peer.node, "vpn stream write failed: {e}");
+            return;
+        }
+        batch.clear();
+    }
+}
