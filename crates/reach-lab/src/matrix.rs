@@ -164,7 +164,7 @@ impl Matrix {
         );
         match self.mode {
             Mode::Reach => s += "; settled on d direct, r reverse, s splice, v routed",
-            Mode::Vpn => s += " of a TCP connection between virtual addresses; carried by d direct, r reverse, s splice, v routed",
+            Mode::Vpn => s += " of a TCP connection between virtual addresses; packets settled on d direct, r reverse, s splice, v routed",
             Mode::Plain => {}
         }
         s += ")\n";

@@ -108,14 +108,15 @@ pub fn start(
         .collect()
 }
 
-/// The module of the vpn stream `log` says carried packets to `ip` (its
-/// latest "vpn peer up" line for that address).
-fn module_to(log: &Path, ip: IpAddr) -> Option<String> {
+/// The module of the latest line `event` in `log` about the peer at `ip`
+/// ("vpn peer up": the stream's first module; "vpn peer path moved": where
+/// a routed stream moved).
+fn module_in(log: &Path, event: &str, ip: IpAddr) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
     let want = format!("ip={ip}");
     text.lines()
         .rev()
-        .filter(|l| l.contains("vpn peer up") && l.split_whitespace().any(|w| w == want))
+        .filter(|l| l.contains(event) && l.split_whitespace().any(|w| w == want))
         .find_map(|l| {
             l.split_whitespace()
                 .find_map(|w| w.strip_prefix("module="))
@@ -203,9 +204,12 @@ pub fn pair(
         }
         Err(e) => return failed(lab, from, to, format!("transfer to {sink}: {e}")),
     }
+    let first = module_in(&src.log, "vpn peer up", dst.ip);
+    let moved = module_in(&src.log, "vpn peer path moved", dst.ip);
     Cell {
         ok: true,
-        module: module_to(&src.log, dst.ip).or_else(|| Some("?".into())),
+        settled_module: moved.or_else(|| first.clone()),
+        module: first.or_else(|| Some("?".into())),
         setup_ms: Some(connect_ms),
         rtt_ms,
         via: Some(dst.ip.to_string()),
@@ -226,13 +230,16 @@ mod tests {
         let log = dir.path().join("vpn.log");
         std::fs::write(
             &log,
-            "2026 INFO vpn peer up peer=abc ip=10.77.0.2 module=routed\n2026 INFO vpn peer up peer=abc ip=10.77.0.22 module=direct\n2026 INFO vpn peer up peer=abc ip=10.77.0.2 module=splice\n",
+            "2026 INFO vpn peer up peer=abc ip=10.77.0.2 module=routed\n2026 INFO vpn peer up peer=abc ip=10.77.0.22 module=direct\n2026 INFO vpn peer path moved peer=abc ip=10.77.0.2 module=splice remote=203.0.113.1:4000\n",
         )
         .unwrap();
+        let ip = "10.77.0.2".parse().unwrap();
+        assert_eq!(module_in(&log, "vpn peer up", ip), Some("routed".into()));
         assert_eq!(
-            module_to(&log, "10.77.0.2".parse().unwrap()),
+            module_in(&log, "vpn peer path moved", ip),
             Some("splice".into())
         );
-        assert_eq!(module_to(&log, "10.77.0.3".parse().unwrap()), None);
+        let other = "10.77.0.3".parse().unwrap();
+        assert_eq!(module_in(&log, "vpn peer up", other), None);
     }
 }

@@ -52,3 +52,25 @@ fn every_smartsockets_pair_reaches_the_other_by_virtual_address() {
     assert_eq!(json["mode"], "vpn");
     assert!(json["pairs"][0].get("rtt_ms").is_some());
 }
+
+#[test]
+fn every_nat_zoo_pair_reaches_the_other_by_virtual_address_random_ports_included() {
+    let t = common::topology("nat-zoo");
+    let lab = Lab::up(&t).expect("lab up");
+    let m = matrix::run(
+        &lab,
+        &t,
+        Mode::Vpn,
+        Duration::from_secs(20),
+        &common::tools_with_reach(),
+    )
+    .expect("matrix");
+    assert_every_pair(&m, 11);
+    assert!(
+        m.cells
+            .iter()
+            .any(|c| c.to_host == "nat-apdm-rand" && c.from_host == "nat-apdm-seq" && c.ok),
+        "{}",
+        m.render()
+    );
+}

@@ -12,6 +12,7 @@
 //! - [`hello`]: the first message on a vpn stream;
 //! - [`packet`]: reading a packet's addresses;
 //! - [`outq`]: a peer's queue of outgoing packets;
+//! - [`shared`]: a stream shared by a peer's reader and writer;
 //! - [`network`]: the driver that carries packets between the device and
 //!   the peers.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -22,6 +23,7 @@ pub mod hello;
 pub mod network;
 pub mod outq;
 pub mod packet;
+pub mod shared;
 
 pub use network::{Membership, Peer, Stats, Vpn, VPORT};
 

@@ -34,6 +34,7 @@ use tun_rs::AsyncDevice;
 use crate::hello::{Hello, HELLO_LEN};
 use crate::outq::OutQueue;
 use crate::packet;
+use crate::shared::Shared;
 
 /// The virtual port vpn streams open to.
 pub const VPORT: u16 = 65_520;
@@ -448,7 +449,7 @@ impl Vpn {
         tracing::info!(peer = %node, ip = %theirs.ip, %module, "vpn peer up");
         let writer = self.next_writer.fetch_add(1, Ordering::Relaxed);
         peer.writer.store(writer, Ordering::Relaxed);
-        let (r, w) = tokio::io::split(stream);
+        let (r, w) = Shared::split(stream);
         let p = peer.clone();
         let out = tokio::spawn(async move { carry_out(&p, writer, w).await });
         let vpn = self.clone();
@@ -482,15 +483,19 @@ impl Vpn {
     }
 
     /// Writes the packets `peer` sends to the device.
-    async fn carry_in(
-        &self,
-        peer: &Peer,
-        mut r: tokio::io::ReadHalf<ReachStream>,
-    ) -> io::Result<()> {
+    async fn carry_in(&self, peer: &Peer, mut r: Shared) -> io::Result<()> {
         let mut buf = vec![0u8; 4 * MAX_PACKET];
         let mut have = 0;
+        let mut moved = false;
         loop {
             let n = r.read(&mut buf[have..]).await?;
+            if !moved {
+                if let Some(u) = r.upgraded() {
+                    moved = true;
+                    *peer.module.lock().unwrap_or_else(|p| p.into_inner()) = u.module;
+                    tracing::info!(peer = %peer.node, ip = %peer.ipv4, module = %u.module, remote = %u.remote_addr, "vpn peer path moved");
+                }
+            }
             if n == 0 {
                 return if have == 0 {
                     Ok(())
@@ -543,7 +548,7 @@ impl Vpn {
 
 /// Writes `peer`'s queued packets to its stream, in batches, while this
 /// stream is the peer's writer.
-async fn carry_out(peer: &Peer, writer: u64, mut w: tokio::io::WriteHalf<ReachStream>) {
+async fn carry_out(peer: &Peer, writer: u64, mut w: Shared) {
     let mut batch = Vec::with_capacity(64 * 1024);
     while peer.writer.load(Ordering::Relaxed) == writer {
         peer.queue.take(&mut batch).await;
