@@ -46,6 +46,31 @@ pub struct ProxyReport {
     pub started: u64,
     /// Its connections and bytes so far.
     pub counters: ProxyCounters,
+    /// A vpn's peers (empty for other proxies).
+    #[serde(default)]
+    pub peers: Vec<VpnPeerReport>,
+}
+
+/// One peer of a running vpn, as `reach status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VpnPeerReport {
+    /// Its virtual IPv4 address.
+    pub ip: String,
+    /// Its ULA.
+    pub ula: String,
+    /// Its NodeId.
+    pub node: String,
+    /// The path its packets take: the module of its stream, where the
+    /// stream settled (direct, reverse, splice, routed).
+    pub path: String,
+    /// Packets and bytes each way.
+    pub packets_out: u64,
+    /// See `packets_out`.
+    pub packets_in: u64,
+    /// See `packets_out`.
+    pub bytes_out: u64,
+    /// See `packets_out`.
+    pub bytes_in: u64,
 }
 
 impl ProxyReport {
@@ -60,6 +85,7 @@ impl ProxyReport {
             public: None,
             started: now_secs(),
             counters: ProxyCounters::default(),
+            peers: Vec::new(),
         }
     }
 }
@@ -139,6 +165,15 @@ impl Control {
             counters: stats.snapshot(),
             ..template.clone()
         };
+        Self::start_live(state_dir, report)
+    }
+
+    /// Opens this process's control socket; asked, it reports what
+    /// `report` makes then.
+    pub fn start_live(
+        state_dir: &Path,
+        report: impl Fn() -> ProxyReport + Send + Sync + 'static,
+    ) -> Control {
         let stop = Arc::new(tokio::sync::Notify::new());
         match bind(state_dir) {
             Ok((path, listener)) => {
@@ -337,6 +372,7 @@ mod tests {
             public: None,
             started: 1,
             counters: ProxyCounters::default(),
+            peers: Vec::new(),
         }
     }
 

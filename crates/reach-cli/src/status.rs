@@ -111,7 +111,26 @@ fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
             .unwrap_or_default();
         let _ = writeln!(out, "  {}{name}  {}  {}{target}", p.id, p.kind, p.local);
         if let Some(public) = &p.public {
-            let _ = writeln!(out, "      hub proxy port: {public}");
+            let label = if p.kind == "vpn" {
+                "vpn"
+            } else {
+                "hub proxy port"
+            };
+            let _ = writeln!(out, "      {label}: {public}");
+        }
+        for v in &p.peers {
+            let _ = writeln!(
+                out,
+                "      peer {} ({}, {})  path {}  out {} pkts {}  in {} pkts {}",
+                v.ip,
+                v.ula,
+                v.node,
+                v.path,
+                v.packets_out,
+                bytes(v.bytes_out),
+                v.packets_in,
+                bytes(v.bytes_in)
+            );
         }
         let _ = writeln!(
             out,
@@ -127,7 +146,7 @@ fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
     if proxies.is_empty() {
         let _ = writeln!(
             out,
-            "  none (reach expose, forward and socks list themselves here)"
+            "  none (reach expose, forward, socks and vpn list themselves here)"
         );
     }
     out
@@ -266,6 +285,7 @@ mod tests {
                 bytes_from_reach: 12_345_678,
                 ..Default::default()
             },
+            peers: Vec::new(),
         };
         let text = render_proxies(&[p], 160);
         for want in [
@@ -277,5 +297,32 @@ mod tests {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
         assert!(render_proxies(&[], 0).contains("none"));
+        let vpn = ProxyReport {
+            id: 7,
+            name: Some("reach0".into()),
+            kind: "vpn".into(),
+            local: "reach0 10.77.0.1/16".into(),
+            vaddr: None,
+            public: Some("1 peers".into()),
+            started: 100,
+            counters: Default::default(),
+            peers: vec![control::VpnPeerReport {
+                ip: "10.77.0.2".into(),
+                ula: "fd00::2".into(),
+                node: "abc".into(),
+                path: "splice".into(),
+                packets_out: 3,
+                packets_in: 4,
+                bytes_out: 2500,
+                bytes_in: 40,
+            }],
+        };
+        let text = render_proxies(&[vpn], 100);
+        assert!(
+            text.contains(
+                "peer 10.77.0.2 (fd00::2, abc)  path splice  out 3 pkts 2.5 KB  in 4 pkts 40 B"
+            ),
+            "{text}"
+        );
     }
 }

@@ -174,28 +174,14 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
             mtu: args.mtu,
         },
     );
-    let stats = Arc::new(reach_legacy::proxy::ProxyStats::default());
-    let report = control::ProxyReport::new(
+    let template = control::ProxyReport::new(
         KIND.into(),
         format!("{} {ip}/{len}{six}", args.dev),
         Some(endpoint.virtual_addr(reach_vpn::VPORT).to_string()),
         Some(args.dev.clone()),
     );
     let seen = vpn.clone();
-    let control = control::Control::start(state_dir, report, stats, move || {
-        let s = &seen.stats;
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        Some(format!(
-            "{} peers; {} packets out, {} in; dropped {} unreachable, {} full, {} spoofed, {} bad",
-            seen.peers().len(),
-            get(&s.packets_out),
-            get(&s.packets_in),
-            get(&s.dropped_unreachable),
-            get(&s.dropped_full),
-            get(&s.dropped_spoofed),
-            get(&s.dropped_bad),
-        ))
-    });
+    let control = control::Control::start_live(state_dir, move || report(&seen, &template));
     let watch = reach_vpn::address::watch(&endpoint, network, ip);
     let run = async {
         tokio::select! {
@@ -210,6 +196,47 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
     }
     endpoint.close(crate::CLOSE_TIMEOUT).await;
     Ok(())
+}
+
+/// What `reach status` shows of the running vpn.
+fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::ProxyReport {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let s = &vpn.stats;
+    let mut peers: Vec<control::VpnPeerReport> = vpn
+        .peers()
+        .iter()
+        .map(|p| control::VpnPeerReport {
+            ip: p.ipv4.to_string(),
+            ula: p.ula.to_string(),
+            node: p.node.to_string(),
+            path: p.module().to_string(),
+            packets_out: get(&p.packets_out),
+            packets_in: get(&p.packets_in),
+            bytes_out: get(&p.bytes_out),
+            bytes_in: get(&p.bytes_in),
+        })
+        .collect();
+    peers.sort_by(|a, b| a.ip.cmp(&b.ip));
+    control::ProxyReport {
+        public: Some(format!(
+            "{} peers; dropped {} unreachable, {} queue full, {} spoofed, {} bad",
+            peers.len(),
+            get(&s.dropped_unreachable),
+            get(&s.dropped_full),
+            get(&s.dropped_spoofed),
+            get(&s.dropped_bad),
+        )),
+        counters: reach_legacy::proxy::ProxyCounters {
+            connections: get(&s.streams_up),
+            active: peers.len() as u64,
+            failed: get(&s.streams_failed),
+            refused: 0,
+            bytes_to_reach: get(&s.bytes_out),
+            bytes_from_reach: get(&s.bytes_in),
+        },
+        peers,
+        ..template.clone()
+    }
 }
 
 async fn down(args: DownArgs, state_dir: &Path) -> anyhow::Result<()> {

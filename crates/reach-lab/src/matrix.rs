@@ -332,7 +332,7 @@ fn plain_pair(lab: &Lab, tools: &Path, from: &str, to: &str, timeout: Duration) 
 
 /// Where the lab's reach processes keep their state and logs: inside the
 /// lab's own directory, so its teardown removes them.
-pub(crate) fn reach_state(lab: &Lab) -> std::path::PathBuf {
+pub fn reach_state(lab: &Lab) -> std::path::PathBuf {
     lab.record().state_dir().join("reach")
 }
 

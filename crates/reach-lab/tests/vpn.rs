@@ -74,3 +74,189 @@ fn every_nat_zoo_pair_reaches_the_other_by_virtual_address_random_ports_included
         m.render()
     );
 }
+
+/// Runs `program args` in `host` and returns its stdout, or panics with
+/// its output.
+fn run_in(lab: &Lab, host: &str, program: &str, args: &[&str]) -> String {
+    let out = lab
+        .command(host, program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} in {host}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} in {host} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `host` has the vpn device.
+fn has_device(lab: &Lab, host: &str) -> bool {
+    lab.command(host, "ip")
+        .args(["link", "show", reach_lab::vpn::DEVICE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn unmodified_ssh_curl_and_iperf3_cross_nats_over_the_vpn_and_the_device_goes_with_the_member() {
+    let t = common::topology("smartsockets");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let state = reach_lab::matrix::reach_state(&lab);
+    let hubs = reach_lab::hubs::start(&lab, &t, t.hubs.as_ref().expect("hubs"), &tools, &state)
+        .expect("hubs");
+    // A home desktop behind a NAT and a cluster node without a route out.
+    let (a, b) = ("desktop", "hiroshi-node");
+    let member = |h: &str| {
+        reach_lab::vpn::start_member(&lab, &tools, h, hubs.attach.get(h).map(String::as_str))
+            .expect("vpn up")
+    };
+    let (ma, mb) = (member(a), member(b));
+    let (ipa, ipb) = (ma.ip.to_string(), mb.ip.to_string());
+    hubs.wait_converged(&lab, &tools, 2, Duration::from_secs(30))
+        .expect("hubs converge");
+
+    // ssh, to an sshd started in b, logs in over the vpn: the server sees
+    // the connection between the two virtual addresses.
+    let ssh_dir = lab.record().state_dir().join("ssh");
+    reach_lab::sshd::prepare(&ssh_dir).expect("ssh keys");
+    reach_lab::sshd::start(&ssh_dir, &lab.record().host_ns(lab.host(b)), b).expect("sshd");
+    let mut ssh_args = reach_lab::sshd::client_args(&ssh_dir);
+    ssh_args.extend([format!("root@{ipb}"), "echo $SSH_CONNECTION".into()]);
+    let args: Vec<&str> = ssh_args.iter().map(String::as_str).collect();
+    let seen = run_in(&lab, a, "ssh", &args);
+    let words: Vec<&str> = seen.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&ipa.as_str()), "{seen}");
+    assert_eq!(words.get(2), Some(&ipb.as_str()), "{seen}");
+
+    // curl fetches from a web server bound to b's virtual address only.
+    let dir = state.join("www");
+    std::fs::create_dir_all(&dir).expect("www");
+    std::fs::write(dir.join("hello.txt"), "served over reach vpn\n").expect("file");
+    let _web = common::spawn_until(
+        {
+            let mut c = lab.command(b, "python3");
+            c.args([
+                "-u",
+                "-m",
+                "http.server",
+                "8000",
+                "--bind",
+                &ipb,
+                "--directory",
+            ])
+            .arg(&dir);
+            c
+        },
+        &state.join("web.log"),
+        "Serving HTTP",
+    );
+    let page = run_in(
+        &lab,
+        a,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "20",
+            &format!("http://{ipb}:8000/hello.txt"),
+        ],
+    );
+    assert_eq!(page, "served over reach vpn\n");
+
+    // iperf3 between the virtual addresses, a short bounded run.
+    let _server = common::spawn_until(
+        {
+            let mut c = lab.command(b, "iperf3");
+            c.args(["-s", "-1", "--forceflush", "-B", &ipb]);
+            c
+        },
+        &state.join("iperf3-server.log"),
+        "Server listening",
+    );
+    let json = run_in(
+        &lab,
+        a,
+        "iperf3",
+        &["-c", &ipb, "-t", "2", "-J", "--connect-timeout", "10000"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).expect("iperf3 JSON");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(bps > 0.0, "iperf3 moved nothing: {json}");
+
+    // reach status in a lists b as a peer, with the path its packets take.
+    let status = run_in(
+        &lab,
+        a,
+        tools.join("reach").to_str().expect("path"),
+        &[
+            "--state-dir",
+            state.join(a).to_str().expect("path"),
+            "status",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let vpn = v["proxies"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["kind"] == "vpn"))
+        .unwrap_or_else(|| panic!("no vpn in {status}"));
+    let peer = vpn["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["ip"] == ipb.as_str()))
+        .unwrap_or_else(|| panic!("no peer {ipb} in {status}"));
+    assert!(
+        ["direct", "reverse", "splice", "routed"].contains(&peer["path"].as_str().unwrap_or("")),
+        "{peer}"
+    );
+    assert!(peer["bytes_out"].as_u64().unwrap_or(0) > 0, "{peer}");
+
+    // vpn down ends a's member and its device with it.
+    assert!(has_device(&lab, a));
+    let down = lab
+        .command(a, tools.join("reach"))
+        .arg("--state-dir")
+        .arg(state.join(a))
+        .args(["vpn", "down"])
+        .output()
+        .expect("vpn down");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(!has_device(&lab, a), "vpn down left the device");
+    // A second down says nothing runs, and fails.
+    let again = lab
+        .command(a, tools.join("reach"))
+        .arg("--state-dir")
+        .arg(state.join(a))
+        .args(["vpn", "down"])
+        .output()
+        .expect("vpn down");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no reach vpn runs here"));
+
+    // kill -9 of b's member: the kernel removes the device with the
+    // process, and a new member comes up on the same device name.
+    assert!(has_device(&lab, b));
+    drop(mb);
+    let gone = reach_lab::wait::until(Duration::from_secs(10), || {
+        (!has_device(&lab, b)).then_some(())
+    });
+    assert!(gone.is_some(), "the device outlived its killed process");
+    let mb = member(b);
+    assert!(has_device(&lab, b));
+    assert_eq!(
+        mb.ip.to_string(),
+        ipb,
+        "the derived address is the same again"
+    );
+}

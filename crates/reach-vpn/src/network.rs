@@ -137,8 +137,12 @@ impl Peer {
         *self.module.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn owns(&self, ip: IpAddr) -> bool {
-        ip == IpAddr::V4(self.ipv4) || ip == IpAddr::V6(self.ula)
+    /// Its addresses.
+    pub fn owner(&self) -> packet::Owner {
+        packet::Owner {
+            ipv4: self.ipv4,
+            ula: self.ula,
+        }
     }
 }
 
@@ -520,20 +524,20 @@ impl Vpn {
     /// Writes one packet from `peer` to the device, if it is the peer's to
     /// send and this member's to receive.
     async fn deliver(&self, peer: &Peer, pkt: &[u8]) -> io::Result<()> {
-        let a = match packet::addrs(pkt) {
-            Ok(a) => a,
-            Err(_) => {
+        let me = packet::Owner {
+            ipv4: self.me.ipv4,
+            ula: self.me.ula,
+        };
+        match packet::inbound(pkt, &peer.owner(), &me) {
+            packet::Inbound::Deliver => {}
+            packet::Inbound::Spoofed => {
+                bump(&self.stats.dropped_spoofed);
+                return Ok(());
+            }
+            packet::Inbound::Bad | packet::Inbound::NotMine => {
                 bump(&self.stats.dropped_bad);
                 return Ok(());
             }
-        };
-        if !peer.owns(a.src) {
-            bump(&self.stats.dropped_spoofed);
-            return Ok(());
-        }
-        if a.dst != IpAddr::V4(self.me.ipv4) && a.dst != IpAddr::V6(self.me.ula) {
-            bump(&self.stats.dropped_bad);
-            return Ok(());
         }
         self.dev.send(pkt).await?;
         bump(&peer.packets_in);

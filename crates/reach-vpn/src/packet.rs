@@ -65,6 +65,46 @@ pub fn addrs(pkt: &[u8]) -> Result<Addrs, PacketError> {
     }
 }
 
+/// A member's two addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Its IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Its ULA.
+    pub ula: Ipv6Addr,
+}
+
+impl Owner {
+    /// Whether `ip` is one of them.
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        ip == IpAddr::V4(self.ipv4) || ip == IpAddr::V6(self.ula)
+    }
+}
+
+/// What to do with a packet a peer sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// Write it to the device.
+    Deliver,
+    /// Not an IP packet: drop and count.
+    Bad,
+    /// From an address that is not the peer's: drop and count (no member
+    /// speaks for another).
+    Spoofed,
+    /// Not for this member: drop and count (the vpn does not route on).
+    NotMine,
+}
+
+/// Judges packet `pkt` that `peer` sent to member `me`.
+pub fn inbound(pkt: &[u8], peer: &Owner, me: &Owner) -> Inbound {
+    match addrs(pkt) {
+        Err(_) => Inbound::Bad,
+        Ok(a) if !peer.owns(a.src) => Inbound::Spoofed,
+        Ok(a) if !me.owns(a.dst) => Inbound::NotMine,
+        Ok(_) => Inbound::Deliver,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,7 +152,38 @@ mod tests {
         assert_eq!(addrs(&[0x50; 60]), Err(PacketError::Version(5)));
     }
 
+    #[test]
+    fn a_peer_delivers_only_its_own_packets_to_this_member() {
+        let peer = Owner {
+            ipv4: Ipv4Addr::new(10, 77, 0, 2),
+            ula: "fd00::2".parse().unwrap(),
+        };
+        let me = Owner {
+            ipv4: Ipv4Addr::new(10, 77, 0, 1),
+            ula: "fd00::1".parse().unwrap(),
+        };
+        assert_eq!(
+            inbound(&v4([10, 77, 0, 2], [10, 77, 0, 1]), &peer, &me),
+            Inbound::Deliver
+        );
+        assert_eq!(
+            inbound(&v4([10, 77, 0, 3], [10, 77, 0, 1]), &peer, &me),
+            Inbound::Spoofed
+        );
+        assert_eq!(
+            inbound(&v4([10, 77, 0, 2], [10, 77, 0, 9]), &peer, &me),
+            Inbound::NotMine
+        );
+        assert_eq!(inbound(&[0x45, 0], &peer, &me), Inbound::Bad);
+    }
+
     proptest! {
+        #[test]
+        fn arbitrary_packets_from_a_peer_are_judged_never_panic(p in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let o = Owner { ipv4: Ipv4Addr::new(10, 77, 0, 2), ula: Ipv6Addr::LOCALHOST };
+            let _ = inbound(&p, &o, &o);
+        }
+
         #[test]
         fn any_bytes_give_addresses_or_an_error(p in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = addrs(&p);
