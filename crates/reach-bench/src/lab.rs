@@ -487,7 +487,7 @@ fn clock_ticks() -> f64 {
 
 /// CPU seconds the processes `pids` have used, once each has reaped its
 /// forked children (socat's connection processes), so theirs count too.
-fn cpu_of(pids: &[u32]) -> anyhow::Result<f64> {
+pub(crate) fn cpu_of(pids: &[u32]) -> anyhow::Result<f64> {
     for pid in pids {
         let path = format!("/proc/{pid}/task/{pid}/children");
         reach_lab::wait::until(READY, || {
@@ -501,7 +501,7 @@ fn cpu_of(pids: &[u32]) -> anyhow::Result<f64> {
 
 /// The directory a benchmark keeps its logs and state in: `keep` (kept), or
 /// a temporary one named for `what`, removed when the returned guard drops.
-fn work_dir(
+pub(crate) fn work_dir(
     keep: Option<PathBuf>,
     what: &str,
 ) -> anyhow::Result<(PathBuf, Option<crate::TempDir>)> {

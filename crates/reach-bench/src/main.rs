@@ -10,6 +10,7 @@
 mod agent;
 mod hub;
 mod lab;
+mod vpn;
 
 use std::time::Instant;
 
@@ -87,6 +88,23 @@ enum Bench {
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+    },
+    /// reach vpn between two network namespaces beside the raw veth path and
+    /// a boringtun (WireGuard) tunnel on the same hosts: iperf3 with 1 and 4
+    /// streams, ping round trips, CPU per GB of each tunnel. Needs root,
+    /// iperf3, iputils-ping, wireguard-tools and boringtun-cli
+    /// (scripts/bench.sh installs them).
+    #[command(verbatim_doc_comment)]
+    Vpn {
+        /// One short round instead of three longer ones.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+        /// Keep the logs and state in this directory.
+        #[arg(long, value_name = "DIR")]
+        keep: Option<std::path::PathBuf>,
     },
     /// reach between network namespaces beside plain TCP, socat, rathole and
     /// boringtun on the same paths: direct throughput (1 and 4 streams,
@@ -180,6 +198,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Bench::Agent(cmd) => rt.block_on(agent::run(cmd))?,
         Bench::HubNodes(args) => rt.block_on(hub::hold_nodes(args))?,
+        Bench::Vpn { quick, json, keep } => {
+            let rows = vpn::run(lab_size(quick), keep.as_deref())?;
+            report(rows, json.as_deref())?;
+        }
         Bench::Lab { quick, json, keep } => {
             let mut rows = lab::run(lab_size(quick), keep.as_deref())?;
             rows.extend(lab::lossy(lab_size(quick), keep.as_deref())?);
@@ -194,6 +216,7 @@ fn main() -> anyhow::Result<()> {
             let mut rows = lab::run(lab_size(quick), None)?;
             rows.extend(lab::lossy(lab_size(quick), None)?);
             rows.extend(lab::setup_per_module()?);
+            rows.extend(vpn::run(lab_size(quick), None)?);
             let (nodes, streams, mib) = if quick {
                 (200, 200, 64)
             } else {

@@ -53,6 +53,11 @@ fn keypair() -> Result<(String, String), LabError> {
 }
 
 impl Tunnel {
+    /// The process ids of both ends.
+    pub fn pids(&self) -> Vec<u32> {
+        self.ends.iter().map(Process::id).collect()
+    }
+
     /// Connects hosts `a` and `b` (reachable at `b_ip` from `a`, and `a_ip`
     /// from `b`) with a boringtun tunnel: `a` gets [`INNER_A`], `b`
     /// [`INNER_B`]. Keys and logs go to `dir`; `tag` makes the interface

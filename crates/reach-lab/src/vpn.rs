@@ -34,7 +34,8 @@ pub struct Member {
     pub ip: IpAddr,
     /// Its log.
     pub log: PathBuf,
-    _procs: Vec<Process>,
+    /// The member, its probe server and its sink (killed when dropped).
+    procs: Vec<Process>,
 }
 
 /// The lab's network secret file for vpn members (made once).
@@ -86,8 +87,15 @@ pub fn start_member(
     Ok(Member {
         ip,
         log,
-        _procs: vec![vpn, server, sink],
+        procs: vec![vpn, server, sink],
     })
+}
+
+impl Member {
+    /// The `reach vpn up` process's id.
+    pub fn pid(&self) -> u32 {
+        self.procs[0].id()
+    }
 }
 
 /// Starts a member on every matrix host.

@@ -1,6 +1,7 @@
 //! The TUN device: made with the member's virtual IPv4 address (its
 //! prefix becomes a route through the device) and its ULA (a /64 route),
-//! the MTU set and the link up.
+//! the MTU set, offloads on (every read and write starts with a
+//! virtio-net header, [`crate::vnet`]) and the link up.
 //!
 //! The device is not persistent: it lives as long as the file descriptor
 //! this process holds, so when the process ends in any way (`vpn down`, a
@@ -70,8 +71,18 @@ pub fn create(config: &DeviceConfig) -> Result<AsyncDevice, DeviceError> {
         .name(&config.name)
         .mtu(config.mtu)
         .ipv4(config.ipv4, config.prefix, None)
+        // Segments of up to 64 KiB with a virtio-net header (see vnet).
+        .with(|b| {
+            b.offload(true);
+        })
         .build_async()
         .map_err(create_err)?;
+    if !dev.tcp_gso() {
+        return Err(DeviceError::Create {
+            name: config.name.clone(),
+            source: std::io::Error::other("the kernel does not offer TUN offloads (IFF_VNET_HDR)"),
+        });
+    }
     if let Some(ula) = config.ula {
         if let Err(e) = dev.add_address_v6(ula, 64) {
             tracing::warn!(device = %config.name, %ula, "IPv6 address not added (IPv6 disabled on this host?): {e}; the vpn carries IPv4 only here");

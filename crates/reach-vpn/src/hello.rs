@@ -4,7 +4,7 @@
 //! neither waits for the other to speak first.
 //!
 //! ```text
-//! "RVPN" | version u8 (1) | network tag (8) | IPv4 address (4) | MTU u16
+//! "RVPN" | version u8 (2) | network tag (8) | IPv4 address (4) | MTU u16
 //! ```
 
 use std::net::Ipv4Addr;
@@ -14,7 +14,8 @@ use reach_proto::vpn::NetworkTag;
 /// Length of a hello.
 pub const HELLO_LEN: usize = 19;
 const MAGIC: &[u8; 4] = b"RVPN";
-const VERSION: u8 = 1;
+/// 2: frames carry an offload header (see [`crate::vnet`]).
+const VERSION: u8 = 2;
 
 /// A vpn stream's hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,6 +11,8 @@
 //! - [`device`]: the TUN device;
 //! - [`hello`]: the first message on a vpn stream;
 //! - [`packet`]: reading a packet's addresses;
+//! - [`vnet`]: the offload header before each packet;
+//! - [`frame`]: packets on a stream;
 //! - [`outq`]: a peer's queue of outgoing packets;
 //! - [`shared`]: a stream shared by a peer's reader and writer;
 //! - [`network`]: the driver that carries packets between the device and
@@ -19,11 +21,13 @@
 
 pub mod address;
 pub mod device;
+pub mod frame;
 pub mod hello;
 pub mod network;
 pub mod outq;
 pub mod packet;
 pub mod shared;
+pub mod vnet;
 
 pub use network::{Membership, Peer, Stats, Vpn, VPORT};
 

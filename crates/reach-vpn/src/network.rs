@@ -32,14 +32,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tun_rs::AsyncDevice;
 
 use crate::hello::{Hello, HELLO_LEN};
-use crate::outq::OutQueue;
+use crate::outq::{Budget, OutQueue};
 use crate::packet;
 use crate::shared::Shared;
 
 /// The virtual port vpn streams open to.
 pub const VPORT: u16 = 65_520;
-/// Bytes of packets queued for one peer at most (about 700 full packets).
-const PEER_QUEUE: usize = 1 << 20;
+/// Bytes of frames queued for one peer at most: 64 segments of 64 KiB
+/// (with offloads a frame is a whole TCP segment; a smaller queue drops
+/// segments of several streams at once).
+const PEER_QUEUE: usize = 4 << 20;
+/// How long the device reader waits for room in a full peer queue before
+/// it drops the packet.
+const ROOM_WAIT: Duration = Duration::from_millis(5);
+/// Bytes queued for all peers together at most.
+const ALL_QUEUES: usize = 64 << 20;
 /// Bytes queued for a destination still being resolved.
 const PENDING_QUEUE: usize = 64 * 1024;
 /// How long a hello may take.
@@ -56,8 +63,8 @@ const MAX_RESOLVING: usize = 256;
 /// Peers at once at most (members the policy admits are the only ones
 /// that can add peers).
 const MAX_PEERS: usize = 4096;
-/// Largest packet read from the device or a peer.
-const MAX_PACKET: usize = 65_535;
+/// Bytes a stream reader holds: room for a whole frame and more.
+const READ_BUF: usize = 4 * crate::frame::MAX_FRAME;
 
 /// The member's place in its network.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,6 +170,7 @@ pub struct Vpn {
     dev: Arc<AsyncDevice>,
     me: Membership,
     table: Mutex<Table>,
+    budget: Arc<Budget>,
     next_writer: AtomicU64,
     /// The data plane's counters.
     pub stats: Stats,
@@ -198,6 +206,7 @@ impl Vpn {
             dev: Arc::new(dev),
             me,
             table: Mutex::new(Table::default()),
+            budget: Budget::new(ALL_QUEUES),
             next_writer: AtomicU64::new(1),
             stats: Stats::default(),
         })
@@ -221,10 +230,24 @@ impl Vpn {
     }
 
     async fn read_device(self: &Arc<Self>) -> io::Result<()> {
-        let mut buf = vec![0u8; MAX_PACKET];
+        let mut buf = vec![0u8; crate::frame::MAX_FRAME];
         loop {
             let n = self.dev.recv(&mut buf).await?;
-            self.route(&buf[..n]);
+            let frame = &mut buf[..n];
+            crate::vnet::device_to_wire(frame);
+            if let Some(p) = self.route(frame) {
+                // Its queue is full: wait a little for room (the kernel's
+                // queue holds the senders back meanwhile, so TCP slows
+                // down instead of losing whole segments), then try once
+                // more. The wait is bounded: a stalled peer must not hold
+                // up the others for long.
+                let _ = tokio::time::timeout(ROOM_WAIT, p.queue.room()).await;
+                if p.queue.push(frame) {
+                    self.count_out(&p, 1, frame.len() as u64);
+                } else {
+                    bump(&self.stats.dropped_full);
+                }
+            }
         }
     }
 
@@ -239,15 +262,16 @@ impl Vpn {
         }
     }
 
-    /// Sends one packet from the device towards its destination.
-    fn route(self: &Arc<Self>, pkt: &[u8]) {
-        let dst = match packet::addrs(pkt) {
-            Ok(a) if self.in_network(a.dst) => a.dst,
+    /// Sends one frame (offload header and packet) from the device
+    /// towards its destination.
+    fn route(self: &Arc<Self>, pkt: &[u8]) -> Option<Arc<Peer>> {
+        let dst = match pkt.get(crate::vnet::LEN..).map(packet::addrs) {
+            Some(Ok(a)) if self.in_network(a.dst) => a.dst,
             _ => {
                 // Not IP, or multicast (IPv6 neighbour discovery, mDNS):
                 // the vpn is point to point.
                 bump(&self.stats.dropped_bad);
-                return;
+                return None;
             }
         };
         let mut t = self.table();
@@ -255,34 +279,34 @@ impl Vpn {
             drop(t);
             if p.queue.push(pkt) {
                 self.count_out(&p, 1, pkt.len() as u64);
-            } else {
-                bump(&self.stats.dropped_full);
+                return None;
             }
-            return;
+            return Some(p);
         }
         if let Some(q) = t.pending.get(&dst) {
             if !q.push(pkt) {
                 bump(&self.stats.dropped_full);
             }
-            return;
+            return None;
         }
         let now = Instant::now();
         if t.unreachable.get(&dst).is_some_and(|until| now < *until) {
             bump(&self.stats.dropped_unreachable);
-            return;
+            return None;
         }
         if t.pending.len() >= MAX_RESOLVING {
             bump(&self.stats.dropped_unreachable);
             tracing::debug!(%dst, "not resolved: {MAX_RESOLVING} destinations are being resolved");
-            return;
+            return None;
         }
         t.unreachable.retain(|_, until| now < *until);
-        let q = Arc::new(OutQueue::new(PENDING_QUEUE));
+        let q = Arc::new(OutQueue::new(PENDING_QUEUE, self.budget.clone()));
         q.push(pkt);
         t.pending.insert(dst, q);
         drop(t);
         let vpn = self.clone();
         tokio::spawn(async move { vpn.resolve(dst).await });
+        None
     }
 
     /// Finds who holds `dst`, connects to it and hands it the packets
@@ -304,7 +328,7 @@ impl Vpn {
             }
             Err(e) => {
                 if let Some(q) = pending {
-                    let (n, _) = q.move_to(&OutQueue::new(0));
+                    let (n, _) = q.move_to(&OutQueue::new(0, Budget::new(0)));
                     self.stats
                         .dropped_unreachable
                         .fetch_add(n, Ordering::Relaxed);
@@ -430,7 +454,7 @@ impl Vpn {
                         node,
                         ipv4: theirs.ip,
                         ula: peer_ula,
-                        queue: OutQueue::new(PEER_QUEUE),
+                        queue: OutQueue::new(PEER_QUEUE, self.budget.clone()),
                         streams: AtomicUsize::new(0),
                         writer: AtomicU64::new(0),
                         module: Mutex::new(module),
@@ -488,7 +512,7 @@ impl Vpn {
 
     /// Writes the packets `peer` sends to the device.
     async fn carry_in(&self, peer: &Peer, mut r: Shared) -> io::Result<()> {
-        let mut buf = vec![0u8; 4 * MAX_PACKET];
+        let mut buf = vec![0u8; READ_BUF];
         let mut have = 0;
         let mut moved = false;
         loop {
@@ -512,21 +536,33 @@ impl Vpn {
             }
             have += n;
             let mut at = 0;
-            while let Some((pkt, used)) = reach_proto::datagram::decode(&buf[at..have]) {
-                self.deliver(peer, pkt).await?;
-                at += used;
+            loop {
+                let used = match crate::frame::decode(&buf[at..have]) {
+                    Ok(Some((_, used))) => used,
+                    Ok(None) => break,
+                    Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                };
+                let (start, end) = (at, at + used);
+                at = end;
+                let frame = &mut buf[start + crate::frame::HEADER_LEN..end];
+                self.deliver(peer, frame).await?;
             }
             buf.copy_within(at..have, 0);
             have -= at;
         }
     }
 
-    /// Writes one packet from `peer` to the device, if it is the peer's to
-    /// send and this member's to receive.
-    async fn deliver(&self, peer: &Peer, pkt: &[u8]) -> io::Result<()> {
+    /// Writes one frame (offload header and packet) from `peer` to the
+    /// device, if the header is one a device makes, and the packet is the
+    /// peer's to send and this member's to receive.
+    async fn deliver(&self, peer: &Peer, frame: &mut [u8]) -> io::Result<()> {
         let me = packet::Owner {
             ipv4: self.me.ipv4,
             ula: self.me.ula,
+        };
+        let Ok(pkt) = crate::vnet::check(frame) else {
+            bump(&self.stats.dropped_bad);
+            return Ok(());
         };
         match packet::inbound(pkt, &peer.owner(), &me) {
             packet::Inbound::Deliver => {}
@@ -539,13 +575,13 @@ impl Vpn {
                 return Ok(());
             }
         }
-        self.dev.send(pkt).await?;
+        let len = pkt.len() as u64;
+        crate::vnet::wire_to_device(frame);
+        self.dev.send(frame).await?;
         bump(&peer.packets_in);
-        peer.bytes_in.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+        peer.bytes_in.fetch_add(len, Ordering::Relaxed);
         bump(&self.stats.packets_in);
-        self.stats
-            .bytes_in
-            .fetch_add(pkt.len() as u64, Ordering::Relaxed);
+        self.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 }

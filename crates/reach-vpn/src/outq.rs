@@ -1,30 +1,83 @@
 //! A peer's outgoing packets, queued as the bytes its stream will carry:
-//! the TUN reader appends each packet framed ([`reach_proto::datagram`])
+//! the TUN reader appends each packet framed ([`crate::frame`])
 //! to one buffer, and the stream's writer takes the whole buffer at once
 //! and writes it with one call. No allocation per packet, and a burst of
-//! packets becomes one write. The buffer is bounded: a packet that does
-//! not fit is dropped and counted, as a router drops when its queue is
-//! full (the TCP above resends it), and the reader never waits.
+//! packets becomes one write. Each queue is bounded, and all queues
+//! together share a [`Budget`]: a packet that does not fit is dropped and
+//! counted, as a router drops when its queue is full (the TCP above resends
+//! it), and the reader never waits.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+
+/// Bytes all queues of a vpn may hold together.
+#[derive(Debug)]
+pub struct Budget {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Takes `n` bytes if they fit.
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.max).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes queued now, in all queues.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
 
 /// A bounded queue of framed packets for one stream.
 #[derive(Debug)]
 pub struct OutQueue {
     buf: Mutex<Vec<u8>>,
     cap: usize,
+    budget: Arc<Budget>,
     ready: Notify,
+    /// Wakes a reader waiting for room.
+    room: Notify,
+}
+
+/// A batch buffer that grew past this is shrunk back after use, so idle
+/// peers do not keep a burst's memory.
+const KEEP: usize = 256 * 1024;
+
+impl Drop for OutQueue {
+    fn drop(&mut self) {
+        self.budget.give(self.lock().len());
+    }
 }
 
 impl OutQueue {
-    /// A queue holding at most `cap` bytes of framed packets.
-    pub fn new(cap: usize) -> Self {
+    /// A queue holding at most `cap` bytes of framed packets, within
+    /// `budget`.
+    pub fn new(cap: usize, budget: Arc<Budget>) -> Self {
         Self {
-            buf: Mutex::new(Vec::with_capacity(cap.min(64 * 1024))),
+            buf: Mutex::new(Vec::new()),
             cap,
+            budget,
             ready: Notify::new(),
+            room: Notify::new(),
         }
     }
 
@@ -35,8 +88,12 @@ impl OutQueue {
     /// Queues `pkt`; false (dropped) if it does not fit.
     pub fn push(&self, pkt: &[u8]) -> bool {
         let mut buf = self.lock();
-        let len = reach_proto::datagram::HEADER_LEN + pkt.len();
-        if buf.len() + len > self.cap || reach_proto::datagram::encode(pkt, &mut buf).is_err() {
+        let len = crate::frame::HEADER_LEN + pkt.len();
+        if buf.len() + len > self.cap || !self.budget.take(len) {
+            return false;
+        }
+        if crate::frame::encode(pkt, &mut buf).is_err() {
+            self.budget.give(len);
             return false;
         }
         drop(buf);
@@ -59,8 +116,23 @@ impl OutQueue {
         if buf.is_empty() {
             return false;
         }
+        if out.capacity() > KEEP {
+            out.shrink_to(KEEP);
+        }
         std::mem::swap(&mut *buf, out);
+        self.budget.give(out.len());
+        drop(buf);
+        self.room.notify_one();
         true
+    }
+
+    /// Waits until the writer has taken what was queued (there is room).
+    pub async fn room(&self) {
+        let wait = self.room.notified();
+        if self.lock().len() * 2 < self.cap {
+            return;
+        }
+        wait.await;
     }
 
     /// Moves every packet queued here to `to`; returns how many packets
@@ -70,7 +142,7 @@ impl OutQueue {
         self.take_now(&mut bytes);
         let (mut moved, mut dropped) = (0, 0);
         let mut rest = &bytes[..];
-        while let Some((pkt, used)) = reach_proto::datagram::decode(rest) {
+        while let Ok(Some((pkt, used))) = crate::frame::decode(rest) {
             if to.push(pkt) {
                 moved += 1;
             } else {
@@ -98,37 +170,77 @@ mod tests {
 
     #[tokio::test]
     async fn packets_queue_as_framed_bytes_up_to_the_bound() {
-        let q = OutQueue::new(10);
+        let q = OutQueue::new(14, Budget::new(1 << 20));
         assert!(q.push(b"abc"));
         assert!(q.push(b"de"));
-        assert!(!q.push(b"f"), "5 + 4 + 3 bytes exceed 10");
+        assert!(!q.push(b"f"), "7 + 6 + 5 bytes exceed 14");
         let mut out = Vec::new();
         q.take(&mut out).await;
-        assert_eq!(out, b"\x00\x03abc\x00\x02de");
+        assert_eq!(out, b"\x00\x00\x00\x03abc\x00\x00\x00\x02de");
         assert!(q.is_empty());
         // The taken buffer's room comes back with the next swap.
         out.clear();
         assert!(q.push(b"ghijkl"));
         q.take(&mut out).await;
-        assert_eq!(out, b"\x00\x06ghijkl");
+        assert_eq!(out, b"\x00\x00\x00\x06ghijkl");
     }
 
     #[test]
     fn queued_packets_move_whole_to_another_queue_up_to_its_bound() {
-        let (from, to) = (OutQueue::new(100), OutQueue::new(9));
+        let (from, to) = (
+            OutQueue::new(100, Budget::new(1 << 20)),
+            OutQueue::new(13, Budget::new(1 << 20)),
+        );
         assert!(from.push(b"abc") && from.push(b"de") && from.push(b"fgh"));
         assert_eq!(from.move_to(&to), (2, 1));
         assert!(from.is_empty());
         let mut out = Vec::new();
         assert!(to.take_now(&mut out));
-        assert_eq!(out, b"\x00\x03abc\x00\x02de");
-        let dropped = OutQueue::new(1);
+        assert_eq!(out, b"\x00\x00\x00\x03abc\x00\x00\x00\x02de");
+        let dropped = OutQueue::new(1, Budget::new(1));
         assert_eq!(dropped.move_to(&to), (0, 0));
+    }
+
+    #[test]
+    fn queues_share_their_budget_and_give_it_back_when_taken() {
+        let budget = Budget::new(20);
+        let (a, b) = (
+            OutQueue::new(100, budget.clone()),
+            OutQueue::new(100, budget.clone()),
+        );
+        assert!(a.push(&[0; 8]) && b.push(&[0; 4]));
+        assert_eq!(budget.used(), 20);
+        assert!(!a.push(&[0; 1]), "over the shared budget");
+        let mut out = Vec::new();
+        assert!(a.take_now(&mut out));
+        assert_eq!(budget.used(), 8);
+        drop(b);
+        assert_eq!(budget.used(), 0, "a dropped queue gives its bytes back");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_has_room_again_once_its_writer_takes() {
+        let q = std::sync::Arc::new(OutQueue::new(16, Budget::new(1 << 20)));
+        assert!(q.push(&[0; 12]));
+        let q2 = q.clone();
+        let waiter = tokio::spawn(async move { q2.room().await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "no room while 16 of 16 bytes wait");
+        let mut out = Vec::new();
+        assert!(q.take_now(&mut out));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("no panic");
+        // An emptyish queue has room at once.
+        tokio::time::timeout(std::time::Duration::from_secs(5), q.room())
+            .await
+            .expect("room at once");
     }
 
     #[tokio::test]
     async fn a_waiting_writer_wakes_for_a_packet() {
-        let q = std::sync::Arc::new(OutQueue::new(100));
+        let q = std::sync::Arc::new(OutQueue::new(100, Budget::new(1 << 20)));
         let q2 = q.clone();
         let writer = tokio::spawn(async move {
             let mut out = Vec::new();
@@ -141,6 +253,6 @@ mod tests {
             .await
             .expect("woken")
             .expect("no panic");
-        assert_eq!(out, b"\x00\x01x");
+        assert_eq!(out, b"\x00\x00\x00\x01x");
     }
 }

@@ -1,0 +1,241 @@
+//! `reach-bench vpn`: reach vpn between two network namespaces beside the
+//! raw veth path and a boringtun (WireGuard) tunnel on the same hosts, in
+//! one run: unmodified iperf3 with 1 and 4 streams, ping round trips, and
+//! the CPU each tunnel's processes spend per gigabyte carried.
+//!
+//! ```text
+//!   a ------------------ b     raw TCP (the hosts' own addresses)
+//!   a ==reach0=========== b     reach vpn (virtual addresses)
+//!   a ==wgNN============= b     boringtun (its inner addresses)
+//! ```
+//! The hosts are `a` and `b` of `lab/topologies/hub-chain.toml`, each on a
+//! site of its own; the vpn members attach to hub1, which keeps their
+//! directory (packets go between `a` and `b` directly). Rounds go through
+//! the variants in turn and each figure is the median of its rounds.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use reach_lab::{Lab, Topology};
+
+use crate::lab::{cpu_of, work_dir, Size};
+use crate::Row;
+
+const TOPOLOGY: &str = include_str!("../../../lab/topologies/hub-chain.toml");
+/// The iperf3 server's port in `b`.
+const IPERF_PORT: u16 = 5201;
+/// How long a server has to come up.
+const READY: Duration = Duration::from_secs(20);
+
+/// One way from `a` to `b`: its name, the address of `b` it uses, and the
+/// processes that carry it (none for the raw path: the kernel does).
+struct Way {
+    name: &'static str,
+    to: IpAddr,
+    carriers: Vec<u32>,
+}
+
+/// What one iperf3 run measured.
+struct Run {
+    gbit_s: f64,
+    /// CPU seconds of the carriers per gigabyte received.
+    cpu_s_per_gb: f64,
+}
+
+fn iperf3(
+    lab: &Lab,
+    to: IpAddr,
+    streams: usize,
+    secs: f64,
+    carriers: &[u32],
+) -> anyhow::Result<Run> {
+    let before = cpu_of(carriers)?;
+    let out = lab
+        .command("a", "iperf3")
+        .args(["-c", &to.to_string(), "-p", &IPERF_PORT.to_string(), "-J"])
+        .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
+        .args(["--connect-timeout", "10000"])
+        .output()
+        .context("cannot run iperf3 (apt-get install iperf3)")?;
+    let after = cpu_of(carriers)?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 to {to}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 to {to}: {e}");
+    }
+    let received = &v["end"]["sum_received"];
+    let bytes = received["bytes"]
+        .as_f64()
+        .context("iperf3 reported no bytes")?;
+    let bps = received["bits_per_second"]
+        .as_f64()
+        .context("iperf3 reported no rate")?;
+    Ok(Run {
+        gbit_s: bps / 1e9,
+        cpu_s_per_gb: (after - before) / (bytes / 1e9),
+    })
+}
+
+/// The average of `count` pings from `a` to `to`, in microseconds.
+fn ping_us(lab: &Lab, to: IpAddr, count: u32) -> anyhow::Result<f64> {
+    let out = lab
+        .command("a", "ping")
+        .args([
+            "-n",
+            "-q",
+            "-i",
+            "0.002",
+            "-c",
+            &count.to_string(),
+            "-w",
+            "60",
+        ])
+        .arg(to.to_string())
+        .output()
+        .context("cannot run ping (apt-get install iputils-ping)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "rtt min/avg/max/mdev = 0.045/0.061/0.080/0.014 ms"
+    let avg = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("ping to {to}: {text}"))?;
+    Ok(avg * 1000.0)
+}
+
+/// Runs the vpn benchmark, with logs and state in `keep` (kept) or in a
+/// temporary directory.
+pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
+    let (dir, _tmp) = work_dir(keep.map(Path::to_path_buf), "vpn")?;
+    let t = Topology::from_toml(TOPOLOGY).context("bench topology")?;
+    let lab = Lab::up(&t).context("cannot build the lab (needs root)")?;
+    let tools = crate::tools_dir(&["reach", "reach-lab"])?;
+    let hubs = reach_lab::hubs::start(&lab, &t, t.hubs.as_ref().context("[hubs]")?, &tools, &dir)?;
+    let member = |h: &str| {
+        let hub = hubs.target(&lab, h, "hub1");
+        reach_lab::vpn::start_member(&lab, &tools, h, hub.as_deref())
+    };
+    let (va, vb) = (member("a")?, member("b")?);
+    hubs.wait_converged(&lab, &tools, 2, READY)?;
+    let ip = |h: &str| {
+        let h = lab.host(h);
+        h.public.unwrap_or(h.lan)
+    };
+    let tag = format!("{}", std::process::id() % 100_000);
+    let tunnel = reach_lab::boringtun::Tunnel::start(
+        &lab,
+        ("a", ip("a")),
+        ("b", ip("b")),
+        &tag,
+        &dir.join("boringtun"),
+    )?;
+    let log = dir.join("iperf3-server.log");
+    let _server = Lab::spawn_logged(
+        lab.command("b", "iperf3")
+            .args(["-s", "--forceflush", "-p", &IPERF_PORT.to_string()]),
+        &log,
+    )?;
+    reach_lab::wait::until(READY, || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("Server listening")
+            .then_some(())
+    })
+    .context("the iperf3 server did not start")?;
+    let ways = [
+        Way {
+            name: "raw veth TCP",
+            to: ip("b").into(),
+            carriers: Vec::new(),
+        },
+        Way {
+            name: "reach vpn",
+            to: vb.ip,
+            carriers: vec![va.pid(), vb.pid()],
+        },
+        Way {
+            name: "boringtun (WireGuard)",
+            to: reach_lab::boringtun::INNER_B.into(),
+            carriers: tunnel.pids(),
+        },
+    ];
+    // The first packets set the paths up (the vpn resolves and connects).
+    for w in &ways {
+        ping_us(&lab, w.to, 3).with_context(|| format!("{} is not up", w.name))?;
+    }
+    let mut rows = Vec::new();
+    for streams in [1usize, 4] {
+        let mut runs: Vec<Vec<Run>> = ways.iter().map(|_| Vec::new()).collect();
+        for _ in 0..size.rounds.max(1) {
+            for (i, w) in ways.iter().enumerate() {
+                let r = iperf3(&lab, w.to, streams, size.secs, &w.carriers)
+                    .with_context(|| format!("iperf3 over {}", w.name))?;
+                runs[i].push(r);
+            }
+        }
+        let rate = |i: usize| crate::median(runs[i].iter().map(|r| r.gbit_s).collect());
+        let cpu = |i: usize| crate::median(runs[i].iter().map(|r| r.cpu_s_per_gb).collect());
+        let s = if streams > 1 { "s" } else { "" };
+        let raw = format!("raw veth TCP, {streams} stream{s}");
+        rows.push(Row::new(
+            format!("vpn throughput, reach vpn, iperf3 {streams} stream{s}"),
+            "Gbit/s",
+            rate(1),
+            Some((&raw, rate(0))),
+        ));
+        rows.push(Row::new(
+            format!("vpn throughput, boringtun, iperf3 {streams} stream{s}"),
+            "Gbit/s",
+            rate(2),
+            Some((&raw, rate(0))),
+        ));
+        rows.push(Row::new(
+            format!("vpn throughput, reach vpn, iperf3 {streams} stream{s}"),
+            "Gbit/s",
+            rate(1),
+            Some((&format!("boringtun, {streams} stream{s}"), rate(2))),
+        ));
+        rows.push(Row::new(
+            format!("vpn CPU per GB, reach vpn (both ends), {streams} stream{s}"),
+            "CPU s/GB",
+            cpu(1),
+            Some((
+                &format!("boringtun (both ends), {streams} stream{s}"),
+                cpu(2),
+            )),
+        ));
+    }
+    let count = size.count.max(10);
+    let mut rtts: Vec<Vec<f64>> = ways.iter().map(|_| Vec::new()).collect();
+    for _ in 0..size.rounds.max(1) {
+        for (i, w) in ways.iter().enumerate() {
+            rtts[i].push(ping_us(&lab, w.to, count)?);
+        }
+    }
+    let rtt: Vec<f64> = rtts.into_iter().map(crate::median).collect();
+    rows.push(Row::new(
+        "vpn round trip, reach vpn (ping)",
+        "us",
+        rtt[1],
+        Some(("raw veth (ping)", rtt[0])),
+    ));
+    rows.push(Row::new(
+        "vpn round trip, boringtun (ping)",
+        "us",
+        rtt[2],
+        Some(("raw veth (ping)", rtt[0])),
+    ));
+    rows.push(Row::new(
+        "vpn added round trip, reach vpn",
+        "us",
+        rtt[1] - rtt[0],
+        Some(("boringtun", rtt[2] - rtt[0])),
+    ));
+    drop(tunnel);
+    drop((va, vb));
+    Ok(rows)
+}
