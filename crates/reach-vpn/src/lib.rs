@@ -27,6 +27,7 @@ pub mod network;
 pub mod outq;
 pub mod packet;
 pub mod shared;
+pub mod udp;
 pub mod vnet;
 
 pub use network::{Membership, Peer, Stats, Vpn, VPORT};
