@@ -3,4 +3,5 @@
 //! reach stream; the driver does the socket I/O.
 
 pub mod datagram;
+pub mod paths;
 pub mod replay;

@@ -1,0 +1,564 @@
+//! Which UDP path a peer's packets take, sans-IO: hole punching by
+//! probing every candidate address of the peer at once (both peers start
+//! together, told over their stream), validation by an authenticated
+//! probe and its answer, keepalives on the chosen path, and going back to
+//! probing when the path falls silent or there is none. Time comes in as
+//! an argument; what to send comes out of [`Paths::poll_transmit`].
+//!
+//! ```text
+//!  Searching: a round probes every candidate each PROBE_INTERVAL, for
+//!             FIRST_ROUND (then ROUND every RETRY), until an answer comes
+//!  Up(addr):  data flows; a probe every KEEPALIVE when idle; a better
+//!             path found by a later round takes over; silence for
+//!             DEAD_AFTER ends it (back to Searching)
+//! ```
+//!
+//! A probe or answer that arrives authenticated (the driver opened it
+//! with the session key) proves the peer sent it; an answer to a probe
+//! this side sent to address A proves both directions of A. An
+//! authenticated probe from an address not yet known makes it a candidate
+//! (the peer's NAT mapping as this side sees it), and every answer tells
+//! this side how the peer saw it ([`Event::SeenAs`]): the two reflexive
+//! addresses hole punching needs, learned from the peer itself.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Between two probes of one candidate while searching.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the first round probes (the punching window: after it, the
+/// peer's packets go over the stream).
+pub const FIRST_ROUND: Duration = Duration::from_secs(3);
+/// How long later rounds probe.
+pub const ROUND: Duration = Duration::from_secs(1);
+/// Between the end of a round and the next while no path is up: a path
+/// that opens (a firewall rule lifted) is found within this and a round.
+pub const RETRY: Duration = Duration::from_secs(3);
+/// A probe on an idle path this often (NAT mappings that forget idle ones
+/// after 30 s keep it; RFC 4787 asks at least 2 min).
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// A path that brought nothing authenticated for this long is down.
+pub const DEAD_AFTER: Duration = Duration::from_secs(25);
+/// While up, a round looks for a better path this often.
+pub const UPGRADE_EVERY: Duration = Duration::from_secs(30);
+/// Candidates kept at most.
+pub const MAX_CANDIDATES: usize = 64;
+/// A probe not answered within this is forgotten.
+const PROBE_LIFE: Duration = Duration::from_secs(5);
+/// A new path must be this much faster to take over.
+const BETTER: f64 = 0.7;
+
+/// What the driver sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// A probe with this id.
+    Probe(u64),
+    /// The answer to probe `id`, which came from `seen`.
+    Ack {
+        /// The probe's id.
+        id: u64,
+        /// Where the probe came from, as this side saw it.
+        seen: SocketAddr,
+    },
+}
+
+/// One datagram to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub to: SocketAddr,
+    /// What.
+    pub message: Message,
+}
+
+/// What changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Packets go to `addr` now (a first path, or a better one).
+    Up {
+        /// The path's address at the peer.
+        addr: SocketAddr,
+        /// Its round trip.
+        rtt: Duration,
+    },
+    /// The path to `addr` is down; packets go over the stream until
+    /// another is found.
+    Down {
+        /// The path's address.
+        addr: SocketAddr,
+    },
+    /// The peer saw this side's datagrams come from `addr` (a NAT's
+    /// mapping): worth telling the peer as a candidate.
+    SeenAs(SocketAddr),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Probing every candidate until `until`.
+    Searching { until: Instant },
+    /// No path; the next round at `at`.
+    Waiting { at: Instant },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Active {
+    addr: SocketAddr,
+    rtt: Duration,
+    heard: Instant,
+    sent: Instant,
+}
+
+/// One peer's UDP paths.
+#[derive(Debug)]
+pub struct Paths {
+    candidates: Vec<SocketAddr>,
+    /// Probes sent and not answered: id to (address, when).
+    probes: HashMap<u64, (SocketAddr, Instant)>,
+    next_id: u64,
+    phase: Phase,
+    /// When the current round next probes every candidate.
+    next_probe: Instant,
+    active: Option<Active>,
+    /// Since when the path is up (for upgrade rounds).
+    last_round: Instant,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    seen_as: Option<SocketAddr>,
+}
+
+impl Paths {
+    /// A peer with no candidates yet; the first round starts with
+    /// [`Paths::punch`]. `first_id` seeds probe ids (random, so that ids
+    /// of different sessions do not collide in logs).
+    pub fn new(now: Instant, first_id: u64) -> Self {
+        Self {
+            candidates: Vec::new(),
+            probes: HashMap::new(),
+            next_id: first_id,
+            phase: Phase::Waiting {
+                at: now + Duration::from_secs(3600),
+            },
+            next_probe: now,
+            active: None,
+            last_round: now,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            seen_as: None,
+        }
+    }
+
+    /// Adds candidate addresses of the peer (its interfaces, its
+    /// reflexive addresses, predictions); duplicates and those beyond
+    /// [`MAX_CANDIDATES`] are ignored. Returns how many were new.
+    pub fn add_candidates(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> usize {
+        let mut added = 0;
+        for a in addrs {
+            let a = SocketAddr::new(a.ip().to_canonical(), a.port());
+            if self.candidates.len() < MAX_CANDIDATES && !self.candidates.contains(&a) {
+                self.candidates.push(a);
+                added += 1;
+            }
+        }
+        added
+    }
+
+    /// Starts a round now (the first: [`FIRST_ROUND`] long), as both
+    /// peers do when they agree to punch.
+    pub fn punch(&mut self, now: Instant) {
+        self.start_round(now, FIRST_ROUND);
+    }
+
+    fn start_round(&mut self, now: Instant, length: Duration) {
+        self.phase = Phase::Searching {
+            until: now + length,
+        };
+        self.next_probe = now;
+        self.last_round = now;
+        self.probe_all(now);
+    }
+
+    fn probe(&mut self, to: SocketAddr, now: Instant) {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.probes.insert(id, (to, now));
+        self.transmits.push_back(Transmit {
+            to,
+            message: Message::Probe(id),
+        });
+    }
+
+    fn probe_all(&mut self, now: Instant) {
+        self.probes
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < PROBE_LIFE);
+        for i in 0..self.candidates.len() {
+            let to = self.candidates[i];
+            self.probe(to, now);
+        }
+        self.next_probe = now + PROBE_INTERVAL;
+    }
+
+    /// Where packets go now, if a path is up.
+    pub fn active(&self) -> Option<SocketAddr> {
+        self.active.map(|a| a.addr)
+    }
+
+    /// The active path's round trip.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.active.map(|a| a.rtt)
+    }
+
+    /// The candidates known.
+    pub fn candidates(&self) -> &[SocketAddr] {
+        &self.candidates
+    }
+
+    /// An authenticated probe `id` came from `from`: answer it, and take
+    /// `from` as a candidate (the peer's mapping as seen from here).
+    pub fn handle_probe(&mut self, from: SocketAddr, id: u64, now: Instant) {
+        self.transmits.push_back(Transmit {
+            to: from,
+            message: Message::Ack { id, seen: from },
+        });
+        self.heard(from, now);
+        if self.add_candidates([from]) > 0 && self.active.is_none() {
+            // A hole the peer just punched towards us: probe back at once.
+            self.probe(from, now);
+        }
+    }
+
+    /// An authenticated answer to probe `id` came from `from`, saying the
+    /// probe came from `seen`.
+    pub fn handle_ack(&mut self, from: SocketAddr, id: u64, seen: SocketAddr, now: Instant) {
+        if self.seen_as != Some(seen) {
+            self.seen_as = Some(seen);
+            self.events.push_back(Event::SeenAs(seen));
+        }
+        let Some((to, sent)) = self.probes.remove(&id) else {
+            return;
+        };
+        if to != from {
+            // Answered from another address than probed (a NAT that maps
+            // the peer's replies elsewhere): that address is a candidate.
+            self.add_candidates([from]);
+            return;
+        }
+        let rtt = now.saturating_duration_since(sent);
+        match &mut self.active {
+            Some(a) if a.addr == from => {
+                a.rtt = rtt;
+                a.heard = now;
+            }
+            Some(a) if rtt.as_secs_f64() >= a.rtt.as_secs_f64() * BETTER => {}
+            _ => {
+                self.active = Some(Active {
+                    addr: from,
+                    rtt,
+                    heard: now,
+                    sent: now,
+                });
+                self.phase = Phase::Waiting {
+                    at: now + UPGRADE_EVERY,
+                };
+                self.events.push_back(Event::Up { addr: from, rtt });
+            }
+        }
+    }
+
+    /// An authenticated datagram (data) came from `from`.
+    pub fn heard(&mut self, from: SocketAddr, now: Instant) {
+        if let Some(a) = &mut self.active {
+            if a.addr == from {
+                a.heard = now;
+            }
+        }
+    }
+
+    /// The driver sent a data datagram on the active path.
+    pub fn sent(&mut self, now: Instant) {
+        if let Some(a) = &mut self.active {
+            a.sent = now;
+        }
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next change to act on.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Paths::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Instant {
+        let phase = match self.phase {
+            Phase::Searching { until } => self.next_probe.min(until),
+            Phase::Waiting { at } => at,
+        };
+        match self.active {
+            Some(a) => phase
+                .min(a.sent.max(a.heard) + KEEPALIVE)
+                .min(a.heard + DEAD_AFTER),
+            None => phase,
+        }
+    }
+
+    /// Does what is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(a) = self.active {
+            if now >= a.heard + DEAD_AFTER {
+                self.active = None;
+                self.events.push_back(Event::Down { addr: a.addr });
+                self.start_round(now, ROUND);
+            } else if now >= a.sent.max(a.heard) + KEEPALIVE {
+                self.probe(a.addr, now);
+                if let Some(a) = &mut self.active {
+                    a.sent = now;
+                }
+            }
+        }
+        match self.phase {
+            Phase::Searching { until } if now >= until => {
+                let at = now
+                    + if self.active.is_some() {
+                        UPGRADE_EVERY
+                    } else {
+                        RETRY
+                    };
+                self.phase = Phase::Waiting { at };
+            }
+            Phase::Searching { .. } if now >= self.next_probe => self.probe_all(now),
+            Phase::Waiting { at } if now >= at && !self.candidates.is_empty() => {
+                self.start_round(now, ROUND);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Runs `p` to `until` in virtual time, feeding each transmit to
+    /// `net`, which may answer (with an event for `p`) or drop it.
+    fn run(
+        p: &mut Paths,
+        mut now: Instant,
+        until: Instant,
+        mut net: impl FnMut(Transmit, Instant) -> Option<(SocketAddr, u64, SocketAddr, Duration)>,
+    ) -> Instant {
+        loop {
+            while let Some(t) = p.poll_transmit() {
+                if let Some((from, id, seen, rtt)) = net(t, now) {
+                    p.handle_ack(from, id, seen, now + rtt);
+                }
+            }
+            let next = p.poll_timeout();
+            if next > until {
+                return until;
+            }
+            now = next.max(now);
+            p.handle_timeout(now);
+        }
+    }
+
+    /// A network where `open` addresses answer probes after `rtt`.
+    fn answering(
+        open: &'static [&'static str],
+        rtt: Duration,
+        me: &'static str,
+    ) -> impl FnMut(Transmit, Instant) -> Option<(SocketAddr, u64, SocketAddr, Duration)> {
+        move |t, _| match t.message {
+            Message::Probe(id) if open.contains(&t.to.to_string().as_str()) => {
+                Some((t.to, id, addr(me), rtt))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_round_finds_the_candidate_that_answers_and_reports_how_it_was_seen() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 1);
+        p.add_candidates([addr("10.0.0.2:5000"), addr("198.51.100.7:40000")]);
+        p.punch(t0);
+        run(
+            &mut p,
+            t0,
+            t0 + Duration::from_secs(1),
+            answering(
+                &["198.51.100.7:40000"],
+                Duration::from_millis(20),
+                "203.0.113.9:1234",
+            ),
+        );
+        assert_eq!(p.active(), Some(addr("198.51.100.7:40000")));
+        assert_eq!(p.rtt(), Some(Duration::from_millis(20)));
+        let events: Vec<Event> = std::iter::from_fn(|| p.poll_event()).collect();
+        assert_eq!(
+            events,
+            [
+                Event::SeenAs(addr("203.0.113.9:1234")),
+                Event::Up {
+                    addr: addr("198.51.100.7:40000"),
+                    rtt: Duration::from_millis(20)
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn with_nothing_answering_rounds_repeat_and_a_path_that_opens_is_found_within_five_seconds() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 1);
+        p.add_candidates([addr("198.51.100.7:40000")]);
+        p.punch(t0);
+        let mut sent = 0;
+        let t1 = run(&mut p, t0, t0 + Duration::from_secs(60), |_, _| {
+            sent += 1;
+            None
+        });
+        assert_eq!(p.active(), None);
+        // A first round of 3 s (16 probes), then 1 s (6) every 4 s: about
+        // 1.5 probes a second per candidate, bounded.
+        assert!((60..=100).contains(&sent), "{sent} probes in a minute");
+        // The firewall opens at t1: found within RETRY + a round trip.
+        let opened = t1;
+        let mut found = None;
+        run(&mut p, t1, t1 + Duration::from_secs(10), |t, now| {
+            if let Message::Probe(id) = t.message {
+                found.get_or_insert(now);
+                return Some((t.to, id, addr("203.0.113.9:1"), Duration::from_millis(5)));
+            }
+            None
+        });
+        assert_eq!(p.active(), Some(addr("198.51.100.7:40000")));
+        let took = found.expect("probed") - opened;
+        assert!(took <= Duration::from_secs(5), "found after {took:?}");
+    }
+
+    #[test]
+    fn an_idle_path_gets_keepalives_and_a_silent_one_goes_down() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 1);
+        let peer = addr("198.51.100.7:40000");
+        p.add_candidates([peer]);
+        p.punch(t0);
+        let mut probes = Vec::new();
+        let end = run(&mut p, t0, t0 + Duration::from_secs(40), |t, now| {
+            let Message::Probe(id) = t.message else {
+                return None;
+            };
+            probes.push(now);
+            Some((t.to, id, addr("203.0.113.9:1"), Duration::from_millis(5)))
+        });
+        assert_eq!(p.active(), Some(peer));
+        // After the first answer, one probe per KEEPALIVE of idleness
+        // until the upgrade round at UPGRADE_EVERY.
+        let keepalives = probes
+            .iter()
+            .filter(|at| **at > t0 + Duration::from_secs(1) && **at < t0 + UPGRADE_EVERY)
+            .count();
+        assert_eq!(keepalives, 2, "keepalives: {probes:?}");
+        // The path falls silent: nothing answers any more.
+        run(
+            &mut p,
+            end,
+            end + DEAD_AFTER + Duration::from_secs(1),
+            |_, _| None,
+        );
+        assert_eq!(p.active(), None);
+        let events: Vec<Event> = std::iter::from_fn(|| p.poll_event()).collect();
+        assert!(events.contains(&Event::Down { addr: peer }), "{events:?}");
+    }
+
+    #[test]
+    fn a_probe_from_an_unknown_address_is_answered_and_probed_back() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 100);
+        let mapping = addr("203.0.113.5:61000");
+        p.handle_probe(mapping, 42, t0);
+        let sent: Vec<Transmit> = std::iter::from_fn(|| p.poll_transmit()).collect();
+        assert_eq!(
+            sent,
+            [
+                Transmit {
+                    to: mapping,
+                    message: Message::Ack {
+                        id: 42,
+                        seen: mapping
+                    }
+                },
+                Transmit {
+                    to: mapping,
+                    message: Message::Probe(100)
+                },
+            ]
+        );
+        p.handle_ack(
+            mapping,
+            100,
+            addr("198.51.100.1:5000"),
+            t0 + Duration::from_millis(3),
+        );
+        assert_eq!(p.active(), Some(mapping));
+    }
+
+    #[test]
+    fn a_clearly_faster_path_takes_over_and_a_slightly_faster_one_does_not() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 1);
+        let (slow, close, fast) = (
+            addr("198.51.100.7:1"),
+            addr("198.51.100.8:1"),
+            addr("10.0.0.7:1"),
+        );
+        p.add_candidates([slow, close, fast]);
+        p.punch(t0);
+        let sent: Vec<Transmit> = std::iter::from_fn(|| p.poll_transmit()).collect();
+        let id = |to| {
+            sent.iter()
+                .find_map(|t| match t.message {
+                    Message::Probe(id) if t.to == to => Some(id),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let seen = addr("203.0.113.9:1");
+        p.handle_ack(slow, id(slow), seen, t0 + Duration::from_millis(30));
+        assert_eq!(p.active(), Some(slow));
+        p.handle_ack(close, id(close), seen, t0 + Duration::from_millis(25));
+        assert_eq!(
+            p.active(),
+            Some(slow),
+            "25 ms is not clearly better than 30"
+        );
+        p.handle_ack(fast, id(fast), seen, t0 + Duration::from_millis(2));
+        assert_eq!(p.active(), Some(fast));
+    }
+
+    #[test]
+    fn candidates_are_bounded_and_canonical() {
+        let mut p = Paths::new(Instant::now(), 1);
+        let v4mapped: SocketAddr = "[::ffff:198.51.100.7]:5".parse().unwrap();
+        assert_eq!(p.add_candidates([v4mapped, addr("198.51.100.7:5")]), 1);
+        let many = (0..200u16).map(|i| SocketAddr::from(([198, 51, 100, 9], 1000 + i)));
+        p.add_candidates(many);
+        assert_eq!(p.candidates().len(), MAX_CANDIDATES);
+    }
+
+    #[test]
+    fn an_answer_to_an_unknown_probe_changes_nothing() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 1);
+        p.handle_ack(addr("198.51.100.7:1"), 999, addr("203.0.113.9:1"), t0);
+        assert_eq!(p.active(), None);
+    }
+}
