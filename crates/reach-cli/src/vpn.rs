@@ -65,6 +65,14 @@ pub struct UpArgs {
     /// IPv4 only: no ULA on the device.
     #[arg(long)]
     no_ipv6: bool,
+    /// The UDP port for direct and hole-punched paths (default: any free
+    /// port).
+    #[arg(long, default_value_t = 0, value_name = "PORT")]
+    udp_port: u16,
+    /// No UDP paths: packets always go over reach streams (as at sites
+    /// that block UDP).
+    #[arg(long, conflicts_with = "udp_port")]
+    no_udp: bool,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -163,6 +171,16 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
         args.dev,
         member_ula.map_or(String::new(), |_| format!(", {}/64", ula_prefix(&network)))
     );
+    let udp = if args.no_udp {
+        None
+    } else {
+        Some(reach_vpn::udp_io::bind(args.udp_port).with_context(|| {
+            format!(
+                "cannot bind UDP port {} (--udp-port, or --no-udp)",
+                args.udp_port
+            )
+        })?)
+    };
     let vpn = reach_vpn::Vpn::new(
         endpoint.clone(),
         dev,
@@ -173,7 +191,11 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
             ula: ula(&network, &me),
             mtu: args.mtu,
         },
+        udp,
     );
+    if let Some(port) = vpn.udp_port() {
+        tracing::info!(port, "vpn UDP paths on");
+    }
     let template = control::ProxyReport::new(
         KIND.into(),
         format!("{} {ip}/{len}{six}", args.dev),
@@ -209,7 +231,7 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
             ip: p.ipv4.to_string(),
             ula: p.ula.to_string(),
             node: p.node.to_string(),
-            path: p.module().to_string(),
+            path: p.path(),
             packets_out: get(&p.packets_out),
             packets_in: get(&p.packets_in),
             bytes_out: get(&p.bytes_out),
@@ -219,8 +241,17 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
     peers.sort_by(|a, b| a.ip.cmp(&b.ip));
     control::ProxyReport {
         public: Some(format!(
-            "{} peers; dropped {} unreachable, {} queue full, {} spoofed, {} bad",
+            "{} peers{}; dropped {} unreachable, {} queue full, {} spoofed, {} bad",
             peers.len(),
+            vpn.udp_stats().map_or(String::new(), |u| format!(
+                "; UDP port {}, {} datagrams out, {} in, {} dropped, {} paths up, {} down",
+                vpn.udp_port().unwrap_or(0),
+                get(&u.sent),
+                get(&u.received),
+                get(&u.dropped),
+                get(&u.paths_up),
+                get(&u.paths_down)
+            )),
             get(&s.dropped_unreachable),
             get(&s.dropped_full),
             get(&s.dropped_spoofed),

@@ -94,13 +94,15 @@ pub struct Matrix {
     pub cells: Vec<Cell>,
 }
 
-/// The paper's letter for a module: d direct, r reverse, s splice, v routed.
+/// The paper's letter for a module: d direct, r reverse, s splice, v routed
+/// (and u for a vpn's UDP path).
 fn letter(module: &str) -> &'static str {
     match module {
         "direct" => "d",
         "reverse" => "r",
         "splice" => "s",
         "routed" => "v",
+        "udp" => "u",
         _ => "?",
     }
 }
@@ -164,7 +166,7 @@ impl Matrix {
         );
         match self.mode {
             Mode::Reach => s += "; settled on d direct, r reverse, s splice, v routed",
-            Mode::Vpn => s += " of a TCP connection between virtual addresses; packets settled on d direct, r reverse, s splice, v routed",
+            Mode::Vpn => s += " of a TCP connection between virtual addresses; packets settled on u UDP, or a stream: d direct, r reverse, s splice, v routed",
             Mode::Plain => {}
         }
         s += ")\n";

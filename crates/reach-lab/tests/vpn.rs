@@ -24,8 +24,10 @@ fn assert_every_pair(m: &matrix::Matrix, hosts: usize) {
     assert_eq!(m.score(), (hosts * (hosts - 1), hosts * (hosts - 1)));
     for c in &m.cells {
         let module = c.module.as_deref().unwrap_or_default();
+        let settled = c.settled_module.as_deref().unwrap_or_default();
         assert!(
-            ["direct", "reverse", "splice", "routed"].contains(&module),
+            ["direct", "reverse", "splice", "routed"].contains(&module)
+                && ["direct", "reverse", "splice", "routed", "udp"].contains(&settled),
             "{} -> {}: the vpn log names no module: {c:?}",
             c.from_host,
             c.to_host
@@ -212,8 +214,9 @@ fn unmodified_ssh_curl_and_iperf3_cross_nats_over_the_vpn_and_the_device_goes_wi
         .as_array()
         .and_then(|p| p.iter().find(|p| p["ip"] == ipb.as_str()))
         .unwrap_or_else(|| panic!("no peer {ipb} in {status}"));
+    let path = peer["path"].as_str().unwrap_or("");
     assert!(
-        ["direct", "reverse", "splice", "routed"].contains(&peer["path"].as_str().unwrap_or("")),
+        ["direct", "reverse", "splice", "routed"].contains(&path) || path.starts_with("udp "),
         "{peer}"
     );
     assert!(peer["bytes_out"].as_u64().unwrap_or(0) > 0, "{peer}");

@@ -1,14 +1,15 @@
 //! How packets travel on a vpn stream: each frame is a 4-byte big-endian
-//! length and that many bytes (the offload header, then the packet, see
-//! [`crate::vnet`]). A frame longer than [`MAX_FRAME`] is a protocol error:
+//! length and that many bytes: a type byte ([`crate::control::FrameType`]),
+//! then for a packet the offload header and the packet (see
+//! [`crate::vnet`]), for a control message the message. A frame longer than [`MAX_FRAME`] is a protocol error:
 //! the stream is closed, never read into an unbounded buffer.
 
 use crate::vnet;
 
 /// Bytes before each frame.
 pub const HEADER_LEN: usize = 4;
-/// The largest frame: an offload header and a 64 KiB segment.
-pub const MAX_FRAME: usize = vnet::LEN + 65_535;
+/// The largest frame: a type byte, an offload header and a 64 KiB segment.
+pub const MAX_FRAME: usize = 1 + vnet::LEN + 65_535;
 
 /// A frame too long for the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -17,11 +18,19 @@ pub struct TooLong(pub usize);
 
 /// Appends `payload` as one frame to `out`.
 pub fn encode(payload: &[u8], out: &mut Vec<u8>) -> Result<(), TooLong> {
-    if payload.len() > MAX_FRAME {
-        return Err(TooLong(payload.len()));
+    encode_parts(&[payload], out)
+}
+
+/// Appends the concatenation of `parts` as one frame to `out`.
+pub fn encode_parts(parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), TooLong> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_FRAME {
+        return Err(TooLong(len));
     }
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    out.extend_from_slice(payload);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
     Ok(())
 }
 

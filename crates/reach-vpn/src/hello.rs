@@ -4,7 +4,7 @@
 //! neither waits for the other to speak first.
 //!
 //! ```text
-//! "RVPN" | version u8 (2) | network tag (8) | IPv4 address (4) | MTU u16
+//! "RVPN" | version u8 (3) | network tag (8) | IPv4 address (4) | MTU u16
 //! ```
 
 use std::net::Ipv4Addr;
@@ -14,8 +14,9 @@ use reach_proto::vpn::NetworkTag;
 /// Length of a hello.
 pub const HELLO_LEN: usize = 19;
 const MAGIC: &[u8; 4] = b"RVPN";
-/// 2: frames carry an offload header (see [`crate::vnet`]).
-const VERSION: u8 = 2;
+/// 3: frames start with a type byte (packets carry an offload header,
+/// see [`crate::vnet`]; control messages, [`crate::control`]).
+const VERSION: u8 = 3;
 
 /// A vpn stream's hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

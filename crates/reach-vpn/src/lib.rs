@@ -20,6 +20,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod address;
+pub mod control;
 pub mod device;
 pub mod frame;
 pub mod hello;
@@ -27,7 +28,9 @@ pub mod network;
 pub mod outq;
 pub mod packet;
 pub mod shared;
+pub mod split;
 pub mod udp;
+pub mod udp_io;
 pub mod vnet;
 
 pub use network::{Membership, Peer, Stats, Vpn, VPORT};

@@ -31,10 +31,14 @@ use reach_proto::vpn::{ula, NetworkTag};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tun_rs::AsyncDevice;
 
+use crate::control::FrameType;
 use crate::hello::{Hello, HELLO_LEN};
 use crate::outq::{Budget, OutQueue};
 use crate::packet;
 use crate::shared::Shared;
+
+/// The first byte of a packet frame on a stream.
+const PACKET: u8 = 0;
 
 /// The virtual port vpn streams open to.
 pub const VPORT: u16 = 65_520;
@@ -108,7 +112,7 @@ pub struct Stats {
     pub streams_failed: AtomicU64,
 }
 
-fn bump(c: &AtomicU64) {
+pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -121,13 +125,15 @@ pub struct Peer {
     pub ipv4: Ipv4Addr,
     /// Its ULA.
     pub ula: Ipv6Addr,
-    queue: OutQueue,
+    pub(crate) queue: OutQueue,
     /// Streams carrying its packets now.
     streams: AtomicUsize,
     /// Which stream writes: a newer stream takes over from an older one.
     writer: AtomicU64,
     /// The module of the newest stream.
     module: Mutex<SetupModule>,
+    /// Its UDP session and paths (None: this member has no UDP socket).
+    pub(crate) udp: Option<Mutex<crate::udp_io::PeerUdp>>,
     /// Packets and bytes each way.
     pub packets_out: AtomicU64,
     /// See `packets_out`.
@@ -142,6 +148,21 @@ impl Peer {
     /// The module of its newest stream.
     pub fn module(&self) -> SetupModule {
         *self.module.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The path its packets take: `udp ADDR` when they take a UDP path,
+    /// else the module of its stream.
+    pub fn path(&self) -> String {
+        match self.udp_path() {
+            Some(a) if self.module() == SetupModule::Routed => format!("udp {a}"),
+            _ => self.module().to_string(),
+        }
+    }
+
+    /// The peer's UDP address when a UDP path is up.
+    pub fn udp_path(&self) -> Option<std::net::SocketAddr> {
+        let udp = self.udp.as_ref()?;
+        udp.lock().unwrap_or_else(|p| p.into_inner()).active()
     }
 
     /// Its addresses.
@@ -172,6 +193,8 @@ pub struct Vpn {
     table: Mutex<Table>,
     budget: Arc<Budget>,
     next_writer: AtomicU64,
+    /// The UDP socket and sessions, if UDP paths are on.
+    pub(crate) udp: Option<crate::udp_io::UdpPlane>,
     /// The data plane's counters.
     pub stats: Stats,
 }
@@ -200,7 +223,14 @@ enum PeerError {
 impl Vpn {
     /// A member on `dev`, reached through `endpoint` (which must accept
     /// streams on [`VPORT`] and hold `me`'s claim with its hub).
-    pub fn new(endpoint: Arc<Endpoint>, dev: AsyncDevice, me: Membership) -> Arc<Self> {
+    /// `udp`: a bound socket for UDP paths (None: streams only).
+    pub fn new(
+        endpoint: Arc<Endpoint>,
+        dev: AsyncDevice,
+        me: Membership,
+        udp: Option<tokio::net::UdpSocket>,
+    ) -> Arc<Self> {
+        let udp = udp.map(|s| crate::udp_io::UdpPlane::new(s, me.mtu));
         Arc::new(Self {
             endpoint,
             dev: Arc::new(dev),
@@ -208,8 +238,17 @@ impl Vpn {
             table: Mutex::new(Table::default()),
             budget: Budget::new(ALL_QUEUES),
             next_writer: AtomicU64::new(1),
+            udp,
             stats: Stats::default(),
         })
+    }
+
+    pub(crate) fn me(&self) -> &Membership {
+        &self.me
+    }
+
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -226,6 +265,8 @@ impl Vpn {
         tokio::select! {
             r = self.read_device() => r,
             r = self.accept() => r,
+            r = self.read_udp() => r,
+            () = self.tick_udp() => Ok(()),
         }
     }
 
@@ -242,7 +283,7 @@ impl Vpn {
                 // more. The wait is bounded: a stalled peer must not hold
                 // up the others for long.
                 let _ = tokio::time::timeout(ROOM_WAIT, p.queue.room()).await;
-                if p.queue.push(frame) {
+                if p.queue.push(&[&[PACKET], frame]) {
                     self.count_out(&p, 1, frame.len() as u64);
                 } else {
                     bump(&self.stats.dropped_full);
@@ -264,7 +305,7 @@ impl Vpn {
 
     /// Sends one frame (offload header and packet) from the device
     /// towards its destination.
-    fn route(self: &Arc<Self>, pkt: &[u8]) -> Option<Arc<Peer>> {
+    fn route(self: &Arc<Self>, pkt: &mut [u8]) -> Option<Arc<Peer>> {
         let dst = match pkt.get(crate::vnet::LEN..).map(packet::addrs) {
             Some(Ok(a)) if self.in_network(a.dst) => a.dst,
             _ => {
@@ -277,14 +318,17 @@ impl Vpn {
         let mut t = self.table();
         if let Some(p) = t.by_ip.get(&dst).cloned() {
             drop(t);
-            if p.queue.push(pkt) {
+            if self.send_udp(&p, pkt) {
+                return None;
+            }
+            if p.queue.push(&[&[PACKET], pkt]) {
                 self.count_out(&p, 1, pkt.len() as u64);
                 return None;
             }
             return Some(p);
         }
         if let Some(q) = t.pending.get(&dst) {
-            if !q.push(pkt) {
+            if !q.push(&[&[PACKET], pkt]) {
                 bump(&self.stats.dropped_full);
             }
             return None;
@@ -301,7 +345,7 @@ impl Vpn {
         }
         t.unreachable.retain(|_, until| now < *until);
         let q = Arc::new(OutQueue::new(PENDING_QUEUE, self.budget.clone()));
-        q.push(pkt);
+        q.push(&[&[PACKET], pkt]);
         t.pending.insert(dst, q);
         drop(t);
         let vpn = self.clone();
@@ -458,12 +502,14 @@ impl Vpn {
                         streams: AtomicUsize::new(0),
                         writer: AtomicU64::new(0),
                         module: Mutex::new(module),
+                        udp: self.udp.as_ref().map(|u| Mutex::new(u.new_peer())),
                         packets_out: AtomicU64::new(0),
                         packets_in: AtomicU64::new(0),
                         bytes_out: AtomicU64::new(0),
                         bytes_in: AtomicU64::new(0),
                     });
                     t.by_node.insert(node, p.clone());
+                    self.udp_session_added(&p);
                     t.by_ip.insert(IpAddr::V4(theirs.ip), p.clone());
                     t.by_ip.insert(IpAddr::V6(peer_ula), p.clone());
                     p
@@ -477,6 +523,9 @@ impl Vpn {
         tracing::info!(peer = %node, ip = %theirs.ip, %module, "vpn peer up");
         let writer = self.next_writer.fetch_add(1, Ordering::Relaxed);
         peer.writer.store(writer, Ordering::Relaxed);
+        // This member's UDP keys and addresses, so that the peer can try
+        // a UDP path (again on every new stream: the peer may be new).
+        self.offer_udp(&peer);
         let (r, w) = Shared::split(stream);
         let p = peer.clone();
         let out = tokio::spawn(async move { carry_out(&p, writer, w).await });
@@ -507,6 +556,8 @@ impl Vpn {
         {
             t.by_node.remove(&peer.node);
             t.by_ip.retain(|_, p| !Arc::ptr_eq(p, peer));
+            drop(t);
+            self.udp_session_gone(peer);
         }
     }
 
@@ -545,7 +596,25 @@ impl Vpn {
                 let (start, end) = (at, at + used);
                 at = end;
                 let frame = &mut buf[start + crate::frame::HEADER_LEN..end];
-                self.deliver(peer, frame).await?;
+                let Some((kind, rest)) = frame.split_first_mut() else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "empty vpn frame",
+                    ));
+                };
+                match FrameType::of(*kind) {
+                    Some(FrameType::Packet) => self.deliver(peer, rest).await?,
+                    Some(FrameType::Control) => match crate::control::Control::decode(rest) {
+                        Ok(c) => self.handle_control(peer, c),
+                        Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                    },
+                    None => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("unknown vpn frame type {kind}"),
+                        ))
+                    }
+                }
             }
             buf.copy_within(at..have, 0);
             have -= at;
@@ -555,7 +624,7 @@ impl Vpn {
     /// Writes one frame (offload header and packet) from `peer` to the
     /// device, if the header is one a device makes, and the packet is the
     /// peer's to send and this member's to receive.
-    async fn deliver(&self, peer: &Peer, frame: &mut [u8]) -> io::Result<()> {
+    pub(crate) async fn deliver(&self, peer: &Peer, frame: &mut [u8]) -> io::Result<()> {
         let me = packet::Owner {
             ipv4: self.me.ipv4,
             ula: self.me.ula,

@@ -85,14 +85,14 @@ impl OutQueue {
         self.buf.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `pkt`; false (dropped) if it does not fit.
-    pub fn push(&self, pkt: &[u8]) -> bool {
+    /// Queues a frame of `parts`; false (dropped) if it does not fit.
+    pub fn push(&self, parts: &[&[u8]]) -> bool {
         let mut buf = self.lock();
-        let len = crate::frame::HEADER_LEN + pkt.len();
+        let len = crate::frame::HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
         if buf.len() + len > self.cap || !self.budget.take(len) {
             return false;
         }
-        if crate::frame::encode(pkt, &mut buf).is_err() {
+        if crate::frame::encode_parts(parts, &mut buf).is_err() {
             self.budget.give(len);
             return false;
         }
@@ -143,7 +143,7 @@ impl OutQueue {
         let (mut moved, mut dropped) = (0, 0);
         let mut rest = &bytes[..];
         while let Ok(Some((pkt, used))) = crate::frame::decode(rest) {
-            if to.push(pkt) {
+            if to.push(&[pkt]) {
                 moved += 1;
             } else {
                 dropped += 1;
@@ -171,16 +171,16 @@ mod tests {
     #[tokio::test]
     async fn packets_queue_as_framed_bytes_up_to_the_bound() {
         let q = OutQueue::new(14, Budget::new(1 << 20));
-        assert!(q.push(b"abc"));
-        assert!(q.push(b"de"));
-        assert!(!q.push(b"f"), "7 + 6 + 5 bytes exceed 14");
+        assert!(q.push(&[&b"abc"[..]]));
+        assert!(q.push(&[&b"de"[..]]));
+        assert!(!q.push(&[&b"f"[..]]), "7 + 6 + 5 bytes exceed 14");
         let mut out = Vec::new();
         q.take(&mut out).await;
         assert_eq!(out, b"\x00\x00\x00\x03abc\x00\x00\x00\x02de");
         assert!(q.is_empty());
         // The taken buffer's room comes back with the next swap.
         out.clear();
-        assert!(q.push(b"ghijkl"));
+        assert!(q.push(&[&b"ghijkl"[..]]));
         q.take(&mut out).await;
         assert_eq!(out, b"\x00\x00\x00\x06ghijkl");
     }
@@ -191,7 +191,7 @@ mod tests {
             OutQueue::new(100, Budget::new(1 << 20)),
             OutQueue::new(13, Budget::new(1 << 20)),
         );
-        assert!(from.push(b"abc") && from.push(b"de") && from.push(b"fgh"));
+        assert!(from.push(&[&b"abc"[..]]) && from.push(&[&b"de"[..]]) && from.push(&[&b"fgh"[..]]));
         assert_eq!(from.move_to(&to), (2, 1));
         assert!(from.is_empty());
         let mut out = Vec::new();
@@ -208,9 +208,9 @@ mod tests {
             OutQueue::new(100, budget.clone()),
             OutQueue::new(100, budget.clone()),
         );
-        assert!(a.push(&[0; 8]) && b.push(&[0; 4]));
+        assert!(a.push(&[&[0u8; 8][..]]) && b.push(&[&[0u8; 4][..]]));
         assert_eq!(budget.used(), 20);
-        assert!(!a.push(&[0; 1]), "over the shared budget");
+        assert!(!a.push(&[&[0u8; 1][..]]), "over the shared budget");
         let mut out = Vec::new();
         assert!(a.take_now(&mut out));
         assert_eq!(budget.used(), 8);
@@ -221,7 +221,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_has_room_again_once_its_writer_takes() {
         let q = std::sync::Arc::new(OutQueue::new(16, Budget::new(1 << 20)));
-        assert!(q.push(&[0; 12]));
+        assert!(q.push(&[&[0u8; 12][..]]));
         let q2 = q.clone();
         let waiter = tokio::spawn(async move { q2.room().await });
         tokio::task::yield_now().await;
@@ -248,7 +248,7 @@ mod tests {
             out
         });
         tokio::task::yield_now().await;
-        q.push(b"x");
+        q.push(&[&b"x"[..]]);
         let out = tokio::time::timeout(std::time::Duration::from_secs(5), writer)
             .await
             .expect("woken")

@@ -1,0 +1,268 @@
+//! Control messages on a vpn stream, beside the packets: the keys a peer
+//! seals its UDP datagrams to this member with, and the addresses it may
+//! find this member's UDP socket at. Each frame's first byte says which
+//! it is ([`FrameType`]).
+//!
+//! ```text
+//! Keys:       1 | index u32 | key (32) | cipher u8 (1 AES-256-GCM, 2 ChaCha20-Poly1305)
+//! Candidates: 2 | count u8 (at most 16) | count x (family u8 (4|6) | address | port u16)
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use reach_proto::Cipher;
+
+use crate::udp::datagram::Keys;
+
+/// What a stream frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameType {
+    /// A packet: offload header, then the packet.
+    Packet,
+    /// A control message.
+    Control,
+}
+
+impl FrameType {
+    /// The frame's first byte.
+    pub fn code(self) -> u8 {
+        match self {
+            FrameType::Packet => 0,
+            FrameType::Control => 1,
+        }
+    }
+
+    /// The type a first byte names.
+    pub fn of(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(FrameType::Packet),
+            1 => Some(FrameType::Control),
+            _ => None,
+        }
+    }
+}
+
+/// Most candidates one message carries.
+pub const MAX_CANDIDATES: usize = 16;
+
+/// A control message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Seal UDP datagrams to the sender with these, using `cipher`.
+    Keys {
+        /// The index and key.
+        keys: Keys,
+        /// The AEAD.
+        cipher: Cipher,
+    },
+    /// The sender's UDP socket may be reached at these.
+    Candidates(Vec<SocketAddr>),
+}
+
+/// A control message that cannot be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// Shorter than its fields.
+    #[error("control message cut short")]
+    Short,
+    /// An unknown message, cipher or address family.
+    #[error("unknown control message field {0}")]
+    Unknown(u8),
+    /// More candidates than allowed.
+    #[error("{0} candidates; at most {MAX_CANDIDATES}")]
+    TooMany(u8),
+    /// Bytes after the message.
+    #[error("{0} bytes after the control message")]
+    Trailing(usize),
+}
+
+impl Control {
+    /// Appends the message to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Control::Keys { keys, cipher } => {
+                out.push(1);
+                out.extend_from_slice(&keys.index.to_be_bytes());
+                out.extend_from_slice(&keys.key);
+                out.push(if *cipher == Cipher::AesGcm { 1 } else { 2 });
+            }
+            Control::Candidates(addrs) => {
+                out.push(2);
+                let addrs = &addrs[..addrs.len().min(MAX_CANDIDATES)];
+                out.push(addrs.len() as u8);
+                for a in addrs {
+                    match a.ip() {
+                        IpAddr::V4(v4) => {
+                            out.push(4);
+                            out.extend_from_slice(&v4.octets());
+                        }
+                        IpAddr::V6(v6) => {
+                            out.push(6);
+                            out.extend_from_slice(&v6.octets());
+                        }
+                    }
+                    out.extend_from_slice(&a.port().to_be_bytes());
+                }
+            }
+        }
+    }
+
+    /// The message in `b` (all of it).
+    pub fn decode(b: &[u8]) -> Result<Self, ControlError> {
+        let mut r = Reader(b);
+        let msg = match r.u8()? {
+            1 => {
+                let index = u32::from_be_bytes(r.array()?);
+                let key: [u8; 32] = r.array()?;
+                let cipher = match r.u8()? {
+                    1 => Cipher::AesGcm,
+                    2 => Cipher::ChaChaPoly,
+                    c => return Err(ControlError::Unknown(c)),
+                };
+                Control::Keys {
+                    keys: Keys { index, key },
+                    cipher,
+                }
+            }
+            2 => {
+                let n = r.u8()?;
+                if usize::from(n) > MAX_CANDIDATES {
+                    return Err(ControlError::TooMany(n));
+                }
+                let mut addrs = Vec::with_capacity(usize::from(n));
+                for _ in 0..n {
+                    let ip: IpAddr = match r.u8()? {
+                        4 => Ipv4Addr::from(r.array::<4>()?).into(),
+                        6 => Ipv6Addr::from(r.array::<16>()?).into(),
+                        f => return Err(ControlError::Unknown(f)),
+                    };
+                    let port = u16::from_be_bytes(r.array()?);
+                    addrs.push(SocketAddr::new(ip, port));
+                }
+                Control::Candidates(addrs)
+            }
+            t => return Err(ControlError::Unknown(t)),
+        };
+        if !r.0.is_empty() {
+            return Err(ControlError::Trailing(r.0.len()));
+        }
+        Ok(msg)
+    }
+}
+
+/// Reads fields off the front of a slice.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u8(&mut self) -> Result<u8, ControlError> {
+        let (first, rest) = self.0.split_first().ok_or(ControlError::Short)?;
+        self.0 = rest;
+        Ok(*first)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ControlError> {
+        let head = self.0.get(..N).ok_or(ControlError::Short)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(head);
+        self.0 = &self.0[N..];
+        Ok(out)
+    }
+}
+
+/// Encodes a probe's payload: its id.
+pub fn probe(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+/// Reads a probe's payload.
+pub fn read_probe(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.try_into().ok()?))
+}
+
+/// Encodes an answer's payload (id, then where the probe came from) into
+/// `out`; returns its length.
+pub fn ack(id: u64, seen: SocketAddr, out: &mut [u8; 27]) -> usize {
+    out[..8].copy_from_slice(&id.to_be_bytes());
+    let n = match seen.ip().to_canonical() {
+        IpAddr::V4(v4) => {
+            out[8] = 4;
+            out[9..13].copy_from_slice(&v4.octets());
+            13
+        }
+        IpAddr::V6(v6) => {
+            out[8] = 6;
+            out[9..25].copy_from_slice(&v6.octets());
+            25
+        }
+    };
+    out[n..n + 2].copy_from_slice(&seen.port().to_be_bytes());
+    n + 2
+}
+
+/// Reads an answer's payload.
+pub fn read_ack(b: &[u8]) -> Option<(u64, SocketAddr)> {
+    let id = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+    let ip: IpAddr = match *b.get(8)? {
+        4 => Ipv4Addr::from(<[u8; 4]>::try_from(b.get(9..13)?).ok()?).into(),
+        6 => Ipv6Addr::from(<[u8; 16]>::try_from(b.get(9..25)?).ok()?).into(),
+        _ => return None,
+    };
+    let at = if ip.is_ipv4() { 13 } else { 25 };
+    let port = u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?);
+    (b.len() == at + 2).then_some((id, SocketAddr::new(ip, port)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let keys = Control::Keys {
+            keys: Keys {
+                index: 9,
+                key: [3; 32],
+            },
+            cipher: Cipher::ChaChaPoly,
+        };
+        let cands = Control::Candidates(vec![
+            "198.51.100.7:4000".parse().unwrap(),
+            "[2001:db8::1]:5".parse().unwrap(),
+        ]);
+        for m in [keys, cands] {
+            let mut b = Vec::new();
+            m.encode(&mut b);
+            assert_eq!(Control::decode(&b), Ok(m));
+        }
+        let mut out = [0u8; 27];
+        for seen in ["203.0.113.1:9", "[2001:db8::2]:10"] {
+            let seen: SocketAddr = seen.parse().unwrap();
+            let n = ack(77, seen, &mut out);
+            assert_eq!(read_ack(&out[..n]), Some((77, seen)));
+        }
+        assert_eq!(read_probe(&probe(5)), Some(5));
+    }
+
+    #[test]
+    fn bad_messages_are_named() {
+        assert_eq!(Control::decode(&[]), Err(ControlError::Short));
+        assert_eq!(Control::decode(&[9]), Err(ControlError::Unknown(9)));
+        assert_eq!(Control::decode(&[2, 17]), Err(ControlError::TooMany(17)));
+        assert_eq!(Control::decode(&[2, 0, 1]), Err(ControlError::Trailing(1)));
+        assert_eq!(Control::decode(&[2, 1, 5]), Err(ControlError::Unknown(5)));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(b in proptest::collection::vec(any::<u8>(), 0..100)) {
+            if let Ok(m) = Control::decode(&b) {
+                let mut again = Vec::new();
+                m.encode(&mut again);
+                prop_assert_eq!(&again, &b);
+            }
+            let _ = read_ack(&b);
+            let _ = read_probe(&b);
+        }
+    }
+}

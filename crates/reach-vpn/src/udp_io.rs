@@ -1,0 +1,489 @@
+//! The vpn's UDP paths, the driver side: one UDP socket per member, a
+//! session per peer (keys handed over the peer's stream), hole punching
+//! and keepalives run by [`crate::udp::paths`], and packets sent as
+//! sealed datagrams while a UDP path is up (the stream carries them
+//! otherwise, and always carries the control messages).
+//!
+//! ```text
+//! stream up -> each side sends Keys (seal to me with these) and
+//!              Candidates (my UDP addresses) -> both punch at once
+//! probe/answer validate a path -> packets go as datagrams, cut from the
+//!              device's segments (crate::split), one per packet
+//! path silent 25 s -> packets go back to the stream; rounds go on
+//! ```
+//!
+//! For now a UDP path carries packets only while the peer's stream is
+//! relayed through hubs ([`prefers_udp`]): a direct stream moves whole
+//! offloaded segments and is faster than datagrams sent one packet at a
+//! time.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use reach_proto::Cipher;
+
+use crate::control::{self, Control, FrameType};
+use crate::network::{bump, Peer, Vpn};
+use crate::split::Splitter;
+use crate::udp::datagram::{self, Keys, Kind, Opener, Sealer, HEADER_LEN, TAG_LEN};
+use crate::udp::paths::{Event, Message, Paths};
+use crate::vnet;
+
+/// How often the driver runs the paths' timers.
+const TICK: Duration = Duration::from_millis(20);
+/// A peer's candidates make it punch again at most this often.
+const PUNCH_AGAIN: Duration = Duration::from_secs(1);
+/// Socket buffers asked for (the kernel may give less).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Counters of the UDP paths.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Datagrams sent.
+    pub sent: AtomicU64,
+    /// Datagrams received that opened.
+    pub received: AtomicU64,
+    /// Datagrams dropped: no session, forged, replayed, or not sent (a
+    /// full socket buffer).
+    pub dropped: AtomicU64,
+    /// Paths that came up.
+    pub paths_up: AtomicU64,
+    /// Paths that went down.
+    pub paths_down: AtomicU64,
+}
+
+/// A member's UDP socket and sessions.
+pub(crate) struct UdpPlane {
+    socket: tokio::net::UdpSocket,
+    /// This member's receive index to the peer that seals to it.
+    sessions: Mutex<HashMap<u32, Weak<Peer>>>,
+    /// Scratch for cutting and sealing outgoing segments.
+    split: Mutex<Splitter>,
+    cipher: Cipher,
+    port: u16,
+    pub(crate) stats: UdpStats,
+}
+
+/// One peer's UDP session.
+pub(crate) struct PeerUdp {
+    /// What this member handed the peer.
+    mine: Keys,
+    opener: Opener,
+    /// How to seal to the peer, once it handed its keys over.
+    sealer: Option<Sealer>,
+    paths: Paths,
+    last_punch: Option<Instant>,
+}
+
+impl std::fmt::Debug for PeerUdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerUdp")
+            .field("index", &self.mine.index)
+            .field("keyed", &self.sealer.is_some())
+            .field("active", &self.paths.active())
+            .finish()
+    }
+}
+
+impl PeerUdp {
+    /// The peer's UDP address, when a path is up and the peer's keys are
+    /// known.
+    pub(crate) fn active(&self) -> Option<SocketAddr> {
+        self.sealer.as_ref().and(self.paths.active())
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // Without an OS random source nothing here is safe; getrandom fails
+    // only on systems that lack one.
+    if getrandom::fill(&mut b).is_err() {
+        tracing::error!("no OS random source: UDP session keys are not random");
+    }
+    b
+}
+
+/// Binds the member's UDP socket: dual-stack where the host has IPv6.
+pub fn bind(port: u16) -> io::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let v6 = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
+        Ok(s)
+    });
+    let socket = match v6 {
+        Ok(s) => s,
+        Err(_) => {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.bind(&SocketAddr::from(([0u8; 4], port)).into())?;
+            s
+        }
+    };
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.set_nonblocking(true)?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+impl UdpPlane {
+    pub(crate) fn new(socket: tokio::net::UdpSocket, mtu: u16) -> Self {
+        let port = socket.local_addr().map_or(0, |a| a.port());
+        Self {
+            socket,
+            sessions: Mutex::new(HashMap::new()),
+            split: Mutex::new(Splitter::new(
+                HEADER_LEN + vnet::LEN,
+                usize::from(mtu),
+                TAG_LEN,
+            )),
+            cipher: reach::preferred_cipher(),
+            port,
+            stats: UdpStats::default(),
+        }
+    }
+
+    fn sessions(&self) -> MutexGuard<'_, HashMap<u32, Weak<Peer>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new peer's session: fresh keys and an index no other session
+    /// of this member has.
+    pub(crate) fn new_peer(&self) -> PeerUdp {
+        let sessions = self.sessions();
+        let mut index = u32::from_be_bytes(random());
+        while index == 0 || sessions.contains_key(&index) {
+            index = index.wrapping_add(1);
+        }
+        let mine = Keys {
+            index,
+            key: random(),
+        };
+        PeerUdp {
+            mine,
+            opener: Opener::new(self.cipher, &mine),
+            sealer: None,
+            paths: Paths::new(Instant::now(), u64::from_be_bytes(random())),
+            last_punch: None,
+        }
+    }
+
+    /// The member's UDP port.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// Whether `peer`'s packets take its UDP path when one is up: while its
+/// stream is relayed through hubs. A direct stream (Direct, Reverse,
+/// Splice, or a routed one that moved) carries whole offloaded segments
+/// and is faster than packet-at-a-time datagrams, until the UDP path
+/// batches with UDP GSO/GRO.
+fn prefers_udp(peer: &Peer) -> bool {
+    peer.module() == reach::SetupModule::Routed
+}
+
+fn lock(m: &Mutex<PeerUdp>) -> MutexGuard<'_, PeerUdp> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Vpn {
+    fn plane(&self) -> Option<&UdpPlane> {
+        self.udp.as_ref()
+    }
+
+    /// The UDP counters (None: no UDP socket).
+    pub fn udp_stats(&self) -> Option<&UdpStats> {
+        self.plane().map(|p| &p.stats)
+    }
+
+    /// The member's UDP port (None: no UDP socket).
+    pub fn udp_port(&self) -> Option<u16> {
+        self.plane().map(UdpPlane::port)
+    }
+
+    pub(crate) fn udp_session_added(&self, peer: &Arc<Peer>) {
+        if let (Some(plane), Some(u)) = (self.plane(), &peer.udp) {
+            let index = lock(u).mine.index;
+            plane.sessions().insert(index, Arc::downgrade(peer));
+        }
+    }
+
+    pub(crate) fn udp_session_gone(&self, peer: &Peer) {
+        if let (Some(plane), Some(u)) = (self.plane(), &peer.udp) {
+            let index = lock(u).mine.index;
+            plane.sessions().remove(&index);
+        }
+    }
+
+    /// Where this member's UDP socket may be reached: its interface
+    /// addresses (not the vpn's own) and its hub-observed public address,
+    /// each with the socket's port (a NAT that keeps ports maps it there).
+    fn local_candidates(&self, port: u16) -> Vec<SocketAddr> {
+        let me = self.me();
+        let ula_net = reach_proto::vpn::ula_prefix(&me.network).octets();
+        let ours = |ip: &IpAddr| match ip {
+            IpAddr::V4(v4) => *v4 == me.ipv4,
+            IpAddr::V6(v6) => v6.octets()[..8] == ula_net[..8],
+        };
+        let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.ip())
+            .filter(|ip| !ip.is_loopback() && !ours(ip))
+            .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80))
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect();
+        if let Some(status) = self.endpoint().hub_status() {
+            let public = SocketAddr::new(status.observed.ip().to_canonical(), port);
+            if !out.contains(&public) {
+                out.insert(0, public);
+            }
+        }
+        out.truncate(control::MAX_CANDIDATES);
+        out
+    }
+
+    fn send_control(peer: &Peer, c: &Control) {
+        let mut b = Vec::with_capacity(64);
+        c.encode(&mut b);
+        if !peer.queue.push(&[&[FrameType::Control.code()], &b]) {
+            tracing::debug!(peer = %peer.node, "vpn control message dropped: the stream's queue is full");
+        }
+    }
+
+    /// Hands the peer this member's UDP keys and addresses over its
+    /// stream.
+    pub(crate) fn offer_udp(&self, peer: &Arc<Peer>) {
+        let (Some(plane), Some(u)) = (self.plane(), &peer.udp) else {
+            return;
+        };
+        let keys = lock(u).mine;
+        Self::send_control(
+            peer,
+            &Control::Keys {
+                keys,
+                cipher: plane.cipher,
+            },
+        );
+        Self::send_control(
+            peer,
+            &Control::Candidates(self.local_candidates(plane.port)),
+        );
+    }
+
+    /// A control message from `peer`'s stream.
+    pub(crate) fn handle_control(&self, peer: &Peer, c: Control) {
+        let (Some(plane), Some(u)) = (self.plane(), &peer.udp) else {
+            return;
+        };
+        let mut u = lock(u);
+        match c {
+            Control::Keys { keys, cipher } => u.sealer = Some(Sealer::new(cipher, &keys)),
+            Control::Candidates(addrs) => {
+                u.paths.add_candidates(addrs);
+            }
+        }
+        let now = Instant::now();
+        let due = u
+            .last_punch
+            .is_none_or(|at| now.saturating_duration_since(at) >= PUNCH_AGAIN);
+        if u.sealer.is_some() && !u.paths.candidates().is_empty() && u.active().is_none() && due {
+            u.last_punch = Some(now);
+            u.paths.punch(now);
+        }
+        self.flush_udp(plane, peer, &mut u);
+    }
+
+    /// Sends what `peer`'s paths want sent and acts on what changed.
+    fn flush_udp(&self, plane: &UdpPlane, peer: &Peer, u: &mut PeerUdp) {
+        let mut buf = [0u8; HEADER_LEN + 27 + TAG_LEN];
+        while let Some(t) = u.paths.poll_transmit() {
+            let Some(sealer) = u.sealer.as_mut() else {
+                continue;
+            };
+            let (kind, len) = match t.message {
+                Message::Probe(id) => {
+                    buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&control::probe(id));
+                    (Kind::Probe, 8)
+                }
+                Message::Ack { id, seen } => {
+                    let mut p = [0u8; 27];
+                    let n = control::ack(id, seen, &mut p);
+                    buf[HEADER_LEN..HEADER_LEN + n].copy_from_slice(&p[..n]);
+                    (Kind::ProbeAck, n)
+                }
+            };
+            match sealer.seal(kind, &mut buf, len) {
+                Ok(n) => self.send_datagram(plane, &buf[..n], t.to),
+                Err(e) => tracing::warn!(peer = %peer.node, "{e}"),
+            }
+        }
+        while let Some(ev) = u.paths.poll_event() {
+            match ev {
+                Event::Up { addr, rtt } => {
+                    bump(&plane.stats.paths_up);
+                    let rtt_us = rtt.as_micros() as u64;
+                    if prefers_udp(peer) {
+                        tracing::info!(peer = %peer.node, ip = %peer.ipv4, module = %"udp", %addr, rtt_us, "vpn peer path moved");
+                    } else {
+                        tracing::info!(peer = %peer.node, ip = %peer.ipv4, %addr, rtt_us, "vpn peer UDP path up, kept in reserve: the stream is direct");
+                    }
+                }
+                Event::Down { addr } => {
+                    bump(&plane.stats.paths_down);
+                    tracing::info!(peer = %peer.node, ip = %peer.ipv4, %addr, module = %peer.module(), "vpn peer path moved: UDP path silent, back to the stream");
+                }
+                Event::SeenAs(addr) => {
+                    Self::send_control(peer, &Control::Candidates(vec![addr]));
+                }
+            }
+        }
+    }
+
+    fn send_datagram(&self, plane: &UdpPlane, d: &[u8], to: SocketAddr) {
+        let to = match (to, plane.socket.local_addr()) {
+            // A dual-stack socket sends to IPv4 peers as mapped addresses.
+            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            _ => to,
+        };
+        match plane.socket.try_send_to(d, to) {
+            Ok(_) => bump(&plane.stats.sent),
+            Err(_) => bump(&plane.stats.dropped),
+        }
+    }
+
+    /// Sends `frame` (offload header and packet, from the device) to
+    /// `peer` over its UDP path, if one is up; false if none is (the
+    /// frame is then untouched).
+    pub(crate) fn send_udp(&self, peer: &Peer, frame: &mut [u8]) -> bool {
+        let (Some(plane), Some(u)) = (self.plane(), &peer.udp) else {
+            return false;
+        };
+        if !prefers_udp(peer) {
+            return false;
+        }
+        let mut u = lock(u);
+        let Some(to) = u.active() else {
+            return false;
+        };
+        let Some(sealer) = u.sealer.as_mut() else {
+            return false;
+        };
+        let mut split = plane.split.lock().unwrap_or_else(|p| p.into_inner());
+        let n = match split.split(frame) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(peer = %peer.node, "segment not sent over UDP: {e}");
+                bump(&self.stats.dropped_bad);
+                return true;
+            }
+        };
+        let mut bytes = 0u64;
+        for i in 0..n {
+            let (buf, len) = split.packet(i);
+            buf[HEADER_LEN..HEADER_LEN + vnet::LEN].copy_from_slice(&vnet::PLAIN);
+            match sealer.seal(Kind::Data, buf, vnet::LEN + len) {
+                Ok(total) => self.send_datagram(plane, &buf[..total], to),
+                Err(e) => {
+                    tracing::warn!(peer = %peer.node, "{e}");
+                    return true;
+                }
+            }
+            bytes += len as u64;
+        }
+        u.paths.sent(Instant::now());
+        peer.packets_out.fetch_add(n as u64, Ordering::Relaxed);
+        peer.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        self.stats
+            .packets_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        true
+    }
+
+    /// Receives datagrams until the socket fails (forever without one).
+    pub(crate) async fn read_udp(self: &Arc<Self>) -> io::Result<()> {
+        let Some(plane) = self.plane() else {
+            return std::future::pending().await;
+        };
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (n, from) = plane.socket.recv_from(&mut buf).await?;
+            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+            let d = &mut buf[..n];
+            let peer = datagram::index_of(d)
+                .and_then(|i| plane.sessions().get(&i).and_then(Weak::upgrade));
+            let Some(peer) = peer else {
+                bump(&plane.stats.dropped);
+                continue;
+            };
+            let Some(u) = &peer.udp else { continue };
+            let data = {
+                let mut u = lock(u);
+                let (kind, payload) = match u.opener.open(d) {
+                    Ok((kind, _, payload)) => (kind, payload),
+                    Err(e) => {
+                        bump(&plane.stats.dropped);
+                        tracing::trace!(%from, "datagram dropped: {e}");
+                        continue;
+                    }
+                };
+                bump(&plane.stats.received);
+                let now = Instant::now();
+                let data = match kind {
+                    Kind::Data => {
+                        u.paths.heard(from, now);
+                        Some(payload.len())
+                    }
+                    Kind::Probe => {
+                        if let Some(id) = control::read_probe(payload) {
+                            u.paths.handle_probe(from, id, now);
+                        }
+                        None
+                    }
+                    Kind::ProbeAck => {
+                        if let Some((id, seen)) = control::read_ack(payload) {
+                            u.paths.handle_ack(from, id, seen, now);
+                        }
+                        None
+                    }
+                };
+                if data.is_none() {
+                    self.flush_udp(plane, &peer, &mut u);
+                }
+                data
+            };
+            if let Some(len) = data {
+                let frame = &mut buf[HEADER_LEN..HEADER_LEN + len];
+                self.deliver(&peer, frame).await?;
+            }
+        }
+    }
+
+    /// Runs every peer's path timers (forever; idle without a socket).
+    pub(crate) async fn tick_udp(self: &Arc<Self>) {
+        let Some(plane) = self.plane() else {
+            return std::future::pending().await;
+        };
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            for peer in self.peers() {
+                let Some(u) = &peer.udp else { continue };
+                let mut u = lock(u);
+                if now >= u.paths.poll_timeout() {
+                    u.paths.handle_timeout(now);
+                    self.flush_udp(plane, &peer, &mut u);
+                }
+            }
+        }
+    }
+}
