@@ -59,6 +59,17 @@ pub fn start_member(
     host: &str,
     hub: Option<&str>,
 ) -> Result<Member, LabError> {
+    start_member_with(lab, tools, host, hub, &[])
+}
+
+/// [`start_member`] with `extra` arguments for `reach vpn up`.
+pub fn start_member_with(
+    lab: &Lab,
+    tools: &Path,
+    host: &str,
+    hub: Option<&str>,
+    extra: &[&str],
+) -> Result<Member, LabError> {
     let dir = reach_state(lab).join(host);
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("vpn.log");
@@ -71,6 +82,7 @@ pub fn start_member(
     if let Some(hub) = hub {
         cmd.args(["--hub", hub]);
     }
+    cmd.args(extra);
     let vpn = Lab::spawn_logged(cmd.stdin(Stdio::null()), &log)?;
     let up = format!("vpn {NETWORK} up on {DEVICE}: ");
     let ip = crate::wait::until(UP_TIMEOUT, || {

@@ -263,3 +263,126 @@ fn unmodified_ssh_curl_and_iperf3_cross_nats_over_the_vpn_and_the_device_goes_wi
         "the derived address is the same again"
     );
 }
+
+/// Runs `nft` in `host` with `script` on stdin.
+fn nft(lab: &Lab, host: &str, script: &str) {
+    use std::io::Write;
+    let mut child = lab
+        .command(host, "nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("nft script");
+    assert!(child.wait().expect("nft").success(), "nft failed: {script}");
+}
+
+#[test]
+fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_and_tcp_survives() {
+    let t = common::topology("hub-chain");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let state = reach_lab::matrix::reach_state(&lab);
+    let hubs = reach_lab::hubs::start(&lab, &t, t.hubs.as_ref().expect("hubs"), &tools, &state)
+        .expect("hubs");
+    // UDP out of `a` is blocked (a firewall rule), and streams are kept on
+    // the hubs (routed only), so the pair starts relayed.
+    nft(
+        &lab,
+        "a",
+        "table inet vpnblock { chain out { type filter hook output priority 0; meta l4proto udp drop; }; }\n",
+    );
+    let member = |h: &str| {
+        let hub = hubs.target(&lab, h, "hub1");
+        reach_lab::vpn::start_member_with(&lab, &tools, h, hub.as_deref(), &["--modules", "routed"])
+            .expect("vpn up")
+    };
+    let (ma, mb) = (member("a"), member("b"));
+    hubs.wait_converged(&lab, &tools, 2, Duration::from_secs(30))
+        .expect("hubs converge");
+    let ipb = mb.ip.to_string();
+    // A long TCP connection over the vpn, paced so that it outlasts the
+    // move: 15 s at 20 Mbit/s.
+    let _server = common::spawn_until(
+        {
+            let mut c = lab.command("b", "iperf3");
+            c.args(["-s", "-1", "--forceflush", "-B", &ipb]);
+            c
+        },
+        &state.join("iperf3-server.log"),
+        "Server listening",
+    );
+    let client_log = state.join("iperf3-client.json");
+    let mut client = Lab::spawn_logged(
+        lab.command("a", "iperf3").args([
+            "-c",
+            &ipb,
+            "-t",
+            "15",
+            "-b",
+            "20M",
+            "-J",
+            "--connect-timeout",
+            "10000",
+        ]),
+        &client_log,
+    )
+    .expect("iperf3 client");
+    let log = || std::fs::read_to_string(&ma.log).unwrap_or_default();
+    let moved = || {
+        log()
+            .lines()
+            .any(|l| l.contains("vpn peer path moved") && l.contains("module=udp"))
+    };
+    // Packets flow relayed, and a punching round has tried UDP and been
+    // dropped by the rule (a's status counts the datagrams it could not
+    // send), without a move.
+    let blocked_tries = || {
+        let out = lab
+            .command("a", tools.join("reach"))
+            .arg("--state-dir")
+            .arg(state.join("a"))
+            .args(["status", "--json"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let public = v["proxies"][0]["public"].as_str()?.to_string();
+        let dropped: u64 = public
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" dropped"))?
+            .parse()
+            .ok()?;
+        (dropped >= 10).then_some(dropped)
+    };
+    let tried = reach_lab::wait::until(Duration::from_secs(15), blocked_tries);
+    assert!(tried.is_some(), "no blocked UDP tries: {}", log());
+    assert!(log().contains("vpn peer up"), "{}", log());
+    assert!(!moved(), "moved to UDP while UDP was blocked: {}", log());
+    // Lift the block: the UDP path is found within 5 s.
+    nft(&lab, "a", "delete table inet vpnblock\n");
+    let lifted = std::time::Instant::now();
+    let found = reach_lab::wait::until(Duration::from_secs(10), || moved().then_some(()));
+    let took = lifted.elapsed();
+    assert!(found.is_some(), "no UDP path within 10 s: {}", log());
+    eprintln!("relayed to UDP path {took:?} after the block was lifted");
+    assert!(took <= Duration::from_secs(5), "the move took {took:?}");
+    // The TCP connection carried on across the move and ended cleanly.
+    let status = client
+        .wait_timeout(Duration::from_secs(30))
+        .expect("iperf3 ended");
+    let report = std::fs::read_to_string(&client_log).unwrap_or_default();
+    assert!(status.success(), "iperf3 failed: {report}");
+    let v: serde_json::Value = serde_json::from_str(&report).expect("iperf3 JSON");
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    assert!(
+        bytes > 15.0 * 20e6 / 8.0 * 0.8,
+        "iperf3 moved {bytes} bytes: {report}"
+    );
+    // And b's status shows a on the UDP path.
+    drop(mb);
+}
