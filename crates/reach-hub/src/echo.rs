@@ -5,6 +5,12 @@
 //! The echo closes first, so the TIME_WAIT state stays here and the node may
 //! reuse its port at once. It reads nothing: a client cannot make it hold
 //! more than one small write, and each answer has a deadline.
+//!
+//! The same ports answer UDP ([`serve_udp`]), for the vpn's UDP paths: a
+//! request of 64 bytes gets the address line back, never longer than the
+//! request, at most [`MAX_UDP_ANSWERS`] a second (a flood, or a forged
+//! source aiming the answers elsewhere, gets no more than that; the rest
+//! are dropped, counted and logged once a second).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,6 +25,49 @@ const ANSWER_DEADLINE: Duration = Duration::from_secs(2);
 /// Binds an echo on `ip`:`port` (0: any free port).
 pub(crate) async fn bind(ip: std::net::IpAddr, port: u16) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(ip, port)).await
+}
+
+/// UDP echo answers a second at most.
+pub(crate) const MAX_UDP_ANSWERS: u32 = 2000;
+
+/// Binds a UDP echo on the address of a TCP echo.
+pub(crate) async fn bind_udp(at: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    tokio::net::UdpSocket::bind(at).await
+}
+
+/// Answers every UDP echo request on `socket` with its source address,
+/// within the rate bound.
+pub(crate) async fn serve_udp(socket: tokio::net::UdpSocket) {
+    let mut buf = [0u8; 512];
+    let mut window = tokio::time::Instant::now();
+    let (mut answered, mut dropped) = (0u32, 0u64);
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        if !reach_proto::nat::is_udp_echo_request(&buf[..n]) {
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        if now.duration_since(window) >= Duration::from_secs(1) {
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    "UDP address echo over {MAX_UDP_ANSWERS} answers a second: requests dropped"
+                );
+            }
+            window = now;
+            answered = 0;
+            dropped = 0;
+        }
+        if answered >= MAX_UDP_ANSWERS {
+            dropped += 1;
+            continue;
+        }
+        answered += 1;
+        let answer = encode_echo(SocketAddr::new(from.ip().to_canonical(), from.port()));
+        let _ = socket.try_send_to(answer.as_bytes(), from);
+    }
 }
 
 /// Answers in progress at once; more connections are closed unanswered, so

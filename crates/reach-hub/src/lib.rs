@@ -334,7 +334,17 @@ impl Hub {
             tokio::spawn(accept_links(inner.clone())),
             tokio::spawn(gossip(inner.clone())),
         ];
-        tasks.extend(echoes.into_iter().map(|l| tokio::spawn(echo::serve(l))));
+        for l in echoes {
+            // The same port answers UDP, for the vpn's UDP paths; a port
+            // taken for UDP leaves the TCP echo alone.
+            if let Ok(at) = l.local_addr() {
+                match echo::bind_udp(at).await {
+                    Ok(u) => tasks.push(tokio::spawn(echo::serve_udp(u))),
+                    Err(e) => tracing::warn!(%at, "no UDP address echo: {e}"),
+                }
+            }
+            tasks.push(tokio::spawn(echo::serve(l)));
+        }
         for peer in inner.config.peers.clone() {
             tasks.push(tokio::spawn(keep_peer(inner.clone(), peer)));
         }

@@ -1005,3 +1005,32 @@ async fn links_that_do_not_register_are_bounded_per_source_and_cut_at_their_dead
     let a = node(&t, builder()).await;
     assert!(a.hub_status().is_some());
 }
+
+#[tokio::test]
+async fn the_address_echoes_answer_udp_with_the_source_and_never_more_than_asked() {
+    let hub = hub().await;
+    let n = node(&target_of(&hub), builder()).await;
+    let echoes = n.hub_status().expect("registered").echo;
+    assert_eq!(echoes.len(), 2, "two echo ports");
+    let socket = tokio::net::UdpSocket::bind((LOOPBACK, 0))
+        .await
+        .expect("bind");
+    let me = socket.local_addr().expect("addr");
+    for echo in &echoes {
+        // A short request is not answered; a full one is, with our address.
+        socket.send_to(b"reach-echo?", echo).await.expect("send");
+        let request = reach::proto::nat::udp_echo_request();
+        socket.send_to(&request, echo).await.expect("send");
+        let mut buf = [0u8; 512];
+        let (len, from) = tokio::time::timeout(DEADLINE, socket.recv_from(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("recv");
+        assert_eq!(from, *echo);
+        assert!(
+            len <= request.len(),
+            "the answer is no larger than the request"
+        );
+        assert_eq!(reach::proto::nat::decode_echo(&buf[..len]), Ok(me));
+    }
+}

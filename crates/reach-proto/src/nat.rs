@@ -16,7 +16,9 @@
 //!
 //! The echo's wire format is one line, `reach-echo ADDR\n`, from the echo to
 //! the client, after which the echo closes; [`encode_echo`] and
-//! [`decode_echo`] are its codec.
+//! [`decode_echo`] are its codec. Hubs answer on UDP at the same ports: a
+//! datagram of [`UDP_ECHO_REQUEST_LEN`] bytes starting `reach-echo?` gets
+//! the same line back, never longer than the question (no amplification).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -284,6 +286,23 @@ pub enum EchoError {
 
 const ECHO_PREFIX: &str = "reach-echo ";
 
+/// Length of a UDP echo request: at least as long as any answer.
+pub const UDP_ECHO_REQUEST_LEN: usize = MAX_ECHO_LEN;
+const UDP_ECHO_MAGIC: &[u8] = b"reach-echo?";
+
+/// A UDP echo request.
+pub fn udp_echo_request() -> [u8; UDP_ECHO_REQUEST_LEN] {
+    let mut b = [0u8; UDP_ECHO_REQUEST_LEN];
+    b[..UDP_ECHO_MAGIC.len()].copy_from_slice(UDP_ECHO_MAGIC);
+    b
+}
+
+/// Whether `b` is a UDP echo request (its magic, and long enough that the
+/// answer is no larger).
+pub fn is_udp_echo_request(b: &[u8]) -> bool {
+    b.len() >= UDP_ECHO_REQUEST_LEN && b.starts_with(UDP_ECHO_MAGIC)
+}
+
 /// The echo's answer for a client seen at `addr`.
 pub fn encode_echo(addr: SocketAddr) -> String {
     format!("{ECHO_PREFIX}{addr}\n")
@@ -323,6 +342,15 @@ mod tests {
             server: sa(server),
             mapped: sa(mapped),
         }
+    }
+
+    #[test]
+    fn udp_echo_answers_are_never_longer_than_the_request() {
+        let longest = encode_echo(sa("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"));
+        assert!(longest.len() <= UDP_ECHO_REQUEST_LEN);
+        assert!(is_udp_echo_request(&udp_echo_request()));
+        assert!(!is_udp_echo_request(&udp_echo_request()[..20]));
+        assert!(!is_udp_echo_request(&[0u8; 64]));
     }
 
     #[test]

@@ -39,6 +39,19 @@ const TICK: Duration = Duration::from_millis(20);
 const PUNCH_AGAIN: Duration = Duration::from_secs(1);
 /// Socket buffers asked for (the kernel may give less).
 const SOCKET_BUFFER: usize = 4 << 20;
+/// How often the member asks its hub's UDP echoes how its NAT maps its
+/// socket.
+const ECHO_EVERY: Duration = Duration::from_secs(60);
+
+/// What the hub's UDP echoes told this member about its NAT.
+#[derive(Default)]
+struct Echo {
+    /// The latest answer of each echo.
+    obs: Vec<reach_proto::nat::Observation>,
+    asked: Option<Instant>,
+    /// Where peers may reach the socket through the NAT, most likely first.
+    reflexive: Vec<SocketAddr>,
+}
 
 /// Counters of the UDP paths.
 #[derive(Debug, Default)]
@@ -65,6 +78,7 @@ pub(crate) struct UdpPlane {
     split: Mutex<Splitter>,
     cipher: Cipher,
     port: u16,
+    echo: Mutex<Echo>,
     pub(crate) stats: UdpStats,
 }
 
@@ -142,6 +156,7 @@ impl UdpPlane {
             )),
             cipher: reach::preferred_cipher(),
             port,
+            echo: Mutex::new(Echo::default()),
             stats: UdpStats::default(),
         }
     }
@@ -229,6 +244,16 @@ impl Vpn {
             IpAddr::V4(v4) => *v4 == me.ipv4,
             IpAddr::V6(v6) => v6.octets()[..8] == ula_net[..8],
         };
+        let reflexive = self
+            .plane()
+            .map(|p| {
+                p.echo
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reflexive
+                    .clone()
+            })
+            .unwrap_or_default();
         let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
             .unwrap_or_default()
             .into_iter()
@@ -243,8 +268,84 @@ impl Vpn {
                 out.insert(0, public);
             }
         }
+        for a in reflexive.into_iter().rev() {
+            out.retain(|x| *x != a);
+            out.insert(0, a);
+        }
         out.truncate(control::MAX_CANDIDATES);
         out
+    }
+
+    /// Asks the hub's UDP echoes how the NAT maps the socket (every
+    /// [`ECHO_EVERY`]).
+    fn ask_echoes(&self, plane: &UdpPlane, now: Instant) {
+        let Some(status) = self.endpoint().hub_status() else {
+            return;
+        };
+        {
+            let mut e = plane.echo.lock().unwrap_or_else(|p| p.into_inner());
+            if e.asked
+                .is_some_and(|at| now.saturating_duration_since(at) < ECHO_EVERY)
+            {
+                return;
+            }
+            e.asked = Some(now);
+        }
+        let request = reach_proto::nat::udp_echo_request();
+        for server in status.echo {
+            self.send_datagram(plane, &request, server);
+        }
+    }
+
+    /// An answer from one of the hub's echoes: the NAT's mapping of the
+    /// socket towards it. New reflexive addresses go to every peer.
+    fn echo_answer(&self, plane: &UdpPlane, from: SocketAddr, d: &[u8]) {
+        let Ok(mapped) = reach_proto::nat::decode_echo(d) else {
+            bump(&plane.stats.dropped);
+            return;
+        };
+        let canonical = |e: &SocketAddr| SocketAddr::new(e.ip().to_canonical(), e.port());
+        let is_echo = self
+            .endpoint()
+            .hub_status()
+            .is_some_and(|s| s.echo.iter().any(|e| canonical(e) == from));
+        if !is_echo {
+            bump(&plane.stats.dropped);
+            return;
+        }
+        let local = plane
+            .socket
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0u8; 4], plane.port)));
+        let changed = {
+            let mut e = plane.echo.lock().unwrap_or_else(|p| p.into_inner());
+            e.obs.retain(|o| o.server != from);
+            e.obs.push(reach_proto::nat::Observation {
+                local,
+                server: from,
+                mapped,
+            });
+            let profile = reach_proto::nat::classify(&e.obs);
+            let reflexive = reach_proto::nat::predict(&profile, &[], plane.port);
+            let changed = reflexive != e.reflexive;
+            if changed {
+                tracing::info!(%profile, ?reflexive, "vpn UDP socket as the hub's echoes see it");
+                e.reflexive = reflexive;
+            }
+            changed
+        };
+        if changed {
+            for peer in self.peers() {
+                self.offer_candidates(plane, &peer);
+            }
+        }
+    }
+
+    fn offer_candidates(&self, plane: &UdpPlane, peer: &Peer) {
+        Self::send_control(
+            peer,
+            &Control::Candidates(self.local_candidates(plane.port)),
+        );
     }
 
     fn send_control(peer: &Peer, c: &Control) {
@@ -269,10 +370,7 @@ impl Vpn {
                 cipher: plane.cipher,
             },
         );
-        Self::send_control(
-            peer,
-            &Control::Candidates(self.local_candidates(plane.port)),
-        );
+        self.offer_candidates(plane, peer);
     }
 
     /// A control message from `peer`'s stream.
@@ -417,6 +515,10 @@ impl Vpn {
             let (n, from) = plane.socket.recv_from(&mut buf).await?;
             let from = SocketAddr::new(from.ip().to_canonical(), from.port());
             let d = &mut buf[..n];
+            if d.first() == Some(&b'r') {
+                self.echo_answer(plane, from, d);
+                continue;
+            }
             let peer = datagram::index_of(d)
                 .and_then(|i| plane.sessions().get(&i).and_then(Weak::upgrade));
             let Some(peer) = peer else {
@@ -476,6 +578,7 @@ impl Vpn {
         loop {
             tick.tick().await;
             let now = Instant::now();
+            self.ask_echoes(plane, now);
             for peer in self.peers() {
                 let Some(u) = &peer.udp else { continue };
                 let mut u = lock(u);
