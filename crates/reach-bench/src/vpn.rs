@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!   a ------------------ b     raw TCP (the hosts' own addresses)
-//!   a ==reach0=========== b     reach vpn (virtual addresses)
+//!   a ==reach0=========== b     reach vpn (virtual addresses; direct stream)
+//!   a ==reach1=========== b     reach vpn --udp-first (the UDP path)
 //!   a ==wgNN============= b     boringtun (its inner addresses)
 //! ```
 //! The hosts are `a` and `b` of `lab/topologies/hub-chain.toml`, each on a
@@ -120,7 +121,22 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         reach_lab::vpn::start_member(&lab, &tools, h, hub.as_deref())
     };
     let (va, vb) = (member("a")?, member("b")?);
-    hubs.wait_converged(&lab, &tools, 2, READY)?;
+    // A second network on the same hosts whose members send over UDP
+    // paths whenever one is up.
+    let udp_member = |h: &str| {
+        let hub = hubs.target(&lab, h, "hub1");
+        let name = format!("{h}-udp");
+        let options = reach_lab::vpn::Options {
+            name: &name,
+            dev: "reach1",
+            network: "lab-udp",
+            extra: &["--udp-first", "--prefix", "10.78.0.0/16"],
+            servers: false,
+        };
+        reach_lab::vpn::start_with(&lab, &tools, h, hub.as_deref(), &options)
+    };
+    let (ua, ub) = (udp_member("a")?, udp_member("b")?);
+    hubs.wait_converged(&lab, &tools, 4, READY)?;
     let ip = |h: &str| {
         let h = lab.host(h);
         h.public.unwrap_or(h.lan)
@@ -158,6 +174,11 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
             carriers: vec![va.pid(), vb.pid()],
         },
         Way {
+            name: "reach vpn, UDP path",
+            to: ub.ip,
+            carriers: vec![ua.pid(), ub.pid()],
+        },
+        Way {
             name: "boringtun (WireGuard)",
             to: reach_lab::boringtun::INNER_B.into(),
             carriers: tunnel.pids(),
@@ -181,33 +202,35 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         let cpu = |i: usize| crate::median(runs[i].iter().map(|r| r.cpu_s_per_gb).collect());
         let s = if streams > 1 { "s" } else { "" };
         let raw = format!("raw veth TCP, {streams} stream{s}");
-        rows.push(Row::new(
-            format!("vpn throughput, reach vpn, iperf3 {streams} stream{s}"),
-            "Gbit/s",
-            rate(1),
-            Some((&raw, rate(0))),
-        ));
-        rows.push(Row::new(
-            format!("vpn throughput, boringtun, iperf3 {streams} stream{s}"),
-            "Gbit/s",
-            rate(2),
-            Some((&raw, rate(0))),
-        ));
-        rows.push(Row::new(
-            format!("vpn throughput, reach vpn, iperf3 {streams} stream{s}"),
-            "Gbit/s",
-            rate(1),
-            Some((&format!("boringtun, {streams} stream{s}"), rate(2))),
-        ));
-        rows.push(Row::new(
-            format!("vpn CPU per GB, reach vpn (both ends), {streams} stream{s}"),
-            "CPU s/GB",
-            cpu(1),
-            Some((
-                &format!("boringtun (both ends), {streams} stream{s}"),
-                cpu(2),
-            )),
-        ));
+        let bt = format!("boringtun, {streams} stream{s}");
+        let bt_cpu = format!("boringtun (both ends), {streams} stream{s}");
+        // Ways: 0 raw, 1 reach vpn (direct stream), 2 its UDP path, 3 boringtun.
+        for (i, name) in [
+            (1, "reach vpn"),
+            (2, "reach vpn UDP path"),
+            (3, "boringtun"),
+        ] {
+            rows.push(Row::new(
+                format!("vpn throughput, {name}, iperf3 {streams} stream{s}"),
+                "Gbit/s",
+                rate(i),
+                Some((&raw, rate(0))),
+            ));
+        }
+        for (i, name) in [(1, "reach vpn"), (2, "reach vpn UDP path")] {
+            rows.push(Row::new(
+                format!("vpn throughput, {name}, iperf3 {streams} stream{s}"),
+                "Gbit/s",
+                rate(i),
+                Some((&bt, rate(3))),
+            ));
+            rows.push(Row::new(
+                format!("vpn CPU per GB, {name} (both ends), {streams} stream{s}"),
+                "CPU s/GB",
+                cpu(i),
+                Some((&bt_cpu, cpu(3))),
+            ));
+        }
     }
     let count = size.count.max(10);
     let mut rtts: Vec<Vec<f64>> = ways.iter().map(|_| Vec::new()).collect();
@@ -224,18 +247,30 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
         Some(("raw veth (ping)", rtt[0])),
     ));
     rows.push(Row::new(
-        "vpn round trip, boringtun (ping)",
+        "vpn round trip, reach vpn UDP path (ping)",
         "us",
         rtt[2],
+        Some(("raw veth (ping)", rtt[0])),
+    ));
+    rows.push(Row::new(
+        "vpn round trip, boringtun (ping)",
+        "us",
+        rtt[3],
         Some(("raw veth (ping)", rtt[0])),
     ));
     rows.push(Row::new(
         "vpn added round trip, reach vpn",
         "us",
         rtt[1] - rtt[0],
-        Some(("boringtun", rtt[2] - rtt[0])),
+        Some(("boringtun", rtt[3] - rtt[0])),
+    ));
+    rows.push(Row::new(
+        "vpn added round trip, reach vpn UDP path",
+        "us",
+        rtt[2] - rtt[0],
+        Some(("boringtun", rtt[3] - rtt[0])),
     ));
     drop(tunnel);
-    drop((va, vb));
+    drop((va, vb, ua, ub));
     Ok(rows)
 }

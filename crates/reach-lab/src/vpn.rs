@@ -70,21 +70,78 @@ pub fn start_member_with(
     hub: Option<&str>,
     extra: &[&str],
 ) -> Result<Member, LabError> {
-    let dir = reach_state(lab).join(host);
+    let options = Options {
+        extra,
+        ..Options::default()
+    };
+    start_with(lab, tools, host, hub, &options)
+}
+
+/// How a member is started.
+#[derive(Clone, Copy, Debug)]
+pub struct Options<'a> {
+    /// Its state directory's name under the lab's reach state (its
+    /// identity); empty: the host's name.
+    pub name: &'a str,
+    /// The TUN device.
+    pub dev: &'a str,
+    /// The vpn network.
+    pub network: &'a str,
+    /// More arguments for `reach vpn up`.
+    pub extra: &'a [&'a str],
+    /// Whether a probe server and a bulk sink run beside it (on fixed
+    /// ports: one member per host with them).
+    pub servers: bool,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            name: "",
+            dev: DEVICE,
+            network: NETWORK,
+            extra: &[],
+            servers: true,
+        }
+    }
+}
+
+/// Starts a member on `host` as `options` say, and waits until it is up.
+pub fn start_with(
+    lab: &Lab,
+    tools: &Path,
+    host: &str,
+    hub: Option<&str>,
+    options: &Options<'_>,
+) -> Result<Member, LabError> {
+    let name = if options.name.is_empty() {
+        host
+    } else {
+        options.name
+    };
+    let dir = reach_state(lab).join(name);
     std::fs::create_dir_all(&dir)?;
     let log = dir.join("vpn.log");
     let mut cmd = lab.command(host, tools.join("reach"));
     cmd.arg("--state-dir")
         .arg(&dir)
-        .args(["-v", "vpn", "up", "--network", NETWORK, "--dev", DEVICE])
+        .args([
+            "-v",
+            "vpn",
+            "up",
+            "--network",
+            options.network,
+            "--dev",
+            options.dev,
+        ])
         .arg("--network-secret-file")
         .arg(secret_file(lab)?);
     if let Some(hub) = hub {
         cmd.args(["--hub", hub]);
     }
-    cmd.args(extra);
+    cmd.args(options.extra);
     let vpn = Lab::spawn_logged(cmd.stdin(Stdio::null()), &log)?;
-    let up = format!("vpn {NETWORK} up on {DEVICE}: ");
+    let up = format!("vpn {} up on {}: ", options.network, options.dev);
     let ip = crate::wait::until(UP_TIMEOUT, || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let rest = text.lines().find_map(|l| l.strip_prefix(up.as_str()))?;
@@ -94,13 +151,12 @@ pub fn start_member_with(
         command: format!("reach vpn up in {host}"),
         output: std::fs::read_to_string(&log).unwrap_or_default(),
     })?;
-    let server = probe::spawn_server(lab, tools, host, &[PROBE_PORT])?;
-    let sink = probe::spawn_sink(lab, tools, host, SINK_PORT)?;
-    Ok(Member {
-        ip,
-        log,
-        procs: vec![vpn, server, sink],
-    })
+    let mut procs = vec![vpn];
+    if options.servers {
+        procs.push(probe::spawn_server(lab, tools, host, &[PROBE_PORT])?);
+        procs.push(probe::spawn_sink(lab, tools, host, SINK_PORT)?);
+    }
+    Ok(Member { ip, log, procs })
 }
 
 impl Member {

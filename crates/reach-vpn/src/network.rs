@@ -83,6 +83,9 @@ pub struct Membership {
     pub ula: Ipv6Addr,
     /// The device MTU.
     pub mtu: u16,
+    /// Packets take a peer's UDP path whenever one is up, not only while
+    /// its stream is relayed.
+    pub udp_first: bool,
 }
 
 /// Counters of the vpn's data plane.
@@ -150,11 +153,12 @@ impl Peer {
         *self.module.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The path its packets take: `udp ADDR` when they take a UDP path,
-    /// else the module of its stream.
-    pub fn path(&self) -> String {
+    /// The path its packets take: `udp ADDR` when they take a UDP path
+    /// (always when one is up with `udp_first`, else while the stream is
+    /// relayed), else the module of its stream.
+    pub fn path(&self, udp_first: bool) -> String {
         match self.udp_path() {
-            Some(a) if self.module() == SetupModule::Routed => format!("udp {a}"),
+            Some(a) if udp_first || self.module() == SetupModule::Routed => format!("udp {a}"),
             _ => self.module().to_string(),
         }
     }
@@ -230,7 +234,13 @@ impl Vpn {
         me: Membership,
         udp: Option<tokio::net::UdpSocket>,
     ) -> Arc<Self> {
-        let udp = udp.map(|s| crate::udp_io::UdpPlane::new(s, me.mtu));
+        let udp = udp.and_then(|s| match crate::udp_io::UdpPlane::new(s, me.mtu) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("no UDP paths: the socket cannot be set up: {e}");
+                None
+            }
+        });
         Arc::new(Self {
             endpoint,
             dev: Arc::new(dev),
@@ -241,6 +251,11 @@ impl Vpn {
             udp,
             stats: Stats::default(),
         })
+    }
+
+    /// Whether packets take UDP paths whenever one is up.
+    pub fn udp_first(&self) -> bool {
+        self.me.udp_first
     }
 
     pub(crate) fn me(&self) -> &Membership {
@@ -625,33 +640,51 @@ impl Vpn {
     /// device, if the header is one a device makes, and the packet is the
     /// peer's to send and this member's to receive.
     pub(crate) async fn deliver(&self, peer: &Peer, frame: &mut [u8]) -> io::Result<()> {
+        let Some(len) = self.admit(peer, frame).map(<[u8]>::len) else {
+            return Ok(());
+        };
+        crate::vnet::wire_to_device(frame);
+        self.dev.send(frame).await?;
+        self.count_in(peer, 1, len as u64);
+        Ok(())
+    }
+
+    /// The packet in `frame` (offload header and packet, from `peer`) if
+    /// the header is one a device makes and the packet is the peer's to
+    /// send and this member's to receive; drops are counted.
+    pub(crate) fn admit<'a>(&self, peer: &Peer, frame: &'a [u8]) -> Option<&'a [u8]> {
         let me = packet::Owner {
             ipv4: self.me.ipv4,
             ula: self.me.ula,
         };
         let Ok(pkt) = crate::vnet::check(frame) else {
             bump(&self.stats.dropped_bad);
-            return Ok(());
+            return None;
         };
         match packet::inbound(pkt, &peer.owner(), &me) {
-            packet::Inbound::Deliver => {}
+            packet::Inbound::Deliver => Some(pkt),
             packet::Inbound::Spoofed => {
                 bump(&self.stats.dropped_spoofed);
-                return Ok(());
+                None
             }
             packet::Inbound::Bad | packet::Inbound::NotMine => {
                 bump(&self.stats.dropped_bad);
-                return Ok(());
+                None
             }
         }
-        let len = pkt.len() as u64;
-        crate::vnet::wire_to_device(frame);
-        self.dev.send(frame).await?;
-        bump(&peer.packets_in);
-        peer.bytes_in.fetch_add(len, Ordering::Relaxed);
-        bump(&self.stats.packets_in);
-        self.stats.bytes_in.fetch_add(len, Ordering::Relaxed);
-        Ok(())
+    }
+
+    /// Counts `packets` of `bytes` from `peer` written to the device.
+    pub(crate) fn count_in(&self, peer: &Peer, packets: u64, bytes: u64) {
+        peer.packets_in.fetch_add(packets, Ordering::Relaxed);
+        peer.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+        self.stats.packets_in.fetch_add(packets, Ordering::Relaxed);
+        self.stats.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The device, for the UDP driver's batched writes.
+    pub(crate) fn device(&self) -> &AsyncDevice {
+        &self.dev
     }
 }
 

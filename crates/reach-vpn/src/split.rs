@@ -1,8 +1,11 @@
 //! Cutting a frame from the device (an offload header and a TCP segment
 //! of up to 64 KiB) into the packets that UDP datagrams carry, each whole
 //! with its checksums, the way a network card does TSO. Segments are
-//! written into reusable buffers with room in front for the datagram
-//! header and an offload header, so sealing needs no further copy.
+//! written into one reusable buffer, each in a slot of the same size
+//! ([`Splitter::stride`]) with room in front for the datagram header and an
+//! offload header and behind for the tag, so that sealing needs no further
+//! copy and the sealed datagrams, all of one size but the last, go out
+//! with one UDP GSO send.
 
 use std::io;
 
@@ -13,11 +16,14 @@ use crate::vnet;
 /// Most packets one frame is cut into.
 pub const MAX_SEGMENTS: usize = 128;
 
-/// Reusable output buffers.
+/// A reusable output buffer.
 pub struct Splitter {
-    bufs: Vec<Vec<u8>>,
+    batch: Vec<u8>,
     sizes: Vec<usize>,
     offset: usize,
+    tail: usize,
+    stride: usize,
+    max_packet: usize,
 }
 
 const F_NEEDS_CSUM: u8 = 1;
@@ -51,14 +57,41 @@ fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> io::Result<
 }
 
 impl Splitter {
-    /// Buffers for packets of up to `max_packet` bytes, each written
-    /// after `offset` bytes and followed by `tail` spare bytes.
+    /// Slots for packets of up to `max_packet` bytes, each written after
+    /// `offset` bytes and followed by `tail` spare bytes.
     pub fn new(offset: usize, max_packet: usize, tail: usize) -> Self {
         Self {
-            bufs: vec![vec![0u8; offset + max_packet + tail]; MAX_SEGMENTS],
+            batch: vec![0u8; (offset + max_packet + tail) * MAX_SEGMENTS],
             sizes: vec![0; MAX_SEGMENTS],
             offset,
+            tail,
+            stride: offset + max_packet + tail,
+            max_packet,
         }
+    }
+
+    /// The slot size of the last split: every packet but the last fills
+    /// its slot exactly (offset, packet, tail).
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// The first `len` bytes of the slots, as one buffer.
+    pub fn slots(&self, len: usize) -> &[u8] {
+        &self.batch[..len]
+    }
+
+    /// Slots of `stride` bytes over the buffer, for one split.
+    fn slots_of(&mut self, stride: usize) -> io::Result<Vec<&mut [u8]>> {
+        if stride <= self.offset + self.tail || stride > self.offset + self.max_packet + self.tail {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "packet larger than the path's packets",
+            ));
+        }
+        self.stride = stride;
+        let count = (self.batch.len() / stride).min(MAX_SEGMENTS);
+        Ok(self.batch[..count * stride].chunks_mut(stride).collect())
     }
 
     /// Cuts `frame` (offload header in wire order, then the packet) into
@@ -73,6 +106,7 @@ impl Splitter {
         vnet::wire_to_device(frame);
         let (h, pkt) = frame.split_at_mut(vnet::LEN);
         let mut hdr = VirtioNetHdr::decode(h)?;
+        let (offset, tail) = (self.offset, self.tail);
         if hdr.gso_type == GSO_NONE {
             if hdr.flags & F_NEEDS_CSUM != 0 {
                 complete_checksum(
@@ -81,16 +115,15 @@ impl Splitter {
                     usize::from(hdr.csum_offset),
                 )?;
             }
-            let out = self.bufs[0]
-                .get_mut(self.offset..self.offset + pkt.len())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "packet larger than the path's packets",
-                    )
-                })?;
+            let len = pkt.len();
+            let mut slots = self.slots_of(offset + len + tail)?;
+            let out = slots
+                .first_mut()
+                .and_then(|s| s.get_mut(offset..offset + len))
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no slot"))?;
             out.copy_from_slice(pkt);
-            self.sizes[0] = pkt.len();
+            drop(slots);
+            self.sizes[0] = len;
             return Ok(1);
         }
         let is_v6 = pkt.first().map(|b| b >> 4) == Some(6);
@@ -107,20 +140,21 @@ impl Splitter {
         };
         hdr.hdr_len = u16::try_from(start + transport)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "header length overflow"))?;
-        gso_split(
-            pkt,
-            hdr,
-            &mut self.bufs,
-            &mut self.sizes,
-            self.offset,
-            is_v6,
-        )
+        let stride = offset + usize::from(hdr.hdr_len) + usize::from(hdr.gso_size) + tail;
+        let mut sizes = std::mem::take(&mut self.sizes);
+        let n = {
+            let mut slots = self.slots_of(stride)?;
+            gso_split(pkt, hdr, &mut slots, &mut sizes, offset, is_v6)
+        };
+        self.sizes = sizes;
+        n
     }
 
-    /// The whole buffer of packet `i` (offset, packet, tail) and the
-    /// packet's length.
+    /// The slot of packet `i` (offset, packet, tail) and the packet's
+    /// length.
     pub fn packet(&mut self, i: usize) -> (&mut [u8], usize) {
-        (&mut self.bufs[i], self.sizes[i])
+        let at = i * self.stride;
+        (&mut self.batch[at..at + self.stride], self.sizes[i])
     }
 }
 

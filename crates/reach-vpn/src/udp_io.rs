@@ -12,10 +12,14 @@
 //! path silent 25 s -> packets go back to the stream; rounds go on
 //! ```
 //!
-//! For now a UDP path carries packets only while the peer's stream is
-//! relayed through hubs ([`prefers_udp`]): a direct stream moves whole
-//! offloaded segments and is faster than datagrams sent one packet at a
-//! time.
+//! A UDP path carries packets while the peer's stream is relayed through
+//! hubs, or always with `--udp-first` ([`prefers_udp`]): a direct stream
+//! moves whole offloaded segments and measured faster than datagrams on
+//! clean links.
+//!
+//! Datagrams go out in GSO batches (one sendmsg per run of equal
+//! datagrams) and come in several at a time (recvmmsg and GRO), and the
+//! packets they carry are coalesced back into segments for the device.
 
 use std::collections::HashMap;
 use std::io;
@@ -39,6 +43,13 @@ const TICK: Duration = Duration::from_millis(20);
 const PUNCH_AGAIN: Duration = Duration::from_secs(1);
 /// Socket buffers asked for (the kernel may give less).
 const SOCKET_BUFFER: usize = 4 << 20;
+/// Bytes one GSO send may carry (the kernel's limit is a UDP payload of
+/// 65507 bytes).
+const GSO_BYTES: usize = 65_000;
+/// Receive buffers, each taking one message (or a GRO run of datagrams).
+const RECV_BATCH: usize = 16;
+/// Bytes of one receive buffer: a GRO run of up to 64 KiB.
+const RECV_BUF: usize = 65_536;
 /// How often the member asks its hub's UDP echoes how its NAT maps its
 /// socket.
 const ECHO_EVERY: Duration = Duration::from_secs(60);
@@ -72,6 +83,8 @@ pub struct UdpStats {
 /// A member's UDP socket and sessions.
 pub(crate) struct UdpPlane {
     socket: tokio::net::UdpSocket,
+    /// GSO and GRO on the socket.
+    state: quinn_udp::UdpSocketState,
     /// This member's receive index to the peer that seals to it.
     sessions: Mutex<HashMap<u32, Weak<Peer>>>,
     /// Scratch for cutting and sealing outgoing segments.
@@ -137,17 +150,28 @@ pub fn bind(port: u16) -> io::Result<tokio::net::UdpSocket> {
             s
         }
     };
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // As root the caps (net.core.rmem_max, wmem_max) do not apply; a
+    // burst of 45 datagrams per offloaded segment needs the room.
+    {
+        use nix::sys::socket::{setsockopt, sockopt};
+        if setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+            let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+        }
+        if setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+            let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+        }
+    }
     socket.set_nonblocking(true)?;
     tokio::net::UdpSocket::from_std(socket.into())
 }
 
 impl UdpPlane {
-    pub(crate) fn new(socket: tokio::net::UdpSocket, mtu: u16) -> Self {
+    pub(crate) fn new(socket: tokio::net::UdpSocket, mtu: u16) -> io::Result<Self> {
         let port = socket.local_addr().map_or(0, |a| a.port());
-        Self {
+        let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+        Ok(Self {
             socket,
+            state,
             sessions: Mutex::new(HashMap::new()),
             split: Mutex::new(Splitter::new(
                 HEADER_LEN + vnet::LEN,
@@ -158,6 +182,41 @@ impl UdpPlane {
             port,
             echo: Mutex::new(Echo::default()),
             stats: UdpStats::default(),
+        })
+    }
+
+    /// A dual-stack socket sends to IPv4 peers as mapped addresses.
+    fn to(&self, to: SocketAddr) -> SocketAddr {
+        match (to, self.socket.local_addr()) {
+            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            _ => to,
+        }
+    }
+
+    /// Sends `contents`: one datagram, or with `segment` datagrams of that
+    /// size (the last may be shorter) in one GSO send. Never waits: a full
+    /// socket buffer drops them (counted).
+    fn send(&self, contents: &[u8], segment: Option<usize>, to: SocketAddr) {
+        let transmit = quinn_udp::Transmit {
+            destination: self.to(to),
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        let count = segment.map_or(1, |s| contents.len().div_ceil(s.max(1))) as u64;
+        match self.state.try_send((&self.socket).into(), &transmit) {
+            Ok(()) => {
+                self.stats.sent.fetch_add(count, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let before = self.stats.dropped.fetch_add(count, Ordering::Relaxed);
+                if before < 3 {
+                    tracing::debug!(%to, len = contents.len(), ?segment, "UDP send failed: {e}");
+                }
+            }
         }
     }
 
@@ -192,13 +251,13 @@ impl UdpPlane {
     }
 }
 
-/// Whether `peer`'s packets take its UDP path when one is up: while its
-/// stream is relayed through hubs. A direct stream (Direct, Reverse,
-/// Splice, or a routed one that moved) carries whole offloaded segments
-/// and is faster than packet-at-a-time datagrams, until the UDP path
-/// batches with UDP GSO/GRO.
-fn prefers_udp(peer: &Peer) -> bool {
-    peer.module() == reach::SetupModule::Routed
+/// Whether `peer`'s packets take its UDP path when one is up: always
+/// with `udp_first`, else while its stream is relayed through hubs. A
+/// direct stream (Direct, Reverse, Splice, or a routed one that moved)
+/// carries whole offloaded segments and measured faster than datagrams
+/// here (docs/vpn.md), but TCP inside TCP stalls on lossy links.
+fn prefers_udp(udp_first: bool, peer: &Peer) -> bool {
+    udp_first || peer.module() == reach::SetupModule::Routed
 }
 
 fn lock(m: &Mutex<PeerUdp>) -> MutexGuard<'_, PeerUdp> {
@@ -254,9 +313,14 @@ impl Vpn {
                     .clone()
             })
             .unwrap_or_default();
+        // Not the addresses of TUN devices (this vpn's, another vpn's):
+        // a path through a tunnel would carry the vpn inside itself.
+        let tunnel =
+            |name: &str| std::path::Path::new(&format!("/sys/class/net/{name}/tun_flags")).exists();
         let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
             .unwrap_or_default()
             .into_iter()
+            .filter(|i| !tunnel(&i.name))
             .map(|i| i.ip())
             .filter(|ip| !ip.is_loopback() && !ours(ip))
             .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80))
@@ -425,7 +489,7 @@ impl Vpn {
                 Event::Up { addr, rtt } => {
                     bump(&plane.stats.paths_up);
                     let rtt_us = rtt.as_micros() as u64;
-                    if prefers_udp(peer) {
+                    if prefers_udp(self.me().udp_first, peer) {
                         tracing::info!(peer = %peer.node, ip = %peer.ipv4, module = %"udp", %addr, rtt_us, "vpn peer path moved");
                     } else {
                         tracing::info!(peer = %peer.node, ip = %peer.ipv4, %addr, rtt_us, "vpn peer UDP path up, kept in reserve: the stream is direct");
@@ -443,17 +507,7 @@ impl Vpn {
     }
 
     fn send_datagram(&self, plane: &UdpPlane, d: &[u8], to: SocketAddr) {
-        let to = match (to, plane.socket.local_addr()) {
-            // A dual-stack socket sends to IPv4 peers as mapped addresses.
-            (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
-                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-            }
-            _ => to,
-        };
-        match plane.socket.try_send_to(d, to) {
-            Ok(_) => bump(&plane.stats.sent),
-            Err(_) => bump(&plane.stats.dropped),
-        }
+        plane.send(d, None, to);
     }
 
     /// Sends `frame` (offload header and packet, from the device) to
@@ -463,7 +517,7 @@ impl Vpn {
         let (Some(plane), Some(u)) = (self.plane(), &peer.udp) else {
             return false;
         };
-        if !prefers_udp(peer) {
+        if !prefers_udp(self.me().udp_first, peer) {
             return false;
         }
         let mut u = lock(u);
@@ -482,18 +536,37 @@ impl Vpn {
                 return true;
             }
         };
-        let mut bytes = 0u64;
+        let (mut bytes, mut total) = (0u64, 0usize);
         for i in 0..n {
-            let (buf, len) = split.packet(i);
-            buf[HEADER_LEN..HEADER_LEN + vnet::LEN].copy_from_slice(&vnet::PLAIN);
-            match sealer.seal(Kind::Data, buf, vnet::LEN + len) {
-                Ok(total) => self.send_datagram(plane, &buf[..total], to),
+            let (slot, len) = split.packet(i);
+            slot[HEADER_LEN..HEADER_LEN + vnet::LEN].copy_from_slice(&vnet::PLAIN);
+            match sealer.seal(Kind::Data, slot, vnet::LEN + len) {
+                Ok(sealed) => total = i * split.stride() + sealed,
                 Err(e) => {
                     tracing::warn!(peer = %peer.node, "{e}");
                     return true;
                 }
             }
             bytes += len as u64;
+        }
+        // Every datagram but the last fills its slot: one GSO send per
+        // batch the kernel takes.
+        let stride = split.stride();
+        // A GSO send is one UDP payload of at most 64 KiB to the kernel.
+        let per_send = plane
+            .state
+            .max_gso_segments()
+            .min(GSO_BYTES / stride.max(1))
+            .max(1);
+        let all = split.slots(total);
+        if n == 1 || per_send == 1 {
+            for d in all.chunks(stride) {
+                plane.send(d, None, to);
+            }
+        } else {
+            for batch in all.chunks(stride * per_send) {
+                plane.send(batch, Some(stride), to);
+            }
         }
         u.paths.sent(Instant::now());
         peer.packets_out.fetch_add(n as u64, Ordering::Relaxed);
@@ -505,65 +578,143 @@ impl Vpn {
         true
     }
 
-    /// Receives datagrams until the socket fails (forever without one).
+    /// Receives datagrams until the socket fails (forever without one):
+    /// several at a time (recvmmsg, and GRO's runs of equal datagrams),
+    /// and the packets they carry go to the device together, coalesced
+    /// back into segments where they allow (the device's GRO).
     pub(crate) async fn read_udp(self: &Arc<Self>) -> io::Result<()> {
         let Some(plane) = self.plane() else {
             return std::future::pending().await;
         };
-        let mut buf = vec![0u8; 65_536];
+        let mut bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
+        let mut metas = vec![quinn_udp::RecvMeta::default(); RECV_BATCH];
+        let mut out: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
+            .map(|_| Vec::with_capacity(tun_rs::VIRTIO_NET_HDR_LEN + 2048))
+            .collect();
+        let mut gro = tun_rs::GROTable::default();
         loop {
-            let (n, from) = plane.socket.recv_from(&mut buf).await?;
-            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-            let d = &mut buf[..n];
-            if d.first() == Some(&b'r') {
-                self.echo_answer(plane, from, d);
-                continue;
-            }
-            let peer = datagram::index_of(d)
-                .and_then(|i| plane.sessions().get(&i).and_then(Weak::upgrade));
-            let Some(peer) = peer else {
-                bump(&plane.stats.dropped);
-                continue;
+            plane.socket.readable().await?;
+            let got = plane.socket.try_io(tokio::io::Interest::READABLE, || {
+                let mut iovs: Vec<std::io::IoSliceMut<'_>> = bufs
+                    .iter_mut()
+                    .map(|b| std::io::IoSliceMut::new(b))
+                    .collect();
+                plane
+                    .state
+                    .recv((&plane.socket).into(), &mut iovs, &mut metas)
+            });
+            let msgs = match got {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
             };
-            let Some(u) = &peer.udp else { continue };
-            let data = {
-                let mut u = lock(u);
-                let (kind, payload) = match u.opener.open(d) {
-                    Ok((kind, _, payload)) => (kind, payload),
-                    Err(e) => {
-                        bump(&plane.stats.dropped);
-                        tracing::trace!(%from, "datagram dropped: {e}");
-                        continue;
-                    }
+            let mut ready = 0;
+            for (buf, meta) in bufs.iter_mut().zip(&metas).take(msgs) {
+                let from = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
+                let stride = if meta.stride == 0 {
+                    meta.len
+                } else {
+                    meta.stride
                 };
-                bump(&plane.stats.received);
-                let now = Instant::now();
-                let data = match kind {
-                    Kind::Data => {
-                        u.paths.heard(from, now);
-                        Some(payload.len())
+                for d in buf[..meta.len].chunks_mut(stride.max(1)) {
+                    let Some(slot) = out.get_mut(ready) else {
+                        break;
+                    };
+                    if self.take_datagram(plane, from, d, slot) {
+                        ready += 1;
                     }
-                    Kind::Probe => {
-                        if let Some(id) = control::read_probe(payload) {
-                            u.paths.handle_probe(from, id, now);
-                        }
-                        None
+                    if ready == out.len() {
+                        self.write_batch(&mut gro, &mut out, ready).await?;
+                        ready = 0;
                     }
-                    Kind::ProbeAck => {
-                        if let Some((id, seen)) = control::read_ack(payload) {
-                            u.paths.handle_ack(from, id, seen, now);
-                        }
-                        None
-                    }
-                };
-                if data.is_none() {
-                    self.flush_udp(plane, &peer, &mut u);
                 }
-                data
-            };
-            if let Some(len) = data {
-                let frame = &mut buf[HEADER_LEN..HEADER_LEN + len];
-                self.deliver(&peer, frame).await?;
+            }
+            if ready > 0 {
+                self.write_batch(&mut gro, &mut out, ready).await?;
+            }
+        }
+    }
+
+    /// Writes the first `n` packets of `out` (each after an offload
+    /// header's room) to the device, coalesced where they allow.
+    async fn write_batch(
+        &self,
+        gro: &mut tun_rs::GROTable,
+        out: &mut [Vec<u8>],
+        n: usize,
+    ) -> io::Result<()> {
+        if let Err(e) = self
+            .device()
+            .send_multiple(gro, &mut out[..n], tun_rs::VIRTIO_NET_HDR_LEN)
+            .await
+        {
+            // One bad packet fails the batch's write: count, and go on.
+            tracing::debug!("vpn device write failed: {e}");
+            bump(&self.stats.dropped_bad);
+        }
+        Ok(())
+    }
+
+    /// Opens one datagram from `from`: a packet for the device goes into
+    /// `slot` (after an offload header's room) and true is returned;
+    /// probes, answers and echo answers are handled here.
+    fn take_datagram(
+        &self,
+        plane: &UdpPlane,
+        from: SocketAddr,
+        d: &mut [u8],
+        slot: &mut Vec<u8>,
+    ) -> bool {
+        if d.first() == Some(&b'r') {
+            self.echo_answer(plane, from, d);
+            return false;
+        }
+        let peer =
+            datagram::index_of(d).and_then(|i| plane.sessions().get(&i).and_then(Weak::upgrade));
+        let Some(peer) = peer else {
+            bump(&plane.stats.dropped);
+            return false;
+        };
+        let Some(u) = &peer.udp else {
+            return false;
+        };
+        let mut u = lock(u);
+        let (kind, payload) = match u.opener.open(d) {
+            Ok((kind, _, payload)) => (kind, payload),
+            Err(e) => {
+                bump(&plane.stats.dropped);
+                tracing::trace!(%from, "datagram dropped: {e}");
+                return false;
+            }
+        };
+        bump(&plane.stats.received);
+        let now = Instant::now();
+        match kind {
+            Kind::Data => {
+                u.paths.heard(from, now);
+                drop(u);
+                let Some(pkt) = self.admit(&peer, payload) else {
+                    return false;
+                };
+                slot.clear();
+                slot.resize(tun_rs::VIRTIO_NET_HDR_LEN, 0);
+                slot.extend_from_slice(pkt);
+                self.count_in(&peer, 1, pkt.len() as u64);
+                true
+            }
+            Kind::Probe => {
+                if let Some(id) = control::read_probe(payload) {
+                    u.paths.handle_probe(from, id, now);
+                }
+                self.flush_udp(plane, &peer, &mut u);
+                false
+            }
+            Kind::ProbeAck => {
+                if let Some((id, seen)) = control::read_ack(payload) {
+                    u.paths.handle_ack(from, id, seen, now);
+                }
+                self.flush_udp(plane, &peer, &mut u);
+                false
             }
         }
     }
