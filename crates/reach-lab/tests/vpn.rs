@@ -386,3 +386,86 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
     // And b's status shows a on the UDP path.
     drop(mb);
 }
+
+/// The UDP counters in a member's `reach status --json`: (port, dropped).
+fn udp_counters(lab: &Lab, host: &str) -> Option<(u16, u64)> {
+    let tools = common::tools_with_reach();
+    let state = reach_lab::matrix::reach_state(lab);
+    let out = lab
+        .command(host, tools.join("reach"))
+        .arg("--state-dir")
+        .arg(state.join(host))
+        .args(["status", "--json"])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let public = v["proxies"][0]["public"].as_str()?.to_string();
+    let field = |suffix: &str| {
+        public
+            .split([',', ';'])
+            .map(str::trim)
+            .find_map(|p| p.strip_suffix(suffix).map(str::to_string))
+    };
+    let port: u16 = public
+        .split("UDP port ")
+        .nth(1)?
+        .split(',')
+        .next()?
+        .parse()
+        .ok()?;
+    let dropped: u64 = field(" dropped")?.parse().ok()?;
+    Some((port, dropped))
+}
+
+#[test]
+fn junk_on_the_udp_port_is_dropped_and_counted_and_the_member_carries_on() {
+    let t = common::topology("hub-chain");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let state = reach_lab::matrix::reach_state(&lab);
+    let hubs = reach_lab::hubs::start(&lab, &t, t.hubs.as_ref().expect("hubs"), &tools, &state)
+        .expect("hubs");
+    let member = |h: &str| {
+        let hub = hubs.target(&lab, h, "hub1");
+        reach_lab::vpn::start_member(&lab, &tools, h, hub.as_deref()).expect("vpn up")
+    };
+    let (_ma, mb) = (member("a"), member("b"));
+    hubs.wait_converged(&lab, &tools, 2, Duration::from_secs(30))
+        .expect("hubs converge");
+    let ipb = mb.ip.to_string();
+    run_in(&lab, "a", "ping", &["-n", "-c", "2", "-w", "20", &ipb]);
+    let (port, before) =
+        reach_lab::wait::until(Duration::from_secs(10), || udp_counters(&lab, "b"))
+            .expect("b's UDP counters");
+    // From a third host: random bytes, truncated headers, a datagram with
+    // every header field plausible but a made-up session, and one for a
+    // session index that exists nowhere, each kind many times.
+    let b_addr = lab
+        .host("b")
+        .public
+        .unwrap_or(lab.host("b").lan)
+        .to_string();
+    let script = format!(
+        "import os, socket, struct\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         to = ('{b_addr}', {port})\n\
+         for i in range(200):\n\
+         \x20   s.sendto(os.urandom(i % 90), to)\n\
+         \x20   s.sendto(struct.pack('>BIQ', 1 + i % 3, i, i) + os.urandom(40), to)\n\
+         \x20   s.sendto(b'reach-echo 1.2.3.4:5\\n', to)\n"
+    );
+    run_in(&lab, "hub1", "python3", &["-c", &script]);
+    let counted = reach_lab::wait::until(Duration::from_secs(10), || {
+        let (_, now) = udp_counters(&lab, "b")?;
+        (now >= before + 400).then_some(now)
+    });
+    assert!(
+        counted.is_some(),
+        "junk not counted as dropped: {:?}",
+        udp_counters(&lab, "b")
+    );
+    // The member still carries packets.
+    run_in(&lab, "a", "ping", &["-n", "-c", "3", "-w", "20", &ipb]);
+    let log = std::fs::read_to_string(&mb.log).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
+}
