@@ -60,9 +60,13 @@ pub struct VpnPeerReport {
     pub ula: String,
     /// Its NodeId.
     pub node: String,
-    /// The path its packets take: the module of its stream, where the
+    /// The path its packets take: `udp ADDR` (a UDP path, direct or
+    /// punched through NATs), or the module of its stream, where the
     /// stream settled (direct, reverse, splice, routed).
     pub path: String,
+    /// The UDP path's round trip in microseconds, when one is up.
+    #[serde(default)]
+    pub udp_rtt_us: Option<u64>,
     /// Packets and bytes each way.
     pub packets_out: u64,
     /// See `packets_out`.

@@ -121,11 +121,14 @@ fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
         for v in &p.peers {
             let _ = writeln!(
                 out,
-                "      peer {} ({}, {})  path {}  out {} pkts {}  in {} pkts {}",
+                "      peer {} ({}, {})  path {}{}  out {} pkts {}  in {} pkts {}",
                 v.ip,
                 v.ula,
                 v.node,
                 v.path,
+                v.udp_rtt_us
+                    .map(|us| format!(" (UDP round trip {:.2} ms)", us as f64 / 1000.0))
+                    .unwrap_or_default(),
                 v.packets_out,
                 bytes(v.bytes_out),
                 v.packets_in,
@@ -311,6 +314,7 @@ mod tests {
                 ula: "fd00::2".into(),
                 node: "abc".into(),
                 path: "splice".into(),
+                udp_rtt_us: None,
                 packets_out: 3,
                 packets_in: 4,
                 bytes_out: 2500,

@@ -239,6 +239,7 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
             ula: p.ula.to_string(),
             node: p.node.to_string(),
             path: p.path(vpn.udp_first()),
+            udp_rtt_us: p.udp_rtt().map(|d| d.as_micros() as u64),
             packets_out: get(&p.packets_out),
             packets_in: get(&p.packets_in),
             bytes_out: get(&p.bytes_out),

@@ -169,6 +169,12 @@ impl Peer {
         udp.lock().unwrap_or_else(|p| p.into_inner()).active()
     }
 
+    /// The UDP path's round trip (its latest probe), when one is up.
+    pub fn udp_rtt(&self) -> Option<Duration> {
+        let udp = self.udp.as_ref()?;
+        udp.lock().unwrap_or_else(|p| p.into_inner()).rtt()
+    }
+
     /// Its addresses.
     pub fn owner(&self) -> packet::Owner {
         packet::Owner {

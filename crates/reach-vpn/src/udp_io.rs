@@ -122,6 +122,11 @@ impl PeerUdp {
     pub(crate) fn active(&self) -> Option<SocketAddr> {
         self.sealer.as_ref().and(self.paths.active())
     }
+
+    /// The active path's round trip.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        self.active().and(self.paths.rtt())
+    }
 }
 
 fn random<const N: usize>() -> [u8; N] {
