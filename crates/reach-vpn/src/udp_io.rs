@@ -532,6 +532,11 @@ impl Vpn {
         let Some(sealer) = u.sealer.as_mut() else {
             return false;
         };
+        // A session near its last counter leaves packets to the stream
+        // (rekeying is not built; 2^48 datagrams is years at line rate).
+        if sealer.sealed() + crate::split::MAX_SEGMENTS as u64 >= datagram::MAX_COUNTER {
+            return false;
+        }
         let mut split = plane.split.lock().unwrap_or_else(|p| p.into_inner());
         let n = match split.split(frame) {
             Ok(n) => n,
