@@ -2,7 +2,8 @@
 # Runs every benchmark beside its baseline, in one run (reach-bench all):
 # direct and routed reach between network namespaces beside plain TCP, socat
 # and rathole; setup per module in the SmartSockets testbed with the paper's
-# round trips; hub capacity. A full run records its results in
+# round trips; reach vpn beside raw veth TCP and boringtun (iperf3, ping);
+# hub capacity. A full run records its results in
 # docs/benchmarks.md and docs/bench-all.json; --quick only prints them.
 # Installs what it needs (Debian/Ubuntu): socat, nftables, openssh,
 # wireguard-tools, and with cargo install rathole and boringtun-cli.

@@ -95,17 +95,7 @@ enum Bench {
     /// iperf3, iputils-ping, wireguard-tools and boringtun-cli
     /// (scripts/bench.sh installs them).
     #[command(verbatim_doc_comment)]
-    Vpn {
-        /// One short round instead of three longer ones.
-        #[arg(long)]
-        quick: bool,
-        /// Also write the results as JSON here.
-        #[arg(long)]
-        json: Option<std::path::PathBuf>,
-        /// Keep the logs and state in this directory.
-        #[arg(long, value_name = "DIR")]
-        keep: Option<std::path::PathBuf>,
-    },
+    Vpn(LabRun),
     /// reach between network namespaces beside plain TCP, socat, rathole and
     /// boringtun on the same paths: direct throughput (1 and 4 streams,
     /// plaintext and encrypted), round trip and setup; routed through 1 and 3
@@ -115,18 +105,7 @@ enum Bench {
     /// wireguard-tools, rathole and boringtun-cli (scripts/bench.sh installs
     /// them).
     #[command(verbatim_doc_comment)]
-    Lab {
-        /// A short run (1 s transfers, 1 round).
-        #[arg(long)]
-        quick: bool,
-        /// Also write the results as JSON here.
-        #[arg(long)]
-        json: Option<std::path::PathBuf>,
-        /// Keep logs and state in this directory (default: a temporary one,
-        /// removed at the end).
-        #[arg(long, value_name = "DIR")]
-        keep: Option<std::path::PathBuf>,
-    },
+    Lab(LabRun),
     /// Every benchmark, each figure beside its baseline, in one run: `lab`,
     /// then setup per module in the SmartSockets testbed with the paper's
     /// round trips (uncached and cached), then hub capacity (`hub`). Full run
@@ -158,6 +137,21 @@ enum Bench {
 
 /// One figure of a report, beside its baseline (NaN, written as null, when
 /// it has none).
+/// How a lab benchmark runs (`lab`, `vpn`).
+#[derive(clap::Args)]
+struct LabRun {
+    /// A short run (1 s transfers, 1 round).
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Keep logs and state in this directory (default: a temporary one,
+    /// removed at the end).
+    #[arg(long, value_name = "DIR")]
+    keep: Option<std::path::PathBuf>,
+}
+
 #[derive(Serialize)]
 struct Row {
     name: String,
@@ -198,11 +192,11 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Bench::Agent(cmd) => rt.block_on(agent::run(cmd))?,
         Bench::HubNodes(args) => rt.block_on(hub::hold_nodes(args))?,
-        Bench::Vpn { quick, json, keep } => {
+        Bench::Vpn(LabRun { quick, json, keep }) => {
             let rows = vpn::run(lab_size(quick), keep.as_deref())?;
             report(rows, json.as_deref())?;
         }
-        Bench::Lab { quick, json, keep } => {
+        Bench::Lab(LabRun { quick, json, keep }) => {
             let mut rows = lab::run(lab_size(quick), keep.as_deref())?;
             rows.extend(lab::lossy(lab_size(quick), keep.as_deref())?);
             report(rows, json.as_deref())?;

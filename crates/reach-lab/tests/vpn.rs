@@ -37,9 +37,9 @@ fn assert_every_pair(m: &matrix::Matrix, hosts: usize) {
     }
 }
 
-#[test]
-fn every_smartsockets_pair_reaches_the_other_by_virtual_address() {
-    let t = common::topology("smartsockets");
+/// The vpn matrix of topology `name`, every pair checked.
+fn vpn_matrix(name: &str, hosts: usize) -> matrix::Matrix {
+    let t = common::topology(name);
     let lab = Lab::up(&t).expect("lab up");
     let m = matrix::run(
         &lab,
@@ -49,7 +49,13 @@ fn every_smartsockets_pair_reaches_the_other_by_virtual_address() {
         &common::tools_with_reach(),
     )
     .expect("matrix");
-    assert_every_pair(&m, 6);
+    assert_every_pair(&m, hosts);
+    m
+}
+
+#[test]
+fn every_smartsockets_pair_reaches_the_other_by_virtual_address() {
+    let m = vpn_matrix("smartsockets", 6);
     let json = serde_json::to_value(&m).expect("json");
     assert_eq!(json["mode"], "vpn");
     assert!(json["pairs"][0].get("rtt_ms").is_some());
@@ -57,17 +63,7 @@ fn every_smartsockets_pair_reaches_the_other_by_virtual_address() {
 
 #[test]
 fn every_nat_zoo_pair_reaches_the_other_by_virtual_address_random_ports_included() {
-    let t = common::topology("nat-zoo");
-    let lab = Lab::up(&t).expect("lab up");
-    let m = matrix::run(
-        &lab,
-        &t,
-        Mode::Vpn,
-        Duration::from_secs(20),
-        &common::tools_with_reach(),
-    )
-    .expect("matrix");
-    assert_every_pair(&m, 11);
+    let m = vpn_matrix("nat-zoo", 11);
     assert!(
         m.cells
             .iter()

@@ -41,8 +41,16 @@ fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> io::Result<
             "checksum offsets outside the packet",
         ));
     }
-    let mut sum: u64 = 0;
-    let mut words = pkt[start..].chunks_exact(2);
+    let sum = ones_complement_sum(&pkt[start..], 0);
+    pkt[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
+    Ok(())
+}
+
+/// The 16-bit one's complement sum of `bytes` (RFC 1071), folded, added to
+/// `initial`.
+fn ones_complement_sum(bytes: &[u8], initial: u64) -> u16 {
+    let mut sum = initial;
+    let mut words = bytes.chunks_exact(2);
     for w in &mut words {
         sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
     }
@@ -52,8 +60,7 @@ fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> io::Result<
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    pkt[at..at + 2].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    Ok(())
+    sum as u16
 }
 
 impl Splitter {
@@ -197,22 +204,8 @@ mod tests {
     /// The checksum a receiver computes over the pseudo-header and the
     /// segment: 0xffff (or 0) when the stored checksum is right.
     fn verifies(p: &[u8]) -> bool {
-        let mut sum: u64 = 0;
-        for w in p[12..20].chunks(2) {
-            sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        sum += 6 + (p.len() as u64 - 20);
-        let mut words = p[20..].chunks_exact(2);
-        for w in &mut words {
-            sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
-        }
-        if let [last] = words.remainder() {
-            sum += u64::from(*last) << 8;
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        sum == 0xffff
+        let pseudo = u64::from(ones_complement_sum(&p[12..20], 6 + (p.len() as u64 - 20)));
+        ones_complement_sum(&p[20..], pseudo) == 0xffff
     }
 
     #[test]
