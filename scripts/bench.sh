@@ -5,14 +5,14 @@
 # round trips; reach vpn beside raw veth TCP and boringtun (iperf3, ping);
 # hub capacity. A full run records its results in
 # docs/benchmarks.md and docs/bench-all.json; --quick only prints them.
-# Installs what it needs (Debian/Ubuntu): socat, nftables, openssh,
+# Installs what it needs (Debian/Ubuntu): socat, nftables, openssh, iperf3, ping,
 # wireguard-tools, and with cargo install rathole and boringtun-cli.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 require_root "the benchmarks build network namespaces"
-ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh socat:socat \
+ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh socat:socat iperf3:iperf3 iputils-ping:ping \
   wireguard-tools:wg
 ensure_rust_tools
 ensure_cargo_tool rathole pkg-config libssl-dev
