@@ -47,7 +47,9 @@ pub(crate) struct VpnDirectory {
     flooded_state: u64,
     /// The own list's message, made once per state.
     own_msg: Option<(u64, Vec<u8>)>,
-    remote: HashMap<NodeId, RemoteList>,
+    /// Other hubs' lists, in a fixed order: a hub that links passes them
+    /// on in it (the simulator's runs must repeat exactly).
+    remote: BTreeMap<NodeId, RemoteList>,
     /// (network, address) to (holder, origin), earliest listed first.
     index: HashMap<(NetworkTag, IpAddr), Vec<(NodeId, NodeId)>, ahash::RandomState>,
     /// Own members beyond [`MEMBERS_PART`], left out of the list (logged).
@@ -72,7 +74,7 @@ impl VpnDirectory {
             own_state: epoch.max(1),
             flooded_state: 0,
             own_msg: None,
-            remote: HashMap::new(),
+            remote: BTreeMap::new(),
             index: HashMap::default(),
             unlisted: 0,
         }
