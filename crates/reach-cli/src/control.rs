@@ -49,6 +49,27 @@ pub struct ProxyReport {
     /// A vpn's peers (empty for other proxies).
     #[serde(default)]
     pub peers: Vec<VpnPeerReport>,
+    /// A vpn's UDP socket and its counters (None: no UDP paths, or not a
+    /// vpn).
+    #[serde(default)]
+    pub udp: Option<VpnUdpReport>,
+}
+
+/// A vpn's UDP socket, as `reach status` shows it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VpnUdpReport {
+    /// The socket's port.
+    pub port: u16,
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Datagrams received that opened.
+    pub received: u64,
+    /// Datagrams dropped: no session, forged, replayed, not sent.
+    pub dropped: u64,
+    /// Paths that came up.
+    pub paths_up: u64,
+    /// Paths that went down.
+    pub paths_down: u64,
 }
 
 /// One peer of a running vpn, as `reach status` shows it.
@@ -90,6 +111,7 @@ impl ProxyReport {
             started: now_secs(),
             counters: ProxyCounters::default(),
             peers: Vec::new(),
+            udp: None,
         }
     }
 }
@@ -377,6 +399,7 @@ mod tests {
             started: 1,
             counters: ProxyCounters::default(),
             peers: Vec::new(),
+            udp: None,
         }
     }
 

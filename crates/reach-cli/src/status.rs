@@ -289,6 +289,7 @@ mod tests {
                 ..Default::default()
             },
             peers: Vec::new(),
+            udp: None,
         };
         let text = render_proxies(&[p], 160);
         for want in [
@@ -320,6 +321,7 @@ mod tests {
                 bytes_out: 2500,
                 bytes_in: 40,
             }],
+            udp: None,
         };
         let text = render_proxies(&[vpn], 100);
         assert!(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use reach::proto::vpn::{check_prefix, ula, ula_prefix, NetworkTag};
+use reach::proto::vpn::{check_prefix, network_of, ula, ula_prefix, NetworkTag};
 use reach_vpn::address::Choice;
 use reach_vpn::device::DeviceConfig;
 
@@ -132,9 +132,7 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
     let choice = match args.ip {
         Some((ip, Some(l))) => {
             len = l;
-            net = Ipv4Addr::from(
-                u32::from(ip) & u32::MAX.checked_shl(32 - u32::from(l)).unwrap_or(0),
-            );
+            net = network_of(ip, l);
             Choice::Given(ip)
         }
         Some((ip, None)) => Choice::Given(ip),
@@ -191,7 +189,6 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
         endpoint.clone(),
         dev,
         reach_vpn::Membership {
-            name: args.network.clone(),
             network,
             ipv4: ip,
             ula: ula(&network, &me),
@@ -247,18 +244,24 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
         })
         .collect();
     peers.sort_by(|a, b| a.ip.cmp(&b.ip));
+    let udp = vpn
+        .udp_stats()
+        .zip(vpn.udp_port())
+        .map(|(u, port)| control::VpnUdpReport {
+            port,
+            sent: get(&u.sent),
+            received: get(&u.received),
+            dropped: get(&u.dropped),
+            paths_up: get(&u.paths_up),
+            paths_down: get(&u.paths_down),
+        });
     control::ProxyReport {
         public: Some(format!(
             "{} peers{}; dropped {} unreachable, {} queue full, {} spoofed, {} bad",
             peers.len(),
-            vpn.udp_stats().map_or(String::new(), |u| format!(
+            udp.map_or(String::new(), |u| format!(
                 "; UDP port {}, {} datagrams out, {} in, {} dropped, {} paths up, {} down",
-                vpn.udp_port().unwrap_or(0),
-                get(&u.sent),
-                get(&u.received),
-                get(&u.dropped),
-                get(&u.paths_up),
-                get(&u.paths_down)
+                u.port, u.sent, u.received, u.dropped, u.paths_up, u.paths_down
             )),
             get(&s.dropped_unreachable),
             get(&s.dropped_full),
@@ -274,6 +277,7 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
             bytes_from_reach: get(&s.bytes_in),
         },
         peers,
+        udp,
         ..template.clone()
     }
 }

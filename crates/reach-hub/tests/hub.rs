@@ -1016,9 +1016,13 @@ async fn the_address_echoes_answer_udp_with_the_source_and_never_more_than_asked
         .await
         .expect("bind");
     let me = socket.local_addr().expect("addr");
+    let short = tokio::net::UdpSocket::bind((LOOPBACK, 0))
+        .await
+        .expect("bind");
     for echo in &echoes {
-        // A short request is not answered; a full one is, with our address.
-        socket.send_to(b"reach-echo?", echo).await.expect("send");
+        // A short request (from another socket, sent first) is not
+        // answered; a full one is, with our address.
+        short.send_to(b"reach-echo?", echo).await.expect("send");
         let request = reach::proto::nat::udp_echo_request();
         socket.send_to(&request, echo).await.expect("send");
         let mut buf = [0u8; 512];
@@ -1032,5 +1036,11 @@ async fn the_address_echoes_answer_udp_with_the_source_and_never_more_than_asked
             "the answer is no larger than the request"
         );
         assert_eq!(reach::proto::nat::decode_echo(&buf[..len]), Ok(me));
+        // The echo handles datagrams in order and loopback delivers at
+        // once: an answer to the short request would be queued by now.
+        assert!(
+            short.try_recv_from(&mut buf).is_err(),
+            "a short request was answered"
+        );
     }
 }

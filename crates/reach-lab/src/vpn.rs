@@ -59,22 +59,7 @@ pub fn start_member(
     host: &str,
     hub: Option<&str>,
 ) -> Result<Member, LabError> {
-    start_member_with(lab, tools, host, hub, &[])
-}
-
-/// [`start_member`] with `extra` arguments for `reach vpn up`.
-pub fn start_member_with(
-    lab: &Lab,
-    tools: &Path,
-    host: &str,
-    hub: Option<&str>,
-    extra: &[&str],
-) -> Result<Member, LabError> {
-    let options = Options {
-        extra,
-        ..Options::default()
-    };
-    start_with(lab, tools, host, hub, &options)
+    start_with(lab, tools, host, hub, &Options::default())
 }
 
 /// How a member is started.

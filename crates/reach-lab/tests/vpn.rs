@@ -5,6 +5,7 @@
 //! iproute2, nftables, iputils-ping, /dev/net/tun and the `reach` binary
 //! built beside `reach-lab`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reach_lab::matrix::{self, Mode};
@@ -74,20 +75,41 @@ fn every_nat_zoo_pair_reaches_the_other_by_virtual_address_random_ports_included
 }
 
 /// Runs `program args` in `host` and returns its stdout, or panics with
-/// its output.
+/// what went wrong.
 fn run_in(lab: &Lab, host: &str, program: &str, args: &[&str]) -> String {
+    reach_lab::apply::run(lab.command(host, program).args(args), None)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A lab of topology `name` with its hubs running, the reach tools and the
+/// lab's reach state directory.
+fn lab_with_hubs(name: &str) -> (Lab, reach_lab::hubs::HubSet, PathBuf, PathBuf) {
+    let t = common::topology(name);
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let state = reach_lab::matrix::reach_state(&lab);
+    let hubs = reach_lab::hubs::start(&lab, &t, t.hubs.as_ref().expect("hubs"), &tools, &state)
+        .expect("hubs");
+    (lab, hubs, tools, state)
+}
+
+/// The vpn's entry in `host`'s `reach status --json`.
+fn vpn_status(lab: &Lab, host: &str) -> Option<serde_json::Value> {
+    let tools = common::tools_with_reach();
+    let state = reach_lab::matrix::reach_state(lab);
     let out = lab
-        .command(host, program)
-        .args(args)
+        .command(host, tools.join("reach"))
+        .arg("--state-dir")
+        .arg(state.join(host))
+        .args(["status", "--json"])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} in {host}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} in {host} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["proxies"]
+        .as_array()?
+        .iter()
+        .find(|p| p["kind"] == "vpn")
+        .cloned()
 }
 
 /// Whether `host` has the vpn device.
@@ -102,12 +124,7 @@ fn has_device(lab: &Lab, host: &str) -> bool {
 
 #[test]
 fn unmodified_ssh_curl_and_iperf3_cross_nats_over_the_vpn_and_the_device_goes_with_the_member() {
-    let t = common::topology("smartsockets");
-    let lab = Lab::up(&t).expect("lab up");
-    let tools = common::tools_with_reach();
-    let state = reach_lab::matrix::reach_state(&lab);
-    let hubs = reach_lab::hubs::start(&lab, &t, t.hubs.as_ref().expect("hubs"), &tools, &state)
-        .expect("hubs");
+    let (lab, hubs, tools, state) = lab_with_hubs("smartsockets");
     // A home desktop behind a NAT and a cluster node without a route out.
     let (a, b) = ("desktop", "hiroshi-node");
     let member = |h: &str| {
@@ -190,22 +207,8 @@ fn unmodified_ssh_curl_and_iperf3_cross_nats_over_the_vpn_and_the_device_goes_wi
     assert!(bps > 0.0, "iperf3 moved nothing: {json}");
 
     // reach status in a lists b as a peer, with the path its packets take.
-    let status = run_in(
-        &lab,
-        a,
-        tools.join("reach").to_str().expect("path"),
-        &[
-            "--state-dir",
-            state.join(a).to_str().expect("path"),
-            "status",
-            "--json",
-        ],
-    );
-    let v: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
-    let vpn = v["proxies"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["kind"] == "vpn"))
-        .unwrap_or_else(|| panic!("no vpn in {status}"));
+    let vpn = vpn_status(&lab, a).expect("a vpn in a's status");
+    let status = vpn.to_string();
     let peer = vpn["peers"]
         .as_array()
         .and_then(|p| p.iter().find(|p| p["ip"] == ipb.as_str()))
@@ -262,30 +265,13 @@ fn unmodified_ssh_curl_and_iperf3_cross_nats_over_the_vpn_and_the_device_goes_wi
 
 /// Runs `nft` in `host` with `script` on stdin.
 fn nft(lab: &Lab, host: &str, script: &str) {
-    use std::io::Write;
-    let mut child = lab
-        .command(host, "nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("nft script");
-    assert!(child.wait().expect("nft").success(), "nft failed: {script}");
+    reach_lab::apply::run(lab.command(host, "nft").args(["-f", "-"]), Some(script))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
 fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_and_tcp_survives() {
-    let t = common::topology("hub-chain");
-    let lab = Lab::up(&t).expect("lab up");
-    let tools = common::tools_with_reach();
-    let state = reach_lab::matrix::reach_state(&lab);
-    let hubs = reach_lab::hubs::start(&lab, &t, t.hubs.as_ref().expect("hubs"), &tools, &state)
-        .expect("hubs");
+    let (lab, hubs, tools, state) = lab_with_hubs("hub-chain");
     // UDP out of `a` is blocked (a firewall rule), and streams are kept on
     // the hubs (routed only), so the pair starts relayed.
     nft(
@@ -295,8 +281,13 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
     );
     let member = |h: &str| {
         let hub = hubs.target(&lab, h, "hub1");
-        reach_lab::vpn::start_member_with(&lab, &tools, h, hub.as_deref(), &["--modules", "routed"])
-            .expect("vpn up")
+        {
+            let options = reach_lab::vpn::Options {
+                extra: &["--modules", "routed"],
+                ..reach_lab::vpn::Options::default()
+            };
+            reach_lab::vpn::start_with(&lab, &tools, h, hub.as_deref(), &options).expect("vpn up")
+        }
     };
     let (ma, mb) = (member("a"), member("b"));
     hubs.wait_converged(&lab, &tools, 2, Duration::from_secs(30))
@@ -339,20 +330,7 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
     // dropped by the rule (a's status counts the datagrams it could not
     // send), without a move.
     let blocked_tries = || {
-        let out = lab
-            .command("a", tools.join("reach"))
-            .arg("--state-dir")
-            .arg(state.join("a"))
-            .args(["status", "--json"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        let public = v["proxies"][0]["public"].as_str()?.to_string();
-        let dropped: u64 = public
-            .split(", ")
-            .find_map(|part| part.strip_suffix(" dropped"))?
-            .parse()
-            .ok()?;
+        let dropped = udp_counters(&lab, "a")?.1;
         (dropped >= 10).then_some(dropped)
     };
     let tried = reach_lab::wait::until(Duration::from_secs(15), blocked_tries);
@@ -380,47 +358,31 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
         "iperf3 moved {bytes} bytes: {report}"
     );
     // And b's status shows a on the UDP path.
+    let ipa = ma.ip.to_string();
+    let b_on_udp = reach_lab::wait::until(Duration::from_secs(10), || {
+        let vpn = vpn_status(&lab, "b")?;
+        let peers = vpn["peers"].as_array()?.clone();
+        let peer = peers.iter().find(|p| p["ip"] == ipa.as_str())?;
+        peer["path"].as_str()?.starts_with("udp ").then_some(())
+    });
+    assert!(
+        b_on_udp.is_some(),
+        "b's status: {:?}",
+        vpn_status(&lab, "b")
+    );
     drop(mb);
 }
 
 /// The UDP counters in a member's `reach status --json`: (port, dropped).
 fn udp_counters(lab: &Lab, host: &str) -> Option<(u16, u64)> {
-    let tools = common::tools_with_reach();
-    let state = reach_lab::matrix::reach_state(lab);
-    let out = lab
-        .command(host, tools.join("reach"))
-        .arg("--state-dir")
-        .arg(state.join(host))
-        .args(["status", "--json"])
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let public = v["proxies"][0]["public"].as_str()?.to_string();
-    let field = |suffix: &str| {
-        public
-            .split([',', ';'])
-            .map(str::trim)
-            .find_map(|p| p.strip_suffix(suffix).map(str::to_string))
-    };
-    let port: u16 = public
-        .split("UDP port ")
-        .nth(1)?
-        .split(',')
-        .next()?
-        .parse()
-        .ok()?;
-    let dropped: u64 = field(" dropped")?.parse().ok()?;
-    Some((port, dropped))
+    let udp = vpn_status(lab, host)?["udp"].clone();
+    let port = u16::try_from(udp["port"].as_u64()?).ok()?;
+    Some((port, udp["dropped"].as_u64()?))
 }
 
 #[test]
 fn junk_on_the_udp_port_is_dropped_and_counted_and_the_member_carries_on() {
-    let t = common::topology("hub-chain");
-    let lab = Lab::up(&t).expect("lab up");
-    let tools = common::tools_with_reach();
-    let state = reach_lab::matrix::reach_state(&lab);
-    let hubs = reach_lab::hubs::start(&lab, &t, t.hubs.as_ref().expect("hubs"), &tools, &state)
-        .expect("hubs");
+    let (lab, hubs, tools, _) = lab_with_hubs("hub-chain");
     let member = |h: &str| {
         let hub = hubs.target(&lab, h, "hub1");
         reach_lab::vpn::start_member(&lab, &tools, h, hub.as_deref()).expect("vpn up")

@@ -10,7 +10,7 @@
 //! NodeId comparison: a key and its negation are one node, and get one
 //! address.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aws_lc_rs::digest::{digest, Context, SHA256};
 use serde::{Deserialize, Serialize};
@@ -150,19 +150,19 @@ fn mask(len: u8) -> u32 {
     }
 }
 
+/// The network `ip/len` is in (its address with the host bits cleared).
+pub fn network_of(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(ip) & mask(len))
+}
+
 /// Checks that `net/len` names a network (no host bits) in which member
 /// addresses can be derived.
 pub fn check_prefix(net: Ipv4Addr, len: u8) -> Result<(), PrefixError> {
     if len > 30 {
         return Err(PrefixError::TooSmall(len));
     }
-    let n = u32::from(net);
-    if n & !mask(len) != 0 {
-        return Err(PrefixError::HostBits(
-            net,
-            len,
-            Ipv4Addr::from(n & mask(len)),
-        ));
+    if network_of(net, len) != net {
+        return Err(PrefixError::HostBits(net, len, network_of(net, len)));
     }
     Ok(())
 }
@@ -201,15 +201,6 @@ pub fn derived_ipv4(
     // 1..=hosts-1: skips the network (0) and broadcast (all ones) addresses.
     let host = 1 + r % usable;
     Ipv4Addr::from((u32::from(net) & mask(len)) | (host & hosts))
-}
-
-/// Whether `ip` is an address the vpn index answers for: the claimed IPv4
-/// address or the member's ULA.
-pub fn claims(claim: &VpnClaim, node: &NodeId, ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4 == claim.ip,
-        IpAddr::V6(v6) => v6 == ula(&claim.network, node),
-    }
 }
 
 const MEMBERS_LABEL: &[u8] = b"reach vpn members v1|";

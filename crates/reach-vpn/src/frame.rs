@@ -16,13 +16,8 @@ pub const MAX_FRAME: usize = 1 + vnet::LEN + 65_535;
 #[error("vpn frame of {0} bytes; at most {MAX_FRAME}")]
 pub struct TooLong(pub usize);
 
-/// Appends `payload` as one frame to `out`.
-pub fn encode(payload: &[u8], out: &mut Vec<u8>) -> Result<(), TooLong> {
-    encode_parts(&[payload], out)
-}
-
 /// Appends the concatenation of `parts` as one frame to `out`.
-pub fn encode_parts(parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), TooLong> {
+pub fn encode(parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), TooLong> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if len > MAX_FRAME {
         return Err(TooLong(len));
@@ -57,14 +52,14 @@ mod tests {
     #[test]
     fn frames_round_trip_and_oversized_ones_are_errors() {
         let mut out = Vec::new();
-        encode(b"abc", &mut out).unwrap();
-        encode(b"", &mut out).unwrap();
+        encode(&[b"ab", b"c"], &mut out).unwrap();
+        encode(&[], &mut out).unwrap();
         assert_eq!(decode(&out), Ok(Some((&b"abc"[..], 7))));
         assert_eq!(decode(&out[7..]), Ok(Some((&b""[..], 4))));
         assert_eq!(decode(&out[..6]), Ok(None));
         assert_eq!(decode(&[0, 1]), Ok(None));
         assert_eq!(
-            encode(&vec![0; MAX_FRAME + 1], &mut out),
+            encode(&[&vec![0; MAX_FRAME + 1]], &mut out),
             Err(TooLong(MAX_FRAME + 1))
         );
         assert_eq!(decode(&[0xff, 0, 0, 0]), Err(TooLong(0xff00_0000)));

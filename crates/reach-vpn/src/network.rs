@@ -73,8 +73,6 @@ const READ_BUF: usize = 4 * crate::frame::MAX_FRAME;
 /// The member's place in its network.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Membership {
-    /// The network's name, as given.
-    pub name: String,
     /// Its tag.
     pub network: NetworkTag,
     /// The member's IPv4 address.
@@ -158,7 +156,7 @@ impl Peer {
     /// relayed), else the module of its stream.
     pub fn path(&self, udp_first: bool) -> String {
         match self.udp_path() {
-            Some(a) if udp_first || self.module() == SetupModule::Routed => format!("udp {a}"),
+            Some(a) if crate::udp_io::prefers_udp(udp_first, self) => format!("udp {a}"),
             _ => self.module().to_string(),
         }
     }

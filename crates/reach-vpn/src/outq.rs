@@ -92,7 +92,7 @@ impl OutQueue {
         if buf.len() + len > self.cap || !self.budget.take(len) {
             return false;
         }
-        if crate::frame::encode_parts(parts, &mut buf).is_err() {
+        if crate::frame::encode(parts, &mut buf).is_err() {
             self.budget.give(len);
             return false;
         }
@@ -153,14 +153,9 @@ impl OutQueue {
         (moved, dropped)
     }
 
-    /// Bytes queued now.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.lock().is_empty()
     }
 }
 

@@ -261,8 +261,18 @@ impl UdpPlane {
 /// direct stream (Direct, Reverse, Splice, or a routed one that moved)
 /// carries whole offloaded segments and measured faster than datagrams
 /// here (docs/vpn.md), but TCP inside TCP stalls on lossy links.
-fn prefers_udp(udp_first: bool, peer: &Peer) -> bool {
+pub(crate) fn prefers_udp(udp_first: bool, peer: &Peer) -> bool {
     udp_first || peer.module() == reach::SetupModule::Routed
+}
+
+/// Whether a socket error is about one destination rather than the
+/// socket.
+fn transient(e: &io::Error) -> bool {
+    use io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::ConnectionRefused | K::ConnectionReset | K::HostUnreachable | K::NetworkUnreachable
+    )
 }
 
 fn lock(m: &Mutex<PeerUdp>) -> MutexGuard<'_, PeerUdp> {
@@ -362,7 +372,7 @@ impl Vpn {
         }
         let request = reach_proto::nat::udp_echo_request();
         for server in status.echo {
-            self.send_datagram(plane, &request, server);
+            plane.send(&request, None, server);
         }
     }
 
@@ -404,17 +414,12 @@ impl Vpn {
             changed
         };
         if changed {
+            // The interfaces are read once for all peers.
+            let candidates = Control::Candidates(self.local_candidates(plane.port));
             for peer in self.peers() {
-                self.offer_candidates(plane, &peer);
+                Self::send_control(&peer, &candidates);
             }
         }
-    }
-
-    fn offer_candidates(&self, plane: &UdpPlane, peer: &Peer) {
-        Self::send_control(
-            peer,
-            &Control::Candidates(self.local_candidates(plane.port)),
-        );
     }
 
     fn send_control(peer: &Peer, c: &Control) {
@@ -439,7 +444,10 @@ impl Vpn {
                 cipher: plane.cipher,
             },
         );
-        self.offer_candidates(plane, peer);
+        Self::send_control(
+            peer,
+            &Control::Candidates(self.local_candidates(plane.port)),
+        );
     }
 
     /// A control message from `peer`'s stream.
@@ -485,7 +493,7 @@ impl Vpn {
                 }
             };
             match sealer.seal(kind, &mut buf, len) {
-                Ok(n) => self.send_datagram(plane, &buf[..n], t.to),
+                Ok(n) => plane.send(&buf[..n], None, t.to),
                 Err(e) => tracing::warn!(peer = %peer.node, "{e}"),
             }
         }
@@ -509,10 +517,6 @@ impl Vpn {
                 }
             }
         }
-    }
-
-    fn send_datagram(&self, plane: &UdpPlane, d: &[u8], to: SocketAddr) {
-        plane.send(d, None, to);
     }
 
     /// Sends `frame` (offload header and packet, from the device) to
@@ -616,6 +620,13 @@ impl Vpn {
             let msgs = match got {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // An ICMP error for an earlier send (a candidate with no
+                // listener, no route): about that destination, not this
+                // socket, which carries on.
+                Err(e) if transient(&e) => {
+                    tracing::debug!("UDP receive: {e}");
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let mut ready = 0;
