@@ -2,8 +2,8 @@
 //! process answers on a Unix socket, `STATE_DIR/proxies/PID.sock`, so that
 //! `reach status` lists them with live counters and `reach stop` ends one.
 //!
-//! The protocol is one request line (`status` or `stop`) and one JSON reply
-//! line. A socket whose process is gone (killed hard) refuses connections;
+//! The protocol is one request line (`status`, `stop`, or `rebind` for a
+//! vpn) and one JSON reply line. A socket whose process is gone (killed hard) refuses connections;
 //! listing removes it. The directory is private to the user (0700), as the
 //! state directory is.
 
@@ -70,6 +70,16 @@ pub struct VpnUdpReport {
     pub paths_up: u64,
     /// Paths that went down.
     pub paths_down: u64,
+    /// Times it moved to a fresh socket (`reach vpn rebind`).
+    #[serde(default)]
+    pub rebinds: u64,
+    /// Many-port rounds it opened spare sockets for (its NAT maps ports
+    /// at random), and those a peer's spray hit.
+    #[serde(default)]
+    pub birthdays: u64,
+    /// See `birthdays`.
+    #[serde(default)]
+    pub birthday_hits: u64,
 }
 
 /// One peer of a running vpn, as `reach status` shows it.
@@ -85,9 +95,17 @@ pub struct VpnPeerReport {
     /// punched through NATs), or the module of its stream, where the
     /// stream settled (direct, reverse, splice, routed).
     pub path: String,
+    /// The peer's address on its UDP path, when one is up (whether or
+    /// not packets take it: see `path`).
+    #[serde(default)]
+    pub udp_path: Option<String>,
     /// The UDP path's round trip in microseconds, when one is up.
     #[serde(default)]
     pub udp_rtt_us: Option<u64>,
+    /// How long the latest hole punch took to bring the UDP path up, in
+    /// microseconds (from the first probe to the first answer).
+    #[serde(default)]
+    pub udp_setup_us: Option<u64>,
     /// Packets and bytes each way.
     pub packets_out: u64,
     /// See `packets_out`.
@@ -123,6 +141,8 @@ pub enum Request {
     Status,
     /// End the proxy gracefully.
     Stop,
+    /// A vpn: move its UDP paths to a fresh socket and punch afresh.
+    Rebind,
 }
 
 impl Request {
@@ -131,8 +151,9 @@ impl Request {
         match line.trim_ascii() {
             b"status" => Ok(Request::Status),
             b"stop" => Ok(Request::Stop),
+            b"rebind" => Ok(Request::Rebind),
             other => Err(format!(
-                "unknown request {:?} (expected status or stop)",
+                "unknown request {:?} (expected status, stop or rebind)",
                 String::from_utf8_lossy(&other[..other.len().min(MAX_REQUEST)])
             )),
         }
@@ -142,6 +163,7 @@ impl Request {
         match self {
             Request::Status => b"status\n",
             Request::Stop => b"stop\n",
+            Request::Rebind => b"rebind\n",
         }
     }
 }
@@ -200,10 +222,26 @@ impl Control {
         state_dir: &Path,
         report: impl Fn() -> ProxyReport + Send + Sync + 'static,
     ) -> Control {
+        Self::start_rebinding(state_dir, report, || {
+            Err("this proxy has no UDP socket to rebind".into())
+        })
+    }
+
+    /// [`Control::start_live`] for a process that also rebinds when asked
+    /// (a vpn): `rebind` answers with what it did, or why not.
+    pub fn start_rebinding(
+        state_dir: &Path,
+        report: impl Fn() -> ProxyReport + Send + Sync + 'static,
+        rebind: impl Fn() -> Result<String, String> + Send + Sync + 'static,
+    ) -> Control {
         let stop = Arc::new(tokio::sync::Notify::new());
         match bind(state_dir) {
             Ok((path, listener)) => {
-                let task = tokio::spawn(serve(listener, Arc::new(report), stop.clone()));
+                let acts = Acts {
+                    report: Box::new(report),
+                    rebind: Box::new(rebind),
+                };
+                let task = tokio::spawn(serve(listener, Arc::new(acts), stop.clone()));
                 Control {
                     path: Some(path),
                     stop,
@@ -240,28 +278,26 @@ fn bind(state_dir: &Path) -> anyhow::Result<(PathBuf, UnixListener)> {
     Ok((path, listener))
 }
 
-async fn serve(
-    listener: UnixListener,
-    report: Arc<dyn Fn() -> ProxyReport + Send + Sync>,
-    stop: Arc<tokio::sync::Notify>,
-) {
+/// What a control socket does when asked.
+struct Acts {
+    report: Box<dyn Fn() -> ProxyReport + Send + Sync>,
+    rebind: Box<dyn Fn() -> Result<String, String> + Send + Sync>,
+}
+
+async fn serve(listener: UnixListener, acts: Arc<Acts>, stop: Arc<tokio::sync::Notify>) {
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let (report, stop) = (report.clone(), stop.clone());
+        let (acts, stop) = (acts.clone(), stop.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(ANSWER_TIMEOUT, answer(conn, &*report, &stop)).await;
+            let _ = tokio::time::timeout(ANSWER_TIMEOUT, answer(conn, &acts, &stop)).await;
         });
     }
 }
 
-async fn answer(
-    conn: UnixStream,
-    report: &(dyn Fn() -> ProxyReport + Send + Sync),
-    stop: &tokio::sync::Notify,
-) -> std::io::Result<()> {
+async fn answer(conn: UnixStream, acts: &Acts, stop: &tokio::sync::Notify) -> std::io::Result<()> {
     let mut conn = BufReader::new(conn);
     let mut line = Vec::new();
     (&mut conn)
@@ -269,7 +305,13 @@ async fn answer(
         .read_until(b'\n', &mut line)
         .await?;
     let reply = match Request::parse(&line) {
-        Ok(Request::Status) => serde_json::to_string(&report()).map_err(std::io::Error::other)?,
+        Ok(Request::Status) => {
+            serde_json::to_string(&(acts.report)()).map_err(std::io::Error::other)?
+        }
+        Ok(Request::Rebind) => match (acts.rebind)() {
+            Ok(done) => serde_json::json!({ "rebound": done }).to_string(),
+            Err(e) => serde_json::json!({ "error": e }).to_string(),
+        },
         Ok(Request::Stop) => {
             // notify_one keeps the permit if nobody waits yet.
             stop.notify_one();
@@ -369,18 +411,32 @@ pub async fn stop(state_dir: &Path, id: &str) -> anyhow::Result<Vec<u32>> {
 /// Asks every running proxy whose report `chosen` picks to stop; returns
 /// the ids asked.
 pub async fn stop_where(state_dir: &Path, chosen: impl Fn(&ProxyReport) -> bool) -> Vec<u32> {
-    let mut stopped = Vec::new();
+    ask_where(state_dir, chosen, Request::Stop)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Sends `request` to every running proxy whose report `chosen` picks;
+/// returns the ids that answered, with their replies.
+pub async fn ask_where(
+    state_dir: &Path,
+    chosen: impl Fn(&ProxyReport) -> bool,
+    request: Request,
+) -> Vec<(u32, String)> {
+    let mut answered = Vec::new();
     for report in list(state_dir).await.into_iter().filter(|r| chosen(r)) {
         let path = dir(state_dir).join(format!("{}.sock", report.id));
-        match ask(&path, Request::Stop).await {
-            Ok(Some(_)) => stopped.push(report.id),
+        match ask(&path, request).await {
+            Ok(Some(reply)) => answered.push((report.id, reply)),
             Ok(None) => {
                 let _ = std::fs::remove_file(&path);
             }
             Err(e) => tracing::warn!("proxy {} did not answer: {e:#}", report.id),
         }
     }
-    stopped
+    answered
 }
 
 #[cfg(test)]
@@ -407,6 +463,7 @@ mod tests {
     fn requests_parse() {
         assert_eq!(Request::parse(b"status\n"), Ok(Request::Status));
         assert_eq!(Request::parse(b" stop "), Ok(Request::Stop));
+        assert_eq!(Request::parse(b"rebind\n"), Ok(Request::Rebind));
         let e = Request::parse(b"halt").unwrap_err();
         assert!(e.contains("unknown request"), "{e}");
     }

@@ -39,6 +39,12 @@ pub enum VpnCommand {
     /// Leave: stop the `vpn up` running here (all of them, or the one on
     /// --dev), and wait until its device is gone.
     Down(DownArgs),
+    /// Move the running vpn's UDP paths to a fresh socket and punch to
+    /// every peer afresh: after the host moved to another network (new
+    /// addresses, a new NAT), or to measure hole punching (`reach-lab
+    /// punch`). Streams and the connections above them carry on;
+    /// packets take the streams until the new UDP paths are up.
+    Rebind(DownArgs),
 }
 
 /// `reach vpn up`.
@@ -83,7 +89,7 @@ pub struct UpArgs {
     serve: ServeArgs,
 }
 
-/// `reach vpn down`.
+/// `reach vpn down` and `reach vpn rebind`.
 #[derive(Args, Debug)]
 pub struct DownArgs {
     /// Only the vpn on this device (default: every vpn running here).
@@ -123,6 +129,7 @@ pub async fn run(cmd: VpnCommand, config: &Config, state_dir: &Path) -> anyhow::
     match cmd {
         VpnCommand::Up(args) => up(*args, config, state_dir).await,
         VpnCommand::Down(args) => down(args, state_dir).await,
+        VpnCommand::Rebind(args) => rebind(args, state_dir).await,
     }
 }
 
@@ -207,7 +214,18 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
         Some(args.dev.clone()),
     );
     let seen = vpn.clone();
-    let control = control::Control::start_live(state_dir, move || report(&seen, &template));
+    let moving = vpn.clone();
+    let udp_port = args.udp_port;
+    let control = control::Control::start_rebinding(
+        state_dir,
+        move || report(&seen, &template),
+        move || {
+            moving
+                .rebind_udp(udp_port)
+                .map(|port| format!("UDP port {port}"))
+                .map_err(|e| format!("cannot rebind: {e}"))
+        },
+    );
     let watch = reach_vpn::address::watch(&endpoint, network, ip);
     let run = async {
         tokio::select! {
@@ -236,7 +254,9 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
             ula: p.ula.to_string(),
             node: p.node.to_string(),
             path: p.path(vpn.udp_first()),
+            udp_path: p.udp_path().map(|a| a.to_string()),
             udp_rtt_us: p.udp_rtt().map(|d| d.as_micros() as u64),
+            udp_setup_us: p.udp_setup().map(|d| d.as_micros() as u64),
             packets_out: get(&p.packets_out),
             packets_in: get(&p.packets_in),
             bytes_out: get(&p.bytes_out),
@@ -254,6 +274,9 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
             dropped: get(&u.dropped),
             paths_up: get(&u.paths_up),
             paths_down: get(&u.paths_down),
+            rebinds: get(&u.rebinds),
+            birthdays: get(&u.birthdays),
+            birthday_hits: get(&u.birthday_hits),
         });
     control::ProxyReport {
         public: Some(format!(
@@ -282,16 +305,49 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
     }
 }
 
-async fn down(args: DownArgs, state_dir: &Path) -> anyhow::Result<()> {
-    let stopped = control::stop_where(state_dir, |r| {
-        r.kind == KIND && args.dev.as_ref().is_none_or(|d| r.name.as_ref() == Some(d))
-    })
-    .await;
-    if stopped.is_empty() {
-        match &args.dev {
-            Some(d) => anyhow::bail!("no reach vpn runs on {d} here (reach status lists them)"),
-            None => anyhow::bail!("no reach vpn runs here (reach status lists them)"),
+/// The vpn's processes here that `args` picks.
+fn chosen(args: &DownArgs) -> impl Fn(&control::ProxyReport) -> bool + '_ {
+    |r| r.kind == KIND && args.dev.as_ref().is_none_or(|d| r.name.as_ref() == Some(d))
+}
+
+/// No vpn matched: say which was looked for.
+fn none_runs(args: &DownArgs) -> anyhow::Error {
+    match &args.dev {
+        Some(d) => anyhow::anyhow!("no reach vpn runs on {d} here (reach status lists them)"),
+        None => anyhow::anyhow!("no reach vpn runs here (reach status lists them)"),
+    }
+}
+
+async fn rebind(args: DownArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let answers = control::ask_where(state_dir, chosen(&args), control::Request::Rebind).await;
+    if answers.is_empty() {
+        return Err(none_runs(&args));
+    }
+    let mut failed = false;
+    for (pid, reply) in answers {
+        let v: serde_json::Value = serde_json::from_str(&reply).unwrap_or_default();
+        match (v.get("rebound").and_then(|r| r.as_str()), v.get("error")) {
+            (Some(done), _) => println!("vpn {pid}: {done}"),
+            (None, Some(e)) => {
+                eprintln!("vpn {pid}: {}", e.as_str().unwrap_or("failed"));
+                failed = true;
+            }
+            (None, None) => {
+                eprintln!("vpn {pid}: an answer that makes no sense: {reply}");
+                failed = true;
+            }
         }
+    }
+    if failed {
+        anyhow::bail!("not every vpn rebound");
+    }
+    Ok(())
+}
+
+async fn down(args: DownArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let stopped = control::stop_where(state_dir, chosen(&args)).await;
+    if stopped.is_empty() {
+        return Err(none_runs(&args));
     }
     // Stopped means gone: the device goes with the process.
     let deadline = Instant::now() + DOWN_WAIT;

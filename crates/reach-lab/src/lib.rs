@@ -18,6 +18,7 @@ pub mod matrix;
 pub mod nat;
 pub mod plan;
 pub mod probe;
+pub mod punch;
 pub mod rathole;
 pub mod rogue;
 pub mod soak;

@@ -83,34 +83,19 @@ impl SpliceTable {
     /// A Markdown table: rows connect, columns listen; each cell is the
     /// splice rate and the median setup time.
     pub fn markdown(&self) -> String {
-        let mut s = format!(
+        let s = format!(
             "Splice success per ordered pair of `{}` hosts, {} attempts each \
              (`reach connect --modules splice`, one at a time). Rows connect, \
              columns listen; each cell: share spliced, median setup time.\n\n",
             self.topology, self.attempts
         );
-        s += "| from \\ to |";
-        for h in &self.hosts {
-            s += &format!(" {h} |");
-        }
-        s += "\n|---|";
-        s += &"---|".repeat(self.hosts.len());
-        s += "\n";
-        for from in &self.hosts {
-            s += &format!("| **{from}** |");
-            for to in &self.hosts {
-                let cell = match self.pair(from, to) {
-                    None => "".to_string(),
-                    Some(p) => match p.median_ms {
-                        Some(ms) => format!("{:.0}% {ms:.1} ms", p.rate() * 100.0),
-                        None => format!("{:.0}%", p.rate() * 100.0),
-                    },
-                };
-                s += &format!(" {cell} |");
-            }
-            s += "\n";
-        }
-        s
+        s + &grid(&self.hosts, |from, to| match self.pair(from, to) {
+            None => String::new(),
+            Some(p) => match p.median_ms {
+                Some(ms) => format!("{:.0}% {ms:.1} ms", p.rate() * 100.0),
+                None => format!("{:.0}%", p.rate() * 100.0),
+            },
+        })
     }
 
     /// A plain-text rendering for the terminal (the Markdown table).
@@ -119,7 +104,27 @@ impl SpliceTable {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// A Markdown grid of `hosts` by `hosts`, each cell as `cell(row,
+/// column)` says.
+pub(crate) fn grid(hosts: &[String], cell: impl Fn(&str, &str) -> String) -> String {
+    let mut s = "| from \\ to |".to_string();
+    for h in hosts {
+        s += &format!(" {h} |");
+    }
+    s += "\n|---|";
+    s += &"---|".repeat(hosts.len());
+    s += "\n";
+    for from in hosts {
+        s += &format!("| **{from}** |");
+        for to in hosts {
+            s += &format!(" {} |", cell(from, to));
+        }
+        s += "\n";
+    }
+    s
+}
+
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

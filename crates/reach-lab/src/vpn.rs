@@ -169,6 +169,34 @@ pub fn start(
         .collect()
 }
 
+/// The vpn's entry in `host`'s `reach status --json` (the member's state
+/// directory is the host's name under the lab's reach state).
+pub fn status(lab: &Lab, tools: &Path, host: &str) -> Option<serde_json::Value> {
+    let out = lab
+        .command(host, tools.join("reach"))
+        .arg("--state-dir")
+        .arg(reach_state(lab).join(host))
+        .args(["status", "--json"])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["proxies"]
+        .as_array()?
+        .iter()
+        .find(|p| p["kind"] == "vpn")
+        .cloned()
+}
+
+/// `host`'s vpn peer at `ip` in its status.
+pub fn peer_status(lab: &Lab, tools: &Path, host: &str, ip: IpAddr) -> Option<serde_json::Value> {
+    let vpn = status(lab, tools, host)?;
+    vpn["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["ip"] == ip.to_string().as_str())
+        .cloned()
+}
+
 /// The module of the latest line `event` in `log` about the peer at `ip`
 /// ("vpn peer up": the stream's first module; "vpn peer path moved": where
 /// a routed stream moved).

@@ -95,21 +95,7 @@ fn lab_with_hubs(name: &str) -> (Lab, reach_lab::hubs::HubSet, PathBuf, PathBuf)
 
 /// The vpn's entry in `host`'s `reach status --json`.
 fn vpn_status(lab: &Lab, host: &str) -> Option<serde_json::Value> {
-    let tools = common::tools_with_reach();
-    let state = reach_lab::matrix::reach_state(lab);
-    let out = lab
-        .command(host, tools.join("reach"))
-        .arg("--state-dir")
-        .arg(state.join(host))
-        .args(["status", "--json"])
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["proxies"]
-        .as_array()?
-        .iter()
-        .find(|p| p["kind"] == "vpn")
-        .cloned()
+    reach_lab::vpn::status(lab, &common::tools_with_reach(), host)
 }
 
 /// Whether `host` has the vpn device.
@@ -426,4 +412,44 @@ fn junk_on_the_udp_port_is_dropped_and_counted_and_the_member_carries_on() {
     run_in(&lab, "a", "ping", &["-n", "-c", "3", "-w", "20", &ipb]);
     let log = std::fs::read_to_string(&mb.log).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// A host behind a random-port NAT and one behind a port-restricted NAT
+/// (endpoint-independent mapping, address-and-port-dependent filtering:
+/// the kernel's masquerade) get a UDP path only by many-port punching:
+/// the first has spare sockets, the second sprays. Each time both move
+/// to fresh sockets (`reach vpn rebind`) they punch through again.
+#[test]
+fn a_random_port_nat_and_a_port_restricted_one_punch_with_many_ports_each_time_both_move() {
+    let (lab, hubs, tools, _) = lab_with_hubs("nat-zoo");
+    let options = reach_lab::vpn::Options {
+        servers: false,
+        ..Default::default()
+    };
+    let member = |h: &str| {
+        let hub = hubs.attach.get(h).map(String::as_str);
+        reach_lab::vpn::start_with(&lab, &tools, h, hub, &options).expect("member up")
+    };
+    let (easy, hard) = ("nat-eim", "nat-apdm-rand");
+    let (me, mh) = (member(easy), member(hard));
+    let rate = reach_lab::punch::pair(&lab, &tools, (easy, &me), (hard, &mh), 3);
+    assert_eq!(rate.punched, 3, "{rate:?}");
+    assert!(
+        rate.max_ms
+            .is_some_and(|ms| ms < reach_lab::punch::ATTEMPT_WINDOW.as_secs_f64() * 1000.0),
+        "{rate:?}"
+    );
+    let udp = vpn_status(&lab, hard).expect("the hard side's status")["udp"].clone();
+    assert_eq!(udp["rebinds"], 3, "{udp}");
+    // Every attempt: a spray hit a spare socket.
+    assert!(udp["birthday_hits"].as_u64() >= Some(3), "{udp}");
+    let peer = reach_lab::vpn::peer_status(&lab, &tools, hard, me.ip).expect("peer listed");
+    assert!(peer["udp_path"].is_string(), "{peer}");
+    // Packets cross (over the stream or the UDP path).
+    run_in(
+        &lab,
+        hard,
+        "ping",
+        &["-n", "-c", "2", "-w", "10", &me.ip.to_string()],
+    );
 }

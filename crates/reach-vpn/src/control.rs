@@ -6,6 +6,8 @@
 //! ```text
 //! Keys:       1 | index u32 | key (32) | cipher u8 (1 AES-256-GCM, 2 ChaCha20-Poly1305)
 //! Candidates: 2 | count u8 (at most 16) | count x (family u8 (4|6) | address | port u16)
+//! Moved:      3 | as Candidates (they replace the sender's earlier ones)
+//! Nat:        4 | 0 (ports predictable) or 1 | family u8 | address (random ports there)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -57,6 +59,14 @@ pub enum Control {
     },
     /// The sender's UDP socket may be reached at these.
     Candidates(Vec<SocketAddr>),
+    /// The sender's UDP socket moved (rebound, or the host changed
+    /// networks): its earlier candidates and path are gone, these are
+    /// where it may be reached now, and both sides punch afresh.
+    Moved(Vec<SocketAddr>),
+    /// How the sender's NAT maps its socket, as the hub's echoes showed:
+    /// `Some(ip)`: a random port of `ip` per destination (the receiver
+    /// sprays; the sender opens many sockets); `None`: predictably.
+    Nat(Option<IpAddr>),
 }
 
 /// A control message that cannot be read.
@@ -86,23 +96,23 @@ impl Control {
                 out.extend_from_slice(&keys.key);
                 out.push(if *cipher == Cipher::AesGcm { 1 } else { 2 });
             }
-            Control::Candidates(addrs) => {
-                out.push(2);
+            Control::Candidates(addrs) | Control::Moved(addrs) => {
+                out.push(if matches!(self, Control::Moved(_)) {
+                    3
+                } else {
+                    2
+                });
                 let addrs = &addrs[..addrs.len().min(MAX_CANDIDATES)];
                 out.push(addrs.len() as u8);
                 for a in addrs {
-                    match a.ip() {
-                        IpAddr::V4(v4) => {
-                            out.push(4);
-                            out.extend_from_slice(&v4.octets());
-                        }
-                        IpAddr::V6(v6) => {
-                            out.push(6);
-                            out.extend_from_slice(&v6.octets());
-                        }
-                    }
+                    put_ip(out, a.ip());
                     out.extend_from_slice(&a.port().to_be_bytes());
                 }
+            }
+            Control::Nat(None) => out.extend_from_slice(&[4, 0]),
+            Control::Nat(Some(ip)) => {
+                out.extend_from_slice(&[4, 1]);
+                put_ip(out, *ip);
             }
         }
     }
@@ -124,29 +134,48 @@ impl Control {
                     cipher,
                 }
             }
-            2 => {
+            code @ (2 | 3) => {
                 let n = r.u8()?;
                 if usize::from(n) > MAX_CANDIDATES {
                     return Err(ControlError::TooMany(n));
                 }
                 let mut addrs = Vec::with_capacity(usize::from(n));
                 for _ in 0..n {
-                    let ip: IpAddr = match r.u8()? {
-                        4 => Ipv4Addr::from(r.array::<4>()?).into(),
-                        6 => Ipv6Addr::from(r.array::<16>()?).into(),
-                        f => return Err(ControlError::Unknown(f)),
-                    };
+                    let ip = r.ip()?;
                     let port = u16::from_be_bytes(r.array()?);
                     addrs.push(SocketAddr::new(ip, port));
                 }
-                Control::Candidates(addrs)
+                if code == 3 {
+                    Control::Moved(addrs)
+                } else {
+                    Control::Candidates(addrs)
+                }
             }
+            4 => match r.u8()? {
+                0 => Control::Nat(None),
+                1 => Control::Nat(Some(r.ip()?)),
+                k => return Err(ControlError::Unknown(k)),
+            },
             t => return Err(ControlError::Unknown(t)),
         };
         if !r.0.is_empty() {
             return Err(ControlError::Trailing(r.0.len()));
         }
         Ok(msg)
+    }
+}
+
+/// Appends an address: family (4 or 6), then its bytes.
+fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            out.push(4);
+            out.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            out.push(6);
+            out.extend_from_slice(&v6.octets());
+        }
     }
 }
 
@@ -158,6 +187,14 @@ impl Reader<'_> {
         let (first, rest) = self.0.split_first().ok_or(ControlError::Short)?;
         self.0 = rest;
         Ok(*first)
+    }
+
+    fn ip(&mut self) -> Result<IpAddr, ControlError> {
+        Ok(match self.u8()? {
+            4 => Ipv4Addr::from(self.array::<4>()?).into(),
+            6 => Ipv6Addr::from(self.array::<16>()?).into(),
+            f => return Err(ControlError::Unknown(f)),
+        })
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], ControlError> {
@@ -230,7 +267,9 @@ mod tests {
             "198.51.100.7:4000".parse().unwrap(),
             "[2001:db8::1]:5".parse().unwrap(),
         ]);
-        for m in [keys, cands] {
+        let moved = Control::Moved(vec!["203.0.113.4:9".parse().unwrap()]);
+        let hard = Control::Nat(Some("198.51.100.9".parse().unwrap()));
+        for m in [keys, cands, moved, hard, Control::Nat(None)] {
             let mut b = Vec::new();
             m.encode(&mut b);
             assert_eq!(Control::decode(&b), Ok(m));

@@ -20,6 +20,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod address;
+pub mod birthday;
 pub mod control;
 pub mod device;
 pub mod frame;

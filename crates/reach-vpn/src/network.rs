@@ -167,6 +167,13 @@ impl Peer {
         udp.lock().unwrap_or_else(|p| p.into_inner()).active()
     }
 
+    /// How long the latest punch took to bring its UDP path up, while
+    /// that path is up.
+    pub fn udp_setup(&self) -> Option<Duration> {
+        let udp = self.udp.as_ref()?;
+        udp.lock().unwrap_or_else(|p| p.into_inner()).setup()
+    }
+
     /// The UDP path's round trip (its latest probe), when one is up.
     pub fn udp_rtt(&self) -> Option<Duration> {
         let udp = self.udp.as_ref()?;

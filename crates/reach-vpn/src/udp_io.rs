@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use reach_proto::Cipher;
 
+use crate::birthday::{Birthday, SpareCount, SpareDatagram};
 use crate::control::{self, Control, FrameType};
 use crate::network::{bump, Peer, Vpn};
 use crate::split::Splitter;
@@ -50,6 +51,12 @@ const GSO_BYTES: usize = 65_000;
 const RECV_BATCH: usize = 16;
 /// Bytes of one receive buffer: a GRO run of up to 64 KiB.
 const RECV_BUF: usize = 65_536;
+/// Spare sockets are opened for one peer at most this often (a move
+/// allows it at once).
+const BIRTHDAY_AGAIN: Duration = Duration::from_secs(10);
+/// How long into a first round spares open, if no path is up by then
+/// (before the peer's spray begins: `udp::paths::SPRAY_AFTER`).
+const BIRTHDAY_AFTER: Duration = Duration::from_millis(200);
 /// How often the member asks its hub's UDP echoes how its NAT maps its
 /// socket.
 const ECHO_EVERY: Duration = Duration::from_secs(60);
@@ -62,6 +69,10 @@ struct Echo {
     asked: Option<Instant>,
     /// Where peers may reach the socket through the NAT, most likely first.
     reflexive: Vec<SocketAddr>,
+    /// How the NAT maps the socket: None while unknown; `Some(None)`
+    /// predictably; `Some(Some(ip))` to a random port of `ip` per
+    /// destination.
+    nat: Option<Option<IpAddr>>,
 }
 
 /// Counters of the UDP paths.
@@ -78,21 +89,82 @@ pub struct UdpStats {
     pub paths_up: AtomicU64,
     /// Paths that went down.
     pub paths_down: AtomicU64,
+    /// Times the member moved to a fresh socket ([`Vpn::rebind_udp`]).
+    pub rebinds: AtomicU64,
+    /// Many-port rounds this member opened spare sockets for (its NAT
+    /// maps ports at random, the peer's predictably).
+    pub birthdays: AtomicU64,
+    /// Many-port rounds not opened: the spare sockets' bound was reached
+    /// or a socket could not be opened.
+    pub birthdays_refused: AtomicU64,
+    /// Paths that came up on a spare socket.
+    pub birthday_hits: AtomicU64,
+}
+
+/// One bound UDP socket with its GSO and GRO state.
+pub(crate) struct Socket {
+    pub(crate) io: tokio::net::UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    pub(crate) port: u16,
+}
+
+impl Socket {
+    pub(crate) fn new(io: tokio::net::UdpSocket) -> io::Result<Self> {
+        let port = io.local_addr()?.port();
+        let state = quinn_udp::UdpSocketState::new((&io).into())?;
+        Ok(Self { io, state, port })
+    }
 }
 
 /// A member's UDP socket and sessions.
 pub(crate) struct UdpPlane {
-    socket: tokio::net::UdpSocket,
-    /// GSO and GRO on the socket.
-    state: quinn_udp::UdpSocketState,
+    /// The socket now; a rebind puts a fresh one here.
+    socket: Mutex<Arc<Socket>>,
+    /// Bumped by each rebind: the receive loop moves to the new socket.
+    moved: tokio::sync::watch::Sender<u64>,
+    /// Datagrams that came in on spare sockets, for the driver.
+    spare_tx: tokio::sync::mpsc::Sender<SpareDatagram>,
+    spare_rx: Mutex<Option<tokio::sync::mpsc::Receiver<SpareDatagram>>>,
+    /// Spare sockets open.
+    spares: Arc<SpareCount>,
     /// This member's receive index to the peer that seals to it.
     sessions: Mutex<HashMap<u32, Weak<Peer>>>,
     /// Scratch for cutting and sealing outgoing segments.
     split: Mutex<Splitter>,
     cipher: Cipher,
-    port: u16,
     echo: Mutex<Echo>,
     pub(crate) stats: UdpStats,
+}
+
+/// The receive loop's buffers, kept across rebinds.
+struct Receive {
+    bufs: Vec<Vec<u8>>,
+    metas: Vec<quinn_udp::RecvMeta>,
+    out: Vec<Vec<u8>>,
+    gro: tun_rs::GROTable,
+}
+
+impl Receive {
+    fn new() -> Self {
+        Receive {
+            bufs: vec![vec![0u8; RECV_BUF]; RECV_BATCH],
+            metas: vec![quinn_udp::RecvMeta::default(); RECV_BATCH],
+            out: (0..tun_rs::IDEAL_BATCH_SIZE)
+                .map(|_| Vec::with_capacity(tun_rs::VIRTIO_NET_HDR_LEN + 2048))
+                .collect(),
+            gro: tun_rs::GROTable::default(),
+        }
+    }
+}
+
+/// How the NAT maps, for the peers ([`Echo::nat`]).
+fn nat_hint(profile: &reach_proto::nat::NatProfile) -> Option<Option<IpAddr>> {
+    use reach_proto::nat::{Allocation, Mapping};
+    match (profile.mapping, profile.allocation, profile.external) {
+        (Mapping::Unknown, _, _) | (_, _, None) => None,
+        (_, Allocation::Random, Some(ext)) => Some(Some(ext.ip().to_canonical())),
+        _ => Some(None),
+    }
 }
 
 /// One peer's UDP session.
@@ -104,6 +176,27 @@ pub(crate) struct PeerUdp {
     sealer: Option<Sealer>,
     paths: Paths,
     last_punch: Option<Instant>,
+    /// How the peer's NAT maps (None: not told yet; see [`Echo::nat`]).
+    peer_nat: Option<Option<IpAddr>>,
+    /// Spare sockets while punching many-port (this side's NAT maps
+    /// ports at random).
+    birthday: Option<Birthday>,
+    /// When spares were last opened for this peer.
+    last_birthday: Option<Instant>,
+    /// The spare that a spray hit: this peer's path runs on it.
+    own: Option<Own>,
+}
+
+/// A spare socket that carries one peer's path, with its receive loop.
+struct Own {
+    socket: Arc<Socket>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl std::fmt::Debug for PeerUdp {
@@ -126,6 +219,22 @@ impl PeerUdp {
     /// The active path's round trip.
     pub(crate) fn rtt(&self) -> Option<Duration> {
         self.active().and(self.paths.rtt())
+    }
+
+    /// This side or the peer moved to another socket: the path, the
+    /// spare sockets and the socket a spray won go; punching starts
+    /// afresh (with `candidates`, the peer's new ones).
+    fn moved(&mut self, now: Instant, candidates: Option<Vec<SocketAddr>>) {
+        self.own = None;
+        self.birthday = None;
+        self.last_birthday = None;
+        self.paths.moved(now, candidates);
+        self.last_punch = Some(now);
+    }
+
+    /// How long the latest punch took to bring the path up.
+    pub(crate) fn setup(&self) -> Option<Duration> {
+        self.active().and(self.paths.setup())
     }
 }
 
@@ -172,11 +281,13 @@ pub fn bind(port: u16) -> io::Result<tokio::net::UdpSocket> {
 
 impl UdpPlane {
     pub(crate) fn new(socket: tokio::net::UdpSocket, mtu: u16) -> io::Result<Self> {
-        let port = socket.local_addr().map_or(0, |a| a.port());
-        let state = quinn_udp::UdpSocketState::new((&socket).into())?;
+        let (spare_tx, spare_rx) = tokio::sync::mpsc::channel(crate::birthday::QUEUE);
         Ok(Self {
-            socket,
-            state,
+            spare_tx,
+            spare_rx: Mutex::new(Some(spare_rx)),
+            spares: Arc::default(),
+            socket: Mutex::new(Arc::new(Socket::new(socket)?)),
+            moved: tokio::sync::watch::Sender::new(0),
             sessions: Mutex::new(HashMap::new()),
             split: Mutex::new(Splitter::new(
                 HEADER_LEN + vnet::LEN,
@@ -184,15 +295,22 @@ impl UdpPlane {
                 TAG_LEN,
             )),
             cipher: reach::preferred_cipher(),
-            port,
             echo: Mutex::new(Echo::default()),
             stats: UdpStats::default(),
         })
     }
 
+    /// The socket now.
+    fn socket(&self) -> Arc<Socket> {
+        self.socket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// A dual-stack socket sends to IPv4 peers as mapped addresses.
-    fn to(&self, to: SocketAddr) -> SocketAddr {
-        match (to, self.socket.local_addr()) {
+    fn to(socket: &Socket, to: SocketAddr) -> SocketAddr {
+        match (to, socket.io.local_addr()) {
             (SocketAddr::V4(v4), Ok(SocketAddr::V6(_))) => {
                 SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
             }
@@ -204,15 +322,20 @@ impl UdpPlane {
     /// size (the last may be shorter) in one GSO send. Never waits: a full
     /// socket buffer drops them (counted).
     fn send(&self, contents: &[u8], segment: Option<usize>, to: SocketAddr) {
+        self.send_on(&self.socket(), contents, segment, to);
+    }
+
+    /// [`UdpPlane::send`] on a socket the caller holds.
+    fn send_on(&self, socket: &Socket, contents: &[u8], segment: Option<usize>, to: SocketAddr) {
         let transmit = quinn_udp::Transmit {
-            destination: self.to(to),
+            destination: Self::to(socket, to),
             ecn: None,
             contents,
             segment_size: segment,
             src_ip: None,
         };
         let count = segment.map_or(1, |s| contents.len().div_ceil(s.max(1))) as u64;
-        match self.state.try_send((&self.socket).into(), &transmit) {
+        match socket.state.try_send((&socket.io).into(), &transmit) {
             Ok(()) => {
                 self.stats.sent.fetch_add(count, Ordering::Relaxed);
             }
@@ -247,12 +370,16 @@ impl UdpPlane {
             sealer: None,
             paths: Paths::new(Instant::now(), u64::from_be_bytes(random())),
             last_punch: None,
+            peer_nat: None,
+            birthday: None,
+            last_birthday: None,
+            own: None,
         }
     }
 
     /// The member's UDP port.
     pub(crate) fn port(&self) -> u16 {
-        self.port
+        self.socket().port
     }
 }
 
@@ -267,7 +394,7 @@ pub(crate) fn prefers_udp(udp_first: bool, peer: &Peer) -> bool {
 
 /// Whether a socket error is about one destination rather than the
 /// socket.
-fn transient(e: &io::Error) -> bool {
+pub(crate) fn transient(e: &io::Error) -> bool {
     use io::ErrorKind as K;
     matches!(
         e.kind(),
@@ -378,7 +505,12 @@ impl Vpn {
 
     /// An answer from one of the hub's echoes: the NAT's mapping of the
     /// socket towards it. New reflexive addresses go to every peer.
-    fn echo_answer(&self, plane: &UdpPlane, from: SocketAddr, d: &[u8]) {
+    fn echo_answer(&self, plane: &UdpPlane, socket: &Socket, from: SocketAddr, d: &[u8]) {
+        if socket.port != plane.port() {
+            // For a socket given up since (a rebind): says nothing of
+            // the new one.
+            return;
+        }
         let Ok(mapped) = reach_proto::nat::decode_echo(d) else {
             bump(&plane.stats.dropped);
             return;
@@ -392,10 +524,10 @@ impl Vpn {
             bump(&plane.stats.dropped);
             return;
         }
-        let local = plane
-            .socket
+        let local = socket
+            .io
             .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0u8; 4], plane.port)));
+            .unwrap_or_else(|_| SocketAddr::from(([0u8; 4], socket.port)));
         let changed = {
             let mut e = plane.echo.lock().unwrap_or_else(|p| p.into_inner());
             e.obs.retain(|o| o.server != from);
@@ -405,21 +537,204 @@ impl Vpn {
                 mapped,
             });
             let profile = reach_proto::nat::classify(&e.obs);
-            let reflexive = reach_proto::nat::predict(&profile, &[], plane.port);
-            let changed = reflexive != e.reflexive;
-            if changed {
+            let reflexive = reach_proto::nat::predict(&profile, &[], socket.port);
+            let nat = nat_hint(&profile);
+            let changed = (reflexive != e.reflexive, nat != e.nat);
+            if changed.0 || changed.1 {
                 tracing::info!(%profile, ?reflexive, "vpn UDP socket as the hub's echoes see it");
                 e.reflexive = reflexive;
+                e.nat = nat;
             }
             changed
         };
-        if changed {
+        if changed.0 {
             // The interfaces are read once for all peers.
-            let candidates = Control::Candidates(self.local_candidates(plane.port));
+            let candidates = Control::Candidates(self.local_candidates(socket.port));
             for peer in self.peers() {
                 Self::send_control(&peer, &candidates);
             }
         }
+        if changed.1 {
+            let nat = plane.echo.lock().unwrap_or_else(|p| p.into_inner()).nat;
+            let now = Instant::now();
+            for peer in self.peers() {
+                if let Some(hint) = nat {
+                    Self::send_control(&peer, &Control::Nat(hint));
+                }
+                if let Some(u) = &peer.udp {
+                    let mut u = lock(u);
+                    self.plan_many_port(plane, &mut u, now);
+                    self.flush_udp(plane, &peer, &mut u);
+                }
+            }
+        }
+    }
+
+    /// Many-port punching where the two NATs call for it: this side
+    /// sprays random ports of the peer's address when the peer's NAT maps
+    /// ports at random and its own predictably (and punches again with
+    /// the spray); it opens spare sockets in the opposite case.
+    fn plan_many_port(&self, plane: &UdpPlane, u: &mut PeerUdp, now: Instant) {
+        if u.active().is_some() || u.sealer.is_none() {
+            return;
+        }
+        let mine = plane.echo.lock().unwrap_or_else(|p| p.into_inner()).nat;
+        let spray = match (mine, u.peer_nat) {
+            (Some(None), Some(Some(ip))) => Some(ip),
+            _ => None,
+        };
+        if spray != u.paths.spraying() {
+            u.paths.spray(spray);
+            if spray.is_some() && !u.paths.candidates().is_empty() {
+                u.last_punch = Some(now);
+                u.paths.punch(now);
+            }
+        }
+        let (Some(Some(_)), Some(None)) = (mine, u.peer_nat) else {
+            return;
+        };
+        let again = u
+            .last_birthday
+            .is_none_or(|at| now.saturating_duration_since(at) >= BIRTHDAY_AGAIN);
+        // The member's own socket first: where the peer's filter lets it
+        // through (no NAT, a full cone) the path is up before spares
+        // would open, and no spray is needed.
+        let tried = u
+            .last_punch
+            .is_some_and(|at| now.saturating_duration_since(at) >= BIRTHDAY_AFTER);
+        if u.birthday.is_some() || u.own.is_some() || !again || !tried {
+            return;
+        }
+        let targets: Vec<SocketAddr> = u
+            .paths
+            .candidates()
+            .iter()
+            .filter(|a| crate::birthday::public(a.ip()))
+            .take(crate::birthday::MAX_TARGETS)
+            .copied()
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        u.last_birthday = Some(now);
+        match Birthday::open(targets, &plane.spares, &plane.spare_tx, now) {
+            Ok(b) => {
+                bump(&plane.stats.birthdays);
+                tracing::debug!(targets = ?b.targets(), "vpn spare sockets open: this NAT maps ports at random, the peer's predictably");
+                u.birthday = Some(b);
+            }
+            Err(e) => {
+                bump(&plane.stats.birthdays_refused);
+                tracing::info!("no many-port punching: {e}");
+            }
+        }
+        self.probe_from_spares(plane, u, now);
+    }
+
+    /// Probes the peer from every spare socket, if due.
+    fn probe_from_spares(&self, plane: &UdpPlane, u: &mut PeerUdp, now: Instant) {
+        let PeerUdp {
+            birthday,
+            sealer,
+            paths,
+            ..
+        } = u;
+        let (Some(b), Some(sealer)) = (birthday.as_mut(), sealer.as_mut()) else {
+            return;
+        };
+        let Some((sockets, targets)) = b.due(now) else {
+            return;
+        };
+        let mut buf = [0u8; HEADER_LEN + 8 + TAG_LEN];
+        for socket in sockets {
+            for to in targets {
+                let id = paths.probe_id(*to, now);
+                buf[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&control::probe(id));
+                match sealer.seal(Kind::Probe, &mut buf, 8) {
+                    Ok(n) => plane.send_on(socket, &buf[..n], None, *to),
+                    Err(e) => {
+                        tracing::warn!("{e}");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A datagram on a spare socket: an authenticated probe or answer
+    /// from the peer means a spray hit this spare's mapping (or the
+    /// peer's filter let a spare's probe in), so the spare carries the
+    /// peer's path from now on and the other spares close.
+    fn spare_datagram(self: &Arc<Self>, plane: &UdpPlane, d: SpareDatagram) {
+        let peer = datagram::index_of(&d.bytes)
+            .and_then(|i| plane.sessions().get(&i).and_then(Weak::upgrade));
+        let Some(peer) = peer else {
+            bump(&plane.stats.dropped);
+            return;
+        };
+        let Some(u) = &peer.udp else { return };
+        let mut u = lock(u);
+        if !u.birthday.as_ref().is_some_and(|b| b.holds(&d.socket)) {
+            // The round is over, or another spare won.
+            return;
+        }
+        let mut bytes = d.bytes;
+        let (kind, payload) = match u.opener.open(&mut bytes) {
+            Ok((kind, _, payload)) => (kind, payload),
+            Err(e) => {
+                bump(&plane.stats.dropped);
+                tracing::trace!(from = %d.from, "spare datagram dropped: {e}");
+                return;
+            }
+        };
+        bump(&plane.stats.received);
+        let now = Instant::now();
+        match kind {
+            Kind::Probe => {
+                let Some(id) = control::read_probe(payload) else {
+                    return;
+                };
+                self.adopt(plane, &mut u, d.socket);
+                u.paths.handle_probe(d.from, id, now);
+            }
+            Kind::ProbeAck => {
+                let Some((id, seen)) = control::read_ack(payload) else {
+                    return;
+                };
+                self.adopt(plane, &mut u, d.socket);
+                u.paths.handle_ack(d.from, id, seen, now);
+            }
+            Kind::Data => return,
+        }
+        self.flush_udp(plane, &peer, &mut u);
+    }
+
+    /// The spare `socket` carries the peer's path from now on; the other
+    /// spares close.
+    fn adopt(self: &Arc<Self>, plane: &UdpPlane, u: &mut PeerUdp, socket: Arc<Socket>) {
+        u.birthday = None;
+        bump(&plane.stats.birthday_hits);
+        let vpn = self.clone();
+        let reading = socket.clone();
+        let reader = tokio::spawn(async move {
+            let Some(plane) = vpn.plane() else { return };
+            if let Err(e) = vpn.read_socket(plane, &reading, &mut Receive::new()).await {
+                tracing::debug!("a peer's own UDP socket failed: {e}");
+            }
+        });
+        tracing::debug!(
+            port = socket.port,
+            "vpn spare socket hit: it carries the peer's path"
+        );
+        u.own = Some(Own { socket, reader });
+    }
+
+    /// The socket `u`'s peer is reached on: its own spare, or the
+    /// member's.
+    fn socket_for(plane: &UdpPlane, u: &PeerUdp) -> Arc<Socket> {
+        u.own
+            .as_ref()
+            .map_or_else(|| plane.socket(), |o| o.socket.clone())
     }
 
     fn send_control(peer: &Peer, c: &Control) {
@@ -446,8 +761,11 @@ impl Vpn {
         );
         Self::send_control(
             peer,
-            &Control::Candidates(self.local_candidates(plane.port)),
+            &Control::Candidates(self.local_candidates(plane.port())),
         );
+        if let Some(hint) = plane.echo.lock().unwrap_or_else(|p| p.into_inner()).nat {
+            Self::send_control(peer, &Control::Nat(hint));
+        }
     }
 
     /// A control message from `peer`'s stream.
@@ -461,8 +779,16 @@ impl Vpn {
             Control::Candidates(addrs) => {
                 u.paths.add_candidates(addrs);
             }
+            Control::Moved(addrs) => {
+                // Punched afresh now (the peer does too): not again on
+                // the next candidates.
+                let now = Instant::now();
+                u.moved(now, Some(addrs));
+            }
+            Control::Nat(hint) => u.peer_nat = Some(hint.map(|ip| ip.to_canonical())),
         }
         let now = Instant::now();
+        self.plan_many_port(plane, &mut u, now);
         let due = u
             .last_punch
             .is_none_or(|at| now.saturating_duration_since(at) >= PUNCH_AGAIN);
@@ -475,7 +801,21 @@ impl Vpn {
 
     /// Sends what `peer`'s paths want sent and acts on what changed.
     fn flush_udp(&self, plane: &UdpPlane, peer: &Peer, u: &mut PeerUdp) {
+        self.flush_udp_via(plane, peer, u, None);
+    }
+
+    /// [`Vpn::flush_udp`], sending on `via` if given (else on the
+    /// peer's socket).
+    fn flush_udp_via(&self, plane: &UdpPlane, peer: &Peer, u: &mut PeerUdp, via: Option<&Socket>) {
         let mut buf = [0u8; HEADER_LEN + 27 + TAG_LEN];
+        let owned;
+        let socket = match via {
+            Some(s) => s,
+            None => {
+                owned = Self::socket_for(plane, u);
+                &owned
+            }
+        };
         while let Some(t) = u.paths.poll_transmit() {
             let Some(sealer) = u.sealer.as_mut() else {
                 continue;
@@ -493,7 +833,7 @@ impl Vpn {
                 }
             };
             match sealer.seal(kind, &mut buf, len) {
-                Ok(n) => plane.send(&buf[..n], None, t.to),
+                Ok(n) => plane.send_on(socket, &buf[..n], None, t.to),
                 Err(e) => tracing::warn!(peer = %peer.node, "{e}"),
             }
         }
@@ -501,6 +841,7 @@ impl Vpn {
             match ev {
                 Event::Up { addr, rtt } => {
                     bump(&plane.stats.paths_up);
+                    u.birthday = None;
                     let rtt_us = rtt.as_micros() as u64;
                     if prefers_udp(self.me().udp_first, peer) {
                         tracing::info!(peer = %peer.node, ip = %peer.ipv4, module = %"udp", %addr, rtt_us, "vpn peer path moved");
@@ -567,7 +908,8 @@ impl Vpn {
         // batch the kernel takes.
         let stride = split.stride();
         // A GSO send is one UDP payload of at most 64 KiB to the kernel.
-        let per_send = plane
+        let socket = Self::socket_for(plane, &u);
+        let per_send = socket
             .state
             .max_gso_segments()
             .min(GSO_BYTES / stride.max(1))
@@ -575,11 +917,11 @@ impl Vpn {
         let all = split.slots(total);
         if n == 1 || per_send == 1 {
             for d in all.chunks(stride) {
-                plane.send(d, None, to);
+                plane.send_on(&socket, d, None, to);
             }
         } else {
             for batch in all.chunks(stride * per_send) {
-                plane.send(batch, Some(stride), to);
+                plane.send_on(&socket, batch, Some(stride), to);
             }
         }
         u.paths.sent(Instant::now());
@@ -600,22 +942,44 @@ impl Vpn {
         let Some(plane) = self.plane() else {
             return std::future::pending().await;
         };
-        let mut bufs = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
-        let mut metas = vec![quinn_udp::RecvMeta::default(); RECV_BATCH];
-        let mut out: Vec<Vec<u8>> = (0..tun_rs::IDEAL_BATCH_SIZE)
-            .map(|_| Vec::with_capacity(tun_rs::VIRTIO_NET_HDR_LEN + 2048))
-            .collect();
-        let mut gro = tun_rs::GROTable::default();
+        let mut moved = plane.moved.subscribe();
+        let mut rx = Receive::new();
         loop {
-            plane.socket.readable().await?;
-            let got = plane.socket.try_io(tokio::io::Interest::READABLE, || {
+            let socket = plane.socket();
+            tokio::select! {
+                r = self.read_socket(plane, &socket, &mut rx) => return r,
+                // A rebind: receive on the new socket (the old one closes
+                // when the last sender lets it go).
+                r = moved.changed() => {
+                    if r.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Vpn::read_udp`] on one socket, until it fails.
+    async fn read_socket(
+        self: &Arc<Self>,
+        plane: &UdpPlane,
+        socket: &Socket,
+        rx: &mut Receive,
+    ) -> io::Result<()> {
+        let Receive {
+            bufs,
+            metas,
+            out,
+            gro,
+        } = rx;
+        loop {
+            socket.io.readable().await?;
+            let got = socket.io.try_io(tokio::io::Interest::READABLE, || {
                 let mut iovs: Vec<std::io::IoSliceMut<'_>> = bufs
                     .iter_mut()
                     .map(|b| std::io::IoSliceMut::new(b))
                     .collect();
-                plane
-                    .state
-                    .recv((&plane.socket).into(), &mut iovs, &mut metas)
+                socket.state.recv((&socket.io).into(), &mut iovs, metas)
             });
             let msgs = match got {
                 Ok(n) => n,
@@ -630,7 +994,7 @@ impl Vpn {
                 Err(e) => return Err(e),
             };
             let mut ready = 0;
-            for (buf, meta) in bufs.iter_mut().zip(&metas).take(msgs) {
+            for (buf, meta) in bufs.iter_mut().zip(metas.iter()).take(msgs) {
                 let from = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
                 let stride = if meta.stride == 0 {
                     meta.len
@@ -641,17 +1005,17 @@ impl Vpn {
                     let Some(slot) = out.get_mut(ready) else {
                         break;
                     };
-                    if self.take_datagram(plane, from, d, slot) {
+                    if self.take_datagram(plane, socket, from, d, slot) {
                         ready += 1;
                     }
                     if ready == out.len() {
-                        self.write_batch(&mut gro, &mut out, ready).await?;
+                        self.write_batch(gro, out, ready).await?;
                         ready = 0;
                     }
                 }
             }
             if ready > 0 {
-                self.write_batch(&mut gro, &mut out, ready).await?;
+                self.write_batch(gro, out, ready).await?;
             }
         }
     }
@@ -682,12 +1046,13 @@ impl Vpn {
     fn take_datagram(
         &self,
         plane: &UdpPlane,
+        socket: &Socket,
         from: SocketAddr,
         d: &mut [u8],
         slot: &mut Vec<u8>,
     ) -> bool {
         if d.first() == Some(&b'r') {
-            self.echo_answer(plane, from, d);
+            self.echo_answer(plane, socket, from, d);
             return false;
         }
         let peer =
@@ -727,7 +1092,9 @@ impl Vpn {
                 if let Some(id) = control::read_probe(payload) {
                     u.paths.handle_probe(from, id, now);
                 }
-                self.flush_udp(plane, &peer, &mut u);
+                // The answer leaves by the socket the probe reached: the
+                // peer checks that answers come from where it probed.
+                self.flush_udp_via(plane, &peer, &mut u, Some(socket));
                 false
             }
             Kind::ProbeAck => {
@@ -740,6 +1107,40 @@ impl Vpn {
         }
     }
 
+    /// Moves the UDP paths to a fresh socket, as after the host changed
+    /// networks (or to measure punching afresh): `port` 0 binds a new
+    /// ephemeral port; the port the member has now keeps its socket.
+    /// The hub's echoes are asked again, every peer is told where the
+    /// socket is now ([`Control::Moved`]), and both sides punch anew.
+    /// Returns the port.
+    pub fn rebind_udp(&self, port: u16) -> io::Result<u16> {
+        let plane = self
+            .plane()
+            .ok_or_else(|| io::Error::other("this member has no UDP socket (--no-udp)"))?;
+        if port == 0 || port != plane.port() {
+            let fresh = Arc::new(Socket::new(bind(port)?)?);
+            *plane.socket.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+            plane.moved.send_modify(|g| *g += 1);
+        }
+        *plane.echo.lock().unwrap_or_else(|p| p.into_inner()) = Echo::default();
+        bump(&plane.stats.rebinds);
+        let port = plane.port();
+        let now = Instant::now();
+        self.ask_echoes(plane, now);
+        let moved = Control::Moved(self.local_candidates(port));
+        for peer in self.peers() {
+            let Some(u) = &peer.udp else { continue };
+            {
+                let mut u = lock(u);
+                u.moved(now, None);
+                self.flush_udp(plane, &peer, &mut u);
+            }
+            Self::send_control(&peer, &moved);
+        }
+        tracing::info!(port, "vpn UDP socket moved: peers told, punching afresh");
+        Ok(port)
+    }
+
     /// Runs every peer's path timers (forever; idle without a socket).
     pub(crate) async fn tick_udp(self: &Arc<Self>) {
         let Some(plane) = self.plane() else {
@@ -747,13 +1148,33 @@ impl Vpn {
         };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let Some(mut spare) = plane
+            .spare_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            tracing::error!("the vpn's UDP timers run twice");
+            return std::future::pending().await;
+        };
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(d) = spare.recv() => {
+                    self.spare_datagram(plane, d);
+                    continue;
+                }
+            }
             let now = Instant::now();
             self.ask_echoes(plane, now);
             for peer in self.peers() {
                 let Some(u) = &peer.udp else { continue };
                 let mut u = lock(u);
+                if u.birthday.as_ref().is_some_and(|b| b.over(now)) {
+                    u.birthday = None;
+                }
+                self.plan_many_port(plane, &mut u, now);
+                self.probe_from_spares(plane, &mut u, now);
                 if now >= u.paths.poll_timeout() {
                     u.paths.handle_timeout(now);
                     self.flush_udp(plane, &peer, &mut u);

@@ -44,6 +44,22 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(25);
 pub const UPGRADE_EVERY: Duration = Duration::from_secs(30);
 /// Candidates kept at most.
 pub const MAX_CANDIDATES: usize = 64;
+/// Probes to random ports of a peer behind a random-port NAT per probe
+/// tick of a first round ([`Paths::spray`]).
+pub const SPRAY_PER_TICK: usize = 256;
+/// How long into a first round the spray begins: the peer's own socket
+/// is tried first, and its spare sockets open meanwhile.
+pub const SPRAY_AFTER: Duration = Duration::from_millis(400);
+/// Most random ports one first round probes: with the peer holding
+/// [`BIRTHDAY_SOCKETS`] mappings among 64512 ports, 2048 probes miss all
+/// of them about once in 3000 rounds.
+pub const SPRAY_PER_ROUND: usize = 2048;
+/// Sockets a member behind a random-port NAT opens towards a peer with a
+/// predictable mapping (each gets a mapping of its own the peer's spray
+/// may hit).
+pub const BIRTHDAY_SOCKETS: usize = 256;
+/// The ports a spray picks from (below them, NATs rarely map).
+const SPRAY_PORTS: std::ops::RangeInclusive<u32> = 1024..=65535;
 /// A probe not answered within this is forgotten.
 const PROBE_LIFE: Duration = Duration::from_secs(5);
 /// A new path must be this much faster to take over.
@@ -125,6 +141,44 @@ pub struct Paths {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     seen_as: Option<SocketAddr>,
+    /// When the latest [`Paths::punch`] or [`Paths::moved`] began.
+    punched: Option<Instant>,
+    /// How long after it the first path came up.
+    setup: Option<Duration>,
+    /// The peer's public address when its NAT maps ports at random.
+    spray_to: Option<std::net::IpAddr>,
+    /// The current first round's spray.
+    spray: Option<Spray>,
+    /// For spray ports.
+    rng: u64,
+}
+
+/// Random ports of one address, each at most once a round: a walk
+/// through the port range with a step coprime to its size.
+#[derive(Clone, Copy, Debug)]
+struct Spray {
+    ip: std::net::IpAddr,
+    at: u32,
+    step: u32,
+    left: usize,
+}
+
+impl Spray {
+    fn next_port(&mut self) -> u16 {
+        let size = SPRAY_PORTS.end() - SPRAY_PORTS.start() + 1;
+        self.at = (self.at + self.step) % size;
+        self.left -= 1;
+        (SPRAY_PORTS.start() + self.at) as u16
+    }
+}
+
+/// splitmix64: spray positions need spreading, not secrecy.
+fn next_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Paths {
@@ -145,7 +199,34 @@ impl Paths {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             seen_as: None,
+            punched: None,
+            setup: None,
+            spray_to: None,
+            spray: None,
+            rng: first_id,
         }
+    }
+
+    /// The peer's NAT maps each destination to a random port of `ip`
+    /// (None: its mappings are predictable): each first round then also
+    /// probes [`SPRAY_PER_ROUND`] random ports of `ip`, where the peer's
+    /// [`BIRTHDAY_SOCKETS`] mappings towards this side wait to be hit.
+    pub fn spray(&mut self, ip: Option<std::net::IpAddr>) {
+        self.spray_to = ip.map(|ip| ip.to_canonical());
+    }
+
+    /// The address a first round sprays, if any.
+    pub fn spraying(&self) -> Option<std::net::IpAddr> {
+        self.spray_to
+    }
+
+    /// Registers a probe to `to` that the driver sends itself (from
+    /// another socket); returns its id. Its answer counts as any probe's.
+    pub fn probe_id(&mut self, to: SocketAddr, now: Instant) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.probes.insert(id, (canonical(to), now));
+        id
     }
 
     /// Adds candidate addresses of the peer (its interfaces, its
@@ -154,7 +235,7 @@ impl Paths {
     pub fn add_candidates(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> usize {
         let mut added = 0;
         for a in addrs {
-            let a = SocketAddr::new(a.ip().to_canonical(), a.port());
+            let a = canonical(a);
             if self.candidates.len() < MAX_CANDIDATES && !self.candidates.contains(&a) {
                 self.candidates.push(a);
                 added += 1;
@@ -166,7 +247,51 @@ impl Paths {
     /// Starts a round now (the first: [`FIRST_ROUND`] long), as both
     /// peers do when they agree to punch.
     pub fn punch(&mut self, now: Instant) {
+        // Setup counts from the first punch of the session (or move).
+        if self.setup.is_none() && self.punched.is_none() {
+            self.punched = Some(now);
+        }
+        self.spray = self.spray_to.map(|ip| {
+            let size = SPRAY_PORTS.end() - SPRAY_PORTS.start() + 1;
+            let r = next_random(&mut self.rng);
+            // Odd and not a multiple of 3 or 7: coprime to 64512.
+            let mut step = ((r >> 32) as u32 % size) | 1;
+            while step % 3 == 0 || step % 7 == 0 {
+                step += 2;
+            }
+            Spray {
+                ip,
+                at: r as u32 % size,
+                step,
+                left: SPRAY_PER_ROUND,
+            }
+        });
         self.start_round(now, FIRST_ROUND);
+    }
+
+    /// One side's UDP socket moved (a rebind, a new network): the path
+    /// and the probes in flight are gone. `candidates`, when given (the
+    /// peer moved), replace the peer's; then a first round starts, as
+    /// when the peers first punched.
+    pub fn moved(&mut self, now: Instant, candidates: Option<Vec<SocketAddr>>) {
+        if let Some(a) = self.active.take() {
+            self.events.push_back(Event::Down { addr: a.addr });
+        }
+        self.probes.clear();
+        self.seen_as = None;
+        self.punched = Some(now);
+        self.setup = None;
+        if let Some(c) = candidates {
+            self.candidates.clear();
+            self.add_candidates(c);
+        }
+        self.punch(now);
+    }
+
+    /// How long the latest punch took to bring the first path up (None:
+    /// none came up since it began).
+    pub fn setup(&self) -> Option<Duration> {
+        self.setup
     }
 
     fn start_round(&mut self, now: Instant, length: Duration) {
@@ -195,6 +320,16 @@ impl Paths {
             let to = self.candidates[i];
             self.probe(to, now);
         }
+        let spraying = now.saturating_duration_since(self.last_round) >= SPRAY_AFTER;
+        if let Some(mut spray) = self.spray.take_if(|_| spraying) {
+            for _ in 0..SPRAY_PER_TICK.min(spray.left) {
+                let port = spray.next_port();
+                self.probe(SocketAddr::new(spray.ip, port), now);
+            }
+            if spray.left > 0 {
+                self.spray = Some(spray);
+            }
+        }
         self.next_probe = now + PROBE_INTERVAL;
     }
 
@@ -221,8 +356,12 @@ impl Paths {
             message: Message::Ack { id, seen: from },
         });
         self.heard(from, now);
-        if self.add_candidates([from]) > 0 && self.active.is_none() {
-            // A hole the peer just punched towards us: probe back at once.
+        self.add_candidates([from]);
+        if self.active.is_none() {
+            // A hole the peer just punched towards us (its probe came
+            // in, so ours can go out): probe back at once rather than at
+            // the next round's tick. One probe per probe received, and
+            // none once a path is up.
             self.probe(from, now);
         }
     }
@@ -260,6 +399,10 @@ impl Paths {
                 self.phase = Phase::Waiting {
                     at: now + UPGRADE_EVERY,
                 };
+                self.spray = None;
+                if self.setup.is_none() {
+                    self.setup = self.punched.map(|at| now.saturating_duration_since(at));
+                }
                 self.events.push_back(Event::Up { addr: from, rtt });
             }
         }
@@ -321,6 +464,7 @@ impl Paths {
         }
         match self.phase {
             Phase::Searching { until } if now >= until => {
+                self.spray = None;
                 let at = now
                     + if self.active.is_some() {
                         UPGRADE_EVERY
@@ -336,6 +480,10 @@ impl Paths {
             _ => {}
         }
     }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 #[cfg(test)]
@@ -381,6 +529,89 @@ mod tests {
             }
             _ => None,
         }
+    }
+
+    #[test]
+    fn a_peer_that_moved_is_punched_afresh_and_the_setup_time_is_measured() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 1);
+        p.add_candidates([addr("198.51.100.7:40000")]);
+        p.punch(t0);
+        let rtt = Duration::from_millis(20);
+        let t1 = run(
+            &mut p,
+            t0,
+            t0 + Duration::from_secs(1),
+            answering(&["198.51.100.7:40000"], rtt, "203.0.113.9:1"),
+        );
+        assert_eq!(p.setup(), Some(rtt));
+        while p.poll_event().is_some() {}
+        // The peer's socket moved: its old address answers no more.
+        p.moved(t1, Some(vec![addr("198.51.100.7:41000")]));
+        assert_eq!(p.active(), None);
+        assert_eq!(p.setup(), None);
+        assert_eq!(p.candidates(), [addr("198.51.100.7:41000")]);
+        assert_eq!(
+            p.poll_event(),
+            Some(Event::Down {
+                addr: addr("198.51.100.7:40000")
+            })
+        );
+        let slow = Duration::from_millis(50);
+        run(
+            &mut p,
+            t1,
+            t1 + Duration::from_secs(1),
+            answering(&["198.51.100.7:41000"], slow, "203.0.113.9:2"),
+        );
+        assert_eq!(p.active(), Some(addr("198.51.100.7:41000")));
+        assert_eq!(p.setup(), Some(slow));
+        // This side moved: the peer's candidates stay, the path goes.
+        p.moved(t1 + Duration::from_secs(1), None);
+        assert_eq!(p.active(), None);
+        assert_eq!(p.candidates(), [addr("198.51.100.7:41000")]);
+    }
+
+    #[test]
+    fn a_spray_probes_distinct_random_ports_in_the_first_round_only_and_finds_a_mapping() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 7);
+        p.add_candidates([addr("203.0.113.5:4000")]);
+        p.spray(Some("203.0.113.5".parse().unwrap()));
+        p.punch(t0);
+        // The peer's NAT holds BIRTHDAY_SOCKETS mappings; none answers
+        // here: count what a whole first round sends.
+        let mut ports = std::collections::HashSet::new();
+        let mut sprayed = 0;
+        run(&mut p, t0, t0 + FIRST_ROUND + RETRY + ROUND, |t, _| {
+            if t.to.port() != 4000 {
+                sprayed += 1;
+                assert!(t.to.port() >= 1024);
+                ports.insert(t.to.port());
+            }
+            None
+        });
+        assert_eq!(sprayed, SPRAY_PER_ROUND, "later rounds do not spray");
+        assert_eq!(ports.len(), SPRAY_PER_ROUND, "no port twice");
+        // With mappings at 256 random ports the spray hits one: the path
+        // is the mapping that answered.
+        let mut q = Paths::new(t0, 9);
+        q.add_candidates([addr("203.0.113.5:4000")]);
+        q.spray(Some("203.0.113.5".parse().unwrap()));
+        q.punch(t0);
+        let mut rng = 12345u64;
+        let mapped: std::collections::HashSet<u16> = (0..BIRTHDAY_SOCKETS)
+            .map(|_| 1024 + (next_random(&mut rng) % 64512) as u16)
+            .collect();
+        run(&mut q, t0, t0 + FIRST_ROUND, |t, _| match t.message {
+            Message::Probe(id) if t.to.port() != 4000 && mapped.contains(&t.to.port()) => {
+                Some((t.to, id, addr("198.51.100.1:1"), Duration::from_millis(5)))
+            }
+            _ => None,
+        });
+        let up = q.active().expect("a mapping was hit");
+        assert!(mapped.contains(&up.port()));
+        assert!(q.setup().is_some_and(|d| d < FIRST_ROUND));
     }
 
     #[test]
