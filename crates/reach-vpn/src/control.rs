@@ -7,7 +7,9 @@
 //! Keys:       1 | index u32 | key (32) | cipher u8 (1 AES-256-GCM, 2 ChaCha20-Poly1305)
 //! Candidates: 2 | count u8 (at most 16) | count x (family u8 (4|6) | address | port u16)
 //! Moved:      3 | as Candidates (they replace the sender's earlier ones)
-//! Nat:        4 | 0 (ports predictable) or 1 | family u8 | address (random ports there)
+//! Nat:        4 | 0 (ports predictable)
+//!               | 1 | family u8 | address (random ports there)
+//!               | 2 | family u8 | address | last port u16 | step i16 (sequential)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -15,6 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use reach_proto::Cipher;
 
 use crate::udp::datagram::Keys;
+use crate::udp::paths::PeerNat;
 
 /// What a stream frame carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,10 +66,9 @@ pub enum Control {
     /// networks): its earlier candidates and path are gone, these are
     /// where it may be reached now, and both sides punch afresh.
     Moved(Vec<SocketAddr>),
-    /// How the sender's NAT maps its socket, as the hub's echoes showed:
-    /// `Some(ip)`: a random port of `ip` per destination (the receiver
-    /// sprays; the sender opens many sockets); `None`: predictably.
-    Nat(Option<IpAddr>),
+    /// How the sender's NAT maps its socket to new destinations, as the
+    /// hub's echoes showed.
+    Nat(PeerNat),
 }
 
 /// A control message that cannot be read.
@@ -109,10 +111,16 @@ impl Control {
                     out.extend_from_slice(&a.port().to_be_bytes());
                 }
             }
-            Control::Nat(None) => out.extend_from_slice(&[4, 0]),
-            Control::Nat(Some(ip)) => {
+            Control::Nat(PeerNat::Predictable) => out.extend_from_slice(&[4, 0]),
+            Control::Nat(PeerNat::Random(ip)) => {
                 out.extend_from_slice(&[4, 1]);
                 put_ip(out, *ip);
+            }
+            Control::Nat(PeerNat::Sequential { ip, after, step }) => {
+                out.extend_from_slice(&[4, 2]);
+                put_ip(out, *ip);
+                out.extend_from_slice(&after.to_be_bytes());
+                out.extend_from_slice(&step.to_be_bytes());
             }
         }
     }
@@ -152,8 +160,13 @@ impl Control {
                 }
             }
             4 => match r.u8()? {
-                0 => Control::Nat(None),
-                1 => Control::Nat(Some(r.ip()?)),
+                0 => Control::Nat(PeerNat::Predictable),
+                1 => Control::Nat(PeerNat::Random(r.ip()?)),
+                2 => Control::Nat(PeerNat::Sequential {
+                    ip: r.ip()?,
+                    after: u16::from_be_bytes(r.array()?),
+                    step: i16::from_be_bytes(r.array()?),
+                }),
                 k => return Err(ControlError::Unknown(k)),
             },
             t => return Err(ControlError::Unknown(t)),
@@ -268,8 +281,20 @@ mod tests {
             "[2001:db8::1]:5".parse().unwrap(),
         ]);
         let moved = Control::Moved(vec!["203.0.113.4:9".parse().unwrap()]);
-        let hard = Control::Nat(Some("198.51.100.9".parse().unwrap()));
-        for m in [keys, cands, moved, hard, Control::Nat(None)] {
+        let hard = Control::Nat(PeerNat::Random("198.51.100.9".parse().unwrap()));
+        let seq = Control::Nat(PeerNat::Sequential {
+            ip: "2001:db8::7".parse().unwrap(),
+            after: 20_001,
+            step: -2,
+        });
+        for m in [
+            keys,
+            cands,
+            moved,
+            hard,
+            seq,
+            Control::Nat(PeerNat::Predictable),
+        ] {
             let mut b = Vec::new();
             m.encode(&mut b);
             assert_eq!(Control::decode(&b), Ok(m));

@@ -35,7 +35,7 @@ use crate::control::{self, Control, FrameType};
 use crate::network::{bump, Peer, Vpn};
 use crate::split::Splitter;
 use crate::udp::datagram::{self, Keys, Kind, Opener, Sealer, HEADER_LEN, TAG_LEN};
-use crate::udp::paths::{Event, Message, Paths};
+use crate::udp::paths::{Event, Message, Paths, PeerNat};
 use crate::vnet;
 
 /// How often the driver runs the paths' timers.
@@ -69,10 +69,8 @@ struct Echo {
     asked: Option<Instant>,
     /// Where peers may reach the socket through the NAT, most likely first.
     reflexive: Vec<SocketAddr>,
-    /// How the NAT maps the socket: None while unknown; `Some(None)`
-    /// predictably; `Some(Some(ip))` to a random port of `ip` per
-    /// destination.
-    nat: Option<Option<IpAddr>>,
+    /// How the NAT maps the socket (None: not known yet).
+    nat: Option<PeerNat>,
 }
 
 /// Counters of the UDP paths.
@@ -157,14 +155,21 @@ impl Receive {
     }
 }
 
-/// How the NAT maps, for the peers ([`Echo::nat`]).
-fn nat_hint(profile: &reach_proto::nat::NatProfile) -> Option<Option<IpAddr>> {
+/// How the NAT maps, for the peers ([`Echo::nat`]; None: not known).
+fn nat_hint(profile: &reach_proto::nat::NatProfile) -> Option<PeerNat> {
     use reach_proto::nat::{Allocation, Mapping};
-    match (profile.mapping, profile.allocation, profile.external) {
-        (Mapping::Unknown, _, _) | (_, _, None) => None,
-        (_, Allocation::Random, Some(ext)) => Some(Some(ext.ip().to_canonical())),
-        _ => Some(None),
-    }
+    let ext = profile.external?;
+    let ip = ext.ip().to_canonical();
+    Some(match (profile.mapping, profile.allocation) {
+        (Mapping::Unknown, _) => return None,
+        (_, Allocation::Random) => PeerNat::Random(ip),
+        (Mapping::Dependent, Allocation::Sequential { step }) => PeerNat::Sequential {
+            ip,
+            after: ext.port(),
+            step: i16::try_from(step).ok()?,
+        },
+        _ => PeerNat::Predictable,
+    })
 }
 
 /// One peer's UDP session.
@@ -176,8 +181,8 @@ pub(crate) struct PeerUdp {
     sealer: Option<Sealer>,
     paths: Paths,
     last_punch: Option<Instant>,
-    /// How the peer's NAT maps (None: not told yet; see [`Echo::nat`]).
-    peer_nat: Option<Option<IpAddr>>,
+    /// How the peer's NAT maps (None: not told yet).
+    peer_nat: Option<PeerNat>,
     /// Spare sockets while punching many-port (this side's NAT maps
     /// ports at random).
     birthday: Option<Birthday>,
@@ -579,8 +584,10 @@ impl Vpn {
             return;
         }
         let mine = plane.echo.lock().unwrap_or_else(|p| p.into_inner()).nat;
+        // Spraying from behind a NAT that maps each destination anew
+        // would only make more mappings.
         let spray = match (mine, u.peer_nat) {
-            (Some(None), Some(Some(ip))) => Some(ip),
+            (Some(PeerNat::Predictable), Some(p)) => Some(p),
             _ => None,
         };
         if spray != u.paths.spraying() {
@@ -590,7 +597,7 @@ impl Vpn {
                 u.paths.punch(now);
             }
         }
-        let (Some(Some(_)), Some(None)) = (mine, u.peer_nat) else {
+        let (Some(PeerNat::Random(_)), Some(PeerNat::Predictable)) = (mine, u.peer_nat) else {
             return;
         };
         let again = u
@@ -784,8 +791,10 @@ impl Vpn {
                 // the next candidates.
                 let now = Instant::now();
                 u.moved(now, Some(addrs));
+                // What its NAT does to the new socket, it tells anew.
+                u.peer_nat = None;
             }
-            Control::Nat(hint) => u.peer_nat = Some(hint.map(|ip| ip.to_canonical())),
+            Control::Nat(hint) => u.peer_nat = Some(hint),
         }
         let now = Instant::now();
         self.plan_many_port(plane, &mut u, now);

@@ -22,7 +22,7 @@
 //! addresses hole punching needs, learned from the peer itself.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// Between two probes of one candidate while searching.
@@ -47,6 +47,9 @@ pub const MAX_CANDIDATES: usize = 64;
 /// Probes to random ports of a peer behind a random-port NAT per probe
 /// tick of a first round ([`Paths::spray`]).
 pub const SPRAY_PER_TICK: usize = 256;
+/// Ports after a sequential NAT's last mapping a first round probes:
+/// every destination the peer's socket met since its echoes took one.
+pub const SEQUENTIAL_SPRAY: usize = 128;
 /// How long into a first round the spray begins: the peer's own socket
 /// is tried first, and its spare sockets open meanwhile.
 pub const SPRAY_AFTER: Duration = Duration::from_millis(400);
@@ -145,30 +148,60 @@ pub struct Paths {
     punched: Option<Instant>,
     /// How long after it the first path came up.
     setup: Option<Duration>,
-    /// The peer's public address when its NAT maps ports at random.
-    spray_to: Option<std::net::IpAddr>,
+    /// How the peer's NAT maps, when a first round sprays its ports.
+    spray_to: Option<PeerNat>,
     /// The current first round's spray.
     spray: Option<Spray>,
     /// For spray ports.
     rng: u64,
 }
 
-/// Random ports of one address, each at most once a round: a walk
-/// through the port range with a step coprime to its size.
+/// How a peer's NAT maps its socket to a new destination, as the hub's
+/// echoes showed it (the peer tells, `crate::control::Control::Nat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerNat {
+    /// The same port for every destination (or one its candidates
+    /// predict well): nothing to spray.
+    Predictable,
+    /// A random port of this address per destination.
+    Random(IpAddr),
+    /// The next free ports of `ip` in turn, `step` apart: the mapping
+    /// towards this side is one of the next after `after`.
+    Sequential {
+        /// The NAT's address.
+        ip: IpAddr,
+        /// The last mapping the echoes saw.
+        after: u16,
+        /// Between consecutive mappings.
+        step: i16,
+    },
+}
+
+/// Ports of one address probed in a first round, each at most once: a
+/// walk through the whole range with a step coprime to its size (a
+/// random-port NAT), or the next ports of a sequential one.
 #[derive(Clone, Copy, Debug)]
 struct Spray {
-    ip: std::net::IpAddr,
-    at: u32,
-    step: u32,
+    ip: IpAddr,
+    at: i64,
+    step: i64,
+    /// Wrap around the port range (the random walk) or stop at its end.
+    wrap: bool,
     left: usize,
 }
 
 impl Spray {
-    fn next_port(&mut self) -> u16 {
-        let size = SPRAY_PORTS.end() - SPRAY_PORTS.start() + 1;
-        self.at = (self.at + self.step) % size;
+    fn next_port(&mut self) -> Option<u16> {
+        let (low, high) = (
+            i64::from(*SPRAY_PORTS.start()),
+            i64::from(*SPRAY_PORTS.end()),
+        );
         self.left -= 1;
-        (SPRAY_PORTS.start() + self.at) as u16
+        self.at += self.step;
+        if self.wrap {
+            self.at = low + (self.at - low).rem_euclid(high - low + 1);
+        }
+        (low..=high).contains(&self.at).then_some(self.at as u16)
     }
 }
 
@@ -207,16 +240,20 @@ impl Paths {
         }
     }
 
-    /// The peer's NAT maps each destination to a random port of `ip`
-    /// (None: its mappings are predictable): each first round then also
-    /// probes [`SPRAY_PER_ROUND`] random ports of `ip`, where the peer's
-    /// [`BIRTHDAY_SOCKETS`] mappings towards this side wait to be hit.
-    pub fn spray(&mut self, ip: Option<std::net::IpAddr>) {
-        self.spray_to = ip.map(|ip| ip.to_canonical());
+    /// Sprays the peer's ports in each first round, as its NAT calls
+    /// for (None or [`PeerNat::Predictable`]: no spray). A random-port
+    /// NAT: [`SPRAY_PER_ROUND`] random ports of its address, from
+    /// [`SPRAY_AFTER`] into the round, where the peer's
+    /// [`BIRTHDAY_SOCKETS`] mappings towards this side wait to be hit. A
+    /// sequential one: the [`SEQUENTIAL_SPRAY`] ports after the last one
+    /// its echoes saw, at once (the peer's probes to this side take one
+    /// of them, and this side's probes open its own filter to all).
+    pub fn spray(&mut self, nat: Option<PeerNat>) {
+        self.spray_to = nat.filter(|n| *n != PeerNat::Predictable);
     }
 
-    /// The address a first round sprays, if any.
-    pub fn spraying(&self) -> Option<std::net::IpAddr> {
+    /// How the peer's NAT is sprayed, if it is.
+    pub fn spraying(&self) -> Option<PeerNat> {
         self.spray_to
     }
 
@@ -251,21 +288,32 @@ impl Paths {
         if self.setup.is_none() && self.punched.is_none() {
             self.punched = Some(now);
         }
-        self.spray = self.spray_to.map(|ip| {
-            let size = SPRAY_PORTS.end() - SPRAY_PORTS.start() + 1;
-            let r = next_random(&mut self.rng);
-            // Odd and not a multiple of 3 or 7: coprime to 64512.
-            let mut step = ((r >> 32) as u32 % size) | 1;
-            while step % 3 == 0 || step % 7 == 0 {
-                step += 2;
+        self.spray = match self.spray_to {
+            Some(PeerNat::Random(ip)) => {
+                let size = SPRAY_PORTS.end() - SPRAY_PORTS.start() + 1;
+                let r = next_random(&mut self.rng);
+                // Odd and not a multiple of 3 or 7: coprime to 64512.
+                let mut step = ((r >> 32) as u32 % size) | 1;
+                while step % 3 == 0 || step % 7 == 0 {
+                    step += 2;
+                }
+                Some(Spray {
+                    ip: ip.to_canonical(),
+                    at: i64::from(*SPRAY_PORTS.start()) + i64::from(r as u32 % size),
+                    step: i64::from(step),
+                    wrap: true,
+                    left: SPRAY_PER_ROUND,
+                })
             }
-            Spray {
-                ip,
-                at: r as u32 % size,
-                step,
-                left: SPRAY_PER_ROUND,
-            }
-        });
+            Some(PeerNat::Sequential { ip, after, step }) if step != 0 => Some(Spray {
+                ip: ip.to_canonical(),
+                at: i64::from(after),
+                step: i64::from(step),
+                wrap: false,
+                left: SEQUENTIAL_SPRAY,
+            }),
+            _ => None,
+        };
         self.start_round(now, FIRST_ROUND);
     }
 
@@ -320,11 +368,15 @@ impl Paths {
             let to = self.candidates[i];
             self.probe(to, now);
         }
-        let spraying = now.saturating_duration_since(self.last_round) >= SPRAY_AFTER;
+        // A random-port peer's spares open meanwhile; a sequential one
+        // needs none.
+        let spraying = now.saturating_duration_since(self.last_round) >= SPRAY_AFTER
+            || !matches!(self.spray_to, Some(PeerNat::Random(_)));
         if let Some(mut spray) = self.spray.take_if(|_| spraying) {
             for _ in 0..SPRAY_PER_TICK.min(spray.left) {
-                let port = spray.next_port();
-                self.probe(SocketAddr::new(spray.ip, port), now);
+                if let Some(port) = spray.next_port() {
+                    self.probe(SocketAddr::new(spray.ip, port), now);
+                }
             }
             if spray.left > 0 {
                 self.spray = Some(spray);
@@ -577,7 +629,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::new(t0, 7);
         p.add_candidates([addr("203.0.113.5:4000")]);
-        p.spray(Some("203.0.113.5".parse().unwrap()));
+        p.spray(Some(PeerNat::Random("203.0.113.5".parse().unwrap())));
         p.punch(t0);
         // The peer's NAT holds BIRTHDAY_SOCKETS mappings; none answers
         // here: count what a whole first round sends.
@@ -597,7 +649,7 @@ mod tests {
         // is the mapping that answered.
         let mut q = Paths::new(t0, 9);
         q.add_candidates([addr("203.0.113.5:4000")]);
-        q.spray(Some("203.0.113.5".parse().unwrap()));
+        q.spray(Some(PeerNat::Random("203.0.113.5".parse().unwrap())));
         q.punch(t0);
         let mut rng = 12345u64;
         let mapped: std::collections::HashSet<u16> = (0..BIRTHDAY_SOCKETS)
@@ -612,6 +664,28 @@ mod tests {
         let up = q.active().expect("a mapping was hit");
         assert!(mapped.contains(&up.port()));
         assert!(q.setup().is_some_and(|d| d < FIRST_ROUND));
+    }
+
+    #[test]
+    fn a_sequential_nat_is_sprayed_at_once_on_the_ports_after_its_last_mapping() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 1);
+        p.add_candidates([addr("203.0.113.5:20002")]);
+        p.spray(Some(PeerNat::Sequential {
+            ip: "203.0.113.5".parse().unwrap(),
+            after: 65_500,
+            step: 1,
+        }));
+        p.punch(t0);
+        let first: Vec<u16> = std::iter::from_fn(|| p.poll_transmit())
+            .map(|t| t.to.port())
+            .collect();
+        // The candidate, then the ports up to the range's end (no wrap).
+        let want: Vec<u16> = std::iter::once(20_002).chain(65_501..=65_535).collect();
+        assert_eq!(first, want);
+        // A predictable peer is not sprayed.
+        p.spray(Some(PeerNat::Predictable));
+        assert_eq!(p.spraying(), None);
     }
 
     #[test]
