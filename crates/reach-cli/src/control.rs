@@ -106,6 +106,13 @@ pub struct VpnPeerReport {
     /// microseconds (from the first probe to the first answer).
     #[serde(default)]
     pub udp_setup_us: Option<u64>,
+    /// The hub its stream is relayed through, while the stream is routed.
+    #[serde(default)]
+    pub via: Option<String>,
+    /// The stream's latest round trip in microseconds (a ping every 10 s,
+    /// queued behind the stream's packets as they are).
+    #[serde(default)]
+    pub stream_rtt_us: Option<u64>,
     /// Packets and bytes each way.
     pub packets_out: u64,
     /// See `packets_out`.

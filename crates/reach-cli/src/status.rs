@@ -93,6 +93,18 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// A vpn peer's round trip on the path its packets take: the UDP path's
+/// when they take it, else its stream's.
+fn round_trip(v: &crate::control::VpnPeerReport) -> String {
+    let (kind, us) = if v.path.starts_with("udp") {
+        ("UDP", v.udp_rtt_us)
+    } else {
+        ("stream", v.stream_rtt_us)
+    };
+    us.map(|us| format!(" ({kind} round trip {:.2} ms)", us as f64 / 1000.0))
+        .unwrap_or_default()
+}
+
 /// The local proxies as text; `now` in seconds since the epoch.
 fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
     let mut out = String::new();
@@ -121,14 +133,17 @@ fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
         for v in &p.peers {
             let _ = writeln!(
                 out,
-                "      peer {} ({}, {})  path {}{}  out {} pkts {}  in {} pkts {}",
+                "      peer {} ({}, {})  path {}{}{}  out {} pkts {}  in {} pkts {}",
                 v.ip,
                 v.ula,
                 v.node,
                 v.path,
-                v.udp_rtt_us
-                    .map(|us| format!(" (UDP round trip {:.2} ms)", us as f64 / 1000.0))
+                v.via
+                    .as_deref()
+                    .filter(|_| !v.path.starts_with("udp"))
+                    .map(|hub| format!(" via {hub}"))
                     .unwrap_or_default(),
+                round_trip(v),
                 v.packets_out,
                 bytes(v.bytes_out),
                 v.packets_in,
@@ -314,10 +329,12 @@ mod tests {
                 ip: "10.77.0.2".into(),
                 ula: "fd00::2".into(),
                 node: "abc".into(),
-                path: "splice".into(),
+                path: "routed".into(),
                 udp_path: None,
                 udp_rtt_us: None,
                 udp_setup_us: None,
+                via: Some("192.0.2.1:7000".into()),
+                stream_rtt_us: Some(1500),
                 packets_out: 3,
                 packets_in: 4,
                 bytes_out: 2500,
@@ -328,7 +345,7 @@ mod tests {
         let text = render_proxies(&[vpn], 100);
         assert!(
             text.contains(
-                "peer 10.77.0.2 (fd00::2, abc)  path splice  out 3 pkts 2.5 KB  in 4 pkts 40 B"
+                "peer 10.77.0.2 (fd00::2, abc)  path routed via 192.0.2.1:7000 (stream round trip 1.50 ms)  out 3 pkts 2.5 KB  in 4 pkts 40 B"
             ),
             "{text}"
         );

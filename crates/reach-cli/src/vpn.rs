@@ -257,6 +257,8 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
             udp_path: p.udp_path().map(|a| a.to_string()),
             udp_rtt_us: p.udp_rtt().map(|d| d.as_micros() as u64),
             udp_setup_us: p.udp_setup().map(|d| d.as_micros() as u64),
+            via: p.via().map(|a| a.to_string()),
+            stream_rtt_us: p.stream_rtt().map(|d| d.as_micros() as u64),
             packets_out: get(&p.packets_out),
             packets_in: get(&p.packets_in),
             bytes_out: get(&p.bytes_out),

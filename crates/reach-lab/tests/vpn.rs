@@ -323,6 +323,30 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
     assert!(tried.is_some(), "no blocked UDP tries: {}", log());
     assert!(log().contains("vpn peer up"), "{}", log());
     assert!(!moved(), "moved to UDP while UDP was blocked: {}", log());
+    // a's status names the hub that relays b's stream and its round trip
+    // (pinged as soon as the stream is up).
+    let ipb_text = ipb.clone();
+    let relayed = reach_lab::wait::until(Duration::from_secs(10), || {
+        let vpn = vpn_status(&lab, "a")?;
+        let peer = vpn["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["ip"] == ipb_text.as_str())?
+            .clone();
+        peer["stream_rtt_us"].as_u64()?;
+        Some(peer)
+    });
+    let relayed = relayed.unwrap_or_else(|| panic!("a's status: {:?}", vpn_status(&lab, "a")));
+    assert_eq!(relayed["path"], "routed", "{relayed}");
+    let via = relayed["via"].as_str().unwrap_or_default();
+    assert!(
+        !via.is_empty()
+            && hubs
+                .target(&lab, "a", "hub1")
+                .is_some_and(|t| t.ends_with(&format!("@{via}"))),
+        "relayed via {via:?}, not hub1: {relayed}\n{}",
+        log()
+    );
     // Lift the block: the UDP path is found within 5 s.
     nft(&lab, "a", "delete table inet vpnblock\n");
     let lifted = std::time::Instant::now();

@@ -10,6 +10,8 @@
 //! Nat:        4 | 0 (ports predictable)
 //!               | 1 | family u8 | address (random ports there)
 //!               | 2 | family u8 | address | last port u16 | step i16 (sequential)
+//! Ping:       5 | nonce u64     (the stream's round trip)
+//! Pong:       6 | nonce u64     (the answer)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -69,6 +71,11 @@ pub enum Control {
     /// How the sender's NAT maps its socket to new destinations, as the
     /// hub's echoes showed.
     Nat(PeerNat),
+    /// Answer with [`Control::Pong`] of this nonce (measures the
+    /// stream's round trip, queues included).
+    Ping(u64),
+    /// The answer to [`Control::Ping`].
+    Pong(u64),
 }
 
 /// A control message that cannot be read.
@@ -115,6 +122,14 @@ impl Control {
             Control::Nat(PeerNat::Random(ip)) => {
                 out.extend_from_slice(&[4, 1]);
                 put_ip(out, *ip);
+            }
+            Control::Ping(n) => {
+                out.push(5);
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            Control::Pong(n) => {
+                out.push(6);
+                out.extend_from_slice(&n.to_be_bytes());
             }
             Control::Nat(PeerNat::Sequential { ip, after, step }) => {
                 out.extend_from_slice(&[4, 2]);
@@ -169,6 +184,8 @@ impl Control {
                 }),
                 k => return Err(ControlError::Unknown(k)),
             },
+            5 => Control::Ping(u64::from_be_bytes(r.array()?)),
+            6 => Control::Pong(u64::from_be_bytes(r.array()?)),
             t => return Err(ControlError::Unknown(t)),
         };
         if !r.0.is_empty() {
@@ -294,6 +311,8 @@ mod tests {
             hard,
             seq,
             Control::Nat(PeerNat::Predictable),
+            Control::Ping(u64::MAX),
+            Control::Pong(3),
         ] {
             let mut b = Vec::new();
             m.encode(&mut b);

@@ -67,6 +67,9 @@ const MAX_RESOLVING: usize = 256;
 /// Peers at once at most (members the policy admits are the only ones
 /// that can add peers).
 const MAX_PEERS: usize = 4096;
+/// How often each peer's stream is pinged: its round trip shows in
+/// `reach status`, queues included, at one small frame per peer.
+const STREAM_PING: Duration = Duration::from_secs(10);
 /// Bytes a stream reader holds: room for a whole frame and more.
 const READ_BUF: usize = 4 * crate::frame::MAX_FRAME;
 
@@ -135,6 +138,12 @@ pub struct Peer {
     module: Mutex<SetupModule>,
     /// Its UDP session and paths (None: this member has no UDP socket).
     pub(crate) udp: Option<Mutex<crate::udp_io::PeerUdp>>,
+    /// The hub its newest stream is relayed through (None: not relayed).
+    via: Mutex<Option<std::net::SocketAddr>>,
+    /// The ping in flight on its stream: nonce, when sent.
+    ping: Mutex<Option<(u64, Instant)>>,
+    /// Its stream's latest round trip in microseconds (0: none yet).
+    stream_rtt_us: AtomicU64,
     /// Packets and bytes each way.
     pub packets_out: AtomicU64,
     /// See `packets_out`.
@@ -172,6 +181,40 @@ impl Peer {
     pub fn udp_setup(&self) -> Option<Duration> {
         let udp = self.udp.as_ref()?;
         udp.lock().unwrap_or_else(|p| p.into_inner()).setup()
+    }
+
+    /// The hub its stream is relayed through, while it is.
+    pub fn via(&self) -> Option<std::net::SocketAddr> {
+        *self.via.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Its stream's latest round trip (a ping every [`STREAM_PING`],
+    /// queued behind its packets as they are).
+    pub fn stream_rtt(&self) -> Option<Duration> {
+        match self.stream_rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Sends a ping on its stream (one in flight; a lost one is replaced).
+    pub(crate) fn ping(&self, now: Instant) {
+        let nonce = u64::from_be_bytes(crate::udp_io::random());
+        *self.ping.lock().unwrap_or_else(|p| p.into_inner()) = Some((nonce, now));
+        crate::Vpn::send_control(self, &crate::control::Control::Ping(nonce));
+    }
+
+    /// A pong came: if it answers the ping in flight, its round trip.
+    pub(crate) fn pong(&self, nonce: u64, now: Instant) {
+        let mut ping = self.ping.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((n, sent)) = *ping {
+            if n == nonce {
+                *ping = None;
+                let us = now.saturating_duration_since(sent).as_micros().max(1);
+                self.stream_rtt_us
+                    .store(u64::try_from(us).unwrap_or(u64::MAX), Ordering::Relaxed);
+            }
+        }
     }
 
     /// The UDP path's round trip (its latest probe), when one is up.
@@ -293,6 +336,20 @@ impl Vpn {
             r = self.accept() => r,
             r = self.read_udp() => r,
             () = self.tick_udp() => Ok(()),
+            () = self.ping_streams() => Ok(()),
+        }
+    }
+
+    /// Pings every peer's stream every [`STREAM_PING`] (forever).
+    async fn ping_streams(&self) {
+        let mut tick = tokio::time::interval(STREAM_PING);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            for peer in self.peers() {
+                peer.ping(now);
+            }
         }
     }
 
@@ -474,6 +531,7 @@ impl Vpn {
     ) -> Result<Arc<Peer>, PeerError> {
         let node = stream.peer();
         let module = stream.info().module;
+        let via = (module == SetupModule::Routed).then_some(stream.info().remote_addr);
         let mine = Hello {
             network: self.me.network,
             ip: self.me.ipv4,
@@ -529,6 +587,9 @@ impl Vpn {
                         writer: AtomicU64::new(0),
                         module: Mutex::new(module),
                         udp: self.udp.as_ref().map(|u| Mutex::new(u.new_peer())),
+                        via: Mutex::new(None),
+                        ping: Mutex::new(None),
+                        stream_rtt_us: AtomicU64::new(0),
                         packets_out: AtomicU64::new(0),
                         packets_in: AtomicU64::new(0),
                         bytes_out: AtomicU64::new(0),
@@ -545,6 +606,7 @@ impl Vpn {
             peer
         };
         *peer.module.lock().unwrap_or_else(|p| p.into_inner()) = module;
+        *peer.via.lock().unwrap_or_else(|p| p.into_inner()) = via;
         bump(&self.stats.streams_up);
         tracing::info!(peer = %node, ip = %theirs.ip, %module, "vpn peer up");
         let writer = self.next_writer.fetch_add(1, Ordering::Relaxed);
@@ -552,6 +614,7 @@ impl Vpn {
         // This member's UDP keys and addresses, so that the peer can try
         // a UDP path (again on every new stream: the peer may be new).
         self.offer_udp(&peer);
+        peer.ping(Instant::now());
         let (r, w) = Shared::split(stream);
         let p = peer.clone();
         let out = tokio::spawn(async move { carry_out(&p, writer, w).await });
@@ -598,6 +661,8 @@ impl Vpn {
                 if let Some(u) = r.upgraded() {
                     moved = true;
                     *peer.module.lock().unwrap_or_else(|p| p.into_inner()) = u.module;
+                    *peer.via.lock().unwrap_or_else(|p| p.into_inner()) =
+                        (u.module == SetupModule::Routed).then_some(u.remote_addr);
                     tracing::info!(peer = %peer.node, ip = %peer.ipv4, module = %u.module, remote = %u.remote_addr, "vpn peer path moved");
                 }
             }

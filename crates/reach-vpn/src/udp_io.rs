@@ -243,7 +243,7 @@ impl PeerUdp {
     }
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     // Without an OS random source nothing here is safe; getrandom fails
     // only on systems that lack one.
@@ -744,7 +744,7 @@ impl Vpn {
             .map_or_else(|| plane.socket(), |o| o.socket.clone())
     }
 
-    fn send_control(peer: &Peer, c: &Control) {
+    pub(crate) fn send_control(peer: &Peer, c: &Control) {
         let mut b = Vec::with_capacity(64);
         c.encode(&mut b);
         if !peer.queue.push(&[&[FrameType::Control.code()], &b]) {
@@ -777,6 +777,11 @@ impl Vpn {
 
     /// A control message from `peer`'s stream.
     pub(crate) fn handle_control(&self, peer: &Peer, c: Control) {
+        match c {
+            Control::Ping(n) => return Self::send_control(peer, &Control::Pong(n)),
+            Control::Pong(n) => return peer.pong(n, Instant::now()),
+            _ => {}
+        }
         let (Some(plane), Some(u)) = (self.plane(), &peer.udp) else {
             return;
         };
@@ -795,6 +800,7 @@ impl Vpn {
                 u.peer_nat = None;
             }
             Control::Nat(hint) => u.peer_nat = Some(hint),
+            Control::Ping(_) | Control::Pong(_) => {}
         }
         let now = Instant::now();
         self.plan_many_port(plane, &mut u, now);
