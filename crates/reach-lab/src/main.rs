@@ -105,6 +105,10 @@ enum Cmd {
         /// Also write the Markdown table here.
         #[arg(long)]
         markdown: Option<PathBuf>,
+        /// Copy each member's log (run with -v) into this directory as
+        /// HOST.log before the lab goes, to see why a punch failed.
+        #[arg(long, value_name = "DIR")]
+        logs: Option<PathBuf>,
     },
     /// Build a lab with its hubs and send the same bulk data from one host to
     /// another once per module order (default: routed only; splice only;
@@ -437,6 +441,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             hosts,
             json,
             markdown,
+            logs,
         } => {
             let topology = load(&file)?;
             let tools = tools_with_reach()?;
@@ -445,6 +450,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bail!("--hosts: {h} is not a matrix host of {}", file.display());
             }
             let t = reach_lab::punch::run(&lab, &topology, &tools, attempts, &hosts)?;
+            if let Some(dir) = logs {
+                copy_member_logs(&lab, &t.hosts, &dir)?;
+            }
             print!("{}", t.markdown());
             for p in t.pairs.iter().filter(|p| p.punched < p.attempts) {
                 println!(
@@ -688,6 +696,20 @@ fn seconds(secs: f64) -> anyhow::Result<Duration> {
         .ok()
         .filter(|d| !d.is_zero())
         .context("--timeout must be a positive number of seconds")
+}
+
+/// Copies the vpn log of each of `hosts` (kept in the lab's state, which
+/// goes with the lab) to `dir/HOST.log`.
+fn copy_member_logs(lab: &Lab, hosts: &[String], dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let state = reach_lab::matrix::reach_state(lab);
+    for h in hosts {
+        let from = state.join(h).join("vpn.log");
+        let to = dir.join(format!("{h}.log"));
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
 }
 
 /// Writes a `--json` result file.

@@ -521,11 +521,15 @@ impl Vpn {
             return;
         };
         let canonical = |e: &SocketAddr| SocketAddr::new(e.ip().to_canonical(), e.port());
-        let is_echo = self
-            .endpoint()
-            .hub_status()
-            .is_some_and(|s| s.echo.iter().any(|e| canonical(e) == from));
-        if !is_echo {
+        // Where the echo is in the hub's list: the requests went out in
+        // that order, so the mappings were made in it.
+        let echoes = self.endpoint().hub_status().map(|s| s.echo);
+        let order = |server: &SocketAddr| {
+            echoes
+                .as_ref()
+                .and_then(|e| e.iter().position(|e| canonical(e) == *server))
+        };
+        if order(&from).is_none() {
             bump(&plane.stats.dropped);
             return;
         }
@@ -541,6 +545,9 @@ impl Vpn {
                 server: from,
                 mapped,
             });
+            // classify reads the steps between mappings in the order they
+            // were made; answers may come back in any order.
+            e.obs.sort_by_key(|o| order(&o.server));
             let profile = reach_proto::nat::classify(&e.obs);
             let reflexive = reach_proto::nat::predict(&profile, &[], socket.port);
             let nat = nat_hint(&profile);
