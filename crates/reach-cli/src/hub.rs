@@ -427,6 +427,86 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
     Ok(())
 }
 
+/// A hub that a vpn member serves (`reach vpn up --serve-hub`).
+pub(crate) struct MemberHub<'a> {
+    /// Its TCP port (0: any free one).
+    pub port: u16,
+    /// The IP address to listen on (default: all).
+    pub bind: Option<IpAddr>,
+    /// The hub the member was given (`--hub`), to link to.
+    pub link_to: Option<&'a str>,
+    /// Members proving it are admitted.
+    pub network_secret: Option<Vec<u8>>,
+    /// Members admitted by key.
+    pub allowed: Vec<NodeId>,
+    /// Hubs proving the secret in this file may link.
+    pub hub_secret_file: Option<&'a Path>,
+    /// Where to write the hub's address.
+    pub addr_file: Option<&'a Path>,
+}
+
+/// Starts a member's hub (its identity in `state_dir`) and returns it with
+/// the target the member and others attach to.
+pub(crate) async fn start_member_hub(
+    m: &MemberHub<'_>,
+    state_dir: &Path,
+) -> anyhow::Result<(Hub, reach::HubTarget)> {
+    let peers = m
+        .link_to
+        .map(|t| t.parse::<Peer>().map_err(anyhow::Error::from))
+        .transpose()
+        .context("--hub")?
+        .into_iter()
+        .collect::<Vec<_>>();
+    let hub_secret = m
+        .hub_secret_file
+        .map(|p| crate::read_secret(p, "hub secret"))
+        .transpose()?;
+    if hub_secret.is_some() && hub_secret == m.network_secret {
+        anyhow::bail!("the hub secret must differ from the network secret: a member holding the network secret could otherwise link as a hub");
+    }
+    let open = m.network_secret.is_none() && m.allowed.is_empty();
+    if open {
+        tracing::warn!(
+            "no --network-secret-file and no --allow: the member's hub admits every node"
+        );
+    }
+    let mut builder = Endpoint::builder()
+        .state_dir(state_dir)
+        .listen_ports(ListenPorts::Fixed(m.port));
+    if let Some(ip) = m.bind {
+        builder = builder.bind_ip(ip);
+    }
+    let hub_config = HubConfig {
+        policy: Policy {
+            allowed: m.allowed.clone(),
+            network_secret: m.network_secret.clone(),
+            open,
+            peer_hubs: peers.iter().filter_map(|p| p.target.id).collect(),
+            hub_secret,
+            open_hubs: false,
+        },
+        peers,
+        state_dir: Some(state_dir.to_path_buf()),
+        ..HubConfig::default()
+    };
+    let hub = Hub::start(builder, hub_config)
+        .await
+        .with_context(|| format!("cannot serve a hub on TCP port {} (--serve-hub)", m.port))?;
+    let shown = hub
+        .status()
+        .listen
+        .first()
+        .copied()
+        .unwrap_or_else(|| hub.local_addr());
+    let target = hub.target(shown);
+    if let Some(path) = m.addr_file {
+        write_atomically(path, &format!("{target}\n"))?;
+    }
+    eprintln!("member hub {target}");
+    Ok((hub, target))
+}
+
 fn node_ids(texts: &[String], what: &str) -> anyhow::Result<Vec<NodeId>> {
     texts
         .iter()

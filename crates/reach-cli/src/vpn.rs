@@ -85,6 +85,25 @@ pub struct UpArgs {
     /// TCP carried inside TCP stalls where links lose packets.
     #[arg(long, conflicts_with = "no_udp")]
     udp_first: bool,
+    /// Also serve the network as a hub on this TCP port (0: any free
+    /// port), for networks without a dedicated hub (IPOP's overlay of
+    /// members): a member with a public address runs one and the others
+    /// attach to it with --hub NODEID@IP:PORT, as it prints. The member
+    /// attaches to its own hub; with --hub, that hub links to the one
+    /// given, so members of both reach each other. The hub admits the
+    /// network's members (--network-secret-file, else --allow) and keeps
+    /// its own identity in STATE_DIR/hub.
+    #[arg(long, value_name = "PORT")]
+    serve_hub: Option<u16>,
+    /// File holding the hub secret (not the network secret): hubs proving
+    /// it may link with this member's hub, and it proves it to the hub of
+    /// --hub.
+    #[arg(long, value_name = "PATH", requires = "serve_hub")]
+    hub_secret_file: Option<std::path::PathBuf>,
+    /// Also write this member's hub address, NODEID@IP:PORT, to this file
+    /// (atomically).
+    #[arg(long, value_name = "PATH", requires = "serve_hub")]
+    hub_addr_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -160,6 +179,30 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
         );
     }
     args.serve.port = reach_vpn::VPORT;
+    let member_hub = match args.serve_hub {
+        Some(port) => {
+            let h = crate::hub::start_member_hub(
+                &crate::hub::MemberHub {
+                    port,
+                    bind: args.serve.bind.or(config.bind),
+                    link_to: args.serve.common.hub.hub.as_deref(),
+                    network_secret: crate::network_secret(
+                        args.serve.common.hub.network_secret_file.as_deref(),
+                        config,
+                    )?,
+                    allowed: args.serve.policy.allow.clone(),
+                    hub_secret_file: args.hub_secret_file.as_deref(),
+                    addr_file: args.hub_addr_file.as_deref(),
+                },
+                &state_dir.join("hub"),
+            )
+            .await?;
+            // The member attaches to its own hub.
+            args.serve.common.hub.hub = Some(h.1.to_string());
+            Some(h.0)
+        }
+        None => None,
+    };
     let endpoint =
         Arc::new(serve_endpoint(&args.serve, config, state_dir, Serving::Service).await?);
     if endpoint.hub_status().is_none() {
@@ -239,6 +282,7 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
         () = control.stopped() => eprintln!("stopped by reach vpn down"),
     }
     endpoint.close(crate::CLOSE_TIMEOUT).await;
+    drop(member_hub);
     Ok(())
 }
 

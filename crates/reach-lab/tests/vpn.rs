@@ -477,3 +477,94 @@ fn a_random_port_nat_and_a_port_restricted_one_punch_with_many_ports_each_time_b
         &["-n", "-c", "2", "-w", "10", &me.ip.to_string()],
     );
 }
+
+/// Whether one `ping` from `from` to `to` is answered (within 2 s).
+fn pings(lab: &Lab, from: &str, to: std::net::IpAddr) -> bool {
+    lab.command(from, "ping")
+        .args(["-n", "-c", "1", "-w", "2"])
+        .arg(to.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn members_with_public_addresses_serve_as_the_hubs_of_a_network_without_one() {
+    // No dedicated hub runs: `open` and the public host `hub` are members
+    // that serve the network as hubs too (linked by a hub secret), and
+    // members behind NATs attach to one or the other.
+    let t = common::topology("nat-zoo");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let state = reach_lab::matrix::reach_state(&lab);
+    std::fs::create_dir_all(&state).expect("state dir");
+    let hub_secret = state.join("hub.secret");
+    std::fs::write(&hub_secret, "a hub secret for this test only\n").expect("hub secret");
+    let serving = |host: &str, link_to: Option<&str>| {
+        let addr_file = state.join(format!("{host}.hub"));
+        let args = [
+            "--serve-hub",
+            "7700",
+            "--hub-secret-file",
+            hub_secret.to_str().expect("utf-8 path"),
+            "--hub-addr-file",
+            addr_file.to_str().expect("utf-8 path"),
+        ];
+        let options = reach_lab::vpn::Options {
+            extra: &args,
+            ..reach_lab::vpn::Options::default()
+        };
+        let member =
+            reach_lab::vpn::start_with(&lab, &tools, host, link_to, &options).expect("vpn up");
+        let target = std::fs::read_to_string(&addr_file).expect("hub address file");
+        (member, target.trim().to_string())
+    };
+    let (open, open_hub) = serving("open", None);
+    let (public, public_hub) = serving("hub", Some(&open_hub));
+    assert_ne!(open_hub, public_hub);
+    let eim =
+        reach_lab::vpn::start_member(&lab, &tools, "nat-eim", Some(&open_hub)).expect("nat-eim up");
+    let rand = reach_lab::vpn::start_member(&lab, &tools, "nat-apdm-rand", Some(&public_hub))
+        .expect("nat-apdm-rand up");
+    // Every member reaches every other by virtual address: across the NATs,
+    // and between members of the two member hubs (found through their link).
+    let members = [
+        ("open", &open),
+        ("hub", &public),
+        ("nat-eim", &eim),
+        ("nat-apdm-rand", &rand),
+    ];
+    for (from, _) in &members {
+        for (to, m) in &members {
+            if from == to {
+                continue;
+            }
+            let ok = reach_lab::wait::until(Duration::from_secs(30), || {
+                pings(&lab, from, m.ip).then_some(())
+            });
+            assert!(
+                ok.is_some(),
+                "{from} cannot ping {to} ({}):\n{}",
+                m.ip,
+                std::fs::read_to_string(
+                    &members.iter().find(|x| x.0 == *from).expect("member").1.log
+                )
+                .unwrap_or_default()
+            );
+        }
+    }
+    // A member hub admits only the network's members: a node without the
+    // network secret is refused.
+    let outsider = lab
+        .command("nat-eif", tools.join("reach"))
+        .arg("--state-dir")
+        .arg(state.join("outsider"))
+        .args(["listen", "--port", "9", "--hub", &open_hub])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("reach listen");
+    let said = String::from_utf8_lossy(&outsider.stderr);
+    assert!(!outsider.status.success(), "an outsider attached: {said}");
+    assert!(said.contains("cannot attach to the hub"), "{said}");
+}
