@@ -73,6 +73,9 @@ pub struct VpnUdpReport {
     /// Times it moved to a fresh socket (`reach vpn rebind`).
     #[serde(default)]
     pub rebinds: u64,
+    /// Times a session's receive keys were renewed (`--rekey-every`).
+    #[serde(default)]
+    pub rekeys: u64,
     /// Many-port rounds it opened spare sockets for (its NAT maps ports
     /// at random), and those a peer's spray hit.
     #[serde(default)]

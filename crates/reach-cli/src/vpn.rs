@@ -85,6 +85,11 @@ pub struct UpArgs {
     /// TCP carried inside TCP stalls where links lose packets.
     #[arg(long, conflicts_with = "no_udp")]
     udp_first: bool,
+    /// Seconds between renewals of the keys each peer seals UDP datagrams
+    /// to this member with (the previous keys open until the next
+    /// renewal).
+    #[arg(long, default_value = "120", value_name = "SECS")]
+    rekey_every: std::num::NonZeroU64,
     /// Also serve the network as a hub on this TCP port (0: any free
     /// port), for networks without a dedicated hub (IPOP's overlay of
     /// members): a member with a public address runs one and the others
@@ -244,6 +249,7 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
             ula: ula(&network, &me),
             mtu: args.mtu,
             udp_first: args.udp_first,
+            rekey_every: Duration::from_secs(args.rekey_every.get()),
         },
         udp,
     );
@@ -321,6 +327,7 @@ fn report(vpn: &reach_vpn::Vpn, template: &control::ProxyReport) -> control::Pro
             paths_up: get(&u.paths_up),
             paths_down: get(&u.paths_down),
             rebinds: get(&u.rebinds),
+            rekeys: get(&u.rekeys),
             birthdays: get(&u.birthdays),
             birthday_hits: get(&u.birthday_hits),
         });

@@ -478,6 +478,54 @@ fn a_random_port_nat_and_a_port_restricted_one_punch_with_many_ports_each_time_b
     );
 }
 
+#[test]
+fn udp_session_keys_are_renewed_while_packets_flow_and_none_is_lost() {
+    let (lab, hubs, tools, _) = lab_with_hubs("hub-chain");
+    // Keys renewed every second (120 s by default), packets on the UDP
+    // path whenever it is up.
+    let options = reach_lab::vpn::Options {
+        extra: &["--udp-first", "--rekey-every", "1"],
+        ..reach_lab::vpn::Options::default()
+    };
+    let member = |h: &str| {
+        let hub = hubs.target(&lab, h, "hub1");
+        reach_lab::vpn::start_with(&lab, &tools, h, hub.as_deref(), &options).expect("vpn up")
+    };
+    let (ma, mb) = (member("a"), member("b"));
+    hubs.wait_converged(&lab, &tools, 2, Duration::from_secs(30))
+        .expect("hubs converge");
+    let ipb = mb.ip.to_string();
+    run_in(&lab, "a", "ping", &["-n", "-c", "2", "-w", "20", &ipb]);
+    let on_udp = reach_lab::wait::until(Duration::from_secs(10), || {
+        let p = reach_lab::vpn::peer_status(&lab, &tools, "a", mb.ip)?;
+        p["path"].as_str()?.starts_with("udp ").then_some(())
+    });
+    assert!(on_udp.is_some(), "no UDP path: {:?}", vpn_status(&lab, "a"));
+    let udp = |host: &str| vpn_status(&lab, host).map(|v| v["udp"].clone());
+    let before = udp("b").expect("b's UDP status");
+    // 60 pings over 6 s cross five or more renewals at each end.
+    let out = run_in(
+        &lab,
+        "a",
+        "ping",
+        &["-n", "-q", "-c", "60", "-i", "0.1", "-W", "2", &ipb],
+    );
+    assert!(
+        out.contains("60 received"),
+        "pings lost across renewals: {out}"
+    );
+    let (a, b) = (udp("a").expect("a's UDP"), udp("b").expect("b's UDP"));
+    for (host, u) in [("a", &a), ("b", &b)] {
+        assert!(u["rekeys"].as_u64().unwrap_or(0) >= 4, "{host}: {u}");
+    }
+    // The pings took the UDP path, and nothing was refused as forged or
+    // retired on the way.
+    let got = b["received"].as_u64().unwrap_or(0) - before["received"].as_u64().unwrap_or(0);
+    assert!(got >= 60, "b took {got} datagrams: {b}");
+    assert_eq!(b["dropped"], before["dropped"], "{before} -> {b}");
+    drop(ma);
+}
+
 /// Whether one `ping` from `from` to `to` is answered (within 2 s).
 fn pings(lab: &Lab, from: &str, to: std::net::IpAddr) -> bool {
     lab.command(from, "ping")

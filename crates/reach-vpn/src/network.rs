@@ -87,6 +87,9 @@ pub struct Membership {
     /// Packets take a peer's UDP path whenever one is up, not only while
     /// its stream is relayed.
     pub udp_first: bool,
+    /// How often each UDP session's receive keys are renewed (normally
+    /// [`crate::udp::keyring::REKEY_EVERY`]).
+    pub rekey_every: Duration,
 }
 
 /// Counters of the vpn's data plane.
@@ -586,7 +589,10 @@ impl Vpn {
                         streams: AtomicUsize::new(0),
                         writer: AtomicU64::new(0),
                         module: Mutex::new(module),
-                        udp: self.udp.as_ref().map(|u| Mutex::new(u.new_peer())),
+                        udp: self
+                            .udp
+                            .as_ref()
+                            .map(|u| Mutex::new(u.new_peer(self.me.rekey_every))),
                         via: Mutex::new(None),
                         ping: Mutex::new(None),
                         stream_rtt_us: AtomicU64::new(0),

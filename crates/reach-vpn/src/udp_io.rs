@@ -34,7 +34,8 @@ use crate::birthday::{Birthday, SpareCount, SpareDatagram};
 use crate::control::{self, Control, FrameType};
 use crate::network::{bump, Peer, Vpn};
 use crate::split::Splitter;
-use crate::udp::datagram::{self, Keys, Kind, Opener, Sealer, HEADER_LEN, TAG_LEN};
+use crate::udp::datagram::{self, Keys, Kind, Sealer, HEADER_LEN, TAG_LEN};
+use crate::udp::keyring::Keyring;
 use crate::udp::paths::{Event, Message, Paths, PeerNat};
 use crate::vnet;
 
@@ -97,6 +98,8 @@ pub struct UdpStats {
     pub birthdays_refused: AtomicU64,
     /// Paths that came up on a spare socket.
     pub birthday_hits: AtomicU64,
+    /// Times a session's receive keys were renewed.
+    pub rekeys: AtomicU64,
 }
 
 /// One bound UDP socket with its GSO and GRO state.
@@ -174,9 +177,8 @@ fn nat_hint(profile: &reach_proto::nat::NatProfile) -> Option<PeerNat> {
 
 /// One peer's UDP session.
 pub(crate) struct PeerUdp {
-    /// What this member handed the peer.
-    mine: Keys,
-    opener: Opener,
+    /// What the peer seals with: this member made it and handed it over.
+    keys: Keyring,
     /// How to seal to the peer, once it handed its keys over.
     sealer: Option<Sealer>,
     paths: Paths,
@@ -207,7 +209,7 @@ impl Drop for Own {
 impl std::fmt::Debug for PeerUdp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerUdp")
-            .field("index", &self.mine.index)
+            .field("index", &self.keys.current().index)
             .field("keyed", &self.sealer.is_some())
             .field("active", &self.paths.active())
             .finish()
@@ -359,19 +361,10 @@ impl UdpPlane {
 
     /// A new peer's session: fresh keys and an index no other session
     /// of this member has.
-    pub(crate) fn new_peer(&self) -> PeerUdp {
-        let sessions = self.sessions();
-        let mut index = u32::from_be_bytes(random());
-        while index == 0 || sessions.contains_key(&index) {
-            index = index.wrapping_add(1);
-        }
-        let mine = Keys {
-            index,
-            key: random(),
-        };
+    pub(crate) fn new_peer(&self, rekey_every: Duration) -> PeerUdp {
+        let keys = fresh_keys(&self.sessions());
         PeerUdp {
-            mine,
-            opener: Opener::new(self.cipher, &mine),
+            keys: Keyring::new(self.cipher, keys, Instant::now(), rekey_every),
             sealer: None,
             paths: Paths::new(Instant::now(), u64::from_be_bytes(random())),
             last_punch: None,
@@ -407,6 +400,18 @@ pub(crate) fn transient(e: &io::Error) -> bool {
     )
 }
 
+/// New receive keys, under an index no session of this member has.
+fn fresh_keys(sessions: &HashMap<u32, Weak<Peer>>) -> Keys {
+    let mut index = u32::from_be_bytes(random());
+    while index == 0 || sessions.contains_key(&index) {
+        index = index.wrapping_add(1);
+    }
+    Keys {
+        index,
+        key: random(),
+    }
+}
+
 fn lock(m: &Mutex<PeerUdp>) -> MutexGuard<'_, PeerUdp> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -428,15 +433,18 @@ impl Vpn {
 
     pub(crate) fn udp_session_added(&self, peer: &Arc<Peer>) {
         if let (Some(plane), Some(u)) = (self.plane(), &peer.udp) {
-            let index = lock(u).mine.index;
+            let index = lock(u).keys.current().index;
             plane.sessions().insert(index, Arc::downgrade(peer));
         }
     }
 
     pub(crate) fn udp_session_gone(&self, peer: &Peer) {
         if let (Some(plane), Some(u)) = (self.plane(), &peer.udp) {
-            let index = lock(u).mine.index;
-            plane.sessions().remove(&index);
+            let indices: Vec<u32> = lock(u).keys.indices().collect();
+            let mut sessions = plane.sessions();
+            for i in indices {
+                sessions.remove(&i);
+            }
         }
     }
 
@@ -693,7 +701,7 @@ impl Vpn {
             return;
         }
         let mut bytes = d.bytes;
-        let (kind, payload) = match u.opener.open(&mut bytes) {
+        let (kind, payload) = match u.keys.open(&mut bytes) {
             Ok((kind, _, payload)) => (kind, payload),
             Err(e) => {
                 bump(&plane.stats.dropped);
@@ -765,7 +773,7 @@ impl Vpn {
         let (Some(plane), Some(u)) = (self.plane(), &peer.udp) else {
             return;
         };
-        let keys = lock(u).mine;
+        let keys = lock(u).keys.current();
         Self::send_control(
             peer,
             &Control::Keys {
@@ -1087,7 +1095,7 @@ impl Vpn {
             return false;
         };
         let mut u = lock(u);
-        let (kind, payload) = match u.opener.open(d) {
+        let (kind, payload) = match u.keys.open(d) {
             Ok((kind, _, payload)) => (kind, payload),
             Err(e) => {
                 bump(&plane.stats.dropped);
@@ -1163,6 +1171,29 @@ impl Vpn {
         Ok(port)
     }
 
+    /// Renews the keys `peer` seals to this member with: the new index
+    /// opens at once, the previous keys until the next renewal, and the
+    /// peer hears of them over its stream.
+    fn rekey(&self, plane: &UdpPlane, peer: &Arc<Peer>, u: &mut PeerUdp, now: Instant) {
+        let keys = {
+            let mut sessions = plane.sessions();
+            let keys = fresh_keys(&sessions);
+            if let Some(retired) = u.keys.rekey(keys, now) {
+                sessions.remove(&retired);
+            }
+            sessions.insert(keys.index, Arc::downgrade(peer));
+            keys
+        };
+        bump(&plane.stats.rekeys);
+        Self::send_control(
+            peer,
+            &Control::Keys {
+                keys,
+                cipher: plane.cipher,
+            },
+        );
+    }
+
     /// Runs every peer's path timers (forever; idle without a socket).
     pub(crate) async fn tick_udp(self: &Arc<Self>) {
         let Some(plane) = self.plane() else {
@@ -1194,6 +1225,9 @@ impl Vpn {
                 let mut u = lock(u);
                 if u.birthday.as_ref().is_some_and(|b| b.over(now)) {
                     u.birthday = None;
+                }
+                if u.sealer.is_some() && u.keys.due(now) {
+                    self.rekey(plane, &peer, &mut u, now);
                 }
                 self.plan_many_port(plane, &mut u, now);
                 self.probe_from_spares(plane, &mut u, now);

@@ -86,6 +86,9 @@ pub enum OpenError {
     /// A replay, a duplicate or too old.
     #[error("{0}")]
     Replay(#[from] Replay),
+    /// Sealed under keys this session renewed twice since (or never had).
+    #[error("datagram under retired keys (index {0})")]
+    Retired(u32),
 }
 
 /// The receiver index of a datagram, to find its session; `None` if too
