@@ -410,17 +410,7 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         eprintln!("metrics http://{bound}/metrics (and /status)");
     }
 
-    let shown = hub
-        .status()
-        .listen
-        .first()
-        .copied()
-        .unwrap_or_else(|| hub.local_addr());
-    let target = hub.target(shown);
-    if let Some(path) = &args.addr_file {
-        write_atomically(path, &format!("{target}\n"))?;
-    }
-    eprintln!("hub {target}");
+    announce(&hub, args.addr_file.as_deref(), "hub")?;
     shutdown_signal().await?;
     tracing::info!("shutting down");
     drop(hub);
@@ -493,6 +483,13 @@ pub(crate) async fn start_member_hub(
     let hub = Hub::start(builder, hub_config)
         .await
         .with_context(|| format!("cannot serve a hub on TCP port {} (--serve-hub)", m.port))?;
+    let target = announce(&hub, m.addr_file, "member hub")?;
+    Ok((hub, target))
+}
+
+/// The address nodes attach to `hub` at (its first listening address),
+/// printed after `label` and written to `addr_file`.
+fn announce(hub: &Hub, addr_file: Option<&Path>, label: &str) -> anyhow::Result<reach::HubTarget> {
     let shown = hub
         .status()
         .listen
@@ -500,11 +497,11 @@ pub(crate) async fn start_member_hub(
         .copied()
         .unwrap_or_else(|| hub.local_addr());
     let target = hub.target(shown);
-    if let Some(path) = m.addr_file {
+    if let Some(path) = addr_file {
         write_atomically(path, &format!("{target}\n"))?;
     }
-    eprintln!("member hub {target}");
-    Ok((hub, target))
+    eprintln!("{label} {target}");
+    Ok(target)
 }
 
 fn node_ids(texts: &[String], what: &str) -> anyhow::Result<Vec<NodeId>> {

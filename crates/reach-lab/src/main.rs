@@ -417,23 +417,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let tools = tools_with_reach()?;
             let lab = Lab::up(&topology)?;
             let t = reach_lab::splice::run(&lab, &topology, &tools, attempts, timeout)?;
-            print!("{}", t.render());
-            for p in t.pairs.iter().filter(|p| p.spliced < p.attempts) {
-                println!(
-                    "  {} -> {}: {} of {} failed, last: {}",
-                    p.from,
-                    p.to,
-                    p.attempts - p.spliced,
-                    p.attempts,
-                    p.last_error.as_deref().unwrap_or("-")
-                );
-            }
-            if let Some(path) = json {
-                write_json(&path, &t)?;
-            }
-            if let Some(path) = markdown {
-                write_markdown(&path, &t.markdown())?;
-            }
+            let failed = t.pairs.iter().filter(|p| p.spliced < p.attempts).map(|p| {
+                let last = p.last_error.as_deref().unwrap_or("-");
+                let n = p.attempts - p.spliced;
+                format!(
+                    "{} -> {}: {n} of {} failed, last: {last}",
+                    p.from, p.to, p.attempts
+                )
+            });
+            print_table(
+                &t.render(),
+                failed,
+                &t,
+                json,
+                markdown.map(|m| (m, t.markdown())),
+            )?;
         }
         Cmd::Punch {
             file,
@@ -453,23 +451,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(dir) = logs {
                 copy_member_logs(&lab, &t.hosts, &dir)?;
             }
-            print!("{}", t.markdown());
-            for p in t.pairs.iter().filter(|p| p.punched < p.attempts) {
-                println!(
-                    "  {} - {}: {} of {} failed, last: {}",
-                    p.a,
-                    p.b,
-                    p.attempts - p.punched,
-                    p.attempts,
-                    p.last_error.as_deref().unwrap_or("-")
-                );
-            }
-            if let Some(path) = json {
-                write_json(&path, &t)?;
-            }
-            if let Some(path) = markdown {
-                write_markdown(&path, &t.markdown())?;
-            }
+            let failed = t.pairs.iter().filter(|p| p.punched < p.attempts).map(|p| {
+                let last = p.last_error.as_deref().unwrap_or("-");
+                let n = p.attempts - p.punched;
+                format!(
+                    "{} - {}: {n} of {} failed, last: {last}",
+                    p.a, p.b, p.attempts
+                )
+            });
+            let text = t.markdown();
+            print_table(&text, failed, &t, json, markdown.map(|m| (m, text.clone())))?;
         }
         Cmd::Transfer {
             file,
@@ -708,6 +699,28 @@ fn copy_member_logs(lab: &Lab, hosts: &[String], dir: &Path) -> anyhow::Result<(
         let to = dir.join(format!("{h}.log"));
         std::fs::copy(&from, &to)
             .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
+}
+
+/// Prints a table and its failed pairs, and writes it as JSON and
+/// Markdown where asked.
+fn print_table<T: serde::Serialize>(
+    text: &str,
+    failed: impl Iterator<Item = String>,
+    table: &T,
+    json: Option<PathBuf>,
+    markdown: Option<(PathBuf, String)>,
+) -> anyhow::Result<()> {
+    print!("{text}");
+    for f in failed {
+        println!("  {f}");
+    }
+    if let Some(path) = json {
+        write_json(&path, table)?;
+    }
+    if let Some((path, md)) = markdown {
+        write_markdown(&path, &md)?;
     }
     Ok(())
 }
