@@ -42,8 +42,24 @@ pub(crate) async fn serve_udp(socket: tokio::net::UdpSocket) {
     let mut window = tokio::time::Instant::now();
     let (mut answered, mut dropped) = (0u32, 0u64);
     loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-            continue;
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            // An ICMP error about an earlier answer's destination: the
+            // next datagram is fine.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                // A socket that keeps failing must not spin a core.
+                tracing::warn!("UDP address echo: receive failed: {e}; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
         };
         if !reach_proto::nat::is_udp_echo_request(&buf[..n]) {
             continue;
