@@ -139,7 +139,7 @@ pub(crate) struct UdpPlane {
 
 /// The receive loop's buffers, kept across rebinds.
 struct Receive {
-    bufs: Vec<Vec<u8>>,
+    bufs: [Vec<u8>; RECV_BATCH],
     metas: Vec<quinn_udp::RecvMeta>,
     out: Vec<Vec<u8>>,
     gro: tun_rs::GROTable,
@@ -148,7 +148,7 @@ struct Receive {
 impl Receive {
     fn new() -> Self {
         Receive {
-            bufs: vec![vec![0u8; RECV_BUF]; RECV_BATCH],
+            bufs: std::array::from_fn(|_| vec![0u8; RECV_BUF]),
             metas: vec![quinn_udp::RecvMeta::default(); RECV_BATCH],
             out: (0..tun_rs::IDEAL_BATCH_SIZE)
                 .map(|_| Vec::with_capacity(tun_rs::VIRTIO_NET_HDR_LEN + 2048))
@@ -1005,10 +1005,8 @@ impl Vpn {
         loop {
             socket.io.readable().await?;
             let got = socket.io.try_io(tokio::io::Interest::READABLE, || {
-                let mut iovs: Vec<std::io::IoSliceMut<'_>> = bufs
-                    .iter_mut()
-                    .map(|b| std::io::IoSliceMut::new(b))
-                    .collect();
+                // On the stack: nothing allocated per receive.
+                let mut iovs = bufs.each_mut().map(|b| std::io::IoSliceMut::new(b));
                 socket.state.recv((&socket.io).into(), &mut iovs, metas)
             });
             let msgs = match got {
