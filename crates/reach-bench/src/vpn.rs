@@ -43,6 +43,9 @@ struct Run {
     gbit_s: f64,
     /// CPU seconds of the carriers per gigabyte received.
     cpu_s_per_gb: f64,
+    /// Segments the inner TCP senders sent again (losses inside the
+    /// tunnel show here).
+    retransmits: u64,
 }
 
 fn iperf3(
@@ -76,6 +79,7 @@ fn iperf3(
     Ok(Run {
         gbit_s: bps / 1e9,
         cpu_s_per_gb: (after - before) / (bytes / 1e9),
+        retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
     })
 }
 
@@ -195,6 +199,18 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
             for (i, w) in ways.iter().enumerate() {
                 let r = iperf3(&lab, w.to, streams, size.secs, &w.carriers)
                     .with_context(|| format!("iperf3 over {}", w.name))?;
+                eprintln!(
+                    "  {} x{streams}: {:.2} Gbit/s, {:.2} CPU s/GB, {} retransmits",
+                    w.name, r.gbit_s, r.cpu_s_per_gb, r.retransmits
+                );
+                if i == 1 {
+                    // The sender's drops so far (queue full, ...).
+                    let s = reach_lab::vpn::status(&lab, &tools, "a");
+                    eprintln!(
+                        "    a: {}",
+                        s.map(|s| s["public"].to_string()).unwrap_or_default()
+                    );
+                }
                 runs[i].push(r);
             }
         }

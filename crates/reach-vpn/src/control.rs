@@ -10,6 +10,7 @@
 //! Nat:        4 | 0 (ports predictable)
 //!               | 1 | family u8 | address (random ports there)
 //!               | 2 | family u8 | address | last port u16 | step i16 (sequential)
+//!               | 3 | family u8 | address | port u16 (maybe one per address)
 //! Ping:       5 | nonce u64     (the stream's round trip)
 //! Pong:       6 | nonce u64     (the answer)
 //! ```
@@ -137,6 +138,11 @@ impl Control {
                 out.extend_from_slice(&after.to_be_bytes());
                 out.extend_from_slice(&step.to_be_bytes());
             }
+            Control::Nat(PeerNat::PerAddress { ip, after }) => {
+                out.extend_from_slice(&[4, 3]);
+                put_ip(out, *ip);
+                out.extend_from_slice(&after.to_be_bytes());
+            }
         }
     }
 
@@ -181,6 +187,10 @@ impl Control {
                     ip: r.ip()?,
                     after: u16::from_be_bytes(r.array()?),
                     step: i16::from_be_bytes(r.array()?),
+                }),
+                3 => Control::Nat(PeerNat::PerAddress {
+                    ip: r.ip()?,
+                    after: u16::from_be_bytes(r.array()?),
                 }),
                 k => return Err(ControlError::Unknown(k)),
             },
@@ -311,6 +321,10 @@ mod tests {
             hard,
             seq,
             Control::Nat(PeerNat::Predictable),
+            Control::Nat(PeerNat::PerAddress {
+                ip: "2001:db8::1".parse().unwrap(),
+                after: 7,
+            }),
             Control::Ping(u64::MAX),
             Control::Pong(3),
         ] {

@@ -171,6 +171,12 @@ fn nat_hint(profile: &reach_proto::nat::NatProfile) -> Option<PeerNat> {
             after: ext.port(),
             step: i16::try_from(step).ok()?,
         },
+        // One echo address cannot tell an address-dependent mapping from
+        // an endpoint-independent one.
+        (Mapping::EndpointIndependent, _) if !profile.across_addresses => PeerNat::PerAddress {
+            ip,
+            after: ext.port(),
+        },
         _ => PeerNat::Predictable,
     })
 }
@@ -602,7 +608,7 @@ impl Vpn {
         // Spraying from behind a NAT that maps each destination anew
         // would only make more mappings.
         let spray = match (mine, u.peer_nat) {
-            (Some(PeerNat::Predictable), Some(p)) => Some(p),
+            (Some(m), Some(p)) if m.one_mapping_per_address() => Some(p),
             _ => None,
         };
         if spray != u.paths.spraying() {
@@ -612,9 +618,12 @@ impl Vpn {
                 u.paths.punch(now);
             }
         }
-        let (Some(PeerNat::Random(_)), Some(PeerNat::Predictable)) = (mine, u.peer_nat) else {
+        let (Some(PeerNat::Random(_)), Some(peer)) = (mine, u.peer_nat) else {
             return;
         };
+        if !peer.one_mapping_per_address() {
+            return;
+        }
         let again = u
             .last_birthday
             .is_none_or(|at| now.saturating_duration_since(at) >= BIRTHDAY_AGAIN);

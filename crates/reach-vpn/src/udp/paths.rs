@@ -175,6 +175,27 @@ pub enum PeerNat {
         /// Between consecutive mappings.
         step: i16,
     },
+    /// One port towards each address, perhaps a new one for each new
+    /// address: the echoes shared one address, so an address-dependent
+    /// mapping looked endpoint-independent. The mapping towards this
+    /// side is `after` or one of the next ports (one per address the
+    /// socket met since).
+    PerAddress {
+        /// The NAT's address.
+        ip: IpAddr,
+        /// The mapping the echoes saw.
+        after: u16,
+    },
+}
+
+impl PeerNat {
+    /// Whether a socket behind this NAT keeps one mapping towards each
+    /// address, so that probes to many ports of one address leave by
+    /// one mapping (it may spray, and be the easy side of many-port
+    /// punching).
+    pub fn one_mapping_per_address(self) -> bool {
+        matches!(self, PeerNat::Predictable | PeerNat::PerAddress { .. })
+    }
 }
 
 /// Ports of one address probed in a first round, each at most once: a
@@ -247,7 +268,9 @@ impl Paths {
     /// [`BIRTHDAY_SOCKETS`] mappings towards this side wait to be hit. A
     /// sequential one: the [`SEQUENTIAL_SPRAY`] ports after the last one
     /// its echoes saw, at once (the peer's probes to this side take one
-    /// of them, and this side's probes open its own filter to all).
+    /// of them, and this side's probes open its own filter to all). One
+    /// that may map per address: the same number of ports after its
+    /// mapping, at once.
     pub fn spray(&mut self, nat: Option<PeerNat>) {
         self.spray_to = nat.filter(|n| *n != PeerNat::Predictable);
     }
@@ -309,6 +332,13 @@ impl Paths {
                 ip: ip.to_canonical(),
                 at: i64::from(after),
                 step: i64::from(step),
+                wrap: false,
+                left: SEQUENTIAL_SPRAY,
+            }),
+            Some(PeerNat::PerAddress { ip, after }) => Some(Spray {
+                ip: ip.to_canonical(),
+                at: i64::from(after),
+                step: 1,
                 wrap: false,
                 left: SEQUENTIAL_SPRAY,
             }),
@@ -686,6 +716,25 @@ mod tests {
         // A predictable peer is not sprayed.
         p.spray(Some(PeerNat::Predictable));
         assert_eq!(p.spraying(), None);
+    }
+
+    #[test]
+    fn a_nat_that_may_map_per_address_is_sprayed_on_the_ports_after_its_mapping() {
+        let t0 = Instant::now();
+        let mut p = Paths::new(t0, 1);
+        p.add_candidates([addr("203.0.113.5:40000")]);
+        p.spray(Some(PeerNat::PerAddress {
+            ip: "203.0.113.5".parse().unwrap(),
+            after: 40_000,
+        }));
+        p.punch(t0);
+        let first: Vec<u16> = std::iter::from_fn(|| p.poll_transmit())
+            .map(|t| t.to.port())
+            .collect();
+        let want: Vec<u16> = std::iter::once(40_000)
+            .chain((40_001..).take(SEQUENTIAL_SPRAY))
+            .collect();
+        assert_eq!(first, want);
     }
 
     #[test]
