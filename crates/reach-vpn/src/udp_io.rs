@@ -74,6 +74,36 @@ struct Echo {
     nat: Option<PeerNat>,
 }
 
+impl Echo {
+    /// Takes one echo's answer (`echoes`: the hub's echoes, in the order
+    /// the requests went to them); returns whether the reflexive
+    /// addresses and whether the NAT hint changed.
+    fn observe(
+        &mut self,
+        o: reach_proto::nat::Observation,
+        echoes: &[SocketAddr],
+        port: u16,
+    ) -> (bool, bool) {
+        self.obs.retain(|x| x.server != o.server);
+        self.obs.push(o);
+        // classify reads the steps between mappings in the order they
+        // were made, which is the order the requests went out; answers
+        // may come back in any order.
+        self.obs
+            .sort_by_key(|x| echoes.iter().position(|e| *e == x.server));
+        let profile = reach_proto::nat::classify(&self.obs);
+        let reflexive = reach_proto::nat::predict(&profile, &[], port);
+        let nat = nat_hint(&profile);
+        let changed = (reflexive != self.reflexive, nat != self.nat);
+        if changed.0 || changed.1 {
+            tracing::info!(%profile, ?reflexive, "vpn UDP socket as the hub's echoes see it");
+            self.reflexive = reflexive;
+            self.nat = nat;
+        }
+        changed
+    }
+}
+
 /// Counters of the UDP paths.
 #[derive(Debug, Default)]
 pub struct UdpStats {
@@ -535,15 +565,12 @@ impl Vpn {
             return;
         };
         let canonical = |e: &SocketAddr| SocketAddr::new(e.ip().to_canonical(), e.port());
-        // Where the echo is in the hub's list: the requests went out in
-        // that order, so the mappings were made in it.
-        let echoes = self.endpoint().hub_status().map(|s| s.echo);
-        let order = |server: &SocketAddr| {
-            echoes
-                .as_ref()
-                .and_then(|e| e.iter().position(|e| canonical(e) == *server))
-        };
-        if order(&from).is_none() {
+        let echoes: Vec<SocketAddr> = self
+            .endpoint()
+            .hub_status()
+            .map(|s| s.echo.iter().map(canonical).collect())
+            .unwrap_or_default();
+        if !echoes.contains(&from) {
             bump(&plane.stats.dropped);
             return;
         }
@@ -551,28 +578,16 @@ impl Vpn {
             .io
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0u8; 4], socket.port)));
-        let changed = {
-            let mut e = plane.echo.lock().unwrap_or_else(|p| p.into_inner());
-            e.obs.retain(|o| o.server != from);
-            e.obs.push(reach_proto::nat::Observation {
-                local,
-                server: from,
-                mapped,
-            });
-            // classify reads the steps between mappings in the order they
-            // were made; answers may come back in any order.
-            e.obs.sort_by_key(|o| order(&o.server));
-            let profile = reach_proto::nat::classify(&e.obs);
-            let reflexive = reach_proto::nat::predict(&profile, &[], socket.port);
-            let nat = nat_hint(&profile);
-            let changed = (reflexive != e.reflexive, nat != e.nat);
-            if changed.0 || changed.1 {
-                tracing::info!(%profile, ?reflexive, "vpn UDP socket as the hub's echoes see it");
-                e.reflexive = reflexive;
-                e.nat = nat;
-            }
-            changed
+        let observed = reach_proto::nat::Observation {
+            local,
+            server: from,
+            mapped,
         };
+        let changed = plane
+            .echo
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(observed, &echoes, socket.port);
         if changed.0 {
             // The interfaces are read once for all peers.
             let candidates = Control::Candidates(self.local_candidates(socket.port));
@@ -1244,5 +1259,59 @@ impl Vpn {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reach_proto::nat::Observation;
+
+    fn at(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    fn seen(local: u16, server: &str, mapped: u16) -> Observation {
+        Observation {
+            local: at(&format!("10.0.0.2:{local}")),
+            server: at(server),
+            mapped: at(&format!("203.0.113.9:{mapped}")),
+        }
+    }
+
+    #[test]
+    fn echo_answers_are_read_in_the_order_the_requests_went_out() {
+        let echoes = [at("192.0.2.1:7701"), at("192.0.2.1:7702")];
+        // A sequential NAT mapped the first request to 20000 and the
+        // second to 20001; the second answer came back first.
+        let mut e = Echo::default();
+        e.observe(seen(5000, "192.0.2.1:7702", 20_001), &echoes, 5000);
+        e.observe(seen(5000, "192.0.2.1:7701", 20_000), &echoes, 5000);
+        assert_eq!(
+            e.nat,
+            Some(PeerNat::Sequential {
+                ip: "203.0.113.9".parse().expect("ip"),
+                after: 20_001,
+                step: 1
+            })
+        );
+    }
+
+    #[test]
+    fn one_echo_address_may_hide_a_mapping_per_address() {
+        let one = [at("192.0.2.1:7701"), at("192.0.2.1:7702")];
+        let mut e = Echo::default();
+        for server in one {
+            e.observe(seen(5000, &server.to_string(), 5000), &one, 5000);
+        }
+        let ip = "203.0.113.9".parse().expect("ip");
+        assert_eq!(e.nat, Some(PeerNat::PerAddress { ip, after: 5000 }));
+        // Echoes on two addresses tell: the same mapping is predictable.
+        let two = [at("192.0.2.1:7701"), at("198.51.100.1:7701")];
+        let mut e = Echo::default();
+        for server in two {
+            e.observe(seen(5000, &server.to_string(), 5000), &two, 5000);
+        }
+        assert_eq!(e.nat, Some(PeerNat::Predictable));
     }
 }
