@@ -58,8 +58,8 @@ pub struct OutQueue {
     room: Notify,
 }
 
-/// A batch buffer that grew past this is shrunk back after use, so idle
-/// peers do not keep a burst's memory.
+/// A buffer that grew past this is shrunk back once a batch smaller than
+/// it shows the load is gone, so idle peers do not keep a burst's memory.
 const KEEP: usize = 256 * 1024;
 
 impl Drop for OutQueue {
@@ -116,10 +116,13 @@ impl OutQueue {
         if buf.is_empty() {
             return false;
         }
-        if out.capacity() > KEEP {
-            out.shrink_to(KEEP);
-        }
         std::mem::swap(&mut *buf, out);
+        // The queue now fills the writer's last buffer. Under load both
+        // keep their size: shrinking one that a full batch will need
+        // again would make it grow again, copying the batch each time.
+        if out.len() < KEEP && buf.capacity() > KEEP {
+            buf.shrink_to(KEEP);
+        }
         self.budget.give(out.len());
         drop(buf);
         self.room.notify_one();
@@ -157,6 +160,11 @@ impl OutQueue {
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.lock().capacity()
+    }
 }
 
 #[cfg(test)]
@@ -178,6 +186,35 @@ mod tests {
         assert!(q.push(&[&b"ghijkl"[..]]));
         q.take(&mut out).await;
         assert_eq!(out, b"\x00\x00\x00\x06ghijkl");
+    }
+
+    #[test]
+    fn buffers_keep_their_size_under_load_and_shrink_once_it_is_gone() {
+        let q = OutQueue::new(8 << 20, Budget::new(8 << 20));
+        let burst = |q: &OutQueue| {
+            for _ in 0..64 {
+                assert!(q.push(&[&[7u8; 16 * 1024][..]]));
+            }
+        };
+        let mut out = Vec::new();
+        burst(&q);
+        assert!(q.take_now(&mut out));
+        out.clear();
+        burst(&q);
+        assert!(q.take_now(&mut out));
+        // Both buffers have held a full batch: the next one fits the
+        // buffer the queue holds now, without growing.
+        let big = q.capacity();
+        assert!(big >= 64 * (16 * 1024 + 4), "{big}");
+        out.clear();
+        burst(&q);
+        assert_eq!(q.capacity(), big, "grown again under load");
+        assert!(q.take_now(&mut out));
+        // A small batch: the buffer handed back is shrunk.
+        out.clear();
+        assert!(q.push(&[&b"x"[..]]));
+        assert!(q.take_now(&mut out));
+        assert!(q.capacity() <= KEEP, "{}", q.capacity());
     }
 
     #[test]

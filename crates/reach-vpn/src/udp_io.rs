@@ -932,7 +932,8 @@ impl Vpn {
             return false;
         };
         // A session near its last counter leaves packets to the stream
-        // (rekeying is not built; 2^48 datagrams is years at line rate).
+        // (keys are renewed long before: 2^48 datagrams is years at line
+        // rate).
         if sealer.sealed() + crate::split::MAX_SEGMENTS as u64 >= datagram::MAX_COUNTER {
             return false;
         }

@@ -270,7 +270,7 @@ impl Paths {
     /// its echoes saw, at once (the peer's probes to this side take one
     /// of them, and this side's probes open its own filter to all). One
     /// that may map per address: the same number of ports after its
-    /// mapping, at once.
+    /// mapping, one tick into the round unless its candidates answered.
     pub fn spray(&mut self, nat: Option<PeerNat>) {
         self.spray_to = nat.filter(|n| *n != PeerNat::Predictable);
     }
@@ -399,9 +399,15 @@ impl Paths {
             self.probe(to, now);
         }
         // A random-port peer's spares open meanwhile; a sequential one
-        // needs none.
-        let spraying = now.saturating_duration_since(self.last_round) >= SPRAY_AFTER
-            || !matches!(self.spray_to, Some(PeerNat::Random(_)));
+        // needs none. A peer that may map per address most often maps
+        // alike (a port-preserving NAT): its candidates answer in the
+        // first tick, and no spray follows.
+        let after = match self.spray_to {
+            Some(PeerNat::Random(_)) => SPRAY_AFTER,
+            Some(PeerNat::PerAddress { .. }) => PROBE_INTERVAL,
+            _ => Duration::ZERO,
+        };
+        let spraying = now.saturating_duration_since(self.last_round) >= after;
         if let Some(mut spray) = self.spray.take_if(|_| spraying) {
             for _ in 0..SPRAY_PER_TICK.min(spray.left) {
                 if let Some(port) = spray.next_port() {
@@ -728,13 +734,18 @@ mod tests {
             after: 40_000,
         }));
         p.punch(t0);
-        let first: Vec<u16> = std::iter::from_fn(|| p.poll_transmit())
-            .map(|t| t.to.port())
-            .collect();
+        let ports = |p: &mut Paths| -> Vec<u16> {
+            std::iter::from_fn(|| p.poll_transmit())
+                .map(|t| t.to.port())
+                .collect()
+        };
+        // The candidate alone first: it answers where the NAT maps alike.
+        assert_eq!(ports(&mut p), vec![40_000]);
+        p.handle_timeout(t0 + PROBE_INTERVAL);
         let want: Vec<u16> = std::iter::once(40_000)
             .chain((40_001..).take(SEQUENTIAL_SPRAY))
             .collect();
-        assert_eq!(first, want);
+        assert_eq!(ports(&mut p), want);
     }
 
     #[test]
