@@ -278,19 +278,12 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
     } else {
         open
     };
-    let hub_secret = match args
-        .hub_secret_file
-        .as_deref()
-        .or(file.and_then(|h| h.hub_secret_file.as_deref()))
-    {
-        Some(path) => Some(crate::read_secret(path, "hub secret")?),
-        None => None,
-    };
-    if hub_secret.is_some() && hub_secret == network_secret {
-        anyhow::bail!(
-            "the hub secret must differ from the network secret: a node holding the network secret could otherwise link as a hub"
-        );
-    }
+    let hub_secret = hub_secret(
+        args.hub_secret_file
+            .as_deref()
+            .or(file.and_then(|h| h.hub_secret_file.as_deref())),
+        network_secret.as_deref(),
+    )?;
     let open_hubs = args.open_hubs || file.and_then(|h| h.open_hubs).unwrap_or(false);
     let gossip_interval = seconds(
         args.gossip_interval
@@ -448,13 +441,7 @@ pub(crate) async fn start_member_hub(
         .context("--hub")?
         .into_iter()
         .collect::<Vec<_>>();
-    let hub_secret = m
-        .hub_secret_file
-        .map(|p| crate::read_secret(p, "hub secret"))
-        .transpose()?;
-    if hub_secret.is_some() && hub_secret == m.network_secret {
-        anyhow::bail!("the hub secret must differ from the network secret: a member holding the network secret could otherwise link as a hub");
-    }
+    let hub_secret = hub_secret(m.hub_secret_file, m.network_secret.as_deref())?;
     let open = m.network_secret.is_none() && m.allowed.is_empty();
     if open {
         tracing::warn!(
@@ -485,6 +472,21 @@ pub(crate) async fn start_member_hub(
         .with_context(|| format!("cannot serve a hub on TCP port {} (--serve-hub)", m.port))?;
     let target = announce(&hub, m.addr_file, "member hub")?;
     Ok((hub, target))
+}
+
+/// The hub secret in `path`, which must differ from the network secret.
+fn hub_secret(
+    path: Option<&Path>,
+    network_secret: Option<&[u8]>,
+) -> anyhow::Result<Option<Vec<u8>>> {
+    let Some(path) = path else { return Ok(None) };
+    let secret = crate::read_secret(path, "hub secret")?;
+    if Some(&secret[..]) == network_secret {
+        anyhow::bail!(
+            "the hub secret must differ from the network secret: a node holding the network secret could otherwise link as a hub"
+        );
+    }
+    Ok(Some(secret))
 }
 
 /// The address nodes attach to `hub` at (its first listening address),

@@ -425,13 +425,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     p.from, p.to, p.attempts
                 )
             });
-            print_table(
-                &t.render(),
-                failed,
-                &t,
-                json,
-                markdown.map(|m| (m, t.markdown())),
-            )?;
+            print_table(&t.render(), &t.markdown(), failed, &t, json, markdown)?;
         }
         Cmd::Punch {
             file,
@@ -460,7 +454,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
             });
             let text = t.markdown();
-            print_table(&text, failed, &t, json, markdown.map(|m| (m, text.clone())))?;
+            print_table(&text, &text, failed, &t, json, markdown)?;
         }
         Cmd::Transfer {
             file,
@@ -703,14 +697,15 @@ fn copy_member_logs(lab: &Lab, hosts: &[String], dir: &Path) -> anyhow::Result<(
     Ok(())
 }
 
-/// Prints a table and its failed pairs, and writes it as JSON and
-/// Markdown where asked.
+/// Prints a table (`text`) and its failed pairs, and writes it as JSON
+/// and as Markdown (`md`) where asked.
 fn print_table<T: serde::Serialize>(
     text: &str,
+    md: &str,
     failed: impl Iterator<Item = String>,
     table: &T,
     json: Option<PathBuf>,
-    markdown: Option<(PathBuf, String)>,
+    markdown: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     print!("{text}");
     for f in failed {
@@ -719,8 +714,8 @@ fn print_table<T: serde::Serialize>(
     if let Some(path) = json {
         write_json(&path, table)?;
     }
-    if let Some((path, md)) = markdown {
-        write_markdown(&path, &md)?;
+    if let Some(path) = markdown {
+        write_markdown(&path, md)?;
     }
     Ok(())
 }

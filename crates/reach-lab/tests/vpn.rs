@@ -98,14 +98,21 @@ fn vpn_status(lab: &Lab, host: &str) -> Option<serde_json::Value> {
     reach_lab::vpn::status(lab, &common::tools_with_reach(), host)
 }
 
-/// Whether `host` has the vpn device.
-fn has_device(lab: &Lab, host: &str) -> bool {
-    lab.command(host, "ip")
-        .args(["link", "show", reach_lab::vpn::DEVICE])
+/// Whether `command` runs and succeeds (its output dropped).
+fn succeeds(command: &mut std::process::Command) -> bool {
+    command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Whether `host` has the vpn device.
+fn has_device(lab: &Lab, host: &str) -> bool {
+    succeeds(
+        lab.command(host, "ip")
+            .args(["link", "show", reach_lab::vpn::DEVICE]),
+    )
 }
 
 #[test]
@@ -528,13 +535,11 @@ fn udp_session_keys_are_renewed_while_packets_flow_and_none_is_lost() {
 
 /// Whether one `ping` from `from` to `to` is answered (within 2 s).
 fn pings(lab: &Lab, from: &str, to: std::net::IpAddr) -> bool {
-    lab.command(from, "ping")
-        .args(["-n", "-c", "1", "-w", "2"])
-        .arg(to.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    succeeds(
+        lab.command(from, "ping")
+            .args(["-n", "-c", "1", "-w", "2"])
+            .arg(to.to_string()),
+    )
 }
 
 #[test]

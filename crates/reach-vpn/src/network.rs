@@ -137,12 +137,11 @@ pub struct Peer {
     streams: AtomicUsize,
     /// Which stream writes: a newer stream takes over from an older one.
     writer: AtomicU64,
-    /// The module of the newest stream.
-    module: Mutex<SetupModule>,
+    /// The module of the newest stream and the address it runs to (for a
+    /// routed stream, the hub's).
+    stream: Mutex<(SetupModule, std::net::SocketAddr)>,
     /// Its UDP session and paths (None: this member has no UDP socket).
     pub(crate) udp: Option<Mutex<crate::udp_io::PeerUdp>>,
-    /// The hub its newest stream is relayed through (None: not relayed).
-    via: Mutex<Option<std::net::SocketAddr>>,
     /// The ping in flight on its stream: nonce, when sent.
     ping: Mutex<Option<(u64, Instant)>>,
     /// Its stream's latest round trip in microseconds (0: none yet).
@@ -160,7 +159,11 @@ pub struct Peer {
 impl Peer {
     /// The module of its newest stream.
     pub fn module(&self) -> SetupModule {
-        *self.module.lock().unwrap_or_else(|p| p.into_inner())
+        self.stream.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    fn set_stream(&self, module: SetupModule, remote: std::net::SocketAddr) {
+        *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = (module, remote);
     }
 
     /// The path its packets take: `udp ADDR` when they take a UDP path
@@ -188,7 +191,8 @@ impl Peer {
 
     /// The hub its stream is relayed through, while it is.
     pub fn via(&self) -> Option<std::net::SocketAddr> {
-        *self.via.lock().unwrap_or_else(|p| p.into_inner())
+        let (module, remote) = *self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        (module == SetupModule::Routed).then_some(remote)
     }
 
     /// Its stream's latest round trip (a ping every [`STREAM_PING`],
@@ -533,8 +537,7 @@ impl Vpn {
         wanted: Option<IpAddr>,
     ) -> Result<Arc<Peer>, PeerError> {
         let node = stream.peer();
-        let module = stream.info().module;
-        let via = (module == SetupModule::Routed).then_some(stream.info().remote_addr);
+        let (module, remote) = (stream.info().module, stream.info().remote_addr);
         let mine = Hello {
             network: self.me.network,
             ip: self.me.ipv4,
@@ -588,12 +591,11 @@ impl Vpn {
                         queue: OutQueue::new(PEER_QUEUE, self.budget.clone()),
                         streams: AtomicUsize::new(0),
                         writer: AtomicU64::new(0),
-                        module: Mutex::new(module),
+                        stream: Mutex::new((module, remote)),
                         udp: self
                             .udp
                             .as_ref()
                             .map(|u| Mutex::new(u.new_peer(self.me.rekey_every))),
-                        via: Mutex::new(None),
                         ping: Mutex::new(None),
                         stream_rtt_us: AtomicU64::new(0),
                         packets_out: AtomicU64::new(0),
@@ -611,8 +613,7 @@ impl Vpn {
             peer.streams.fetch_add(1, Ordering::Relaxed);
             peer
         };
-        *peer.module.lock().unwrap_or_else(|p| p.into_inner()) = module;
-        *peer.via.lock().unwrap_or_else(|p| p.into_inner()) = via;
+        peer.set_stream(module, remote);
         bump(&self.stats.streams_up);
         tracing::info!(peer = %node, ip = %theirs.ip, %module, "vpn peer up");
         let writer = self.next_writer.fetch_add(1, Ordering::Relaxed);
@@ -666,9 +667,7 @@ impl Vpn {
             if !moved {
                 if let Some(u) = r.upgraded() {
                     moved = true;
-                    *peer.module.lock().unwrap_or_else(|p| p.into_inner()) = u.module;
-                    *peer.via.lock().unwrap_or_else(|p| p.into_inner()) =
-                        (u.module == SetupModule::Routed).then_some(u.remote_addr);
+                    peer.set_stream(u.module, u.remote_addr);
                     tracing::info!(peer = %peer.node, ip = %peer.ipv4, module = %u.module, remote = %u.remote_addr, "vpn peer path moved");
                 }
             }

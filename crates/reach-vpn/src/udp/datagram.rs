@@ -205,18 +205,18 @@ impl Opener {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn keys(index: u32, k: u8) -> Keys {
+    pub(in crate::udp) fn keys(index: u32, k: u8) -> Keys {
         Keys {
             index,
             key: [k; 32],
         }
     }
 
-    fn sealed(s: &mut Sealer, kind: Kind, payload: &[u8]) -> Vec<u8> {
+    pub(in crate::udp) fn sealed(s: &mut Sealer, kind: Kind, payload: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; HEADER_LEN + payload.len() + TAG_LEN];
         buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
         let n = s.seal(kind, &mut buf, payload.len()).unwrap();

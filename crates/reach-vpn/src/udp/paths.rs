@@ -212,6 +212,17 @@ struct Spray {
 }
 
 impl Spray {
+    /// The [`SEQUENTIAL_SPRAY`] ports of `ip` after `port`, `step` apart.
+    fn after(ip: IpAddr, port: u16, step: i64) -> Self {
+        Spray {
+            ip: ip.to_canonical(),
+            at: i64::from(port),
+            step,
+            wrap: false,
+            left: SEQUENTIAL_SPRAY,
+        }
+    }
+
     fn next_port(&mut self) -> Option<u16> {
         let (low, high) = (
             i64::from(*SPRAY_PORTS.start()),
@@ -328,20 +339,10 @@ impl Paths {
                     left: SPRAY_PER_ROUND,
                 })
             }
-            Some(PeerNat::Sequential { ip, after, step }) if step != 0 => Some(Spray {
-                ip: ip.to_canonical(),
-                at: i64::from(after),
-                step: i64::from(step),
-                wrap: false,
-                left: SEQUENTIAL_SPRAY,
-            }),
-            Some(PeerNat::PerAddress { ip, after }) => Some(Spray {
-                ip: ip.to_canonical(),
-                at: i64::from(after),
-                step: 1,
-                wrap: false,
-                left: SEQUENTIAL_SPRAY,
-            }),
+            Some(PeerNat::Sequential { ip, after, step }) if step != 0 => {
+                Some(Spray::after(ip, after, step.into()))
+            }
+            Some(PeerNat::PerAddress { ip, after }) => Some(Spray::after(ip, after, 1)),
             _ => None,
         };
         self.start_round(now, FIRST_ROUND);
