@@ -87,6 +87,47 @@ mod tests {
         sealed_as(sealer, Kind::Data, payload)
     }
 
+    #[test]
+    fn the_previous_keys_open_until_the_next_renewal_and_older_ones_never() {
+        let t0 = Instant::now();
+        let cipher = Cipher::ChaChaPoly;
+        let mut ring = Keyring::new(cipher, keys(1, 1), t0, REKEY_EVERY);
+        let mut first = Sealer::new(cipher, &ring.current());
+        let early = sealed(&mut first, b"sealed before the renewal");
+        let late = sealed(&mut first, b"still on its way");
+        assert!(!ring.due(t0 + REKEY_EVERY - Duration::from_millis(1)));
+        assert!(ring.due(t0 + REKEY_EVERY));
+
+        assert_eq!(ring.rekey(keys(2, 2), t0 + REKEY_EVERY), None);
+        assert_eq!(ring.indices().collect::<Vec<_>>(), vec![2, 1]);
+        let mut second = Sealer::new(cipher, &ring.current());
+        let new = sealed(&mut second, b"under the new keys");
+        let mut d = new.clone();
+        assert_eq!(
+            ring.open(&mut d).expect("new keys").2,
+            b"under the new keys"
+        );
+        let mut d = late.clone();
+        assert_eq!(
+            ring.open(&mut d).expect("previous keys").2,
+            b"still on its way"
+        );
+        // The replay window goes with the keys.
+        let mut d = late.clone();
+        assert!(matches!(ring.open(&mut d), Err(OpenError::Replay(_))));
+
+        // The next renewal retires the first keys for good.
+        assert_eq!(ring.rekey(keys(3, 3), t0 + 2 * REKEY_EVERY), Some(1));
+        assert_eq!(ring.indices().collect::<Vec<_>>(), vec![3, 2]);
+        let mut d = early.clone();
+        assert_eq!(ring.open(&mut d), Err(OpenError::Retired(1)));
+        let mut d = new.clone();
+        assert!(
+            matches!(ring.open(&mut d), Err(OpenError::Replay(_))),
+            "the second keys still open, and remember what they opened"
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_open_and_never_panic(
