@@ -94,14 +94,19 @@ pub struct VpnPeerReport {
     pub ula: String,
     /// Its NodeId.
     pub node: String,
-    /// The path its packets take: `udp ADDR` (a UDP path, direct or
-    /// punched through NATs), or the module of its stream, where the
-    /// stream settled (direct, reverse, splice, routed).
+    /// The path its packets take: `udp-direct ADDR` (a UDP path no NAT
+    /// translates), `udp-punched ADDR` (one through NAT mappings, opened
+    /// by hole punching), or the module of its stream, where the stream
+    /// settled (direct, reverse, splice, routed).
     pub path: String,
     /// The peer's address on its UDP path, when one is up (whether or
     /// not packets take it: see `path`).
     #[serde(default)]
     pub udp_path: Option<String>,
+    /// How that path crosses the network: `udp-direct` (no NAT
+    /// translates it) or `udp-punched` (through NAT mappings).
+    #[serde(default)]
+    pub udp_kind: Option<String>,
     /// The UDP path's round trip in microseconds, when one is up.
     #[serde(default)]
     pub udp_rtt_us: Option<u64>,
@@ -109,9 +114,11 @@ pub struct VpnPeerReport {
     /// microseconds (from the first probe to the first answer).
     #[serde(default)]
     pub udp_setup_us: Option<u64>,
-    /// The hub its stream is relayed through, while the stream is routed.
+    /// The hubs its stream is relayed through, while the stream is
+    /// routed: the one this member's stream runs to, then the peer's own
+    /// hub when that is another (empty: not relayed).
     #[serde(default)]
-    pub via: Option<String>,
+    pub via: Vec<String>,
     /// The stream's latest round trip in microseconds (a ping every 10 s,
     /// queued behind the stream's packets as they are).
     #[serde(default)]

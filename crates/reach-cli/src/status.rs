@@ -138,11 +138,11 @@ fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
                 v.ula,
                 v.node,
                 v.path,
-                v.via
-                    .as_deref()
-                    .filter(|_| !v.path.starts_with("udp"))
-                    .map(|hub| format!(" via {hub}"))
-                    .unwrap_or_default(),
+                if v.via.is_empty() || v.path.starts_with("udp") {
+                    String::new()
+                } else {
+                    format!(" via {}", v.via.join(" and "))
+                },
                 round_trip(v),
                 v.packets_out,
                 bytes(v.bytes_out),
@@ -331,9 +331,10 @@ mod tests {
                 node: "abc".into(),
                 path: "routed".into(),
                 udp_path: None,
+                udp_kind: None,
                 udp_rtt_us: None,
                 udp_setup_us: None,
-                via: Some("192.0.2.1:7000".into()),
+                via: vec!["192.0.2.1:7000".into(), "198.51.100.1:7000".into()],
                 stream_rtt_us: Some(1500),
                 packets_out: 3,
                 packets_in: 4,
@@ -345,7 +346,7 @@ mod tests {
         let text = render_proxies(&[vpn], 100);
         assert!(
             text.contains(
-                "peer 10.77.0.2 (fd00::2, abc)  path routed via 192.0.2.1:7000 (stream round trip 1.50 ms)  out 3 pkts 2.5 KB  in 4 pkts 40 B"
+                "peer 10.77.0.2 (fd00::2, abc)  path routed via 192.0.2.1:7000 and 198.51.100.1:7000 (stream round trip 1.50 ms)  out 3 pkts 2.5 KB  in 4 pkts 40 B"
             ),
             "{text}"
         );

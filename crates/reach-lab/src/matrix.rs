@@ -95,14 +95,15 @@ pub struct Matrix {
 }
 
 /// The paper's letter for a module: d direct, r reverse, s splice, v routed
-/// (and u for a vpn's UDP path).
+/// (and for a vpn's UDP path: u when no NAT translates it, p punched).
 fn letter(module: &str) -> &'static str {
     match module {
         "direct" => "d",
         "reverse" => "r",
         "splice" => "s",
         "routed" => "v",
-        "udp" => "u",
+        "udp-direct" => "u",
+        "udp-punched" => "p",
         _ => "?",
     }
 }
@@ -166,7 +167,7 @@ impl Matrix {
         );
         match self.mode {
             Mode::Reach => s += "; settled on d direct, r reverse, s splice, v routed",
-            Mode::Vpn => s += " of a TCP connection between virtual addresses; packets settled on u UDP, or a stream: d direct, r reverse, s splice, v routed",
+            Mode::Vpn => s += " of a TCP connection between virtual addresses; packets settled on UDP (u direct, p punched through NATs), or a stream: d direct, r reverse, s splice, v routed",
             Mode::Plain => {}
         }
         s += ")\n";

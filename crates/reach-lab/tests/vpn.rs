@@ -28,7 +28,15 @@ fn assert_every_pair(m: &matrix::Matrix, hosts: usize) {
         let settled = c.settled_module.as_deref().unwrap_or_default();
         assert!(
             ["direct", "reverse", "splice", "routed"].contains(&module)
-                && ["direct", "reverse", "splice", "routed", "udp"].contains(&settled),
+                && [
+                    "direct",
+                    "reverse",
+                    "splice",
+                    "routed",
+                    "udp-direct",
+                    "udp-punched"
+                ]
+                .contains(&settled),
             "{} -> {}: the vpn log names no module: {c:?}",
             c.from_host,
             c.to_host
@@ -208,7 +216,9 @@ fn unmodified_ssh_curl_and_iperf3_cross_nats_over_the_vpn_and_the_device_goes_wi
         .unwrap_or_else(|| panic!("no peer {ipb} in {status}"));
     let path = peer["path"].as_str().unwrap_or("");
     assert!(
-        ["direct", "reverse", "splice", "routed"].contains(&path) || path.starts_with("udp "),
+        ["direct", "reverse", "splice", "routed"].contains(&path)
+            || path.starts_with("udp-direct ")
+            || path.starts_with("udp-punched "),
         "{peer}"
     );
     assert!(peer["bytes_out"].as_u64().unwrap_or(0) > 0, "{peer}");
@@ -272,8 +282,9 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
         "a",
         "table inet vpnblock { chain out { type filter hook output priority 0; meta l4proto udp drop; }; }\n",
     );
-    let member = |h: &str| {
-        let hub = hubs.target(&lab, h, "hub1");
+    // Each on its own hub, so that the relay crosses both.
+    let member = |h: &str, hub: &str| {
+        let hub = hubs.target(&lab, h, hub);
         {
             let options = reach_lab::vpn::Options {
                 extra: &["--modules", "routed"],
@@ -282,7 +293,7 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
             reach_lab::vpn::start_with(&lab, &tools, h, hub.as_deref(), &options).expect("vpn up")
         }
     };
-    let (ma, mb) = (member("a"), member("b"));
+    let (ma, mb) = (member("a", "hub1"), member("b", "hub2"));
     hubs.wait_converged(&lab, &tools, 2, Duration::from_secs(30))
         .expect("hubs converge");
     let ipb = mb.ip.to_string();
@@ -330,8 +341,8 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
     assert!(tried.is_some(), "no blocked UDP tries: {}", log());
     assert!(log().contains("vpn peer up"), "{}", log());
     assert!(!moved(), "moved to UDP while UDP was blocked: {}", log());
-    // a's status names the hub that relays b's stream and its round trip
-    // (pinged as soon as the stream is up).
+    // a's status names the hubs that relay b's stream (its own, then
+    // b's) and its round trip (pinged as soon as the stream is up).
     let ipb_text = ipb.clone();
     let relayed = reach_lab::wait::until(Duration::from_secs(10), || {
         let vpn = vpn_status(&lab, "a")?;
@@ -341,19 +352,21 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
             .find(|p| p["ip"] == ipb_text.as_str())?
             .clone();
         peer["stream_rtt_us"].as_u64()?;
-        Some(peer)
+        // b told a its hub when the stream came up.
+        (peer["via"].as_array()?.len() == 2).then_some(peer)
     });
     let relayed = relayed.unwrap_or_else(|| panic!("a's status: {:?}", vpn_status(&lab, "a")));
     assert_eq!(relayed["path"], "routed", "{relayed}");
-    let via = relayed["via"].as_str().unwrap_or_default();
-    assert!(
-        !via.is_empty()
-            && hubs
-                .target(&lab, "a", "hub1")
-                .is_some_and(|t| t.ends_with(&format!("@{via}"))),
-        "relayed via {via:?}, not hub1: {relayed}\n{}",
-        log()
-    );
+    let via = |i: usize| relayed["via"][i].as_str().unwrap_or_default().to_string();
+    for (i, host, hub) in [(0, "a", "hub1"), (1, "b", "hub2")] {
+        assert!(
+            hubs.target(&lab, host, hub)
+                .is_some_and(|t| t.ends_with(&format!("@{}", via(i)))),
+            "relayed via {:?}, not {hub} as {host} dials it: {relayed}\n{}",
+            relayed["via"],
+            log()
+        );
+    }
     // Lift the block: the UDP path is found within 5 s.
     nft(&lab, "a", "delete table inet vpnblock\n");
     let lifted = std::time::Instant::now();
@@ -374,13 +387,17 @@ fn a_relayed_pair_moves_to_a_udp_path_within_five_seconds_of_the_block_lifted_an
         bytes > 15.0 * 20e6 / 8.0 * 0.8,
         "iperf3 moved {bytes} bytes: {report}"
     );
-    // And b's status shows a on the UDP path.
+    // And b's status shows a on the UDP path, which no NAT translates
+    // (both have public addresses).
     let ipa = ma.ip.to_string();
     let b_on_udp = reach_lab::wait::until(Duration::from_secs(10), || {
         let vpn = vpn_status(&lab, "b")?;
         let peers = vpn["peers"].as_array()?.clone();
         let peer = peers.iter().find(|p| p["ip"] == ipa.as_str())?;
-        peer["path"].as_str()?.starts_with("udp ").then_some(())
+        peer["path"]
+            .as_str()?
+            .starts_with("udp-direct ")
+            .then_some(())
     });
     assert!(
         b_on_udp.is_some(),
@@ -476,6 +493,7 @@ fn a_random_port_nat_and_a_port_restricted_one_punch_with_many_ports_each_time_b
     assert!(udp["birthday_hits"].as_u64() >= Some(3), "{udp}");
     let peer = reach_lab::vpn::peer_status(&lab, &tools, hard, me.ip).expect("peer listed");
     assert!(peer["udp_path"].is_string(), "{peer}");
+    assert_eq!(peer["udp_kind"], "udp-punched", "{peer}");
     // Packets cross (over the stream or the UDP path).
     run_in(
         &lab,
@@ -505,7 +523,7 @@ fn udp_session_keys_are_renewed_while_packets_flow_and_none_is_lost() {
     run_in(&lab, "a", "ping", &["-n", "-c", "2", "-w", "20", &ipb]);
     let on_udp = reach_lab::wait::until(Duration::from_secs(10), || {
         let p = reach_lab::vpn::peer_status(&lab, &tools, "a", mb.ip)?;
-        p["path"].as_str()?.starts_with("udp ").then_some(())
+        p["path"].as_str()?.starts_with("udp-").then_some(())
     });
     assert!(on_udp.is_some(), "no UDP path: {:?}", vpn_status(&lab, "a"));
     let udp = |host: &str| vpn_status(&lab, host).map(|v| v["udp"].clone());

@@ -13,11 +13,15 @@
 //!               | 3 | family u8 | address | port u16 (maybe one per address)
 //! Ping:       5 | nonce u64     (the stream's round trip)
 //! Pong:       6 | nonce u64     (the answer)
+//! Interfaces: 7 | as Candidates (those on the sender's own interfaces:
+//!               a path to one crosses no NAT on its side)
+//! Hub:        8 | node (32) | family u8 | address | port u16 (the hub the
+//!               sender is attached to)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use reach_proto::Cipher;
+use reach_proto::{Cipher, NodeId};
 
 use crate::udp::datagram::Keys;
 use crate::udp::paths::PeerNat;
@@ -77,6 +81,18 @@ pub enum Control {
     Ping(u64),
     /// The answer to [`Control::Ping`].
     Pong(u64),
+    /// Of the sender's candidates, those on its own interfaces (the rest
+    /// are its NATs' mappings): a path to one of them crosses no NAT on
+    /// the sender's side. Replaces the ones it told before.
+    Interfaces(Vec<SocketAddr>),
+    /// The hub the sender is attached to: a stream relayed between the
+    /// two members crosses it.
+    Hub {
+        /// The hub's NodeId.
+        node: NodeId,
+        /// Its address, as the sender dials it.
+        addr: SocketAddr,
+    },
 }
 
 /// A control message that cannot be read.
@@ -91,6 +107,9 @@ pub enum ControlError {
     /// More candidates than allowed.
     #[error("{0} candidates; at most {MAX_CANDIDATES}")]
     TooMany(u8),
+    /// A hub NodeId that is not an ed25519 public key.
+    #[error("the hub's NodeId is not a valid key")]
+    BadNode,
     /// Bytes after the message.
     #[error("{0} bytes after the control message")]
     Trailing(usize),
@@ -106,11 +125,11 @@ impl Control {
                 out.extend_from_slice(&keys.key);
                 out.push(if *cipher == Cipher::AesGcm { 1 } else { 2 });
             }
-            Control::Candidates(addrs) | Control::Moved(addrs) => {
-                out.push(if matches!(self, Control::Moved(_)) {
-                    3
-                } else {
-                    2
+            Control::Candidates(addrs) | Control::Moved(addrs) | Control::Interfaces(addrs) => {
+                out.push(match self {
+                    Control::Moved(_) => 3,
+                    Control::Interfaces(_) => 7,
+                    _ => 2,
                 });
                 let addrs = &addrs[..addrs.len().min(MAX_CANDIDATES)];
                 out.push(addrs.len() as u8);
@@ -131,6 +150,12 @@ impl Control {
             Control::Pong(n) => {
                 out.push(6);
                 out.extend_from_slice(&n.to_be_bytes());
+            }
+            Control::Hub { node, addr } => {
+                out.push(8);
+                out.extend_from_slice(node.as_bytes());
+                put_ip(out, addr.ip());
+                out.extend_from_slice(&addr.port().to_be_bytes());
             }
             Control::Nat(PeerNat::Sequential { ip, after, step }) => {
                 out.extend_from_slice(&[4, 2]);
@@ -163,7 +188,7 @@ impl Control {
                     cipher,
                 }
             }
-            code @ (2 | 3) => {
+            code @ (2 | 3 | 7) => {
                 let n = r.u8()?;
                 if usize::from(n) > MAX_CANDIDATES {
                     return Err(ControlError::TooMany(n));
@@ -174,10 +199,10 @@ impl Control {
                     let port = u16::from_be_bytes(r.array()?);
                     addrs.push(SocketAddr::new(ip, port));
                 }
-                if code == 3 {
-                    Control::Moved(addrs)
-                } else {
-                    Control::Candidates(addrs)
+                match code {
+                    3 => Control::Moved(addrs),
+                    7 => Control::Interfaces(addrs),
+                    _ => Control::Candidates(addrs),
                 }
             }
             4 => match r.u8()? {
@@ -196,6 +221,15 @@ impl Control {
             },
             5 => Control::Ping(u64::from_be_bytes(r.array()?)),
             6 => Control::Pong(u64::from_be_bytes(r.array()?)),
+            8 => {
+                let node = NodeId::from_bytes(r.array()?).map_err(|_| ControlError::BadNode)?;
+                let ip = r.ip()?;
+                let port = u16::from_be_bytes(r.array()?);
+                Control::Hub {
+                    node,
+                    addr: SocketAddr::new(ip, port),
+                }
+            }
             t => return Err(ControlError::Unknown(t)),
         };
         if !r.0.is_empty() {
@@ -327,6 +361,11 @@ mod tests {
             }),
             Control::Ping(u64::MAX),
             Control::Pong(3),
+            Control::Interfaces(vec!["192.0.2.8:4000".parse().unwrap()]),
+            Control::Hub {
+                node: reach_proto::SecretKey::from_seed([7; 32]).node_id(),
+                addr: "[2001:db8::5]:7000".parse().unwrap(),
+            },
         ] {
             let mut b = Vec::new();
             m.encode(&mut b);
@@ -348,6 +387,15 @@ mod tests {
         assert_eq!(Control::decode(&[2, 17]), Err(ControlError::TooMany(17)));
         assert_eq!(Control::decode(&[2, 0, 1]), Err(ControlError::Trailing(1)));
         assert_eq!(Control::decode(&[2, 1, 5]), Err(ControlError::Unknown(5)));
+        // A hub message whose NodeId is no curve point.
+        let bad = (0..=255u8)
+            .map(|i| [i; 32])
+            .find(|b| NodeId::from_bytes(*b).is_err())
+            .expect("some bytes are no ed25519 key");
+        let mut hub = vec![8];
+        hub.extend_from_slice(&bad);
+        hub.extend_from_slice(&[4, 192, 0, 2, 1, 0x1b, 0x58]);
+        assert_eq!(Control::decode(&hub), Err(ControlError::BadNode));
     }
 
     proptest! {

@@ -146,6 +146,8 @@ pub struct Peer {
     ping: Mutex<Option<(u64, Instant)>>,
     /// Its stream's latest round trip in microseconds (0: none yet).
     stream_rtt_us: AtomicU64,
+    /// The hub it is attached to, as it told ([`crate::control::Control::Hub`]).
+    hub: Mutex<Option<(NodeId, std::net::SocketAddr)>>,
     /// Packets and bytes each way.
     pub packets_out: AtomicU64,
     /// See `packets_out`.
@@ -166,16 +168,6 @@ impl Peer {
         *self.stream.lock().unwrap_or_else(|p| p.into_inner()) = (module, remote);
     }
 
-    /// The path its packets take: `udp ADDR` when they take a UDP path
-    /// (always when one is up with `udp_first`, else while the stream is
-    /// relayed), else the module of its stream.
-    pub fn path(&self, udp_first: bool) -> String {
-        match self.udp_path() {
-            Some(a) if crate::udp_io::prefers_udp(udp_first, self) => format!("udp {a}"),
-            _ => self.module().to_string(),
-        }
-    }
-
     /// The peer's UDP address when a UDP path is up.
     pub fn udp_path(&self) -> Option<std::net::SocketAddr> {
         let udp = self.udp.as_ref()?;
@@ -189,10 +181,13 @@ impl Peer {
         udp.lock().unwrap_or_else(|p| p.into_inner()).setup()
     }
 
-    /// The hub its stream is relayed through, while it is.
-    pub fn via(&self) -> Option<std::net::SocketAddr> {
-        let (module, remote) = *self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        (module == SetupModule::Routed).then_some(remote)
+    /// The hub it is attached to, as it told.
+    pub fn hub(&self) -> Option<(NodeId, std::net::SocketAddr)> {
+        *self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_hub(&self, node: NodeId, addr: std::net::SocketAddr) {
+        *self.hub.lock().unwrap_or_else(|p| p.into_inner()) = Some((node, addr));
     }
 
     /// Its stream's latest round trip (a ping every [`STREAM_PING`],
@@ -317,6 +312,50 @@ impl Vpn {
     /// Whether packets take UDP paths whenever one is up.
     pub fn udp_first(&self) -> bool {
         self.me.udp_first
+    }
+
+    /// The path `peer`'s packets take: `udp-direct ADDR` or `udp-punched
+    /// ADDR` when they take a UDP path (always when one is up with
+    /// `udp_first`, else while the stream is relayed), else the module of
+    /// its stream.
+    pub fn path(&self, peer: &Peer) -> String {
+        match (peer.udp_path(), self.udp_crossing(peer)) {
+            (Some(a), Some(c)) if crate::udp_io::prefers_udp(self.me.udp_first, peer) => {
+                format!("{c} {a}")
+            }
+            _ => peer.module().to_string(),
+        }
+    }
+
+    /// The hubs `peer`'s stream is relayed through, while it is: the one
+    /// it runs to from here, then the peer's own hub when that is
+    /// another (hubs between two federated hubs are not named).
+    pub fn via(&self, peer: &Peer) -> Vec<std::net::SocketAddr> {
+        let (module, remote) = *peer.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if module != SetupModule::Routed {
+            return Vec::new();
+        }
+        let mine = self.endpoint.hub_status().map(|s| s.hub);
+        let mut out = vec![remote];
+        if let Some((hub, addr)) = peer.hub() {
+            if Some(hub) != mine && addr != remote {
+                out.push(addr);
+            }
+        }
+        out
+    }
+
+    /// Tells `peer` which hub this member is attached to.
+    fn announce_hub(&self, peer: &Peer) {
+        if let Some(s) = self.endpoint.hub_status() {
+            Self::send_control(
+                peer,
+                &crate::control::Control::Hub {
+                    node: s.hub,
+                    addr: s.remote,
+                },
+            );
+        }
     }
 
     pub(crate) fn me(&self) -> &Membership {
@@ -598,6 +637,7 @@ impl Vpn {
                             .map(|u| Mutex::new(u.new_peer(self.me.rekey_every))),
                         ping: Mutex::new(None),
                         stream_rtt_us: AtomicU64::new(0),
+                        hub: Mutex::new(None),
                         packets_out: AtomicU64::new(0),
                         packets_in: AtomicU64::new(0),
                         bytes_out: AtomicU64::new(0),
@@ -621,6 +661,7 @@ impl Vpn {
         // This member's UDP keys and addresses, so that the peer can try
         // a UDP path (again on every new stream: the peer may be new).
         self.offer_udp(&peer);
+        self.announce_hub(&peer);
         peer.ping(Instant::now());
         let (r, w) = Shared::split(stream);
         let p = peer.clone();

@@ -36,7 +36,7 @@ use crate::network::{bump, Peer, Vpn};
 use crate::split::Splitter;
 use crate::udp::datagram::{self, Keys, Kind, Sealer, HEADER_LEN, TAG_LEN};
 use crate::udp::keyring::Keyring;
-use crate::udp::paths::{Event, Message, Paths, PeerNat};
+use crate::udp::paths::{Crossing, Event, Message, Paths, PeerNat};
 use crate::vnet;
 
 /// How often the driver runs the paths' timers.
@@ -228,6 +228,8 @@ pub(crate) struct PeerUdp {
     last_birthday: Option<Instant>,
     /// The spare that a spray hit: this peer's path runs on it.
     own: Option<Own>,
+    /// The peer's candidates on its own interfaces (what it told last).
+    peer_interfaces: Vec<SocketAddr>,
 }
 
 /// A spare socket that carries one peer's path, with its receive loop.
@@ -408,6 +410,7 @@ impl UdpPlane {
             birthday: None,
             last_birthday: None,
             own: None,
+            peer_interfaces: Vec::new(),
         }
     }
 
@@ -488,12 +491,6 @@ impl Vpn {
     /// addresses (not the vpn's own) and its hub-observed public address,
     /// each with the socket's port (a NAT that keeps ports maps it there).
     fn local_candidates(&self, port: u16) -> Vec<SocketAddr> {
-        let me = self.me();
-        let ula_net = reach_proto::vpn::ula_prefix(&me.network).octets();
-        let ours = |ip: &IpAddr| match ip {
-            IpAddr::V4(v4) => *v4 == me.ipv4,
-            IpAddr::V6(v6) => v6.octets()[..8] == ula_net[..8],
-        };
         let reflexive = self
             .plane()
             .map(|p| {
@@ -504,6 +501,30 @@ impl Vpn {
                     .clone()
             })
             .unwrap_or_default();
+        let mut out = self.interface_addrs(port);
+        if let Some(status) = self.endpoint().hub_status() {
+            let public = SocketAddr::new(status.observed.ip().to_canonical(), port);
+            if !out.contains(&public) {
+                out.insert(0, public);
+            }
+        }
+        for a in reflexive.into_iter().rev() {
+            out.retain(|x| *x != a);
+            out.insert(0, a);
+        }
+        out.truncate(control::MAX_CANDIDATES);
+        out
+    }
+
+    /// This member's interface addresses (not the vpn's, not loopback or
+    /// link-local) with `port`.
+    fn interface_addrs(&self, port: u16) -> Vec<SocketAddr> {
+        let me = self.me();
+        let ula_net = reach_proto::vpn::ula_prefix(&me.network).octets();
+        let ours = |ip: &IpAddr| match ip {
+            IpAddr::V4(v4) => *v4 == me.ipv4,
+            IpAddr::V6(v6) => v6.octets()[..8] == ula_net[..8],
+        };
         // Not the addresses of TUN devices (this vpn's, another vpn's):
         // a path through a tunnel would carry the vpn inside itself.
         let tunnel =
@@ -517,18 +538,20 @@ impl Vpn {
             .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80))
             .map(|ip| SocketAddr::new(ip, port))
             .collect();
-        if let Some(status) = self.endpoint().hub_status() {
-            let public = SocketAddr::new(status.observed.ip().to_canonical(), port);
-            if !out.contains(&public) {
-                out.insert(0, public);
-            }
-        }
-        for a in reflexive.into_iter().rev() {
-            out.retain(|x| *x != a);
-            out.insert(0, a);
-        }
         out.truncate(control::MAX_CANDIDATES);
         out
+    }
+
+    /// How `peer`'s UDP path crosses the network, while one is up.
+    pub fn udp_crossing(&self, peer: &Peer) -> Option<Crossing> {
+        let (plane, u) = (self.plane()?, peer.udp.as_ref()?);
+        self.crossing(plane, &lock(u))
+    }
+
+    fn crossing(&self, plane: &UdpPlane, u: &PeerUdp) -> Option<Crossing> {
+        u.active()?;
+        let mine = self.interface_addrs(Self::socket_for(plane, u).port);
+        u.paths.crossing(|a| mine.contains(&a), &u.peer_interfaces)
     }
 
     /// Asks the hub's UDP echoes how the NAT maps the socket (every
@@ -809,6 +832,10 @@ impl Vpn {
             peer,
             &Control::Candidates(self.local_candidates(plane.port())),
         );
+        Self::send_control(
+            peer,
+            &Control::Interfaces(self.interface_addrs(plane.port())),
+        );
         if let Some(hint) = plane.echo.lock().unwrap_or_else(|p| p.into_inner()).nat {
             Self::send_control(peer, &Control::Nat(hint));
         }
@@ -819,6 +846,7 @@ impl Vpn {
         match c {
             Control::Ping(n) => return Self::send_control(peer, &Control::Pong(n)),
             Control::Pong(n) => return peer.pong(n, Instant::now()),
+            Control::Hub { node, addr } => return peer.set_hub(node, addr),
             _ => {}
         }
         let (Some(plane), Some(u)) = (self.plane(), &peer.udp) else {
@@ -830,16 +858,25 @@ impl Vpn {
             Control::Candidates(addrs) => {
                 u.paths.add_candidates(addrs);
             }
+            Control::Interfaces(addrs) => {
+                u.peer_interfaces = addrs
+                    .iter()
+                    .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+                    .collect();
+                u.paths.add_candidates(addrs);
+            }
             Control::Moved(addrs) => {
                 // Punched afresh now (the peer does too): not again on
                 // the next candidates.
                 let now = Instant::now();
                 u.moved(now, Some(addrs));
-                // What its NAT does to the new socket, it tells anew.
+                // What its NAT does to the new socket, and which of its
+                // addresses are its own, it tells anew.
                 u.peer_nat = None;
+                u.peer_interfaces.clear();
             }
             Control::Nat(hint) => u.peer_nat = Some(hint),
-            Control::Ping(_) | Control::Pong(_) => {}
+            Control::Ping(_) | Control::Pong(_) | Control::Hub { .. } => {}
         }
         let now = Instant::now();
         self.plan_many_port(plane, &mut u, now);
@@ -898,7 +935,8 @@ impl Vpn {
                     u.birthday = None;
                     let rtt_us = rtt.as_micros() as u64;
                     if prefers_udp(self.me().udp_first, peer) {
-                        tracing::info!(peer = %peer.node, ip = %peer.ipv4, module = %"udp", %addr, rtt_us, "vpn peer path moved");
+                        let module = self.crossing(plane, u).unwrap_or(Crossing::Punched);
+                        tracing::info!(peer = %peer.node, ip = %peer.ipv4, %module, %addr, rtt_us, "vpn peer path moved");
                     } else {
                         tracing::info!(peer = %peer.node, ip = %peer.ipv4, %addr, rtt_us, "vpn peer UDP path up, kept in reserve: the stream is direct");
                     }
@@ -1181,6 +1219,7 @@ impl Vpn {
         let now = Instant::now();
         self.ask_echoes(plane, now);
         let moved = Control::Moved(self.local_candidates(port));
+        let interfaces = Control::Interfaces(self.interface_addrs(port));
         for peer in self.peers() {
             let Some(u) = &peer.udp else { continue };
             {
@@ -1189,6 +1228,7 @@ impl Vpn {
                 self.flush_udp(plane, &peer, &mut u);
             }
             Self::send_control(&peer, &moved);
+            Self::send_control(&peer, &interfaces);
         }
         tracing::info!(port, "vpn UDP socket moved: peers told, punching afresh");
         Ok(port)

@@ -112,6 +112,27 @@ pub enum Event {
     SeenAs(SocketAddr),
 }
 
+/// How a UDP path crosses the network between two members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crossing {
+    /// Both ends are the members' own interface addresses: no NAT
+    /// translates either side (a LAN, public hosts, or firewalls the
+    /// probes opened).
+    Direct,
+    /// A NAT maps one side or both: the path is the NATs' mappings, which
+    /// hole punching opened.
+    Punched,
+}
+
+impl std::fmt::Display for Crossing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Crossing::Direct => "udp-direct",
+            Crossing::Punched => "udp-punched",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Probing every candidate until `until`.
@@ -123,6 +144,8 @@ enum Phase {
 #[derive(Clone, Copy, Debug)]
 struct Active {
     addr: SocketAddr,
+    /// Where the peer saw this side's probes on the path come from.
+    seen: SocketAddr,
     rtt: Duration,
     heard: Instant,
     sent: Instant,
@@ -432,6 +455,23 @@ impl Paths {
         self.active.map(|a| a.rtt)
     }
 
+    /// How the active path crosses the network: `mine` says whether an
+    /// address is this side's socket on one of its own interfaces, and
+    /// `peer_interfaces` are the peer's ([`crate::control::Control::Interfaces`]).
+    pub fn crossing(
+        &self,
+        mine: impl Fn(SocketAddr) -> bool,
+        peer_interfaces: &[SocketAddr],
+    ) -> Option<Crossing> {
+        let a = self.active?;
+        let direct = mine(a.seen) && peer_interfaces.contains(&a.addr);
+        Some(if direct {
+            Crossing::Direct
+        } else {
+            Crossing::Punched
+        })
+    }
+
     /// The candidates known.
     pub fn candidates(&self) -> &[SocketAddr] {
         &self.candidates
@@ -476,11 +516,13 @@ impl Paths {
             Some(a) if a.addr == from => {
                 a.rtt = rtt;
                 a.heard = now;
+                a.seen = seen;
             }
             Some(a) if rtt.as_secs_f64() >= a.rtt.as_secs_f64() * BETTER => {}
             _ => {
                 self.active = Some(Active {
                     addr: from,
+                    seen,
                     rtt,
                     heard: now,
                     sent: now,
@@ -747,6 +789,40 @@ mod tests {
             .chain((40_001..).take(SEQUENTIAL_SPRAY))
             .collect();
         assert_eq!(ports(&mut p), want);
+    }
+
+    #[test]
+    fn a_path_is_direct_only_when_neither_end_is_translated() {
+        let t0 = Instant::now();
+        let peer_if = [addr("198.51.100.7:40000")];
+        let mine = |a: SocketAddr| a == addr("203.0.113.9:1234");
+        // (the peer's address on the path, how the peer saw this side)
+        static CASES: [(&str, &str, Crossing); 3] = [
+            ("198.51.100.7:40000", "203.0.113.9:1234", Crossing::Direct),
+            // This side's NAT mapped it.
+            ("198.51.100.7:40000", "203.0.113.9:61000", Crossing::Punched),
+            // The peer's NAT mapping, not its interface.
+            ("192.0.2.50:40000", "203.0.113.9:1234", Crossing::Punched),
+        ];
+        for (to, seen, want) in &CASES {
+            let mut p = Paths::new(t0, 1);
+            assert_eq!(p.crossing(mine, &peer_if), None, "no path yet");
+            p.add_candidates([addr(to)]);
+            p.punch(t0);
+            run(
+                &mut p,
+                t0,
+                t0 + Duration::from_secs(1),
+                answering(std::slice::from_ref(to), Duration::from_millis(1), seen),
+            );
+            assert_eq!(
+                p.crossing(mine, &peer_if),
+                Some(*want),
+                "{to} seeing {seen}"
+            );
+        }
+        assert_eq!(Crossing::Direct.to_string(), "udp-direct");
+        assert_eq!(Crossing::Punched.to_string(), "udp-punched");
     }
 
     #[test]
