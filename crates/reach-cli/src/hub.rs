@@ -416,8 +416,8 @@ pub(crate) struct MemberHub<'a> {
     pub port: u16,
     /// The IP address to listen on (default: all).
     pub bind: Option<IpAddr>,
-    /// The hub the member was given (`--hub`), to link to.
-    pub link_to: Option<&'a str>,
+    /// The hubs the member was given (`--hub`), to link to.
+    pub link_to: &'a [String],
     /// Members proving it are admitted.
     pub network_secret: Option<Vec<u8>>,
     /// Members admitted by key.
@@ -436,11 +436,10 @@ pub(crate) async fn start_member_hub(
 ) -> anyhow::Result<(Hub, reach::HubTarget)> {
     let peers = m
         .link_to
+        .iter()
         .map(|t| t.parse::<Peer>().map_err(anyhow::Error::from))
-        .transpose()
-        .context("--hub")?
-        .into_iter()
-        .collect::<Vec<_>>();
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("--hub")?;
     let hub_secret = hub_secret(m.hub_secret_file, m.network_secret.as_deref())?;
     let open = m.network_secret.is_none() && m.allowed.is_empty();
     if open {

@@ -139,8 +139,10 @@ struct CommonArgs {
 struct HubArgs {
     /// Attach to this hub, [NODEID@]HOST:PORT (NODEID pins the hub's identity;
     /// without it, the identity met first is pinned in STATE_DIR/known_hubs).
+    /// Give it again for fallback hubs of the same network: when the hub
+    /// cannot be reached or its link ends, the node attaches to the next.
     #[arg(long, value_name = "HUB")]
-    hub: Option<String>,
+    hub: Vec<String>,
     /// File holding the network secret that admits this node to hubs.
     #[arg(long, value_name = "PATH")]
     network_secret_file: Option<PathBuf>,
@@ -502,10 +504,13 @@ fn builder(
     let mut b = Endpoint::builder()
         .state_dir(state_dir)
         .plaintext(common.plaintext || config.plaintext.unwrap_or(false));
-    let hub = hub_target(common.hub.hub.as_deref(), config)?;
+    let hub = hub_target(common.hub.hub.first().map(String::as_str), config)?;
     let has_hub = hub.is_some();
     if let Some(hub) = hub {
         b = b.hub(hub);
+    }
+    for text in common.hub.hub.iter().skip(1) {
+        b = b.fallback_hub(text.parse::<HubTarget>().context("--hub")?);
     }
     if let Some(secret) = network_secret(common.hub.network_secret_file.as_deref(), config)? {
         b = b.network_secret(secret);

@@ -190,7 +190,7 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
                 &crate::hub::MemberHub {
                     port,
                     bind: args.serve.bind.or(config.bind),
-                    link_to: args.serve.common.hub.hub.as_deref(),
+                    link_to: &args.serve.common.hub.hub,
                     network_secret: crate::network_secret(
                         args.serve.common.hub.network_secret_file.as_deref(),
                         config,
@@ -202,8 +202,9 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
                 &state_dir.join("hub"),
             )
             .await?;
-            // The member attaches to its own hub.
-            args.serve.common.hub.hub = Some(h.1.to_string());
+            // The member attaches to its own hub, and to the hubs it
+            // was given when its own cannot take it.
+            args.serve.common.hub.hub.insert(0, h.1.to_string());
             Some(h.0)
         }
         None => None,

@@ -715,6 +715,81 @@ async fn nodes_re_register_after_a_hub_restart() {
     assert_eq!(back, b"before the restart, and after");
 }
 
+#[tokio::test]
+async fn a_node_moves_to_its_fallback_hub_when_its_hub_goes_and_stays_reachable() {
+    // h2 links to h1. B attaches to h1 with h2 as its fallback; A is on h2.
+    let h1 = hub_with(federated()).await;
+    let h2 = hub_with(HubConfig {
+        peers: vec![Peer {
+            target: target_of(&h1),
+            ssh: None,
+        }],
+        ..federated()
+    })
+    .await;
+    let b = Arc::new(node(&target_of(&h1), builder().fallback_hub(target_of(&h2))).await);
+    assert_eq!(b.hub_status().map(|s| s.hub), Some(h1.id()));
+    let _echo = echo(b.clone());
+    let a = node(
+        &target_of(&h2),
+        builder().modules(vec![SetupModule::Routed]),
+    )
+    .await;
+    let connect = |why: &'static str| {
+        let (a, vaddr) = (&a, by_id(&b, 5));
+        async move {
+            let start = Instant::now();
+            loop {
+                match a.connect(&vaddr).await {
+                    Ok(s) => return s,
+                    Err(e) if start.elapsed() < DEADLINE => {
+                        tracing::debug!("not yet: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("{why}: no stream after {DEADLINE:?}: {e}"),
+                }
+            }
+        }
+    };
+    // Through h2 and h1, once the hubs have gossiped.
+    round_trip(&mut connect("across both hubs").await, b"one").await;
+    drop(h1);
+    let gone = Instant::now();
+    let moved = async {
+        loop {
+            if b.hub_status().is_some_and(|s| s.hub == h2.id()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, moved)
+        .await
+        .expect("B attached to its fallback hub");
+    let took = gone.elapsed();
+    assert!(took < Duration::from_secs(5), "the move took {took:?}");
+    // Found again by NodeId alone, now through h2.
+    round_trip(&mut connect("after the move").await, b"two").await;
+}
+
+#[tokio::test]
+async fn a_node_whose_first_hub_is_out_of_reach_attaches_to_the_next() {
+    let h = hub().await;
+    let dead = HubTarget {
+        id: None,
+        host: LOOPBACK.into(),
+        port: dead_port().await.port(),
+    };
+    let ep = builder()
+        .hub(dead)
+        .fallback_hub(target_of(&h))
+        .bind()
+        .await
+        .expect("node");
+    let status = ep.wait_hub(DEADLINE).await.expect("registered");
+    assert_eq!(status.hub, h.id());
+}
+
 /// Streams through one hub at the same time.
 const CONCURRENT_STREAMS: usize = 1000;
 

@@ -564,7 +564,8 @@ fn pings(lab: &Lab, from: &str, to: std::net::IpAddr) -> bool {
 fn members_with_public_addresses_serve_as_the_hubs_of_a_network_without_one() {
     // No dedicated hub runs: `open` and the public host `hub` are members
     // that serve the network as hubs too (linked by a hub secret), and
-    // members behind NATs attach to one or the other.
+    // members behind NATs attach to one or the other, with the other as
+    // their fallback.
     let t = common::topology("nat-zoo");
     let lab = Lab::up(&t).expect("lab up");
     let tools = common::tools_with_reach();
@@ -594,8 +595,18 @@ fn members_with_public_addresses_serve_as_the_hubs_of_a_network_without_one() {
     let (open, open_hub) = serving("open", None);
     let (public, public_hub) = serving("hub", Some(&open_hub));
     assert_ne!(open_hub, public_hub);
-    let eim =
-        reach_lab::vpn::start_member(&lab, &tools, "nat-eim", Some(&open_hub)).expect("nat-eim up");
+    let fallback = ["--hub", public_hub.as_str()];
+    let eim = reach_lab::vpn::start_with(
+        &lab,
+        &tools,
+        "nat-eim",
+        Some(&open_hub),
+        &reach_lab::vpn::Options {
+            extra: &fallback,
+            ..reach_lab::vpn::Options::default()
+        },
+    )
+    .expect("nat-eim up");
     let rand = reach_lab::vpn::start_member(&lab, &tools, "nat-apdm-rand", Some(&public_hub))
         .expect("nat-apdm-rand up");
     // Every member reaches every other by virtual address: across the NATs,
@@ -638,4 +649,40 @@ fn members_with_public_addresses_serve_as_the_hubs_of_a_network_without_one() {
     let said = String::from_utf8_lossy(&outsider.stderr);
     assert!(!outsider.status.success(), "an outsider attached: {said}");
     assert!(said.contains("cannot attach to the hub"), "{said}");
+    // The member serving nat-eim's hub goes: nat-eim attaches to its
+    // fallback, the other member hub, and reaches the members left.
+    drop(open);
+    for (to, m) in [("hub", &public), ("nat-apdm-rand", &rand)] {
+        let ok = reach_lab::wait::until(Duration::from_secs(30), || {
+            pings(&lab, "nat-eim", m.ip).then_some(())
+        });
+        let log = std::fs::read_to_string(&eim.log).unwrap_or_default();
+        assert!(
+            ok.is_some(),
+            "nat-eim cannot ping {to} after its hub went:\n{log}"
+        );
+    }
+    let log = std::fs::read_to_string(&eim.log).unwrap_or_default();
+    assert!(
+        log.contains("trying the next hub"),
+        "nat-eim did not move to its fallback hub:\n{log}"
+    );
+    // A member that joins now finds nat-eim through the hub it moved to
+    // (the directory there holds its claim), and nat-eim finds it.
+    let eif = reach_lab::vpn::start_member(&lab, &tools, "nat-eif", Some(&public_hub))
+        .expect("nat-eif up");
+    for (from, to, ip) in [
+        ("nat-eif", "nat-eim", eim.ip),
+        ("nat-eim", "nat-eif", eif.ip),
+    ] {
+        let ok = reach_lab::wait::until(Duration::from_secs(30), || {
+            pings(&lab, from, ip).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "{from} cannot ping {to} after the move:\n{}\n{}",
+            std::fs::read_to_string(&eim.log).unwrap_or_default(),
+            std::fs::read_to_string(&eif.log).unwrap_or_default()
+        );
+    }
 }

@@ -70,6 +70,8 @@ const MAX_PEERS: usize = 4096;
 /// How often each peer's stream is pinged: its round trip shows in
 /// `reach status`, queues included, at one small frame per peer.
 const STREAM_PING: Duration = Duration::from_secs(10);
+/// How often the member looks whether its hub changed.
+const HUB_CHECK: Duration = Duration::from_secs(1);
 /// Bytes a stream reader holds: room for a whole frame and more.
 const READ_BUF: usize = 4 * crate::frame::MAX_FRAME;
 
@@ -386,15 +388,30 @@ impl Vpn {
         }
     }
 
-    /// Pings every peer's stream every [`STREAM_PING`] (forever).
+    /// Pings every peer's stream every [`STREAM_PING`], and tells every
+    /// peer when this member's hub changed (a fallback hub took it),
+    /// within [`HUB_CHECK`] (forever).
     async fn ping_streams(&self) {
-        let mut tick = tokio::time::interval(STREAM_PING);
+        let mut tick = tokio::time::interval(HUB_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut pinged = Instant::now();
+        let mut hub = self.endpoint.hub_status().map(|s| s.hub);
         loop {
             tick.tick().await;
             let now = Instant::now();
-            for peer in self.peers() {
-                peer.ping(now);
+            let peers = self.peers();
+            if now.saturating_duration_since(pinged) >= STREAM_PING {
+                pinged = now;
+                for peer in &peers {
+                    peer.ping(now);
+                }
+            }
+            let current = self.endpoint.hub_status().map(|s| s.hub);
+            if current.is_some() && current != hub {
+                hub = current;
+                for peer in &peers {
+                    self.announce_hub(peer);
+                }
             }
         }
     }

@@ -84,6 +84,7 @@ pub struct EndpointBuilder {
     handshake_timeout: Duration,
     attempt_delay: Duration,
     hub: Option<HubTarget>,
+    fallback_hubs: Vec<HubTarget>,
     network_secret: Option<Vec<u8>>,
     modules: Vec<SetupModule>,
     direct_budget: Duration,
@@ -113,6 +114,7 @@ impl Default for EndpointBuilder {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             attempt_delay: DEFAULT_ATTEMPT_DELAY,
             hub: None,
+            fallback_hubs: Vec::new(),
             network_secret: None,
             modules: SetupModule::ALL.to_vec(),
             direct_budget: DEFAULT_DIRECT_BUDGET,
@@ -248,6 +250,14 @@ impl EndpointBuilder {
         self
     }
 
+    /// Another hub of the same network: when a dial to the current hub
+    /// fails or its link ends, the session tries the next hub in turn
+    /// (the first set with [`hub`](Self::hub), then these in order).
+    pub fn fallback_hub(mut self, hub: HubTarget) -> Self {
+        self.fallback_hubs.push(hub);
+        self
+    }
+
     /// The network secret a hub may require before it admits this node.
     pub fn network_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
         self.network_secret = Some(secret.into());
@@ -373,7 +383,8 @@ impl EndpointBuilder {
             config.clock_micros = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
-            Session::new(hub, dialer.clone(), config)
+            let targets = std::iter::once(hub).chain(self.fallback_hubs).collect();
+            Session::new(targets, dialer.clone(), config)
         });
         let (session, requests) = session.unzip();
         let shared = Arc::new(Shared {
@@ -619,7 +630,7 @@ impl Endpoint {
     pub fn virtual_addr(&self, port: u16) -> VirtualAddr {
         let mut a = VirtualAddr::new(self.node_id(), port).with_direct(self.advertised.clone());
         if let Some(s) = &self.shared.session {
-            a.hub = Some((&s.target).into());
+            a.hub = Some(s.target().into());
         }
         a
     }
@@ -725,7 +736,7 @@ impl Endpoint {
     pub async fn query_hub(&self, hub: Option<&HubTarget>) -> Result<String, HubError> {
         let target = match (hub, &self.shared.session) {
             (Some(h), _) => h,
-            (None, Some(s)) => &s.target,
+            (None, Some(s)) => s.target(),
             (None, None) => return Err(HubError::NoHub),
         };
         self.shared

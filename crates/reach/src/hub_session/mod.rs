@@ -154,7 +154,11 @@ struct State {
 
 /// The endpoint's handle on its hub session.
 pub(crate) struct Session {
-    pub(crate) target: HubTarget,
+    /// The hubs it may attach to: the first, then the others in turn when
+    /// a dial fails or a link ends.
+    targets: Vec<HubTarget>,
+    /// Which of them it dials now.
+    current: std::sync::atomic::AtomicUsize,
     dialer: Dialer,
     state: Mutex<State>,
     /// Wakes the driver: a dial to make or a new deadline.
@@ -167,10 +171,11 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// A session with `target` (dialled by the driver, [`Session::run`]);
-    /// the receiver gets what other nodes ask of this one.
+    /// A session with the first of `targets` (dialled by the driver,
+    /// [`Session::run`]), moving to the next when a dial fails or a link
+    /// ends; the receiver gets what other nodes ask of this one.
     pub(crate) fn new(
-        target: HubTarget,
+        targets: Vec<HubTarget>,
         dialer: Dialer,
         config: node_session::Config,
     ) -> (Arc<Self>, mpsc::Receiver<Request>) {
@@ -181,7 +186,8 @@ impl Session {
         let core = NodeSession::new(config, u64::from_le_bytes(seed), Instant::now());
         let (requests, rx) = mpsc::channel(REQUEST_QUEUE);
         let session = Self {
-            target,
+            targets,
+            current: std::sync::atomic::AtomicUsize::new(0),
             dialer,
             state: Mutex::new(State {
                 core,
@@ -201,6 +207,24 @@ impl Session {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hub the session dials now.
+    pub(crate) fn target(&self) -> &HubTarget {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.targets[i % self.targets.len()]
+    }
+
+    /// After a failed dial or a lost link: the next hub, if there are
+    /// several (any hub of the network finds this node once it registers
+    /// there: the directory is shared).
+    fn next_target(&self, why: &str) {
+        if self.targets.len() > 1 {
+            let was = self.target().clone();
+            self.current
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(from = %was, to = %self.target(), "hub {why}: trying the next hub");
+        }
     }
 
     /// Runs `f` on the core, then carries out what it asked for.
@@ -266,7 +290,7 @@ impl Session {
                 retry_in,
             } => self.link_down(st, link, why, retry_in),
             Event::Retry { why, retry_in } => {
-                tracing::warn!(hub = %self.target, "cannot attach to hub: {why}; retrying in {retry_in:.1?}");
+                tracing::warn!(hub = %self.target(), "cannot attach to hub: {why}; retrying in {retry_in:.1?}");
             }
             Event::Found { req, entry } => {
                 if let Some(w) = st.lookups.remove(&req) {
@@ -367,12 +391,13 @@ impl Session {
         }
         match (&why, retry_in) {
             (LinkEnd::Closed, _) | (_, None) => {
-                tracing::debug!(hub = %self.target, "hub session closed");
+                tracing::debug!(hub = %self.target(), "hub session closed");
                 st.closing = Some(conn);
             }
             (_, Some(d)) => {
-                tracing::warn!(hub = %self.target, "hub link ended: {why}; reconnecting in {d:.1?}");
+                tracing::warn!(hub = %self.target(), "hub link ended: {why}; reconnecting in {d:.1?}");
                 conn.abort();
+                self.next_target("link ended");
             }
         }
     }
@@ -415,16 +440,18 @@ impl Session {
     /// Dials and authenticates the hub by `deadline`, and starts the link's
     /// tasks; the core registers on it.
     async fn attach(self: &Arc<Self>, deadline: Instant) {
-        let dialled =
-            tokio::time::timeout_at(deadline.into(), self.dialer.dial(&self.target)).await;
+        let target = self.target().clone();
+        let dialled = tokio::time::timeout_at(deadline.into(), self.dialer.dial(&target)).await;
         let stream = match dialled {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 let why = e.to_string();
+                self.next_target("out of reach");
                 return self.with_core(|st| st.core.handle_dial_failed(why, Instant::now()));
             }
             Err(_) => {
                 let why = format!("no answer within {ATTACH_TIMEOUT:?}");
+                self.next_target("out of reach");
                 return self.with_core(|st| st.core.handle_dial_failed(why, Instant::now()));
             }
         };
@@ -527,7 +554,7 @@ impl Session {
     /// Why there is no link now.
     fn down(&self) -> SessionError {
         SessionError::Down {
-            hub: self.target.to_string(),
+            hub: self.target().to_string(),
             last: self.lock().core.last_end().cloned(),
         }
     }
@@ -546,7 +573,7 @@ impl Session {
             tokio::select! {
                 l = rx.wait_for(|l| l.is_some()) => l.ok().and_then(|l| l.clone()).ok_or_else(|| self.down()),
                 r = refused.wait_for(|r| r.is_some()) => Err(match r.ok().and_then(|r| r.clone()) {
-                    Some(reason) => SessionError::Refused { hub: self.target.to_string(), reason },
+                    Some(reason) => SessionError::Refused { hub: self.target().to_string(), reason },
                     None => self.down(),
                 }),
             }
@@ -629,7 +656,7 @@ impl Session {
             LookupFailure::NotUp => self.down(),
             LookupFailure::Busy => SessionError::Busy,
             LookupFailure::LinkLost => SessionError::LinkLost {
-                hub: self.target.to_string(),
+                hub: self.target().to_string(),
             },
             LookupFailure::TimedOut => {
                 SessionError::TimedOut(deadline.saturating_duration_since(Instant::now()))
@@ -743,7 +770,7 @@ impl Session {
             let _ = (&mut conn.reader).await;
         };
         if tokio::time::timeout(timeout, wait).await.is_err() {
-            tracing::debug!(hub = %self.target, "hub link not closed within {timeout:?}");
+            tracing::debug!(hub = %self.target(), "hub link not closed within {timeout:?}");
         }
         conn.abort();
     }
