@@ -5,6 +5,7 @@
 
 mod config;
 mod control;
+mod gateway;
 mod hub;
 mod pipe;
 mod status;
@@ -77,6 +78,19 @@ enum Command {
     /// open to every node (a warning says so).
     #[command(verbatim_doc_comment)]
     Hub(Box<hub::HubArgs>),
+    /// Run on a Linux NAT gateway: open port forwards on demand for LAN
+    /// hosts that ask by NAT-PMP (RFC 6886) or PCP (RFC 6887, MAP), and
+    /// close them when their lease ends.
+    ///
+    /// Forwards are DNAT rules (with the matching accept) in the gateway's
+    /// own nftables table; nothing outside it is touched. A journal in the
+    /// state directory keeps the mappings across a crash or reboot: at start
+    /// the kernel table is made to match it. Needs root (nftables) and the
+    /// nft program. Runs until SIGINT or SIGTERM; the mappings stay until
+    /// their leases end. E.g.
+    ///   reach gateway --lan eth1 --wan eth0 --allow-internal 10.0.0.0/24
+    #[command(verbatim_doc_comment)]
+    Gateway(gateway::GatewayArgs),
     /// Show the proxies running here (expose, forward, socks) with their
     /// connections and bytes, then the hub's state: its links to other hubs,
     /// routes, attached nodes, proxy ports and counters (the hub named by
@@ -455,6 +469,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Listen(args) => listen(args, &config, &state_dir).await,
         Command::Connect(args) => connect(args, &config, &state_dir).await,
         Command::Hub(args) => hub::run(*args, &config, &state_dir).await,
+        Command::Gateway(args) => gateway::run(args, &state_dir).await,
         Command::Status(args) => status::run(args, &config, &state_dir).await,
         Command::Stop(args) => {
             for id in control::stop(&state_dir, &args.id).await? {

@@ -250,6 +250,20 @@ impl Lab {
         c
     }
 
+    /// A command that runs `program` inside the namespace of site `site`'s
+    /// gateway (`gw-SITE`: LAN bridge `br0`, WAN interface `wan`), e.g. a
+    /// port-mapping daemon or `nft`.
+    pub fn gateway_command(&self, site: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &format!("{}-gw-{site}", self.record.prefix),
+        ])
+        .arg(program);
+        c
+    }
+
     /// Runs `cmd` (made by [`Lab::command`]) in the background with its
     /// stdout and stderr in the file `log`; it is killed when the returned
     /// value is dropped.

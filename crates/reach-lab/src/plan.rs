@@ -680,7 +680,13 @@ fn gateway_rules(
                 _ => "",
             };
             let (accept_forwarded, dnat) = if forwards.is_empty() {
-                (String::new(), String::new())
+                // A port-mapping daemon's DNATs (its own table) get through.
+                let accept = if site.port_mapping {
+                    "        iifname \"wan\" ct status dnat accept\n".to_string()
+                } else {
+                    String::new()
+                };
+                (accept, String::new())
             } else {
                 let rules: String = forwards
                     .iter()

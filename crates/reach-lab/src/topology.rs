@@ -183,6 +183,14 @@ pub struct Site {
     /// NAT: inbound TCP ports forwarded to a host of the site.
     #[serde(default)]
     pub forward: Vec<Forward>,
+    /// NAT: the gateway lets through connections that a port-mapping
+    /// daemon on it (`reach gateway`) forwards: its forward chain accepts
+    /// DNATed connections (`ct status dnat accept`), as an administrator
+    /// who runs such a daemon sets it up. The daemon itself is started by
+    /// whoever uses the lab, in the gateway's namespace (`gw-SITE`, LAN
+    /// interface `br0`, WAN interface `wan`).
+    #[serde(default)]
+    pub port_mapping: bool,
     /// NAT: seconds a UDP mapping lives without traffic (default: the
     /// kernel's 30 s for one-way flows and 120 s once answered; the
     /// userspace NAT keeps mappings for the lab's life). RFC 4787 asks at
@@ -612,11 +620,12 @@ impl Site {
             || self.allocation.is_some()
             || self.hairpin
             || !self.forward.is_empty()
+            || self.port_mapping
             || self.udp_timeout_s.is_some()
             || self.tcp_timeout_s.is_some();
         if !is_nat && nat_only {
             return Err(misplaced(
-                "mapping/filtering/allocation/hairpin/forward/udp_timeout_s/tcp_timeout_s",
+                "mapping/filtering/allocation/hairpin/forward/port_mapping/udp_timeout_s/tcp_timeout_s",
             ));
         }
         for t in [self.udp_timeout_s, self.tcp_timeout_s]
@@ -672,9 +681,9 @@ impl Site {
             site: self.name.clone(),
             what,
         };
-        if self.userspace_nat() && !self.forward.is_empty() {
+        if self.userspace_nat() && (!self.forward.is_empty() || self.port_mapping) {
             return Err(unbuilt(
-                "a port forward together with a userspace NAT behaviour",
+                "a port forward or port mapping together with a userspace NAT behaviour",
             ));
         }
         Ok(())

@@ -1,0 +1,223 @@
+//! The gateway daemon's driver: the NAT-PMP/PCP socket on the LAN side,
+//! batches of requests into [`Service`], lease expiry on a timer, and the
+//! start: journal replayed, table restored, kernel reconciled to it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::net::UdpSocket;
+
+use crate::journal::Journal;
+use crate::nft::Kernel;
+use crate::service::{Counters, Service, ServiceError};
+use crate::table::{Policy, Table};
+
+/// The NAT-PMP and PCP server port (RFC 6886, RFC 6887).
+pub const PORT: u16 = 5351;
+/// Datagrams served in one batch at most (one journal sync and one
+/// kernel transaction for all of them).
+const BATCH: usize = 64;
+/// Longest datagram read (PCP's limit is 1100 bytes).
+const MAX_DATAGRAM: usize = 1100;
+/// How often the WAN's address is looked at again.
+const ADDRESS_CHECK: Duration = Duration::from_secs(10);
+
+/// How the daemon runs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The LAN interface: requests are served on its IPv4 address.
+    pub lan: String,
+    /// The WAN interface: its IPv4 address is the external one.
+    pub wan: String,
+    /// The limits (`internal` empty: the LAN interface's own subnet).
+    pub policy: Policy,
+    /// Where the journal lives.
+    pub state_dir: PathBuf,
+    /// The nftables table (ip family) the daemon owns.
+    pub table: String,
+    /// The UDP port (normally [`PORT`]).
+    pub port: u16,
+}
+
+/// Why the daemon stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// An interface is missing or has no IPv4 address.
+    #[error("interface {0} has no IPv4 address (is it up, and named right?)")]
+    NoAddress(String),
+    /// The socket could not be bound.
+    #[error("cannot serve NAT-PMP/PCP on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The state directory or journal failed.
+    #[error("{0}")]
+    Journal(#[from] crate::journal::JournalError),
+    /// The kernel table could not be set up at start.
+    #[error("{0}")]
+    Kernel(#[from] crate::nft::NftError),
+    /// The state directory could not be made.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A durable change failed while serving.
+    #[error("{0}")]
+    Service(#[from] ServiceError),
+    /// The socket failed while serving.
+    #[error("socket: {0}")]
+    Socket(std::io::Error),
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An interface's first IPv4 address and prefix length.
+pub fn interface_v4(name: &str) -> Option<(Ipv4Addr, u8)> {
+    if_addrs::get_if_addrs()
+        .ok()?
+        .into_iter()
+        .filter(|i| i.name == name)
+        .find_map(|i| match i.addr {
+            if_addrs::IfAddr::V4(a) => Some((a.ip, a.prefixlen)),
+            _ => None,
+        })
+}
+
+/// A started gateway: bound, restored and reconciled; [`Gateway::run`]
+/// serves.
+pub struct Gateway {
+    socket: UdpSocket,
+    service: Service<Kernel>,
+    wan: String,
+}
+
+impl Gateway {
+    /// Starts the gateway: binds the LAN socket, replays and compacts the
+    /// journal, restores the unexpired mappings and makes the kernel
+    /// table hold exactly their rules (rules outside it untouched).
+    pub async fn start(mut config: Config) -> Result<Self, DaemonError> {
+        let (lan_ip, lan_len) =
+            interface_v4(&config.lan).ok_or_else(|| DaemonError::NoAddress(config.lan.clone()))?;
+        let external = interface_v4(&config.wan).map(|(ip, _)| ip);
+        if external.is_none() {
+            tracing::warn!(wan = %config.wan, "the WAN interface has no IPv4 address yet: requests are refused until it has one");
+        }
+        if config.policy.internal.is_empty() {
+            config.policy.internal.push((lan_ip, lan_len));
+        }
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| DaemonError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        })?;
+        let addr = SocketAddr::new(IpAddr::V4(lan_ip), config.port);
+        let socket = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Bind { addr, source })?;
+        let now = unix_now();
+        let (mut journal, saved) = Journal::open(&config.state_dir.join("mappings.journal"))?;
+        let mut table = Table::new(config.policy.clone());
+        let mut dropped = 0;
+        for m in saved {
+            if !table.restore(m, now) {
+                dropped += 1;
+            }
+        }
+        let kernel = Kernel::new(config.table.clone(), config.wan.clone());
+        let live: Vec<_> = table.mappings().copied().collect();
+        if dropped > 0 {
+            // Leases that ended while the daemon was down leave the
+            // journal now (the reconciliation below takes their rules).
+            journal.compact(&live)?;
+        }
+        let (added, deleted) = kernel.reconcile(&live)?;
+        tracing::info!(
+            %addr,
+            mappings = live.len(),
+            expired_while_down = dropped,
+            rules_added = added,
+            rules_deleted = deleted,
+            table = %config.table,
+            "gateway serving NAT-PMP and PCP"
+        );
+        let service = Service::new(table, journal, kernel, external, now);
+        Ok(Self {
+            socket,
+            service,
+            wan: config.wan,
+        })
+    }
+
+    /// The address it serves on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> Counters {
+        self.service.counters
+    }
+
+    /// Serves until `stop` resolves (the mappings stay: leases, not the
+    /// daemon's life, end them) or a durable change fails.
+    pub async fn run(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), DaemonError> {
+        tokio::pin!(stop);
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut address_check = tokio::time::interval(ADDRESS_CHECK);
+        address_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let expiry = self.service.next_expiry().map(|at| {
+                let wait = at.saturating_sub(unix_now());
+                tokio::time::Instant::now() + Duration::from_secs(wait)
+            });
+            let expiry_sleep = async {
+                match expiry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut stop => {
+                    tracing::info!(mappings = self.service.table().len(), "gateway stopping; its mappings stay until their leases end");
+                    return Ok(());
+                }
+                r = self.socket.recv_from(&mut buf) => {
+                    let (n, from) = r.map_err(DaemonError::Socket)?;
+                    let mut batch = vec![(buf[..n.min(MAX_DATAGRAM)].to_vec(), from)];
+                    while batch.len() < BATCH {
+                        match self.socket.try_recv_from(&mut buf) {
+                            Ok((n, from)) => batch.push((buf[..n.min(MAX_DATAGRAM)].to_vec(), from)),
+                            Err(_) => break,
+                        }
+                    }
+                    let replies = self.service.serve(&batch, unix_now())?;
+                    for (b, to) in replies {
+                        if let Err(e) = self.socket.send_to(&b, to).await {
+                            tracing::debug!(%to, "answer not sent: {e}");
+                        }
+                    }
+                }
+                () = expiry_sleep => {
+                    self.service.expire(unix_now())?;
+                }
+                _ = address_check.tick() => {
+                    self.service.set_external(interface_v4(&self.wan).map(|(ip, _)| ip));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! reach gateway in the lab: the daemon runs in a NAT gateway's namespace,
+//! real NAT-PMP clients (`natpmpc`, libnatpmp's) on its LAN ask it for
+//! port forwards, and a host on the internet connects through them. Needs
+//! root, iproute2, nftables, natpmpc, socat and the `reach` binary built
+//! beside `reach-lab`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reach_lab::lab::Process;
+use reach_lab::Lab;
+
+mod common;
+
+/// What the client's server says to every connection.
+const GREETING: &str = "hello from behind the gateway";
+
+/// Starts `reach gateway` in site `site`'s gateway with `flags`; its state
+/// and log (`gateway.log`) in `dir`.
+fn start_gateway(lab: &Lab, site: &str, dir: &Path, flags: &[&str]) -> Process {
+    std::fs::create_dir_all(dir).expect("dir");
+    let mut cmd = lab.gateway_command(site, common::tools_with_reach().join("reach"));
+    cmd.arg("--state-dir")
+        .arg(dir)
+        .args([
+            "-v",
+            "gateway",
+            "--lan",
+            "br0",
+            "--wan",
+            "wan",
+            "--ports",
+            "40000-40999",
+        ])
+        .args(flags);
+    common::spawn_until(cmd, &dir.join("gateway.log"), "gateway serving")
+}
+
+/// A TCP server on `port` in `host` that greets every connection.
+fn greeter(lab: &Lab, host: &str, port: u16, log: &Path) -> Process {
+    let mut cmd = lab.command(host, "socat");
+    cmd.args([
+        "-d",
+        "-d",
+        &format!("TCP-LISTEN:{port},fork,reuseaddr"),
+        &format!("SYSTEM:echo {GREETING}"),
+    ]);
+    common::spawn_until(cmd, log, "listening on")
+}
+
+/// What a connection from `host` to `ip:port` reads (None: it could not
+/// connect within 3 s, or read nothing).
+fn fetch(lab: &Lab, host: &str, ip: &str, port: u16) -> Option<String> {
+    let out = lab
+        .command(host, "socat")
+        .args([
+            "-T",
+            "3",
+            "-",
+            &format!("TCP:{ip}:{port},connect-timeout=3"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !text.is_empty()).then_some(text)
+}
+
+/// Runs natpmpc in `host` with `args`; its output, or a panic that shows it.
+fn natpmpc(lab: &Lab, host: &str, args: &[&str]) -> String {
+    let out = lab
+        .command(host, "natpmpc")
+        .args(args)
+        .output()
+        .expect("natpmpc runs (install natpmpc)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "natpmpc {args:?} failed:\n{text}");
+    text
+}
+
+/// The rules of the gateway's nftables table, as `nft list` prints them.
+fn gateway_rules(lab: &Lab, site: &str) -> String {
+    let out = lab
+        .gateway_command(site, "nft")
+        .args(["list", "table", "ip", "reach_gateway"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn state(lab: &Lab) -> PathBuf {
+    reach_lab::matrix::reach_state(lab)
+}
+
+#[test]
+fn natpmpc_maps_a_port_the_internet_reaches_until_it_is_deleted_or_its_lease_ends() {
+    let t = common::topology("gateway");
+    let lab = Lab::up(&t).expect("lab up");
+    let dir = state(&lab).join("gateway");
+    let gw = start_gateway(&lab, "home", &dir, &[]);
+    let _server = greeter(&lab, "client", 8080, &state(&lab).join("greeter.log"));
+    let public = lab.host("client").gateway.to_string();
+    // Unmapped, the NAT lets nothing in.
+    assert_eq!(fetch(&lab, "outside", &public, 40080), None);
+    // natpmpc asks its default gateway: the external address first.
+    let said = natpmpc(&lab, "client", &[]);
+    assert!(
+        said.contains(&format!("Public IP address : {public}")),
+        "{said}"
+    );
+    let said = natpmpc(&lab, "client", &["-a", "40080", "8080", "tcp", "3600"]);
+    assert!(
+        said.contains("Mapped public port 40080 protocol TCP to local port 8080"),
+        "{said}"
+    );
+    assert_eq!(
+        fetch(&lab, "outside", &public, 40080).as_deref(),
+        Some(GREETING),
+        "the mapped port is not reachable:\n{}\n{}",
+        gateway_rules(&lab, "home"),
+        std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default()
+    );
+    // Deleted (lifetime 0): unreachable again, and its rules are gone.
+    natpmpc(&lab, "client", &["-a", "40080", "8080", "tcp", "0"]);
+    assert_eq!(fetch(&lab, "outside", &public, 40080), None);
+    assert!(!gateway_rules(&lab, "home").contains("40080"));
+    // A lease of 2 s: reachable, then not, without anyone asking.
+    natpmpc(&lab, "client", &["-a", "40081", "8080", "tcp", "2"]);
+    assert_eq!(
+        fetch(&lab, "outside", &public, 40081).as_deref(),
+        Some(GREETING)
+    );
+    let ended = reach_lab::wait::until(Duration::from_secs(10), || {
+        (!gateway_rules(&lab, "home").contains("40081")).then_some(())
+    });
+    assert!(
+        ended.is_some(),
+        "the lease did not end: {}",
+        gateway_rules(&lab, "home")
+    );
+    assert_eq!(fetch(&lab, "outside", &public, 40081), None);
+    drop(gw);
+}
+
+#[test]
+fn refusals_come_with_natpmp_codes_and_leave_nothing_behind() {
+    let t = common::topology("gateway");
+    let lab = Lab::up(&t).expect("lab up");
+    let dir = state(&lab).join("gateway");
+    // Only `peer`'s address may be mapped, two mappings each.
+    let peer = lab.host("peer").lan.to_string();
+    let _gw = start_gateway(
+        &lab,
+        "home",
+        &dir,
+        &[
+            "--allow-internal",
+            &format!("{peer}/32"),
+            "--max-per-client",
+            "2",
+        ],
+    );
+    // client is outside the allowed ranges: its requests are dropped, so
+    // natpmpc gets no answer (it gives up after its retries).
+    let out = lab
+        .command("client", "timeout")
+        .args(["5", "natpmpc", "-a", "40001", "1", "tcp", "60"])
+        .output()
+        .expect("natpmpc");
+    assert!(!out.status.success(), "{out:?}");
+    // peer gets two, and the third is refused: out of resources (4),
+    // which libnatpmp reports as its error -53.
+    for port in ["1", "2"] {
+        natpmpc(&lab, "peer", &["-a", "0", port, "udp", "60"]);
+    }
+    let third = lab
+        .command("peer", "natpmpc")
+        .args(["-a", "0", "3", "udp", "60"])
+        .output()
+        .expect("natpmpc");
+    let said = String::from_utf8_lossy(&third.stdout).to_string()
+        + &String::from_utf8_lossy(&third.stderr);
+    assert!(!third.status.success(), "{said}");
+    // libnatpmp's NATPMP_ERR_OUTOFRESOURCES for result code 4.
+    assert!(said.contains("returned -53"), "{said}");
+    let rules = gateway_rules(&lab, "home");
+    assert_eq!(rules.matches("dnat to").count(), 2, "{rules}");
+}
+
+#[test]
+fn a_gateway_killed_holding_500_mappings_restarts_with_the_kernel_equal_to_its_journal() {
+    let t = common::topology("gateway");
+    let lab = Lab::up(&t).expect("lab up");
+    let dir = state(&lab).join("gateway");
+    let flags = ["--max-per-client", "1000"];
+    let gw = start_gateway(&lab, "home", &dir, &flags);
+    // A rule of someone else's, in a table of theirs.
+    let foreign = "table ip admin {\n chain prerouting {\n type nat hook prerouting priority -110; policy accept;\n iifname \"wan\" tcp dport 2222 dnat to 10.1.0.2:22\n }\n}\n";
+    let mut nft = lab.gateway_command("home", "nft");
+    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = nft.spawn().expect("nft");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), foreign.as_bytes())
+        .expect("write");
+    assert!(child.wait().expect("nft").success());
+    let admin_before = {
+        let out = lab
+            .gateway_command("home", "nft")
+            .args(["list", "table", "ip", "admin"])
+            .output()
+            .expect("nft");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // 500 mappings by 500 natpmpc requests (ports 41..540 to 40041..).
+    let script =
+        "for p in $(seq 41 540); do natpmpc -a $((40000+p)) $p udp 3600 >/dev/null || exit 1; done";
+    let out = lab
+        .command("client", "sh")
+        .args(["-c", script])
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |rules: &str| rules.matches("dnat to").count();
+    assert_eq!(count(&gateway_rules(&lab, "home")), 500);
+    // kill -9, and the kernel table lost (as after a reboot).
+    drop(gw);
+    let deleted = lab
+        .gateway_command("home", "nft")
+        .args(["delete", "table", "ip", "reach_gateway"])
+        .status()
+        .expect("nft");
+    assert!(deleted.success());
+    let _again = start_gateway(&lab, "home", &dir, &flags);
+    let rules = gateway_rules(&lab, "home");
+    assert_eq!(count(&rules), 500, "{rules}");
+    // Each mapping once, in both chains.
+    for p in 41..=540u16 {
+        let c = format!("reach-gateway udp {} ", 40000 + p);
+        assert_eq!(rules.matches(&c).count(), 2, "{c}: {rules}");
+    }
+    let journal =
+        std::fs::read_to_string(dir.join("gateway").join("mappings.journal")).expect("journal");
+    assert_eq!(journal.lines().count(), 500);
+    let admin_after = {
+        let out = lab
+            .gateway_command("home", "nft")
+            .args(["list", "table", "ip", "admin"])
+            .output()
+            .expect("nft");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(admin_before, admin_after);
+}
