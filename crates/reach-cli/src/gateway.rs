@@ -46,6 +46,14 @@ pub struct GatewayArgs {
     /// The UDP port to serve on (5351 is where clients ask).
     #[arg(long, value_name = "P", default_value_t = reach_gateway::PORT)]
     port: u16,
+    /// Do not serve UPnP IGD (SSDP discovery on UDP 1900 and its HTTP
+    /// control server).
+    #[arg(long)]
+    no_upnp: bool,
+    /// The TCP port of UPnP's HTTP server on the LAN address (0: any free
+    /// one; discovery tells clients where).
+    #[arg(long, value_name = "P", default_value_t = 0)]
+    upnp_port: u16,
 }
 
 /// `net/len` as a prefix.
@@ -94,12 +102,20 @@ pub async fn run(args: GatewayArgs, state_dir: &Path) -> anyhow::Result<()> {
             .unwrap_or_else(|| state_dir.join("gateway")),
         table: args.nft_table,
         port: args.port,
+        upnp: !args.no_upnp,
+        upnp_port: args.upnp_port,
     };
     let gateway = reach_gateway::Gateway::start(config).await?;
-    eprintln!(
-        "gateway serving NAT-PMP and PCP on {}",
-        gateway.local_addr()?
-    );
+    match gateway.upnp_addr() {
+        Some(upnp) => eprintln!(
+            "gateway serving NAT-PMP and PCP on {}, UPnP IGD on http://{upnp}",
+            gateway.local_addr()?
+        ),
+        None => eprintln!(
+            "gateway serving NAT-PMP and PCP on {}",
+            gateway.local_addr()?
+        ),
+    }
     gateway
         .run(async {
             if let Err(e) = crate::hub::shutdown_signal().await {

@@ -38,6 +38,11 @@ pub struct Config {
     pub table: String,
     /// The UDP port (normally [`PORT`]).
     pub port: u16,
+    /// Whether UPnP IGD is served too (SSDP on UDP 1900, HTTP on
+    /// `upnp_port`).
+    pub upnp: bool,
+    /// The UPnP HTTP port (0: any free one; SSDP tells clients).
+    pub upnp_port: u16,
 }
 
 /// Why the daemon stopped or could not start.
@@ -101,6 +106,19 @@ pub struct Gateway {
     socket: UdpSocket,
     service: Service<Kernel>,
     wan: String,
+    /// UPnP control requests from the HTTP server.
+    calls: Option<tokio::sync::mpsc::Receiver<crate::upnp_io::Call>>,
+    /// The UPnP tasks (ended with the gateway).
+    upnp_tasks: Vec<tokio::task::JoinHandle<()>>,
+    upnp_addr: Option<SocketAddr>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        for t in &self.upnp_tasks {
+            t.abort();
+        }
+    }
 }
 
 impl Gateway {
@@ -152,11 +170,71 @@ impl Gateway {
             "gateway serving NAT-PMP and PCP"
         );
         let service = Service::new(table, journal, kernel, external, now);
-        Ok(Self {
+        let mut gateway = Self {
             socket,
             service,
             wan: config.wan,
-        })
+            calls: None,
+            upnp_tasks: Vec::new(),
+            upnp_addr: None,
+        };
+        if config.upnp {
+            gateway
+                .start_upnp(lan_ip, &config.policy, config.upnp_port, &config.state_dir)
+                .await?;
+        }
+        Ok(gateway)
+    }
+
+    async fn start_upnp(
+        &mut self,
+        lan: Ipv4Addr,
+        policy: &Policy,
+        port: u16,
+        state_dir: &std::path::Path,
+    ) -> Result<(), DaemonError> {
+        use crate::upnp_io;
+        let uuid = upnp_io::device_uuid(&state_dir.join("upnp-uuid")).map_err(|source| {
+            DaemonError::StateDir {
+                path: state_dir.to_path_buf(),
+                source,
+            }
+        })?;
+        let http = upnp_io::bind_http(lan, port)
+            .await
+            .map_err(|source| DaemonError::Bind {
+                addr: SocketAddr::from((lan, port)),
+                source,
+            })?;
+        let ssdp = upnp_io::bind_ssdp(lan).map_err(|source| DaemonError::Bind {
+            addr: SocketAddr::from((crate::upnp::SSDP_GROUP, crate::upnp::SSDP_PORT)),
+            source,
+        })?;
+        let addr = http.local_addr().map_err(DaemonError::Socket)?;
+        let location = format!("http://{addr}{}", crate::upnp::DESCRIPTION);
+        let admission = upnp_io::Admission(policy.internal.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        self.upnp_tasks.push(tokio::spawn(upnp_io::serve_http(
+            http,
+            admission.clone(),
+            uuid.clone(),
+            tx,
+        )));
+        self.upnp_tasks.push(tokio::spawn(upnp_io::serve_ssdp(
+            ssdp,
+            admission,
+            location.clone(),
+            uuid,
+        )));
+        self.calls = Some(rx);
+        self.upnp_addr = Some(addr);
+        tracing::info!(%location, "gateway serving UPnP IGD");
+        Ok(())
+    }
+
+    /// Where UPnP's HTTP server listens, if it runs.
+    pub fn upnp_addr(&self) -> Option<SocketAddr> {
+        self.upnp_addr
     }
 
     /// The address it serves on.
@@ -177,6 +255,7 @@ impl Gateway {
     ) -> Result<(), DaemonError> {
         tokio::pin!(stop);
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut calls = self.calls.take();
         let mut address_check = tokio::time::interval(ADDRESS_CHECK);
         address_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -210,6 +289,15 @@ impl Gateway {
                             tracing::debug!(%to, "answer not sent: {e}");
                         }
                     }
+                }
+                Some((req, client, answer)) = async {
+                    match calls.as_mut() {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let reply = self.service.soap(&req, client, unix_now())?;
+                    let _ = answer.send(reply);
                 }
                 () = expiry_sleep => {
                     self.service.expire(unix_now())?;

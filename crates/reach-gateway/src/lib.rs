@@ -30,5 +30,7 @@ pub mod nft;
 pub mod pcp;
 pub mod service;
 pub mod table;
+pub mod upnp;
+pub mod upnp_io;
 
 pub use daemon::{Config, Gateway, PORT};

@@ -19,6 +19,7 @@ use crate::natpmp;
 use crate::nft::NftError;
 use crate::pcp;
 use crate::table::{in_prefix, Change, MapRequest, Mapping, Protocol, Refusal, Source, Table};
+use crate::upnp;
 
 /// Where the mappings' rules go (the kernel's nftables, or a fake in
 /// unit tests).
@@ -140,24 +141,14 @@ impl<R: Rules> Service<R> {
         batch: &[(Vec<u8>, SocketAddr)],
         now: u64,
     ) -> Result<Vec<Reply>, ServiceError> {
-        let mut pending = Vec::new();
-        let mut journal_adds = Vec::new();
-        let mut kernel_adds = Vec::new();
-        let mut kernel_dels = Vec::new();
+        let mut changes = Vec::new();
         let mut replies = Vec::new();
         for (data, from) in batch {
             let SocketAddr::V4(from4) = from else {
                 self.counters.outsiders += 1;
                 continue;
             };
-            if !self
-                .table
-                .policy()
-                .internal
-                .iter()
-                .any(|p| in_prefix(*from4.ip(), *p))
-            {
-                self.counters.outsiders += 1;
+            if !self.admits(*from4.ip()) {
                 tracing::debug!(%from, "request from outside the allowed ranges dropped");
                 continue;
             }
@@ -169,7 +160,70 @@ impl<R: Rules> Service<R> {
             match outcome {
                 Outcome::Drop => self.counters.malformed += 1,
                 Outcome::Now(b) => replies.push((b, *from)),
-                Outcome::Change { change, ok, failed } => match change {
+                Outcome::Change { change, ok, failed } => changes.push((change, ok, failed, *from)),
+            }
+        }
+        replies.extend(self.commit(changes, now)?);
+        Ok(replies)
+    }
+
+    /// Whether requests from `ip` are served (it is inside the allowed
+    /// internal ranges); counts an outsider.
+    pub fn admits(&mut self, ip: Ipv4Addr) -> bool {
+        let inside = self
+            .table
+            .policy()
+            .internal
+            .iter()
+            .any(|p| in_prefix(ip, *p));
+        if !inside {
+            self.counters.outsiders += 1;
+        }
+        inside
+    }
+
+    /// Serves a UPnP control request from `client` (admitted already);
+    /// returns the whole HTTP response.
+    pub fn soap(
+        &mut self,
+        req: &upnp::Request,
+        client: Ipv4Addr,
+        now: u64,
+    ) -> Result<Vec<u8>, ServiceError> {
+        self.counters.requests += 1;
+        let outcome = self.upnp(req, client, now);
+        let from = SocketAddr::from((client, 0));
+        Ok(match outcome {
+            Outcome::Drop => {
+                self.counters.malformed += 1;
+                upnp::fault(upnp::code::INVALID_ACTION, "Invalid Action").into_bytes()
+            }
+            Outcome::Now(b) => b,
+            Outcome::Change { change, ok, failed } => self
+                .commit(vec![(change, ok, failed, from)], now)?
+                .pop()
+                .map(|r| r.0)
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Applies changes in DPF's order and returns their answers: the
+    /// `ok` ones if the kernel took them, else the `failed` ones (and the
+    /// additions undone).
+    fn commit(
+        &mut self,
+        changes: Vec<(Done, Vec<u8>, Vec<u8>, SocketAddr)>,
+        now: u64,
+    ) -> Result<Vec<Reply>, ServiceError> {
+        let mut pending = Vec::new();
+        let mut journal_adds = Vec::new();
+        let mut kernel_adds = Vec::new();
+        let mut kernel_dels = Vec::new();
+        let mut replies = Vec::new();
+        for (change, ok, failed, from) in changes {
+            let from = &from;
+            {
+                match change {
                     Done::Added(m) => {
                         journal_adds.push(Entry::Add(m));
                         kernel_adds.push(m);
@@ -194,7 +248,7 @@ impl<R: Rules> Service<R> {
                             added: None,
                         });
                     }
-                },
+                }
             }
         }
         // DPF's order: what is added is journaled before the kernel has
@@ -441,6 +495,177 @@ impl<R: Rules> Service<R> {
         }
     }
 
+    fn upnp(&mut self, req: &upnp::Request, client: Ipv4Addr, now: u64) -> Outcome {
+        let Some((service, action)) = req.soap_action.as_deref().and_then(|a| a.split_once('#'))
+        else {
+            return Outcome::Drop;
+        };
+        let fault = |code, what: &str| Outcome::Now(upnp::fault(code, what).into_bytes());
+        let ok =
+            |args: &[(&str, String)]| upnp::action_response(service, action, args).into_bytes();
+        let arg = |name| upnp::arg(&req.body, name);
+        let protocol = || match arg("NewProtocol")
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
+            Some("TCP") => Some(Protocol::Tcp),
+            Some("UDP") => Some(Protocol::Udp),
+            _ => None,
+        };
+        let port = |name| arg(name).and_then(|p| p.trim().parse::<u16>().ok());
+        let external = self.external.map(|a| a.to_string()).unwrap_or_default();
+        let entry = |m: &Mapping| -> Vec<(&str, String)> {
+            vec![
+                ("NewRemoteHost", String::new()),
+                ("NewExternalPort", m.external_port.to_string()),
+                ("NewProtocol", m.protocol.name().to_ascii_uppercase()),
+                ("NewInternalPort", m.internal.port().to_string()),
+                ("NewInternalClient", m.internal.ip().to_string()),
+                ("NewEnabled", "1".into()),
+                (
+                    "NewPortMappingDescription",
+                    format!("{:?}", m.source).to_ascii_lowercase(),
+                ),
+                (
+                    "NewLeaseDuration",
+                    m.expires.saturating_sub(now).to_string(),
+                ),
+            ]
+        };
+        match action {
+            "GetExternalIPAddress" => Outcome::Now(ok(&[("NewExternalIPAddress", external)])),
+            "GetStatusInfo" => Outcome::Now(ok(&[
+                (
+                    "NewConnectionStatus",
+                    if self.external.is_some() {
+                        "Connected"
+                    } else {
+                        "Disconnected"
+                    }
+                    .into(),
+                ),
+                ("NewLastConnectionError", "ERROR_NONE".into()),
+                ("NewUptime", now.saturating_sub(self.started).to_string()),
+            ])),
+            "GetConnectionTypeInfo" => Outcome::Now(ok(&[
+                ("NewConnectionType", "IP_Routed".into()),
+                ("NewPossibleConnectionTypes", "IP_Routed".into()),
+            ])),
+            "GetCommonLinkProperties" => Outcome::Now(ok(&[
+                ("NewWANAccessType", "Ethernet".into()),
+                ("NewLayer1UpstreamMaxBitRate", "1000000000".into()),
+                ("NewLayer1DownstreamMaxBitRate", "1000000000".into()),
+                (
+                    "NewPhysicalLinkStatus",
+                    if self.external.is_some() {
+                        "Up"
+                    } else {
+                        "Down"
+                    }
+                    .into(),
+                ),
+            ])),
+            "GetSpecificPortMappingEntry" => {
+                let (Some(p), Some(ext)) = (protocol(), port("NewExternalPort")) else {
+                    return fault(upnp::code::INVALID_ARGS, "Invalid Args");
+                };
+                match self.table.get((p, ext)) {
+                    Some(m) => Outcome::Now(ok(&entry(m)[3..])),
+                    None => fault(upnp::code::NO_SUCH_ENTRY, "NoSuchEntryInArray"),
+                }
+            }
+            "GetGenericPortMappingEntry" => {
+                let Some(i) =
+                    arg("NewPortMappingIndex").and_then(|i| i.trim().parse::<usize>().ok())
+                else {
+                    return fault(upnp::code::INVALID_ARGS, "Invalid Args");
+                };
+                match self.table.mappings().nth(i) {
+                    Some(m) => Outcome::Now(ok(&entry(m))),
+                    None => fault(
+                        upnp::code::ARRAY_INDEX_INVALID,
+                        "SpecifiedArrayIndexInvalid",
+                    ),
+                }
+            }
+            "AddPortMapping" => {
+                let (Some(p), Some(ext), Some(int)) =
+                    (protocol(), port("NewExternalPort"), port("NewInternalPort"))
+                else {
+                    return fault(upnp::code::INVALID_ARGS, "Invalid Args");
+                };
+                let Some(internal) =
+                    arg("NewInternalClient").and_then(|c| c.trim().parse::<Ipv4Addr>().ok())
+                else {
+                    return fault(upnp::code::INVALID_ARGS, "Invalid Args");
+                };
+                if !arg("NewRemoteHost").unwrap_or_default().trim().is_empty() {
+                    return fault(
+                        upnp::code::REMOTE_HOST_WILDCARD_ONLY,
+                        "RemoteHostOnlySupportsWildcard",
+                    );
+                }
+                if ext == 0 {
+                    return fault(
+                        upnp::code::WILDCARD_EXTERNAL_PORT,
+                        "WildCardNotPermittedInExtPort",
+                    );
+                }
+                if self.external.is_none() {
+                    return fault(
+                        upnp::code::ACTION_FAILED,
+                        "Action Failed: no external address",
+                    );
+                }
+                // IGD:1 reads a lease of 0 as "for ever": the policy's
+                // longest lease here.
+                let lease = port_lease(arg("NewLeaseDuration").as_deref());
+                let r = MapRequest {
+                    protocol: p,
+                    client,
+                    internal: SocketAddrV4::new(internal, int),
+                    suggested_port: ext,
+                    exact: true,
+                    lifetime: if lease == 0 { u32::MAX } else { lease },
+                    source: Source::Upnp,
+                    nonce: None,
+                };
+                match self.table.map(&r, now) {
+                    Ok(c) => Outcome::Change {
+                        change: c.into(),
+                        ok: ok(&[]),
+                        failed: upnp::fault(upnp::code::ACTION_FAILED, "Action Failed")
+                            .into_bytes(),
+                    },
+                    Err(e) => {
+                        let (code, what) = upnp_code(e);
+                        self.refused(e, upnp::fault(code, what).into_bytes())
+                    }
+                }
+            }
+            "DeletePortMapping" => {
+                let (Some(p), Some(ext)) = (protocol(), port("NewExternalPort")) else {
+                    return fault(upnp::code::INVALID_ARGS, "Invalid Args");
+                };
+                match self.table.unmap_external((p, ext), client) {
+                    Ok(Some(m)) => Outcome::Change {
+                        change: Done::Deleted(vec![m]),
+                        ok: ok(&[]),
+                        failed: upnp::fault(upnp::code::ACTION_FAILED, "Action Failed")
+                            .into_bytes(),
+                    },
+                    Ok(None) => fault(upnp::code::NO_SUCH_ENTRY, "NoSuchEntryInArray"),
+                    Err(e) => {
+                        let (code, what) = upnp_code(e);
+                        self.refused(e, upnp::fault(code, what).into_bytes())
+                    }
+                }
+            }
+            _ => fault(upnp::code::INVALID_ACTION, "Invalid Action"),
+        }
+    }
+
     fn refused(&mut self, why: Refusal, answer: Vec<u8>) -> Outcome {
         self.counters.refused += 1;
         tracing::info!("request refused: {why}");
@@ -482,6 +707,25 @@ fn natpmp_code(r: Refusal) -> natpmp::ResultCode {
     match r {
         Refusal::OverQuota { .. } | Refusal::NoPorts => natpmp::ResultCode::OutOfResources,
         _ => natpmp::ResultCode::NotAuthorized,
+    }
+}
+
+/// A UPnP lease in seconds (absent or unreadable: 0, "for ever").
+fn port_lease(text: Option<&str>) -> u32 {
+    text.and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+}
+
+/// UPnP's code and name for a refusal.
+fn upnp_code(r: Refusal) -> (u16, &'static str) {
+    match r {
+        Refusal::PortTaken(_) => (upnp::code::CONFLICT, "ConflictInMappingEntry"),
+        Refusal::OverQuota { .. } | Refusal::NoPorts => {
+            (upnp::code::NO_PORT_MAPS_AVAILABLE, "NoPortMapsAvailable")
+        }
+        Refusal::NoInternalPort => (upnp::code::INVALID_ARGS, "Invalid Args"),
+        Refusal::PortOutsideRange(_) | Refusal::InternalNotAllowed(_) | Refusal::WrongNonce => {
+            (upnp::code::NOT_AUTHORIZED, "Action not authorized")
+        }
     }
 }
 
@@ -679,6 +923,125 @@ mod tests {
         drop(s);
         let (_, live) = Journal::open(&dir.path().join("j")).unwrap();
         assert!(live.is_empty(), "{live:?}");
+    }
+
+    fn soap(action: &str, args: &[(&str, &str)]) -> upnp::Request {
+        let args: String = args
+            .iter()
+            .map(|(n, v)| format!("<{n}>{v}</{n}>"))
+            .collect();
+        upnp::Request {
+            method: "POST".into(),
+            path: upnp::CONTROL_IP.into(),
+            soap_action: Some(format!("{}#{action}", upnp::WANIP)),
+            body: format!(
+                "<s:Envelope><s:Body><u:{action}>{args}</u:{action}></s:Body></s:Envelope>"
+            ),
+        }
+    }
+
+    #[test]
+    fn upnp_adds_lists_and_deletes_and_refuses_with_its_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = service(dir.path());
+        let me: Ipv4Addr = "10.0.0.5".parse().unwrap();
+        let add = |client: &str, ext: &str| {
+            soap(
+                "AddPortMapping",
+                &[
+                    ("NewRemoteHost", ""),
+                    ("NewExternalPort", ext),
+                    ("NewProtocol", "TCP"),
+                    ("NewInternalPort", "22"),
+                    ("NewInternalClient", client),
+                    ("NewEnabled", "1"),
+                    ("NewPortMappingDescription", "ssh"),
+                    ("NewLeaseDuration", "0"),
+                ],
+            )
+        };
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        let r = text(s.soap(&add("10.0.0.5", "40022"), me, 1000).unwrap());
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert_eq!(s.rules.held.len(), 1);
+        // A lease of 0 gets the longest the policy allows.
+        assert_eq!(
+            s.table().get((Protocol::Tcp, 40022)).map(|m| m.expires),
+            Some(1000 + 3600)
+        );
+        let r = text(
+            s.soap(
+                &soap(
+                    "GetSpecificPortMappingEntry",
+                    &[("NewExternalPort", "40022"), ("NewProtocol", "TCP")],
+                ),
+                me,
+                1000,
+            )
+            .unwrap(),
+        );
+        assert!(
+            r.contains("<NewInternalClient>10.0.0.5</NewInternalClient>"),
+            "{r}"
+        );
+        let r = text(
+            s.soap(
+                &soap(
+                    "GetGenericPortMappingEntry",
+                    &[("NewPortMappingIndex", "0")],
+                ),
+                me,
+                1000,
+            )
+            .unwrap(),
+        );
+        assert!(
+            r.contains("<NewExternalPort>40022</NewExternalPort>"),
+            "{r}"
+        );
+        let r = text(
+            s.soap(
+                &soap(
+                    "GetGenericPortMappingEntry",
+                    &[("NewPortMappingIndex", "1")],
+                ),
+                me,
+                1000,
+            )
+            .unwrap(),
+        );
+        assert!(r.contains("<errorCode>713</errorCode>"), "{r}");
+        // Another host may not take the port, nor map for someone else.
+        let other: Ipv4Addr = "10.0.0.6".parse().unwrap();
+        let r = text(s.soap(&add("10.0.0.6", "40022"), other, 1000).unwrap());
+        assert!(r.contains("<errorCode>718</errorCode>"), "{r}");
+        let r = text(s.soap(&add("10.0.0.5", "40023"), other, 1000).unwrap());
+        assert!(r.contains("<errorCode>606</errorCode>"), "{r}");
+        let del = soap(
+            "DeletePortMapping",
+            &[
+                ("NewRemoteHost", ""),
+                ("NewExternalPort", "40022"),
+                ("NewProtocol", "TCP"),
+            ],
+        );
+        let r = text(s.soap(&del, other, 1000).unwrap());
+        assert!(r.contains("<errorCode>606</errorCode>"), "{r}");
+        let r = text(s.soap(&del, me, 1000).unwrap());
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(s.rules.held.is_empty());
+        let r = text(s.soap(&del, me, 1000).unwrap());
+        assert!(r.contains("<errorCode>714</errorCode>"), "{r}");
+        let r = text(
+            s.soap(&soap("GetExternalIPAddress", &[]), me, 1000)
+                .unwrap(),
+        );
+        assert!(
+            r.contains("<NewExternalIPAddress>192.0.2.1</NewExternalIPAddress>"),
+            "{r}"
+        );
+        let r = text(s.soap(&soap("ForceTermination", &[]), me, 1000).unwrap());
+        assert!(r.contains("<errorCode>401</errorCode>"), "{r}");
     }
 
     #[test]

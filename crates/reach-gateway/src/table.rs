@@ -96,7 +96,8 @@ pub struct MapRequest {
     pub protocol: Protocol,
     /// Who asks.
     pub client: Ipv4Addr,
-    /// The address to forward to (NAT-PMP and PCP: the client itself).
+    /// The address to forward to: the client's own (a client maps only
+    /// itself, as miniupnpd's secure mode has it for UPnP too).
     pub internal: SocketAddrV4,
     /// The external port it would like (0: any).
     pub suggested_port: u16,
@@ -150,7 +151,7 @@ pub fn in_prefix(ip: Ipv4Addr, (net, len): (Ipv4Addr, u8)) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// The internal address is outside the allowed ranges, or a client
-    /// asks for another host's address (only UPnP may, within them).
+    /// asks for another host's address, or another client's mapping.
     #[error("internal address {0} is not allowed")]
     InternalNotAllowed(Ipv4Addr),
     /// The external port asked for (exactly) is outside the range.
@@ -292,27 +293,37 @@ impl Table {
         if !self.policy.internal.iter().any(|p| in_prefix(ip, *p)) {
             return Err(Refusal::InternalNotAllowed(ip));
         }
-        if r.source != Source::Upnp && ip != r.client {
+        if ip != r.client {
             return Err(Refusal::InternalNotAllowed(ip));
         }
         let lifetime = r.lifetime.min(self.policy.lease_max);
         let expires = now + u64::from(lifetime);
-        if let Some(old) = self.by_internal(r.protocol, r.internal).copied() {
-            let exact_elsewhere = r.exact && r.suggested_port != old.external_port;
-            if !exact_elsewhere {
-                if r.source == Source::Pcp && old.nonce.is_some() && old.nonce != r.nonce {
-                    return Err(Refusal::WrongNonce);
+        // The mapping this request renews, if any: for an exact port, the
+        // one on it (another host's is a conflict); else the one that
+        // forwards to the same internal address.
+        let old = if r.exact {
+            match self.get((r.protocol, r.suggested_port)) {
+                Some(m) if m.internal != r.internal => {
+                    return Err(Refusal::PortTaken(r.suggested_port))
                 }
-                let m = Mapping {
-                    expires,
-                    client: r.client,
-                    source: r.source,
-                    nonce: r.nonce.or(old.nonce),
-                    ..old
-                };
-                self.insert(m);
-                return Ok(Change::Renewed(m));
+                m => m.copied(),
             }
+        } else {
+            self.by_internal(r.protocol, r.internal).copied()
+        };
+        if let Some(old) = old {
+            if r.source == Source::Pcp && old.nonce.is_some() && old.nonce != r.nonce {
+                return Err(Refusal::WrongNonce);
+            }
+            let m = Mapping {
+                expires,
+                client: r.client,
+                source: r.source,
+                nonce: r.nonce.or(old.nonce),
+                ..old
+            };
+            self.insert(m);
+            return Ok(Change::Renewed(m));
         }
         let held = self.per_client.get(&r.client).copied().unwrap_or(0);
         if held >= self.policy.max_per_client {
@@ -380,13 +391,27 @@ impl Table {
         let Some(m) = self.by_internal(protocol, internal).copied() else {
             return Ok(None);
         };
-        if m.client != client && !(m.source == Source::Upnp && nonce.is_none()) {
+        if m.client != client {
             return Err(Refusal::InternalNotAllowed(*internal.ip()));
         }
         if nonce.is_some() && m.nonce.is_some() && m.nonce != nonce {
             return Err(Refusal::WrongNonce);
         }
         Ok(self.remove((m.protocol, m.external_port)))
+    }
+
+    /// Deletes the mapping on an external port, if `client` owns it
+    /// (UPnP's DeletePortMapping names the external port).
+    pub fn unmap_external(
+        &mut self,
+        key: Key,
+        client: Ipv4Addr,
+    ) -> Result<Option<Mapping>, Refusal> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(m) if m.client != client => Err(Refusal::InternalNotAllowed(*m.internal.ip())),
+            Some(_) => Ok(self.remove(key)),
+        }
     }
 
     /// Removes a mapping by its external port.
@@ -488,6 +513,22 @@ mod tests {
         exact.exact = true;
         exact.source = Source::Upnp;
         assert_eq!(t.map(&exact, 0), Err(Refusal::PortOutsideRange(80)));
+        // An exact port another host holds, and its mapping, are not
+        // this client's.
+        let mut theirs = req("10.0.0.7", 7, 40007);
+        theirs.exact = true;
+        t.map(&theirs, 0).unwrap();
+        let mut mine = req("10.0.0.5", 22, 40007);
+        mine.exact = true;
+        assert_eq!(t.map(&mine, 0), Err(Refusal::PortTaken(40007)));
+        assert_eq!(
+            t.unmap_external((Protocol::Tcp, 40007), "10.0.0.5".parse().unwrap()),
+            Err(Refusal::InternalNotAllowed("10.0.0.7".parse().unwrap()))
+        );
+        assert!(t
+            .unmap_external((Protocol::Tcp, 40007), "10.0.0.7".parse().unwrap())
+            .unwrap()
+            .is_some());
         // A quota of 3.
         for port in 1..=3 {
             t.map(&req("10.0.0.5", port, 0), 0).unwrap();

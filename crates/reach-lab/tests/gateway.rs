@@ -146,6 +146,77 @@ fn natpmpc_maps_a_port_the_internet_reaches_until_it_is_deleted_or_its_lease_end
     drop(gw);
 }
 
+/// Runs upnpc in `host` with `args`; its output and whether it succeeded.
+/// With `-i`: the lab's public addresses are documentation ranges, which
+/// miniupnpc counts as reserved, and it declines an IGD whose external
+/// address is reserved ("not connected?") unless told to go on.
+fn upnpc(lab: &Lab, host: &str, args: &[&str]) -> (bool, String) {
+    let out = lab
+        .command(host, "upnpc")
+        .arg("-i")
+        .args(args)
+        .output()
+        .expect("upnpc runs (install miniupnpc)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn upnpc_adds_lists_and_deletes_a_mapping_the_internet_reaches() {
+    let t = common::topology("gateway");
+    let lab = Lab::up(&t).expect("lab up");
+    let dir = state(&lab).join("gateway");
+    let _gw = start_gateway(&lab, "home", &dir, &[]);
+    let _server = greeter(&lab, "client", 8080, &state(&lab).join("greeter.log"));
+    let public = lab.host("client").gateway.to_string();
+    let lan = lab.host("client").lan.to_string();
+    let log = || std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+    // Discovery (SSDP), the description, then AddPortMapping.
+    let (ok, said) = upnpc(
+        &lab,
+        "client",
+        &["-a", &lan, "8080", "40090", "tcp", "3600"],
+    );
+    assert!(
+        ok && said.contains("is redirected to internal"),
+        "{said}\n{}",
+        log()
+    );
+    assert_eq!(
+        fetch(&lab, "outside", &public, 40090).as_deref(),
+        Some(GREETING),
+        "{}",
+        gateway_rules(&lab, "home")
+    );
+    // GetGenericPortMappingEntry lists it; GetExternalIPAddress names the WAN.
+    let (ok, said) = upnpc(&lab, "client", &["-l"]);
+    assert!(ok, "{said}");
+    assert!(said.contains(&format!("40090->{lan}:8080")), "{said}");
+    assert!(
+        said.contains(&format!("ExternalIPAddress = {public}")),
+        "{said}"
+    );
+    // Another host cannot take the port or delete the mapping.
+    let peer = lab.host("peer").lan.to_string();
+    let (_, said) = upnpc(&lab, "peer", &["-a", &peer, "8080", "40090", "tcp", "3600"]);
+    assert!(said.contains("718"), "{said}");
+    let (_, said) = upnpc(&lab, "peer", &["-d", "40090", "tcp"]);
+    assert!(said.contains("606"), "{said}");
+    assert_eq!(
+        fetch(&lab, "outside", &public, 40090).as_deref(),
+        Some(GREETING)
+    );
+    // DeletePortMapping: closed again, rules gone.
+    let (ok, said) = upnpc(&lab, "client", &["-d", "40090", "tcp"]);
+    assert!(ok, "{said}");
+    assert_eq!(fetch(&lab, "outside", &public, 40090), None);
+    assert!(!gateway_rules(&lab, "home").contains("40090"));
+}
+
 #[test]
 fn refusals_come_with_natpmp_codes_and_leave_nothing_behind() {
     let t = common::topology("gateway");
