@@ -27,6 +27,9 @@ pub struct Config {
     pub port_range: Option<String>,
     /// Addresses to advertise instead of the discovered ones.
     pub advertise: Option<Vec<SocketAddr>>,
+    /// Whether serving nodes ask their gateway to forward the listening
+    /// port (default true).
+    pub port_mapping: Option<bool>,
     /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "reach=debug".
     pub log: Option<String>,
     /// The hub this node attaches to, `[NODEID@]HOST:PORT`.

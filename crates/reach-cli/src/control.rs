@@ -53,6 +53,25 @@ pub struct ProxyReport {
     /// vpn).
     #[serde(default)]
     pub udp: Option<VpnUdpReport>,
+    /// The port mapping its gateway holds for it, e.g. "192.0.2.1:40022
+    /// by pcp at 10.1.0.1, renewed within 3600 s" (None: none).
+    #[serde(default)]
+    pub port_mapping: Option<String>,
+}
+
+/// How `reach status` names an endpoint's port mapping.
+pub fn port_mapping_text(endpoint: &reach::Endpoint) -> Option<String> {
+    let m = endpoint.port_mapping()?;
+    let left = m
+        .expires
+        .saturating_duration_since(std::time::Instant::now());
+    Some(format!(
+        "{} by {} at {}, lease ends in {} s",
+        m.external,
+        m.protocol,
+        m.gateway,
+        left.as_secs()
+    ))
 }
 
 /// A vpn's UDP socket, as `reach status` shows it.
@@ -147,6 +166,7 @@ impl ProxyReport {
             counters: ProxyCounters::default(),
             peers: Vec::new(),
             udp: None,
+            port_mapping: None,
         }
     }
 }
@@ -473,6 +493,7 @@ mod tests {
             counters: ProxyCounters::default(),
             peers: Vec::new(),
             udp: None,
+            port_mapping: Some("192.0.2.1:40022 by pcp at 10.1.0.1, lease ends in 7199 s".into()),
         }
     }
 

@@ -195,6 +195,12 @@ struct ServeArgs {
     /// Also write the bare virtual address to this file (atomically).
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
+    /// Do not ask the gateway to forward the listening port. By default a
+    /// serving node asks (PCP, then NAT-PMP, then UPnP IGD), renews the
+    /// mapping, advertises the mapped address so that peers connect Direct,
+    /// and deletes it on exit; not with --advertise or a loopback --bind.
+    #[arg(long)]
+    no_port_mapping: bool,
     #[command(flatten)]
     policy: PolicyArgs,
     #[command(flatten)]
@@ -695,10 +701,15 @@ async fn serve_endpoint(
     } else {
         args.advertise.clone()
     };
+    let loopback = args.bind.or(config.bind).is_some_and(|ip| ip.is_loopback());
+    let mapping = !args.no_port_mapping
+        && config.port_mapping.unwrap_or(true)
+        && advertise.is_empty()
+        && !loopback;
     if !advertise.is_empty() {
         b = b.advertise(advertise);
     }
-    let endpoint = b.bind().await?;
+    let endpoint = b.port_mapping(mapping).bind().await?;
     let allow_file = args.policy.allow_file.as_deref();
     reload_on_hangup(policy, allow_file.or(config.allow_file.as_deref()))?;
     if has_hub {
@@ -768,13 +779,16 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
         Some(endpoint.virtual_addr(vport).to_string()),
         args.name.clone(),
     );
-    let on_hub = endpoint.clone();
-    let control = control::Control::start(state_dir, report, stats.clone(), move || {
-        Some(match on_hub.hub_exposure(vport)? {
+    let (on_hub, counted) = (endpoint.clone(), stats.clone());
+    let control = control::Control::start_live(state_dir, move || control::ProxyReport {
+        public: on_hub.hub_exposure(vport).map(|e| match e {
             reach::HubExposure::Published(a) => a.to_string(),
             reach::HubExposure::Pending => "pending".into(),
             reach::HubExposure::Refused(e) => format!("refused: {e}"),
-        })
+        }),
+        port_mapping: control::port_mapping_text(&on_hub),
+        counters: counted.snapshot(),
+        ..report.clone()
     });
     let limits = reach_legacy::limits::ConnLimits::new(args.max_connections, args.max_per_peer);
     let serve = async {

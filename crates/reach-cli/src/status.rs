@@ -122,6 +122,9 @@ fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
             .map(|v| format!(" -> {v}"))
             .unwrap_or_default();
         let _ = writeln!(out, "  {}{name}  {}  {}{target}", p.id, p.kind, p.local);
+        if let Some(m) = &p.port_mapping {
+            let _ = writeln!(out, "      port mapping: {m}");
+        }
         if let Some(public) = &p.public {
             let label = if p.kind == "vpn" {
                 "vpn"
@@ -305,6 +308,7 @@ mod tests {
             },
             peers: Vec::new(),
             udp: None,
+            port_mapping: None,
         };
         let text = render_proxies(&[p], 160);
         for want in [
@@ -342,6 +346,7 @@ mod tests {
                 bytes_in: 40,
             }],
             udp: None,
+            port_mapping: None,
         };
         let text = render_proxies(&[vpn], 100);
         assert!(

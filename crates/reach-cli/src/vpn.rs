@@ -265,10 +265,14 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
     );
     let seen = vpn.clone();
     let moving = vpn.clone();
+    let mapped = endpoint.clone();
     let udp_port = args.udp_port;
     let control = control::Control::start_rebinding(
         state_dir,
-        move || report(&seen, &template),
+        move || control::ProxyReport {
+            port_mapping: control::port_mapping_text(&mapped),
+            ..report(&seen, &template)
+        },
         move || {
             moving
                 .rebind_udp(udp_port)

@@ -212,6 +212,8 @@ pub struct Counters {
     pub vpn_lists_refused: u64,
     /// Vpn address lookups answered.
     pub vip_lookups: u64,
+    /// Address updates from registered nodes (a port mapping came or went).
+    pub addr_updates: u64,
 }
 
 /// Work for the driver, which does the I/O (binding proxy ports).
@@ -1264,6 +1266,17 @@ impl HubCore {
             (_, Control::Ping { nonce }) => self.send(link, control(&Control::Pong { nonce })),
             (_, Control::Pong { .. }) => {}
             (LinkKind::Node, Control::Lookup { req, node }) => self.lookup(link, req, node, now),
+            (LinkKind::Node, Control::NodeAddrs { addrs }) => {
+                // Only the registered listener's entry changes; the
+                // directory floods it with its held flood.
+                if let Some((l, entry)) = self.nodes.get_mut(&peer) {
+                    if *l == link {
+                        entry.addrs = addrs.into_iter().take(MAX_NODE_ADDRS).collect();
+                        self.counters.addr_updates += 1;
+                        self.directory_changed(now);
+                    }
+                }
+            }
             (LinkKind::Node, Control::VpnClaim { claim }) => {
                 if self.nodes.get(&peer).is_some_and(|(l, _)| *l == link) {
                     self.vpn.set_own(self.me, peer, claim);

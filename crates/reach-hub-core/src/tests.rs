@@ -761,6 +761,50 @@ fn a_forged_vpn_member_list_cuts_the_link_that_sent_it() {
 }
 
 #[test]
+fn a_node_that_gains_a_mapped_address_is_found_there_from_another_hub() {
+    let now = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(now);
+    let x_link = register(&mut a, 10, vec![addr(11)], now);
+    pump(&mut a, &mut b, ab, ba, now);
+    // x's gateway mapped a port: x advertises it beside its own address.
+    let mapped: SocketAddr = "192.0.2.9:40001".parse().expect("addr");
+    let update = Control::NodeAddrs {
+        addrs: vec![addr(11), mapped],
+    };
+    assert_eq!(
+        a.handle_frame(x_link, Frame::Control(update), now),
+        Verdict::Continue
+    );
+    assert_eq!(a.counters.addr_updates, 1);
+    let y_link = register(&mut b, 20, vec![], now);
+    let lookup = Control::Lookup {
+        req: 5,
+        node: id(10),
+    };
+    b.handle_frame(y_link, Frame::Control(lookup), now);
+    let (_, to_b_nodes) = pump(&mut a, &mut b, ab, ba, now);
+    let entry = found(&to_b_nodes, y_link)
+        .expect("an answer")
+        .expect("an entry");
+    assert_eq!(entry.addrs, vec![addr(11), mapped]);
+    // Another node's link cannot change x's entry.
+    let z_link = register(&mut a, 30, vec![], now);
+    let forged = Control::NodeAddrs {
+        addrs: vec![addr(99)],
+    };
+    a.handle_frame(z_link, Frame::Control(forged), now);
+    assert_eq!(a.counters.addr_updates, 2);
+    let lookup = Control::Lookup {
+        req: 6,
+        node: id(10),
+    };
+    b.handle_frame(y_link, Frame::Control(lookup), now);
+    let (_, to_b_nodes) = pump(&mut a, &mut b, ab, ba, now);
+    let entry = found(&to_b_nodes, y_link).flatten().expect("an entry");
+    assert_eq!(entry.addrs, vec![addr(11), mapped]);
+}
+
+#[test]
 fn a_lookup_of_a_node_on_another_hub_is_answered_by_its_home_hub() {
     let now = Instant::now();
     let (mut a, mut b, ab, ba) = two_hubs(now);

@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod boringtun;
+pub mod gateway;
 pub mod hop;
 pub mod hubs;
 pub mod impair;

@@ -202,6 +202,11 @@ pub fn run(
         )?),
         _ => None,
     };
+    // Gateways that map ports serve before any node asks them.
+    let gateways = match mode {
+        Mode::Reach | Mode::Vpn => crate::gateway::start(lab, topology, tools, &reach_state(lab))?,
+        Mode::Plain => Vec::new(),
+    };
     let attach = hubs.as_ref().map(|h| h.attach.clone()).unwrap_or_default();
     let (targets, members) = match mode {
         Mode::Plain => (start_probes(lab, tools)?, BTreeMap::new()),
@@ -260,6 +265,7 @@ pub fn run(
     drop(targets);
     drop(members);
     drop(hubs);
+    drop(gateways);
     Ok(Matrix {
         topology: lab.record().topology.clone(),
         mode,

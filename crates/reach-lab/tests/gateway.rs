@@ -146,6 +146,94 @@ fn natpmpc_maps_a_port_the_internet_reaches_until_it_is_deleted_or_its_lease_end
     drop(gw);
 }
 
+/// `reach connect` from `host` to `vaddr` through `hub`: the module it
+/// connected by (its log's "connected ... module=X" line), or its error.
+fn connect_module(lab: &Lab, host: &str, hub: &str, vaddr: &str) -> Result<String, String> {
+    let dir = state(lab).join(format!("{host}-connect"));
+    let out = lab
+        .command(host, common::tools_with_reach().join("reach"))
+        .arg("--state-dir")
+        .arg(&dir)
+        .args(["-v", "connect", "--timeout", "20", "--hub", hub, vaddr])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() {
+        return Err(log);
+    }
+    log.lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("connected"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("module=")))
+        .map(str::to_string)
+        .ok_or(log)
+}
+
+/// `reach listen --keep` in `host` attached to `hub` with `flags`; it and
+/// its virtual address.
+fn listener(lab: &Lab, host: &str, hub: &str, flags: &[&str]) -> (Process, String, PathBuf) {
+    let dir = state(lab).join(format!("{host}-listen"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let addr_file = dir.join("vaddr");
+    let log = dir.join("listen.log");
+    let mut cmd = lab.command(host, common::tools_with_reach().join("reach"));
+    cmd.arg("--state-dir")
+        .arg(&dir)
+        .args([
+            "-v",
+            "listen",
+            "--keep",
+            "--port",
+            "7",
+            "--hub",
+            hub,
+            "--addr-file",
+        ])
+        .arg(&addr_file)
+        .args(flags);
+    let proc = common::spawn_until(cmd, &log, "listening on");
+    let vaddr = std::fs::read_to_string(&addr_file)
+        .expect("vaddr")
+        .trim()
+        .to_string();
+    (proc, vaddr, log)
+}
+
+#[test]
+fn a_reach_node_behind_the_gateway_maps_its_port_and_is_reached_direct() {
+    let t = common::topology("gateway");
+    let lab = Lab::up(&t).expect("lab up");
+    let (_hub, hub) = common::hub(&lab, "hub", &state(&lab).join("hub"), &[]);
+    let dir = state(&lab).join("gateway");
+    let _gw = start_gateway(&lab, "home", &dir, &[]);
+    // Without a mapping the outside host cannot dial in: not Direct.
+    let (unmapped, vaddr, _) = listener(&lab, "peer", &hub, &["--no-port-mapping"]);
+    let before = connect_module(&lab, "outside", &hub, &vaddr).expect("connects");
+    assert_ne!(before, "direct");
+    drop(unmapped);
+    // With one (the default), it dials the mapped port.
+    let (_mapped, vaddr, log) = listener(&lab, "client", &hub, &[]);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mapped = reach_lab::wait::until(Duration::from_secs(20), || {
+        read().contains("port mapped by the gateway").then_some(())
+    });
+    assert!(mapped.is_some(), "no mapping:\n{}", read());
+    let public = lab.host("client").gateway.to_string();
+    assert!(
+        read().contains(&format!("external={public}:")),
+        "{}",
+        read()
+    );
+    let after = connect_module(&lab, "outside", &hub, &vaddr).expect("connects");
+    assert_eq!(
+        after,
+        "direct",
+        "{}\n{}",
+        read(),
+        gateway_rules(&lab, "home")
+    );
+}
+
 /// Runs upnpc in `host` with `args`; its output and whether it succeeded.
 /// With `-i`: the lab's public addresses are documentation ranges, which
 /// miniupnpc counts as reserved, and it declines an IGD whose external
@@ -328,4 +416,59 @@ fn a_gateway_killed_holding_500_mappings_restarts_with_the_kernel_equal_to_its_j
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     assert_eq!(admin_before, admin_after);
+}
+
+/// The reach matrix of topology `name`: its cells and how many settled
+/// Direct.
+fn reach_matrix(name: &str) -> reach_lab::matrix::Matrix {
+    let t = common::topology(name);
+    let lab = Lab::up(&t).expect("lab up");
+    reach_lab::matrix::run(
+        &lab,
+        &t,
+        reach_lab::matrix::Mode::Reach,
+        Duration::from_secs(20),
+        &common::tools_with_reach(),
+    )
+    .expect("matrix")
+}
+
+fn settled(c: &reach_lab::matrix::Cell) -> &str {
+    c.settled_module
+        .as_deref()
+        .or(c.module.as_deref())
+        .unwrap_or_default()
+}
+
+#[test]
+fn gateways_on_the_smartsockets_nat_sites_turn_connections_to_the_desktop_direct() {
+    let plain = reach_matrix("smartsockets");
+    let mapped = reach_matrix("smartsockets-gateways");
+    assert_eq!(mapped.score(), (30, 30), "{}", mapped.render());
+    let direct =
+        |m: &reach_lab::matrix::Matrix| m.cells.iter().filter(|c| settled(c) == "direct").count();
+    // The desktop (an endpoint-independent NAT, now with a daemon) is
+    // dialled at its mapped port by every node that can reach the
+    // internet: the open sites' and rockstar's.
+    for from in ["das3-v-node", "das3-d-node", "rockstar-node"] {
+        let cell = mapped
+            .cells
+            .iter()
+            .find(|c| c.from_host == from && c.to_host == "desktop")
+            .expect("cell");
+        assert_eq!(
+            settled(cell),
+            "direct",
+            "{from} -> desktop\n{}",
+            mapped.render()
+        );
+    }
+    assert!(
+        direct(&mapped) >= direct(&plain) + 3,
+        "direct pairs {} with gateways, {} without:\n{}\n{}",
+        direct(&mapped),
+        direct(&plain),
+        mapped.render(),
+        plain.render()
+    );
 }

@@ -18,6 +18,7 @@ pub mod nat;
 pub mod node_session;
 mod noise_crypto;
 pub mod plain_chunks;
+pub mod port_lease;
 pub mod punch;
 pub mod race;
 pub mod record;

@@ -555,6 +555,13 @@ pub enum Control {
         /// The leg's hello, as it goes on the wire (not marked pulled).
         hello: Vec<u8>,
     },
+    /// Node to hub, registered: the node's direct addresses are these now
+    /// (a port mapping its gateway gave it came or went), as a `Register`
+    /// would have said.
+    NodeAddrs {
+        /// Direct addresses the node listens on.
+        addrs: Vec<SocketAddr>,
+    },
 }
 
 /// A decoded frame; Data borrows its payload from the input buffer.

@@ -903,6 +903,20 @@ impl NodeSession {
         Ok(req)
     }
 
+    /// Advertises `addrs` from now on: told to the hub now if registered,
+    /// and in every registration after.
+    pub fn set_addrs(&mut self, addrs: Vec<SocketAddr>) {
+        if addrs == self.config.addrs {
+            return;
+        }
+        self.config.addrs = addrs;
+        if matches!(self.phase, Phase::Up { .. }) {
+            self.send(&Control::NodeAddrs {
+                addrs: self.config.addrs.clone(),
+            });
+        }
+    }
+
     /// Holds vpn address `claim` from now on (None: none): told to the hub
     /// now if registered, and in every registration after.
     pub fn set_vpn(&mut self, claim: Option<crate::vpn::VpnClaim>) {

@@ -85,6 +85,7 @@ pub struct EndpointBuilder {
     attempt_delay: Duration,
     hub: Option<HubTarget>,
     fallback_hubs: Vec<HubTarget>,
+    port_mapping: bool,
     network_secret: Option<Vec<u8>>,
     modules: Vec<SetupModule>,
     direct_budget: Duration,
@@ -115,6 +116,7 @@ impl Default for EndpointBuilder {
             attempt_delay: DEFAULT_ATTEMPT_DELAY,
             hub: None,
             fallback_hubs: Vec::new(),
+            port_mapping: false,
             network_secret: None,
             modules: SetupModule::ALL.to_vec(),
             direct_budget: DEFAULT_DIRECT_BUDGET,
@@ -247,6 +249,17 @@ impl EndpointBuilder {
     /// Reverse and Routed modules.
     pub fn hub(mut self, hub: HubTarget) -> Self {
         self.hub = Some(hub);
+        self
+    }
+
+    /// Asks the gateway in front of this host to forward the listening port
+    /// (PCP, then NAT-PMP, then UPnP IGD), renews the mapping at half its
+    /// lease, advertises the mapped address beside the node's own (so peers
+    /// connect Direct), and deletes it on [`Endpoint::close`] (default off;
+    /// `reach`'s serving commands turn it on). Every stream through it is
+    /// authenticated and admitted like any other.
+    pub fn port_mapping(mut self, yes: bool) -> Self {
+        self.port_mapping = yes;
         self
     }
 
@@ -390,7 +403,10 @@ impl EndpointBuilder {
         let shared = Arc::new(Shared {
             secret,
             local_addrs,
-            advertised: advertised.clone(),
+            advertised: crate::node::Advertised::new(advertised.clone()),
+            mapper: self
+                .port_mapping
+                .then(|| Arc::new(crate::port_map::Mapper::default())),
             plaintext: self.plaintext,
             plaintext_port: self.plaintext_port,
             circuits: self.circuits,
@@ -438,6 +454,15 @@ impl EndpointBuilder {
             ),
         });
         let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
+        if let Some(mapper) = shared.mapper.clone() {
+            let s = shared.clone();
+            tasks.push(tokio::spawn(mapper.run(local.port(), move |mapped| {
+                s.advertised.set_mapped(mapped);
+                if let Some(session) = &s.session {
+                    session.set_addrs(s.advertised.get());
+                }
+            })));
+        }
         if let (Some(session), Some(requests)) = (&shared.session, requests) {
             tasks.push(tokio::spawn(session.clone().run()));
             let serve = crate::inbound::serve(shared.clone(), session.clone(), requests);
@@ -446,7 +471,6 @@ impl EndpointBuilder {
         Ok(Endpoint {
             shared,
             local,
-            advertised,
             incoming: Mutex::new(rx),
             tasks,
         })
@@ -500,7 +524,6 @@ const PROBE_SESSION_WAIT: Duration = Duration::from_secs(3);
 pub struct Endpoint {
     shared: Arc<Shared>,
     local: SocketAddr,
-    advertised: Vec<SocketAddr>,
     incoming: Mutex<mpsc::Receiver<ReachStream>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -591,6 +614,9 @@ impl Endpoint {
     /// endpoint instead may make the kernel reset the link and discard data
     /// it had not sent yet. Without a hub there is nothing to do.
     pub async fn close(&self, timeout: Duration) {
+        if let Some(mapper) = &self.shared.mapper {
+            mapper.delete(timeout).await;
+        }
         if let Some(session) = &self.shared.session {
             session.close(timeout).await;
         }
@@ -619,8 +645,14 @@ impl Endpoint {
     }
 
     /// The direct addresses this endpoint advertises.
-    pub fn advertised(&self) -> &[SocketAddr] {
-        &self.advertised
+    pub fn advertised(&self) -> Vec<SocketAddr> {
+        self.shared.advertised.get()
+    }
+
+    /// The port mapping the gateway holds for this node, if one was asked
+    /// for ([`EndpointBuilder::port_mapping`]) and given.
+    pub fn port_mapping(&self) -> Option<crate::PortMapping> {
+        self.shared.mapper.as_ref().and_then(|m| m.status())
     }
 
     /// This node's virtual address for `port`, with its direct addresses as hints.
@@ -628,7 +660,7 @@ impl Endpoint {
     /// With a hub, the address names it (`/hub=HOST:PORT`), so a connector
     /// without hub configuration of its own can attach there to find this node.
     pub fn virtual_addr(&self, port: u16) -> VirtualAddr {
-        let mut a = VirtualAddr::new(self.node_id(), port).with_direct(self.advertised.clone());
+        let mut a = VirtualAddr::new(self.node_id(), port).with_direct(self.advertised());
         if let Some(s) = &self.shared.session {
             a.hub = Some(s.target().into());
         }

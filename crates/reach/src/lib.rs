@@ -32,6 +32,7 @@ mod node;
 mod offers;
 mod plain;
 pub mod policy;
+mod port_map;
 mod port_memory;
 mod routed;
 mod secure;
@@ -54,6 +55,7 @@ pub use error::{
 pub use hub_session::{HubExposure, HubStatus, HubTarget, HubTargetError};
 pub use node::ConnectBackWait;
 pub use policy::{AccessPolicy, PolicyError};
+pub use port_map::{MappingProtocol, PortMapping};
 pub use reach_proto::setup_plan::{SetupModule, UnknownModule};
 pub use reach_proto::{self as proto, Cipher, NodeId, SecretKey, StreamMode, VirtualAddr};
 pub use routed::RoutedStream;

@@ -29,10 +29,45 @@ use crate::policy::AccessPolicy;
 use crate::stream::{Direction, ReachStream};
 
 /// What the endpoint's tasks (accept loop, hub session, setup driver) share.
+/// The direct addresses a node advertises: its own, and the one its
+/// gateway maps to it (while one is held).
+#[derive(Debug)]
+pub(crate) struct Advertised {
+    base: Vec<SocketAddr>,
+    mapped: StdMutex<Option<SocketAddr>>,
+}
+
+impl Advertised {
+    pub(crate) fn new(base: Vec<SocketAddr>) -> Self {
+        Self {
+            base,
+            mapped: StdMutex::new(None),
+        }
+    }
+
+    /// The addresses now: its own first, then the mapped one.
+    pub(crate) fn get(&self) -> Vec<SocketAddr> {
+        let mut out = self.base.clone();
+        if let Some(m) = *self.mapped.lock().unwrap_or_else(|p| p.into_inner()) {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    /// The gateway's mapping came (Some) or went (None).
+    pub(crate) fn set_mapped(&self, mapped: Option<SocketAddr>) {
+        *self.mapped.lock().unwrap_or_else(|p| p.into_inner()) = mapped;
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) secret: SecretKey,
     pub(crate) local_addrs: Arc<LocalAddrCache>,
-    pub(crate) advertised: Vec<SocketAddr>,
+    pub(crate) advertised: Advertised,
+    /// The port mapping at the gateway, if asked for.
+    pub(crate) mapper: Option<Arc<crate::port_map::Mapper>>,
     pub(crate) plaintext: bool,
     /// A virtual port where plaintext is granted anyway (a hub's circuits).
     pub(crate) plaintext_port: Option<u16>,
@@ -153,7 +188,7 @@ impl Shared {
     pub(crate) fn site(&self, seen_at: Option<SocketAddr>) -> reach_proto::setup_plan::Site {
         reach_proto::setup_plan::Site {
             local: self.local_addrs.get().to_vec(),
-            advertised: self.advertised.clone(),
+            advertised: self.advertised.get(),
             seen_at,
         }
     }

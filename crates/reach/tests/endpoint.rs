@@ -247,7 +247,7 @@ async fn a_wrong_node_on_the_first_address_moves_the_race_on() {
     // to another reach node; the second is the right one.
     let (wrong, right, client) = (endpoint(9).await, endpoint(10).await, endpoint(11).await);
     let mut direct = wrong.advertised().to_vec();
-    direct.extend_from_slice(right.advertised());
+    direct.extend_from_slice(&right.advertised());
     let target = VirtualAddr::new(right.node_id(), 3).with_direct(direct);
     let right_addr = right.advertised()[0];
     let echo = echo_once(right);

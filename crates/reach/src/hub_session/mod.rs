@@ -615,6 +615,11 @@ impl Session {
         }
     }
 
+    /// Advertises `addrs` to the hub, now and after every reconnect.
+    pub(crate) fn set_addrs(self: &Arc<Self>, addrs: Vec<SocketAddr>) {
+        self.with_core(|st| st.core.set_addrs(addrs));
+    }
+
     /// Holds vpn address `claim` (None: none) with the hub, now and after
     /// every reconnect.
     pub(crate) fn set_vpn(self: &Arc<Self>, claim: Option<reach_proto::vpn::VpnClaim>) {

@@ -208,7 +208,17 @@ impl Run<'_> {
             // behind a NAT: an address in the virtual address does not say.
             let reverse_needs_site = module == SetupModule::Reverse
                 && self.site.reverse_needs_target_site(target_seen_at);
-            if (module == SetupModule::Direct && !looked_up) || reverse_needs_site {
+            // Hints that are only other networks' private addresses (the
+            // address was taken before the target's gateway mapped a port,
+            // say) send Direct to the directory, which knows more.
+            let hints_unlikely = module == SetupModule::Direct
+                && self.hub_session
+                && !target.direct.iter().any(|a| {
+                    reach_proto::candidates::plausibly_reachable(a.ip(), &self.site.local)
+                });
+            if (module == SetupModule::Direct && (!looked_up || hints_unlikely))
+                || reverse_needs_site
+            {
                 looked_up = true;
                 match self
                     .session

@@ -49,7 +49,7 @@ pub(super) async fn connect(
         target: target.node,
         token: wait.token(),
         vport: target.port,
-        addrs: shared.advertised.clone(),
+        addrs: shared.advertised.get(),
         upgrade,
     });
     if !asked {
