@@ -42,6 +42,43 @@ pub enum AgentCmd {
     Serve(ServeArgs),
     /// Measure against a server and print the result as one JSON line.
     Run(RunArgs),
+    /// Ask a NAT-PMP gateway for many TCP mappings (this host's ports
+    /// FIRST.. on), WINDOW requests in flight, and print how fast they were
+    /// granted as one JSON line.
+    Natpmp(NatpmpArgs),
+}
+
+/// Flags of `agent natpmp`.
+#[derive(Args, Debug)]
+pub struct NatpmpArgs {
+    /// The gateway's address.
+    #[arg(long)]
+    gateway: std::net::Ipv4Addr,
+    /// How many mappings.
+    #[arg(long)]
+    count: u16,
+    /// The first internal port (each request the next).
+    #[arg(long, default_value_t = 20000)]
+    first: u16,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 1)]
+    window: usize,
+    /// Lease asked for, seconds (0 deletes the mappings instead).
+    #[arg(long, default_value_t = 3600)]
+    lifetime: u32,
+}
+
+/// What `agent natpmp` prints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Granted {
+    /// Mappings granted.
+    pub granted: u32,
+    /// Requests refused or unanswered.
+    pub failed: u32,
+    /// Seconds for all of them.
+    pub secs: f64,
+    /// The median time from a request to its answer, microseconds.
+    pub median_us: f64,
 }
 
 /// Flags of `agent serve`.
@@ -131,6 +168,13 @@ pub struct Measured {
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
     match cmd {
         AgentCmd::Serve(a) => serve(a).await,
+        AgentCmd::Natpmp(a) => {
+            let g = tokio::time::timeout(RUN_SLACK, natpmp_load(a))
+                .await
+                .with_context(|| format!("no result within {RUN_SLACK:?}"))??;
+            println!("{}", serde_json::to_string(&g)?);
+            Ok(())
+        }
         AgentCmd::Run(a) => {
             // A path that stalls fails the run instead of hanging it.
             let limit = Duration::try_from_secs_f64(a.secs).unwrap_or_default() + RUN_SLACK;
@@ -367,6 +411,93 @@ async fn bulk(mut c: Box<dyn Conn>, until: Instant) -> anyhow::Result<u64> {
         bail!("sent {sent} bytes, the server received {got}");
     }
     Ok(got)
+}
+
+/// Sends the mapping requests of `a`, `a.window` at a time, and times
+/// their answers (matched by internal port). An unanswered request is sent
+/// again after 250 ms, three times at most.
+async fn natpmp_load(a: NatpmpArgs) -> anyhow::Result<Granted> {
+    use reach_gateway::natpmp::Request;
+    use reach_gateway::table::Protocol;
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+    socket.connect((a.gateway, reach_gateway::PORT)).await?;
+    let request = |port: u16| {
+        Request::Map {
+            protocol: Protocol::Tcp,
+            internal_port: port,
+            suggested_port: 0,
+            lifetime: a.lifetime,
+        }
+        .encode()
+    };
+    let ports: Vec<u16> = (0..a.count).map(|i| a.first.wrapping_add(i)).collect();
+    let mut next = 0usize;
+    // port -> (first sent, last sent, tries)
+    let mut flight: std::collections::HashMap<u16, (Instant, Instant, u32)> = Default::default();
+    let mut latencies = Vec::with_capacity(ports.len());
+    let (mut granted, mut failed) = (0u32, 0u32);
+    let start = Instant::now();
+    let mut buf = [0u8; 64];
+    let retry = Duration::from_millis(250);
+    while next < ports.len() || !flight.is_empty() {
+        while flight.len() < a.window.max(1) && next < ports.len() {
+            let p = ports[next];
+            next += 1;
+            socket.send(&request(p)).await?;
+            let now = Instant::now();
+            flight.insert(p, (now, now, 1));
+        }
+        match tokio::time::timeout(retry, socket.recv(&mut buf)).await {
+            Ok(n) => {
+                let n = n?;
+                // version 0, 128 + opcode, result, epoch, internal port, ...
+                if n >= 16 {
+                    let port = u16::from_be_bytes([buf[8], buf[9]]);
+                    if let Some((sent, _, _)) = flight.remove(&port) {
+                        if buf[2..4] == [0, 0] {
+                            granted += 1;
+                            latencies.push(sent.elapsed().as_secs_f64() * 1e6);
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                }
+            }
+            Err(_) => {
+                let now = Instant::now();
+                let stale: Vec<u16> = flight
+                    .iter()
+                    .filter(|(_, (_, last, _))| now.duration_since(*last) >= retry)
+                    .map(|(p, _)| *p)
+                    .collect();
+                for p in stale {
+                    let Some(entry) = flight.get_mut(&p) else {
+                        continue;
+                    };
+                    if entry.2 >= 4 {
+                        flight.remove(&p);
+                        failed += 1;
+                    } else {
+                        entry.1 = now;
+                        entry.2 += 1;
+                        socket.send(&request(p)).await?;
+                    }
+                }
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let median_us = latencies
+        .get(latencies.len() / 2)
+        .copied()
+        .unwrap_or(f64::NAN);
+    Ok(Granted {
+        granted,
+        failed,
+        secs,
+        median_us,
+    })
 }
 
 #[cfg(test)]

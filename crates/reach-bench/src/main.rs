@@ -8,6 +8,7 @@
 //! CPU cost, so the "TCP + one round trip" claim can be checked on any network.
 
 mod agent;
+mod gateway;
 mod hub;
 mod lab;
 mod vpn;
@@ -96,6 +97,13 @@ enum Bench {
     /// (scripts/bench.sh installs them).
     #[command(verbatim_doc_comment)]
     Vpn(LabRun),
+    /// reach gateway in a NAT gateway's namespace: mappings granted per
+    /// second (NAT-PMP, 1 and 64 requests in flight), memory per mapping,
+    /// and setup from the internet through a static forward beside plain
+    /// TCP and reach Direct through mapped ports (DPF's comparison). Needs
+    /// root, nftables and natpmpc (scripts/bench.sh installs them).
+    #[command(verbatim_doc_comment)]
+    Gateway(LabRun),
     /// reach between network namespaces beside plain TCP, socat, rathole and
     /// boringtun on the same paths: direct throughput (1 and 4 streams,
     /// plaintext and encrypted), round trip and setup; routed through 1 and 3
@@ -192,6 +200,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Bench::Agent(cmd) => rt.block_on(agent::run(cmd))?,
         Bench::HubNodes(args) => rt.block_on(hub::hold_nodes(args))?,
+        Bench::Gateway(LabRun { quick, json, keep }) => {
+            let rows = gateway::run(lab_size(quick), keep.as_deref())?;
+            report(rows, json.as_deref())?;
+        }
         Bench::Vpn(LabRun { quick, json, keep }) => {
             let rows = vpn::run(lab_size(quick), keep.as_deref())?;
             report(rows, json.as_deref())?;
@@ -211,6 +223,7 @@ fn main() -> anyhow::Result<()> {
             rows.extend(lab::lossy(lab_size(quick), None)?);
             rows.extend(lab::setup_per_module()?);
             rows.extend(vpn::run(lab_size(quick), None)?);
+            rows.extend(gateway::run(lab_size(quick), None)?);
             let (nodes, streams, mib) = if quick {
                 (200, 200, 64)
             } else {

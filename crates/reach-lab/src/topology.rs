@@ -681,9 +681,14 @@ impl Site {
             site: self.name.clone(),
             what,
         };
-        if self.userspace_nat() && (!self.forward.is_empty() || self.port_mapping) {
+        if self.userspace_nat() && !self.forward.is_empty() {
             return Err(unbuilt(
-                "a port forward or port mapping together with a userspace NAT behaviour",
+                "a port forward together with a userspace NAT behaviour",
+            ));
+        }
+        if self.userspace_nat() && self.port_mapping {
+            return Err(unbuilt(
+                "port mapping together with a userspace NAT behaviour",
             ));
         }
         Ok(())
