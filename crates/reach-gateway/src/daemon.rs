@@ -152,7 +152,7 @@ impl Gateway {
                 dropped += 1;
             }
         }
-        let kernel = Kernel::new(config.table.clone(), config.wan.clone());
+        let mut kernel = Kernel::new(config.table.clone(), config.wan.clone());
         let live: Vec<_> = table.mappings().copied().collect();
         if dropped > 0 {
             // Leases that ended while the daemon was down leave the

@@ -30,17 +30,16 @@ pub trait Rules {
 
 impl Rules for crate::nft::Kernel {
     fn change(&mut self, add: &[Mapping], delete: &[Mapping]) -> Result<(), NftError> {
-        if delete.is_empty() {
-            return self.apply(add, &[]);
+        match crate::nft::Kernel::change(self, add, delete) {
+            Ok(()) => Ok(()),
+            // The table changed under the daemon (by hand): read it again
+            // and try once more against what it holds.
+            Err(e) => {
+                tracing::debug!("nft batch failed ({e}); the table is read again");
+                self.refresh()?;
+                crate::nft::Kernel::change(self, add, delete)
+            }
         }
-        let comments: std::collections::HashSet<String> =
-            delete.iter().map(crate::nft::comment).collect();
-        let rules: Vec<_> = self
-            .list()?
-            .into_iter()
-            .filter(|r| comments.contains(&r.comment))
-            .collect();
-        self.apply(add, &rules)
     }
 }
 
@@ -759,11 +758,13 @@ mod tests {
             if self.fail {
                 return Err(NftError::Failed("refused".into()));
             }
-            // The kernel knows a mapping by its rules' comment, not its
+            // The kernel knows a mapping by its external port, not its
             // lease.
-            let gone: Vec<String> = delete.iter().map(crate::nft::comment).collect();
-            self.held
-                .retain(|m| !gone.contains(&crate::nft::comment(m)));
+            self.held.retain(|m| {
+                !delete
+                    .iter()
+                    .any(|d| (d.protocol, d.external_port) == (m.protocol, m.external_port))
+            });
             self.held.extend_from_slice(add);
             Ok(())
         }
