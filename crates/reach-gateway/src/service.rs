@@ -800,6 +800,29 @@ mod tests {
         .encode()
     }
 
+    /// A PCP MAP request from [`CLIENT`]'s address.
+    fn pcp_map(
+        protocol: u8,
+        port: u16,
+        suggested: u16,
+        lifetime: u32,
+        nonce: [u8; 12],
+    ) -> pcp::Request {
+        pcp::Request {
+            opcode: pcp::OP_MAP,
+            lifetime,
+            client: "10.0.0.5".parse().unwrap(),
+            map: pcp::MapData {
+                nonce,
+                protocol,
+                internal_port: port,
+                external_port: suggested,
+                external_addr: "0.0.0.0".parse().unwrap(),
+            },
+            peer: None,
+        }
+    }
+
     fn one(s: &mut Service<FakeRules>, data: Vec<u8>, from: &str, now: u64) -> Vec<u8> {
         let mut r = s.serve(&[(data, from.parse().unwrap())], now).unwrap();
         assert_eq!(r.len(), 1, "{r:?}");
@@ -866,19 +889,7 @@ mod tests {
         let r = one(&mut s, natpmp_map(3, 60), CLIENT, 1000);
         assert_eq!(&r[2..4], &[0, 4]);
         // PCP: over quota is USER_EX_QUOTA.
-        let req = pcp::Request {
-            opcode: pcp::OP_MAP,
-            lifetime: 60,
-            client: "10.0.0.5".parse().unwrap(),
-            map: pcp::MapData {
-                nonce: [9; 12],
-                protocol: 6,
-                internal_port: 3,
-                external_port: 0,
-                external_addr: "0.0.0.0".parse().unwrap(),
-            },
-            peer: None,
-        };
+        let req = pcp_map(6, 3, 0, 60, [9; 12]);
         let r = one(&mut s, req.encode(), CLIENT, 1000);
         assert_eq!(r[3], pcp::ResultCode::UserExceededQuota as u8);
         // PCP with a client address that is not the source.
@@ -1049,19 +1060,7 @@ mod tests {
     fn pcp_maps_with_the_external_address_and_leases_expire() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = service(dir.path());
-        let req = pcp::Request {
-            opcode: pcp::OP_MAP,
-            lifetime: 30,
-            client: "10.0.0.5".parse().unwrap(),
-            map: pcp::MapData {
-                nonce: [1; 12],
-                protocol: 17,
-                internal_port: 5000,
-                external_port: 40050,
-                external_addr: "0.0.0.0".parse().unwrap(),
-            },
-            peer: None,
-        };
+        let req = pcp_map(17, 5000, 40050, 30, [1; 12]);
         let r = one(&mut s, req.encode(), CLIENT, 1000);
         assert_eq!(r[3], 0);
         assert_eq!(u32::from_be_bytes([r[4], r[5], r[6], r[7]]), 30);

@@ -113,13 +113,20 @@ fn state(lab: &Lab) -> PathBuf {
     reach_lab::matrix::reach_state(lab)
 }
 
-#[test]
-fn natpmpc_maps_a_port_the_internet_reaches_until_it_is_deleted_or_its_lease_ends() {
+/// The gateway lab with the daemon serving at `home` (state in the
+/// returned directory) and the greeter on `client`'s port 8080.
+fn gateway_lab() -> (Lab, PathBuf, Process, Process) {
     let t = common::topology("gateway");
     let lab = Lab::up(&t).expect("lab up");
     let dir = state(&lab).join("gateway");
     let gw = start_gateway(&lab, "home", &dir, &[]);
-    let _server = greeter(&lab, "client", 8080, &state(&lab).join("greeter.log"));
+    let server = greeter(&lab, "client", 8080, &state(&lab).join("greeter.log"));
+    (lab, dir, gw, server)
+}
+
+#[test]
+fn natpmpc_maps_a_port_the_internet_reaches_until_it_is_deleted_or_its_lease_ends() {
+    let (lab, dir, gw, _server) = gateway_lab();
     let public = lab.host("client").gateway.to_string();
     // Unmapped, the NAT lets nothing in.
     assert_eq!(fetch(&lab, "outside", &public, 40080), None);
@@ -272,11 +279,7 @@ fn upnpc(lab: &Lab, host: &str, args: &[&str]) -> (bool, String) {
 
 #[test]
 fn upnpc_adds_lists_and_deletes_a_mapping_the_internet_reaches() {
-    let t = common::topology("gateway");
-    let lab = Lab::up(&t).expect("lab up");
-    let dir = state(&lab).join("gateway");
-    let _gw = start_gateway(&lab, "home", &dir, &[]);
-    let _server = greeter(&lab, "client", 8080, &state(&lab).join("greeter.log"));
+    let (lab, dir, _gw, _server) = gateway_lab();
     let public = lab.host("client").gateway.to_string();
     let lan = lab.host("client").lan.to_string();
     let log = || std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
