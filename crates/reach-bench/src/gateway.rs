@@ -132,29 +132,19 @@ pub fn run(size: Size, keep: Option<&Path>) -> anyhow::Result<Vec<Row>> {
     let lab = Lab::up(&t).context("cannot build the lab (needs root)")?;
     let tools = crate::tools_dir(&["reach"])?;
     let exe = std::env::current_exe()?;
-    let gw_dir = dir.join("gateway");
-    std::fs::create_dir_all(&gw_dir)?;
-    let log = gw_dir.join("gateway.log");
-    let daemon = Lab::spawn_logged(
-        lab.gateway_command("home", tools.join("reach"))
-            .arg("--state-dir")
-            .arg(&gw_dir)
-            .args(["gateway", "--lan", "br0", "--wan", "wan", "--no-upnp"])
-            .args(["--ports", "20000-60999", "--max-per-client", "40000"]),
-        &log,
+    let daemon = reach_lab::gateway::start_at(
+        &lab,
+        "home",
+        &tools,
+        &dir.join("gateway"),
+        &[
+            "--no-upnp",
+            "--ports",
+            "20000-60999",
+            "--max-per-client",
+            "40000",
+        ],
     )?;
-    reach_lab::wait::until(READY, || {
-        std::fs::read_to_string(&log)
-            .ok()?
-            .contains("gateway serving")
-            .then_some(())
-    })
-    .with_context(|| {
-        format!(
-            "reach gateway did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        )
-    })?;
     let client = lab.host("client");
     let gateway_lan = {
         let o = client.lan.octets();

@@ -271,7 +271,7 @@ impl Gateway {
             };
             tokio::select! {
                 () = &mut stop => {
-                    tracing::info!(mappings = self.service.table().len(), "gateway stopping; its mappings stay until their leases end");
+                    tracing::info!(mappings = self.service.table().len(), counters = ?self.service.counters, "gateway stopping; its mappings stay until their leases end");
                     return Ok(());
                 }
                 r = self.socket.recv_from(&mut buf) => {

@@ -314,19 +314,6 @@ impl Kernel {
         Ok(())
     }
 
-    /// Removes the table and everything in it.
-    pub fn remove(&mut self) -> Result<(), NftError> {
-        self.held = Held::default();
-        self.batch(vec![
-            json!({"delete": {"table": {"family": "ip", "name": &self.table}}}),
-        ])
-    }
-
-    /// What the table holds, as known.
-    pub fn held(&self) -> &Held {
-        &self.held
-    }
-
     /// Applies `p` in one transaction: all of it happens or none.
     pub fn apply(&mut self, p: &Plan) -> Result<(), NftError> {
         if p.is_empty() {

@@ -219,36 +219,31 @@ impl<R: Rules> Service<R> {
         let mut kernel_adds = Vec::new();
         let mut kernel_dels = Vec::new();
         let mut replies = Vec::new();
-        for (change, ok, failed, from) in changes {
-            let from = &from;
-            {
-                match change {
-                    Done::Added(m) => {
-                        journal_adds.push(Entry::Add(m));
-                        kernel_adds.push(m);
-                        pending.push(Pending {
-                            to: *from,
-                            ok,
-                            failed,
-                            added: Some(m),
-                        });
-                    }
-                    Done::Renewed(m) => {
-                        self.counters.renewed += 1;
-                        journal_adds.push(Entry::Add(m));
-                        replies.push((ok, *from));
-                    }
-                    Done::Deleted(ms) => {
-                        kernel_dels.extend(ms);
-                        pending.push(Pending {
-                            to: *from,
-                            ok,
-                            failed,
-                            added: None,
-                        });
-                    }
+        for (change, ok, failed, to) in changes {
+            let added = match change {
+                Done::Added(m) => {
+                    journal_adds.push(Entry::Add(m));
+                    kernel_adds.push(m);
+                    Some(m)
                 }
-            }
+                Done::Renewed(m) => {
+                    // The kernel has it already: answered once journaled.
+                    self.counters.renewed += 1;
+                    journal_adds.push(Entry::Add(m));
+                    replies.push((ok, to));
+                    continue;
+                }
+                Done::Deleted(ms) => {
+                    kernel_dels.extend(ms);
+                    None
+                }
+            };
+            pending.push(Pending {
+                to,
+                ok,
+                failed,
+                added,
+            });
         }
         // DPF's order: what is added is journaled before the kernel has
         // it; what is deleted leaves the kernel before the journal.
@@ -972,8 +967,11 @@ mod tests {
                 ],
             )
         };
-        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
-        let r = text(s.soap(&add("10.0.0.5", "40022"), me, 1000).unwrap());
+        // The whole HTTP answer to `req` from `who`.
+        let ask = |s: &mut Service<FakeRules>, req: &upnp::Request, who: Ipv4Addr| {
+            String::from_utf8(s.soap(req, who, 1000).unwrap()).unwrap()
+        };
+        let r = ask(&mut s, &add("10.0.0.5", "40022"), me);
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert_eq!(s.rules.held.len(), 1);
         // A lease of 0 gets the longest the policy allows.
@@ -981,53 +979,25 @@ mod tests {
             s.table().get((Protocol::Tcp, 40022)).map(|m| m.expires),
             Some(1000 + 3600)
         );
-        let r = text(
-            s.soap(
-                &soap(
-                    "GetSpecificPortMappingEntry",
-                    &[("NewExternalPort", "40022"), ("NewProtocol", "TCP")],
-                ),
-                me,
-                1000,
-            )
-            .unwrap(),
-        );
+        let port_tcp = [("NewExternalPort", "40022"), ("NewProtocol", "TCP")];
+        let r = ask(&mut s, &soap("GetSpecificPortMappingEntry", &port_tcp), me);
         assert!(
             r.contains("<NewInternalClient>10.0.0.5</NewInternalClient>"),
             "{r}"
         );
-        let r = text(
-            s.soap(
-                &soap(
-                    "GetGenericPortMappingEntry",
-                    &[("NewPortMappingIndex", "0")],
-                ),
-                me,
-                1000,
-            )
-            .unwrap(),
-        );
+        let entry = |i| soap("GetGenericPortMappingEntry", &[("NewPortMappingIndex", i)]);
+        let r = ask(&mut s, &entry("0"), me);
         assert!(
             r.contains("<NewExternalPort>40022</NewExternalPort>"),
             "{r}"
         );
-        let r = text(
-            s.soap(
-                &soap(
-                    "GetGenericPortMappingEntry",
-                    &[("NewPortMappingIndex", "1")],
-                ),
-                me,
-                1000,
-            )
-            .unwrap(),
-        );
+        let r = ask(&mut s, &entry("1"), me);
         assert!(r.contains("<errorCode>713</errorCode>"), "{r}");
         // Another host may not take the port, nor map for someone else.
         let other: Ipv4Addr = "10.0.0.6".parse().unwrap();
-        let r = text(s.soap(&add("10.0.0.6", "40022"), other, 1000).unwrap());
+        let r = ask(&mut s, &add("10.0.0.6", "40022"), other);
         assert!(r.contains("<errorCode>718</errorCode>"), "{r}");
-        let r = text(s.soap(&add("10.0.0.5", "40023"), other, 1000).unwrap());
+        let r = ask(&mut s, &add("10.0.0.5", "40023"), other);
         assert!(r.contains("<errorCode>606</errorCode>"), "{r}");
         let del = soap(
             "DeletePortMapping",
@@ -1037,22 +1007,19 @@ mod tests {
                 ("NewProtocol", "TCP"),
             ],
         );
-        let r = text(s.soap(&del, other, 1000).unwrap());
+        let r = ask(&mut s, &del, other);
         assert!(r.contains("<errorCode>606</errorCode>"), "{r}");
-        let r = text(s.soap(&del, me, 1000).unwrap());
+        let r = ask(&mut s, &del, me);
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert!(s.rules.held.is_empty());
-        let r = text(s.soap(&del, me, 1000).unwrap());
+        let r = ask(&mut s, &del, me);
         assert!(r.contains("<errorCode>714</errorCode>"), "{r}");
-        let r = text(
-            s.soap(&soap("GetExternalIPAddress", &[]), me, 1000)
-                .unwrap(),
-        );
+        let r = ask(&mut s, &soap("GetExternalIPAddress", &[]), me);
         assert!(
             r.contains("<NewExternalIPAddress>192.0.2.1</NewExternalIPAddress>"),
             "{r}"
         );
-        let r = text(s.soap(&soap("ForceTermination", &[]), me, 1000).unwrap());
+        let r = ask(&mut s, &soap("ForceTermination", &[]), me);
         assert!(r.contains("<errorCode>401</errorCode>"), "{r}");
     }
 

@@ -776,17 +776,18 @@ fn a_node_that_gains_a_mapped_address_is_found_there_from_another_hub() {
         Verdict::Continue
     );
     assert_eq!(a.counters.addr_updates, 1);
+    // y on b looks x up (b asks a): x's addresses as a holds them.
     let y_link = register(&mut b, 20, vec![], now);
-    let lookup = Control::Lookup {
-        req: 5,
-        node: id(10),
+    let addrs_of_x = |a: &mut HubCore, b: &mut HubCore, req| {
+        let lookup = Control::Lookup { req, node: id(10) };
+        b.handle_frame(y_link, Frame::Control(lookup), now);
+        let (_, to_b_nodes) = pump(a, b, ab, ba, now);
+        found(&to_b_nodes, y_link)
+            .flatten()
+            .expect("an entry")
+            .addrs
     };
-    b.handle_frame(y_link, Frame::Control(lookup), now);
-    let (_, to_b_nodes) = pump(&mut a, &mut b, ab, ba, now);
-    let entry = found(&to_b_nodes, y_link)
-        .expect("an answer")
-        .expect("an entry");
-    assert_eq!(entry.addrs, vec![addr(11), mapped]);
+    assert_eq!(addrs_of_x(&mut a, &mut b, 5), vec![addr(11), mapped]);
     // Another node's link cannot change x's entry.
     let z_link = register(&mut a, 30, vec![], now);
     let forged = Control::NodeAddrs {
@@ -794,14 +795,7 @@ fn a_node_that_gains_a_mapped_address_is_found_there_from_another_hub() {
     };
     a.handle_frame(z_link, Frame::Control(forged), now);
     assert_eq!(a.counters.addr_updates, 2);
-    let lookup = Control::Lookup {
-        req: 6,
-        node: id(10),
-    };
-    b.handle_frame(y_link, Frame::Control(lookup), now);
-    let (_, to_b_nodes) = pump(&mut a, &mut b, ab, ba, now);
-    let entry = found(&to_b_nodes, y_link).flatten().expect("an entry");
-    assert_eq!(entry.addrs, vec![addr(11), mapped]);
+    assert_eq!(addrs_of_x(&mut a, &mut b, 6), vec![addr(11), mapped]);
 }
 
 #[test]

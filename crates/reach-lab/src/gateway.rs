@@ -21,28 +21,44 @@ pub fn start(
     tools: &Path,
     state: &Path,
 ) -> Result<Vec<Process>, LabError> {
-    let mut out = Vec::new();
-    for site in topology.sites.iter().filter(|s| s.port_mapping) {
-        let dir = state.join(format!("gateway-{}", site.name));
-        std::fs::create_dir_all(&dir)?;
-        let log = dir.join("gateway.log");
-        let mut cmd = lab.gateway_command(&site.name, tools.join("reach"));
-        cmd.arg("--state-dir")
-            .arg(&dir)
-            .args(["-v", "gateway", "--lan", "br0", "--wan", "wan"]);
-        let proc = Lab::spawn_logged(&mut cmd, &log)?;
-        let served = crate::wait::until(START, || {
-            std::fs::read_to_string(&log)
-                .ok()
-                .filter(|l| l.contains("gateway serving"))
+    topology
+        .sites
+        .iter()
+        .filter(|s| s.port_mapping)
+        .map(|site| {
+            let dir = state.join(format!("gateway-{}", site.name));
+            start_at(lab, &site.name, tools, &dir, &[])
+        })
+        .collect()
+}
+
+/// Starts `reach gateway` with `flags` in the gateway of site `site`,
+/// state and log (`gateway.log`) in `dir`, and waits until it serves.
+pub fn start_at(
+    lab: &Lab,
+    site: &str,
+    tools: &Path,
+    dir: &Path,
+    flags: &[&str],
+) -> Result<Process, LabError> {
+    std::fs::create_dir_all(dir)?;
+    let log = dir.join("gateway.log");
+    let mut cmd = lab.gateway_command(site, tools.join("reach"));
+    cmd.arg("--state-dir")
+        .arg(dir)
+        .args(["-v", "gateway", "--lan", "br0", "--wan", "wan"])
+        .args(flags);
+    let proc = Lab::spawn_logged(&mut cmd, &log)?;
+    let served = crate::wait::until(START, || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("gateway serving"))
+    });
+    if served.is_none() {
+        return Err(LabError::Command {
+            command: format!("reach gateway at site {site}"),
+            output: std::fs::read_to_string(&log).unwrap_or_default(),
         });
-        if served.is_none() {
-            return Err(LabError::Command {
-                command: format!("reach gateway at site {}", site.name),
-                output: std::fs::read_to_string(&log).unwrap_or_default(),
-            });
-        }
-        out.push(proc);
     }
-    Ok(out)
+    Ok(proc)
 }

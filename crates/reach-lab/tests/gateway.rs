@@ -18,22 +18,10 @@ const GREETING: &str = "hello from behind the gateway";
 /// Starts `reach gateway` in site `site`'s gateway with `flags`; its state
 /// and log (`gateway.log`) in `dir`.
 fn start_gateway(lab: &Lab, site: &str, dir: &Path, flags: &[&str]) -> Process {
-    std::fs::create_dir_all(dir).expect("dir");
-    let mut cmd = lab.gateway_command(site, common::tools_with_reach().join("reach"));
-    cmd.arg("--state-dir")
-        .arg(dir)
-        .args([
-            "-v",
-            "gateway",
-            "--lan",
-            "br0",
-            "--wan",
-            "wan",
-            "--ports",
-            "40000-40999",
-        ])
-        .args(flags);
-    common::spawn_until(cmd, &dir.join("gateway.log"), "gateway serving")
+    let mut all = vec!["--ports", "40000-40999"];
+    all.extend_from_slice(flags);
+    reach_lab::gateway::start_at(lab, site, &common::tools_with_reach(), dir, &all)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A TCP server on `port` in `host` that greets every connection.
@@ -68,18 +56,25 @@ fn fetch(lab: &Lab, host: &str, ip: &str, port: u16) -> Option<String> {
 
 /// Runs natpmpc in `host` with `args`; its output, or a panic that shows it.
 fn natpmpc(lab: &Lab, host: &str, args: &[&str]) -> String {
+    let (ok, text) = client(lab, host, "natpmpc", args);
+    assert!(ok, "natpmpc {args:?} failed:\n{text}");
+    text
+}
+
+/// Runs `program args` (a port-mapping client) in `host`: whether it
+/// succeeded, and its stdout and stderr.
+fn client(lab: &Lab, host: &str, program: &str, args: &[&str]) -> (bool, String) {
     let out = lab
-        .command(host, "natpmpc")
+        .command(host, program)
         .args(args)
         .output()
-        .expect("natpmpc runs (install natpmpc)");
+        .unwrap_or_else(|e| panic!("{program} does not run (install it): {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "natpmpc {args:?} failed:\n{text}");
-    text
+    (out.status.success(), text)
 }
 
 /// The rules of the gateway's nftables table, as `nft list` prints them.
@@ -263,18 +258,9 @@ fn a_reach_node_behind_the_gateway_maps_its_port_and_is_reached_direct() {
 /// miniupnpc counts as reserved, and it declines an IGD whose external
 /// address is reserved ("not connected?") unless told to go on.
 fn upnpc(lab: &Lab, host: &str, args: &[&str]) -> (bool, String) {
-    let out = lab
-        .command(host, "upnpc")
-        .arg("-i")
-        .args(args)
-        .output()
-        .expect("upnpc runs (install miniupnpc)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let mut all = vec!["-i"];
+    all.extend_from_slice(args);
+    client(lab, host, "upnpc", &all)
 }
 
 #[test]
@@ -345,25 +331,20 @@ fn refusals_come_with_natpmp_codes_and_leave_nothing_behind() {
     );
     // client is outside the allowed ranges: its requests are dropped, so
     // natpmpc gets no answer (it gives up after its retries).
-    let out = lab
-        .command("client", "timeout")
-        .args(["5", "natpmpc", "-a", "40001", "1", "tcp", "60"])
-        .output()
-        .expect("natpmpc");
-    assert!(!out.status.success(), "{out:?}");
+    let (ok, said) = client(
+        &lab,
+        "client",
+        "timeout",
+        &["5", "natpmpc", "-a", "40001", "1", "tcp", "60"],
+    );
+    assert!(!ok, "{said}");
     // peer gets two, and the third is refused: out of resources (4),
     // which libnatpmp reports as its error -53.
     for port in ["1", "2"] {
         natpmpc(&lab, "peer", &["-a", "0", port, "udp", "60"]);
     }
-    let third = lab
-        .command("peer", "natpmpc")
-        .args(["-a", "0", "3", "udp", "60"])
-        .output()
-        .expect("natpmpc");
-    let said = String::from_utf8_lossy(&third.stdout).to_string()
-        + &String::from_utf8_lossy(&third.stderr);
-    assert!(!third.status.success(), "{said}");
+    let (ok, said) = client(&lab, "peer", "natpmpc", &["-a", "0", "3", "udp", "60"]);
+    assert!(!ok, "{said}");
     // libnatpmp's NATPMP_ERR_OUTOFRESOURCES for result code 4.
     assert!(said.contains("returned -53"), "{said}");
     assert_eq!(

@@ -399,20 +399,24 @@ impl Vpn {
         loop {
             tick.tick().await;
             let now = Instant::now();
-            let peers = self.peers();
-            if now.saturating_duration_since(pinged) >= STREAM_PING {
-                pinged = now;
-                for peer in &peers {
+            let ping = now.saturating_duration_since(pinged) >= STREAM_PING;
+            let current = self.endpoint.hub_status().map(|s| s.hub);
+            let moved = current.is_some() && current != hub;
+            if !(ping || moved) {
+                continue;
+            }
+            for peer in self.peers() {
+                if ping {
                     peer.ping(now);
                 }
-            }
-            let current = self.endpoint.hub_status().map(|s| s.hub);
-            if current.is_some() && current != hub {
-                hub = current;
-                for peer in &peers {
-                    self.announce_hub(peer);
+                if moved {
+                    self.announce_hub(&peer);
                 }
             }
+            if ping {
+                pinged = now;
+            }
+            hub = current.or(hub);
         }
     }
 

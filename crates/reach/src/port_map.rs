@@ -89,48 +89,54 @@ impl Mapper {
         loop {
             let now = Instant::now();
             let action = lease.poll_action(now);
-            if let Some(action) = action {
-                let outcome = match action {
-                    Action::Ask => self.ask(port).await,
-                    Action::Renew => self.renew().await,
-                };
-                let now = Instant::now();
-                match outcome {
-                    Ok(m) => {
-                        lease.mapped(now, m.external, m.expires.saturating_duration_since(now));
-                        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
-                    }
-                    Err(why) => {
-                        match action {
-                            Action::Ask => {
-                                tracing::debug!("no port mapping from the gateway: {why}")
-                            }
-                            Action::Renew => tracing::warn!("port mapping not renewed: {why}"),
-                        }
-                        lease.failed(now);
-                    }
-                }
-            }
-            while let Some(ev) = lease.poll_event() {
-                match ev {
-                    Event::Mapped(a) => {
-                        let m = self.status();
-                        tracing::info!(external = %a, protocol = %m.map_or("?".into(), |m| m.protocol.to_string()), "port mapped by the gateway: advertised");
-                        advertise(Some(a));
-                    }
-                    Event::Lost(a) => {
-                        tracing::warn!(external = %a, "port mapping lost: no longer advertised");
-                        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                        *self.held.lock().await = None;
-                        advertise(None);
-                    }
-                }
-            }
-            if action.is_none() {
+            // A lease that ran out is reported before the mapping asked for
+            // in its place is held.
+            self.publish(&mut lease, &advertise).await;
+            let Some(action) = action else {
                 let at = lease
                     .poll_timeout()
                     .unwrap_or(now + Duration::from_secs(60));
                 tokio::time::sleep_until(at.into()).await;
+                continue;
+            };
+            let outcome = match action {
+                Action::Ask => self.ask(port).await,
+                Action::Renew => self.renew().await,
+            };
+            let now = Instant::now();
+            match outcome {
+                Ok(m) => {
+                    lease.mapped(now, m.external, m.expires.saturating_duration_since(now));
+                    *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
+                }
+                Err(why) => {
+                    match action {
+                        Action::Ask => tracing::debug!("no port mapping from the gateway: {why}"),
+                        Action::Renew => tracing::warn!("port mapping not renewed: {why}"),
+                    }
+                    lease.failed(now);
+                }
+            }
+            self.publish(&mut lease, &advertise).await;
+        }
+    }
+
+    /// Acts on what the lease says changed: advertises a new external
+    /// address, or forgets a mapping whose lease ran out.
+    async fn publish(&self, lease: &mut Lease, advertise: &impl Fn(Option<SocketAddr>)) {
+        while let Some(ev) = lease.poll_event() {
+            match ev {
+                Event::Mapped(a) => {
+                    let protocol = self.status().map_or("?".into(), |m| m.protocol.to_string());
+                    tracing::info!(external = %a, %protocol, "port mapped by the gateway: advertised");
+                    advertise(Some(a));
+                }
+                Event::Lost(a) => {
+                    tracing::warn!(external = %a, "port mapping lost: no longer advertised");
+                    *self.status.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    *self.held.lock().await = None;
+                    advertise(None);
+                }
             }
         }
     }
