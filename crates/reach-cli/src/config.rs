@@ -30,6 +30,9 @@ pub struct Config {
     /// Whether serving nodes ask their gateway to forward the listening
     /// port (default true).
     pub port_mapping: Option<bool>,
+    /// Whether nodes ask their gateway which internal endpoint a peer's
+    /// public address there stands for (default true).
+    pub gateway_query: Option<bool>,
     /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "reach=debug".
     pub log: Option<String>,
     /// The hub this node attaches to, `[NODEID@]HOST:PORT`.

@@ -144,6 +144,12 @@ struct CommonArgs {
     /// trusted fabrics.
     #[arg(long)]
     plaintext: bool,
+    /// Do not ask the gateway in front of this host which internal address
+    /// a peer behind the same gateway has. By default, before connecting to
+    /// a peer at this host's own public address, the node asks (a PCP query
+    /// `reach gateway` answers) and connects on the LAN.
+    #[arg(long)]
+    no_gateway_query: bool,
     #[command(flatten)]
     hub: HubArgs,
 }
@@ -524,7 +530,8 @@ fn builder(
 ) -> anyhow::Result<(EndpointBuilder, bool)> {
     let mut b = Endpoint::builder()
         .state_dir(state_dir)
-        .plaintext(common.plaintext || config.plaintext.unwrap_or(false));
+        .plaintext(common.plaintext || config.plaintext.unwrap_or(false))
+        .gateway_query(!common.no_gateway_query && config.gateway_query.unwrap_or(true));
     let hub = hub_target(common.hub.hub.first().map(String::as_str), config)?;
     let has_hub = hub.is_some();
     if let Some(hub) = hub {

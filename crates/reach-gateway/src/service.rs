@@ -20,6 +20,7 @@ use crate::nft::NftError;
 use crate::pcp;
 use crate::table::{in_prefix, Change, MapRequest, Mapping, Protocol, Refusal, Source, Table};
 use crate::upnp;
+use reach_proto::gateway_query;
 
 /// Where the mappings' rules go (the kernel's nftables, or a fake in
 /// unit tests).
@@ -65,6 +66,8 @@ pub struct Counters {
     pub outsiders: u64,
     /// Kernel transactions that failed.
     pub kernel_failures: u64,
+    /// Same-network queries answered (DPF's query).
+    pub queries: u64,
 }
 
 /// Why a change to the durable state failed.
@@ -410,6 +413,9 @@ impl<R: Rules> Service<R> {
 
     fn pcp(&mut self, data: &[u8], from: SocketAddrV4, now: u64) -> Outcome {
         let epoch = self.epoch(now);
+        if gateway_query::Query::is_query(data) {
+            return self.query(data, from, now);
+        }
         let req = match pcp::Request::decode(data) {
             Ok(r) => r,
             Err(e) => {
@@ -487,6 +493,51 @@ impl<R: Rules> Service<R> {
             }
             Err(e) => self.refused(e, pcp::error_response(&req, pcp_code(e), epoch)),
         }
+    }
+
+    /// DPF's same-network query: which internal endpoint a public one of
+    /// this gateway forwards to. Answered from the table alone; a client
+    /// learns no more than the LAN's own hosts would by scanning it.
+    fn query(&mut self, data: &[u8], from: SocketAddrV4, now: u64) -> Outcome {
+        let Ok(query) = gateway_query::Query::decode(data) else {
+            // Opcode data the length of nothing: PCP's malformed answer.
+            let opcode = gateway_query::OPCODE;
+            let e = pcp::RequestError::Refused {
+                code: pcp::ResultCode::MalformedRequest,
+                opcode,
+                data: Vec::new(),
+            };
+            self.counters.malformed += 1;
+            return e
+                .answer(self.epoch(now))
+                .map_or(Outcome::Drop, Outcome::Now);
+        };
+        let mut answer = gateway_query::Answer {
+            result: pcp::ResultCode::Success as u8,
+            lifetime: 0,
+            epoch: self.epoch(now),
+            query,
+            internal: None,
+        };
+        if query.client != IpAddr::V4(*from.ip()) {
+            answer.result = pcp::ResultCode::AddressMismatch as u8;
+            return Outcome::Now(answer.encode());
+        }
+        let Some(protocol) = Protocol::from_number(query.protocol) else {
+            answer.result = pcp::ResultCode::UnsupportedProtocol as u8;
+            return Outcome::Now(answer.encode());
+        };
+        self.counters.queries += 1;
+        let ours = self.external.map(IpAddr::V4) == Some(query.external.ip());
+        if let Some(m) = ours
+            .then(|| self.table.get((protocol, query.external.port())))
+            .flatten()
+        {
+            answer.internal = Some(SocketAddr::V4(m.internal));
+            answer.lifetime = u32::try_from(m.expires.saturating_sub(now)).unwrap_or(u32::MAX);
+        }
+        tracing::debug!(client = %from, external = %query.external, internal = ?answer.internal, "same-network query answered");
+        Outcome::Now(answer.encode())
     }
 
     fn upnp(&mut self, req: &upnp::Request, client: Ipv4Addr, now: u64) -> Outcome {
@@ -1039,5 +1090,53 @@ mod tests {
         assert_eq!(s.expire(1030).unwrap(), 1);
         assert!(s.rules.held.is_empty());
         assert_eq!(s.counters.expired, 1);
+    }
+
+    #[test]
+    fn the_same_network_query_names_a_mappings_internal_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = service(dir.path());
+        let r = one(
+            &mut s,
+            pcp_map(6, 7000, 40007, 600, [2; 12]).encode(),
+            CLIENT,
+            1000,
+        );
+        assert_eq!(r[3], 0);
+        let client: IpAddr = "10.0.0.9".parse().unwrap();
+        let ask = |external: &str, protocol| gateway_query::Query {
+            client,
+            protocol,
+            external: external.parse().unwrap(),
+        };
+        // Another LAN host asks about the public endpoint: 10.0.0.5:7000,
+        // for the rest of the lease.
+        let q = ask("192.0.2.1:40007", 6);
+        let r = one(&mut s, q.encode(), "10.0.0.9:6000", 1100);
+        let a = gateway_query::Answer::decode(&r, client).unwrap();
+        assert_eq!(a.internal_for(&q), Some("10.0.0.5:7000".parse().unwrap()));
+        assert_eq!(a.lifetime, 500);
+        // Another port, another protocol, another address: not ours.
+        for q in [
+            ask("192.0.2.1:40008", 6),
+            ask("192.0.2.1:40007", 17),
+            ask("198.51.100.1:40007", 6),
+        ] {
+            let r = one(&mut s, q.encode(), "10.0.0.9:6000", 1100);
+            let a = gateway_query::Answer::decode(&r, client).unwrap();
+            assert_eq!((a.result, a.internal), (0, None), "{q:?}");
+        }
+        assert_eq!(s.counters.queries, 4);
+        // A client field that is not the sender: ADDRESS_MISMATCH.
+        let r = one(&mut s, q.encode(), "10.0.0.8:6000", 1100);
+        assert_eq!(r[3], pcp::ResultCode::AddressMismatch as u8);
+        // A query cut short: MALFORMED_REQUEST, counted.
+        let mut cut = q.encode();
+        cut.truncate(44);
+        let r = one(&mut s, cut, "10.0.0.9:6000", 1100);
+        assert_eq!(&r[..4], &[2, 0x80 | gateway_query::OPCODE, 0, 3]);
+        assert_eq!(s.counters.malformed, 1);
+        // Nothing changed.
+        assert_eq!(s.table().len(), 1);
     }
 }

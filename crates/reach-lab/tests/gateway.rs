@@ -253,6 +253,92 @@ fn a_reach_node_behind_the_gateway_maps_its_port_and_is_reached_direct() {
     );
 }
 
+/// `reach connect` from `host` to `vaddr` through `hub` with `flags`:
+/// the module it connected by and the address it connected to (its log's
+/// "connected" line, also printed), or its error.
+fn connect_with(
+    lab: &Lab,
+    host: &str,
+    hub: &str,
+    vaddr: &str,
+    flags: &[&str],
+) -> Result<(String, String), String> {
+    // A state directory of its own: no module cached by an earlier run.
+    let dir = state(lab).join(format!("{host}-connect{}", flags.join("")));
+    let out = lab
+        .command(host, common::tools_with_reach().join("reach"))
+        .arg("--state-dir")
+        .arg(&dir)
+        .args(["-v", "connect", "--timeout", "20", "--hub", hub])
+        .args(flags)
+        .arg(vaddr)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() {
+        return Err(log);
+    }
+    let line = log
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("connected"))
+        .ok_or_else(|| log.clone())?;
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_string)
+    };
+    eprintln!("{host} {flags:?}: {line}");
+    match (field("module="), field("to=")) {
+        (Some(m), Some(r)) => Ok((m, r)),
+        _ => Err(log),
+    }
+}
+
+#[test]
+fn a_peer_behind_the_same_gateway_is_reached_on_the_lan_by_the_gateways_answer() {
+    let t = common::topology("gateway");
+    let lab = Lab::up(&t).expect("lab up");
+    let (_hub, hub) = common::hub(&lab, "hub", &state(&lab).join("hub"), &[]);
+    let dir = state(&lab).join("gateway");
+    let _gw = start_gateway(&lab, "home", &dir, &[]);
+    let (_listener, vaddr, log) = listener(&lab, "client", &hub, &[]);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    // The public endpoint the gateway mapped for it.
+    let external = reach_lab::wait::until(Duration::from_secs(20), || {
+        read()
+            .lines()
+            .find(|l| l.contains("port mapped by the gateway"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("external="))
+                    .map(str::to_string)
+            })
+    })
+    .unwrap_or_else(|| panic!("no mapping:\n{}", read()));
+    // The peer knows only that public endpoint (DPF's case: a node
+    // published its mapped address), and the NAT does not hairpin.
+    let node = vaddr.split('/').next().expect("node part");
+    let public_only = format!("{node}/a={external}");
+    let lan = format!("{}:", lab.host("client").lan);
+    let (module, remote) = connect_with(&lab, "peer", &hub, &public_only, &["--no-gateway-query"])
+        .expect("connects without the query");
+    assert!(
+        module != "direct" || !remote.starts_with(&lan),
+        "without the query: {module} to {remote}"
+    );
+    // Asked, the gateway names the internal endpoint: Direct on the LAN
+    // (the public endpoint was the only address given).
+    let (module, remote) =
+        connect_with(&lab, "peer", &hub, &public_only, &[]).expect("connects with the query");
+    assert_eq!(
+        (module.as_str(), remote.starts_with(&lan)),
+        ("direct", true),
+        "with the query: {module} to {remote}\n{}",
+        std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default()
+    );
+}
+
 /// Runs upnpc in `host` with `args`; its output and whether it succeeded.
 /// With `-i`: the lab's public addresses are documentation ranges, which
 /// miniupnpc counts as reserved, and it declines an IGD whose external

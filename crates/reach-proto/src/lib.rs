@@ -10,6 +10,7 @@
 pub mod candidates;
 pub mod circuit;
 pub mod datagram;
+pub mod gateway_query;
 pub mod handshake;
 pub mod identity;
 pub mod link;

@@ -12,7 +12,7 @@
 //! cannot work is skipped instead of burning its timeout, and a Direct
 //! attempt at only other networks' private addresses gets a short budget.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::candidates::{classify, plausibly_reachable, AddrClass, LocalAddr};
@@ -141,6 +141,39 @@ impl Site {
     /// before it can decide (this node is behind a NAT and that is unknown).
     pub fn reverse_needs_target_site(&self, target_seen_at: Option<SocketAddr>) -> bool {
         target_seen_at.is_none() && self.behind_nat()
+    }
+    /// The public addresses of the NAT in front of this node: where the
+    /// hub sees it, and the port mapping it advertises (a global address
+    /// that is none of its interfaces'). Empty when it is not behind one.
+    pub fn nat_public_ips(&self) -> Vec<IpAddr> {
+        let own = |ip: IpAddr| self.local.iter().any(|l| l.ip == ip);
+        let mut out: Vec<IpAddr> = Vec::new();
+        let seen = self.seen_at.map(|a| a.ip());
+        let mapped = self
+            .advertised
+            .iter()
+            .map(|a| a.ip())
+            .filter(|ip| classify(*ip) == AddrClass::Global);
+        for ip in seen.into_iter().chain(mapped) {
+            if !own(ip) && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        out
+    }
+
+    /// The target addresses that are public addresses of this node's own
+    /// NAT: the target is behind the same gateway, which seldom forwards
+    /// its own public address back inside (hairpinning), so these are
+    /// worth asking the gateway about (DPF's same-network query) for the
+    /// internal endpoint they stand for.
+    pub fn at_own_nat(&self, target_addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+        let ours = self.nat_public_ips();
+        target_addrs
+            .iter()
+            .copied()
+            .filter(|a| ours.contains(&a.ip()))
+            .collect()
     }
 }
 
@@ -376,6 +409,35 @@ mod tests {
             !Site::default().behind_nat(),
             "not attached: unknown, not behind"
         );
+    }
+
+    #[test]
+    fn addresses_of_the_own_nat_are_told_apart() {
+        let mut site = lan_host();
+        let target = [
+            addr("10.1.0.9:4000"),
+            addr("203.0.113.7:40001"),
+            addr("198.51.100.3:40001"),
+        ];
+        // Seen by the hub at the NAT's address: a target there is behind
+        // the same gateway.
+        assert_eq!(site.at_own_nat(&target), vec![addr("203.0.113.7:40001")]);
+        // The port mapping it advertises says the same without a hub.
+        site.seen_at = None;
+        assert!(site.at_own_nat(&target).is_empty());
+        site.advertised.push(addr("198.51.100.3:40000"));
+        assert_eq!(site.at_own_nat(&target), vec![addr("198.51.100.3:40001")]);
+        // A host with a public address of its own is behind no NAT.
+        let public = Site {
+            local: vec![LocalAddr {
+                ip: "192.0.2.10".parse().expect("ip"),
+                prefix_len: 24,
+            }],
+            advertised: vec![addr("192.0.2.10:4000")],
+            seen_at: Some(addr("192.0.2.10:51000")),
+        };
+        assert!(public.nat_public_ips().is_empty());
+        assert!(public.at_own_nat(&[addr("192.0.2.10:4001")]).is_empty());
     }
 
     #[test]

@@ -86,6 +86,7 @@ pub struct EndpointBuilder {
     hub: Option<HubTarget>,
     fallback_hubs: Vec<HubTarget>,
     port_mapping: bool,
+    gateway_query: bool,
     network_secret: Option<Vec<u8>>,
     modules: Vec<SetupModule>,
     direct_budget: Duration,
@@ -117,6 +118,7 @@ impl Default for EndpointBuilder {
             hub: None,
             fallback_hubs: Vec::new(),
             port_mapping: false,
+            gateway_query: true,
             network_secret: None,
             modules: SetupModule::ALL.to_vec(),
             direct_budget: DEFAULT_DIRECT_BUDGET,
@@ -263,6 +265,18 @@ impl EndpointBuilder {
         self
     }
 
+    /// Asks the gateway in front of this host, before connecting Direct to
+    /// a peer whose address is this host's own NAT's public address (the
+    /// peer is behind the same gateway), which internal endpoint that
+    /// address forwards to, and connects there on the LAN (DPF's
+    /// same-network query, served by `reach gateway`; default on). A
+    /// gateway that does not answer within 300 ms is not asked again for
+    /// ten minutes.
+    pub fn gateway_query(mut self, yes: bool) -> Self {
+        self.gateway_query = yes;
+        self
+    }
+
     /// Another hub of the same network: when a dial to the current hub
     /// fails or its link ends, the session tries the next hub in turn
     /// (the first set with [`hub`](Self::hub), then these in order).
@@ -404,8 +418,7 @@ impl EndpointBuilder {
             secret,
             local_addrs,
             advertised: crate::node::Advertised::new(advertised.clone()),
-            mapper: self
-                .port_mapping
+            mapper: (self.port_mapping || self.gateway_query)
                 .then(|| Arc::new(crate::port_map::Mapper::default())),
             plaintext: self.plaintext,
             plaintext_port: self.plaintext_port,
@@ -454,7 +467,7 @@ impl EndpointBuilder {
             ),
         });
         let mut tasks = vec![tokio::spawn(accept_loop(listener, shared.clone()))];
-        if let Some(mapper) = shared.mapper.clone() {
+        if let Some(mapper) = shared.mapper.clone().filter(|_| self.port_mapping) {
             let s = shared.clone();
             tasks.push(tokio::spawn(mapper.run(local.port(), move |mapped| {
                 s.advertised.set_mapped(mapped);

@@ -64,7 +64,18 @@ enum Held {
 pub(crate) struct Mapper {
     held: tokio::sync::Mutex<Option<Held>>,
     status: Mutex<Option<PortMapping>>,
+    /// Until when the gateway is not asked same-network queries again
+    /// (it did not answer one).
+    query_quiet_until: Mutex<Option<Instant>>,
 }
+
+/// How long a same-network query waits for the gateway's answer (it is
+/// one hop away on the LAN).
+const QUERY_WAIT: Duration = Duration::from_millis(300);
+/// How often the query is sent within that wait.
+const QUERY_SENDS: u32 = 3;
+/// How long a gateway that did not answer a query is left alone.
+const QUERY_QUIET: Duration = Duration::from_secs(600);
 
 /// How long one attempt at a protocol may take.
 const ATTEMPT: Duration = Duration::from_secs(2);
@@ -200,6 +211,41 @@ impl Mapper {
         })
     }
 
+    /// DPF's same-network query: asks the gateway in front of this host
+    /// which internal endpoint the public TCP endpoint `external` (one of
+    /// its own, a peer behind the same NAT) forwards to. None when it is
+    /// not a mapping there, or the gateway does not answer within
+    /// [`QUERY_WAIT`] (then it is not asked again for [`QUERY_QUIET`], so a
+    /// gateway that does not speak the query costs one wait, not one per
+    /// connection).
+    pub(crate) async fn same_network(&self, external: SocketAddr) -> Option<SocketAddr> {
+        let now = Instant::now();
+        let quiet = &self.query_quiet_until;
+        if quiet
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| now < until)
+        {
+            return None;
+        }
+        let gateway = match self.status().map(|m| m.gateway) {
+            Some(IpAddr::V4(g)) => g,
+            _ => default_gateway()?,
+        };
+        let client = local_toward(gateway)?;
+        match query_gateway(gateway, client, external).await {
+            Ok(internal) => {
+                tracing::debug!(%external, ?internal, "same-network query answered by the gateway");
+                internal
+            }
+            Err(why) => {
+                tracing::debug!(%external, "same-network query: {why}; the gateway is not asked again for {QUERY_QUIET:?}");
+                *quiet.lock().unwrap_or_else(|p| p.into_inner()) = Some(now + QUERY_QUIET);
+                None
+            }
+        }
+    }
+
     /// Deletes the mapping held, if any, within `timeout`.
     pub(crate) async fn delete(&self, timeout: Duration) {
         let Some(held) = self.held.lock().await.take() else {
@@ -314,6 +360,68 @@ async fn ask_upnp(client: Ipv4Addr, port: NonZeroU16) -> Result<(Held, PortMappi
         },
         status,
     ))
+}
+
+/// Sends the same-network query for TCP endpoint `external` from
+/// `client` to `gateway`'s PCP port: `Ok(None)` when the gateway says it
+/// is not one of its mappings, `Err` when it gives no usable answer.
+async fn query_gateway(
+    gateway: Ipv4Addr,
+    client: Ipv4Addr,
+    external: SocketAddr,
+) -> Result<Option<SocketAddr>, String> {
+    use reach_proto::gateway_query::{Answer, Query, RESPONSE_LEN, SUCCESS};
+    let socket = tokio::net::UdpSocket::bind((client, 0))
+        .await
+        .map_err(|e| format!("bind: {e}"))?;
+    socket
+        .connect((gateway, crab_nat::GATEWAY_PORT))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let query = Query {
+        client: IpAddr::V4(client),
+        protocol: 6,
+        external,
+    };
+    let request = query.encode();
+    let mut buf = [0u8; RESPONSE_LEN + 4];
+    let deadline = tokio::time::Instant::now() + QUERY_WAIT;
+    for _ in 0..QUERY_SENDS {
+        socket
+            .send(&request)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let resend = (tokio::time::Instant::now() + QUERY_WAIT / QUERY_SENDS).min(deadline);
+        loop {
+            let n = match tokio::time::timeout_at(resend, socket.recv(&mut buf)).await {
+                Err(_) => break,
+                // Port unreachable: nothing serves PCP there.
+                Ok(Err(e)) => return Err(format!("no PCP server: {e}")),
+                Ok(Ok(n)) => n,
+            };
+            let msg = &buf[..n];
+            let Ok(answer) = Answer::decode(msg, query.client) else {
+                // A PCP error answer to the opcode (UNSUPP_OPCODE, say) is
+                // shorter than an answer: no.
+                if let [_, op, _, result, ..] = msg {
+                    if *op == 0x80 | reach_proto::gateway_query::OPCODE {
+                        return Err(format!("the gateway refused the query (result {result})"));
+                    }
+                }
+                continue;
+            };
+            if answer.result != SUCCESS {
+                return Err(format!(
+                    "the gateway refused the query (result {})",
+                    answer.result
+                ));
+            }
+            if answer.query.external == external {
+                return Ok(answer.internal_for(&query));
+            }
+        }
+    }
+    Err(format!("no answer within {QUERY_WAIT:?}"))
 }
 
 /// The default IPv4 gateway, from the kernel's routing table.

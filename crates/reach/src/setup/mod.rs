@@ -182,6 +182,26 @@ impl Run<'_> {
         log.failures.push(ModuleFailure { module, error });
     }
 
+    /// Asks the gateway about the target's addresses that are public
+    /// addresses of this node's own NAT (DPF's same-network query) and
+    /// puts the internal endpoints they forward to first: the target is
+    /// behind the same gateway, reached on the LAN, where the NAT would
+    /// have had to hairpin. Only a node that speaks to its gateway (port
+    /// mapping on) asks.
+    async fn resolve_own_nat(&self, target: &mut VirtualAddr) {
+        let Some(mapper) = &self.shared.mapper else {
+            return;
+        };
+        for external in self.site.at_own_nat(&target.direct) {
+            if let Some(internal) = mapper.same_network(external).await {
+                if !target.direct.contains(&internal) {
+                    tracing::debug!(node = %target.node, %external, %internal, "behind the same gateway: the internal endpoint goes first");
+                    target.direct.insert(0, internal);
+                }
+            }
+        }
+    }
+
     /// Tries `order` in turn: the first stream, `Err(Some(_))` when the
     /// target refused (no point going on), `Err(None)` when every module
     /// failed (see the log).
@@ -234,6 +254,9 @@ impl Run<'_> {
                     Ok(None) => tracing::debug!(%node, "no hub knows the node"),
                     Err(e) => tracing::debug!(%node, "lookup failed: {e}"),
                 }
+            }
+            if module == SetupModule::Direct {
+                self.resolve_own_nat(&mut target).await;
             }
             let facts = Facts {
                 site: &self.site,
