@@ -54,6 +54,16 @@ pub struct GatewayArgs {
     /// one; discovery tells clients where).
     #[arg(long, value_name = "P", default_value_t = 0)]
     upnp_port: u16,
+    /// Seconds between rounds of DPF's probe: a TCP connection to each TCP
+    /// mapping's internal endpoint, so that the mappings of a program or
+    /// host that is gone end before their lease (0: no probing; UDP
+    /// mappings always end by their lease).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    probe_interval: u64,
+    /// Rounds in a row a mapping's endpoint may refuse or not answer the
+    /// probe before the mapping is deleted.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    probe_misses: u32,
 }
 
 /// `net/len` as a prefix.
@@ -104,6 +114,10 @@ pub async fn run(args: GatewayArgs, state_dir: &Path) -> anyhow::Result<()> {
         port: args.port,
         upnp: !args.no_upnp,
         upnp_port: args.upnp_port,
+        probe: reach_gateway::probe::Settings {
+            interval: args.probe_interval,
+            misses: args.probe_misses,
+        },
     };
     let gateway = reach_gateway::Gateway::start(config).await?;
     match gateway.upnp_addr() {

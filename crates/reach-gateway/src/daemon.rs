@@ -2,7 +2,7 @@
 //! batches of requests into [`Service`], lease expiry on a timer, and the
 //! start: journal replayed, table restored, kernel reconciled to it.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +10,9 @@ use tokio::net::UdpSocket;
 
 use crate::journal::Journal;
 use crate::nft::Kernel;
+use crate::probe::{Outcome, Prober};
 use crate::service::{Counters, Service, ServiceError};
+use crate::table::Key;
 use crate::table::{Policy, Table};
 
 /// The NAT-PMP and PCP server port (RFC 6886, RFC 6887).
@@ -22,6 +24,10 @@ const BATCH: usize = 64;
 const MAX_DATAGRAM: usize = 1100;
 /// How often the WAN's address is looked at again.
 const ADDRESS_CHECK: Duration = Duration::from_secs(10);
+/// Probes in flight at once.
+const PROBES_IN_FLIGHT: usize = 32;
+/// How long one probe waits for the client's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the daemon runs.
 #[derive(Clone, Debug)]
@@ -43,6 +49,8 @@ pub struct Config {
     pub upnp: bool,
     /// The UPnP HTTP port (0: any free one; SSDP tells clients).
     pub upnp_port: u16,
+    /// How clients that are gone are found (DPF's probe).
+    pub probe: crate::probe::Settings,
 }
 
 /// Why the daemon stopped or could not start.
@@ -111,6 +119,9 @@ pub struct Gateway {
     /// The UPnP tasks (ended with the gateway).
     upnp_tasks: Vec<tokio::task::JoinHandle<()>>,
     upnp_addr: Option<SocketAddr>,
+    /// The LAN address probes go out from.
+    lan_ip: Ipv4Addr,
+    prober: Prober,
 }
 
 impl Drop for Gateway {
@@ -177,6 +188,8 @@ impl Gateway {
             calls: None,
             upnp_tasks: Vec::new(),
             upnp_addr: None,
+            lan_ip,
+            prober: Prober::new(config.probe, now),
         };
         if config.upnp {
             gateway
@@ -258,7 +271,19 @@ impl Gateway {
         let mut calls = self.calls.take();
         let mut address_check = tokio::time::interval(ADDRESS_CHECK);
         address_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // The probe round under way, if any (its task ends with the loop).
+        let mut probing: Option<Round> = None;
         loop {
+            let probe_at = self.prober.next_round().map(|at| {
+                let wait = at.saturating_sub(unix_now());
+                tokio::time::Instant::now() + Duration::from_secs(wait)
+            });
+            let probe_sleep = async {
+                match probe_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let expiry = self.service.next_expiry().map(|at| {
                 let wait = at.saturating_sub(unix_now());
                 tokio::time::Instant::now() + Duration::from_secs(wait)
@@ -305,7 +330,76 @@ impl Gateway {
                 _ = address_check.tick() => {
                     self.service.set_external(interface_v4(&self.wan).map(|(ip, _)| ip));
                 }
+                () = probe_sleep => {
+                    let targets = self.prober.start_round(self.service.table(), unix_now());
+                    tracing::debug!(mappings = targets.len(), "probing the clients of TCP mappings");
+                    probing = Some(Round(tokio::spawn(probe_all(self.lan_ip, targets))));
+                }
+                done = async {
+                    match probing.as_mut() {
+                        Some(round) => (&mut round.0).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    probing = None;
+                    let outcomes = done.unwrap_or_default();
+                    let gone = self.prober.finish_round(&outcomes, self.service.table(), unix_now());
+                    self.service.drop_gone(&gone)?;
+                }
             }
         }
+    }
+}
+
+/// One probe's result: the mapping, the endpoint probed, what it found.
+type Probed = (Key, SocketAddrV4, Outcome);
+
+/// A probe round's task, aborted when the daemon stops.
+struct Round(tokio::task::JoinHandle<Vec<Probed>>);
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Probes every target from the LAN address `from`, [`PROBES_IN_FLIGHT`]
+/// at a time, each within [`PROBE_TIMEOUT`].
+async fn probe_all(from: Ipv4Addr, targets: Vec<(Key, SocketAddrV4)>) -> Vec<Probed> {
+    let mut out = Vec::with_capacity(targets.len());
+    let mut running = tokio::task::JoinSet::new();
+    let mut rest = targets.into_iter();
+    loop {
+        while running.len() < PROBES_IN_FLIGHT {
+            let Some((key, internal)) = rest.next() else {
+                break;
+            };
+            running.spawn(async move { (key, internal, probe(from, internal).await) });
+        }
+        match running.join_next().await {
+            Some(Ok(p)) => out.push(p),
+            // A probe task that failed says nothing about its client.
+            Some(Err(_)) => {}
+            None => return out,
+        }
+    }
+}
+
+/// One probe: a TCP connection to the client's endpoint, closed at once
+/// with a reset (no state left behind on either side).
+async fn probe(from: Ipv4Addr, to: SocketAddrV4) -> Outcome {
+    let connect = async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from((from, 0)))?;
+        socket.connect(SocketAddr::V4(to)).await
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+        Ok(Ok(stream)) => {
+            // A zero linger resets at once; it does not block.
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            Outcome::Alive
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        Ok(Err(_)) | Err(_) => Outcome::Silent,
     }
 }

@@ -18,7 +18,8 @@
 //! never touched.
 //!
 //! Modules: [`natpmp`] and [`pcp`] (wire formats, property-tested),
-//! [`table`] (mappings and policy, sans-IO), [`journal`] (the mirror
+//! [`table`] (mappings and policy, sans-IO), [`probe`] (DPF's probe of
+//! clients that are gone, sans-IO), [`journal`] (the mirror
 //! file), [`nft`] (the kernel table), [`service`] (requests to changes,
 //! sans-IO but for its journal and rules), [`daemon`] (sockets and
 //! timers).
@@ -28,6 +29,7 @@ pub mod journal;
 pub mod natpmp;
 pub mod nft;
 pub mod pcp;
+pub mod probe;
 pub mod service;
 pub mod table;
 pub mod upnp;

@@ -18,7 +18,7 @@ use crate::journal::{Entry, Journal, JournalError};
 use crate::natpmp;
 use crate::nft::NftError;
 use crate::pcp;
-use crate::table::{in_prefix, Change, MapRequest, Mapping, Protocol, Refusal, Source, Table};
+use crate::table::{in_prefix, Change, Key, MapRequest, Mapping, Protocol, Refusal, Source, Table};
 use crate::upnp;
 use reach_proto::gateway_query;
 
@@ -57,6 +57,8 @@ pub struct Counters {
     pub deleted: u64,
     /// Mappings whose lease ended.
     pub expired: u64,
+    /// Mappings of clients that were gone (DPF's probe).
+    pub gone: u64,
     /// Requests refused by the policy (answered with the protocol's code).
     pub refused: u64,
     /// Datagrams that were not requests (dropped, or answered with an
@@ -298,22 +300,40 @@ impl<R: Rules> Service<R> {
     /// Ends the leases due by `now`: table, kernel, journal.
     pub fn expire(&mut self, now: u64) -> Result<usize, ServiceError> {
         let keys = self.table.expired(now);
-        if keys.is_empty() {
+        let n = self.delete(&keys, "mapping expired")?;
+        self.counters.expired += n as u64;
+        Ok(n)
+    }
+
+    /// Deletes the mappings of clients the probe found gone: table,
+    /// kernel, journal.
+    pub fn drop_gone(&mut self, keys: &[Key]) -> Result<usize, ServiceError> {
+        let n = self.delete(keys, "mapping deleted: its client is gone (probe)")?;
+        self.counters.gone += n as u64;
+        Ok(n)
+    }
+
+    /// Deletes `keys` in DPF's order (table, kernel, journal), logging
+    /// `why` for each; compacts the journal when it has grown.
+    fn delete(&mut self, keys: &[Key], why: &str) -> Result<usize, ServiceError> {
+        let gone: Vec<Mapping> = keys.iter().filter_map(|k| self.table.remove(*k)).collect();
+        if gone.is_empty() {
             return Ok(0);
         }
-        let gone: Vec<Mapping> = keys.iter().filter_map(|k| self.table.remove(*k)).collect();
         if let Err(e) = self.rules.change(&[], &gone) {
             // Kept out of the table all the same: the next start's
             // reconciliation deletes rules the journal no longer has.
             self.counters.kernel_failures += 1;
-            tracing::error!("cannot delete {} expired mappings' rules: {e}", gone.len());
+            tracing::error!("cannot delete {} mappings' rules: {e}", gone.len());
         }
-        let dels: Vec<Entry> = keys.iter().map(|k| Entry::Del(*k)).collect();
+        let dels: Vec<Entry> = gone
+            .iter()
+            .map(|m| Entry::Del((m.protocol, m.external_port)))
+            .collect();
         self.journal.append(&dels)?;
         for m in &gone {
-            tracing::info!(protocol = %m.protocol, external_port = m.external_port, internal = %m.internal, "mapping expired");
+            tracing::info!(protocol = %m.protocol, external_port = m.external_port, internal = %m.internal, "{why}");
         }
-        self.counters.expired += gone.len() as u64;
         if self.journal.appended() > 4 * self.table.len() + 1024 {
             let live: Vec<Mapping> = self.table.mappings().copied().collect();
             self.journal.compact(&live)?;

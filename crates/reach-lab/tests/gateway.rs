@@ -442,6 +442,62 @@ fn refusals_come_with_natpmp_codes_and_leave_nothing_behind() {
 }
 
 #[test]
+fn the_probe_ends_the_mappings_of_programs_and_hosts_that_are_gone_before_their_lease() {
+    let t = common::topology("gateway");
+    let lab = Lab::up(&t).expect("lab up");
+    let dir = state(&lab).join("gateway");
+    let _gw = start_gateway(
+        &lab,
+        "home",
+        &dir,
+        &["--probe-interval", "1", "--probe-misses", "2"],
+    );
+    let _client_server = greeter(&lab, "client", 8080, &state(&lab).join("client.log"));
+    let _peer_server = greeter(&lab, "peer", 8080, &state(&lab).join("peer.log"));
+    // An hour's leases: a program that listens, one that does not (its
+    // port refuses), and a host that goes silent.
+    natpmpc(&lab, "client", &["-a", "40080", "8080", "tcp", "3600"]);
+    natpmpc(&lab, "client", &["-a", "40081", "8081", "tcp", "3600"]);
+    natpmpc(&lab, "peer", &["-a", "40082", "8080", "tcp", "3600"]);
+    let silence = "add table inet gone\n\
+        add chain inet gone input { type filter hook input priority -10; policy drop; }\n";
+    let mut nft = lab.command("peer", "nft");
+    nft.args(["-f", "-"]).stdin(std::process::Stdio::piped());
+    let mut child = nft.spawn().expect("nft");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(silence.as_bytes())
+        .expect("nft input");
+    assert!(child.wait().expect("nft").success());
+    let log = || std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+    // The log line comes once table, kernel and journal have changed.
+    let ended = reach_lab::wait::until(Duration::from_secs(20), || {
+        (log().matches("its client is gone").count() == 2).then_some(())
+    });
+    assert!(
+        ended.is_some(),
+        "the probe did not end them:\n{}\n{}",
+        gateway_rules(&lab, "home"),
+        log()
+    );
+    let rules = gateway_rules(&lab, "home");
+    assert!(
+        !rules.contains("40081") && !rules.contains("40082"),
+        "{rules}"
+    );
+    // The listening program keeps its mapping, reachable from outside.
+    assert!(gateway_rules(&lab, "home").contains("40080"));
+    let public = lab.host("client").gateway.to_string();
+    assert_eq!(
+        fetch(&lab, "outside", &public, 40080).as_deref(),
+        Some(GREETING)
+    );
+}
+
+#[test]
 fn a_gateway_killed_holding_500_mappings_restarts_with_the_kernel_equal_to_its_journal() {
     let t = common::topology("gateway");
     let lab = Lab::up(&t).expect("lab up");
