@@ -35,6 +35,9 @@ fi
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "the shim reach run preloads (a cdylib the tests load, not a test target)"
+cargo build --locked -p reach-shim
+
 step "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci
 

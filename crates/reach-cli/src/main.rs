@@ -8,6 +8,7 @@ mod control;
 mod gateway;
 mod hub;
 mod pipe;
+mod run;
 mod status;
 mod vpn;
 
@@ -123,6 +124,17 @@ enum Command {
     /// given. Runs until SIGINT or SIGTERM.
     #[command(verbatim_doc_comment)]
     Socks(SocksArgs),
+    /// Run a program with its sockets on the reach network, without root
+    /// and without changing it: inside it, the host name NODEID.reach (or
+    /// an --alias) resolves to a private loopback address, and a TCP
+    /// connection to it is carried over a reach stream to NODEID, at the
+    /// port the program connects to. Other names and addresses are left
+    /// alone. Works through a preloaded library (LD_PRELOAD), so not for
+    /// static binaries; see docs/run.md. The exit status is the program's.
+    /// E.g.
+    ///   reach run --hub HUB -- curl http://NODEID.reach:8000/
+    #[command(verbatim_doc_comment)]
+    Run(run::RunArgs),
     /// Probe the NAT in front of this host with the hub's address echoes, as
     /// a splice does, and print what it does: how it maps a local port
     /// (endpoint-independent or per destination), how it allocates external
@@ -493,6 +505,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Expose(args) => expose(args, &config, &state_dir).await,
         Command::Forward(args) => forward(args, &config, &state_dir).await,
         Command::Socks(args) => socks(args, &config, &state_dir).await,
+        Command::Run(args) => run::run(args, &config, &state_dir).await,
         Command::Vpn(cmd) => vpn::run(cmd, &config, &state_dir).await,
     }
 }

@@ -7,11 +7,13 @@
 //! ```
 //! [`proxy`] carries TCP ([`proxy::expose`], [`proxy::forward`],
 //! [`proxy::socks`]) and counts what moves ([`proxy::ProxyStats`]);
-//! [`udp_proxy`] carries datagrams over streams. The `reach` CLI's
+//! [`udp_proxy`] carries datagrams over streams; [`run_agent`] serves
+//! `reach run`'s preloaded shim. The `reach` CLI's
 //! `expose`, `forward` and `socks` commands and the hub's proxy ports are
 //! built on them; the core library (`reach`) does not depend on this crate.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod limits;
 pub mod proxy;
+pub mod run_agent;
 pub mod udp_proxy;

@@ -284,7 +284,11 @@ impl Observer for Activity {
 /// Copies both ways until both directions end, counting into `stats` as it
 /// goes; returns (bytes from `tcp`, bytes from `stream`). An abnormal end
 /// resets `tcp` (see [`reset_if_failed`]).
-async fn pipe<S>(tcp: &mut TcpStream, stream: &mut S, stats: &ProxyStats) -> io::Result<(u64, u64)>
+pub(crate) async fn pipe<S>(
+    tcp: &mut TcpStream,
+    stream: &mut S,
+    stats: &ProxyStats,
+) -> io::Result<(u64, u64)>
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
@@ -598,7 +602,7 @@ async fn socks_one(
     }
 }
 
-fn log_end(who: &str, moved: &io::Result<(u64, u64)>) {
+pub(crate) fn log_end(who: &str, moved: &io::Result<(u64, u64)>) {
     match moved {
         Ok((up, down)) => tracing::debug!(who, up, down, "connection done"),
         Err(e) => tracing::debug!(who, "connection ended: {e}"),

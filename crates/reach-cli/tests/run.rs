@@ -1,0 +1,234 @@
+//! `reach run` on loopback: unmodified programs (curl, python3) started
+//! under the shim reach a service exposed at a node by its `.reach` name,
+//! other names and addresses behave as without the shim, and an agent
+//! that dies makes connects fail with an errno instead of a hang. Needs
+//! the shim built (`cargo build -p reach-shim`; scripts/test.sh does).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{HubProc, Listener, DEADLINE};
+
+const PAGE: &str = "hello through reach run";
+
+/// A tiny HTTP server on loopback answering every request with [`PAGE`].
+fn web_service() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{PAGE}",
+                    PAGE.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+/// The shim beside the `reach` binary, or a failure that says how to
+/// build it.
+fn shim() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_reach"));
+    let shim = exe.with_file_name("libreach_shim.so");
+    assert!(
+        shim.is_file(),
+        "{} is missing: build it with `cargo build -p reach-shim` (scripts/test.sh does)",
+        shim.display()
+    );
+    shim
+}
+
+/// `reach run --hub HUB -- PROGRAM ARGS...` with state in `state`.
+fn run(state: &Path, hub: &str, program: &[&str]) -> Output {
+    let mut cmd = common::reach();
+    cmd.arg("--state-dir")
+        .arg(state)
+        .args(["-v", "run", "--shim"])
+        .arg(shim())
+        .args(["--hub", hub, "--"])
+        .args(program)
+        .stdin(Stdio::null());
+    output_within(cmd)
+}
+
+/// Runs `cmd` to its end within the tests' deadline.
+fn output_within(mut cmd: Command) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("output"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not end within {DEADLINE:?}");
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A hub and the web service exposed at a node's virtual port 8000: the
+/// hub, the exposing node (kept alive) and its NodeId.
+fn exposed_web(dir: &Path) -> (HubProc, Listener, String) {
+    let service = web_service().to_string();
+    let hub = HubProc::start(&dir.join("hub"), &[]);
+    let state = dir.join("server");
+    let empty = common::random_file(dir, "empty", 0);
+    let server = Listener::start_with(
+        None,
+        &state,
+        &empty,
+        &["expose", &service],
+        &[
+            "--open",
+            "--port",
+            "8000",
+            "--virtual-only",
+            "--hub",
+            &hub.target,
+        ],
+    );
+    let node = common::reach_id(&state);
+    (hub, server, node)
+}
+
+#[test]
+fn unmodified_programs_reach_reach_names_and_nothing_else_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hub, _server, node) = exposed_web(dir.path());
+    let client = dir.path().join("client");
+    // curl resolves NODEID.reach and its connection is carried to the
+    // node's virtual port 8000.
+    let url = format!("http://{node}.reach:8000/");
+    let out = run(&client, &hub.target, &["curl", "-sS", "-m", "20", &url]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), PAGE, "{}", text(&out));
+    // An unknown .reach name fails as an unknown host does: curl's 6.
+    let out = run(
+        &client,
+        &hub.target,
+        &["curl", "-sS", "-m", "20", "http://nosuchnode.reach:8000/"],
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    // Addresses that are not the pool's are the C library's business.
+    let plain = web_service();
+    let out = run(
+        &client,
+        &hub.target,
+        &["curl", "-sS", "-m", "20", &format!("http://{plain}/")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), PAGE);
+    // Python's socket module: blocking and non-blocking connects, and the
+    // peer is the address the program connected to.
+    let script = format!(
+        "import socket, select\n\
+         s = socket.create_connection(('{node}.reach', 8000))\n\
+         print(s.getpeername()[0].startswith('127.77.'))\n\
+         s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         print(s.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())\n\
+         s.close()\n\
+         n = socket.socket()\n\
+         n.setblocking(False)\n\
+         ip = socket.getaddrinfo('{node}.reach', 8000)[0][4][0]\n\
+         r = n.connect_ex((ip, 8000))\n\
+         select.select([], [n], [], 20)\n\
+         print(r in (0, 115), n.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), n.getpeername())\n"
+    );
+    let out = run(&client, &hub.target, &["python3", "-c", &script]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines.first(), Some(&"True"), "{}", text(&out));
+    assert_eq!(lines.get(1), Some(&PAGE), "{}", text(&out));
+    assert!(
+        lines
+            .get(2)
+            .is_some_and(|l| l.starts_with("True 0 ('127.77.")),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn an_agent_that_dies_makes_connects_fail_with_an_errno_not_a_hang() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hub, _server, node) = exposed_web(dir.path());
+    let result = dir.path().join("result");
+    // The program resolves the name, kills its agent (`reach run`, its
+    // parent), then connects: the connect must fail at once, with an
+    // errno, and the shim must say why on stderr.
+    let script = format!(
+        "import os, signal, socket, sys, time\n\
+         ip = socket.getaddrinfo('{node}.reach', 8000)[0][4][0]\n\
+         os.kill(os.getppid(), signal.SIGKILL)\n\
+         time.sleep(0.2)\n\
+         t = time.monotonic()\n\
+         try:\n    socket.create_connection((ip, 8000), timeout=30)\n    r = 'connected'\n\
+         except OSError as e:\n    r = 'errno %d' % e.errno\n\
+         open('{}', 'w').write('%s %.1f' % (r, time.monotonic() - t))\n",
+        result.display()
+    );
+    let out = run(
+        &dir.path().join("client"),
+        &hub.target,
+        &["python3", "-c", &script],
+    );
+    // `reach run` itself was killed.
+    assert_eq!(out.status.code(), None, "{}", text(&out));
+    let said = common::until(|| {
+        std::fs::read_to_string(&result)
+            .ok()
+            .filter(|s| !s.is_empty())
+    })
+    .expect("the orphaned program wrote its result");
+    let (what, secs) = said.rsplit_once(' ').expect("result and time");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reach run: the agent at") && err.contains("did not answer"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        what,
+        format!("errno {}", 101),
+        "ENETUNREACH expected: {said}"
+    );
+    assert!(
+        secs.parse::<f64>().expect("seconds") < 5.0,
+        "the failure took {secs} s"
+    );
+}

@@ -1,0 +1,321 @@
+//! The C library calls the shim stands in for. Each looks at its
+//! arguments, hands what concerns `.reach` names and the pool to the
+//! agent, and passes everything else to the C library's own function
+//! (found with `dlsym(RTLD_NEXT)`), unchanged.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::mem::size_of;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use libc::{addrinfo, sockaddr, sockaddr_in, socklen_t};
+use reach_shim_wire::{in_pool, is_reach_name, ErrorKind, Reply, Request};
+
+use crate::peers;
+use crate::talk::{agent_socket, ask};
+
+type GetaddrinfoFn = unsafe extern "C" fn(
+    *const c_char,
+    *const c_char,
+    *const addrinfo,
+    *mut *mut addrinfo,
+) -> c_int;
+type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+type GetpeernameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
+
+/// The C library's function `name`, looked up once.
+fn next(cache: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
+    let p = cache.load(Ordering::Acquire);
+    if !p.is_null() {
+        return p;
+    }
+    // SAFETY: dlsym with a valid, NUL-terminated name.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    if p.is_null() {
+        eprintln!("reach run: the C library has no {name:?}; the shim cannot work here");
+        std::process::abort();
+    }
+    cache.store(p, Ordering::Release);
+    p
+}
+
+macro_rules! real {
+    ($name:literal, $ty:ty) => {{
+        static CACHE: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+        let p = next(&CACHE, $name);
+        // SAFETY: the symbol is the C library's function of this type.
+        unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
+    }};
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: the calling thread's errno.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// `getaddrinfo`: a `.reach` name resolves to its pool address (asked of
+/// the agent); an unknown one fails with `EAI_NONAME`, as an unknown host
+/// name does, and an agent that cannot be asked with `EAI_AGAIN`.
+///
+/// # Safety
+/// As the C function: valid pointers or null where C allows it.
+#[no_mangle]
+pub unsafe extern "C" fn getaddrinfo(
+    node: *const c_char,
+    service: *const c_char,
+    hints: *const addrinfo,
+    res: *mut *mut addrinfo,
+) -> c_int {
+    let real = real!(c"getaddrinfo", GetaddrinfoFn);
+    if node.is_null() || agent_socket().is_none() {
+        return real(node, service, hints, res);
+    }
+    let Ok(name) = CStr::from_ptr(node).to_str() else {
+        return real(node, service, hints, res);
+    };
+    if !is_reach_name(name) {
+        return real(node, service, hints, res);
+    }
+    let hints = hints.as_ref();
+    let family = hints.map_or(libc::AF_UNSPEC, |h| h.ai_family);
+    if family != libc::AF_UNSPEC && family != libc::AF_INET {
+        // Pool addresses are IPv4.
+        return libc::EAI_NONAME;
+    }
+    let socktype = match hints.map_or(0, |h| h.ai_socktype) {
+        0 => libc::SOCK_STREAM,
+        t => t,
+    };
+    let protocol = match socktype {
+        libc::SOCK_STREAM => libc::IPPROTO_TCP,
+        libc::SOCK_DGRAM => libc::IPPROTO_UDP,
+        _ => return libc::EAI_SOCKTYPE,
+    };
+    let flags = hints.map_or(0, |h| h.ai_flags);
+    let Some(port) = service_port(service, flags, socktype) else {
+        return libc::EAI_SERVICE;
+    };
+    let ip = match ask(&Request::Resolve(name.to_string())) {
+        Ok(Reply::Address(ip)) => ip,
+        Ok(Reply::Error(ErrorKind::NoName, _)) => return libc::EAI_NONAME,
+        Ok(_) | Err(_) => return libc::EAI_AGAIN,
+    };
+    // One block for the entry and its address, as the C library's
+    // `freeaddrinfo` frees them (the canonical name apart).
+    let size = size_of::<addrinfo>() + size_of::<sockaddr_in>();
+    let block = libc::calloc(1, size).cast::<u8>();
+    if block.is_null() {
+        return libc::EAI_MEMORY;
+    }
+    let sin = block.add(size_of::<addrinfo>()).cast::<sockaddr_in>();
+    sin.write(sockaddr_in_of(SocketAddrV4::new(ip, port)));
+    let canon = if flags & libc::AI_CANONNAME != 0 {
+        libc::strdup(node)
+    } else {
+        std::ptr::null_mut()
+    };
+    let ai = block.cast::<addrinfo>();
+    ai.write(addrinfo {
+        ai_flags: flags,
+        ai_family: libc::AF_INET,
+        ai_socktype: socktype,
+        ai_protocol: protocol,
+        ai_addrlen: size_of::<sockaddr_in>() as socklen_t,
+        ai_addr: sin.cast::<sockaddr>(),
+        ai_canonname: canon,
+        ai_next: std::ptr::null_mut(),
+    });
+    *res = ai;
+    0
+}
+
+/// The port `service` names: a number, or a service name the C library
+/// knows (not with `AI_NUMERICSERV`); 0 for none.
+unsafe fn service_port(service: *const c_char, flags: c_int, socktype: c_int) -> Option<u16> {
+    if service.is_null() {
+        return Some(0);
+    }
+    let text = CStr::from_ptr(service).to_str().ok()?;
+    if let Ok(n) = text.parse::<u16>() {
+        return Some(n);
+    }
+    if flags & libc::AI_NUMERICSERV != 0 {
+        return None;
+    }
+    let proto = if socktype == libc::SOCK_DGRAM {
+        c"udp"
+    } else {
+        c"tcp"
+    };
+    let entry = libc::getservbyname(service, proto.as_ptr());
+    entry
+        .as_ref()
+        .map(|e| u16::from_be(u16::try_from(e.s_port & 0xffff).unwrap_or(0)))
+}
+
+fn sockaddr_in_of(a: SocketAddrV4) -> sockaddr_in {
+    sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// The IPv4 address `addr` holds, if it is one.
+unsafe fn ipv4_of(addr: *const sockaddr, len: socklen_t) -> Option<SocketAddrV4> {
+    if addr.is_null() || (len as usize) < size_of::<sockaddr_in>() {
+        return None;
+    }
+    if c_int::from((*addr).sa_family) != libc::AF_INET {
+        return None;
+    }
+    let sin = addr.cast::<sockaddr_in>().read_unaligned();
+    Some(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        u16::from_be(sin.sin_port),
+    ))
+}
+
+/// `connect`: to a pool address, the agent sets up a reach stream to the
+/// node behind it first, then the socket is connected to the agent's
+/// relay on loopback; a setup that fails returns its errno
+/// (`ECONNREFUSED`, `ETIMEDOUT`, `EHOSTUNREACH`, `EACCES`, `EAGAIN`, and
+/// `ENETUNREACH` when the agent cannot be asked). The setup blocks the
+/// call even on a non-blocking socket (it takes a few milliseconds on a
+/// direct path). Every other address goes to the C library.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let real = real!(c"connect", ConnectFn);
+    let Some(target) = ipv4_of(addr, len).filter(|a| in_pool(*a.ip())) else {
+        return real(fd, addr, len);
+    };
+    if agent_socket().is_none() {
+        return real(fd, addr, len);
+    }
+    match broker(fd, target) {
+        Ok(relay) => {
+            let sin = sockaddr_in_of(relay);
+            let r = real(
+                fd,
+                (&raw const sin).cast::<sockaddr>(),
+                size_of::<sockaddr_in>() as socklen_t,
+            );
+            let e = *libc::__errno_location();
+            if r == 0 || e == libc::EINPROGRESS {
+                peers::set(fd, target);
+            }
+            set_errno(e);
+            r
+        }
+        Err(errno) => {
+            set_errno(errno);
+            -1
+        }
+    }
+}
+
+/// Asks the agent for a stream to `target` for socket `fd`: the relay
+/// address to connect the socket to, or the errno to fail with.
+unsafe fn broker(fd: c_int, target: SocketAddrV4) -> Result<SocketAddrV4, c_int> {
+    let mut kind: c_int = 0;
+    let mut klen = size_of::<c_int>() as socklen_t;
+    let got = libc::getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_TYPE,
+        (&raw mut kind).cast::<c_void>(),
+        &raw mut klen,
+    );
+    if got != 0 {
+        return Err(*libc::__errno_location());
+    }
+    if kind != libc::SOCK_STREAM {
+        eprintln!("reach run: only TCP reaches {target} for now");
+        return Err(libc::ENETUNREACH);
+    }
+    // The relay admits the socket by its loopback port: bind it first.
+    let mut local = local_addr(fd)?;
+    if local.port() == 0 {
+        let any = sockaddr_in_of(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        let r = libc::bind(
+            fd,
+            (&raw const any).cast::<sockaddr>(),
+            size_of::<sockaddr_in>() as socklen_t,
+        );
+        if r != 0 {
+            return Err(*libc::__errno_location());
+        }
+        local = local_addr(fd)?;
+    }
+    let request = Request::Connect {
+        pool_ip: *target.ip(),
+        port: target.port(),
+        local_port: local.port(),
+    };
+    match ask(&request) {
+        Ok(Reply::Relay(port)) => Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
+        Ok(Reply::Error(kind, _)) => Err(match kind {
+            ErrorKind::Refused => libc::ECONNREFUSED,
+            ErrorKind::TimedOut => libc::ETIMEDOUT,
+            ErrorKind::Unreachable | ErrorKind::NoName => libc::EHOSTUNREACH,
+            ErrorKind::Denied => libc::EACCES,
+            ErrorKind::Busy => libc::EAGAIN,
+        }),
+        Ok(Reply::Address(_)) | Err(_) => Err(libc::ENETUNREACH),
+    }
+}
+
+/// The socket's own IPv4 address.
+unsafe fn local_addr(fd: c_int) -> Result<SocketAddrV4, c_int> {
+    let mut sin: sockaddr_in = std::mem::zeroed();
+    let mut len = size_of::<sockaddr_in>() as socklen_t;
+    if libc::getsockname(fd, (&raw mut sin).cast::<sockaddr>(), &raw mut len) != 0 {
+        return Err(*libc::__errno_location());
+    }
+    ipv4_of((&raw const sin).cast::<sockaddr>(), len).ok_or(libc::EAFNOSUPPORT)
+}
+
+/// `getpeername`: a brokered socket's peer is the pool address the
+/// program connected to, not the relay.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let real = real!(c"getpeername", GetpeernameFn);
+    let Some(peer) = peers::get(fd) else {
+        return real(fd, addr, len);
+    };
+    if addr.is_null() || len.is_null() {
+        set_errno(libc::EFAULT);
+        return -1;
+    }
+    // Answered only while the socket is still connected.
+    let r = real(fd, addr, len);
+    if r != 0 {
+        return r;
+    }
+    let sin = sockaddr_in_of(peer);
+    let room = (*len as usize).min(size_of::<sockaddr_in>());
+    std::ptr::copy_nonoverlapping((&raw const sin).cast::<u8>(), addr.cast::<u8>(), room);
+    *len = size_of::<sockaddr_in>() as socklen_t;
+    0
+}
+
+/// `close`: forgets a brokered socket's peer, then closes.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    let real = real!(c"close", CloseFn);
+    peers::clear(fd);
+    real(fd)
+}
