@@ -661,6 +661,7 @@ fn access_policy(
         Serving::Service => anyhow::bail!(
             "say who may use the service: --allow NODEID, --allow-file PATH, --network-secret-file PATH (members of the network), or --open (every node)"
         ),
+        Serving::Optional => Ok(policy),
     }
 }
 
@@ -671,6 +672,9 @@ enum Serving {
     Listen,
     /// A legacy service (`expose`): a policy is required.
     Service,
+    /// `reach run`: nobody by default (the program's ports are then not
+    /// served).
+    Optional,
 }
 
 /// Re-reads the allow file on every SIGHUP, for the life of the process.

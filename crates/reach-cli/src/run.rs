@@ -30,6 +30,21 @@ pub struct RunArgs {
     /// reach program, or in ../lib/reach from it].
     #[arg(long, value_name = "PATH", env = "REACH_SHIM")]
     shim: Option<PathBuf>,
+    /// Serve the ports the program listens on at the virtual address only,
+    /// not on proxy ports of the hub.
+    #[arg(long)]
+    virtual_only: bool,
+    /// Connections the program's listening ports carry at once; more are
+    /// refused and counted.
+    #[arg(long, value_name = "N", default_value_t = reach_legacy::limits::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Connections one peer node may hold at once.
+    #[arg(long, value_name = "N", default_value_t = reach_legacy::limits::DEFAULT_MAX_PER_PEER)]
+    max_per_peer: usize,
+    /// Who may connect to the ports the program listens on (none by
+    /// default: its ports are then not served).
+    #[command(flatten)]
+    policy: crate::PolicyArgs,
     #[command(flatten)]
     common: crate::CommonArgs,
     /// The program to run and its arguments (after --).
@@ -80,6 +95,17 @@ fn preload(shim: &Path) -> OsString {
 pub async fn run(args: RunArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
     let shim = find_shim(args.shim)?;
     let (b, has_hub) = crate::builder(config, state_dir, &args.common)?;
+    let members =
+        args.common.hub.network_secret_file.is_some() || config.network_secret_file.is_some();
+    let policy = crate::access_policy(&args.policy, config, members, crate::Serving::Optional)?;
+    let admits = policy.admits_anyone();
+    // Every virtual port is accepted when someone may connect: the agent
+    // ends streams to ports the program does not listen on.
+    let b = if admits {
+        b.policy(policy)
+    } else {
+        b.accept_ports(Vec::new())
+    };
     // A private directory (mode 0700) for the agent's socket: only this
     // user's processes can ask the agent anything.
     let private = tempfile::Builder::new()
@@ -93,9 +119,7 @@ pub async fn run(args: RunArgs, config: &Config, state_dir: &Path) -> anyhow::Re
         .await
         .context("cannot listen on loopback for the relay")?;
     let relay_port = relay.local_addr()?.port();
-    // Connect-only for now: a listener with the same identity keeps its
-    // directory entry.
-    let endpoint = Arc::new(b.accept_ports(Vec::new()).bind().await?);
+    let endpoint = Arc::new(b.bind().await?);
     if has_hub {
         // The program's first connect should not find the hub session
         // still coming up.
@@ -113,6 +137,11 @@ pub async fn run(args: RunArgs, config: &Config, state_dir: &Path) -> anyhow::Re
     let agent = Arc::new(Agent::new(
         endpoint.clone(),
         args.alias.into_iter().collect(),
+        reach_legacy::run_agent::Serving {
+            admits,
+            on_hub: has_hub && !args.virtual_only,
+            limits: reach_legacy::limits::ConnLimits::new(args.max_connections, args.max_per_peer),
+        },
         timeout,
         relay_port,
         stats,

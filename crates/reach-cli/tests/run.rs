@@ -232,3 +232,128 @@ fn an_agent_that_dies_makes_connects_fail_with_an_errno_not_a_hang() {
         "the failure took {secs} s"
     );
 }
+
+/// A background `reach run`, killed when the test ends, however it ends.
+struct Background {
+    child: std::process::Child,
+    err: PathBuf,
+}
+
+impl Background {
+    /// `reach run FLAGS -- PROGRAM...` with state in `state`, stderr in
+    /// STATE.err; waits for `ready` on its stderr.
+    fn start(state: &Path, flags: &[&str], program: &[&str], ready: &str) -> Self {
+        let err = state.with_extension("err");
+        let mut child = common::reach();
+        child
+            .arg("--state-dir")
+            .arg(state)
+            .args(["-v", "run", "--shim"])
+            .arg(shim())
+            .args(flags)
+            .arg("--")
+            .args(program)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).expect("err"));
+        // A process group of its own: the program goes with it at the end.
+        std::os::unix::process::CommandExt::process_group(&mut child, 0);
+        let child = child.spawn().expect("spawn reach run");
+        let me = Self { child, err };
+        let seen = common::until(|| me.stderr().contains(ready).then_some(()));
+        assert!(seen.is_some(), "no {ready:?}:\n{}", me.stderr());
+        me
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback TCP port free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[test]
+fn a_program_that_listens_is_served_at_its_node_and_on_the_hubs_proxy_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, range) = {
+        let low = free_port();
+        (low, format!("{low}-{low}"))
+    };
+    let hub = HubProc::start(&dir.path().join("hub"), &["--proxy-ports", &range]);
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).expect("site");
+    std::fs::write(site.join("page.txt"), PAGE).expect("page");
+    let port = free_port().to_string();
+    let site_arg = site.to_string_lossy().to_string();
+    let web = [
+        "python3",
+        "-m",
+        "http.server",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+        &site_arg,
+    ];
+    // Without a policy nobody may connect: the port is not served, and
+    // the program is told why on its stderr (it runs on regardless).
+    let closed_state = dir.path().join("closed");
+    let closed = Background::start(
+        &closed_state,
+        &["--hub", &hub.target],
+        &web,
+        "is not on the reach network",
+    );
+    assert!(
+        closed.stderr().contains("no node may connect"),
+        "{}",
+        closed.stderr()
+    );
+    drop(closed);
+    // With --open: served at the node's virtual port and the hub's proxy
+    // port.
+    let server_state = dir.path().join("server");
+    let server = Background::start(
+        &server_state,
+        &["--open", "--hub", &hub.target],
+        &web,
+        "exposed at",
+    );
+    let node = common::reach_id(&server_state);
+    let url = format!("http://{node}.reach:{port}/page.txt");
+    let out = run(
+        &dir.path().join("client"),
+        &hub.target,
+        &["curl", "-sS", "-m", "20", &url],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), server.stderr());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), PAGE);
+    // Plain curl, without reach, through the hub's proxy port.
+    let public = server
+        .stderr()
+        .lines()
+        .find_map(|l| l.split("exposed at ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .expect("the proxy port")
+        .to_string();
+    let mut plain = Command::new("curl");
+    plain.args(["-sS", "-m", "20", &format!("http://{public}/page.txt")]);
+    let out = output_within(plain);
+    assert!(out.status.success(), "{}\n{}", text(&out), server.stderr());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), PAGE);
+}

@@ -12,8 +12,20 @@
 //!                           port L, piped to the parked stream
 //! ```
 //!
+//! A program that listens (TCP) has its port served at the node's
+//! virtual address, same port, and on a proxy port of the hub where the
+//! hub offers them (GCB's registered listening socket): inbound streams to
+//! that virtual port are connected to the program's socket on loopback.
+//!
+//! ```text
+//! shim: listen 0.0.0.0:P --------> served: virtual port P -> 127.0.0.1:P
+//!                                  (and the hub's proxy port, published)
+//! stream to NODEID:P ------------> TCP to 127.0.0.1:P, piped
+//! ```
+//!
 //! Bounds: requests served at once, parked streams (and how long one
-//! waits for its socket), the pool's size; each refusal is counted in the
+//! waits for its socket), the pool's size, ports served, inbound
+//! connections (in all and per peer); each refusal is counted in the
 //! proxy's stats and logged.
 
 use std::collections::HashMap;
@@ -28,7 +40,8 @@ use reach_shim_wire::{pool_addr, ErrorKind, Reply, Request, MAX_LINE, SUFFIX};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
-use crate::proxy::{log_end, pipe, reset_on_close, ProxyStats};
+use crate::limits::ConnLimits;
+use crate::proxy::{admit, log_end, pipe, reset_on_close, ProxyStats, SERVICE_CONNECT_TIMEOUT};
 
 /// Requests served at once.
 const MAX_REQUESTS: usize = 128;
@@ -38,6 +51,8 @@ const MAX_PARKED: usize = 256;
 const PARK_FOR: Duration = Duration::from_secs(10);
 /// How long the shim may take to send its request line.
 const REQUEST_WITHIN: Duration = Duration::from_secs(5);
+/// Ports a program may have served at once.
+const MAX_SERVED: usize = 64;
 
 /// Names that stand for nodes, besides `NODEID.reach`.
 pub type Aliases = HashMap<String, NodeId>;
@@ -64,10 +79,25 @@ impl Pool {
     }
 }
 
+/// How the agent serves a program that listens.
+#[derive(Clone)]
+pub struct Serving {
+    /// Whether anyone may connect (the endpoint's policy admits someone);
+    /// without, a listening port is not served.
+    pub admits: bool,
+    /// Whether listening ports are published on a proxy port of the hub.
+    pub on_hub: bool,
+    /// Inbound connections, in all and per peer.
+    pub limits: Arc<ConnLimits>,
+}
+
 /// The agent's state.
 pub struct Agent {
     endpoint: Arc<Endpoint>,
     aliases: Aliases,
+    serving: Serving,
+    /// Virtual port -> where the program listens.
+    served: Mutex<HashMap<u16, SocketAddr>>,
     connect_timeout: Duration,
     stats: Arc<ProxyStats>,
     pool: Mutex<Pool>,
@@ -82,6 +112,7 @@ impl Agent {
     pub fn new(
         endpoint: Arc<Endpoint>,
         aliases: Aliases,
+        serving: Serving,
         connect_timeout: Duration,
         relay_port: u16,
         stats: Arc<ProxyStats>,
@@ -89,6 +120,8 @@ impl Agent {
         Self {
             endpoint,
             aliases,
+            serving,
+            served: Mutex::default(),
             connect_timeout,
             stats,
             pool: Mutex::default(),
@@ -116,7 +149,7 @@ impl Agent {
     }
 
     /// Answers one request.
-    async fn answer(&self, req: Request) -> Reply {
+    async fn answer(self: &Arc<Self>, req: Request) -> Reply {
         match req {
             Request::Resolve(name) => {
                 let Some(node) = self.node_of(&name) else {
@@ -139,6 +172,105 @@ impl Agent {
                 port,
                 local_port,
             } => self.connect(pool_ip, port, local_port).await,
+            Request::Listen(addr) => self.listen(addr),
+        }
+    }
+
+    /// The ports served now, with where the program listens.
+    pub fn served(&self) -> Vec<(u16, SocketAddr)> {
+        let mut v: Vec<_> = self
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, a)| (*p, *a))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The program listens at `addr`: its port is served.
+    fn listen(self: &Arc<Self>, addr: SocketAddr) -> Reply {
+        let port = addr.port();
+        if !self.serving.admits {
+            tracing::warn!(%addr, "the program listens, but no node may connect (give --allow, --allow-file, --network-secret-file or --open): not served");
+            return Reply::Error(
+                ErrorKind::Denied,
+                "no node may connect: give reach run --allow, --allow-file, --network-secret-file or --open".into(),
+            );
+        }
+        {
+            let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+            if !served.contains_key(&port) && served.len() >= MAX_SERVED {
+                tracing::warn!(%addr, "{MAX_SERVED} ports are served already: not served");
+                return Reply::Error(
+                    ErrorKind::Busy,
+                    format!("{MAX_SERVED} ports served already"),
+                );
+            }
+            served.insert(port, addr);
+        }
+        let vaddr = self.endpoint.virtual_addr(port);
+        tracing::info!(%addr, %vaddr, "the program listens: served");
+        eprintln!("reach run: port {port} served at {vaddr}");
+        if self.serving.on_hub {
+            let me = self.clone();
+            tokio::spawn(async move {
+                match me.endpoint.expose_on_hub(port, Vec::new()).await {
+                    Ok(public) => {
+                        tracing::info!(port, %public, "published on the hub");
+                        eprintln!("reach run: port {port} exposed at {public} (the hub's proxy port, for any TCP client)");
+                    }
+                    Err(reach::ExposeError::NoProxyPorts) => {
+                        tracing::info!(port, "the hub offers no proxy ports")
+                    }
+                    Err(e) => tracing::warn!(port, "not published on the hub: {e}"),
+                }
+            });
+        }
+        Reply::Done
+    }
+
+    /// Serves inbound streams: each to a port the program listens on is
+    /// connected to it on loopback; others end at once.
+    async fn serve_inbound(self: Arc<Self>) -> io::Result<()> {
+        loop {
+            let stream = self
+                .endpoint
+                .accept()
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let port = stream.info().virtual_port;
+            let peer = stream.peer();
+            let Some(listening) = self.served().into_iter().find(|(p, _)| *p == port) else {
+                self.stats
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(%peer, port, "a stream to a port the program does not listen on: ended");
+                continue;
+            };
+            let Some(held) = admit(&self.serving.limits, &self.stats, peer) else {
+                continue;
+            };
+            let stats = self.stats.clone();
+            tokio::spawn(async move {
+                let _held = held;
+                let mut stream = stream;
+                stats.started();
+                let mut tcp = match connect_local(listening.1).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(%peer, port, "the program does not accept on its port: {e}");
+                        stats.failed();
+                        return;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                tracing::info!(%peer, port, module = %stream.info().module, "connection to the program");
+                let moved = pipe(&mut tcp, &mut stream, &stats).await;
+                log_end(&peer.to_string(), &moved);
+                stats.ended();
+            });
         }
     }
 
@@ -218,10 +350,11 @@ impl Agent {
         tokio::select! {
             r = requests => r,
             r = relayed => r,
+            r = self.clone().serve_inbound() => r,
         }
     }
 
-    async fn one_request(&self, mut conn: UnixStream) -> io::Result<()> {
+    async fn one_request(self: &Arc<Self>, mut conn: UnixStream) -> io::Result<()> {
         let mut line = Vec::with_capacity(64);
         tokio::time::timeout(REQUEST_WITHIN, async {
             let mut byte = [0u8; 1];
@@ -265,6 +398,37 @@ impl Agent {
             stats.ended();
         });
     }
+}
+
+/// Connects to where the program listens: its own address, or loopback
+/// for a wildcard (IPv6 loopback first for an IPv6 socket, IPv4 loopback
+/// for a dual-stack one whose host has no `::1`).
+async fn connect_local(listening: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    let port = listening.port();
+    let tries: Vec<SocketAddr> = match listening.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))]
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => vec![
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        ],
+        _ => vec![listening],
+    };
+    let mut last = io::Error::from(io::ErrorKind::AddrNotAvailable);
+    for addr in tries {
+        match tokio::time::timeout(
+            SERVICE_CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(t)) => return Ok(t),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = io::ErrorKind::TimedOut.into(),
+        }
+    }
+    Err(last)
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //! ```text
 //! shim -> agent:  resolve NAME                 (a NODEID.reach name or alias)
 //!                 connect POOL_IP PORT LOCAL_PORT
-//! agent -> shim:  ok IP                        (resolve: the pool address)
+//!                 listen ADDR:PORT             (the program listens there)
+//! agent -> shim:  ok                           (listen: noted)
+//!                 ok IP                        (resolve: the pool address)
 //!                 ok RELAY_PORT                (connect: the stream is up; connect
 //!                                               the socket to 127.0.0.1:RELAY_PORT)
 //!                 err KIND MESSAGE             (KIND: noname refused timedout
@@ -19,7 +21,7 @@
 //! The pool is 127.77.0.0/16: loopback, so a program that gets past the
 //! shim (a static binary, say) reaches nothing outside the host.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 /// The longest line either side sends.
 pub const MAX_LINE: usize = 512;
@@ -69,6 +71,9 @@ pub enum Request {
         /// The socket's own loopback port (the relay admits only it).
         local_port: u16,
     },
+    /// The program listens (TCP) at this address: serve its port on the
+    /// reach network.
+    Listen(SocketAddr),
 }
 
 /// Why a request failed, as the shim reports it to the program.
@@ -118,6 +123,8 @@ impl ErrorKind {
 /// The agent's reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
+    /// Done (listen).
+    Done,
     /// Resolved: the pool address.
     Address(Ipv4Addr),
     /// Connected: the relay's loopback port.
@@ -169,6 +176,7 @@ impl Request {
                 port,
                 local_port,
             } => format!("connect {pool_ip} {port} {local_port}\n"),
+            Request::Listen(addr) => format!("listen {addr}\n"),
         }
     }
 
@@ -189,6 +197,10 @@ impl Request {
                     local_port: local.parse().map_err(|_| bad("bad local port", line))?,
                 })
             }
+            (Some("listen"), Some(addr), None, None) => addr
+                .parse()
+                .map(Request::Listen)
+                .map_err(|_| bad("bad listening address", line)),
             _ => Err(bad("not a request", line)),
         }
     }
@@ -211,6 +223,7 @@ impl Reply {
     /// The line to send (with its end); a message is cut to fit.
     pub fn encode(&self) -> String {
         match self {
+            Reply::Done => "ok\n".to_string(),
             Reply::Address(ip) => format!("ok {ip}\n"),
             Reply::Relay(port) => format!("ok {port}\n"),
             Reply::Error(kind, msg) => format!("err {} {}\n", kind.word(), clean(msg)),
@@ -220,6 +233,9 @@ impl Reply {
     /// Reads a reply line.
     pub fn decode(b: &[u8]) -> Result<Self, WireError> {
         let line = one_line(b)?;
+        if line == "ok" {
+            return Ok(Reply::Done);
+        }
         if let Some(rest) = line.strip_prefix("ok ") {
             if let Ok(ip) = rest.parse::<Ipv4Addr>() {
                 return Ok(Reply::Address(ip));
@@ -252,6 +268,8 @@ mod tests {
                 port: 8000,
                 local_port: 41000,
             },
+            Request::Listen("0.0.0.0:8000".parse().unwrap()),
+            Request::Listen("[::]:22".parse().unwrap()),
         ];
         for r in reqs {
             assert_eq!(Request::decode(r.encode().as_bytes()), Ok(r));
@@ -259,6 +277,7 @@ mod tests {
         let replies = [
             Reply::Address(Ipv4Addr::new(127, 77, 0, 9)),
             Reply::Relay(39000),
+            Reply::Done,
             Reply::Error(ErrorKind::Refused, "the node refused: not allowed".into()),
             Reply::Error(ErrorKind::NoName, String::new()),
         ];
@@ -276,7 +295,8 @@ mod tests {
         assert!(Request::decode(b"resolve a\nresolve b\n").is_err());
         assert!(Request::decode(&[b'x'; MAX_LINE + 1]).is_err());
         assert!(Reply::decode(b"err nonsense x\n").is_err());
-        assert!(Reply::decode(b"ok\n").is_err());
+        assert!(Reply::decode(b"ok 1.2.3\n").is_err());
+        assert!(Request::decode(b"listen 8000\n").is_err());
         let e = Request::decode(b"fly me\n").unwrap_err();
         assert!(e.to_string().contains("not a request"), "{e}");
         // A long message is cut to fit a line.

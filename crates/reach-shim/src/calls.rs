@@ -5,7 +5,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::mem::size_of;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
 use libc::{addrinfo, sockaddr, sockaddr_in, socklen_t};
@@ -23,6 +23,7 @@ type GetaddrinfoFn = unsafe extern "C" fn(
 type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 type GetpeernameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
 type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
+type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 
 /// The C library's function `name`, looked up once.
 fn next(cache: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
@@ -224,18 +225,9 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 /// Asks the agent for a stream to `target` for socket `fd`: the relay
 /// address to connect the socket to, or the errno to fail with.
 unsafe fn broker(fd: c_int, target: SocketAddrV4) -> Result<SocketAddrV4, c_int> {
-    let mut kind: c_int = 0;
-    let mut klen = size_of::<c_int>() as socklen_t;
-    let got = libc::getsockopt(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_TYPE,
-        (&raw mut kind).cast::<c_void>(),
-        &raw mut klen,
-    );
-    if got != 0 {
+    let Some(kind) = socket_type(fd) else {
         return Err(*libc::__errno_location());
-    }
+    };
     if kind != libc::SOCK_STREAM {
         eprintln!("reach run: only TCP reaches {target} for now");
         return Err(libc::ENETUNREACH);
@@ -268,7 +260,7 @@ unsafe fn broker(fd: c_int, target: SocketAddrV4) -> Result<SocketAddrV4, c_int>
             ErrorKind::Denied => libc::EACCES,
             ErrorKind::Busy => libc::EAGAIN,
         }),
-        Ok(Reply::Address(_)) | Err(_) => Err(libc::ENETUNREACH),
+        Ok(Reply::Address(_) | Reply::Done) | Err(_) => Err(libc::ENETUNREACH),
     }
 }
 
@@ -280,6 +272,68 @@ unsafe fn local_addr(fd: c_int) -> Result<SocketAddrV4, c_int> {
         return Err(*libc::__errno_location());
     }
     ipv4_of((&raw const sin).cast::<sockaddr>(), len).ok_or(libc::EAFNOSUPPORT)
+}
+
+/// `listen`: the C library's, then a TCP socket's port is served on the
+/// reach network (the agent is told where it listens). The program's call
+/// succeeds or fails as the C library says, whatever the agent answers.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    let real = real!(c"listen", ListenFn);
+    let r = real(fd, backlog);
+    if r != 0 || agent_socket().is_none() || socket_type(fd) != Some(libc::SOCK_STREAM) {
+        return r;
+    }
+    let saved = *libc::__errno_location();
+    if let Some(addr) = bound_addr(fd) {
+        if let Ok(Reply::Error(_, why)) = ask(&Request::Listen(addr)) {
+            eprintln!(
+                "reach run: port {} is not on the reach network: {why}",
+                addr.port()
+            );
+        }
+    }
+    set_errno(saved);
+    r
+}
+
+/// The socket's type (`SOCK_STREAM`, ...).
+unsafe fn socket_type(fd: c_int) -> Option<c_int> {
+    let mut kind: c_int = 0;
+    let mut len = size_of::<c_int>() as socklen_t;
+    let got = libc::getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_TYPE,
+        (&raw mut kind).cast::<c_void>(),
+        &raw mut len,
+    );
+    (got == 0).then_some(kind)
+}
+
+/// The address an IPv4 or IPv6 socket is bound to.
+unsafe fn bound_addr(fd: c_int) -> Option<SocketAddr> {
+    let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
+    if libc::getsockname(fd, (&raw mut ss).cast::<sockaddr>(), &raw mut len) != 0 {
+        return None;
+    }
+    match c_int::from(ss.ss_family) {
+        libc::AF_INET => ipv4_of((&raw const ss).cast::<sockaddr>(), len).map(SocketAddr::V4),
+        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
+            let sin6 = (&raw const ss).cast::<libc::sockaddr_in6>().read();
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// `getpeername`: a brokered socket's peer is the pool address the

@@ -11,6 +11,8 @@
 //!         127.0.0.1, which carries it over the stream: the program holds an
 //!         ordinary connected TCP socket (poll, epoll, fork all work)
 //! getpeername(fd)              --> 127.77.x.y:P, what the program asked for
+//! listen(fd) on port P         --listen-->   agent: NODEID:P (and a hub proxy
+//!                                            port) carried to the socket
 //! ```
 //!
 //! Without the agent's socket in the environment (`REACH_RUN_SOCKET`),
@@ -23,4 +25,4 @@ mod calls;
 mod peers;
 mod talk;
 
-pub use calls::{close, connect, getaddrinfo, getpeername};
+pub use calls::{close, connect, getaddrinfo, getpeername, listen};

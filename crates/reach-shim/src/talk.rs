@@ -53,6 +53,7 @@ pub(crate) fn ask(req: &Request) -> Result<Reply, String> {
             match req {
                 Request::Resolve(name) => format!("looking up {name}"),
                 Request::Connect { pool_ip, port, .. } => format!("connecting to {pool_ip}:{port}"),
+                Request::Listen(addr) => format!("serving {addr} on the reach network"),
             }
         );
     }
