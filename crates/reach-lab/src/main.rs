@@ -238,6 +238,13 @@ enum ProbeCmd {
         #[arg(long = "port", required = true)]
         ports: Vec<u16>,
     },
+    /// Echo every TCP connection on a port back to its sender: a small
+    /// tokio (epoll) server, for tests of programs under `reach run`.
+    Echo {
+        /// Port to listen on.
+        #[arg(long)]
+        port: u16,
+    },
     /// Read bulk transfers on a port and confirm their size.
     Sink {
         /// Port to listen on.
@@ -572,6 +579,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Probe(ProbeCmd::Serve { name, ports }) => probe::serve(&name, &ports)?,
         Cmd::Probe(ProbeCmd::Sink { port }) => probe::sink(port)?,
+        Cmd::Probe(ProbeCmd::Echo { port }) => probe::echo(port)?,
         Cmd::Probe(ProbeCmd::Send {
             addr,
             bytes,

@@ -467,6 +467,27 @@ mod tests {
     }
 }
 
+/// Echoes every TCP connection on `port` (all IPv4 addresses) back to its
+/// sender until the process is killed: an epoll server on tokio's runtime.
+/// Prints `ready` once bound.
+pub fn echo(port: u16) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+        println!("ready");
+        loop {
+            let (mut conn, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let (mut r, mut w) = conn.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    })
+}
+
 /// Serves bulk transfers on `port`: reads each connection to its end, then
 /// answers `received N SHA256` (what arrived, and its hash). Prints `ready`
 /// once bound.
