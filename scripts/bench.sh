@@ -20,7 +20,7 @@ ensure_cargo_tool rathole pkg-config libssl-dev
 ensure_cargo_tool boringtun-cli
 
 step "cargo build --release"
-cargo build --release --locked -p reach-cli -p reach-lab -p reach-bench
+cargo build --release --locked -p reach-cli -p reach-lab -p reach-bench -p reach-shim
 
 if [ "${1:-}" = "--quick" ]; then
   step "reach-bench all --quick"

@@ -11,6 +11,7 @@ mod agent;
 mod gateway;
 mod hub;
 mod lab;
+mod run;
 mod vpn;
 
 use std::time::Instant;
@@ -104,6 +105,13 @@ enum Bench {
     /// root, nftables and natpmpc (scripts/bench.sh installs them).
     #[command(verbatim_doc_comment)]
     Gateway(LabRun),
+    /// Unmodified iperf3, client and server both under `reach run`, beside
+    /// the same iperf3 through `reach forward` + `reach expose` and beside
+    /// plain TCP on the same hosts. Needs root, iperf3, and the shim built
+    /// beside this binary (cargo build --release -p reach-shim;
+    /// scripts/bench.sh does).
+    #[command(verbatim_doc_comment)]
+    Run(LabRun),
     /// reach between network namespaces beside plain TCP, socat, rathole and
     /// boringtun on the same paths: direct throughput (1 and 4 streams,
     /// plaintext and encrypted), round trip and setup; routed through 1 and 3
@@ -204,6 +212,10 @@ fn main() -> anyhow::Result<()> {
             let rows = gateway::run(lab_size(quick), keep.as_deref())?;
             report(rows, json.as_deref())?;
         }
+        Bench::Run(LabRun { quick, json, keep }) => {
+            let rows = run::run(lab_size(quick), keep.as_deref())?;
+            report(rows, json.as_deref())?;
+        }
         Bench::Vpn(LabRun { quick, json, keep }) => {
             let rows = vpn::run(lab_size(quick), keep.as_deref())?;
             report(rows, json.as_deref())?;
@@ -224,6 +236,7 @@ fn main() -> anyhow::Result<()> {
             rows.extend(lab::setup_per_module()?);
             rows.extend(vpn::run(lab_size(quick), None)?);
             rows.extend(gateway::run(lab_size(quick), None)?);
+            rows.extend(run::run(lab_size(quick), None)?);
             let (nodes, streams, mib) = if quick {
                 (200, 200, 64)
             } else {
@@ -366,7 +379,7 @@ fn tools_dir(needed: &[&str]) -> anyhow::Result<std::path::PathBuf> {
         .collect();
     anyhow::ensure!(
         missing.is_empty(),
-        "{} missing beside {}: cargo build --release -p reach-cli -p reach-lab -p reach-bench",
+        "{} missing beside {}: cargo build --release -p reach-cli -p reach-lab -p reach-bench -p reach-shim",
         missing.join(" and "),
         exe.display()
     );

@@ -155,9 +155,12 @@ fn unmodified_programs_reach_reach_names_and_nothing_else_changes() {
     // Python's socket module: blocking and non-blocking connects, and the
     // peer is the address the program connected to.
     let script = format!(
-        "import socket, select\n\
+        "import os, socket, select\n\
          s = socket.create_connection(('{node}.reach', 8000))\n\
          print(s.getpeername()[0].startswith('127.77.'))\n\
+         d = socket.socket(fileno=os.dup2(s.fileno(), 200))\n\
+         print(d.getpeername() == s.getpeername())\n\
+         d.detach()\n\
          s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
          print(s.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode())\n\
          s.close()\n\
@@ -173,10 +176,11 @@ fn unmodified_programs_reach_reach_names_and_nothing_else_changes() {
     let said = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = said.lines().collect();
     assert_eq!(lines.first(), Some(&"True"), "{}", text(&out));
-    assert_eq!(lines.get(1), Some(&PAGE), "{}", text(&out));
+    assert_eq!(lines.get(1), Some(&"True"), "dup: {}", text(&out));
+    assert_eq!(lines.get(2), Some(&PAGE), "{}", text(&out));
     assert!(
         lines
-            .get(2)
+            .get(3)
             .is_some_and(|l| l.starts_with("True 0 ('127.77.")),
         "{}",
         text(&out)
@@ -343,6 +347,16 @@ fn a_program_that_listens_is_served_at_its_node_and_on_the_hubs_proxy_port() {
     );
     assert!(out.status.success(), "{}\n{}", text(&out), server.stderr());
     assert_eq!(String::from_utf8_lossy(&out.stdout), PAGE);
+    // The server saw the client node at its pool address (accept's peer),
+    // as its log of the request says.
+    let seen = common::until(|| {
+        server
+            .stderr()
+            .lines()
+            .any(|l| l.starts_with("127.77.0.") && l.contains("GET /page.txt"))
+            .then_some(())
+    });
+    assert!(seen.is_some(), "{}", server.stderr());
     // Plain curl, without reach, through the hub's proxy port.
     let public = server
         .stderr()
@@ -356,4 +370,48 @@ fn a_program_that_listens_is_served_at_its_node_and_on_the_hubs_proxy_port() {
     let out = output_within(plain);
     assert!(out.status.success(), "{}\n{}", text(&out), server.stderr());
     assert_eq!(String::from_utf8_lossy(&out.stdout), PAGE);
+    // reach status lists the run like an exposure: the program, its port,
+    // the virtual address and the hub's proxy port, the connections; reach
+    // stop ends the program.
+    let mut status = common::reach();
+    status
+        .arg("--state-dir")
+        .arg(&server_state)
+        .args(["status", "--json"]);
+    let out = output_within(status);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let runs: Vec<&serde_json::Value> = v["proxies"]
+        .as_array()
+        .expect("proxies")
+        .iter()
+        .filter(|p| p["kind"] == "run")
+        .collect();
+    assert_eq!(runs.len(), 1, "{v}");
+    let r = runs[0];
+    let local = r["local"].as_str().unwrap_or_default();
+    assert!(
+        local.starts_with("python3") && local.ends_with(&format!("listening on {port}")),
+        "{r}"
+    );
+    let vaddr = r["vaddr"].as_str().unwrap_or_default();
+    assert!(vaddr.starts_with(&format!("{node}:{port}")), "{r}");
+    assert!(
+        r["public"].as_str().unwrap_or_default().contains(&public),
+        "{r}"
+    );
+    assert!(r["counters"]["connections"].as_u64() >= Some(2), "{r}");
+    let mut stop = common::reach();
+    stop.arg("--state-dir")
+        .arg(&server_state)
+        .args(["stop", "all"]);
+    let out = output_within(stop);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut server = server;
+    let ended = common::until(|| server.child.try_wait().ok().flatten());
+    assert!(
+        ended.is_some(),
+        "reach stop did not end the run:\n{}",
+        server.stderr()
+    );
 }

@@ -98,6 +98,9 @@ pub struct Agent {
     serving: Serving,
     /// Virtual port -> where the program listens.
     served: Mutex<HashMap<u16, SocketAddr>>,
+    /// The agent's own port of each connection it makes to the program ->
+    /// the node the connection carries (for `accept`'s peer address).
+    accepted: Mutex<HashMap<u16, NodeId>>,
     connect_timeout: Duration,
     stats: Arc<ProxyStats>,
     pool: Mutex<Pool>,
@@ -122,6 +125,7 @@ impl Agent {
             aliases,
             serving,
             served: Mutex::default(),
+            accepted: Mutex::default(),
             connect_timeout,
             stats,
             pool: Mutex::default(),
@@ -173,6 +177,20 @@ impl Agent {
                 local_port,
             } => self.connect(pool_ip, port, local_port).await,
             Request::Listen(addr) => self.listen(addr),
+            Request::Peer(port) => {
+                let node = self
+                    .accepted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&port)
+                    .copied();
+                match node.and_then(|n| self.pool().assign(n)) {
+                    Some(ip) => Reply::Address(ip),
+                    None => {
+                        Reply::Error(ErrorKind::NoName, format!("no connection from port {port}"))
+                    }
+                }
+            }
         }
     }
 
@@ -253,11 +271,12 @@ impl Agent {
                 continue;
             };
             let stats = self.stats.clone();
+            let self_ = self.clone();
             tokio::spawn(async move {
                 let _held = held;
                 let mut stream = stream;
                 stats.started();
-                let mut tcp = match connect_local(listening.1).await {
+                let mut tcp = match self_.connect_local(listening.1, peer).await {
                     Ok(t) => t,
                     Err(e) => {
                         tracing::warn!(%peer, port, "the program does not accept on its port: {e}");
@@ -265,13 +284,68 @@ impl Agent {
                         return;
                     }
                 };
-                let _ = tcp.set_nodelay(true);
+                let _ = tcp.0.set_nodelay(true);
                 tracing::info!(%peer, port, module = %stream.info().module, "connection to the program");
-                let moved = pipe(&mut tcp, &mut stream, &stats).await;
+                let moved = pipe(&mut tcp.0, &mut stream, &stats).await;
+                self_
+                    .accepted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&tcp.1);
                 log_end(&peer.to_string(), &moved);
                 stats.ended();
             });
         }
+    }
+
+    /// Connects to where the program listens (its own address, or
+    /// loopback for a wildcard: IPv6 loopback first for an IPv6 socket,
+    /// IPv4 loopback for a dual-stack one whose host has no `::1`), noting
+    /// the connection's own port for `node` before the program can
+    /// accept it. Returns the connection and that port.
+    async fn connect_local(
+        &self,
+        listening: SocketAddr,
+        node: NodeId,
+    ) -> io::Result<(tokio::net::TcpStream, u16)> {
+        let port = listening.port();
+        let tries: Vec<SocketAddr> = match listening.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+                vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))]
+            }
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => vec![
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            ],
+            _ => vec![listening],
+        };
+        let mut last = io::Error::from(io::ErrorKind::AddrNotAvailable);
+        for addr in tries {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            let any: SocketAddr = match addr {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            socket.bind(any)?;
+            let own = socket.local_addr()?.port();
+            self.accepted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(own, node);
+            match tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, socket.connect(addr)).await {
+                Ok(Ok(t)) => return Ok((t, own)),
+                Ok(Err(e)) => last = e,
+                Err(_) => last = io::ErrorKind::TimedOut.into(),
+            }
+            self.accepted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&own);
+        }
+        Err(last)
     }
 
     async fn connect(&self, pool_ip: Ipv4Addr, port: u16, local_port: u16) -> Reply {
@@ -398,37 +472,6 @@ impl Agent {
             stats.ended();
         });
     }
-}
-
-/// Connects to where the program listens: its own address, or loopback
-/// for a wildcard (IPv6 loopback first for an IPv6 socket, IPv4 loopback
-/// for a dual-stack one whose host has no `::1`).
-async fn connect_local(listening: SocketAddr) -> io::Result<tokio::net::TcpStream> {
-    let port = listening.port();
-    let tries: Vec<SocketAddr> = match listening.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
-            vec![SocketAddr::from((Ipv4Addr::LOCALHOST, port))]
-        }
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => vec![
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
-            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        ],
-        _ => vec![listening],
-    };
-    let mut last = io::Error::from(io::ErrorKind::AddrNotAvailable);
-    for addr in tries {
-        match tokio::time::timeout(
-            SERVICE_CONNECT_TIMEOUT,
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(t)) => return Ok(t),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = io::ErrorKind::TimedOut.into(),
-        }
-    }
-    Err(last)
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //! shim -> agent:  resolve NAME                 (a NODEID.reach name or alias)
 //!                 connect POOL_IP PORT LOCAL_PORT
 //!                 listen ADDR:PORT             (the program listens there)
+//!                 peer PORT                    (who is the node behind the agent's
+//!                                               connection from loopback port PORT?)
 //! agent -> shim:  ok                           (listen: noted)
 //!                 ok IP                        (resolve: the pool address)
 //!                 ok RELAY_PORT                (connect: the stream is up; connect
@@ -74,6 +76,9 @@ pub enum Request {
     /// The program listens (TCP) at this address: serve its port on the
     /// reach network.
     Listen(SocketAddr),
+    /// The program accepted a connection from the agent's port `0`: the
+    /// pool address of the node it carries.
+    Peer(u16),
 }
 
 /// Why a request failed, as the shim reports it to the program.
@@ -177,6 +182,7 @@ impl Request {
                 local_port,
             } => format!("connect {pool_ip} {port} {local_port}\n"),
             Request::Listen(addr) => format!("listen {addr}\n"),
+            Request::Peer(port) => format!("peer {port}\n"),
         }
     }
 
@@ -197,6 +203,10 @@ impl Request {
                     local_port: local.parse().map_err(|_| bad("bad local port", line))?,
                 })
             }
+            (Some("peer"), Some(port), None, None) => port
+                .parse()
+                .map(Request::Peer)
+                .map_err(|_| bad("bad port", line)),
             (Some("listen"), Some(addr), None, None) => addr
                 .parse()
                 .map(Request::Listen)
@@ -270,6 +280,7 @@ mod tests {
             },
             Request::Listen("0.0.0.0:8000".parse().unwrap()),
             Request::Listen("[::]:22".parse().unwrap()),
+            Request::Peer(40000),
         ];
         for r in reqs {
             assert_eq!(Request::decode(r.encode().as_bytes()), Ok(r));

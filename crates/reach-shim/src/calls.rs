@@ -24,6 +24,11 @@ type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_in
 type GetpeernameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
 type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type DupFn = unsafe extern "C" fn(c_int) -> c_int;
+type AcceptFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+type Accept4Fn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int;
+type Dup2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type Dup3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
 
 /// The C library's function `name`, looked up once.
 fn next(cache: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
@@ -289,11 +294,13 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     }
     let saved = *libc::__errno_location();
     if let Some(addr) = bound_addr(fd) {
-        if let Ok(Reply::Error(_, why)) = ask(&Request::Listen(addr)) {
-            eprintln!(
+        match ask(&Request::Listen(addr)) {
+            Ok(Reply::Done) => peers::mark_listening(fd),
+            Ok(Reply::Error(_, why)) => eprintln!(
                 "reach run: port {} is not on the reach network: {why}",
                 addr.port()
-            );
+            ),
+            _ => {}
         }
     }
     set_errno(saved);
@@ -321,10 +328,86 @@ unsafe fn bound_addr(fd: c_int) -> Option<SocketAddr> {
     if libc::getsockname(fd, (&raw mut ss).cast::<sockaddr>(), &raw mut len) != 0 {
         return None;
     }
+    sockaddr_any(&ss, len)
+}
+
+/// `accept`: on a served listening socket, a connection the agent carries
+/// from another node is answered with that node's pool address (the
+/// program sees who connected, and can connect back to it by it).
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let conn = real!(c"accept", AcceptFn)(fd, addr, len);
+    after_accept(fd, conn, addr, len)
+}
+
+/// `accept4`: as [`accept`].
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    let conn = real!(c"accept4", Accept4Fn)(fd, addr, len, flags);
+    after_accept(fd, conn, addr, len)
+}
+
+/// Asks the agent which node an accepted connection from its loopback
+/// side carries, and remembers (and reports in `addr`) its pool address.
+unsafe fn after_accept(
+    listener: c_int,
+    conn: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) -> c_int {
+    if conn < 0 || !peers::is_listening(listener) {
+        return conn;
+    }
+    let saved = *libc::__errno_location();
+    let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+    let mut sslen = size_of::<libc::sockaddr_storage>() as socklen_t;
+    let getpeer = real!(c"getpeername", GetpeernameFn);
+    let from = if getpeer(conn, (&raw mut ss).cast::<sockaddr>(), &raw mut sslen) == 0 {
+        sockaddr_any(&ss, sslen)
+    } else {
+        None
+    };
+    // The agent connects from loopback; anyone else is not its.
+    if let Some(from) = from.filter(|f| loopback(f.ip())) {
+        if let Ok(Reply::Address(ip)) = ask(&Request::Peer(from.port())) {
+            let peer = SocketAddrV4::new(ip, from.port());
+            peers::set(conn, peer);
+            if !addr.is_null() && !len.is_null() {
+                write_addr(conn, peer, addr, len);
+            }
+        }
+    }
+    set_errno(saved);
+    conn
+}
+
+fn loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// An IPv4 or IPv6 socket address.
+unsafe fn sockaddr_any(ss: &libc::sockaddr_storage, len: socklen_t) -> Option<SocketAddr> {
+    let p: *const libc::sockaddr_storage = ss;
     match c_int::from(ss.ss_family) {
-        libc::AF_INET => ipv4_of((&raw const ss).cast::<sockaddr>(), len).map(SocketAddr::V4),
+        libc::AF_INET => ipv4_of(p.cast::<sockaddr>(), len).map(SocketAddr::V4),
         libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
-            let sin6 = (&raw const ss).cast::<libc::sockaddr_in6>().read();
+            let sin6 = p.cast::<libc::sockaddr_in6>().read();
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(sin6.sin6_addr.s6_addr),
                 u16::from_be(sin6.sin6_port),
@@ -333,6 +416,36 @@ unsafe fn bound_addr(fd: c_int) -> Option<SocketAddr> {
             )))
         }
         _ => None,
+    }
+}
+
+/// Writes `peer` into a caller's `addr` of `*len` bytes as the socket's
+/// own family has it (IPv4, or IPv4-mapped IPv6), cut to fit as the C
+/// library does; `*len` says the full size.
+unsafe fn write_addr(fd: c_int, peer: SocketAddrV4, addr: *mut sockaddr, len: *mut socklen_t) {
+    let mut domain: c_int = libc::AF_INET;
+    let mut dlen = size_of::<c_int>() as socklen_t;
+    libc::getsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_DOMAIN,
+        (&raw mut domain).cast::<c_void>(),
+        &raw mut dlen,
+    );
+    let room = *len as usize;
+    if domain == libc::AF_INET6 {
+        let mut sin6: libc::sockaddr_in6 = std::mem::zeroed();
+        sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sin6.sin6_port = peer.port().to_be();
+        sin6.sin6_addr.s6_addr = peer.ip().to_ipv6_mapped().octets();
+        let n = room.min(size_of::<libc::sockaddr_in6>());
+        std::ptr::copy_nonoverlapping((&raw const sin6).cast::<u8>(), addr.cast::<u8>(), n);
+        *len = size_of::<libc::sockaddr_in6>() as socklen_t;
+    } else {
+        let sin = sockaddr_in_of(peer);
+        let n = room.min(size_of::<sockaddr_in>());
+        std::ptr::copy_nonoverlapping((&raw const sin).cast::<u8>(), addr.cast::<u8>(), n);
+        *len = size_of::<sockaddr_in>() as socklen_t;
     }
 }
 
@@ -356,11 +469,47 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
     if r != 0 {
         return r;
     }
-    let sin = sockaddr_in_of(peer);
-    let room = (*len as usize).min(size_of::<sockaddr_in>());
-    std::ptr::copy_nonoverlapping((&raw const sin).cast::<u8>(), addr.cast::<u8>(), room);
-    *len = size_of::<sockaddr_in>() as socklen_t;
+    write_addr(fd, peer, addr, len);
     0
+}
+
+/// `dup`: the duplicate of a brokered socket answers `getpeername` alike.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn dup(old: c_int) -> c_int {
+    let r = real!(c"dup", DupFn)(old);
+    if r >= 0 {
+        peers::copy(old, r);
+    }
+    r
+}
+
+/// `dup2`: as [`dup`], onto `new` (which no longer stands for what it did).
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    let r = real!(c"dup2", Dup2Fn)(old, new);
+    if r >= 0 && old != new {
+        peers::copy(old, new);
+    }
+    r
+}
+
+/// `dup3`: as [`dup2`].
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    let r = real!(c"dup3", Dup3Fn)(old, new, flags);
+    if r >= 0 {
+        peers::copy(old, new);
+    }
+    r
 }
 
 /// `close`: forgets a brokered socket's peer, then closes.

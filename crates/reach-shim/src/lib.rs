@@ -25,4 +25,6 @@ mod calls;
 mod peers;
 mod talk;
 
-pub use calls::{close, connect, getaddrinfo, getpeername, listen};
+pub use calls::{
+    accept, accept4, close, connect, dup, dup2, dup3, getaddrinfo, getpeername, listen,
+};

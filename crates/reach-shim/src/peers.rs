@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// `getpeername` with the relay's address).
 const SLOTS: usize = 65_536;
 const SET: u64 = 1 << 48;
+/// A listening socket whose port the agent serves.
+const LISTENING: u64 = 1 << 49;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const EMPTY: AtomicU64 = AtomicU64::new(0);
@@ -35,6 +37,27 @@ pub(crate) fn get(fd: i32) -> Option<SocketAddrV4> {
         let ip = Ipv4Addr::from(((word >> 16) & 0xffff_ffff) as u32);
         SocketAddrV4::new(ip, (word & 0xffff) as u16)
     })
+}
+
+/// Marks `fd` as a listening socket the agent serves.
+pub(crate) fn mark_listening(fd: i32) {
+    if let Some(s) = slot(fd) {
+        s.store(LISTENING, Ordering::Release);
+    }
+}
+
+/// Whether `fd` is a listening socket the agent serves.
+pub(crate) fn is_listening(fd: i32) -> bool {
+    slot(fd).is_some_and(|s| s.load(Ordering::Acquire) & LISTENING != 0)
+}
+
+/// `to` is a duplicate of `from` now: it stands for what `from` does (or
+/// for nothing).
+pub(crate) fn copy(from: i32, to: i32) {
+    if let Some(s) = slot(to) {
+        let word = slot(from).map_or(0, |f| f.load(Ordering::Acquire));
+        s.store(word, Ordering::Release);
+    }
 }
 
 /// Forgets `fd` (it is being closed).
