@@ -13,7 +13,9 @@
 //! PEER data: MAP data | remote port u16 | reserved u16 | remote address (16)
 //! ```
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
+
+use reach_proto::gateway_query::{put_addr, read_addr};
 
 /// The version byte of PCP.
 pub const VERSION: u8 = 2;
@@ -150,20 +152,6 @@ fn response_header(opcode: u8, code: ResultCode, lifetime: u32, epoch: u32) -> V
     out.extend_from_slice(&epoch.to_be_bytes());
     out.extend_from_slice(&[0; 12]);
     out
-}
-
-fn read_addr(b: &[u8]) -> IpAddr {
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b[..16]);
-    Ipv6Addr::from(a).to_canonical()
-}
-
-fn put_addr(out: &mut Vec<u8>, ip: IpAddr) {
-    let v6 = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    out.extend_from_slice(&v6.octets());
 }
 
 impl MapData {

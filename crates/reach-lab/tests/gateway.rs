@@ -218,13 +218,21 @@ fn listener(lab: &Lab, host: &str, hub: &str, flags: &[&str]) -> (Process, Strin
     (proc, vaddr, log)
 }
 
-#[test]
-fn a_reach_node_behind_the_gateway_maps_its_port_and_is_reached_direct() {
+/// The gateway lab with the daemon serving at `home` (state in the
+/// returned directory) and a hub on the internet: the lab, the gateway's
+/// directory, the daemon, the hub and its NODEID@IP:PORT.
+fn gateway_lab_with_hub() -> (Lab, PathBuf, Process, Process, String) {
     let t = common::topology("gateway");
     let lab = Lab::up(&t).expect("lab up");
-    let (_hub, hub) = common::hub(&lab, "hub", &state(&lab).join("hub"), &[]);
+    let (hub_proc, hub) = common::hub(&lab, "hub", &state(&lab).join("hub"), &[]);
     let dir = state(&lab).join("gateway");
-    let _gw = start_gateway(&lab, "home", &dir, &[]);
+    let gw = start_gateway(&lab, "home", &dir, &[]);
+    (lab, dir, gw, hub_proc, hub)
+}
+
+#[test]
+fn a_reach_node_behind_the_gateway_maps_its_port_and_is_reached_direct() {
+    let (lab, _dir, _gw, _hub, hub) = gateway_lab_with_hub();
     // Without a mapping the outside host cannot dial in: not Direct.
     let (unmapped, vaddr, _) = listener(&lab, "peer", &hub, &["--no-port-mapping"]);
     let before = connect_module(&lab, "outside", &hub, &vaddr).expect("connects");
@@ -297,11 +305,7 @@ fn connect_with(
 
 #[test]
 fn a_peer_behind_the_same_gateway_is_reached_on_the_lan_by_the_gateways_answer() {
-    let t = common::topology("gateway");
-    let lab = Lab::up(&t).expect("lab up");
-    let (_hub, hub) = common::hub(&lab, "hub", &state(&lab).join("hub"), &[]);
-    let dir = state(&lab).join("gateway");
-    let _gw = start_gateway(&lab, "home", &dir, &[]);
+    let (lab, dir, _gw, _hub, hub) = gateway_lab_with_hub();
     let (_listener, vaddr, log) = listener(&lab, "client", &hub, &[]);
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     // The public endpoint the gateway mapped for it.

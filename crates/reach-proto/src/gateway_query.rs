@@ -86,13 +86,16 @@ pub enum QueryError {
     },
 }
 
-fn read_addr(b: &[u8]) -> IpAddr {
+/// Reads a PCP address field (16 bytes, IPv4 as IPv4-mapped IPv6); the
+/// caller has checked the length.
+pub fn read_addr(b: &[u8]) -> IpAddr {
     let mut a = [0u8; 16];
     a.copy_from_slice(&b[..16]);
     Ipv6Addr::from(a).to_canonical()
 }
 
-fn put_addr(out: &mut Vec<u8>, ip: IpAddr) {
+/// Writes a PCP address field (IPv4 as IPv4-mapped IPv6).
+pub fn put_addr(out: &mut Vec<u8>, ip: IpAddr) {
     let v6 = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,

@@ -281,6 +281,18 @@ mod tests {
         }
     }
 
+    /// A host with a public address of its own, where the hub sees it.
+    fn public_host() -> Site {
+        Site {
+            local: vec![LocalAddr {
+                ip: "192.0.2.10".parse().expect("ip"),
+                prefix_len: 24,
+            }],
+            advertised: vec![addr("192.0.2.10:4000")],
+            seen_at: Some(addr("192.0.2.10:51000")),
+        }
+    }
+
     fn facts<'a>(site: &'a Site, addrs: &'a [SocketAddr]) -> Facts<'a> {
         Facts {
             site,
@@ -393,14 +405,7 @@ mod tests {
 
     #[test]
     fn a_host_with_its_own_public_address_is_not_behind_a_nat() {
-        let public = Site {
-            local: vec![LocalAddr {
-                ip: "192.0.2.10".parse().expect("ip"),
-                prefix_len: 24,
-            }],
-            advertised: vec![addr("192.0.2.10:4000")],
-            seen_at: Some(addr("192.0.2.10:51000")),
-        };
+        let public = public_host();
         assert!(!public.behind_nat());
         assert!(!public.reverse_needs_target_site(None));
         assert!(lan_host().behind_nat());
@@ -428,14 +433,7 @@ mod tests {
         site.advertised.push(addr("198.51.100.3:40000"));
         assert_eq!(site.at_own_nat(&target), vec![addr("198.51.100.3:40001")]);
         // A host with a public address of its own is behind no NAT.
-        let public = Site {
-            local: vec![LocalAddr {
-                ip: "192.0.2.10".parse().expect("ip"),
-                prefix_len: 24,
-            }],
-            advertised: vec![addr("192.0.2.10:4000")],
-            seen_at: Some(addr("192.0.2.10:51000")),
-        };
+        let public = public_host();
         assert!(public.nat_public_ips().is_empty());
         assert!(public.at_own_nat(&[addr("192.0.2.10:4001")]).is_empty());
     }
