@@ -143,6 +143,23 @@ fn unmodified_programs_reach_reach_names_and_nothing_else_changes() {
         &["curl", "-sS", "-m", "20", "http://nosuchnode.reach:8000/"],
     );
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    // Perl's gethostbyname (the C library's gethostbyname or _r): the pool
+    // address, an unknown name undefined, other names as ever.
+    let script = format!(
+        "my @h = gethostbyname('{node}.reach'); print join('.', unpack('C4', $h[4])), qq(\\n);\n\
+         print defined(gethostbyname('nosuchnode.reach')) ? qq(found\\n) : qq(unknown\\n);\n\
+         my @l = gethostbyname('localhost'); print join('.', unpack('C4', $l[4])), qq(\\n);\n"
+    );
+    let out = run(&client, &hub.target, &["perl", "-e", &script]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(
+        lines.first().is_some_and(|l| l.starts_with("127.77.0.")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(&lines[1..], ["unknown", "127.0.0.1"], "{}", text(&out));
     // Addresses that are not the pool's are the C library's business.
     let plain = web_service();
     let out = run(

@@ -522,3 +522,149 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     peers::clear(fd);
     real(fd)
 }
+
+extern "C" {
+    /// The calling thread's `h_errno` (glibc).
+    fn __h_errno_location() -> *mut c_int;
+}
+
+/// `h_errno`'s "no such host".
+const HOST_NOT_FOUND: c_int = 1;
+/// `h_errno`'s "try again later".
+const TRY_AGAIN: c_int = 2;
+
+/// A `.reach` name's pool address: Ok(None) when `name` is not a reach
+/// name (the C library's business), Err(h_errno) when it cannot be had.
+unsafe fn reach_host(name: *const c_char) -> Result<Option<Ipv4Addr>, c_int> {
+    if name.is_null() || agent_socket().is_none() {
+        return Ok(None);
+    }
+    let Ok(text) = CStr::from_ptr(name).to_str() else {
+        return Ok(None);
+    };
+    if !is_reach_name(text) {
+        return Ok(None);
+    }
+    match ask(&Request::Resolve(text.to_string())) {
+        Ok(Reply::Address(ip)) => Ok(Some(ip)),
+        Ok(Reply::Error(ErrorKind::NoName, _)) => Err(HOST_NOT_FOUND),
+        Ok(_) | Err(_) => Err(TRY_AGAIN),
+    }
+}
+
+/// What `gethostbyname` returns points into this, one per thread, valid
+/// until the thread's next call (as the C library's static result is).
+struct HostResult {
+    entry: libc::hostent,
+    name: std::ffi::CString,
+    aliases: [*mut c_char; 1],
+    addr: [u8; 4],
+    addrs: [*mut c_char; 2],
+}
+
+thread_local! {
+    static HOST: std::cell::RefCell<Option<Box<HostResult>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `gethostbyname`: a `.reach` name resolves to its pool address (an
+/// unknown one fails with `HOST_NOT_FOUND`, an agent that cannot be asked
+/// with `TRY_AGAIN`); every other name is the C library's.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname(name: *const c_char) -> *mut libc::hostent {
+    type GethostbynameFn = unsafe extern "C" fn(*const c_char) -> *mut libc::hostent;
+    let real = real!(c"gethostbyname", GethostbynameFn);
+    let ip = match reach_host(name) {
+        Ok(None) => return real(name),
+        Ok(Some(ip)) => ip,
+        Err(h) => {
+            *__h_errno_location() = h;
+            return std::ptr::null_mut();
+        }
+    };
+    HOST.with(|slot| {
+        let mut r = Box::new(HostResult {
+            // SAFETY: hostent is plain data; every field is set below.
+            entry: std::mem::zeroed(),
+            name: CStr::from_ptr(name).to_owned(),
+            aliases: [std::ptr::null_mut()],
+            addr: ip.octets(),
+            addrs: [std::ptr::null_mut(); 2],
+        });
+        r.addrs[0] = r.addr.as_mut_ptr().cast::<c_char>();
+        r.entry = libc::hostent {
+            h_name: r.name.as_ptr().cast_mut(),
+            h_aliases: r.aliases.as_mut_ptr(),
+            h_addrtype: libc::AF_INET,
+            h_length: 4,
+            h_addr_list: r.addrs.as_mut_ptr(),
+        };
+        let p: *mut libc::hostent = &mut r.entry;
+        *slot.borrow_mut() = Some(r);
+        p
+    })
+}
+
+/// `gethostbyname_r`: as [`gethostbyname`], into the caller's buffers
+/// (`ERANGE` when `buf` is too small for the name and the address).
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname_r(
+    name: *const c_char,
+    ret: *mut libc::hostent,
+    buf: *mut c_char,
+    buflen: libc::size_t,
+    result: *mut *mut libc::hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    type GethostbynameRFn = unsafe extern "C" fn(
+        *const c_char,
+        *mut libc::hostent,
+        *mut c_char,
+        libc::size_t,
+        *mut *mut libc::hostent,
+        *mut c_int,
+    ) -> c_int;
+    let real = real!(c"gethostbyname_r", GethostbynameRFn);
+    let ip = match reach_host(name) {
+        Ok(None) => return real(name, ret, buf, buflen, result, h_errnop),
+        Ok(Some(ip)) => ip,
+        Err(h) => {
+            *result = std::ptr::null_mut();
+            *h_errnop = h;
+            return 0;
+        }
+    };
+    // buf: [aliases: 1 pointer][addrs: 2 pointers][address: 4][name\0]
+    let ptr = size_of::<*mut c_char>();
+    let name_len = CStr::from_ptr(name).to_bytes_with_nul().len();
+    let align = buf.align_offset(ptr);
+    let need = align + 3 * ptr + 4 + name_len;
+    if ret.is_null() || buf.is_null() || buflen < need {
+        *result = std::ptr::null_mut();
+        return libc::ERANGE;
+    }
+    let base = buf.add(align);
+    let aliases = base.cast::<*mut c_char>();
+    aliases.write(std::ptr::null_mut());
+    let addrs = aliases.add(1);
+    let addr = base.add(3 * ptr);
+    std::ptr::copy_nonoverlapping(ip.octets().as_ptr().cast::<c_char>(), addr, 4);
+    addrs.write(addr);
+    addrs.add(1).write(std::ptr::null_mut());
+    let name_copy = addr.add(4);
+    std::ptr::copy_nonoverlapping(name, name_copy, name_len);
+    ret.write(libc::hostent {
+        h_name: name_copy,
+        h_aliases: aliases,
+        h_addrtype: libc::AF_INET,
+        h_length: 4,
+        h_addr_list: addrs,
+    });
+    *result = ret;
+    0
+}
