@@ -202,6 +202,34 @@ fn unmodified_programs_reach_reach_names_and_nothing_else_changes() {
         "{}",
         text(&out)
     );
+    // A node that is nowhere: a blocking connect fails with an errno; a
+    // non-blocking one returns at once and the failed setup then resets
+    // the socket (an event loop does not stall on it).
+    let absent = common::reach_id(&dir.path().join("absent"));
+    let script = format!(
+        "import errno, socket, select, time\n\
+         ip = socket.getaddrinfo('{absent}.reach', 80)[0][4][0]\n\
+         b = socket.socket()\n\
+         print(errno.errorcode.get(b.connect_ex((ip, 80)), 'ok'))\n\
+         n = socket.socket()\n\
+         n.setblocking(False)\n\
+         t = time.monotonic()\n\
+         r = n.connect_ex((ip, 80))\n\
+         print(r in (0, 115), time.monotonic() - t < 1.0)\n\
+         select.select([n], [], [], 30)\n\
+         try:\n    print(n.recv(10))\n\
+         except OSError as e:\n    print(errno.errorcode[e.errno])\n"
+    );
+    let out = run(&client, &hub.target, &["python3", "-c", &script]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        lines,
+        ["EHOSTUNREACH", "True True", "ECONNRESET"],
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

@@ -54,6 +54,14 @@ const REQUEST_WITHIN: Duration = Duration::from_secs(5);
 /// Ports a program may have served at once.
 const MAX_SERVED: usize = 64;
 
+/// A stream waiting for its program's socket at the relay.
+enum Parked {
+    /// Set up (a blocking connect).
+    Ready(Box<ReachStream>),
+    /// Being set up (a non-blocking connect).
+    Pending(tokio::sync::oneshot::Receiver<Result<ReachStream, ConnectError>>),
+}
+
 /// Names that stand for nodes, besides `NODEID.reach`.
 pub type Aliases = HashMap<String, NodeId>;
 
@@ -104,7 +112,7 @@ pub struct Agent {
     connect_timeout: Duration,
     stats: Arc<ProxyStats>,
     pool: Mutex<Pool>,
-    parked: Mutex<HashMap<u16, (ReachStream, Instant)>>,
+    parked: Mutex<HashMap<u16, (Parked, Instant)>>,
     relay_port: u16,
     requests: Arc<tokio::sync::Semaphore>,
 }
@@ -139,7 +147,7 @@ impl Agent {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn parked(&self) -> std::sync::MutexGuard<'_, HashMap<u16, (ReachStream, Instant)>> {
+    fn parked(&self) -> std::sync::MutexGuard<'_, HashMap<u16, (Parked, Instant)>> {
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -175,7 +183,12 @@ impl Agent {
                 pool_ip,
                 port,
                 local_port,
-            } => self.connect(pool_ip, port, local_port).await,
+            } => self.connect(pool_ip, port, local_port, true).await,
+            Request::Open {
+                pool_ip,
+                port,
+                local_port,
+            } => self.connect(pool_ip, port, local_port, false).await,
             Request::Listen(addr) => self.listen(addr),
             Request::Peer(port) => {
                 let node = self
@@ -348,44 +361,82 @@ impl Agent {
         Err(last)
     }
 
-    async fn connect(&self, pool_ip: Ipv4Addr, port: u16, local_port: u16) -> Reply {
+    /// Sets up a stream to the node behind `pool_ip`, virtual port
+    /// `port`, for the socket at loopback port `local_port`: answered once
+    /// it is up (`wait`, a blocking connect: a failure is the connect's
+    /// errno), or at once with the setup going on (a non-blocking connect:
+    /// a failure resets the socket at the relay).
+    async fn connect(
+        self: &Arc<Self>,
+        pool_ip: Ipv4Addr,
+        port: u16,
+        local_port: u16,
+        wait: bool,
+    ) -> Reply {
         let Some(node) = self.pool().by_ip.get(&pool_ip).copied() else {
             return Reply::Error(
                 ErrorKind::Unreachable,
                 format!("{pool_ip} stands for no node (resolve its name first)"),
             );
         };
+        {
+            let mut parked = self.parked();
+            parked.retain(|_, (_, at)| at.elapsed() < PARK_FOR);
+            if parked.len() >= MAX_PARKED {
+                drop(parked);
+                self.stats.failed();
+                tracing::warn!("{MAX_PARKED} streams wait for their sockets already: refused");
+                return Reply::Error(ErrorKind::Busy, "too many connections being set up".into());
+            }
+        }
         self.stats.started();
         let target = VirtualAddr::new(node, port);
-        let stream = match self
-            .endpoint
-            .connect_timeout(&target, self.connect_timeout)
-            .await
-        {
-            Ok(s) => s,
+        let setup = {
+            let me = self.clone();
+            async move {
+                let r = me
+                    .endpoint
+                    .connect_timeout(&target, me.connect_timeout)
+                    .await;
+                match &r {
+                    Ok(s) => {
+                        let info = s.info();
+                        tracing::info!(peer = %info.peer, port, module = %info.module, "connection brokered");
+                    }
+                    Err(e) => {
+                        me.stats.failed();
+                        tracing::warn!(%node, port, "cannot reach it: {e}");
+                    }
+                }
+                r
+            }
+        };
+        if !wait {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let _ = tx.send(setup.await);
+            });
+            self.parked()
+                .insert(local_port, (Parked::Pending(rx), Instant::now()));
+            return Reply::Relay(self.relay_port);
+        }
+        match setup.await {
+            Ok(stream) => {
+                self.parked().insert(
+                    local_port,
+                    (Parked::Ready(Box::new(stream)), Instant::now()),
+                );
+                Reply::Relay(self.relay_port)
+            }
             Err(e) => {
-                self.stats.failed();
-                tracing::warn!(%node, port, "cannot reach it: {e}");
                 let kind = match &e {
                     ConnectError::Refused { .. } => ErrorKind::Refused,
                     ConnectError::TimedOut { .. } => ErrorKind::TimedOut,
                     _ => ErrorKind::Unreachable,
                 };
-                return Reply::Error(kind, e.to_string());
+                Reply::Error(kind, e.to_string())
             }
-        };
-        let info = stream.info();
-        tracing::info!(peer = %info.peer, port, module = %info.module, "connection brokered");
-        let mut parked = self.parked();
-        parked.retain(|_, (_, at)| at.elapsed() < PARK_FOR);
-        if parked.len() >= MAX_PARKED {
-            drop(parked);
-            self.stats.failed();
-            tracing::warn!("{MAX_PARKED} streams wait for their sockets already: refused");
-            return Reply::Error(ErrorKind::Busy, "too many connections being set up".into());
         }
-        parked.insert(local_port, (stream, Instant::now()));
-        Reply::Relay(self.relay_port)
     }
 
     /// Serves the shim's requests on `unix` and the brokered sockets on
@@ -459,13 +510,26 @@ impl Agent {
         } else {
             None
         };
-        let Some((mut stream, _)) = parked else {
+        let Some((parked, _)) = parked else {
             tracing::warn!(%from, "a connection at the relay that no stream waits for: reset");
             reset_on_close(&tcp);
             return;
         };
         let stats = self.stats.clone();
         tokio::spawn(async move {
+            let mut stream = match parked {
+                Parked::Ready(s) => *s,
+                // The setup of a non-blocking connect, still under way
+                // (bounded by the connect timeout): a failure resets the
+                // program's socket, which must not take it for a clean end.
+                Parked::Pending(rx) => match rx.await {
+                    Ok(Ok(s)) => s,
+                    _ => {
+                        reset_on_close(&tcp);
+                        return;
+                    }
+                },
+            };
             let _ = tcp.set_nodelay(true);
             let moved = pipe(&mut tcp, &mut stream, &stats).await;
             log_end(&from.to_string(), &moved);

@@ -8,7 +8,9 @@
 //!
 //! ```text
 //! shim -> agent:  resolve NAME                 (a NODEID.reach name or alias)
-//!                 connect POOL_IP PORT LOCAL_PORT
+//!                 connect POOL_IP PORT LOCAL_PORT   (answered once the stream is up)
+//!                 open POOL_IP PORT LOCAL_PORT      (answered at once: a non-blocking
+//!                                                    socket; a failed setup resets it)
 //!                 listen ADDR:PORT             (the program listens there)
 //!                 peer PORT                    (who is the node behind the agent's
 //!                                               connection from loopback port PORT?)
@@ -66,6 +68,17 @@ pub enum Request {
     /// Set up a stream to the node behind `pool_ip`, virtual port `port`,
     /// for the socket bound at 127.0.0.1:`local_port`.
     Connect {
+        /// The pool address the program connects to.
+        pool_ip: Ipv4Addr,
+        /// The port it connects to (the virtual port).
+        port: u16,
+        /// The socket's own loopback port (the relay admits only it).
+        local_port: u16,
+    },
+    /// As `Connect`, answered at once (for a non-blocking socket): the
+    /// stream is set up while the socket connects to the relay, and a
+    /// setup that fails resets the socket.
+    Open {
         /// The pool address the program connects to.
         pool_ip: Ipv4Addr,
         /// The port it connects to (the virtual port).
@@ -181,6 +194,11 @@ impl Request {
                 port,
                 local_port,
             } => format!("connect {pool_ip} {port} {local_port}\n"),
+            Request::Open {
+                pool_ip,
+                port,
+                local_port,
+            } => format!("open {pool_ip} {port} {local_port}\n"),
             Request::Listen(addr) => format!("listen {addr}\n"),
             Request::Peer(port) => format!("peer {port}\n"),
         }
@@ -196,11 +214,24 @@ impl Request {
             {
                 Ok(Request::Resolve(name.to_string()))
             }
-            (Some("connect"), Some(ip), Some(port), Some(local)) if words.next().is_none() => {
-                Ok(Request::Connect {
-                    pool_ip: ip.parse().map_err(|_| bad("bad pool address", line))?,
-                    port: port.parse().map_err(|_| bad("bad port", line))?,
-                    local_port: local.parse().map_err(|_| bad("bad local port", line))?,
+            (Some(verb @ ("connect" | "open")), Some(ip), Some(port), Some(local))
+                if words.next().is_none() =>
+            {
+                let pool_ip = ip.parse().map_err(|_| bad("bad pool address", line))?;
+                let port = port.parse().map_err(|_| bad("bad port", line))?;
+                let local_port = local.parse().map_err(|_| bad("bad local port", line))?;
+                Ok(if verb == "open" {
+                    Request::Open {
+                        pool_ip,
+                        port,
+                        local_port,
+                    }
+                } else {
+                    Request::Connect {
+                        pool_ip,
+                        port,
+                        local_port,
+                    }
                 })
             }
             (Some("peer"), Some(port), None, None) => port
@@ -281,6 +312,11 @@ mod tests {
             Request::Listen("0.0.0.0:8000".parse().unwrap()),
             Request::Listen("[::]:22".parse().unwrap()),
             Request::Peer(40000),
+            Request::Open {
+                pool_ip: Ipv4Addr::new(127, 77, 0, 2),
+                port: 22,
+                local_port: 41001,
+            },
         ];
         for r in reqs {
             assert_eq!(Request::decode(r.encode().as_bytes()), Ok(r));

@@ -251,10 +251,21 @@ unsafe fn broker(fd: c_int, target: SocketAddrV4) -> Result<SocketAddrV4, c_int>
         }
         local = local_addr(fd)?;
     }
-    let request = Request::Connect {
-        pool_ip: *target.ip(),
-        port: target.port(),
-        local_port: local.port(),
+    // A non-blocking socket gets its answer at once and the setup goes on
+    // while it connects (an event loop must not stall on one setup).
+    let flags = libc::fcntl(fd, libc::F_GETFL);
+    let request = if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+        Request::Open {
+            pool_ip: *target.ip(),
+            port: target.port(),
+            local_port: local.port(),
+        }
+    } else {
+        Request::Connect {
+            pool_ip: *target.ip(),
+            port: target.port(),
+            local_port: local.port(),
+        }
     };
     match ask(&request) {
         Ok(Reply::Relay(port)) => Ok(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
