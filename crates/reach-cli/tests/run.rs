@@ -460,3 +460,54 @@ fn a_program_that_listens_is_served_at_its_node_and_on_the_hubs_proxy_port() {
         server.stderr()
     );
 }
+
+#[test]
+fn udp_sockets_reach_a_udp_server_under_reach_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = HubProc::start(&dir.path().join("hub"), &[]);
+    // A UDP server (no listen: its bind is what is served) answering each
+    // datagram in capitals.
+    let server_state = dir.path().join("server");
+    let port = free_port().to_string();
+    let server_script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', {port}))\n\
+         while True:\n    d, a = s.recvfrom(2048)\n    s.sendto(d.upper(), a)\n"
+    );
+    let server = Background::start(
+        &server_state,
+        &["--open", "--hub", &hub.target],
+        &["python3", "-c", &server_script],
+        &format!("UDP port {port} served at"),
+    );
+    let node = common::reach_id(&server_state);
+    let client_script = format!(
+        "import socket\n\
+         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         c.settimeout(20)\n\
+         c.connect(('{node}.reach', {port}))\n\
+         print(c.getpeername()[0].startswith('127.77.'))\n\
+         for w in (b'first', b'second datagram'):\n    c.send(w)\n    print(c.recv(2048).decode())\n"
+    );
+    let out = run(
+        &dir.path().join("client"),
+        &hub.target,
+        &["python3", "-c", &client_script],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), server.stderr());
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        ["True", "FIRST", "SECOND DATAGRAM"],
+        "{}",
+        text(&out)
+    );
+    // The client's own socket (bound by the shim to a port of the
+    // kernel's choosing) is not announced as a server.
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("is not on the reach network"),
+        "{}",
+        text(&out)
+    );
+}

@@ -272,3 +272,45 @@ fn an_epoll_server_and_plain_programs_work_under_reach_run() {
     assert_eq!(shimmed.1, without.1);
     assert_eq!(shimmed.1, PAGE);
 }
+
+#[test]
+fn iperf3_over_udp_runs_under_reach_run_across_nats() {
+    let (lab, state, _hub, hub) = run_lab();
+    let client_dir = state.path().join("client");
+    let client_id = node_id(&client_dir);
+    // iperf3 -u: a TCP control connection and UDP data to the same port
+    // number, both brokered.
+    let server_dir = state.path().join("server");
+    let server = reach_run(
+        &lab,
+        "server",
+        &server_dir,
+        &["--allow", &client_id, "--virtual-only", "--hub", &hub],
+        &["iperf3", "-s", "-p", "5202", "--forceflush"],
+    );
+    let log = state.path().join("iperf3.log");
+    let _server = common::spawn_until(server, &log, "port 5202 served at");
+    let node = node_id(&server_dir);
+    let to = format!("{node}.reach");
+    let client = reach_run(
+        &lab,
+        "client",
+        &client_dir,
+        &["--hub", &hub],
+        &[
+            "iperf3", "-c", &to, "-p", "5202", "-u", "-b", "20M", "-t", "2", "-J",
+        ],
+    );
+    let (ok, out, err) = output(client);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let sum = &v["end"]["sum"];
+    let packets = sum["packets"].as_u64().unwrap_or(0);
+    let lost = sum["lost_packets"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        ok && packets > 0 && lost < packets,
+        "iperf3 -u under reach run: {out}\n{err}\nserver:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let served = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(served.contains("UDP mapping opened"), "{served}");
+}

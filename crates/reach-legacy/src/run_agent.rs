@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use reach::{ConnectError, Endpoint, ReachStream};
 use reach_proto::{NodeId, VirtualAddr};
-use reach_shim_wire::{pool_addr, ErrorKind, Reply, Request, MAX_LINE, SUFFIX};
+use reach_shim_wire::{pool_addr, ErrorKind, Reply, Request, MAX_LINE, SUFFIX, UDP_VPORT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
@@ -106,6 +106,8 @@ pub struct Agent {
     serving: Serving,
     /// Virtual port -> where the program listens.
     served: Mutex<HashMap<u16, SocketAddr>>,
+    /// UDP port -> where the program's UDP socket is bound.
+    served_udp: Mutex<HashMap<u16, SocketAddr>>,
     /// The agent's own port of each connection it makes to the program ->
     /// the node the connection carries (for `accept`'s peer address).
     accepted: Mutex<HashMap<u16, NodeId>>,
@@ -133,6 +135,7 @@ impl Agent {
             aliases,
             serving,
             served: Mutex::default(),
+            served_udp: Mutex::default(),
             accepted: Mutex::default(),
             connect_timeout,
             stats,
@@ -190,6 +193,12 @@ impl Agent {
                 local_port,
             } => self.connect(pool_ip, port, local_port, false).await,
             Request::Listen(addr) => self.listen(addr),
+            Request::ListenUdp(addr) => self.listen_udp(addr),
+            Request::Udp {
+                pool_ip,
+                port,
+                local_port,
+            } => self.connect_udp(pool_ip, port, local_port).await,
             Request::Peer(port) => {
                 let node = self
                     .accepted
@@ -262,6 +271,149 @@ impl Agent {
         Reply::Done
     }
 
+    /// A UDP socket of the program is bound at `addr`: datagrams to its
+    /// port (on [`UDP_VPORT`]) are carried to it.
+    fn listen_udp(&self, addr: SocketAddr) -> Reply {
+        if !self.serving.admits {
+            tracing::warn!(%addr, "the program binds a UDP port, but no node may connect: not served");
+            return Reply::Error(
+                ErrorKind::Denied,
+                "no node may connect: give reach run --allow, --allow-file, --network-secret-file or --open".into(),
+            );
+        }
+        let port = addr.port();
+        {
+            let mut served = self.served_udp.lock().unwrap_or_else(|p| p.into_inner());
+            if !served.contains_key(&port) && served.len() >= MAX_SERVED {
+                tracing::warn!(%addr, "{MAX_SERVED} UDP ports are served already: not served");
+                return Reply::Error(
+                    ErrorKind::Busy,
+                    format!("{MAX_SERVED} UDP ports served already"),
+                );
+            }
+            served.insert(port, addr);
+        }
+        tracing::info!(%addr, "the program binds a UDP port: served");
+        eprintln!(
+            "reach run: UDP port {port} served at {}",
+            self.endpoint.virtual_addr(UDP_VPORT)
+        );
+        Reply::Done
+    }
+
+    /// A UDP socket of the program at loopback port `local_port` connects to
+    /// the node behind `pool_ip`, UDP port `port`: a stream to the node's
+    /// [`UDP_VPORT`] carries its datagrams, through a UDP socket of the
+    /// agent's that the program's socket is connected to.
+    async fn connect_udp(self: &Arc<Self>, pool_ip: Ipv4Addr, port: u16, local_port: u16) -> Reply {
+        let Some(node) = self.pool().by_ip.get(&pool_ip).copied() else {
+            return Reply::Error(
+                ErrorKind::Unreachable,
+                format!("{pool_ip} stands for no node (resolve its name first)"),
+            );
+        };
+        let target = VirtualAddr::new(node, UDP_VPORT);
+        let mut stream = match self
+            .endpoint
+            .connect_timeout(&target, self.connect_timeout)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.stats.failed();
+                tracing::warn!(%node, port, "cannot reach it for UDP: {e}");
+                let kind = match &e {
+                    ConnectError::Refused { .. } => ErrorKind::Refused,
+                    ConnectError::TimedOut { .. } => ErrorKind::TimedOut,
+                    _ => ErrorKind::Unreachable,
+                };
+                return Reply::Error(kind, e.to_string());
+            }
+        };
+        let client = SocketAddr::from((Ipv4Addr::LOCALHOST, local_port));
+        let sock = async {
+            stream.write_all(&port.to_be_bytes()).await?;
+            stream.flush().await?;
+            let sock = tokio::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+            sock.connect(client).await?;
+            Ok::<_, io::Error>(sock)
+        }
+        .await;
+        let sock = match sock {
+            Ok(s) => s,
+            Err(e) => {
+                self.stats.failed();
+                return Reply::Error(ErrorKind::Unreachable, format!("UDP relay: {e}"));
+            }
+        };
+        let relay = match sock.local_addr() {
+            Ok(a) => a.port(),
+            Err(e) => return Reply::Error(ErrorKind::Unreachable, format!("UDP relay: {e}")),
+        };
+        tracing::info!(peer = %stream.peer(), port, module = %stream.info().module, "UDP socket brokered");
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            crate::udp_proxy::carry_socket(
+                stream,
+                sock,
+                client,
+                crate::udp_proxy::DEFAULT_UDP_IDLE,
+                &stats,
+            )
+            .await;
+        });
+        Reply::Relay(relay)
+    }
+
+    /// A stream to [`UDP_VPORT`]: its first two bytes name the UDP port;
+    /// its datagrams go to the program's socket bound there.
+    async fn serve_udp_stream(&self, mut stream: ReachStream) {
+        let peer = stream.peer();
+        let mut port = [0u8; 2];
+        let head = tokio::time::timeout(REQUEST_WITHIN, stream.read_exact(&mut port)).await;
+        if !matches!(head, Ok(Ok(_))) {
+            tracing::info!(%peer, "a UDP stream without its port: ended");
+            return;
+        }
+        let port = u16::from_be_bytes(port);
+        let bound = self
+            .served_udp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&port)
+            .copied();
+        let Some(bound) = bound else {
+            self.stats
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(%peer, port, "a UDP stream to a port the program has not bound: ended");
+            return;
+        };
+        let service = match bound.ip() {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+            }
+            // IPv6 loopback where the host has it (a v6-only socket needs
+            // it), else IPv4 loopback, which a dual-stack socket also gets.
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+                let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+                if std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok() {
+                    v6
+                } else {
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+                }
+            }
+            _ => bound,
+        };
+        crate::udp_proxy::serve_mapping(
+            stream,
+            service,
+            crate::udp_proxy::DEFAULT_UDP_IDLE,
+            &self.stats,
+        )
+        .await;
+    }
+
     /// Serves inbound streams: each to a port the program listens on is
     /// connected to it on loopback; others end at once.
     async fn serve_inbound(self: Arc<Self>) -> io::Result<()> {
@@ -273,6 +425,23 @@ impl Agent {
                 .map_err(|e| io::Error::other(e.to_string()))?;
             let port = stream.info().virtual_port;
             let peer = stream.peer();
+            if port == UDP_VPORT
+                && !self
+                    .served_udp
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty()
+            {
+                let Some(held) = admit(&self.serving.limits, &self.stats, peer) else {
+                    continue;
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _held = held;
+                    me.serve_udp_stream(stream).await;
+                });
+                continue;
+            }
             let Some(listening) = self.served().into_iter().find(|(p, _)| *p == port) else {
                 self.stats
                     .refused

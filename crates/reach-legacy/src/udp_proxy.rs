@@ -104,43 +104,84 @@ pub async fn expose_udp(
         let stats = stats.clone();
         tokio::spawn(async move {
             let _held = held;
-            stats.started();
-            let peer = stream.peer();
-            let any: SocketAddr = if service.is_ipv4() {
-                ([0, 0, 0, 0], 0).into()
-            } else {
-                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-            };
-            let sock = match UdpSocket::bind(any).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("cannot open a UDP socket: {e}");
-                    stats.failed();
-                    return;
-                }
-            };
-            let sock = Arc::new(sock);
-            let (tx, rx) = mpsc::channel(QUEUE);
-            let reader = {
-                let sock = sock.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; datagram::MAX_DATAGRAM];
-                    while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-                        // Only the service's answers go back.
-                        if from == service && tx.try_send(buf[..n].to_vec()).is_err() {
-                            tracing::debug!("mapping queue full: datagram dropped");
-                        }
-                    }
-                })
-            };
-            tracing::info!(%peer, %service, "UDP mapping opened");
-            if let Err(e) = relay(stream, rx, &sock, service, idle, &stats).await {
-                tracing::debug!(%peer, "UDP mapping ended: {e}");
-            }
-            reader.abort();
-            stats.ended();
+            serve_mapping(stream, service, idle, &stats).await;
         });
     }
+}
+
+/// Serves one inbound stream as a UDP mapping to `service`, from a UDP
+/// socket of its own (the service sees one client address per mapping),
+/// until either side ends or nothing moves for `idle`.
+pub async fn serve_mapping(
+    stream: ReachStream,
+    service: SocketAddr,
+    idle: Duration,
+    stats: &ProxyStats,
+) {
+    stats.started();
+    let peer = stream.peer();
+    let any: SocketAddr = if service.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = match UdpSocket::bind(any).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot open a UDP socket: {e}");
+            stats.failed();
+            return;
+        }
+    };
+    let sock = Arc::new(sock);
+    let reader = answers_of(sock.clone(), service);
+    tracing::info!(%peer, %service, "UDP mapping opened");
+    if let Err(e) = relay(stream, reader.1, &sock, service, idle, stats).await {
+        tracing::debug!(%peer, "UDP mapping ended: {e}");
+    }
+    reader.0.abort();
+    stats.ended();
+}
+
+/// Reads the datagrams `sock` receives from `from` (others are dropped)
+/// into a queue for [`relay`]; the task ends with the socket.
+fn answers_of(
+    sock: Arc<UdpSocket>,
+    from: SocketAddr,
+) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<Vec<u8>>) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; datagram::MAX_DATAGRAM];
+        while let Ok((n, src)) = sock.recv_from(&mut buf).await {
+            if src == from && tx.try_send(buf[..n].to_vec()).is_err() {
+                tracing::debug!("mapping queue full: datagram dropped");
+            }
+        }
+    });
+    (task, rx)
+}
+
+/// Carries the datagrams of one program's UDP socket at `client` (on
+/// loopback) over `stream`: they arrive on `sock` and the stream's come
+/// back to `client`, until either side ends or nothing moves for `idle`
+/// (`reach run`'s client side of a UDP socket).
+pub async fn carry_socket(
+    stream: ReachStream,
+    sock: UdpSocket,
+    client: SocketAddr,
+    idle: Duration,
+    stats: &ProxyStats,
+) {
+    stats.started();
+    let peer = stream.peer();
+    let sock = Arc::new(sock);
+    let reader = answers_of(sock.clone(), client);
+    tracing::info!(%peer, %client, "UDP socket carried");
+    if let Err(e) = relay(stream, reader.1, &sock, client, idle, stats).await {
+        tracing::debug!(%peer, "UDP socket's stream ended: {e}");
+    }
+    reader.0.abort();
+    stats.ended();
 }
 
 /// Default UDP mappings `forward --udp` keeps at once.

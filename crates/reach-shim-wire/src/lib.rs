@@ -12,6 +12,9 @@
 //!                 open POOL_IP PORT LOCAL_PORT      (answered at once: a non-blocking
 //!                                                    socket; a failed setup resets it)
 //!                 listen ADDR:PORT             (the program listens there)
+//!                 udp POOL_IP PORT LOCAL_PORT  (a UDP socket connects to the pool:
+//!                                               answered with the agent's UDP relay)
+//!                 listen-udp ADDR:PORT         (a UDP socket is bound there)
 //!                 peer PORT                    (who is the node behind the agent's
 //!                                               connection from loopback port PORT?)
 //! agent -> shim:  ok                           (listen: noted)
@@ -92,7 +95,26 @@ pub enum Request {
     /// The program accepted a connection from the agent's port `0`: the
     /// pool address of the node it carries.
     Peer(u16),
+    /// A UDP socket at loopback port `local_port` connects to the pool
+    /// address `pool_ip`, port `port`.
+    Udp {
+        /// The pool address.
+        pool_ip: Ipv4Addr,
+        /// The UDP port on the node.
+        port: u16,
+        /// The socket's own loopback port.
+        local_port: u16,
+    },
+    /// A UDP socket is bound at this address: serve its port.
+    ListenUdp(SocketAddr),
 }
+
+/// The virtual port that carries every UDP port of a `reach run` node: a
+/// stream to it starts with the UDP port (2 bytes, big-endian), then
+/// carries framed datagrams. (A stream to a virtual port does not say
+/// whether it carries a TCP connection or datagrams, and a program may
+/// use one port number for both.)
+pub const UDP_VPORT: u16 = 65535;
 
 /// Why a request failed, as the shim reports it to the program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +223,12 @@ impl Request {
             } => format!("open {pool_ip} {port} {local_port}\n"),
             Request::Listen(addr) => format!("listen {addr}\n"),
             Request::Peer(port) => format!("peer {port}\n"),
+            Request::Udp {
+                pool_ip,
+                port,
+                local_port,
+            } => format!("udp {pool_ip} {port} {local_port}\n"),
+            Request::ListenUdp(addr) => format!("listen-udp {addr}\n"),
         }
     }
 
@@ -214,24 +242,28 @@ impl Request {
             {
                 Ok(Request::Resolve(name.to_string()))
             }
-            (Some(verb @ ("connect" | "open")), Some(ip), Some(port), Some(local))
+            (Some(verb @ ("connect" | "open" | "udp")), Some(ip), Some(port), Some(local))
                 if words.next().is_none() =>
             {
                 let pool_ip = ip.parse().map_err(|_| bad("bad pool address", line))?;
                 let port = port.parse().map_err(|_| bad("bad port", line))?;
                 let local_port = local.parse().map_err(|_| bad("bad local port", line))?;
-                Ok(if verb == "open" {
-                    Request::Open {
+                Ok(match verb {
+                    "open" => Request::Open {
                         pool_ip,
                         port,
                         local_port,
-                    }
-                } else {
-                    Request::Connect {
+                    },
+                    "udp" => Request::Udp {
                         pool_ip,
                         port,
                         local_port,
-                    }
+                    },
+                    _ => Request::Connect {
+                        pool_ip,
+                        port,
+                        local_port,
+                    },
                 })
             }
             (Some("peer"), Some(port), None, None) => port
@@ -242,6 +274,10 @@ impl Request {
                 .parse()
                 .map(Request::Listen)
                 .map_err(|_| bad("bad listening address", line)),
+            (Some("listen-udp"), Some(addr), None, None) => addr
+                .parse()
+                .map(Request::ListenUdp)
+                .map_err(|_| bad("bad bound address", line)),
             _ => Err(bad("not a request", line)),
         }
     }
@@ -317,6 +353,12 @@ mod tests {
                 port: 22,
                 local_port: 41001,
             },
+            Request::Udp {
+                pool_ip: Ipv4Addr::new(127, 77, 0, 3),
+                port: 53,
+                local_port: 41002,
+            },
+            Request::ListenUdp("0.0.0.0:5201".parse().unwrap()),
         ];
         for r in reqs {
             assert_eq!(Request::decode(r.encode().as_bytes()), Ok(r));

@@ -24,6 +24,7 @@ type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_in
 type GetpeernameFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
 type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
 type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+type BindFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
 type DupFn = unsafe extern "C" fn(c_int) -> c_int;
 type AcceptFn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
 type Accept4Fn = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int;
@@ -233,8 +234,8 @@ unsafe fn broker(fd: c_int, target: SocketAddrV4) -> Result<SocketAddrV4, c_int>
     let Some(kind) = socket_type(fd) else {
         return Err(*libc::__errno_location());
     };
-    if kind != libc::SOCK_STREAM {
-        eprintln!("reach run: only TCP reaches {target} for now");
+    if kind != libc::SOCK_STREAM && kind != libc::SOCK_DGRAM {
+        eprintln!("reach run: only TCP and UDP reach {target}");
         return Err(libc::ENETUNREACH);
     }
     // The relay admits the socket by its loopback port: bind it first.
@@ -254,7 +255,14 @@ unsafe fn broker(fd: c_int, target: SocketAddrV4) -> Result<SocketAddrV4, c_int>
     // A non-blocking socket gets its answer at once and the setup goes on
     // while it connects (an event loop must not stall on one setup).
     let flags = libc::fcntl(fd, libc::F_GETFL);
-    let request = if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+    let request = if kind == libc::SOCK_DGRAM {
+        // A UDP socket: its datagrams go to a relay socket of the agent's.
+        Request::Udp {
+            pool_ip: *target.ip(),
+            port: target.port(),
+            local_port: local.port(),
+        }
+    } else if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
         Request::Open {
             pool_ip: *target.ip(),
             port: target.port(),
@@ -312,6 +320,46 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
                 addr.port()
             ),
             _ => {}
+        }
+    }
+    set_errno(saved);
+    r
+}
+
+/// `bind`: the C library's, then a UDP socket bound to a port of its own
+/// choosing has that port served on the reach network (a UDP server has
+/// no `listen`). The program's call succeeds or fails as the C library
+/// says; why a port is not served is said once a process.
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let r = real!(c"bind", BindFn)(fd, addr, len);
+    // A port of the kernel's choosing (0) is a client's, not a server's.
+    let asked_port = if addr.is_null() || (len as usize) < size_of::<sockaddr_in>() {
+        0
+    } else {
+        // sin_port and sin6_port sit at the same place.
+        u16::from_be(addr.cast::<sockaddr_in>().read_unaligned().sin_port)
+    };
+    if r != 0
+        || asked_port == 0
+        || agent_socket().is_none()
+        || socket_type(fd) != Some(libc::SOCK_DGRAM)
+    {
+        return r;
+    }
+    let saved = *libc::__errno_location();
+    if let Some(bound) = bound_addr(fd).filter(|a| a.port() != 0) {
+        if let Ok(Reply::Error(_, why)) = ask(&Request::ListenUdp(bound)) {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "reach run: UDP port {} is not on the reach network: {why}",
+                    bound.port()
+                );
+            }
         }
     }
     set_errno(saved);

@@ -26,6 +26,6 @@ mod peers;
 mod talk;
 
 pub use calls::{
-    accept, accept4, close, connect, dup, dup2, dup3, getaddrinfo, gethostbyname, gethostbyname_r,
-    getpeername, listen,
+    accept, accept4, bind, close, connect, dup, dup2, dup3, getaddrinfo, gethostbyname,
+    gethostbyname_r, getpeername, listen,
 };

@@ -52,10 +52,14 @@ pub(crate) fn ask(req: &Request) -> Result<Reply, String> {
             std::path::Path::new(path).display(),
             match req {
                 Request::Resolve(name) => format!("looking up {name}"),
-                Request::Connect { pool_ip, port, .. } | Request::Open { pool_ip, port, .. } => {
+                Request::Connect { pool_ip, port, .. }
+                | Request::Open { pool_ip, port, .. }
+                | Request::Udp { pool_ip, port, .. } => {
                     format!("connecting to {pool_ip}:{port}")
                 }
-                Request::Listen(addr) => format!("serving {addr} on the reach network"),
+                Request::Listen(addr) | Request::ListenUdp(addr) => {
+                    format!("serving {addr} on the reach network")
+                }
                 Request::Peer(port) =>
                     format!("naming the peer of an accepted connection (port {port})"),
             }
