@@ -160,6 +160,22 @@ fn unmodified_programs_reach_reach_names_and_nothing_else_changes() {
         text(&out)
     );
     assert_eq!(&lines[1..], ["unknown", "127.0.0.1"], "{}", text(&out));
+    // gethostbyname2 (through ctypes): a .reach name has an IPv4 address,
+    // no IPv6 one.
+    let ctypes = format!(
+        "import ctypes, socket\n\
+         libc = ctypes.CDLL(None)\n\
+         libc.gethostbyname2.restype = ctypes.c_void_p\n\
+         print(libc.gethostbyname2(b'{node}.reach', socket.AF_INET) is not None,\n\
+               libc.gethostbyname2(b'{node}.reach', socket.AF_INET6) is None)\n"
+    );
+    let out = run(&client, &hub.target, &["python3", "-c", &ctypes]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "True True",
+        "{}",
+        text(&out)
+    );
     // Addresses that are not the pool's are the C library's business.
     let plain = web_service();
     let out = run(

@@ -727,3 +727,27 @@ pub unsafe extern "C" fn gethostbyname_r(
     *result = ret;
     0
 }
+
+/// `gethostbyname2`: as [`gethostbyname`] for `AF_INET`; a `.reach` name
+/// has no IPv6 address (`HOST_NOT_FOUND`).
+///
+/// # Safety
+/// As the C function.
+#[no_mangle]
+pub unsafe extern "C" fn gethostbyname2(name: *const c_char, af: c_int) -> *mut libc::hostent {
+    type Gethostbyname2Fn = unsafe extern "C" fn(*const c_char, c_int) -> *mut libc::hostent;
+    if af == libc::AF_INET {
+        return gethostbyname(name);
+    }
+    match reach_host(name) {
+        Ok(None) => real!(c"gethostbyname2", Gethostbyname2Fn)(name, af),
+        Ok(Some(_)) => {
+            *__h_errno_location() = HOST_NOT_FOUND;
+            std::ptr::null_mut()
+        }
+        Err(h) => {
+            *__h_errno_location() = h;
+            std::ptr::null_mut()
+        }
+    }
+}

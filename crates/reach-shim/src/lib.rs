@@ -27,5 +27,5 @@ mod talk;
 
 pub use calls::{
     accept, accept4, bind, close, connect, dup, dup2, dup3, getaddrinfo, gethostbyname,
-    gethostbyname_r, getpeername, listen,
+    gethostbyname2, gethostbyname_r, getpeername, listen,
 };
