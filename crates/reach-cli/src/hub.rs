@@ -63,8 +63,11 @@ pub struct HubArgs {
     /// configured --peer hubs link; an open hub admits nodes, not hubs).
     #[arg(long)]
     open_hubs: bool,
-    /// Serve Prometheus metrics (/metrics) and the JSON status (/status) over
-    /// HTTP on this address, e.g. 127.0.0.1:9107.
+    /// Serve the dashboard (/: the overlay of hubs and links, routes, proxy
+    /// ports and counters, live), Prometheus metrics (/metrics) and the JSON
+    /// status (/status) over HTTP on this address, e.g. 127.0.0.1:9107.
+    /// Anyone who reaches it sees the federation's layout: bind it to
+    /// loopback or a management network.
     #[arg(long, value_name = "IP:PORT")]
     metrics: Option<SocketAddr>,
     /// Seconds between routing gossip messages to peer hubs [default: 2].
@@ -400,7 +403,7 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
             .with_context(|| format!("cannot listen for metrics on {addr}"))?;
         let bound = listener.local_addr().unwrap_or(addr);
         hub.serve_metrics(listener);
-        eprintln!("metrics http://{bound}/metrics (and /status)");
+        eprintln!("dashboard http://{bound}/ (and /metrics, /status)");
     }
 
     announce(&hub, args.addr_file.as_deref(), "hub")?;

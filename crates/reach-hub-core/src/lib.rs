@@ -32,8 +32,11 @@ use reach_proto::route_chain::Anchor;
 use reach_proto::routes::{AnchorNews, RouteTable};
 use reach_proto::{NodeId, SecretKey, Signature};
 
+mod overlay;
 mod snapshot;
 mod vpn;
+
+pub use overlay::HubCard;
 
 pub use snapshot::{HubLinkStatus, NodeStatus, RouteStatus, Snapshot};
 
@@ -214,6 +217,9 @@ pub struct Counters {
     pub vip_lookups: u64,
     /// Address updates from registered nodes (a port mapping came or went).
     pub addr_updates: u64,
+    /// Overlay map cards refused: more links than a card may list, or the
+    /// map full (forged ones cut the link, as `gossip_forged` counts).
+    pub cards_refused: u64,
 }
 
 /// Work for the driver, which does the I/O (binding proxy ports).
@@ -381,6 +387,8 @@ pub struct HubCore {
     key: SecretKey,
     /// Vpn members of every hub, by address.
     vpn: vpn::VpnDirectory,
+    /// Every hub's links, for the dashboard; this hub's link round trips.
+    overlay: overlay::OverlayMap,
     next_link: LinkId,
     outbox: Vec<(LinkId, Vec<u8>)>,
     /// What the driver must act on (bind a proxy port, drop a node's).
@@ -521,6 +529,7 @@ impl HubCore {
             own_directory: None,
             key: key.clone(),
             vpn: vpn::VpnDirectory::new(epoch),
+            overlay: overlay::OverlayMap::new(epoch),
             next_link: 1,
             outbox: Vec::new(),
             events: Vec::new(),
@@ -729,6 +738,7 @@ impl HubCore {
                     }
                 } else if self.hubs.get(&info.peer) == Some(&link) {
                     self.hubs.remove(&info.peer);
+                    self.overlay.link_gone(&info.peer);
                     self.routes.handle_link_down(info.peer);
                     self.gossip();
                 }
@@ -1245,6 +1255,9 @@ impl HubCore {
                 for f in self.vpn.sync(&self.key) {
                     self.send(link, f);
                 }
+                for f in self.overlay.sync() {
+                    self.send(link, f);
+                }
             }
             (LinkKind::Pending, Control::StatusQuery { proof }) => {
                 if !self.policy.admits_node(&peer, &self.me, proof.as_ref()) {
@@ -1264,6 +1277,9 @@ impl HubCore {
                 ))
             }
             (_, Control::Ping { nonce }) => self.send(link, control(&Control::Pong { nonce })),
+            (LinkKind::Hub, Control::Pong { nonce }) => {
+                self.overlay.pong(peer, nonce, now);
+            }
             (_, Control::Pong { .. }) => {}
             (LinkKind::Node, Control::Lookup { req, node }) => self.lookup(link, req, node, now),
             (LinkKind::Node, Control::NodeAddrs { addrs }) => {
@@ -1311,6 +1327,36 @@ impl HubCore {
                 Err(vpn::Refusal::TooLarge(n)) => {
                     self.counters.vpn_lists_refused += 1;
                     tracing::warn!(neighbour = %peer, %origin, members = n, "vpn member list refused: more members than a list may hold");
+                }
+            },
+            (
+                LinkKind::Hub,
+                Control::HubLinks {
+                    origin,
+                    state,
+                    nodes,
+                    unlisted,
+                    links,
+                    sig,
+                },
+            ) => match self
+                .overlay
+                .receive(self.me, origin, state, nodes, unlisted, links, sig)
+            {
+                Ok(Some(msg)) => {
+                    let others: Vec<LinkId> =
+                        self.hubs.values().copied().filter(|l| *l != link).collect();
+                    for l in others {
+                        self.send(l, msg.clone());
+                    }
+                }
+                Ok(None) => {}
+                Err(overlay::Refusal::Forged) => {
+                    return self.cut_forger(peer, "an overlay card its origin did not sign")
+                }
+                Err(refusal) => {
+                    self.counters.cards_refused += 1;
+                    tracing::warn!(neighbour = %peer, %origin, ?refusal, "overlay card refused");
                 }
             },
             (
@@ -2127,6 +2173,54 @@ impl HubCore {
         self.forget_unroutable(now);
         self.request_missing_directories(now);
         self.gossip();
+        self.tick_overlay(now);
+    }
+
+    /// This hub's links as (neighbour, dialled), by neighbour.
+    fn hub_links(&self) -> Vec<(NodeId, bool)> {
+        self.hubs
+            .iter()
+            .map(|(hub, l)| (*hub, self.links.get(l).is_some_and(|i| i.dialled)))
+            .collect()
+    }
+
+    /// The overlay map's tick: floods this hub's card if it changed, pings
+    /// every hub link for its round trip, drops cards of hubs gone.
+    fn tick_overlay(&mut self, now: Instant) {
+        let links = self.hub_links();
+        if let Some(msg) = self
+            .overlay
+            .take_change(&self.key, &links, self.nodes.len())
+        {
+            for l in self.hubs.values().copied().collect::<Vec<_>>() {
+                self.send(l, msg.clone());
+            }
+        }
+        for (hub, l) in self.hubs.iter().map(|(h, l)| (*h, *l)).collect::<Vec<_>>() {
+            let nonce = self.overlay.ping(hub, now);
+            self.send(l, control(&Control::Ping { nonce }));
+        }
+        let (hubs, routes, me) = (&self.hubs, &self.routes, self.me);
+        self.overlay
+            .forget_unroutable(now, self.directory_grace, |o| {
+                *o == me || hubs.contains_key(o) || routes.route(o).is_some()
+            });
+    }
+
+    /// The overlay map: this hub's card (as it is now) first, then every
+    /// other hub's it holds.
+    pub fn overlay_cards(&self) -> Vec<HubCard> {
+        let (links, unlisted) = self.overlay.own_card(&self.hub_links());
+        let own = HubCard {
+            hub: self.me,
+            nodes: u32::try_from(self.nodes.len()).unwrap_or(u32::MAX),
+            links,
+            unlisted,
+            reachable: true,
+        };
+        let mut cards = vec![own];
+        cards.extend(self.overlay.cards(|o| self.routes_to(o)));
+        cards
     }
 
     /// A snapshot for `reach status` and metrics, without the proxy ports
@@ -2152,6 +2246,7 @@ impl HubCore {
                     hub: *peer,
                     addr: self.links.get(l).map(|i| i.observed),
                     dialled: self.links.get(l).is_some_and(|i| i.dialled),
+                    rtt: self.overlay.rtt(peer),
                 })
                 .collect(),
             routes: self
@@ -2167,6 +2262,7 @@ impl HubCore {
             vpn_members: self.vpn.len(),
             streams: self.relay.len() / 2,
             counters: self.counters,
+            overlay: self.overlay_cards(),
         }
     }
 }

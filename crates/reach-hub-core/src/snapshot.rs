@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use reach_proto::NodeId;
 
-use crate::Counters;
+use crate::{Counters, HubCard};
 
 /// A hub's state as its core sees it.
 #[derive(Clone, Debug)]
@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub streams: usize,
     /// Counters since start.
     pub counters: Counters,
+    /// The overlay map: this hub's card first, then the other hubs'.
+    pub overlay: Vec<HubCard>,
 }
 
 /// One attached node.
@@ -52,6 +54,8 @@ pub struct HubLinkStatus {
     pub addr: Option<SocketAddr>,
     /// Whether this hub dialled it.
     pub dialled: bool,
+    /// The link's smoothed round trip, once measured.
+    pub rtt: Option<std::time::Duration>,
 }
 
 /// One route.

@@ -1470,3 +1470,66 @@ fn a_hub_asks_the_hub_that_dialled_it_to_carry_a_circuit_leg() {
     );
     assert!(hub.poll_events().is_empty());
 }
+
+#[test]
+fn hubs_learn_each_others_links_and_round_trips_for_the_overlay_map() {
+    let t0 = Instant::now();
+    let (mut a, mut b, ab, ba) = two_hubs(t0);
+    register(&mut a, 10, vec![addr(10)], t0);
+    // The tick pings each hub link; the answer comes 3 ms later.
+    a.handle_tick(t0);
+    b.handle_tick(t0);
+    let later = t0 + Duration::from_millis(3);
+    pump(&mut a, &mut b, ab, ba, later);
+    a.handle_tick(later);
+    b.handle_tick(later);
+    pump(&mut a, &mut b, ab, ba, later);
+    let map = b.status().overlay;
+    assert_eq!(map.len(), 2, "{map:?}");
+    assert_eq!(map[0].hub, id(2), "own card first");
+    let card_a = &map[1];
+    assert_eq!(
+        (card_a.hub, card_a.nodes, card_a.reachable),
+        (id(1), 1, true)
+    );
+    assert_eq!(card_a.links.len(), 1);
+    let link = card_a.links[0];
+    assert_eq!((link.hub, link.dialled, link.rtt_us), (id(2), true, 3_000));
+    assert_eq!(map[0].links[0].hub, id(1));
+    assert!(!map[0].links[0].dialled, "hub 2 accepted the link");
+    // Smoothed: 7/8 of 3 ms and 1/8 of the second ping's, answered at once.
+    assert_eq!(a.status().hubs[0].rtt, Some(Duration::from_micros(2_625)));
+}
+
+#[test]
+fn a_forged_overlay_card_cuts_the_link_that_sent_it() {
+    let now = Instant::now();
+    let (_, mut b, _, ba) = two_hubs(now);
+    // Hub 1's link sends a card "from" hub 3, signed by hub 1.
+    let links = vec![reach_proto::overlay::LinkCard {
+        hub: id(4),
+        dialled: true,
+        rtt_us: 100,
+    }];
+    let sig = key(1).sign(&reach_proto::overlay::card_signed_bytes(
+        &id(3),
+        7,
+        0,
+        0,
+        &links,
+    ));
+    let forged = Control::HubLinks {
+        origin: id(3),
+        state: 7,
+        nodes: 0,
+        unlisted: 0,
+        links,
+        sig,
+    };
+    assert!(matches!(
+        b.handle_frame(ba, Frame::Control(forged), now),
+        Verdict::Close(_)
+    ));
+    assert_eq!(b.counters.gossip_forged, 1);
+    assert_eq!(b.status().overlay.len(), 1, "only its own card");
+}

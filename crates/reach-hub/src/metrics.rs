@@ -1,6 +1,8 @@
-//! A minimal HTTP endpoint for Prometheus scrapes (`/metrics`) and a JSON
-//! status (`/status`). One request per connection, bounded in size and time:
-//! this is for a scraper on a management network, not a web server.
+//! A minimal HTTP endpoint for Prometheus scrapes (`/metrics`), a JSON
+//! status (`/status`) and the dashboard (`/`, a page that polls `/status`
+//! and draws the overlay; its files are part of the binary). One request
+//! per connection, bounded in size and time: this is for a scraper and an
+//! operator's browser on a management network, not a web server.
 
 use std::time::Duration;
 
@@ -10,6 +12,11 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::status::Status;
 
 const MAX_REQUEST: usize = 8 * 1024;
+
+/// The dashboard's files: page, script, style.
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves metrics on `listener` forever, taking a status snapshot per request.
@@ -58,26 +65,32 @@ async fn answer(mut conn: TcpStream, status: impl Fn() -> Status) -> std::io::Re
         }
         head.extend_from_slice(&buf[..n]);
     };
-    let (code, kind, body) = match path.as_deref() {
+    use std::borrow::Cow;
+    let (code, kind, body): (&str, &str, Cow<str>) = match path.as_deref() {
         Ok("/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4",
-            status().to_prometheus(),
+            status().to_prometheus().into(),
         ),
         Ok("/status") => (
             "200 OK",
             "application/json",
-            status().to_json(usize::MAX).to_string(),
+            status().to_json(usize::MAX).to_string().into(),
         ),
+        Ok("/" | "/index.html") => ("200 OK", "text/html; charset=utf-8", DASHBOARD_HTML.into()),
+        Ok("/dashboard.js") => ("200 OK", "text/javascript", DASHBOARD_JS.into()),
+        Ok("/dashboard.css") => ("200 OK", "text/css", DASHBOARD_CSS.into()),
         Ok(_) => (
             "404 Not Found",
             "text/plain",
-            "try /metrics or /status\n".into(),
+            "try / (dashboard), /metrics or /status\n".into(),
         ),
-        Err(code) => (*code, "text/plain", String::new()),
+        Err(code) => (*code, "text/plain", "".into()),
     };
+    // The page loads only its own files: no inline script, nothing from
+    // elsewhere, no framing.
     let reply = format!(
-        "HTTP/1.1 {code}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {code}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\ncache-control: no-store\r\ncontent-security-policy: default-src 'self'; frame-ancestors 'none'\r\nx-content-type-options: nosniff\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     conn.write_all(reply.as_bytes()).await?;

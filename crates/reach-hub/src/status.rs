@@ -92,6 +92,20 @@ impl Status {
                 "hub": h.hub.to_string(),
                 "addr": h.addr.map(|a| a.to_string()),
                 "dialled": h.dialled,
+                "rtt_us": h.rtt.map(|r| r.as_micros() as u64),
+            })).collect::<Vec<_>>(),
+            // The overlay map (this hub first), for the dashboard: at most
+            // `max_nodes` hubs, like the node list.
+            "overlay": self.overlay.iter().take(max_nodes).map(|c| json!({
+                "hub": c.hub.to_string(),
+                "nodes": c.nodes,
+                "reachable": c.reachable,
+                "unlisted_links": c.unlisted,
+                "links": c.links.iter().map(|l| json!({
+                    "hub": l.hub.to_string(),
+                    "dialled": l.dialled,
+                    "rtt_us": (l.rtt_us > 0).then_some(l.rtt_us),
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "routes": self.routes.iter().map(|r| json!({
                 "hub": r.hub.to_string(),
@@ -143,6 +157,7 @@ impl Status {
                 "gossip_forged": self.counters.gossip_forged,
                 "vpn_lists_refused": self.counters.vpn_lists_refused,
                 "vip_lookups": self.counters.vip_lookups,
+                "cards_refused": self.counters.cards_refused,
             },
         })
     }
@@ -361,11 +376,29 @@ impl Status {
             self.counters.gossip_forged.to_string(),
         );
         metric(
+            "cards_refused_total",
+            "counter",
+            "Overlay map cards refused (more links than a card lists, or the map full).",
+            self.counters.cards_refused.to_string(),
+        );
+        metric(
             "relayed_messages_total",
             "counter",
             "Node-to-node messages (splice rendezvous) passed on.",
             self.counters.relayed_messages.to_string(),
         );
+        out.push_str(
+            "# HELP reach_hub_link_rtt_seconds Smoothed round trip of each hub link (pinged every gossip interval).\n# TYPE reach_hub_link_rtt_seconds gauge\n",
+        );
+        for h in &self.hubs {
+            if let Some(rtt) = h.rtt {
+                out.push_str(&format!(
+                    "reach_hub_link_rtt_seconds{{peer=\"{}\"}} {}\n",
+                    h.hub,
+                    rtt.as_secs_f64()
+                ));
+            }
+        }
         out
     }
 }

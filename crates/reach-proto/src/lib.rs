@@ -18,6 +18,7 @@ pub mod member;
 pub mod nat;
 pub mod node_session;
 mod noise_crypto;
+pub mod overlay;
 pub mod plain_chunks;
 pub mod port_lease;
 pub mod punch;

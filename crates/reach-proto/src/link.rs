@@ -562,6 +562,25 @@ pub enum Control {
         /// Direct addresses the node listens on.
         addrs: Vec<SocketAddr>,
     },
+    /// Hub to hub, flooded: `origin`'s links and attached node count, its
+    /// card of the overlay map ([`crate::overlay`]), signed by it
+    /// ([`crate::overlay::card_signed_bytes`]); newer `state` replaces
+    /// older.
+    HubLinks {
+        /// The hub whose links these are.
+        #[serde(with = "crate::identity::relayed_id")]
+        origin: NodeId,
+        /// Newer replaces older.
+        state: u64,
+        /// Nodes attached to `origin`.
+        nodes: u32,
+        /// Links beyond [`crate::overlay::MAX_CARD_LINKS`], not listed.
+        unlisted: u32,
+        /// Its links, at most [`crate::overlay::MAX_CARD_LINKS`].
+        links: Vec<crate::overlay::LinkCard>,
+        /// `origin`'s signature.
+        sig: crate::identity::Signature,
+    },
 }
 
 /// A decoded frame; Data borrows its payload from the input buffer.
