@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 require_root "the lab tests create network namespaces"
 ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh curl:curl python3:python3 iperf3:iperf3 \
-  socat:socat wireguard-tools:wg iputils-ping:ping natpmpc:natpmpc miniupnpc:upnpc
+  socat:socat wireguard-tools:wg iputils-ping:ping natpmpc:natpmpc miniupnpc:upnpc \
+  chromium:chromium chromium-driver:chromedriver
 ensure_rust_tools
 # Baselines the lab tests and the benchmark compare with.
 ensure_cargo_tool rathole pkg-config libssl-dev

@@ -53,9 +53,30 @@ function linksOf(cards) {
   return [...out.values()];
 }
 
+// Hubs in the order they sit on the circle: depth first along the links
+// from this hub (a ring or a chain draws without crossings), then the
+// rest by id.
+function circleOrder(overlay, me) {
+  const byId = [...overlay].sort((a, b) => (a.hub < b.hub ? -1 : 1));
+  const byHub = new Map(byId.map((c) => [c.hub, c]));
+  const out = [];
+  const seen = new Set();
+  const visit = (hub) => {
+    if (seen.has(hub) || !byHub.has(hub)) return;
+    seen.add(hub);
+    out.push(byHub.get(hub));
+    const next = new Set(byHub.get(hub).links.map((l) => l.hub));
+    for (const c of byId) if (c.links.some((l) => l.hub === hub)) next.add(c.hub);
+    [...next].sort().forEach(visit);
+  };
+  visit(me);
+  byId.forEach((c) => visit(c.hub));
+  return out;
+}
+
 function drawOverlay(status) {
   const svg = $("overlay");
-  const cards = [...status.overlay].sort((a, b) => (a.hub < b.hub ? -1 : 1));
+  const cards = circleOrder(status.overlay, status.hub);
   const [w, h] = [640, 440];
   const r = cards.length > 1 ? Math.min(w, h) / 2 - 60 : 0;
   const pos = new Map();
