@@ -438,10 +438,11 @@ fn remote_parts(
     directory_parts(origin, r.state, &parts, &r.listen, &r.sigs)
 }
 
-fn control(msg: &Control) -> Vec<u8> {
+/// `msg` as a frame; empty (and logged) if it does not fit one, which
+/// `send` then drops. Every message the core makes is bounded to fit.
+pub(crate) fn control(msg: &Control) -> Vec<u8> {
     let mut f = Vec::new();
     if let Err(e) = encode_control(msg, &mut f) {
-        // Only directories of tens of thousands of nodes get this large.
         tracing::warn!("control message not sent: {e}");
         f.clear();
     }
@@ -1313,13 +1314,7 @@ impl HubCore {
                     sig,
                 },
             ) => match self.vpn.receive(self.me, origin, state, members, sig) {
-                Ok(Some(msg)) => {
-                    let others: Vec<LinkId> =
-                        self.hubs.values().copied().filter(|l| *l != link).collect();
-                    for l in others {
-                        self.send(l, msg.clone());
-                    }
-                }
+                Ok(Some(msg)) => self.flood(&msg, Some(link)),
                 Ok(None) => {}
                 Err(vpn::Refusal::Forged) => {
                     return self.cut_forger(peer, "a vpn member list its origin did not sign")
@@ -1343,13 +1338,7 @@ impl HubCore {
                 .overlay
                 .receive(self.me, origin, state, nodes, unlisted, links, sig)
             {
-                Ok(Some(msg)) => {
-                    let others: Vec<LinkId> =
-                        self.hubs.values().copied().filter(|l| *l != link).collect();
-                    for l in others {
-                        self.send(l, msg.clone());
-                    }
-                }
+                Ok(Some(msg)) => self.flood(&msg, Some(link)),
                 Ok(None) => {}
                 Err(overlay::Refusal::Forged) => {
                     return self.cut_forger(peer, "an overlay card its origin did not sign")
@@ -1971,10 +1960,7 @@ impl HubCore {
             Some(at) if now < at + DIRECTORY_HOLD => self.dir_dirty = true,
             _ => {
                 if let Some(msg) = self.vpn.take_change(&self.key) {
-                    let hubs: Vec<LinkId> = self.hubs.values().copied().collect();
-                    for l in hubs {
-                        self.send(l, msg.clone());
-                    }
+                    self.flood(&msg, None);
                 }
             }
         }
@@ -2133,6 +2119,14 @@ impl HubCore {
         }
     }
 
+    /// Sends `msg` to every linked hub but the one on `except`.
+    fn flood(&mut self, msg: &[u8], except: Option<LinkId>) {
+        let links: Vec<LinkId> = self.hubs.values().copied().collect();
+        for l in links.into_iter().filter(|l| Some(*l) != except) {
+            self.send(l, msg.to_vec());
+        }
+    }
+
     /// Tells every neighbour the paths that changed (a triggered update).
     fn gossip_changes(&mut self) {
         self.flush_own_anchor();
@@ -2192,9 +2186,7 @@ impl HubCore {
             .overlay
             .take_change(&self.key, &links, self.nodes.len())
         {
-            for l in self.hubs.values().copied().collect::<Vec<_>>() {
-                self.send(l, msg.clone());
-            }
+            self.flood(&msg, None);
         }
         for (hub, l) in self.hubs.iter().map(|(h, l)| (*h, *l)).collect::<Vec<_>>() {
             let nonce = self.overlay.ping(hub, now);

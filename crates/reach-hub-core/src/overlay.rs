@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use reach_proto::link::{encode_control, Control};
+use reach_proto::link::Control;
 use reach_proto::overlay::{card_signed_bytes, rtt_moved, LinkCard, MAX_CARD_LINKS};
 use reach_proto::routes::MAX_ROUTES;
 use reach_proto::{NodeId, SecretKey, Signature};
@@ -181,7 +181,7 @@ impl OverlayMap {
             unlisted,
             &cards,
         ));
-        let msg = encode(&Control::HubLinks {
+        let msg = crate::control(&Control::HubLinks {
             origin: me,
             state: self.own_state,
             nodes,
@@ -230,7 +230,7 @@ impl OverlayMap {
         ) {
             return Err(Refusal::Forged);
         }
-        let msg = encode(&Control::HubLinks {
+        let msg = crate::control(&Control::HubLinks {
             origin,
             state,
             nodes,
@@ -282,16 +282,6 @@ impl OverlayMap {
             })
             .collect()
     }
-}
-
-fn encode(msg: &Control) -> Vec<u8> {
-    let mut f = Vec::new();
-    if let Err(e) = encode_control(msg, &mut f) {
-        // A full card is about 10 KB, inside a frame; this is a bug.
-        tracing::warn!("overlay card not encoded: {e}");
-        f.clear();
-    }
-    f
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use reach_proto::link::{encode_control, Control, MAX_VIP_HOLDERS};
+use reach_proto::link::{Control, MAX_VIP_HOLDERS};
 use reach_proto::vpn::{members_signed_bytes, ula, NetworkTag, VpnClaim, VpnMember, MEMBERS_PART};
 use reach_proto::{NodeId, SecretKey, Signature};
 
@@ -156,7 +156,7 @@ impl VpnDirectory {
             self.own_state,
             &members,
         ));
-        let msg = encode(&Control::VpnMembers {
+        let msg = crate::control(&Control::VpnMembers {
             origin: key.node_id(),
             state: self.own_state,
             members,
@@ -205,7 +205,7 @@ impl VpnDirectory {
         for m in &members {
             self.add(origin, m);
         }
-        let msg = encode(&Control::VpnMembers {
+        let msg = crate::control(&Control::VpnMembers {
             origin,
             state,
             members: members.clone(),
@@ -251,16 +251,6 @@ impl VpnDirectory {
         let remote = self.remote.values().map(|r| r.members.len()).sum();
         (self.own.len(), remote)
     }
-}
-
-fn encode(msg: &Control) -> Vec<u8> {
-    let mut f = Vec::new();
-    if let Err(e) = encode_control(msg, &mut f) {
-        // A full list is about 45 KB, inside a frame; this is a bug.
-        tracing::warn!("vpn member list not encoded: {e}");
-        f.clear();
-    }
-    f
 }
 
 #[cfg(test)]
