@@ -44,7 +44,7 @@ fn webdriver(lab: &Lab, host: &str, method: &str, path: &str, body: Option<Value
 
 /// What the page draws: hubs with whether they are reachable, and links as
 /// (from, to).
-#[derive(Debug)]
+#[derive(Debug, serde::Deserialize)]
 struct Drawn {
     hubs: Vec<(String, bool)>,
     links: BTreeSet<(String, String)>,
@@ -67,28 +67,7 @@ fn read_page(lab: &Lab, host: &str, session: &str) -> Drawn {
         &format!("/session/{session}/execute/sync"),
         Some(json!({ "script": READ_PAGE, "args": [] })),
     );
-    let pair = |p: &Value| (p[0].as_str().unwrap_or_default().to_string(), p[1].clone());
-    Drawn {
-        hubs: v["hubs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|h| {
-                let (id, r) = pair(h);
-                (id, r.as_bool().unwrap_or(false))
-            })
-            .collect(),
-        links: v["links"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|l| {
-                let (from, to) = pair(l);
-                (from, to.as_str().unwrap_or_default().to_string())
-            })
-            .collect(),
-        state: v["state"].as_str().unwrap_or_default().to_string(),
-    }
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("the page read as {v}: {e}"))
 }
 
 #[test]
