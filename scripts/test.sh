@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 require_root "the lab tests create network namespaces"
 ensure_packages iproute2:ip nftables:nft openssh-server:/usr/sbin/sshd openssh-client:ssh curl:curl python3:python3 iperf3:iperf3 \
   socat:socat wireguard-tools:wg iputils-ping:ping natpmpc:natpmpc miniupnpc:upnpc \
-  chromium:chromium chromium-driver:chromedriver
+  chromium:chromium chromium-driver:chromedriver \
+  man-db:man groff-base:nroff zsh:zsh systemd:systemd-analyze
 ensure_rust_tools
 # Baselines the lab tests and the benchmark compare with.
 ensure_cargo_tool rathole pkg-config libssl-dev
@@ -41,6 +42,9 @@ cargo build --locked -p reach-shim
 
 step "tests (cargo nextest)"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci
+
+step "install as a user would: completions, man pages, systemd units (scripts/check-dist.sh)"
+bash scripts/check-dist.sh
 
 step "doc tests"
 cargo test --workspace --locked --doc

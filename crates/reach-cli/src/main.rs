@@ -5,8 +5,11 @@
 
 mod config;
 mod control;
+#[cfg(test)]
+mod dist_units;
 mod gateway;
 mod hub;
+mod manual;
 mod pipe;
 mod run;
 mod status;
@@ -146,6 +149,16 @@ enum Command {
     /// it with a TUN device, `reach vpn down` leaves.
     #[command(subcommand)]
     Vpn(vpn::VpnCommand),
+    /// Print a shell completion script, e.g.
+    ///   reach completions bash > /etc/bash_completion.d/reach
+    ///   reach completions zsh > "${fpath[1]}/_reach"
+    #[command(verbatim_doc_comment)]
+    Completions(manual::CompletionsArgs),
+    /// Print the man page reach.1, or write one page per command with
+    /// --out-dir, e.g.
+    ///   reach man --out-dir /usr/local/share/man/man1
+    #[command(verbatim_doc_comment)]
+    Man(manual::ManArgs),
 }
 
 /// Settings every node command shares: how to reach peers.
@@ -480,6 +493,12 @@ fn init_logging(verbose: u8, config_filter: Option<&str>) {
 }
 
 async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    // Commands that describe the program need no identity or state.
+    match &cli.command {
+        Command::Completions(args) => return manual::completions(args),
+        Command::Man(args) => return manual::man(args),
+        _ => {}
+    }
     let state_dir = match cli.state_dir.or(config.state_dir.clone()) {
         Some(d) => d,
         None => reach::keystore::default_state_dir()?,
@@ -507,6 +526,8 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Socks(args) => socks(args, &config, &state_dir).await,
         Command::Run(args) => run::run(args, &config, &state_dir).await,
         Command::Vpn(cmd) => vpn::run(cmd, &config, &state_dir).await,
+        // Answered above, before the state directory is resolved.
+        Command::Completions(_) | Command::Man(_) => Ok(()),
     }
 }
 
