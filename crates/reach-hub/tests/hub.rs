@@ -299,11 +299,31 @@ async fn a_routed_stream_moves_to_a_direct_reverse_or_spliced_connection_mid_str
         let a = node(&t, builder().modules(vec![SetupModule::Routed, module])).await;
         let mut s = a.connect(&by_id(&b, 3)).await.expect("connect");
         assert_eq!(s.info().module, SetupModule::Routed);
+        // The endpoint lists the stream: routed through its hub, for now.
+        let live = a.streams();
+        assert_eq!(live.len(), 1, "{live:?}");
+        assert_eq!(live[0].info.module, SetupModule::Routed);
+        assert_eq!(live[0].via, vec![s.info().remote_addr], "its hub");
         let data = pattern(8 << 20, 5);
         echo_across_a_move(&mut s, &data, true).await;
         let moved = s.upgraded().expect("moved");
         assert_eq!(moved.module, module);
         assert!(moved.remote_addr.ip().is_loopback());
+        // Listed now as moved, off the hubs, with the kernel's round trip
+        // on the new connection and every byte both ways.
+        let live = a.streams();
+        assert_eq!(live.len(), 1, "{live:?}");
+        let l = &live[0];
+        assert_eq!(l.info.module, SetupModule::Routed, "first module kept");
+        assert_eq!(l.moved.as_ref().map(|m| m.module), Some(module));
+        assert!(l.via.is_empty(), "{:?}", l.via);
+        assert!(l.rtt.is_some_and(|r| r < DEADLINE), "{:?}", l.rtt);
+        assert_eq!(
+            (l.bytes_out, l.bytes_in),
+            (data.len() as u64, data.len() as u64)
+        );
+        drop(s);
+        assert!(a.streams().is_empty(), "an ended stream leaves the list");
         // The second half went the new way: the hub relayed less than all.
         let sent = moved.sent_routed.expect("the write direction moved");
         assert!(sent < data.len() as u64, "{module}: {sent}");
@@ -392,6 +412,9 @@ async fn a_routed_stream_moves_onto_a_relay_circuit_that_the_hub_splices() {
     let moved = s.upgraded().expect("moved");
     assert_eq!(moved.module, SetupModule::Routed, "still through the hub");
     assert_eq!(moved.remote_addr, hub.local_addr());
+    let live = a.streams();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].via, vec![hub.local_addr()], "the splicing hub");
     let sent = moved.sent_routed.expect("the write direction moved");
     assert!(sent < data.len() as u64, "{sent}");
     let status = hub.status();

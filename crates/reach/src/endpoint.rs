@@ -38,7 +38,8 @@ use crate::module_cache::ModuleCache;
 use crate::node::{ConnectBackWait, Shared};
 use crate::policy::AccessPolicy;
 use crate::setup;
-use crate::stream::{Direction, ReachStream};
+use crate::stream::track::LiveStream;
+use crate::stream::{Direction, ReachStream, StreamInfo};
 
 /// Default time `connect` may take before giving up.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -450,6 +451,7 @@ impl EndpointBuilder {
             offers: crate::offers::Offers::default(),
             upgrades_tried: StdMutex::default(),
             upgrades: Arc::default(),
+            streams: Default::default(),
             cache: ModuleCache::new(state_dir.as_ref().map(|d| d.join("modules"))),
             splice_ports: crate::port_memory::PortMemory::new(
                 state_dir.as_ref().map(|d| d.join("splice-ports")),
@@ -696,7 +698,17 @@ impl Endpoint {
         target: &VirtualAddr,
         timeout: Duration,
     ) -> Result<ReachStream, ConnectError> {
-        setup::connect(&self.shared, target, timeout).await
+        let mut stream = setup::connect(&self.shared, target, timeout).await?;
+        let via = hubs_crossed(stream.info(), target.hub.as_ref());
+        stream.track_in(&self.shared.streams, via);
+        Ok(stream)
+    }
+
+    /// The streams this endpoint handed out (from `connect` and `accept`)
+    /// that are still open, oldest first: how each was made, where it
+    /// moved, the hubs it crosses, its bytes and round trip.
+    pub fn streams(&self) -> Vec<LiveStream> {
+        self.shared.streams.snapshot()
     }
 
     /// The hub session's state: `None` while not registered (or without a hub).
@@ -798,13 +810,35 @@ impl Endpoint {
 
     /// Waits for the next authenticated inbound stream.
     pub async fn accept(&self) -> Result<ReachStream, EndpointError> {
-        self.incoming
+        let mut stream = self
+            .incoming
             .lock()
             .await
             .recv()
             .await
-            .ok_or(EndpointError::Closed)
+            .ok_or(EndpointError::Closed)?;
+        let via = hubs_crossed(stream.info(), None);
+        stream.track_in(&self.shared.streams, via);
+        Ok(stream)
     }
+}
+
+/// The hubs a stream made as `info` crosses, as far as this node knows:
+/// for a routed stream its own hub (the far end of its hub link), then
+/// `peer_hub`, the hub the peer's address named, when that is another.
+fn hubs_crossed(info: &StreamInfo, peer_hub: Option<&reach_proto::HubAddr>) -> Vec<SocketAddr> {
+    if info.module != SetupModule::Routed {
+        return Vec::new();
+    }
+    let mut via = vec![info.remote_addr];
+    let theirs = peer_hub.and_then(|h| {
+        let ip: std::net::IpAddr = h.host.parse().ok()?;
+        Some(SocketAddr::new(ip.to_canonical(), h.port))
+    });
+    if let Some(theirs) = theirs.filter(|t| *t != info.remote_addr) {
+        via.push(theirs);
+    }
+    via
 }
 
 /// AES-256-GCM where the CPU has AES and carry-less multiply instructions (about

@@ -40,6 +40,7 @@ mod setup;
 pub mod source_slots;
 mod splice;
 mod stream;
+mod tcp_rtt;
 mod ticket_store;
 
 pub use circuit::CircuitJoinError;
@@ -62,5 +63,6 @@ pub use routed::RoutedStream;
 pub use secure::SecureStream;
 pub use source_slots::{DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE};
 pub use splice::NatReport;
+pub use stream::track::LiveStream;
 pub use stream::upgrade::Upgraded;
 pub use stream::{Direction, ReachStream, StreamInfo, LIVENESS};

@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     pub(crate) upgrades_tried: StdMutex<HashMap<NodeId, Instant>>,
     /// Inbound routed streams the peer may move to a direct connection.
     pub(crate) upgrades: Arc<crate::stream::upgrade::Registry>,
+    /// The streams handed out and still open, for `Endpoint::streams`.
+    pub(crate) streams: crate::stream::track::StreamTable,
     /// The module that last worked, per target.
     pub(crate) cache: ModuleCache,
     /// Local ports splices used lately, not to be reused soon.

@@ -30,6 +30,11 @@ pub(crate) struct PlainStream {
 }
 
 impl PlainStream {
+    /// The TCP connection it runs on.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
     /// A stream over `tcp` right after its handshake, with the handshake's
     /// end-mark keys.
     pub(crate) fn new(tcp: TcpStream, keys: EndKeys) -> Self {

@@ -35,6 +35,7 @@ use reach_proto::{NodeId, StreamMode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+pub(crate) mod track;
 pub(crate) mod upgrade;
 
 use crate::plain::PlainStream;
@@ -154,6 +155,9 @@ macro_rules! on_transport {
 /// Shutting down the write side (`AsyncWriteExt::shutdown`) ends this direction
 /// cleanly: the peer reads end of file while it can still send.
 pub struct ReachStream {
+    /// Its entry in the endpoint's stream table, once handed out. First, so
+    /// it is dropped (and lets go of the socket) before the transport.
+    track: Option<track::Track>,
     transport: Transport,
     info: StreamInfo,
     /// For an encrypted routed stream: the id under which it can move.
@@ -205,6 +209,7 @@ impl ReachStream {
             }
         };
         Ok(Self {
+            track: None,
             transport,
             info,
             upgrade_id: None,
@@ -241,6 +246,7 @@ impl ReachStream {
             _ => Transport::Routed(routed),
         };
         Self {
+            track: None,
             transport,
             info,
             upgrade_id,
@@ -320,6 +326,7 @@ impl ReachStream {
     /// `slot` will receive; other streams are returned as they are.
     pub(crate) fn into_upgradable(self, slot: Slot, registration: Option<Registration>) -> Self {
         let ReachStream {
+            track,
             transport,
             info,
             upgrade_id,
@@ -331,10 +338,24 @@ impl ReachStream {
             other => other,
         };
         ReachStream {
+            track,
             transport,
             info,
             upgrade_id,
         }
+    }
+
+    /// Enters this stream in `table` as it is handed out, with the hubs
+    /// it crosses (`via`).
+    pub(crate) fn track_in(&mut self, table: &track::StreamTable, via: Vec<SocketAddr>) {
+        use std::os::fd::AsRawFd;
+        let (tcp, moved) = match &self.transport {
+            Transport::Plain(t) => (Some(t.tcp().as_raw_fd()), None),
+            Transport::Secure(t) => (Some(t.get_ref().as_raw_fd()), None),
+            Transport::Routed(_) | Transport::RoutedSecure(_) => (None, None),
+            Transport::Upgradable(h) => (None, Some(h.moved_cell())),
+        };
+        self.track = Some(table.track(self.info.clone(), tcp, moved, via));
     }
 
     /// The id under which an encrypted routed stream can move to another
@@ -377,7 +398,13 @@ impl AsyncRead for ReachStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        on_transport!(&mut self.transport, io => io.poll_read(cx, buf))
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = on_transport!(&mut this.transport, io => io.poll_read(cx, buf));
+        if let (Some(t), Poll::Ready(Ok(()))) = (&this.track, &polled) {
+            t.read(buf.filled().len() - before);
+        }
+        polled
     }
 }
 
@@ -387,7 +414,12 @@ impl AsyncWrite for ReachStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        on_transport!(&mut self.transport, io => io.poll_write(cx, buf))
+        let this = &mut *self;
+        let polled = on_transport!(&mut this.transport, io => io.poll_write(cx, buf));
+        if let (Some(t), Poll::Ready(Ok(n))) = (&this.track, &polled) {
+            t.wrote(*n);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

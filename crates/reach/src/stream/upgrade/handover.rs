@@ -68,6 +68,11 @@ impl Handover {
         self.slot.settled.subscribe()
     }
 
+    /// Where the move leaves its new connection, for the stream table.
+    pub(crate) fn moved_cell(&self) -> super::MovedCell {
+        self.slot.moved_cell()
+    }
+
     /// Where the stream moved, once it has (or is about to: the new
     /// connection is attached at the next read or write).
     pub(crate) fn upgraded(&self) -> Option<Upgraded> {

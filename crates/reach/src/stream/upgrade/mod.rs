@@ -58,6 +58,11 @@ pub struct Upgraded {
     pub sent_routed: Option<u64>,
 }
 
+/// Where a stream moved and its new connection's socket, for the stream
+/// table (`stream::track`): set when the new connection is attached to
+/// the slot, cleared (under the lock) before that connection can close.
+pub(crate) type MovedCell = Arc<Mutex<Option<(Upgraded, std::os::fd::RawFd)>>>;
+
 /// A new connection for a stream, ready to take over.
 pub(crate) struct NewPath {
     pub(crate) io: SecureStream<TcpStream>,
@@ -89,6 +94,8 @@ pub(crate) struct Slot {
     /// False until the upgrade has found its path or given up on the setup
     /// modules (a relay circuit may still come), for [`Handover::learned`].
     learned: Arc<watch::Sender<bool>>,
+    /// Where the stream moved, for the stream table.
+    moved: MovedCell,
 }
 
 impl Default for Slot {
@@ -97,6 +104,7 @@ impl Default for Slot {
             state: Arc::default(),
             settled: Arc::new(watch::Sender::new(true)),
             learned: Arc::new(watch::Sender::new(true)),
+            moved: MovedCell::default(),
         }
     }
 }
@@ -127,17 +135,34 @@ impl Slot {
 
     /// The new connection is ready.
     pub(crate) fn attach(&self, path: NewPath) {
+        let moved = &self.moved;
         self.settle(|s| {
             if !s.ended {
+                let upgraded = Upgraded {
+                    module: path.module,
+                    local_addr: path.local,
+                    remote_addr: path.remote,
+                    at: path.at,
+                    sent_routed: None,
+                };
+                let fd = std::os::fd::AsRawFd::as_raw_fd(path.io.get_ref());
+                *moved.lock().unwrap_or_else(|p| p.into_inner()) = Some((upgraded, fd));
                 s.ready = Some(path);
             }
         });
+    }
+
+    /// Where the stream moved, for the stream table.
+    pub(crate) fn moved_cell(&self) -> MovedCell {
+        self.moved.clone()
     }
 
     /// The stream that owns this slot is gone: drop what waits here.
     pub(crate) fn end(&self) {
         let mut s = self.lock();
         s.ended = true;
+        // The table must let go of the socket before it closes.
+        *self.moved.lock().unwrap_or_else(|p| p.into_inner()) = None;
         s.ready = None;
     }
 
