@@ -21,8 +21,11 @@ use tokio::net::{UnixListener, UnixStream};
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest request line read.
 const MAX_REQUEST: usize = 64;
-/// Longest reply line read.
-const MAX_REPLY: usize = 64 * 1024;
+/// Longest reply line read: a vpn's peers and a proxy's listed streams
+/// (at most [`MAX_LISTED_STREAMS`], a few hundred bytes each) fit.
+const MAX_REPLY: usize = 256 * 1024;
+/// Streams a report lists at most (the newest); `streams_total` counts all.
+pub const MAX_LISTED_STREAMS: usize = 200;
 
 /// What a running proxy reports about itself.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -57,6 +60,98 @@ pub struct ProxyReport {
     /// by pcp at 10.1.0.1, renewed within 3600 s" (None: none).
     #[serde(default)]
     pub port_mapping: Option<String>,
+    /// Its open reach streams, newest last (at most
+    /// [`MAX_LISTED_STREAMS`]): where each runs and what it carried.
+    #[serde(default)]
+    pub streams: Vec<StreamReport>,
+    /// How many streams it has open, listed or not.
+    #[serde(default)]
+    pub streams_total: usize,
+}
+
+/// One open reach stream, as `reach status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StreamReport {
+    /// Numbers the process's streams in the order they opened.
+    pub id: u64,
+    /// The peer's NodeId.
+    pub peer: String,
+    /// The virtual port it was opened to.
+    pub port: u16,
+    /// `out` (this node connected) or `in` (it accepted).
+    pub direction: String,
+    /// The setup module that made it: direct, reverse, splice, routed.
+    pub first_module: String,
+    /// Where it runs now: the first module, or where a routed stream
+    /// moved (direct, reverse, splice, or `circuit`: a relay circuit the
+    /// hub splices).
+    pub module: String,
+    /// Milliseconds after it opened that it moved (none: it did not).
+    pub moved_after_ms: Option<u64>,
+    /// The local and remote addresses of the connection it runs on now
+    /// (a routed stream's: its hub link's).
+    pub local: String,
+    /// See `local`.
+    pub remote: String,
+    /// The hubs its routed path crosses, or crossed before it moved, that
+    /// this node knows of (its hub, then the peer's when that is another).
+    pub via: Vec<String>,
+    /// The kernel's smoothed round trip on its own TCP connection, in
+    /// microseconds (none for a routed stream, whose connection is the
+    /// shared hub link).
+    pub rtt_us: Option<u64>,
+    /// How long it took to set up, in microseconds.
+    pub setup_us: u64,
+    /// Bytes read from it.
+    pub bytes_in: u64,
+    /// Bytes written to it.
+    pub bytes_out: u64,
+    /// Milliseconds since it opened.
+    pub age_ms: u64,
+}
+
+impl StreamReport {
+    /// The report of one live stream.
+    pub fn of(l: &reach::LiveStream) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let opened = std::time::Instant::now().checked_sub(l.age);
+        let (module, local, remote) = match &l.moved {
+            Some(m) if m.module == reach::SetupModule::Routed => {
+                ("circuit".to_string(), m.local_addr, m.remote_addr)
+            }
+            Some(m) => (m.module.to_string(), m.local_addr, m.remote_addr),
+            None => (
+                l.info.module.to_string(),
+                l.info.local_addr,
+                l.info.remote_addr,
+            ),
+        };
+        StreamReport {
+            id: l.id,
+            peer: l.info.peer.to_string(),
+            port: l.info.virtual_port,
+            direction: match l.info.direction {
+                reach::Direction::Outbound => "out",
+                reach::Direction::Inbound => "in",
+            }
+            .into(),
+            first_module: l.info.module.to_string(),
+            module,
+            moved_after_ms: l
+                .moved
+                .as_ref()
+                .map(|m| opened.map_or(0, |o| ms(m.at.saturating_duration_since(o)))),
+            local: local.to_string(),
+            remote: remote.to_string(),
+            via: l.via.iter().map(ToString::to_string).collect(),
+            rtt_us: l.rtt.map(us),
+            setup_us: us(l.info.setup_time),
+            bytes_in: l.bytes_in,
+            bytes_out: l.bytes_out,
+            age_ms: ms(l.age),
+        }
+    }
 }
 
 /// How `reach status` names an endpoint's port mapping.
@@ -167,7 +262,19 @@ impl ProxyReport {
             peers: Vec::new(),
             udp: None,
             port_mapping: None,
+            streams: Vec::new(),
+            streams_total: 0,
         }
+    }
+
+    /// This report with `endpoint`'s open streams (the newest
+    /// [`MAX_LISTED_STREAMS`]).
+    pub fn with_streams(mut self, endpoint: &reach::Endpoint) -> Self {
+        let live = endpoint.streams();
+        self.streams_total = live.len();
+        let skip = live.len().saturating_sub(MAX_LISTED_STREAMS);
+        self.streams = live[skip..].iter().map(StreamReport::of).collect();
+        self
     }
 }
 
@@ -236,19 +343,24 @@ impl Drop for Control {
 
 impl Control {
     /// Opens this process's control socket. Asked, it reports `template`
-    /// with the counters of `stats` and what `public` says now. A socket
+    /// with the counters of `stats` and the open streams of `endpoint`. A socket
     /// that cannot be made (a state directory path too long for a Unix
     /// socket, say) is logged, and the proxy runs unlisted.
     pub fn start(
         state_dir: &Path,
         template: ProxyReport,
         stats: Arc<ProxyStats>,
-        public: impl Fn() -> Option<String> + Send + Sync + 'static,
+        endpoint: Option<Arc<reach::Endpoint>>,
     ) -> Control {
-        let report = move || ProxyReport {
-            public: public(),
-            counters: stats.snapshot(),
-            ..template.clone()
+        let report = move || {
+            let r = ProxyReport {
+                counters: stats.snapshot(),
+                ..template.clone()
+            };
+            match &endpoint {
+                Some(e) => r.with_streams(e),
+                None => r,
+            }
         };
         Self::start_live(state_dir, report)
     }
@@ -494,6 +606,8 @@ mod tests {
             peers: Vec::new(),
             udp: None,
             port_mapping: Some("192.0.2.1:40022 by pcp at 10.1.0.1, lease ends in 7199 s".into()),
+            streams: Vec::new(),
+            streams_total: 0,
         }
     }
 
@@ -527,7 +641,7 @@ mod tests {
         }
         drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
         let me = std::process::id();
-        let control = Control::start(dir.path(), report(me), Arc::default(), || None);
+        let control = Control::start(dir.path(), report(me), Arc::default(), None);
         let listed = list(dir.path()).await;
         assert_eq!(listed, vec![report(me)]);
         assert!(!stale.exists(), "the stale socket is removed");

@@ -95,8 +95,10 @@ enum Command {
     ///   reach gateway --lan eth1 --wan eth0 --allow-internal 10.0.0.0/24
     #[command(verbatim_doc_comment)]
     Gateway(gateway::GatewayArgs),
-    /// Show the proxies running here (expose, forward, socks) with their
-    /// connections and bytes, then the hub's state: its links to other hubs,
+    /// Show the proxies running here (expose, forward, socks, run, vpn)
+    /// with their connections and bytes and each open stream's path (the
+    /// module that made it, the hubs it crosses, where it moved), round
+    /// trip, bytes and age, then the hub's state: its links to other hubs,
     /// routes, attached nodes, proxy ports and counters (the hub named by
     /// --hub, else the configured one; none if neither).
     #[command(verbatim_doc_comment)]
@@ -825,15 +827,18 @@ async fn expose(args: ExposeArgs, config: &Config, state_dir: &Path) -> anyhow::
         args.name.clone(),
     );
     let (on_hub, counted) = (endpoint.clone(), stats.clone());
-    let control = control::Control::start_live(state_dir, move || control::ProxyReport {
-        public: on_hub.hub_exposure(vport).map(|e| match e {
-            reach::HubExposure::Published(a) => a.to_string(),
-            reach::HubExposure::Pending => "pending".into(),
-            reach::HubExposure::Refused(e) => format!("refused: {e}"),
-        }),
-        port_mapping: control::port_mapping_text(&on_hub),
-        counters: counted.snapshot(),
-        ..report.clone()
+    let control = control::Control::start_live(state_dir, move || {
+        control::ProxyReport {
+            public: on_hub.hub_exposure(vport).map(|e| match e {
+                reach::HubExposure::Published(a) => a.to_string(),
+                reach::HubExposure::Pending => "pending".into(),
+                reach::HubExposure::Refused(e) => format!("refused: {e}"),
+            }),
+            port_mapping: control::port_mapping_text(&on_hub),
+            counters: counted.snapshot(),
+            ..report.clone()
+        }
+        .with_streams(&on_hub)
     });
     let limits = reach_legacy::limits::ConnLimits::new(args.max_connections, args.max_per_peer);
     let serve = async {
@@ -907,7 +912,7 @@ async fn forward(args: ForwardArgs, config: &Config, state_dir: &Path) -> anyhow
         Some(vaddr.to_string()),
         None,
     );
-    let control = control::Control::start(state_dir, report, stats.clone(), || None);
+    let control = control::Control::start(state_dir, report, stats.clone(), Some(endpoint.clone()));
     let run = async {
         match local {
             Local::Udp(s) => {
@@ -935,7 +940,7 @@ async fn socks(args: SocksArgs, config: &Config, state_dir: &Path) -> anyhow::Re
     eprintln!("SOCKS5 proxy on {bound}");
     let stats = Arc::new(reach_legacy::proxy::ProxyStats::default());
     let report = control::ProxyReport::new("socks".into(), bound.to_string(), None, None);
-    let control = control::Control::start(state_dir, report, stats.clone(), || None);
+    let control = control::Control::start(state_dir, report, stats.clone(), Some(endpoint.clone()));
     let run = reach_legacy::proxy::socks(listener, endpoint.clone(), Arc::new(rules), stats);
     until_signal(&endpoint, &control, run).await
 }

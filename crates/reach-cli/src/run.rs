@@ -181,6 +181,7 @@ fn status_report(
             counters: counted.snapshot(),
             ..template.clone()
         }
+        .with_streams(&endpoint)
     })
 }
 

@@ -22,53 +22,158 @@ pub struct StatusArgs {
     /// File holding the network secret, if the hub admits by secret.
     #[arg(long, value_name = "PATH")]
     network_secret_file: Option<PathBuf>,
-    /// Print JSON: {"proxies": [...], "hub": {...} or null}.
+    /// Print JSON: {"proxies": [...], "hub": {...} or null}; with --watch,
+    /// one such object per line at each refresh.
     #[arg(long)]
     json: bool,
+    /// Refresh in place every --interval seconds until interrupted (on a
+    /// terminal the screen is redrawn; otherwise each refresh is printed
+    /// after the last). A hub that cannot be asked is shown as such and
+    /// asked again at the next refresh.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, requires = "watch",
+          value_parser = parse_interval)]
+    interval: f64,
+    /// Stop after this many refreshes with --watch (default: until
+    /// interrupted).
+    #[arg(long, value_name = "N", requires = "watch")]
+    count: Option<u64>,
 }
 
 /// Lists the local proxies, queries the hub (if there is one) and prints
-/// both. The proxies are printed even when the hub cannot be asked.
+/// both; with `--watch`, again and again. The proxies are printed even when
+/// the hub cannot be asked.
 pub async fn run(args: StatusArgs, config: &Config, state_dir: &Path) -> anyhow::Result<()> {
-    let proxies = control::list(state_dir).await;
-    let (hub, failed) = match crate::hub_target(args.hub.as_deref(), config)? {
-        Some(target) => match query(&target, &args, config, state_dir).await {
-            Ok(report) => (Some(report), None),
-            Err(e) => (None, Some(e)),
-        },
-        None => (None, None),
+    let target = crate::hub_target(args.hub.as_deref(), config)?;
+    // One endpoint for every refresh: it asks the hub over its own link.
+    let endpoint = match &target {
+        Some(_) => Some(asker(&args, config, state_dir).await?),
+        None => None,
     };
-    if args.json {
-        let out = serde_json::json!({ "proxies": proxies, "hub": hub });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        print!("{}", render_proxies(&proxies, control::now_secs()));
-        if let Some(report) = &hub {
-            print!("\n{}", render(report));
-        } else if failed.is_none() {
-            println!("\nno hub configured (give --hub to ask one)");
-        }
+    if !args.watch {
+        let (proxies, hub) = ask(state_dir, target.as_ref(), endpoint.as_ref()).await;
+        let (hub, failed) = match hub {
+            Some(Ok(r)) => (Some(r), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, None),
+        };
+        print!("{}", show(&args, &proxies, hub.as_ref(), None, false)?);
+        return failed.map_or(Ok(()), Err);
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let interval = std::time::Duration::from_secs_f64(args.interval);
+    let mut shown = 0u64;
+    loop {
+        let (proxies, hub) = ask(state_dir, target.as_ref(), endpoint.as_ref()).await;
+        let (hub, failed) = match hub {
+            Some(Ok(r)) => (Some(r), None),
+            Some(Err(e)) => (None, Some(format!("{e:#}"))),
+            None => (None, None),
+        };
+        let text = show(&args, &proxies, hub.as_ref(), failed.as_deref(), true)?;
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            // Home and clear, then the new screen: a redraw in place.
+            let clear = if tty && !args.json {
+                "\x1b[H\x1b[2J"
+            } else {
+                ""
+            };
+            write!(out, "{clear}{text}")
+                .and_then(|()| out.flush())
+                .context("cannot write to stdout")?;
+        }
+        shown += 1;
+        if args.count.is_some_and(|n| shown >= n) {
+            return Ok(());
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            r = tokio::signal::ctrl_c() => return r.context("cannot wait for Ctrl-C"),
+        }
     }
 }
 
-/// Asks the hub at `target` for its report.
-async fn query(
-    target: &reach::HubTarget,
-    args: &StatusArgs,
-    config: &Config,
+/// The local proxies' reports, and the hub's (None: no hub to ask).
+async fn ask(
     state_dir: &Path,
-) -> anyhow::Result<Value> {
+    target: Option<&reach::HubTarget>,
+    endpoint: Option<&Endpoint>,
+) -> (Vec<ProxyReport>, Option<anyhow::Result<Value>>) {
+    let proxies = control::list(state_dir).await;
+    let hub = match (target, endpoint) {
+        (Some(t), Some(e)) => Some(query(t, e).await),
+        _ => None,
+    };
+    (proxies, hub)
+}
+
+/// One refresh as text or JSON. `failed` says why the hub could not be
+/// asked (shown only when `watching`; otherwise the error is returned).
+fn show(
+    args: &StatusArgs,
+    proxies: &[ProxyReport],
+    hub: Option<&Value>,
+    failed: Option<&str>,
+    watching: bool,
+) -> anyhow::Result<String> {
+    if args.json {
+        let mut out = serde_json::json!({ "proxies": proxies, "hub": hub });
+        if let Some(e) = failed {
+            out["hub_error"] = e.into();
+        }
+        let text = if watching {
+            serde_json::to_string(&out)?
+        } else {
+            serde_json::to_string_pretty(&out)?
+        };
+        return Ok(text + "\n");
+    }
+    let mut text = String::new();
+    if watching {
+        let _ = writeln!(
+            text,
+            "reach status, every {} s (Ctrl-C ends)\n",
+            args.interval
+        );
+    }
+    text += &render_proxies(proxies, control::now_secs());
+    match (hub, failed) {
+        (Some(report), _) => text += &format!("\n{}", render(report)),
+        (None, Some(e)) => text += &format!("\nhub: cannot ask it: {e}\n"),
+        (None, None) if args.hub.is_none() && !watching => {
+            text += "\nno hub configured (give --hub to ask one)\n"
+        }
+        (None, None) => {}
+    }
+    Ok(text)
+}
+
+/// A refresh interval: 0.1 to 3600 seconds.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        Ok(_) => Err(format!("{s} is not between 0.1 and 3600 seconds")),
+        Err(_) => Err(format!("{s:?} is not a number of seconds")),
+    }
+}
+
+/// The endpoint that asks the hub for its report.
+async fn asker(args: &StatusArgs, config: &Config, state_dir: &Path) -> anyhow::Result<Endpoint> {
     let mut b = Endpoint::builder()
         .state_dir(state_dir)
         .bind_ip(IpAddr::from([127, 0, 0, 1]));
     if let Some(secret) = crate::network_secret(args.network_secret_file.as_deref(), config)? {
         b = b.network_secret(secret);
     }
-    let endpoint = b.bind().await?;
+    Ok(b.bind().await?)
+}
+
+/// Asks the hub at `target` for its report.
+async fn query(target: &reach::HubTarget, endpoint: &Endpoint) -> anyhow::Result<Value> {
     let json = endpoint
         .query_hub(Some(target))
         .await
@@ -103,6 +208,47 @@ fn round_trip(v: &crate::control::VpnPeerReport) -> String {
     };
     us.map(|us| format!(" ({kind} round trip {:.2} ms)", us as f64 / 1000.0))
         .unwrap_or_default()
+}
+
+/// One open stream on one line: who, where it runs (and where it
+/// started, when it moved), the hubs it crosses, round trip, bytes, age.
+fn render_stream(st: &control::StreamReport) -> String {
+    let peer: String = st.peer.chars().take(12).collect();
+    let (arrow, whom) = match st.direction.as_str() {
+        "in" => ("from", format!("{peer}..")),
+        _ => ("to", format!("{peer}..:{}", st.port)),
+    };
+    let via = if st.via.is_empty() {
+        String::new()
+    } else {
+        format!(" via {}", st.via.join(" and "))
+    };
+    let path = match st.moved_after_ms {
+        Some(ms) => format!(
+            "{}{via} -> {} {} after {}",
+            st.first_module,
+            st.module,
+            st.remote,
+            if ms < 1000 {
+                format!("{ms} ms")
+            } else {
+                format!("{:.1} s", ms as f64 / 1000.0)
+            }
+        ),
+        None if via.is_empty() => format!("{} {}", st.module, st.remote),
+        None => format!("{}{via}", st.module),
+    };
+    let rtt = st
+        .rtt_us
+        .map(|us| format!("  round trip {:.2} ms", us as f64 / 1000.0))
+        .unwrap_or_default();
+    format!(
+        "stream {} {arrow} {whom}  {path}{rtt}  in {}  out {}  age {}s",
+        st.id,
+        bytes(st.bytes_in),
+        bytes(st.bytes_out),
+        st.age_ms / 1000
+    )
 }
 
 /// The local proxies as text; `now` in seconds since the epoch.
@@ -163,6 +309,16 @@ fn render_proxies(proxies: &[ProxyReport], now: u64) -> String {
             bytes(c.bytes_from_reach),
             now.saturating_sub(p.started)
         );
+        for st in &p.streams {
+            let _ = writeln!(out, "      {}", render_stream(st));
+        }
+        if p.streams_total > p.streams.len() {
+            let _ = writeln!(
+                out,
+                "      ... and {} older streams",
+                p.streams_total - p.streams.len()
+            );
+        }
     }
     if proxies.is_empty() {
         let _ = writeln!(
@@ -309,6 +465,24 @@ mod tests {
             peers: Vec::new(),
             udp: None,
             port_mapping: None,
+            streams: vec![control::StreamReport {
+                id: 3,
+                peer: "abcdefghijklmnopqrstuvwxyz".into(),
+                port: 22,
+                direction: "out".into(),
+                first_module: "routed".into(),
+                module: "direct".into(),
+                moved_after_ms: Some(420),
+                local: "10.0.0.1:5000".into(),
+                remote: "192.0.2.9:6000".into(),
+                via: vec!["192.0.2.1:7700".into()],
+                rtt_us: Some(2500),
+                setup_us: 4000,
+                bytes_in: 2_000_000,
+                bytes_out: 300,
+                age_ms: 12_500,
+            }],
+            streams_total: 5,
         };
         let text = render_proxies(&[p], 160);
         for want in [
@@ -316,6 +490,8 @@ mod tests {
             "42 (ssh)  expose  127.0.0.1:22 -> V",
             "hub proxy port: 192.0.2.1:40000",
             "connections 2 (active 1, failed 0)  in 999 B  out 12.3 MB  up 60s",
+            "stream 3 to abcdefghijkl..:22  routed via 192.0.2.1:7700 -> direct 192.0.2.9:6000 after 420 ms  round trip 2.50 ms  in 2.0 MB  out 300 B  age 12s",
+            "... and 4 older streams",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
@@ -347,6 +523,8 @@ mod tests {
             }],
             udp: None,
             port_mapping: None,
+            streams: Vec::new(),
+            streams_total: 0,
         };
         let text = render_proxies(&[vpn], 100);
         assert!(

@@ -269,9 +269,12 @@ async fn up(mut args: UpArgs, config: &Config, state_dir: &Path) -> anyhow::Resu
     let udp_port = args.udp_port;
     let control = control::Control::start_rebinding(
         state_dir,
-        move || control::ProxyReport {
-            port_mapping: control::port_mapping_text(&mapped),
-            ..report(&seen, &template)
+        move || {
+            control::ProxyReport {
+                port_mapping: control::port_mapping_text(&mapped),
+                ..report(&seen, &template)
+            }
+            .with_streams(&mapped)
         },
         move || {
             moving

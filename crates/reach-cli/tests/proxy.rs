@@ -659,3 +659,129 @@ fn a_node_that_stops_reading_costs_its_hub_at_most_its_link_queue() {
     let status = status_json(&dir.path().join("asker"), Some(&hub.target));
     assert!(status["hub"].is_object(), "{status}");
 }
+
+/// A TCP service that echoes every byte as it arrives.
+fn streaming_echo_service() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                if let Ok(mut back) = c.try_clone() {
+                    let mut c = c;
+                    let _ = std::io::copy(&mut c, &mut back);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `len` bytes on `c` and reads their echo.
+fn echo_on(c: &mut TcpStream, len: usize) {
+    let data: Vec<u8> = (0..len).map(|j| (j % 253) as u8).collect();
+    c.write_all(&data).expect("send");
+    let mut back = vec![0; len];
+    c.read_exact(&mut back).expect("echo");
+    assert!(back == data, "the echo came back intact");
+}
+
+#[test]
+fn status_shows_a_stream_that_started_routed_and_moved_direct_with_its_hub() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = streaming_echo_service();
+    let hub = common::HubProc::start(&dir.path().join("hub"), &[]);
+    let a_state = dir.path().join("a");
+    let exposed = expose(
+        &a_state,
+        service,
+        &["--open", "--port", "7", "--hub", &hub.target],
+    );
+    let listen = free_addr();
+    let b_state = dir.path().join("b");
+    let _forwarder = Forwarder::start(
+        &b_state,
+        &[
+            &listen,
+            &exposed.vaddr,
+            "--hub",
+            &hub.target,
+            "--modules",
+            "routed,direct",
+        ],
+    );
+    let mut c = TcpStream::connect(&listen).expect("connect");
+    c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    echo_on(&mut c, 1000);
+
+    // The forwarder's stream opened routed through the hub, then moved onto
+    // a direct connection; status names both modules and the hub.
+    let moved = |state: &std::path::Path| {
+        common::until(|| {
+            let s = status_json(state, None);
+            let st = s["proxies"][0]["streams"][0].clone();
+            (st["module"] == "direct").then_some(st)
+        })
+    };
+    let st = moved(&b_state).expect("the forwarded stream moves direct");
+    assert_eq!(st["first_module"], "routed", "{st}");
+    assert_eq!(st["direction"], "out", "{st}");
+    assert_eq!(st["port"], 7, "{st}");
+    assert_eq!(st["via"], serde_json::json!([hub.host_port()]), "{st}");
+    assert!(st["moved_after_ms"].is_u64(), "{st}");
+    assert!(
+        st["rtt_us"].is_u64(),
+        "the direct connection's round trip: {st}"
+    );
+    // Bytes count on both paths: what went routed and what went direct.
+    echo_on(&mut c, 5000);
+    let counted = common::until(|| {
+        let st = status_json(&b_state, None)["proxies"][0]["streams"][0].clone();
+        (st["bytes_out"] == 6000 && st["bytes_in"] == 6000).then_some(())
+    });
+    assert!(counted.is_some(), "6000 bytes each way are counted");
+
+    // The exposing side lists the same stream as inbound, moved too.
+    let st = moved(&a_state).expect("the exposed side's stream moved");
+    assert_eq!(st["first_module"], "routed", "{st}");
+    assert_eq!(st["direction"], "in", "{st}");
+
+    let (ok, text, err) = reach_at(&b_state, &["status"]);
+    assert!(ok, "{err}");
+    let want = format!("routed via {} -> direct", hub.host_port());
+    assert!(text.contains(&want), "{want:?} missing from\n{text}");
+    drop(c);
+    exposed.kill();
+}
+
+#[test]
+fn status_watch_refreshes_the_given_number_of_times_as_json_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("a");
+    let (ok, out, err) = reach_at(
+        &state,
+        &[
+            "status",
+            "--watch",
+            "--json",
+            "--interval",
+            "0.1",
+            "--count",
+            "3",
+        ],
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines.iter().all(|l| l["proxies"].is_array()), "{out}");
+    let (ok, _, err) = reach_at(&state, &["status", "--interval", "0.1"]);
+    assert!(
+        !ok && err.contains("--watch"),
+        "--interval needs --watch: {err}"
+    );
+    let (ok, _, err) = reach_at(&state, &["status", "--watch", "--interval", "0"]);
+    assert!(!ok && err.contains("between 0.1 and 3600"), "{err}");
+}

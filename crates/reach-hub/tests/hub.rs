@@ -309,14 +309,19 @@ async fn a_routed_stream_moves_to_a_direct_reverse_or_spliced_connection_mid_str
         let moved = s.upgraded().expect("moved");
         assert_eq!(moved.module, module);
         assert!(moved.remote_addr.ip().is_loopback());
-        // Listed now as moved, off the hubs, with the kernel's round trip
-        // on the new connection and every byte both ways.
+        // Listed now as moved, with the hub its routed path crossed, the
+        // kernel's round trip on the new connection and every byte both
+        // ways.
         let live = a.streams();
         assert_eq!(live.len(), 1, "{live:?}");
         let l = &live[0];
         assert_eq!(l.info.module, SetupModule::Routed, "first module kept");
         assert_eq!(l.moved.as_ref().map(|m| m.module), Some(module));
-        assert!(l.via.is_empty(), "{:?}", l.via);
+        assert_eq!(
+            l.via,
+            vec![s.info().remote_addr],
+            "its hub, before the move"
+        );
         assert!(l.rtt.is_some_and(|r| r < DEADLINE), "{:?}", l.rtt);
         assert_eq!(
             (l.bytes_out, l.bytes_in),
@@ -414,7 +419,15 @@ async fn a_routed_stream_moves_onto_a_relay_circuit_that_the_hub_splices() {
     assert_eq!(moved.remote_addr, hub.local_addr());
     let live = a.streams();
     assert_eq!(live.len(), 1, "{live:?}");
-    assert_eq!(live[0].via, vec![hub.local_addr()], "the splicing hub");
+    assert_eq!(
+        live[0].moved.as_ref().map(|m| m.remote_addr),
+        Some(hub.local_addr())
+    );
+    assert_eq!(
+        live[0].via,
+        vec![hub.local_addr()],
+        "routed through it first"
+    );
     let sent = moved.sent_routed.expect("the write direction moved");
     assert!(sent < data.len() as u64, "{sent}");
     let status = hub.status();

@@ -13,8 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use reach_proto::setup_plan::SetupModule;
-
 use super::upgrade::{MovedCell, Upgraded};
 use super::StreamInfo;
 
@@ -29,11 +27,10 @@ pub struct LiveStream {
     /// connection of the setup module it names, or, when that is
     /// `Routed`, a relay circuit the hub splices.
     pub moved: Option<Upgraded>,
-    /// The hubs a routed stream crosses that this node knows of: its own
-    /// hub, then the peer's when the peer's address named another (hubs
-    /// between two federated hubs are not named); the splicing hub for a
-    /// stream moved onto a relay circuit. Empty once moved off the hubs, and
-    /// for streams that never used them.
+    /// The hubs a routed stream's path crosses (kept once it moved) that
+    /// this node knows of: its own hub, then the peer's when the peer's
+    /// address named another (hubs between two federated hubs are not
+    /// named). Empty for streams that never were routed.
     pub via: Vec<SocketAddr>,
     /// Time since it was handed out.
     pub age: Duration,
@@ -90,12 +87,7 @@ impl Tracked {
         LiveStream {
             id: self.id,
             info: self.info.clone(),
-            via: match &moved {
-                // A relay circuit: a connection the hub splices.
-                Some(m) if m.module == SetupModule::Routed => vec![m.remote_addr],
-                Some(_) => Vec::new(),
-                None => self.via.clone(),
-            },
+            via: self.via.clone(),
             moved,
             age: self.opened.elapsed(),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
@@ -200,6 +192,7 @@ impl StreamTable {
 mod tests {
     use super::*;
     use crate::stream::Direction;
+    use reach_proto::setup_plan::SetupModule;
     use reach_proto::{SecretKey, StreamMode};
 
     fn info() -> StreamInfo {
