@@ -5,8 +5,10 @@
 
 mod config;
 mod control;
+mod diagnosis;
 #[cfg(test)]
 mod dist_units;
+mod doctor;
 mod gateway;
 mod hub;
 mod manual;
@@ -147,6 +149,16 @@ enum Command {
     /// peer would be told to aim at (none: splicing is skipped).
     #[command(verbatim_doc_comment)]
     Nat(NatArgs),
+    /// Check what this host's network lets reach do, in plain words:
+    /// interfaces, each hub's reachability and round trip, the NAT's
+    /// mapping (through the hub's address echoes), whether UDP gets out,
+    /// whether the gateway forwards ports on request; and for a target
+    /// VADDR, which setup modules reach it and why the others cannot.
+    /// Uses this node's identity, changes none of its state. E.g.
+    ///   reach doctor --hub HUB
+    ///   reach doctor --hub HUB --json NODEID:22
+    #[command(verbatim_doc_comment)]
+    Doctor(Box<doctor::DoctorArgs>),
     /// A virtual IP network across NATs and firewalls: `reach vpn up` joins
     /// it with a TUN device, `reach vpn down` leaves.
     #[command(subcommand)]
@@ -523,6 +535,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Nat(args) => nat(args, &config, &state_dir).await,
+        Command::Doctor(args) => doctor::run(*args, &config, &state_dir).await,
         Command::Expose(args) => expose(args, &config, &state_dir).await,
         Command::Forward(args) => forward(args, &config, &state_dir).await,
         Command::Socks(args) => socks(args, &config, &state_dir).await,

@@ -716,6 +716,21 @@ impl Endpoint {
         self.shared.session.as_ref().and_then(|s| s.status())
     }
 
+    /// The hub link's smoothed round trip, once a ping has measured it.
+    pub fn hub_rtt(&self) -> Option<Duration> {
+        self.shared.session.as_ref()?.link_rtt()
+    }
+
+    /// Asks the gateway in front of this host (PCP, NAT-PMP, then UPnP
+    /// IGD) to forward this endpoint's listening port, then deletes the
+    /// mapping: what a serving node would get. Takes up to 8 s when no
+    /// gateway answers; the error names what each protocol said.
+    pub async fn probe_port_mapping(&self) -> Result<crate::PortMapping, String> {
+        let port = std::num::NonZeroU16::new(self.local_addr().port())
+            .ok_or("this endpoint has no listening port")?;
+        crate::port_map::Mapper::probe(port, Duration::from_secs(2)).await
+    }
+
     /// Waits until the hub session is registered, at most `timeout`.
     pub async fn wait_hub(&self, timeout: Duration) -> Result<HubStatus, SessionError> {
         let session = self.shared.session()?;

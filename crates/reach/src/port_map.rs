@@ -247,6 +247,16 @@ impl Mapper {
     }
 
     /// Deletes the mapping held, if any, within `timeout`.
+    /// Asks the gateway once for a mapping of `port` and deletes it again
+    /// (within `timeout`): whether port mapping works here, and by which
+    /// protocol.
+    pub(crate) async fn probe(port: NonZeroU16, timeout: Duration) -> Result<PortMapping, String> {
+        let m = Mapper::default();
+        let got = m.ask(port).await;
+        m.delete(timeout).await;
+        got
+    }
+
     pub(crate) async fn delete(&self, timeout: Duration) {
         let Some(held) = self.held.lock().await.take() else {
             return;

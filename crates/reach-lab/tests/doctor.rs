@@ -1,0 +1,176 @@
+//! `reach doctor` in the NAT zoo: from behind each gateway it names the
+//! gateway's behaviour, and for a target behind a firewall it says which
+//! setup modules reach it and why Direct cannot.
+
+mod common;
+
+use reach_lab::Lab;
+
+/// `reach doctor --json ARGS...` in `host`, parsed.
+fn doctor(lab: &Lab, host: &str, state: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = lab
+        .command(host, common::tools_with_reach().join("reach"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["doctor", "--json", "--no-port-mapping"])
+        .args(args)
+        .output()
+        .expect("run reach doctor");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{host}: {e}: {text}"))
+}
+
+/// Starts `reach listen --keep` in `host` attached to `hub`; returns it
+/// and its virtual address.
+fn listener(
+    lab: &Lab,
+    host: &str,
+    hub: &str,
+    dir: &std::path::Path,
+) -> (reach_lab::lab::Process, String) {
+    let addr_file = dir.join(format!("{host}.addr"));
+    let mut cmd = lab.command(host, common::tools_with_reach().join("reach"));
+    cmd.arg("--state-dir")
+        .arg(dir.join(format!("{host}-listener")))
+        .args([
+            "listen",
+            "--keep",
+            "--port",
+            "7",
+            "--hub",
+            hub,
+            "--addr-file",
+        ])
+        .arg(&addr_file);
+    let proc = common::spawn_until(cmd, &dir.join(format!("{host}.log")), "listening on");
+    let vaddr = reach_lab::wait::for_file(&addr_file, std::time::Duration::from_secs(20))
+        .expect("the listener's address");
+    (proc, vaddr)
+}
+
+#[test]
+fn doctor_names_every_zoo_gateway_and_why_direct_cannot_reach_a_dropping_firewall() {
+    let t = common::topology("nat-zoo");
+    let lab = Lab::up(&t).expect("lab up");
+    let tools = common::tools_with_reach();
+    let state = tempfile::tempdir().expect("tempdir");
+    let hubs = reach_lab::hubs::start(
+        &lab,
+        &t,
+        t.hubs.as_ref().expect("[hubs]"),
+        &tools,
+        state.path(),
+    )
+    .expect("hub");
+
+    for host in &lab.record().matrix {
+        let hub = &hubs.attach[host];
+        let r = doctor(&lab, host, &state.path().join(host), &["--hub", hub]);
+        let h = &r["hubs"][0];
+        assert_eq!(h["reachable"], true, "{host}: {r}");
+        assert!(
+            h["rtt_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+            "{host}: {r}"
+        );
+        assert!(r["interfaces"].as_array().is_some_and(|i| !i.is_empty()));
+        assert_eq!(r["udp"]["gets_out"], true, "{host}: {r}");
+        let nat = &r["nat"];
+        let (mapping, allocation) = (&nat["mapping"], &nat["allocation"]);
+        let summary = nat["summary"].as_str().unwrap_or_default();
+        match host.as_str() {
+            "open" | "fw-drop" | "fw-reject" => {
+                assert_eq!(nat["behind_nat"], false, "{host}: {r}");
+                assert_eq!(mapping, "no-nat", "{host}: {r}");
+                assert!(summary.starts_with("no NAT"), "{host}: {summary}");
+            }
+            // One echo address: an address-dependent mapping looks
+            // endpoint-independent from there, and the summary says so.
+            "nat-eim" | "nat-eim-2" | "nat-adm" | "nat-eif" | "nat-hairpin" => {
+                assert_eq!(nat["behind_nat"], true, "{host}: {r}");
+                assert_eq!(mapping, "endpoint-independent", "{host}: {r}");
+                assert_eq!(allocation, "preserved", "{host}: {r}");
+                assert!(
+                    summary.contains("may be address-dependent"),
+                    "{host}: {summary}"
+                );
+            }
+            "nat-apdm-seq" | "nat-apdm-seq-2" => {
+                assert_eq!(mapping, "dependent", "{host}: {r}");
+                assert_eq!(allocation["sequential"]["step"], 1, "{host}: {r}");
+            }
+            "nat-apdm-rand" => {
+                assert_eq!(mapping, "dependent", "{host}: {r}");
+                assert_eq!(allocation, "random", "{host}: {r}");
+                let splice = nat["splice"].as_str().unwrap_or_default();
+                assert!(splice.contains("cannot be predicted"), "{host}: {splice}");
+            }
+            other => panic!("a zoo host this test does not know: {other}"),
+        }
+    }
+
+    // Targets behind the two firewalls, checked from the open host.
+    let verdicts = |target: &str| {
+        let (_l, vaddr) = listener(&lab, target, &hubs.attach[target], state.path());
+        let r = doctor(
+            &lab,
+            "open",
+            &state.path().join("open"),
+            &[
+                "--hub",
+                &hubs.attach["open"],
+                "--module-timeout",
+                "3",
+                &vaddr,
+            ],
+        );
+        let modules = r["target"]["modules"].as_array().cloned().expect("modules");
+        let by = |m: &str| {
+            modules
+                .iter()
+                .find(|v| v["module"] == m)
+                .cloned()
+                .unwrap_or_else(|| panic!("{m} missing: {r}"))
+        };
+        // The same in words, as a user reads it.
+        let out = lab
+            .command("open", tools.join("reach"))
+            .arg("--state-dir")
+            .arg(state.path().join("open"))
+            .args([
+                "doctor",
+                "--no-port-mapping",
+                "--module-timeout",
+                "3",
+                "--hub",
+            ])
+            .arg(&hubs.attach["open"])
+            .arg(&vaddr)
+            .output()
+            .expect("run reach doctor");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        println!("reach doctor in open, target in {target}:\n{text}");
+        assert!(text.contains("direct   cannot work: "), "{text}");
+        assert!(text.contains("routed   works"), "{text}");
+        (by("direct"), by("routed"), r)
+    };
+    let (direct, routed, r) = verdicts("fw-drop");
+    assert_eq!(direct["works"], false, "{r}");
+    let why = direct["why"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("dropped on the way") && why.contains("drops inbound connections"),
+        "Direct to a dropping firewall says why: {why}"
+    );
+    assert_eq!(routed["works"], true, "the hubs still carry it: {r}");
+    let (direct, _, r) = verdicts("fw-reject");
+    assert_eq!(direct["works"], false, "{r}");
+    let why = direct["why"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("refused the connection: a firewall"),
+        "Direct to a rejecting firewall says why: {why}"
+    );
+}
