@@ -107,7 +107,13 @@ mod tests {
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        for want in ["reach.1", "reach-hub.1", "reach-vpn.1", "reach-vpn-up.1"] {
+        for want in [
+            "reach.1",
+            "reach-hub.1",
+            "reach-vpn.1",
+            "reach-vpn-up.1",
+            "reach-doctor.1",
+        ] {
             assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
         }
         let hub = std::fs::read_to_string(dir.path().join("reach-hub.1")).unwrap();
