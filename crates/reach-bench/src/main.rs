@@ -8,6 +8,7 @@
 //! CPU cost, so the "TCP + one round trip" claim can be checked on any network.
 
 mod agent;
+mod chart;
 mod gateway;
 mod hub;
 mod lab;
@@ -349,6 +350,9 @@ fn write_markdown(path: &std::path::Path, r: &Report, quick: bool) -> anyhow::Re
             num(row.ratio)
         );
     }
+    for (stem, title) in write_charts(path, r)? {
+        let _ = writeln!(t, "\n![{title}]({stem}.svg)");
+    }
     let _ = writeln!(t, "{MD_END}");
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let new = match (old.find(MD_BEGIN), old.find(MD_END)) {
@@ -360,6 +364,41 @@ fn write_markdown(path: &std::path::Path, r: &Report, quick: bool) -> anyhow::Re
         _ => format!("{old}\n{t}"),
     };
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes one SVG chart per kind of figure (`chart::kind_of`) beside the
+/// Markdown file at `path`; returns each chart's file stem and title.
+fn write_charts(
+    path: &std::path::Path,
+    r: &Report,
+) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut charts: Vec<(&'static str, &'static str, chart::Better, Vec<chart::Bar>)> = Vec::new();
+    for row in &r.results {
+        let Some((stem, title, better)) = chart::kind_of(&row.unit) else {
+            continue;
+        };
+        if !(row.ratio.is_finite() && row.ratio > 0.0) {
+            continue;
+        }
+        let bar = chart::Bar {
+            label: row.name.clone(),
+            baseline: row.baseline_name.clone(),
+            ratio: row.ratio,
+        };
+        match charts.iter_mut().find(|c| c.0 == stem) {
+            Some(c) => c.3.push(bar),
+            None => charts.push((stem, title, better, vec![bar])),
+        }
+    }
+    let mut written = Vec::new();
+    for (stem, title, better, bars) in charts {
+        let file = dir.join(format!("{stem}.svg"));
+        std::fs::write(&file, chart::svg(title, better, &bars))
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        written.push((stem, title));
+    }
+    Ok(written)
 }
 
 /// The `reach` binary built beside this one.
@@ -813,5 +852,30 @@ mod tests {
         assert!(!second.contains("1.50"), "{second}");
         assert!(second.ends_with("after\n"), "{second}");
         assert_eq!(second.matches(MD_BEGIN).count(), 1, "{second}");
+    }
+
+    #[test]
+    fn charts_are_written_beside_the_table_and_linked_from_it() {
+        let dir = TempDir::new("chart-test").expect("dir");
+        let path = dir.0.join("b.md");
+        let report = Report {
+            machine: "m".into(),
+            results: vec![
+                Row::new("reach", "Gbit/s", 9.0, Some(("plain TCP", 10.0))),
+                Row::new("setup", "ms", 0.4, Some(("TCP connect", 0.1))),
+                Row::new("rss", "MiB", 12.0, None),
+            ],
+        };
+        write_markdown(&path, &report, false).expect("write");
+        let md = std::fs::read_to_string(&path).expect("read");
+        for stem in ["bench-throughput", "bench-time"] {
+            assert!(md.contains(&format!("({stem}.svg)")), "{md}");
+            let svg = std::fs::read_to_string(dir.0.join(format!("{stem}.svg"))).expect("svg");
+            assert_eq!(svg.matches("<rect x=").count(), 1, "{svg}");
+        }
+        assert!(
+            !dir.0.join("bench-cpu.svg").exists(),
+            "no CPU figures, no chart"
+        );
     }
 }
