@@ -232,18 +232,35 @@ fn main() -> anyhow::Result<()> {
             markdown,
         } => {
             let started = std::time::Instant::now();
+            let progress = reach_lab::progress::Progress::new(7, "reach-bench all");
+            let stage = |what: &str| progress.doing(what);
+            stage("throughput and round trips (lab)");
             let mut rows = lab::run(lab_size(quick), None)?;
+            progress.step();
+            stage("lossy links (lab)");
             rows.extend(lab::lossy(lab_size(quick), None)?);
+            progress.step();
+            stage("setup per module (SmartSockets testbed)");
             rows.extend(lab::setup_per_module()?);
+            progress.step();
+            stage("vpn beside boringtun");
             rows.extend(vpn::run(lab_size(quick), None)?);
+            progress.step();
+            stage("gateway mappings");
             rows.extend(gateway::run(lab_size(quick), None)?);
+            progress.step();
+            stage("reach run");
             rows.extend(run::run(lab_size(quick), None)?);
+            progress.step();
             let (nodes, streams, mib) = if quick {
                 (200, 200, 64)
             } else {
                 (10_000, 10_000, 512)
             };
+            stage("hub capacity");
             rows.extend(rt.block_on(hub::run(&reach_binary()?, nodes, streams, mib))?);
+            progress.step();
+            drop(progress);
             eprintln!(
                 "all benchmarks ran in {:.0} s",
                 started.elapsed().as_secs_f64()

@@ -48,7 +48,34 @@ struct Run {
     retransmits: u64,
 }
 
+/// How long iperf3 may report its server busy before a run gives up: the
+/// server still ends the previous test (a lossy tunnel's last segments)
+/// for a moment after its client exited.
+const BUSY_WAIT: Duration = Duration::from_secs(15);
+
 fn iperf3(
+    lab: &Lab,
+    to: IpAddr,
+    streams: usize,
+    secs: f64,
+    carriers: &[u32],
+) -> anyhow::Result<Run> {
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    loop {
+        match iperf3_once(lab, to, streams, secs, carriers) {
+            Err(e)
+                if e.to_string().contains("server is busy")
+                    && std::time::Instant::now() < deadline =>
+            {
+                eprintln!("  iperf3 server busy, asking again: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn iperf3_once(
     lab: &Lab,
     to: IpAddr,
     streams: usize,

@@ -19,6 +19,7 @@ pub mod matrix;
 pub mod nat;
 pub mod plan;
 pub mod probe;
+pub mod progress;
 pub mod punch;
 pub mod rathole;
 pub mod rogue;

@@ -250,12 +250,17 @@ pub fn run(
                 })
             })
             .collect();
+        let progress = crate::progress::Progress::new(pairs.len() as u64, "pairs");
         handles
             .into_iter()
             .zip(&pairs)
             .map(|(h, (from, to))| {
-                h.join()
-                    .unwrap_or_else(|_| failed(lab, from, to, "probe thread panicked".into()))
+                progress.doing(format!("{from} -> {to}"));
+                let cell = h
+                    .join()
+                    .unwrap_or_else(|_| failed(lab, from, to, "probe thread panicked".into()));
+                progress.step();
+                cell
             })
             .collect()
     });

@@ -154,9 +154,13 @@ pub fn run(
     let targets = start_reach(lab, tools, &hubs.attach)?;
     hubs.wait_converged(lab, tools, hubs.attach.len(), HUB_CONVERGENCE)?;
     let hosts = lab.record().matrix.clone();
+    let n = hosts.len() as u64;
+    let progress =
+        crate::progress::Progress::new(n * n.saturating_sub(1) * u64::from(attempts), "splice");
     let mut pairs = Vec::new();
     for from in &hosts {
         for to in hosts.iter().filter(|h| *h != from) {
+            progress.doing(format!("{from} -> {to}"));
             let Some((_, vaddr, _)) = targets.iter().find(|(h, _, _)| h == to) else {
                 continue;
             };
@@ -173,6 +177,7 @@ pub fn run(
                 last_error: None,
             };
             for _ in 0..attempts {
+                progress.step();
                 let started = Instant::now();
                 let token = format!("splice {from} -> {to}\n");
                 let extra = ["--modules", "splice"];
