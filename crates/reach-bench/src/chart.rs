@@ -1,7 +1,8 @@
 //! SVG charts of a run's ratios, written beside the Markdown table: one
 //! chart per kind of figure (throughput, time, cost), one bar per figure
-//! with a baseline, on a log scale centred on 1 (the baseline), green where
-//! reach does better than its baseline and orange where it does worse.
+//! with a baseline, on a log scale centred on 1 (the baseline): a figure of
+//! reach green where it does better than its baseline and orange where it
+//! does worse; a baseline beside another (rathole beside plain TCP) grey.
 //! Plain SVG text with no scripts or external references, so a browser or
 //! a Markdown viewer shows it as it is.
 
@@ -117,7 +118,11 @@ pub fn svg(title: &str, better: Better, bars: &[Bar]) -> String {
             Better::Higher => b.ratio >= 1.0,
             Better::Lower => b.ratio <= 1.0,
         };
-        let fill = if good { "#3a9d5d" } else { "#e08a2e" };
+        let fill = match (b.label.contains("reach"), good) {
+            (false, _) => "#9e9e9e",
+            (true, true) => "#3a9d5d",
+            (true, false) => "#e08a2e",
+        };
         let (x0, x1) = (x(1.0), x(b.ratio));
         let (left, w) = (x0.min(x1), (x1 - x0).abs().max(1.0));
         let label = format!("{}  vs  {}", b.label, b.baseline);

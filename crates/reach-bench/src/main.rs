@@ -43,6 +43,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Redraw the SVG charts from a recorded run (the JSON of `all`), e.g.
+    /// after the charts' look changed, without measuring again.
+    Charts {
+        /// The recorded run.
+        #[arg(long, default_value = "docs/bench-all.json")]
+        json: std::path::PathBuf,
+        /// Where the charts go.
+        #[arg(long, default_value = "docs")]
+        out_dir: std::path::PathBuf,
+    },
     /// Direct streams versus plain TCP on loopback.
     Loopback {
         /// MiB moved per bulk transfer.
@@ -195,6 +205,21 @@ impl Row {
     }
 }
 
+/// A run as `--json` recorded it, read back for its charts (a figure
+/// without a baseline has no ratio: null).
+#[derive(serde::Deserialize)]
+struct Recorded {
+    results: Vec<RecordedRow>,
+}
+
+#[derive(serde::Deserialize)]
+struct RecordedRow {
+    name: String,
+    unit: String,
+    baseline_name: String,
+    ratio: Option<f64>,
+}
+
 #[derive(Serialize)]
 struct Report {
     machine: String,
@@ -268,6 +293,23 @@ fn main() -> anyhow::Result<()> {
             let report = report(rows, json.as_deref())?;
             if let Some(path) = markdown {
                 write_markdown(&path, &report, quick)?;
+            }
+        }
+        Bench::Charts { json, out_dir } => {
+            let text = std::fs::read_to_string(&json)
+                .with_context(|| format!("cannot read {}", json.display()))?;
+            let run: Recorded = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a reach-bench run", json.display()))?;
+            let bars = run.results.iter().map(|r| {
+                (
+                    r.unit.as_str(),
+                    r.name.as_str(),
+                    r.baseline_name.as_str(),
+                    r.ratio.unwrap_or(f64::NAN),
+                )
+            });
+            for (stem, _) in write_charts(&out_dir, bars)? {
+                println!("{}", out_dir.join(format!("{stem}.svg")).display());
             }
         }
         Bench::Loopback {
@@ -367,7 +409,16 @@ fn write_markdown(path: &std::path::Path, r: &Report, quick: bool) -> anyhow::Re
             num(row.ratio)
         );
     }
-    for (stem, title) in write_charts(path, r)? {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let bars = r.results.iter().map(|row| {
+        (
+            row.unit.as_str(),
+            row.name.as_str(),
+            row.baseline_name.as_str(),
+            row.ratio,
+        )
+    });
+    for (stem, title) in write_charts(dir, bars)? {
         let _ = writeln!(t, "\n![{title}]({stem}.svg)");
     }
     let _ = writeln!(t, "{MD_END}");
@@ -383,25 +434,25 @@ fn write_markdown(path: &std::path::Path, r: &Report, quick: bool) -> anyhow::Re
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes one SVG chart per kind of figure (`chart::kind_of`) beside the
-/// Markdown file at `path`; returns each chart's file stem and title.
-fn write_charts(
-    path: &std::path::Path,
-    r: &Report,
+/// Writes one SVG chart per kind of figure (`chart::kind_of`) into `dir`
+/// from (unit, figure, baseline, ratio) rows; returns each chart's file
+/// stem and title.
+fn write_charts<'a>(
+    dir: &std::path::Path,
+    rows: impl Iterator<Item = (&'a str, &'a str, &'a str, f64)>,
 ) -> anyhow::Result<Vec<(&'static str, &'static str)>> {
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let mut charts: Vec<(&'static str, &'static str, chart::Better, Vec<chart::Bar>)> = Vec::new();
-    for row in &r.results {
-        let Some((stem, title, better)) = chart::kind_of(&row.unit) else {
+    for (unit, name, baseline, ratio) in rows {
+        let Some((stem, title, better)) = chart::kind_of(unit) else {
             continue;
         };
-        if !(row.ratio.is_finite() && row.ratio > 0.0) {
+        if !(ratio.is_finite() && ratio > 0.0) {
             continue;
         }
         let bar = chart::Bar {
-            label: row.name.clone(),
-            baseline: row.baseline_name.clone(),
-            ratio: row.ratio,
+            label: name.to_string(),
+            baseline: baseline.to_string(),
+            ratio,
         };
         match charts.iter_mut().find(|c| c.0 == stem) {
             Some(c) => c.3.push(bar),
