@@ -46,7 +46,7 @@ pub struct Interface {
 }
 
 /// What one hub answered.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct HubCheck {
     /// The hub as given.
     pub hub: String,
@@ -456,14 +456,8 @@ mod tests {
             }],
             hubs: vec![HubCheck {
                 hub: "H@192.0.2.1:7700".into(),
-                reachable: false,
-                node: None,
-                address: None,
-                observed: None,
-                rtt_ms: None,
-                attach_ms: None,
-                echoes: 0,
                 error: Some("connection refused".into()),
+                ..HubCheck::default()
             }],
             nat: None,
             udp: None,

@@ -194,14 +194,7 @@ fn interfaces() -> Vec<Interface> {
 async fn check_hub(b: EndpointBuilder, hub: &HubTarget) -> (HubCheck, Option<Endpoint>) {
     let mut check = HubCheck {
         hub: hub.to_string(),
-        reachable: false,
-        node: None,
-        address: None,
-        observed: None,
-        rtt_ms: None,
-        attach_ms: None,
-        echoes: 0,
-        error: None,
+        ..HubCheck::default()
     };
     let started = Instant::now();
     let endpoint = match b.bind().await {
@@ -347,13 +340,12 @@ async fn check_udp(endpoint: &Endpoint) -> UdpCheck {
 /// Sends UDP echo requests to `echoes` until each answered or the wait
 /// is over; the answers, in the order of `echoes`.
 async fn udp_answers(echoes: &[SocketAddr]) -> std::io::Result<Vec<UdpAnswer>> {
-    let bind: SocketAddr = if echoes[0].is_ipv4() {
-        "0.0.0.0:0"
+    let any: IpAddr = if echoes[0].is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
     } else {
-        "[::]:0"
-    }
-    .parse()
-    .map_err(std::io::Error::other)?;
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let bind = SocketAddr::new(any, 0);
     let socket = UdpSocket::bind(bind).await?;
     let request = reach::proto::nat::udp_echo_request();
     let mut seen: Vec<Option<SocketAddr>> = vec![None; echoes.len()];

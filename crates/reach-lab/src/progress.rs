@@ -78,8 +78,8 @@ mod tests {
 
     #[test]
     fn off_a_terminal_nothing_is_drawn_and_steps_still_count() {
-        // Tests run with captured output: no terminal.
-        let p = Progress::new(3, "steps");
+        // As `new` makes it off a terminal (a test may itself run on one).
+        let p = Progress::with_target(3, "steps", false);
         assert!(!p.shown());
         p.doing("first");
         p.step();

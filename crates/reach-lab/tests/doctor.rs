@@ -25,48 +25,9 @@ fn doctor(lab: &Lab, host: &str, state: &std::path::Path, args: &[&str]) -> serd
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{host}: {e}: {text}"))
 }
 
-/// Starts `reach listen --keep` in `host` attached to `hub`; returns it
-/// and its virtual address.
-fn listener(
-    lab: &Lab,
-    host: &str,
-    hub: &str,
-    dir: &std::path::Path,
-) -> (reach_lab::lab::Process, String) {
-    let addr_file = dir.join(format!("{host}.addr"));
-    let mut cmd = lab.command(host, common::tools_with_reach().join("reach"));
-    cmd.arg("--state-dir")
-        .arg(dir.join(format!("{host}-listener")))
-        .args([
-            "listen",
-            "--keep",
-            "--port",
-            "7",
-            "--hub",
-            hub,
-            "--addr-file",
-        ])
-        .arg(&addr_file);
-    let proc = common::spawn_until(cmd, &dir.join(format!("{host}.log")), "listening on");
-    let vaddr = reach_lab::wait::for_file(&addr_file, std::time::Duration::from_secs(20))
-        .expect("the listener's address");
-    (proc, vaddr)
-}
-
 #[test]
 fn doctor_names_every_zoo_gateway_and_why_direct_cannot_reach_a_dropping_firewall() {
-    let t = common::topology("nat-zoo");
-    let lab = Lab::up(&t).expect("lab up");
-    let tools = common::tools_with_reach();
-    let state = tempfile::tempdir().expect("tempdir");
-    let hubs = reach_lab::hubs::start(
-        &lab,
-        &t,
-        t.hubs.as_ref().expect("[hubs]"),
-        &tools,
-        state.path(),
-    )
-    .expect("hub");
+    let (_t, lab, tools, state, hubs) = common::lab_with_hubs("nat-zoo");
 
     for host in &lab.record().matrix {
         let hub = &hubs.attach[host];
@@ -115,7 +76,8 @@ fn doctor_names_every_zoo_gateway_and_why_direct_cannot_reach_a_dropping_firewal
 
     // Targets behind the two firewalls, checked from the open host.
     let verdicts = |target: &str| {
-        let (_l, vaddr) = listener(&lab, target, &hubs.attach[target], state.path());
+        let dir = state.path().join(format!("{target}-listener"));
+        let (_l, vaddr, _) = common::listener(&lab, target, &hubs.attach[target], &dir, &[]);
         let r = doctor(
             &lab,
             "open",

@@ -188,34 +188,11 @@ fn connect_module(lab: &Lab, host: &str, hub: &str, vaddr: &str) -> Result<Strin
         .ok_or(log)
 }
 
-/// `reach listen --keep` in `host` attached to `hub` with `flags`; it and
-/// its virtual address.
+/// `reach listen --keep` in `host` attached to `hub` with `flags`; it,
+/// its virtual address and its log.
 fn listener(lab: &Lab, host: &str, hub: &str, flags: &[&str]) -> (Process, String, PathBuf) {
     let dir = state(lab).join(format!("{host}-listen"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let addr_file = dir.join("vaddr");
-    let log = dir.join("listen.log");
-    let mut cmd = lab.command(host, common::tools_with_reach().join("reach"));
-    cmd.arg("--state-dir")
-        .arg(&dir)
-        .args([
-            "-v",
-            "listen",
-            "--keep",
-            "--port",
-            "7",
-            "--hub",
-            hub,
-            "--addr-file",
-        ])
-        .arg(&addr_file)
-        .args(flags);
-    let proc = common::spawn_until(cmd, &log, "listening on");
-    let vaddr = std::fs::read_to_string(&addr_file)
-        .expect("vaddr")
-        .trim()
-        .to_string();
-    (proc, vaddr, log)
+    common::listener(lab, host, hub, &dir, flags)
 }
 
 /// The gateway lab with the daemon serving at `home` (state in the

@@ -103,18 +103,7 @@ fn a_200_mb_transfer_arrives_intact_routed_spliced_and_moving_mid_transfer() {
 
 #[test]
 fn reach_nat_names_the_behaviour_of_every_gateway_of_the_zoo() {
-    let t = common::topology("nat-zoo");
-    let lab = Lab::up(&t).expect("lab up");
-    let tools = common::tools_with_reach();
-    let state = tempfile::tempdir().expect("tempdir");
-    let hubs = reach_lab::hubs::start(
-        &lab,
-        &t,
-        t.hubs.as_ref().expect("[hubs]"),
-        &tools,
-        state.path(),
-    )
-    .expect("hub");
+    let (_t, lab, tools, state, hubs) = common::lab_with_hubs("nat-zoo");
     for host in &lab.record().matrix {
         let out = lab
             .command(host, tools.join("reach"))

@@ -68,6 +68,71 @@ pub fn hub(
     (proc, target)
 }
 
+/// `reach listen --keep --port 7` in `host` attached to `hub` with
+/// `flags`, its state, address file and log (`listen.log`) in `dir`; it,
+/// its virtual address and the log's path.
+pub fn listener(
+    lab: &reach_lab::Lab,
+    host: &str,
+    hub: &str,
+    dir: &std::path::Path,
+    flags: &[&str],
+) -> (reach_lab::lab::Process, String, PathBuf) {
+    std::fs::create_dir_all(dir).expect("dir");
+    let addr_file = dir.join("vaddr");
+    let log = dir.join("listen.log");
+    let mut cmd = lab.command(host, tools_with_reach().join("reach"));
+    cmd.arg("--state-dir")
+        .arg(dir)
+        .args([
+            "-v",
+            "listen",
+            "--keep",
+            "--port",
+            "7",
+            "--hub",
+            hub,
+            "--addr-file",
+        ])
+        .arg(&addr_file)
+        .args(flags);
+    let proc = spawn_until(cmd, &log, "listening on");
+    // The address file is written before "listening on" is printed.
+    let vaddr = std::fs::read_to_string(&addr_file)
+        .expect("vaddr")
+        .trim()
+        .to_string();
+    (proc, vaddr, log)
+}
+
+/// The shipped topology `name` up, with its `[hubs]` running (state in
+/// the returned directory): the topology, the lab, the tools directory,
+/// the state and the hubs. Bind them in this order, so the hubs stop
+/// before the lab goes.
+pub fn lab_with_hubs(
+    name: &str,
+) -> (
+    Topology,
+    reach_lab::Lab,
+    PathBuf,
+    tempfile::TempDir,
+    reach_lab::hubs::HubSet,
+) {
+    let t = topology(name);
+    let lab = reach_lab::Lab::up(&t).expect("lab up");
+    let tools = tools_with_reach();
+    let state = tempfile::tempdir().expect("tempdir");
+    let hubs = reach_lab::hubs::start(
+        &lab,
+        &t,
+        t.hubs.as_ref().expect("[hubs]"),
+        &tools,
+        state.path(),
+    )
+    .expect("hub");
+    (t, lab, tools, state, hubs)
+}
+
 /// Spawns `cmd` with stdout and stderr into `log` and waits (20 s at most)
 /// until the log holds `ready`.
 pub fn spawn_until(
