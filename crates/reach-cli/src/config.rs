@@ -84,6 +84,8 @@ pub struct HubServer {
     pub lan_group: Option<std::net::SocketAddrV4>,
     /// Ports of the address echoes (empty: none; default two free ports).
     pub echo_ports: Option<Vec<u16>>,
+    /// A second address dial-backs for `reach doctor` come from.
+    pub dial_back_from: Option<std::net::IpAddr>,
     /// Proxy ports for published services, "A-B".
     pub proxy_ports: Option<String>,
     /// Nodes that may publish services (default: every admitted node).

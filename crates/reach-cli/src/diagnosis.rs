@@ -24,6 +24,9 @@ pub struct Report {
     /// The NAT in front of this host, from the first reachable hub's TCP
     /// address echoes (none: no hub answered).
     pub nat: Option<NatCheck>,
+    /// Whether inbound connections get in: the hub's dial-backs to a
+    /// mapping of this host's.
+    pub filtering: Option<crate::inbound::FilterCheck>,
     /// Whether UDP gets out, from the same hub's UDP echoes.
     pub udp: Option<UdpCheck>,
     /// Whether the gateway forwards a port on request (none: not checked,
@@ -343,6 +346,23 @@ impl Report {
             let _ = writeln!(out, "  {}", n.summary);
             let _ = writeln!(out, "  splice: {}", n.splice);
         }
+        if let Some(f) = &self.filtering {
+            let _ = writeln!(out, "\ninbound:\n  {}", f.summary);
+            for (what, p) in [
+                ("from another port of the hub", &f.other_port),
+                ("from the hub's second address", &f.other_address),
+            ] {
+                if let Some(p) = p {
+                    let from = p.from.map(|a| format!(" ({a})")).unwrap_or_default();
+                    let detail = p
+                        .detail
+                        .as_deref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default();
+                    let _ = writeln!(out, "  {what}{from}: {}{detail}", p.result);
+                }
+            }
+        }
         if let Some(u) = &self.udp {
             let _ = writeln!(out, "\nUDP:\n  {}", u.summary);
         }
@@ -460,6 +480,17 @@ mod tests {
                 ..HubCheck::default()
             }],
             nat: None,
+            filtering: Some(crate::inbound::FilterCheck {
+                mapped: None,
+                other_port: Some(crate::inbound::InboundProbe {
+                    result: "dropped",
+                    from: Some("192.0.2.1:40000".parse().expect("addr")),
+                    detail: Some("no answer within 3000 ms".into()),
+                }),
+                other_address: None,
+                filtering: Some("address-and-port-dependent"),
+                summary: "a firewall keeps inbound connections out".into(),
+            }),
             udp: None,
             port_mapping: Some(PortMapCheck {
                 available: false,
@@ -478,6 +509,8 @@ mod tests {
             "eth0       10.0.0.2/24",
             "H@192.0.2.1:7700  NOT reachable: connection refused",
             "not available: no default IPv4 gateway",
+            "inbound:\n  a firewall keeps inbound connections out",
+            "from another port of the hub (192.0.2.1:40000): dropped: no answer within 3000 ms",
             "routed   works (3.0 ms): the hubs carry",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");

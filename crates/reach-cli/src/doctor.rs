@@ -1,7 +1,8 @@
 //! `reach doctor`: checks what this host's network lets reach do and
 //! prints it in plain words (`diagnosis`): interfaces, each hub's
 //! reachability and round trip, the NAT's mapping through the hub's
-//! address echoes, whether UDP gets out, whether the gateway forwards
+//! address echoes, whether inbound connections get in (the hub's
+//! dial-backs, `inbound`), whether UDP gets out, whether the gateway forwards
 //! ports, and for a target which setup modules reach it and why not.
 //!
 //! The checks run with this node's identity (so a target's access policy
@@ -108,18 +109,22 @@ pub async fn run(args: DoctorArgs, config: &Config, state_dir: &Path) -> anyhow:
     }
     // The port mapping needs no hub: an endpoint of its own when none is up.
     let skip_mapping = args.no_port_mapping;
-    let (nat, udp, port_mapping) = match &first_up {
+    let (nat, filtering, udp, port_mapping) = match &first_up {
         Some(e) => {
             // The NAT probe first and alone: other new mappings meanwhile
             // (the UDP check's) would move a sequential allocator under it.
             let nat = check_nat(e).await;
-            let (udp, pm) = tokio::join!(check_udp(e), check_port_mapping(e, skip_mapping));
-            (Some(nat), Some(udp), pm)
+            let (filtering, udp, pm) = tokio::join!(
+                crate::inbound::check(e, nat.behind_nat),
+                check_udp(e),
+                check_port_mapping(e, skip_mapping)
+            );
+            (Some(nat), Some(filtering), Some(udp), pm)
         }
-        None if skip_mapping => (None, None, None),
+        None if skip_mapping => (None, None, None, None),
         None => {
             let e = base(None).bind().await?;
-            (None, None, check_port_mapping(&e, false).await)
+            (None, None, None, check_port_mapping(&e, false).await)
         }
     };
     if let Some(e) = first_up {
@@ -149,6 +154,7 @@ pub async fn run(args: DoctorArgs, config: &Config, state_dir: &Path) -> anyhow:
         interfaces: interfaces(),
         hubs: checks,
         nat,
+        filtering,
         udp,
         port_mapping,
         target,

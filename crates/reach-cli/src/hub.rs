@@ -139,6 +139,13 @@ pub struct HubArgs {
     /// Run no address echo (nodes of this hub then do not splice).
     #[arg(long)]
     no_echo: bool,
+    /// A second address of this host that dial-backs for `reach doctor`
+    /// come from: a node then learns whether its NAT or firewall lets in
+    /// connections from addresses it never contacted (endpoint-independent
+    /// filtering). Without it, dial-backs come only from the hub's own
+    /// address, from a fresh port.
+    #[arg(long, value_name = "IP")]
+    dial_back_from: Option<std::net::IpAddr>,
     /// Also write the hub's address, NODEID@IP:PORT, to this file (atomically).
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
@@ -393,6 +400,7 @@ pub async fn run(args: HubArgs, config: &Config, state_dir: &Path) -> anyhow::Re
             file.and_then(|h| h.echo_ports.clone())
                 .unwrap_or_else(|| HubConfig::default().echo_ports)
         },
+        dial_back_from: args.dial_back_from.or(file.and_then(|h| h.dial_back_from)),
     };
     let mut hub = Hub::start(builder, config)
         .await

@@ -11,6 +11,7 @@ mod dist_units;
 mod doctor;
 mod gateway;
 mod hub;
+mod inbound;
 mod manual;
 mod pipe;
 mod run;

@@ -32,10 +32,12 @@ use reach_proto::route_chain::Anchor;
 use reach_proto::routes::{AnchorNews, RouteTable};
 use reach_proto::{NodeId, SecretKey, Signature};
 
+mod dial_back;
 mod overlay;
 mod snapshot;
 mod vpn;
 
+pub use dial_back::{MAX_PER_SECOND as DIAL_BACKS_PER_SECOND, MAX_RUNNING as MAX_DIAL_BACKS};
 pub use overlay::HubCard;
 
 pub use snapshot::{HubLinkStatus, NodeStatus, RouteStatus, Snapshot};
@@ -220,6 +222,10 @@ pub struct Counters {
     /// Overlay map cards refused: more links than a card may list, or the
     /// map full (forged ones cut the link, as `gossip_forged` counts).
     pub cards_refused: u64,
+    /// Dial-backs to nodes testing their inbound filtering, started.
+    pub filter_probes: u64,
+    /// Dial-backs declined: over the gate's bounds (or port 0).
+    pub filter_probes_declined: u64,
 }
 
 /// Work for the driver, which does the I/O (binding proxy ports).
@@ -238,6 +244,11 @@ pub enum Event {
         /// The link.
         link: LinkId,
     },
+    /// A node asks to be dialled back ([`Control::DialBack`]), admitted
+    /// by the gate: the driver connects to `to` from the source `from`
+    /// names, writes the greeting, answers with [`Control::DialedBack`] on
+    /// `link` and then calls [`HubCore::dial_back_done`], whatever the end.
+    DialBack(DialBackRequest),
     /// Linked hub `hub` asks this hub to carry a relay circuit's leg from
     /// this side ([`Control::CircuitPull`]): the driver dials `hub`'s
     /// circuit port at `addr` (where this hub's link to it goes), presents
@@ -250,6 +261,21 @@ pub enum Event {
         /// The leg.
         leg: CircuitHello,
     },
+}
+
+/// A node's dial-back request, admitted ([`Event::DialBack`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DialBackRequest {
+    /// The node's link.
+    pub link: LinkId,
+    /// The request id, for the answer.
+    pub req: u32,
+    /// The node's observed address with the port it asked for.
+    pub to: SocketAddr,
+    /// Which of the hub's sources to connect from.
+    pub from: reach_proto::link::DialBackFrom,
+    /// What to write.
+    pub token: u64,
 }
 
 /// A node's request to publish its virtual port `vport` on a proxy port.
@@ -312,6 +338,8 @@ pub struct HubCore {
     limits: Limits,
     /// Ports of this hub's address echoes, told to registering nodes.
     echo_ports: Vec<u16>,
+    /// Bounds on dial-backs for nodes.
+    dial_backs: dial_back::Gate,
     policy: Policy,
     listen: Vec<SocketAddr>,
     links: HashMap<LinkId, LinkInfo>,
@@ -497,6 +525,7 @@ impl HubCore {
             me,
             limits: Limits::default(),
             echo_ports: Vec::new(),
+            dial_backs: dial_back::Gate::default(),
             policy,
             listen,
             links: HashMap::new(),
@@ -541,6 +570,57 @@ impl HubCore {
     /// This hub's id.
     pub fn id(&self) -> NodeId {
         self.me
+    }
+
+    /// A node's dial-back request: to its own observed address only,
+    /// within the gate's bounds; declined at once otherwise.
+    fn dial_back(
+        &mut self,
+        link: LinkId,
+        req: u32,
+        port: u16,
+        from: reach_proto::link::DialBackFrom,
+        token: u64,
+        now: Instant,
+    ) {
+        let Some(observed) = self.links.get(&link).map(|l| l.observed) else {
+            return;
+        };
+        let admitted = if port == 0 {
+            Err("port 0 cannot be dialled")
+        } else {
+            self.dial_backs.admit(link, now)
+        };
+        match admitted {
+            Ok(()) => {
+                self.counters.filter_probes += 1;
+                self.events.push(Event::DialBack(DialBackRequest {
+                    link,
+                    req,
+                    to: SocketAddr::new(observed.ip(), port),
+                    from,
+                    token,
+                }));
+            }
+            Err(reason) => {
+                self.counters.filter_probes_declined += 1;
+                tracing::debug!(%observed, port, "dial-back declined: {reason}");
+                let outcome = reach_proto::link::DialBackOutcome::Declined {
+                    reason: reason.into(),
+                };
+                self.send(link, control(&Control::DialedBack { req, outcome }));
+            }
+        }
+    }
+
+    /// A dial-back the driver ran for `link` ended (answered or not).
+    pub fn dial_back_done(&mut self, link: LinkId) {
+        self.dial_backs.done(link);
+    }
+
+    /// Dial-backs running now.
+    pub fn dial_backs_running(&self) -> usize {
+        self.dial_backs.running()
     }
 
     /// Work for the driver since the last call.
@@ -1294,6 +1374,15 @@ impl HubCore {
                     }
                 }
             }
+            (
+                LinkKind::Node,
+                Control::DialBack {
+                    req,
+                    port,
+                    from,
+                    token,
+                },
+            ) => self.dial_back(link, req, port, from, token, now),
             (LinkKind::Node, Control::VpnClaim { claim }) => {
                 if self.nodes.get(&peer).is_some_and(|(l, _)| *l == link) {
                     self.vpn.set_own(self.me, peer, claim);

@@ -1533,3 +1533,57 @@ fn a_forged_overlay_card_cuts_the_link_that_sent_it() {
     assert_eq!(b.counters.gossip_forged, 1);
     assert_eq!(b.status().overlay.len(), 1, "only its own card");
 }
+
+#[test]
+fn a_dial_back_goes_only_to_the_nodes_own_address_within_the_gate() {
+    use reach_proto::link::{DialBackFrom, DialBackOutcome};
+    let mut core = open_hub();
+    let node = attach(&mut core, id(30), false);
+    let ask = |req, port| Control::DialBack {
+        req,
+        port,
+        from: DialBackFrom::OtherAddress,
+        token: 99,
+    };
+    // Unregistered links are not served: no event, no answer.
+    let pending = core.handle_link_up(id(31), addr(8), false, None);
+    assert!(matches!(
+        control(&mut core, pending, ask(1, 4000)),
+        Verdict::Close(_)
+    ));
+    assert_eq!(core.poll_events(), vec![]);
+    out(&mut core);
+    // The node's observed address (addr(9)), at the port asked.
+    assert_eq!(control(&mut core, node, ask(2, 4000)), Verdict::Continue);
+    assert_eq!(
+        core.poll_events(),
+        vec![Event::DialBack(DialBackRequest {
+            link: node,
+            req: 2,
+            to: SocketAddr::new(addr(9).ip(), 4000),
+            from: DialBackFrom::OtherAddress,
+            token: 99,
+        })]
+    );
+    // Port 0, and a third running for one link, are declined at once.
+    control(&mut core, node, ask(3, 0));
+    control(&mut core, node, ask(4, 4001));
+    control(&mut core, node, ask(5, 4002));
+    assert_eq!(core.poll_events().len(), 1, "the second running one");
+    let answers: Vec<u32> = out(&mut core)
+        .into_iter()
+        .filter_map(|(l, f)| match f {
+            Frame::Control(Control::DialedBack {
+                req,
+                outcome: DialBackOutcome::Declined { .. },
+            }) if l == node => Some(req),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, vec![3, 5]);
+    assert_eq!(core.counters.filter_probes, 2);
+    assert_eq!(core.counters.filter_probes_declined, 2);
+    core.dial_back_done(node);
+    core.dial_back_done(node);
+    assert_eq!(core.dial_backs_running(), 0);
+}

@@ -19,6 +19,7 @@
 /// The hub's logic, sans-IO (the `reach-hub-core` crate).
 pub use reach_hub_core as core;
 mod circuits;
+mod dial_back;
 mod echo;
 pub mod kernel_copy;
 pub mod lan;
@@ -98,6 +99,11 @@ pub struct HubConfig {
     /// let a node tell a port-dependent mapping apart; empty runs none, and
     /// nodes then do not splice.
     pub echo_ports: Vec<u16>,
+    /// A second address of this host's that dial-backs may come from, so a
+    /// node can tell endpoint-independent filtering from filtering by
+    /// address (`reach doctor`); without one, dial-backs come only from
+    /// the hub's own address.
+    pub dial_back_from: Option<std::net::IpAddr>,
     /// Bounds on streams and unregistered links.
     pub limits: Limits,
     /// Relay circuits nodes may move routed streams onto, and their bounds
@@ -119,6 +125,7 @@ impl Default for HubConfig {
             link_learned: true,
             lan_discovery: None,
             echo_ports: vec![0, 0],
+            dial_back_from: None,
             proxy_ports: None,
             expose_allowed: Vec::new(),
             max_exposures: DEFAULT_MAX_EXPOSURES,

@@ -111,6 +111,7 @@ pub(crate) fn handle(inner: &Arc<Inner>, s: &mut State, via: SocketAddr) {
                 let json = s.status().to_json(STATUS_MAX_NODES).to_string();
                 s.core.send_control(link, &Control::StatusReport { json });
             }
+            Event::DialBack(req) => crate::dial_back::start(inner, req, via),
             Event::CircuitPull { hub, addr, leg } => {
                 crate::circuits::dial_back(inner, s, hub, addr, leg);
             }

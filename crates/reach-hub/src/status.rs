@@ -158,6 +158,8 @@ impl Status {
                 "vpn_lists_refused": self.counters.vpn_lists_refused,
                 "vip_lookups": self.counters.vip_lookups,
                 "cards_refused": self.counters.cards_refused,
+                "filter_probes": self.counters.filter_probes,
+                "filter_probes_declined": self.counters.filter_probes_declined,
             },
         })
     }
@@ -380,6 +382,18 @@ impl Status {
             "counter",
             "Overlay map cards refused (more links than a card lists, or the map full).",
             self.counters.cards_refused.to_string(),
+        );
+        metric(
+            "filter_probes_total",
+            "counter",
+            "Dial-backs to nodes testing their inbound filtering (reach doctor).",
+            self.counters.filter_probes.to_string(),
+        );
+        metric(
+            "filter_probes_declined_total",
+            "counter",
+            "Dial-backs declined: over their bounds, or no second address to dial from.",
+            self.counters.filter_probes_declined.to_string(),
         );
         metric(
             "relayed_messages_total",

@@ -99,6 +99,15 @@ pub fn start(
         }
         args.push(dir.join("hub.txt").into());
         args.extend(["--hub-secret-file".into(), hub_secret.clone().into()]);
+        // A multi-homed hub is reached at its public address from other
+        // sites; its LAN address is a second source for dial-backs
+        // (`reach doctor`'s filtering check).
+        if lab.host(h).public.is_some() {
+            args.extend([
+                "--dial-back-from".into(),
+                lab.host(h).lan.to_string().into(),
+            ]);
+        }
         for link in hubs.links.iter().filter(|l| &l.from == h) {
             let peer = peer_spec(
                 lab,

@@ -1,5 +1,5 @@
 //! `reach doctor` in the NAT zoo: from behind each gateway it names the
-//! gateway's behaviour, and for a target behind a firewall it says which
+//! gateway's mapping and filtering behaviour, and for a target behind a firewall it says which
 //! setup modules reach it and why Direct cannot.
 
 mod common;
@@ -71,6 +71,47 @@ fn doctor_names_every_zoo_gateway_and_why_direct_cannot_reach_a_dropping_firewal
                 assert!(splice.contains("cannot be predicted"), "{host}: {splice}");
             }
             other => panic!("a zoo host this test does not know: {other}"),
+        }
+        // Filtering, from the hub's dial-backs: its own address from a
+        // port the host never contacted, then its second address.
+        let f = &r["filtering"];
+        println!("{host:>15}  inbound: {}", f["summary"]);
+        let (want, other_port) = match host.as_str() {
+            "open" | "nat-eif" | "nat-hairpin" => ("endpoint-independent", "admitted"),
+            "fw-drop" => ("address-and-port-dependent", "dropped"),
+            "fw-reject" => ("address-and-port-dependent", "refused"),
+            // The kernel NATs and the userspace ones of RFC 4787's default
+            // filtering: kept out, dropped or refused as the NAT does it.
+            _ => ("address-and-port-dependent", ""),
+        };
+        assert_eq!(f["filtering"], want, "{host}: {f}");
+        if !other_port.is_empty() {
+            assert_eq!(f["other_port"]["result"], other_port, "{host}: {f}");
+        }
+        if want == "endpoint-independent" {
+            assert_eq!(f["other_address"]["result"], "admitted", "{host}: {f}");
+            assert_ne!(
+                f["other_address"]["from"]
+                    .as_str()
+                    .map(|a| a.split(':').next()),
+                f["other_port"]["from"]
+                    .as_str()
+                    .map(|a| a.split(':').next()),
+                "{host}: the second dial-back comes from another address: {f}"
+            );
+        }
+        let words = f["summary"].as_str().unwrap_or_default();
+        match host.as_str() {
+            "fw-drop" => assert!(
+                words.contains("firewall") && words.contains("dropped"),
+                "{host}: {words}"
+            ),
+            "fw-reject" => assert!(
+                words.contains("firewall") && words.contains("refused"),
+                "{host}: {words}"
+            ),
+            "nat-eif" | "nat-hairpin" => assert!(words.contains("full cone"), "{host}: {words}"),
+            _ => {}
         }
     }
 

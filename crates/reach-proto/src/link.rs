@@ -581,6 +581,88 @@ pub enum Control {
         /// `origin`'s signature.
         sig: crate::identity::Signature,
     },
+    /// Node to hub, registered: connect to this node's observed address
+    /// (the session's source address, never another) at `port`, from
+    /// `from`, and write [`dial_back_greeting`] of `token`; the answer is
+    /// `DialedBack`. It shows how inbound connections are filtered on the
+    /// way to the node (`reach doctor`).
+    DialBack {
+        /// Echoed in the answer.
+        req: u32,
+        /// The port on the node's observed address.
+        port: u16,
+        /// Which source the hub connects from.
+        from: DialBackFrom,
+        /// Sent on the connection, so the node knows it is the hub's.
+        token: u64,
+    },
+    /// Hub to node: what a `DialBack` met.
+    DialedBack {
+        /// The request this answers.
+        req: u32,
+        /// What happened.
+        outcome: DialBackOutcome,
+    },
+}
+
+/// The source a hub dials back from ([`Control::DialBack`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DialBackFrom {
+    /// The hub's own address, from a port the node has not contacted:
+    /// passes only filtering that does not depend on the port.
+    OtherPort,
+    /// Another address of the hub's: passes only endpoint-independent
+    /// filtering.
+    OtherAddress,
+}
+
+/// What a hub's dial-back met ([`Control::DialedBack`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DialBackOutcome {
+    /// The connection opened and the token was sent.
+    Connected {
+        /// The hub's source address.
+        from: SocketAddr,
+    },
+    /// The node's address answered with a reset.
+    Refused {
+        /// The hub's source address.
+        from: SocketAddr,
+    },
+    /// No answer within the hub's deadline.
+    TimedOut {
+        /// The hub's source address.
+        from: SocketAddr,
+        /// The deadline, in milliseconds.
+        after_ms: u32,
+    },
+    /// Another error (no route, say).
+    Failed {
+        /// The hub's source address, if it got one.
+        from: Option<SocketAddr>,
+        /// The error.
+        error: String,
+    },
+    /// The hub did not try: it has no other address, or too many
+    /// dial-backs are running.
+    Declined {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Length of [`dial_back_greeting`].
+pub const DIAL_BACK_GREETING_LEN: usize = 24;
+
+/// What a hub writes on a dial-back connection: a fixed prefix and the
+/// request's token, so the node tells the hub's connection from any other.
+pub fn dial_back_greeting(token: u64) -> [u8; DIAL_BACK_GREETING_LEN] {
+    let mut g = [0u8; DIAL_BACK_GREETING_LEN];
+    g[..16].copy_from_slice(b"reach dial-back ");
+    g[16..].copy_from_slice(&token.to_be_bytes());
+    g
 }
 
 /// A decoded frame; Data borrows its payload from the input buffer.
@@ -1167,6 +1249,39 @@ mod tests {
         };
         encode_control(&msg, &mut b).expect("encode");
         assert_eq!(roundtrip(&b), Frame::Control(msg));
+        for msg in [
+            Control::DialBack {
+                req: 3,
+                port: 40000,
+                from: DialBackFrom::OtherAddress,
+                token: u64::MAX,
+            },
+            Control::DialedBack {
+                req: 3,
+                outcome: DialBackOutcome::TimedOut {
+                    from: "203.0.113.7:5000".parse().expect("addr"),
+                    after_ms: 3000,
+                },
+            },
+            Control::DialedBack {
+                req: 4,
+                outcome: DialBackOutcome::Declined {
+                    reason: "busy".into(),
+                },
+            },
+        ] {
+            b.clear();
+            encode_control(&msg, &mut b).expect("encode");
+            assert_eq!(roundtrip(&b), Frame::Control(msg));
+        }
+    }
+
+    #[test]
+    fn a_dial_back_greeting_carries_its_token() {
+        let g = dial_back_greeting(0x0102_0304_0506_0708);
+        assert!(g.starts_with(b"reach dial-back "));
+        assert_eq!(g[16..], [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_ne!(g, dial_back_greeting(0x0102_0304_0506_0709));
     }
 
     #[test]

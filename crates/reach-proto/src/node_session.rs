@@ -238,6 +238,13 @@ pub enum Event {
         /// The holders, earliest listed first (empty: none).
         holders: Vec<NodeId>,
     },
+    /// A dial-back's answer ([`NodeSession::dial_back`]).
+    DialedBack {
+        /// The request.
+        req: u32,
+        /// What the hub's connection met.
+        outcome: crate::link::DialBackOutcome,
+    },
     /// A lookup (of either kind) that got no answer.
     LookupFailed {
         /// The request.
@@ -690,6 +697,9 @@ impl NodeSession {
             Control::VipFound { req, holders } if self.lookups.remove(&req).is_some() => {
                 self.events.push_back(Event::VipFound { req, holders });
             }
+            Control::DialedBack { req, outcome } if self.lookups.remove(&req).is_some() => {
+                self.events.push_back(Event::DialedBack { req, outcome });
+            }
             Control::ConnectBack(cb) => {
                 if self.answers < self.config.max_answers {
                     self.answers += 1;
@@ -937,6 +947,26 @@ impl NodeSession {
     ) -> Result<u32, LookupFailure> {
         let req = self.lookup_slot(deadline)?;
         self.send(&Control::VipLookup { req, network, ip });
+        Ok(req)
+    }
+
+    /// Asks the hub to connect to this node's observed address at `port`
+    /// from `from`, writing `token`; the answer comes as
+    /// [`Event::DialedBack`] or [`Event::LookupFailed`] by `deadline`.
+    pub fn dial_back(
+        &mut self,
+        port: u16,
+        from: crate::link::DialBackFrom,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<u32, LookupFailure> {
+        let req = self.lookup_slot(deadline)?;
+        self.send(&Control::DialBack {
+            req,
+            port,
+            from,
+            token,
+        });
         Ok(req)
     }
 

@@ -396,6 +396,66 @@ fn lookups_are_answered_expire_or_fail_with_the_link() {
 }
 
 #[test]
+fn a_dial_back_is_asked_answered_once_and_expires() {
+    use crate::link::{DialBackFrom, DialBackOutcome};
+    let mut r = Rig::default();
+    let far = r.now + Duration::from_secs(5);
+    assert_eq!(
+        r.s.dial_back(4000, DialBackFrom::OtherPort, 7, far),
+        Err(LookupFailure::NotUp)
+    );
+    let link = r.up(id(9));
+    r.events();
+    r.controls();
+    let a =
+        r.s.dial_back(4000, DialBackFrom::OtherPort, 7, far)
+            .expect("up");
+    let b =
+        r.s.dial_back(
+            4001,
+            DialBackFrom::OtherAddress,
+            8,
+            r.now + Duration::from_secs(1),
+        )
+        .expect("up");
+    assert_eq!(
+        r.controls(),
+        vec![
+            Control::DialBack {
+                req: a,
+                port: 4000,
+                from: DialBackFrom::OtherPort,
+                token: 7
+            },
+            Control::DialBack {
+                req: b,
+                port: 4001,
+                from: DialBackFrom::OtherAddress,
+                token: 8
+            },
+        ]
+    );
+    let outcome = DialBackOutcome::Refused { from: addr(77) };
+    let answer = Control::DialedBack {
+        req: a,
+        outcome: outcome.clone(),
+    };
+    r.s.handle_control(link, answer.clone(), r.now);
+    assert_eq!(r.events(), vec![Event::DialedBack { req: a, outcome }]);
+    // A second answer to the same request is dropped.
+    r.s.handle_control(link, answer, r.now);
+    assert_eq!(r.events(), vec![]);
+    assert_eq!(r.step(Duration::from_secs(60)), Duration::from_secs(1));
+    assert_eq!(
+        r.events(),
+        vec![Event::LookupFailed {
+            req: b,
+            why: LookupFailure::TimedOut
+        }]
+    );
+}
+
+#[test]
 fn pending_lookups_are_bounded() {
     let mut c = Config::new(id(1));
     c.max_lookups = 3;

@@ -731,6 +731,26 @@ impl Endpoint {
         crate::port_map::Mapper::probe(port, Duration::from_secs(2)).await
     }
 
+    /// Asks the hub to connect to this host's address as the hub sees it
+    /// (the session's observed address; the hub dials no other) at `port`,
+    /// from `from`, and to write [`reach_proto::link::dial_back_greeting`]
+    /// of `token`; returns what the hub's connection met, within `timeout`.
+    /// A listener on the port (with the NAT mapping that leads there) shows
+    /// whether inbound connections from there get in: `reach doctor`'s
+    /// filtering check.
+    pub async fn hub_dial_back(
+        &self,
+        port: u16,
+        from: reach_proto::link::DialBackFrom,
+        token: u64,
+        timeout: Duration,
+    ) -> Result<reach_proto::link::DialBackOutcome, SessionError> {
+        let session = self.shared.session()?;
+        session
+            .dial_back(port, from, token, Instant::now() + timeout)
+            .await
+    }
+
     /// Waits until the hub session is registered, at most `timeout`.
     pub async fn wait_hub(&self, timeout: Duration) -> Result<HubStatus, SessionError> {
         let session = self.shared.session()?;

@@ -138,6 +138,8 @@ enum Answer {
     Node(Option<DirEntry>),
     /// Who holds a vpn address.
     Vip(Vec<NodeId>),
+    /// What a dial-back met.
+    DialedBack(reach_proto::link::DialBackOutcome),
 }
 
 /// Everything behind the session's one lock.
@@ -300,6 +302,11 @@ impl Session {
             Event::VipFound { req, holders } => {
                 if let Some(w) = st.lookups.remove(&req) {
                     let _ = w.send(Ok(Answer::Vip(holders)));
+                }
+            }
+            Event::DialedBack { req, outcome } => {
+                if let Some(w) = st.lookups.remove(&req) {
+                    let _ = w.send(Ok(Answer::DialedBack(outcome)));
                 }
             }
             Event::LookupFailed { req, why } => {
@@ -594,7 +601,7 @@ impl Session {
             .await?
         {
             Answer::Node(entry) => Ok(entry),
-            Answer::Vip(_) => Err(self.down()),
+            _ => Err(self.down()),
         }
     }
 
@@ -611,7 +618,25 @@ impl Session {
             .await?
         {
             Answer::Vip(holders) => Ok(holders),
-            Answer::Node(_) => Err(self.down()),
+            _ => Err(self.down()),
+        }
+    }
+
+    /// Asks the hub to connect to this node's observed address at `port`
+    /// from `from`, writing the greeting of `token`; by `deadline`.
+    pub(crate) async fn dial_back(
+        self: &Arc<Self>,
+        port: u16,
+        from: reach_proto::link::DialBackFrom,
+        token: u64,
+        deadline: Instant,
+    ) -> Result<reach_proto::link::DialBackOutcome, SessionError> {
+        match self
+            .ask(deadline, |core| core.dial_back(port, from, token, deadline))
+            .await?
+        {
+            Answer::DialedBack(outcome) => Ok(outcome),
+            _ => Err(self.down()),
         }
     }
 
