@@ -86,6 +86,10 @@ pub struct NatCheck {
     /// Whether the echoes had two IP addresses (only then is an
     /// endpoint-independent mapping told from an address-dependent one).
     pub across_addresses: bool,
+    /// The mapping in RFC 4787's terms: endpoint-independent,
+    /// address-dependent or address-and-port-dependent; none without a NAT
+    /// or when the echoes could not tell (one hub address).
+    pub mapping_behaviour: Option<&'static str>,
     /// The external address it gave.
     pub external: Option<SocketAddr>,
     /// The behaviour in words.

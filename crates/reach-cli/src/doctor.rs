@@ -119,6 +119,10 @@ pub async fn run(args: DoctorArgs, config: &Config, state_dir: &Path) -> anyhow:
                 check_udp(e),
                 check_port_mapping(e, skip_mapping)
             );
+            let mut nat = nat;
+            if let Some(second) = crate::inbound::second_address(&filtering) {
+                check_mapping_across(e, &mut nat, second).await;
+            }
             (Some(nat), Some(filtering), Some(udp), pm)
         }
         None if skip_mapping => (None, None, None, None),
@@ -280,6 +284,14 @@ async fn check_nat(endpoint: &Endpoint) -> NatCheck {
                 mapping: Some(p.mapping),
                 allocation: Some(p.allocation),
                 across_addresses: p.across_addresses,
+                mapping_behaviour: match p.mapping {
+                    // Two ports of one echo address gave two mappings.
+                    Mapping::Dependent => Some("address-and-port-dependent"),
+                    Mapping::EndpointIndependent if p.across_addresses => {
+                        Some("endpoint-independent")
+                    }
+                    _ => None,
+                },
                 external: p.external,
                 summary,
                 splice,
@@ -291,11 +303,74 @@ async fn check_nat(endpoint: &Endpoint) -> NatCheck {
             mapping: None,
             allocation: None,
             across_addresses: false,
+            mapping_behaviour: None,
             external: None,
             summary: format!("cannot probe the NAT: {e}"),
             splice: "unknown".into(),
             error: Some(e.to_string()),
         },
+    }
+}
+
+/// An endpoint-independent mapping seen through one hub address may still
+/// depend on the address: asks the echo on the hub's `second` address
+/// (learned from its dial-back) from a port just mapped towards the first,
+/// and compares. Both connections stay open until both answered.
+async fn check_mapping_across(endpoint: &Endpoint, nat: &mut NatCheck, second: IpAddr) {
+    use reach::proto::nat::Mapping;
+    if nat.mapping != Some(Mapping::EndpointIndependent) || nat.across_addresses {
+        return;
+    }
+    let Some(echo) = endpoint
+        .hub_status()
+        .and_then(|s| s.echo.first().copied())
+        .map(|e| SocketAddr::new(e.ip().to_canonical(), e.port()))
+    else {
+        return;
+    };
+    if echo.ip() == second {
+        return;
+    }
+    let there = SocketAddr::new(second, echo.port());
+    let observed = async {
+        let (_port, local) = crate::inbound::fresh_port(echo.is_ipv4())?;
+        let (_first, a) = crate::inbound::observe(local, echo).await?;
+        let (_second, b) = crate::inbound::observe(local, there).await?;
+        Ok::<_, std::io::Error>((a, b))
+    };
+    match observed.await {
+        Ok((a, b)) if a == b => {
+            nat.across_addresses = true;
+            nat.mapping_behaviour = Some("endpoint-independent");
+            nat.summary = format!(
+                "behind a NAT: endpoint-independent mapping (the same {a} towards both of the hub's addresses), {}; the external address is {}",
+                allocation_words(nat.allocation),
+                a.ip()
+            );
+        }
+        Ok((a, b)) => {
+            nat.across_addresses = true;
+            nat.mapping = Some(Mapping::Dependent);
+            nat.mapping_behaviour = Some("address-dependent");
+            nat.summary = format!(
+                "behind a NAT: address-dependent mapping: one external port per destination address ({a} towards the hub, {b} towards its second address), the same for every port of one address; the external address is {}",
+                a.ip()
+            );
+        }
+        Err(e) => {
+            tracing::debug!(%there, "no mapping check across the hub's addresses: {e}");
+        }
+    }
+}
+
+/// A port allocation in words, as the NAT summary says it.
+fn allocation_words(a: Option<reach::proto::nat::Allocation>) -> String {
+    use reach::proto::nat::Allocation;
+    match a {
+        Some(Allocation::Preserved) => "ports preserved".into(),
+        Some(Allocation::Sequential { step }) => format!("sequential ports (step {step})"),
+        Some(Allocation::Random) => "random ports".into(),
+        Some(Allocation::Unknown) | None => "port allocation unknown".into(),
     }
 }
 

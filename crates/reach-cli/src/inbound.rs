@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use reach::proto::link::{
-    dial_back_greeting, DialBackFrom, DialBackOutcome, DIAL_BACK_GREETING_LEN,
+    parse_dial_back_greeting, DialBackFrom, DialBackOutcome, DIAL_BACK_GREETING_LEN,
 };
 use reach::proto::nat::{decode_echo, MAX_ECHO_LEN};
 use reach::Endpoint;
@@ -191,12 +191,22 @@ pub async fn check(endpoint: &Endpoint, behind_nat: Option<bool>) -> FilterCheck
         }
     };
     c.mapped = Some(held.mapped);
-    c.other_port = Some(probe(endpoint, &held, DialBackFrom::OtherPort).await);
-    // Only worth asking when the other port got in: otherwise the
-    // filtering is already known.
-    if c.other_port.as_ref().is_some_and(InboundProbe::admitted) {
-        c.other_address = Some(probe(endpoint, &held, DialBackFrom::OtherAddress).await);
-    }
+    // Both at once: one listener takes the greetings for both. The second
+    // address is asked even when the other port was kept out, for what it
+    // tells: the hub's second address, which the mapping check uses.
+    let (greeted, seen) = tokio::sync::watch::channel(Vec::new());
+    let both = async {
+        tokio::join!(
+            probe(endpoint, &held, DialBackFrom::OtherPort, seen.clone()),
+            probe(endpoint, &held, DialBackFrom::OtherAddress, seen.clone())
+        )
+    };
+    let (port, address) = tokio::select! {
+        r = both => r,
+        () = greetings(&held.listener, greeted) => unreachable!("greetings never ends"),
+    };
+    c.other_port = Some(port);
+    c.other_address = Some(address);
     c.filtering = filtering(c.other_port.as_ref(), c.other_address.as_ref());
     c.summary = summary(&c, behind_nat);
     c
@@ -225,16 +235,25 @@ fn reusable(at: SocketAddr) -> std::io::Result<TcpSocket> {
 /// Listens on a fresh port and connects from it to `echo`, which tells the
 /// port's mapping.
 async fn hold_mapping(echo: SocketAddr) -> std::io::Result<Held> {
-    let any: IpAddr = if echo.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let socket = reusable(SocketAddr::new(any, 0))?;
-    let port = socket.local_addr()?.port();
+    let (socket, local) = fresh_port(echo.is_ipv4())?;
     let listener = socket.listen(8)?;
+    let (to_echo, mapped) = observe(local, echo).await?;
+    Ok(Held {
+        listener,
+        _to_echo: to_echo,
+        mapped,
+    })
+}
+
+/// Connects from `local` (a port others may share: reuse is on) to `echo`
+/// and reads the mapping it saw; the connection is returned open, so the
+/// mapping stays while the caller holds it.
+pub async fn observe(
+    local: SocketAddr,
+    echo: SocketAddr,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
     let ask = async {
-        let mut tcp = reusable(SocketAddr::new(any, port))?.connect(echo).await?;
+        let mut tcp = reusable(local)?.connect(echo).await?;
         let mut buf = [0u8; MAX_ECHO_LEN];
         let mut n = 0;
         while n < buf.len() && !buf[..n].contains(&b'\n') {
@@ -247,21 +266,44 @@ async fn hold_mapping(echo: SocketAddr) -> std::io::Result<Held> {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         Ok::<_, std::io::Error>((tcp, mapped))
     };
-    let (to_echo, mapped) = tokio::time::timeout(ECHO_WAIT, ask).await.map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::TimedOut, "the echo did not answer")
-    })??;
-    Ok(Held {
-        listener,
-        _to_echo: to_echo,
-        mapped,
-    })
+    tokio::time::timeout(ECHO_WAIT, ask).await.map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the echo {echo} did not answer within {ECHO_WAIT:?}"),
+        )
+    })?
 }
 
-/// Asks the hub to dial `held`'s mapping from `from`, and watches the
-/// listener for its greeting meanwhile.
-async fn probe(endpoint: &Endpoint, held: &Held, from: DialBackFrom) -> InboundProbe {
-    let token = nonce();
-    let greeted = greeting(&held.listener, token);
+/// Binds a fresh port with reuse on, for [`observe`] from it; the socket
+/// holds the port.
+pub fn fresh_port(ipv4: bool) -> std::io::Result<(TcpSocket, SocketAddr)> {
+    let any: IpAddr = if ipv4 {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let s = reusable(SocketAddr::new(any, 0))?;
+    let at = s.local_addr()?;
+    Ok((s, at))
+}
+
+/// The hub's second address, as its dial-back from there showed it.
+pub fn second_address(check: &FilterCheck) -> Option<IpAddr> {
+    check.other_address.as_ref()?.from.map(|a| a.ip())
+}
+
+/// Asks the hub to dial `held`'s mapping from `from`; `seen` lists the
+/// tokens the listener got meanwhile.
+async fn probe(
+    endpoint: &Endpoint,
+    held: &Held,
+    from: DialBackFrom,
+    mut seen: tokio::sync::watch::Receiver<Vec<u64>>,
+) -> InboundProbe {
+    let token = nonce(from);
+    let greeted = async move {
+        let _ = seen.wait_for(|t| t.contains(&token)).await;
+    };
     tokio::pin!(greeted);
     let ask = endpoint.hub_dial_back(held.mapped.port(), from, token, ASK_WAIT);
     tokio::pin!(ask);
@@ -289,28 +331,29 @@ async fn probe(endpoint: &Endpoint, held: &Held, from: DialBackFrom) -> InboundP
     InboundProbe::new(&outcome, seen)
 }
 
-/// Resolves once a connection to `listener` carries the greeting of
-/// `token`; looks at [`MAX_STRANGERS`] connections at most, each read
-/// with a deadline. The caller bounds the whole wait.
-async fn greeting(listener: &TcpListener, token: u64) {
-    let want = dial_back_greeting(token);
+/// Reads the greeting of each connection to `listener` (each within a
+/// deadline, one at a time) and lists its token in `greeted`; looks at
+/// [`MAX_STRANGERS`] connections at most. Never ends: the caller bounds
+/// the wait.
+async fn greetings(listener: &TcpListener, greeted: tokio::sync::watch::Sender<Vec<u64>>) {
     for _ in 0..MAX_STRANGERS {
         let Ok((mut tcp, _)) = listener.accept().await else {
             continue;
         };
         let mut got = [0u8; DIAL_BACK_GREETING_LEN];
         let read = tokio::time::timeout(GREETING_WAIT, tcp.read_exact(&mut got)).await;
-        if matches!(read, Ok(Ok(_))) && got == want {
-            return;
+        if let (Ok(Ok(_)), Some(token)) = (read, parse_dial_back_greeting(&got)) {
+            greeted.send_modify(|t| t.push(token));
         }
     }
     std::future::pending::<()>().await;
 }
 
-/// A token no one else guesses within a check's few seconds.
-fn nonce() -> u64 {
+/// A token no one else guesses within a check's few seconds (the two
+/// probes' differ).
+fn nonce(from: DialBackFrom) -> u64 {
     use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+    std::collections::hash_map::RandomState::new().hash_one((std::time::SystemTime::now(), from))
 }
 
 #[cfg(test)]

@@ -278,8 +278,8 @@ impl Hub {
             .unwrap_or_else(|| endpoint.advertised().to_vec());
         let route_expiry = config.gossip_interval * 5;
         let mut echoes = Vec::new();
+        let ip = endpoint.local_addr().ip();
         for port in &config.echo_ports {
-            let ip = endpoint.local_addr().ip();
             let l = echo::bind(ip, *port)
                 .await
                 .map_err(|source| EndpointError::Bind {
@@ -287,6 +287,23 @@ impl Hub {
                     source,
                 })?;
             echoes.push(l);
+        }
+        // The echoes answer on the dial-back address too (on the same
+        // ports), so a node comparing its mappings towards the hub's two
+        // addresses tells an address-dependent mapping from an
+        // endpoint-independent one. A hub on every address has them there.
+        let mut second_echoes = Vec::new();
+        if let Some(second) = config.dial_back_from.filter(|_| !ip.is_unspecified()) {
+            for l in &echoes {
+                let port = l.local_addr().map(|a| a.port()).unwrap_or_default();
+                let l = echo::bind(second, port)
+                    .await
+                    .map_err(|source| EndpointError::Bind {
+                        what: format!("an address echo on {second} port {port}"),
+                        source,
+                    })?;
+                second_echoes.push(l);
+            }
         }
         let mut policy = config.policy.clone();
         let session_client = match config.proxy_ports {
@@ -341,7 +358,7 @@ impl Hub {
             tokio::spawn(accept_links(inner.clone())),
             tokio::spawn(gossip(inner.clone())),
         ];
-        for l in echoes {
+        for l in echoes.into_iter().chain(second_echoes) {
             // The same port answers UDP, for the vpn's UDP paths; a port
             // taken for UDP leaves the TCP echo alone.
             if let Ok(at) = l.local_addr() {

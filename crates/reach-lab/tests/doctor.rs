@@ -49,23 +49,43 @@ fn doctor_names_every_zoo_gateway_and_why_direct_cannot_reach_a_dropping_firewal
                 assert_eq!(mapping, "no-nat", "{host}: {r}");
                 assert!(summary.starts_with("no NAT"), "{host}: {summary}");
             }
-            // One echo address: an address-dependent mapping looks
-            // endpoint-independent from there, and the summary says so.
-            "nat-eim" | "nat-eim-2" | "nat-adm" | "nat-eif" | "nat-hairpin" => {
+            // The echo on the hub's second address (learned from its
+            // dial-back) tells an address-dependent mapping apart.
+            "nat-eim" | "nat-eim-2" | "nat-eif" | "nat-hairpin" => {
                 assert_eq!(nat["behind_nat"], true, "{host}: {r}");
                 assert_eq!(mapping, "endpoint-independent", "{host}: {r}");
+                assert_eq!(
+                    nat["mapping_behaviour"], "endpoint-independent",
+                    "{host}: {r}"
+                );
                 assert_eq!(allocation, "preserved", "{host}: {r}");
                 assert!(
-                    summary.contains("may be address-dependent"),
+                    summary.contains("towards both of the hub's addresses"),
+                    "{host}: {summary}"
+                );
+            }
+            "nat-adm" => {
+                assert_eq!(nat["behind_nat"], true, "{host}: {r}");
+                assert_eq!(nat["mapping_behaviour"], "address-dependent", "{host}: {r}");
+                assert!(
+                    summary.contains("one external port per destination address"),
                     "{host}: {summary}"
                 );
             }
             "nat-apdm-seq" | "nat-apdm-seq-2" => {
                 assert_eq!(mapping, "dependent", "{host}: {r}");
+                assert_eq!(
+                    nat["mapping_behaviour"], "address-and-port-dependent",
+                    "{host}: {r}"
+                );
                 assert_eq!(allocation["sequential"]["step"], 1, "{host}: {r}");
             }
             "nat-apdm-rand" => {
                 assert_eq!(mapping, "dependent", "{host}: {r}");
+                assert_eq!(
+                    nat["mapping_behaviour"], "address-and-port-dependent",
+                    "{host}: {r}"
+                );
                 assert_eq!(allocation, "random", "{host}: {r}");
                 let splice = nat["splice"].as_str().unwrap_or_default();
                 assert!(splice.contains("cannot be predicted"), "{host}: {splice}");
@@ -75,6 +95,7 @@ fn doctor_names_every_zoo_gateway_and_why_direct_cannot_reach_a_dropping_firewal
         // Filtering, from the hub's dial-backs: its own address from a
         // port the host never contacted, then its second address.
         let f = &r["filtering"];
+        println!("{host:>15}  NAT: {}", nat["summary"]);
         println!("{host:>15}  inbound: {}", f["summary"]);
         let (want, other_port) = match host.as_str() {
             "open" | "nat-eif" | "nat-hairpin" => ("endpoint-independent", "admitted"),
@@ -114,6 +135,27 @@ fn doctor_names_every_zoo_gateway_and_why_direct_cannot_reach_a_dropping_firewal
             _ => {}
         }
     }
+
+    // Address-dependent filtering (a zoo host outside the matrix): the
+    // hub's other port gets in, its second address does not.
+    let hub = hubs.target(&lab, "nat-adf", "hub").expect("hub target");
+    let r = doctor(
+        &lab,
+        "nat-adf",
+        &state.path().join("nat-adf"),
+        &["--hub", &hub],
+    );
+    let f = &r["filtering"];
+    println!("{:>15}  inbound: {}", "nat-adf", f["summary"]);
+    assert_eq!(f["filtering"], "address-dependent", "{f}");
+    assert_eq!(f["other_port"]["result"], "admitted", "{f}");
+    assert_eq!(f["other_address"]["result"], "dropped", "{f}");
+    assert!(
+        f["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("address-dependent filtering")),
+        "{f}"
+    );
 
     // Targets behind the two firewalls, checked from the open host.
     let verdicts = |target: &str| {

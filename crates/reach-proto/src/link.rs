@@ -665,6 +665,17 @@ pub fn dial_back_greeting(token: u64) -> [u8; DIAL_BACK_GREETING_LEN] {
     g
 }
 
+/// The token of a dial-back greeting; None for other bytes.
+pub fn parse_dial_back_greeting(g: &[u8; DIAL_BACK_GREETING_LEN]) -> Option<u64> {
+    let (prefix, token) = g.split_at(16);
+    if prefix != b"reach dial-back " {
+        return None;
+    }
+    let mut t = [0u8; 8];
+    t.copy_from_slice(token);
+    Some(u64::from_be_bytes(t))
+}
+
 /// A decoded frame; Data borrows its payload from the input buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -1282,6 +1293,10 @@ mod tests {
         assert!(g.starts_with(b"reach dial-back "));
         assert_eq!(g[16..], [1, 2, 3, 4, 5, 6, 7, 8]);
         assert_ne!(g, dial_back_greeting(0x0102_0304_0506_0709));
+        assert_eq!(parse_dial_back_greeting(&g), Some(0x0102_0304_0506_0708));
+        let mut other = g;
+        other[0] = b'R';
+        assert_eq!(parse_dial_back_greeting(&other), None);
     }
 
     #[test]
