@@ -238,6 +238,52 @@ fn a_reach_node_behind_the_gateway_maps_its_port_and_is_reached_direct() {
     );
 }
 
+#[test]
+fn reach_doctor_behind_the_gateway_finds_its_port_mapping_and_leaves_none_behind() {
+    let (lab, _dir, _gw, _hub, hub) = gateway_lab_with_hub();
+    let out = lab
+        .command("client", common::tools_with_reach().join("reach"))
+        .arg("--state-dir")
+        .arg(state(&lab).join("client-doctor"))
+        .args(["doctor", "--json", "--hub", &hub])
+        .output()
+        .expect("run reach doctor");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let pm = &r["port_mapping"];
+    println!("port mapping: {pm}");
+    assert_eq!(pm["available"], true, "{r}");
+    // PCP is asked first, and reach gateway answers it.
+    assert_eq!(pm["protocol"], "pcp", "{r}");
+    let public = lab.host("client").gateway.to_string();
+    assert!(
+        pm["external"]
+            .as_str()
+            .is_some_and(|e| e.starts_with(&format!("{public}:"))),
+        "the gateway's public address: {r}"
+    );
+    // The probe's mapping was deleted again: no forward stays behind.
+    for map in ["tcp_fwd", "udp_fwd"] {
+        let left = elements(&lab, "home", "map", map);
+        assert!(
+            left.is_empty(),
+            "{map}: {left:?}\n{}",
+            gateway_rules(&lab, "home")
+        );
+    }
+    // Behind this kernel NAT, inbound from another port is kept out.
+    assert_eq!(
+        r["filtering"]["filtering"], "address-and-port-dependent",
+        "{r}"
+    );
+}
+
 /// `reach connect` from `host` to `vaddr` through `hub` with `flags`:
 /// the module it connected by and the address it connected to (its log's
 /// "connected" line, also printed), or its error.
