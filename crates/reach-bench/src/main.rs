@@ -257,7 +257,7 @@ fn main() -> anyhow::Result<()> {
             markdown,
         } => {
             let started = std::time::Instant::now();
-            let progress = reach_lab::progress::Progress::new(7, "reach-bench all");
+            let progress = reach_progress::Progress::new(7, "reach-bench all");
             let stage = |what: &str| progress.doing(what);
             stage("throughput and round trips (lab)");
             let mut rows = lab::run(lab_size(quick), None)?;

@@ -96,10 +96,25 @@ pub async fn run(args: DoctorArgs, config: &Config, state_dir: &Path) -> anyhow:
         b
     };
 
+    let modules = if args.common.hub.modules.is_empty() {
+        SetupModule::ALL.to_vec()
+    } else {
+        args.common.hub.modules.clone()
+    };
+    // Hubs, the NAT, inbound, UDP, port mapping, the mapping across
+    // addresses, and each module on the target.
+    let steps = hubs.len() + 5 + target.as_ref().map_or(0, |_| modules.len());
+    let progress = reach_progress::Progress::new(steps as u64, "reach doctor");
+    let p = &progress;
     let mut checks = Vec::new();
     let mut first_up: Option<Endpoint> = None;
     for hub in &hubs {
-        let (check, endpoint) = check_hub(base(Some(hub)), hub).await;
+        let at = hub.to_string();
+        progress.doing(format!(
+            "attaching to the hub at {}",
+            at.rsplit('@').next().unwrap_or(&at)
+        ));
+        let (check, endpoint) = counted(p, check_hub(base(Some(hub)), hub)).await;
         checks.push(check);
         match (endpoint, &first_up) {
             (Some(e), None) => first_up = Some(e),
@@ -113,22 +128,32 @@ pub async fn run(args: DoctorArgs, config: &Config, state_dir: &Path) -> anyhow:
         Some(e) => {
             // The NAT probe first and alone: other new mappings meanwhile
             // (the UDP check's) would move a sequential allocator under it.
-            let nat = check_nat(e).await;
+            p.doing("probing the NAT");
+            let nat = counted(p, check_nat(e)).await;
+            p.doing("inbound (the hub dials back), UDP, port mapping");
             let (filtering, udp, pm) = tokio::join!(
-                crate::inbound::check(e, nat.behind_nat),
-                check_udp(e),
-                check_port_mapping(e, skip_mapping)
+                counted(p, crate::inbound::check(e, nat.behind_nat)),
+                counted(p, check_udp(e)),
+                counted(p, check_port_mapping(e, skip_mapping))
             );
             let mut nat = nat;
             if let Some(second) = crate::inbound::second_address(&filtering) {
+                p.doing("the mapping towards the hub's second address");
                 check_mapping_across(e, &mut nat, second).await;
             }
+            p.step();
             (Some(nat), Some(filtering), Some(udp), pm)
         }
         None if skip_mapping => (None, None, None, None),
         None => {
+            p.doing("port mapping");
             let e = base(None).bind().await?;
-            (None, None, None, check_port_mapping(&e, false).await)
+            (
+                None,
+                None,
+                None,
+                counted(p, check_port_mapping(&e, false)).await,
+            )
         }
     };
     if let Some(e) = first_up {
@@ -136,15 +161,12 @@ pub async fn run(args: DoctorArgs, config: &Config, state_dir: &Path) -> anyhow:
     }
     let target = match (&target, args.target) {
         (Some(t), Some(text)) => {
-            let modules = if args.common.hub.modules.is_empty() {
-                SetupModule::ALL.to_vec()
-            } else {
-                args.common.hub.modules.clone()
-            };
             let hub = hubs.first();
             let mut verdicts = Vec::new();
             for m in modules {
-                verdicts.push(check_module(base(hub).modules(vec![m]), m, t, timeout).await);
+                p.doing(format!("the target by {m}"));
+                let check = check_module(base(hub).modules(vec![m]), m, t, timeout);
+                verdicts.push(counted(p, check).await);
             }
             Some(TargetCheck {
                 vaddr: text,
@@ -163,12 +185,24 @@ pub async fn run(args: DoctorArgs, config: &Config, state_dir: &Path) -> anyhow:
         port_mapping,
         target,
     };
+    // The bar leaves the screen before the report is printed.
+    drop(progress);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render());
     }
     Ok(())
+}
+
+/// Awaits `check` and counts it done on the bar.
+async fn counted<T>(
+    progress: &reach_progress::Progress,
+    check: impl std::future::Future<Output = T>,
+) -> T {
+    let r = check.await;
+    progress.step();
+    r
 }
 
 /// The host's interface addresses.

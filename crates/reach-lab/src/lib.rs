@@ -19,7 +19,6 @@ pub mod matrix;
 pub mod nat;
 pub mod plan;
 pub mod probe;
-pub mod progress;
 pub mod punch;
 pub mod rathole;
 pub mod rogue;

@@ -250,7 +250,7 @@ pub fn run(
                 })
             })
             .collect();
-        let progress = crate::progress::Progress::new(pairs.len() as u64, "pairs");
+        let progress = reach_progress::Progress::new(pairs.len() as u64, "pairs");
         handles
             .into_iter()
             .zip(&pairs)

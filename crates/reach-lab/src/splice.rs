@@ -156,7 +156,7 @@ pub fn run(
     let hosts = lab.record().matrix.clone();
     let n = hosts.len() as u64;
     let progress =
-        crate::progress::Progress::new(n * n.saturating_sub(1) * u64::from(attempts), "splice");
+        reach_progress::Progress::new(n * n.saturating_sub(1) * u64::from(attempts), "splice");
     let mut pairs = Vec::new();
     for from in &hosts {
         for to in hosts.iter().filter(|h| *h != from) {

@@ -17,10 +17,11 @@ fn doctor(lab: &Lab, host: &str, state: &std::path::Path, args: &[&str]) -> serd
         .output()
         .expect("run reach doctor");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{host}: {stderr}");
     assert!(
-        out.status.success(),
-        "{host}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        !stderr.contains("ETA"),
+        "no progress bar off a terminal: {stderr}"
     );
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{host}: {e}: {text}"))
 }
@@ -135,6 +136,28 @@ fn doctor_names_every_zoo_gateway_and_why_direct_cannot_reach_a_dropping_firewal
             _ => {}
         }
     }
+
+    // On a terminal (a pty from script(1)) a progress bar with an ETA
+    // runs while the checks do, and leaves the report behind.
+    let reach = common::tools_with_reach().join("reach");
+    let command = format!(
+        "{} --state-dir {} doctor --no-port-mapping --hub {}",
+        reach.display(),
+        state.path().join("open").display(),
+        hubs.attach["open"]
+    );
+    let out = lab
+        .command("open", "script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("run script");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains("reach doctor [") && screen.contains("ETA"),
+        "a progress bar: {screen}"
+    );
+    assert!(screen.contains("inbound:"), "and the report: {screen}");
 
     // Address-dependent filtering (a zoo host outside the matrix): the
     // hub's other port gets in, its second address does not.

@@ -1,5 +1,5 @@
-//! Progress bars for long lab and benchmark runs (a splice table, a
-//! matrix, a benchmark suite): shown on stderr with a count and an ETA
+//! Progress bars for long runs (a splice table, a matrix, a benchmark
+//! suite, `reach doctor`): shown on stderr with a count and an ETA
 //! when both stdout and stderr are terminals, and nothing at all otherwise,
 //! so logs, pipes and CI output stay as they were.
 
