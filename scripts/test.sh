@@ -46,6 +46,9 @@ cargo nextest run --workspace --locked --no-fail-fast --profile ci
 step "install as a user would: completions, man pages, systemd units (scripts/check-dist.sh)"
 bash scripts/check-dist.sh
 
+step "the systemd units run under systemd as PID 1 (scripts/check-systemd.sh)"
+bash scripts/check-systemd.sh
+
 step "doc tests"
 cargo test --workspace --locked --doc
 

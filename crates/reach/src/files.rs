@@ -123,12 +123,29 @@ pub fn check_owner(path: &Path, meta: &fs::Metadata) -> Result<(), NotPrivate> {
 
 /// Checks that `dir` belongs to this user and is closed to everyone else
 /// (it holds an identity key or control sockets).
+///
+/// `dir` may be a symbolic link owned by root or by this user, which is
+/// then followed: systemd gives a service with `DynamicUser=yes` its
+/// `StateDirectory` as `/var/lib/NAME`, a link of root's to
+/// `/var/lib/private/NAME`, and the service's user (a new uid each start)
+/// owns the directory. A link of anyone else's is refused, like a
+/// directory of theirs.
 pub fn check_private_dir(dir: &Path) -> Result<(), NotPrivate> {
     let path = dir.display().to_string();
-    let meta = fs::symlink_metadata(dir).map_err(|source| NotPrivate::Io {
+    let inspect = |source| NotPrivate::Io {
         path: path.clone(),
         source,
-    })?;
+    };
+    let mut meta = fs::symlink_metadata(dir).map_err(inspect)?;
+    if meta.file_type().is_symlink() {
+        if meta.uid() != 0 {
+            check_owner(dir, &meta)?;
+        }
+        meta = fs::metadata(dir).map_err(|source| NotPrivate::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
     check_owner(dir, &meta)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -178,6 +195,34 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_link_of_roots_or_this_users_is_followed_to_a_private_directory() {
+        // As systemd lays out a DynamicUser's StateDirectory: a link to the
+        // service's own directory (here this user's link; root's alike).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("private-state");
+        private_dir(&target).expect("created private");
+        let link = dir.path().join("state");
+        std::os::unix::fs::symlink(&target, &link).expect("link");
+        check_private_dir(&link).expect("a link of this user's to a private dir");
+        // The directory it leads to must still be private.
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o750)).expect("chmod");
+        let err = check_private_dir(&link).expect_err("open to others");
+        assert!(matches!(err, NotPrivate::Mode { mode: 0o750, .. }), "{err}");
+        // A link of another user's is refused (only root can make one as
+        // another user; the test runs as root in CI, elsewhere it skips
+        // that half).
+        if euid() == 0 {
+            fs::set_permissions(&target, fs::Permissions::from_mode(0o700)).expect("chmod");
+            std::os::unix::fs::lchown(&link, Some(4242), None).expect("chown the link");
+            let err = check_private_dir(&link).expect_err("another user's link");
+            assert!(
+                matches!(err, NotPrivate::Owner { owner: 4242, .. }),
+                "{err}"
+            );
+        }
     }
 
     #[test]
