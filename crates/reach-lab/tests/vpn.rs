@@ -58,6 +58,25 @@ fn vpn_matrix(name: &str, hosts: usize) -> matrix::Matrix {
         &common::tools_with_reach(),
     )
     .expect("matrix");
+    // A failed pair is shown with what both members logged, while the lab
+    // (and with it their logs) is still there.
+    for c in m.cells.iter().filter(|c| !c.ok) {
+        for host in [&c.from_host, &c.to_host] {
+            let log = reach_lab::matrix::reach_state(&lab)
+                .join(host)
+                .join("vpn.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "--- {} -> {} failed; {host}'s vpn log, last {} lines:\n{}",
+                c.from_host,
+                c.to_host,
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
     assert_every_pair(&m, hosts);
     m
 }

@@ -854,7 +854,7 @@ impl Vpn {
         };
         let mut u = lock(u);
         match c {
-            Control::Keys { keys, cipher } => u.sealer = Some(Sealer::new(cipher, &keys)),
+            Control::Keys { keys, cipher } => Sealer::renew(&mut u.sealer, cipher, &keys),
             Control::Candidates(addrs) => {
                 u.paths.add_candidates(addrs);
             }
