@@ -635,8 +635,13 @@ fn tolerance(want_ms: f64) -> f64 {
 /// The round trip to an observer (no delay of its own) is twice the site's
 /// one-way delay, plus on average half its jitter each way (frames keep
 /// their order, so a frame can also wait behind a later-drawn earlier one:
-/// the tolerance takes the whole jitter); measured as the median TCP
-/// connect time of five probes, within [`tolerance`].
+/// the tolerance takes the whole jitter); measured as the fastest TCP
+/// connect of five probes, within [`tolerance`]. The fastest, not the
+/// median: a loaded machine only adds time (scheduling the probe processes
+/// and the userspace hop), so the fastest is the one nearest the link's own
+/// delay, and a delay that is missing still shows as too short (a median
+/// of 6.2 ms against 2.0 +-4.0 failed a suite run while other lab tests
+/// ran).
 fn delay_check(
     h: &HostAddrs,
     (delay_ms, jitter_ms): (u32, u32),
@@ -656,7 +661,7 @@ fn delay_check(
         })
         .collect();
     rtts.sort_by(f64::total_cmp);
-    let (observed, pass) = match rtts.get(rtts.len() / 2) {
+    let (observed, pass) = match rtts.first() {
         Some(rtt) => (
             format!("{rtt:.2} ms"),
             (rtt - want).abs() <= tolerance(want),
@@ -665,7 +670,7 @@ fn delay_check(
     };
     check(
         h,
-        format!("round trip {from} -> {to} (median of 5 connects)"),
+        format!("round trip {from} -> {to} (fastest of 5 connects)"),
         format!("{want:.1} ms +-{:.1}", tolerance(want)),
         observed,
         pass,
