@@ -132,7 +132,10 @@ pub async fn run(args: DoctorArgs, config: &Config, state_dir: &Path) -> anyhow:
             let nat = counted(p, check_nat(e)).await;
             p.doing("inbound (the hub dials back), UDP, port mapping");
             let (filtering, udp, pm) = tokio::join!(
-                counted(p, crate::inbound::check(e, nat.behind_nat)),
+                counted(
+                    p,
+                    crate::inbound::check(e, hub_echoes(e).first().copied(), nat.behind_nat)
+                ),
                 counted(p, check_udp(e)),
                 counted(p, check_port_mapping(e, skip_mapping))
             );
@@ -355,11 +358,7 @@ async fn check_mapping_across(endpoint: &Endpoint, nat: &mut NatCheck, second: I
     if nat.mapping != Some(Mapping::EndpointIndependent) || nat.across_addresses {
         return;
     }
-    let Some(echo) = endpoint
-        .hub_status()
-        .and_then(|s| s.echo.first().copied())
-        .map(|e| SocketAddr::new(e.ip().to_canonical(), e.port()))
-    else {
+    let Some(&echo) = hub_echoes(endpoint).first() else {
         return;
     };
     if echo.ip() == second {
@@ -367,10 +366,11 @@ async fn check_mapping_across(endpoint: &Endpoint, nat: &mut NatCheck, second: I
     }
     let there = SocketAddr::new(second, echo.port());
     let observed = async {
-        let (_port, local) = crate::inbound::fresh_port(echo.is_ipv4())?;
-        let (_first, a) = crate::inbound::observe(local, echo).await?;
-        let (_second, b) = crate::inbound::observe(local, there).await?;
-        Ok::<_, std::io::Error>((a, b))
+        let (_port, local) =
+            reach::echo::fresh_port(echo.is_ipv4()).map_err(reach::EchoError::Bind)?;
+        let (_first, a) = reach::echo::ask(local, echo, SAMPLE_WAIT).await?;
+        let (_second, b) = reach::echo::ask(local, there, SAMPLE_WAIT).await?;
+        Ok::<_, reach::EchoError>((a, b))
     };
     match observed.await {
         Ok((a, b)) if a == b => {
@@ -408,15 +408,20 @@ fn allocation_words(a: Option<reach::proto::nat::Allocation>) -> String {
     }
 }
 
-/// Whether UDP gets out: asks the hub's UDP echoes from one socket.
-async fn check_udp(endpoint: &Endpoint) -> UdpCheck {
-    let echoes: Vec<SocketAddr> = endpoint
+/// The hub's address echoes, as plain IPv4 where they are.
+fn hub_echoes(endpoint: &Endpoint) -> Vec<SocketAddr> {
+    endpoint
         .hub_status()
         .map(|s| s.echo)
         .unwrap_or_default()
         .into_iter()
         .map(|e| SocketAddr::new(e.ip().to_canonical(), e.port()))
-        .collect();
+        .collect()
+}
+
+/// Whether UDP gets out: asks the hub's UDP echoes from one socket.
+async fn check_udp(endpoint: &Endpoint) -> UdpCheck {
+    let echoes = hub_echoes(endpoint);
     if echoes.is_empty() {
         return UdpCheck {
             gets_out: false,

@@ -18,17 +18,16 @@
 //! reset came back), which matters for Direct: a refusal fails at once, a
 //! drop only at its deadline.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use reach::proto::link::{
     parse_dial_back_greeting, DialBackFrom, DialBackOutcome, DIAL_BACK_GREETING_LEN,
 };
-use reach::proto::nat::{decode_echo, MAX_ECHO_LEN};
 use reach::Endpoint;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 /// How long the echo that opens the mapping may take.
 const ECHO_WAIT: Duration = Duration::from_secs(3);
@@ -165,9 +164,13 @@ pub fn summary(check: &FilterCheck, behind_nat: Option<bool>) -> String {
     }
 }
 
-/// Runs the check through `endpoint`'s hub; `behind_nat` from the NAT
-/// check words the summary.
-pub async fn check(endpoint: &Endpoint, behind_nat: Option<bool>) -> FilterCheck {
+/// Runs the check through `endpoint`'s hub and its address `echo`;
+/// `behind_nat` from the NAT check words the summary.
+pub async fn check(
+    endpoint: &Endpoint,
+    echo: Option<SocketAddr>,
+    behind_nat: Option<bool>,
+) -> FilterCheck {
     let mut c = FilterCheck {
         mapped: None,
         other_port: None,
@@ -175,10 +178,6 @@ pub async fn check(endpoint: &Endpoint, behind_nat: Option<bool>) -> FilterCheck
         filtering: None,
         summary: String::new(),
     };
-    let echo = endpoint
-        .hub_status()
-        .and_then(|s| s.echo.first().copied())
-        .map(|e| SocketAddr::new(e.ip().to_canonical(), e.port()));
     let Some(echo) = echo else {
         c.summary = "unknown: the hub runs no address echo to open a mapping with".into();
         return c;
@@ -203,7 +202,7 @@ pub async fn check(endpoint: &Endpoint, behind_nat: Option<bool>) -> FilterCheck
     };
     let (port, address) = tokio::select! {
         r = both => r,
-        () = greetings(&held.listener, greeted) => unreachable!("greetings never ends"),
+        never = greetings(&held.listener, greeted) => match never {},
     };
     c.other_port = Some(port);
     c.other_address = Some(address);
@@ -220,71 +219,19 @@ struct Held {
     mapped: SocketAddr,
 }
 
-fn reusable(at: SocketAddr) -> std::io::Result<TcpSocket> {
-    let s = if at.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    s.set_reuseaddr(true)?;
-    s.set_reuseport(true)?;
-    s.bind(at)?;
-    Ok(s)
-}
-
 /// Listens on a fresh port and connects from it to `echo`, which tells the
 /// port's mapping.
 async fn hold_mapping(echo: SocketAddr) -> std::io::Result<Held> {
-    let (socket, local) = fresh_port(echo.is_ipv4())?;
+    let (socket, local) = reach::echo::fresh_port(echo.is_ipv4())?;
     let listener = socket.listen(8)?;
-    let (to_echo, mapped) = observe(local, echo).await?;
+    let (to_echo, mapped) = reach::echo::ask(local, echo, ECHO_WAIT)
+        .await
+        .map_err(std::io::Error::other)?;
     Ok(Held {
         listener,
         _to_echo: to_echo,
         mapped,
     })
-}
-
-/// Connects from `local` (a port others may share: reuse is on) to `echo`
-/// and reads the mapping it saw; the connection is returned open, so the
-/// mapping stays while the caller holds it.
-pub async fn observe(
-    local: SocketAddr,
-    echo: SocketAddr,
-) -> std::io::Result<(TcpStream, SocketAddr)> {
-    let ask = async {
-        let mut tcp = reusable(local)?.connect(echo).await?;
-        let mut buf = [0u8; MAX_ECHO_LEN];
-        let mut n = 0;
-        while n < buf.len() && !buf[..n].contains(&b'\n') {
-            match tcp.read(&mut buf[n..]).await? {
-                0 => break,
-                k => n += k,
-            }
-        }
-        let mapped = decode_echo(&buf[..n])
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        Ok::<_, std::io::Error>((tcp, mapped))
-    };
-    tokio::time::timeout(ECHO_WAIT, ask).await.map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("the echo {echo} did not answer within {ECHO_WAIT:?}"),
-        )
-    })?
-}
-
-/// Binds a fresh port with reuse on, for [`observe`] from it; the socket
-/// holds the port.
-pub fn fresh_port(ipv4: bool) -> std::io::Result<(TcpSocket, SocketAddr)> {
-    let any: IpAddr = if ipv4 {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let s = reusable(SocketAddr::new(any, 0))?;
-    let at = s.local_addr()?;
-    Ok((s, at))
 }
 
 /// The hub's second address, as its dial-back from there showed it.
@@ -335,7 +282,10 @@ async fn probe(
 /// deadline, one at a time) and lists its token in `greeted`; looks at
 /// [`MAX_STRANGERS`] connections at most. Never ends: the caller bounds
 /// the wait.
-async fn greetings(listener: &TcpListener, greeted: tokio::sync::watch::Sender<Vec<u64>>) {
+async fn greetings(
+    listener: &TcpListener,
+    greeted: tokio::sync::watch::Sender<Vec<u64>>,
+) -> std::convert::Infallible {
     for _ in 0..MAX_STRANGERS {
         let Ok((mut tcp, _)) = listener.accept().await else {
             continue;
@@ -346,7 +296,7 @@ async fn greetings(listener: &TcpListener, greeted: tokio::sync::watch::Sender<V
             greeted.send_modify(|t| t.push(token));
         }
     }
-    std::future::pending::<()>().await;
+    std::future::pending().await
 }
 
 /// A token no one else guesses within a check's few seconds (the two

@@ -23,8 +23,16 @@ use tokio::net::TcpListener;
 const ANSWER_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Binds an echo on `ip`:`port` (0: any free port).
-pub(crate) async fn bind(ip: std::net::IpAddr, port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind(SocketAddr::new(ip, port)).await
+pub(crate) async fn bind(
+    ip: std::net::IpAddr,
+    port: u16,
+) -> Result<TcpListener, reach::EndpointError> {
+    TcpListener::bind(SocketAddr::new(ip, port))
+        .await
+        .map_err(|source| reach::EndpointError::Bind {
+            what: format!("an address echo on port {port} of {ip}"),
+            source,
+        })
 }
 
 /// UDP echo answers a second at most.

@@ -277,32 +277,22 @@ impl Hub {
             .clone()
             .unwrap_or_else(|| endpoint.advertised().to_vec());
         let route_expiry = config.gossip_interval * 5;
-        let mut echoes = Vec::new();
         let ip = endpoint.local_addr().ip();
+        let mut echoes = Vec::new();
         for port in &config.echo_ports {
-            let l = echo::bind(ip, *port)
-                .await
-                .map_err(|source| EndpointError::Bind {
-                    what: format!("an address echo on port {port}"),
-                    source,
-                })?;
-            echoes.push(l);
+            echoes.push(echo::bind(ip, *port).await?);
         }
+        let echo_ports: Vec<u16> = echoes
+            .iter()
+            .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+            .collect();
         // The echoes answer on the dial-back address too (on the same
         // ports), so a node comparing its mappings towards the hub's two
         // addresses tells an address-dependent mapping from an
         // endpoint-independent one. A hub on every address has them there.
-        let mut second_echoes = Vec::new();
         if let Some(second) = config.dial_back_from.filter(|_| !ip.is_unspecified()) {
-            for l in &echoes {
-                let port = l.local_addr().map(|a| a.port()).unwrap_or_default();
-                let l = echo::bind(second, port)
-                    .await
-                    .map_err(|source| EndpointError::Bind {
-                        what: format!("an address echo on {second} port {port}"),
-                        source,
-                    })?;
-                second_echoes.push(l);
+            for port in &echo_ports {
+                echoes.push(echo::bind(second, *port).await?);
             }
         }
         let mut policy = config.policy.clone();
@@ -316,10 +306,6 @@ impl Hub {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
         let mut core = HubCore::new(endpoint.secret_key(), policy, listen, route_expiry, epoch);
-        let echo_ports: Vec<u16> = echoes
-            .iter()
-            .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
-            .collect();
         if !echoes.is_empty() {
             tracing::info!(ports = ?echo_ports, "address echoes up");
         }
@@ -358,7 +344,7 @@ impl Hub {
             tokio::spawn(accept_links(inner.clone())),
             tokio::spawn(gossip(inner.clone())),
         ];
-        for l in echoes.into_iter().chain(second_echoes) {
+        for l in echoes {
             // The same port answers UDP, for the vpn's UDP paths; a port
             // taken for UDP leaves the TCP echo alone.
             if let Ok(at) = l.local_addr() {

@@ -141,10 +141,7 @@ pub fn check_private_dir(dir: &Path) -> Result<(), NotPrivate> {
         if meta.uid() != 0 {
             check_owner(dir, &meta)?;
         }
-        meta = fs::metadata(dir).map_err(|source| NotPrivate::Io {
-            path: path.clone(),
-            source,
-        })?;
+        meta = fs::metadata(dir).map_err(inspect)?;
     }
     check_owner(dir, &meta)?;
     let mode = meta.permissions().mode() & 0o777;

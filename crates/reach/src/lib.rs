@@ -19,6 +19,7 @@ mod circuit_gate;
 mod counters;
 mod direct;
 pub mod discovery;
+pub mod echo;
 mod endpoint;
 mod error;
 pub mod files;

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::probe::reusable_socket;
+use crate::echo::reusable_socket;
 
 /// Connects from `local` to every candidate until each either connects or
 /// the deadline passes; established connections come out of the receiver.

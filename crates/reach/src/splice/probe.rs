@@ -6,10 +6,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use reach_proto::candidates::{classify as addr_class, AddrClass};
-use reach_proto::nat::{self, NatProfile, Observation, MAX_ECHO_LEN};
-use tokio::io::AsyncReadExt;
+use reach_proto::nat::{self, NatProfile, Observation};
 use tokio::net::TcpSocket;
 
+use crate::echo::reusable_socket;
 use crate::error::EchoError;
 use crate::node::Shared;
 
@@ -59,59 +59,22 @@ impl Prepared {
     }
 }
 
-pub(super) fn reusable_socket(local: SocketAddr) -> std::io::Result<TcpSocket> {
-    let s = if local.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    s.set_reuseaddr(true)?;
-    s.set_reuseport(true)?;
-    s.bind(local)?;
-    Ok(s)
-}
-
 /// Asks one echo, from `local`, what it sees.
 async fn observe(local: SocketAddr, server: SocketAddr) -> Result<Observation, EchoError> {
-    let io = |source| EchoError::Io {
+    let (tcp, mapped) = crate::echo::ask(local, server, ECHO_BUDGET).await?;
+    let from = tcp.local_addr().map_err(|source| EchoError::Io {
         echo: server,
         source,
-    };
-    let ask = async {
-        let mut tcp = reusable_socket(local)
-            .map_err(EchoError::Bind)?
-            .connect(server)
-            .await
-            .map_err(io)?;
-        let from = tcp.local_addr().map_err(io)?;
-        let mut buf = [0u8; MAX_ECHO_LEN];
-        let mut n = 0;
-        while n < buf.len() && !buf[..n].contains(&b'\n') {
-            match tcp.read(&mut buf[n..]).await.map_err(io)? {
-                0 => break,
-                k => n += k,
-            }
-        }
-        let mapped = nat::decode_echo(&buf[..n]).map_err(|source| EchoError::BadAnswer {
-            echo: server,
-            source,
-        })?;
-        // Close with a reset: no TIME_WAIT at either end. Thousands of probes
-        // otherwise leave the echo with TIME_WAIT entries that a later probe's
-        // (random) port can hit, costing it a SYN retransmission.
-        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-        Ok(Observation {
-            local: from,
-            server,
-            mapped,
-        })
-    };
-    tokio::time::timeout(ECHO_BUDGET, ask)
-        .await
-        .unwrap_or(Err(EchoError::TimedOut {
-            echo: server,
-            after: ECHO_BUDGET,
-        }))
+    })?;
+    // Close with a reset: no TIME_WAIT at either end. Thousands of probes
+    // otherwise leave the echo with TIME_WAIT entries that a later probe's
+    // (random) port can hit, costing it a SYN retransmission.
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    Ok(Observation {
+        local: from,
+        server,
+        mapped,
+    })
 }
 
 /// Binds a port not used for splicing lately: such a port may still have
